@@ -1,0 +1,2095 @@
+#!/usr/bin/env python3
+"""claude-orchestra: run several Claude Code agents in parallel, each on its own branch and worktree.
+
+Every agent works in `<repo>/.worktrees/task-<id>/` on branch `orchestra/<id>`, so agents never
+touch each other's files or your checkout. A detached supervisor starts queued agents up to the
+parallel limit, follows their stream-json output, and keeps `.orchestra/state.json` true.
+
+Commands:
+  orchestra init                      create .orchestra/ and show the effective configuration
+  orchestra config [--json]           show each setting and where its value came from
+  orchestra spawn TASK... [--wait]    queue agents, one worktree and branch per task
+  orchestra status [ID...] [--watch]  what every agent is doing, its cost and its commits
+  orchestra logs ID [-f] [--raw]      an agent's activity as readable lines
+  orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
+  orchestra worktrees [--json]        git worktrees joined with agent records
+  orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
+
+Every ID also accepts a unique prefix; every listing takes --json.
+
+State lives in `<repo>/.orchestra/`: state.json (agent records), logs/<id>.jsonl (each agent's
+stream-json output plus orchestra's own events), logs/<id>.stderr, supervisor.log and the lock
+files. Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
+config.json), then `.orchestra/config.json`, then command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+    import msvcrt
+
+__version__ = "0.1.0"
+
+# ======================================================================================
+# Constants
+# --------------------------------------------------------------------------------------
+# Defaults, limits and timings. Function bodies use these names, never bare numbers.
+# ======================================================================================
+
+STATE_VERSION = 1
+ORCHESTRA_DIR = ".orchestra"
+WORKTREE_PREFIX = "task-"
+
+CONFIG_DEFAULTS = {
+    "default_parallel": 3,
+    "max_parallel": 8,
+    "worktree_dir": ".worktrees",
+    "branch_prefix": "orchestra",
+    "heartbeat_interval": 60,
+    "stale_threshold": 300,
+    "bypass_permissions": ["Edit", "Write", "Bash(git *)"],
+    "agent_command": ["claude"],
+    "permission_mode": None,
+    "model": None,
+    "base_branch": None,
+    "copy_files": [],
+    "setup": [],
+}
+# What each key must hold: "int", "number", "str", "str?" (string or null) or "list".
+CONFIG_TYPES = {
+    "default_parallel": "int",
+    "max_parallel": "int",
+    "worktree_dir": "str",
+    "branch_prefix": "str",
+    "heartbeat_interval": "number",
+    "stale_threshold": "number",
+    "bypass_permissions": "list",
+    "agent_command": "list",
+    "permission_mode": "str?",
+    "model": "str?",
+    "base_branch": "str?",
+    "copy_files": "list",
+    "setup": "list",
+}
+TYPE_NAMES = {
+    "int": "an integer",
+    "number": "a number",
+    "str": "a string",
+    "str?": "a string or null",
+    "list": "a list of strings",
+}
+
+LAUNCH_KEYS = ("agent_command", "model", "permission_mode", "bypass_permissions")  # fixed at spawn
+STATES = ("queued", "running", "paused", "done", "failed", "stopped", "interrupted")
+ACTIVE_STATES = ("queued", "running", "paused")
+RECORD_FIELDS = (
+    "id", "task", "state", "stale", "branch", "worktree", "base_branch", "base_commit",
+    "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
+    "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
+    "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
+)  # fmt: skip
+
+MAX_TASK_LENGTH = 8000  # characters; longer instructions belong in a file the task names
+MAX_ID_LENGTH = 40
+MAX_ACTIVITY_LENGTH = 200
+TAIL_CHARS = 2000  # of setup output and stderr kept in an error message
+RESUME_PROMPT = "Continue the task."
+SYSTEM_PROMPT = (
+    "You are one of several agents started by claude-orchestra. You work in your own git "
+    "worktree on branch '{branch}'. Stay on this branch, and commit your work to it with clear "
+    "messages before you finish; uncommitted work may be lost. Do not push."
+)
+CLAUDE_INSTALL_HINT = (
+    "install Claude Code with 'npm install -g @anthropic-ai/claude-code', "
+    "or set agent_command in the config to run another agent"
+)
+
+SUPERVISOR_TICK = 0.5  # seconds between the supervisor's scheduling passes and state writes
+WATCH_POLL = 0.2  # seconds between a watcher's reads of its agent's log
+STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+SPAWN_WAIT_POLL = 0.5
+STATUS_WATCH_INTERVAL = 1.0
+LOGS_FOLLOW_POLL = 0.25
+LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
+WORKTREE_THREADS = 8
+COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+CONTROL_CHARS = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)
+
+# ======================================================================================
+# Errors
+# --------------------------------------------------------------------------------------
+# Expected failures. Only main() turns them into a message and an exit status.
+# ======================================================================================
+
+
+class OrchestraError(Exception):
+    """A failure the user can act on: bad input (status 2) or a refused operation (status 1)."""
+
+    def __init__(self, message, status=EXIT_USAGE):
+        super().__init__(message)
+        self.status = status
+
+
+class GitError(OrchestraError):
+    """git refused a command; the message carries git's own words."""
+
+    def __init__(self, message):
+        super().__init__(message, EXIT_FAILURE)
+
+
+# ======================================================================================
+# Utilities
+# --------------------------------------------------------------------------------------
+# Small pure helpers: time, text, JSON, processes, file locks. Nothing here knows git.
+# ======================================================================================
+
+
+def utc_iso(ts=None):
+    """Format a Unix time (default: now) as ISO 8601 UTC with a Z, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if ts is None else ts))
+
+
+def parse_iso(text):
+    """Turn utc_iso() output back into a Unix time; None for None or garbage."""
+    if not text:
+        return None
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    except (ValueError, TypeError):
+        return None
+
+
+def format_duration(seconds):
+    """Render seconds as a short duration: 45s, 12m05s, 3h20m, 2d4h."""
+    if seconds is None:
+        return "-"
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours}h"
+
+
+def format_cost(usd):
+    """Render a dollar amount, or '-' when unknown."""
+    return "-" if usd is None else f"${usd:.4f}" if usd < 1 else f"${usd:.2f}"
+
+
+def strip_control(text):
+    """Remove terminal escape sequences and control characters (newlines and tabs stay)."""
+    return CONTROL_CHARS.sub("", text)
+
+
+def one_line(text, limit=MAX_ACTIVITY_LENGTH):
+    """The first non-blank line of text, cleaned of control characters and shortened."""
+    for line in strip_control(str(text)).splitlines():
+        if line.strip():
+            line = " ".join(line.split())
+            return line if len(line) <= limit else line[: limit - 1] + "…"
+    return ""
+
+
+def tail_text(text, limit=TAIL_CHARS):
+    """The end of a long text, which is where errors are."""
+    text = text.strip()
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def slugify(text, limit=MAX_ID_LENGTH):
+    """A short lowercase slug of a task, safe as a branch name and a folder name."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    slug = ""
+    for word in words:
+        candidate = f"{slug}-{word}" if slug else word
+        if len(candidate) > limit:
+            break
+        slug = candidate
+    return slug or (words[0][:limit] if words else "task")
+
+
+def print_json(obj, out=None):
+    """Write one JSON document to stdout: sorted, indented, newline-terminated."""
+    out = out or sys.stdout
+    out.write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    out.flush()
+
+
+def use_colour(stream):
+    """Colour only on a terminal, and never when NO_COLOR is set."""
+    return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def write_atomic(path, text):
+    """Replace a file so that readers see either the old or the new whole content."""
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, str(path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class FileLock:
+    """An exclusive advisory lock on a file, shared by every process that opens it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.fd = None
+
+    def acquire(self, blocking=True, timeout=LOCK_TIMEOUT):
+        """Take the lock; False if not blocking (or timed out) and someone else holds it."""
+        self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                lock_fd(self.fd)
+                return True
+            except OSError:
+                if not blocking or time.monotonic() > deadline:
+                    os.close(self.fd)
+                    self.fd = None
+                    return False
+                time.sleep(0.01)
+
+    def release(self):
+        """Let go of the lock (closing the file releases it too, even on a crash)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        if not self.acquire():
+            raise OrchestraError(f"timed out waiting for the lock {self.path}", EXIT_FAILURE)
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_fd(fd):
+    """Take a non-blocking exclusive lock on an open file or raise OSError."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:  # pragma: no cover - Windows
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+def process_start_time(pid):
+    """An opaque token for when process `pid` started, or None if it is gone or a zombie.
+
+    A pid is only trusted together with this token, so a recycled pid is never signalled.
+    """
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None if os.path.isdir("/proc") else ps_start_time(pid)
+    # The command name may hold spaces and parentheses: fields start after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def ps_start_time(pid):  # pragma: no cover - macOS and BSDs have no /proc
+    """Start time and state of a process from ps(1), for systems without /proc."""
+    found = subprocess.run(
+        ["ps", "-o", "stat=,lstart=", "-p", str(pid)], capture_output=True, text=True
+    ).stdout.strip()
+    return None if not found or found.startswith("Z") else found.split(None, 1)[-1]
+
+
+def process_alive(pid, start_token):
+    """True when `pid` is still the very process that started at `start_token`."""
+    return bool(pid and start_token) and process_start_time(pid) == start_token
+
+
+def signal_group(pid, start_token, sig):
+    """Send a signal to an agent's process group after verifying its leader; False if gone."""
+    if not process_alive(pid, start_token):
+        return False
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# ======================================================================================
+# Configuration
+# --------------------------------------------------------------------------------------
+# Defaults, then the user file, then the project file, then flags; each value remembers
+# where it came from, and a wrong key or type is named with its file.
+# ======================================================================================
+
+
+def user_config_path(env):
+    """Where the user's own configuration file lives."""
+    if env.get("ORCHESTRA_CONFIG"):
+        return Path(env["ORCHESTRA_CONFIG"])
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME", "~"), ".config")
+    return Path(base).expanduser() / "claude-orchestra" / "config.json"
+
+
+def check_config_value(key, value, where):
+    """Raise a clear error when a config value has the wrong type."""
+    kind = CONFIG_TYPES[key]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str) and value != "",
+        "str?": value is None or isinstance(value, str),
+        "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }[kind]
+    if not ok:
+        raise OrchestraError(f"{where}: '{key}' must be {TYPE_NAMES[kind]}, not {json.dumps(value)}")
+
+
+def read_config_file(path):
+    """The settings in one JSON config file ({} if it does not exist), checked."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise OrchestraError(f"{path}: cannot read the config file: {e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise OrchestraError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix or remove it"
+        ) from None
+    if not isinstance(data, dict):
+        raise OrchestraError(f"{path}: must hold a JSON object of settings")
+    for key, value in data.items():
+        if key not in CONFIG_TYPES:
+            raise OrchestraError(f"{path}: unknown key '{key}'; known keys: {', '.join(CONFIG_TYPES)}")
+        check_config_value(key, value, path)
+    return data
+
+
+class Config:
+    """The effective settings and, for each, where its value came from."""
+
+    def __init__(self, values, sources):
+        self.values = values
+        self.sources = sources
+
+    def __getitem__(self, key):
+        return self.values[key]
+
+    @classmethod
+    def load(cls, repo, env, flags=None):
+        """Merge defaults, the user file, the project file and flags ({key: value})."""
+        values, sources = dict(CONFIG_DEFAULTS), dict.fromkeys(CONFIG_DEFAULTS, "default")
+        user = user_config_path(env)
+        layers = [(user, read_config_file(user))]
+        if repo is not None:
+            project = repo / ORCHESTRA_DIR / "config.json"
+            layers.append((project, read_config_file(project)))
+        for path, data in layers:
+            values.update(data)
+            sources.update(dict.fromkeys(data, str(path)))
+        for key, value in (flags or {}).items():
+            if value is not None:
+                values[key], sources[key] = value, "flag"
+        cls.check_consistency(values, sources)
+        return cls(values, sources)
+
+    @staticmethod
+    def check_consistency(values, sources):
+        """Values that are each well typed but do not make sense together."""
+        for key in ("default_parallel", "max_parallel"):
+            if values[key] < 1:
+                raise OrchestraError(f"{sources[key]}: '{key}' must be at least 1")
+        if not values["agent_command"]:
+            raise OrchestraError(f"{sources['agent_command']}: 'agent_command' must not be empty")
+
+    def parallel_limit(self, requested=None):
+        """How many agents may run at once: the request or default, capped by max_parallel."""
+        return min(requested or self["default_parallel"], self["max_parallel"])
+
+
+# ======================================================================================
+# Git
+# --------------------------------------------------------------------------------------
+# Every git call goes through run_git(): an argv list, never a shell, and failures
+# carry git's own stderr.
+# ======================================================================================
+
+
+def run_git(args, cwd, check=True):
+    """Run git with `args` in `cwd`; raise GitError with git's stderr when it fails."""
+    try:
+        done = subprocess.run(["git", *args], cwd=str(cwd), capture_output=True, text=True, errors="replace")
+    except FileNotFoundError:
+        raise OrchestraError("git is not installed or not on PATH; install git first") from None
+    if check and done.returncode != 0:
+        detail = one_line(done.stderr or done.stdout, limit=TAIL_CHARS) or f"exit {done.returncode}"
+        raise GitError(f"git {args[0]} failed: {detail}")
+    return done
+
+
+def find_repo(cwd):
+    """The main worktree of the repository holding `cwd`, from any of its worktrees.
+
+    Reads .git files directly (no subprocess), falling back to git for unusual layouts.
+    """
+    here = Path(cwd).resolve()
+    if "GIT_DIR" not in os.environ:
+        for folder in (here, *here.parents):
+            dot_git = folder / ".git"
+            if dot_git.is_dir():
+                return folder
+            if dot_git.is_file():
+                main = main_worktree_from_gitfile(folder, dot_git)
+                if main is not None:
+                    return main
+                break
+    done = run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], here, check=False)
+    if done.returncode != 0:
+        raise OrchestraError(f"{here} is not inside a git repository; cd into one or run 'git init'")
+    common = Path(done.stdout.strip())
+    if common.name != ".git":
+        raise OrchestraError(f"{common} is a bare repository; run orchestra in a checkout")
+    return common.parent
+
+
+def main_worktree_from_gitfile(folder, dot_git):
+    """Follow a linked worktree's `.git` file to its main worktree; None if unsure."""
+    text = dot_git.read_text(encoding="utf-8", errors="replace").strip()
+    if not text.startswith("gitdir:"):
+        return None
+    git_dir = (folder / text[len("gitdir:") :].strip()).resolve()
+    commondir = git_dir / "commondir"
+    if not commondir.is_file():
+        return folder  # a submodule: its git dir is its own
+    common = (git_dir / commondir.read_text(encoding="utf-8").strip()).resolve()
+    return common.parent if common.name == ".git" else None
+
+
+def current_branch(repo):
+    """The branch checked out in `repo`, or None when HEAD is detached."""
+    done = run_git(["symbolic-ref", "--quiet", "--short", "HEAD"], repo, check=False)
+    return done.stdout.strip() or None
+
+
+def resolve_commit(repo, ref):
+    """The commit a ref names, or a clear error when it names none."""
+    done = run_git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], repo, check=False)
+    if done.returncode != 0:
+        raise OrchestraError(
+            f"base '{ref}' is not a commit in this repository; "
+            "pass an existing branch, tag or commit with --base"
+        )
+    return done.stdout.strip()
+
+
+def has_commits(repo):
+    """True once the repository has at least one commit."""
+    return run_git(["rev-parse", "--verify", "--quiet", "HEAD"], repo, check=False).returncode == 0
+
+
+def local_branches(repo, prefix):
+    """Names of local branches under `prefix/`, without the prefix."""
+    done = run_git(["for-each-ref", "--format=%(refname:short)", f"refs/heads/{prefix}/"], repo)
+    return {line[len(prefix) + 1 :] for line in done.stdout.splitlines()}
+
+
+def branch_exists(repo, branch):
+    """True when a local branch of that name exists."""
+    return (
+        run_git(["show-ref", "--verify", "--quiet", f"refs/heads/{branch}"], repo, check=False).returncode
+        == 0
+    )
+
+
+def is_valid_branch_name(name):
+    """True when git accepts `name` as a branch name."""
+    return run_git(["check-ref-format", "--branch", name], ".", check=False).returncode == 0
+
+
+def list_worktrees(repo):
+    """`git worktree list --porcelain` as a list of dicts (path, head, branch, flags)."""
+    worktrees, current = [], None
+    for line in run_git(["worktree", "list", "--porcelain"], repo).stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "worktree":
+            current = {"path": value, "head": None, "branch": None, "bare": False,
+                       "detached": False, "locked": False, "prunable": False}  # fmt: skip
+            worktrees.append(current)
+        elif current is None:
+            continue
+        elif key == "HEAD":
+            current["head"] = value
+        elif key == "branch":
+            current["branch"] = value[len("refs/heads/") :] if value.startswith("refs/heads/") else value
+        elif key in ("bare", "detached", "locked", "prunable"):
+            current[key] = True
+    return worktrees
+
+
+def untracked_files(repo, skip):
+    """Untracked files (ignored ones included) in `repo`, minus paths under `skip` folders."""
+    done = run_git(["ls-files", "--others", "-z"], repo)
+    return [p for p in done.stdout.split("\0") if p and not any(p.startswith(s) for s in skip)]
+
+
+def change_counts(worktree, base_commit):
+    """(commits since base, files changed vs base including uncommitted and untracked)."""
+    commits = run_git(["rev-list", "--count", f"{base_commit}..HEAD"], worktree).stdout.strip()
+    changed = run_git(["diff", "--name-only", "-z", base_commit], worktree).stdout.split("\0")
+    new = run_git(["ls-files", "--others", "--exclude-standard", "-z"], worktree).stdout.split("\0")
+    return int(commits or 0), len({p for p in changed + new if p})
+
+
+def add_exclude_lines(repo, lines):
+    """Append lines to .git/info/exclude (never a tracked file) unless already there."""
+    common = Path(run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip())
+    exclude = common / "info" / "exclude"
+    existing = exclude.read_text(encoding="utf-8").splitlines() if exclude.exists() else []
+    missing = [line for line in lines if line not in existing]
+    if missing:
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        with open(exclude, "a", encoding="utf-8") as f:
+            if existing and existing[-1] != "":
+                f.write("\n")
+            f.write("\n".join(missing) + "\n")
+
+
+# ======================================================================================
+# State store
+# --------------------------------------------------------------------------------------
+# state.json is shared by the CLI, the supervisor and the web server. Every change is a
+# read-modify-write under an exclusive lock, written atomically; readers need no lock.
+# ======================================================================================
+
+
+def empty_state():
+    """A state document with no agents."""
+    return {"version": STATE_VERSION, "agents": {}, "supervisor": {}, "parallel": None}
+
+
+class StateStore:
+    """The versioned JSON state file with locked updates and recovery from corruption."""
+
+    def __init__(self, path, rebuild):
+        self.path = Path(path)
+        self.lock = FileLock(self.path.with_name("state.lock"))
+        self.rebuild = rebuild  # () -> {id: record}, used when state.json is unreadable
+
+    def load(self):
+        """The current state; a corrupt file is moved aside and rebuilt first."""
+        try:
+            return self.read()
+        except ValueError:
+            with self.lock:
+                return self.read_or_recover()
+
+    def update(self, change):
+        """Apply `change(state)` under the lock and save the result; returns what it returns."""
+        with self.lock:
+            state = self.read_or_recover()
+            result = change(state)
+            self.write(state)
+            return result
+
+    def read(self):
+        """Parse state.json; ValueError when it is corrupt."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return empty_state()
+        state = json.loads(text)
+        if not isinstance(state, dict) or not isinstance(state.get("agents"), dict):
+            raise ValueError("state.json does not hold a state document")
+        if state.get("version") != STATE_VERSION:
+            raise OrchestraError(
+                f"{self.path} has version {state.get('version')!r}, this orchestra reads "
+                f"version {STATE_VERSION}; upgrade orchestra (pip install -U claude-orchestra)"
+            )
+        return state
+
+    def write(self, state):
+        """Save the whole state atomically, sorted and indented."""
+        write_atomic(self.path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+    def read_or_recover(self):
+        """Read under the lock; move a corrupt file aside and rebuild it from logs and worktrees."""
+        try:
+            return self.read()
+        except ValueError:
+            aside = self.path.with_name(f"state.json.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(str(self.path), str(aside))
+            state = empty_state()
+            state["agents"] = self.rebuild()
+            self.write(state)
+            print(
+                f"orchestra: warning: {self.path} was unreadable; moved it to {aside.name} "
+                f"and rebuilt {len(state['agents'])} agent record(s) from logs and worktrees",
+                file=sys.stderr,
+            )
+            return state
+
+
+# ======================================================================================
+# Project
+# --------------------------------------------------------------------------------------
+# A repository under orchestra: its paths, its configuration and its state store.
+# ======================================================================================
+
+
+class Project:
+    """One repository's orchestra folder, configuration and state."""
+
+    def __init__(self, repo, config):
+        self.repo = repo
+        self.config = config
+        self.dir = repo / ORCHESTRA_DIR
+        self.logs = self.dir / "logs"
+        self.store = StateStore(self.dir / "state.json", self.rebuild_records)
+
+    @classmethod
+    def open(cls, cwd, env, flags=None):
+        """Find the repository holding `cwd`, load its configuration and initialise it."""
+        repo = find_repo(cwd)
+        project = cls(repo, Config.load(repo, env, flags))
+        project.init()
+        return project
+
+    @property
+    def worktree_root(self):
+        """The folder that holds the agents' worktrees (worktree_dir may be absolute)."""
+        return self.repo / self.config["worktree_dir"]
+
+    def init(self):
+        """Create .orchestra/ and keep it and the worktree folder out of git; idempotent."""
+        if self.logs.is_dir():
+            return
+        root = self.worktree_root
+        if root.exists() and not root.is_dir():
+            raise OrchestraError(
+                f"worktree_dir {root} exists and is not a folder; move it or change worktree_dir"
+            )
+        self.logs.mkdir(parents=True, exist_ok=True)
+        excluded = [f"/{ORCHESTRA_DIR}/"]
+        with contextlib.suppress(ValueError):
+            excluded.append(f"/{root.resolve().relative_to(self.repo.resolve()).as_posix()}/")
+        add_exclude_lines(self.repo, excluded)
+
+    def log_path(self, agent_id):
+        """The agent's stream-json log, which also holds orchestra's own events."""
+        return self.logs / f"{agent_id}.jsonl"
+
+    def stderr_path(self, agent_id):
+        """Where the agent's stderr goes."""
+        return self.logs / f"{agent_id}.stderr"
+
+    def worktree_path(self, agent_id):
+        """Where the agent's worktree lives."""
+        return self.worktree_root / f"{WORKTREE_PREFIX}{agent_id}"
+
+    def branch_name(self, agent_id):
+        """The agent's branch."""
+        return f"{self.config['branch_prefix']}/{agent_id}"
+
+    def records(self):
+        """{id: record} as state.json holds them now."""
+        return self.store.load()["agents"]
+
+    def rebuild_records(self):
+        """Agent records recovered from the logs' spawn events and the live worktrees."""
+        return rebuild_records(self)
+
+
+# ======================================================================================
+# Agents
+# --------------------------------------------------------------------------------------
+# An agent's record, its log (stream-json plus orchestra's own events) folded into facts,
+# its worktree, its launch, and the signals that pause, resume and stop it.
+# ======================================================================================
+
+
+def new_record(project, agent_id, task, base_branch, base_commit):
+    """A queued agent's record, not yet ready to start (its worktree is being made)."""
+    record = dict.fromkeys(RECORD_FIELDS)
+    record.update(
+        id=agent_id,
+        task=task,
+        state="queued",
+        stale=False,
+        branch=project.branch_name(agent_id),
+        worktree=str(project.worktree_path(agent_id)),
+        base_branch=base_branch,
+        base_commit=base_commit,
+        created_at=utc_iso(),
+        activity="preparing worktree",
+        log=str(project.log_path(agent_id)),
+        ready=False,
+        copied_files=[],
+        launch={key: project.config[key] for key in LAUNCH_KEYS},
+    )
+    return record
+
+
+def public_record(record):
+    """A record as `status --json` shows it: the documented fields only."""
+    return {key: record.get(key) for key in RECORD_FIELDS}
+
+
+def append_event(path, event):
+    """Add one of orchestra's own events to an agent's log."""
+    event = {"type": "orchestra", "time": utc_iso(), **event}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(event, ensure_ascii=False) + "\n")
+
+
+def describe_tool_use(block):
+    """One line for a tool call: its name and the input that says most about it."""
+    name = block.get("name") or "tool"
+    args = block.get("input") if isinstance(block.get("input"), dict) else {}
+    for key in ("command", "file_path", "path", "pattern", "url", "description", "prompt"):
+        if isinstance(args.get(key), str):
+            return one_line(f"{name}: {args[key]}")
+    return name
+
+
+class AgentLog:
+    """An agent's log file read incrementally and folded into record facts.
+
+    The facts are a pure function of the file, so any supervisor can rebuild them.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.offset = 0
+        self.partial = b""
+        self.launched = False  # a launch event was seen: the agent ran at least once
+        self.run_usage = {}  # message id -> (input, output) tokens; one response spans lines
+        self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
+        self.facts = {"session_id": None, "activity": None, "last_activity_at": None,
+                      "cost_usd": None, "turns": None, "result": None, "error": None,
+                      "outcome": None, "input_tokens": None, "output_tokens": None}  # fmt: skip
+
+    def read_new(self):
+        """Fold lines appended since the last call; True if any arrived."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return False
+        if not chunk:
+            return False
+        self.offset += len(chunk)
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        for line in lines:
+            self.apply_line(line)
+        self.facts["last_activity_at"] = utc_iso()
+        return True
+
+    def read_to_end(self):
+        """Fold what an ended agent wrote last, including a final line with no newline."""
+        self.read_new()
+        if self.partial:
+            self.apply_line(self.partial)
+            self.partial = b""
+
+    def apply_line(self, raw):
+        """Fold one line; lines that are not JSON objects are ignored."""
+        try:
+            event = json.loads(raw.decode("utf-8", "replace"))
+        except ValueError:
+            return
+        if isinstance(event, dict):
+            handler = getattr(self, f"on_{event.get('type')}", None)
+            if handler:
+                handler(event)
+
+    def on_orchestra(self, event):
+        """A new run starts with no result yet; a failed setup is the agent's error."""
+        if event.get("event") == "launch":
+            self.launched = True
+            self.settle_run_tokens()
+            self.facts.update(result=None, error=None, outcome=None)
+        elif event.get("event") == "setup" and event.get("exit_code"):
+            self.facts["error"] = f"setup command failed: {event.get('command')}"
+
+    def on_system(self, event):
+        """system/init names the session."""
+        if event.get("subtype") == "init" and event.get("session_id"):
+            self.facts["session_id"] = event["session_id"]
+
+    def on_assistant(self, event):
+        """Text or a tool call becomes the activity line; usage gives running token counts."""
+        message = event.get("message") if isinstance(event.get("message"), dict) else {}
+        for block in message.get("content") or []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text" and one_line(block.get("text", "")):
+                self.facts["activity"] = one_line(block["text"])
+            elif block.get("type") == "tool_use":
+                self.facts["activity"] = describe_tool_use(block)
+        if isinstance(message.get("usage"), dict):
+            self.count_usage(message.get("id") or len(self.run_usage), message["usage"])
+
+    def on_result(self, event):
+        """The run's outcome; cost, turns and tokens add up across resumed runs.
+
+        An API error ends with is_error true even when subtype says "success".
+        """
+        is_error = bool(event.get("is_error")) or event.get("subtype", "success") != "success"
+        result = event.get("result")
+        self.facts.update(
+            result=result if isinstance(result, str) else None,
+            outcome="error" if is_error else "success",
+            error=(one_line(result or event.get("subtype") or "error", TAIL_CHARS) if is_error else None),
+            cost_usd=(self.facts["cost_usd"] or 0) + (event.get("total_cost_usd") or 0),
+            turns=(self.facts["turns"] or 0) + (event.get("num_turns") or 0),
+        )
+        if isinstance(event.get("usage"), dict):
+            self.run_usage = {}  # the result's totals are exact; stream lines hold early counts
+            self.count_usage("result", event["usage"])
+        self.settle_run_tokens()
+        if is_error:
+            self.facts["activity"] = one_line(f"error: {self.facts['error']}")
+
+    def count_usage(self, key, usage):
+        """Token counts of the current run, each API response counted once."""
+        inputs = sum(
+            usage.get(k) or 0
+            for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        )
+        self.run_usage[key] = (inputs, usage.get("output_tokens") or 0)
+        self.facts["input_tokens"] = self.past_tokens[0] + sum(i for i, _ in self.run_usage.values())
+        self.facts["output_tokens"] = self.past_tokens[1] + sum(o for _, o in self.run_usage.values())
+
+    def settle_run_tokens(self):
+        """Close the current run's token counts so the next run adds to them."""
+        if self.run_usage:
+            self.past_tokens = (self.facts["input_tokens"], self.facts["output_tokens"])
+            self.run_usage = {}
+
+
+def read_log(path):
+    """The facts of a whole log file."""
+    log = AgentLog(path)
+    log.read_to_end()
+    return log
+
+
+def settled_state(outcome, exit_code, stderr_tail):
+    """Final (state, error) of an agent whose process is gone."""
+    if outcome == "success":
+        return "done", None
+    if outcome == "error":
+        return "failed", None
+    if exit_code is None:
+        return "interrupted", "the agent's process ended while no supervisor watched it, with no final result"
+    if exit_code == 0:
+        return "done", None
+    detail = f": {one_line(stderr_tail, TAIL_CHARS)}" if stderr_tail.strip() else ""
+    return "failed", f"agent exited with status {exit_code}{detail}"
+
+
+def finish_record(record, log, exit_code, stderr_tail, counts):
+    """Settle a record whose process has ended (a stop request keeps state 'stopped')."""
+    record.update(without_none(log.facts))
+    record.update(
+        exit_code=exit_code, pid=None, finished_at=record.get("finished_at") or utc_iso(), stale=False
+    )
+    if counts:
+        record["commits"], record["files_changed"] = counts
+    if record["state"] in ("running", "paused"):
+        record["state"], error = settled_state(log.facts["outcome"], exit_code, stderr_tail)
+        record["error"] = record.get("error") or error
+    if record["state"] != "failed" and log.facts["outcome"] != "error":
+        record["error"] = None if record["state"] == "done" else record.get("error")
+
+
+def without_none(facts):
+    """The facts that are known, so an unknown never overwrites a known value."""
+    return {k: v for k, v in facts.items() if v is not None and k != "outcome"}
+
+
+def read_tail(path, limit=TAIL_CHARS):
+    """The last characters of a text file, '' if it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def is_claude_command(command):
+    """True unless agent_command uses a {task} placeholder (then it is some other CLI agent)."""
+    return not any("{task}" in part for part in command)
+
+
+def agent_argv(record, prompt=None):
+    """The argv that starts (or, with a prompt and a session, resumes) an agent.
+
+    Uses the settings saved in the record at spawn, so flags given to spawn still apply.
+    """
+    config = record["launch"]
+    command = config["agent_command"]
+    task = prompt or record["task"]
+    if not is_claude_command(command):
+        return [part.replace("{task}", task) for part in command]
+    argv = [*command, "-p", task, "--output-format", "stream-json", "--verbose"]
+    if prompt and record.get("session_id"):
+        argv += ["--resume", record["session_id"]]
+    argv += ["--append-system-prompt", SYSTEM_PROMPT.format(branch=record["branch"])]
+    if config["model"]:
+        argv += ["--model", config["model"]]
+    if config["permission_mode"]:
+        argv += ["--permission-mode", config["permission_mode"]]
+    if config["bypass_permissions"]:
+        argv += ["--allowedTools", *config["bypass_permissions"]]  # variadic: keep it last
+    return argv
+
+
+def check_agent_command(config):
+    """Refuse early, with the way out, when the agent's program is not installed."""
+    program = config["agent_command"][0]
+    if shutil.which(program) is None:
+        if is_claude_command(config["agent_command"]):
+            raise OrchestraError(f"'{program}' was not found on PATH; {CLAUDE_INSTALL_HINT}")
+        raise OrchestraError(
+            f"agent_command program '{program}' was not found on PATH; install it or fix agent_command"
+        )
+
+
+def launch_agent(project, record, prompt=None):
+    """Start the agent's process in its worktree, in its own process group, output to files."""
+    argv = agent_argv(record, prompt)
+    append_event(project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv})
+    env = dict(os.environ, ORCHESTRA_AGENT_ID=record["id"])
+    with (
+        open(project.log_path(record["id"]), "ab") as out,
+        open(project.stderr_path(record["id"]), "ab") as err,
+    ):
+        return subprocess.Popen(
+            argv,
+            cwd=record["worktree"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def include_patterns(project):
+    """Globs of untracked files to copy into new worktrees: .worktreeinclude plus copy_files."""
+    patterns = list(project.config["copy_files"])
+    include = project.repo / ".worktreeinclude"
+    if include.is_file():
+        for line in include.read_text(encoding="utf-8", errors="replace").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                patterns.append(line)
+    return patterns
+
+
+def matches_include(path, patterns):
+    """gitignore-like matching: a pattern with a slash matches the path, else any name in it."""
+    parts = path.split("/")
+    for pattern in patterns:
+        if pattern.endswith("/"):
+            if any(fnmatchcase(part, pattern.rstrip("/")) for part in parts[:-1]):
+                return True
+        elif "/" in pattern.strip("/"):
+            if fnmatchcase(path, pattern.lstrip("/")):
+                return True
+        elif pattern.startswith("/"):
+            if fnmatchcase(path, pattern[1:]):
+                return True
+        elif any(fnmatchcase(part, pattern) for part in parts):
+            return True
+    return False
+
+
+def files_to_copy(project, patterns):
+    """Untracked files of the user's checkout that match the include patterns."""
+    if not patterns:
+        return []
+    skip = [f"{ORCHESTRA_DIR}/"]
+    with contextlib.suppress(ValueError):
+        skip.append(project.worktree_root.resolve().relative_to(project.repo.resolve()).as_posix() + "/")
+    return [p for p in untracked_files(project.repo, skip) if matches_include(p, patterns)]
+
+
+def prepare_worktree(project, record, copies):
+    """Create the agent's branch and worktree, copy files in and run setup; error or None."""
+    worktree = Path(record["worktree"])
+    log = project.log_path(record["id"])
+    spawn_facts = ("id", "task", "branch", "worktree", "base_branch", "base_commit", "launch")
+    append_event(log, {"event": "spawn", **{k: record[k] for k in spawn_facts}})
+    try:
+        run_git(
+            ["worktree", "add", "--quiet", "-b", record["branch"], str(worktree), record["base_commit"]],
+            project.repo,
+        )
+    except GitError as e:
+        return str(e)
+    for rel in copies:
+        target = worktree / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project.repo / rel, target, follow_symlinks=False)
+    record["copied_files"] = copies
+    return run_setup(project.config["setup"], worktree, log)
+
+
+def run_setup(commands, worktree, log):
+    """Run the setup commands (the user's own shell lines) in the worktree; error or None."""
+    for command in commands:
+        done = subprocess.run(
+            command, shell=True, cwd=str(worktree), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+        )  # fmt: skip
+        append_event(
+            log, {"event": "setup", "command": command, "exit_code": done.returncode, "output": done.stdout}
+        )
+        if done.returncode != 0:
+            return f"setup command '{command}' failed with exit {done.returncode}: {tail_text(done.stdout) or '(no output)'}"
+    return None
+
+
+def rebuild_records(project):
+    """Records recovered from each log's spawn event, settled from the rest of the log."""
+    live = {w["path"] for w in list_worktrees(project.repo)}
+    records = {}
+    for log_path in sorted(project.logs.glob("*.jsonl")):
+        spawn = first_spawn_event(log_path)
+        if spawn is None:
+            continue
+        record = new_record(
+            project, spawn["id"], spawn["task"], spawn.get("base_branch"), spawn.get("base_commit")
+        )
+        record.update(
+            branch=spawn["branch"], worktree=spawn["worktree"], created_at=spawn.get("time"), ready=True
+        )
+        record["launch"] = spawn.get("launch") or record["launch"]
+        log = read_log(log_path)
+        record.update(without_none(log.facts))
+        if log.launched:
+            record["state"], record["error"] = settled_state(log.facts["outcome"], None, "")
+        if record["worktree"] not in live and record["state"] == "queued":
+            record["state"], record["error"] = "failed", "worktree missing after state.json was rebuilt"
+        records[record["id"]] = record
+    return records
+
+
+def first_spawn_event(path):
+    """The spawn event that opens an agent's log, or None."""
+    with open(path, "rb") as f:
+        for raw in f:
+            with contextlib.suppress(ValueError):
+                event = json.loads(raw)
+                if isinstance(event, dict) and event.get("event") == "spawn":
+                    return event
+            return None
+    return None
+
+
+def pause_agent(record):
+    """SIGSTOP a running agent's process group."""
+    if record["state"] != "running":
+        raise OrchestraError(f"{record['id']} is {record['state']}; only a running agent can be paused")
+    if not signal_group(record["pid"], record.get("pid_start"), signal.SIGSTOP):
+        raise OrchestraError(
+            f"{record['id']}'s process is gone; the supervisor will settle it shortly", EXIT_FAILURE
+        )
+    record.update(state="paused", activity="paused")
+
+
+def stop_process(pid, start_token, grace=STOP_GRACE):
+    """SIGCONT then SIGTERM the group, and SIGKILL it if still alive after `grace` seconds."""
+    signal_group(pid, start_token, signal.SIGCONT)
+    if not signal_group(pid, start_token, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not process_alive(pid, start_token):
+            return
+        time.sleep(0.05)
+    signal_group(pid, start_token, signal.SIGKILL)
+
+
+# ======================================================================================
+# Supervisor
+# --------------------------------------------------------------------------------------
+# One detached process per repository, unique by supervisor.lock: starts queued agents up
+# to the parallel limit, watches each with a thread, beats a heartbeat, adopts what a dead
+# supervisor left, and exits when nothing is queued, running or paused.
+# ======================================================================================
+
+
+class Supervisor:
+    """Runs and watches a repository's agents until there is nothing left to do."""
+
+    def __init__(self, project):
+        self.project = project
+        self.store = project.store
+        self.stopping = threading.Event()
+        self.pending_lock = threading.Lock()  # guards self.pending
+        self.pending = {}  # agent id -> facts or final record changes waiting for the next write
+        self.watchers = {}  # agent id -> watcher thread; touched by the main thread only
+        self.children = {}  # agent id -> Popen of agents this supervisor started
+
+    def run(self):
+        """Hold the supervisor lock and serve; re-check for work after letting go of it."""
+        lock = FileLock(self.project.dir / "supervisor.lock")
+        while lock.acquire(timeout=1.0):
+            try:
+                self.serve()
+            finally:
+                lock.release()
+            if self.stopping.is_set() or not self.has_work(self.store.load()):
+                break
+        return EXIT_OK
+
+    def serve(self):
+        """Adopt, then schedule and flush until idle or asked to stop."""
+        self.store.update(self.register)
+        self.adopt()
+        heartbeat = threading.Thread(target=self.beat, name="heartbeat", daemon=True)
+        heartbeat.start()
+        while not self.stopping.is_set():
+            self.flush()
+            self.reap_watchers()
+            self.store.update(self.start_queued)
+            if not self.watchers and not self.has_work(self.store.load()):
+                break
+            self.stopping.wait(SUPERVISOR_TICK)
+        self.flush()
+        self.store.update(lambda state: state["supervisor"].update(pid=None))
+
+    def register(self, state):
+        """Write this process into the state as the live supervisor."""
+        state["supervisor"] = {"pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+                               "started_at": utc_iso(), "heartbeat_at": utc_iso()}  # fmt: skip
+
+    @staticmethod
+    def has_work(state):
+        """True while some agent is ready to start, running or paused."""
+        return any(
+            r["state"] in ("running", "paused") or (r["state"] == "queued" and r.get("ready"))
+            for r in state["agents"].values()
+        )
+
+    def adopt(self):
+        """Watch agents a dead supervisor left running; settle the ones whose process is gone."""
+        for record in self.store.load()["agents"].values():
+            if record["state"] not in ("running", "paused") or record["id"] in self.watchers:
+                continue
+            if process_alive(record["pid"], record.get("pid_start")):
+                self.watch(record, None)
+            else:
+                self.settle_orphan(record["id"])
+
+    def settle_orphan(self, agent_id):
+        """Settle an agent that ended unwatched: its log says done or failed, else interrupted."""
+        log = read_log(self.project.log_path(agent_id))
+
+        def settle(state):
+            record = state["agents"][agent_id]
+            finish_record(record, log, None, "", self.counts(record))
+
+        self.store.update(settle)
+
+    def start_queued(self, state):
+        """Launch ready queued agents, oldest first, while fewer than the limit run."""
+        agents = state["agents"].values()
+        limit = self.project.config.parallel_limit(state.get("parallel"))
+        active = sum(r["state"] in ("running", "paused") for r in agents)
+        queued = sorted(
+            (r for r in agents if r["state"] == "queued" and r.get("ready")), key=lambda r: r["created_at"]
+        )
+        for record in queued[: max(0, limit - active)]:
+            self.start(record)
+
+    def start(self, record):
+        """Launch one agent (a fresh task, or a resumed session) and watch it."""
+        prompt = record.pop("resume_prompt", None)
+        try:
+            proc = launch_agent(self.project, record, prompt)
+        except OSError as e:
+            record.update(state="failed", error=f"could not start {record['launch']['agent_command'][0]}: {e}",
+                          finished_at=utc_iso())  # fmt: skip
+            return
+        record.update(state="running", pid=proc.pid, pid_start=process_start_time(proc.pid), exit_code=None,
+                      started_at=record.get("started_at") or utc_iso(), finished_at=None, error=None,
+                      activity="starting", last_activity_at=utc_iso())  # fmt: skip
+        self.children[record["id"]] = proc
+        self.watch(record, proc)
+
+    def watch(self, record, proc):
+        """Start the named watcher thread of one agent."""
+        thread = threading.Thread(
+            target=self.guarded,
+            args=(self.follow, record["id"], dict(record), proc),
+            name=f"watch-{record['id']}",
+            daemon=True,
+        )
+        self.watchers[record["id"]] = thread
+        thread.start()
+
+    def guarded(self, target, agent_id, *args):
+        """Run a thread body; an exception reaches the supervisor log and the agent's record."""
+        try:
+            target(agent_id, *args)
+        except Exception as e:  # a watcher must report, never vanish silently
+            import traceback
+
+            traceback.print_exc()
+            with self.pending_lock:
+                self.pending.setdefault(agent_id, {})["error"] = f"orchestra watcher failed: {e!r}"
+
+    def follow(self, agent_id, record, proc):
+        """Tail one agent's log into pending facts until its process ends, then settle it."""
+        log = AgentLog(self.project.log_path(agent_id))
+        next_counts = 0.0
+        while not self.stopping.is_set():
+            exited = (
+                proc.poll() is not None if proc else not process_alive(record["pid"], record.get("pid_start"))
+            )
+            if log.read_new():
+                self.queue(agent_id, without_none(log.facts))
+            if exited:
+                break
+            if time.monotonic() >= next_counts:
+                self.queue(agent_id, dict(zip(("commits", "files_changed"), self.counts(record) or ())))
+                next_counts = time.monotonic() + COUNTS_INTERVAL
+            time.sleep(WATCH_POLL)
+        if self.stopping.is_set():
+            return  # the agent runs on; the next supervisor adopts it
+        log.read_to_end()
+        exit_code = proc.returncode if proc else None
+        stderr_tail = read_tail(self.project.stderr_path(agent_id))
+        counts = self.counts(record)
+        self.finish(agent_id, lambda r: finish_record(r, log, exit_code, stderr_tail, counts))
+
+    def counts(self, record):
+        """(commits, files changed) of an agent's worktree, or None if git cannot tell."""
+        try:
+            return change_counts(record["worktree"], record["base_commit"])
+        except (OrchestraError, OSError):
+            return None
+
+    def queue(self, agent_id, facts):
+        """Keep facts for the next batched write."""
+        if facts:
+            with self.pending_lock:
+                self.pending.setdefault(agent_id, {}).update(facts)
+
+    def finish(self, agent_id, settle):
+        """Write an agent's final record now, with whatever facts were still pending."""
+
+        def change(state):
+            self.apply_pending(state)
+            settle(state["agents"][agent_id])
+
+        self.store.update(change)
+
+    def flush(self):
+        """Write all pending facts in one state update (a few writes a second at most)."""
+        with self.pending_lock:
+            if not self.pending:
+                return
+        self.store.update(self.apply_pending)
+
+    def apply_pending(self, state):
+        """Move pending facts into the records they belong to."""
+        with self.pending_lock:
+            pending, self.pending = self.pending, {}
+        for agent_id, facts in pending.items():
+            record = state["agents"].get(agent_id)
+            if record and record["state"] in ("running", "paused", "stopped"):
+                record.update(facts)
+                record["stale"] = False
+
+    def reap_watchers(self):
+        """Forget watcher threads that have finished."""
+        for agent_id in [i for i, t in self.watchers.items() if not t.is_alive()]:
+            del self.watchers[agent_id]
+            self.children.pop(agent_id, None)
+
+    def beat(self):
+        """Every heartbeat_interval: mark the supervisor and running agents alive, flag stale ones."""
+        interval = self.project.config["heartbeat_interval"]
+        while not self.stopping.wait(min(interval, self.project.config["stale_threshold"])):
+            self.store.update(self.mark_heartbeat)
+
+    def mark_heartbeat(self, state):
+        """Stamp heartbeats and set the stale flag of agents quiet for stale_threshold."""
+        now = time.time()
+        threshold = self.project.config["stale_threshold"]
+        state["supervisor"]["heartbeat_at"] = utc_iso(now)
+        for record in state["agents"].values():
+            if record["state"] == "running":
+                record["heartbeat_at"] = utc_iso(now)
+                quiet_since = parse_iso(record.get("last_activity_at")) or now
+                record["stale"] = now - quiet_since >= threshold
+
+
+def supervisor_alive(state):
+    """True while the supervisor named in the state is still that same process."""
+    info = state.get("supervisor") or {}
+    return process_alive(info.get("pid"), info.get("pid_start"))
+
+
+def ensure_supervisor(project, state=None):
+    """Start a detached supervisor when there is work and none is alive; its pid or None."""
+    state = state or project.store.load()
+    if supervisor_alive(state) or not Supervisor.has_work(state):
+        return None
+    with open(project.dir / "supervisor.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "supervise", "--foreground"],
+            cwd=str(project.repo),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+# ======================================================================================
+# Command line
+# --------------------------------------------------------------------------------------
+# One cmd_<name> per subcommand and one small parser builder each. Only this section
+# knows every layer; main() is the only place errors become exit statuses.
+# ======================================================================================
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one-line errors with exit status 2."""
+
+    def error(self, message):
+        raise OrchestraError(f"{message}; see '{self.prog} --help'")
+
+
+def config_flags(args, **extra):
+    """Config values set on the command line: -c KEY=VALUE pairs, then command flags."""
+    flags = {}
+    for item in args.config_overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in CONFIG_TYPES:
+            raise OrchestraError(
+                f"-c expects KEY=VALUE with a known key, not '{item}'; known keys: {', '.join(CONFIG_TYPES)}"
+            )
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare word is a string
+        check_config_value(key, value, "-c")
+        flags[key] = value
+    flags.update({k: v for k, v in extra.items() if v is not None})
+    return flags
+
+
+def open_project(args, **flags):
+    """The project of the current directory, with the command line's config overrides."""
+    return Project.open(Path.cwd(), os.environ, config_flags(args, **flags))
+
+
+def select_agents(records, wanted):
+    """Records named by ids or unique id prefixes, in the order given (all when none given)."""
+    if not wanted:
+        return sorted(records.values(), key=lambda r: r["created_at"] or "")
+    chosen = []
+    for name in wanted:
+        if name in records:
+            chosen.append(records[name])
+            continue
+        matches = sorted(i for i in records if i.startswith(name))
+        if not matches:
+            raise OrchestraError(f"no agent '{name}'; 'orchestra status' lists them")
+        if len(matches) > 1:
+            raise OrchestraError(f"'{name}' matches {', '.join(matches)}; type more of the id")
+        chosen.append(records[matches[0]])
+    return chosen
+
+
+def paint(text, colour, stream):
+    """Wrap text in an ANSI colour when the stream is a terminal that wants colour."""
+    codes = {"green": "32", "red": "31", "yellow": "33", "blue": "34", "dim": "2"}
+    return f"\x1b[{codes[colour]}m{text}\x1b[0m" if colour and use_colour(stream) else text
+
+
+STATE_COLOURS = {"running": "blue", "done": "green", "failed": "red", "interrupted": "red",
+                 "paused": "yellow", "stopped": "dim", "queued": None}  # fmt: skip
+
+
+def elapsed_seconds(record, now):
+    """How long the agent has run (or ran)."""
+    started = parse_iso(record.get("started_at"))
+    if started is None:
+        return None
+    return (parse_iso(record.get("finished_at")) or now) - started
+
+
+def status_rows(records, now):
+    """The status table's cells for each record."""
+    rows = []
+    for r in records:
+        state = r["state"] + (" stale" if r.get("stale") else "")
+        rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), format_cost(r.get("cost_usd")),
+                     "-" if r.get("commits") is None else str(r["commits"]),
+                     "-" if r.get("files_changed") is None else str(r["files_changed"]),
+                     one_line(r.get("error") or r.get("activity") or "")])  # fmt: skip
+    return rows
+
+
+def render_table(headers, rows, out, colour_column=None, width=None):
+    """Aligned columns; the last column is cut to the terminal width."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    lines = []
+    for index, row in enumerate([headers, *rows]):
+        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths)]
+        prefix = "  ".join(cells) + "  "
+        last = str(row[-1])[: max(10, width - len(prefix))]
+        if index and colour_column is not None:
+            cells[colour_column] = paint(
+                cells[colour_column], STATE_COLOURS.get(row[colour_column].split()[0]), out
+            )
+            prefix = "  ".join(cells) + "  "
+        lines.append((prefix + last).rstrip())
+    return "\n".join(lines)
+
+
+def status_text(project, records, out):
+    """The human status view: a table and a one-line summary."""
+    if not records:
+        return 'No agents yet. Start some with: orchestra spawn "first task" "second task"'
+    headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
+    table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
+    counts = {}
+    for r in records:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    total = sum(r.get("cost_usd") or 0 for r in records)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return f"{table}\n\n{summary}; total cost {format_cost(total)}"
+
+
+def status_document(project, state, records):
+    """What `status --json` prints."""
+    info = state.get("supervisor") or {}
+    return {
+        "repo": str(project.repo),
+        "supervisor": {
+            "pid": info.get("pid"),
+            "alive": supervisor_alive(state),
+            "heartbeat_at": info.get("heartbeat_at"),
+        },
+        "agents": [public_record(r) for r in records],
+    }
+
+
+def revive_supervisor(project, state):
+    """Restart a dead supervisor that left agents to watch, and say so on stderr."""
+    pid = ensure_supervisor(project, state)
+    if pid:
+        print(f"orchestra: the supervisor was not running; restarted it (pid {pid})", file=sys.stderr)
+
+
+def cmd_init(args):
+    """Create .orchestra/ and print the effective configuration."""
+    project = open_project(args)
+    print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
+    print(config_text(project.config))
+    return EXIT_OK
+
+
+def config_text(config):
+    """The effective settings as a table of key, value and source."""
+    rows = [[key, json.dumps(config[key]), config.sources[key]] for key in CONFIG_DEFAULTS]
+    return render_table(["KEY", "VALUE", "SOURCE"], rows, sys.stdout, width=1000)
+
+
+def cmd_config(args):
+    """Show every setting, its value and where that value came from."""
+    try:
+        repo = find_repo(Path.cwd())
+    except OrchestraError:
+        repo = None  # outside a repository the user file and defaults still apply
+    config = Config.load(repo, os.environ, config_flags(args))
+    if args.json:
+        print_json({key: {"value": config[key], "source": config.sources[key]} for key in CONFIG_DEFAULTS})
+    else:
+        print(config_text(config))
+    return EXIT_OK
+
+
+def check_task(task):
+    """Refuse tasks an agent could not be given as one argument."""
+    if not task.strip():
+        raise OrchestraError("a task is empty; describe what the agent should do")
+    if task.lstrip().startswith("-"):
+        raise OrchestraError(
+            f"task '{one_line(task, 40)}' starts with '-' and would be read as an option; rephrase it"
+        )
+    if len(task) > MAX_TASK_LENGTH:
+        raise OrchestraError(
+            f"a task is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
+            "put long instructions in a file and name that file in the task"
+        )
+    if "\0" in task:
+        raise OrchestraError("a task contains a NUL character; remove it")
+
+
+def resolve_base(project, requested):
+    """(base branch name or None, base commit) for new agents."""
+    if not has_commits(project.repo):
+        raise OrchestraError("this repository has no commits yet; make a first commit, then spawn agents")
+    ref = requested or project.config["base_branch"] or current_branch(project.repo) or "HEAD"
+    commit = resolve_commit(project.repo, ref)
+    return (ref if ref != "HEAD" else None), commit
+
+
+def taken_ids(project, records):
+    """Ids no new agent may take: records, existing branches and worktree folders."""
+    taken = set(records) | local_branches(project.repo, project.config["branch_prefix"])
+    if project.worktree_root.is_dir():
+        taken |= {
+            p.name[len(WORKTREE_PREFIX) :]
+            for p in project.worktree_root.iterdir()
+            if p.name.startswith(WORKTREE_PREFIX)
+        }
+    return taken
+
+
+def unique_id(slug, taken):
+    """The slug itself, or the slug with -2, -3... when it is taken."""
+    candidate, n = slug, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{slug}-{n}"
+    return candidate
+
+
+def check_explicit_name(project, name, taken):
+    """An id given with --name must be a valid, unused branch and folder name."""
+    if (
+        not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name)
+        or len(name) > MAX_ID_LENGTH
+        or not is_valid_branch_name(project.branch_name(name))
+    ):
+        raise OrchestraError(
+            f"--name '{name}' is not a valid id; use lowercase letters, digits, '-', '.' and '_'"
+        )
+    if branch_exists(project.repo, project.branch_name(name)):
+        raise OrchestraError(
+            f"branch '{project.branch_name(name)}' already exists; pick another name or run 'orchestra cleanup {name}'"
+        )
+    if project.worktree_path(name).exists():
+        raise OrchestraError(
+            f"worktree folder {project.worktree_path(name)} already exists; pick another name or remove it"
+        )
+    if name in taken:
+        raise OrchestraError(f"an agent named '{name}' already exists; pick another name")
+
+
+def reserve_agents(project, tasks, name, base_branch, base_commit, parallel):
+    """Record new queued agents under the lock, each with a unique id; their records."""
+
+    def reserve(state):
+        taken = taken_ids(project, state["agents"])
+        if name:
+            check_explicit_name(project, name, taken)
+        created = []
+        for task in tasks:
+            agent_id = name or unique_id(slugify(task), taken)
+            taken.add(agent_id)
+            record = new_record(project, agent_id, task, base_branch, base_commit)
+            state["agents"][agent_id] = record
+            created.append(record)
+        if parallel:
+            state["parallel"] = parallel
+        return created
+
+    return project.store.update(reserve)
+
+
+def prepare_agents(project, records):
+    """Create all worktrees concurrently, then mark each agent ready or failed."""
+    copies = files_to_copy(project, include_patterns(project))
+    project.worktree_root.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=min(WORKTREE_THREADS, len(records))) as pool:
+        errors = list(pool.map(lambda r: prepare_worktree(project, r, copies), records))
+
+    def mark(state):
+        for record, error in zip(records, errors):
+            saved = state["agents"][record["id"]]
+            saved["copied_files"] = record["copied_files"]
+            if error:
+                saved.update(state="failed", error=error, activity="setup failed", finished_at=utc_iso())
+            else:
+                saved.update(ready=True, activity="waiting for a free slot")
+            record.update(saved)
+
+    project.store.update(mark)
+
+
+def cmd_spawn(args):
+    """Queue one agent per task, each on its own branch and worktree."""
+    project = open_project(args, model=args.model)
+    for task in args.tasks:
+        check_task(task)
+    if args.name and len(args.tasks) > 1:
+        raise OrchestraError("--name works with a single task; leave it out to name agents after their tasks")
+    if args.parallel is not None and not 1 <= args.parallel <= project.config["max_parallel"]:
+        raise OrchestraError(
+            f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
+        )
+    check_agent_command(project.config)
+    base_branch, base_commit = resolve_base(project, args.base)
+    records = reserve_agents(project, args.tasks, args.name, base_branch, base_commit, args.parallel)
+    prepare_agents(project, records)
+    ensure_supervisor(project)
+    if args.json and not args.wait:
+        print_json({"agents": [public_record(r) for r in records]})
+    else:
+        for r in records:
+            line = f"{r['id']}  {r['state'] if r['state'] == 'failed' else 'queued'}  {r['branch']}  {os.path.relpath(r['worktree'])}"
+            print(line + (f"\n  {r['error']}" if r["error"] else ""))
+    if args.wait:
+        return wait_for_agents(project, [r["id"] for r in records], args.json)
+    if not args.json:
+        print("\nWatch them with: orchestra status --watch")
+    return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
+
+
+def wait_for_agents(project, ids, as_json):
+    """Print each agent's progress until all have finished; 1 if any failed."""
+    shown = {}
+    while True:
+        state = project.store.load()
+        ensure_supervisor(project, state)
+        records = [state["agents"][i] for i in ids]
+        for r in records:
+            line = f"{r['id']}: {r['state']}" + (
+                f" - {one_line(r.get('error') or r.get('activity') or '', 100)}"
+                if r.get("activity") or r.get("error")
+                else ""
+            )
+            if shown.get(r["id"]) != line and not as_json:
+                print(line, flush=True)
+            shown[r["id"]] = line
+        if not any(r["state"] in ACTIVE_STATES for r in records):
+            break
+        time.sleep(SPAWN_WAIT_POLL)
+    if as_json:
+        print_json({"agents": [public_record(r) for r in records]})
+    else:
+        finished = {s: sum(r["state"] == s for r in records) for s in STATES}
+        print(
+            ", ".join(f"{n} {s}" for s, n in finished.items() if n)
+            + f"; total cost {format_cost(sum(r.get('cost_usd') or 0 for r in records))}"
+        )
+    return EXIT_FAILURE if any(r["state"] in ("failed", "interrupted") for r in records) else EXIT_OK
+
+
+def cmd_status(args):
+    """Show agents: state, elapsed time, cost, commits, files and activity."""
+    project = open_project(args)
+    while True:
+        state = project.store.load()
+        revive_supervisor(project, state)
+        records = select_agents(state["agents"], args.ids)
+        if args.json:
+            print_json(status_document(project, state, records))
+            return EXIT_OK
+        text = status_text(project, records, sys.stdout)
+        if not args.watch:
+            print(text)
+            return EXIT_OK
+        clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+        print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
+        time.sleep(STATUS_WATCH_INTERVAL)
+
+
+def change_agents(project, ids, change):
+    """Apply `change(record)` to each named agent under the state lock."""
+    return project.store.update(lambda state: [change(r) for r in select_agents(state["agents"], ids)])
+
+
+def cmd_pause(args):
+    """SIGSTOP running agents."""
+    project = open_project(args)
+    for record in change_agents(project, args.ids, pause_agent):
+        print(f"{record['id']}: paused")
+    return EXIT_OK
+
+
+def resume_agent(record):
+    """Continue a paused agent, or queue a relaunch of its session when its process is gone."""
+    if record["state"] in ("running", "queued", "done"):
+        raise OrchestraError(
+            f"{record['id']} is {record['state']}; only paused, stopped, failed or interrupted agents resume"
+        )
+    if record["state"] == "paused" and signal_group(record["pid"], record.get("pid_start"), signal.SIGCONT):
+        record.update(state="running", activity="resumed")
+        return "resumed"
+    if not record.get("session_id") or not is_claude_command(record["launch"]["agent_command"]):
+        raise OrchestraError(f"{record['id']} has no Claude session to resume; spawn its task again")
+    record.update(
+        state="queued",
+        ready=True,
+        resume_prompt=RESUME_PROMPT,
+        pid=None,
+        finished_at=None,
+        activity="waiting to resume",
+    )
+    return "queued to resume its session"
+
+
+def cmd_resume(args):
+    """SIGCONT paused agents; relaunch with --resume those whose process is gone."""
+    project = open_project(args)
+    results = project.store.update(
+        lambda state: [(r["id"], resume_agent(r)) for r in select_agents(state["agents"], args.ids)]
+    )
+    ensure_supervisor(project)
+    for agent_id, what in results:
+        print(f"{agent_id}: {what}")
+    return EXIT_OK
+
+
+def cmd_stop(args):
+    """End agents: SIGTERM their process group, SIGKILL after a grace period; work stays."""
+    project = open_project(args)
+
+    def request_stop(record):
+        if record["state"] not in ACTIVE_STATES:
+            raise OrchestraError(f"{record['id']} is already {record['state']}")
+        process = (record["pid"], record.get("pid_start"))
+        record.update(state="stopped", finished_at=utc_iso(), activity="stopped", stale=False)
+        return record["id"], process
+
+    for agent_id, (pid, start_token) in change_agents(project, args.ids, request_stop):
+        stop_process(pid, start_token)
+        print(f"{agent_id}: stopped (worktree and branch kept)")
+    return EXIT_OK
+
+
+def cmd_supervise(args):
+    """Run the supervisor here (--foreground) or start it in the background."""
+    project = open_project(args)
+    if not args.foreground:
+        pid = ensure_supervisor(project)
+        print(
+            f"supervisor started (pid {pid})"
+            if pid
+            else "nothing to supervise, or a supervisor is already running"
+        )
+        return EXIT_OK
+    supervisor = Supervisor(project)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: supervisor.stopping.set())
+    return supervisor.run()
+
+
+def render_event(event):
+    """Readable lines for one log event (text, tool calls, results, orchestra's own steps)."""
+    kind = event.get("type")
+    if kind == "orchestra":
+        return render_orchestra_event(event)
+    if kind == "system" and event.get("subtype") == "init":
+        return [f"session {event.get('session_id')} started (model {event.get('model')})"]
+    if kind in ("assistant", "user"):
+        message = event.get("message") if isinstance(event.get("message"), dict) else {}
+        content = message.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        return [line for block in blocks if isinstance(block, dict) for line in render_block(block)]
+    if kind == "result":
+        cost, turns = format_cost(event.get("total_cost_usd")), event.get("num_turns")
+        seconds = (event.get("duration_ms") or 0) / 1000
+        mark = "FAILED" if event.get("is_error") else "DONE"
+        return [f"== {mark} after {seconds:.1f}s, {turns} turns, {cost}: {event.get('result') or ''}"]
+    return []
+
+
+def render_block(block):
+    """Lines for one content block of an assistant or user message."""
+    if block.get("type") == "text" and block.get("text", "").strip():
+        return block["text"].strip().splitlines()
+    if block.get("type") == "tool_use":
+        return [f"-> {describe_tool_use(block)}"]
+    if block.get("type") == "tool_result":
+        content = block.get("content")
+        if isinstance(content, list):
+            content = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+        return [f"<- {one_line(content or '(no output)')}"]
+    return []
+
+
+def render_orchestra_event(event):
+    """Lines for orchestra's own events in an agent's log."""
+    what = event.get("event")
+    if what == "spawn":
+        return [
+            f"== spawned on {event.get('branch')} from {event.get('base_branch') or event.get('base_commit')}: {event.get('task')}"
+        ]
+    if what == "setup":
+        output = (event.get("output") or "").rstrip().splitlines()
+        return [
+            f"$ {event.get('command')}  (exit {event.get('exit_code')})",
+            *(f"  {line}" for line in output),
+        ]
+    if what == "launch":
+        return ["== resumed its session" if event.get("resume") else "== agent started"]
+    return []
+
+
+def readable_lines(chunk, raw):
+    """Turn complete log lines into what `logs` prints."""
+    lines = []
+    for line in chunk.decode("utf-8", "replace").splitlines():
+        if raw:
+            lines.append(line)
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            lines.append(line)
+            continue
+        lines.extend(render_event(event) if isinstance(event, dict) else [line])
+    return lines
+
+
+def cmd_logs(args):
+    """Print an agent's activity; -f keeps following until it finishes."""
+    project = open_project(args)
+    record = select_agents(project.records(), [args.id])[0]
+    path, offset, clean = Path(record["log"]), 0, sys.stdout.isatty()
+    while True:
+        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+            chunk = chunk[: chunk.rfind(b"\n") + 1]
+            offset += len(chunk)
+            for line in readable_lines(chunk, args.raw):
+                print(strip_control(line) if clean else line)
+            sys.stdout.flush()
+        if not args.follow or (not chunk and project.records()[record["id"]]["state"] not in ACTIVE_STATES):
+            break
+        time.sleep(LOGS_FOLLOW_POLL)
+    if not args.follow and record["state"] in ("failed", "interrupted"):
+        stderr = read_tail(project.stderr_path(record["id"])).strip()
+        if stderr:
+            print("-- stderr --\n" + (strip_control(stderr) if clean else stderr))
+    return EXIT_OK
+
+
+def worktree_rows(project, records):
+    """git's worktrees joined with agent records, orphans and missing folders marked."""
+    by_path = {str(Path(r["worktree"])): r for r in records.values() if r["state"] != "removed"}
+    root = str(project.worktree_root)
+    rows = []
+    for wt in list_worktrees(project.repo):
+        record = by_path.pop(wt["path"], None)
+        ours = os.path.dirname(wt["path"]) == root and os.path.basename(wt["path"]).startswith(
+            WORKTREE_PREFIX
+        )
+        notes = [n for n, on in (("main", wt["path"] == str(project.repo)), ("orphan", ours and not record),
+                                 ("missing", wt["prunable"] or not os.path.isdir(wt["path"])), ("locked", wt["locked"])) if on]  # fmt: skip
+        rows.append(worktree_row(wt["path"], wt["branch"], record, notes))
+    for path, record in by_path.items():
+        rows.append(worktree_row(path, record["branch"], record, ["missing"]))
+    return rows
+
+
+def worktree_row(path, branch, record, notes):
+    """One row of `orchestra worktrees`."""
+    record = record or {}
+    return {"path": path, "branch": branch, "id": record.get("id"), "task": record.get("task"),
+            "state": record.get("state"), "notes": notes}  # fmt: skip
+
+
+def cmd_worktrees(args):
+    """List git's worktrees with the agent each belongs to."""
+    project = open_project(args)
+    rows = worktree_rows(project, project.records())
+    if args.json:
+        print_json({"worktrees": rows})
+        return EXIT_OK
+    table = [[r["id"] or "-", r["state"] or "-", r["branch"] or "(detached)", os.path.relpath(r["path"]),
+              ",".join(r["notes"]) or "-", one_line(r["task"] or "", 60)] for r in rows]  # fmt: skip
+    print(render_table(["ID", "STATE", "BRANCH", "PATH", "NOTES", "TASK"], table, sys.stdout))
+    return EXIT_OK
+
+
+def add_init_parser(commands):
+    """orchestra init"""
+    p = commands.add_parser(
+        "init", help="create .orchestra/ and show the configuration", description=cmd_init.__doc__
+    )
+    p.set_defaults(func=cmd_init)
+
+
+def add_config_parser(commands):
+    """orchestra config"""
+    p = commands.add_parser("config", help="show settings and where they came from", description=cmd_config.__doc__,
+                            epilog="example: orchestra -c default_parallel=5 config --json")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_config)
+
+
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_spawn_parser(commands):
+    """orchestra spawn"""
+    p = commands.add_parser("spawn", help="start agents, one worktree and branch per task", description=cmd_spawn.__doc__,
+                            epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2')  # fmt: skip
+    p.add_argument("tasks", nargs="+", metavar="TASK", help="what one agent should do (quote it)")
+    p.add_argument("--parallel", type=positive_int, metavar="N", help="run at most N agents at once")
+    p.add_argument("--model", help="the model the agents use")
+    p.add_argument(
+        "--base", metavar="REF", help="branch, tag or commit to start from (default: the current branch)"
+    )
+    p.add_argument("--name", metavar="ID", help="the agent's id instead of one made from the task")
+    p.add_argument("--wait", action="store_true", help="show progress until all finish; exit 1 if any failed")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_spawn)
+
+
+def add_status_parser(commands):
+    """orchestra status"""
+    p = commands.add_parser("status", help="show what every agent is doing", description=cmd_status.__doc__,
+                            epilog="example: orchestra status --watch")  # fmt: skip
+    p.add_argument("ids", nargs="*", metavar="ID", help="agents to show (default: all)")
+    p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_status)
+
+
+def add_signal_parsers(commands):
+    """orchestra pause | resume | stop"""
+    for name, handler in (("pause", cmd_pause), ("resume", cmd_resume), ("stop", cmd_stop)):
+        p = commands.add_parser(name, help=handler.__doc__.splitlines()[0].rstrip("."), description=handler.__doc__,
+                                epilog=f"example: orchestra {name} implement-auth")  # fmt: skip
+        p.add_argument("ids", nargs="+", metavar="ID", help="agent ids or unique prefixes")
+        p.set_defaults(func=handler)
+
+
+def add_logs_parser(commands):
+    """orchestra logs"""
+    p = commands.add_parser("logs", help="show an agent's activity", description=cmd_logs.__doc__,
+                            epilog="example: orchestra logs implement-auth -f")  # fmt: skip
+    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
+    p.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new activity until the agent finishes"
+    )
+    p.add_argument("--raw", action="store_true", help="print the stream-json lines as they are")
+    p.set_defaults(func=cmd_logs)
+
+
+def add_worktrees_parser(commands):
+    """orchestra worktrees"""
+    p = commands.add_parser(
+        "worktrees", help="list worktrees and their agents", description=cmd_worktrees.__doc__
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_worktrees)
+
+
+def add_supervise_parser(commands):
+    """orchestra supervise"""
+    p = commands.add_parser(
+        "supervise", help="run the supervisor (spawn starts it for you)", description=cmd_supervise.__doc__
+    )
+    p.add_argument("--foreground", action="store_true", help="run in this terminal instead of the background")
+    p.set_defaults(func=cmd_supervise)
+
+
+PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
+                   add_logs_parser, add_worktrees_parser, add_supervise_parser)  # fmt: skip
+
+
+def build_parser():
+    """The whole command line."""
+    parser = ArgumentParser(prog="orchestra", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"orchestra {__version__}")
+    parser.add_argument("-c", dest="config_overrides", action="append", metavar="KEY=VALUE",
+                        help="override a setting for this run (VALUE is JSON or a word)")  # fmt: skip
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    commands.required = True
+    for build in PARSER_BUILDERS:
+        build(commands)
+    return parser
+
+
+# ======================================================================================
+# Main
+# ======================================================================================
+
+
+def main(argv=None):
+    """Run one orchestra command; the exit status (0 ok, 1 failed, 2 bad input, 130 Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except OrchestraError as e:
+        if os.environ.get("ORCHESTRA_DEBUG") == "1":
+            raise
+        print(f"orchestra: error: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
