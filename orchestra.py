@@ -264,32 +264,39 @@ def write_atomic(path, text):
 
 
 class FileLock:
-    """An exclusive advisory lock on a file, shared by every process that opens it."""
+    """An exclusive lock shared by every thread and process that uses the same file.
+
+    flock() excludes other processes; a thread lock makes this process's threads take turns.
+    """
 
     def __init__(self, path):
         self.path = Path(path)
+        self.thread_lock = threading.Lock()  # guards self.fd: one holder in this process at a time
         self.fd = None
 
     def acquire(self, blocking=True, timeout=LOCK_TIMEOUT):
         """Take the lock; False if not blocking (or timed out) and someone else holds it."""
-        self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + timeout
+        if not self.thread_lock.acquire(blocking, timeout if blocking else -1):
+            return False
+        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
         while True:
             try:
-                lock_fd(self.fd)
+                lock_fd(fd)
+                self.fd = fd
                 return True
             except OSError:
                 if not blocking or time.monotonic() > deadline:
-                    os.close(self.fd)
-                    self.fd = None
+                    os.close(fd)
+                    self.thread_lock.release()
                     return False
                 time.sleep(0.01)
 
     def release(self):
         """Let go of the lock (closing the file releases it too, even on a crash)."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        fd, self.fd = self.fd, None
+        os.close(fd)
+        self.thread_lock.release()
 
     def __enter__(self):
         if not self.acquire():
@@ -1130,7 +1137,7 @@ def first_spawn_event(path):
 
 
 def pause_agent(record):
-    """SIGSTOP a running agent's process group."""
+    """SIGSTOP a running agent's process group; its id."""
     if record["state"] != "running":
         raise OrchestraError(f"{record['id']} is {record['state']}; only a running agent can be paused")
     if not signal_group(record["pid"], record.get("pid_start"), signal.SIGSTOP):
@@ -1138,6 +1145,7 @@ def pause_agent(record):
             f"{record['id']}'s process is gone; the supervisor will settle it shortly", EXIT_FAILURE
         )
     record.update(state="paused", activity="paused")
+    return record["id"]
 
 
 def stop_process(pid, start_token, grace=STOP_GRACE):
@@ -1687,15 +1695,16 @@ def cmd_spawn(args):
     records = reserve_agents(project, args.tasks, args.name, base_branch, base_commit, args.parallel)
     prepare_agents(project, records)
     ensure_supervisor(project)
-    if args.json and not args.wait:
-        print_json({"agents": [public_record(r) for r in records]})
-    else:
+    if not args.json:
         for r in records:
-            line = f"{r['id']}  {r['state'] if r['state'] == 'failed' else 'queued'}  {r['branch']}  {os.path.relpath(r['worktree'])}"
-            print(line + (f"\n  {r['error']}" if r["error"] else ""))
+            print(f"{r['id']}  {r['state']}  {r['branch']}  {os.path.relpath(r['worktree'])}")
+            if r["error"]:
+                print(f"  {r['error']}")
     if args.wait:
         return wait_for_agents(project, [r["id"] for r in records], args.json)
-    if not args.json:
+    if args.json:
+        print_json({"agents": [public_record(r) for r in records]})
+    else:
         print("\nWatch them with: orchestra status --watch")
     return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
 
@@ -1757,8 +1766,8 @@ def change_agents(project, ids, change):
 def cmd_pause(args):
     """SIGSTOP running agents."""
     project = open_project(args)
-    for record in change_agents(project, args.ids, pause_agent):
-        print(f"{record['id']}: paused")
+    for agent_id in change_agents(project, args.ids, pause_agent):
+        print(f"{agent_id}: paused")
     return EXIT_OK
 
 

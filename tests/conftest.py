@@ -1,0 +1,176 @@
+"""Shared fixtures: throwaway repositories, in-process CLI runs, fake and real agents."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+sys.path[:0] = [str(ROOT), str(TESTS)]
+
+import orchestra  # noqa: E402
+from scripted_api import ScriptedAPI, claude_env  # noqa: E402
+
+FAKE_AGENT = TESTS / "fake_agent.py"
+FAKE_AGENT_COMMAND = [sys.executable, str(FAKE_AGENT), "{task}"]
+CLAUDE_TOOLS = ["Bash", "Edit", "Write"]  # root may not bypass permissions: allow tools instead
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+}
+
+
+class Run:
+    """What a user sees from one command: exit code, stdout and stderr."""
+
+    def __init__(self, code, out, err):
+        self.code, self.out, self.err = code, out, err
+
+    def json(self):
+        return json.loads(self.out)
+
+    def __repr__(self):
+        return f"Run(code={self.code}, out={self.out!r}, err={self.err!r})"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch, tmp_path):
+    """No user config, no colour, a git identity, and no debug tracebacks."""
+    monkeypatch.setenv("ORCHESTRA_CONFIG", str(tmp_path / "user-config.json"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.delenv("ORCHESTRA_DEBUG", raising=False)
+    for key, value in GIT_IDENTITY.items():
+        monkeypatch.setenv(key, value)
+
+
+def git(*args, cwd):
+    """Run git in a test and return its stdout."""
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def make_repo(path):
+    """A git repository with one commit on main."""
+    path.mkdir(parents=True, exist_ok=True)
+    git("init", "-q", "-b", "main", cwd=path)
+    (path / "README.md").write_text("# demo\n")
+    git("add", "README.md", cwd=path)
+    git("commit", "-qm", "initial commit", cwd=path)
+    return path
+
+
+def write_config(repo, **values):
+    """Write the project's .orchestra/config.json."""
+    folder = repo / ".orchestra"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(values))
+
+
+def load_state(repo):
+    """state.json as the tool wrote it."""
+    return json.loads((repo / ".orchestra" / "state.json").read_text())
+
+
+def wait_for(predicate, timeout=60, interval=0.1, what="condition"):
+    """Poll until predicate() is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def agent_states(repo):
+    """{id: state} from state.json."""
+    path = repo / ".orchestra" / "state.json"
+    if not path.exists():
+        return {}
+    return {i: r["state"] for i, r in load_state(repo)["agents"].items()}
+
+
+def wait_settled(repo, timeout=60):
+    """Wait until no agent is queued, running or paused and the supervisor has gone."""
+
+    def settled():
+        state = load_state(repo)
+        active = any(r["state"] in orchestra.ACTIVE_STATES for r in state["agents"].values())
+        return not active and not orchestra.supervisor_alive(state) and state["agents"]
+
+    return wait_for(settled, timeout, what="agents to finish")
+
+
+def kill_everything(repo):
+    """Kill the supervisor and agents a test left behind."""
+    path = repo / ".orchestra" / "state.json"
+    if not path.exists():
+        return
+    with contextlib.suppress(ValueError):
+        state = json.loads(path.read_text())
+        processes = [state.get("supervisor") or {}, *state["agents"].values()]
+        for info in processes:
+            pid = info.get("pid")
+            if orchestra.process_alive(pid, info.get("pid_start")):
+                with contextlib.suppress(OSError):
+                    (
+                        os.killpg(pid, signal.SIGKILL)
+                        if info is not processes[0]
+                        else os.kill(pid, signal.SIGKILL)
+                    )
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A fresh repository, made the current directory."""
+    path = make_repo(tmp_path / "repo")
+    monkeypatch.chdir(path)
+    yield path
+    kill_everything(path)
+
+
+@pytest.fixture
+def fake_repo(repo):
+    """A repository whose agents are the fast fake agent."""
+    write_config(repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5)
+    return repo
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `orchestra ARGS...` in-process; returns what the user would see."""
+
+    def run(*argv):
+        code = orchestra.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def claude_api(tmp_path, monkeypatch):
+    """A scripted Messages API, with the environment pointing the real claude CLI at it."""
+    with ScriptedAPI() as api:
+        env = claude_env(api, config_dir=tmp_path / "claude-config")
+        for key in set(os.environ) - set(env):
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            if os.environ.get(key) != value:
+                monkeypatch.setenv(key, value)
+        yield api
+
+
+@pytest.fixture
+def claude_repo(repo, claude_api):
+    """A repository whose agents are the real claude CLI with tools allowed."""
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5)
+    return repo
