@@ -806,6 +806,7 @@ class AgentLog:
         self.offset = 0
         self.partial = b""
         self.launched = False  # a launch event was seen: the agent ran at least once
+        self.settled = None  # the last "settled" event: how the latest run ended
         self.run_usage = {}  # message id -> (input, output) tokens; one response spans lines
         self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
         self.facts = {"session_id": None, "activity": None, "last_activity_at": None,
@@ -850,11 +851,11 @@ class AgentLog:
     def on_orchestra(self, event):
         """A new run starts with no result yet; a failed setup is the agent's error."""
         if event.get("event") == "launch":
-            self.launched = True
+            self.launched, self.settled = True, None
             self.settle_run_tokens()
             self.facts.update(result=None, error=None, outcome=None)
-        elif event.get("event") == "setup" and event.get("exit_code"):
-            self.facts["error"] = f"setup command failed: {event.get('command')}"
+        elif event.get("event") == "settled":
+            self.settled = event
 
     def on_system(self, event):
         """system/init names the session."""
@@ -919,14 +920,16 @@ def read_log(path):
     return log
 
 
-def settled_state(outcome, exit_code, stderr_tail):
-    """Final (state, error) of an agent whose process is gone."""
-    if outcome == "success":
+def settled_state(log, exit_code, stderr_tail):
+    """Final (state, error) of an agent whose process is gone, from its log and exit status."""
+    if log.facts["outcome"] == "success":
         return "done", None
-    if outcome == "error":
-        return "failed", None
+    if log.facts["outcome"] == "error":
+        return "failed", log.facts["error"]
     if exit_code is None:
-        return "interrupted", "the agent's process ended while no supervisor watched it, with no final result"
+        return "interrupted", "the agent ended while no supervisor watched it, leaving no final result"
+    if exit_code < 0:
+        return "interrupted", f"the agent was killed by signal {-exit_code} before it finished"
     if exit_code == 0:
         return "done", None
     detail = f": {one_line(stderr_tail, TAIL_CHARS)}" if stderr_tail.strip() else ""
@@ -934,18 +937,22 @@ def settled_state(outcome, exit_code, stderr_tail):
 
 
 def finish_record(record, log, exit_code, stderr_tail, counts):
-    """Settle a record whose process has ended (a stop request keeps state 'stopped')."""
+    """Settle a record whose process has ended (a stop request keeps its state 'stopped')."""
     record.update(without_none(log.facts))
     record.update(
-        exit_code=exit_code, pid=None, finished_at=record.get("finished_at") or utc_iso(), stale=False
+        exit_code=exit_code, pid=None, stale=False, finished_at=record.get("finished_at") or utc_iso()
     )
     if counts:
         record["commits"], record["files_changed"] = counts
     if record["state"] in ("running", "paused"):
-        record["state"], error = settled_state(log.facts["outcome"], exit_code, stderr_tail)
-        record["error"] = record.get("error") or error
-    if record["state"] != "failed" and log.facts["outcome"] != "error":
-        record["error"] = None if record["state"] == "done" else record.get("error")
+        record["state"], record["error"] = settled_state(log, exit_code, stderr_tail)
+    note_settlement(record)
+
+
+def note_settlement(record):
+    """Write an agent's final state into its log, so a rebuilt state.json knows it exactly."""
+    settled = {key: record.get(key) for key in ("state", "exit_code", "error", "commits", "files_changed")}
+    append_event(record["log"], {"event": "settled", **settled})
 
 
 def without_none(facts):
@@ -1116,8 +1123,13 @@ def rebuild_records(project):
         record["launch"] = spawn.get("launch") or record["launch"]
         log = read_log(log_path)
         record.update(without_none(log.facts))
-        if log.launched:
-            record["state"], record["error"] = settled_state(log.facts["outcome"], None, "")
+        if log.settled:
+            record.update(
+                {k: log.settled.get(k) for k in ("state", "exit_code", "error", "commits", "files_changed")}
+            )
+            record["finished_at"] = log.settled.get("time")
+        elif log.launched:
+            record["state"], record["error"] = settled_state(log, None, "")
         if record["worktree"] not in live and record["state"] == "queued":
             record["state"], record["error"] = "failed", "worktree missing after state.json was rebuilt"
         records[record["id"]] = record
@@ -1672,6 +1684,7 @@ def prepare_agents(project, records):
             saved["copied_files"] = record["copied_files"]
             if error:
                 saved.update(state="failed", error=error, activity="setup failed", finished_at=utc_iso())
+                note_settlement(saved)
             else:
                 saved.update(ready=True, activity="waiting for a free slot")
             record.update(saved)
@@ -1814,6 +1827,8 @@ def cmd_stop(args):
             raise OrchestraError(f"{record['id']} is already {record['state']}")
         process = (record["pid"], record.get("pid_start"))
         record.update(state="stopped", finished_at=utc_iso(), activity="stopped", stale=False)
+        if not record["pid"]:
+            note_settlement(record)  # no watcher will settle an agent that never started
         return record["id"], process
 
     for agent_id, (pid, start_token) in change_agents(project, args.ids, request_stop):
