@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT, agent_states, git, load_state, wait_for, wait_settled
 from scripted_api import bash, error, requires_claude, text
@@ -218,7 +219,7 @@ def _stopped_processes():
     for entry in os.listdir("/proc"):
         if entry.isdigit() and _process_state(int(entry)) == "T":
             try:
-                environ = open(f"/proc/{entry}/environ", "rb").read()
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
             except OSError:
                 continue
             if b"ORCHESTRA_AGENT_ID=" in environ:
