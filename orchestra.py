@@ -1414,42 +1414,11 @@ def ensure_supervisor(project, state=None):
 
 
 # ======================================================================================
-# Command line
+# Operations
 # --------------------------------------------------------------------------------------
-# One cmd_<name> per subcommand and one small parser builder each. Only this section
-# knows every layer; main() is the only place errors become exit statuses.
+# What the command line and the web server both do to agents: spawn, pause, resume, stop,
+# and the views of status, logs and worktrees. Handlers format; these decide.
 # ======================================================================================
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes are one-line errors with exit status 2."""
-
-    def error(self, message):
-        raise OrchestraError(f"{message}; see '{self.prog} --help'")
-
-
-def config_flags(args, **extra):
-    """Config values set on the command line: -c KEY=VALUE pairs, then command flags."""
-    flags = {}
-    for item in args.config_overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in CONFIG_TYPES:
-            raise OrchestraError(
-                f"-c expects KEY=VALUE with a known key, not '{item}'; known keys: {', '.join(CONFIG_TYPES)}"
-            )
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw  # a bare word is a string
-        check_config_value(key, value, "-c")
-        flags[key] = value
-    flags.update({k: v for k, v in extra.items() if v is not None})
-    return flags
-
-
-def open_project(args, **flags):
-    """The project of the current directory, with the command line's config overrides."""
-    return Project.open(Path.cwd(), os.environ, config_flags(args, **flags))
 
 
 def select_agents(records, wanted):
@@ -1470,68 +1439,6 @@ def select_agents(records, wanted):
     return chosen
 
 
-def paint(text, colour, stream):
-    """Wrap text in an ANSI colour when the stream is a terminal that wants colour."""
-    codes = {"green": "32", "red": "31", "yellow": "33", "blue": "34", "dim": "2"}
-    return f"\x1b[{codes[colour]}m{text}\x1b[0m" if colour and use_colour(stream) else text
-
-
-STATE_COLOURS = {"running": "blue", "done": "green", "failed": "red", "interrupted": "red",
-                 "paused": "yellow", "stopped": "dim", "queued": None}  # fmt: skip
-
-
-def elapsed_seconds(record, now):
-    """How long the agent has run (or ran)."""
-    started = parse_iso(record.get("started_at"))
-    if started is None:
-        return None
-    return (parse_iso(record.get("finished_at")) or now) - started
-
-
-def status_rows(records, now):
-    """The status table's cells for each record."""
-    rows = []
-    for r in records:
-        state = r["state"] + (" stale" if r.get("stale") else "")
-        rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), format_cost(r.get("cost_usd")),
-                     "-" if r.get("commits") is None else str(r["commits"]),
-                     "-" if r.get("files_changed") is None else str(r["files_changed"]),
-                     one_line(r.get("error") or r.get("activity") or "")])  # fmt: skip
-    return rows
-
-
-def render_table(headers, rows, out, colour_column=None, width=None):
-    """Aligned columns; the last column is cut to the terminal width."""
-    width = width or shutil.get_terminal_size((120, 24)).columns
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    lines = []
-    for index, row in enumerate([headers, *rows]):
-        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths)]
-        prefix = "  ".join(cells) + "  "
-        last = str(row[-1])[: max(10, width - len(prefix))]
-        if index and colour_column is not None:
-            cells[colour_column] = paint(
-                cells[colour_column], STATE_COLOURS.get(row[colour_column].split()[0]), out
-            )
-            prefix = "  ".join(cells) + "  "
-        lines.append((prefix + last).rstrip())
-    return "\n".join(lines)
-
-
-def status_text(project, records, out):
-    """The human status view: a table and a one-line summary."""
-    if not records:
-        return 'No agents yet. Start some with: orchestra spawn "first task" "second task"'
-    headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
-    table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
-    counts = {}
-    for r in records:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
-    total = sum(r.get("cost_usd") or 0 for r in records)
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return f"{table}\n\n{summary}; total cost {format_cost(total)}"
-
-
 def status_document(project, state, records):
     """What `status --json` prints."""
     info = state.get("supervisor") or {}
@@ -1544,41 +1451,6 @@ def status_document(project, state, records):
         },
         "agents": [public_record(r) for r in records],
     }
-
-
-def revive_supervisor(project, state):
-    """Restart a dead supervisor that left agents to watch, and say so on stderr."""
-    pid = ensure_supervisor(project, state)
-    if pid:
-        print(f"orchestra: the supervisor was not running; restarted it (pid {pid})", file=sys.stderr)
-
-
-def cmd_init(args):
-    """Create .orchestra/ and print the effective configuration."""
-    project = open_project(args)
-    print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
-    print(config_text(project.config))
-    return EXIT_OK
-
-
-def config_text(config):
-    """The effective settings as a table of key, value and source."""
-    rows = [[key, json.dumps(config[key]), config.sources[key]] for key in CONFIG_DEFAULTS]
-    return render_table(["KEY", "VALUE", "SOURCE"], rows, sys.stdout, width=1000)
-
-
-def cmd_config(args):
-    """Show every setting, its value and where that value came from."""
-    try:
-        repo = find_repo(Path.cwd())
-    except OrchestraError:
-        repo = None  # outside a repository the user file and defaults still apply
-    config = Config.load(repo, os.environ, config_flags(args))
-    if args.json:
-        print_json({key: {"value": config[key], "source": config.sources[key]} for key in CONFIG_DEFAULTS})
-    else:
-        print(config_text(config))
-    return EXIT_OK
 
 
 def check_task(task):
@@ -1692,96 +1564,62 @@ def prepare_agents(project, records):
     project.store.update(mark)
 
 
-def cmd_spawn(args):
-    """Queue one agent per task, each on its own branch and worktree."""
-    project = open_project(args, model=args.model)
-    for task in args.tasks:
+def change_agents(project, ids, change):
+    """Apply `change(record)` to each named agent under the state lock; what each returned."""
+    return project.store.update(lambda state: [change(r) for r in select_agents(state["agents"], ids)])
+
+
+def spawn_agents(project, tasks, parallel=None, name=None, base=None):
+    """Check the request, record the agents, make their worktrees and wake the supervisor.
+
+    The one way agents come to be, from the command line or the web; their records.
+    """
+    for task in tasks:
         check_task(task)
-    if args.name and len(args.tasks) > 1:
+    if name and len(tasks) > 1:
         raise OrchestraError("--name works with a single task; leave it out to name agents after their tasks")
-    if args.parallel is not None and not 1 <= args.parallel <= project.config["max_parallel"]:
+    if parallel is not None and not 1 <= parallel <= project.config["max_parallel"]:
         raise OrchestraError(
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
-    base_branch, base_commit = resolve_base(project, args.base)
-    records = reserve_agents(project, args.tasks, args.name, base_branch, base_commit, args.parallel)
+    base_branch, base_commit = resolve_base(project, base)
+    records = reserve_agents(project, tasks, name, base_branch, base_commit, parallel)
     prepare_agents(project, records)
     ensure_supervisor(project)
-    if not args.json:
-        for r in records:
-            print(f"{r['id']}  {r['state']}  {r['branch']}  {os.path.relpath(r['worktree'])}")
-            if r["error"]:
-                print(f"  {r['error']}")
-    if args.wait:
-        return wait_for_agents(project, [r["id"] for r in records], args.json)
-    if args.json:
-        print_json({"agents": [public_record(r) for r in records]})
-    else:
-        print("\nWatch them with: orchestra status --watch")
-    return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
+    return records
 
 
-def wait_for_agents(project, ids, as_json):
-    """Print each agent's progress until all have finished; 1 if any failed."""
-    shown = {}
-    while True:
-        state = project.store.load()
-        ensure_supervisor(project, state)
-        records = [state["agents"][i] for i in ids]
-        for r in records:
-            line = f"{r['id']}: {r['state']}" + (
-                f" - {one_line(r.get('error') or r.get('activity') or '', 100)}"
-                if r.get("activity") or r.get("error")
-                else ""
-            )
-            if shown.get(r["id"]) != line and not as_json:
-                print(line, flush=True)
-            shown[r["id"]] = line
-        if not any(r["state"] in ACTIVE_STATES for r in records):
-            break
-        time.sleep(SPAWN_WAIT_POLL)
-    if as_json:
-        print_json({"agents": [public_record(r) for r in records]})
-    else:
-        finished = {s: sum(r["state"] == s for r in records) for s in STATES}
-        print(
-            ", ".join(f"{n} {s}" for s, n in finished.items() if n)
-            + f"; total cost {format_cost(sum(r.get('cost_usd') or 0 for r in records))}"
-        )
-    return EXIT_FAILURE if any(r["state"] in ("failed", "interrupted") for r in records) else EXIT_OK
+def pause_agents(project, ids):
+    """Pause running agents; (id, what happened) for each."""
+    return [(agent_id, "paused") for agent_id in change_agents(project, ids, pause_agent)]
 
 
-def cmd_status(args):
-    """Show agents: state, elapsed time, cost, commits, files and activity."""
-    project = open_project(args)
-    while True:
-        state = project.store.load()
-        revive_supervisor(project, state)
-        records = select_agents(state["agents"], args.ids)
-        if args.json:
-            print_json(status_document(project, state, records))
-            return EXIT_OK
-        text = status_text(project, records, sys.stdout)
-        if not args.watch:
-            print(text)
-            return EXIT_OK
-        clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
-        print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
-        time.sleep(STATUS_WATCH_INTERVAL)
+def resume_agents(project, ids):
+    """Continue paused agents or queue relaunches; (id, what happened) for each."""
+    outcomes = change_agents(project, ids, lambda record: (record["id"], resume_agent(record)))
+    ensure_supervisor(project)
+    return outcomes
 
 
-def change_agents(project, ids, change):
-    """Apply `change(record)` to each named agent under the state lock."""
-    return project.store.update(lambda state: [change(r) for r in select_agents(state["agents"], ids)])
+def request_stop(record):
+    """Mark an active agent stopped; (id, its process) so the caller can end the process."""
+    if record["state"] not in ACTIVE_STATES:
+        raise OrchestraError(f"{record['id']} is already {record['state']}")
+    process = (record["pid"], record.get("pid_start"))
+    record.update(state="stopped", finished_at=utc_iso(), activity="stopped", stale=False)
+    if not record["pid"]:
+        note_settlement(record)  # no watcher will settle an agent that never started
+    return record["id"], process
 
 
-def cmd_pause(args):
-    """SIGSTOP running agents."""
-    project = open_project(args)
-    for agent_id in change_agents(project, args.ids, pause_agent):
-        print(f"{agent_id}: paused")
-    return EXIT_OK
+def stop_agents(project, ids):
+    """Stop agents and end their processes; worktrees and branches stay. (id, what happened)."""
+    outcomes = []
+    for agent_id, (pid, start_token) in change_agents(project, ids, request_stop):
+        stop_process(pid, start_token)
+        outcomes.append((agent_id, "stopped (worktree and branch kept)"))
+    return outcomes
 
 
 def resume_agent(record):
@@ -1804,54 +1642,6 @@ def resume_agent(record):
         activity="waiting to resume",
     )
     return "queued to resume its session"
-
-
-def cmd_resume(args):
-    """SIGCONT paused agents; relaunch with --resume those whose process is gone."""
-    project = open_project(args)
-    results = project.store.update(
-        lambda state: [(r["id"], resume_agent(r)) for r in select_agents(state["agents"], args.ids)]
-    )
-    ensure_supervisor(project)
-    for agent_id, what in results:
-        print(f"{agent_id}: {what}")
-    return EXIT_OK
-
-
-def cmd_stop(args):
-    """End agents: SIGTERM their process group, SIGKILL after a grace period; work stays."""
-    project = open_project(args)
-
-    def request_stop(record):
-        if record["state"] not in ACTIVE_STATES:
-            raise OrchestraError(f"{record['id']} is already {record['state']}")
-        process = (record["pid"], record.get("pid_start"))
-        record.update(state="stopped", finished_at=utc_iso(), activity="stopped", stale=False)
-        if not record["pid"]:
-            note_settlement(record)  # no watcher will settle an agent that never started
-        return record["id"], process
-
-    for agent_id, (pid, start_token) in change_agents(project, args.ids, request_stop):
-        stop_process(pid, start_token)
-        print(f"{agent_id}: stopped (worktree and branch kept)")
-    return EXIT_OK
-
-
-def cmd_supervise(args):
-    """Run the supervisor here (--foreground) or start it in the background."""
-    project = open_project(args)
-    if not args.foreground:
-        pid = ensure_supervisor(project)
-        print(
-            f"supervisor started (pid {pid})"
-            if pid
-            else "nothing to supervise, or a supervisor is already running"
-        )
-        return EXIT_OK
-    supervisor = Supervisor(project)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: supervisor.stopping.set())
-    return supervisor.run()
 
 
 def render_event(event):
@@ -1922,30 +1712,6 @@ def readable_lines(chunk, raw):
     return lines
 
 
-def cmd_logs(args):
-    """Print an agent's activity; -f keeps following until it finishes."""
-    project = open_project(args)
-    record = select_agents(project.records(), [args.id])[0]
-    path, offset, clean = Path(record["log"]), 0, sys.stdout.isatty()
-    while True:
-        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-            chunk = chunk[: chunk.rfind(b"\n") + 1]
-            offset += len(chunk)
-            for line in readable_lines(chunk, args.raw):
-                print(strip_control(line) if clean else line)
-            sys.stdout.flush()
-        if not args.follow or (not chunk and project.records()[record["id"]]["state"] not in ACTIVE_STATES):
-            break
-        time.sleep(LOGS_FOLLOW_POLL)
-    if not args.follow and record["state"] in ("failed", "interrupted"):
-        stderr = read_tail(project.stderr_path(record["id"])).strip()
-        if stderr:
-            print("-- stderr --\n" + (strip_control(stderr) if clean else stderr))
-    return EXIT_OK
-
-
 def worktree_rows(project, records):
     """git's worktrees joined with agent records, orphans and missing folders marked."""
     by_path = {str(Path(r["worktree"])): r for r in records.values() if r["state"] != "removed"}
@@ -1969,6 +1735,272 @@ def worktree_row(path, branch, record, notes):
     record = record or {}
     return {"path": path, "branch": branch, "id": record.get("id"), "task": record.get("task"),
             "state": record.get("state"), "notes": notes}  # fmt: skip
+
+
+# ======================================================================================
+# Command line
+# --------------------------------------------------------------------------------------
+# One cmd_<name> per subcommand and one small parser builder each. Only this section
+# knows every layer; main() is the only place errors become exit statuses.
+# ======================================================================================
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one-line errors with exit status 2."""
+
+    def error(self, message):
+        raise OrchestraError(f"{message}; see '{self.prog} --help'")
+
+
+def config_flags(args, **extra):
+    """Config values set on the command line: -c KEY=VALUE pairs, then command flags."""
+    flags = {}
+    for item in args.config_overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in CONFIG_TYPES:
+            raise OrchestraError(
+                f"-c expects KEY=VALUE with a known key, not '{item}'; known keys: {', '.join(CONFIG_TYPES)}"
+            )
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare word is a string
+        check_config_value(key, value, "-c")
+        flags[key] = value
+    flags.update({k: v for k, v in extra.items() if v is not None})
+    return flags
+
+
+def open_project(args, **flags):
+    """The project of the current directory, with the command line's config overrides."""
+    return Project.open(Path.cwd(), os.environ, config_flags(args, **flags))
+
+
+def paint(text, colour, stream):
+    """Wrap text in an ANSI colour when the stream is a terminal that wants colour."""
+    codes = {"green": "32", "red": "31", "yellow": "33", "blue": "34", "dim": "2"}
+    return f"\x1b[{codes[colour]}m{text}\x1b[0m" if colour and use_colour(stream) else text
+
+
+STATE_COLOURS = {"running": "blue", "done": "green", "failed": "red", "interrupted": "red",
+                 "paused": "yellow", "stopped": "dim", "queued": None}  # fmt: skip
+
+
+def elapsed_seconds(record, now):
+    """How long the agent has run (or ran)."""
+    started = parse_iso(record.get("started_at"))
+    if started is None:
+        return None
+    return (parse_iso(record.get("finished_at")) or now) - started
+
+
+def status_rows(records, now):
+    """The status table's cells for each record."""
+    rows = []
+    for r in records:
+        state = r["state"] + (" stale" if r.get("stale") else "")
+        rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), format_cost(r.get("cost_usd")),
+                     "-" if r.get("commits") is None else str(r["commits"]),
+                     "-" if r.get("files_changed") is None else str(r["files_changed"]),
+                     one_line(r.get("error") or r.get("activity") or "")])  # fmt: skip
+    return rows
+
+
+def render_table(headers, rows, out, colour_column=None, width=None):
+    """Aligned columns; the last column is cut to the terminal width."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    lines = []
+    for index, row in enumerate([headers, *rows]):
+        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths)]
+        prefix = "  ".join(cells) + "  "
+        last = str(row[-1])[: max(10, width - len(prefix))]
+        if index and colour_column is not None:
+            cells[colour_column] = paint(
+                cells[colour_column], STATE_COLOURS.get(row[colour_column].split()[0]), out
+            )
+            prefix = "  ".join(cells) + "  "
+        lines.append((prefix + last).rstrip())
+    return "\n".join(lines)
+
+
+def status_text(project, records, out):
+    """The human status view: a table and a one-line summary."""
+    if not records:
+        return 'No agents yet. Start some with: orchestra spawn "first task" "second task"'
+    headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
+    table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
+    counts = {}
+    for r in records:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    total = sum(r.get("cost_usd") or 0 for r in records)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return f"{table}\n\n{summary}; total cost {format_cost(total)}"
+
+
+def revive_supervisor(project, state):
+    """Restart a dead supervisor that left agents to watch, and say so on stderr."""
+    pid = ensure_supervisor(project, state)
+    if pid:
+        print(f"orchestra: the supervisor was not running; restarted it (pid {pid})", file=sys.stderr)
+
+
+def cmd_init(args):
+    """Create .orchestra/ and print the effective configuration."""
+    project = open_project(args)
+    print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
+    print(config_text(project.config))
+    return EXIT_OK
+
+
+def config_text(config):
+    """The effective settings as a table of key, value and source."""
+    rows = [[key, json.dumps(config[key]), config.sources[key]] for key in CONFIG_DEFAULTS]
+    return render_table(["KEY", "VALUE", "SOURCE"], rows, sys.stdout, width=1000)
+
+
+def cmd_config(args):
+    """Show every setting, its value and where that value came from."""
+    try:
+        repo = find_repo(Path.cwd())
+    except OrchestraError:
+        repo = None  # outside a repository the user file and defaults still apply
+    config = Config.load(repo, os.environ, config_flags(args))
+    if args.json:
+        print_json({key: {"value": config[key], "source": config.sources[key]} for key in CONFIG_DEFAULTS})
+    else:
+        print(config_text(config))
+    return EXIT_OK
+
+
+def cmd_spawn(args):
+    """Queue one agent per task, each on its own branch and worktree."""
+    project = open_project(args, model=args.model)
+    records = spawn_agents(project, args.tasks, parallel=args.parallel, name=args.name, base=args.base)
+    if not args.json:
+        for r in records:
+            print(f"{r['id']}  {r['state']}  {r['branch']}  {os.path.relpath(r['worktree'])}")
+            if r["error"]:
+                print(f"  {r['error']}")
+    if args.wait:
+        return wait_for_agents(project, [r["id"] for r in records], args.json)
+    if args.json:
+        print_json({"agents": [public_record(r) for r in records]})
+    else:
+        print("\nWatch them with: orchestra status --watch")
+    return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
+
+
+def wait_for_agents(project, ids, as_json):
+    """Print each agent's progress until all have finished; 1 if any failed."""
+    shown = {}
+    while True:
+        state = project.store.load()
+        ensure_supervisor(project, state)
+        records = [state["agents"][i] for i in ids]
+        for r in records:
+            line = f"{r['id']}: {r['state']}" + (
+                f" - {one_line(r.get('error') or r.get('activity') or '', 100)}"
+                if r.get("activity") or r.get("error")
+                else ""
+            )
+            if shown.get(r["id"]) != line and not as_json:
+                print(line, flush=True)
+            shown[r["id"]] = line
+        if not any(r["state"] in ACTIVE_STATES for r in records):
+            break
+        time.sleep(SPAWN_WAIT_POLL)
+    if as_json:
+        print_json({"agents": [public_record(r) for r in records]})
+    else:
+        finished = {s: sum(r["state"] == s for r in records) for s in STATES}
+        print(
+            ", ".join(f"{n} {s}" for s, n in finished.items() if n)
+            + f"; total cost {format_cost(sum(r.get('cost_usd') or 0 for r in records))}"
+        )
+    return EXIT_FAILURE if any(r["state"] in ("failed", "interrupted") for r in records) else EXIT_OK
+
+
+def cmd_status(args):
+    """Show agents: state, elapsed time, cost, commits, files and activity."""
+    project = open_project(args)
+    while True:
+        state = project.store.load()
+        revive_supervisor(project, state)
+        records = select_agents(state["agents"], args.ids)
+        if args.json:
+            print_json(status_document(project, state, records))
+            return EXIT_OK
+        text = status_text(project, records, sys.stdout)
+        if not args.watch:
+            print(text)
+            return EXIT_OK
+        clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+        print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
+        time.sleep(STATUS_WATCH_INTERVAL)
+
+
+def cmd_pause(args):
+    """SIGSTOP running agents."""
+    return report_outcomes(pause_agents(open_project(args), args.ids))
+
+
+def cmd_resume(args):
+    """SIGCONT paused agents; relaunch with --resume those whose process is gone."""
+    return report_outcomes(resume_agents(open_project(args), args.ids))
+
+
+def cmd_stop(args):
+    """End agents: SIGTERM their process group, SIGKILL after a grace period; work stays."""
+    return report_outcomes(stop_agents(open_project(args), args.ids))
+
+
+def report_outcomes(outcomes):
+    """Print what happened to each agent, one line each."""
+    for agent_id, what in outcomes:
+        print(f"{agent_id}: {what}")
+    return EXIT_OK
+
+
+def cmd_supervise(args):
+    """Run the supervisor here (--foreground) or start it in the background."""
+    project = open_project(args)
+    if not args.foreground:
+        pid = ensure_supervisor(project)
+        print(
+            f"supervisor started (pid {pid})"
+            if pid
+            else "nothing to supervise, or a supervisor is already running"
+        )
+        return EXIT_OK
+    supervisor = Supervisor(project)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: supervisor.stopping.set())
+    return supervisor.run()
+
+
+def cmd_logs(args):
+    """Print an agent's activity; -f keeps following until it finishes."""
+    project = open_project(args)
+    record = select_agents(project.records(), [args.id])[0]
+    path, offset, clean = Path(record["log"]), 0, sys.stdout.isatty()
+    while True:
+        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+            chunk = chunk[: chunk.rfind(b"\n") + 1]
+            offset += len(chunk)
+            for line in readable_lines(chunk, args.raw):
+                print(strip_control(line) if clean else line)
+            sys.stdout.flush()
+        if not args.follow or (not chunk and project.records()[record["id"]]["state"] not in ACTIVE_STATES):
+            break
+        time.sleep(LOGS_FOLLOW_POLL)
+    if not args.follow and record["state"] in ("failed", "interrupted"):
+        stderr = read_tail(project.stderr_path(record["id"])).strip()
+        if stderr:
+            print("-- stderr --\n" + (strip_control(stderr) if clean else stderr))
+    return EXIT_OK
 
 
 def cmd_worktrees(args):
@@ -2037,10 +2069,17 @@ def add_status_parser(commands):
     p.set_defaults(func=cmd_status)
 
 
+SIGNAL_COMMANDS = (
+    ("pause", "suspend running agents (SIGSTOP)", cmd_pause),
+    ("resume", "continue paused agents, or relaunch their sessions", cmd_resume),
+    ("stop", "end agents; their worktrees and branches stay", cmd_stop),
+)
+
+
 def add_signal_parsers(commands):
     """orchestra pause | resume | stop"""
-    for name, handler in (("pause", cmd_pause), ("resume", cmd_resume), ("stop", cmd_stop)):
-        p = commands.add_parser(name, help=handler.__doc__.splitlines()[0].rstrip("."), description=handler.__doc__,
+    for name, summary, handler in SIGNAL_COMMANDS:
+        p = commands.add_parser(name, help=summary, description=handler.__doc__,
                                 epilog=f"example: orchestra {name} implement-auth")  # fmt: skip
         p.add_argument("ids", nargs="+", metavar="ID", help="agent ids or unique prefixes")
         p.set_defaults(func=handler)
