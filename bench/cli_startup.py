@@ -1,0 +1,67 @@
+"""How fast `orchestra status --json` answers with 8 agent records, against `python3 -c pass`.
+
+Goal: at most 2x the bare interpreter. Prints medians over many runs; not a test.
+Run: python3 bench/cli_startup.py [--runs N]
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ORCHESTRA = Path(__file__).resolve().parent.parent / "orchestra.py"
+RECORD_COUNT = 8
+
+
+def make_repo(root):
+    """A repository with .orchestra/state.json holding finished agent records."""
+    repo = root / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "init"], cwd=repo, check=True)
+    sys.path.insert(0, str(ORCHESTRA.parent))
+    import orchestra
+
+    project = orchestra.Project.open(repo, {"ORCHESTRA_CONFIG": str(root / "none.json")})
+    agents = {}
+    for n in range(RECORD_COUNT):
+        record = orchestra.new_record(project, f"agent-{n}", f"task number {n}", "main", "0" * 40)
+        record.update(state="done", cost_usd=0.1 * n, turns=n, result="finished " * 20, ready=True)
+        agents[record["id"]] = record
+    project.store.update(lambda state: state["agents"].update(agents))
+    return repo
+
+
+def median_seconds(argv, cwd, runs):
+    """Median wall time of running argv `runs` times."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = make_repo(Path(tmp))
+        status = [sys.executable, str(ORCHESTRA), "status", "--json"]
+        output = json.loads(subprocess.run(status, cwd=repo, check=True, capture_output=True).stdout)
+        assert len(output["agents"]) == RECORD_COUNT
+        bare = median_seconds([sys.executable, "-c", "pass"], repo, args.runs)
+        ours = median_seconds(status, repo, args.runs)
+    print(f"python3 -c pass:                 {bare * 1000:7.1f} ms (median of {args.runs})")
+    print(f"orchestra status --json ({RECORD_COUNT} agents): {ours * 1000:7.1f} ms (median of {args.runs})")
+    print(f"ratio: {ours / bare:.2f}x (goal <= 2x)")
+
+
+if __name__ == "__main__":
+    main()

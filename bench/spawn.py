@@ -1,0 +1,105 @@
+"""Spawning 8 agents on a 5,000-file repository, against 8 sequential raw `git worktree add`.
+
+Goal: orchestra spawn at most 1.2x the raw git time. The agents are a no-op command, so this
+measures orchestra's own work: ids, records, concurrent worktrees and starting the supervisor.
+Run: python3 bench/spawn.py [--files N] [--rounds N]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ORCHESTRA = Path(__file__).resolve().parent.parent / "orchestra.py"
+AGENTS = 8
+IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
+            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}  # fmt: skip
+
+
+def git(repo, *args):
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def make_repo(root, files):
+    """A repository with `files` small files in nested folders, committed."""
+    repo = root / "repo"
+    for n in range(files):
+        path = repo / f"pkg{n % 50}" / f"mod{n % 7}" / f"file{n}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# file {n}\nVALUE = {n}\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "many files")
+    (repo / ".orchestra").mkdir()
+    (repo / ".orchestra" / "config.json").write_text(json.dumps({"agent_command": ["true", "{task}"], "max_parallel": 8}))
+    return repo
+
+
+def reset(repo):
+    """Remove every worktree, branch and record the last round made."""
+    for folder in (repo / ".worktrees", repo / "raw"):
+        shutil.rmtree(folder, ignore_errors=True)
+    git(repo, "worktree", "prune")
+    branches = subprocess.run(["git", "branch", "--format=%(refname:short)"], cwd=repo, capture_output=True, text=True).stdout.split()
+    for branch in branches:
+        if branch != "main":
+            git(repo, "branch", "-D", branch)
+    for name in ("state.json", "logs"):
+        path = repo / ".orchestra" / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def time_raw(repo):
+    start = time.perf_counter()
+    for n in range(AGENTS):
+        git(repo, "worktree", "add", "-q", "-b", f"raw-{n}", str(repo / "raw" / f"task-{n}"), "main")
+    return time.perf_counter() - start
+
+
+def time_orchestra(repo):
+    tasks = [f"task number {n}" for n in range(AGENTS)]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(ORCHESTRA), "spawn", *tasks], cwd=repo, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def wait_idle(repo):
+    """Let the supervisor finish the no-op agents before the next round."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        state = json.loads((repo / ".orchestra" / "state.json").read_text())
+        if all(a["state"] not in ("queued", "running") for a in state["agents"].values()) and not state["supervisor"].get("pid"):
+            return
+        time.sleep(0.1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    os.environ.update(IDENTITY, ORCHESTRA_CONFIG="/nonexistent/config.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = make_repo(Path(tmp), args.files)
+        raw, ours = [], []
+        for _ in range(args.rounds):
+            reset(repo)
+            raw.append(time_raw(repo))
+            reset(repo)
+            ours.append(time_orchestra(repo))
+            wait_idle(repo)
+    raw_median, ours_median = statistics.median(raw), statistics.median(ours)
+    print(f"repository: {args.files} files; {AGENTS} worktrees; median of {args.rounds} rounds")
+    print(f"8 x git worktree add (sequential): {raw_median * 1000:7.0f} ms")
+    print(f"orchestra spawn (8 tasks):         {ours_median * 1000:7.0f} ms")
+    print(f"ratio: {ours_median / raw_median:.2f}x (goal <= 1.2x)")
+
+
+if __name__ == "__main__":
+    main()
