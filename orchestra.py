@@ -1070,17 +1070,30 @@ def files_to_copy(project, patterns):
     return [p for p in untracked_files(project.repo, skip) if matches_include(p, patterns)]
 
 
-def prepare_worktree(project, record, copies):
-    """Create the agent's branch and worktree, copy files in and run setup; error or None."""
+def prepare_worktree(project, record, copies, register_lock):
+    """Create the agent's branch and worktree, copy files in and run setup; error or None.
+
+    Concurrent `git worktree add` can read another one's half-written admin files, so only
+    the registration (no checkout) holds `register_lock`; the checkout itself runs in parallel.
+    """
     worktree = Path(record["worktree"])
     log = project.log_path(record["id"])
     spawn_facts = ("id", "task", "branch", "worktree", "base_branch", "base_commit", "launch")
     append_event(log, {"event": "spawn", **{k: record[k] for k in spawn_facts}})
+    add = [
+        "worktree",
+        "add",
+        "--no-checkout",
+        "--quiet",
+        "-b",
+        record["branch"],
+        str(worktree),
+        record["base_commit"],
+    ]
     try:
-        run_git(
-            ["worktree", "add", "--quiet", "-b", record["branch"], str(worktree), record["base_commit"]],
-            project.repo,
-        )
+        with register_lock:
+            run_git(add, project.repo)
+        run_git(["reset", "--hard", "--quiet"], worktree)
     except GitError as e:
         return str(e)
     for rel in copies:
@@ -1547,8 +1560,9 @@ def prepare_agents(project, records):
     """Create all worktrees concurrently, then mark each agent ready or failed."""
     copies = files_to_copy(project, include_patterns(project))
     project.worktree_root.mkdir(parents=True, exist_ok=True)
+    register_lock = threading.Lock()  # serialises `git worktree add` (see prepare_worktree)
     with ThreadPoolExecutor(max_workers=min(WORKTREE_THREADS, len(records))) as pool:
-        errors = list(pool.map(lambda r: prepare_worktree(project, r, copies), records))
+        errors = list(pool.map(lambda r: prepare_worktree(project, r, copies, register_lock), records))
 
     def mark(state):
         for record, error in zip(records, errors):

@@ -326,3 +326,15 @@ def _process_state(pid):
 
 def test_signal_is_never_sent_to_a_recycled_pid():
     assert orchestra.signal_group(os.getpid(), "not-my-start-time", signal.SIGSTOP) is False
+
+
+def test_concurrent_worktree_creation_never_races(fake_repo, cli):
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, max_parallel=8)
+    for round_number in range(3):
+        run = cli("spawn", "--json", *[f"round {round_number} task {n}" for n in range(8)])
+        assert run.code == 0, run
+        assert {a["state"] for a in run.json()["agents"]} == {"queued"}
+    wait_settled(fake_repo)
+    assert set(agent_states(fake_repo).values()) == {"done"}
+    for agent in load_state(fake_repo)["agents"].values():
+        assert (fake_repo / ".worktrees" / f"task-{agent['id']}" / "README.md").read_text() == "# demo\n"
