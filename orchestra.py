@@ -13,6 +13,7 @@ Commands:
   orchestra logs ID [-f] [--raw]      an agent's activity as readable lines
   orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
   orchestra worktrees [--json]        git worktrees joined with agent records
+  orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
 
 Every ID also accepts a unique prefix; every listing takes --json.
@@ -30,16 +31,20 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import NamedTuple
 
 try:
     import fcntl
@@ -133,6 +138,49 @@ LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
 WORKTREE_THREADS = 8
 COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
 
+# Sessions: how much of each transcript is read, how listings look, what a prompt is.
+CLAUDE_EXECUTABLE = "claude"
+CLAUDE_CONFIG_ENV = "CLAUDE_CONFIG_DIR"
+SESSION_WINDOW_BYTES = 64 * 1024  # of each end of a transcript, as Claude Code's own picker reads
+SESSION_CWD_PROBE_BYTES = 8 * 1024  # enough to reach the first line that names a cwd
+SESSION_DEFAULT_HOURS = 24.0
+SESSION_DEFAULT_LIMIT = 30
+SESSION_PROMPT_LIMIT = 200  # characters of a prompt kept, as Claude Code does for titles
+SESSION_ID_SHORT = 8  # characters of a session id shown in tables and used as a last-resort title
+SESSION_AMBIGUOUS_SHOWN = 5  # ids listed when a prefix matches several sessions
+SESSION_TABLE_WIDTH = 100  # when stdout is not a terminal
+SESSION_TABLE_GAP = "  "
+SECONDS_PER_HOUR = 3600
+SESSION_CACHE_FILE = "claude-orchestra/session-counts.json"  # under $XDG_CACHE_HOME or ~/.cache
+SESSION_CACHE_VERSION = 1
+SESSION_CACHE_LIMIT = 2000  # transcripts remembered: the most recently modified
+SESSION_RECENT_IDS = 8  # assistant message ids remembered to count each API response once
+SESSION_MARK_BYTES = 64  # bytes before a saved offset that must be unchanged to count on from it
+# Table columns: (name, widest it gets; None: as wide as its widest cell). The title then takes
+# whatever room is left.
+SESSION_COLUMNS = (("ID", None), ("ACTIVE", None), ("AGE", None), ("MSGS", None), ("MODEL", None),
+                   ("AGENT", 24), ("BRANCH", 28), ("PROJECT", 40), ("TITLE", 40))  # fmt: skip
+# How a table too wide for the terminal is fitted, step by step, until it fits:
+# (column, width to cut it to; None: leave the column out).
+SESSION_FIT_STEPS = (("ACTIVE", None), ("PROJECT", 24), ("MODEL", None), ("TITLE", 30), ("PROJECT", 12),
+                     ("BRANCH", 10), ("AGENT", 10), ("MSGS", None), ("TITLE", 16))  # fmt: skip
+SESSION_RIGHT_ALIGNED = ("AGE", "MSGS")
+SESSION_ACTIVE_FORMAT = "%m-%d %H:%M"
+SESSION_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+# Claude Code's picker skips prompts that open with a lowercase XML-like tag (<command-message>,
+# <local-command-stdout>, <system-reminder>...) and interruption notices; "Warmup" is 2.0's probe.
+SESSION_SKIP_PROMPT_RE = re.compile(r"^(?:\s*<[a-z][\w-]*[\s>]|\[Request interrupted by user[^\]]*\])")
+SESSION_SKIP_PROMPTS = ("Warmup",)
+SESSION_COMMAND_RE = re.compile(r"<command-name>(.*?)</command-name>", re.DOTALL)
+SESSION_BASH_INPUT_RE = re.compile(r"<bash-input>(.*?)</bash-input>", re.DOTALL)
+SESSION_MODEL_DATE_RE = re.compile(r"-\d{8}$")
+SESSION_SYNTHETIC_MODEL = "<synthetic>"  # what Claude Code writes for its own error messages
+SESSION_USER_MARKERS = ('"type":"user"', '"type": "user"')
+SESSION_MESSAGE_MARKERS = tuple(
+    m.encode() for m in (*SESSION_USER_MARKERS, '"type":"assistant"', '"type": "assistant"')
+)
+SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 CONTROL_CHARS = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
@@ -197,6 +245,15 @@ def format_duration(seconds):
         return f"{hours}h{minutes:02d}m"
     days, hours = divmod(hours, 24)
     return f"{days}d{hours}h"
+
+
+def format_age(seconds):
+    """A short age: 40s, 5m, 3h, 2d."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def format_cost(usd):
@@ -671,6 +728,16 @@ class StateStore:
                 file=sys.stderr,
             )
             return state
+
+
+def load_agent_records(repo):
+    """{agent_id: record} of any repository, read without lock or recovery; {} if unreadable."""
+    try:
+        state = json.loads((Path(repo) / ORCHESTRA_DIR / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    agents = state.get("agents") if isinstance(state, dict) else None
+    return agents if isinstance(agents, dict) else {}
 
 
 # ======================================================================================
@@ -1752,6 +1819,1033 @@ def worktree_row(path, branch, record, notes):
 
 
 # ======================================================================================
+# Sessions
+# --------------------------------------------------------------------------------------
+# The user's own Claude Code sessions: list the recent ones, resume one in its cwd. A
+# listing stats every transcript, sorts by mtime, and reads only the first and last
+# SESSION_WINDOW_BYTES of the few it shows, plus one pass over those to count messages.
+# Nothing here writes to the session store.
+# ======================================================================================
+
+
+class SessionFile(NamedTuple):
+    """A transcript in the store, known from its name and a stat alone."""
+
+    path: str
+    session_id: str
+    size: int
+    mtime: float
+
+
+class SessionWindow(NamedTuple):
+    """The decoded first and last bytes of a transcript, and their whole lines."""
+
+    head: str  # may end inside a line
+    tail: str  # may start inside a line
+    head_lines: list
+    tail_lines: list
+    whole: bool  # the head is the whole file (and so is the tail)
+
+    def parts(self, tail_first=False):
+        """The line lists to search: one when the file fits in the head."""
+        if self.whole:
+            return [self.head_lines]
+        return [self.tail_lines, self.head_lines] if tail_first else [self.head_lines, self.tail_lines]
+
+
+class Session(NamedTuple):
+    """What a listing shows about one session (None where the file does not say)."""
+
+    session_id: str
+    path: str
+    size: int
+    mtime: float
+    cwd: str
+    branch: str
+    title: str
+    first_prompt: str
+    model: str
+    version: str
+    messages: int = None
+    agent: str = None
+
+
+class ProjectFilter(NamedTuple):
+    """One repository with all its worktrees, or a plain folder outside git."""
+
+    root: str  # main worktree of the repository, or the folder itself
+    common_dir: str  # real path of the git common dir; None outside git
+    worktrees: tuple  # worktree paths git or orchestra still knows, even if their folder is gone
+
+
+class ResumePlan(NamedTuple):
+    """How to resume a session: git commands to run in `repo` first, then argv in cwd."""
+
+    session_id: str
+    cwd: str
+    argv: list
+    repo: str = None
+    setup: tuple = ()  # git argument tuples
+
+
+class Listing(NamedTuple):
+    """A listing's rows and what the user should be told about the rest."""
+
+    sessions: list
+    total: int  # session files in the store
+    in_window: int  # of those, touched inside the time window
+    skipped: int  # files that could not be read
+    truncated: bool  # more sessions may match than were shown
+
+
+# --- where sessions live -------------------------------------------------------------
+
+
+def claude_projects_dir(env):
+    """$CLAUDE_CONFIG_DIR/projects, else ~/.claude/projects."""
+    configured = env.get(CLAUDE_CONFIG_ENV)
+    if configured:
+        return Path(os.path.expanduser(configured)) / "projects"
+    home = env.get("HOME") or os.path.expanduser("~")
+    return Path(home) / ".claude" / "projects"
+
+
+def is_session_file_name(name):
+    """Only <uuid>.jsonl files are sessions (agent-*.jsonl are subagent transcripts)."""
+    return name.endswith(".jsonl") and SESSION_ID_RE.fullmatch(name[: -len(".jsonl")]) is not None
+
+
+def scan_session_files(projects_dir):
+    """(every session file directly inside a project folder, how many could not be read)."""
+    try:
+        folders = [e.path for e in os.scandir(projects_dir) if e.is_dir()]
+    except OSError:
+        return [], 1
+    files, skipped = [], 0
+    for folder in folders:
+        skipped += session_files_in(folder, files)
+    return files, skipped
+
+
+def session_files_in(folder, files):
+    """Append a project folder's session files to `files`; how many could not be read."""
+    try:
+        entries = [e for e in os.scandir(folder) if is_session_file_name(e.name)]
+    except OSError:
+        return 1
+    skipped = 0
+    for entry in entries:
+        try:
+            info = entry.stat()
+        except OSError:  # a dangling link, or removed since the listing
+            skipped += 1
+            continue
+        # Never open a FIFO or a device (it could block); an empty file holds no session yet.
+        if stat.S_ISREG(info.st_mode) and info.st_size > 0:
+            session_id = entry.name[: -len(".jsonl")].lower()
+            files.append(SessionFile(entry.path, session_id, info.st_size, info.st_mtime))
+    return skipped
+
+
+def newest_first(files, cutoff):
+    """Files touched at or after `cutoff` (all when None), most recent first."""
+    chosen = [f for f in files if cutoff is None or f.mtime >= cutoff]
+    chosen.sort(key=lambda f: (-f.mtime, f.session_id))
+    return chosen
+
+
+# --- reading a transcript cheaply ----------------------------------------------------
+
+
+def read_window(path, size, window=SESSION_WINDOW_BYTES):
+    """The first and last `window` bytes of a transcript, decoded, with their whole lines."""
+    with open(path, "rb") as f:
+        head_bytes = f.read(window)
+        whole = len(head_bytes) < window
+        if not whole:
+            f.seek(max(size - window, 0))
+        tail_bytes = head_bytes if whole else f.read(window)
+    head = head_bytes.decode("utf-8", "replace")
+    tail = head if whole else tail_bytes.decode("utf-8", "replace")
+    # Split on "\n" alone: JSON text may hold a raw U+2028, which str.splitlines() would cut.
+    head_lines, tail_lines = head.split("\n"), tail.split("\n")
+    if not whole:
+        head_lines.pop()  # ends inside a line
+        tail_lines.pop(0)  # starts inside a line
+    return SessionWindow(head, tail, head_lines, tail_lines, whole)
+
+
+def parse_line(line):
+    """One JSONL record as a dict; None for a half-written, corrupt or non-object line."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def records_with(lines, markers):
+    """Parse only the lines holding one of `markers`: a substring test is far cheaper than JSON."""
+    for line in lines:
+        if any(marker in line for marker in markers):
+            record = parse_line(line)
+            if record is not None:
+                yield record
+
+
+_FIELD_PATTERNS = {}
+
+
+def field_pattern(key):
+    """A regex for `"key": "<string>"` in raw JSON text; group 1 is the escaped string.
+
+    An unescaped `"key":"` occurs only as JSON structure, never inside a string value,
+    so this is safe on raw lines, even partial ones (the head of a 50 MB line).
+    """
+    if key not in _FIELD_PATTERNS:
+        _FIELD_PATTERNS[key] = re.compile(rf'"{re.escape(key)}"\s*:\s*"((?:[^"\\\n]|\\.)*)"')
+    return _FIELD_PATTERNS[key]
+
+
+def unescape(raw):
+    """The value of an escaped JSON string body."""
+    try:
+        return json.loads(f'"{raw}"')
+    except ValueError:
+        return raw
+
+
+def last_in_lines(lines, key, skip=()):
+    """The last value of a string field in `lines`, searched from the end, one line at a time."""
+    pattern = field_pattern(key)
+    for line in reversed(lines):
+        for raw in reversed(pattern.findall(line)):
+            value = unescape(raw)
+            if value not in skip:
+                return value
+    return None
+
+
+def first_field(window, key):
+    """A string field's first value in the head, else its last in the tail."""
+    match = field_pattern(key).search(window.head)
+    if match:
+        return unescape(match.group(1))
+    return last_in_lines(window.tail_lines, key) or last_in_lines([window.tail], key)
+
+
+def last_field(window, key, skip=()):
+    """A string field's last value in the tail, else its first in the head."""
+    value = last_in_lines(window.tail_lines, key, skip) or last_in_lines([window.tail], key, skip)
+    if value is None:
+        value = next(
+            (v for v in map(unescape, field_pattern(key).findall(window.head)) if v not in skip), None
+        )
+    return value
+
+
+# --- titles and prompts --------------------------------------------------------------
+
+
+def flatten(text, limit=SESSION_PROMPT_LIMIT):
+    """Text on one line: control characters gone, whitespace runs collapsed, cut to `limit`."""
+    text = " ".join(strip_control(text).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def message_texts(record):
+    """The text parts of a user record; None when it carries a tool result."""
+    message = record.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return [content]
+    texts = []
+    for block in content if isinstance(content, list) else []:
+        if isinstance(block, dict) and block.get("type") == "tool_result":
+            return None
+        if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+    return texts
+
+
+def prompt_of(record):
+    """(prompt, slash command) a user record offers as its session's first prompt.
+
+    As Claude Code's picker: meta, sidechain, compact-summary and tool-result lines say
+    nothing; a <command-name> is only a fallback; <bash-input> reads as "! cmd"; tagged
+    text, interruption notices and "Warmup" are skipped.
+    """
+    if record.get("type") != "user" or record.get("isMeta") or record.get("isSidechain"):
+        return None, None
+    if record.get("isCompactSummary"):
+        return None, None
+    command = None
+    for text in message_texts(record) or []:
+        text = text.strip()
+        named = SESSION_COMMAND_RE.search(text)
+        bash_input = SESSION_BASH_INPUT_RE.search(text)
+        if named:
+            command = command or flatten(named.group(1))
+        elif bash_input:
+            return flatten("! " + bash_input.group(1).strip()), command
+        elif text and text not in SESSION_SKIP_PROMPTS and not SESSION_SKIP_PROMPT_RE.match(text):
+            return flatten(text), command
+    return None, command
+
+
+def first_prompt(window):
+    """The first meaningful user prompt, else the first slash command: head, then tail."""
+    for lines in window.parts():
+        fallback = None
+        for record in records_with(lines, SESSION_USER_MARKERS):
+            prompt, command = prompt_of(record)
+            if prompt:
+                return prompt
+            fallback = fallback or command
+        if fallback:
+            return fallback
+    return ""
+
+
+def metadata_value(window, kind, key):
+    """The latest non-empty `key` of a `kind` metadata line, tail before head."""
+    for lines in window.parts(tail_first=True):
+        found = None
+        for record in records_with(lines, (f'"{key}"',)):
+            value = record.get(key)
+            if record.get("type") == kind and isinstance(value, str) and value.strip():
+                found = value
+        if found:
+            return found
+    return None
+
+
+def legacy_summaries(window):
+    """{leaf uuid: text} of the 1.0.x `summary` lines in a transcript's head and tail."""
+    found = {}
+    for lines in window.parts():
+        for record in records_with(lines, ('"summary"',)):
+            text = record.get("summary")
+            if record.get("type") == "summary" and isinstance(text, str) and text.strip():
+                found[str(record.get("leafUuid", ""))] = text
+    return found
+
+
+def window_uuids(window, tail_only=False):
+    """The uuids of the records in a transcript's head and tail (or tail alone)."""
+    texts = (window.tail,) if tail_only or window.whole else (window.head, window.tail)
+    return {uuid for text in texts for uuid in field_pattern("uuid").findall(text)}
+
+
+def own_summary(window):
+    """A legacy summary about this very transcript: one whose leaf it holds.
+
+    1.0.x wrote a session's summary into the *next* session's file, so a summary whose
+    leaf is elsewhere describes another session and must not title this one.
+    """
+    summaries = legacy_summaries(window)
+    uuids = window_uuids(window) if summaries else ()
+    return next((text for leaf, text in summaries.items() if leaf in uuids), None)
+
+
+def named_title(window):
+    """A title the session was given (agent name, custom or AI title, own summary), if any."""
+    for kind, key in SESSION_TITLE_FIELDS:
+        value = metadata_value(window, kind, key)
+        if value:
+            return value
+    return own_summary(window)
+
+
+def choose_title(window, session_id):
+    """Claude Code's title order: agent name, custom title, AI title, legacy summary,
+    last prompt or first meaningful prompt, id prefix."""
+    title = named_title(window) or metadata_value(window, "last-prompt", "lastPrompt")
+    return flatten(title or "") or first_prompt(window) or session_id[:SESSION_ID_SHORT]
+
+
+def describe_session(file, window=None):
+    """What the head and tail of a transcript say about its session (no message count)."""
+    window = window or read_window(file.path, file.size)
+    return Session(
+        session_id=file.session_id,
+        path=file.path,
+        size=file.size,
+        mtime=file.mtime,
+        cwd=first_field(window, "cwd"),
+        branch=last_field(window, "gitBranch"),
+        title=choose_title(window, file.session_id),
+        first_prompt=first_prompt(window),
+        model=last_field(window, "model", skip=(SESSION_SYNTHETIC_MODEL,)),
+        version=last_field(window, "version"),
+    )
+
+
+def is_counted_message(record, recent_ids):
+    """True for a main-chain user or assistant record that has not been counted yet.
+
+    One API response is written as one assistant line per content block, all sharing
+    message.id (other lines may come between them): it counts once.
+    """
+    if record is None or record.get("isSidechain") or record.get("isMeta"):
+        return False
+    if record.get("type") == "user":
+        return True
+    if record.get("type") != "assistant":
+        return False
+    message = record.get("message")
+    message_id = message.get("id") if isinstance(message, dict) else None
+    if not isinstance(message_id, str):
+        return True
+    if message_id in recent_ids:
+        return False
+    recent_ids[:] = [*recent_ids[1 - SESSION_RECENT_IDS :], message_id]
+    return True
+
+
+def read_mark(f, offset):
+    """A checksum of the bytes just before `offset`: unchanged means the file only grew."""
+    f.seek(max(0, offset - SESSION_MARK_BYTES))
+    return zlib.crc32(f.read(min(offset, SESSION_MARK_BYTES)))
+
+
+def resume_point(f, size, previous):
+    """(count, offset, recent ids) to go on from: `previous` if the file only grew since."""
+    try:
+        offset, count, recent = int(previous["offset"]), int(previous["count"]), list(previous["recent"])
+        if 0 < offset <= size and read_mark(f, offset) == previous["mark"]:
+            return count, offset, [str(i) for i in recent]
+    except (KeyError, TypeError, ValueError):  # no previous run, or a damaged cache entry
+        pass
+    return 0, 0, []
+
+
+def count_messages(path, size, previous=None):
+    """(state to remember, message count) of a transcript, in one streaming pass.
+
+    Only lines holding a user or assistant type marker are parsed; the progress,
+    snapshot and request lines that make up most of a transcript are not. Given the
+    state of an earlier pass, only what was appended since is read. A last line
+    without its newline is counted but not remembered: it may still be being written.
+    """
+    with open(path, "rb") as f:
+        count, offset, recent = resume_point(f, size, previous or {})
+        f.seek(offset)
+        pending = 0
+        for line in f:
+            if not line.endswith(b"\n"):
+                pending = int(is_counted_message(parse_line(line.decode("utf-8", "replace")), list(recent)))
+                break
+            offset += len(line)
+            if any(marker in line for marker in SESSION_MESSAGE_MARKERS):
+                count += int(is_counted_message(parse_line(line.decode("utf-8", "replace")), recent))
+        state = {"count": count, "offset": offset, "recent": recent, "mark": read_mark(f, offset)}
+    return state, count + pending
+
+
+def session_cache_path(env):
+    """Where message counts are kept between runs: the user's cache folder."""
+    base = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
+    return Path(base) / SESSION_CACHE_FILE
+
+
+class CountCache:
+    """Message counts of transcripts kept between runs, extended as the files grow.
+
+    A listing then reads only what was appended since the last one. The cache only
+    saves time: a missing, damaged or unwritable cache changes no output.
+    """
+
+    def __init__(self, path, entries):
+        self.path, self.entries, self.changed = path, entries, False
+
+    @classmethod
+    def load(cls, env):
+        """The cache of the user's cache folder; empty if missing or damaged."""
+        path = session_cache_path(env)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        ok = isinstance(data, dict) and data.get("version") == SESSION_CACHE_VERSION
+        entries = data.get("files") if ok else None
+        return cls(path, entries if isinstance(entries, dict) else {})
+
+    def count(self, file):
+        """The message count of a transcript, reading as little of it as possible."""
+        entry = self.entries.get(file.path)
+        entry = entry if isinstance(entry, dict) else {}
+        unchanged = entry.get("size") == file.size and entry.get("mtime") == file.mtime
+        if unchanged and isinstance(entry.get("total"), int):
+            return entry["total"]
+        state, total = count_messages(file.path, file.size, entry)
+        self.entries[file.path] = {**state, "size": file.size, "mtime": file.mtime, "total": total}
+        self.changed = True
+        return total
+
+    def save(self, files):
+        """Keep the entries of transcripts still in the store, the most recent first."""
+        if not self.changed:
+            return
+        mtimes = {f.path: f.mtime for f in files}
+        kept = sorted((p for p in self.entries if p in mtimes), key=lambda p: -mtimes[p])
+        document = {
+            "version": SESSION_CACHE_VERSION,
+            "files": {p: self.entries[p] for p in kept[:SESSION_CACHE_LIMIT]},
+        }
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps(document, separators=(",", ":")))
+
+
+# --- which repository a directory belongs to -----------------------------------------
+
+
+def nearest_existing(directory):
+    """The directory itself or its nearest ancestor that exists; None if none does."""
+    path = os.path.abspath(directory)
+    while not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return path
+
+
+def common_dir_of_gitfile(dot_git):
+    """The common dir a linked worktree's `.git` file leads to (a submodule's own git dir)."""
+    try:
+        with open(dot_git, encoding="utf-8", errors="replace") as f:
+            text = f.readline().strip()
+    except OSError:
+        return None
+    if not text.startswith("gitdir:"):
+        return None
+    git_dir = os.path.join(os.path.dirname(dot_git), text[len("gitdir:") :].strip())
+    try:
+        with open(os.path.join(git_dir, "commondir"), encoding="utf-8") as f:
+            return os.path.realpath(os.path.join(git_dir, f.read().strip()))
+    except OSError:
+        return os.path.realpath(git_dir)
+
+
+def git_common_dir(directory, cache):
+    """Real path of the git common dir of `directory`'s repository, without running git.
+
+    Walks up from the nearest existing folder as git does, so a vanished worktree under
+    the main one (.worktrees/task-x) still resolves to its repository. `cache` maps
+    every folder visited to its answer: sessions share few distinct folders.
+    """
+    path, visited, found = nearest_existing(directory), [], None
+    while path is not None and path not in cache:
+        visited.append(path)
+        dot_git = os.path.join(path, ".git")
+        if os.path.isdir(dot_git):
+            found = os.path.realpath(dot_git)
+            break
+        if os.path.isfile(dot_git):
+            found = common_dir_of_gitfile(dot_git)
+            break
+        parent = os.path.dirname(path)
+        path = parent if parent != path else None
+    else:
+        found = cache[path] if path is not None else None
+    for folder in visited:
+        cache[folder] = found
+    return found
+
+
+def main_worktree_of(common_dir):
+    """The main worktree of a repository, from its common dir (<repo>/.git)."""
+    return os.path.dirname(common_dir) if os.path.basename(common_dir) == ".git" else common_dir
+
+
+def registered_worktrees(common_dir):
+    """Worktree paths git still registers, including ones whose folder has gone."""
+    admin, paths = os.path.join(common_dir, "worktrees"), []
+    try:
+        names = sorted(os.listdir(admin))
+    except OSError:
+        return paths
+    for name in names:
+        try:
+            with open(os.path.join(admin, name, "gitdir"), encoding="utf-8") as f:
+                paths.append(os.path.dirname(f.read().strip()))
+        except OSError:
+            continue
+    return paths
+
+
+def is_within(path, folder):
+    """True if `path` is `folder` or lies under it (plain path comparison)."""
+    path, folder = os.path.normpath(path), os.path.normpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def project_filter(path):
+    """The repository holding `path` with all its worktrees; outside git, the folder itself."""
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise OrchestraError(f"--project: no folder {path}; give a folder inside the repository")
+    common = git_common_dir(real, {})
+    if common is None:
+        return ProjectFilter(real, None, (real,))
+    repo = str(find_repo(Path(real)))
+    records = load_agent_records(Path(repo))
+    worktrees = [repo, *registered_worktrees(common)]
+    worktrees += [str(r["worktree"]) for r in records.values() if isinstance(r, dict) and r.get("worktree")]
+    return ProjectFilter(repo, common, tuple(dict.fromkeys(worktrees)))
+
+
+def in_project(cwd, project, cache):
+    """True if a session's recorded cwd belongs to the project's repository."""
+    if not cwd:
+        return False
+    if project.common_dir is None:
+        return is_within(os.path.realpath(cwd), project.root)
+    if git_common_dir(cwd, cache) == project.common_dir:
+        return True
+    # A removed worktree outside the main one: git (until pruned) or orchestra still knows it.
+    return not os.path.isdir(cwd) and any(is_within(cwd, w) for w in project.worktrees)
+
+
+def probe_cwd(file):
+    """A transcript's cwd from a small read of its head; None when not found there."""
+    with open(file.path, "rb") as f:
+        match = field_pattern("cwd").search(f.read(SESSION_CWD_PROBE_BYTES).decode("utf-8", "replace"))
+    return unescape(match.group(1)) if match else None
+
+
+# --- orchestra agents ----------------------------------------------------------------
+
+
+class AgentIndex:
+    """Orchestra agents of the repositories met so far, to mark and find their sessions."""
+
+    def __init__(self):
+        self.records = {}  # agent id -> (main worktree, record)
+        self.loaded = set()  # main worktrees whose state has been read
+
+    def load(self, repo):
+        """Add the agents of one repository's state, once."""
+        if repo not in self.loaded:
+            self.loaded.add(repo)
+            for agent_id, record in load_agent_records(Path(repo)).items():
+                if isinstance(record, dict):
+                    self.records[str(agent_id)] = (repo, record)
+
+    def load_for(self, cwd, cache):
+        """Add the agents of the repository a directory belongs to."""
+        common = git_common_dir(cwd, cache) if cwd else None
+        if common:
+            self.load(main_worktree_of(common))
+
+    def find(self, session_id, cwd):
+        """The agent that ran a session: by session id, else by worktree."""
+        worktree = os.path.normpath(cwd) if cwd else None
+        by_worktree = None
+        for agent_id, (_, record) in sorted(self.records.items()):
+            if str(record.get("session_id") or "").lower() == session_id:
+                return agent_id
+            if worktree and record.get("worktree") and os.path.normpath(str(record["worktree"])) == worktree:
+                by_worktree = by_worktree or agent_id
+        return by_worktree
+
+    def record(self, agent_id):
+        """(main worktree, record) of an agent; (None, {}) when unknown."""
+        return self.records.get(agent_id or "", (None, {}))
+
+    def session_of(self, agent_id):
+        """The session id an agent recorded, if any."""
+        return str(self.record(agent_id)[1].get("session_id") or "").lower() or None
+
+
+# --- listing -------------------------------------------------------------------------
+
+
+class Found(NamedTuple):
+    """A session to show, with what a legacy summary in another shown file needs of it."""
+
+    session: Session
+    summaries: dict  # {leaf uuid: text} of the summary lines this file holds
+    leaves: set  # uuids at its end, where a summary's leaf is; empty when it has a better title
+
+
+def session_for(file, project, cache, counts):
+    """The Found of a file if it belongs to the project, with its message count; else None."""
+    if project is not None:
+        cwd = probe_cwd(file)
+        if cwd is not None and not in_project(cwd, project, cache):
+            return None
+    window = read_window(file.path, file.size)
+    session = describe_session(file, window)
+    if project is not None and not in_project(session.cwd, project, cache):
+        return None
+    leaves = set() if named_title(window) else window_uuids(window, tail_only=True)
+    return Found(session._replace(messages=counts.count(file)), legacy_summaries(window), leaves)
+
+
+def collect_sessions(candidates, project, limit, counts):
+    """([Found] for up to `limit` candidates, how many were unreadable, whether more remain)."""
+    cache, found, skipped = {}, [], 0
+    for file in candidates:
+        if len(found) == limit:
+            return found, skipped, True
+        try:
+            described = session_for(file, project, cache, counts)
+        except OSError:  # unreadable, or removed since the scan
+            skipped += 1
+            continue
+        if described is not None:
+            found.append(described)
+    return found, skipped, False
+
+
+def apply_legacy_summaries(found):
+    """The sessions, titled by 1.0.x summaries that another shown transcript wrote about them."""
+    by_leaf = {leaf: text for item in found for leaf, text in item.summaries.items()}
+    sessions = []
+    for session, _, leaves in found:
+        summary = next((by_leaf[leaf] for leaf in sorted(leaves) if leaf in by_leaf), None)
+        sessions.append(session._replace(title=flatten(summary)) if summary else session)
+    return sessions
+
+
+def list_sessions(projects_dir, now, hours, project, limit, counts):
+    """The newest sessions of the store, described and marked with their orchestra agents."""
+    files, unreadable = scan_session_files(projects_dir)
+    candidates = newest_first(files, None if hours is None else now - hours * SECONDS_PER_HOUR)
+    found, skipped, truncated = collect_sessions(candidates, project, limit, counts)
+    counts.save(files)
+    agents, cache, sessions = AgentIndex(), {}, []
+    for session in apply_legacy_summaries(found):
+        agents.load_for(session.cwd, cache)
+        sessions.append(session._replace(agent=agents.find(session.session_id, session.cwd)))
+    return Listing(sessions, len(files), len(candidates), unreadable + skipped, truncated)
+
+
+# --- output --------------------------------------------------------------------------
+
+
+def session_json(session, now):
+    """One session as `sessions --json` shows it."""
+    return {
+        "id": session.session_id,
+        "title": session.title,
+        "first_prompt": session.first_prompt,
+        "cwd": session.cwd,
+        "cwd_exists": bool(session.cwd) and os.path.isdir(session.cwd),
+        "branch": session.branch or None,
+        "last_activity": utc_iso(session.mtime),
+        "age_seconds": max(0, int(now - session.mtime)),
+        "messages": session.messages,
+        "model": session.model,
+        "version": session.version,
+        "size": session.size,
+        "path": session.path,
+        "agent": session.agent,
+    }
+
+
+def listing_json(listing, projects_dir, now, hours, project):
+    """The whole `sessions --json` document."""
+    return {
+        "projects_dir": str(projects_dir),
+        "hours": hours,
+        "project": project.root if project else None,
+        "sessions": [session_json(s, now) for s in listing.sessions],
+        "total_files": listing.total,
+        "in_window": listing.in_window,
+        "skipped": listing.skipped,
+        "truncated": listing.truncated,
+    }
+
+
+def cut_end(text, width):
+    """Text cut to `width` with an ellipsis at the end."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def cut_start(text, width):
+    """Text cut to `width` keeping its end, the telling part of a path."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
+
+
+def home_relative(path, env):
+    """A path with the home folder written as ~."""
+    home = env.get("HOME", "")
+    if path and home and home != os.sep and is_within(path, home):
+        return "~" + path[len(home.rstrip(os.sep)) :]
+    return path or "?"
+
+
+def short_model(model):
+    """A model name without the claude- prefix and the date suffix."""
+    model = model or ""
+    return SESSION_MODEL_DATE_RE.sub("", model[len("claude-") :] if model.startswith("claude-") else model)
+
+
+def table_cells(session, now, env):
+    """The text of each table column for one session."""
+    return {
+        "ID": session.session_id[:SESSION_ID_SHORT],
+        "ACTIVE": time.strftime(SESSION_ACTIVE_FORMAT, time.localtime(session.mtime)),
+        "AGE": format_age(now - session.mtime),
+        "MSGS": "" if session.messages is None else str(session.messages),
+        "MODEL": short_model(session.model),
+        "AGENT": session.agent or "",
+        "BRANCH": strip_control(session.branch or ""),
+        "PROJECT": strip_control(home_relative(session.cwd, env)),
+        "TITLE": session.title,
+    }
+
+
+def table_overflow(widths, total):
+    """How many characters a row of these column widths exceeds `total` by."""
+    return sum(widths.values()) + len(SESSION_TABLE_GAP) * (len(widths) - 1) - total
+
+
+def column_widths(rows, total):
+    """{column: width} for a table that fits `total` characters, if it can (SESSION_FIT_STEPS)."""
+    names = [n for n, _ in SESSION_COLUMNS if n != "AGENT" or any(r["AGENT"] for r in rows)]
+    natural = {n: max(len(n), *(len(r[n]) for r in rows)) for n in names}
+    widths = {n: min(natural[n], widest or natural[n]) for n, widest in SESSION_COLUMNS if n in natural}
+    for name, width in SESSION_FIT_STEPS:
+        overflow = table_overflow(widths, total)
+        if overflow <= 0 or name not in widths:
+            continue
+        if width is None:
+            del widths[name]
+        else:
+            widths[name] = max(min(width, widths[name]), widths[name] - overflow)
+    spare = -table_overflow(widths, total)
+    widths["TITLE"] = max(widths["TITLE"], min(natural["TITLE"], widths["TITLE"] + spare))
+    return widths
+
+
+def table_row(cells, widths):
+    """One aligned table line."""
+    parts = []
+    for name, width in widths.items():
+        text = cut_start(cells[name], width) if name == "PROJECT" else cut_end(cells[name], width)
+        parts.append(text.rjust(width) if name in SESSION_RIGHT_ALIGNED else text.ljust(width))
+    return SESSION_TABLE_GAP.join(parts).rstrip()
+
+
+def session_table(sessions, now, env, total):
+    """The table's lines; a first prompt that is not the title gets a line of its own."""
+    rows = [table_cells(s, now, env) for s in sessions]
+    widths = column_widths(rows, total)
+    lines = [table_row({n: n for n in widths}, widths)]
+    indent = " " * (widths["ID"] + len(SESSION_TABLE_GAP))
+    for session, cells in zip(sessions, rows):
+        lines.append(table_row(cells, widths))
+        if session.first_prompt and session.first_prompt != session.title:
+            lines.append(cut_end(f"{indent}> {session.first_prompt}", total))
+    return lines
+
+
+def print_note(message):
+    """A one-line remark on stderr, so stdout stays the table or the JSON."""
+    print(f"orchestra: {message}", file=sys.stderr)
+
+
+def listing_notes(listing, hours, project, limit):
+    """What to tell the user beside the table: unreadable files, rows left out."""
+    notes = []
+    if listing.skipped:
+        notes.append(f"skipped {listing.skipped} unreadable session file(s)")
+    span = "" if hours is None else f" in the last {hours:g} hours"
+    if listing.truncated:
+        notes.append(f"showing the {limit} most recent sessions{span}; --limit N shows more")
+    elif not listing.sessions and listing.total:
+        where = f" of {project.root}" if project else ""
+        hint = "; --all or --hours N shows older ones" if hours is not None else ""
+        notes.append(f"no sessions{where}{span} among {listing.total}{hint}")
+    return notes
+
+
+# --- resuming ------------------------------------------------------------------------
+
+
+def match_session(files, wanted, agents):
+    """The one session whose id is `wanted` or starts with it, or the session of an agent id."""
+    key = wanted.strip().lower()
+    matches = [f for f in files if f.session_id == key]
+    matches = matches or [f for f in files if key and f.session_id.startswith(key)]
+    if not matches and agents.session_of(wanted):
+        matches = [f for f in files if f.session_id == agents.session_of(wanted)]
+    ids = sorted({f.session_id for f in matches})
+    if not ids:
+        raise OrchestraError(f"no session matches '{wanted}'; run 'orchestra sessions --all' to list them")
+    if len(ids) > 1:
+        shown = ", ".join(ids[:SESSION_AMBIGUOUS_SHOWN])
+        raise OrchestraError(f"'{wanted}' matches {len(ids)} sessions ({shown}); type more of the id")
+    return max(matches, key=lambda f: f.mtime)  # one id stored in two folders: the newest copy
+
+
+def candidate_repos(session, here, agents):
+    """Repositories a vanished worktree may belong to, likeliest first: its agent's, the one
+    around its nearest surviving folder, the current one."""
+    agent_repo = agents.record(agents.find(session.session_id, session.cwd))[0]
+    common = git_common_dir(session.cwd, {})
+    repos = [agent_repo, main_worktree_of(common) if common else None, here]
+    return list(dict.fromkeys(r for r in repos if r))
+
+
+def session_branch(session, agents):
+    """The branch a session worked on, as recorded, else its agent's; None if detached."""
+    branch = session.branch or agents.record(agents.find(session.session_id, session.cwd))[1].get("branch")
+    return str(branch) if branch and branch != "HEAD" else None
+
+
+def is_registered(repo, path):
+    """True if git still registers a worktree at `path` (whose folder may be gone)."""
+    common = git_common_dir(repo, {})
+    wanted = os.path.normpath(path)
+    return any(os.path.normpath(p) == wanted for p in (registered_worktrees(common) if common else []))
+
+
+def plan_resume(session, here, agents):
+    """How to resume a session: straight away, or after recreating its worktree."""
+    if not session.cwd:
+        raise OrchestraError(
+            f"session {session.session_id} records no working directory, so it cannot be resumed",
+            EXIT_FAILURE,
+        )
+    plan = ResumePlan(session.session_id, session.cwd, [CLAUDE_EXECUTABLE, "--resume", session.session_id])
+    if os.path.isdir(session.cwd):
+        return plan
+    branch = session_branch(session, agents)
+    repos = candidate_repos(session, here, agents)
+    for repo in repos if branch else []:
+        if branch_exists(repo, branch):
+            setup = [("worktree", "add", session.cwd, branch)]
+            if is_registered(repo, session.cwd):
+                setup.insert(0, ("worktree", "prune"))  # else git refuses: "already registered"
+            return plan._replace(repo=repo, setup=tuple(setup))
+    fail_unrecoverable(plan, branch, repos)
+
+
+def git_command_line(repo, args):
+    """A git command as a user would type it."""
+    return shlex.join(["git", "-C", repo, *args])
+
+
+def resume_command_lines(plan):
+    """The shell commands a plan stands for, in order."""
+    lines = [git_command_line(plan.repo, args) for args in plan.setup]
+    return [*lines, f"cd {shlex.quote(plan.cwd)} && {shlex.join(plan.argv)}"]
+
+
+def recovery_lines(plan, branch, repo):
+    """Commands that would bring back a session whose folder and branch are both gone."""
+    resume = f"cd {shlex.quote(plan.cwd)} && {shlex.join(plan.argv)}"
+    lines = []
+    if branch:
+        lines += [
+            f"# find the last commit of {branch} among the commits no branch holds:",
+            git_command_line(repo, ("fsck", "--unreachable", "--no-reflogs")),
+            git_command_line(repo, ("worktree", "add", "-b", branch, plan.cwd, "<commit>")),
+            resume,
+            "# or resume the conversation without its files:",
+        ]
+    return [*lines, f"mkdir -p {shlex.quote(plan.cwd)} && {resume}"]
+
+
+def fail_unrecoverable(plan, branch, repos):
+    """Print the commands that would recover a session whose folder is gone for good, and fail."""
+    print("\n".join(recovery_lines(plan, branch, repos[0] if repos else "<repo>")))
+    if not branch:
+        why = "no branch was recorded to recreate it from"
+    elif repos:
+        why = f"branch '{branch}' is gone too"
+    else:
+        why = f"no repository with branch '{branch}' was found (run this inside the repository)"
+    raise OrchestraError(
+        f"session {plan.session_id[:SESSION_ID_SHORT]} ran in {plan.cwd}, which no longer exists, and {why}; "
+        "the commands above would recover it",
+        EXIT_FAILURE,
+    )
+
+
+def confirm(question):
+    """Ask a yes/no question on the terminal; anything but yes is no."""
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def recreate_worktree(plan, interactive):
+    """Run a plan's git commands once the user agrees; without a terminal, show them and fail."""
+    lines = resume_command_lines(plan)
+    if not interactive:
+        print("would run:\n" + "\n".join(f"  {line}" for line in lines))
+        raise OrchestraError(
+            f"{plan.cwd} no longer exists and there is no terminal to confirm recreating it; "
+            "run the commands above",
+            EXIT_FAILURE,
+        )
+    question = f"{plan.cwd} no longer exists. Run '{lines[-2]}' and resume? [y/N] "
+    if not confirm(question):
+        raise OrchestraError(f"not resumed; to do it yourself: {' && '.join(lines)}", EXIT_FAILURE)
+    for args in plan.setup:
+        run_git(list(args), plan.repo)
+
+
+def exec_in(cwd, argv):
+    """Replace this process with `argv` run in `cwd`, so the terminal belongs to it."""
+    if shutil.which(argv[0]) is None:
+        raise OrchestraError(
+            f"{argv[0]} is not on PATH; install Claude Code, then run: {shlex.join(argv)}", EXIT_FAILURE
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(cwd)
+    os.execvp(argv[0], argv)
+
+
+def current_repo():
+    """The main worktree of the repository around the current directory; None outside git."""
+    if git_common_dir(os.getcwd(), {}) is None:
+        return None
+    try:
+        return str(find_repo(Path.cwd()))
+    except OrchestraError:
+        return None
+
+
+def resume_session(wanted, print_only, env):
+    """`sessions --resume`: exec `claude --resume <id>` in the session's recorded cwd."""
+    projects_dir = claude_projects_dir(env)
+    files = scan_session_files(projects_dir)[0] if projects_dir.is_dir() else []
+    here, agents = current_repo(), AgentIndex()
+    if here:
+        agents.load(here)
+    file = match_session(files, wanted, agents)
+    try:
+        session = describe_session(file)
+    except OSError as e:
+        raise OrchestraError(f"cannot read {file.path}: {e.strerror}", EXIT_FAILURE) from None
+    agents.load_for(session.cwd, {})
+    plan = plan_resume(session, here, agents)
+    if print_only:
+        print("\n".join(resume_command_lines(plan)))
+        return EXIT_OK
+    if plan.setup:
+        recreate_worktree(plan, sys.stdin.isatty())
+    exec_in(plan.cwd, plan.argv)
+    return EXIT_OK  # reached only when a test stands in for exec
+
+
+# --- the subcommand ------------------------------------------------------------------
+
+
+# ======================================================================================
 # Command line
 # --------------------------------------------------------------------------------------
 # One cmd_<name> per subcommand and one small parser builder each. Only this section
@@ -2030,6 +3124,63 @@ def cmd_worktrees(args):
     return EXIT_OK
 
 
+def positive_hours(text):
+    """argparse type: a positive number of hours."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of hours") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def add_sessions_parser(commands):
+    """orchestra sessions"""
+    p = commands.add_parser("sessions", help="list or resume your recent Claude Code sessions",
+                            description=cmd_sessions.__doc__,
+                            epilog="examples: orchestra sessions --project; orchestra sessions --resume 3f2a")  # fmt: skip
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--hours", type=positive_hours, default=SESSION_DEFAULT_HOURS, metavar="N",
+                      help=f"sessions active in the last N hours (default {SESSION_DEFAULT_HOURS:g})")  # fmt: skip
+    when.add_argument("--all", action="store_true", help="no time limit")
+    p.add_argument("--project", nargs="?", const=".", metavar="PATH",
+                   help="only this repository and all its worktrees (PATH defaults to the current one)")  # fmt: skip
+    p.add_argument("--limit", type=positive_int, default=SESSION_DEFAULT_LIMIT, metavar="N",
+                   help=f"show at most N sessions (default {SESSION_DEFAULT_LIMIT})")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--resume", metavar="ID", help="resume a session: id, unique prefix or orchestra agent id")
+    p.add_argument("--print", action="store_true", help="with --resume: print the commands, run nothing")
+    p.set_defaults(func=cmd_sessions)
+
+
+def cmd_sessions(args, env=os.environ, now=None):
+    """List your recent Claude Code sessions, newest first, or resume one in its own folder."""
+    if args.print and not args.resume:
+        raise OrchestraError("--print goes with --resume ID; see 'orchestra sessions --help'")
+    if args.resume:
+        return resume_session(args.resume, args.print, env)
+    now = time.time() if now is None else now
+    hours = None if args.all else args.hours
+    project = project_filter(args.project) if args.project is not None else None
+    projects_dir = claude_projects_dir(env)
+    if projects_dir.is_dir():
+        listing = list_sessions(projects_dir, now, hours, project, args.limit, CountCache.load(env))
+    else:
+        listing = Listing([], 0, 0, 0, False)
+        print_note(
+            f"no Claude Code sessions yet: {projects_dir} does not exist ({CLAUDE_CONFIG_ENV} moves it)"
+        )
+    if args.json:
+        print_json(listing_json(listing, projects_dir, now, hours, project))
+    elif listing.sessions:
+        width = shutil.get_terminal_size((SESSION_TABLE_WIDTH, 0)).columns
+        print("\n".join(session_table(listing.sessions, now, env, width)))
+    for note in listing_notes(listing, hours, project, args.limit):
+        print_note(note)
+    return EXIT_OK
+
+
 def add_init_parser(commands):
     """orchestra init"""
     p = commands.add_parser(
@@ -2130,7 +3281,7 @@ def add_supervise_parser(commands):
 
 
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
-                   add_logs_parser, add_worktrees_parser, add_supervise_parser)  # fmt: skip
+                   add_logs_parser, add_worktrees_parser, add_sessions_parser, add_supervise_parser)  # fmt: skip
 
 
 def build_parser():

@@ -37,7 +37,9 @@ def make_repo(root, files):
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "many files")
     (repo / ".orchestra").mkdir()
-    (repo / ".orchestra" / "config.json").write_text(json.dumps({"agent_command": ["true", "{task}"], "max_parallel": 8}))
+    (repo / ".orchestra" / "config.json").write_text(
+        json.dumps({"agent_command": ["true", "{task}"], "max_parallel": 8})
+    )
     return repo
 
 
@@ -46,7 +48,9 @@ def reset(repo):
     for folder in (repo / ".worktrees", repo / "raw"):
         shutil.rmtree(folder, ignore_errors=True)
     git(repo, "worktree", "prune")
-    branches = subprocess.run(["git", "branch", "--format=%(refname:short)"], cwd=repo, capture_output=True, text=True).stdout.split()
+    branches = subprocess.run(
+        ["git", "branch", "--format=%(refname:short)"], cwd=repo, capture_output=True, text=True
+    ).stdout.split()
     for branch in branches:
         if branch != "main":
             git(repo, "branch", "-D", branch)
@@ -65,7 +69,9 @@ def time_raw(repo):
 def time_orchestra(repo):
     tasks = [f"task number {n}" for n in range(AGENTS)]
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(ORCHESTRA), "spawn", *tasks], cwd=repo, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(ORCHESTRA), "spawn", *tasks], cwd=repo, check=True, stdout=subprocess.DEVNULL
+    )
     return time.perf_counter() - start
 
 
@@ -74,7 +80,9 @@ def wait_idle(repo):
     deadline = time.time() + 30
     while time.time() < deadline:
         state = json.loads((repo / ".orchestra" / "state.json").read_text())
-        if all(a["state"] not in ("queued", "running") for a in state["agents"].values()) and not state["supervisor"].get("pid"):
+        if all(a["state"] not in ("queued", "running") for a in state["agents"].values()) and not state[
+            "supervisor"
+        ].get("pid"):
             return
         time.sleep(0.1)
 

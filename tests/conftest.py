@@ -90,6 +90,16 @@ def wait_for(predicate, timeout=60, interval=0.1, what="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def process_state(pid):
+    """The one-letter state of a process (R, S, T...), None once it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+    return None if state == "Z" else state
+
+
 def agent_states(repo):
     """{id: state} from state.json."""
     path = repo / ".orchestra" / "state.json"

@@ -428,8 +428,14 @@ def claude_env(api: ScriptedAPI, config_dir: os.PathLike[str] | str) -> dict[str
         if name.startswith(("CLAUDE_CODE_", "ANTHROPIC_", "CLAUDECODE")):
             del env[name]
     os.makedirs(os.fspath(config_dir), exist_ok=True)
+    # A private HOME: the Bash tool runs `bash -l`, and a login shell must not run the
+    # machine user's profile (pyenv's rehash lock there hangs every shell once a killed
+    # agent leaves it behind).
+    home = os.path.join(os.fspath(config_dir), "home")
+    os.makedirs(home, exist_ok=True)
     env.update(
         {
+            "HOME": home,
             "ANTHROPIC_BASE_URL": api.url,
             "ANTHROPIC_API_KEY": "sk-ant-scripted-test-key",
             "CLAUDE_CONFIG_DIR": os.fspath(config_dir),

@@ -12,6 +12,7 @@ from conftest import (
     agent_states,
     git,
     load_state,
+    process_state,
     wait_for,
     wait_settled,
     write_config,
@@ -193,16 +194,16 @@ def test_pause_resume_and_stop(fake_repo, cli):
     pid = record["pid"]
 
     assert cli("pause", "sleep").out == "sleep-30-long-job: paused\n"
-    assert _process_state(pid) == "T"
+    assert process_state(pid) == "T"
     assert agent_states(fake_repo)["sleep-30-long-job"] == "paused"
 
     assert cli("resume", "sleep-30").out == "sleep-30-long-job: resumed\n"
-    assert _process_state(pid) in ("S", "R")
+    assert process_state(pid) in ("S", "R")
 
     cli("pause", "sleep-30-long-job")
     run = cli("stop", "sleep-30-long-job")
     assert run.out == "sleep-30-long-job: stopped (worktree and branch kept)\n"
-    wait_for(lambda: _process_state(pid) is None, timeout=10, what="the agent to end")
+    wait_for(lambda: process_state(pid) is None, timeout=10, what="the agent to end")
     wait_settled(fake_repo)
     record = load_state(fake_repo)["agents"]["sleep-30-long-job"]
     assert record["state"] == "stopped"
@@ -312,16 +313,6 @@ def test_missing_claude_is_a_clear_error(repo, cli):
     )
     assert "agent_command" in run.err and run.err.count("\n") == 1
     assert not (repo / ".orchestra" / "state.json").exists()
-
-
-def _process_state(pid):
-    """The one-letter state of a process, None once it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
-    return None if state == "Z" else state
 
 
 def test_signal_is_never_sent_to_a_recycled_pid():

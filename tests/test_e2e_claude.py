@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, agent_states, git, load_state, wait_for, wait_settled
+from conftest import ROOT, agent_states, git, load_state, process_state, wait_for, wait_settled
 from scripted_api import bash, error, requires_claude, text
 
 pytestmark = requires_claude
@@ -19,14 +19,13 @@ def commit_file(name, content):
 
 def take_time(seconds):
     """A Bash step that keeps the agent busy (Claude Code blocks a long standalone `sleep`)."""
-    return bash(f"python3 -c 'import time; time.sleep({seconds})'")
+    return bash(f"{sys.executable} -c 'import time; time.sleep({seconds})'")
 
 
 def busy(repo, agent_id):
     """True while the agent is inside a take_time() step."""
-    return (load_state(repo)["agents"][agent_id]["activity"] or "").startswith(
-        "Bash: python3 -c 'import time"
-    )
+    activity = load_state(repo)["agents"][agent_id]["activity"] or ""
+    return activity.startswith(f"Bash: {sys.executable} -c 'import time")
 
 
 def session_files(api_env_dir):
@@ -96,20 +95,17 @@ def test_real_agents_commit_take_time_and_fail(claude_repo, claude_api, cli, tmp
 
 
 def test_supervisor_crash_loses_nothing(claude_repo, claude_api, cli):
-    claude_api.script("crash-one", [bash("sleep 4"), commit_file("one.txt", "one"), text("one finished")])
-    claude_api.script("crash-two", [bash("sleep 4"), commit_file("two.txt", "two"), text("two finished")])
+    claude_api.script("crash-one", [take_time(8), commit_file("one.txt", "one"), text("one finished")])
+    claude_api.script("crash-two", [take_time(8), commit_file("two.txt", "two"), text("two finished")])
     claude_api.script(
-        "crash-paused", [bash("sleep 2"), commit_file("three.txt", "three"), text("three finished")]
+        "crash-paused", [take_time(6), commit_file("three.txt", "three"), text("three finished")]
     )
     assert cli("spawn", "crash-one", "crash-two", "crash-paused").code == 0
 
-    def all_in_their_sleep():
-        agents = load_state(claude_repo)["agents"].values()
-        return all(
-            a["state"] == "running" and (a["activity"] or "").startswith("Bash: sleep") for a in agents
-        )
+    def all_busy():
+        return all(busy(claude_repo, agent_id) for agent_id in ("crash-one", "crash-two", "crash-paused"))
 
-    wait_for(all_in_their_sleep, timeout=60, what="three agents inside their Bash sleep")
+    wait_for(all_busy, timeout=60, what="three agents inside their busy step")
     assert cli("pause", "crash-paused").code == 0
     state = load_state(claude_repo)
     paused_pid = state["agents"]["crash-paused"]["pid"]
@@ -136,7 +132,7 @@ def test_supervisor_crash_loses_nothing(claude_repo, claude_api, cli):
         assert agents[agent_id]["result"] == f"{word} finished"
         assert agents[agent_id]["cost_usd"] > 0 and agents[agent_id]["commits"] == 1
     assert agents["crash-paused"]["state"] == "paused"
-    assert _process_state(paused_pid) == "T"
+    assert process_state(paused_pid) == "T"
 
     assert cli("resume", "crash-paused").out == "crash-paused: resumed\n"
     wait_settled(claude_repo)
@@ -201,23 +197,14 @@ def test_the_real_file_runs_spawn_in_a_subprocess(claude_repo, claude_api):
 
 
 def _alive(pid):
-    return _process_state(pid) is not None
-
-
-def _process_state(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
-    return None if state == "Z" else state
+    return process_state(pid) is not None
 
 
 def _stopped_processes():
     """Processes left stopped (state T) by orchestra: there must be none."""
     stopped = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and _process_state(int(entry)) == "T":
+        if entry.isdigit() and process_state(int(entry)) == "T":
             try:
                 environ = Path(f"/proc/{entry}/environ").read_bytes()
             except OSError:
