@@ -13,6 +13,9 @@ Commands:
   orchestra logs ID [-f] [--raw]      an agent's activity as readable lines
   orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
   orchestra worktrees [--json]        git worktrees joined with agent records
+  orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
+  orchestra send ID MESSAGE           a follow-up for a finished agent, in its own session
+  orchestra cleanup [--dry-run]       remove worktrees and branches that hold nothing unsaved
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
 
@@ -104,8 +107,11 @@ TYPE_NAMES = {
 }
 
 LAUNCH_KEYS = ("agent_command", "model", "permission_mode", "bypass_permissions")  # fixed at spawn
-STATES = ("queued", "running", "paused", "done", "failed", "stopped", "interrupted")
+STATES = ("queued", "running", "paused", "done", "failed", "stopped", "interrupted", "removed")
 ACTIVE_STATES = ("queued", "running", "paused")
+FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
+ARCHIVE_REFS = "refs/orchestra/archive"  # branch tips saved before cleanup removes anything
+MAX_LISTED_FILES = 3  # files named in a KEEP reason before "and N more"
 RECORD_FIELDS = (
     "id", "task", "state", "stale", "branch", "worktree", "base_branch", "base_commit",
     "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
@@ -516,10 +522,12 @@ class Config:
 # ======================================================================================
 
 
-def run_git(args, cwd, check=True):
-    """Run git with `args` in `cwd`; raise GitError with git's stderr when it fails."""
+def run_git(args, cwd, check=True, env=None):
+    """Run git with `args` in `cwd` (and `env`); raise GitError with git's stderr when it fails."""
     try:
-        done = subprocess.run(["git", *args], cwd=str(cwd), capture_output=True, text=True, errors="replace")
+        done = subprocess.run(
+            ["git", *args], cwd=str(cwd), capture_output=True, text=True, errors="replace", env=env
+        )
     except FileNotFoundError:
         raise OrchestraError("git is not installed or not on PATH; install git first") from None
     if check and done.returncode != 0:
@@ -639,6 +647,61 @@ def change_counts(worktree, base_commit):
     changed = run_git(["diff", "--name-only", "-z", base_commit], worktree).stdout.split("\0")
     new = run_git(["ls-files", "--others", "--exclude-standard", "-z"], worktree).stdout.split("\0")
     return int(commits or 0), len({p for p in changed + new if p})
+
+
+def worktree_status(worktree):
+    """[(XY code, path)] of everything not committed: changes, untracked ('??') and ignored ('!!')."""
+    fields = run_git(["status", "--porcelain=v1", "-z", "--ignored"], worktree).stdout.split("\0")
+    entries, skip_next = [], False
+    for field in fields:
+        if skip_next or not field:
+            skip_next = False
+            continue
+        code, path = field[:2], field[3:]
+        entries.append((code, path))
+        skip_next = "R" in code or "C" in code  # a rename's source path follows
+    return entries
+
+
+def commits_between(repo, base, tip):
+    """[(short hash, subject)] of commits on tip that base lacks, oldest first."""
+    done = run_git(["log", "--reverse", "--format=%h%x00%s", f"{base}..{tip}"], repo)
+    return [tuple(line.split("\0", 1)) for line in done.stdout.splitlines()]
+
+
+def ref_commit(repo, ref):
+    """The commit a ref points at, or None when it does not exist."""
+    done = run_git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], repo, check=False)
+    return done.stdout.strip() or None
+
+
+def is_ancestor(repo, older, newer):
+    """True when `older` is reachable from `newer`."""
+    return run_git(["merge-base", "--is-ancestor", older, newer], repo, check=False).returncode == 0
+
+
+def all_patches_upstream(repo, upstream, tip):
+    """True when every commit of tip has a patch-equivalent commit in upstream (`git cherry`)."""
+    lines = run_git(["cherry", upstream, tip], repo).stdout.split()
+    return all(mark == "-" for mark in lines[::2])
+
+
+def diff_already_in(repo, upstream, tip):
+    """True when merging tip into upstream would change nothing (a squash merge landed it).
+
+    Needs `git merge-tree --write-tree` (git 2.38); without it, the answer is a safe False.
+    """
+    merged = run_git(["merge-tree", "--write-tree", upstream, tip], repo, check=False)
+    if merged.returncode != 0:
+        return False  # a conflict (exit 1), or a git too old for --write-tree
+    upstream_tree = run_git(["rev-parse", f"{upstream}^{{tree}}"], repo).stdout.strip()
+    return merged.stdout.split("\n", 1)[0].strip() == upstream_tree
+
+
+def merge_in_progress(repo):
+    """True while the user's checkout is in the middle of a merge."""
+    git_dir = Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip())
+    return (git_dir / "MERGE_HEAD").exists()
 
 
 def add_exclude_lines(repo, lines):
@@ -1168,7 +1231,11 @@ def prepare_worktree(project, record, copies, register_lock):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(project.repo / rel, target, follow_symlinks=False)
     record["copied_files"] = copies
-    return run_setup(project.config["setup"], worktree, log)
+    error = run_setup(project.config["setup"], worktree, log)
+    # What copying and setup left is theirs, not the agent's work: cleanup may delete it while unchanged.
+    leftovers = [path for code, path in worktree_status(worktree) if code in ("??", "!!")]
+    record["setup_files"] = {path: file_fingerprint(worktree / path) for path in leftovers}
+    return error
 
 
 def run_setup(commands, worktree, log):
@@ -1184,6 +1251,12 @@ def run_setup(commands, worktree, log):
         if done.returncode != 0:
             return f"setup command '{command}' failed with exit {done.returncode}: {tail_text(done.stdout) or '(no output)'}"
     return None
+
+
+def file_fingerprint(path):
+    """[size, mtime_ns] of a file, to notice a later change; None for a folder (git lists it as one)."""
+    info = os.stat(path)
+    return None if stat.S_ISDIR(info.st_mode) else [info.st_size, info.st_mtime_ns]
 
 
 def rebuild_records(project):
@@ -1533,21 +1606,21 @@ def status_document(project, state, records):
     }
 
 
-def check_task(task):
-    """Refuse tasks an agent could not be given as one argument."""
+def check_task(task, noun="task"):
+    """Refuse a task (or follow-up message) an agent could not be given as one argument."""
     if not task.strip():
-        raise OrchestraError("a task is empty; describe what the agent should do")
+        raise OrchestraError(f"a {noun} is empty; describe what the agent should do")
     if task.lstrip().startswith("-"):
         raise OrchestraError(
-            f"task '{one_line(task, 40)}' starts with '-' and would be read as an option; rephrase it"
+            f"{noun} '{one_line(task, 40)}' starts with '-' and would be read as an option; rephrase it"
         )
     if len(task) > MAX_TASK_LENGTH:
         raise OrchestraError(
-            f"a task is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
-            "put long instructions in a file and name that file in the task"
+            f"a {noun} is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
+            f"put long instructions in a file and name that file in the {noun}"
         )
     if "\0" in task:
-        raise OrchestraError("a task contains a NUL character; remove it")
+        raise OrchestraError(f"a {noun} contains a NUL character; remove it")
 
 
 def resolve_base(project, requested):
@@ -1635,6 +1708,7 @@ def prepare_agents(project, records):
         for record, error in zip(records, errors):
             saved = state["agents"][record["id"]]
             saved["copied_files"] = record["copied_files"]
+            saved["setup_files"] = record.get("setup_files", {})
             if error:
                 saved.update(state="failed", error=error, activity="setup failed", finished_at=utc_iso())
                 note_settlement(saved)
@@ -1712,17 +1786,21 @@ def resume_agent(record):
     if record["state"] == "paused" and signal_group(record["pid"], record.get("pid_start"), signal.SIGCONT):
         record.update(state="running", activity="resumed")
         return "resumed"
-    if not record.get("session_id") or not is_claude_command(record["launch"]["agent_command"]):
-        raise OrchestraError(f"{record['id']} has no Claude session to resume; spawn its task again")
-    record.update(
-        state="queued",
-        ready=True,
-        resume_prompt=RESUME_PROMPT,
-        pid=None,
-        finished_at=None,
-        activity="waiting to resume",
-    )
+    queue_session(record, RESUME_PROMPT, "waiting to resume")
     return "queued to resume its session"
+
+
+def queue_session(record, prompt, activity):
+    """Queue a relaunch of the agent's Claude session with a new prompt, in its own worktree."""
+    if not record.get("session_id") or not is_claude_command(record["launch"]["agent_command"]):
+        raise OrchestraError(f"{record['id']} has no Claude session to continue; spawn its task again")
+    if not Path(record["worktree"]).is_dir():
+        raise OrchestraError(
+            f"{record['id']}'s worktree {record['worktree']} is gone; its session cannot continue there"
+        )
+    record.update(
+        state="queued", ready=True, resume_prompt=prompt, pid=None, finished_at=None, activity=activity
+    )
 
 
 def render_event(event):
@@ -2846,6 +2924,372 @@ def resume_session(wanted, print_only, env):
 
 
 # ======================================================================================
+# Results and cleanup
+# --------------------------------------------------------------------------------------
+# Bringing agents' work home (reports, commits, merges, pull requests, patches, follow-up
+# messages) and removing worktrees and branches only when nothing can be lost. Before
+# anything is removed, its branch tip is saved under refs/orchestra/archive/.
+# ======================================================================================
+
+
+def finished_agents(records, ids):
+    """The named agents (each must have finished), else every finished agent."""
+    if not ids:
+        return [r for r in select_agents(records, []) if r["state"] in FINISHED_STATES]
+    chosen = select_agents(records, ids)
+    for record in chosen:
+        if record["state"] not in FINISHED_STATES:
+            raise OrchestraError(
+                f"{record['id']} is {record['state']}; wait for it to finish or stop it first"
+            )
+    return chosen
+
+
+def branch_tip(project, record):
+    """The commit the agent's branch points at, None if the branch is gone."""
+    return ref_commit(project.repo, f"refs/heads/{record['branch']}")
+
+
+def uncommitted_work(record):
+    """[(XY code, path)] in the agent's worktree that is not committed, unchanged setup files left out."""
+    worktree = Path(record["worktree"])
+    if not worktree.is_dir():
+        return []
+    setup = record.get("setup_files") or {}
+
+    def from_setup(path):
+        return path in setup and setup[path] in (None, file_fingerprint(worktree / path))
+
+    return [(code, path) for code, path in worktree_status(worktree) if not from_setup(path)]
+
+
+def agent_report(project, record):
+    """What one agent produced: its result, cost, commits, diffstat and leftovers."""
+    tip, base = branch_tip(project, record), record["base_commit"]
+    commits = commits_between(project.repo, base, tip) if tip else []
+    diff = ["diff", base, tip] if tip else None
+    changed = set(run_git([*diff, "--name-only", "-z"], project.repo).stdout.split("\0")) if diff else set()
+    leftovers = uncommitted_work(record)
+    changed |= {path for code, path in leftovers if code != "!!"}
+    return {
+        **{
+            key: record.get(key)
+            for key in ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch")
+        },
+        "duration_seconds": elapsed_seconds(record, time.time()),
+        "commits": [{"hash": h, "subject": subject} for h, subject in commits],
+        "diffstat": run_git([*diff, "--stat"], project.repo).stdout.rstrip() if diff else "",
+        "files": sorted(changed - {""}),
+        "uncommitted": [{"status": code, "path": path} for code, path in leftovers],
+    }
+
+
+def overlapping_files(reports):
+    """{file: [agent ids]} for every file more than one agent changed."""
+    owners = {}
+    for report in reports:
+        for path in report["files"]:
+            owners.setdefault(path, []).append(report["id"])
+    return {path: ids for path, ids in sorted(owners.items()) if len(ids) > 1}
+
+
+def commit_leftovers(project, record):
+    """Commit the agent's uncommitted work on its branch (not ignored or setup files); True if any."""
+    work = [path for code, path in uncommitted_work(record) if code != "!!"]
+    if not work:
+        return False
+    worktree = record["worktree"]
+    run_git(["add", "-A", "--", *(f":(literal){path}" for path in work)], worktree)
+    message = f"orchestra: commit work {record['id']} left uncommitted\n\nTask: {record['task']}"
+    run_git(["commit", "--quiet", "--no-verify", "-m", message], worktree)
+    return True
+
+
+def check_checkout_clean(repo, doing):
+    """Refuse to touch the user's checkout while it has changes or a merge in progress."""
+    if merge_in_progress(repo):
+        raise OrchestraError(f"a merge is in progress in {repo}; finish or abort it before {doing}")
+    if run_git(["status", "--porcelain", "--untracked-files=no"], repo).stdout.strip():
+        raise OrchestraError(
+            f"your checkout {repo} has uncommitted changes; commit or stash them before {doing}"
+        )
+
+
+def merge_agents(project, records):
+    """Merge agents' branches into the current branch one by one; (merged ids, conflict or None).
+
+    Stops at the first conflict with the merge aborted, so the checkout is as it was.
+    """
+    repo = project.repo
+    check_checkout_clean(repo, "merging")
+    if current_branch(repo) is None:
+        raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
+    merged = []
+    for record in sorted(records, key=lambda r: (r["created_at"] or "", r["id"])):
+        tip = branch_tip(project, record)
+        if tip is None or is_ancestor(repo, tip, "HEAD"):
+            continue
+        message = f"Merge {record['branch']}: {one_line(record['task'], 72)}"
+        done = run_git(["merge", "--no-ff", "--no-edit", "-m", message, record["branch"]], repo, check=False)
+        if done.returncode != 0:
+            files = run_git(["diff", "--name-only", "--diff-filter=U"], repo).stdout.split()
+            if merge_in_progress(repo):
+                run_git(["merge", "--abort"], repo)
+            return merged, {
+                "id": record["id"],
+                "files": files,
+                "git": one_line(done.stderr or done.stdout, TAIL_CHARS),
+            }
+        merged.append(record["id"])
+    return merged, None
+
+
+def pull_request_body(report):
+    """The pull request text: the agent's result, its diffstat and its cost."""
+    return (
+        f"{report['result'] or '(no result text)'}\n\n```\n{report['diffstat']}\n```\n\n"
+        f"Opened by claude-orchestra: {report['turns'] or 0} turns, {format_cost(report['cost_usd'])}."
+    )
+
+
+def open_pull_requests(project, reports):
+    """Push each branch and open a pull request with gh; lines saying what happened or what to run."""
+    remotes = run_git(["remote"], project.repo).stdout.split()
+    remote = "origin" if "origin" in remotes else (remotes[0] if remotes else None)
+    with_commits = [r for r in reports if r["commits"]]
+    if remote is None or shutil.which("gh") is None:
+        missing = "no git remote is configured" if remote is None else "the GitHub CLI (gh) is not installed"
+        manual = [f"  git push -u {remote or '<remote>'} {r['branch']} && gh pr create --head {r['branch']} "
+                  f"--title {shlex.quote(one_line(r['task'], 72))}" for r in with_commits]  # fmt: skip
+        return [f"cannot open pull requests: {missing}. To do it by hand:", *manual]
+    lines = []
+    for report in with_commits:
+        run_git(["push", "--quiet", "-u", remote, report["branch"]], project.repo)
+        argv = ["gh", "pr", "create", "--head", report["branch"], "--title", one_line(report["task"], 72),
+                "--body", pull_request_body(report)]  # fmt: skip
+        done = subprocess.run(argv, cwd=str(project.repo), capture_output=True, text=True)
+        outcome = done.stdout.strip() if done.returncode == 0 else f"gh failed: {one_line(done.stderr)}"
+        lines.append(f"{report['id']}: {outcome}")
+    return lines
+
+
+def write_patch(project, records, path):
+    """Write every agent's commits, in order, as one patch series `git am` can apply."""
+    parts = []
+    for record in sorted(records, key=lambda r: (r["created_at"] or "", r["id"])):
+        tip = branch_tip(project, record)
+        if tip:
+            parts.append(
+                run_git(["format-patch", "--stdout", f"{record['base_commit']}..{tip}"], project.repo).stdout
+            )
+    Path(path).write_text("".join(parts), encoding="utf-8")
+    return sum(part.count("\nSubject: ") + part.startswith("Subject: ") for part in parts)
+
+
+def send_message(project, agent_id, message):
+    """Continue a finished agent's session with a follow-up message, in its own worktree."""
+    check_task(message, "message")
+
+    def queue(state):
+        record = select_agents(state["agents"], [agent_id])[0]
+        if record["state"] not in FINISHED_STATES:
+            raise OrchestraError(f"{record['id']} is {record['state']}; send a message once it has finished")
+        queue_session(record, message, "waiting to continue with your message")
+        return record["id"]
+
+    sent_to = project.store.update(queue)
+    ensure_supervisor(project)
+    return sent_to
+
+
+def cleanup_targets(records, ids, everything=False, failed_only=False):
+    """Which agents a cleanup looks at: the named ones, else finished ones (or all, or failed)."""
+    if ids:
+        chosen = select_agents(records, ids)
+        for record in chosen:
+            if record["state"] == "removed":
+                raise OrchestraError(
+                    f"{record['id']} was already removed; 'orchestra cleanup --list-archives' shows its archive"
+                )
+        return chosen
+    present = [r for r in select_agents(records, []) if r["state"] != "removed"]
+    if failed_only:
+        return [r for r in present if r["state"] in ("failed", "interrupted")]
+    return present if everything else [r for r in present if r["state"] in FINISHED_STATES]
+
+
+def describe_files(entries):
+    """Reasons like 'untracked file notes.md' for a worktree's leftovers, the first few named."""
+    kinds = {"??": "untracked file", "!!": "ignored file"}
+    named = [f"{kinds.get(code, 'uncommitted change')} {path}" for code, path in entries[:MAX_LISTED_FILES]]
+    more = len(entries) - MAX_LISTED_FILES
+    return ", ".join(named) + (f" and {more} more" if more > 0 else "")
+
+
+def merge_target(project, record):
+    """The branch an agent's work must have reached to count as merged."""
+    for name in (record.get("base_branch"), current_branch(project.repo)):
+        if name and ref_commit(project.repo, name):
+            return name
+    return record["base_commit"]
+
+
+def unmerged_reason(project, record, tip):
+    """Why the branch is not merged, or None when its work is in the base already.
+
+    Merged: the tip is an ancestor of the base, every commit is patch-equivalent upstream
+    (a rebase or cherry-pick landed it), or merging would change nothing (a squash merge).
+    """
+    target = merge_target(project, record)
+    repo = project.repo
+    if (
+        is_ancestor(repo, tip, target)
+        or all_patches_upstream(repo, target, tip)
+        or diff_already_in(repo, target, tip)
+    ):
+        return None
+    count = int(run_git(["rev-list", "--count", f"{target}..{tip}"], repo).stdout.strip() or 0)
+    return f"{count} commit{'s' if count != 1 else ''} not merged into {target}"
+
+
+def plan_agent_cleanup(project, record, worktrees, force):
+    """What cleanup does with one agent: {id, action, reasons, forced, stop_first, snapshot}.
+
+    Never the main worktree, one orchestra did not make, or a locked one, even with force.
+    """
+    step = {
+        "id": record["id"],
+        "action": "remove",
+        "reasons": [],
+        "forced": False,
+        "stop_first": False,
+        "snapshot": False,
+    }
+    path = str(Path(record["worktree"]))
+    listed = worktrees.get(path)
+    ours = (
+        Path(path).parent == project.worktree_root and Path(path).name == f"{WORKTREE_PREFIX}{record['id']}"
+    )
+    if not ours or path == str(project.repo):
+        return dict(step, action="keep", reasons=[f"worktree {path} is not one orchestra made"])
+    if listed and listed["locked"]:
+        return dict(step, action="keep", reasons=[f"worktree is locked (git worktree unlock {path})"])
+    soft = []
+    if record["state"] in ACTIVE_STATES:
+        soft.append(f"still {record['state']}; stop it first or use --force")
+        step["stop_first"] = True
+    leftovers = uncommitted_work(record)
+    if leftovers:
+        soft.append(describe_files(leftovers))
+        step["snapshot"] = True
+    tip = branch_tip(project, record)
+    unmerged = unmerged_reason(project, record, tip) if tip else None
+    if unmerged:
+        soft.append(unmerged)
+    if soft and not force:
+        return dict(step, action="keep", reasons=soft)
+    return dict(step, reasons=soft or ["merged, nothing uncommitted"], forced=bool(soft))
+
+
+def plan_cleanup(project, records, force=False):
+    """The cleanup plan for these agents; the dry run prints it and the real run carries it out."""
+    if merge_in_progress(project.repo):
+        raise OrchestraError(
+            f"a merge is in progress in {project.repo}; finish or abort it before cleaning up"
+        )
+    worktrees = {w["path"]: w for w in list_worktrees(project.repo)}
+    return [plan_agent_cleanup(project, r, worktrees, force) for r in records]
+
+
+def snapshot_worktree(worktree, message):
+    """A commit of everything in a worktree (untracked and ignored files too), via a temporary index."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"))
+        run_git(["read-tree", "HEAD"], worktree, env=env)
+        run_git(["add", "--all", "--force", "--", "."], worktree, env=env)
+        tree = run_git(["write-tree"], worktree, env=env).stdout.strip()
+    return run_git(["commit-tree", tree, "-p", "HEAD", "-m", message], worktree).stdout.strip()
+
+
+def archive_agent(project, record, tip, snapshot):
+    """Save the branch tip (and a snapshot of a dirty worktree) under refs/orchestra/archive/; the refs."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    base = f"{ARCHIVE_REFS}/{record['id']}/{stamp}"
+    refs = []
+    if tip:
+        run_git(["update-ref", base, tip], project.repo)
+        refs.append(base)
+    if snapshot and Path(record["worktree"]).is_dir():
+        message = f"orchestra: snapshot of {record['id']}'s worktree before a forced cleanup"
+        run_git(
+            ["update-ref", f"{base}-worktree", snapshot_worktree(record["worktree"], message)], project.repo
+        )
+        refs.append(f"{base}-worktree")
+    return refs
+
+
+def remove_agent(project, record, step):
+    """Carry out one 'remove' step: archive, remove the worktree, delete the branch; archive refs."""
+    if step["stop_first"]:
+        stop_agents(project, [record["id"]])
+    tip = branch_tip(project, record)
+    refs = archive_agent(project, record, tip, step["snapshot"])
+    if Path(record["worktree"]).is_dir():
+        # Safe by our own check (or forced and archived): git may drop setup's untracked files.
+        run_git(["worktree", "remove", "--force", record["worktree"]], project.repo)
+    if tip:
+        run_git(
+            ["update-ref", "-d", f"refs/heads/{record['branch']}", tip], project.repo
+        )  # only if unchanged
+    run_git(["worktree", "prune"], project.repo)
+    return refs
+
+
+def cleanup_agents(project, ids=None, apply=False, everything=False, failed_only=False, force=False):
+    """Plan a cleanup and, with apply, carry it out: {"plan": [...], "applied": bool}."""
+    records = cleanup_targets(project.records(), ids, everything, failed_only)
+    plan = plan_cleanup(project, records, force)
+    if apply:
+        run_git(["worktree", "prune"], project.repo)  # forget folders deleted by hand
+        by_id = {r["id"]: r for r in records}
+        for step in plan:
+            if step["action"] == "remove":
+                step["archive"] = remove_agent(project, by_id[step["id"]], step)
+                mark_removed(project, step["id"], step["archive"])
+    return {"plan": plan, "applied": apply}
+
+
+def mark_removed(project, agent_id, archive):
+    """Record that an agent's worktree and branch are gone, and where its work was saved."""
+
+    def change(state):
+        state["agents"][agent_id].update(state="removed", archive=archive, removed_at=utc_iso(), pid=None)
+
+    project.store.update(change)
+
+
+def list_archives(repo):
+    """Saved branch tips: [{ref, id, saved, commit, subject, restore}]."""
+    fmt = "%(refname)%00%(objectname:short)%00%(subject)"
+    rows = []
+    for line in run_git(["for-each-ref", f"--format={fmt}", f"{ARCHIVE_REFS}/"], repo).stdout.splitlines():
+        ref, commit, subject = line.split("\0")
+        agent_id, saved = ref[len(ARCHIVE_REFS) + 1 :].rsplit("/", 1)
+        restore = f"git branch {agent_id}-restored {ref}"
+        rows.append(
+            {
+                "ref": ref,
+                "id": agent_id,
+                "saved": saved,
+                "commit": commit,
+                "subject": subject,
+                "restore": restore,
+            }
+        )
+    return rows
+
+
+# ======================================================================================
 # Command line
 # --------------------------------------------------------------------------------------
 # One cmd_<name> per subcommand and one small parser builder each. Only this section
@@ -3036,6 +3480,8 @@ def cmd_status(args):
         state = project.store.load()
         revive_supervisor(project, state)
         records = select_agents(state["agents"], args.ids)
+        if not args.ids:
+            records = [r for r in records if r["state"] != "removed"]  # cleaned up: history, not status
         if args.json:
             print_json(status_document(project, state, records))
             return EXIT_OK
@@ -3181,6 +3627,177 @@ def cmd_sessions(args, env=os.environ, now=None):
     return EXIT_OK
 
 
+def report_text(report):
+    """One agent's part of the collect report."""
+    minutes = format_duration(report["duration_seconds"])
+    lines = [f"== {report['id']}: {report['state']}  ({report['turns'] or 0} turns, {format_cost(report['cost_usd'])}, {minutes})",
+             f"Task: {report['task']}"]  # fmt: skip
+    if report["result"] or report["error"]:
+        lines.append(f"Result: {strip_control(report['result'] or report['error']).strip()}")
+    lines.append(
+        f"Commits on {report['branch']}:" if report["commits"] else f"No commits on {report['branch']}."
+    )
+    lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
+    if report["diffstat"]:
+        lines.append(report["diffstat"])
+    if report["uncommitted"]:
+        lines.append(
+            "Uncommitted in its worktree: "
+            + ", ".join(f"{u['status'].strip()} {u['path']}" for u in report["uncommitted"])
+        )
+    return "\n".join(lines)
+
+
+def cmd_collect(args):
+    """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
+    project = open_project(args)
+    records = finished_agents(project.records(), args.ids)
+    if args.merge:
+        check_checkout_clean(project.repo, "merging")
+    committed = [r["id"] for r in records if args.commit and commit_leftovers(project, r)]
+    reports = [agent_report(project, r) for r in records]
+    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
+    if args.merge:
+        chosen = records if args.ids else [r for r in records if r["state"] == "done"]
+        document["merged"], document["conflict"] = merge_agents(project, chosen)
+    if args.patch:
+        document["patch"] = {"path": args.patch, "commits": write_patch(project, records, args.patch)}
+    if args.pr:
+        document["pull_requests"] = open_pull_requests(project, reports)
+    if args.json:
+        print_json(document)
+    else:
+        print(
+            collect_text(document)
+            if reports
+            else "No finished agents to collect yet; see 'orchestra status'."
+        )
+    return EXIT_FAILURE if document.get("conflict") else EXIT_OK
+
+
+def collect_text(document):
+    """The human collect report: each agent, overlaps, and what the options did."""
+    parts = [report_text(r) for r in document["agents"]]
+    for path, ids in document["overlaps"].items():
+        parts.append(f"Warning: {path} was changed by {' and '.join(ids)}; expect a conflict when merging")
+    if document["committed"]:
+        parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
+    if "merged" in document:
+        parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
+    if document.get("conflict"):
+        c = document["conflict"]
+        where = ", ".join(c["files"]) or c["git"]
+        parts.append(f"Merging {c['id']} conflicts in {where}; the merge was aborted and your checkout is as it was. "
+                     f"Merge it by hand: git merge {c['branch']}")  # fmt: skip
+    if "patch" in document:
+        parts.append(
+            f"Wrote {document['patch']['commits']} commit(s) to {document['patch']['path']} (apply with git am)"
+        )
+    parts += document.get("pull_requests", [])
+    return "\n\n".join(parts)
+
+
+def cmd_send(args):
+    """Send a follow-up message to a finished agent: its session continues in its worktree."""
+    project = open_project(args)
+    agent_id = send_message(project, args.id, args.message)
+    print(f"{agent_id}: queued to continue with your message; follow it with 'orchestra logs -f {agent_id}'")
+    return EXIT_OK
+
+
+def cmd_cleanup(args):
+    """Remove agents' worktrees and branches when nothing can be lost; say why the rest stay."""
+    project = open_project(args)
+    if args.list_archives:
+        return print_archives(project, args.json)
+    outcome = cleanup_agents(project, args.ids, apply=not args.dry_run, everything=args.all,
+                             failed_only=args.failed, force=args.force)  # fmt: skip
+    if args.json:
+        print_json(outcome)
+        return EXIT_OK
+    for step in outcome["plan"]:
+        print(cleanup_line(step, args.dry_run))
+    if not outcome["plan"]:
+        print("Nothing to clean up.")
+    return EXIT_OK
+
+
+def cleanup_line(step, dry_run):
+    """'KEEP id: why' or 'REMOVED id: why it was safe' (WOULD REMOVE in a dry run)."""
+    reasons = "; ".join(step["reasons"])
+    if step["action"] == "keep":
+        return f"KEEP {step['id']}: {reasons}"
+    verb = "WOULD REMOVE" if dry_run else "REMOVED"
+    forced = "forced past: " if step["forced"] else ""
+    saved = f" (saved as {step['archive'][0]})" if step.get("archive") else ""
+    return f"{verb} {step['id']}: {forced}{reasons}{saved}"
+
+
+def print_archives(project, as_json):
+    """List the saved branch tips and how to restore each."""
+    rows = list_archives(project.repo)
+    if as_json:
+        print_json({"archives": rows})
+    elif rows:
+        print(
+            render_table(
+                ["ID", "SAVED", "COMMIT", "RESTORE WITH"],
+                [[r["id"], r["saved"], r["commit"], r["restore"]] for r in rows],
+                sys.stdout,
+            )
+        )
+    else:
+        print("No archived work.")
+    return EXIT_OK
+
+
+def add_collect_parser(commands):
+    """orchestra collect"""
+    p = commands.add_parser("collect", help="report and bring home finished agents' work", description=cmd_collect.__doc__,
+                            epilog="example: orchestra collect --commit --merge")  # fmt: skip
+    p.add_argument("ids", nargs="*", metavar="ID", help="agents to collect (default: every finished one)")
+    p.add_argument(
+        "--commit", action="store_true", help="commit work an agent left uncommitted, on its branch"
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="merge the branches into your current branch, one by one"
+    )
+    p.add_argument("--pr", action="store_true", help="push each branch and open a pull request with gh")
+    p.add_argument("--patch", metavar="FILE", help="write all their commits to FILE as one patch series")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_collect)
+
+
+def add_send_parser(commands):
+    """orchestra send"""
+    p = commands.add_parser("send", help="send a follow-up message to a finished agent", description=cmd_send.__doc__,
+                            epilog='example: orchestra send implement-auth "also add a test for expired tokens"')  # fmt: skip
+    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
+    p.add_argument("message", metavar="MESSAGE", help="what the agent should do next")
+    p.set_defaults(func=cmd_send)
+
+
+def add_cleanup_parser(commands):
+    """orchestra cleanup"""
+    p = commands.add_parser("cleanup", help="remove worktrees and branches that are safe to remove", description=cmd_cleanup.__doc__,
+                            epilog="example: orchestra cleanup --dry-run")  # fmt: skip
+    p.add_argument("ids", nargs="*", metavar="ID", help="agents to clean up (default: every finished one)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--all", action="store_true", help="also agents still running or paused (kept unless --force)"
+    )
+    which.add_argument("--failed", action="store_true", help="only failed and interrupted agents")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also remove unmerged or dirty work (archived first) and stop running agents",
+    )
+    p.add_argument("--list-archives", action="store_true", help="list saved work and how to restore it")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_cleanup)
+
+
 def add_init_parser(commands):
     """orchestra init"""
     p = commands.add_parser(
@@ -3281,7 +3898,8 @@ def add_supervise_parser(commands):
 
 
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
-                   add_logs_parser, add_worktrees_parser, add_sessions_parser, add_supervise_parser)  # fmt: skip
+                   add_logs_parser, add_worktrees_parser, add_collect_parser, add_send_parser, add_cleanup_parser,
+                   add_sessions_parser, add_supervise_parser)  # fmt: skip
 
 
 def build_parser():
