@@ -3035,11 +3035,8 @@ def merge_agents(project, records):
             files = run_git(["diff", "--name-only", "--diff-filter=U"], repo).stdout.split()
             if merge_in_progress(repo):
                 run_git(["merge", "--abort"], repo)
-            return merged, {
-                "id": record["id"],
-                "files": files,
-                "git": one_line(done.stderr or done.stdout, TAIL_CHARS),
-            }
+            why = one_line(done.stderr or done.stdout, TAIL_CHARS)
+            return merged, {"id": record["id"], "branch": record["branch"], "files": files, "git": why}
         merged.append(record["id"])
     return merged, None
 

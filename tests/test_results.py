@@ -1,0 +1,182 @@
+"""Collecting agents' work: the report, committing leftovers, merging, patches and pull requests."""
+
+import os
+import stat
+import subprocess
+
+from conftest import FAKE_AGENT_COMMAND, git, load_state, make_repo, wait_settled, write_config
+
+
+def spawn_and_finish(cli, repo, *tasks):
+    assert cli("spawn", *tasks).code == 0
+    wait_settled(repo)
+
+
+def test_collect_reports_commits_diffstat_leftovers_and_overlaps(fake_repo, cli):
+    spawn_and_finish(cli, fake_repo, "commit:shared.txt first", "commit:shared.txt write:extra.txt second")
+    run = cli("collect")
+    assert run.code == 0, run
+    out = run.out
+    assert "== commit-shared-txt-first: done  (3 turns, $0.2500," in out
+    assert "Task: commit:shared.txt first" in out
+    assert "Result: all done" in out
+    assert "Commits on orchestra/commit-shared-txt-first:" in out and "add shared.txt" in out
+    assert " shared.txt | 1 +" in out
+    assert "Uncommitted in its worktree: ?? extra.txt" in out
+    assert (
+        "Warning: shared.txt was changed by commit-shared-txt-first and commit-shared-txt-write-extra-txt-second"
+        in out
+    )
+
+    doc = cli("collect", "--json").json()
+    first = doc["agents"][0]
+    assert first["commits"][0]["subject"] == "add shared.txt"
+    assert first["files"] == ["shared.txt"] and first["uncommitted"] == []
+    assert doc["agents"][1]["uncommitted"] == [{"status": "??", "path": "extra.txt"}]
+    assert doc["overlaps"] == {
+        "shared.txt": ["commit-shared-txt-first", "commit-shared-txt-write-extra-txt-second"]
+    }
+
+
+def test_collect_commit_commits_leftovers_but_not_setup_files(fake_repo, cli):
+    (fake_repo / ".env").write_text("SECRET=1\n")  # not ignored: only the copy marks it as setup's
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, copy_files=[".env"])
+    spawn_and_finish(cli, fake_repo, "write:draft.md leftovers")
+    run = cli("collect", "--commit")
+    assert "Committed leftover work of: write-draft-md-leftovers" in run.out
+    branch = "orchestra/write-draft-md-leftovers"
+    assert (
+        git("log", "-1", "--format=%s", branch, cwd=fake_repo)
+        == "orchestra: commit work write-draft-md-leftovers left uncommitted\n"
+    )
+    assert git("ls-tree", "--name-only", branch, cwd=fake_repo).split() == ["README.md", "draft.md"]
+
+
+def test_merge_in_stable_order(fake_repo, cli):
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta", "fail commit:c.txt gamma")
+    head_before = git("rev-parse", "HEAD", cwd=fake_repo)
+    run = cli("collect", "--merge")
+    assert run.code == 0, run
+    assert "Merged: commit-a-txt-alpha, commit-b-txt-beta" in run.out  # failed agents only when named
+    subjects = git(
+        "log", "--format=%s", f"{head_before.strip()}..HEAD", "--first-parent", cwd=fake_repo
+    ).splitlines()
+    assert subjects == [
+        "Merge orchestra/commit-b-txt-beta: commit:b.txt beta",
+        "Merge orchestra/commit-a-txt-alpha: commit:a.txt alpha",
+    ]
+    assert (fake_repo / "a.txt").exists() and not (fake_repo / "c.txt").exists()
+    assert "Merged: nothing new" in cli("collect", "--merge").out
+
+
+def test_merge_stops_cleanly_at_a_conflict(fake_repo, cli):
+    spawn_and_finish(cli, fake_repo, "commit:a.txt first", "commit:same.txt one", "commit:same.txt two")
+    (fake_repo / "same.txt").write_text("mine\n")
+    git("add", "same.txt", cwd=fake_repo)
+    git("commit", "-qm", "my own same.txt", cwd=fake_repo)
+    head = git("rev-parse", "HEAD", cwd=fake_repo)
+    run = cli("collect", "--merge")
+    assert run.code == 1
+    assert "Merged: commit-a-txt-first" in run.out
+    assert ("Merging commit-same-txt-one conflicts in same.txt; the merge was aborted and your checkout is as it was. "
+            "Merge it by hand: git merge orchestra/commit-same-txt-one") in run.out  # fmt: skip
+    assert git("status", "--porcelain", cwd=fake_repo) == ""
+    assert (fake_repo / "same.txt").read_text() == "mine\n"
+    assert git("rev-parse", "HEAD~1", cwd=fake_repo) == head  # only the first merge landed
+
+
+def test_merge_refuses_a_dirty_checkout(fake_repo, cli):
+    spawn_and_finish(cli, fake_repo, "commit:a.txt first")
+    (fake_repo / "README.md").write_text("edited\n")
+    head = git("rev-parse", "HEAD", cwd=fake_repo)
+    run = cli("collect", "--merge")
+    assert run.code == 2 and run.out == ""
+    assert run.err == (f"orchestra: error: your checkout {fake_repo} has uncommitted changes; "
+                       "commit or stash them before merging\n")  # fmt: skip
+    assert git("rev-parse", "HEAD", cwd=fake_repo) == head
+    assert (fake_repo / "README.md").read_text() == "edited\n"
+
+
+def test_patch_applies_with_git_am(fake_repo, cli, tmp_path):
+    spawn_and_finish(cli, fake_repo, "commit:a.txt first", "commit:b.txt second")
+    patch = tmp_path / "all.patch"
+    run = cli("collect", "--patch", patch)
+    assert f"Wrote 2 commit(s) to {patch} (apply with git am)" in run.out
+    other = make_repo(tmp_path / "other")
+    git("am", "-q", str(patch), cwd=other)
+    assert (other / "a.txt").exists() and (other / "b.txt").exists()
+
+
+def test_pr_without_remote_prints_the_manual_commands(fake_repo, cli):
+    spawn_and_finish(cli, fake_repo, "commit:a.txt feature")
+    run = cli("collect", "--pr")
+    assert "cannot open pull requests: no git remote is configured. To do it by hand:" in run.out
+    assert (
+        "git push -u <remote> orchestra/commit-a-txt-feature && gh pr create --head orchestra/commit-a-txt-feature"
+        in run.out
+    )
+
+
+def test_pr_pushes_and_calls_gh(fake_repo, cli, tmp_path, monkeypatch):
+    remote = tmp_path / "remote.git"
+    git("init", "-q", "--bare", str(remote), cwd=tmp_path)
+    git("remote", "add", "origin", str(remote), cwd=fake_repo)
+    spawn_and_finish(cli, fake_repo, "commit:a.txt feature")
+    calls = tmp_path / "gh-calls"
+    fake_gh = tmp_path / "bin" / "gh"
+    fake_gh.parent.mkdir()
+    fake_gh.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\necho https://example.invalid/pull/1\n')
+    fake_gh.chmod(fake_gh.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake_gh.parent}{os.pathsep}{os.environ['PATH']}")
+    run = cli("collect", "--pr")
+    assert "commit-a-txt-feature: https://example.invalid/pull/1" in run.out
+    assert git("rev-parse", "orchestra/commit-a-txt-feature", cwd=remote) == git(
+        "rev-parse", "orchestra/commit-a-txt-feature", cwd=fake_repo
+    )
+    args = calls.read_text().split("\n")
+    assert args[:6] == [
+        "pr",
+        "create",
+        "--head",
+        "orchestra/commit-a-txt-feature",
+        "--title",
+        "commit:a.txt feature",
+    ]
+    assert "all done" in args[7] and "$0.2500" in "\n".join(args[7:])
+
+
+def test_collect_refuses_a_running_agent(fake_repo, cli):
+    cli("spawn", "sleep:20 slow")
+    run = cli("collect", "sleep-20-slow")
+    assert run.code == 2
+    assert "sleep-20-slow is " in run.err and "wait for it to finish or stop it first" in run.err
+
+
+def test_send_needs_a_claude_session(fake_repo, cli):
+    spawn_and_finish(cli, fake_repo, "plain")
+    run = cli("send", "plain", "one more thing")
+    assert run.code == 2
+    assert run.err == "orchestra: error: plain has no Claude session to continue; spawn its task again\n"
+    assert load_state(fake_repo)["agents"]["plain"]["state"] == "done"
+    assert (
+        cli("send", "plain", "").err
+        == "orchestra: error: a message is empty; describe what the agent should do\n"
+    )
+
+
+def test_nothing_to_collect(fake_repo, cli):
+    assert cli("collect").out == "No finished agents to collect yet; see 'orchestra status'.\n"
+
+
+def test_collect_in_a_subprocess(fake_repo):
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "orchestra.py"), "collect", "--json"],
+        cwd=fake_repo,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and '"agents": []' in done.stdout
