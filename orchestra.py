@@ -903,6 +903,11 @@ def new_record(project, agent_id, task, base_branch, base_commit):
     return record
 
 
+def spawn_order(record):
+    """Sort key: the order agents were spawned in (seq), then time and id for older records."""
+    return record.get("seq", 0), record.get("created_at") or "", record["id"]
+
+
 def public_record(record):
     """A record as `status --json` shows it: the documented fields only."""
     return {key: record.get(key) for key in RECORD_FIELDS}
@@ -1208,7 +1213,7 @@ def prepare_worktree(project, record, copies, register_lock):
     """
     worktree = Path(record["worktree"])
     log = project.log_path(record["id"])
-    spawn_facts = ("id", "task", "branch", "worktree", "base_branch", "base_commit", "launch")
+    spawn_facts = ("id", "task", "branch", "worktree", "base_branch", "base_commit", "launch", "seq")
     append_event(log, {"event": "spawn", **{k: record[k] for k in spawn_facts}})
     add = [
         "worktree",
@@ -1273,7 +1278,7 @@ def rebuild_records(project):
         record.update(
             branch=spawn["branch"], worktree=spawn["worktree"], created_at=spawn.get("time"), ready=True
         )
-        record["launch"] = spawn.get("launch") or record["launch"]
+        record.update(launch=spawn.get("launch") or record["launch"], seq=spawn.get("seq", 0))
         log = read_log(log_path)
         record.update(without_none(log.facts))
         if log.settled:
@@ -1413,9 +1418,7 @@ class Supervisor:
         agents = state["agents"].values()
         limit = self.project.config.parallel_limit(state.get("parallel"))
         active = sum(r["state"] in ("running", "paused") for r in agents)
-        queued = sorted(
-            (r for r in agents if r["state"] == "queued" and r.get("ready")), key=lambda r: r["created_at"]
-        )
+        queued = sorted((r for r in agents if r["state"] == "queued" and r.get("ready")), key=spawn_order)
         for record in queued[: max(0, limit - active)]:
             self.start(record)
 
@@ -1577,7 +1580,7 @@ def ensure_supervisor(project, state=None):
 def select_agents(records, wanted):
     """Records named by ids or unique id prefixes, in the order given (all when none given)."""
     if not wanted:
-        return sorted(records.values(), key=lambda r: r["created_at"] or "")
+        return sorted(records.values(), key=spawn_order)
     chosen = []
     for name in wanted:
         if name in records:
@@ -1687,6 +1690,7 @@ def reserve_agents(project, tasks, name, base_branch, base_commit, parallel):
             agent_id = name or unique_id(slugify(task), taken)
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
+            record["seq"] = len(state["agents"])  # records are never deleted, so this only grows
             state["agents"][agent_id] = record
             created.append(record)
         if parallel:
@@ -3025,7 +3029,7 @@ def merge_agents(project, records):
     if current_branch(repo) is None:
         raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
     merged = []
-    for record in sorted(records, key=lambda r: (r["created_at"] or "", r["id"])):
+    for record in sorted(records, key=spawn_order):
         tip = branch_tip(project, record)
         if tip is None or is_ancestor(repo, tip, "HEAD"):
             continue
@@ -3073,7 +3077,7 @@ def open_pull_requests(project, reports):
 def write_patch(project, records, path):
     """Write every agent's commits, in order, as one patch series `git am` can apply."""
     parts = []
-    for record in sorted(records, key=lambda r: (r["created_at"] or "", r["id"])):
+    for record in sorted(records, key=spawn_order):
         tip = branch_tip(project, record)
         if tip:
             parts.append(

@@ -125,7 +125,10 @@ def test_supervisor_crash_loses_nothing(claude_repo, claude_api, cli):
     # Any command notices the dead supervisor and starts a new one, which adopts and settles.
     run = cli("status")
     assert "the supervisor was not running; restarted it" in run.err
-    wait_for(lambda: agent_states(claude_repo)["crash-one"] == "done", timeout=30, what="settlement")
+    settled = ("crash-one", "crash-two")
+    wait_for(
+        lambda: all(agent_states(claude_repo)[i] == "done" for i in settled), timeout=30, what="settlement"
+    )
     agents = load_state(claude_repo)["agents"]
     for agent_id, word in (("crash-one", "one"), ("crash-two", "two")):
         assert agents[agent_id]["state"] == "done"
@@ -212,3 +215,49 @@ def _stopped_processes():
             if b"ORCHESTRA_AGENT_ID=" in environ:
                 stopped.append(int(entry))
     return stopped
+
+
+def test_collect_and_merge_real_agents_with_a_conflict(claude_repo, claude_api, cli):
+    claude_api.script("docs-writer", [commit_file("docs.txt", "docs"), text("Wrote the docs")])
+    claude_api.script("config-one", [commit_file("config.txt", "one"), text("Config one")])
+    claude_api.script("config-two", [commit_file("config.txt", "two"), text("Config two")])
+    assert cli("spawn", "--wait", "docs-writer", "config-one", "config-two").code == 0
+    head = git("rev-parse", "HEAD", cwd=claude_repo)
+
+    report = cli("collect")
+    assert (
+        "Warning: config.txt was changed by config-one and config-two; expect a conflict when merging"
+        in report.out
+    )
+    assert "Result: Wrote the docs" in report.out and "add docs.txt" in report.out
+
+    merged = cli("collect", "--merge")
+    assert merged.code == 1
+    assert "Merged: docs-writer, config-one" in merged.out
+    assert "Merging config-two conflicts in config.txt; the merge was aborted" in merged.out
+    assert git("status", "--porcelain", cwd=claude_repo) == ""
+    assert (claude_repo / "config.txt").read_text() == "one\n" and (
+        claude_repo / "docs.txt"
+    ).read_text() == "docs\n"
+    assert git("rev-list", "--count", f"{head.strip()}..HEAD", "--first-parent", cwd=claude_repo) == "2\n"
+
+
+def test_send_continues_a_real_session(claude_repo, claude_api, cli):
+    claude_api.script("first-pass", [commit_file("first.txt", "first"), text("First pass done")])
+    claude_api.script("now add tests", [commit_file("tests.txt", "tests"), text("Tests added too")])
+    cli("spawn", "--wait", "first-pass")
+    before = load_state(claude_repo)["agents"]["first-pass"]
+
+    run = cli("send", "first", "now add tests")
+    assert (
+        run.out
+        == "first-pass: queued to continue with your message; follow it with 'orchestra logs -f first-pass'\n"
+    )
+    wait_settled(claude_repo)
+    after = load_state(claude_repo)["agents"]["first-pass"]
+    assert after["state"] == "done" and after["result"] == "Tests added too"
+    assert after["session_id"] == before["session_id"]
+    assert after["cost_usd"] > before["cost_usd"] and after["turns"] == before["turns"] * 2
+    assert after["commits"] == 2
+    assert git("show", "orchestra/first-pass:tests.txt", cwd=claude_repo) == "tests\n"
+    assert "first-pass" in str(claude_api.main_requests[-1]["messages"])  # the old conversation came along
