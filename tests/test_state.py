@@ -10,7 +10,7 @@ import time
 import pytest
 
 import orchestra
-from conftest import ROOT, load_state, wait_settled
+from conftest import ROOT, load_state, wait_for, wait_settled
 
 COUNTER = """
 import sys
@@ -47,7 +47,8 @@ def test_kill_during_writes_never_leaves_an_unreadable_file(tmp_path):
     script = CHURN.format(root=str(ROOT), path=str(path))
     for attempt in range(15):
         writer = subprocess.Popen([sys.executable, "-c", script])
-        time.sleep(0.15 + attempt * 0.02)
+        wait_for(path.exists, timeout=30, interval=0.01, what="the first write")
+        time.sleep(0.05 + attempt * 0.02)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
         state = json.loads(path.read_text())  # never half a file
