@@ -17,6 +17,7 @@ Commands:
   orchestra send ID MESSAGE           a follow-up for a finished agent, in its own session
   orchestra cleanup [--dry-run]       remove worktrees and branches that hold nothing unsaved
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
+  orchestra web [--port N]            the phone-friendly dashboard, JSON API and live WebSocket
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
 
 Every ID also accepts a unique prefix; every listing takes --json.
@@ -30,24 +31,36 @@ config.json), then `.orchestra/config.json`, then command-line flags.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import hashlib
+import hmac
+import http.client
 import json
 import os
+import queue
 import re
+import secrets
 import shlex
 import shutil
 import signal
+import site
+import socket
+import socketserver
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from fnmatch import fnmatchcase
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
 
 try:
     import fcntl
@@ -186,6 +199,53 @@ SESSION_MESSAGE_MARKERS = tuple(
     m.encode() for m in (*SESSION_USER_MARKERS, '"type":"assistant"', '"type": "assistant"')
 )
 SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
+
+# Web: limits that keep one slow or hostile client from starving the server; RFC 6455 values.
+WEB_DEFAULT_HOST = "127.0.0.1"
+WEB_DEFAULT_PORT = 8888
+WEB_TOKEN_BYTES = 32
+WEB_TOKEN_FILE = "web.json"  # in .orchestra/, mode 0600
+WEB_COOKIE_PREFIX = "orchestra_token_"  # + the port the browser sees: cookies are shared across ports
+WEB_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+WEB_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+WEB_HOST_SYNTAX = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")  # a Host header value
+WEB_MAX_REQUEST_LINE = 8192  # bytes; longer is 414
+WEB_MAX_HEADER_BYTES = 16384  # all header lines together; more is 431
+WEB_MAX_BODY = 256 * 1024  # bytes of a POST body; more is 413
+WEB_MAX_TASKS = 32  # tasks in one POST /api/spawn
+WEB_MAX_CONNECTIONS = 128  # open at once; at the cap the oldest one still sending a request is dropped
+WEB_LISTEN_BACKLOG = 128
+WEB_HEADER_DEADLINE = 10.0  # seconds a connection has to send a whole request (slowloris)
+WEB_READ_TIMEOUT = 30.0  # seconds one read may block
+WEB_SERVE_POLL = 0.1  # seconds between the accept loop's checks of request deadlines
+WEB_STATUS_POLL = 0.1  # seconds between looks at state.json for changes
+WEB_REFRESH_INTERVAL = 1.0  # seconds between rebuilds even when state.json is unchanged (liveness)
+WEB_REVIVE_INTERVAL = 10.0  # seconds between checks that a supervisor runs while agents need one
+WEB_JOIN_POLL = 0.5  # seconds; how often `orchestra web` wakes to notice Ctrl-C
+WEB_LOG_TAIL_DEFAULT, WEB_LOG_TAIL_MAX = 200, 5000  # lines of GET /api/agents/ID/log
+WEB_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
+WEB_TAIL_MAX_BYTES = 4 * 1024 * 1024  # never read more than this to find the last lines
+WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
+WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
+# Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
+WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
+WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+WS_VERSION = "13"
+WS_SUBPROTOCOL = "orchestra"
+WS_TOKEN_PREFIX = "token."  # a subprotocol that carries the token: browsers cannot set WebSocket headers
+WS_OP_CONTINUATION, WS_OP_TEXT, WS_OP_BINARY = 0x0, 0x1, 0x2
+WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG = 0x8, 0x9, 0xA
+WS_OPCODES = (WS_OP_CONTINUATION, WS_OP_TEXT, WS_OP_BINARY, WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG)
+WS_CLOSE_NORMAL, WS_CLOSE_PROTOCOL, WS_CLOSE_BAD_DATA, WS_CLOSE_TOO_BIG = 1000, 1002, 1007, 1009
+WS_SENDABLE_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
+WS_MAX_CONTROL = 125  # bytes of a control frame's payload
+WS_MAX_MESSAGE = 64 * 1024  # bytes of a message from a client; the dashboard sends none
+WS_PING_INTERVAL = 30.0  # seconds between pings
+WS_PONG_TIMEOUT = 10.0  # seconds past a ping after which a silent client is dropped
+WS_QUEUE_LIMIT = 32  # messages waiting for a slow reader; one more and it is closed
+WS_CLOSE_LINGER = 1.0  # seconds to read what a client still sends after our close frame
+WS_DRAIN_CHUNK = 64 * 1024  # bytes per read while lingering
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 CONTROL_CHARS = re.compile(
@@ -1705,6 +1765,8 @@ def prepare_agents(project, records):
     copies = files_to_copy(project, include_patterns(project))
     project.worktree_root.mkdir(parents=True, exist_ok=True)
     register_lock = threading.Lock()  # serialises `git worktree add` (see prepare_worktree)
+    from concurrent.futures import ThreadPoolExecutor  # here: only spawn needs it, 4 ms at every start
+
     with ThreadPoolExecutor(max_workers=min(WORKTREE_THREADS, len(records))) as pool:
         errors = list(pool.map(lambda r: prepare_worktree(project, r, copies, register_lock), records))
 
@@ -2927,6 +2989,21 @@ def resume_session(wanted, print_only, env):
 # --- the subcommand ------------------------------------------------------------------
 
 
+def session_listing(env, now, hours, project=None, limit=SESSION_DEFAULT_LIMIT):
+    """The recent sessions in the store `env` names (an empty listing when there is no store)."""
+    projects_dir = claude_projects_dir(env)
+    if not projects_dir.is_dir():
+        return Listing([], 0, 0, 0, False)
+    return list_sessions(projects_dir, now, hours, project, limit, CountCache.load(env))
+
+
+def sessions_document(env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None):
+    """What `orchestra sessions --json` prints, for the web API."""
+    now = time.time() if now is None else now
+    listing = session_listing(env, now, hours, None, limit)
+    return listing_json(listing, claude_projects_dir(env), now, hours, None)
+
+
 # ======================================================================================
 # Results and cleanup
 # --------------------------------------------------------------------------------------
@@ -3291,6 +3368,989 @@ def list_archives(repo):
 
 
 # ======================================================================================
+# WebSocket
+# --------------------------------------------------------------------------------------
+# RFC 6455 by hand: the opening handshake as a pure function of the request headers,
+# frames packed with struct, and one server-side connection that reads frames on its own
+# thread and sends whole frames through a bounded queue.
+# ======================================================================================
+
+
+class HTTPRefusal(Exception):
+    """A request answered with an HTTP error status and `{"error": message}`."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class WebSocketClose(Exception):
+    """The connection must close with this status code (RFC 6455 section 7.4)."""
+
+    def __init__(self, code, reason=""):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def header_items(headers, name):
+    """The comma-separated items of every `name` header, stripped."""
+    values = headers.get_all(name) if hasattr(headers, "get_all") else [headers.get(name)]
+    return [item.strip() for value in values or () if value for item in value.split(",") if item.strip()]
+
+
+def websocket_accept(headers):
+    """The response headers that accept an opening handshake (RFC 6455 section 4.2.2).
+
+    Raises HTTPRefusal: 400 for a malformed request, 426 naming version 13 for another version.
+    """
+    if "websocket" not in [t.lower() for t in header_items(headers, "Upgrade")] or "upgrade" not in [
+        t.lower() for t in header_items(headers, "Connection")
+    ]:
+        raise HTTPRefusal(400, "a WebSocket handshake needs 'Upgrade: websocket' and 'Connection: Upgrade'")
+    if header_items(headers, "Sec-WebSocket-Version") != [WS_VERSION]:
+        raise HTTPRefusal(
+            426, "only WebSocket version 13 is spoken here", {"Sec-WebSocket-Version": WS_VERSION}
+        )
+    key = (headers.get("Sec-WebSocket-Key") or "").strip()
+    try:
+        nonce = base64.b64decode(key, validate=True)
+    except ValueError:
+        nonce = b""
+    if len(nonce) != 16:
+        raise HTTPRefusal(400, "Sec-WebSocket-Key must be 16 random bytes in base64")
+    accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
+    response = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Accept": accept}
+    if WS_SUBPROTOCOL in header_items(headers, "Sec-WebSocket-Protocol"):
+        response["Sec-WebSocket-Protocol"] = WS_SUBPROTOCOL  # never echo the token item
+    return response
+
+
+def apply_mask(data, key):
+    """XOR data with the 4-byte masking key repeated (section 5.3), as one big-integer XOR."""
+    length = len(data)
+    if not length:
+        return b""
+    pad = (key * (length // 4 + 1))[:length]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(pad, "big")).to_bytes(length, "big")
+
+
+def encode_frame(opcode, payload=b"", fin=True):
+    """One unmasked server frame (section 5.2)."""
+    first, length = (0x80 if fin else 0) | opcode, len(payload)
+    if length < 126:
+        return struct.pack("!BB", first, length) + payload
+    if length < 1 << 16:
+        return struct.pack("!BBH", first, 126, length) + payload
+    return struct.pack("!BBQ", first, 127, length) + payload
+
+
+def read_exactly(rfile, count):
+    """`count` bytes from the stream; EOFError when the peer hangs up first."""
+    data = rfile.read(count) if count else b""
+    if len(data) < count:
+        raise EOFError("the client closed the connection")
+    return data
+
+
+def read_frame(rfile, room):
+    """(fin, opcode, payload) of one client frame; data frames may carry at most `room` bytes.
+
+    Checks everything before the payload is read, so an over-size frame is refused unread.
+    """
+    first, second = read_exactly(rfile, 2)
+    fin, opcode, length = first >> 7, first & 0x0F, second & 0x7F
+    if first & 0x70:
+        raise WebSocketClose(WS_CLOSE_PROTOCOL, "reserved bits are set")
+    if opcode not in WS_OPCODES:
+        raise WebSocketClose(WS_CLOSE_PROTOCOL, f"opcode {opcode} is reserved")
+    if opcode >= WS_OP_CLOSE and (not fin or length > WS_MAX_CONTROL):
+        raise WebSocketClose(WS_CLOSE_PROTOCOL, "control frames are short and never fragmented")
+    if not second & 0x80:
+        raise WebSocketClose(WS_CLOSE_PROTOCOL, "client frames must be masked")
+    if length == 126:
+        (length,) = struct.unpack("!H", read_exactly(rfile, 2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", read_exactly(rfile, 8))
+        if length >> 63:
+            raise WebSocketClose(WS_CLOSE_PROTOCOL, "the most significant length bit must be 0")
+    if opcode < WS_OP_CLOSE and length > room:
+        raise WebSocketClose(WS_CLOSE_TOO_BIG, f"messages are limited to {WS_MAX_MESSAGE} bytes")
+    key = read_exactly(rfile, 4)
+    return bool(fin), opcode, apply_mask(read_exactly(rfile, length), key)
+
+
+def close_code(payload):
+    """The status code of a client's close frame, checked (section 7.4); 1000 when it has none."""
+    if not payload:
+        return WS_CLOSE_NORMAL
+    (code,) = struct.unpack("!H", payload[:2]) if len(payload) > 1 else (None,)
+    if code not in WS_SENDABLE_CLOSE_CODES:
+        raise WebSocketClose(WS_CLOSE_PROTOCOL, "invalid close frame")
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketClose(WS_CLOSE_BAD_DATA, "the close reason is not UTF-8") from None
+    return code
+
+
+def check_utf8(data):
+    """Raise close code 1007 unless data is UTF-8 (section 8.1)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketClose(WS_CLOSE_BAD_DATA, "text messages must be UTF-8") from None
+
+
+def drop_socket(sock):
+    """Shut a connection both ways so a thread blocked reading or writing it returns at once."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's, also under TLS
+
+
+class WebSocket:
+    """One accepted WebSocket. Frames are read on the caller's thread; messages go out from a
+    bounded queue drained by a writer thread, so a client that stops reading is dropped instead
+    of slowing anyone else."""
+
+    def __init__(self, sock, rfile, wfile, ping_interval=WS_PING_INTERVAL, pong_timeout=WS_PONG_TIMEOUT,
+                 queue_limit=WS_QUEUE_LIMIT):  # fmt: skip
+        self.sock, self.rfile, self.wfile = sock, rfile, wfile
+        self.ping_interval = ping_interval
+        self.outbox = queue.Queue(queue_limit)
+        self.closed = threading.Event()
+        self.write_lock = threading.Lock()  # guards wfile and close_sent: whole frames, none after close
+        self.close_sent = False
+        sock.settimeout(ping_interval + pong_timeout)  # a live client answers every ping within this
+
+    def send(self, message):
+        """Queue a text message (bytes of UTF-8); a client too far behind is dropped."""
+        try:
+            self.outbox.put_nowait(message)
+        except queue.Full:
+            self.abort()
+
+    def serve(self):
+        """Answer the client until it closes, breaks the protocol or goes silent."""
+        writer = threading.Thread(target=self.write_loop, name="orchestra-ws-writer", daemon=True)
+        writer.start()
+        try:
+            code, reason = self.read_loop(), ""
+        except WebSocketClose as e:
+            code, reason = e.code, e.reason
+        except (OSError, EOFError, ValueError):
+            code, reason = None, ""  # gone, silent past its pong, or shut down by the server
+        self.finish(code, reason)
+        writer.join()
+
+    def read_loop(self):
+        """Read frames, answer pings and check messages; the client's close code when it closes."""
+        parts, kind = [], None
+        while True:
+            fin, opcode, payload = read_frame(self.rfile, WS_MAX_MESSAGE - sum(map(len, parts)))
+            if opcode == WS_OP_CLOSE:
+                return close_code(payload)
+            if opcode == WS_OP_PING:
+                self.write(WS_OP_PONG, payload)
+            elif opcode != WS_OP_PONG:
+                if (opcode == WS_OP_CONTINUATION) != (kind is not None):
+                    raise WebSocketClose(WS_CLOSE_PROTOCOL, "fragments out of order")
+                kind = kind or opcode
+                parts.append(payload)
+                if fin:
+                    if kind == WS_OP_TEXT:
+                        check_utf8(b"".join(parts))
+                    parts, kind = [], None  # clients have nothing to say yet; messages are ignored
+
+    def write_loop(self):
+        """Send queued messages, and a ping every ping_interval, until the connection ends."""
+        next_ping = time.monotonic() + self.ping_interval
+        while not self.closed.is_set():
+            try:
+                message = self.outbox.get(timeout=max(0.0, next_ping - time.monotonic()))
+            except queue.Empty:
+                message, next_ping = b"", next_ping + self.ping_interval
+            try:
+                if message is None or self.closed.is_set():
+                    return
+                if message:
+                    self.write(WS_OP_TEXT, message)
+                else:
+                    self.write(WS_OP_PING, b"")
+            except OSError:
+                return self.abort()
+
+    def write(self, opcode, payload, wait=-1):
+        """Send one whole frame (given up after `wait` seconds for the lock); nothing after the close."""
+        if not self.write_lock.acquire(timeout=wait):
+            return
+        try:
+            if not self.close_sent:
+                self.wfile.write(encode_frame(opcode, payload))
+                self.close_sent = opcode == WS_OP_CLOSE
+        finally:
+            self.write_lock.release()
+
+    def finish(self, code, reason):
+        """Send our close frame, then read what the client still sends for a moment and hang up."""
+        self.closed.set()
+        with contextlib.suppress(queue.Full):
+            self.outbox.put_nowait(None)  # wakes the writer
+        try:
+            if code:  # the lock may be held by a writer stuck on a client that stopped reading
+                close = struct.pack("!H", code) + reason.encode("utf-8")[: WS_MAX_CONTROL - 2]
+                self.write(WS_OP_CLOSE, close, wait=WS_CLOSE_LINGER)
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+            deadline = time.monotonic() + WS_CLOSE_LINGER  # unread bytes would make close() send a reset
+            self.sock.settimeout(WS_CLOSE_LINGER)
+            while time.monotonic() < deadline and self.sock.recv(WS_DRAIN_CHUNK):
+                pass
+        except OSError:
+            pass
+        self.abort()
+
+    def abort(self):
+        """End the connection at once: both directions of the socket shut."""
+        self.closed.set()
+        drop_socket(self.sock)
+
+
+# ======================================================================================
+# HTTP server
+# --------------------------------------------------------------------------------------
+# `orchestra web`: the JSON API, /ws/status and the dashboard. A Gate refuses requests
+# before any route sees them; routes call the Operations section and return
+# (status, document); the StatusHub turns changes of state.json into WebSocket messages.
+# ======================================================================================
+
+
+def web_token(folder, rotate=False):
+    """The access token kept in web.json (mode 0600): reused, or made anew on first use or rotation."""
+    path = folder / WEB_TOKEN_FILE
+    if not rotate:
+        try:
+            token = json.loads(path.read_text(encoding="utf-8"))["token"]
+            if isinstance(token, str) and len(token) >= WEB_TOKEN_BYTES:
+                os.chmod(str(path), 0o600)
+                return token
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # missing or damaged: a new token replaces it
+    token = secrets.token_urlsafe(WEB_TOKEN_BYTES)
+    write_atomic(path, json.dumps({"token": token, "created_at": utc_iso()}, indent=2) + "\n")
+    os.chmod(str(path), 0o600)
+    return token
+
+
+def host_name(host):
+    """The lowercase name or address in a Host header value ('[::1]:80' -> '::1'); '' if malformed."""
+    if not host or not WEB_HOST_SYNTAX.fullmatch(host):
+        return ""
+    return (urlsplit(f"//{host}").hostname or "").rstrip(".")
+
+
+def allowed_hosts(bound, extra=()):
+    """Host names requests may carry: loopback, the bound address, this machine's name, --allow-host."""
+    names = {*WEB_LOOPBACK_HOSTS, socket.gethostname().lower(), *(host_name(h) for h in extra)}
+    if bound not in WEB_WILDCARD_HOSTS:
+        names.add(host_name(bound if ":" not in bound else f"[{bound}]"))
+    return frozenset(n for n in names if n)
+
+
+def cookie_name(host, scheme):
+    """The token cookie's name for the port the browser sees in `host`."""
+    try:
+        port = urlsplit(f"//{host}").port
+    except ValueError:
+        port = None
+    return f"{WEB_COOKIE_PREFIX}{port or (443 if scheme == 'https' else 80)}"
+
+
+def cookie_value(header, name):
+    """The value of one cookie in a Cookie header, or None."""
+    for part in (header or "").split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value
+    return None
+
+
+class Gate:
+    """Who may reach a route: the Host allow-list, the served origin and the access token."""
+
+    def __init__(self, token, hosts, scheme="http"):
+        self.token = token.encode("ascii")
+        self.hosts = frozenset(hosts)
+        self.scheme = scheme
+
+    def check(self, method, path, headers):
+        """Raise HTTPRefusal (403, 401 or 415) unless the request may reach a route."""
+        host = self.single(headers, "Host")
+        if host_name(host) not in self.hosts:
+            raise HTTPRefusal(
+                403, f"Host '{host}' is not served here; start orchestra web with --allow-host NAME"
+            )
+        origin = self.single(headers, "Origin")
+        if origin is not None and origin.lower() != f"{self.scheme}://{host}".lower():
+            raise HTTPRefusal(403, "cross-site requests are refused")
+        if not path.startswith(("/api/", "/ws/")):
+            return
+        token, carrier = self.presented(path, headers, host)
+        if token is None or not hmac.compare_digest(token, self.token):
+            raise HTTPRefusal(401, "missing or wrong token; open the link 'orchestra web' printed",
+                              {"WWW-Authenticate": "Bearer"})  # fmt: skip
+        if carrier == "cookie" and (origin is None or method != "GET"):
+            raise HTTPRefusal(401, "send the token in the Authorization header; a cookie alone is not enough")
+        content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if method == "POST" and content_type != "application/json":
+            raise HTTPRefusal(415, "POST bodies must be JSON (Content-Type: application/json)")
+
+    @staticmethod
+    def single(headers, name):
+        """A header that may appear once; None when absent."""
+        values = headers.get_all(name) or []
+        if len(values) > 1:
+            raise HTTPRefusal(400, f"more than one {name} header")
+        return values[0] if values else None
+
+    def presented(self, path, headers, host):
+        """(token bytes, 'header' or 'cookie') as the request carries it; (None, None) without one."""
+        kind, _, value = (headers.get("Authorization") or "").partition(" ")
+        if kind.lower() == "bearer":
+            return value.strip().encode("utf-8", "surrogatepass"), "header"
+        if path.startswith("/ws/"):
+            for item in header_items(headers, "Sec-WebSocket-Protocol"):
+                if item.startswith(WS_TOKEN_PREFIX):
+                    return item[len(WS_TOKEN_PREFIX) :].encode("utf-8", "surrogatepass"), "header"
+        cookie = cookie_value(headers.get("Cookie"), cookie_name(host, self.scheme))
+        return (cookie.encode("utf-8", "surrogatepass"), "cookie") if cookie else (None, None)
+
+
+class HeaderBudget:
+    """The request stream as header parsing sees it: past WEB_MAX_HEADER_BYTES it is a 431."""
+
+    def __init__(self, rfile, budget=WEB_MAX_HEADER_BYTES):
+        self.rfile, self.budget = rfile, budget
+
+    def readline(self, limit=-1):
+        """One header line, counted against the budget."""
+        line = self.rfile.readline(self.budget + 1 if limit < 0 else min(limit, self.budget + 1))
+        self.budget -= len(line)
+        if self.budget < 0:
+            raise http.client.LineTooLong("header block")  # parse_request answers 431
+        return line
+
+
+def status_changes(old, new):
+    """The WebSocket update that turns status document `old` into `new`; None when nothing changed."""
+    before = {a["id"]: a for a in old["agents"]}
+    changed = [a for a in new["agents"] if before.get(a["id"]) != a]
+    removed = sorted(set(before) - {a["id"] for a in new["agents"]})
+    if not changed and not removed and old["supervisor"] == new["supervisor"]:
+        return None
+    return {"type": "update", "agents": changed, "removed": removed, "supervisor": new["supervisor"]}
+
+
+def current_status(project):
+    """(state, status document) as `status --json` would print them now."""
+    state = project.store.load()
+    return state, status_document(project, state, select_agents(state["agents"], []))
+
+
+class StatusHub:
+    """Follows state.json and tells every WebSocket client: a snapshot, then each change."""
+
+    def __init__(self, project, log, revive=True):
+        self.project, self.log, self.revive = project, log, revive
+        # guards clients and document, so that no change falls between a snapshot and the updates
+        self.lock = threading.Lock()
+        self.clients = set()
+        self.document = None
+        self.seen = None  # state.json's (inode, size, mtime) when last read
+        self.next_refresh = self.next_revive = 0.0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="orchestra-web-status", daemon=True)
+
+    def subscribe(self, ws):
+        """Send a client the whole status, then every change after it."""
+        with self.lock:
+            if self.document is None:
+                self.document = current_status(self.project)[1]
+            ws.send(json.dumps({"type": "snapshot", "status": self.document}).encode("utf-8"))
+            self.clients.add(ws)
+
+    def unsubscribe(self, ws):
+        """Forget a client that has gone."""
+        with self.lock:
+            self.clients.discard(ws)
+
+    def run(self):
+        """Poll state.json until stopped; a failure is logged and the next poll tries again."""
+        while not self.stopping.wait(WEB_STATUS_POLL):
+            try:
+                self.poll()
+            except Exception:
+                self.log(f"status update failed:\n{traceback.format_exc()}")
+
+    def poll(self):
+        """Rebuild the status when state.json changed (or a second passed) and send the changes."""
+        try:
+            info = os.stat(str(self.project.store.path))
+            seen = (info.st_ino, info.st_size, info.st_mtime_ns)
+        except FileNotFoundError:
+            seen = None
+        now = time.monotonic()
+        if seen == self.seen and now < self.next_refresh:
+            return
+        self.seen, self.next_refresh = seen, now + WEB_REFRESH_INTERVAL
+        state, document = current_status(self.project)
+        with self.lock:
+            change = status_changes(self.document, document) if self.document else None
+            self.document = document
+            if change:
+                message = json.dumps(change).encode("utf-8")
+                for ws in self.clients:
+                    ws.send(message)
+        if self.revive and now >= self.next_revive:
+            self.next_revive = now + WEB_REVIVE_INTERVAL
+            pid = ensure_supervisor(self.project, state)
+            if pid:
+                self.log(f"the supervisor was not running; restarted it (pid {pid})")
+
+    def stop(self):
+        """End the polling thread and every client's connection."""
+        self.stopping.set()
+        with self.lock:
+            clients = list(self.clients)
+        for ws in clients:
+            ws.abort()
+
+
+def dashboard_candidates():
+    """Where the dashboard may be: beside orchestra.py, then where pip installed it (or --user)."""
+    installed = [
+        Path(prefix).joinpath(*WEB_INSTALLED_DASHBOARD) for prefix in (sys.prefix, site.getuserbase())
+    ]
+    return [Path(__file__).resolve().parent / "static" / "dashboard.html", *installed]
+
+
+def inline_hashes(html, tag):
+    """CSP source expressions for the page's inline <script> or <style> blocks."""
+    bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", re.sub(r"<!--.*?-->", "", html, flags=re.S), re.S)
+    return " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode("ascii") + "'"
+        for b in bodies
+    )
+
+
+def page_policy(html, host, scheme):
+    """The dashboard's Content-Security-Policy: its own inline code by hash, nothing else."""
+    ws, none = ("wss" if scheme == "https" else "ws"), "'none'"
+    return (
+        f"default-src 'none'; script-src {inline_hashes(html, 'script') or none}; "
+        f"style-src {inline_hashes(html, 'style') or none}; "
+        f"connect-src 'self' {ws}://{host}; img-src 'self' data:; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+def log_tail(path, count, block=WEB_TAIL_BLOCK, limit=WEB_TAIL_MAX_BYTES):
+    """The last `count` complete lines of a file, read backwards from its end (at most `limit` bytes)."""
+    chunks, newlines = [], 0
+    with open(path, "rb") as f:
+        end = pos = f.seek(0, os.SEEK_END)
+        while pos > 0 and newlines <= count and end - pos < limit:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            chunks.insert(0, f.read(step))
+            newlines += chunks[0].count(b"\n")
+    data = b"".join(chunks)
+    data = data[: data.rfind(b"\n") + 1]  # an unfinished last line is not shown yet
+    if pos > 0:
+        data = data[data.find(b"\n") + 1 :]  # the first line read is most likely cut
+    return b"".join(data.splitlines(keepends=True)[-count:]) if count else b""
+
+
+def readable_tail(path, count):
+    """The last `count` readable lines of an agent's log; some log lines render as none, some as many."""
+    wanted = count
+    while True:
+        chunk = log_tail(path, wanted)
+        lines = [strip_control(line) for line in readable_lines(chunk, raw=False)]
+        if len(lines) >= count or chunk.count(b"\n") < wanted:  # enough, or nothing more to read
+            return lines[-count:]
+        wanted *= 4
+
+
+def agent_diff(project, record):
+    """Diffstat and patch of an agent's work against its base commit; the patch is size-capped."""
+    worktree, base = Path(record["worktree"] or ""), record["base_commit"]
+    if base and record["worktree"] and worktree.is_dir():
+        cwd, target = worktree, []  # the working tree: commits and uncommitted changes alike
+    elif base and branch_exists(project.repo, record["branch"]):
+        cwd, target = project.repo, [record["branch"]]
+    else:
+        raise OrchestraError(f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE)
+    diff = ["diff", "--no-color", "--no-ext-diff", base, *target]
+    stat = run_git([*diff[:3], "--stat", *diff[3:], "--"], cwd).stdout
+    patch = run_git([*diff, "--"], cwd).stdout
+    untracked = (
+        run_git(["ls-files", "--others", "--exclude-standard"], cwd).stdout.splitlines() if not target else []
+    )
+    return {"id": record["id"], "base_commit": base, "stat": stat, "patch": patch[:WEB_MAX_DIFF],
+            "truncated": len(patch) > WEB_MAX_DIFF, "untracked": untracked}  # fmt: skip
+
+
+def query_int(query, name, default, low, high):
+    """An integer query parameter within [low, high]."""
+    raw = query.get(name, [str(default)])[-1]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise HTTPRefusal(400, f"'{name}' must be a whole number from {low} to {high}")
+    return value
+
+
+def body_fields(body, kinds):
+    """The body's fields, checked against {name: (type, required)}; unknown fields are refused."""
+    unknown = sorted(set(body) - set(kinds))
+    if unknown:
+        raise HTTPRefusal(400, f"unknown field '{unknown[0]}'; known: {', '.join(kinds)}")
+    for name, (kind, required) in kinds.items():
+        value = body.get(name)
+        if (value is None and required) or (value is not None and (type(value) is not kind)):
+            raise HTTPRefusal(
+                400, f"'{name}' must be {kind.__name__} ({'required' if required else 'optional'})"
+            )
+    return [body.get(name) for name in kinds]
+
+
+ROUTES = [(method, re.compile(pattern), name) for method, pattern, name in (
+    ("GET", r"/", "route_page"),
+    ("GET", r"/api/status", "route_status"),
+    ("GET", r"/api/sessions", "route_sessions"),
+    ("GET", r"/api/worktrees", "route_worktrees"),
+    ("POST", r"/api/spawn", "route_spawn"),
+    ("POST", r"/api/cleanup", "route_cleanup"),
+    ("GET", r"/api/agents/(?P<id>[^/]+)", "route_agent"),
+    ("GET", r"/api/agents/(?P<id>[^/]+)/log", "route_log"),
+    ("GET", r"/api/agents/(?P<id>[^/]+)/diff", "route_diff"),
+    ("POST", r"/api/agents/(?P<id>[^/]+)/(?P<action>pause|resume|stop)", "route_signal"),
+    ("GET", r"/ws/status", "route_websocket"),
+)]  # fmt: skip
+AGENT_ACTIONS = {"pause": pause_agents, "resume": resume_agents, "stop": stop_agents}
+
+
+def find_route(method, path):
+    """(route method name, path parameters); 404 for an unknown path, 405 for another method."""
+    allowed = []
+    for route_method, pattern, name in ROUTES:
+        match = pattern.fullmatch(path)
+        if match and route_method == method:
+            return name, {k: unquote(v) for k, v in match.groupdict().items()}
+        if match:
+            allowed.append(route_method)
+    if allowed:
+        raise HTTPRefusal(405, f"{path} answers {', '.join(allowed)} only", {"Allow": ", ".join(allowed)})
+    raise HTTPRefusal(404, f"nothing at {path}")
+
+
+class WebHandler(BaseHTTPRequestHandler):
+    """One connection: read a request within limits, pass the Gate, then run one route."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, and the WebSocket's 101 needs it
+    server_version = f"orchestra/{__version__}"
+    sys_version = ""
+    timeout = WEB_READ_TIMEOUT  # per read; the server's deadline bounds the whole request
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
+
+    def version_string(self):
+        """The Server header: orchestra and its version, not Python's."""
+        return self.server_version
+
+    def handle_one_request(self):
+        """Read one request line and its headers within the limits, then answer it."""
+        self.server.track(self.connection, reading=True)
+        self.command, self.path, self.request_version = "", "", ""  # for the log if the line is bad
+        self.raw_requestline = self.read_or_nothing(lambda: self.rfile.readline(WEB_MAX_REQUEST_LINE + 1))
+        if len(self.raw_requestline) > WEB_MAX_REQUEST_LINE:
+            return self.send_error(414, f"the request line is over {WEB_MAX_REQUEST_LINE} bytes")
+        if not self.raw_requestline or not self.read_or_nothing(self.parse_request):
+            self.close_connection = True
+            return
+        if self.request_version == "HTTP/0.9":
+            return self.send_error(400, "HTTP/0.9 is not spoken here")
+        handler = getattr(self, f"do_{self.command}", None)
+        if handler is None:
+            return self.send_error(405, f"{self.command} is not supported here; use GET or POST")
+        handler()
+
+    def read_or_nothing(self, read):
+        """What `read` returns; b'' when the connection broke, timed out or passed its deadline."""
+        try:
+            return read()
+        except OSError:
+            return b""
+
+    def parse_request(self):
+        """The stdlib parser, with the header block limited to WEB_MAX_HEADER_BYTES."""
+        real, self.rfile = self.rfile, HeaderBudget(self.rfile)
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = real
+
+    def handle_expect_100(self):
+        """Invite a request body (Expect: 100-continue) only when the Gate lets the request through."""
+        try:
+            self.server.gate.check(self.command, self.path.partition("?")[0], self.headers)
+        except HTTPRefusal as e:
+            self.answer(e.status, {"error": str(e)}, e.headers)
+            return False
+        return super().handle_expect_100()
+
+    def do_GET(self):
+        """GET: a route of the table."""
+        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0") != "0":
+            self.close_connection = True  # a body nobody reads must not be taken for the next request
+        self.dispatch()
+
+    def do_POST(self):
+        """POST: a route of the table."""
+        self.dispatch()
+
+    def dispatch(self):
+        """Gate, route, run; every failure becomes a JSON error answer, never a traceback."""
+        path, _, query = self.path.partition("?")
+        try:
+            self.server.gate.check(self.command, path, self.headers)
+            name, params = find_route(self.command, path)
+            body = self.read_json() if self.command == "POST" else None
+            self.server.track(self.connection, reading=False)
+            answer = getattr(self, name)(params, parse_qs(query), body)
+        except HTTPRefusal as e:
+            answer = (e.status, {"error": str(e)}, e.headers)
+        except OrchestraError as e:
+            answer = (409 if e.status == EXIT_FAILURE else 400, {"error": str(e)})
+        except Exception:
+            self.server.log(f"{self.command} {path} failed:\n{traceback.format_exc()}")
+            answer = (500, {"error": WEB_INTERNAL_ERROR})
+        if answer:
+            self.answer(*answer)
+
+    def read_json(self):
+        """The request body as a JSON object, within WEB_MAX_BODY."""
+        if self.headers.get("Transfer-Encoding"):
+            raise HTTPRefusal(411, "send the body with a Content-Length, not chunked")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise HTTPRefusal(411, "a POST needs a Content-Length")
+        if not length.strip().isdigit():
+            raise HTTPRefusal(400, "Content-Length must be a number")
+        if int(length) > WEB_MAX_BODY:
+            raise HTTPRefusal(413, f"the body is over {WEB_MAX_BODY} bytes")
+        data = self.rfile.read(int(length)) or b"{}"  # no body at all means no fields
+        try:
+            body = json.loads(data.decode("utf-8"))
+        except ValueError:
+            raise HTTPRefusal(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPRefusal(400, "the body must be a JSON object")
+        return body
+
+    def answer(self, status, document, headers=None):
+        """Send a JSON document; errors also close the connection (their body may be unread)."""
+        data = json.dumps(document, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_common_headers(
+            "application/json", len(data), {**(headers or {}), "Cache-Control": "no-store"}
+        )
+        if status >= 400:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_common_headers(self, content_type, length, extra):
+        """Headers every answer but the 101 carries."""
+        for name, value in {"Content-Type": content_type, "Content-Length": str(length),
+                            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                            "X-Frame-Options": "DENY", **extra}.items():  # fmt: skip
+            self.send_header(name, value)
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's errors (bad request line, 431...) as JSON like every other answer."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = self.protocol_version  # never answer without a status line
+        self.answer(code, {"error": message or self.responses.get(code, ("error",))[0]})
+
+    def log_request(self, code="-", size="-"):
+        """One access-log line, without the query string: it is the user's business."""
+        path = strip_control(self.path.partition("?")[0])
+        self.log_message('"%s %s" %s', self.command or "-", path or "-", code)
+
+    def log_message(self, fmt, *args):
+        """Access and error lines go to the server's log."""
+        self.server.log(f"{self.address_string()} - [{self.log_date_time_string()}] {fmt % args}")
+
+    def agent(self, params):
+        """The record a path names, by id or unique prefix; 404 when none matches."""
+        records = self.server.project.records()
+        if not any(i.startswith(params["id"]) for i in records):
+            raise HTTPRefusal(404, f"no agent '{params['id']}'")
+        return select_agents(records, [params["id"]])[0]
+
+    def route_page(self, params, query, body):
+        """The dashboard, with a CSP allowing exactly its inline code; where to put it when missing."""
+        for path in dashboard_candidates():
+            if path.is_file():
+                html = path.read_text(encoding="utf-8")
+                return self.send_page(200, html, page_policy(html, self.headers["Host"], self.server.scheme))
+        places = " or ".join(str(p) for p in dashboard_candidates())
+        text = f"The dashboard file is missing. Put dashboard.html at {places}.\nThe API (/api/status) and /ws/status work without it.\n"
+        return self.send_page(404, text, "default-src 'none'", "text/plain; charset=utf-8")
+
+    def send_page(self, status, text, policy, content_type="text/html; charset=utf-8"):
+        """Send a page with its Content-Security-Policy."""
+        data = text.encode("utf-8")
+        self.send_response(status)
+        self.send_common_headers(
+            content_type, len(data), {"Content-Security-Policy": policy, "Cache-Control": "no-cache"}
+        )
+        self.end_headers()
+        self.wfile.write(data)
+
+    def route_status(self, params, query, body):
+        """GET /api/status: what `status --json` prints."""
+        return 200, current_status(self.server.project)[1]
+
+    def route_sessions(self, params, query, body):
+        """GET /api/sessions?hours=N&limit=N: the user's recent Claude Code sessions."""
+        hours = query_int(query, "hours", WEB_SESSION_HOURS, 1, 24 * 365)
+        limit = query_int(query, "limit", WEB_SESSION_LIMIT, 1, WEB_SESSION_LIMIT_MAX)
+        return 200, sessions_document(self.server.env, hours=hours, limit=limit)
+
+    def route_worktrees(self, params, query, body):
+        """GET /api/worktrees: what `worktrees --json` prints."""
+        return 200, {"worktrees": worktree_rows(self.server.project, self.server.project.records())}
+
+    def route_spawn(self, params, query, body):
+        """POST /api/spawn {"tasks": [...], "parallel"?, "model"?, "name"?, "base"?}: the CLI's spawn."""
+        tasks, parallel, model, name, base = body_fields(
+            body, {"tasks": (list, True), "parallel": (int, False), "model": (str, False),
+                   "name": (str, False), "base": (str, False)})  # fmt: skip
+        if not tasks or len(tasks) > WEB_MAX_TASKS or not all(isinstance(t, str) for t in tasks):
+            raise HTTPRefusal(400, f"'tasks' must be a list of 1 to {WEB_MAX_TASKS} strings")
+        records = spawn_agents(self.server.project_for(model), tasks, parallel=parallel, name=name, base=base)
+        return 201, {"agents": [public_record(r) for r in records]}
+
+    def route_cleanup(self, params, query, body):
+        """POST /api/cleanup {"ids"?: [...], "apply"?: true}: the plan, carried out only with apply."""
+        ids, apply = body_fields(body, {"ids": (list, False), "apply": (bool, False)})
+        if ids is not None and not all(isinstance(i, str) for i in ids):
+            raise HTTPRefusal(400, "'ids' must be a list of agent ids")
+        return 200, cleanup_agents(self.server.project, ids or None, apply=bool(apply))
+
+    def route_agent(self, params, query, body):
+        """GET /api/agents/ID: the agent's record."""
+        return 200, public_record(self.agent(params))
+
+    def route_log(self, params, query, body):
+        """GET /api/agents/ID/log?tail=N: the last N readable lines of its activity."""
+        record = self.agent(params)
+        count = query_int(query, "tail", WEB_LOG_TAIL_DEFAULT, 1, WEB_LOG_TAIL_MAX)
+        try:
+            lines = readable_tail(self.server.project.log_path(record["id"]), count)
+        except FileNotFoundError:
+            lines = []
+        return 200, {"id": record["id"], "state": record["state"], "lines": lines}
+
+    def route_diff(self, params, query, body):
+        """GET /api/agents/ID/diff: diffstat and patch against the agent's base."""
+        return 200, agent_diff(self.server.project, self.agent(params))
+
+    def route_signal(self, params, query, body):
+        """POST /api/agents/ID/pause|resume|stop: the same operation as the CLI's."""
+        body_fields(body, {})
+        outcomes = AGENT_ACTIONS[params["action"]](self.server.project, [self.agent(params)["id"]])
+        return 200, {"outcomes": [{"id": agent_id, "result": what} for agent_id, what in outcomes]}
+
+    def route_websocket(self, params, query, body):
+        """GET /ws/status: upgrade, then a status snapshot and every change until the client goes."""
+        response = websocket_accept(self.headers)
+        self.send_response(101)
+        for name, value in response.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.close_connection = True
+        ws = WebSocket(self.connection, self.rfile, self.wfile, **self.server.ws_options)
+        try:
+            self.server.hub.subscribe(ws)
+            ws.serve()
+        except Exception:
+            self.server.log(f"WebSocket failed:\n{traceback.format_exc()}")
+        finally:
+            self.server.hub.unsubscribe(ws)
+            ws.abort()
+
+
+class WebServer(ThreadingHTTPServer):
+    """`orchestra web`: one thread per connection, a connection cap and a deadline per request."""
+
+    daemon_threads = True
+    request_queue_size = WEB_LISTEN_BACKLOG
+
+    def __init__(self, project, host, port, token, hosts, tls=None, log=None, env=None, flags=None,
+                 revive=True, header_deadline=WEB_HEADER_DEADLINE, max_connections=WEB_MAX_CONNECTIONS,
+                 ws_options=None):  # fmt: skip
+        self.project, self.env, self.flags = project, env if env is not None else os.environ, flags or {}
+        self.log_stream = log
+        self.header_deadline, self.max_connections = header_deadline, max_connections
+        self.ws_options = ws_options or {}
+        self.connections = {}  # socket -> request deadline (monotonic), None once past its request
+        self.connections_lock = threading.Lock()  # guards connections
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        context = tls_context(*tls) if tls else None  # a bad certificate is refused before listening
+        try:
+            super().__init__((host, port), WebHandler)
+        except OSError as e:
+            raise OrchestraError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port "
+                                 "(0 picks a free one) or --host", EXIT_FAILURE) from None  # fmt: skip
+        self.scheme = "https" if tls else "http"
+        if context:  # the handshake happens on the connection's own thread, within its deadline
+            self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        self.gate = Gate(token, hosts, self.scheme)
+        self.hub = StatusHub(project, self.log, revive)
+        self.thread = threading.Thread(target=self.serve_forever, args=(WEB_SERVE_POLL,), name="orchestra-web", daemon=True)  # fmt: skip
+
+    def server_bind(self):
+        """Bind without HTTPServer's reverse DNS lookup of the address, which can hang offline."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def log(self, line):
+        """One line (or a traceback) to the server's log, when it has one."""
+        if self.log_stream is not None:
+            self.log_stream.write(line.rstrip("\n") + "\n")
+            self.log_stream.flush()
+
+    def verify_request(self, request, client_address):
+        """Admit a connection; at the cap, drop the oldest one still sending its request."""
+        with self.connections_lock:
+            if len(self.connections) >= self.max_connections:
+                waiting = [s for s, deadline in self.connections.items() if deadline is not None]
+                if not waiting:
+                    return False
+                oldest = min(waiting, key=self.connections.get)
+                del self.connections[oldest]
+                drop_socket(oldest)
+            self.connections[request] = time.monotonic() + self.header_deadline
+        return True
+
+    def track(self, sock, reading):
+        """Start a connection's request deadline (reading) or lift it (answering, or a WebSocket)."""
+        with self.connections_lock:
+            if sock in self.connections:
+                self.connections[sock] = time.monotonic() + self.header_deadline if reading else None
+
+    def service_actions(self):
+        """Between accepts: drop connections past their request deadline (slowloris)."""
+        now = time.monotonic()
+        with self.connections_lock:
+            late = [s for s, deadline in self.connections.items() if deadline is not None and deadline < now]
+            for sock in late:
+                del self.connections[sock]
+        for sock in late:
+            drop_socket(sock)
+
+    def process_request(self, request, client_address):
+        """Answer each connection on its own named daemon thread."""
+        threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                         name="orchestra-web-connection", daemon=True).start()  # fmt: skip
+
+    def shutdown_request(self, request):
+        """Forget a finished connection, then close it."""
+        with self.connections_lock:
+            self.connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        """A client that vanished is not news; anything else is logged with its traceback."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            self.log(f"error while serving {client_address[0]}:\n{traceback.format_exc()}")
+
+    def project_for(self, model):
+        """The project, opened again with a model flag when a spawn asks for one."""
+        if model is None:
+            return self.project
+        return Project.open(self.project.repo, self.env, {**self.flags, "model": model})
+
+    @property
+    def url(self):
+        """The dashboard's address with the token in the fragment, which browsers never send."""
+        host, port = self.server_address[:2]
+        shown = socket.gethostname() if host in WEB_WILDCARD_HOSTS else host
+        shown = f"[{shown}]" if ":" in shown else shown
+        return f"{self.scheme}://{shown}:{port}/#token={self.gate.token.decode('ascii')}"
+
+    def start(self):
+        """Serve and follow state.json on background threads."""
+        self.hub.thread.start()
+        self.thread.start()
+        return self
+
+    def stop(self):
+        """Stop accepting, end every connection and thread, and close the socket."""
+        self.shutdown()
+        self.hub.stop()
+        with self.connections_lock:
+            remaining, self.connections = list(self.connections), {}
+        for sock in remaining:
+            drop_socket(sock)
+        self.server_close()
+        self.thread.join()
+        self.hub.thread.join()
+
+
+def tls_context(cert, key):
+    """A server TLS context from --tls-cert and --tls-key."""
+    import ssl  # here, not at the top: only --tls-cert needs it, and it costs every command 6 ms
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise OrchestraError(f"cannot load --tls-cert {cert} / --tls-key {key}: {e}") from None
+    return context
+
+
+def start_web_server(project, host=WEB_DEFAULT_HOST, port=WEB_DEFAULT_PORT, allow_hosts=(), new_token=False,
+                     tls=None, log=None, env=None, flags=None, revive=True, **limits):  # fmt: skip
+    """Listen and serve on background threads; the running WebServer (stop() ends it).
+
+    `limits` tunes header_deadline, max_connections and ws_options (ping_interval,
+    pong_timeout, queue_limit) for tests.
+    """
+    token = web_token(project.dir, rotate=new_token)
+    server = WebServer(project, host, port, token, allowed_hosts(host, allow_hosts), tls=tls, log=log, env=env,
+                       flags=flags, revive=revive, **limits)  # fmt: skip
+    return server.start()
+
+
+def beyond_loopback_warning(host, hosts):
+    """The warning printed when the server is reachable from other machines; None on loopback."""
+    if host_name(host if ":" not in host else f"[{host}]") in WEB_LOOPBACK_HOSTS:
+        return None
+    return (
+        f"listening on {host or 'every address'}, reachable from other machines; anyone with the token can run "
+        f"agents here. Requests must name one of: {', '.join(sorted(hosts))} (add more with --allow-host NAME)"
+    )
+
+
+# ======================================================================================
 # Command line
 # --------------------------------------------------------------------------------------
 # One cmd_<name> per subcommand and one small parser builder each. Only this section
@@ -3611,10 +4671,8 @@ def cmd_sessions(args, env=os.environ, now=None):
     hours = None if args.all else args.hours
     project = project_filter(args.project) if args.project is not None else None
     projects_dir = claude_projects_dir(env)
-    if projects_dir.is_dir():
-        listing = list_sessions(projects_dir, now, hours, project, args.limit, CountCache.load(env))
-    else:
-        listing = Listing([], 0, 0, 0, False)
+    listing = session_listing(env, now, hours, project, args.limit)
+    if not projects_dir.is_dir():
         print_note(
             f"no Claude Code sessions yet: {projects_dir} does not exist ({CLAUDE_CONFIG_ENV} moves it)"
         )
@@ -3799,6 +4857,66 @@ def add_cleanup_parser(commands):
     p.set_defaults(func=cmd_cleanup)
 
 
+def port_number(text):
+    """argparse type: a TCP port, 0 for any free one."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number (0 to 65535)")
+    return int(text)
+
+
+def cmd_web(args):
+    """Serve the dashboard, the JSON API and live status over a WebSocket until Ctrl-C.
+
+    The first line printed is the dashboard's address with its access token; keep it private.
+    """
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise OrchestraError("--tls-cert and --tls-key go together; pass both")
+    flags = config_flags(args)
+    project = Project.open(Path.cwd(), os.environ, flags)
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    server = start_web_server(project, args.host, args.port, allow_hosts=args.allow_host, new_token=args.new_token,
+                              tls=tls, log=sys.stderr, env=os.environ, flags=flags)  # fmt: skip
+    try:
+        print(server.url, flush=True)
+        warning = beyond_loopback_warning(args.host, server.gate.hosts)
+        if warning:
+            print(f"orchestra: warning: {warning}", file=sys.stderr)
+        print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
+        if args.open:
+            import webbrowser  # here, not at the top: only --open needs it
+
+            webbrowser.open(server.url)
+        while server.thread.is_alive():
+            server.thread.join(WEB_JOIN_POLL)
+    finally:
+        server.stop()
+    return EXIT_OK
+
+
+def add_web_parser(commands):
+    """orchestra web"""
+    p = commands.add_parser("web", help="serve the dashboard, the JSON API and live status", description=cmd_web.__doc__,
+                            epilog="example: orchestra web --port 0 --open")  # fmt: skip
+    p.add_argument(
+        "--host",
+        default=WEB_DEFAULT_HOST,
+        help="address to listen on (default: %(default)s, this machine only)",
+    )
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=WEB_DEFAULT_PORT,
+        help="port (default: %(default)s; 0 picks a free one)",
+    )
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed to this host name (repeatable)")  # fmt: skip
+    p.add_argument("--open", action="store_true", help="open the dashboard in a browser")
+    p.add_argument("--new-token", action="store_true", help="make a new access token; old links stop working")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.set_defaults(func=cmd_web)
+
+
 def add_init_parser(commands):
     """orchestra init"""
     p = commands.add_parser(
@@ -3900,7 +5018,7 @@ def add_supervise_parser(commands):
 
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
                    add_logs_parser, add_worktrees_parser, add_collect_parser, add_send_parser, add_cleanup_parser,
-                   add_sessions_parser, add_supervise_parser)  # fmt: skip
+                   add_sessions_parser, add_web_parser, add_supervise_parser)  # fmt: skip
 
 
 def build_parser():

@@ -51,16 +51,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
+    # The installed `orchestra` command imports the module (bytecode cached after the first run);
+    # `python3 orchestra.py` compiles the whole file at every start.
+    installed = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ORCHESTRA.parent)!r}); import orchestra; "
+                 "sys.exit(orchestra.main(['status', '--json']))"]  # fmt: skip
+    copied = [sys.executable, str(ORCHESTRA), "status", "--json"]
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(Path(tmp))
-        status = [sys.executable, str(ORCHESTRA), "status", "--json"]
-        output = json.loads(subprocess.run(status, cwd=repo, check=True, capture_output=True).stdout)
-        assert len(output["agents"]) == RECORD_COUNT
+        for argv in (installed, copied):
+            output = json.loads(subprocess.run(argv, cwd=repo, check=True, capture_output=True).stdout)
+            assert len(output["agents"]) == RECORD_COUNT
         bare = median_seconds([sys.executable, "-c", "pass"], repo, args.runs)
-        ours = median_seconds(status, repo, args.runs)
-    print(f"python3 -c pass:                 {bare * 1000:7.1f} ms (median of {args.runs})")
-    print(f"orchestra status --json ({RECORD_COUNT} agents): {ours * 1000:7.1f} ms (median of {args.runs})")
-    print(f"ratio: {ours / bare:.2f}x (goal <= 2x)")
+        as_installed = median_seconds(installed, repo, args.runs)
+        as_file = median_seconds(copied, repo, args.runs)
+    print(f"python3 -c pass:                               {bare * 1000:7.1f} ms (median of {args.runs})")
+    print(
+        f"orchestra status --json, installed command:    {as_installed * 1000:7.1f} ms  {as_installed / bare:.2f}x"
+    )
+    print(f"python3 orchestra.py status --json (no cache): {as_file * 1000:7.1f} ms  {as_file / bare:.2f}x")
+    print(f"goal: installed command <= 2x python3 -c pass ({RECORD_COUNT} agent records)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,250 @@
+"""Load on `orchestra web`: WebSocket fan-out, API latency, memory, and slowloris.
+
+Goals (issue 5): with 50 WebSocket clients while 8 agent records change several times a second,
+p99 update latency < 250 ms; GET /api/status p50 < 5 ms; the web process's RSS < 40 MB; with
+200 slowloris sockets open, an authenticated request still answers in < 1 s.
+
+The web server runs as its own process, as a user starts it; this process plays the supervisor,
+rewriting state.json through orchestra's state store, and all the clients. Loopback only.
+Run: python3 bench/web.py [--clients 50] [--seconds 10] [--writes 5] [--slowloris 200]
+"""
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import orchestra  # noqa: E402
+
+# `orchestra web` as the installed console script runs it: the module imported (so from cached
+# bytecode), then main().
+LAUNCH = f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+import orchestra
+sys.exit(orchestra.main(["web", "--port", "0"]))
+"""
+AGENTS = 8
+IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
+            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}  # fmt: skip
+
+
+def make_project(root):
+    """A repository with 8 running agent records and this process posing as their live supervisor."""
+    repo = root / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "init"], cwd=repo, check=True)
+    project = orchestra.Project.open(repo, os.environ)
+
+    def seed(state):
+        me = os.getpid()  # a live "supervisor", so the web server does not start a real one
+        state["supervisor"] = {
+            "pid": me,
+            "pid_start": orchestra.process_start_time(me),
+            "heartbeat_at": orchestra.utc_iso(),
+        }
+        for n in range(AGENTS):
+            record = dict.fromkeys(orchestra.RECORD_FIELDS)
+            record.update(id=f"agent-{n}", task=f"benchmark task number {n} " * 4, state="running",
+                          branch=f"orchestra/agent-{n}", worktree=str(repo / ".worktrees" / f"task-agent-{n}"),
+                          created_at=orchestra.utc_iso(), started_at=orchestra.utc_iso(), cost_usd=0.0,
+                          commits=0, files_changed=0, turns=0, input_tokens=0, output_tokens=0)  # fmt: skip
+            state["agents"][record["id"]] = record
+
+    project.store.update(seed)
+    return project
+
+
+def start_web(repo, pycache):
+    """`orchestra web --port 0` in its own process, bytecode cached as pip would; (process, base URL, token)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    subprocess.run([sys.executable, "-c", LAUNCH.replace('main(["web", "--port", "0"])', 'main(["--version"])')],
+                   env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    url = proc.stdout.readline().strip()
+    base, _, token = url.partition("/#token=")
+    return proc, base, token
+
+
+def source_rss(repo):
+    """Idle RSS in MB of `python3 orchestra.py web`, which compiles the file from source every start."""
+    script = ROOT / "orchestra.py"
+    proc = subprocess.Popen([sys.executable, str(script), "web", "--port", "0"], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})  # fmt: skip
+    try:
+        proc.stdout.readline()
+        time.sleep(0.5)
+        return rss_mb(proc.pid)[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+
+
+def write_updates(project, seconds, per_second, stop):
+    """Rewrite all agent records `per_second` times a second; each activity carries its write time."""
+    tick, interval = 0, 1.0 / per_second
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not stop.is_set():
+        tick += 1
+
+        def change(state, tick=tick):
+            stamp = time.time()
+            for record in state["agents"].values():
+                record.update(activity=f"tick {tick} at {stamp:.6f}", cost_usd=record["cost_usd"] + 0.001,
+                              output_tokens=record["output_tokens"] + 7)  # fmt: skip
+
+        project.store.update(change)
+        time.sleep(interval)
+    return tick
+
+
+async def client(uri, token, origin, latencies, ready, done):
+    """One dashboard: wait for the snapshot, then time every update from its write."""
+    async with connect(uri, subprotocols=["orchestra", f"token.{token}"], origin=origin, proxy=None,
+                       compression=None, max_size=None) as ws:  # fmt: skip
+        json.loads(await ws.recv())
+        ready()
+        while not done.is_set():
+            try:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
+            except asyncio.TimeoutError:
+                continue
+            now = time.time()
+            stamps = {
+                float(a["activity"].rsplit(" ", 1)[1]) for a in message.get("agents", ()) if a["activity"]
+            }
+            latencies.extend(now - stamp for stamp in stamps)
+
+
+async def websocket_load(project, base, token, clients, seconds, per_second):
+    """Connect the clients, run the writer, and return the update latencies in seconds."""
+    uri, latencies, connected = base.replace("http://", "ws://") + "/ws/status", [], []
+    all_ready, done = asyncio.Event(), asyncio.Event()
+
+    def ready():
+        connected.append(1)
+        if len(connected) == clients:
+            all_ready.set()
+
+    tasks = [asyncio.create_task(client(uri, token, base, latencies, ready, done)) for _ in range(clients)]
+    await asyncio.wait_for(all_ready.wait(), 30)
+    stop = threading.Event()
+    writes = await asyncio.to_thread(write_updates, project, seconds, per_second, stop)
+    await asyncio.sleep(1.0)  # let the last update arrive
+    done.set()
+    await asyncio.gather(*tasks)
+    return latencies, writes
+
+
+def rss_mb(pid):
+    """(current, peak) resident memory of a process in MB, from /proc."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def status_latencies(base, token, count):
+    """Milliseconds per GET /api/status over one keep-alive connection."""
+    host, port = base.split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        connection.request("GET", "/api/status", headers={"Authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        response.read()
+        times.append((time.perf_counter() - started) * 1000)
+        assert response.status == 200
+    connection.close()
+    return times
+
+
+def slowloris(base, token, count):
+    """Open `count` sockets that send a request one byte at a time; time an authenticated request."""
+    host, port = base.split("//")[1].split(":")
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock.sendall(b"GET /api/status HTTP/1.1\r\nHost: ")
+        sockets.append(sock)
+    time.sleep(1.0)
+    for sock in sockets:  # still trickling
+        with contextlib.suppress(OSError):
+            sock.sendall(b"x")
+    answered = status_latencies(base, token, 1)[0]
+    dropped = 0
+    for sock in sockets:
+        sock.setblocking(False)
+        try:
+            dropped += sock.recv(1) == b""
+        except BlockingIOError:
+            pass
+        except OSError:
+            dropped += 1
+        sock.close()
+    return answered, dropped
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--writes", type=float, default=5.0, help="state.json rewrites per second")
+    parser.add_argument("--slowloris", type=int, default=200)
+    args = parser.parse_args()
+    os.environ.update(IDENTITY, ORCHESTRA_CONFIG="/nonexistent/config.json", NO_COLOR="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        project = make_project(Path(tmp))
+        proc, base, token = start_web(project.repo, Path(tmp) / "pycache")
+        try:
+            idle_rss = rss_mb(proc.pid)[0]
+            latencies, writes = asyncio.run(
+                websocket_load(project, base, token, args.clients, args.seconds, args.writes)
+            )
+            loaded_rss, peak_rss = rss_mb(proc.pid)
+            times = status_latencies(base, token, 500)
+            answered, dropped = slowloris(base, token, args.slowloris)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(10)
+        from_source = source_rss(project.repo)
+    ms = [x * 1000 for x in latencies]
+    expected = writes * args.clients
+    print(f"WebSocket: {args.clients} clients, {AGENTS} agents, {writes} writes in {args.seconds:.0f} s: "
+          f"{len(ms)}/{expected} updates received")  # fmt: skip
+    print(f"  update latency p50 {statistics.median(ms):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms, "
+          f"max {max(ms):.1f} ms (goal p99 < 250 ms)")  # fmt: skip
+    print(f"GET /api/status: 500 requests, p50 {statistics.median(times):.2f} ms, "
+          f"p99 {percentile(times, 0.99):.2f} ms (goal p50 < 5 ms)")  # fmt: skip
+    print(f"web process RSS: {idle_rss:.1f} MB idle, {loaded_rss:.1f} MB with {args.clients} clients, "
+          f"peak {peak_rss:.1f} MB (goal < 40 MB); {from_source:.1f} MB idle when compiled from source "
+          "(python3 orchestra.py web)")  # fmt: skip
+    print(f"slowloris: {args.slowloris} sockets trickling a request; an authenticated GET /api/status "
+          f"answered in {answered:.1f} ms (goal < 1 s); the server had dropped {dropped} of them")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
