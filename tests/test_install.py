@@ -4,6 +4,8 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import zipfile
 
 import pytest
@@ -91,3 +93,42 @@ def test_single_file_copied_alone(tmp_path, argv):
     )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def serve_dashboard(argv, repo):
+    """Start `orchestra web --port 0`, fetch / and stop it: (status, body)."""
+    server = subprocess.Popen([*map(str, argv), "web", "--port", "0"], cwd=repo, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        url = server.stdout.readline().strip()
+        assert "/#token=" in url
+        try:
+            with urllib.request.urlopen(url.split("#", 1)[0], timeout=10) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_installed_web_serves_the_dashboard(venv_bin, tmp_path):
+    status, page = serve_dashboard([venv_bin / "orchestra"], make_repo(tmp_path / "repo"))
+    assert status == 200 and "<title>" in page
+    assert page == (ROOT / "static" / "dashboard.html").read_text()
+
+
+def test_single_file_web_says_where_the_dashboard_goes_then_serves_it(tmp_path):
+    alone = tmp_path / "bin"
+    alone.mkdir()
+    shutil.copy(ROOT / "orchestra.py", alone / "orchestra.py")
+    repo = make_repo(tmp_path / "repo")
+    status, text = serve_dashboard([sys.executable, alone / "orchestra.py"], repo)
+    assert status == 404
+    assert text.startswith(
+        f"The dashboard file is missing. Put dashboard.html at {alone / 'static' / 'dashboard.html'}"
+    )
+    (alone / "static").mkdir()
+    shutil.copy(ROOT / "static" / "dashboard.html", alone / "static" / "dashboard.html")
+    status, page = serve_dashboard([sys.executable, alone / "orchestra.py"], repo)
+    assert status == 200 and "<title>" in page
