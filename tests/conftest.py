@@ -1,6 +1,7 @@
 """Shared fixtures: throwaway repositories, in-process CLI runs, fake and real agents."""
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -184,3 +185,19 @@ def claude_repo(repo, claude_api):
     """A repository whose agents are the real claude CLI with tools allowed."""
     write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5)
     return repo
+
+
+@pytest.fixture
+def project(fake_repo):
+    """The fake repository as an orchestra Project."""
+    return orchestra.Project.open(fake_repo, os.environ)
+
+
+@pytest.fixture
+def server(project):
+    """A web server on a free loopback port (1 s header deadline); its log is server.test_log."""
+    log = io.StringIO()
+    srv = orchestra.start_web_server(project, "127.0.0.1", 0, log=log, revive=False, header_deadline=1.0)
+    srv.test_log = log
+    yield srv
+    srv.stop()

@@ -25,20 +25,6 @@ from conftest import ROOT, git, load_state, wait_for, wait_settled
 WEB_CLI = [sys.executable, str(ROOT / "orchestra.py")]
 
 
-@pytest.fixture
-def project(fake_repo):
-    return orchestra.Project.open(fake_repo, os.environ)
-
-
-@pytest.fixture
-def server(project):
-    log = io.StringIO()
-    srv = orchestra.start_web_server(project, "127.0.0.1", 0, log=log, revive=False, header_deadline=1.0)
-    srv.test_log = log
-    yield srv
-    srv.stop()
-
-
 def host(server):
     return "{}:{}".format(*server.server_address[:2])
 

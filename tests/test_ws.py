@@ -178,23 +178,6 @@ def test_close_codes(payload, result):
 # ---------------------------------------------------------------------------- a live server
 
 
-@pytest.fixture
-def project(fake_repo):
-    return orchestra.Project.open(fake_repo, os.environ)
-
-
-@pytest.fixture
-def server(project):
-    log = io.StringIO()
-    srv = orchestra.start_web_server(
-        project, "127.0.0.1", 0, log=log, revive=False, header_deadline=1.0,
-        ws_options={"ping_interval": 30, "pong_timeout": 10},
-    )  # fmt: skip
-    srv.test_log = log
-    yield srv
-    srv.stop()
-
-
 def start(project, **options):
     """A server with its own WebSocket options."""
     return orchestra.start_web_server(
