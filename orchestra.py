@@ -4443,12 +4443,20 @@ def status_text(project, records, out):
         return 'No agents yet. Start some with: orchestra spawn "first task" "second task"'
     headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
     table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
-    counts = {}
-    for r in records:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    return f"{table}\n\n{summary_line(records)}"
+
+
+def summary_line(records):
+    """How many agents are in each state, and what they cost: '2 done, 1 failed; total cost $0.31'."""
+    counts = [(sum(r["state"] == state for r in records), state) for state in STATES]
     total = sum(r.get("cost_usd") or 0 for r in records)
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return f"{table}\n\n{summary}; total cost {format_cost(total)}"
+    return ", ".join(f"{n} {state}" for n, state in counts if n) + f"; total cost {format_cost(total)}"
+
+
+def progress_line(record):
+    """'id: state - activity', as spawn --wait prints each change."""
+    detail = one_line(record.get("error") or record.get("activity") or "", 100)
+    return f"{record['id']}: {record['state']}" + (f" - {detail}" if detail else "")
 
 
 def revive_supervisor(project, state):
@@ -4511,26 +4519,18 @@ def wait_for_agents(project, ids, as_json):
         state = project.store.load()
         ensure_supervisor(project, state)
         records = [state["agents"][i] for i in ids]
-        for r in records:
-            line = f"{r['id']}: {r['state']}" + (
-                f" - {one_line(r.get('error') or r.get('activity') or '', 100)}"
-                if r.get("activity") or r.get("error")
-                else ""
-            )
-            if shown.get(r["id"]) != line and not as_json:
+        for record in records:
+            line = progress_line(record)
+            if shown.get(record["id"]) != line and not as_json:
                 print(line, flush=True)
-            shown[r["id"]] = line
+            shown[record["id"]] = line
         if not any(r["state"] in ACTIVE_STATES for r in records):
             break
         time.sleep(SPAWN_WAIT_POLL)
     if as_json:
         print_json({"agents": [public_record(r) for r in records]})
     else:
-        finished = {s: sum(r["state"] == s for r in records) for s in STATES}
-        print(
-            ", ".join(f"{n} {s}" for s, n in finished.items() if n)
-            + f"; total cost {format_cost(sum(r.get('cost_usd') or 0 for r in records))}"
-        )
+        print(summary_line(records))
     return EXIT_FAILURE if any(r["state"] in ("failed", "interrupted") for r in records) else EXIT_OK
 
 
