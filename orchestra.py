@@ -864,76 +864,6 @@ def load_agent_records(repo):
 
 
 # ======================================================================================
-# Project
-# --------------------------------------------------------------------------------------
-# A repository under orchestra: its paths, its configuration and its state store.
-# ======================================================================================
-
-
-class Project:
-    """One repository's orchestra folder, configuration and state."""
-
-    def __init__(self, repo, config):
-        self.repo = repo
-        self.config = config
-        self.dir = repo / ORCHESTRA_DIR
-        self.logs = self.dir / "logs"
-        self.store = StateStore(self.dir / "state.json", self.rebuild_records)
-
-    @classmethod
-    def open(cls, cwd, env, flags=None):
-        """Find the repository holding `cwd`, load its configuration and initialise it."""
-        repo = find_repo(cwd)
-        project = cls(repo, Config.load(repo, env, flags))
-        project.init()
-        return project
-
-    @property
-    def worktree_root(self):
-        """The folder that holds the agents' worktrees (worktree_dir may be absolute)."""
-        return self.repo / self.config["worktree_dir"]
-
-    def init(self):
-        """Create .orchestra/ and keep it and the worktree folder out of git; idempotent."""
-        if self.logs.is_dir():
-            return
-        root = self.worktree_root
-        if root.exists() and not root.is_dir():
-            raise OrchestraError(
-                f"worktree_dir {root} exists and is not a folder; move it or change worktree_dir"
-            )
-        self.logs.mkdir(parents=True, exist_ok=True)
-        excluded = [f"/{ORCHESTRA_DIR}/"]
-        with contextlib.suppress(ValueError):
-            excluded.append(f"/{root.resolve().relative_to(self.repo.resolve()).as_posix()}/")
-        add_exclude_lines(self.repo, excluded)
-
-    def log_path(self, agent_id):
-        """The agent's stream-json log, which also holds orchestra's own events."""
-        return self.logs / f"{agent_id}.jsonl"
-
-    def stderr_path(self, agent_id):
-        """Where the agent's stderr goes."""
-        return self.logs / f"{agent_id}.stderr"
-
-    def worktree_path(self, agent_id):
-        """Where the agent's worktree lives."""
-        return self.worktree_root / f"{WORKTREE_PREFIX}{agent_id}"
-
-    def branch_name(self, agent_id):
-        """The agent's branch."""
-        return f"{self.config['branch_prefix']}/{agent_id}"
-
-    def records(self):
-        """{id: record} as state.json holds them now."""
-        return self.store.load()["agents"]
-
-    def rebuild_records(self):
-        """Agent records recovered from the logs' spawn events and the live worktrees."""
-        return rebuild_records(self)
-
-
-# ======================================================================================
 # Agents
 # --------------------------------------------------------------------------------------
 # An agent's record, its log (stream-json plus orchestra's own events) folded into facts,
@@ -971,6 +901,14 @@ def spawn_order(record):
 def public_record(record):
     """A record as `status --json` shows it: the documented fields only."""
     return {key: record.get(key) for key in RECORD_FIELDS}
+
+
+def elapsed_seconds(record, now):
+    """How long the agent has run (or ran)."""
+    started = parse_iso(record.get("started_at"))
+    if started is None:
+        return None
+    return (parse_iso(record.get("finished_at")) or now) - started
 
 
 def append_event(path, event):
@@ -1389,6 +1327,76 @@ def stop_process(pid, start_token, grace=STOP_GRACE):
             return
         time.sleep(0.05)
     signal_group(pid, start_token, signal.SIGKILL)
+
+
+# ======================================================================================
+# Project
+# --------------------------------------------------------------------------------------
+# A repository under orchestra: its paths, its configuration and its state store.
+# ======================================================================================
+
+
+class Project:
+    """One repository's orchestra folder, configuration and state."""
+
+    def __init__(self, repo, config):
+        self.repo = repo
+        self.config = config
+        self.dir = repo / ORCHESTRA_DIR
+        self.logs = self.dir / "logs"
+        self.store = StateStore(self.dir / "state.json", self.rebuild_records)
+
+    @classmethod
+    def open(cls, cwd, env, flags=None):
+        """Find the repository holding `cwd`, load its configuration and initialise it."""
+        repo = find_repo(cwd)
+        project = cls(repo, Config.load(repo, env, flags))
+        project.init()
+        return project
+
+    @property
+    def worktree_root(self):
+        """The folder that holds the agents' worktrees (worktree_dir may be absolute)."""
+        return self.repo / self.config["worktree_dir"]
+
+    def init(self):
+        """Create .orchestra/ and keep it and the worktree folder out of git; idempotent."""
+        if self.logs.is_dir():
+            return
+        root = self.worktree_root
+        if root.exists() and not root.is_dir():
+            raise OrchestraError(
+                f"worktree_dir {root} exists and is not a folder; move it or change worktree_dir"
+            )
+        self.logs.mkdir(parents=True, exist_ok=True)
+        excluded = [f"/{ORCHESTRA_DIR}/"]
+        with contextlib.suppress(ValueError):
+            excluded.append(f"/{root.resolve().relative_to(self.repo.resolve()).as_posix()}/")
+        add_exclude_lines(self.repo, excluded)
+
+    def log_path(self, agent_id):
+        """The agent's stream-json log, which also holds orchestra's own events."""
+        return self.logs / f"{agent_id}.jsonl"
+
+    def stderr_path(self, agent_id):
+        """Where the agent's stderr goes."""
+        return self.logs / f"{agent_id}.stderr"
+
+    def worktree_path(self, agent_id):
+        """Where the agent's worktree lives."""
+        return self.worktree_root / f"{WORKTREE_PREFIX}{agent_id}"
+
+    def branch_name(self, agent_id):
+        """The agent's branch."""
+        return f"{self.config['branch_prefix']}/{agent_id}"
+
+    def records(self):
+        """{id: record} as state.json holds them now."""
+        return self.store.load()["agents"]
+
+    def rebuild_records(self):
+        """Agent records recovered from the logs' spawn events and the live worktrees."""
+        return rebuild_records(self)
 
 
 # ======================================================================================
@@ -4399,14 +4407,6 @@ STATE_COLOURS = {"running": "blue", "done": "green", "failed": "red", "interrupt
                  "paused": "yellow", "stopped": "dim", "queued": None}  # fmt: skip
 
 
-def elapsed_seconds(record, now):
-    """How long the agent has run (or ran)."""
-    started = parse_iso(record.get("started_at"))
-    if started is None:
-        return None
-    return (parse_iso(record.get("finished_at")) or now) - started
-
-
 def status_rows(records, now):
     """The status table's cells for each record."""
     rows = []
@@ -4420,20 +4420,17 @@ def status_rows(records, now):
 
 
 def render_table(headers, rows, out, colour_column=None, width=None):
-    """Aligned columns; the last column is cut to the terminal width."""
+    """Aligned columns; the last column is cut to fit the terminal width."""
     width = width or shutil.get_terminal_size((120, 24)).columns
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)][:-1]
+    room = max(10, width - sum(w + 2 for w in widths))
     lines = []
     for index, row in enumerate([headers, *rows]):
-        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths)]
-        prefix = "  ".join(cells) + "  "
-        last = str(row[-1])[: max(10, width - len(prefix))]
+        cells = [str(c).ljust(w) for c, w in zip(row, widths)]
         if index and colour_column is not None:
-            cells[colour_column] = paint(
-                cells[colour_column], STATE_COLOURS.get(row[colour_column].split()[0]), out
-            )
-            prefix = "  ".join(cells) + "  "
-        lines.append((prefix + last).rstrip())
+            state = row[colour_column].split()[0]
+            cells[colour_column] = paint(cells[colour_column], STATE_COLOURS.get(state), out)
+        lines.append("  ".join([*cells, str(row[-1])[:room]]).rstrip())
     return "\n".join(lines)
 
 
