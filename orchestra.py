@@ -1176,21 +1176,18 @@ def include_patterns(project):
 
 
 def matches_include(path, patterns):
-    """gitignore-like matching: a pattern with a slash matches the path, else any name in it."""
+    """True when any include pattern matches `path` (gitignore-like, without negation)."""
+    return any(matches_pattern(path, pattern) for pattern in patterns)
+
+
+def matches_pattern(path, pattern):
+    """'dir/' matches a folder at any depth; a pattern with a slash the whole path; else any name."""
     parts = path.split("/")
-    for pattern in patterns:
-        if pattern.endswith("/"):
-            if any(fnmatchcase(part, pattern.rstrip("/")) for part in parts[:-1]):
-                return True
-        elif "/" in pattern.strip("/"):
-            if fnmatchcase(path, pattern.lstrip("/")):
-                return True
-        elif pattern.startswith("/"):
-            if fnmatchcase(path, pattern[1:]):
-                return True
-        elif any(fnmatchcase(part, pattern) for part in parts):
-            return True
-    return False
+    if pattern.endswith("/"):
+        return any(fnmatchcase(part, pattern.rstrip("/")) for part in parts[:-1])
+    if "/" in pattern:
+        return fnmatchcase(path, pattern.lstrip("/"))
+    return any(fnmatchcase(part, pattern) for part in parts)
 
 
 def files_to_copy(project, patterns):
@@ -1295,13 +1292,12 @@ def rebuild_records(project):
 def first_spawn_event(path):
     """The spawn event that opens an agent's log, or None."""
     with open(path, "rb") as f:
-        for raw in f:
-            with contextlib.suppress(ValueError):
-                event = json.loads(raw)
-                if isinstance(event, dict) and event.get("event") == "spawn":
-                    return event
-            return None
-    return None
+        first = f.readline()
+    try:
+        event = json.loads(first)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and event.get("event") == "spawn" else None
 
 
 def pause_agent(record):
@@ -1418,7 +1414,6 @@ class Supervisor:
         self.pending_lock = threading.Lock()  # guards self.pending
         self.pending = {}  # agent id -> facts or final record changes waiting for the next write
         self.watchers = {}  # agent id -> watcher thread; touched by the main thread only
-        self.children = {}  # agent id -> Popen of agents this supervisor started
 
     def run(self):
         """Hold the supervisor lock and serve; re-check for work after letting go of it."""
@@ -1502,7 +1497,6 @@ class Supervisor:
         record.update(state="running", pid=proc.pid, pid_start=process_start_time(proc.pid), exit_code=None,
                       started_at=record.get("started_at") or utc_iso(), finished_at=None, error=None,
                       activity="starting", last_activity_at=utc_iso())  # fmt: skip
-        self.children[record["id"]] = proc
         self.watch(record, proc)
 
     def watch(self, record, proc):
@@ -1521,8 +1515,6 @@ class Supervisor:
         try:
             target(agent_id, *args)
         except Exception as e:  # a watcher must report, never vanish silently
-            import traceback
-
             traceback.print_exc()
             with self.pending_lock:
                 self.pending.setdefault(agent_id, {})["error"] = f"orchestra watcher failed: {e!r}"
@@ -1594,7 +1586,6 @@ class Supervisor:
         """Forget watcher threads that have finished."""
         for agent_id in [i for i, t in self.watchers.items() if not t.is_alive()]:
             del self.watchers[agent_id]
-            self.children.pop(agent_id, None)
 
     def beat(self):
         """Every heartbeat_interval: mark the supervisor and running agents alive, flag stale ones."""

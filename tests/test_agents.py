@@ -329,3 +329,19 @@ def test_concurrent_worktree_creation_never_races(fake_repo, cli):
     assert set(agent_states(fake_repo).values()) == {"done"}
     for agent in load_state(fake_repo)["agents"].values():
         assert (fake_repo / ".worktrees" / f"task-{agent['id']}" / "README.md").read_text() == "# demo\n"
+
+
+def test_include_patterns_match_like_gitignore():
+    cases = [
+        (".env", [".env"], True),
+        ("config/.env", [".env"], True),
+        (".env.local", [".env*"], True),
+        ("secrets/key.pem", ["secrets/"], True),
+        ("deep/secrets/key.pem", ["secrets/"], True),
+        ("secrets", ["secrets/"], False),
+        ("config/local.json", ["config/*.json"], True),
+        ("other/config/local.json", ["/config/*.json"], False),
+        ("notes.txt", [".env", "secrets/"], False),
+    ]
+    for path, patterns, expected in cases:
+        assert orchestra.matches_include(path, patterns) is expected, (path, patterns)
