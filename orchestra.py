@@ -4634,7 +4634,7 @@ def add_sessions_parser(commands):
     """orchestra sessions"""
     p = commands.add_parser("sessions", help="list or resume your recent Claude Code sessions",
                             description=cmd_sessions.__doc__,
-                            epilog="examples: orchestra sessions --project; orchestra sessions --resume 3f2a")  # fmt: skip
+                            epilog="example: orchestra sessions --project; orchestra sessions --resume 3f2a")  # fmt: skip
     when = p.add_mutually_exclusive_group()
     when.add_argument("--hours", type=positive_hours, default=SESSION_DEFAULT_HOURS, metavar="N",
                       help=f"sessions active in the last N hours (default {SESSION_DEFAULT_HOURS:g})")  # fmt: skip
@@ -4907,16 +4907,15 @@ def add_web_parser(commands):
 
 def add_init_parser(commands):
     """orchestra init"""
-    p = commands.add_parser(
-        "init", help="create .orchestra/ and show the configuration", description=cmd_init.__doc__
-    )
+    p = commands.add_parser("init", help="create .orchestra/ and show the configuration", description=cmd_init.__doc__,
+                            epilog="example: cd my-project && orchestra init")  # fmt: skip
     p.set_defaults(func=cmd_init)
 
 
 def add_config_parser(commands):
     """orchestra config"""
     p = commands.add_parser("config", help="show settings and where they came from", description=cmd_config.__doc__,
-                            epilog="example: orchestra -c default_parallel=5 config --json")  # fmt: skip
+                            epilog="example: orchestra config --json; one run with another value: orchestra -c default_parallel=5 config")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_config)
 
@@ -4988,18 +4987,16 @@ def add_logs_parser(commands):
 
 def add_worktrees_parser(commands):
     """orchestra worktrees"""
-    p = commands.add_parser(
-        "worktrees", help="list worktrees and their agents", description=cmd_worktrees.__doc__
-    )
+    p = commands.add_parser("worktrees", help="list worktrees and their agents", description=cmd_worktrees.__doc__,
+                            epilog="example: orchestra worktrees --json")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_worktrees)
 
 
 def add_supervise_parser(commands):
     """orchestra supervise"""
-    p = commands.add_parser(
-        "supervise", help="run the supervisor (spawn starts it for you)", description=cmd_supervise.__doc__
-    )
+    p = commands.add_parser("supervise", help="run the supervisor (spawn starts it for you)",
+                            description=cmd_supervise.__doc__, epilog="example: orchestra supervise --foreground")  # fmt: skip
     p.add_argument("--foreground", action="store_true", help="run in this terminal instead of the background")
     p.set_defaults(func=cmd_supervise)
 

@@ -136,14 +136,30 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
         orchestra.main(["status"])
 
 
-@pytest.mark.parametrize("command", ["spawn", "status", "config", "logs", "pause", "resume", "stop"])
+COMMANDS = ["init", "config", "spawn", "status", "pause", "resume", "stop", "logs", "worktrees", "collect", "send",
+            "cleanup", "sessions", "web", "supervise"]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_for_every_command_has_an_example(command, capsys):
     import orchestra
 
     with pytest.raises(SystemExit) as exit_info:
         orchestra.main([command, "--help"])
     assert exit_info.value.code == 0
-    assert f"example: orchestra {command}" in capsys.readouterr().out or command == "config"
+    example = capsys.readouterr().out.split("example: ", 1)[1]
+    assert f"orchestra {command}" in example
+
+
+def test_every_command_is_documented():
+    import orchestra
+
+    listed = orchestra.build_parser()._subparsers._group_actions[0].choices
+    assert sorted(listed) == sorted(COMMANDS)
+    readme = (ROOT / "README.md").read_text()
+    for command in COMMANDS:
+        assert f"orchestra {command}" in orchestra.__doc__ or command in ("pause", "resume", "stop"), command
+        assert f"orchestra {command}" in readme or command in ("pause", "resume", "stop"), command
 
 
 def test_version(capsys):
