@@ -183,3 +183,18 @@ def test_second_repository_is_independent(tmp_path, monkeypatch, cli):
     other = make_repo(tmp_path / "other")
     monkeypatch.chdir(other)
     assert cli("status").out.startswith("No agents yet.")
+
+
+def test_status_watch_redraws_until_ctrl_c(fake_repo, cli):
+    import signal
+    import time
+
+    cli("spawn", "quick one")
+    watcher = subprocess.Popen([sys.executable, str(ROOT / "orchestra.py"), "status", "--watch"], cwd=fake_repo,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(2.5)
+    watcher.send_signal(signal.SIGINT)
+    out, err = watcher.communicate(timeout=10)
+    assert watcher.returncode == 130
+    assert out.count("ID  ") >= 2 and out.count("(Ctrl-C to leave)") >= 2
+    assert "Traceback" not in err
