@@ -3151,16 +3151,16 @@ def open_pull_requests(project, reports):
 
 
 def write_patch(project, records, path):
-    """Write every agent's commits, in order, as one patch series `git am` can apply."""
-    parts = []
+    """Write every agent's commits, in spawn order, as one series `git am` can apply; how many."""
+    parts, count = [], 0
     for record in sorted(records, key=spawn_order):
         tip = branch_tip(project, record)
         if tip:
-            parts.append(
-                run_git(["format-patch", "--stdout", f"{record['base_commit']}..{tip}"], project.repo).stdout
-            )
+            span = f"{record['base_commit']}..{tip}"
+            count += len(commits_between(project.repo, record["base_commit"], tip))
+            parts.append(run_git(["format-patch", "--stdout", span], project.repo).stdout)
     Path(path).write_text("".join(parts), encoding="utf-8")
-    return sum(part.count("\nSubject: ") + part.startswith("Subject: ") for part in parts)
+    return count
 
 
 def send_message(project, agent_id, message):
@@ -3230,7 +3230,7 @@ def unmerged_reason(project, record, tip):
 
 
 def plan_agent_cleanup(project, record, worktrees, force):
-    """What cleanup does with one agent: {id, action, reasons, forced, stop_first, snapshot}.
+    """What cleanup does with one agent: {id, action, reasons, forced, stop_first, tip}.
 
     Never the main worktree, one orchestra did not make, or a locked one, even with force.
     """
@@ -3240,7 +3240,6 @@ def plan_agent_cleanup(project, record, worktrees, force):
         "reasons": [],
         "forced": False,
         "stop_first": False,
-        "snapshot": False,
     }
     path = str(Path(record["worktree"]))
     listed = worktrees.get(path)
@@ -3258,8 +3257,7 @@ def plan_agent_cleanup(project, record, worktrees, force):
     leftovers = uncommitted_work(record)
     if leftovers:
         soft.append(describe_files(leftovers))
-        step["snapshot"] = True
-    tip = branch_tip(project, record)
+    step["tip"] = tip = branch_tip(project, record)
     unmerged = unmerged_reason(project, record, tip) if tip else None
     if unmerged:
         soft.append(unmerged)
@@ -3306,18 +3304,23 @@ def archive_agent(project, record, tip, snapshot):
 
 
 def remove_agent(project, record, step):
-    """Carry out one 'remove' step: archive, remove the worktree, delete the branch; archive refs."""
+    """Carry out one 'remove' step: archive, remove the worktree, delete the branch; archive refs.
+
+    Looks again after stopping the agent: whatever it left is snapshotted when forced, and an
+    unforced step whose branch or worktree changed since the plan is not carried out (None).
+    """
     if step["stop_first"]:
         stop_agents(project, [record["id"]])
-    tip = branch_tip(project, record)
-    refs = archive_agent(project, record, tip, step["snapshot"])
+    tip, leftovers = branch_tip(project, record), uncommitted_work(record)
+    if not step["forced"] and (leftovers or tip != step["tip"]):
+        return None
+    refs = archive_agent(project, record, tip, snapshot=bool(leftovers))
     if Path(record["worktree"]).is_dir():
         # Safe by our own check (or forced and archived): git may drop setup's untracked files.
         run_git(["worktree", "remove", "--force", record["worktree"]], project.repo)
     if tip:
-        run_git(
-            ["update-ref", "-d", f"refs/heads/{record['branch']}", tip], project.repo
-        )  # only if unchanged
+        delete = ["update-ref", "-d", f"refs/heads/{record['branch']}", tip]  # only if still at tip
+        run_git(delete, project.repo)
     run_git(["worktree", "prune"], project.repo)
     return refs
 
@@ -3329,9 +3332,11 @@ def cleanup_agents(project, ids=None, apply=False, everything=False, failed_only
     if apply:
         run_git(["worktree", "prune"], project.repo)  # forget folders deleted by hand
         by_id = {r["id"]: r for r in records}
-        for step in plan:
-            if step["action"] == "remove":
-                step["archive"] = remove_agent(project, by_id[step["id"]], step)
+        for step in (s for s in plan if s["action"] == "remove"):
+            step["archive"] = remove_agent(project, by_id[step["id"]], step)
+            if step["archive"] is None:
+                step.update(action="keep", reasons=["changed since the plan was made; run cleanup again"])
+            else:
                 mark_removed(project, step["id"], step["archive"])
     return {"plan": plan, "applied": apply}
 

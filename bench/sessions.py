@@ -7,7 +7,8 @@ MODULE is the orchestra.py to run (default: this checkout's). The store is built
 tool results, hook progress, file-history snapshots, titles), sized like a heavy user's:
 5,000 transcripts of about 1 GB in all, log-normally sized, 50 of them touched in the last
 4 hours and the rest spread over 90 days. A second store of 1,000 files (same 50 recent
-ones) shows how the time grows with the store. Each command runs as a subprocess RUNS
+ones) shows how the time grows with the store. Each command runs as the installed `orchestra`
+command does (the module imported, bytecode cached), as a subprocess RUNS
 times after one warm-up; the median wall time is reported. `ccusage session` is timed on
 the same store only when it is already installed (it is never installed by this script).
 The store is deleted afterwards unless --keep names a folder to build it in and keep.
@@ -211,7 +212,10 @@ def measure_store(label, module, store, runs, with_ccusage):
     cache = store / "xdg-cache"
     env = {**os.environ, "CLAUDE_CONFIG_DIR": str(store), "XDG_CACHE_HOME": str(cache), "COLUMNS": "120"}
     env.pop("ORCHESTRA_DEBUG", None)
-    python = [sys.executable, str(module), "sessions"]
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as after `pip install`, which compiles the module
+    # As the installed `orchestra` command runs it: the module imported from cached bytecode.
+    launch = "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; sys.exit(orchestra.main(sys.argv[1:]))"
+    python = [sys.executable, "-c", launch, str(module.parent), "sessions"]
     commands = {
         "startup (python3 -c pass)": ([sys.executable, "-c", "pass"], None),
         "sessions --hours 0.001 (scan only)": ([*python, "--hours", "0.001"], None),
@@ -224,6 +228,10 @@ def measure_store(label, module, store, runs, with_ccusage):
             lambda: shutil.rmtree(cache, True),
         ),
         "sessions --all --limit 50": ([*python, "--all", "--limit", "50"], None),
+        "python3 orchestra.py sessions --hours 4 (compiled at every start)": (
+            [sys.executable, str(module), "sessions", "--hours", "4"],
+            None,
+        ),
     }
     ccusage = ccusage_argv() if with_ccusage else None
     if ccusage:

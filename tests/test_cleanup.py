@@ -265,3 +265,26 @@ def test_cleanup_json_plan(fake_repo, cli):
 def git_fails(repo, *args):
     """Run git expecting it to fail (a merge conflict); True if it did."""
     return subprocess.run(["git", *args], cwd=repo, capture_output=True).returncode != 0
+
+
+def test_work_written_after_the_plan_is_never_lost(fake_repo, cli, monkeypatch):
+    import orchestra
+
+    spawn_and_finish(cli, fake_repo, "tidy up")
+    real_plan = orchestra.plan_cleanup
+
+    def plan_then_agent_writes(project, records, force=False):
+        plan = real_plan(project, records, force)
+        (worktree(fake_repo, "tidy-up") / "late.txt").write_text("written after the plan\n")
+        return plan
+
+    monkeypatch.setattr(orchestra, "plan_cleanup", plan_then_agent_writes)
+    run = cli("cleanup")
+    assert run.out == "KEEP tidy-up: changed since the plan was made; run cleanup again\n"
+    assert (worktree(fake_repo, "tidy-up") / "late.txt").exists()
+    forced = cli("cleanup", "--force")
+    assert forced.out.startswith("REMOVED tidy-up:")
+    snapshot = next(
+        r for r in load_state(fake_repo)["agents"]["tidy-up"]["archive"] if r.endswith("-worktree")
+    )
+    assert git("show", f"{snapshot}:late.txt", cwd=fake_repo) == "written after the plan\n"
