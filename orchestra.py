@@ -23,8 +23,9 @@ Commands:
 Every ID also accepts a unique prefix; every listing takes --json.
 
 State lives in `<repo>/.orchestra/`: state.json (agent records), logs/<id>.jsonl (each agent's
-stream-json output plus orchestra's own events), logs/<id>.stderr, supervisor.log and the lock
-files. Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
+stream-json output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the
+dashboard's access token) and the lock files. Saved work of cleaned-up agents: refs/orchestra/archive/.
+Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
 """
 
