@@ -1523,18 +1523,19 @@ class Supervisor:
     def follow(self, agent_id, record, proc):
         """Tail one agent's log into pending facts until its process ends, then settle it."""
         log = AgentLog(self.project.log_path(agent_id))
-        next_counts = 0.0
+        next_counts, active = 0.0, True  # counts change only when the agent does something, which it logs
         while not self.stopping.is_set():
             exited = (
                 proc.poll() is not None if proc else not process_alive(record["pid"], record.get("pid_start"))
             )
             if log.read_new():
                 self.queue(agent_id, without_none(log.facts))
+                active = True
             if exited:
                 break
-            if time.monotonic() >= next_counts:
+            if active and time.monotonic() >= next_counts:
                 self.queue(agent_id, dict(zip(("commits", "files_changed"), self.counts(record) or ())))
-                next_counts = time.monotonic() + COUNTS_INTERVAL
+                next_counts, active = time.monotonic() + COUNTS_INTERVAL, False
             time.sleep(WATCH_POLL)
         if self.stopping.is_set():
             return  # the agent runs on; the next supervisor adopts it
