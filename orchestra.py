@@ -22,7 +22,8 @@ Commands:
 
 Every ID also accepts a unique prefix; every listing takes --json.
 
-State lives in `<repo>/.orchestra/`: state.json (agent records), logs/<id>.jsonl (each agent's
+State lives in `<repo>/.orchestra/`: state.json (live agent records), history.jsonl (cleaned-up
+agents, one record a line), logs/<id>.jsonl (each agent's
 stream-json output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the
 dashboard's access token) and the lock files. Saved work of cleaned-up agents: refs/orchestra/archive/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
@@ -792,29 +793,105 @@ def empty_state():
     return {"version": STATE_VERSION, "agents": {}, "supervisor": {}, "parallel": None}
 
 
+def state_text(state):
+    """state.json's content: compact and sorted (indent would force json's slow pure-Python encoder)."""
+    return json.dumps(state, separators=(",", ":"), sort_keys=True) + "\n"
+
+
+def read_history(path):
+    """{id: record} of the history file, later lines winning; unreadable lines (a torn end) skipped."""
+    history = {}
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return history
+    with f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                history[record["id"]] = record
+    return history
+
+
+def append_history(path, records):
+    """Append records to the history file, one line each, and fsync; a torn last line is closed first."""
+    if not records:
+        return
+    lines = "".join(json.dumps(r, separators=(",", ":"), sort_keys=True) + "\n" for r in records)
+    with open(path, "ab+") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                lines = "\n" + lines  # a writer died mid-line: keep its fragment on a line of its own
+        f.write(lines.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def move_removed(state):
+    """Take removed records out of the live document; the moved records, oldest spawn first."""
+    moved = sorted((r for r in state["agents"].values() if r.get("state") == "removed"), key=spawn_order)
+    for record in moved:
+        del state["agents"][record["id"]]
+        state["next_seq"] = max(state.get("next_seq") or 0, record.get("seq", 0) + 1)
+    return moved
+
+
+def next_seq(state):
+    """The spawn order number of a new agent (ever increasing, though records move to history)."""
+    seq = max([state.get("next_seq") or 0, *(r.get("seq", 0) + 1 for r in state["agents"].values())])
+    state["next_seq"] = seq + 1
+    return seq
+
+
 class StateStore:
-    """The versioned JSON state file with locked updates and recovery from corruption."""
+    """The versioned JSON state file with locked updates and recovery from corruption.
+
+    state.json holds live agents only; an update that turns a record `removed` moves it to the
+    append-only history.jsonl beside it (history first, so a crash between the two leaves a
+    duplicate, never a loss; the later line wins). An update that changes nothing writes nothing.
+    """
 
     def __init__(self, path, rebuild):
         self.path = Path(path)
+        self.history_path = self.path.with_name("history.jsonl")
         self.lock = FileLock(self.path.with_name("state.lock"))
         self.rebuild = rebuild  # () -> {id: record}, used when state.json is unreadable
 
     def load(self):
-        """The current state; a corrupt file is moved aside and rebuilt first."""
+        """The current state, live agents only; a corrupt file is moved aside and rebuilt first."""
         try:
-            return self.read()
+            state = self.read()
         except ValueError:
             with self.lock:
-                return self.read_or_recover()
+                state = self.read_or_recover()
+        move_removed(state)  # a file from before history.jsonl: the next update moves them for good
+        return state
 
     def update(self, change):
-        """Apply `change(state)` under the lock and save the result; returns what it returns."""
+        """Apply `change(state)` under the lock and save the result if it changed; returns what it returns."""
         with self.lock:
             state = self.read_or_recover()
+            before = state_text(state)
+            moved = move_removed(state)
             result = change(state)
-            self.write(state)
+            moved += move_removed(state)
+            append_history(self.history_path, moved)
+            text = state_text(state)
+            if text != before:
+                write_atomic(self.path, text)
             return result
+
+    def history(self):
+        """{id: record} of cleaned-up agents: history.jsonl plus any not yet moved out of state.json."""
+        history = read_history(self.history_path)
+        with contextlib.suppress(ValueError, OrchestraError):
+            state = self.read()
+            history.update({r["id"]: r for r in move_removed(state)})
+        return history
 
     def read(self):
         """Parse state.json; ValueError when it is corrupt."""
@@ -833,8 +910,8 @@ class StateStore:
         return state
 
     def write(self, state):
-        """Save the whole state atomically, sorted and indented."""
-        write_atomic(self.path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+        """Save the whole state atomically."""
+        write_atomic(self.path, state_text(state))
 
     def read_or_recover(self):
         """Read under the lock; move a corrupt file aside and rebuild it from logs and worktrees."""
@@ -855,13 +932,15 @@ class StateStore:
 
 
 def load_agent_records(repo):
-    """{agent_id: record} of any repository, read without lock or recovery; {} if unreadable."""
+    """{agent_id: record} of any repository, history included, read without lock or recovery."""
+    folder = Path(repo) / ORCHESTRA_DIR
     try:
-        state = json.loads((Path(repo) / ORCHESTRA_DIR / "state.json").read_text(encoding="utf-8"))
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
+        state = None
     agents = state.get("agents") if isinstance(state, dict) else None
-    return agents if isinstance(agents, dict) else {}
+    agents = agents if isinstance(agents, dict) else {}
+    return {**read_history(folder / "history.jsonl"), **agents}
 
 
 # ======================================================================================
@@ -1263,10 +1342,11 @@ def file_fingerprint(path):
 def rebuild_records(project):
     """Records recovered from each log's spawn event, settled from the rest of the log."""
     live = {w["path"] for w in list_worktrees(project.repo)}
+    history = project.history()  # a cleaned-up agent stays history, never comes back live
     records = {}
     for log_path in sorted(project.logs.glob("*.jsonl")):
         spawn = first_spawn_event(log_path)
-        if spawn is None:
+        if spawn is None or spawn["id"] in history:
             continue
         record = new_record(
             project, spawn["id"], spawn["task"], spawn.get("base_branch"), spawn.get("base_commit")
@@ -1388,8 +1468,16 @@ class Project:
         return f"{self.config['branch_prefix']}/{agent_id}"
 
     def records(self):
-        """{id: record} as state.json holds them now."""
+        """{id: record} of live agents, as state.json holds them now."""
         return self.store.load()["agents"]
+
+    def history(self):
+        """{id: record} of cleaned-up agents, read from history.jsonl on demand."""
+        return self.store.history()
+
+    def all_records(self):
+        """{id: record} of every agent ever spawned here: history, then live records."""
+        return {**self.history(), **self.records()}
 
     def rebuild_records(self):
         """Agent records recovered from the logs' spawn events and the live worktrees."""
@@ -1437,8 +1525,11 @@ class Supervisor:
         while not self.stopping.is_set():
             self.flush()
             self.reap_watchers()
-            self.store.update(self.start_queued)
-            if not self.watchers and not self.has_work(self.store.load()):
+            state = self.store.load()  # read without the lock; lock and write only to start someone
+            if self.startable(state):
+                self.store.update(self.start_queued)
+                state = self.store.load()
+            if not self.watchers and not self.has_work(state):
                 break
             self.stopping.wait(SUPERVISOR_TICK)
         self.flush()
@@ -1477,13 +1568,21 @@ class Supervisor:
 
         self.store.update(settle)
 
+    def free_slots(self, state):
+        """How many more agents may run now."""
+        limit = self.project.config.parallel_limit(state.get("parallel"))
+        return max(0, limit - sum(r["state"] in ("running", "paused") for r in state["agents"].values()))
+
+    def startable(self, state):
+        """True when a ready queued agent could start now (checked without the lock)."""
+        ready = any(r["state"] == "queued" and r.get("ready") for r in state["agents"].values())
+        return ready and self.free_slots(state) > 0
+
     def start_queued(self, state):
         """Launch ready queued agents, oldest first, while fewer than the limit run."""
         agents = state["agents"].values()
-        limit = self.project.config.parallel_limit(state.get("parallel"))
-        active = sum(r["state"] in ("running", "paused") for r in agents)
         queued = sorted((r for r in agents if r["state"] == "queued" and r.get("ready")), key=spawn_order)
-        for record in queued[: max(0, limit - active)]:
+        for record in queued[: self.free_slots(state)]:
             self.start(record)
 
     def start(self, record):
@@ -1697,8 +1796,10 @@ def resolve_base(project, requested):
 
 
 def taken_ids(project, records):
-    """Ids no new agent may take: records, existing branches and worktree folders."""
+    """Ids no new agent may take: records, logs (cleaned-up agents keep theirs), branches and folders."""
     taken = set(records) | local_branches(project.repo, project.config["branch_prefix"])
+    with contextlib.suppress(FileNotFoundError):
+        taken |= {name[: -len(".jsonl")] for name in os.listdir(project.logs) if name.endswith(".jsonl")}
     if project.worktree_root.is_dir():
         taken |= {
             p.name[len(WORKTREE_PREFIX) :]
@@ -1751,7 +1852,7 @@ def reserve_agents(project, tasks, name, base_branch, base_commit, parallel):
             agent_id = name or unique_id(slugify(task), taken)
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
-            record["seq"] = len(state["agents"])  # records are never deleted, so this only grows
+            record["seq"] = next_seq(state)
             state["agents"][agent_id] = record
             created.append(record)
         if parallel:
@@ -3329,7 +3430,7 @@ def remove_agent(project, record, step):
 
 def cleanup_agents(project, ids=None, apply=False, everything=False, failed_only=False, force=False):
     """Plan a cleanup and, with apply, carry it out: {"plan": [...], "applied": bool}."""
-    records = cleanup_targets(project.records(), ids, everything, failed_only)
+    records = cleanup_targets(project.all_records() if ids else project.records(), ids, everything, failed_only)
     plan = plan_cleanup(project, records, force)
     if apply:
         run_git(["worktree", "prune"], project.repo)  # forget folders deleted by hand
@@ -4106,6 +4207,8 @@ class WebHandler(BaseHTTPRequestHandler):
         """The record a path names, by id or unique prefix; 404 when none matches."""
         records = self.server.project.records()
         if not any(i.startswith(params["id"]) for i in records):
+            records = self.server.project.all_records()  # a cleaned-up agent, from history
+        if not any(i.startswith(params["id"]) for i in records):
             raise HTTPRefusal(404, f"no agent '{params['id']}'")
         return select_agents(records, [params["id"]])[0]
 
@@ -4535,9 +4638,10 @@ def cmd_status(args):
     while True:
         state = project.store.load()
         revive_supervisor(project, state)
-        records = select_agents(state["agents"], args.ids)
-        if not args.ids:
-            records = [r for r in records if r["state"] != "removed"]  # cleaned up: history, not status
+        agents = state["agents"]
+        if args.ids or args.all:  # cleaned-up agents are history: read only when asked for
+            agents = {**project.history(), **agents}
+        records = select_agents(agents, args.ids)
         if args.json:
             print_json(status_document(project, state, records))
             return EXIT_OK
@@ -4592,7 +4696,7 @@ def cmd_supervise(args):
 def cmd_logs(args):
     """Print an agent's activity; -f keeps following until it finishes."""
     project = open_project(args)
-    record = select_agents(project.records(), [args.id])[0]
+    record = select_agents(project.all_records(), [args.id])[0]
     path, offset, clean = Path(record["log"]), 0, sys.stdout.isatty()
     while True:
         with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
@@ -4603,7 +4707,7 @@ def cmd_logs(args):
             for line in readable_lines(chunk, args.raw):
                 print(strip_control(line) if clean else line)
             sys.stdout.flush()
-        if not args.follow or (not chunk and project.records()[record["id"]]["state"] not in ACTIVE_STATES):
+        if not args.follow or (not chunk and project.records().get(record["id"], {}).get("state") not in ACTIVE_STATES):
             break
         time.sleep(LOGS_FOLLOW_POLL)
     if not args.follow and record["state"] in ("failed", "interrupted"):
@@ -4705,7 +4809,7 @@ def report_text(report):
 def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
-    records = finished_agents(project.records(), args.ids)
+    records = finished_agents(project.all_records() if args.ids else project.records(), args.ids)
     if args.merge:
         check_checkout_clean(project.repo, "merging")
     committed = [r["id"] for r in records if args.commit and commit_leftovers(project, r)]
@@ -4958,7 +5062,8 @@ def add_status_parser(commands):
     """orchestra status"""
     p = commands.add_parser("status", help="show what every agent is doing", description=cmd_status.__doc__,
                             epilog="example: orchestra status --watch")  # fmt: skip
-    p.add_argument("ids", nargs="*", metavar="ID", help="agents to show (default: all)")
+    p.add_argument("ids", nargs="*", metavar="ID", help="agents to show (default: all but cleaned-up ones)")
+    p.add_argument("--all", action="store_true", help="include cleaned-up (removed) agents")
     p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_status)

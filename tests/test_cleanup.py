@@ -6,16 +6,24 @@ import subprocess
 
 import pytest
 
+import conftest
+import orchestra
 from conftest import (
     FAKE_AGENT_COMMAND,
     agent_states,
     git,
-    load_state,
     process_state,
     wait_for,
     wait_settled,
     write_config,
 )
+
+
+def load_state(repo):
+    """state.json with the cleaned-up agents of history.jsonl back among the agents."""
+    state = conftest.load_state(repo)
+    state["agents"] = {**orchestra.read_history(repo / ".orchestra" / "history.jsonl"), **state["agents"]}
+    return state
 
 
 def spawn_and_finish(cli, repo, *tasks):

@@ -58,11 +58,11 @@ def test_kill_during_writes_never_leaves_an_unreadable_file(tmp_path):
     assert all(name.endswith(".tmp") for name in leftovers)  # at most the temp file of a killed write
 
 
-def test_state_is_versioned_sorted_and_indented(tmp_path):
+def test_state_is_versioned_sorted_and_compact(tmp_path):
     store = orchestra.StateStore(tmp_path / "state.json", dict)
     store.update(lambda s: s["agents"].update(b={}, a={}))
     text = (tmp_path / "state.json").read_text()
-    assert text.startswith('{\n  "agents": {\n    "a": {},\n    "b": {}\n  },')
+    assert text.startswith('{"agents":{"a":{},"b":{}},') and text.count("\n") == 1
     assert json.loads(text)["version"] == 1
 
 
