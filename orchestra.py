@@ -801,11 +801,7 @@ def state_text(state):
 def read_history(path):
     """{id: record} of the history file, later lines winning; unreadable lines (a torn end) skipped."""
     history = {}
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return history
-    with f:
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
         for line in f:
             try:
                 record = json.loads(line)
@@ -3430,7 +3426,9 @@ def remove_agent(project, record, step):
 
 def cleanup_agents(project, ids=None, apply=False, everything=False, failed_only=False, force=False):
     """Plan a cleanup and, with apply, carry it out: {"plan": [...], "applied": bool}."""
-    records = cleanup_targets(project.all_records() if ids else project.records(), ids, everything, failed_only)
+    records = cleanup_targets(
+        project.all_records() if ids else project.records(), ids, everything, failed_only
+    )
     plan = plan_cleanup(project, records, force)
     if apply:
         run_git(["worktree", "prune"], project.repo)  # forget folders deleted by hand
@@ -4707,7 +4705,9 @@ def cmd_logs(args):
             for line in readable_lines(chunk, args.raw):
                 print(strip_control(line) if clean else line)
             sys.stdout.flush()
-        if not args.follow or (not chunk and project.records().get(record["id"], {}).get("state") not in ACTIVE_STATES):
+        if not args.follow or (
+            not chunk and project.records().get(record["id"], {}).get("state") not in ACTIVE_STATES
+        ):
             break
         time.sleep(LOGS_FOLLOW_POLL)
     if not args.follow and record["state"] in ("failed", "interrupted"):

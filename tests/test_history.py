@@ -46,7 +46,9 @@ def test_removed_agents_move_to_history(fake_repo, cli):
     assert [a["id"] for a in cli("status", "--json").json()["agents"]] == ["sleep-1-stays"]
     everything = cli("status", "--all", "--json").json()["agents"]
     assert [(a["id"], a["state"]) for a in everything] == [
-        ("sleep-1-stays", "done"), ("first-gone", "removed"), ("second-gone", "removed")
+        ("sleep-1-stays", "done"),
+        ("first-gone", "removed"),
+        ("second-gone", "removed"),
     ]
     named = cli("status", "--json", "first").json()["agents"]
     assert [(a["id"], a["state"]) for a in named] == [("first-gone", "removed")]
@@ -86,7 +88,9 @@ def test_old_state_file_with_removed_records_is_migrated_on_first_write(fake_rep
 
     assert [a["id"] for a in cli("status", "--json").json()["agents"]] == ["sleep-30-live"]  # read: hidden
     assert sorted(a["id"] for a in cli("status", "--all", "--json").json()["agents"]) == [
-        "old-one", "old-two", "sleep-30-live"
+        "old-one",
+        "old-two",
+        "sleep-30-live",
     ]
     cli("stop", "sleep-30-live")  # the first write moves them
     assert set(load_state(fake_repo)["agents"]) == {"sleep-30-live"}
@@ -120,7 +124,9 @@ def test_rebuild_from_logs_keeps_removed_agents_in_history(fake_repo, cli):
 def test_eight_writers_lose_no_update_and_no_history_line(tmp_path):
     path = tmp_path / "state.json"
     workers = [
-        subprocess.Popen([sys.executable, "-c", HISTORY_WRITER.format(root=str(ROOT), path=str(path), n=15, w=w)])
+        subprocess.Popen(
+            [sys.executable, "-c", HISTORY_WRITER.format(root=str(ROOT), path=str(path), n=15, w=w)]
+        )
         for w in range(8)
     ]
     assert [w.wait(timeout=120) for w in workers] == [0] * 8
