@@ -158,6 +158,10 @@ LOGS_FOLLOW_POLL = 0.25
 LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
 WORKTREE_THREADS = 8
 COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
+LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory stays bounded
+LOG_READ_BUDGET = 8 * 1024 * 1024  # bytes folded per read_new call, so facts reach state.json during a burst
+LOG_MAX_LINE = 16 * 1024 * 1024  # a longer line (no event orchestra needs) is skipped, not buffered
+LOG_IGNORED_PREFIXES = (b'{"type":"user"', b'{"type":"stream_event"')  # events no fact comes from
 
 # Sessions: how much of each transcript is read, how listings look, what a prompt is.
 CLAUDE_EXECUTABLE = "claude"
@@ -1014,40 +1018,66 @@ class AgentLog:
         self.path = Path(path)
         self.offset = 0
         self.partial = b""
+        self.skipping = False  # inside a line longer than LOG_MAX_LINE: drop bytes until its end
+        self.caught_up = True  # the last read reached the end of the file
         self.launched = False  # a launch event was seen: the agent ran at least once
         self.settled = None  # the last "settled" event: how the latest run ended
         self.run_usage = {}  # message id -> (input, output) tokens; one response spans lines
+        self.run_totals = (0, 0)  # the sum of run_usage, kept as it changes (never re-summed)
         self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
         self.facts = {"session_id": None, "activity": None, "last_activity_at": None,
                       "cost_usd": None, "turns": None, "result": None, "error": None,
                       "outcome": None, "input_tokens": None, "output_tokens": None}  # fmt: skip
 
-    def read_new(self):
-        """Fold lines appended since the last call; True if any arrived."""
+    def read_new(self, budget=LOG_READ_BUDGET):
+        """Fold lines appended since the last call, in bounded chunks; True if any arrived.
+
+        At most `budget` bytes per call; `caught_up` says whether the end of the file was reached.
+        """
+        read = 0
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
-                chunk = f.read()
+                while read < budget:
+                    chunk = f.read(LOG_READ_CHUNK)
+                    if not chunk:
+                        break
+                    read += len(chunk)
+                    self.offset += len(chunk)
+                    self.fold_chunk(chunk)
         except FileNotFoundError:
             return False
-        if not chunk:
-            return False
-        self.offset += len(chunk)
-        *lines, self.partial = (self.partial + chunk).split(b"\n")
-        for line in lines:
-            self.apply_line(line)
-        self.facts["last_activity_at"] = utc_iso()
-        return True
+        self.caught_up = read < budget
+        if read:
+            self.facts["last_activity_at"] = utc_iso()
+        return bool(read)
+
+    def fold_chunk(self, chunk):
+        """Fold the complete lines of a chunk; keep (or skip, when too long) the unfinished one."""
+        *lines, rest = chunk.split(b"\n")
+        if lines:
+            lines[0], skipped = (b"", True) if self.skipping else (self.partial + lines[0], False)
+            self.partial, self.skipping = b"", False
+            for line in lines[skipped:]:
+                self.apply_line(line)
+        if self.skipping:
+            return
+        self.partial += rest
+        if len(self.partial) > LOG_MAX_LINE:
+            self.partial, self.skipping = b"", True
 
     def read_to_end(self):
         """Fold what an ended agent wrote last, including a final line with no newline."""
-        self.read_new()
-        if self.partial:
+        while self.read_new() and not self.caught_up:
+            pass
+        if self.partial and not self.skipping:
             self.apply_line(self.partial)
             self.partial = b""
 
     def apply_line(self, raw):
         """Fold one line; lines that are not JSON objects are ignored."""
+        if raw.startswith(LOG_IGNORED_PREFIXES):
+            return
         try:
             event = json.loads(raw.decode("utf-8", "replace"))
         except ValueError:
@@ -1099,7 +1129,7 @@ class AgentLog:
             turns=(self.facts["turns"] or 0) + (event.get("num_turns") or 0),
         )
         if isinstance(event.get("usage"), dict):
-            self.run_usage = {}  # the result's totals are exact; stream lines hold early counts
+            self.run_usage, self.run_totals = {}, (0, 0)  # the result's totals are exact
             self.count_usage("result", event["usage"])
         self.settle_run_tokens()
         if is_error:
@@ -1111,15 +1141,17 @@ class AgentLog:
             usage.get(k) or 0
             for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
         )
-        self.run_usage[key] = (inputs, usage.get("output_tokens") or 0)
-        self.facts["input_tokens"] = self.past_tokens[0] + sum(i for i, _ in self.run_usage.values())
-        self.facts["output_tokens"] = self.past_tokens[1] + sum(o for _, o in self.run_usage.values())
+        old_in, old_out = self.run_usage.get(key, (0, 0))
+        new_in, new_out = self.run_usage[key] = (inputs, usage.get("output_tokens") or 0)
+        self.run_totals = (self.run_totals[0] - old_in + new_in, self.run_totals[1] - old_out + new_out)
+        self.facts["input_tokens"] = self.past_tokens[0] + self.run_totals[0]
+        self.facts["output_tokens"] = self.past_tokens[1] + self.run_totals[1]
 
     def settle_run_tokens(self):
         """Close the current run's token counts so the next run adds to them."""
         if self.run_usage:
             self.past_tokens = (self.facts["input_tokens"], self.facts["output_tokens"])
-            self.run_usage = {}
+            self.run_usage, self.run_totals = {}, (0, 0)
 
 
 def read_log(path):
@@ -1631,7 +1663,8 @@ class Supervisor:
             if active and time.monotonic() >= next_counts:
                 self.queue(agent_id, dict(zip(("commits", "files_changed"), self.counts(record) or ())))
                 next_counts, active = time.monotonic() + COUNTS_INTERVAL, False
-            time.sleep(WATCH_POLL)
+            if log.caught_up:  # during a burst, read on at once (in budgeted steps) instead
+                time.sleep(WATCH_POLL)
         if self.stopping.is_set():
             return  # the agent runs on; the next supervisor adopts it
         log.read_to_end()
