@@ -10,7 +10,7 @@ Commands:
   orchestra config [--json]           show each setting and where its value came from
   orchestra spawn TASK... [--wait]    queue agents, one worktree and branch per task
   orchestra status [ID...] [--watch]  what every agent is doing, its cost and its commits
-  orchestra logs ID [-f] [--raw]      an agent's activity as readable lines
+  orchestra logs ID [-f] [--tail N]   an agent's activity as readable lines
   orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
@@ -155,6 +155,9 @@ STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 SPAWN_WAIT_POLL = 0.5
 STATUS_WATCH_INTERVAL = 1.0
 LOGS_FOLLOW_POLL = 0.25
+LOGS_FOLLOW_TAIL = 50  # lines `logs -f` shows before following, unless --tail says otherwise
+LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
+LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
 LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
 WORKTREE_THREADS = 8
 COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
@@ -230,7 +233,8 @@ WEB_REVIVE_INTERVAL = 10.0  # seconds between checks that a supervisor runs whil
 WEB_JOIN_POLL = 0.5  # seconds; how often `orchestra web` wakes to notice Ctrl-C
 WEB_LOG_TAIL_DEFAULT, WEB_LOG_TAIL_MAX = 200, 5000  # lines of GET /api/agents/ID/log
 WEB_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
-WEB_TAIL_MAX_BYTES = 4 * 1024 * 1024  # never read more than this to find the last lines
+WEB_TAIL_MAX_BYTES = 4 * 1024 * 1024  # log_tail: never read more than this to find the last lines
+WEB_TAIL_READ_LIMIT = 64 * 1024 * 1024  # GET .../log reads at most this far back, and says so if cut
 WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
 WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
 # Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
@@ -2066,6 +2070,64 @@ def readable_lines(chunk, raw):
             continue
         lines.extend(render_event(event) if isinstance(event, dict) else [line])
     return lines
+
+
+def log_renderer(raw):
+    """line bytes -> the lines `logs` prints for it."""
+    if raw:
+        return lambda line: [line.decode("utf-8", "replace")]
+    return lambda line: readable_lines(line, False)
+
+
+def stream_log(path, offset, render, show):
+    """Show the complete lines from `offset` on, a chunk at a time; the offset after the last one."""
+    pending, size = b"", LOGS_FIRST_CHUNK
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            chunk = f.read(size)
+            if not chunk:
+                break
+            size = LOG_READ_CHUNK
+            *lines, last = (pending + chunk).split(b"\n")
+            pending = last
+            offset += len(chunk)
+            show([shown for line in lines for shown in render(line)])
+    return offset - len(pending)
+
+
+def tail_lines(path, count, render, limit=None):
+    """(the last `count` rendered lines, offset after the last complete line, True if `limit` cut it).
+
+    Reads backwards from the end in blocks; an unfinished last line is left for later.
+    """
+    found, end, cut = [], None, False
+    with open(path, "rb") as f:
+        pos = size = f.seek(0, os.SEEK_END)
+        buffer = b""
+        while len(found) < count:
+            if pos == 0:
+                if end is not None and buffer:
+                    found[:0] = render(buffer)  # the file's first line
+                break
+            if limit is not None and size - pos >= limit:
+                cut = True
+                break
+            step = min(LOG_TAIL_BLOCK, pos)
+            pos -= step
+            f.seek(pos)
+            buffer = f.read(step) + buffer
+            head, *lines = buffer.split(b"\n")
+            if not lines:
+                continue
+            if end is None:
+                end, lines = size - len(lines[-1]), lines[:-1]
+            buffer = head
+            for line in reversed(lines):
+                found[:0] = render(line)
+                if len(found) >= count:
+                    break
+    return (found[-count:] if count else []), (size - len(buffer) if end is None else end), cut
 
 
 def worktree_rows(project, records):
@@ -4010,15 +4072,24 @@ def log_tail(path, count, block=WEB_TAIL_BLOCK, limit=WEB_TAIL_MAX_BYTES):
     return b"".join(data.splitlines(keepends=True)[-count:]) if count else b""
 
 
-def readable_tail(path, count):
-    """The last `count` readable lines of an agent's log; some log lines render as none, some as many."""
-    wanted = count
-    while True:
-        chunk = log_tail(path, wanted)
-        lines = [strip_control(line) for line in readable_lines(chunk, raw=False)]
-        if len(lines) >= count or chunk.count(b"\n") < wanted:  # enough, or nothing more to read
-            return lines[-count:]
-        wanted *= 4
+def readable_tail(path, count, limit=WEB_TAIL_READ_LIMIT):
+    """(the last `count` readable lines of an agent's log, None or why there are fewer).
+
+    Some log lines render as none, some as many: lines are rendered as they are read backwards.
+    """
+    try:
+        lines, _, cut = tail_lines(path, count, log_renderer(False), limit)
+    except FileNotFoundError:
+        return [], "the agent has no log yet"
+    lines = [strip_control(line) for line in lines]
+    if len(lines) >= count:
+        return lines, None
+    if cut:
+        return (
+            lines,
+            f"only {len(lines)} line(s) in the last {limit // (1024 * 1024)} MB of the log, the most read at once",
+        )
+    return lines, f"the log holds only {len(lines)} line(s)"
 
 
 def agent_diff(project, record):
@@ -4302,11 +4373,9 @@ class WebHandler(BaseHTTPRequestHandler):
         """GET /api/agents/ID/log?tail=N: the last N readable lines of its activity."""
         record = self.agent(params)
         count = query_int(query, "tail", WEB_LOG_TAIL_DEFAULT, 1, WEB_LOG_TAIL_MAX)
-        try:
-            lines = readable_tail(self.server.project.log_path(record["id"]), count)
-        except FileNotFoundError:
-            lines = []
-        return 200, {"id": record["id"], "state": record["state"], "lines": lines}
+        lines, short = readable_tail(self.server.project.log_path(record["id"]), count)
+        answer = {"id": record["id"], "state": record["state"], "lines": lines}
+        return 200, {**answer, "short": short} if short else answer
 
     def route_diff(self, params, query, body):
         """GET /api/agents/ID/diff: diffstat and patch against the agent's base."""
@@ -4728,21 +4797,27 @@ def cmd_logs(args):
     """Print an agent's activity; -f keeps following until it finishes."""
     project = open_project(args)
     record = select_agents(project.all_records(), [args.id])[0]
-    path, offset, clean = Path(record["log"]), 0, sys.stdout.isatty()
-    while True:
-        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-            chunk = chunk[: chunk.rfind(b"\n") + 1]
-            offset += len(chunk)
-            for line in readable_lines(chunk, args.raw):
-                print(strip_control(line) if clean else line)
+    path, clean, render = Path(record["log"]), sys.stdout.isatty(), log_renderer(args.raw)
+
+    def show(lines):
+        if lines:
+            sys.stdout.write("".join((strip_control(line) if clean else line) + "\n" for line in lines))
             sys.stdout.flush()
-        if not args.follow or (
-            not chunk and project.records().get(record["id"], {}).get("state") not in ACTIVE_STATES
-        ):
-            break
+
+    count = LOGS_FOLLOW_TAIL if args.tail is None and args.follow else args.tail
+    if count is None:
+        offset = stream_log(path, 0, render, show)
+    else:
+        try:
+            lines, offset, _ = tail_lines(path, count, render)
+        except FileNotFoundError:
+            lines, offset = [], 0
+        show(lines)
+    while args.follow:
         time.sleep(LOGS_FOLLOW_POLL)
+        start, offset = offset, stream_log(path, offset, render, show)
+        if offset == start and project.records().get(record["id"], {}).get("state") not in ACTIVE_STATES:
+            break
     if not args.follow and record["state"] in ("failed", "interrupted"):
         stderr = read_tail(project.stderr_path(record["id"])).strip()
         if stderr:
@@ -5075,6 +5150,17 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    """argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
 def add_spawn_parser(commands):
     """orchestra spawn"""
     p = commands.add_parser("spawn", help="start agents, one worktree and branch per task", description=cmd_spawn.__doc__,
@@ -5127,6 +5213,8 @@ def add_logs_parser(commands):
         "-f", "--follow", action="store_true", help="keep printing new activity until the agent finishes"
     )
     p.add_argument("--raw", action="store_true", help="print the stream-json lines as they are")
+    p.add_argument("--tail", type=non_negative_int, metavar="N",
+                   help=f"only the last N lines (read from the end; -f alone starts with {LOGS_FOLLOW_TAIL})")  # fmt: skip
     p.set_defaults(func=cmd_logs)
 
 
