@@ -237,6 +237,7 @@ WEB_TAIL_MAX_BYTES = 4 * 1024 * 1024  # log_tail: never read more than this to f
 WEB_TAIL_READ_LIMIT = 64 * 1024 * 1024  # GET .../log reads at most this far back, and says so if cut
 WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
 WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
+WEB_HISTORY_LIMIT, WEB_HISTORY_LIMIT_MAX = 50, 500  # cleaned-up agents per page of GET /api/history
 # Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
 WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
 WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
@@ -864,6 +865,7 @@ class StateStore:
         self.history_path = self.path.with_name("history.jsonl")
         self.lock = FileLock(self.path.with_name("state.lock"))
         self.rebuild = rebuild  # () -> {id: record}, used when state.json is unreadable
+        self.history_cache = (None, {})  # (history.jsonl's (inode, size, mtime), its records)
 
     def load(self):
         """The current state, live agents only; a corrupt file is moved aside and rebuilt first."""
@@ -891,11 +893,22 @@ class StateStore:
 
     def history(self):
         """{id: record} of cleaned-up agents: history.jsonl plus any not yet moved out of state.json."""
-        history = read_history(self.history_path)
+        history = dict(self.read_history_file())
         with contextlib.suppress(ValueError, OrchestraError):
             state = self.read()
             history.update({r["id"]: r for r in move_removed(state)})
         return history
+
+    def read_history_file(self):
+        """history.jsonl's records, parsed again only when the file changed (it only grows)."""
+        try:
+            info = os.stat(self.history_path)
+            key = (info.st_ino, info.st_size, info.st_mtime_ns)
+        except FileNotFoundError:
+            key = None
+        if key != self.history_cache[0]:
+            self.history_cache = (key, read_history(self.history_path) if key else {})
+        return self.history_cache[1]
 
     def read(self):
         """Parse state.json; ValueError when it is corrupt."""
@@ -3967,6 +3980,7 @@ class StatusHub:
         self.clients = set()
         self.document = None
         self.seen = None  # state.json's (inode, size, mtime) when last read
+        self.state = None  # what it held then: liveness is re-checked without parsing it again
         self.next_refresh = self.next_revive = 0.0
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="orchestra-web-status", daemon=True)
@@ -3993,17 +4007,23 @@ class StatusHub:
                 self.log(f"status update failed:\n{traceback.format_exc()}")
 
     def poll(self):
-        """Rebuild the status when state.json changed (or a second passed) and send the changes."""
+        """Rebuild the status when state.json changed (or its supervisor died) and send the changes.
+
+        An unchanged file (by stat) is not parsed again: idle costs one stat per poll at any history size.
+        """
         try:
             info = os.stat(str(self.project.store.path))
             seen = (info.st_ino, info.st_size, info.st_mtime_ns)
         except FileNotFoundError:
             seen = None
         now = time.monotonic()
-        if seen == self.seen and now < self.next_refresh:
+        if seen == self.seen and (now < self.next_refresh or not self.liveness_changed()):
+            if now >= self.next_refresh:  # unchanged file: only the supervisor's liveness was checked
+                self.next_refresh = now + WEB_REFRESH_INTERVAL
+            self.maybe_revive(now)
             return
         self.seen, self.next_refresh = seen, now + WEB_REFRESH_INTERVAL
-        state, document = current_status(self.project)
+        self.state, document = current_status(self.project)
         with self.lock:
             change = status_changes(self.document, document) if self.document else None
             self.document = document
@@ -4011,9 +4031,19 @@ class StatusHub:
                 message = json.dumps(change).encode("utf-8")
                 for ws in self.clients:
                     ws.send(message)
-        if self.revive and now >= self.next_revive:
+        self.maybe_revive(now)
+
+    def liveness_changed(self):
+        """True when the supervisor named in the last state read has died (or come back) since."""
+        if self.state is None or self.document is None:
+            return True
+        return supervisor_alive(self.state) != self.document["supervisor"]["alive"]
+
+    def maybe_revive(self, now):
+        """Every few seconds: start a supervisor if agents need one and none runs."""
+        if self.revive and self.state is not None and now >= self.next_revive:
             self.next_revive = now + WEB_REVIVE_INTERVAL
-            pid = ensure_supervisor(self.project, state)
+            pid = ensure_supervisor(self.project, self.state)
             if pid:
                 self.log(f"the supervisor was not running; restarted it (pid {pid})")
 
@@ -4111,6 +4141,16 @@ def agent_diff(project, record):
             "truncated": len(patch) > WEB_MAX_DIFF, "untracked": untracked}  # fmt: skip
 
 
+def history_page(project, offset, limit):
+    """A page of cleaned-up agents, most recently removed first, with how many there are in all."""
+    history = list(project.history().values())
+    page = history[::-1][offset : offset + limit]
+    agents = [
+        {**public_record(r), "archive": r.get("archive"), "removed_at": r.get("removed_at")} for r in page
+    ]
+    return {"agents": agents, "total": len(history), "offset": offset, "limit": limit}
+
+
 def query_int(query, name, default, low, high):
     """An integer query parameter within [low, high]."""
     raw = query.get(name, [str(default)])[-1]
@@ -4142,6 +4182,7 @@ ROUTES = [(method, re.compile(pattern), name) for method, pattern, name in (
     ("GET", r"/api/status", "route_status"),
     ("GET", r"/api/sessions", "route_sessions"),
     ("GET", r"/api/worktrees", "route_worktrees"),
+    ("GET", r"/api/history", "route_history"),
     ("POST", r"/api/spawn", "route_spawn"),
     ("POST", r"/api/cleanup", "route_cleanup"),
     ("GET", r"/api/agents/(?P<id>[^/]+)", "route_agent"),
@@ -4337,6 +4378,12 @@ class WebHandler(BaseHTTPRequestHandler):
     def route_status(self, params, query, body):
         """GET /api/status: what `status --json` prints."""
         return 200, current_status(self.server.project)[1]
+
+    def route_history(self, params, query, body):
+        """GET /api/history?offset=N&limit=N: cleaned-up agents, newest first, one page at a time."""
+        offset = query_int(query, "offset", 0, 0, sys.maxsize)
+        limit = query_int(query, "limit", WEB_HISTORY_LIMIT, 1, WEB_HISTORY_LIMIT_MAX)
+        return 200, history_page(self.server.project, offset, limit)
 
     def route_sessions(self, params, query, body):
         """GET /api/sessions?hours=N&limit=N: the user's recent Claude Code sessions."""

@@ -172,3 +172,57 @@ def test_web_tail_returns_the_lines_asked_or_says_why(tmp_path, monkeypatch):
     lines, short = orchestra.readable_tail(path, 2500, limit=1024 * 1024)
     assert len(lines) < 2500 and short.startswith(f"only {len(lines)} line(s) in the last 1 MB of the log")
     assert orchestra.readable_tail(tmp_path / "none", 5) == ([], "the agent has no log yet")
+
+
+# --- web: live agents in the status, history paged on request ----------------------------------
+
+
+def test_status_holds_live_agents_and_history_comes_in_pages(server, project):
+    from test_web import add_record, call
+
+    for n in range(5):
+        add_record(project, f"agent-{n}", state="done", seq=n)
+    for n in (0, 1, 2):
+        orchestra.mark_removed(project, f"agent-{n}", [f"refs/orchestra/archive/agent-{n}/x"])
+    assert [a["id"] for a in call(server, "GET", "/api/status").json()["agents"]] == ["agent-3", "agent-4"]
+    page = call(server, "GET", "/api/history?limit=2").json()
+    assert (page["total"], page["offset"], page["limit"]) == (3, 0, 2)
+    assert [a["id"] for a in page["agents"]] == ["agent-2", "agent-1"]  # most recently removed first
+    assert page["agents"][0]["state"] == "removed" and page["agents"][0]["archive"] == [
+        "refs/orchestra/archive/agent-2/x"
+    ]
+    assert [a["id"] for a in call(server, "GET", "/api/history?offset=2&limit=2").json()["agents"]] == [
+        "agent-0"
+    ]
+    assert call(server, "GET", "/api/history?offset=9").json()["agents"] == []
+    for bad in ("limit=0", "limit=501", "offset=-1", "offset=x"):
+        assert call(server, "GET", f"/api/history?{bad}").status == 400
+    assert call(server, "GET", "/api/agents/agent-1").json()["state"] == "removed"  # a named id finds history
+
+
+def test_status_hub_does_not_parse_an_unchanged_state_file(project, monkeypatch):
+    from test_web import add_record
+
+    add_record(project, "alpha", state="running")
+    calls = []
+    real = orchestra.current_status
+    monkeypatch.setattr(orchestra, "current_status", lambda p: calls.append(1) or real(p))
+    monkeypatch.setattr(orchestra, "WEB_REFRESH_INTERVAL", 0.0)  # liveness checked on every poll
+    hub = orchestra.StatusHub(project, print, revive=False)
+    for _ in range(20):
+        hub.poll()
+    assert len(calls) == 1
+    add_record(project, "beta", state="running")
+    hub.poll()
+    assert len(calls) == 2 and [a["id"] for a in hub.document["agents"]] == ["alpha", "beta"]
+    # The supervisor named in the state dies: noticed without a change to the file.
+    supervisor = subprocess.Popen(["sleep", "30"])
+    start = orchestra.process_start_time(supervisor.pid)
+    project.store.update(lambda s: s["supervisor"].update(pid=supervisor.pid, pid_start=start))
+    hub.poll()
+    assert hub.document["supervisor"]["alive"] is True and len(calls) == 3
+    hub.poll()
+    supervisor.kill()
+    supervisor.wait()
+    hub.poll()
+    assert hub.document["supervisor"]["alive"] is False and len(calls) == 4
