@@ -160,6 +160,7 @@ LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at onc
 LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
 LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
 WORKTREE_THREADS = 8
+REPORT_CACHE_FILE = "reports.json"  # in .orchestra/: what finished agents committed, by branch tip
 COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
 LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory stays bounded
 LOG_READ_BUDGET = 8 * 1024 * 1024  # bytes folded per read_new call, so facts reach state.json during a burst
@@ -3250,25 +3251,102 @@ def uncommitted_work(record):
     return [(code, path) for code, path in worktree_status(worktree) if not from_setup(path)]
 
 
-def agent_report(project, record):
-    """What one agent produced: its result, cost, commits, diffstat and leftovers."""
-    tip, base = branch_tip(project, record), record["base_commit"]
-    commits = commits_between(project.repo, base, tip) if tip else []
-    diff = ["diff", base, tip] if tip else None
-    changed = set(run_git([*diff, "--name-only", "-z"], project.repo).stdout.split("\0")) if diff else set()
+def agent_report(project, record, tip=False, cache=None):
+    """What one agent produced: its result, cost, commits, diffstat and leftovers.
+
+    `tip` (the branch tip, when the caller looked it up already) and `cache` (a ReportCache) spare
+    git the work for a branch whose tip has not moved since the last report.
+    """
+    tip = branch_tip(project, record) if tip is False else tip
+    committed = cache.get(record, tip) if cache else None
+    if committed is None:
+        committed = committed_work(project, record["base_commit"], tip)
+        if cache:
+            cache.put(record, tip, committed)
     leftovers = uncommitted_work(record)
-    changed |= {path for code, path in leftovers if code != "!!"}
+    changed = set(committed["files"]) | {path for code, path in leftovers if code != "!!"}
     return {
         **{
             key: record.get(key)
             for key in ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch")
         },
         "duration_seconds": elapsed_seconds(record, time.time()),
-        "commits": [{"hash": h, "subject": subject} for h, subject in commits],
-        "diffstat": run_git([*diff, "--stat"], project.repo).stdout.rstrip() if diff else "",
+        "commits": committed["commits"],
+        "diffstat": committed["diffstat"],
         "files": sorted(changed - {""}),
         "uncommitted": [{"status": code, "path": path} for code, path in leftovers],
     }
+
+
+def committed_work(project, base, tip):
+    """{commits, diffstat, files} of a branch at `tip` against its base (all empty without a branch)."""
+    if not tip:
+        return {"commits": [], "diffstat": "", "files": []}
+    diff = ["diff", base, tip]
+    files = run_git([*diff, "--name-only", "-z"], project.repo).stdout.split("\0")
+    return {
+        "commits": [
+            {"hash": h, "subject": subject} for h, subject in commits_between(project.repo, base, tip)
+        ],
+        "diffstat": run_git([*diff, "--stat"], project.repo).stdout.rstrip(),
+        "files": sorted(set(files) - {""}),
+    }
+
+
+def branch_tips(project):
+    """{branch name: commit} of every local branch, from one git call."""
+    out = run_git(["for-each-ref", "--format=%(objectname) %(refname)", "refs/heads/"], project.repo).stdout
+    return {
+        ref[len("refs/heads/") :]: commit for commit, ref in (line.split(" ", 1) for line in out.splitlines())
+    }
+
+
+class ReportCache:
+    """What each finished agent committed, kept in .orchestra/reports.json by (base, branch tip).
+
+    A branch's commits, diffstat and files are a function of its base and tip, so a report is
+    recomputed only when the tip moved; `collect` then costs git calls only for what changed.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.changed = False
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            entries = {}
+        self.entries = entries if isinstance(entries, dict) else {}
+
+    def get(self, record, tip):
+        """The cached committed work of an agent at this tip, or None."""
+        entry = self.entries.get(record["id"])
+        if isinstance(entry, dict) and entry.get("key") == [record["base_commit"], tip]:
+            return entry.get("work")
+        return None
+
+    def put(self, record, tip, work):
+        """Remember an agent's committed work at this tip."""
+        self.entries[record["id"]] = {"key": [record["base_commit"], tip], "work": work}
+        self.changed = True
+
+    def save(self, keep):
+        """Write the cache (atomically) holding only the agents in `keep`, if anything changed."""
+        stale = set(self.entries) - set(keep)
+        if self.changed or stale:
+            for agent_id in stale:
+                del self.entries[agent_id]
+            write_atomic(self.path, json.dumps(self.entries, separators=(",", ":")))
+
+
+def agent_reports(project, records):
+    """Reports of many agents: one git call for all branch tips, cached work for unmoved tips."""
+    tips = branch_tips(project) if records else {}
+    cache = ReportCache(project.dir / REPORT_CACHE_FILE)
+    reports = [agent_report(project, r, tips.get(r["branch"]), cache) for r in records]
+    cache.save(
+        set(cache.entries) & {r["id"] for r in project.records().values()} | {r["id"] for r in records}
+    )
+    return reports
 
 
 def overlapping_files(reports):
@@ -4968,7 +5046,7 @@ def cmd_collect(args):
     if args.merge:
         check_checkout_clean(project.repo, "merging")
     committed = [r["id"] for r in records if args.commit and commit_leftovers(project, r)]
-    reports = [agent_report(project, r) for r in records]
+    reports = agent_reports(project, records)
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
     if args.merge:
         chosen = records if args.ids else [r for r in records if r["state"] == "done"]

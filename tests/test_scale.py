@@ -226,3 +226,46 @@ def test_status_hub_does_not_parse_an_unchanged_state_file(project, monkeypatch)
     supervisor.wait()
     hub.poll()
     assert hub.document["supervisor"]["alive"] is False and len(calls) == 4
+
+
+# --- collect: git only for what moved ----------------------------------------------------------
+
+
+def test_collect_reuses_reports_of_unmoved_branches(fake_repo, cli, monkeypatch):
+    from conftest import git, wait_settled
+
+    assert cli("spawn", "commit:a.txt alpha", "commit:b.txt beta").code == 0
+    wait_settled(fake_repo)
+    first = cli("collect", "--json").json()
+    calls = []
+    real = orchestra.run_git
+    monkeypatch.setattr(
+        orchestra, "run_git", lambda args, cwd, **kw: calls.append(args[0]) or real(args, cwd, **kw)
+    )
+    assert cli("collect", "--json").json() == first
+    assert sorted(set(calls)) == ["for-each-ref", "status"]  # tips in one call; status of the 2 worktrees
+    assert calls.count("for-each-ref") == 1 and calls.count("status") == 2
+
+    worktree = fake_repo / ".worktrees" / "task-commit-a-txt-alpha"
+    (worktree / "more.txt").write_text("more\n")
+    git("add", "more.txt", cwd=worktree)
+    git("commit", "-qm", "add more.txt", cwd=worktree)
+    calls.clear()
+    again = cli("collect", "--json").json()["agents"]
+    assert [c["subject"] for c in again[0]["commits"]] == ["add a.txt", "add more.txt"]
+    assert again[0]["files"] == ["a.txt", "more.txt"] and again[1] == first["agents"][1]
+    assert calls.count("diff") == 2 and calls.count("log") == 1  # only the moved branch
+
+
+def test_collect_cache_never_hides_a_change_of_base(fake_repo, cli):
+    from conftest import wait_settled
+
+    cli("spawn", "commit:a.txt alpha")
+    wait_settled(fake_repo)
+    assert cli("collect", "--json").json()["agents"][0]["files"] == ["a.txt"]
+    cache = json.loads((fake_repo / ".orchestra" / "reports.json").read_text())
+    assert list(cache) == ["commit-a-txt-alpha"]
+    cache["commit-a-txt-alpha"]["work"]["files"] = ["stale.txt"]
+    cache["commit-a-txt-alpha"]["key"][0] = "0" * 40  # another base: not this agent's entry
+    (fake_repo / ".orchestra" / "reports.json").write_text(json.dumps(cache))
+    assert cli("collect", "--json").json()["agents"][0]["files"] == ["a.txt"]
