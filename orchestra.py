@@ -159,7 +159,7 @@ LOGS_FOLLOW_TAIL = 50  # lines `logs -f` shows before following, unless --tail s
 LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
 LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
 LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
-WORKTREE_THREADS = 8
+WORKTREE_THREADS = 8  # worktrees made at once; spawn makes this many itself, the supervisor the rest
 REPORT_CACHE_FILE = "reports.json"  # in .orchestra/: what finished agents committed, by branch tip
 COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
 LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory stays bounded
@@ -1334,8 +1334,8 @@ def prepare_worktree(project, record, copies, register_lock):
     """
     worktree = Path(record["worktree"])
     log = project.log_path(record["id"])
-    spawn_facts = ("id", "task", "branch", "worktree", "base_branch", "base_commit", "launch", "seq")
-    append_event(log, {"event": "spawn", **{k: record[k] for k in spawn_facts}})
+    if not record.get("spawn_logged"):
+        append_spawn_event(project, record)
     add = [
         "worktree",
         "add",
@@ -1362,6 +1362,12 @@ def prepare_worktree(project, record, copies, register_lock):
     leftovers = [path for code, path in worktree_status(worktree) if code in ("??", "!!")]
     record["setup_files"] = {path: file_fingerprint(worktree / path) for path in leftovers}
     return error
+
+
+def append_spawn_event(project, record):
+    """Open an agent's log with the facts a rebuilt state.json needs."""
+    spawn_facts = ("id", "task", "branch", "worktree", "base_branch", "base_commit", "launch", "seq")
+    append_event(project.log_path(record["id"]), {"event": "spawn", **{k: record[k] for k in spawn_facts}})
 
 
 def run_setup(commands, worktree, log):
@@ -1410,7 +1416,11 @@ def rebuild_records(project):
             record["finished_at"] = log.settled.get("time")
         elif log.launched:
             record["state"], record["error"] = settled_state(log, None, "")
-        if record["worktree"] not in live and record["state"] == "queued":
+        if record["worktree"] not in live and record["state"] == "queued" and not log.launched:
+            record.update(
+                ready=False, worktree_later=True, spawn_logged=True, activity="waiting for a worktree"
+            )
+        elif record["worktree"] not in live and record["state"] == "queued":
             record["state"], record["error"] = "failed", "worktree missing after state.json was rebuilt"
         records[record["id"]] = record
     return records
@@ -1549,6 +1559,8 @@ class Supervisor:
         self.pending_lock = threading.Lock()  # guards self.pending
         self.pending = {}  # agent id -> facts or final record changes waiting for the next write
         self.watchers = {}  # agent id -> watcher thread; touched by the main thread only
+        self.preparer = None  # the thread making the next worktrees; touched by the main thread only
+        self.wake = threading.Event()  # set when an agent ends or worktrees are ready: schedule now
 
     def run(self):
         """Hold the supervisor lock and serve; re-check for work after letting go of it."""
@@ -1575,9 +1587,11 @@ class Supervisor:
             if self.startable(state):
                 self.store.update(self.start_queued)
                 state = self.store.load()
-            if not self.watchers and not self.has_work(state):
+            self.prepare_ahead(state)
+            if not self.watchers and not self.has_work(state) and not self.preparing():
                 break
-            self.stopping.wait(SUPERVISOR_TICK)
+            self.wake.wait(SUPERVISOR_TICK)
+            self.wake.clear()
         self.flush()
         self.store.update(lambda state: state["supervisor"].update(pid=None))
 
@@ -1588,11 +1602,55 @@ class Supervisor:
 
     @staticmethod
     def has_work(state):
-        """True while some agent is ready to start, running or paused."""
+        """True while some agent is ready to start (or waits for its worktree), running or paused."""
         return any(
-            r["state"] in ("running", "paused") or (r["state"] == "queued" and r.get("ready"))
+            r["state"] in ("running", "paused")
+            or (r["state"] == "queued" and (r.get("ready") or r.get("worktree_later")))
             for r in state["agents"].values()
         )
+
+    def preparing(self):
+        """True while worktrees are being made for queued agents."""
+        return self.preparer is not None and self.preparer.is_alive()
+
+    def prepare_ahead(self, state):
+        """Make the next worktrees in the background, keeping at most the parallel limit ready ahead.
+
+        Spawn makes the first batch itself; the rest are made here just before they can run, so
+        the first agents start at once and disk use follows the parallel limit, not the queue.
+        """
+        if self.preparing():
+            return
+        agents = state["agents"].values()
+        if not any(r["state"] == "queued" and r.get("worktree_later") for r in agents):
+            return
+        ready = sum(r["state"] == "queued" and bool(r.get("ready")) for r in agents)
+        count = min(WORKTREE_THREADS, self.project.config.parallel_limit(state.get("parallel")) - ready)
+        if count > 0:
+            self.preparer = threading.Thread(
+                target=self.prepare_next, args=(count,), name="prepare", daemon=True
+            )
+            self.preparer.start()
+
+    def prepare_next(self, count):
+        """Claim the next `count` waiting agents under the lock, make their worktrees, wake the loop."""
+
+        def claim(state):
+            waiting = (
+                r for r in state["agents"].values() if r["state"] == "queued" and r.get("worktree_later")
+            )
+            chosen = sorted(waiting, key=spawn_order)[:count]
+            for record in chosen:
+                record.update(worktree_later=False, activity="preparing worktree")
+            return [dict(r) for r in chosen]
+
+        try:
+            claimed = self.store.update(claim)
+            if claimed:
+                prepare_agents(self.project, claimed)
+        except Exception:  # reported, and the loop goes on: the agents stay queued, visibly
+            traceback.print_exc()
+        self.wake.set()
 
     def adopt(self):
         """Watch agents a dead supervisor left running; settle the ones whose process is gone."""
@@ -1682,7 +1740,7 @@ class Supervisor:
                 self.queue(agent_id, dict(zip(("commits", "files_changed"), self.counts(record) or ())))
                 next_counts, active = time.monotonic() + COUNTS_INTERVAL, False
             if log.caught_up:  # during a burst, read on at once (in budgeted steps) instead
-                time.sleep(WATCH_POLL)
+                self.pause(proc)
         if self.stopping.is_set():
             return  # the agent runs on; the next supervisor adopts it
         log.read_to_end()
@@ -1690,6 +1748,15 @@ class Supervisor:
         stderr_tail = read_tail(self.project.stderr_path(agent_id))
         counts = self.counts(record)
         self.finish(agent_id, lambda r: finish_record(r, log, exit_code, stderr_tail, counts))
+
+    @staticmethod
+    def pause(proc):
+        """Wait WATCH_POLL between reads; a child of ours ends the wait as soon as it exits."""
+        if proc is None:
+            time.sleep(WATCH_POLL)
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(WATCH_POLL)
 
     def counts(self, record):
         """(commits, files changed) of an agent's worktree, or None if git cannot tell."""
@@ -1712,6 +1779,7 @@ class Supervisor:
             settle(state["agents"][agent_id])
 
         self.store.update(change)
+        self.wake.set()  # a slot is free: start the next agent now, not at the next tick
 
     def flush(self):
         """Write all pending facts in one state update (a few writes a second at most)."""
@@ -1955,9 +2023,30 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None):
     check_agent_command(project.config)
     base_branch, base_commit = resolve_base(project, base)
     records = reserve_agents(project, tasks, name, base_branch, base_commit, parallel)
-    prepare_agents(project, records)
+    defer_worktrees(project, records[WORKTREE_THREADS:])
+    prepare_agents(project, records[:WORKTREE_THREADS])
     ensure_supervisor(project)
     return records
+
+
+def defer_worktrees(project, records):
+    """Leave these agents' worktrees to the supervisor, which makes each shortly before it can run.
+
+    Their logs open with the spawn event now, so a rebuilt state.json still knows them.
+    """
+    if not records:
+        return
+    for record in records:
+        append_spawn_event(project, record)
+
+    def mark(state):
+        for record in records:
+            record.update(worktree_later=True, spawn_logged=True, activity="waiting for a worktree")
+            state["agents"][record["id"]].update(
+                worktree_later=True, spawn_logged=True, activity=record["activity"]
+            )
+
+    project.store.update(mark)
 
 
 def pause_agents(project, ids):

@@ -269,3 +269,60 @@ def test_collect_cache_never_hides_a_change_of_base(fake_repo, cli):
     cache["commit-a-txt-alpha"]["key"][0] = "0" * 40  # another base: not this agent's entry
     (fake_repo / ".orchestra" / "reports.json").write_text(json.dumps(cache))
     assert cli("collect", "--json").json()["agents"][0]["files"] == ["a.txt"]
+
+
+# --- spawn: worktrees made shortly before their agents run ----------------------------------------
+
+
+def worktree_folders(repo):
+    root = repo / ".worktrees"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def test_spawn_makes_one_batch_of_worktrees_and_the_supervisor_the_rest(fake_repo, cli):
+    from conftest import load_state, wait_settled
+
+    tasks = [f"commit:f{n}.txt job {n}" for n in range(14)]
+    run = cli("spawn", "--parallel", "2", "--json", *tasks)
+    assert run.code == 0
+    assert len(worktree_folders(fake_repo)) <= orchestra.WORKTREE_THREADS  # not 14 on disk at once
+    later = [a for a in run.json()["agents"][orchestra.WORKTREE_THREADS :]]
+    assert all(a["state"] == "queued" and a["activity"] == "waiting for a worktree" for a in later)
+    logs = fake_repo / ".orchestra" / "logs"
+    assert all(
+        json.loads((logs / f"{a['id']}.jsonl").read_text().splitlines()[0])["event"] == "spawn" for a in later
+    )
+    wait_settled(fake_repo, timeout=120)
+    agents = load_state(fake_repo)["agents"]
+    assert sorted(r["state"] for r in agents.values()) == ["done"] * 14
+    assert all(r["commits"] == 1 for r in agents.values())
+    starts = [r["started_at"] for r in sorted(agents.values(), key=lambda r: r["seq"])]
+    assert starts == sorted(starts)  # still started in spawn order
+
+
+def test_a_rebuilt_state_keeps_agents_that_wait_for_their_worktree(fake_repo, cli):
+    from conftest import agent_states, load_state, wait_for, wait_settled
+
+    tasks = ["sleep:4 first", *[f"later {n}" for n in range(orchestra.WORKTREE_THREADS + 1)]]
+    cli("spawn", "--parallel", "1", *tasks)
+    wait_for(lambda: agent_states(fake_repo).get("sleep-4-first") == "running", timeout=30, what="running")
+    (fake_repo / ".orchestra" / "state.json").write_text("{")
+    run = cli("status", "--json")
+    assert "rebuilt" in run.err
+    states = {a["id"]: (a["state"], a["activity"]) for a in run.json()["agents"]}
+    assert states["later-8"] == ("queued", "waiting for a worktree")
+    wait_settled(fake_repo, timeout=120)
+    agents = load_state(fake_repo)["agents"]
+    assert agents["later-8"]["state"] == "done" and (fake_repo / ".worktrees" / "task-later-8").is_dir()
+
+
+def test_stopping_an_agent_that_waits_for_its_worktree(fake_repo, cli):
+    from conftest import load_state, wait_settled
+
+    tasks = ["sleep:3 first", *[f"later {n}" for n in range(orchestra.WORKTREE_THREADS)]]
+    cli("spawn", "--parallel", "1", *tasks)
+    assert cli("stop", "later-7").code == 0
+    wait_settled(fake_repo, timeout=120)
+    record = load_state(fake_repo)["agents"]["later-7"]
+    assert record["state"] == "stopped" and record["started_at"] is None
+    assert not (fake_repo / ".worktrees" / "task-later-7").exists()
