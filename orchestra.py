@@ -35,20 +35,14 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import hashlib
-import hmac
-import http.client
 import json
 import os
 import queue
 import re
-import secrets
 import shlex
 import shutil
 import signal
 import site
-import socket
-import socketserver
 import stat
 import struct
 import subprocess
@@ -59,10 +53,25 @@ import time
 import traceback
 import zlib
 from fnmatch import fnmatchcase
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
+
+
+class LazyModule:
+    """A module imported on first use: only `web` needs these, and every command's start-up pays for imports."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getattr__(self, attribute):
+        import importlib
+
+        return getattr(importlib.import_module(self.name), attribute)
+
+
+hashlib, hmac, secrets = LazyModule("hashlib"), LazyModule("hmac"), LazyModule("secrets")
+socket, socketserver = LazyModule("socket"), LazyModule("socketserver")
 
 try:
     import fcntl
@@ -4117,6 +4126,8 @@ class HeaderBudget:
         line = self.rfile.readline(self.budget + 1 if limit < 0 else min(limit, self.budget + 1))
         self.budget -= len(line)
         if self.budget < 0:
+            import http.client  # loaded already by http.server, which the web server runs on
+
             raise http.client.LineTooLong("header block")  # parse_request answers 431
         return line
 
@@ -4375,8 +4386,12 @@ def find_route(method, path):
     raise HTTPRefusal(404, f"nothing at {path}")
 
 
-class WebHandler(BaseHTTPRequestHandler):
-    """One connection: read a request within limits, pass the Gate, then run one route."""
+class WebHandler:
+    """One connection: read a request within limits, pass the Gate, then run one route.
+
+    Joined with http.server's BaseHTTPRequestHandler by web_class() when the server starts:
+    importing http.server (and http.client, email...) at the top would slow every command.
+    """
 
     protocol_version = "HTTP/1.1"  # keep-alive, and the WebSocket's 101 needs it
     server_version = f"orchestra/{__version__}"
@@ -4620,8 +4635,11 @@ class WebHandler(BaseHTTPRequestHandler):
             ws.abort()
 
 
-class WebServer(ThreadingHTTPServer):
-    """`orchestra web`: one thread per connection, a connection cap and a deadline per request."""
+class WebServer:
+    """`orchestra web`: one thread per connection, a connection cap and a deadline per request.
+
+    Joined with http.server's ThreadingHTTPServer by web_class(), as WebHandler is.
+    """
 
     daemon_threads = True
     request_queue_size = WEB_LISTEN_BACKLOG
@@ -4638,7 +4656,7 @@ class WebServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         context = tls_context(*tls) if tls else None  # a bad certificate is refused before listening
         try:
-            super().__init__((host, port), WebHandler)
+            super().__init__((host, port), web_class(WebHandler))
         except OSError as e:
             raise OrchestraError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port "
                                  "(0 picks a free one) or --host", EXIT_FAILURE) from None  # fmt: skip
@@ -4750,6 +4768,19 @@ def tls_context(cert, key):
     return context
 
 
+WEB_CLASSES = {}  # WebHandler and WebServer joined with their http.server bases, made on first use
+
+
+def web_class(mixin):
+    """`mixin` (WebHandler or WebServer) joined with its http.server base class, made once."""
+    if mixin not in WEB_CLASSES:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        base = {WebHandler: BaseHTTPRequestHandler, WebServer: ThreadingHTTPServer}[mixin]
+        WEB_CLASSES[mixin] = type(mixin.__name__, (mixin, base), {"__doc__": mixin.__doc__})
+    return WEB_CLASSES[mixin]
+
+
 def start_web_server(project, host=WEB_DEFAULT_HOST, port=WEB_DEFAULT_PORT, allow_hosts=(), new_token=False,
                      tls=None, log=None, env=None, flags=None, revive=True, **limits):  # fmt: skip
     """Listen and serve on background threads; the running WebServer (stop() ends it).
@@ -4758,7 +4789,7 @@ def start_web_server(project, host=WEB_DEFAULT_HOST, port=WEB_DEFAULT_PORT, allo
     pong_timeout, queue_limit) for tests.
     """
     token = web_token(project.dir, rotate=new_token)
-    server = WebServer(project, host, port, token, allowed_hosts(host, allow_hosts), tls=tls, log=log, env=env,
+    server = web_class(WebServer)(project, host, port, token, allowed_hosts(host, allow_hosts), tls=tls, log=log, env=env,
                        flags=flags, revive=revive, **limits)  # fmt: skip
     return server.start()
 
