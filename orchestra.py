@@ -191,7 +191,9 @@ SESSION_TABLE_GAP = "  "
 SECONDS_PER_HOUR = 3600
 SESSION_CACHE_FILE = "claude-orchestra/session-counts.json"  # under $XDG_CACHE_HOME or ~/.cache
 SESSION_CACHE_VERSION = 1
-SESSION_CACHE_LIMIT = 2000  # transcripts remembered: the most recently modified
+SESSION_CACHE_LIMIT = (
+    200_000  # transcripts remembered (the most recent): every one a store holds, in practice
+)
 SESSION_RECENT_IDS = 8  # assistant message ids remembered to count each API response once
 SESSION_MARK_BYTES = 64  # bytes before a saved offset that must be unchanged to count on from it
 # Table columns: (name, widest it gets; None: as wide as its widest cell). The title then takes
@@ -2877,6 +2879,7 @@ class AgentIndex:
     def __init__(self):
         self.records = {}  # agent id -> (main worktree, record)
         self.loaded = set()  # main worktrees whose state has been read
+        self.lookup = None  # ({session id: agent id}, {worktree: agent id}), rebuilt after a load
 
     def load(self, repo):
         """Add the agents of one repository's state, once."""
@@ -2885,6 +2888,7 @@ class AgentIndex:
             for agent_id, record in load_agent_records(Path(repo)).items():
                 if isinstance(record, dict):
                     self.records[str(agent_id)] = (repo, record)
+            self.lookup = None
 
     def load_for(self, cwd, cache):
         """Add the agents of the repository a directory belongs to."""
@@ -2893,15 +2897,17 @@ class AgentIndex:
             self.load(main_worktree_of(common))
 
     def find(self, session_id, cwd):
-        """The agent that ran a session: by session id, else by worktree."""
-        worktree = os.path.normpath(cwd) if cwd else None
-        by_worktree = None
-        for agent_id, (_, record) in sorted(self.records.items()):
-            if str(record.get("session_id") or "").lower() == session_id:
-                return agent_id
-            if worktree and record.get("worktree") and os.path.normpath(str(record["worktree"])) == worktree:
-                by_worktree = by_worktree or agent_id
-        return by_worktree
+        """The agent that ran a session: by session id, else by worktree (the first id in order wins)."""
+        if self.lookup is None:
+            by_session, by_worktree = {}, {}
+            for agent_id, (_, record) in sorted(self.records.items()):
+                by_session.setdefault(str(record.get("session_id") or "").lower(), agent_id)
+                if record.get("worktree"):
+                    by_worktree.setdefault(os.path.normpath(str(record["worktree"])), agent_id)
+            self.lookup = by_session, by_worktree
+        by_session, by_worktree = self.lookup
+        found = by_session.get(session_id) if session_id else None
+        return found or (by_worktree.get(os.path.normpath(cwd)) if cwd else None)
 
     def record(self, agent_id):
         """(main worktree, record) of an agent; (None, {}) when unknown."""

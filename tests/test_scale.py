@@ -326,3 +326,39 @@ def test_stopping_an_agent_that_waits_for_its_worktree(fake_repo, cli):
     record = load_state(fake_repo)["agents"]["later-7"]
     assert record["state"] == "stopped" and record["started_at"] is None
     assert not (fake_repo / ".worktrees" / "task-later-7").exists()
+
+
+# --- sessions: a cache as large as the store, an index instead of a scan --------------------------
+
+
+def test_a_warm_listing_of_thousands_of_transcripts_recounts_none(tmp_path, monkeypatch, cli):
+    import uuid
+
+    store = tmp_path / "claude" / "projects" / "-tmp-x"
+    store.mkdir(parents=True)
+    monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(tmp_path / "claude"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    line = {"type": "user", "cwd": "/tmp/x", "message": {"role": "user", "content": "hello"}}
+    for n in range(2500):  # more than the 2,000 the cache used to keep
+        (store / f"{uuid.UUID(int=n)}.jsonl").write_text(json.dumps({**line, "uuid": str(n)}) + "\n")
+    first = cli("sessions", "--all", "--limit", "100000", "--json")
+    assert first.code == 0 and len(first.json()["sessions"]) == 2500
+    counted = []
+    real = orchestra.count_messages
+    monkeypatch.setattr(orchestra, "count_messages", lambda *a: counted.append(a[0]) or real(*a))
+    again = cli("sessions", "--all", "--limit", "100000", "--json")
+    assert again.json() == first.json() and counted == []
+
+
+def test_finding_agents_of_sessions_is_not_quadratic():
+    index = orchestra.AgentIndex()
+    for n in range(4000):
+        record = {"session_id": f"S-{n}", "worktree": f"/w/task-{n}"}
+        index.records[f"agent-{n:04d}"] = ("/repo", record)
+    index.records["agent-dup"] = ("/repo", {"session_id": "s-7", "worktree": "/w/task-8"})
+    start = time.perf_counter()
+    found = [index.find(f"s-{n}", None) for n in range(4000)]
+    assert time.perf_counter() - start < 1.0  # was seconds: all records sorted for every session
+    assert found[:3] == ["agent-0000", "agent-0001", "agent-0002"] and found[7] == "agent-0007"
+    assert index.find("unknown", "/w/task-9/") == "agent-0009"  # by worktree when no session matches
+    assert index.find("unknown", "/elsewhere") is None
