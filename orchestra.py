@@ -39,6 +39,7 @@ import json
 import os
 import queue
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -1219,6 +1220,17 @@ def finish_record(record, log, exit_code, stderr_tail, counts):
     note_settlement(record)
 
 
+def recount(record, counts):
+    """Give a settled record its final (commits, files changed); the log learns them too."""
+    if (
+        record
+        and record["state"] in FINISHED_STATES
+        and (record["commits"], record["files_changed"]) != counts
+    ):
+        record["commits"], record["files_changed"] = counts
+        note_settlement(record)
+
+
 def note_settlement(record):
     """Write an agent's final state into its log, so a rebuilt state.json knows it exactly."""
     settled = {key: record.get(key) for key in ("state", "exit_code", "error", "commits", "files_changed")}
@@ -1592,12 +1604,12 @@ class Supervisor:
         heartbeat = threading.Thread(target=self.beat, name="heartbeat", daemon=True)
         heartbeat.start()
         while not self.stopping.is_set():
-            self.flush()
             self.reap_watchers()
             state = self.store.load()  # read without the lock; lock and write only to start someone
-            if self.startable(state):
+            if self.startable(state):  # first: a free slot waits for nothing else
                 self.store.update(self.start_queued)
                 state = self.store.load()
+            self.flush()
             self.prepare_ahead(state)
             if not self.watchers and not self.has_work(state) and not self.preparing():
                 break
@@ -1737,6 +1749,21 @@ class Supervisor:
     def follow(self, agent_id, record, proc):
         """Tail one agent's log into pending facts until its process ends, then settle it."""
         log = AgentLog(self.project.log_path(agent_id))
+        with ExitWaiter(proc) as waiter:
+            self.tail_until_exit(agent_id, record, proc, log, waiter)
+        if self.stopping.is_set():
+            return  # the agent runs on; the next supervisor adopts it
+        log.read_to_end()
+        exit_code = proc.returncode if proc else None
+        stderr_tail = read_tail(self.project.stderr_path(agent_id))
+        # Settled at once, freeing its slot; its final commit and file counts (git) follow.
+        self.finish(agent_id, lambda r: finish_record(r, log, exit_code, stderr_tail, None))
+        counts = self.counts(record)
+        if counts:
+            self.store.update(lambda state: recount(state["agents"].get(agent_id), counts))
+
+    def tail_until_exit(self, agent_id, record, proc, log, waiter):
+        """Fold the log into pending facts (and refresh counts) until the process ends or we stop."""
         next_counts, active = 0.0, True  # counts change only when the agent does something, which it logs
         while not self.stopping.is_set():
             exited = (
@@ -1746,28 +1773,12 @@ class Supervisor:
                 self.queue(agent_id, without_none(log.facts))
                 active = True
             if exited:
-                break
+                return
             if active and time.monotonic() >= next_counts:
                 self.queue(agent_id, dict(zip(("commits", "files_changed"), self.counts(record) or ())))
                 next_counts, active = time.monotonic() + COUNTS_INTERVAL, False
             if log.caught_up:  # during a burst, read on at once (in budgeted steps) instead
-                self.pause(proc)
-        if self.stopping.is_set():
-            return  # the agent runs on; the next supervisor adopts it
-        log.read_to_end()
-        exit_code = proc.returncode if proc else None
-        stderr_tail = read_tail(self.project.stderr_path(agent_id))
-        counts = self.counts(record)
-        self.finish(agent_id, lambda r: finish_record(r, log, exit_code, stderr_tail, counts))
-
-    @staticmethod
-    def pause(proc):
-        """Wait WATCH_POLL between reads; a child of ours ends the wait as soon as it exits."""
-        if proc is None:
-            time.sleep(WATCH_POLL)
-            return
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(WATCH_POLL)
+                waiter.wait(WATCH_POLL)
 
     def counts(self, record):
         """(commits, files changed) of an agent's worktree, or None if git cannot tell."""
@@ -1832,10 +1843,48 @@ class Supervisor:
                 record["stale"] = now - quiet_since >= threshold
 
 
+class ExitWaiter:
+    """Waits between a watcher's reads, ending the wait the moment the agent's process exits.
+
+    Linux's pidfd becomes readable at exit; elsewhere a child is polled, an adopted process slept on.
+    """
+
+    def __init__(self, proc):
+        self.proc, self.fd = proc, None
+        if proc is not None and hasattr(os, "pidfd_open"):
+            with contextlib.suppress(OSError):
+                self.fd = os.pidfd_open(proc.pid)
+
+    def wait(self, timeout):
+        """Sleep up to `timeout` seconds, less if the process exits."""
+        if self.fd is not None:
+            select.select([self.fd], [], [], timeout)
+        elif self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        else:
+            time.sleep(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+
+
 def supervisor_alive(state):
     """True while the supervisor named in the state is still that same process."""
     info = state.get("supervisor") or {}
     return process_alive(info.get("pid"), info.get("pid_start"))
+
+
+def supervisor_argv():
+    """How to run `orchestra supervise --foreground`: this module imported (its cached bytecode
+    used, as the installed command does), not run as a script that is compiled at every start."""
+    here = Path(__file__).resolve()
+    launch = "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; sys.exit(orchestra.main(sys.argv[1:]))"
+    return [sys.executable, "-c", launch, str(here.parent), "supervise", "--foreground"]
 
 
 def ensure_supervisor(project, state=None):
@@ -1845,7 +1894,7 @@ def ensure_supervisor(project, state=None):
         return None
     with open(project.dir / "supervisor.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "supervise", "--foreground"],
+            supervisor_argv(),
             cwd=str(project.repo),
             stdin=subprocess.DEVNULL,
             stdout=log,
