@@ -169,7 +169,9 @@ LOGS_FOLLOW_TAIL = 50  # lines `logs -f` shows before following, unless --tail s
 LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
 LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
 LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
-WORKTREE_THREADS = 8  # worktrees made at once; spawn makes this many itself, the supervisor the rest
+WORKTREE_THREADS = 8
+SPAWN_PREPARED_NOW = 1  # worktrees spawn makes itself; the supervisor makes the rest just before they run
+PREPARE_AT_ONCE = 2  # worktrees the supervisor makes at a time: checkouts compete for the disk
 REPORT_CACHE_FILE = "reports.json"  # in .orchestra/: what finished agents committed, by branch tip
 COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
 LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory stays bounded
@@ -1639,7 +1641,7 @@ class Supervisor:
     def prepare_ahead(self, state):
         """Make the next worktrees in the background, keeping at most the parallel limit ready ahead.
 
-        Spawn makes the first batch itself; the rest are made here just before they can run, so
+        Spawn makes the first one itself; the rest are made here just before they can run, so
         the first agents start at once and disk use follows the parallel limit, not the queue.
         """
         if self.preparing():
@@ -1648,7 +1650,7 @@ class Supervisor:
         if not any(r["state"] == "queued" and r.get("worktree_later") for r in agents):
             return
         ready = sum(r["state"] == "queued" and bool(r.get("ready")) for r in agents)
-        count = min(WORKTREE_THREADS, self.project.config.parallel_limit(state.get("parallel")) - ready)
+        count = min(PREPARE_AT_ONCE, self.project.config.parallel_limit(state.get("parallel")) - ready)
         if count > 0:
             self.preparer = threading.Thread(
                 target=self.prepare_next, args=(count,), name="prepare", daemon=True
@@ -2083,8 +2085,8 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None):
     check_agent_command(project.config)
     base_branch, base_commit = resolve_base(project, base)
     records = reserve_agents(project, tasks, name, base_branch, base_commit, parallel)
-    defer_worktrees(project, records[WORKTREE_THREADS:])
-    prepare_agents(project, records[:WORKTREE_THREADS])
+    defer_worktrees(project, records[SPAWN_PREPARED_NOW:])
+    prepare_agents(project, records[:SPAWN_PREPARED_NOW])
     ensure_supervisor(project)
     return records
 

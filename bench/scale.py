@@ -286,7 +286,7 @@ def burst_with(module, root, megabytes):
     while True:
         try:
             peak, cpu = max(peak, peak_rss_mb(pid)), proc_io(pid)[2]
-        except (FileNotFoundError, ProcessLookupError):
+        except (FileNotFoundError, ProcessLookupError, IndexError):  # gone, or a zombie
             break
         time.sleep(0.05)
     wait_idle(repo)

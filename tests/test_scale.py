@@ -285,8 +285,8 @@ def test_spawn_makes_one_batch_of_worktrees_and_the_supervisor_the_rest(fake_rep
     tasks = [f"commit:f{n}.txt job {n}" for n in range(14)]
     run = cli("spawn", "--parallel", "2", "--json", *tasks)
     assert run.code == 0
-    assert len(worktree_folders(fake_repo)) <= orchestra.WORKTREE_THREADS  # not 14 on disk at once
-    later = [a for a in run.json()["agents"][orchestra.WORKTREE_THREADS :]]
+    assert len(worktree_folders(fake_repo)) <= 2 + orchestra.PREPARE_AT_ONCE  # not 14 on disk at once
+    later = run.json()["agents"][orchestra.SPAWN_PREPARED_NOW :]
     assert all(a["state"] == "queued" and a["activity"] == "waiting for a worktree" for a in later)
     logs = fake_repo / ".orchestra" / "logs"
     assert all(
@@ -303,7 +303,7 @@ def test_spawn_makes_one_batch_of_worktrees_and_the_supervisor_the_rest(fake_rep
 def test_a_rebuilt_state_keeps_agents_that_wait_for_their_worktree(fake_repo, cli):
     from conftest import agent_states, load_state, wait_for, wait_settled
 
-    tasks = ["sleep:4 first", *[f"later {n}" for n in range(orchestra.WORKTREE_THREADS + 1)]]
+    tasks = ["sleep:4 first", *[f"later {n}" for n in range(orchestra.SPAWN_PREPARED_NOW + 8)]]
     cli("spawn", "--parallel", "1", *tasks)
     wait_for(lambda: agent_states(fake_repo).get("sleep-4-first") == "running", timeout=30, what="running")
     (fake_repo / ".orchestra" / "state.json").write_text("{")
@@ -319,7 +319,7 @@ def test_a_rebuilt_state_keeps_agents_that_wait_for_their_worktree(fake_repo, cl
 def test_stopping_an_agent_that_waits_for_its_worktree(fake_repo, cli):
     from conftest import load_state, wait_settled
 
-    tasks = ["sleep:3 first", *[f"later {n}" for n in range(orchestra.WORKTREE_THREADS)]]
+    tasks = ["sleep:3 first", *[f"later {n}" for n in range(orchestra.SPAWN_PREPARED_NOW + 7)]]
     cli("spawn", "--parallel", "1", *tasks)
     assert cli("stop", "later-7").code == 0
     wait_settled(fake_repo, timeout=120)
@@ -347,6 +347,7 @@ def test_a_warm_listing_of_thousands_of_transcripts_recounts_none(tmp_path, monk
     real = orchestra.count_messages
     monkeypatch.setattr(orchestra, "count_messages", lambda *a: counted.append(a[0]) or real(*a))
     again = cli("sessions", "--all", "--limit", "100000", "--json")
+
     def counts(run):
         return {s["id"]: s["messages"] for s in run.json()["sessions"]}
 
