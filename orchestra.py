@@ -4876,6 +4876,9 @@ def cmd_web(args):
         warning = beyond_loopback_warning(args.host, server.gate.hosts)
         if warning:
             print(f"orchestra: warning: {warning}", file=sys.stderr)
+        missing = missing_dashboard_note()
+        if missing:
+            print(f"orchestra: warning: {missing}", file=sys.stderr)
         print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
@@ -4886,6 +4889,15 @@ def cmd_web(args):
     finally:
         server.stop()
     return EXIT_OK
+
+
+def missing_dashboard_note():
+    """One line saying where to put dashboard.html when no copy is found, else None."""
+    places = dashboard_candidates()
+    if any(path.is_file() for path in places):
+        return None
+    return (f"static/dashboard.html was not found, so / only says it is missing (the API works); "
+            f"copy it to {places[0]}")  # fmt: skip
 
 
 def add_web_parser(commands):
