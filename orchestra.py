@@ -36,6 +36,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import itertools
 import http.client
 import json
 import os
@@ -131,11 +132,30 @@ RECORD_FIELDS = (
     "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
+    "cost_estimated", "pending_messages",
 )  # fmt: skip
+# Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
+# first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
+MODEL_PRICES = (
+    ("claude-opus-4-5", 5.0, 25.0), ("claude-opus-4-6", 5.0, 25.0), ("claude-opus", 15.0, 75.0),
+    ("claude-3-opus", 15.0, 75.0), ("claude-sonnet", 3.0, 15.0), ("claude-3-5-sonnet", 3.0, 15.0),
+    ("claude-3-7-sonnet", 3.0, 15.0), ("claude-haiku-4", 1.0, 5.0), ("claude-3-5-haiku", 0.8, 4.0),
+    ("claude-3-haiku", 0.25, 1.25), ("opus", 5.0, 25.0), ("haiku", 1.0, 5.0),
+)  # fmt: skip
+DEFAULT_PRICE = (3.0, 15.0)  # an unknown model is priced as Sonnet
+CACHE_WRITE_FACTOR = 1.25
+CACHE_READ_FACTOR = 0.1
 
 MAX_TASK_LENGTH = 8000  # characters; longer instructions belong in a file the task names
-MAX_ID_LENGTH = 40
+MAX_ID_LENGTH = 40  # of an id given with --name
+ID_WORDS = 3  # words of the task an id is made from
+ID_CHARS = 20  # an id made from a task is at most this long (before a -2 suffix), so tables fit 80 columns
+ID_SKIP_WORDS = frozenset(
+    "a an the to of for in on at by and or with from into onto my our your please".split()
+)
 MAX_ACTIVITY_LENGTH = 200
+TABLE_DEFAULT_WIDTH = 120  # columns when stdout is not a terminal and $COLUMNS is unset
+TABLE_MIN_LAST_COLUMN = 6  # a table's last column narrower than this is left out rather than cut
 TAIL_CHARS = 2000  # of setup output and stderr kept in an error message
 RESUME_PROMPT = "Continue the task."
 SYSTEM_PROMPT = (
@@ -348,16 +368,21 @@ def tail_text(text, limit=TAIL_CHARS):
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-def slugify(text, limit=MAX_ID_LENGTH):
-    """A short lowercase slug of a task, safe as a branch name and a folder name."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
+def slugify(text, limit=ID_CHARS, words=ID_WORDS):
+    """A short readable id made from a task: its first few meaningful words, lowercase, '-'-joined.
+
+    'add input validation to the signup form' -> 'add-input-validation'. Safe as a branch and a
+    folder name; small words ('the', 'to', ...) are skipped unless the task has nothing else.
+    """
+    found = re.findall(r"[a-z0-9]+", text.lower())
+    meaningful = [w for w in found if w not in ID_SKIP_WORDS] or found
     slug = ""
-    for word in words:
+    for word in meaningful[:words]:
         candidate = f"{slug}-{word}" if slug else word
         if len(candidate) > limit:
             break
         slug = candidate
-    return slug or (words[0][:limit] if words else "task")
+    return slug or (meaningful[0][:limit] if meaningful else "task")
 
 
 def print_json(obj, out=None):
@@ -943,9 +968,13 @@ class AgentLog:
         self.settled = None  # the last "settled" event: how the latest run ended
         self.run_usage = {}  # message id -> (input, output) tokens; one response spans lines
         self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
+        self.model = None  # of the current run, from system/init or the messages, to price tokens
+        self.run_estimate = {}  # message id -> estimated USD of the current run, until its result
+        self.paid = None  # USD the results of finished runs reported
         self.facts = {"session_id": None, "activity": None, "last_activity_at": None,
                       "cost_usd": None, "turns": None, "result": None, "error": None,
-                      "outcome": None, "input_tokens": None, "output_tokens": None}  # fmt: skip
+                      "outcome": None, "input_tokens": None, "output_tokens": None,
+                      "cost_estimated": None}  # fmt: skip
 
     def read_new(self):
         """Fold lines appended since the last call; True if any arrived."""
@@ -987,6 +1016,7 @@ class AgentLog:
         if event.get("event") == "launch":
             self.launched, self.settled = True, None
             self.settle_run_tokens()
+            self.run_estimate = {}
             self.facts.update(result=None, error=None, outcome=None)
         elif event.get("event") == "settled":
             self.settled = event
@@ -995,6 +1025,8 @@ class AgentLog:
         """system/init names the session."""
         if event.get("subtype") == "init" and event.get("session_id"):
             self.facts["session_id"] = event["session_id"]
+        if event.get("subtype") == "init" and isinstance(event.get("model"), str):
+            self.model = event["model"]
 
     def on_assistant(self, event):
         """Text or a tool call becomes the activity line; usage gives running token counts."""
@@ -1007,7 +1039,15 @@ class AgentLog:
             elif block.get("type") == "tool_use":
                 self.facts["activity"] = describe_tool_use(block)
         if isinstance(message.get("usage"), dict):
-            self.count_usage(message.get("id") or len(self.run_usage), message["usage"])
+            key = message.get("id") or len(self.run_usage)
+            self.count_usage(key, message["usage"])
+            self.estimate_cost(key, message.get("model") or self.model, message["usage"])
+
+    def estimate_cost(self, key, model, usage):
+        """Running cost of the current run from its token usage, marked as an estimate."""
+        self.run_estimate[key] = estimated_cost(model, usage)
+        self.facts["cost_usd"] = (self.paid or 0) + sum(self.run_estimate.values())
+        self.facts["cost_estimated"] = True
 
     def on_result(self, event):
         """The run's outcome; cost, turns and tokens add up across resumed runs.
@@ -1020,9 +1060,11 @@ class AgentLog:
             result=result if isinstance(result, str) else None,
             outcome="error" if is_error else "success",
             error=(one_line(result or event.get("subtype") or "error", TAIL_CHARS) if is_error else None),
-            cost_usd=(self.facts["cost_usd"] or 0) + (event.get("total_cost_usd") or 0),
             turns=(self.facts["turns"] or 0) + (event.get("num_turns") or 0),
         )
+        self.paid = (self.paid or 0) + (event.get("total_cost_usd") or 0)
+        self.run_estimate = {}
+        self.facts.update(cost_usd=self.paid, cost_estimated=False)
         if isinstance(event.get("usage"), dict):
             self.run_usage = {}  # the result's totals are exact; stream lines hold early counts
             self.count_usage("result", event["usage"])
@@ -1045,6 +1087,17 @@ class AgentLog:
         if self.run_usage:
             self.past_tokens = (self.facts["input_tokens"], self.facts["output_tokens"])
             self.run_usage = {}
+
+
+def estimated_cost(model, usage):
+    """USD an API response's usage costs at list prices for its model family (an estimate)."""
+    name = str(model or "").lower()
+    price_in, price_out = next(
+        ((i, o) for prefix, i, o in MODEL_PRICES if name.startswith(prefix)), DEFAULT_PRICE
+    )
+    tokens_in = ((usage.get("input_tokens") or 0) + CACHE_WRITE_FACTOR * (usage.get("cache_creation_input_tokens") or 0)
+                 + CACHE_READ_FACTOR * (usage.get("cache_read_input_tokens") or 0))  # fmt: skip
+    return (tokens_in * price_in + (usage.get("output_tokens") or 0) * price_out) / 1_000_000
 
 
 def read_log(path):
@@ -1081,6 +1134,19 @@ def finish_record(record, log, exit_code, stderr_tail, counts):
     if record["state"] in ("running", "paused"):
         record["state"], record["error"] = settled_state(log, exit_code, stderr_tail)
     note_settlement(record)
+    deliver_pending_messages(record)
+
+
+def deliver_pending_messages(record):
+    """Queue the messages `send` left for an agent whose turn has just ended (one prompt)."""
+    messages = record.get("pending_messages")
+    if not messages or record["state"] not in ("done", "failed"):
+        return
+    record["pending_messages"] = []
+    try:
+        queue_session(record, "\n\n".join(messages), "continuing with your message")
+    except OrchestraError as e:
+        record["error"] = f"{record.get('error') or ''} your message could not be sent: {e}".strip()
 
 
 def note_settlement(record):
@@ -1739,15 +1805,16 @@ def check_explicit_name(project, name, taken):
         raise OrchestraError(f"an agent named '{name}' already exists; pick another name")
 
 
-def reserve_agents(project, tasks, name, base_branch, base_commit, parallel):
+def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
     """Record new queued agents under the lock, each with a unique id; their records."""
 
     def reserve(state):
         taken = taken_ids(project, state["agents"])
-        if name:
+        for name in names:
             check_explicit_name(project, name, taken)
+            taken.add(name)
         created = []
-        for task in tasks:
+        for task, name in itertools.zip_longest(tasks, names):
             agent_id = name or unique_id(slugify(task), taken)
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
@@ -1798,15 +1865,19 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None):
     """
     for task in tasks:
         check_task(task)
-    if name and len(tasks) > 1:
-        raise OrchestraError("--name works with a single task; leave it out to name agents after their tasks")
+    names = [name] if isinstance(name, str) else list(name or [])
+    if names and len(names) != len(tasks):
+        raise OrchestraError(
+            f"--name names one task each, in order: {len(tasks)} task(s) but {len(names)} name(s); "
+            "give one --name per task or none"
+        )
     if parallel is not None and not 1 <= parallel <= project.config["max_parallel"]:
         raise OrchestraError(
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
     base_branch, base_commit = resolve_base(project, base)
-    records = reserve_agents(project, tasks, name, base_branch, base_commit, parallel)
+    records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
     prepare_agents(project, records)
     ensure_supervisor(project)
     return records
@@ -2821,8 +2892,9 @@ def match_session(files, wanted, agents):
     key = wanted.strip().lower()
     matches = [f for f in files if f.session_id == key]
     matches = matches or [f for f in files if key and f.session_id.startswith(key)]
-    if not matches and agents.session_of(wanted):
-        matches = [f for f in files if f.session_id == agents.session_of(wanted)]
+    agent_session = agents.session_of(wanted) or agent_prefix_session(agents, wanted)
+    if not matches and agent_session:
+        matches = [f for f in files if f.session_id == agent_session]
     ids = sorted({f.session_id for f in matches})
     if not ids:
         raise OrchestraError(f"no session matches '{wanted}'; run 'orchestra sessions --all' to list them")
@@ -2830,6 +2902,14 @@ def match_session(files, wanted, agents):
         shown = ", ".join(ids[:SESSION_AMBIGUOUS_SHOWN])
         raise OrchestraError(f"'{wanted}' matches {len(ids)} sessions ({shown}); type more of the id")
     return max(matches, key=lambda f: f.mtime)  # one id stored in two folders: the newest copy
+
+
+def agent_prefix_session(agents, prefix):
+    """The session of the one agent whose id starts with prefix (as every other command accepts)."""
+    sessions = {agents.session_of(i) for i in agents.records if i.startswith(prefix) and agents.session_of(i)}
+    if len(sessions) > 1:
+        raise OrchestraError(f"'{prefix}' matches the sessions of several agents; type more of the id")
+    return sessions.pop() if sessions else None
 
 
 def candidate_repos(session, here, agents):
@@ -3166,15 +3246,22 @@ def write_patch(project, records, path):
 
 
 def send_message(project, agent_id, message):
-    """Continue a finished agent's session with a follow-up message, in its own worktree."""
+    """Continue an agent's session with a follow-up message, in its own worktree: (id, waits).
+
+    A finished agent is queued at once; for a queued, running or paused one the message waits in
+    its record (`pending_messages`) and the supervisor sends it when the agent's turn ends.
+    """
     check_task(message, "message")
 
     def queue(state):
         record = select_agents(state["agents"], [agent_id])[0]
+        if record["state"] in ACTIVE_STATES:
+            record["pending_messages"] = [*(record.get("pending_messages") or []), message]
+            return record["id"], True
         if record["state"] not in FINISHED_STATES:
-            raise OrchestraError(f"{record['id']} is {record['state']}; send a message once it has finished")
+            raise OrchestraError(f"{record['id']} is {record['state']}; it cannot take a message")
         queue_session(record, message, "waiting to continue with your message")
-        return record["id"]
+        return record["id"], False
 
     sent_to = project.store.update(queue)
     ensure_supervisor(project)
@@ -4410,25 +4497,43 @@ def status_rows(records, now):
     rows = []
     for r in records:
         state = r["state"] + (" stale" if r.get("stale") else "")
-        rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), format_cost(r.get("cost_usd")),
+        rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), record_cost(r),
                      "-" if r.get("commits") is None else str(r["commits"]),
                      "-" if r.get("files_changed") is None else str(r["files_changed"]),
                      one_line(r.get("error") or r.get("activity") or "")])  # fmt: skip
     return rows
 
 
+def terminal_width(width=None):
+    """Columns to fit: the width asked for, else $COLUMNS or the terminal's, else 120."""
+    return width or shutil.get_terminal_size((TABLE_DEFAULT_WIDTH, 24)).columns
+
+
+def record_cost(record):
+    """An agent's cost for display: '~$0.0123' while it is estimated from token usage."""
+    return ("~" if record.get("cost_estimated") else "") + format_cost(record.get("cost_usd"))
+
+
 def render_table(headers, rows, out, colour_column=None, width=None):
-    """Aligned columns; the last column is cut to fit the terminal width."""
-    width = width or shutil.get_terminal_size((120, 24)).columns
+    """Aligned columns within the terminal width: only the last column is cut (or left out).
+
+    The other columns (ids, states, numbers) are never cut; anything a user must copy, such as a
+    command, belongs on a line of its own rather than in a table.
+    """
+    width = terminal_width(width)
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)][:-1]
-    room = max(10, width - sum(w + 2 for w in widths))
+    room = width - sum(w + 2 for w in widths)
+    keep_last = room >= TABLE_MIN_LAST_COLUMN
     lines = []
     for index, row in enumerate([headers, *rows]):
         cells = [str(c).ljust(w) for c, w in zip(row, widths)]
         if index and colour_column is not None:
             state = row[colour_column].split()[0]
             cells[colour_column] = paint(cells[colour_column], STATE_COLOURS.get(state), out)
-        lines.append("  ".join([*cells, str(row[-1])[:room]]).rstrip())
+        last = str(row[-1])
+        if len(last) > room:
+            last = last[: room - 1] + "…"
+        lines.append("  ".join([*cells, last] if keep_last else cells).rstrip())
     return "\n".join(lines)
 
 
@@ -4445,7 +4550,11 @@ def summary_line(records):
     """How many agents are in each state, and what they cost: '2 done, 1 failed; total cost $0.31'."""
     counts = [(sum(r["state"] == state for r in records), state) for state in STATES]
     total = sum(r.get("cost_usd") or 0 for r in records)
-    return ", ".join(f"{n} {state}" for n, state in counts if n) + f"; total cost {format_cost(total)}"
+    estimated = any(r.get("cost_estimated") for r in records)
+    return ", ".join(f"{n} {state}" for n, state in counts if n) + (
+        f"; total cost {'~' if estimated else ''}{format_cost(total)}"
+        + (" (~ estimated)" if estimated else "")
+    )
 
 
 def progress_line(record):
@@ -4471,8 +4580,12 @@ def cmd_init(args):
 
 def config_text(config):
     """The effective settings as a table of key, value and source."""
-    rows = [[key, json.dumps(config[key]), config.sources[key]] for key in CONFIG_DEFAULTS]
-    return render_table(["KEY", "VALUE", "SOURCE"], rows, sys.stdout, width=1000)
+    files = list(dict.fromkeys(v for v in config.sources.values() if v not in ("default", "flag")))
+    labels = {path: f"file {n}" for n, path in enumerate(files, 1)}
+    rows = [[key, json.dumps(config[key]), labels.get(config.sources[key], config.sources[key])]
+            for key in CONFIG_DEFAULTS]  # fmt: skip
+    notes = [f"{label}: {path}" for path, label in labels.items()]  # paths on their own lines, whole
+    return "\n".join([render_table(["KEY", "VALUE", "SOURCE"], rows, sys.stdout), *notes])
 
 
 def cmd_config(args):
@@ -4495,9 +4608,10 @@ def cmd_spawn(args):
     records = spawn_agents(project, args.tasks, parallel=args.parallel, name=args.name, base=args.base)
     if not args.json:
         for r in records:
-            print(f"{r['id']}  {r['state']}  {r['branch']}  {os.path.relpath(r['worktree'])}")
+            print(f"{r['id']}  {r['state']}  {os.path.relpath(r['worktree'])}")
             if r["error"]:
                 print(f"  {r['error']}")
+        print(f"Each agent works on branch {project.branch_name('<id>')} in its worktree.")
     if args.wait:
         return wait_for_agents(project, [r["id"] for r in records], args.json)
     if args.json:
@@ -4531,6 +4645,8 @@ def wait_for_agents(project, ids, as_json):
 
 def cmd_status(args):
     """Show agents: state, elapsed time, cost, commits, files and activity."""
+    if args.until_done and not args.watch:
+        raise OrchestraError("--until-done goes with --watch; see 'orchestra status --help'")
     project = open_project(args)
     while True:
         state = project.store.load()
@@ -4546,6 +4662,9 @@ def cmd_status(args):
             print(text)
             return EXIT_OK
         clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+        if args.until_done and not any(r["state"] in ("queued", "running") for r in records):
+            print(f"{clear}{text}", flush=True)
+            return EXIT_OK
         print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
         time.sleep(STATUS_WATCH_INTERVAL)
 
@@ -4620,10 +4739,17 @@ def cmd_worktrees(args):
     if args.json:
         print_json({"worktrees": rows})
         return EXIT_OK
-    table = [[r["id"] or "-", r["state"] or "-", r["branch"] or "(detached)", os.path.relpath(r["path"]),
-              ",".join(r["notes"]) or "-", one_line(r["task"] or "", 60)] for r in rows]  # fmt: skip
-    print(render_table(["ID", "STATE", "BRANCH", "PATH", "NOTES", "TASK"], table, sys.stdout))
+    table = [[r["id"] or "-", r["state"] or "-", ",".join(r["notes"]) or "-", one_line(r["task"] or "", 60)]
+             for r in rows]  # fmt: skip
+    places = [f"    {os.path.relpath(r['path'])}  ({r['branch'] or 'detached'})" for r in rows]
+    print(table_with_lines(["ID", "STATE", "NOTES", "TASK"], table, places, sys.stdout))
     return EXIT_OK
+
+
+def table_with_lines(headers, rows, lines, out, width=None):
+    """A table fitted to the terminal with one more line under each row, kept whole (paths, commands)."""
+    header, *body = render_table(headers, rows, out, width=width).split("\n")
+    return "\n".join([header, *(part for pair in zip(body, lines) for part in pair)])
 
 
 def positive_hours(text):
@@ -4752,10 +4878,17 @@ def collect_text(document):
 
 
 def cmd_send(args):
-    """Send a follow-up message to a finished agent: its session continues in its worktree."""
+    """Send a follow-up message to an agent: its session continues in its worktree.
+
+    A finished agent continues at once; a running one gets the message when its current turn ends.
+    """
     project = open_project(args)
-    agent_id = send_message(project, args.id, args.message)
-    print(f"{agent_id}: queued to continue with your message; follow it with 'orchestra logs -f {agent_id}'")
+    agent_id, waits = send_message(project, args.id, args.message)
+    if waits:
+        print(f"{agent_id}: still working; your message waits and is sent when its current turn ends")
+    else:
+        print(f"{agent_id}: queued to continue with your message")
+    print(f"follow it with: orchestra logs -f {agent_id}")
     return EXIT_OK
 
 
@@ -4793,13 +4926,9 @@ def print_archives(project, as_json):
     if as_json:
         print_json({"archives": rows})
     elif rows:
-        print(
-            render_table(
-                ["ID", "SAVED", "COMMIT", "RESTORE WITH"],
-                [[r["id"], r["saved"], r["commit"], r["restore"]] for r in rows],
-                sys.stdout,
-            )
-        )
+        table = [[r["id"], r["saved"], r["commit"], r["subject"]] for r in rows]
+        restores = [f"    restore: {r['restore']}" for r in rows]
+        print(table_with_lines(["ID", "SAVED", "COMMIT", "SUBJECT"], table, restores, sys.stdout))
     else:
         print("No archived work.")
     return EXIT_OK
@@ -4824,7 +4953,8 @@ def add_collect_parser(commands):
 
 def add_send_parser(commands):
     """orchestra send"""
-    p = commands.add_parser("send", help="send a follow-up message to a finished agent", description=cmd_send.__doc__,
+    p = commands.add_parser("send", help="send a follow-up message to an agent (a running one gets it when its turn ends)",
+                            description=cmd_send.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog='example: orchestra send implement-auth "also add a test for expired tokens"')  # fmt: skip
     p.add_argument("id", metavar="ID", help="agent id or unique prefix")
     p.add_argument("message", metavar="MESSAGE", help="what the agent should do next")
@@ -4960,10 +5090,11 @@ def add_spawn_parser(commands):
     p.add_argument(
         "--base", metavar="REF", help="branch, tag or commit to start from (default: the current branch)"
     )
-    p.add_argument("--name", metavar="ID", help="the agent's id instead of one made from the task")
+    p.add_argument("--name", metavar="ID", action="append",
+                   help="an agent's id instead of one made from its task; once per task, the Nth names the Nth task")  # fmt: skip
     p.add_argument("--wait", action="store_true", help="show progress until all finish; exit 1 if any failed")
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_spawn)
+    p.set_defaults(func=cmd_spawn, more_tasks=True)
 
 
 def add_status_parser(commands):
@@ -4972,6 +5103,8 @@ def add_status_parser(commands):
                             epilog="example: orchestra status --watch")  # fmt: skip
     p.add_argument("ids", nargs="*", metavar="ID", help="agents to show (default: all)")
     p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
+    p.add_argument("--until-done", action="store_true",
+                   help="with --watch: stop when no agent is queued or running")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_status)
 
@@ -5025,6 +5158,28 @@ PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_sta
                    add_sessions_parser, add_web_parser, add_supervise_parser)  # fmt: skip
 
 
+def command_names(parser):
+    """The subcommands the parser of build_parser knows."""
+    return list(parser.commands.choices)
+
+
+def check_command_word(parser, argv):
+    """Refuse an unknown command with the nearest known ones, before argparse lists them all."""
+    words = iter(argv)
+    for word in words:
+        if word == "-c":
+            next(words, None)  # -c KEY=VALUE
+        elif not word.startswith("-"):
+            known = command_names(parser)
+            if word not in known:
+                import difflib  # here, not at the top: only a mistyped command needs it
+
+                near = difflib.get_close_matches(word, known, n=3, cutoff=0.5)
+                hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+                raise OrchestraError(f"'{word}' is not an orchestra command; {hint}see 'orchestra --help'")
+            return
+
+
 def build_parser():
     """The whole command line."""
     parser = ArgumentParser(prog="orchestra", description=__doc__.split("\n\n")[0],
@@ -5036,6 +5191,7 @@ def build_parser():
     commands.required = True
     for build in PARSER_BUILDERS:
         build(commands)
+    parser.commands = commands  # check_command_word suggests from its names
     return parser
 
 
@@ -5046,8 +5202,18 @@ def build_parser():
 
 def main(argv=None):
     """Run one orchestra command; the exit status (0 ok, 1 failed, 2 bad input, 130 Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return EXIT_OK
+        check_command_word(parser, argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not (getattr(args, "more_tasks", False) and not any(a.startswith("-") for a in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:
+            args.tasks = [*args.tasks, *extra]  # spawn --name a T1 --name b T2: tasks after the first option
         return args.func(args)
     except OrchestraError as e:
         if os.environ.get("ORCHESTRA_DEBUG") == "1":

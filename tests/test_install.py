@@ -174,6 +174,8 @@ def test_readme_virtual_environment_install(clean_checkout, tmp_path):
     """The README's other path: `python3 -m venv`, then that environment's pip installs the checkout."""
     env_dir = tmp_path / "venv"
     assert run([sys.executable, "-m", "venv", env_dir], tmp_path).returncode == 0
-    install = run([env_dir / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "."], clean_checkout)
+    install = run(
+        [env_dir / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "."], clean_checkout
+    )
     assert install.returncode == 0, install.stderr
     assert run([env_dir / "bin" / "orchestra", "--version"], tmp_path).returncode == 0
