@@ -36,8 +36,8 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import itertools
 import http.client
+import itertools
 import json
 import os
 import queue
@@ -151,7 +151,7 @@ MAX_ID_LENGTH = 40  # of an id given with --name
 ID_WORDS = 3  # words of the task an id is made from
 ID_CHARS = 20  # an id made from a task is at most this long (before a -2 suffix), so tables fit 80 columns
 ID_SKIP_WORDS = frozenset(
-    "a an the to of for in on at by and or with from into onto my our your please".split()
+    ["a", "an", "the", "to", "of", "for", "in", "on", "at", "by", "and", "or", "with", "from", "into", "onto", "my", "our", "your", "please"]
 )
 MAX_ACTIVITY_LENGTH = 200
 TABLE_DEFAULT_WIDTH = 120  # columns when stdout is not a terminal and $COLUMNS is unset
