@@ -137,10 +137,10 @@ RECORD_FIELDS = (
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
 # first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
 MODEL_PRICES = (
-    ("claude-opus-4-5", 5.0, 25.0), ("claude-opus-4-6", 5.0, 25.0), ("claude-opus", 15.0, 75.0),
-    ("claude-3-opus", 15.0, 75.0), ("claude-sonnet", 3.0, 15.0), ("claude-3-5-sonnet", 3.0, 15.0),
-    ("claude-3-7-sonnet", 3.0, 15.0), ("claude-haiku-4", 1.0, 5.0), ("claude-3-5-haiku", 0.8, 4.0),
-    ("claude-3-haiku", 0.25, 1.25), ("opus", 5.0, 25.0), ("haiku", 1.0, 5.0),
+    ("claude-opus-4-0", 15.0, 75.0), ("claude-opus-4-1", 15.0, 75.0), ("claude-opus-4-2", 15.0, 75.0),
+    ("claude-3-opus", 15.0, 75.0), ("claude-opus", 5.0, 25.0), ("claude-sonnet", 3.0, 15.0),
+    ("claude-3-5-sonnet", 3.0, 15.0), ("claude-3-7-sonnet", 3.0, 15.0), ("claude-haiku", 1.0, 5.0),
+    ("claude-3-5-haiku", 0.8, 4.0), ("claude-3-haiku", 0.25, 1.25), ("opus", 5.0, 25.0), ("haiku", 1.0, 5.0),
 )  # fmt: skip
 DEFAULT_PRICE = (3.0, 15.0)  # an unknown model is priced as Sonnet
 CACHE_WRITE_FACTOR = 1.25
@@ -192,7 +192,7 @@ SESSION_TABLE_WIDTH = 100  # when stdout is not a terminal
 SESSION_TABLE_GAP = "  "
 SECONDS_PER_HOUR = 3600
 SESSION_CACHE_FILE = "claude-orchestra/session-counts.json"  # under $XDG_CACHE_HOME or ~/.cache
-SESSION_CACHE_VERSION = 1
+SESSION_CACHE_VERSION = 2  # 2: messages are prompts and replies, not tool traffic
 SESSION_CACHE_LIMIT = 2000  # transcripts remembered: the most recently modified
 SESSION_RECENT_IDS = 8  # assistant message ids remembered to count each API response once
 SESSION_MARK_BYTES = 64  # bytes before a saved offset that must be unchanged to count on from it
@@ -2395,25 +2395,58 @@ def describe_session(file, window=None):
         branch=last_field(window, "gitBranch"),
         title=choose_title(window, file.session_id),
         first_prompt=first_prompt(window),
-        model=last_field(window, "model", skip=(SESSION_SYNTHETIC_MODEL,)),
+        model=session_model(window),
         version=last_field(window, "version"),
     )
 
 
-def is_counted_message(record, recent_ids):
-    """True for a main-chain user or assistant record that has not been counted yet.
+def own_assistant_model(record):
+    """The model of a top-level assistant record of the session itself, else None.
 
-    One API response is written as one assistant line per content block, all sharing
-    message.id (other lines may come between them): it counts once.
+    Sidechain (sub-agent) lines and the assistant messages nested in `progress` lines
+    name other models; Claude Code's own error messages name `<synthetic>`.
+    """
+    if record.get("type") != "assistant" or record.get("isSidechain"):
+        return None
+    message = record.get("message")
+    model = message.get("model") if isinstance(message, dict) else None
+    return model if isinstance(model, str) and model and model != SESSION_SYNTHETIC_MODEL else None
+
+
+def session_model(window):
+    """The model of the session's own latest assistant reply: tail first, then head."""
+    for lines in window.parts(tail_first=True):
+        models = [own_assistant_model(r) for r in records_with(lines, ('"model"',))]
+        found = [m for m in models if m]
+        if found:
+            return found[-1]
+    return None
+
+
+def has_reply_text(message):
+    """True when an assistant message holds text a user reads (not only tool calls or thinking)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(isinstance(b, dict) and b.get("type") == "text" and str(b.get("text", "")).strip()
+               for b in content or [] if isinstance(content, list))  # fmt: skip
+
+
+def is_counted_message(record, recent_ids):
+    """True for a message a user would recognise that has not been counted yet.
+
+    Messages are the user's prompts (typed text or a slash command; not tool results,
+    meta lines, compact summaries or sub-agent lines) and the assistant's replies (API
+    responses holding text; tool calls are not messages). One API response is written
+    as one assistant line per content block, all sharing message.id: it counts once.
     """
     if record is None or record.get("isSidechain") or record.get("isMeta"):
         return False
     if record.get("type") == "user":
-        return True
-    if record.get("type") != "assistant":
+        return any(prompt_of(record))
+    if record.get("type") != "assistant" or not has_reply_text(record.get("message")):
         return False
-    message = record.get("message")
-    message_id = message.get("id") if isinstance(message, dict) else None
+    message_id = record["message"].get("id")
     if not isinstance(message_id, str):
         return True
     if message_id in recent_ids:
@@ -4763,11 +4796,19 @@ def positive_hours(text):
     return value
 
 
+SESSIONS_EPILOG = """\
+MSGS (messages) counts your prompts and Claude's replies, each API response once; tool
+calls, tool results, compact summaries and sub-agent lines are not messages. MODEL is
+the model of the session's own latest reply (not a sub-agent's).
+
+example: orchestra sessions --project; orchestra sessions --resume 3f2a"""
+
+
 def add_sessions_parser(commands):
     """orchestra sessions"""
     p = commands.add_parser("sessions", help="list or resume your recent Claude Code sessions",
                             description=cmd_sessions.__doc__,
-                            epilog="example: orchestra sessions --project; orchestra sessions --resume 3f2a")  # fmt: skip
+                            epilog=SESSIONS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     when = p.add_mutually_exclusive_group()
     when.add_argument("--hours", type=positive_hours, default=SESSION_DEFAULT_HOURS, metavar="N",
                       help=f"sessions active in the last N hours (default {SESSION_DEFAULT_HOURS:g})")  # fmt: skip
@@ -4777,7 +4818,8 @@ def add_sessions_parser(commands):
     p.add_argument("--limit", type=positive_int, default=SESSION_DEFAULT_LIMIT, metavar="N",
                    help=f"show at most N sessions (default {SESSION_DEFAULT_LIMIT})")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.add_argument("--resume", metavar="ID", help="resume a session: id, unique prefix or orchestra agent id")
+    p.add_argument("--resume", metavar="ID",
+                   help="resume a session: id, unique prefix, or orchestra agent id or its unique prefix")  # fmt: skip
     p.add_argument("--print", action="store_true", help="with --resume: print the commands, run nothing")
     p.set_defaults(func=cmd_sessions)
 
