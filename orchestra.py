@@ -11,16 +11,19 @@ Commands:
   orchestra spawn TASK... [--wait]    queue agents, one worktree and branch per task
   orchestra status [ID...] [--watch]  what every agent is doing, its cost and its commits
   orchestra logs ID [-f] [--raw]      an agent's activity as readable lines
+  orchestra diff ID [--stat]          an agent's commits and uncommitted work against its base, paged
   orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
-  orchestra send ID MESSAGE           a follow-up for a finished agent, in its own session
+  orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
   orchestra cleanup [--dry-run]       remove worktrees and branches that hold nothing unsaved
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
   orchestra web [--port N]            the phone-friendly dashboard, JSON API and live WebSocket
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
 
-Every ID also accepts a unique prefix; every listing takes --json.
+Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
+of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
+readable by you alone, and deleted once read).
 
 State lives in `<repo>/.orchestra/`: state.json (agent records), logs/<id>.jsonl (each agent's
 stream-json output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the
@@ -80,6 +83,9 @@ __version__ = "0.1.0"
 
 STATE_VERSION = 1
 ORCHESTRA_DIR = ".orchestra"
+AGENT_ENV_DIR = (
+    "env"  # .orchestra/env/<id> (mode 0600, folder 0700): the environment of an agent's next launch
+)
 WORKTREE_PREFIX = "task-"
 
 CONFIG_DEFAULTS = {
@@ -151,7 +157,28 @@ MAX_ID_LENGTH = 40  # of an id given with --name
 ID_WORDS = 3  # words of the task an id is made from
 ID_CHARS = 20  # an id made from a task is at most this long (before a -2 suffix), so tables fit 80 columns
 ID_SKIP_WORDS = frozenset(
-    ["a", "an", "the", "to", "of", "for", "in", "on", "at", "by", "and", "or", "with", "from", "into", "onto", "my", "our", "your", "please"]
+    [
+        "a",
+        "an",
+        "the",
+        "to",
+        "of",
+        "for",
+        "in",
+        "on",
+        "at",
+        "by",
+        "and",
+        "or",
+        "with",
+        "from",
+        "into",
+        "onto",
+        "my",
+        "our",
+        "your",
+        "please",
+    ]
 )
 MAX_ACTIVITY_LENGTH = 200
 TABLE_DEFAULT_WIDTH = 120  # columns when stdout is not a terminal and $COLUMNS is unset
@@ -620,6 +647,16 @@ def run_git(args, cwd, check=True, env=None):
         detail = one_line(done.stderr or done.stdout, limit=TAIL_CHARS) or f"exit {done.returncode}"
         raise GitError(f"git {args[0]} failed: {detail}")
     return done
+
+
+def page_git(args, cwd):
+    """Run git with its output on this terminal, paged and coloured as git itself decides
+    (a pager only when stdout is a terminal: core.pager, $GIT_PAGER, $PAGER); its exit status."""
+    sys.stdout.flush()
+    try:
+        return subprocess.run(["git", *args], cwd=str(cwd)).returncode
+    except FileNotFoundError:
+        raise OrchestraError("git is not installed or not on PATH; install git first") from None
 
 
 def find_repo(cwd):
@@ -1214,7 +1251,7 @@ def launch_agent(project, record, prompt=None):
     """Start the agent's process in its worktree, in its own process group, output to files."""
     argv = agent_argv(record, prompt)
     append_event(project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv})
-    env = dict(os.environ, ORCHESTRA_AGENT_ID=record["id"])
+    env = dict(take_agent_env(project, record["id"]) or os.environ, ORCHESTRA_AGENT_ID=record["id"])
     with (
         open(project.log_path(record["id"]), "ab") as out,
         open(project.stderr_path(record["id"]), "ab") as err,
@@ -1228,6 +1265,44 @@ def launch_agent(project, record, prompt=None):
             env=env,
             start_new_session=True,
         )
+
+
+def save_agent_env(project, agent_ids, env):
+    """Keep the environment of the command that spawned, resumed or messaged agents for their launch.
+
+    The supervisor may have been started by another shell long ago; agents must start with the
+    caller's environment (an API key set since, a PATH) instead. Secrets never go into state.json:
+    each agent gets a file only its owner can read, which the launch reads and deletes.
+    """
+    folder = project.dir / AGENT_ENV_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    text = json.dumps(dict(env))
+    for agent_id in agent_ids:
+        temp = folder / f".{agent_id}.{secrets.token_hex(6)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temp, folder / agent_id)
+
+
+def take_agent_env(project, agent_id):
+    """The environment saved for an agent's launch, deleted once read; None when there is none."""
+    path = project.dir / AGENT_ENV_DIR / agent_id
+    try:
+        text = path.read_text(encoding="utf-8")
+        path.unlink()
+        env = json.loads(text)
+    except (OSError, ValueError):
+        return None
+    return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else None
+
+
+def drop_agent_env(project, agent_ids):
+    """Forget saved environments no launch will read (an agent resumed in place by SIGCONT)."""
+    for agent_id in agent_ids:
+        with contextlib.suppress(OSError):
+            (project.dir / AGENT_ENV_DIR / agent_id).unlink()
 
 
 def include_patterns(project):
@@ -1858,10 +1933,11 @@ def change_agents(project, ids, change):
     return project.store.update(lambda state: [change(r) for r in select_agents(state["agents"], ids)])
 
 
-def spawn_agents(project, tasks, parallel=None, name=None, base=None):
+def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
-    The one way agents come to be, from the command line or the web; their records.
+    The one way agents come to be, from the command line or the web; their records. The agents
+    start with `env` (default: this process's environment).
     """
     for task in tasks:
         check_task(task)
@@ -1878,6 +1954,7 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None):
     check_agent_command(project.config)
     base_branch, base_commit = resolve_base(project, base)
     records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
+    save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
     prepare_agents(project, records)
     ensure_supervisor(project)
     return records
@@ -1888,9 +1965,16 @@ def pause_agents(project, ids):
     return [(agent_id, "paused") for agent_id in change_agents(project, ids, pause_agent)]
 
 
-def resume_agents(project, ids):
-    """Continue paused agents or queue relaunches; (id, what happened) for each."""
-    outcomes = change_agents(project, ids, lambda record: (record["id"], resume_agent(record)))
+def resume_agents(project, ids, env=None):
+    """Continue paused agents or queue relaunches (with `env`, default this process's); (id, what happened)."""
+    chosen = [r["id"] for r in select_agents(project.records(), ids)]
+    save_agent_env(project, chosen, os.environ if env is None else env)
+    try:
+        outcomes = change_agents(project, ids, lambda record: (record["id"], resume_agent(record)))
+    except OrchestraError:
+        drop_agent_env(project, chosen)
+        raise
+    drop_agent_env(project, [agent_id for agent_id, what in outcomes if what == "resumed"])
     ensure_supervisor(project)
     return outcomes
 
@@ -3278,7 +3362,7 @@ def write_patch(project, records, path):
     return count
 
 
-def send_message(project, agent_id, message):
+def send_message(project, agent_id, message, env=None):
     """Continue an agent's session with a follow-up message, in its own worktree: (id, waits).
 
     A finished agent is queued at once; for a queued, running or paused one the message waits in
@@ -3296,7 +3380,13 @@ def send_message(project, agent_id, message):
         queue_session(record, message, "waiting to continue with your message")
         return record["id"], False
 
-    sent_to = project.store.update(queue)
+    [record] = select_agents(project.records(), [agent_id])
+    save_agent_env(project, [record["id"]], os.environ if env is None else env)
+    try:
+        sent_to = project.store.update(queue)
+    except OrchestraError:
+        drop_agent_env(project, [record["id"]])
+        raise
     ensure_supervisor(project)
     return sent_to
 
@@ -4615,10 +4705,10 @@ def config_text(config):
     """The effective settings as a table of key, value and source."""
     files = list(dict.fromkeys(v for v in config.sources.values() if v not in ("default", "flag")))
     labels = {path: f"file {n}" for n, path in enumerate(files, 1)}
-    rows = [[key, json.dumps(config[key]), labels.get(config.sources[key], config.sources[key])]
+    rows = [[key, labels.get(config.sources[key], config.sources[key]), json.dumps(config[key])]
             for key in CONFIG_DEFAULTS]  # fmt: skip
     notes = [f"{label}: {path}" for path, label in labels.items()]  # paths on their own lines, whole
-    return "\n".join([render_table(["KEY", "VALUE", "SOURCE"], rows, sys.stdout), *notes])
+    return "\n".join([render_table(["KEY", "SOURCE", "VALUE"], rows, sys.stdout), *notes])
 
 
 def cmd_config(args):
@@ -4934,6 +5024,39 @@ def cmd_send(args):
     return EXIT_OK
 
 
+def diff_source(project, record):
+    """(cwd, revisions) to diff an agent's work against its base: its worktree (commits and
+    uncommitted changes), else its branch when the worktree is gone."""
+    base = record.get("base_commit")
+    if base and record.get("worktree") and Path(record["worktree"]).is_dir():
+        return Path(record["worktree"]), [base]
+    if base and branch_exists(project.repo, record["branch"]):
+        return project.repo, [base, record["branch"]]
+    raise OrchestraError(f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE)
+
+
+def cmd_diff(args):
+    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git."""
+    project = open_project(args)
+    record = select_agents(project.records(), [args.id])[0]
+    cwd, revisions = diff_source(project, record)
+    status = page_git(["diff", *(["--stat"] if args.stat else []), *revisions, "--"], cwd)
+    if len(revisions) == 1:
+        untracked = run_git(["ls-files", "--others", "--exclude-standard"], cwd).stdout.split()
+        if untracked:
+            print(f"Untracked in its worktree (not in the diff): {', '.join(untracked)}")
+    return EXIT_OK if status == 0 else EXIT_FAILURE
+
+
+def add_diff_parser(commands):
+    """orchestra diff"""
+    p = commands.add_parser("diff", help="show an agent's changes against its base, paged like git",
+                            description=cmd_diff.__doc__, epilog="example: orchestra diff implement-auth --stat")  # fmt: skip
+    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
+    p.add_argument("--stat", action="store_true", help="only the files changed and how much")
+    p.set_defaults(func=cmd_diff)
+
+
 def cmd_cleanup(args):
     """Remove agents' worktrees and branches when nothing can be lost; say why the rest stay."""
     project = open_project(args)
@@ -5196,7 +5319,8 @@ def add_supervise_parser(commands):
 
 
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
-                   add_logs_parser, add_worktrees_parser, add_collect_parser, add_send_parser, add_cleanup_parser,
+                   add_logs_parser, add_diff_parser, add_worktrees_parser, add_collect_parser, add_send_parser,
+                   add_cleanup_parser,
                    add_sessions_parser, add_web_parser, add_supervise_parser)  # fmt: skip
 
 

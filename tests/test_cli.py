@@ -136,7 +136,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
         orchestra.main(["status"])
 
 
-COMMANDS = ["init", "config", "spawn", "status", "pause", "resume", "stop", "logs", "worktrees", "collect", "send",
+COMMANDS = ["init", "config", "spawn", "status", "pause", "resume", "stop", "logs", "diff", "worktrees", "collect", "send",
             "cleanup", "sessions", "web", "supervise"]  # fmt: skip
 
 

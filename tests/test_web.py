@@ -136,7 +136,10 @@ def test_spawn_with_a_model_records_it_for_the_launch(server, fake_repo):
         ({"tasks": ["x"], "colour": "red"}, "unknown field 'colour'"),
         ({"tasks": ["--help"]}, "starts with '-' and would be read as an option"),
         ({"tasks": ["  "]}, "a task is empty"),
-        ({"tasks": ["a", "b"], "name": "both"}, "--name names one task each, in order: 2 task(s) but 1 name(s)"),
+        (
+            {"tasks": ["a", "b"], "name": "both"},
+            "--name names one task each, in order: 2 task(s) but 1 name(s)",
+        ),
         ({"tasks": ["x"], "base": "no-such-branch"}, "base 'no-such-branch' is not a commit"),
     ],
 )
@@ -264,7 +267,9 @@ def test_diff_is_capped_and_needs_something_to_compare(server, fake_repo, monkey
     assert diff["untracked"] == ["b.txt"]
     worktree = load_state(fake_repo)["agents"]["commit-txt-write"]["worktree"]
     git("worktree", "remove", "--force", worktree, cwd=fake_repo)
-    assert "a.txt | 1 +" in call(server, "GET", "/api/agents/commit-txt/diff").json()["stat"]  # from the branch
+    assert (
+        "a.txt | 1 +" in call(server, "GET", "/api/agents/commit-txt/diff").json()["stat"]
+    )  # from the branch
     git("branch", "-D", "orchestra/commit-txt-write", cwd=fake_repo)
     answer = call(server, "GET", "/api/agents/commit-txt/diff")
     assert answer.status == 409 and "has no worktree or branch left" in answer.json()["error"]
