@@ -299,3 +299,27 @@ def test_real_agent_gets_a_message_sent_while_it_runs_and_shows_an_estimate(clau
     assert done["state"] == "done" and done["cost_estimated"] is False and done["pending_messages"] == []
     history = json.dumps(claude_api.main_requests[-1]["messages"])
     assert "long-job" in history and "second-part" in history  # the same session went on
+
+
+# --- the dashboard shows the estimate too (real Chromium) -----------------------------------
+
+
+def test_dashboard_marks_a_running_cost_as_an_estimate(fake_repo, cli):
+    dashboard = pytest.importorskip("test_dashboard")
+    if dashboard.sync_playwright is None or not os.path.exists(dashboard.CHROMIUM):
+        pytest.skip("needs Playwright and Chromium")
+    cli("spawn", "sleep:6 priced while running")
+    with dashboard.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=dashboard.CHROMIUM, args=dashboard.CHROMIUM_ARGS)
+        server = dashboard.serve(fake_repo)
+        try:
+            page = browser.new_page(viewport=dashboard.PHONE)
+            page.goto(server.url)
+            card = dashboard.card(page, "sleep-6-priced")
+            dashboard.expect(card).to_contain_text("~$", timeout=30_000)
+            dashboard.expect(page.locator("#total-cost")).to_have_text(re.compile(r"^~\$"))
+            dashboard.expect(card).to_contain_text("$0.2500", timeout=60_000)  # the result's own figure
+            dashboard.expect(card).not_to_contain_text("~$")
+        finally:
+            server.stop()
+            browser.close()
