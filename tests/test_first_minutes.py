@@ -266,6 +266,40 @@ def test_agents_get_the_environment_of_the_spawning_command(fake_repo, cli, monk
     cli("stop", "hold")
 
 
+CLAUDE_LIKE = (  # stands in for `claude -p TASK ...`: fails "Not logged in" without a key
+    "import json, os, sys, time\n"
+    "task = sys.argv[2]\n"
+    "print(json.dumps({'type': 'system', 'subtype': 'init', 'session_id': 'fake-session'}), flush=True)\n"
+    "if task == 'hold':\n"
+    "    time.sleep(30)\n"
+    "key = os.environ.get('ORCHESTRA_TEST_SECRET')\n"
+    "print('SEEN=' + (key or 'none') + ' TASK=' + task, flush=True)\n"
+    "sys.exit(0 if key else 'Not logged in')\n"
+)
+
+
+def test_resume_and_send_take_the_environment_of_their_command(fake_repo, cli, monkeypatch):
+    write_config(fake_repo, agent_command=[sys.executable, "-c", CLAUDE_LIKE], heartbeat_interval=0.5)
+    monkeypatch.delenv("ORCHESTRA_TEST_SECRET", raising=False)
+    cli("spawn", "hold", "login please")
+    wait_for(lambda: agent_states(fake_repo).get("login") == "failed", timeout=60, what="login failed")
+    assert agent_states(fake_repo)["hold"] == "running"  # the supervisor is still there
+    monkeypatch.setenv("ORCHESTRA_TEST_SECRET", "key-set-later")
+    assert cli("resume", "login").out == "login: queued to resume its session\n"
+    wait_for(lambda: agent_states(fake_repo).get("login") == "done", timeout=60, what="login resumed")
+    log = (fake_repo / ".orchestra" / "logs" / "login.jsonl").read_text()
+    assert "SEEN=none" in log and "SEEN=key-set-later TASK=Continue the task." in log
+    monkeypatch.setenv("ORCHESTRA_TEST_SECRET", "newer-key")
+    cli("send", "login", "one more thing")
+    wait_for(lambda: "SEEN=newer-key TASK=one more thing" in (fake_repo / ".orchestra" / "logs" / "login.jsonl").read_text(),
+             timeout=60, what="the message ran with the newer key")  # fmt: skip
+    assert "key-set-later" not in (fake_repo / ".orchestra" / "state.json").read_text()
+    assert (
+        not list((fake_repo / ".orchestra" / "env").iterdir()) or agent_states(fake_repo)["login"] != "done"
+    )
+    cli("stop", "hold")
+
+
 def test_saved_environment_is_private_and_read_once(project):
     orchestra.save_agent_env(project, ["one"], {"ANTHROPIC_API_KEY": "sk-test", "PATH": "/bin"})
     path = project.dir / "env" / "one"
