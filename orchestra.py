@@ -1956,6 +1956,7 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None):
     records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
     prepare_agents(project, records)
+    drop_agent_env(project, [r["id"] for r in records if r["state"] == "failed"])  # setup failed: no launch
     ensure_supervisor(project)
     return records
 

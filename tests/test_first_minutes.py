@@ -357,3 +357,10 @@ def test_dashboard_marks_a_running_cost_as_an_estimate(fake_repo, cli):
         finally:
             server.stop()
             browser.close()
+
+
+def test_an_agent_whose_setup_fails_keeps_no_saved_environment(fake_repo, cli):
+    write_config(fake_repo, agent_command=[sys.executable, "-c", "", "{task}"], setup=["exit 3"])
+    run = cli("spawn", "never launched")
+    assert run.code == 1 and agent_states(fake_repo)["never-launched"] == "failed"
+    assert not (fake_repo / ".orchestra" / "env" / "never-launched").exists()
