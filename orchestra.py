@@ -83,9 +83,8 @@ __version__ = "0.1.0"
 
 STATE_VERSION = 1
 ORCHESTRA_DIR = ".orchestra"
-AGENT_ENV_DIR = (
-    "env"  # .orchestra/env/<id> (mode 0600, folder 0700): the environment of an agent's next launch
-)
+# .orchestra/env/<id> (mode 0600, folder 0700): the environment of an agent's next launch
+AGENT_ENV_DIR = "env"
 WORKTREE_PREFIX = "task-"
 
 CONFIG_DEFAULTS = {
@@ -156,30 +155,8 @@ MAX_TASK_LENGTH = 8000  # characters; longer instructions belong in a file the t
 MAX_ID_LENGTH = 40  # of an id given with --name
 ID_WORDS = 3  # words of the task an id is made from
 ID_CHARS = 20  # an id made from a task is at most this long (before a -2 suffix), so tables fit 80 columns
-ID_SKIP_WORDS = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "to",
-        "of",
-        "for",
-        "in",
-        "on",
-        "at",
-        "by",
-        "and",
-        "or",
-        "with",
-        "from",
-        "into",
-        "onto",
-        "my",
-        "our",
-        "your",
-        "please",
-    ]
-)
+ID_SKIP_WORDS = frozenset(("a", "an", "the", "to", "of", "for", "in", "on", "at", "by", "and", "or", "with",
+                           "from", "into", "onto", "my", "our", "your", "please"))  # fmt: skip
 MAX_ACTIVITY_LENGTH = 200
 TABLE_DEFAULT_WIDTH = 120  # columns when stdout is not a terminal and $COLUMNS is unset
 TABLE_MIN_LAST_COLUMN = 6  # a table's last column narrower than this is left out rather than cut
@@ -4677,7 +4654,7 @@ def summary_line(records):
     estimated = any(r.get("cost_estimated") for r in records)
     return ", ".join(f"{n} {state}" for n, state in counts if n) + (
         f"; total cost {'~' if estimated else ''}{format_cost(total)}"
-        + (" (~ estimated)" if estimated else "")
+        + (" (~: estimated from token usage until agents finish)" if estimated else "")
     )
 
 
@@ -5321,8 +5298,7 @@ def add_supervise_parser(commands):
 
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
                    add_logs_parser, add_diff_parser, add_worktrees_parser, add_collect_parser, add_send_parser,
-                   add_cleanup_parser,
-                   add_sessions_parser, add_web_parser, add_supervise_parser)  # fmt: skip
+                   add_cleanup_parser, add_sessions_parser, add_web_parser, add_supervise_parser)  # fmt: skip
 
 
 def command_names(parser):
@@ -5345,6 +5321,18 @@ def check_command_word(parser, argv):
                 hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
                 raise OrchestraError(f"'{word}' is not an orchestra command; {hint}see 'orchestra --help'")
             return
+
+
+def parse_arguments(parser, argv):
+    """The parsed command line. spawn takes tasks between its options too, so that
+    `spawn --name a T1 --name b T2` pairs each name with its task."""
+    check_command_word(parser, argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (getattr(args, "more_tasks", False) and not any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.tasks = [*args.tasks, *extra]  # the tasks after the first option, in the order given
+    return args
 
 
 def build_parser():
@@ -5375,12 +5363,7 @@ def main(argv=None):
         if not argv:
             parser.print_help()
             return EXIT_OK
-        check_command_word(parser, argv)
-        args, extra = parser.parse_known_args(argv)
-        if extra and not (getattr(args, "more_tasks", False) and not any(a.startswith("-") for a in extra)):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        if extra:
-            args.tasks = [*args.tasks, *extra]  # spawn --name a T1 --name b T2: tasks after the first option
+        args = parse_arguments(parser, argv)
         return args.func(args)
     except OrchestraError as e:
         if os.environ.get("ORCHESTRA_DEBUG") == "1":
