@@ -223,6 +223,9 @@ SESSION_USER_MARKERS = ('"type":"user"', '"type": "user"')
 SESSION_MESSAGE_MARKERS = tuple(
     m.encode() for m in (*SESSION_USER_MARKERS, '"type":"assistant"', '"type": "assistant"')
 )
+# A line holding a tool result is never a message, and these markers occur only as JSON structure
+# (inside a string value the quotes would be escaped), so such lines need no parsing.
+SESSION_NOT_MESSAGE_MARKERS = (b'"type":"tool_result"', b'"type": "tool_result"')
 SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
 
 # Web: limits that keep one slow or hostile client from starving the server; RFC 6455 values.
@@ -2551,7 +2554,9 @@ def count_messages(path, size, previous=None):
                 pending = int(is_counted_message(parse_line(line.decode("utf-8", "replace")), list(recent)))
                 break
             offset += len(line)
-            if any(marker in line for marker in SESSION_MESSAGE_MARKERS):
+            if any(m in line for m in SESSION_MESSAGE_MARKERS) and not any(
+                m in line for m in SESSION_NOT_MESSAGE_MARKERS
+            ):
                 count += int(is_counted_message(parse_line(line.decode("utf-8", "replace")), recent))
         state = {"count": count, "offset": offset, "recent": recent, "mark": read_mark(f, offset)}
     return state, count + pending
