@@ -149,7 +149,7 @@ def test_an_idle_supervisor_does_not_write(fake_repo, cli):
     write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=60)
     cli("spawn", "quiet sleep:6 idle")
     path = fake_repo / ".orchestra" / "state.json"
-    wait_for(lambda: load_state(fake_repo)["agents"]["quiet-sleep-6-idle"]["state"] == "running", timeout=20)
+    wait_for(lambda: load_state(fake_repo)["agents"]["quiet-sleep-6"]["state"] == "running", timeout=20)
     time.sleep(1.5)  # the start and its first facts are written
     inode = os.stat(path).st_ino
     time.sleep(2.5)  # five ticks, with the agent running and printing nothing

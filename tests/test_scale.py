@@ -234,7 +234,8 @@ def test_status_hub_does_not_parse_an_unchanged_state_file(project, monkeypatch)
 def test_collect_reuses_reports_of_unmoved_branches(fake_repo, cli, monkeypatch):
     from conftest import git, wait_settled
 
-    assert cli("spawn", "commit:a.txt alpha", "commit:b.txt beta").code == 0
+    spawned = cli("spawn", "--json", "commit:a.txt alpha", "commit:b.txt beta")
+    alpha = spawned.json()["agents"][0]["id"]
     wait_settled(fake_repo)
     first = cli("collect", "--json").json()
     calls = []
@@ -246,7 +247,7 @@ def test_collect_reuses_reports_of_unmoved_branches(fake_repo, cli, monkeypatch)
     assert sorted(set(calls)) == ["for-each-ref", "status"]  # tips in one call; status of the 2 worktrees
     assert calls.count("for-each-ref") == 1 and calls.count("status") == 2
 
-    worktree = fake_repo / ".worktrees" / "task-commit-a-txt-alpha"
+    worktree = fake_repo / ".worktrees" / f"task-{alpha}"
     (worktree / "more.txt").write_text("more\n")
     git("add", "more.txt", cwd=worktree)
     git("commit", "-qm", "add more.txt", cwd=worktree)
@@ -260,13 +261,13 @@ def test_collect_reuses_reports_of_unmoved_branches(fake_repo, cli, monkeypatch)
 def test_collect_cache_never_hides_a_change_of_base(fake_repo, cli):
     from conftest import wait_settled
 
-    cli("spawn", "commit:a.txt alpha")
+    alpha = cli("spawn", "--json", "commit:a.txt alpha").json()["agents"][0]["id"]
     wait_settled(fake_repo)
     assert cli("collect", "--json").json()["agents"][0]["files"] == ["a.txt"]
     cache = json.loads((fake_repo / ".orchestra" / "reports.json").read_text())
-    assert list(cache) == ["commit-a-txt-alpha"]
-    cache["commit-a-txt-alpha"]["work"]["files"] = ["stale.txt"]
-    cache["commit-a-txt-alpha"]["key"][0] = "0" * 40  # another base: not this agent's entry
+    assert list(cache) == [alpha]
+    cache[alpha]["work"]["files"] = ["stale.txt"]
+    cache[alpha]["key"][0] = "0" * 40  # another base: not this agent's entry
     (fake_repo / ".orchestra" / "reports.json").write_text(json.dumps(cache))
     assert cli("collect", "--json").json()["agents"][0]["files"] == ["a.txt"]
 
@@ -307,8 +308,8 @@ def test_a_rebuilt_state_keeps_agents_that_wait_for_their_worktree(fake_repo, cl
     cli("spawn", "--parallel", "1", *tasks)
     wait_for(lambda: agent_states(fake_repo).get("sleep-4-first") == "running", timeout=30, what="running")
     (fake_repo / ".orchestra" / "state.json").write_text("{")
-    run = cli("status", "--json")
-    assert "rebuilt" in run.err
+    run = cli("status", "--json")  # the rebuild is done (and reported) by whoever reads the file first
+    assert list((fake_repo / ".orchestra").glob("state.json.corrupt-*"))
     states = {a["id"]: (a["state"], a["activity"]) for a in run.json()["agents"]}
     assert states["later-8"] == ("queued", "waiting for a worktree")
     wait_settled(fake_repo, timeout=120)
