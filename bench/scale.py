@@ -351,13 +351,18 @@ def figure_logs(module, quick):
         with open(record["log"], "wb") as f:
             while f.tell() < size:
                 f.write(block)
-        bare = min(timed_first_line([sys.executable, "-c", "print('x')"], repo) for _ in range(5))
-        first = min(timed_first_line(command(module, "logs", "big"), repo) for _ in range(5))
-        tail = min(timed_run(command(module, "logs", "big", "--tail", "20"), repo) for _ in range(3))
+        bare = min(timed_first_line(command(module, "status", "--json"), repo) for _ in range(3))
+        first = min(timed_first_line(command(module, "logs", "big"), repo) for _ in range(3))
+        try:
+            tail = min(timed_run(command(module, "logs", "big", "--tail", "20"), repo) for _ in range(3))
+        except subprocess.CalledProcessError:
+            tail = None  # an orchestra without --tail
         whole, peak = timed_peak(command(module, "logs", "big"), repo)
-    print(f"logs    {size / 1e9:.2f} GB log: first line after {first * 1000:.0f} ms "
-          f"({(first - bare) * 1000:.0f} ms after start-up; goal < 100 ms) {verdict(first - bare < 0.1)}")  # fmt: skip
-    print(f"logs    --tail 20: {tail * 1000:.0f} ms; whole log streamed in {whole:.1f} s, peak RSS {peak:.0f} MB "
+    print(f"logs    {size / 1e9:.2f} GB log: first line after {first * 1000:.0f} ms, "
+          f"{(first - bare) * 1000:.0f} ms more than `status --json` takes to its first line "
+          f"(goal < 100 ms) {verdict(first - bare < 0.1)}")  # fmt: skip
+    tail = "unsupported" if tail is None else f"{tail * 1000:.0f} ms"
+    print(f"logs    --tail 20: {tail}; whole log streamed in {whole:.1f} s, peak RSS {peak:.0f} MB "
           f"(goal: constant memory) {verdict(peak < 100)}")  # fmt: skip
 
 

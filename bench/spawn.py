@@ -1,7 +1,8 @@
 """Spawning 8 agents on a 5,000-file repository, against 8 sequential raw `git worktree add`.
 
 Goal: orchestra spawn at most 1.2x the raw git time. The agents are a no-op command, so this
-measures orchestra's own work: ids, records, concurrent worktrees and starting the supervisor.
+measures orchestra's own work, until every agent has run: ids, records, the worktrees (spawn
+makes the first, the supervisor the others just before they run), starting the supervisor.
 Run: python3 bench/spawn.py [--files N] [--rounds N]
 """
 
@@ -67,11 +68,16 @@ def time_raw(repo):
 
 
 def time_orchestra(repo):
+    """Until every agent has run: spawn makes the first worktree, the supervisor the others."""
     tasks = [f"task number {n}" for n in range(AGENTS)]
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, str(ORCHESTRA), "spawn", *tasks], cwd=repo, check=True, stdout=subprocess.DEVNULL
+        [sys.executable, str(ORCHESTRA), "spawn", "--parallel", str(AGENTS), *tasks],
+        cwd=repo,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
+    wait_idle(repo)
     return time.perf_counter() - start
 
 
@@ -101,11 +107,10 @@ def main():
             raw.append(time_raw(repo))
             reset(repo)
             ours.append(time_orchestra(repo))
-            wait_idle(repo)
     raw_median, ours_median = statistics.median(raw), statistics.median(ours)
     print(f"repository: {args.files} files; {AGENTS} worktrees; median of {args.rounds} rounds")
     print(f"8 x git worktree add (sequential): {raw_median * 1000:7.0f} ms")
-    print(f"orchestra spawn (8 tasks):         {ours_median * 1000:7.0f} ms")
+    print(f"orchestra spawn (8 tasks, all run): {ours_median * 1000:6.0f} ms")
     print(f"ratio: {ours_median / raw_median:.2f}x (goal <= 1.2x)")
 
 
