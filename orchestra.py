@@ -1887,6 +1887,7 @@ class Supervisor:
         self.pending_lock = threading.Lock()  # guards self.pending
         self.pending = {}  # agent id -> facts or final record changes waiting for the next write
         self.watchers = {}  # agent id -> watcher thread; touched by the main thread only
+        self.notifiers = []  # notify_command threads, waited for before the supervisor exits
 
     def run(self):
         """Hold the supervisor lock and serve; re-check for work after letting go of it."""
@@ -1915,6 +1916,8 @@ class Supervisor:
             self.stopping.wait(SUPERVISOR_TICK)
         self.flush()
         self.store.update(lambda state: state["supervisor"].update(pid=None))
+        for thread in self.notifiers:
+            thread.join(NOTIFY_TIMEOUT)
 
     def register(self, state):
         """Write this process into the state as the live supervisor."""
@@ -1946,8 +1949,9 @@ class Supervisor:
         def settle(state):
             record = state["agents"][agent_id]
             finish_record(record, log, None, "", self.counts(record))
+            return dict(record)
 
-        self.store.update(settle)
+        self.announce(self.store.update(settle))
 
     def start_queued(self, state):
         """Launch ready queued agents, oldest first, while fewer than the limit run."""
@@ -2036,8 +2040,18 @@ class Supervisor:
         def change(state):
             self.apply_pending(state)
             settle(state["agents"][agent_id])
+            return dict(state["agents"][agent_id])
 
-        self.store.update(change)
+        self.announce(self.store.update(change))
+
+    def announce(self, record, event=None):
+        """Run notify_command for an agent that finished, failed or went stale."""
+        event = event or {"done": "done", "failed": "failed", "interrupted": "failed"}.get(record["state"])
+        if event:
+            message = f"{record['id']} is {event}: {record.get('error') or record.get('result') or record.get('activity') or ''}"
+            thread = notify(self.project.repo, record["id"], event, one_line(message))
+            if thread:
+                self.notifiers.append(thread)
 
     def flush(self):
         """Write all pending facts in one state update (a few writes a second at most)."""
@@ -2065,18 +2079,28 @@ class Supervisor:
         """Every heartbeat_interval: mark the supervisor and running agents alive, flag stale ones."""
         interval = self.project.config["heartbeat_interval"]
         while not self.stopping.wait(min(interval, self.project.config["stale_threshold"])):
-            self.store.update(self.mark_heartbeat)
+            for record in self.store.update(self.mark_heartbeat) or ():
+                self.announce(record, "stale")
 
     def mark_heartbeat(self, state):
-        """Stamp heartbeats and set the stale flag of agents quiet for stale_threshold."""
+        """Stamp heartbeats and set the stale flag of agents quiet for stale_threshold; the newly stale.
+
+        An agent waiting for an approval is quiet because of the user, not stale.
+        """
         now = time.time()
         threshold = self.project.config["stale_threshold"]
+        waiting = approval_flags(self.project.repo)
         state["supervisor"]["heartbeat_at"] = utc_iso(now)
+        newly_stale = []
         for record in state["agents"].values():
             if record["state"] == "running":
                 record["heartbeat_at"] = utc_iso(now)
                 quiet_since = parse_iso(record.get("last_activity_at")) or now
-                record["stale"] = now - quiet_since >= threshold
+                was_stale = record.get("stale")
+                record["stale"] = now - quiet_since >= threshold and record["id"] not in waiting
+                if record["stale"] and not was_stale:
+                    newly_stale.append(dict(record))
+        return newly_stale
 
 
 def supervisor_alive(state):

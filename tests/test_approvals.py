@@ -95,15 +95,32 @@ def test_approve_lets_the_command_run_and_commit(repo, claude_api, cli):
         in log
     )
     assert "== allowed by cli: Bash(printf" in log
-    events = [json.loads(line) for line in Path(record["log"]).read_text().splitlines() if '"approval"' in line]
+    events = [
+        json.loads(line) for line in Path(record["log"]).read_text().splitlines() if '"approval"' in line
+    ]
     assert events[-1]["by"] == "cli" and events[-1]["decision"] == "allow" and events[-1]["at"]
     assert pending(cli) == []
     late = cli("approve", request["id"])
     assert late.code == 1 and "already allowed by cli" in late.err and "came late" in late.err
 
 
-def test_deny_message_reaches_the_agent_and_the_record(repo, claude_api, cli):
-    ask_repo(repo)
+def notifier(tmp_path):
+    """A notify_command that appends each call's arguments to a file, and that file."""
+    script, events = tmp_path / "notify.py", tmp_path / "events.jsonl"
+    script.write_text(
+        f"import json, sys\nwith open({str(events)!r}, 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    return [sys.executable, str(script), "{agent}", "{event}", "{message}"], events
+
+
+def notified(events):
+    """The (agent, event, message) triples the notify command received."""
+    return [tuple(json.loads(line)) for line in events.read_text().splitlines()] if events.exists() else []
+
+
+def test_deny_message_reaches_the_agent_and_the_record(repo, claude_api, cli, tmp_path):
+    command, events = notifier(tmp_path)
+    ask_repo(repo, notify_command=command)
     claude_api.script("no-tests", [bash("pytest -q"), text("could not run the tests")])
     assert cli("spawn", "no-tests").code == 0
     wait_request(cli, "no-tests")
@@ -123,6 +140,14 @@ def test_deny_message_reaches_the_agent_and_the_record(repo, claude_api, cli):
     assert "1 tool call denied: Bash(pytest -q)" in cli("collect", "no-tests").out
     ended = cli("deny", "no-tests")
     assert ended.code == 1 and "has ended (done)" in ended.err
+    wait_for(lambda: len(notified(events)) == 2, timeout=30, what="two notifications")
+    (agent, event, message), done = notified(events)
+    assert (
+        (agent, event) == ("no-tests", "approval")
+        and "Bash(pytest -q)" in message
+        and "orchestra approve" in message
+    )
+    assert done[:2] == ("no-tests", "done")
 
 
 def test_always_answers_the_next_matching_request(repo, claude_api, cli):
@@ -236,3 +261,113 @@ def test_rules_match_like_claude_code():
     assert not match("Bash(git *)", "Bash", {"command": "git status && rm -rf /"})
     assert match("Edit", "Edit", {"file_path": "/x"}) and not match("Edit", "Write", {"file_path": "/x"})
     assert match("Edit(src/*)", "Edit", {"file_path": "src/a.py"})
+
+
+def test_sandboxed_agent_runs_bash_without_rules_and_cannot_write_outside(repo, claude_api, cli, tmp_path):
+    write_config(repo, bypass_permissions=[], heartbeat_interval=0.5, approval_timeout=20)
+    outside = tmp_path / "outside.txt"
+    claude_api.script("boxed-job", [
+        bash("echo inside > inside.txt"), bash("git add inside.txt"), bash("git commit -qm inside"),
+        bash(f"{sys.executable} -c \"open('{outside}', 'w').write('escaped')\""), text("tried both"),
+    ])  # fmt: skip
+    run = cli("spawn", "--sandbox", "boxed-job")
+    assert run.code == 0, run
+    wait_settled(repo)
+    record = load_state(repo)["agents"]["boxed-job"]
+    assert record["state"] == "done" and record["sandboxed"] is True and record["commits"] == 1
+    assert git("show", "orchestra/boxed-job:inside.txt", cwd=repo) == "inside\n"
+    assert not outside.exists()
+    assert any("Read-only file system" in result_text(b) for b in tool_results(claude_api))
+    assert "approval" not in Path(record["log"]).read_text().replace('"approval_timeout"', "")
+    assert "boxed-job  done sandboxed" in cli("status").out
+    launch = json.loads(Path(record["log"]).read_text().splitlines()[0])["launch"]
+    assert launch["sandboxed"] is True
+
+
+def path_without_sandbox(tmp_path):
+    """A PATH holding git and claude but neither bwrap nor socat."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for program in ("git", "claude"):
+        (folder / program).symlink_to(
+            subprocess.run(["which", program], capture_output=True, text=True).stdout.strip()
+        )
+    return str(folder)
+
+
+def test_sandbox_on_without_bubblewrap_refuses_naming_the_package(
+    repo, claude_api, cli, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PATH", path_without_sandbox(tmp_path))
+    write_config(repo, sandbox="on")
+    run = cli("spawn", "anything")
+    assert run.code == 2
+    assert (
+        "sandbox is 'on'" in run.err
+        and "bubblewrap" in run.err
+        and "apt-get install bubblewrap socat" in run.err
+    )
+    assert "--no-sandbox" in run.err and not (repo / ".worktrees").exists()
+    assert cli("spawn", "--no-sandbox", "--name", "free", "anything").code == 0
+    assert load_state(repo)["agents"]["free"]["sandboxed"] is False
+    wait_settled(repo)
+    doctor = cli("doctor")
+    assert "MISSING  sandbox" in doctor.out and "bubblewrap and socat are not installed" in doctor.out
+
+
+def test_notify_command_hears_finished_failed_and_stale_agents(fake_repo, cli, tmp_path):
+    from conftest import FAKE_AGENT_COMMAND
+
+    command, events = notifier(tmp_path)
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.2, stale_threshold=1.5,
+                 notify_command=command)  # fmt: skip
+    assert (
+        cli("spawn", "--parallel", "3", "ends-well", "ends-badly fail", "goes-quiet quiet sleep:6").code == 0
+    )
+    wait_settled(fake_repo)
+    wait_for(lambda: len(notified(events)) >= 4, timeout=30, what="four notifications")
+    got = {(agent, event) for agent, event, _ in notified(events)}
+    assert {("ends-well", "done"), ("ends-badly-fail", "failed"), ("goes-quiet-quiet-sleep-6", "stale"),
+            ("goes-quiet-quiet-sleep-6", "done")} <= got  # a loaded machine may make a fast agent stale too  # fmt: skip
+    failed = next(m for a, e, m in notified(events) if e == "failed")
+    assert "it broke" in failed
+
+
+def test_failing_notify_command_is_logged_never_fatal(fake_repo, cli):
+    from conftest import FAKE_AGENT_COMMAND
+
+    write_config(
+        fake_repo, agent_command=FAKE_AGENT_COMMAND, notify_command=["/nonexistent/notify", "{event}"]
+    )
+    assert cli("spawn", "still-fine").code == 0
+    wait_settled(fake_repo)
+    assert load_state(fake_repo)["agents"]["still-fine"]["state"] == "done"
+    log = wait_for(lambda: (fake_repo / ".orchestra" / "notify.log").exists(), timeout=10, what="notify.log")
+    assert (
+        log
+        and "notify_command /nonexistent/notify failed"
+        in (fake_repo / ".orchestra" / "notify.log").read_text()
+    )
+
+
+def test_config_set_and_unset_check_like_loading(repo, cli, tmp_path):
+    assert cli("config", "set", "approval_timeout", "60").code == 0
+    assert cli("config", "set", "sandbox_network", '["pypi.org", "*.npmjs.org"]').code == 0
+    assert cli("config", "set", "model", "opus").code == 0
+    saved = json.loads((repo / ".orchestra" / "config.json").read_text())
+    assert saved == {"approval_timeout": 60, "sandbox_network": ["pypi.org", "*.npmjs.org"], "model": "opus"}
+    bad = cli("config", "set", "sandbox", "maybe")
+    assert bad.code == 2 and "'sandbox' must be one of off, auto, on" in bad.err
+    bad = cli("config", "set", "bypass_permissions", "Bash(ls)")
+    assert bad.code == 2 and "'bypass_permissions' must be a list of strings" in bad.err
+    bad = cli("config", "set", "no_such_key", "1")
+    assert bad.code == 2 and "unknown key 'no_such_key'" in bad.err
+    assert cli("config", "unset", "model").code == 0
+    assert "model" not in json.loads((repo / ".orchestra" / "config.json").read_text())
+    assert cli("config", "set", "sandbox", "auto", "--user").code == 0
+    assert json.loads((tmp_path / "user-config.json").read_text()) == {"sandbox": "auto"}
+    shown = cli("config", "--json").json()
+    assert shown["sandbox"] == {"value": "auto", "source": str(tmp_path / "user-config.json")}
+    assert shown["approval_timeout"]["value"] == 60
+    init = cli("init").out
+    assert "orchestra config set KEY VALUE" in init and "bypass_permissions" in init and "approvals" in init
