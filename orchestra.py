@@ -4367,7 +4367,8 @@ class StatusHub:
         self.lock = threading.Lock()
         self.clients = set()
         self.document = None
-        self.seen = None  # state.json's (inode, size, mtime) when last read
+        self.seen = None  # state.json's (inode, size, mtime) and the approvals folder's stamp when last read
+        self.approvals = None  # the pending approval requests as last sent
         self.next_refresh = self.next_revive = 0.0
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="orchestra-web-status", daemon=True)
@@ -4377,7 +4378,10 @@ class StatusHub:
         with self.lock:
             if self.document is None:
                 self.document = current_status(self.project)[1]
-            ws.send(json.dumps({"type": "snapshot", "status": self.document}).encode("utf-8"))
+            if self.approvals is None:
+                self.approvals = approvals_document(self.project)["approvals"]
+            snapshot = {"type": "snapshot", "status": self.document, "approvals": self.approvals}
+            ws.send(json.dumps(snapshot).encode("utf-8"))
             self.clients.add(ws)
 
     def unsubscribe(self, ws):
@@ -4400,6 +4404,7 @@ class StatusHub:
             seen = (info.st_ino, info.st_size, info.st_mtime_ns)
         except FileNotFoundError:
             seen = None
+        seen = (seen, ApprovalBox(self.project.repo).stamp())  # a new request shows at once
         now = time.monotonic()
         if seen == self.seen and now < self.next_refresh:
             return
@@ -4412,11 +4417,21 @@ class StatusHub:
                 message = json.dumps(change).encode("utf-8")
                 for ws in self.clients:
                     ws.send(message)
+            self.send_approvals()
         if self.revive and now >= self.next_revive:
             self.next_revive = now + WEB_REVIVE_INTERVAL
             pid = ensure_supervisor(self.project, state)
             if pid:
                 self.log(f"the supervisor was not running; restarted it (pid {pid})")
+
+    def send_approvals(self):
+        """Tell every client the pending approval requests when they changed (caller holds the lock)."""
+        approvals = approvals_document(self.project)["approvals"]
+        if approvals != self.approvals:
+            self.approvals = approvals
+            message = json.dumps({"type": "approvals", "approvals": approvals}).encode("utf-8")
+            for ws in self.clients:
+                ws.send(message)
 
     def stop(self):
         """End the polling thread and every client's connection."""
@@ -4541,6 +4556,8 @@ ROUTES = [(method, re.compile(pattern), name) for method, pattern, name in (
     ("GET", r"/api/agents/(?P<id>[^/]+)/diff", "route_diff"),
     ("POST", r"/api/agents/(?P<id>[^/]+)/(?P<action>pause|resume|stop)", "route_signal"),
     ("GET", r"/ws/status", "route_websocket"),
+    ("GET", r"/api/approvals", "route_approvals"),
+    ("POST", r"/api/approvals/(?P<request>[^/]+)", "route_decide"),
 )]  # fmt: skip
 AGENT_ACTIONS = {"pause": pause_agents, "resume": resume_agents, "stop": stop_agents}
 
@@ -4778,6 +4795,30 @@ class WebHandler(BaseHTTPRequestHandler):
         body_fields(body, {})
         outcomes = AGENT_ACTIONS[params["action"]](self.server.project, [self.agent(params)["id"]])
         return 200, {"outcomes": [{"id": agent_id, "result": what} for agent_id, what in outcomes]}
+
+    def route_approvals(self, params, query, body):
+        """GET /api/approvals: the tool calls agents wait to have approved, oldest first."""
+        return 200, approvals_document(self.server.project)
+
+    def route_decide(self, params, query, body):
+        """POST /api/approvals/REQ {"decision": "allow"|"deny", "message"?, "always"?}: the CLI's approve/deny."""
+        always = body.pop("always", None)
+        decision, message = body_fields(body, {"decision": (str, True), "message": (str, False)})
+        if decision not in ("allow", "deny"):
+            raise HTTPRefusal(400, '\'decision\' must be "allow" or "deny"')
+        if always not in (None, False, True, "agent", "project") or (always and decision == "deny"):
+            raise HTTPRefusal(400, '\'always\' must be true, "agent" or "project", and only with "allow"')
+        project = self.server.project
+        request, where = ApprovalBox(project.repo).request(params["request"])
+        if where is None:
+            raise HTTPRefusal(404, f"no request '{params['request']}'; GET /api/approvals lists them")
+        if where == "answered":
+            raise OrchestraError(late_message(request["id"], request["decision"]), EXIT_FAILURE)
+        always = "agent" if always is True else always or None
+        answered = answer_request(
+            project, request, decision == "allow", "web", message=message, always=always
+        )
+        return 200, {"request": request["id"], "agent": request["agent"], **answered}
 
     def route_websocket(self, params, query, body):
         """GET /ws/status: upgrade, then a status snapshot and every change until the client goes."""
