@@ -1134,10 +1134,18 @@ def approval_flags(repo):
     return flags
 
 
+HOOK_LAUNCH = "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; sys.exit(orchestra.main())"
+
+
 def hook_command(repo, agent_id, timeout):
-    """The shell command Claude Code runs for a permission request: this very orchestra."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "hook", "permission-request",
-            "--repo", str(repo), "--agent", agent_id, "--timeout", f"{timeout:g}"]  # fmt: skip
+    """The shell command Claude Code runs for a permission request: this very orchestra.
+
+    Imported rather than run as a script, so its cached bytecode is used: every waiting agent
+    starts one, and a script would be compiled afresh each time. -I -S: no environment or site
+    packages can change which orchestra answers.
+    """
+    argv = [sys.executable, "-I", "-S", "-c", HOOK_LAUNCH, str(Path(__file__).resolve().parent), "hook",
+            "permission-request", "--repo", str(repo), "--agent", agent_id, "--timeout", f"{timeout:g}"]  # fmt: skip
     return " ".join(shlex.quote(part) for part in argv)
 
 
