@@ -1091,12 +1091,12 @@ class ApprovalBox:
         finally:
             os.unlink(tmp)
 
-    def wait(self, req_id, timeout):
-        """The decision once one is taken; None after `timeout` seconds."""
+    def wait(self, req_id, timeout, parent=None):
+        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone."""
         deadline = time.monotonic() + timeout
         while True:
             decision = self.decision(req_id)
-            if decision or time.monotonic() >= deadline:
+            if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
                 return decision
             time.sleep(APPROVAL_POLL)
 
@@ -1231,12 +1231,16 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         "input": tool_input if len(text) <= APPROVAL_INPUT_LIMIT else {"truncated": text[:APPROVAL_INPUT_LIMIT]},
         "suggestions": asked.get("permission_suggestions") or [], "session_id": asked.get("session_id"),
         "since": utc_iso(), "timeout": timeout, "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+        "parent": os.getppid(),
     })  # fmt: skip
     append_event(log, {"event": "approval_requested", "request": request["id"], "tool": summary})
     notifier = notify(
         repo, agent_id, "approval", f"{agent_id} asks to run {summary} (orchestra approve {request['id']})"
     )
-    decision = box.wait(request["id"], timeout)
+    decision = box.wait(request["id"], timeout, parent=os.getppid())
+    if decision is None and os.getppid() != request["parent"]:
+        decision = denied("the agent ended while it waited for this approval")
+        box.decide(request["id"], decision)
     if decision is None:
         late = denied(f"no decision within approval_timeout ({timeout:g} s); denied. The user can allow it "
                       f"next time with 'orchestra approve --always' or in bypass_permissions")  # fmt: skip
@@ -4782,7 +4786,7 @@ class WebHandler(BaseHTTPRequestHandler):
 
     def route_agent(self, params, query, body):
         """GET /api/agents/ID: the agent's record."""
-        return 200, public_record(self.agent(params))
+        return 200, public_record(with_approvals(self.server.project, [self.agent(params)])[0])
 
     def route_log(self, params, query, body):
         """GET /api/agents/ID/log?tail=N: the last N readable lines of its activity."""

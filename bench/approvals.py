@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,11 @@ def make_project(root, agents):
 
     def seed(state):
         me = os.getpid()
-        state["supervisor"] = {"pid": me, "pid_start": orchestra.process_start_time(me), "heartbeat_at": orchestra.utc_iso()}
+        state["supervisor"] = {
+            "pid": me,
+            "pid_start": orchestra.process_start_time(me),
+            "heartbeat_at": orchestra.utc_iso(),
+        }
         for n in range(agents):
             record = dict.fromkeys(orchestra.RECORD_FIELDS)
             record.update(id=f"agent-{n}", task=f"task {n}", state="running", created_at=orchestra.utc_iso(),
@@ -92,7 +95,9 @@ class Watchers:
 
     def follow_ws(self):
         uri = self.base.replace("http", "ws", 1) + "/ws/status"
-        with connect(uri, subprotocols=["orchestra", f"token.{self.token}"], origin=self.base, proxy=None) as ws:
+        with connect(
+            uri, subprotocols=["orchestra", f"token.{self.token}"], origin=self.base, proxy=None
+        ) as ws:
             ws.recv(timeout=10)  # the snapshot
             self.ready.set()
             while not self.stop.is_set():
@@ -114,14 +119,18 @@ def start_hook(project, agent_id, command):
     started = time.monotonic()
     command = orchestra.hook_command(project.repo, agent_id, 120)  # exactly what an agent's settings hold
     hook = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    hook.stdin.write(json.dumps({"tool_name": "Bash", "tool_input": {"command": command}, "session_id": agent_id}))
+    hook.stdin.write(
+        json.dumps({"tool_name": "Bash", "tool_input": {"command": command}, "session_id": agent_id})
+    )
     hook.stdin.close()
     return hook, started
 
 
 def one_round(project, watchers, agents, round_no):
     """8 hooks started at the same moment, then `orchestra approve` for each in turn; the latencies."""
-    hooks = {f"agent-{n}": start_hook(project, f"agent-{n}", f"make round-{round_no}-{n}") for n in range(agents)}
+    hooks = {
+        f"agent-{n}": start_hook(project, f"agent-{n}", f"make round-{round_no}-{n}") for n in range(agents)
+    }
     box = orchestra.ApprovalBox(project.repo)
     deadline = time.monotonic() + 30
     while True:
@@ -133,7 +142,7 @@ def one_round(project, watchers, agents, round_no):
             raise SystemExit(f"round {round_no}: requests not all visible after 30 s")
         time.sleep(0.005)
     visible_api, visible_ws = [], []
-    for agent_id, (hook, started) in hooks.items():
+    for agent_id, (_hook, started) in hooks.items():
         api_at, ws_at = watchers.seen(requests[agent_id]["id"])
         visible_api.append(api_at - started)
         visible_ws.append(ws_at - started)

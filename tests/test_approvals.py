@@ -71,6 +71,7 @@ def test_approve_lets_the_command_run_and_commit(repo, claude_api, cli):
     assert cli("spawn", "needs-ok").code == 0
     started = time.monotonic()
     request = wait_request(cli, "needs-ok")
+    assert time.time() - orchestra.parse_iso(request["since"]) < 1.0  # listed within a second of asking
     assert request["tool"] == "Bash" and request["summary"] == "Bash(printf 'ok\\n' > approved.txt)"
     assert request["input"]["command"] == "printf 'ok\\n' > approved.txt"
     status = cli("status", "--json").json()["agents"][0]

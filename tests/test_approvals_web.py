@@ -121,3 +121,50 @@ def test_a_request_whose_hook_is_gone_is_void(server, project):
     assert call(server, "GET", "/api/approvals")[1] == {"approvals": []}
     status, error = call(server, "POST", f"/api/approvals/{request['id']}", {"decision": "allow"})
     assert status == 409 and "its request" in error["error"] and "is void" in error["error"]
+
+
+def test_hook_whose_agent_dies_denies_and_leaves(project, tmp_path):
+    add_agent(project, "orphaned")
+    (tmp_path / "request.json").write_text(
+        json.dumps({"tool_name": "Bash", "tool_input": {"command": "ls /"}})
+    )
+    command = orchestra.hook_command(project.repo, "orphaned", 60)
+    agent = subprocess.Popen(
+        ["sh", "-c", f"{command} < {tmp_path / 'request.json'} > {tmp_path / 'answer.json'}; true"]
+    )
+    deadline = time.monotonic() + 10
+    while not orchestra.ApprovalBox(project.repo).pending():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    agent.kill()  # the agent (the hook's parent) dies; the hook must not wait for 60 s
+    agent.wait()
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "answer.json").read_text():
+        assert time.monotonic() < deadline, "the hook kept waiting for a dead agent"
+        time.sleep(0.05)
+    decision = json.loads((tmp_path / "answer.json").read_text())["hookSpecificOutput"]["decision"]
+    assert decision == {"behavior": "deny", "message": "the agent ended while it waited for this approval"}
+    assert orchestra.ApprovalBox(project.repo).pending() == []
+
+
+def test_doctor_reports_what_works(cli, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    run = cli("doctor", "--json")
+    checks = {c["name"]: c for c in run.json()["checks"]}
+    assert checks["git"]["ok"] and checks["git"]["detail"].startswith("git version")
+    assert checks["claude"]["ok"] and "Claude Code" in checks["claude"]["detail"]
+    assert checks["claude login"] == {
+        "name": "claude login",
+        "ok": True,
+        "detail": "logged in (api_key, ANTHROPIC_API_KEY)",
+    }
+    assert checks["sandbox"] == {
+        "name": "sandbox",
+        "ok": True,
+        "detail": "Claude Code's sandbox can run here",
+    }
+    assert run.code == 0
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    monkeypatch.setenv("CLAUDE_CONFIG_DIR", "/nonexistent-claude-config")
+    text = cli("doctor").out
+    assert "MISSING  claude login  not logged in; run 'claude' and log in, or set ANTHROPIC_API_KEY" in text
