@@ -1114,6 +1114,11 @@ class ApprovalBox:
         data = read_json_file(self.rules_dir / f"{agent_id}.json") or {}
         return [r for r in data.get("rules", []) if isinstance(r, str)]
 
+    def forget_rules(self, agent_id):
+        """A new run of the agent starts without the --always rules of its last run."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(self.rules_dir / f"{agent_id}.json"))
+
     def add_rule(self, agent_id, rule):
         """Allow `rule` for the rest of this agent's run."""
         self.rules_dir.mkdir(parents=True, exist_ok=True)
@@ -1238,13 +1243,11 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         repo, agent_id, "approval", f"{agent_id} asks to run {summary} (orchestra approve {request['id']})"
     )
     decision = box.wait(request["id"], timeout, parent=os.getppid())
-    if decision is None and os.getppid() != request["parent"]:
-        decision = denied("the agent ended while it waited for this approval")
-        box.decide(request["id"], decision)
     if decision is None:
-        late = denied(f"no decision within approval_timeout ({timeout:g} s); denied. The user can allow it "
-                      f"next time with 'orchestra approve --always' or in bypass_permissions")  # fmt: skip
-        late["by"] = "timeout"
+        ended = os.getppid() != request["parent"]
+        late = denied("the agent ended while it waited for this approval" if ended
+                      else f"no decision within approval_timeout ({timeout:g} s); denied")  # fmt: skip
+        late["by"] = "orchestra" if ended else "timeout"
         decision = late if box.decide(request["id"], late) else box.decision(request["id"])
         if decision is late:
             append_event(log, {"event": "approval", "request": request["id"], "tool": summary, **late})
@@ -1632,6 +1635,7 @@ def launch_agent(project, record, prompt=None):
     """Start the agent's process in its worktree, in its own process group, output to files."""
     argv = agent_argv(record, prompt)
     append_event(project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv})
+    ApprovalBox(project.repo).forget_rules(record["id"])
     env = dict(os.environ, ORCHESTRA_AGENT_ID=record["id"], ORCHESTRA_REPO=str(project.repo))
     with (
         open(project.log_path(record["id"]), "ab") as out,
