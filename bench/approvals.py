@@ -87,7 +87,7 @@ class Watchers:
         while not self.stop.is_set():
             connection.request("GET", "/api/approvals", headers={"Authorization": f"Bearer {self.token}"})
             document = json.loads(connection.getresponse().read())
-            now = time.monotonic()
+            now = (time.monotonic(), time.time())
             with self.lock:
                 for request in document["approvals"]:
                     self.api.setdefault(request["id"], now)
@@ -103,7 +103,7 @@ class Watchers:
             while not self.stop.is_set():
                 with contextlib.suppress(TimeoutError, ConnectionClosed):
                     message = json.loads(ws.recv(timeout=0.2))
-                    now = time.monotonic()
+                    now = (time.monotonic(), time.time())
                     if message["type"] == "approvals":
                         with self.lock:
                             for request in message["approvals"]:
@@ -141,11 +141,14 @@ def one_round(project, watchers, agents, round_no):
         if time.monotonic() > deadline:
             raise SystemExit(f"round {round_no}: requests not all visible after 30 s")
         time.sleep(0.005)
-    visible_api, visible_ws = [], []
+    visible_api, visible_ws, recorded = [], [], []
     for agent_id, (_hook, started) in hooks.items():
-        api_at, ws_at = watchers.seen(requests[agent_id]["id"])
-        visible_api.append(api_at - started)
-        visible_ws.append(ws_at - started)
+        req_id = requests[agent_id]["id"]
+        api_at, ws_at = watchers.seen(req_id)
+        visible_api.append(api_at[0] - started)
+        visible_ws.append(ws_at[0] - started)
+        written = os.stat(box.dir / f"{req_id}.json").st_mtime_ns / 1e9  # the hook wrote its request
+        recorded.append(max(0.0, ws_at[1] - written))
     answered = []
 
     def approve(agent_id):
@@ -161,7 +164,7 @@ def one_round(project, watchers, agents, round_no):
 
     for agent_id in hooks:  # one after another, as a user answers them; the others keep waiting
         approve(agent_id)
-    return visible_api, visible_ws, answered
+    return visible_api, visible_ws, recorded, answered
 
 
 def percentile(values, fraction):
@@ -195,17 +198,21 @@ def main():
             for t in threads:
                 t.start()
             watchers.ready.wait(10)
-            api, ws, answered = [], [], []
+            api, ws, recorded, answered = [], [], [], []
             for round_no in range(args.rounds):
-                a, w, d = one_round(project, watchers, args.agents, round_no)
-                api, ws, answered = api + a, ws + w, answered + d
+                a, w, r, d = one_round(project, watchers, args.agents, round_no)
+                api, ws, recorded, answered = api + a, ws + w, recorded + r, answered + d
             watchers.stop.set()
         finally:
             web.send_signal(signal.SIGINT)
             web.wait(10)
-    print(f"{args.agents} agents waiting at once, {args.rounds} rounds, {os.cpu_count()} CPUs")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"{args.agents} agents waiting at once, {args.rounds} rounds, {os.cpu_count()} CPUs, load average {load:.1f}"
+    )
     ok = report("hook fired -> visible in GET /api/approvals", api, 0.5)
     ok &= report("hook fired -> pushed on the WebSocket", ws, 0.5)
+    report("(request written -> pushed on the WebSocket)", recorded, 0.5)
     ok &= report("orchestra approve -> hook answers allow", answered, 1.0)
     return 0 if ok else 1
 

@@ -168,3 +168,23 @@ def test_doctor_reports_what_works(cli, monkeypatch):
     monkeypatch.setenv("CLAUDE_CONFIG_DIR", "/nonexistent-claude-config")
     text = cli("doctor").out
     assert "MISSING  claude login  not logged in; run 'claude' and log in, or set ANTHROPIC_API_KEY" in text
+
+
+def test_claude_argv_carries_the_settings_layer(repo):
+    project = orchestra.Project.open(repo, {"ORCHESTRA_CONFIG": "/nonexistent"},
+                                     {"approval_timeout": 90, "sandbox_network": ["pypi.org"]})  # fmt: skip
+    record = orchestra.new_record(project, "x", "do x", "main", "abc")
+    record["launch"]["sandboxed"] = True
+    argv = orchestra.agent_argv(record)
+    settings = json.loads(argv[argv.index("--settings") + 1])
+    hook = settings["hooks"]["PermissionRequest"][0]
+    assert hook["matcher"] == "*" and hook["hooks"][0]["timeout"] > 90
+    command = hook["hooks"][0]["command"]
+    assert command.startswith(sys.executable) and "hook permission-request" in command
+    assert f"--repo {repo}" in command and "--agent x --timeout 90" in command
+    assert settings["sandbox"] == {"enabled": True, "autoAllowBashIfSandboxed": True,
+                                   "network": {"allowedDomains": ["pypi.org"]}}  # fmt: skip
+    assert argv[-4:] == ["--allowedTools", "Edit", "Write", "Bash(git *)"]  # still last: it is variadic
+    record["launch"]["sandboxed"] = False
+    assert "sandbox" not in json.loads(orchestra.agent_argv(record)[argv.index("--settings") + 1])
+    assert not (repo / ".claude").exists()  # nothing written into the user's repository
