@@ -1763,6 +1763,7 @@ def rebuild_records(project):
             branch=spawn["branch"], worktree=spawn["worktree"], created_at=spawn.get("time"), ready=True
         )
         record.update(launch=spawn.get("launch") or record["launch"], seq=spawn.get("seq", 0))
+        record["sandboxed"] = bool(record["launch"].get("sandboxed"))
         log = read_log(log_path)
         record.update(without_none(log.facts))
         if log.settled:

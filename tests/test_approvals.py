@@ -283,6 +283,8 @@ def test_sandboxed_agent_runs_bash_without_rules_and_cannot_write_outside(repo, 
     assert "boxed-job  done sandboxed" in cli("status").out
     launch = json.loads(Path(record["log"]).read_text().splitlines()[0])["launch"]
     assert launch["sandboxed"] is True
+    (repo / ".orchestra" / "state.json").write_text("{broken")  # rebuilt from the logs: still sandboxed
+    assert cli("status", "--json").json()["agents"][0]["sandboxed"] is True
 
 
 def path_without_sandbox(tmp_path):
