@@ -71,7 +71,7 @@ def test_phone_approves_and_denies_live(repo, claude_api, phone):
     try:
         phone.add_init_script(RECORD_NOTIFICATIONS)
         phone.goto(server.url)
-        expect(phone.locator("#connection")).to_have_attribute("data-state", "live")
+        expect(phone.locator("#connection")).to_have_attribute("data-state", "live", timeout=30_000)
         phone.check("#notify")
         expect(phone.locator("#approvals-view")).to_be_hidden()
         phone.evaluate("window.sameDocument = true")
@@ -88,7 +88,9 @@ def test_phone_approves_and_denies_live(repo, claude_api, phone):
             "phone-ok",
             "phone-evil",
         }
-        expect(phone.locator('.card[data-id="phone-ok"] .autonomy')).to_contain_text("waiting for approval")
+        expect(phone.locator('.card[data-id="phone-ok"] .autonomy')).to_contain_text(
+            "waiting for approval", timeout=30_000
+        )
         shown = phone.evaluate("window.shown")
         assert ["phone-ok asks to run Bash", "Bash(echo from-phone > phone.txt)"] in shown
         assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
@@ -99,10 +101,10 @@ def test_phone_approves_and_denies_live(repo, claude_api, phone):
         for agent_id in ("phone-ok", "phone-evil"):
             badge = phone.locator(f'.card[data-id="{agent_id}"] .badge')
             expect(badge).to_have_attribute("data-state", "done", timeout=90_000)
-        expect(phone.locator("#approvals-view")).to_be_hidden()
+        expect(phone.locator("#approvals-view")).to_be_hidden(timeout=30_000)
         evil_card = phone.locator('.card[data-id="phone-evil"] .autonomy')
         expect(evil_card).to_contain_text(
-            "1 tool call denied: Bash(echo '<img src=x onerror=alert(1)>' > evil.html)"
+            "1 tool call denied: Bash(echo '<img src=x onerror=alert(1)>' > evil.html)", timeout=30_000
         )
         assert phone.evaluate("window.sameDocument") is True  # all of it live, without a reload
         assert git("show", "orchestra/phone-ok:phone.txt", cwd=repo) == "from-phone\n"
