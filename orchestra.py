@@ -2411,11 +2411,15 @@ def find_requests(project, name):
         raise OrchestraError(late_message(name, request["decision"]), EXIT_FAILURE)
     if request is not None:
         return [request]
+    pending = box.pending()
+    by_prefix = [r for r in pending if r["id"].startswith(name)]
+    if len(by_prefix) == 1 and not any(i.startswith(name) for i in project.records()):
+        return by_prefix
     records = project.records()
     if not any(i.startswith(name) for i in records):
         raise OrchestraError(f"no request or agent '{name}'; 'orchestra approvals' lists the requests")
     agent = select_agents(records, [name])[0]
-    mine = [r for r in box.pending() if r["agent"] == agent["id"]]
+    mine = [r for r in pending if r["agent"] == agent["id"]]
     if mine:
         return mine
     if agent["state"] not in ACTIVE_STATES:
