@@ -8,7 +8,7 @@ moment (the worst case: 8 Python processes at once); the 8 approvals follow one 
 
 The web server runs as its own process (`orchestra web`); this process poses as the supervisor of 8
 running agents and starts each round's 8 hooks at once with a synthetic request on stdin, exactly the
-command line agents get. A thread polls /api/approvals every 10 ms; another follows the WebSocket.
+command line agents get. A thread polls /api/approvals every 25 ms; another follows the WebSocket.
 Run: python3 bench/approvals.py [--rounds 15] [--agents 8]
 """
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import orchestra  # noqa: E402
 
-API_POLL = 0.01  # seconds between GET /api/approvals
+API_POLL = 0.025  # seconds between GET /api/approvals (more often would load the server it measures)
 LAUNCH = f"""import sys
 sys.path.insert(0, {str(ROOT)!r})
 import orchestra
