@@ -1000,16 +1000,19 @@ def rule_matches(rule, tool, tool_input):
     return fnmatchcase(subject, content)
 
 
-def denial_lines(denials):
-    """'2 tool calls denied: Bash(pytest -q), Write(x)' and the command that allows them next time."""
+def denial_lines(denials, allowed=()):
+    """'2 tool calls denied: Bash(pytest -q), Write(x)' and the command that allows them next time.
+
+    `allowed` is the agent's bypass_permissions, which the suggested list keeps.
+    """
     if not denials:
         return []
     named = [tool_summary(d.get("tool_name") or "tool", d.get("tool_input")) for d in denials]
-    rules = sorted({request_rule(d.get("tool_name") or "tool", d.get("tool_input") or {}) for d in denials})
+    new = [request_rule(d.get("tool_name") or "tool", d.get("tool_input") or {}) for d in denials]
+    rules = list(dict.fromkeys([*allowed, *new]))
     count = f"{len(denials)} tool call{'s' if len(denials) != 1 else ''} denied"
     return [f"{count}: {', '.join(named)}",
-            f"allow next time: orchestra config set bypass_permissions '{json.dumps(rules)}' "
-            "(merge with your current list: orchestra config), or answer requests with 'orchestra approve ID --always=project'"]  # fmt: skip
+            f"allow them next time: orchestra config set bypass_permissions {shlex.quote(json.dumps(rules))}"]  # fmt: skip
 
 
 class ApprovalBox:
@@ -3674,6 +3677,7 @@ def agent_report(project, record):
             for key in ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch")
         },
         "permission_denials": record.get("permission_denials") or [],
+        "bypass_permissions": (record.get("launch") or {}).get("bypass_permissions", []),
         "duration_seconds": elapsed_seconds(record, time.time()),
         "commits": [{"hash": h, "subject": subject} for h, subject in commits],
         "diffstat": run_git([*diff, "--stat"], project.repo).stdout.rstrip() if diff else "",
@@ -5100,7 +5104,8 @@ def status_text(project, records, out):
     headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
     records = with_approvals(project, records)
     table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
-    notes = [f"{r['id']}: {line}" for r in records for line in denial_lines(r.get("permission_denials"))]
+    notes = [f"{r['id']}: {line}" for r in records
+             for line in denial_lines(r.get("permission_denials"), (r.get("launch") or {}).get("bypass_permissions", ()))]  # fmt: skip
     return "\n".join([table, "", *notes, *([""] if notes else []), summary_line(records)])
 
 
@@ -5368,7 +5373,7 @@ def report_text(report):
             "Uncommitted in its worktree: "
             + ", ".join(f"{u['status'].strip()} {u['path']}" for u in report["uncommitted"])
         )
-    lines += denial_lines(report.get("permission_denials"))
+    lines += denial_lines(report.get("permission_denials"), report.get("bypass_permissions", ()))
     return "\n".join(lines)
 
 
