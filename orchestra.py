@@ -5150,7 +5150,7 @@ def config_text(config):
 
 
 def cmd_config(args):
-    """Show every setting, its value and where that value came from."""
+    """Show every setting, its value and where that value came from; 'set' and 'unset' change one."""
     try:
         repo = find_repo(Path.cwd())
     except OrchestraError:
@@ -5795,7 +5795,9 @@ def cmd_config_unset(args):
 
 def add_config_actions(p):
     """orchestra config set | unset"""
-    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
+    actions = p.add_subparsers(
+        dest="action", metavar="[set KEY VALUE | unset KEY]", parser_class=ArgumentParser
+    )
     s = actions.add_parser("set", help="write a setting", description=cmd_config_set.__doc__,
                            epilog="example: orchestra config set sandbox_network '[\"pypi.org\"]'")  # fmt: skip
     s.add_argument("key", metavar="KEY", help="a known setting")

@@ -141,7 +141,9 @@ def test_deny_message_reaches_the_agent_and_the_record(repo, claude_api, cli, tm
     allow = 'orchestra config set bypass_permissions \'["Edit", "Write", "Bash(git *)", "Bash(pytest -q)"]\''
     assert f"no-tests: allow them next time: {allow}" in out
     collected = cli("collect", "no-tests").out
-    assert "1 tool call denied: Bash(pytest -q)" in collected and f"allow them next time: {allow}" in collected
+    assert (
+        "1 tool call denied: Bash(pytest -q)" in collected and f"allow them next time: {allow}" in collected
+    )
     ended = cli("deny", "no-tests")
     assert ended.code == 1 and "has ended (done)" in ended.err
     wait_for(lambda: len(notified(events)) == 2, timeout=30, what="two notifications")
