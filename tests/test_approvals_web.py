@@ -188,3 +188,38 @@ def test_claude_argv_carries_the_settings_layer(repo):
     record["launch"]["sandboxed"] = False
     assert "sandbox" not in json.loads(orchestra.agent_argv(record)[argv.index("--settings") + 1])
     assert not (repo / ".claude").exists()  # nothing written into the user's repository
+
+
+def test_hook_in_process_waits_for_a_decision_and_answers(project):
+    """The hook's own code, run in this process (the subprocess runs above are not measured)."""
+    import io
+    import threading
+
+    add_agent(project, "inproc")
+    stdin = io.StringIO(
+        json.dumps({"tool_name": "Write", "tool_input": {"file_path": "/etc/x", "content": "y"}})
+    )
+    stdout = io.StringIO()
+    hook = threading.Thread(
+        target=orchestra.permission_hook, args=(str(project.repo), "inproc", 30, stdin, stdout)
+    )
+    hook.start()
+    box = orchestra.ApprovalBox(project.repo)
+    deadline = time.monotonic() + 10
+    while not box.pending():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    request = box.pending()[0]
+    assert (
+        request["summary"] == "Write(/etc/x)"
+        and orchestra.approval_flags(project.repo)["inproc"]["tool"] == "Write"
+    )
+    orchestra.answer_request(project, request, False, "cli", message="not in /etc")
+    hook.join(10)
+    decision = json.loads(stdout.getvalue())["hookSpecificOutput"]["decision"]
+    assert decision == {"behavior": "deny", "message": "not in /etc"}
+    assert box.request(request["id"])[1] == "answered" and box.pending() == []
+    stdout = io.StringIO()
+    orchestra.permission_hook(str(project.repo), "inproc", 0.2, io.StringIO(stdin.getvalue()), stdout)
+    timed_out = json.loads(stdout.getvalue())["hookSpecificOutput"]["decision"]
+    assert timed_out == {"behavior": "deny", "message": "no decision within approval_timeout (0.2 s); denied"}
