@@ -206,7 +206,6 @@ WEB_DEFAULT_HOST = "127.0.0.1"
 WEB_DEFAULT_PORT = 8888
 WEB_TOKEN_BYTES = 32
 WEB_TOKEN_FILE = "web.json"  # in .orchestra/, mode 0600
-WEB_COOKIE_PREFIX = "orchestra_token_"  # + the port the browser sees: cookies are shared across ports
 WEB_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 WEB_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 WEB_HOST_SYNTAX = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")  # a Host header value
@@ -217,6 +216,13 @@ WEB_MAX_TASKS = 32  # tasks in one POST /api/spawn
 WEB_MAX_CONNECTIONS = 128  # open at once; at the cap the oldest one still sending a request is dropped
 WEB_LISTEN_BACKLOG = 128
 WEB_HEADER_DEADLINE = 10.0  # seconds a connection has to send a whole request (slowloris)
+# Seconds a request that showed the token has for its route and its whole answer. A connection
+# without the token has WEB_HEADER_DEADLINE from accept for everything, answers included.
+WEB_ANSWER_DEADLINE = 120.0
+WEB_MAX_WEBSOCKETS = 16  # open at once, well under WEB_MAX_CONNECTIONS; more are answered 503
+WEB_MAX_JSON_DEPTH = 32  # nesting of a POST body; deeper is 400 (the dashboard sends 2)
+WEB_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n")  # RFC 9112 5
+WEB_DIGITS = re.compile(r"[0-9]{1,15}")
 WEB_READ_TIMEOUT = 30.0  # seconds one read may block
 WEB_SERVE_POLL = 0.1  # seconds between the accept loop's checks of request deadlines
 WEB_STATUS_POLL = 0.1  # seconds between looks at state.json for changes
@@ -242,6 +248,7 @@ WS_CLOSE_NORMAL, WS_CLOSE_PROTOCOL, WS_CLOSE_BAD_DATA, WS_CLOSE_TOO_BIG = 1000, 
 WS_SENDABLE_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
 WS_MAX_CONTROL = 125  # bytes of a control frame's payload
 WS_MAX_MESSAGE = 64 * 1024  # bytes of a message from a client; the dashboard sends none
+WS_MAX_FRAGMENTS = 64  # frames of one fragmented message (empty ones count too)
 WS_PING_INTERVAL = 30.0  # seconds between pings
 WS_PONG_TIMEOUT = 10.0  # seconds past a ping after which a silent client is dropped
 WS_QUEUE_LIMIT = 32  # messages waiting for a slow reader; one more and it is closed
@@ -249,9 +256,15 @@ WS_CLOSE_LINGER = 1.0  # seconds to read what a client still sends after our clo
 WS_DRAIN_CHUNK = 64 * 1024  # bytes per read while lingering
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Escape sequences, C0/C1 controls but newline and tab, bidirectional overrides and isolates
+# (they can make shown text read differently from what it is), and lone surrogates (half an
+# emoji as JavaScript writes it; they cannot be encoded as UTF-8).
 CONTROL_CHARS = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+    "|[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]|[\ud800-\udfff]"
 )
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+TASK_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 # ======================================================================================
 # Errors
@@ -360,16 +373,28 @@ def slugify(text, limit=MAX_ID_LENGTH):
     return slug or (words[0][:limit] if words else "task")
 
 
+def json_text(obj, **options):
+    """JSON of any data, as readable as UTF-8 allows: lone surrogates (which UTF-8 cannot hold)
+    are written as \\uXXXX escapes, exactly as ensure_ascii would write them."""
+    text = json.dumps(obj, ensure_ascii=False, **options)
+    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def print_json(obj, out=None):
     """Write one JSON document to stdout: sorted, indented, newline-terminated."""
     out = out or sys.stdout
-    out.write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    out.write(json_text(obj, indent=2, sort_keys=True) + "\n")
     out.flush()
 
 
 def use_colour(stream):
     """Colour only on a terminal, and never when NO_COLOR is set."""
     return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def private_opener(path, flags):
+    """An `opener` for open() that creates files readable by their owner only (logs, state)."""
+    return os.open(path, flags, 0o600)
 
 
 def write_atomic(path, text):
@@ -915,8 +940,8 @@ def elapsed_seconds(record, now):
 def append_event(path, event):
     """Add one of orchestra's own events to an agent's log."""
     event = {"type": "orchestra", "time": utc_iso(), **event}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(event, ensure_ascii=False) + "\n")
+    with open(path, "a", encoding="utf-8", opener=private_opener) as f:
+        f.write(json_text(event) + "\n")
 
 
 def describe_tool_use(block):
@@ -1150,8 +1175,8 @@ def launch_agent(project, record, prompt=None):
     append_event(project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv})
     env = dict(os.environ, ORCHESTRA_AGENT_ID=record["id"])
     with (
-        open(project.log_path(record["id"]), "ab") as out,
-        open(project.stderr_path(record["id"]), "ab") as err,
+        open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
+        open(project.stderr_path(record["id"]), "ab", opener=private_opener) as err,
     ):
         return subprocess.Popen(
             argv,
@@ -1359,13 +1384,17 @@ class Project:
     def init(self):
         """Create .orchestra/ and keep it and the worktree folder out of git; idempotent."""
         if self.logs.is_dir():
+            with contextlib.suppress(OSError):
+                os.chmod(str(self.dir), 0o700)  # folders made by earlier versions were 0755
             return
         root = self.worktree_root
         if root.exists() and not root.is_dir():
             raise OrchestraError(
                 f"worktree_dir {root} exists and is not a folder; move it or change worktree_dir"
             )
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in (self.dir, self.logs):  # agents' output and the web token: the owner's only
+            os.chmod(str(folder), 0o700)
         excluded = [f"/{ORCHESTRA_DIR}/"]
         with contextlib.suppress(ValueError):
             excluded.append(f"/{root.resolve().relative_to(self.repo.resolve()).as_posix()}/")
@@ -1618,7 +1647,7 @@ def ensure_supervisor(project, state=None):
     state = state or project.store.load()
     if supervisor_alive(state) or not Supervisor.has_work(state):
         return None
-    with open(project.dir / "supervisor.log", "ab") as log:
+    with open(project.dir / "supervisor.log", "ab", opener=private_opener) as log:
         proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "supervise", "--foreground"],
             cwd=str(project.repo),
@@ -1683,8 +1712,12 @@ def check_task(task, noun="task"):
             f"a {noun} is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
             f"put long instructions in a file and name that file in the {noun}"
         )
-    if "\0" in task:
-        raise OrchestraError(f"a {noun} contains a NUL character; remove it")
+    bad = TASK_FORBIDDEN.search(task)
+    if bad:
+        raise OrchestraError(
+            f"a {noun} contains the character U+{ord(bad.group()):04X} (a control character or half of a "
+            "surrogate pair); remove it"
+        )
 
 
 def resolve_base(project, requested):
@@ -3552,9 +3585,9 @@ class WebSocket:
 
     def read_loop(self):
         """Read frames, answer pings and check messages; the client's close code when it closes."""
-        parts, kind = [], None
+        parts, kind, size = [], None, 0
         while True:
-            fin, opcode, payload = read_frame(self.rfile, WS_MAX_MESSAGE - sum(map(len, parts)))
+            fin, opcode, payload = read_frame(self.rfile, WS_MAX_MESSAGE - size)
             if opcode == WS_OP_CLOSE:
                 return close_code(payload)
             if opcode == WS_OP_PING:
@@ -3564,10 +3597,13 @@ class WebSocket:
                     raise WebSocketClose(WS_CLOSE_PROTOCOL, "fragments out of order")
                 kind = kind or opcode
                 parts.append(payload)
+                size += len(payload)
+                if len(parts) > WS_MAX_FRAGMENTS:
+                    raise WebSocketClose(WS_CLOSE_TOO_BIG, f"messages are limited to {WS_MAX_FRAGMENTS} fragments")
                 if fin:
                     if kind == WS_OP_TEXT:
                         check_utf8(b"".join(parts))
-                    parts, kind = [], None  # clients have nothing to say yet; messages are ignored
+                    parts, kind, size = [], None, 0  # clients have nothing to say yet; messages are ignored
 
     def write_loop(self):
         """Send queued messages, and a ping every ping_interval, until the connection ends."""
@@ -3663,24 +3699,6 @@ def allowed_hosts(bound, extra=()):
     return frozenset(n for n in names if n)
 
 
-def cookie_name(host, scheme):
-    """The token cookie's name for the port the browser sees in `host`."""
-    try:
-        port = urlsplit(f"//{host}").port
-    except ValueError:
-        port = None
-    return f"{WEB_COOKIE_PREFIX}{port or (443 if scheme == 'https' else 80)}"
-
-
-def cookie_value(header, name):
-    """The value of one cookie in a Cookie header, or None."""
-    for part in (header or "").split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key == name:
-            return value
-    return None
-
-
 class Gate:
     """Who may reach a route: the Host allow-list, the served origin and the access token."""
 
@@ -3690,7 +3708,8 @@ class Gate:
         self.scheme = scheme
 
     def check(self, method, path, headers):
-        """Raise HTTPRefusal (403, 401 or 415) unless the request may reach a route."""
+        """Raise HTTPRefusal (403, 401 or 415) unless the request may reach a route; True when it
+        showed the token (the page itself needs none)."""
         host = self.single(headers, "Host")
         if host_name(host) not in self.hosts:
             raise HTTPRefusal(
@@ -3700,16 +3719,15 @@ class Gate:
         if origin is not None and origin.lower() != f"{self.scheme}://{host}".lower():
             raise HTTPRefusal(403, "cross-site requests are refused")
         if not path.startswith(("/api/", "/ws/")):
-            return
-        token, carrier = self.presented(path, headers, host)
+            return False
+        token = self.presented(path, headers)
         if token is None or not hmac.compare_digest(token, self.token):
             raise HTTPRefusal(401, "missing or wrong token; open the link 'orchestra web' printed",
                               {"WWW-Authenticate": "Bearer"})  # fmt: skip
-        if carrier == "cookie" and (origin is None or method != "GET"):
-            raise HTTPRefusal(401, "send the token in the Authorization header; a cookie alone is not enough")
         content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if method == "POST" and content_type != "application/json":
             raise HTTPRefusal(415, "POST bodies must be JSON (Content-Type: application/json)")
+        return True
 
     @staticmethod
     def single(headers, name):
@@ -3719,32 +3737,101 @@ class Gate:
             raise HTTPRefusal(400, f"more than one {name} header")
         return values[0] if values else None
 
-    def presented(self, path, headers, host):
-        """(token bytes, 'header' or 'cookie') as the request carries it; (None, None) without one."""
+    @staticmethod
+    def presented(path, headers):
+        """The token bytes as the request carries them, None without one.
+
+        Only a header counts, never a cookie: cookies are shared by every port of a host, so a
+        page on another local port could read a script-set one (the page keeps the token in
+        localStorage, which is per origin).
+        """
         kind, _, value = (headers.get("Authorization") or "").partition(" ")
         if kind.lower() == "bearer":
-            return value.strip().encode("utf-8", "surrogatepass"), "header"
+            return value.strip().encode("utf-8", "surrogatepass")
         if path.startswith("/ws/"):
             for item in header_items(headers, "Sec-WebSocket-Protocol"):
                 if item.startswith(WS_TOKEN_PREFIX):
-                    return item[len(WS_TOKEN_PREFIX) :].encode("utf-8", "surrogatepass"), "header"
-        cookie = cookie_value(headers.get("Cookie"), cookie_name(host, self.scheme))
-        return (cookie.encode("utf-8", "surrogatepass"), "cookie") if cookie else (None, None)
+                    return item[len(WS_TOKEN_PREFIX) :].encode("utf-8", "surrogatepass")
+        return None
+
+
+class MalformedRequest(ValueError):
+    """The request is not framed as RFC 9112 says; answered 400 and the connection closed."""
 
 
 class HeaderBudget:
-    """The request stream as header parsing sees it: past WEB_MAX_HEADER_BYTES it is a 431."""
+    """The request stream as header parsing sees it: past WEB_MAX_HEADER_BYTES it is a 431, and a
+    line that is not `name:value` ending in CRLF is a MalformedRequest."""
 
     def __init__(self, rfile, budget=WEB_MAX_HEADER_BYTES):
         self.rfile, self.budget = rfile, budget
 
     def readline(self, limit=-1):
-        """One header line, counted against the budget."""
+        """One header line, counted against the budget and checked."""
         line = self.rfile.readline(self.budget + 1 if limit < 0 else min(limit, self.budget + 1))
         self.budget -= len(line)
         if self.budget < 0:
             raise http.client.LineTooLong("header block")  # parse_request answers 431
+        if line and line != b"\r\n" and not WEB_HEADER_LINE.fullmatch(line):
+            # bare LF, whitespace before the colon or a folded line: parsers disagree on these,
+            # which is how requests are smuggled past a proxy (RFC 9112 sections 2.2 and 5.1)
+            raise MalformedRequest("a header line is malformed; send 'Name: value' lines ending in CRLF")
         return line
+
+
+def check_framing(headers):
+    """Refuse a request whose body length two parsers could read differently (RFC 9112 6.3)."""
+    lengths = headers.get_all("Content-Length") or []
+    if len(lengths) > 1:
+        raise HTTPRefusal(400, "more than one Content-Length header")
+    if lengths and not WEB_DIGITS.fullmatch(lengths[0].strip()):
+        raise HTTPRefusal(400, "Content-Length must be ASCII digits")
+    if lengths and headers.get("Transfer-Encoding"):
+        raise HTTPRefusal(400, "a request may not carry both Content-Length and Transfer-Encoding")
+
+
+def json_depth_ok(data, limit=WEB_MAX_JSON_DEPTH):
+    """False when JSON text opens more than `limit` arrays or objects at once (a cheap scan
+    before json.loads, whose recursion would otherwise fail deep inside)."""
+    depth = 0
+    for token in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', data):
+        mark = token.group()[:1]
+        depth += 1 if mark in (b"[", b"{") else -1 if mark in (b"]", b"}") else 0
+        if depth > limit:
+            return False
+    return True
+
+
+class GuardedWriter:
+    """A connection's output that, once a write fails or times out, writes nothing more: a
+    partly sent answer must never be followed by another one on the same socket."""
+
+    def __init__(self, raw):
+        self.raw, self.failed = raw, False
+
+    @property
+    def closed(self):
+        """Whether the underlying stream is closed."""
+        return self.raw.closed
+
+    def write(self, data):
+        """Write all of data, or raise ConnectionResetError (now and ever after)."""
+        if self.failed:
+            raise ConnectionResetError("an earlier write on this connection failed")
+        try:
+            return self.raw.write(data)
+        except OSError:
+            self.failed = True
+            raise
+
+    def flush(self):
+        """Flush unless a write failed."""
+        if not self.failed:
+            self.raw.flush()
+
+    def close(self):
+        """Close the stream."""
+        self.raw.close()
 
 
 def status_changes(old, new):
@@ -3977,13 +4064,20 @@ class WebHandler(BaseHTTPRequestHandler):
         """The Server header: orchestra and its version, not Python's."""
         return self.server_version
 
+    def setup(self):
+        """The stdlib's streams, with output that stops for good at the first failed write."""
+        super().setup()
+        self.wfile = GuardedWriter(self.wfile)
+
     def handle_one_request(self):
         """Read one request line and its headers within the limits, then answer it."""
-        self.server.track(self.connection, reading=True)
+        self.server.track(self.connection, "reading")
         self.command, self.path, self.request_version = "", "", ""  # for the log if the line is bad
         self.raw_requestline = self.read_or_nothing(lambda: self.rfile.readline(WEB_MAX_REQUEST_LINE + 1))
         if len(self.raw_requestline) > WEB_MAX_REQUEST_LINE:
             return self.send_error(414, f"the request line is over {WEB_MAX_REQUEST_LINE} bytes")
+        if self.raw_requestline and not self.raw_requestline.endswith(b"\r\n"):
+            return self.send_error(400, "the request line must end in CRLF")
         if not self.raw_requestline or not self.read_or_nothing(self.parse_request):
             self.close_connection = True
             return
@@ -4002,10 +4096,13 @@ class WebHandler(BaseHTTPRequestHandler):
             return b""
 
     def parse_request(self):
-        """The stdlib parser, with the header block limited to WEB_MAX_HEADER_BYTES."""
+        """The stdlib parser, with the header block limited to WEB_MAX_HEADER_BYTES and checked."""
         real, self.rfile = self.rfile, HeaderBudget(self.rfile)
         try:
             return super().parse_request()
+        except MalformedRequest as e:
+            self.send_error(400, str(e))
+            return False
         finally:
             self.rfile = real
 
@@ -4032,11 +4129,15 @@ class WebHandler(BaseHTTPRequestHandler):
         """Gate, route, run; every failure becomes a JSON error answer, never a traceback."""
         path, _, query = self.path.partition("?")
         try:
-            self.server.gate.check(self.command, path, self.headers)
+            check_framing(self.headers)
+            if self.server.gate.check(self.command, path, self.headers):
+                self.server.track(self.connection, "trusted")
             name, params = find_route(self.command, path)
             body = self.read_json() if self.command == "POST" else None
-            self.server.track(self.connection, reading=False)
             answer = getattr(self, name)(params, parse_qs(query), body)
+        except ConnectionError:
+            self.close_connection = True  # the client is gone or stopped reading: write nothing more
+            return
         except HTTPRefusal as e:
             answer = (e.status, {"error": str(e)}, e.headers)
         except OrchestraError as e:
@@ -4054,14 +4155,14 @@ class WebHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise HTTPRefusal(411, "a POST needs a Content-Length")
-        if not length.strip().isdigit():
-            raise HTTPRefusal(400, "Content-Length must be a number")
         if int(length) > WEB_MAX_BODY:
             raise HTTPRefusal(413, f"the body is over {WEB_MAX_BODY} bytes")
         data = self.rfile.read(int(length)) or b"{}"  # no body at all means no fields
+        if not json_depth_ok(data):
+            raise HTTPRefusal(400, f"the body nests deeper than {WEB_MAX_JSON_DEPTH} levels")
         try:
             body = json.loads(data.decode("utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HTTPRefusal(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise HTTPRefusal(400, "the body must be a JSON object")
@@ -4069,7 +4170,7 @@ class WebHandler(BaseHTTPRequestHandler):
 
     def answer(self, status, document, headers=None):
         """Send a JSON document; errors also close the connection (their body may be unread)."""
-        data = json.dumps(document, ensure_ascii=False).encode("utf-8")
+        data = json.dumps(document).encode("ascii")  # \\u escapes: any string encodes, even a lone surrogate
         self.send_response(status)
         self.send_common_headers(
             "application/json", len(data), {**(headers or {}), "Cache-Control": "no-store"}
@@ -4099,8 +4200,9 @@ class WebHandler(BaseHTTPRequestHandler):
         self.log_message('"%s %s" %s', self.command or "-", path or "-", code)
 
     def log_message(self, fmt, *args):
-        """Access and error lines go to the server's log."""
-        self.server.log(f"{self.address_string()} - [{self.log_date_time_string()}] {fmt % args}")
+        """Access and error lines go to the server's log, never an escape sequence with them."""
+        line = strip_control(f"{self.address_string()} - [{self.log_date_time_string()}] {fmt % args}")
+        self.server.log(" ".join(line.split("\n")))
 
     def agent(self, params):
         """The record a path names, by id or unique prefix; 404 when none matches."""
@@ -4187,6 +4289,16 @@ class WebHandler(BaseHTTPRequestHandler):
     def route_websocket(self, params, query, body):
         """GET /ws/status: upgrade, then a status snapshot and every change until the client goes."""
         response = websocket_accept(self.headers)
+        if not self.server.admit_websocket():
+            raise HTTPRefusal(503, f"{WEB_MAX_WEBSOCKETS} live updates are open already; close a tab", {"Retry-After": "5"})
+        try:
+            self.upgrade(response)
+        finally:
+            self.server.release_websocket()
+
+    def upgrade(self, response):
+        """Send the 101 and serve the WebSocket until it ends."""
+        self.server.track(self.connection, "websocket")
         self.send_response(101)
         for name, value in response.items():
             self.send_header(name, value)
@@ -4203,8 +4315,24 @@ class WebHandler(BaseHTTPRequestHandler):
             ws.abort()
 
 
+class Link:
+    """What the server knows of one open connection, to decide whom to drop."""
+
+    __slots__ = ("since", "deadline", "trusted")
+
+    def __init__(self, since, deadline):
+        self.since, self.deadline, self.trusted = since, deadline, False
+
+
 class WebServer(ThreadingHTTPServer):
-    """`orchestra web`: one thread per connection, a connection cap and a deadline per request."""
+    """`orchestra web`: one thread per connection, a connection cap and deadlines.
+
+    Without the token a connection gets WEB_HEADER_DEADLINE from accept for everything it does:
+    pipelined requests and answers it never reads do not extend it, and at the cap it is the
+    first dropped. A request that shows the token gets WEB_ANSWER_DEADLINE for its answer, and
+    the next request on that connection starts a new header deadline. WebSockets (token only)
+    have no deadline (pings find dead ones) but their own, lower cap.
+    """
 
     daemon_threads = True
     request_queue_size = WEB_LISTEN_BACKLOG
@@ -4216,8 +4344,9 @@ class WebServer(ThreadingHTTPServer):
         self.log_stream = log
         self.header_deadline, self.max_connections = header_deadline, max_connections
         self.ws_options = ws_options or {}
-        self.connections = {}  # socket -> request deadline (monotonic), None once past its request
-        self.connections_lock = threading.Lock()  # guards connections
+        self.connections = {}  # socket -> Link
+        self.websockets = 0
+        self.connections_lock = threading.Lock()  # guards connections and websockets
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         context = tls_context(*tls) if tls else None  # a bad certificate is refused before listening
         try:
@@ -4244,29 +4373,52 @@ class WebServer(ThreadingHTTPServer):
             self.log_stream.flush()
 
     def verify_request(self, request, client_address):
-        """Admit a connection; at the cap, drop the oldest one still sending its request."""
+        """Admit a connection; at the cap, drop the oldest one that has not shown the token."""
+        now = time.monotonic()
         with self.connections_lock:
             if len(self.connections) >= self.max_connections:
-                waiting = [s for s, deadline in self.connections.items() if deadline is not None]
-                if not waiting:
+                untrusted = [s for s, link in self.connections.items() if not link.trusted]
+                if not untrusted:
                     return False
-                oldest = min(waiting, key=self.connections.get)
+                oldest = min(untrusted, key=lambda s: self.connections[s].since)
                 del self.connections[oldest]
                 drop_socket(oldest)
-            self.connections[request] = time.monotonic() + self.header_deadline
+            self.connections[request] = Link(now, now + self.header_deadline)
         return True
 
-    def track(self, sock, reading):
-        """Start a connection's request deadline (reading) or lift it (answering, or a WebSocket)."""
+    def track(self, sock, phase):
+        """Move a connection's deadline: 'reading' a request, 'trusted' (it showed the token),
+        'websocket' (upgraded); a connection without the token keeps the deadline it got at accept."""
+        now = time.monotonic()
         with self.connections_lock:
-            if sock in self.connections:
-                self.connections[sock] = time.monotonic() + self.header_deadline if reading else None
+            link = self.connections.get(sock)
+            if link is None:
+                return
+            if phase == "reading" and link.trusted:
+                link.deadline, link.trusted = now + self.header_deadline, False
+            elif phase == "trusted":
+                link.deadline, link.trusted = now + WEB_ANSWER_DEADLINE, True
+            elif phase == "websocket":
+                link.deadline, link.trusted = None, True
+
+    def admit_websocket(self):
+        """Count one more WebSocket; False at WEB_MAX_WEBSOCKETS."""
+        with self.connections_lock:
+            if self.websockets >= WEB_MAX_WEBSOCKETS:
+                return False
+            self.websockets += 1
+            return True
+
+    def release_websocket(self):
+        """Count a WebSocket that ended."""
+        with self.connections_lock:
+            self.websockets -= 1
 
     def service_actions(self):
         """Between accepts: drop connections past their request deadline (slowloris)."""
         now = time.monotonic()
         with self.connections_lock:
-            late = [s for s, deadline in self.connections.items() if deadline is not None and deadline < now]
+            late = [s for s, link in self.connections.items() if link.deadline is not None and link.deadline < now]
             for sock in late:
                 del self.connections[sock]
         for sock in late:
