@@ -263,7 +263,9 @@ CONTROL_CHARS = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
     "|[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]|[\ud800-\udfff]"
 )
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Written as \\uXXXX in JSON output: the same data, but nothing a terminal acts on or cannot encode.
+JSON_ESCAPED = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+SURROGATES = re.compile("[\ud800-\udfff]")
 TASK_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 # ======================================================================================
@@ -346,6 +348,11 @@ def strip_control(text):
     return CONTROL_CHARS.sub("", text)
 
 
+def encodable(text):
+    """Text with its lone surrogates (which no output encoding accepts) made U+FFFD."""
+    return SURROGATES.sub("\ufffd", text)
+
+
 def one_line(text, limit=MAX_ACTIVITY_LENGTH):
     """The first non-blank line of text, cleaned of control characters and shortened."""
     for line in strip_control(str(text)).splitlines():
@@ -374,10 +381,10 @@ def slugify(text, limit=MAX_ID_LENGTH):
 
 
 def json_text(obj, **options):
-    """JSON of any data, as readable as UTF-8 allows: lone surrogates (which UTF-8 cannot hold)
-    are written as \\uXXXX escapes, exactly as ensure_ascii would write them."""
+    """JSON of any data, as readable as UTF-8 allows: lone surrogates (which UTF-8 cannot hold),
+    C1 controls and bidirectional overrides are written as \\uXXXX escapes, as ensure_ascii would."""
     text = json.dumps(obj, ensure_ascii=False, **options)
-    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return JSON_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def print_json(obj, out=None):
@@ -3599,7 +3606,9 @@ class WebSocket:
                 parts.append(payload)
                 size += len(payload)
                 if len(parts) > WS_MAX_FRAGMENTS:
-                    raise WebSocketClose(WS_CLOSE_TOO_BIG, f"messages are limited to {WS_MAX_FRAGMENTS} fragments")
+                    raise WebSocketClose(
+                        WS_CLOSE_TOO_BIG, f"messages are limited to {WS_MAX_FRAGMENTS} fragments"
+                    )
                 if fin:
                     if kind == WS_OP_TEXT:
                         check_utf8(b"".join(parts))
@@ -4290,7 +4299,9 @@ class WebHandler(BaseHTTPRequestHandler):
         """GET /ws/status: upgrade, then a status snapshot and every change until the client goes."""
         response = websocket_accept(self.headers)
         if not self.server.admit_websocket():
-            raise HTTPRefusal(503, f"{WEB_MAX_WEBSOCKETS} live updates are open already; close a tab", {"Retry-After": "5"})
+            raise HTTPRefusal(
+                503, f"{WEB_MAX_WEBSOCKETS} live updates are open already; close a tab", {"Retry-After": "5"}
+            )
         try:
             self.upgrade(response)
         finally:
@@ -4318,7 +4329,7 @@ class WebHandler(BaseHTTPRequestHandler):
 class Link:
     """What the server knows of one open connection, to decide whom to drop."""
 
-    __slots__ = ("since", "deadline", "trusted")
+    __slots__ = ("deadline", "since", "trusted")
 
     def __init__(self, since, deadline):
         self.since, self.deadline, self.trusted = since, deadline, False
@@ -4418,7 +4429,9 @@ class WebServer(ThreadingHTTPServer):
         """Between accepts: drop connections past their request deadline (slowloris)."""
         now = time.monotonic()
         with self.connections_lock:
-            late = [s for s, link in self.connections.items() if link.deadline is not None and link.deadline < now]
+            late = [
+                s for s, link in self.connections.items() if link.deadline is not None and link.deadline < now
+            ]
             for sock in late:
                 del self.connections[sock]
         for sock in late:
@@ -4753,7 +4766,7 @@ def cmd_logs(args):
             chunk = chunk[: chunk.rfind(b"\n") + 1]
             offset += len(chunk)
             for line in readable_lines(chunk, args.raw):
-                print(strip_control(line) if clean else line)
+                print(strip_control(line) if clean else encodable(line))
             sys.stdout.flush()
         if not args.follow or (not chunk and project.records()[record["id"]]["state"] not in ACTIVE_STATES):
             break
@@ -4761,7 +4774,7 @@ def cmd_logs(args):
     if not args.follow and record["state"] in ("failed", "interrupted"):
         stderr = read_tail(project.stderr_path(record["id"])).strip()
         if stderr:
-            print("-- stderr --\n" + (strip_control(stderr) if clean else stderr))
+            print("-- stderr --\n" + (strip_control(stderr) if clean else encodable(stderr)))
     return EXIT_OK
 
 
