@@ -255,6 +255,35 @@ WS_QUEUE_LIMIT = 32  # messages waiting for a slow reader; one more and it is cl
 WS_CLOSE_LINGER = 1.0  # seconds to read what a client still sends after our close frame
 WS_DRAIN_CHUNK = 64 * 1024  # bytes per read while lingering
 
+# QR codes (ISO/IEC 18004) at error correction level M: per version, the error correction
+# codewords of each block and the number of blocks (index 0 unused).
+QR_ECC_PER_BLOCK = (0, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26,
+                    28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28)  # fmt: skip
+QR_BLOCKS = (0, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21, 23,
+             25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)  # fmt: skip
+QR_MAX_VERSION = 40
+QR_FORMAT_LEVEL_M = 0  # the two level bits in the format information
+QR_GF_POLY = 0x11D  # x^8 + x^4 + x^3 + x^2 + 1
+QR_PAD_BYTES = (0xEC, 0x11)
+QR_QUIET_ZONE = 4  # light modules around the symbol
+QR_PENALTY_RUN, QR_PENALTY_BLOCK, QR_PENALTY_FINDER, QR_PENALTY_BALANCE = 3, 3, 40, 10
+QR_MASKS = (
+    lambda x, y: (x + y) % 2 == 0,
+    lambda x, y: y % 2 == 0,
+    lambda x, y: x % 3 == 0,
+    lambda x, y: (x + y) % 3 == 0,
+    lambda x, y: (x // 3 + y // 2) % 2 == 0,
+    lambda x, y: x * y % 2 + x * y % 3 == 0,
+    lambda x, y: (x * y % 2 + x * y % 3) % 2 == 0,
+    lambda x, y: ((x + y) % 2 + x * y % 3) % 2 == 0,
+)
+QR_HALF_BLOCKS = {
+    (False, False): " ",
+    (True, False): "\u2580",
+    (False, True): "\u2584",
+    (True, True): "\u2588",
+}
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Escape sequences, C0/C1 controls but newline and tab, bidirectional overrides and isolates
 # (they can make shown text read differently from what it is), and lone surrogates (half an
@@ -4522,6 +4551,253 @@ def beyond_loopback_warning(host, hosts):
 
 
 # ======================================================================================
+# QR code
+# --------------------------------------------------------------------------------------
+# `orchestra web --qr` draws the dashboard's address as a QR code (ISO/IEC 18004) in the
+# terminal, so a phone can scan it. Byte mode, error correction level M, the smallest
+# version that holds the text; Reed-Solomon codewords over GF(256) (polynomial 0x11D),
+# blocks interleaved, the mask with the lowest penalty. Two module rows per text line, drawn
+# with half blocks, inside a quiet zone of four modules.
+# ======================================================================================
+
+
+def gf_multiply(x, y):
+    """The product of two elements of GF(256) modulo x^8 + x^4 + x^3 + x^2 + 1."""
+    product = 0
+    for bit in range(7, -1, -1):
+        product = (product << 1) ^ ((product >> 7) * QR_GF_POLY)
+        product ^= ((y >> bit) & 1) * x
+    return product
+
+
+def rs_divisor(degree):
+    """The Reed-Solomon generator polynomial (x - a^0)...(x - a^(degree-1)), leading 1 dropped."""
+    result, root = [0] * (degree - 1) + [1], 1
+    for _ in range(degree):
+        for j in range(degree):
+            result[j] = gf_multiply(result[j], root) ^ (result[j + 1] if j + 1 < degree else 0)
+        root = gf_multiply(root, 0x02)
+    return result
+
+
+def rs_remainder(data, divisor):
+    """The error correction codewords of `data` for a generator from rs_divisor."""
+    result = [0] * len(divisor)
+    for byte in data:
+        factor = byte ^ result.pop(0)
+        result.append(0)
+        for i, coefficient in enumerate(divisor):
+            result[i] ^= gf_multiply(coefficient, factor)
+    return result
+
+
+def qr_raw_modules(version):
+    """Modules of a version that carry data and error correction (not function patterns)."""
+    result = (16 * version + 128) * version + 64
+    if version >= 2:
+        aligns = version // 7 + 2
+        result -= (25 * aligns - 10) * aligns - 55
+        if version >= 7:
+            result -= 36
+    return result
+
+
+def qr_data_capacity(version):
+    """Data codewords of a version at level M."""
+    return qr_raw_modules(version) // 8 - QR_ECC_PER_BLOCK[version] * QR_BLOCKS[version]
+
+
+def qr_bits(data, version):
+    """Byte-mode segment, terminator and padding: the data codewords of `version`."""
+    count_bits = 8 if version < 10 else 16
+    bits = [int(b) for b in f"0100{len(data):0{count_bits}b}" + "".join(f"{byte:08b}" for byte in data)]
+    capacity = qr_data_capacity(version) * 8
+    bits += [0] * min(4, capacity - len(bits))
+    bits += [0] * (-len(bits) % 8)
+    codewords = [int("".join(map(str, bits[i : i + 8])), 2) for i in range(0, len(bits), 8)]
+    return codewords + [QR_PAD_BYTES[i % 2] for i in range(capacity // 8 - len(codewords))]
+
+
+def qr_codewords(data, version):
+    """Data and error correction codewords, split into blocks and interleaved."""
+    blocks, ecc = QR_BLOCKS[version], QR_ECC_PER_BLOCK[version]
+    raw = qr_raw_modules(version) // 8
+    short, short_length = blocks - raw % blocks, raw // blocks
+    divisor, codewords, parts = rs_divisor(ecc), qr_bits(data, version), []
+    start = 0
+    for i in range(blocks):
+        size = short_length - ecc + (0 if i < short else 1)
+        chunk = codewords[start : start + size]
+        start += size
+        parts.append((chunk, rs_remainder(chunk, divisor)))
+    longest = short_length - ecc + 1
+    result = [d[i] for i in range(longest) for d, _ in parts if i < len(d)]
+    return result + [e[i] for i in range(ecc) for _, e in parts]
+
+
+def qr_alignment_positions(version):
+    """Centre coordinates of the alignment patterns along each axis."""
+    if version == 1:
+        return []
+    count = version // 7 + 2
+    step = (version * 8 + count * 3 + 5) // (count * 4 - 4) * 2
+    return [6] + [version * 4 + 10 - i * step for i in range(count - 1)][::-1]
+
+
+class QRCode:
+    """A QR code of a text: `modules[y][x]` is True for a dark module."""
+
+    def __init__(self, text):
+        data = text.encode("utf-8")
+        fits = (
+            v for v in range(1, QR_MAX_VERSION + 1) if qr_segment_bits(data, v) <= qr_data_capacity(v) * 8
+        )
+        self.version = next(fits, None)
+        if self.version is None:
+            raise OrchestraError(f"the address is too long for a QR code ({len(data)} bytes)")
+        self.size = self.version * 4 + 17
+        self.modules = [[False] * self.size for _ in range(self.size)]
+        self.function = [[False] * self.size for _ in range(self.size)]
+        self.draw_function_patterns()
+        self.draw_codewords(qr_codewords(data, self.version))
+        self.mask = min(range(8), key=self.penalty_with)
+        self.apply_mask(self.mask)
+        self.draw_format(self.mask)
+
+    def set(self, x, y, dark):
+        """Set a function module."""
+        self.modules[y][x], self.function[y][x] = dark, True
+
+    def draw_function_patterns(self):
+        """Timing, finder, alignment and version patterns, and room for the format bits."""
+        for i in range(self.size):
+            self.set(6, i, i % 2 == 0)
+            self.set(i, 6, i % 2 == 0)
+        for cx, cy in ((3, 3), (self.size - 4, 3), (3, self.size - 4)):
+            for dy in range(-4, 5):
+                for dx in range(-4, 5):
+                    x, y = cx + dx, cy + dy
+                    if 0 <= x < self.size and 0 <= y < self.size:
+                        self.set(x, y, max(abs(dx), abs(dy)) not in (2, 4))
+        positions = qr_alignment_positions(self.version)
+        last = len(positions) - 1
+        for i, cx in enumerate(positions):
+            for j, cy in enumerate(positions):
+                if (i, j) not in ((0, 0), (0, last), (last, 0)):
+                    for dy in range(-2, 3):
+                        for dx in range(-2, 3):
+                            self.set(cx + dx, cy + dy, max(abs(dx), abs(dy)) != 1)
+        self.draw_format(0)  # reserves the format areas; drawn again once the mask is chosen
+        self.draw_version()
+
+    def draw_format(self, mask):
+        """The 15 format bits (level M and the mask), twice, and the dark module."""
+        data = QR_FORMAT_LEVEL_M << 3 | mask
+        rem = data
+        for _ in range(10):
+            rem = (rem << 1) ^ ((rem >> 9) * 0x537)
+        bits = (data << 10 | rem) ^ 0x5412
+        bit = [(bits >> i) & 1 == 1 for i in range(15)]
+        for i in range(6):
+            self.set(8, i, bit[i])
+        self.set(8, 7, bit[6])
+        self.set(8, 8, bit[7])
+        self.set(7, 8, bit[8])
+        for i in range(9, 15):
+            self.set(14 - i, 8, bit[i])
+        for i in range(8):
+            self.set(self.size - 1 - i, 8, bit[i])
+        for i in range(8, 15):
+            self.set(8, self.size - 15 + i, bit[i])
+        self.set(8, self.size - 8, True)
+
+    def draw_version(self):
+        """The 18 version bits of versions 7 and up, in two corners."""
+        if self.version < 7:
+            return
+        rem = self.version
+        for _ in range(12):
+            rem = (rem << 1) ^ ((rem >> 11) * 0x1F25)
+        bits = self.version << 12 | rem
+        for i in range(18):
+            dark, a, b = (bits >> i) & 1 == 1, self.size - 11 + i % 3, i // 3
+            self.set(a, b, dark)
+            self.set(b, a, dark)
+
+    def draw_codewords(self, codewords):
+        """Place the bits in the zigzag of two-module columns, right to left, skipping the timing column."""
+        bits = [(byte >> (7 - i)) & 1 == 1 for byte in codewords for i in range(8)]
+        index, right = 0, self.size - 1
+        while right >= 1:
+            if right == 6:
+                right = 5
+            for vert in range(self.size):
+                for j in range(2):
+                    x = right - j
+                    upward = (right + 1) & 2 == 0
+                    y = self.size - 1 - vert if upward else vert
+                    if not self.function[y][x] and index < len(bits):
+                        self.modules[y][x] = bits[index]
+                        index += 1
+            right -= 2
+
+    def apply_mask(self, mask):
+        """XOR the data modules with mask pattern `mask` (applying it twice undoes it)."""
+        rule = QR_MASKS[mask]
+        for y in range(self.size):
+            for x in range(self.size):
+                if not self.function[y][x] and rule(x, y):
+                    self.modules[y][x] = not self.modules[y][x]
+
+    def penalty_with(self, mask):
+        """The penalty score of the symbol under `mask` (ISO/IEC 18004 section 7.8.3)."""
+        self.apply_mask(mask)
+        self.draw_format(mask)
+        score = qr_penalty(self.modules)
+        self.apply_mask(mask)
+        return score
+
+    def terminal_lines(self, quiet=QR_QUIET_ZONE):
+        """The code as text: each character two modules high, ink for dark modules."""
+        light = [False] * (self.size + 2 * quiet)
+        rows = [light] * quiet + [[False] * quiet + row + [False] * quiet for row in self.modules]
+        rows += [light] * (quiet + (len(rows) + quiet) % 2)
+        return ["".join(QR_HALF_BLOCKS[top, bottom] for top, bottom in zip(rows[i], rows[i + 1]))
+                for i in range(0, len(rows), 2)]  # fmt: skip
+
+
+def qr_segment_bits(data, version):
+    """Bits of a byte-mode segment of `data` before padding: mode, count and the bytes."""
+    return 4 + (8 if version < 10 else 16) + 8 * len(data)
+
+
+def qr_penalty(modules):
+    """Runs of five or more, 2x2 blocks, finder-like patterns and the dark/light balance."""
+    size, score = len(modules), 0
+    lines = ["".join("1" if m else "0" for m in row) for row in modules]
+    lines += ["".join(lines[y][x] for y in range(size)) for x in range(size)]
+    for line in lines:
+        for run in re.finditer(r"0{5,}|1{5,}", line):
+            score += QR_PENALTY_RUN + len(run.group()) - 5
+        padded = "0000" + line + "0000"
+        score += QR_PENALTY_FINDER * sum(
+            padded.startswith(p, i) for p in ("00001011101", "10111010000") for i in range(len(padded))
+        )
+    for y in range(size - 1):
+        for x in range(size - 1):
+            if modules[y][x] == modules[y][x + 1] == modules[y + 1][x] == modules[y + 1][x + 1]:
+                score += QR_PENALTY_BLOCK
+    dark = sum(map(sum, modules))
+    return score + QR_PENALTY_BALANCE * (abs(dark * 20 - size * size * 10) // (size * size))
+
+
+def qr_text(text, colour=False):
+    """The QR code of `text` for a terminal; with colour, dark on light whatever the theme."""
+    lines = QRCode(text).terminal_lines()
+    return "\n".join(f"\x1b[30;107m{line}\x1b[0m" for line in lines) if colour else "\n".join(lines)
+
+
+# ======================================================================================
 # Command line
 # --------------------------------------------------------------------------------------
 # One cmd_<name> per subcommand and one small parser builder each. Only this section
@@ -5042,6 +5318,8 @@ def cmd_web(args):
         if warning:
             print(f"orchestra: warning: {warning}", file=sys.stderr)
         print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
+        if args.qr:
+            print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
 
@@ -5071,6 +5349,9 @@ def add_web_parser(commands):
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests addressed to this host name (repeatable)")  # fmt: skip
     p.add_argument("--open", action="store_true", help="open the dashboard in a browser")
+    p.add_argument(
+        "--qr", action="store_true", help="also print the address as a QR code to scan with a phone"
+    )
     p.add_argument("--new-token", action="store_true", help="make a new access token; old links stop working")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
