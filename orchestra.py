@@ -4641,7 +4641,7 @@ def qr_alignment_positions(version):
         return []
     count = version // 7 + 2
     step = (version * 8 + count * 3 + 5) // (count * 4 - 4) * 2
-    return [6] + [version * 4 + 10 - i * step for i in range(count - 1)][::-1]
+    return [6, *reversed([version * 4 + 10 - i * step for i in range(count - 1)])]
 
 
 class QRCode:
