@@ -199,6 +199,8 @@ SESSION_USER_MARKERS = ('"type":"user"', '"type": "user"')
 SESSION_MESSAGE_MARKERS = tuple(
     m.encode() for m in (*SESSION_USER_MARKERS, '"type":"assistant"', '"type": "assistant"')
 )
+SESSION_DETAIL_PROMPTS = 200  # prompts of one session shown by the dashboard
+SESSION_DETAIL_BYTES = 8 * 1024 * 1024  # of a transcript read for them
 SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
 
 # Web: limits that keep one slow or hostile client from starving the server; RFC 6455 values.
@@ -234,6 +236,7 @@ WEB_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a 
 WEB_TAIL_MAX_BYTES = 4 * 1024 * 1024  # never read more than this to find the last lines
 WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
 WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
+WEB_HISTORY_PAGE, WEB_HISTORY_PAGE_MAX = 50, 500  # cleaned-up agents per GET /api/history
 # Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
 WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
 WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
@@ -1455,6 +1458,10 @@ class Project:
     def records(self):
         """{id: record} as state.json holds them now."""
         return self.store.load()["agents"]
+
+    def history(self):
+        """{id: record} of cleaned-up agents."""
+        return {i: r for i, r in self.records().items() if r["state"] == "removed"}
 
     def rebuild_records(self):
         """Agent records recovered from the logs' spawn events and the live worktrees."""
@@ -3067,6 +3074,42 @@ def session_listing(env, now, hours, project=None, limit=SESSION_DEFAULT_LIMIT):
     return list_sessions(projects_dir, now, hours, project, limit, CountCache.load(env))
 
 
+def session_prompts(path, limit=SESSION_DETAIL_PROMPTS, budget=SESSION_DETAIL_BYTES):
+    """The prompts a user typed in a transcript, oldest first (at most `limit`, from its first `budget` bytes)."""
+    prompts = []
+    with open(path, "rb") as f:
+        for raw in f.read(budget).splitlines():
+            record = parse_line(raw.decode("utf-8", "replace"))
+            prompt = prompt_of(record)[0] if record else None
+            if prompt:
+                prompts.append(prompt)
+                if len(prompts) >= limit:
+                    break
+    return prompts
+
+
+def session_detail(env, wanted):
+    """One session for the dashboard: its prompts and the commands that resume it."""
+    projects_dir = claude_projects_dir(env)
+    files = scan_session_files(projects_dir)[0] if projects_dir.is_dir() else []
+    here, agents = current_repo(), AgentIndex()
+    if here:
+        agents.load(here)
+    file = match_session(files, wanted, agents)
+    try:
+        session = describe_session(file)
+        prompts = session_prompts(file.path)
+    except OSError as e:
+        raise OrchestraError(f"cannot read {file.path}: {e.strerror}", EXIT_FAILURE) from None
+    agents.load_for(session.cwd, {})
+    try:
+        resume, note = resume_command_lines(plan_resume(session, here, agents)), None
+    except OrchestraError as e:
+        resume, note = [], str(e)
+    return {"id": session.session_id, "title": session.title, "cwd": session.cwd, "prompts": prompts,
+            "resume": resume, "note": note, "command": f"orchestra sessions --resume {session.session_id}"}  # fmt: skip
+
+
 def sessions_document(env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None):
     """What `orchestra sessions --json` prints, for the web API."""
     now = time.time() if now is None else now
@@ -3190,6 +3233,25 @@ def merge_agents(project, records):
             return merged, {"id": record["id"], "branch": record["branch"], "files": files, "git": why}
         merged.append(record["id"])
     return merged, None
+
+
+def collect_agents(project, ids, commit=False, merge=False, patch=None, pr=False):
+    """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
+    merges (all done agents, or the named ones), writes a patch and opens pull requests."""
+    records = finished_agents(project.records(), ids)
+    if merge:
+        check_checkout_clean(project.repo, "merging")
+    committed = [r["id"] for r in records if commit and commit_leftovers(project, r)]
+    reports = [agent_report(project, r) for r in records]
+    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
+    if merge:
+        chosen = records if ids else [r for r in records if r["state"] == "done"]
+        document["merged"], document["conflict"] = merge_agents(project, chosen)
+    if patch:
+        document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
+    if pr:
+        document["pull_requests"] = open_pull_requests(project, reports)
+    return document
 
 
 def pull_request_body(report):
@@ -3885,7 +3947,8 @@ def status_changes(old, new):
 def current_status(project):
     """(state, status document) as `status --json` would print them now."""
     state = project.store.load()
-    return state, status_document(project, state, select_agents(state["agents"], []))
+    live = [r for r in select_agents(state["agents"], []) if r["state"] != "removed"]  # history is apart
+    return state, status_document(project, state, live)
 
 
 class StatusHub:
@@ -4070,6 +4133,12 @@ ROUTES = [(method, re.compile(pattern), name) for method, pattern, name in (
     ("GET", r"/api/agents/(?P<id>[^/]+)/log", "route_log"),
     ("GET", r"/api/agents/(?P<id>[^/]+)/diff", "route_diff"),
     ("POST", r"/api/agents/(?P<id>[^/]+)/(?P<action>pause|resume|stop)", "route_signal"),
+    ("GET", r"/api/history", "route_history"),
+    ("GET", r"/api/agents/(?P<id>[^/]+)/report", "route_report"),
+    ("POST", r"/api/agents/(?P<id>[^/]+)/merge", "route_merge"),
+    ("POST", r"/api/agents/(?P<id>[^/]+)/pr", "route_pull_request"),
+    ("POST", r"/api/agents/(?P<id>[^/]+)/send", "route_send"),
+    ("GET", r"/api/sessions/(?P<id>[^/]+)", "route_session"),
     ("GET", r"/ws/status", "route_websocket"),
 )]  # fmt: skip
 AGENT_ACTIONS = {"pause": pause_agents, "resume": resume_agents, "stop": stop_agents}
@@ -4243,8 +4312,8 @@ class WebHandler(BaseHTTPRequestHandler):
         self.server.log(" ".join(line.split("\n")))
 
     def agent(self, params):
-        """The record a path names, by id or unique prefix; 404 when none matches."""
-        records = self.server.project.records()
+        """The record a path names (live or cleaned up), by id or unique prefix; 404 when none matches."""
+        records = {**self.server.project.history(), **self.server.project.records()}
         if not any(i.startswith(params["id"]) for i in records):
             raise HTTPRefusal(404, f"no agent '{params['id']}'")
         return select_agents(records, [params["id"]])[0]
@@ -4298,7 +4367,9 @@ class WebHandler(BaseHTTPRequestHandler):
         ids, apply = body_fields(body, {"ids": (list, False), "apply": (bool, False)})
         if ids is not None and not all(isinstance(i, str) for i in ids):
             raise HTTPRefusal(400, "'ids' must be a list of agent ids")
-        return 200, cleanup_agents(self.server.project, ids or None, apply=bool(apply))
+        outcome = cleanup_agents(self.server.project, ids or None, apply=bool(apply))
+        lines = [cleanup_line(step, not apply) for step in outcome["plan"]] or ["Nothing to clean up."]
+        return 200, {**outcome, "message": "\n".join(lines)}
 
     def route_agent(self, params, query, body):
         """GET /api/agents/ID: the agent's record."""
@@ -4322,7 +4393,49 @@ class WebHandler(BaseHTTPRequestHandler):
         """POST /api/agents/ID/pause|resume|stop: the same operation as the CLI's."""
         body_fields(body, {})
         outcomes = AGENT_ACTIONS[params["action"]](self.server.project, [self.agent(params)["id"]])
-        return 200, {"outcomes": [{"id": agent_id, "result": what} for agent_id, what in outcomes]}
+        return 200, {"outcomes": [{"id": agent_id, "result": what} for agent_id, what in outcomes],
+                     "message": "\n".join(f"{agent_id}: {what}" for agent_id, what in outcomes)}  # fmt: skip
+
+    def route_history(self, params, query, body):
+        """GET /api/history?offset=N&limit=N: cleaned-up agents, newest first, a page at a time."""
+        offset = query_int(query, "offset", 0, 0, 10**9)
+        limit = query_int(query, "limit", WEB_HISTORY_PAGE, 1, WEB_HISTORY_PAGE_MAX)
+        removed = sorted(self.server.project.history().values(), key=spawn_order, reverse=True)
+        page = [public_record(r) | {"archive": r.get("archive")} for r in removed[offset : offset + limit]]
+        return 200, {"agents": page, "total": len(removed), "offset": offset, "limit": limit}
+
+    def route_report(self, params, query, body):
+        """GET /api/agents/ID/report: what `collect` says of one agent (result, commits, diffstat)."""
+        record = self.agent(params)
+        return 200, agent_report(self.server.project, record) | {"checks": record.get("checks"),
+                                                                  "permission_denials": record.get("permission_denials")}  # fmt: skip
+
+    def route_merge(self, params, query, body):
+        """POST /api/agents/ID/merge: `collect ID --merge`, with its refusals and its report."""
+        body_fields(body, {})
+        document = collect_agents(self.server.project, [self.agent(params)["id"]], merge=True)
+        message = collect_text(document)
+        if document["conflict"]:
+            return 409, {"error": message, **document}
+        return 200, {"message": message, **document}
+
+    def route_pull_request(self, params, query, body):
+        """POST /api/agents/ID/pr: `collect ID --pr`: push and open a pull request, or say how."""
+        body_fields(body, {})
+        document = collect_agents(self.server.project, [self.agent(params)["id"]], pr=True)
+        return 200, {"message": "\n".join(document["pull_requests"]) or "no commits to open a pull request for",
+                     **document}  # fmt: skip
+
+    def route_send(self, params, query, body):
+        """POST /api/agents/ID/send {"message": "..."}: `orchestra send ID MESSAGE`."""
+        (message,) = body_fields(body, {"message": (str, True)})
+        agent_id = send_message(self.server.project, self.agent(params)["id"], message)
+        text = f"{agent_id}: queued to continue with your message; follow it with 'orchestra logs -f {agent_id}'"
+        return 200, {"id": agent_id, "message": text}
+
+    def route_session(self, params, query, body):
+        """GET /api/sessions/ID: a session's prompts and the commands that resume it."""
+        return 200, session_detail(self.server.env, params["id"])
 
     def route_websocket(self, params, query, body):
         """GET /ws/status: upgrade, then a status snapshot and every change until the client goes."""
@@ -5146,19 +5259,9 @@ def report_text(report):
 def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
-    records = finished_agents(project.records(), args.ids)
-    if args.merge:
-        check_checkout_clean(project.repo, "merging")
-    committed = [r["id"] for r in records if args.commit and commit_leftovers(project, r)]
-    reports = [agent_report(project, r) for r in records]
-    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
-    if args.merge:
-        chosen = records if args.ids else [r for r in records if r["state"] == "done"]
-        document["merged"], document["conflict"] = merge_agents(project, chosen)
-    if args.patch:
-        document["patch"] = {"path": args.patch, "commits": write_patch(project, records, args.patch)}
-    if args.pr:
-        document["pull_requests"] = open_pull_requests(project, reports)
+    document = collect_agents(project, args.ids, commit=args.commit, merge=args.merge, patch=args.patch,
+                              pr=args.pr)  # fmt: skip
+    reports = document["agents"]
     if args.json:
         print_json(document)
     else:
