@@ -4430,7 +4430,9 @@ class WebHandler(BaseHTTPRequestHandler):
         """POST /api/agents/ID/send {"message": "..."}: `orchestra send ID MESSAGE`."""
         (message,) = body_fields(body, {"message": (str, True)})
         agent_id = send_message(self.server.project, self.agent(params)["id"], message)
-        text = f"{agent_id}: queued to continue with your message; follow it with 'orchestra logs -f {agent_id}'"
+        text = (
+            f"{agent_id}: queued to continue with your message; follow it with 'orchestra logs -f {agent_id}'"
+        )
         return 200, {"id": agent_id, "message": text}
 
     def route_session(self, params, query, body):
