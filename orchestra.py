@@ -222,6 +222,7 @@ WEB_HEADER_DEADLINE = 10.0  # seconds a connection has to send a whole request (
 # without the token has WEB_HEADER_DEADLINE from accept for everything, answers included.
 WEB_ANSWER_DEADLINE = 120.0
 WEB_MAX_WEBSOCKETS = 16  # open at once, well under WEB_MAX_CONNECTIONS; more are answered 503
+WEB_PAGE_CACHE = 16  # dashboard renderings kept (one per file version and Host name)
 WEB_MAX_JSON_DEPTH = 32  # nesting of a POST body; deeper is 400 (the dashboard sends 2)
 WEB_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n")  # RFC 9112 5
 WEB_DIGITS = re.compile(r"[0-9]{1,15}")
@@ -4320,22 +4321,22 @@ class WebHandler(BaseHTTPRequestHandler):
 
     def route_page(self, params, query, body):
         """The dashboard, with a CSP allowing exactly its inline code; where to put it when missing."""
-        for path in dashboard_candidates():
-            if path.is_file():
-                html = path.read_text(encoding="utf-8")
-                return self.send_page(200, html, page_policy(html, self.headers["Host"], self.server.scheme))
+        page = self.server.dashboard(self.headers["Host"])
+        if page:
+            return self.send_page(200, *page)
         places = " or ".join(str(p) for p in dashboard_candidates())
         text = f"The dashboard file is missing. Put dashboard.html at {places}.\nThe API (/api/status) and /ws/status work without it.\n"
         return self.send_page(404, text, "default-src 'none'", "text/plain; charset=utf-8")
 
     def send_page(self, status, text, policy, content_type="text/html; charset=utf-8"):
-        """Send a page with its Content-Security-Policy."""
-        data = text.encode("utf-8")
+        """Send a page with its Content-Security-Policy, then close: a browser asks for the page
+        once, and a client pipelining page requests gets one answer per connection, not hundreds."""
+        data = text if isinstance(text, bytes) else text.encode("utf-8")
         self.send_response(status)
-        self.send_common_headers(
-            content_type, len(data), {"Content-Security-Policy": policy, "Cache-Control": "no-cache"}
-        )
+        self.send_common_headers(content_type, len(data), {"Content-Security-Policy": policy,
+                                                           "Cache-Control": "no-cache", "Connection": "close"})  # fmt: skip
         self.end_headers()
+        self.close_connection = True
         self.wfile.write(data)
 
     def route_status(self, params, query, body):
@@ -4500,6 +4501,7 @@ class WebServer(ThreadingHTTPServer):
         self.header_deadline, self.max_connections = header_deadline, max_connections
         self.ws_options = ws_options or {}
         self.connections = {}  # socket -> Link
+        self.pages = {}  # (file, mtime, size, Host) -> (bytes, policy); replacing a dict entry is atomic
         self.websockets = 0
         self.connections_lock = threading.Lock()  # guards connections and websockets
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -4596,6 +4598,23 @@ class WebServer(ThreadingHTTPServer):
         """A client that vanished is not news; anything else is logged with its traceback."""
         if not isinstance(sys.exc_info()[1], OSError):
             self.log(f"error while serving {client_address[0]}:\n{traceback.format_exc()}")
+
+    def dashboard(self, host):
+        """(page bytes, its Content-Security-Policy) for a Host, read and hashed once per version of
+        the file; None when there is no dashboard file."""
+        for path in dashboard_candidates():
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            key = (str(path), info.st_mtime_ns, info.st_size, host)
+            if key not in self.pages:
+                if len(self.pages) >= WEB_PAGE_CACHE:
+                    self.pages.clear()
+                html = path.read_text(encoding="utf-8")
+                self.pages[key] = (html.encode("utf-8"), page_policy(html, host, self.scheme))
+            return self.pages[key]
+        return None
 
     def project_for(self, model):
         """The project, opened again with a model flag when a spawn asks for one."""

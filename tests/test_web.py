@@ -171,7 +171,8 @@ def test_pause_resume_stop_through_the_api(server, fake_repo):
 
     answer = call(server, "POST", "/api/agents/sleep-20/pause", {})
     assert answer.status == 200 and answer.json() == {
-        "outcomes": [{"id": "sleep-20-long-job", "result": "paused"}]
+        "outcomes": [{"id": "sleep-20-long-job", "result": "paused"}],
+        "message": "sleep-20-long-job: paused",  # what `orchestra pause` prints
     }
     assert load_state(fake_repo)["agents"]["sleep-20-long-job"]["state"] == "paused"
     answer = call(server, "POST", "/api/agents/sleep-20-long-job/resume", raw_body=b"")  # an empty body is {}
@@ -294,7 +295,11 @@ def test_worktrees_sessions_and_cleanup_pass_through(server, cli, fake_repo, mon
         "cleanup_agents",
         lambda p, ids=None, apply=False: plans.append((ids, apply)) or {"plan": [], "applied": apply},
     )
-    assert call(server, "POST", "/api/cleanup", {}).json() == {"plan": [], "applied": False}
+    assert call(server, "POST", "/api/cleanup", {}).json() == {
+        "plan": [],
+        "applied": False,
+        "message": "Nothing to clean up.",
+    }
     assert (
         call(server, "POST", "/api/cleanup", {"ids": ["one-tree"], "apply": True}).json()["applied"] is True
     )
