@@ -4278,7 +4278,7 @@ class WebHandler(BaseHTTPRequestHandler):
 
     def answer(self, status, document, headers=None):
         """Send a JSON document; errors also close the connection (their body may be unread)."""
-        data = json.dumps(document).encode("ascii")  # \\u escapes: any string encodes, even a lone surrogate
+        data = json.dumps(document).encode("ascii")  # \u escapes: any string encodes, even a lone surrogate
         self.send_response(status)
         self.send_common_headers(
             "application/json", len(data), {**(headers or {}), "Cache-Control": "no-store"}
@@ -4524,9 +4524,10 @@ class WebServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def log(self, line):
-        """One line (or a traceback) to the server's log, when it has one."""
+        """One line (or a traceback) to the server's log, when it has one; requests and agents
+        choose some of its text, so escape sequences and controls are dropped (newlines stay)."""
         if self.log_stream is not None:
-            self.log_stream.write(line.rstrip("\n") + "\n")
+            self.log_stream.write(strip_control(line).rstrip("\n") + "\n")
             self.log_stream.flush()
 
     def verify_request(self, request, client_address):

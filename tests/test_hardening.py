@@ -369,3 +369,34 @@ def test_threads_left_behind_are_bounded(hostile):
     for _ in range(20):
         reply_of(hostile, b"GET / HTTP/1.1\r\n" + host_line(hostile) + b"Connection: close\r\n\r\n")
     wait_for(lambda: threading.active_count() <= before + 2, timeout=5, what="connection threads to end")
+
+
+def test_a_route_failure_logs_no_escape_sequences(hostile, monkeypatch):
+    monkeypatch.setattr(orchestra.WebHandler, "route_agent", lambda *a: 1 / 0)
+    reply = reply_of(hostile, b"GET /api/agents/\x1b[2J\x1b]0;title\x07 HTTP/1.1\r\n" + host_line(hostile)
+                     + b"Authorization: Bearer " + hostile.gate.token + b"\r\n\r\n")  # fmt: skip
+    assert reply.startswith(b"HTTP/1.1 500 ")
+    log = hostile.test_log.getvalue()
+    assert "ZeroDivisionError" in log and "GET /api/agents/" in log
+    assert "\x1b" not in log and "\x07" not in log
+
+
+def test_nothing_is_written_after_a_failed_write():
+    class Stuck:
+        closed, writes = False, []
+
+        def write(self, data):
+            self.writes.append(data)
+            raise TimeoutError("timed out")
+
+        def flush(self):
+            raise AssertionError("flushed after a failed write")
+
+    raw = Stuck()
+    guarded = orchestra.GuardedWriter(raw)
+    with pytest.raises(OSError):
+        guarded.write(b"HTTP/1.1 200 OK\r\n")
+    with pytest.raises(OSError):
+        guarded.write(b"HTTP/1.1 500 Internal Server Error\r\n")
+    guarded.flush()
+    assert raw.writes == [b"HTTP/1.1 200 OK\r\n"]
