@@ -4501,6 +4501,7 @@ class WebServer(ThreadingHTTPServer):
         self.header_deadline, self.max_connections = header_deadline, max_connections
         self.ws_options = ws_options or {}
         self.connections = {}  # socket -> Link
+        self.next_sweep = 0.0  # when service_actions next looks at the deadlines
         self.pages = {}  # (file, mtime, size, Host) -> (bytes, policy); replacing a dict entry is atomic
         self.websockets = 0
         self.connections_lock = threading.Lock()  # guards connections and websockets
@@ -4573,8 +4574,11 @@ class WebServer(ThreadingHTTPServer):
             self.websockets -= 1
 
     def service_actions(self):
-        """Between accepts: drop connections past their request deadline (slowloris)."""
+        """Between accepts, at most every WEB_SERVE_POLL: drop connections past their deadline."""
         now = time.monotonic()
+        if now < self.next_sweep:
+            return  # a flood of connections must not turn this sweep into the accept loop's main work
+        self.next_sweep = now + WEB_SERVE_POLL
         with self.connections_lock:
             late = [
                 s for s, link in self.connections.items() if link.deadline is not None and link.deadline < now
