@@ -158,14 +158,17 @@ def test_review_then_merge_and_a_refused_merge_from_the_phone(cockpit, fake_repo
     (agent_id,) = spawn_and_settle(server, fake_repo, "commit:notes.txt write notes")
     record = project.records()[agent_id]
     add_review_material(orchestra.Path(record["worktree"]))
-    set_fields(project, agent_id, checks={"tests": {"ok": True, "summary": "12 passed"}},
+    set_fields(project, agent_id, checks={"status": "passed", "command": "pytest -q", "exit_code": 0,
+                                          "tail": "12 passed", "rounds": 1},
                permission_denials=[{"tool_name": "Bash", "tool_input": {"command": "rm -rf /"}}])  # fmt: skip
     page.goto(server.url)
     open_detail(page, agent_id)
     expect(page.locator("#detail-result")).to_have_text("all done")
     expect(page.locator("#detail-commits li")).to_have_count(2)
     expect(page.locator("#detail-commits")).to_contain_text("add notes.txt")
+    expect(page.locator("#detail-checks strong")).to_have_text("passed: pytest -q")
     expect(page.locator("#detail-checks")).to_contain_text("12 passed")
+    expect(page.locator("#detail-denials strong")).to_have_text("Bash")
     expect(page.locator("#detail-denials")).to_contain_text("rm -rf /")
     files = page.locator("#detail-diff details.diff-file")
     expect(files).to_have_count(3)
