@@ -222,6 +222,8 @@ WEB_HEADER_DEADLINE = 10.0  # seconds a connection has to send a whole request (
 # without the token has WEB_HEADER_DEADLINE from accept for everything, answers included.
 WEB_ANSWER_DEADLINE = 120.0
 WEB_MAX_WEBSOCKETS = 16  # open at once, well under WEB_MAX_CONNECTIONS; more are answered 503
+WEB_UNTRUSTED_SEND_BUFFER = 16 * 1024  # bytes of SO_SNDBUF (Linux doubles it) before the token is shown
+WEB_TRUSTED_SEND_BUFFER = 1024 * 1024  # after it (the kernel caps it at net.core.wmem_max)
 WEB_PAGE_CACHE = 16  # dashboard renderings kept (one per file version and Host name)
 WEB_MAX_JSON_DEPTH = 32  # nesting of a POST body; deeper is 400 (the dashboard sends 2)
 WEB_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n")  # RFC 9112 5
@@ -4329,14 +4331,13 @@ class WebHandler(BaseHTTPRequestHandler):
         return self.send_page(404, text, "default-src 'none'", "text/plain; charset=utf-8")
 
     def send_page(self, status, text, policy, content_type="text/html; charset=utf-8"):
-        """Send a page with its Content-Security-Policy, then close: a browser asks for the page
-        once, and a client pipelining page requests gets one answer per connection, not hundreds."""
+        """Send a page with its Content-Security-Policy."""
         data = text if isinstance(text, bytes) else text.encode("utf-8")
         self.send_response(status)
-        self.send_common_headers(content_type, len(data), {"Content-Security-Policy": policy,
-                                                           "Cache-Control": "no-cache", "Connection": "close"})  # fmt: skip
+        self.send_common_headers(
+            content_type, len(data), {"Content-Security-Policy": policy, "Cache-Control": "no-cache"}
+        )
         self.end_headers()
-        self.close_connection = True
         self.wfile.write(data)
 
     def route_status(self, params, query, body):
@@ -4543,6 +4544,10 @@ class WebServer(ThreadingHTTPServer):
                 del self.connections[oldest]
                 drop_socket(oldest)
             self.connections[request] = Link(now, now + self.header_deadline)
+        # Until it shows the token, a connection gets a small send buffer: a client that asks and
+        # never reads blocks its thread (which then waits without work) after an answer or two.
+        with contextlib.suppress(OSError):
+            request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WEB_UNTRUSTED_SEND_BUFFER)
         return True
 
     def track(self, sock, phase):
@@ -4556,6 +4561,9 @@ class WebServer(ThreadingHTTPServer):
             if phase == "reading" and link.trusted:
                 link.deadline, link.trusted = now + self.header_deadline, False
             elif phase == "trusted":
+                if not link.trusted:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WEB_TRUSTED_SEND_BUFFER)
                 link.deadline, link.trusted = now + WEB_ANSWER_DEADLINE, True
             elif phase == "websocket":
                 link.deadline, link.trusted = None, True

@@ -400,3 +400,14 @@ def test_nothing_is_written_after_a_failed_write():
         guarded.write(b"HTTP/1.1 500 Internal Server Error\r\n")
     guarded.flush()
     assert raw.writes == [b"HTTP/1.1 200 OK\r\n"]
+
+
+def test_a_client_that_never_reads_gets_only_a_few_answers(hostile):
+    sock = raw(hostile, (b"GET / HTTP/1.1\r\n" + host_line(hostile) + b"\r\n") * 2000)
+    try:
+        time.sleep(1.5)  # past the 1 s deadline: the server has dropped it
+        answered = hostile.test_log.getvalue().count('"GET /" 200')
+        assert 1 <= answered <= 20, answered  # a small send buffer, not 2000 rendered pages
+        assert_still_quick(hostile)
+    finally:
+        sock.close()
