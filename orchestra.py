@@ -221,7 +221,7 @@ WEB_HEADER_DEADLINE = 10.0  # seconds a connection has to send a whole request (
 # Seconds a request that showed the token has for its route and its whole answer. A connection
 # without the token has WEB_HEADER_DEADLINE from accept for everything, answers included.
 WEB_ANSWER_DEADLINE = 120.0
-WEB_MAX_WEBSOCKETS = 16  # open at once, well under WEB_MAX_CONNECTIONS; more are answered 503
+WEB_MAX_WEBSOCKETS = 64  # open at once, half of WEB_MAX_CONNECTIONS; more are answered 503
 WEB_UNTRUSTED_SEND_BUFFER = 16 * 1024  # bytes of SO_SNDBUF (Linux doubles it) before the token is shown
 WEB_TRUSTED_SEND_BUFFER = 1024 * 1024  # after it (the kernel caps it at net.core.wmem_max)
 WEB_PAGE_CACHE = 16  # dashboard renderings kept (one per file version and Host name)
