@@ -415,3 +415,25 @@ def test_the_cli_refuses_the_same_tasks(fake_repo):
     done = subprocess.run([orchestra.sys.executable, str(orchestra.Path(orchestra.__file__)), "spawn", "bell \x07"],
                           cwd=fake_repo, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and "U+0007" in done.stderr
+
+
+def test_the_detail_in_dark_and_light_mode(browser, fake_repo):
+    server = serve(fake_repo, revive=False)
+    try:
+        (agent_id,) = spawn_and_settle(server, fake_repo, "commit:notes.txt write notes")
+        colours = {}
+        for scheme in ("light", "dark"):
+            page = browser.new_page(viewport=PHONE, color_scheme=scheme)
+            page.goto(server.url)
+            open_detail(page, agent_id)
+            expect(page.locator("#detail-diff details.diff-file")).to_have_count(1)
+            colours[scheme] = page.evaluate("""() => [
+                getComputedStyle(document.getElementById("detail")).backgroundColor,
+                getComputedStyle(document.querySelector(".diff-file")).backgroundColor,
+                getComputedStyle(document.querySelector(".diff-file .add")).color]""")
+            assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+            page.close()
+        assert colours["dark"][0] == "rgb(13, 17, 23)" and colours["light"][0] == "rgb(245, 246, 248)"
+        assert colours["dark"][1] != colours["light"][1] and colours["dark"][2] != colours["light"][2]
+    finally:
+        server.stop()
