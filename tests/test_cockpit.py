@@ -106,7 +106,8 @@ def test_attention_order_history_on_demand_and_totals_as_status(cockpit, fake_re
     }
     assert {k: int(v) for k, v in shown.items() if k != "cost" and v != "0"} == dict(counts)
     total = sum(a["cost_usd"] or 0 for a in status["agents"])
-    assert shown["cost"] == orchestra.format_cost(total)  # the removed agents' $3 are not counted
+    estimated = "~" if any(a.get("cost_estimated") for a in status["agents"]) else ""
+    assert shown["cost"] == estimated + orchestra.format_cost(total)  # the removed agents' $3 are not counted
     assert orchestra.summary_line(status["agents"]) in cli("status").out
 
     page.click("#history summary")
