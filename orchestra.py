@@ -3479,6 +3479,15 @@ def write_patch(project, records, path):
     return count
 
 
+def sent_text(agent_id, waits):
+    """What `send` says once a message is on its way (the web answers the same)."""
+    if waits:
+        first = f"{agent_id}: still working; your message waits and is sent when its current turn ends"
+    else:
+        first = f"{agent_id}: queued to continue with your message"
+    return f"{first}\nfollow it with: orchestra logs -f {agent_id}"
+
+
 def send_message(project, agent_id, message, env=None):
     """Continue an agent's session with a follow-up message, in its own worktree: (id, waits).
 
@@ -4624,11 +4633,8 @@ class WebHandler(BaseHTTPRequestHandler):
     def route_send(self, params, query, body):
         """POST /api/agents/ID/send {"message": "..."}: `orchestra send ID MESSAGE`."""
         (message,) = body_fields(body, {"message": (str, True)})
-        agent_id = send_message(self.server.project, self.agent(params)["id"], message)
-        text = (
-            f"{agent_id}: queued to continue with your message; follow it with 'orchestra logs -f {agent_id}'"
-        )
-        return 200, {"id": agent_id, "message": text}
+        agent_id, waits = send_message(self.server.project, self.agent(params)["id"], message)
+        return 200, {"id": agent_id, "waits": waits, "message": sent_text(agent_id, waits)}
 
     def route_session(self, params, query, body):
         """GET /api/sessions/ID: a session's prompts and the commands that resume it."""
@@ -5576,12 +5582,7 @@ def cmd_send(args):
     A finished agent continues at once; a running one gets the message when its current turn ends.
     """
     project = open_project(args)
-    agent_id, waits = send_message(project, args.id, args.message)
-    if waits:
-        print(f"{agent_id}: still working; your message waits and is sent when its current turn ends")
-    else:
-        print(f"{agent_id}: queued to continue with your message")
-    print(f"follow it with: orchestra logs -f {agent_id}")
+    print(sent_text(*send_message(project, args.id, args.message)))
     return EXIT_OK
 
 

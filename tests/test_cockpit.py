@@ -84,19 +84,20 @@ def cockpit(fake_repo, phone):
 
 def test_attention_order_history_on_demand_and_totals_as_status(cockpit, fake_repo, project, cli):
     page, server = cockpit, cockpit.server
-    spawn_and_settle(server, fake_repo, "commit:a.txt older finished", "fail on purpose")
-    spawn_and_settle(server, fake_repo, "commit:b.txt newer finished")
+    older, failed = spawn_and_settle(server, fake_repo, "commit:a.txt older finished", "fail on purpose")
+    (newer,) = spawn_and_settle(server, fake_repo, "commit:b.txt newer finished")
     for n in range(3):
         add_record(
             project, f"old-{n}", state="removed", created_at=f"2026-01-0{n + 1}T00:00:00Z", cost_usd=1.0
         )
-    post(server, "/api/spawn", {"tasks": ["sleep:60 long runner"]})
+    (runner_id,) = [
+        a["id"] for a in post(server, "/api/spawn", {"tasks": ["sleep:60 long runner"]})["agents"]
+    ]
     page.goto(server.url)
-    runner = card(page, "sleep-60-long-runner")
+    runner = card(page, runner_id)
     expect(runner.locator(".badge")).to_have_attribute("data-state", "running", timeout=30_000)
     # failed first, then running, then finished ones newest first; cleaned-up agents are not cards
-    assert card_ids(page) == ["fail-on-purpose", "sleep-60-long-runner", "commit-b-txt-newer-finished",
-                              "commit-a-txt-older-finished"]  # fmt: skip
+    assert card_ids(page) == [failed, runner_id, newer, older]
     expect(page.locator("#agents [data-group=trouble] h2")).to_have_text("Failed or stale")
 
     status = cli("status", "--json").json()
@@ -120,12 +121,12 @@ def test_attention_order_history_on_demand_and_totals_as_status(cockpit, fake_re
     page.click("#spawn summary")
     page.fill("textarea[name=tasks]", "sleep:60 fresh runner")
     page.click("#spawn-form button[type=submit]")
-    expect(page.locator("#spawn-status")).to_have_text("Spawned sleep-60-fresh-runner")
-    expect(page.locator("#agents [data-group=active] .card").first).to_have_attribute(
-        "data-id", "sleep-60-fresh-runner"
-    )
-    assert card_ids(page)[0] == "fail-on-purpose"
-    cli("stop", "sleep-60-long-runner", "sleep-60-fresh-runner")
+    expect(page.locator("#spawn-status")).to_contain_text("Spawned sleep-60-")
+    fresh = page.locator("#spawn-status").text_content()[len("Spawned ") :]
+    assert fresh not in (runner_id, older, newer, failed)
+    expect(page.locator("#agents [data-group=active] .card").first).to_have_attribute("data-id", fresh)
+    assert card_ids(page)[0] == failed
+    cli("stop", runner_id, fresh)
 
 
 def test_history_pages_through_the_api(server, project):
@@ -248,7 +249,7 @@ def test_follow_up_and_resume_with_real_claude_agents(claude_repo, claude_api, p
         phone.fill("#send-form textarea", "cockpit-two: now write two")
         phone.click("#send-form button[type=submit]")
         expect(phone.locator("#detail-message")).to_have_text(
-            f"{done}: queued to continue with your message; follow it with 'orchestra logs -f {done}'"
+            f"{done}: queued to continue with your message\nfollow it with: orchestra logs -f {done}"
         )
         phone.click("#detail-close")
         expect(card(phone, done).locator(".facts")).to_contain_text("2 commits", timeout=90_000)
@@ -271,9 +272,9 @@ def test_follow_up_and_resume_with_real_claude_agents(claude_repo, claude_api, p
 def test_retry_stop_and_refusals_from_the_phone(cockpit, fake_repo, project):
     page, server = cockpit, cockpit.server
     done, failed = spawn_and_settle(server, fake_repo, "commit:one.txt first part", "fail on purpose")
-    post(server, "/api/spawn", {"tasks": ["sleep:60 keeps going"]})
+    (runner,) = [a["id"] for a in post(server, "/api/spawn", {"tasks": ["sleep:60 keeps going"]})["agents"]]
     page.goto(server.url)
-    expect(card(page, "sleep-60-keeps-going").locator(".badge")).to_have_attribute("data-state", "running",
+    expect(card(page, runner).locator(".badge")).to_have_attribute("data-state", "running",
                                                                                     timeout=30_000)  # fmt: skip
     open_detail(page, done)
     page.fill("#send-form textarea", "commit:two.txt second part")
@@ -291,12 +292,10 @@ def test_retry_stop_and_refusals_from_the_phone(cockpit, fake_repo, project):
     )
     page.click("#detail-close")
 
-    open_detail(page, "sleep-60-keeps-going")
+    open_detail(page, runner)
     expect(page.locator("#detail-actions [data-do=merge]")).to_be_hidden()
-    expect(page.locator("#send-form")).to_be_hidden()
-    expect(detail_action(page, "stop")).to_have_text(
-        "sleep-60-keeps-going: stopped (worktree and branch kept)"
-    )
+    expect(page.locator("#send-form")).to_be_visible()  # a running agent gets it when its turn ends
+    expect(detail_action(page, "stop")).to_have_text(f"{runner}: stopped (worktree and branch kept)")
     expect(page.locator("#detail-badge")).to_have_text("stopped", timeout=10_000)
     page.click("#detail-close")
     wait_settled(fake_repo)
