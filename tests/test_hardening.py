@@ -244,11 +244,20 @@ SURROGATE = "half \ud83d an emoji"
 NASTY = f"{SURROGATE} \x1b[31mred\x1b[0m \u202eevil\u202c \x00nul"
 
 
+def add_record(project, agent_id, **facts):
+    """A record written straight into state.json, as an agent's facts would leave it."""
+
+    def change(state):
+        record = dict.fromkeys(orchestra.RECORD_FIELDS)
+        record.update(id=agent_id, created_at=orchestra.utc_iso(), **facts)
+        state["agents"][agent_id] = record
+
+    project.store.update(change)
+
+
 def poison(project, agent_id):
     """A record, its log and its stderr holding lone surrogates in every agent-written field."""
-    from test_web import add_record
-
-    add_record(project, agent_id, state="done", branch=f"orchestra/{agent_id}", result=NASTY, activity=NASTY,
+    add_record(project, agent_id, state="done", branch=f"orchestra/{agent_id}", result=NASTY, activity=NASTY, task=NASTY,
                error=NASTY, worktree=str(project.repo / "gone"), base_commit="0" * 40,
                log=str(project.log_path(agent_id)))  # fmt: skip
     with open(project.log_path(agent_id), "w", encoding="utf-8") as f:
