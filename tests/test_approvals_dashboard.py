@@ -73,7 +73,7 @@ def test_phone_approves_and_denies_live(repo, claude_api, phone):
         phone.goto(server.url)
         expect(phone.locator("#connection")).to_have_attribute("data-state", "live", timeout=30_000)
         phone.check("#notify")
-        expect(phone.locator("#approvals-view")).to_be_hidden()
+        expect(phone.locator("#approvals")).to_be_hidden()
         phone.evaluate("window.sameDocument = true")
         orchestra.spawn_agents(orchestra.Project.open(repo, os.environ), ["phone-ok", "phone-evil"])
 
@@ -82,8 +82,8 @@ def test_phone_approves_and_denies_live(repo, claude_api, phone):
         expect(ok.locator("pre.command")).to_have_text("echo from-phone > phone.txt", timeout=60_000)
         expect(evil.locator("pre.command")).to_have_text(HOSTILE, timeout=60_000)
         assert phone.locator("main img").count() == 0  # hostile input is text, never markup
-        first = phone.locator("#approvals-view").bounding_box()["y"]
-        assert first < phone.locator("#agents-view").bounding_box()["y"]  # requests come first
+        first = phone.locator("#approvals").bounding_box()["y"]
+        assert first < phone.locator("#agents").bounding_box()["y"]  # requests come first
         assert {r["agent"] for r in api_get(server, "/api/approvals")["approvals"]} == {
             "phone-ok",
             "phone-evil",
@@ -101,7 +101,7 @@ def test_phone_approves_and_denies_live(repo, claude_api, phone):
         for agent_id in ("phone-ok", "phone-evil"):
             badge = phone.locator(f'.card[data-id="{agent_id}"] .badge')
             expect(badge).to_have_attribute("data-state", "done", timeout=90_000)
-        expect(phone.locator("#approvals-view")).to_be_hidden(timeout=30_000)
+        expect(phone.locator("#approvals")).to_be_hidden(timeout=30_000)
         evil_card = phone.locator('.card[data-id="phone-evil"] .autonomy')
         expect(evil_card).to_contain_text(
             "1 tool call denied: Bash(echo '<img src=x onerror=alert(1)>' > evil.html)", timeout=30_000
