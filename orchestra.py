@@ -148,6 +148,7 @@ RECORD_FIELDS = (
     "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
+    "merged",
 )  # fmt: skip
 
 MAX_TASK_LENGTH = 8000  # characters; longer instructions belong in a file the task names
@@ -1129,6 +1130,41 @@ def write_refs(repo, refs):
     git_bytes(["update-ref", "--stdin"], repo, input=lines.encode())
 
 
+def delete_tree(path):
+    """Remove a folder and everything in it, read-only files and folders included."""
+
+    def allow_and_retry(func, target, _exc):
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(target), 0o700)
+            os.chmod(target, 0o700)
+        func(target)
+
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=allow_and_retry)
+
+
+def delete_worktree(repo, worktree):
+    """Remove a worktree folder and its own administrative entries, by name (never `prune`)."""
+    admins = own_admin_dirs(repo, worktree)
+    delete_tree(worktree)
+    for admin in admins:
+        delete_tree(admin)
+
+
+@contextlib.contextmanager
+def shield_interrupts():
+    """Hold Ctrl-C (SIGINT) back while a step runs, git children included (they inherit the
+    blocked mask), so a step happens wholly or not at all; the interrupt arrives after it."""
+    can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if can:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if can:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def operation_in_progress(repo):
     """'a merge', 'a rebase', ... when the checkout is in the middle of one; else None."""
     git_dir = Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip())
@@ -1707,16 +1743,36 @@ def pause_agent(record):
 
 
 def stop_process(pid, start_token, grace=STOP_GRACE):
-    """SIGCONT then SIGTERM the group, and SIGKILL it if still alive after `grace` seconds."""
+    """SIGCONT then SIGTERM the group, and SIGKILL every member still alive after `grace` seconds
+    (children that ignore SIGTERM or outlive the leader included); wait until none is left."""
     signal_group(pid, start_token, signal.SIGCONT)
     if not signal_group(pid, start_token, signal.SIGTERM):
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not process_alive(pid, start_token):
+        if not process_alive(pid, start_token) and not group_members(pid):
             return
         time.sleep(0.05)
-    signal_group(pid, start_token, signal.SIGKILL)
+    for _ in range(int(grace / 0.05) + 1):
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)  # the group id cannot be reused while a member lives
+        if not group_members(pid):
+            return
+        time.sleep(0.05)
+
+
+def group_members(pgid):
+    """Pids of live (not zombie) processes in process group `pgid`; [] where /proc is missing."""
+    if not os.path.isdir("/proc"):
+        return []  # pragma: no cover - macOS: the leader's death is all we can check
+    members = []
+    for name in (n for n in os.listdir("/proc") if n.isdigit()):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                members.append(int(name))
+    return members
 
 
 # ======================================================================================
@@ -2149,6 +2205,7 @@ def reserve_agents(project, tasks, name, base_branch, base_commit, parallel):
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
             record["seq"] = len(state["agents"])  # records are never deleted, so this only grows
+            record["preparer"] = [os.getpid(), process_start_time(os.getpid())]
             state["agents"][agent_id] = record
             created.append(record)
         if parallel:
@@ -2203,10 +2260,47 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None):
         )
     check_agent_command(project.config)
     base_branch, base_commit = resolve_base(project, base)
+    roll_back_stalled_spawns(project)
     records = reserve_agents(project, tasks, name, base_branch, base_commit, parallel)
-    prepare_agents(project, records)
+    try:
+        prepare_agents(project, records)
+    except BaseException:
+        with shield_interrupts():
+            roll_back_spawn(project, records, "spawn was interrupted before the agent started")
+        raise
     ensure_supervisor(project)
     return records
+
+
+def roll_back_spawn(project, records, why):
+    """Undo half-prepared agents (none has run): remove their worktree and fresh branch, mark
+    them failed. Their worktrees hold only the base checkout, copies and setup output."""
+    for record in records:
+        worktree, branch = record["worktree"], f"refs/heads/{record['branch']}"
+        delete_worktree(project.repo, worktree)
+        run_git(["update-ref", "-d", branch, record["base_commit"]], project.repo, check=False)
+
+    def mark(state):
+        for record in records:
+            saved = state["agents"].get(record["id"])
+            if saved and saved["state"] == "queued" and not saved.get("ready"):
+                saved.update(state="failed", error=why, activity="spawn interrupted", finished_at=utc_iso())
+                note_settlement(saved)
+
+    project.store.update(mark)
+
+
+def roll_back_stalled_spawns(project):
+    """Roll back agents whose spawn process died while preparing them (Ctrl-C, kill); their ids."""
+    stalled = [
+        r for r in project.records().values()
+        if r["state"] == "queued" and not r.get("ready") and r.get("preparer")
+        and not process_alive(*r["preparer"])
+    ]  # fmt: skip
+    if stalled:
+        with shield_interrupts():
+            roll_back_spawn(project, stalled, "its spawn was interrupted before the agent started")
+    return [r["id"] for r in stalled]
 
 
 def pause_agents(project, ids):
@@ -3287,7 +3381,16 @@ def recovery_lines(plan, branch, repo):
     """Commands that would bring back a session whose folder and branch are both gone."""
     resume = f"cd {shlex.quote(plan.cwd)} && {shlex.join(plan.argv)}"
     lines = []
-    if branch:
+    archived = archived_agent_of(repo, branch)
+    if archived:
+        lines += [
+            f"# {branch} was orchestra agent {archived}, cleaned up; its work is archived under "
+            f"{ARCHIVE_REFS}/{archived}/. Bring it back with:",
+            f"cd {shlex.quote(str(repo))} && orchestra restore {archived}",
+            resume,
+            "# or resume the conversation without its files:",
+        ]
+    elif branch:
         lines += [
             f"# find the last commit of {branch} among the commits no branch holds:",
             git_command_line(repo, ("fsck", "--unreachable", "--no-reflogs")),
@@ -3296,6 +3399,17 @@ def recovery_lines(plan, branch, repo):
             "# or resume the conversation without its files:",
         ]
     return [*lines, f"mkdir -p {shlex.quote(plan.cwd)} && {resume}"]
+
+
+def archived_agent_of(repo, branch):
+    """The id of the cleaned-up orchestra agent whose branch this was, if an archive holds it."""
+    if not branch or "/" not in branch or not os.path.isdir(str(repo)):
+        return None
+    agent_id = branch.rsplit("/", 1)[1]
+    done = run_git(
+        ["for-each-ref", "--count=1", "--format=%(refname)", f"{ARCHIVE_REFS}/{agent_id}/"], repo, check=False
+    )
+    return agent_id if done.stdout.strip() else None
 
 
 def fail_unrecoverable(plan, branch, repos):
@@ -3572,6 +3686,7 @@ def agent_report(project, record):
         "diffstat": run_git([*diff, "--stat"], project.repo).stdout.rstrip() if diff else "",
         "files": sorted(changed - {""}),
         "uncommitted": [{"status": code, "path": path} for code, path in leftovers],
+        "merged": bool(commits) and unmerged_reason(project, record, tip) is None,
     }
 
 
@@ -3650,20 +3765,6 @@ def overwritten_by_merge(repo, tip):
                 hits.append(display_path(os.fsdecode(prefix)))
                 break
     return sorted(set(hits))
-
-
-@contextlib.contextmanager
-def shield_interrupts():
-    """Hold Ctrl-C (SIGINT) back while a step runs, git children included (they inherit the
-    blocked mask), so a step happens wholly or not at all; the interrupt arrives after it."""
-    can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    if can:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        if can:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def merge_agents(project, records):
@@ -3979,27 +4080,6 @@ def record_archive(project, agent_id, refs):
         ) from None
 
 
-def delete_tree(path):
-    """Remove a folder and everything in it, read-only files and folders included."""
-
-    def allow_and_retry(func, target, _exc):
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(target), 0o700)
-            os.chmod(target, 0o700)
-        func(target)
-
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=allow_and_retry)
-
-
-def delete_worktree(project, record):
-    """Remove the agent's worktree folder and its own administrative entries (never `prune`)."""
-    admins = own_admin_dirs(project.repo, record["worktree"])
-    delete_tree(record["worktree"])
-    for admin in admins:
-        delete_tree(admin)
-
-
 def remove_agent(project, record, step):
     """Carry out one 'remove' step: stop, check, archive, record, then delete; the archive refs.
 
@@ -4020,7 +4100,7 @@ def remove_agent(project, record, step):
     refs = archive_holdings(project, record, held)
     record_archive(project, record["id"], refs)
     with shield_interrupts():
-        delete_worktree(project, record)
+        delete_worktree(project.repo, record["worktree"])
         worktrees = {w["path"]: w for w in list_worktrees(project.repo)}
         if held["tip"] and not checked_out_elsewhere(record, worktrees):
             delete = [
@@ -4046,6 +4126,8 @@ def cleanup_agents(project, ids=None, apply=False, everything=False, failed_only
             "another orchestra cleanup is still running; try again when it has finished", EXIT_FAILURE
         )
     try:
+        if apply:
+            roll_back_stalled_spawns(project)
         records = cleanup_targets(project.records(), ids, everything, failed_only)
         plan = plan_cleanup(project, records, force)
         if apply:
@@ -4070,6 +4152,17 @@ def apply_step(project, record, step):
         step.update(action="keep", reasons=[outcome])
     else:
         step["archive"] = outcome
+
+
+def mark_merged(project, ids):
+    """Remember that collect --merge merged these agents (status shows them as merged)."""
+
+    def change(state):
+        for agent_id in ids:
+            state["agents"][agent_id]["merged"] = True
+
+    if ids:
+        project.store.update(change)
 
 
 def mark_removed(project, agent_id, archive):
@@ -4105,6 +4198,24 @@ def list_archives(repo):
     for group in groups.values():
         group["restore"] = f"orchestra restore {group['id']}/{group['saved']}"
     return sorted(groups.values(), key=lambda g: (g["id"], g["saved"]))
+
+
+def with_merged_flags(project, records):
+    """Copies of the records with `merged` true for finished agents whose commits are all in
+    their base branch (one git call per base branch), or that collect --merge merged."""
+    finished = [r for r in records if r["state"] in FINISHED_STATES]
+    merged_tips = {}
+    for target in {r.get("base_branch") or current_branch(project.repo) for r in finished} - {None}:
+        fmt = ["for-each-ref", f"--merged={target}", "--format=%(refname) %(objectname)", "refs/heads/"]
+        done = run_git(fmt, project.repo, check=False)
+        merged_tips[target] = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    flagged = []
+    for r in records:
+        target = r.get("base_branch") or current_branch(project.repo)
+        tip = merged_tips.get(target, {}).get(f"refs/heads/{r['branch']}")
+        on_base = r in finished and tip is not None and tip != r.get("base_commit")
+        flagged.append(dict(r, merged=bool(r.get("merged") or on_base)))
+    return flagged
 
 
 def check_not_removed(project, names):
@@ -5250,7 +5361,7 @@ def status_rows(records, now):
     """The status table's cells for each record."""
     rows = []
     for r in records:
-        state = r["state"] + (" stale" if r.get("stale") else "")
+        state = r["state"] + (" stale" if r.get("stale") else "") + (" merged" if r.get("merged") else "")
         rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), format_cost(r.get("cost_usd")),
                      "-" if r.get("commits") is None else str(r["commits"]),
                      "-" if r.get("files_changed") is None else str(r["files_changed"]),
@@ -5379,6 +5490,7 @@ def cmd_status(args):
         records = select_agents(state["agents"], args.ids)
         if not args.ids:
             records = [r for r in records if r["state"] != "removed"]  # cleaned up: history, not status
+        records = with_merged_flags(project, records)
         if args.json:
             print_json(status_document(project, state, records))
             return EXIT_OK
@@ -5535,6 +5647,8 @@ def report_text(report):
         f"Commits on {report['branch']}:" if report["commits"] else f"No commits on {report['branch']}."
     )
     lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
+    if report.get("merged"):
+        lines.append("Its commits are merged already.")
     if report["diffstat"]:
         lines.append(report["diffstat"])
     if report["uncommitted"]:
@@ -5560,6 +5674,7 @@ def cmd_collect(args):
     if args.merge:
         chosen = records if args.ids else [r for r in records if r["state"] == "done"]
         document["merged"], document["conflict"] = merge_agents(project, chosen)
+        mark_merged(project, document["merged"])
     if args.patch:
         document["patch"] = {"path": args.patch, "commits": write_patch(project, records, args.patch)}
     if args.pr:
