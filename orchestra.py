@@ -138,8 +138,8 @@ SEE_ALL_GIT = (
 )  # fmt: skip
 NESTED_GIT_NAME = ".git~orchestra"  # a nested repository's .git, as stored in a snapshot tree
 ARCHIVE_KINDS = ("head", "lost", "stash", "index", "worktree")  # suffixes of one archive's refs
-ARCHIVE_WORDS = {"tip": "branch tip", "head": "its HEAD", "lost": "commits only its reflogs held",
-                 "stash": "its stashes", "index": "its staged index", "worktree": "snapshot of its files"}  # fmt: skip
+ARCHIVE_WORDS = {"tip": "branch", "head": "HEAD", "lost": "reflog-only commits", "stash": "stashes",
+                 "index": "staged index", "worktree": "files"}  # fmt: skip
 WRITER_GRACE = 3.0  # seconds to wait for processes still using a worktree before keeping it
 CLEANUP_LOCK_TIMEOUT = 300.0  # seconds one cleanup waits for another to finish
 DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}  # one clear line, no traceback
@@ -869,16 +869,37 @@ def worktree_commits(repo, worktree, branch):
     return list(dict.fromkeys(commits))
 
 
-def worktree_stashes(repo, commits, branch):
-    """Stash entries made in this worktree: based on one of its commits, or on its branch."""
+def worktree_branch_names(worktree, branch):
+    """Branches the worktree has had checked out: the agent's, and every `checkout: moving ... to X`."""
+    names = {branch, "(no branch)"}
+    moves = (
+        git_bytes(["log", "--walk-reflogs", "--format=%gs", "HEAD"], worktree, check=False)
+        if worktree.is_dir()
+        else None
+    )
+    for line in (moves.stdout.decode("utf-8", "replace").splitlines() if moves else []):
+        if line.startswith("checkout: moving from "):
+            names.add(line.rsplit(" to ", 1)[-1])
+    return names
+
+
+def worktree_stashes(repo, worktree, commits, branch):
+    """Stash entries made in this worktree: on a branch it had checked out (detached: on one of its
+    commits), or on a commit of its own that the user's checkout never had."""
     lines = git_bytes(["log", "--walk-reflogs", "--format=%H %P%x00%gs", "refs/stash"], repo, check=False)
+    names = worktree_branch_names(Path(worktree), branch)
+    users = set(rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", "HEAD"], repo))
+    users |= set(rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], repo))
     known, found = set(commits), []
     for line in lines.stdout.decode("utf-8", "replace").splitlines():
         hashes, _, subject = line.partition("\0")
         stash, *parents = hashes.split()
-        short = branch.rsplit("/", 1)[-1] if branch else None
-        on_branch = bool(short) and re.search(rf"\bon {re.escape(branch)}:", subject, re.IGNORECASE)
-        if (parents and parents[0] in known) or on_branch:
+        parent = parents[0] if parents else None
+        match = re.match(r"(?:WIP on|On) (.+?):", subject)
+        named = match.group(1) if match else None
+        if named in names - {"(no branch)"} or (
+            parent in known and (named == "(no branch)" or parent not in users)
+        ):
             found.append(stash)
     return found
 
@@ -3550,7 +3571,12 @@ def setup_map(record):
 
 def display_path(path):
     """A path as text a terminal and JSON can show, even when its bytes are not UTF-8."""
-    return os.fsencode(path).decode("utf-8", "replace")
+    text = os.fsencode(path).decode("utf-8", "replace")
+    return (
+        text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+        if "\n" in text or "\t" in text
+        else text
+    )
 
 
 def nested_root(rel):
@@ -3614,7 +3640,7 @@ def worktree_holdings(project, record):
         commits = worktree_commits(repo, worktree, branch)
     else:
         commits = rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo)
-    held["stashes"] = worktree_stashes(repo, commits, branch)
+    held["stashes"] = worktree_stashes(repo, worktree, commits, branch)
     tips = [*outside_tips(repo, worktree, {f"refs/heads/{branch}", "refs/stash"}), held["tip"]]
     tips = [t for t in tips if t]
     held["detached_lost"] = commits_only_in(repo, [held["head"]], tips) if held["head"] else []
@@ -3624,8 +3650,8 @@ def worktree_holdings(project, record):
 
 
 def plural(count, noun):
-    """'1 commit', '2 commits'."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+    """'1 commit', '2 commits', '2 stashes'."""
+    return f"{count} {noun}{'' if count == 1 else ('es' if noun.endswith(('s', 'sh')) else 's')}"
 
 
 def holdings_reasons(record, held):
