@@ -3658,7 +3658,7 @@ def holdings_reasons(record, held):
     """Why removing the worktree could lose something, in words, or [] when it could not."""
     reasons, branch = [], record["branch"]
     on_branch = held["head_branch"]
-    if held["tip"] is None:
+    if held["tip"] is None and (held["head"] or held["detached_lost"] or held["reflog_lost"]):
         where = f"; its worktree has {on_branch} checked out" if on_branch and on_branch != branch else ""
         count = len(set(held["detached_lost"]) | set(held["reflog_lost"]))
         holds = f"; its worktree holds {plural(count, 'commit')}" if count else ""
@@ -4000,7 +4000,9 @@ def plan_agent_cleanup(project, record, worktrees, force):
         soft.append(unmerged)
     if soft and not force:
         return dict(step, action="keep", reasons=soft)
-    return dict(step, reasons=soft or ["merged, nothing uncommitted"], forced=bool(soft))
+    gone = tip is None and not Path(path).is_dir()
+    nothing = ["nothing left: its branch and worktree are gone"] if gone else ["merged, nothing uncommitted"]
+    return dict(step, reasons=soft or nothing, forced=bool(soft))
 
 
 def plan_cleanup(project, records, force=False):

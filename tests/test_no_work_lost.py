@@ -25,6 +25,7 @@ from conftest import (
     wait_settled,
     write_config,
 )
+from scripted_api import bash, requires_claude, text
 
 ORCHESTRA = [sys.executable, str(ROOT / "orchestra.py")]
 
@@ -614,12 +615,12 @@ def test_merge_conflict_exits_1_and_status_shows_merged(case_repo, cli):
 
 def test_ctrl_c_during_merge_leaves_the_checkout_as_before(merge_repo):
     hook = merge_repo / ".git" / "hooks" / "prepare-commit-msg"
-    hook.write_text('#!/bin/sh\ntouch "$GIT_DIR/../hook-ran"\nsleep 3\n')
+    hook.write_text(f"#!/bin/sh\ntouch {merge_repo / '.git' / 'hook-ran'}\nsleep 3\n")
     hook.chmod(0o755)
     start = git("rev-parse", "HEAD", cwd=merge_repo)
     proc = subprocess.Popen([*ORCHESTRA, "collect", "--merge"], cwd=merge_repo, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    wait_for(lambda: (merge_repo / "hook-ran").exists(), timeout=30, what="the merge to start")
+    wait_for(lambda: (merge_repo / ".git" / "hook-ran").exists(), timeout=30, what="the merge to start")
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole foreground group
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, (out, err)
@@ -646,10 +647,6 @@ def test_uncommitted_only_gets_a_commit_hint_and_commit_handles_non_utf8(case_re
     assert "case: all the work is uncommitted; 'orchestra collect --commit'" in run.out
     committed = cli("collect", "--commit")
     assert committed.code == 0, committed
-    assert (
-        git("ls-tree", "--name-only", "-z", "orchestra/case", cwd=case_repo).split("\0").count("caf\\351.txt")
-        == 0
-    )
     names = subprocess.run(["git", "ls-tree", "--name-only", "-z", "orchestra/case"], cwd=case_repo,
                            capture_output=True).stdout.split(b"\0")  # fmt: skip
     assert b"caf\xe9.txt" in names
@@ -695,7 +692,7 @@ def test_ctrl_c_during_spawn_of_8_leaves_nothing_half_prepared(case_repo):
     agents = load_state(case_repo)["agents"]
     assert not [a for a in agents.values() if a["state"] == "queued" and not a.get("ready")]
     run = subprocess.run([*ORCHESTRA, "cleanup", "--all"], cwd=case_repo, capture_output=True, text=True)
-    assert run.returncode == 0 and "KEEP" not in run.out.replace("still queued", ""), run.out
+    assert run.returncode == 0 and "KEEP" not in run.stdout, run
 
 
 def test_killed_spawn_is_rolled_back_by_the_next_command(case_repo):
@@ -817,3 +814,41 @@ def test_status_json_has_merged_for_every_agent(case_repo, cli):
     doc = cli("status", "--json").json()
     assert doc["agents"][0]["merged"] is False
     assert json.dumps(doc)
+
+
+# --- the real claude CLI does it itself -------------------------------------------------------
+
+
+REAL_AGENT_CASES = {
+    "detaches HEAD and commits": (
+        "git checkout -q --detach && printf 'd\\n' > d.txt && git add d.txt && git commit -qm detached",
+        "HEAD is detached with 1 commit not on any branch",
+    ),
+    "switches branch and commits": (
+        "git switch -q -c elsewhere && printf 's\\n' > s.txt && git add s.txt && git commit -qm switched",
+        "its worktree has branch elsewhere checked out instead of orchestra/real",
+    ),
+    "stashes its work": ("printf 'x\\n' >> README.md && git stash -q", "1 stash made in the worktree"),
+    "resets after committing": (
+        "printf 'r\\n' > r.txt && git add r.txt && git commit -qm r && git reset -q --hard HEAD~1",
+        "1 commit only in the worktree's reflog",
+    ),
+}
+
+
+@requires_claude
+@pytest.mark.parametrize("case", list(REAL_AGENT_CASES))
+def test_real_claude_agent(claude_repo, claude_api, cli, case):
+    command, reason = REAL_AGENT_CASES[case]
+    claude_api.script("scripted-git", [bash(command), text("did it")])
+    run = cli("spawn", "--wait", "--name", "real", "scripted-git work")
+    assert run.code == 0, run
+    wait_settled(claude_repo)
+    before = inventory(claude_repo)
+    kept = cli("cleanup", "real")
+    assert kept.out.startswith("KEEP real: ") and reason in kept.out, kept.out
+    forced = cli("cleanup", "--force", "real")
+    assert forced.out.startswith("REMOVED real: forced past: "), forced.out
+    assert_nothing_lost(claude_repo, before)
+    assert cli("restore", "real").code == 0
+    assert (claude_repo / ".worktrees" / "task-real").is_dir()
