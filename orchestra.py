@@ -4173,7 +4173,7 @@ def apply_step(project, record, step):
     try:
         outcome = remove_agent(project, record, step)
     except GitError as e:
-        outcome = f"not removed: {e}"
+        outcome, step["error"] = f"not removed: {e}", True
     if outcome is None:
         step.update(action="keep", reasons=["changed since the plan was made; run cleanup again"])
     elif isinstance(outcome, str):
@@ -5768,12 +5768,12 @@ def cmd_cleanup(args):
                              failed_only=args.failed, force=args.force)  # fmt: skip
     if args.json:
         print_json(outcome)
-        return EXIT_OK
+        return EXIT_FAILURE if any(step.get("error") for step in outcome["plan"]) else EXIT_OK
     for step in outcome["plan"]:
         print(cleanup_line(step, args.dry_run))
     if not outcome["plan"]:
         print("Nothing to clean up.")
-    return EXIT_OK
+    return EXIT_FAILURE if any(step.get("error") for step in outcome["plan"]) else EXIT_OK
 
 
 def cleanup_line(step, dry_run):

@@ -852,3 +852,15 @@ def test_real_claude_agent(claude_repo, claude_api, cli, case):
     assert_nothing_lost(claude_repo, before)
     assert cli("restore", "real").code == 0
     assert (claude_repo / ".worktrees" / "task-real").is_dir()
+
+
+def test_sessions_resume_of_a_cleaned_up_agent_points_at_restore(case_repo, cli):
+    import orchestra
+
+    wt = spawn_one(cli, case_repo, "case")
+    commit_in(wt, "c.txt")
+    assert cli("cleanup", "--force", "case").code == 0
+    plan = orchestra.ResumePlan("0" * 36, str(wt), ["claude", "--resume", "0" * 36])
+    lines = orchestra.recovery_lines(plan, "orchestra/case", str(case_repo))
+    assert f"cd {case_repo} && orchestra restore case" in lines
+    assert not any("fsck" in line for line in lines)
