@@ -1075,11 +1075,23 @@ def file_changes(repo, worktree, head, setup, admin=None):
 
 
 def setup_fingerprints(worktree):
-    """{path: blob hash} of every file copying and setup left different from HEAD's tree, so
-    cleanup can later trust each one exactly while it is unchanged (folders file by file)."""
-    head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
-    changes = file_changes(worktree, worktree, head[0] if head else None, {}, worktree_admin_dir(worktree))
-    return {name: sha for _, name, _, _, sha in changes["changed"]}
+    """{path: blob hash} of every file copying and setup left beside or over the fresh checkout,
+    so cleanup can later trust each one exactly while it is unchanged (folders file by file).
+
+    Right after orchestra's own checkout, git's index knows the other files are untouched, so
+    only untracked and ignored files and modified tracked ones are hashed (not the whole tree).
+    """
+    others = git_bytes(["ls-files", "-z", "--others"], worktree).stdout.split(b"\0")
+    changed = git_bytes(["diff", "--name-only", "-z", "--no-renames"], worktree).stdout.split(b"\0")
+    root, items = os.fsencode(str(worktree)), []
+    for rel in (p for p in dict.fromkeys(others + changed) if p and not p.endswith(b"/")):
+        path = os.path.join(root, rel)
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            kind = "link" if stat.S_ISLNK(info.st_mode) else "exec" if info.st_mode & 0o111 else "file"
+            if stat.S_ISREG(info.st_mode) or kind == "link":
+                items.append((rel, path, kind))
+    return {os.fsdecode(rel): sha for rel, sha in hash_blobs(worktree, items, write=False).items()}
 
 
 def ignored_among(worktree, paths):

@@ -864,3 +864,39 @@ def test_sessions_resume_of_a_cleaned_up_agent_points_at_restore(case_repo, cli)
     lines = orchestra.recovery_lines(plan, "orchestra/case", str(case_repo))
     assert f"cd {case_repo} && orchestra restore case" in lines
     assert not any("fsck" in line for line in lines)
+
+
+def test_full_disk_under_the_whole_repository(tmp_path, cli, monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        repo = disk / "repo"
+        subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+        (repo / "README.md").write_text("# demo\n")
+        git("add", "README.md", cwd=repo)
+        git("commit", "-qm", "initial commit", cwd=repo)
+        monkeypatch.chdir(repo)
+        write_config(repo, agent_command=FAKE_AGENT_COMMAND)
+        wt = spawn_one(cli, repo, "case")
+        (wt / "big.bin").write_bytes(os.urandom(1_000_000))
+        before = inventory(repo)
+        with open(disk / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        run = subprocess.run([*ORCHESTRA, "cleanup", "--force"], cwd=repo, capture_output=True, text=True)
+        assert run.returncode == 1, run
+        assert "Traceback" not in run.stderr + run.stdout
+        assert (wt / "big.bin").exists()
+        (disk / "filler").unlink()
+        again = subprocess.run([*ORCHESTRA, "cleanup", "--force"], cwd=repo, capture_output=True, text=True)
+        assert again.returncode == 0 and again.stdout.startswith("REMOVED case:"), again
+        assert_nothing_lost(repo, before)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
