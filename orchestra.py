@@ -4320,13 +4320,13 @@ def restore_agent(project, name):
     project.worktree_root.mkdir(parents=True, exist_ok=True)
     run_git(["worktree", "add", "--quiet", "-b", branch, str(worktree), start], project.repo)
     restored = ["branch", "worktree"]
-    if "index" in refs:
-        git_bytes(["read-tree", f"{refs['index']}^{{tree}}"], worktree)
-        restored.append("index")
-    if "worktree" in refs:
+    if "worktree" in refs:  # files before the index: an index gitlink would hide a submodule's files
         git_bytes(["restore", f"--source={refs['worktree']}", "--worktree", "--", ":/"], worktree)
         revive_nested_repositories(worktree)
         restored.append("files")
+    if "index" in refs:
+        git_bytes(["read-tree", f"{refs['index']}^{{tree}}"], worktree)
+        restored.insert(2, "index")
     if record:
         revive_record(project, record, worktree)
     return {"id": agent_id, "branch": branch, "worktree": str(worktree), "restored": restored,
@@ -4346,7 +4346,7 @@ def revive_nested_repositories(worktree):
                 os.rename(private, real)
                 run_git(
                     ["config", "--file", os.path.join(real, "config"), "--unset", "core.worktree"],
-                    folder,
+                    worktree,
                     check=False,
                 )
             else:

@@ -486,6 +486,7 @@ RESTORED_FILES = {
     "setup folder file changed": ("node_modules/x/i.js", "edited\n"),
     "nested repository": ("nested/f.txt", "n\n"),
     "untracked symlink": ("link", "# demo\n"),
+    "submodule with unpushed commit": ("sub/local.txt", "local\n"),
 }
 
 
@@ -498,12 +499,16 @@ def test_restore_brings_back_files(case_repo, cli, case):
     assert not wt.exists()
     restored = cli("restore", "case")
     assert restored.code == 0, restored
-    assert restored.out.startswith("case: restored branch, worktree, files as branch orchestra/case in ")
+    assert restored.out.startswith("case: restored branch, worktree, ")
+    assert "files as branch orchestra/case in " in restored.out
     name, content = RESTORED_FILES[case]
     assert (wt / name).read_text() == content
     assert load_state(case_repo)["agents"]["case"]["state"] == "done"
     if case == "nested repository":
         assert git("log", "--format=%s", cwd=wt / "nested").strip() == "nested"
+    if case == "submodule with unpushed commit":  # its git dir lived in the removed admin folder
+        assert git("log", "-1", "--format=%s", cwd=wt / "sub").strip() == "unpushed"
+        assert git("status", "--porcelain", cwd=wt / "sub") == ""
     again = cli("restore", "case")
     assert again.code == 2 and "already exists" in again.err
 
