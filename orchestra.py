@@ -2152,8 +2152,26 @@ def status_document(project, state, records):
             "alive": supervisor_alive(state),
             "heartbeat_at": info.get("heartbeat_at"),
         },
-        "agents": [public_record(r) for r in records],
+        "agents": [public_record(r) for r in with_merged_flags(project, records)],
     }
+
+
+def with_merged_flags(project, records):
+    """Copies of the records with `merged` true for finished agents whose commits are all in
+    their base branch (one git call per base branch), or that collect --merge merged."""
+    finished = [r for r in records if r["state"] in FINISHED_STATES]
+    merged_tips = {}
+    for target in {r.get("base_branch") or current_branch(project.repo) for r in finished} - {None}:
+        fmt = ["for-each-ref", f"--merged={target}", "--format=%(refname) %(objectname)", "refs/heads/"]
+        done = run_git(fmt, project.repo, check=False)
+        merged_tips[target] = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    flagged = []
+    for r in records:
+        target = r.get("base_branch") or current_branch(project.repo)
+        tip = merged_tips.get(target, {}).get(f"refs/heads/{r['branch']}")
+        on_base = r in finished and tip is not None and tip != r.get("base_commit")
+        flagged.append(dict(r, merged=bool(r.get("merged") or on_base)))
+    return flagged
 
 
 def check_task(task, noun="task"):
@@ -4240,24 +4258,6 @@ def list_archives(repo):
     return sorted(groups.values(), key=lambda g: (g["id"], g["saved"]))
 
 
-def with_merged_flags(project, records):
-    """Copies of the records with `merged` true for finished agents whose commits are all in
-    their base branch (one git call per base branch), or that collect --merge merged."""
-    finished = [r for r in records if r["state"] in FINISHED_STATES]
-    merged_tips = {}
-    for target in {r.get("base_branch") or current_branch(project.repo) for r in finished} - {None}:
-        fmt = ["for-each-ref", f"--merged={target}", "--format=%(refname) %(objectname)", "refs/heads/"]
-        done = run_git(fmt, project.repo, check=False)
-        merged_tips[target] = dict(line.split(" ", 1) for line in done.stdout.splitlines())
-    flagged = []
-    for r in records:
-        target = r.get("base_branch") or current_branch(project.repo)
-        tip = merged_tips.get(target, {}).get(f"refs/heads/{r['branch']}")
-        on_base = r in finished and tip is not None and tip != r.get("base_commit")
-        flagged.append(dict(r, merged=bool(r.get("merged") or on_base)))
-    return flagged
-
-
 def check_not_removed(project, names):
     """Refuse to continue a cleaned-up agent, pointing at its archive and `orchestra restore`."""
     live, gone = project.records(), project.history()
@@ -5530,11 +5530,10 @@ def cmd_status(args):
         records = select_agents(state["agents"], args.ids)
         if not args.ids:
             records = [r for r in records if r["state"] != "removed"]  # cleaned up: history, not status
-        records = with_merged_flags(project, records)
         if args.json:
             print_json(status_document(project, state, records))
             return EXIT_OK
-        text = status_text(project, records, sys.stdout)
+        text = status_text(project, with_merged_flags(project, records), sys.stdout)
         if not args.watch:
             print(text)
             return EXIT_OK
