@@ -520,7 +520,7 @@ def test_restore_of_stash_index_and_detached_head(case_repo, cli):
     assert cli("cleanup", "--force", "case").code == 0
     listing = cli("cleanup", "--list-archives")
     assert all(len(line) <= 80 for line in listing.out.splitlines()), listing.out
-    assert "  orchestra restore case/" in listing.out
+    assert "restore: orchestra restore case/" in listing.out
     doc = cli("cleanup", "--list-archives", "--json").json()["archives"][0]
     assert set(doc["refs"]) == {"tip", "head", "stash", "index", "worktree"}
     restored = cli("restore", "case")
