@@ -3592,7 +3592,8 @@ def plan_resume(session, here, agents):
         if branch_exists(repo, branch):
             setup = [("worktree", "add", session.cwd, branch)]
             if is_registered(repo, session.cwd):
-                setup.insert(0, ("worktree", "prune"))  # else git refuses: "already registered"
+                # else git refuses: "already registered". Only this entry: never a global prune.
+                setup.insert(0, ("worktree", "remove", "--force", session.cwd))
             return plan._replace(repo=repo, setup=tuple(setup))
     fail_unrecoverable(plan, branch, repos)
 
