@@ -3911,8 +3911,10 @@ def agent_report(project, record):
     commits = commits_between(project.repo, base, tip) if tip else []
     diff = ["diff", base, tip] if tip else None
     changed = set(run_git([*diff, "--name-only", "-z"], project.repo).stdout.split("\0")) if diff else set()
-    leftovers = [(code, display_path(path)) for code, path in uncommitted_work(record)]
+    held = worktree_holdings(project, record)
+    leftovers = [(code, display_path(path)) for code, path in held["leftovers"]]
     changed |= {path for code, path in leftovers if code not in ("!!", "NR")}
+    notes = [r for r in holdings_reasons(record, dict(held, leftovers=[])) if not r.startswith("staged")]
     return {
         **{
             key: record.get(key)
@@ -3924,6 +3926,7 @@ def agent_report(project, record):
         "files": sorted(changed - {""}),
         "uncommitted": [{"status": code, "path": path} for code, path in leftovers],
         "merged": bool(commits) and unmerged_reason(project, record, tip) is None,
+        "notes": notes,
     }
 
 
@@ -5930,6 +5933,7 @@ def report_text(report):
     lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
     if report.get("merged"):
         lines.append("Its commits are merged already.")
+    lines += [f"Note: {note}" for note in report.get("notes", [])]
     if report["diffstat"]:
         lines.append(report["diffstat"])
     if report["uncommitted"]:

@@ -905,3 +905,17 @@ def test_full_disk_under_the_whole_repository(tmp_path, cli, monkeypatch):
         assert_nothing_lost(repo, before)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_collect_names_what_the_branch_does_not_show(case_repo, cli):
+    wt = spawn_one(cli, case_repo, "case")
+    c_detached_one(case_repo, wt)
+    sh("printf 'x\\n' >> README.md && git stash -q", wt)
+    run = cli("collect")
+    assert "No commits on orchestra/case." in run.out
+    assert "Note: HEAD is detached with 1 commit not on any branch" in run.out
+    assert "Note: 1 stash made in the worktree" in run.out
+    assert cli("collect", "--json").json()["agents"][0]["notes"] == [
+        "HEAD is detached with 1 commit not on any branch",
+        "1 stash made in the worktree",
+    ]
