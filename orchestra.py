@@ -2280,16 +2280,17 @@ def with_merged_flags(project, records):
     """Copies of the records with `merged` true for finished agents whose commits are all in
     their base branch (one git call per base branch), or that collect --merge merged."""
     finished = [r for r in records if r["state"] in FINISHED_STATES]
+    checked_out = current_branch(project.repo) if any(not r.get("base_branch") for r in finished) else None
+    targets = {id(r): r.get("base_branch") or checked_out for r in finished}
     merged_tips = {}
-    for target in {r.get("base_branch") or current_branch(project.repo) for r in finished} - {None}:
+    for target in set(targets.values()) - {None}:
         fmt = ["for-each-ref", f"--merged={target}", "--format=%(refname) %(objectname)", "refs/heads/"]
         done = run_git(fmt, project.repo, check=False)
         merged_tips[target] = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     flagged = []
     for r in records:
-        target = r.get("base_branch") or current_branch(project.repo)
-        tip = merged_tips.get(target, {}).get(f"refs/heads/{r['branch']}")
-        on_base = r in finished and tip is not None and tip != r.get("base_commit")
+        tip = merged_tips.get(targets.get(id(r)), {}).get(f"refs/heads/{r['branch']}")
+        on_base = tip is not None and tip != r.get("base_commit")
         flagged.append(dict(r, merged=bool(r.get("merged") or on_base)))
     return flagged
 
