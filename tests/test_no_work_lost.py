@@ -687,17 +687,21 @@ def test_force_kills_children_that_ignore_sigterm_before_archiving(case_repo, cl
 
 
 def test_ctrl_c_during_spawn_of_8_leaves_nothing_half_prepared(case_repo):
-    write_config(case_repo, agent_command=FAKE_AGENT_COMMAND, setup=["sleep 2"])
+    write_config(case_repo, agent_command=FAKE_AGENT_COMMAND, setup=["sleep 8"])  # still preparing at Ctrl-C
     proc = subprocess.Popen([*ORCHESTRA, "spawn", *(f"task number {i}" for i in range(8))], cwd=case_repo,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     wait_for(lambda: len(list((case_repo / ".worktrees").glob("task-*"))) >= 4, timeout=30, what="worktrees")
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: spawn, its git and its setup shells
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and b"Traceback" not in err, err
     agents = load_state(case_repo)["agents"]
-    assert not [a for a in agents.values() if a["state"] == "queued" and not a.get("ready")]
+    assert len(agents) == 8
+    assert {a["state"] for a in agents.values()} == {"failed"}, agents
+    assert {a["error"] for a in agents.values()} == {"spawn was interrupted before the agent started"}
+    assert not list((case_repo / ".worktrees").glob("task-*"))  # no half-checked-out worktree left
     run = subprocess.run([*ORCHESTRA, "cleanup", "--all"], cwd=case_repo, capture_output=True, text=True)
     assert run.returncode == 0 and "KEEP" not in run.stdout, run
+    assert run.stdout.count("REMOVED task-number-") == 8, run
 
 
 def test_killed_spawn_is_rolled_back_by_the_next_command(case_repo):
