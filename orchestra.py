@@ -17,9 +17,15 @@ Commands:
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
   orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
   orchestra cleanup [--dry-run]       remove worktrees and branches that hold nothing unsaved
+  orchestra restore ID                bring a cleaned-up agent back from its archive
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
   orchestra web [--port N]            the phone-friendly dashboard, JSON API and live WebSocket
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
+  orchestra approvals [--json]        tool calls agents wait to have approved
+  orchestra approve REQ [--always]    allow one (REQ or an agent id); orchestra deny REQ refuses it
+  orchestra config set KEY VALUE      write a setting (--user: your own file); config unset KEY
+  orchestra doctor                    what works here: git, claude and its login, sandbox, gh
+  orchestra hook permission-request   (internal) what Claude Code runs when an agent asks
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
@@ -28,7 +34,8 @@ readable by you alone, and deleted once read).
 State lives in `<repo>/.orchestra/`: state.json (live agent records), history.jsonl (cleaned-up
 agents, one record a line), logs/<id>.jsonl (each agent's
 stream-json output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the
-dashboard's access token) and the lock files. Saved work of cleaned-up agents: refs/orchestra/archive/.
+dashboard's access token), approvals/ (requests waiting, decisions, --always rules) and the
+lock files. Saved work of cleaned-up agents: refs/orchestra/archive/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
 """
@@ -38,6 +45,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -112,6 +120,10 @@ CONFIG_DEFAULTS = {
     "base_branch": None,
     "copy_files": [],
     "setup": [],
+    "sandbox": "off",
+    "sandbox_network": [],
+    "approval_timeout": 1800,
+    "notify_command": [],
 }
 # What each key must hold: "int", "number", "str", "str?" (string or null) or "list".
 CONFIG_TYPES = {
@@ -128,6 +140,10 @@ CONFIG_TYPES = {
     "base_branch": "str?",
     "copy_files": "list",
     "setup": "list",
+    "sandbox": "str",
+    "sandbox_network": "list",
+    "approval_timeout": "number",
+    "notify_command": "list",
 }
 TYPE_NAMES = {
     "int": "an integer",
@@ -137,18 +153,40 @@ TYPE_NAMES = {
     "list": "a list of strings",
 }
 
-LAUNCH_KEYS = ("agent_command", "model", "permission_mode", "bypass_permissions")  # fixed at spawn
+LAUNCH_KEYS = (
+    "agent_command",
+    "model",
+    "permission_mode",
+    "bypass_permissions",
+    "sandbox_network",
+    "approval_timeout",
+)  # fixed at spawn; "sandboxed" is added then too
 STATES = ("queued", "running", "paused", "done", "failed", "stopped", "interrupted", "removed")
 ACTIVE_STATES = ("queued", "running", "paused")
 FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
 ARCHIVE_REFS = "refs/orchestra/archive"  # branch tips saved before cleanup removes anything
 MAX_LISTED_FILES = 3  # files named in a KEEP reason before "and N more"
+# Config overrides for every git call that judges what a worktree holds: whatever the user's
+# (or an agent's) git config says, git then hides nothing and runs nothing of the user's.
+SEE_ALL_GIT = (
+    "-c", "core.excludesFile=/dev/null", "-c", "status.showUntrackedFiles=all",
+    "-c", "core.fsmonitor=false", "-c", "core.untrackedCache=false", "-c", "core.ignoreStat=false",
+    "-c", "core.sparseCheckout=false", "-c", "diff.ignoreSubmodules=none", "-c", "gc.auto=0",
+    "-c", "core.hooksPath=/dev/null", "-c", "core.quotePath=false",
+)  # fmt: skip
+NESTED_GIT_NAME = ".git~orchestra"  # a nested repository's .git, as stored in a snapshot tree
+ARCHIVE_KINDS = ("head", "lost", "stash", "index", "worktree")  # suffixes of one archive's refs
+ARCHIVE_WORDS = {"tip": "branch", "head": "HEAD", "lost": "reflog-only commits", "stash": "stashes",
+                 "index": "staged index", "worktree": "files"}  # fmt: skip
+WRITER_GRACE = 3.0  # seconds to wait for processes still using a worktree before keeping it
+CLEANUP_LOCK_TIMEOUT = 300.0  # seconds one cleanup waits for another to finish
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}  # one clear line, no traceback
 RECORD_FIELDS = (
     "id", "task", "state", "stale", "branch", "worktree", "base_branch", "base_commit",
     "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
-    "cost_estimated", "pending_messages",
+    "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
 )  # fmt: skip
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
 # first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
@@ -203,6 +241,20 @@ LOG_READ_BUDGET = 8 * 1024 * 1024  # bytes folded per read_new call, so facts re
 LOG_MAX_LINE = 16 * 1024 * 1024  # a longer line (no event orchestra needs) is skipped, not buffered
 LOG_IGNORED_PREFIXES = (b'{"type":"user"', b'{"type":"stream_event"')  # events no fact comes from
 
+# Approvals and the sandbox (see the section "Approvals and the sandbox").
+SANDBOX_MODES = ("off", "auto", "on")
+APPROVALS_DIR = "approvals"  # in .orchestra/: <req>.json pending, decisions/, answered/, rules/
+APPROVAL_POLL = 0.05  # seconds between the waiting hook's looks for a decision
+APPROVAL_HOOK_MARGIN = 60  # seconds Claude Code gives the hook beyond approval_timeout
+APPROVAL_ID_BYTES = 3  # random bytes of a request id (6 hex digits), unique by O_EXCL
+APPROVAL_INPUT_LIMIT = 64 * 1024  # characters of a tool input kept in a request
+APPROVAL_DECIDERS = ("cli", "web", "rule", "timeout")
+NOTIFY_EVENTS = ("approval", "done", "failed", "stale")
+NOTIFY_TIMEOUT = 30.0  # seconds a notify command may run before it is killed
+SANDBOX_PACKAGES = {"bwrap": "bubblewrap", "socat": "socat"}  # what Claude Code's Linux sandbox runs
+SANDBOX_PROBE = ("bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-net", "true")
+SANDBOX_PROBE_TIMEOUT = 10.0
+
 # Sessions: how much of each transcript is read, how listings look, what a prompt is.
 CLAUDE_EXECUTABLE = "claude"
 CLAUDE_CONFIG_ENV = "CLAUDE_CONFIG_DIR"
@@ -249,6 +301,8 @@ SESSION_MESSAGE_MARKERS = tuple(
 # A line holding a tool result is never a message, and these markers occur only as JSON structure
 # (inside a string value the quotes would be escaped), so such lines need no parsing.
 SESSION_NOT_MESSAGE_MARKERS = (b'"type":"tool_result"', b'"type": "tool_result"')
+SESSION_DETAIL_PROMPTS = 200  # prompts of one session shown by the dashboard
+SESSION_DETAIL_BYTES = 8 * 1024 * 1024  # of a transcript read for them
 SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
 
 # Web: limits that keep one slow or hostile client from starving the server; RFC 6455 values.
@@ -256,7 +310,6 @@ WEB_DEFAULT_HOST = "127.0.0.1"
 WEB_DEFAULT_PORT = 8888
 WEB_TOKEN_BYTES = 32
 WEB_TOKEN_FILE = "web.json"  # in .orchestra/, mode 0600
-WEB_COOKIE_PREFIX = "orchestra_token_"  # + the port the browser sees: cookies are shared across ports
 WEB_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 WEB_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 WEB_HOST_SYNTAX = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")  # a Host header value
@@ -267,6 +320,16 @@ WEB_MAX_TASKS = 32  # tasks in one POST /api/spawn
 WEB_MAX_CONNECTIONS = 128  # open at once; at the cap the oldest one still sending a request is dropped
 WEB_LISTEN_BACKLOG = 128
 WEB_HEADER_DEADLINE = 10.0  # seconds a connection has to send a whole request (slowloris)
+# Seconds a request that showed the token has for its route and its whole answer. A connection
+# without the token has WEB_HEADER_DEADLINE from accept for everything, answers included.
+WEB_ANSWER_DEADLINE = 120.0
+WEB_MAX_WEBSOCKETS = 64  # open at once, half of WEB_MAX_CONNECTIONS; more are answered 503
+WEB_UNTRUSTED_SEND_BUFFER = 16 * 1024  # bytes of SO_SNDBUF (Linux doubles it) before the token is shown
+WEB_TRUSTED_SEND_BUFFER = 1024 * 1024  # after it (the kernel caps it at net.core.wmem_max)
+WEB_PAGE_CACHE = 16  # dashboard renderings kept (one per file version and Host name)
+WEB_MAX_JSON_DEPTH = 32  # nesting of a POST body; deeper is 400 (the dashboard sends 2)
+WEB_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n")  # RFC 9112 5
+WEB_DIGITS = re.compile(r"[0-9]{1,15}")
 WEB_READ_TIMEOUT = 30.0  # seconds one read may block
 WEB_SERVE_POLL = 0.1  # seconds between the accept loop's checks of request deadlines
 WEB_STATUS_POLL = 0.1  # seconds between looks at state.json for changes
@@ -279,7 +342,7 @@ WEB_TAIL_MAX_BYTES = 4 * 1024 * 1024  # log_tail: never read more than this to f
 WEB_TAIL_READ_LIMIT = 64 * 1024 * 1024  # GET .../log reads at most this far back, and says so if cut
 WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
 WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
-WEB_HISTORY_LIMIT, WEB_HISTORY_LIMIT_MAX = 50, 500  # cleaned-up agents per page of GET /api/history
+WEB_HISTORY_PAGE, WEB_HISTORY_PAGE_MAX = 50, 500  # cleaned-up agents per GET /api/history
 # Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
 WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
 WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
@@ -294,16 +357,54 @@ WS_CLOSE_NORMAL, WS_CLOSE_PROTOCOL, WS_CLOSE_BAD_DATA, WS_CLOSE_TOO_BIG = 1000, 
 WS_SENDABLE_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
 WS_MAX_CONTROL = 125  # bytes of a control frame's payload
 WS_MAX_MESSAGE = 64 * 1024  # bytes of a message from a client; the dashboard sends none
+WS_MAX_FRAGMENTS = 64  # frames of one fragmented message (empty ones count too)
 WS_PING_INTERVAL = 30.0  # seconds between pings
 WS_PONG_TIMEOUT = 10.0  # seconds past a ping after which a silent client is dropped
 WS_QUEUE_LIMIT = 32  # messages waiting for a slow reader; one more and it is closed
 WS_CLOSE_LINGER = 1.0  # seconds to read what a client still sends after our close frame
 WS_DRAIN_CHUNK = 64 * 1024  # bytes per read while lingering
 
+# QR codes (ISO/IEC 18004) at error correction level M: per version, the error correction
+# codewords of each block and the number of blocks (index 0 unused).
+QR_ECC_PER_BLOCK = (0, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26,
+                    28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28)  # fmt: skip
+QR_BLOCKS = (0, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21, 23,
+             25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)  # fmt: skip
+QR_MAX_VERSION = 40
+QR_FORMAT_LEVEL_M = 0  # the two level bits in the format information
+QR_GF_POLY = 0x11D  # x^8 + x^4 + x^3 + x^2 + 1
+QR_PAD_BYTES = (0xEC, 0x11)
+QR_QUIET_ZONE = 4  # light modules around the symbol
+QR_PENALTY_RUN, QR_PENALTY_BLOCK, QR_PENALTY_FINDER, QR_PENALTY_BALANCE = 3, 3, 40, 10
+QR_MASKS = (
+    lambda x, y: (x + y) % 2 == 0,
+    lambda x, y: y % 2 == 0,
+    lambda x, y: x % 3 == 0,
+    lambda x, y: (x + y) % 3 == 0,
+    lambda x, y: (x // 3 + y // 2) % 2 == 0,
+    lambda x, y: x * y % 2 + x * y % 3 == 0,
+    lambda x, y: (x * y % 2 + x * y % 3) % 2 == 0,
+    lambda x, y: ((x + y) % 2 + x * y % 3) % 2 == 0,
+)
+QR_HALF_BLOCKS = {
+    (False, False): " ",
+    (True, False): "\u2580",
+    (False, True): "\u2584",
+    (True, True): "\u2588",
+}
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Escape sequences, C0/C1 controls but newline and tab, bidirectional overrides and isolates
+# (they can make shown text read differently from what it is), and lone surrogates (half an
+# emoji as JavaScript writes it; they cannot be encoded as UTF-8).
 CONTROL_CHARS = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+    "|[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]|[\ud800-\udfff]"
 )
+# Written as \\uXXXX in JSON output: the same data, but nothing a terminal acts on or cannot encode.
+JSON_ESCAPED = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+SURROGATES = re.compile("[\ud800-\udfff]")
+TASK_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 # ======================================================================================
 # Errors
@@ -385,6 +486,11 @@ def strip_control(text):
     return CONTROL_CHARS.sub("", text)
 
 
+def encodable(text):
+    """Text with its lone surrogates (which no output encoding accepts) made U+FFFD."""
+    return SURROGATES.sub("\ufffd", text)
+
+
 def one_line(text, limit=MAX_ACTIVITY_LENGTH):
     """The first non-blank line of text, cleaned of control characters and shortened."""
     for line in strip_control(str(text)).splitlines():
@@ -417,16 +523,28 @@ def slugify(text, limit=ID_CHARS, words=ID_WORDS):
     return slug or (meaningful[0][:limit] if meaningful else "task")
 
 
+def json_text(obj, **options):
+    """JSON of any data, as readable as UTF-8 allows: lone surrogates (which UTF-8 cannot hold),
+    C1 controls and bidirectional overrides are written as \\uXXXX escapes, as ensure_ascii would."""
+    text = json.dumps(obj, ensure_ascii=False, **options)
+    return JSON_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def print_json(obj, out=None):
     """Write one JSON document to stdout: sorted, indented, newline-terminated."""
     out = out or sys.stdout
-    out.write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    out.write(json_text(obj, indent=2, sort_keys=True) + "\n")
     out.flush()
 
 
 def use_colour(stream):
     """Colour only on a terminal, and never when NO_COLOR is set."""
     return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def private_opener(path, flags):
+    """An `opener` for open() that creates files readable by their owner only (logs, state)."""
+    return os.open(path, flags, 0o600)
 
 
 def write_atomic(path, text):
@@ -626,10 +744,35 @@ class Config:
                 raise OrchestraError(f"{sources[key]}: '{key}' must be at least 1")
         if not values["agent_command"]:
             raise OrchestraError(f"{sources['agent_command']}: 'agent_command' must not be empty")
+        if values["sandbox"] not in SANDBOX_MODES:
+            raise OrchestraError(
+                f"{sources['sandbox']}: 'sandbox' must be one of {', '.join(SANDBOX_MODES)}, not {json.dumps(values['sandbox'])}"
+            )
+        if values["approval_timeout"] <= 0:
+            raise OrchestraError(
+                f"{sources['approval_timeout']}: 'approval_timeout' must be more than 0 seconds"
+            )
 
     def parallel_limit(self, requested=None):
         """How many agents may run at once: the request or default, capped by max_parallel."""
         return min(requested or self["default_parallel"], self["max_parallel"])
+
+
+def write_config_value(path, key, value, unset=False):
+    """Set (or unset) one key in a config file, checked as loading it would check it."""
+    path = Path(path)
+    if key not in CONFIG_TYPES:
+        raise OrchestraError(f"unknown key '{key}'; known keys: {', '.join(CONFIG_TYPES)}")
+    data = read_config_file(path)
+    if unset:
+        data.pop(key, None)
+    else:
+        check_config_value(key, value, path)
+        data[key] = value
+    Config.check_consistency({**CONFIG_DEFAULTS, **data}, dict.fromkeys(CONFIG_DEFAULTS, str(path)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 # ======================================================================================
@@ -647,7 +790,7 @@ def run_git(args, cwd, check=True, env=None):
             ["git", *args], cwd=str(cwd), capture_output=True, text=True, errors="replace", env=env
         )
     except FileNotFoundError:
-        raise OrchestraError("git is not installed or not on PATH; install git first") from None
+        raise missing_git_or_folder(cwd) from None
     if check and done.returncode != 0:
         detail = one_line(done.stderr or done.stdout, limit=TAIL_CHARS) or f"exit {done.returncode}"
         raise GitError(f"git {args[0]} failed: {detail}")
@@ -846,6 +989,451 @@ def add_exclude_lines(repo, lines):
             f.write("\n".join(missing) + "\n")
 
 
+# --------------------------------------------------------------------------------------
+# What a worktree holds, judged from git's objects and the filesystem.
+#
+# Cleanup must not trust one porcelain view: `git status` hides what status.*,
+# core.excludesFile, assume-unchanged or skip-worktree say, shows an untracked folder as
+# one entry, and knows nothing of the worktree's own HEAD, reflog or nested repositories.
+# So these helpers walk the folder themselves and hash every file (a file is clean only
+# when its bytes and mode equal the committed blob, or the blob setup left there), and
+# collect every commit the worktree can reach (HEAD, its reflog, the branch's reflog, its
+# stashes) to find those no ref outside the worktree holds. Git runs with SEE_ALL_GIT.
+# --------------------------------------------------------------------------------------
+
+
+def git_bytes(args, cwd, input=b"", env=None, check=True):
+    """Run git with SEE_ALL_GIT overrides, bytes in and out; raise GitError when it fails."""
+    try:
+        done = subprocess.run(
+            ["git", *SEE_ALL_GIT, *args], cwd=str(cwd), input=input, capture_output=True, env=env
+        )
+    except FileNotFoundError:
+        raise missing_git_or_folder(cwd) from None
+    if check and done.returncode != 0:
+        detail = one_line(done.stderr.decode("utf-8", "replace"), limit=TAIL_CHARS)
+        raise GitError(f"git {args[0]} failed: {detail or f'exit {done.returncode}'}")
+    return done
+
+
+def missing_git_or_folder(cwd):
+    """The right error when git could not start: its folder is gone, or git is missing."""
+    if not os.path.isdir(cwd):
+        return GitError(f"folder {cwd} no longer exists (another orchestra command may have removed it)")
+    return OrchestraError("git is not installed or not on PATH; install git first")
+
+
+def worktree_admin_dir(worktree):
+    """The worktree's private folder under .git/worktrees/, from its .git file; None if unsure."""
+    dot_git = Path(worktree) / ".git"
+    try:
+        text = dot_git.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    if not text.startswith("gitdir:"):
+        return None
+    admin = (Path(worktree) / text[len("gitdir:") :].strip()).resolve()
+    return admin if admin.is_dir() else None
+
+
+def own_admin_dirs(repo, worktree):
+    """Administrative folders (.git/worktrees/<name>) that belong to this worktree path."""
+    common = Path(run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip())
+    found = []
+    for admin in sorted((common / "worktrees").glob("*")):
+        with contextlib.suppress(OSError):
+            pointer = (admin / "gitdir").read_text(encoding="utf-8", errors="replace").strip()
+            if Path(pointer).parent == Path(worktree):
+                found.append(admin)
+    return found
+
+
+def rev_lines(args, cwd):
+    """Hashes printed by a git command that may fail (a missing reflog): a list, maybe empty."""
+    return git_bytes(args, cwd, check=False).stdout.decode().split()
+
+
+def worktree_commits(repo, worktree, branch):
+    """Every commit the worktree can reach by name: HEAD, HEAD's reflog, the branch's reflog."""
+    commits = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
+    commits += rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", "HEAD"], worktree)
+    commits += rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo)
+    return list(dict.fromkeys(commits))
+
+
+def worktree_branch_names(worktree, branch):
+    """Branches the worktree has had checked out: the agent's, and every `checkout: moving ... to X`."""
+    names = {branch, "(no branch)"}
+    moves = (
+        git_bytes(["log", "--walk-reflogs", "--format=%gs", "HEAD"], worktree, check=False)
+        if worktree.is_dir()
+        else None
+    )
+    for line in (moves.stdout.decode("utf-8", "replace").splitlines() if moves else []):
+        if line.startswith("checkout: moving from "):
+            names.add(line.rsplit(" to ", 1)[-1])
+    return names
+
+
+def worktree_stashes(repo, worktree, commits, branch):
+    """Stash entries made in this worktree: on a branch it had checked out (detached: on one of its
+    commits), or on a commit of its own that the user's checkout never had."""
+    lines = git_bytes(["log", "--walk-reflogs", "--format=%H %P%x00%gs", "refs/stash"], repo, check=False)
+    names = worktree_branch_names(Path(worktree), branch)
+    users = set(rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", "HEAD"], repo))
+    users |= set(rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], repo))
+    known, found = set(commits), []
+    for line in lines.stdout.decode("utf-8", "replace").splitlines():
+        hashes, _, subject = line.partition("\0")
+        stash, *parents = hashes.split()
+        parent = parents[0] if parents else None
+        match = re.match(r"(?:WIP on|On) (.+?):", subject)
+        named = match.group(1) if match else None
+        if named in names - {"(no branch)"} or (
+            parent in known and (named == "(no branch)" or parent not in users)
+        ):
+            found.append(stash)
+    return found
+
+
+def outside_tips(repo, worktree, skip_refs):
+    """Commits every ref holds except `skip_refs`, plus every other worktree's HEAD."""
+    out = git_bytes(["for-each-ref", "--format=%(objectname) %(refname)"], repo).stdout.decode()
+    tips = [sha for sha, ref in (line.split(" ", 1) for line in out.splitlines()) if ref not in skip_refs]
+    for other in list_worktrees(repo):
+        if other["path"] != str(worktree) and other["head"]:
+            tips.append(other["head"])
+    return tips
+
+
+def commits_only_in(repo, wanted, tips):
+    """Commits reachable from `wanted` that none of `tips` reaches, newest first."""
+    if not wanted:
+        return []
+    lines = [*wanted, *(f"^{t}" for t in tips)]
+    done = git_bytes(["rev-list", "--stdin"], repo, input="\n".join(lines).encode() + b"\n")
+    return done.stdout.decode().split()
+
+
+def independent_commits(repo, commits):
+    """The fewest commits from which all of `commits` are reachable."""
+    if len(commits) < 2:
+        return list(commits)
+    return run_git(["merge-base", "--independent", *commits], repo).stdout.split()
+
+
+def walk_files(root, skip_top_git=True):
+    """(relative path bytes, absolute path, kind) of every file under root, nested .git included.
+
+    kind: "file", "exec", "link", or "special" (fifo, socket, device: cannot be saved).
+    """
+    root_b = os.fsencode(str(root))
+    stack = [b""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            entries = sorted(
+                os.scandir(os.path.join(root_b, rel_dir) if rel_dir else root_b), key=lambda e: e.name
+            )
+        except OSError:
+            yield rel_dir, os.path.join(root_b, rel_dir), "unreadable"
+            continue
+        for entry in entries:
+            rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+            if skip_top_git and not rel_dir and entry.name == b".git":
+                continue
+            yield from walk_entry(entry, rel, stack)
+
+
+def walk_entry(entry, rel, stack):
+    """One directory entry of walk_files: folders are queued, files yielded with their kind."""
+    if entry.is_symlink():
+        yield rel, entry.path, "link"
+    elif entry.is_dir(follow_symlinks=False):
+        stack.append(rel)
+    elif entry.is_file(follow_symlinks=False):
+        executable = os.stat(entry.path, follow_symlinks=False).st_mode & 0o111
+        yield rel, entry.path, "exec" if executable else "file"
+    else:
+        yield rel, entry.path, "special"
+
+
+def snapshot_path(rel):
+    """A file's path inside a snapshot tree: a nested `.git` is renamed, git refuses that name."""
+    return b"/".join(NESTED_GIT_NAME.encode() if part == b".git" else part for part in rel.split(b"/"))
+
+
+def hash_blobs(repo, items, write):
+    """{relative path: blob hash} of (rel, absolute path, kind) items; bytes as they are on disk."""
+    hashes = {}
+    plain = [(rel, path) for rel, path, kind in items if kind != "link" and b"\n" not in path]
+    if plain:
+        args = ["hash-object", "--no-filters", "--stdin-paths", *(["-w"] if write else [])]
+        out = git_bytes(args, repo, input=b"".join(path + b"\n" for _, path in plain)).stdout.split()
+        hashes.update({rel: sha.decode() for (rel, _), sha in zip(plain, out)})
+    for rel, path, kind in items:
+        if rel in hashes:
+            continue
+        data = os.readlink(path) if kind == "link" else Path(os.fsdecode(path)).read_bytes()
+        args = ["hash-object", "--no-filters", "--stdin", *(["-w"] if write else [])]
+        hashes[rel] = git_bytes(args, repo, input=data).stdout.decode().strip()
+    return hashes
+
+
+def tree_entries(repo, treeish):
+    """{path bytes: (mode, hash)} of every blob, link and gitlink in a commit's tree."""
+    if not treeish:
+        return {}
+    out = git_bytes(["ls-tree", "-r", "-z", "--full-tree", treeish], repo).stdout
+    entries = {}
+    for field in out.split(b"\0"):
+        if field:
+            meta, path = field.split(b"\t", 1)
+            mode, _, sha = meta.decode().split(" ")
+            entries[path] = (mode, sha)
+    return entries
+
+
+FILE_MODES = {"file": "100644", "exec": "100755", "link": "120000"}
+
+
+def gitfile_target(path):
+    """The folder a nested `.git` file points to, or None."""
+    try:
+        text = Path(os.fsdecode(path)).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    if not text.startswith("gitdir:"):
+        return None
+    target = (Path(os.fsdecode(path)).parent / text[len("gitdir:") :].strip()).resolve()
+    return target if target.is_dir() else None
+
+
+def worktree_files(repo, worktree, admin):
+    """Every file the worktree holds, as (rel, path, kind), with nested repositories' private
+    git folders that live in the worktree's admin folder (and vanish with it) added in place."""
+    items = []
+    for rel, path, kind in walk_files(worktree):
+        items.append((rel, path, kind))
+        if admin and rel.endswith(b"/.git") and kind == "file":
+            target = gitfile_target(path)
+            if target and str(target).startswith(str(admin) + os.sep):
+                prefix = rel[: -len(b".git")] + b".git-dir"
+                items += [(prefix + b"/" + r, p, k) for r, p, k in walk_files(target, skip_top_git=False)]
+    return items
+
+
+def setup_blob_matches(fingerprint, path, sha):
+    """True when a setup-made file is still what setup left: same blob (or, for records made
+    before blobs were kept, same [size, mtime_ns])."""
+    if isinstance(fingerprint, str):
+        return fingerprint == sha
+    if isinstance(fingerprint, list):
+        with contextlib.suppress(OSError):
+            info = os.stat(path, follow_symlinks=False)
+            return [info.st_size, info.st_mtime_ns] == fingerprint
+    return False
+
+
+def file_changes(repo, worktree, head, setup, admin=None):
+    """What in the worktree differs from HEAD's tree and from setup's files.
+
+    {"changed": [(kind, path str, rel, mode, hash)], "deleted": [...], "special": [...] (fifos,
+    sockets: nothing to save), "unreadable": [...]} (paths as str)
+    where kind is "modified", "untracked", "nested" (inside a nested repository) or "link".
+    """
+    committed = tree_entries(repo, head)
+    items = worktree_files(repo, worktree, admin)
+    special = [os.fsdecode(rel) for rel, _, kind in items if kind == "special"]
+    unreadable = [os.fsdecode(rel) for rel, _, kind in items if kind == "unreadable"]
+    items = [i for i in items if i[2] in FILE_MODES]
+    hashes = hash_blobs(repo, items, write=False)
+    changed, present = [], set()
+    for rel, path, kind in items:
+        present.add(rel)
+        mode, sha, name = FILE_MODES[kind], hashes[rel], os.fsdecode(rel)
+        if committed.get(rel) == (mode, sha) or setup_blob_matches(setup.get(name), path, sha):
+            continue
+        nested = b"/.git/" in b"/" + rel or b".git-dir/" in rel
+        what = "nested" if nested else ("modified" if rel in committed else "untracked")
+        changed.append((what, name, rel, mode, sha))
+    deleted = [
+        os.fsdecode(rel)
+        for rel, (mode, _) in committed.items()
+        if rel not in present
+        and not (mode == "160000" and not any(p.startswith(rel + b"/") for p in present))
+    ]
+    return {"changed": changed, "deleted": deleted, "special": special, "unreadable": unreadable}
+
+
+def setup_fingerprints(worktree):
+    """{path: blob hash} of every file copying and setup left beside or over the fresh checkout,
+    so cleanup can later trust each one exactly while it is unchanged (folders file by file).
+
+    Right after orchestra's own checkout, git's index knows the other files are untouched, so
+    only untracked and ignored files and modified tracked ones are hashed (not the whole tree).
+    """
+    others = git_bytes(["ls-files", "-z", "--others"], worktree).stdout.split(b"\0")
+    changed = git_bytes(["diff", "--name-only", "-z", "--no-renames"], worktree).stdout.split(b"\0")
+    root, items = os.fsencode(str(worktree)), []
+    for rel in (p for p in dict.fromkeys(others + changed) if p and not p.endswith(b"/")):
+        path = os.path.join(root, rel)
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            kind = "link" if stat.S_ISLNK(info.st_mode) else "exec" if info.st_mode & 0o111 else "file"
+            if stat.S_ISREG(info.st_mode) or kind == "link":
+                items.append((rel, path, kind))
+    return {os.fsdecode(rel): sha for rel, sha in hash_blobs(worktree, items, write=False).items()}
+
+
+def ignored_among(worktree, paths):
+    """Which of these untracked paths the repository's own ignore rules ignore (for messages)."""
+    if not paths:
+        return set()
+    done = git_bytes(
+        ["check-ignore", "-z", "--stdin"],
+        worktree,
+        input=b"\0".join(os.fsencode(p) for p in paths),
+        check=False,
+    )
+    return {os.fsdecode(p) for p in done.stdout.split(b"\0") if p}
+
+
+def staged_tree(worktree, head):
+    """The index's tree when it differs from HEAD's ("staged"), None when equal; "conflict" when
+    the index holds unmerged entries."""
+    done = git_bytes(["write-tree"], worktree, check=False)
+    if done.returncode != 0:
+        return "conflict"
+    tree = done.stdout.decode().strip()
+    head_tree = (
+        git_bytes(["rev-parse", f"{head}^{{tree}}"], worktree, check=False).stdout.decode().strip()
+        if head
+        else None
+    )
+    return None if tree == head_tree else tree
+
+
+def snapshot_commit(repo, head, changes, message):
+    """A commit of the worktree as it is: HEAD's tree with every changed file written over it and
+    deleted ones left out; nested .git folders stored under NESTED_GIT_NAME. Parent: HEAD."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"))
+        git_bytes(["read-tree", head] if head else ["read-tree", "--empty"], repo, env=env)
+        zero = "0" * len(head or "0" * 40)
+        lines = [f"0 {zero}\t".encode() + os.fsencode(p) for p in changes["deleted"]]
+        lines += [
+            f"{mode} {sha}\t".encode() + snapshot_path(rel) for _, _, rel, mode, sha in changes["changed"]
+        ]
+        if lines:
+            git_bytes(["update-index", "-z", "--index-info"], repo, input=b"\0".join(lines) + b"\0", env=env)
+        tree = git_bytes(["write-tree"], repo, env=env).stdout.decode().strip()
+    parents = ["-p", head] if head else []
+    return git_bytes(["commit-tree", tree, *parents, "-m", message], repo).stdout.decode().strip()
+
+
+def write_changed_blobs(repo, worktree, admin, changes):
+    """Store the changed files' bytes in the object database (hashes were computed without -w)."""
+    wanted = {rel for _, _, rel, _, _ in changes["changed"]}
+    items = [i for i in worktree_files(repo, worktree, admin) if i[0] in wanted and i[2] in FILE_MODES]
+    written = hash_blobs(repo, items, write=True)
+    for entry in changes["changed"]:
+        if written.get(entry[2]) != entry[4]:
+            raise GitError(f"{entry[1]} changed while it was being saved; run cleanup again")
+
+
+def octopus_commit(repo, parents, message):
+    """A commit with an empty tree whose parents are `parents`: one ref that keeps them all."""
+    empty = git_bytes(["mktree"], repo, input=b"").stdout.decode().strip()
+    args = ["commit-tree", empty, *(x for p in parents for x in ("-p", p)), "-m", message]
+    return git_bytes(args, repo).stdout.decode().strip()
+
+
+def write_refs(repo, refs):
+    """Create refs {name: commit} in one transaction: all of them or none."""
+    lines = "".join(f"create {name} {commit}\n" for name, commit in refs.items())
+    git_bytes(["update-ref", "--stdin"], repo, input=lines.encode())
+
+
+def delete_tree(path):
+    """Remove a folder and everything in it, read-only files and folders included."""
+
+    def allow_and_retry(func, target, _exc):
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(target), 0o700)
+            os.chmod(target, 0o700)
+        func(target)
+
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=allow_and_retry)
+
+
+def delete_worktree(repo, worktree):
+    """Remove a worktree folder and its own administrative entries, by name (never `prune`)."""
+    admins = own_admin_dirs(repo, worktree)
+    delete_tree(worktree)
+    for admin in admins:
+        delete_tree(admin)
+
+
+@contextlib.contextmanager
+def shield_interrupts():
+    """Hold Ctrl-C (SIGINT) back while a step runs, git children included (they inherit the
+    blocked mask), so a step happens wholly or not at all; the interrupt arrives after it."""
+    can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if can:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if can:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def operation_in_progress(repo):
+    """'a merge', 'a rebase', ... when the checkout is in the middle of one; else None."""
+    git_dir = Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip())
+    for name, what in (
+        ("rebase-merge", "a rebase"), ("rebase-apply", "a rebase or git am"), ("MERGE_HEAD", "a merge"),
+        ("CHERRY_PICK_HEAD", "a cherry-pick"), ("REVERT_HEAD", "a revert"), ("BISECT_LOG", "a bisect"),
+    ):  # fmt: skip
+        if (git_dir / name).exists():
+            return what
+    return None
+
+
+def processes_using(folder):
+    """[(pid, command name)] of processes whose cwd, root or an open file is inside `folder`."""
+    if not os.path.isdir("/proc"):
+        return []  # pragma: no cover - macOS: nothing to scan without lsof
+    inside, found = str(Path(folder).resolve()), []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
+        links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+        with contextlib.suppress(OSError):
+            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+        if any(points_inside(link, inside) for link in links):
+            found.append((int(pid), process_name(pid)))
+    return found
+
+
+def points_inside(link, folder):
+    """True when a /proc symlink resolves to `folder` or below."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return False
+    return target == folder or target.startswith(folder + os.sep)
+
+
+def process_name(pid):
+    """The short command name of a process, '?' if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 # ======================================================================================
 # State store
 # --------------------------------------------------------------------------------------
@@ -1018,6 +1606,419 @@ def load_agent_records(repo):
 
 
 # ======================================================================================
+# Approvals and the sandbox
+# --------------------------------------------------------------------------------------
+# How an approval travels. Every Claude agent is launched with a --settings layer (argv,
+# never a file) whose PermissionRequest hook runs `orchestra hook permission-request`, a
+# child of the agent, so it outlives a supervisor crash. Claude Code calls it only for a
+# tool call its own rules do not allow already. The hook:
+#   1. allows at once what an --always rule allows: the agent's own (approvals/rules/) or
+#      the project's bypass_permissions as .orchestra/config.json holds it now;
+#   2. else writes approvals/<req>.json atomically: the request is now pending, and the
+#      CLI, the status hub and the dashboard see it;
+#   3. polls for approvals/decisions/<req>.json. A decision is a complete file linked into
+#      place (the O_EXCL rule of link(2)), so the first decider wins and a later one is told
+#      it came late; at approval_timeout the hook itself decides "deny" the same way;
+#   4. moves the request to approvals/answered/ and prints Claude Code's answer.
+# When in doubt the hook denies, with a message that says why: unreadable state, an unknown
+# or ended agent, a broken request. A pending request whose hook has gone (its agent was
+# stopped) is void: never listed, never answerable.
+# The sandbox is Claude Code's own (bubblewrap and socat on Linux): with it, Bash runs
+# without asking, writes only inside the worktree, and reaches only sandbox_network.
+# ======================================================================================
+
+
+def read_json_file(path):
+    """A JSON object from a file, or None when it is missing, half written or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def tool_summary(tool, tool_input):
+    """'Bash(pytest -q)', 'Edit(src/app.py)': a tool call as a permission rule would name it."""
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    for key in ("command", "file_path", "path", "url", "pattern", "prompt"):
+        if isinstance(tool_input.get(key), str):
+            return one_line(f"{tool}({tool_input[key]})")
+    return tool
+
+
+def request_rule(tool, tool_input):
+    """The rule --always adds: Bash with exactly this command, any other tool as a whole."""
+    command = tool_input.get("command") if isinstance(tool_input, dict) else None
+    if tool == "Bash" and isinstance(command, str):
+        return f"Bash({command})"
+    return tool
+
+
+SHELL_OPERATORS = re.compile(r"[;&|<>$`\n()]")  # a wildcard rule never allows a compound command
+
+
+def rule_matches(rule, tool, tool_input):
+    """True when a permission rule ('Bash(git *)', 'Bash(npm test:*)', 'Edit') allows this call."""
+    name, paren, content = rule.partition("(")
+    if name.strip() != tool:
+        return False
+    if not paren:
+        return True
+    content = content[:-1] if content.endswith(")") else content
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    subject = (
+        tool_input.get("command") if tool == "Bash" else tool_input.get("file_path") or tool_input.get("path")
+    )
+    if not isinstance(subject, str):
+        return False
+    if "*" not in content:
+        return subject == content
+    if tool == "Bash" and SHELL_OPERATORS.search(subject):
+        return False
+    if content.endswith(":*"):
+        return subject == content[:-2] or subject.startswith(content[:-2] + " ")
+    return fnmatchcase(subject, content)
+
+
+def denial_lines(denials, allowed=()):
+    """'2 tool calls denied: Bash(pytest -q), Write(x)' and the command that allows them next time.
+
+    `allowed` is the agent's bypass_permissions, which the suggested list keeps.
+    """
+    if not denials:
+        return []
+    named = [tool_summary(d.get("tool_name") or "tool", d.get("tool_input")) for d in denials]
+    new = [request_rule(d.get("tool_name") or "tool", d.get("tool_input") or {}) for d in denials]
+    rules = list(dict.fromkeys([*allowed, *new]))
+    count = f"{len(denials)} tool call{'s' if len(denials) != 1 else ''} denied"
+    return [f"{count}: {', '.join(named)}",
+            f"allow them next time: orchestra config set bypass_permissions {shlex.quote(json.dumps(rules))}"]  # fmt: skip
+
+
+class ApprovalBox:
+    """One repository's approval requests, decisions and --always rules, as files in .orchestra/approvals/."""
+
+    def __init__(self, repo):
+        self.repo = Path(repo)
+        self.dir = self.repo / ORCHESTRA_DIR / APPROVALS_DIR
+        self.decisions = self.dir / "decisions"
+        self.answered = self.dir / "answered"
+        self.rules_dir = self.dir / "rules"
+
+    def stamp(self):
+        """Changes whenever a request appears or goes: the folder's (inode, mtime)."""
+        try:
+            info = os.stat(str(self.dir))
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns
+
+    def submit(self, request):
+        """Record a pending request (a dict without id); its id, unique by O_EXCL."""
+        for folder in (self.decisions, self.answered, self.rules_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            req_id = secrets.token_hex(APPROVAL_ID_BYTES)
+            try:
+                os.close(
+                    os.open(str(self.dir / f"{req_id}.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                )
+            except FileExistsError:
+                continue
+            if (self.answered / f"{req_id}.json").exists():
+                continue  # the empty reservation stays behind; readers skip it
+            request = {"id": req_id, **request}
+            write_atomic(self.dir / f"{req_id}.json", json.dumps(request, indent=2, sort_keys=True) + "\n")
+            return request
+
+    def pending(self):
+        """Requests still waiting, oldest first (void ones, whose hook has gone, left out)."""
+        found = []
+        for path in self.dir.glob("*.json"):
+            request = read_json_file(path)
+            if (
+                request
+                and process_alive(request.get("pid"), request.get("pid_start"))
+                and not (self.decisions / path.name).exists()
+            ):
+                found.append(request)
+        return sorted(found, key=lambda r: (r.get("since") or "", r["id"]))
+
+    def request(self, req_id):
+        """(request, 'pending'|'answered') for an id, or (None, None)."""
+        if not re.fullmatch(r"[0-9a-f]+", req_id):
+            return None, None
+        request = read_json_file(self.dir / f"{req_id}.json")
+        if request:
+            return request, "pending"
+        request = read_json_file(self.answered / f"{req_id}.json")
+        return (request, "answered") if request else (None, None)
+
+    def decision(self, req_id):
+        """The decision taken on a request, or None."""
+        return read_json_file(self.decisions / f"{req_id}.json")
+
+    def decide(self, req_id, decision):
+        """Record the decision if it is the first; False when another came first."""
+        self.decisions.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=str(self.decisions), prefix=f".{req_id}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(decision, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, str(self.decisions / f"{req_id}.json"))  # fails if it exists: first wins
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def wait(self, req_id, timeout, parent=None):
+        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            decision = self.decision(req_id)
+            if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
+                return decision
+            time.sleep(APPROVAL_POLL)
+
+    def close(self, request, decision):
+        """Move an answered request out of the pending folder, its decision beside it."""
+        write_atomic(
+            self.answered / f"{request['id']}.json",
+            json.dumps({**request, "decision": decision}, indent=2) + "\n",
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(self.dir / f"{request['id']}.json"))
+
+    def rules(self, agent_id):
+        """The rules --always gave this agent for the rest of its run."""
+        data = read_json_file(self.rules_dir / f"{agent_id}.json") or {}
+        return [r for r in data.get("rules", []) if isinstance(r, str)]
+
+    def forget_rules(self, agent_id):
+        """A new run of the agent starts without the --always rules of its last run."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(self.rules_dir / f"{agent_id}.json"))
+
+    def add_rule(self, agent_id, rule):
+        """Allow `rule` for the rest of this agent's run."""
+        self.rules_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.rules_dir / f"{agent_id}.lock"):
+            rules = self.rules(agent_id)
+            if rule not in rules:
+                write_atomic(
+                    self.rules_dir / f"{agent_id}.json",
+                    json.dumps({"rules": [*rules, rule]}, indent=2) + "\n",
+                )
+
+
+def approval_flags(repo):
+    """{agent id: {id, tool, summary, since}} of the oldest request each agent waits on."""
+    flags = {}
+    for request in ApprovalBox(repo).pending():
+        flags.setdefault(request["agent"], {k: request.get(k) for k in ("id", "tool", "summary", "since")})
+    return flags
+
+
+HOOK_LAUNCH = "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; sys.exit(orchestra.main())"
+
+
+def hook_command(repo, agent_id, timeout):
+    """The shell command Claude Code runs for a permission request: this very orchestra.
+
+    Imported rather than run as a script, so its cached bytecode is used: every waiting agent
+    starts one, and a script would be compiled afresh each time. -I -S: no environment or site
+    packages can change which orchestra answers.
+    """
+    argv = [sys.executable, "-I", "-S", "-c", HOOK_LAUNCH, str(Path(__file__).resolve().parent), "hook",
+            "permission-request", "--repo", str(repo), "--agent", agent_id, "--timeout", f"{timeout:g}"]  # fmt: skip
+    return " ".join(shlex.quote(part) for part in argv)
+
+
+def claude_settings(repo, agent_id, launch):
+    """The --settings layer of a Claude agent: orchestra's approval hook, and the sandbox when on."""
+    timeout = launch.get("approval_timeout") or CONFIG_DEFAULTS["approval_timeout"]
+    hook = {"type": "command", "command": hook_command(repo, agent_id, timeout),
+            "timeout": int(timeout + APPROVAL_HOOK_MARGIN)}  # fmt: skip
+    settings = {"hooks": {"PermissionRequest": [{"matcher": "*", "hooks": [hook]}]}}
+    if launch.get("sandboxed"):
+        settings["sandbox"] = {"enabled": True, "autoAllowBashIfSandboxed": True}
+        if launch.get("sandbox_network"):
+            settings["sandbox"]["network"] = {"allowedDomains": list(launch["sandbox_network"])}
+    return settings
+
+
+def hook_answer(decision):
+    """What the hook prints for Claude Code: allow, or deny with the message the agent will read."""
+    body = {"behavior": decision["decision"]}
+    if decision["decision"] == "deny":
+        body["message"] = (
+            decision.get("message") or f"denied by the user (through orchestra, {decision.get('by')})"
+        )
+    return {"hookSpecificOutput": {"hookEventName": "PermissionRequest", "decision": body}}
+
+
+def denied(message):
+    """A decision the hook takes on its own: deny, saying why."""
+    return {"decision": "deny", "by": "orchestra", "at": utc_iso(), "message": message}
+
+
+def project_rules(repo):
+    """bypass_permissions as the project's config file holds it now ([] when unset or unreadable)."""
+    try:
+        return read_config_file(Path(repo) / ORCHESTRA_DIR / "config.json").get("bypass_permissions", [])
+    except OrchestraError:
+        return []
+
+
+def permission_hook(repo, agent_id, timeout, stdin, stdout):
+    """`orchestra hook permission-request`: answer one Claude Code permission request."""
+    try:
+        asked = json.loads(stdin.read())
+        tool, tool_input = asked["tool_name"], asked.get("tool_input") or {}
+        if not isinstance(tool, str) or not isinstance(tool_input, dict):
+            raise ValueError("tool_name or tool_input has the wrong type")
+    except (ValueError, KeyError, TypeError) as e:
+        stdout.write(
+            json.dumps(hook_answer(denied(f"orchestra could not read the permission request ({e}); denied")))
+        )
+        return EXIT_OK
+    try:
+        decision = await_decision(Path(repo), agent_id, timeout, tool, tool_input, asked)
+    except Exception as e:  # whatever went wrong, the answer is a denial that says so
+        decision = denied(f"orchestra could not handle this permission request ({e!r}); denied for safety")
+    stdout.write(json.dumps(hook_answer(decision)))
+    stdout.flush()
+    return EXIT_OK
+
+
+def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
+    """Allow by rule, or record the request and wait for the first decision (or the timeout)."""
+    record = load_agent_records(repo).get(agent_id)
+    if record is None:
+        return denied(
+            f"orchestra cannot find agent '{agent_id}' in {repo / ORCHESTRA_DIR}; denied for safety"
+        )
+    if record.get("state") not in ACTIVE_STATES:
+        return denied(f"orchestra records agent '{agent_id}' as {record.get('state')}; denied")
+    box, summary = ApprovalBox(repo), tool_summary(tool, tool_input)
+    log = repo / ORCHESTRA_DIR / "logs" / f"{agent_id}.jsonl"
+    rule = next(
+        (r for r in [*box.rules(agent_id), *project_rules(repo)] if rule_matches(r, tool, tool_input)), None
+    )
+    if rule:
+        append_event(
+            log, {"event": "approval", "tool": summary, "decision": "allow", "by": "rule", "rule": rule}
+        )
+        return {"decision": "allow", "by": "rule", "rule": rule, "at": utc_iso()}
+    text = json.dumps(tool_input)
+    request = box.submit({
+        "agent": agent_id, "tool": tool, "summary": summary,
+        "input": tool_input if len(text) <= APPROVAL_INPUT_LIMIT else {"truncated": text[:APPROVAL_INPUT_LIMIT]},
+        "suggestions": asked.get("permission_suggestions") or [], "session_id": asked.get("session_id"),
+        "since": utc_iso(), "timeout": timeout, "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+        "parent": os.getppid(),
+    })  # fmt: skip
+    append_event(log, {"event": "approval_requested", "request": request["id"], "tool": summary})
+    notifier = notify(
+        repo, agent_id, "approval", f"{agent_id} asks to run {summary} (orchestra approve {request['id']})"
+    )
+    decision = box.wait(request["id"], timeout, parent=os.getppid())
+    if decision is None:
+        ended = os.getppid() != request["parent"]
+        late = denied("the agent ended while it waited for this approval" if ended
+                      else f"no decision within approval_timeout ({timeout:g} s); denied")  # fmt: skip
+        late["by"] = "orchestra" if ended else "timeout"
+        decision = late if box.decide(request["id"], late) else box.decision(request["id"])
+        if decision is late:
+            append_event(log, {"event": "approval", "request": request["id"], "tool": summary, **late})
+    box.close(request, decision)
+    if notifier:
+        notifier.join(NOTIFY_TIMEOUT)
+    return decision
+
+
+def notify(repo, agent_id, event, message):
+    """Run notify_command in the background with {agent}, {event} and {message} filled in.
+
+    A failing command is written to .orchestra/notify.log, never raised; returns its thread or None.
+    """
+    try:
+        command = Config.load(Path(repo), os.environ)["notify_command"]
+    except OrchestraError:
+        return None
+    if not command:
+        return None
+    values = {"agent": agent_id, "event": event, "message": message}
+    argv = [re.sub(r"\{(agent|event|message)\}", lambda m: values[m.group(1)], part) for part in command]
+    thread = threading.Thread(target=run_notify, args=(Path(repo), argv), name=f"notify-{event}", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_notify(repo, argv):
+    """Run one notify command; log why it failed, if it did."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=NOTIFY_TIMEOUT, text=True, errors="replace")  # fmt: skip
+        problem = f"exit {done.returncode}: {tail_text(done.stdout)}" if done.returncode else None
+    except (OSError, subprocess.SubprocessError) as e:
+        problem = str(e)
+    if problem:
+        with (
+            contextlib.suppress(OSError),
+            open(repo / ORCHESTRA_DIR / "notify.log", "a", encoding="utf-8") as f,
+        ):
+            f.write(f"{utc_iso()} notify_command {argv[0]} failed: {one_line(problem)}\n")
+
+
+def sandbox_problem(env):
+    """Why Claude Code's sandbox cannot run here, naming what to install; None when it can."""
+    if sys.platform == "darwin":
+        return None  # Seatbelt is built in
+    if not sys.platform.startswith("linux"):
+        return f"Claude Code's sandbox does not run on {sys.platform} (use WSL2)"
+    path = env.get("PATH", os.defpath)
+    missing = [
+        package for program, package in SANDBOX_PACKAGES.items() if shutil.which(program, path=path) is None
+    ]
+    if missing:
+        return (f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; install "
+                f"{'it' if len(missing) == 1 else 'them'} (Debian/Ubuntu: apt-get install {' '.join(missing)})")  # fmt: skip
+    try:
+        probe = subprocess.run([shutil.which("bwrap", path=path), *SANDBOX_PROBE[1:]], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, errors="replace", timeout=SANDBOX_PROBE_TIMEOUT)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"bubblewrap cannot run: {e}"
+    if probe.returncode:
+        return (f"bubblewrap is installed but cannot make a sandbox here ({one_line(probe.stderr) or probe.returncode}); "
+                "unprivileged user namespaces may be off (sysctl kernel.unprivileged_userns_clone=1) or the container forbids them")  # fmt: skip
+    return None
+
+
+def sandbox_for(config, env):
+    """Whether new agents run in Claude Code's sandbox, by the 'sandbox' setting.
+
+    "auto" sandboxes where the sandbox can run; "on" refuses to start agents where it cannot.
+    """
+    mode = config["sandbox"]
+    if mode == "off":
+        return False
+    if not is_claude_command(config["agent_command"]):
+        if mode == "on":
+            raise OrchestraError("sandbox is 'on' but agent_command is not Claude Code, whose sandbox orchestra uses; "
+                                 "use --no-sandbox or set sandbox to auto")  # fmt: skip
+        return False
+    problem = sandbox_problem(env)
+    if problem and mode == "on":
+        raise OrchestraError(f"sandbox is 'on' but Claude Code's sandbox cannot run here: {problem}; "
+                             "or start the agents with --no-sandbox")  # fmt: skip
+    return problem is None
+
+
+# ======================================================================================
 # Agents
 # --------------------------------------------------------------------------------------
 # An agent's record, its log (stream-json plus orchestra's own events) folded into facts,
@@ -1068,8 +2069,8 @@ def elapsed_seconds(record, now):
 def append_event(path, event):
     """Add one of orchestra's own events to an agent's log."""
     event = {"type": "orchestra", "time": utc_iso(), **event}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(event, ensure_ascii=False) + "\n")
+    with open(path, "a", encoding="utf-8", opener=private_opener) as f:
+        f.write(json_text(event) + "\n")
 
 
 def describe_tool_use(block):
@@ -1106,7 +2107,7 @@ class AgentLog:
         self.facts = {"session_id": None, "activity": None, "last_activity_at": None,
                       "cost_usd": None, "turns": None, "result": None, "error": None,
                       "outcome": None, "input_tokens": None, "output_tokens": None,
-                      "cost_estimated": None}  # fmt: skip
+                      "cost_estimated": None, "permission_denials": None}  # fmt: skip
 
     def read_new(self, budget=LOG_READ_BUDGET):
         """Fold lines appended since the last call, in bounded chunks; True if any arrived.
@@ -1218,6 +2219,7 @@ class AgentLog:
             outcome="error" if is_error else "success",
             error=(one_line(result or event.get("subtype") or "error", TAIL_CHARS) if is_error else None),
             turns=(self.facts["turns"] or 0) + (event.get("num_turns") or 0),
+            permission_denials=permission_denials(event),
         )
         self.paid = (self.paid or 0) + (event.get("total_cost_usd") or 0)
         self.run_estimate, self.estimate_total = {}, 0.0
@@ -1246,6 +2248,18 @@ class AgentLog:
         if self.run_usage:
             self.past_tokens = (self.facts["input_tokens"], self.facts["output_tokens"])
             self.run_usage, self.run_totals = {}, (0, 0)
+
+
+def permission_denials(result):
+    """The tool calls a run's result says were denied: [{tool_name, tool_input}]."""
+    denials = result.get("permission_denials")
+    if not isinstance(denials, list):
+        return []
+    return [
+        {"tool_name": d.get("tool_name"), "tool_input": d.get("tool_input")}
+        for d in denials
+        if isinstance(d, dict)
+    ]
 
 
 def estimated_cost(model, usage):
@@ -1364,6 +2378,8 @@ def agent_argv(record, prompt=None):
         argv += ["--model", config["model"]]
     if config["permission_mode"]:
         argv += ["--permission-mode", config["permission_mode"]]
+    repo = Path(record["log"]).parent.parent.parent  # <repo>/.orchestra/logs/<id>.jsonl
+    argv += ["--settings", json.dumps(claude_settings(repo, record["id"], config))]
     if config["bypass_permissions"]:
         argv += ["--allowedTools", *config["bypass_permissions"]]  # variadic: keep it last
     return argv
@@ -1384,10 +2400,12 @@ def launch_agent(project, record, prompt=None):
     """Start the agent's process in its worktree, in its own process group, output to files."""
     argv = agent_argv(record, prompt)
     append_event(project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv})
-    env = dict(take_agent_env(project, record["id"]) or os.environ, ORCHESTRA_AGENT_ID=record["id"])
+    ApprovalBox(project.repo).forget_rules(record["id"])
+    env = dict(take_agent_env(project, record["id"]) or os.environ, ORCHESTRA_AGENT_ID=record["id"],
+               ORCHESTRA_REPO=str(project.repo))  # fmt: skip
     with (
-        open(project.log_path(record["id"]), "ab") as out,
-        open(project.stderr_path(record["id"]), "ab") as err,
+        open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
+        open(project.stderr_path(record["id"]), "ab", opener=private_opener) as err,
     ):
         return subprocess.Popen(
             argv,
@@ -1508,8 +2526,7 @@ def prepare_worktree(project, record, copies, register_lock):
     record["copied_files"] = copies
     error = run_setup(project.config["setup"], worktree, log)
     # What copying and setup left is theirs, not the agent's work: cleanup may delete it while unchanged.
-    leftovers = [path for code, path in worktree_status(worktree) if code in ("??", "!!")]
-    record["setup_files"] = {path: file_fingerprint(worktree / path) for path in leftovers}
+    record["setup_files"] = setup_fingerprints(worktree)
     return error
 
 
@@ -1556,6 +2573,7 @@ def rebuild_records(project):
             branch=spawn["branch"], worktree=spawn["worktree"], created_at=spawn.get("time"), ready=True
         )
         record.update(launch=spawn.get("launch") or record["launch"], seq=spawn.get("seq", 0))
+        record["sandboxed"] = bool(record["launch"].get("sandboxed"))
         log = read_log(log_path)
         record.update(without_none(log.facts))
         if log.settled:
@@ -1599,16 +2617,36 @@ def pause_agent(record):
 
 
 def stop_process(pid, start_token, grace=STOP_GRACE):
-    """SIGCONT then SIGTERM the group, and SIGKILL it if still alive after `grace` seconds."""
+    """SIGCONT then SIGTERM the group, and SIGKILL every member still alive after `grace` seconds
+    (children that ignore SIGTERM or outlive the leader included); wait until none is left."""
     signal_group(pid, start_token, signal.SIGCONT)
     if not signal_group(pid, start_token, signal.SIGTERM):
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not process_alive(pid, start_token):
+        if not process_alive(pid, start_token) and not group_members(pid):
             return
         time.sleep(0.05)
-    signal_group(pid, start_token, signal.SIGKILL)
+    for _ in range(int(grace / 0.05) + 1):
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)  # the group id cannot be reused while a member lives
+        if not group_members(pid):
+            return
+        time.sleep(0.05)
+
+
+def group_members(pgid):
+    """Pids of live (not zombie) processes in process group `pgid`; [] where /proc is missing."""
+    if not os.path.isdir("/proc"):
+        return []  # pragma: no cover - macOS: the leader's death is all we can check
+    members = []
+    for name in (n for n in os.listdir("/proc") if n.isdigit()):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                members.append(int(name))
+    return members
 
 
 # ======================================================================================
@@ -1644,13 +2682,17 @@ class Project:
     def init(self):
         """Create .orchestra/ and keep it and the worktree folder out of git; idempotent."""
         if self.logs.is_dir():
+            with contextlib.suppress(OSError):
+                os.chmod(str(self.dir), 0o700)  # folders made by earlier versions were 0755
             return
         root = self.worktree_root
         if root.exists() and not root.is_dir():
             raise OrchestraError(
                 f"worktree_dir {root} exists and is not a folder; move it or change worktree_dir"
             )
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in (self.dir, self.logs):  # agents' output and the web token: the owner's only
+            os.chmod(str(folder), 0o700)
         excluded = [f"/{ORCHESTRA_DIR}/"]
         with contextlib.suppress(ValueError):
             excluded.append(f"/{root.resolve().relative_to(self.repo.resolve()).as_posix()}/")
@@ -1710,6 +2752,7 @@ class Supervisor:
         self.watchers = {}  # agent id -> watcher thread; touched by the main thread only
         self.preparer = None  # the thread making the next worktrees; touched by the main thread only
         self.wake = threading.Event()  # set when an agent ends or worktrees are ready: schedule now
+        self.notifiers = []  # notify_command threads, waited for before the supervisor exits
 
     def run(self):
         """Hold the supervisor lock and serve; re-check for work after letting go of it."""
@@ -1743,6 +2786,8 @@ class Supervisor:
             self.wake.clear()
         self.flush()
         self.store.update(lambda state: state["supervisor"].update(pid=None))
+        for thread in self.notifiers:
+            thread.join(NOTIFY_TIMEOUT)
 
     def register(self, state):
         """Write this process into the state as the live supervisor."""
@@ -1819,8 +2864,9 @@ class Supervisor:
         def settle(state):
             record = state["agents"][agent_id]
             finish_record(record, log, None, "", self.counts(record))
+            return dict(record)
 
-        self.store.update(settle)
+        self.announce(self.store.update(settle))
 
     def free_slots(self, state):
         """How many more agents may run now."""
@@ -1926,9 +2972,19 @@ class Supervisor:
         def change(state):
             self.apply_pending(state)
             settle(state["agents"][agent_id])
+            return dict(state["agents"][agent_id])
 
-        self.store.update(change)
+        self.announce(self.store.update(change))
         self.wake.set()  # a slot is free: start the next agent now, not at the next tick
+
+    def announce(self, record, event=None):
+        """Run notify_command for an agent that finished, failed or went stale."""
+        event = event or {"done": "done", "failed": "failed", "interrupted": "failed"}.get(record["state"])
+        if event:
+            message = f"{record['id']} is {event}: {record.get('error') or record.get('result') or record.get('activity') or ''}"
+            thread = notify(self.project.repo, record["id"], event, one_line(message))
+            if thread:
+                self.notifiers.append(thread)
 
     def flush(self):
         """Write all pending facts in one state update (a few writes a second at most)."""
@@ -1956,18 +3012,28 @@ class Supervisor:
         """Every heartbeat_interval: mark the supervisor and running agents alive, flag stale ones."""
         interval = self.project.config["heartbeat_interval"]
         while not self.stopping.wait(min(interval, self.project.config["stale_threshold"])):
-            self.store.update(self.mark_heartbeat)
+            for record in self.store.update(self.mark_heartbeat) or ():
+                self.announce(record, "stale")
 
     def mark_heartbeat(self, state):
-        """Stamp heartbeats and set the stale flag of agents quiet for stale_threshold."""
+        """Stamp heartbeats and set the stale flag of agents quiet for stale_threshold; the newly stale.
+
+        An agent waiting for an approval is quiet because of the user, not stale.
+        """
         now = time.time()
         threshold = self.project.config["stale_threshold"]
+        waiting = approval_flags(self.project.repo)
         state["supervisor"]["heartbeat_at"] = utc_iso(now)
+        newly_stale = []
         for record in state["agents"].values():
             if record["state"] == "running":
                 record["heartbeat_at"] = utc_iso(now)
                 quiet_since = parse_iso(record.get("last_activity_at")) or now
-                record["stale"] = now - quiet_since >= threshold
+                was_stale = record.get("stale")
+                record["stale"] = now - quiet_since >= threshold and record["id"] not in waiting
+                if record["stale"] and not was_stale:
+                    newly_stale.append(dict(record))
+        return newly_stale
 
 
 class ExitWaiter:
@@ -2019,7 +3085,7 @@ def ensure_supervisor(project, state=None):
     state = state or project.store.load()
     if supervisor_alive(state) or not Supervisor.has_work(state):
         return None
-    with open(project.dir / "supervisor.log", "ab") as log:
+    with open(project.dir / "supervisor.log", "ab", opener=private_opener) as log:
         proc = subprocess.Popen(
             supervisor_argv(),
             cwd=str(project.repo),
@@ -2067,8 +3133,33 @@ def status_document(project, state, records):
             "alive": supervisor_alive(state),
             "heartbeat_at": info.get("heartbeat_at"),
         },
-        "agents": [public_record(r) for r in records],
+        "agents": [public_record(r) for r in with_merged_flags(project, with_approvals(project, records))],
     }
+
+
+def with_approvals(project, records):
+    """Copies of the records with their 'approval' flag: the request each one waits on, or None."""
+    flags = approval_flags(project.repo)
+    return [dict(r, approval=flags.get(r["id"]) if r["state"] in ACTIVE_STATES else None) for r in records]
+
+
+def with_merged_flags(project, records):
+    """Copies of the records with `merged` true for finished agents whose commits are all in
+    their base branch (one git call per base branch), or that collect --merge merged."""
+    finished = [r for r in records if r["state"] in FINISHED_STATES]
+    checked_out = current_branch(project.repo) if any(not r.get("base_branch") for r in finished) else None
+    targets = {id(r): r.get("base_branch") or checked_out for r in finished}
+    merged_tips = {}
+    for target in set(targets.values()) - {None}:
+        fmt = ["for-each-ref", f"--merged={target}", "--format=%(refname) %(objectname)", "refs/heads/"]
+        done = run_git(fmt, project.repo, check=False)
+        merged_tips[target] = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    flagged = []
+    for r in records:
+        tip = merged_tips.get(targets.get(id(r)), {}).get(f"refs/heads/{r['branch']}")
+        on_base = tip is not None and tip != r.get("base_commit")
+        flagged.append(dict(r, merged=bool(r.get("merged") or on_base)))
+    return flagged
 
 
 def check_task(task, noun="task"):
@@ -2084,8 +3175,12 @@ def check_task(task, noun="task"):
             f"a {noun} is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
             f"put long instructions in a file and name that file in the {noun}"
         )
-    if "\0" in task:
-        raise OrchestraError(f"a {noun} contains a NUL character; remove it")
+    bad = TASK_FORBIDDEN.search(task)
+    if bad:
+        raise OrchestraError(
+            f"a {noun} contains the character U+{ord(bad.group()):04X} (a control character or half of a "
+            "surrogate pair); remove it"
+        )
 
 
 def resolve_base(project, requested):
@@ -2156,6 +3251,7 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
             record["seq"] = next_seq(state)
+            record["preparer"] = [os.getpid(), process_start_time(os.getpid())]
             state["agents"][agent_id] = record
             created.append(record)
         if parallel:
@@ -2214,11 +3310,20 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None):
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
+    sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
+    roll_back_stalled_spawns(project)
     records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
+    mark_sandboxed(project, records, sandboxed)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
-    defer_worktrees(project, records[SPAWN_PREPARED_NOW:])
-    prepare_agents(project, records[:SPAWN_PREPARED_NOW])
+    try:
+        defer_worktrees(project, records[SPAWN_PREPARED_NOW:])
+        prepare_agents(project, records[:SPAWN_PREPARED_NOW])
+    except BaseException:
+        with shield_interrupts():
+            roll_back_spawn(project, records, "spawn was interrupted before the agent started")
+            drop_agent_env(project, [r["id"] for r in records])
+        raise
     drop_agent_env(project, [r["id"] for r in records if r["state"] == "failed"])  # setup failed: no launch
     ensure_supervisor(project)
     return records
@@ -2236,12 +3341,56 @@ def defer_worktrees(project, records):
 
     def mark(state):
         for record in records:
-            record.update(worktree_later=True, spawn_logged=True, activity="waiting for a worktree")
-            state["agents"][record["id"]].update(
-                worktree_later=True, spawn_logged=True, activity=record["activity"]
+            facts = dict(
+                worktree_later=True, spawn_logged=True, activity="waiting for a worktree", preparer=None
             )
+            record.update(facts)  # the supervisor prepares it (and becomes its preparer) when its turn nears
+            state["agents"][record["id"]].update(facts)
 
     project.store.update(mark)
+
+
+def mark_sandboxed(project, records, sandboxed):
+    """Fix at spawn whether the agents run in the sandbox: in their records and launch settings."""
+
+    def mark(state):
+        for record in records:
+            for target in (record, state["agents"][record["id"]]):
+                target["sandboxed"] = sandboxed
+                target["launch"]["sandboxed"] = sandboxed
+
+    project.store.update(mark)
+
+
+def roll_back_spawn(project, records, why):
+    """Undo half-prepared agents (none has run): remove their worktree and fresh branch, mark
+    them failed. Their worktrees hold only the base checkout, copies and setup output."""
+    for record in records:
+        worktree, branch = record["worktree"], f"refs/heads/{record['branch']}"
+        delete_worktree(project.repo, worktree)
+        run_git(["update-ref", "-d", branch, record["base_commit"]], project.repo, check=False)
+
+    def mark(state):
+        for record in records:
+            saved = state["agents"].get(record["id"])
+            if saved and saved["state"] == "queued" and not saved.get("ready"):
+                saved.update(state="failed", error=why, activity="spawn interrupted", finished_at=utc_iso())
+                note_settlement(saved)
+
+    project.store.update(mark)
+
+
+def roll_back_stalled_spawns(project):
+    """Roll back agents whose spawn process died while preparing them (Ctrl-C, kill); their ids."""
+    stalled = [
+        r for r in project.records().values()
+        if r["state"] == "queued" and not r.get("ready") and r.get("preparer")
+        and not process_alive(*r["preparer"])
+    ]  # fmt: skip
+    if stalled:
+        with shield_interrupts():
+            roll_back_spawn(project, stalled, "its spawn was interrupted before the agent started")
+    return [r["id"] for r in stalled]
 
 
 def pause_agents(project, ids):
@@ -2309,6 +3458,81 @@ def queue_session(record, prompt, activity):
     )
 
 
+def find_requests(project, name):
+    """The pending requests a name means: one request id, or every request of one agent."""
+    box = ApprovalBox(project.repo)
+    request, where = box.request(name)
+    if where == "answered":
+        raise OrchestraError(late_message(name, request["decision"]), EXIT_FAILURE)
+    if request is not None:
+        return [request]
+    pending = box.pending()
+    by_prefix = [r for r in pending if r["id"].startswith(name)]
+    if len(by_prefix) == 1 and not any(i.startswith(name) for i in project.records()):
+        return by_prefix
+    records = project.records()
+    if not any(i.startswith(name) for i in records):
+        raise OrchestraError(f"no request or agent '{name}'; 'orchestra approvals' lists the requests")
+    agent = select_agents(records, [name])[0]
+    mine = [r for r in pending if r["agent"] == agent["id"]]
+    if mine:
+        return mine
+    if agent["state"] not in ACTIVE_STATES:
+        raise OrchestraError(
+            f"{agent['id']} has ended ({agent['state']}); it waits for no approval", EXIT_FAILURE
+        )
+    raise OrchestraError(
+        f"{agent['id']} is not waiting for an approval; 'orchestra approvals' lists the requests"
+    )
+
+
+def late_message(req_id, decision):
+    """What a decider is told when another decision came first."""
+    verb = "allowed" if decision.get("decision") == "allow" else "denied"
+    return f"request {req_id} was already {verb} by {decision.get('by')} at {decision.get('at')}; your decision came late"
+
+
+def answer_request(project, request, allow, by, message=None, always=None):
+    """Decide one pending request (first decision wins); the decision as recorded.
+
+    always: None, "agent" (the rule holds for the rest of the agent's run) or "project"
+    (the rule is added to the project's bypass_permissions).
+    """
+    box = ApprovalBox(project.repo)
+    if not process_alive(request.get("pid"), request.get("pid_start")):
+        state = project.records().get(request["agent"], {}).get("state", "gone")
+        raise OrchestraError(
+            f"{request['agent']} has ended ({state}); its request {request['id']} is void", EXIT_FAILURE
+        )
+    rule = request_rule(request["tool"], request.get("input") or {}) if allow and always else None
+    decision = {"decision": "allow" if allow else "deny", "by": by, "at": utc_iso(), "message": message,
+                "always": always if rule else None, "rule": rule}  # fmt: skip
+    if rule:  # before the decision, so the agent's very next request already finds it
+        if always == "project":
+            decision["config"] = str(add_project_rule(project, rule))
+        else:
+            box.add_rule(request["agent"], rule)
+    if not box.decide(request["id"], decision):
+        raise OrchestraError(late_message(request["id"], box.decision(request["id"]) or {}), EXIT_FAILURE)
+    event = {"event": "approval", "request": request["id"], "tool": request.get("summary"), **decision}
+    append_event(project.log_path(request["agent"]), {k: v for k, v in event.items() if v is not None})
+    return decision
+
+
+def add_project_rule(project, rule):
+    """Add a rule to bypass_permissions in .orchestra/config.json; that file's path."""
+    path = project.dir / "config.json"
+    current = read_config_file(path).get("bypass_permissions", project.config["bypass_permissions"])
+    if rule not in current:
+        write_config_value(path, "bypass_permissions", [*current, rule])
+    return path
+
+
+def approvals_document(project):
+    """What `approvals --json` prints and GET /api/approvals answers."""
+    return {"approvals": ApprovalBox(project.repo).pending()}
+
+
 def render_event(event):
     """Readable lines for one log event (text, tool calls, results, orchestra's own steps)."""
     kind = event.get("type")
@@ -2358,6 +3582,13 @@ def render_orchestra_event(event):
         ]
     if what == "launch":
         return ["== resumed its session" if event.get("resume") else "== agent started"]
+    if what == "approval_requested":
+        return [f"?? waiting for approval: {event.get('tool')} (orchestra approve {event.get('request')})"]
+    if what == "approval":
+        verb = "allowed" if event.get("decision") == "allow" else "denied"
+        why = f" by rule {event['rule']}" if event.get("rule") else f" by {event.get('by')}"
+        note = f": {event['message']}" if event.get("message") and event.get("by") != "rule" else ""
+        return [f"== {verb}{why}: {event.get('tool')}{note}"]
     return []
 
 
@@ -3415,7 +4646,8 @@ def plan_resume(session, here, agents):
         if branch_exists(repo, branch):
             setup = [("worktree", "add", session.cwd, branch)]
             if is_registered(repo, session.cwd):
-                setup.insert(0, ("worktree", "prune"))  # else git refuses: "already registered"
+                # else git refuses: "already registered". Only this entry: never a global prune.
+                setup.insert(0, ("worktree", "remove", "--force", session.cwd))
             return plan._replace(repo=repo, setup=tuple(setup))
     fail_unrecoverable(plan, branch, repos)
 
@@ -3435,7 +4667,16 @@ def recovery_lines(plan, branch, repo):
     """Commands that would bring back a session whose folder and branch are both gone."""
     resume = f"cd {shlex.quote(plan.cwd)} && {shlex.join(plan.argv)}"
     lines = []
-    if branch:
+    archived = archived_agent_of(repo, branch)
+    if archived:
+        lines += [
+            f"# {branch} was orchestra agent {archived}, cleaned up; its work is archived under "
+            f"{ARCHIVE_REFS}/{archived}/. Bring it back with:",
+            f"cd {shlex.quote(str(repo))} && orchestra restore {archived}",
+            resume,
+            "# or resume the conversation without its files:",
+        ]
+    elif branch:
         lines += [
             f"# find the last commit of {branch} among the commits no branch holds:",
             git_command_line(repo, ("fsck", "--unreachable", "--no-reflogs")),
@@ -3444,6 +4685,17 @@ def recovery_lines(plan, branch, repo):
             "# or resume the conversation without its files:",
         ]
     return [*lines, f"mkdir -p {shlex.quote(plan.cwd)} && {resume}"]
+
+
+def archived_agent_of(repo, branch):
+    """The id of the cleaned-up orchestra agent whose branch this was, if an archive holds it."""
+    if not branch or "/" not in branch or not os.path.isdir(str(repo)):
+        return None
+    agent_id = branch.rsplit("/", 1)[1]
+    done = run_git(
+        ["for-each-ref", "--count=1", "--format=%(refname)", f"{ARCHIVE_REFS}/{agent_id}/"], repo, check=False
+    )
+    return agent_id if done.stdout.strip() else None
 
 
 def fail_unrecoverable(plan, branch, repos):
@@ -3543,6 +4795,42 @@ def session_listing(env, now, hours, project=None, limit=SESSION_DEFAULT_LIMIT):
     return list_sessions(projects_dir, now, hours, project, limit, CountCache.load(env))
 
 
+def session_prompts(path, limit=SESSION_DETAIL_PROMPTS, budget=SESSION_DETAIL_BYTES):
+    """The prompts a user typed in a transcript, oldest first (at most `limit`, from its first `budget` bytes)."""
+    prompts = []
+    with open(path, "rb") as f:
+        for raw in f.read(budget).splitlines():
+            record = parse_line(raw.decode("utf-8", "replace"))
+            prompt = prompt_of(record)[0] if record else None
+            if prompt:
+                prompts.append(prompt)
+                if len(prompts) >= limit:
+                    break
+    return prompts
+
+
+def session_detail(env, wanted):
+    """One session for the dashboard: its prompts and the commands that resume it."""
+    projects_dir = claude_projects_dir(env)
+    files = scan_session_files(projects_dir)[0] if projects_dir.is_dir() else []
+    here, agents = current_repo(), AgentIndex()
+    if here:
+        agents.load(here)
+    file = match_session(files, wanted, agents)
+    try:
+        session = describe_session(file)
+        prompts = session_prompts(file.path)
+    except OSError as e:
+        raise OrchestraError(f"cannot read {file.path}: {e.strerror}", EXIT_FAILURE) from None
+    agents.load_for(session.cwd, {})
+    try:
+        resume, note = resume_command_lines(plan_resume(session, here, agents)), None
+    except OrchestraError as e:
+        resume, note = [], str(e)
+    return {"id": session.session_id, "title": session.title, "cwd": session.cwd, "prompts": prompts,
+            "resume": resume, "note": note, "command": f"orchestra sessions --resume {session.session_id}"}  # fmt: skip
+
+
 def sessions_document(env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None):
     """What `orchestra sessions --json` prints, for the web API."""
     now = time.time() if now is None else now
@@ -3577,24 +4865,141 @@ def branch_tip(project, record):
     return ref_commit(project.repo, f"refs/heads/{record['branch']}")
 
 
+def setup_map(record):
+    """{path: blob hash (or old [size, mtime_ns])} of the files copying and setup left."""
+    return record.get("setup_files") or {}
+
+
+def display_path(path):
+    """A path as text a terminal and JSON can show, even when its bytes are not UTF-8."""
+    text = os.fsencode(path).decode("utf-8", "replace")
+    return (
+        text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+        if "\n" in text or "\t" in text
+        else text
+    )
+
+
+def nested_root(rel):
+    """The folder of the nested repository a snapshot path lies in (`a/b` for `a/b/.git/x`)."""
+    text = os.fsdecode(rel)
+    for marker in ("/.git-dir/", "/.git/"):
+        if marker in "/" + text:
+            return ("/" + text).split(marker, 1)[0].lstrip("/") or "."
+    return text
+
+
+def worktree_leftovers(record, changes):
+    """[(XY code, path)] like git status: ' M', ' D', '??', '!!', and 'NR' for a nested repository."""
+    worktree = record["worktree"]
+    untracked = [name for what, name, *_ in changes["changed"] if what == "untracked"]
+    ignored = ignored_among(worktree, untracked)
+    entries, nested = [], []
+    for what, name, rel, *_ in changes["changed"]:
+        if what == "nested":
+            nested.append(nested_root(rel))
+        else:
+            code = {"modified": " M", "untracked": "!!" if name in ignored else "??"}[what]
+            entries.append((code, name))
+    entries += [(" D", name) for name in changes["deleted"]]
+    entries += [("NR", name) for name in dict.fromkeys(nested)]
+    return sorted(entries, key=lambda e: e[1])
+
+
 def uncommitted_work(record):
-    """[(XY code, path)] in the agent's worktree that is not committed, unchanged setup files left out."""
+    """[(XY code, path)] the agent's worktree holds beyond its HEAD commit and setup's files."""
     worktree = Path(record["worktree"])
     if not worktree.is_dir():
         return []
-    setup = record.get("setup_files") or {}
+    head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
+    changes = file_changes(worktree, worktree, head[0] if head else None, setup_map(record),
+                           worktree_admin_dir(worktree))  # fmt: skip
+    return worktree_leftovers(record, changes)
 
-    def from_setup(path):
-        return path in setup and setup[path] in (None, file_fingerprint(worktree / path))
 
-    return [(code, path) for code, path in worktree_status(worktree) if not from_setup(path)]
+def worktree_holdings(project, record):
+    """Everything removing the agent's worktree and branch could lose.
+
+    {tip, head, head_branch, detached_lost, reflog_lost, stashes, staged, changes, leftovers}:
+    commits are those no ref outside the worktree (its branch and refs/stash not counted) holds.
+    """
+    repo, worktree, branch = project.repo, Path(record["worktree"]), record["branch"]
+    held = {"tip": branch_tip(project, record), "head": None, "head_branch": None, "staged": None,
+            "changes": None, "leftovers": [], "detached_lost": [], "reflog_lost": []}  # fmt: skip
+    if worktree.is_dir():
+        head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
+        held["head"] = head[0] if head else None
+        symbolic = (
+            git_bytes(["symbolic-ref", "--quiet", "HEAD"], worktree, check=False).stdout.decode().strip()
+        )
+        held["head_branch"] = symbolic[len("refs/heads/") :] if symbolic.startswith("refs/heads/") else None
+        held["staged"] = staged_tree(worktree, held["head"])
+        held["changes"] = file_changes(
+            repo, worktree, held["head"], setup_map(record), worktree_admin_dir(worktree)
+        )
+        held["leftovers"] = worktree_leftovers(record, held["changes"])
+        commits = worktree_commits(repo, worktree, branch)
+    else:
+        commits = rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo)
+    held["stashes"] = worktree_stashes(repo, worktree, commits, branch)
+    tips = [*outside_tips(repo, worktree, {f"refs/heads/{branch}", "refs/stash"}), held["tip"]]
+    tips = [t for t in tips if t]
+    held["detached_lost"] = commits_only_in(repo, [held["head"]], tips) if held["head"] else []
+    lost = commits_only_in(repo, commits, tips)
+    held["reflog_lost"] = [c for c in lost if c not in set(held["detached_lost"])]
+    return held
+
+
+def plural(count, noun):
+    """'1 commit', '2 commits', '2 stashes'."""
+    return f"{count} {noun}{'' if count == 1 else ('es' if noun.endswith(('s', 'sh')) else 's')}"
+
+
+def holdings_reasons(record, held):
+    """Why removing the worktree could lose something, in words, or [] when it could not."""
+    reasons, branch = [], record["branch"]
+    on_branch = held["head_branch"]
+    if held["tip"] is None and (held["head"] or held["detached_lost"] or held["reflog_lost"]):
+        where = f"; its worktree has {on_branch} checked out" if on_branch and on_branch != branch else ""
+        count = len(set(held["detached_lost"]) | set(held["reflog_lost"]))
+        holds = f"; its worktree holds {plural(count, 'commit')}" if count else ""
+        reasons.append(f"branch {branch} was renamed or deleted{where}{holds}")
+    elif on_branch and on_branch != branch:
+        reasons.append(f"its worktree has branch {on_branch} checked out instead of {branch}")
+    if held["head"] and not on_branch and held["detached_lost"]:
+        reasons.append(
+            f"HEAD is detached with {plural(len(held['detached_lost']), 'commit')} not on any branch"
+        )
+    if held["tip"] is not None and held["reflog_lost"]:
+        reasons.append(
+            f"{plural(len(held['reflog_lost']), 'commit')} only in the worktree's reflog (reset or amended away)"
+        )
+    if held["stashes"]:
+        reasons.append(f"{plural(len(held['stashes']), 'stash')} made in the worktree")
+    if held["staged"] == "conflict":
+        reasons.append("unresolved conflicts in the index")
+    elif held["staged"]:
+        reasons.append("staged changes in the index")
+    if held["leftovers"]:
+        reasons.append(describe_files(held["leftovers"]))
+    return reasons
+
+
+def unsaveable(held):
+    """Folders cleanup cannot read, so cannot archive: a reason to keep even when forced."""
+    unreadable = (held["changes"] or {}).get("unreadable", [])
+    return (
+        f"cannot read {', '.join(unreadable[:MAX_LISTED_FILES])} to archive it; fix its permissions"
+        if unreadable
+        else None
+    )
 
 
 def agent_report(project, record, tip=False, cache=None):
     """What one agent produced: its result, cost, commits, diffstat and leftovers.
 
     `tip` (the branch tip, when the caller looked it up already) and `cache` (a ReportCache) spare
-    git the work for a branch whose tip has not moved since the last report.
+    git the commits, diffstat and files of a branch whose tip has not moved since the last report.
     """
     tip = branch_tip(project, record) if tip is False else tip
     committed = cache.get(record, tip) if cache else None
@@ -3602,18 +5007,25 @@ def agent_report(project, record, tip=False, cache=None):
         committed = committed_work(project, record["base_commit"], tip)
         if cache:
             cache.put(record, tip, committed)
-    leftovers = uncommitted_work(record)
-    changed = set(committed["files"]) | {path for code, path in leftovers if code != "!!"}
+    commits = committed["commits"]
+    held = worktree_holdings(project, record)
+    leftovers = [(code, display_path(path)) for code, path in held["leftovers"]]
+    changed = set(committed["files"]) | {path for code, path in leftovers if code not in ("!!", "NR")}
+    notes = [r for r in holdings_reasons(record, dict(held, leftovers=[])) if not r.startswith("staged")]
     return {
         **{
             key: record.get(key)
             for key in ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch")
         },
+        "permission_denials": record.get("permission_denials") or [],
+        "bypass_permissions": (record.get("launch") or {}).get("bypass_permissions", []),
         "duration_seconds": elapsed_seconds(record, time.time()),
         "commits": committed["commits"],
         "diffstat": committed["diffstat"],
         "files": sorted(changed - {""}),
         "uncommitted": [{"status": code, "path": path} for code, path in leftovers],
+        "merged": bool(commits) and unmerged_reason(project, record, tip) is None,
+        "notes": notes,
     }
 
 
@@ -3698,51 +5110,150 @@ def overlapping_files(reports):
 
 
 def commit_leftovers(project, record):
-    """Commit the agent's uncommitted work on its branch (not ignored or setup files); True if any."""
-    work = [path for code, path in uncommitted_work(record) if code != "!!"]
+    """Commit the agent's uncommitted work on its branch (not ignored, setup or nested-repository
+    files); True if any. File names are passed as bytes, so names that are not UTF-8 work."""
+    leftovers = uncommitted_work(record)
+    nested = [path + "/" for code, path in leftovers if code == "NR"]
+    work = [path for code, path in leftovers
+            if code in (" M", " D", "??") and not any(path.startswith(n) for n in nested)]  # fmt: skip
     if not work:
         return False
     worktree = record["worktree"]
-    run_git(["add", "-A", "--", *(f":(literal){path}" for path in work)], worktree)
+    specs = b"\0".join(b":(literal)" + os.fsencode(path) for path in work) + b"\0"
+    git_bytes(["add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul"], worktree, input=specs)
     message = f"orchestra: commit work {record['id']} left uncommitted\n\nTask: {record['task']}"
-    run_git(["commit", "--quiet", "--no-verify", "-m", message], worktree)
+    git_bytes(["commit", "--quiet", "--no-verify", "-m", message], worktree)
     return True
 
 
 def check_checkout_clean(repo, doing):
-    """Refuse to touch the user's checkout while it has changes or a merge in progress."""
-    if merge_in_progress(repo):
-        raise OrchestraError(f"a merge is in progress in {repo}; finish or abort it before {doing}")
-    if run_git(["status", "--porcelain", "--untracked-files=no"], repo).stdout.strip():
+    """Refuse to touch the user's checkout while it has changes or an operation in progress."""
+    operation = operation_in_progress(repo)
+    if operation:
+        raise OrchestraError(f"{operation} is in progress in {repo}; finish or abort it before {doing}")
+    status = ["status", "--porcelain", "--untracked-files=no", "--ignore-submodules=none"]
+    if git_bytes(status, repo).stdout.strip():
         raise OrchestraError(
             f"your checkout {repo} has uncommitted changes; commit or stash them before {doing}"
         )
 
 
-def merge_agents(project, records):
-    """Merge agents' branches into the current branch one by one; (merged ids, conflict or None).
+def check_merge_target(project, cwd, into):
+    """Refuse `collect --merge` from a linked worktree unless --into names the branch of the
+    user's checkout, which is where the merge happens."""
+    here = git_bytes(["rev-parse", "--show-toplevel"], cwd, check=False).stdout.decode().strip()
+    target = current_branch(project.repo)
+    if into is not None and into != target:
+        raise OrchestraError(
+            f"--into {into}: the checkout at {project.repo} has {target or 'a detached HEAD'} checked out; "
+            f"check out {into} there first"
+        )
+    if into is None and here and Path(here).resolve() != project.repo.resolve():
+        raise OrchestraError(
+            f"you are in the linked worktree {here}, but collect --merge merges into the checkout at "
+            f"{project.repo} (branch {target}); run it there, or pass --into {target} to confirm"
+        )
 
-    Stops at the first conflict with the merge aborted, so the checkout is as it was.
+
+def tracked_paths(repo):
+    """Paths (bytes) the user's index tracks."""
+    return set(git_bytes(["ls-files", "-z"], repo).stdout.split(b"\0")) - {b""}
+
+
+def overwritten_by_merge(repo, tip):
+    """The user's untracked or ignored files (or folders) a merge of `tip` would write over."""
+    base = run_git(["merge-base", "HEAD", tip], repo, check=False).stdout.strip()
+    diff = ["diff", "--name-only", "-z", "--no-renames", "--diff-filter=AMTCR", base or "HEAD", tip]
+    incoming = [p for p in git_bytes(diff, repo).stdout.split(b"\0") if p]
+    tracked, root, hits = tracked_paths(repo), os.fsencode(str(repo)), []
+    for path in incoming:
+        parts = path.split(b"/")
+        for depth in range(1, len(parts) + 1):
+            prefix = b"/".join(parts[:depth])
+            blocking = depth == len(parts) or not os.path.isdir(os.path.join(root, prefix))
+            if prefix not in tracked and blocking and os.path.lexists(os.path.join(root, prefix)):
+                hits.append(display_path(os.fsdecode(prefix)))
+                break
+    return sorted(set(hits))
+
+
+def merge_agents(project, records):
+    """Merge agents' branches into the current branch one by one; (merged ids, stop or None).
+
+    Stops at the first conflict, or before a merge that would overwrite untracked or ignored
+    files, with the checkout as it was. Ctrl-C undoes this run's merges, leaving it as before.
     """
     repo = project.repo
     check_checkout_clean(repo, "merging")
     if current_branch(repo) is None:
         raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
-    merged = []
-    for record in sorted(records, key=spawn_order):
-        tip = branch_tip(project, record)
-        if tip is None or is_ancestor(repo, tip, "HEAD"):
-            continue
-        message = f"Merge {record['branch']}: {one_line(record['task'], 72)}"
-        done = run_git(["merge", "--no-ff", "--no-edit", "-m", message, record["branch"]], repo, check=False)
-        if done.returncode != 0:
-            files = run_git(["diff", "--name-only", "--diff-filter=U"], repo).stdout.split()
-            if merge_in_progress(repo):
-                run_git(["merge", "--abort"], repo)
-            why = one_line(done.stderr or done.stdout, TAIL_CHARS)
-            return merged, {"id": record["id"], "branch": record["branch"], "files": files, "git": why}
-        merged.append(record["id"])
+    start, merged = ref_commit(repo, "HEAD"), []
+    try:
+        for record in sorted(records, key=spawn_order):
+            with shield_interrupts():
+                stop = merge_one(project, record)
+            if stop:
+                return merged, stop
+            if stop is False:
+                merged.append(record["id"])
+    except KeyboardInterrupt:
+        with shield_interrupts():
+            undo_merges(repo, start)
+        raise
     return merged, None
+
+
+def merge_one(project, record):
+    """Merge one agent's branch: False when merged, None when nothing to do, else why it stopped."""
+    repo, tip = project.repo, branch_tip(project, record)
+    if tip is None or is_ancestor(repo, tip, "HEAD"):
+        return None
+    stop = {"id": record["id"], "branch": record["branch"], "files": [], "git": "", "untracked": []}
+    blocked = overwritten_by_merge(repo, tip)
+    if blocked:
+        return dict(stop, untracked=blocked)
+    message = f"Merge {record['branch']}: {one_line(record['task'], 72)}"
+    done = run_git(["merge", "--no-ff", "--no-edit", "-m", message, tip], repo, check=False)
+    if done.returncode == 0:
+        return False
+    files = run_git(["diff", "--name-only", "--diff-filter=U"], repo).stdout.split()
+    if operation_in_progress(repo):
+        run_git(["merge", "--abort"], repo)
+    return dict(stop, files=files, git=one_line(done.stderr or done.stdout, TAIL_CHARS))
+
+
+def undo_merges(repo, start):
+    """Put the user's checkout back at `start` after an interrupted collect --merge."""
+    if (Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip()) / "MERGE_HEAD").exists():
+        run_git(["merge", "--abort"], repo, check=False)
+    if start and ref_commit(repo, "HEAD") != start:
+        run_git(["reset", "--quiet", "--keep", start], repo, check=False)
+
+
+def collect_agents(project, ids, commit=False, merge=False, patch=None, pr=False, into=None, cwd=None):
+    """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
+    merges (all done agents, or the named ones), writes a patch and opens pull requests.
+    `cwd` is where the command runs: a merge from a linked worktree needs `into`."""
+    records = finished_agents(project.all_records() if ids else project.records(), ids)
+    if merge:
+        check_merge_target(project, cwd or project.repo, into)
+        check_checkout_clean(project.repo, "merging")
+    elif into:
+        raise OrchestraError("--into names where --merge merges; add --merge")
+    committed = [r["id"] for r in records if commit and commit_leftovers(project, r)]
+    reports = agent_reports(project, records)
+    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
+    if merge:
+        chosen = records if ids else [r for r in records if r["state"] == "done"]
+        document["merged"], document["conflict"] = merge_agents(project, chosen)
+        mark_merged(project, document["merged"])
+    if patch:
+        document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
+    if pr:
+        document["pull_requests"] = open_pull_requests(project, reports)
+        document["pr_failed"] = any(line.startswith("cannot open") or ": gh failed:" in line
+                                    for line in document["pull_requests"])  # fmt: skip
+    return document
 
 
 def pull_request_body(report):
@@ -3785,6 +5296,15 @@ def write_patch(project, records, path):
             parts.append(run_git(["format-patch", "--stdout", span], project.repo).stdout)
     Path(path).write_text("".join(parts), encoding="utf-8")
     return count
+
+
+def sent_text(agent_id, waits):
+    """What `send` says once a message is on its way (the web answers the same)."""
+    if waits:
+        first = f"{agent_id}: still working; your message waits and is sent when its current turn ends"
+    else:
+        first = f"{agent_id}: queued to continue with your message"
+    return f"{first}\nfollow it with: orchestra logs -f {agent_id}"
 
 
 def send_message(project, agent_id, message, env=None):
@@ -3834,8 +5354,11 @@ def cleanup_targets(records, ids, everything=False, failed_only=False):
 
 def describe_files(entries):
     """Reasons like 'untracked file notes.md' for a worktree's leftovers, the first few named."""
-    kinds = {"??": "untracked file", "!!": "ignored file"}
-    named = [f"{kinds.get(code, 'uncommitted change')} {path}" for code, path in entries[:MAX_LISTED_FILES]]
+    kinds = {"??": "untracked file", "!!": "ignored file", " D": "deleted file", "NR": "nested repository"}
+    named = [
+        f"{kinds.get(code, 'uncommitted change')} {display_path(path)}"
+        for code, path in entries[:MAX_LISTED_FILES]
+    ]
     more = len(entries) - MAX_LISTED_FILES
     return ", ".join(named) + (f" and {more} more" if more > 0 else "")
 
@@ -3866,148 +5389,383 @@ def unmerged_reason(project, record, tip):
     return f"{count} commit{'s' if count != 1 else ''} not merged into {target}"
 
 
+def is_our_worktree(project, record):
+    """True when the record's worktree is where orchestra makes them, named for the agent."""
+    path = Path(record["worktree"])
+    return path.parent == project.worktree_root and path.name == f"{WORKTREE_PREFIX}{record['id']}"
+
+
+def checked_out_elsewhere(record, worktrees):
+    """Another worktree where the agent's branch is checked out, or None."""
+    for wt in worktrees.values():
+        if wt["branch"] == record["branch"] and wt["path"] != str(Path(record["worktree"])):
+            return wt["path"]
+    return None
+
+
 def plan_agent_cleanup(project, record, worktrees, force):
     """What cleanup does with one agent: {id, action, reasons, forced, stop_first, tip}.
 
-    Never the main worktree, one orchestra did not make, or a locked one, even with force.
+    Never the main worktree, one orchestra did not make, a locked one, one a spawn is still
+    preparing, or one holding files cleanup cannot read, even with force.
     """
-    step = {
-        "id": record["id"],
-        "action": "remove",
-        "reasons": [],
-        "forced": False,
-        "stop_first": False,
-    }
+    step = {"id": record["id"], "action": "remove", "reasons": [], "forced": False, "stop_first": False}
     path = str(Path(record["worktree"]))
     listed = worktrees.get(path)
-    ours = (
-        Path(path).parent == project.worktree_root and Path(path).name == f"{WORKTREE_PREFIX}{record['id']}"
-    )
-    if not ours or path == str(project.repo):
+    if not is_our_worktree(project, record) or path == str(project.repo):
         return dict(step, action="keep", reasons=[f"worktree {path} is not one orchestra made"])
     if listed and listed["locked"]:
         return dict(step, action="keep", reasons=[f"worktree is locked (git worktree unlock {path})"])
+    if record["state"] == "queued" and not record.get("ready") and not record.get("pid"):
+        return dict(step, action="keep", reasons=["its worktree is still being prepared by spawn"])
     soft = []
     if record["state"] in ACTIVE_STATES:
         soft.append(f"still {record['state']}; stop it first or use --force")
         step["stop_first"] = True
-    leftovers = uncommitted_work(record)
-    if leftovers:
-        soft.append(describe_files(leftovers))
-    step["tip"] = tip = branch_tip(project, record)
+    held = worktree_holdings(project, record)
+    if unsaveable(held):
+        return dict(step, action="keep", reasons=[unsaveable(held)])
+    soft += holdings_reasons(record, held)
+    step["tip"] = tip = held["tip"]
     unmerged = unmerged_reason(project, record, tip) if tip else None
     if unmerged:
         soft.append(unmerged)
     if soft and not force:
         return dict(step, action="keep", reasons=soft)
-    return dict(step, reasons=soft or ["merged, nothing uncommitted"], forced=bool(soft))
+    gone = tip is None and not Path(path).is_dir()
+    nothing = ["nothing left: its branch and worktree are gone"] if gone else ["merged, nothing uncommitted"]
+    return dict(step, reasons=soft or nothing, forced=bool(soft))
 
 
 def plan_cleanup(project, records, force=False):
     """The cleanup plan for these agents; the dry run prints it and the real run carries it out."""
-    if merge_in_progress(project.repo):
+    operation = operation_in_progress(project.repo)
+    if operation:
         raise OrchestraError(
-            f"a merge is in progress in {project.repo}; finish or abort it before cleaning up"
+            f"{operation} is in progress in {project.repo}; finish or abort it before cleaning up"
         )
     worktrees = {w["path"]: w for w in list_worktrees(project.repo)}
     return [plan_agent_cleanup(project, r, worktrees, force) for r in records]
 
 
-def snapshot_worktree(worktree, message):
-    """A commit of everything in a worktree (untracked and ignored files too), via a temporary index."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"))
-        run_git(["read-tree", "HEAD"], worktree, env=env)
-        run_git(["add", "--all", "--force", "--", "."], worktree, env=env)
-        tree = run_git(["write-tree"], worktree, env=env).stdout.strip()
-    return run_git(["commit-tree", tree, "-p", "HEAD", "-m", message], worktree).stdout.strip()
-
-
-def archive_agent(project, record, tip, snapshot):
-    """Save the branch tip (and a snapshot of a dirty worktree) under refs/orchestra/archive/; the refs."""
+def archive_stamp(repo, agent_id):
+    """A UTC stamp no archive of this agent uses yet (a suffix .2, .3 within one second)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    base = f"{ARCHIVE_REFS}/{record['id']}/{stamp}"
-    refs = []
-    if tip:
-        run_git(["update-ref", base, tip], project.repo)
-        refs.append(base)
-    if snapshot and Path(record["worktree"]).is_dir():
-        message = f"orchestra: snapshot of {record['id']}'s worktree before a forced cleanup"
-        run_git(
-            ["update-ref", f"{base}-worktree", snapshot_worktree(record["worktree"], message)], project.repo
+    taken = {a["saved"] for a in list_archives(repo) if a["id"] == agent_id}
+    candidate, n = stamp, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{stamp}.{n}"
+    return candidate
+
+
+def archive_holdings(project, record, held):
+    """Save everything the worktree holds under refs/orchestra/archive/<id>/<stamp>[-kind]; the refs.
+
+    <stamp>: the branch tip (else HEAD); -head: a HEAD elsewhere; -lost: commits only the
+    reflogs reached; -stash: its stashes; -index: the staged tree; -worktree: a snapshot of
+    every file not provably committed or left by setup (parent: HEAD). One transaction.
+    """
+    repo, agent_id, head = project.repo, record["id"], held["head"]
+    base = f"{ARCHIVE_REFS}/{agent_id}/{archive_stamp(repo, agent_id)}"
+    main, refs = held["tip"] or head, {}
+    if main:
+        refs[base] = main
+    if head and head != main:
+        refs[f"{base}-head"] = head
+    lost = [c for c in independent_commits(repo, held["reflog_lost"] + held["detached_lost"])
+            if not any(is_ancestor(repo, c, kept) for kept in refs.values())]  # fmt: skip
+    if lost:
+        refs[f"{base}-lost"] = (
+            lost[0]
+            if len(lost) == 1
+            else octopus_commit(repo, lost, f"orchestra: commits only {agent_id}'s worktree reflogs held")
         )
-        refs.append(f"{base}-worktree")
-    return refs
+    if held["stashes"]:
+        stashes = held["stashes"]
+        refs[f"{base}-stash"] = (
+            stashes[0]
+            if len(stashes) == 1
+            else octopus_commit(
+                repo, stashes, f"orchestra: {len(stashes)} stashes made in {agent_id}'s worktree"
+            )
+        )
+    if held["staged"] and held["staged"] != "conflict":
+        args = [
+            "commit-tree",
+            held["staged"],
+            *(["-p", head] if head else []),
+            "-m",
+            f"orchestra: {agent_id}'s index",
+        ]
+        refs[f"{base}-index"] = git_bytes(args, repo).stdout.decode().strip()
+    changes = held["changes"]
+    if changes and (changes["changed"] or changes["deleted"]):
+        worktree = Path(record["worktree"])
+        write_changed_blobs(repo, worktree, worktree_admin_dir(worktree), changes)
+        message = f"orchestra: snapshot of {agent_id}'s worktree before cleanup"
+        refs[f"{base}-worktree"] = snapshot_commit(repo, head, changes, message)
+    if refs:
+        write_refs(repo, refs)
+    return list(refs)
+
+
+def wait_for_writers(worktree, grace=WRITER_GRACE):
+    """Processes still using the worktree after `grace` seconds, as a reason; None when none."""
+    deadline = time.monotonic() + grace
+    while True:
+        users = processes_using(worktree)
+        if not users or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if not users:
+        return None
+    named = ", ".join(f"{pid} ({name})" for pid, name in users[:MAX_LISTED_FILES])
+    return f"process {named} still uses the worktree; end it and run cleanup again"
+
+
+def record_archive(project, agent_id, refs):
+    """Write the archive refs into the agent's record before anything is removed."""
+
+    def change(state):
+        state["agents"][agent_id]["archive"] = refs
+
+    try:
+        project.store.update(change)
+    except OSError as e:
+        raise OrchestraError(
+            f"cannot record {agent_id}'s archive in {project.dir} ({e.strerror}); nothing was removed. "
+            f"Its work is saved under {refs[0] if refs else ARCHIVE_REFS}; fix the problem and run cleanup again",
+            EXIT_FAILURE,
+        ) from None
 
 
 def remove_agent(project, record, step):
-    """Carry out one 'remove' step: archive, remove the worktree, delete the branch; archive refs.
+    """Carry out one 'remove' step: stop, check, archive, record, then delete; the archive refs.
 
-    Looks again after stopping the agent: whatever it left is snapshotted when forced, and an
-    unforced step whose branch or worktree changed since the plan is not carried out (None).
+    Looks again after stopping the agent: an unforced step whose worktree or branch changed
+    since the plan is not carried out (None). A string is a reason to keep it after all.
     """
     if step["stop_first"]:
         stop_agents(project, [record["id"]])
-    tip, leftovers = branch_tip(project, record), uncommitted_work(record)
-    if not step["forced"] and (leftovers or tip != step["tip"]):
-        return None
-    refs = archive_agent(project, record, tip, snapshot=bool(leftovers))
     if Path(record["worktree"]).is_dir():
-        # Safe by our own check (or forced and archived): git may drop setup's untracked files.
-        run_git(["worktree", "remove", "--force", record["worktree"]], project.repo)
-    if tip:
-        delete = ["update-ref", "-d", f"refs/heads/{record['branch']}", tip]  # only if still at tip
-        run_git(delete, project.repo)
-    run_git(["worktree", "prune"], project.repo)
+        busy = wait_for_writers(record["worktree"])
+        if busy:
+            return busy
+    held = worktree_holdings(project, record)
+    if unsaveable(held):
+        return unsaveable(held)
+    if not step["forced"] and (holdings_reasons(record, held) or held["tip"] != step["tip"]):
+        return None
+    refs = archive_holdings(project, record, held)
+    record_archive(project, record["id"], refs)
+    with shield_interrupts():
+        delete_worktree(project.repo, record["worktree"])
+        worktrees = {w["path"]: w for w in list_worktrees(project.repo)}
+        if held["tip"] and not checked_out_elsewhere(record, worktrees):
+            delete = [
+                "update-ref",
+                "-d",
+                f"refs/heads/{record['branch']}",
+                held["tip"],
+            ]  # only if still at tip
+            run_git(delete, project.repo)
+        mark_removed(project, record["id"], refs)
     return refs
 
 
 def cleanup_agents(project, ids=None, apply=False, everything=False, failed_only=False, force=False):
-    """Plan a cleanup and, with apply, carry it out: {"plan": [...], "applied": bool}."""
-    records = cleanup_targets(
-        project.all_records() if ids else project.records(), ids, everything, failed_only
-    )
-    plan = plan_cleanup(project, records, force)
-    if apply:
-        run_git(["worktree", "prune"], project.repo)  # forget folders deleted by hand
-        by_id = {r["id"]: r for r in records}
-        for step in (s for s in plan if s["action"] == "remove"):
-            step["archive"] = remove_agent(project, by_id[step["id"]], step)
-            if step["archive"] is None:
-                step.update(action="keep", reasons=["changed since the plan was made; run cleanup again"])
-            else:
-                mark_removed(project, step["id"], step["archive"])
+    """Plan a cleanup and, with apply, carry it out: {"plan": [...], "applied": bool}.
+
+    One cleanup at a time: a second waits for the first, then plans from what is left.
+    """
+    lock = FileLock(project.dir / "cleanup.lock")
+    project.dir.mkdir(parents=True, exist_ok=True)
+    if apply and not lock.acquire(timeout=CLEANUP_LOCK_TIMEOUT):
+        raise OrchestraError(
+            "another orchestra cleanup is still running; try again when it has finished", EXIT_FAILURE
+        )
+    try:
+        if apply:
+            roll_back_stalled_spawns(project)
+        live = project.records()
+        records = cleanup_targets(project.all_records() if ids else live, ids, everything, failed_only)
+        plan = plan_cleanup(project, records, force)
+        if apply:
+            by_id = {r["id"]: r for r in records}
+            for step in (s for s in plan if s["action"] == "remove"):
+                apply_step(project, by_id[step["id"]], step)
+    finally:
+        if apply:
+            lock.release()
     return {"plan": plan, "applied": apply}
+
+
+def apply_step(project, record, step):
+    """Carry out one step of the plan, turning it into a KEEP when something stands in the way."""
+    try:
+        outcome = remove_agent(project, record, step)
+    except GitError as e:
+        outcome, step["error"] = f"not removed: {e}", True
+    if outcome is None:
+        step.update(action="keep", reasons=["changed since the plan was made; run cleanup again"])
+    elif isinstance(outcome, str):
+        step.update(action="keep", reasons=[outcome])
+    else:
+        step["archive"] = outcome
+
+
+def mark_merged(project, ids):
+    """Remember that collect --merge merged these agents (status shows them as merged)."""
+
+    def change(state):
+        for agent_id in ids:
+            state["agents"][agent_id]["merged"] = True
+
+    if ids:
+        project.store.update(change)
 
 
 def mark_removed(project, agent_id, archive):
     """Record that an agent's worktree and branch are gone, and where its work was saved."""
 
     def change(state):
-        state["agents"][agent_id].update(state="removed", archive=archive, removed_at=utc_iso(), pid=None)
+        record = state["agents"][agent_id]
+        record.update(state="removed", archive=archive, removed_at=utc_iso(), pid=None,
+                      state_before_removal=record["state"])  # fmt: skip
 
     project.store.update(change)
 
 
 def list_archives(repo):
-    """Saved branch tips: [{ref, id, saved, commit, subject, restore}]."""
+    """Archives of cleaned-up agents, one per cleanup: [{id, saved, ref, commit, subject, refs, restore}].
+
+    `refs` maps each kind ("tip", "head", "lost", "stash", "index", "worktree") to its ref.
+    """
     fmt = "%(refname)%00%(objectname:short)%00%(subject)"
-    rows = []
+    groups = {}
     for line in run_git(["for-each-ref", f"--format={fmt}", f"{ARCHIVE_REFS}/"], repo).stdout.splitlines():
         ref, commit, subject = line.split("\0")
-        agent_id, saved = ref[len(ARCHIVE_REFS) + 1 :].rsplit("/", 1)
-        restore = f"git branch {agent_id}-restored {ref}"
-        rows.append(
-            {
-                "ref": ref,
-                "id": agent_id,
-                "saved": saved,
-                "commit": commit,
-                "subject": subject,
-                "restore": restore,
-            }
+        agent_id, leaf = ref[len(ARCHIVE_REFS) + 1 :].rsplit("/", 1)
+        stamp, kind = leaf, "tip"
+        for suffix in ARCHIVE_KINDS:
+            if leaf.endswith(f"-{suffix}"):
+                stamp, kind = leaf[: -len(suffix) - 1], suffix
+        group = groups.setdefault((agent_id, stamp), {"id": agent_id, "saved": stamp, "ref": ref,
+                                                      "commit": commit, "subject": subject, "refs": {}})  # fmt: skip
+        group["refs"][kind] = ref
+        if kind == "tip":
+            group.update(ref=ref, commit=commit, subject=subject)
+    for group in groups.values():
+        group["restore"] = f"orchestra restore {group['id']}/{group['saved']}"
+    return sorted(groups.values(), key=lambda g: (g["id"], g["saved"]))
+
+
+def check_not_removed(project, names):
+    """Refuse to continue a cleaned-up agent, pointing at its archive and `orchestra restore`."""
+    live, gone = project.records(), project.history()
+    for name in names:
+        matches = [i for i in gone if i == name] or [i for i in gone if i.startswith(name)]
+        if (name in live and live[name]["state"] != "removed") or len(matches) != 1:
+            continue
+        record = gone[matches[0]]
+        saved = (record.get("archive") or [f"{ARCHIVE_REFS}/{record['id']}/"])[0]
+        raise OrchestraError(
+            f"{record['id']} was cleaned up; its work is saved under {saved}. "
+            f"Bring it back with 'orchestra restore {record['id']}', then try again"
         )
-    return rows
+
+
+def find_archive(repo, name):
+    """The archive `name` means: 'id' (its newest archive, ids by unique prefix) or 'id/stamp'."""
+    archives = list_archives(repo)
+    agent_id, _, stamp = name.partition("/")
+    ids = sorted({a["id"] for a in archives})
+    if agent_id not in ids:
+        matches = [i for i in ids if i.startswith(agent_id)]
+        if len(matches) != 1:
+            found = (
+                f"'{agent_id}' matches {', '.join(matches)}; type more of the id"
+                if matches
+                else (f"no archive of '{agent_id}'; 'orchestra cleanup --list-archives' lists them")
+            )
+            raise OrchestraError(found)
+        agent_id = matches[0]
+    mine = [a for a in archives if a["id"] == agent_id and (not stamp or a["saved"] == stamp)]
+    if not mine:
+        raise OrchestraError(f"no archive {name}; 'orchestra cleanup --list-archives' lists them")
+    return mine[-1]
+
+
+def restore_agent(project, name):
+    """Bring an archived agent back: its branch, a worktree with its files, index and record.
+
+    Refuses when the branch or the folder exists. Returns {id, branch, worktree, restored}.
+    """
+    archive = find_archive(project.repo, name)
+    agent_id, refs = archive["id"], archive["refs"]
+    record = project.history().get(agent_id)
+    branch = record["branch"] if record else project.branch_name(agent_id)
+    worktree = project.worktree_path(agent_id)
+    if branch_exists(project.repo, branch):
+        raise OrchestraError(
+            f"branch '{branch}' already exists; rename or delete it, then restore {agent_id} again"
+        )
+    if os.path.lexists(worktree):
+        raise OrchestraError(f"folder {worktree} already exists; move it away, then restore {agent_id} again")
+    if agent_id in project.records() and project.records()[agent_id]["state"] != "removed":
+        raise OrchestraError(
+            f"an agent '{agent_id}' exists already; clean it up before restoring its archive"
+        )
+    start = refs.get("tip") or refs.get("head") or (record or {}).get("base_commit")
+    if not start:
+        raise OrchestraError(f"archive {archive['ref']} holds no commit to start the branch from")
+    project.worktree_root.mkdir(parents=True, exist_ok=True)
+    run_git(["worktree", "add", "--quiet", "-b", branch, str(worktree), start], project.repo)
+    restored = ["branch", "worktree"]
+    if "worktree" in refs:  # files before the index: an index gitlink would hide a submodule's files
+        git_bytes(["restore", f"--source={refs['worktree']}", "--worktree", "--", ":/"], worktree)
+        revive_nested_repositories(worktree)
+        restored.append("files")
+    if "index" in refs:
+        git_bytes(["read-tree", f"{refs['index']}^{{tree}}"], worktree)
+        restored.insert(2, "index")
+    if record:
+        revive_record(project, record, worktree)
+    return {"id": agent_id, "branch": branch, "worktree": str(worktree), "restored": restored,
+            "archive": archive, "other_refs": {k: v for k, v in refs.items() if k in ("lost", "stash", "head")}}  # fmt: skip
+
+
+def revive_nested_repositories(worktree):
+    """Turn a snapshot's stored nested .git folders back into `.git` (see snapshot_path)."""
+    for folder, dirs, files in os.walk(worktree, topdown=False):
+        for name in dirs + files:
+            if name != NESTED_GIT_NAME:
+                continue
+            stored, real = os.path.join(folder, name), os.path.join(folder, ".git")
+            private = os.path.join(folder, ".git-dir")
+            if os.path.isdir(private):  # its git dir lived in the worktree's admin folder
+                os.unlink(stored)
+                os.rename(private, real)
+                run_git(
+                    ["config", "--file", os.path.join(real, "config"), "--unset", "core.worktree"],
+                    worktree,
+                    check=False,
+                )
+            else:
+                os.rename(stored, real)
+
+
+def revive_record(project, record, worktree):
+    """Put a cleaned-up agent's record back among the live ones, as it was before cleanup."""
+
+    def change(state):
+        revived = dict(record, state=record.get("state_before_removal") or "stopped",
+                       worktree=str(worktree), pid=None, activity="restored from its archive")  # fmt: skip
+        revived.pop("removed_at", None)
+        state["agents"][record["id"]] = revived
+
+    project.store.update(change)
 
 
 # ======================================================================================
@@ -4189,9 +5947,9 @@ class WebSocket:
 
     def read_loop(self):
         """Read frames, answer pings and check messages; the client's close code when it closes."""
-        parts, kind = [], None
+        parts, kind, size = [], None, 0
         while True:
-            fin, opcode, payload = read_frame(self.rfile, WS_MAX_MESSAGE - sum(map(len, parts)))
+            fin, opcode, payload = read_frame(self.rfile, WS_MAX_MESSAGE - size)
             if opcode == WS_OP_CLOSE:
                 return close_code(payload)
             if opcode == WS_OP_PING:
@@ -4201,10 +5959,15 @@ class WebSocket:
                     raise WebSocketClose(WS_CLOSE_PROTOCOL, "fragments out of order")
                 kind = kind or opcode
                 parts.append(payload)
+                size += len(payload)
+                if len(parts) > WS_MAX_FRAGMENTS:
+                    raise WebSocketClose(
+                        WS_CLOSE_TOO_BIG, f"messages are limited to {WS_MAX_FRAGMENTS} fragments"
+                    )
                 if fin:
                     if kind == WS_OP_TEXT:
                         check_utf8(b"".join(parts))
-                    parts, kind = [], None  # clients have nothing to say yet; messages are ignored
+                    parts, kind, size = [], None, 0  # clients have nothing to say yet; messages are ignored
 
     def write_loop(self):
         """Send queued messages, and a ping every ping_interval, until the connection ends."""
@@ -4300,24 +6063,6 @@ def allowed_hosts(bound, extra=()):
     return frozenset(n for n in names if n)
 
 
-def cookie_name(host, scheme):
-    """The token cookie's name for the port the browser sees in `host`."""
-    try:
-        port = urlsplit(f"//{host}").port
-    except ValueError:
-        port = None
-    return f"{WEB_COOKIE_PREFIX}{port or (443 if scheme == 'https' else 80)}"
-
-
-def cookie_value(header, name):
-    """The value of one cookie in a Cookie header, or None."""
-    for part in (header or "").split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key == name:
-            return value
-    return None
-
-
 class Gate:
     """Who may reach a route: the Host allow-list, the served origin and the access token."""
 
@@ -4327,7 +6072,8 @@ class Gate:
         self.scheme = scheme
 
     def check(self, method, path, headers):
-        """Raise HTTPRefusal (403, 401 or 415) unless the request may reach a route."""
+        """Raise HTTPRefusal (403, 401 or 415) unless the request may reach a route; True when it
+        showed the token (the page itself needs none)."""
         host = self.single(headers, "Host")
         if host_name(host) not in self.hosts:
             raise HTTPRefusal(
@@ -4337,16 +6083,15 @@ class Gate:
         if origin is not None and origin.lower() != f"{self.scheme}://{host}".lower():
             raise HTTPRefusal(403, "cross-site requests are refused")
         if not path.startswith(("/api/", "/ws/")):
-            return
-        token, carrier = self.presented(path, headers, host)
+            return False
+        token = self.presented(path, headers)
         if token is None or not hmac.compare_digest(token, self.token):
             raise HTTPRefusal(401, "missing or wrong token; open the link 'orchestra web' printed",
                               {"WWW-Authenticate": "Bearer"})  # fmt: skip
-        if carrier == "cookie" and (origin is None or method != "GET"):
-            raise HTTPRefusal(401, "send the token in the Authorization header; a cookie alone is not enough")
         content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if method == "POST" and content_type != "application/json":
             raise HTTPRefusal(415, "POST bodies must be JSON (Content-Type: application/json)")
+        return True
 
     @staticmethod
     def single(headers, name):
@@ -4356,34 +6101,103 @@ class Gate:
             raise HTTPRefusal(400, f"more than one {name} header")
         return values[0] if values else None
 
-    def presented(self, path, headers, host):
-        """(token bytes, 'header' or 'cookie') as the request carries it; (None, None) without one."""
+    @staticmethod
+    def presented(path, headers):
+        """The token bytes as the request carries them, None without one.
+
+        Only a header counts, never a cookie: cookies are shared by every port of a host, so a
+        page on another local port could read a script-set one (the page keeps the token in
+        localStorage, which is per origin).
+        """
         kind, _, value = (headers.get("Authorization") or "").partition(" ")
         if kind.lower() == "bearer":
-            return value.strip().encode("utf-8", "surrogatepass"), "header"
+            return value.strip().encode("utf-8", "surrogatepass")
         if path.startswith("/ws/"):
             for item in header_items(headers, "Sec-WebSocket-Protocol"):
                 if item.startswith(WS_TOKEN_PREFIX):
-                    return item[len(WS_TOKEN_PREFIX) :].encode("utf-8", "surrogatepass"), "header"
-        cookie = cookie_value(headers.get("Cookie"), cookie_name(host, self.scheme))
-        return (cookie.encode("utf-8", "surrogatepass"), "cookie") if cookie else (None, None)
+                    return item[len(WS_TOKEN_PREFIX) :].encode("utf-8", "surrogatepass")
+        return None
+
+
+class MalformedRequest(ValueError):
+    """The request is not framed as RFC 9112 says; answered 400 and the connection closed."""
 
 
 class HeaderBudget:
-    """The request stream as header parsing sees it: past WEB_MAX_HEADER_BYTES it is a 431."""
+    """The request stream as header parsing sees it: past WEB_MAX_HEADER_BYTES it is a 431, and a
+    line that is not `name:value` ending in CRLF is a MalformedRequest."""
 
     def __init__(self, rfile, budget=WEB_MAX_HEADER_BYTES):
         self.rfile, self.budget = rfile, budget
 
     def readline(self, limit=-1):
-        """One header line, counted against the budget."""
+        """One header line, counted against the budget and checked."""
         line = self.rfile.readline(self.budget + 1 if limit < 0 else min(limit, self.budget + 1))
         self.budget -= len(line)
         if self.budget < 0:
             import http.client  # loaded already by http.server, which the web server runs on
 
             raise http.client.LineTooLong("header block")  # parse_request answers 431
+        if line and line != b"\r\n" and not WEB_HEADER_LINE.fullmatch(line):
+            # bare LF, whitespace before the colon or a folded line: parsers disagree on these,
+            # which is how requests are smuggled past a proxy (RFC 9112 sections 2.2 and 5.1)
+            raise MalformedRequest("a header line is malformed; send 'Name: value' lines ending in CRLF")
         return line
+
+
+def check_framing(headers):
+    """Refuse a request whose body length two parsers could read differently (RFC 9112 6.3)."""
+    lengths = headers.get_all("Content-Length") or []
+    if len(lengths) > 1:
+        raise HTTPRefusal(400, "more than one Content-Length header")
+    if lengths and not WEB_DIGITS.fullmatch(lengths[0].strip()):
+        raise HTTPRefusal(400, "Content-Length must be ASCII digits")
+    if lengths and headers.get("Transfer-Encoding"):
+        raise HTTPRefusal(400, "a request may not carry both Content-Length and Transfer-Encoding")
+
+
+def json_depth_ok(data, limit=WEB_MAX_JSON_DEPTH):
+    """False when JSON text opens more than `limit` arrays or objects at once (a cheap scan
+    before json.loads, whose recursion would otherwise fail deep inside)."""
+    depth = 0
+    for token in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', data):
+        mark = token.group()[:1]
+        depth += 1 if mark in (b"[", b"{") else -1 if mark in (b"]", b"}") else 0
+        if depth > limit:
+            return False
+    return True
+
+
+class GuardedWriter:
+    """A connection's output that, once a write fails or times out, writes nothing more: a
+    partly sent answer must never be followed by another one on the same socket."""
+
+    def __init__(self, raw):
+        self.raw, self.failed = raw, False
+
+    @property
+    def closed(self):
+        """Whether the underlying stream is closed."""
+        return self.raw.closed
+
+    def write(self, data):
+        """Write all of data, or raise ConnectionResetError (now and ever after)."""
+        if self.failed:
+            raise ConnectionResetError("an earlier write on this connection failed")
+        try:
+            return self.raw.write(data)
+        except OSError:
+            self.failed = True
+            raise
+
+    def flush(self):
+        """Flush unless a write failed."""
+        if not self.failed:
+            self.raw.flush()
+
+    def close(self):
+        """Close the stream."""
+        self.raw.close()
 
 
 def status_changes(old, new):
@@ -4399,7 +6213,8 @@ def status_changes(old, new):
 def current_status(project):
     """(state, status document) as `status --json` would print them now."""
     state = project.store.load()
-    return state, status_document(project, state, select_agents(state["agents"], []))
+    live = [r for r in select_agents(state["agents"], []) if r["state"] != "removed"]  # history is apart
+    return state, status_document(project, state, live)
 
 
 class StatusHub:
@@ -4411,7 +6226,8 @@ class StatusHub:
         self.lock = threading.Lock()
         self.clients = set()
         self.document = None
-        self.seen = None  # state.json's (inode, size, mtime) when last read
+        self.seen = None  # state.json's (inode, size, mtime) and the approvals folder's stamp when last read
+        self.approvals = None  # the pending approval requests as last sent
         self.state = None  # what it held then: liveness is re-checked without parsing it again
         self.next_refresh = self.next_revive = 0.0
         self.stopping = threading.Event()
@@ -4422,7 +6238,10 @@ class StatusHub:
         with self.lock:
             if self.document is None:
                 self.document = current_status(self.project)[1]
-            ws.send(json.dumps({"type": "snapshot", "status": self.document}).encode("utf-8"))
+            if self.approvals is None:
+                self.approvals = approvals_document(self.project)["approvals"]
+            snapshot = {"type": "snapshot", "status": self.document, "approvals": self.approvals}
+            ws.send(json.dumps(snapshot).encode("utf-8"))
             self.clients.add(ws)
 
     def unsubscribe(self, ws):
@@ -4448,6 +6267,7 @@ class StatusHub:
             seen = (info.st_ino, info.st_size, info.st_mtime_ns)
         except FileNotFoundError:
             seen = None
+        seen = (seen, ApprovalBox(self.project.repo).stamp())  # a new request shows at once
         now = time.monotonic()
         if seen == self.seen and (now < self.next_refresh or not self.liveness_changed()):
             if now >= self.next_refresh:  # unchanged file: only the supervisor's liveness was checked
@@ -4463,6 +6283,7 @@ class StatusHub:
                 message = json.dumps(change).encode("utf-8")
                 for ws in self.clients:
                     ws.send(message)
+            self.send_approvals()
         self.maybe_revive(now)
 
     def liveness_changed(self):
@@ -4478,6 +6299,15 @@ class StatusHub:
             pid = ensure_supervisor(self.project, self.state)
             if pid:
                 self.log(f"the supervisor was not running; restarted it (pid {pid})")
+
+    def send_approvals(self):
+        """Tell every client the pending approval requests when they changed (caller holds the lock)."""
+        approvals = approvals_document(self.project)["approvals"]
+        if approvals != self.approvals:
+            self.approvals = approvals
+            message = json.dumps({"type": "approvals", "approvals": approvals}).encode("utf-8")
+            for ws in self.clients:
+                ws.send(message)
 
     def stop(self):
         """End the polling thread and every client's connection."""
@@ -4573,16 +6403,6 @@ def agent_diff(project, record):
             "truncated": len(patch) > WEB_MAX_DIFF, "untracked": untracked}  # fmt: skip
 
 
-def history_page(project, offset, limit):
-    """A page of cleaned-up agents, most recently removed first, with how many there are in all."""
-    history = list(project.history().values())
-    page = history[::-1][offset : offset + limit]
-    agents = [
-        {**public_record(r), "archive": r.get("archive"), "removed_at": r.get("removed_at")} for r in page
-    ]
-    return {"agents": agents, "total": len(history), "offset": offset, "limit": limit}
-
-
 def query_int(query, name, default, low, high):
     """An integer query parameter within [low, high]."""
     raw = query.get(name, [str(default)])[-1]
@@ -4614,14 +6434,21 @@ ROUTES = [(method, re.compile(pattern), name) for method, pattern, name in (
     ("GET", r"/api/status", "route_status"),
     ("GET", r"/api/sessions", "route_sessions"),
     ("GET", r"/api/worktrees", "route_worktrees"),
-    ("GET", r"/api/history", "route_history"),
     ("POST", r"/api/spawn", "route_spawn"),
     ("POST", r"/api/cleanup", "route_cleanup"),
     ("GET", r"/api/agents/(?P<id>[^/]+)", "route_agent"),
     ("GET", r"/api/agents/(?P<id>[^/]+)/log", "route_log"),
     ("GET", r"/api/agents/(?P<id>[^/]+)/diff", "route_diff"),
     ("POST", r"/api/agents/(?P<id>[^/]+)/(?P<action>pause|resume|stop)", "route_signal"),
+    ("GET", r"/api/history", "route_history"),
+    ("GET", r"/api/agents/(?P<id>[^/]+)/report", "route_report"),
+    ("POST", r"/api/agents/(?P<id>[^/]+)/merge", "route_merge"),
+    ("POST", r"/api/agents/(?P<id>[^/]+)/pr", "route_pull_request"),
+    ("POST", r"/api/agents/(?P<id>[^/]+)/send", "route_send"),
+    ("GET", r"/api/sessions/(?P<id>[^/]+)", "route_session"),
     ("GET", r"/ws/status", "route_websocket"),
+    ("GET", r"/api/approvals", "route_approvals"),
+    ("POST", r"/api/approvals/(?P<request>[^/]+)", "route_decide"),
 )]  # fmt: skip
 AGENT_ACTIONS = {"pause": pause_agents, "resume": resume_agents, "stop": stop_agents}
 
@@ -4657,13 +6484,20 @@ class WebHandler:
         """The Server header: orchestra and its version, not Python's."""
         return self.server_version
 
+    def setup(self):
+        """The stdlib's streams, with output that stops for good at the first failed write."""
+        super().setup()
+        self.wfile = GuardedWriter(self.wfile)
+
     def handle_one_request(self):
         """Read one request line and its headers within the limits, then answer it."""
-        self.server.track(self.connection, reading=True)
+        self.server.track(self.connection, "reading")
         self.command, self.path, self.request_version = "", "", ""  # for the log if the line is bad
         self.raw_requestline = self.read_or_nothing(lambda: self.rfile.readline(WEB_MAX_REQUEST_LINE + 1))
         if len(self.raw_requestline) > WEB_MAX_REQUEST_LINE:
             return self.send_error(414, f"the request line is over {WEB_MAX_REQUEST_LINE} bytes")
+        if self.raw_requestline and not self.raw_requestline.endswith(b"\r\n"):
+            return self.send_error(400, "the request line must end in CRLF")
         if not self.raw_requestline or not self.read_or_nothing(self.parse_request):
             self.close_connection = True
             return
@@ -4682,10 +6516,13 @@ class WebHandler:
             return b""
 
     def parse_request(self):
-        """The stdlib parser, with the header block limited to WEB_MAX_HEADER_BYTES."""
+        """The stdlib parser, with the header block limited to WEB_MAX_HEADER_BYTES and checked."""
         real, self.rfile = self.rfile, HeaderBudget(self.rfile)
         try:
             return super().parse_request()
+        except MalformedRequest as e:
+            self.send_error(400, str(e))
+            return False
         finally:
             self.rfile = real
 
@@ -4712,11 +6549,15 @@ class WebHandler:
         """Gate, route, run; every failure becomes a JSON error answer, never a traceback."""
         path, _, query = self.path.partition("?")
         try:
-            self.server.gate.check(self.command, path, self.headers)
+            check_framing(self.headers)
+            if self.server.gate.check(self.command, path, self.headers):
+                self.server.track(self.connection, "trusted")
             name, params = find_route(self.command, path)
             body = self.read_json() if self.command == "POST" else None
-            self.server.track(self.connection, reading=False)
             answer = getattr(self, name)(params, parse_qs(query), body)
+        except ConnectionError:
+            self.close_connection = True  # the client is gone or stopped reading: write nothing more
+            return
         except HTTPRefusal as e:
             answer = (e.status, {"error": str(e)}, e.headers)
         except OrchestraError as e:
@@ -4734,14 +6575,14 @@ class WebHandler:
         length = self.headers.get("Content-Length")
         if length is None:
             raise HTTPRefusal(411, "a POST needs a Content-Length")
-        if not length.strip().isdigit():
-            raise HTTPRefusal(400, "Content-Length must be a number")
         if int(length) > WEB_MAX_BODY:
             raise HTTPRefusal(413, f"the body is over {WEB_MAX_BODY} bytes")
         data = self.rfile.read(int(length)) or b"{}"  # no body at all means no fields
+        if not json_depth_ok(data):
+            raise HTTPRefusal(400, f"the body nests deeper than {WEB_MAX_JSON_DEPTH} levels")
         try:
             body = json.loads(data.decode("utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HTTPRefusal(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise HTTPRefusal(400, "the body must be a JSON object")
@@ -4749,7 +6590,7 @@ class WebHandler:
 
     def answer(self, status, document, headers=None):
         """Send a JSON document; errors also close the connection (their body may be unread)."""
-        data = json.dumps(document, ensure_ascii=False).encode("utf-8")
+        data = json.dumps(document).encode("ascii")  # \u escapes: any string encodes, even a lone surrogate
         self.send_response(status)
         self.send_common_headers(
             "application/json", len(data), {**(headers or {}), "Cache-Control": "no-store"}
@@ -4779,12 +6620,13 @@ class WebHandler:
         self.log_message('"%s %s" %s', self.command or "-", path or "-", code)
 
     def log_message(self, fmt, *args):
-        """Access and error lines go to the server's log."""
-        self.server.log(f"{self.address_string()} - [{self.log_date_time_string()}] {fmt % args}")
+        """Access and error lines go to the server's log, never an escape sequence with them."""
+        line = strip_control(f"{self.address_string()} - [{self.log_date_time_string()}] {fmt % args}")
+        self.server.log(" ".join(line.split("\n")))
 
     def agent(self, params):
-        """The record a path names, by id or unique prefix; 404 when none matches."""
-        records = self.server.project.records()
+        """The record a path names (live or cleaned up), by id or unique prefix; 404 when none matches."""
+        records = {**self.server.project.history(), **self.server.project.records()}
         if not any(i.startswith(params["id"]) for i in records):
             records = self.server.project.all_records()  # a cleaned-up agent, from history
         if not any(i.startswith(params["id"]) for i in records):
@@ -4793,17 +6635,16 @@ class WebHandler:
 
     def route_page(self, params, query, body):
         """The dashboard, with a CSP allowing exactly its inline code; where to put it when missing."""
-        for path in dashboard_candidates():
-            if path.is_file():
-                html = path.read_text(encoding="utf-8")
-                return self.send_page(200, html, page_policy(html, self.headers["Host"], self.server.scheme))
+        page = self.server.dashboard(self.headers["Host"])
+        if page:
+            return self.send_page(200, *page)
         places = " or ".join(str(p) for p in dashboard_candidates())
         text = f"The dashboard file is missing. Put dashboard.html at {places}.\nThe API (/api/status) and /ws/status work without it.\n"
         return self.send_page(404, text, "default-src 'none'", "text/plain; charset=utf-8")
 
     def send_page(self, status, text, policy, content_type="text/html; charset=utf-8"):
         """Send a page with its Content-Security-Policy."""
-        data = text.encode("utf-8")
+        data = text if isinstance(text, bytes) else text.encode("utf-8")
         self.send_response(status)
         self.send_common_headers(
             content_type, len(data), {"Content-Security-Policy": policy, "Cache-Control": "no-cache"}
@@ -4814,12 +6655,6 @@ class WebHandler:
     def route_status(self, params, query, body):
         """GET /api/status: what `status --json` prints."""
         return 200, current_status(self.server.project)[1]
-
-    def route_history(self, params, query, body):
-        """GET /api/history?offset=N&limit=N: cleaned-up agents, newest first, one page at a time."""
-        offset = query_int(query, "offset", 0, 0, sys.maxsize)
-        limit = query_int(query, "limit", WEB_HISTORY_LIMIT, 1, WEB_HISTORY_LIMIT_MAX)
-        return 200, history_page(self.server.project, offset, limit)
 
     def route_sessions(self, params, query, body):
         """GET /api/sessions?hours=N&limit=N: the user's recent Claude Code sessions."""
@@ -4846,11 +6681,13 @@ class WebHandler:
         ids, apply = body_fields(body, {"ids": (list, False), "apply": (bool, False)})
         if ids is not None and not all(isinstance(i, str) for i in ids):
             raise HTTPRefusal(400, "'ids' must be a list of agent ids")
-        return 200, cleanup_agents(self.server.project, ids or None, apply=bool(apply))
+        outcome = cleanup_agents(self.server.project, ids or None, apply=bool(apply))
+        lines = [cleanup_line(step, not apply) for step in outcome["plan"]] or ["Nothing to clean up."]
+        return 200, {**outcome, "message": "\n".join(lines)}
 
     def route_agent(self, params, query, body):
         """GET /api/agents/ID: the agent's record."""
-        return 200, public_record(self.agent(params))
+        return 200, public_record(with_approvals(self.server.project, [self.agent(params)])[0])
 
     def route_log(self, params, query, body):
         """GET /api/agents/ID/log?tail=N: the last N readable lines of its activity."""
@@ -4868,11 +6705,88 @@ class WebHandler:
         """POST /api/agents/ID/pause|resume|stop: the same operation as the CLI's."""
         body_fields(body, {})
         outcomes = AGENT_ACTIONS[params["action"]](self.server.project, [self.agent(params)["id"]])
-        return 200, {"outcomes": [{"id": agent_id, "result": what} for agent_id, what in outcomes]}
+        return 200, {"outcomes": [{"id": agent_id, "result": what} for agent_id, what in outcomes],
+                     "message": "\n".join(f"{agent_id}: {what}" for agent_id, what in outcomes)}  # fmt: skip
+
+    def route_history(self, params, query, body):
+        """GET /api/history?offset=N&limit=N: cleaned-up agents, newest first, a page at a time."""
+        offset = query_int(query, "offset", 0, 0, 10**9)
+        limit = query_int(query, "limit", WEB_HISTORY_PAGE, 1, WEB_HISTORY_PAGE_MAX)
+        removed = sorted(self.server.project.history().values(), key=spawn_order, reverse=True)
+        page = [public_record(r) | {"archive": r.get("archive")} for r in removed[offset : offset + limit]]
+        return 200, {"agents": page, "total": len(removed), "offset": offset, "limit": limit}
+
+    def route_report(self, params, query, body):
+        """GET /api/agents/ID/report: what `collect` says of one agent (result, commits, diffstat)."""
+        record = self.agent(params)
+        return 200, agent_report(self.server.project, record) | {"checks": record.get("checks"),
+                                                                  "permission_denials": record.get("permission_denials")}  # fmt: skip
+
+    def route_merge(self, params, query, body):
+        """POST /api/agents/ID/merge: `collect ID --merge`, with its refusals and its report."""
+        body_fields(body, {})
+        document = collect_agents(self.server.project, [self.agent(params)["id"]], merge=True)
+        message = collect_text(document)
+        if document["conflict"]:
+            return 409, {"error": message, **document}
+        return 200, {"message": message, **document}
+
+    def route_pull_request(self, params, query, body):
+        """POST /api/agents/ID/pr: `collect ID --pr`: push and open a pull request, or say how."""
+        body_fields(body, {})
+        document = collect_agents(self.server.project, [self.agent(params)["id"]], pr=True)
+        return 200, {"message": "\n".join(document["pull_requests"]) or "no commits to open a pull request for",
+                     **document}  # fmt: skip
+
+    def route_send(self, params, query, body):
+        """POST /api/agents/ID/send {"message": "..."}: `orchestra send ID MESSAGE`."""
+        (message,) = body_fields(body, {"message": (str, True)})
+        agent_id, waits = send_message(self.server.project, self.agent(params)["id"], message)
+        return 200, {"id": agent_id, "waits": waits, "message": sent_text(agent_id, waits)}
+
+    def route_session(self, params, query, body):
+        """GET /api/sessions/ID: a session's prompts and the commands that resume it."""
+        return 200, session_detail(self.server.env, params["id"])
+
+    def route_approvals(self, params, query, body):
+        """GET /api/approvals: the tool calls agents wait to have approved, oldest first."""
+        return 200, approvals_document(self.server.project)
+
+    def route_decide(self, params, query, body):
+        """POST /api/approvals/REQ {"decision": "allow"|"deny", "message"?, "always"?}: the CLI's approve/deny."""
+        always = body.pop("always", None)
+        decision, message = body_fields(body, {"decision": (str, True), "message": (str, False)})
+        if decision not in ("allow", "deny"):
+            raise HTTPRefusal(400, '\'decision\' must be "allow" or "deny"')
+        if always not in (None, False, True, "agent", "project") or (always and decision == "deny"):
+            raise HTTPRefusal(400, '\'always\' must be true, "agent" or "project", and only with "allow"')
+        project = self.server.project
+        request, where = ApprovalBox(project.repo).request(params["request"])
+        if where is None:
+            raise HTTPRefusal(404, f"no request '{params['request']}'; GET /api/approvals lists them")
+        if where == "answered":
+            raise OrchestraError(late_message(request["id"], request["decision"]), EXIT_FAILURE)
+        always = "agent" if always is True else always or None
+        answered = answer_request(
+            project, request, decision == "allow", "web", message=message, always=always
+        )
+        return 200, {"request": request["id"], "agent": request["agent"], **answered}
 
     def route_websocket(self, params, query, body):
         """GET /ws/status: upgrade, then a status snapshot and every change until the client goes."""
         response = websocket_accept(self.headers)
+        if not self.server.admit_websocket():
+            raise HTTPRefusal(
+                503, f"{WEB_MAX_WEBSOCKETS} live updates are open already; close a tab", {"Retry-After": "5"}
+            )
+        try:
+            self.upgrade(response)
+        finally:
+            self.server.release_websocket()
+
+    def upgrade(self, response):
+        """Send the 101 and serve the WebSocket until it ends."""
+        self.server.track(self.connection, "websocket")
         self.send_response(101)
         for name, value in response.items():
             self.send_header(name, value)
@@ -4889,8 +6803,23 @@ class WebHandler:
             ws.abort()
 
 
+class Link:
+    """What the server knows of one open connection, to decide whom to drop."""
+
+    __slots__ = ("deadline", "since", "trusted")
+
+    def __init__(self, since, deadline):
+        self.since, self.deadline, self.trusted = since, deadline, False
+
+
 class WebServer:
-    """`orchestra web`: one thread per connection, a connection cap and a deadline per request.
+    """`orchestra web`: one thread per connection, a connection cap and deadlines.
+
+    Without the token a connection gets WEB_HEADER_DEADLINE from accept for everything it does:
+    pipelined requests and answers it never reads do not extend it, and at the cap it is the
+    first dropped. A request that shows the token gets WEB_ANSWER_DEADLINE for its answer, and
+    the next request on that connection starts a new header deadline. WebSockets (token only)
+    have no deadline (pings find dead ones) but their own, lower cap.
 
     Joined with http.server's ThreadingHTTPServer by web_class(), as WebHandler is.
     """
@@ -4905,8 +6834,11 @@ class WebServer:
         self.log_stream = log
         self.header_deadline, self.max_connections = header_deadline, max_connections
         self.ws_options = ws_options or {}
-        self.connections = {}  # socket -> request deadline (monotonic), None once past its request
-        self.connections_lock = threading.Lock()  # guards connections
+        self.connections = {}  # socket -> Link
+        self.next_sweep = 0.0  # when service_actions next looks at the deadlines
+        self.pages = {}  # (file, mtime, size, Host) -> (bytes, policy); replacing a dict entry is atomic
+        self.websockets = 0
+        self.connections_lock = threading.Lock()  # guards connections and websockets
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         context = tls_context(*tls) if tls else None  # a bad certificate is refused before listening
         try:
@@ -4927,35 +6859,71 @@ class WebServer:
         self.server_name, self.server_port = self.server_address[:2]
 
     def log(self, line):
-        """One line (or a traceback) to the server's log, when it has one."""
+        """One line (or a traceback) to the server's log, when it has one; requests and agents
+        choose some of its text, so escape sequences and controls are dropped (newlines stay)."""
         if self.log_stream is not None:
-            self.log_stream.write(line.rstrip("\n") + "\n")
+            self.log_stream.write(strip_control(line).rstrip("\n") + "\n")
             self.log_stream.flush()
 
     def verify_request(self, request, client_address):
-        """Admit a connection; at the cap, drop the oldest one still sending its request."""
-        with self.connections_lock:
-            if len(self.connections) >= self.max_connections:
-                waiting = [s for s, deadline in self.connections.items() if deadline is not None]
-                if not waiting:
-                    return False
-                oldest = min(waiting, key=self.connections.get)
-                del self.connections[oldest]
-                drop_socket(oldest)
-            self.connections[request] = time.monotonic() + self.header_deadline
-        return True
-
-    def track(self, sock, reading):
-        """Start a connection's request deadline (reading) or lift it (answering, or a WebSocket)."""
-        with self.connections_lock:
-            if sock in self.connections:
-                self.connections[sock] = time.monotonic() + self.header_deadline if reading else None
-
-    def service_actions(self):
-        """Between accepts: drop connections past their request deadline (slowloris)."""
+        """Admit a connection; at the cap, drop the oldest one that has not shown the token."""
         now = time.monotonic()
         with self.connections_lock:
-            late = [s for s, deadline in self.connections.items() if deadline is not None and deadline < now]
+            if len(self.connections) >= self.max_connections:
+                untrusted = [s for s, link in self.connections.items() if not link.trusted]
+                if not untrusted:
+                    return False
+                oldest = min(untrusted, key=lambda s: self.connections[s].since)
+                del self.connections[oldest]
+                drop_socket(oldest)
+            self.connections[request] = Link(now, now + self.header_deadline)
+        # Until it shows the token, a connection gets a small send buffer: a client that asks and
+        # never reads blocks its thread (which then waits without work) after an answer or two.
+        with contextlib.suppress(OSError):
+            request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WEB_UNTRUSTED_SEND_BUFFER)
+        return True
+
+    def track(self, sock, phase):
+        """Move a connection's deadline: 'reading' a request, 'trusted' (it showed the token),
+        'websocket' (upgraded); a connection without the token keeps the deadline it got at accept."""
+        now = time.monotonic()
+        with self.connections_lock:
+            link = self.connections.get(sock)
+            if link is None:
+                return
+            if phase == "reading" and link.trusted:
+                link.deadline, link.trusted = now + self.header_deadline, False
+            elif phase == "trusted":
+                if not link.trusted:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WEB_TRUSTED_SEND_BUFFER)
+                link.deadline, link.trusted = now + WEB_ANSWER_DEADLINE, True
+            elif phase == "websocket":
+                link.deadline, link.trusted = None, True
+
+    def admit_websocket(self):
+        """Count one more WebSocket; False at WEB_MAX_WEBSOCKETS."""
+        with self.connections_lock:
+            if self.websockets >= WEB_MAX_WEBSOCKETS:
+                return False
+            self.websockets += 1
+            return True
+
+    def release_websocket(self):
+        """Count a WebSocket that ended."""
+        with self.connections_lock:
+            self.websockets -= 1
+
+    def service_actions(self):
+        """Between accepts, at most every WEB_SERVE_POLL: drop connections past their deadline."""
+        now = time.monotonic()
+        if now < self.next_sweep:
+            return  # a flood of connections must not turn this sweep into the accept loop's main work
+        self.next_sweep = now + WEB_SERVE_POLL
+        with self.connections_lock:
+            late = [
+                s for s, link in self.connections.items() if link.deadline is not None and link.deadline < now
+            ]
             for sock in late:
                 del self.connections[sock]
         for sock in late:
@@ -4976,6 +6944,23 @@ class WebServer:
         """A client that vanished is not news; anything else is logged with its traceback."""
         if not isinstance(sys.exc_info()[1], OSError):
             self.log(f"error while serving {client_address[0]}:\n{traceback.format_exc()}")
+
+    def dashboard(self, host):
+        """(page bytes, its Content-Security-Policy) for a Host, read and hashed once per version of
+        the file; None when there is no dashboard file."""
+        for path in dashboard_candidates():
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            key = (str(path), info.st_mtime_ns, info.st_size, host)
+            if key not in self.pages:
+                if len(self.pages) >= WEB_PAGE_CACHE:
+                    self.pages.clear()
+                html = path.read_text(encoding="utf-8")
+                self.pages[key] = (html.encode("utf-8"), page_policy(html, host, self.scheme))
+            return self.pages[key]
+        return None
 
     def project_for(self, model):
         """The project, opened again with a model flag when a spawn asks for one."""
@@ -5059,6 +7044,253 @@ def beyond_loopback_warning(host, hosts):
 
 
 # ======================================================================================
+# QR code
+# --------------------------------------------------------------------------------------
+# `orchestra web --qr` draws the dashboard's address as a QR code (ISO/IEC 18004) in the
+# terminal, so a phone can scan it. Byte mode, error correction level M, the smallest
+# version that holds the text; Reed-Solomon codewords over GF(256) (polynomial 0x11D),
+# blocks interleaved, the mask with the lowest penalty. Two module rows per text line, drawn
+# with half blocks, inside a quiet zone of four modules.
+# ======================================================================================
+
+
+def gf_multiply(x, y):
+    """The product of two elements of GF(256) modulo x^8 + x^4 + x^3 + x^2 + 1."""
+    product = 0
+    for bit in range(7, -1, -1):
+        product = (product << 1) ^ ((product >> 7) * QR_GF_POLY)
+        product ^= ((y >> bit) & 1) * x
+    return product
+
+
+def rs_divisor(degree):
+    """The Reed-Solomon generator polynomial (x - a^0)...(x - a^(degree-1)), leading 1 dropped."""
+    result, root = [0] * (degree - 1) + [1], 1
+    for _ in range(degree):
+        for j in range(degree):
+            result[j] = gf_multiply(result[j], root) ^ (result[j + 1] if j + 1 < degree else 0)
+        root = gf_multiply(root, 0x02)
+    return result
+
+
+def rs_remainder(data, divisor):
+    """The error correction codewords of `data` for a generator from rs_divisor."""
+    result = [0] * len(divisor)
+    for byte in data:
+        factor = byte ^ result.pop(0)
+        result.append(0)
+        for i, coefficient in enumerate(divisor):
+            result[i] ^= gf_multiply(coefficient, factor)
+    return result
+
+
+def qr_raw_modules(version):
+    """Modules of a version that carry data and error correction (not function patterns)."""
+    result = (16 * version + 128) * version + 64
+    if version >= 2:
+        aligns = version // 7 + 2
+        result -= (25 * aligns - 10) * aligns - 55
+        if version >= 7:
+            result -= 36
+    return result
+
+
+def qr_data_capacity(version):
+    """Data codewords of a version at level M."""
+    return qr_raw_modules(version) // 8 - QR_ECC_PER_BLOCK[version] * QR_BLOCKS[version]
+
+
+def qr_bits(data, version):
+    """Byte-mode segment, terminator and padding: the data codewords of `version`."""
+    count_bits = 8 if version < 10 else 16
+    bits = [int(b) for b in f"0100{len(data):0{count_bits}b}" + "".join(f"{byte:08b}" for byte in data)]
+    capacity = qr_data_capacity(version) * 8
+    bits += [0] * min(4, capacity - len(bits))
+    bits += [0] * (-len(bits) % 8)
+    codewords = [int("".join(map(str, bits[i : i + 8])), 2) for i in range(0, len(bits), 8)]
+    return codewords + [QR_PAD_BYTES[i % 2] for i in range(capacity // 8 - len(codewords))]
+
+
+def qr_codewords(data, version):
+    """Data and error correction codewords, split into blocks and interleaved."""
+    blocks, ecc = QR_BLOCKS[version], QR_ECC_PER_BLOCK[version]
+    raw = qr_raw_modules(version) // 8
+    short, short_length = blocks - raw % blocks, raw // blocks
+    divisor, codewords, parts = rs_divisor(ecc), qr_bits(data, version), []
+    start = 0
+    for i in range(blocks):
+        size = short_length - ecc + (0 if i < short else 1)
+        chunk = codewords[start : start + size]
+        start += size
+        parts.append((chunk, rs_remainder(chunk, divisor)))
+    longest = short_length - ecc + 1
+    result = [d[i] for i in range(longest) for d, _ in parts if i < len(d)]
+    return result + [e[i] for i in range(ecc) for _, e in parts]
+
+
+def qr_alignment_positions(version):
+    """Centre coordinates of the alignment patterns along each axis."""
+    if version == 1:
+        return []
+    count = version // 7 + 2
+    step = (version * 8 + count * 3 + 5) // (count * 4 - 4) * 2
+    return [6, *reversed([version * 4 + 10 - i * step for i in range(count - 1)])]
+
+
+class QRCode:
+    """A QR code of a text: `modules[y][x]` is True for a dark module."""
+
+    def __init__(self, text):
+        data = text.encode("utf-8")
+        fits = (
+            v for v in range(1, QR_MAX_VERSION + 1) if qr_segment_bits(data, v) <= qr_data_capacity(v) * 8
+        )
+        self.version = next(fits, None)
+        if self.version is None:
+            raise OrchestraError(f"the address is too long for a QR code ({len(data)} bytes)")
+        self.size = self.version * 4 + 17
+        self.modules = [[False] * self.size for _ in range(self.size)]
+        self.function = [[False] * self.size for _ in range(self.size)]
+        self.draw_function_patterns()
+        self.draw_codewords(qr_codewords(data, self.version))
+        self.mask = min(range(8), key=self.penalty_with)
+        self.apply_mask(self.mask)
+        self.draw_format(self.mask)
+
+    def set(self, x, y, dark):
+        """Set a function module."""
+        self.modules[y][x], self.function[y][x] = dark, True
+
+    def draw_function_patterns(self):
+        """Timing, finder, alignment and version patterns, and room for the format bits."""
+        for i in range(self.size):
+            self.set(6, i, i % 2 == 0)
+            self.set(i, 6, i % 2 == 0)
+        for cx, cy in ((3, 3), (self.size - 4, 3), (3, self.size - 4)):
+            for dy in range(-4, 5):
+                for dx in range(-4, 5):
+                    x, y = cx + dx, cy + dy
+                    if 0 <= x < self.size and 0 <= y < self.size:
+                        self.set(x, y, max(abs(dx), abs(dy)) not in (2, 4))
+        positions = qr_alignment_positions(self.version)
+        last = len(positions) - 1
+        for i, cx in enumerate(positions):
+            for j, cy in enumerate(positions):
+                if (i, j) not in ((0, 0), (0, last), (last, 0)):
+                    for dy in range(-2, 3):
+                        for dx in range(-2, 3):
+                            self.set(cx + dx, cy + dy, max(abs(dx), abs(dy)) != 1)
+        self.draw_format(0)  # reserves the format areas; drawn again once the mask is chosen
+        self.draw_version()
+
+    def draw_format(self, mask):
+        """The 15 format bits (level M and the mask), twice, and the dark module."""
+        data = QR_FORMAT_LEVEL_M << 3 | mask
+        rem = data
+        for _ in range(10):
+            rem = (rem << 1) ^ ((rem >> 9) * 0x537)
+        bits = (data << 10 | rem) ^ 0x5412
+        bit = [(bits >> i) & 1 == 1 for i in range(15)]
+        for i in range(6):
+            self.set(8, i, bit[i])
+        self.set(8, 7, bit[6])
+        self.set(8, 8, bit[7])
+        self.set(7, 8, bit[8])
+        for i in range(9, 15):
+            self.set(14 - i, 8, bit[i])
+        for i in range(8):
+            self.set(self.size - 1 - i, 8, bit[i])
+        for i in range(8, 15):
+            self.set(8, self.size - 15 + i, bit[i])
+        self.set(8, self.size - 8, True)
+
+    def draw_version(self):
+        """The 18 version bits of versions 7 and up, in two corners."""
+        if self.version < 7:
+            return
+        rem = self.version
+        for _ in range(12):
+            rem = (rem << 1) ^ ((rem >> 11) * 0x1F25)
+        bits = self.version << 12 | rem
+        for i in range(18):
+            dark, a, b = (bits >> i) & 1 == 1, self.size - 11 + i % 3, i // 3
+            self.set(a, b, dark)
+            self.set(b, a, dark)
+
+    def draw_codewords(self, codewords):
+        """Place the bits in the zigzag of two-module columns, right to left, skipping the timing column."""
+        bits = [(byte >> (7 - i)) & 1 == 1 for byte in codewords for i in range(8)]
+        index, right = 0, self.size - 1
+        while right >= 1:
+            if right == 6:
+                right = 5
+            for vert in range(self.size):
+                for j in range(2):
+                    x = right - j
+                    upward = (right + 1) & 2 == 0
+                    y = self.size - 1 - vert if upward else vert
+                    if not self.function[y][x] and index < len(bits):
+                        self.modules[y][x] = bits[index]
+                        index += 1
+            right -= 2
+
+    def apply_mask(self, mask):
+        """XOR the data modules with mask pattern `mask` (applying it twice undoes it)."""
+        rule = QR_MASKS[mask]
+        for y in range(self.size):
+            for x in range(self.size):
+                if not self.function[y][x] and rule(x, y):
+                    self.modules[y][x] = not self.modules[y][x]
+
+    def penalty_with(self, mask):
+        """The penalty score of the symbol under `mask` (ISO/IEC 18004 section 7.8.3)."""
+        self.apply_mask(mask)
+        self.draw_format(mask)
+        score = qr_penalty(self.modules)
+        self.apply_mask(mask)
+        return score
+
+    def terminal_lines(self, quiet=QR_QUIET_ZONE):
+        """The code as text: each character two modules high, ink for dark modules."""
+        light = [False] * (self.size + 2 * quiet)
+        rows = [light] * quiet + [[False] * quiet + row + [False] * quiet for row in self.modules]
+        rows += [light] * (quiet + (len(rows) + quiet) % 2)
+        return ["".join(QR_HALF_BLOCKS[top, bottom] for top, bottom in zip(rows[i], rows[i + 1]))
+                for i in range(0, len(rows), 2)]  # fmt: skip
+
+
+def qr_segment_bits(data, version):
+    """Bits of a byte-mode segment of `data` before padding: mode, count and the bytes."""
+    return 4 + (8 if version < 10 else 16) + 8 * len(data)
+
+
+def qr_penalty(modules):
+    """Runs of five or more, 2x2 blocks, finder-like patterns and the dark/light balance."""
+    size, score = len(modules), 0
+    lines = ["".join("1" if m else "0" for m in row) for row in modules]
+    lines += ["".join(lines[y][x] for y in range(size)) for x in range(size)]
+    for line in lines:
+        for run in re.finditer(r"0{5,}|1{5,}", line):
+            score += QR_PENALTY_RUN + len(run.group()) - 5
+        padded = "0000" + line + "0000"
+        score += QR_PENALTY_FINDER * sum(
+            padded.startswith(p, i) for p in ("00001011101", "10111010000") for i in range(len(padded))
+        )
+    for y in range(size - 1):
+        for x in range(size - 1):
+            if modules[y][x] == modules[y][x + 1] == modules[y + 1][x] == modules[y + 1][x + 1]:
+                score += QR_PENALTY_BLOCK
+    dark = sum(map(sum, modules))
+    return score + QR_PENALTY_BALANCE * (abs(dark * 20 - size * size * 10) // (size * size))
+
+
+def qr_text(text, colour=False):
+    """The QR code of `text` for a terminal; with colour, dark on light whatever the theme."""
+    lines = QRCode(text).terminal_lines()
+    return "\n".join(f"\x1b[30;107m{line}\x1b[0m" for line in lines) if colour else "\n".join(lines)
+
+
+# ======================================================================================
 # Command line
 # --------------------------------------------------------------------------------------
 # One cmd_<name> per subcommand and one small parser builder each. Only this section
@@ -5111,11 +7343,15 @@ def status_rows(records, now):
     """The status table's cells for each record."""
     rows = []
     for r in records:
-        state = r["state"] + (" stale" if r.get("stale") else "")
+        state = r["state"] + (" stale" if r.get("stale") else "") + (" approval" if r.get("approval") else "")
+        state += (" sandboxed" if r.get("sandboxed") else "") + (" merged" if r.get("merged") else "")
+        activity = r.get("error") or r.get("activity") or ""
+        if r.get("approval"):
+            activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
         rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), record_cost(r),
                      "-" if r.get("commits") is None else str(r["commits"]),
                      "-" if r.get("files_changed") is None else str(r["files_changed"]),
-                     one_line(r.get("error") or r.get("activity") or "")])  # fmt: skip
+                     one_line(activity)])  # fmt: skip
     return rows
 
 
@@ -5157,8 +7393,11 @@ def status_text(project, records, out):
     if not records:
         return 'No agents yet. Start some with: orchestra spawn "first task" "second task"'
     headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
+    records = with_approvals(project, records)
     table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
-    return f"{table}\n\n{summary_line(records)}"
+    notes = [f"{r['id']}: {line}" for r in records
+             for line in denial_lines(r.get("permission_denials"), (r.get("launch") or {}).get("bypass_permissions", ()))]  # fmt: skip
+    return "\n".join([table, "", *notes, *([""] if notes else []), summary_line(records)])
 
 
 def summary_line(records):
@@ -5190,6 +7429,12 @@ def cmd_init(args):
     project = open_project(args)
     print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
     print(config_text(project.config))
+    print(f"\nSettings live in {project.dir / 'config.json'} (this project) and {user_config_path(os.environ)} (you);\n"
+          "change one with: orchestra config set KEY VALUE [--user]\n"
+          "Agents ask before tools outside bypass_permissions; answer with 'orchestra approvals' / 'approve' / 'deny'\n"
+          "or the dashboard. Allow tools up front: orchestra config set bypass_permissions "
+          "'[\"Edit\", \"Write\", \"Bash(git *)\", \"Bash(pytest *)\"]'\n"
+          "or let Bash run freely inside Claude Code's sandbox: orchestra config set sandbox auto")  # fmt: skip
     return EXIT_OK
 
 
@@ -5204,7 +7449,7 @@ def config_text(config):
 
 
 def cmd_config(args):
-    """Show every setting, its value and where that value came from."""
+    """Show every setting, its value and where that value came from; 'set' and 'unset' change one."""
     try:
         repo = find_repo(Path.cwd())
     except OrchestraError:
@@ -5219,7 +7464,7 @@ def cmd_config(args):
 
 def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
-    project = open_project(args, model=args.model)
+    project = open_project(args, model=args.model, sandbox=args.sandbox)
     records = spawn_agents(project, args.tasks, parallel=args.parallel, name=args.name, base=args.base)
     if not args.json:
         for r in records:
@@ -5273,7 +7518,7 @@ def cmd_status(args):
         if args.json:
             print_json(status_document(project, state, records))
             return EXIT_OK
-        text = status_text(project, records, sys.stdout)
+        text = status_text(project, with_merged_flags(project, records), sys.stdout)
         if not args.watch:
             print(text)
             return EXIT_OK
@@ -5292,7 +7537,9 @@ def cmd_pause(args):
 
 def cmd_resume(args):
     """SIGCONT paused agents; relaunch with --resume those whose process is gone."""
-    return report_outcomes(resume_agents(open_project(args), args.ids))
+    project = open_project(args)
+    check_not_removed(project, args.ids)
+    return report_outcomes(resume_agents(project, args.ids))
 
 
 def cmd_stop(args):
@@ -5332,7 +7579,9 @@ def cmd_logs(args):
 
     def show(lines):
         if lines:
-            sys.stdout.write("".join((strip_control(line) if clean else line) + "\n" for line in lines))
+            sys.stdout.write(
+                "".join((strip_control(line) if clean else encodable(line)) + "\n" for line in lines)
+            )
             sys.stdout.flush()
 
     count = LOGS_FOLLOW_TAIL if args.tail is None and args.follow else args.tail
@@ -5352,7 +7601,7 @@ def cmd_logs(args):
     if not args.follow and record["state"] in ("failed", "interrupted"):
         stderr = read_tail(project.stderr_path(record["id"])).strip()
         if stderr:
-            print("-- stderr --\n" + (strip_control(stderr) if clean else stderr))
+            print("-- stderr --\n" + (strip_control(stderr) if clean else encodable(stderr)))
     return EXIT_OK
 
 
@@ -5451,6 +7700,9 @@ def report_text(report):
         f"Commits on {report['branch']}:" if report["commits"] else f"No commits on {report['branch']}."
     )
     lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
+    if report.get("merged"):
+        lines.append("Its commits are merged already.")
+    lines += [f"Note: {note}" for note in report.get("notes", [])]
     if report["diffstat"]:
         lines.append(report["diffstat"])
     if report["uncommitted"]:
@@ -5458,25 +7710,16 @@ def report_text(report):
             "Uncommitted in its worktree: "
             + ", ".join(f"{u['status'].strip()} {u['path']}" for u in report["uncommitted"])
         )
+    lines += denial_lines(report.get("permission_denials"), report.get("bypass_permissions", ()))
     return "\n".join(lines)
 
 
 def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
-    records = finished_agents(project.all_records() if args.ids else project.records(), args.ids)
-    if args.merge:
-        check_checkout_clean(project.repo, "merging")
-    committed = [r["id"] for r in records if args.commit and commit_leftovers(project, r)]
-    reports = agent_reports(project, records)
-    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
-    if args.merge:
-        chosen = records if args.ids else [r for r in records if r["state"] == "done"]
-        document["merged"], document["conflict"] = merge_agents(project, chosen)
-    if args.patch:
-        document["patch"] = {"path": args.patch, "commits": write_patch(project, records, args.patch)}
-    if args.pr:
-        document["pull_requests"] = open_pull_requests(project, reports)
+    document = collect_agents(project, args.ids, commit=args.commit, merge=args.merge, patch=args.patch,
+                              pr=args.pr, into=args.into, cwd=Path.cwd())  # fmt: skip
+    reports = document["agents"]
     if args.json:
         print_json(document)
     else:
@@ -5485,7 +7728,7 @@ def cmd_collect(args):
             if reports
             else "No finished agents to collect yet; see 'orchestra status'."
         )
-    return EXIT_FAILURE if document.get("conflict") else EXIT_OK
+    return EXIT_FAILURE if document.get("conflict") or document.get("pr_failed") else EXIT_OK
 
 
 def collect_text(document):
@@ -5497,7 +7740,11 @@ def collect_text(document):
         parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
     if "merged" in document:
         parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
-    if document.get("conflict"):
+    if document.get("conflict", {}) and document["conflict"].get("untracked"):
+        c = document["conflict"]
+        parts.append(f"Not merging {c['id']}: it would overwrite your untracked or ignored "
+                     f"{', '.join(c['untracked'][:MAX_LISTED_FILES])}; move them away, then run collect --merge again")  # fmt: skip
+    elif document.get("conflict"):
         c = document["conflict"]
         where = ", ".join(c["files"]) or c["git"]
         parts.append(f"Merging {c['id']} conflicts in {where}; the merge was aborted and your checkout is as it was. "
@@ -5507,6 +7754,10 @@ def collect_text(document):
             f"Wrote {document['patch']['commits']} commit(s) to {document['patch']['path']} (apply with git am)"
         )
     parts += document.get("pull_requests", [])
+    only_uncommitted = [r["id"] for r in document["agents"] if not r["commits"] and r["uncommitted"]]
+    if only_uncommitted and not document["committed"]:
+        parts.append(f"{', '.join(only_uncommitted)}: all the work is uncommitted; "
+                     "'orchestra collect --commit' commits it on the agent's branch")  # fmt: skip
     return "\n\n".join(parts)
 
 
@@ -5516,12 +7767,8 @@ def cmd_send(args):
     A finished agent continues at once; a running one gets the message when its current turn ends.
     """
     project = open_project(args)
-    agent_id, waits = send_message(project, args.id, args.message)
-    if waits:
-        print(f"{agent_id}: still working; your message waits and is sent when its current turn ends")
-    else:
-        print(f"{agent_id}: queued to continue with your message")
-    print(f"follow it with: orchestra logs -f {agent_id}")
+    check_not_removed(project, [args.id])
+    print(sent_text(*send_message(project, args.id, args.message)))
     return EXIT_OK
 
 
@@ -5567,12 +7814,12 @@ def cmd_cleanup(args):
                              failed_only=args.failed, force=args.force)  # fmt: skip
     if args.json:
         print_json(outcome)
-        return EXIT_OK
+        return EXIT_FAILURE if any(step.get("error") for step in outcome["plan"]) else EXIT_OK
     for step in outcome["plan"]:
         print(cleanup_line(step, args.dry_run))
     if not outcome["plan"]:
         print("Nothing to clean up.")
-    return EXIT_OK
+    return EXIT_FAILURE if any(step.get("error") for step in outcome["plan"]) else EXIT_OK
 
 
 def cleanup_line(step, dry_run):
@@ -5600,6 +7847,33 @@ def print_archives(project, as_json):
     return EXIT_OK
 
 
+def cmd_restore(args):
+    """Bring a cleaned-up agent back from its archive: its branch, and a worktree with the files,
+    index and record it had. Refuses when the branch or the folder exists."""
+    project = open_project(args)
+    outcome = restore_agent(project, args.id)
+    if args.json:
+        print_json(outcome)
+        return EXIT_OK
+    print(
+        f"{outcome['id']}: restored {', '.join(outcome['restored'])} as branch {outcome['branch']} in {outcome['worktree']}"
+    )
+    for kind, ref in outcome["other_refs"].items():
+        print(f"  also saved ({ARCHIVE_WORDS[kind]}): {ref}")
+    return EXIT_OK
+
+
+def add_restore_parser(commands):
+    """orchestra restore"""
+    p = commands.add_parser("restore", help="bring a cleaned-up agent back from its archive", description=cmd_restore.__doc__,
+                            epilog="example: orchestra restore implement-auth")  # fmt: skip
+    p.add_argument(
+        "id", metavar="ID", help="agent id (its newest archive) or ID/STAMP from cleanup --list-archives"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_restore)
+
+
 def add_collect_parser(commands):
     """orchestra collect"""
     p = commands.add_parser("collect", help="report and bring home finished agents' work", description=cmd_collect.__doc__,
@@ -5610,6 +7884,11 @@ def add_collect_parser(commands):
     )
     p.add_argument(
         "--merge", action="store_true", help="merge the branches into your current branch, one by one"
+    )
+    p.add_argument(
+        "--into",
+        metavar="BRANCH",
+        help="with --merge from a linked worktree: the branch checked out in your main checkout",
     )
     p.add_argument("--pr", action="store_true", help="push each branch and open a pull request with gh")
     p.add_argument("--patch", metavar="FILE", help="write all their commits to FILE as one patch series")
@@ -5676,6 +7955,8 @@ def cmd_web(args):
         if missing:
             print(f"orchestra: warning: {missing}", file=sys.stderr)
         print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
+        if args.qr:
+            print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
 
@@ -5714,6 +7995,9 @@ def add_web_parser(commands):
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests addressed to this host name (repeatable)")  # fmt: skip
     p.add_argument("--open", action="store_true", help="open the dashboard in a browser")
+    p.add_argument(
+        "--qr", action="store_true", help="also print the address as a QR code to scan with a phone"
+    )
     p.add_argument("--new-token", action="store_true", help="make a new access token; old links stop working")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
@@ -5733,6 +8017,7 @@ def add_config_parser(commands):
                             epilog="example: orchestra config --json; one run with another value: orchestra -c default_parallel=5 config")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_config)
+    add_config_actions(p)
 
 
 def positive_int(text):
@@ -5769,6 +8054,12 @@ def add_spawn_parser(commands):
     )
     p.add_argument("--name", metavar="ID", action="append",
                    help="an agent's id instead of one made from its task; once per task, the Nth names the Nth task")  # fmt: skip
+    sandbox = p.add_mutually_exclusive_group()
+    sandbox.add_argument("--sandbox", dest="sandbox", action="store_const", const="on",
+                         help="run in Claude Code's sandbox (Bash without asking, writes only in the worktree); refuse where it cannot")  # fmt: skip
+    sandbox.add_argument(
+        "--no-sandbox", dest="sandbox", action="store_const", const="off", help="run without the sandbox"
+    )
     p.add_argument("--wait", action="store_true", help="show progress until all finish; exit 1 if any failed")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_spawn, more_tasks=True)
@@ -5825,6 +8116,204 @@ def add_worktrees_parser(commands):
     p.set_defaults(func=cmd_worktrees)
 
 
+def cmd_hook(args):
+    """Claude Code's PermissionRequest hook (internal): reads the request on stdin, answers on stdout."""
+    return permission_hook(args.repo, args.agent, args.timeout, sys.stdin, sys.stdout)
+
+
+def add_hook_parser(commands):
+    """orchestra hook (internal; Claude Code runs it)"""
+    p = commands.add_parser("hook", description=cmd_hook.__doc__,
+                            epilog="example: orchestra hook permission-request --repo . --agent fix-tests < request.json")  # fmt: skip
+    p.add_argument("event", choices=["permission-request"], help="the hook event")
+    p.add_argument("--repo", required=True, help="the repository whose agent asks")
+    p.add_argument("--agent", required=True, help="the agent's id")
+    p.add_argument("--timeout", type=float, default=CONFIG_DEFAULTS["approval_timeout"],
+                   help="seconds to wait for a decision before denying")  # fmt: skip
+    p.set_defaults(func=cmd_hook)
+
+
+def approvals_table(requests, now):
+    """The pending requests as a table: id, agent, waiting for, tool call."""
+    rows = [[r["id"], r["agent"], format_duration(now - (parse_iso(r.get("since")) or now)),
+             strip_control(r.get("summary") or r.get("tool") or "")] for r in requests]  # fmt: skip
+    return render_table(["REQUEST", "AGENT", "WAITING", "TOOL CALL"], rows, sys.stdout)
+
+
+def cmd_approvals(args):
+    """List the tool calls agents are waiting to have approved, oldest first."""
+    project = open_project(args)
+    document = approvals_document(project)
+    if args.json:
+        print_json(document)
+    elif document["approvals"]:
+        print(approvals_table(document["approvals"], time.time()))
+        print(
+            "\nAnswer with: orchestra approve REQUEST [--always]   or   orchestra deny REQUEST [--message TEXT]"
+        )
+    else:
+        print("No agent is waiting for an approval.")
+    return EXIT_OK
+
+
+def cmd_approve(args):
+    """Allow a waiting tool call (by request id, or every request of an agent); --always keeps allowing it."""
+    project = open_project(args)
+    for request in find_requests(project, args.target):
+        decision = answer_request(project, request, True, "cli", always=args.always)
+        print(f"allowed {request['id']}: {request['agent']} runs {strip_control(request['summary'])}")
+        if decision.get("config"):
+            print(f"added {decision['rule']} to bypass_permissions in {decision['config']}")
+        elif decision.get("rule"):
+            print(f"{request['agent']} may run {decision['rule']} without asking for the rest of its run")
+    return EXIT_OK
+
+
+def cmd_deny(args):
+    """Deny a waiting tool call; the agent reads --message as the tool's result and carries on."""
+    project = open_project(args)
+    for request in find_requests(project, args.target):
+        answer_request(project, request, False, "cli", message=args.message)
+        print(f"denied {request['id']}: {request['agent']} may not run {strip_control(request['summary'])}")
+    return EXIT_OK
+
+
+def add_approvals_parsers(commands):
+    """orchestra approvals | approve | deny"""
+    p = commands.add_parser("approvals", help="list tool calls waiting for your approval", description=cmd_approvals.__doc__,
+                            epilog="example: orchestra approvals --json")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_approvals)
+    p = commands.add_parser("approve", help="allow a waiting tool call", description=cmd_approve.__doc__,
+                            epilog="example: orchestra approve 3fa2c1 --always=project")  # fmt: skip
+    p.add_argument("target", metavar="REQ|AGENT", help="request id, or agent id (or unique prefix)")
+    p.add_argument("--always", nargs="?", const="agent", choices=["agent", "project"],
+                   help="also allow the same call from now on: for the rest of this agent's run, or "
+                        "(--always=project) in the project's bypass_permissions")  # fmt: skip
+    p.set_defaults(func=cmd_approve)
+    p = commands.add_parser("deny", help="deny a waiting tool call", description=cmd_deny.__doc__,
+                            epilog='example: orchestra deny fix-tests --message "use the test database"')  # fmt: skip
+    p.add_argument("target", metavar="REQ|AGENT", help="request id, or agent id (or unique prefix)")
+    p.add_argument("--message", help="what the agent is told instead of the tool's output")
+    p.set_defaults(func=cmd_deny)
+
+
+def config_target(args):
+    """The config file `config set/unset` writes: the project's, or the user's with --user."""
+    if args.user:
+        return user_config_path(os.environ)
+    return find_repo(Path.cwd()) / ORCHESTRA_DIR / "config.json"
+
+
+def parse_config_value(text):
+    """A config value from the command line: JSON (numbers, lists, null), else the word itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def cmd_config_set(args):
+    """Write one setting to the project (or --user) config file, checked as loading checks it."""
+    path = write_config_value(config_target(args), args.key, parse_config_value(args.value))
+    print(f"{args.key} = {json.dumps(parse_config_value(args.value))} in {path}")
+    return EXIT_OK
+
+
+def cmd_config_unset(args):
+    """Remove one setting from the project (or --user) config file."""
+    path = write_config_value(config_target(args), args.key, None, unset=True)
+    print(f"{args.key} removed from {path}")
+    return EXIT_OK
+
+
+def add_config_actions(p):
+    """orchestra config set | unset"""
+    actions = p.add_subparsers(
+        dest="action", metavar="[set KEY VALUE | unset KEY]", parser_class=ArgumentParser
+    )
+    s = actions.add_parser("set", help="write a setting", description=cmd_config_set.__doc__,
+                           epilog="example: orchestra config set sandbox_network '[\"pypi.org\"]'")  # fmt: skip
+    s.add_argument("key", metavar="KEY", help="a known setting")
+    s.add_argument("value", metavar="VALUE", help="JSON (numbers, lists, null) or a plain word")
+    s.add_argument("--user", action="store_true", help="write the user config file instead of the project's")
+    s.set_defaults(func=cmd_config_set)
+    u = actions.add_parser("unset", help="remove a setting", description=cmd_config_unset.__doc__,
+                           epilog="example: orchestra config unset approval_timeout")  # fmt: skip
+    u.add_argument("key", metavar="KEY", help="a known setting")
+    u.add_argument("--user", action="store_true", help="edit the user config file instead of the project's")
+    u.set_defaults(func=cmd_config_unset)
+
+
+def doctor_checks(env):
+    """(name, ok, what was found or what to install) for each thing orchestra uses."""
+    checks = []
+    git_found = probe_version(["git", "--version"], env)
+    checks.append(("git", bool(git_found), git_found or "not found; install git 2.25 or newer"))
+    claude = probe_version([CLAUDE_EXECUTABLE, "--version"], env)
+    checks.append(("claude", bool(claude), claude or f"not found; {CLAUDE_INSTALL_HINT}"))
+    if claude:
+        checks.append(("claude login", *claude_login(env)))
+    problem = sandbox_problem(env)
+    checks.append(
+        ("sandbox", problem is None, "Claude Code's sandbox can run here" if problem is None else problem)
+    )
+    gh = probe_version(["gh", "--version"], env)
+    checks.append(
+        ("gh", bool(gh), gh or "not found (only collect --pr needs it); install from https://cli.github.com")
+    )
+    return checks
+
+
+def probe_version(argv, env):
+    """The first line a program prints for its version, or None when it is missing or fails."""
+    if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+        return None
+    try:
+        done = subprocess.run(argv, env=dict(env), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              errors="replace", timeout=SANDBOX_PROBE_TIMEOUT)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return lines[0] if done.returncode == 0 and lines else None
+
+
+def claude_login(env):
+    """(ok, how claude is logged in, or how to log in)."""
+    try:
+        done = subprocess.run([CLAUDE_EXECUTABLE, "auth", "status"], env=dict(env), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, errors="replace", timeout=SANDBOX_PROBE_TIMEOUT)  # fmt: skip
+        status = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return False, "could not ask 'claude auth status'; run 'claude' once to log in"
+    if status.get("loggedIn"):
+        return (
+            True,
+            f"logged in ({status.get('authMethod')}{', ' + status['apiKeySource'] if status.get('apiKeySource') else ''})",
+        )
+    return False, "not logged in; run 'claude' and log in, or set ANTHROPIC_API_KEY"
+
+
+def cmd_doctor(args):
+    """Check what orchestra needs on this machine: git, claude and its login, the sandbox, gh."""
+    checks = doctor_checks(os.environ)
+    if args.json:
+        print_json({"checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]})
+    else:
+        for name, ok, detail in checks:
+            print(f"{'ok' if ok else 'MISSING':8} {name:13} {detail}")
+    essential = [ok for name, ok, _ in checks if name in ("git", "claude")]
+    return EXIT_OK if all(essential) else EXIT_FAILURE
+
+
+def add_doctor_parser(commands):
+    """orchestra doctor"""
+    p = commands.add_parser("doctor", help="check git, claude, its login, the sandbox and gh", description=cmd_doctor.__doc__,
+                            epilog="example: orchestra doctor")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_doctor)
+
+
 def add_supervise_parser(commands):
     """orchestra supervise"""
     p = commands.add_parser("supervise", help="run the supervisor (spawn starts it for you)",
@@ -5835,7 +8324,8 @@ def add_supervise_parser(commands):
 
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
                    add_logs_parser, add_diff_parser, add_worktrees_parser, add_collect_parser, add_send_parser,
-                   add_cleanup_parser, add_sessions_parser, add_web_parser, add_supervise_parser)  # fmt: skip
+                   add_cleanup_parser, add_restore_parser, add_sessions_parser, add_web_parser, add_supervise_parser,
+                   add_approvals_parsers, add_doctor_parser, add_hook_parser)  # fmt: skip
 
 
 def command_names(parser):
@@ -5910,6 +8400,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        return EXIT_FAILURE
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS or os.environ.get("ORCHESTRA_DEBUG") == "1":
+            raise
+        print(f"orchestra: error: cannot write {e.filename or 'a file'}: {e.strerror}; "
+              "free some space or fix the permissions, then run the command again", file=sys.stderr)  # fmt: skip
         return EXIT_FAILURE
 
 
