@@ -2835,7 +2835,11 @@ class Supervisor:
             )
             chosen = sorted(waiting, key=spawn_order)[:count]
             for record in chosen:
-                record.update(worktree_later=False, activity="preparing worktree")
+                preparer = [
+                    os.getpid(),
+                    process_start_time(os.getpid()),
+                ]  # a later spawn rolls back after a crash
+                record.update(worktree_later=False, activity="preparing worktree", preparer=preparer)
             return [dict(r) for r in chosen]
 
         try:
