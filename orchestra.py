@@ -2803,6 +2803,13 @@ class Supervisor:
             for r in state["agents"].values()
         )
 
+    @staticmethod
+    def waits_for_worktree(record):
+        """True for a queued agent whose worktree spawn left to the supervisor (and handed over)."""
+        return (
+            record["state"] == "queued" and bool(record.get("worktree_later")) and not record.get("preparer")
+        )
+
     def preparing(self):
         """True while worktrees are being made for queued agents."""
         return self.preparer is not None and self.preparer.is_alive()
@@ -2816,7 +2823,7 @@ class Supervisor:
         if self.preparing():
             return
         agents = state["agents"].values()
-        if not any(r["state"] == "queued" and r.get("worktree_later") for r in agents):
+        if not any(self.waits_for_worktree(r) for r in agents):
             return
         ready = sum(r["state"] == "queued" and bool(r.get("ready")) for r in agents)
         count = min(PREPARE_AT_ONCE, self.project.config.parallel_limit(state.get("parallel")) - ready)
@@ -2830,15 +2837,10 @@ class Supervisor:
         """Claim the next `count` waiting agents under the lock, make their worktrees, wake the loop."""
 
         def claim(state):
-            waiting = (
-                r for r in state["agents"].values() if r["state"] == "queued" and r.get("worktree_later")
-            )
+            waiting = (r for r in state["agents"].values() if self.waits_for_worktree(r))
             chosen = sorted(waiting, key=spawn_order)[:count]
+            preparer = [os.getpid(), process_start_time(os.getpid())]  # a crash mid-prepare is rolled back
             for record in chosen:
-                preparer = [
-                    os.getpid(),
-                    process_start_time(os.getpid()),
-                ]  # a later spawn rolls back after a crash
                 record.update(worktree_later=False, activity="preparing worktree", preparer=preparer)
             return [dict(r) for r in chosen]
 
@@ -3323,6 +3325,7 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None):
     try:
         defer_worktrees(project, records[SPAWN_PREPARED_NOW:])
         prepare_agents(project, records[:SPAWN_PREPARED_NOW])
+        hand_over_worktrees(project, records[SPAWN_PREPARED_NOW:])
     except BaseException:
         with shield_interrupts():
             roll_back_spawn(project, records, "spawn was interrupted before the agent started")
@@ -3345,13 +3348,24 @@ def defer_worktrees(project, records):
 
     def mark(state):
         for record in records:
-            facts = dict(
-                worktree_later=True, spawn_logged=True, activity="waiting for a worktree", preparer=None
-            )
-            record.update(facts)  # the supervisor prepares it (and becomes its preparer) when its turn nears
+            facts = dict(worktree_later=True, spawn_logged=True, activity="waiting for a worktree")
+            record.update(facts)  # spawn stays its preparer until hand_over_worktrees
             state["agents"][record["id"]].update(facts)
 
     project.store.update(mark)
+
+
+def hand_over_worktrees(project, records):
+    """Give deferred agents to the supervisor: until now a killed spawn rolls them back with the rest."""
+
+    def release(state):
+        for record in records:
+            saved = state["agents"].get(record["id"])
+            if saved and saved["state"] == "queued" and saved.get("worktree_later"):
+                saved["preparer"] = record["preparer"] = None
+
+    if records:
+        project.store.update(release)
 
 
 def mark_sandboxed(project, records, sandboxed):
