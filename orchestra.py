@@ -15,6 +15,7 @@ Commands:
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
   orchestra send ID MESSAGE           a follow-up for a finished agent, in its own session
+  orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
   orchestra cleanup [--dry-run]       remove worktrees and branches that hold nothing unsaved
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
   orchestra web [--port N]            the phone-friendly dashboard, JSON API and live WebSocket
@@ -40,6 +41,7 @@ import http.client
 import json
 import os
 import queue
+import random
 import re
 import secrets
 import shlex
@@ -95,6 +97,13 @@ CONFIG_DEFAULTS = {
     "base_branch": None,
     "copy_files": [],
     "setup": [],
+    "checks": [],
+    "check_timeout": 900,
+    "fix_rounds": 0,
+    "max_budget_usd": None,
+    "api_retries": 5,
+    "api_backoff": 60,
+    "api_backoff_max": 3600,
 }
 # What each key must hold: "int", "number", "str", "str?" (string or null) or "list".
 CONFIG_TYPES = {
@@ -111,18 +120,26 @@ CONFIG_TYPES = {
     "base_branch": "str?",
     "copy_files": "list",
     "setup": "list",
+    "checks": "list",
+    "check_timeout": "number",
+    "fix_rounds": "int",
+    "max_budget_usd": "number?",
+    "api_retries": "int",
+    "api_backoff": "number",
+    "api_backoff_max": "number",
 }
 TYPE_NAMES = {
     "int": "an integer",
     "number": "a number",
     "str": "a string",
     "str?": "a string or null",
+    "number?": "a number or null",
     "list": "a list of strings",
 }
 
 LAUNCH_KEYS = ("agent_command", "model", "permission_mode", "bypass_permissions")  # fixed at spawn
-STATES = ("queued", "running", "paused", "done", "failed", "stopped", "interrupted", "removed")
-ACTIVE_STATES = ("queued", "running", "paused")
+STATES = ("queued", "running", "paused", "waiting", "done", "failed", "stopped", "interrupted", "removed")
+ACTIVE_STATES = ("queued", "running", "paused", "waiting")
 FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
 ARCHIVE_REFS = "refs/orchestra/archive"  # branch tips saved before cleanup removes anything
 MAX_LISTED_FILES = 3  # files named in a KEEP reason before "and N more"
@@ -131,6 +148,7 @@ RECORD_FIELDS = (
     "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
+    "checks", "waiting", "batch", "stop_reason",
 )  # fmt: skip
 
 MAX_TASK_LENGTH = 8000  # characters; longer instructions belong in a file the task names
@@ -157,6 +175,22 @@ LOGS_FOLLOW_POLL = 0.25
 LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
 WORKTREE_THREADS = 8
 COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
+
+# Checks, fix rounds, API errors and budgets (see "Results you can trust" below)
+RESILIENCE_KEYS = ("checks", "check_timeout", "fix_rounds", "max_budget_usd", "api_retries", "api_backoff",
+                   "api_backoff_max")  # fixed at spawn in the record's launch, like LAUNCH_KEYS  # fmt: skip
+CHECK_POLL = 0.2  # seconds between looks at a running check (its timeout, a stop request)
+CHECK_STOP_POLL = 1.0  # seconds between looks at the record for a stop while a check runs
+CHECK_OUTPUT_LIMIT = 64 * 1024  # characters of a check's output kept in the agent's log
+CHECK_TAIL_CHARS = 1500  # of a failing check's output kept in the record and quoted to the agent
+FIX_PROMPT = (
+    "The checks orchestra runs after you finish failed. The command `{command}` exited with "
+    "{exit_code}. The end of its output:\n\n```\n{tail}\n```\n\nFix the cause, commit the fix, and finish."
+)
+API_JITTER = 0.2  # a backoff wait is stretched by up to this fraction, so agents do not retry in step
+API_SCAN_BYTES = 256 * 1024  # of the end of a log searched for the last run's API error
+ACCOUNT_LIMIT_REASONS = ("rate_limit", "usage_limit")  # waits that hold every new start, not one agent
+BATCH_ID_FORMAT = "b%Y%m%dT%H%M%S"
 
 # Sessions: how much of each transcript is read, how listings look, what a prompt is.
 CLAUDE_EXECUTABLE = "claude"
@@ -504,6 +538,7 @@ def check_config_value(key, value, where):
         "number": isinstance(value, (int, float)) and not isinstance(value, bool),
         "str": isinstance(value, str) and value != "",
         "str?": value is None or isinstance(value, str),
+        "number?": value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
     }[kind]
     if not ok:
@@ -569,6 +604,7 @@ class Config:
                 raise OrchestraError(f"{sources[key]}: '{key}' must be at least 1")
         if not values["agent_command"]:
             raise OrchestraError(f"{sources['agent_command']}: 'agent_command' must not be empty")
+        check_resilience_values(values, sources)
 
     def parallel_limit(self, requested=None):
         """How many agents may run at once: the request or default, capped by max_parallel."""
@@ -891,6 +927,7 @@ def new_record(project, agent_id, task, base_branch, base_commit):
         copied_files=[],
         launch={key: project.config[key] for key in LAUNCH_KEYS},
     )
+    record["launch"].update({key: project.config[key] for key in RESILIENCE_KEYS})
     return record
 
 
@@ -943,6 +980,7 @@ class AgentLog:
         self.settled = None  # the last "settled" event: how the latest run ended
         self.run_usage = {}  # message id -> (input, output) tokens; one response spans lines
         self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
+        self.resilience = {}  # the latest checks result and API wait (see fold_resilience_event)
         self.facts = {"session_id": None, "activity": None, "last_activity_at": None,
                       "cost_usd": None, "turns": None, "result": None, "error": None,
                       "outcome": None, "input_tokens": None, "output_tokens": None}  # fmt: skip
@@ -990,6 +1028,7 @@ class AgentLog:
             self.facts.update(result=None, error=None, outcome=None)
         elif event.get("event") == "settled":
             self.settled = event
+        fold_resilience_event(self.resilience, event)
 
     def on_system(self, event):
         """system/init names the session."""
@@ -1128,6 +1167,8 @@ def agent_argv(record, prompt=None):
         argv += ["--model", config["model"]]
     if config["permission_mode"]:
         argv += ["--permission-mode", config["permission_mode"]]
+    if config.get("max_budget_usd"):
+        argv += ["--max-budget-usd", str(config["max_budget_usd"])]
     if config["bypass_permissions"]:
         argv += ["--allowedTools", *config["bypass_permissions"]]  # variadic: keep it last
     return argv
@@ -1284,6 +1325,7 @@ def rebuild_records(project):
             record["finished_at"] = log.settled.get("time")
         elif log.launched:
             record["state"], record["error"] = settled_state(log, None, "")
+        restore_resilience(record, log)
         if record["worktree"] not in live and record["state"] == "queued":
             record["state"], record["error"] = "failed", "worktree missing after state.json was rebuilt"
         records[record["id"]] = record
@@ -1397,6 +1439,508 @@ class Project:
 
 
 # ======================================================================================
+# Results you can trust: checks, fix rounds, API waits and budgets
+# --------------------------------------------------------------------------------------
+# An agent that says "done" is not trusted until the configured `checks` (shell commands)
+# pass in its own worktree. The supervisor runs them right after the agent's process ends:
+# the agent stays `running` (activity "checks: <command>"), so checks take a slot of the
+# parallel limit, and `checks` in the record says "running". Each command's output goes
+# into the agent's log as a `check` event, the outcome as a `checks` event. On failure,
+# up to `fix_rounds` times, the agent's own session is resumed with the failing command
+# and the tail of its output, and the checks run again when it finishes. A supervisor that
+# dies while checks run leaves the record `running` with checks "running"; the next one
+# settles it from the log and runs them again.
+#
+# An agent whose run ends on an API error it may outlive (HTTP 429 or a usage limit, 529
+# overloaded, a 5xx or a network failure: the CLI's `api_error_status`, `api_error` and
+# result text) does not fail: it becomes `waiting` with `waiting` = {reason, until,
+# attempt}. `until` is the reset time when the CLI tells it (a `rate_limit_event`), else an
+# exponential backoff (`api_backoff` doubling per attempt, capped at `api_backoff_max`,
+# with jitter). After `api_retries` attempts it stays failed. While any agent waits for a
+# rate or usage limit, the account is limited: no agent starts. When the wait ends, the
+# agent's session is resumed with "Continue the task." The `waiting` event in the log lets
+# a rebuilt state.json restore the wait.
+#
+# Every spawn makes a batch (`batch` on each record, `batches` in the state); `spawn
+# --budget USD` gives it a ceiling. When the batch's agents together have spent it, its
+# queued agents never start and its active ones are stopped (`stop_reason` "budget"),
+# worktrees and branches kept.
+# ======================================================================================
+
+
+CHECK_RESULT_FIELDS = ("status", "command", "exit_code", "tail", "rounds")
+
+
+def check_resilience_values(values, sources):
+    """Check, fix-round, retry and budget settings that are well typed but out of range."""
+    for key, low in (("fix_rounds", 0), ("api_retries", 0)):
+        if values[key] < low:
+            raise OrchestraError(f"{sources[key]}: '{key}' must be at least {low}, not {values[key]}")
+    for key in ("check_timeout", "api_backoff", "api_backoff_max", "max_budget_usd"):
+        if values[key] is not None and not values[key] > 0:
+            raise OrchestraError(f"{sources[key]}: '{key}' must be a number above 0, not {values[key]}")
+
+
+def resilience_setting(record, key):
+    """A check/retry/budget setting fixed in the record at spawn (the default for older records)."""
+    return (record.get("launch") or {}).get(key, CONFIG_DEFAULTS[key])
+
+
+def fold_resilience_event(memory, event):
+    """Remember the latest checks outcome, API wait and budget stop from an orchestra log event."""
+    what = event.get("event")
+    if what == "checks":
+        memory["checks"] = event
+    elif what == "waiting":
+        memory["waiting"] = event
+        memory["api_attempts"] = event.get("attempt") or 0
+    elif what in ("launch", "settled"):
+        memory.pop("waiting", None)
+    elif what == "budget_stop":
+        memory["stop_reason"] = "budget"
+
+
+def restore_resilience(record, log):
+    """Give a record rebuilt from its log its checks result, its API wait and its stop reason."""
+    memory = log.resilience
+    if memory.get("checks"):
+        record["checks"] = {key: memory["checks"].get(key) for key in CHECK_RESULT_FIELDS}
+        if record["checks"]["status"] == "running" and record["state"] == "done":
+            record.update(state="running", pid=None)  # the supervisor died during checks: run them again
+    if memory.get("waiting"):
+        waiting = {key: memory["waiting"].get(key) for key in ("reason", "until", "attempt", "message")}
+        record.update(state="waiting", waiting=waiting, error=None, finished_at=None)
+    record["api_attempts"] = memory.get("api_attempts", 0)
+    if memory.get("stop_reason"):
+        record["stop_reason"] = memory["stop_reason"]
+
+
+def json_object(line):
+    """A log line as a dict, or None."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def last_api_failure(path):
+    """(reason, reset time or None, message) when the last run ended on an API error worth waiting out."""
+    result, reset = None, None
+    for line in reversed(read_tail(path, API_SCAN_BYTES).splitlines()):
+        event = json_object(line) or {}
+        if event.get("type") == "orchestra" and event.get("event") == "launch":
+            break
+        if event.get("type") == "result" and result is None:
+            result = event
+        info = event.get("rate_limit_info") if event.get("type") == "rate_limit_event" else None
+        if (
+            isinstance(info, dict)
+            and reset is None
+            and info.get("status") not in ("allowed", "allowed_warning")
+        ):
+            reset = info.get("resetsAt") if isinstance(info.get("resetsAt"), (int, float)) else None
+    if not result or not (result.get("is_error") or result.get("subtype") != "success"):
+        return None
+    reason = api_error_reason(result)
+    if reason is None:
+        return None
+    reset = reset or usage_reset_time(result.get("result") or "")
+    return reason, reset, one_line(result.get("result") or reason)
+
+
+USAGE_LIMIT_RE = re.compile(r"usage limit|limit reached|out of (?:extra )?usage", re.IGNORECASE)
+USAGE_RESET_RE = re.compile(r"\|(\d{10})\b")  # "Claude AI usage limit reached|1767225600"
+
+
+def api_error_reason(result):
+    """'rate_limit', 'usage_limit', 'overloaded', 'server_error' or 'network' for an error result; else None.
+
+    What 2.1.331 writes: api_error_status 429 / api_error_type rate_limit_error; 529 /
+    overloaded_error; api_error "connection_failed" with status null for a network failure.
+    """
+    status, kind = result.get("api_error_status"), result.get("api_error_type") or ""
+    text = result.get("result") if isinstance(result.get("result"), str) else ""
+    if USAGE_LIMIT_RE.search(text):
+        return "usage_limit"
+    if status == 429 or kind == "rate_limit_error":
+        return "rate_limit"
+    if status == 529 or kind == "overloaded_error":
+        return "overloaded"
+    if isinstance(status, int) and status >= 500:
+        return "server_error"
+    if status is None and (result.get("api_error") or text.startswith("API Error: Connection")):
+        return "network"
+    return None
+
+
+def usage_reset_time(text):
+    """The reset time a usage-limit message gives as a Unix time, or None."""
+    match = USAGE_RESET_RE.search(text)
+    return float(match.group(1)) if match else None
+
+
+def backoff_seconds(attempt, base, cap, jitter=None):
+    """base, 2 x base, 4 x base... per attempt, stretched by up to API_JITTER, never above cap."""
+    jitter = random.random() if jitter is None else jitter
+    return min(cap, base * 2 ** (attempt - 1) * (1 + API_JITTER * jitter))
+
+
+def plan_wait(record, failure, now):
+    """Turn a record whose run failed on the API into a waiting one; False when retries are used up."""
+    reason, reset, message = failure
+    attempt, limit = (record.get("api_attempts") or 0) + 1, resilience_setting(record, "api_retries")
+    if attempt > limit:
+        record["error"] = f"{record['error']} (gave up after {limit} API retries)"
+        return False
+    delay = backoff_seconds(
+        attempt, resilience_setting(record, "api_backoff"), resilience_setting(record, "api_backoff_max")
+    )
+    until = reset if reset and reset > now else now + delay
+    waiting = {"reason": reason, "until": utc_iso(until), "attempt": attempt, "message": message}
+    clock = time.strftime("%H:%M:%S", time.gmtime(until))
+    record.update(state="waiting", waiting=waiting, api_attempts=attempt, error=None, finished_at=None,
+                  activity=f"{reason.replace('_', ' ')}: retrying at {clock} UTC (attempt {attempt} of {limit})")  # fmt: skip
+    append_event(record["log"], {"event": "waiting", **waiting})
+    return True
+
+
+def account_wait(state, now):
+    """The Unix time until which the account is rate- or usage-limited (no new starts), or None."""
+    untils = [
+        parse_iso(r["waiting"]["until"])
+        for r in state["agents"].values()
+        if r["state"] == "waiting" and (r.get("waiting") or {}).get("reason") in ACCOUNT_LIMIT_REASONS
+    ]
+    latest = max((u for u in untils if u), default=None)
+    return latest if latest and latest > now else None
+
+
+def run_check(command, worktree, timeout, cancelled):
+    """Run one check in the worktree: (exit code or None, output, 'timeout'|'cancelled'|None)."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(command, shell=True, cwd=str(worktree), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline, next_look, why = time.monotonic() + timeout, 0.0, None
+        while proc.poll() is None:
+            if time.monotonic() >= deadline:
+                why = "timeout"
+            elif time.monotonic() >= next_look:
+                why, next_look = ("cancelled" if cancelled() else None), time.monotonic() + CHECK_STOP_POLL
+            if why:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                break
+            time.sleep(CHECK_POLL)
+        out.seek(0)
+        output = out.read().decode("utf-8", "replace")
+    return (None if why else proc.returncode), output, why
+
+
+def fix_prompt(checks):
+    """What a fix round tells the agent: the failing command and the end of its output."""
+    code = "timed out" if checks["exit_code"] is None else f"status {checks['exit_code']}"
+    return FIX_PROMPT.format(command=checks["command"], exit_code=code, tail=checks["tail"] or "(no output)")
+
+
+def assign_batch(project, records, budget):
+    """Give newly spawned agents one batch id, and the batch its budget; the id."""
+
+    def change(state):
+        batches = state.setdefault("batches", {})
+        batch_id = unique_id(time.strftime(BATCH_ID_FORMAT, time.gmtime()), set(batches))
+        batches[batch_id] = {"budget": budget, "created_at": utc_iso()}
+        for record in records:
+            state["agents"][record["id"]]["batch"] = record["batch"] = batch_id
+        return batch_id
+
+    return project.store.update(change)
+
+
+def batch_spending(state):
+    """{batch id: {"budget", "spent", "agents"}} of every batch."""
+    totals = {bid: {"budget": info.get("budget"), "spent": 0.0, "agents": 0}
+              for bid, info in (state.get("batches") or {}).items()}  # fmt: skip
+    for record in state["agents"].values():
+        if record.get("batch") in totals:
+            totals[record["batch"]]["spent"] += record.get("cost_usd") or 0
+            totals[record["batch"]]["agents"] += 1
+    return totals
+
+
+def over_budget(state):
+    """{batch id: (spent, budget)} of batches that have spent their budget."""
+    return {bid: (t["spent"], t["budget"]) for bid, t in batch_spending(state).items()
+            if t["budget"] is not None and t["spent"] >= t["budget"]}  # fmt: skip
+
+
+def stop_for_budget(record, spent, budget):
+    """Stop one active agent of a batch over budget; its (pid, start token) to end, or None."""
+    _, process = request_stop(record)
+    record.update(stop_reason="budget", activity=f"stopped: batch budget {format_cost(budget)} reached")
+    append_event(
+        record["log"],
+        {"event": "budget_stop", "batch": record.get("batch"), "spent": spent, "budget": budget},
+    )
+    return process if process[0] else None
+
+
+def resilience_status(state, now=None):
+    """The account's rate-limit wait and each batch's spending, for `status --json`."""
+    until = account_wait(state, now or time.time())
+    return {"rate_limited_until": utc_iso(until) if until else None, "batches": batch_spending(state)}
+
+
+def state_label(record):
+    """The state as status shows it: 'done ✓' when checks passed, 'done ✗' when they failed."""
+    checks = (record.get("checks") or {}).get("status")
+    if record["state"] == "done" and checks in ("passed", "failed"):
+        return "done " + ("✓" if checks == "passed" else "✗")
+    return record["state"]
+
+
+def resilience_notes(state, records, now):
+    """Lines under the status table: the account's rate limit and the batches' spending."""
+    lines = []
+    until = account_wait(state, now)
+    if until:
+        clock = time.strftime("%H:%M:%S", time.gmtime(until))
+        lines.append(f"Rate-limited until {clock} UTC: no new agents start before then.")
+    shown = {r.get("batch") for r in records}
+    for batch_id, t in sorted(batch_spending(state).items()):
+        if batch_id in shown and t["budget"] is not None:
+            reached = "; reached, its agents were stopped" if t["spent"] >= t["budget"] else ""
+            lines.append(
+                f"Batch {batch_id}: spent {format_cost(t['spent'])} of {format_cost(t['budget'])}{reached}"
+            )
+    return lines
+
+
+def render_resilience_event(event):
+    """Readable lines for check, checks, fix_round, waiting and budget_stop events."""
+    what = event.get("event")
+    if what == "check":
+        code = (
+            f"timed out after {event.get('timeout')}s"
+            if event.get("why") == "timeout"
+            else f"exit {event.get('exit_code')}"
+        )
+        output = (event.get("output") or "").rstrip().splitlines()
+        return [f"$ {event.get('command')}  (check, {code})", *(f"  {line}" for line in output)]
+    if what == "checks":
+        status = event.get("status")
+        if status == "failed":
+            return [f"== checks FAILED: {event.get('command')} (exit {event.get('exit_code')})"]
+        return ["== checks started" if status == "running" else f"== checks {status}"]
+    if what == "fix_round":
+        return [f"== fix round {event.get('round')}: resumed the session to fix {event.get('command')}"]
+    if what == "waiting":
+        return [
+            f"== {event.get('reason')}: waiting until {event.get('until')} (attempt {event.get('attempt')})"
+        ]
+    if what == "budget_stop":
+        return [
+            f"== stopped: batch spent {format_cost(event.get('spent'))} of its {format_cost(event.get('budget'))} budget"
+        ]
+    return []
+
+
+def checks_line(checks):
+    """One line about a checks result: 'passed', 'failed: CMD (exit 1)', 'not run'."""
+    if not checks:
+        return "none configured"
+    rounds = f" after {checks['rounds']} fix round(s)" if checks.get("rounds") else ""
+    if checks["status"] == "failed":
+        code = "timed out" if checks["exit_code"] is None else f"exit {checks['exit_code']}"
+        return f"failed: {checks['command']} ({code}){rounds}"
+    return f"{checks['status']}{rounds}"
+
+
+def checks_markdown(checks):
+    """The checks paragraph of a pull request body ('' when none ran)."""
+    if not checks:
+        return ""
+    text = f"\n\nChecks: {checks_line(checks)}."
+    if checks["status"] == "failed" and checks.get("tail"):
+        text += f"\n\n```\n{checks['tail']}\n```"
+    return text
+
+
+def retry_agent(project, record, resume_session):
+    """Start a failed, interrupted or stopped agent's task again; what happened."""
+    if record["state"] not in ("failed", "interrupted", "stopped"):
+        raise OrchestraError(
+            f"{record['id']} is {record['state']}; only failed, interrupted or stopped agents can be retried"
+        )
+    if resume_session:
+        change_agents(
+            project, [record["id"]], lambda r: queue_session(r, RESUME_PROMPT, "retrying its session")
+        )
+        ensure_supervisor(project)
+        return f"{record['id']}: queued to continue its session"
+    taken = taken_ids(project, project.records())
+    new_id = unique_id(record["id"], taken | {record["id"]})
+    fresh = spawn_agents(project, [record["task"]], name=new_id, base=record["base_commit"])[0]
+    return f"{record['id']}: retried as {fresh['id']} on {fresh['branch']} (the old worktree and branch are kept)"
+
+
+def gate_on_checks(records, override):
+    """(records to merge, [{id, reason}] left out): only agents whose checks passed or had none."""
+    chosen, skipped = [], []
+    for record in records:
+        checks = record.get("checks")
+        configured = resilience_setting(record, "checks")
+        if override or (checks or {}).get("status") == "passed" or (not checks and not configured):
+            chosen.append(record)
+        else:
+            skipped.append(
+                {"id": record["id"], "reason": f"checks {checks_line(checks or {'status': 'not run'})}"}
+            )
+    return chosen, skipped
+
+
+class Resilience:
+    """The supervisor's part in checks, fix rounds, API waits and budgets (a mixin of Supervisor)."""
+
+    def review(self, record):
+        """Right after an agent's process ends (under the state lock): wait out an API error, or check it."""
+        configured = resilience_setting(record, "checks")
+        if record["state"] == "failed":
+            failure = last_api_failure(record["log"])
+            if failure and plan_wait(record, failure, time.time()):
+                return
+        if record["state"] == "done":
+            record["api_attempts"] = 0
+            if configured:
+                rounds = (record.get("checks") or {}).get("rounds") or 0
+                record["checks"] = {
+                    "status": "running",
+                    "command": None,
+                    "exit_code": None,
+                    "tail": None,
+                    "rounds": rounds,
+                }
+                record.update(state="running", finished_at=None, activity="checks: starting")
+                append_event(record["log"], {"event": "checks", **record["checks"]})
+        elif configured and not record.get("checks"):
+            record["checks"] = {
+                "status": "not run",
+                "command": None,
+                "exit_code": None,
+                "tail": None,
+                "rounds": 0,
+            }
+
+    def after_done(self, agent_id):
+        """In the agent's watcher thread: run its checks if review() asked for them."""
+        record = self.store.load()["agents"].get(agent_id)
+        if (
+            record
+            and record["state"] == "running"
+            and (record.get("checks") or {}).get("status") == "running"
+        ):
+            self.run_checks(record)
+
+    def after_done_in_thread(self, agent_id):
+        """From the main thread (adopting): run the agent's checks in a named thread of their own."""
+        thread = threading.Thread(target=self.guarded, args=(lambda i: self.after_done(i), agent_id),
+                                  name=f"checks-{agent_id}", daemon=True)  # fmt: skip
+        self.watchers[agent_id] = thread
+        thread.start()
+
+    def check_cancelled(self, agent_id):
+        """True once the supervisor is stopping or the agent was stopped while its checks ran."""
+        if self.stopping.is_set():
+            return True
+        record = self.store.load()["agents"].get(agent_id)
+        return not record or record["state"] != "running"
+
+    def run_checks(self, record):
+        """Run every check in the agent's worktree, stop at the first failure, and conclude."""
+        agent_id, rounds = record["id"], record["checks"]["rounds"]
+        result = {"status": "passed", "command": None, "exit_code": 0, "tail": "", "rounds": rounds}
+        timeout = resilience_setting(record, "check_timeout")
+        for command in resilience_setting(record, "checks"):
+            self.store.update(
+                lambda state, c=command: state["agents"][agent_id].update(activity=one_line(f"checks: {c}"))
+            )
+            code, output, why = run_check(
+                command, record["worktree"], timeout, lambda: self.check_cancelled(agent_id)
+            )
+            if why == "cancelled":
+                return  # stopped, or the supervisor is exiting (the next one runs the checks again)
+            append_event(record["log"], {"event": "check", "command": command, "exit_code": code, "why": why,
+                                         "timeout": timeout, "output": output[-CHECK_OUTPUT_LIMIT:]})  # fmt: skip
+            if code != 0:
+                tail = tail_text(output, CHECK_TAIL_CHARS) if why is None else f"timed out after {timeout}s"
+                result = {
+                    "status": "failed",
+                    "command": command,
+                    "exit_code": code,
+                    "tail": tail,
+                    "rounds": rounds,
+                }
+                break
+        self.store.update(lambda state: self.conclude_checks(state["agents"][agent_id], result))
+
+    def conclude_checks(self, record, result):
+        """Record the checks outcome; on failure with fix rounds left, resume the session to fix it."""
+        if record["state"] != "running":
+            return  # stopped while the checks ran
+        wants_fix = result["status"] == "failed" and result["rounds"] < resilience_setting(
+            record, "fix_rounds"
+        )
+        if wants_fix and record.get("session_id") and is_claude_command(record["launch"]["agent_command"]):
+            result = dict(result, rounds=result["rounds"] + 1)
+            record["checks"] = result
+            append_event(record["log"], {"event": "checks", **result})
+            append_event(
+                record["log"], {"event": "fix_round", "round": result["rounds"], "command": result["command"]}
+            )
+            queue_session(
+                record, fix_prompt(result), f"fix round {result['rounds']}: waiting for a free slot"
+            )
+            return
+        record["checks"] = result
+        append_event(record["log"], {"event": "checks", **result})
+        record.update(state="done", finished_at=utc_iso(), activity=one_line(f"checks {checks_line(result)}"))
+
+    def hold_starts(self, state):
+        """Each pass: enforce batch budgets, wake agents whose wait is over; True while the account is limited."""
+        now = time.time()
+        self.enforce_budgets(state)
+        self.wake_waiting(state, now)
+        return account_wait(state, now) is not None
+
+    def wake_waiting(self, state, now):
+        """Queue the session of each waiting agent whose wait has ended ("Continue the task.")."""
+        for record in state["agents"].values():
+            if (
+                record["state"] != "waiting"
+                or (parse_iso((record.get("waiting") or {}).get("until")) or 0) > now
+            ):
+                continue
+            attempt = record["waiting"].get("attempt")
+            record["waiting"] = None
+            try:
+                queue_session(record, RESUME_PROMPT, f"resuming after the API wait (attempt {attempt})")
+            except OrchestraError as e:
+                record.update(state="failed", error=str(e), finished_at=utc_iso())
+                note_settlement(record)
+
+    def enforce_budgets(self, state):
+        """Stop the queued and active agents of every batch that has spent its budget."""
+        for batch_id, (spent, budget) in over_budget(state).items():
+            for record in state["agents"].values():
+                if record.get("batch") == batch_id and record["state"] in ACTIVE_STATES:
+                    process = stop_for_budget(record, spent, budget)
+                    if process:  # ending a process may take STOP_GRACE: never under the state lock
+                        threading.Thread(target=stop_process, args=process, name=f"budget-stop-{record['id']}",
+                                         daemon=True).start()  # fmt: skip
+
+
+# ======================================================================================
 # Supervisor
 # --------------------------------------------------------------------------------------
 # One detached process per repository, unique by supervisor.lock: starts queued agents up
@@ -1405,7 +1949,7 @@ class Project:
 # ======================================================================================
 
 
-class Supervisor:
+class Supervisor(Resilience):
     """Runs and watches a repository's agents until there is nothing left to do."""
 
     def __init__(self, project):
@@ -1453,7 +1997,7 @@ class Supervisor:
     def has_work(state):
         """True while some agent is ready to start, running or paused."""
         return any(
-            r["state"] in ("running", "paused") or (r["state"] == "queued" and r.get("ready"))
+            r["state"] in ("running", "paused", "waiting") or (r["state"] == "queued" and r.get("ready"))
             for r in state["agents"].values()
         )
 
@@ -1474,11 +2018,15 @@ class Supervisor:
         def settle(state):
             record = state["agents"][agent_id]
             finish_record(record, log, None, "", self.counts(record))
+            self.review(record)
 
         self.store.update(settle)
+        self.after_done_in_thread(agent_id)
 
     def start_queued(self, state):
         """Launch ready queued agents, oldest first, while fewer than the limit run."""
+        if self.hold_starts(state):
+            return  # the account is rate-limited: no new starts until it resets
         agents = state["agents"].values()
         limit = self.project.config.parallel_limit(state.get("parallel"))
         active = sum(r["state"] in ("running", "paused") for r in agents)
@@ -1543,7 +2091,10 @@ class Supervisor:
         exit_code = proc.returncode if proc else None
         stderr_tail = read_tail(self.project.stderr_path(agent_id))
         counts = self.counts(record)
-        self.finish(agent_id, lambda r: finish_record(r, log, exit_code, stderr_tail, counts))
+        self.finish(
+            agent_id, lambda r: (finish_record(r, log, exit_code, stderr_tail, counts), self.review(r))
+        )
+        self.after_done(agent_id)
 
     def counts(self, record):
         """(commits, files changed) of an agent's worktree, or None if git cannot tell."""
@@ -1667,6 +2218,7 @@ def status_document(project, state, records):
             "heartbeat_at": info.get("heartbeat_at"),
         },
         "agents": [public_record(r) for r in records],
+        **resilience_status(state),
     }
 
 
@@ -1791,7 +2343,7 @@ def change_agents(project, ids, change):
     return project.store.update(lambda state: [change(r) for r in select_agents(state["agents"], ids)])
 
 
-def spawn_agents(project, tasks, parallel=None, name=None, base=None):
+def spawn_agents(project, tasks, parallel=None, name=None, base=None, budget=None):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
     The one way agents come to be, from the command line or the web; their records.
@@ -1807,6 +2359,7 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None):
     check_agent_command(project.config)
     base_branch, base_commit = resolve_base(project, base)
     records = reserve_agents(project, tasks, name, base_branch, base_commit, parallel)
+    assign_batch(project, records, budget)
     prepare_agents(project, records)
     ensure_supervisor(project)
     return records
@@ -1853,6 +2406,7 @@ def resume_agent(record):
     if record["state"] == "paused" and signal_group(record["pid"], record.get("pid_start"), signal.SIGCONT):
         record.update(state="running", activity="resumed")
         return "resumed"
+    record["waiting"] = None  # a waiting agent is retried at once
     queue_session(record, RESUME_PROMPT, "waiting to resume")
     return "queued to resume its session"
 
@@ -1919,7 +2473,7 @@ def render_orchestra_event(event):
         ]
     if what == "launch":
         return ["== resumed its session" if event.get("resume") else "== agent started"]
-    return []
+    return render_resilience_event(event)
 
 
 def readable_lines(chunk, raw):
@@ -3056,7 +3610,7 @@ def agent_report(project, record):
     return {
         **{
             key: record.get(key)
-            for key in ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch")
+            for key in ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch", "checks")
         },
         "duration_seconds": elapsed_seconds(record, time.time()),
         "commits": [{"hash": h, "subject": subject} for h, subject in commits],
@@ -3128,6 +3682,7 @@ def pull_request_body(report):
     return (
         f"{report['result'] or '(no result text)'}\n\n```\n{report['diffstat']}\n```\n\n"
         f"Opened by claude-orchestra: {report['turns'] or 0} turns, {format_cost(report['cost_usd'])}."
+        f"{checks_markdown(report.get('checks'))}"
     )
 
 
@@ -4409,7 +4964,7 @@ def status_rows(records, now):
     """The status table's cells for each record."""
     rows = []
     for r in records:
-        state = r["state"] + (" stale" if r.get("stale") else "")
+        state = state_label(r) + (" stale" if r.get("stale") else "")
         rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), format_cost(r.get("cost_usd")),
                      "-" if r.get("commits") is None else str(r["commits"]),
                      "-" if r.get("files_changed") is None else str(r["files_changed"]),
@@ -4438,7 +4993,8 @@ def status_text(project, records, out):
         return 'No agents yet. Start some with: orchestra spawn "first task" "second task"'
     headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
     table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
-    return f"{table}\n\n{summary_line(records)}"
+    notes = "".join(f"\n{line}" for line in resilience_notes(project.store.load(), records, time.time()))
+    return f"{table}\n\n{summary_line(records)}{notes}"
 
 
 def summary_line(records):
@@ -4492,7 +5048,8 @@ def cmd_config(args):
 def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model)
-    records = spawn_agents(project, args.tasks, parallel=args.parallel, name=args.name, base=args.base)
+    records = spawn_agents(project, args.tasks, parallel=args.parallel, name=args.name, base=args.base,
+                           budget=args.budget)  # fmt: skip
     if not args.json:
         for r in records:
             print(f"{r['id']}  {r['state']}  {r['branch']}  {os.path.relpath(r['worktree'])}")
@@ -4686,6 +5243,8 @@ def report_text(report):
     minutes = format_duration(report["duration_seconds"])
     lines = [f"== {report['id']}: {report['state']}  ({report['turns'] or 0} turns, {format_cost(report['cost_usd'])}, {minutes})",
              f"Task: {report['task']}"]  # fmt: skip
+    if report.get("checks"):
+        lines.append(f"Checks: {checks_line(report['checks'])}")
     if report["result"] or report["error"]:
         lines.append(f"Result: {strip_control(report['result'] or report['error']).strip()}")
     lines.append(
@@ -4713,6 +5272,7 @@ def cmd_collect(args):
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
     if args.merge:
         chosen = records if args.ids else [r for r in records if r["state"] == "done"]
+        chosen, document["not_merged"] = gate_on_checks(chosen, bool(args.ids) or args.include_failing)
         document["merged"], document["conflict"] = merge_agents(project, chosen)
     if args.patch:
         document["patch"] = {"path": args.patch, "commits": write_patch(project, records, args.patch)}
@@ -4738,6 +5298,8 @@ def collect_text(document):
         parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
     if "merged" in document:
         parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
+        parts += [f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
+                  for s in document.get("not_merged", [])]  # fmt: skip
     if document.get("conflict"):
         c = document["conflict"]
         where = ", ".join(c["files"]) or c["git"]
@@ -4749,6 +5311,14 @@ def collect_text(document):
         )
     parts += document.get("pull_requests", [])
     return "\n\n".join(parts)
+
+
+def cmd_retry(args):
+    """Run a failed, interrupted or stopped agent's task again: fresh worktree and branch, or its session."""
+    project = open_project(args)
+    record = select_agents(project.records(), [args.id])[0]
+    print(retry_agent(project, record, args.resume_session))
+    return EXIT_OK
 
 
 def cmd_send(args):
@@ -4816,10 +5386,22 @@ def add_collect_parser(commands):
     p.add_argument(
         "--merge", action="store_true", help="merge the branches into your current branch, one by one"
     )
+    p.add_argument("--include-failing", action="store_true",
+                   help="with --merge: merge agents whose checks failed or did not run, too")  # fmt: skip
     p.add_argument("--pr", action="store_true", help="push each branch and open a pull request with gh")
     p.add_argument("--patch", metavar="FILE", help="write all their commits to FILE as one patch series")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_collect)
+
+
+def add_retry_parser(commands):
+    """orchestra retry"""
+    p = commands.add_parser("retry", help="run a failed or stopped agent's task again", description=cmd_retry.__doc__,
+                            epilog="example: orchestra retry implement-auth  (starts implement-auth-2 from the same base)")  # fmt: skip
+    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
+    p.add_argument("--resume-session", action="store_true",
+                   help="continue the agent's own session in its worktree instead of starting afresh")  # fmt: skip
+    p.set_defaults(func=cmd_retry)
 
 
 def add_send_parser(commands):
@@ -4938,6 +5520,17 @@ def positive_int(text):
     return value
 
 
+def budget_usd(text):
+    """argparse type: a spending limit in US dollars, above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of US dollars") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
 def add_spawn_parser(commands):
     """orchestra spawn"""
     p = commands.add_parser("spawn", help="start agents, one worktree and branch per task", description=cmd_spawn.__doc__,
@@ -4949,6 +5542,8 @@ def add_spawn_parser(commands):
         "--base", metavar="REF", help="branch, tag or commit to start from (default: the current branch)"
     )
     p.add_argument("--name", metavar="ID", help="the agent's id instead of one made from the task")
+    p.add_argument("--budget", type=budget_usd, metavar="USD",
+                   help="stop this batch's agents once together they have spent USD")  # fmt: skip
     p.add_argument("--wait", action="store_true", help="show progress until all finish; exit 1 if any failed")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_spawn)
@@ -5010,7 +5605,7 @@ def add_supervise_parser(commands):
 
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
                    add_logs_parser, add_worktrees_parser, add_collect_parser, add_send_parser, add_cleanup_parser,
-                   add_sessions_parser, add_web_parser, add_supervise_parser)  # fmt: skip
+                   add_sessions_parser, add_web_parser, add_supervise_parser, add_retry_parser)  # fmt: skip
 
 
 def build_parser():

@@ -137,7 +137,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
 
 COMMANDS = ["init", "config", "spawn", "status", "pause", "resume", "stop", "logs", "worktrees", "collect", "send",
-            "cleanup", "sessions", "web", "supervise"]  # fmt: skip
+            "cleanup", "sessions", "web", "supervise", "retry"]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS)
