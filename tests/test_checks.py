@@ -2,7 +2,6 @@
 
 import json
 
-import orchestra
 from conftest import CLAUDE_TOOLS, FAKE_AGENT_COMMAND, git, load_state, wait_settled, write_config
 from scripted_api import bash, requires_claude, text
 
@@ -50,7 +49,7 @@ def test_failing_check_is_recorded_with_its_tail_and_blocks_merge(repo, cli):
     checks = record["checks"]
     assert checks["status"] == "failed" and checks["command"] == FAILING and checks["exit_code"] == 3
     assert "AssertionError: notes.txt is empty" in checks["tail"] and checks["rounds"] == 0
-    row = [line for line in cli("status").out.splitlines() if line.startswith("bad")][0]
+    row = next(line for line in cli("status").out.splitlines() if line.startswith("bad"))
     assert "done ✗" in row and "checks failed" in row
     assert f"checks FAILED: {FAILING} (exit 3)" in cli("logs", "bad").out
 
@@ -171,7 +170,7 @@ def test_real_claude_fails_checks_then_fixes_them_in_one_round(claude_repo, clau
     assert record["state"] == "done", record
     assert record["checks"] == {"status": "passed", "command": None, "exit_code": 0, "tail": "", "rounds": 1}
     assert record["turns"] >= 4  # both runs add up
-    fix_request = [b for b in claude_api.main_requests if "checks orchestra runs" in json.dumps(b)][0]
+    fix_request = next(b for b in claude_api.main_requests if "checks orchestra runs" in json.dumps(b))
     assert "grep -q fixed answer.txt" in json.dumps(fix_request)  # the failing command is quoted
     launches = events(claude_repo, "fixer", "launch")
     assert [e["resume"] for e in launches] == [False, True]
