@@ -4957,7 +4957,7 @@ def paint(text, colour, stream):
 
 
 STATE_COLOURS = {"running": "blue", "done": "green", "failed": "red", "interrupted": "red",
-                 "paused": "yellow", "stopped": "dim", "queued": None}  # fmt: skip
+                 "paused": "yellow", "stopped": "dim", "queued": None, "waiting": "yellow"}  # fmt: skip
 
 
 def status_rows(records, now):

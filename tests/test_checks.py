@@ -2,6 +2,7 @@
 
 import json
 
+import orchestra
 from conftest import CLAUDE_TOOLS, FAKE_AGENT_COMMAND, git, load_state, wait_settled, write_config
 from scripted_api import bash, requires_claude, text
 
@@ -193,3 +194,34 @@ def test_real_claude_check_failure_without_fix_rounds(claude_repo, claude_api, c
     assert record["checks"]["rounds"] == 0
     assert len(events(claude_repo, "wrong", "launch")) == 1
     assert CLAUDE_TOOLS  # the fixture allowed the tools the script uses
+
+
+def test_dashboard_shows_checks_on_a_phone(repo, request):
+    import pytest
+
+    dashboard = pytest.importorskip("test_dashboard")
+    if dashboard.sync_playwright is None or not dashboard.os.path.exists(dashboard.CHROMIUM):
+        pytest.skip("needs Playwright and chromium")
+    checked_repo(repo, [PASSING])
+    orchestra.main(["spawn", "commit:notes.txt good", "commit:other.txt bad"])
+    wait_settled(repo)
+    server = dashboard.serve(repo, revive=False)
+    try:
+        with dashboard.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=dashboard.CHROMIUM, args=dashboard.CHROMIUM_ARGS
+            )
+            page = browser.new_page(viewport=dashboard.PHONE, is_mobile=True)
+            problems = []
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            page.goto(server.url)
+            good = dashboard.card(page, "commit-notes-txt-good")
+            bad = dashboard.card(page, "commit-other-txt-bad")
+            dashboard.expect(good.locator(".badge")).to_have_text("done ✓", timeout=15_000)
+            dashboard.expect(good.locator(".checks")).to_have_text("checks passed")
+            dashboard.expect(bad.locator(".badge")).to_have_text("done ✗")
+            dashboard.expect(bad.locator(".checks")).to_have_text(f"checks failed: {PASSING} (exit 1)")
+            browser.close()
+        assert problems == []
+    finally:
+        server.stop()
