@@ -1621,8 +1621,8 @@ def run_check(command, worktree, timeout, cancelled):
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(command, shell=True, cwd=str(worktree), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        deadline, next_look, why = time.monotonic() + timeout, 0.0, None
-        while proc.poll() is None:
+        deadline, next_look, why = time.monotonic() + timeout, time.monotonic() + CHECK_STOP_POLL, None
+        while not check_ended(proc):
             if time.monotonic() >= deadline:
                 why = "timeout"
             elif time.monotonic() >= next_look:
@@ -1632,10 +1632,18 @@ def run_check(command, worktree, timeout, cancelled):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 break
-            time.sleep(CHECK_POLL)
         out.seek(0)
         output = out.read().decode("utf-8", "replace")
     return (None if why else proc.returncode), output, why
+
+
+def check_ended(proc):
+    """Wait up to CHECK_POLL for a check's process; True once it has ended."""
+    try:
+        proc.wait(CHECK_POLL)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def fix_prompt(checks):
@@ -1821,7 +1829,8 @@ class Resilience:
                     "tail": None,
                     "rounds": rounds,
                 }
-                record.update(state="running", finished_at=None, activity="checks: starting")
+                first = one_line(f"checks: {configured[0]}")
+                record.update(state="running", finished_at=None, activity=first)
                 append_event(record["log"], {"event": "checks", **record["checks"]})
         elif configured and not record.get("checks"):
             record["checks"] = {
@@ -1841,6 +1850,12 @@ class Resilience:
             and (record.get("checks") or {}).get("status") == "running"
         ):
             self.run_checks(record)
+        self.slot_freed.set()
+
+    def nap(self, seconds):
+        """Wait for the next scheduling pass: `seconds`, or less when an agent's end frees a slot."""
+        self.slot_freed.wait(seconds)
+        self.slot_freed.clear()
 
     def after_done_in_thread(self, agent_id):
         """From the main thread (adopting): run the agent's checks in a named thread of their own."""
@@ -1861,10 +1876,13 @@ class Resilience:
         agent_id, rounds = record["id"], record["checks"]["rounds"]
         result = {"status": "passed", "command": None, "exit_code": 0, "tail": "", "rounds": rounds}
         timeout = resilience_setting(record, "check_timeout")
-        for command in resilience_setting(record, "checks"):
-            self.store.update(
-                lambda state, c=command: state["agents"][agent_id].update(activity=one_line(f"checks: {c}"))
-            )
+        for index, command in enumerate(resilience_setting(record, "checks")):
+            if index:  # review() named the first command already
+                self.store.update(
+                    lambda state, c=command: state["agents"][agent_id].update(
+                        activity=one_line(f"checks: {c}")
+                    )
+                )
             code, output, why = run_check(
                 command, record["worktree"], timeout, lambda: self.check_cancelled(agent_id)
             )
@@ -1959,6 +1977,7 @@ class Supervisor(Resilience):
         self.pending_lock = threading.Lock()  # guards self.pending
         self.pending = {}  # agent id -> facts or final record changes waiting for the next write
         self.watchers = {}  # agent id -> watcher thread; touched by the main thread only
+        self.slot_freed = threading.Event()  # set when an agent ends, so the next one starts at once
 
     def run(self):
         """Hold the supervisor lock and serve; re-check for work after letting go of it."""
@@ -1984,7 +2003,7 @@ class Supervisor(Resilience):
             self.store.update(self.start_queued)
             if not self.watchers and not self.has_work(self.store.load()):
                 break
-            self.stopping.wait(SUPERVISOR_TICK)
+            self.nap(SUPERVISOR_TICK)
         self.flush()
         self.store.update(lambda state: state["supervisor"].update(pid=None))
 
