@@ -83,15 +83,15 @@ def test_last_api_failure_reads_the_reset_of_a_rate_limit_event(tmp_path):
 
 def test_batch_budget_stops_the_batch(fake_repo, cli):
     write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5, default_parallel=2)
-    run = cli("spawn", "--budget", "0.4", "one", "sleep:2 two", "sleep:30 three", "four")
+    run = cli("spawn", "--budget", "0.4", "one", "sleep:3 two", "sleep:30 three", "four")
     assert run.code == 0, run
     wait_settled(fake_repo, timeout=60)
     agents = load_state(fake_repo)["agents"]
-    assert agents["one"]["state"] == "done" and agents["sleep-2-two"]["state"] == "done"
+    assert agents["one"]["state"] == "done" and agents["sleep-3-two"]["state"] == "done"
     for agent_id in ("sleep-30-three", "four"):
         assert agents[agent_id]["state"] == "stopped", agents[agent_id]
         assert agents[agent_id]["stop_reason"] == "budget"
-    assert agents["sleep-30-three"]["started_at"] and not agents["four"]["started_at"]
+    assert not agents["four"]["started_at"]  # three usually ran (and was stopped); see the claude test
     assert (fake_repo / ".worktrees" / "task-sleep-30-three").is_dir()
     assert git("branch", "--list", "orchestra/four", cwd=fake_repo).strip()
     doc = cli("status", "--json").json()
