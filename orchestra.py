@@ -1524,8 +1524,8 @@ def json_object(line):
     return event if isinstance(event, dict) else None
 
 
-def last_api_failure(path):
-    """(reason, reset time or None, message) when the last run ended on an API error worth waiting out."""
+def last_run_result(path):
+    """(the result event of the agent's latest run or None, a rate-limit reset time or None)."""
     result, reset = None, None
     for line in reversed(read_tail(path, API_SCAN_BYTES).splitlines()):
         event = json_object(line) or {}
@@ -1540,6 +1540,12 @@ def last_api_failure(path):
             and info.get("status") not in ("allowed", "allowed_warning")
         ):
             reset = info.get("resetsAt") if isinstance(info.get("resetsAt"), (int, float)) else None
+    return result, reset
+
+
+def last_api_failure(path):
+    """(reason, reset time or None, message) when the last run ended on an API error worth waiting out."""
+    result, reset = last_run_result(path)
     if not result or not (result.get("is_error") or result.get("subtype") != "success"):
         return None
     reason = api_error_reason(result)
@@ -1951,11 +1957,14 @@ class Resilience:
         """Stop the queued and active agents of every batch that has spent its budget."""
         for batch_id, (spent, budget) in over_budget(state).items():
             for record in state["agents"].values():
-                if record.get("batch") == batch_id and record["state"] in ACTIVE_STATES:
-                    process = stop_for_budget(record, spent, budget)
-                    if process:  # ending a process may take STOP_GRACE: never under the state lock
-                        threading.Thread(target=stop_process, args=process, name=f"budget-stop-{record['id']}",
-                                         daemon=True).start()  # fmt: skip
+                if record.get("batch") != batch_id or record["state"] not in ACTIVE_STATES:
+                    continue
+                if record["state"] == "running" and record["pid"] and last_run_result(record["log"])[0]:
+                    continue  # it has finished and is exiting: its watcher settles it as it ended
+                process = stop_for_budget(record, spent, budget)
+                if process:  # ending a process may take STOP_GRACE: never under the state lock
+                    threading.Thread(target=stop_process, args=process, name=f"budget-stop-{record['id']}",
+                                     daemon=True).start()  # fmt: skip
 
 
 # ======================================================================================

@@ -13,7 +13,7 @@ from conftest import (
     wait_settled,
     write_config,
 )
-from scripted_api import bash, overloaded, rate_limited, requires_claude, slow, text
+from scripted_api import bash, error, overloaded, rate_limited, requires_claude, slow, text
 
 
 def claude_config(repo, **values):
@@ -87,7 +87,8 @@ def test_batch_budget_stops_the_batch(fake_repo, cli):
     assert run.code == 0, run
     wait_settled(fake_repo, timeout=60)
     agents = load_state(fake_repo)["agents"]
-    assert agents["one"]["state"] == "done" and agents["sleep-3-two"]["state"] == "done"
+    summary = {i: (a["state"], a["started_at"], a["finished_at"], a["cost_usd"]) for i, a in agents.items()}
+    assert agents["one"]["state"] == "done" and agents["sleep-3-two"]["state"] == "done", summary
     for agent_id in ("sleep-30-three", "four"):
         assert agents[agent_id]["state"] == "stopped", agents[agent_id]
         assert agents[agent_id]["stop_reason"] == "budget"
@@ -227,7 +228,10 @@ def test_waiting_agent_survives_a_rebuild_and_resume_retries_at_once(claude_repo
 def test_batch_budget_stops_running_claude_agents(claude_repo, claude_api, cli):
     claude_config(claude_repo, default_parallel=2)
     claude_api.script("cheap-task", [text("cheap done")])
-    claude_api.script("slow-task", [slow(bash("sleep 60"), 0.1), text("never")])
+    # a slow stream, then a long command (Claude Code refuses a long standalone `sleep`)
+    claude_api.script(
+        "slow-task", [slow(bash("python3 -c 'import time; time.sleep(60)'"), 0.2), text("never")]
+    )
     claude_api.script("later-task", [text("later done")])
     run = cli("spawn", "--budget", "0.001", "cheap-task", "slow-task", "later-task")
     assert run.code == 0, run
@@ -237,3 +241,29 @@ def test_batch_budget_stops_running_claude_agents(claude_repo, claude_api, cli):
     assert agents["slow-task"]["state"] == "stopped" and agents["slow-task"]["stop_reason"] == "budget"
     assert agents["later-task"]["state"] == "stopped" and agents["later-task"]["started_at"] is None
     assert (claude_repo / ".worktrees" / "task-slow-task").is_dir()
+
+
+@requires_claude
+def test_retry_resume_session_continues_a_failed_claude_agent(claude_repo, claude_api, cli):
+    claude_api.script("breaks-once", [error(400, "scripted failure")])
+    claude_api.script("Continue the task.", [text("recovered")])
+    cli("spawn", "--name", "broke", "breaks-once")
+    wait_settled(claude_repo, timeout=120)
+    record = load_state(claude_repo)["agents"]["broke"]
+    assert record["state"] == "failed" and record["waiting"] is None  # a 400 is not worth waiting out
+    run = cli("retry", "broke", "--resume-session")
+    assert run.code == 0 and "queued to continue its session" in run.out
+    wait_settled(claude_repo, timeout=120)
+    after = load_state(claude_repo)["agents"]["broke"]
+    assert after["state"] == "done" and after["result"] == "recovered"
+    assert after["session_id"] == record["session_id"]
+
+
+def test_pull_request_body_has_the_check_results():
+    report = {"result": "Added it", "diffstat": " a.txt | 1 +", "turns": 3, "cost_usd": 0.1}
+    failed = {"status": "failed", "command": "pytest -q", "exit_code": 1, "tail": "1 failed", "rounds": 1}
+    body = orchestra.pull_request_body({**report, "checks": failed})
+    assert "Checks: failed: pytest -q (exit 1) after 1 fix round(s)." in body and "1 failed" in body
+    passed = {"status": "passed", "command": None, "exit_code": 0, "tail": "", "rounds": 0}
+    assert "Checks: passed." in orchestra.pull_request_body({**report, "checks": passed})
+    assert "Checks" not in orchestra.pull_request_body({**report, "checks": None})
