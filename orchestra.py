@@ -1838,6 +1838,7 @@ class Resilience:
                 first = one_line(f"checks: {configured[0]}")
                 record.update(state="running", finished_at=None, activity=first)
                 append_event(record["log"], {"event": "checks", **record["checks"]})
+                self.due_checks[record["id"]] = dict(record)
         elif configured and not record.get("checks"):
             record["checks"] = {
                 "status": "not run",
@@ -1849,12 +1850,8 @@ class Resilience:
 
     def after_done(self, agent_id):
         """In the agent's watcher thread: run its checks if review() asked for them."""
-        record = self.store.load()["agents"].get(agent_id)
-        if (
-            record
-            and record["state"] == "running"
-            and (record.get("checks") or {}).get("status") == "running"
-        ):
+        record = self.due_checks.pop(agent_id, None)
+        if record:
             self.run_checks(record)
         self.slot_freed.set()
 
@@ -1884,11 +1881,7 @@ class Resilience:
         timeout = resilience_setting(record, "check_timeout")
         for index, command in enumerate(resilience_setting(record, "checks")):
             if index:  # review() named the first command already
-                self.store.update(
-                    lambda state, c=command: state["agents"][agent_id].update(
-                        activity=one_line(f"checks: {c}")
-                    )
-                )
+                self.queue(agent_id, {"activity": one_line(f"checks: {command}")})
             code, output, why = run_check(
                 command, record["worktree"], timeout, lambda: self.check_cancelled(agent_id)
             )
@@ -1987,6 +1980,7 @@ class Supervisor(Resilience):
         self.pending = {}  # agent id -> facts or final record changes waiting for the next write
         self.watchers = {}  # agent id -> watcher thread; touched by the main thread only
         self.slot_freed = threading.Event()  # set when an agent ends, so the next one starts at once
+        self.due_checks = {}  # agent id -> record whose checks review() asked for; its thread pops it
 
     def run(self):
         """Hold the supervisor lock and serve; re-check for work after letting go of it."""

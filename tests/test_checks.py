@@ -115,6 +115,7 @@ def orchestra_wait(repo, predicate, timeout=30):
 
 
 def test_supervisor_killed_during_checks_leaves_them_to_the_next_one(repo, cli):
+    import contextlib
     import os
     import signal
 
@@ -123,6 +124,8 @@ def test_supervisor_killed_during_checks_leaves_them_to_the_next_one(repo, cli):
     orchestra_wait(repo, lambda a: (a["crashy"].get("checks") or {}).get("status") == "running")
     supervisor = load_state(repo)["supervisor"]["pid"]
     os.kill(supervisor, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(supervisor, 0)  # this test process started it (in-process spawn): reap the zombie
     record = load_state(repo)["agents"]["crashy"]
     assert record["state"] == "running" and record["checks"]["status"] == "running"
     assert cli("status").code == 0  # revives the supervisor
