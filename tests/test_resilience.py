@@ -3,6 +3,8 @@
 import json
 import time
 
+import pytest
+
 import orchestra
 from conftest import (
     FAKE_AGENT_COMMAND,
@@ -267,3 +269,43 @@ def test_pull_request_body_has_the_check_results():
     passed = {"status": "passed", "command": None, "exit_code": 0, "tail": "", "rounds": 0}
     assert "Checks: passed." in orchestra.pull_request_body({**report, "checks": passed})
     assert "Checks" not in orchestra.pull_request_body({**report, "checks": None})
+
+
+def test_scripted_api_answers_429_with_headers_then_the_next_step():
+    import urllib.error
+    import urllib.request
+
+    from scripted_api import ScriptedAPI
+
+    body = {
+        "model": "m",
+        "stream": False,
+        "tools": [],
+        "messages": [{"role": "user", "content": "limited-key"}],
+    }
+    with ScriptedAPI() as api:
+        api.script("limited-key", [rate_limited(2, text("through"), retry_after=3600, reset=2000000000)])
+        answers = []
+        for _ in range(3):
+            request = urllib.request.Request(api.url + "/v1/messages", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    answers.append((response.status, json.loads(response.read())["content"][0]["text"]))
+            except urllib.error.HTTPError as e:
+                headers = e.headers
+                answers.append((e.code, json.loads(e.read())["error"]["type"]))
+        assert (
+            headers["retry-after"] == "3600" and headers["anthropic-ratelimit-unified-reset"] == "2000000000"
+        )
+        assert answers == [(429, "rate_limit_error"), (429, "rate_limit_error"), (200, "through")]
+        assert api.errors_answered("limited-key") == 2
+        api.script("busy-key", [overloaded(1, text("ok"))])
+        body["messages"][0]["content"] = "busy-key"
+        request = urllib.request.Request(api.url + "/v1/messages", data=json.dumps(body).encode())
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(request, timeout=10)
+        assert (
+            raised.value.code == 529
+            and json.loads(raised.value.read())["error"]["type"] == "overloaded_error"
+        )
