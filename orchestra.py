@@ -1539,8 +1539,15 @@ def last_run_result(path):
             and reset is None
             and info.get("status") not in ("allowed", "allowed_warning")
         ):
-            reset = info.get("resetsAt") if isinstance(info.get("resetsAt"), (int, float)) else None
+            reset = epoch_seconds(info.get("resetsAt"))
     return result, reset
+
+
+def epoch_seconds(value):
+    """A Unix time given in seconds or milliseconds (CLI versions differ), as seconds; None if not a number."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return value / 1000 if value > 1e11 else float(value)
 
 
 def last_api_failure(path):
@@ -1580,10 +1587,40 @@ def api_error_reason(result):
     return None
 
 
-def usage_reset_time(text):
-    """The reset time a usage-limit message gives as a Unix time, or None."""
+USAGE_RESET_CLOCK_RE = re.compile(
+    r"resets(?: at)? (\d{1,2})(?::(\d{2}))?\s*([ap]m)?(?:\s*\(([^)]+)\))?", re.I
+)
+
+
+def usage_reset_time(text, now=None):
+    """The reset time a usage-limit message gives ("...|<unix time>", "resets 3pm (Europe/Paris)"), or None."""
     match = USAGE_RESET_RE.search(text)
-    return float(match.group(1)) if match else None
+    if match:
+        return float(match.group(1))
+    clock = USAGE_RESET_CLOCK_RE.search(text)
+    if not clock:
+        return None
+    hour, minute, half = int(clock.group(1)), int(clock.group(2) or 0), (clock.group(3) or "").lower()
+    if (half and not 1 <= hour <= 12) or hour > 23 or minute > 59:
+        return None
+    hour = hour % 12 + (12 if half == "pm" else 0) if half else hour
+    return next_clock_time(hour, minute, clock.group(4), time.time() if now is None else now)
+
+
+def next_clock_time(hour, minute, zone_name, now):
+    """The next Unix time at hour:minute in a named time zone (the local one when unknown)."""
+    import datetime  # here: only a usage-limit message needs it
+
+    zone = None
+    with contextlib.suppress(Exception):  # no zoneinfo before 3.9 or no tz database: local time
+        from zoneinfo import ZoneInfo
+
+        zone = ZoneInfo(zone_name) if zone_name else None
+    current = datetime.datetime.fromtimestamp(now, zone) if zone else datetime.datetime.fromtimestamp(now)
+    reset = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if reset <= current:
+        reset += datetime.timedelta(days=1)
+    return reset.timestamp()
 
 
 def backoff_seconds(attempt, base, cap, jitter=None):

@@ -50,6 +50,16 @@ def test_api_error_reasons_from_what_the_cli_writes():
     for result, reason in cases:
         assert orchestra.api_error_reason(result) == reason, result
     assert orchestra.usage_reset_time("Claude AI usage limit reached|1767225600") == 1767225600.0
+    noon = 1767268800  # 2026-01-01 12:00 UTC
+    paris = orchestra.usage_reset_time("You've hit your limit · resets 3pm (Europe/Paris)", now=noon)
+    assert paris == noon + 2 * 3600  # 15:00 in Paris is 14:00 UTC
+    utc = orchestra.usage_reset_time("5-hour limit reached · resets 11am (UTC)", now=noon)
+    assert utc == noon + 23 * 3600  # 11:00 has passed today: tomorrow
+    assert orchestra.usage_reset_time("resets 25pm", now=noon) is None
+    assert (
+        orchestra.epoch_seconds(1700000000000) == 1700000000
+        and orchestra.epoch_seconds(1771390800) == 1771390800
+    )
 
 
 def test_backoff_doubles_with_jitter_and_is_capped():
