@@ -1515,6 +1515,11 @@ def restore_resilience(record, log):
         record["stop_reason"] = memory["stop_reason"]
 
 
+def checks_running(record):
+    """True while the supervisor runs the agent's checks (a long check is not a stale agent)."""
+    return (record.get("checks") or {}).get("status") == "running"
+
+
 def json_object(line):
     """A log line as a dict, or None."""
     try:
@@ -2214,7 +2219,7 @@ class Supervisor(Resilience):
             if record["state"] == "running":
                 record["heartbeat_at"] = utc_iso(now)
                 quiet_since = parse_iso(record.get("last_activity_at")) or now
-                record["stale"] = now - quiet_since >= threshold
+                record["stale"] = now - quiet_since >= threshold and not checks_running(record)
 
 
 def supervisor_alive(state):
@@ -2441,7 +2446,7 @@ def request_stop(record):
     if record["state"] not in ACTIVE_STATES:
         raise OrchestraError(f"{record['id']} is already {record['state']}")
     process = (record["pid"], record.get("pid_start"))
-    record.update(state="stopped", finished_at=utc_iso(), activity="stopped", stale=False)
+    record.update(state="stopped", finished_at=utc_iso(), activity="stopped", stale=False, waiting=None)
     if not record["pid"]:
         note_settlement(record)  # no watcher will settle an agent that never started
     return record["id"], process
