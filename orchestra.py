@@ -191,6 +191,16 @@ API_JITTER = 0.2  # a backoff wait is stretched by up to this fraction, so agent
 API_SCAN_BYTES = 256 * 1024  # of the end of a log searched for the last run's API error
 ACCOUNT_LIMIT_REASONS = ("rate_limit", "usage_limit")  # waits that hold every new start, not one agent
 BATCH_ID_FORMAT = "b%Y%m%dT%H%M%S"
+CHECK_RESULT_FIELDS = ("status", "command", "exit_code", "tail", "rounds")
+# A subscription's usage limit, as Claude Code words it across versions (never a max-turns or budget end)
+USAGE_LIMIT_RE = re.compile(
+    r"usage limit|hit your (?:usage )?limit|limit reached\W.*\bresets?\b|out of (?:extra )?usage",
+    re.IGNORECASE,
+)
+USAGE_RESET_RE = re.compile(r"\|(\d{10})\b")  # "Claude AI usage limit reached|1767225600"
+USAGE_RESET_CLOCK_RE = re.compile(
+    r"resets(?: at)? (\d{1,2})(?::(\d{2}))?\s*([ap]m)?(?:\s*\(([^)]+)\))?", re.I
+)
 
 # Sessions: how much of each transcript is read, how listings look, what a prompt is.
 CLAUDE_EXECUTABLE = "claude"
@@ -1468,9 +1478,6 @@ class Project:
 # ======================================================================================
 
 
-CHECK_RESULT_FIELDS = ("status", "command", "exit_code", "tail", "rounds")
-
-
 def check_resilience_values(values, sources):
     """Check, fix-round, retry and budget settings that are well typed but out of range."""
     for key, low in (("fix_rounds", 0), ("api_retries", 0)):
@@ -1567,10 +1574,6 @@ def last_api_failure(path):
     return reason, reset, one_line(result.get("result") or reason)
 
 
-USAGE_LIMIT_RE = re.compile(r"usage limit|limit reached|out of (?:extra )?usage", re.IGNORECASE)
-USAGE_RESET_RE = re.compile(r"\|(\d{10})\b")  # "Claude AI usage limit reached|1767225600"
-
-
 def api_error_reason(result):
     """'rate_limit', 'usage_limit', 'overloaded', 'server_error' or 'network' for an error result; else None.
 
@@ -1590,11 +1593,6 @@ def api_error_reason(result):
     if status is None and (result.get("api_error") or text.startswith("API Error: Connection")):
         return "network"
     return None
-
-
-USAGE_RESET_CLOCK_RE = re.compile(
-    r"resets(?: at)? (\d{1,2})(?::(\d{2}))?\s*([ap]m)?(?:\s*\(([^)]+)\))?", re.I
-)
 
 
 def usage_reset_time(text, now=None):

@@ -44,6 +44,8 @@ def test_api_error_reasons_from_what_the_cli_writes():
         ({"api_error_status": None, "api_error": "connection_failed", "result": "API Error: Connection refused"}, "network"),
         ({"api_error_status": 503, "result": "API Error: 503"}, "server_error"),
         ({"result": "Claude AI usage limit reached|1767225600"}, "usage_limit"),
+        ({"api_error_status": 429, "result": "You've hit your limit · resets 3pm (Europe/Paris)"}, "usage_limit"),
+        ({"subtype": "error_max_turns", "result": "max turns limit reached"}, None),
         ({"api_error_status": 400, "result": "API Error: 400 bad request"}, None),
         ({"result": "the tests fail"}, None),
     ]  # fmt: skip
