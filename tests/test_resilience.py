@@ -321,3 +321,17 @@ def test_scripted_api_answers_429_with_headers_then_the_next_step():
             raised.value.code == 529
             and json.loads(raised.value.read())["error"]["type"] == "overloaded_error"
         )
+
+
+@requires_claude
+def test_a_whole_batch_that_hits_the_limit_carries_on_by_itself(claude_repo, claude_api, cli):
+    claude_config(claude_repo, api_backoff=1, api_backoff_max=2, default_parallel=3)
+    tasks = [f"batch-task-{n}" for n in range(3)]
+    for task in tasks:
+        claude_api.script(task, [rate_limited(1, text(f"{task} finished"))])
+    assert cli("spawn", *tasks).code == 0
+    wait_settled(claude_repo, timeout=180)
+    agents = load_state(claude_repo)["agents"]
+    for task in tasks:
+        assert agents[task]["state"] == "done" and agents[task]["result"] == f"{task} finished", agents[task]
+        assert [w["attempt"] for w in log_events(claude_repo, task, "waiting")] == [1]
