@@ -11,17 +11,20 @@ Commands:
   orchestra spawn TASK... [--wait]    queue agents, one worktree and branch per task
   orchestra status [ID...] [--watch]  what every agent is doing, its cost and its commits
   orchestra logs ID [-f] [--raw]      an agent's activity as readable lines
+  orchestra diff ID [--stat]          an agent's commits and uncommitted work against its base, paged
   orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
-  orchestra send ID MESSAGE           a follow-up for a finished agent, in its own session
+  orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
   orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
   orchestra cleanup [--dry-run]       remove worktrees and branches that hold nothing unsaved
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
   orchestra web [--port N]            the phone-friendly dashboard, JSON API and live WebSocket
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
 
-Every ID also accepts a unique prefix; every listing takes --json.
+Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
+of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
+readable by you alone, and deleted once read).
 
 State lives in `<repo>/.orchestra/`: state.json (agent records), logs/<id>.jsonl (each agent's
 stream-json output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the
@@ -38,6 +41,7 @@ import contextlib
 import hashlib
 import hmac
 import http.client
+import itertools
 import json
 import os
 import queue
@@ -81,6 +85,8 @@ __version__ = "0.1.0"
 
 STATE_VERSION = 1
 ORCHESTRA_DIR = ".orchestra"
+# .orchestra/env/<id> (mode 0600, folder 0700): the environment of an agent's next launch
+AGENT_ENV_DIR = "env"
 WORKTREE_PREFIX = "task-"
 
 CONFIG_DEFAULTS = {
@@ -148,12 +154,30 @@ RECORD_FIELDS = (
     "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
+    "cost_estimated", "pending_messages",
     "checks", "waiting", "batch", "stop_reason",
 )  # fmt: skip
+# Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
+# first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
+MODEL_PRICES = (
+    ("claude-opus-4-0", 15.0, 75.0), ("claude-opus-4-1", 15.0, 75.0), ("claude-opus-4-2", 15.0, 75.0),
+    ("claude-3-opus", 15.0, 75.0), ("claude-opus", 5.0, 25.0), ("claude-sonnet", 3.0, 15.0),
+    ("claude-3-5-sonnet", 3.0, 15.0), ("claude-3-7-sonnet", 3.0, 15.0), ("claude-haiku", 1.0, 5.0),
+    ("claude-3-5-haiku", 0.8, 4.0), ("claude-3-haiku", 0.25, 1.25), ("opus", 5.0, 25.0), ("haiku", 1.0, 5.0),
+)  # fmt: skip
+DEFAULT_PRICE = (3.0, 15.0)  # an unknown model is priced as Sonnet
+CACHE_WRITE_FACTOR = 1.25
+CACHE_READ_FACTOR = 0.1
 
 MAX_TASK_LENGTH = 8000  # characters; longer instructions belong in a file the task names
-MAX_ID_LENGTH = 40
+MAX_ID_LENGTH = 40  # of an id given with --name
+ID_WORDS = 3  # words of the task an id is made from
+ID_CHARS = 20  # an id made from a task is at most this long (before a -2 suffix), so tables fit 80 columns
+ID_SKIP_WORDS = frozenset(("a", "an", "the", "to", "of", "for", "in", "on", "at", "by", "and", "or", "with",
+                           "from", "into", "onto", "my", "our", "your", "please"))  # fmt: skip
 MAX_ACTIVITY_LENGTH = 200
+TABLE_DEFAULT_WIDTH = 120  # columns when stdout is not a terminal and $COLUMNS is unset
+TABLE_MIN_LAST_COLUMN = 6  # a table's last column narrower than this is left out rather than cut
 TAIL_CHARS = 2000  # of setup output and stderr kept in an error message
 RESUME_PROMPT = "Continue the task."
 SYSTEM_PROMPT = (
@@ -216,7 +240,7 @@ SESSION_TABLE_WIDTH = 100  # when stdout is not a terminal
 SESSION_TABLE_GAP = "  "
 SECONDS_PER_HOUR = 3600
 SESSION_CACHE_FILE = "claude-orchestra/session-counts.json"  # under $XDG_CACHE_HOME or ~/.cache
-SESSION_CACHE_VERSION = 1
+SESSION_CACHE_VERSION = 2  # 2: messages are prompts and replies, not tool traffic
 SESSION_CACHE_LIMIT = 2000  # transcripts remembered: the most recently modified
 SESSION_RECENT_IDS = 8  # assistant message ids remembered to count each API response once
 SESSION_MARK_BYTES = 64  # bytes before a saved offset that must be unchanged to count on from it
@@ -243,6 +267,9 @@ SESSION_USER_MARKERS = ('"type":"user"', '"type": "user"')
 SESSION_MESSAGE_MARKERS = tuple(
     m.encode() for m in (*SESSION_USER_MARKERS, '"type":"assistant"', '"type": "assistant"')
 )
+# A line holding a tool result is never a message, and these markers occur only as JSON structure
+# (inside a string value the quotes would be escaped), so such lines need no parsing.
+SESSION_NOT_MESSAGE_MARKERS = (b'"type":"tool_result"', b'"type": "tool_result"')
 SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
 
 # Web: limits that keep one slow or hostile client from starving the server; RFC 6455 values.
@@ -392,16 +419,21 @@ def tail_text(text, limit=TAIL_CHARS):
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-def slugify(text, limit=MAX_ID_LENGTH):
-    """A short lowercase slug of a task, safe as a branch name and a folder name."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
+def slugify(text, limit=ID_CHARS, words=ID_WORDS):
+    """A short readable id made from a task: its first few meaningful words, lowercase, '-'-joined.
+
+    'add input validation to the signup form' -> 'add-input-validation'. Safe as a branch and a
+    folder name; small words ('the', 'to', ...) are skipped unless the task has nothing else.
+    """
+    found = re.findall(r"[a-z0-9]+", text.lower())
+    meaningful = [w for w in found if w not in ID_SKIP_WORDS] or found
     slug = ""
-    for word in words:
+    for word in meaningful[:words]:
         candidate = f"{slug}-{word}" if slug else word
         if len(candidate) > limit:
             break
         slug = candidate
-    return slug or (words[0][:limit] if words else "task")
+    return slug or (meaningful[0][:limit] if meaningful else "task")
 
 
 def print_json(obj, out=None):
@@ -641,6 +673,16 @@ def run_git(args, cwd, check=True, env=None):
         detail = one_line(done.stderr or done.stdout, limit=TAIL_CHARS) or f"exit {done.returncode}"
         raise GitError(f"git {args[0]} failed: {detail}")
     return done
+
+
+def page_git(args, cwd):
+    """Run git with its output on this terminal, paged and coloured as git itself decides
+    (a pager only when stdout is a terminal: core.pager, $GIT_PAGER, $PAGER); its exit status."""
+    sys.stdout.flush()
+    try:
+        return subprocess.run(["git", *args], cwd=str(cwd)).returncode
+    except FileNotFoundError:
+        raise OrchestraError("git is not installed or not on PATH; install git first") from None
 
 
 def find_repo(cwd):
@@ -991,9 +1033,13 @@ class AgentLog:
         self.run_usage = {}  # message id -> (input, output) tokens; one response spans lines
         self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
         self.resilience = {}  # the latest checks result and API wait (see fold_resilience_event)
+        self.model = None  # of the current run, from system/init or the messages, to price tokens
+        self.run_estimate = {}  # message id -> estimated USD of the current run, until its result
+        self.paid = None  # USD the results of finished runs reported
         self.facts = {"session_id": None, "activity": None, "last_activity_at": None,
                       "cost_usd": None, "turns": None, "result": None, "error": None,
-                      "outcome": None, "input_tokens": None, "output_tokens": None}  # fmt: skip
+                      "outcome": None, "input_tokens": None, "output_tokens": None,
+                      "cost_estimated": None}  # fmt: skip
 
     def read_new(self):
         """Fold lines appended since the last call; True if any arrived."""
@@ -1035,6 +1081,7 @@ class AgentLog:
         if event.get("event") == "launch":
             self.launched, self.settled = True, None
             self.settle_run_tokens()
+            self.run_estimate = {}
             self.facts.update(result=None, error=None, outcome=None)
         elif event.get("event") == "settled":
             self.settled = event
@@ -1044,6 +1091,8 @@ class AgentLog:
         """system/init names the session."""
         if event.get("subtype") == "init" and event.get("session_id"):
             self.facts["session_id"] = event["session_id"]
+        if event.get("subtype") == "init" and isinstance(event.get("model"), str):
+            self.model = event["model"]
 
     def on_assistant(self, event):
         """Text or a tool call becomes the activity line; usage gives running token counts."""
@@ -1056,7 +1105,15 @@ class AgentLog:
             elif block.get("type") == "tool_use":
                 self.facts["activity"] = describe_tool_use(block)
         if isinstance(message.get("usage"), dict):
-            self.count_usage(message.get("id") or len(self.run_usage), message["usage"])
+            key = message.get("id") or len(self.run_usage)
+            self.count_usage(key, message["usage"])
+            self.estimate_cost(key, message.get("model") or self.model, message["usage"])
+
+    def estimate_cost(self, key, model, usage):
+        """Running cost of the current run from its token usage, marked as an estimate."""
+        self.run_estimate[key] = estimated_cost(model, usage)
+        self.facts["cost_usd"] = (self.paid or 0) + sum(self.run_estimate.values())
+        self.facts["cost_estimated"] = True
 
     def on_result(self, event):
         """The run's outcome; cost, turns and tokens add up across resumed runs.
@@ -1069,9 +1126,11 @@ class AgentLog:
             result=result if isinstance(result, str) else None,
             outcome="error" if is_error else "success",
             error=(one_line(result or event.get("subtype") or "error", TAIL_CHARS) if is_error else None),
-            cost_usd=(self.facts["cost_usd"] or 0) + (event.get("total_cost_usd") or 0),
             turns=(self.facts["turns"] or 0) + (event.get("num_turns") or 0),
         )
+        self.paid = (self.paid or 0) + (event.get("total_cost_usd") or 0)
+        self.run_estimate = {}
+        self.facts.update(cost_usd=self.paid, cost_estimated=False)
         if isinstance(event.get("usage"), dict):
             self.run_usage = {}  # the result's totals are exact; stream lines hold early counts
             self.count_usage("result", event["usage"])
@@ -1094,6 +1153,17 @@ class AgentLog:
         if self.run_usage:
             self.past_tokens = (self.facts["input_tokens"], self.facts["output_tokens"])
             self.run_usage = {}
+
+
+def estimated_cost(model, usage):
+    """USD an API response's usage costs at list prices for its model family (an estimate)."""
+    name = str(model or "").lower()
+    price_in, price_out = next(
+        ((i, o) for prefix, i, o in MODEL_PRICES if name.startswith(prefix)), DEFAULT_PRICE
+    )
+    tokens_in = ((usage.get("input_tokens") or 0) + CACHE_WRITE_FACTOR * (usage.get("cache_creation_input_tokens") or 0)
+                 + CACHE_READ_FACTOR * (usage.get("cache_read_input_tokens") or 0))  # fmt: skip
+    return (tokens_in * price_in + (usage.get("output_tokens") or 0) * price_out) / 1_000_000
 
 
 def read_log(path):
@@ -1130,6 +1200,19 @@ def finish_record(record, log, exit_code, stderr_tail, counts):
     if record["state"] in ("running", "paused"):
         record["state"], record["error"] = settled_state(log, exit_code, stderr_tail)
     note_settlement(record)
+    deliver_pending_messages(record)
+
+
+def deliver_pending_messages(record):
+    """Queue the messages `send` left for an agent whose turn has just ended (one prompt)."""
+    messages = record.get("pending_messages")
+    if not messages or record["state"] not in ("done", "failed"):
+        return
+    record["pending_messages"] = []
+    try:
+        queue_session(record, "\n\n".join(messages), "continuing with your message")
+    except OrchestraError as e:
+        record["error"] = f"{record.get('error') or ''} your message could not be sent: {e}".strip()
 
 
 def note_settlement(record):
@@ -1199,7 +1282,7 @@ def launch_agent(project, record, prompt=None):
     """Start the agent's process in its worktree, in its own process group, output to files."""
     argv = agent_argv(record, prompt)
     append_event(project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv})
-    env = dict(os.environ, ORCHESTRA_AGENT_ID=record["id"])
+    env = dict(take_agent_env(project, record["id"]) or os.environ, ORCHESTRA_AGENT_ID=record["id"])
     with (
         open(project.log_path(record["id"]), "ab") as out,
         open(project.stderr_path(record["id"]), "ab") as err,
@@ -1213,6 +1296,44 @@ def launch_agent(project, record, prompt=None):
             env=env,
             start_new_session=True,
         )
+
+
+def save_agent_env(project, agent_ids, env):
+    """Keep the environment of the command that spawned, resumed or messaged agents for their launch.
+
+    The supervisor may have been started by another shell long ago; agents must start with the
+    caller's environment (an API key set since, a PATH) instead. Secrets never go into state.json:
+    each agent gets a file only its owner can read, which the launch reads and deletes.
+    """
+    folder = project.dir / AGENT_ENV_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    text = json.dumps(dict(env))
+    for agent_id in agent_ids:
+        temp = folder / f".{agent_id}.{secrets.token_hex(6)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temp, folder / agent_id)
+
+
+def take_agent_env(project, agent_id):
+    """The environment saved for an agent's launch, deleted once read; None when there is none."""
+    path = project.dir / AGENT_ENV_DIR / agent_id
+    try:
+        text = path.read_text(encoding="utf-8")
+        path.unlink()
+        env = json.loads(text)
+    except (OSError, ValueError):
+        return None
+    return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else None
+
+
+def drop_agent_env(project, agent_ids):
+    """Forget saved environments no launch will read (an agent resumed in place by SIGCONT)."""
+    for agent_id in agent_ids:
+        with contextlib.suppress(OSError):
+            (project.dir / AGENT_ENV_DIR / agent_id).unlink()
 
 
 def include_patterns(project):
@@ -2353,15 +2474,16 @@ def check_explicit_name(project, name, taken):
         raise OrchestraError(f"an agent named '{name}' already exists; pick another name")
 
 
-def reserve_agents(project, tasks, name, base_branch, base_commit, parallel):
+def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
     """Record new queued agents under the lock, each with a unique id; their records."""
 
     def reserve(state):
         taken = taken_ids(project, state["agents"])
-        if name:
+        for name in names:
             check_explicit_name(project, name, taken)
+            taken.add(name)
         created = []
-        for task in tasks:
+        for task, name in itertools.zip_longest(tasks, names):
             agent_id = name or unique_id(slugify(task), taken)
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
@@ -2405,24 +2527,31 @@ def change_agents(project, ids, change):
     return project.store.update(lambda state: [change(r) for r in select_agents(state["agents"], ids)])
 
 
-def spawn_agents(project, tasks, parallel=None, name=None, base=None, budget=None):
+def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, budget=None):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
-    The one way agents come to be, from the command line or the web; their records.
+    The one way agents come to be, from the command line or the web; their records. The agents
+    start with `env` (default: this process's environment).
     """
     for task in tasks:
         check_task(task)
-    if name and len(tasks) > 1:
-        raise OrchestraError("--name works with a single task; leave it out to name agents after their tasks")
+    names = [name] if isinstance(name, str) else list(name or [])
+    if names and len(names) != len(tasks):
+        raise OrchestraError(
+            f"--name names one task each, in order: {len(tasks)} task(s) but {len(names)} name(s); "
+            "give one --name per task or none"
+        )
     if parallel is not None and not 1 <= parallel <= project.config["max_parallel"]:
         raise OrchestraError(
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
     base_branch, base_commit = resolve_base(project, base)
-    records = reserve_agents(project, tasks, name, base_branch, base_commit, parallel)
+    records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
     assign_batch(project, records, budget)
+    save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
     prepare_agents(project, records)
+    drop_agent_env(project, [r["id"] for r in records if r["state"] == "failed"])  # setup failed: no launch
     ensure_supervisor(project)
     return records
 
@@ -2432,9 +2561,16 @@ def pause_agents(project, ids):
     return [(agent_id, "paused") for agent_id in change_agents(project, ids, pause_agent)]
 
 
-def resume_agents(project, ids):
-    """Continue paused agents or queue relaunches; (id, what happened) for each."""
-    outcomes = change_agents(project, ids, lambda record: (record["id"], resume_agent(record)))
+def resume_agents(project, ids, env=None):
+    """Continue paused agents or queue relaunches (with `env`, default this process's); (id, what happened)."""
+    chosen = [r["id"] for r in select_agents(project.records(), ids)]
+    save_agent_env(project, chosen, os.environ if env is None else env)
+    try:
+        outcomes = change_agents(project, ids, lambda record: (record["id"], resume_agent(record)))
+    except OrchestraError:
+        drop_agent_env(project, chosen)
+        raise
+    drop_agent_env(project, [agent_id for agent_id, what in outcomes if what == "resumed"])
     ensure_supervisor(project)
     return outcomes
 
@@ -2940,25 +3076,58 @@ def describe_session(file, window=None):
         branch=last_field(window, "gitBranch"),
         title=choose_title(window, file.session_id),
         first_prompt=first_prompt(window),
-        model=last_field(window, "model", skip=(SESSION_SYNTHETIC_MODEL,)),
+        model=session_model(window),
         version=last_field(window, "version"),
     )
 
 
-def is_counted_message(record, recent_ids):
-    """True for a main-chain user or assistant record that has not been counted yet.
+def own_assistant_model(record):
+    """The model of a top-level assistant record of the session itself, else None.
 
-    One API response is written as one assistant line per content block, all sharing
-    message.id (other lines may come between them): it counts once.
+    Sidechain (sub-agent) lines and the assistant messages nested in `progress` lines
+    name other models; Claude Code's own error messages name `<synthetic>`.
+    """
+    if record.get("type") != "assistant" or record.get("isSidechain"):
+        return None
+    message = record.get("message")
+    model = message.get("model") if isinstance(message, dict) else None
+    return model if isinstance(model, str) and model and model != SESSION_SYNTHETIC_MODEL else None
+
+
+def session_model(window):
+    """The model of the session's own latest assistant reply: tail first, then head."""
+    for lines in window.parts(tail_first=True):
+        models = [own_assistant_model(r) for r in records_with(lines, ('"model"',))]
+        found = [m for m in models if m]
+        if found:
+            return found[-1]
+    return None
+
+
+def has_reply_text(message):
+    """True when an assistant message holds text a user reads (not only tool calls or thinking)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(isinstance(b, dict) and b.get("type") == "text" and str(b.get("text", "")).strip()
+               for b in content or [] if isinstance(content, list))  # fmt: skip
+
+
+def is_counted_message(record, recent_ids):
+    """True for a message a user would recognise that has not been counted yet.
+
+    Messages are the user's prompts (typed text or a slash command; not tool results,
+    meta lines, compact summaries or sub-agent lines) and the assistant's replies (API
+    responses holding text; tool calls are not messages). One API response is written
+    as one assistant line per content block, all sharing message.id: it counts once.
     """
     if record is None or record.get("isSidechain") or record.get("isMeta"):
         return False
     if record.get("type") == "user":
-        return True
-    if record.get("type") != "assistant":
+        return any(prompt_of(record))
+    if record.get("type") != "assistant" or not has_reply_text(record.get("message")):
         return False
-    message = record.get("message")
-    message_id = message.get("id") if isinstance(message, dict) else None
+    message_id = record["message"].get("id")
     if not isinstance(message_id, str):
         return True
     if message_id in recent_ids:
@@ -3001,7 +3170,9 @@ def count_messages(path, size, previous=None):
                 pending = int(is_counted_message(parse_line(line.decode("utf-8", "replace")), list(recent)))
                 break
             offset += len(line)
-            if any(marker in line for marker in SESSION_MESSAGE_MARKERS):
+            if any(m in line for m in SESSION_MESSAGE_MARKERS) and not any(
+                m in line for m in SESSION_NOT_MESSAGE_MARKERS
+            ):
                 count += int(is_counted_message(parse_line(line.decode("utf-8", "replace")), recent))
         state = {"count": count, "offset": offset, "recent": recent, "mark": read_mark(f, offset)}
     return state, count + pending
@@ -3437,8 +3608,9 @@ def match_session(files, wanted, agents):
     key = wanted.strip().lower()
     matches = [f for f in files if f.session_id == key]
     matches = matches or [f for f in files if key and f.session_id.startswith(key)]
-    if not matches and agents.session_of(wanted):
-        matches = [f for f in files if f.session_id == agents.session_of(wanted)]
+    agent_session = agents.session_of(wanted) or agent_prefix_session(agents, wanted)
+    if not matches and agent_session:
+        matches = [f for f in files if f.session_id == agent_session]
     ids = sorted({f.session_id for f in matches})
     if not ids:
         raise OrchestraError(f"no session matches '{wanted}'; run 'orchestra sessions --all' to list them")
@@ -3446,6 +3618,14 @@ def match_session(files, wanted, agents):
         shown = ", ".join(ids[:SESSION_AMBIGUOUS_SHOWN])
         raise OrchestraError(f"'{wanted}' matches {len(ids)} sessions ({shown}); type more of the id")
     return max(matches, key=lambda f: f.mtime)  # one id stored in two folders: the newest copy
+
+
+def agent_prefix_session(agents, prefix):
+    """The session of the one agent whose id starts with prefix (as every other command accepts)."""
+    sessions = {agents.session_of(i) for i in agents.records if i.startswith(prefix) and agents.session_of(i)}
+    if len(sessions) > 1:
+        raise OrchestraError(f"'{prefix}' matches the sessions of several agents; type more of the id")
+    return sessions.pop() if sessions else None
 
 
 def candidate_repos(session, here, agents):
@@ -3782,18 +3962,31 @@ def write_patch(project, records, path):
     return count
 
 
-def send_message(project, agent_id, message):
-    """Continue a finished agent's session with a follow-up message, in its own worktree."""
+def send_message(project, agent_id, message, env=None):
+    """Continue an agent's session with a follow-up message, in its own worktree: (id, waits).
+
+    A finished agent is queued at once; for a queued, running or paused one the message waits in
+    its record (`pending_messages`) and the supervisor sends it when the agent's turn ends.
+    """
     check_task(message, "message")
 
     def queue(state):
         record = select_agents(state["agents"], [agent_id])[0]
+        if record["state"] in ACTIVE_STATES:
+            record["pending_messages"] = [*(record.get("pending_messages") or []), message]
+            return record["id"], True
         if record["state"] not in FINISHED_STATES:
-            raise OrchestraError(f"{record['id']} is {record['state']}; send a message once it has finished")
+            raise OrchestraError(f"{record['id']} is {record['state']}; it cannot take a message")
         queue_session(record, message, "waiting to continue with your message")
-        return record["id"]
+        return record["id"], False
 
-    sent_to = project.store.update(queue)
+    [record] = select_agents(project.records(), [agent_id])
+    save_agent_env(project, [record["id"]], os.environ if env is None else env)
+    try:
+        sent_to = project.store.update(queue)
+    except OrchestraError:
+        drop_agent_env(project, [record["id"]])
+        raise
     ensure_supervisor(project)
     return sent_to
 
@@ -5027,25 +5220,43 @@ def status_rows(records, now):
     rows = []
     for r in records:
         state = state_label(r) + (" stale" if r.get("stale") else "")
-        rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), format_cost(r.get("cost_usd")),
+        rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), record_cost(r),
                      "-" if r.get("commits") is None else str(r["commits"]),
                      "-" if r.get("files_changed") is None else str(r["files_changed"]),
                      one_line(r.get("error") or r.get("activity") or "")])  # fmt: skip
     return rows
 
 
+def terminal_width(width=None):
+    """Columns to fit: the width asked for, else $COLUMNS or the terminal's, else 120."""
+    return width or shutil.get_terminal_size((TABLE_DEFAULT_WIDTH, 24)).columns
+
+
+def record_cost(record):
+    """An agent's cost for display: '~$0.0123' while it is estimated from token usage."""
+    return ("~" if record.get("cost_estimated") else "") + format_cost(record.get("cost_usd"))
+
+
 def render_table(headers, rows, out, colour_column=None, width=None):
-    """Aligned columns; the last column is cut to fit the terminal width."""
-    width = width or shutil.get_terminal_size((120, 24)).columns
+    """Aligned columns within the terminal width: only the last column is cut (or left out).
+
+    The other columns (ids, states, numbers) are never cut; anything a user must copy, such as a
+    command, belongs on a line of its own rather than in a table.
+    """
+    width = terminal_width(width)
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)][:-1]
-    room = max(10, width - sum(w + 2 for w in widths))
+    room = width - sum(w + 2 for w in widths)
+    keep_last = room >= TABLE_MIN_LAST_COLUMN
     lines = []
     for index, row in enumerate([headers, *rows]):
         cells = [str(c).ljust(w) for c, w in zip(row, widths)]
         if index and colour_column is not None:
             state = row[colour_column].split()[0]
             cells[colour_column] = paint(cells[colour_column], STATE_COLOURS.get(state), out)
-        lines.append("  ".join([*cells, str(row[-1])[:room]]).rstrip())
+        last = str(row[-1])
+        if len(last) > room:
+            last = last[: room - 1] + "…"
+        lines.append("  ".join([*cells, last] if keep_last else cells).rstrip())
     return "\n".join(lines)
 
 
@@ -5063,7 +5274,11 @@ def summary_line(records):
     """How many agents are in each state, and what they cost: '2 done, 1 failed; total cost $0.31'."""
     counts = [(sum(r["state"] == state for r in records), state) for state in STATES]
     total = sum(r.get("cost_usd") or 0 for r in records)
-    return ", ".join(f"{n} {state}" for n, state in counts if n) + f"; total cost {format_cost(total)}"
+    estimated = any(r.get("cost_estimated") for r in records)
+    return ", ".join(f"{n} {state}" for n, state in counts if n) + (
+        f"; total cost {'~' if estimated else ''}{format_cost(total)}"
+        + (" (~: estimated from token usage until agents finish)" if estimated else "")
+    )
 
 
 def progress_line(record):
@@ -5089,8 +5304,12 @@ def cmd_init(args):
 
 def config_text(config):
     """The effective settings as a table of key, value and source."""
-    rows = [[key, json.dumps(config[key]), config.sources[key]] for key in CONFIG_DEFAULTS]
-    return render_table(["KEY", "VALUE", "SOURCE"], rows, sys.stdout, width=1000)
+    files = list(dict.fromkeys(v for v in config.sources.values() if v not in ("default", "flag")))
+    labels = {path: f"file {n}" for n, path in enumerate(files, 1)}
+    rows = [[key, labels.get(config.sources[key], config.sources[key]), json.dumps(config[key])]
+            for key in CONFIG_DEFAULTS]  # fmt: skip
+    notes = [f"{label}: {path}" for path, label in labels.items()]  # paths on their own lines, whole
+    return "\n".join([render_table(["KEY", "SOURCE", "VALUE"], rows, sys.stdout), *notes])
 
 
 def cmd_config(args):
@@ -5114,9 +5333,10 @@ def cmd_spawn(args):
                            budget=args.budget)  # fmt: skip
     if not args.json:
         for r in records:
-            print(f"{r['id']}  {r['state']}  {r['branch']}  {os.path.relpath(r['worktree'])}")
+            print(f"{r['id']}  {r['state']}  {os.path.relpath(r['worktree'])}")
             if r["error"]:
                 print(f"  {r['error']}")
+        print(f"Each agent works on branch {project.branch_name('<id>')} in its worktree.")
     if args.wait:
         return wait_for_agents(project, [r["id"] for r in records], args.json)
     if args.json:
@@ -5150,6 +5370,8 @@ def wait_for_agents(project, ids, as_json):
 
 def cmd_status(args):
     """Show agents: state, elapsed time, cost, commits, files and activity."""
+    if args.until_done and not args.watch:
+        raise OrchestraError("--until-done goes with --watch; see 'orchestra status --help'")
     project = open_project(args)
     while True:
         state = project.store.load()
@@ -5165,6 +5387,9 @@ def cmd_status(args):
             print(text)
             return EXIT_OK
         clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+        if args.until_done and not any(r["state"] in ("queued", "running") for r in records):
+            print(f"{clear}{text}", flush=True)
+            return EXIT_OK
         print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
         time.sleep(STATUS_WATCH_INTERVAL)
 
@@ -5239,10 +5464,17 @@ def cmd_worktrees(args):
     if args.json:
         print_json({"worktrees": rows})
         return EXIT_OK
-    table = [[r["id"] or "-", r["state"] or "-", r["branch"] or "(detached)", os.path.relpath(r["path"]),
-              ",".join(r["notes"]) or "-", one_line(r["task"] or "", 60)] for r in rows]  # fmt: skip
-    print(render_table(["ID", "STATE", "BRANCH", "PATH", "NOTES", "TASK"], table, sys.stdout))
+    table = [[r["id"] or "-", r["state"] or "-", ",".join(r["notes"]) or "-", one_line(r["task"] or "", 60)]
+             for r in rows]  # fmt: skip
+    places = [f"    {os.path.relpath(r['path'])}  ({r['branch'] or 'detached'})" for r in rows]
+    print(table_with_lines(["ID", "STATE", "NOTES", "TASK"], table, places, sys.stdout))
     return EXIT_OK
+
+
+def table_with_lines(headers, rows, lines, out, width=None):
+    """A table fitted to the terminal with one more line under each row, kept whole (paths, commands)."""
+    header, *body = render_table(headers, rows, out, width=width).split("\n")
+    return "\n".join([header, *(part for pair in zip(body, lines) for part in pair)])
 
 
 def positive_hours(text):
@@ -5256,11 +5488,19 @@ def positive_hours(text):
     return value
 
 
+SESSIONS_EPILOG = """\
+MSGS (messages) counts your prompts and Claude's replies, each API response once; tool
+calls, tool results, compact summaries and sub-agent lines are not messages. MODEL is
+the model of the session's own latest reply (not a sub-agent's).
+
+example: orchestra sessions --project; orchestra sessions --resume 3f2a"""
+
+
 def add_sessions_parser(commands):
     """orchestra sessions"""
     p = commands.add_parser("sessions", help="list or resume your recent Claude Code sessions",
                             description=cmd_sessions.__doc__,
-                            epilog="example: orchestra sessions --project; orchestra sessions --resume 3f2a")  # fmt: skip
+                            epilog=SESSIONS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     when = p.add_mutually_exclusive_group()
     when.add_argument("--hours", type=positive_hours, default=SESSION_DEFAULT_HOURS, metavar="N",
                       help=f"sessions active in the last N hours (default {SESSION_DEFAULT_HOURS:g})")  # fmt: skip
@@ -5270,7 +5510,8 @@ def add_sessions_parser(commands):
     p.add_argument("--limit", type=positive_int, default=SESSION_DEFAULT_LIMIT, metavar="N",
                    help=f"show at most N sessions (default {SESSION_DEFAULT_LIMIT})")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.add_argument("--resume", metavar="ID", help="resume a session: id, unique prefix or orchestra agent id")
+    p.add_argument("--resume", metavar="ID",
+                   help="resume a session: id, unique prefix, or orchestra agent id or its unique prefix")  # fmt: skip
     p.add_argument("--print", action="store_true", help="with --resume: print the commands, run nothing")
     p.set_defaults(func=cmd_sessions)
 
@@ -5384,11 +5625,51 @@ def cmd_retry(args):
 
 
 def cmd_send(args):
-    """Send a follow-up message to a finished agent: its session continues in its worktree."""
+    """Send a follow-up message to an agent: its session continues in its worktree.
+
+    A finished agent continues at once; a running one gets the message when its current turn ends.
+    """
     project = open_project(args)
-    agent_id = send_message(project, args.id, args.message)
-    print(f"{agent_id}: queued to continue with your message; follow it with 'orchestra logs -f {agent_id}'")
+    agent_id, waits = send_message(project, args.id, args.message)
+    if waits:
+        print(f"{agent_id}: still working; your message waits and is sent when its current turn ends")
+    else:
+        print(f"{agent_id}: queued to continue with your message")
+    print(f"follow it with: orchestra logs -f {agent_id}")
     return EXIT_OK
+
+
+def diff_source(project, record):
+    """(cwd, revisions) to diff an agent's work against its base: its worktree (commits and
+    uncommitted changes), else its branch when the worktree is gone."""
+    base = record.get("base_commit")
+    if base and record.get("worktree") and Path(record["worktree"]).is_dir():
+        return Path(record["worktree"]), [base]
+    if base and branch_exists(project.repo, record["branch"]):
+        return project.repo, [base, record["branch"]]
+    raise OrchestraError(f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE)
+
+
+def cmd_diff(args):
+    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git."""
+    project = open_project(args)
+    record = select_agents(project.records(), [args.id])[0]
+    cwd, revisions = diff_source(project, record)
+    status = page_git(["diff", *(["--stat"] if args.stat else []), *revisions, "--"], cwd)
+    if len(revisions) == 1:
+        untracked = run_git(["ls-files", "--others", "--exclude-standard"], cwd).stdout.split()
+        if untracked:
+            print(f"Untracked in its worktree (not in the diff): {', '.join(untracked)}")
+    return EXIT_OK if status == 0 else EXIT_FAILURE
+
+
+def add_diff_parser(commands):
+    """orchestra diff"""
+    p = commands.add_parser("diff", help="show an agent's changes against its base, paged like git",
+                            description=cmd_diff.__doc__, epilog="example: orchestra diff implement-auth --stat")  # fmt: skip
+    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
+    p.add_argument("--stat", action="store_true", help="only the files changed and how much")
+    p.set_defaults(func=cmd_diff)
 
 
 def cmd_cleanup(args):
@@ -5425,13 +5706,9 @@ def print_archives(project, as_json):
     if as_json:
         print_json({"archives": rows})
     elif rows:
-        print(
-            render_table(
-                ["ID", "SAVED", "COMMIT", "RESTORE WITH"],
-                [[r["id"], r["saved"], r["commit"], r["restore"]] for r in rows],
-                sys.stdout,
-            )
-        )
+        table = [[r["id"], r["saved"], r["commit"], r["subject"]] for r in rows]
+        restores = [f"    restore: {r['restore']}" for r in rows]
+        print(table_with_lines(["ID", "SAVED", "COMMIT", "SUBJECT"], table, restores, sys.stdout))
     else:
         print("No archived work.")
     return EXIT_OK
@@ -5468,7 +5745,8 @@ def add_retry_parser(commands):
 
 def add_send_parser(commands):
     """orchestra send"""
-    p = commands.add_parser("send", help="send a follow-up message to a finished agent", description=cmd_send.__doc__,
+    p = commands.add_parser("send", help="send a follow-up message to an agent (a running one gets it when its turn ends)",
+                            description=cmd_send.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog='example: orchestra send implement-auth "also add a test for expired tokens"')  # fmt: skip
     p.add_argument("id", metavar="ID", help="agent id or unique prefix")
     p.add_argument("message", metavar="MESSAGE", help="what the agent should do next")
@@ -5520,6 +5798,9 @@ def cmd_web(args):
         warning = beyond_loopback_warning(args.host, server.gate.hosts)
         if warning:
             print(f"orchestra: warning: {warning}", file=sys.stderr)
+        missing = missing_dashboard_note()
+        if missing:
+            print(f"orchestra: warning: {missing}", file=sys.stderr)
         print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
@@ -5530,6 +5811,15 @@ def cmd_web(args):
     finally:
         server.stop()
     return EXIT_OK
+
+
+def missing_dashboard_note():
+    """One line saying where to put dashboard.html when no copy is found, else None."""
+    places = dashboard_candidates()
+    if any(path.is_file() for path in places):
+        return None
+    return (f"static/dashboard.html was not found, so / only says it is missing (the API works); "
+            f"copy it to {places[0]}")  # fmt: skip
 
 
 def add_web_parser(commands):
@@ -5603,12 +5893,13 @@ def add_spawn_parser(commands):
     p.add_argument(
         "--base", metavar="REF", help="branch, tag or commit to start from (default: the current branch)"
     )
-    p.add_argument("--name", metavar="ID", help="the agent's id instead of one made from the task")
+    p.add_argument("--name", metavar="ID", action="append",
+                   help="an agent's id instead of one made from its task; once per task, the Nth names the Nth task")  # fmt: skip
     p.add_argument("--budget", type=budget_usd, metavar="USD",
                    help="stop this batch's agents once together they have spent USD")  # fmt: skip
     p.add_argument("--wait", action="store_true", help="show progress until all finish; exit 1 if any failed")
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_spawn)
+    p.set_defaults(func=cmd_spawn, more_tasks=True)
 
 
 def add_status_parser(commands):
@@ -5617,6 +5908,8 @@ def add_status_parser(commands):
                             epilog="example: orchestra status --watch")  # fmt: skip
     p.add_argument("ids", nargs="*", metavar="ID", help="agents to show (default: all)")
     p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
+    p.add_argument("--until-done", action="store_true",
+                   help="with --watch: stop when no agent is queued or running")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_status)
 
@@ -5666,8 +5959,43 @@ def add_supervise_parser(commands):
 
 
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
-                   add_logs_parser, add_worktrees_parser, add_collect_parser, add_send_parser, add_cleanup_parser,
-                   add_sessions_parser, add_web_parser, add_supervise_parser, add_retry_parser)  # fmt: skip
+                   add_logs_parser, add_diff_parser, add_worktrees_parser, add_collect_parser, add_send_parser,
+                   add_cleanup_parser, add_sessions_parser, add_web_parser, add_supervise_parser,
+                   add_retry_parser)  # fmt: skip
+
+
+def command_names(parser):
+    """The subcommands the parser of build_parser knows."""
+    return list(parser.commands.choices)
+
+
+def check_command_word(parser, argv):
+    """Refuse an unknown command with the nearest known ones, before argparse lists them all."""
+    words = iter(argv)
+    for word in words:
+        if word == "-c":
+            next(words, None)  # -c KEY=VALUE
+        elif not word.startswith("-"):
+            known = command_names(parser)
+            if word not in known:
+                import difflib  # here, not at the top: only a mistyped command needs it
+
+                near = difflib.get_close_matches(word, known, n=3, cutoff=0.5)
+                hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+                raise OrchestraError(f"'{word}' is not an orchestra command; {hint}see 'orchestra --help'")
+            return
+
+
+def parse_arguments(parser, argv):
+    """The parsed command line. spawn takes tasks between its options too, so that
+    `spawn --name a T1 --name b T2` pairs each name with its task."""
+    check_command_word(parser, argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (getattr(args, "more_tasks", False) and not any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.tasks = [*args.tasks, *extra]  # the tasks after the first option, in the order given
+    return args
 
 
 def build_parser():
@@ -5681,6 +6009,7 @@ def build_parser():
     commands.required = True
     for build in PARSER_BUILDERS:
         build(commands)
+    parser.commands = commands  # check_command_word suggests from its names
     return parser
 
 
@@ -5691,8 +6020,13 @@ def build_parser():
 
 def main(argv=None):
     """Run one orchestra command; the exit status (0 ok, 1 failed, 2 bad input, 130 Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return EXIT_OK
+        args = parse_arguments(parser, argv)
         return args.func(args)
     except OrchestraError as e:
         if os.environ.get("ORCHESTRA_DEBUG") == "1":

@@ -24,24 +24,22 @@ def test_spawn_creates_branch_and_worktree_and_finishes(fake_repo, cli):
     run = cli("spawn", "commit:notes.txt add some notes")
     assert run.code == 0, run
     assert run.out.startswith(
-        "commit-notes-txt-add-some-notes  queued  orchestra/commit-notes-txt-add-some-notes"
+        "commit-notes-txt  queued  .worktrees/task-commit-notes-txt\nEach agent works on branch orchestra/<id>"
     )
     assert "orchestra status --watch" in run.out
     wait_settled(fake_repo)
 
-    record = load_state(fake_repo)["agents"]["commit-notes-txt-add-some-notes"]
+    record = load_state(fake_repo)["agents"]["commit-notes-txt"]
     assert record["state"] == "done"
     assert record["result"] == "all done"
     assert record["cost_usd"] == 0.25 and record["turns"] == 3
     assert record["input_tokens"] == 120 and record["output_tokens"] == 30
     assert record["commits"] == 1 and record["files_changed"] == 1
     assert record["exit_code"] == 0 and record["session_id"]
-    worktree = fake_repo / ".worktrees" / "task-commit-notes-txt-add-some-notes"
+    worktree = fake_repo / ".worktrees" / "task-commit-notes-txt"
     assert record["worktree"] == str(worktree)
-    assert (worktree / "notes.txt").read_text() == "written by commit-notes-txt-add-some-notes\n"
-    assert "add notes.txt" in git(
-        "log", "--oneline", "orchestra/commit-notes-txt-add-some-notes", cwd=fake_repo
-    )
+    assert (worktree / "notes.txt").read_text() == "written by commit-notes-txt\n"
+    assert "add notes.txt" in git("log", "--oneline", "orchestra/commit-notes-txt", cwd=fake_repo)
     # The user's checkout is untouched.
     assert git("rev-parse", "HEAD", cwd=fake_repo) == head_before
     assert git("status", "--porcelain", cwd=fake_repo) == ""
@@ -77,7 +75,7 @@ def test_status_table_shows_state_cost_and_activity(fake_repo, cli):
     table = cli("status").out
     header, row = table.splitlines()[:2]
     assert header.split() == ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
-    assert row.split()[:2] == ["fail-at-this", "failed"]
+    assert row.split()[:2] == ["fail-this", "failed"]
     assert "$0.2500" in row and "it broke" in row
     assert "1 failed; total cost $0.2500" in table
 
@@ -149,10 +147,10 @@ def test_setup_output_goes_to_the_log_and_runs_in_the_worktree(fake_repo, cli):
     write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, setup=["echo set up in $(basename $PWD)"])
     cli("spawn", "with setup")
     wait_settled(fake_repo)
-    log = cli("logs", "with-setup").out
+    log = cli("logs", "setup").out
     assert "$ echo set up in $(basename $PWD)  (exit 0)" in log
-    assert "  set up in task-with-setup" in log
-    assert load_state(fake_repo)["agents"]["with-setup"]["state"] == "done"
+    assert "  set up in task-setup" in log
+    assert load_state(fake_repo)["agents"]["setup"]["state"] == "done"
 
 
 def test_failing_setup_fails_the_agent_visibly(fake_repo, cli):
@@ -189,26 +187,26 @@ def test_spawning_eight_creates_worktrees_concurrently(fake_repo, cli, tmp_path)
 
 def test_pause_resume_and_stop(fake_repo, cli):
     cli("spawn", "sleep:30 long job")
-    wait_for(lambda: agent_states(fake_repo).get("sleep-30-long-job") == "running", what="running")
-    record = load_state(fake_repo)["agents"]["sleep-30-long-job"]
+    wait_for(lambda: agent_states(fake_repo).get("sleep-30-long") == "running", what="running")
+    record = load_state(fake_repo)["agents"]["sleep-30-long"]
     pid = record["pid"]
 
-    assert cli("pause", "sleep").out == "sleep-30-long-job: paused\n"
+    assert cli("pause", "sleep").out == "sleep-30-long: paused\n"
     assert process_state(pid) == "T"
-    assert agent_states(fake_repo)["sleep-30-long-job"] == "paused"
+    assert agent_states(fake_repo)["sleep-30-long"] == "paused"
 
-    assert cli("resume", "sleep-30").out == "sleep-30-long-job: resumed\n"
+    assert cli("resume", "sleep-30").out == "sleep-30-long: resumed\n"
     assert process_state(pid) in ("S", "R")
 
-    cli("pause", "sleep-30-long-job")
-    run = cli("stop", "sleep-30-long-job")
-    assert run.out == "sleep-30-long-job: stopped (worktree and branch kept)\n"
+    cli("pause", "sleep-30-long")
+    run = cli("stop", "sleep-30-long")
+    assert run.out == "sleep-30-long: stopped (worktree and branch kept)\n"
     wait_for(lambda: process_state(pid) is None, timeout=10, what="the agent to end")
     wait_settled(fake_repo)
-    record = load_state(fake_repo)["agents"]["sleep-30-long-job"]
+    record = load_state(fake_repo)["agents"]["sleep-30-long"]
     assert record["state"] == "stopped"
-    assert (fake_repo / ".worktrees" / "task-sleep-30-long-job").is_dir()
-    git("rev-parse", "--verify", "orchestra/sleep-30-long-job", cwd=fake_repo)
+    assert (fake_repo / ".worktrees" / "task-sleep-30-long").is_dir()
+    git("rev-parse", "--verify", "orchestra/sleep-30-long", cwd=fake_repo)
 
 
 def test_pause_of_finished_agent_is_refused(fake_repo, cli):
@@ -239,17 +237,17 @@ def test_agent_exit_code_is_tracked_without_stream_json(fake_repo, cli):
 def test_stale_flag_after_quiet_period(fake_repo, cli):
     write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.2, stale_threshold=1)
     cli("spawn", "quiet sleep:4 hush")
-    wait_for(lambda: load_state(fake_repo)["agents"]["quiet-sleep-4-hush"]["stale"], timeout=10, what="stale")
+    wait_for(lambda: load_state(fake_repo)["agents"]["quiet-sleep-4"]["stale"], timeout=10, what="stale")
     assert "running stale" in cli("status").out
     wait_settled(fake_repo)
-    assert load_state(fake_repo)["agents"]["quiet-sleep-4-hush"]["stale"] is False
+    assert load_state(fake_repo)["agents"]["quiet-sleep-4"]["stale"] is False
 
 
 def test_logs_are_readable_and_cleaned_of_escapes(fake_repo, cli):
     cli("spawn", "ansi commit:a.txt")
     wait_settled(fake_repo)
     lines = cli("logs", "ansi").out.splitlines()
-    assert lines[0] == "== spawned on orchestra/ansi-commit-a-txt from main: ansi commit:a.txt"
+    assert lines[0] == "== spawned on orchestra/ansi-commit-txt from main: ansi commit:a.txt"
     assert lines[1] == "== agent started"
     assert lines[2].startswith("session ") and lines[2].endswith("started (model fake-model)")
     assert "red \x1b[31malert\x1b[0m\x07 bell" in lines  # not a terminal: printed as written

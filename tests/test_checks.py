@@ -206,7 +206,9 @@ def test_dashboard_shows_checks_on_a_phone(repo, request):
     if dashboard.sync_playwright is None or not dashboard.os.path.exists(dashboard.CHROMIUM):
         pytest.skip("needs Playwright and chromium")
     checked_repo(repo, [PASSING])
-    orchestra.main(["spawn", "commit:notes.txt good", "commit:other.txt bad"])
+    orchestra.main(
+        ["spawn", "--name", "good", "commit:notes.txt good", "--name", "bad", "commit:other.txt bad"]
+    )
     wait_settled(repo)
     server = dashboard.serve(repo, revive=False)
     try:
@@ -218,8 +220,8 @@ def test_dashboard_shows_checks_on_a_phone(repo, request):
             problems = []
             page.on("pageerror", lambda error: problems.append(str(error)))
             page.goto(server.url)
-            good = dashboard.card(page, "commit-notes-txt-good")
-            bad = dashboard.card(page, "commit-other-txt-bad")
+            good = dashboard.card(page, "good")
+            bad = dashboard.card(page, "bad")
             dashboard.expect(good.locator(".badge")).to_have_text("done ✓", timeout=15_000)
             dashboard.expect(good.locator(".checks")).to_have_text("checks passed")
             dashboard.expect(bad.locator(".badge")).to_have_text("done ✗")

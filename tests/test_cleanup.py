@@ -73,26 +73,26 @@ def make_situations(repo, cli):
         "commit:locked.txt locked",
         "commit:gone.txt folder deleted",
     )
-    git("merge", "-q", "--ff-only", "orchestra/commit-ff-txt-fastforward", cwd=repo)
-    git("merge", "-q", "--no-ff", "--no-edit", "orchestra/commit-merged-txt-merged", cwd=repo)
-    git("merge", "-q", "--squash", "orchestra/commit-squash-txt-squashed", cwd=repo)
+    git("merge", "-q", "--ff-only", "orchestra/commit-ff-txt", cwd=repo)
+    git("merge", "-q", "--no-ff", "--no-edit", "orchestra/commit-merged-txt", cwd=repo)
+    git("merge", "-q", "--squash", "orchestra/commit-squash-txt", cwd=repo)
     git("commit", "-qm", "squash merge", cwd=repo)
-    git("cherry-pick", "orchestra/commit-picked-txt-rebased", cwd=repo)
-    git("worktree", "lock", str(worktree(repo, "commit-locked-txt-locked")), cwd=repo)
-    git("merge", "-q", "--no-ff", "--no-edit", "orchestra/commit-gone-txt-folder-deleted", cwd=repo)
-    shutil.rmtree(worktree(repo, "commit-gone-txt-folder-deleted"))
+    git("cherry-pick", "orchestra/commit-picked-txt", cwd=repo)
+    git("worktree", "lock", str(worktree(repo, "commit-locked-txt")), cwd=repo)
+    git("merge", "-q", "--no-ff", "--no-edit", "orchestra/commit-gone-txt", cwd=repo)
+    shutil.rmtree(worktree(repo, "commit-gone-txt"))
     return {
-        "clean merged": "commit-merged-txt-merged",
-        "fast-forward merged": "commit-ff-txt-fastforward",
-        "squash-merged": "commit-squash-txt-squashed",
-        "rebased": "commit-picked-txt-rebased",
-        "unmerged commits": "commit-lonely-txt-unmerged",
-        "uncommitted change": "write-readme-md-uncommitted",
-        "untracked file": "write-notes-md-untracked",
-        "ignored .env": "write-env-ignored-env",
+        "clean merged": "commit-merged-txt",
+        "fast-forward merged": "commit-ff-txt",
+        "squash-merged": "commit-squash-txt",
+        "rebased": "commit-picked-txt",
+        "unmerged commits": "commit-lonely-txt",
+        "uncommitted change": "write-readme-md",
+        "untracked file": "write-notes-md",
+        "ignored .env": "write-env-ignored",
         "only setup files": "only-setup-files",
-        "locked worktree": "commit-locked-txt-locked",
-        "folder deleted by hand": "commit-gone-txt-folder-deleted",
+        "locked worktree": "commit-locked-txt",
+        "folder deleted by hand": "commit-gone-txt",
     }
 
 
@@ -161,7 +161,7 @@ def test_cleanup_matrix(fake_repo, cli):
     # Zero lost commits: every agent's tip is still on a branch or in an archive.
     assert all(reachable(fake_repo, tip) for tip in tips.values())
     assert git("worktree", "list", "--porcelain", cwd=fake_repo).count("prunable") == 0
-    assert "commit-merged-txt-merged" not in cli("status").out
+    assert "commit-merged-txt" not in cli("status").out
 
 
 def test_forced_cleanup_archives_everything_first(fake_repo, cli):
@@ -201,25 +201,25 @@ def test_forced_cleanup_archives_everything_first(fake_repo, cli):
 @pytest.mark.parametrize("pause", [False, True])
 def test_running_and_paused_agents_are_kept_unless_forced(fake_repo, cli, pause):
     cli("spawn", "sleep:30 busy agent")
-    wait_for(lambda: agent_states(fake_repo).get("sleep-30-busy-agent") == "running", what="running")
+    wait_for(lambda: agent_states(fake_repo).get("sleep-30-busy") == "running", what="running")
     if pause:
-        cli("pause", "sleep-30-busy-agent")
+        cli("pause", "sleep-30-busy")
     state = "paused" if pause else "running"
     kept = cli("cleanup", "--all")
-    assert kept.out == f"KEEP sleep-30-busy-agent: still {state}; stop it first or use --force\n"
-    pid = load_state(fake_repo)["agents"]["sleep-30-busy-agent"]["pid"]
+    assert kept.out == f"KEEP sleep-30-busy: still {state}; stop it first or use --force\n"
+    pid = load_state(fake_repo)["agents"]["sleep-30-busy"]["pid"]
     forced = cli("cleanup", "--all", "--force")
     assert forced.out.startswith(
-        f"REMOVED sleep-30-busy-agent: forced past: still {state}; stop it first or use --force"
+        f"REMOVED sleep-30-busy: forced past: still {state}; stop it first or use --force"
     )
     wait_for(lambda: process_state(pid) is None, timeout=15, what="the agent to end")
-    assert not worktree(fake_repo, "sleep-30-busy-agent").exists()
-    assert load_state(fake_repo)["agents"]["sleep-30-busy-agent"]["state"] == "removed"
+    assert not worktree(fake_repo, "sleep-30-busy").exists()
+    assert load_state(fake_repo)["agents"]["sleep-30-busy"]["state"] == "removed"
 
 
 def test_default_cleanup_leaves_running_agents_alone(fake_repo, cli):
     cli("spawn", "sleep:30 still going")
-    wait_for(lambda: agent_states(fake_repo).get("sleep-30-still-going") == "running", what="running")
+    wait_for(lambda: agent_states(fake_repo).get("sleep-30-still") == "running", what="running")
     assert cli("cleanup").out == "Nothing to clean up.\n"
 
 
@@ -237,7 +237,7 @@ def test_cleanup_refuses_during_a_merge(fake_repo, cli):
     spawn_and_finish(cli, fake_repo, "commit:README.md conflicting")
     (fake_repo / "README.md").write_text("mine\n")
     git("commit", "-qam", "my change", cwd=fake_repo)
-    subprocess_merge = git_fails(fake_repo, "merge", "orchestra/commit-readme-md-conflicting")
+    subprocess_merge = git_fails(fake_repo, "merge", "orchestra/commit-readme-md")
     assert subprocess_merge
     before = git("for-each-ref", cwd=fake_repo)
     run = cli("cleanup", "--force")

@@ -43,12 +43,15 @@ def assert_one_line_error(run, expected):
             "base 'no-such-branch' is not a commit in this repository",
         ),
         (["spawn", "--name", "Bad Name", "task"], "--name 'Bad Name' is not a valid id"),
-        (["spawn", "--name", "one", "task a", "task b"], "--name works with a single task"),
+        (
+            ["spawn", "--name", "one", "task a", "task b"],
+            "--name names one task each, in order: 2 task(s) but 1 name(s)",
+        ),
         (["spawn"], "the following arguments are required: TASK"),
         (["status", "nobody"], "no agent 'nobody'; 'orchestra status' lists them"),
         (["logs", "nobody"], "no agent 'nobody'"),
         (["pause", "nobody"], "no agent 'nobody'"),
-        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["frobnicate"], "'frobnicate' is not an orchestra command"),
         (["-c", "colour=blue", "status"], "-c expects KEY=VALUE with a known key, not 'colour=blue'"),
         (
             ["-c", "default_parallel=three", "status"],
@@ -136,7 +139,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
         orchestra.main(["status"])
 
 
-COMMANDS = ["init", "config", "spawn", "status", "pause", "resume", "stop", "logs", "worktrees", "collect", "send",
+COMMANDS = ["init", "config", "spawn", "status", "pause", "resume", "stop", "logs", "diff", "worktrees", "collect", "send",
             "cleanup", "sessions", "web", "supervise", "retry"]  # fmt: skip
 
 

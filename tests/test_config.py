@@ -37,8 +37,8 @@ def test_xdg_config_home_is_honoured(repo, cli, tmp_path, monkeypatch):
 
 def test_table_output(repo, cli):
     lines = cli("config").out.splitlines()
-    assert lines[0].split() == ["KEY", "VALUE", "SOURCE"]
-    assert lines[1].split() == ["default_parallel", "3", "default"]
+    assert lines[0].split() == ["KEY", "SOURCE", "VALUE"]
+    assert lines[1].split() == ["default_parallel", "default", "3"]
 
 
 def test_config_works_outside_a_repository(tmp_path, monkeypatch, cli):

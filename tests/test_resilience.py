@@ -1,6 +1,7 @@
 """Agents that outlive rate limits, overload and network errors; batch budgets; retry."""
 
 import json
+import re
 import time
 
 import pytest
@@ -111,10 +112,11 @@ def test_batch_budget_stops_the_batch(fake_repo, cli):
     assert git("branch", "--list", "orchestra/four", cwd=fake_repo).strip()
     doc = cli("status", "--json").json()
     (batch,) = doc["batches"].values()
-    assert batch == {"budget": 0.4, "spent": 0.5, "agents": 4}
+    # two results of $0.25, plus what the stopped agent's tokens are estimated to have cost
+    assert batch["budget"] == 0.4 and 0.5 <= batch["spent"] < 0.6 and batch["agents"] == 4
     assert {a["batch"] for a in doc["agents"]} == set(doc["batches"])
-    assert "spent $0.5000 of $0.4000; reached" in cli("status").out
-    assert "stopped: batch spent $0.5000" in cli("logs", "four").out
+    assert re.search(r"spent \$0\.5\d+ of \$0\.4000; reached", cli("status").out)
+    assert re.search(r"stopped: batch spent \$0\.5\d+ of its \$0\.4000 budget", cli("logs", "four").out)
 
 
 def test_bad_budget_exits_2(fake_repo, cli):

@@ -17,25 +17,20 @@ def test_collect_reports_commits_diffstat_leftovers_and_overlaps(fake_repo, cli)
     run = cli("collect")
     assert run.code == 0, run
     out = run.out
-    assert "== commit-shared-txt-first: done  (3 turns, $0.2500," in out
+    assert "== commit-shared-txt: done  (3 turns, $0.2500," in out
     assert "Task: commit:shared.txt first" in out
     assert "Result: all done" in out
-    assert "Commits on orchestra/commit-shared-txt-first:" in out and "add shared.txt" in out
+    assert "Commits on orchestra/commit-shared-txt:" in out and "add shared.txt" in out
     assert " shared.txt | 1 +" in out
     assert "Uncommitted in its worktree: ?? extra.txt" in out
-    assert (
-        "Warning: shared.txt was changed by commit-shared-txt-first and commit-shared-txt-write-extra-txt-second"
-        in out
-    )
+    assert "Warning: shared.txt was changed by commit-shared-txt and commit-shared-txt-2" in out
 
     doc = cli("collect", "--json").json()
     first = doc["agents"][0]
     assert first["commits"][0]["subject"] == "add shared.txt"
     assert first["files"] == ["shared.txt"] and first["uncommitted"] == []
     assert doc["agents"][1]["uncommitted"] == [{"status": "??", "path": "extra.txt"}]
-    assert doc["overlaps"] == {
-        "shared.txt": ["commit-shared-txt-first", "commit-shared-txt-write-extra-txt-second"]
-    }
+    assert doc["overlaps"] == {"shared.txt": ["commit-shared-txt", "commit-shared-txt-2"]}
 
 
 def test_collect_commit_commits_leftovers_but_not_setup_files(fake_repo, cli):
@@ -43,11 +38,11 @@ def test_collect_commit_commits_leftovers_but_not_setup_files(fake_repo, cli):
     write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, copy_files=[".env"])
     spawn_and_finish(cli, fake_repo, "write:draft.md leftovers")
     run = cli("collect", "--commit")
-    assert "Committed leftover work of: write-draft-md-leftovers" in run.out
-    branch = "orchestra/write-draft-md-leftovers"
+    assert "Committed leftover work of: write-draft-md" in run.out
+    branch = "orchestra/write-draft-md"
     assert (
         git("log", "-1", "--format=%s", branch, cwd=fake_repo)
-        == "orchestra: commit work write-draft-md-leftovers left uncommitted\n"
+        == "orchestra: commit work write-draft-md left uncommitted\n"
     )
     assert git("ls-tree", "--name-only", branch, cwd=fake_repo).split() == ["README.md", "draft.md"]
 
@@ -57,13 +52,13 @@ def test_merge_in_stable_order(fake_repo, cli):
     head_before = git("rev-parse", "HEAD", cwd=fake_repo)
     run = cli("collect", "--merge")
     assert run.code == 0, run
-    assert "Merged: commit-a-txt-alpha, commit-b-txt-beta" in run.out  # failed agents only when named
+    assert "Merged: commit-txt-alpha, commit-b-txt" in run.out  # failed agents only when named
     subjects = git(
         "log", "--format=%s", f"{head_before.strip()}..HEAD", "--first-parent", cwd=fake_repo
     ).splitlines()
     assert subjects == [
-        "Merge orchestra/commit-b-txt-beta: commit:b.txt beta",
-        "Merge orchestra/commit-a-txt-alpha: commit:a.txt alpha",
+        "Merge orchestra/commit-b-txt: commit:b.txt beta",
+        "Merge orchestra/commit-txt-alpha: commit:a.txt alpha",
     ]
     assert (fake_repo / "a.txt").exists() and not (fake_repo / "c.txt").exists()
     assert "Merged: nothing new" in cli("collect", "--merge").out
@@ -77,9 +72,9 @@ def test_merge_stops_cleanly_at_a_conflict(fake_repo, cli):
     head = git("rev-parse", "HEAD", cwd=fake_repo)
     run = cli("collect", "--merge")
     assert run.code == 1
-    assert "Merged: commit-a-txt-first" in run.out
-    assert ("Merging commit-same-txt-one conflicts in same.txt; the merge was aborted and your checkout is as it was. "
-            "Merge it by hand: git merge orchestra/commit-same-txt-one") in run.out  # fmt: skip
+    assert "Merged: commit-txt-first" in run.out
+    assert ("Merging commit-same-txt conflicts in same.txt; the merge was aborted and your checkout is as it was. "
+            "Merge it by hand: git merge orchestra/commit-same-txt") in run.out  # fmt: skip
     assert git("status", "--porcelain", cwd=fake_repo) == ""
     assert (fake_repo / "same.txt").read_text() == "mine\n"
     assert git("rev-parse", "HEAD~1", cwd=fake_repo) == head  # only the first merge landed
@@ -112,7 +107,7 @@ def test_pr_without_remote_prints_the_manual_commands(fake_repo, cli):
     run = cli("collect", "--pr")
     assert "cannot open pull requests: no git remote is configured. To do it by hand:" in run.out
     assert (
-        "git push -u <remote> orchestra/commit-a-txt-feature && gh pr create --head orchestra/commit-a-txt-feature"
+        "git push -u <remote> orchestra/commit-txt-feature && gh pr create --head orchestra/commit-txt-feature"
         in run.out
     )
 
@@ -129,16 +124,16 @@ def test_pr_pushes_and_calls_gh(fake_repo, cli, tmp_path, monkeypatch):
     fake_gh.chmod(fake_gh.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{fake_gh.parent}{os.pathsep}{os.environ['PATH']}")
     run = cli("collect", "--pr")
-    assert "commit-a-txt-feature: https://example.invalid/pull/1" in run.out
-    assert git("rev-parse", "orchestra/commit-a-txt-feature", cwd=remote) == git(
-        "rev-parse", "orchestra/commit-a-txt-feature", cwd=fake_repo
+    assert "commit-txt-feature: https://example.invalid/pull/1" in run.out
+    assert git("rev-parse", "orchestra/commit-txt-feature", cwd=remote) == git(
+        "rev-parse", "orchestra/commit-txt-feature", cwd=fake_repo
     )
     args = calls.read_text().split("\n")
     assert args[:6] == [
         "pr",
         "create",
         "--head",
-        "orchestra/commit-a-txt-feature",
+        "orchestra/commit-txt-feature",
         "--title",
         "commit:a.txt feature",
     ]

@@ -20,60 +20,48 @@ import orchestra
 from conftest import ROOT, git, make_repo
 from scripted_api import CLAUDE, ScriptedAPI, bash, claude_env, requires_claude, text
 
-FIXTURES = Path(os.environ.get("SESSION_FIXTURES", ROOT.parent / "shared" / "fixtures" / "claude-sessions"))
+FIXTURES = ROOT / "tests" / "fixtures" / "claude-sessions"  # written by tests/fixtures/make_*.py
 NOW = float(int(time.time()))  # the clock the time-window tests stop at
 HOUR = 3600
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+SHOP = "/home/dev/shop"
+REAL_CLI = "9186e66c-cc25-4ce9-8411-82cb7d2033fa"  # written by claude 2.1.331 (make_real_session.py)
 
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"session fixtures not found at {FIXTURES}")
-
-# fixture file -> (id it has in the store, cwd it records). Files without a uuid name get one.
+# fixture file -> its session id; listed newest first. Sub-agent transcripts go along (copy_fixtures).
 FIXTURE_IDS = {
-    "d-kimuson-claude-code-viewer/1af7fc5e-8455-4414-9ccd-011d40f70b2a.jsonl": "1af7fc5e-8455-4414-9ccd-011d40f70b2a",
-    "d-kimuson-claude-code-viewer/5c0375b4-57a5-4f26-b12d-d022ee4e51b7.jsonl": "5c0375b4-57a5-4f26-b12d-d022ee4e51b7",
-    "d-kimuson-claude-code-viewer/fe5e1c67-53e7-4862-81ae-d0e013e3270b.jsonl": "fe5e1c67-53e7-4862-81ae-d0e013e3270b",
-    "daaain-claude-code-log/representative_messages.jsonl": "11111111-1111-4111-8111-111111111111",
-    "daaain-claude-code-log/todowrite_examples.jsonl": "22222222-2222-4222-8222-222222222222",
-    "marot-spotter/258c7280-ae70-4798-800f-63464d01a85d.jsonl": "258c7280-ae70-4798-800f-63464d01a85d",
-    "marot-spotter/short.jsonl": "55604662-cf2a-4331-851a-ec234028f8ca",
-    "marot-spotter/subagent.jsonl": "491e126e-1e71-469c-ade2-fcc8af567c74",
-    "marot-spotter/tool_heavy.jsonl": "d6e0bada-1959-4eec-a9d2-0bfade768d8f",
+    "v2.1/21000000-0000-4000-8000-000000000002.jsonl": "21000000-0000-4000-8000-000000000002",
+    "v2.1/21000000-0000-4000-8000-000000000001.jsonl": "21000000-0000-4000-8000-000000000001",
+    "v2.0/20000000-0000-4000-8000-000000000001.jsonl": "20000000-0000-4000-8000-000000000001",
+    "v1.0/10000000-0000-4000-8000-000000000002.jsonl": "10000000-0000-4000-8000-000000000002",
+    "v1.0/10000000-0000-4000-8000-000000000001.jsonl": "10000000-0000-4000-8000-000000000001",
+    f"real-cli/{REAL_CLI}.jsonl": REAL_CLI,
 }
-DECORATORS = (
-    "User learned about Python decorators, including basic decorators and parameterized decorators. "
-    "Created and ran examples showing how decorators work with functions. User is now ready to implement thei…"
-)
-# id -> (title, first prompt, cwd, branch, messages, model, version), as read from the files by hand.
+# id -> (title, first prompt, cwd, branch, messages, model, version), as the files were written.
+# Messages are prompts and replies only (see make_claude_sessions.py for which line is which).
 GOLDEN = {
-    "1af7fc5e-8455-4414-9ccd-011d40f70b2a": (
-        # Its 1.0.x summary was written into fe5e1c67's first line, keyed by its leaf uuid.
-        "Empty Repo Setup: CLAUDE.md Foundation Created", "/init", "/path/to/Demo", None, 20,
+    "21000000-0000-4000-8000-000000000002": (
+        # A /rename title; the interruption, the command output and the <synthetic> model do not count.
+        "login redirect fix", "fix the login redirect", f"{SHOP}/.worktrees/task-fix-login", "orchestra/fix-login",
+        5, "claude-opus-4-6", "2.1.331"),
+    "21000000-0000-4000-8000-000000000001": (
+        # The last "model" in the file is a sub-agent's, nested in a progress line; the compact summary
+        # and the tool results are not messages.
+        "Payment module refactor", "Refactor the payment module", SHOP, "main", 4, "claude-opus-4-6", "2.1.39"),
+    "20000000-0000-4000-8000-000000000001": (
+        "Run the test suite and fix what fails", "Run the test suite and fix what fails", SHOP, "main", 5,
+        "claude-sonnet-4-5-20250929", "2.0.28"),
+    "10000000-0000-4000-8000-000000000002": (
+        # Its leading summary describes the session before it.
+        "Explain the checkout flow", "Explain the checkout flow", SHOP, None, 2, "claude-sonnet-4-20250514",
+        "1.0.98"),
+    "10000000-0000-4000-8000-000000000001": (
+        # Titled by the summary the next session's first line holds; inline sidechain lines say nothing.
+        "Signup form validation", "Add input validation to the signup form", SHOP, None, 3,
         "claude-sonnet-4-20250514", "1.0.98"),
-    "5c0375b4-57a5-4f26-b12d-d022ee4e51b7": (
-        "/orchestrator", "/orchestrator", "/path/to/Demo", "main", 24, "claude-sonnet-4-20250514", "1.0.108"),
-    "fe5e1c67-53e7-4862-81ae-d0e013e3270b": (
-        # Its leading summary describes another session; its 405 sidechain lines say nothing.
-        "/orchestrator", "/orchestrator", "/path/to/Demo", None, 22, "claude-sonnet-4-20250514", "1.0.98"),
-    "11111111-1111-4111-8111-111111111111": (
-        DECORATORS, "Hello Claude! Can you help me understand how Python decorators work?", "/tmp", None, 11,
-        "claude-3-sonnet-20240229", "1.0.0"),
-    "22222222-2222-4222-8222-222222222222": (
-        "Feature Implementation with Task Management",
-        "Can you help me implement a new feature with proper task management?", "/tmp", None, 11,
-        "claude-sonnet-4", "1.0.24"),
-    "258c7280-ae70-4798-800f-63464d01a85d": (
-        "Implement spotter-gqc", "Implement spotter-gqc", "/home/USER/projects/spotter-worktrees/spotter-gqc",
-        "spotter-gqc", 344, "claude-opus-4-6", "2.1.39"),
-    "55604662-cf2a-4331-851a-ec234028f8ca": (
-        "mix phx.server doesnt seem to start", "mix phx.server doesnt seem to start",
-        "/home/marco/projects/spotter", "master", 5, "claude-opus-4-6", "2.1.38"),
-    "491e126e-1e71-469c-ade2-fcc8af567c74": (
-        # A slash command without a plain prompt in the head: the command is the fallback.
-        "/handgemacht:create-beads", "/handgemacht:create-beads", "/home/marco/projects/spotter", "master", 31,
-        "claude-opus-4-6", "2.1.38"),
-    "d6e0bada-1959-4eec-a9d2-0bfade768d8f": (
-        "start phoenix in background", "start phoenix in background", "/home/marco/projects/spotter", "master",
-        16, "claude-opus-4-6", "2.1.38"),
+    REAL_CLI: (
+        # One prompt, one tool call, one reply: 2 messages.
+        "please list-files", "please list-files", "/tmp/orchestra-fixture/shop", "main", 2, "claude-opus-5-5",
+        "2.1.331"),
 }  # fmt: skip
 
 
@@ -150,29 +138,30 @@ def sessions_json(run, *args):
 
 
 def copy_fixtures(store):
-    """All the fixture transcripts in a store, each modified a minute apart, newest first as listed."""
+    """All the fixture transcripts in a store, each modified a minute apart, newest first as listed.
+
+    Sub-agent transcripts go where their Claude Code version put them: 2.1.x in <session>/subagents/,
+    2.0.x as agent-*.jsonl beside the sessions; 1.0.x kept them inline.
+    """
     for index, (name, session_id) in enumerate(FIXTURE_IDS.items()):
         source = FIXTURES / name
         cwd = GOLDEN[session_id][2]
         path = put_session(store, cwd, session_id, source.read_bytes(), age_hours=1 + index / 60)
-        if name.startswith("marot-spotter/258c7280"):  # its subagents, as 2.1.x lays them out
-            shutil.copytree(FIXTURES / "marot-spotter" / session_id, path.parent / session_id)
-        if name.startswith("d-kimuson"):  # a 2.0.x root-level subagent transcript beside it
-            shutil.copy(FIXTURES / "d-kimuson-claude-code-viewer/agent-test-hash-123.jsonl", path.parent)
+        if (source.parent / session_id).is_dir():
+            shutil.copytree(source.parent / session_id, path.parent / session_id)
+        for agent in source.parent.glob("agent-*.jsonl"):
+            shutil.copy(agent, path.parent)
 
 
 @pytest.fixture
 def fixture_store(store):
-    if not FIXTURES.is_dir():
-        pytest.skip(f"session fixtures not found at {FIXTURES}")
     copy_fixtures(store)
     return store
 
 
-# --- golden listing of the real fixtures ---------------------------------------------
+# --- golden listing of the fixtures ---------------------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize("session_id", sorted(GOLDEN))
 def test_golden_fields_of_each_fixture(fixture_store, run, session_id, monkeypatch):
     monkeypatch.setattr(time, "time", lambda: NOW)
@@ -184,10 +173,9 @@ def test_golden_fields_of_each_fixture(fixture_store, run, session_id, monkeypat
     path = fixture_store / "projects" / folder_name(cwd) / f"{session_id}.jsonl"
     assert got["size"] == path.stat().st_size and got["path"] == str(path)
     assert got["last_activity"] == orchestra.utc_iso(path.stat().st_mtime)
-    assert got["agent"] is None and got["cwd_exists"] is (cwd == "/tmp")
+    assert got["agent"] is None and got["cwd_exists"] is Path(cwd).is_dir()
 
 
-@needs_fixtures
 def test_only_uuid_files_are_sessions_and_subagents_never_are(fixture_store, run):
     found, document = sessions_json(run, "--all", "--limit", "50")
     assert set(found) == set(GOLDEN)
@@ -196,16 +184,14 @@ def test_only_uuid_files_are_sessions_and_subagents_never_are(fixture_store, run
         assert "agent-" not in session["path"] and "subagents" not in session["path"]
 
 
-@needs_fixtures
 def test_a_legacy_summary_needs_the_session_that_wrote_it(store, run):
-    """Alone, 1af7fc5e has no summary of its own: its slash command is its title."""
-    source = FIXTURES / "d-kimuson-claude-code-viewer/1af7fc5e-8455-4414-9ccd-011d40f70b2a.jsonl"
-    put_session(store, "/path/to/Demo", "1af7fc5e-8455-4414-9ccd-011d40f70b2a", source.read_bytes())
+    """Alone, the first 1.0.x session has no summary of its own: its first prompt is its title."""
+    source = FIXTURES / "v1.0/10000000-0000-4000-8000-000000000001.jsonl"
+    put_session(store, SHOP, "10000000-0000-4000-8000-000000000001", source.read_bytes())
     found, _ = sessions_json(run, "--all")
-    assert found["1af7fc5e-8455-4414-9ccd-011d40f70b2a"]["title"] == "/init"
+    assert found["10000000-0000-4000-8000-000000000001"]["title"] == "Add input validation to the signup form"
 
 
-@needs_fixtures
 def test_table_is_newest_first_and_fits_the_terminal(fixture_store, run, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     result = run("sessions", "--all", "--limit", "50")
@@ -215,7 +201,7 @@ def test_table_is_newest_first_and_fits_the_terminal(fixture_store, run, monkeyp
     assert all(len(row) <= 80 for row in rows)
     ids = [row.split()[0] for row in rows[1:] if not row.startswith(" ")]
     assert ids == [session_id[:8] for session_id in FIXTURE_IDS.values()]
-    assert "> Hello Claude! Can you help me understand" in result.out  # first prompt under its title
+    assert "> Add input validation to the signup form" in result.out  # first prompt under its title
     assert "~" not in rows[1]
 
 
@@ -350,7 +336,11 @@ def test_missing_and_odd_fields(store, run):
     put_session(store, "/somewhere", new_id(1), text)
     session = sessions_json(run)[0][new_id(1)]
     assert session["cwd"] is None and session["branch"] is None and session["model"] is None
-    assert (session["title"], session["first_prompt"], session["messages"]) == (new_id(1)[:8], "", 6)
+    assert (session["title"], session["first_prompt"], session["messages"]) == (
+        new_id(1)[:8],
+        "",
+        0,
+    )  # no text
     result = run("sessions")
     assert result.code == 0 and "?" in result.out.splitlines()[1]
 
@@ -774,7 +764,7 @@ def test_real_session_in_a_removed_worktree_is_recreated_and_resumed(tmp_path, r
         found, _ = sessions_json(run)
         session = found[session_id]
         assert (session["cwd"], session["branch"]) == (str(worktree), "orchestra/notes")
-        assert session["title"] == "please write-notes" and session["messages"] >= 4
+        assert session["title"] == "please write-notes" and session["messages"] == 2  # prompt, reply
         assert session["version"] == subprocess.run([CLAUDE, "--version"], capture_output=True, text=True,
                                                     env=env).stdout.split()[0]  # fmt: skip
 
@@ -795,3 +785,48 @@ def test_real_session_in_a_removed_worktree_is_recreated_and_resumed(tmp_path, r
         assert json.loads(resumed.stdout)["result"] == "Carried on"
         history = json.dumps(api.main_requests[-1]["messages"])
         assert "please write-notes" in history and "please carry-on" in history
+
+
+# --- what counts as a message, and where the fixtures come from -------------------------
+
+
+def test_one_prompt_and_twelve_tool_calls_are_two_messages(store, run):
+    """Tool calls and their results are tool traffic, not messages; the sub-agent's model is not the session's."""
+    records = [user("tidy the repo")]
+    for n in range(12):
+        call = assistant("", message_id=f"msg_{n}")
+        call["message"]["content"] = [
+            {"type": "tool_use", "id": f"t{n}", "name": "Bash", "input": {"command": "ls"}}
+        ]
+        result = user(
+            "", message={"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{n}"}]}
+        )
+        records += [call, result]
+    nested = {
+        "type": "assistant",
+        "message": {"model": "claude-haiku-4-5", "content": [{"type": "text", "text": "x"}]},
+    }
+    records += [
+        assistant("All tidy.", message_id="msg_last"),
+        {"type": "progress", "data": {"message": nested}},
+    ]
+    put_session(store, "/work/app", new_id(1), lines(*records))
+    session = sessions_json(run)[0][new_id(1)]
+    assert (session["messages"], session["model"]) == (2, "claude-opus-4-6")
+    assert (
+        "tool\ncalls, tool results, compact summaries"
+        in orchestra.build_parser().commands.choices["sessions"].format_help()
+    )
+
+
+def test_fixtures_are_what_their_script_writes(tmp_path, monkeypatch):
+    sys.path.insert(0, str(FIXTURES.parent))
+    try:
+        import make_claude_sessions
+    finally:
+        sys.path.remove(str(FIXTURES.parent))
+    monkeypatch.setattr(make_claude_sessions, "OUT", tmp_path)
+    make_claude_sessions.main()
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.jsonl"))
+    assert written and all((FIXTURES / p).read_bytes() == (tmp_path / p).read_bytes() for p in written)
+    assert not any("shared" in str(p) for p in FIXTURES.rglob("*"))

@@ -95,10 +95,10 @@ def test_corrupt_state_is_moved_aside_and_rebuilt(fake_repo, cli, damage):
     assert run.err.startswith(f"orchestra: warning: {path} was unreadable; moved it to state.json.corrupt-")
     assert "rebuilt 2 agent record(s) from logs and worktrees" in run.err
     rebuilt = {a["id"]: a for a in run.json()["agents"]}
-    for agent_id in ("commit-a-txt-first-job", "fail-second-job"):
+    for agent_id in ("commit-txt-first", "fail-second-job"):
         for key in ("task", "branch", "worktree", "base_commit", "session_id", "cost_usd", "result"):
             assert rebuilt[agent_id][key] == good[agent_id][key], key
-    assert rebuilt["commit-a-txt-first-job"]["state"] == "done"
+    assert rebuilt["commit-txt-first"]["state"] == "done"
     assert rebuilt["fail-second-job"]["state"] == "failed"
     assert len(list(path.parent.glob("state.json.corrupt-*"))) == 1
     assert cli("status").err == ""  # reported once
@@ -106,13 +106,13 @@ def test_corrupt_state_is_moved_aside_and_rebuilt(fake_repo, cli, damage):
 
 def test_rebuild_keeps_exit_status_stops_and_setup_failures(fake_repo, cli):
     cli("spawn", "--parallel", "1", "crash:9 dies", "sleep:5 never runs")
-    cli("stop", "sleep-5-never-runs")
+    cli("stop", "sleep-5-never")
     wait_settled(fake_repo)
     (fake_repo / ".orchestra" / "state.json").write_text("{")
     agents = {a["id"]: a for a in cli("status", "--json").json()["agents"]}
     assert agents["crash-9-dies"]["state"] == "failed"
     assert agents["crash-9-dies"]["error"] == "agent exited with status 9"
-    assert agents["sleep-5-never-runs"]["state"] == "stopped"
+    assert agents["sleep-5-never"]["state"] == "stopped"
 
 
 def test_rebuilt_agent_that_ended_unwatched_is_interrupted(fake_repo, cli):

@@ -97,13 +97,11 @@ def test_spawn_takes_the_cli_path_and_the_agents_finish(server, fake_repo):
     )
     assert answer.status == 201, answer
     agents = answer.json()["agents"]
-    assert [a["id"] for a in agents] == ["commit-hello-txt-say-hello", "sleep-0-2-wait"]
+    assert [a["id"] for a in agents] == ["commit-hello-txt", "sleep-0-2"]
     assert set(agents[0]) == set(orchestra.RECORD_FIELDS)
     state = wait_settled(fake_repo) and load_state(fake_repo)
     assert state["parallel"] == 2
-    assert git("show", "orchestra/commit-hello-txt-say-hello:hello.txt", cwd=fake_repo).startswith(
-        "written by"
-    )
+    assert git("show", "orchestra/commit-hello-txt:hello.txt", cwd=fake_repo).startswith("written by")
 
     record = call(server, "GET", "/api/agents/commit-hello").json()  # a unique prefix works too
     assert record["state"] == "done" and record["commits"] == 1 and record["result"] == "all done"
@@ -111,8 +109,8 @@ def test_spawn_takes_the_cli_path_and_the_agents_finish(server, fake_repo):
     log = call(server, "GET", "/api/agents/commit-hello/log?tail=2").json()
     assert log["lines"] == ["finished the task", "== DONE after 1.2s, 3 turns, $0.2500: all done"]
 
-    diff = call(server, "GET", "/api/agents/commit-hello-txt-say-hello/diff").json()
-    assert "hello.txt | 1 +" in diff["stat"] and "+written by commit-hello-txt-say-hello" in diff["patch"]
+    diff = call(server, "GET", "/api/agents/commit-hello-txt/diff").json()
+    assert "hello.txt | 1 +" in diff["stat"] and "+written by commit-hello-txt" in diff["patch"]
     assert diff["truncated"] is False and diff["untracked"] == []
 
 
@@ -138,7 +136,10 @@ def test_spawn_with_a_model_records_it_for_the_launch(server, fake_repo):
         ({"tasks": ["x"], "colour": "red"}, "unknown field 'colour'"),
         ({"tasks": ["--help"]}, "starts with '-' and would be read as an option"),
         ({"tasks": ["  "]}, "a task is empty"),
-        ({"tasks": ["a", "b"], "name": "both"}, "--name works with a single task"),
+        (
+            {"tasks": ["a", "b"], "name": "both"},
+            "--name names one task each, in order: 2 task(s) but 1 name(s)",
+        ),
         ({"tasks": ["x"], "base": "no-such-branch"}, "base 'no-such-branch' is not a commit"),
     ],
 )
@@ -164,29 +165,29 @@ def test_bad_json_and_bad_lengths(server):
 def test_pause_resume_stop_through_the_api(server, fake_repo):
     assert call(server, "POST", "/api/spawn", {"tasks": ["sleep:20 long job"]}).status == 201
     wait_for(
-        lambda: load_state(fake_repo)["agents"]["sleep-20-long-job"]["pid"],
+        lambda: load_state(fake_repo)["agents"]["sleep-20-long"]["pid"],
         timeout=30,
         what="the agent to start",
     )
 
     answer = call(server, "POST", "/api/agents/sleep-20/pause", {})
     assert answer.status == 200 and answer.json() == {
-        "outcomes": [{"id": "sleep-20-long-job", "result": "paused"}]
+        "outcomes": [{"id": "sleep-20-long", "result": "paused"}]
     }
-    assert load_state(fake_repo)["agents"]["sleep-20-long-job"]["state"] == "paused"
-    answer = call(server, "POST", "/api/agents/sleep-20-long-job/resume", raw_body=b"")  # an empty body is {}
+    assert load_state(fake_repo)["agents"]["sleep-20-long"]["state"] == "paused"
+    answer = call(server, "POST", "/api/agents/sleep-20-long/resume", raw_body=b"")  # an empty body is {}
     assert answer.json()["outcomes"][0]["result"] == "resumed"
-    answer = call(server, "POST", "/api/agents/sleep-20-long-job/resume", {})
+    answer = call(server, "POST", "/api/agents/sleep-20-long/resume", {})
     assert (
         answer.status == 400
         and "only paused, stopped, failed or interrupted agents resume" in answer.json()["error"]
     )
-    answer = call(server, "POST", "/api/agents/sleep-20-long-job/stop", {})
+    answer = call(server, "POST", "/api/agents/sleep-20-long/stop", {})
     assert answer.json()["outcomes"][0]["result"] == "stopped (worktree and branch kept)"
-    assert load_state(fake_repo)["agents"]["sleep-20-long-job"]["state"] == "stopped"
-    answer = call(server, "POST", "/api/agents/sleep-20-long-job/stop", {})
-    assert answer.status == 400 and answer.json() == {"error": "sleep-20-long-job is already stopped"}
-    assert call(server, "POST", "/api/agents/sleep-20-long-job/stop", {"force": True}).status == 400
+    assert load_state(fake_repo)["agents"]["sleep-20-long"]["state"] == "stopped"
+    answer = call(server, "POST", "/api/agents/sleep-20-long/stop", {})
+    assert answer.status == 400 and answer.json() == {"error": "sleep-20-long is already stopped"}
+    assert call(server, "POST", "/api/agents/sleep-20-long/stop", {"force": True}).status == 400
 
 
 def test_unknown_and_ambiguous_ids(server, cli, fake_repo):
@@ -261,14 +262,16 @@ def test_diff_is_capped_and_needs_something_to_compare(server, fake_repo, monkey
     assert call(server, "POST", "/api/spawn", {"tasks": ["commit:a.txt write:b.txt two files"]}).status == 201
     wait_settled(fake_repo)
     monkeypatch.setattr(orchestra, "WEB_MAX_DIFF", 40)
-    diff = call(server, "GET", "/api/agents/commit-a/diff").json()
+    diff = call(server, "GET", "/api/agents/commit-txt/diff").json()
     assert diff["truncated"] is True and len(diff["patch"]) == 40
     assert diff["untracked"] == ["b.txt"]
-    worktree = load_state(fake_repo)["agents"]["commit-a-txt-write-b-txt-two-files"]["worktree"]
+    worktree = load_state(fake_repo)["agents"]["commit-txt-write"]["worktree"]
     git("worktree", "remove", "--force", worktree, cwd=fake_repo)
-    assert "a.txt | 1 +" in call(server, "GET", "/api/agents/commit-a/diff").json()["stat"]  # from the branch
-    git("branch", "-D", "orchestra/commit-a-txt-write-b-txt-two-files", cwd=fake_repo)
-    answer = call(server, "GET", "/api/agents/commit-a/diff")
+    assert (
+        "a.txt | 1 +" in call(server, "GET", "/api/agents/commit-txt/diff").json()["stat"]
+    )  # from the branch
+    git("branch", "-D", "orchestra/commit-txt-write", cwd=fake_repo)
+    answer = call(server, "GET", "/api/agents/commit-txt/diff")
     assert answer.status == 409 and "has no worktree or branch left" in answer.json()["error"]
 
 
@@ -640,7 +643,7 @@ def test_the_server_restarts_a_dead_supervisor(project, fake_repo, cli):
     assert cli("spawn", "sleep:3 outlives its supervisor").code == 0
     pid = wait_for(lambda: load_state(fake_repo)["supervisor"].get("pid"), timeout=30, what="the supervisor")
     wait_for(
-        lambda: load_state(fake_repo)["agents"]["sleep-3-outlives-its-supervisor"]["pid"],
+        lambda: load_state(fake_repo)["agents"]["sleep-3-outlives"]["pid"],
         timeout=30,
         what="the agent",
     )
@@ -657,7 +660,7 @@ def test_the_server_restarts_a_dead_supervisor(project, fake_repo, cli):
             lambda: "restarted it" in log.getvalue(), timeout=10, what="the server to restart the supervisor"
         )
         wait_settled(fake_repo)
-        assert load_state(fake_repo)["agents"]["sleep-3-outlives-its-supervisor"]["state"] == "done"
+        assert load_state(fake_repo)["agents"]["sleep-3-outlives"]["state"] == "done"
     finally:
         srv.stop()
 
