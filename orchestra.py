@@ -2000,7 +2000,7 @@ class Resilience:
                 record.update(state="running", finished_at=None, activity=first)
                 append_event(record["log"], {"event": "checks", **record["checks"]})
                 self.due_checks[record["id"]] = dict(record)
-        elif configured and not record.get("checks"):
+        elif configured and not record.get("checks") and record["state"] in FINISHED_STATES:
             record["checks"] = {
                 "status": "not run",
                 "command": None,
