@@ -270,6 +270,8 @@ SESSION_MESSAGE_MARKERS = tuple(
 # A line holding a tool result is never a message, and these markers occur only as JSON structure
 # (inside a string value the quotes would be escaped), so such lines need no parsing.
 SESSION_NOT_MESSAGE_MARKERS = (b'"type":"tool_result"', b'"type": "tool_result"')
+SESSION_DETAIL_PROMPTS = 200  # prompts of one session shown by the dashboard
+SESSION_DETAIL_BYTES = 8 * 1024 * 1024  # of a transcript read for them
 SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
 
 # Web: limits that keep one slow or hostile client from starving the server; RFC 6455 values.
@@ -277,7 +279,6 @@ WEB_DEFAULT_HOST = "127.0.0.1"
 WEB_DEFAULT_PORT = 8888
 WEB_TOKEN_BYTES = 32
 WEB_TOKEN_FILE = "web.json"  # in .orchestra/, mode 0600
-WEB_COOKIE_PREFIX = "orchestra_token_"  # + the port the browser sees: cookies are shared across ports
 WEB_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 WEB_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 WEB_HOST_SYNTAX = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")  # a Host header value
@@ -288,6 +289,16 @@ WEB_MAX_TASKS = 32  # tasks in one POST /api/spawn
 WEB_MAX_CONNECTIONS = 128  # open at once; at the cap the oldest one still sending a request is dropped
 WEB_LISTEN_BACKLOG = 128
 WEB_HEADER_DEADLINE = 10.0  # seconds a connection has to send a whole request (slowloris)
+# Seconds a request that showed the token has for its route and its whole answer. A connection
+# without the token has WEB_HEADER_DEADLINE from accept for everything, answers included.
+WEB_ANSWER_DEADLINE = 120.0
+WEB_MAX_WEBSOCKETS = 64  # open at once, half of WEB_MAX_CONNECTIONS; more are answered 503
+WEB_UNTRUSTED_SEND_BUFFER = 16 * 1024  # bytes of SO_SNDBUF (Linux doubles it) before the token is shown
+WEB_TRUSTED_SEND_BUFFER = 1024 * 1024  # after it (the kernel caps it at net.core.wmem_max)
+WEB_PAGE_CACHE = 16  # dashboard renderings kept (one per file version and Host name)
+WEB_MAX_JSON_DEPTH = 32  # nesting of a POST body; deeper is 400 (the dashboard sends 2)
+WEB_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n")  # RFC 9112 5
+WEB_DIGITS = re.compile(r"[0-9]{1,15}")
 WEB_READ_TIMEOUT = 30.0  # seconds one read may block
 WEB_SERVE_POLL = 0.1  # seconds between the accept loop's checks of request deadlines
 WEB_STATUS_POLL = 0.1  # seconds between looks at state.json for changes
@@ -299,6 +310,7 @@ WEB_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a 
 WEB_TAIL_MAX_BYTES = 4 * 1024 * 1024  # never read more than this to find the last lines
 WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
 WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
+WEB_HISTORY_PAGE, WEB_HISTORY_PAGE_MAX = 50, 500  # cleaned-up agents per GET /api/history
 # Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
 WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
 WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
@@ -313,16 +325,54 @@ WS_CLOSE_NORMAL, WS_CLOSE_PROTOCOL, WS_CLOSE_BAD_DATA, WS_CLOSE_TOO_BIG = 1000, 
 WS_SENDABLE_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
 WS_MAX_CONTROL = 125  # bytes of a control frame's payload
 WS_MAX_MESSAGE = 64 * 1024  # bytes of a message from a client; the dashboard sends none
+WS_MAX_FRAGMENTS = 64  # frames of one fragmented message (empty ones count too)
 WS_PING_INTERVAL = 30.0  # seconds between pings
 WS_PONG_TIMEOUT = 10.0  # seconds past a ping after which a silent client is dropped
 WS_QUEUE_LIMIT = 32  # messages waiting for a slow reader; one more and it is closed
 WS_CLOSE_LINGER = 1.0  # seconds to read what a client still sends after our close frame
 WS_DRAIN_CHUNK = 64 * 1024  # bytes per read while lingering
 
+# QR codes (ISO/IEC 18004) at error correction level M: per version, the error correction
+# codewords of each block and the number of blocks (index 0 unused).
+QR_ECC_PER_BLOCK = (0, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26,
+                    28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28)  # fmt: skip
+QR_BLOCKS = (0, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21, 23,
+             25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)  # fmt: skip
+QR_MAX_VERSION = 40
+QR_FORMAT_LEVEL_M = 0  # the two level bits in the format information
+QR_GF_POLY = 0x11D  # x^8 + x^4 + x^3 + x^2 + 1
+QR_PAD_BYTES = (0xEC, 0x11)
+QR_QUIET_ZONE = 4  # light modules around the symbol
+QR_PENALTY_RUN, QR_PENALTY_BLOCK, QR_PENALTY_FINDER, QR_PENALTY_BALANCE = 3, 3, 40, 10
+QR_MASKS = (
+    lambda x, y: (x + y) % 2 == 0,
+    lambda x, y: y % 2 == 0,
+    lambda x, y: x % 3 == 0,
+    lambda x, y: (x + y) % 3 == 0,
+    lambda x, y: (x // 3 + y // 2) % 2 == 0,
+    lambda x, y: x * y % 2 + x * y % 3 == 0,
+    lambda x, y: (x * y % 2 + x * y % 3) % 2 == 0,
+    lambda x, y: ((x + y) % 2 + x * y % 3) % 2 == 0,
+)
+QR_HALF_BLOCKS = {
+    (False, False): " ",
+    (True, False): "\u2580",
+    (False, True): "\u2584",
+    (True, True): "\u2588",
+}
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Escape sequences, C0/C1 controls but newline and tab, bidirectional overrides and isolates
+# (they can make shown text read differently from what it is), and lone surrogates (half an
+# emoji as JavaScript writes it; they cannot be encoded as UTF-8).
 CONTROL_CHARS = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+    "|[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]|[\ud800-\udfff]"
 )
+# Written as \\uXXXX in JSON output: the same data, but nothing a terminal acts on or cannot encode.
+JSON_ESCAPED = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+SURROGATES = re.compile("[\ud800-\udfff]")
+TASK_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 # ======================================================================================
 # Errors
@@ -404,6 +454,11 @@ def strip_control(text):
     return CONTROL_CHARS.sub("", text)
 
 
+def encodable(text):
+    """Text with its lone surrogates (which no output encoding accepts) made U+FFFD."""
+    return SURROGATES.sub("\ufffd", text)
+
+
 def one_line(text, limit=MAX_ACTIVITY_LENGTH):
     """The first non-blank line of text, cleaned of control characters and shortened."""
     for line in strip_control(str(text)).splitlines():
@@ -436,16 +491,28 @@ def slugify(text, limit=ID_CHARS, words=ID_WORDS):
     return slug or (meaningful[0][:limit] if meaningful else "task")
 
 
+def json_text(obj, **options):
+    """JSON of any data, as readable as UTF-8 allows: lone surrogates (which UTF-8 cannot hold),
+    C1 controls and bidirectional overrides are written as \\uXXXX escapes, as ensure_ascii would."""
+    text = json.dumps(obj, ensure_ascii=False, **options)
+    return JSON_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def print_json(obj, out=None):
     """Write one JSON document to stdout: sorted, indented, newline-terminated."""
     out = out or sys.stdout
-    out.write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    out.write(json_text(obj, indent=2, sort_keys=True) + "\n")
     out.flush()
 
 
 def use_colour(stream):
     """Colour only on a terminal, and never when NO_COLOR is set."""
     return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def private_opener(path, flags):
+    """An `opener` for open() that creates files readable by their owner only (logs, state)."""
+    return os.open(path, flags, 0o600)
 
 
 def write_atomic(path, text):
@@ -1004,8 +1071,8 @@ def elapsed_seconds(record, now):
 def append_event(path, event):
     """Add one of orchestra's own events to an agent's log."""
     event = {"type": "orchestra", "time": utc_iso(), **event}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(event, ensure_ascii=False) + "\n")
+    with open(path, "a", encoding="utf-8", opener=private_opener) as f:
+        f.write(json_text(event) + "\n")
 
 
 def describe_tool_use(block):
@@ -1284,8 +1351,8 @@ def launch_agent(project, record, prompt=None):
     append_event(project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv})
     env = dict(take_agent_env(project, record["id"]) or os.environ, ORCHESTRA_AGENT_ID=record["id"])
     with (
-        open(project.log_path(record["id"]), "ab") as out,
-        open(project.stderr_path(record["id"]), "ab") as err,
+        open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
+        open(project.stderr_path(record["id"]), "ab", opener=private_opener) as err,
     ):
         return subprocess.Popen(
             argv,
@@ -1532,13 +1599,17 @@ class Project:
     def init(self):
         """Create .orchestra/ and keep it and the worktree folder out of git; idempotent."""
         if self.logs.is_dir():
+            with contextlib.suppress(OSError):
+                os.chmod(str(self.dir), 0o700)  # folders made by earlier versions were 0755
             return
         root = self.worktree_root
         if root.exists() and not root.is_dir():
             raise OrchestraError(
                 f"worktree_dir {root} exists and is not a folder; move it or change worktree_dir"
             )
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in (self.dir, self.logs):  # agents' output and the web token: the owner's only
+            os.chmod(str(folder), 0o700)
         excluded = [f"/{ORCHESTRA_DIR}/"]
         with contextlib.suppress(ValueError):
             excluded.append(f"/{root.resolve().relative_to(self.repo.resolve()).as_posix()}/")
@@ -1563,6 +1634,10 @@ class Project:
     def records(self):
         """{id: record} as state.json holds them now."""
         return self.store.load()["agents"]
+
+    def history(self):
+        """{id: record} of cleaned-up agents."""
+        return {i: r for i, r in self.records().items() if r["state"] == "removed"}
 
     def rebuild_records(self):
         """Agent records recovered from the logs' spawn events and the live worktrees."""
@@ -2352,7 +2427,7 @@ def ensure_supervisor(project, state=None):
     state = state or project.store.load()
     if supervisor_alive(state) or not Supervisor.has_work(state):
         return None
-    with open(project.dir / "supervisor.log", "ab") as log:
+    with open(project.dir / "supervisor.log", "ab", opener=private_opener) as log:
         proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "supervise", "--foreground"],
             cwd=str(project.repo),
@@ -2418,8 +2493,12 @@ def check_task(task, noun="task"):
             f"a {noun} is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
             f"put long instructions in a file and name that file in the {noun}"
         )
-    if "\0" in task:
-        raise OrchestraError(f"a {noun} contains a NUL character; remove it")
+    bad = TASK_FORBIDDEN.search(task)
+    if bad:
+        raise OrchestraError(
+            f"a {noun} contains the character U+{ord(bad.group()):04X} (a control character or half of a "
+            "surrogate pair); remove it"
+        )
 
 
 def resolve_base(project, requested):
@@ -3794,6 +3873,42 @@ def session_listing(env, now, hours, project=None, limit=SESSION_DEFAULT_LIMIT):
     return list_sessions(projects_dir, now, hours, project, limit, CountCache.load(env))
 
 
+def session_prompts(path, limit=SESSION_DETAIL_PROMPTS, budget=SESSION_DETAIL_BYTES):
+    """The prompts a user typed in a transcript, oldest first (at most `limit`, from its first `budget` bytes)."""
+    prompts = []
+    with open(path, "rb") as f:
+        for raw in f.read(budget).splitlines():
+            record = parse_line(raw.decode("utf-8", "replace"))
+            prompt = prompt_of(record)[0] if record else None
+            if prompt:
+                prompts.append(prompt)
+                if len(prompts) >= limit:
+                    break
+    return prompts
+
+
+def session_detail(env, wanted):
+    """One session for the dashboard: its prompts and the commands that resume it."""
+    projects_dir = claude_projects_dir(env)
+    files = scan_session_files(projects_dir)[0] if projects_dir.is_dir() else []
+    here, agents = current_repo(), AgentIndex()
+    if here:
+        agents.load(here)
+    file = match_session(files, wanted, agents)
+    try:
+        session = describe_session(file)
+        prompts = session_prompts(file.path)
+    except OSError as e:
+        raise OrchestraError(f"cannot read {file.path}: {e.strerror}", EXIT_FAILURE) from None
+    agents.load_for(session.cwd, {})
+    try:
+        resume, note = resume_command_lines(plan_resume(session, here, agents)), None
+    except OrchestraError as e:
+        resume, note = [], str(e)
+    return {"id": session.session_id, "title": session.title, "cwd": session.cwd, "prompts": prompts,
+            "resume": resume, "note": note, "command": f"orchestra sessions --resume {session.session_id}"}  # fmt: skip
+
+
 def sessions_document(env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None):
     """What `orchestra sessions --json` prints, for the web API."""
     now = time.time() if now is None else now
@@ -3919,6 +4034,26 @@ def merge_agents(project, records):
     return merged, None
 
 
+def collect_agents(project, ids, commit=False, merge=False, patch=None, pr=False, include_failing=False):
+    """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
+    merges (done agents whose checks passed, or the named ones), writes a patch and opens pull requests."""
+    records = finished_agents(project.records(), ids)
+    if merge:
+        check_checkout_clean(project.repo, "merging")
+    committed = [r["id"] for r in records if commit and commit_leftovers(project, r)]
+    reports = [agent_report(project, r) for r in records]
+    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
+    if merge:
+        chosen = records if ids else [r for r in records if r["state"] == "done"]
+        chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
+        document["merged"], document["conflict"] = merge_agents(project, chosen)
+    if patch:
+        document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
+    if pr:
+        document["pull_requests"] = open_pull_requests(project, reports)
+    return document
+
+
 def pull_request_body(report):
     """The pull request text: the agent's result, its diffstat and its cost."""
     return (
@@ -3960,6 +4095,15 @@ def write_patch(project, records, path):
             parts.append(run_git(["format-patch", "--stdout", span], project.repo).stdout)
     Path(path).write_text("".join(parts), encoding="utf-8")
     return count
+
+
+def sent_text(agent_id, waits):
+    """What `send` says once a message is on its way (the web answers the same)."""
+    if waits:
+        first = f"{agent_id}: still working; your message waits and is sent when its current turn ends"
+    else:
+        first = f"{agent_id}: queued to continue with your message"
+    return f"{first}\nfollow it with: orchestra logs -f {agent_id}"
 
 
 def send_message(project, agent_id, message, env=None):
@@ -4362,9 +4506,9 @@ class WebSocket:
 
     def read_loop(self):
         """Read frames, answer pings and check messages; the client's close code when it closes."""
-        parts, kind = [], None
+        parts, kind, size = [], None, 0
         while True:
-            fin, opcode, payload = read_frame(self.rfile, WS_MAX_MESSAGE - sum(map(len, parts)))
+            fin, opcode, payload = read_frame(self.rfile, WS_MAX_MESSAGE - size)
             if opcode == WS_OP_CLOSE:
                 return close_code(payload)
             if opcode == WS_OP_PING:
@@ -4374,10 +4518,15 @@ class WebSocket:
                     raise WebSocketClose(WS_CLOSE_PROTOCOL, "fragments out of order")
                 kind = kind or opcode
                 parts.append(payload)
+                size += len(payload)
+                if len(parts) > WS_MAX_FRAGMENTS:
+                    raise WebSocketClose(
+                        WS_CLOSE_TOO_BIG, f"messages are limited to {WS_MAX_FRAGMENTS} fragments"
+                    )
                 if fin:
                     if kind == WS_OP_TEXT:
                         check_utf8(b"".join(parts))
-                    parts, kind = [], None  # clients have nothing to say yet; messages are ignored
+                    parts, kind, size = [], None, 0  # clients have nothing to say yet; messages are ignored
 
     def write_loop(self):
         """Send queued messages, and a ping every ping_interval, until the connection ends."""
@@ -4473,24 +4622,6 @@ def allowed_hosts(bound, extra=()):
     return frozenset(n for n in names if n)
 
 
-def cookie_name(host, scheme):
-    """The token cookie's name for the port the browser sees in `host`."""
-    try:
-        port = urlsplit(f"//{host}").port
-    except ValueError:
-        port = None
-    return f"{WEB_COOKIE_PREFIX}{port or (443 if scheme == 'https' else 80)}"
-
-
-def cookie_value(header, name):
-    """The value of one cookie in a Cookie header, or None."""
-    for part in (header or "").split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key == name:
-            return value
-    return None
-
-
 class Gate:
     """Who may reach a route: the Host allow-list, the served origin and the access token."""
 
@@ -4500,7 +4631,8 @@ class Gate:
         self.scheme = scheme
 
     def check(self, method, path, headers):
-        """Raise HTTPRefusal (403, 401 or 415) unless the request may reach a route."""
+        """Raise HTTPRefusal (403, 401 or 415) unless the request may reach a route; True when it
+        showed the token (the page itself needs none)."""
         host = self.single(headers, "Host")
         if host_name(host) not in self.hosts:
             raise HTTPRefusal(
@@ -4510,16 +4642,15 @@ class Gate:
         if origin is not None and origin.lower() != f"{self.scheme}://{host}".lower():
             raise HTTPRefusal(403, "cross-site requests are refused")
         if not path.startswith(("/api/", "/ws/")):
-            return
-        token, carrier = self.presented(path, headers, host)
+            return False
+        token = self.presented(path, headers)
         if token is None or not hmac.compare_digest(token, self.token):
             raise HTTPRefusal(401, "missing or wrong token; open the link 'orchestra web' printed",
                               {"WWW-Authenticate": "Bearer"})  # fmt: skip
-        if carrier == "cookie" and (origin is None or method != "GET"):
-            raise HTTPRefusal(401, "send the token in the Authorization header; a cookie alone is not enough")
         content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if method == "POST" and content_type != "application/json":
             raise HTTPRefusal(415, "POST bodies must be JSON (Content-Type: application/json)")
+        return True
 
     @staticmethod
     def single(headers, name):
@@ -4529,32 +4660,101 @@ class Gate:
             raise HTTPRefusal(400, f"more than one {name} header")
         return values[0] if values else None
 
-    def presented(self, path, headers, host):
-        """(token bytes, 'header' or 'cookie') as the request carries it; (None, None) without one."""
+    @staticmethod
+    def presented(path, headers):
+        """The token bytes as the request carries them, None without one.
+
+        Only a header counts, never a cookie: cookies are shared by every port of a host, so a
+        page on another local port could read a script-set one (the page keeps the token in
+        localStorage, which is per origin).
+        """
         kind, _, value = (headers.get("Authorization") or "").partition(" ")
         if kind.lower() == "bearer":
-            return value.strip().encode("utf-8", "surrogatepass"), "header"
+            return value.strip().encode("utf-8", "surrogatepass")
         if path.startswith("/ws/"):
             for item in header_items(headers, "Sec-WebSocket-Protocol"):
                 if item.startswith(WS_TOKEN_PREFIX):
-                    return item[len(WS_TOKEN_PREFIX) :].encode("utf-8", "surrogatepass"), "header"
-        cookie = cookie_value(headers.get("Cookie"), cookie_name(host, self.scheme))
-        return (cookie.encode("utf-8", "surrogatepass"), "cookie") if cookie else (None, None)
+                    return item[len(WS_TOKEN_PREFIX) :].encode("utf-8", "surrogatepass")
+        return None
+
+
+class MalformedRequest(ValueError):
+    """The request is not framed as RFC 9112 says; answered 400 and the connection closed."""
 
 
 class HeaderBudget:
-    """The request stream as header parsing sees it: past WEB_MAX_HEADER_BYTES it is a 431."""
+    """The request stream as header parsing sees it: past WEB_MAX_HEADER_BYTES it is a 431, and a
+    line that is not `name:value` ending in CRLF is a MalformedRequest."""
 
     def __init__(self, rfile, budget=WEB_MAX_HEADER_BYTES):
         self.rfile, self.budget = rfile, budget
 
     def readline(self, limit=-1):
-        """One header line, counted against the budget."""
+        """One header line, counted against the budget and checked."""
         line = self.rfile.readline(self.budget + 1 if limit < 0 else min(limit, self.budget + 1))
         self.budget -= len(line)
         if self.budget < 0:
             raise http.client.LineTooLong("header block")  # parse_request answers 431
+        if line and line != b"\r\n" and not WEB_HEADER_LINE.fullmatch(line):
+            # bare LF, whitespace before the colon or a folded line: parsers disagree on these,
+            # which is how requests are smuggled past a proxy (RFC 9112 sections 2.2 and 5.1)
+            raise MalformedRequest("a header line is malformed; send 'Name: value' lines ending in CRLF")
         return line
+
+
+def check_framing(headers):
+    """Refuse a request whose body length two parsers could read differently (RFC 9112 6.3)."""
+    lengths = headers.get_all("Content-Length") or []
+    if len(lengths) > 1:
+        raise HTTPRefusal(400, "more than one Content-Length header")
+    if lengths and not WEB_DIGITS.fullmatch(lengths[0].strip()):
+        raise HTTPRefusal(400, "Content-Length must be ASCII digits")
+    if lengths and headers.get("Transfer-Encoding"):
+        raise HTTPRefusal(400, "a request may not carry both Content-Length and Transfer-Encoding")
+
+
+def json_depth_ok(data, limit=WEB_MAX_JSON_DEPTH):
+    """False when JSON text opens more than `limit` arrays or objects at once (a cheap scan
+    before json.loads, whose recursion would otherwise fail deep inside)."""
+    depth = 0
+    for token in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', data):
+        mark = token.group()[:1]
+        depth += 1 if mark in (b"[", b"{") else -1 if mark in (b"]", b"}") else 0
+        if depth > limit:
+            return False
+    return True
+
+
+class GuardedWriter:
+    """A connection's output that, once a write fails or times out, writes nothing more: a
+    partly sent answer must never be followed by another one on the same socket."""
+
+    def __init__(self, raw):
+        self.raw, self.failed = raw, False
+
+    @property
+    def closed(self):
+        """Whether the underlying stream is closed."""
+        return self.raw.closed
+
+    def write(self, data):
+        """Write all of data, or raise ConnectionResetError (now and ever after)."""
+        if self.failed:
+            raise ConnectionResetError("an earlier write on this connection failed")
+        try:
+            return self.raw.write(data)
+        except OSError:
+            self.failed = True
+            raise
+
+    def flush(self):
+        """Flush unless a write failed."""
+        if not self.failed:
+            self.raw.flush()
+
+    def close(self):
+        """Close the stream."""
+        self.raw.close()
 
 
 def status_changes(old, new):
@@ -4570,7 +4770,8 @@ def status_changes(old, new):
 def current_status(project):
     """(state, status document) as `status --json` would print them now."""
     state = project.store.load()
-    return state, status_document(project, state, select_agents(state["agents"], []))
+    live = [r for r in select_agents(state["agents"], []) if r["state"] != "removed"]  # history is apart
+    return state, status_document(project, state, live)
 
 
 class StatusHub:
@@ -4755,6 +4956,12 @@ ROUTES = [(method, re.compile(pattern), name) for method, pattern, name in (
     ("GET", r"/api/agents/(?P<id>[^/]+)/log", "route_log"),
     ("GET", r"/api/agents/(?P<id>[^/]+)/diff", "route_diff"),
     ("POST", r"/api/agents/(?P<id>[^/]+)/(?P<action>pause|resume|stop)", "route_signal"),
+    ("GET", r"/api/history", "route_history"),
+    ("GET", r"/api/agents/(?P<id>[^/]+)/report", "route_report"),
+    ("POST", r"/api/agents/(?P<id>[^/]+)/merge", "route_merge"),
+    ("POST", r"/api/agents/(?P<id>[^/]+)/pr", "route_pull_request"),
+    ("POST", r"/api/agents/(?P<id>[^/]+)/send", "route_send"),
+    ("GET", r"/api/sessions/(?P<id>[^/]+)", "route_session"),
     ("GET", r"/ws/status", "route_websocket"),
 )]  # fmt: skip
 AGENT_ACTIONS = {"pause": pause_agents, "resume": resume_agents, "stop": stop_agents}
@@ -4787,13 +4994,20 @@ class WebHandler(BaseHTTPRequestHandler):
         """The Server header: orchestra and its version, not Python's."""
         return self.server_version
 
+    def setup(self):
+        """The stdlib's streams, with output that stops for good at the first failed write."""
+        super().setup()
+        self.wfile = GuardedWriter(self.wfile)
+
     def handle_one_request(self):
         """Read one request line and its headers within the limits, then answer it."""
-        self.server.track(self.connection, reading=True)
+        self.server.track(self.connection, "reading")
         self.command, self.path, self.request_version = "", "", ""  # for the log if the line is bad
         self.raw_requestline = self.read_or_nothing(lambda: self.rfile.readline(WEB_MAX_REQUEST_LINE + 1))
         if len(self.raw_requestline) > WEB_MAX_REQUEST_LINE:
             return self.send_error(414, f"the request line is over {WEB_MAX_REQUEST_LINE} bytes")
+        if self.raw_requestline and not self.raw_requestline.endswith(b"\r\n"):
+            return self.send_error(400, "the request line must end in CRLF")
         if not self.raw_requestline or not self.read_or_nothing(self.parse_request):
             self.close_connection = True
             return
@@ -4812,10 +5026,13 @@ class WebHandler(BaseHTTPRequestHandler):
             return b""
 
     def parse_request(self):
-        """The stdlib parser, with the header block limited to WEB_MAX_HEADER_BYTES."""
+        """The stdlib parser, with the header block limited to WEB_MAX_HEADER_BYTES and checked."""
         real, self.rfile = self.rfile, HeaderBudget(self.rfile)
         try:
             return super().parse_request()
+        except MalformedRequest as e:
+            self.send_error(400, str(e))
+            return False
         finally:
             self.rfile = real
 
@@ -4842,11 +5059,15 @@ class WebHandler(BaseHTTPRequestHandler):
         """Gate, route, run; every failure becomes a JSON error answer, never a traceback."""
         path, _, query = self.path.partition("?")
         try:
-            self.server.gate.check(self.command, path, self.headers)
+            check_framing(self.headers)
+            if self.server.gate.check(self.command, path, self.headers):
+                self.server.track(self.connection, "trusted")
             name, params = find_route(self.command, path)
             body = self.read_json() if self.command == "POST" else None
-            self.server.track(self.connection, reading=False)
             answer = getattr(self, name)(params, parse_qs(query), body)
+        except ConnectionError:
+            self.close_connection = True  # the client is gone or stopped reading: write nothing more
+            return
         except HTTPRefusal as e:
             answer = (e.status, {"error": str(e)}, e.headers)
         except OrchestraError as e:
@@ -4864,14 +5085,14 @@ class WebHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise HTTPRefusal(411, "a POST needs a Content-Length")
-        if not length.strip().isdigit():
-            raise HTTPRefusal(400, "Content-Length must be a number")
         if int(length) > WEB_MAX_BODY:
             raise HTTPRefusal(413, f"the body is over {WEB_MAX_BODY} bytes")
         data = self.rfile.read(int(length)) or b"{}"  # no body at all means no fields
+        if not json_depth_ok(data):
+            raise HTTPRefusal(400, f"the body nests deeper than {WEB_MAX_JSON_DEPTH} levels")
         try:
             body = json.loads(data.decode("utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HTTPRefusal(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise HTTPRefusal(400, "the body must be a JSON object")
@@ -4879,7 +5100,7 @@ class WebHandler(BaseHTTPRequestHandler):
 
     def answer(self, status, document, headers=None):
         """Send a JSON document; errors also close the connection (their body may be unread)."""
-        data = json.dumps(document, ensure_ascii=False).encode("utf-8")
+        data = json.dumps(document).encode("ascii")  # \u escapes: any string encodes, even a lone surrogate
         self.send_response(status)
         self.send_common_headers(
             "application/json", len(data), {**(headers or {}), "Cache-Control": "no-store"}
@@ -4909,29 +5130,29 @@ class WebHandler(BaseHTTPRequestHandler):
         self.log_message('"%s %s" %s', self.command or "-", path or "-", code)
 
     def log_message(self, fmt, *args):
-        """Access and error lines go to the server's log."""
-        self.server.log(f"{self.address_string()} - [{self.log_date_time_string()}] {fmt % args}")
+        """Access and error lines go to the server's log, never an escape sequence with them."""
+        line = strip_control(f"{self.address_string()} - [{self.log_date_time_string()}] {fmt % args}")
+        self.server.log(" ".join(line.split("\n")))
 
     def agent(self, params):
-        """The record a path names, by id or unique prefix; 404 when none matches."""
-        records = self.server.project.records()
+        """The record a path names (live or cleaned up), by id or unique prefix; 404 when none matches."""
+        records = {**self.server.project.history(), **self.server.project.records()}
         if not any(i.startswith(params["id"]) for i in records):
             raise HTTPRefusal(404, f"no agent '{params['id']}'")
         return select_agents(records, [params["id"]])[0]
 
     def route_page(self, params, query, body):
         """The dashboard, with a CSP allowing exactly its inline code; where to put it when missing."""
-        for path in dashboard_candidates():
-            if path.is_file():
-                html = path.read_text(encoding="utf-8")
-                return self.send_page(200, html, page_policy(html, self.headers["Host"], self.server.scheme))
+        page = self.server.dashboard(self.headers["Host"])
+        if page:
+            return self.send_page(200, *page)
         places = " or ".join(str(p) for p in dashboard_candidates())
         text = f"The dashboard file is missing. Put dashboard.html at {places}.\nThe API (/api/status) and /ws/status work without it.\n"
         return self.send_page(404, text, "default-src 'none'", "text/plain; charset=utf-8")
 
     def send_page(self, status, text, policy, content_type="text/html; charset=utf-8"):
         """Send a page with its Content-Security-Policy."""
-        data = text.encode("utf-8")
+        data = text if isinstance(text, bytes) else text.encode("utf-8")
         self.send_response(status)
         self.send_common_headers(
             content_type, len(data), {"Content-Security-Policy": policy, "Cache-Control": "no-cache"}
@@ -4968,7 +5189,9 @@ class WebHandler(BaseHTTPRequestHandler):
         ids, apply = body_fields(body, {"ids": (list, False), "apply": (bool, False)})
         if ids is not None and not all(isinstance(i, str) for i in ids):
             raise HTTPRefusal(400, "'ids' must be a list of agent ids")
-        return 200, cleanup_agents(self.server.project, ids or None, apply=bool(apply))
+        outcome = cleanup_agents(self.server.project, ids or None, apply=bool(apply))
+        lines = [cleanup_line(step, not apply) for step in outcome["plan"]] or ["Nothing to clean up."]
+        return 200, {**outcome, "message": "\n".join(lines)}
 
     def route_agent(self, params, query, body):
         """GET /api/agents/ID: the agent's record."""
@@ -4992,11 +5215,64 @@ class WebHandler(BaseHTTPRequestHandler):
         """POST /api/agents/ID/pause|resume|stop: the same operation as the CLI's."""
         body_fields(body, {})
         outcomes = AGENT_ACTIONS[params["action"]](self.server.project, [self.agent(params)["id"]])
-        return 200, {"outcomes": [{"id": agent_id, "result": what} for agent_id, what in outcomes]}
+        return 200, {"outcomes": [{"id": agent_id, "result": what} for agent_id, what in outcomes],
+                     "message": "\n".join(f"{agent_id}: {what}" for agent_id, what in outcomes)}  # fmt: skip
+
+    def route_history(self, params, query, body):
+        """GET /api/history?offset=N&limit=N: cleaned-up agents, newest first, a page at a time."""
+        offset = query_int(query, "offset", 0, 0, 10**9)
+        limit = query_int(query, "limit", WEB_HISTORY_PAGE, 1, WEB_HISTORY_PAGE_MAX)
+        removed = sorted(self.server.project.history().values(), key=spawn_order, reverse=True)
+        page = [public_record(r) | {"archive": r.get("archive")} for r in removed[offset : offset + limit]]
+        return 200, {"agents": page, "total": len(removed), "offset": offset, "limit": limit}
+
+    def route_report(self, params, query, body):
+        """GET /api/agents/ID/report: what `collect` says of one agent (result, commits, diffstat)."""
+        record = self.agent(params)
+        return 200, agent_report(self.server.project, record) | {"checks": record.get("checks"),
+                                                                  "permission_denials": record.get("permission_denials")}  # fmt: skip
+
+    def route_merge(self, params, query, body):
+        """POST /api/agents/ID/merge: `collect ID --merge`, with its refusals and its report."""
+        body_fields(body, {})
+        document = collect_agents(self.server.project, [self.agent(params)["id"]], merge=True)
+        message = collect_text(document)
+        if document["conflict"]:
+            return 409, {"error": message, **document}
+        return 200, {"message": message, **document}
+
+    def route_pull_request(self, params, query, body):
+        """POST /api/agents/ID/pr: `collect ID --pr`: push and open a pull request, or say how."""
+        body_fields(body, {})
+        document = collect_agents(self.server.project, [self.agent(params)["id"]], pr=True)
+        return 200, {"message": "\n".join(document["pull_requests"]) or "no commits to open a pull request for",
+                     **document}  # fmt: skip
+
+    def route_send(self, params, query, body):
+        """POST /api/agents/ID/send {"message": "..."}: `orchestra send ID MESSAGE`."""
+        (message,) = body_fields(body, {"message": (str, True)})
+        agent_id, waits = send_message(self.server.project, self.agent(params)["id"], message)
+        return 200, {"id": agent_id, "waits": waits, "message": sent_text(agent_id, waits)}
+
+    def route_session(self, params, query, body):
+        """GET /api/sessions/ID: a session's prompts and the commands that resume it."""
+        return 200, session_detail(self.server.env, params["id"])
 
     def route_websocket(self, params, query, body):
         """GET /ws/status: upgrade, then a status snapshot and every change until the client goes."""
         response = websocket_accept(self.headers)
+        if not self.server.admit_websocket():
+            raise HTTPRefusal(
+                503, f"{WEB_MAX_WEBSOCKETS} live updates are open already; close a tab", {"Retry-After": "5"}
+            )
+        try:
+            self.upgrade(response)
+        finally:
+            self.server.release_websocket()
+
+    def upgrade(self, response):
+        """Send the 101 and serve the WebSocket until it ends."""
+        self.server.track(self.connection, "websocket")
         self.send_response(101)
         for name, value in response.items():
             self.send_header(name, value)
@@ -5013,8 +5289,24 @@ class WebHandler(BaseHTTPRequestHandler):
             ws.abort()
 
 
+class Link:
+    """What the server knows of one open connection, to decide whom to drop."""
+
+    __slots__ = ("deadline", "since", "trusted")
+
+    def __init__(self, since, deadline):
+        self.since, self.deadline, self.trusted = since, deadline, False
+
+
 class WebServer(ThreadingHTTPServer):
-    """`orchestra web`: one thread per connection, a connection cap and a deadline per request."""
+    """`orchestra web`: one thread per connection, a connection cap and deadlines.
+
+    Without the token a connection gets WEB_HEADER_DEADLINE from accept for everything it does:
+    pipelined requests and answers it never reads do not extend it, and at the cap it is the
+    first dropped. A request that shows the token gets WEB_ANSWER_DEADLINE for its answer, and
+    the next request on that connection starts a new header deadline. WebSockets (token only)
+    have no deadline (pings find dead ones) but their own, lower cap.
+    """
 
     daemon_threads = True
     request_queue_size = WEB_LISTEN_BACKLOG
@@ -5026,8 +5318,11 @@ class WebServer(ThreadingHTTPServer):
         self.log_stream = log
         self.header_deadline, self.max_connections = header_deadline, max_connections
         self.ws_options = ws_options or {}
-        self.connections = {}  # socket -> request deadline (monotonic), None once past its request
-        self.connections_lock = threading.Lock()  # guards connections
+        self.connections = {}  # socket -> Link
+        self.next_sweep = 0.0  # when service_actions next looks at the deadlines
+        self.pages = {}  # (file, mtime, size, Host) -> (bytes, policy); replacing a dict entry is atomic
+        self.websockets = 0
+        self.connections_lock = threading.Lock()  # guards connections and websockets
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         context = tls_context(*tls) if tls else None  # a bad certificate is refused before listening
         try:
@@ -5048,35 +5343,71 @@ class WebServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def log(self, line):
-        """One line (or a traceback) to the server's log, when it has one."""
+        """One line (or a traceback) to the server's log, when it has one; requests and agents
+        choose some of its text, so escape sequences and controls are dropped (newlines stay)."""
         if self.log_stream is not None:
-            self.log_stream.write(line.rstrip("\n") + "\n")
+            self.log_stream.write(strip_control(line).rstrip("\n") + "\n")
             self.log_stream.flush()
 
     def verify_request(self, request, client_address):
-        """Admit a connection; at the cap, drop the oldest one still sending its request."""
-        with self.connections_lock:
-            if len(self.connections) >= self.max_connections:
-                waiting = [s for s, deadline in self.connections.items() if deadline is not None]
-                if not waiting:
-                    return False
-                oldest = min(waiting, key=self.connections.get)
-                del self.connections[oldest]
-                drop_socket(oldest)
-            self.connections[request] = time.monotonic() + self.header_deadline
-        return True
-
-    def track(self, sock, reading):
-        """Start a connection's request deadline (reading) or lift it (answering, or a WebSocket)."""
-        with self.connections_lock:
-            if sock in self.connections:
-                self.connections[sock] = time.monotonic() + self.header_deadline if reading else None
-
-    def service_actions(self):
-        """Between accepts: drop connections past their request deadline (slowloris)."""
+        """Admit a connection; at the cap, drop the oldest one that has not shown the token."""
         now = time.monotonic()
         with self.connections_lock:
-            late = [s for s, deadline in self.connections.items() if deadline is not None and deadline < now]
+            if len(self.connections) >= self.max_connections:
+                untrusted = [s for s, link in self.connections.items() if not link.trusted]
+                if not untrusted:
+                    return False
+                oldest = min(untrusted, key=lambda s: self.connections[s].since)
+                del self.connections[oldest]
+                drop_socket(oldest)
+            self.connections[request] = Link(now, now + self.header_deadline)
+        # Until it shows the token, a connection gets a small send buffer: a client that asks and
+        # never reads blocks its thread (which then waits without work) after an answer or two.
+        with contextlib.suppress(OSError):
+            request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WEB_UNTRUSTED_SEND_BUFFER)
+        return True
+
+    def track(self, sock, phase):
+        """Move a connection's deadline: 'reading' a request, 'trusted' (it showed the token),
+        'websocket' (upgraded); a connection without the token keeps the deadline it got at accept."""
+        now = time.monotonic()
+        with self.connections_lock:
+            link = self.connections.get(sock)
+            if link is None:
+                return
+            if phase == "reading" and link.trusted:
+                link.deadline, link.trusted = now + self.header_deadline, False
+            elif phase == "trusted":
+                if not link.trusted:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WEB_TRUSTED_SEND_BUFFER)
+                link.deadline, link.trusted = now + WEB_ANSWER_DEADLINE, True
+            elif phase == "websocket":
+                link.deadline, link.trusted = None, True
+
+    def admit_websocket(self):
+        """Count one more WebSocket; False at WEB_MAX_WEBSOCKETS."""
+        with self.connections_lock:
+            if self.websockets >= WEB_MAX_WEBSOCKETS:
+                return False
+            self.websockets += 1
+            return True
+
+    def release_websocket(self):
+        """Count a WebSocket that ended."""
+        with self.connections_lock:
+            self.websockets -= 1
+
+    def service_actions(self):
+        """Between accepts, at most every WEB_SERVE_POLL: drop connections past their deadline."""
+        now = time.monotonic()
+        if now < self.next_sweep:
+            return  # a flood of connections must not turn this sweep into the accept loop's main work
+        self.next_sweep = now + WEB_SERVE_POLL
+        with self.connections_lock:
+            late = [
+                s for s, link in self.connections.items() if link.deadline is not None and link.deadline < now
+            ]
             for sock in late:
                 del self.connections[sock]
         for sock in late:
@@ -5097,6 +5428,23 @@ class WebServer(ThreadingHTTPServer):
         """A client that vanished is not news; anything else is logged with its traceback."""
         if not isinstance(sys.exc_info()[1], OSError):
             self.log(f"error while serving {client_address[0]}:\n{traceback.format_exc()}")
+
+    def dashboard(self, host):
+        """(page bytes, its Content-Security-Policy) for a Host, read and hashed once per version of
+        the file; None when there is no dashboard file."""
+        for path in dashboard_candidates():
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            key = (str(path), info.st_mtime_ns, info.st_size, host)
+            if key not in self.pages:
+                if len(self.pages) >= WEB_PAGE_CACHE:
+                    self.pages.clear()
+                html = path.read_text(encoding="utf-8")
+                self.pages[key] = (html.encode("utf-8"), page_policy(html, host, self.scheme))
+            return self.pages[key]
+        return None
 
     def project_for(self, model):
         """The project, opened again with a model flag when a spawn asks for one."""
@@ -5164,6 +5512,253 @@ def beyond_loopback_warning(host, hosts):
         f"listening on {host or 'every address'}, reachable from other machines; anyone with the token can run "
         f"agents here. Requests must name one of: {', '.join(sorted(hosts))} (add more with --allow-host NAME)"
     )
+
+
+# ======================================================================================
+# QR code
+# --------------------------------------------------------------------------------------
+# `orchestra web --qr` draws the dashboard's address as a QR code (ISO/IEC 18004) in the
+# terminal, so a phone can scan it. Byte mode, error correction level M, the smallest
+# version that holds the text; Reed-Solomon codewords over GF(256) (polynomial 0x11D),
+# blocks interleaved, the mask with the lowest penalty. Two module rows per text line, drawn
+# with half blocks, inside a quiet zone of four modules.
+# ======================================================================================
+
+
+def gf_multiply(x, y):
+    """The product of two elements of GF(256) modulo x^8 + x^4 + x^3 + x^2 + 1."""
+    product = 0
+    for bit in range(7, -1, -1):
+        product = (product << 1) ^ ((product >> 7) * QR_GF_POLY)
+        product ^= ((y >> bit) & 1) * x
+    return product
+
+
+def rs_divisor(degree):
+    """The Reed-Solomon generator polynomial (x - a^0)...(x - a^(degree-1)), leading 1 dropped."""
+    result, root = [0] * (degree - 1) + [1], 1
+    for _ in range(degree):
+        for j in range(degree):
+            result[j] = gf_multiply(result[j], root) ^ (result[j + 1] if j + 1 < degree else 0)
+        root = gf_multiply(root, 0x02)
+    return result
+
+
+def rs_remainder(data, divisor):
+    """The error correction codewords of `data` for a generator from rs_divisor."""
+    result = [0] * len(divisor)
+    for byte in data:
+        factor = byte ^ result.pop(0)
+        result.append(0)
+        for i, coefficient in enumerate(divisor):
+            result[i] ^= gf_multiply(coefficient, factor)
+    return result
+
+
+def qr_raw_modules(version):
+    """Modules of a version that carry data and error correction (not function patterns)."""
+    result = (16 * version + 128) * version + 64
+    if version >= 2:
+        aligns = version // 7 + 2
+        result -= (25 * aligns - 10) * aligns - 55
+        if version >= 7:
+            result -= 36
+    return result
+
+
+def qr_data_capacity(version):
+    """Data codewords of a version at level M."""
+    return qr_raw_modules(version) // 8 - QR_ECC_PER_BLOCK[version] * QR_BLOCKS[version]
+
+
+def qr_bits(data, version):
+    """Byte-mode segment, terminator and padding: the data codewords of `version`."""
+    count_bits = 8 if version < 10 else 16
+    bits = [int(b) for b in f"0100{len(data):0{count_bits}b}" + "".join(f"{byte:08b}" for byte in data)]
+    capacity = qr_data_capacity(version) * 8
+    bits += [0] * min(4, capacity - len(bits))
+    bits += [0] * (-len(bits) % 8)
+    codewords = [int("".join(map(str, bits[i : i + 8])), 2) for i in range(0, len(bits), 8)]
+    return codewords + [QR_PAD_BYTES[i % 2] for i in range(capacity // 8 - len(codewords))]
+
+
+def qr_codewords(data, version):
+    """Data and error correction codewords, split into blocks and interleaved."""
+    blocks, ecc = QR_BLOCKS[version], QR_ECC_PER_BLOCK[version]
+    raw = qr_raw_modules(version) // 8
+    short, short_length = blocks - raw % blocks, raw // blocks
+    divisor, codewords, parts = rs_divisor(ecc), qr_bits(data, version), []
+    start = 0
+    for i in range(blocks):
+        size = short_length - ecc + (0 if i < short else 1)
+        chunk = codewords[start : start + size]
+        start += size
+        parts.append((chunk, rs_remainder(chunk, divisor)))
+    longest = short_length - ecc + 1
+    result = [d[i] for i in range(longest) for d, _ in parts if i < len(d)]
+    return result + [e[i] for i in range(ecc) for _, e in parts]
+
+
+def qr_alignment_positions(version):
+    """Centre coordinates of the alignment patterns along each axis."""
+    if version == 1:
+        return []
+    count = version // 7 + 2
+    step = (version * 8 + count * 3 + 5) // (count * 4 - 4) * 2
+    return [6, *reversed([version * 4 + 10 - i * step for i in range(count - 1)])]
+
+
+class QRCode:
+    """A QR code of a text: `modules[y][x]` is True for a dark module."""
+
+    def __init__(self, text):
+        data = text.encode("utf-8")
+        fits = (
+            v for v in range(1, QR_MAX_VERSION + 1) if qr_segment_bits(data, v) <= qr_data_capacity(v) * 8
+        )
+        self.version = next(fits, None)
+        if self.version is None:
+            raise OrchestraError(f"the address is too long for a QR code ({len(data)} bytes)")
+        self.size = self.version * 4 + 17
+        self.modules = [[False] * self.size for _ in range(self.size)]
+        self.function = [[False] * self.size for _ in range(self.size)]
+        self.draw_function_patterns()
+        self.draw_codewords(qr_codewords(data, self.version))
+        self.mask = min(range(8), key=self.penalty_with)
+        self.apply_mask(self.mask)
+        self.draw_format(self.mask)
+
+    def set(self, x, y, dark):
+        """Set a function module."""
+        self.modules[y][x], self.function[y][x] = dark, True
+
+    def draw_function_patterns(self):
+        """Timing, finder, alignment and version patterns, and room for the format bits."""
+        for i in range(self.size):
+            self.set(6, i, i % 2 == 0)
+            self.set(i, 6, i % 2 == 0)
+        for cx, cy in ((3, 3), (self.size - 4, 3), (3, self.size - 4)):
+            for dy in range(-4, 5):
+                for dx in range(-4, 5):
+                    x, y = cx + dx, cy + dy
+                    if 0 <= x < self.size and 0 <= y < self.size:
+                        self.set(x, y, max(abs(dx), abs(dy)) not in (2, 4))
+        positions = qr_alignment_positions(self.version)
+        last = len(positions) - 1
+        for i, cx in enumerate(positions):
+            for j, cy in enumerate(positions):
+                if (i, j) not in ((0, 0), (0, last), (last, 0)):
+                    for dy in range(-2, 3):
+                        for dx in range(-2, 3):
+                            self.set(cx + dx, cy + dy, max(abs(dx), abs(dy)) != 1)
+        self.draw_format(0)  # reserves the format areas; drawn again once the mask is chosen
+        self.draw_version()
+
+    def draw_format(self, mask):
+        """The 15 format bits (level M and the mask), twice, and the dark module."""
+        data = QR_FORMAT_LEVEL_M << 3 | mask
+        rem = data
+        for _ in range(10):
+            rem = (rem << 1) ^ ((rem >> 9) * 0x537)
+        bits = (data << 10 | rem) ^ 0x5412
+        bit = [(bits >> i) & 1 == 1 for i in range(15)]
+        for i in range(6):
+            self.set(8, i, bit[i])
+        self.set(8, 7, bit[6])
+        self.set(8, 8, bit[7])
+        self.set(7, 8, bit[8])
+        for i in range(9, 15):
+            self.set(14 - i, 8, bit[i])
+        for i in range(8):
+            self.set(self.size - 1 - i, 8, bit[i])
+        for i in range(8, 15):
+            self.set(8, self.size - 15 + i, bit[i])
+        self.set(8, self.size - 8, True)
+
+    def draw_version(self):
+        """The 18 version bits of versions 7 and up, in two corners."""
+        if self.version < 7:
+            return
+        rem = self.version
+        for _ in range(12):
+            rem = (rem << 1) ^ ((rem >> 11) * 0x1F25)
+        bits = self.version << 12 | rem
+        for i in range(18):
+            dark, a, b = (bits >> i) & 1 == 1, self.size - 11 + i % 3, i // 3
+            self.set(a, b, dark)
+            self.set(b, a, dark)
+
+    def draw_codewords(self, codewords):
+        """Place the bits in the zigzag of two-module columns, right to left, skipping the timing column."""
+        bits = [(byte >> (7 - i)) & 1 == 1 for byte in codewords for i in range(8)]
+        index, right = 0, self.size - 1
+        while right >= 1:
+            if right == 6:
+                right = 5
+            for vert in range(self.size):
+                for j in range(2):
+                    x = right - j
+                    upward = (right + 1) & 2 == 0
+                    y = self.size - 1 - vert if upward else vert
+                    if not self.function[y][x] and index < len(bits):
+                        self.modules[y][x] = bits[index]
+                        index += 1
+            right -= 2
+
+    def apply_mask(self, mask):
+        """XOR the data modules with mask pattern `mask` (applying it twice undoes it)."""
+        rule = QR_MASKS[mask]
+        for y in range(self.size):
+            for x in range(self.size):
+                if not self.function[y][x] and rule(x, y):
+                    self.modules[y][x] = not self.modules[y][x]
+
+    def penalty_with(self, mask):
+        """The penalty score of the symbol under `mask` (ISO/IEC 18004 section 7.8.3)."""
+        self.apply_mask(mask)
+        self.draw_format(mask)
+        score = qr_penalty(self.modules)
+        self.apply_mask(mask)
+        return score
+
+    def terminal_lines(self, quiet=QR_QUIET_ZONE):
+        """The code as text: each character two modules high, ink for dark modules."""
+        light = [False] * (self.size + 2 * quiet)
+        rows = [light] * quiet + [[False] * quiet + row + [False] * quiet for row in self.modules]
+        rows += [light] * (quiet + (len(rows) + quiet) % 2)
+        return ["".join(QR_HALF_BLOCKS[top, bottom] for top, bottom in zip(rows[i], rows[i + 1]))
+                for i in range(0, len(rows), 2)]  # fmt: skip
+
+
+def qr_segment_bits(data, version):
+    """Bits of a byte-mode segment of `data` before padding: mode, count and the bytes."""
+    return 4 + (8 if version < 10 else 16) + 8 * len(data)
+
+
+def qr_penalty(modules):
+    """Runs of five or more, 2x2 blocks, finder-like patterns and the dark/light balance."""
+    size, score = len(modules), 0
+    lines = ["".join("1" if m else "0" for m in row) for row in modules]
+    lines += ["".join(lines[y][x] for y in range(size)) for x in range(size)]
+    for line in lines:
+        for run in re.finditer(r"0{5,}|1{5,}", line):
+            score += QR_PENALTY_RUN + len(run.group()) - 5
+        padded = "0000" + line + "0000"
+        score += QR_PENALTY_FINDER * sum(
+            padded.startswith(p, i) for p in ("00001011101", "10111010000") for i in range(len(padded))
+        )
+    for y in range(size - 1):
+        for x in range(size - 1):
+            if modules[y][x] == modules[y][x + 1] == modules[y + 1][x] == modules[y + 1][x + 1]:
+                score += QR_PENALTY_BLOCK
+    dark = sum(map(sum, modules))
+    return score + QR_PENALTY_BALANCE * (abs(dark * 20 - size * size * 10) // (size * size))
+
+
+def qr_text(text, colour=False):
+    """The QR code of `text` for a terminal; with colour, dark on light whatever the theme."""
+    lines = QRCode(text).terminal_lines()
+    return "\n".join(f"\x1b[30;107m{line}\x1b[0m" for line in lines) if colour else "\n".join(lines)
 
 
 # ======================================================================================
@@ -5445,7 +6040,7 @@ def cmd_logs(args):
             chunk = chunk[: chunk.rfind(b"\n") + 1]
             offset += len(chunk)
             for line in readable_lines(chunk, args.raw):
-                print(strip_control(line) if clean else line)
+                print(strip_control(line) if clean else encodable(line))
             sys.stdout.flush()
         if not args.follow or (not chunk and project.records()[record["id"]]["state"] not in ACTIVE_STATES):
             break
@@ -5453,7 +6048,7 @@ def cmd_logs(args):
     if not args.follow and record["state"] in ("failed", "interrupted"):
         stderr = read_tail(project.stderr_path(record["id"])).strip()
         if stderr:
-            print("-- stderr --\n" + (strip_control(stderr) if clean else stderr))
+            print("-- stderr --\n" + (strip_control(stderr) if clean else encodable(stderr)))
     return EXIT_OK
 
 
@@ -5567,20 +6162,9 @@ def report_text(report):
 def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
-    records = finished_agents(project.records(), args.ids)
-    if args.merge:
-        check_checkout_clean(project.repo, "merging")
-    committed = [r["id"] for r in records if args.commit and commit_leftovers(project, r)]
-    reports = [agent_report(project, r) for r in records]
-    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
-    if args.merge:
-        chosen = records if args.ids else [r for r in records if r["state"] == "done"]
-        chosen, document["not_merged"] = gate_on_checks(chosen, bool(args.ids) or args.include_failing)
-        document["merged"], document["conflict"] = merge_agents(project, chosen)
-    if args.patch:
-        document["patch"] = {"path": args.patch, "commits": write_patch(project, records, args.patch)}
-    if args.pr:
-        document["pull_requests"] = open_pull_requests(project, reports)
+    document = collect_agents(project, args.ids, commit=args.commit, merge=args.merge, patch=args.patch,
+                              pr=args.pr, include_failing=args.include_failing)  # fmt: skip
+    reports = document["agents"]
     if args.json:
         print_json(document)
     else:
@@ -5630,12 +6214,7 @@ def cmd_send(args):
     A finished agent continues at once; a running one gets the message when its current turn ends.
     """
     project = open_project(args)
-    agent_id, waits = send_message(project, args.id, args.message)
-    if waits:
-        print(f"{agent_id}: still working; your message waits and is sent when its current turn ends")
-    else:
-        print(f"{agent_id}: queued to continue with your message")
-    print(f"follow it with: orchestra logs -f {agent_id}")
+    print(sent_text(*send_message(project, args.id, args.message)))
     return EXIT_OK
 
 
@@ -5802,6 +6381,8 @@ def cmd_web(args):
         if missing:
             print(f"orchestra: warning: {missing}", file=sys.stderr)
         print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
+        if args.qr:
+            print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
 
@@ -5840,6 +6421,9 @@ def add_web_parser(commands):
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests addressed to this host name (repeatable)")  # fmt: skip
     p.add_argument("--open", action="store_true", help="open the dashboard in a browser")
+    p.add_argument(
+        "--qr", action="store_true", help="also print the address as a QR code to scan with a phone"
+    )
     p.add_argument("--new-token", action="store_true", help="make a new access token; old links stop working")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")

@@ -3,10 +3,14 @@
 Goals (issue 5): with 50 WebSocket clients while 8 agent records change several times a second,
 p99 update latency < 250 ms; GET /api/status p50 < 5 ms; the web process's RSS < 40 MB; with
 200 slowloris sockets open, an authenticated request still answers in < 1 s.
+Goals (issue 12): authenticated GET /api/status p99 < 100 ms, never refused, while 130
+unauthenticated clients pipeline requests and never read; the dashboard's first render in
+Chromium < 300 ms with 200 agents in history.
 
 The web server runs as its own process, as a user starts it; this process plays the supervisor,
 rewriting state.json through orchestra's state store, and all the clients. Loopback only.
 Run: python3 bench/web.py [--clients 50] [--seconds 10] [--writes 5] [--slowloris 200]
+                          [--pipeliners 130] [--history 200]
 """
 
 import argparse
@@ -14,6 +18,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -203,6 +208,105 @@ def slowloris(base, token, count):
     return answered, dropped
 
 
+def pipeliner(host, port, stop, counts):
+    """An unauthenticated client: pipelines requests for the page and never reads; when the
+    server drops it, it connects again."""
+    request = b"GET / HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (host.encode(), port)
+    while not stop.is_set():
+        try:
+            sock = socket.create_connection((host, port), timeout=5)
+        except OSError:
+            counts["refused"] += 1
+            time.sleep(0.1)
+            continue
+        counts["connections"] += 1
+        sock.setblocking(False)
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(BlockingIOError):
+                    sock.send(request * 50)
+                time.sleep(0.05)
+        except OSError:
+            pass  # dropped by the server: come back
+        finally:
+            sock.close()
+
+
+def pipeliners(host, port, attackers, stop, connections):
+    """The attackers, in a process of their own so that their threads do not slow the measuring one."""
+    counts = {"connections": 0, "refused": 0}
+    threads = [threading.Thread(target=pipeliner, args=(host, port, stop, counts), daemon=True)
+               for _ in range(attackers)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    connections.value = counts["connections"]
+
+
+def pipelining(base, token, attackers, seconds):
+    """Authenticated GET /api/status latencies (ms, each on a new connection) and refusals while
+    `attackers` clients pipeline and never read."""
+    host, port = base.split("//")[1].split(":")
+    stop, connections = multiprocessing.Event(), multiprocessing.Value("i", 0)
+    attack = multiprocessing.Process(target=pipeliners, args=(host, int(port), attackers, stop, connections))
+    attack.start()
+    time.sleep(1.0)
+    times, refused, deadline = [], 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            times.append(status_latencies(base, token, 1)[0])
+        except (OSError, AssertionError):
+            refused += 1
+        time.sleep(0.02)
+    stop.set()
+    attack.join(30)
+    return times, refused, connections.value
+
+
+def add_history(project, count):
+    """`count` cleaned-up agents, as a long-used repository has."""
+
+    def change(state):
+        for n in range(count):
+            record = dict.fromkeys(orchestra.RECORD_FIELDS)
+            record.update(id=f"old-{n}", task=f"an old task number {n} " * 3, state="removed", cost_usd=0.5,
+                          created_at=f"2026-01-01T00:{n // 60 % 60:02d}:{n % 60:02d}Z", branch=f"orchestra/old-{n}")  # fmt: skip
+            state["agents"][record["id"]] = record
+
+    project.store.update(change)
+
+
+# Records when the agent cards first all stand on the page, in ms since navigation started.
+TIME_FIRST_RENDER = """
+new MutationObserver((changes, observer) => {
+  if (document.querySelectorAll(".card").length >= %d) {
+    window.firstRender = performance.now();
+    observer.disconnect();
+  }
+}).observe(document, {subtree: true, childList: true});
+"""
+
+
+def first_render(base, token, cards, runs=5):
+    """Milliseconds from navigation to the first full list of cards, in Chromium at 390x844 (best and median)."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    times = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox"])
+        for _ in range(runs + 1):  # the first run warms the browser's caches up
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.add_init_script(TIME_FIRST_RENDER % cards)
+            page.goto(f"{base}/#token={token}")
+            page.wait_for_function("() => window.firstRender !== undefined", timeout=30_000)
+            times.append(page.evaluate("window.firstRender"))
+            page.close()
+        browser.close()
+    return min(times[1:]), statistics.median(times[1:])
+
+
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -214,6 +318,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--writes", type=float, default=5.0, help="state.json rewrites per second")
     parser.add_argument("--slowloris", type=int, default=200)
+    parser.add_argument("--pipeliners", type=int, default=130)
+    parser.add_argument("--pipeline-seconds", type=float, default=10.0)
+    parser.add_argument("--history", type=int, default=200)
     args = parser.parse_args()
     os.environ.update(IDENTITY, ORCHESTRA_CONFIG="/nonexistent/config.json", NO_COLOR="1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,6 +334,9 @@ def main():
             loaded_rss, peak_rss = rss_mb(proc.pid)
             times = status_latencies(base, token, 500)
             answered, dropped = slowloris(base, token, args.slowloris)
+            piped, refused, reconnects = pipelining(base, token, args.pipeliners, args.pipeline_seconds)
+            add_history(project, args.history)
+            render_best, render_median = first_render(base, token, AGENTS)
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(10)
@@ -244,6 +354,12 @@ def main():
           "(python3 orchestra.py web)")  # fmt: skip
     print(f"slowloris: {args.slowloris} sockets trickling a request; an authenticated GET /api/status "
           f"answered in {answered:.1f} ms (goal < 1 s); the server had dropped {dropped} of them")  # fmt: skip
+    print(f"pipelining: {args.pipeliners} unauthenticated clients pipelining and never reading "
+          f"({reconnects} connections in {args.pipeline_seconds:.0f} s); authenticated GET /api/status on new "
+          f"connections: {len(piped)} answered, {refused} refused, p50 {statistics.median(piped):.1f} ms, "
+          f"p99 {percentile(piped, 0.99):.1f} ms (goal p99 < 100 ms, none refused)")  # fmt: skip
+    print(f"dashboard first render in Chromium at 390x844 with {AGENTS} agents and {args.history} in history: "
+          f"best {render_best:.0f} ms, median {render_median:.0f} ms (goal < 300 ms)")  # fmt: skip
 
 
 if __name__ == "__main__":
