@@ -21,6 +21,11 @@ Commands:
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
   orchestra web [--port N]            the phone-friendly dashboard, JSON API and live WebSocket
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
+  orchestra approvals [--json]        tool calls agents wait to have approved
+  orchestra approve REQ [--always]    allow one (REQ or an agent id); orchestra deny REQ refuses it
+  orchestra config set KEY VALUE      write a setting (--user: your own file); config unset KEY
+  orchestra doctor                    what works here: git, claude and its login, sandbox, gh
+  orchestra hook permission-request   (internal) what Claude Code runs when an agent asks
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
@@ -28,7 +33,8 @@ readable by you alone, and deleted once read).
 
 State lives in `<repo>/.orchestra/`: state.json (agent records), logs/<id>.jsonl (each agent's
 stream-json output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the
-dashboard's access token) and the lock files. Saved work of cleaned-up agents: refs/orchestra/archive/.
+dashboard's access token), approvals/ (requests waiting, decisions, --always rules) and the
+lock files. Saved work of cleaned-up agents: refs/orchestra/archive/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
 """
@@ -103,6 +109,10 @@ CONFIG_DEFAULTS = {
     "base_branch": None,
     "copy_files": [],
     "setup": [],
+    "sandbox": "off",
+    "sandbox_network": [],
+    "approval_timeout": 1800,
+    "notify_command": [],
     "checks": [],
     "check_timeout": 900,
     "fix_rounds": 0,
@@ -126,6 +136,10 @@ CONFIG_TYPES = {
     "base_branch": "str?",
     "copy_files": "list",
     "setup": "list",
+    "sandbox": "str",
+    "sandbox_network": "list",
+    "approval_timeout": "number",
+    "notify_command": "list",
     "checks": "list",
     "check_timeout": "number",
     "fix_rounds": "int",
@@ -143,7 +157,14 @@ TYPE_NAMES = {
     "list": "a list of strings",
 }
 
-LAUNCH_KEYS = ("agent_command", "model", "permission_mode", "bypass_permissions")  # fixed at spawn
+LAUNCH_KEYS = (
+    "agent_command",
+    "model",
+    "permission_mode",
+    "bypass_permissions",
+    "sandbox_network",
+    "approval_timeout",
+)  # fixed at spawn; "sandboxed" is added then too
 STATES = ("queued", "running", "paused", "waiting", "done", "failed", "stopped", "interrupted", "removed")
 ACTIVE_STATES = ("queued", "running", "paused", "waiting")
 FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
@@ -154,7 +175,7 @@ RECORD_FIELDS = (
     "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
-    "cost_estimated", "pending_messages",
+    "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials",
     "checks", "waiting", "batch", "stop_reason",
 )  # fmt: skip
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
@@ -199,6 +220,20 @@ LOGS_FOLLOW_POLL = 0.25
 LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
 WORKTREE_THREADS = 8
 COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
+
+# Approvals and the sandbox (see the section "Approvals and the sandbox").
+SANDBOX_MODES = ("off", "auto", "on")
+APPROVALS_DIR = "approvals"  # in .orchestra/: <req>.json pending, decisions/, answered/, rules/
+APPROVAL_POLL = 0.05  # seconds between the waiting hook's looks for a decision
+APPROVAL_HOOK_MARGIN = 60  # seconds Claude Code gives the hook beyond approval_timeout
+APPROVAL_ID_BYTES = 3  # random bytes of a request id (6 hex digits), unique by O_EXCL
+APPROVAL_INPUT_LIMIT = 64 * 1024  # characters of a tool input kept in a request
+APPROVAL_DECIDERS = ("cli", "web", "rule", "timeout")
+NOTIFY_EVENTS = ("approval", "done", "failed", "stale")
+NOTIFY_TIMEOUT = 30.0  # seconds a notify command may run before it is killed
+SANDBOX_PACKAGES = {"bwrap": "bubblewrap", "socat": "socat"}  # what Claude Code's Linux sandbox runs
+SANDBOX_PROBE = ("bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-net", "true")
+SANDBOX_PROBE_TIMEOUT = 10.0
 
 # Checks, fix rounds, API errors and budgets (see "Results you can trust" below)
 RESILIENCE_KEYS = ("checks", "check_timeout", "fix_rounds", "max_budget_usd", "api_retries", "api_backoff",
@@ -713,11 +748,36 @@ class Config:
                 raise OrchestraError(f"{sources[key]}: '{key}' must be at least 1")
         if not values["agent_command"]:
             raise OrchestraError(f"{sources['agent_command']}: 'agent_command' must not be empty")
+        if values["sandbox"] not in SANDBOX_MODES:
+            raise OrchestraError(
+                f"{sources['sandbox']}: 'sandbox' must be one of {', '.join(SANDBOX_MODES)}, not {json.dumps(values['sandbox'])}"
+            )
+        if values["approval_timeout"] <= 0:
+            raise OrchestraError(
+                f"{sources['approval_timeout']}: 'approval_timeout' must be more than 0 seconds"
+            )
         check_resilience_values(values, sources)
 
     def parallel_limit(self, requested=None):
         """How many agents may run at once: the request or default, capped by max_parallel."""
         return min(requested or self["default_parallel"], self["max_parallel"])
+
+
+def write_config_value(path, key, value, unset=False):
+    """Set (or unset) one key in a config file, checked as loading it would check it."""
+    path = Path(path)
+    if key not in CONFIG_TYPES:
+        raise OrchestraError(f"unknown key '{key}'; known keys: {', '.join(CONFIG_TYPES)}")
+    data = read_config_file(path)
+    if unset:
+        data.pop(key, None)
+    else:
+        check_config_value(key, value, path)
+        data[key] = value
+    Config.check_consistency({**CONFIG_DEFAULTS, **data}, dict.fromkeys(CONFIG_DEFAULTS, str(path)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 # ======================================================================================
@@ -1020,6 +1080,419 @@ def load_agent_records(repo):
 
 
 # ======================================================================================
+# Approvals and the sandbox
+# --------------------------------------------------------------------------------------
+# How an approval travels. Every Claude agent is launched with a --settings layer (argv,
+# never a file) whose PermissionRequest hook runs `orchestra hook permission-request`, a
+# child of the agent, so it outlives a supervisor crash. Claude Code calls it only for a
+# tool call its own rules do not allow already. The hook:
+#   1. allows at once what an --always rule allows: the agent's own (approvals/rules/) or
+#      the project's bypass_permissions as .orchestra/config.json holds it now;
+#   2. else writes approvals/<req>.json atomically: the request is now pending, and the
+#      CLI, the status hub and the dashboard see it;
+#   3. polls for approvals/decisions/<req>.json. A decision is a complete file linked into
+#      place (the O_EXCL rule of link(2)), so the first decider wins and a later one is told
+#      it came late; at approval_timeout the hook itself decides "deny" the same way;
+#   4. moves the request to approvals/answered/ and prints Claude Code's answer.
+# When in doubt the hook denies, with a message that says why: unreadable state, an unknown
+# or ended agent, a broken request. A pending request whose hook has gone (its agent was
+# stopped) is void: never listed, never answerable.
+# The sandbox is Claude Code's own (bubblewrap and socat on Linux): with it, Bash runs
+# without asking, writes only inside the worktree, and reaches only sandbox_network.
+# ======================================================================================
+
+
+def read_json_file(path):
+    """A JSON object from a file, or None when it is missing, half written or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def tool_summary(tool, tool_input):
+    """'Bash(pytest -q)', 'Edit(src/app.py)': a tool call as a permission rule would name it."""
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    for key in ("command", "file_path", "path", "url", "pattern", "prompt"):
+        if isinstance(tool_input.get(key), str):
+            return one_line(f"{tool}({tool_input[key]})")
+    return tool
+
+
+def request_rule(tool, tool_input):
+    """The rule --always adds: Bash with exactly this command, any other tool as a whole."""
+    command = tool_input.get("command") if isinstance(tool_input, dict) else None
+    if tool == "Bash" and isinstance(command, str):
+        return f"Bash({command})"
+    return tool
+
+
+SHELL_OPERATORS = re.compile(r"[;&|<>$`\n()]")  # a wildcard rule never allows a compound command
+
+
+def rule_matches(rule, tool, tool_input):
+    """True when a permission rule ('Bash(git *)', 'Bash(npm test:*)', 'Edit') allows this call."""
+    name, paren, content = rule.partition("(")
+    if name.strip() != tool:
+        return False
+    if not paren:
+        return True
+    content = content[:-1] if content.endswith(")") else content
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    subject = (
+        tool_input.get("command") if tool == "Bash" else tool_input.get("file_path") or tool_input.get("path")
+    )
+    if not isinstance(subject, str):
+        return False
+    if "*" not in content:
+        return subject == content
+    if tool == "Bash" and SHELL_OPERATORS.search(subject):
+        return False
+    if content.endswith(":*"):
+        return subject == content[:-2] or subject.startswith(content[:-2] + " ")
+    return fnmatchcase(subject, content)
+
+
+def denial_lines(denials, allowed=()):
+    """'2 tool calls denied: Bash(pytest -q), Write(x)' and the command that allows them next time.
+
+    `allowed` is the agent's bypass_permissions, which the suggested list keeps.
+    """
+    if not denials:
+        return []
+    named = [tool_summary(d.get("tool_name") or "tool", d.get("tool_input")) for d in denials]
+    new = [request_rule(d.get("tool_name") or "tool", d.get("tool_input") or {}) for d in denials]
+    rules = list(dict.fromkeys([*allowed, *new]))
+    count = f"{len(denials)} tool call{'s' if len(denials) != 1 else ''} denied"
+    return [f"{count}: {', '.join(named)}",
+            f"allow them next time: orchestra config set bypass_permissions {shlex.quote(json.dumps(rules))}"]  # fmt: skip
+
+
+class ApprovalBox:
+    """One repository's approval requests, decisions and --always rules, as files in .orchestra/approvals/."""
+
+    def __init__(self, repo):
+        self.repo = Path(repo)
+        self.dir = self.repo / ORCHESTRA_DIR / APPROVALS_DIR
+        self.decisions = self.dir / "decisions"
+        self.answered = self.dir / "answered"
+        self.rules_dir = self.dir / "rules"
+
+    def stamp(self):
+        """Changes whenever a request appears or goes: the folder's (inode, mtime)."""
+        try:
+            info = os.stat(str(self.dir))
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns
+
+    def submit(self, request):
+        """Record a pending request (a dict without id); its id, unique by O_EXCL."""
+        for folder in (self.decisions, self.answered, self.rules_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            req_id = secrets.token_hex(APPROVAL_ID_BYTES)
+            try:
+                os.close(
+                    os.open(str(self.dir / f"{req_id}.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                )
+            except FileExistsError:
+                continue
+            if (self.answered / f"{req_id}.json").exists():
+                continue  # the empty reservation stays behind; readers skip it
+            request = {"id": req_id, **request}
+            write_atomic(self.dir / f"{req_id}.json", json.dumps(request, indent=2, sort_keys=True) + "\n")
+            return request
+
+    def pending(self):
+        """Requests still waiting, oldest first (void ones, whose hook has gone, left out)."""
+        found = []
+        for path in self.dir.glob("*.json"):
+            request = read_json_file(path)
+            if (
+                request
+                and process_alive(request.get("pid"), request.get("pid_start"))
+                and not (self.decisions / path.name).exists()
+            ):
+                found.append(request)
+        return sorted(found, key=lambda r: (r.get("since") or "", r["id"]))
+
+    def request(self, req_id):
+        """(request, 'pending'|'answered') for an id, or (None, None)."""
+        if not re.fullmatch(r"[0-9a-f]+", req_id):
+            return None, None
+        request = read_json_file(self.dir / f"{req_id}.json")
+        if request:
+            return request, "pending"
+        request = read_json_file(self.answered / f"{req_id}.json")
+        return (request, "answered") if request else (None, None)
+
+    def decision(self, req_id):
+        """The decision taken on a request, or None."""
+        return read_json_file(self.decisions / f"{req_id}.json")
+
+    def decide(self, req_id, decision):
+        """Record the decision if it is the first; False when another came first."""
+        self.decisions.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=str(self.decisions), prefix=f".{req_id}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(decision, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, str(self.decisions / f"{req_id}.json"))  # fails if it exists: first wins
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def wait(self, req_id, timeout, parent=None):
+        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            decision = self.decision(req_id)
+            if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
+                return decision
+            time.sleep(APPROVAL_POLL)
+
+    def close(self, request, decision):
+        """Move an answered request out of the pending folder, its decision beside it."""
+        write_atomic(
+            self.answered / f"{request['id']}.json",
+            json.dumps({**request, "decision": decision}, indent=2) + "\n",
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(self.dir / f"{request['id']}.json"))
+
+    def rules(self, agent_id):
+        """The rules --always gave this agent for the rest of its run."""
+        data = read_json_file(self.rules_dir / f"{agent_id}.json") or {}
+        return [r for r in data.get("rules", []) if isinstance(r, str)]
+
+    def forget_rules(self, agent_id):
+        """A new run of the agent starts without the --always rules of its last run."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(self.rules_dir / f"{agent_id}.json"))
+
+    def add_rule(self, agent_id, rule):
+        """Allow `rule` for the rest of this agent's run."""
+        self.rules_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.rules_dir / f"{agent_id}.lock"):
+            rules = self.rules(agent_id)
+            if rule not in rules:
+                write_atomic(
+                    self.rules_dir / f"{agent_id}.json",
+                    json.dumps({"rules": [*rules, rule]}, indent=2) + "\n",
+                )
+
+
+def approval_flags(repo):
+    """{agent id: {id, tool, summary, since}} of the oldest request each agent waits on."""
+    flags = {}
+    for request in ApprovalBox(repo).pending():
+        flags.setdefault(request["agent"], {k: request.get(k) for k in ("id", "tool", "summary", "since")})
+    return flags
+
+
+HOOK_LAUNCH = "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; sys.exit(orchestra.main())"
+
+
+def hook_command(repo, agent_id, timeout):
+    """The shell command Claude Code runs for a permission request: this very orchestra.
+
+    Imported rather than run as a script, so its cached bytecode is used: every waiting agent
+    starts one, and a script would be compiled afresh each time. -I -S: no environment or site
+    packages can change which orchestra answers.
+    """
+    argv = [sys.executable, "-I", "-S", "-c", HOOK_LAUNCH, str(Path(__file__).resolve().parent), "hook",
+            "permission-request", "--repo", str(repo), "--agent", agent_id, "--timeout", f"{timeout:g}"]  # fmt: skip
+    return " ".join(shlex.quote(part) for part in argv)
+
+
+def claude_settings(repo, agent_id, launch):
+    """The --settings layer of a Claude agent: orchestra's approval hook, and the sandbox when on."""
+    timeout = launch.get("approval_timeout") or CONFIG_DEFAULTS["approval_timeout"]
+    hook = {"type": "command", "command": hook_command(repo, agent_id, timeout),
+            "timeout": int(timeout + APPROVAL_HOOK_MARGIN)}  # fmt: skip
+    settings = {"hooks": {"PermissionRequest": [{"matcher": "*", "hooks": [hook]}]}}
+    if launch.get("sandboxed"):
+        settings["sandbox"] = {"enabled": True, "autoAllowBashIfSandboxed": True}
+        if launch.get("sandbox_network"):
+            settings["sandbox"]["network"] = {"allowedDomains": list(launch["sandbox_network"])}
+    return settings
+
+
+def hook_answer(decision):
+    """What the hook prints for Claude Code: allow, or deny with the message the agent will read."""
+    body = {"behavior": decision["decision"]}
+    if decision["decision"] == "deny":
+        body["message"] = (
+            decision.get("message") or f"denied by the user (through orchestra, {decision.get('by')})"
+        )
+    return {"hookSpecificOutput": {"hookEventName": "PermissionRequest", "decision": body}}
+
+
+def denied(message):
+    """A decision the hook takes on its own: deny, saying why."""
+    return {"decision": "deny", "by": "orchestra", "at": utc_iso(), "message": message}
+
+
+def project_rules(repo):
+    """bypass_permissions as the project's config file holds it now ([] when unset or unreadable)."""
+    try:
+        return read_config_file(Path(repo) / ORCHESTRA_DIR / "config.json").get("bypass_permissions", [])
+    except OrchestraError:
+        return []
+
+
+def permission_hook(repo, agent_id, timeout, stdin, stdout):
+    """`orchestra hook permission-request`: answer one Claude Code permission request."""
+    try:
+        asked = json.loads(stdin.read())
+        tool, tool_input = asked["tool_name"], asked.get("tool_input") or {}
+        if not isinstance(tool, str) or not isinstance(tool_input, dict):
+            raise ValueError("tool_name or tool_input has the wrong type")
+    except (ValueError, KeyError, TypeError) as e:
+        stdout.write(
+            json.dumps(hook_answer(denied(f"orchestra could not read the permission request ({e}); denied")))
+        )
+        return EXIT_OK
+    try:
+        decision = await_decision(Path(repo), agent_id, timeout, tool, tool_input, asked)
+    except Exception as e:  # whatever went wrong, the answer is a denial that says so
+        decision = denied(f"orchestra could not handle this permission request ({e!r}); denied for safety")
+    stdout.write(json.dumps(hook_answer(decision)))
+    stdout.flush()
+    return EXIT_OK
+
+
+def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
+    """Allow by rule, or record the request and wait for the first decision (or the timeout)."""
+    record = load_agent_records(repo).get(agent_id)
+    if record is None:
+        return denied(
+            f"orchestra cannot find agent '{agent_id}' in {repo / ORCHESTRA_DIR}; denied for safety"
+        )
+    if record.get("state") not in ACTIVE_STATES:
+        return denied(f"orchestra records agent '{agent_id}' as {record.get('state')}; denied")
+    box, summary = ApprovalBox(repo), tool_summary(tool, tool_input)
+    log = repo / ORCHESTRA_DIR / "logs" / f"{agent_id}.jsonl"
+    rule = next(
+        (r for r in [*box.rules(agent_id), *project_rules(repo)] if rule_matches(r, tool, tool_input)), None
+    )
+    if rule:
+        append_event(
+            log, {"event": "approval", "tool": summary, "decision": "allow", "by": "rule", "rule": rule}
+        )
+        return {"decision": "allow", "by": "rule", "rule": rule, "at": utc_iso()}
+    text = json.dumps(tool_input)
+    request = box.submit({
+        "agent": agent_id, "tool": tool, "summary": summary,
+        "input": tool_input if len(text) <= APPROVAL_INPUT_LIMIT else {"truncated": text[:APPROVAL_INPUT_LIMIT]},
+        "suggestions": asked.get("permission_suggestions") or [], "session_id": asked.get("session_id"),
+        "since": utc_iso(), "timeout": timeout, "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+        "parent": os.getppid(),
+    })  # fmt: skip
+    append_event(log, {"event": "approval_requested", "request": request["id"], "tool": summary})
+    notifier = notify(
+        repo, agent_id, "approval", f"{agent_id} asks to run {summary} (orchestra approve {request['id']})"
+    )
+    decision = box.wait(request["id"], timeout, parent=os.getppid())
+    if decision is None:
+        ended = os.getppid() != request["parent"]
+        late = denied("the agent ended while it waited for this approval" if ended
+                      else f"no decision within approval_timeout ({timeout:g} s); denied")  # fmt: skip
+        late["by"] = "orchestra" if ended else "timeout"
+        decision = late if box.decide(request["id"], late) else box.decision(request["id"])
+        if decision is late:
+            append_event(log, {"event": "approval", "request": request["id"], "tool": summary, **late})
+    box.close(request, decision)
+    if notifier:
+        notifier.join(NOTIFY_TIMEOUT)
+    return decision
+
+
+def notify(repo, agent_id, event, message):
+    """Run notify_command in the background with {agent}, {event} and {message} filled in.
+
+    A failing command is written to .orchestra/notify.log, never raised; returns its thread or None.
+    """
+    try:
+        command = Config.load(Path(repo), os.environ)["notify_command"]
+    except OrchestraError:
+        return None
+    if not command:
+        return None
+    values = {"agent": agent_id, "event": event, "message": message}
+    argv = [re.sub(r"\{(agent|event|message)\}", lambda m: values[m.group(1)], part) for part in command]
+    thread = threading.Thread(target=run_notify, args=(Path(repo), argv), name=f"notify-{event}", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_notify(repo, argv):
+    """Run one notify command; log why it failed, if it did."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=NOTIFY_TIMEOUT, text=True, errors="replace")  # fmt: skip
+        problem = f"exit {done.returncode}: {tail_text(done.stdout)}" if done.returncode else None
+    except (OSError, subprocess.SubprocessError) as e:
+        problem = str(e)
+    if problem:
+        with (
+            contextlib.suppress(OSError),
+            open(repo / ORCHESTRA_DIR / "notify.log", "a", encoding="utf-8") as f,
+        ):
+            f.write(f"{utc_iso()} notify_command {argv[0]} failed: {one_line(problem)}\n")
+
+
+def sandbox_problem(env):
+    """Why Claude Code's sandbox cannot run here, naming what to install; None when it can."""
+    if sys.platform == "darwin":
+        return None  # Seatbelt is built in
+    if not sys.platform.startswith("linux"):
+        return f"Claude Code's sandbox does not run on {sys.platform} (use WSL2)"
+    path = env.get("PATH", os.defpath)
+    missing = [
+        package for program, package in SANDBOX_PACKAGES.items() if shutil.which(program, path=path) is None
+    ]
+    if missing:
+        return (f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; install "
+                f"{'it' if len(missing) == 1 else 'them'} (Debian/Ubuntu: apt-get install {' '.join(missing)})")  # fmt: skip
+    try:
+        probe = subprocess.run([shutil.which("bwrap", path=path), *SANDBOX_PROBE[1:]], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, errors="replace", timeout=SANDBOX_PROBE_TIMEOUT)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"bubblewrap cannot run: {e}"
+    if probe.returncode:
+        return (f"bubblewrap is installed but cannot make a sandbox here ({one_line(probe.stderr) or probe.returncode}); "
+                "unprivileged user namespaces may be off (sysctl kernel.unprivileged_userns_clone=1) or the container forbids them")  # fmt: skip
+    return None
+
+
+def sandbox_for(config, env):
+    """Whether new agents run in Claude Code's sandbox, by the 'sandbox' setting.
+
+    "auto" sandboxes where the sandbox can run; "on" refuses to start agents where it cannot.
+    """
+    mode = config["sandbox"]
+    if mode == "off":
+        return False
+    if not is_claude_command(config["agent_command"]):
+        if mode == "on":
+            raise OrchestraError("sandbox is 'on' but agent_command is not Claude Code, whose sandbox orchestra uses; "
+                                 "use --no-sandbox or set sandbox to auto")  # fmt: skip
+        return False
+    problem = sandbox_problem(env)
+    if problem and mode == "on":
+        raise OrchestraError(f"sandbox is 'on' but Claude Code's sandbox cannot run here: {problem}; "
+                             "or start the agents with --no-sandbox")  # fmt: skip
+    return problem is None
+
+
+# ======================================================================================
 # Agents
 # --------------------------------------------------------------------------------------
 # An agent's record, its log (stream-json plus orchestra's own events) folded into facts,
@@ -1106,7 +1579,7 @@ class AgentLog:
         self.facts = {"session_id": None, "activity": None, "last_activity_at": None,
                       "cost_usd": None, "turns": None, "result": None, "error": None,
                       "outcome": None, "input_tokens": None, "output_tokens": None,
-                      "cost_estimated": None}  # fmt: skip
+                      "cost_estimated": None, "permission_denials": None}  # fmt: skip
 
     def read_new(self):
         """Fold lines appended since the last call; True if any arrived."""
@@ -1194,6 +1667,7 @@ class AgentLog:
             outcome="error" if is_error else "success",
             error=(one_line(result or event.get("subtype") or "error", TAIL_CHARS) if is_error else None),
             turns=(self.facts["turns"] or 0) + (event.get("num_turns") or 0),
+            permission_denials=permission_denials(event),
         )
         self.paid = (self.paid or 0) + (event.get("total_cost_usd") or 0)
         self.run_estimate = {}
@@ -1220,6 +1694,18 @@ class AgentLog:
         if self.run_usage:
             self.past_tokens = (self.facts["input_tokens"], self.facts["output_tokens"])
             self.run_usage = {}
+
+
+def permission_denials(result):
+    """The tool calls a run's result says were denied: [{tool_name, tool_input}]."""
+    denials = result.get("permission_denials")
+    if not isinstance(denials, list):
+        return []
+    return [
+        {"tool_name": d.get("tool_name"), "tool_input": d.get("tool_input")}
+        for d in denials
+        if isinstance(d, dict)
+    ]
 
 
 def estimated_cost(model, usage):
@@ -1327,6 +1813,8 @@ def agent_argv(record, prompt=None):
         argv += ["--model", config["model"]]
     if config["permission_mode"]:
         argv += ["--permission-mode", config["permission_mode"]]
+    repo = Path(record["log"]).parent.parent.parent  # <repo>/.orchestra/logs/<id>.jsonl
+    argv += ["--settings", json.dumps(claude_settings(repo, record["id"], config))]
     if config.get("max_budget_usd"):
         argv += ["--max-budget-usd", str(config["max_budget_usd"])]
     if config["bypass_permissions"]:
@@ -1349,7 +1837,9 @@ def launch_agent(project, record, prompt=None):
     """Start the agent's process in its worktree, in its own process group, output to files."""
     argv = agent_argv(record, prompt)
     append_event(project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv})
-    env = dict(take_agent_env(project, record["id"]) or os.environ, ORCHESTRA_AGENT_ID=record["id"])
+    ApprovalBox(project.repo).forget_rules(record["id"])
+    env = dict(take_agent_env(project, record["id"]) or os.environ, ORCHESTRA_AGENT_ID=record["id"],
+               ORCHESTRA_REPO=str(project.repo))  # fmt: skip
     with (
         open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
         open(project.stderr_path(record["id"]), "ab", opener=private_opener) as err,
@@ -1514,6 +2004,7 @@ def rebuild_records(project):
             branch=spawn["branch"], worktree=spawn["worktree"], created_at=spawn.get("time"), ready=True
         )
         record.update(launch=spawn.get("launch") or record["launch"], seq=spawn.get("seq", 0))
+        record["sandboxed"] = bool(record["launch"].get("sandboxed"))
         log = read_log(log_path)
         record.update(without_none(log.facts))
         if log.settled:
@@ -2135,12 +2626,17 @@ class Resilience:
                     "rounds": rounds,
                 }
                 break
-        self.store.update(lambda state: self.conclude_checks(state["agents"][agent_id], result))
+        concluded = self.store.update(lambda state: self.conclude_checks(state["agents"][agent_id], result))
+        if concluded:
+            self.announce(concluded)  # notify_command hears "done" only once the checks have run
 
     def conclude_checks(self, record, result):
-        """Record the checks outcome; on failure with fix rounds left, resume the session to fix it."""
+        """Record the checks outcome; on failure with fix rounds left, resume the session to fix it.
+
+        Returns a copy of the record once it is done (None while a fix round or a stop is under way).
+        """
         if record["state"] != "running":
-            return  # stopped while the checks ran
+            return None  # stopped while the checks ran
         wants_fix = result["status"] == "failed" and result["rounds"] < resilience_setting(
             record, "fix_rounds"
         )
@@ -2154,10 +2650,11 @@ class Resilience:
             queue_session(
                 record, fix_prompt(result), f"fix round {result['rounds']}: waiting for a free slot"
             )
-            return
+            return None
         record["checks"] = result
         append_event(record["log"], {"event": "checks", **result})
         record.update(state="done", finished_at=utc_iso(), activity=one_line(f"checks {checks_line(result)}"))
+        return dict(record)
 
     def hold_starts(self, state):
         """Each pass: enforce batch budgets, wake agents whose wait is over; True while the account is limited."""
@@ -2215,6 +2712,7 @@ class Supervisor(Resilience):
         self.pending_lock = threading.Lock()  # guards self.pending
         self.pending = {}  # agent id -> facts or final record changes waiting for the next write
         self.watchers = {}  # agent id -> watcher thread; touched by the main thread only
+        self.notifiers = []  # notify_command threads, waited for before the supervisor exits
         self.slot_freed = threading.Event()  # set when an agent ends, so the next one starts at once
         self.due_checks = {}  # agent id -> record whose checks review() asked for; its thread pops it
 
@@ -2245,6 +2743,8 @@ class Supervisor(Resilience):
             self.nap(SUPERVISOR_TICK)
         self.flush()
         self.store.update(lambda state: state["supervisor"].update(pid=None))
+        for thread in self.notifiers:
+            thread.join(NOTIFY_TIMEOUT)
 
     def register(self, state):
         """Write this process into the state as the live supervisor."""
@@ -2277,8 +2777,9 @@ class Supervisor(Resilience):
             record = state["agents"][agent_id]
             finish_record(record, log, None, "", self.counts(record))
             self.review(record)
+            return dict(record)
 
-        self.store.update(settle)
+        self.announce(self.store.update(settle))
         self.after_done_in_thread(agent_id)
 
     def start_queued(self, state):
@@ -2373,8 +2874,18 @@ class Supervisor(Resilience):
         def change(state):
             self.apply_pending(state)
             settle(state["agents"][agent_id])
+            return dict(state["agents"][agent_id])
 
-        self.store.update(change)
+        self.announce(self.store.update(change))
+
+    def announce(self, record, event=None):
+        """Run notify_command for an agent that finished, failed or went stale."""
+        event = event or {"done": "done", "failed": "failed", "interrupted": "failed"}.get(record["state"])
+        if event:
+            message = f"{record['id']} is {event}: {record.get('error') or record.get('result') or record.get('activity') or ''}"
+            thread = notify(self.project.repo, record["id"], event, one_line(message))
+            if thread:
+                self.notifiers.append(thread)
 
     def flush(self):
         """Write all pending facts in one state update (a few writes a second at most)."""
@@ -2402,18 +2913,32 @@ class Supervisor(Resilience):
         """Every heartbeat_interval: mark the supervisor and running agents alive, flag stale ones."""
         interval = self.project.config["heartbeat_interval"]
         while not self.stopping.wait(min(interval, self.project.config["stale_threshold"])):
-            self.store.update(self.mark_heartbeat)
+            for record in self.store.update(self.mark_heartbeat) or ():
+                self.announce(record, "stale")
 
     def mark_heartbeat(self, state):
-        """Stamp heartbeats and set the stale flag of agents quiet for stale_threshold."""
+        """Stamp heartbeats and set the stale flag of agents quiet for stale_threshold; the newly stale.
+
+        An agent waiting for an approval is quiet because of the user, not stale.
+        """
         now = time.time()
         threshold = self.project.config["stale_threshold"]
+        waiting = approval_flags(self.project.repo)
         state["supervisor"]["heartbeat_at"] = utc_iso(now)
+        newly_stale = []
         for record in state["agents"].values():
             if record["state"] == "running":
                 record["heartbeat_at"] = utc_iso(now)
                 quiet_since = parse_iso(record.get("last_activity_at")) or now
-                record["stale"] = now - quiet_since >= threshold and not checks_running(record)
+                was_stale = record.get("stale")
+                record["stale"] = (
+                    now - quiet_since >= threshold
+                    and record["id"] not in waiting
+                    and not checks_running(record)
+                )
+                if record["stale"] and not was_stale:
+                    newly_stale.append(dict(record))
+        return newly_stale
 
 
 def supervisor_alive(state):
@@ -2475,9 +3000,15 @@ def status_document(project, state, records):
             "alive": supervisor_alive(state),
             "heartbeat_at": info.get("heartbeat_at"),
         },
-        "agents": [public_record(r) for r in records],
+        "agents": [public_record(r) for r in with_approvals(project, records)],
         **resilience_status(state),
     }
+
+
+def with_approvals(project, records):
+    """Copies of the records with their 'approval' flag: the request each one waits on, or None."""
+    flags = approval_flags(project.repo)
+    return [dict(r, approval=flags.get(r["id"]) if r["state"] in ACTIVE_STATES else None) for r in records]
 
 
 def check_task(task, noun="task"):
@@ -2625,14 +3156,28 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, 
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
+    sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
     records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
+    mark_sandboxed(project, records, sandboxed)
     assign_batch(project, records, budget)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
     prepare_agents(project, records)
     drop_agent_env(project, [r["id"] for r in records if r["state"] == "failed"])  # setup failed: no launch
     ensure_supervisor(project)
     return records
+
+
+def mark_sandboxed(project, records, sandboxed):
+    """Fix at spawn whether the agents run in the sandbox: in their records and launch settings."""
+
+    def mark(state):
+        for record in records:
+            for target in (record, state["agents"][record["id"]]):
+                target["sandboxed"] = sandboxed
+                target["launch"]["sandboxed"] = sandboxed
+
+    project.store.update(mark)
 
 
 def pause_agents(project, ids):
@@ -2701,6 +3246,81 @@ def queue_session(record, prompt, activity):
     )
 
 
+def find_requests(project, name):
+    """The pending requests a name means: one request id, or every request of one agent."""
+    box = ApprovalBox(project.repo)
+    request, where = box.request(name)
+    if where == "answered":
+        raise OrchestraError(late_message(name, request["decision"]), EXIT_FAILURE)
+    if request is not None:
+        return [request]
+    pending = box.pending()
+    by_prefix = [r for r in pending if r["id"].startswith(name)]
+    if len(by_prefix) == 1 and not any(i.startswith(name) for i in project.records()):
+        return by_prefix
+    records = project.records()
+    if not any(i.startswith(name) for i in records):
+        raise OrchestraError(f"no request or agent '{name}'; 'orchestra approvals' lists the requests")
+    agent = select_agents(records, [name])[0]
+    mine = [r for r in pending if r["agent"] == agent["id"]]
+    if mine:
+        return mine
+    if agent["state"] not in ACTIVE_STATES:
+        raise OrchestraError(
+            f"{agent['id']} has ended ({agent['state']}); it waits for no approval", EXIT_FAILURE
+        )
+    raise OrchestraError(
+        f"{agent['id']} is not waiting for an approval; 'orchestra approvals' lists the requests"
+    )
+
+
+def late_message(req_id, decision):
+    """What a decider is told when another decision came first."""
+    verb = "allowed" if decision.get("decision") == "allow" else "denied"
+    return f"request {req_id} was already {verb} by {decision.get('by')} at {decision.get('at')}; your decision came late"
+
+
+def answer_request(project, request, allow, by, message=None, always=None):
+    """Decide one pending request (first decision wins); the decision as recorded.
+
+    always: None, "agent" (the rule holds for the rest of the agent's run) or "project"
+    (the rule is added to the project's bypass_permissions).
+    """
+    box = ApprovalBox(project.repo)
+    if not process_alive(request.get("pid"), request.get("pid_start")):
+        state = project.records().get(request["agent"], {}).get("state", "gone")
+        raise OrchestraError(
+            f"{request['agent']} has ended ({state}); its request {request['id']} is void", EXIT_FAILURE
+        )
+    rule = request_rule(request["tool"], request.get("input") or {}) if allow and always else None
+    decision = {"decision": "allow" if allow else "deny", "by": by, "at": utc_iso(), "message": message,
+                "always": always if rule else None, "rule": rule}  # fmt: skip
+    if rule:  # before the decision, so the agent's very next request already finds it
+        if always == "project":
+            decision["config"] = str(add_project_rule(project, rule))
+        else:
+            box.add_rule(request["agent"], rule)
+    if not box.decide(request["id"], decision):
+        raise OrchestraError(late_message(request["id"], box.decision(request["id"]) or {}), EXIT_FAILURE)
+    event = {"event": "approval", "request": request["id"], "tool": request.get("summary"), **decision}
+    append_event(project.log_path(request["agent"]), {k: v for k, v in event.items() if v is not None})
+    return decision
+
+
+def add_project_rule(project, rule):
+    """Add a rule to bypass_permissions in .orchestra/config.json; that file's path."""
+    path = project.dir / "config.json"
+    current = read_config_file(path).get("bypass_permissions", project.config["bypass_permissions"])
+    if rule not in current:
+        write_config_value(path, "bypass_permissions", [*current, rule])
+    return path
+
+
+def approvals_document(project):
+    """What `approvals --json` prints and GET /api/approvals answers."""
+    return {"approvals": ApprovalBox(project.repo).pending()}
+
+
 def render_event(event):
     """Readable lines for one log event (text, tool calls, results, orchestra's own steps)."""
     kind = event.get("type")
@@ -2750,6 +3370,13 @@ def render_orchestra_event(event):
         ]
     if what == "launch":
         return ["== resumed its session" if event.get("resume") else "== agent started"]
+    if what == "approval_requested":
+        return [f"?? waiting for approval: {event.get('tool')} (orchestra approve {event.get('request')})"]
+    if what == "approval":
+        verb = "allowed" if event.get("decision") == "allow" else "denied"
+        why = f" by rule {event['rule']}" if event.get("rule") else f" by {event.get('by')}"
+        note = f": {event['message']}" if event.get("message") and event.get("by") != "rule" else ""
+        return [f"== {verb}{why}: {event.get('tool')}{note}"]
     return render_resilience_event(event)
 
 
@@ -3969,6 +4596,8 @@ def agent_report(project, record):
             key: record.get(key)
             for key in ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch", "checks")
         },
+        "permission_denials": record.get("permission_denials") or [],
+        "bypass_permissions": (record.get("launch") or {}).get("bypass_permissions", []),
         "duration_seconds": elapsed_seconds(record, time.time()),
         "commits": [{"hash": h, "subject": subject} for h, subject in commits],
         "diffstat": run_git([*diff, "--stat"], project.repo).stdout.rstrip() if diff else "",
@@ -4783,7 +5412,8 @@ class StatusHub:
         self.lock = threading.Lock()
         self.clients = set()
         self.document = None
-        self.seen = None  # state.json's (inode, size, mtime) when last read
+        self.seen = None  # state.json's (inode, size, mtime) and the approvals folder's stamp when last read
+        self.approvals = None  # the pending approval requests as last sent
         self.next_refresh = self.next_revive = 0.0
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="orchestra-web-status", daemon=True)
@@ -4793,7 +5423,10 @@ class StatusHub:
         with self.lock:
             if self.document is None:
                 self.document = current_status(self.project)[1]
-            ws.send(json.dumps({"type": "snapshot", "status": self.document}).encode("utf-8"))
+            if self.approvals is None:
+                self.approvals = approvals_document(self.project)["approvals"]
+            snapshot = {"type": "snapshot", "status": self.document, "approvals": self.approvals}
+            ws.send(json.dumps(snapshot).encode("utf-8"))
             self.clients.add(ws)
 
     def unsubscribe(self, ws):
@@ -4816,6 +5449,7 @@ class StatusHub:
             seen = (info.st_ino, info.st_size, info.st_mtime_ns)
         except FileNotFoundError:
             seen = None
+        seen = (seen, ApprovalBox(self.project.repo).stamp())  # a new request shows at once
         now = time.monotonic()
         if seen == self.seen and now < self.next_refresh:
             return
@@ -4828,11 +5462,21 @@ class StatusHub:
                 message = json.dumps(change).encode("utf-8")
                 for ws in self.clients:
                     ws.send(message)
+            self.send_approvals()
         if self.revive and now >= self.next_revive:
             self.next_revive = now + WEB_REVIVE_INTERVAL
             pid = ensure_supervisor(self.project, state)
             if pid:
                 self.log(f"the supervisor was not running; restarted it (pid {pid})")
+
+    def send_approvals(self):
+        """Tell every client the pending approval requests when they changed (caller holds the lock)."""
+        approvals = approvals_document(self.project)["approvals"]
+        if approvals != self.approvals:
+            self.approvals = approvals
+            message = json.dumps({"type": "approvals", "approvals": approvals}).encode("utf-8")
+            for ws in self.clients:
+                ws.send(message)
 
     def stop(self):
         """End the polling thread and every client's connection."""
@@ -4963,6 +5607,8 @@ ROUTES = [(method, re.compile(pattern), name) for method, pattern, name in (
     ("POST", r"/api/agents/(?P<id>[^/]+)/send", "route_send"),
     ("GET", r"/api/sessions/(?P<id>[^/]+)", "route_session"),
     ("GET", r"/ws/status", "route_websocket"),
+    ("GET", r"/api/approvals", "route_approvals"),
+    ("POST", r"/api/approvals/(?P<request>[^/]+)", "route_decide"),
 )]  # fmt: skip
 AGENT_ACTIONS = {"pause": pause_agents, "resume": resume_agents, "stop": stop_agents}
 
@@ -5195,7 +5841,7 @@ class WebHandler(BaseHTTPRequestHandler):
 
     def route_agent(self, params, query, body):
         """GET /api/agents/ID: the agent's record."""
-        return 200, public_record(self.agent(params))
+        return 200, public_record(with_approvals(self.server.project, [self.agent(params)])[0])
 
     def route_log(self, params, query, body):
         """GET /api/agents/ID/log?tail=N: the last N readable lines of its activity."""
@@ -5257,6 +5903,30 @@ class WebHandler(BaseHTTPRequestHandler):
     def route_session(self, params, query, body):
         """GET /api/sessions/ID: a session's prompts and the commands that resume it."""
         return 200, session_detail(self.server.env, params["id"])
+
+    def route_approvals(self, params, query, body):
+        """GET /api/approvals: the tool calls agents wait to have approved, oldest first."""
+        return 200, approvals_document(self.server.project)
+
+    def route_decide(self, params, query, body):
+        """POST /api/approvals/REQ {"decision": "allow"|"deny", "message"?, "always"?}: the CLI's approve/deny."""
+        always = body.pop("always", None)
+        decision, message = body_fields(body, {"decision": (str, True), "message": (str, False)})
+        if decision not in ("allow", "deny"):
+            raise HTTPRefusal(400, '\'decision\' must be "allow" or "deny"')
+        if always not in (None, False, True, "agent", "project") or (always and decision == "deny"):
+            raise HTTPRefusal(400, '\'always\' must be true, "agent" or "project", and only with "allow"')
+        project = self.server.project
+        request, where = ApprovalBox(project.repo).request(params["request"])
+        if where is None:
+            raise HTTPRefusal(404, f"no request '{params['request']}'; GET /api/approvals lists them")
+        if where == "answered":
+            raise OrchestraError(late_message(request["id"], request["decision"]), EXIT_FAILURE)
+        always = "agent" if always is True else always or None
+        answered = answer_request(
+            project, request, decision == "allow", "web", message=message, always=always
+        )
+        return 200, {"request": request["id"], "agent": request["agent"], **answered}
 
     def route_websocket(self, params, query, body):
         """GET /ws/status: upgrade, then a status snapshot and every change until the client goes."""
@@ -5814,11 +6484,17 @@ def status_rows(records, now):
     """The status table's cells for each record."""
     rows = []
     for r in records:
-        state = state_label(r) + (" stale" if r.get("stale") else "")
+        state = (
+            state_label(r) + (" stale" if r.get("stale") else "") + (" approval" if r.get("approval") else "")
+        )
+        state += " sandboxed" if r.get("sandboxed") else ""
+        activity = r.get("error") or r.get("activity") or ""
+        if r.get("approval"):
+            activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
         rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), record_cost(r),
                      "-" if r.get("commits") is None else str(r["commits"]),
                      "-" if r.get("files_changed") is None else str(r["files_changed"]),
-                     one_line(r.get("error") or r.get("activity") or "")])  # fmt: skip
+                     one_line(activity)])  # fmt: skip
     return rows
 
 
@@ -5860,9 +6536,20 @@ def status_text(project, records, out):
     if not records:
         return 'No agents yet. Start some with: orchestra spawn "first task" "second task"'
     headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
+    records = with_approvals(project, records)
     table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
-    notes = "".join(f"\n{line}" for line in resilience_notes(project.store.load(), records, time.time()))
-    return f"{table}\n\n{summary_line(records)}{notes}"
+    notes = [f"{r['id']}: {line}" for r in records
+             for line in denial_lines(r.get("permission_denials"), (r.get("launch") or {}).get("bypass_permissions", ()))]  # fmt: skip
+    return "\n".join(
+        [
+            table,
+            "",
+            *notes,
+            *([""] if notes else []),
+            summary_line(records),
+            *resilience_notes(project.store.load(), records, time.time()),
+        ]
+    )
 
 
 def summary_line(records):
@@ -5894,6 +6581,12 @@ def cmd_init(args):
     project = open_project(args)
     print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
     print(config_text(project.config))
+    print(f"\nSettings live in {project.dir / 'config.json'} (this project) and {user_config_path(os.environ)} (you);\n"
+          "change one with: orchestra config set KEY VALUE [--user]\n"
+          "Agents ask before tools outside bypass_permissions; answer with 'orchestra approvals' / 'approve' / 'deny'\n"
+          "or the dashboard. Allow tools up front: orchestra config set bypass_permissions "
+          "'[\"Edit\", \"Write\", \"Bash(git *)\", \"Bash(pytest *)\"]'\n"
+          "or let Bash run freely inside Claude Code's sandbox: orchestra config set sandbox auto")  # fmt: skip
     return EXIT_OK
 
 
@@ -5908,7 +6601,7 @@ def config_text(config):
 
 
 def cmd_config(args):
-    """Show every setting, its value and where that value came from."""
+    """Show every setting, its value and where that value came from; 'set' and 'unset' change one."""
     try:
         repo = find_repo(Path.cwd())
     except OrchestraError:
@@ -5923,7 +6616,7 @@ def cmd_config(args):
 
 def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
-    project = open_project(args, model=args.model)
+    project = open_project(args, model=args.model, sandbox=args.sandbox)
     records = spawn_agents(project, args.tasks, parallel=args.parallel, name=args.name, base=args.base,
                            budget=args.budget)  # fmt: skip
     if not args.json:
@@ -6156,6 +6849,7 @@ def report_text(report):
             "Uncommitted in its worktree: "
             + ", ".join(f"{u['status'].strip()} {u['path']}" for u in report["uncommitted"])
         )
+    lines += denial_lines(report.get("permission_denials"), report.get("bypass_permissions", ()))
     return "\n".join(lines)
 
 
@@ -6443,6 +7137,7 @@ def add_config_parser(commands):
                             epilog="example: orchestra config --json; one run with another value: orchestra -c default_parallel=5 config")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_config)
+    add_config_actions(p)
 
 
 def positive_int(text):
@@ -6479,6 +7174,12 @@ def add_spawn_parser(commands):
     )
     p.add_argument("--name", metavar="ID", action="append",
                    help="an agent's id instead of one made from its task; once per task, the Nth names the Nth task")  # fmt: skip
+    sandbox = p.add_mutually_exclusive_group()
+    sandbox.add_argument("--sandbox", dest="sandbox", action="store_const", const="on",
+                         help="run in Claude Code's sandbox (Bash without asking, writes only in the worktree); refuse where it cannot")  # fmt: skip
+    sandbox.add_argument(
+        "--no-sandbox", dest="sandbox", action="store_const", const="off", help="run without the sandbox"
+    )
     p.add_argument("--budget", type=budget_usd, metavar="USD",
                    help="stop this batch's agents once together they have spent USD")  # fmt: skip
     p.add_argument("--wait", action="store_true", help="show progress until all finish; exit 1 if any failed")
@@ -6534,6 +7235,204 @@ def add_worktrees_parser(commands):
     p.set_defaults(func=cmd_worktrees)
 
 
+def cmd_hook(args):
+    """Claude Code's PermissionRequest hook (internal): reads the request on stdin, answers on stdout."""
+    return permission_hook(args.repo, args.agent, args.timeout, sys.stdin, sys.stdout)
+
+
+def add_hook_parser(commands):
+    """orchestra hook (internal; Claude Code runs it)"""
+    p = commands.add_parser("hook", description=cmd_hook.__doc__,
+                            epilog="example: orchestra hook permission-request --repo . --agent fix-tests < request.json")  # fmt: skip
+    p.add_argument("event", choices=["permission-request"], help="the hook event")
+    p.add_argument("--repo", required=True, help="the repository whose agent asks")
+    p.add_argument("--agent", required=True, help="the agent's id")
+    p.add_argument("--timeout", type=float, default=CONFIG_DEFAULTS["approval_timeout"],
+                   help="seconds to wait for a decision before denying")  # fmt: skip
+    p.set_defaults(func=cmd_hook)
+
+
+def approvals_table(requests, now):
+    """The pending requests as a table: id, agent, waiting for, tool call."""
+    rows = [[r["id"], r["agent"], format_duration(now - (parse_iso(r.get("since")) or now)),
+             strip_control(r.get("summary") or r.get("tool") or "")] for r in requests]  # fmt: skip
+    return render_table(["REQUEST", "AGENT", "WAITING", "TOOL CALL"], rows, sys.stdout)
+
+
+def cmd_approvals(args):
+    """List the tool calls agents are waiting to have approved, oldest first."""
+    project = open_project(args)
+    document = approvals_document(project)
+    if args.json:
+        print_json(document)
+    elif document["approvals"]:
+        print(approvals_table(document["approvals"], time.time()))
+        print(
+            "\nAnswer with: orchestra approve REQUEST [--always]   or   orchestra deny REQUEST [--message TEXT]"
+        )
+    else:
+        print("No agent is waiting for an approval.")
+    return EXIT_OK
+
+
+def cmd_approve(args):
+    """Allow a waiting tool call (by request id, or every request of an agent); --always keeps allowing it."""
+    project = open_project(args)
+    for request in find_requests(project, args.target):
+        decision = answer_request(project, request, True, "cli", always=args.always)
+        print(f"allowed {request['id']}: {request['agent']} runs {strip_control(request['summary'])}")
+        if decision.get("config"):
+            print(f"added {decision['rule']} to bypass_permissions in {decision['config']}")
+        elif decision.get("rule"):
+            print(f"{request['agent']} may run {decision['rule']} without asking for the rest of its run")
+    return EXIT_OK
+
+
+def cmd_deny(args):
+    """Deny a waiting tool call; the agent reads --message as the tool's result and carries on."""
+    project = open_project(args)
+    for request in find_requests(project, args.target):
+        answer_request(project, request, False, "cli", message=args.message)
+        print(f"denied {request['id']}: {request['agent']} may not run {strip_control(request['summary'])}")
+    return EXIT_OK
+
+
+def add_approvals_parsers(commands):
+    """orchestra approvals | approve | deny"""
+    p = commands.add_parser("approvals", help="list tool calls waiting for your approval", description=cmd_approvals.__doc__,
+                            epilog="example: orchestra approvals --json")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_approvals)
+    p = commands.add_parser("approve", help="allow a waiting tool call", description=cmd_approve.__doc__,
+                            epilog="example: orchestra approve 3fa2c1 --always=project")  # fmt: skip
+    p.add_argument("target", metavar="REQ|AGENT", help="request id, or agent id (or unique prefix)")
+    p.add_argument("--always", nargs="?", const="agent", choices=["agent", "project"],
+                   help="also allow the same call from now on: for the rest of this agent's run, or "
+                        "(--always=project) in the project's bypass_permissions")  # fmt: skip
+    p.set_defaults(func=cmd_approve)
+    p = commands.add_parser("deny", help="deny a waiting tool call", description=cmd_deny.__doc__,
+                            epilog='example: orchestra deny fix-tests --message "use the test database"')  # fmt: skip
+    p.add_argument("target", metavar="REQ|AGENT", help="request id, or agent id (or unique prefix)")
+    p.add_argument("--message", help="what the agent is told instead of the tool's output")
+    p.set_defaults(func=cmd_deny)
+
+
+def config_target(args):
+    """The config file `config set/unset` writes: the project's, or the user's with --user."""
+    if args.user:
+        return user_config_path(os.environ)
+    return find_repo(Path.cwd()) / ORCHESTRA_DIR / "config.json"
+
+
+def parse_config_value(text):
+    """A config value from the command line: JSON (numbers, lists, null), else the word itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def cmd_config_set(args):
+    """Write one setting to the project (or --user) config file, checked as loading checks it."""
+    path = write_config_value(config_target(args), args.key, parse_config_value(args.value))
+    print(f"{args.key} = {json.dumps(parse_config_value(args.value))} in {path}")
+    return EXIT_OK
+
+
+def cmd_config_unset(args):
+    """Remove one setting from the project (or --user) config file."""
+    path = write_config_value(config_target(args), args.key, None, unset=True)
+    print(f"{args.key} removed from {path}")
+    return EXIT_OK
+
+
+def add_config_actions(p):
+    """orchestra config set | unset"""
+    actions = p.add_subparsers(
+        dest="action", metavar="[set KEY VALUE | unset KEY]", parser_class=ArgumentParser
+    )
+    s = actions.add_parser("set", help="write a setting", description=cmd_config_set.__doc__,
+                           epilog="example: orchestra config set sandbox_network '[\"pypi.org\"]'")  # fmt: skip
+    s.add_argument("key", metavar="KEY", help="a known setting")
+    s.add_argument("value", metavar="VALUE", help="JSON (numbers, lists, null) or a plain word")
+    s.add_argument("--user", action="store_true", help="write the user config file instead of the project's")
+    s.set_defaults(func=cmd_config_set)
+    u = actions.add_parser("unset", help="remove a setting", description=cmd_config_unset.__doc__,
+                           epilog="example: orchestra config unset approval_timeout")  # fmt: skip
+    u.add_argument("key", metavar="KEY", help="a known setting")
+    u.add_argument("--user", action="store_true", help="edit the user config file instead of the project's")
+    u.set_defaults(func=cmd_config_unset)
+
+
+def doctor_checks(env):
+    """(name, ok, what was found or what to install) for each thing orchestra uses."""
+    checks = []
+    git_found = probe_version(["git", "--version"], env)
+    checks.append(("git", bool(git_found), git_found or "not found; install git 2.25 or newer"))
+    claude = probe_version([CLAUDE_EXECUTABLE, "--version"], env)
+    checks.append(("claude", bool(claude), claude or f"not found; {CLAUDE_INSTALL_HINT}"))
+    if claude:
+        checks.append(("claude login", *claude_login(env)))
+    problem = sandbox_problem(env)
+    checks.append(
+        ("sandbox", problem is None, "Claude Code's sandbox can run here" if problem is None else problem)
+    )
+    gh = probe_version(["gh", "--version"], env)
+    checks.append(
+        ("gh", bool(gh), gh or "not found (only collect --pr needs it); install from https://cli.github.com")
+    )
+    return checks
+
+
+def probe_version(argv, env):
+    """The first line a program prints for its version, or None when it is missing or fails."""
+    if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+        return None
+    try:
+        done = subprocess.run(argv, env=dict(env), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              errors="replace", timeout=SANDBOX_PROBE_TIMEOUT)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return lines[0] if done.returncode == 0 and lines else None
+
+
+def claude_login(env):
+    """(ok, how claude is logged in, or how to log in)."""
+    try:
+        done = subprocess.run([CLAUDE_EXECUTABLE, "auth", "status"], env=dict(env), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, errors="replace", timeout=SANDBOX_PROBE_TIMEOUT)  # fmt: skip
+        status = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return False, "could not ask 'claude auth status'; run 'claude' once to log in"
+    if status.get("loggedIn"):
+        return (
+            True,
+            f"logged in ({status.get('authMethod')}{', ' + status['apiKeySource'] if status.get('apiKeySource') else ''})",
+        )
+    return False, "not logged in; run 'claude' and log in, or set ANTHROPIC_API_KEY"
+
+
+def cmd_doctor(args):
+    """Check what orchestra needs on this machine: git, claude and its login, the sandbox, gh."""
+    checks = doctor_checks(os.environ)
+    if args.json:
+        print_json({"checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]})
+    else:
+        for name, ok, detail in checks:
+            print(f"{'ok' if ok else 'MISSING':8} {name:13} {detail}")
+    essential = [ok for name, ok, _ in checks if name in ("git", "claude")]
+    return EXIT_OK if all(essential) else EXIT_FAILURE
+
+
+def add_doctor_parser(commands):
+    """orchestra doctor"""
+    p = commands.add_parser("doctor", help="check git, claude, its login, the sandbox and gh", description=cmd_doctor.__doc__,
+                            epilog="example: orchestra doctor")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_doctor)
+
+
 def add_supervise_parser(commands):
     """orchestra supervise"""
     p = commands.add_parser("supervise", help="run the supervisor (spawn starts it for you)",
@@ -6545,6 +7444,7 @@ def add_supervise_parser(commands):
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
                    add_logs_parser, add_diff_parser, add_worktrees_parser, add_collect_parser, add_send_parser,
                    add_cleanup_parser, add_sessions_parser, add_web_parser, add_supervise_parser,
+                   add_approvals_parsers, add_doctor_parser, add_hook_parser,
                    add_retry_parser)  # fmt: skip
 
 
