@@ -18,6 +18,7 @@ Commands:
   orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
   orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
   orchestra cleanup [--dry-run]       remove worktrees and branches that hold nothing unsaved
+  orchestra restore ID                bring a cleaned-up agent back from its archive
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
   orchestra web [--port N]            the phone-friendly dashboard, JSON API and live WebSocket
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import hashlib
 import hmac
 import http.client
@@ -170,12 +172,27 @@ ACTIVE_STATES = ("queued", "running", "paused", "waiting")
 FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
 ARCHIVE_REFS = "refs/orchestra/archive"  # branch tips saved before cleanup removes anything
 MAX_LISTED_FILES = 3  # files named in a KEEP reason before "and N more"
+# Config overrides for every git call that judges what a worktree holds: whatever the user's
+# (or an agent's) git config says, git then hides nothing and runs nothing of the user's.
+SEE_ALL_GIT = (
+    "-c", "core.excludesFile=/dev/null", "-c", "status.showUntrackedFiles=all",
+    "-c", "core.fsmonitor=false", "-c", "core.untrackedCache=false", "-c", "core.ignoreStat=false",
+    "-c", "core.sparseCheckout=false", "-c", "diff.ignoreSubmodules=none", "-c", "gc.auto=0",
+    "-c", "core.hooksPath=/dev/null", "-c", "core.quotePath=false",
+)  # fmt: skip
+NESTED_GIT_NAME = ".git~orchestra"  # a nested repository's .git, as stored in a snapshot tree
+ARCHIVE_KINDS = ("head", "lost", "stash", "index", "worktree")  # suffixes of one archive's refs
+ARCHIVE_WORDS = {"tip": "branch", "head": "HEAD", "lost": "reflog-only commits", "stash": "stashes",
+                 "index": "staged index", "worktree": "files"}  # fmt: skip
+WRITER_GRACE = 3.0  # seconds to wait for processes still using a worktree before keeping it
+CLEANUP_LOCK_TIMEOUT = 300.0  # seconds one cleanup waits for another to finish
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}  # one clear line, no traceback
 RECORD_FIELDS = (
     "id", "task", "state", "stale", "branch", "worktree", "base_branch", "base_commit",
     "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
-    "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials",
+    "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
     "checks", "waiting", "batch", "stop_reason",
 )  # fmt: skip
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
@@ -795,7 +812,7 @@ def run_git(args, cwd, check=True, env=None):
             ["git", *args], cwd=str(cwd), capture_output=True, text=True, errors="replace", env=env
         )
     except FileNotFoundError:
-        raise OrchestraError("git is not installed or not on PATH; install git first") from None
+        raise missing_git_or_folder(cwd) from None
     if check and done.returncode != 0:
         detail = one_line(done.stderr or done.stdout, limit=TAIL_CHARS) or f"exit {done.returncode}"
         raise GitError(f"git {args[0]} failed: {detail}")
@@ -992,6 +1009,451 @@ def add_exclude_lines(repo, lines):
             if existing and existing[-1] != "":
                 f.write("\n")
             f.write("\n".join(missing) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+# What a worktree holds, judged from git's objects and the filesystem.
+#
+# Cleanup must not trust one porcelain view: `git status` hides what status.*,
+# core.excludesFile, assume-unchanged or skip-worktree say, shows an untracked folder as
+# one entry, and knows nothing of the worktree's own HEAD, reflog or nested repositories.
+# So these helpers walk the folder themselves and hash every file (a file is clean only
+# when its bytes and mode equal the committed blob, or the blob setup left there), and
+# collect every commit the worktree can reach (HEAD, its reflog, the branch's reflog, its
+# stashes) to find those no ref outside the worktree holds. Git runs with SEE_ALL_GIT.
+# --------------------------------------------------------------------------------------
+
+
+def git_bytes(args, cwd, input=b"", env=None, check=True):
+    """Run git with SEE_ALL_GIT overrides, bytes in and out; raise GitError when it fails."""
+    try:
+        done = subprocess.run(
+            ["git", *SEE_ALL_GIT, *args], cwd=str(cwd), input=input, capture_output=True, env=env
+        )
+    except FileNotFoundError:
+        raise missing_git_or_folder(cwd) from None
+    if check and done.returncode != 0:
+        detail = one_line(done.stderr.decode("utf-8", "replace"), limit=TAIL_CHARS)
+        raise GitError(f"git {args[0]} failed: {detail or f'exit {done.returncode}'}")
+    return done
+
+
+def missing_git_or_folder(cwd):
+    """The right error when git could not start: its folder is gone, or git is missing."""
+    if not os.path.isdir(cwd):
+        return GitError(f"folder {cwd} no longer exists (another orchestra command may have removed it)")
+    return OrchestraError("git is not installed or not on PATH; install git first")
+
+
+def worktree_admin_dir(worktree):
+    """The worktree's private folder under .git/worktrees/, from its .git file; None if unsure."""
+    dot_git = Path(worktree) / ".git"
+    try:
+        text = dot_git.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    if not text.startswith("gitdir:"):
+        return None
+    admin = (Path(worktree) / text[len("gitdir:") :].strip()).resolve()
+    return admin if admin.is_dir() else None
+
+
+def own_admin_dirs(repo, worktree):
+    """Administrative folders (.git/worktrees/<name>) that belong to this worktree path."""
+    common = Path(run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip())
+    found = []
+    for admin in sorted((common / "worktrees").glob("*")):
+        with contextlib.suppress(OSError):
+            pointer = (admin / "gitdir").read_text(encoding="utf-8", errors="replace").strip()
+            if Path(pointer).parent == Path(worktree):
+                found.append(admin)
+    return found
+
+
+def rev_lines(args, cwd):
+    """Hashes printed by a git command that may fail (a missing reflog): a list, maybe empty."""
+    return git_bytes(args, cwd, check=False).stdout.decode().split()
+
+
+def worktree_commits(repo, worktree, branch):
+    """Every commit the worktree can reach by name: HEAD, HEAD's reflog, the branch's reflog."""
+    commits = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
+    commits += rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", "HEAD"], worktree)
+    commits += rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo)
+    return list(dict.fromkeys(commits))
+
+
+def worktree_branch_names(worktree, branch):
+    """Branches the worktree has had checked out: the agent's, and every `checkout: moving ... to X`."""
+    names = {branch, "(no branch)"}
+    moves = (
+        git_bytes(["log", "--walk-reflogs", "--format=%gs", "HEAD"], worktree, check=False)
+        if worktree.is_dir()
+        else None
+    )
+    for line in (moves.stdout.decode("utf-8", "replace").splitlines() if moves else []):
+        if line.startswith("checkout: moving from "):
+            names.add(line.rsplit(" to ", 1)[-1])
+    return names
+
+
+def worktree_stashes(repo, worktree, commits, branch):
+    """Stash entries made in this worktree: on a branch it had checked out (detached: on one of its
+    commits), or on a commit of its own that the user's checkout never had."""
+    lines = git_bytes(["log", "--walk-reflogs", "--format=%H %P%x00%gs", "refs/stash"], repo, check=False)
+    names = worktree_branch_names(Path(worktree), branch)
+    users = set(rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", "HEAD"], repo))
+    users |= set(rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], repo))
+    known, found = set(commits), []
+    for line in lines.stdout.decode("utf-8", "replace").splitlines():
+        hashes, _, subject = line.partition("\0")
+        stash, *parents = hashes.split()
+        parent = parents[0] if parents else None
+        match = re.match(r"(?:WIP on|On) (.+?):", subject)
+        named = match.group(1) if match else None
+        if named in names - {"(no branch)"} or (
+            parent in known and (named == "(no branch)" or parent not in users)
+        ):
+            found.append(stash)
+    return found
+
+
+def outside_tips(repo, worktree, skip_refs):
+    """Commits every ref holds except `skip_refs`, plus every other worktree's HEAD."""
+    out = git_bytes(["for-each-ref", "--format=%(objectname) %(refname)"], repo).stdout.decode()
+    tips = [sha for sha, ref in (line.split(" ", 1) for line in out.splitlines()) if ref not in skip_refs]
+    for other in list_worktrees(repo):
+        if other["path"] != str(worktree) and other["head"]:
+            tips.append(other["head"])
+    return tips
+
+
+def commits_only_in(repo, wanted, tips):
+    """Commits reachable from `wanted` that none of `tips` reaches, newest first."""
+    if not wanted:
+        return []
+    lines = [*wanted, *(f"^{t}" for t in tips)]
+    done = git_bytes(["rev-list", "--stdin"], repo, input="\n".join(lines).encode() + b"\n")
+    return done.stdout.decode().split()
+
+
+def independent_commits(repo, commits):
+    """The fewest commits from which all of `commits` are reachable."""
+    if len(commits) < 2:
+        return list(commits)
+    return run_git(["merge-base", "--independent", *commits], repo).stdout.split()
+
+
+def walk_files(root, skip_top_git=True):
+    """(relative path bytes, absolute path, kind) of every file under root, nested .git included.
+
+    kind: "file", "exec", "link", or "special" (fifo, socket, device: cannot be saved).
+    """
+    root_b = os.fsencode(str(root))
+    stack = [b""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            entries = sorted(
+                os.scandir(os.path.join(root_b, rel_dir) if rel_dir else root_b), key=lambda e: e.name
+            )
+        except OSError:
+            yield rel_dir, os.path.join(root_b, rel_dir), "unreadable"
+            continue
+        for entry in entries:
+            rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+            if skip_top_git and not rel_dir and entry.name == b".git":
+                continue
+            yield from walk_entry(entry, rel, stack)
+
+
+def walk_entry(entry, rel, stack):
+    """One directory entry of walk_files: folders are queued, files yielded with their kind."""
+    if entry.is_symlink():
+        yield rel, entry.path, "link"
+    elif entry.is_dir(follow_symlinks=False):
+        stack.append(rel)
+    elif entry.is_file(follow_symlinks=False):
+        executable = os.stat(entry.path, follow_symlinks=False).st_mode & 0o111
+        yield rel, entry.path, "exec" if executable else "file"
+    else:
+        yield rel, entry.path, "special"
+
+
+def snapshot_path(rel):
+    """A file's path inside a snapshot tree: a nested `.git` is renamed, git refuses that name."""
+    return b"/".join(NESTED_GIT_NAME.encode() if part == b".git" else part for part in rel.split(b"/"))
+
+
+def hash_blobs(repo, items, write):
+    """{relative path: blob hash} of (rel, absolute path, kind) items; bytes as they are on disk."""
+    hashes = {}
+    plain = [(rel, path) for rel, path, kind in items if kind != "link" and b"\n" not in path]
+    if plain:
+        args = ["hash-object", "--no-filters", "--stdin-paths", *(["-w"] if write else [])]
+        out = git_bytes(args, repo, input=b"".join(path + b"\n" for _, path in plain)).stdout.split()
+        hashes.update({rel: sha.decode() for (rel, _), sha in zip(plain, out)})
+    for rel, path, kind in items:
+        if rel in hashes:
+            continue
+        data = os.readlink(path) if kind == "link" else Path(os.fsdecode(path)).read_bytes()
+        args = ["hash-object", "--no-filters", "--stdin", *(["-w"] if write else [])]
+        hashes[rel] = git_bytes(args, repo, input=data).stdout.decode().strip()
+    return hashes
+
+
+def tree_entries(repo, treeish):
+    """{path bytes: (mode, hash)} of every blob, link and gitlink in a commit's tree."""
+    if not treeish:
+        return {}
+    out = git_bytes(["ls-tree", "-r", "-z", "--full-tree", treeish], repo).stdout
+    entries = {}
+    for field in out.split(b"\0"):
+        if field:
+            meta, path = field.split(b"\t", 1)
+            mode, _, sha = meta.decode().split(" ")
+            entries[path] = (mode, sha)
+    return entries
+
+
+FILE_MODES = {"file": "100644", "exec": "100755", "link": "120000"}
+
+
+def gitfile_target(path):
+    """The folder a nested `.git` file points to, or None."""
+    try:
+        text = Path(os.fsdecode(path)).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    if not text.startswith("gitdir:"):
+        return None
+    target = (Path(os.fsdecode(path)).parent / text[len("gitdir:") :].strip()).resolve()
+    return target if target.is_dir() else None
+
+
+def worktree_files(repo, worktree, admin):
+    """Every file the worktree holds, as (rel, path, kind), with nested repositories' private
+    git folders that live in the worktree's admin folder (and vanish with it) added in place."""
+    items = []
+    for rel, path, kind in walk_files(worktree):
+        items.append((rel, path, kind))
+        if admin and rel.endswith(b"/.git") and kind == "file":
+            target = gitfile_target(path)
+            if target and str(target).startswith(str(admin) + os.sep):
+                prefix = rel[: -len(b".git")] + b".git-dir"
+                items += [(prefix + b"/" + r, p, k) for r, p, k in walk_files(target, skip_top_git=False)]
+    return items
+
+
+def setup_blob_matches(fingerprint, path, sha):
+    """True when a setup-made file is still what setup left: same blob (or, for records made
+    before blobs were kept, same [size, mtime_ns])."""
+    if isinstance(fingerprint, str):
+        return fingerprint == sha
+    if isinstance(fingerprint, list):
+        with contextlib.suppress(OSError):
+            info = os.stat(path, follow_symlinks=False)
+            return [info.st_size, info.st_mtime_ns] == fingerprint
+    return False
+
+
+def file_changes(repo, worktree, head, setup, admin=None):
+    """What in the worktree differs from HEAD's tree and from setup's files.
+
+    {"changed": [(kind, path str, rel, mode, hash)], "deleted": [...], "special": [...] (fifos,
+    sockets: nothing to save), "unreadable": [...]} (paths as str)
+    where kind is "modified", "untracked", "nested" (inside a nested repository) or "link".
+    """
+    committed = tree_entries(repo, head)
+    items = worktree_files(repo, worktree, admin)
+    special = [os.fsdecode(rel) for rel, _, kind in items if kind == "special"]
+    unreadable = [os.fsdecode(rel) for rel, _, kind in items if kind == "unreadable"]
+    items = [i for i in items if i[2] in FILE_MODES]
+    hashes = hash_blobs(repo, items, write=False)
+    changed, present = [], set()
+    for rel, path, kind in items:
+        present.add(rel)
+        mode, sha, name = FILE_MODES[kind], hashes[rel], os.fsdecode(rel)
+        if committed.get(rel) == (mode, sha) or setup_blob_matches(setup.get(name), path, sha):
+            continue
+        nested = b"/.git/" in b"/" + rel or b".git-dir/" in rel
+        what = "nested" if nested else ("modified" if rel in committed else "untracked")
+        changed.append((what, name, rel, mode, sha))
+    deleted = [
+        os.fsdecode(rel)
+        for rel, (mode, _) in committed.items()
+        if rel not in present
+        and not (mode == "160000" and not any(p.startswith(rel + b"/") for p in present))
+    ]
+    return {"changed": changed, "deleted": deleted, "special": special, "unreadable": unreadable}
+
+
+def setup_fingerprints(worktree):
+    """{path: blob hash} of every file copying and setup left beside or over the fresh checkout,
+    so cleanup can later trust each one exactly while it is unchanged (folders file by file).
+
+    Right after orchestra's own checkout, git's index knows the other files are untouched, so
+    only untracked and ignored files and modified tracked ones are hashed (not the whole tree).
+    """
+    others = git_bytes(["ls-files", "-z", "--others"], worktree).stdout.split(b"\0")
+    changed = git_bytes(["diff", "--name-only", "-z", "--no-renames"], worktree).stdout.split(b"\0")
+    root, items = os.fsencode(str(worktree)), []
+    for rel in (p for p in dict.fromkeys(others + changed) if p and not p.endswith(b"/")):
+        path = os.path.join(root, rel)
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            kind = "link" if stat.S_ISLNK(info.st_mode) else "exec" if info.st_mode & 0o111 else "file"
+            if stat.S_ISREG(info.st_mode) or kind == "link":
+                items.append((rel, path, kind))
+    return {os.fsdecode(rel): sha for rel, sha in hash_blobs(worktree, items, write=False).items()}
+
+
+def ignored_among(worktree, paths):
+    """Which of these untracked paths the repository's own ignore rules ignore (for messages)."""
+    if not paths:
+        return set()
+    done = git_bytes(
+        ["check-ignore", "-z", "--stdin"],
+        worktree,
+        input=b"\0".join(os.fsencode(p) for p in paths),
+        check=False,
+    )
+    return {os.fsdecode(p) for p in done.stdout.split(b"\0") if p}
+
+
+def staged_tree(worktree, head):
+    """The index's tree when it differs from HEAD's ("staged"), None when equal; "conflict" when
+    the index holds unmerged entries."""
+    done = git_bytes(["write-tree"], worktree, check=False)
+    if done.returncode != 0:
+        return "conflict"
+    tree = done.stdout.decode().strip()
+    head_tree = (
+        git_bytes(["rev-parse", f"{head}^{{tree}}"], worktree, check=False).stdout.decode().strip()
+        if head
+        else None
+    )
+    return None if tree == head_tree else tree
+
+
+def snapshot_commit(repo, head, changes, message):
+    """A commit of the worktree as it is: HEAD's tree with every changed file written over it and
+    deleted ones left out; nested .git folders stored under NESTED_GIT_NAME. Parent: HEAD."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"))
+        git_bytes(["read-tree", head] if head else ["read-tree", "--empty"], repo, env=env)
+        zero = "0" * len(head or "0" * 40)
+        lines = [f"0 {zero}\t".encode() + os.fsencode(p) for p in changes["deleted"]]
+        lines += [
+            f"{mode} {sha}\t".encode() + snapshot_path(rel) for _, _, rel, mode, sha in changes["changed"]
+        ]
+        if lines:
+            git_bytes(["update-index", "-z", "--index-info"], repo, input=b"\0".join(lines) + b"\0", env=env)
+        tree = git_bytes(["write-tree"], repo, env=env).stdout.decode().strip()
+    parents = ["-p", head] if head else []
+    return git_bytes(["commit-tree", tree, *parents, "-m", message], repo).stdout.decode().strip()
+
+
+def write_changed_blobs(repo, worktree, admin, changes):
+    """Store the changed files' bytes in the object database (hashes were computed without -w)."""
+    wanted = {rel for _, _, rel, _, _ in changes["changed"]}
+    items = [i for i in worktree_files(repo, worktree, admin) if i[0] in wanted and i[2] in FILE_MODES]
+    written = hash_blobs(repo, items, write=True)
+    for entry in changes["changed"]:
+        if written.get(entry[2]) != entry[4]:
+            raise GitError(f"{entry[1]} changed while it was being saved; run cleanup again")
+
+
+def octopus_commit(repo, parents, message):
+    """A commit with an empty tree whose parents are `parents`: one ref that keeps them all."""
+    empty = git_bytes(["mktree"], repo, input=b"").stdout.decode().strip()
+    args = ["commit-tree", empty, *(x for p in parents for x in ("-p", p)), "-m", message]
+    return git_bytes(args, repo).stdout.decode().strip()
+
+
+def write_refs(repo, refs):
+    """Create refs {name: commit} in one transaction: all of them or none."""
+    lines = "".join(f"create {name} {commit}\n" for name, commit in refs.items())
+    git_bytes(["update-ref", "--stdin"], repo, input=lines.encode())
+
+
+def delete_tree(path):
+    """Remove a folder and everything in it, read-only files and folders included."""
+
+    def allow_and_retry(func, target, _exc):
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(target), 0o700)
+            os.chmod(target, 0o700)
+        func(target)
+
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=allow_and_retry)
+
+
+def delete_worktree(repo, worktree):
+    """Remove a worktree folder and its own administrative entries, by name (never `prune`)."""
+    admins = own_admin_dirs(repo, worktree)
+    delete_tree(worktree)
+    for admin in admins:
+        delete_tree(admin)
+
+
+@contextlib.contextmanager
+def shield_interrupts():
+    """Hold Ctrl-C (SIGINT) back while a step runs, git children included (they inherit the
+    blocked mask), so a step happens wholly or not at all; the interrupt arrives after it."""
+    can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if can:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if can:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def operation_in_progress(repo):
+    """'a merge', 'a rebase', ... when the checkout is in the middle of one; else None."""
+    git_dir = Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip())
+    for name, what in (
+        ("rebase-merge", "a rebase"), ("rebase-apply", "a rebase or git am"), ("MERGE_HEAD", "a merge"),
+        ("CHERRY_PICK_HEAD", "a cherry-pick"), ("REVERT_HEAD", "a revert"), ("BISECT_LOG", "a bisect"),
+    ):  # fmt: skip
+        if (git_dir / name).exists():
+            return what
+    return None
+
+
+def processes_using(folder):
+    """[(pid, command name)] of processes whose cwd, root or an open file is inside `folder`."""
+    if not os.path.isdir("/proc"):
+        return []  # pragma: no cover - macOS: nothing to scan without lsof
+    inside, found = str(Path(folder).resolve()), []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
+        links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+        with contextlib.suppress(OSError):
+            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+        if any(points_inside(link, inside) for link in links):
+            found.append((int(pid), process_name(pid)))
+    return found
+
+
+def points_inside(link, folder):
+    """True when a /proc symlink resolves to `folder` or below."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return False
+    return target == folder or target.startswith(folder + os.sep)
+
+
+def process_name(pid):
+    """The short command name of a process, '?' if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 # ======================================================================================
@@ -1963,8 +2425,7 @@ def prepare_worktree(project, record, copies, register_lock):
     record["copied_files"] = copies
     error = run_setup(project.config["setup"], worktree, log)
     # What copying and setup left is theirs, not the agent's work: cleanup may delete it while unchanged.
-    leftovers = [path for code, path in worktree_status(worktree) if code in ("??", "!!")]
-    record["setup_files"] = {path: file_fingerprint(worktree / path) for path in leftovers}
+    record["setup_files"] = setup_fingerprints(worktree)
     return error
 
 
@@ -2045,16 +2506,36 @@ def pause_agent(record):
 
 
 def stop_process(pid, start_token, grace=STOP_GRACE):
-    """SIGCONT then SIGTERM the group, and SIGKILL it if still alive after `grace` seconds."""
+    """SIGCONT then SIGTERM the group, and SIGKILL every member still alive after `grace` seconds
+    (children that ignore SIGTERM or outlive the leader included); wait until none is left."""
     signal_group(pid, start_token, signal.SIGCONT)
     if not signal_group(pid, start_token, signal.SIGTERM):
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not process_alive(pid, start_token):
+        if not process_alive(pid, start_token) and not group_members(pid):
             return
         time.sleep(0.05)
-    signal_group(pid, start_token, signal.SIGKILL)
+    for _ in range(int(grace / 0.05) + 1):
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)  # the group id cannot be reused while a member lives
+        if not group_members(pid):
+            return
+        time.sleep(0.05)
+
+
+def group_members(pgid):
+    """Pids of live (not zombie) processes in process group `pgid`; [] where /proc is missing."""
+    if not os.path.isdir("/proc"):
+        return []  # pragma: no cover - macOS: the leader's death is all we can check
+    members = []
+    for name in (n for n in os.listdir("/proc") if n.isdigit()):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                members.append(int(name))
+    return members
 
 
 # ======================================================================================
@@ -3000,7 +3481,7 @@ def status_document(project, state, records):
             "alive": supervisor_alive(state),
             "heartbeat_at": info.get("heartbeat_at"),
         },
-        "agents": [public_record(r) for r in with_approvals(project, records)],
+        "agents": [public_record(r) for r in with_merged_flags(project, with_approvals(project, records))],
         **resilience_status(state),
     }
 
@@ -3009,6 +3490,25 @@ def with_approvals(project, records):
     """Copies of the records with their 'approval' flag: the request each one waits on, or None."""
     flags = approval_flags(project.repo)
     return [dict(r, approval=flags.get(r["id"]) if r["state"] in ACTIVE_STATES else None) for r in records]
+
+
+def with_merged_flags(project, records):
+    """Copies of the records with `merged` true for finished agents whose commits are all in
+    their base branch (one git call per base branch), or that collect --merge merged."""
+    finished = [r for r in records if r["state"] in FINISHED_STATES]
+    checked_out = current_branch(project.repo) if any(not r.get("base_branch") for r in finished) else None
+    targets = {id(r): r.get("base_branch") or checked_out for r in finished}
+    merged_tips = {}
+    for target in set(targets.values()) - {None}:
+        fmt = ["for-each-ref", f"--merged={target}", "--format=%(refname) %(objectname)", "refs/heads/"]
+        done = run_git(fmt, project.repo, check=False)
+        merged_tips[target] = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    flagged = []
+    for r in records:
+        tip = merged_tips.get(targets.get(id(r)), {}).get(f"refs/heads/{r['branch']}")
+        on_base = tip is not None and tip != r.get("base_commit")
+        flagged.append(dict(r, merged=bool(r.get("merged") or on_base)))
+    return flagged
 
 
 def check_task(task, noun="task"):
@@ -3098,6 +3598,7 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
             record["seq"] = len(state["agents"])  # records are never deleted, so this only grows
+            record["preparer"] = [os.getpid(), process_start_time(os.getpid())]
             state["agents"][agent_id] = record
             created.append(record)
         if parallel:
@@ -3158,11 +3659,18 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, 
     check_agent_command(project.config)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
+    roll_back_stalled_spawns(project)
     records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
     mark_sandboxed(project, records, sandboxed)
     assign_batch(project, records, budget)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
-    prepare_agents(project, records)
+    try:
+        prepare_agents(project, records)
+    except BaseException:
+        with shield_interrupts():
+            roll_back_spawn(project, records, "spawn was interrupted before the agent started")
+            drop_agent_env(project, [r["id"] for r in records])
+        raise
     drop_agent_env(project, [r["id"] for r in records if r["state"] == "failed"])  # setup failed: no launch
     ensure_supervisor(project)
     return records
@@ -3178,6 +3686,37 @@ def mark_sandboxed(project, records, sandboxed):
                 target["launch"]["sandboxed"] = sandboxed
 
     project.store.update(mark)
+
+
+def roll_back_spawn(project, records, why):
+    """Undo half-prepared agents (none has run): remove their worktree and fresh branch, mark
+    them failed. Their worktrees hold only the base checkout, copies and setup output."""
+    for record in records:
+        worktree, branch = record["worktree"], f"refs/heads/{record['branch']}"
+        delete_worktree(project.repo, worktree)
+        run_git(["update-ref", "-d", branch, record["base_commit"]], project.repo, check=False)
+
+    def mark(state):
+        for record in records:
+            saved = state["agents"].get(record["id"])
+            if saved and saved["state"] == "queued" and not saved.get("ready"):
+                saved.update(state="failed", error=why, activity="spawn interrupted", finished_at=utc_iso())
+                note_settlement(saved)
+
+    project.store.update(mark)
+
+
+def roll_back_stalled_spawns(project):
+    """Roll back agents whose spawn process died while preparing them (Ctrl-C, kill); their ids."""
+    stalled = [
+        r for r in project.records().values()
+        if r["state"] == "queued" and not r.get("ready") and r.get("preparer")
+        and not process_alive(*r["preparer"])
+    ]  # fmt: skip
+    if stalled:
+        with shield_interrupts():
+            roll_back_spawn(project, stalled, "its spawn was interrupted before the agent started")
+    return [r["id"] for r in stalled]
 
 
 def pause_agents(project, ids):
@@ -4372,7 +4911,8 @@ def plan_resume(session, here, agents):
         if branch_exists(repo, branch):
             setup = [("worktree", "add", session.cwd, branch)]
             if is_registered(repo, session.cwd):
-                setup.insert(0, ("worktree", "prune"))  # else git refuses: "already registered"
+                # else git refuses: "already registered". Only this entry: never a global prune.
+                setup.insert(0, ("worktree", "remove", "--force", session.cwd))
             return plan._replace(repo=repo, setup=tuple(setup))
     fail_unrecoverable(plan, branch, repos)
 
@@ -4392,7 +4932,16 @@ def recovery_lines(plan, branch, repo):
     """Commands that would bring back a session whose folder and branch are both gone."""
     resume = f"cd {shlex.quote(plan.cwd)} && {shlex.join(plan.argv)}"
     lines = []
-    if branch:
+    archived = archived_agent_of(repo, branch)
+    if archived:
+        lines += [
+            f"# {branch} was orchestra agent {archived}, cleaned up; its work is archived under "
+            f"{ARCHIVE_REFS}/{archived}/. Bring it back with:",
+            f"cd {shlex.quote(str(repo))} && orchestra restore {archived}",
+            resume,
+            "# or resume the conversation without its files:",
+        ]
+    elif branch:
         lines += [
             f"# find the last commit of {branch} among the commits no branch holds:",
             git_command_line(repo, ("fsck", "--unreachable", "--no-reflogs")),
@@ -4401,6 +4950,17 @@ def recovery_lines(plan, branch, repo):
             "# or resume the conversation without its files:",
         ]
     return [*lines, f"mkdir -p {shlex.quote(plan.cwd)} && {resume}"]
+
+
+def archived_agent_of(repo, branch):
+    """The id of the cleaned-up orchestra agent whose branch this was, if an archive holds it."""
+    if not branch or "/" not in branch or not os.path.isdir(str(repo)):
+        return None
+    agent_id = branch.rsplit("/", 1)[1]
+    done = run_git(
+        ["for-each-ref", "--count=1", "--format=%(refname)", f"{ARCHIVE_REFS}/{agent_id}/"], repo, check=False
+    )
+    return agent_id if done.stdout.strip() else None
 
 
 def fail_unrecoverable(plan, branch, repos):
@@ -4570,17 +5130,134 @@ def branch_tip(project, record):
     return ref_commit(project.repo, f"refs/heads/{record['branch']}")
 
 
+def setup_map(record):
+    """{path: blob hash (or old [size, mtime_ns])} of the files copying and setup left."""
+    return record.get("setup_files") or {}
+
+
+def display_path(path):
+    """A path as text a terminal and JSON can show, even when its bytes are not UTF-8."""
+    text = os.fsencode(path).decode("utf-8", "replace")
+    return (
+        text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+        if "\n" in text or "\t" in text
+        else text
+    )
+
+
+def nested_root(rel):
+    """The folder of the nested repository a snapshot path lies in (`a/b` for `a/b/.git/x`)."""
+    text = os.fsdecode(rel)
+    for marker in ("/.git-dir/", "/.git/"):
+        if marker in "/" + text:
+            return ("/" + text).split(marker, 1)[0].lstrip("/") or "."
+    return text
+
+
+def worktree_leftovers(record, changes):
+    """[(XY code, path)] like git status: ' M', ' D', '??', '!!', and 'NR' for a nested repository."""
+    worktree = record["worktree"]
+    untracked = [name for what, name, *_ in changes["changed"] if what == "untracked"]
+    ignored = ignored_among(worktree, untracked)
+    entries, nested = [], []
+    for what, name, rel, *_ in changes["changed"]:
+        if what == "nested":
+            nested.append(nested_root(rel))
+        else:
+            code = {"modified": " M", "untracked": "!!" if name in ignored else "??"}[what]
+            entries.append((code, name))
+    entries += [(" D", name) for name in changes["deleted"]]
+    entries += [("NR", name) for name in dict.fromkeys(nested)]
+    return sorted(entries, key=lambda e: e[1])
+
+
 def uncommitted_work(record):
-    """[(XY code, path)] in the agent's worktree that is not committed, unchanged setup files left out."""
+    """[(XY code, path)] the agent's worktree holds beyond its HEAD commit and setup's files."""
     worktree = Path(record["worktree"])
     if not worktree.is_dir():
         return []
-    setup = record.get("setup_files") or {}
+    head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
+    changes = file_changes(worktree, worktree, head[0] if head else None, setup_map(record),
+                           worktree_admin_dir(worktree))  # fmt: skip
+    return worktree_leftovers(record, changes)
 
-    def from_setup(path):
-        return path in setup and setup[path] in (None, file_fingerprint(worktree / path))
 
-    return [(code, path) for code, path in worktree_status(worktree) if not from_setup(path)]
+def worktree_holdings(project, record):
+    """Everything removing the agent's worktree and branch could lose.
+
+    {tip, head, head_branch, detached_lost, reflog_lost, stashes, staged, changes, leftovers}:
+    commits are those no ref outside the worktree (its branch and refs/stash not counted) holds.
+    """
+    repo, worktree, branch = project.repo, Path(record["worktree"]), record["branch"]
+    held = {"tip": branch_tip(project, record), "head": None, "head_branch": None, "staged": None,
+            "changes": None, "leftovers": [], "detached_lost": [], "reflog_lost": []}  # fmt: skip
+    if worktree.is_dir():
+        head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
+        held["head"] = head[0] if head else None
+        symbolic = (
+            git_bytes(["symbolic-ref", "--quiet", "HEAD"], worktree, check=False).stdout.decode().strip()
+        )
+        held["head_branch"] = symbolic[len("refs/heads/") :] if symbolic.startswith("refs/heads/") else None
+        held["staged"] = staged_tree(worktree, held["head"])
+        held["changes"] = file_changes(
+            repo, worktree, held["head"], setup_map(record), worktree_admin_dir(worktree)
+        )
+        held["leftovers"] = worktree_leftovers(record, held["changes"])
+        commits = worktree_commits(repo, worktree, branch)
+    else:
+        commits = rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo)
+    held["stashes"] = worktree_stashes(repo, worktree, commits, branch)
+    tips = [*outside_tips(repo, worktree, {f"refs/heads/{branch}", "refs/stash"}), held["tip"]]
+    tips = [t for t in tips if t]
+    held["detached_lost"] = commits_only_in(repo, [held["head"]], tips) if held["head"] else []
+    lost = commits_only_in(repo, commits, tips)
+    held["reflog_lost"] = [c for c in lost if c not in set(held["detached_lost"])]
+    return held
+
+
+def plural(count, noun):
+    """'1 commit', '2 commits', '2 stashes'."""
+    return f"{count} {noun}{'' if count == 1 else ('es' if noun.endswith(('s', 'sh')) else 's')}"
+
+
+def holdings_reasons(record, held):
+    """Why removing the worktree could lose something, in words, or [] when it could not."""
+    reasons, branch = [], record["branch"]
+    on_branch = held["head_branch"]
+    if held["tip"] is None and (held["head"] or held["detached_lost"] or held["reflog_lost"]):
+        where = f"; its worktree has {on_branch} checked out" if on_branch and on_branch != branch else ""
+        count = len(set(held["detached_lost"]) | set(held["reflog_lost"]))
+        holds = f"; its worktree holds {plural(count, 'commit')}" if count else ""
+        reasons.append(f"branch {branch} was renamed or deleted{where}{holds}")
+    elif on_branch and on_branch != branch:
+        reasons.append(f"its worktree has branch {on_branch} checked out instead of {branch}")
+    if held["head"] and not on_branch and held["detached_lost"]:
+        reasons.append(
+            f"HEAD is detached with {plural(len(held['detached_lost']), 'commit')} not on any branch"
+        )
+    if held["tip"] is not None and held["reflog_lost"]:
+        reasons.append(
+            f"{plural(len(held['reflog_lost']), 'commit')} only in the worktree's reflog (reset or amended away)"
+        )
+    if held["stashes"]:
+        reasons.append(f"{plural(len(held['stashes']), 'stash')} made in the worktree")
+    if held["staged"] == "conflict":
+        reasons.append("unresolved conflicts in the index")
+    elif held["staged"]:
+        reasons.append("staged changes in the index")
+    if held["leftovers"]:
+        reasons.append(describe_files(held["leftovers"]))
+    return reasons
+
+
+def unsaveable(held):
+    """Folders cleanup cannot read, so cannot archive: a reason to keep even when forced."""
+    unreadable = (held["changes"] or {}).get("unreadable", [])
+    return (
+        f"cannot read {', '.join(unreadable[:MAX_LISTED_FILES])} to archive it; fix its permissions"
+        if unreadable
+        else None
+    )
 
 
 def agent_report(project, record):
@@ -4589,8 +5266,10 @@ def agent_report(project, record):
     commits = commits_between(project.repo, base, tip) if tip else []
     diff = ["diff", base, tip] if tip else None
     changed = set(run_git([*diff, "--name-only", "-z"], project.repo).stdout.split("\0")) if diff else set()
-    leftovers = uncommitted_work(record)
-    changed |= {path for code, path in leftovers if code != "!!"}
+    held = worktree_holdings(project, record)
+    leftovers = [(code, display_path(path)) for code, path in held["leftovers"]]
+    changed |= {path for code, path in leftovers if code not in ("!!", "NR")}
+    notes = [r for r in holdings_reasons(record, dict(held, leftovers=[])) if not r.startswith("staged")]
     return {
         **{
             key: record.get(key)
@@ -4603,6 +5282,8 @@ def agent_report(project, record):
         "diffstat": run_git([*diff, "--stat"], project.repo).stdout.rstrip() if diff else "",
         "files": sorted(changed - {""}),
         "uncommitted": [{"status": code, "path": path} for code, path in leftovers],
+        "merged": bool(commits) and unmerged_reason(project, record, tip) is None,
+        "notes": notes,
     }
 
 
@@ -4616,59 +5297,138 @@ def overlapping_files(reports):
 
 
 def commit_leftovers(project, record):
-    """Commit the agent's uncommitted work on its branch (not ignored or setup files); True if any."""
-    work = [path for code, path in uncommitted_work(record) if code != "!!"]
+    """Commit the agent's uncommitted work on its branch (not ignored, setup or nested-repository
+    files); True if any. File names are passed as bytes, so names that are not UTF-8 work."""
+    leftovers = uncommitted_work(record)
+    nested = [path + "/" for code, path in leftovers if code == "NR"]
+    work = [path for code, path in leftovers
+            if code in (" M", " D", "??") and not any(path.startswith(n) for n in nested)]  # fmt: skip
     if not work:
         return False
     worktree = record["worktree"]
-    run_git(["add", "-A", "--", *(f":(literal){path}" for path in work)], worktree)
+    specs = b"\0".join(b":(literal)" + os.fsencode(path) for path in work) + b"\0"
+    git_bytes(["add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul"], worktree, input=specs)
     message = f"orchestra: commit work {record['id']} left uncommitted\n\nTask: {record['task']}"
-    run_git(["commit", "--quiet", "--no-verify", "-m", message], worktree)
+    git_bytes(["commit", "--quiet", "--no-verify", "-m", message], worktree)
     return True
 
 
 def check_checkout_clean(repo, doing):
-    """Refuse to touch the user's checkout while it has changes or a merge in progress."""
-    if merge_in_progress(repo):
-        raise OrchestraError(f"a merge is in progress in {repo}; finish or abort it before {doing}")
-    if run_git(["status", "--porcelain", "--untracked-files=no"], repo).stdout.strip():
+    """Refuse to touch the user's checkout while it has changes or an operation in progress."""
+    operation = operation_in_progress(repo)
+    if operation:
+        raise OrchestraError(f"{operation} is in progress in {repo}; finish or abort it before {doing}")
+    status = ["status", "--porcelain", "--untracked-files=no", "--ignore-submodules=none"]
+    if git_bytes(status, repo).stdout.strip():
         raise OrchestraError(
             f"your checkout {repo} has uncommitted changes; commit or stash them before {doing}"
         )
 
 
-def merge_agents(project, records):
-    """Merge agents' branches into the current branch one by one; (merged ids, conflict or None).
+def check_merge_target(project, cwd, into):
+    """Refuse `collect --merge` from a linked worktree unless --into names the branch of the
+    user's checkout, which is where the merge happens."""
+    here = git_bytes(["rev-parse", "--show-toplevel"], cwd, check=False).stdout.decode().strip()
+    target = current_branch(project.repo)
+    if into is not None and into != target:
+        raise OrchestraError(
+            f"--into {into}: the checkout at {project.repo} has {target or 'a detached HEAD'} checked out; "
+            f"check out {into} there first"
+        )
+    if into is None and here and Path(here).resolve() != project.repo.resolve():
+        raise OrchestraError(
+            f"you are in the linked worktree {here}, but collect --merge merges into the checkout at "
+            f"{project.repo} (branch {target}); run it there, or pass --into {target} to confirm"
+        )
 
-    Stops at the first conflict with the merge aborted, so the checkout is as it was.
+
+def tracked_paths(repo):
+    """Paths (bytes) the user's index tracks."""
+    return set(git_bytes(["ls-files", "-z"], repo).stdout.split(b"\0")) - {b""}
+
+
+def overwritten_by_merge(repo, tip):
+    """The user's untracked or ignored files (or folders) a merge of `tip` would write over."""
+    base = run_git(["merge-base", "HEAD", tip], repo, check=False).stdout.strip()
+    diff = ["diff", "--name-only", "-z", "--no-renames", "--diff-filter=AMTCR", base or "HEAD", tip]
+    incoming = [p for p in git_bytes(diff, repo).stdout.split(b"\0") if p]
+    tracked, root, hits = tracked_paths(repo), os.fsencode(str(repo)), []
+    for path in incoming:
+        parts = path.split(b"/")
+        for depth in range(1, len(parts) + 1):
+            prefix = b"/".join(parts[:depth])
+            blocking = depth == len(parts) or not os.path.isdir(os.path.join(root, prefix))
+            if prefix not in tracked and blocking and os.path.lexists(os.path.join(root, prefix)):
+                hits.append(display_path(os.fsdecode(prefix)))
+                break
+    return sorted(set(hits))
+
+
+def merge_agents(project, records):
+    """Merge agents' branches into the current branch one by one; (merged ids, stop or None).
+
+    Stops at the first conflict, or before a merge that would overwrite untracked or ignored
+    files, with the checkout as it was. Ctrl-C undoes this run's merges, leaving it as before.
     """
     repo = project.repo
     check_checkout_clean(repo, "merging")
     if current_branch(repo) is None:
         raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
-    merged = []
-    for record in sorted(records, key=spawn_order):
-        tip = branch_tip(project, record)
-        if tip is None or is_ancestor(repo, tip, "HEAD"):
-            continue
-        message = f"Merge {record['branch']}: {one_line(record['task'], 72)}"
-        done = run_git(["merge", "--no-ff", "--no-edit", "-m", message, record["branch"]], repo, check=False)
-        if done.returncode != 0:
-            files = run_git(["diff", "--name-only", "--diff-filter=U"], repo).stdout.split()
-            if merge_in_progress(repo):
-                run_git(["merge", "--abort"], repo)
-            why = one_line(done.stderr or done.stdout, TAIL_CHARS)
-            return merged, {"id": record["id"], "branch": record["branch"], "files": files, "git": why}
-        merged.append(record["id"])
+    start, merged = ref_commit(repo, "HEAD"), []
+    try:
+        for record in sorted(records, key=spawn_order):
+            with shield_interrupts():
+                stop = merge_one(project, record)
+            if stop:
+                return merged, stop
+            if stop is False:
+                merged.append(record["id"])
+    except KeyboardInterrupt:
+        with shield_interrupts():
+            undo_merges(repo, start)
+        raise
     return merged, None
 
 
-def collect_agents(project, ids, commit=False, merge=False, patch=None, pr=False, include_failing=False):
+def merge_one(project, record):
+    """Merge one agent's branch: False when merged, None when nothing to do, else why it stopped."""
+    repo, tip = project.repo, branch_tip(project, record)
+    if tip is None or is_ancestor(repo, tip, "HEAD"):
+        return None
+    stop = {"id": record["id"], "branch": record["branch"], "files": [], "git": "", "untracked": []}
+    blocked = overwritten_by_merge(repo, tip)
+    if blocked:
+        return dict(stop, untracked=blocked)
+    message = f"Merge {record['branch']}: {one_line(record['task'], 72)}"
+    done = run_git(["merge", "--no-ff", "--no-edit", "-m", message, tip], repo, check=False)
+    if done.returncode == 0:
+        return False
+    files = run_git(["diff", "--name-only", "--diff-filter=U"], repo).stdout.split()
+    if operation_in_progress(repo):
+        run_git(["merge", "--abort"], repo)
+    return dict(stop, files=files, git=one_line(done.stderr or done.stdout, TAIL_CHARS))
+
+
+def undo_merges(repo, start):
+    """Put the user's checkout back at `start` after an interrupted collect --merge."""
+    if (Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip()) / "MERGE_HEAD").exists():
+        run_git(["merge", "--abort"], repo, check=False)
+    if start and ref_commit(repo, "HEAD") != start:
+        run_git(["reset", "--quiet", "--keep", start], repo, check=False)
+
+
+def collect_agents(
+    project, ids, commit=False, merge=False, patch=None, pr=False, into=None, cwd=None, include_failing=False
+):
     """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
-    merges (done agents whose checks passed, or the named ones), writes a patch and opens pull requests."""
+    merges (done agents whose checks passed, or the named ones), writes a patch and opens pull requests.
+    `cwd` is where the command runs: a merge from a linked worktree needs `into`."""
     records = finished_agents(project.records(), ids)
     if merge:
+        check_merge_target(project, cwd or project.repo, into)
         check_checkout_clean(project.repo, "merging")
+    elif into:
+        raise OrchestraError("--into names where --merge merges; add --merge")
     committed = [r["id"] for r in records if commit and commit_leftovers(project, r)]
     reports = [agent_report(project, r) for r in records]
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
@@ -4676,10 +5436,13 @@ def collect_agents(project, ids, commit=False, merge=False, patch=None, pr=False
         chosen = records if ids else [r for r in records if r["state"] == "done"]
         chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
         document["merged"], document["conflict"] = merge_agents(project, chosen)
+        mark_merged(project, document["merged"])
     if patch:
         document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
     if pr:
         document["pull_requests"] = open_pull_requests(project, reports)
+        document["pr_failed"] = any(line.startswith("cannot open") or ": gh failed:" in line
+                                    for line in document["pull_requests"])  # fmt: skip
     return document
 
 
@@ -4782,8 +5545,11 @@ def cleanup_targets(records, ids, everything=False, failed_only=False):
 
 def describe_files(entries):
     """Reasons like 'untracked file notes.md' for a worktree's leftovers, the first few named."""
-    kinds = {"??": "untracked file", "!!": "ignored file"}
-    named = [f"{kinds.get(code, 'uncommitted change')} {path}" for code, path in entries[:MAX_LISTED_FILES]]
+    kinds = {"??": "untracked file", "!!": "ignored file", " D": "deleted file", "NR": "nested repository"}
+    named = [
+        f"{kinds.get(code, 'uncommitted change')} {display_path(path)}"
+        for code, path in entries[:MAX_LISTED_FILES]
+    ]
     more = len(entries) - MAX_LISTED_FILES
     return ", ".join(named) + (f" and {more} more" if more > 0 else "")
 
@@ -4814,146 +5580,382 @@ def unmerged_reason(project, record, tip):
     return f"{count} commit{'s' if count != 1 else ''} not merged into {target}"
 
 
+def is_our_worktree(project, record):
+    """True when the record's worktree is where orchestra makes them, named for the agent."""
+    path = Path(record["worktree"])
+    return path.parent == project.worktree_root and path.name == f"{WORKTREE_PREFIX}{record['id']}"
+
+
+def checked_out_elsewhere(record, worktrees):
+    """Another worktree where the agent's branch is checked out, or None."""
+    for wt in worktrees.values():
+        if wt["branch"] == record["branch"] and wt["path"] != str(Path(record["worktree"])):
+            return wt["path"]
+    return None
+
+
 def plan_agent_cleanup(project, record, worktrees, force):
     """What cleanup does with one agent: {id, action, reasons, forced, stop_first, tip}.
 
-    Never the main worktree, one orchestra did not make, or a locked one, even with force.
+    Never the main worktree, one orchestra did not make, a locked one, one a spawn is still
+    preparing, or one holding files cleanup cannot read, even with force.
     """
-    step = {
-        "id": record["id"],
-        "action": "remove",
-        "reasons": [],
-        "forced": False,
-        "stop_first": False,
-    }
+    step = {"id": record["id"], "action": "remove", "reasons": [], "forced": False, "stop_first": False}
     path = str(Path(record["worktree"]))
     listed = worktrees.get(path)
-    ours = (
-        Path(path).parent == project.worktree_root and Path(path).name == f"{WORKTREE_PREFIX}{record['id']}"
-    )
-    if not ours or path == str(project.repo):
+    if not is_our_worktree(project, record) or path == str(project.repo):
         return dict(step, action="keep", reasons=[f"worktree {path} is not one orchestra made"])
     if listed and listed["locked"]:
         return dict(step, action="keep", reasons=[f"worktree is locked (git worktree unlock {path})"])
+    if record["state"] == "queued" and not record.get("ready") and not record.get("pid"):
+        return dict(step, action="keep", reasons=["its worktree is still being prepared by spawn"])
     soft = []
     if record["state"] in ACTIVE_STATES:
         soft.append(f"still {record['state']}; stop it first or use --force")
         step["stop_first"] = True
-    leftovers = uncommitted_work(record)
-    if leftovers:
-        soft.append(describe_files(leftovers))
-    step["tip"] = tip = branch_tip(project, record)
+    held = worktree_holdings(project, record)
+    if unsaveable(held):
+        return dict(step, action="keep", reasons=[unsaveable(held)])
+    soft += holdings_reasons(record, held)
+    step["tip"] = tip = held["tip"]
     unmerged = unmerged_reason(project, record, tip) if tip else None
     if unmerged:
         soft.append(unmerged)
     if soft and not force:
         return dict(step, action="keep", reasons=soft)
-    return dict(step, reasons=soft or ["merged, nothing uncommitted"], forced=bool(soft))
+    gone = tip is None and not Path(path).is_dir()
+    nothing = ["nothing left: its branch and worktree are gone"] if gone else ["merged, nothing uncommitted"]
+    return dict(step, reasons=soft or nothing, forced=bool(soft))
 
 
 def plan_cleanup(project, records, force=False):
     """The cleanup plan for these agents; the dry run prints it and the real run carries it out."""
-    if merge_in_progress(project.repo):
+    operation = operation_in_progress(project.repo)
+    if operation:
         raise OrchestraError(
-            f"a merge is in progress in {project.repo}; finish or abort it before cleaning up"
+            f"{operation} is in progress in {project.repo}; finish or abort it before cleaning up"
         )
     worktrees = {w["path"]: w for w in list_worktrees(project.repo)}
     return [plan_agent_cleanup(project, r, worktrees, force) for r in records]
 
 
-def snapshot_worktree(worktree, message):
-    """A commit of everything in a worktree (untracked and ignored files too), via a temporary index."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"))
-        run_git(["read-tree", "HEAD"], worktree, env=env)
-        run_git(["add", "--all", "--force", "--", "."], worktree, env=env)
-        tree = run_git(["write-tree"], worktree, env=env).stdout.strip()
-    return run_git(["commit-tree", tree, "-p", "HEAD", "-m", message], worktree).stdout.strip()
-
-
-def archive_agent(project, record, tip, snapshot):
-    """Save the branch tip (and a snapshot of a dirty worktree) under refs/orchestra/archive/; the refs."""
+def archive_stamp(repo, agent_id):
+    """A UTC stamp no archive of this agent uses yet (a suffix .2, .3 within one second)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    base = f"{ARCHIVE_REFS}/{record['id']}/{stamp}"
-    refs = []
-    if tip:
-        run_git(["update-ref", base, tip], project.repo)
-        refs.append(base)
-    if snapshot and Path(record["worktree"]).is_dir():
-        message = f"orchestra: snapshot of {record['id']}'s worktree before a forced cleanup"
-        run_git(
-            ["update-ref", f"{base}-worktree", snapshot_worktree(record["worktree"], message)], project.repo
+    taken = {a["saved"] for a in list_archives(repo) if a["id"] == agent_id}
+    candidate, n = stamp, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{stamp}.{n}"
+    return candidate
+
+
+def archive_holdings(project, record, held):
+    """Save everything the worktree holds under refs/orchestra/archive/<id>/<stamp>[-kind]; the refs.
+
+    <stamp>: the branch tip (else HEAD); -head: a HEAD elsewhere; -lost: commits only the
+    reflogs reached; -stash: its stashes; -index: the staged tree; -worktree: a snapshot of
+    every file not provably committed or left by setup (parent: HEAD). One transaction.
+    """
+    repo, agent_id, head = project.repo, record["id"], held["head"]
+    base = f"{ARCHIVE_REFS}/{agent_id}/{archive_stamp(repo, agent_id)}"
+    main, refs = held["tip"] or head, {}
+    if main:
+        refs[base] = main
+    if head and head != main:
+        refs[f"{base}-head"] = head
+    lost = [c for c in independent_commits(repo, held["reflog_lost"] + held["detached_lost"])
+            if not any(is_ancestor(repo, c, kept) for kept in refs.values())]  # fmt: skip
+    if lost:
+        refs[f"{base}-lost"] = (
+            lost[0]
+            if len(lost) == 1
+            else octopus_commit(repo, lost, f"orchestra: commits only {agent_id}'s worktree reflogs held")
         )
-        refs.append(f"{base}-worktree")
-    return refs
+    if held["stashes"]:
+        stashes = held["stashes"]
+        refs[f"{base}-stash"] = (
+            stashes[0]
+            if len(stashes) == 1
+            else octopus_commit(
+                repo, stashes, f"orchestra: {len(stashes)} stashes made in {agent_id}'s worktree"
+            )
+        )
+    if held["staged"] and held["staged"] != "conflict":
+        args = [
+            "commit-tree",
+            held["staged"],
+            *(["-p", head] if head else []),
+            "-m",
+            f"orchestra: {agent_id}'s index",
+        ]
+        refs[f"{base}-index"] = git_bytes(args, repo).stdout.decode().strip()
+    changes = held["changes"]
+    if changes and (changes["changed"] or changes["deleted"]):
+        worktree = Path(record["worktree"])
+        write_changed_blobs(repo, worktree, worktree_admin_dir(worktree), changes)
+        message = f"orchestra: snapshot of {agent_id}'s worktree before cleanup"
+        refs[f"{base}-worktree"] = snapshot_commit(repo, head, changes, message)
+    if refs:
+        write_refs(repo, refs)
+    return list(refs)
+
+
+def wait_for_writers(worktree, grace=WRITER_GRACE):
+    """Processes still using the worktree after `grace` seconds, as a reason; None when none."""
+    deadline = time.monotonic() + grace
+    while True:
+        users = processes_using(worktree)
+        if not users or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if not users:
+        return None
+    named = ", ".join(f"{pid} ({name})" for pid, name in users[:MAX_LISTED_FILES])
+    return f"process {named} still uses the worktree; end it and run cleanup again"
+
+
+def record_archive(project, agent_id, refs):
+    """Write the archive refs into the agent's record before anything is removed."""
+
+    def change(state):
+        state["agents"][agent_id]["archive"] = refs
+
+    try:
+        project.store.update(change)
+    except OSError as e:
+        raise OrchestraError(
+            f"cannot record {agent_id}'s archive in {project.dir} ({e.strerror}); nothing was removed. "
+            f"Its work is saved under {refs[0] if refs else ARCHIVE_REFS}; fix the problem and run cleanup again",
+            EXIT_FAILURE,
+        ) from None
 
 
 def remove_agent(project, record, step):
-    """Carry out one 'remove' step: archive, remove the worktree, delete the branch; archive refs.
+    """Carry out one 'remove' step: stop, check, archive, record, then delete; the archive refs.
 
-    Looks again after stopping the agent: whatever it left is snapshotted when forced, and an
-    unforced step whose branch or worktree changed since the plan is not carried out (None).
+    Looks again after stopping the agent: an unforced step whose worktree or branch changed
+    since the plan is not carried out (None). A string is a reason to keep it after all.
     """
     if step["stop_first"]:
         stop_agents(project, [record["id"]])
-    tip, leftovers = branch_tip(project, record), uncommitted_work(record)
-    if not step["forced"] and (leftovers or tip != step["tip"]):
-        return None
-    refs = archive_agent(project, record, tip, snapshot=bool(leftovers))
     if Path(record["worktree"]).is_dir():
-        # Safe by our own check (or forced and archived): git may drop setup's untracked files.
-        run_git(["worktree", "remove", "--force", record["worktree"]], project.repo)
-    if tip:
-        delete = ["update-ref", "-d", f"refs/heads/{record['branch']}", tip]  # only if still at tip
-        run_git(delete, project.repo)
-    run_git(["worktree", "prune"], project.repo)
+        busy = wait_for_writers(record["worktree"])
+        if busy:
+            return busy
+    held = worktree_holdings(project, record)
+    if unsaveable(held):
+        return unsaveable(held)
+    if not step["forced"] and (holdings_reasons(record, held) or held["tip"] != step["tip"]):
+        return None
+    refs = archive_holdings(project, record, held)
+    record_archive(project, record["id"], refs)
+    with shield_interrupts():
+        delete_worktree(project.repo, record["worktree"])
+        worktrees = {w["path"]: w for w in list_worktrees(project.repo)}
+        if held["tip"] and not checked_out_elsewhere(record, worktrees):
+            delete = [
+                "update-ref",
+                "-d",
+                f"refs/heads/{record['branch']}",
+                held["tip"],
+            ]  # only if still at tip
+            run_git(delete, project.repo)
+        mark_removed(project, record["id"], refs)
     return refs
 
 
 def cleanup_agents(project, ids=None, apply=False, everything=False, failed_only=False, force=False):
-    """Plan a cleanup and, with apply, carry it out: {"plan": [...], "applied": bool}."""
-    records = cleanup_targets(project.records(), ids, everything, failed_only)
-    plan = plan_cleanup(project, records, force)
-    if apply:
-        run_git(["worktree", "prune"], project.repo)  # forget folders deleted by hand
-        by_id = {r["id"]: r for r in records}
-        for step in (s for s in plan if s["action"] == "remove"):
-            step["archive"] = remove_agent(project, by_id[step["id"]], step)
-            if step["archive"] is None:
-                step.update(action="keep", reasons=["changed since the plan was made; run cleanup again"])
-            else:
-                mark_removed(project, step["id"], step["archive"])
+    """Plan a cleanup and, with apply, carry it out: {"plan": [...], "applied": bool}.
+
+    One cleanup at a time: a second waits for the first, then plans from what is left.
+    """
+    lock = FileLock(project.dir / "cleanup.lock")
+    project.dir.mkdir(parents=True, exist_ok=True)
+    if apply and not lock.acquire(timeout=CLEANUP_LOCK_TIMEOUT):
+        raise OrchestraError(
+            "another orchestra cleanup is still running; try again when it has finished", EXIT_FAILURE
+        )
+    try:
+        if apply:
+            roll_back_stalled_spawns(project)
+        records = cleanup_targets(project.records(), ids, everything, failed_only)
+        plan = plan_cleanup(project, records, force)
+        if apply:
+            by_id = {r["id"]: r for r in records}
+            for step in (s for s in plan if s["action"] == "remove"):
+                apply_step(project, by_id[step["id"]], step)
+    finally:
+        if apply:
+            lock.release()
     return {"plan": plan, "applied": apply}
+
+
+def apply_step(project, record, step):
+    """Carry out one step of the plan, turning it into a KEEP when something stands in the way."""
+    try:
+        outcome = remove_agent(project, record, step)
+    except GitError as e:
+        outcome, step["error"] = f"not removed: {e}", True
+    if outcome is None:
+        step.update(action="keep", reasons=["changed since the plan was made; run cleanup again"])
+    elif isinstance(outcome, str):
+        step.update(action="keep", reasons=[outcome])
+    else:
+        step["archive"] = outcome
+
+
+def mark_merged(project, ids):
+    """Remember that collect --merge merged these agents (status shows them as merged)."""
+
+    def change(state):
+        for agent_id in ids:
+            state["agents"][agent_id]["merged"] = True
+
+    if ids:
+        project.store.update(change)
 
 
 def mark_removed(project, agent_id, archive):
     """Record that an agent's worktree and branch are gone, and where its work was saved."""
 
     def change(state):
-        state["agents"][agent_id].update(state="removed", archive=archive, removed_at=utc_iso(), pid=None)
+        record = state["agents"][agent_id]
+        record.update(state="removed", archive=archive, removed_at=utc_iso(), pid=None,
+                      state_before_removal=record["state"])  # fmt: skip
 
     project.store.update(change)
 
 
 def list_archives(repo):
-    """Saved branch tips: [{ref, id, saved, commit, subject, restore}]."""
+    """Archives of cleaned-up agents, one per cleanup: [{id, saved, ref, commit, subject, refs, restore}].
+
+    `refs` maps each kind ("tip", "head", "lost", "stash", "index", "worktree") to its ref.
+    """
     fmt = "%(refname)%00%(objectname:short)%00%(subject)"
-    rows = []
+    groups = {}
     for line in run_git(["for-each-ref", f"--format={fmt}", f"{ARCHIVE_REFS}/"], repo).stdout.splitlines():
         ref, commit, subject = line.split("\0")
-        agent_id, saved = ref[len(ARCHIVE_REFS) + 1 :].rsplit("/", 1)
-        restore = f"git branch {agent_id}-restored {ref}"
-        rows.append(
-            {
-                "ref": ref,
-                "id": agent_id,
-                "saved": saved,
-                "commit": commit,
-                "subject": subject,
-                "restore": restore,
-            }
+        agent_id, leaf = ref[len(ARCHIVE_REFS) + 1 :].rsplit("/", 1)
+        stamp, kind = leaf, "tip"
+        for suffix in ARCHIVE_KINDS:
+            if leaf.endswith(f"-{suffix}"):
+                stamp, kind = leaf[: -len(suffix) - 1], suffix
+        group = groups.setdefault((agent_id, stamp), {"id": agent_id, "saved": stamp, "ref": ref,
+                                                      "commit": commit, "subject": subject, "refs": {}})  # fmt: skip
+        group["refs"][kind] = ref
+        if kind == "tip":
+            group.update(ref=ref, commit=commit, subject=subject)
+    for group in groups.values():
+        group["restore"] = f"orchestra restore {group['id']}/{group['saved']}"
+    return sorted(groups.values(), key=lambda g: (g["id"], g["saved"]))
+
+
+def check_not_removed(project, names):
+    """Refuse to continue a cleaned-up agent, pointing at its archive and `orchestra restore`."""
+    live, gone = project.records(), project.history()
+    for name in names:
+        matches = [i for i in gone if i == name] or [i for i in gone if i.startswith(name)]
+        if (name in live and live[name]["state"] != "removed") or len(matches) != 1:
+            continue
+        record = gone[matches[0]]
+        saved = (record.get("archive") or [f"{ARCHIVE_REFS}/{record['id']}/"])[0]
+        raise OrchestraError(
+            f"{record['id']} was cleaned up; its work is saved under {saved}. "
+            f"Bring it back with 'orchestra restore {record['id']}', then try again"
         )
-    return rows
+
+
+def find_archive(repo, name):
+    """The archive `name` means: 'id' (its newest archive, ids by unique prefix) or 'id/stamp'."""
+    archives = list_archives(repo)
+    agent_id, _, stamp = name.partition("/")
+    ids = sorted({a["id"] for a in archives})
+    if agent_id not in ids:
+        matches = [i for i in ids if i.startswith(agent_id)]
+        if len(matches) != 1:
+            found = (
+                f"'{agent_id}' matches {', '.join(matches)}; type more of the id"
+                if matches
+                else (f"no archive of '{agent_id}'; 'orchestra cleanup --list-archives' lists them")
+            )
+            raise OrchestraError(found)
+        agent_id = matches[0]
+    mine = [a for a in archives if a["id"] == agent_id and (not stamp or a["saved"] == stamp)]
+    if not mine:
+        raise OrchestraError(f"no archive {name}; 'orchestra cleanup --list-archives' lists them")
+    return mine[-1]
+
+
+def restore_agent(project, name):
+    """Bring an archived agent back: its branch, a worktree with its files, index and record.
+
+    Refuses when the branch or the folder exists. Returns {id, branch, worktree, restored}.
+    """
+    archive = find_archive(project.repo, name)
+    agent_id, refs = archive["id"], archive["refs"]
+    record = project.history().get(agent_id)
+    branch = record["branch"] if record else project.branch_name(agent_id)
+    worktree = project.worktree_path(agent_id)
+    if branch_exists(project.repo, branch):
+        raise OrchestraError(
+            f"branch '{branch}' already exists; rename or delete it, then restore {agent_id} again"
+        )
+    if os.path.lexists(worktree):
+        raise OrchestraError(f"folder {worktree} already exists; move it away, then restore {agent_id} again")
+    if agent_id in project.records() and project.records()[agent_id]["state"] != "removed":
+        raise OrchestraError(
+            f"an agent '{agent_id}' exists already; clean it up before restoring its archive"
+        )
+    start = refs.get("tip") or refs.get("head") or (record or {}).get("base_commit")
+    if not start:
+        raise OrchestraError(f"archive {archive['ref']} holds no commit to start the branch from")
+    project.worktree_root.mkdir(parents=True, exist_ok=True)
+    run_git(["worktree", "add", "--quiet", "-b", branch, str(worktree), start], project.repo)
+    restored = ["branch", "worktree"]
+    if "worktree" in refs:  # files before the index: an index gitlink would hide a submodule's files
+        git_bytes(["restore", f"--source={refs['worktree']}", "--worktree", "--", ":/"], worktree)
+        revive_nested_repositories(worktree)
+        restored.append("files")
+    if "index" in refs:
+        git_bytes(["read-tree", f"{refs['index']}^{{tree}}"], worktree)
+        restored.insert(2, "index")
+    if record:
+        revive_record(project, record, worktree)
+    return {"id": agent_id, "branch": branch, "worktree": str(worktree), "restored": restored,
+            "archive": archive, "other_refs": {k: v for k, v in refs.items() if k in ("lost", "stash", "head")}}  # fmt: skip
+
+
+def revive_nested_repositories(worktree):
+    """Turn a snapshot's stored nested .git folders back into `.git` (see snapshot_path)."""
+    for folder, dirs, files in os.walk(worktree, topdown=False):
+        for name in dirs + files:
+            if name != NESTED_GIT_NAME:
+                continue
+            stored, real = os.path.join(folder, name), os.path.join(folder, ".git")
+            private = os.path.join(folder, ".git-dir")
+            if os.path.isdir(private):  # its git dir lived in the worktree's admin folder
+                os.unlink(stored)
+                os.rename(private, real)
+                run_git(
+                    ["config", "--file", os.path.join(real, "config"), "--unset", "core.worktree"],
+                    worktree,
+                    check=False,
+                )
+            else:
+                os.rename(stored, real)
+
+
+def revive_record(project, record, worktree):
+    """Put a cleaned-up agent's record back among the live ones, as it was before cleanup."""
+
+    def change(state):
+        revived = dict(record, state=record.get("state_before_removal") or "stopped",
+                       worktree=str(worktree), pid=None, activity="restored from its archive")  # fmt: skip
+        revived.pop("removed_at", None)
+        state["agents"][record["id"]] = revived
+
+    project.store.update(change)
 
 
 # ======================================================================================
@@ -6487,7 +7489,7 @@ def status_rows(records, now):
         state = (
             state_label(r) + (" stale" if r.get("stale") else "") + (" approval" if r.get("approval") else "")
         )
-        state += " sandboxed" if r.get("sandboxed") else ""
+        state += (" sandboxed" if r.get("sandboxed") else "") + (" merged" if r.get("merged") else "")
         activity = r.get("error") or r.get("activity") or ""
         if r.get("approval"):
             activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
@@ -6670,7 +7672,7 @@ def cmd_status(args):
         if args.json:
             print_json(status_document(project, state, records))
             return EXIT_OK
-        text = status_text(project, records, sys.stdout)
+        text = status_text(project, with_merged_flags(project, records), sys.stdout)
         if not args.watch:
             print(text)
             return EXIT_OK
@@ -6689,7 +7691,9 @@ def cmd_pause(args):
 
 def cmd_resume(args):
     """SIGCONT paused agents; relaunch with --resume those whose process is gone."""
-    return report_outcomes(resume_agents(open_project(args), args.ids))
+    project = open_project(args)
+    check_not_removed(project, args.ids)
+    return report_outcomes(resume_agents(project, args.ids))
 
 
 def cmd_stop(args):
@@ -6842,6 +7846,9 @@ def report_text(report):
         f"Commits on {report['branch']}:" if report["commits"] else f"No commits on {report['branch']}."
     )
     lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
+    if report.get("merged"):
+        lines.append("Its commits are merged already.")
+    lines += [f"Note: {note}" for note in report.get("notes", [])]
     if report["diffstat"]:
         lines.append(report["diffstat"])
     if report["uncommitted"]:
@@ -6857,7 +7864,8 @@ def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
     document = collect_agents(project, args.ids, commit=args.commit, merge=args.merge, patch=args.patch,
-                              pr=args.pr, include_failing=args.include_failing)  # fmt: skip
+                              pr=args.pr, into=args.into, cwd=Path.cwd(),
+                              include_failing=args.include_failing)  # fmt: skip
     reports = document["agents"]
     if args.json:
         print_json(document)
@@ -6867,7 +7875,7 @@ def cmd_collect(args):
             if reports
             else "No finished agents to collect yet; see 'orchestra status'."
         )
-    return EXIT_FAILURE if document.get("conflict") else EXIT_OK
+    return EXIT_FAILURE if document.get("conflict") or document.get("pr_failed") else EXIT_OK
 
 
 def collect_text(document):
@@ -6881,7 +7889,11 @@ def collect_text(document):
         parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
         parts += [f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
                   for s in document.get("not_merged", [])]  # fmt: skip
-    if document.get("conflict"):
+    if document.get("conflict", {}) and document["conflict"].get("untracked"):
+        c = document["conflict"]
+        parts.append(f"Not merging {c['id']}: it would overwrite your untracked or ignored "
+                     f"{', '.join(c['untracked'][:MAX_LISTED_FILES])}; move them away, then run collect --merge again")  # fmt: skip
+    elif document.get("conflict"):
         c = document["conflict"]
         where = ", ".join(c["files"]) or c["git"]
         parts.append(f"Merging {c['id']} conflicts in {where}; the merge was aborted and your checkout is as it was. "
@@ -6891,6 +7903,10 @@ def collect_text(document):
             f"Wrote {document['patch']['commits']} commit(s) to {document['patch']['path']} (apply with git am)"
         )
     parts += document.get("pull_requests", [])
+    only_uncommitted = [r["id"] for r in document["agents"] if not r["commits"] and r["uncommitted"]]
+    if only_uncommitted and not document["committed"]:
+        parts.append(f"{', '.join(only_uncommitted)}: all the work is uncommitted; "
+                     "'orchestra collect --commit' commits it on the agent's branch")  # fmt: skip
     return "\n\n".join(parts)
 
 
@@ -6908,6 +7924,7 @@ def cmd_send(args):
     A finished agent continues at once; a running one gets the message when its current turn ends.
     """
     project = open_project(args)
+    check_not_removed(project, [args.id])
     print(sent_text(*send_message(project, args.id, args.message)))
     return EXIT_OK
 
@@ -6954,12 +7971,12 @@ def cmd_cleanup(args):
                              failed_only=args.failed, force=args.force)  # fmt: skip
     if args.json:
         print_json(outcome)
-        return EXIT_OK
+        return EXIT_FAILURE if any(step.get("error") for step in outcome["plan"]) else EXIT_OK
     for step in outcome["plan"]:
         print(cleanup_line(step, args.dry_run))
     if not outcome["plan"]:
         print("Nothing to clean up.")
-    return EXIT_OK
+    return EXIT_FAILURE if any(step.get("error") for step in outcome["plan"]) else EXIT_OK
 
 
 def cleanup_line(step, dry_run):
@@ -6987,6 +8004,33 @@ def print_archives(project, as_json):
     return EXIT_OK
 
 
+def cmd_restore(args):
+    """Bring a cleaned-up agent back from its archive: its branch, and a worktree with the files,
+    index and record it had. Refuses when the branch or the folder exists."""
+    project = open_project(args)
+    outcome = restore_agent(project, args.id)
+    if args.json:
+        print_json(outcome)
+        return EXIT_OK
+    print(
+        f"{outcome['id']}: restored {', '.join(outcome['restored'])} as branch {outcome['branch']} in {outcome['worktree']}"
+    )
+    for kind, ref in outcome["other_refs"].items():
+        print(f"  also saved ({ARCHIVE_WORDS[kind]}): {ref}")
+    return EXIT_OK
+
+
+def add_restore_parser(commands):
+    """orchestra restore"""
+    p = commands.add_parser("restore", help="bring a cleaned-up agent back from its archive", description=cmd_restore.__doc__,
+                            epilog="example: orchestra restore implement-auth")  # fmt: skip
+    p.add_argument(
+        "id", metavar="ID", help="agent id (its newest archive) or ID/STAMP from cleanup --list-archives"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_restore)
+
+
 def add_collect_parser(commands):
     """orchestra collect"""
     p = commands.add_parser("collect", help="report and bring home finished agents' work", description=cmd_collect.__doc__,
@@ -6997,6 +8041,11 @@ def add_collect_parser(commands):
     )
     p.add_argument(
         "--merge", action="store_true", help="merge the branches into your current branch, one by one"
+    )
+    p.add_argument(
+        "--into",
+        metavar="BRANCH",
+        help="with --merge from a linked worktree: the branch checked out in your main checkout",
     )
     p.add_argument("--include-failing", action="store_true",
                    help="with --merge: merge agents whose checks failed or did not run, too")  # fmt: skip
@@ -7443,7 +8492,7 @@ def add_supervise_parser(commands):
 
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
                    add_logs_parser, add_diff_parser, add_worktrees_parser, add_collect_parser, add_send_parser,
-                   add_cleanup_parser, add_sessions_parser, add_web_parser, add_supervise_parser,
+                   add_cleanup_parser, add_restore_parser, add_sessions_parser, add_web_parser, add_supervise_parser,
                    add_approvals_parsers, add_doctor_parser, add_hook_parser,
                    add_retry_parser)  # fmt: skip
 
@@ -7520,6 +8569,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        return EXIT_FAILURE
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS or os.environ.get("ORCHESTRA_DEBUG") == "1":
+            raise
+        print(f"orchestra: error: cannot write {e.filename or 'a file'}: {e.strerror}; "
+              "free some space or fix the permissions, then run the command again", file=sys.stderr)  # fmt: skip
         return EXIT_FAILURE
 
 

@@ -191,9 +191,9 @@ def test_forced_cleanup_archives_everything_first(fake_repo, cli):
     assert all(reachable(fake_repo, tip) for tip in tips.values())
     listing = cli("cleanup", "--list-archives", "--json").json()["archives"]
     unmerged = next(a for a in listing if a["id"] == cases["unmerged commits"])
-    assert unmerged["restore"] == f"git branch {cases['unmerged commits']}-restored {unmerged['ref']}"
-    git(*unmerged["restore"].split()[1:], cwd=fake_repo)
-    assert git("show", f"{cases['unmerged commits']}-restored:lonely.txt", cwd=fake_repo).startswith(
+    assert unmerged["restore"] == f"orchestra restore {cases['unmerged commits']}/{unmerged['saved']}"
+    assert cli(*unmerged["restore"].split()[1:]).code == 0
+    assert git("show", f"orchestra/{cases['unmerged commits']}:lonely.txt", cwd=fake_repo).startswith(
         "written by"
     )
 

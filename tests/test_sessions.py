@@ -690,7 +690,7 @@ def test_resume_prunes_a_worktree_deleted_by_hand(store, run, execs, worktrees):
     gone = worktrees["gone"]  # its folder was deleted, git still registers it
     put_session(store, str(gone), new_id(3), lines({**user("x", cwd=str(gone)), "gitBranch": "gone"}))
     result = run("sessions", "--resume", new_id(3), "--print")
-    assert result.out.splitlines()[:2] == [f"git -C {worktrees['repo']} worktree prune",
+    assert result.out.splitlines()[:2] == [f"git -C {worktrees['repo']} worktree remove --force {gone}",
                                            f"git -C {worktrees['repo']} worktree add {gone} gone"]  # fmt: skip
 
 
