@@ -16,6 +16,7 @@ Commands:
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
   orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
+  orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
   orchestra cleanup [--dry-run]       remove worktrees and branches that hold nothing unsaved
   orchestra restore ID                bring a cleaned-up agent back from its archive
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
@@ -50,6 +51,7 @@ import itertools
 import json
 import os
 import queue
+import random
 import re
 import select
 import shlex
@@ -124,6 +126,13 @@ CONFIG_DEFAULTS = {
     "sandbox_network": [],
     "approval_timeout": 1800,
     "notify_command": [],
+    "checks": [],
+    "check_timeout": 900,
+    "fix_rounds": 0,
+    "max_budget_usd": None,
+    "api_retries": 5,
+    "api_backoff": 60,
+    "api_backoff_max": 3600,
 }
 # What each key must hold: "int", "number", "str", "str?" (string or null) or "list".
 CONFIG_TYPES = {
@@ -144,12 +153,20 @@ CONFIG_TYPES = {
     "sandbox_network": "list",
     "approval_timeout": "number",
     "notify_command": "list",
+    "checks": "list",
+    "check_timeout": "number",
+    "fix_rounds": "int",
+    "max_budget_usd": "number?",
+    "api_retries": "int",
+    "api_backoff": "number",
+    "api_backoff_max": "number",
 }
 TYPE_NAMES = {
     "int": "an integer",
     "number": "a number",
     "str": "a string",
     "str?": "a string or null",
+    "number?": "a number or null",
     "list": "a list of strings",
 }
 
@@ -161,8 +178,8 @@ LAUNCH_KEYS = (
     "sandbox_network",
     "approval_timeout",
 )  # fixed at spawn; "sandboxed" is added then too
-STATES = ("queued", "running", "paused", "done", "failed", "stopped", "interrupted", "removed")
-ACTIVE_STATES = ("queued", "running", "paused")
+STATES = ("queued", "running", "paused", "waiting", "done", "failed", "stopped", "interrupted", "removed")
+ACTIVE_STATES = ("queued", "running", "paused", "waiting")
 FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
 ARCHIVE_REFS = "refs/orchestra/archive"  # branch tips saved before cleanup removes anything
 MAX_LISTED_FILES = 3  # files named in a KEEP reason before "and N more"
@@ -187,6 +204,7 @@ RECORD_FIELDS = (
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
     "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
+    "checks", "waiting", "batch", "stop_reason",
 )  # fmt: skip
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
 # first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
@@ -254,6 +272,32 @@ NOTIFY_TIMEOUT = 30.0  # seconds a notify command may run before it is killed
 SANDBOX_PACKAGES = {"bwrap": "bubblewrap", "socat": "socat"}  # what Claude Code's Linux sandbox runs
 SANDBOX_PROBE = ("bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-net", "true")
 SANDBOX_PROBE_TIMEOUT = 10.0
+
+# Checks, fix rounds, API errors and budgets (see "Results you can trust" below)
+RESILIENCE_KEYS = ("checks", "check_timeout", "fix_rounds", "max_budget_usd", "api_retries", "api_backoff",
+                   "api_backoff_max")  # fixed at spawn in the record's launch, like LAUNCH_KEYS  # fmt: skip
+CHECK_POLL = 0.2  # seconds between looks at a running check (its timeout, a stop request)
+CHECK_STOP_POLL = 1.0  # seconds between looks at the record for a stop while a check runs
+CHECK_OUTPUT_LIMIT = 64 * 1024  # characters of a check's output kept in the agent's log
+CHECK_TAIL_CHARS = 1500  # of a failing check's output kept in the record and quoted to the agent
+FIX_PROMPT = (
+    "The checks orchestra runs after you finish failed. The command `{command}` exited with "
+    "{exit_code}. The end of its output:\n\n```\n{tail}\n```\n\nFix the cause, commit the fix, and finish."
+)
+API_JITTER = 0.2  # a backoff wait is stretched by up to this fraction, so agents do not retry in step
+API_SCAN_BYTES = 256 * 1024  # of the end of a log searched for the last run's API error
+ACCOUNT_LIMIT_REASONS = ("rate_limit", "usage_limit")  # waits that hold every new start, not one agent
+BATCH_ID_FORMAT = "b%Y%m%dT%H%M%S"
+CHECK_RESULT_FIELDS = ("status", "command", "exit_code", "tail", "rounds")
+# A subscription's usage limit, as Claude Code words it across versions (never a max-turns or budget end)
+USAGE_LIMIT_RE = re.compile(
+    r"usage limit|hit your (?:usage )?limit|limit reached\W.*\bresets?\b|out of (?:extra )?usage",
+    re.IGNORECASE,
+)
+USAGE_RESET_RE = re.compile(r"\|(\d{10})\b")  # "Claude AI usage limit reached|1767225600"
+USAGE_RESET_CLOCK_RE = re.compile(
+    r"resets(?: at)? (\d{1,2})(?::(\d{2}))?\s*([ap]m)?(?:\s*\(([^)]+)\))?", re.I
+)
 
 # Sessions: how much of each transcript is read, how listings look, what a prompt is.
 CLAUDE_EXECUTABLE = "claude"
@@ -679,6 +723,7 @@ def check_config_value(key, value, where):
         "number": isinstance(value, (int, float)) and not isinstance(value, bool),
         "str": isinstance(value, str) and value != "",
         "str?": value is None or isinstance(value, str),
+        "number?": value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
     }[kind]
     if not ok:
@@ -752,6 +797,7 @@ class Config:
             raise OrchestraError(
                 f"{sources['approval_timeout']}: 'approval_timeout' must be more than 0 seconds"
             )
+        check_resilience_values(values, sources)
 
     def parallel_limit(self, requested=None):
         """How many agents may run at once: the request or default, capped by max_parallel."""
@@ -2045,6 +2091,7 @@ def new_record(project, agent_id, task, base_branch, base_commit):
         copied_files=[],
         launch={key: project.config[key] for key in LAUNCH_KEYS},
     )
+    record["launch"].update({key: project.config[key] for key in RESILIENCE_KEYS})
     return record
 
 
@@ -2100,6 +2147,7 @@ class AgentLog:
         self.run_usage = {}  # message id -> (input, output) tokens; one response spans lines
         self.run_totals = (0, 0)  # the sum of run_usage, kept as it changes (never re-summed)
         self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
+        self.resilience = {}  # the latest checks result and API wait (see fold_resilience_event)
         self.model = None  # of the current run, from system/init or the messages, to price tokens
         self.run_estimate = {}  # message id -> estimated USD of the current run, until its result
         self.estimate_total = 0.0  # the sum of run_estimate, kept as it changes (never re-summed)
@@ -2176,6 +2224,7 @@ class AgentLog:
             self.facts.update(result=None, error=None, outcome=None)
         elif event.get("event") == "settled":
             self.settled = event
+        fold_resilience_event(self.resilience, event)
 
     def on_system(self, event):
         """system/init names the session."""
@@ -2322,17 +2371,6 @@ def deliver_pending_messages(record):
         record["error"] = f"{record.get('error') or ''} your message could not be sent: {e}".strip()
 
 
-def recount(record, counts):
-    """Give a settled record its final (commits, files changed); the log learns them too."""
-    if (
-        record
-        and record["state"] in FINISHED_STATES
-        and (record["commits"], record["files_changed"]) != counts
-    ):
-        record["commits"], record["files_changed"] = counts
-        note_settlement(record)
-
-
 def note_settlement(record):
     """Write an agent's final state into its log, so a rebuilt state.json knows it exactly."""
     settled = {key: record.get(key) for key in ("state", "exit_code", "error", "commits", "files_changed")}
@@ -2380,6 +2418,8 @@ def agent_argv(record, prompt=None):
         argv += ["--permission-mode", config["permission_mode"]]
     repo = Path(record["log"]).parent.parent.parent  # <repo>/.orchestra/logs/<id>.jsonl
     argv += ["--settings", json.dumps(claude_settings(repo, record["id"], config))]
+    if config.get("max_budget_usd"):
+        argv += ["--max-budget-usd", str(config["max_budget_usd"])]
     if config["bypass_permissions"]:
         argv += ["--allowedTools", *config["bypass_permissions"]]  # variadic: keep it last
     return argv
@@ -2583,6 +2623,7 @@ def rebuild_records(project):
             record["finished_at"] = log.settled.get("time")
         elif log.launched:
             record["state"], record["error"] = settled_state(log, None, "")
+        restore_resilience(record, log)
         if record["worktree"] not in live and record["state"] == "queued" and not log.launched:
             record.update(
                 ready=False, worktree_later=True, spawn_logged=True, activity="waiting for a worktree"
@@ -2732,6 +2773,564 @@ class Project:
 
 
 # ======================================================================================
+# Results you can trust: checks, fix rounds, API waits and budgets
+# --------------------------------------------------------------------------------------
+# An agent that says "done" is not trusted until the configured `checks` (shell commands)
+# pass in its own worktree. The supervisor runs them right after the agent's process ends:
+# the agent stays `running` (activity "checks: <command>"), so checks take a slot of the
+# parallel limit, and `checks` in the record says "running". Each command's output goes
+# into the agent's log as a `check` event, the outcome as a `checks` event. On failure,
+# up to `fix_rounds` times, the agent's own session is resumed with the failing command
+# and the tail of its output, and the checks run again when it finishes. A supervisor that
+# dies while checks run leaves the record `running` with checks "running"; the next one
+# settles it from the log and runs them again.
+#
+# An agent whose run ends on an API error it may outlive (HTTP 429 or a usage limit, 529
+# overloaded, a 5xx or a network failure: the CLI's `api_error_status`, `api_error` and
+# result text) does not fail: it becomes `waiting` with `waiting` = {reason, until,
+# attempt}. `until` is the reset time when the CLI tells it (a `rate_limit_event`), else an
+# exponential backoff (`api_backoff` doubling per attempt, capped at `api_backoff_max`,
+# with jitter). After `api_retries` attempts it stays failed. While any agent waits for a
+# rate or usage limit, the account is limited: no agent starts. When the wait ends, the
+# agent's session is resumed with "Continue the task." The `waiting` event in the log lets
+# a rebuilt state.json restore the wait.
+#
+# Every spawn makes a batch (`batch` on each record, `batches` in the state); `spawn
+# --budget USD` gives it a ceiling. When the batch's agents together have spent it, its
+# queued agents never start and its active ones are stopped (`stop_reason` "budget"),
+# worktrees and branches kept.
+# ======================================================================================
+
+
+def check_resilience_values(values, sources):
+    """Check, fix-round, retry and budget settings that are well typed but out of range."""
+    for key, low in (("fix_rounds", 0), ("api_retries", 0)):
+        if values[key] < low:
+            raise OrchestraError(f"{sources[key]}: '{key}' must be at least {low}, not {values[key]}")
+    for key in ("check_timeout", "api_backoff", "api_backoff_max", "max_budget_usd"):
+        if values[key] is not None and not values[key] > 0:
+            raise OrchestraError(f"{sources[key]}: '{key}' must be a number above 0, not {values[key]}")
+
+
+def resilience_setting(record, key):
+    """A check/retry/budget setting fixed in the record at spawn (the default for older records)."""
+    return (record.get("launch") or {}).get(key, CONFIG_DEFAULTS[key])
+
+
+def fold_resilience_event(memory, event):
+    """Remember the latest checks outcome, API wait and budget stop from an orchestra log event."""
+    what = event.get("event")
+    if what == "checks":
+        memory["checks"] = event
+    elif what == "waiting":
+        memory["waiting"] = event
+        memory["api_attempts"] = event.get("attempt") or 0
+    elif what in ("launch", "settled"):
+        memory.pop("waiting", None)
+    elif what == "budget_stop":
+        memory["stop_reason"] = "budget"
+
+
+def restore_resilience(record, log):
+    """Give a record rebuilt from its log its checks result, its API wait and its stop reason."""
+    memory = log.resilience
+    if memory.get("checks"):
+        record["checks"] = {key: memory["checks"].get(key) for key in CHECK_RESULT_FIELDS}
+        if record["checks"]["status"] == "running" and record["state"] == "done":
+            record.update(state="running", pid=None)  # the supervisor died during checks: run them again
+    if memory.get("waiting"):
+        waiting = {key: memory["waiting"].get(key) for key in ("reason", "until", "attempt", "message")}
+        record.update(state="waiting", waiting=waiting, error=None, finished_at=None)
+    record["api_attempts"] = memory.get("api_attempts", 0)
+    if memory.get("stop_reason"):
+        record["stop_reason"] = memory["stop_reason"]
+
+
+def checks_running(record):
+    """True while the supervisor runs the agent's checks (a long check is not a stale agent)."""
+    return (record.get("checks") or {}).get("status") == "running"
+
+
+def json_object(line):
+    """A log line as a dict, or None."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def last_run_result(path):
+    """(the result event of the agent's latest run or None, a rate-limit reset time or None)."""
+    result, reset = None, None
+    for line in reversed(read_tail(path, API_SCAN_BYTES).splitlines()):
+        event = json_object(line) or {}
+        if event.get("type") == "orchestra" and event.get("event") == "launch":
+            break
+        if event.get("type") == "result" and result is None:
+            result = event
+        info = event.get("rate_limit_info") if event.get("type") == "rate_limit_event" else None
+        if (
+            isinstance(info, dict)
+            and reset is None
+            and info.get("status") not in ("allowed", "allowed_warning")
+        ):
+            reset = epoch_seconds(info.get("resetsAt"))
+    return result, reset
+
+
+def epoch_seconds(value):
+    """A Unix time given in seconds or milliseconds (CLI versions differ), as seconds; None if not a number."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return value / 1000 if value > 1e11 else float(value)
+
+
+def last_api_failure(path):
+    """(reason, reset time or None, message) when the last run ended on an API error worth waiting out."""
+    result, reset = last_run_result(path)
+    if not result or not (result.get("is_error") or result.get("subtype") != "success"):
+        return None
+    reason = api_error_reason(result)
+    if reason is None:
+        return None
+    reset = reset or usage_reset_time(result.get("result") or "")
+    return reason, reset, one_line(result.get("result") or reason)
+
+
+def api_error_reason(result):
+    """'rate_limit', 'usage_limit', 'overloaded', 'server_error' or 'network' for an error result; else None.
+
+    What 2.1.331 writes: api_error_status 429 / api_error_type rate_limit_error; 529 /
+    overloaded_error; api_error "connection_failed" with status null for a network failure.
+    """
+    status, kind = result.get("api_error_status"), result.get("api_error_type") or ""
+    text = result.get("result") if isinstance(result.get("result"), str) else ""
+    if USAGE_LIMIT_RE.search(text):
+        return "usage_limit"
+    if status == 429 or kind == "rate_limit_error":
+        return "rate_limit"
+    if status == 529 or kind == "overloaded_error":
+        return "overloaded"
+    if isinstance(status, int) and status >= 500:
+        return "server_error"
+    if status is None and (result.get("api_error") or text.startswith("API Error: Connection")):
+        return "network"
+    return None
+
+
+def usage_reset_time(text, now=None):
+    """The reset time a usage-limit message gives ("...|<unix time>", "resets 3pm (Europe/Paris)"), or None."""
+    match = USAGE_RESET_RE.search(text)
+    if match:
+        return float(match.group(1))
+    clock = USAGE_RESET_CLOCK_RE.search(text)
+    if not clock:
+        return None
+    hour, minute, half = int(clock.group(1)), int(clock.group(2) or 0), (clock.group(3) or "").lower()
+    if (half and not 1 <= hour <= 12) or hour > 23 or minute > 59:
+        return None
+    hour = hour % 12 + (12 if half == "pm" else 0) if half else hour
+    return next_clock_time(hour, minute, clock.group(4), time.time() if now is None else now)
+
+
+def next_clock_time(hour, minute, zone_name, now):
+    """The next Unix time at hour:minute in a named time zone (the local one when unknown)."""
+    import datetime  # here: only a usage-limit message needs it
+
+    zone = None
+    with contextlib.suppress(Exception):  # no zoneinfo before 3.9 or no tz database: local time
+        from zoneinfo import ZoneInfo
+
+        zone = ZoneInfo(zone_name) if zone_name else None
+    current = datetime.datetime.fromtimestamp(now, zone) if zone else datetime.datetime.fromtimestamp(now)
+    reset = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if reset <= current:
+        reset += datetime.timedelta(days=1)
+    return reset.timestamp()
+
+
+def backoff_seconds(attempt, base, cap, jitter=None):
+    """base, 2 x base, 4 x base... per attempt, stretched by up to API_JITTER, never above cap."""
+    jitter = random.random() if jitter is None else jitter
+    return min(cap, base * 2 ** (attempt - 1) * (1 + API_JITTER * jitter))
+
+
+def plan_wait(record, failure, now):
+    """Turn a record whose run failed on the API into a waiting one; False when retries are used up."""
+    reason, reset, message = failure
+    attempt, limit = (record.get("api_attempts") or 0) + 1, resilience_setting(record, "api_retries")
+    if attempt > limit:
+        record["error"] = f"{record['error']} (gave up after {limit} API retries)"
+        return False
+    delay = backoff_seconds(
+        attempt, resilience_setting(record, "api_backoff"), resilience_setting(record, "api_backoff_max")
+    )
+    until = reset if reset and reset > now else now + delay
+    waiting = {"reason": reason, "until": utc_iso(until), "attempt": attempt, "message": message}
+    clock = time.strftime("%H:%M:%S", time.gmtime(until))
+    record.update(state="waiting", waiting=waiting, api_attempts=attempt, error=None, finished_at=None,
+                  activity=f"{reason.replace('_', ' ')}: retrying at {clock} UTC (attempt {attempt} of {limit})")  # fmt: skip
+    append_event(record["log"], {"event": "waiting", **waiting})
+    return True
+
+
+def account_wait(state, now):
+    """The Unix time until which the account is rate- or usage-limited (no new starts), or None."""
+    untils = [
+        parse_iso(r["waiting"]["until"])
+        for r in state["agents"].values()
+        if r["state"] == "waiting" and (r.get("waiting") or {}).get("reason") in ACCOUNT_LIMIT_REASONS
+    ]
+    latest = max((u for u in untils if u), default=None)
+    return latest if latest and latest > now else None
+
+
+def run_check(command, worktree, timeout, cancelled):
+    """Run one check in the worktree: (exit code or None, output, 'timeout'|'cancelled'|None)."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(command, shell=True, cwd=str(worktree), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline, next_look, why = time.monotonic() + timeout, time.monotonic() + CHECK_STOP_POLL, None
+        while not check_ended(proc):
+            if time.monotonic() >= deadline:
+                why = "timeout"
+            elif time.monotonic() >= next_look:
+                why, next_look = ("cancelled" if cancelled() else None), time.monotonic() + CHECK_STOP_POLL
+            if why:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                break
+        out.seek(0)
+        output = out.read().decode("utf-8", "replace")
+    return (None if why else proc.returncode), output, why
+
+
+def check_ended(proc):
+    """Wait up to CHECK_POLL for a check's process; True once it has ended."""
+    try:
+        proc.wait(CHECK_POLL)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def fix_prompt(checks):
+    """What a fix round tells the agent: the failing command and the end of its output."""
+    code = "timed out" if checks["exit_code"] is None else f"status {checks['exit_code']}"
+    return FIX_PROMPT.format(command=checks["command"], exit_code=code, tail=checks["tail"] or "(no output)")
+
+
+def assign_batch(project, records, budget):
+    """Give newly spawned agents one batch id, and the batch its budget; the id."""
+
+    def change(state):
+        batches = state.setdefault("batches", {})
+        batch_id = unique_id(time.strftime(BATCH_ID_FORMAT, time.gmtime()), set(batches))
+        batches[batch_id] = {"budget": budget, "created_at": utc_iso()}
+        for record in records:
+            state["agents"][record["id"]]["batch"] = record["batch"] = batch_id
+        return batch_id
+
+    return project.store.update(change)
+
+
+def batch_spending(state):
+    """{batch id: {"budget", "spent", "agents"}} of every batch."""
+    totals = {bid: {"budget": info.get("budget"), "spent": 0.0, "agents": 0}
+              for bid, info in (state.get("batches") or {}).items()}  # fmt: skip
+    for record in state["agents"].values():
+        if record.get("batch") in totals:
+            totals[record["batch"]]["spent"] += record.get("cost_usd") or 0
+            totals[record["batch"]]["agents"] += 1
+    return totals
+
+
+def over_budget(state):
+    """{batch id: (spent, budget)} of batches that have spent their budget."""
+    return {bid: (t["spent"], t["budget"]) for bid, t in batch_spending(state).items()
+            if t["budget"] is not None and t["spent"] >= t["budget"]}  # fmt: skip
+
+
+def stop_for_budget(record, spent, budget):
+    """Stop one active agent of a batch over budget; its (pid, start token) to end, or None."""
+    _, process = request_stop(record)
+    record.update(stop_reason="budget", activity=f"stopped: batch budget {format_cost(budget)} reached")
+    append_event(
+        record["log"],
+        {"event": "budget_stop", "batch": record.get("batch"), "spent": spent, "budget": budget},
+    )
+    return process if process[0] else None
+
+
+def resilience_status(state, now=None):
+    """The account's rate-limit wait and each batch's spending, for `status --json`."""
+    until = account_wait(state, now or time.time())
+    return {"rate_limited_until": utc_iso(until) if until else None, "batches": batch_spending(state)}
+
+
+def state_label(record):
+    """The state as status shows it: 'done ✓' when checks passed, 'done ✗' when they failed."""
+    checks = (record.get("checks") or {}).get("status")
+    if record["state"] == "done" and checks in ("passed", "failed"):
+        return "done " + ("✓" if checks == "passed" else "✗")
+    return record["state"]
+
+
+def resilience_notes(state, records, now):
+    """Lines under the status table: the account's rate limit and the batches' spending."""
+    lines = []
+    until = account_wait(state, now)
+    if until:
+        clock = time.strftime("%H:%M:%S", time.gmtime(until))
+        lines.append(f"Rate-limited until {clock} UTC: no new agents start before then.")
+    shown = {r.get("batch") for r in records}
+    for batch_id, t in sorted(batch_spending(state).items()):
+        if batch_id in shown and t["budget"] is not None:
+            reached = "; reached, its agents were stopped" if t["spent"] >= t["budget"] else ""
+            lines.append(
+                f"Batch {batch_id}: spent {format_cost(t['spent'])} of {format_cost(t['budget'])}{reached}"
+            )
+    return lines
+
+
+def render_resilience_event(event):
+    """Readable lines for check, checks, fix_round, waiting and budget_stop events."""
+    what = event.get("event")
+    if what == "check":
+        code = (
+            f"timed out after {event.get('timeout')}s"
+            if event.get("why") == "timeout"
+            else f"exit {event.get('exit_code')}"
+        )
+        output = (event.get("output") or "").rstrip().splitlines()
+        return [f"$ {event.get('command')}  (check, {code})", *(f"  {line}" for line in output)]
+    if what == "checks":
+        status = event.get("status")
+        if status == "failed":
+            return [f"== checks FAILED: {event.get('command')} (exit {event.get('exit_code')})"]
+        return ["== checks started" if status == "running" else f"== checks {status}"]
+    if what == "fix_round":
+        return [f"== fix round {event.get('round')}: resumed the session to fix {event.get('command')}"]
+    if what == "waiting":
+        return [
+            f"== {event.get('reason')}: waiting until {event.get('until')} (attempt {event.get('attempt')})"
+        ]
+    if what == "budget_stop":
+        return [
+            f"== stopped: batch spent {format_cost(event.get('spent'))} of its {format_cost(event.get('budget'))} budget"
+        ]
+    return []
+
+
+def checks_line(checks):
+    """One line about a checks result: 'passed', 'failed: CMD (exit 1)', 'not run'."""
+    if not checks:
+        return "none configured"
+    rounds = f" after {checks['rounds']} fix round(s)" if checks.get("rounds") else ""
+    if checks["status"] == "failed":
+        code = "timed out" if checks["exit_code"] is None else f"exit {checks['exit_code']}"
+        return f"failed: {checks['command']} ({code}){rounds}"
+    return f"{checks['status']}{rounds}"
+
+
+def checks_markdown(checks):
+    """The checks paragraph of a pull request body ('' when none ran)."""
+    if not checks:
+        return ""
+    text = f"\n\nChecks: {checks_line(checks)}."
+    if checks["status"] == "failed" and checks.get("tail"):
+        text += f"\n\n```\n{checks['tail']}\n```"
+    return text
+
+
+def retry_agent(project, record, resume_session):
+    """Start a failed, interrupted or stopped agent's task again; what happened."""
+    if record["state"] not in ("failed", "interrupted", "stopped"):
+        raise OrchestraError(
+            f"{record['id']} is {record['state']}; only failed, interrupted or stopped agents can be retried"
+        )
+    if resume_session:
+        change_agents(
+            project, [record["id"]], lambda r: queue_session(r, RESUME_PROMPT, "retrying its session")
+        )
+        ensure_supervisor(project)
+        return f"{record['id']}: queued to continue its session"
+    taken = taken_ids(project, project.records())
+    new_id = unique_id(record["id"], taken | {record["id"]})
+    fresh = spawn_agents(project, [record["task"]], name=new_id, base=record["base_commit"])[0]
+    return f"{record['id']}: retried as {fresh['id']} on {fresh['branch']} (the old worktree and branch are kept)"
+
+
+def gate_on_checks(records, override):
+    """(records to merge, [{id, reason}] left out): only agents whose checks passed or had none."""
+    chosen, skipped = [], []
+    for record in records:
+        checks = record.get("checks")
+        configured = resilience_setting(record, "checks")
+        if override or (checks or {}).get("status") == "passed" or (not checks and not configured):
+            chosen.append(record)
+        else:
+            skipped.append(
+                {"id": record["id"], "reason": f"checks {checks_line(checks or {'status': 'not run'})}"}
+            )
+    return chosen, skipped
+
+
+class Resilience:
+    """The supervisor's part in checks, fix rounds, API waits and budgets (a mixin of Supervisor)."""
+
+    def review(self, record):
+        """Right after an agent's process ends (under the state lock): wait out an API error, or check it."""
+        configured = resilience_setting(record, "checks")
+        if record["state"] == "failed":
+            failure = last_api_failure(record["log"])
+            if failure and plan_wait(record, failure, time.time()):
+                return
+        if record["state"] == "done":
+            record["api_attempts"] = 0
+            if configured:
+                rounds = (record.get("checks") or {}).get("rounds") or 0
+                record["checks"] = {
+                    "status": "running",
+                    "command": None,
+                    "exit_code": None,
+                    "tail": None,
+                    "rounds": rounds,
+                }
+                first = one_line(f"checks: {configured[0]}")
+                record.update(state="running", finished_at=None, activity=first)
+                append_event(record["log"], {"event": "checks", **record["checks"]})
+                self.due_checks[record["id"]] = dict(record)
+        elif configured and not record.get("checks") and record["state"] in FINISHED_STATES:
+            record["checks"] = {
+                "status": "not run",
+                "command": None,
+                "exit_code": None,
+                "tail": None,
+                "rounds": 0,
+            }
+
+    def after_done(self, agent_id):
+        """In the agent's watcher thread: run its checks if review() asked for them."""
+        record = self.due_checks.pop(agent_id, None)
+        if record:
+            self.run_checks(record)
+        self.slot_freed.set()
+
+    def nap(self, seconds):
+        """Wait for the next scheduling pass: `seconds`, or less when an agent's end frees a slot."""
+        self.slot_freed.wait(seconds)
+        self.slot_freed.clear()
+
+    def after_done_in_thread(self, agent_id):
+        """From the main thread (adopting): run the agent's checks in a named thread of their own."""
+        thread = threading.Thread(target=self.guarded, args=(lambda i: self.after_done(i), agent_id),
+                                  name=f"checks-{agent_id}", daemon=True)  # fmt: skip
+        self.watchers[agent_id] = thread
+        thread.start()
+
+    def check_cancelled(self, agent_id):
+        """True once the supervisor is stopping or the agent was stopped while its checks ran."""
+        if self.stopping.is_set():
+            return True
+        record = self.store.load()["agents"].get(agent_id)
+        return not record or record["state"] != "running"
+
+    def run_checks(self, record):
+        """Run every check in the agent's worktree, stop at the first failure, and conclude."""
+        agent_id, rounds = record["id"], record["checks"]["rounds"]
+        result = {"status": "passed", "command": None, "exit_code": 0, "tail": "", "rounds": rounds}
+        timeout = resilience_setting(record, "check_timeout")
+        for index, command in enumerate(resilience_setting(record, "checks")):
+            if index:  # review() named the first command already
+                self.queue(agent_id, {"activity": one_line(f"checks: {command}")})
+            code, output, why = run_check(
+                command, record["worktree"], timeout, lambda: self.check_cancelled(agent_id)
+            )
+            if why == "cancelled":
+                return  # stopped, or the supervisor is exiting (the next one runs the checks again)
+            append_event(record["log"], {"event": "check", "command": command, "exit_code": code, "why": why,
+                                         "timeout": timeout, "output": output[-CHECK_OUTPUT_LIMIT:]})  # fmt: skip
+            if code != 0:
+                tail = tail_text(output, CHECK_TAIL_CHARS) if why is None else f"timed out after {timeout}s"
+                result = {
+                    "status": "failed",
+                    "command": command,
+                    "exit_code": code,
+                    "tail": tail,
+                    "rounds": rounds,
+                }
+                break
+        concluded = self.store.update(lambda state: self.conclude_checks(state["agents"][agent_id], result))
+        if concluded:
+            self.announce(concluded)  # notify_command hears "done" only once the checks have run
+
+    def conclude_checks(self, record, result):
+        """Record the checks outcome; on failure with fix rounds left, resume the session to fix it.
+
+        Returns a copy of the record once it is done (None while a fix round or a stop is under way).
+        """
+        if record["state"] != "running":
+            return None  # stopped while the checks ran
+        wants_fix = result["status"] == "failed" and result["rounds"] < resilience_setting(
+            record, "fix_rounds"
+        )
+        if wants_fix and record.get("session_id") and is_claude_command(record["launch"]["agent_command"]):
+            result = dict(result, rounds=result["rounds"] + 1)
+            record["checks"] = result
+            append_event(record["log"], {"event": "checks", **result})
+            append_event(
+                record["log"], {"event": "fix_round", "round": result["rounds"], "command": result["command"]}
+            )
+            queue_session(
+                record, fix_prompt(result), f"fix round {result['rounds']}: waiting for a free slot"
+            )
+            return None
+        record["checks"] = result
+        append_event(record["log"], {"event": "checks", **result})
+        record.update(state="done", finished_at=utc_iso(), activity=one_line(f"checks {checks_line(result)}"))
+        return dict(record)
+
+    def hold_starts(self, state):
+        """Each pass: enforce batch budgets, wake agents whose wait is over; True while the account is limited."""
+        now = time.time()
+        self.enforce_budgets(state)
+        self.wake_waiting(state, now)
+        return account_wait(state, now) is not None
+
+    def wake_waiting(self, state, now):
+        """Queue the session of each waiting agent whose wait has ended ("Continue the task.")."""
+        for record in state["agents"].values():
+            if (
+                record["state"] != "waiting"
+                or (parse_iso((record.get("waiting") or {}).get("until")) or 0) > now
+            ):
+                continue
+            attempt = record["waiting"].get("attempt")
+            record["waiting"] = None
+            try:
+                queue_session(record, RESUME_PROMPT, f"resuming after the API wait (attempt {attempt})")
+            except OrchestraError as e:
+                record.update(state="failed", error=str(e), finished_at=utc_iso())
+                note_settlement(record)
+
+    def enforce_budgets(self, state):
+        """Stop the queued and active agents of every batch that has spent its budget."""
+        for batch_id, (spent, budget) in over_budget(state).items():
+            for record in state["agents"].values():
+                if record.get("batch") != batch_id or record["state"] not in ACTIVE_STATES:
+                    continue
+                if record["state"] == "running" and record["pid"] and last_run_result(record["log"])[0]:
+                    continue  # it has finished and is exiting: its watcher settles it as it ended
+                process = stop_for_budget(record, spent, budget)
+                if process:  # ending a process may take STOP_GRACE: never under the state lock
+                    threading.Thread(target=stop_process, args=process, name=f"budget-stop-{record['id']}",
+                                     daemon=True).start()  # fmt: skip
+
+
+# ======================================================================================
 # Supervisor
 # --------------------------------------------------------------------------------------
 # One detached process per repository, unique by supervisor.lock: starts queued agents up
@@ -2740,7 +3339,7 @@ class Project:
 # ======================================================================================
 
 
-class Supervisor:
+class Supervisor(Resilience):
     """Runs and watches a repository's agents until there is nothing left to do."""
 
     def __init__(self, project):
@@ -2751,8 +3350,9 @@ class Supervisor:
         self.pending = {}  # agent id -> facts or final record changes waiting for the next write
         self.watchers = {}  # agent id -> watcher thread; touched by the main thread only
         self.preparer = None  # the thread making the next worktrees; touched by the main thread only
-        self.wake = threading.Event()  # set when an agent ends or worktrees are ready: schedule now
         self.notifiers = []  # notify_command threads, waited for before the supervisor exits
+        self.slot_freed = threading.Event()  # set when an agent ends, so the next one starts at once
+        self.due_checks = {}  # agent id -> record whose checks review() asked for; its thread pops it
 
     def run(self):
         """Hold the supervisor lock and serve; re-check for work after letting go of it."""
@@ -2782,8 +3382,7 @@ class Supervisor:
             self.prepare_ahead(state)
             if not self.watchers and not self.has_work(state) and not self.preparing():
                 break
-            self.wake.wait(SUPERVISOR_TICK)
-            self.wake.clear()
+            self.nap(SUPERVISOR_TICK)
         self.flush()
         self.store.update(lambda state: state["supervisor"].update(pid=None))
         for thread in self.notifiers:
@@ -2798,7 +3397,7 @@ class Supervisor:
     def has_work(state):
         """True while some agent is ready to start (or waits for its worktree), running or paused."""
         return any(
-            r["state"] in ("running", "paused")
+            r["state"] in ("running", "paused", "waiting")
             or (r["state"] == "queued" and (r.get("ready") or r.get("worktree_later")))
             for r in state["agents"].values()
         )
@@ -2851,7 +3450,7 @@ class Supervisor:
                 drop_agent_env(self.project, [r["id"] for r in claimed if r["state"] == "failed"])
         except Exception:  # reported, and the loop goes on: the agents stay queued, visibly
             traceback.print_exc()
-        self.wake.set()
+        self.slot_freed.set()
 
     def adopt(self):
         """Watch agents a dead supervisor left running; settle the ones whose process is gone."""
@@ -2870,9 +3469,11 @@ class Supervisor:
         def settle(state):
             record = state["agents"][agent_id]
             finish_record(record, log, None, "", self.counts(record))
+            self.review(record)
             return dict(record)
 
         self.announce(self.store.update(settle))
+        self.after_done_in_thread(agent_id)
 
     def free_slots(self, state):
         """How many more agents may run now."""
@@ -2880,12 +3481,18 @@ class Supervisor:
         return max(0, limit - sum(r["state"] in ("running", "paused") for r in state["agents"].values()))
 
     def startable(self, state):
-        """True when a ready queued agent could start now (checked without the lock)."""
-        ready = any(r["state"] == "queued" and r.get("ready") for r in state["agents"].values())
+        """True when this pass needs the lock (checked without it): a ready agent can start, or a
+        waiting agent may be woken, or a batch has spent its budget (see hold_starts)."""
+        agents = state["agents"].values()
+        if any(r["state"] == "waiting" for r in agents) or over_budget(state):
+            return True
+        ready = any(r["state"] == "queued" and r.get("ready") for r in agents)
         return ready and self.free_slots(state) > 0
 
     def start_queued(self, state):
         """Launch ready queued agents, oldest first, while fewer than the limit run."""
+        if self.hold_starts(state):
+            return  # the account is rate-limited: no new starts until it resets
         agents = state["agents"].values()
         queued = sorted((r for r in agents if r["state"] == "queued" and r.get("ready")), key=spawn_order)
         for record in queued[: self.free_slots(state)]:
@@ -2935,11 +3542,11 @@ class Supervisor:
         log.read_to_end()
         exit_code = proc.returncode if proc else None
         stderr_tail = read_tail(self.project.stderr_path(agent_id))
-        # Settled at once, freeing its slot; its final commit and file counts (git) follow.
-        self.finish(agent_id, lambda r: finish_record(r, log, exit_code, stderr_tail, None))
         counts = self.counts(record)
-        if counts:
-            self.store.update(lambda state: recount(state["agents"].get(agent_id), counts))
+        self.finish(
+            agent_id, lambda r: (finish_record(r, log, exit_code, stderr_tail, counts), self.review(r))
+        )
+        self.after_done(agent_id)
 
     def tail_until_exit(self, agent_id, record, proc, log, waiter):
         """Fold the log into pending facts (and refresh counts) until the process ends or we stop."""
@@ -2981,7 +3588,7 @@ class Supervisor:
             return dict(state["agents"][agent_id])
 
         self.announce(self.store.update(change))
-        self.wake.set()  # a slot is free: start the next agent now, not at the next tick
+        self.slot_freed.set()  # a slot is free: start the next agent now, not at the next tick
 
     def announce(self, record, event=None):
         """Run notify_command for an agent that finished, failed or went stale."""
@@ -3036,7 +3643,11 @@ class Supervisor:
                 record["heartbeat_at"] = utc_iso(now)
                 quiet_since = parse_iso(record.get("last_activity_at")) or now
                 was_stale = record.get("stale")
-                record["stale"] = now - quiet_since >= threshold and record["id"] not in waiting
+                record["stale"] = (
+                    now - quiet_since >= threshold
+                    and record["id"] not in waiting
+                    and not checks_running(record)
+                )
                 if record["stale"] and not was_stale:
                     newly_stale.append(dict(record))
         return newly_stale
@@ -3140,6 +3751,7 @@ def status_document(project, state, records):
             "heartbeat_at": info.get("heartbeat_at"),
         },
         "agents": [public_record(r) for r in with_merged_flags(project, with_approvals(project, records))],
+        **resilience_status(state),
     }
 
 
@@ -3297,7 +3909,7 @@ def change_agents(project, ids, change):
     return project.store.update(lambda state: [change(r) for r in select_agents(state["agents"], ids)])
 
 
-def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None):
+def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, budget=None):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
     The one way agents come to be, from the command line or the web; their records. The agents
@@ -3321,6 +3933,7 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None):
     roll_back_stalled_spawns(project)
     records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
     mark_sandboxed(project, records, sandboxed)
+    assign_batch(project, records, budget)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
     try:
         defer_worktrees(project, records[SPAWN_PREPARED_NOW:])
@@ -3435,7 +4048,7 @@ def request_stop(record):
     if record["state"] not in ACTIVE_STATES:
         raise OrchestraError(f"{record['id']} is already {record['state']}")
     process = (record["pid"], record.get("pid_start"))
-    record.update(state="stopped", finished_at=utc_iso(), activity="stopped", stale=False)
+    record.update(state="stopped", finished_at=utc_iso(), activity="stopped", stale=False, waiting=None)
     if not record["pid"]:
         note_settlement(record)  # no watcher will settle an agent that never started
     return record["id"], process
@@ -3459,6 +4072,7 @@ def resume_agent(record):
     if record["state"] == "paused" and signal_group(record["pid"], record.get("pid_start"), signal.SIGCONT):
         record.update(state="running", activity="resumed")
         return "resumed"
+    record["waiting"] = None  # a waiting agent is retried at once
     queue_session(record, RESUME_PROMPT, "waiting to resume")
     return "queued to resume its session"
 
@@ -3607,7 +4221,7 @@ def render_orchestra_event(event):
         why = f" by rule {event['rule']}" if event.get("rule") else f" by {event.get('by')}"
         note = f": {event['message']}" if event.get("message") and event.get("by") != "rule" else ""
         return [f"== {verb}{why}: {event.get('tool')}{note}"]
-    return []
+    return render_resilience_event(event)
 
 
 def readable_lines(chunk, raw):
@@ -5033,7 +5647,7 @@ def agent_report(project, record, tip=False, cache=None):
     return {
         **{
             key: record.get(key)
-            for key in ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch")
+            for key in ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch", "checks")
         },
         "permission_denials": record.get("permission_denials") or [],
         "bypass_permissions": (record.get("launch") or {}).get("bypass_permissions", []),
@@ -5248,9 +5862,11 @@ def undo_merges(repo, start):
         run_git(["reset", "--quiet", "--keep", start], repo, check=False)
 
 
-def collect_agents(project, ids, commit=False, merge=False, patch=None, pr=False, into=None, cwd=None):
+def collect_agents(
+    project, ids, commit=False, merge=False, patch=None, pr=False, into=None, cwd=None, include_failing=False
+):
     """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
-    merges (all done agents, or the named ones), writes a patch and opens pull requests.
+    merges (done agents whose checks passed, or the named ones), writes a patch and opens pull requests.
     `cwd` is where the command runs: a merge from a linked worktree needs `into`."""
     records = finished_agents(project.all_records() if ids else project.records(), ids)
     if merge:
@@ -5263,6 +5879,7 @@ def collect_agents(project, ids, commit=False, merge=False, patch=None, pr=False
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
     if merge:
         chosen = records if ids else [r for r in records if r["state"] == "done"]
+        chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
         document["merged"], document["conflict"] = merge_agents(project, chosen)
         mark_merged(project, document["merged"])
     if patch:
@@ -5279,6 +5896,7 @@ def pull_request_body(report):
     return (
         f"{report['result'] or '(no result text)'}\n\n```\n{report['diffstat']}\n```\n\n"
         f"Opened by claude-orchestra: {report['turns'] or 0} turns, {format_cost(report['cost_usd'])}."
+        f"{checks_markdown(report.get('checks'))}"
     )
 
 
@@ -7354,14 +7972,16 @@ def paint(text, colour, stream):
 
 
 STATE_COLOURS = {"running": "blue", "done": "green", "failed": "red", "interrupted": "red",
-                 "paused": "yellow", "stopped": "dim", "queued": None}  # fmt: skip
+                 "paused": "yellow", "stopped": "dim", "queued": None, "waiting": "yellow"}  # fmt: skip
 
 
 def status_rows(records, now):
     """The status table's cells for each record."""
     rows = []
     for r in records:
-        state = r["state"] + (" stale" if r.get("stale") else "") + (" approval" if r.get("approval") else "")
+        state = (
+            state_label(r) + (" stale" if r.get("stale") else "") + (" approval" if r.get("approval") else "")
+        )
         state += (" sandboxed" if r.get("sandboxed") else "") + (" merged" if r.get("merged") else "")
         activity = r.get("error") or r.get("activity") or ""
         if r.get("approval"):
@@ -7415,7 +8035,16 @@ def status_text(project, records, out):
     table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
     notes = [f"{r['id']}: {line}" for r in records
              for line in denial_lines(r.get("permission_denials"), (r.get("launch") or {}).get("bypass_permissions", ()))]  # fmt: skip
-    return "\n".join([table, "", *notes, *([""] if notes else []), summary_line(records)])
+    return "\n".join(
+        [
+            table,
+            "",
+            *notes,
+            *([""] if notes else []),
+            summary_line(records),
+            *resilience_notes(project.store.load(), records, time.time()),
+        ]
+    )
 
 
 def summary_line(records):
@@ -7483,7 +8112,8 @@ def cmd_config(args):
 def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model, sandbox=args.sandbox)
-    records = spawn_agents(project, args.tasks, parallel=args.parallel, name=args.name, base=args.base)
+    records = spawn_agents(project, args.tasks, parallel=args.parallel, name=args.name, base=args.base,
+                           budget=args.budget)  # fmt: skip
     if not args.json:
         for r in records:
             print(f"{r['id']}  {r['state']}  {os.path.relpath(r['worktree'])}")
@@ -7712,6 +8342,8 @@ def report_text(report):
     minutes = format_duration(report["duration_seconds"])
     lines = [f"== {report['id']}: {report['state']}  ({report['turns'] or 0} turns, {format_cost(report['cost_usd'])}, {minutes})",
              f"Task: {report['task']}"]  # fmt: skip
+    if report.get("checks"):
+        lines.append(f"Checks: {checks_line(report['checks'])}")
     if report["result"] or report["error"]:
         lines.append(f"Result: {strip_control(report['result'] or report['error']).strip()}")
     lines.append(
@@ -7736,7 +8368,8 @@ def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
     document = collect_agents(project, args.ids, commit=args.commit, merge=args.merge, patch=args.patch,
-                              pr=args.pr, into=args.into, cwd=Path.cwd())  # fmt: skip
+                              pr=args.pr, into=args.into, cwd=Path.cwd(),
+                              include_failing=args.include_failing)  # fmt: skip
     reports = document["agents"]
     if args.json:
         print_json(document)
@@ -7758,6 +8391,8 @@ def collect_text(document):
         parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
     if "merged" in document:
         parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
+        parts += [f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
+                  for s in document.get("not_merged", [])]  # fmt: skip
     if document.get("conflict", {}) and document["conflict"].get("untracked"):
         c = document["conflict"]
         parts.append(f"Not merging {c['id']}: it would overwrite your untracked or ignored "
@@ -7777,6 +8412,14 @@ def collect_text(document):
         parts.append(f"{', '.join(only_uncommitted)}: all the work is uncommitted; "
                      "'orchestra collect --commit' commits it on the agent's branch")  # fmt: skip
     return "\n\n".join(parts)
+
+
+def cmd_retry(args):
+    """Run a failed, interrupted or stopped agent's task again: fresh worktree and branch, or its session."""
+    project = open_project(args)
+    record = select_agents(project.records(), [args.id])[0]
+    print(retry_agent(project, record, args.resume_session))
+    return EXIT_OK
 
 
 def cmd_send(args):
@@ -7908,10 +8551,22 @@ def add_collect_parser(commands):
         metavar="BRANCH",
         help="with --merge from a linked worktree: the branch checked out in your main checkout",
     )
+    p.add_argument("--include-failing", action="store_true",
+                   help="with --merge: merge agents whose checks failed or did not run, too")  # fmt: skip
     p.add_argument("--pr", action="store_true", help="push each branch and open a pull request with gh")
     p.add_argument("--patch", metavar="FILE", help="write all their commits to FILE as one patch series")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_collect)
+
+
+def add_retry_parser(commands):
+    """orchestra retry"""
+    p = commands.add_parser("retry", help="run a failed or stopped agent's task again", description=cmd_retry.__doc__,
+                            epilog="example: orchestra retry implement-auth  (starts implement-auth-2 from the same base)")  # fmt: skip
+    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
+    p.add_argument("--resume-session", action="store_true",
+                   help="continue the agent's own session in its worktree instead of starting afresh")  # fmt: skip
+    p.set_defaults(func=cmd_retry)
 
 
 def add_send_parser(commands):
@@ -8060,6 +8715,17 @@ def non_negative_int(text):
     return value
 
 
+def budget_usd(text):
+    """argparse type: a spending limit in US dollars, above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of US dollars") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
 def add_spawn_parser(commands):
     """orchestra spawn"""
     p = commands.add_parser("spawn", help="start agents, one worktree and branch per task", description=cmd_spawn.__doc__,
@@ -8078,6 +8744,8 @@ def add_spawn_parser(commands):
     sandbox.add_argument(
         "--no-sandbox", dest="sandbox", action="store_const", const="off", help="run without the sandbox"
     )
+    p.add_argument("--budget", type=budget_usd, metavar="USD",
+                   help="stop this batch's agents once together they have spent USD")  # fmt: skip
     p.add_argument("--wait", action="store_true", help="show progress until all finish; exit 1 if any failed")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_spawn, more_tasks=True)
@@ -8343,7 +9011,8 @@ def add_supervise_parser(commands):
 PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
                    add_logs_parser, add_diff_parser, add_worktrees_parser, add_collect_parser, add_send_parser,
                    add_cleanup_parser, add_restore_parser, add_sessions_parser, add_web_parser, add_supervise_parser,
-                   add_approvals_parsers, add_doctor_parser, add_hook_parser)  # fmt: skip
+                   add_approvals_parsers, add_doctor_parser, add_hook_parser,
+                   add_retry_parser)  # fmt: skip
 
 
 def command_names(parser):

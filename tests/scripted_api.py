@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,13 +55,23 @@ class Step:
         stop_reason: str = "end_turn",
         status: int = 200,
         error_message: str = "",
+        headers: dict[str, str] | None = None,
+        times: int | None = None,
+        then: Step | None = None,
+        delay: float = 0.0,
     ) -> None:
         self.blocks = list(blocks)
         self.stop_reason = stop_reason
         self.status = status
         self.error_message = error_message
+        self.headers = dict(headers or {})  # extra response headers (rate-limit headers)
+        self.times = times  # answer this error this many times, then answer `then`
+        self.then = then
+        self.delay = delay  # seconds between streamed events (a slow stream)
 
     def __repr__(self) -> str:
+        if self.times is not None:
+            return f"repeat({self.status}, {self.times}, then={self.then!r})"
         if self.status != 200:
             return f"error({self.status}, {self.error_message!r})"
         return f"Step({self.blocks!r}, {self.stop_reason!r})"
@@ -84,6 +95,37 @@ def bash(cmd: str, description: str = "Run a scripted shell command") -> Step:
 def error(status: int, message: str = "scripted failure") -> Step:
     """An HTTP error answer in the API's error format."""
     return Step(status=status, error_message=message)
+
+
+def rate_limited(
+    times: int,
+    then: Step,
+    retry_after: float = 3600,
+    reset: float | None = None,
+    message: str = "Number of request tokens has exceeded your per-minute rate limit",
+) -> Step:
+    """HTTP 429 with rate-limit headers ``times`` times (per conversation step), then ``then``.
+
+    ``reset`` is a Unix time sent as ``anthropic-ratelimit-unified-reset`` (and the
+    ISO ``anthropic-ratelimit-requests-reset``); a long ``retry-after`` makes the CLI
+    give up at once instead of retrying itself.
+    """
+    headers = {"retry-after": str(int(retry_after)), "anthropic-ratelimit-unified-status": "rejected"}
+    if reset is not None:
+        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reset))
+        headers.update({"anthropic-ratelimit-unified-reset": str(int(reset)),
+                        "anthropic-ratelimit-requests-reset": iso})  # fmt: skip
+    return Step(status=429, error_message=message, headers=headers, times=times, then=then)
+
+
+def overloaded(times: int, then: Step, message: str = "Overloaded") -> Step:
+    """HTTP 529 overloaded_error ``times`` times (per conversation step), then ``then``."""
+    return Step(status=529, error_message=message, times=times, then=then)
+
+
+def slow(step: Step, delay: float) -> Step:
+    """``step`` streamed with ``delay`` seconds between its server-sent events."""
+    return Step(step.blocks, step.stop_reason, delay=delay)
 
 
 _ERROR_TYPES = {
@@ -131,6 +173,7 @@ class ScriptedAPI:
         self._scripts: dict[str, list[Step]] = {}
         self._lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []  # every parsed JSON body
+        self._repeats: dict[tuple[str, int], int] = {}  # (key, step) -> errors answered so far
         self.log: list[dict[str, Any]] = []  # every request: method, path, kind...
         self._server = _Server((host, port), self._handler_class())
         self._thread: threading.Thread | None = None
@@ -194,8 +237,25 @@ class ScriptedAPI:
             index = sum(1 for m in messages[i + 1 :] if isinstance(m, dict) and m.get("role") == "assistant")
             steps = scripts[key]
             step = steps[index] if index < len(steps) else text(FINISHED)
-            return key, index, step
+            return key, index, self._repeat(key, index, step)
         return None, 0, text(FINISHED)
+
+    def _repeat(self, key: str, index: int, step: Step) -> Step:
+        """A repeated error answers itself until used up, then its follow-up step."""
+        if step.times is None:
+            return step
+        with self._lock:
+            used = self._repeats.get((key, index), 0)
+            if used < step.times:
+                self._repeats[(key, index)] = used + 1
+        if used >= step.times:
+            return self._repeat(key, index + 1000, step.then) if step.then else text(FINISHED)
+        return Step(status=step.status, error_message=step.error_message, headers=step.headers)
+
+    def errors_answered(self, key: str) -> int:
+        """How many repeated-error answers the script ``key`` has given."""
+        with self._lock:
+            return sum(n for (k, _), n in self._repeats.items() if k == key)
 
     # -- HTTP -------------------------------------------------------------
     def _record(self, entry: dict[str, Any]) -> None:
@@ -213,12 +273,14 @@ class ScriptedAPI:
             def log_message(self, fmt: str, *args: Any) -> None:
                 pass
 
-            def _send_json(self, status: int, obj: Any) -> None:
+            def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(obj).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("request-id", "req_" + uuid.uuid4().hex[:24])
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -292,15 +354,16 @@ class ScriptedAPI:
                             "type": "error",
                             "error": {"type": err_type, "message": step.error_message},
                         },
+                        step.headers,
                     )
                     return
                 message = _message(body, step)
                 if body.get("stream"):
-                    self._stream(message)
+                    self._stream(message, step.delay)
                 else:
                     self._send_json(200, message)
 
-            def _stream(self, message: dict[str, Any]) -> None:
+            def _stream(self, message: dict[str, Any], delay: float = 0.0) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
@@ -314,6 +377,9 @@ class ScriptedAPI:
                         json.dumps(event),
                     )
                     self.wfile.write(chunk.encode())
+                    if delay:
+                        self.wfile.flush()
+                        time.sleep(delay)
                 self.wfile.flush()
 
         return Handler

@@ -60,7 +60,7 @@ def test_status_json_has_the_documented_shape(fake_repo, cli):
     cli("spawn", "first", "second")
     wait_settled(fake_repo)
     doc = cli("status", "--json").json()
-    assert set(doc) == {"repo", "supervisor", "agents"}
+    assert set(doc) == {"repo", "supervisor", "agents", "rate_limited_until", "batches"}
     assert doc["repo"] == str(fake_repo)
     assert set(doc["supervisor"]) == {"pid", "alive", "heartbeat_at"}
     assert [a["id"] for a in doc["agents"]] == ["first", "second"]
