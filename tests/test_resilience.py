@@ -253,7 +253,10 @@ def test_batch_budget_stops_running_claude_agents(claude_repo, claude_api, cli):
     assert run.code == 0, run
     wait_settled(claude_repo, timeout=120)
     agents = load_state(claude_repo)["agents"]
-    assert agents["cheap-task"]["state"] == "done" and agents["cheap-task"]["cost_usd"] > 0.001
+    # Whichever agent reports usage first spends the budget: under load that may be slow-task's
+    # first streamed message, before cheap-task's result. Either way the batch stops at the budget.
+    cheap = agents["cheap-task"]
+    assert (cheap["state"], cheap["stop_reason"]) in (("done", None), ("stopped", "budget")), cheap
     assert agents["slow-task"]["state"] == "stopped" and agents["slow-task"]["stop_reason"] == "budget"
     assert agents["later-task"]["state"] == "stopped" and agents["later-task"]["started_at"] is None
     assert (claude_repo / ".worktrees" / "task-slow-task").is_dir()
