@@ -313,7 +313,7 @@ SESSION_TABLE_WIDTH = 100  # when stdout is not a terminal
 SESSION_TABLE_GAP = "  "
 SECONDS_PER_HOUR = 3600
 SESSION_CACHE_FILE = "claude-orchestra/session-counts.json"  # under $XDG_CACHE_HOME or ~/.cache
-SESSION_CACHE_VERSION = 2  # 2: messages are prompts and replies, not tool traffic
+SESSION_CACHE_VERSION = 3  # 2: messages are prompts and replies; 3: whole descriptions kept
 SESSION_CACHE_LIMIT = (
     200_000  # transcripts remembered (the most recent): every one a store holds, in practice
 )
@@ -4793,10 +4793,11 @@ def session_cache_path(env):
 
 
 class CountCache:
-    """Message counts of transcripts kept between runs, extended as the files grow.
+    """Descriptions and message counts of transcripts kept between runs, by size and mtime.
 
-    A listing then reads only what was appended since the last one. The cache only
-    saves time: a missing, damaged or unwritable cache changes no output.
+    A listing then reads nothing of an unchanged transcript, and of one that grew only
+    what was appended since the last run (its description is read again). The cache
+    only saves time: a missing, damaged or unwritable cache changes no output.
     """
 
     def __init__(self, path, entries):
@@ -4814,17 +4815,44 @@ class CountCache:
         entries = data.get("files") if ok else None
         return cls(path, entries if isinstance(entries, dict) else {})
 
-    def count(self, file):
-        """The message count of a transcript, reading as little of it as possible."""
+    def entry(self, file):
+        """(the entry of a transcript, whether it was made at the file's current size and mtime)."""
         entry = self.entries.get(file.path)
         entry = entry if isinstance(entry, dict) else {}
-        unchanged = entry.get("size") == file.size and entry.get("mtime") == file.mtime
+        return entry, entry.get("size") == file.size and entry.get("mtime") == file.mtime
+
+    def count(self, file):
+        """The message count of a transcript, reading as little of it as possible."""
+        entry, unchanged = self.entry(file)
         if unchanged and isinstance(entry.get("total"), int):
             return entry["total"]
         state, total = count_messages(file.path, file.size, entry)
-        self.entries[file.path] = {**state, "size": file.size, "mtime": file.mtime, "total": total}
+        kept = {"about": entry["about"]} if unchanged and "about" in entry else {}
+        self.entries[file.path] = {**kept, **state, "size": file.size, "mtime": file.mtime, "total": total}
         self.changed = True
         return total
+
+    def about(self, file):
+        """The Found an earlier run described for an unchanged transcript (no count); else None."""
+        entry, unchanged = self.entry(file)
+        about = entry.get("about") if unchanged else None
+        try:
+            cwd, branch, title, prompt, model, version, summaries, untitled = about
+            session = Session(file.session_id, file.path, file.size, file.mtime, cwd, branch, title,
+                              prompt, model, version)  # fmt: skip
+            return Found(session, dict(summaries), bool(untitled))
+        except (TypeError, ValueError):  # not described yet, or a damaged entry
+            return None
+
+    def remember(self, file, found):
+        """Keep what the head and tail of a transcript said, for the runs to come."""
+        entry, unchanged = self.entry(file)
+        entry = entry if unchanged else {"size": file.size, "mtime": file.mtime}
+        s = found.session
+        entry["about"] = [s.cwd, s.branch, s.title, s.first_prompt, s.model, s.version,
+                          found.summaries, found.untitled]  # fmt: skip
+        self.entries[file.path] = entry
+        self.changed = True
 
     def save(self, files):
         """Keep the entries of transcripts still in the store, the most recent first."""
@@ -5015,21 +5043,32 @@ class Found(NamedTuple):
 
     session: Session
     summaries: dict  # {leaf uuid: text} of the summary lines this file holds
-    leaves: set  # uuids at its end, where a summary's leaf is; empty when it has a better title
+    untitled: bool  # it has no better title: a summary whose leaf is at its end may title it
+
+
+def describe_found(file):
+    """The Found of a transcript, from its head and tail (no message count)."""
+    window = read_window(file.path, file.size)
+    untitled = not named_title(window)
+    return Found(describe_session(file, window), legacy_summaries(window), untitled)
 
 
 def session_for(file, project, cache, counts):
-    """The Found of a file if it belongs to the project, with its message count; else None."""
-    if project is not None:
-        cwd = probe_cwd(file)
-        if cwd is not None and not in_project(cwd, project, cache):
-            return None
-    window = read_window(file.path, file.size)
-    session = describe_session(file, window)
-    if project is not None and not in_project(session.cwd, project, cache):
+    """The Found of a file if it belongs to the project, with its message count; else None.
+
+    An unchanged transcript is described from the cache; only a new or changed one is read.
+    """
+    found = counts.about(file)
+    if found is None:
+        if project is not None:
+            cwd = probe_cwd(file)
+            if cwd is not None and not in_project(cwd, project, cache):
+                return None
+        found = describe_found(file)
+        counts.remember(file, found)
+    if project is not None and not in_project(found.session.cwd, project, cache):
         return None
-    leaves = set() if named_title(window) else window_uuids(window, tail_only=True)
-    return Found(session._replace(messages=counts.count(file)), legacy_summaries(window), leaves)
+    return found._replace(session=found.session._replace(messages=counts.count(file)))
 
 
 def collect_sessions(candidates, project, limit, counts):
@@ -5048,12 +5087,24 @@ def collect_sessions(candidates, project, limit, counts):
     return found, skipped, False
 
 
+def end_uuids(session):
+    """The uuids at the end of a transcript, where a legacy summary's leaf is; empty if unreadable."""
+    try:
+        return window_uuids(read_window(session.path, session.size), tail_only=True)
+    except OSError:
+        return set()
+
+
 def apply_legacy_summaries(found):
-    """The sessions, titled by 1.0.x summaries that another shown transcript wrote about them."""
+    """The sessions, titled by 1.0.x summaries that another shown transcript wrote about them.
+
+    Only when a shown transcript holds such a summary are the ends of the untitled ones read.
+    """
     by_leaf = {leaf: text for item in found for leaf, text in item.summaries.items()}
     sessions = []
-    for session, _, leaves in found:
-        summary = next((by_leaf[leaf] for leaf in sorted(leaves) if leaf in by_leaf), None)
+    for session, _, untitled in found:
+        leaves = sorted(end_uuids(session)) if by_leaf and untitled else ()
+        summary = next((by_leaf[leaf] for leaf in leaves if leaf in by_leaf), None)
         sessions.append(session._replace(title=flatten(summary)) if summary else session)
     return sessions
 
