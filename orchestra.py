@@ -345,6 +345,10 @@ SESSION_MESSAGE_MARKERS = tuple(
 # A line holding a tool result is never a message, and these markers occur only as JSON structure
 # (inside a string value the quotes would be escaped), so such lines need no parsing.
 SESSION_NOT_MESSAGE_MARKERS = (b'"type":"tool_result"', b'"type": "tool_result"')
+SESSION_MESSAGE_RE = re.compile(rb'"type": ?"(?:user|assistant)"')  # any of SESSION_MESSAGE_MARKERS
+# An assistant line is a message only if it holds text: a text block or a string content.
+SESSION_REPLY_MARKERS = (b'"type":"text"', b'"type": "text"', b'"content":"', b'"content": "')
+SESSION_COUNT_CHUNK = 1024 * 1024  # bytes of a transcript read at a time to count its messages
 SESSION_DETAIL_PROMPTS = 200  # prompts of one session shown by the dashboard
 SESSION_DETAIL_BYTES = 8 * 1024 * 1024  # of a transcript read for them
 SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
@@ -4351,6 +4355,10 @@ class SessionWindow(NamedTuple):
     tail_lines: list
     whole: bool  # the head is the whole file (and so is the tail)
 
+    def mentions(self, marker):
+        """True if `marker` occurs in the head or the tail (one fast search, no line loop)."""
+        return marker in self.head or (not self.whole and marker in self.tail)
+
     def parts(self, tail_first=False):
         """The line lists to search: one when the file fits in the head."""
         if self.whole:
@@ -4495,10 +4503,12 @@ def parse_line(line):
 def records_with(lines, markers):
     """Parse only the lines holding one of `markers`: a substring test is far cheaper than JSON."""
     for line in lines:
-        if any(marker in line for marker in markers):
-            record = parse_line(line)
-            if record is not None:
-                yield record
+        for marker in markers:
+            if marker in line:
+                record = parse_line(line)
+                if record is not None:
+                    yield record
+                break
 
 
 _FIELD_PATTERNS = {}
@@ -4617,20 +4627,22 @@ def first_prompt(window):
 
 def metadata_value(window, kind, key):
     """The latest non-empty `key` of a `kind` metadata line, tail before head."""
+    marker = f'"{key}"'
+    if not window.mentions(marker):
+        return None
     for lines in window.parts(tail_first=True):
-        found = None
-        for record in records_with(lines, (f'"{key}"',)):
+        for record in records_with(reversed(lines), (marker,)):
             value = record.get(key)
             if record.get("type") == kind and isinstance(value, str) and value.strip():
-                found = value
-        if found:
-            return found
+                return value
     return None
 
 
 def legacy_summaries(window):
     """{leaf uuid: text} of the 1.0.x `summary` lines in a transcript's head and tail."""
     found = {}
+    if not window.mentions('"summary"'):
+        return found
     for lines in window.parts():
         for record in records_with(lines, ('"summary"',)):
             text = record.get("summary")
@@ -4705,10 +4717,10 @@ def own_assistant_model(record):
 def session_model(window):
     """The model of the session's own latest assistant reply: tail first, then head."""
     for lines in window.parts(tail_first=True):
-        models = [own_assistant_model(r) for r in records_with(lines, ('"model"',))]
-        found = [m for m in models if m]
-        if found:
-            return found[-1]
+        for record in records_with(reversed(lines), ('"model"',)):
+            model = own_assistant_model(record)
+            if model:
+                return model
     return None
 
 
@@ -4761,27 +4773,60 @@ def resume_point(f, size, previous):
     return 0, 0, []
 
 
+def line_blocks(f, unfinished):
+    """Blocks of whole lines read from `f` in order; the bytes after the last newline go to `unfinished`."""
+    pieces = []
+    for chunk in iter(lambda: f.read(SESSION_COUNT_CHUNK), b""):
+        cut = chunk.rfind(b"\n") + 1
+        if cut == 0:  # inside a long line: keep it in pieces, joined once (not regrown per chunk)
+            pieces.append(chunk)
+            continue
+        yield b"".join([*pieces, chunk[:cut]])
+        pieces = [chunk[cut:]]
+    unfinished.append(b"".join(pieces))
+
+
+def may_be_message(line):
+    """False for a line that cannot be a message, known without parsing it."""
+    if any(m in line for m in SESSION_NOT_MESSAGE_MARKERS):
+        return False
+    return (
+        b'"type":"user"' in line or b'"type": "user"' in line or any(m in line for m in SESSION_REPLY_MARKERS)
+    )
+
+
+def message_lines(block):
+    """The lines of a block of whole lines that may be messages, found by a search, not a line loop."""
+    pos = 0
+    while True:
+        match = SESSION_MESSAGE_RE.search(block, pos)
+        if match is None:
+            return
+        start = max(pos, block.rfind(b"\n", pos, match.start()) + 1)
+        pos = block.index(b"\n", match.end()) + 1
+        if may_be_message(block[start:pos]):
+            yield block[start:pos]
+
+
 def count_messages(path, size, previous=None):
     """(state to remember, message count) of a transcript, in one streaming pass.
 
-    Only lines holding a user or assistant type marker are parsed; the progress,
-    snapshot and request lines that make up most of a transcript are not. Given the
-    state of an earlier pass, only what was appended since is read. A last line
-    without its newline is counted but not remembered: it may still be being written.
+    Only lines holding a user or assistant type marker (and, for a reply, text) are
+    parsed; the progress, snapshot, tool and request lines that make up most of a
+    transcript are not. Given the state of an earlier pass, only what was appended
+    since is read. A last line without its newline is counted but not remembered: it
+    may still be being written.
     """
     with open(path, "rb") as f:
         count, offset, recent = resume_point(f, size, previous or {})
         f.seek(offset)
-        pending = 0
-        for line in f:
-            if not line.endswith(b"\n"):
-                pending = int(is_counted_message(parse_line(line.decode("utf-8", "replace")), list(recent)))
-                break
-            offset += len(line)
-            if any(m in line for m in SESSION_MESSAGE_MARKERS) and not any(
-                m in line for m in SESSION_NOT_MESSAGE_MARKERS
-            ):
+        unfinished = []
+        for block in line_blocks(f, unfinished):
+            for line in message_lines(block):
                 count += int(is_counted_message(parse_line(line.decode("utf-8", "replace")), recent))
+            offset += len(block)
+        last = unfinished[0].decode("utf-8", "replace")
+        pending = int(is_counted_message(parse_line(last), list(recent))) if last else 0
         state = {"count": count, "offset": offset, "recent": recent, "mark": read_mark(f, offset)}
     return state, count + pending
 
