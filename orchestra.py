@@ -352,6 +352,10 @@ SESSION_COUNT_CHUNK = 1024 * 1024  # bytes of a transcript read at a time to cou
 SESSION_DETAIL_PROMPTS = 200  # prompts of one session shown by the dashboard
 SESSION_DETAIL_BYTES = 8 * 1024 * 1024  # of a transcript read for them
 SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
+# The metadata keys a window is searched for once, in one pass: most transcripts hold few of them.
+SESSION_METADATA_KEY_RE = re.compile(
+    '"(' + "|".join(key for _, key in (*SESSION_TITLE_FIELDS, ("", "lastPrompt"), ("", "summary"))) + ')(?=")'
+)
 
 # Web: limits that keep one slow or hostile client from starving the server; RFC 6455 values.
 WEB_DEFAULT_HOST = "127.0.0.1"
@@ -4354,10 +4358,7 @@ class SessionWindow(NamedTuple):
     head_lines: list
     tail_lines: list
     whole: bool  # the head is the whole file (and so is the tail)
-
-    def mentions(self, marker):
-        """True if `marker` occurs in the head or the tail (one fast search, no line loop)."""
-        return marker in self.head or (not self.whole and marker in self.tail)
+    keys: frozenset  # the SESSION_METADATA_KEY_RE keys the head or tail mentions
 
     def parts(self, tail_first=False):
         """The line lists to search: one when the file fits in the head."""
@@ -4485,7 +4486,8 @@ def read_window(path, size, window=SESSION_WINDOW_BYTES):
     if not whole:
         head_lines.pop()  # ends inside a line
         tail_lines.pop(0)  # starts inside a line
-    return SessionWindow(head, tail, head_lines, tail_lines, whole)
+    keys = SESSION_METADATA_KEY_RE.findall(head) + ([] if whole else SESSION_METADATA_KEY_RE.findall(tail))
+    return SessionWindow(head, tail, head_lines, tail_lines, whole, frozenset(keys))
 
 
 def parse_line(line):
@@ -4627,9 +4629,9 @@ def first_prompt(window):
 
 def metadata_value(window, kind, key):
     """The latest non-empty `key` of a `kind` metadata line, tail before head."""
-    marker = f'"{key}"'
-    if not window.mentions(marker):
+    if key not in window.keys:  # the usual case, known without a loop over the lines
         return None
+    marker = f'"{key}"'
     for lines in window.parts(tail_first=True):
         for record in records_with(reversed(lines), (marker,)):
             value = record.get(key)
@@ -4641,7 +4643,7 @@ def metadata_value(window, kind, key):
 def legacy_summaries(window):
     """{leaf uuid: text} of the 1.0.x `summary` lines in a transcript's head and tail."""
     found = {}
-    if not window.mentions('"summary"'):
+    if "summary" not in window.keys:
         return found
     for lines in window.parts():
         for record in records_with(lines, ('"summary"',)):
