@@ -347,7 +347,10 @@ SESSION_MESSAGE_MARKERS = tuple(
 SESSION_NOT_MESSAGE_MARKERS = (b'"type":"tool_result"', b'"type": "tool_result"')
 SESSION_MESSAGE_RE = re.compile(rb'"type": ?"(?:user|assistant)"')  # any of SESSION_MESSAGE_MARKERS
 # An assistant line is a message only if it holds text: a text block or a string content.
-SESSION_REPLY_MARKERS = (b'"type":"text"', b'"type": "text"', b'"content":"', b'"content": "')
+SESSION_PROMPT_OR_REPLY_MARKERS = (
+    *(m.encode() for m in SESSION_USER_MARKERS),
+    *(b'"type":"text"', b'"type": "text"', b'"content":"', b'"content": "'),
+)
 SESSION_COUNT_CHUNK = 1024 * 1024  # bytes of a transcript read at a time to count its messages
 SESSION_DETAIL_PROMPTS = 200  # prompts of one session shown by the dashboard
 SESSION_DETAIL_BYTES = 8 * 1024 * 1024  # of a transcript read for them
@@ -4790,11 +4793,13 @@ def line_blocks(f, unfinished):
 
 def may_be_message(line):
     """False for a line that cannot be a message, known without parsing it."""
-    if any(m in line for m in SESSION_NOT_MESSAGE_MARKERS):
-        return False
-    return (
-        b'"type":"user"' in line or b'"type": "user"' in line or any(m in line for m in SESSION_REPLY_MARKERS)
-    )
+    for marker in SESSION_NOT_MESSAGE_MARKERS:  # loops, not any(): this runs for most lines
+        if marker in line:
+            return False
+    for marker in SESSION_PROMPT_OR_REPLY_MARKERS:  # noqa: SIM110
+        if marker in line:
+            return True
+    return False
 
 
 def message_lines(block):
