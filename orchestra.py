@@ -602,14 +602,19 @@ def private_opener(path, flags):
     return os.open(path, flags, 0o600)
 
 
-def write_atomic(path, text):
-    """Replace a file so that readers see either the old or the new whole content."""
+def write_atomic(path, text, durable=True):
+    """Replace a file so that readers see either the old or the new whole content.
+
+    durable=False skips the fsync, for a cache that a crash may lose (never damage: readers
+    of a cache treat a missing or empty one as empty).
+    """
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, str(path))
     except BaseException:
         with contextlib.suppress(OSError):
@@ -4918,7 +4923,7 @@ class CountCache:
         }
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps(document, separators=(",", ":")))
+            write_atomic(self.path, json.dumps(document, separators=(",", ":")), durable=False)
 
 
 # --- which repository a directory belongs to -----------------------------------------
