@@ -4345,7 +4345,9 @@ def worktree_row(path, branch, record, notes):
 # The user's own Claude Code sessions: list the recent ones, resume one in its cwd. A
 # listing stats every transcript, sorts by mtime, and reads only the first and last
 # SESSION_WINDOW_BYTES of the few it shows, plus one pass over those to count messages.
-# Nothing here writes to the session store.
+# What it learns is kept in the user's cache folder by size and mtime (CountCache), so
+# the next listing reads only transcripts that are new or changed, and of one that only
+# grew, only what was appended. Nothing here writes to the session store.
 # ======================================================================================
 
 
