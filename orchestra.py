@@ -1555,7 +1555,7 @@ class StateStore:
         self.path = Path(path)
         self.history_path = self.path.with_name("history.jsonl")
         self.lock = FileLock(self.path.with_name("state.lock"))
-        self.rebuild = rebuild  # () -> {id: record}, used when state.json is unreadable
+        self.rebuild = rebuild  # () -> {"agents": {id: record}, ...}, when state.json is unreadable
         self.history_cache = (None, {})  # (history.jsonl's (inode, size, mtime), its records)
 
     def load(self):
@@ -1629,7 +1629,7 @@ class StateStore:
             aside = self.path.with_name(f"state.json.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             os.replace(str(self.path), str(aside))
             state = empty_state()
-            state["agents"] = self.rebuild()
+            state.update(self.rebuild())
             self.write(state)
             print(
                 f"orchestra: warning: {self.path} was unreadable; moved it to {aside.name} "
@@ -2573,7 +2573,10 @@ def prepare_worktree(project, record, copies, register_lock):
 def append_spawn_event(project, record):
     """Open an agent's log with the facts a rebuilt state.json needs."""
     spawn_facts = ("id", "task", "branch", "worktree", "base_branch", "base_commit", "launch", "seq")
-    append_event(project.log_path(record["id"]), {"event": "spawn", **{k: record[k] for k in spawn_facts}})
+    batch = {"batch": record.get("batch"), "batch_budget": record.get("batch_budget")}
+    append_event(
+        project.log_path(record["id"]), {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch}
+    )
 
 
 def run_setup(commands, worktree, log):
@@ -2597,11 +2600,12 @@ def file_fingerprint(path):
     return None if stat.S_ISDIR(info.st_mode) else [info.st_size, info.st_mtime_ns]
 
 
-def rebuild_records(project):
-    """Records recovered from each log's spawn event, settled from the rest of the log."""
+def rebuild_state(project):
+    """Records recovered from each log's spawn event, settled from the rest of the log, and the
+    batches (with their budgets) those agents were spawned in."""
     live = {w["path"] for w in list_worktrees(project.repo)}
     history = project.history()  # a cleaned-up agent stays history, never comes back live
-    records = {}
+    records, batches = {}, {}
     for log_path in sorted(project.logs.glob("*.jsonl")):
         spawn = first_spawn_event(log_path)
         if spawn is None or spawn["id"] in history:
@@ -2624,6 +2628,9 @@ def rebuild_records(project):
         elif log.launched:
             record["state"], record["error"] = settled_state(log, None, "")
         restore_resilience(record, log)
+        if spawn.get("batch"):
+            record["batch"] = spawn["batch"]
+            batches[spawn["batch"]] = {"budget": spawn.get("batch_budget"), "created_at": spawn.get("time")}
         if record["worktree"] not in live and record["state"] == "queued" and not log.launched:
             record.update(
                 ready=False, worktree_later=True, spawn_logged=True, activity="waiting for a worktree"
@@ -2631,7 +2638,7 @@ def rebuild_records(project):
         elif record["worktree"] not in live and record["state"] == "queued":
             record["state"], record["error"] = "failed", "worktree missing after state.json was rebuilt"
         records[record["id"]] = record
-    return records
+    return {"agents": records, "batches": batches}
 
 
 def first_spawn_event(path):
@@ -2705,7 +2712,7 @@ class Project:
         self.config = config
         self.dir = repo / ORCHESTRA_DIR
         self.logs = self.dir / "logs"
-        self.store = StateStore(self.dir / "state.json", self.rebuild_records)
+        self.store = StateStore(self.dir / "state.json", self.rebuild_state)
 
     @classmethod
     def open(cls, cwd, env, flags=None):
@@ -2767,9 +2774,9 @@ class Project:
         """{id: record} of every agent ever spawned here: history, then live records."""
         return {**self.history(), **self.records()}
 
-    def rebuild_records(self):
-        """Agent records recovered from the logs' spawn events and the live worktrees."""
-        return rebuild_records(self)
+    def rebuild_state(self):
+        """Agent records and batches recovered from the logs and the live worktrees."""
+        return rebuild_state(self)
 
 
 # ======================================================================================
@@ -3033,6 +3040,8 @@ def assign_batch(project, records, budget):
             state["agents"][record["id"]]["batch"] = record["batch"] = batch_id
         return batch_id
 
+    for record in records:  # for the spawn event: a state rebuilt from the logs keeps the batch
+        record["batch_budget"] = budget
     return project.store.update(change)
 
 
