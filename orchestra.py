@@ -8,35 +8,35 @@ parallel limit, follows their stream-json output, and keeps `.orchestra/state.js
 Commands:
   orchestra init                      create .orchestra/ and show the effective configuration
   orchestra config [--json]           show each setting and where its value came from
+  orchestra config set KEY VALUE      write a setting (--user: your own file); config unset KEY
+  orchestra doctor                    what works here: git, claude and its login, sandbox, gh
   orchestra spawn TASK... [--wait]    queue agents, one worktree and branch per task
   orchestra status [ID...] [--watch]  what every agent is doing, its cost and its commits
   orchestra logs ID [-f] [--tail N]   an agent's activity as readable lines
   orchestra diff ID [--stat]          an agent's commits and uncommitted work against its base, paged
-  orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
-  orchestra worktrees [--json]        git worktrees joined with agent records
-  orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
-  orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
-  orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
-  orchestra cleanup [--dry-run]       remove worktrees and branches that hold nothing unsaved
-  orchestra restore ID                bring a cleaned-up agent back from its archive
-  orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
-  orchestra web [--port N]            the phone-friendly dashboard, JSON API and live WebSocket
-  orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
   orchestra approvals [--json]        tool calls agents wait to have approved
   orchestra approve REQ [--always]    allow one (REQ or an agent id); orchestra deny REQ refuses it
-  orchestra config set KEY VALUE      write a setting (--user: your own file); config unset KEY
-  orchestra doctor                    what works here: git, claude and its login, sandbox, gh
+  orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
+  orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
+  orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
+  orchestra worktrees [--json]        git worktrees joined with agent records
+  orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
+  orchestra cleanup [--dry-run]       remove worktrees and branches, archiving anything unsaved first
+  orchestra restore ID                bring a cleaned-up agent back from its archive
+  orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
+  orchestra web [--port N] [--qr]     the phone-friendly dashboard, JSON API and live WebSocket
+  orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
   orchestra hook permission-request   (internal) what Claude Code runs when an agent asks
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
 readable by you alone, and deleted once read).
 
-State lives in `<repo>/.orchestra/`: state.json (live agent records), history.jsonl (cleaned-up
-agents, one record a line), logs/<id>.jsonl (each agent's
-stream-json output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the
-dashboard's access token), approvals/ (requests waiting, decisions, --always rules) and the
-lock files. Saved work of cleaned-up agents: refs/orchestra/archive/.
+State lives in `<repo>/.orchestra/` (readable by you alone): state.json (live agent records),
+history.jsonl (cleaned-up agents, one record a line), logs/<id>.jsonl (each agent's stream-json
+output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the dashboard's
+access token), approvals/ (requests waiting, decisions, --always rules) and the lock files. Work
+saved before a cleanup: refs/orchestra/archive/<id>/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
 """
