@@ -357,7 +357,7 @@ SESSION_DETAIL_BYTES = 8 * 1024 * 1024  # of a transcript read for them
 SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
 # The metadata keys a window is searched for once, in one pass: most transcripts hold few of them.
 SESSION_METADATA_KEY_RE = re.compile(
-    '"(' + "|".join(key for _, key in (*SESSION_TITLE_FIELDS, ("", "lastPrompt"), ("", "summary"))) + ')(?=")'
+    '"(' + "|".join([*(key for _, key in SESSION_TITLE_FIELDS), "lastPrompt", "summary"]) + ')(?=")'
 )
 
 # Web: limits that keep one slow or hostile client from starving the server; RFC 6455 values.
@@ -4916,9 +4916,9 @@ class CountCache:
         """Keep what the head and tail of a transcript said, for the runs to come."""
         entry, unchanged = self.entry(file)
         entry = entry if unchanged else {"size": file.size, "mtime": file.mtime}
-        s = found.session
-        entry["about"] = [s.cwd, s.branch, s.title, s.first_prompt, s.model, s.version,
-                          found.summaries, found.untitled]  # fmt: skip
+        session = found.session
+        entry["about"] = [session.cwd, session.branch, session.title, session.first_prompt, session.model,
+                          session.version, found.summaries, found.untitled]  # fmt: skip
         self.entries[file.path] = entry
         self.changed = True
 
