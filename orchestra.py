@@ -5789,9 +5789,9 @@ class RepoFacts:
 
     def merged(self, record, tip, cache):
         """True when the agent's work is in its merge target (unmerged_reason), cached by tips."""
-        target = self.targets.get(record.get("base_branch"))
-        if target is None:
-            target = self.targets[record.get("base_branch")] = merge_target(self.project, record)
+        target = self.targets.get(record.get("base_branch")) or merge_target(self.project, record)
+        if target != record["base_commit"]:  # a branch name, the same for every agent with this base
+            self.targets[record.get("base_branch")] = target
         target_tip = self.targets.get(("tip", target)) or ref_commit(self.project.repo, target)
         self.targets[("tip", target)] = target_tip
         key = [target, target_tip, tip]
@@ -5875,6 +5875,7 @@ class RepoFacts:
         paths = [
             common / "logs" / "refs" / "heads" / record["branch"],
             common / "info" / "exclude",
+            common / "info" / "attributes",
             common / "config",
         ]
         parts = [record["id"], record["base_commit"], record["branch"], record["worktree"],
