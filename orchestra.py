@@ -8,35 +8,35 @@ parallel limit, follows their stream-json output, and keeps `.orchestra/state.js
 Commands:
   orchestra init                      create .orchestra/ and show the effective configuration
   orchestra config [--json]           show each setting and where its value came from
+  orchestra config set KEY VALUE      write a setting (--user: your own file); config unset KEY
+  orchestra doctor                    what works here: git, claude and its login, sandbox, gh
   orchestra spawn TASK... [--wait]    queue agents, one worktree and branch per task
   orchestra status [ID...] [--watch]  what every agent is doing, its cost and its commits
   orchestra logs ID [-f] [--tail N]   an agent's activity as readable lines
   orchestra diff ID [--stat]          an agent's commits and uncommitted work against its base, paged
-  orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
-  orchestra worktrees [--json]        git worktrees joined with agent records
-  orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
-  orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
-  orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
-  orchestra cleanup [--dry-run]       remove worktrees and branches that hold nothing unsaved
-  orchestra restore ID                bring a cleaned-up agent back from its archive
-  orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
-  orchestra web [--port N]            the phone-friendly dashboard, JSON API and live WebSocket
-  orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
   orchestra approvals [--json]        tool calls agents wait to have approved
   orchestra approve REQ [--always]    allow one (REQ or an agent id); orchestra deny REQ refuses it
-  orchestra config set KEY VALUE      write a setting (--user: your own file); config unset KEY
-  orchestra doctor                    what works here: git, claude and its login, sandbox, gh
+  orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
+  orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
+  orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
+  orchestra worktrees [--json]        git worktrees joined with agent records
+  orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
+  orchestra cleanup [--dry-run]       remove worktrees and branches, archiving anything unsaved first
+  orchestra restore ID                bring a cleaned-up agent back from its archive
+  orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
+  orchestra web [--port N] [--qr]     the phone-friendly dashboard, JSON API and live WebSocket
+  orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
   orchestra hook permission-request   (internal) what Claude Code runs when an agent asks
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
 readable by you alone, and deleted once read).
 
-State lives in `<repo>/.orchestra/`: state.json (live agent records), history.jsonl (cleaned-up
-agents, one record a line), logs/<id>.jsonl (each agent's
-stream-json output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the
-dashboard's access token), approvals/ (requests waiting, decisions, --always rules) and the
-lock files. Saved work of cleaned-up agents: refs/orchestra/archive/.
+State lives in `<repo>/.orchestra/` (readable by you alone): state.json (live agent records),
+history.jsonl (cleaned-up agents, one record a line), logs/<id>.jsonl (each agent's stream-json
+output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the dashboard's
+access token), approvals/ (requests waiting, decisions, --always rules) and the lock files. Work
+saved before a cleanup: refs/orchestra/archive/<id>/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
 """
@@ -1556,7 +1556,7 @@ class StateStore:
         self.path = Path(path)
         self.history_path = self.path.with_name("history.jsonl")
         self.lock = FileLock(self.path.with_name("state.lock"))
-        self.rebuild = rebuild  # () -> {id: record}, used when state.json is unreadable
+        self.rebuild = rebuild  # () -> {"agents": {id: record}, ...}, when state.json is unreadable
         self.history_cache = (None, {})  # (history.jsonl's (inode, size, mtime), its records)
 
     def load(self):
@@ -1630,7 +1630,7 @@ class StateStore:
             aside = self.path.with_name(f"state.json.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             os.replace(str(self.path), str(aside))
             state = empty_state()
-            state["agents"] = self.rebuild()
+            state.update(self.rebuild())
             self.write(state)
             print(
                 f"orchestra: warning: {self.path} was unreadable; moved it to {aside.name} "
@@ -2574,7 +2574,10 @@ def prepare_worktree(project, record, copies, register_lock):
 def append_spawn_event(project, record):
     """Open an agent's log with the facts a rebuilt state.json needs."""
     spawn_facts = ("id", "task", "branch", "worktree", "base_branch", "base_commit", "launch", "seq")
-    append_event(project.log_path(record["id"]), {"event": "spawn", **{k: record[k] for k in spawn_facts}})
+    batch = {"batch": record.get("batch"), "batch_budget": record.get("batch_budget")}
+    append_event(
+        project.log_path(record["id"]), {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch}
+    )
 
 
 def run_setup(commands, worktree, log):
@@ -2598,11 +2601,12 @@ def file_fingerprint(path):
     return None if stat.S_ISDIR(info.st_mode) else [info.st_size, info.st_mtime_ns]
 
 
-def rebuild_records(project):
-    """Records recovered from each log's spawn event, settled from the rest of the log."""
+def rebuild_state(project):
+    """Records recovered from each log's spawn event, settled from the rest of the log, and the
+    batches (with their budgets) those agents were spawned in."""
     live = {w["path"] for w in list_worktrees(project.repo)}
     history = project.history()  # a cleaned-up agent stays history, never comes back live
-    records = {}
+    records, batches = {}, {}
     for log_path in sorted(project.logs.glob("*.jsonl")):
         spawn = first_spawn_event(log_path)
         if spawn is None or spawn["id"] in history:
@@ -2625,6 +2629,9 @@ def rebuild_records(project):
         elif log.launched:
             record["state"], record["error"] = settled_state(log, None, "")
         restore_resilience(record, log)
+        if spawn.get("batch"):
+            record["batch"] = spawn["batch"]
+            batches[spawn["batch"]] = {"budget": spawn.get("batch_budget"), "created_at": spawn.get("time")}
         if record["worktree"] not in live and record["state"] == "queued" and not log.launched:
             record.update(
                 ready=False, worktree_later=True, spawn_logged=True, activity="waiting for a worktree"
@@ -2632,7 +2639,7 @@ def rebuild_records(project):
         elif record["worktree"] not in live and record["state"] == "queued":
             record["state"], record["error"] = "failed", "worktree missing after state.json was rebuilt"
         records[record["id"]] = record
-    return records
+    return {"agents": records, "batches": batches}
 
 
 def first_spawn_event(path):
@@ -2706,7 +2713,7 @@ class Project:
         self.config = config
         self.dir = repo / ORCHESTRA_DIR
         self.logs = self.dir / "logs"
-        self.store = StateStore(self.dir / "state.json", self.rebuild_records)
+        self.store = StateStore(self.dir / "state.json", self.rebuild_state)
 
     @classmethod
     def open(cls, cwd, env, flags=None):
@@ -2768,9 +2775,9 @@ class Project:
         """{id: record} of every agent ever spawned here: history, then live records."""
         return {**self.history(), **self.records()}
 
-    def rebuild_records(self):
-        """Agent records recovered from the logs' spawn events and the live worktrees."""
-        return rebuild_records(self)
+    def rebuild_state(self):
+        """Agent records and batches recovered from the logs and the live worktrees."""
+        return rebuild_state(self)
 
 
 # ======================================================================================
@@ -3034,6 +3041,8 @@ def assign_batch(project, records, budget):
             state["agents"][record["id"]]["batch"] = record["batch"] = batch_id
         return batch_id
 
+    for record in records:  # for the spawn event: a state rebuilt from the logs keeps the batch
+        record["batch_budget"] = budget
     return project.store.update(change)
 
 
@@ -8868,26 +8877,22 @@ def add_config_parser(commands):
     add_config_actions(p)
 
 
-def positive_int(text):
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def whole_number_at_least(low):
+    """An argparse type: an integer of at least `low`."""
+
+    def convert(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    return convert
 
 
-def non_negative_int(text):
-    """argparse type: an integer of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
+positive_int, non_negative_int = whole_number_at_least(1), whole_number_at_least(0)
 
 
 def budget_usd(text):

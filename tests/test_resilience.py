@@ -119,6 +119,18 @@ def test_batch_budget_stops_the_batch(fake_repo, cli):
     assert re.search(r"stopped: batch spent \$0\.5\d+ of its \$0\.4000 budget", cli("logs", "four").out)
 
 
+def test_a_state_rebuilt_from_the_logs_keeps_batches_and_budgets(fake_repo, cli):
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5)
+    assert cli("spawn", "--budget", "2", "one", "two").code == 0
+    wait_settled(fake_repo, timeout=60)
+    before = cli("status", "--json").json()
+    (fake_repo / ".orchestra" / "state.json").write_text("{ torn")
+    after = cli("status", "--json").json()
+    assert after["batches"] == before["batches"] and len(after["batches"]) == 1
+    assert [a["batch"] for a in after["agents"]] == [a["batch"] for a in before["agents"]]
+    assert next(iter(after["batches"].values()))["budget"] == 2
+
+
 def test_bad_budget_exits_2(fake_repo, cli):
     for value in ("abc", "0", "-1", "nan"):
         run = cli("spawn", "--budget", value, "task")

@@ -303,7 +303,8 @@ def test_a_rebuilt_state_keeps_agents_that_wait_for_their_worktree(fake_repo, cl
     tasks = ["sleep:4 first", *[f"later {n}" for n in range(orchestra.SPAWN_PREPARED_NOW + 8)]]
     cli("spawn", "--parallel", "1", *tasks)
     wait_for(lambda: agent_states(fake_repo).get("sleep-4-first") == "running", timeout=30, what="running")
-    (fake_repo / ".orchestra" / "state.json").write_text("{")
+    with orchestra.FileLock(fake_repo / ".orchestra" / "state.lock"):  # not between a read and its write
+        (fake_repo / ".orchestra" / "state.json").write_text("{")
     run = cli("status", "--json")  # the rebuild is done (and reported) by whoever reads the file first
     assert list((fake_repo / ".orchestra").glob("state.json.corrupt-*"))
     states = {a["id"]: (a["state"], a["activity"]) for a in run.json()["agents"]}
