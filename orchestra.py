@@ -5791,6 +5791,7 @@ class RepoFacts:
         self.common = Path(common)
         self.cacheable = not (self.common / "reftable").exists()
         self.targets = {}
+        self.ref_tips = {sha for ref, sha in self.refs.items() if ref != "refs/stash"}
 
     def tip(self, branch):
         """The commit a branch points at, None if it does not exist."""
@@ -5814,8 +5815,7 @@ class RepoFacts:
         """{id: worktree_holdings(record)} of many agents, from cached parts where nothing changed."""
         local = {r["id"]: self.local_holdings(r, cache) for r in records}
         wanted = {c for held in local.values() if held for c in [*held["commits"], held["head"]] if c}
-        shared = [sha for ref, sha in self.refs.items() if ref != "refs/stash"]
-        shared += [w["head"] for w in self.worktrees if w["head"]]
+        shared = [*self.ref_tips, *(w["head"] for w in self.worktrees if w["head"])]
         lost = set(commits_only_in(self.project.repo, sorted(wanted), shared))
         found = {}
         for record in records:
@@ -5843,7 +5843,10 @@ class RepoFacts:
                 cache.put_part(record["id"], "holdings", key, held)
         held = dict(held, tip=self.tip(record["branch"]), changes=None)
         held["leftovers"] = [tuple(item) for item in held["leftovers"]]
-        if held["head"] and held["head"] not in set(self.refs.values()):
+        # The one rev-list counts every worktree's HEAD as held; worktree_holdings does not count
+        # the agent's own (even a stale one of a deleted folder), so that must be on a ref too.
+        own = [w["head"] for w in self.worktrees if w["path"] == str(Path(record["worktree"]))]
+        if any(head and head not in self.ref_tips for head in [held["head"], *own]):
             return None
         return held
 
