@@ -23,6 +23,13 @@ def fresh(cli, repo):
     return collect(cli)
 
 
+def alone(repo):
+    """Each agent's report as worktree_holdings and unmerged_reason find it, agent by agent."""
+    project = orchestra.Project.open(repo, os.environ)
+    records = orchestra.finished_agents(project.records(), [])
+    return json.loads(json.dumps([orchestra.agent_report(project, r) for r in records]))
+
+
 @pytest.fixture
 def two(fake_repo, cli, monkeypatch):
     """Two finished agents, each with a commit; mtimes trusted at once (no racy wait in tests)."""
@@ -89,5 +96,6 @@ def test_every_change_shows_as_a_collect_without_the_cache_shows_it(two, fake_re
         change()
         cached = collect(cli)
         assert cached == fresh(cli, fake_repo), what
+        assert cached["agents"] == alone(fake_repo), what
         assert cached != seen[-1] or "staged" in what, f"{what} changed nothing in the report"
         seen.append(cached)
