@@ -5792,6 +5792,9 @@ class RepoFacts:
         self.cacheable = not (self.common / "reftable").exists()
         self.targets = {}
         self.ref_tips = {sha for ref, sha in self.refs.items() if ref != "refs/stash"}
+        self.heads = {}  # worktree path -> the HEADs git lists for it
+        for listed in self.worktrees:
+            self.heads.setdefault(listed["path"], []).append(listed["head"])
 
     def tip(self, branch):
         """The commit a branch points at, None if it does not exist."""
@@ -5845,7 +5848,7 @@ class RepoFacts:
         held["leftovers"] = [tuple(item) for item in held["leftovers"]]
         # The one rev-list counts every worktree's HEAD as held; worktree_holdings does not count
         # the agent's own (even a stale one of a deleted folder), so that must be on a ref too.
-        own = [w["head"] for w in self.worktrees if w["path"] == str(Path(record["worktree"]))]
+        own = self.heads.get(str(Path(record["worktree"])), [])
         if any(head and head not in self.ref_tips for head in [held["head"], *own]):
             return None
         return held
