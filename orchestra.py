@@ -314,7 +314,7 @@ SESSION_TABLE_WIDTH = 100  # when stdout is not a terminal
 SESSION_TABLE_GAP = "  "
 SECONDS_PER_HOUR = 3600
 SESSION_CACHE_FILE = "claude-orchestra/session-counts.json"  # under $XDG_CACHE_HOME or ~/.cache
-SESSION_CACHE_VERSION = 2  # 2: messages are prompts and replies, not tool traffic
+SESSION_CACHE_VERSION = 3  # 2: messages are prompts and replies; 3: whole descriptions kept
 SESSION_CACHE_LIMIT = (
     200_000  # transcripts remembered (the most recent): every one a store holds, in practice
 )
@@ -346,9 +346,20 @@ SESSION_MESSAGE_MARKERS = tuple(
 # A line holding a tool result is never a message, and these markers occur only as JSON structure
 # (inside a string value the quotes would be escaped), so such lines need no parsing.
 SESSION_NOT_MESSAGE_MARKERS = (b'"type":"tool_result"', b'"type": "tool_result"')
+SESSION_MESSAGE_RE = re.compile(rb'"type": ?"(?:user|assistant)"')  # any of SESSION_MESSAGE_MARKERS
+# An assistant line is a message only if it holds text: a text block or a string content.
+SESSION_PROMPT_OR_REPLY_MARKERS = (
+    *(m.encode() for m in SESSION_USER_MARKERS),
+    *(b'"type":"text"', b'"type": "text"', b'"content":"', b'"content": "'),
+)
+SESSION_COUNT_CHUNK = 1024 * 1024  # bytes of a transcript read at a time to count its messages
 SESSION_DETAIL_PROMPTS = 200  # prompts of one session shown by the dashboard
 SESSION_DETAIL_BYTES = 8 * 1024 * 1024  # of a transcript read for them
 SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
+# The metadata keys a window is searched for once, in one pass: most transcripts hold few of them.
+SESSION_METADATA_KEY_RE = re.compile(
+    '"(' + "|".join([*(key for _, key in SESSION_TITLE_FIELDS), "lastPrompt", "summary"]) + ')(?=")'
+)
 
 # Web: limits that keep one slow or hostile client from starving the server; RFC 6455 values.
 WEB_DEFAULT_HOST = "127.0.0.1"
@@ -592,14 +603,19 @@ def private_opener(path, flags):
     return os.open(path, flags, 0o600)
 
 
-def write_atomic(path, text):
-    """Replace a file so that readers see either the old or the new whole content."""
+def write_atomic(path, text, durable=True):
+    """Replace a file so that readers see either the old or the new whole content.
+
+    durable=False skips the fsync, for a cache that a crash may lose (never damage: readers
+    of a cache treat a missing or empty one as empty).
+    """
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, str(path))
     except BaseException:
         with contextlib.suppress(OSError):
@@ -4339,7 +4355,9 @@ def worktree_row(path, branch, record, notes):
 # The user's own Claude Code sessions: list the recent ones, resume one in its cwd. A
 # listing stats every transcript, sorts by mtime, and reads only the first and last
 # SESSION_WINDOW_BYTES of the few it shows, plus one pass over those to count messages.
-# Nothing here writes to the session store.
+# What it learns is kept in the user's cache folder by size and mtime (CountCache), so
+# the next listing reads only transcripts that are new or changed, and of one that only
+# grew, only what was appended. Nothing here writes to the session store.
 # ======================================================================================
 
 
@@ -4360,6 +4378,7 @@ class SessionWindow(NamedTuple):
     head_lines: list
     tail_lines: list
     whole: bool  # the head is the whole file (and so is the tail)
+    keys: frozenset  # the SESSION_METADATA_KEY_RE keys the head or tail mentions
 
     def parts(self, tail_first=False):
         """The line lists to search: one when the file fits in the head."""
@@ -4487,7 +4506,8 @@ def read_window(path, size, window=SESSION_WINDOW_BYTES):
     if not whole:
         head_lines.pop()  # ends inside a line
         tail_lines.pop(0)  # starts inside a line
-    return SessionWindow(head, tail, head_lines, tail_lines, whole)
+    keys = SESSION_METADATA_KEY_RE.findall(head) + ([] if whole else SESSION_METADATA_KEY_RE.findall(tail))
+    return SessionWindow(head, tail, head_lines, tail_lines, whole, frozenset(keys))
 
 
 def parse_line(line):
@@ -4505,10 +4525,12 @@ def parse_line(line):
 def records_with(lines, markers):
     """Parse only the lines holding one of `markers`: a substring test is far cheaper than JSON."""
     for line in lines:
-        if any(marker in line for marker in markers):
-            record = parse_line(line)
-            if record is not None:
-                yield record
+        for marker in markers:
+            if marker in line:
+                record = parse_line(line)
+                if record is not None:
+                    yield record
+                break
 
 
 _FIELD_PATTERNS = {}
@@ -4627,20 +4649,22 @@ def first_prompt(window):
 
 def metadata_value(window, kind, key):
     """The latest non-empty `key` of a `kind` metadata line, tail before head."""
+    if key not in window.keys:  # the usual case, known without a loop over the lines
+        return None
+    marker = f'"{key}"'
     for lines in window.parts(tail_first=True):
-        found = None
-        for record in records_with(lines, (f'"{key}"',)):
+        for record in records_with(reversed(lines), (marker,)):
             value = record.get(key)
             if record.get("type") == kind and isinstance(value, str) and value.strip():
-                found = value
-        if found:
-            return found
+                return value
     return None
 
 
 def legacy_summaries(window):
     """{leaf uuid: text} of the 1.0.x `summary` lines in a transcript's head and tail."""
     found = {}
+    if "summary" not in window.keys:
+        return found
     for lines in window.parts():
         for record in records_with(lines, ('"summary"',)):
             text = record.get("summary")
@@ -4715,10 +4739,10 @@ def own_assistant_model(record):
 def session_model(window):
     """The model of the session's own latest assistant reply: tail first, then head."""
     for lines in window.parts(tail_first=True):
-        models = [own_assistant_model(r) for r in records_with(lines, ('"model"',))]
-        found = [m for m in models if m]
-        if found:
-            return found[-1]
+        for record in records_with(reversed(lines), ('"model"',)):
+            model = own_assistant_model(record)
+            if model:
+                return model
     return None
 
 
@@ -4771,27 +4795,62 @@ def resume_point(f, size, previous):
     return 0, 0, []
 
 
+def line_blocks(f, unfinished):
+    """Blocks of whole lines read from `f` in order; the bytes after the last newline go to `unfinished`."""
+    pieces = []
+    for chunk in iter(lambda: f.read(SESSION_COUNT_CHUNK), b""):
+        cut = chunk.rfind(b"\n") + 1
+        if cut == 0:  # inside a long line: keep it in pieces, joined once (not regrown per chunk)
+            pieces.append(chunk)
+            continue
+        yield b"".join([*pieces, chunk[:cut]])
+        pieces = [chunk[cut:]]
+    unfinished.append(b"".join(pieces))
+
+
+def may_be_message(line):
+    """False for a line that cannot be a message, known without parsing it."""
+    for marker in SESSION_NOT_MESSAGE_MARKERS:  # loops, not any(): this runs for most lines
+        if marker in line:
+            return False
+    for marker in SESSION_PROMPT_OR_REPLY_MARKERS:  # noqa: SIM110
+        if marker in line:
+            return True
+    return False
+
+
+def message_lines(block):
+    """The lines of a block of whole lines that may be messages, found by a search, not a line loop."""
+    pos = 0
+    while True:
+        match = SESSION_MESSAGE_RE.search(block, pos)
+        if match is None:
+            return
+        start = max(pos, block.rfind(b"\n", pos, match.start()) + 1)
+        pos = block.index(b"\n", match.end()) + 1
+        if may_be_message(block[start:pos]):
+            yield block[start:pos]
+
+
 def count_messages(path, size, previous=None):
     """(state to remember, message count) of a transcript, in one streaming pass.
 
-    Only lines holding a user or assistant type marker are parsed; the progress,
-    snapshot and request lines that make up most of a transcript are not. Given the
-    state of an earlier pass, only what was appended since is read. A last line
-    without its newline is counted but not remembered: it may still be being written.
+    Only lines holding a user or assistant type marker (and, for a reply, text) are
+    parsed; the progress, snapshot, tool and request lines that make up most of a
+    transcript are not. Given the state of an earlier pass, only what was appended
+    since is read. A last line without its newline is counted but not remembered: it
+    may still be being written.
     """
     with open(path, "rb") as f:
         count, offset, recent = resume_point(f, size, previous or {})
         f.seek(offset)
-        pending = 0
-        for line in f:
-            if not line.endswith(b"\n"):
-                pending = int(is_counted_message(parse_line(line.decode("utf-8", "replace")), list(recent)))
-                break
-            offset += len(line)
-            if any(m in line for m in SESSION_MESSAGE_MARKERS) and not any(
-                m in line for m in SESSION_NOT_MESSAGE_MARKERS
-            ):
+        unfinished = []
+        for block in line_blocks(f, unfinished):
+            for line in message_lines(block):
                 count += int(is_counted_message(parse_line(line.decode("utf-8", "replace")), recent))
+            offset += len(block)
+        last = unfinished[0].decode("utf-8", "replace")
+        pending = int(is_counted_message(parse_line(last), list(recent))) if last else 0
         state = {"count": count, "offset": offset, "recent": recent, "mark": read_mark(f, offset)}
     return state, count + pending
 
@@ -4803,10 +4862,11 @@ def session_cache_path(env):
 
 
 class CountCache:
-    """Message counts of transcripts kept between runs, extended as the files grow.
+    """Descriptions and message counts of transcripts kept between runs, by size and mtime.
 
-    A listing then reads only what was appended since the last one. The cache only
-    saves time: a missing, damaged or unwritable cache changes no output.
+    A listing then reads nothing of an unchanged transcript, and of one that grew only
+    what was appended since the last run (its description is read again). The cache
+    only saves time: a missing, damaged or unwritable cache changes no output.
     """
 
     def __init__(self, path, entries):
@@ -4824,17 +4884,44 @@ class CountCache:
         entries = data.get("files") if ok else None
         return cls(path, entries if isinstance(entries, dict) else {})
 
-    def count(self, file):
-        """The message count of a transcript, reading as little of it as possible."""
+    def entry(self, file):
+        """(the entry of a transcript, whether it was made at the file's current size and mtime)."""
         entry = self.entries.get(file.path)
         entry = entry if isinstance(entry, dict) else {}
-        unchanged = entry.get("size") == file.size and entry.get("mtime") == file.mtime
+        return entry, entry.get("size") == file.size and entry.get("mtime") == file.mtime
+
+    def count(self, file):
+        """The message count of a transcript, reading as little of it as possible."""
+        entry, unchanged = self.entry(file)
         if unchanged and isinstance(entry.get("total"), int):
             return entry["total"]
         state, total = count_messages(file.path, file.size, entry)
-        self.entries[file.path] = {**state, "size": file.size, "mtime": file.mtime, "total": total}
+        kept = {"about": entry["about"]} if unchanged and "about" in entry else {}
+        self.entries[file.path] = {**kept, **state, "size": file.size, "mtime": file.mtime, "total": total}
         self.changed = True
         return total
+
+    def about(self, file):
+        """The Found an earlier run described for an unchanged transcript (no count); else None."""
+        entry, unchanged = self.entry(file)
+        about = entry.get("about") if unchanged else None
+        try:
+            cwd, branch, title, prompt, model, version, summaries, untitled = about
+            session = Session(file.session_id, file.path, file.size, file.mtime, cwd, branch, title,
+                              prompt, model, version)  # fmt: skip
+            return Found(session, dict(summaries), bool(untitled))
+        except (TypeError, ValueError):  # not described yet, or a damaged entry
+            return None
+
+    def remember(self, file, found):
+        """Keep what the head and tail of a transcript said, for the runs to come."""
+        entry, unchanged = self.entry(file)
+        entry = entry if unchanged else {"size": file.size, "mtime": file.mtime}
+        session = found.session
+        entry["about"] = [session.cwd, session.branch, session.title, session.first_prompt, session.model,
+                          session.version, found.summaries, found.untitled]  # fmt: skip
+        self.entries[file.path] = entry
+        self.changed = True
 
     def save(self, files):
         """Keep the entries of transcripts still in the store, the most recent first."""
@@ -4848,7 +4935,7 @@ class CountCache:
         }
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps(document, separators=(",", ":")))
+            write_atomic(self.path, json.dumps(document, separators=(",", ":")), durable=False)
 
 
 # --- which repository a directory belongs to -----------------------------------------
@@ -5025,21 +5112,32 @@ class Found(NamedTuple):
 
     session: Session
     summaries: dict  # {leaf uuid: text} of the summary lines this file holds
-    leaves: set  # uuids at its end, where a summary's leaf is; empty when it has a better title
+    untitled: bool  # it has no better title: a summary whose leaf is at its end may title it
+
+
+def describe_found(file):
+    """The Found of a transcript, from its head and tail (no message count)."""
+    window = read_window(file.path, file.size)
+    untitled = not named_title(window)
+    return Found(describe_session(file, window), legacy_summaries(window), untitled)
 
 
 def session_for(file, project, cache, counts):
-    """The Found of a file if it belongs to the project, with its message count; else None."""
-    if project is not None:
-        cwd = probe_cwd(file)
-        if cwd is not None and not in_project(cwd, project, cache):
-            return None
-    window = read_window(file.path, file.size)
-    session = describe_session(file, window)
-    if project is not None and not in_project(session.cwd, project, cache):
+    """The Found of a file if it belongs to the project, with its message count; else None.
+
+    An unchanged transcript is described from the cache; only a new or changed one is read.
+    """
+    found = counts.about(file)
+    if found is None:
+        if project is not None:
+            cwd = probe_cwd(file)
+            if cwd is not None and not in_project(cwd, project, cache):
+                return None
+        found = describe_found(file)
+        counts.remember(file, found)
+    if project is not None and not in_project(found.session.cwd, project, cache):
         return None
-    leaves = set() if named_title(window) else window_uuids(window, tail_only=True)
-    return Found(session._replace(messages=counts.count(file)), legacy_summaries(window), leaves)
+    return found._replace(session=found.session._replace(messages=counts.count(file)))
 
 
 def collect_sessions(candidates, project, limit, counts):
@@ -5058,12 +5156,24 @@ def collect_sessions(candidates, project, limit, counts):
     return found, skipped, False
 
 
+def end_uuids(session):
+    """The uuids at the end of a transcript, where a legacy summary's leaf is; empty if unreadable."""
+    try:
+        return window_uuids(read_window(session.path, session.size), tail_only=True)
+    except OSError:
+        return set()
+
+
 def apply_legacy_summaries(found):
-    """The sessions, titled by 1.0.x summaries that another shown transcript wrote about them."""
+    """The sessions, titled by 1.0.x summaries that another shown transcript wrote about them.
+
+    Only when a shown transcript holds such a summary are the ends of the untitled ones read.
+    """
     by_leaf = {leaf: text for item in found for leaf, text in item.summaries.items()}
     sessions = []
-    for session, _, leaves in found:
-        summary = next((by_leaf[leaf] for leaf in sorted(leaves) if leaf in by_leaf), None)
+    for session, _, untitled in found:
+        leaves = sorted(end_uuids(session)) if by_leaf and untitled else ()
+        summary = next((by_leaf[leaf] for leaf in leaves if leaf in by_leaf), None)
         sessions.append(session._replace(title=flatten(summary)) if summary else session)
     return sessions
 

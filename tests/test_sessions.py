@@ -466,6 +466,76 @@ def test_a_damaged_or_unwritable_cache_changes_nothing(store, run, tmp_path):
     assert sessions_json(run)[0][new_id(1)]["messages"] == 1
 
 
+# --- the description cache: a warm listing reads nothing unchanged ------------------------
+
+
+def opened_transcripts(monkeypatch, store):
+    """The transcripts `orchestra` opens from now on (a list that fills as it runs)."""
+    opened, real_open = [], open
+
+    def recording_open(path, *args, **kwargs):
+        if str(path).startswith(str(store / "projects")):
+            opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(orchestra, "open", recording_open, raising=False)
+    return opened
+
+
+def test_a_warm_listing_reads_no_transcript(store, run, monkeypatch):
+    put_session(store, "/a", new_id(1), lines(user("one", cwd="/a"), assistant("a", "msg_1", cwd="/a")))
+    put_session(
+        store, "/b", new_id(2), lines(user("two", cwd="/b"), {"type": "ai-title", "aiTitle": "Named"})
+    )
+    put_session(store, "/c", new_id(3), lines(user("three", cwd="/c")) + '{"half a line', age_hours=30)
+    cold = sessions_json(run, "--all")[0]
+    opened = opened_transcripts(monkeypatch, store)
+    assert sessions_json(run, "--all")[0] == cold and opened == []
+    assert run("sessions", "--all").code == 0 and opened == []  # the table too
+    assert sessions_json(run, "--project", str(store))[0] == {} and opened == []  # no probe of cached cwds
+    assert [cold[new_id(n)]["title"] for n in (1, 2, 3)] == ["one", "Named", "three"]
+
+
+def test_a_changed_transcript_is_described_again(store, run, monkeypatch):
+    path = put_session(
+        store, "/a", new_id(1), lines(user("one", cwd="/a"), {"type": "ai-title", "aiTitle": "Old"})
+    )
+    other = put_session(store, "/b", new_id(2), lines(user("two", cwd="/b")), age_hours=2)
+    assert sessions_json(run)[0][new_id(1)]["title"] == "Old"
+    opened = opened_transcripts(monkeypatch, store)
+
+    with open(path, "a") as f:  # grown: read again, and its count goes on from where it was
+        f.write(lines({"type": "ai-title", "aiTitle": "New"}, assistant("hi", "msg_9", cwd="/a")))
+    found = sessions_json(run)[0]
+    assert (found[new_id(1)]["title"], found[new_id(1)]["messages"]) == ("New", 2)
+    assert str(other) not in opened and str(path) in opened
+
+    before = path.stat()  # rewritten at the same size, only the mtime tells: read again
+    path.write_text(path.read_text().replace('"New"', '"Neu"'))
+    os.utime(path, (before.st_mtime + 5, before.st_mtime + 5))
+    assert path.stat().st_size == before.st_size
+    assert sessions_json(run)[0][new_id(1)]["title"] == "Neu"
+
+
+def test_legacy_summaries_title_the_same_sessions_from_the_cache(fixture_store, run, monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: NOW)
+    cold = sessions_json(run, "--all", "--limit", "50")[0]
+    assert sessions_json(run, "--all", "--limit", "50")[0] == cold
+    assert all(cold[i]["title"] == GOLDEN[i][0] for i in GOLDEN)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_counting_in_blocks_of_any_size_gives_the_same_count(store, monkeypatch, chunk):
+    data = lines(user("one"), assistant("a" * 300, "msg_1"), assistant("tool call only", "msg_1"), user("two"),
+                 {"type": "user", "message": {"content": [{"type": "tool_result", "content": "x"}]}},
+                 assistant("b", "msg_2"))  # fmt: skip
+    path = put_session(store, "/a", new_id(1), data + json.dumps(user("three"))[:20])
+    expected = orchestra.count_messages(str(path), path.stat().st_size)
+    monkeypatch.setattr(orchestra, "SESSION_COUNT_CHUNK", chunk)
+    assert orchestra.count_messages(str(path), path.stat().st_size) == expected
+    assert expected[1] == 4 and expected[0]["offset"] == len(data.encode())
+
+
 # --- --project across worktrees ------------------------------------------------------
 
 
