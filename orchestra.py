@@ -253,6 +253,7 @@ WORKTREE_THREADS = 8
 SPAWN_PREPARED_NOW = 1  # worktrees spawn makes itself; the supervisor makes the rest just before they run
 PREPARE_AT_ONCE = 2  # worktrees the supervisor makes at a time: checkouts compete for the disk
 REPORT_CACHE_FILE = "reports.json"  # in .orchestra/: what finished agents committed, by branch tip
+REPORT_RACY_SECONDS = 2.0  # a worktree touched this recently is not cached: a write may share its mtime
 COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
 LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory stays bounded
 LOG_READ_BUDGET = 8 * 1024 * 1024  # bytes folded per read_new call, so facts reach state.json during a burst
@@ -5746,11 +5747,12 @@ def unsaveable(held):
     )
 
 
-def agent_report(project, record, tip=False, cache=None):
+def agent_report(project, record, tip=False, cache=None, held=None, facts=None):
     """What one agent produced: its result, cost, commits, diffstat and leftovers.
 
     `tip` (the branch tip, when the caller looked it up already) and `cache` (a ReportCache) spare
-    git the commits, diffstat and files of a branch whose tip has not moved since the last report.
+    git the commits, diffstat and files of a branch whose tip has not moved since the last report;
+    `held` (its worktree_holdings) and `facts` (a RepoFacts) are what agent_reports found for many.
     """
     tip = branch_tip(project, record) if tip is False else tip
     committed = cache.get(record, tip) if cache else None
@@ -5759,7 +5761,7 @@ def agent_report(project, record, tip=False, cache=None):
         if cache:
             cache.put(record, tip, committed)
     commits = committed["commits"]
-    held = worktree_holdings(project, record)
+    held = held or worktree_holdings(project, record)
     leftovers = [(code, display_path(path)) for code, path in held["leftovers"]]
     changed = set(committed["files"]) | {path for code, path in leftovers if code not in ("!!", "NR")}
     notes = [r for r in holdings_reasons(record, dict(held, leftovers=[])) if not r.startswith("staged")]
@@ -5775,7 +5777,8 @@ def agent_report(project, record, tip=False, cache=None):
         "diffstat": committed["diffstat"],
         "files": sorted(changed - {""}),
         "uncommitted": [{"status": code, "path": path} for code, path in leftovers],
-        "merged": bool(commits) and unmerged_reason(project, record, tip) is None,
+        "merged": bool(commits)
+        and (facts.merged(record, tip, cache) if facts else unmerged_reason(project, record, tip) is None),
         "notes": notes,
     }
 
@@ -5828,7 +5831,22 @@ class ReportCache:
 
     def put(self, record, tip, work):
         """Remember an agent's committed work at this tip."""
-        self.entries[record["id"]] = {"key": [record["base_commit"], tip], "work": work}
+        entry = self.entries.get(record["id"])
+        kept = entry if isinstance(entry, dict) else {}
+        self.entries[record["id"]] = {**kept, "key": [record["base_commit"], tip], "work": work}
+        self.changed = True
+
+    def get_part(self, agent_id, name, key):
+        """Another cached fact of an agent ('holdings', 'merged') if it was found under `key`, else None."""
+        part = (self.entries.get(agent_id) or {}).get(name)
+        return part.get("value") if isinstance(part, dict) and part.get("key") == key else None
+
+    def put_part(self, agent_id, name, key, value):
+        """Remember another fact of an agent under `key` (kept beside its committed work)."""
+        entry = self.entries.get(agent_id)
+        if not isinstance(entry, dict):
+            entry = self.entries[agent_id] = {}
+        entry[name] = {"key": key, "value": value}
         self.changed = True
 
     def save(self, keep):
@@ -5841,14 +5859,177 @@ class ReportCache:
 
 
 def agent_reports(project, records):
-    """Reports of many agents: one git call for all branch tips, cached work for unmoved tips."""
-    tips = branch_tips(project) if records else {}
+    """Reports of many agents: a few git calls for all of them, cached parts for unchanged agents."""
     cache = ReportCache(project.dir / REPORT_CACHE_FILE)
-    reports = [agent_report(project, r, tips.get(r["branch"]), cache) for r in records]
+    facts = RepoFacts(project) if records else None
+    held = facts.holdings(records, cache) if records else {}
+    reports = [
+        agent_report(project, r, facts.tip(r["branch"]), cache, held=held[r["id"]], facts=facts)
+        for r in records
+    ]
     cache.save(
         set(cache.entries) & {r["id"] for r in project.records().values()} | {r["id"] for r in records}
     )
     return reports
+
+
+# What removing a worktree could lose (worktree_holdings) costs a dozen git runs per agent, and
+# `collect` reports every finished agent each time. RepoFacts makes that cost proportional to what
+# changed, without ever reporting less than worktree_holdings would:
+#   - refs, worktrees and the checked-out branch are read once per run, for all agents;
+#   - an agent's HEAD, index, files and reflog commits are cached under a fingerprint of the
+#     files they come from (HEAD, index, reflogs, every worktree file's stat, the ignore rules):
+#     any change to them, or a write too recent to trust its mtime, means asking git again;
+#   - which commits only the worktree holds depends on every ref, so it is asked anew each run,
+#     but in one `rev-list` for all agents: a commit of an agent that no ref reaches is in that
+#     answer, so an agent none of whose commits is in it has lost nothing (the usual case);
+#     the others, and any agent on a detached HEAD no ref holds, get worktree_holdings' own calls;
+#   - stashes are looked for only when refs/stash exists;
+#   - the merged flag is cached by (target branch, target tip, branch tip).
+# A repository whose refs live in reftable (no loose reflog files to stat) is never cached.
+
+
+class RepoFacts:
+    """What one `collect` run reads once for all agents: refs, worktrees, merge targets."""
+
+    def __init__(self, project):
+        self.project, repo = project, project.repo
+        out = git_bytes(["for-each-ref", "--format=%(objectname) %(refname)"], repo).stdout.decode()
+        self.refs = dict(reversed(line.split(" ", 1)) for line in out.splitlines())
+        self.worktrees = list_worktrees(repo)
+        common = run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip()
+        self.common = Path(common)
+        self.cacheable = not (self.common / "reftable").exists()
+        self.targets = {}
+        self.ref_tips = {sha for ref, sha in self.refs.items() if ref != "refs/stash"}
+        self.heads = {}  # worktree path -> the HEADs git lists for it
+        for listed in self.worktrees:
+            self.heads.setdefault(listed["path"], []).append(listed["head"])
+
+    def tip(self, branch):
+        """The commit a branch points at, None if it does not exist."""
+        return self.refs.get(f"refs/heads/{branch}")
+
+    def merged(self, record, tip, cache):
+        """True when the agent's work is in its merge target (unmerged_reason), cached by tips."""
+        target = self.targets.get(record.get("base_branch")) or merge_target(self.project, record)
+        if target != record["base_commit"]:  # a branch name, the same for every agent with this base
+            self.targets[record.get("base_branch")] = target
+        target_tip = self.targets.get(("tip", target)) or ref_commit(self.project.repo, target)
+        self.targets[("tip", target)] = target_tip
+        key = [target, target_tip, tip]
+        found = cache.get_part(record["id"], "merged", key)
+        if found is None:
+            found = unmerged_reason(self.project, record, tip) is None
+            cache.put_part(record["id"], "merged", key, found)
+        return found
+
+    def holdings(self, records, cache):
+        """{id: worktree_holdings(record)} of many agents, from cached parts where nothing changed."""
+        local = {r["id"]: self.local_holdings(r, cache) for r in records}
+        wanted = {c for held in local.values() if held for c in [*held["commits"], held["head"]] if c}
+        shared = [*self.ref_tips, *(w["head"] for w in self.worktrees if w["head"])]
+        lost = set(commits_only_in(self.project.repo, sorted(wanted), shared))
+        found = {}
+        for record in records:
+            held = local[record["id"]]
+            if held is None or set(held["commits"] + [held["head"]]) & lost:
+                found[record["id"]] = worktree_holdings(self.project, record)
+                continue
+            stashes = []
+            if "refs/stash" in self.refs:
+                stashes = worktree_stashes(
+                    self.project.repo, record["worktree"], held["commits"], record["branch"]
+                )
+            found[record["id"]] = dict(held, stashes=stashes, detached_lost=[], reflog_lost=[])
+        return found
+
+    def local_holdings(self, record, cache):
+        """The parts of an agent's holdings that depend on its worktree and reflogs only
+        ({tip, head, head_branch, staged, leftovers, commits}), or None when only
+        worktree_holdings can tell (a detached HEAD no ref holds)."""
+        key = self.fingerprint(record)
+        held = cache.get_part(record["id"], "holdings", key) if key else None
+        if held is None:
+            held = self.read_local_holdings(record)
+            if key and self.fingerprint(record) == key:
+                cache.put_part(record["id"], "holdings", key, held)
+        held = dict(held, tip=self.tip(record["branch"]), changes=None)
+        held["leftovers"] = [tuple(item) for item in held["leftovers"]]
+        # The one rev-list counts every worktree's HEAD as held; worktree_holdings does not count
+        # the agent's own (even a stale one of a deleted folder), so that must be on a ref too.
+        own = self.heads.get(str(Path(record["worktree"])), [])
+        if any(head and head not in self.ref_tips for head in [held["head"], *own]):
+            return None
+        return held
+
+    def read_local_holdings(self, record):
+        """What worktree_holdings asks git about the agent's own worktree and reflogs."""
+        worktree, held = Path(record["worktree"]), {
+            "head": None,
+            "head_branch": None,
+            "staged": None,
+            "leftovers": [],
+        }
+        if not worktree.is_dir():
+            held["commits"] = rev_lines(
+                ["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{record['branch']}"],
+                self.project.repo,
+            )
+            return held
+        head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
+        held["head"] = head[0] if head else None
+        symbolic = (
+            git_bytes(["symbolic-ref", "--quiet", "HEAD"], worktree, check=False).stdout.decode().strip()
+        )
+        held["head_branch"] = symbolic[len("refs/heads/") :] if symbolic.startswith("refs/heads/") else None
+        held["staged"] = staged_tree(worktree, held["head"])
+        changes = file_changes(
+            self.project.repo, worktree, held["head"], setup_map(record), worktree_admin_dir(worktree)
+        )
+        held["leftovers"] = [list(item) for item in worktree_leftovers(record, changes)]
+        held["commits"] = worktree_commits(self.project.repo, worktree, record["branch"])
+        return held
+
+    def fingerprint(self, record):
+        """A digest of every file the agent's local holdings come from, or None when they must
+        not be cached (reftable, unreadable folders, or something written in the last moments)."""
+        if not self.cacheable:
+            return None
+        worktree, common = Path(record["worktree"]), self.common
+        paths = [
+            common / "logs" / "refs" / "heads" / record["branch"],
+            common / "info" / "exclude",
+            common / "info" / "attributes",
+            common / "config",
+        ]
+        parts = [record["id"], record["base_commit"], record["branch"], record["worktree"],
+                 json.dumps(setup_map(record), sort_keys=True), self.tip(record["branch"]), worktree.is_dir()]  # fmt: skip
+        if worktree.is_dir():
+            admin, head = worktree_admin_dir(worktree), None
+            if admin is None:
+                return None
+            paths += [worktree / ".git", admin / "HEAD", admin / "index", admin / "logs" / "HEAD"]
+            with contextlib.suppress(OSError):
+                head = (admin / "HEAD").read_text(encoding="utf-8", errors="replace").strip()
+            parts += [str(admin), head, self.refs.get((head or "").removeprefix("ref: ").strip())]
+            for _, path, kind in worktree_files(self.project.repo, worktree, admin):
+                if kind == "unreadable":
+                    return None
+                paths.append(path)
+        newest, now = 0, time.time_ns()
+        for path in paths:
+            try:
+                info = os.lstat(path)
+            except OSError:
+                parts.append(None)
+                continue
+            parts.append(os.fsdecode(path))
+            parts += [info.st_mode, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+            newest = max(newest, info.st_mtime_ns, info.st_ctime_ns)
+        if now - newest < REPORT_RACY_SECONDS * 1e9:
+            return None
+        return hashlib.sha256(json.dumps(parts).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def overlapping_files(reports):

@@ -235,6 +235,41 @@ def test_a_merge_conflict_is_shown_and_the_checkout_left_as_it_was(cockpit, fake
 
 
 @requires_claude
+def stub_gh(folder, monkeypatch):
+    """A `gh` first on the server's PATH that records its arguments (one a line) and prints a PR URL."""
+    calls, stub = folder / "gh-calls", folder / "bin" / "gh"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\necho https://example.invalid/pull/7\n')
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+def test_open_pr_pushes_and_shows_the_url_from_the_phone(cockpit, fake_repo, project, tmp_path, monkeypatch):
+    page, server = cockpit, cockpit.server
+    remote = tmp_path / "remote.git"
+    git("init", "-q", "--bare", str(remote), cwd=tmp_path)
+    git("remote", "add", "origin", str(remote), cwd=fake_repo)
+    calls = stub_gh(tmp_path, monkeypatch)
+    (agent_id,) = spawn_and_settle(server, fake_repo, "commit:pr.txt open a pull request")
+    set_fields(project, agent_id, checks={"status": "passed", "command": "pytest -q", "exit_code": 0,
+                                          "tail": "3 passed", "rounds": 1})  # fmt: skip
+    branch = f"orchestra/{agent_id}"
+    assert git("ls-remote", "--heads", str(remote), cwd=fake_repo) == ""
+    page.goto(server.url)
+    open_detail(page, agent_id)
+    message = detail_action(page, "pr")
+    expect(message).to_have_attribute("data-kind", "ok")
+    expect(message).to_have_text(f"{agent_id}: https://example.invalid/pull/7")
+    assert git("rev-parse", branch, cwd=remote) == git("rev-parse", branch, cwd=fake_repo)
+    args = calls.read_text().split("\n")
+    assert args[:6] == ["pr", "create", "--head", branch, "--title", "commit:pr.txt open a pull request"]
+    assert args[6] == "--body"
+    body = "\n".join(args[7:])
+    assert body.startswith("all done") and "pr.txt" in body  # the agent's result, then its diffstat
+    assert "Checks: passed after 1 fix round(s)." in body
+
+
 def test_follow_up_and_resume_with_real_claude_agents(claude_repo, claude_api, phone):
     claude_api.script("cockpit-one", [commit_file("one.txt", "one"), text("one finished")])
     claude_api.script("cockpit-two", [commit_file("two.txt", "two"), text("two finished")])
