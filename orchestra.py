@@ -5513,8 +5513,9 @@ def current_repo():
         return None
 
 
-def resume_session(wanted, print_only, env):
-    """`sessions --resume`: exec `claude --resume <id>` in the session's recorded cwd."""
+def locate_session(env, wanted):
+    """The session `wanted` names (an id, a prefix of one, or an agent id): (file, session, the
+    repository around the current directory, the agents that can own it)."""
     projects_dir = claude_projects_dir(env)
     files = scan_session_files(projects_dir)[0] if projects_dir.is_dir() else []
     here, agents = current_repo(), AgentIndex()
@@ -5526,6 +5527,12 @@ def resume_session(wanted, print_only, env):
     except OSError as e:
         raise OrchestraError(f"cannot read {file.path}: {e.strerror}", EXIT_FAILURE) from None
     agents.load_for(session.cwd, {})
+    return file, session, here, agents
+
+
+def resume_session(wanted, print_only, env):
+    """`sessions --resume`: exec `claude --resume <id>` in the session's recorded cwd."""
+    _file, session, here, agents = locate_session(env, wanted)
     plan = plan_resume(session, here, agents)
     if print_only:
         print("\n".join(resume_command_lines(plan)))
@@ -5563,18 +5570,11 @@ def session_prompts(path, limit=SESSION_DETAIL_PROMPTS, budget=SESSION_DETAIL_BY
 
 def session_detail(env, wanted):
     """One session for the dashboard: its prompts and the commands that resume it."""
-    projects_dir = claude_projects_dir(env)
-    files = scan_session_files(projects_dir)[0] if projects_dir.is_dir() else []
-    here, agents = current_repo(), AgentIndex()
-    if here:
-        agents.load(here)
-    file = match_session(files, wanted, agents)
+    file, session, here, agents = locate_session(env, wanted)
     try:
-        session = describe_session(file)
         prompts = session_prompts(file.path)
     except OSError as e:
         raise OrchestraError(f"cannot read {file.path}: {e.strerror}", EXIT_FAILURE) from None
-    agents.load_for(session.cwd, {})
     try:
         resume, note = resume_command_lines(plan_resume(session, here, agents)), None
     except OrchestraError as e:
