@@ -1596,7 +1596,7 @@ class StateStore:
             append_history(self.history_path, moved)
             text = state_text(state)
             if text != before:
-                write_atomic(self.path, text)
+                self.write(text)
             return result
 
     def history(self):
@@ -1634,9 +1634,9 @@ class StateStore:
             )
         return state
 
-    def write(self, state):
-        """Save the whole state atomically."""
-        write_atomic(self.path, state_text(state))
+    def write(self, text):
+        """Save the state's text atomically: the one place state.json is written."""
+        write_atomic(self.path, text)
 
     def read_or_recover(self):
         """Read under the lock; move a corrupt file aside and rebuild it from logs and worktrees."""
@@ -1647,7 +1647,7 @@ class StateStore:
             os.replace(str(self.path), str(aside))
             state = empty_state()
             state.update(self.rebuild())
-            self.write(state)
+            self.write(state_text(state))
             print(
                 f"orchestra: warning: {self.path} was unreadable; moved it to {aside.name} "
                 f"and rebuilt {len(state['agents'])} agent record(s) from logs and worktrees",

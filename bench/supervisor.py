@@ -73,9 +73,9 @@ def drain(repo, tasks, seconds):
     writes = [0]
     write = project.store.write
 
-    def counted(state):
+    def counted(text):
         writes[0] += 1
-        write(state)
+        write(text)
 
     project.store.write = counted
     start = time.perf_counter()
