@@ -6068,6 +6068,35 @@ def check_checkout_clean(repo, doing):
         raise OrchestraError(
             f"your checkout {repo} has uncommitted changes; commit or stash them before {doing}"
         )
+    hidden = hidden_changes(repo)
+    if hidden:
+        raise OrchestraError(
+            f"your checkout {repo} has changes git status does not show "
+            f"({describe_files([(' M', path) for path in hidden])}: marked "
+            f"assume-unchanged or skip-worktree); commit or stash them, or clear the mark with 'git "
+            f"update-index --no-assume-unchanged --no-skip-worktree FILE', before {doing}"
+        )
+
+
+def hidden_changes(repo):
+    """Tracked files whose assume-unchanged or skip-worktree mark hides a change on disk from
+    `git status`: a merge would write over them. Compared by content, file by file."""
+    marked, unhashable = [], []  # --stdin-paths reads one path a line
+    for entry in git_bytes(["ls-files", "-v", "-z"], repo).stdout.split(b"\0"):
+        tag, _, path = entry.partition(b" ")
+        if tag and (tag.islower() or tag == b"S") and (Path(repo) / os.fsdecode(path)).is_file():
+            (unhashable if b"\n" in path else marked).append(path)
+    if not marked:
+        return [os.fsdecode(path) for path in unhashable]
+    staged = git_bytes(["ls-files", "-s", "-z", "--", *(os.fsdecode(p) for p in marked)], repo).stdout
+    in_index = {}
+    for entry in staged.split(b"\0"):
+        if entry:
+            info, _, path = entry.partition(b"\t")
+            in_index[path] = info.split()[1]
+    on_disk = git_bytes(["hash-object", "--stdin-paths"], repo, input=b"\n".join(marked) + b"\n")
+    changed = [path for path, blob in zip(marked, on_disk.stdout.split()) if in_index.get(path) != blob]
+    return [os.fsdecode(path) for path in changed + unhashable]
 
 
 def check_merge_target(project, cwd, into):

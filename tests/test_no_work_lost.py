@@ -579,6 +579,19 @@ def test_merge_never_overwrites_untracked_or_ignored_files(merge_repo, cli, path
     assert_nothing_lost(merge_repo, before)
 
 
+@pytest.mark.parametrize("mark", ["--assume-unchanged", "--skip-worktree"])
+def test_merge_refuses_a_change_git_status_is_told_to_hide(case_repo, cli, mark):
+    wt = spawn_one(cli, case_repo, "case")
+    sh("printf 'agent\\n' > README.md && git commit -qam 'agent edits the readme'", wt)
+    sh(f"git update-index {mark} README.md && printf 'the user own\\n' > README.md", case_repo)
+    before = inventory(case_repo)
+    run = cli("collect", "--merge")
+    assert run.code == 2, run
+    assert "has changes git status does not show (uncommitted change README.md" in run.err
+    assert (case_repo / "README.md").read_text() == "the user own\n"
+    assert_nothing_lost(case_repo, before)
+
+
 @pytest.mark.parametrize(
     "start, name",
     [
