@@ -3754,6 +3754,8 @@ def select_agents(records, wanted):
         return sorted(records.values(), key=spawn_order)
     chosen = []
     for name in wanted:
+        if not name:
+            raise OrchestraError("an agent id cannot be empty; 'orchestra status' lists them")
         if name in records:
             chosen.append(records[name])
             continue
@@ -4124,6 +4126,7 @@ def find_requests(project, name):
         raise OrchestraError(late_message(name, request["decision"]), EXIT_FAILURE)
     if request is not None:
         return [request]
+    check_not_removed(project, [name])
     pending = box.pending()
     by_prefix = [r for r in pending if r["id"].startswith(name)]
     if len(by_prefix) == 1 and not any(i.startswith(name) for i in project.records()):
@@ -8509,7 +8512,9 @@ def cmd_status(args):
 
 def cmd_pause(args):
     """SIGSTOP running agents."""
-    return report_outcomes(pause_agents(open_project(args), args.ids))
+    project = open_project(args)
+    check_not_removed(project, args.ids)
+    return report_outcomes(pause_agents(project, args.ids))
 
 
 def cmd_resume(args):
@@ -8521,7 +8526,9 @@ def cmd_resume(args):
 
 def cmd_stop(args):
     """End agents: SIGTERM their process group, SIGKILL after a grace period; work stays."""
-    return report_outcomes(stop_agents(open_project(args), args.ids))
+    project = open_project(args)
+    check_not_removed(project, args.ids)
+    return report_outcomes(stop_agents(project, args.ids))
 
 
 def report_outcomes(outcomes):
@@ -8746,6 +8753,7 @@ def collect_text(document):
 def cmd_retry(args):
     """Run a failed, interrupted or stopped agent's task again: fresh worktree and branch, or its session."""
     project = open_project(args)
+    check_not_removed(project, [args.id])
     record = select_agents(project.records(), [args.id])[0]
     print(retry_agent(project, record, args.resume_session))
     return EXIT_OK

@@ -554,6 +554,24 @@ def test_resume_and_send_of_a_removed_agent_point_at_restore(case_repo, cli):
         assert "'orchestra restore case'" in run.err and "fsck" not in run.err
 
 
+def test_the_id_of_a_removed_agent_never_means_a_live_one_it_prefixes(case_repo, cli):
+    spawn_one(cli, case_repo, "case")
+    assert cli("cleanup", "case").code == 0
+    assert cli("spawn", "--name", "case-2", "sleep:30 still working").code == 0
+    for argv in (
+        ("stop", "case"),
+        ("pause", "case"),
+        ("retry", "case"),
+        ("approve", "case"),
+        ("deny", "case"),
+    ):
+        run = cli(*argv)
+        assert run.code == 2, (argv, run)
+        assert "case was cleaned up; its work is saved under refs/orchestra/archive/case/" in run.err, argv
+    assert cli("status", "--json").json()["agents"][0]["state"] in ("queued", "running")
+    assert cli("stop", "case-2").code == 0
+
+
 # --- collect --merge: the user's checkout is sacred ----------------------------------------
 
 
