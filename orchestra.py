@@ -6262,7 +6262,12 @@ def write_patch(project, records, path):
             span = f"{record['base_commit']}..{tip}"
             count += len(commits_between(project.repo, record["base_commit"], tip))
             parts.append(run_git(["format-patch", "--stdout", span], project.repo).stdout)
-    Path(path).write_text("".join(parts), encoding="utf-8")
+    try:
+        Path(path).write_text("".join(parts), encoding="utf-8")
+    except OSError as e:
+        raise OrchestraError(
+            f"cannot write the patch to {path}: {e.strerror}; pick another --patch path"
+        ) from None
     return count
 
 

@@ -102,6 +102,20 @@ def test_patch_applies_with_git_am(fake_repo, cli, tmp_path):
     assert (other / "a.txt").exists() and (other / "b.txt").exists()
 
 
+def test_patch_to_a_path_that_cannot_be_written_is_one_line(fake_repo, cli, tmp_path):
+    spawn_and_finish(cli, fake_repo, "commit:a.txt first")
+    for path, why in (
+        (tmp_path / "no" / "such" / "x.patch", "No such file or directory"),
+        (tmp_path, "Is a directory"),
+    ):
+        run = cli("collect", "--patch", path)
+        assert run.code == 2
+        assert (
+            run.err
+            == f"orchestra: error: cannot write the patch to {path}: {why}; pick another --patch path\n"
+        )
+
+
 def test_pr_without_remote_prints_the_manual_commands(fake_repo, cli):
     spawn_and_finish(cli, fake_repo, "commit:a.txt feature")
     run = cli("collect", "--pr")
