@@ -49,6 +49,7 @@ import contextlib
 import errno
 import itertools
 import json
+import math
 import os
 import queue
 import random
@@ -737,10 +738,11 @@ def check_config_value(key, value, where):
     kind = CONFIG_TYPES[key]
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
         "str": isinstance(value, str) and value != "",
         "str?": value is None or isinstance(value, str),
-        "number?": value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+        "number?": value is None
+        or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)),
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
     }[kind]
     if not ok:
@@ -810,6 +812,20 @@ class Config:
             raise OrchestraError(
                 f"{sources['sandbox']}: 'sandbox' must be one of {', '.join(SANDBOX_MODES)}, not {json.dumps(values['sandbox'])}"
             )
+        for key in ("heartbeat_interval", "stale_threshold"):
+            if values[key] <= 0:
+                raise OrchestraError(f"{sources[key]}: '{key}' must be more than 0 seconds")
+        if not is_branch_prefix(values["branch_prefix"]):
+            raise OrchestraError(
+                f"{sources['branch_prefix']}: 'branch_prefix' {json.dumps(values['branch_prefix'])} cannot start a "
+                "git branch name; use letters, digits and '-', with '/' between parts (for example 'orchestra')"
+            )
+        folder = Path(values["worktree_dir"])
+        if folder.parts[:1] == (".git",) or folder in (Path("/"), Path(".")):
+            raise OrchestraError(
+                f"{sources['worktree_dir']}: 'worktree_dir' {json.dumps(values['worktree_dir'])} would put worktrees "
+                "inside .git, the root folder or the checkout itself; use a folder of their own such as '.worktrees'"
+            )
         if values["approval_timeout"] <= 0:
             raise OrchestraError(
                 f"{sources['approval_timeout']}: 'approval_timeout' must be more than 0 seconds"
@@ -819,6 +835,20 @@ class Config:
     def parallel_limit(self, requested=None):
         """How many agents may run at once: the request or default, capped by max_parallel."""
         return min(requested or self["default_parallel"], self["max_parallel"])
+
+
+def is_branch_prefix(prefix):
+    """True when '<prefix>/<id>' is a branch name git accepts (git check-ref-format's rules)."""
+    parts = prefix.split("/")
+    return not (
+        prefix.startswith(("-", "refs/"))
+        or "" in parts
+        or ".." in prefix
+        or "@{" in prefix
+        or any(c in prefix for c in " ~^:?*[\\")
+        or any(ord(c) < 32 or ord(c) == 127 for c in prefix)
+        or any(part.startswith(".") or part.endswith(".lock") for part in parts)
+    )
 
 
 def write_config_value(path, key, value, unset=False):

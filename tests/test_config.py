@@ -78,3 +78,41 @@ def test_bad_user_config_names_the_user_file(repo, cli, tmp_path, monkeypatch):
     run = cli("status")
     assert run.code == 2
     assert run.err.startswith(f"orchestra: error: {user}: not valid JSON (")
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("branch_prefix", "bad..prefix", "cannot start a git branch name"),
+        ("branch_prefix", "a b", "cannot start a git branch name"),
+        ("branch_prefix", "x/", "cannot start a git branch name"),
+        ("branch_prefix", "-x", "cannot start a git branch name"),
+        ("branch_prefix", "refs/heads/x", "cannot start a git branch name"),
+        ("branch_prefix", "x.lock", "cannot start a git branch name"),
+        ("heartbeat_interval", -1, "'heartbeat_interval' must be more than 0 seconds"),
+        ("stale_threshold", 0, "'stale_threshold' must be more than 0 seconds"),
+        ("worktree_dir", ".git/wt", "would put worktrees inside .git"),
+        ("worktree_dir", "/", "would put worktrees inside .git, the root folder"),
+    ],
+)
+def test_values_git_or_the_supervisor_cannot_use_are_refused_up_front(repo, cli, key, value, says):
+    write_config(repo, **{key: value})
+    run = cli("spawn", "a task")
+    assert run.code == 2 and run.out == ""
+    assert (
+        run.err.startswith(f"orchestra: error: {repo / '.orchestra' / 'config.json'}: '{key}'")
+        and says in run.err
+    )
+    assert not (repo / ".worktrees").exists()
+
+
+def test_config_set_refuses_an_infinite_number(repo, cli):
+    run = cli("config", "set", "heartbeat_interval", "1e400")
+    assert run.code == 2 and "'heartbeat_interval' must be a number, not Infinity" in run.err
+    config = repo / ".orchestra" / "config.json"
+    assert not config.exists() or "Infinity" not in config.read_text()
+
+
+def test_an_absolute_worktree_dir_is_fine(repo, cli, tmp_path):
+    write_config(repo, worktree_dir=str(tmp_path / "trees"))
+    assert cli("config", "--json").json()["worktree_dir"]["value"] == str(tmp_path / "trees")
