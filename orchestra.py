@@ -2190,6 +2190,7 @@ class AgentLog:
         self.skipping = False  # inside a line longer than LOG_MAX_LINE: drop bytes until its end
         self.caught_up = True  # the last read reached the end of the file
         self.launched = False  # a launch event was seen: the agent ran at least once
+        self.process = None  # (pid, start token) of the latest run, from its "started" event
         self.settled = None  # the last "settled" event: how the latest run ended
         self.run_usage = {}  # message id -> (input, output) tokens; one response spans lines
         self.run_totals = (0, 0)  # the sum of run_usage, kept as it changes (never re-summed)
@@ -2265,12 +2266,14 @@ class AgentLog:
     def on_orchestra(self, event):
         """A new run starts with no result yet; a failed setup is the agent's error."""
         if event.get("event") == "launch":
-            self.launched, self.settled = True, None
+            self.launched, self.settled, self.process = True, None, None
             self.settle_run_tokens()
             self.run_estimate, self.estimate_total = {}, 0.0
             self.facts.update(result=None, error=None, outcome=None)
         elif event.get("event") == "settled":
             self.settled = event
+        elif event.get("event") == "started":
+            self.process = (event.get("pid"), event.get("pid_start"))
         fold_resilience_event(self.resilience, event)
 
     def on_system(self, event):
@@ -2494,7 +2497,7 @@ def launch_agent(project, record, prompt=None):
         open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
         open(project.stderr_path(record["id"]), "ab", opener=private_opener) as err,
     ):
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             argv,
             cwd=record["worktree"],
             stdin=subprocess.DEVNULL,
@@ -2503,6 +2506,10 @@ def launch_agent(project, record, prompt=None):
             env=env,
             start_new_session=True,
         )
+    # Which process runs it, for a state rebuilt from the logs while it still runs.
+    started = {"event": "started", "pid": proc.pid, "pid_start": process_start_time(proc.pid)}
+    append_event(project.log_path(record["id"]), started)
+    return proc
 
 
 def save_agent_env(project, agent_ids, env):
@@ -2672,6 +2679,10 @@ def rebuild_state(project):
                 {k: log.settled.get(k) for k in ("state", "exit_code", "error", "commits", "files_changed")}
             )
             record["finished_at"] = log.settled.get("time")
+        elif log.launched and log.process and process_alive(*log.process):
+            record.update(
+                state="running", pid=log.process[0], pid_start=log.process[1]
+            )  # the supervisor adopts it
         elif log.launched:
             record["state"], record["error"] = settled_state(log, None, "")
         restore_resilience(record, log)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import orchestra
-from conftest import ROOT, load_state, wait_for, wait_settled
+from conftest import FAKE_AGENT_COMMAND, ROOT, agent_states, load_state, wait_for, wait_settled, write_config
 
 COUNTER = """
 import sys
@@ -142,3 +142,18 @@ def test_lock_timeout_is_an_error(tmp_path):
     assert lock.acquire(timeout=5) is True
     lock.release()
     assert os.path.exists(tmp_path / "x.lock")
+
+
+def test_a_state_rebuilt_while_agents_run_keeps_them_running(fake_repo, cli):
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, default_parallel=1)
+    assert cli("spawn", "sleep:4 commit:a.txt first", "commit:b.txt second").code == 0
+    wait_for(lambda: agent_states(fake_repo).get("sleep-4-commit") == "running", timeout=30, what="running")
+    with orchestra.FileLock(fake_repo / ".orchestra" / "state.lock"):
+        (fake_repo / ".orchestra" / "state.json").write_text("{ torn")
+    states = {a["id"]: a["state"] for a in cli("status", "--json").json()["agents"]}
+    assert states == {
+        "sleep-4-commit": "running",
+        "commit-b-txt": "queued",
+    }  # parallel 1 still holds
+    wait_settled(fake_repo, timeout=60)
+    assert set(agent_states(fake_repo).values()) == {"done"}
