@@ -8831,6 +8831,8 @@ def cmd_diff(args):
     """Show an agent's changes against its base: its commits plus uncommitted work, paged like git."""
     project = open_project(args)
     record = select_agents(project.all_records(), [args.id])[0]
+    if record["state"] == "removed":
+        check_not_removed(project, [record["id"]])  # points at its archive and `orchestra restore`
     cwd, revisions = diff_source(project, record)
     status = page_git(["diff", *(["--stat"] if args.stat else []), *revisions, "--"], cwd)
     if len(revisions) == 1:

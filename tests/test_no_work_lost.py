@@ -547,7 +547,7 @@ def test_restore_refuses_an_unknown_id(case_repo, cli):
 def test_resume_and_send_of_a_removed_agent_point_at_restore(case_repo, cli):
     spawn_one(cli, case_repo, "case")
     assert cli("cleanup", "case").code == 0
-    for argv in (("resume", "case"), ("send", "case", "more please")):
+    for argv in (("resume", "case"), ("send", "case", "more please"), ("diff", "case")):
         run = cli(*argv)
         assert run.code == 2
         assert "was cleaned up; its work is saved under refs/orchestra/archive/case/" in run.err
