@@ -196,6 +196,7 @@ NESTED_GIT_NAME = ".git~orchestra"  # a nested repository's .git, as stored in a
 ARCHIVE_KINDS = ("head", "lost", "stash", "index", "worktree")  # suffixes of one archive's refs
 ARCHIVE_WORDS = {"tip": "branch", "head": "HEAD", "lost": "reflog-only commits", "stash": "stashes",
                  "index": "staged index", "worktree": "files"}  # fmt: skip
+GIT_ARGS_BATCH = 500  # paths per git command line, well under the system's argument limit
 WRITER_GRACE = 3.0  # seconds to wait for processes still using a worktree before keeping it
 CLEANUP_LOCK_TIMEOUT = 300.0  # seconds one cleanup waits for another to finish
 DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}  # one clear line, no traceback
@@ -6095,6 +6096,11 @@ def commit_leftovers(project, record):
     if not work:
         return False
     worktree = record["worktree"]
+    tracked = [path for code, path in leftovers if code in (" M", " D") and path in work]
+    for start in range(0, len(tracked), GIT_ARGS_BATCH):  # marks that would make `git add` skip a change
+        batch = tracked[start : start + GIT_ARGS_BATCH]
+        for mark in ("--no-assume-unchanged", "--no-skip-worktree"):  # one per call: git keeps only the last
+            git_bytes(["update-index", mark, "--", *batch], worktree)
     specs = b"\0".join(b":(literal)" + os.fsencode(path) for path in work) + b"\0"
     git_bytes(["add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul"], worktree, input=specs)
     message = f"orchestra: commit work {record['id']} left uncommitted\n\nTask: {record['task']}"

@@ -697,6 +697,15 @@ def test_uncommitted_only_gets_a_commit_hint_and_commit_handles_non_utf8(case_re
     assert b"caf\xe9.txt" in names
 
 
+@pytest.mark.parametrize("mark", ["--assume-unchanged", "--skip-worktree"])
+def test_commit_takes_changes_git_status_is_told_to_hide(case_repo, cli, mark):
+    wt = spawn_one(cli, case_repo, "case")
+    sh(f"git update-index {mark} README.md && printf 'agent work\\n' > README.md", wt)
+    committed = cli("collect", "--commit")
+    assert committed.code == 0, committed
+    assert git("show", "orchestra/case:README.md", cwd=case_repo) == "agent work\n"
+
+
 # --- stopping, interrupting, faults ---------------------------------------------------------
 
 
