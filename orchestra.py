@@ -3894,12 +3894,12 @@ def taken_ids(project, records):
     return taken
 
 
-def unique_id(slug, taken):
-    """The slug itself, or the slug with -2, -3... when it is taken."""
+def unique_id(slug, taken, separator="-"):
+    """The slug itself, or the slug with -2, -3... (another separator: .2, .3) when it is taken."""
     candidate, n = slug, 1
     while candidate in taken:
         n += 1
-        candidate = f"{slug}-{n}"
+        candidate = f"{slug}{separator}{n}"
     return candidate
 
 
@@ -6472,11 +6472,7 @@ def archive_stamp(repo, agent_id):
     """A UTC stamp no archive of this agent uses yet (a suffix .2, .3 within one second)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     taken = {a["saved"] for a in list_archives(repo) if a["id"] == agent_id}
-    candidate, n = stamp, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{stamp}.{n}"
-    return candidate
+    return unique_id(stamp, taken, separator=".")
 
 
 def archive_holdings(project, record, held):
