@@ -5714,6 +5714,14 @@ def uncommitted_work(record):
     return worktree_leftovers(record, changes)
 
 
+def worktree_head(worktree):
+    """(the commit HEAD names or None, the branch checked out or None when HEAD is detached)."""
+    head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
+    symbolic = git_bytes(["symbolic-ref", "--quiet", "HEAD"], worktree, check=False).stdout.decode().strip()
+    branch = symbolic[len("refs/heads/") :] if symbolic.startswith("refs/heads/") else None
+    return (head[0] if head else None), branch
+
+
 def worktree_holdings(project, record):
     """Everything removing the agent's worktree and branch could lose.
 
@@ -5724,12 +5732,7 @@ def worktree_holdings(project, record):
     held = {"tip": branch_tip(project, record), "head": None, "head_branch": None, "staged": None,
             "changes": None, "leftovers": [], "detached_lost": [], "reflog_lost": []}  # fmt: skip
     if worktree.is_dir():
-        head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
-        held["head"] = head[0] if head else None
-        symbolic = (
-            git_bytes(["symbolic-ref", "--quiet", "HEAD"], worktree, check=False).stdout.decode().strip()
-        )
-        held["head_branch"] = symbolic[len("refs/heads/") :] if symbolic.startswith("refs/heads/") else None
+        held["head"], held["head_branch"] = worktree_head(worktree)
         held["staged"] = staged_tree(worktree, held["head"])
         held["changes"] = file_changes(
             repo, worktree, held["head"], setup_map(record), worktree_admin_dir(worktree)
@@ -6022,12 +6025,7 @@ class RepoFacts:
                 self.project.repo,
             )
             return held
-        head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
-        held["head"] = head[0] if head else None
-        symbolic = (
-            git_bytes(["symbolic-ref", "--quiet", "HEAD"], worktree, check=False).stdout.decode().strip()
-        )
-        held["head_branch"] = symbolic[len("refs/heads/") :] if symbolic.startswith("refs/heads/") else None
+        held["head"], held["head_branch"] = worktree_head(worktree)
         held["staged"] = staged_tree(worktree, held["head"])
         changes = file_changes(
             self.project.repo, worktree, held["head"], setup_map(record), worktree_admin_dir(worktree)
