@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ ROOT = TESTS.parent
 sys.path[:0] = [str(ROOT), str(TESTS)]
 
 import orchestra  # noqa: E402
-from scripted_api import ScriptedAPI, claude_env  # noqa: E402
+from scripted_api import ScriptedAPI, bash, claude_env  # noqa: E402
 
 FAKE_AGENT = TESTS / "fake_agent.py"
 FAKE_AGENT_COMMAND = [sys.executable, str(FAKE_AGENT), "{task}"]
@@ -28,6 +29,11 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_NAME": "Test",
     "GIT_COMMITTER_EMAIL": "test@example.com",
 }
+# Debian's Chromium for the dashboard tests, headless, on a phone-sized viewport.
+CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
+PHONE = {"width": 390, "height": 844}
 
 
 class Run:
@@ -120,6 +126,41 @@ def wait_settled(repo, timeout=60):
     return wait_for(settled, timeout, what="agents to finish")
 
 
+def load_state_with_history(repo):
+    """state.json with the cleaned-up agents of history.jsonl back among the agents."""
+    state = load_state(repo)
+    state["agents"] = {**orchestra.read_history(repo / ".orchestra" / "history.jsonl"), **state["agents"]}
+    return state
+
+
+def spawn_and_finish(cli, repo, *tasks):
+    """Spawn fake agents and wait until they have all finished."""
+    assert cli("spawn", *tasks).code == 0
+    wait_settled(repo)
+
+
+def add_record(project, agent_id, **facts):
+    """An agent record written straight into state.json, as another process could leave it."""
+
+    def change(state):
+        record = state["agents"].get(agent_id) or dict.fromkeys(orchestra.RECORD_FIELDS)
+        record.update(id=agent_id, task=f"task {agent_id}", created_at=orchestra.utc_iso())
+        record.update(facts)
+        state["agents"][agent_id] = record
+
+    project.store.update(change)
+
+
+def commit_file(name, content):
+    """A Bash step that writes a file and commits it on the agent's branch."""
+    return bash(f"printf '{content}\\n' > {name} && git add {name} && git commit -qm 'add {name}'")
+
+
+def take_time(seconds, python="python3"):
+    """A Bash step that keeps the agent busy (Claude Code blocks a long standalone `sleep`)."""
+    return bash(f"{python} -c 'import time; time.sleep({seconds})'")
+
+
 def kill_everything(repo):
     """Kill the supervisor and agents a test left behind."""
     path = repo / ".orchestra" / "state.json"
@@ -201,3 +242,26 @@ def server(project):
     srv.test_log = log
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium, driven by Playwright (the dashboard test files skip without them)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def phone(browser):
+    """A phone-sized page that collects script errors and dialogs (an alert would be XSS)."""
+    page = browser.new_page(viewport=PHONE, device_scale_factor=1, is_mobile=True, has_touch=True)
+    page.problems = []
+    page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
+    page.on("console", lambda m: m.type == "error" and page.problems.append(f"console: {m.text}"))
+    page.on("dialog", lambda d: (page.problems.append(f"dialog: {d.message}"), d.dismiss()))
+    yield page
+    page.close()

@@ -3,14 +3,13 @@
 import io
 import json
 import os
-import shutil
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 import orchestra
-from conftest import git, load_state, wait_settled, write_config
+from conftest import CHROMIUM, PHONE, git, load_state, wait_settled, write_config
 from scripted_api import bash, requires_claude, text
 
 try:
@@ -18,10 +17,6 @@ try:
 except ImportError:  # pragma: no cover - CI installs it
     sync_playwright = None
 
-CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
-PHONE = {"width": 390, "height": 844}
 HOSTILE = "echo '<img src=x onerror=alert(1)>' > evil.html"
 RECORD_NOTIFICATIONS = """
 window.shown = [];
@@ -37,20 +32,6 @@ pytestmark = [
         reason="needs Playwright for Python and Debian's chromium",
     ),
 ]
-
-
-@pytest.fixture
-def phone():
-    """A phone-sized page that collects script errors and dialogs (an alert would be XSS)."""
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport=PHONE, device_scale_factor=1, is_mobile=True, has_touch=True)
-        page.problems = []
-        page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
-        page.on("console", lambda m: m.type == "error" and page.problems.append(f"console: {m.text}"))
-        page.on("dialog", lambda d: (page.problems.append(f"dialog: {d.message}"), d.dismiss()))
-        yield page
-        browser.close()
 
 
 def api_get(server, path):

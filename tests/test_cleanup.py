@@ -6,30 +6,16 @@ import subprocess
 
 import pytest
 
-import conftest
-import orchestra
 from conftest import (
     FAKE_AGENT_COMMAND,
     agent_states,
     git,
     process_state,
+    spawn_and_finish,
     wait_for,
-    wait_settled,
     write_config,
 )
-
-
-def load_state(repo):
-    """state.json with the cleaned-up agents of history.jsonl back among the agents."""
-    state = conftest.load_state(repo)
-    state["agents"] = {**orchestra.read_history(repo / ".orchestra" / "history.jsonl"), **state["agents"]}
-    return state
-
-
-def spawn_and_finish(cli, repo, *tasks):
-    """Spawn fake agents and wait until they have all finished."""
-    assert cli("spawn", *tasks).code == 0
-    wait_settled(repo)
+from conftest import load_state_with_history as load_state
 
 
 def worktree(repo, agent_id):

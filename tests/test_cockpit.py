@@ -11,14 +11,11 @@ import threading
 from collections import Counter
 
 import pytest
-import test_dashboard as dashboard
-from test_dashboard import CHROMIUM, PHONE, card, commit_file, post, serve, take_time
+from test_dashboard import card, post, serve
 
 import orchestra
-from conftest import git, wait_settled
+from conftest import CHROMIUM, PHONE, add_record, commit_file, git, take_time, wait_settled
 from scripted_api import requires_claude, text
-
-browser, phone = dashboard.browser, dashboard.phone  # the same fixtures: Chromium, a 390x844 page
 
 try:
     from playwright.sync_api import expect
@@ -28,18 +25,6 @@ except ImportError:  # pragma: no cover - CI installs it
 pytestmark = pytest.mark.skipif(
     expect is None or not os.path.exists(CHROMIUM), reason="needs Playwright for Python and Debian's chromium"
 )
-
-
-def add_record(project, agent_id, **facts):
-    """A record written straight into state.json, as another process could leave it."""
-
-    def change(state):
-        record = dict.fromkeys(orchestra.RECORD_FIELDS)
-        record.update(id=agent_id, task=f"task {agent_id}", created_at=orchestra.utc_iso())
-        record.update(facts)
-        state["agents"][agent_id] = record
-
-    project.store.update(change)
 
 
 def set_fields(project, agent_id, **facts):

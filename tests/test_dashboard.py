@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 
 import orchestra
-from conftest import load_state, process_state, wait_settled
-from scripted_api import bash, requires_claude, text
+from conftest import CHROMIUM, PHONE, commit_file, load_state, process_state, take_time, wait_settled
+from scripted_api import requires_claude, text
 
 try:
     from playwright.sync_api import expect, sync_playwright
 except ImportError:  # pragma: no cover - CI installs it
     sync_playwright = None
 
-CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
-PHONE = {"width": 390, "height": 844}
 SCREENSHOT = Path("/tmp/orchestra-dashboard.png")  # a stable place to look at the last run's phone view
 XSS = "<img src=x onerror=alert(1)>"
 
@@ -48,26 +44,6 @@ WATCH_STATES = """() => {
 }"""
 
 
-@pytest.fixture
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def phone(browser):
-    """A phone-sized page that collects script errors and dialogs (an alert would be XSS)."""
-    page = browser.new_page(viewport=PHONE, device_scale_factor=1, is_mobile=True, has_touch=True)
-    page.problems = []
-    page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
-    page.on("console", lambda m: m.type == "error" and page.problems.append(f"console: {m.text}"))
-    page.on("dialog", lambda d: (page.problems.append(f"dialog: {d.message}"), d.dismiss()))
-    yield page
-    page.close()
-
-
 def serve(repo, **options):
     project = orchestra.Project.open(repo, os.environ)
     return orchestra.start_web_server(project, "127.0.0.1", 0, log=io.StringIO(), **options)
@@ -84,16 +60,6 @@ def post(server, path, body):
 
 def card(page, agent_id):
     return page.locator(f'.card[data-id="{agent_id}"]')
-
-
-def commit_file(name, content):
-    """A Bash step that writes a file and commits it on the agent's branch."""
-    return bash(f"printf '{content}\\n' > {name} && git add {name} && git commit -qm 'add {name}'")
-
-
-def take_time(seconds):
-    """A Bash step that keeps the agent busy (Claude Code blocks a long standalone `sleep`)."""
-    return bash(f"python3 -c 'import time; time.sleep({seconds})'")
 
 
 @requires_claude

@@ -6,20 +6,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, agent_states, git, load_state, process_state, wait_for, wait_settled
+from conftest import (
+    ROOT,
+    agent_states,
+    commit_file,
+    git,
+    load_state,
+    process_state,
+    take_time,
+    wait_for,
+    wait_settled,
+)
 from scripted_api import bash, error, requires_claude, text
 
 pytestmark = requires_claude
-
-
-def commit_file(name, content):
-    """A Bash step that writes a file and commits it on the agent's branch."""
-    return bash(f"printf '{content}\\n' > {name} && git add {name} && git commit -qm 'add {name}'")
-
-
-def take_time(seconds):
-    """A Bash step that keeps the agent busy (Claude Code blocks a long standalone `sleep`)."""
-    return bash(f"{sys.executable} -c 'import time; time.sleep({seconds})'")
 
 
 def busy(repo, agent_id):
@@ -95,10 +95,15 @@ def test_real_agents_commit_take_time_and_fail(claude_repo, claude_api, cli, tmp
 
 
 def test_supervisor_crash_loses_nothing(claude_repo, claude_api, cli):
-    claude_api.script("crash-one", [take_time(8), commit_file("one.txt", "one"), text("one finished")])
-    claude_api.script("crash-two", [take_time(8), commit_file("two.txt", "two"), text("two finished")])
     claude_api.script(
-        "crash-paused", [take_time(6), commit_file("three.txt", "three"), text("three finished")]
+        "crash-one", [take_time(8, sys.executable), commit_file("one.txt", "one"), text("one finished")]
+    )
+    claude_api.script(
+        "crash-two", [take_time(8, sys.executable), commit_file("two.txt", "two"), text("two finished")]
+    )
+    claude_api.script(
+        "crash-paused",
+        [take_time(6, sys.executable), commit_file("three.txt", "three"), text("three finished")],
     )
     assert cli("spawn", "crash-one", "crash-two", "crash-paused").code == 0
 
@@ -146,7 +151,7 @@ def test_supervisor_crash_loses_nothing(claude_repo, claude_api, cli):
 
 
 def test_resume_relaunches_a_killed_agent_in_its_session(claude_repo, claude_api, cli):
-    claude_api.script("endless-job", [take_time(60), text("never gets here")])
+    claude_api.script("endless-job", [take_time(60, sys.executable), text("never gets here")])
     claude_api.script(
         "Continue the task.", [commit_file("resumed.txt", "resumed"), text("resumed and finished")]
     )
@@ -174,7 +179,9 @@ def test_resume_relaunches_a_killed_agent_in_its_session(claude_repo, claude_api
 
 
 def test_stop_ends_a_real_agent_and_keeps_its_work(claude_repo, claude_api, cli):
-    claude_api.script("stoppable", [commit_file("early.txt", "early"), take_time(60), text("never")])
+    claude_api.script(
+        "stoppable", [commit_file("early.txt", "early"), take_time(60, sys.executable), text("never")]
+    )
     cli("spawn", "stoppable")
     wait_for(lambda: busy(claude_repo, "stoppable"), timeout=60, what="the agent to be busy")
     pid = load_state(claude_repo)["agents"]["stoppable"]["pid"]

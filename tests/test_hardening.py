@@ -17,7 +17,7 @@ import time
 import pytest
 
 import orchestra
-from conftest import wait_for
+from conftest import add_record, wait_for
 
 QUICK = 2.0  # seconds an authenticated request may take while the server is under attack (loaded CI)
 
@@ -242,17 +242,6 @@ def test_no_escape_sequence_reaches_the_log(hostile):
 
 SURROGATE = "half \ud83d an emoji"
 NASTY = f"{SURROGATE} \x1b[31mred\x1b[0m \u202eevil\u202c \x00nul"
-
-
-def add_record(project, agent_id, **facts):
-    """A record written straight into state.json, as an agent's facts would leave it."""
-
-    def change(state):
-        record = dict.fromkeys(orchestra.RECORD_FIELDS)
-        record.update(id=agent_id, created_at=orchestra.utc_iso(), **facts)
-        state["agents"][agent_id] = record
-
-    project.store.update(change)
 
 
 def poison(project, agent_id):

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-import conftest
-import orchestra
 from conftest import (
     FAKE_AGENT_COMMAND,
     ROOT,
@@ -26,15 +24,8 @@ from conftest import (
     wait_settled,
     write_config,
 )
+from conftest import load_state_with_history as load_state
 from scripted_api import bash, requires_claude, text
-
-
-def load_state(repo):
-    """state.json with the cleaned-up agents of history.jsonl back among the agents."""
-    state = conftest.load_state(repo)
-    state["agents"] = {**orchestra.read_history(repo / ".orchestra" / "history.jsonl"), **state["agents"]}
-    return state
-
 
 ORCHESTRA = [sys.executable, str(ROOT / "orchestra.py")]
 

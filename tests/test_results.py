@@ -4,12 +4,7 @@ import os
 import stat
 import subprocess
 
-from conftest import FAKE_AGENT_COMMAND, git, load_state, make_repo, wait_settled, write_config
-
-
-def spawn_and_finish(cli, repo, *tasks):
-    assert cli("spawn", *tasks).code == 0
-    wait_settled(repo)
+from conftest import FAKE_AGENT_COMMAND, git, load_state, make_repo, spawn_and_finish, write_config
 
 
 def test_collect_reports_commits_diffstat_leftovers_and_overlaps(fake_repo, cli):

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import orchestra
-from conftest import ROOT, git, load_state, wait_for, wait_settled
+from conftest import ROOT, add_record, git, load_state, wait_for, wait_settled
 
 WEB_CLI = [sys.executable, str(ROOT / "orchestra.py")]
 
@@ -666,15 +666,6 @@ def test_the_server_restarts_a_dead_supervisor(project, fake_repo, cli):
         assert load_state(fake_repo)["agents"]["sleep-3-outlives"]["state"] == "done"
     finally:
         srv.stop()
-
-
-def add_record(project, agent_id, **facts):
-    def change(state):
-        record = dict.fromkeys(orchestra.RECORD_FIELDS)
-        record.update(id=agent_id, task=f"task {agent_id}", created_at=orchestra.utc_iso(), **facts)
-        state["agents"][agent_id] = record
-
-    project.store.update(change)
 
 
 # ---------------------------------------------------------------------------- the command line

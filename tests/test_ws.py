@@ -15,7 +15,7 @@ import pytest
 from websockets.sync.client import connect
 
 import orchestra
-from conftest import wait_for
+from conftest import add_record, wait_for
 
 RFC_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3
 RFC_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
@@ -311,17 +311,6 @@ def test_the_websockets_library_gets_a_snapshot_then_updates(server, project):
         assert json.loads(ws.recv(timeout=5))["removed"] == ["alpha"]
         ws.close()
         assert ws.close_code == 1000  # the server answered the close handshake
-
-
-def add_record(project, agent_id, **facts):
-    """Write an agent record straight into state.json, as the supervisor would."""
-
-    def change(state):
-        record = state["agents"].get(agent_id) or dict.fromkeys(orchestra.RECORD_FIELDS)
-        record.update(id=agent_id, task=f"task {agent_id}", created_at=orchestra.utc_iso(), **facts)
-        state["agents"][agent_id] = record
-
-    project.store.update(change)
 
 
 def test_server_pings_and_the_library_keeps_the_connection_alive(project):
