@@ -26,12 +26,11 @@ import threading
 import time
 from pathlib import Path
 
+from common import ROOT, init_repo, live_supervisor
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import orchestra  # noqa: E402
+import orchestra
 
 API_POLL = 0.025  # seconds between GET /api/approvals (more often would load the server it measures)
 LAUNCH = f"""import sys
@@ -43,20 +42,11 @@ sys.exit(orchestra.main(sys.argv[1:]))
 
 def make_project(root, agents):
     """A repository with running agent records and this process posing as their live supervisor."""
-    repo = root / "repo"
-    repo.mkdir()
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@x", "commit", "-q", "--allow-empty", "-m", "init"],
-                   cwd=repo, check=True)  # fmt: skip
+    repo = init_repo(root / "repo")
     project = orchestra.Project.open(repo, os.environ)
 
     def seed(state):
-        me = os.getpid()
-        state["supervisor"] = {
-            "pid": me,
-            "pid_start": orchestra.process_start_time(me),
-            "heartbeat_at": orchestra.utc_iso(),
-        }
+        state["supervisor"] = live_supervisor()
         for n in range(agents):
             record = dict.fromkeys(orchestra.RECORD_FIELDS)
             record.update(id=f"agent-{n}", task=f"task {n}", state="running", created_at=orchestra.utc_iso(),

@@ -12,25 +12,19 @@ import compileall
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ORCHESTRA = Path(__file__).resolve().parent.parent / "orchestra.py"
+from common import ORCHESTRA, init_repo, median_seconds
+
 RECORD_COUNT = 8
 
 
 def make_repo(root):
     """A repository with .orchestra/state.json holding finished agent records."""
-    repo = root / "repo"
-    repo.mkdir()
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "init"], cwd=repo, check=True)
-    sys.path.insert(0, str(ORCHESTRA.parent))
+    repo = init_repo(root / "repo")
     import orchestra
 
     project = orchestra.Project.open(repo, {"ORCHESTRA_CONFIG": str(root / "none.json")})
@@ -55,14 +49,11 @@ def install(root, source):
     return site
 
 
-def median_seconds(argv, cwd, runs):
+def median_run_seconds(argv, cwd, runs):
     """Median wall time of running argv `runs` times."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(argv, cwd=cwd, check=True, stdout=subprocess.DEVNULL, env=ENV)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(
+        lambda: subprocess.run(argv, cwd=cwd, check=True, stdout=subprocess.DEVNULL, env=ENV), runs
+    )
 
 
 def main():
@@ -81,9 +72,9 @@ def main():
         for argv in (installed, copied):
             output = json.loads(subprocess.run(argv, cwd=repo, check=True, capture_output=True).stdout)
             assert len(output["agents"]) == RECORD_COUNT
-        bare = median_seconds([sys.executable, "-c", "pass"], repo, args.runs)
-        as_installed = median_seconds(installed, repo, args.runs)
-        as_file = median_seconds(copied, repo, args.runs)
+        bare = median_run_seconds([sys.executable, "-c", "pass"], repo, args.runs)
+        as_installed = median_run_seconds(installed, repo, args.runs)
+        as_file = median_run_seconds(copied, repo, args.runs)
     print(f"python3 -c pass:                               {bare * 1000:7.1f} ms (median of {args.runs})")
     print(
         f"orchestra status --json, installed command:    {as_installed * 1000:7.1f} ms  {as_installed / bare:.2f}x"

@@ -37,9 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ORCHESTRA = Path(__file__).resolve().parent.parent / "orchestra.py"
-IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
-            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}  # fmt: skip
+from common import ORCHESTRA, git, use_bench_environment
+
 FIGURES = ("writes", "status", "hub", "burst", "logs", "collect", "spawn", "queue")
 
 # An agent that speaks stream-json: `rate` lines a second of about `size` bytes for `seconds`
@@ -69,10 +68,6 @@ while True:
 out.write(json.dumps({"type": "result", "subtype": "success", "result": "ok", "total_cost_usd": 0.01,
                       "num_turns": 1, "usage": {"input_tokens": 1, "output_tokens": 1}}) + "\n")
 """
-
-
-def git(repo, *args, **kw):
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True, **kw).stdout
 
 
 def make_repo(root, files=1, agent=None, **config):
@@ -473,7 +468,7 @@ def main():
     parser.add_argument("--orchestra", type=Path, default=ORCHESTRA, help="the orchestra.py to measure")
     parser.add_argument("--quick", action="store_true", help="small sizes, to try the bench out")
     args = parser.parse_args()
-    os.environ.update(IDENTITY, ORCHESTRA_CONFIG="/nonexistent/config.json")
+    use_bench_environment()
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     print(f"module: {args.orchestra.resolve()}; python {sys.version.split()[0]}; {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as site:

@@ -29,7 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ORCHESTRA
+
 SEED = 20261124
 DAYS_OF_HISTORY = 90
 RECENT_FILES = 50
@@ -219,7 +220,7 @@ def ccusage_argv(install_into=None):
 
 def default_module():
     """The orchestra.py of this checkout."""
-    return ROOT / "orchestra.py"
+    return ORCHESTRA
 
 
 def measure_store(label, module, store, runs, ccusage):

@@ -8,7 +8,6 @@ Run: python3 bench/spawn.py [--files N] [--rounds N]
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -17,14 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ORCHESTRA = Path(__file__).resolve().parent.parent / "orchestra.py"
+from common import ORCHESTRA, git, use_bench_environment
+
 AGENTS = 8
-IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
-            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}  # fmt: skip
-
-
-def git(repo, *args):
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 
 
 def make_repo(root, files):
@@ -98,7 +92,7 @@ def main():
     parser.add_argument("--files", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    os.environ.update(IDENTITY, ORCHESTRA_CONFIG="/nonexistent/config.json")
+    use_bench_environment()
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(Path(tmp), args.files)
         raw, ours = [], []

@@ -13,28 +13,22 @@ import json
 import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import orchestra  # noqa: E402
+from common import ROOT, init_repo, median_seconds, use_bench_environment
+
+import orchestra
 
 FAKE_AGENT = ROOT / "tests" / "fake_agent.py"
-IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
-            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}  # fmt: skip
 
 
 def make_repo(root, name, parallel, checks):
     """A one-commit repository whose agents are the fake agent."""
-    repo = root / name
-    repo.mkdir()
-    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
-        subprocess.run(["git", *args], cwd=repo, check=True)
+    repo = init_repo(root / name, message="start")
     (repo / ".orchestra").mkdir()
     config = {"agent_command": [sys.executable, str(FAKE_AGENT), "{task}"], "default_parallel": parallel,
               "max_parallel": max(8, parallel), "checks": checks}  # fmt: skip
@@ -44,25 +38,18 @@ def make_repo(root, name, parallel, checks):
 
 def agent_seconds(seconds, cwd):
     """One fake agent's own wall time (its sleep plus Python's start), median of three."""
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        subprocess.run(
-            [sys.executable, str(FAKE_AGENT), f"sleep:{seconds}"], cwd=cwd, stdout=subprocess.DEVNULL
-        )
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    argv = [sys.executable, str(FAKE_AGENT), f"sleep:{seconds}"]
+    return median_seconds(lambda: subprocess.run(argv, cwd=cwd, stdout=subprocess.DEVNULL), 3)
 
 
 def checks_seconds(checks, cwd):
     """The checks' own wall time in a worktree, median of three (0 without checks)."""
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
+
+    def run_checks():
         for command in checks:
             subprocess.run(command, shell=True, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) if checks else 0.0
+
+    return median_seconds(run_checks, 3) if checks else 0.0
 
 
 def drain(repo, tasks, seconds):
@@ -105,7 +92,7 @@ def main():
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--only", choices=("plain", "checks"), help="run one case")
     args = parser.parse_args()
-    os.environ.update(IDENTITY, ORCHESTRA_CONFIG="/nonexistent/config.json")
+    use_bench_environment()
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "plain"):
             run_case(Path(tmp), "plain", args, [])

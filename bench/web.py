@@ -30,11 +30,10 @@ import threading
 import time
 from pathlib import Path
 
+from common import ROOT, init_repo, live_supervisor, use_bench_environment
 from websockets.asyncio.client import connect
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import orchestra  # noqa: E402
+import orchestra
 
 # `orchestra web` as the installed console script runs it: the module imported (so from cached
 # bytecode), then main().
@@ -44,25 +43,15 @@ import orchestra
 sys.exit(orchestra.main(["web", "--port", "0"]))
 """
 AGENTS = 8
-IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
-            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}  # fmt: skip
 
 
 def make_project(root):
     """A repository with 8 running agent records and this process posing as their live supervisor."""
-    repo = root / "repo"
-    repo.mkdir()
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
-    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "init"], cwd=repo, check=True)
+    repo = init_repo(root / "repo")
     project = orchestra.Project.open(repo, os.environ)
 
     def seed(state):
-        me = os.getpid()  # a live "supervisor", so the web server does not start a real one
-        state["supervisor"] = {
-            "pid": me,
-            "pid_start": orchestra.process_start_time(me),
-            "heartbeat_at": orchestra.utc_iso(),
-        }
+        state["supervisor"] = live_supervisor()  # so the web server does not start a real one
         for n in range(AGENTS):
             record = dict.fromkeys(orchestra.RECORD_FIELDS)
             record.update(id=f"agent-{n}", task=f"benchmark task number {n} " * 4, state="running",
@@ -322,7 +311,7 @@ def main():
     parser.add_argument("--pipeline-seconds", type=float, default=10.0)
     parser.add_argument("--history", type=int, default=200)
     args = parser.parse_args()
-    os.environ.update(IDENTITY, ORCHESTRA_CONFIG="/nonexistent/config.json", NO_COLOR="1")
+    use_bench_environment(NO_COLOR="1")
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp))
         proc, base, token = start_web(project.repo, Path(tmp) / "pycache")
