@@ -39,6 +39,49 @@ access token), approvals/ (requests waiting, decisions, --always rules) and the 
 saved before a cleanup: refs/orchestra/archive/<id>/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
+
+Map of this file. Each section sits under a `# ===` banner with a paragraph that teaches its
+rule, and names only what sections above it define (tests/test_layout.py keeps this true):
+  Constants                       the shared defaults, states and exit codes
+  Errors                          OrchestraError and GitError, the expected failures
+  Utilities                       time, text, JSON, atomic writes, file locks, processes
+  Configuration                   defaults, user file, project file, flags; value checks
+  Git                             run_git(), the one way to git; branches, worktrees, commits
+  What a worktree holds           every file hashed, every commit reachable: the truth for cleanup
+  State store                     state.json and history.jsonl: locked, atomic, versioned
+  Agent records and logs          a record, its log folded into facts, rebuilding from logs
+  Approvals and the sandbox       the PermissionRequest hook, --always rules, notify_command
+  Launching agents                worktree, argv, --settings layer, environment, process groups
+  Project                         a repository under orchestra: paths, config, state store
+  Spawning agents                 unique ids, reserving agents, worktrees now or later, rollback
+  Results you can trust           checks, fix rounds, API waits, budgets (Resilience)
+  Supervisor                      the detached process that starts, watches and adopts agents
+  Operations                      spawn, pause, resume, stop, retry, approve: CLI and web alike
+  Reading logs                    an agent's log as readable lines, streamed and tailed
+  Sessions: transcripts           where Claude Code's sessions live and what they say, cheaply
+  Sessions: listing               which sessions to show, their repositories, the table
+  Sessions: resuming              `claude --resume` in the session's own (recreated) cwd
+  Collect: reports                what each finished agent did, cached by RepoFacts
+  Collect: commits, merges and pull requests   bringing work home
+  Cleanup and archives            remove only what is saved; archive refs; restore
+  WebSocket                       RFC 6455 by hand: handshake, frames, one connection
+  HTTP server: the gate           Host, Origin, token and size checks before any route
+  HTTP server: API routes         the JSON API, the dashboard page, the StatusHub
+  HTTP server: serving            the threading server, TLS, web.json and the URL
+  QR code                         ISO/IEC 18004 for `web --qr`, drawn in the terminal
+  Command line: shared parts      the parser class, tables, colours, number types
+  Command line: setting up        init, config, doctor
+  Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff, approvals
+  Command line: results           collect, cleanup, restore
+  Command line: sessions, web and internals   sessions, web, supervise, hook
+  Command line: the parser        PARSER_BUILDERS and build_parser()
+  Main                            main(): an OrchestraError becomes a message and an exit status
+Where the open work goes: containment (the PreToolUse guard and the integrity check) as
+"Containment" after Approvals and the sandbox, and "Integrity check" after Launching agents;
+exact approvals and keyed decisions stay in Approvals, the token challenge in the gate; other
+hosts over ssh as "Hosts" before the Supervisor, which places agents on them; the merge queue
+as "Landing" after Collect: commits, merges and pull requests; each command's parser and
+handler join a "Command line" section of their group.
 """
 
 from __future__ import annotations
@@ -100,13 +143,11 @@ __version__ = "0.1.0"
 # ======================================================================================
 # Constants
 # --------------------------------------------------------------------------------------
-# Defaults, limits and timings. Function bodies use these names, never bare numbers.
+# Shared defaults, states and exit codes. A constant that one section alone uses lives under
+# that section's banner, beside its users; function bodies name constants, never bare numbers.
 # ======================================================================================
 
-STATE_VERSION = 1
 ORCHESTRA_DIR = ".orchestra"
-# .orchestra/env/<id> (mode 0600, folder 0700): the environment of an agent's next launch
-AGENT_ENV_DIR = "env"
 WORKTREE_PREFIX = "task-"
 
 CONFIG_DEFAULTS = {
@@ -162,307 +203,40 @@ CONFIG_TYPES = {
     "api_backoff": "number",
     "api_backoff_max": "number",
 }
-TYPE_NAMES = {
-    "int": "an integer",
-    "number": "a number",
-    "str": "a string",
-    "str?": "a string or null",
-    "number?": "a number or null",
-    "list": "a list of strings",
-}
-
-LAUNCH_KEYS = (
-    "agent_command",
-    "model",
-    "permission_mode",
-    "bypass_permissions",
-    "sandbox_network",
-    "approval_timeout",
-)  # fixed at spawn; "sandboxed" is added then too
-STATES = ("queued", "running", "paused", "waiting", "done", "failed", "stopped", "interrupted", "removed")
+# Agent states (see DESIGN.md, "An agent") and exit statuses (0 ok, 1 failed, 2 bad input, Ctrl-C)
 ACTIVE_STATES = ("queued", "running", "paused", "waiting")
 FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
-ARCHIVE_REFS = "refs/orchestra/archive"  # branch tips saved before cleanup removes anything
-MAX_LISTED_FILES = 3  # files named in a KEEP reason before "and N more"
-# Config overrides for every git call that judges what a worktree holds: whatever the user's
-# (or an agent's) git config says, git then hides nothing and runs nothing of the user's.
-SEE_ALL_GIT = (
-    "-c", "core.excludesFile=/dev/null", "-c", "status.showUntrackedFiles=all",
-    "-c", "core.fsmonitor=false", "-c", "core.untrackedCache=false", "-c", "core.ignoreStat=false",
-    "-c", "core.sparseCheckout=false", "-c", "diff.ignoreSubmodules=none", "-c", "gc.auto=0",
-    "-c", "core.hooksPath=/dev/null", "-c", "core.quotePath=false",
-)  # fmt: skip
-NESTED_GIT_NAME = ".git~orchestra"  # a nested repository's .git, as stored in a snapshot tree
-ARCHIVE_KINDS = ("head", "lost", "stash", "index", "worktree")  # suffixes of one archive's refs
-ARCHIVE_WORDS = {"tip": "branch", "head": "HEAD", "lost": "reflog-only commits", "stash": "stashes",
-                 "index": "staged index", "worktree": "files"}  # fmt: skip
-GIT_ARGS_BATCH = 500  # paths per git command line, well under the system's argument limit
-WRITER_GRACE = 3.0  # seconds to wait for processes still using a worktree before keeping it
-CLEANUP_LOCK_TIMEOUT = 300.0  # seconds one cleanup waits for another to finish
-DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}  # one clear line, no traceback
-RECORD_FIELDS = (
-    "id", "task", "state", "stale", "branch", "worktree", "base_branch", "base_commit",
-    "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
-    "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
-    "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
-    "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
-    "checks", "waiting", "batch", "stop_reason",
-)  # fmt: skip
-# Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
-# first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
-MODEL_PRICES = (
-    ("claude-opus-4-0", 15.0, 75.0), ("claude-opus-4-1", 15.0, 75.0), ("claude-opus-4-2", 15.0, 75.0),
-    ("claude-3-opus", 15.0, 75.0), ("claude-opus", 5.0, 25.0), ("claude-sonnet", 3.0, 15.0),
-    ("claude-3-5-sonnet", 3.0, 15.0), ("claude-3-7-sonnet", 3.0, 15.0), ("claude-haiku", 1.0, 5.0),
-    ("claude-3-5-haiku", 0.8, 4.0), ("claude-3-haiku", 0.25, 1.25), ("opus", 5.0, 25.0), ("haiku", 1.0, 5.0),
-)  # fmt: skip
-DEFAULT_PRICE = (3.0, 15.0)  # an unknown model is priced as Sonnet
-CACHE_WRITE_FACTOR = 1.25
-CACHE_READ_FACTOR = 0.1
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-MAX_TASK_LENGTH = 8000  # characters; longer instructions belong in a file the task names
-MAX_ID_LENGTH = 40  # of an id given with --name
-ID_WORDS = 3  # words of the task an id is made from
-ID_CHARS = 20  # an id made from a task is at most this long (before a -2 suffix), so tables fit 80 columns
-ID_SKIP_WORDS = frozenset(("a", "an", "the", "to", "of", "for", "in", "on", "at", "by", "and", "or", "with",
-                           "from", "into", "onto", "my", "our", "your", "please"))  # fmt: skip
-MAX_ACTIVITY_LENGTH = 200
-TABLE_DEFAULT_WIDTH = 120  # columns when stdout is not a terminal and $COLUMNS is unset
-TABLE_MIN_LAST_COLUMN = 6  # a table's last column narrower than this is left out rather than cut
+# What cleanup saves, and how much of a file list or of some output a message quotes
+ARCHIVE_REFS = "refs/orchestra/archive"  # branch tips saved before cleanup removes anything
+NESTED_GIT_NAME = ".git~orchestra"  # a nested repository's .git, as stored in a snapshot tree
+MAX_LISTED_FILES = 3  # files named in a KEEP reason before "and N more"
 TAIL_CHARS = 2000  # of setup output and stderr kept in an error message
-RESUME_PROMPT = "Continue the task."
-SYSTEM_PROMPT = (
-    "You are one of several agents started by claude-orchestra. You work in your own git "
-    "worktree on branch '{branch}'. Stay on this branch, and commit your work to it with clear "
-    "messages before you finish; uncommitted work may be lost. Do not push."
-)
+LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory stays bounded
+
+# Claude Code: its program, where it keeps sessions, how to install it, how to nudge it on
+CLAUDE_EXECUTABLE = "claude"
+CLAUDE_CONFIG_ENV = "CLAUDE_CONFIG_DIR"
 CLAUDE_INSTALL_HINT = (
     "install Claude Code with 'npm install -g @anthropic-ai/claude-code', "
     "or set agent_command in the config to run another agent"
 )
-
-SUPERVISOR_TICK = 0.5  # seconds between the supervisor's scheduling passes and state writes
-WATCH_POLL = 0.2  # seconds between a watcher's reads of its agent's log
-STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
-SPAWN_WAIT_POLL = 0.5
-STATUS_WATCH_INTERVAL = 1.0
-LOGS_FOLLOW_POLL = 0.25
-LOGS_FOLLOW_TAIL = 50  # lines `logs -f` shows before following, unless --tail says otherwise
-LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
-LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
-LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
-WORKTREE_THREADS = 8
-SPAWN_PREPARED_NOW = 1  # worktrees spawn makes itself; the supervisor makes the rest just before they run
-PREPARE_AT_ONCE = 2  # worktrees the supervisor makes at a time: checkouts compete for the disk
-REPORT_CACHE_FILE = "reports.json"  # in .orchestra/: what finished agents committed, by branch tip
-REPORT_RACY_SECONDS = 2.0  # a worktree touched this recently is not cached: a write may share its mtime
-COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
-LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory stays bounded
-LOG_READ_BUDGET = 8 * 1024 * 1024  # bytes folded per read_new call, so facts reach state.json during a burst
-LOG_MAX_LINE = 16 * 1024 * 1024  # a longer line (no event orchestra needs) is skipped, not buffered
-LOG_IGNORED_PREFIXES = (b'{"type":"user"', b'{"type":"stream_event"')  # events no fact comes from
-
-# Approvals and the sandbox (see the section "Approvals and the sandbox").
-SANDBOX_MODES = ("off", "auto", "on")
-APPROVALS_DIR = "approvals"  # in .orchestra/: <req>.json pending, decisions/, answered/, rules/
-APPROVAL_POLL = 0.05  # seconds between the waiting hook's looks for a decision
-APPROVAL_HOOK_MARGIN = 60  # seconds Claude Code gives the hook beyond approval_timeout
-APPROVAL_ID_BYTES = 3  # random bytes of a request id (6 hex digits), unique by O_EXCL
-APPROVAL_INPUT_LIMIT = 64 * 1024  # characters of a tool input kept in a request
-APPROVAL_DECIDERS = ("cli", "web", "rule", "timeout")
-NOTIFY_EVENTS = ("approval", "done", "failed", "stale")
+RESUME_PROMPT = "Continue the task."
 NOTIFY_TIMEOUT = 30.0  # seconds a notify command may run before it is killed
-SANDBOX_PACKAGES = {"bwrap": "bubblewrap", "socat": "socat"}  # what Claude Code's Linux sandbox runs
-SANDBOX_PROBE = ("bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-net", "true")
 SANDBOX_PROBE_TIMEOUT = 10.0
-
-# Checks, fix rounds, API errors and budgets (see "Results you can trust" below)
-RESILIENCE_KEYS = ("checks", "check_timeout", "fix_rounds", "max_budget_usd", "api_retries", "api_backoff",
-                   "api_backoff_max")  # fixed at spawn in the record's launch, like LAUNCH_KEYS  # fmt: skip
-CHECK_POLL = 0.2  # seconds between looks at a running check (its timeout, a stop request)
-CHECK_STOP_POLL = 1.0  # seconds between looks at the record for a stop while a check runs
-CHECK_OUTPUT_LIMIT = 64 * 1024  # characters of a check's output kept in the agent's log
-CHECK_TAIL_CHARS = 1500  # of a failing check's output kept in the record and quoted to the agent
-FIX_PROMPT = (
-    "The checks orchestra runs after you finish failed. The command `{command}` exited with "
-    "{exit_code}. The end of its output:\n\n```\n{tail}\n```\n\nFix the cause, commit the fix, and finish."
-)
-API_JITTER = 0.2  # a backoff wait is stretched by up to this fraction, so agents do not retry in step
-API_SCAN_BYTES = 256 * 1024  # of the end of a log searched for the last run's API error
-ACCOUNT_LIMIT_REASONS = ("rate_limit", "usage_limit")  # waits that hold every new start, not one agent
-BATCH_ID_FORMAT = "b%Y%m%dT%H%M%S"
-CHECK_RESULT_FIELDS = ("status", "command", "exit_code", "tail", "rounds")
-# A subscription's usage limit, as Claude Code words it across versions (never a max-turns or budget end)
-USAGE_LIMIT_RE = re.compile(
-    r"usage limit|hit your (?:usage )?limit|limit reached\W.*\bresets?\b|out of (?:extra )?usage",
-    re.IGNORECASE,
-)
-USAGE_RESET_RE = re.compile(r"\|(\d{10})\b")  # "Claude AI usage limit reached|1767225600"
-USAGE_RESET_CLOCK_RE = re.compile(
-    r"resets(?: at)? (\d{1,2})(?::(\d{2}))?\s*([ap]m)?(?:\s*\(([^)]+)\))?", re.I
-)
-
-# Sessions: how much of each transcript is read, how listings look, what a prompt is.
-CLAUDE_EXECUTABLE = "claude"
-CLAUDE_CONFIG_ENV = "CLAUDE_CONFIG_DIR"
-SESSION_WINDOW_BYTES = 64 * 1024  # of each end of a transcript, as Claude Code's own picker reads
-SESSION_CWD_PROBE_BYTES = 8 * 1024  # enough to reach the first line that names a cwd
 SESSION_DEFAULT_HOURS = 24.0
 SESSION_DEFAULT_LIMIT = 30
-SESSION_PROMPT_LIMIT = 200  # characters of a prompt kept, as Claude Code does for titles
 SESSION_ID_SHORT = 8  # characters of a session id shown in tables and used as a last-resort title
-SESSION_AMBIGUOUS_SHOWN = 5  # ids listed when a prefix matches several sessions
-SESSION_TABLE_WIDTH = 100  # when stdout is not a terminal
-SESSION_TABLE_GAP = "  "
-SECONDS_PER_HOUR = 3600
-SESSION_CACHE_FILE = "claude-orchestra/session-counts.json"  # under $XDG_CACHE_HOME or ~/.cache
-SESSION_CACHE_VERSION = 3  # 2: messages are prompts and replies; 3: whole descriptions kept
-SESSION_CACHE_LIMIT = (
-    200_000  # transcripts remembered (the most recent): every one a store holds, in practice
-)
-SESSION_RECENT_IDS = 8  # assistant message ids remembered to count each API response once
-SESSION_MARK_BYTES = 64  # bytes before a saved offset that must be unchanged to count on from it
-# Table columns: (name, widest it gets; None: as wide as its widest cell). The title then takes
-# whatever room is left.
-SESSION_COLUMNS = (("ID", None), ("ACTIVE", None), ("AGE", None), ("MSGS", None), ("MODEL", None),
-                   ("AGENT", 24), ("BRANCH", 28), ("PROJECT", 40), ("TITLE", 40))  # fmt: skip
-# How a table too wide for the terminal is fitted, step by step, until it fits:
-# (column, width to cut it to; None: leave the column out).
-SESSION_FIT_STEPS = (("ACTIVE", None), ("PROJECT", 24), ("MODEL", None), ("TITLE", 30), ("PROJECT", 12),
-                     ("BRANCH", 10), ("AGENT", 10), ("MSGS", None), ("TITLE", 16))  # fmt: skip
-SESSION_RIGHT_ALIGNED = ("AGE", "MSGS")
-SESSION_ACTIVE_FORMAT = "%m-%d %H:%M"
-SESSION_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
-# Claude Code's picker skips prompts that open with a lowercase XML-like tag (<command-message>,
-# <local-command-stdout>, <system-reminder>...) and interruption notices; "Warmup" is 2.0's probe.
-SESSION_SKIP_PROMPT_RE = re.compile(r"^(?:\s*<[a-z][\w-]*[\s>]|\[Request interrupted by user[^\]]*\])")
-SESSION_SKIP_PROMPTS = ("Warmup",)
-SESSION_COMMAND_RE = re.compile(r"<command-name>(.*?)</command-name>", re.DOTALL)
-SESSION_BASH_INPUT_RE = re.compile(r"<bash-input>(.*?)</bash-input>", re.DOTALL)
-SESSION_MODEL_DATE_RE = re.compile(r"-\d{8}$")
-SESSION_SYNTHETIC_MODEL = "<synthetic>"  # what Claude Code writes for its own error messages
-SESSION_USER_MARKERS = ('"type":"user"', '"type": "user"')
-SESSION_MESSAGE_MARKERS = tuple(
-    m.encode() for m in (*SESSION_USER_MARKERS, '"type":"assistant"', '"type": "assistant"')
-)
-# A line holding a tool result is never a message, and these markers occur only as JSON structure
-# (inside a string value the quotes would be escaped), so such lines need no parsing.
-SESSION_NOT_MESSAGE_MARKERS = (b'"type":"tool_result"', b'"type": "tool_result"')
-SESSION_MESSAGE_RE = re.compile(rb'"type": ?"(?:user|assistant)"')  # any of SESSION_MESSAGE_MARKERS
-# An assistant line is a message only if it holds text: a text block or a string content.
-SESSION_PROMPT_OR_REPLY_MARKERS = (
-    *(m.encode() for m in SESSION_USER_MARKERS),
-    *(b'"type":"text"', b'"type": "text"', b'"content":"', b'"content": "'),
-)
-SESSION_COUNT_CHUNK = 1024 * 1024  # bytes of a transcript read at a time to count its messages
-SESSION_DETAIL_PROMPTS = 200  # prompts of one session shown by the dashboard
-SESSION_DETAIL_BYTES = 8 * 1024 * 1024  # of a transcript read for them
-SESSION_TITLE_FIELDS = (("agent-name", "agentName"), ("custom-title", "customTitle"), ("ai-title", "aiTitle"))
-# The metadata keys a window is searched for once, in one pass: most transcripts hold few of them.
-SESSION_METADATA_KEY_RE = re.compile(
-    '"(' + "|".join([*(key for _, key in SESSION_TITLE_FIELDS), "lastPrompt", "summary"]) + ')(?=")'
-)
 
-# Web: limits that keep one slow or hostile client from starving the server; RFC 6455 values.
+# Web: where it listens by default, and limits shared by the server and `web`'s options
 WEB_DEFAULT_HOST = "127.0.0.1"
 WEB_DEFAULT_PORT = 8888
-WEB_TOKEN_BYTES = 32
-WEB_TOKEN_FILE = "web.json"  # in .orchestra/, mode 0600
 WEB_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 WEB_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
-WEB_HOST_SYNTAX = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")  # a Host header value
-WEB_MAX_REQUEST_LINE = 8192  # bytes; longer is 414
-WEB_MAX_HEADER_BYTES = 16384  # all header lines together; more is 431
-WEB_MAX_BODY = 256 * 1024  # bytes of a POST body; more is 413
-WEB_MAX_TASKS = 32  # tasks in one POST /api/spawn
-WEB_MAX_CONNECTIONS = 128  # open at once; at the cap the oldest one still sending a request is dropped
-WEB_LISTEN_BACKLOG = 128
-WEB_HEADER_DEADLINE = 10.0  # seconds a connection has to send a whole request (slowloris)
-# Seconds a request that showed the token has for its route and its whole answer. A connection
-# without the token has WEB_HEADER_DEADLINE from accept for everything, answers included.
-WEB_ANSWER_DEADLINE = 120.0
 WEB_MAX_WEBSOCKETS = 64  # open at once, half of WEB_MAX_CONNECTIONS; more are answered 503
-WEB_UNTRUSTED_SEND_BUFFER = 16 * 1024  # bytes of SO_SNDBUF (Linux doubles it) before the token is shown
-WEB_TRUSTED_SEND_BUFFER = 1024 * 1024  # after it (the kernel caps it at net.core.wmem_max)
-WEB_PAGE_CACHE = 16  # dashboard renderings kept (one per file version and Host name)
 WEB_MAX_JSON_DEPTH = 32  # nesting of a POST body; deeper is 400 (the dashboard sends 2)
-WEB_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n")  # RFC 9112 5
-WEB_DIGITS = re.compile(r"[0-9]{1,15}")
-WEB_READ_TIMEOUT = 30.0  # seconds one read may block
-WEB_SERVE_POLL = 0.1  # seconds between the accept loop's checks of request deadlines
-WEB_STATUS_POLL = 0.1  # seconds between looks at state.json for changes
-WEB_REFRESH_INTERVAL = 1.0  # seconds between rebuilds even when state.json is unchanged (liveness)
-WEB_REVIVE_INTERVAL = 10.0  # seconds between checks that a supervisor runs while agents need one
-WEB_JOIN_POLL = 0.5  # seconds; how often `orchestra web` wakes to notice Ctrl-C
-WEB_LOG_TAIL_DEFAULT, WEB_LOG_TAIL_MAX = 200, 5000  # lines of GET /api/agents/ID/log
-WEB_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
-WEB_TAIL_MAX_BYTES = 4 * 1024 * 1024  # log_tail: never read more than this to find the last lines
-WEB_TAIL_READ_LIMIT = 64 * 1024 * 1024  # GET .../log reads at most this far back, and says so if cut
-WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
-WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
-WEB_HISTORY_PAGE, WEB_HISTORY_PAGE_MAX = 50, 500  # cleaned-up agents per GET /api/history
-# Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
-WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
-WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
-WS_VERSION = "13"
-WS_SUBPROTOCOL = "orchestra"
-WS_TOKEN_PREFIX = "token."  # a subprotocol that carries the token: browsers cannot set WebSocket headers
-WS_OP_CONTINUATION, WS_OP_TEXT, WS_OP_BINARY = 0x0, 0x1, 0x2
-WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG = 0x8, 0x9, 0xA
-WS_OPCODES = (WS_OP_CONTINUATION, WS_OP_TEXT, WS_OP_BINARY, WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG)
-WS_CLOSE_NORMAL, WS_CLOSE_PROTOCOL, WS_CLOSE_BAD_DATA, WS_CLOSE_TOO_BIG = 1000, 1002, 1007, 1009
-WS_SENDABLE_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
-WS_MAX_CONTROL = 125  # bytes of a control frame's payload
-WS_MAX_MESSAGE = 64 * 1024  # bytes of a message from a client; the dashboard sends none
-WS_MAX_FRAGMENTS = 64  # frames of one fragmented message (empty ones count too)
-WS_PING_INTERVAL = 30.0  # seconds between pings
-WS_PONG_TIMEOUT = 10.0  # seconds past a ping after which a silent client is dropped
-WS_QUEUE_LIMIT = 32  # messages waiting for a slow reader; one more and it is closed
-WS_CLOSE_LINGER = 1.0  # seconds to read what a client still sends after our close frame
-WS_DRAIN_CHUNK = 64 * 1024  # bytes per read while lingering
 
-# QR codes (ISO/IEC 18004) at error correction level M: per version, the error correction
-# codewords of each block and the number of blocks (index 0 unused).
-QR_ECC_PER_BLOCK = (0, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26,
-                    28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28)  # fmt: skip
-QR_BLOCKS = (0, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21, 23,
-             25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)  # fmt: skip
-QR_MAX_VERSION = 40
-QR_FORMAT_LEVEL_M = 0  # the two level bits in the format information
-QR_GF_POLY = 0x11D  # x^8 + x^4 + x^3 + x^2 + 1
-QR_PAD_BYTES = (0xEC, 0x11)
-QR_QUIET_ZONE = 4  # light modules around the symbol
-QR_PENALTY_RUN, QR_PENALTY_BLOCK, QR_PENALTY_FINDER, QR_PENALTY_BALANCE = 3, 3, 40, 10
-QR_MASKS = (
-    lambda x, y: (x + y) % 2 == 0,
-    lambda x, y: y % 2 == 0,
-    lambda x, y: x % 3 == 0,
-    lambda x, y: (x + y) % 3 == 0,
-    lambda x, y: (x // 3 + y // 2) % 2 == 0,
-    lambda x, y: x * y % 2 + x * y % 3 == 0,
-    lambda x, y: (x * y % 2 + x * y % 3) % 2 == 0,
-    lambda x, y: ((x + y) % 2 + x * y % 3) % 2 == 0,
-)
-QR_HALF_BLOCKS = {
-    (False, False): " ",
-    (True, False): "\u2580",
-    (False, True): "\u2584",
-    (True, True): "\u2588",
-}
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-# Escape sequences, C0/C1 controls but newline and tab, bidirectional overrides and isolates
-# (they can make shown text read differently from what it is), and lone surrogates (half an
-# emoji as JavaScript writes it; they cannot be encoded as UTF-8).
-CONTROL_CHARS = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
-    "|[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]|[\ud800-\udfff]"
-)
-# Written as \\uXXXX in JSON output: the same data, but nothing a terminal acts on or cannot encode.
-JSON_ESCAPED = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-SURROGATES = re.compile("[\ud800-\udfff]")
-TASK_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 # ======================================================================================
 # Errors
@@ -491,6 +265,26 @@ class GitError(OrchestraError):
 # --------------------------------------------------------------------------------------
 # Small pure helpers: time, text, JSON, processes, file locks. Nothing here knows git.
 # ======================================================================================
+
+ID_WORDS = 3  # words of the task an id is made from
+# an id made from a task is at most this long (before a -2 suffix), so tables fit 80 columns
+ID_CHARS = 20
+ID_SKIP_WORDS = frozenset(("a", "an", "the", "to", "of", "for", "in", "on", "at", "by", "and", "or", "with",
+                           "from", "into", "onto", "my", "our", "your", "please"))  # fmt: skip
+MAX_ACTIVITY_LENGTH = 200
+LOCK_TIMEOUT = 30.0  # seconds to wait for the state lock before giving up
+# Escape sequences, C0/C1 controls but newline and tab, bidirectional overrides and isolates
+# (they can make shown text read differently from what it is), and lone surrogates (half an
+# emoji as JavaScript writes it; they cannot be encoded as UTF-8).
+CONTROL_CHARS = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+    "|[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]|[\ud800-\udfff]"
+)
+# Written as \\uXXXX in JSON output: the same data, but nothing a terminal acts on or cannot encode.
+JSON_ESCAPED = re.compile(
+    "[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def utc_iso(ts=None):
@@ -583,7 +377,8 @@ def slugify(text, limit=ID_CHARS, words=ID_WORDS):
 
 def json_text(obj, **options):
     """JSON of any data, as readable as UTF-8 allows: lone surrogates (which UTF-8 cannot hold),
-    C1 controls and bidirectional overrides are written as \\uXXXX escapes, as ensure_ascii would."""
+    C1 controls and bidirectional overrides are written as \\uXXXX escapes, as ensure_ascii would.
+    """
     text = json.dumps(obj, ensure_ascii=False, **options)
     return JSON_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
@@ -725,6 +520,31 @@ def signal_group(pid, start_token, sig):
 # where it came from, and a wrong key or type is named with its file.
 # ======================================================================================
 
+TYPE_NAMES = {
+    "int": "an integer",
+    "number": "a number",
+    "str": "a string",
+    "str?": "a string or null",
+    "number?": "a number or null",
+    "list": "a list of strings",
+}
+# Approvals and the sandbox (see the section "Approvals and the sandbox").
+SANDBOX_MODES = ("off", "auto", "on")
+
+
+def check_resilience_values(values, sources):
+    """Check, fix-round, retry and budget settings that are well typed but out of range."""
+    for key, low in (("fix_rounds", 0), ("api_retries", 0)):
+        if values[key] < low:
+            raise OrchestraError(
+                f"{sources[key]}: '{key}' must be at least {low}, not {values[key]}"
+            )
+    for key in ("check_timeout", "api_backoff", "api_backoff_max", "max_budget_usd"):
+        if values[key] is not None and not values[key] > 0:
+            raise OrchestraError(
+                f"{sources[key]}: '{key}' must be a number above 0, not {values[key]}"
+            )
+
 
 def user_config_path(env):
     """Where the user's own configuration file lives."""
@@ -739,15 +559,21 @@ def check_config_value(key, value, where):
     kind = CONFIG_TYPES[key]
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        "number": isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value),
         "str": isinstance(value, str) and value != "",
         "str?": value is None or isinstance(value, str),
         "number?": value is None
-        or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)),
+        or (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ),
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
     }[kind]
     if not ok:
-        raise OrchestraError(f"{where}: '{key}' must be {TYPE_NAMES[kind]}, not {json.dumps(value)}")
+        raise OrchestraError(
+            f"{where}: '{key}' must be {TYPE_NAMES[kind]}, not {json.dumps(value)}"
+        )
 
 
 def read_config_file(path):
@@ -768,7 +594,9 @@ def read_config_file(path):
         raise OrchestraError(f"{path}: must hold a JSON object of settings")
     for key, value in data.items():
         if key not in CONFIG_TYPES:
-            raise OrchestraError(f"{path}: unknown key '{key}'; known keys: {', '.join(CONFIG_TYPES)}")
+            raise OrchestraError(
+                f"{path}: unknown key '{key}'; known keys: {', '.join(CONFIG_TYPES)}"
+            )
         check_config_value(key, value, path)
     return data
 
@@ -919,7 +747,9 @@ def find_repo(cwd):
                 break
     done = run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], here, check=False)
     if done.returncode != 0:
-        raise OrchestraError(f"{here} is not inside a git repository; cd into one or run 'git init'")
+        raise OrchestraError(
+            f"{here} is not inside a git repository; cd into one or run 'git init'"
+        )
     common = Path(done.stdout.strip())
     if common.name != ".git":
         raise OrchestraError(f"{common} is a bare repository; run orchestra in a checkout")
@@ -970,7 +800,9 @@ def local_branches(repo, prefix):
 def branch_exists(repo, branch):
     """True when a local branch of that name exists."""
     return (
-        run_git(["show-ref", "--verify", "--quiet", f"refs/heads/{branch}"], repo, check=False).returncode
+        run_git(
+            ["show-ref", "--verify", "--quiet", f"refs/heads/{branch}"], repo, check=False
+        ).returncode
         == 0
     )
 
@@ -986,15 +818,24 @@ def list_worktrees(repo):
     for line in run_git(["worktree", "list", "--porcelain"], repo).stdout.splitlines():
         key, _, value = line.partition(" ")
         if key == "worktree":
-            current = {"path": value, "head": None, "branch": None, "bare": False,
-                       "detached": False, "locked": False, "prunable": False}  # fmt: skip
+            current = {
+                "path": value,
+                "head": None,
+                "branch": None,
+                "bare": False,
+                "detached": False,
+                "locked": False,
+                "prunable": False,
+            }
             worktrees.append(current)
         elif current is None:
             continue
         elif key == "HEAD":
             current["head"] = value
         elif key == "branch":
-            current["branch"] = value[len("refs/heads/") :] if value.startswith("refs/heads/") else value
+            current["branch"] = (
+                value[len("refs/heads/") :] if value.startswith("refs/heads/") else value
+            )
         elif key in ("bare", "detached", "locked", "prunable"):
             current[key] = True
     return worktrees
@@ -1071,7 +912,9 @@ def merge_in_progress(repo):
 
 def add_exclude_lines(repo, lines):
     """Append lines to .git/info/exclude (never a tracked file) unless already there."""
-    common = Path(run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip())
+    common = Path(
+        run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip()
+    )
     exclude = common / "info" / "exclude"
     existing = exclude.read_text(encoding="utf-8").splitlines() if exclude.exists() else []
     missing = [line for line in lines if line not in existing]
@@ -1083,17 +926,36 @@ def add_exclude_lines(repo, lines):
             f.write("\n".join(missing) + "\n")
 
 
+def missing_git_or_folder(cwd):
+    """The right error when git could not start: its folder is gone, or git is missing."""
+    if not os.path.isdir(cwd):
+        return GitError(
+            f"folder {cwd} no longer exists (another orchestra command may have removed it)"
+        )
+    return OrchestraError("git is not installed or not on PATH; install git first")
+
+
+# ======================================================================================
+# What a worktree holds
 # --------------------------------------------------------------------------------------
-# What a worktree holds, judged from git's objects and the filesystem.
-#
-# Cleanup must not trust one porcelain view: `git status` hides what status.*,
-# core.excludesFile, assume-unchanged or skip-worktree say, shows an untracked folder as
-# one entry, and knows nothing of the worktree's own HEAD, reflog or nested repositories.
-# So these helpers walk the folder themselves and hash every file (a file is clean only
-# when its bytes and mode equal the committed blob, or the blob setup left there), and
-# collect every commit the worktree can reach (HEAD, its reflog, the branch's reflog, its
-# stashes) to find those no ref outside the worktree holds. Git runs with SEE_ALL_GIT.
-# --------------------------------------------------------------------------------------
+# Judged from git's objects and the filesystem, never from one porcelain view: `git status`
+# hides what status.*, core.excludesFile, assume-unchanged or skip-worktree say, shows an
+# untracked folder as one entry, and knows nothing of the worktree's own HEAD, reflog or
+# nested repositories. So these helpers walk the folder themselves and hash every file (a
+# file is clean only when its bytes and mode equal the committed blob, or the blob setup left
+# there), and collect every commit the worktree can reach (HEAD, its reflog, the branch's
+# reflog, its stashes) to find those no ref outside the worktree holds. Git runs with
+# SEE_ALL_GIT. worktree_holdings() is the one answer cleanup and collect trust.
+# ======================================================================================
+
+# Config overrides for every git call that judges what a worktree holds: whatever the user's
+# (or an agent's) git config says, git then hides nothing and runs nothing of the user's.
+SEE_ALL_GIT = (
+    "-c", "core.excludesFile=/dev/null", "-c", "status.showUntrackedFiles=all",
+    "-c", "core.fsmonitor=false", "-c", "core.untrackedCache=false", "-c", "core.ignoreStat=false",
+    "-c", "core.sparseCheckout=false", "-c", "diff.ignoreSubmodules=none", "-c", "gc.auto=0",
+    "-c", "core.hooksPath=/dev/null", "-c", "core.quotePath=false",
+)  # fmt: skip
 
 
 def git_bytes(args, cwd, input=b"", env=None, check=True):
@@ -1108,13 +970,6 @@ def git_bytes(args, cwd, input=b"", env=None, check=True):
         detail = one_line(done.stderr.decode("utf-8", "replace"), limit=TAIL_CHARS)
         raise GitError(f"git {args[0]} failed: {detail or f'exit {done.returncode}'}")
     return done
-
-
-def missing_git_or_folder(cwd):
-    """The right error when git could not start: its folder is gone, or git is missing."""
-    if not os.path.isdir(cwd):
-        return GitError(f"folder {cwd} no longer exists (another orchestra command may have removed it)")
-    return OrchestraError("git is not installed or not on PATH; install git first")
 
 
 def worktree_admin_dir(worktree):
@@ -1132,7 +987,9 @@ def worktree_admin_dir(worktree):
 
 def own_admin_dirs(repo, worktree):
     """Administrative folders (.git/worktrees/<name>) that belong to this worktree path."""
-    common = Path(run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip())
+    common = Path(
+        run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip()
+    )
     found = []
     for admin in sorted((common / "worktrees").glob("*")):
         with contextlib.suppress(OSError):
@@ -1151,7 +1008,9 @@ def worktree_commits(repo, worktree, branch):
     """Every commit the worktree can reach by name: HEAD, HEAD's reflog, the branch's reflog."""
     commits = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
     commits += rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", "HEAD"], worktree)
-    commits += rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo)
+    commits += rev_lines(
+        ["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo
+    )
     return list(dict.fromkeys(commits))
 
 
@@ -1172,7 +1031,9 @@ def worktree_branch_names(worktree, branch):
 def worktree_stashes(repo, worktree, commits, branch):
     """Stash entries made in this worktree: on a branch it had checked out (detached: on one of its
     commits), or on a commit of its own that the user's checkout never had."""
-    lines = git_bytes(["log", "--walk-reflogs", "--format=%H %P%x00%gs", "refs/stash"], repo, check=False)
+    lines = git_bytes(
+        ["log", "--walk-reflogs", "--format=%H %P%x00%gs", "refs/stash"], repo, check=False
+    )
     names = worktree_branch_names(Path(worktree), branch)
     users = set(rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", "HEAD"], repo))
     users |= set(rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], repo))
@@ -1193,7 +1054,11 @@ def worktree_stashes(repo, worktree, commits, branch):
 def outside_tips(repo, worktree, skip_refs):
     """Commits every ref holds except `skip_refs`, plus every other worktree's HEAD."""
     out = git_bytes(["for-each-ref", "--format=%(objectname) %(refname)"], repo).stdout.decode()
-    tips = [sha for sha, ref in (line.split(" ", 1) for line in out.splitlines()) if ref not in skip_refs]
+    tips = [
+        sha
+        for sha, ref in (line.split(" ", 1) for line in out.splitlines())
+        if ref not in skip_refs
+    ]
     for other in list_worktrees(repo):
         if other["path"] != str(worktree) and other["head"]:
             tips.append(other["head"])
@@ -1227,7 +1092,8 @@ def walk_files(root, skip_top_git=True):
         rel_dir = stack.pop()
         try:
             entries = sorted(
-                os.scandir(os.path.join(root_b, rel_dir) if rel_dir else root_b), key=lambda e: e.name
+                os.scandir(os.path.join(root_b, rel_dir) if rel_dir else root_b),
+                key=lambda e: e.name,
             )
         except OSError:
             yield rel_dir, os.path.join(root_b, rel_dir), "unreadable"
@@ -1254,7 +1120,9 @@ def walk_entry(entry, rel, stack):
 
 def snapshot_path(rel):
     """A file's path inside a snapshot tree: a nested `.git` is renamed, git refuses that name."""
-    return b"/".join(NESTED_GIT_NAME.encode() if part == b".git" else part for part in rel.split(b"/"))
+    return b"/".join(
+        NESTED_GIT_NAME.encode() if part == b".git" else part for part in rel.split(b"/")
+    )
 
 
 def hash_blobs(repo, items, write):
@@ -1263,7 +1131,9 @@ def hash_blobs(repo, items, write):
     plain = [(rel, path) for rel, path, kind in items if kind != "link" and b"\n" not in path]
     if plain:
         args = ["hash-object", "--no-filters", "--stdin-paths", *(["-w"] if write else [])]
-        out = git_bytes(args, repo, input=b"".join(path + b"\n" for _, path in plain)).stdout.split()
+        out = git_bytes(
+            args, repo, input=b"".join(path + b"\n" for _, path in plain)
+        ).stdout.split()
         hashes.update({rel: sha.decode() for (rel, _), sha in zip(plain, out)})
     for rel, path, kind in items:
         if rel in hashes:
@@ -1313,7 +1183,9 @@ def worktree_files(repo, worktree, admin):
             target = gitfile_target(path)
             if target and str(target).startswith(str(admin) + os.sep):
                 prefix = rel[: -len(b".git")] + b".git-dir"
-                items += [(prefix + b"/" + r, p, k) for r, p, k in walk_files(target, skip_top_git=False)]
+                items += [
+                    (prefix + b"/" + r, p, k) for r, p, k in walk_files(target, skip_top_git=False)
+                ]
     return items
 
 
@@ -1374,7 +1246,9 @@ def setup_fingerprints(worktree):
         path = os.path.join(root, rel)
         with contextlib.suppress(OSError):
             info = os.lstat(path)
-            kind = "link" if stat.S_ISLNK(info.st_mode) else "exec" if info.st_mode & 0o111 else "file"
+            kind = (
+                "link" if stat.S_ISLNK(info.st_mode) else "exec" if info.st_mode & 0o111 else "file"
+            )
             if stat.S_ISREG(info.st_mode) or kind == "link":
                 items.append((rel, path, kind))
     return {os.fsdecode(rel): sha for rel, sha in hash_blobs(worktree, items, write=False).items()}
@@ -1417,10 +1291,16 @@ def snapshot_commit(repo, head, changes, message):
         zero = "0" * len(head or "0" * 40)
         lines = [f"0 {zero}\t".encode() + os.fsencode(p) for p in changes["deleted"]]
         lines += [
-            f"{mode} {sha}\t".encode() + snapshot_path(rel) for _, _, rel, mode, sha in changes["changed"]
+            f"{mode} {sha}\t".encode() + snapshot_path(rel)
+            for _, _, rel, mode, sha in changes["changed"]
         ]
         if lines:
-            git_bytes(["update-index", "-z", "--index-info"], repo, input=b"\0".join(lines) + b"\0", env=env)
+            git_bytes(
+                ["update-index", "-z", "--index-info"],
+                repo,
+                input=b"\0".join(lines) + b"\0",
+                env=env,
+            )
         tree = git_bytes(["write-tree"], repo, env=env).stdout.decode().strip()
     parents = ["-p", head] if head else []
     return git_bytes(["commit-tree", tree, *parents, "-m", message], repo).stdout.decode().strip()
@@ -1429,7 +1309,9 @@ def snapshot_commit(repo, head, changes, message):
 def write_changed_blobs(repo, worktree, admin, changes):
     """Store the changed files' bytes in the object database (hashes were computed without -w)."""
     wanted = {rel for _, _, rel, _, _ in changes["changed"]}
-    items = [i for i in worktree_files(repo, worktree, admin) if i[0] in wanted and i[2] in FILE_MODES]
+    items = [
+        i for i in worktree_files(repo, worktree, admin) if i[0] in wanted and i[2] in FILE_MODES
+    ]
     written = hash_blobs(repo, items, write=True)
     for entry in changes["changed"]:
         if written.get(entry[2]) != entry[4]:
@@ -1474,7 +1356,9 @@ def delete_worktree(repo, worktree):
 def shield_interrupts():
     """Hold Ctrl-C (SIGINT) back while a step runs, git children included (they inherit the
     blocked mask), so a step happens wholly or not at all; the interrupt arrives after it."""
-    can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    can = (
+        hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    )
     if can:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
@@ -1528,12 +1412,196 @@ def process_name(pid):
         return "?"
 
 
+def setup_map(record):
+    """{path: blob hash (or old [size, mtime_ns])} of the files copying and setup left."""
+    return record.get("setup_files") or {}
+
+
+def display_path(path):
+    """A path as text a terminal and JSON can show, even when its bytes are not UTF-8."""
+    text = os.fsencode(path).decode("utf-8", "replace")
+    return (
+        text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+        if "\n" in text or "\t" in text
+        else text
+    )
+
+
+def nested_root(rel):
+    """The folder of the nested repository a snapshot path lies in (`a/b` for `a/b/.git/x`)."""
+    text = os.fsdecode(rel)
+    for marker in ("/.git-dir/", "/.git/"):
+        if marker in "/" + text:
+            return ("/" + text).split(marker, 1)[0].lstrip("/") or "."
+    return text
+
+
+def branch_tip(project, record):
+    """The commit the agent's branch points at, None if the branch is gone."""
+    return ref_commit(project.repo, f"refs/heads/{record['branch']}")
+
+
+def describe_files(entries):
+    """Reasons like 'untracked file notes.md' for a worktree's leftovers, the first few named."""
+    kinds = {
+        "??": "untracked file",
+        "!!": "ignored file",
+        " D": "deleted file",
+        "NR": "nested repository",
+    }
+    named = [
+        f"{kinds.get(code, 'uncommitted change')} {display_path(path)}"
+        for code, path in entries[:MAX_LISTED_FILES]
+    ]
+    more = len(entries) - MAX_LISTED_FILES
+    return ", ".join(named) + (f" and {more} more" if more > 0 else "")
+
+
+def worktree_leftovers(record, changes):
+    """[(XY code, path)] like git status: ' M', ' D', '??', '!!', and 'NR' for a nested repository."""
+    worktree = record["worktree"]
+    untracked = [name for what, name, *_ in changes["changed"] if what == "untracked"]
+    ignored = ignored_among(worktree, untracked)
+    entries, nested = [], []
+    for what, name, rel, *_ in changes["changed"]:
+        if what == "nested":
+            nested.append(nested_root(rel))
+        else:
+            code = {"modified": " M", "untracked": "!!" if name in ignored else "??"}[what]
+            entries.append((code, name))
+    entries += [(" D", name) for name in changes["deleted"]]
+    entries += [("NR", name) for name in dict.fromkeys(nested)]
+    return sorted(entries, key=lambda e: e[1])
+
+
+def uncommitted_work(record):
+    """[(XY code, path)] the agent's worktree holds beyond its HEAD commit and setup's files."""
+    worktree = Path(record["worktree"])
+    if not worktree.is_dir():
+        return []
+    head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
+    changes = file_changes(
+        worktree,
+        worktree,
+        head[0] if head else None,
+        setup_map(record),
+        worktree_admin_dir(worktree),
+    )
+    return worktree_leftovers(record, changes)
+
+
+def worktree_head(worktree):
+    """(the commit HEAD names or None, the branch checked out or None when HEAD is detached)."""
+    head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
+    symbolic = (
+        git_bytes(["symbolic-ref", "--quiet", "HEAD"], worktree, check=False)
+        .stdout.decode()
+        .strip()
+    )
+    branch = symbolic[len("refs/heads/") :] if symbolic.startswith("refs/heads/") else None
+    return (head[0] if head else None), branch
+
+
+def worktree_holdings(project, record):
+    """Everything removing the agent's worktree and branch could lose.
+
+    {tip, head, head_branch, detached_lost, reflog_lost, stashes, staged, changes, leftovers}:
+    commits are those no ref outside the worktree (its branch and refs/stash not counted) holds.
+    """
+    repo, worktree, branch = project.repo, Path(record["worktree"]), record["branch"]
+    held = {
+        "tip": branch_tip(project, record),
+        "head": None,
+        "head_branch": None,
+        "staged": None,
+        "changes": None,
+        "leftovers": [],
+        "detached_lost": [],
+        "reflog_lost": [],
+    }
+    if worktree.is_dir():
+        held["head"], held["head_branch"] = worktree_head(worktree)
+        held["staged"] = staged_tree(worktree, held["head"])
+        held["changes"] = file_changes(
+            repo, worktree, held["head"], setup_map(record), worktree_admin_dir(worktree)
+        )
+        held["leftovers"] = worktree_leftovers(record, held["changes"])
+        commits = worktree_commits(repo, worktree, branch)
+    else:
+        commits = rev_lines(
+            ["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo
+        )
+    held["stashes"] = worktree_stashes(repo, worktree, commits, branch)
+    tips = [*outside_tips(repo, worktree, {f"refs/heads/{branch}", "refs/stash"}), held["tip"]]
+    tips = [t for t in tips if t]
+    held["detached_lost"] = commits_only_in(repo, [held["head"]], tips) if held["head"] else []
+    lost = commits_only_in(repo, commits, tips)
+    held["reflog_lost"] = [c for c in lost if c not in set(held["detached_lost"])]
+    return held
+
+
+def plural(count, noun):
+    """'1 commit', '2 commits', '2 stashes'."""
+    return f"{count} {noun}{'' if count == 1 else ('es' if noun.endswith(('s', 'sh')) else 's')}"
+
+
+def holdings_reasons(record, held):
+    """Why removing the worktree could lose something, in words, or [] when it could not."""
+    reasons, branch = [], record["branch"]
+    on_branch = held["head_branch"]
+    if held["tip"] is None and (held["head"] or held["detached_lost"] or held["reflog_lost"]):
+        where = (
+            f"; its worktree has {on_branch} checked out"
+            if on_branch and on_branch != branch
+            else ""
+        )
+        count = len(set(held["detached_lost"]) | set(held["reflog_lost"]))
+        holds = f"; its worktree holds {plural(count, 'commit')}" if count else ""
+        reasons.append(f"branch {branch} was renamed or deleted{where}{holds}")
+    elif on_branch and on_branch != branch:
+        reasons.append(f"its worktree has branch {on_branch} checked out instead of {branch}")
+    if held["head"] and not on_branch and held["detached_lost"]:
+        reasons.append(
+            f"HEAD is detached with {plural(len(held['detached_lost']), 'commit')} not on any branch"
+        )
+    if held["tip"] is not None and held["reflog_lost"]:
+        reasons.append(
+            f"{plural(len(held['reflog_lost']), 'commit')} only in the worktree's reflog (reset or amended away)"
+        )
+    if held["stashes"]:
+        reasons.append(f"{plural(len(held['stashes']), 'stash')} made in the worktree")
+    if held["staged"] == "conflict":
+        reasons.append("unresolved conflicts in the index")
+    elif held["staged"]:
+        reasons.append("staged changes in the index")
+    if held["leftovers"]:
+        reasons.append(describe_files(held["leftovers"]))
+    return reasons
+
+
+def unsaveable(held):
+    """Folders cleanup cannot read, so cannot archive: a reason to keep even when forced."""
+    unreadable = (held["changes"] or {}).get("unreadable", [])
+    return (
+        f"cannot read {', '.join(unreadable[:MAX_LISTED_FILES])} to archive it; fix its permissions"
+        if unreadable
+        else None
+    )
+
+
 # ======================================================================================
 # State store
 # --------------------------------------------------------------------------------------
 # state.json is shared by the CLI, the supervisor and the web server. Every change is a
 # read-modify-write under an exclusive lock, written atomically; readers need no lock.
 # ======================================================================================
+
+STATE_VERSION = 1
+
+
+def spawn_order(record):
+    """Sort key: the order agents were spawned in (seq), then time and id for older records."""
+    return record.get("seq", 0), record.get("created_at") or "", record["id"]
 
 
 def empty_state():
@@ -1569,7 +1637,9 @@ def append_history(path, records):
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
-                lines = "\n" + lines  # a writer died mid-line: keep its fragment on a line of its own
+                lines = (
+                    "\n" + lines
+                )  # a writer died mid-line: keep its fragment on a line of its own
         f.write(lines.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
@@ -1577,7 +1647,9 @@ def append_history(path, records):
 
 def move_removed(state):
     """Take removed records out of the live document; the moved records, oldest spawn first."""
-    moved = sorted((r for r in state["agents"].values() if r.get("state") == "removed"), key=spawn_order)
+    moved = sorted(
+        (r for r in state["agents"].values() if r.get("state") == "removed"), key=spawn_order
+    )
     for record in moved:
         del state["agents"][record["id"]]
         state["next_seq"] = max(state.get("next_seq") or 0, record.get("seq", 0) + 1)
@@ -1586,7 +1658,9 @@ def move_removed(state):
 
 def next_seq(state):
     """The spawn order number of a new agent (ever increasing, though records move to history)."""
-    seq = max([state.get("next_seq") or 0, *(r.get("seq", 0) + 1 for r in state["agents"].values())])
+    seq = max(
+        [state.get("next_seq") or 0, *(r.get("seq", 0) + 1 for r in state["agents"].values())]
+    )
     state["next_seq"] = seq + 1
     return seq
 
@@ -1700,424 +1774,57 @@ def load_agent_records(repo):
 
 
 # ======================================================================================
-# Approvals and the sandbox
+# Agent records and logs
 # --------------------------------------------------------------------------------------
-# How an approval travels. Every Claude agent is launched with a --settings layer (argv,
-# never a file) whose PermissionRequest hook runs `orchestra hook permission-request`, a
-# child of the agent, so it outlives a supervisor crash. Claude Code calls it only for a
-# tool call its own rules do not allow already. The hook:
-#   1. allows at once what an --always rule allows: the agent's own (approvals/rules/) or
-#      the project's bypass_permissions as .orchestra/config.json holds it now;
-#   2. else writes approvals/<req>.json atomically: the request is now pending, and the
-#      CLI, the status hub and the dashboard see it;
-#   3. polls for approvals/decisions/<req>.json. A decision is a complete file linked into
-#      place (the O_EXCL rule of link(2)), so the first decider wins and a later one is told
-#      it came late; at approval_timeout the hook itself decides "deny" the same way;
-#   4. moves the request to approvals/answered/ and prints Claude Code's answer.
-# When in doubt the hook denies, with a message that says why: unreadable state, an unknown
-# or ended agent, a broken request. A pending request whose hook has gone (its agent was
-# stopped) is void: never listed, never answerable.
-# The sandbox is Claude Code's own (bubblewrap and socat on Linux): with it, Bash runs
-# without asking, writes only inside the worktree, and reaches only sandbox_network.
+# An agent's record and its log. The log (stream-json plus orchestra's own events) is the
+# source of truth: AgentLog folds it into the record's facts, and rebuild_state() makes the
+# records again from the logs alone. The functions here change one record in memory (the
+# caller holds the state lock and writes it back); none starts or ends a process.
 # ======================================================================================
 
-
-def read_json_file(path):
-    """A JSON object from a file, or None when it is missing, half written or not an object."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def tool_summary(tool, tool_input):
-    """'Bash(pytest -q)', 'Edit(src/app.py)': a tool call as a permission rule would name it."""
-    tool_input = tool_input if isinstance(tool_input, dict) else {}
-    for key in ("command", "file_path", "path", "url", "pattern", "prompt"):
-        if isinstance(tool_input.get(key), str):
-            return one_line(f"{tool}({tool_input[key]})")
-    return tool
-
-
-def request_rule(tool, tool_input):
-    """The rule --always adds: Bash with exactly this command, any other tool as a whole."""
-    command = tool_input.get("command") if isinstance(tool_input, dict) else None
-    if tool == "Bash" and isinstance(command, str):
-        return f"Bash({command})"
-    return tool
-
-
-SHELL_OPERATORS = re.compile(r"[;&|<>$`\n()]")  # a wildcard rule never allows a compound command
-
-
-def rule_matches(rule, tool, tool_input):
-    """True when a permission rule ('Bash(git *)', 'Bash(npm test:*)', 'Edit') allows this call."""
-    name, paren, content = rule.partition("(")
-    if name.strip() != tool:
-        return False
-    if not paren:
-        return True
-    content = content[:-1] if content.endswith(")") else content
-    tool_input = tool_input if isinstance(tool_input, dict) else {}
-    subject = (
-        tool_input.get("command") if tool == "Bash" else tool_input.get("file_path") or tool_input.get("path")
-    )
-    if not isinstance(subject, str):
-        return False
-    if "*" not in content:
-        return subject == content
-    if tool == "Bash" and SHELL_OPERATORS.search(subject):
-        return False
-    if content.endswith(":*"):
-        return subject == content[:-2] or subject.startswith(content[:-2] + " ")
-    return fnmatchcase(subject, content)
-
-
-def denial_lines(denials, allowed=()):
-    """'2 tool calls denied: Bash(pytest -q), Write(x)' and the command that allows them next time.
-
-    `allowed` is the agent's bypass_permissions, which the suggested list keeps.
-    """
-    if not denials:
-        return []
-    named = [tool_summary(d.get("tool_name") or "tool", d.get("tool_input")) for d in denials]
-    new = [request_rule(d.get("tool_name") or "tool", d.get("tool_input") or {}) for d in denials]
-    rules = list(dict.fromkeys([*allowed, *new]))
-    count = f"{len(denials)} tool call{'s' if len(denials) != 1 else ''} denied"
-    return [f"{count}: {', '.join(named)}",
-            f"allow them next time: orchestra config set bypass_permissions {shlex.quote(json.dumps(rules))}"]  # fmt: skip
-
-
-class ApprovalBox:
-    """One repository's approval requests, decisions and --always rules, as files in .orchestra/approvals/."""
-
-    def __init__(self, repo):
-        self.repo = Path(repo)
-        self.dir = self.repo / ORCHESTRA_DIR / APPROVALS_DIR
-        self.decisions = self.dir / "decisions"
-        self.answered = self.dir / "answered"
-        self.rules_dir = self.dir / "rules"
-
-    def stamp(self):
-        """Changes whenever a request appears or goes: the folder's (inode, mtime)."""
-        try:
-            info = os.stat(str(self.dir))
-        except OSError:
-            return None
-        return info.st_ino, info.st_mtime_ns
-
-    def submit(self, request):
-        """Record a pending request (a dict without id); its id, unique by O_EXCL."""
-        for folder in (self.decisions, self.answered, self.rules_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        while True:
-            req_id = secrets.token_hex(APPROVAL_ID_BYTES)
-            try:
-                os.close(
-                    os.open(str(self.dir / f"{req_id}.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                )
-            except FileExistsError:
-                continue
-            if (self.answered / f"{req_id}.json").exists():
-                continue  # the empty reservation stays behind; readers skip it
-            request = {"id": req_id, **request}
-            write_atomic(self.dir / f"{req_id}.json", json.dumps(request, indent=2, sort_keys=True) + "\n")
-            return request
-
-    def pending(self):
-        """Requests still waiting, oldest first (void ones, whose hook has gone, left out)."""
-        found = []
-        for path in self.dir.glob("*.json"):
-            request = read_json_file(path)
-            if (
-                request
-                and process_alive(request.get("pid"), request.get("pid_start"))
-                and not (self.decisions / path.name).exists()
-            ):
-                found.append(request)
-        return sorted(found, key=lambda r: (r.get("since") or "", r["id"]))
-
-    def request(self, req_id):
-        """(request, 'pending'|'answered') for an id, or (None, None)."""
-        if not re.fullmatch(r"[0-9a-f]+", req_id):
-            return None, None
-        request = read_json_file(self.dir / f"{req_id}.json")
-        if request:
-            return request, "pending"
-        request = read_json_file(self.answered / f"{req_id}.json")
-        return (request, "answered") if request else (None, None)
-
-    def decision(self, req_id):
-        """The decision taken on a request, or None."""
-        return read_json_file(self.decisions / f"{req_id}.json")
-
-    def decide(self, req_id, decision):
-        """Record the decision if it is the first; False when another came first."""
-        self.decisions.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=str(self.decisions), prefix=f".{req_id}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(decision, indent=2, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, str(self.decisions / f"{req_id}.json"))  # fails if it exists: first wins
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-
-    def wait(self, req_id, timeout, parent=None):
-        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone."""
-        deadline = time.monotonic() + timeout
-        while True:
-            decision = self.decision(req_id)
-            if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
-                return decision
-            time.sleep(APPROVAL_POLL)
-
-    def close(self, request, decision):
-        """Move an answered request out of the pending folder, its decision beside it."""
-        write_atomic(
-            self.answered / f"{request['id']}.json",
-            json.dumps({**request, "decision": decision}, indent=2) + "\n",
-        )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(str(self.dir / f"{request['id']}.json"))
-
-    def rules(self, agent_id):
-        """The rules --always gave this agent for the rest of its run."""
-        data = read_json_file(self.rules_dir / f"{agent_id}.json") or {}
-        return [r for r in data.get("rules", []) if isinstance(r, str)]
-
-    def forget_rules(self, agent_id):
-        """A new run of the agent starts without the --always rules of its last run."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(str(self.rules_dir / f"{agent_id}.json"))
-
-    def add_rule(self, agent_id, rule):
-        """Allow `rule` for the rest of this agent's run."""
-        self.rules_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.rules_dir / f"{agent_id}.lock"):
-            rules = self.rules(agent_id)
-            if rule not in rules:
-                write_atomic(
-                    self.rules_dir / f"{agent_id}.json",
-                    json.dumps({"rules": [*rules, rule]}, indent=2) + "\n",
-                )
-
-
-def approval_flags(repo):
-    """{agent id: {id, tool, summary, since}} of the oldest request each agent waits on."""
-    flags = {}
-    for request in ApprovalBox(repo).pending():
-        flags.setdefault(request["agent"], {k: request.get(k) for k in ("id", "tool", "summary", "since")})
-    return flags
-
-
-HOOK_LAUNCH = "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; sys.exit(orchestra.main())"
-
-
-def hook_command(repo, agent_id, timeout):
-    """The shell command Claude Code runs for a permission request: this very orchestra.
-
-    Imported rather than run as a script, so its cached bytecode is used: every waiting agent
-    starts one, and a script would be compiled afresh each time. -I -S: no environment or site
-    packages can change which orchestra answers.
-    """
-    argv = [sys.executable, "-I", "-S", "-c", HOOK_LAUNCH, str(Path(__file__).resolve().parent), "hook",
-            "permission-request", "--repo", str(repo), "--agent", agent_id, "--timeout", f"{timeout:g}"]  # fmt: skip
-    return " ".join(shlex.quote(part) for part in argv)
-
-
-def claude_settings(repo, agent_id, launch):
-    """The --settings layer of a Claude agent: orchestra's approval hook, and the sandbox when on."""
-    timeout = launch.get("approval_timeout") or CONFIG_DEFAULTS["approval_timeout"]
-    hook = {"type": "command", "command": hook_command(repo, agent_id, timeout),
-            "timeout": int(timeout + APPROVAL_HOOK_MARGIN)}  # fmt: skip
-    settings = {"hooks": {"PermissionRequest": [{"matcher": "*", "hooks": [hook]}]}}
-    if launch.get("sandboxed"):
-        settings["sandbox"] = {"enabled": True, "autoAllowBashIfSandboxed": True}
-        if launch.get("sandbox_network"):
-            settings["sandbox"]["network"] = {"allowedDomains": list(launch["sandbox_network"])}
-    return settings
-
-
-def hook_answer(decision):
-    """What the hook prints for Claude Code: allow, or deny with the message the agent will read."""
-    body = {"behavior": decision["decision"]}
-    if decision["decision"] == "deny":
-        body["message"] = (
-            decision.get("message") or f"denied by the user (through orchestra, {decision.get('by')})"
-        )
-    return {"hookSpecificOutput": {"hookEventName": "PermissionRequest", "decision": body}}
-
-
-def denied(message):
-    """A decision the hook takes on its own: deny, saying why."""
-    return {"decision": "deny", "by": "orchestra", "at": utc_iso(), "message": message}
-
-
-def project_rules(repo):
-    """bypass_permissions as the project's config file holds it now ([] when unset or unreadable)."""
-    try:
-        return read_config_file(Path(repo) / ORCHESTRA_DIR / "config.json").get("bypass_permissions", [])
-    except OrchestraError:
-        return []
-
-
-def permission_hook(repo, agent_id, timeout, stdin, stdout):
-    """`orchestra hook permission-request`: answer one Claude Code permission request."""
-    try:
-        asked = json.loads(stdin.read())
-        tool, tool_input = asked["tool_name"], asked.get("tool_input") or {}
-        if not isinstance(tool, str) or not isinstance(tool_input, dict):
-            raise ValueError("tool_name or tool_input has the wrong type")
-    except (ValueError, KeyError, TypeError) as e:
-        stdout.write(
-            json.dumps(hook_answer(denied(f"orchestra could not read the permission request ({e}); denied")))
-        )
-        return EXIT_OK
-    try:
-        decision = await_decision(Path(repo), agent_id, timeout, tool, tool_input, asked)
-    except Exception as e:  # whatever went wrong, the answer is a denial that says so
-        decision = denied(f"orchestra could not handle this permission request ({e!r}); denied for safety")
-    stdout.write(json.dumps(hook_answer(decision)))
-    stdout.flush()
-    return EXIT_OK
-
-
-def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
-    """Allow by rule, or record the request and wait for the first decision (or the timeout)."""
-    record = load_agent_records(repo).get(agent_id)
-    if record is None:
-        return denied(
-            f"orchestra cannot find agent '{agent_id}' in {repo / ORCHESTRA_DIR}; denied for safety"
-        )
-    if record.get("state") not in ACTIVE_STATES:
-        return denied(f"orchestra records agent '{agent_id}' as {record.get('state')}; denied")
-    box, summary = ApprovalBox(repo), tool_summary(tool, tool_input)
-    log = repo / ORCHESTRA_DIR / "logs" / f"{agent_id}.jsonl"
-    rule = next(
-        (r for r in [*box.rules(agent_id), *project_rules(repo)] if rule_matches(r, tool, tool_input)), None
-    )
-    if rule:
-        append_event(
-            log, {"event": "approval", "tool": summary, "decision": "allow", "by": "rule", "rule": rule}
-        )
-        return {"decision": "allow", "by": "rule", "rule": rule, "at": utc_iso()}
-    text = json.dumps(tool_input)
-    request = box.submit({
-        "agent": agent_id, "tool": tool, "summary": summary,
-        "input": tool_input if len(text) <= APPROVAL_INPUT_LIMIT else {"truncated": text[:APPROVAL_INPUT_LIMIT]},
-        "suggestions": asked.get("permission_suggestions") or [], "session_id": asked.get("session_id"),
-        "since": utc_iso(), "timeout": timeout, "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
-        "parent": os.getppid(),
-    })  # fmt: skip
-    append_event(log, {"event": "approval_requested", "request": request["id"], "tool": summary})
-    notifier = notify(
-        repo, agent_id, "approval", f"{agent_id} asks to run {summary} (orchestra approve {request['id']})"
-    )
-    decision = box.wait(request["id"], timeout, parent=os.getppid())
-    if decision is None:
-        ended = os.getppid() != request["parent"]
-        late = denied("the agent ended while it waited for this approval" if ended
-                      else f"no decision within approval_timeout ({timeout:g} s); denied")  # fmt: skip
-        late["by"] = "orchestra" if ended else "timeout"
-        decision = late if box.decide(request["id"], late) else box.decision(request["id"])
-        if decision is late:
-            append_event(log, {"event": "approval", "request": request["id"], "tool": summary, **late})
-    box.close(request, decision)
-    if notifier:
-        notifier.join(NOTIFY_TIMEOUT)
-    return decision
-
-
-def notify(repo, agent_id, event, message):
-    """Run notify_command in the background with {agent}, {event} and {message} filled in.
-
-    A failing command is written to .orchestra/notify.log, never raised; returns its thread or None.
-    """
-    try:
-        command = Config.load(Path(repo), os.environ)["notify_command"]
-    except OrchestraError:
-        return None
-    if not command:
-        return None
-    values = {"agent": agent_id, "event": event, "message": message}
-    argv = [re.sub(r"\{(agent|event|message)\}", lambda m: values[m.group(1)], part) for part in command]
-    thread = threading.Thread(target=run_notify, args=(Path(repo), argv), name=f"notify-{event}", daemon=True)
-    thread.start()
-    return thread
-
-
-def run_notify(repo, argv):
-    """Run one notify command; log why it failed, if it did."""
-    try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=NOTIFY_TIMEOUT, text=True, errors="replace")  # fmt: skip
-        problem = f"exit {done.returncode}: {tail_text(done.stdout)}" if done.returncode else None
-    except (OSError, subprocess.SubprocessError) as e:
-        problem = str(e)
-    if problem:
-        with (
-            contextlib.suppress(OSError),
-            open(repo / ORCHESTRA_DIR / "notify.log", "a", encoding="utf-8") as f,
-        ):
-            f.write(f"{utc_iso()} notify_command {argv[0]} failed: {one_line(problem)}\n")
-
-
-def sandbox_problem(env):
-    """Why Claude Code's sandbox cannot run here, naming what to install; None when it can."""
-    if sys.platform == "darwin":
-        return None  # Seatbelt is built in
-    if not sys.platform.startswith("linux"):
-        return f"Claude Code's sandbox does not run on {sys.platform} (use WSL2)"
-    path = env.get("PATH", os.defpath)
-    missing = [
-        package for program, package in SANDBOX_PACKAGES.items() if shutil.which(program, path=path) is None
-    ]
-    if missing:
-        return (f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; install "
-                f"{'it' if len(missing) == 1 else 'them'} (Debian/Ubuntu: apt-get install {' '.join(missing)})")  # fmt: skip
-    try:
-        probe = subprocess.run([shutil.which("bwrap", path=path), *SANDBOX_PROBE[1:]], stdin=subprocess.DEVNULL,
-                               capture_output=True, text=True, errors="replace", timeout=SANDBOX_PROBE_TIMEOUT)  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"bubblewrap cannot run: {e}"
-    if probe.returncode:
-        return (f"bubblewrap is installed but cannot make a sandbox here ({one_line(probe.stderr) or probe.returncode}); "
-                "unprivileged user namespaces may be off (sysctl kernel.unprivileged_userns_clone=1) or the container forbids them")  # fmt: skip
-    return None
-
-
-def sandbox_for(config, env):
-    """Whether new agents run in Claude Code's sandbox, by the 'sandbox' setting.
-
-    "auto" sandboxes where the sandbox can run; "on" refuses to start agents where it cannot.
-    """
-    mode = config["sandbox"]
-    if mode == "off":
-        return False
-    if not is_claude_command(config["agent_command"]):
-        if mode == "on":
-            raise OrchestraError("sandbox is 'on' but agent_command is not Claude Code, whose sandbox orchestra uses; "
-                                 "use --no-sandbox or set sandbox to auto")  # fmt: skip
-        return False
-    problem = sandbox_problem(env)
-    if problem and mode == "on":
-        raise OrchestraError(f"sandbox is 'on' but Claude Code's sandbox cannot run here: {problem}; "
-                             "or start the agents with --no-sandbox")  # fmt: skip
-    return problem is None
-
-
-# ======================================================================================
-# Agents
-# --------------------------------------------------------------------------------------
-# An agent's record, its log (stream-json plus orchestra's own events) folded into facts,
-# its worktree, its launch, and the signals that pause, resume and stop it.
-# ======================================================================================
+LAUNCH_KEYS = (
+    "agent_command",
+    "model",
+    "permission_mode",
+    "bypass_permissions",
+    "sandbox_network",
+    "approval_timeout",
+)  # fixed at spawn; "sandboxed" is added then too
+RECORD_FIELDS = (
+    "id", "task", "state", "stale", "branch", "worktree", "base_branch", "base_commit",
+    "pid", "session_id", "created_at", "started_at", "finished_at", "heartbeat_at",
+    "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
+    "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
+    "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
+    "checks", "waiting", "batch", "stop_reason",
+)  # fmt: skip
+# Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
+# first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
+MODEL_PRICES = (
+    ("claude-opus-4-0", 15.0, 75.0), ("claude-opus-4-1", 15.0, 75.0), ("claude-opus-4-2", 15.0, 75.0),
+    ("claude-3-opus", 15.0, 75.0), ("claude-opus", 5.0, 25.0), ("claude-sonnet", 3.0, 15.0),
+    ("claude-3-5-sonnet", 3.0, 15.0), ("claude-3-7-sonnet", 3.0, 15.0), ("claude-haiku", 1.0, 5.0),
+    ("claude-3-5-haiku", 0.8, 4.0), ("claude-3-haiku", 0.25, 1.25), ("opus", 5.0, 25.0), ("haiku", 1.0, 5.0),
+)  # fmt: skip
+DEFAULT_PRICE = (3.0, 15.0)  # an unknown model is priced as Sonnet
+CACHE_WRITE_FACTOR = 1.25
+CACHE_READ_FACTOR = 0.1
+LOG_READ_BUDGET = (
+    8 * 1024 * 1024
+)  # bytes folded per read_new call, so facts reach state.json during a burst
+LOG_MAX_LINE = 16 * 1024 * 1024  # a longer line (no event orchestra needs) is skipped, not buffered
+LOG_IGNORED_PREFIXES = (b'{"type":"user"', b'{"type":"stream_event"')  # events no fact comes from
+# Checks, fix rounds, API errors and budgets (see "Results you can trust" below)
+RESILIENCE_KEYS = (
+    "checks",
+    "check_timeout",
+    "fix_rounds",
+    "max_budget_usd",
+    "api_retries",
+    "api_backoff",
+    "api_backoff_max",
+)  # fixed at spawn in the record's launch, like LAUNCH_KEYS
+CHECK_RESULT_FIELDS = ("status", "command", "exit_code", "tail", "rounds")
 
 
 def new_record(project, agent_id, task, base_branch, base_commit):
@@ -2143,11 +1850,6 @@ def new_record(project, agent_id, task, base_branch, base_commit):
     return record
 
 
-def spawn_order(record):
-    """Sort key: the order agents were spawned in (seq), then time and id for older records."""
-    return record.get("seq", 0), record.get("created_at") or "", record["id"]
-
-
 def public_record(record):
     """A record as `status --json` shows it: the documented fields only."""
     return {key: record.get(key) for key in RECORD_FIELDS}
@@ -2159,6 +1861,35 @@ def elapsed_seconds(record, now):
     if started is None:
         return None
     return (parse_iso(record.get("finished_at")) or now) - started
+
+
+def unique_id(slug, taken, separator="-"):
+    """The slug itself, or the slug with -2, -3... (another separator: .2, .3) when it is taken."""
+    candidate, n = slug, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{slug}{separator}{n}"
+    return candidate
+
+
+def select_agents(records, wanted):
+    """Records named by ids or unique id prefixes, in the order given (all when none given)."""
+    if not wanted:
+        return sorted(records.values(), key=spawn_order)
+    chosen = []
+    for name in wanted:
+        if not name:
+            raise OrchestraError("an agent id cannot be empty; 'orchestra status' lists them")
+        if name in records:
+            chosen.append(records[name])
+            continue
+        matches = sorted(i for i in records if i.startswith(name))
+        if not matches:
+            raise OrchestraError(f"no agent '{name}'; 'orchestra status' lists them")
+        if len(matches) > 1:
+            raise OrchestraError(f"'{name}' matches {', '.join(matches)}; type more of the id")
+        chosen.append(records[matches[0]])
+    return chosen
 
 
 def append_event(path, event):
@@ -2176,6 +1907,20 @@ def describe_tool_use(block):
         if isinstance(args.get(key), str):
             return one_line(f"{name}: {args[key]}")
     return name
+
+
+def fold_resilience_event(memory, event):
+    """Remember the latest checks outcome, API wait and budget stop from an orchestra log event."""
+    what = event.get("event")
+    if what == "checks":
+        memory["checks"] = event
+    elif what == "waiting":
+        memory["waiting"] = event
+        memory["api_attempts"] = event.get("attempt") or 0
+    elif what in ("launch", "settled"):
+        memory.pop("waiting", None)
+    elif what == "budget_stop":
+        memory["stop_reason"] = "budget"
 
 
 class AgentLog:
@@ -2201,10 +1946,20 @@ class AgentLog:
         self.run_estimate = {}  # message id -> estimated USD of the current run, until its result
         self.estimate_total = 0.0  # the sum of run_estimate, kept as it changes (never re-summed)
         self.paid = None  # USD the results of finished runs reported
-        self.facts = {"session_id": None, "activity": None, "last_activity_at": None,
-                      "cost_usd": None, "turns": None, "result": None, "error": None,
-                      "outcome": None, "input_tokens": None, "output_tokens": None,
-                      "cost_estimated": None, "permission_denials": None}  # fmt: skip
+        self.facts = {
+            "session_id": None,
+            "activity": None,
+            "last_activity_at": None,
+            "cost_usd": None,
+            "turns": None,
+            "result": None,
+            "error": None,
+            "outcome": None,
+            "input_tokens": None,
+            "output_tokens": None,
+            "cost_estimated": None,
+            "permission_denials": None,
+        }
 
     def read_new(self, budget=LOG_READ_BUDGET):
         """Fold lines appended since the last call, in bounded chunks; True if any arrived.
@@ -2317,7 +2072,11 @@ class AgentLog:
         self.facts.update(
             result=result if isinstance(result, str) else None,
             outcome="error" if is_error else "success",
-            error=(one_line(result or event.get("subtype") or "error", TAIL_CHARS) if is_error else None),
+            error=(
+                one_line(result or event.get("subtype") or "error", TAIL_CHARS)
+                if is_error
+                else None
+            ),
             turns=(self.facts["turns"] or 0) + (event.get("num_turns") or 0),
             permission_denials=permission_denials(event),
         )
@@ -2339,7 +2098,10 @@ class AgentLog:
         )
         old_in, old_out = self.run_usage.get(key, (0, 0))
         new_in, new_out = self.run_usage[key] = (inputs, usage.get("output_tokens") or 0)
-        self.run_totals = (self.run_totals[0] - old_in + new_in, self.run_totals[1] - old_out + new_out)
+        self.run_totals = (
+            self.run_totals[0] - old_in + new_in,
+            self.run_totals[1] - old_out + new_out,
+        )
         self.facts["input_tokens"] = self.past_tokens[0] + self.run_totals[0]
         self.facts["output_tokens"] = self.past_tokens[1] + self.run_totals[1]
 
@@ -2368,8 +2130,11 @@ def estimated_cost(model, usage):
     price_in, price_out = next(
         ((i, o) for prefix, i, o in MODEL_PRICES if name.startswith(prefix)), DEFAULT_PRICE
     )
-    tokens_in = ((usage.get("input_tokens") or 0) + CACHE_WRITE_FACTOR * (usage.get("cache_creation_input_tokens") or 0)
-                 + CACHE_READ_FACTOR * (usage.get("cache_read_input_tokens") or 0))  # fmt: skip
+    tokens_in = (
+        (usage.get("input_tokens") or 0)
+        + CACHE_WRITE_FACTOR * (usage.get("cache_creation_input_tokens") or 0)
+        + CACHE_READ_FACTOR * (usage.get("cache_read_input_tokens") or 0)
+    )
     return (tokens_in * price_in + (usage.get("output_tokens") or 0) * price_out) / 1_000_000
 
 
@@ -2387,7 +2152,10 @@ def settled_state(log, exit_code, stderr_tail):
     if log.facts["outcome"] == "error":
         return "failed", log.facts["error"]
     if exit_code is None:
-        return "interrupted", "the agent ended while no supervisor watched it, leaving no final result"
+        return (
+            "interrupted",
+            "the agent ended while no supervisor watched it, leaving no final result",
+        )
     if exit_code < 0:
         return "interrupted", f"the agent was killed by signal {-exit_code} before it finished"
     if exit_code == 0:
@@ -2396,11 +2164,39 @@ def settled_state(log, exit_code, stderr_tail):
     return "failed", f"agent exited with status {exit_code}{detail}"
 
 
+def is_claude_command(command):
+    """True unless agent_command uses a {task} placeholder (then it is some other CLI agent)."""
+    return not any("{task}" in part for part in command)
+
+
+def queue_session(record, prompt, activity):
+    """Queue a relaunch of the agent's Claude session with a new prompt, in its own worktree."""
+    if not record.get("session_id") or not is_claude_command(record["launch"]["agent_command"]):
+        raise OrchestraError(
+            f"{record['id']} has no Claude session to continue; spawn its task again"
+        )
+    if not Path(record["worktree"]).is_dir():
+        raise OrchestraError(
+            f"{record['id']}'s worktree {record['worktree']} is gone; its session cannot continue there"
+        )
+    record.update(
+        state="queued",
+        ready=True,
+        resume_prompt=prompt,
+        pid=None,
+        finished_at=None,
+        activity=activity,
+    )
+
+
 def finish_record(record, log, exit_code, stderr_tail, counts):
     """Settle a record whose process has ended (a stop request keeps its state 'stopped')."""
     record.update(without_none(log.facts))
     record.update(
-        exit_code=exit_code, pid=None, stale=False, finished_at=record.get("finished_at") or utc_iso()
+        exit_code=exit_code,
+        pid=None,
+        stale=False,
+        finished_at=record.get("finished_at") or utc_iso(),
     )
     if counts:
         record["commits"], record["files_changed"] = counts
@@ -2424,8 +2220,23 @@ def deliver_pending_messages(record):
 
 def note_settlement(record):
     """Write an agent's final state into its log, so a rebuilt state.json knows it exactly."""
-    settled = {key: record.get(key) for key in ("state", "exit_code", "error", "commits", "files_changed")}
+    settled = {
+        key: record.get(key) for key in ("state", "exit_code", "error", "commits", "files_changed")
+    }
     append_event(record["log"], {"event": "settled", **settled})
+
+
+def request_stop(record):
+    """Mark an active agent stopped; (id, its process) so the caller can end the process."""
+    if record["state"] not in ACTIVE_STATES:
+        raise OrchestraError(f"{record['id']} is already {record['state']}")
+    process = (record["pid"], record.get("pid_start"))
+    record.update(
+        state="stopped", finished_at=utc_iso(), activity="stopped", stale=False, waiting=None
+    )
+    if not record["pid"]:
+        note_settlement(record)  # no watcher will settle an agent that never started
+    return record["id"], process
 
 
 def without_none(facts):
@@ -2444,9 +2255,636 @@ def read_tail(path, limit=TAIL_CHARS):
         return ""
 
 
-def is_claude_command(command):
-    """True unless agent_command uses a {task} placeholder (then it is some other CLI agent)."""
-    return not any("{task}" in part for part in command)
+def resilience_setting(record, key):
+    """A check/retry/budget setting fixed in the record at spawn (the default for older records)."""
+    return (record.get("launch") or {}).get(key, CONFIG_DEFAULTS[key])
+
+
+def restore_resilience(record, log):
+    """Give a record rebuilt from its log its checks result, its API wait and its stop reason."""
+    memory = log.resilience
+    if memory.get("checks"):
+        record["checks"] = {key: memory["checks"].get(key) for key in CHECK_RESULT_FIELDS}
+        if record["checks"]["status"] == "running" and record["state"] == "done":
+            record.update(
+                state="running", pid=None
+            )  # the supervisor died during checks: run them again
+    if memory.get("waiting"):
+        waiting = {
+            key: memory["waiting"].get(key) for key in ("reason", "until", "attempt", "message")
+        }
+        record.update(state="waiting", waiting=waiting, error=None, finished_at=None)
+    record["api_attempts"] = memory.get("api_attempts", 0)
+    if memory.get("stop_reason"):
+        record["stop_reason"] = memory["stop_reason"]
+
+
+def rebuild_state(project):
+    """Records recovered from each log's spawn event, settled from the rest of the log, and the
+    batches (with their budgets) those agents were spawned in."""
+    live = {w["path"] for w in list_worktrees(project.repo)}
+    history = project.history()  # a cleaned-up agent stays history, never comes back live
+    records, batches = {}, {}
+    for log_path in sorted(project.logs.glob("*.jsonl")):
+        spawn = first_spawn_event(log_path)
+        if spawn is None or spawn["id"] in history:
+            continue
+        record = new_record(
+            project, spawn["id"], spawn["task"], spawn.get("base_branch"), spawn.get("base_commit")
+        )
+        record.update(
+            branch=spawn["branch"],
+            worktree=spawn["worktree"],
+            created_at=spawn.get("time"),
+            ready=True,
+        )
+        record.update(launch=spawn.get("launch") or record["launch"], seq=spawn.get("seq", 0))
+        record["sandboxed"] = bool(record["launch"].get("sandboxed"))
+        log = read_log(log_path)
+        record.update(without_none(log.facts))
+        if log.settled:
+            record.update(
+                {
+                    k: log.settled.get(k)
+                    for k in ("state", "exit_code", "error", "commits", "files_changed")
+                }
+            )
+            record["finished_at"] = log.settled.get("time")
+        elif log.launched and log.process and process_alive(*log.process):
+            record.update(
+                state="running", pid=log.process[0], pid_start=log.process[1]
+            )  # the supervisor adopts it
+        elif log.launched:
+            record["state"], record["error"] = settled_state(log, None, "")
+        restore_resilience(record, log)
+        if spawn.get("batch"):
+            record["batch"] = spawn["batch"]
+            batches[spawn["batch"]] = {
+                "budget": spawn.get("batch_budget"),
+                "created_at": spawn.get("time"),
+            }
+        if record["worktree"] not in live and record["state"] == "queued" and not log.launched:
+            record.update(
+                ready=False,
+                worktree_later=True,
+                spawn_logged=True,
+                activity="waiting for a worktree",
+            )
+        elif record["worktree"] not in live and record["state"] == "queued":
+            record["state"], record["error"] = (
+                "failed",
+                "worktree missing after state.json was rebuilt",
+            )
+        records[record["id"]] = record
+    return {"agents": records, "batches": batches}
+
+
+def first_spawn_event(path):
+    """The spawn event that opens an agent's log, or None."""
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        event = json.loads(first)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and event.get("event") == "spawn" else None
+
+
+# ======================================================================================
+# Approvals and the sandbox
+# --------------------------------------------------------------------------------------
+# How an approval travels. Every Claude agent is launched with a --settings layer (argv,
+# never a file) whose PermissionRequest hook runs `orchestra hook permission-request`, a
+# child of the agent, so it outlives a supervisor crash. Claude Code calls it only for a
+# tool call its own rules do not allow already. The hook:
+#   1. allows at once what an --always rule allows: the agent's own (approvals/rules/) or
+#      the project's bypass_permissions as .orchestra/config.json holds it now;
+#   2. else writes approvals/<req>.json atomically: the request is now pending, and the
+#      CLI, the status hub and the dashboard see it;
+#   3. polls for approvals/decisions/<req>.json. A decision is a complete file linked into
+#      place (the O_EXCL rule of link(2)), so the first decider wins and a later one is told
+#      it came late; at approval_timeout the hook itself decides "deny" the same way;
+#   4. moves the request to approvals/answered/ and prints Claude Code's answer.
+# When in doubt the hook denies, with a message that says why: unreadable state, an unknown
+# or ended agent, a broken request. A pending request whose hook has gone (its agent was
+# stopped) is void: never listed, never answerable.
+# The sandbox is Claude Code's own (bubblewrap and socat on Linux): with it, Bash runs
+# without asking, writes only inside the worktree, and reaches only sandbox_network.
+# ======================================================================================
+
+APPROVALS_DIR = "approvals"  # in .orchestra/: <req>.json pending, decisions/, answered/, rules/
+APPROVAL_POLL = 0.05  # seconds between the waiting hook's looks for a decision
+APPROVAL_HOOK_MARGIN = 60  # seconds Claude Code gives the hook beyond approval_timeout
+APPROVAL_ID_BYTES = 3  # random bytes of a request id (6 hex digits), unique by O_EXCL
+APPROVAL_INPUT_LIMIT = 64 * 1024  # characters of a tool input kept in a request
+SANDBOX_PACKAGES = {
+    "bwrap": "bubblewrap",
+    "socat": "socat",
+}  # what Claude Code's Linux sandbox runs
+SANDBOX_PROBE = ("bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-net", "true")
+
+
+def read_json_file(path):
+    """A JSON object from a file, or None when it is missing, half written or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def tool_summary(tool, tool_input):
+    """'Bash(pytest -q)', 'Edit(src/app.py)': a tool call as a permission rule would name it."""
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    for key in ("command", "file_path", "path", "url", "pattern", "prompt"):
+        if isinstance(tool_input.get(key), str):
+            return one_line(f"{tool}({tool_input[key]})")
+    return tool
+
+
+def request_rule(tool, tool_input):
+    """The rule --always adds: Bash with exactly this command, any other tool as a whole."""
+    command = tool_input.get("command") if isinstance(tool_input, dict) else None
+    if tool == "Bash" and isinstance(command, str):
+        return f"Bash({command})"
+    return tool
+
+
+SHELL_OPERATORS = re.compile(r"[;&|<>$`\n()]")  # a wildcard rule never allows a compound command
+
+
+def rule_matches(rule, tool, tool_input):
+    """True when a permission rule ('Bash(git *)', 'Bash(npm test:*)', 'Edit') allows this call."""
+    name, paren, content = rule.partition("(")
+    if name.strip() != tool:
+        return False
+    if not paren:
+        return True
+    content = content[:-1] if content.endswith(")") else content
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    subject = (
+        tool_input.get("command")
+        if tool == "Bash"
+        else tool_input.get("file_path") or tool_input.get("path")
+    )
+    if not isinstance(subject, str):
+        return False
+    if "*" not in content:
+        return subject == content
+    if tool == "Bash" and SHELL_OPERATORS.search(subject):
+        return False
+    if content.endswith(":*"):
+        return subject == content[:-2] or subject.startswith(content[:-2] + " ")
+    return fnmatchcase(subject, content)
+
+
+def denial_lines(denials, allowed=()):
+    """'2 tool calls denied: Bash(pytest -q), Write(x)' and the command that allows them next time.
+
+    `allowed` is the agent's bypass_permissions, which the suggested list keeps.
+    """
+    if not denials:
+        return []
+    named = [tool_summary(d.get("tool_name") or "tool", d.get("tool_input")) for d in denials]
+    new = [request_rule(d.get("tool_name") or "tool", d.get("tool_input") or {}) for d in denials]
+    rules = list(dict.fromkeys([*allowed, *new]))
+    count = f"{len(denials)} tool call{'s' if len(denials) != 1 else ''} denied"
+    return [
+        f"{count}: {', '.join(named)}",
+        f"allow them next time: orchestra config set bypass_permissions {shlex.quote(json.dumps(rules))}",
+    ]
+
+
+class ApprovalBox:
+    """One repository's approval requests, decisions and --always rules, as files in .orchestra/approvals/."""
+
+    def __init__(self, repo):
+        self.repo = Path(repo)
+        self.dir = self.repo / ORCHESTRA_DIR / APPROVALS_DIR
+        self.decisions = self.dir / "decisions"
+        self.answered = self.dir / "answered"
+        self.rules_dir = self.dir / "rules"
+
+    def stamp(self):
+        """Changes whenever a request appears or goes: the folder's (inode, mtime)."""
+        try:
+            info = os.stat(str(self.dir))
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns
+
+    def submit(self, request):
+        """Record a pending request (a dict without id); its id, unique by O_EXCL."""
+        for folder in (self.decisions, self.answered, self.rules_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            req_id = secrets.token_hex(APPROVAL_ID_BYTES)
+            try:
+                os.close(
+                    os.open(
+                        str(self.dir / f"{req_id}.json"),
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                        0o600,
+                    )
+                )
+            except FileExistsError:
+                continue
+            if (self.answered / f"{req_id}.json").exists():
+                continue  # the empty reservation stays behind; readers skip it
+            request = {"id": req_id, **request}
+            write_atomic(
+                self.dir / f"{req_id}.json", json.dumps(request, indent=2, sort_keys=True) + "\n"
+            )
+            return request
+
+    def pending(self):
+        """Requests still waiting, oldest first (void ones, whose hook has gone, left out)."""
+        found = []
+        for path in self.dir.glob("*.json"):
+            request = read_json_file(path)
+            if (
+                request
+                and process_alive(request.get("pid"), request.get("pid_start"))
+                and not (self.decisions / path.name).exists()
+            ):
+                found.append(request)
+        return sorted(found, key=lambda r: (r.get("since") or "", r["id"]))
+
+    def request(self, req_id):
+        """(request, 'pending'|'answered') for an id, or (None, None)."""
+        if not re.fullmatch(r"[0-9a-f]+", req_id):
+            return None, None
+        request = read_json_file(self.dir / f"{req_id}.json")
+        if request:
+            return request, "pending"
+        request = read_json_file(self.answered / f"{req_id}.json")
+        return (request, "answered") if request else (None, None)
+
+    def decision(self, req_id):
+        """The decision taken on a request, or None."""
+        return read_json_file(self.decisions / f"{req_id}.json")
+
+    def decide(self, req_id, decision):
+        """Record the decision if it is the first; False when another came first."""
+        self.decisions.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=str(self.decisions), prefix=f".{req_id}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(decision, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, str(self.decisions / f"{req_id}.json"))  # fails if it exists: first wins
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def wait(self, req_id, timeout, parent=None):
+        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            decision = self.decision(req_id)
+            if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
+                return decision
+            time.sleep(APPROVAL_POLL)
+
+    def close(self, request, decision):
+        """Move an answered request out of the pending folder, its decision beside it."""
+        write_atomic(
+            self.answered / f"{request['id']}.json",
+            json.dumps({**request, "decision": decision}, indent=2) + "\n",
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(self.dir / f"{request['id']}.json"))
+
+    def rules(self, agent_id):
+        """The rules --always gave this agent for the rest of its run."""
+        data = read_json_file(self.rules_dir / f"{agent_id}.json") or {}
+        return [r for r in data.get("rules", []) if isinstance(r, str)]
+
+    def forget_rules(self, agent_id):
+        """A new run of the agent starts without the --always rules of its last run."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(self.rules_dir / f"{agent_id}.json"))
+
+    def add_rule(self, agent_id, rule):
+        """Allow `rule` for the rest of this agent's run."""
+        self.rules_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.rules_dir / f"{agent_id}.lock"):
+            rules = self.rules(agent_id)
+            if rule not in rules:
+                write_atomic(
+                    self.rules_dir / f"{agent_id}.json",
+                    json.dumps({"rules": [*rules, rule]}, indent=2) + "\n",
+                )
+
+
+def approval_flags(repo):
+    """{agent id: {id, tool, summary, since}} of the oldest request each agent waits on."""
+    flags = {}
+    for request in ApprovalBox(repo).pending():
+        flags.setdefault(
+            request["agent"], {k: request.get(k) for k in ("id", "tool", "summary", "since")}
+        )
+    return flags
+
+
+HOOK_LAUNCH = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; sys.exit(orchestra.main())"
+)
+
+
+def hook_command(repo, agent_id, timeout):
+    """The shell command Claude Code runs for a permission request: this very orchestra.
+
+    Imported rather than run as a script, so its cached bytecode is used: every waiting agent
+    starts one, and a script would be compiled afresh each time. -I -S: no environment or site
+    packages can change which orchestra answers.
+    """
+    argv = [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        HOOK_LAUNCH,
+        str(Path(__file__).resolve().parent),
+        "hook",
+        "permission-request",
+        "--repo",
+        str(repo),
+        "--agent",
+        agent_id,
+        "--timeout",
+        f"{timeout:g}",
+    ]
+    return " ".join(shlex.quote(part) for part in argv)
+
+
+def claude_settings(repo, agent_id, launch):
+    """The --settings layer of a Claude agent: orchestra's approval hook, and the sandbox when on."""
+    timeout = launch.get("approval_timeout") or CONFIG_DEFAULTS["approval_timeout"]
+    hook = {
+        "type": "command",
+        "command": hook_command(repo, agent_id, timeout),
+        "timeout": int(timeout + APPROVAL_HOOK_MARGIN),
+    }
+    settings = {"hooks": {"PermissionRequest": [{"matcher": "*", "hooks": [hook]}]}}
+    if launch.get("sandboxed"):
+        settings["sandbox"] = {"enabled": True, "autoAllowBashIfSandboxed": True}
+        if launch.get("sandbox_network"):
+            settings["sandbox"]["network"] = {"allowedDomains": list(launch["sandbox_network"])}
+    return settings
+
+
+def hook_answer(decision):
+    """What the hook prints for Claude Code: allow, or deny with the message the agent will read."""
+    body = {"behavior": decision["decision"]}
+    if decision["decision"] == "deny":
+        body["message"] = (
+            decision.get("message")
+            or f"denied by the user (through orchestra, {decision.get('by')})"
+        )
+    return {"hookSpecificOutput": {"hookEventName": "PermissionRequest", "decision": body}}
+
+
+def denied(message):
+    """A decision the hook takes on its own: deny, saying why."""
+    return {"decision": "deny", "by": "orchestra", "at": utc_iso(), "message": message}
+
+
+def project_rules(repo):
+    """bypass_permissions as the project's config file holds it now ([] when unset or unreadable)."""
+    try:
+        return read_config_file(Path(repo) / ORCHESTRA_DIR / "config.json").get(
+            "bypass_permissions", []
+        )
+    except OrchestraError:
+        return []
+
+
+def permission_hook(repo, agent_id, timeout, stdin, stdout):
+    """`orchestra hook permission-request`: answer one Claude Code permission request."""
+    try:
+        asked = json.loads(stdin.read())
+        tool, tool_input = asked["tool_name"], asked.get("tool_input") or {}
+        if not isinstance(tool, str) or not isinstance(tool_input, dict):
+            raise ValueError("tool_name or tool_input has the wrong type")
+    except (ValueError, KeyError, TypeError) as e:
+        stdout.write(
+            json.dumps(
+                hook_answer(
+                    denied(f"orchestra could not read the permission request ({e}); denied")
+                )
+            )
+        )
+        return EXIT_OK
+    try:
+        decision = await_decision(Path(repo), agent_id, timeout, tool, tool_input, asked)
+    except Exception as e:  # whatever went wrong, the answer is a denial that says so
+        decision = denied(
+            f"orchestra could not handle this permission request ({e!r}); denied for safety"
+        )
+    stdout.write(json.dumps(hook_answer(decision)))
+    stdout.flush()
+    return EXIT_OK
+
+
+def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
+    """Allow by rule, or record the request and wait for the first decision (or the timeout)."""
+    record = load_agent_records(repo).get(agent_id)
+    if record is None:
+        return denied(
+            f"orchestra cannot find agent '{agent_id}' in {repo / ORCHESTRA_DIR}; denied for safety"
+        )
+    if record.get("state") not in ACTIVE_STATES:
+        return denied(f"orchestra records agent '{agent_id}' as {record.get('state')}; denied")
+    box, summary = ApprovalBox(repo), tool_summary(tool, tool_input)
+    log = repo / ORCHESTRA_DIR / "logs" / f"{agent_id}.jsonl"
+    rule = next(
+        (
+            r
+            for r in [*box.rules(agent_id), *project_rules(repo)]
+            if rule_matches(r, tool, tool_input)
+        ),
+        None,
+    )
+    if rule:
+        append_event(
+            log,
+            {"event": "approval", "tool": summary, "decision": "allow", "by": "rule", "rule": rule},
+        )
+        return {"decision": "allow", "by": "rule", "rule": rule, "at": utc_iso()}
+    text = json.dumps(tool_input)
+    request = box.submit(
+        {
+            "agent": agent_id,
+            "tool": tool,
+            "summary": summary,
+            "input": (
+                tool_input
+                if len(text) <= APPROVAL_INPUT_LIMIT
+                else {"truncated": text[:APPROVAL_INPUT_LIMIT]}
+            ),
+            "suggestions": asked.get("permission_suggestions") or [],
+            "session_id": asked.get("session_id"),
+            "since": utc_iso(),
+            "timeout": timeout,
+            "pid": os.getpid(),
+            "pid_start": process_start_time(os.getpid()),
+            "parent": os.getppid(),
+        }
+    )
+    append_event(log, {"event": "approval_requested", "request": request["id"], "tool": summary})
+    notifier = notify(
+        repo,
+        agent_id,
+        "approval",
+        f"{agent_id} asks to run {summary} (orchestra approve {request['id']})",
+    )
+    decision = box.wait(request["id"], timeout, parent=os.getppid())
+    if decision is None:
+        ended = os.getppid() != request["parent"]
+        late = denied(
+            "the agent ended while it waited for this approval"
+            if ended
+            else f"no decision within approval_timeout ({timeout:g} s); denied"
+        )
+        late["by"] = "orchestra" if ended else "timeout"
+        decision = late if box.decide(request["id"], late) else box.decision(request["id"])
+        if decision is late:
+            append_event(
+                log, {"event": "approval", "request": request["id"], "tool": summary, **late}
+            )
+    box.close(request, decision)
+    if notifier:
+        notifier.join(NOTIFY_TIMEOUT)
+    return decision
+
+
+def notify(repo, agent_id, event, message):
+    """Run notify_command in the background with {agent}, {event} and {message} filled in.
+
+    A failing command is written to .orchestra/notify.log, never raised; returns its thread or None.
+    """
+    try:
+        command = Config.load(Path(repo), os.environ)["notify_command"]
+    except OrchestraError:
+        return None
+    if not command:
+        return None
+    values = {"agent": agent_id, "event": event, "message": message}
+    argv = [
+        re.sub(r"\{(agent|event|message)\}", lambda m: values[m.group(1)], part) for part in command
+    ]
+    thread = threading.Thread(
+        target=run_notify, args=(Path(repo), argv), name=f"notify-{event}", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def run_notify(repo, argv):
+    """Run one notify command; log why it failed, if it did."""
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=NOTIFY_TIMEOUT,
+            text=True,
+            errors="replace",
+        )
+        problem = f"exit {done.returncode}: {tail_text(done.stdout)}" if done.returncode else None
+    except (OSError, subprocess.SubprocessError) as e:
+        problem = str(e)
+    if problem:
+        with (
+            contextlib.suppress(OSError),
+            open(repo / ORCHESTRA_DIR / "notify.log", "a", encoding="utf-8") as f,
+        ):
+            f.write(f"{utc_iso()} notify_command {argv[0]} failed: {one_line(problem)}\n")
+
+
+def sandbox_problem(env):
+    """Why Claude Code's sandbox cannot run here, naming what to install; None when it can."""
+    if sys.platform == "darwin":
+        return None  # Seatbelt is built in
+    if not sys.platform.startswith("linux"):
+        return f"Claude Code's sandbox does not run on {sys.platform} (use WSL2)"
+    path = env.get("PATH", os.defpath)
+    missing = [
+        package
+        for program, package in SANDBOX_PACKAGES.items()
+        if shutil.which(program, path=path) is None
+    ]
+    if missing:
+        return (
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; install "
+            f"{'it' if len(missing) == 1 else 'them'} (Debian/Ubuntu: apt-get install {' '.join(missing)})"
+        )
+    try:
+        probe = subprocess.run(
+            [shutil.which("bwrap", path=path), *SANDBOX_PROBE[1:]],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=SANDBOX_PROBE_TIMEOUT,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"bubblewrap cannot run: {e}"
+    if probe.returncode:
+        return (
+            f"bubblewrap is installed but cannot make a sandbox here ({one_line(probe.stderr) or probe.returncode}); "
+            "unprivileged user namespaces may be off (sysctl kernel.unprivileged_userns_clone=1) or the container forbids them"
+        )
+    return None
+
+
+def sandbox_for(config, env):
+    """Whether new agents run in Claude Code's sandbox, by the 'sandbox' setting.
+
+    "auto" sandboxes where the sandbox can run; "on" refuses to start agents where it cannot.
+    """
+    mode = config["sandbox"]
+    if mode == "off":
+        return False
+    if not is_claude_command(config["agent_command"]):
+        if mode == "on":
+            raise OrchestraError(
+                "sandbox is 'on' but agent_command is not Claude Code, whose sandbox orchestra uses; "
+                "use --no-sandbox or set sandbox to auto"
+            )
+        return False
+    problem = sandbox_problem(env)
+    if problem and mode == "on":
+        raise OrchestraError(
+            f"sandbox is 'on' but Claude Code's sandbox cannot run here: {problem}; "
+            "or start the agents with --no-sandbox"
+        )
+    return problem is None
+
+
+# ======================================================================================
+# Launching agents
+# --------------------------------------------------------------------------------------
+# From a queued record to a running process: the worktree (made from the base commit, with
+# copy_files and setup), the agent's argv and --settings layer, the environment it inherits
+# (kept in .orchestra/env/<id> until its launch), and ending its whole process group.
+# Agents run in their own process group with files, not pipes, for output, so they outlive
+# the supervisor that started them.
+# ======================================================================================
+
+# .orchestra/env/<id> (mode 0600, folder 0700): the environment of an agent's next launch
+AGENT_ENV_DIR = "env"
+SYSTEM_PROMPT = (
+    "You are one of several agents started by claude-orchestra. You work in your own git "
+    "worktree on branch '{branch}'. Stay on this branch, and commit your work to it with clear "
+    "messages before you finish; uncommitted work may be lost. Do not push."
+)
+STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 
 
 def agent_argv(record, prompt=None):
@@ -2490,10 +2928,15 @@ def check_agent_command(config):
 def launch_agent(project, record, prompt=None):
     """Start the agent's process in its worktree, in its own process group, output to files."""
     argv = agent_argv(record, prompt)
-    append_event(project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv})
+    append_event(
+        project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv}
+    )
     ApprovalBox(project.repo).forget_rules(record["id"])
-    env = dict(take_agent_env(project, record["id"]) or os.environ, ORCHESTRA_AGENT_ID=record["id"],
-               ORCHESTRA_REPO=str(project.repo))  # fmt: skip
+    env = dict(
+        take_agent_env(project, record["id"]) or os.environ,
+        ORCHESTRA_AGENT_ID=record["id"],
+        ORCHESTRA_REPO=str(project.repo),
+    )
     with (
         open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
         open(project.stderr_path(record["id"]), "ab", opener=private_opener) as err,
@@ -2584,7 +3027,9 @@ def files_to_copy(project, patterns):
         return []
     skip = [f"{ORCHESTRA_DIR}/"]
     with contextlib.suppress(ValueError):
-        skip.append(project.worktree_root.resolve().relative_to(project.repo.resolve()).as_posix() + "/")
+        skip.append(
+            project.worktree_root.resolve().relative_to(project.repo.resolve()).as_posix() + "/"
+        )
     return [p for p in untracked_files(project.repo, skip) if matches_include(p, patterns)]
 
 
@@ -2627,10 +3072,20 @@ def prepare_worktree(project, record, copies, register_lock):
 
 def append_spawn_event(project, record):
     """Open an agent's log with the facts a rebuilt state.json needs."""
-    spawn_facts = ("id", "task", "branch", "worktree", "base_branch", "base_commit", "launch", "seq")
+    spawn_facts = (
+        "id",
+        "task",
+        "branch",
+        "worktree",
+        "base_branch",
+        "base_commit",
+        "launch",
+        "seq",
+    )
     batch = {"batch": record.get("batch"), "batch_budget": record.get("batch_budget")}
     append_event(
-        project.log_path(record["id"]), {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch}
+        project.log_path(record["id"]),
+        {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch},
     )
 
 
@@ -2638,11 +3093,23 @@ def run_setup(commands, worktree, log):
     """Run the setup commands (the user's own shell lines) in the worktree; error or None."""
     for command in commands:
         done = subprocess.run(
-            command, shell=True, cwd=str(worktree), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-        )  # fmt: skip
+            command,
+            shell=True,
+            cwd=str(worktree),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
         append_event(
-            log, {"event": "setup", "command": command, "exit_code": done.returncode, "output": done.stdout}
+            log,
+            {
+                "event": "setup",
+                "command": command,
+                "exit_code": done.returncode,
+                "output": done.stdout,
+            },
         )
         if done.returncode != 0:
             return f"setup command '{command}' failed with exit {done.returncode}: {tail_text(done.stdout) or '(no output)'}"
@@ -2655,66 +3122,12 @@ def file_fingerprint(path):
     return None if stat.S_ISDIR(info.st_mode) else [info.st_size, info.st_mtime_ns]
 
 
-def rebuild_state(project):
-    """Records recovered from each log's spawn event, settled from the rest of the log, and the
-    batches (with their budgets) those agents were spawned in."""
-    live = {w["path"] for w in list_worktrees(project.repo)}
-    history = project.history()  # a cleaned-up agent stays history, never comes back live
-    records, batches = {}, {}
-    for log_path in sorted(project.logs.glob("*.jsonl")):
-        spawn = first_spawn_event(log_path)
-        if spawn is None or spawn["id"] in history:
-            continue
-        record = new_record(
-            project, spawn["id"], spawn["task"], spawn.get("base_branch"), spawn.get("base_commit")
-        )
-        record.update(
-            branch=spawn["branch"], worktree=spawn["worktree"], created_at=spawn.get("time"), ready=True
-        )
-        record.update(launch=spawn.get("launch") or record["launch"], seq=spawn.get("seq", 0))
-        record["sandboxed"] = bool(record["launch"].get("sandboxed"))
-        log = read_log(log_path)
-        record.update(without_none(log.facts))
-        if log.settled:
-            record.update(
-                {k: log.settled.get(k) for k in ("state", "exit_code", "error", "commits", "files_changed")}
-            )
-            record["finished_at"] = log.settled.get("time")
-        elif log.launched and log.process and process_alive(*log.process):
-            record.update(
-                state="running", pid=log.process[0], pid_start=log.process[1]
-            )  # the supervisor adopts it
-        elif log.launched:
-            record["state"], record["error"] = settled_state(log, None, "")
-        restore_resilience(record, log)
-        if spawn.get("batch"):
-            record["batch"] = spawn["batch"]
-            batches[spawn["batch"]] = {"budget": spawn.get("batch_budget"), "created_at": spawn.get("time")}
-        if record["worktree"] not in live and record["state"] == "queued" and not log.launched:
-            record.update(
-                ready=False, worktree_later=True, spawn_logged=True, activity="waiting for a worktree"
-            )
-        elif record["worktree"] not in live and record["state"] == "queued":
-            record["state"], record["error"] = "failed", "worktree missing after state.json was rebuilt"
-        records[record["id"]] = record
-    return {"agents": records, "batches": batches}
-
-
-def first_spawn_event(path):
-    """The spawn event that opens an agent's log, or None."""
-    with open(path, "rb") as f:
-        first = f.readline()
-    try:
-        event = json.loads(first)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) and event.get("event") == "spawn" else None
-
-
 def pause_agent(record):
     """SIGSTOP a running agent's process group; its id."""
     if record["state"] != "running":
-        raise OrchestraError(f"{record['id']} is {record['state']}; only a running agent can be paused")
+        raise OrchestraError(
+            f"{record['id']} is {record['state']}; only a running agent can be paused"
+        )
     if not signal_group(record["pid"], record.get("pid_start"), signal.SIGSTOP):
         raise OrchestraError(
             f"{record['id']}'s process is gone; the supervisor will settle it shortly", EXIT_FAILURE
@@ -2839,7 +3252,234 @@ class Project:
 
 
 # ======================================================================================
-# Results you can trust: checks, fix rounds, API waits and budgets
+# Spawning agents
+# --------------------------------------------------------------------------------------
+# Turning tasks into queued agents: ids that are unique against records, history, branches
+# and folders; reserving them in the state before any worktree exists; making worktrees now
+# or leaving them to the supervisor; and rolling back a spawn that was interrupted. The
+# supervisor calls prepare_agents() too, so this section sits above it.
+# ======================================================================================
+
+MAX_TASK_LENGTH = 8000  # characters; longer instructions belong in a file the task names
+MAX_ID_LENGTH = 40  # of an id given with --name
+WORKTREE_THREADS = 8
+TASK_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_task(task, noun="task"):
+    """Refuse a task (or follow-up message) an agent could not be given as one argument."""
+    if not task.strip():
+        raise OrchestraError(f"a {noun} is empty; describe what the agent should do")
+    if task.lstrip().startswith("-"):
+        raise OrchestraError(
+            f"{noun} '{one_line(task, 40)}' starts with '-' and would be read as an option; rephrase it"
+        )
+    if len(task) > MAX_TASK_LENGTH:
+        raise OrchestraError(
+            f"a {noun} is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
+            f"put long instructions in a file and name that file in the {noun}"
+        )
+    bad = TASK_FORBIDDEN.search(task)
+    if bad:
+        raise OrchestraError(
+            f"a {noun} contains the character U+{ord(bad.group()):04X} (a control character or half of a "
+            "surrogate pair); remove it"
+        )
+
+
+def resolve_base(project, requested):
+    """(base branch name or None, base commit) for new agents."""
+    if not has_commits(project.repo):
+        raise OrchestraError(
+            "this repository has no commits yet; make a first commit, then spawn agents"
+        )
+    ref = requested or project.config["base_branch"] or current_branch(project.repo) or "HEAD"
+    commit = resolve_commit(project.repo, ref)
+    return (ref if ref != "HEAD" else None), commit
+
+
+def taken_ids(project, records):
+    """Ids no new agent may take: records, logs (cleaned-up agents keep theirs), branches and folders."""
+    taken = set(records) | local_branches(project.repo, project.config["branch_prefix"])
+    with contextlib.suppress(FileNotFoundError):
+        taken |= {
+            name[: -len(".jsonl")] for name in os.listdir(project.logs) if name.endswith(".jsonl")
+        }
+    if project.worktree_root.is_dir():
+        taken |= {
+            p.name[len(WORKTREE_PREFIX) :]
+            for p in project.worktree_root.iterdir()
+            if p.name.startswith(WORKTREE_PREFIX)
+        }
+    return taken
+
+
+def check_explicit_name(project, name, taken):
+    """An id given with --name must be a valid, unused branch and folder name."""
+    if (
+        not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name)
+        or len(name) > MAX_ID_LENGTH
+        or not is_valid_branch_name(project.branch_name(name))
+    ):
+        raise OrchestraError(
+            f"--name '{name}' is not a valid id; use lowercase letters, digits, '-', '.' and '_'"
+        )
+    if branch_exists(project.repo, project.branch_name(name)):
+        raise OrchestraError(
+            f"branch '{project.branch_name(name)}' already exists; pick another name or run 'orchestra cleanup {name}'"
+        )
+    if project.worktree_path(name).exists():
+        raise OrchestraError(
+            f"worktree folder {project.worktree_path(name)} already exists; pick another name or remove it"
+        )
+    if name in taken:
+        raise OrchestraError(f"an agent named '{name}' already exists; pick another name")
+
+
+def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
+    """Record new queued agents under the lock, each with a unique id; their records."""
+
+    def reserve(state):
+        taken = taken_ids(project, state["agents"])
+        for name in names:
+            check_explicit_name(project, name, taken)
+            taken.add(name)
+        created = []
+        for task, name in itertools.zip_longest(tasks, names):
+            agent_id = name or unique_id(slugify(task), taken)
+            taken.add(agent_id)
+            record = new_record(project, agent_id, task, base_branch, base_commit)
+            record["seq"] = next_seq(state)
+            record["preparer"] = [os.getpid(), process_start_time(os.getpid())]
+            state["agents"][agent_id] = record
+            created.append(record)
+        if parallel:
+            state["parallel"] = parallel
+        return created
+
+    return project.store.update(reserve)
+
+
+def prepare_agents(project, records):
+    """Create all worktrees concurrently, then mark each agent ready or failed."""
+    copies = files_to_copy(project, include_patterns(project))
+    project.worktree_root.mkdir(parents=True, exist_ok=True)
+    register_lock = threading.Lock()  # serialises `git worktree add` (see prepare_worktree)
+    from concurrent.futures import (
+        ThreadPoolExecutor,
+    )  # here: only spawn needs it, 4 ms at every start
+
+    with ThreadPoolExecutor(max_workers=min(WORKTREE_THREADS, len(records))) as pool:
+        errors = list(
+            pool.map(lambda r: prepare_worktree(project, r, copies, register_lock), records)
+        )
+
+    def mark(state):
+        for record, error in zip(records, errors):
+            saved = state["agents"][record["id"]]
+            saved["copied_files"] = record["copied_files"]
+            saved["setup_files"] = record.get("setup_files", {})
+            if error:
+                saved.update(
+                    state="failed", error=error, activity="setup failed", finished_at=utc_iso()
+                )
+                note_settlement(saved)
+            else:
+                saved.update(ready=True, activity="waiting for a free slot")
+            record.update(saved)
+
+    project.store.update(mark)
+
+
+def change_agents(project, ids, change):
+    """Apply `change(record)` to each named agent under the state lock; what each returned."""
+    return project.store.update(
+        lambda state: [change(r) for r in select_agents(state["agents"], ids)]
+    )
+
+
+def defer_worktrees(project, records):
+    """Leave these agents' worktrees to the supervisor, which makes each shortly before it can run.
+
+    Their logs open with the spawn event now, so a rebuilt state.json still knows them.
+    """
+    if not records:
+        return
+    for record in records:
+        append_spawn_event(project, record)
+
+    def mark(state):
+        for record in records:
+            facts = dict(worktree_later=True, spawn_logged=True, activity="waiting for a worktree")
+            record.update(facts)  # spawn stays its preparer until hand_over_worktrees
+            state["agents"][record["id"]].update(facts)
+
+    project.store.update(mark)
+
+
+def hand_over_worktrees(project, records):
+    """Give deferred agents to the supervisor: until now a killed spawn rolls them back with the rest."""
+
+    def release(state):
+        for record in records:
+            saved = state["agents"].get(record["id"])
+            if saved and saved["state"] == "queued" and saved.get("worktree_later"):
+                saved["preparer"] = record["preparer"] = None
+
+    if records:
+        project.store.update(release)
+
+
+def mark_sandboxed(project, records, sandboxed):
+    """Fix at spawn whether the agents run in the sandbox: in their records and launch settings."""
+
+    def mark(state):
+        for record in records:
+            for target in (record, state["agents"][record["id"]]):
+                target["sandboxed"] = sandboxed
+                target["launch"]["sandboxed"] = sandboxed
+
+    project.store.update(mark)
+
+
+def roll_back_spawn(project, records, why):
+    """Undo half-prepared agents (none has run): remove their worktree and fresh branch, mark
+    them failed. Their worktrees hold only the base checkout, copies and setup output."""
+    for record in records:
+        worktree, branch = record["worktree"], f"refs/heads/{record['branch']}"
+        delete_worktree(project.repo, worktree)
+        run_git(["update-ref", "-d", branch, record["base_commit"]], project.repo, check=False)
+
+    def mark(state):
+        for record in records:
+            saved = state["agents"].get(record["id"])
+            if saved and saved["state"] == "queued" and not saved.get("ready"):
+                saved.update(
+                    state="failed", error=why, activity="spawn interrupted", finished_at=utc_iso()
+                )
+                note_settlement(saved)
+
+    project.store.update(mark)
+
+
+def roll_back_stalled_spawns(project):
+    """Roll back agents whose spawn process died while preparing them (Ctrl-C, kill); their ids."""
+    stalled = [
+        r
+        for r in project.records().values()
+        if r["state"] == "queued"
+        and not r.get("ready")
+        and r.get("preparer")
+        and not process_alive(*r["preparer"])
+    ]
+    if stalled:
+        with shield_interrupts():
+            roll_back_spawn(project, stalled, "its spawn was interrupted before the agent started")
+    return [r["id"] for r in stalled]
+
+
+# ======================================================================================
+# Results you can trust
 # --------------------------------------------------------------------------------------
 # An agent that says "done" is not trusted until the configured `checks` (shell commands)
 # pass in its own worktree. The supervisor runs them right after the agent's process ends:
@@ -2867,49 +3507,31 @@ class Project:
 # worktrees and branches kept.
 # ======================================================================================
 
-
-def check_resilience_values(values, sources):
-    """Check, fix-round, retry and budget settings that are well typed but out of range."""
-    for key, low in (("fix_rounds", 0), ("api_retries", 0)):
-        if values[key] < low:
-            raise OrchestraError(f"{sources[key]}: '{key}' must be at least {low}, not {values[key]}")
-    for key in ("check_timeout", "api_backoff", "api_backoff_max", "max_budget_usd"):
-        if values[key] is not None and not values[key] > 0:
-            raise OrchestraError(f"{sources[key]}: '{key}' must be a number above 0, not {values[key]}")
-
-
-def resilience_setting(record, key):
-    """A check/retry/budget setting fixed in the record at spawn (the default for older records)."""
-    return (record.get("launch") or {}).get(key, CONFIG_DEFAULTS[key])
-
-
-def fold_resilience_event(memory, event):
-    """Remember the latest checks outcome, API wait and budget stop from an orchestra log event."""
-    what = event.get("event")
-    if what == "checks":
-        memory["checks"] = event
-    elif what == "waiting":
-        memory["waiting"] = event
-        memory["api_attempts"] = event.get("attempt") or 0
-    elif what in ("launch", "settled"):
-        memory.pop("waiting", None)
-    elif what == "budget_stop":
-        memory["stop_reason"] = "budget"
-
-
-def restore_resilience(record, log):
-    """Give a record rebuilt from its log its checks result, its API wait and its stop reason."""
-    memory = log.resilience
-    if memory.get("checks"):
-        record["checks"] = {key: memory["checks"].get(key) for key in CHECK_RESULT_FIELDS}
-        if record["checks"]["status"] == "running" and record["state"] == "done":
-            record.update(state="running", pid=None)  # the supervisor died during checks: run them again
-    if memory.get("waiting"):
-        waiting = {key: memory["waiting"].get(key) for key in ("reason", "until", "attempt", "message")}
-        record.update(state="waiting", waiting=waiting, error=None, finished_at=None)
-    record["api_attempts"] = memory.get("api_attempts", 0)
-    if memory.get("stop_reason"):
-        record["stop_reason"] = memory["stop_reason"]
+CHECK_POLL = 0.2  # seconds between looks at a running check (its timeout, a stop request)
+CHECK_STOP_POLL = 1.0  # seconds between looks at the record for a stop while a check runs
+CHECK_OUTPUT_LIMIT = 64 * 1024  # characters of a check's output kept in the agent's log
+CHECK_TAIL_CHARS = 1500  # of a failing check's output kept in the record and quoted to the agent
+FIX_PROMPT = (
+    "The checks orchestra runs after you finish failed. The command `{command}` exited with "
+    "{exit_code}. The end of its output:\n\n```\n{tail}\n```\n\nFix the cause, commit the fix, and finish."
+)
+# a backoff wait is stretched by up to this fraction, so agents do not retry in step
+API_JITTER = 0.2
+API_SCAN_BYTES = 256 * 1024  # of the end of a log searched for the last run's API error
+ACCOUNT_LIMIT_REASONS = (
+    "rate_limit",
+    "usage_limit",
+)  # waits that hold every new start, not one agent
+BATCH_ID_FORMAT = "b%Y%m%dT%H%M%S"
+# A subscription's usage limit, as Claude Code words it across versions (never a max-turns or budget end)
+USAGE_LIMIT_RE = re.compile(
+    r"usage limit|hit your (?:usage )?limit|limit reached\W.*\bresets?\b|out of (?:extra )?usage",
+    re.IGNORECASE,
+)
+USAGE_RESET_RE = re.compile(r"\|(\d{10})\b")  # "Claude AI usage limit reached|1767225600"
+USAGE_RESET_CLOCK_RE = re.compile(
+    r"resets(?: at)? (\d{1,2})(?::(\d{2}))?\s*([ap]m)?(?:\s*\(([^)]+)\))?", re.I
+)
 
 
 def checks_running(record):
@@ -2993,7 +3615,11 @@ def usage_reset_time(text, now=None):
     clock = USAGE_RESET_CLOCK_RE.search(text)
     if not clock:
         return None
-    hour, minute, half = int(clock.group(1)), int(clock.group(2) or 0), (clock.group(3) or "").lower()
+    hour, minute, half = (
+        int(clock.group(1)),
+        int(clock.group(2) or 0),
+        (clock.group(3) or "").lower(),
+    )
     if (half and not 1 <= hour <= 12) or hour > 23 or minute > 59:
         return None
     hour = hour % 12 + (12 if half == "pm" else 0) if half else hour
@@ -3009,7 +3635,9 @@ def next_clock_time(hour, minute, zone_name, now):
         from zoneinfo import ZoneInfo
 
         zone = ZoneInfo(zone_name) if zone_name else None
-    current = datetime.datetime.fromtimestamp(now, zone) if zone else datetime.datetime.fromtimestamp(now)
+    current = (
+        datetime.datetime.fromtimestamp(now, zone) if zone else datetime.datetime.fromtimestamp(now)
+    )
     reset = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
     if reset <= current:
         reset += datetime.timedelta(days=1)
@@ -3025,18 +3653,28 @@ def backoff_seconds(attempt, base, cap, jitter=None):
 def plan_wait(record, failure, now):
     """Turn a record whose run failed on the API into a waiting one; False when retries are used up."""
     reason, reset, message = failure
-    attempt, limit = (record.get("api_attempts") or 0) + 1, resilience_setting(record, "api_retries")
+    attempt, limit = (record.get("api_attempts") or 0) + 1, resilience_setting(
+        record, "api_retries"
+    )
     if attempt > limit:
         record["error"] = f"{record['error']} (gave up after {limit} API retries)"
         return False
     delay = backoff_seconds(
-        attempt, resilience_setting(record, "api_backoff"), resilience_setting(record, "api_backoff_max")
+        attempt,
+        resilience_setting(record, "api_backoff"),
+        resilience_setting(record, "api_backoff_max"),
     )
     until = reset if reset and reset > now else now + delay
     waiting = {"reason": reason, "until": utc_iso(until), "attempt": attempt, "message": message}
     clock = time.strftime("%H:%M:%S", time.gmtime(until))
-    record.update(state="waiting", waiting=waiting, api_attempts=attempt, error=None, finished_at=None,
-                  activity=f"{reason.replace('_', ' ')}: retrying at {clock} UTC (attempt {attempt} of {limit})")  # fmt: skip
+    record.update(
+        state="waiting",
+        waiting=waiting,
+        api_attempts=attempt,
+        error=None,
+        finished_at=None,
+        activity=f"{reason.replace('_', ' ')}: retrying at {clock} UTC (attempt {attempt} of {limit})",
+    )
     append_event(record["log"], {"event": "waiting", **waiting})
     return True
 
@@ -3046,7 +3684,8 @@ def account_wait(state, now):
     untils = [
         parse_iso(r["waiting"]["until"])
         for r in state["agents"].values()
-        if r["state"] == "waiting" and (r.get("waiting") or {}).get("reason") in ACCOUNT_LIMIT_REASONS
+        if r["state"] == "waiting"
+        and (r.get("waiting") or {}).get("reason") in ACCOUNT_LIMIT_REASONS
     ]
     latest = max((u for u in untils if u), default=None)
     return latest if latest and latest > now else None
@@ -3055,14 +3694,27 @@ def account_wait(state, now):
 def run_check(command, worktree, timeout, cancelled):
     """Run one check in the worktree: (exit code or None, output, 'timeout'|'cancelled'|None)."""
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(command, shell=True, cwd=str(worktree), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        deadline, next_look, why = time.monotonic() + timeout, time.monotonic() + CHECK_STOP_POLL, None
+        proc = subprocess.Popen(
+            command,
+            shell=True,
+            cwd=str(worktree),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline, next_look, why = (
+            time.monotonic() + timeout,
+            time.monotonic() + CHECK_STOP_POLL,
+            None,
+        )
         while not check_ended(proc):
             if time.monotonic() >= deadline:
                 why = "timeout"
             elif time.monotonic() >= next_look:
-                why, next_look = ("cancelled" if cancelled() else None), time.monotonic() + CHECK_STOP_POLL
+                why, next_look = (
+                    "cancelled" if cancelled() else None
+                ), time.monotonic() + CHECK_STOP_POLL
             if why:
                 with contextlib.suppress(OSError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -3085,7 +3737,9 @@ def check_ended(proc):
 def fix_prompt(checks):
     """What a fix round tells the agent: the failing command and the end of its output."""
     code = "timed out" if checks["exit_code"] is None else f"status {checks['exit_code']}"
-    return FIX_PROMPT.format(command=checks["command"], exit_code=code, tail=checks["tail"] or "(no output)")
+    return FIX_PROMPT.format(
+        command=checks["command"], exit_code=code, tail=checks["tail"] or "(no output)"
+    )
 
 
 def assign_batch(project, records, budget):
@@ -3106,8 +3760,10 @@ def assign_batch(project, records, budget):
 
 def batch_spending(state):
     """{batch id: {"budget", "spent", "agents"}} of every batch."""
-    totals = {bid: {"budget": info.get("budget"), "spent": 0.0, "agents": 0}
-              for bid, info in (state.get("batches") or {}).items()}  # fmt: skip
+    totals = {
+        bid: {"budget": info.get("budget"), "spent": 0.0, "agents": 0}
+        for bid, info in (state.get("batches") or {}).items()
+    }
     for record in state["agents"].values():
         if record.get("batch") in totals:
             totals[record["batch"]]["spent"] += record.get("cost_usd") or 0
@@ -3117,14 +3773,19 @@ def batch_spending(state):
 
 def over_budget(state):
     """{batch id: (spent, budget)} of batches that have spent their budget."""
-    return {bid: (t["spent"], t["budget"]) for bid, t in batch_spending(state).items()
-            if t["budget"] is not None and t["spent"] >= t["budget"]}  # fmt: skip
+    return {
+        bid: (t["spent"], t["budget"])
+        for bid, t in batch_spending(state).items()
+        if t["budget"] is not None and t["spent"] >= t["budget"]
+    }
 
 
 def stop_for_budget(record, spent, budget):
     """Stop one active agent of a batch over budget; its (pid, start token) to end, or None."""
     _, process = request_stop(record)
-    record.update(stop_reason="budget", activity=f"stopped: batch budget {format_cost(budget)} reached")
+    record.update(
+        stop_reason="budget", activity=f"stopped: batch budget {format_cost(budget)} reached"
+    )
     append_event(
         record["log"],
         {"event": "budget_stop", "batch": record.get("batch"), "spent": spent, "budget": budget},
@@ -3135,7 +3796,10 @@ def stop_for_budget(record, spent, budget):
 def resilience_status(state, now=None):
     """The account's rate-limit wait and each batch's spending, for `status --json`."""
     until = account_wait(state, now or time.time())
-    return {"rate_limited_until": utc_iso(until) if until else None, "batches": batch_spending(state)}
+    return {
+        "rate_limited_until": utc_iso(until) if until else None,
+        "batches": batch_spending(state),
+    }
 
 
 def state_label(record):
@@ -3180,7 +3844,9 @@ def render_resilience_event(event):
             return [f"== checks FAILED: {event.get('command')} (exit {event.get('exit_code')})"]
         return ["== checks started" if status == "running" else f"== checks {status}"]
     if what == "fix_round":
-        return [f"== fix round {event.get('round')}: resumed the session to fix {event.get('command')}"]
+        return [
+            f"== fix round {event.get('round')}: resumed the session to fix {event.get('command')}"
+        ]
     if what == "waiting":
         return [
             f"== {event.get('reason')}: waiting until {event.get('until')} (attempt {event.get('attempt')})"
@@ -3213,24 +3879,6 @@ def checks_markdown(checks):
     return text
 
 
-def retry_agent(project, record, resume_session):
-    """Start a failed, interrupted or stopped agent's task again; what happened."""
-    if record["state"] not in ("failed", "interrupted", "stopped"):
-        raise OrchestraError(
-            f"{record['id']} is {record['state']}; only failed, interrupted or stopped agents can be retried"
-        )
-    if resume_session:
-        change_agents(
-            project, [record["id"]], lambda r: queue_session(r, RESUME_PROMPT, "retrying its session")
-        )
-        ensure_supervisor(project)
-        return f"{record['id']}: queued to continue its session"
-    taken = taken_ids(project, project.records())
-    new_id = unique_id(record["id"], taken | {record["id"]})
-    fresh = spawn_agents(project, [record["task"]], name=new_id, base=record["base_commit"])[0]
-    return f"{record['id']}: retried as {fresh['id']} on {fresh['branch']} (the old worktree and branch are kept)"
-
-
 def gate_on_checks(records, override):
     """(records to merge, [{id, reason}] left out): only agents whose checks passed or had none."""
     chosen, skipped = [], []
@@ -3241,13 +3889,30 @@ def gate_on_checks(records, override):
             chosen.append(record)
         else:
             skipped.append(
-                {"id": record["id"], "reason": f"checks {checks_line(checks or {'status': 'not run'})}"}
+                {
+                    "id": record["id"],
+                    "reason": f"checks {checks_line(checks or {'status': 'not run'})}",
+                }
             )
     return chosen, skipped
 
 
 class Resilience:
-    """The supervisor's part in checks, fix rounds, API waits and budgets (a mixin of Supervisor)."""
+    """The supervisor's part in checks, fix rounds, API waits and budgets.
+
+    Given what it works with: the state store, the supervisor's `queue` (facts for the next
+    state write) and `announce` (notify_command), and the event that says the supervisor is
+    stopping. It owns the agents whose checks are due.
+    """
+
+    def __init__(self, store, queue, announce, stopping):
+        self.store = store
+        self.queue = queue
+        self.announce = announce
+        self.stopping = stopping
+        self.due_checks = (
+            {}
+        )  # agent id -> record whose checks review() asked for; its thread pops it
 
     def review(self, record):
         """Right after an agent's process ends (under the state lock): wait out an API error, or check it."""
@@ -3280,24 +3945,11 @@ class Resilience:
                 "rounds": 0,
             }
 
-    def after_done(self, agent_id):
+    def run_due_checks(self, agent_id):
         """In the agent's watcher thread: run its checks if review() asked for them."""
         record = self.due_checks.pop(agent_id, None)
         if record:
             self.run_checks(record)
-        self.slot_freed.set()
-
-    def nap(self, seconds):
-        """Wait for the next scheduling pass: `seconds`, or less when an agent's end frees a slot."""
-        self.slot_freed.wait(seconds)
-        self.slot_freed.clear()
-
-    def after_done_in_thread(self, agent_id):
-        """From the main thread (adopting): run the agent's checks in a named thread of their own."""
-        thread = threading.Thread(target=self.guarded, args=(lambda i: self.after_done(i), agent_id),
-                                  name=f"checks-{agent_id}", daemon=True)  # fmt: skip
-        self.watchers[agent_id] = thread
-        thread.start()
 
     def check_cancelled(self, agent_id):
         """True once the supervisor is stopping or the agent was stopped while its checks ran."""
@@ -3319,10 +3971,23 @@ class Resilience:
             )
             if why == "cancelled":
                 return  # stopped, or the supervisor is exiting (the next one runs the checks again)
-            append_event(record["log"], {"event": "check", "command": command, "exit_code": code, "why": why,
-                                         "timeout": timeout, "output": output[-CHECK_OUTPUT_LIMIT:]})  # fmt: skip
+            append_event(
+                record["log"],
+                {
+                    "event": "check",
+                    "command": command,
+                    "exit_code": code,
+                    "why": why,
+                    "timeout": timeout,
+                    "output": output[-CHECK_OUTPUT_LIMIT:],
+                },
+            )
             if code != 0:
-                tail = tail_text(output, CHECK_TAIL_CHARS) if why is None else f"timed out after {timeout}s"
+                tail = (
+                    tail_text(output, CHECK_TAIL_CHARS)
+                    if why is None
+                    else f"timed out after {timeout}s"
+                )
                 result = {
                     "status": "failed",
                     "command": command,
@@ -3331,7 +3996,9 @@ class Resilience:
                     "rounds": rounds,
                 }
                 break
-        concluded = self.store.update(lambda state: self.conclude_checks(state["agents"][agent_id], result))
+        concluded = self.store.update(
+            lambda state: self.conclude_checks(state["agents"][agent_id], result)
+        )
         if concluded:
             self.announce(concluded)  # notify_command hears "done" only once the checks have run
 
@@ -3345,12 +4012,17 @@ class Resilience:
         wants_fix = result["status"] == "failed" and result["rounds"] < resilience_setting(
             record, "fix_rounds"
         )
-        if wants_fix and record.get("session_id") and is_claude_command(record["launch"]["agent_command"]):
+        if (
+            wants_fix
+            and record.get("session_id")
+            and is_claude_command(record["launch"]["agent_command"])
+        ):
             result = dict(result, rounds=result["rounds"] + 1)
             record["checks"] = result
             append_event(record["log"], {"event": "checks", **result})
             append_event(
-                record["log"], {"event": "fix_round", "round": result["rounds"], "command": result["command"]}
+                record["log"],
+                {"event": "fix_round", "round": result["rounds"], "command": result["command"]},
             )
             queue_session(
                 record, fix_prompt(result), f"fix round {result['rounds']}: waiting for a free slot"
@@ -3358,7 +4030,9 @@ class Resilience:
             return None
         record["checks"] = result
         append_event(record["log"], {"event": "checks", **result})
-        record.update(state="done", finished_at=utc_iso(), activity=one_line(f"checks {checks_line(result)}"))
+        record.update(
+            state="done", finished_at=utc_iso(), activity=one_line(f"checks {checks_line(result)}")
+        )
         return dict(record)
 
     def hold_starts(self, state):
@@ -3379,7 +4053,9 @@ class Resilience:
             attempt = record["waiting"].get("attempt")
             record["waiting"] = None
             try:
-                queue_session(record, RESUME_PROMPT, f"resuming after the API wait (attempt {attempt})")
+                queue_session(
+                    record, RESUME_PROMPT, f"resuming after the API wait (attempt {attempt})"
+                )
             except OrchestraError as e:
                 record.update(state="failed", error=str(e), finished_at=utc_iso())
                 note_settlement(record)
@@ -3390,12 +4066,20 @@ class Resilience:
             for record in state["agents"].values():
                 if record.get("batch") != batch_id or record["state"] not in ACTIVE_STATES:
                     continue
-                if record["state"] == "running" and record["pid"] and last_run_result(record["log"])[0]:
+                if (
+                    record["state"] == "running"
+                    and record["pid"]
+                    and last_run_result(record["log"])[0]
+                ):
                     continue  # it has finished and is exiting: its watcher settles it as it ended
                 process = stop_for_budget(record, spent, budget)
                 if process:  # ending a process may take STOP_GRACE: never under the state lock
-                    threading.Thread(target=stop_process, args=process, name=f"budget-stop-{record['id']}",
-                                     daemon=True).start()  # fmt: skip
+                    threading.Thread(
+                        target=stop_process,
+                        args=process,
+                        name=f"budget-stop-{record['id']}",
+                        daemon=True,
+                    ).start()
 
 
 # ======================================================================================
@@ -3406,8 +4090,13 @@ class Resilience:
 # supervisor left, and exits when nothing is queued, running or paused.
 # ======================================================================================
 
+SUPERVISOR_TICK = 0.5  # seconds between the supervisor's scheduling passes and state writes
+WATCH_POLL = 0.2  # seconds between a watcher's reads of its agent's log
+PREPARE_AT_ONCE = 2  # worktrees the supervisor makes at a time: checkouts compete for the disk
+COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
 
-class Supervisor(Resilience):
+
+class Supervisor:
     """Runs and watches a repository's agents until there is nothing left to do."""
 
     def __init__(self, project):
@@ -3417,10 +4106,13 @@ class Supervisor(Resilience):
         self.pending_lock = threading.Lock()  # guards self.pending
         self.pending = {}  # agent id -> facts or final record changes waiting for the next write
         self.watchers = {}  # agent id -> watcher thread; touched by the main thread only
-        self.preparer = None  # the thread making the next worktrees; touched by the main thread only
+        # the thread making the next worktrees; touched by the main thread only
+        self.preparer = None
         self.notifiers = []  # notify_command threads, waited for before the supervisor exits
-        self.slot_freed = threading.Event()  # set when an agent ends, so the next one starts at once
-        self.due_checks = {}  # agent id -> record whose checks review() asked for; its thread pops it
+        self.slot_freed = (
+            threading.Event()
+        )  # set when an agent ends, so the next one starts at once
+        self.resilience = Resilience(self.store, self.queue, self.announce, self.stopping)
 
     def run(self):
         """Hold the supervisor lock and serve; re-check for work after letting go of it."""
@@ -3458,8 +4150,12 @@ class Supervisor(Resilience):
 
     def register(self, state):
         """Write this process into the state as the live supervisor."""
-        state["supervisor"] = {"pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
-                               "started_at": utc_iso(), "heartbeat_at": utc_iso()}  # fmt: skip
+        state["supervisor"] = {
+            "pid": os.getpid(),
+            "pid_start": process_start_time(os.getpid()),
+            "started_at": utc_iso(),
+            "heartbeat_at": utc_iso(),
+        }
 
     @staticmethod
     def has_work(state):
@@ -3474,7 +4170,9 @@ class Supervisor(Resilience):
     def waits_for_worktree(record):
         """True for a queued agent whose worktree spawn left to the supervisor (and handed over)."""
         return (
-            record["state"] == "queued" and bool(record.get("worktree_later")) and not record.get("preparer")
+            record["state"] == "queued"
+            and bool(record.get("worktree_later"))
+            and not record.get("preparer")
         )
 
     def preparing(self):
@@ -3493,7 +4191,9 @@ class Supervisor(Resilience):
         if not any(self.waits_for_worktree(r) for r in agents):
             return
         ready = sum(r["state"] == "queued" and bool(r.get("ready")) for r in agents)
-        count = min(PREPARE_AT_ONCE, self.project.config.parallel_limit(state.get("parallel")) - ready)
+        count = min(
+            PREPARE_AT_ONCE, self.project.config.parallel_limit(state.get("parallel")) - ready
+        )
         if count > 0:
             self.preparer = threading.Thread(
                 target=self.prepare_next, args=(count,), name="prepare", daemon=True
@@ -3506,9 +4206,14 @@ class Supervisor(Resilience):
         def claim(state):
             waiting = (r for r in state["agents"].values() if self.waits_for_worktree(r))
             chosen = sorted(waiting, key=spawn_order)[:count]
-            preparer = [os.getpid(), process_start_time(os.getpid())]  # a crash mid-prepare is rolled back
+            preparer = [
+                os.getpid(),
+                process_start_time(os.getpid()),
+            ]  # a crash mid-prepare is rolled back
             for record in chosen:
-                record.update(worktree_later=False, activity="preparing worktree", preparer=preparer)
+                record.update(
+                    worktree_later=False, activity="preparing worktree", preparer=preparer
+                )
             return [dict(r) for r in chosen]
 
         try:
@@ -3537,7 +4242,7 @@ class Supervisor(Resilience):
         def settle(state):
             record = state["agents"][agent_id]
             finish_record(record, log, None, "", self.counts(record))
-            self.review(record)
+            self.resilience.review(record)
             return dict(record)
 
         self.announce(self.store.update(settle))
@@ -3546,7 +4251,9 @@ class Supervisor(Resilience):
     def free_slots(self, state):
         """How many more agents may run now."""
         limit = self.project.config.parallel_limit(state.get("parallel"))
-        return max(0, limit - sum(r["state"] in ("running", "paused") for r in state["agents"].values()))
+        return max(
+            0, limit - sum(r["state"] in ("running", "paused") for r in state["agents"].values())
+        )
 
     def startable(self, state):
         """True when this pass needs the lock (checked without it): a ready agent can start, or a
@@ -3559,10 +4266,12 @@ class Supervisor(Resilience):
 
     def start_queued(self, state):
         """Launch ready queued agents, oldest first, while fewer than the limit run."""
-        if self.hold_starts(state):
+        if self.resilience.hold_starts(state):
             return  # the account is rate-limited: no new starts until it resets
         agents = state["agents"].values()
-        queued = sorted((r for r in agents if r["state"] == "queued" and r.get("ready")), key=spawn_order)
+        queued = sorted(
+            (r for r in agents if r["state"] == "queued" and r.get("ready")), key=spawn_order
+        )
         for record in queued[: self.free_slots(state)]:
             self.start(record)
 
@@ -3572,12 +4281,23 @@ class Supervisor(Resilience):
         try:
             proc = launch_agent(self.project, record, prompt)
         except OSError as e:
-            record.update(state="failed", error=f"could not start {record['launch']['agent_command'][0]}: {e}",
-                          finished_at=utc_iso())  # fmt: skip
+            record.update(
+                state="failed",
+                error=f"could not start {record['launch']['agent_command'][0]}: {e}",
+                finished_at=utc_iso(),
+            )
             return
-        record.update(state="running", pid=proc.pid, pid_start=process_start_time(proc.pid), exit_code=None,
-                      started_at=record.get("started_at") or utc_iso(), finished_at=None, error=None,
-                      activity="starting", last_activity_at=utc_iso())  # fmt: skip
+        record.update(
+            state="running",
+            pid=proc.pid,
+            pid_start=process_start_time(proc.pid),
+            exit_code=None,
+            started_at=record.get("started_at") or utc_iso(),
+            finished_at=None,
+            error=None,
+            activity="starting",
+            last_activity_at=utc_iso(),
+        )
         self.watch(record, proc)
 
     def watch(self, record, proc):
@@ -3590,6 +4310,27 @@ class Supervisor(Resilience):
         )
         self.watchers[record["id"]] = thread
         thread.start()
+
+    def after_done(self, agent_id):
+        """In the agent's watcher thread: run its due checks, then free its slot."""
+        self.resilience.run_due_checks(agent_id)
+        self.slot_freed.set()
+
+    def after_done_in_thread(self, agent_id):
+        """From the main thread (adopting): run the agent's checks in a named thread of their own."""
+        thread = threading.Thread(
+            target=self.guarded,
+            args=(lambda i: self.after_done(i), agent_id),
+            name=f"checks-{agent_id}",
+            daemon=True,
+        )
+        self.watchers[agent_id] = thread
+        thread.start()
+
+    def nap(self, seconds):
+        """Wait for the next scheduling pass: `seconds`, or less when an agent's end frees a slot."""
+        self.slot_freed.wait(seconds)
+        self.slot_freed.clear()
 
     def guarded(self, target, agent_id, *args):
         """Run a thread body; an exception reaches the supervisor log and the agent's record."""
@@ -3612,16 +4353,25 @@ class Supervisor(Resilience):
         stderr_tail = read_tail(self.project.stderr_path(agent_id))
         counts = self.counts(record)
         self.finish(
-            agent_id, lambda r: (finish_record(r, log, exit_code, stderr_tail, counts), self.review(r))
+            agent_id,
+            lambda r: (
+                finish_record(r, log, exit_code, stderr_tail, counts),
+                self.resilience.review(r),
+            ),
         )
         self.after_done(agent_id)
 
     def tail_until_exit(self, agent_id, record, proc, log, waiter):
         """Fold the log into pending facts (and refresh counts) until the process ends or we stop."""
-        next_counts, active = 0.0, True  # counts change only when the agent does something, which it logs
+        next_counts, active = (
+            0.0,
+            True,
+        )  # counts change only when the agent does something, which it logs
         while not self.stopping.is_set():
             exited = (
-                proc.poll() is not None if proc else not process_alive(record["pid"], record.get("pid_start"))
+                proc.poll() is not None
+                if proc
+                else not process_alive(record["pid"], record.get("pid_start"))
             )
             if log.read_new():
                 self.queue(agent_id, without_none(log.facts))
@@ -3629,7 +4379,9 @@ class Supervisor(Resilience):
             if exited:
                 return
             if active and time.monotonic() >= next_counts:
-                self.queue(agent_id, dict(zip(("commits", "files_changed"), self.counts(record) or ())))
+                self.queue(
+                    agent_id, dict(zip(("commits", "files_changed"), self.counts(record) or ()))
+                )
                 next_counts, active = time.monotonic() + COUNTS_INTERVAL, False
             if log.caught_up:  # during a burst, read on at once (in budgeted steps) instead
                 waiter.wait(WATCH_POLL)
@@ -3660,7 +4412,9 @@ class Supervisor(Resilience):
 
     def announce(self, record, event=None):
         """Run notify_command for an agent that finished, failed or went stale."""
-        event = event or {"done": "done", "failed": "failed", "interrupted": "failed"}.get(record["state"])
+        event = event or {"done": "done", "failed": "failed", "interrupted": "failed"}.get(
+            record["state"]
+        )
         if event:
             message = f"{record['id']} is {event}: {record.get('error') or record.get('result') or record.get('activity') or ''}"
             thread = notify(self.project.repo, record["id"], event, one_line(message))
@@ -3789,25 +4543,8 @@ def ensure_supervisor(project, state=None):
 # and the views of status, logs and worktrees. Handlers format; these decide.
 # ======================================================================================
 
-
-def select_agents(records, wanted):
-    """Records named by ids or unique id prefixes, in the order given (all when none given)."""
-    if not wanted:
-        return sorted(records.values(), key=spawn_order)
-    chosen = []
-    for name in wanted:
-        if not name:
-            raise OrchestraError("an agent id cannot be empty; 'orchestra status' lists them")
-        if name in records:
-            chosen.append(records[name])
-            continue
-        matches = sorted(i for i in records if i.startswith(name))
-        if not matches:
-            raise OrchestraError(f"no agent '{name}'; 'orchestra status' lists them")
-        if len(matches) > 1:
-            raise OrchestraError(f"'{name}' matches {', '.join(matches)}; type more of the id")
-        chosen.append(records[matches[0]])
-    return chosen
+# worktrees spawn makes itself; the supervisor makes the rest just before they run
+SPAWN_PREPARED_NOW = 1
 
 
 def status_document(project, state, records):
@@ -3820,7 +4557,9 @@ def status_document(project, state, records):
             "alive": supervisor_alive(state),
             "heartbeat_at": info.get("heartbeat_at"),
         },
-        "agents": [public_record(r) for r in with_merged_flags(project, with_approvals(project, records))],
+        "agents": [
+            public_record(r) for r in with_merged_flags(project, with_approvals(project, records))
+        ],
         **resilience_status(state),
     }
 
@@ -3828,18 +4567,28 @@ def status_document(project, state, records):
 def with_approvals(project, records):
     """Copies of the records with their 'approval' flag: the request each one waits on, or None."""
     flags = approval_flags(project.repo)
-    return [dict(r, approval=flags.get(r["id"]) if r["state"] in ACTIVE_STATES else None) for r in records]
+    return [
+        dict(r, approval=flags.get(r["id"]) if r["state"] in ACTIVE_STATES else None)
+        for r in records
+    ]
 
 
 def with_merged_flags(project, records):
     """Copies of the records with `merged` true for finished agents whose commits are all in
     their base branch (one git call per base branch), or that collect --merge merged."""
     finished = [r for r in records if r["state"] in FINISHED_STATES]
-    checked_out = current_branch(project.repo) if any(not r.get("base_branch") for r in finished) else None
+    checked_out = (
+        current_branch(project.repo) if any(not r.get("base_branch") for r in finished) else None
+    )
     targets = {id(r): r.get("base_branch") or checked_out for r in finished}
     merged_tips = {}
     for target in set(targets.values()) - {None}:
-        fmt = ["for-each-ref", f"--merged={target}", "--format=%(refname) %(objectname)", "refs/heads/"]
+        fmt = [
+            "for-each-ref",
+            f"--merged={target}",
+            "--format=%(refname) %(objectname)",
+            "refs/heads/",
+        ]
         done = run_git(fmt, project.repo, check=False)
         merged_tips[target] = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     flagged = []
@@ -3850,133 +4599,19 @@ def with_merged_flags(project, records):
     return flagged
 
 
-def check_task(task, noun="task"):
-    """Refuse a task (or follow-up message) an agent could not be given as one argument."""
-    if not task.strip():
-        raise OrchestraError(f"a {noun} is empty; describe what the agent should do")
-    if task.lstrip().startswith("-"):
+def check_not_removed(project, names):
+    """Refuse to continue a cleaned-up agent, pointing at its archive and `orchestra restore`."""
+    live, gone = project.records(), project.history()
+    for name in names:
+        matches = [i for i in gone if i == name] or [i for i in gone if i.startswith(name)]
+        if (name in live and live[name]["state"] != "removed") or len(matches) != 1:
+            continue
+        record = gone[matches[0]]
+        saved = (record.get("archive") or [f"{ARCHIVE_REFS}/{record['id']}/"])[0]
         raise OrchestraError(
-            f"{noun} '{one_line(task, 40)}' starts with '-' and would be read as an option; rephrase it"
+            f"{record['id']} was cleaned up; its work is saved under {saved}. "
+            f"Bring it back with 'orchestra restore {record['id']}', then try again"
         )
-    if len(task) > MAX_TASK_LENGTH:
-        raise OrchestraError(
-            f"a {noun} is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
-            f"put long instructions in a file and name that file in the {noun}"
-        )
-    bad = TASK_FORBIDDEN.search(task)
-    if bad:
-        raise OrchestraError(
-            f"a {noun} contains the character U+{ord(bad.group()):04X} (a control character or half of a "
-            "surrogate pair); remove it"
-        )
-
-
-def resolve_base(project, requested):
-    """(base branch name or None, base commit) for new agents."""
-    if not has_commits(project.repo):
-        raise OrchestraError("this repository has no commits yet; make a first commit, then spawn agents")
-    ref = requested or project.config["base_branch"] or current_branch(project.repo) or "HEAD"
-    commit = resolve_commit(project.repo, ref)
-    return (ref if ref != "HEAD" else None), commit
-
-
-def taken_ids(project, records):
-    """Ids no new agent may take: records, logs (cleaned-up agents keep theirs), branches and folders."""
-    taken = set(records) | local_branches(project.repo, project.config["branch_prefix"])
-    with contextlib.suppress(FileNotFoundError):
-        taken |= {name[: -len(".jsonl")] for name in os.listdir(project.logs) if name.endswith(".jsonl")}
-    if project.worktree_root.is_dir():
-        taken |= {
-            p.name[len(WORKTREE_PREFIX) :]
-            for p in project.worktree_root.iterdir()
-            if p.name.startswith(WORKTREE_PREFIX)
-        }
-    return taken
-
-
-def unique_id(slug, taken, separator="-"):
-    """The slug itself, or the slug with -2, -3... (another separator: .2, .3) when it is taken."""
-    candidate, n = slug, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{slug}{separator}{n}"
-    return candidate
-
-
-def check_explicit_name(project, name, taken):
-    """An id given with --name must be a valid, unused branch and folder name."""
-    if (
-        not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name)
-        or len(name) > MAX_ID_LENGTH
-        or not is_valid_branch_name(project.branch_name(name))
-    ):
-        raise OrchestraError(
-            f"--name '{name}' is not a valid id; use lowercase letters, digits, '-', '.' and '_'"
-        )
-    if branch_exists(project.repo, project.branch_name(name)):
-        raise OrchestraError(
-            f"branch '{project.branch_name(name)}' already exists; pick another name or run 'orchestra cleanup {name}'"
-        )
-    if project.worktree_path(name).exists():
-        raise OrchestraError(
-            f"worktree folder {project.worktree_path(name)} already exists; pick another name or remove it"
-        )
-    if name in taken:
-        raise OrchestraError(f"an agent named '{name}' already exists; pick another name")
-
-
-def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
-    """Record new queued agents under the lock, each with a unique id; their records."""
-
-    def reserve(state):
-        taken = taken_ids(project, state["agents"])
-        for name in names:
-            check_explicit_name(project, name, taken)
-            taken.add(name)
-        created = []
-        for task, name in itertools.zip_longest(tasks, names):
-            agent_id = name or unique_id(slugify(task), taken)
-            taken.add(agent_id)
-            record = new_record(project, agent_id, task, base_branch, base_commit)
-            record["seq"] = next_seq(state)
-            record["preparer"] = [os.getpid(), process_start_time(os.getpid())]
-            state["agents"][agent_id] = record
-            created.append(record)
-        if parallel:
-            state["parallel"] = parallel
-        return created
-
-    return project.store.update(reserve)
-
-
-def prepare_agents(project, records):
-    """Create all worktrees concurrently, then mark each agent ready or failed."""
-    copies = files_to_copy(project, include_patterns(project))
-    project.worktree_root.mkdir(parents=True, exist_ok=True)
-    register_lock = threading.Lock()  # serialises `git worktree add` (see prepare_worktree)
-    from concurrent.futures import ThreadPoolExecutor  # here: only spawn needs it, 4 ms at every start
-
-    with ThreadPoolExecutor(max_workers=min(WORKTREE_THREADS, len(records))) as pool:
-        errors = list(pool.map(lambda r: prepare_worktree(project, r, copies, register_lock), records))
-
-    def mark(state):
-        for record, error in zip(records, errors):
-            saved = state["agents"][record["id"]]
-            saved["copied_files"] = record["copied_files"]
-            saved["setup_files"] = record.get("setup_files", {})
-            if error:
-                saved.update(state="failed", error=error, activity="setup failed", finished_at=utc_iso())
-                note_settlement(saved)
-            else:
-                saved.update(ready=True, activity="waiting for a free slot")
-            record.update(saved)
-
-    project.store.update(mark)
-
-
-def change_agents(project, ids, change):
-    """Apply `change(record)` to each named agent under the state lock; what each returned."""
-    return project.store.update(lambda state: [change(r) for r in select_agents(state["agents"], ids)])
 
 
 def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, budget=None):
@@ -4014,84 +4649,11 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, 
             roll_back_spawn(project, records, "spawn was interrupted before the agent started")
             drop_agent_env(project, [r["id"] for r in records])
         raise
-    drop_agent_env(project, [r["id"] for r in records if r["state"] == "failed"])  # setup failed: no launch
+    drop_agent_env(
+        project, [r["id"] for r in records if r["state"] == "failed"]
+    )  # setup failed: no launch
     ensure_supervisor(project)
     return records
-
-
-def defer_worktrees(project, records):
-    """Leave these agents' worktrees to the supervisor, which makes each shortly before it can run.
-
-    Their logs open with the spawn event now, so a rebuilt state.json still knows them.
-    """
-    if not records:
-        return
-    for record in records:
-        append_spawn_event(project, record)
-
-    def mark(state):
-        for record in records:
-            facts = dict(worktree_later=True, spawn_logged=True, activity="waiting for a worktree")
-            record.update(facts)  # spawn stays its preparer until hand_over_worktrees
-            state["agents"][record["id"]].update(facts)
-
-    project.store.update(mark)
-
-
-def hand_over_worktrees(project, records):
-    """Give deferred agents to the supervisor: until now a killed spawn rolls them back with the rest."""
-
-    def release(state):
-        for record in records:
-            saved = state["agents"].get(record["id"])
-            if saved and saved["state"] == "queued" and saved.get("worktree_later"):
-                saved["preparer"] = record["preparer"] = None
-
-    if records:
-        project.store.update(release)
-
-
-def mark_sandboxed(project, records, sandboxed):
-    """Fix at spawn whether the agents run in the sandbox: in their records and launch settings."""
-
-    def mark(state):
-        for record in records:
-            for target in (record, state["agents"][record["id"]]):
-                target["sandboxed"] = sandboxed
-                target["launch"]["sandboxed"] = sandboxed
-
-    project.store.update(mark)
-
-
-def roll_back_spawn(project, records, why):
-    """Undo half-prepared agents (none has run): remove their worktree and fresh branch, mark
-    them failed. Their worktrees hold only the base checkout, copies and setup output."""
-    for record in records:
-        worktree, branch = record["worktree"], f"refs/heads/{record['branch']}"
-        delete_worktree(project.repo, worktree)
-        run_git(["update-ref", "-d", branch, record["base_commit"]], project.repo, check=False)
-
-    def mark(state):
-        for record in records:
-            saved = state["agents"].get(record["id"])
-            if saved and saved["state"] == "queued" and not saved.get("ready"):
-                saved.update(state="failed", error=why, activity="spawn interrupted", finished_at=utc_iso())
-                note_settlement(saved)
-
-    project.store.update(mark)
-
-
-def roll_back_stalled_spawns(project):
-    """Roll back agents whose spawn process died while preparing them (Ctrl-C, kill); their ids."""
-    stalled = [
-        r for r in project.records().values()
-        if r["state"] == "queued" and not r.get("ready") and r.get("preparer")
-        and not process_alive(*r["preparer"])
-    ]  # fmt: skip
-    if stalled:
-        with shield_interrupts():
-            roll_back_spawn(project, stalled, "its spawn was interrupted before the agent started")
-    return [r["id"] for r in stalled]
 
 
 def pause_agents(project, ids):
@@ -4113,17 +4675,6 @@ def resume_agents(project, ids, env=None):
     return outcomes
 
 
-def request_stop(record):
-    """Mark an active agent stopped; (id, its process) so the caller can end the process."""
-    if record["state"] not in ACTIVE_STATES:
-        raise OrchestraError(f"{record['id']} is already {record['state']}")
-    process = (record["pid"], record.get("pid_start"))
-    record.update(state="stopped", finished_at=utc_iso(), activity="stopped", stale=False, waiting=None)
-    if not record["pid"]:
-        note_settlement(record)  # no watcher will settle an agent that never started
-    return record["id"], process
-
-
 def stop_agents(project, ids):
     """Stop agents and end their processes; worktrees and branches stay. (id, what happened)."""
     outcomes = []
@@ -4139,7 +4690,9 @@ def resume_agent(record):
         raise OrchestraError(
             f"{record['id']} is {record['state']}; only paused, stopped, failed or interrupted agents resume"
         )
-    if record["state"] == "paused" and signal_group(record["pid"], record.get("pid_start"), signal.SIGCONT):
+    if record["state"] == "paused" and signal_group(
+        record["pid"], record.get("pid_start"), signal.SIGCONT
+    ):
         record.update(state="running", activity="resumed")
         return "resumed"
     record["waiting"] = None  # a waiting agent is retried at once
@@ -4147,17 +4700,24 @@ def resume_agent(record):
     return "queued to resume its session"
 
 
-def queue_session(record, prompt, activity):
-    """Queue a relaunch of the agent's Claude session with a new prompt, in its own worktree."""
-    if not record.get("session_id") or not is_claude_command(record["launch"]["agent_command"]):
-        raise OrchestraError(f"{record['id']} has no Claude session to continue; spawn its task again")
-    if not Path(record["worktree"]).is_dir():
+def retry_agent(project, record, resume_session):
+    """Start a failed, interrupted or stopped agent's task again; what happened."""
+    if record["state"] not in ("failed", "interrupted", "stopped"):
         raise OrchestraError(
-            f"{record['id']}'s worktree {record['worktree']} is gone; its session cannot continue there"
+            f"{record['id']} is {record['state']}; only failed, interrupted or stopped agents can be retried"
         )
-    record.update(
-        state="queued", ready=True, resume_prompt=prompt, pid=None, finished_at=None, activity=activity
-    )
+    if resume_session:
+        change_agents(
+            project,
+            [record["id"]],
+            lambda r: queue_session(r, RESUME_PROMPT, "retrying its session"),
+        )
+        ensure_supervisor(project)
+        return f"{record['id']}: queued to continue its session"
+    taken = taken_ids(project, project.records())
+    new_id = unique_id(record["id"], taken | {record["id"]})
+    fresh = spawn_agents(project, [record["task"]], name=new_id, base=record["base_commit"])[0]
+    return f"{record['id']}: retried as {fresh['id']} on {fresh['branch']} (the old worktree and branch are kept)"
 
 
 def find_requests(project, name):
@@ -4175,7 +4735,9 @@ def find_requests(project, name):
         return by_prefix
     records = project.records()
     if not any(i.startswith(name) for i in records):
-        raise OrchestraError(f"no request or agent '{name}'; 'orchestra approvals' lists the requests")
+        raise OrchestraError(
+            f"no request or agent '{name}'; 'orchestra approvals' lists the requests"
+        )
     agent = select_agents(records, [name])[0]
     mine = [r for r in pending if r["agent"] == agent["id"]]
     if mine:
@@ -4205,20 +4767,36 @@ def answer_request(project, request, allow, by, message=None, always=None):
     if not process_alive(request.get("pid"), request.get("pid_start")):
         state = project.records().get(request["agent"], {}).get("state", "gone")
         raise OrchestraError(
-            f"{request['agent']} has ended ({state}); its request {request['id']} is void", EXIT_FAILURE
+            f"{request['agent']} has ended ({state}); its request {request['id']} is void",
+            EXIT_FAILURE,
         )
     rule = request_rule(request["tool"], request.get("input") or {}) if allow and always else None
-    decision = {"decision": "allow" if allow else "deny", "by": by, "at": utc_iso(), "message": message,
-                "always": always if rule else None, "rule": rule}  # fmt: skip
+    decision = {
+        "decision": "allow" if allow else "deny",
+        "by": by,
+        "at": utc_iso(),
+        "message": message,
+        "always": always if rule else None,
+        "rule": rule,
+    }
     if rule:  # before the decision, so the agent's very next request already finds it
         if always == "project":
             decision["config"] = str(add_project_rule(project, rule))
         else:
             box.add_rule(request["agent"], rule)
     if not box.decide(request["id"], decision):
-        raise OrchestraError(late_message(request["id"], box.decision(request["id"]) or {}), EXIT_FAILURE)
-    event = {"event": "approval", "request": request["id"], "tool": request.get("summary"), **decision}
-    append_event(project.log_path(request["agent"]), {k: v for k, v in event.items() if v is not None})
+        raise OrchestraError(
+            late_message(request["id"], box.decision(request["id"]) or {}), EXIT_FAILURE
+        )
+    event = {
+        "event": "approval",
+        "request": request["id"],
+        "tool": request.get("summary"),
+        **decision,
+    }
+    append_event(
+        project.log_path(request["agent"]), {k: v for k, v in event.items() if v is not None}
+    )
     return decision
 
 
@@ -4234,6 +4812,57 @@ def add_project_rule(project, rule):
 def approvals_document(project):
     """What `approvals --json` prints and GET /api/approvals answers."""
     return {"approvals": ApprovalBox(project.repo).pending()}
+
+
+def worktree_rows(project, records):
+    """git's worktrees joined with agent records, orphans and missing folders marked."""
+    by_path = {str(Path(r["worktree"])): r for r in records.values() if r["state"] != "removed"}
+    root = str(project.worktree_root)
+    rows = []
+    for wt in list_worktrees(project.repo):
+        record = by_path.pop(wt["path"], None)
+        ours = os.path.dirname(wt["path"]) == root and os.path.basename(wt["path"]).startswith(
+            WORKTREE_PREFIX
+        )
+        notes = [
+            n
+            for n, on in (
+                ("main", wt["path"] == str(project.repo)),
+                ("orphan", ours and not record),
+                ("missing", wt["prunable"] or not os.path.isdir(wt["path"])),
+                ("locked", wt["locked"]),
+            )
+            if on
+        ]
+        rows.append(worktree_row(wt["path"], wt["branch"], record, notes))
+    for path, record in by_path.items():
+        rows.append(worktree_row(path, record["branch"], record, ["missing"]))
+    return rows
+
+
+def worktree_row(path, branch, record, notes):
+    """One row of `orchestra worktrees`."""
+    record = record or {}
+    return {
+        "path": path,
+        "branch": branch,
+        "id": record.get("id"),
+        "task": record.get("task"),
+        "state": record.get("state"),
+        "notes": notes,
+    }
+
+
+# ======================================================================================
+# Reading logs
+# --------------------------------------------------------------------------------------
+# An agent's log as lines a person reads: each stream-json event and orchestra event rendered
+# on its own line, streamed in chunks so memory stays bounded, and the last N lines found by
+# reading backwards from the end. `logs`, `logs -f` and the dashboard's log view share it.
+# ======================================================================================
+
+LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
+LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
 
 
 def render_event(event):
@@ -4252,7 +4881,9 @@ def render_event(event):
         cost, turns = format_cost(event.get("total_cost_usd")), event.get("num_turns")
         seconds = (event.get("duration_ms") or 0) / 1000
         mark = "FAILED" if event.get("is_error") else "DONE"
-        return [f"== {mark} after {seconds:.1f}s, {turns} turns, {cost}: {event.get('result') or ''}"]
+        return [
+            f"== {mark} after {seconds:.1f}s, {turns} turns, {cost}: {event.get('result') or ''}"
+        ]
     return []
 
 
@@ -4286,7 +4917,9 @@ def render_orchestra_event(event):
     if what == "launch":
         return ["== resumed its session" if event.get("resume") else "== agent started"]
     if what == "approval_requested":
-        return [f"?? waiting for approval: {event.get('tool')} (orchestra approve {event.get('request')})"]
+        return [
+            f"?? waiting for approval: {event.get('tool')} (orchestra approve {event.get('request')})"
+        ]
     if what == "approval":
         verb = "allowed" if event.get("decision") == "allow" else "denied"
         why = f" by rule {event['rule']}" if event.get("rule") else f" by {event.get('by')}"
@@ -4369,33 +5002,8 @@ def tail_lines(path, count, render, limit=None):
     return (found[-count:] if count else []), (size - len(buffer) if end is None else end), cut
 
 
-def worktree_rows(project, records):
-    """git's worktrees joined with agent records, orphans and missing folders marked."""
-    by_path = {str(Path(r["worktree"])): r for r in records.values() if r["state"] != "removed"}
-    root = str(project.worktree_root)
-    rows = []
-    for wt in list_worktrees(project.repo):
-        record = by_path.pop(wt["path"], None)
-        ours = os.path.dirname(wt["path"]) == root and os.path.basename(wt["path"]).startswith(
-            WORKTREE_PREFIX
-        )
-        notes = [n for n, on in (("main", wt["path"] == str(project.repo)), ("orphan", ours and not record),
-                                 ("missing", wt["prunable"] or not os.path.isdir(wt["path"])), ("locked", wt["locked"])) if on]  # fmt: skip
-        rows.append(worktree_row(wt["path"], wt["branch"], record, notes))
-    for path, record in by_path.items():
-        rows.append(worktree_row(path, record["branch"], record, ["missing"]))
-    return rows
-
-
-def worktree_row(path, branch, record, notes):
-    """One row of `orchestra worktrees`."""
-    record = record or {}
-    return {"path": path, "branch": branch, "id": record.get("id"), "task": record.get("task"),
-            "state": record.get("state"), "notes": notes}  # fmt: skip
-
-
 # ======================================================================================
-# Sessions
+# Sessions: transcripts
 # --------------------------------------------------------------------------------------
 # The user's own Claude Code sessions: list the recent ones, resume one in its cwd. A
 # listing stats every transcript, sorts by mtime, and reads only the first and last
@@ -4404,6 +5012,47 @@ def worktree_row(path, branch, record, notes):
 # the next listing reads only transcripts that are new or changed, and of one that only
 # grew, only what was appended. Nothing here writes to the session store.
 # ======================================================================================
+
+SESSION_WINDOW_BYTES = 64 * 1024  # of each end of a transcript, as Claude Code's own picker reads
+SESSION_PROMPT_LIMIT = 200  # characters of a prompt kept, as Claude Code does for titles
+SESSION_CACHE_FILE = "claude-orchestra/session-counts.json"  # under $XDG_CACHE_HOME or ~/.cache
+SESSION_CACHE_VERSION = 3  # 2: messages are prompts and replies; 3: whole descriptions kept
+# transcripts remembered (the most recent): every one a store holds, in practice
+SESSION_CACHE_LIMIT = 200_000
+SESSION_RECENT_IDS = 8  # assistant message ids remembered to count each API response once
+SESSION_MARK_BYTES = 64  # bytes before a saved offset that must be unchanged to count on from it
+SESSION_ID_RE = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
+)
+# Claude Code's picker skips prompts that open with a lowercase XML-like tag (<command-message>,
+# <local-command-stdout>, <system-reminder>...) and interruption notices; "Warmup" is 2.0's probe.
+SESSION_SKIP_PROMPT_RE = re.compile(
+    r"^(?:\s*<[a-z][\w-]*[\s>]|\[Request interrupted by user[^\]]*\])"
+)
+SESSION_SKIP_PROMPTS = ("Warmup",)
+SESSION_COMMAND_RE = re.compile(r"<command-name>(.*?)</command-name>", re.DOTALL)
+SESSION_BASH_INPUT_RE = re.compile(r"<bash-input>(.*?)</bash-input>", re.DOTALL)
+SESSION_SYNTHETIC_MODEL = "<synthetic>"  # what Claude Code writes for its own error messages
+SESSION_USER_MARKERS = ('"type":"user"', '"type": "user"')
+# A line holding a tool result is never a message, and these markers occur only as JSON structure
+# (inside a string value the quotes would be escaped), so such lines need no parsing.
+SESSION_NOT_MESSAGE_MARKERS = (b'"type":"tool_result"', b'"type": "tool_result"')
+SESSION_MESSAGE_RE = re.compile(rb'"type": ?"(?:user|assistant)"')  # a user or an assistant line
+# An assistant line is a message only if it holds text: a text block or a string content.
+SESSION_PROMPT_OR_REPLY_MARKERS = (
+    *(m.encode() for m in SESSION_USER_MARKERS),
+    *(b'"type":"text"', b'"type": "text"', b'"content":"', b'"content": "'),
+)
+SESSION_COUNT_CHUNK = 1024 * 1024  # bytes of a transcript read at a time to count its messages
+SESSION_TITLE_FIELDS = (
+    ("agent-name", "agentName"),
+    ("custom-title", "customTitle"),
+    ("ai-title", "aiTitle"),
+)
+# The metadata keys a window is searched for once, in one pass: most transcripts hold few of them.
+SESSION_METADATA_KEY_RE = re.compile(
+    '"(' + "|".join([*(key for _, key in SESSION_TITLE_FIELDS), "lastPrompt", "summary"]) + ')(?=")'
+)
 
 
 class SessionFile(NamedTuple):
@@ -4429,7 +5078,9 @@ class SessionWindow(NamedTuple):
         """The line lists to search: one when the file fits in the head."""
         if self.whole:
             return [self.head_lines]
-        return [self.tail_lines, self.head_lines] if tail_first else [self.head_lines, self.tail_lines]
+        return (
+            [self.tail_lines, self.head_lines] if tail_first else [self.head_lines, self.tail_lines]
+        )
 
 
 class Session(NamedTuple):
@@ -4449,32 +5100,12 @@ class Session(NamedTuple):
     agent: str = None
 
 
-class ProjectFilter(NamedTuple):
-    """One repository with all its worktrees, or a plain folder outside git."""
+class Found(NamedTuple):
+    """A session to show, with what a legacy summary in another shown file needs of it."""
 
-    root: str  # main worktree of the repository, or the folder itself
-    common_dir: str  # real path of the git common dir; None outside git
-    worktrees: tuple  # worktree paths git or orchestra still knows, even if their folder is gone
-
-
-class ResumePlan(NamedTuple):
-    """How to resume a session: git commands to run in `repo` first, then argv in cwd."""
-
-    session_id: str
-    cwd: str
-    argv: list
-    repo: str = None
-    setup: tuple = ()  # git argument tuples
-
-
-class Listing(NamedTuple):
-    """A listing's rows and what the user should be told about the rest."""
-
-    sessions: list
-    total: int  # session files in the store
-    in_window: int  # of those, touched inside the time window
-    skipped: int  # files that could not be read
-    truncated: bool  # more sessions may match than were shown
+    session: Session
+    summaries: dict  # {leaf uuid: text} of the summary lines this file holds
+    untitled: bool  # it has no better title: a summary whose leaf is at its end may title it
 
 
 # --- where sessions live -------------------------------------------------------------
@@ -4551,7 +5182,9 @@ def read_window(path, size, window=SESSION_WINDOW_BYTES):
     if not whole:
         head_lines.pop()  # ends inside a line
         tail_lines.pop(0)  # starts inside a line
-    keys = SESSION_METADATA_KEY_RE.findall(head) + ([] if whole else SESSION_METADATA_KEY_RE.findall(tail))
+    keys = SESSION_METADATA_KEY_RE.findall(head) + (
+        [] if whole else SESSION_METADATA_KEY_RE.findall(tail)
+    )
     return SessionWindow(head, tail, head_lines, tail_lines, whole, frozenset(keys))
 
 
@@ -4624,7 +5257,8 @@ def last_field(window, key, skip=()):
     value = last_in_lines(window.tail_lines, key, skip) or last_in_lines([window.tail], key, skip)
     if value is None:
         value = next(
-            (v for v in map(unescape, field_pattern(key).findall(window.head)) if v not in skip), None
+            (v for v in map(unescape, field_pattern(key).findall(window.head)) if v not in skip),
+            None,
         )
     return value
 
@@ -4648,7 +5282,11 @@ def message_texts(record):
     for block in content if isinstance(content, list) else []:
         if isinstance(block, dict) and block.get("type") == "tool_result":
             return None
-        if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+        if (
+            isinstance(block, dict)
+            and block.get("type") == "text"
+            and isinstance(block.get("text"), str)
+        ):
             texts.append(block["text"])
     return texts
 
@@ -4796,8 +5434,11 @@ def has_reply_text(message):
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, str):
         return bool(content.strip())
-    return any(isinstance(b, dict) and b.get("type") == "text" and str(b.get("text", "")).strip()
-               for b in content or [] if isinstance(content, list))  # fmt: skip
+    return any(
+        isinstance(b, dict) and b.get("type") == "text" and str(b.get("text", "")).strip()
+        for b in content or []
+        if isinstance(content, list)
+    )
 
 
 def is_counted_message(record, recent_ids):
@@ -4832,7 +5473,11 @@ def read_mark(f, offset):
 def resume_point(f, size, previous):
     """(count, offset, recent ids) to go on from: `previous` if the file only grew since."""
     try:
-        offset, count, recent = int(previous["offset"]), int(previous["count"]), list(previous["recent"])
+        offset, count, recent = (
+            int(previous["offset"]),
+            int(previous["count"]),
+            list(previous["recent"]),
+        )
         if 0 < offset <= size and read_mark(f, offset) == previous["mark"]:
             return count, offset, [str(i) for i in recent]
     except (KeyError, TypeError, ValueError):  # no previous run, or a damaged cache entry
@@ -4892,7 +5537,9 @@ def count_messages(path, size, previous=None):
         unfinished = []
         for block in line_blocks(f, unfinished):
             for line in message_lines(block):
-                count += int(is_counted_message(parse_line(line.decode("utf-8", "replace")), recent))
+                count += int(
+                    is_counted_message(parse_line(line.decode("utf-8", "replace")), recent)
+                )
             offset += len(block)
         last = unfinished[0].decode("utf-8", "replace")
         pending = int(is_counted_message(parse_line(last), list(recent))) if last else 0
@@ -4902,7 +5549,9 @@ def count_messages(path, size, previous=None):
 
 def session_cache_path(env):
     """Where message counts are kept between runs: the user's cache folder."""
-    base = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
+    base = env.get("XDG_CACHE_HOME") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".cache"
+    )
     return Path(base) / SESSION_CACHE_FILE
 
 
@@ -4942,7 +5591,13 @@ class CountCache:
             return entry["total"]
         state, total = count_messages(file.path, file.size, entry)
         kept = {"about": entry["about"]} if unchanged and "about" in entry else {}
-        self.entries[file.path] = {**kept, **state, "size": file.size, "mtime": file.mtime, "total": total}
+        self.entries[file.path] = {
+            **kept,
+            **state,
+            "size": file.size,
+            "mtime": file.mtime,
+            "total": total,
+        }
         self.changed = True
         return total
 
@@ -4952,8 +5607,18 @@ class CountCache:
         about = entry.get("about") if unchanged else None
         try:
             cwd, branch, title, prompt, model, version, summaries, untitled = about
-            session = Session(file.session_id, file.path, file.size, file.mtime, cwd, branch, title,
-                              prompt, model, version)  # fmt: skip
+            session = Session(
+                file.session_id,
+                file.path,
+                file.size,
+                file.mtime,
+                cwd,
+                branch,
+                title,
+                prompt,
+                model,
+                version,
+            )
             return Found(session, dict(summaries), bool(untitled))
         except (TypeError, ValueError):  # not described yet, or a damaged entry
             return None
@@ -4963,8 +5628,16 @@ class CountCache:
         entry, unchanged = self.entry(file)
         entry = entry if unchanged else {"size": file.size, "mtime": file.mtime}
         session = found.session
-        entry["about"] = [session.cwd, session.branch, session.title, session.first_prompt, session.model,
-                          session.version, found.summaries, found.untitled]  # fmt: skip
+        entry["about"] = [
+            session.cwd,
+            session.branch,
+            session.title,
+            session.first_prompt,
+            session.model,
+            session.version,
+            found.summaries,
+            found.untitled,
+        ]
         self.entries[file.path] = entry
         self.changed = True
 
@@ -4981,6 +5654,66 @@ class CountCache:
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self.path, json.dumps(document, separators=(",", ":")), durable=False)
+
+
+# ======================================================================================
+# Sessions: listing
+# --------------------------------------------------------------------------------------
+# Which sessions a listing shows and how: the repository a session's cwd belongs to (even a
+# worktree since deleted), which of them are orchestra's own agents, the newest first within
+# --hours and --limit, and a table that fits the terminal (only the last column is cut).
+# ======================================================================================
+
+SESSION_CWD_PROBE_BYTES = 8 * 1024  # enough to reach the first line that names a cwd
+SESSION_TABLE_GAP = "  "
+SECONDS_PER_HOUR = 3600
+# Table columns: (name, widest it gets; None: as wide as its widest cell). The title then takes
+# whatever room is left.
+SESSION_COLUMNS = (
+    ("ID", None),
+    ("ACTIVE", None),
+    ("AGE", None),
+    ("MSGS", None),
+    ("MODEL", None),
+    ("AGENT", 24),
+    ("BRANCH", 28),
+    ("PROJECT", 40),
+    ("TITLE", 40),
+)
+# How a table too wide for the terminal is fitted, step by step, until it fits:
+# (column, width to cut it to; None: leave the column out).
+SESSION_FIT_STEPS = (
+    ("ACTIVE", None),
+    ("PROJECT", 24),
+    ("MODEL", None),
+    ("TITLE", 30),
+    ("PROJECT", 12),
+    ("BRANCH", 10),
+    ("AGENT", 10),
+    ("MSGS", None),
+    ("TITLE", 16),
+)
+SESSION_RIGHT_ALIGNED = ("AGE", "MSGS")
+SESSION_ACTIVE_FORMAT = "%m-%d %H:%M"
+SESSION_MODEL_DATE_RE = re.compile(r"-\d{8}$")
+
+
+class ProjectFilter(NamedTuple):
+    """One repository with all its worktrees, or a plain folder outside git."""
+
+    root: str  # main worktree of the repository, or the folder itself
+    common_dir: str  # real path of the git common dir; None outside git
+    worktrees: tuple  # worktree paths git or orchestra still knows, even if their folder is gone
+
+
+class Listing(NamedTuple):
+    """A listing's rows and what the user should be told about the rest."""
+
+    sessions: list
+    total: int  # session files in the store
+    in_window: int  # of those, touched inside the time window
+    skipped: int  # files that could not be read
+    truncated: bool  # more sessions may match than were shown
 
 
 # --- which repository a directory belongs to -----------------------------------------
@@ -5078,7 +5811,9 @@ def project_filter(path):
     repo = str(find_repo(Path(real)))
     records = load_agent_records(Path(repo))
     worktrees = [repo, *registered_worktrees(common)]
-    worktrees += [str(r["worktree"]) for r in records.values() if isinstance(r, dict) and r.get("worktree")]
+    worktrees += [
+        str(r["worktree"]) for r in records.values() if isinstance(r, dict) and r.get("worktree")
+    ]
     return ProjectFilter(repo, common, tuple(dict.fromkeys(worktrees)))
 
 
@@ -5097,7 +5832,9 @@ def in_project(cwd, project, cache):
 def probe_cwd(file):
     """A transcript's cwd from a small read of its head; None when not found there."""
     with open(file.path, "rb") as f:
-        match = field_pattern("cwd").search(f.read(SESSION_CWD_PROBE_BYTES).decode("utf-8", "replace"))
+        match = field_pattern("cwd").search(
+            f.read(SESSION_CWD_PROBE_BYTES).decode("utf-8", "replace")
+        )
     return unescape(match.group(1)) if match else None
 
 
@@ -5150,14 +5887,6 @@ class AgentIndex:
 
 
 # --- listing -------------------------------------------------------------------------
-
-
-class Found(NamedTuple):
-    """A session to show, with what a legacy summary in another shown file needs of it."""
-
-    session: Session
-    summaries: dict  # {leaf uuid: text} of the summary lines this file holds
-    untitled: bool  # it has no better title: a summary whose leaf is at its end may title it
 
 
 def describe_found(file):
@@ -5294,7 +6023,9 @@ def home_relative(path, env):
 def short_model(model):
     """A model name without the claude- prefix and the date suffix."""
     model = model or ""
-    return SESSION_MODEL_DATE_RE.sub("", model[len("claude-") :] if model.startswith("claude-") else model)
+    return SESSION_MODEL_DATE_RE.sub(
+        "", model[len("claude-") :] if model.startswith("claude-") else model
+    )
 
 
 def table_cells(session, now, env):
@@ -5321,7 +6052,9 @@ def column_widths(rows, total):
     """{column: width} for a table that fits `total` characters, if it can (SESSION_FIT_STEPS)."""
     names = [n for n, _ in SESSION_COLUMNS if n != "AGENT" or any(r["AGENT"] for r in rows)]
     natural = {n: max(len(n), *(len(r[n]) for r in rows)) for n in names}
-    widths = {n: min(natural[n], widest or natural[n]) for n, widest in SESSION_COLUMNS if n in natural}
+    widths = {
+        n: min(natural[n], widest or natural[n]) for n, widest in SESSION_COLUMNS if n in natural
+    }
     for name, width in SESSION_FIT_STEPS:
         overflow = table_overflow(widths, total)
         if overflow <= 0 or name not in widths:
@@ -5377,6 +6110,30 @@ def listing_notes(listing, hours, project, limit):
     return notes
 
 
+# ======================================================================================
+# Sessions: resuming
+# --------------------------------------------------------------------------------------
+# `sessions --resume ID` runs `claude --resume` in the session's own cwd, because Claude Code
+# looks for a session only in the current directory's project folder. A cwd that was an
+# agent's worktree is made again from its branch (or its archive) first; when nothing can
+# bring it back, the user is told exactly what to run.
+# ======================================================================================
+
+SESSION_AMBIGUOUS_SHOWN = 5  # ids listed when a prefix matches several sessions
+SESSION_DETAIL_PROMPTS = 200  # prompts of one session shown by the dashboard
+SESSION_DETAIL_BYTES = 8 * 1024 * 1024  # of a transcript read for them
+
+
+class ResumePlan(NamedTuple):
+    """How to resume a session: git commands to run in `repo` first, then argv in cwd."""
+
+    session_id: str
+    cwd: str
+    argv: list
+    repo: str = None
+    setup: tuple = ()  # git argument tuples
+
+
 # --- resuming ------------------------------------------------------------------------
 
 
@@ -5390,18 +6147,28 @@ def match_session(files, wanted, agents):
         matches = [f for f in files if f.session_id == agent_session]
     ids = sorted({f.session_id for f in matches})
     if not ids:
-        raise OrchestraError(f"no session matches '{wanted}'; run 'orchestra sessions --all' to list them")
+        raise OrchestraError(
+            f"no session matches '{wanted}'; run 'orchestra sessions --all' to list them"
+        )
     if len(ids) > 1:
         shown = ", ".join(ids[:SESSION_AMBIGUOUS_SHOWN])
-        raise OrchestraError(f"'{wanted}' matches {len(ids)} sessions ({shown}); type more of the id")
+        raise OrchestraError(
+            f"'{wanted}' matches {len(ids)} sessions ({shown}); type more of the id"
+        )
     return max(matches, key=lambda f: f.mtime)  # one id stored in two folders: the newest copy
 
 
 def agent_prefix_session(agents, prefix):
     """The session of the one agent whose id starts with prefix (as every other command accepts)."""
-    sessions = {agents.session_of(i) for i in agents.records if i.startswith(prefix) and agents.session_of(i)}
+    sessions = {
+        agents.session_of(i)
+        for i in agents.records
+        if i.startswith(prefix) and agents.session_of(i)
+    }
     if len(sessions) > 1:
-        raise OrchestraError(f"'{prefix}' matches the sessions of several agents; type more of the id")
+        raise OrchestraError(
+            f"'{prefix}' matches the sessions of several agents; type more of the id"
+        )
     return sessions.pop() if sessions else None
 
 
@@ -5416,7 +6183,9 @@ def candidate_repos(session, here, agents):
 
 def session_branch(session, agents):
     """The branch a session worked on, as recorded, else its agent's; None if detached."""
-    branch = session.branch or agents.record(agents.find(session.session_id, session.cwd))[1].get("branch")
+    branch = session.branch or agents.record(agents.find(session.session_id, session.cwd))[1].get(
+        "branch"
+    )
     return str(branch) if branch and branch != "HEAD" else None
 
 
@@ -5424,7 +6193,9 @@ def is_registered(repo, path):
     """True if git still registers a worktree at `path` (whose folder may be gone)."""
     common = git_common_dir(repo, {})
     wanted = os.path.normpath(path)
-    return any(os.path.normpath(p) == wanted for p in (registered_worktrees(common) if common else []))
+    return any(
+        os.path.normpath(p) == wanted for p in (registered_worktrees(common) if common else [])
+    )
 
 
 def plan_resume(session, here, agents):
@@ -5434,7 +6205,9 @@ def plan_resume(session, here, agents):
             f"session {session.session_id} records no working directory, so it cannot be resumed",
             EXIT_FAILURE,
         )
-    plan = ResumePlan(session.session_id, session.cwd, [CLAUDE_EXECUTABLE, "--resume", session.session_id])
+    plan = ResumePlan(
+        session.session_id, session.cwd, [CLAUDE_EXECUTABLE, "--resume", session.session_id]
+    )
     if os.path.isdir(session.cwd):
         return plan
     branch = session_branch(session, agents)
@@ -5490,7 +6263,9 @@ def archived_agent_of(repo, branch):
         return None
     agent_id = branch.rsplit("/", 1)[1]
     done = run_git(
-        ["for-each-ref", "--count=1", "--format=%(refname)", f"{ARCHIVE_REFS}/{agent_id}/"], repo, check=False
+        ["for-each-ref", "--count=1", "--format=%(refname)", f"{ARCHIVE_REFS}/{agent_id}/"],
+        repo,
+        check=False,
     )
     return agent_id if done.stdout.strip() else None
 
@@ -5540,7 +6315,8 @@ def exec_in(cwd, argv):
     """Replace this process with `argv` run in `cwd`, so the terminal belongs to it."""
     if shutil.which(argv[0]) is None:
         raise OrchestraError(
-            f"{argv[0]} is not on PATH; install Claude Code, then run: {shlex.join(argv)}", EXIT_FAILURE
+            f"{argv[0]} is not on PATH; install Claude Code, then run: {shlex.join(argv)}",
+            EXIT_FAILURE,
         )
     sys.stdout.flush()
     sys.stderr.flush()
@@ -5624,8 +6400,15 @@ def session_detail(env, wanted):
         resume, note = resume_command_lines(plan_resume(session, here, agents)), None
     except OrchestraError as e:
         resume, note = [], str(e)
-    return {"id": session.session_id, "title": session.title, "cwd": session.cwd, "prompts": prompts,
-            "resume": resume, "note": note, "command": f"orchestra sessions --resume {session.session_id}"}  # fmt: skip
+    return {
+        "id": session.session_id,
+        "title": session.title,
+        "cwd": session.cwd,
+        "prompts": prompts,
+        "resume": resume,
+        "note": note,
+        "command": f"orchestra sessions --resume {session.session_id}",
+    }
 
 
 def sessions_document(env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None):
@@ -5636,12 +6419,16 @@ def sessions_document(env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LI
 
 
 # ======================================================================================
-# Results and cleanup
+# Collect: reports
 # --------------------------------------------------------------------------------------
-# Bringing agents' work home (reports, commits, merges, pull requests, patches, follow-up
-# messages) and removing worktrees and branches only when nothing can be lost. Before
-# anything is removed, its branch tip is saved under refs/orchestra/archive/.
+# What each finished agent did, as collect reports it: its commits, what its worktree still
+# holds, its checks, and the files two agents both changed. RepoFacts answers for every agent
+# at once and caches what did not change, never reporting less than worktree_holdings would.
 # ======================================================================================
+
+REPORT_CACHE_FILE = "reports.json"  # in .orchestra/: what finished agents committed, by branch tip
+# a worktree touched this recently is not cached: a write may share its mtime
+REPORT_RACY_SECONDS = 2.0
 
 
 def finished_agents(records, ids):
@@ -5657,142 +6444,30 @@ def finished_agents(records, ids):
     return chosen
 
 
-def branch_tip(project, record):
-    """The commit the agent's branch points at, None if the branch is gone."""
-    return ref_commit(project.repo, f"refs/heads/{record['branch']}")
+def merge_target(project, record):
+    """The branch an agent's work must have reached to count as merged."""
+    for name in (record.get("base_branch"), current_branch(project.repo)):
+        if name and ref_commit(project.repo, name):
+            return name
+    return record["base_commit"]
 
 
-def setup_map(record):
-    """{path: blob hash (or old [size, mtime_ns])} of the files copying and setup left."""
-    return record.get("setup_files") or {}
+def unmerged_reason(project, record, tip):
+    """Why the branch is not merged, or None when its work is in the base already.
 
-
-def display_path(path):
-    """A path as text a terminal and JSON can show, even when its bytes are not UTF-8."""
-    text = os.fsencode(path).decode("utf-8", "replace")
-    return (
-        text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-        if "\n" in text or "\t" in text
-        else text
-    )
-
-
-def nested_root(rel):
-    """The folder of the nested repository a snapshot path lies in (`a/b` for `a/b/.git/x`)."""
-    text = os.fsdecode(rel)
-    for marker in ("/.git-dir/", "/.git/"):
-        if marker in "/" + text:
-            return ("/" + text).split(marker, 1)[0].lstrip("/") or "."
-    return text
-
-
-def worktree_leftovers(record, changes):
-    """[(XY code, path)] like git status: ' M', ' D', '??', '!!', and 'NR' for a nested repository."""
-    worktree = record["worktree"]
-    untracked = [name for what, name, *_ in changes["changed"] if what == "untracked"]
-    ignored = ignored_among(worktree, untracked)
-    entries, nested = [], []
-    for what, name, rel, *_ in changes["changed"]:
-        if what == "nested":
-            nested.append(nested_root(rel))
-        else:
-            code = {"modified": " M", "untracked": "!!" if name in ignored else "??"}[what]
-            entries.append((code, name))
-    entries += [(" D", name) for name in changes["deleted"]]
-    entries += [("NR", name) for name in dict.fromkeys(nested)]
-    return sorted(entries, key=lambda e: e[1])
-
-
-def uncommitted_work(record):
-    """[(XY code, path)] the agent's worktree holds beyond its HEAD commit and setup's files."""
-    worktree = Path(record["worktree"])
-    if not worktree.is_dir():
-        return []
-    head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
-    changes = file_changes(worktree, worktree, head[0] if head else None, setup_map(record),
-                           worktree_admin_dir(worktree))  # fmt: skip
-    return worktree_leftovers(record, changes)
-
-
-def worktree_head(worktree):
-    """(the commit HEAD names or None, the branch checked out or None when HEAD is detached)."""
-    head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
-    symbolic = git_bytes(["symbolic-ref", "--quiet", "HEAD"], worktree, check=False).stdout.decode().strip()
-    branch = symbolic[len("refs/heads/") :] if symbolic.startswith("refs/heads/") else None
-    return (head[0] if head else None), branch
-
-
-def worktree_holdings(project, record):
-    """Everything removing the agent's worktree and branch could lose.
-
-    {tip, head, head_branch, detached_lost, reflog_lost, stashes, staged, changes, leftovers}:
-    commits are those no ref outside the worktree (its branch and refs/stash not counted) holds.
+    Merged: the tip is an ancestor of the base, every commit is patch-equivalent upstream
+    (a rebase or cherry-pick landed it), or merging would change nothing (a squash merge).
     """
-    repo, worktree, branch = project.repo, Path(record["worktree"]), record["branch"]
-    held = {"tip": branch_tip(project, record), "head": None, "head_branch": None, "staged": None,
-            "changes": None, "leftovers": [], "detached_lost": [], "reflog_lost": []}  # fmt: skip
-    if worktree.is_dir():
-        held["head"], held["head_branch"] = worktree_head(worktree)
-        held["staged"] = staged_tree(worktree, held["head"])
-        held["changes"] = file_changes(
-            repo, worktree, held["head"], setup_map(record), worktree_admin_dir(worktree)
-        )
-        held["leftovers"] = worktree_leftovers(record, held["changes"])
-        commits = worktree_commits(repo, worktree, branch)
-    else:
-        commits = rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo)
-    held["stashes"] = worktree_stashes(repo, worktree, commits, branch)
-    tips = [*outside_tips(repo, worktree, {f"refs/heads/{branch}", "refs/stash"}), held["tip"]]
-    tips = [t for t in tips if t]
-    held["detached_lost"] = commits_only_in(repo, [held["head"]], tips) if held["head"] else []
-    lost = commits_only_in(repo, commits, tips)
-    held["reflog_lost"] = [c for c in lost if c not in set(held["detached_lost"])]
-    return held
-
-
-def plural(count, noun):
-    """'1 commit', '2 commits', '2 stashes'."""
-    return f"{count} {noun}{'' if count == 1 else ('es' if noun.endswith(('s', 'sh')) else 's')}"
-
-
-def holdings_reasons(record, held):
-    """Why removing the worktree could lose something, in words, or [] when it could not."""
-    reasons, branch = [], record["branch"]
-    on_branch = held["head_branch"]
-    if held["tip"] is None and (held["head"] or held["detached_lost"] or held["reflog_lost"]):
-        where = f"; its worktree has {on_branch} checked out" if on_branch and on_branch != branch else ""
-        count = len(set(held["detached_lost"]) | set(held["reflog_lost"]))
-        holds = f"; its worktree holds {plural(count, 'commit')}" if count else ""
-        reasons.append(f"branch {branch} was renamed or deleted{where}{holds}")
-    elif on_branch and on_branch != branch:
-        reasons.append(f"its worktree has branch {on_branch} checked out instead of {branch}")
-    if held["head"] and not on_branch and held["detached_lost"]:
-        reasons.append(
-            f"HEAD is detached with {plural(len(held['detached_lost']), 'commit')} not on any branch"
-        )
-    if held["tip"] is not None and held["reflog_lost"]:
-        reasons.append(
-            f"{plural(len(held['reflog_lost']), 'commit')} only in the worktree's reflog (reset or amended away)"
-        )
-    if held["stashes"]:
-        reasons.append(f"{plural(len(held['stashes']), 'stash')} made in the worktree")
-    if held["staged"] == "conflict":
-        reasons.append("unresolved conflicts in the index")
-    elif held["staged"]:
-        reasons.append("staged changes in the index")
-    if held["leftovers"]:
-        reasons.append(describe_files(held["leftovers"]))
-    return reasons
-
-
-def unsaveable(held):
-    """Folders cleanup cannot read, so cannot archive: a reason to keep even when forced."""
-    unreadable = (held["changes"] or {}).get("unreadable", [])
-    return (
-        f"cannot read {', '.join(unreadable[:MAX_LISTED_FILES])} to archive it; fix its permissions"
-        if unreadable
-        else None
-    )
+    target = merge_target(project, record)
+    repo = project.repo
+    if (
+        is_ancestor(repo, tip, target)
+        or all_patches_upstream(repo, target, tip)
+        or diff_already_in(repo, target, tip)
+    ):
+        return None
+    count = int(run_git(["rev-list", "--count", f"{target}..{tip}"], repo).stdout.strip() or 0)
+    return f"{count} commit{'s' if count != 1 else ''} not merged into {target}"
 
 
 def agent_report(project, record, tip=False, cache=None, held=None, facts=None):
@@ -5811,12 +6486,26 @@ def agent_report(project, record, tip=False, cache=None, held=None, facts=None):
     commits = committed["commits"]
     held = held or worktree_holdings(project, record)
     leftovers = [(code, display_path(path)) for code, path in held["leftovers"]]
-    changed = set(committed["files"]) | {path for code, path in leftovers if code not in ("!!", "NR")}
-    notes = [r for r in holdings_reasons(record, dict(held, leftovers=[])) if not r.startswith("staged")]
+    changed = set(committed["files"]) | {
+        path for code, path in leftovers if code not in ("!!", "NR")
+    }
+    notes = [
+        r for r in holdings_reasons(record, dict(held, leftovers=[])) if not r.startswith("staged")
+    ]
     return {
         **{
             key: record.get(key)
-            for key in ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch", "checks")
+            for key in (
+                "id",
+                "task",
+                "state",
+                "result",
+                "error",
+                "cost_usd",
+                "turns",
+                "branch",
+                "checks",
+            )
         },
         "permission_denials": record.get("permission_denials") or [],
         "bypass_permissions": (record.get("launch") or {}).get("bypass_permissions", []),
@@ -5826,7 +6515,11 @@ def agent_report(project, record, tip=False, cache=None, held=None, facts=None):
         "files": sorted(changed - {""}),
         "uncommitted": [{"status": code, "path": path} for code, path in leftovers],
         "merged": bool(commits)
-        and (facts.merged(record, tip, cache) if facts else unmerged_reason(project, record, tip) is None),
+        and (
+            facts.merged(record, tip, cache)
+            if facts
+            else unmerged_reason(project, record, tip) is None
+        ),
         "notes": notes,
     }
 
@@ -5839,7 +6532,8 @@ def committed_work(project, base, tip):
     files = run_git([*diff, "--name-only", "-z"], project.repo).stdout.split("\0")
     return {
         "commits": [
-            {"hash": h, "subject": subject} for h, subject in commits_between(project.repo, base, tip)
+            {"hash": h, "subject": subject}
+            for h, subject in commits_between(project.repo, base, tip)
         ],
         "diffstat": run_git([*diff, "--stat"], project.repo).stdout.rstrip(),
         "files": sorted(set(files) - {""}),
@@ -5848,9 +6542,12 @@ def committed_work(project, base, tip):
 
 def branch_tips(project):
     """{branch name: commit} of every local branch, from one git call."""
-    out = run_git(["for-each-ref", "--format=%(objectname) %(refname)", "refs/heads/"], project.repo).stdout
+    out = run_git(
+        ["for-each-ref", "--format=%(objectname) %(refname)", "refs/heads/"], project.repo
+    ).stdout
     return {
-        ref[len("refs/heads/") :]: commit for commit, ref in (line.split(" ", 1) for line in out.splitlines())
+        ref[len("refs/heads/") :]: commit
+        for commit, ref in (line.split(" ", 1) for line in out.splitlines())
     }
 
 
@@ -5916,7 +6613,8 @@ def agent_reports(project, records):
         for r in records
     ]
     cache.save(
-        set(cache.entries) & {r["id"] for r in project.records().values()} | {r["id"] for r in records}
+        set(cache.entries) & {r["id"] for r in project.records().values()}
+        | {r["id"] for r in records}
     )
     return reports
 
@@ -5945,7 +6643,9 @@ class RepoFacts:
         out = git_bytes(["for-each-ref", "--format=%(objectname) %(refname)"], repo).stdout.decode()
         self.refs = dict(reversed(line.split(" ", 1)) for line in out.splitlines())
         self.worktrees = list_worktrees(repo)
-        common = run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip()
+        common = run_git(
+            ["rev-parse", "--path-format=absolute", "--git-common-dir"], repo
+        ).stdout.strip()
         self.common = Path(common)
         self.cacheable = not (self.common / "reftable").exists()
         self.targets = {}
@@ -5961,7 +6661,9 @@ class RepoFacts:
     def merged(self, record, tip, cache):
         """True when the agent's work is in its merge target (unmerged_reason), cached by tips."""
         target = self.targets.get(record.get("base_branch")) or merge_target(self.project, record)
-        if target != record["base_commit"]:  # a branch name, the same for every agent with this base
+        if (
+            target != record["base_commit"]
+        ):  # a branch name, the same for every agent with this base
             self.targets[record.get("base_branch")] = target
         target_tip = self.targets.get(("tip", target)) or ref_commit(self.project.repo, target)
         self.targets[("tip", target)] = target_tip
@@ -5975,7 +6677,9 @@ class RepoFacts:
     def holdings(self, records, cache):
         """{id: worktree_holdings(record)} of many agents, from cached parts where nothing changed."""
         local = {r["id"]: self.local_holdings(r, cache) for r in records}
-        wanted = {c for held in local.values() if held for c in [*held["commits"], held["head"]] if c}
+        wanted = {
+            c for held in local.values() if held for c in [*held["commits"], held["head"]] if c
+        }
         shared = [*self.ref_tips, *(w["head"] for w in self.worktrees if w["head"])]
         lost = set(commits_only_in(self.project.repo, sorted(wanted), shared))
         found = {}
@@ -6021,14 +6725,23 @@ class RepoFacts:
         }
         if not worktree.is_dir():
             held["commits"] = rev_lines(
-                ["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{record['branch']}"],
+                [
+                    "rev-list",
+                    "--walk-reflogs",
+                    "--ignore-missing",
+                    f"refs/heads/{record['branch']}",
+                ],
                 self.project.repo,
             )
             return held
         held["head"], held["head_branch"] = worktree_head(worktree)
         held["staged"] = staged_tree(worktree, held["head"])
         changes = file_changes(
-            self.project.repo, worktree, held["head"], setup_map(record), worktree_admin_dir(worktree)
+            self.project.repo,
+            worktree,
+            held["head"],
+            setup_map(record),
+            worktree_admin_dir(worktree),
         )
         held["leftovers"] = [list(item) for item in worktree_leftovers(record, changes)]
         held["commits"] = worktree_commits(self.project.repo, worktree, record["branch"])
@@ -6046,8 +6759,15 @@ class RepoFacts:
             common / "info" / "attributes",
             common / "config",
         ]
-        parts = [record["id"], record["base_commit"], record["branch"], record["worktree"],
-                 json.dumps(setup_map(record), sort_keys=True), self.tip(record["branch"]), worktree.is_dir()]  # fmt: skip
+        parts = [
+            record["id"],
+            record["base_commit"],
+            record["branch"],
+            record["worktree"],
+            json.dumps(setup_map(record), sort_keys=True),
+            self.tip(record["branch"]),
+            worktree.is_dir(),
+        ]
         if worktree.is_dir():
             admin, head = worktree_admin_dir(worktree), None
             if admin is None:
@@ -6075,6 +6795,37 @@ class RepoFacts:
         return hashlib.sha256(json.dumps(parts).encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def report_text(report):
+    """One agent's part of the collect report."""
+    minutes = format_duration(report["duration_seconds"])
+    lines = [
+        f"== {report['id']}: {report['state']}  ({report['turns'] or 0} turns, {format_cost(report['cost_usd'])}, {minutes})",
+        f"Task: {report['task']}",
+    ]
+    if report.get("checks"):
+        lines.append(f"Checks: {checks_line(report['checks'])}")
+    if report["result"] or report["error"]:
+        lines.append(f"Result: {strip_control(report['result'] or report['error']).strip()}")
+    lines.append(
+        f"Commits on {report['branch']}:"
+        if report["commits"]
+        else f"No commits on {report['branch']}."
+    )
+    lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
+    if report.get("merged"):
+        lines.append("Its commits are merged already.")
+    lines += [f"Note: {note}" for note in report.get("notes", [])]
+    if report["diffstat"]:
+        lines.append(report["diffstat"])
+    if report["uncommitted"]:
+        lines.append(
+            "Uncommitted in its worktree: "
+            + ", ".join(f"{u['status'].strip()} {u['path']}" for u in report["uncommitted"])
+        )
+    lines += denial_lines(report.get("permission_denials"), report.get("bypass_permissions", ()))
+    return "\n".join(lines)
+
+
 def overlapping_files(reports):
     """{file: [agent ids]} for every file more than one agent changed."""
     owners = {}
@@ -6084,20 +6835,41 @@ def overlapping_files(reports):
     return {path: ids for path, ids in sorted(owners.items()) if len(ids) > 1}
 
 
+# ======================================================================================
+# Collect: commits, merges and pull requests
+# --------------------------------------------------------------------------------------
+# Bringing work home. --commit commits a worktree's leftovers on the agent's own branch.
+# --merge writes the user's checkout, so it refuses while anything is in progress there and
+# never overwrites untracked, ignored or hidden changes; a conflict undoes the run's merges.
+# --pr pushes and opens a pull request; --patch writes `git am` input; `send` queues a
+# follow-up in the agent's own session.
+# ======================================================================================
+
+GIT_ARGS_BATCH = 500  # paths per git command line, well under the system's argument limit
+
+
 def commit_leftovers(project, record):
     """Commit the agent's uncommitted work on its branch (not ignored, setup or nested-repository
     files); True if any. File names are passed as bytes, so names that are not UTF-8 work."""
     leftovers = uncommitted_work(record)
     nested = [path + "/" for code, path in leftovers if code == "NR"]
-    work = [path for code, path in leftovers
-            if code in (" M", " D", "??") and not any(path.startswith(n) for n in nested)]  # fmt: skip
+    work = [
+        path
+        for code, path in leftovers
+        if code in (" M", " D", "??") and not any(path.startswith(n) for n in nested)
+    ]
     if not work:
         return False
     worktree = record["worktree"]
     tracked = [path for code, path in leftovers if code in (" M", " D") and path in work]
-    for start in range(0, len(tracked), GIT_ARGS_BATCH):  # marks that would make `git add` skip a change
+    for start in range(
+        0, len(tracked), GIT_ARGS_BATCH
+    ):  # marks that would make `git add` skip a change
         batch = tracked[start : start + GIT_ARGS_BATCH]
-        for mark in ("--no-assume-unchanged", "--no-skip-worktree"):  # one per call: git keeps only the last
+        for mark in (
+            "--no-assume-unchanged",
+            "--no-skip-worktree",
+        ):  # one per call: git keeps only the last
             git_bytes(["update-index", mark, "--", *batch], worktree)
     specs = b"\0".join(b":(literal)" + os.fsencode(path) for path in work) + b"\0"
     git_bytes(["add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul"], worktree, input=specs)
@@ -6110,7 +6882,9 @@ def check_checkout_clean(repo, doing):
     """Refuse to touch the user's checkout while it has changes or an operation in progress."""
     operation = operation_in_progress(repo)
     if operation:
-        raise OrchestraError(f"{operation} is in progress in {repo}; finish or abort it before {doing}")
+        raise OrchestraError(
+            f"{operation} is in progress in {repo}; finish or abort it before {doing}"
+        )
     status = ["status", "--porcelain", "--untracked-files=no", "--ignore-submodules=none"]
     if git_bytes(status, repo).stdout.strip():
         raise OrchestraError(
@@ -6136,14 +6910,18 @@ def hidden_changes(repo):
             (unhashable if b"\n" in path else marked).append(path)
     if not marked:
         return [os.fsdecode(path) for path in unhashable]
-    staged = git_bytes(["ls-files", "-s", "-z", "--", *(os.fsdecode(p) for p in marked)], repo).stdout
+    staged = git_bytes(
+        ["ls-files", "-s", "-z", "--", *(os.fsdecode(p) for p in marked)], repo
+    ).stdout
     in_index = {}
     for entry in staged.split(b"\0"):
         if entry:
             info, _, path = entry.partition(b"\t")
             in_index[path] = info.split()[1]
     on_disk = git_bytes(["hash-object", "--stdin-paths"], repo, input=b"\n".join(marked) + b"\n")
-    changed = [path for path, blob in zip(marked, on_disk.stdout.split()) if in_index.get(path) != blob]
+    changed = [
+        path for path, blob in zip(marked, on_disk.stdout.split()) if in_index.get(path) != blob
+    ]
     return [os.fsdecode(path) for path in changed + unhashable]
 
 
@@ -6233,14 +7011,35 @@ def merge_one(project, record):
 
 def undo_merges(repo, start):
     """Put the user's checkout back at `start` after an interrupted collect --merge."""
-    if (Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip()) / "MERGE_HEAD").exists():
+    if (
+        Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip()) / "MERGE_HEAD"
+    ).exists():
         run_git(["merge", "--abort"], repo, check=False)
     if start and ref_commit(repo, "HEAD") != start:
         run_git(["reset", "--quiet", "--keep", start], repo, check=False)
 
 
+def mark_merged(project, ids):
+    """Remember that collect --merge merged these agents (status shows them as merged)."""
+
+    def change(state):
+        for agent_id in ids:
+            state["agents"][agent_id]["merged"] = True
+
+    if ids:
+        project.store.update(change)
+
+
 def collect_agents(
-    project, ids, commit=False, merge=False, patch=None, pr=False, into=None, cwd=None, include_failing=False
+    project,
+    ids,
+    commit=False,
+    merge=False,
+    patch=None,
+    pr=False,
+    into=None,
+    cwd=None,
+    include_failing=False,
 ):
     """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
     merges (done agents whose checks passed, or the named ones), writes a patch and opens pull requests.
@@ -6263,8 +7062,10 @@ def collect_agents(
         document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
     if pr:
         document["pull_requests"] = open_pull_requests(project, reports)
-        document["pr_failed"] = any(line.startswith("cannot open") or ": gh failed:" in line
-                                    for line in document["pull_requests"])  # fmt: skip
+        document["pr_failed"] = any(
+            line.startswith("cannot open") or ": gh failed:" in line
+            for line in document["pull_requests"]
+        )
     return document
 
 
@@ -6283,17 +7084,35 @@ def open_pull_requests(project, reports):
     remote = "origin" if "origin" in remotes else (remotes[0] if remotes else None)
     with_commits = [r for r in reports if r["commits"]]
     if remote is None or shutil.which("gh") is None:
-        missing = "no git remote is configured" if remote is None else "the GitHub CLI (gh) is not installed"
-        manual = [f"  git push -u {remote or '<remote>'} {r['branch']} && gh pr create --head {r['branch']} "
-                  f"--title {shlex.quote(one_line(r['task'], 72))}" for r in with_commits]  # fmt: skip
+        missing = (
+            "no git remote is configured"
+            if remote is None
+            else "the GitHub CLI (gh) is not installed"
+        )
+        manual = [
+            f"  git push -u {remote or '<remote>'} {r['branch']} && gh pr create --head {r['branch']} "
+            f"--title {shlex.quote(one_line(r['task'], 72))}"
+            for r in with_commits
+        ]
         return [f"cannot open pull requests: {missing}. To do it by hand:", *manual]
     lines = []
     for report in with_commits:
         run_git(["push", "--quiet", "-u", remote, report["branch"]], project.repo)
-        argv = ["gh", "pr", "create", "--head", report["branch"], "--title", one_line(report["task"], 72),
-                "--body", pull_request_body(report)]  # fmt: skip
+        argv = [
+            "gh",
+            "pr",
+            "create",
+            "--head",
+            report["branch"],
+            "--title",
+            one_line(report["task"], 72),
+            "--body",
+            pull_request_body(report),
+        ]
         done = subprocess.run(argv, cwd=str(project.repo), capture_output=True, text=True)
-        outcome = done.stdout.strip() if done.returncode == 0 else f"gh failed: {one_line(done.stderr)}"
+        outcome = (
+            done.stdout.strip() if done.returncode == 0 else f"gh failed: {one_line(done.stderr)}"
+        )
         lines.append(f"{report['id']}: {outcome}")
     return lines
 
@@ -6316,10 +7135,56 @@ def write_patch(project, records, path):
     return count
 
 
+def collect_text(document):
+    """The human collect report: each agent, overlaps, and what the options did."""
+    parts = [report_text(r) for r in document["agents"]]
+    for path, ids in document["overlaps"].items():
+        parts.append(
+            f"Warning: {path} was changed by {' and '.join(ids)}; expect a conflict when merging"
+        )
+    if document["committed"]:
+        parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
+    if "merged" in document:
+        parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
+        parts += [
+            f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
+            for s in document.get("not_merged", [])
+        ]
+    if document.get("conflict", {}) and document["conflict"].get("untracked"):
+        c = document["conflict"]
+        parts.append(
+            f"Not merging {c['id']}: it would overwrite your untracked or ignored "
+            f"{', '.join(c['untracked'][:MAX_LISTED_FILES])}; move them away, then run collect --merge again"
+        )
+    elif document.get("conflict"):
+        c = document["conflict"]
+        where = ", ".join(c["files"]) or c["git"]
+        parts.append(
+            f"Merging {c['id']} conflicts in {where}; the merge was aborted and your checkout is as it was. "
+            f"Merge it by hand: git merge {c['branch']}"
+        )
+    if "patch" in document:
+        parts.append(
+            f"Wrote {document['patch']['commits']} commit(s) to {document['patch']['path']} (apply with git am)"
+        )
+    parts += document.get("pull_requests", [])
+    only_uncommitted = [
+        r["id"] for r in document["agents"] if not r["commits"] and r["uncommitted"]
+    ]
+    if only_uncommitted and not document["committed"]:
+        parts.append(
+            f"{', '.join(only_uncommitted)}: all the work is uncommitted; "
+            "'orchestra collect --commit' commits it on the agent's branch"
+        )
+    return "\n\n".join(parts)
+
+
 def sent_text(agent_id, waits):
     """What `send` says once a message is on its way (the web answers the same)."""
     if waits:
-        first = f"{agent_id}: still working; your message waits and is sent when its current turn ends"
+        first = (
+            f"{agent_id}: still working; your message waits and is sent when its current turn ends"
+        )
     else:
         first = f"{agent_id}: queued to continue with your message"
     return f"{first}\nfollow it with: orchestra logs -f {agent_id}"
@@ -6354,6 +7219,21 @@ def send_message(project, agent_id, message, env=None):
     return sent_to
 
 
+# ======================================================================================
+# Cleanup and archives
+# --------------------------------------------------------------------------------------
+# Cleanup never loses work. Each agent's plan is judged from worktree_holdings(): a worktree
+# is removed only when everything it holds is elsewhere, or is first saved under
+# refs/orchestra/archive/<id>/<stamp>[-head|-lost|-stash|-index|-worktree] in one ref
+# transaction, recorded before anything is deleted. `restore` brings an archive back as the
+# agent's branch, worktree and files. Only worktrees and branches orchestra made are touched.
+# ======================================================================================
+
+ARCHIVE_KINDS = ("head", "lost", "stash", "index", "worktree")  # suffixes of one archive's refs
+WRITER_GRACE = 3.0  # seconds to wait for processes still using a worktree before keeping it
+CLEANUP_LOCK_TIMEOUT = 300.0  # seconds one cleanup waits for another to finish
+
+
 def cleanup_targets(records, ids, everything=False, failed_only=False):
     """Which agents a cleanup looks at: the named ones, else finished ones (or all, or failed)."""
     if ids:
@@ -6368,43 +7248,6 @@ def cleanup_targets(records, ids, everything=False, failed_only=False):
     if failed_only:
         return [r for r in present if r["state"] in ("failed", "interrupted")]
     return present if everything else [r for r in present if r["state"] in FINISHED_STATES]
-
-
-def describe_files(entries):
-    """Reasons like 'untracked file notes.md' for a worktree's leftovers, the first few named."""
-    kinds = {"??": "untracked file", "!!": "ignored file", " D": "deleted file", "NR": "nested repository"}
-    named = [
-        f"{kinds.get(code, 'uncommitted change')} {display_path(path)}"
-        for code, path in entries[:MAX_LISTED_FILES]
-    ]
-    more = len(entries) - MAX_LISTED_FILES
-    return ", ".join(named) + (f" and {more} more" if more > 0 else "")
-
-
-def merge_target(project, record):
-    """The branch an agent's work must have reached to count as merged."""
-    for name in (record.get("base_branch"), current_branch(project.repo)):
-        if name and ref_commit(project.repo, name):
-            return name
-    return record["base_commit"]
-
-
-def unmerged_reason(project, record, tip):
-    """Why the branch is not merged, or None when its work is in the base already.
-
-    Merged: the tip is an ancestor of the base, every commit is patch-equivalent upstream
-    (a rebase or cherry-pick landed it), or merging would change nothing (a squash merge).
-    """
-    target = merge_target(project, record)
-    repo = project.repo
-    if (
-        is_ancestor(repo, tip, target)
-        or all_patches_upstream(repo, target, tip)
-        or diff_already_in(repo, target, tip)
-    ):
-        return None
-    count = int(run_git(["rev-list", "--count", f"{target}..{tip}"], repo).stdout.strip() or 0)
-    return f"{count} commit{'s' if count != 1 else ''} not merged into {target}"
 
 
 def is_our_worktree(project, record):
@@ -6427,13 +7270,21 @@ def plan_agent_cleanup(project, record, worktrees, force):
     Never the main worktree, one orchestra did not make, a locked one, one a spawn is still
     preparing, or one holding files cleanup cannot read, even with force.
     """
-    step = {"id": record["id"], "action": "remove", "reasons": [], "forced": False, "stop_first": False}
+    step = {
+        "id": record["id"],
+        "action": "remove",
+        "reasons": [],
+        "forced": False,
+        "stop_first": False,
+    }
     path = str(Path(record["worktree"]))
     listed = worktrees.get(path)
     if not is_our_worktree(project, record) or path == str(project.repo):
         return dict(step, action="keep", reasons=[f"worktree {path} is not one orchestra made"])
     if listed and listed["locked"]:
-        return dict(step, action="keep", reasons=[f"worktree is locked (git worktree unlock {path})"])
+        return dict(
+            step, action="keep", reasons=[f"worktree is locked (git worktree unlock {path})"]
+        )
     if record["state"] == "queued" and not record.get("ready") and not record.get("pid"):
         return dict(step, action="keep", reasons=["its worktree is still being prepared by spawn"])
     soft = []
@@ -6451,7 +7302,11 @@ def plan_agent_cleanup(project, record, worktrees, force):
     if soft and not force:
         return dict(step, action="keep", reasons=soft)
     gone = tip is None and not Path(path).is_dir()
-    nothing = ["nothing left: its branch and worktree are gone"] if gone else ["merged, nothing uncommitted"]
+    nothing = (
+        ["nothing left: its branch and worktree are gone"]
+        if gone
+        else ["merged, nothing uncommitted"]
+    )
     return dict(step, reasons=soft or nothing, forced=bool(soft))
 
 
@@ -6487,13 +7342,18 @@ def archive_holdings(project, record, held):
         refs[base] = main
     if head and head != main:
         refs[f"{base}-head"] = head
-    lost = [c for c in independent_commits(repo, held["reflog_lost"] + held["detached_lost"])
-            if not any(is_ancestor(repo, c, kept) for kept in refs.values())]  # fmt: skip
+    lost = [
+        c
+        for c in independent_commits(repo, held["reflog_lost"] + held["detached_lost"])
+        if not any(is_ancestor(repo, c, kept) for kept in refs.values())
+    ]
     if lost:
         refs[f"{base}-lost"] = (
             lost[0]
             if len(lost) == 1
-            else octopus_commit(repo, lost, f"orchestra: commits only {agent_id}'s worktree reflogs held")
+            else octopus_commit(
+                repo, lost, f"orchestra: commits only {agent_id}'s worktree reflogs held"
+            )
         )
     if held["stashes"]:
         stashes = held["stashes"]
@@ -6588,7 +7448,9 @@ def remove_agent(project, record, step):
     return refs
 
 
-def cleanup_agents(project, ids=None, apply=False, everything=False, failed_only=False, force=False):
+def cleanup_agents(
+    project, ids=None, apply=False, everything=False, failed_only=False, force=False
+):
     """Plan a cleanup and, with apply, carry it out: {"plan": [...], "applied": bool}.
 
     One cleanup at a time: a second waits for the first, then plans from what is left.
@@ -6597,13 +7459,16 @@ def cleanup_agents(project, ids=None, apply=False, everything=False, failed_only
     project.dir.mkdir(parents=True, exist_ok=True)
     if apply and not lock.acquire(timeout=CLEANUP_LOCK_TIMEOUT):
         raise OrchestraError(
-            "another orchestra cleanup is still running; try again when it has finished", EXIT_FAILURE
+            "another orchestra cleanup is still running; try again when it has finished",
+            EXIT_FAILURE,
         )
     try:
         if apply:
             roll_back_stalled_spawns(project)
         live = project.records()
-        records = cleanup_targets(project.all_records() if ids else live, ids, everything, failed_only)
+        records = cleanup_targets(
+            project.all_records() if ids else live, ids, everything, failed_only
+        )
         plan = plan_cleanup(project, records, force)
         if apply:
             by_id = {r["id"]: r for r in records}
@@ -6629,24 +7494,18 @@ def apply_step(project, record, step):
         step["archive"] = outcome
 
 
-def mark_merged(project, ids):
-    """Remember that collect --merge merged these agents (status shows them as merged)."""
-
-    def change(state):
-        for agent_id in ids:
-            state["agents"][agent_id]["merged"] = True
-
-    if ids:
-        project.store.update(change)
-
-
 def mark_removed(project, agent_id, archive):
     """Record that an agent's worktree and branch are gone, and where its work was saved."""
 
     def change(state):
         record = state["agents"][agent_id]
-        record.update(state="removed", archive=archive, removed_at=utc_iso(), pid=None,
-                      state_before_removal=record["state"])  # fmt: skip
+        record.update(
+            state="removed",
+            archive=archive,
+            removed_at=utc_iso(),
+            pid=None,
+            state_before_removal=record["state"],
+        )
 
     project.store.update(change)
 
@@ -6658,36 +7517,32 @@ def list_archives(repo):
     """
     fmt = "%(refname)%00%(objectname:short)%00%(subject)"
     groups = {}
-    for line in run_git(["for-each-ref", f"--format={fmt}", f"{ARCHIVE_REFS}/"], repo).stdout.splitlines():
+    for line in run_git(
+        ["for-each-ref", f"--format={fmt}", f"{ARCHIVE_REFS}/"], repo
+    ).stdout.splitlines():
         ref, commit, subject = line.split("\0")
         agent_id, leaf = ref[len(ARCHIVE_REFS) + 1 :].rsplit("/", 1)
         stamp, kind = leaf, "tip"
         for suffix in ARCHIVE_KINDS:
             if leaf.endswith(f"-{suffix}"):
                 stamp, kind = leaf[: -len(suffix) - 1], suffix
-        group = groups.setdefault((agent_id, stamp), {"id": agent_id, "saved": stamp, "ref": ref,
-                                                      "commit": commit, "subject": subject, "refs": {}})  # fmt: skip
+        group = groups.setdefault(
+            (agent_id, stamp),
+            {
+                "id": agent_id,
+                "saved": stamp,
+                "ref": ref,
+                "commit": commit,
+                "subject": subject,
+                "refs": {},
+            },
+        )
         group["refs"][kind] = ref
         if kind == "tip":
             group.update(ref=ref, commit=commit, subject=subject)
     for group in groups.values():
         group["restore"] = f"orchestra restore {group['id']}/{group['saved']}"
     return sorted(groups.values(), key=lambda g: (g["id"], g["saved"]))
-
-
-def check_not_removed(project, names):
-    """Refuse to continue a cleaned-up agent, pointing at its archive and `orchestra restore`."""
-    live, gone = project.records(), project.history()
-    for name in names:
-        matches = [i for i in gone if i == name] or [i for i in gone if i.startswith(name)]
-        if (name in live and live[name]["state"] != "removed") or len(matches) != 1:
-            continue
-        record = gone[matches[0]]
-        saved = (record.get("archive") or [f"{ARCHIVE_REFS}/{record['id']}/"])[0]
-        raise OrchestraError(
-            f"{record['id']} was cleaned up; its work is saved under {saved}. "
-            f"Bring it back with 'orchestra restore {record['id']}', then try again"
-        )
 
 
 def find_archive(repo, name):
@@ -6726,7 +7581,9 @@ def restore_agent(project, name):
             f"branch '{branch}' already exists; rename or delete it, then restore {agent_id} again"
         )
     if os.path.lexists(worktree):
-        raise OrchestraError(f"folder {worktree} already exists; move it away, then restore {agent_id} again")
+        raise OrchestraError(
+            f"folder {worktree} already exists; move it away, then restore {agent_id} again"
+        )
     if agent_id in project.records() and project.records()[agent_id]["state"] != "removed":
         raise OrchestraError(
             f"an agent '{agent_id}' exists already; clean it up before restoring its archive"
@@ -6737,7 +7594,9 @@ def restore_agent(project, name):
     project.worktree_root.mkdir(parents=True, exist_ok=True)
     run_git(["worktree", "add", "--quiet", "-b", branch, str(worktree), start], project.repo)
     restored = ["branch", "worktree"]
-    if "worktree" in refs:  # files before the index: an index gitlink would hide a submodule's files
+    if (
+        "worktree" in refs
+    ):  # files before the index: an index gitlink would hide a submodule's files
         git_bytes(["restore", f"--source={refs['worktree']}", "--worktree", "--", ":/"], worktree)
         revive_nested_repositories(worktree)
         restored.append("files")
@@ -6746,8 +7605,14 @@ def restore_agent(project, name):
         restored.insert(2, "index")
     if record:
         revive_record(project, record, worktree)
-    return {"id": agent_id, "branch": branch, "worktree": str(worktree), "restored": restored,
-            "archive": archive, "other_refs": {k: v for k, v in refs.items() if k in ("lost", "stash", "head")}}  # fmt: skip
+    return {
+        "id": agent_id,
+        "branch": branch,
+        "worktree": str(worktree),
+        "restored": restored,
+        "archive": archive,
+        "other_refs": {k: v for k, v in refs.items() if k in ("lost", "stash", "head")},
+    }
 
 
 def revive_nested_repositories(worktree):
@@ -6774,12 +7639,28 @@ def revive_record(project, record, worktree):
     """Put a cleaned-up agent's record back among the live ones, as it was before cleanup."""
 
     def change(state):
-        revived = dict(record, state=record.get("state_before_removal") or "stopped",
-                       worktree=str(worktree), pid=None, activity="restored from its archive")  # fmt: skip
+        revived = dict(
+            record,
+            state=record.get("state_before_removal") or "stopped",
+            worktree=str(worktree),
+            pid=None,
+            activity="restored from its archive",
+        )
         revived.pop("removed_at", None)
         state["agents"][record["id"]] = revived
 
     project.store.update(change)
+
+
+def cleanup_line(step, dry_run):
+    """'KEEP id: why' or 'REMOVED id: why it was safe' (WOULD REMOVE in a dry run)."""
+    reasons = "; ".join(step["reasons"])
+    if step["action"] == "keep":
+        return f"KEEP {step['id']}: {reasons}"
+    verb = "WOULD REMOVE" if dry_run else "REMOVED"
+    forced = "forced past: " if step["forced"] else ""
+    saved = f" (saved as {step['archive'][0]})" if step.get("archive") else ""
+    return f"{verb} {step['id']}: {forced}{reasons}{saved}"
 
 
 # ======================================================================================
@@ -6789,6 +7670,23 @@ def revive_record(project, record, worktree):
 # frames packed with struct, and one server-side connection that reads frames on its own
 # thread and sends whole frames through a bounded queue.
 # ======================================================================================
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+WS_VERSION = "13"
+WS_SUBPROTOCOL = "orchestra"
+WS_OP_CONTINUATION, WS_OP_TEXT, WS_OP_BINARY = 0x0, 0x1, 0x2
+WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG = 0x8, 0x9, 0xA
+WS_OPCODES = (WS_OP_CONTINUATION, WS_OP_TEXT, WS_OP_BINARY, WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG)
+WS_CLOSE_NORMAL, WS_CLOSE_PROTOCOL, WS_CLOSE_BAD_DATA, WS_CLOSE_TOO_BIG = 1000, 1002, 1007, 1009
+WS_SENDABLE_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
+WS_MAX_CONTROL = 125  # bytes of a control frame's payload
+WS_MAX_MESSAGE = 64 * 1024  # bytes of a message from a client; the dashboard sends none
+WS_MAX_FRAGMENTS = 64  # frames of one fragmented message (empty ones count too)
+WS_PING_INTERVAL = 30.0  # seconds between pings
+WS_PONG_TIMEOUT = 10.0  # seconds past a ping after which a silent client is dropped
+WS_QUEUE_LIMIT = 32  # messages waiting for a slow reader; one more and it is closed
+WS_CLOSE_LINGER = 1.0  # seconds to read what a client still sends after our close frame
+WS_DRAIN_CHUNK = 64 * 1024  # bytes per read while lingering
 
 
 class HTTPRefusal(Exception):
@@ -6812,7 +7710,9 @@ class WebSocketClose(Exception):
 def header_items(headers, name):
     """The comma-separated items of every `name` header, stripped."""
     values = headers.get_all(name) if hasattr(headers, "get_all") else [headers.get(name)]
-    return [item.strip() for value in values or () if value for item in value.split(",") if item.strip()]
+    return [
+        item.strip() for value in values or () if value for item in value.split(",") if item.strip()
+    ]
 
 
 def websocket_accept(headers):
@@ -6820,10 +7720,12 @@ def websocket_accept(headers):
 
     Raises HTTPRefusal: 400 for a malformed request, 426 naming version 13 for another version.
     """
-    if "websocket" not in [t.lower() for t in header_items(headers, "Upgrade")] or "upgrade" not in [
-        t.lower() for t in header_items(headers, "Connection")
-    ]:
-        raise HTTPRefusal(400, "a WebSocket handshake needs 'Upgrade: websocket' and 'Connection: Upgrade'")
+    if "websocket" not in [
+        t.lower() for t in header_items(headers, "Upgrade")
+    ] or "upgrade" not in [t.lower() for t in header_items(headers, "Connection")]:
+        raise HTTPRefusal(
+            400, "a WebSocket handshake needs 'Upgrade: websocket' and 'Connection: Upgrade'"
+        )
     if header_items(headers, "Sec-WebSocket-Version") != [WS_VERSION]:
         raise HTTPRefusal(
             426, "only WebSocket version 13 is spoken here", {"Sec-WebSocket-Version": WS_VERSION}
@@ -6835,7 +7737,9 @@ def websocket_accept(headers):
         nonce = b""
     if len(nonce) != 16:
         raise HTTPRefusal(400, "Sec-WebSocket-Key must be 16 random bytes in base64")
-    accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
+    accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode(
+        "ascii"
+    )
     response = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Accept": accept}
     if WS_SUBPROTOCOL in header_items(headers, "Sec-WebSocket-Protocol"):
         response["Sec-WebSocket-Protocol"] = WS_SUBPROTOCOL  # never echo the token item
@@ -6929,15 +7833,26 @@ class WebSocket:
     bounded queue drained by a writer thread, so a client that stops reading is dropped instead
     of slowing anyone else."""
 
-    def __init__(self, sock, rfile, wfile, ping_interval=WS_PING_INTERVAL, pong_timeout=WS_PONG_TIMEOUT,
-                 queue_limit=WS_QUEUE_LIMIT):  # fmt: skip
+    def __init__(
+        self,
+        sock,
+        rfile,
+        wfile,
+        ping_interval=WS_PING_INTERVAL,
+        pong_timeout=WS_PONG_TIMEOUT,
+        queue_limit=WS_QUEUE_LIMIT,
+    ):
         self.sock, self.rfile, self.wfile = sock, rfile, wfile
         self.ping_interval = ping_interval
         self.outbox = queue.Queue(queue_limit)
         self.closed = threading.Event()
-        self.write_lock = threading.Lock()  # guards wfile and close_sent: whole frames, none after close
+        self.write_lock = (
+            threading.Lock()
+        )  # guards wfile and close_sent: whole frames, none after close
         self.close_sent = False
-        sock.settimeout(ping_interval + pong_timeout)  # a live client answers every ping within this
+        sock.settimeout(
+            ping_interval + pong_timeout
+        )  # a live client answers every ping within this
 
     def send(self, message):
         """Queue a text message (bytes of UTF-8); a client too far behind is dropped."""
@@ -6981,7 +7896,11 @@ class WebSocket:
                 if fin:
                     if kind == WS_OP_TEXT:
                         check_utf8(b"".join(parts))
-                    parts, kind, size = [], None, 0  # clients have nothing to say yet; messages are ignored
+                    parts, kind, size = (
+                        [],
+                        None,
+                        0,
+                    )  # clients have nothing to say yet; messages are ignored
 
     def write_loop(self):
         """Send queued messages, and a ping every ping_interval, until the connection ends."""
@@ -7022,7 +7941,9 @@ class WebSocket:
                 close = struct.pack("!H", code) + reason.encode("utf-8")[: WS_MAX_CONTROL - 2]
                 self.write(WS_OP_CLOSE, close, wait=WS_CLOSE_LINGER)
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
-            deadline = time.monotonic() + WS_CLOSE_LINGER  # unread bytes would make close() send a reset
+            deadline = (
+                time.monotonic() + WS_CLOSE_LINGER
+            )  # unread bytes would make close() send a reset
             self.sock.settimeout(WS_CLOSE_LINGER)
             while time.monotonic() < deadline and self.sock.recv(WS_DRAIN_CHUNK):
                 pass
@@ -7037,12 +7958,26 @@ class WebSocket:
 
 
 # ======================================================================================
-# HTTP server
+# HTTP server: the gate
 # --------------------------------------------------------------------------------------
-# `orchestra web`: the JSON API, /ws/status and the dashboard. A Gate refuses requests
-# before any route sees them; routes call the Operations section and return
-# (status, document); the StatusHub turns changes of state.json into WebSocket messages.
+# `orchestra web` refuses a request before any route sees it: a Host outside the allow-list, a
+# cross-site Origin, a missing or wrong token (a Bearer header, or for the WebSocket the
+# Sec-WebSocket-Protocol value; never a query string or cookie), oversized headers or bodies,
+# and a connection without the token that is still talking after its deadline.
 # ======================================================================================
+
+WEB_TOKEN_BYTES = 32
+WEB_TOKEN_FILE = "web.json"  # in .orchestra/, mode 0600
+WEB_HOST_SYNTAX = re.compile(
+    r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)  # a Host header value
+WEB_MAX_HEADER_BYTES = 16384  # all header lines together; more is 431
+WEB_HEADER_LINE = re.compile(
+    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n"
+)  # RFC 9112 5
+WEB_DIGITS = re.compile(r"[0-9]{1,15}")
+# a subprotocol that carries the token: browsers cannot set WebSocket headers
+WS_TOKEN_PREFIX = "token."
 
 
 def web_token(folder, rotate=False):
@@ -7100,8 +8035,11 @@ class Gate:
             return False
         token = self.presented(path, headers)
         if token is None or not hmac.compare_digest(token, self.token):
-            raise HTTPRefusal(401, "missing or wrong token; open the link 'orchestra web' printed",
-                              {"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise HTTPRefusal(
+                401,
+                "missing or wrong token; open the link 'orchestra web' printed",
+                {"WWW-Authenticate": "Bearer"},
+            )
         content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if method == "POST" and content_type != "application/json":
             raise HTTPRefusal(415, "POST bodies must be JSON (Content-Type: application/json)")
@@ -7155,7 +8093,9 @@ class HeaderBudget:
         if line and line != b"\r\n" and not WEB_HEADER_LINE.fullmatch(line):
             # bare LF, whitespace before the colon or a folded line: parsers disagree on these,
             # which is how requests are smuggled past a proxy (RFC 9112 sections 2.2 and 5.1)
-            raise MalformedRequest("a header line is malformed; send 'Name: value' lines ending in CRLF")
+            raise MalformedRequest(
+                "a header line is malformed; send 'Name: value' lines ending in CRLF"
+            )
         return line
 
 
@@ -7214,6 +8154,35 @@ class GuardedWriter:
         self.raw.close()
 
 
+# ======================================================================================
+# HTTP server: API routes
+# --------------------------------------------------------------------------------------
+# The JSON API and the dashboard page. Routes are looked up in ROUTES and call the Operations
+# section, returning (status, document); the StatusHub turns changes of state.json into the
+# WebSocket's messages (a full snapshot on connect, then changes within a second).
+# ======================================================================================
+
+WEB_MAX_REQUEST_LINE = 8192  # bytes; longer is 414
+WEB_MAX_BODY = 256 * 1024  # bytes of a POST body; more is 413
+WEB_MAX_TASKS = 32  # tasks in one POST /api/spawn
+WEB_READ_TIMEOUT = 30.0  # seconds one read may block
+WEB_STATUS_POLL = 0.1  # seconds between looks at state.json for changes
+WEB_REFRESH_INTERVAL = 1.0  # seconds between rebuilds even when state.json is unchanged (liveness)
+WEB_REVIVE_INTERVAL = 10.0  # seconds between checks that a supervisor runs while agents need one
+WEB_LOG_TAIL_DEFAULT, WEB_LOG_TAIL_MAX = 200, 5000  # lines of GET /api/agents/ID/log
+WEB_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
+WEB_TAIL_MAX_BYTES = 4 * 1024 * 1024  # log_tail: never read more than this to find the last lines
+WEB_TAIL_READ_LIMIT = (
+    64 * 1024 * 1024
+)  # GET .../log reads at most this far back, and says so if cut
+WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
+WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
+WEB_HISTORY_PAGE, WEB_HISTORY_PAGE_MAX = 50, 500  # cleaned-up agents per GET /api/history
+# Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
+WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
+WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
+
+
 def status_changes(old, new):
     """The WebSocket update that turns status document `old` into `new`; None when nothing changed."""
     before = {a["id"]: a for a in old["agents"]}
@@ -7221,13 +8190,20 @@ def status_changes(old, new):
     removed = sorted(set(before) - {a["id"] for a in new["agents"]})
     if not changed and not removed and old["supervisor"] == new["supervisor"]:
         return None
-    return {"type": "update", "agents": changed, "removed": removed, "supervisor": new["supervisor"]}
+    return {
+        "type": "update",
+        "agents": changed,
+        "removed": removed,
+        "supervisor": new["supervisor"],
+    }
 
 
 def current_status(project):
     """(state, status document) as `status --json` would print them now."""
     state = project.store.load()
-    live = [r for r in select_agents(state["agents"], []) if r["state"] != "removed"]  # history is apart
+    live = [
+        r for r in select_agents(state["agents"], []) if r["state"] != "removed"
+    ]  # history is apart
     return state, status_document(project, state, live)
 
 
@@ -7284,7 +8260,9 @@ class StatusHub:
         seen = (seen, ApprovalBox(self.project.repo).stamp())  # a new request shows at once
         now = time.monotonic()
         if seen == self.seen and (now < self.next_refresh or not self.liveness_changed()):
-            if now >= self.next_refresh:  # unchanged file: only the supervisor's liveness was checked
+            if (
+                now >= self.next_refresh
+            ):  # unchanged file: only the supervisor's liveness was checked
                 self.next_refresh = now + WEB_REFRESH_INTERVAL
             self.maybe_revive(now)
             return
@@ -7335,7 +8313,8 @@ class StatusHub:
 def dashboard_candidates():
     """Where the dashboard may be: beside orchestra.py, then where pip installed it (or --user)."""
     installed = [
-        Path(prefix).joinpath(*WEB_INSTALLED_DASHBOARD) for prefix in (sys.prefix, site.getuserbase())
+        Path(prefix).joinpath(*WEB_INSTALLED_DASHBOARD)
+        for prefix in (sys.prefix, site.getuserbase())
     ]
     return [Path(__file__).resolve().parent / "static" / "dashboard.html", *installed]
 
@@ -7344,7 +8323,9 @@ def inline_hashes(html, tag):
     """CSP source expressions for the page's inline <script> or <style> blocks."""
     bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", re.sub(r"<!--.*?-->", "", html, flags=re.S), re.S)
     return " ".join(
-        "'sha256-" + base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode("ascii") + "'"
+        "'sha256-"
+        + base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode("ascii")
+        + "'"
         for b in bodies
     )
 
@@ -7406,15 +8387,25 @@ def agent_diff(project, record):
     elif base and branch_exists(project.repo, record["branch"]):
         cwd, target = project.repo, [record["branch"]]
     else:
-        raise OrchestraError(f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE)
+        raise OrchestraError(
+            f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE
+        )
     diff = ["diff", "--no-color", "--no-ext-diff", base, *target]
     stat = run_git([*diff[:3], "--stat", *diff[3:], "--"], cwd).stdout
     patch = run_git([*diff, "--"], cwd).stdout
     untracked = (
-        run_git(["ls-files", "--others", "--exclude-standard"], cwd).stdout.splitlines() if not target else []
+        run_git(["ls-files", "--others", "--exclude-standard"], cwd).stdout.splitlines()
+        if not target
+        else []
     )
-    return {"id": record["id"], "base_commit": base, "stat": stat, "patch": patch[:WEB_MAX_DIFF],
-            "truncated": len(patch) > WEB_MAX_DIFF, "untracked": untracked}  # fmt: skip
+    return {
+        "id": record["id"],
+        "base_commit": base,
+        "stat": stat,
+        "patch": patch[:WEB_MAX_DIFF],
+        "truncated": len(patch) > WEB_MAX_DIFF,
+        "untracked": untracked,
+    }
 
 
 def query_int(query, name, default, low, high):
@@ -7443,27 +8434,30 @@ def body_fields(body, kinds):
     return [body.get(name) for name in kinds]
 
 
-ROUTES = [(method, re.compile(pattern), name) for method, pattern, name in (
-    ("GET", r"/", "route_page"),
-    ("GET", r"/api/status", "route_status"),
-    ("GET", r"/api/sessions", "route_sessions"),
-    ("GET", r"/api/worktrees", "route_worktrees"),
-    ("POST", r"/api/spawn", "route_spawn"),
-    ("POST", r"/api/cleanup", "route_cleanup"),
-    ("GET", r"/api/agents/(?P<id>[^/]+)", "route_agent"),
-    ("GET", r"/api/agents/(?P<id>[^/]+)/log", "route_log"),
-    ("GET", r"/api/agents/(?P<id>[^/]+)/diff", "route_diff"),
-    ("POST", r"/api/agents/(?P<id>[^/]+)/(?P<action>pause|resume|stop)", "route_signal"),
-    ("GET", r"/api/history", "route_history"),
-    ("GET", r"/api/agents/(?P<id>[^/]+)/report", "route_report"),
-    ("POST", r"/api/agents/(?P<id>[^/]+)/merge", "route_merge"),
-    ("POST", r"/api/agents/(?P<id>[^/]+)/pr", "route_pull_request"),
-    ("POST", r"/api/agents/(?P<id>[^/]+)/send", "route_send"),
-    ("GET", r"/api/sessions/(?P<id>[^/]+)", "route_session"),
-    ("GET", r"/ws/status", "route_websocket"),
-    ("GET", r"/api/approvals", "route_approvals"),
-    ("POST", r"/api/approvals/(?P<request>[^/]+)", "route_decide"),
-)]  # fmt: skip
+ROUTES = [
+    (method, re.compile(pattern), name)
+    for method, pattern, name in (
+        ("GET", r"/", "route_page"),
+        ("GET", r"/api/status", "route_status"),
+        ("GET", r"/api/sessions", "route_sessions"),
+        ("GET", r"/api/worktrees", "route_worktrees"),
+        ("POST", r"/api/spawn", "route_spawn"),
+        ("POST", r"/api/cleanup", "route_cleanup"),
+        ("GET", r"/api/agents/(?P<id>[^/]+)", "route_agent"),
+        ("GET", r"/api/agents/(?P<id>[^/]+)/log", "route_log"),
+        ("GET", r"/api/agents/(?P<id>[^/]+)/diff", "route_diff"),
+        ("POST", r"/api/agents/(?P<id>[^/]+)/(?P<action>pause|resume|stop)", "route_signal"),
+        ("GET", r"/api/history", "route_history"),
+        ("GET", r"/api/agents/(?P<id>[^/]+)/report", "route_report"),
+        ("POST", r"/api/agents/(?P<id>[^/]+)/merge", "route_merge"),
+        ("POST", r"/api/agents/(?P<id>[^/]+)/pr", "route_pull_request"),
+        ("POST", r"/api/agents/(?P<id>[^/]+)/send", "route_send"),
+        ("GET", r"/api/sessions/(?P<id>[^/]+)", "route_session"),
+        ("GET", r"/ws/status", "route_websocket"),
+        ("GET", r"/api/approvals", "route_approvals"),
+        ("POST", r"/api/approvals/(?P<request>[^/]+)", "route_decide"),
+    )
+]
 AGENT_ACTIONS = {"pause": pause_agents, "resume": resume_agents, "stop": stop_agents}
 
 
@@ -7477,7 +8471,9 @@ def find_route(method, path):
         if match:
             allowed.append(route_method)
     if allowed:
-        raise HTTPRefusal(405, f"{path} answers {', '.join(allowed)} only", {"Allow": ", ".join(allowed)})
+        raise HTTPRefusal(
+            405, f"{path} answers {', '.join(allowed)} only", {"Allow": ", ".join(allowed)}
+        )
     raise HTTPRefusal(404, f"nothing at {path}")
 
 
@@ -7492,7 +8488,8 @@ class WebHandler:
     server_version = f"orchestra/{__version__}"
     sys_version = ""
     timeout = WEB_READ_TIMEOUT  # per read; the server's deadline bounds the whole request
-    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
+    # headers and body go out as separate writes: no 40 ms delayed-ACK stall
+    disable_nagle_algorithm = True
 
     def version_string(self):
         """The Server header: orchestra and its version, not Python's."""
@@ -7507,7 +8504,9 @@ class WebHandler:
         """Read one request line and its headers within the limits, then answer it."""
         self.server.track(self.connection, "reading")
         self.command, self.path, self.request_version = "", "", ""  # for the log if the line is bad
-        self.raw_requestline = self.read_or_nothing(lambda: self.rfile.readline(WEB_MAX_REQUEST_LINE + 1))
+        self.raw_requestline = self.read_or_nothing(
+            lambda: self.rfile.readline(WEB_MAX_REQUEST_LINE + 1)
+        )
         if len(self.raw_requestline) > WEB_MAX_REQUEST_LINE:
             return self.send_error(414, f"the request line is over {WEB_MAX_REQUEST_LINE} bytes")
         if self.raw_requestline and not self.raw_requestline.endswith(b"\r\n"):
@@ -7552,7 +8551,8 @@ class WebHandler:
     def do_GET(self):
         """GET: a route of the table."""
         if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0") != "0":
-            self.close_connection = True  # a body nobody reads must not be taken for the next request
+            # a body nobody reads must not be taken for the next request
+            self.close_connection = True
         self.dispatch()
 
     def do_POST(self):
@@ -7570,7 +8570,8 @@ class WebHandler:
             body = self.read_json() if self.command == "POST" else None
             answer = getattr(self, name)(params, parse_qs(query), body)
         except ConnectionError:
-            self.close_connection = True  # the client is gone or stopped reading: write nothing more
+            # the client is gone or stopped reading: write nothing more
+            self.close_connection = True
             return
         except HTTPRefusal as e:
             answer = (e.status, {"error": str(e)}, e.headers)
@@ -7604,7 +8605,9 @@ class WebHandler:
 
     def answer(self, status, document, headers=None):
         """Send a JSON document; errors also close the connection (their body may be unread)."""
-        data = json.dumps(document).encode("ascii")  # \u escapes: any string encodes, even a lone surrogate
+        data = json.dumps(document).encode(
+            "ascii"
+        )  # \u escapes: any string encodes, even a lone surrogate
         self.send_response(status)
         self.send_common_headers(
             "application/json", len(data), {**(headers or {}), "Cache-Control": "no-store"}
@@ -7616,9 +8619,14 @@ class WebHandler:
 
     def send_common_headers(self, content_type, length, extra):
         """Headers every answer but the 101 carries."""
-        for name, value in {"Content-Type": content_type, "Content-Length": str(length),
-                            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                            "X-Frame-Options": "DENY", **extra}.items():  # fmt: skip
+        for name, value in {
+            "Content-Type": content_type,
+            "Content-Length": str(length),
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY",
+            **extra,
+        }.items():
             self.send_header(name, value)
 
     def send_error(self, code, message=None, explain=None):
@@ -7635,7 +8643,9 @@ class WebHandler:
 
     def log_message(self, fmt, *args):
         """Access and error lines go to the server's log, never an escape sequence with them."""
-        line = strip_control(f"{self.address_string()} - [{self.log_date_time_string()}] {fmt % args}")
+        line = strip_control(
+            f"{self.address_string()} - [{self.log_date_time_string()}] {fmt % args}"
+        )
         self.server.log(" ".join(line.split("\n")))
 
     def agent(self, params):
@@ -7661,7 +8671,9 @@ class WebHandler:
         data = text if isinstance(text, bytes) else text.encode("utf-8")
         self.send_response(status)
         self.send_common_headers(
-            content_type, len(data), {"Content-Security-Policy": policy, "Cache-Control": "no-cache"}
+            content_type,
+            len(data),
+            {"Content-Security-Policy": policy, "Cache-Control": "no-cache"},
         )
         self.end_headers()
         self.wfile.write(data)
@@ -7683,11 +8695,20 @@ class WebHandler:
     def route_spawn(self, params, query, body):
         """POST /api/spawn {"tasks": [...], "parallel"?, "model"?, "name"?, "base"?}: the CLI's spawn."""
         tasks, parallel, model, name, base = body_fields(
-            body, {"tasks": (list, True), "parallel": (int, False), "model": (str, False),
-                   "name": (str, False), "base": (str, False)})  # fmt: skip
+            body,
+            {
+                "tasks": (list, True),
+                "parallel": (int, False),
+                "model": (str, False),
+                "name": (str, False),
+                "base": (str, False),
+            },
+        )
         if not tasks or len(tasks) > WEB_MAX_TASKS or not all(isinstance(t, str) for t in tasks):
             raise HTTPRefusal(400, f"'tasks' must be a list of 1 to {WEB_MAX_TASKS} strings")
-        records = spawn_agents(self.server.project_for(model), tasks, parallel=parallel, name=name, base=base)
+        records = spawn_agents(
+            self.server.project_for(model), tasks, parallel=parallel, name=name, base=base
+        )
         return 201, {"agents": [public_record(r) for r in records]}
 
     def route_cleanup(self, params, query, body):
@@ -7696,7 +8717,9 @@ class WebHandler:
         if ids is not None and not all(isinstance(i, str) for i in ids):
             raise HTTPRefusal(400, "'ids' must be a list of agent ids")
         outcome = cleanup_agents(self.server.project, ids or None, apply=bool(apply))
-        lines = [cleanup_line(step, not apply) for step in outcome["plan"]] or ["Nothing to clean up."]
+        lines = [cleanup_line(step, not apply) for step in outcome["plan"]] or [
+            "Nothing to clean up."
+        ]
         return 200, {**outcome, "message": "\n".join(lines)}
 
     def route_agent(self, params, query, body):
@@ -7719,22 +8742,29 @@ class WebHandler:
         """POST /api/agents/ID/pause|resume|stop: the same operation as the CLI's."""
         body_fields(body, {})
         outcomes = AGENT_ACTIONS[params["action"]](self.server.project, [self.agent(params)["id"]])
-        return 200, {"outcomes": [{"id": agent_id, "result": what} for agent_id, what in outcomes],
-                     "message": "\n".join(f"{agent_id}: {what}" for agent_id, what in outcomes)}  # fmt: skip
+        return 200, {
+            "outcomes": [{"id": agent_id, "result": what} for agent_id, what in outcomes],
+            "message": "\n".join(f"{agent_id}: {what}" for agent_id, what in outcomes),
+        }
 
     def route_history(self, params, query, body):
         """GET /api/history?offset=N&limit=N: cleaned-up agents, newest first, a page at a time."""
         offset = query_int(query, "offset", 0, 0, 10**9)
         limit = query_int(query, "limit", WEB_HISTORY_PAGE, 1, WEB_HISTORY_PAGE_MAX)
         removed = sorted(self.server.project.history().values(), key=spawn_order, reverse=True)
-        page = [public_record(r) | {"archive": r.get("archive")} for r in removed[offset : offset + limit]]
+        page = [
+            public_record(r) | {"archive": r.get("archive")}
+            for r in removed[offset : offset + limit]
+        ]
         return 200, {"agents": page, "total": len(removed), "offset": offset, "limit": limit}
 
     def route_report(self, params, query, body):
         """GET /api/agents/ID/report: what `collect` says of one agent (result, commits, diffstat)."""
         record = self.agent(params)
-        return 200, agent_report(self.server.project, record) | {"checks": record.get("checks"),
-                                                                  "permission_denials": record.get("permission_denials")}  # fmt: skip
+        return 200, agent_report(self.server.project, record) | {
+            "checks": record.get("checks"),
+            "permission_denials": record.get("permission_denials"),
+        }
 
     def route_merge(self, params, query, body):
         """POST /api/agents/ID/merge: `collect ID --merge`, with its refusals and its report."""
@@ -7749,8 +8779,11 @@ class WebHandler:
         """POST /api/agents/ID/pr: `collect ID --pr`: push and open a pull request, or say how."""
         body_fields(body, {})
         document = collect_agents(self.server.project, [self.agent(params)["id"]], pr=True)
-        return 200, {"message": "\n".join(document["pull_requests"]) or "no commits to open a pull request for",
-                     **document}  # fmt: skip
+        return 200, {
+            "message": "\n".join(document["pull_requests"])
+            or "no commits to open a pull request for",
+            **document,
+        }
 
     def route_send(self, params, query, body):
         """POST /api/agents/ID/send {"message": "..."}: `orchestra send ID MESSAGE`."""
@@ -7773,11 +8806,15 @@ class WebHandler:
         if decision not in ("allow", "deny"):
             raise HTTPRefusal(400, '\'decision\' must be "allow" or "deny"')
         if always not in (None, False, True, "agent", "project") or (always and decision == "deny"):
-            raise HTTPRefusal(400, '\'always\' must be true, "agent" or "project", and only with "allow"')
+            raise HTTPRefusal(
+                400, '\'always\' must be true, "agent" or "project", and only with "allow"'
+            )
         project = self.server.project
         request, where = ApprovalBox(project.repo).request(params["request"])
         if where is None:
-            raise HTTPRefusal(404, f"no request '{params['request']}'; GET /api/approvals lists them")
+            raise HTTPRefusal(
+                404, f"no request '{params['request']}'; GET /api/approvals lists them"
+            )
         if where == "answered":
             raise OrchestraError(late_message(request["id"], request["decision"]), EXIT_FAILURE)
         always = "agent" if always is True else always or None
@@ -7791,7 +8828,9 @@ class WebHandler:
         response = websocket_accept(self.headers)
         if not self.server.admit_websocket():
             raise HTTPRefusal(
-                503, f"{WEB_MAX_WEBSOCKETS} live updates are open already; close a tab", {"Retry-After": "5"}
+                503,
+                f"{WEB_MAX_WEBSOCKETS} live updates are open already; close a tab",
+                {"Retry-After": "5"},
             )
         try:
             self.upgrade(response)
@@ -7815,6 +8854,28 @@ class WebHandler:
         finally:
             self.server.hub.unsubscribe(ws)
             ws.abort()
+
+
+# ======================================================================================
+# HTTP server: serving
+# --------------------------------------------------------------------------------------
+# The threading server: a connection cap, TLS when asked, and start_web_server(), which
+# writes web.json and prints the URL with the token in its fragment (never logged).
+# ======================================================================================
+
+# open at once; at the cap the oldest one still sending a request is dropped
+WEB_MAX_CONNECTIONS = 128
+WEB_LISTEN_BACKLOG = 128
+WEB_HEADER_DEADLINE = 10.0  # seconds a connection has to send a whole request (slowloris)
+# Seconds a request that showed the token has for its route and its whole answer. A connection
+# without the token has WEB_HEADER_DEADLINE from accept for everything, answers included.
+WEB_ANSWER_DEADLINE = 120.0
+WEB_UNTRUSTED_SEND_BUFFER = (
+    16 * 1024
+)  # bytes of SO_SNDBUF (Linux doubles it) before the token is shown
+WEB_TRUSTED_SEND_BUFFER = 1024 * 1024  # after it (the kernel caps it at net.core.wmem_max)
+WEB_PAGE_CACHE = 16  # dashboard renderings kept (one per file version and Host name)
+WEB_SERVE_POLL = 0.1  # seconds between the accept loop's checks of request deadlines
 
 
 class Link:
@@ -7841,31 +8902,59 @@ class WebServer:
     daemon_threads = True
     request_queue_size = WEB_LISTEN_BACKLOG
 
-    def __init__(self, project, host, port, token, hosts, tls=None, log=None, env=None, flags=None,
-                 revive=True, header_deadline=WEB_HEADER_DEADLINE, max_connections=WEB_MAX_CONNECTIONS,
-                 ws_options=None):  # fmt: skip
-        self.project, self.env, self.flags = project, env if env is not None else os.environ, flags or {}
+    def __init__(
+        self,
+        project,
+        host,
+        port,
+        token,
+        hosts,
+        tls=None,
+        log=None,
+        env=None,
+        flags=None,
+        revive=True,
+        header_deadline=WEB_HEADER_DEADLINE,
+        max_connections=WEB_MAX_CONNECTIONS,
+        ws_options=None,
+    ):
+        self.project, self.env, self.flags = (
+            project,
+            env if env is not None else os.environ,
+            flags or {},
+        )
         self.log_stream = log
         self.header_deadline, self.max_connections = header_deadline, max_connections
         self.ws_options = ws_options or {}
         self.connections = {}  # socket -> Link
         self.next_sweep = 0.0  # when service_actions next looks at the deadlines
-        self.pages = {}  # (file, mtime, size, Host) -> (bytes, policy); replacing a dict entry is atomic
+        self.pages = (
+            {}
+        )  # (file, mtime, size, Host) -> (bytes, policy); replacing a dict entry is atomic
         self.websockets = 0
         self.connections_lock = threading.Lock()  # guards connections and websockets
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        context = tls_context(*tls) if tls else None  # a bad certificate is refused before listening
+        context = (
+            tls_context(*tls) if tls else None
+        )  # a bad certificate is refused before listening
         try:
             super().__init__((host, port), web_class(WebHandler))
         except OSError as e:
-            raise OrchestraError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port "
-                                 "(0 picks a free one) or --host", EXIT_FAILURE) from None  # fmt: skip
+            raise OrchestraError(
+                f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port "
+                "(0 picks a free one) or --host",
+                EXIT_FAILURE,
+            ) from None
         self.scheme = "https" if tls else "http"
         if context:  # the handshake happens on the connection's own thread, within its deadline
-            self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+            self.socket = context.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.gate = Gate(token, hosts, self.scheme)
         self.hub = StatusHub(project, self.log, revive)
-        self.thread = threading.Thread(target=self.serve_forever, args=(WEB_SERVE_POLL,), name="orchestra-web", daemon=True)  # fmt: skip
+        self.thread = threading.Thread(
+            target=self.serve_forever, args=(WEB_SERVE_POLL,), name="orchestra-web", daemon=True
+        )
 
     def server_bind(self):
         """Bind without HTTPServer's reverse DNS lookup of the address, which can hang offline."""
@@ -7899,7 +8988,8 @@ class WebServer:
 
     def track(self, sock, phase):
         """Move a connection's deadline: 'reading' a request, 'trusted' (it showed the token),
-        'websocket' (upgraded); a connection without the token keeps the deadline it got at accept."""
+        'websocket' (upgraded); a connection without the token keeps the deadline it got at accept.
+        """
         now = time.monotonic()
         with self.connections_lock:
             link = self.connections.get(sock)
@@ -7910,7 +9000,9 @@ class WebServer:
             elif phase == "trusted":
                 if not link.trusted:
                     with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WEB_TRUSTED_SEND_BUFFER)
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_SNDBUF, WEB_TRUSTED_SEND_BUFFER
+                        )
                 link.deadline, link.trusted = now + WEB_ANSWER_DEADLINE, True
             elif phase == "websocket":
                 link.deadline, link.trusted = None, True
@@ -7936,7 +9028,9 @@ class WebServer:
         self.next_sweep = now + WEB_SERVE_POLL
         with self.connections_lock:
             late = [
-                s for s, link in self.connections.items() if link.deadline is not None and link.deadline < now
+                s
+                for s, link in self.connections.items()
+                if link.deadline is not None and link.deadline < now
             ]
             for sock in late:
                 del self.connections[sock]
@@ -7945,8 +9039,12 @@ class WebServer:
 
     def process_request(self, request, client_address):
         """Answer each connection on its own named daemon thread."""
-        threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                         name="orchestra-web-connection", daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name="orchestra-web-connection",
+            daemon=True,
+        ).start()
 
     def shutdown_request(self, request):
         """Forget a finished connection, then close it."""
@@ -8034,16 +9132,38 @@ def web_class(mixin):
     return WEB_CLASSES[mixin]
 
 
-def start_web_server(project, host=WEB_DEFAULT_HOST, port=WEB_DEFAULT_PORT, allow_hosts=(), new_token=False,
-                     tls=None, log=None, env=None, flags=None, revive=True, **limits):  # fmt: skip
+def start_web_server(
+    project,
+    host=WEB_DEFAULT_HOST,
+    port=WEB_DEFAULT_PORT,
+    allow_hosts=(),
+    new_token=False,
+    tls=None,
+    log=None,
+    env=None,
+    flags=None,
+    revive=True,
+    **limits,
+):
     """Listen and serve on background threads; the running WebServer (stop() ends it).
 
     `limits` tunes header_deadline, max_connections and ws_options (ping_interval,
     pong_timeout, queue_limit) for tests.
     """
     token = web_token(project.dir, rotate=new_token)
-    server = web_class(WebServer)(project, host, port, token, allowed_hosts(host, allow_hosts), tls=tls, log=log, env=env,
-                       flags=flags, revive=revive, **limits)  # fmt: skip
+    server = web_class(WebServer)(
+        project,
+        host,
+        port,
+        token,
+        allowed_hosts(host, allow_hosts),
+        tls=tls,
+        log=log,
+        env=env,
+        flags=flags,
+        revive=revive,
+        **limits,
+    )
     return server.start()
 
 
@@ -8066,6 +9186,35 @@ def beyond_loopback_warning(host, hosts):
 # blocks interleaved, the mask with the lowest penalty. Two module rows per text line, drawn
 # with half blocks, inside a quiet zone of four modules.
 # ======================================================================================
+
+# QR codes (ISO/IEC 18004) at error correction level M: per version, the error correction
+# codewords of each block and the number of blocks (index 0 unused).
+QR_ECC_PER_BLOCK = (0, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26,
+                    28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28)  # fmt: skip
+QR_BLOCKS = (0, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21, 23,
+             25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)  # fmt: skip
+QR_MAX_VERSION = 40
+QR_FORMAT_LEVEL_M = 0  # the two level bits in the format information
+QR_GF_POLY = 0x11D  # x^8 + x^4 + x^3 + x^2 + 1
+QR_PAD_BYTES = (0xEC, 0x11)
+QR_QUIET_ZONE = 4  # light modules around the symbol
+QR_PENALTY_RUN, QR_PENALTY_BLOCK, QR_PENALTY_FINDER, QR_PENALTY_BALANCE = 3, 3, 40, 10
+QR_MASKS = (
+    lambda x, y: (x + y) % 2 == 0,
+    lambda x, y: y % 2 == 0,
+    lambda x, y: x % 3 == 0,
+    lambda x, y: (x + y) % 3 == 0,
+    lambda x, y: (x // 3 + y // 2) % 2 == 0,
+    lambda x, y: x * y % 2 + x * y % 3 == 0,
+    lambda x, y: (x * y % 2 + x * y % 3) % 2 == 0,
+    lambda x, y: ((x + y) % 2 + x * y % 3) % 2 == 0,
+)
+QR_HALF_BLOCKS = {
+    (False, False): " ",
+    (True, False): "\u2580",
+    (False, True): "\u2584",
+    (True, True): "\u2588",
+}
 
 
 def gf_multiply(x, y):
@@ -8117,7 +9266,9 @@ def qr_data_capacity(version):
 def qr_bits(data, version):
     """Byte-mode segment, terminator and padding: the data codewords of `version`."""
     count_bits = 8 if version < 10 else 16
-    bits = [int(b) for b in f"0100{len(data):0{count_bits}b}" + "".join(f"{byte:08b}" for byte in data)]
+    bits = [
+        int(b) for b in f"0100{len(data):0{count_bits}b}" + "".join(f"{byte:08b}" for byte in data)
+    ]
     capacity = qr_data_capacity(version) * 8
     bits += [0] * min(4, capacity - len(bits))
     bits += [0] * (-len(bits) % 8)
@@ -8157,7 +9308,9 @@ class QRCode:
     def __init__(self, text):
         data = text.encode("utf-8")
         fits = (
-            v for v in range(1, QR_MAX_VERSION + 1) if qr_segment_bits(data, v) <= qr_data_capacity(v) * 8
+            v
+            for v in range(1, QR_MAX_VERSION + 1)
+            if qr_segment_bits(data, v) <= qr_data_capacity(v) * 8
         )
         self.version = next(fits, None)
         if self.version is None:
@@ -8269,8 +9422,10 @@ class QRCode:
         light = [False] * (self.size + 2 * quiet)
         rows = [light] * quiet + [[False] * quiet + row + [False] * quiet for row in self.modules]
         rows += [light] * (quiet + (len(rows) + quiet) % 2)
-        return ["".join(QR_HALF_BLOCKS[top, bottom] for top, bottom in zip(rows[i], rows[i + 1]))
-                for i in range(0, len(rows), 2)]  # fmt: skip
+        return [
+            "".join(QR_HALF_BLOCKS[top, bottom] for top, bottom in zip(rows[i], rows[i + 1]))
+            for i in range(0, len(rows), 2)
+        ]
 
 
 def qr_segment_bits(data, version):
@@ -8288,7 +9443,9 @@ def qr_penalty(modules):
             score += QR_PENALTY_RUN + len(run.group()) - 5
         padded = "0000" + line + "0000"
         score += QR_PENALTY_FINDER * sum(
-            padded.startswith(p, i) for p in ("00001011101", "10111010000") for i in range(len(padded))
+            padded.startswith(p, i)
+            for p in ("00001011101", "10111010000")
+            for i in range(len(padded))
         )
     for y in range(size - 1):
         for x in range(size - 1):
@@ -8305,11 +9462,25 @@ def qr_text(text, colour=False):
 
 
 # ======================================================================================
-# Command line
+# Command line: shared parts
 # --------------------------------------------------------------------------------------
 # One cmd_<name> per subcommand and one small parser builder each. Only this section
 # knows every layer; main() is the only place errors become exit statuses.
 # ======================================================================================
+
+STATES = (
+    "queued",
+    "running",
+    "paused",
+    "waiting",
+    "done",
+    "failed",
+    "stopped",
+    "interrupted",
+    "removed",
+)
+TABLE_DEFAULT_WIDTH = 120  # columns when stdout is not a terminal and $COLUMNS is unset
+TABLE_MIN_LAST_COLUMN = 6  # a table's last column narrower than this is left out rather than cut
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -8349,26 +9520,16 @@ def paint(text, colour, stream):
     return f"\x1b[{codes[colour]}m{text}\x1b[0m" if colour and use_colour(stream) else text
 
 
-STATE_COLOURS = {"running": "blue", "done": "green", "failed": "red", "interrupted": "red",
-                 "paused": "yellow", "stopped": "dim", "queued": None, "waiting": "yellow"}  # fmt: skip
-
-
-def status_rows(records, now):
-    """The status table's cells for each record."""
-    rows = []
-    for r in records:
-        state = (
-            state_label(r) + (" stale" if r.get("stale") else "") + (" approval" if r.get("approval") else "")
-        )
-        state += (" sandboxed" if r.get("sandboxed") else "") + (" merged" if r.get("merged") else "")
-        activity = r.get("error") or r.get("activity") or ""
-        if r.get("approval"):
-            activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
-        rows.append([r["id"], state, format_duration(elapsed_seconds(r, now)), record_cost(r),
-                     "-" if r.get("commits") is None else str(r["commits"]),
-                     "-" if r.get("files_changed") is None else str(r["files_changed"]),
-                     one_line(activity)])  # fmt: skip
-    return rows
+STATE_COLOURS = {
+    "running": "blue",
+    "done": "green",
+    "failed": "red",
+    "interrupted": "red",
+    "paused": "yellow",
+    "stopped": "dim",
+    "queued": None,
+    "waiting": "yellow",
+}
 
 
 def terminal_width(width=None):
@@ -8404,6 +9565,41 @@ def render_table(headers, rows, out, colour_column=None, width=None):
     return "\n".join(lines)
 
 
+def table_with_lines(headers, rows, lines, out, width=None):
+    """A table fitted to the terminal with one more line under each row, kept whole (paths, commands)."""
+    header, *body = render_table(headers, rows, out, width=width).split("\n")
+    return "\n".join([header, *(part for pair in zip(body, lines) for part in pair)])
+
+
+def status_rows(records, now):
+    """The status table's cells for each record."""
+    rows = []
+    for r in records:
+        state = (
+            state_label(r)
+            + (" stale" if r.get("stale") else "")
+            + (" approval" if r.get("approval") else "")
+        )
+        state += (" sandboxed" if r.get("sandboxed") else "") + (
+            " merged" if r.get("merged") else ""
+        )
+        activity = r.get("error") or r.get("activity") or ""
+        if r.get("approval"):
+            activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
+        rows.append(
+            [
+                r["id"],
+                state,
+                format_duration(elapsed_seconds(r, now)),
+                record_cost(r),
+                "-" if r.get("commits") is None else str(r["commits"]),
+                "-" if r.get("files_changed") is None else str(r["files_changed"]),
+                one_line(activity),
+            ]
+        )
+    return rows
+
+
 def status_text(project, records, out):
     """The human status view: a table and a one-line summary."""
     if not records:
@@ -8411,8 +9607,13 @@ def status_text(project, records, out):
     headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
     records = with_approvals(project, records)
     table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
-    notes = [f"{r['id']}: {line}" for r in records
-             for line in denial_lines(r.get("permission_denials"), (r.get("launch") or {}).get("bypass_permissions", ()))]  # fmt: skip
+    notes = [
+        f"{r['id']}: {line}"
+        for r in records
+        for line in denial_lines(
+            r.get("permission_denials"), (r.get("launch") or {}).get("bypass_permissions", ())
+        )
+    ]
     return "\n".join(
         [
             table,
@@ -8446,135 +9647,9 @@ def revive_supervisor(project, state):
     """Restart a dead supervisor that left agents to watch, and say so on stderr."""
     pid = ensure_supervisor(project, state)
     if pid:
-        print(f"orchestra: the supervisor was not running; restarted it (pid {pid})", file=sys.stderr)
-
-
-def cmd_init(args):
-    """Create .orchestra/ and print the effective configuration."""
-    project = open_project(args)
-    print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
-    print(config_text(project.config))
-    print(f"\nSettings live in {project.dir / 'config.json'} (this project) and {user_config_path(os.environ)} (you);\n"
-          "change one with: orchestra config set KEY VALUE [--user]\n"
-          "Agents ask before tools outside bypass_permissions; answer with 'orchestra approvals' / 'approve' / 'deny'\n"
-          "or the dashboard. Allow tools up front: orchestra config set bypass_permissions "
-          "'[\"Edit\", \"Write\", \"Bash(git *)\", \"Bash(pytest *)\"]'\n"
-          "or let Bash run freely inside Claude Code's sandbox: orchestra config set sandbox auto")  # fmt: skip
-    return EXIT_OK
-
-
-def config_text(config):
-    """The effective settings as a table of key, value and source."""
-    files = list(dict.fromkeys(v for v in config.sources.values() if v not in ("default", "flag")))
-    labels = {path: f"file {n}" for n, path in enumerate(files, 1)}
-    rows = [[key, labels.get(config.sources[key], config.sources[key]), json.dumps(config[key])]
-            for key in CONFIG_DEFAULTS]  # fmt: skip
-    notes = [f"{label}: {path}" for path, label in labels.items()]  # paths on their own lines, whole
-    return "\n".join([render_table(["KEY", "SOURCE", "VALUE"], rows, sys.stdout), *notes])
-
-
-def cmd_config(args):
-    """Show every setting, its value and where that value came from; 'set' and 'unset' change one."""
-    try:
-        repo = find_repo(Path.cwd())
-    except OrchestraError:
-        repo = None  # outside a repository the user file and defaults still apply
-    config = Config.load(repo, os.environ, config_flags(args))
-    if args.json:
-        print_json({key: {"value": config[key], "source": config.sources[key]} for key in CONFIG_DEFAULTS})
-    else:
-        print(config_text(config))
-    return EXIT_OK
-
-
-def cmd_spawn(args):
-    """Queue one agent per task, each on its own branch and worktree."""
-    project = open_project(args, model=args.model, sandbox=args.sandbox)
-    records = spawn_agents(project, args.tasks, parallel=args.parallel, name=args.name, base=args.base,
-                           budget=args.budget)  # fmt: skip
-    if not args.json:
-        for r in records:
-            print(f"{r['id']}  {r['state']}  {os.path.relpath(r['worktree'])}")
-            if r["error"]:
-                print(f"  {r['error']}")
-        print(f"Each agent works on branch {project.branch_name('<id>')} in its worktree.")
-    if args.wait:
-        return wait_for_agents(project, [r["id"] for r in records], args.json)
-    if args.json:
-        print_json({"agents": [public_record(r) for r in records]})
-    else:
-        print("\nWatch them with: orchestra status --watch")
-    return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
-
-
-def wait_for_agents(project, ids, as_json):
-    """Print each agent's progress until all have finished; 1 if any failed."""
-    shown = {}
-    while True:
-        state = project.store.load()
-        ensure_supervisor(project, state)
-        records = [state["agents"][i] for i in ids]
-        for record in records:
-            line = progress_line(record)
-            if shown.get(record["id"]) != line and not as_json:
-                print(line, flush=True)
-            shown[record["id"]] = line
-        if not any(r["state"] in ACTIVE_STATES for r in records):
-            break
-        time.sleep(SPAWN_WAIT_POLL)
-    if as_json:
-        print_json({"agents": [public_record(r) for r in records]})
-    else:
-        print(summary_line(records))
-    return EXIT_FAILURE if any(r["state"] in ("failed", "interrupted") for r in records) else EXIT_OK
-
-
-def cmd_status(args):
-    """Show agents: state, elapsed time, cost, commits, files and activity."""
-    if args.until_done and not args.watch:
-        raise OrchestraError("--until-done goes with --watch; see 'orchestra status --help'")
-    project = open_project(args)
-    while True:
-        state = project.store.load()
-        revive_supervisor(project, state)
-        agents = state["agents"]
-        if args.ids or args.all:  # cleaned-up agents are history: read only when asked for
-            agents = {**project.history(), **agents}
-        records = select_agents(agents, args.ids)
-        if args.json:
-            print_json(status_document(project, state, records))
-            return EXIT_OK
-        text = status_text(project, with_merged_flags(project, records), sys.stdout)
-        if not args.watch:
-            print(text)
-            return EXIT_OK
-        clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
-        if args.until_done and not any(r["state"] in ("queued", "running") for r in records):
-            print(f"{clear}{text}", flush=True)
-            return EXIT_OK
-        print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
-        time.sleep(STATUS_WATCH_INTERVAL)
-
-
-def cmd_pause(args):
-    """SIGSTOP running agents."""
-    project = open_project(args)
-    check_not_removed(project, args.ids)
-    return report_outcomes(pause_agents(project, args.ids))
-
-
-def cmd_resume(args):
-    """SIGCONT paused agents; relaunch with --resume those whose process is gone."""
-    project = open_project(args)
-    check_not_removed(project, args.ids)
-    return report_outcomes(resume_agents(project, args.ids))
-
-
-def cmd_stop(args):
-    """End agents: SIGTERM their process group, SIGKILL after a grace period; work stays."""
-    project = open_project(args)
-    check_not_removed(project, args.ids)
-    return report_outcomes(stop_agents(project, args.ids))
+        print(
+            f"orchestra: the supervisor was not running; restarted it (pid {pid})", file=sys.stderr
+        )
 
 
 def report_outcomes(outcomes):
@@ -8582,500 +9657,6 @@ def report_outcomes(outcomes):
     for agent_id, what in outcomes:
         print(f"{agent_id}: {what}")
     return EXIT_OK
-
-
-def cmd_supervise(args):
-    """Run the supervisor here (--foreground) or start it in the background."""
-    project = open_project(args)
-    if not args.foreground:
-        pid = ensure_supervisor(project)
-        print(
-            f"supervisor started (pid {pid})"
-            if pid
-            else "nothing to supervise, or a supervisor is already running"
-        )
-        return EXIT_OK
-    supervisor = Supervisor(project)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: supervisor.stopping.set())
-    return supervisor.run()
-
-
-def cmd_logs(args):
-    """Print an agent's activity; -f keeps following until it finishes."""
-    project = open_project(args)
-    record = select_agents(project.all_records(), [args.id])[0]
-    path, clean, render = Path(record["log"]), sys.stdout.isatty(), log_renderer(args.raw)
-
-    def show(lines):
-        if lines:
-            sys.stdout.write(
-                "".join((strip_control(line) if clean else encodable(line)) + "\n" for line in lines)
-            )
-            sys.stdout.flush()
-
-    count = LOGS_FOLLOW_TAIL if args.tail is None and args.follow else args.tail
-    if count is None:
-        offset = stream_log(path, 0, render, show)
-    else:
-        try:
-            lines, offset, _ = tail_lines(path, count, render)
-        except FileNotFoundError:
-            lines, offset = [], 0
-        show(lines)
-    while args.follow:
-        time.sleep(LOGS_FOLLOW_POLL)
-        start, offset = offset, stream_log(path, offset, render, show)
-        if offset == start and project.records().get(record["id"], {}).get("state") not in ACTIVE_STATES:
-            break
-    if not args.follow and record["state"] in ("failed", "interrupted"):
-        stderr = read_tail(project.stderr_path(record["id"])).strip()
-        if stderr:
-            print("-- stderr --\n" + (strip_control(stderr) if clean else encodable(stderr)))
-    return EXIT_OK
-
-
-def cmd_worktrees(args):
-    """List git's worktrees with the agent each belongs to."""
-    project = open_project(args)
-    rows = worktree_rows(project, project.records())
-    if args.json:
-        print_json({"worktrees": rows})
-        return EXIT_OK
-    table = [[r["id"] or "-", r["state"] or "-", ",".join(r["notes"]) or "-", one_line(r["task"] or "", 60)]
-             for r in rows]  # fmt: skip
-    places = [f"    {os.path.relpath(r['path'])}  ({r['branch'] or 'detached'})" for r in rows]
-    print(table_with_lines(["ID", "STATE", "NOTES", "TASK"], table, places, sys.stdout))
-    return EXIT_OK
-
-
-def table_with_lines(headers, rows, lines, out, width=None):
-    """A table fitted to the terminal with one more line under each row, kept whole (paths, commands)."""
-    header, *body = render_table(headers, rows, out, width=width).split("\n")
-    return "\n".join([header, *(part for pair in zip(body, lines) for part in pair)])
-
-
-def positive_hours(text):
-    """argparse type: a positive number of hours."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of hours") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
-
-
-SESSIONS_EPILOG = """\
-MSGS (messages) counts your prompts and Claude's replies, each API response once; tool
-calls, tool results, compact summaries and sub-agent lines are not messages. MODEL is
-the model of the session's own latest reply (not a sub-agent's).
-
-example: orchestra sessions --project; orchestra sessions --resume 3f2a"""
-
-
-def add_sessions_parser(commands):
-    """orchestra sessions"""
-    p = commands.add_parser("sessions", help="list or resume your recent Claude Code sessions",
-                            description=cmd_sessions.__doc__,
-                            epilog=SESSIONS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--hours", type=positive_hours, default=SESSION_DEFAULT_HOURS, metavar="N",
-                      help=f"sessions active in the last N hours (default {SESSION_DEFAULT_HOURS:g})")  # fmt: skip
-    when.add_argument("--all", action="store_true", help="no time limit")
-    p.add_argument("--project", nargs="?", const=".", metavar="PATH",
-                   help="only this repository and all its worktrees (PATH defaults to the current one)")  # fmt: skip
-    p.add_argument("--limit", type=positive_int, default=SESSION_DEFAULT_LIMIT, metavar="N",
-                   help=f"show at most N sessions (default {SESSION_DEFAULT_LIMIT})")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.add_argument("--resume", metavar="ID",
-                   help="resume a session: id, unique prefix, or orchestra agent id or its unique prefix")  # fmt: skip
-    p.add_argument("--print", action="store_true", help="with --resume: print the commands, run nothing")
-    p.set_defaults(func=cmd_sessions)
-
-
-def cmd_sessions(args, env=os.environ, now=None):
-    """List your recent Claude Code sessions, newest first, or resume one in its own folder."""
-    if args.print and not args.resume:
-        raise OrchestraError("--print goes with --resume ID; see 'orchestra sessions --help'")
-    if args.resume:
-        return resume_session(args.resume, args.print, env)
-    now = time.time() if now is None else now
-    hours = None if args.all else args.hours
-    project = project_filter(args.project) if args.project is not None else None
-    projects_dir = claude_projects_dir(env)
-    listing = session_listing(env, now, hours, project, args.limit)
-    if not projects_dir.is_dir():
-        print_note(
-            f"no Claude Code sessions yet: {projects_dir} does not exist ({CLAUDE_CONFIG_ENV} moves it)"
-        )
-    if args.json:
-        print_json(listing_json(listing, projects_dir, now, hours, project))
-    elif listing.sessions:
-        width = shutil.get_terminal_size((SESSION_TABLE_WIDTH, 0)).columns
-        print("\n".join(session_table(listing.sessions, now, env, width)))
-    for note in listing_notes(listing, hours, project, args.limit):
-        print_note(note)
-    return EXIT_OK
-
-
-def report_text(report):
-    """One agent's part of the collect report."""
-    minutes = format_duration(report["duration_seconds"])
-    lines = [f"== {report['id']}: {report['state']}  ({report['turns'] or 0} turns, {format_cost(report['cost_usd'])}, {minutes})",
-             f"Task: {report['task']}"]  # fmt: skip
-    if report.get("checks"):
-        lines.append(f"Checks: {checks_line(report['checks'])}")
-    if report["result"] or report["error"]:
-        lines.append(f"Result: {strip_control(report['result'] or report['error']).strip()}")
-    lines.append(
-        f"Commits on {report['branch']}:" if report["commits"] else f"No commits on {report['branch']}."
-    )
-    lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
-    if report.get("merged"):
-        lines.append("Its commits are merged already.")
-    lines += [f"Note: {note}" for note in report.get("notes", [])]
-    if report["diffstat"]:
-        lines.append(report["diffstat"])
-    if report["uncommitted"]:
-        lines.append(
-            "Uncommitted in its worktree: "
-            + ", ".join(f"{u['status'].strip()} {u['path']}" for u in report["uncommitted"])
-        )
-    lines += denial_lines(report.get("permission_denials"), report.get("bypass_permissions", ()))
-    return "\n".join(lines)
-
-
-def cmd_collect(args):
-    """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
-    project = open_project(args)
-    document = collect_agents(project, args.ids, commit=args.commit, merge=args.merge, patch=args.patch,
-                              pr=args.pr, into=args.into, cwd=Path.cwd(),
-                              include_failing=args.include_failing)  # fmt: skip
-    reports = document["agents"]
-    if args.json:
-        print_json(document)
-    else:
-        print(
-            collect_text(document)
-            if reports
-            else "No finished agents to collect yet; see 'orchestra status'."
-        )
-    return EXIT_FAILURE if document.get("conflict") or document.get("pr_failed") else EXIT_OK
-
-
-def collect_text(document):
-    """The human collect report: each agent, overlaps, and what the options did."""
-    parts = [report_text(r) for r in document["agents"]]
-    for path, ids in document["overlaps"].items():
-        parts.append(f"Warning: {path} was changed by {' and '.join(ids)}; expect a conflict when merging")
-    if document["committed"]:
-        parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
-    if "merged" in document:
-        parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
-        parts += [f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
-                  for s in document.get("not_merged", [])]  # fmt: skip
-    if document.get("conflict", {}) and document["conflict"].get("untracked"):
-        c = document["conflict"]
-        parts.append(f"Not merging {c['id']}: it would overwrite your untracked or ignored "
-                     f"{', '.join(c['untracked'][:MAX_LISTED_FILES])}; move them away, then run collect --merge again")  # fmt: skip
-    elif document.get("conflict"):
-        c = document["conflict"]
-        where = ", ".join(c["files"]) or c["git"]
-        parts.append(f"Merging {c['id']} conflicts in {where}; the merge was aborted and your checkout is as it was. "
-                     f"Merge it by hand: git merge {c['branch']}")  # fmt: skip
-    if "patch" in document:
-        parts.append(
-            f"Wrote {document['patch']['commits']} commit(s) to {document['patch']['path']} (apply with git am)"
-        )
-    parts += document.get("pull_requests", [])
-    only_uncommitted = [r["id"] for r in document["agents"] if not r["commits"] and r["uncommitted"]]
-    if only_uncommitted and not document["committed"]:
-        parts.append(f"{', '.join(only_uncommitted)}: all the work is uncommitted; "
-                     "'orchestra collect --commit' commits it on the agent's branch")  # fmt: skip
-    return "\n\n".join(parts)
-
-
-def cmd_retry(args):
-    """Run a failed, interrupted or stopped agent's task again: fresh worktree and branch, or its session."""
-    project = open_project(args)
-    check_not_removed(project, [args.id])
-    record = select_agents(project.records(), [args.id])[0]
-    print(retry_agent(project, record, args.resume_session))
-    return EXIT_OK
-
-
-def cmd_send(args):
-    """Send a follow-up message to an agent: its session continues in its worktree.
-
-    A finished agent continues at once; a running one gets the message when its current turn ends.
-    """
-    project = open_project(args)
-    check_not_removed(project, [args.id])
-    print(sent_text(*send_message(project, args.id, args.message)))
-    return EXIT_OK
-
-
-def diff_source(project, record):
-    """(cwd, revisions) to diff an agent's work against its base: its worktree (commits and
-    uncommitted changes), else its branch when the worktree is gone."""
-    base = record.get("base_commit")
-    if base and record.get("worktree") and Path(record["worktree"]).is_dir():
-        return Path(record["worktree"]), [base]
-    if base and branch_exists(project.repo, record["branch"]):
-        return project.repo, [base, record["branch"]]
-    raise OrchestraError(f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE)
-
-
-def cmd_diff(args):
-    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git."""
-    project = open_project(args)
-    record = select_agents(project.all_records(), [args.id])[0]
-    if record["state"] == "removed":
-        check_not_removed(project, [record["id"]])  # points at its archive and `orchestra restore`
-    cwd, revisions = diff_source(project, record)
-    status = page_git(["diff", *(["--stat"] if args.stat else []), *revisions, "--"], cwd)
-    if len(revisions) == 1:
-        untracked = run_git(["ls-files", "--others", "--exclude-standard"], cwd).stdout.split()
-        if untracked:
-            print(f"Untracked in its worktree (not in the diff): {', '.join(untracked)}")
-    return EXIT_OK if status == 0 else EXIT_FAILURE
-
-
-def add_diff_parser(commands):
-    """orchestra diff"""
-    p = commands.add_parser("diff", help="show an agent's changes against its base, paged like git",
-                            description=cmd_diff.__doc__, epilog="example: orchestra diff implement-auth --stat")  # fmt: skip
-    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
-    p.add_argument("--stat", action="store_true", help="only the files changed and how much")
-    p.set_defaults(func=cmd_diff)
-
-
-def cmd_cleanup(args):
-    """Remove agents' worktrees and branches when nothing can be lost; say why the rest stay."""
-    project = open_project(args)
-    if args.list_archives:
-        return print_archives(project, args.json)
-    outcome = cleanup_agents(project, args.ids, apply=not args.dry_run, everything=args.all,
-                             failed_only=args.failed, force=args.force)  # fmt: skip
-    if args.json:
-        print_json(outcome)
-        return EXIT_FAILURE if any(step.get("error") for step in outcome["plan"]) else EXIT_OK
-    for step in outcome["plan"]:
-        print(cleanup_line(step, args.dry_run))
-    if not outcome["plan"]:
-        print("Nothing to clean up.")
-    return EXIT_FAILURE if any(step.get("error") for step in outcome["plan"]) else EXIT_OK
-
-
-def cleanup_line(step, dry_run):
-    """'KEEP id: why' or 'REMOVED id: why it was safe' (WOULD REMOVE in a dry run)."""
-    reasons = "; ".join(step["reasons"])
-    if step["action"] == "keep":
-        return f"KEEP {step['id']}: {reasons}"
-    verb = "WOULD REMOVE" if dry_run else "REMOVED"
-    forced = "forced past: " if step["forced"] else ""
-    saved = f" (saved as {step['archive'][0]})" if step.get("archive") else ""
-    return f"{verb} {step['id']}: {forced}{reasons}{saved}"
-
-
-def print_archives(project, as_json):
-    """List the saved branch tips and how to restore each."""
-    rows = list_archives(project.repo)
-    if as_json:
-        print_json({"archives": rows})
-    elif rows:
-        table = [[r["id"], r["saved"], r["commit"], r["subject"]] for r in rows]
-        restores = [f"    restore: {r['restore']}" for r in rows]
-        print(table_with_lines(["ID", "SAVED", "COMMIT", "SUBJECT"], table, restores, sys.stdout))
-    else:
-        print("No archived work.")
-    return EXIT_OK
-
-
-def cmd_restore(args):
-    """Bring a cleaned-up agent back from its archive: its branch, and a worktree with the files,
-    index and record it had. Refuses when the branch or the folder exists."""
-    project = open_project(args)
-    outcome = restore_agent(project, args.id)
-    if args.json:
-        print_json(outcome)
-        return EXIT_OK
-    print(
-        f"{outcome['id']}: restored {', '.join(outcome['restored'])} as branch {outcome['branch']} in {outcome['worktree']}"
-    )
-    for kind, ref in outcome["other_refs"].items():
-        print(f"  also saved ({ARCHIVE_WORDS[kind]}): {ref}")
-    return EXIT_OK
-
-
-def add_restore_parser(commands):
-    """orchestra restore"""
-    p = commands.add_parser("restore", help="bring a cleaned-up agent back from its archive", description=cmd_restore.__doc__,
-                            epilog="example: orchestra restore implement-auth")  # fmt: skip
-    p.add_argument(
-        "id", metavar="ID", help="agent id (its newest archive) or ID/STAMP from cleanup --list-archives"
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_restore)
-
-
-def add_collect_parser(commands):
-    """orchestra collect"""
-    p = commands.add_parser("collect", help="report and bring home finished agents' work", description=cmd_collect.__doc__,
-                            epilog="example: orchestra collect --commit --merge")  # fmt: skip
-    p.add_argument("ids", nargs="*", metavar="ID", help="agents to collect (default: every finished one)")
-    p.add_argument(
-        "--commit", action="store_true", help="commit work an agent left uncommitted, on its branch"
-    )
-    p.add_argument(
-        "--merge", action="store_true", help="merge the branches into your current branch, one by one"
-    )
-    p.add_argument(
-        "--into",
-        metavar="BRANCH",
-        help="with --merge from a linked worktree: the branch checked out in your main checkout",
-    )
-    p.add_argument("--include-failing", action="store_true",
-                   help="with --merge: merge agents whose checks failed or did not run, too")  # fmt: skip
-    p.add_argument("--pr", action="store_true", help="push each branch and open a pull request with gh")
-    p.add_argument("--patch", metavar="FILE", help="write all their commits to FILE as one patch series")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_collect)
-
-
-def add_retry_parser(commands):
-    """orchestra retry"""
-    p = commands.add_parser("retry", help="run a failed or stopped agent's task again", description=cmd_retry.__doc__,
-                            epilog="example: orchestra retry implement-auth  (starts implement-auth-2 from the same base)")  # fmt: skip
-    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
-    p.add_argument("--resume-session", action="store_true",
-                   help="continue the agent's own session in its worktree instead of starting afresh")  # fmt: skip
-    p.set_defaults(func=cmd_retry)
-
-
-def add_send_parser(commands):
-    """orchestra send"""
-    p = commands.add_parser("send", help="send a follow-up message to an agent (a running one gets it when its turn ends)",
-                            description=cmd_send.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog='example: orchestra send implement-auth "also add a test for expired tokens"')  # fmt: skip
-    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
-    p.add_argument("message", metavar="MESSAGE", help="what the agent should do next")
-    p.set_defaults(func=cmd_send)
-
-
-def add_cleanup_parser(commands):
-    """orchestra cleanup"""
-    p = commands.add_parser("cleanup", help="remove worktrees and branches that are safe to remove", description=cmd_cleanup.__doc__,
-                            epilog="example: orchestra cleanup --dry-run")  # fmt: skip
-    p.add_argument("ids", nargs="*", metavar="ID", help="agents to clean up (default: every finished one)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--all", action="store_true", help="also agents still running or paused (kept unless --force)"
-    )
-    which.add_argument("--failed", action="store_true", help="only failed and interrupted agents")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="also remove unmerged or dirty work (archived first) and stop running agents",
-    )
-    p.add_argument("--list-archives", action="store_true", help="list saved work and how to restore it")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_cleanup)
-
-
-def port_number(text):
-    """argparse type: a TCP port, 0 for any free one."""
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a port number (0 to 65535)")
-    return int(text)
-
-
-def cmd_web(args):
-    """Serve the dashboard, the JSON API and live status over a WebSocket until Ctrl-C.
-
-    The first line printed is the dashboard's address with its access token; keep it private.
-    """
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise OrchestraError("--tls-cert and --tls-key go together; pass both")
-    flags = config_flags(args)
-    project = Project.open(Path.cwd(), os.environ, flags)
-    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
-    server = start_web_server(project, args.host, args.port, allow_hosts=args.allow_host, new_token=args.new_token,
-                              tls=tls, log=sys.stderr, env=os.environ, flags=flags)  # fmt: skip
-    try:
-        print(server.url, flush=True)
-        warning = beyond_loopback_warning(args.host, server.gate.hosts)
-        if warning:
-            print(f"orchestra: warning: {warning}", file=sys.stderr)
-        missing = missing_dashboard_note()
-        if missing:
-            print(f"orchestra: warning: {missing}", file=sys.stderr)
-        print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
-        if args.qr:
-            print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
-        if args.open:
-            import webbrowser  # here, not at the top: only --open needs it
-
-            webbrowser.open(server.url)
-        while server.thread.is_alive():
-            server.thread.join(WEB_JOIN_POLL)
-    finally:
-        server.stop()
-    return EXIT_OK
-
-
-def missing_dashboard_note():
-    """One line saying where to put dashboard.html when no copy is found, else None."""
-    places = dashboard_candidates()
-    if any(path.is_file() for path in places):
-        return None
-    return (f"static/dashboard.html was not found, so / only says it is missing (the API works); "
-            f"copy it to {places[0]}")  # fmt: skip
-
-
-def add_web_parser(commands):
-    """orchestra web"""
-    p = commands.add_parser("web", help="serve the dashboard, the JSON API and live status", description=cmd_web.__doc__,
-                            epilog="example: orchestra web --port 0 --open")  # fmt: skip
-    p.add_argument(
-        "--host",
-        default=WEB_DEFAULT_HOST,
-        help="address to listen on (default: %(default)s, this machine only)",
-    )
-    p.add_argument(
-        "--port",
-        type=port_number,
-        default=WEB_DEFAULT_PORT,
-        help="port (default: %(default)s; 0 picks a free one)",
-    )
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="also answer requests addressed to this host name (repeatable)")  # fmt: skip
-    p.add_argument("--open", action="store_true", help="open the dashboard in a browser")
-    p.add_argument(
-        "--qr", action="store_true", help="also print the address as a QR code to scan with a phone"
-    )
-    p.add_argument("--new-token", action="store_true", help="make a new access token; old links stop working")
-    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
-    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
-    p.set_defaults(func=cmd_web)
-
-
-def add_init_parser(commands):
-    """orchestra init"""
-    p = commands.add_parser("init", help="create .orchestra/ and show the configuration", description=cmd_init.__doc__,
-                            epilog="example: cd my-project && orchestra init")  # fmt: skip
-    p.set_defaults(func=cmd_init)
-
-
-def add_config_parser(commands):
-    """orchestra config"""
-    p = commands.add_parser("config", help="show settings and where they came from", description=cmd_config.__doc__,
-                            epilog="example: orchestra config --json; one run with another value: orchestra -c default_parallel=5 config")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_config)
-    add_config_actions(p)
 
 
 def whole_number_at_least(low):
@@ -9107,162 +9688,86 @@ def budget_usd(text):
     return value
 
 
-def add_spawn_parser(commands):
-    """orchestra spawn"""
-    p = commands.add_parser("spawn", help="start agents, one worktree and branch per task", description=cmd_spawn.__doc__,
-                            epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2')  # fmt: skip
-    p.add_argument("tasks", nargs="+", metavar="TASK", help="what one agent should do (quote it)")
-    p.add_argument("--parallel", type=positive_int, metavar="N", help="run at most N agents at once")
-    p.add_argument("--model", help="the model the agents use")
-    p.add_argument(
-        "--base", metavar="REF", help="branch, tag or commit to start from (default: the current branch)"
-    )
-    p.add_argument("--name", metavar="ID", action="append",
-                   help="an agent's id instead of one made from its task; once per task, the Nth names the Nth task")  # fmt: skip
-    sandbox = p.add_mutually_exclusive_group()
-    sandbox.add_argument("--sandbox", dest="sandbox", action="store_const", const="on",
-                         help="run in Claude Code's sandbox (Bash without asking, writes only in the worktree); refuse where it cannot")  # fmt: skip
-    sandbox.add_argument(
-        "--no-sandbox", dest="sandbox", action="store_const", const="off", help="run without the sandbox"
-    )
-    p.add_argument("--budget", type=budget_usd, metavar="USD",
-                   help="stop this batch's agents once together they have spent USD")  # fmt: skip
-    p.add_argument("--wait", action="store_true", help="show progress until all finish; exit 1 if any failed")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_spawn, more_tasks=True)
+def positive_hours(text):
+    """argparse type: a positive number of hours."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of hours") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
 
 
-def add_status_parser(commands):
-    """orchestra status"""
-    p = commands.add_parser("status", help="show what every agent is doing", description=cmd_status.__doc__,
-                            epilog="example: orchestra status --watch")  # fmt: skip
-    p.add_argument("ids", nargs="*", metavar="ID", help="agents to show (default: all but cleaned-up ones)")
-    p.add_argument("--all", action="store_true", help="include cleaned-up (removed) agents")
-    p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
-    p.add_argument("--until-done", action="store_true",
-                   help="with --watch: stop when no agent is queued or running")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_status)
+def port_number(text):
+    """argparse type: a TCP port, 0 for any free one."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number (0 to 65535)")
+    return int(text)
 
 
-SIGNAL_COMMANDS = (
-    ("pause", "suspend running agents (SIGSTOP)", cmd_pause),
-    ("resume", "continue paused agents, or relaunch their sessions", cmd_resume),
-    ("stop", "end agents; their worktrees and branches stay", cmd_stop),
-)
+# ======================================================================================
+# Command line: setting up
+# --------------------------------------------------------------------------------------
+# init, config (show, set, unset) and doctor: what a newcomer runs first.
+# ======================================================================================
 
 
-def add_signal_parsers(commands):
-    """orchestra pause | resume | stop"""
-    for name, summary, handler in SIGNAL_COMMANDS:
-        p = commands.add_parser(name, help=summary, description=handler.__doc__,
-                                epilog=f"example: orchestra {name} implement-auth")  # fmt: skip
-        p.add_argument("ids", nargs="+", metavar="ID", help="agent ids or unique prefixes")
-        p.set_defaults(func=handler)
-
-
-def add_logs_parser(commands):
-    """orchestra logs"""
-    p = commands.add_parser("logs", help="show an agent's activity", description=cmd_logs.__doc__,
-                            epilog="example: orchestra logs implement-auth -f")  # fmt: skip
-    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
-    p.add_argument(
-        "-f", "--follow", action="store_true", help="keep printing new activity until the agent finishes"
-    )
-    p.add_argument("--raw", action="store_true", help="print the stream-json lines as they are")
-    p.add_argument("--tail", type=non_negative_int, metavar="N",
-                   help=f"only the last N lines (read from the end; -f alone starts with {LOGS_FOLLOW_TAIL})")  # fmt: skip
-    p.set_defaults(func=cmd_logs)
-
-
-def add_worktrees_parser(commands):
-    """orchestra worktrees"""
-    p = commands.add_parser("worktrees", help="list worktrees and their agents", description=cmd_worktrees.__doc__,
-                            epilog="example: orchestra worktrees --json")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_worktrees)
-
-
-def cmd_hook(args):
-    """Claude Code's PermissionRequest hook (internal): reads the request on stdin, answers on stdout."""
-    return permission_hook(args.repo, args.agent, args.timeout, sys.stdin, sys.stdout)
-
-
-def add_hook_parser(commands):
-    """orchestra hook (internal; Claude Code runs it)"""
-    p = commands.add_parser("hook", description=cmd_hook.__doc__,
-                            epilog="example: orchestra hook permission-request --repo . --agent fix-tests < request.json")  # fmt: skip
-    p.add_argument("event", choices=["permission-request"], help="the hook event")
-    p.add_argument("--repo", required=True, help="the repository whose agent asks")
-    p.add_argument("--agent", required=True, help="the agent's id")
-    p.add_argument("--timeout", type=float, default=CONFIG_DEFAULTS["approval_timeout"],
-                   help="seconds to wait for a decision before denying")  # fmt: skip
-    p.set_defaults(func=cmd_hook)
-
-
-def approvals_table(requests, now):
-    """The pending requests as a table: id, agent, waiting for, tool call."""
-    rows = [[r["id"], r["agent"], format_duration(now - (parse_iso(r.get("since")) or now)),
-             strip_control(r.get("summary") or r.get("tool") or "")] for r in requests]  # fmt: skip
-    return render_table(["REQUEST", "AGENT", "WAITING", "TOOL CALL"], rows, sys.stdout)
-
-
-def cmd_approvals(args):
-    """List the tool calls agents are waiting to have approved, oldest first."""
+def cmd_init(args):
+    """Create .orchestra/ and print the effective configuration."""
     project = open_project(args)
-    document = approvals_document(project)
+    print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
+    print(config_text(project.config))
+    print(
+        f"\nSettings live in {project.dir / 'config.json'} (this project) and {user_config_path(os.environ)} (you);\n"
+        "change one with: orchestra config set KEY VALUE [--user]\n"
+        "Agents ask before tools outside bypass_permissions; answer with 'orchestra approvals' / 'approve' / 'deny'\n"
+        "or the dashboard. Allow tools up front: orchestra config set bypass_permissions "
+        '\'["Edit", "Write", "Bash(git *)", "Bash(pytest *)"]\'\n'
+        "or let Bash run freely inside Claude Code's sandbox: orchestra config set sandbox auto"
+    )
+    return EXIT_OK
+
+
+def add_init_parser(commands):
+    """orchestra init"""
+    p = commands.add_parser(
+        "init",
+        help="create .orchestra/ and show the configuration",
+        description=cmd_init.__doc__,
+        epilog="example: cd my-project && orchestra init",
+    )
+    p.set_defaults(func=cmd_init)
+
+
+def config_text(config):
+    """The effective settings as a table of key, value and source."""
+    files = list(dict.fromkeys(v for v in config.sources.values() if v not in ("default", "flag")))
+    labels = {path: f"file {n}" for n, path in enumerate(files, 1)}
+    rows = [
+        [key, labels.get(config.sources[key], config.sources[key]), json.dumps(config[key])]
+        for key in CONFIG_DEFAULTS
+    ]
+    notes = [
+        f"{label}: {path}" for path, label in labels.items()
+    ]  # paths on their own lines, whole
+    return "\n".join([render_table(["KEY", "SOURCE", "VALUE"], rows, sys.stdout), *notes])
+
+
+def cmd_config(args):
+    """Show every setting, its value and where that value came from; 'set' and 'unset' change one."""
+    try:
+        repo = find_repo(Path.cwd())
+    except OrchestraError:
+        repo = None  # outside a repository the user file and defaults still apply
+    config = Config.load(repo, os.environ, config_flags(args))
     if args.json:
-        print_json(document)
-    elif document["approvals"]:
-        print(approvals_table(document["approvals"], time.time()))
-        print(
-            "\nAnswer with: orchestra approve REQUEST [--always]   or   orchestra deny REQUEST [--message TEXT]"
+        print_json(
+            {key: {"value": config[key], "source": config.sources[key]} for key in CONFIG_DEFAULTS}
         )
     else:
-        print("No agent is waiting for an approval.")
+        print(config_text(config))
     return EXIT_OK
-
-
-def cmd_approve(args):
-    """Allow a waiting tool call (by request id, or every request of an agent); --always keeps allowing it."""
-    project = open_project(args)
-    for request in find_requests(project, args.target):
-        decision = answer_request(project, request, True, "cli", always=args.always)
-        print(f"allowed {request['id']}: {request['agent']} runs {strip_control(request['summary'])}")
-        if decision.get("config"):
-            print(f"added {decision['rule']} to bypass_permissions in {decision['config']}")
-        elif decision.get("rule"):
-            print(f"{request['agent']} may run {decision['rule']} without asking for the rest of its run")
-    return EXIT_OK
-
-
-def cmd_deny(args):
-    """Deny a waiting tool call; the agent reads --message as the tool's result and carries on."""
-    project = open_project(args)
-    for request in find_requests(project, args.target):
-        answer_request(project, request, False, "cli", message=args.message)
-        print(f"denied {request['id']}: {request['agent']} may not run {strip_control(request['summary'])}")
-    return EXIT_OK
-
-
-def add_approvals_parsers(commands):
-    """orchestra approvals | approve | deny"""
-    p = commands.add_parser("approvals", help="list tool calls waiting for your approval", description=cmd_approvals.__doc__,
-                            epilog="example: orchestra approvals --json")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_approvals)
-    p = commands.add_parser("approve", help="allow a waiting tool call", description=cmd_approve.__doc__,
-                            epilog="example: orchestra approve 3fa2c1 --always=project")  # fmt: skip
-    p.add_argument("target", metavar="REQ|AGENT", help="request id, or agent id (or unique prefix)")
-    p.add_argument("--always", nargs="?", const="agent", choices=["agent", "project"],
-                   help="also allow the same call from now on: for the rest of this agent's run, or "
-                        "(--always=project) in the project's bypass_permissions")  # fmt: skip
-    p.set_defaults(func=cmd_approve)
-    p = commands.add_parser("deny", help="deny a waiting tool call", description=cmd_deny.__doc__,
-                            epilog='example: orchestra deny fix-tests --message "use the test database"')  # fmt: skip
-    p.add_argument("target", metavar="REQ|AGENT", help="request id, or agent id (or unique prefix)")
-    p.add_argument("--message", help="what the agent is told instead of the tool's output")
-    p.set_defaults(func=cmd_deny)
 
 
 def config_target(args):
@@ -9299,17 +9804,42 @@ def add_config_actions(p):
     actions = p.add_subparsers(
         dest="action", metavar="[set KEY VALUE | unset KEY]", parser_class=ArgumentParser
     )
-    s = actions.add_parser("set", help="write a setting", description=cmd_config_set.__doc__,
-                           epilog="example: orchestra config set sandbox_network '[\"pypi.org\"]'")  # fmt: skip
+    s = actions.add_parser(
+        "set",
+        help="write a setting",
+        description=cmd_config_set.__doc__,
+        epilog="example: orchestra config set sandbox_network '[\"pypi.org\"]'",
+    )
     s.add_argument("key", metavar="KEY", help="a known setting")
     s.add_argument("value", metavar="VALUE", help="JSON (numbers, lists, null) or a plain word")
-    s.add_argument("--user", action="store_true", help="write the user config file instead of the project's")
+    s.add_argument(
+        "--user", action="store_true", help="write the user config file instead of the project's"
+    )
     s.set_defaults(func=cmd_config_set)
-    u = actions.add_parser("unset", help="remove a setting", description=cmd_config_unset.__doc__,
-                           epilog="example: orchestra config unset approval_timeout")  # fmt: skip
+    u = actions.add_parser(
+        "unset",
+        help="remove a setting",
+        description=cmd_config_unset.__doc__,
+        epilog="example: orchestra config unset approval_timeout",
+    )
     u.add_argument("key", metavar="KEY", help="a known setting")
-    u.add_argument("--user", action="store_true", help="edit the user config file instead of the project's")
+    u.add_argument(
+        "--user", action="store_true", help="edit the user config file instead of the project's"
+    )
     u.set_defaults(func=cmd_config_unset)
+
+
+def add_config_parser(commands):
+    """orchestra config"""
+    p = commands.add_parser(
+        "config",
+        help="show settings and where they came from",
+        description=cmd_config.__doc__,
+        epilog="example: orchestra config --json; one run with another value: orchestra -c default_parallel=5 config",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_config)
+    add_config_actions(p)
 
 
 def doctor_checks(env):
@@ -9323,11 +9853,19 @@ def doctor_checks(env):
         checks.append(("claude login", *claude_login(env)))
     problem = sandbox_problem(env)
     checks.append(
-        ("sandbox", problem is None, "Claude Code's sandbox can run here" if problem is None else problem)
+        (
+            "sandbox",
+            problem is None,
+            "Claude Code's sandbox can run here" if problem is None else problem,
+        )
     )
     gh = probe_version(["gh", "--version"], env)
     checks.append(
-        ("gh", bool(gh), gh or "not found (only collect --pr needs it); install from https://cli.github.com")
+        (
+            "gh",
+            bool(gh),
+            gh or "not found (only collect --pr needs it); install from https://cli.github.com",
+        )
     )
     return checks
 
@@ -9337,8 +9875,15 @@ def probe_version(argv, env):
     if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
         return None
     try:
-        done = subprocess.run(argv, env=dict(env), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              errors="replace", timeout=SANDBOX_PROBE_TIMEOUT)  # fmt: skip
+        done = subprocess.run(
+            argv,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=SANDBOX_PROBE_TIMEOUT,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     lines = done.stdout.strip().splitlines()
@@ -9348,8 +9893,15 @@ def probe_version(argv, env):
 def claude_login(env):
     """(ok, how claude is logged in, or how to log in)."""
     try:
-        done = subprocess.run([CLAUDE_EXECUTABLE, "auth", "status"], env=dict(env), stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, errors="replace", timeout=SANDBOX_PROBE_TIMEOUT)  # fmt: skip
+        done = subprocess.run(
+            [CLAUDE_EXECUTABLE, "auth", "status"],
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=SANDBOX_PROBE_TIMEOUT,
+        )
         status = json.loads(done.stdout)
     except (OSError, subprocess.SubprocessError, ValueError):
         return False, "could not ask 'claude auth status'; run 'claude' once to log in"
@@ -9375,25 +9927,944 @@ def cmd_doctor(args):
 
 def add_doctor_parser(commands):
     """orchestra doctor"""
-    p = commands.add_parser("doctor", help="check git, claude, its login, the sandbox and gh", description=cmd_doctor.__doc__,
-                            epilog="example: orchestra doctor")  # fmt: skip
+    p = commands.add_parser(
+        "doctor",
+        help="check git, claude, its login, the sandbox and gh",
+        description=cmd_doctor.__doc__,
+        epilog="example: orchestra doctor",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_doctor)
 
 
+# ======================================================================================
+# Command line: agents
+# --------------------------------------------------------------------------------------
+# spawn, status, pause/resume/stop, logs, worktrees, retry, send, diff and the approvals
+# commands: one cmd_<name> and one add_<name>_parser each.
+# ======================================================================================
+
+SPAWN_WAIT_POLL = 0.5
+STATUS_WATCH_INTERVAL = 1.0
+LOGS_FOLLOW_POLL = 0.25
+LOGS_FOLLOW_TAIL = 50  # lines `logs -f` shows before following, unless --tail says otherwise
+
+
+def cmd_spawn(args):
+    """Queue one agent per task, each on its own branch and worktree."""
+    project = open_project(args, model=args.model, sandbox=args.sandbox)
+    records = spawn_agents(
+        project,
+        args.tasks,
+        parallel=args.parallel,
+        name=args.name,
+        base=args.base,
+        budget=args.budget,
+    )
+    if not args.json:
+        for r in records:
+            print(f"{r['id']}  {r['state']}  {os.path.relpath(r['worktree'])}")
+            if r["error"]:
+                print(f"  {r['error']}")
+        print(f"Each agent works on branch {project.branch_name('<id>')} in its worktree.")
+    if args.wait:
+        return wait_for_agents(project, [r["id"] for r in records], args.json)
+    if args.json:
+        print_json({"agents": [public_record(r) for r in records]})
+    else:
+        print("\nWatch them with: orchestra status --watch")
+    return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
+
+
+def wait_for_agents(project, ids, as_json):
+    """Print each agent's progress until all have finished; 1 if any failed."""
+    shown = {}
+    while True:
+        state = project.store.load()
+        ensure_supervisor(project, state)
+        records = [state["agents"][i] for i in ids]
+        for record in records:
+            line = progress_line(record)
+            if shown.get(record["id"]) != line and not as_json:
+                print(line, flush=True)
+            shown[record["id"]] = line
+        if not any(r["state"] in ACTIVE_STATES for r in records):
+            break
+        time.sleep(SPAWN_WAIT_POLL)
+    if as_json:
+        print_json({"agents": [public_record(r) for r in records]})
+    else:
+        print(summary_line(records))
+    return (
+        EXIT_FAILURE if any(r["state"] in ("failed", "interrupted") for r in records) else EXIT_OK
+    )
+
+
+def add_spawn_parser(commands):
+    """orchestra spawn"""
+    p = commands.add_parser(
+        "spawn",
+        help="start agents, one worktree and branch per task",
+        description=cmd_spawn.__doc__,
+        epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2',
+    )
+    p.add_argument("tasks", nargs="+", metavar="TASK", help="what one agent should do (quote it)")
+    p.add_argument(
+        "--parallel", type=positive_int, metavar="N", help="run at most N agents at once"
+    )
+    p.add_argument("--model", help="the model the agents use")
+    p.add_argument(
+        "--base",
+        metavar="REF",
+        help="branch, tag or commit to start from (default: the current branch)",
+    )
+    p.add_argument(
+        "--name",
+        metavar="ID",
+        action="append",
+        help="an agent's id instead of one made from its task; once per task, the Nth names the Nth task",
+    )
+    sandbox = p.add_mutually_exclusive_group()
+    sandbox.add_argument(
+        "--sandbox",
+        dest="sandbox",
+        action="store_const",
+        const="on",
+        help="run in Claude Code's sandbox (Bash without asking, writes only in the worktree); refuse where it cannot",
+    )
+    sandbox.add_argument(
+        "--no-sandbox",
+        dest="sandbox",
+        action="store_const",
+        const="off",
+        help="run without the sandbox",
+    )
+    p.add_argument(
+        "--budget",
+        type=budget_usd,
+        metavar="USD",
+        help="stop this batch's agents once together they have spent USD",
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="show progress until all finish; exit 1 if any failed"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_spawn, more_tasks=True)
+
+
+def cmd_status(args):
+    """Show agents: state, elapsed time, cost, commits, files and activity."""
+    if args.until_done and not args.watch:
+        raise OrchestraError("--until-done goes with --watch; see 'orchestra status --help'")
+    project = open_project(args)
+    while True:
+        state = project.store.load()
+        revive_supervisor(project, state)
+        agents = state["agents"]
+        if args.ids or args.all:  # cleaned-up agents are history: read only when asked for
+            agents = {**project.history(), **agents}
+        records = select_agents(agents, args.ids)
+        if args.json:
+            print_json(status_document(project, state, records))
+            return EXIT_OK
+        text = status_text(project, with_merged_flags(project, records), sys.stdout)
+        if not args.watch:
+            print(text)
+            return EXIT_OK
+        clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+        if args.until_done and not any(r["state"] in ("queued", "running") for r in records):
+            print(f"{clear}{text}", flush=True)
+            return EXIT_OK
+        print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
+        time.sleep(STATUS_WATCH_INTERVAL)
+
+
+def add_status_parser(commands):
+    """orchestra status"""
+    p = commands.add_parser(
+        "status",
+        help="show what every agent is doing",
+        description=cmd_status.__doc__,
+        epilog="example: orchestra status --watch",
+    )
+    p.add_argument(
+        "ids", nargs="*", metavar="ID", help="agents to show (default: all but cleaned-up ones)"
+    )
+    p.add_argument("--all", action="store_true", help="include cleaned-up (removed) agents")
+    p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
+    p.add_argument(
+        "--until-done",
+        action="store_true",
+        help="with --watch: stop when no agent is queued or running",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_pause(args):
+    """SIGSTOP running agents."""
+    project = open_project(args)
+    check_not_removed(project, args.ids)
+    return report_outcomes(pause_agents(project, args.ids))
+
+
+def cmd_resume(args):
+    """SIGCONT paused agents; relaunch with --resume those whose process is gone."""
+    project = open_project(args)
+    check_not_removed(project, args.ids)
+    return report_outcomes(resume_agents(project, args.ids))
+
+
+def cmd_stop(args):
+    """End agents: SIGTERM their process group, SIGKILL after a grace period; work stays."""
+    project = open_project(args)
+    check_not_removed(project, args.ids)
+    return report_outcomes(stop_agents(project, args.ids))
+
+
+SIGNAL_COMMANDS = (
+    ("pause", "suspend running agents (SIGSTOP)", cmd_pause),
+    ("resume", "continue paused agents, or relaunch their sessions", cmd_resume),
+    ("stop", "end agents; their worktrees and branches stay", cmd_stop),
+)
+
+
+def add_signal_parsers(commands):
+    """orchestra pause | resume | stop"""
+    for name, summary, handler in SIGNAL_COMMANDS:
+        p = commands.add_parser(
+            name,
+            help=summary,
+            description=handler.__doc__,
+            epilog=f"example: orchestra {name} implement-auth",
+        )
+        p.add_argument("ids", nargs="+", metavar="ID", help="agent ids or unique prefixes")
+        p.set_defaults(func=handler)
+
+
+def cmd_logs(args):
+    """Print an agent's activity; -f keeps following until it finishes."""
+    project = open_project(args)
+    record = select_agents(project.all_records(), [args.id])[0]
+    path, clean, render = Path(record["log"]), sys.stdout.isatty(), log_renderer(args.raw)
+
+    def show(lines):
+        if lines:
+            sys.stdout.write(
+                "".join(
+                    (strip_control(line) if clean else encodable(line)) + "\n" for line in lines
+                )
+            )
+            sys.stdout.flush()
+
+    count = LOGS_FOLLOW_TAIL if args.tail is None and args.follow else args.tail
+    if count is None:
+        offset = stream_log(path, 0, render, show)
+    else:
+        try:
+            lines, offset, _ = tail_lines(path, count, render)
+        except FileNotFoundError:
+            lines, offset = [], 0
+        show(lines)
+    while args.follow:
+        time.sleep(LOGS_FOLLOW_POLL)
+        start, offset = offset, stream_log(path, offset, render, show)
+        if (
+            offset == start
+            and project.records().get(record["id"], {}).get("state") not in ACTIVE_STATES
+        ):
+            break
+    if not args.follow and record["state"] in ("failed", "interrupted"):
+        stderr = read_tail(project.stderr_path(record["id"])).strip()
+        if stderr:
+            print("-- stderr --\n" + (strip_control(stderr) if clean else encodable(stderr)))
+    return EXIT_OK
+
+
+def add_logs_parser(commands):
+    """orchestra logs"""
+    p = commands.add_parser(
+        "logs",
+        help="show an agent's activity",
+        description=cmd_logs.__doc__,
+        epilog="example: orchestra logs implement-auth -f",
+    )
+    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new activity until the agent finishes",
+    )
+    p.add_argument("--raw", action="store_true", help="print the stream-json lines as they are")
+    p.add_argument(
+        "--tail",
+        type=non_negative_int,
+        metavar="N",
+        help=f"only the last N lines (read from the end; -f alone starts with {LOGS_FOLLOW_TAIL})",
+    )
+    p.set_defaults(func=cmd_logs)
+
+
+def cmd_worktrees(args):
+    """List git's worktrees with the agent each belongs to."""
+    project = open_project(args)
+    rows = worktree_rows(project, project.records())
+    if args.json:
+        print_json({"worktrees": rows})
+        return EXIT_OK
+    table = [
+        [
+            r["id"] or "-",
+            r["state"] or "-",
+            ",".join(r["notes"]) or "-",
+            one_line(r["task"] or "", 60),
+        ]
+        for r in rows
+    ]
+    places = [f"    {os.path.relpath(r['path'])}  ({r['branch'] or 'detached'})" for r in rows]
+    print(table_with_lines(["ID", "STATE", "NOTES", "TASK"], table, places, sys.stdout))
+    return EXIT_OK
+
+
+def add_worktrees_parser(commands):
+    """orchestra worktrees"""
+    p = commands.add_parser(
+        "worktrees",
+        help="list worktrees and their agents",
+        description=cmd_worktrees.__doc__,
+        epilog="example: orchestra worktrees --json",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_worktrees)
+
+
+def cmd_retry(args):
+    """Run a failed, interrupted or stopped agent's task again: fresh worktree and branch, or its session."""
+    project = open_project(args)
+    check_not_removed(project, [args.id])
+    record = select_agents(project.records(), [args.id])[0]
+    print(retry_agent(project, record, args.resume_session))
+    return EXIT_OK
+
+
+def add_retry_parser(commands):
+    """orchestra retry"""
+    p = commands.add_parser(
+        "retry",
+        help="run a failed or stopped agent's task again",
+        description=cmd_retry.__doc__,
+        epilog="example: orchestra retry implement-auth  (starts implement-auth-2 from the same base)",
+    )
+    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
+    p.add_argument(
+        "--resume-session",
+        action="store_true",
+        help="continue the agent's own session in its worktree instead of starting afresh",
+    )
+    p.set_defaults(func=cmd_retry)
+
+
+def cmd_send(args):
+    """Send a follow-up message to an agent: its session continues in its worktree.
+
+    A finished agent continues at once; a running one gets the message when its current turn ends.
+    """
+    project = open_project(args)
+    check_not_removed(project, [args.id])
+    print(sent_text(*send_message(project, args.id, args.message)))
+    return EXIT_OK
+
+
+def add_send_parser(commands):
+    """orchestra send"""
+    p = commands.add_parser(
+        "send",
+        help="send a follow-up message to an agent (a running one gets it when its turn ends)",
+        description=cmd_send.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='example: orchestra send implement-auth "also add a test for expired tokens"',
+    )
+    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
+    p.add_argument("message", metavar="MESSAGE", help="what the agent should do next")
+    p.set_defaults(func=cmd_send)
+
+
+def diff_source(project, record):
+    """(cwd, revisions) to diff an agent's work against its base: its worktree (commits and
+    uncommitted changes), else its branch when the worktree is gone."""
+    base = record.get("base_commit")
+    if base and record.get("worktree") and Path(record["worktree"]).is_dir():
+        return Path(record["worktree"]), [base]
+    if base and branch_exists(project.repo, record["branch"]):
+        return project.repo, [base, record["branch"]]
+    raise OrchestraError(f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE)
+
+
+def cmd_diff(args):
+    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git."""
+    project = open_project(args)
+    record = select_agents(project.all_records(), [args.id])[0]
+    if record["state"] == "removed":
+        check_not_removed(project, [record["id"]])  # points at its archive and `orchestra restore`
+    cwd, revisions = diff_source(project, record)
+    status = page_git(["diff", *(["--stat"] if args.stat else []), *revisions, "--"], cwd)
+    if len(revisions) == 1:
+        untracked = run_git(["ls-files", "--others", "--exclude-standard"], cwd).stdout.split()
+        if untracked:
+            print(f"Untracked in its worktree (not in the diff): {', '.join(untracked)}")
+    return EXIT_OK if status == 0 else EXIT_FAILURE
+
+
+def add_diff_parser(commands):
+    """orchestra diff"""
+    p = commands.add_parser(
+        "diff",
+        help="show an agent's changes against its base, paged like git",
+        description=cmd_diff.__doc__,
+        epilog="example: orchestra diff implement-auth --stat",
+    )
+    p.add_argument("id", metavar="ID", help="agent id or unique prefix")
+    p.add_argument("--stat", action="store_true", help="only the files changed and how much")
+    p.set_defaults(func=cmd_diff)
+
+
+def approvals_table(requests, now):
+    """The pending requests as a table: id, agent, waiting for, tool call."""
+    rows = [
+        [
+            r["id"],
+            r["agent"],
+            format_duration(now - (parse_iso(r.get("since")) or now)),
+            strip_control(r.get("summary") or r.get("tool") or ""),
+        ]
+        for r in requests
+    ]
+    return render_table(["REQUEST", "AGENT", "WAITING", "TOOL CALL"], rows, sys.stdout)
+
+
+def cmd_approvals(args):
+    """List the tool calls agents are waiting to have approved, oldest first."""
+    project = open_project(args)
+    document = approvals_document(project)
+    if args.json:
+        print_json(document)
+    elif document["approvals"]:
+        print(approvals_table(document["approvals"], time.time()))
+        print(
+            "\nAnswer with: orchestra approve REQUEST [--always]   or   orchestra deny REQUEST [--message TEXT]"
+        )
+    else:
+        print("No agent is waiting for an approval.")
+    return EXIT_OK
+
+
+def cmd_approve(args):
+    """Allow a waiting tool call (by request id, or every request of an agent); --always keeps allowing it."""
+    project = open_project(args)
+    for request in find_requests(project, args.target):
+        decision = answer_request(project, request, True, "cli", always=args.always)
+        print(
+            f"allowed {request['id']}: {request['agent']} runs {strip_control(request['summary'])}"
+        )
+        if decision.get("config"):
+            print(f"added {decision['rule']} to bypass_permissions in {decision['config']}")
+        elif decision.get("rule"):
+            print(
+                f"{request['agent']} may run {decision['rule']} without asking for the rest of its run"
+            )
+    return EXIT_OK
+
+
+def cmd_deny(args):
+    """Deny a waiting tool call; the agent reads --message as the tool's result and carries on."""
+    project = open_project(args)
+    for request in find_requests(project, args.target):
+        answer_request(project, request, False, "cli", message=args.message)
+        print(
+            f"denied {request['id']}: {request['agent']} may not run {strip_control(request['summary'])}"
+        )
+    return EXIT_OK
+
+
+def add_approvals_parsers(commands):
+    """orchestra approvals | approve | deny"""
+    p = commands.add_parser(
+        "approvals",
+        help="list tool calls waiting for your approval",
+        description=cmd_approvals.__doc__,
+        epilog="example: orchestra approvals --json",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_approvals)
+    p = commands.add_parser(
+        "approve",
+        help="allow a waiting tool call",
+        description=cmd_approve.__doc__,
+        epilog="example: orchestra approve 3fa2c1 --always=project",
+    )
+    p.add_argument("target", metavar="REQ|AGENT", help="request id, or agent id (or unique prefix)")
+    p.add_argument(
+        "--always",
+        nargs="?",
+        const="agent",
+        choices=["agent", "project"],
+        help="also allow the same call from now on: for the rest of this agent's run, or "
+        "(--always=project) in the project's bypass_permissions",
+    )
+    p.set_defaults(func=cmd_approve)
+    p = commands.add_parser(
+        "deny",
+        help="deny a waiting tool call",
+        description=cmd_deny.__doc__,
+        epilog='example: orchestra deny fix-tests --message "use the test database"',
+    )
+    p.add_argument("target", metavar="REQ|AGENT", help="request id, or agent id (or unique prefix)")
+    p.add_argument("--message", help="what the agent is told instead of the tool's output")
+    p.set_defaults(func=cmd_deny)
+
+
+# ======================================================================================
+# Command line: results
+# --------------------------------------------------------------------------------------
+# collect, cleanup and restore: bringing work home and putting worktrees away.
+# ======================================================================================
+
+ARCHIVE_WORDS = {
+    "tip": "branch",
+    "head": "HEAD",
+    "lost": "reflog-only commits",
+    "stash": "stashes",
+    "index": "staged index",
+    "worktree": "files",
+}
+
+
+def cmd_collect(args):
+    """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
+    project = open_project(args)
+    document = collect_agents(
+        project,
+        args.ids,
+        commit=args.commit,
+        merge=args.merge,
+        patch=args.patch,
+        pr=args.pr,
+        into=args.into,
+        cwd=Path.cwd(),
+        include_failing=args.include_failing,
+    )
+    reports = document["agents"]
+    if args.json:
+        print_json(document)
+    else:
+        print(
+            collect_text(document)
+            if reports
+            else "No finished agents to collect yet; see 'orchestra status'."
+        )
+    return EXIT_FAILURE if document.get("conflict") or document.get("pr_failed") else EXIT_OK
+
+
+def add_collect_parser(commands):
+    """orchestra collect"""
+    p = commands.add_parser(
+        "collect",
+        help="report and bring home finished agents' work",
+        description=cmd_collect.__doc__,
+        epilog="example: orchestra collect --commit --merge",
+    )
+    p.add_argument(
+        "ids", nargs="*", metavar="ID", help="agents to collect (default: every finished one)"
+    )
+    p.add_argument(
+        "--commit", action="store_true", help="commit work an agent left uncommitted, on its branch"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the branches into your current branch, one by one",
+    )
+    p.add_argument(
+        "--into",
+        metavar="BRANCH",
+        help="with --merge from a linked worktree: the branch checked out in your main checkout",
+    )
+    p.add_argument(
+        "--include-failing",
+        action="store_true",
+        help="with --merge: merge agents whose checks failed or did not run, too",
+    )
+    p.add_argument(
+        "--pr", action="store_true", help="push each branch and open a pull request with gh"
+    )
+    p.add_argument(
+        "--patch", metavar="FILE", help="write all their commits to FILE as one patch series"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_collect)
+
+
+def cmd_cleanup(args):
+    """Remove agents' worktrees and branches when nothing can be lost; say why the rest stay."""
+    project = open_project(args)
+    if args.list_archives:
+        return print_archives(project, args.json)
+    outcome = cleanup_agents(
+        project,
+        args.ids,
+        apply=not args.dry_run,
+        everything=args.all,
+        failed_only=args.failed,
+        force=args.force,
+    )
+    if args.json:
+        print_json(outcome)
+        return EXIT_FAILURE if any(step.get("error") for step in outcome["plan"]) else EXIT_OK
+    for step in outcome["plan"]:
+        print(cleanup_line(step, args.dry_run))
+    if not outcome["plan"]:
+        print("Nothing to clean up.")
+    return EXIT_FAILURE if any(step.get("error") for step in outcome["plan"]) else EXIT_OK
+
+
+def print_archives(project, as_json):
+    """List the saved branch tips and how to restore each."""
+    rows = list_archives(project.repo)
+    if as_json:
+        print_json({"archives": rows})
+    elif rows:
+        table = [[r["id"], r["saved"], r["commit"], r["subject"]] for r in rows]
+        restores = [f"    restore: {r['restore']}" for r in rows]
+        print(table_with_lines(["ID", "SAVED", "COMMIT", "SUBJECT"], table, restores, sys.stdout))
+    else:
+        print("No archived work.")
+    return EXIT_OK
+
+
+def add_cleanup_parser(commands):
+    """orchestra cleanup"""
+    p = commands.add_parser(
+        "cleanup",
+        help="remove worktrees and branches that are safe to remove",
+        description=cmd_cleanup.__doc__,
+        epilog="example: orchestra cleanup --dry-run",
+    )
+    p.add_argument(
+        "ids", nargs="*", metavar="ID", help="agents to clean up (default: every finished one)"
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="also agents still running or paused (kept unless --force)",
+    )
+    which.add_argument("--failed", action="store_true", help="only failed and interrupted agents")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also remove unmerged or dirty work (archived first) and stop running agents",
+    )
+    p.add_argument(
+        "--list-archives", action="store_true", help="list saved work and how to restore it"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_cleanup)
+
+
+def cmd_restore(args):
+    """Bring a cleaned-up agent back from its archive: its branch, and a worktree with the files,
+    index and record it had. Refuses when the branch or the folder exists."""
+    project = open_project(args)
+    outcome = restore_agent(project, args.id)
+    if args.json:
+        print_json(outcome)
+        return EXIT_OK
+    print(
+        f"{outcome['id']}: restored {', '.join(outcome['restored'])} as branch {outcome['branch']} in {outcome['worktree']}"
+    )
+    for kind, ref in outcome["other_refs"].items():
+        print(f"  also saved ({ARCHIVE_WORDS[kind]}): {ref}")
+    return EXIT_OK
+
+
+def add_restore_parser(commands):
+    """orchestra restore"""
+    p = commands.add_parser(
+        "restore",
+        help="bring a cleaned-up agent back from its archive",
+        description=cmd_restore.__doc__,
+        epilog="example: orchestra restore implement-auth",
+    )
+    p.add_argument(
+        "id",
+        metavar="ID",
+        help="agent id (its newest archive) or ID/STAMP from cleanup --list-archives",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_restore)
+
+
+# ======================================================================================
+# Command line: sessions, web and internals
+# --------------------------------------------------------------------------------------
+# sessions, web, and the commands orchestra runs itself: supervise and hook.
+# ======================================================================================
+
+SESSION_TABLE_WIDTH = 100  # when stdout is not a terminal
+WEB_JOIN_POLL = 0.5  # seconds; how often `orchestra web` wakes to notice Ctrl-C
+SESSIONS_EPILOG = """\
+MSGS (messages) counts your prompts and Claude's replies, each API response once; tool
+calls, tool results, compact summaries and sub-agent lines are not messages. MODEL is
+the model of the session's own latest reply (not a sub-agent's).
+
+example: orchestra sessions --project; orchestra sessions --resume 3f2a"""
+
+
+def add_sessions_parser(commands):
+    """orchestra sessions"""
+    p = commands.add_parser(
+        "sessions",
+        help="list or resume your recent Claude Code sessions",
+        description=cmd_sessions.__doc__,
+        epilog=SESSIONS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
+        "--hours",
+        type=positive_hours,
+        default=SESSION_DEFAULT_HOURS,
+        metavar="N",
+        help=f"sessions active in the last N hours (default {SESSION_DEFAULT_HOURS:g})",
+    )
+    when.add_argument("--all", action="store_true", help="no time limit")
+    p.add_argument(
+        "--project",
+        nargs="?",
+        const=".",
+        metavar="PATH",
+        help="only this repository and all its worktrees (PATH defaults to the current one)",
+    )
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        default=SESSION_DEFAULT_LIMIT,
+        metavar="N",
+        help=f"show at most N sessions (default {SESSION_DEFAULT_LIMIT})",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument(
+        "--resume",
+        metavar="ID",
+        help="resume a session: id, unique prefix, or orchestra agent id or its unique prefix",
+    )
+    p.add_argument(
+        "--print", action="store_true", help="with --resume: print the commands, run nothing"
+    )
+    p.set_defaults(func=cmd_sessions)
+
+
+def cmd_sessions(args, env=os.environ, now=None):
+    """List your recent Claude Code sessions, newest first, or resume one in its own folder."""
+    if args.print and not args.resume:
+        raise OrchestraError("--print goes with --resume ID; see 'orchestra sessions --help'")
+    if args.resume:
+        return resume_session(args.resume, args.print, env)
+    now = time.time() if now is None else now
+    hours = None if args.all else args.hours
+    project = project_filter(args.project) if args.project is not None else None
+    projects_dir = claude_projects_dir(env)
+    listing = session_listing(env, now, hours, project, args.limit)
+    if not projects_dir.is_dir():
+        print_note(
+            f"no Claude Code sessions yet: {projects_dir} does not exist ({CLAUDE_CONFIG_ENV} moves it)"
+        )
+    if args.json:
+        print_json(listing_json(listing, projects_dir, now, hours, project))
+    elif listing.sessions:
+        width = shutil.get_terminal_size((SESSION_TABLE_WIDTH, 0)).columns
+        print("\n".join(session_table(listing.sessions, now, env, width)))
+    for note in listing_notes(listing, hours, project, args.limit):
+        print_note(note)
+    return EXIT_OK
+
+
+def cmd_web(args):
+    """Serve the dashboard, the JSON API and live status over a WebSocket until Ctrl-C.
+
+    The first line printed is the dashboard's address with its access token; keep it private.
+    """
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise OrchestraError("--tls-cert and --tls-key go together; pass both")
+    flags = config_flags(args)
+    project = Project.open(Path.cwd(), os.environ, flags)
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    server = start_web_server(
+        project,
+        args.host,
+        args.port,
+        allow_hosts=args.allow_host,
+        new_token=args.new_token,
+        tls=tls,
+        log=sys.stderr,
+        env=os.environ,
+        flags=flags,
+    )
+    try:
+        print(server.url, flush=True)
+        warning = beyond_loopback_warning(args.host, server.gate.hosts)
+        if warning:
+            print(f"orchestra: warning: {warning}", file=sys.stderr)
+        missing = missing_dashboard_note()
+        if missing:
+            print(f"orchestra: warning: {missing}", file=sys.stderr)
+        print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
+        if args.qr:
+            print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
+        if args.open:
+            import webbrowser  # here, not at the top: only --open needs it
+
+            webbrowser.open(server.url)
+        while server.thread.is_alive():
+            server.thread.join(WEB_JOIN_POLL)
+    finally:
+        server.stop()
+    return EXIT_OK
+
+
+def missing_dashboard_note():
+    """One line saying where to put dashboard.html when no copy is found, else None."""
+    places = dashboard_candidates()
+    if any(path.is_file() for path in places):
+        return None
+    return (
+        f"static/dashboard.html was not found, so / only says it is missing (the API works); "
+        f"copy it to {places[0]}"
+    )
+
+
+def add_web_parser(commands):
+    """orchestra web"""
+    p = commands.add_parser(
+        "web",
+        help="serve the dashboard, the JSON API and live status",
+        description=cmd_web.__doc__,
+        epilog="example: orchestra web --port 0 --open",
+    )
+    p.add_argument(
+        "--host",
+        default=WEB_DEFAULT_HOST,
+        help="address to listen on (default: %(default)s, this machine only)",
+    )
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=WEB_DEFAULT_PORT,
+        help="port (default: %(default)s; 0 picks a free one)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests addressed to this host name (repeatable)",
+    )
+    p.add_argument("--open", action="store_true", help="open the dashboard in a browser")
+    p.add_argument(
+        "--qr", action="store_true", help="also print the address as a QR code to scan with a phone"
+    )
+    p.add_argument(
+        "--new-token", action="store_true", help="make a new access token; old links stop working"
+    )
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.set_defaults(func=cmd_web)
+
+
+def cmd_supervise(args):
+    """Run the supervisor here (--foreground) or start it in the background."""
+    project = open_project(args)
+    if not args.foreground:
+        pid = ensure_supervisor(project)
+        print(
+            f"supervisor started (pid {pid})"
+            if pid
+            else "nothing to supervise, or a supervisor is already running"
+        )
+        return EXIT_OK
+    supervisor = Supervisor(project)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: supervisor.stopping.set())
+    return supervisor.run()
+
+
 def add_supervise_parser(commands):
     """orchestra supervise"""
-    p = commands.add_parser("supervise", help="run the supervisor (spawn starts it for you)",
-                            description=cmd_supervise.__doc__, epilog="example: orchestra supervise --foreground")  # fmt: skip
-    p.add_argument("--foreground", action="store_true", help="run in this terminal instead of the background")
+    p = commands.add_parser(
+        "supervise",
+        help="run the supervisor (spawn starts it for you)",
+        description=cmd_supervise.__doc__,
+        epilog="example: orchestra supervise --foreground",
+    )
+    p.add_argument(
+        "--foreground", action="store_true", help="run in this terminal instead of the background"
+    )
     p.set_defaults(func=cmd_supervise)
 
 
-PARSER_BUILDERS = (add_init_parser, add_config_parser, add_spawn_parser, add_status_parser, add_signal_parsers,
-                   add_logs_parser, add_diff_parser, add_worktrees_parser, add_collect_parser, add_send_parser,
-                   add_cleanup_parser, add_restore_parser, add_sessions_parser, add_web_parser, add_supervise_parser,
-                   add_approvals_parsers, add_doctor_parser, add_hook_parser,
-                   add_retry_parser)  # fmt: skip
+def cmd_hook(args):
+    """Claude Code's PermissionRequest hook (internal): reads the request on stdin, answers on stdout."""
+    return permission_hook(args.repo, args.agent, args.timeout, sys.stdin, sys.stdout)
+
+
+def add_hook_parser(commands):
+    """orchestra hook (internal; Claude Code runs it)"""
+    p = commands.add_parser(
+        "hook",
+        description=cmd_hook.__doc__,
+        epilog="example: orchestra hook permission-request --repo . --agent fix-tests < request.json",
+    )
+    p.add_argument("event", choices=["permission-request"], help="the hook event")
+    p.add_argument("--repo", required=True, help="the repository whose agent asks")
+    p.add_argument("--agent", required=True, help="the agent's id")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=CONFIG_DEFAULTS["approval_timeout"],
+        help="seconds to wait for a decision before denying",
+    )
+    p.set_defaults(func=cmd_hook)
+
+
+# ======================================================================================
+# Command line: the parser
+# --------------------------------------------------------------------------------------
+# PARSER_BUILDERS lists one builder per command group, in the order `--help` shows them.
+# ======================================================================================
+
+PARSER_BUILDERS = (
+    add_init_parser,
+    add_config_parser,
+    add_spawn_parser,
+    add_status_parser,
+    add_signal_parsers,
+    add_logs_parser,
+    add_diff_parser,
+    add_worktrees_parser,
+    add_collect_parser,
+    add_send_parser,
+    add_cleanup_parser,
+    add_restore_parser,
+    add_sessions_parser,
+    add_web_parser,
+    add_supervise_parser,
+    add_approvals_parsers,
+    add_doctor_parser,
+    add_hook_parser,
+    add_retry_parser,
+)
 
 
 def command_names(parser):
@@ -9414,7 +10885,9 @@ def check_command_word(parser, argv):
 
                 near = difflib.get_close_matches(word, known, n=3, cutoff=0.5)
                 hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
-                raise OrchestraError(f"'{word}' is not an orchestra command; {hint}see 'orchestra --help'")
+                raise OrchestraError(
+                    f"'{word}' is not an orchestra command; {hint}see 'orchestra --help'"
+                )
             return
 
 
@@ -9423,7 +10896,9 @@ def parse_arguments(parser, argv):
     `spawn --name a T1 --name b T2` pairs each name with its task."""
     check_command_word(parser, argv)
     args, extra = parser.parse_known_args(argv)
-    if extra and not (getattr(args, "more_tasks", False) and not any(a.startswith("-") for a in extra)):
+    if extra and not (
+        getattr(args, "more_tasks", False) and not any(a.startswith("-") for a in extra)
+    ):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.tasks = [*args.tasks, *extra]  # the tasks after the first option, in the order given
@@ -9432,11 +10907,19 @@ def parse_arguments(parser, argv):
 
 def build_parser():
     """The whole command line."""
-    parser = ArgumentParser(prog="orchestra", description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = ArgumentParser(
+        prog="orchestra",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"orchestra {__version__}")
-    parser.add_argument("-c", dest="config_overrides", action="append", metavar="KEY=VALUE",
-                        help="override a setting for this run (VALUE is JSON or a word)")  # fmt: skip
+    parser.add_argument(
+        "-c",
+        dest="config_overrides",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a setting for this run (VALUE is JSON or a word)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     commands.required = True
     for build in PARSER_BUILDERS:
@@ -9447,7 +10930,16 @@ def build_parser():
 
 # ======================================================================================
 # Main
+# --------------------------------------------------------------------------------------
+# main() is the one place an OrchestraError becomes a message and an exit status.
 # ======================================================================================
+
+DISK_ERRNOS = {
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EDQUOT,
+}  # one clear line, no traceback
 
 
 def main(argv=None):
@@ -9472,8 +10964,11 @@ def main(argv=None):
     except OSError as e:
         if e.errno not in DISK_ERRNOS or os.environ.get("ORCHESTRA_DEBUG") == "1":
             raise
-        print(f"orchestra: error: cannot write {e.filename or 'a file'}: {e.strerror}; "
-              "free some space or fix the permissions, then run the command again", file=sys.stderr)  # fmt: skip
+        print(
+            f"orchestra: error: cannot write {e.filename or 'a file'}: {e.strerror}; "
+            "free some space or fix the permissions, then run the command again",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
 
 
