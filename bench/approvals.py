@@ -32,7 +32,9 @@ from websockets.sync.client import connect
 
 import orchestra
 
-API_POLL = 0.025  # seconds between GET /api/approvals (more often would load the server it measures)
+API_POLL = (
+    0.025  # seconds between GET /api/approvals (more often would load the server it measures)
+)
 LAUNCH = f"""import sys
 sys.path.insert(0, {str(ROOT)!r})
 import orchestra
@@ -76,7 +78,9 @@ class Watchers:
         host, port = self.base.split("//")[1].split(":")
         connection = http.client.HTTPConnection(host, int(port), timeout=10)
         while not self.stop.is_set():
-            connection.request("GET", "/api/approvals", headers={"Authorization": f"Bearer {self.token}"})
+            connection.request(
+                "GET", "/api/approvals", headers={"Authorization": f"Bearer {self.token}"}
+            )
             document = json.loads(connection.getresponse().read())
             now = (time.monotonic(), time.time())
             with self.lock:
@@ -108,10 +112,16 @@ class Watchers:
 def start_hook(project, agent_id, command):
     """One hook process, as Claude Code starts it; (process, start time)."""
     started = time.monotonic()
-    command = orchestra.hook_command(project.repo, agent_id, 120)  # exactly what an agent's settings hold
-    hook = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    command = orchestra.hook_command(
+        project.repo, agent_id, 120
+    )  # exactly what an agent's settings hold
+    hook = subprocess.Popen(
+        command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     hook.stdin.write(
-        json.dumps({"tool_name": "Bash", "tool_input": {"command": command}, "session_id": agent_id})
+        json.dumps(
+            {"tool_name": "Bash", "tool_input": {"command": command}, "session_id": agent_id}
+        )
     )
     hook.stdin.close()
     return hook, started
@@ -120,7 +130,8 @@ def start_hook(project, agent_id, command):
 def one_round(project, watchers, agents, round_no):
     """8 hooks started at the same moment, then `orchestra approve` for each in turn; the latencies."""
     hooks = {
-        f"agent-{n}": start_hook(project, f"agent-{n}", f"make round-{round_no}-{n}") for n in range(agents)
+        f"agent-{n}": start_hook(project, f"agent-{n}", f"make round-{round_no}-{n}")
+        for n in range(agents)
     }
     box = orchestra.ApprovalBox(project.repo)
     deadline = time.monotonic() + 30
@@ -138,7 +149,9 @@ def one_round(project, watchers, agents, round_no):
         api_at, ws_at = watchers.seen(req_id)
         visible_api.append(api_at[0] - started)
         visible_ws.append(ws_at[0] - started)
-        written = os.stat(box.dir / f"{req_id}.json").st_mtime_ns / 1e9  # the hook wrote its request
+        written = (
+            os.stat(box.dir / f"{req_id}.json").st_mtime_ns / 1e9
+        )  # the hook wrote its request
         recorded.append(max(0.0, ws_at[1] - written))
     answered = []
 
@@ -147,7 +160,9 @@ def one_round(project, watchers, agents, round_no):
         started = time.monotonic()
         subprocess.run(orchestra_argv("approve", requests[agent_id]["id"]), cwd=project.repo, check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
-        answer = json.loads(hook.stdout.read())  # the hook prints its answer, then Claude Code runs the tool
+        answer = json.loads(
+            hook.stdout.read()
+        )  # the hook prints its answer, then Claude Code runs the tool
         elapsed = time.monotonic() - started
         assert answer["hookSpecificOutput"]["decision"]["behavior"] == "allow", answer
         hook.wait(10)

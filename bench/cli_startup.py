@@ -59,7 +59,9 @@ def median_run_seconds(argv, cwd, runs):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--orchestra", type=Path, default=ORCHESTRA, help="another orchestra.py to measure")
+    parser.add_argument(
+        "--orchestra", type=Path, default=ORCHESTRA, help="another orchestra.py to measure"
+    )
     args = parser.parse_args()
     # The installed `orchestra` command imports the compiled module (what pip's console script
     # does); `python3 orchestra.py` compiles the whole file at every start.
@@ -70,16 +72,22 @@ def main():
         copied = [sys.executable, str(args.orchestra), "status", "--json"]
         repo = make_repo(Path(tmp))
         for argv in (installed, copied):
-            output = json.loads(subprocess.run(argv, cwd=repo, check=True, capture_output=True).stdout)
+            output = json.loads(
+                subprocess.run(argv, cwd=repo, check=True, capture_output=True).stdout
+            )
             assert len(output["agents"]) == RECORD_COUNT
         bare = median_run_seconds([sys.executable, "-c", "pass"], repo, args.runs)
         as_installed = median_run_seconds(installed, repo, args.runs)
         as_file = median_run_seconds(copied, repo, args.runs)
-    print(f"python3 -c pass:                               {bare * 1000:7.1f} ms (median of {args.runs})")
+    print(
+        f"python3 -c pass:                               {bare * 1000:7.1f} ms (median of {args.runs})"
+    )
     print(
         f"orchestra status --json, installed command:    {as_installed * 1000:7.1f} ms  {as_installed / bare:.2f}x"
     )
-    print(f"python3 orchestra.py status --json (no cache): {as_file * 1000:7.1f} ms  {as_file / bare:.2f}x")
+    print(
+        f"python3 orchestra.py status --json (no cache): {as_file * 1000:7.1f} ms  {as_file / bare:.2f}x"
+    )
     print(f"goal: installed command <= 2x python3 -c pass ({RECORD_COUNT} agent records)")
 
 

@@ -28,7 +28,9 @@ def use_bench_environment(**extra):
 
 def git(repo, *args, **kw):
     """Run git in repo and return its stdout."""
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True, **kw).stdout
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True, **kw
+    ).stdout
 
 
 def init_repo(repo, message="init"):
@@ -45,7 +47,11 @@ def live_supervisor():
     import orchestra
 
     me = os.getpid()
-    return {"pid": me, "pid_start": orchestra.process_start_time(me), "heartbeat_at": orchestra.utc_iso()}
+    return {
+        "pid": me,
+        "pid_start": orchestra.process_start_time(me),
+        "heartbeat_at": orchestra.utc_iso(),
+    }
 
 
 def median_seconds(run, times):

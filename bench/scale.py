@@ -85,7 +85,9 @@ def make_repo(root, files=1, agent=None, **config):
     script.write_text(AGENT)
     command = agent or [sys.executable, str(script), "{task}"]
     (repo / ".orchestra" / "config.json").write_text(
-        json.dumps({"agent_command": command, "max_parallel": 8, "heartbeat_interval": 60, **config})
+        json.dumps(
+            {"agent_command": command, "max_parallel": 8, "heartbeat_interval": 60, **config}
+        )
     )
     return repo
 
@@ -140,7 +142,9 @@ def install(source, folder):
 
 def orchestra(module, repo, *args, **kw):
     """Run one orchestra command of the module under test."""
-    return subprocess.run(command(module, *args), cwd=repo, check=True, capture_output=True, text=True, **kw)
+    return subprocess.run(
+        command(module, *args), cwd=repo, check=True, capture_output=True, text=True, **kw
+    )
 
 
 def state(repo):
@@ -163,7 +167,9 @@ def wait_idle(repo, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
         current = state(repo)
-        active = any(a["state"] in ("queued", "running", "paused") for a in current["agents"].values())
+        active = any(
+            a["state"] in ("queued", "running", "paused") for a in current["agents"].values()
+        )
         if not active and not (current.get("supervisor") or {}).get("pid"):
             return
         time.sleep(0.1)
@@ -215,15 +221,21 @@ def figure_writes(module, quick):
             f"writes  {label:>18}: {calls:7.1f} writes/s  {data / 1e6:8.3f} MB/s  supervisor CPU {cpu * 100:5.1f}%"
         )
     ratio = full[1] / none[1] if none[1] else float("inf")
-    print(f"writes  bytes/s with history vs none: {ratio:.2f}x (goal <= 1.2x) {verdict(ratio <= 1.2)}")
+    print(
+        f"writes  bytes/s with history vs none: {ratio:.2f}x (goal <= 1.2x) {verdict(ratio <= 1.2)}"
+    )
     ratio = full[0] / none[0] if none[0] else float("inf")
-    print(f"writes  writes/s with history vs none: {ratio:.2f}x (goal <= 1.2x) {verdict(ratio <= 1.2)}")
+    print(
+        f"writes  writes/s with history vs none: {ratio:.2f}x (goal <= 1.2x) {verdict(ratio <= 1.2)}"
+    )
 
 
 def status_with(module, root, history, runs):
     repo = make_repo(root)
     add_history(module, repo, history)
-    live = {f"live-{n}": {**old_record(repo, 20_000 + n, "done"), "id": f"live-{n}"} for n in range(8)}
+    live = {
+        f"live-{n}": {**old_record(repo, 20_000 + n, "done"), "id": f"live-{n}"} for n in range(8)
+    }
     add = (
         "import sys, json; sys.path.insert(0, sys.argv[1]); import orchestra; live = json.loads(sys.argv[3]); "
         "orchestra.StateStore(sys.argv[2], dict).update(lambda state: state['agents'].update(live))"
@@ -273,7 +285,12 @@ def figure_hub(module, quick):
 def burst_with(module, root, megabytes):
     repo = make_repo(root)
     orchestra(
-        module, repo, "spawn", "--parallel", "8", *[f"burst {n} mb:{megabytes} size:2000" for n in range(8)]
+        module,
+        repo,
+        "spawn",
+        "--parallel",
+        "8",
+        *[f"burst {n} mb:{megabytes} size:2000" for n in range(8)],
     )
     pid = supervisor_pid(repo)
     start_cpu, peak = proc_io(pid)[2], 0.0
@@ -291,7 +308,9 @@ def burst_with(module, root, megabytes):
 def lag_with(module, root, seconds):
     """p50 and p99 seconds from a line written by an agent to its activity in state.json."""
     repo = make_repo(root)
-    tasks = [f"lag {n} rate:500 size:2000 seconds:{seconds + 4}" for n in range(8)]  # about 1 MB/s each
+    tasks = [
+        f"lag {n} rate:500 size:2000 seconds:{seconds + 4}" for n in range(8)
+    ]  # about 1 MB/s each
     orchestra(module, repo, "spawn", "--parallel", "8", *tasks)
     lags, deadline = [], time.time() + seconds + 2
     time.sleep(2)
@@ -341,7 +360,10 @@ def figure_logs(module, quick):
         subprocess.run([sys.executable, "-c", add, str(module.parent), str(repo / ".orchestra" / "state.json"),
                         json.dumps(record)], check=True)  # fmt: skip
         (repo / ".orchestra" / "logs").mkdir(exist_ok=True)
-        line = {"type": "assistant", "message": {"content": [{"type": "text", "text": "working " * 120}]}}
+        line = {
+            "type": "assistant",
+            "message": {"content": [{"type": "text", "text": "working " * 120}]},
+        }
         block = "".join(json.dumps({**line, "n": n}) + "\n" for n in range(1000)).encode()
         with open(record["log"], "wb") as f:
             while f.tell() < size:
@@ -349,7 +371,9 @@ def figure_logs(module, quick):
         bare = min(timed_first_line(command(module, "status", "--json"), repo) for _ in range(3))
         first = min(timed_first_line(command(module, "logs", "big"), repo) for _ in range(3))
         try:
-            tail = min(timed_run(command(module, "logs", "big", "--tail", "20"), repo) for _ in range(3))
+            tail = min(
+                timed_run(command(module, "logs", "big", "--tail", "20"), repo) for _ in range(3)
+            )
         except subprocess.CalledProcessError:
             tail = None  # an orchestra without --tail
         whole, peak = timed_peak(command(module, "logs", "big"), repo)
@@ -396,7 +420,9 @@ def figure_collect(module, quick):
         head = git(repo, "rev-parse", "HEAD").strip()
         tree = git(repo, "rev-parse", "HEAD^{tree}").strip()
         commit = git(repo, "commit-tree", tree, "-p", head, "-m", "agent work").strip()
-        updates = "".join(f"create refs/heads/orchestra/old-agent-{n} {commit}\n" for n in range(count))
+        updates = "".join(
+            f"create refs/heads/orchestra/old-agent-{n} {commit}\n" for n in range(count)
+        )
         git(repo, "update-ref", "--stdin", input=updates)
         rewrite = (
             "import sys; sys.path.insert(0, sys.argv[1]); import orchestra; "
@@ -452,7 +478,9 @@ def figure_queue(module, quick):
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(Path(tmp), agent=["sh", "-c", f"sleep {seconds}", "{task}"])
         start = time.time()
-        orchestra(module, repo, "spawn", "--parallel", str(parallel), *[f"job {n}" for n in range(tasks)])
+        orchestra(
+            module, repo, "spawn", "--parallel", str(parallel), *[f"job {n}" for n in range(tasks)]
+        )
         wait_idle(repo, timeout=tasks * seconds * 4)
         took = time.time() - start
     ideal = -(-tasks // parallel) * seconds
@@ -465,12 +493,16 @@ def main():
     parser.add_argument(
         "figures", nargs="*", choices=(*FIGURES, []), metavar="FIGURE", help=", ".join(FIGURES)
     )
-    parser.add_argument("--orchestra", type=Path, default=ORCHESTRA, help="the orchestra.py to measure")
+    parser.add_argument(
+        "--orchestra", type=Path, default=ORCHESTRA, help="the orchestra.py to measure"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, to try the bench out")
     args = parser.parse_args()
     use_bench_environment()
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    print(f"module: {args.orchestra.resolve()}; python {sys.version.split()[0]}; {os.cpu_count()} cores")
+    print(
+        f"module: {args.orchestra.resolve()}; python {sys.version.split()[0]}; {os.cpu_count()} cores"
+    )
     with tempfile.TemporaryDirectory() as site:
         module = install(args.orchestra.resolve(), Path(site))
         for name in args.figures or FIGURES:

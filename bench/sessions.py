@@ -97,7 +97,9 @@ class TranscriptWriter:
                            "isSnapshotUpdate": False}, chained=False)  # fmt: skip
         for _ in range(self.rng.randint(1, 6)):
             size += self.tool_round(result_max)
-        size += self.assistant([{"type": "text", "text": self.text(self.rng.randint(200, 1500))}], "end_turn")
+        size += self.assistant(
+            [{"type": "text", "text": self.text(self.rng.randint(200, 1500))}], "end_turn"
+        )
         size += self.emit(
             {"type": "system", "subtype": "turn_duration", "durationMs": 12345, "isMeta": False}
         )
@@ -130,18 +132,28 @@ class TranscriptWriter:
         for block in blocks:
             message = {"model": "claude-opus-4-6", "id": message_id, "type": "message", "role": "assistant",
                        "content": [block], "stop_reason": stop_reason, "stop_sequence": None, "usage": usage}  # fmt: skip
-            size += self.emit({"message": message, "requestId": "req_" + message_id[4:], "type": "assistant"})
+            size += self.emit(
+                {"message": message, "requestId": "req_" + message_id[4:], "type": "assistant"}
+            )
         return size
 
     def write(self, path, target):
         """Write turns until the file reaches about `target` bytes, then the title lines."""
         size, prompt = 0, self.rng.choice(PROMPTS)
-        result_max = min(TOOL_RESULT_MAX, target // 8)  # small files get small turns: sizes stay true
+        result_max = min(
+            TOOL_RESULT_MAX, target // 8
+        )  # small files get small turns: sizes stay true
         while size < target:
             size += self.turn(prompt, result_max)
             prompt = self.rng.choice(PROMPTS)
-        self.emit({"type": "last-prompt", "lastPrompt": prompt, "sessionId": self.session_id}, chained=False)
-        self.emit({"type": "ai-title", "aiTitle": prompt[:40], "sessionId": self.session_id}, chained=False)
+        self.emit(
+            {"type": "last-prompt", "lastPrompt": prompt, "sessionId": self.session_id},
+            chained=False,
+        )
+        self.emit(
+            {"type": "ai-title", "aiTitle": prompt[:40], "sessionId": self.session_id},
+            chained=False,
+        )
         path.write_text("\n".join(self.lines) + "\n", encoding="utf-8")
 
 
@@ -196,7 +208,9 @@ def ccusage_argv(install_into=None):
     if shutil.which("ccusage"):
         return ["ccusage"]
     if shutil.which("npm"):
-        prefix = subprocess.run(["npm", "prefix", "-g"], capture_output=True, text=True).stdout.strip()
+        prefix = subprocess.run(
+            ["npm", "prefix", "-g"], capture_output=True, text=True
+        ).stdout.strip()
         if prefix and (Path(prefix) / "bin" / "ccusage").exists():
             return [str(Path(prefix) / "bin" / "ccusage")]
     if shutil.which("npx"):
@@ -230,7 +244,12 @@ def measure_store(label, module, store, runs, ccusage):
     the cache the warm-up run wrote (as every later run does).
     """
     cache = store / "xdg-cache"
-    env = {**os.environ, "CLAUDE_CONFIG_DIR": str(store), "XDG_CACHE_HOME": str(cache), "COLUMNS": "120"}
+    env = {
+        **os.environ,
+        "CLAUDE_CONFIG_DIR": str(store),
+        "XDG_CACHE_HOME": str(cache),
+        "COLUMNS": "120",
+    }
     env.pop("ORCHESTRA_DEBUG", None)
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # as after `pip install`, which compiles the module
     # As the installed `orchestra` command runs it: the module imported from cached bytecode.
@@ -239,7 +258,10 @@ def measure_store(label, module, store, runs, ccusage):
     commands = {
         "startup (python3 -c pass)": ([sys.executable, "-c", "pass"], None),
         "sessions --hours 0.001 (scan only)": ([*python, "--hours", "0.001"], None),
-        "sessions --hours 4 (cold)": ([*python, "--hours", "4"], lambda: shutil.rmtree(cache, True)),
+        "sessions --hours 4 (cold)": (
+            [*python, "--hours", "4"],
+            lambda: shutil.rmtree(cache, True),
+        ),
         "sessions --hours 4": ([*python, "--hours", "4"], None),
         "sessions --hours 4 --limit 50": ([*python, "--hours", "4", "--limit", "50"], None),
         "sessions --hours 4 --json": ([*python, "--hours", "4", "--json"], None),
@@ -268,7 +290,9 @@ def measure_store(label, module, store, runs, ccusage):
         # ccusage keeps no cache: its first and second runs are timed as they come, once each.
         for run in ("first", "second"):
             start = time.perf_counter()
-            subprocess.run([*ccusage, "session", "--offline"], env=env, check=True, capture_output=True)
+            subprocess.run(
+                [*ccusage, "session", "--offline"], env=env, check=True, capture_output=True
+            )
             results[f"ccusage session ({run} run)"] = ms = (time.perf_counter() - start) * 1000
             print(f"  {label:>11}  ccusage session ({run} run){'':<14} {ms:7.1f} ms")
     return results
@@ -288,7 +312,9 @@ def main(argv=None):
     parser.add_argument("--gb", type=float, default=1.0, help="size of the large store in GB")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--keep", type=Path, help="build the stores here and keep them")
-    parser.add_argument("--no-install", action="store_true", help="never install ccusage, only look for it")
+    parser.add_argument(
+        "--no-install", action="store_true", help="never install ccusage, only look for it"
+    )
     args = parser.parse_args(argv)
     module = (args.module or default_module()).resolve()
     print(f"module: {module}\npython: {sys.version.split()[0]}, cores: {os.cpu_count()}")
@@ -321,7 +347,11 @@ def report(results):
     """The figures against the issue's goals."""
     large, small = results["large"], results["small"]
     startup = large["startup (python3 -c pass)"]
-    for name in ("sessions --hours 4", "sessions --hours 4 (cold)", "sessions --hours 4 --limit 50"):
+    for name in (
+        "sessions --hours 4",
+        "sessions --hours 4 (cold)",
+        "sessions --hours 4 --limit 50",
+    ):
         ms = large[name]
         verdict = "OK" if ms <= GOAL_MS else "MISSED"
         print(

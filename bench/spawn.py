@@ -57,7 +57,9 @@ def reset(repo):
 def time_raw(repo):
     start = time.perf_counter()
     for n in range(AGENTS):
-        git(repo, "worktree", "add", "-q", "-b", f"raw-{n}", str(repo / "raw" / f"task-{n}"), "main")
+        git(
+            repo, "worktree", "add", "-q", "-b", f"raw-{n}", str(repo / "raw" / f"task-{n}"), "main"
+        )
     return time.perf_counter() - start
 
 
@@ -80,9 +82,9 @@ def wait_idle(repo):
     deadline = time.time() + 30
     while time.time() < deadline:
         state = json.loads((repo / ".orchestra" / "state.json").read_text())
-        if all(a["state"] not in ("queued", "running") for a in state["agents"].values()) and not state[
-            "supervisor"
-        ].get("pid"):
+        if all(
+            a["state"] not in ("queued", "running") for a in state["agents"].values()
+        ) and not state["supervisor"].get("pid"):
             return
         time.sleep(0.1)
 

@@ -47,7 +47,9 @@ def checks_seconds(checks, cwd):
 
     def run_checks():
         for command in checks:
-            subprocess.run(command, shell=True, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                command, shell=True, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
 
     return median_seconds(run_checks, 3) if checks else 0.0
 
@@ -79,8 +81,12 @@ def run_case(root, name, args, checks):
     ideal = math.ceil(args.tasks / args.parallel) * one
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     done = sum(s == "done" for s in states)
-    print(f"{name}: {args.tasks} agents of {one:.2f}s at parallel {args.parallel}, checks {checks or 'none'}")
-    print(f"  drained in {elapsed:.1f}s; ideal {ideal:.1f}s; ratio {elapsed / ideal:.2f}x (goal <= 1.15x)")
+    print(
+        f"{name}: {args.tasks} agents of {one:.2f}s at parallel {args.parallel}, checks {checks or 'none'}"
+    )
+    print(
+        f"  drained in {elapsed:.1f}s; ideal {ideal:.1f}s; ratio {elapsed / ideal:.2f}x (goal <= 1.15x)"
+    )
     print(f"  {done}/{len(states)} done; supervisor peak RSS {rss_mb:.1f} MB; "
           f"{writes} state writes, {writes / elapsed:.1f}/s")  # fmt: skip
 
@@ -97,7 +103,9 @@ def main():
         if args.only in (None, "plain"):
             run_case(Path(tmp), "plain", args, [])
         if args.only in (None, "checks"):
-            run_case(Path(tmp), "checks", args, ["git diff --quiet HEAD", "test -d .git || test -f .git"])
+            run_case(
+                Path(tmp), "checks", args, ["git diff --quiet HEAD", "test -d .git || test -f .git"]
+            )
 
 
 if __name__ == "__main__":

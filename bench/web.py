@@ -122,7 +122,9 @@ async def client(uri, token, origin, latencies, ready, done):
                 continue
             now = time.time()
             stamps = {
-                float(a["activity"].rsplit(" ", 1)[1]) for a in message.get("agents", ()) if a["activity"]
+                float(a["activity"].rsplit(" ", 1)[1])
+                for a in message.get("agents", ())
+                if a["activity"]
             }
             latencies.extend(now - stamp for stamp in stamps)
 
@@ -137,7 +139,10 @@ async def websocket_load(project, base, token, clients, seconds, per_second):
         if len(connected) == clients:
             all_ready.set()
 
-    tasks = [asyncio.create_task(client(uri, token, base, latencies, ready, done)) for _ in range(clients)]
+    tasks = [
+        asyncio.create_task(client(uri, token, base, latencies, ready, done))
+        for _ in range(clients)
+    ]
     await asyncio.wait_for(all_ready.wait(), 30)
     stop = threading.Event()
     writes = await asyncio.to_thread(write_updates, project, seconds, per_second, stop)
@@ -150,7 +155,9 @@ async def websocket_load(project, base, token, clients, seconds, per_second):
 def rss_mb(pid):
     """(current, peak) resident memory of a process in MB, from /proc."""
     fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+        line.split(":", 1)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":" in line
     )
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
@@ -238,7 +245,9 @@ def pipelining(base, token, attackers, seconds):
     `attackers` clients pipeline and never read."""
     host, port = base.split("//")[1].split(":")
     stop, connections = multiprocessing.Event(), multiprocessing.Value("i", 0)
-    attack = multiprocessing.Process(target=pipeliners, args=(host, int(port), attackers, stop, connections))
+    attack = multiprocessing.Process(
+        target=pipeliners, args=(host, int(port), attackers, stop, connections)
+    )
     attack.start()
     time.sleep(1.0)
     times, refused, deadline = [], 0, time.monotonic() + seconds
@@ -284,7 +293,9 @@ def first_render(base, token, cards, runs=5):
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     times = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox"])
+        browser = playwright.chromium.launch(
+            executable_path=chromium, args=["--headless", "--no-sandbox"]
+        )
         for _ in range(runs + 1):  # the first run warms the browser's caches up
             page = browser.new_page(viewport={"width": 390, "height": 844})
             page.add_init_script(TIME_FIRST_RENDER % cards)
@@ -323,7 +334,9 @@ def main():
             loaded_rss, peak_rss = rss_mb(proc.pid)
             times = status_latencies(base, token, 500)
             answered, dropped = slowloris(base, token, args.slowloris)
-            piped, refused, reconnects = pipelining(base, token, args.pipeliners, args.pipeline_seconds)
+            piped, refused, reconnects = pipelining(
+                base, token, args.pipeliners, args.pipeline_seconds
+            )
             add_history(project, args.history)
             render_best, render_median = first_render(base, token, AGENTS)
         finally:

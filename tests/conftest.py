@@ -61,7 +61,9 @@ def isolated_env(monkeypatch, tmp_path):
 
 def git(*args, cwd):
     """Run git in a test and return its stdout."""
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
 
 
 def make_repo(path):
@@ -129,7 +131,10 @@ def wait_settled(repo, timeout=60):
 def load_state_with_history(repo):
     """state.json with the cleaned-up agents of history.jsonl back among the agents."""
     state = load_state(repo)
-    state["agents"] = {**orchestra.read_history(repo / ".orchestra" / "history.jsonl"), **state["agents"]}
+    state["agents"] = {
+        **orchestra.read_history(repo / ".orchestra" / "history.jsonl"),
+        **state["agents"],
+    }
     return state
 
 
@@ -238,7 +243,9 @@ def project(fake_repo):
 def server(project):
     """A web server on a free loopback port (1 s header deadline); its log is server.test_log."""
     log = io.StringIO()
-    srv = orchestra.start_web_server(project, "127.0.0.1", 0, log=log, revive=False, header_deadline=1.0)
+    srv = orchestra.start_web_server(
+        project, "127.0.0.1", 0, log=log, revive=False, header_deadline=1.0
+    )
     srv.test_log = log
     yield srv
     srv.stop()

@@ -50,7 +50,9 @@ def main():
         emit(
             {
                 "type": "assistant",
-                "message": {"content": [{"type": "text", "text": "red \x1b[31malert\x1b[0m\x07 bell"}]},
+                "message": {
+                    "content": [{"type": "text", "text": "red \x1b[31malert\x1b[0m\x07 bell"}]
+                },
             }
         )
     for code in words(task, "crash:"):

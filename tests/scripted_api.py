@@ -110,7 +110,10 @@ def rate_limited(
     ISO ``anthropic-ratelimit-requests-reset``); a long ``retry-after`` makes the CLI
     give up at once instead of retrying itself.
     """
-    headers = {"retry-after": str(int(retry_after)), "anthropic-ratelimit-unified-status": "rejected"}
+    headers = {
+        "retry-after": str(int(retry_after)),
+        "anthropic-ratelimit-unified-status": "rejected",
+    }
     if reset is not None:
         iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reset))
         headers.update({"anthropic-ratelimit-unified-reset": str(int(reset)),
@@ -234,7 +237,9 @@ class ScriptedAPI:
             if not keys:
                 continue
             key = max(keys, key=len)
-            index = sum(1 for m in messages[i + 1 :] if isinstance(m, dict) and m.get("role") == "assistant")
+            index = sum(
+                1 for m in messages[i + 1 :] if isinstance(m, dict) and m.get("role") == "assistant"
+            )
             steps = scripts[key]
             step = steps[index] if index < len(steps) else text(FINISHED)
             return key, index, self._repeat(key, index, step)
@@ -273,7 +278,9 @@ class ScriptedAPI:
             def log_message(self, fmt: str, *args: Any) -> None:
                 pass
 
-            def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+            def _send_json(
+                self, status: int, obj: Any, headers: dict[str, str] | None = None
+            ) -> None:
                 data = json.dumps(obj).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -144,7 +144,9 @@ def test_worktreeinclude_and_copy_files_are_copied(fake_repo, cli):
 
 
 def test_setup_output_goes_to_the_log_and_runs_in_the_worktree(fake_repo, cli):
-    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, setup=["echo set up in $(basename $PWD)"])
+    write_config(
+        fake_repo, agent_command=FAKE_AGENT_COMMAND, setup=["echo set up in $(basename $PWD)"]
+    )
     cli("spawn", "with setup")
     wait_settled(fake_repo)
     log = cli("logs", "setup").out
@@ -163,7 +165,8 @@ def test_failing_setup_fails_the_agent_visibly(fake_repo, cli):
     assert run.code == 1
     assert "needs-setup  failed" in run.out
     assert (
-        "setup command 'echo installing; echo 'npm ERR! missing' >&2; exit 3' failed with exit 3" in run.out
+        "setup command 'echo installing; echo 'npm ERR! missing' >&2; exit 3' failed with exit 3"
+        in run.out
     )
     assert "npm ERR! missing" in run.out
     record = load_state(fake_repo)["agents"]["needs-setup"]
@@ -182,7 +185,8 @@ def test_spawning_eight_creates_worktrees_concurrently(fake_repo, cli, tmp_path)
     names = sorted(p.stem for p in marks.glob("*.start"))
     assert len(names) == 8
     spans = [
-        (float((marks / f"{n}.start").read_text()), float((marks / f"{n}.end").read_text())) for n in names
+        (float((marks / f"{n}.start").read_text()), float((marks / f"{n}.end").read_text()))
+        for n in names
     ]
     # Concurrent: some setup started before another one ended.
     assert any(s1 < s2 < e1 for i, (s1, e1) in enumerate(spans) for s2, _ in spans[i + 1 :])
@@ -238,9 +242,13 @@ def test_agent_exit_code_is_tracked_without_stream_json(fake_repo, cli):
 
 
 def test_stale_flag_after_quiet_period(fake_repo, cli):
-    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.2, stale_threshold=1)
+    write_config(
+        fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.2, stale_threshold=1
+    )
     cli("spawn", "quiet sleep:4 hush")
-    wait_for(lambda: load_state(fake_repo)["agents"]["quiet-sleep-4"]["stale"], timeout=10, what="stale")
+    wait_for(
+        lambda: load_state(fake_repo)["agents"]["quiet-sleep-4"]["stale"], timeout=10, what="stale"
+    )
     assert "running stale" in cli("status").out
     wait_settled(fake_repo)
     assert load_state(fake_repo)["agents"]["quiet-sleep-4"]["stale"] is False
@@ -270,7 +278,15 @@ def test_logs_follow_ends_when_agent_finishes(fake_repo, cli):
 def test_worktrees_joins_records_and_marks_orphans_and_missing(fake_repo, cli):
     cli("spawn", "kept", "vanished")
     wait_settled(fake_repo)
-    git("worktree", "add", "-q", "-b", "stray", str(fake_repo / ".worktrees" / "task-stray"), cwd=fake_repo)
+    git(
+        "worktree",
+        "add",
+        "-q",
+        "-b",
+        "stray",
+        str(fake_repo / ".worktrees" / "task-stray"),
+        cwd=fake_repo,
+    )
     shutil.rmtree(fake_repo / ".worktrees" / "task-vanished")
     rows = {r["path"]: r for r in cli("worktrees", "--json").json()["worktrees"]}
     assert rows[str(fake_repo)]["notes"] == ["main"]
@@ -299,7 +315,9 @@ def test_claude_argv_carries_permissions_model_and_branch(repo):
 
 def test_other_agent_command_gets_the_task_in_place(repo):
     project = orchestra.Project.open(
-        repo, {"ORCHESTRA_CONFIG": "/nonexistent"}, {"agent_command": ["aider", "--message", "{task}"]}
+        repo,
+        {"ORCHESTRA_CONFIG": "/nonexistent"},
+        {"agent_command": ["aider", "--message", "{task}"]},
     )
     record = orchestra.new_record(project, "x", "do x", "main", "abc")
     assert orchestra.agent_argv(record) == ["aider", "--message", "do x"]
@@ -329,7 +347,9 @@ def test_concurrent_worktree_creation_never_races(fake_repo, cli):
     wait_settled(fake_repo)
     assert set(agent_states(fake_repo).values()) == {"done"}
     for agent in load_state(fake_repo)["agents"].values():
-        assert (fake_repo / ".worktrees" / f"task-{agent['id']}" / "README.md").read_text() == "# demo\n"
+        assert (
+            fake_repo / ".worktrees" / f"task-{agent['id']}" / "README.md"
+        ).read_text() == "# demo\n"
 
 
 def test_include_patterns_match_like_gitignore():

@@ -79,7 +79,10 @@ def test_approve_lets_the_command_run_and_commit(repo, claude_api, cli):
     assert status["state"] == "running" and status["approval"]["id"] == request["id"]
     assert status["approval"]["tool"] == "Bash" and status["sandboxed"] is False
     table = cli("status").out
-    assert "running approval" in table and f"waiting for approval {request['id']}: Bash(printf" in table
+    assert (
+        "running approval" in table
+        and f"waiting for approval {request['id']}: Bash(printf" in table
+    )
     listing = cli("approvals").out
     assert request["id"] in listing and "needs-ok" in listing
     assert time.monotonic() - started < 60
@@ -98,7 +101,9 @@ def test_approve_lets_the_command_run_and_commit(repo, claude_api, cli):
     )
     assert "== allowed by cli: Bash(printf" in log
     events = [
-        json.loads(line) for line in Path(record["log"]).read_text().splitlines() if '"approval"' in line
+        json.loads(line)
+        for line in Path(record["log"]).read_text().splitlines()
+        if '"approval"' in line
     ]
     assert events[-1]["by"] == "cli" and events[-1]["decision"] == "allow" and events[-1]["at"]
     assert pending(cli) == []
@@ -117,7 +122,11 @@ def notifier(tmp_path):
 
 def notified(events):
     """The (agent, event, message) triples the notify command received."""
-    return [tuple(json.loads(line)) for line in events.read_text().splitlines()] if events.exists() else []
+    return (
+        [tuple(json.loads(line)) for line in events.read_text().splitlines()]
+        if events.exists()
+        else []
+    )
 
 
 def test_deny_message_reaches_the_agent_and_the_record(repo, claude_api, cli, tmp_path):
@@ -142,7 +151,8 @@ def test_deny_message_reaches_the_agent_and_the_record(repo, claude_api, cli, tm
     assert f"no-tests: allow them next time: {allow}" in out
     collected = cli("collect", "no-tests").out
     assert (
-        "1 tool call denied: Bash(pytest -q)" in collected and f"allow them next time: {allow}" in collected
+        "1 tool call denied: Bash(pytest -q)" in collected
+        and f"allow them next time: {allow}" in collected
     )
     ended = cli("deny", "no-tests")
     assert ended.code == 1 and "has ended (done)" in ended.err
@@ -190,7 +200,9 @@ def test_timeout_denies_with_a_message(repo, claude_api, cli):
 
 def test_supervisor_killed_while_waiting_then_approved(repo, claude_api, cli):
     ask_repo(repo)
-    claude_api.script("crash-wait", [bash("touch survived.txt"), *commit_step("survived.txt"), text("ok")])
+    claude_api.script(
+        "crash-wait", [bash("touch survived.txt"), *commit_step("survived.txt"), text("ok")]
+    )
     assert cli("spawn", "crash-wait").code == 0
     request = wait_request(cli, "crash-wait")
     supervisor = load_state(repo)["supervisor"]["pid"]
@@ -198,7 +210,9 @@ def test_supervisor_killed_while_waiting_then_approved(repo, claude_api, cli):
     wait_for(lambda: not orchestra.process_alive(supervisor, load_state(repo)["supervisor"].get("pid_start")),
              timeout=10, what="the supervisor to die")  # fmt: skip
     time.sleep(0.5)
-    assert [r["id"] for r in pending(cli)] == [request["id"]]  # the hook (the agent's child) still waits
+    assert [r["id"] for r in pending(cli)] == [
+        request["id"]
+    ]  # the hook (the agent's child) still waits
     assert cli("approve", request["id"]).code == 0
     cli("status")  # revives the supervisor
     wait_settled(repo)
@@ -217,7 +231,9 @@ def test_two_concurrent_approvers_first_wins(repo, claude_api, cli):
     def decide(allow):
         barrier.wait()
         try:
-            outcomes.append(("won", orchestra.answer_request(project, request, allow, "cli")["decision"]))
+            outcomes.append(
+                ("won", orchestra.answer_request(project, request, allow, "cli")["decision"])
+            )
         except orchestra.OrchestraError as e:
             outcomes.append(("late", str(e)))
 
@@ -250,7 +266,10 @@ def test_unknown_agent_or_broken_request_is_denied(repo, cli):
     decision = hook(request)
     assert decision["behavior"] == "deny" and "cannot find agent 'ghost'" in decision["message"]
     decision = hook("not json")
-    assert decision["behavior"] == "deny" and "could not read the permission request" in decision["message"]
+    assert (
+        decision["behavior"] == "deny"
+        and "could not read the permission request" in decision["message"]
+    )
     decision = subprocess.run(
         [sys.executable, str(ROOT / "orchestra.py"), "hook", "permission-request", "--repo", str(repo / "nowhere"),
          "--agent", "x"], input=request, capture_output=True, text=True, timeout=30,
@@ -265,11 +284,15 @@ def test_rules_match_like_claude_code():
     assert match("Bash(npm test:*)", "Bash", {"command": "npm test --watch"})
     assert match("Bash(git *)", "Bash", {"command": "git status"})
     assert not match("Bash(git *)", "Bash", {"command": "git status && rm -rf /"})
-    assert match("Edit", "Edit", {"file_path": "/x"}) and not match("Edit", "Write", {"file_path": "/x"})
+    assert match("Edit", "Edit", {"file_path": "/x"}) and not match(
+        "Edit", "Write", {"file_path": "/x"}
+    )
     assert match("Edit(src/*)", "Edit", {"file_path": "src/a.py"})
 
 
-def test_sandboxed_agent_runs_bash_without_rules_and_cannot_write_outside(repo, claude_api, cli, tmp_path):
+def test_sandboxed_agent_runs_bash_without_rules_and_cannot_write_outside(
+    repo, claude_api, cli, tmp_path
+):
     write_config(repo, bypass_permissions=[], heartbeat_interval=0.5, approval_timeout=20)
     outside = tmp_path / "outside.txt"
     claude_api.script("boxed-job", [
@@ -288,7 +311,9 @@ def test_sandboxed_agent_runs_bash_without_rules_and_cannot_write_outside(repo, 
     assert "boxed-job  done sandboxed" in cli("status").out
     launch = json.loads(Path(record["log"]).read_text().splitlines()[0])["launch"]
     assert launch["sandboxed"] is True
-    (repo / ".orchestra" / "state.json").write_text("{broken")  # rebuilt from the logs: still sandboxed
+    (repo / ".orchestra" / "state.json").write_text(
+        "{broken"
+    )  # rebuilt from the logs: still sandboxed
     assert cli("status", "--json").json()["agents"][0]["sandboxed"] is True
 
 
@@ -320,7 +345,9 @@ def test_sandbox_on_without_bubblewrap_refuses_naming_the_package(
     assert load_state(repo)["agents"]["free"]["sandboxed"] is False
     wait_settled(repo)
     doctor = cli("doctor")
-    assert "MISSING  sandbox" in doctor.out and "bubblewrap and socat are not installed" in doctor.out
+    assert (
+        "MISSING  sandbox" in doctor.out and "bubblewrap and socat are not installed" in doctor.out
+    )
 
 
 def test_notify_command_hears_finished_failed_and_stale_agents(fake_repo, cli, tmp_path):
@@ -358,7 +385,9 @@ def test_failing_notify_command_is_logged_never_fatal(fake_repo, cli):
     from conftest import FAKE_AGENT_COMMAND
 
     write_config(
-        fake_repo, agent_command=FAKE_AGENT_COMMAND, notify_command=["/nonexistent/notify", "{event}"]
+        fake_repo,
+        agent_command=FAKE_AGENT_COMMAND,
+        notify_command=["/nonexistent/notify", "{event}"],
     )
     assert cli("spawn", "still-fine").code == 0
     wait_settled(fake_repo)
@@ -366,7 +395,10 @@ def test_failing_notify_command_is_logged_never_fatal(fake_repo, cli):
     notify_log = fake_repo / ".orchestra" / "notify.log"
 
     def logged():  # the line may still be on its way when the file appears
-        return notify_log.exists() and "notify_command /nonexistent/notify failed" in notify_log.read_text()
+        return (
+            notify_log.exists()
+            and "notify_command /nonexistent/notify failed" in notify_log.read_text()
+        )
 
     wait_for(logged, timeout=10, what="the failure in notify.log")
 
@@ -376,7 +408,11 @@ def test_config_set_and_unset_check_like_loading(repo, cli, tmp_path):
     assert cli("config", "set", "sandbox_network", '["pypi.org", "*.npmjs.org"]').code == 0
     assert cli("config", "set", "model", "opus").code == 0
     saved = json.loads((repo / ".orchestra" / "config.json").read_text())
-    assert saved == {"approval_timeout": 60, "sandbox_network": ["pypi.org", "*.npmjs.org"], "model": "opus"}
+    assert saved == {
+        "approval_timeout": 60,
+        "sandbox_network": ["pypi.org", "*.npmjs.org"],
+        "model": "opus",
+    }
     bad = cli("config", "set", "sandbox", "maybe")
     assert bad.code == 2 and "'sandbox' must be one of off, auto, on" in bad.err
     bad = cli("config", "set", "bypass_permissions", "Bash(ls)")
@@ -391,4 +427,8 @@ def test_config_set_and_unset_check_like_loading(repo, cli, tmp_path):
     assert shown["sandbox"] == {"value": "auto", "source": str(tmp_path / "user-config.json")}
     assert shown["approval_timeout"]["value"] == 60
     init = cli("init").out
-    assert "orchestra config set KEY VALUE" in init and "bypass_permissions" in init and "approvals" in init
+    assert (
+        "orchestra config set KEY VALUE" in init
+        and "bypass_permissions" in init
+        and "approvals" in init
+    )

@@ -60,7 +60,9 @@ def test_phone_approves_and_denies_live(repo, claude_api, phone):
 
         ok = phone.locator(".approval", has_text="phone-ok")
         evil = phone.locator(".approval", has_text="phone-evil")
-        expect(ok.locator("pre.command")).to_have_text("echo from-phone > phone.txt", timeout=60_000)
+        expect(ok.locator("pre.command")).to_have_text(
+            "echo from-phone > phone.txt", timeout=60_000
+        )
         expect(evil.locator("pre.command")).to_have_text(HOSTILE, timeout=60_000)
         assert phone.locator("main img").count() == 0  # hostile input is text, never markup
         first = phone.locator("#approvals").bounding_box()["y"]
@@ -85,13 +87,16 @@ def test_phone_approves_and_denies_live(repo, claude_api, phone):
         expect(phone.locator("#approvals")).to_be_hidden(timeout=30_000)
         evil_card = phone.locator('.card[data-id="phone-evil"] .autonomy')
         expect(evil_card).to_contain_text(
-            "1 tool call denied: Bash(echo '<img src=x onerror=alert(1)>' > evil.html)", timeout=30_000
+            "1 tool call denied: Bash(echo '<img src=x onerror=alert(1)>' > evil.html)",
+            timeout=30_000,
         )
         assert phone.evaluate("window.sameDocument") is True  # all of it live, without a reload
         assert git("show", "orchestra/phone-ok:phone.txt", cwd=repo) == "from-phone\n"
         events = [
             json.loads(line)
-            for line in Path(load_state(repo)["agents"]["phone-evil"]["log"]).read_text().splitlines()
+            for line in Path(load_state(repo)["agents"]["phone-evil"]["log"])
+            .read_text()
+            .splitlines()
             if '"approval"' in line
         ]
         assert events[-1]["by"] == "web" and events[-1]["message"] == "no HTML files, please"

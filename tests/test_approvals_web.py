@@ -31,7 +31,9 @@ def start_hook(project, agent_id, command, timeout=60):
          "--agent", agent_id, "--timeout", str(timeout)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    hook.stdin.write(json.dumps({"tool_name": "Bash", "tool_input": {"command": command}, "session_id": "s"}))
+    hook.stdin.write(
+        json.dumps({"tool_name": "Bash", "tool_input": {"command": command}, "session_id": "s"})
+    )
     hook.stdin.close()
     return hook
 
@@ -77,13 +79,24 @@ def test_request_is_pushed_listed_and_decided_over_the_web(server, project):
         assert status_doc["agents"][0]["approval"]["id"] == request["id"]
 
         path = f"/api/approvals/{request['id']}"
-        assert call(server, "POST", path, {"decision": "allow"}, headers={"Authorization": ""})[0] == 401
         assert (
-            call(server, "POST", path, {"decision": "allow"}, headers={"Origin": "http://evil.example"})[0]
+            call(server, "POST", path, {"decision": "allow"}, headers={"Authorization": ""})[0]
+            == 401
+        )
+        assert (
+            call(
+                server,
+                "POST",
+                path,
+                {"decision": "allow"},
+                headers={"Origin": "http://evil.example"},
+            )[0]
             == 403
         )
         assert (
-            call(server, "POST", path, raw=b"decision=allow", headers={"Content-Type": "text/plain"})[0]
+            call(
+                server, "POST", path, raw=b"decision=allow", headers={"Content-Type": "text/plain"}
+            )[0]
             == 415
         )
         assert call(server, "POST", path, {"decision": "maybe"})[0] == 400
@@ -101,7 +114,9 @@ def test_request_is_pushed_listed_and_decided_over_the_web(server, project):
                 break
         assert message["approvals"] == []
     status, late = call(server, "POST", path, {"decision": "deny"})
-    assert status == 409 and "already allowed by web" in late["error"] and "came late" in late["error"]
+    assert (
+        status == 409 and "already allowed by web" in late["error"] and "came late" in late["error"]
+    )
     again = start_hook(project, "webby", "pytest -q")  # the --always rule answers it
     assert answer_of(again) == {"behavior": "allow"}
     log = project.log_path("webby").read_text()
@@ -143,7 +158,10 @@ def test_hook_whose_agent_dies_denies_and_leaves(project, tmp_path):
         assert time.monotonic() < deadline, "the hook kept waiting for a dead agent"
         time.sleep(0.05)
     decision = json.loads((tmp_path / "answer.json").read_text())["hookSpecificOutput"]["decision"]
-    assert decision == {"behavior": "deny", "message": "the agent ended while it waited for this approval"}
+    assert decision == {
+        "behavior": "deny",
+        "message": "the agent ended while it waited for this approval",
+    }
     assert orchestra.ApprovalBox(project.repo).pending() == []
 
 
@@ -167,7 +185,10 @@ def test_doctor_reports_what_works(cli, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     monkeypatch.setenv("CLAUDE_CONFIG_DIR", "/nonexistent-claude-config")
     text = cli("doctor").out
-    assert "MISSING  claude login  not logged in; run 'claude' and log in, or set ANTHROPIC_API_KEY" in text
+    assert (
+        "MISSING  claude login  not logged in; run 'claude' and log in, or set ANTHROPIC_API_KEY"
+        in text
+    )
 
 
 def test_claude_argv_carries_the_settings_layer(repo):
@@ -184,7 +205,12 @@ def test_claude_argv_carries_the_settings_layer(repo):
     assert f"--repo {repo}" in command and "--agent x --timeout 90" in command
     assert settings["sandbox"] == {"enabled": True, "autoAllowBashIfSandboxed": True,
                                    "network": {"allowedDomains": ["pypi.org"]}}  # fmt: skip
-    assert argv[-4:] == ["--allowedTools", "Edit", "Write", "Bash(git *)"]  # still last: it is variadic
+    assert argv[-4:] == [
+        "--allowedTools",
+        "Edit",
+        "Write",
+        "Bash(git *)",
+    ]  # still last: it is variadic
     record["launch"]["sandboxed"] = False
     assert "sandbox" not in json.loads(orchestra.agent_argv(record)[argv.index("--settings") + 1])
     assert not (repo / ".claude").exists()  # nothing written into the user's repository
@@ -220,6 +246,11 @@ def test_hook_in_process_waits_for_a_decision_and_answers(project):
     assert decision == {"behavior": "deny", "message": "not in /etc"}
     assert box.request(request["id"])[1] == "answered" and box.pending() == []
     stdout = io.StringIO()
-    orchestra.permission_hook(str(project.repo), "inproc", 0.2, io.StringIO(stdin.getvalue()), stdout)
+    orchestra.permission_hook(
+        str(project.repo), "inproc", 0.2, io.StringIO(stdin.getvalue()), stdout
+    )
     timed_out = json.loads(stdout.getvalue())["hookSpecificOutput"]["decision"]
-    assert timed_out == {"behavior": "deny", "message": "no decision within approval_timeout (0.2 s); denied"}
+    assert timed_out == {
+        "behavior": "deny",
+        "message": "no decision within approval_timeout (0.2 s); denied",
+    }

@@ -11,7 +11,9 @@ FAILING = "echo 'AssertionError: notes.txt is empty' && exit 3"
 
 
 def checked_repo(repo, checks, **more):
-    write_config(repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5, checks=checks, **more)
+    write_config(
+        repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5, checks=checks, **more
+    )
     return repo
 
 
@@ -28,9 +30,18 @@ def test_checks_pass_in_the_agents_worktree(repo, cli):
     wait_settled(repo)
     record = load_state(repo)["agents"]["good"]
     assert record["state"] == "done"
-    assert record["checks"] == {"status": "passed", "command": None, "exit_code": 0, "tail": "", "rounds": 0}
+    assert record["checks"] == {
+        "status": "passed",
+        "command": None,
+        "exit_code": 0,
+        "tail": "",
+        "rounds": 0,
+    }
     runs = events(repo, "good", "check")
-    assert [(e["command"], e["exit_code"]) for e in runs] == [(PASSING, 0), ("git log --oneline -1", 0)]
+    assert [(e["command"], e["exit_code"]) for e in runs] == [
+        (PASSING, 0),
+        ("git log --oneline -1", 0),
+    ]
     assert "add notes.txt" in runs[1]["output"]  # ran in the worktree, on the agent's branch
     assert not (repo / "notes.txt").exists()
     status = cli("status")
@@ -48,13 +59,17 @@ def test_failing_check_is_recorded_with_its_tail_and_blocks_merge(repo, cli):
     record = load_state(repo)["agents"]["bad"]
     assert record["state"] == "done"
     checks = record["checks"]
-    assert checks["status"] == "failed" and checks["command"] == FAILING and checks["exit_code"] == 3
+    assert (
+        checks["status"] == "failed" and checks["command"] == FAILING and checks["exit_code"] == 3
+    )
     assert "AssertionError: notes.txt is empty" in checks["tail"] and checks["rounds"] == 0
     row = next(line for line in cli("status").out.splitlines() if line.startswith("bad"))
     assert "done ✗" in row and "checks failed" in row
     assert f"checks FAILED: {FAILING} (exit 3)" in cli("logs", "bad").out
 
-    write_config(repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5)  # no checks for the next one
+    write_config(
+        repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5
+    )  # no checks for the next one
     cli("spawn", "--name", "plain", "commit:plain.txt")
     wait_settled(repo)
     merged = cli("collect", "--merge")
@@ -125,7 +140,9 @@ def test_supervisor_killed_during_checks_leaves_them_to_the_next_one(repo, cli):
     supervisor = load_state(repo)["supervisor"]["pid"]
     os.kill(supervisor, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
-        os.waitpid(supervisor, 0)  # this test process started it (in-process spawn): reap the zombie
+        os.waitpid(
+            supervisor, 0
+        )  # this test process started it (in-process spawn): reap the zombie
     record = load_state(repo)["agents"]["crashy"]
     assert record["state"] == "running" and record["checks"]["status"] == "running"
     assert cli("status").code == 0  # revives the supervisor
@@ -172,9 +189,17 @@ def test_real_claude_fails_checks_then_fixes_them_in_one_round(claude_repo, clau
     wait_settled(claude_repo, timeout=120)
     record = load_state(claude_repo)["agents"]["fixer"]
     assert record["state"] == "done", record
-    assert record["checks"] == {"status": "passed", "command": None, "exit_code": 0, "tail": "", "rounds": 1}
+    assert record["checks"] == {
+        "status": "passed",
+        "command": None,
+        "exit_code": 0,
+        "tail": "",
+        "rounds": 1,
+    }
     assert record["turns"] >= 4  # both runs add up
-    fix_request = next(b for b in claude_api.main_requests if "checks orchestra runs" in json.dumps(b))
+    fix_request = next(
+        b for b in claude_api.main_requests if "checks orchestra runs" in json.dumps(b)
+    )
     assert "grep -q fixed answer.txt" in json.dumps(fix_request)  # the failing command is quoted
     launches = events(claude_repo, "fixer", "launch")
     assert [e["resume"] for e in launches] == [False, True]
@@ -199,34 +224,31 @@ def test_real_claude_check_failure_without_fix_rounds(claude_repo, claude_api, c
     assert CLAUDE_TOOLS  # the fixture allowed the tools the script uses
 
 
-def test_dashboard_shows_checks_on_a_phone(repo, request):
-    import pytest
+def test_dashboard_shows_checks_on_a_phone(repo, phone):
+    from playwright.sync_api import expect
+    from test_dashboard import card, serve
 
-    dashboard = pytest.importorskip("test_dashboard")
-    if dashboard.sync_playwright is None or not dashboard.os.path.exists(dashboard.CHROMIUM):
-        pytest.skip("needs Playwright and chromium")
     checked_repo(repo, [PASSING])
     orchestra.main(
-        ["spawn", "--name", "good", "commit:notes.txt good", "--name", "bad", "commit:other.txt bad"]
+        [
+            "spawn",
+            "--name",
+            "good",
+            "commit:notes.txt good",
+            "--name",
+            "bad",
+            "commit:other.txt bad",
+        ]
     )
     wait_settled(repo)
-    server = dashboard.serve(repo, revive=False)
+    server = serve(repo, revive=False)
     try:
-        with dashboard.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=dashboard.CHROMIUM, args=dashboard.CHROMIUM_ARGS
-            )
-            page = browser.new_page(viewport=dashboard.PHONE, is_mobile=True)
-            problems = []
-            page.on("pageerror", lambda error: problems.append(str(error)))
-            page.goto(server.url)
-            good = dashboard.card(page, "good")
-            bad = dashboard.card(page, "bad")
-            dashboard.expect(good.locator(".badge")).to_have_text("done ✓", timeout=15_000)
-            dashboard.expect(good.locator(".checks")).to_have_text("checks passed")
-            dashboard.expect(bad.locator(".badge")).to_have_text("done ✗")
-            dashboard.expect(bad.locator(".checks")).to_have_text(f"checks failed: {PASSING} (exit 1)")
-            browser.close()
-        assert problems == []
+        phone.goto(server.url)
+        good, bad = card(phone, "good"), card(phone, "bad")
+        expect(good.locator(".badge")).to_have_text("done ✓", timeout=15_000)
+        expect(good.locator(".checks")).to_have_text("checks passed")
+        expect(bad.locator(".badge")).to_have_text("done ✗")
+        expect(bad.locator(".checks")).to_have_text(f"checks failed: {PASSING} (exit 1)")
+        assert phone.problems == []
     finally:
         server.stop()

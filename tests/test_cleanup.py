@@ -110,7 +110,9 @@ def lines_by_id(output):
     found = {}
     for line in output.splitlines():
         verb, rest = (
-            line.split(" ", 1) if not line.startswith("WOULD REMOVE") else ("WOULD REMOVE", line[13:])
+            line.split(" ", 1)
+            if not line.startswith("WOULD REMOVE")
+            else ("WOULD REMOVE", line[13:])
         )
         agent_id, reason = rest.split(": ", 1)
         found[agent_id] = (verb, reason)
@@ -123,7 +125,11 @@ def test_cleanup_matrix(fake_repo, cli):
         case: git("rev-parse", f"orchestra/{agent_id}", cwd=fake_repo).strip()
         for case, agent_id in cases.items()
     }
-    dirty_files = {"uncommitted change": "README.md", "untracked file": "notes.md", "ignored .env": ".env"}
+    dirty_files = {
+        "uncommitted change": "README.md",
+        "untracked file": "notes.md",
+        "ignored .env": ".env",
+    }
 
     dry = cli("cleanup", "--dry-run")
     assert dry.code == 0, dry
@@ -180,16 +186,20 @@ def test_forced_cleanup_archives_everything_first(fake_repo, cli):
     }.items():
         record = load_state(fake_repo)["agents"][cases[case]]
         snapshot = next(ref for ref in record["archive"] if ref.endswith("-worktree"))
-        assert git("show", f"{refs[snapshot]}:{name}", cwd=fake_repo) == f"written by {cases[case]}\n"
+        assert (
+            git("show", f"{refs[snapshot]}:{name}", cwd=fake_repo) == f"written by {cases[case]}\n"
+        )
         assert git("rev-parse", f"{refs[snapshot]}^", cwd=fake_repo).strip() == tips[case]
     assert all(reachable(fake_repo, tip) for tip in tips.values())
     listing = cli("cleanup", "--list-archives", "--json").json()["archives"]
     unmerged = next(a for a in listing if a["id"] == cases["unmerged commits"])
-    assert unmerged["restore"] == f"orchestra restore {cases['unmerged commits']}/{unmerged['saved']}"
-    assert cli(*unmerged["restore"].split()[1:]).code == 0
-    assert git("show", f"orchestra/{cases['unmerged commits']}:lonely.txt", cwd=fake_repo).startswith(
-        "written by"
+    assert (
+        unmerged["restore"] == f"orchestra restore {cases['unmerged commits']}/{unmerged['saved']}"
     )
+    assert cli(*unmerged["restore"].split()[1:]).code == 0
+    assert git(
+        "show", f"orchestra/{cases['unmerged commits']}:lonely.txt", cwd=fake_repo
+    ).startswith("written by")
 
 
 @pytest.mark.parametrize("pause", [False, True])
@@ -236,14 +246,19 @@ def test_cleanup_refuses_during_a_merge(fake_repo, cli):
     before = git("for-each-ref", cwd=fake_repo)
     run = cli("cleanup", "--force")
     assert run.code == 2
-    assert run.err.startswith(f"orchestra: error: a merge is in progress in {fake_repo}; finish or abort it")
+    assert run.err.startswith(
+        f"orchestra: error: a merge is in progress in {fake_repo}; finish or abort it"
+    )
     assert git("for-each-ref", cwd=fake_repo) == before
 
 
 def test_unknown_id(fake_repo, cli):
     spawn_and_finish(cli, fake_repo, "one")
     run = cli("cleanup", "nobody")
-    assert run.code == 2 and run.err == "orchestra: error: no agent 'nobody'; 'orchestra status' lists them\n"
+    assert (
+        run.code == 2
+        and run.err == "orchestra: error: no agent 'nobody'; 'orchestra status' lists them\n"
+    )
 
 
 def test_cleanup_json_plan(fake_repo, cli):

@@ -33,7 +33,10 @@ def assert_one_line_error(run, expected):
     [
         (["spawn", ""], "a task is empty; describe what the agent should do"),
         (["spawn", "   "], "a task is empty"),
-        (["spawn", "--", "-rf everything"], "starts with '-' and would be read as an option; rephrase it"),
+        (
+            ["spawn", "--", "-rf everything"],
+            "starts with '-' and would be read as an option; rephrase it",
+        ),
         (["spawn", "x" * 20_000], "a task is 20000 characters long, over the limit of 8000"),
         (["spawn", "--parallel", "0", "task"], "argument --parallel: must be at least 1, not 0"),
         (["spawn", "--parallel", "9", "task"], "--parallel must be between 1 and max_parallel (8)"),
@@ -52,7 +55,10 @@ def assert_one_line_error(run, expected):
         (["logs", "nobody"], "no agent 'nobody'"),
         (["pause", "nobody"], "no agent 'nobody'"),
         (["frobnicate"], "'frobnicate' is not an orchestra command"),
-        (["-c", "colour=blue", "status"], "-c expects KEY=VALUE with a known key, not 'colour=blue'"),
+        (
+            ["-c", "colour=blue", "status"],
+            "-c expects KEY=VALUE with a known key, not 'colour=blue'",
+        ),
         (
             ["-c", "default_parallel=three", "status"],
             "-c: 'default_parallel' must be an integer, not \"three\"",
@@ -72,7 +78,8 @@ def test_existing_branch_for_a_named_agent(fake_repo, cli):
     before = snapshot(fake_repo)
     run = cli("spawn", "--name", "auth", "implement auth")
     assert_one_line_error(
-        run, "branch 'orchestra/auth' already exists; pick another name or run 'orchestra cleanup auth'"
+        run,
+        "branch 'orchestra/auth' already exists; pick another name or run 'orchestra cleanup auth'",
     )
     assert snapshot(fake_repo) == before
 
@@ -80,7 +87,9 @@ def test_existing_branch_for_a_named_agent(fake_repo, cli):
 def test_existing_worktree_folder_for_a_named_agent(fake_repo, cli):
     (fake_repo / ".worktrees" / "task-auth").mkdir(parents=True)
     run = cli("spawn", "--name", "auth", "implement auth")
-    assert_one_line_error(run, ".worktrees/task-auth already exists; pick another name or remove it")
+    assert_one_line_error(
+        run, ".worktrees/task-auth already exists; pick another name or remove it"
+    )
     assert git("branch", "--list", "orchestra/*", cwd=fake_repo) == ""
 
 
@@ -95,7 +104,9 @@ def test_unknown_and_ambiguous_ids(fake_repo, cli):
 def test_not_a_git_repository(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     run = cli("status")
-    assert_one_line_error(run, f"{tmp_path} is not inside a git repository; cd into one or run 'git init'")
+    assert_one_line_error(
+        run, f"{tmp_path} is not inside a git repository; cd into one or run 'git init'"
+    )
     assert not (tmp_path / ".orchestra").exists()
 
 
@@ -104,7 +115,9 @@ def test_repository_without_commits(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     write_config(tmp_path, agent_command=[sys.executable, "{task}"])
     run = cli("spawn", "first task")
-    assert_one_line_error(run, "this repository has no commits yet; make a first commit, then spawn agents")
+    assert_one_line_error(
+        run, "this repository has no commits yet; make a first commit, then spawn agents"
+    )
     assert not (tmp_path / ".orchestra" / "state.json").exists()
 
 
@@ -162,7 +175,11 @@ def test_every_command_is_documented():
     assert sorted(listed) == sorted(COMMANDS)
     readme = (ROOT / "README.md").read_text()
     for command in COMMANDS:
-        assert f"orchestra {command}" in orchestra.__doc__ or command in ("pause", "resume", "stop"), command
+        assert f"orchestra {command}" in orchestra.__doc__ or command in (
+            "pause",
+            "resume",
+            "stop",
+        ), command
         assert f"orchestra {command}" in readme or command in ("pause", "resume", "stop"), command
 
 

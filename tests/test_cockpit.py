@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover - CI installs it
     expect = None
 
 pytestmark = pytest.mark.skipif(
-    expect is None or not os.path.exists(CHROMIUM), reason="needs Playwright for Python and Debian's chromium"
+    expect is None or not os.path.exists(CHROMIUM),
+    reason="needs Playwright for Python and Debian's chromium",
 )
 
 
@@ -69,11 +70,17 @@ def cockpit(fake_repo, phone):
 
 def test_attention_order_history_on_demand_and_totals_as_status(cockpit, fake_repo, project, cli):
     page, server = cockpit, cockpit.server
-    older, failed = spawn_and_settle(server, fake_repo, "commit:a.txt older finished", "fail on purpose")
+    older, failed = spawn_and_settle(
+        server, fake_repo, "commit:a.txt older finished", "fail on purpose"
+    )
     (newer,) = spawn_and_settle(server, fake_repo, "commit:b.txt newer finished")
     for n in range(3):
         add_record(
-            project, f"old-{n}", state="removed", created_at=f"2026-01-0{n + 1}T00:00:00Z", cost_usd=1.0
+            project,
+            f"old-{n}",
+            state="removed",
+            created_at=f"2026-01-0{n + 1}T00:00:00Z",
+            cost_usd=1.0,
         )
     (runner_id,) = [
         a["id"] for a in post(server, "/api/spawn", {"tasks": ["sleep:60 long runner"]})["agents"]
@@ -88,18 +95,25 @@ def test_attention_order_history_on_demand_and_totals_as_status(cockpit, fake_re
     status = cli("status", "--json").json()
     counts = Counter(a["state"] for a in status["agents"])
     shown = {
-        dd.get_attribute("id")[len("total-") :]: dd.text_content() for dd in page.locator("#totals dd").all()
+        dd.get_attribute("id")[len("total-") :]: dd.text_content()
+        for dd in page.locator("#totals dd").all()
     }
     assert {k: int(v) for k, v in shown.items() if k != "cost" and v != "0"} == dict(counts)
     total = sum(a["cost_usd"] or 0 for a in status["agents"])
     estimated = "~" if any(a.get("cost_estimated") for a in status["agents"]) else ""
-    assert shown["cost"] == estimated + orchestra.format_cost(total)  # the removed agents' $3 are not counted
+    assert shown["cost"] == estimated + orchestra.format_cost(
+        total
+    )  # the removed agents' $3 are not counted
     assert orchestra.summary_line(status["agents"]) in cli("status").out
 
     page.click("#history summary")
     history = page.locator("#history-list li")
     expect(history).to_have_count(3)
-    assert history.evaluate_all("items => items.map(i => i.dataset.id)") == ["old-2", "old-1", "old-0"]
+    assert history.evaluate_all("items => items.map(i => i.dataset.id)") == [
+        "old-2",
+        "old-1",
+        "old-0",
+    ]
     expect(page.locator("#history-note")).to_have_text("3 of 3")
 
     # a new agent from the form: feedback at the form, and its card on top of its group
@@ -109,7 +123,9 @@ def test_attention_order_history_on_demand_and_totals_as_status(cockpit, fake_re
     expect(page.locator("#spawn-status")).to_contain_text("Spawned sleep-60-")
     fresh = page.locator("#spawn-status").text_content()[len("Spawned ") :]
     assert fresh not in (runner_id, older, newer, failed)
-    expect(page.locator("#agents [data-group=active] .card").first).to_have_attribute("data-id", fresh)
+    expect(page.locator("#agents [data-group=active] .card").first).to_have_attribute(
+        "data-id", fresh
+    )
     assert card_ids(page)[0] == failed
     cli("stop", runner_id, fresh)
 
@@ -121,7 +137,9 @@ def test_history_pages_through_the_api(server, project):
     from test_web import call
 
     first = call(server, "GET", "/api/history?limit=3").json()
-    assert [a["id"] for a in first["agents"]] == ["gone-6", "gone-5", "gone-4"] and first["total"] == 7
+    assert [a["id"] for a in first["agents"]] == ["gone-6", "gone-5", "gone-4"] and first[
+        "total"
+    ] == 7
     last = call(server, "GET", "/api/history?offset=6&limit=3").json()
     assert [a["id"] for a in last["agents"]] == ["gone-0"]
     assert call(server, "GET", "/api/history?limit=0").status == 400
@@ -171,7 +189,9 @@ def test_review_then_merge_and_a_refused_merge_from_the_phone(cockpit, fake_repo
     assert added.evaluate("e => getComputedStyle(e).color") != added.evaluate(
         "e => getComputedStyle(e.parentElement).color"
     )  # coloured
-    expect(files.first).to_have_attribute("open", "")  # the first file is open, the others collapsed
+    expect(files.first).to_have_attribute(
+        "open", ""
+    )  # the first file is open, the others collapsed
     assert files.filter(has_text="notes.txt").get_attribute("open") is None
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
 
@@ -224,13 +244,17 @@ def stub_gh(folder, monkeypatch):
     """A `gh` first on the server's PATH that records its arguments (one a line) and prints a PR URL."""
     calls, stub = folder / "gh-calls", folder / "bin" / "gh"
     stub.parent.mkdir()
-    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\necho https://example.invalid/pull/7\n')
+    stub.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\necho https://example.invalid/pull/7\n'
+    )
     stub.chmod(0o755)
     monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
     return calls
 
 
-def test_open_pr_pushes_and_shows_the_url_from_the_phone(cockpit, fake_repo, project, tmp_path, monkeypatch):
+def test_open_pr_pushes_and_shows_the_url_from_the_phone(
+    cockpit, fake_repo, project, tmp_path, monkeypatch
+):
     page, server = cockpit, cockpit.server
     remote = tmp_path / "remote.git"
     git("init", "-q", "--bare", str(remote), cwd=tmp_path)
@@ -248,7 +272,14 @@ def test_open_pr_pushes_and_shows_the_url_from_the_phone(cockpit, fake_repo, pro
     expect(message).to_have_text(f"{agent_id}: https://example.invalid/pull/7")
     assert git("rev-parse", branch, cwd=remote) == git("rev-parse", branch, cwd=fake_repo)
     args = calls.read_text().split("\n")
-    assert args[:6] == ["pr", "create", "--head", branch, "--title", "commit:pr.txt open a pull request"]
+    assert args[:6] == [
+        "pr",
+        "create",
+        "--head",
+        branch,
+        "--title",
+        "commit:pr.txt open a pull request",
+    ]
     assert args[6] == "--body"
     body = "\n".join(args[7:])
     assert body.startswith("all done") and "pr.txt" in body  # the agent's result, then its diffstat
@@ -262,9 +293,13 @@ def test_follow_up_and_resume_with_real_claude_agents(claude_repo, claude_api, p
     server = serve(claude_repo)
     try:
         done = post(server, "/api/spawn", {"tasks": ["cockpit-one: write one"]})["agents"][0]["id"]
-        slow = post(server, "/api/spawn", {"tasks": ["cockpit-slow: take your time"]})["agents"][0]["id"]
+        slow = post(server, "/api/spawn", {"tasks": ["cockpit-slow: take your time"]})["agents"][0][
+            "id"
+        ]
         phone.goto(server.url)
-        expect(card(phone, done).locator(".badge")).to_have_attribute("data-state", "done", timeout=90_000)
+        expect(card(phone, done).locator(".badge")).to_have_attribute(
+            "data-state", "done", timeout=90_000
+        )
         open_detail(phone, done)
         phone.fill("#send-form textarea", "cockpit-two: now write two")
         phone.click("#send-form button[type=submit]")
@@ -273,11 +308,15 @@ def test_follow_up_and_resume_with_real_claude_agents(claude_repo, claude_api, p
         )
         phone.click("#detail-close")
         expect(card(phone, done).locator(".facts")).to_contain_text("2 commits", timeout=90_000)
-        expect(card(phone, done).locator(".badge")).to_have_attribute("data-state", "done", timeout=90_000)
+        expect(card(phone, done).locator(".badge")).to_have_attribute(
+            "data-state", "done", timeout=90_000
+        )
 
         expect(card(phone, slow).locator(".activity")).to_contain_text("Bash", timeout=60_000)
         open_detail(phone, slow)
-        expect(detail_action(phone, "stop")).to_have_text(f"{slow}: stopped (worktree and branch kept)")
+        expect(detail_action(phone, "stop")).to_have_text(
+            f"{slow}: stopped (worktree and branch kept)"
+        )
         expect(phone.locator("#detail-badge")).to_have_text("stopped", timeout=10_000)
         expect(phone.locator("#detail-actions [data-do=resume]")).to_be_visible()
         expect(detail_action(phone, "resume")).to_have_text(f"{slow}: queued to resume its session")
@@ -291,15 +330,21 @@ def test_follow_up_and_resume_with_real_claude_agents(claude_repo, claude_api, p
 
 def test_retry_stop_and_refusals_from_the_phone(cockpit, fake_repo, project):
     page, server = cockpit, cockpit.server
-    done, failed = spawn_and_settle(server, fake_repo, "commit:one.txt first part", "fail on purpose")
-    (runner,) = [a["id"] for a in post(server, "/api/spawn", {"tasks": ["sleep:60 keeps going"]})["agents"]]
+    done, failed = spawn_and_settle(
+        server, fake_repo, "commit:one.txt first part", "fail on purpose"
+    )
+    (runner,) = [
+        a["id"] for a in post(server, "/api/spawn", {"tasks": ["sleep:60 keeps going"]})["agents"]
+    ]
     page.goto(server.url)
     expect(card(page, runner).locator(".badge")).to_have_attribute("data-state", "running",
                                                                                     timeout=30_000)  # fmt: skip
     open_detail(page, done)
     page.fill("#send-form textarea", "commit:two.txt second part")
     page.click("#send-form button[type=submit]")
-    message = page.locator("#detail-message")  # the fake agent has no Claude session: the CLI's refusal
+    message = page.locator(
+        "#detail-message"
+    )  # the fake agent has no Claude session: the CLI's refusal
     expect(message).to_have_attribute("data-kind", "error")
     expect(message).to_have_text(f"{done} has no Claude session to continue; spawn its task again")
     page.click("#detail-close")
@@ -315,7 +360,9 @@ def test_retry_stop_and_refusals_from_the_phone(cockpit, fake_repo, project):
     open_detail(page, runner)
     expect(page.locator("#detail-actions [data-do=merge]")).to_be_hidden()
     expect(page.locator("#send-form")).to_be_visible()  # a running agent gets it when its turn ends
-    expect(detail_action(page, "stop")).to_have_text(f"{runner}: stopped (worktree and branch kept)")
+    expect(detail_action(page, "stop")).to_have_text(
+        f"{runner}: stopped (worktree and branch kept)"
+    )
     expect(page.locator("#detail-badge")).to_have_text("stopped", timeout=10_000)
     page.click("#detail-close")
     wait_settled(fake_repo)
@@ -330,13 +377,17 @@ def test_errors_from_actions_are_shown_never_swallowed(cockpit, fake_repo, proje
     page.fill("#send-form textarea", "-x starts with a dash")
     page.click("#send-form button[type=submit]")
     expect(page.locator("#detail-message")).to_have_attribute("data-kind", "error")
-    expect(page.locator("#detail-message")).to_contain_text("starts with '-' and would be read as an option")
+    expect(page.locator("#detail-message")).to_contain_text(
+        "starts with '-' and would be read as an option"
+    )
 
 
 # ---------------------------------------------------------------------------- sessions
 
 
-def test_sessions_tab_shows_prompts_and_the_resume_command(cockpit, fake_repo, tmp_path, monkeypatch):
+def test_sessions_tab_shows_prompts_and_the_resume_command(
+    cockpit, fake_repo, tmp_path, monkeypatch
+):
     page, server = cockpit, cockpit.server
     store = tmp_path / "claude" / "projects" / "-work-app"
     store.mkdir(parents=True)
@@ -354,8 +405,12 @@ def test_sessions_tab_shows_prompts_and_the_resume_command(cockpit, fake_repo, t
     page.click(f'#sessions li[data-id="{session_id}"]')
     expect(page.locator("#session-prompts li")).to_have_count(2)
     expect(page.locator("#session-prompts li").first).to_have_text("fix the login bug")
-    expect(page.locator("#session-prompts li").last).to_have_text("now add a test evil")  # no bidi override
-    expect(page.locator("#session-resume")).to_have_text(f"cd {fake_repo} && claude --resume {session_id}")
+    expect(page.locator("#session-prompts li").last).to_have_text(
+        "now add a test evil"
+    )  # no bidi override
+    expect(page.locator("#session-resume")).to_have_text(
+        f"cd {fake_repo} && claude --resume {session_id}"
+    )
     page.click("#session-copy")
     expect(page.locator("#session-note")).not_to_have_text("")
 
@@ -392,7 +447,9 @@ EVIL_PAGE = """<!doctype html><script>
 
 def test_a_page_on_another_local_port_gets_nothing_usable(browser, fake_repo):
     server = serve(fake_repo, revive=False)
-    context = browser.new_context(viewport=PHONE)  # one browser profile: cookies of 127.0.0.1 are shared
+    context = browser.new_context(
+        viewport=PHONE
+    )  # one browser profile: cookies of 127.0.0.1 are shared
     page = context.new_page()
     page.goto(server.url)  # the user opens the dashboard: the token is stored by the page
     expect(page.locator("#connection")).to_have_attribute("data-state", "live")
@@ -453,7 +510,11 @@ def test_the_detail_in_dark_and_light_mode(browser, fake_repo):
                 getComputedStyle(document.querySelector(".diff-file .add")).color]""")
             assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
             page.close()
-        assert colours["dark"][0] == "rgb(13, 17, 23)" and colours["light"][0] == "rgb(245, 246, 248)"
-        assert colours["dark"][1] != colours["light"][1] and colours["dark"][2] != colours["light"][2]
+        assert (
+            colours["dark"][0] == "rgb(13, 17, 23)" and colours["light"][0] == "rgb(245, 246, 248)"
+        )
+        assert (
+            colours["dark"][1] != colours["light"][1] and colours["dark"][2] != colours["light"][2]
+        )
     finally:
         server.stop()

@@ -45,7 +45,9 @@ def git_calls(monkeypatch):
     for name in ("run_git", "git_bytes"):
         real = getattr(orchestra, name)
         monkeypatch.setattr(
-            orchestra, name, lambda args, *a, real=real, **k: calls.append(args) or real(args, *a, **k)
+            orchestra,
+            name,
+            lambda args, *a, real=real, **k: calls.append(args) or real(args, *a, **k),
         )
     return calls
 
@@ -56,8 +58,12 @@ def test_a_second_collect_asks_git_the_same_few_questions_for_any_number_of_agen
     first = collect(cli)
     calls = git_calls(monkeypatch)
     assert collect(cli) == first
-    assert len(calls) <= 8, calls  # refs, worktrees, common dir, one rev-list, the merge target and its tip
-    assert not any(c[0] in ("status", "write-tree", "diff", "log", "hash-object") for c in calls), calls
+    assert (
+        len(calls) <= 8
+    ), calls  # refs, worktrees, common dir, one rev-list, the merge target and its tip
+    assert not any(
+        c[0] in ("status", "write-tree", "diff", "log", "hash-object") for c in calls
+    ), calls
 
 
 def changes(one, two, repo):
@@ -70,7 +76,9 @@ def changes(one, two, repo):
 
     yield "untracked file", lambda: (one / "new.txt").write_text("new\n")
     yield "retouched file", retouch
-    yield "staged change (the report leaves the index to cleanup)", lambda: git("add", "a.txt", cwd=one)
+    yield "staged change (the report leaves the index to cleanup)", lambda: git(
+        "add", "a.txt", cwd=one
+    )
     yield "stash", lambda: git("stash", "-q", cwd=one)
     yield "commit reset away", lambda: (
         (one / "c.txt").write_text("c\n"),

@@ -21,7 +21,10 @@ def test_layers_user_project_flag(repo, cli, tmp_path, monkeypatch):
     monkeypatch.setenv("ORCHESTRA_CONFIG", str(user))
     write_config(repo, default_parallel=2)
     doc = cli("-c", "model=opus", "config", "--json").json()
-    assert doc["default_parallel"] == {"value": 2, "source": str(repo / ".orchestra" / "config.json")}
+    assert doc["default_parallel"] == {
+        "value": 2,
+        "source": str(repo / ".orchestra" / "config.json"),
+    }
     assert doc["setup"] == {"value": ["make deps"], "source": str(user)}
     assert doc["model"] == {"value": "opus", "source": "flag"}
 
@@ -32,7 +35,10 @@ def test_xdg_config_home_is_honoured(repo, cli, tmp_path, monkeypatch):
     path = tmp_path / "xdg" / "claude-orchestra" / "config.json"
     path.parent.mkdir(parents=True)
     path.write_text('{"branch_prefix": "agents"}')
-    assert cli("config", "--json").json()["branch_prefix"] == {"value": "agents", "source": str(path)}
+    assert cli("config", "--json").json()["branch_prefix"] == {
+        "value": "agents",
+        "source": str(path),
+    }
 
 
 def test_table_output(repo, cli):
@@ -49,8 +55,14 @@ def test_config_works_outside_a_repository(tmp_path, monkeypatch, cli):
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ({"colour": "blue"}, "config.json: unknown key 'colour'; known keys: default_parallel, max_parallel"),
-        ({"default_parallel": "3"}, "config.json: 'default_parallel' must be an integer, not \"3\""),
+        (
+            {"colour": "blue"},
+            "config.json: unknown key 'colour'; known keys: default_parallel, max_parallel",
+        ),
+        (
+            {"default_parallel": "3"},
+            "config.json: 'default_parallel' must be an integer, not \"3\"",
+        ),
         ({"default_parallel": True}, "'default_parallel' must be an integer, not true"),
         ({"stale_threshold": "soon"}, "'stale_threshold' must be a number, not \"soon\""),
         ({"setup": "npm ci"}, "'setup' must be a list of strings, not \"npm ci\""),

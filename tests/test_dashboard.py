@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 import orchestra
-from conftest import CHROMIUM, PHONE, commit_file, load_state, process_state, take_time, wait_settled
+from conftest import (
+    CHROMIUM,
+    PHONE,
+    commit_file,
+    load_state,
+    process_state,
+    take_time,
+    wait_settled,
+)
 from scripted_api import requires_claude, text
 
 try:
@@ -19,7 +27,9 @@ try:
 except ImportError:  # pragma: no cover - CI installs it
     sync_playwright = None
 
-SCREENSHOT = Path("/tmp/orchestra-dashboard.png")  # a stable place to look at the last run's phone view
+SCREENSHOT = Path(
+    "/tmp/orchestra-dashboard.png"
+)  # a stable place to look at the last run's phone view
 XSS = "<img src=x onerror=alert(1)>"
 
 pytestmark = pytest.mark.skipif(
@@ -65,7 +75,9 @@ def card(page, agent_id):
 @requires_claude
 def test_phone_dashboard_with_real_agents(claude_repo, claude_api, phone, tmp_path):
     claude_api.script("web-alpha", [commit_file("alpha.txt", "alpha"), text("alpha finished")])
-    claude_api.script("web-beta", [take_time(5), commit_file("beta.txt", "beta"), text("beta finished")])
+    claude_api.script(
+        "web-beta", [take_time(5), commit_file("beta.txt", "beta"), text("beta finished")]
+    )
     server = serve(claude_repo)
     try:
         # An agent already exists when the page opens: one whose task is an HTML injection attempt.
@@ -115,7 +127,9 @@ def test_phone_dashboard_with_real_agents(claude_repo, claude_api, phone, tmp_pa
         phone.click("#detail-close")
         expect(phone.locator("#detail")).to_be_hidden()
 
-        assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # nothing sideways
+        assert (
+            phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        )  # nothing sideways
         phone.screenshot(path=str(tmp_path / "dashboard-phone.png"), full_page=True)
         shutil.copyfile(tmp_path / "dashboard-phone.png", SCREENSHOT)
         assert phone.problems == []
@@ -182,7 +196,10 @@ def test_tabs_notifications_reconnect_and_errors_on_a_phone(fake_repo, phone):
         server = orchestra.start_web_server(orchestra.Project.open(fake_repo, os.environ), "127.0.0.1", port,
                                       log=io.StringIO(), revive=False)  # fmt: skip
         expect(phone.locator("#connection")).to_have_attribute("data-state", "live", timeout=15_000)
-        expected = ("WebSocket", "status of 400")  # the refused spawn, and the reconnection attempts
+        expected = (
+            "WebSocket",
+            "status of 400",
+        )  # the refused spawn, and the reconnection attempts
         assert [p for p in phone.problems if not any(e in p for e in expected)] == []
     finally:
         server.stop()
@@ -193,18 +210,23 @@ def test_dark_mode_at_360_pixels(fake_repo, browser, tmp_path):
     page = browser.new_page(viewport={"width": 360, "height": 740}, color_scheme="dark")
     try:
         post(
-            server, "/api/spawn", {"tasks": ["a task with a rather long description " * 6, "fail on purpose"]}
+            server,
+            "/api/spawn",
+            {"tasks": ["a task with a rather long description " * 6, "fail on purpose"]},
         )
         wait_settled(fake_repo)
         page.goto(server.url)
-        expect(card(page, "fail-purpose").locator(".badge")).to_have_attribute("data-state", "failed")
+        expect(card(page, "fail-purpose").locator(".badge")).to_have_attribute(
+            "data-state", "failed"
+        )
         expect(card(page, "fail-purpose").locator(".error")).to_have_text("it broke")
         background = page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert background == "rgb(13, 17, 23)"  # the dark palette
         assert page.evaluate("document.documentElement.scrollWidth") <= 360
         page.screenshot(path=str(tmp_path / "dashboard-dark-360.png"), full_page=True)
         shutil.copyfile(
-            tmp_path / "dashboard-dark-360.png", SCREENSHOT.with_name("orchestra-dashboard-dark.png")
+            tmp_path / "dashboard-dark-360.png",
+            SCREENSHOT.with_name("orchestra-dashboard-dark.png"),
         )
     finally:
         page.close()

@@ -54,7 +54,9 @@ def test_real_agents_commit_take_time_and_fail(claude_repo, claude_api, cli, tmp
     )
 
     assert run.code == 1, run  # one agent failed
-    assert run.out.rstrip().endswith("failed; total cost " + run.out.rstrip().rsplit("total cost ", 1)[1])
+    assert run.out.rstrip().endswith(
+        "failed; total cost " + run.out.rstrip().rsplit("total cost ", 1)[1]
+    )
     assert "3 done, 1 failed" in run.out
     agents = load_state(claude_repo)["agents"]
     for agent_id, name in (
@@ -70,7 +72,8 @@ def test_real_agents_commit_take_time_and_fail(claude_repo, claude_api, cli, tmp
         assert record["commits"] == 1 and record["files_changed"] == 1
         assert git("show", f"orchestra/{agent_id}:{name}.txt", cwd=claude_repo) == f"{name}\n"
         assert (
-            git("log", "-1", "--format=%s", f"orchestra/{agent_id}", cwd=claude_repo) == f"add {name}.txt\n"
+            git("log", "-1", "--format=%s", f"orchestra/{agent_id}", cwd=claude_repo)
+            == f"add {name}.txt\n"
         )
     assert agents["slow-gamma-job"]["result"] == "Slow but done"
     started = [agents[i]["started_at"] for i in agents]
@@ -96,10 +99,12 @@ def test_real_agents_commit_take_time_and_fail(claude_repo, claude_api, cli, tmp
 
 def test_supervisor_crash_loses_nothing(claude_repo, claude_api, cli):
     claude_api.script(
-        "crash-one", [take_time(8, sys.executable), commit_file("one.txt", "one"), text("one finished")]
+        "crash-one",
+        [take_time(8, sys.executable), commit_file("one.txt", "one"), text("one finished")],
     )
     claude_api.script(
-        "crash-two", [take_time(8, sys.executable), commit_file("two.txt", "two"), text("two finished")]
+        "crash-two",
+        [take_time(8, sys.executable), commit_file("two.txt", "two"), text("two finished")],
     )
     claude_api.script(
         "crash-paused",
@@ -108,14 +113,18 @@ def test_supervisor_crash_loses_nothing(claude_repo, claude_api, cli):
     assert cli("spawn", "crash-one", "crash-two", "crash-paused").code == 0
 
     def all_busy():
-        return all(busy(claude_repo, agent_id) for agent_id in ("crash-one", "crash-two", "crash-paused"))
+        return all(
+            busy(claude_repo, agent_id) for agent_id in ("crash-one", "crash-two", "crash-paused")
+        )
 
     wait_for(all_busy, timeout=60, what="three agents inside their busy step")
     assert cli("pause", "crash-paused").code == 0
     state = load_state(claude_repo)
     paused_pid = state["agents"]["crash-paused"]["pid"]
     os.kill(state["supervisor"]["pid"], signal.SIGKILL)
-    wait_for(lambda: not _alive(state["supervisor"]["pid"]), timeout=10, what="the supervisor to die")
+    wait_for(
+        lambda: not _alive(state["supervisor"]["pid"]), timeout=10, what="the supervisor to die"
+    )
 
     # The two running agents finish with nobody watching.
     for agent_id in ("crash-one", "crash-two"):
@@ -132,7 +141,9 @@ def test_supervisor_crash_loses_nothing(claude_repo, claude_api, cli):
     assert "the supervisor was not running; restarted it" in run.err
     settled = ("crash-one", "crash-two")
     wait_for(
-        lambda: all(agent_states(claude_repo)[i] == "done" for i in settled), timeout=30, what="settlement"
+        lambda: all(agent_states(claude_repo)[i] == "done" for i in settled),
+        timeout=30,
+        what="settlement",
     )
     agents = load_state(claude_repo)["agents"]
     for agent_id, word in (("crash-one", "one"), ("crash-two", "two")):
@@ -160,7 +171,9 @@ def test_resume_relaunches_a_killed_agent_in_its_session(claude_repo, claude_api
     record = load_state(claude_repo)["agents"]["endless-job"]
     os.killpg(record["pid"], signal.SIGKILL)  # as a reboot would
     wait_for(
-        lambda: agent_states(claude_repo)["endless-job"] == "interrupted", timeout=30, what="interrupted"
+        lambda: agent_states(claude_repo)["endless-job"] == "interrupted",
+        timeout=30,
+        what="interrupted",
     )
 
     run = cli("resume", "endless")
@@ -180,7 +193,8 @@ def test_resume_relaunches_a_killed_agent_in_its_session(claude_repo, claude_api
 
 def test_stop_ends_a_real_agent_and_keeps_its_work(claude_repo, claude_api, cli):
     claude_api.script(
-        "stoppable", [commit_file("early.txt", "early"), take_time(60, sys.executable), text("never")]
+        "stoppable",
+        [commit_file("early.txt", "early"), take_time(60, sys.executable), text("never")],
     )
     cli("spawn", "stoppable")
     wait_for(lambda: busy(claude_repo, "stoppable"), timeout=60, what="the agent to be busy")
@@ -194,7 +208,9 @@ def test_stop_ends_a_real_agent_and_keeps_its_work(claude_repo, claude_api, cli)
 
 
 def test_the_real_file_runs_spawn_in_a_subprocess(claude_repo, claude_api):
-    claude_api.script("subprocess-task", [commit_file("sub.txt", "sub"), text("done from a subprocess")])
+    claude_api.script(
+        "subprocess-task", [commit_file("sub.txt", "sub"), text("done from a subprocess")]
+    )
     done = subprocess.run(
         [sys.executable, str(ROOT / "orchestra.py"), "spawn", "--wait", "subprocess-task"],
         cwd=claude_repo,

@@ -43,16 +43,24 @@ def test_ids_are_a_few_words_of_the_task(task, expected):
 
 
 def test_same_task_twice_gets_a_suffix_and_any_unique_prefix_works(fake_repo, cli):
-    run = cli("spawn", "add input validation to the signup form", "add input validation to the login form")
+    run = cli(
+        "spawn", "add input validation to the signup form", "add input validation to the login form"
+    )
     assert run.code == 0, run
     assert [line.split()[0] for line in run.out.splitlines()[:2]] == [
         "add-input-validation",
         "add-input-validation-2",
     ]
     wait_settled(fake_repo)
-    assert cli("status", "add-input-validation-2").out.splitlines()[1].split()[0] == "add-input-validation-2"
+    assert (
+        cli("status", "add-input-validation-2").out.splitlines()[1].split()[0]
+        == "add-input-validation-2"
+    )
     ambiguous = cli("logs", "add-input")
-    assert ambiguous.code == 2 and "matches add-input-validation, add-input-validation-2" in ambiguous.err
+    assert (
+        ambiguous.code == 2
+        and "matches add-input-validation, add-input-validation-2" in ambiguous.err
+    )
 
 
 # --- tables fit the terminal --------------------------------------------------------------
@@ -79,8 +87,12 @@ def test_every_table_fits_the_terminal(fake_repo, cli, monkeypatch, columns):
     assert status[0].split() == ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
 
     config = cli("config").out.splitlines()
-    table = [line for line in config if not line.startswith("file ")]  # file paths: their own lines, whole
-    assert config[0].split() == ["KEY", "SOURCE", "VALUE"] and all(len(line) <= columns for line in table)
+    table = [
+        line for line in config if not line.startswith("file ")
+    ]  # file paths: their own lines, whole
+    assert config[0].split() == ["KEY", "SOURCE", "VALUE"] and all(
+        len(line) <= columns for line in table
+    )
 
     worktrees = cli("worktrees").out.splitlines()
     table = [line for line in worktrees if not line.startswith("    ")]
@@ -92,16 +104,24 @@ def test_every_table_fits_the_terminal(fake_repo, cli, monkeypatch, columns):
     assert cli("cleanup", "--force").code == 0
     archives = cli("cleanup", "--list-archives").out.splitlines()
     restores = [line.strip() for line in archives if line.startswith("    restore: ")]
-    expected = [a["restore"] for a in cli("cleanup", "--list-archives", "--json").json()["archives"]]
+    expected = [
+        a["restore"] for a in cli("cleanup", "--list-archives", "--json").json()["archives"]
+    ]
     assert restores == [f"restore: {r}" for r in expected] and len(restores) == 3  # commands whole
     assert all(len(line) <= columns for line in archives if not line.startswith("    "))
 
 
 def test_render_table_cuts_only_the_last_column_and_drops_it_when_no_room():
     rows = [["an-id-that-is-long", "running", "x" * 200]]
-    lines = orchestra.render_table(["ID", "STATE", "ACTIVITY"], rows, sys.stdout, width=40).splitlines()
-    assert all(len(line) <= 40 for line in lines) and lines[1].startswith("an-id-that-is-long  running  x")
-    narrow = orchestra.render_table(["ID", "STATE", "ACTIVITY"], rows, sys.stdout, width=30).splitlines()
+    lines = orchestra.render_table(
+        ["ID", "STATE", "ACTIVITY"], rows, sys.stdout, width=40
+    ).splitlines()
+    assert all(len(line) <= 40 for line in lines) and lines[1].startswith(
+        "an-id-that-is-long  running  x"
+    )
+    narrow = orchestra.render_table(
+        ["ID", "STATE", "ACTIVITY"], rows, sys.stdout, width=30
+    ).splitlines()
     assert narrow[1] == "an-id-that-is-long  running"
 
 
@@ -137,7 +157,9 @@ def test_spawn_names_pair_with_tasks_in_order(fake_repo, cli):
     ]
     wrong = cli("spawn", "--name", "gamma", "one", "two")
     assert wrong.code == 2 and "2 task(s) but 1 name(s)" in wrong.err
-    assert cli("spawn", "one", "--bogus").err.startswith("orchestra: error: unrecognized arguments: --bogus")
+    assert cli("spawn", "one", "--bogus").err.startswith(
+        "orchestra: error: unrecognized arguments: --bogus"
+    )
 
 
 def test_status_watch_until_done_exits_when_nothing_runs(fake_repo, cli):
@@ -147,7 +169,9 @@ def test_status_watch_until_done_exits_when_nothing_runs(fake_repo, cli):
     assert watcher.returncode == 0, watcher.stderr
     assert agent_states(fake_repo)["sleep-2-short"] == "done"
     assert watcher.stdout.rstrip().endswith("1 done; total cost $0.2500")
-    assert cli("status", "--until-done").err.startswith("orchestra: error: --until-done goes with --watch")
+    assert cli("status", "--until-done").err.startswith(
+        "orchestra: error: --until-done goes with --watch"
+    )
 
 
 def test_sessions_resume_takes_an_agent_id_prefix(fake_repo, cli, tmp_path, monkeypatch):
@@ -179,17 +203,24 @@ def test_cost_is_estimated_from_usage_until_the_result(tmp_path):
     reader = orchestra.AgentLog(log)
     reader.read_new()
     expected = (1000 * 3 + 10000 * 3 * 0.1 + 2000 * 15) / 1_000_000  # one response, counted once
-    assert reader.facts["cost_usd"] == pytest.approx(expected) and reader.facts["cost_estimated"] is True
+    assert (
+        reader.facts["cost_usd"] == pytest.approx(expected)
+        and reader.facts["cost_estimated"] is True
+    )
     record = {"cost_usd": reader.facts["cost_usd"], "cost_estimated": True}
     assert orchestra.record_cost(record) == "~$0.0360"
     with log.open("a") as f:
         f.write(
-            json.dumps({"type": "result", "subtype": "success", "total_cost_usd": 0.05, "num_turns": 1})
+            json.dumps(
+                {"type": "result", "subtype": "success", "total_cost_usd": 0.05, "num_turns": 1}
+            )
             + "\n"
         )
     reader.read_new()
     assert reader.facts["cost_usd"] == 0.05 and reader.facts["cost_estimated"] is False
-    assert orchestra.estimated_cost("claude-opus-4-1-20250805", {"output_tokens": 1_000_000}) == 75.0
+    assert (
+        orchestra.estimated_cost("claude-opus-4-1-20250805", {"output_tokens": 1_000_000}) == 75.0
+    )
     assert orchestra.estimated_cost("claude-haiku-4-5", {"input_tokens": 1_000_000}) == 1.0
 
 
@@ -206,15 +237,21 @@ def test_diff_shows_commits_and_uncommitted_work_against_the_base(fake_repo, cap
     capfd.readouterr()
     assert orchestra.main(["diff", "commit-done"]) == 0
     out = capfd.readouterr().out
-    assert "+++ b/done.txt" in out and "+edited, not committed" in out  # commits and uncommitted work
+    assert (
+        "+++ b/done.txt" in out and "+edited, not committed" in out
+    )  # commits and uncommitted work
     assert "Untracked in its worktree (not in the diff): draft.txt" in out
     assert orchestra.main(["diff", "commit-done", "--stat"]) == 0
     stat_out = capfd.readouterr().out
     assert (
-        re.search(r"done.txt +\| 1 \+", stat_out) and "README.md | 1 +" in stat_out and "+++" not in stat_out
+        re.search(r"done.txt +\| 1 \+", stat_out)
+        and "README.md | 1 +" in stat_out
+        and "+++" not in stat_out
     )
     git("worktree", "remove", "--force", worktree, cwd=fake_repo)
-    assert orchestra.main(["diff", "commit-done", "--stat"]) == 0  # from the branch once the worktree is gone
+    assert (
+        orchestra.main(["diff", "commit-done", "--stat"]) == 0
+    )  # from the branch once the worktree is gone
     assert "done.txt | 1 +" in capfd.readouterr().out
 
 
@@ -227,7 +264,11 @@ def test_diff_pages_like_git_on_a_terminal(fake_repo, cli):
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
         os.chdir(fake_repo)
-        os.execve(sys.executable, [sys.executable, str(ROOT / "orchestra.py"), "diff", "commit-paged"], env)
+        os.execve(
+            sys.executable,
+            [sys.executable, str(ROOT / "orchestra.py"), "diff", "commit-paged"],
+            env,
+        )
     output = b""
     while True:
         try:
@@ -246,22 +287,31 @@ def test_diff_pages_like_git_on_a_terminal(fake_repo, cli):
 
 def test_agents_get_the_environment_of_the_spawning_command(fake_repo, cli, monkeypatch):
     """A supervisor already runs (started without the variable); the new agent still sees it."""
-    write_config(fake_repo, agent_command=[sys.executable, "-c", PRINT_ENV, "{task}"], heartbeat_interval=0.5)
+    write_config(
+        fake_repo, agent_command=[sys.executable, "-c", PRINT_ENV, "{task}"], heartbeat_interval=0.5
+    )
     monkeypatch.delenv("ORCHESTRA_TEST_SECRET", raising=False)
     cli("spawn", "hold")
     wait_for(lambda: agent_states(fake_repo).get("hold") == "running", what="hold running")
     supervisor = load_state(fake_repo)["supervisor"]["pid"]
     monkeypatch.setenv("ORCHESTRA_TEST_SECRET", "s3cret-only-in-my-shell")
     cli("spawn", "show env")
-    wait_for(lambda: agent_states(fake_repo).get("show-env") == "done", timeout=60, what="show-env done")
-    assert load_state(fake_repo)["supervisor"]["pid"] == supervisor  # the same supervisor launched it
+    wait_for(
+        lambda: agent_states(fake_repo).get("show-env") == "done", timeout=60, what="show-env done"
+    )
     assert (
-        "SECRET=s3cret-only-in-my-shell" in (fake_repo / ".orchestra" / "logs" / "show-env.jsonl").read_text()
+        load_state(fake_repo)["supervisor"]["pid"] == supervisor
+    )  # the same supervisor launched it
+    assert (
+        "SECRET=s3cret-only-in-my-shell"
+        in (fake_repo / ".orchestra" / "logs" / "show-env.jsonl").read_text()
     )
     folder = fake_repo / ".orchestra" / "env"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     for path in (fake_repo / ".orchestra").rglob("*"):
-        if path.is_file() and path.name != "show-env.jsonl":  # the agent's own output holds what it printed
+        if (
+            path.is_file() and path.name != "show-env.jsonl"
+        ):  # the agent's own output holds what it printed
             assert b"s3cret-only-in-my-shell" not in path.read_bytes(), path
     cli("stop", "hold")
 
@@ -279,14 +329,20 @@ CLAUDE_LIKE = (  # stands in for `claude -p TASK ...`: fails "Not logged in" wit
 
 
 def test_resume_and_send_take_the_environment_of_their_command(fake_repo, cli, monkeypatch):
-    write_config(fake_repo, agent_command=[sys.executable, "-c", CLAUDE_LIKE], heartbeat_interval=0.5)
+    write_config(
+        fake_repo, agent_command=[sys.executable, "-c", CLAUDE_LIKE], heartbeat_interval=0.5
+    )
     monkeypatch.delenv("ORCHESTRA_TEST_SECRET", raising=False)
     cli("spawn", "hold", "login please")
-    wait_for(lambda: agent_states(fake_repo).get("login") == "failed", timeout=60, what="login failed")
+    wait_for(
+        lambda: agent_states(fake_repo).get("login") == "failed", timeout=60, what="login failed"
+    )
     assert agent_states(fake_repo)["hold"] == "running"  # the supervisor is still there
     monkeypatch.setenv("ORCHESTRA_TEST_SECRET", "key-set-later")
     assert cli("resume", "login").out == "login: queued to resume its session\n"
-    wait_for(lambda: agent_states(fake_repo).get("login") == "done", timeout=60, what="login resumed")
+    wait_for(
+        lambda: agent_states(fake_repo).get("login") == "done", timeout=60, what="login resumed"
+    )
     log = (fake_repo / ".orchestra" / "logs" / "login.jsonl").read_text()
     assert "SEEN=none" in log and "SEEN=key-set-later TASK=Continue the task." in log
     monkeypatch.setenv("ORCHESTRA_TEST_SECRET", "newer-key")
@@ -295,7 +351,8 @@ def test_resume_and_send_take_the_environment_of_their_command(fake_repo, cli, m
              timeout=60, what="the message ran with the newer key")  # fmt: skip
     assert "key-set-later" not in (fake_repo / ".orchestra" / "state.json").read_text()
     assert (
-        not list((fake_repo / ".orchestra" / "env").iterdir()) or agent_states(fake_repo)["login"] != "done"
+        not list((fake_repo / ".orchestra" / "env").iterdir())
+        or agent_states(fake_repo)["login"] != "done"
     )
     cli("stop", "hold")
 
@@ -304,7 +361,10 @@ def test_saved_environment_is_private_and_read_once(project):
     orchestra.save_agent_env(project, ["one"], {"ANTHROPIC_API_KEY": "sk-test", "PATH": "/bin"})
     path = project.dir / "env" / "one"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert orchestra.take_agent_env(project, "one") == {"ANTHROPIC_API_KEY": "sk-test", "PATH": "/bin"}
+    assert orchestra.take_agent_env(project, "one") == {
+        "ANTHROPIC_API_KEY": "sk-test",
+        "PATH": "/bin",
+    }
     assert not path.exists() and orchestra.take_agent_env(project, "one") is None
 
 
@@ -312,25 +372,38 @@ def test_saved_environment_is_private_and_read_once(project):
 
 
 @requires_claude
-def test_real_agent_gets_a_message_sent_while_it_runs_and_shows_an_estimate(claude_repo, claude_api, cli):
+def test_real_agent_gets_a_message_sent_while_it_runs_and_shows_an_estimate(
+    claude_repo, claude_api, cli
+):
     claude_api.script(
-        "long-job", [bash(f"{sys.executable} -c 'import time; time.sleep(6)'"), text("first part done")]
+        "long-job",
+        [bash(f"{sys.executable} -c 'import time; time.sleep(6)'"), text("first part done")],
     )
     claude_api.script("second-part", [text("second part done")])
     agent = cli("spawn", "please do the long-job", "--json").json()["agents"][0]["id"]
     wait_for(lambda: (load_state(claude_repo)["agents"][agent]["activity"] or "").startswith("Bash:"), timeout=90,
              what="the agent is busy")  # fmt: skip
     running = load_state(claude_repo)["agents"][agent]
-    assert running["state"] == "running" and running["cost_estimated"] is True and running["cost_usd"] > 0
+    assert (
+        running["state"] == "running"
+        and running["cost_estimated"] is True
+        and running["cost_usd"] > 0
+    )
     row = cli("status").out.splitlines()[1]
     assert f"~{orchestra.format_cost(running['cost_usd'])}" in row or "~$" in row
     sent = cli("send", agent[:8], "now the second-part please")
-    assert sent.code == 0 and "your message waits and is sent when its current turn ends" in sent.out
+    assert (
+        sent.code == 0 and "your message waits and is sent when its current turn ends" in sent.out
+    )
     wait_for(lambda: load_state(claude_repo)["agents"][agent]["result"] == "second part done", timeout=120,
              what="the message was delivered")  # fmt: skip
     wait_settled(claude_repo)
     done = load_state(claude_repo)["agents"][agent]
-    assert done["state"] == "done" and done["cost_estimated"] is False and done["pending_messages"] == []
+    assert (
+        done["state"] == "done"
+        and done["cost_estimated"] is False
+        and done["pending_messages"] == []
+    )
     history = json.dumps(claude_api.main_requests[-1]["messages"])
     assert "long-job" in history and "second-part" in history  # the same session went on
 
@@ -338,25 +411,21 @@ def test_real_agent_gets_a_message_sent_while_it_runs_and_shows_an_estimate(clau
 # --- the dashboard shows the estimate too (real Chromium) -----------------------------------
 
 
-def test_dashboard_marks_a_running_cost_as_an_estimate(fake_repo, cli):
-    dashboard = pytest.importorskip("test_dashboard")
-    if dashboard.sync_playwright is None or not os.path.exists(dashboard.CHROMIUM):
-        pytest.skip("needs Playwright and Chromium")
+def test_dashboard_marks_a_running_cost_as_an_estimate(fake_repo, cli, phone):
+    from playwright.sync_api import expect
+    from test_dashboard import card, serve
+
     cli("spawn", "sleep:6 priced while running")
-    with dashboard.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=dashboard.CHROMIUM, args=dashboard.CHROMIUM_ARGS)
-        server = dashboard.serve(fake_repo)
-        try:
-            page = browser.new_page(viewport=dashboard.PHONE)
-            page.goto(server.url)
-            card = dashboard.card(page, "sleep-6-priced")
-            dashboard.expect(card).to_contain_text("~$", timeout=30_000)
-            dashboard.expect(page.locator("#total-cost")).to_have_text(re.compile(r"^~\$"))
-            dashboard.expect(card).to_contain_text("$0.2500", timeout=60_000)  # the result's own figure
-            dashboard.expect(card).not_to_contain_text("~$")
-        finally:
-            server.stop()
-            browser.close()
+    server = serve(fake_repo)
+    try:
+        phone.goto(server.url)
+        running = card(phone, "sleep-6-priced")
+        expect(running).to_contain_text("~$", timeout=30_000)
+        expect(phone.locator("#total-cost")).to_have_text(re.compile(r"^~\$"))
+        expect(running).to_contain_text("$0.2500", timeout=60_000)  # the result's own figure
+        expect(running).not_to_contain_text("~$")
+    finally:
+        server.stop()
 
 
 def test_an_agent_whose_setup_fails_keeps_no_saved_environment(fake_repo, cli):

@@ -19,7 +19,9 @@ import pytest
 import orchestra
 from conftest import add_record, wait_for
 
-QUICK = 2.0  # seconds an authenticated request may take while the server is under attack (loaded CI)
+QUICK = (
+    2.0  # seconds an authenticated request may take while the server is under attack (loaded CI)
+)
 
 
 @pytest.fixture
@@ -94,7 +96,9 @@ def test_pipelining_clients_that_never_read_cannot_hold_the_server(hostile):
         wait_for(lambda: all(link.trusted for link in hostile.connections.values()), timeout=5,
                  what="the stuck connections to be dropped")  # fmt: skip
         assert "Traceback" not in hostile.test_log.getvalue()
-        assert " 500" not in hostile.test_log.getvalue()  # no error answer was tried on a stuck socket
+        assert (
+            " 500" not in hostile.test_log.getvalue()
+        )  # no error answer was tried on a stuck socket
     finally:
         for sock in attackers:
             sock.close()
@@ -149,7 +153,9 @@ def test_websockets_have_their_own_lower_cap(hostile, monkeypatch):
         assert refused.startswith(b"HTTP/1.1 503 "), refused[:200]
         assert_still_quick(hostile)
         sockets.pop().close()
-        wait_for(lambda: hostile.websockets < 3, timeout=5, what="the closed WebSocket to be counted out")
+        wait_for(
+            lambda: hostile.websockets < 3, timeout=5, what="the closed WebSocket to be counted out"
+        )
         again = raw(hostile, upgrade_request(hostile))
         assert again.recv(4096).startswith(b"HTTP/1.1 101 ")
         sockets.append(again)
@@ -185,7 +191,9 @@ def test_a_message_in_the_allowed_number_of_fragments_is_fine(hostile):
     sock.recv(65536)
     limit = orchestra.WS_MAX_FRAGMENTS
     sock.sendall(
-        masked(0x1, b"a", fin=False) + masked(0x0, b"a", fin=False) * (limit - 2) + masked(0x0, b"a")
+        masked(0x1, b"a", fin=False)
+        + masked(0x0, b"a", fin=False) * (limit - 2)
+        + masked(0x0, b"a")
     )
     sock.sendall(masked(0x9, b"still here"))
     data = b""
@@ -230,12 +238,20 @@ def test_malformed_requests_are_400_never_500(hostile, name):
 
 
 def test_no_escape_sequence_reaches_the_log(hostile):
-    reply_of(hostile, b"GET /\x1b[2J\x1b]0;pwned\x07\xe2\x80\xae HTTP/1.1\r\n" + host_line(hostile) + b"\r\n")
+    reply_of(
+        hostile,
+        b"GET /\x1b[2J\x1b]0;pwned\x07\xe2\x80\xae HTTP/1.1\r\n" + host_line(hostile) + b"\r\n",
+    )
     reply_of(hostile, b"\x1b[31mBAD\x1b[0m /x HTTP/1.1\r\n" + host_line(hostile) + b"\r\n")
     reply_of(hostile, b"GET /%1b[2J HTTP/1.1\r\n" + host_line(hostile) + b"\r\n")
     log = hostile.test_log.getvalue()
     assert log.count("\n") >= 3
-    assert "\x1b" not in log and "\x07" not in log and "\u202e" not in log and "\xe2\x80\xae" not in log
+    assert (
+        "\x1b" not in log
+        and "\x07" not in log
+        and "\u202e" not in log
+        and "\xe2\x80\xae" not in log
+    )
 
 
 # ---------------------------------------------------------------------------- any string encodes
@@ -251,16 +267,21 @@ def poison(project, agent_id):
                log=str(project.log_path(agent_id)))  # fmt: skip
     with open(project.log_path(agent_id), "w", encoding="utf-8") as f:
         f.write(
-            json.dumps({"type": "assistant", "message": {"content": [{"type": "text", "text": NASTY}]}})
+            json.dumps(
+                {"type": "assistant", "message": {"content": [{"type": "text", "text": NASTY}]}}
+            )
             + "\n"
         )
         f.write(
-            json.dumps({"type": "result", "subtype": "success", "result": NASTY, "is_error": False}) + "\n"
+            json.dumps({"type": "result", "subtype": "success", "result": NASTY, "is_error": False})
+            + "\n"
         )
     project.stderr_path(agent_id).write_bytes(b"\xed\xa0\xbd bad bytes \x1b[2J\n")
 
 
-def test_lone_surrogates_in_agent_fields_never_break_an_answer(hostile, project, tmp_path, monkeypatch, cli):
+def test_lone_surrogates_in_agent_fields_never_break_an_answer(
+    hostile, project, tmp_path, monkeypatch, cli
+):
     poison(project, "poisoned")
     transcript = tmp_path / "claude" / "projects" / "-work-app"
     transcript.mkdir(parents=True)
@@ -270,9 +291,15 @@ def test_lone_surrogates_in_agent_fields_never_break_an_answer(hostile, project,
     line = {"type": "user", "message": {"role": "user", "content": NASTY}, "cwd": str(project.repo),
             "sessionId": "00000001-0000-4000-8000-000000000001", "gitBranch": NASTY, "aiTitle": NASTY}  # fmt: skip
     (transcript / "00000001-0000-4000-8000-000000000001.jsonl").write_text(
-        json.dumps(line) + "\n" + json.dumps({"type": "ai-title", "aiTitle": NASTY}) + "\n", encoding="utf-8"
+        json.dumps(line) + "\n" + json.dumps({"type": "ai-title", "aiTitle": NASTY}) + "\n",
+        encoding="utf-8",
     )
-    for path in ("/api/status", "/api/agents/poisoned", "/api/agents/poisoned/log", "/api/sessions?hours=48"):
+    for path in (
+        "/api/status",
+        "/api/agents/poisoned",
+        "/api/agents/poisoned/log",
+        "/api/sessions?hours=48",
+    ):
         connection = http.client.HTTPConnection(*hostile.server_address[:2], timeout=10)
         connection.request("GET", path, headers={"Authorization": f"Bearer {token(hostile)}"})
         response = connection.getresponse()
@@ -287,7 +314,9 @@ def test_lone_surrogates_in_agent_fields_never_break_an_answer(hostile, project,
         run = cli(*args)
         assert run.code == 0, (args, run)
         run.out.encode("utf-8")  # what a terminal or pipe must accept
-        if args[0] != "logs":  # logs passes bytes through untouched when piped, cleans them on a terminal
+        if (
+            args[0] != "logs"
+        ):  # logs passes bytes through untouched when piped, cleans them on a terminal
             assert "\x1b" not in run.out and "\u202e" not in run.out and "\x9b" not in run.out, (
                 args,
                 run.out,
@@ -351,7 +380,9 @@ def test_orchestra_files_are_private(fake_repo, cli):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE((folder / "logs").stat().st_mode) == 0o700
     for path in folder.rglob("*"):
-        if path.is_file() and path.name != "config.json":  # the user's own file, written by the test
+        if (
+            path.is_file() and path.name != "config.json"
+        ):  # the user's own file, written by the test
             assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
 
 
@@ -366,7 +397,9 @@ def test_threads_left_behind_are_bounded(hostile):
     before = threading.active_count()
     for _ in range(20):
         reply_of(hostile, b"GET / HTTP/1.1\r\n" + host_line(hostile) + b"Connection: close\r\n\r\n")
-    wait_for(lambda: threading.active_count() <= before + 2, timeout=5, what="connection threads to end")
+    wait_for(
+        lambda: threading.active_count() <= before + 2, timeout=5, what="connection threads to end"
+    )
 
 
 def test_a_route_failure_logs_no_escape_sequences(hostile, monkeypatch):

@@ -83,10 +83,14 @@ def test_old_state_file_with_removed_records_is_migrated_on_first_write(fake_rep
     state = load_state(fake_repo)
     for record in orchestra.read_history(history).values():
         state["agents"][record["id"]] = record
-    path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")  # the previous version's file
+    path.write_text(
+        json.dumps(state, indent=2, sort_keys=True) + "\n"
+    )  # the previous version's file
     history.unlink()
 
-    assert [a["id"] for a in cli("status", "--json").json()["agents"]] == ["sleep-30-live"]  # read: hidden
+    assert [a["id"] for a in cli("status", "--json").json()["agents"]] == [
+        "sleep-30-live"
+    ]  # read: hidden
     assert sorted(a["id"] for a in cli("status", "--all", "--json").json()["agents"]) == [
         "old-one",
         "old-two",
@@ -103,7 +107,9 @@ def test_a_torn_last_history_line_is_skipped_and_closed(fake_repo, cli):
     history = history_path(fake_repo)
     with open(history, "a") as f:
         f.write('{"id": "half-writ')  # a writer killed mid-line
-    assert sorted(a["id"] for a in cli("status", "--all", "--json").json()["agents"]) == ["before-tear"]
+    assert sorted(a["id"] for a in cli("status", "--all", "--json").json()["agents"]) == [
+        "before-tear"
+    ]
     spawn_and_clean(cli, fake_repo, "after tear")
     assert sorted(orchestra.read_history(history)) == ["after-tear", "before-tear"]
     assert history.read_text().splitlines()[1] == '{"id": "half-writ'
@@ -149,7 +155,9 @@ def test_an_idle_supervisor_does_not_write(fake_repo, cli):
     write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=60)
     cli("spawn", "quiet sleep:6 idle")
     path = fake_repo / ".orchestra" / "state.json"
-    wait_for(lambda: load_state(fake_repo)["agents"]["quiet-sleep-6"]["state"] == "running", timeout=20)
+    wait_for(
+        lambda: load_state(fake_repo)["agents"]["quiet-sleep-6"]["state"] == "running", timeout=20
+    )
     time.sleep(1.5)  # the start and its first facts are written
     inode = os.stat(path).st_ino
     time.sleep(2.5)  # five ticks, with the agent running and printing nothing

@@ -30,9 +30,22 @@ def run(argv, cwd, **env):
 def wheel(tmp_path_factory):
     """The wheel built from this checkout."""
     out = tmp_path_factory.mktemp("wheel")
-    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, ROOT]
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        out,
+        ROOT,
+    ]
     built = run(build, ROOT)
-    assert built.returncode == 0, built.stderr  # setuptools>=70.1 (or wheel) comes with the dev extra
+    assert (
+        built.returncode == 0
+    ), built.stderr  # setuptools>=70.1 (or wheel) comes with the dev extra
     return next(out.glob("*.whl"))
 
 
@@ -42,7 +55,17 @@ def venv_bin(wheel, tmp_path_factory):
     env_dir = tmp_path_factory.mktemp("venv")
     assert run([sys.executable, "-m", "venv", env_dir], env_dir).returncode == 0
     install = run(
-        [env_dir / "bin" / "python", "-m", "pip", "install", "-q", "--no-index", "--no-deps", wheel], env_dir
+        [
+            env_dir / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            wheel,
+        ],
+        env_dir,
     )
     assert install.returncode == 0, install.stderr
     return env_dir / "bin"
@@ -54,9 +77,13 @@ def test_wheel_declares_no_runtime_dependency(wheel):
             next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         ).decode()
     requirements = [
-        line for line in metadata.split("\n\n", 1)[0].splitlines() if line.startswith("Requires-Dist:")
+        line
+        for line in metadata.split("\n\n", 1)[0].splitlines()
+        if line.startswith("Requires-Dist:")
     ]
-    assert requirements and all('extra == "dev"' in line for line in requirements)  # nothing at run time
+    assert requirements and all(
+        'extra == "dev"' in line for line in requirements
+    )  # nothing at run time
     assert "Requires-Python: >=3.9" in metadata
     assert f"Version: {orchestra.__version__}" in metadata
 
@@ -90,7 +117,9 @@ def test_single_file_copied_alone(tmp_path, argv):
     shutil.copy(ROOT / "orchestra.py", alone / "orchestra.py")
     repo = make_repo(tmp_path / "repo")
     done = run(
-        [sys.executable, alone / "orchestra.py", *argv], repo, CLAUDE_CONFIG_DIR=str(tmp_path / "claude")
+        [sys.executable, alone / "orchestra.py", *argv],
+        repo,
+        CLAUDE_CONFIG_DIR=str(tmp_path / "claude"),
     )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
@@ -175,7 +204,8 @@ def test_readme_virtual_environment_install(clean_checkout, tmp_path):
     env_dir = tmp_path / "venv"
     assert run([sys.executable, "-m", "venv", env_dir], tmp_path).returncode == 0
     install = run(
-        [env_dir / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "."], clean_checkout
+        [env_dir / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "."],
+        clean_checkout,
     )
     assert install.returncode == 0, install.stderr
     assert run([env_dir / "bin" / "orchestra", "--version"], tmp_path).returncode == 0

@@ -43,7 +43,10 @@ def blob_hash(data):
     """The git blob id of these bytes."""
     return (
         subprocess.run(
-            ["git", "hash-object", "--stdin", "--no-filters"], input=data, capture_output=True, check=True
+            ["git", "hash-object", "--stdin", "--no-filters"],
+            input=data,
+            capture_output=True,
+            check=True,
         )
         .stdout.decode()
         .strip()
@@ -99,7 +102,9 @@ def reachable_objects(repo):
         ["git", "rev-list", "--objects", "--all"], cwd=repo, capture_output=True, check=True
     )
     commits = set(git("rev-list", "--all", cwd=repo).split())
-    return commits, {line.split(b" ", 1)[0].decode() for line in objects.stdout.split(b"\n") if line}
+    return commits, {
+        line.split(b" ", 1)[0].decode() for line in objects.stdout.split(b"\n") if line
+    }
 
 
 def assert_nothing_lost(repo, before):
@@ -110,9 +115,13 @@ def assert_nothing_lost(repo, before):
     )  # a ref, or a reflog still in place
     assert not lost, f"commits no ref holds any more: {lost}"
     for path, sha in before["files"].items():
-        if before["setup"].get(path) == sha or (os.path.lexists(path) and all_files_one(path) == sha):
+        if before["setup"].get(path) == sha or (
+            os.path.lexists(path) and all_files_one(path) == sha
+        ):
             continue
-        assert sha in objects, f"{os.fsdecode(path)}: its bytes are neither in place nor under any ref"
+        assert (
+            sha in objects
+        ), f"{os.fsdecode(path)}: its bytes are neither in place nor under any ref"
 
 
 def all_files_one(path):
@@ -182,7 +191,10 @@ def c_stash(repo, wt):
 
 
 def c_two_stashes(repo, wt):
-    sh("printf 'one\\n' >> README.md && git stash -q && printf 'two\\n' >> README.md && git stash -q", wt)
+    sh(
+        "printf 'one\\n' >> README.md && git stash -q && printf 'two\\n' >> README.md && git stash -q",
+        wt,
+    )
 
 
 def c_stash_untracked(repo, wt):
@@ -255,7 +267,10 @@ def c_nested_repo(repo, wt):
 
 
 def c_nested_clean(repo, wt):
-    sh("git init -q inner && cd inner && printf 'i\\n' > g.txt && git add g.txt && git commit -qm inner", wt)
+    sh(
+        "git init -q inner && cd inner && printf 'i\\n' > g.txt && git add g.txt && git commit -qm inner",
+        wt,
+    )
 
 
 def c_submodule(repo, wt):
@@ -266,7 +281,10 @@ def c_submodule(repo, wt):
             repo.parent,
         )
     sh(f"git -c protocol.file.allow=always submodule --quiet add {lib} sub", wt)
-    sh("cd sub && printf 'local\\n' > local.txt && git add local.txt && git commit -qm 'unpushed'", wt)
+    sh(
+        "cd sub && printf 'local\\n' > local.txt && git add local.txt && git commit -qm 'unpushed'",
+        wt,
+    )
 
 
 def c_setup_unchanged(repo, wt):
@@ -338,7 +356,9 @@ def c_merged(repo, wt):
 
 
 def c_user_stash(repo, wt):
-    sh("printf 'user\\n' >> README.md && git stash -q", repo)  # the user's own stash, not the agent's
+    sh(
+        "printf 'user\\n' >> README.md && git stash -q", repo
+    )  # the user's own stash, not the agent's
 
 
 def c_checked_out_elsewhere(repo, wt):
@@ -516,7 +536,10 @@ def test_restore_brings_back_files(case_repo, cli, case):
 def test_restore_of_stash_index_and_detached_head(case_repo, cli):
     wt = spawn_one(cli, case_repo, "case")
     c_detached_one(case_repo, wt)
-    sh("printf 'stashed\\n' >> README.md && git stash -q && printf 'staged\\n' > s.txt && git add s.txt", wt)
+    sh(
+        "printf 'stashed\\n' >> README.md && git stash -q && printf 'staged\\n' > s.txt && git add s.txt",
+        wt,
+    )
     assert cli("cleanup", "--force", "case").code == 0
     listing = cli("cleanup", "--list-archives")
     assert all(len(line) <= 80 for line in listing.out.splitlines()), listing.out
@@ -558,7 +581,9 @@ def test_the_id_of_a_removed_agent_never_means_a_live_one_it_prefixes(case_repo,
     ):
         run = cli(*argv)
         assert run.code == 2, (argv, run)
-        assert "case was cleaned up; its work is saved under refs/orchestra/archive/case/" in run.err, argv
+        assert (
+            "case was cleaned up; its work is saved under refs/orchestra/archive/case/" in run.err
+        ), argv
     assert cli("status", "--json").json()["agents"][0]["state"] in ("queued", "running")
     assert cli("stop", "case-2").code == 0
 
@@ -656,7 +681,9 @@ def test_ctrl_c_during_merge_leaves_the_checkout_as_before(merge_repo):
     start = git("rev-parse", "HEAD", cwd=merge_repo)
     proc = subprocess.Popen([*ORCHESTRA, "collect", "--merge"], cwd=merge_repo, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    wait_for(lambda: (merge_repo / ".git" / "hook-ran").exists(), timeout=30, what="the merge to start")
+    wait_for(
+        lambda: (merge_repo / ".git" / "hook-ran").exists(), timeout=30, what="the merge to start"
+    )
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole foreground group
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, (out, err)
@@ -666,7 +693,9 @@ def test_ctrl_c_during_merge_leaves_the_checkout_as_before(merge_repo):
     assert not (merge_repo / "new.txt").exists()
     assert git("status", "--porcelain", "--untracked-files=no", cwd=merge_repo) == ""
     hook.unlink()
-    again = subprocess.run([*ORCHESTRA, "collect", "--merge"], cwd=merge_repo, capture_output=True, text=True)
+    again = subprocess.run(
+        [*ORCHESTRA, "collect", "--merge"], cwd=merge_repo, capture_output=True, text=True
+    )
     assert again.returncode == 0, again
     assert (merge_repo / "new.txt").read_text() == "agent\n"
 
@@ -715,7 +744,9 @@ def test_force_kills_children_that_ignore_sigterm_before_archiving(case_repo, cl
     assert cli("spawn", "--name", "stubborn", "write forever").code == 0
     wt = case_repo / ".worktrees" / "task-stubborn"
     pid = int(
-        wait_for(lambda: (wt / "child.pid").exists() and (wt / "child.pid").read_text(), what="the child")
+        wait_for(
+            lambda: (wt / "child.pid").exists() and (wt / "child.pid").read_text(), what="the child"
+        )
     )
     run = cli("cleanup", "--all", "--force", "stubborn")
     assert run.code == 0, run
@@ -727,20 +758,30 @@ def test_force_kills_children_that_ignore_sigterm_before_archiving(case_repo, cl
 
 
 def test_ctrl_c_during_spawn_of_8_leaves_nothing_half_prepared(case_repo):
-    write_config(case_repo, agent_command=FAKE_AGENT_COMMAND, setup=["sleep 8"])  # still preparing at Ctrl-C
+    write_config(
+        case_repo, agent_command=FAKE_AGENT_COMMAND, setup=["sleep 8"]
+    )  # still preparing at Ctrl-C
     proc = subprocess.Popen([*ORCHESTRA, "spawn", *(f"task number {i}" for i in range(8))], cwd=case_repo,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     # Spawn makes the first worktree itself (the supervisor the rest, once spawn hands them over).
-    wait_for(lambda: len(list((case_repo / ".worktrees").glob("task-*"))) >= 1, timeout=30, what="worktrees")
+    wait_for(
+        lambda: len(list((case_repo / ".worktrees").glob("task-*"))) >= 1,
+        timeout=30,
+        what="worktrees",
+    )
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: spawn, its git and its setup shells
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and b"Traceback" not in err, err
     agents = load_state(case_repo)["agents"]
     assert len(agents) == 8
     assert {a["state"] for a in agents.values()} == {"failed"}, agents
-    assert {a["error"] for a in agents.values()} == {"spawn was interrupted before the agent started"}
+    assert {a["error"] for a in agents.values()} == {
+        "spawn was interrupted before the agent started"
+    }
     assert not list((case_repo / ".worktrees").glob("task-*"))  # no half-checked-out worktree left
-    run = subprocess.run([*ORCHESTRA, "cleanup", "--all"], cwd=case_repo, capture_output=True, text=True)
+    run = subprocess.run(
+        [*ORCHESTRA, "cleanup", "--all"], cwd=case_repo, capture_output=True, text=True
+    )
     assert run.returncode == 0 and "KEEP" not in run.stdout, run
     assert run.stdout.count("REMOVED task-number-") == 8, run
 
@@ -749,7 +790,11 @@ def test_killed_spawn_is_rolled_back_by_the_next_command(case_repo):
     write_config(case_repo, agent_command=FAKE_AGENT_COMMAND, setup=["sleep 30"])
     proc = subprocess.Popen([*ORCHESTRA, "spawn", "one", "two"], cwd=case_repo, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    wait_for(lambda: len(list((case_repo / ".worktrees").glob("task-*"))) == 1, timeout=30, what="worktrees")
+    wait_for(
+        lambda: len(list((case_repo / ".worktrees").glob("task-*"))) == 1,
+        timeout=30,
+        what="worktrees",
+    )
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -769,7 +814,9 @@ def test_ctrl_c_during_forced_cleanup_then_rerun(case_repo, cli):
     proc = subprocess.Popen([*ORCHESTRA, "cleanup", "--force"], cwd=case_repo, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     wait_for(
-        lambda: git("for-each-ref", "refs/orchestra/archive/", cwd=case_repo), timeout=30, what="an archive"
+        lambda: git("for-each-ref", "refs/orchestra/archive/", cwd=case_repo),
+        timeout=30,
+        what="an archive",
     )
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -777,8 +824,12 @@ def test_ctrl_c_during_forced_cleanup_then_rerun(case_repo, cli):
     assert_nothing_lost(case_repo, before)
     for agent_id, record in load_state(case_repo)["agents"].items():
         if not Path(record["worktree"]).exists():
-            assert record.get("archive"), agent_id  # never a removed worktree without a recorded archive
-    rerun = subprocess.run([*ORCHESTRA, "cleanup", "--force"], cwd=case_repo, capture_output=True, text=True)
+            assert record.get(
+                "archive"
+            ), agent_id  # never a removed worktree without a recorded archive
+    rerun = subprocess.run(
+        [*ORCHESTRA, "cleanup", "--force"], cwd=case_repo, capture_output=True, text=True
+    )
     assert rerun.returncode == 0, rerun
     assert {r["state"] for r in load_state(case_repo)["agents"].values()} == {"removed"}
     assert_nothing_lost(case_repo, before)
@@ -803,12 +854,15 @@ def test_cleanup_during_spawn_keeps_what_spawn_prepares(case_repo, cli):
     write_config(case_repo, agent_command=FAKE_AGENT_COMMAND, setup=["sleep 4"])
     proc = subprocess.Popen([*ORCHESTRA, "spawn", "--name", "slow", "slow setup"], cwd=case_repo,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    wait_for(lambda: (case_repo / ".worktrees" / "task-slow").exists(), timeout=30, what="the worktree")
+    wait_for(
+        lambda: (case_repo / ".worktrees" / "task-slow").exists(), timeout=30, what="the worktree"
+    )
     run = subprocess.run(
         [*ORCHESTRA, "cleanup", "--all", "--force"], cwd=case_repo, capture_output=True, text=True
     )
     assert (
-        run.returncode == 0 and run.stdout == "KEEP slow: its worktree is still being prepared by spawn\n"
+        run.returncode == 0
+        and run.stdout == "KEEP slow: its worktree is still being prepared by spawn\n"
     ), run
     assert proc.wait(timeout=60) == 0
 
@@ -844,7 +898,9 @@ def test_full_or_read_only_orchestra_dir(case_repo, cli, tiny_orchestra_dir, fau
                 pass
     else:
         subprocess.run(["mount", "-o", "remount,ro", str(tiny_orchestra_dir)], check=True)
-    run = subprocess.run([*ORCHESTRA, "cleanup", "--force"], cwd=case_repo, capture_output=True, text=True)
+    run = subprocess.run(
+        [*ORCHESTRA, "cleanup", "--force"], cwd=case_repo, capture_output=True, text=True
+    )
     assert run.returncode == 1, run
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith("orchestra: error: ")
@@ -854,7 +910,9 @@ def test_full_or_read_only_orchestra_dir(case_repo, cli, tiny_orchestra_dir, fau
         subprocess.run(["mount", "-o", "remount,rw", str(tiny_orchestra_dir)], check=True)
     else:
         (tiny_orchestra_dir / "filler").unlink()
-    again = subprocess.run([*ORCHESTRA, "cleanup", "--force"], cwd=case_repo, capture_output=True, text=True)
+    again = subprocess.run(
+        [*ORCHESTRA, "cleanup", "--force"], cwd=case_repo, capture_output=True, text=True
+    )
     assert again.returncode == 0 and again.stdout.startswith("REMOVED case:"), again
     assert_nothing_lost(case_repo, before)
 
@@ -878,7 +936,10 @@ REAL_AGENT_CASES = {
         "git switch -q -c elsewhere && printf 's\\n' > s.txt && git add s.txt && git commit -qm switched",
         "its worktree has branch elsewhere checked out instead of orchestra/real",
     ),
-    "stashes its work": ("printf 'x\\n' >> README.md && git stash -q", "1 stash made in the worktree"),
+    "stashes its work": (
+        "printf 'x\\n' >> README.md && git stash -q",
+        "1 stash made in the worktree",
+    ),
     "resets after committing": (
         "printf 'r\\n' > r.txt && git add r.txt && git commit -qm r && git reset -q --hard HEAD~1",
         "1 commit only in the worktree's reflog",
@@ -940,12 +1001,16 @@ def test_full_disk_under_the_whole_repository(tmp_path, cli, monkeypatch):
                     f.flush()
             except OSError:
                 pass
-        run = subprocess.run([*ORCHESTRA, "cleanup", "--force"], cwd=repo, capture_output=True, text=True)
+        run = subprocess.run(
+            [*ORCHESTRA, "cleanup", "--force"], cwd=repo, capture_output=True, text=True
+        )
         assert run.returncode == 1, run
         assert "Traceback" not in run.stderr + run.stdout
         assert (wt / "big.bin").exists()
         (disk / "filler").unlink()
-        again = subprocess.run([*ORCHESTRA, "cleanup", "--force"], cwd=repo, capture_output=True, text=True)
+        again = subprocess.run(
+            [*ORCHESTRA, "cleanup", "--force"], cwd=repo, capture_output=True, text=True
+        )
         assert again.returncode == 0 and again.stdout.startswith("REMOVED case:"), again
         assert_nothing_lost(repo, before)
     finally:

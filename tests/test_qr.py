@@ -17,14 +17,18 @@ ZBARIMG = shutil.which("zbarimg")
 SCALE = 6  # pixels per module
 INK = {" ": (0, 0), "\u2580": (1, 0), "\u2584": (0, 1), "\u2588": (1, 1)}  # (top dark, bottom dark)
 
-needs_zbar = pytest.mark.skipif(ZBARIMG is None, reason="needs zbarimg (apt-get install zbar-tools)")
+needs_zbar = pytest.mark.skipif(
+    ZBARIMG is None, reason="needs zbarimg (apt-get install zbar-tools)"
+)
 
 
 def png(rows, path):
     """Write a greyscale PNG of rows of booleans (True = dark), zlib and struct only."""
 
     def chunk(kind, data):
-        return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data))
+        return (
+            struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data))
+        )
 
     width, height = len(rows[0]) * SCALE, len(rows) * SCALE
     lines = b"".join(
@@ -53,7 +57,9 @@ def modules_of(text):
 def decode(text, tmp_path):
     image = tmp_path / "qr.png"
     png(modules_of(text), image)
-    done = subprocess.run([ZBARIMG, "--raw", "-q", str(image)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [ZBARIMG, "--raw", "-q", str(image)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.rstrip("\n")
 
@@ -88,7 +94,24 @@ def test_versions_grow_with_the_text_and_have_their_size():
 
 def test_reed_solomon_matches_the_standard_example():
     # ISO/IEC 18004 annex I: "01234567" at version 1-M has these error correction codewords
-    data = [0x10, 0x20, 0x0C, 0x56, 0x61, 0x80, 0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11]
+    data = [
+        0x10,
+        0x20,
+        0x0C,
+        0x56,
+        0x61,
+        0x80,
+        0xEC,
+        0x11,
+        0xEC,
+        0x11,
+        0xEC,
+        0x11,
+        0xEC,
+        0x11,
+        0xEC,
+        0x11,
+    ]
     ecc = orchestra.rs_remainder(data, orchestra.rs_divisor(10))
     assert ecc == [0xA5, 0x24, 0xD4, 0xC1, 0xED, 0x36, 0xC7, 0x87, 0x2C, 0x55]
 

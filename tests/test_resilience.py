@@ -32,7 +32,9 @@ def log_events(repo, agent_id, kind):
 
 
 def wait_state(repo, agent_id, state, timeout=60):
-    return wait_for(lambda: agent_states(repo).get(agent_id) == state, timeout, 0.05, f"{agent_id} {state}")
+    return wait_for(
+        lambda: agent_states(repo).get(agent_id) == state, timeout, 0.05, f"{agent_id} {state}"
+    )
 
 
 # -- pure helpers ---------------------------------------------------------------------
@@ -54,7 +56,9 @@ def test_api_error_reasons_from_what_the_cli_writes():
         assert orchestra.api_error_reason(result) == reason, result
     assert orchestra.usage_reset_time("Claude AI usage limit reached|1767225600") == 1767225600.0
     noon = 1767268800  # 2026-01-01 12:00 UTC
-    paris = orchestra.usage_reset_time("You've hit your limit · resets 3pm (Europe/Paris)", now=noon)
+    paris = orchestra.usage_reset_time(
+        "You've hit your limit · resets 3pm (Europe/Paris)", now=noon
+    )
     assert paris == noon + 2 * 3600  # 15:00 in Paris is 14:00 UTC
     utc = orchestra.usage_reset_time("5-hour limit reached · resets 11am (UTC)", now=noon)
     assert utc == noon + 23 * 3600  # 11:00 has passed today: tomorrow
@@ -88,7 +92,9 @@ def test_last_api_failure_reads_the_reset_of_a_rate_limit_event(tmp_path):
         "API Error: Request rejected (429) · rate limited",
     )
     log.write_text(
-        "".join(json.dumps(line) + "\n" for line in [*lines, {"type": "orchestra", "event": "launch"}])
+        "".join(
+            json.dumps(line) + "\n" for line in [*lines, {"type": "orchestra", "event": "launch"}]
+        )
     )
     assert orchestra.last_api_failure(log) is None  # a newer run has not failed
 
@@ -97,17 +103,23 @@ def test_last_api_failure_reads_the_reset_of_a_rate_limit_event(tmp_path):
 
 
 def test_batch_budget_stops_the_batch(fake_repo, cli):
-    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5, default_parallel=2)
+    write_config(
+        fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5, default_parallel=2
+    )
     run = cli("spawn", "--budget", "0.4", "one", "sleep:3 two", "sleep:30 three", "four")
     assert run.code == 0, run
     wait_settled(fake_repo, timeout=60)
     agents = load_state(fake_repo)["agents"]
-    summary = {i: (a["state"], a["started_at"], a["finished_at"], a["cost_usd"]) for i, a in agents.items()}
+    summary = {
+        i: (a["state"], a["started_at"], a["finished_at"], a["cost_usd"]) for i, a in agents.items()
+    }
     assert agents["one"]["state"] == "done" and agents["sleep-3-two"]["state"] == "done", summary
     for agent_id in ("sleep-30-three", "four"):
         assert agents[agent_id]["state"] == "stopped", agents[agent_id]
         assert agents[agent_id]["stop_reason"] == "budget"
-    assert not agents["four"]["started_at"]  # three usually ran (and was stopped); see the claude test
+    assert not agents["four"][
+        "started_at"
+    ]  # three usually ran (and was stopped); see the claude test
     assert (fake_repo / ".worktrees" / "task-sleep-30-three").is_dir()
     assert git("branch", "--list", "orchestra/four", cwd=fake_repo).strip()
     doc = cli("status", "--json").json()
@@ -116,7 +128,9 @@ def test_batch_budget_stops_the_batch(fake_repo, cli):
     assert batch["budget"] == 0.4 and 0.5 <= batch["spent"] < 0.6 and batch["agents"] == 4
     assert {a["batch"] for a in doc["agents"]} == set(doc["batches"])
     assert re.search(r"spent \$0\.5\d+ of \$0\.4000; reached", cli("status").out)
-    assert re.search(r"stopped: batch spent \$0\.5\d+ of its \$0\.4000 budget", cli("logs", "four").out)
+    assert re.search(
+        r"stopped: batch spent \$0\.5\d+ of its \$0\.4000 budget", cli("logs", "four").out
+    )
 
 
 def test_a_state_rebuilt_from_the_logs_keeps_batches_and_budgets(fake_repo, cli):
@@ -141,7 +155,11 @@ def test_bad_budget_exits_2(fake_repo, cli):
 def test_per_agent_budget_is_passed_to_claude(repo, cli):
     write_config(repo, max_budget_usd=1.5)
     record = orchestra.new_record(
-        orchestra.Project.open(repo, {"ORCHESTRA_CONFIG": "/nonexistent"}), "a", "t", "main", "0" * 40
+        orchestra.Project.open(repo, {"ORCHESTRA_CONFIG": "/nonexistent"}),
+        "a",
+        "t",
+        "main",
+        "0" * 40,
     )
     argv = orchestra.agent_argv(record)
     assert argv[argv.index("--max-budget-usd") + 1] == "1.5"
@@ -158,18 +176,26 @@ def test_retry_starts_a_fresh_worktree_and_keeps_the_old_one(fake_repo, cli):
     assert "retried as flaky-2 on orchestra/flaky-2" in run.out
     wait_settled(fake_repo)
     agents = load_state(fake_repo)["agents"]
-    assert agents["flaky"]["state"] == "failed" and agents["flaky-2"]["task"] == agents["flaky"]["task"]
+    assert (
+        agents["flaky"]["state"] == "failed"
+        and agents["flaky-2"]["task"] == agents["flaky"]["task"]
+    )
     assert agents["flaky-2"]["base_commit"] == agents["flaky"]["base_commit"]
     assert (fake_repo / ".worktrees" / "task-flaky").is_dir() and (
         fake_repo / ".worktrees" / "task-flaky-2"
     ).is_dir()
     done = cli("retry", "flaky-2")
     assert done.code == 0  # it failed too (same task)
-    assert cli("retry", "flaky", "--resume-session").code == 2  # the fake agent has no Claude session
+    assert (
+        cli("retry", "flaky", "--resume-session").code == 2
+    )  # the fake agent has no Claude session
     cli("spawn", "--name", "fine", "ok")
     wait_settled(fake_repo)
     refused = cli("retry", "fine")
-    assert refused.code == 2 and "only failed, interrupted or stopped agents can be retried" in refused.err
+    assert (
+        refused.code == 2
+        and "only failed, interrupted or stopped agents can be retried" in refused.err
+    )
 
 
 # -- the real claude CLI against the scripted API --------------------------------------------------
@@ -181,7 +207,9 @@ def test_rate_limited_twice_then_done_in_the_same_session(claude_repo, claude_ap
     claude_api.script("limited-task", [rate_limited(2, bash("echo ok > ok.txt && git add ok.txt && git commit -qm ok")),
                                        text("finished after the limit")])  # fmt: skip
     assert cli("spawn", "--name", "limited", "limited-task").code == 0
-    seen = wait_for(lambda: load_state(claude_repo)["agents"]["limited"].get("waiting"), 60, 0.05, "a wait")
+    seen = wait_for(
+        lambda: load_state(claude_repo)["agents"]["limited"].get("waiting"), 60, 0.05, "a wait"
+    )
     assert seen["reason"] == "rate_limit" and seen["attempt"] == 1 and seen["until"].endswith("Z")
     wait_settled(claude_repo, timeout=120)
     record = load_state(claude_repo)["agents"]["limited"]
@@ -242,7 +270,9 @@ def test_waiting_agent_survives_a_rebuild_and_resume_retries_at_once(claude_repo
         lambda: load_state(claude_repo)["agents"]["patient"].get("waiting"), 60, 0.05, "a wait"
     )
     time.sleep(1)
-    assert orchestra.supervisor_alive(load_state(claude_repo))  # it does not exit while an agent waits
+    assert orchestra.supervisor_alive(
+        load_state(claude_repo)
+    )  # it does not exit while an agent waits
     (claude_repo / ".orchestra" / "state.json").write_text("{torn")
     record = cli("status", "--json").json()["agents"][0]
     assert record["state"] == "waiting" and record["waiting"]["until"] == waiting["until"]
@@ -269,7 +299,9 @@ def test_batch_budget_stops_running_claude_agents(claude_repo, claude_api, cli):
     # first streamed message, before cheap-task's result. Either way the batch stops at the budget.
     cheap = agents["cheap-task"]
     assert (cheap["state"], cheap["stop_reason"]) in (("done", None), ("stopped", "budget")), cheap
-    assert agents["slow-task"]["state"] == "stopped" and agents["slow-task"]["stop_reason"] == "budget"
+    assert (
+        agents["slow-task"]["state"] == "stopped" and agents["slow-task"]["stop_reason"] == "budget"
+    )
     assert agents["later-task"]["state"] == "stopped" and agents["later-task"]["started_at"] is None
     assert (claude_repo / ".worktrees" / "task-slow-task").is_dir()
 
@@ -281,7 +313,9 @@ def test_retry_resume_session_continues_a_failed_claude_agent(claude_repo, claud
     cli("spawn", "--name", "broke", "breaks-once")
     wait_settled(claude_repo, timeout=120)
     record = load_state(claude_repo)["agents"]["broke"]
-    assert record["state"] == "failed" and record["waiting"] is None  # a 400 is not worth waiting out
+    assert (
+        record["state"] == "failed" and record["waiting"] is None
+    )  # a 400 is not worth waiting out
     run = cli("retry", "broke", "--resume-session")
     assert run.code == 0 and "queued to continue its session" in run.out
     wait_settled(claude_repo, timeout=120)
@@ -292,7 +326,13 @@ def test_retry_resume_session_continues_a_failed_claude_agent(claude_repo, claud
 
 def test_pull_request_body_has_the_check_results():
     report = {"result": "Added it", "diffstat": " a.txt | 1 +", "turns": 3, "cost_usd": 0.1}
-    failed = {"status": "failed", "command": "pytest -q", "exit_code": 1, "tail": "1 failed", "rounds": 1}
+    failed = {
+        "status": "failed",
+        "command": "pytest -q",
+        "exit_code": 1,
+        "tail": "1 failed",
+        "rounds": 1,
+    }
     body = orchestra.pull_request_body({**report, "checks": failed})
     assert "Checks: failed: pytest -q (exit 1) after 1 fix round(s)." in body and "1 failed" in body
     passed = {"status": "passed", "command": None, "exit_code": 0, "tail": "", "rounds": 0}
@@ -313,19 +353,24 @@ def test_scripted_api_answers_429_with_headers_then_the_next_step():
         "messages": [{"role": "user", "content": "limited-key"}],
     }
     with ScriptedAPI() as api:
-        api.script("limited-key", [rate_limited(2, text("through"), retry_after=3600, reset=2000000000)])
+        api.script(
+            "limited-key", [rate_limited(2, text("through"), retry_after=3600, reset=2000000000)]
+        )
         answers = []
         for _ in range(3):
             request = urllib.request.Request(api.url + "/v1/messages", data=json.dumps(body).encode(),
                                              headers={"Content-Type": "application/json"})  # fmt: skip
             try:
                 with urllib.request.urlopen(request, timeout=10) as response:
-                    answers.append((response.status, json.loads(response.read())["content"][0]["text"]))
+                    answers.append(
+                        (response.status, json.loads(response.read())["content"][0]["text"])
+                    )
             except urllib.error.HTTPError as e:
                 headers = e.headers
                 answers.append((e.code, json.loads(e.read())["error"]["type"]))
         assert (
-            headers["retry-after"] == "3600" and headers["anthropic-ratelimit-unified-reset"] == "2000000000"
+            headers["retry-after"] == "3600"
+            and headers["anthropic-ratelimit-unified-reset"] == "2000000000"
         )
         assert answers == [(429, "rate_limit_error"), (429, "rate_limit_error"), (200, "through")]
         assert api.errors_answered("limited-key") == 2
@@ -350,5 +395,7 @@ def test_a_whole_batch_that_hits_the_limit_carries_on_by_itself(claude_repo, cla
     wait_settled(claude_repo, timeout=180)
     agents = load_state(claude_repo)["agents"]
     for task in tasks:
-        assert agents[task]["state"] == "done" and agents[task]["result"] == f"{task} finished", agents[task]
+        assert (
+            agents[task]["state"] == "done" and agents[task]["result"] == f"{task} finished"
+        ), agents[task]
         assert [w["attempt"] for w in log_events(claude_repo, task, "waiting")] == [1]

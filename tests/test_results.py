@@ -8,7 +8,9 @@ from conftest import FAKE_AGENT_COMMAND, git, load_state, make_repo, spawn_and_f
 
 
 def test_collect_reports_commits_diffstat_leftovers_and_overlaps(fake_repo, cli):
-    spawn_and_finish(cli, fake_repo, "commit:shared.txt first", "commit:shared.txt write:extra.txt second")
+    spawn_and_finish(
+        cli, fake_repo, "commit:shared.txt first", "commit:shared.txt write:extra.txt second"
+    )
     run = cli("collect")
     assert run.code == 0, run
     out = run.out
@@ -43,7 +45,9 @@ def test_collect_commit_commits_leftovers_but_not_setup_files(fake_repo, cli):
 
 
 def test_merge_in_stable_order(fake_repo, cli):
-    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta", "fail commit:c.txt gamma")
+    spawn_and_finish(
+        cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta", "fail commit:c.txt gamma"
+    )
     head_before = git("rev-parse", "HEAD", cwd=fake_repo)
     run = cli("collect", "--merge")
     assert run.code == 0, run
@@ -60,7 +64,9 @@ def test_merge_in_stable_order(fake_repo, cli):
 
 
 def test_merge_stops_cleanly_at_a_conflict(fake_repo, cli):
-    spawn_and_finish(cli, fake_repo, "commit:a.txt first", "commit:same.txt one", "commit:same.txt two")
+    spawn_and_finish(
+        cli, fake_repo, "commit:a.txt first", "commit:same.txt one", "commit:same.txt two"
+    )
     (fake_repo / "same.txt").write_text("mine\n")
     git("add", "same.txt", cwd=fake_repo)
     git("commit", "-qm", "my own same.txt", cwd=fake_repo)
@@ -129,7 +135,9 @@ def test_pr_pushes_and_calls_gh(fake_repo, cli, tmp_path, monkeypatch):
     calls = tmp_path / "gh-calls"
     fake_gh = tmp_path / "bin" / "gh"
     fake_gh.parent.mkdir()
-    fake_gh.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\necho https://example.invalid/pull/1\n')
+    fake_gh.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\necho https://example.invalid/pull/1\n'
+    )
     fake_gh.chmod(fake_gh.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{fake_gh.parent}{os.pathsep}{os.environ['PATH']}")
     run = cli("collect", "--pr")
@@ -160,7 +168,10 @@ def test_send_needs_a_claude_session(fake_repo, cli):
     spawn_and_finish(cli, fake_repo, "plain")
     run = cli("send", "plain", "one more thing")
     assert run.code == 2
-    assert run.err == "orchestra: error: plain has no Claude session to continue; spawn its task again\n"
+    assert (
+        run.err
+        == "orchestra: error: plain has no Claude session to continue; spawn its task again\n"
+    )
     assert load_state(fake_repo)["agents"]["plain"]["state"] == "done"
     assert (
         cli("send", "plain", "").err

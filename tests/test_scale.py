@@ -74,7 +74,9 @@ def test_a_line_longer_than_the_cap_is_skipped_not_buffered(tmp_path, monkeypatc
 
 
 def test_budget_stops_a_read_and_says_it_is_behind(tmp_path):
-    path = write_log(tmp_path / "b.jsonl", [assistant(f"m{n}", "x" * 100, 1, 1) for n in range(100)])
+    path = write_log(
+        tmp_path / "b.jsonl", [assistant(f"m{n}", "x" * 100, 1, 1) for n in range(100)]
+    )
     log = orchestra.AgentLog(path)
     assert log.read_new(budget=1000) and not log.caught_up
     log.read_to_end()
@@ -121,7 +123,9 @@ def test_tail_lines_table(tmp_path, monkeypatch, content, count, lines, end):
 
 def text_event(n, padding=0):
     text = f"line {n}" + " " * padding  # trailing blanks: not shown
-    return json.dumps({"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}})
+    return json.dumps(
+        {"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}}
+    )
 
 
 def big_log(project, agent_id, lines, padding=0):
@@ -155,7 +159,9 @@ def test_logs_of_a_large_file_stream_in_constant_memory(project):
     path = big_log(project, "huge", 60_000, padding=1000)  # about 64 MB
     assert path.stat().st_size > 60_000_000
     script = f"import sys; sys.path.insert(0, {str(orchestra.Path(orchestra.__file__).parent)!r}); import orchestra; orchestra.main(['logs', 'huge']); print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr)"
-    done = subprocess.run([sys.executable, "-c", script], cwd=project.repo, capture_output=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=project.repo, capture_output=True, timeout=120
+    )
     assert done.stdout.count(b"\n") == 60_000
     assert int(done.stderr.split()[-1]) < 50_000  # KB: an interpreter's worth, not the log's size
 
@@ -165,12 +171,17 @@ def test_web_tail_returns_the_lines_asked_or_says_why(tmp_path, monkeypatch):
     path.write_text("".join(text_event(n, 2000) + "\n" for n in range(3000)))  # 6 MB
     lines, short = orchestra.readable_tail(path, 2500)
     assert (
-        short is None and lines[0] == "line 500" and lines[-1].startswith("line 2999") and len(lines) == 2500
+        short is None
+        and lines[0] == "line 500"
+        and lines[-1].startswith("line 2999")
+        and len(lines) == 2500
     )
     lines, short = orchestra.readable_tail(path, 5000)
     assert len(lines) == 3000 and short == "the log holds only 3000 line(s)"
     lines, short = orchestra.readable_tail(path, 2500, limit=1024 * 1024)
-    assert len(lines) < 2500 and short.startswith(f"only {len(lines)} line(s) in the last 1 MB of the log")
+    assert len(lines) < 2500 and short.startswith(
+        f"only {len(lines)} line(s) in the last 1 MB of the log"
+    )
     assert orchestra.readable_tail(tmp_path / "none", 5) == ([], "the agent has no log yet")
 
 
@@ -184,20 +195,28 @@ def test_status_holds_live_agents_and_history_comes_in_pages(server, project):
         add_record(project, f"agent-{n}", state="done", seq=n)
     for n in (0, 1, 2):
         orchestra.mark_removed(project, f"agent-{n}", [f"refs/orchestra/archive/agent-{n}/x"])
-    assert [a["id"] for a in call(server, "GET", "/api/status").json()["agents"]] == ["agent-3", "agent-4"]
+    assert [a["id"] for a in call(server, "GET", "/api/status").json()["agents"]] == [
+        "agent-3",
+        "agent-4",
+    ]
     page = call(server, "GET", "/api/history?limit=2").json()
     assert (page["total"], page["offset"], page["limit"]) == (3, 0, 2)
-    assert [a["id"] for a in page["agents"]] == ["agent-2", "agent-1"]  # most recently removed first
+    assert [a["id"] for a in page["agents"]] == [
+        "agent-2",
+        "agent-1",
+    ]  # most recently removed first
     assert page["agents"][0]["state"] == "removed" and page["agents"][0]["archive"] == [
         "refs/orchestra/archive/agent-2/x"
     ]
-    assert [a["id"] for a in call(server, "GET", "/api/history?offset=2&limit=2").json()["agents"]] == [
-        "agent-0"
-    ]
+    assert [
+        a["id"] for a in call(server, "GET", "/api/history?offset=2&limit=2").json()["agents"]
+    ] == ["agent-0"]
     assert call(server, "GET", "/api/history?offset=9").json()["agents"] == []
     for bad in ("limit=0", "limit=501", "offset=-1", "offset=x"):
         assert call(server, "GET", f"/api/history?{bad}").status == 400
-    assert call(server, "GET", "/api/agents/agent-1").json()["state"] == "removed"  # a named id finds history
+    assert (
+        call(server, "GET", "/api/agents/agent-1").json()["state"] == "removed"
+    )  # a named id finds history
 
 
 def test_status_hub_does_not_parse_an_unchanged_state_file(project, monkeypatch):
@@ -282,12 +301,15 @@ def test_spawn_makes_one_batch_of_worktrees_and_the_supervisor_the_rest(fake_rep
     tasks = [f"commit:f{n}.txt job {n}" for n in range(14)]
     run = cli("spawn", "--parallel", "2", "--json", *tasks)
     assert run.code == 0
-    assert len(worktree_folders(fake_repo)) <= 2 + orchestra.PREPARE_AT_ONCE  # not 14 on disk at once
+    assert (
+        len(worktree_folders(fake_repo)) <= 2 + orchestra.PREPARE_AT_ONCE
+    )  # not 14 on disk at once
     later = run.json()["agents"][orchestra.SPAWN_PREPARED_NOW :]
     assert all(a["state"] == "queued" and a["activity"] == "waiting for a worktree" for a in later)
     logs = fake_repo / ".orchestra" / "logs"
     assert all(
-        json.loads((logs / f"{a['id']}.jsonl").read_text().splitlines()[0])["event"] == "spawn" for a in later
+        json.loads((logs / f"{a['id']}.jsonl").read_text().splitlines()[0])["event"] == "spawn"
+        for a in later
     )
     wait_settled(fake_repo, timeout=120)
     agents = load_state(fake_repo)["agents"]
@@ -302,16 +324,27 @@ def test_a_rebuilt_state_keeps_agents_that_wait_for_their_worktree(fake_repo, cl
 
     tasks = ["sleep:4 first", *[f"later {n}" for n in range(orchestra.SPAWN_PREPARED_NOW + 8)]]
     cli("spawn", "--parallel", "1", *tasks)
-    wait_for(lambda: agent_states(fake_repo).get("sleep-4-first") == "running", timeout=30, what="running")
-    with orchestra.FileLock(fake_repo / ".orchestra" / "state.lock"):  # not between a read and its write
+    wait_for(
+        lambda: agent_states(fake_repo).get("sleep-4-first") == "running",
+        timeout=30,
+        what="running",
+    )
+    with orchestra.FileLock(
+        fake_repo / ".orchestra" / "state.lock"
+    ):  # not between a read and its write
         (fake_repo / ".orchestra" / "state.json").write_text("{")
-    run = cli("status", "--json")  # the rebuild is done (and reported) by whoever reads the file first
+    run = cli(
+        "status", "--json"
+    )  # the rebuild is done (and reported) by whoever reads the file first
     assert list((fake_repo / ".orchestra").glob("state.json.corrupt-*"))
     states = {a["id"]: (a["state"], a["activity"]) for a in run.json()["agents"]}
     assert states["later-8"] == ("queued", "waiting for a worktree")
     wait_settled(fake_repo, timeout=120)
     agents = load_state(fake_repo)["agents"]
-    assert agents["later-8"]["state"] == "done" and (fake_repo / ".worktrees" / "task-later-8").is_dir()
+    assert (
+        agents["later-8"]["state"] == "done"
+        and (fake_repo / ".worktrees" / "task-later-8").is_dir()
+    )
 
 
 def test_stopping_an_agent_that_waits_for_its_worktree(fake_repo, cli):
@@ -338,7 +371,9 @@ def test_a_warm_listing_of_thousands_of_transcripts_recounts_none(tmp_path, monk
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     line = {"type": "user", "cwd": "/tmp/x", "message": {"role": "user", "content": "hello"}}
     for n in range(2500):  # more than the 2,000 the cache used to keep
-        (store / f"{uuid.UUID(int=n)}.jsonl").write_text(json.dumps({**line, "uuid": str(n)}) + "\n")
+        (store / f"{uuid.UUID(int=n)}.jsonl").write_text(
+            json.dumps({**line, "uuid": str(n)}) + "\n"
+        )
     first = cli("sessions", "--all", "--limit", "100000", "--json")
     assert first.code == 0 and len(first.json()["sessions"]) == 2500
     counted = []
@@ -362,5 +397,7 @@ def test_finding_agents_of_sessions_is_not_quadratic():
     found = [index.find(f"s-{n}", None) for n in range(4000)]
     assert time.perf_counter() - start < 1.0  # was seconds: all records sorted for every session
     assert found[:3] == ["agent-0000", "agent-0001", "agent-0002"] and found[7] == "agent-0007"
-    assert index.find("unknown", "/w/task-9/") == "agent-0009"  # by worktree when no session matches
+    assert (
+        index.find("unknown", "/w/task-9/") == "agent-0009"
+    )  # by worktree when no session matches
     assert index.find("unknown", "/elsewhere") is None

@@ -221,7 +221,9 @@ def repo(tmp_path: Path) -> Path:
     return repo
 
 
-def run_claude(repo: Path, env: dict[str, str], *args: str) -> tuple[int, list[dict[str, Any]], float]:
+def run_claude(
+    repo: Path, env: dict[str, str], *args: str
+) -> tuple[int, list[dict[str, Any]], float]:
     assert CLAUDE is not None
     started = time.monotonic()
     proc = subprocess.run(
@@ -241,7 +243,11 @@ def run_claude(repo: Path, env: dict[str, str], *args: str) -> tuple[int, list[d
 
 
 def first(lines: list[dict[str, Any]], type_: str, subtype: str | None = None) -> dict[str, Any]:
-    found = [e for e in lines if e.get("type") == type_ and (subtype is None or e.get("subtype") == subtype)]
+    found = [
+        e
+        for e in lines
+        if e.get("type") == type_ and (subtype is None or e.get("subtype") == subtype)
+    ]
     assert found, f"no {type_}/{subtype} line in {lines!r}"
     return found[0]
 
@@ -301,7 +307,9 @@ def test_real_claude_runs_a_script_commits_and_resumes(repo: Path, tmp_path: Pat
         session_file = config / "projects" / folder / (session_id + ".jsonl")
         assert session_file.is_file()
 
-        code, lines, elapsed = run_claude(repo, env, "--resume", session_id, "-p", "Continue the task.")
+        code, lines, elapsed = run_claude(
+            repo, env, "--resume", session_id, "-p", "Continue the task."
+        )
         assert code == 0, lines
         result = lines[-1]
         assert result["type"] == "result" and result["is_error"] is False

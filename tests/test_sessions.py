@@ -25,7 +25,9 @@ NOW = float(int(time.time()))  # the clock the time-window tests stop at
 HOUR = 3600
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 SHOP = "/home/dev/shop"
-REAL_CLI = "9186e66c-cc25-4ce9-8411-82cb7d2033fa"  # written by claude 2.1.331 (make_real_session.py)
+REAL_CLI = (
+    "9186e66c-cc25-4ce9-8411-82cb7d2033fa"  # written by claude 2.1.331 (make_real_session.py)
+)
 
 # fixture file -> its session id; listed newest first. Sub-agent transcripts go along (copy_fixtures).
 FIXTURE_IDS = {
@@ -168,7 +170,12 @@ def test_golden_fields_of_each_fixture(fixture_store, run, session_id, monkeypat
     found, _ = sessions_json(run, "--all", "--limit", "50")
     title, prompt, cwd, branch, messages, model, version = GOLDEN[session_id]
     got = found[session_id]
-    assert (got["title"], got["first_prompt"], got["cwd"], got["branch"]) == (title, prompt, cwd, branch)
+    assert (got["title"], got["first_prompt"], got["cwd"], got["branch"]) == (
+        title,
+        prompt,
+        cwd,
+        branch,
+    )
     assert (got["messages"], got["model"], got["version"]) == (messages, model, version)
     path = fixture_store / "projects" / folder_name(cwd) / f"{session_id}.jsonl"
     assert got["size"] == path.stat().st_size and got["path"] == str(path)
@@ -189,7 +196,10 @@ def test_a_legacy_summary_needs_the_session_that_wrote_it(store, run):
     source = FIXTURES / "v1.0/10000000-0000-4000-8000-000000000001.jsonl"
     put_session(store, SHOP, "10000000-0000-4000-8000-000000000001", source.read_bytes())
     found, _ = sessions_json(run, "--all")
-    assert found["10000000-0000-4000-8000-000000000001"]["title"] == "Add input validation to the signup form"
+    assert (
+        found["10000000-0000-4000-8000-000000000001"]["title"]
+        == "Add input validation to the signup form"
+    )
 
 
 def test_table_is_newest_first_and_fits_the_terminal(fixture_store, run, monkeypatch):
@@ -208,12 +218,18 @@ def test_table_is_newest_first_and_fits_the_terminal(fixture_store, run, monkeyp
 def test_wide_terminal_shows_activity_time_and_model(store, run, monkeypatch):
     monkeypatch.setenv("COLUMNS", "160")
     put_session(
-        store, "/work/app", new_id(1), lines(user("fix the parser"), assistant("done")), age_hours=0.5
+        store,
+        "/work/app",
+        new_id(1),
+        lines(user("fix the parser"), assistant("done")),
+        age_hours=0.5,
     )
     result = run("sessions")
     header, row = result.out.splitlines()
     assert header.split() == ["ID", "ACTIVE", "AGE", "MSGS", "MODEL", "BRANCH", "PROJECT", "TITLE"]
-    active = time.strftime("%m-%d %H:%M", time.localtime(os.path.getmtime(next(store.rglob("*.jsonl")))))
+    active = time.strftime(
+        "%m-%d %H:%M", time.localtime(os.path.getmtime(next(store.rglob("*.jsonl"))))
+    )
     assert row.split()[:2] == [new_id(1)[:8], active.split()[0]] and "opus-4-6" in row
     assert row.endswith("fix the parser")
 
@@ -243,7 +259,10 @@ def test_limit_keeps_the_newest_and_says_so(store, run):
     found, document = sessions_json(run, "--limit", "2")
     assert list(found) == [new_id(1), new_id(2)] and document["truncated"] is True
     result = run("sessions", "--limit", "2")
-    assert "showing the 2 most recent sessions in the last 24 hours; --limit N shows more" in result.err
+    assert (
+        "showing the 2 most recent sessions in the last 24 hours; --limit N shows more"
+        in result.err
+    )
 
 
 def test_missing_config_dir_lists_nothing_with_a_note(tmp_path, run, monkeypatch):
@@ -253,7 +272,10 @@ def test_missing_config_dir_lists_nothing_with_a_note(tmp_path, run, monkeypatch
     assert result.json()["sessions"] == [] and result.json()["projects_dir"] == str(
         tmp_path / "nowhere" / "projects"
     )
-    assert result.err.startswith("orchestra: no Claude Code sessions yet:") and result.err.count("\n") == 1
+    assert (
+        result.err.startswith("orchestra: no Claude Code sessions yet:")
+        and result.err.count("\n") == 1
+    )
     human = run("sessions")
     assert human.code == 0 and human.out == "" and "does not exist" in human.err
 
@@ -262,7 +284,11 @@ def test_home_config_dir_is_the_default(tmp_path, run, monkeypatch):
     monkeypatch.delenv("CLAUDE_CONFIG_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     put_session(
-        tmp_path / "home" / ".claude", "/a", new_id(7), lines(user("from home", cwd="/a")), age_hours=0
+        tmp_path / "home" / ".claude",
+        "/a",
+        new_id(7),
+        lines(user("from home", cwd="/a")),
+        age_hours=0,
     )
     assert list(sessions_json(run)[0]) == [new_id(7)]
 
@@ -274,7 +300,11 @@ def test_half_written_last_line(store, run):
     text = lines(user("first prompt"), assistant("answer")) + json.dumps(user("second"))[:40]
     put_session(store, "/work/app", new_id(1), text)
     session = sessions_json(run)[0][new_id(1)]
-    assert (session["title"], session["messages"], session["cwd"]) == ("first prompt", 2, "/work/app")
+    assert (session["title"], session["messages"], session["cwd"]) == (
+        "first prompt",
+        2,
+        "/work/app",
+    )
 
 
 def test_invalid_utf8_is_replaced_not_fatal(store, run):
@@ -291,7 +321,9 @@ def test_a_50_mb_single_line(store, run):
     started = time.monotonic()
     session = sessions_json(run)[0][new_id(1)]
     assert time.monotonic() - started < 20
-    assert session["cwd"] == "/work/big" and session["branch"] == "main" and session["messages"] == 1
+    assert (
+        session["cwd"] == "/work/big" and session["branch"] == "main" and session["messages"] == 1
+    )
     assert session["title"] == new_id(1)[:8]  # the prompt is in neither whole-line window
 
 
@@ -354,26 +386,44 @@ def test_title_order_of_claude_code(store, run):
             {"type": "ai-title", "aiTitle": "AI title"},
             {"type": "summary", "summary": "S", "leafUuid": "other"},
         ],
-        5: [{"type": "custom-title", "customTitle": "Renamed"}, {"type": "ai-title", "aiTitle": "AI title"}],
+        5: [
+            {"type": "custom-title", "customTitle": "Renamed"},
+            {"type": "ai-title", "aiTitle": "AI title"},
+        ],
         6: [
             {"type": "agent-name", "agentName": "reviewer"},
             {"type": "custom-title", "customTitle": "Renamed"},
         ],
     }
     for n, extra in cases.items():
-        base = [user("first thing asked", uuid=f"first-{n}"), user("later prompt", uuid=f"leaf-{n}")]
+        base = [
+            user("first thing asked", uuid=f"first-{n}"),
+            user("later prompt", uuid=f"leaf-{n}"),
+        ]
         put_session(store, "/a", new_id(n), lines(*base, *extra))
     found, _ = sessions_json(run)
     titles = [found[new_id(n)]["title"] for n in cases]
-    assert titles == ["first thing asked", "the last prompt", "A summary", "AI title", "Renamed", "reviewer"]
+    assert titles == [
+        "first thing asked",
+        "the last prompt",
+        "A summary",
+        "AI title",
+        "Renamed",
+        "reviewer",
+    ]
 
 
 def test_a_summary_from_another_file_titles_only_an_untitled_session(store, run):
     put_session(store, "/a", new_id(1), lines(user("plain prompt", uuid="leaf-1")))
     put_session(
-        store, "/a", new_id(2), lines(user("prompt", uuid="leaf-2"), {"type": "ai-title", "aiTitle": "Kept"})
+        store,
+        "/a",
+        new_id(2),
+        lines(user("prompt", uuid="leaf-2"), {"type": "ai-title", "aiTitle": "Kept"}),
     )
-    summaries = [{"type": "summary", "summary": f"About {n}", "leafUuid": f"leaf-{n}"} for n in (1, 2)]
+    summaries = [
+        {"type": "summary", "summary": f"About {n}", "leafUuid": f"leaf-{n}"} for n in (1, 2)
+    ]
     put_session(store, "/a", new_id(3), lines(*summaries, user("the writer", uuid="leaf-3")))
     found, _ = sessions_json(run)
     assert [found[new_id(n)]["title"] for n in (1, 2, 3)] == ["About 1", "Kept", "the writer"]
@@ -381,14 +431,19 @@ def test_a_summary_from_another_file_titles_only_an_untitled_session(store, run)
 
 def test_meaningful_prompt_rules(store, run):
     skipped = [
-        user("<command-message>init is analyzing</command-message>\n<command-name>/init</command-name>"),
+        user(
+            "<command-message>init is analyzing</command-message>\n<command-name>/init</command-name>"
+        ),
         user("Expanded command text", isMeta=True),
         user("[Request interrupted by user for tool use]"),
         user("<local-command-stdout>done</local-command-stdout>"),
         user("Warmup"),
         user("sidechain task", isSidechain=True),
         user("summary of earlier context", isCompactSummary=True),
-        {**user(""), "message": {"role": "user", "content": [{"type": "tool_result", "content": "ok"}]}},
+        {
+            **user(""),
+            "message": {"role": "user", "content": [{"type": "tool_result", "content": "ok"}]},
+        },
     ]
     put_session(store, "/a", new_id(1), lines(*skipped, user("  the   real\n prompt  ")))
     put_session(store, "/a", new_id(2), lines(*skipped))
@@ -399,7 +454,11 @@ def test_meaningful_prompt_rules(store, run):
     assert found[new_id(2)]["first_prompt"] == "/init"  # only a slash command: it is the fallback
     assert found[new_id(3)]["first_prompt"] == "! ls -la"
     long_prompt = found[new_id(4)]["first_prompt"]
-    assert long_prompt.startswith("red word") and len(long_prompt) <= 200 and long_prompt.endswith("word…")
+    assert (
+        long_prompt.startswith("red word")
+        and len(long_prompt) <= 200
+        and long_prompt.endswith("word…")
+    )
 
 
 def test_unreadable_files_are_skipped_with_a_count(store, run, monkeypatch):
@@ -427,9 +486,13 @@ def test_unreadable_files_are_skipped_with_a_count(store, run, monkeypatch):
 
 
 def test_counts_are_cached_and_extended_as_a_file_grows(store, run, monkeypatch, tmp_path):
-    path = put_session(store, "/a", new_id(1), lines(user("one", cwd="/a"), assistant("a", "msg_1")))
+    path = put_session(
+        store, "/a", new_id(1), lines(user("one", cwd="/a"), assistant("a", "msg_1"))
+    )
     assert sessions_json(run)[0][new_id(1)]["messages"] == 2
-    cache = json.loads((tmp_path / "cache" / "claude-orchestra" / "session-counts.json").read_text())
+    cache = json.loads(
+        (tmp_path / "cache" / "claude-orchestra" / "session-counts.json").read_text()
+    )
     assert cache["files"][str(path)]["total"] == 2
 
     reads = []
@@ -451,7 +514,9 @@ def test_counts_are_cached_and_extended_as_a_file_grows(store, run, monkeypatch,
         f.write(half[30:])
     assert sessions_json(run)[0][new_id(1)]["messages"] == 5
 
-    path.write_text(lines(user("rewritten", cwd="/a")) + " " * 400)  # shorter and different: recount
+    path.write_text(
+        lines(user("rewritten", cwd="/a")) + " " * 400
+    )  # shorter and different: recount
     assert sessions_json(run)[0][new_id(1)]["messages"] == 1
 
 
@@ -483,16 +548,25 @@ def opened_transcripts(monkeypatch, store):
 
 
 def test_a_warm_listing_reads_no_transcript(store, run, monkeypatch):
-    put_session(store, "/a", new_id(1), lines(user("one", cwd="/a"), assistant("a", "msg_1", cwd="/a")))
     put_session(
-        store, "/b", new_id(2), lines(user("two", cwd="/b"), {"type": "ai-title", "aiTitle": "Named"})
+        store, "/a", new_id(1), lines(user("one", cwd="/a"), assistant("a", "msg_1", cwd="/a"))
     )
-    put_session(store, "/c", new_id(3), lines(user("three", cwd="/c")) + '{"half a line', age_hours=30)
+    put_session(
+        store,
+        "/b",
+        new_id(2),
+        lines(user("two", cwd="/b"), {"type": "ai-title", "aiTitle": "Named"}),
+    )
+    put_session(
+        store, "/c", new_id(3), lines(user("three", cwd="/c")) + '{"half a line', age_hours=30
+    )
     cold = sessions_json(run, "--all")[0]
     opened = opened_transcripts(monkeypatch, store)
     assert sessions_json(run, "--all")[0] == cold and opened == []
     assert run("sessions", "--all").code == 0 and opened == []  # the table too
-    assert sessions_json(run, "--project", str(store))[0] == {} and opened == []  # no probe of cached cwds
+    assert (
+        sessions_json(run, "--project", str(store))[0] == {} and opened == []
+    )  # no probe of cached cwds
     assert [cold[new_id(n)]["title"] for n in (1, 2, 3)] == ["one", "Named", "three"]
 
 
@@ -564,7 +638,11 @@ def put_sessions_in(store, places):
     for n, (name, folder) in enumerate(places.items(), start=1):
         ids[name] = new_id(n)
         put_session(
-            store, str(folder), new_id(n), lines(user(f"work in {name}", cwd=str(folder))), age_hours=n / 10
+            store,
+            str(folder),
+            new_id(n),
+            lines(user(f"work in {name}", cwd=str(folder))),
+            age_hours=n / 10,
         )
     return ids
 
@@ -585,7 +663,9 @@ def test_project_outside_git_is_that_folder(store, run, worktrees, tmp_path):
     plain = tmp_path / "notes"
     plain.mkdir()
     put_session(store, str(plain), new_id(50), lines(user("notes", cwd=str(plain))))
-    put_session(store, str(plain / "deep"), new_id(51), lines(user("deep", cwd=str(plain / "deep"))))
+    put_session(
+        store, str(plain / "deep"), new_id(51), lines(user("deep", cwd=str(plain / "deep")))
+    )
     put_session(store, str(tmp_path), new_id(52), lines(user("above", cwd=str(tmp_path))))
     assert set(sessions_json(run, "--project", plain)[0]) == {new_id(50), new_id(51)}
 
@@ -599,7 +679,9 @@ def test_project_that_does_not_exist(run, tmp_path):
     )
 
 
-def test_project_uses_the_git_files_not_a_git_process_per_session(store, run, worktrees, monkeypatch):
+def test_project_uses_the_git_files_not_a_git_process_per_session(
+    store, run, worktrees, monkeypatch
+):
     for n in range(40):
         folder = worktrees["subdir"] / f"pkg{n}"
         put_session(store, str(folder), new_id(100 + n), lines(user("x", cwd=str(folder))))
@@ -617,7 +699,9 @@ def test_sessions_of_orchestra_agents_are_marked(store, run, worktrees):
                         "branch": "orchestra/auth"},
                "docs": {"id": "docs", "session_id": None, "worktree": str(worktrees["beside"]), "branch": "feature"}}  # fmt: skip
     (repo / ".orchestra" / "state.json").write_text(json.dumps({"version": 1, "agents": records}))
-    ids = put_sessions_in(store, {"repo": repo, "inside": worktrees["inside"], "beside": worktrees["beside"]})
+    ids = put_sessions_in(
+        store, {"repo": repo, "inside": worktrees["inside"], "beside": worktrees["beside"]}
+    )
     found, _ = sessions_json(run, "--project")
     assert {found[i]["agent"] for i in ids.values()} == {None, "auth", "docs"}
     assert found[ids["inside"]]["agent"] == "auth" and found[ids["beside"]]["agent"] == "docs"
@@ -635,7 +719,9 @@ def execs(monkeypatch, tmp_path):
     """Record exec calls instead of replacing the test process; report the cwd they ran in."""
     calls = []
     monkeypatch.setattr(orchestra.shutil, "which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(orchestra.os, "execvp", lambda file, argv: calls.append((os.getcwd(), file, argv)))
+    monkeypatch.setattr(
+        orchestra.os, "execvp", lambda file, argv: calls.append((os.getcwd(), file, argv))
+    )
     monkeypatch.chdir(tmp_path)  # exec_in changes directory: pytest puts it back afterwards
     return calls
 
@@ -694,8 +780,12 @@ def test_resume_by_agent_id(store, run, execs, worktrees):
         "worktree": str(worktrees["inside"]),
         "branch": "orchestra/auth",
     }
-    (repo / ".orchestra" / "state.json").write_text(json.dumps({"version": 1, "agents": {"auth": record}}))
-    put_session(store, str(worktrees["inside"]), new_id(9), lines(user("x", cwd=str(worktrees["inside"]))))
+    (repo / ".orchestra" / "state.json").write_text(
+        json.dumps({"version": 1, "agents": {"auth": record}})
+    )
+    put_session(
+        store, str(worktrees["inside"]), new_id(9), lines(user("x", cwd=str(worktrees["inside"])))
+    )
     assert run("sessions", "--resume", "auth").code == 0
     assert execs == [(str(worktrees["inside"]), "claude", ["claude", "--resume", new_id(9)])]
 
@@ -705,7 +795,10 @@ def removed_worktree(store, worktrees):
     """A session that ran in a worktree (outside the repo) that has since been removed."""
     path = worktrees["beside"]
     put_session(
-        store, str(path), new_id(1), lines({**user("feature work", cwd=str(path)), "gitBranch": "feature"})
+        store,
+        str(path),
+        new_id(1),
+        lines({**user("feature work", cwd=str(path)), "gitBranch": "feature"}),
     )
     git("worktree", "remove", "--force", str(path), cwd=worktrees["repo"])
     return path
@@ -728,7 +821,10 @@ def test_resume_without_a_terminal_only_shows_what_it_would_do(
     result = run("sessions", "--resume", new_id(1))
     assert result.code == 1 and execs == [] and not removed_worktree.exists()
     assert result.out.splitlines()[0] == "would run:"
-    assert f"  git -C {worktrees['repo']} worktree add {removed_worktree} feature" in result.out.splitlines()
+    assert (
+        f"  git -C {worktrees['repo']} worktree add {removed_worktree} feature"
+        in result.out.splitlines()
+    )
     assert "no terminal to confirm recreating it" in result.err and result.err.count("\n") == 1
 
 
@@ -758,7 +854,9 @@ def test_resume_declined_does_nothing(run, execs, removed_worktree, monkeypatch)
 
 def test_resume_prunes_a_worktree_deleted_by_hand(store, run, execs, worktrees):
     gone = worktrees["gone"]  # its folder was deleted, git still registers it
-    put_session(store, str(gone), new_id(3), lines({**user("x", cwd=str(gone)), "gitBranch": "gone"}))
+    put_session(
+        store, str(gone), new_id(3), lines({**user("x", cwd=str(gone)), "gitBranch": "gone"})
+    )
     result = run("sessions", "--resume", new_id(3), "--print")
     assert result.out.splitlines()[:2] == [f"git -C {worktrees['repo']} worktree remove --force {gone}",
                                            f"git -C {worktrees['repo']} worktree add {gone} gone"]  # fmt: skip
@@ -767,12 +865,18 @@ def test_resume_prunes_a_worktree_deleted_by_hand(store, run, execs, worktrees):
 def test_resume_recreates_a_worktree_inside_the_repository(store, run, execs, worktrees):
     inside = worktrees["inside"]
     put_session(
-        store, str(inside), new_id(4), lines({**user("x", cwd=str(inside)), "gitBranch": "orchestra/auth"})
+        store,
+        str(inside),
+        new_id(4),
+        lines({**user("x", cwd=str(inside)), "gitBranch": "orchestra/auth"}),
     )
     git("worktree", "remove", str(inside), cwd=worktrees["repo"])
     os.chdir(worktrees["plain"])  # not in the repository: found from the vanished folder's parents
     result = run("sessions", "--resume", new_id(4), "--print")
-    assert result.out.splitlines()[0] == f"git -C {worktrees['repo']} worktree add {inside} orchestra/auth"
+    assert (
+        result.out.splitlines()[0]
+        == f"git -C {worktrees['repo']} worktree add {inside} orchestra/auth"
+    )
 
 
 def test_resume_when_the_branch_is_gone_too(run, execs, worktrees, removed_worktree):
@@ -781,8 +885,13 @@ def test_resume_when_the_branch_is_gone_too(run, execs, worktrees, removed_workt
     assert result.code == 1 and execs == []
     out = result.out.splitlines()
     assert f"git -C {worktrees['repo']} fsck --unreachable --no-reflogs" in out
-    assert f"git -C {worktrees['repo']} worktree add -b feature {removed_worktree} '<commit>'" in out
-    assert out[-1] == f"mkdir -p {removed_worktree} && cd {removed_worktree} && claude --resume {new_id(1)}"
+    assert (
+        f"git -C {worktrees['repo']} worktree add -b feature {removed_worktree} '<commit>'" in out
+    )
+    assert (
+        out[-1]
+        == f"mkdir -p {removed_worktree} && cd {removed_worktree} && claude --resume {new_id(1)}"
+    )
     assert result.err == (
         f"orchestra: error: session {new_id(1)[:8]} ran in {removed_worktree}, which no longer exists, "
         "and branch 'feature' is gone too; the commands above would recover it\n"
@@ -814,7 +923,9 @@ def test_bad_input_is_one_line_and_exit_2(run, argv, message):
 
 
 @requires_claude
-def test_real_session_in_a_removed_worktree_is_recreated_and_resumed(tmp_path, run, execs, monkeypatch):
+def test_real_session_in_a_removed_worktree_is_recreated_and_resumed(
+    tmp_path, run, execs, monkeypatch
+):
     """A session made by the real CLI in a worktree; the worktree is removed, recreated, resumed."""
     repo = make_repo(tmp_path / "repo")
     worktree = repo / ".worktrees" / "task-notes"
@@ -834,7 +945,9 @@ def test_real_session_in_a_removed_worktree_is_recreated_and_resumed(tmp_path, r
         found, _ = sessions_json(run)
         session = found[session_id]
         assert (session["cwd"], session["branch"]) == (str(worktree), "orchestra/notes")
-        assert session["title"] == "please write-notes" and session["messages"] == 2  # prompt, reply
+        assert (
+            session["title"] == "please write-notes" and session["messages"] == 2
+        )  # prompt, reply
         assert session["version"] == subprocess.run([CLAUDE, "--version"], capture_output=True, text=True,
                                                     env=env).stdout.split()[0]  # fmt: skip
 
@@ -869,7 +982,8 @@ def test_one_prompt_and_twelve_tool_calls_are_two_messages(store, run):
             {"type": "tool_use", "id": f"t{n}", "name": "Bash", "input": {"command": "ls"}}
         ]
         result = user(
-            "", message={"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{n}"}]}
+            "",
+            message={"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{n}"}]},
         )
         records += [call, result]
     nested = {
@@ -898,5 +1012,7 @@ def test_fixtures_are_what_their_script_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(make_claude_sessions, "OUT", tmp_path)
     make_claude_sessions.main()
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.jsonl"))
-    assert written and all((FIXTURES / p).read_bytes() == (tmp_path / p).read_bytes() for p in written)
+    assert written and all(
+        (FIXTURES / p).read_bytes() == (tmp_path / p).read_bytes() for p in written
+    )
     assert not any("shared" in str(p) for p in FIXTURES.rglob("*"))

@@ -10,7 +10,15 @@ import time
 import pytest
 
 import orchestra
-from conftest import FAKE_AGENT_COMMAND, ROOT, agent_states, load_state, wait_for, wait_settled, write_config
+from conftest import (
+    FAKE_AGENT_COMMAND,
+    ROOT,
+    agent_states,
+    load_state,
+    wait_for,
+    wait_settled,
+    write_config,
+)
 
 COUNTER = """
 import sys
@@ -55,7 +63,9 @@ def test_kill_during_writes_never_leaves_an_unreadable_file(tmp_path):
         assert state["version"] == orchestra.STATE_VERSION
     assert state["counter"] > 0
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("state.json", "state.lock")]
-    assert all(name.endswith(".tmp") for name in leftovers)  # at most the temp file of a killed write
+    assert all(
+        name.endswith(".tmp") for name in leftovers
+    )  # at most the temp file of a killed write
 
 
 def test_state_is_versioned_sorted_and_compact(tmp_path):
@@ -92,11 +102,21 @@ def test_corrupt_state_is_moved_aside_and_rebuilt(fake_repo, cli, damage):
 
     run = cli("status", "--json")
     assert run.code == 0
-    assert run.err.startswith(f"orchestra: warning: {path} was unreadable; moved it to state.json.corrupt-")
+    assert run.err.startswith(
+        f"orchestra: warning: {path} was unreadable; moved it to state.json.corrupt-"
+    )
     assert "rebuilt 2 agent record(s) from logs and worktrees" in run.err
     rebuilt = {a["id"]: a for a in run.json()["agents"]}
     for agent_id in ("commit-txt-first", "fail-second-job"):
-        for key in ("task", "branch", "worktree", "base_commit", "session_id", "cost_usd", "result"):
+        for key in (
+            "task",
+            "branch",
+            "worktree",
+            "base_commit",
+            "session_id",
+            "cost_usd",
+            "result",
+        ):
             assert rebuilt[agent_id][key] == good[agent_id][key], key
     assert rebuilt["commit-txt-first"]["state"] == "done"
     assert rebuilt["fail-second-job"]["state"] == "failed"
@@ -119,7 +139,9 @@ def test_rebuilt_agent_that_ended_unwatched_is_interrupted(fake_repo, cli):
     cli("spawn", "crash:9 dies")
     wait_settled(fake_repo)
     log = fake_repo / ".orchestra" / "logs" / "crash-9-dies.jsonl"
-    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if '"settled"' not in line))
+    log.write_text(
+        "".join(line + "\n" for line in log.read_text().splitlines() if '"settled"' not in line)
+    )
     (fake_repo / ".orchestra" / "state.json").write_text("{")
     agent = cli("status", "--json").json()["agents"][0]
     assert agent["state"] == "interrupted"
@@ -147,7 +169,11 @@ def test_lock_timeout_is_an_error(tmp_path):
 def test_a_state_rebuilt_while_agents_run_keeps_them_running(fake_repo, cli):
     write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, default_parallel=1)
     assert cli("spawn", "sleep:4 commit:a.txt first", "commit:b.txt second").code == 0
-    wait_for(lambda: agent_states(fake_repo).get("sleep-4-commit") == "running", timeout=30, what="running")
+    wait_for(
+        lambda: agent_states(fake_repo).get("sleep-4-commit") == "running",
+        timeout=30,
+        what="running",
+    )
     with orchestra.FileLock(fake_repo / ".orchestra" / "state.lock"):
         (fake_repo / ".orchestra" / "state.json").write_text("{ torn")
     states = {a["id"]: a["state"] for a in cli("status", "--json").json()["agents"]}

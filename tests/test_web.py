@@ -101,7 +101,9 @@ def test_spawn_takes_the_cli_path_and_the_agents_finish(server, fake_repo):
     assert set(agents[0]) == set(orchestra.RECORD_FIELDS)
     state = wait_settled(fake_repo) and load_state(fake_repo)
     assert state["parallel"] == 2
-    assert git("show", "orchestra/commit-hello-txt:hello.txt", cwd=fake_repo).startswith("written by")
+    assert git("show", "orchestra/commit-hello-txt:hello.txt", cwd=fake_repo).startswith(
+        "written by"
+    )
 
     record = call(server, "GET", "/api/agents/commit-hello").json()  # a unique prefix works too
     assert record["state"] == "done" and record["commits"] == 1 and record["result"] == "all done"
@@ -147,7 +149,10 @@ def test_spawn_refuses_bad_input_and_records_nothing(server, fake_repo, body, me
     answer = call(server, "POST", "/api/spawn", body)
     assert answer.status == 400, answer
     assert message in answer.json()["error"]
-    assert not (fake_repo / ".orchestra" / "state.json").exists() or not load_state(fake_repo)["agents"]
+    assert (
+        not (fake_repo / ".orchestra" / "state.json").exists()
+        or not load_state(fake_repo)["agents"]
+    )
 
 
 def test_bad_json_and_bad_lengths(server):
@@ -176,7 +181,9 @@ def test_pause_resume_stop_through_the_api(server, fake_repo):
         "message": "sleep-20-long: paused",  # what `orchestra pause` prints
     }
     assert load_state(fake_repo)["agents"]["sleep-20-long"]["state"] == "paused"
-    answer = call(server, "POST", "/api/agents/sleep-20-long/resume", raw_body=b"")  # an empty body is {}
+    answer = call(
+        server, "POST", "/api/agents/sleep-20-long/resume", raw_body=b""
+    )  # an empty body is {}
     assert answer.json()["outcomes"][0]["result"] == "resumed"
     answer = call(server, "POST", "/api/agents/sleep-20-long/resume", {})
     assert (
@@ -199,7 +206,9 @@ def test_unknown_and_ambiguous_ids(server, cli, fake_repo):
     assert call(server, "POST", "/api/agents/nobody/stop", {}).status == 404
     answer = call(server, "GET", "/api/agents/alpha")
     assert answer.status == 400 and "matches alpha-one, alpha-two" in answer.json()["error"]
-    assert call(server, "GET", "/api/agents/alpha%2Done").json()["id"] == "alpha-one"  # percent-decoded
+    assert (
+        call(server, "GET", "/api/agents/alpha%2Done").json()["id"] == "alpha-one"
+    )  # percent-decoded
     wait_settled(fake_repo)
 
 
@@ -211,7 +220,10 @@ def test_log_tail_reads_only_the_end_of_the_file(server, project, monkeypatch):
         for n in range(10):
             f.write(
                 json.dumps(
-                    {"type": "assistant", "message": {"content": [{"type": "text", "text": f"line {n}"}]}}
+                    {
+                        "type": "assistant",
+                        "message": {"content": [{"type": "text", "text": f"line {n}"}]},
+                    }
                 ).encode()
                 + b"\n"
             )
@@ -254,13 +266,17 @@ def test_log_tail_parameter_is_checked(server, project):
     for tail in ("0", "abc", "5001", "-1"):
         answer = call(server, "GET", f"/api/agents/quiet/log?tail={tail}")
         assert (
-            answer.status == 400 and "'tail' must be a whole number from 1 to 5000" in answer.json()["error"]
+            answer.status == 400
+            and "'tail' must be a whole number from 1 to 5000" in answer.json()["error"]
         )
     assert call(server, "GET", "/api/agents/quiet/log").json()["lines"] == []  # no log yet
 
 
 def test_diff_is_capped_and_needs_something_to_compare(server, fake_repo, monkeypatch):
-    assert call(server, "POST", "/api/spawn", {"tasks": ["commit:a.txt write:b.txt two files"]}).status == 201
+    assert (
+        call(server, "POST", "/api/spawn", {"tasks": ["commit:a.txt write:b.txt two files"]}).status
+        == 201
+    )
     wait_settled(fake_repo)
     monkeypatch.setattr(orchestra, "WEB_MAX_DIFF", 40)
     diff = call(server, "GET", "/api/agents/commit-txt/diff").json()
@@ -296,7 +312,8 @@ def test_worktrees_sessions_and_cleanup_pass_through(server, cli, fake_repo, mon
     monkeypatch.setattr(
         orchestra,
         "cleanup_agents",
-        lambda p, ids=None, apply=False: plans.append((ids, apply)) or {"plan": [], "applied": apply},
+        lambda p, ids=None, apply=False: plans.append((ids, apply))
+        or {"plan": [], "applied": apply},
     )
     assert call(server, "POST", "/api/cleanup", {}).json() == {
         "plan": [],
@@ -304,7 +321,8 @@ def test_worktrees_sessions_and_cleanup_pass_through(server, cli, fake_repo, mon
         "message": "Nothing to clean up.",
     }
     assert (
-        call(server, "POST", "/api/cleanup", {"ids": ["one-tree"], "apply": True}).json()["applied"] is True
+        call(server, "POST", "/api/cleanup", {"ids": ["one-tree"], "apply": True}).json()["applied"]
+        is True
     )
     assert call(server, "POST", "/api/cleanup", {"apply": "yes"}).status == 400
     assert call(server, "POST", "/api/cleanup", {"ids": [3]}).status == 400
@@ -336,7 +354,9 @@ def matrix_request(server, token, origin, host_kind, kind):
     path = {"GET": b"/api/status", "WS": b"/ws/status"}.get(kind, b"/api/spawn")
     lines = [b"%s %s%s HTTP/1.1" % (b"POST" if kind.startswith("POST") else b"GET", path,
                                      b"?token=" + good if token == "query" else b"")]  # fmt: skip
-    lines.append(b"Host: " + (host(server).encode() if host_kind == "good" else b"evil.example:%d" % port))
+    lines.append(
+        b"Host: " + (host(server).encode() if host_kind == "good" else b"evil.example:%d" % port)
+    )
     lines.append(b"Connection: close")
     auth = {
         "wrong": b"Bearer " + b"x" * len(good),
@@ -347,7 +367,11 @@ def matrix_request(server, token, origin, host_kind, kind):
         lines.append(b"Authorization: " + auth[token])
     if token == "cookie":
         lines.append(b"Cookie: other=1; orchestra_token_%d=%s" % (port, good))
-    origins = {"same": b"http://" + host(server).encode(), "evil": b"http://evil.example", "null": b"null"}
+    origins = {
+        "same": b"http://" + host(server).encode(),
+        "evil": b"http://evil.example",
+        "null": b"null",
+    }
     if origin in origins:
         lines.append(b"Origin: " + origins[origin])
     if kind == "WS":
@@ -366,7 +390,9 @@ def test_auth_matrix(server, monkeypatch):
     reached = []
     for _, _, name in orchestra.ROUTES:
         monkeypatch.setattr(
-            orchestra.WebHandler, name, lambda self, *a, _name=name: reached.append(_name) or (200, {})
+            orchestra.WebHandler,
+            name,
+            lambda self, *a, _name=name: reached.append(_name) or (200, {}),
         )
     wrong = []
     for cell in itertools.product(TOKENS, ORIGINS, HOSTS, KINDS):
@@ -407,7 +433,14 @@ def test_two_host_headers_are_refused(server):
 
 def test_allowed_hosts():
     hosts = orchestra.allowed_hosts("0.0.0.0", ["Phone.LAN", "[fd00::1]"])
-    assert {"localhost", "127.0.0.1", "::1", socket.gethostname().lower(), "phone.lan", "fd00::1"} <= hosts
+    assert {
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        socket.gethostname().lower(),
+        "phone.lan",
+        "fd00::1",
+    } <= hosts
     assert "0.0.0.0" not in hosts
     assert "192.168.1.5" in orchestra.allowed_hosts("192.168.1.5")
     assert "fd00::2" in orchestra.allowed_hosts("fd00::2")
@@ -444,7 +477,9 @@ def test_request_limits(server):
     huge = (b"POST /api/spawn HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000000\r\n\r\n{" % (host(server).encode(), token))  # fmt: skip
     reply = raw_request(server, huge)
-    assert reply.startswith("HTTP/1.1 413 ") and time.monotonic() - started < 1  # answered without the body
+    assert (
+        reply.startswith("HTTP/1.1 413 ") and time.monotonic() - started < 1
+    )  # answered without the body
     for nonsense in (b"GARBAGE\r\n\r\n", b"GET /\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n"):
         reply = raw_request(server, nonsense)
         assert reply.startswith(("HTTP/1.1 400 ", "HTTP/1.1 505 ")) and '"error"' in reply, reply
@@ -477,7 +512,9 @@ def test_unknown_paths_methods_and_no_static_files(server):
         "/api/status",
         headers={"Origin": f"http://{host(server)}", "Access-Control-Request-Method": "POST"},
     )
-    assert answer.status == 405 and not any(h.lower().startswith("access-control") for h in answer.headers)
+    assert answer.status == 405 and not any(
+        h.lower().startswith("access-control") for h in answer.headers
+    )
     assert call(server, "DELETE", "/api/status").status == 405
 
 
@@ -491,7 +528,9 @@ def test_half_sent_request_is_closed_by_the_deadline(server):
 
 
 def test_slowloris_cannot_starve_an_authenticated_request(project):
-    srv = orchestra.start_web_server(project, "127.0.0.1", 0, log=None, revive=False, max_connections=20)
+    srv = orchestra.start_web_server(
+        project, "127.0.0.1", 0, log=None, revive=False, max_connections=20
+    )
     sockets = []
     try:
         for _ in range(60):
@@ -537,7 +576,9 @@ def test_security_headers(server):
         digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
         assert f"{tag}-src 'sha256-{digest}';" in policy
     markup = re.sub(r"<script>.*?</script>|<!--.*?-->", "", page.body, flags=re.S)
-    assert not re.search(r"\s(on[a-z]+|style)\s*=", markup)  # inline handlers and styles would be blocked
+    assert not re.search(
+        r"\s(on[a-z]+|style)\s*=", markup
+    )  # inline handlers and styles would be blocked
     assert "http://" not in page.body and "https://" not in page.body  # nothing from the network
     api = call(server, "GET", "/api/status")
     for answer in (page, api, call(server, "GET", "/api/status", auth=False)):
@@ -555,7 +596,10 @@ def test_a_crash_is_a_500_without_a_traceback(server, monkeypatch):
     monkeypatch.setattr(orchestra, "current_status", broken)
     answer = call(server, "GET", "/api/status")
     assert answer.status == 500 and answer.json() == {"error": orchestra.WEB_INTERNAL_ERROR}
-    assert "Traceback" in server.test_log.getvalue() and "secret internals" in server.test_log.getvalue()
+    assert (
+        "Traceback" in server.test_log.getvalue()
+        and "secret internals" in server.test_log.getvalue()
+    )
 
 
 def test_access_log_has_no_query_strings(server):
@@ -568,7 +612,9 @@ def test_access_log_has_no_query_strings(server):
 
 
 def test_missing_dashboard_says_where_to_put_it(server, monkeypatch, tmp_path):
-    monkeypatch.setattr(orchestra, "dashboard_candidates", lambda: [tmp_path / "nowhere" / "dashboard.html"])
+    monkeypatch.setattr(
+        orchestra, "dashboard_candidates", lambda: [tmp_path / "nowhere" / "dashboard.html"]
+    )
     page = call(server, "GET", "/", auth=False)
     assert page.status == 404 and page.headers["Content-Type"].startswith("text/plain")
     assert str(tmp_path / "nowhere" / "dashboard.html") in page.body
@@ -615,7 +661,9 @@ def test_tls(project, tmp_path):
         assert srv.url.startswith("https://127.0.0.1:")
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        connection = http.client.HTTPSConnection(*srv.server_address[:2], context=context, timeout=5)
+        connection = http.client.HTTPSConnection(
+            *srv.server_address[:2], context=context, timeout=5
+        )
         origin = "https://{}:{}".format(*srv.server_address[:2])
         connection.request("GET", "/api/status", headers={**bearer(srv), "Origin": origin})
         assert connection.getresponse().status == 200
@@ -624,7 +672,9 @@ def test_tls(project, tmp_path):
         plain.sendall(b"GET /api/status HTTP/1.1\r\n\r\n")  # plain HTTP to a TLS port: refused
         assert b"200 OK" not in plain.recv(1024)
         plain.close()
-        connection = http.client.HTTPSConnection(*srv.server_address[:2], context=context, timeout=5)
+        connection = http.client.HTTPSConnection(
+            *srv.server_address[:2], context=context, timeout=5
+        )
         connection.request("GET", "/api/status", headers=bearer(srv))
         assert connection.getresponse().status == 200  # and the server carries on
         connection.close()
@@ -644,7 +694,9 @@ def test_bad_tls_files_are_a_clear_error(project, tmp_path):
 
 def test_the_server_restarts_a_dead_supervisor(project, fake_repo, cli):
     assert cli("spawn", "sleep:3 outlives its supervisor").code == 0
-    pid = wait_for(lambda: load_state(fake_repo)["supervisor"].get("pid"), timeout=30, what="the supervisor")
+    pid = wait_for(
+        lambda: load_state(fake_repo)["supervisor"].get("pid"), timeout=30, what="the supervisor"
+    )
     wait_for(
         lambda: load_state(fake_repo)["agents"]["sleep-3-outlives"]["pid"],
         timeout=30,
@@ -660,7 +712,9 @@ def test_the_server_restarts_a_dead_supervisor(project, fake_repo, cli):
     srv = orchestra.start_web_server(project, "127.0.0.1", 0, log=log)
     try:
         wait_for(
-            lambda: "restarted it" in log.getvalue(), timeout=10, what="the server to restart the supervisor"
+            lambda: "restarted it" in log.getvalue(),
+            timeout=10,
+            what="the server to restart the supervisor",
         )
         wait_settled(fake_repo)
         assert load_state(fake_repo)["agents"]["sleep-3-outlives"]["state"] == "done"
@@ -703,7 +757,9 @@ def test_orchestra_web_warns_when_reachable_from_other_machines(fake_repo):
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=10)
     assert url.startswith(f"http://{socket.gethostname()}:")
-    assert warning.startswith("orchestra: warning: listening on 0.0.0.0, reachable from other machines")
+    assert warning.startswith(
+        "orchestra: warning: listening on 0.0.0.0, reachable from other machines"
+    )
     assert "phone.lan" in warning and "localhost" in warning
 
 

@@ -63,11 +63,17 @@ def close_payload(code, reason=b""):
 
 def test_handshake_accepts_the_rfc_sample_key():
     response = orchestra.websocket_accept(handshake_headers())
-    assert response == {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Accept": RFC_ACCEPT}
+    assert response == {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Accept": RFC_ACCEPT,
+    }
 
 
 def test_handshake_picks_the_orchestra_subprotocol_and_never_echoes_the_token():
-    response = orchestra.websocket_accept(handshake_headers(Sec_WebSocket_Protocol="token.secret, orchestra"))
+    response = orchestra.websocket_accept(
+        handshake_headers(Sec_WebSocket_Protocol="token.secret, orchestra")
+    )
     assert response["Sec-WebSocket-Protocol"] == "orchestra"
     assert "secret" not in json.dumps(response)
 
@@ -295,7 +301,9 @@ def test_the_websockets_library_gets_a_snapshot_then_updates(server, project):
         assert ws.subprotocol == "orchestra"
         snapshot = json.loads(ws.recv(timeout=5))
         assert snapshot["type"] == "snapshot"
-        assert snapshot["status"]["repo"] == str(project.repo) and snapshot["status"]["agents"] == []
+        assert (
+            snapshot["status"]["repo"] == str(project.repo) and snapshot["status"]["agents"] == []
+        )
         written = time.monotonic()
         add_record(project, "alpha", state="running", activity="thinking")
         update = json.loads(ws.recv(timeout=5))
@@ -333,7 +341,9 @@ def test_a_silent_peer_is_pinged_then_dropped(project):
         assert client.status == 101
         assert client.next(PING) == b""
         started = time.monotonic()
-        assert client.at_eof(timeout=5)  # never answered: dropped after ping_interval + pong_timeout
+        assert client.at_eof(
+            timeout=5
+        )  # never answered: dropped after ping_interval + pong_timeout
         assert time.monotonic() - started < 2
         wait_for(lambda: not server.hub.clients, timeout=5, what="the hub to forget the client")
     finally:
@@ -433,7 +443,10 @@ def test_ping_payload_is_echoed(raw):
         ([client_frame(TEXT, b"one", fin=False), client_frame(TEXT, b"two")], 1002),
         ([client_frame(TEXT, b"", length=1 << 63)[:10]], 1002),
         ([client_frame(TEXT, b"\xc3\x28")], 1007),
-        ([client_frame(TEXT, b"ok \xf0\x9f", fin=False), client_frame(CONTINUATION, b"\x28")], 1007),
+        (
+            [client_frame(TEXT, b"ok \xf0\x9f", fin=False), client_frame(CONTINUATION, b"\x28")],
+            1007,
+        ),
         ([client_frame(CLOSE, b"\x03")], 1002),
         ([client_frame(CLOSE, close_payload(1005))], 1002),
         ([client_frame(CLOSE, close_payload(1000, b"\xff"))], 1007),
@@ -474,7 +487,9 @@ def test_empty_close_is_answered_with_1000(raw):
 
 def test_over_size_message_is_refused_before_its_payload_arrives(raw):
     client = raw()
-    client.send(client_frame(TEXT, b"", length=orchestra.WS_MAX_MESSAGE + 1)[:14])  # header and mask only
+    client.send(
+        client_frame(TEXT, b"", length=orchestra.WS_MAX_MESSAGE + 1)[:14]
+    )  # header and mask only
     started = time.monotonic()
     assert client.close_code() == 1009
     assert time.monotonic() - started < 1
