@@ -9,7 +9,8 @@ Commands:
   orchestra init                      create .orchestra/ and show the effective configuration
   orchestra config [--json]           show each setting and where its value came from
   orchestra config set KEY VALUE      write a setting (--user: your own file); config unset KEY
-  orchestra doctor                    what works here: git, claude and its login, sandbox, gh
+  orchestra doctor [--host NAME]      what works here (or on a host): git, claude, login, sandbox
+  orchestra hosts [--json]            the machines agents run on: slots, agents, reachability
   orchestra spawn TASK... [--wait]    queue agents, one worktree and branch per task
   orchestra status [ID...] [--watch]  what every agent is doing, its cost and its commits
   orchestra logs ID [-f] [--tail N]   an agent's activity as readable lines
@@ -27,6 +28,7 @@ Commands:
   orchestra web [--port N] [--qr]     the phone-friendly dashboard, JSON API and live WebSocket
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
   orchestra hook permission-request   (internal) what Claude Code runs when an agent asks
+  orchestra host-agent ACTION         (internal) what a host runs when home calls it over ssh
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
@@ -55,6 +57,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Project                         a repository under orchestra: paths, config, state store
   Spawning agents                 unique ids, reserving agents, worktrees now or later, rollback
   Results you can trust           checks, fix rounds, API waits, budgets (Resilience)
+  Hosts                           other machines over ssh: placement, transport, following
   Supervisor                      the detached process that starts, watches and adopts agents
   Operations                      spawn, pause, resume, stop, retry, approve: CLI and web alike
   Reading logs                    an agent's log as readable lines, streamed and tailed
@@ -74,6 +77,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff, approvals
   Command line: results           collect, cleanup, restore
   Command line: sessions, web and internals   sessions, web, supervise, hook
+  Command line: hosts             hosts, and host-agent: what a host runs for home
   Command line: the parser        PARSER_BUILDERS and build_parser()
   Main                            main(): an OrchestraError becomes a message and an exit status
 Where the open work goes: containment (the PreToolUse guard and the integrity check) as
@@ -175,6 +179,8 @@ CONFIG_DEFAULTS = {
     "api_retries": 5,
     "api_backoff": 60,
     "api_backoff_max": 3600,
+    "hosts": {},
+    "placement": "local-first",
 }
 # What each key must hold: "int", "number", "str", "str?" (string or null) or "list".
 CONFIG_TYPES = {
@@ -202,6 +208,8 @@ CONFIG_TYPES = {
     "api_retries": "int",
     "api_backoff": "number",
     "api_backoff_max": "number",
+    "hosts": "hosts",
+    "placement": "str",
 }
 # Agent states (see DESIGN.md, "An agent") and exit statuses (0 ok, 1 failed, 2 bad input, Ctrl-C)
 ACTIVE_STATES = ("queued", "running", "paused", "waiting")
@@ -527,9 +535,54 @@ TYPE_NAMES = {
     "str?": "a string or null",
     "number?": "a number or null",
     "list": "a list of strings",
+    "hosts": 'an object of hosts, {"NAME": {"ssh": "user@host", ...}}',
 }
 # Approvals and the sandbox (see the section "Approvals and the sandbox").
 SANDBOX_MODES = ("off", "auto", "on")
+# Hosts (see the section "Hosts"): what each host's settings must hold, and how agents are placed.
+HOST_KEYS = {"ssh": "str", "ssh_options": "list", "max_parallel": "int", "workdir": "str",
+             "python": "str", "env": "list"}  # fmt: skip
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")
+PLACEMENTS = ("local-first", "spread")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_hosts_value(hosts, where):
+    """Each host of the `hosts` setting: a fair name, an ssh target and well-typed settings."""
+    for name, host in hosts.items():
+        if name == "local" or not HOST_NAME.fullmatch(name):
+            raise OrchestraError(
+                f"{where}: host name {json.dumps(name)} is not allowed; use letters, digits, '.', '_' and '-' "
+                "('local' is this machine)"
+            )
+        if not isinstance(host, dict) or "ssh" not in host:
+            raise OrchestraError(
+                f"{where}: host '{name}' must be an object with at least \"ssh\" (user@host, ssh://user@host:port or an ~/.ssh/config alias)"
+            )
+        for key, value in host.items():
+            if key not in HOST_KEYS:
+                raise OrchestraError(
+                    f"{where}: host '{name}' has unknown key '{key}'; known keys: {', '.join(HOST_KEYS)}"
+                )
+            check_config_value(key, value, f"{where}: host '{name}'", HOST_KEYS[key])
+        if str(host["ssh"]).startswith("-") or any(c.isspace() for c in host["ssh"]):
+            raise OrchestraError(
+                f"{where}: host '{name}': 'ssh' {json.dumps(host['ssh'])} is not an ssh target; "
+                "give user@host, ssh://user@host:port or an ~/.ssh/config alias"
+            )
+        if host.get("max_parallel", 1) < 1:
+            raise OrchestraError(f"{where}: host '{name}': 'max_parallel' must be at least 1")
+        if str(host.get("workdir", "~/")).startswith("~") and not str(
+            host.get("workdir", "~/")
+        ).startswith("~/"):
+            raise OrchestraError(
+                f"{where}: host '{name}': 'workdir' must be absolute or start with '~/'"
+            )
+        for variable in host.get("env", ()):
+            if not ENV_NAME.fullmatch(variable):
+                raise OrchestraError(
+                    f"{where}: host '{name}': 'env' lists {json.dumps(variable)}, not a variable name"
+                )
 
 
 def check_resilience_values(values, sources):
@@ -554,9 +607,9 @@ def user_config_path(env):
     return Path(base).expanduser() / "claude-orchestra" / "config.json"
 
 
-def check_config_value(key, value, where):
+def check_config_value(key, value, where, kind=None):
     """Raise a clear error when a config value has the wrong type."""
-    kind = CONFIG_TYPES[key]
+    kind = kind or CONFIG_TYPES[key]
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "number": isinstance(value, (int, float))
@@ -569,6 +622,7 @@ def check_config_value(key, value, where):
             isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ),
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "hosts": isinstance(value, dict),
     }[kind]
     if not ok:
         raise OrchestraError(
@@ -660,6 +714,11 @@ class Config:
                 f"{sources['approval_timeout']}: 'approval_timeout' must be more than 0 seconds"
             )
         check_resilience_values(values, sources)
+        check_hosts_value(values["hosts"], sources["hosts"])
+        if values["placement"] not in PLACEMENTS:
+            raise OrchestraError(
+                f"{sources['placement']}: 'placement' must be one of {', '.join(PLACEMENTS)}, not {json.dumps(values['placement'])}"
+            )
 
     def parallel_limit(self, requested=None):
         """How many agents may run at once: the request or default, capped by max_parallel."""
@@ -1796,7 +1855,7 @@ RECORD_FIELDS = (
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
     "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
-    "checks", "waiting", "batch", "stop_reason",
+    "checks", "waiting", "batch", "stop_reason", "host",
 )  # fmt: skip
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
 # first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
@@ -1852,7 +1911,10 @@ def new_record(project, agent_id, task, base_branch, base_commit):
 
 def public_record(record):
     """A record as `status --json` shows it: the documented fields only."""
-    return {key: record.get(key) for key in RECORD_FIELDS}
+    shown = {key: record.get(key) for key in RECORD_FIELDS}
+    if shown["host"] is None and record["state"] != "queued":
+        shown["host"] = "local"  # a queued agent not pinned to a host is not placed yet
+    return shown
 
 
 def elapsed_seconds(record, now):
@@ -3336,7 +3398,7 @@ def check_explicit_name(project, name, taken):
         raise OrchestraError(f"an agent named '{name}' already exists; pick another name")
 
 
-def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
+def reserve_agents(project, tasks, names, base_branch, base_commit, parallel, host=None):
     """Record new queued agents under the lock, each with a unique id; their records."""
 
     def reserve(state):
@@ -3350,6 +3412,7 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
             record["seq"] = next_seq(state)
+            record["host"] = host  # pinned by spawn --host; else the supervisor places it
             record["preparer"] = [os.getpid(), process_start_time(os.getpid())]
             state["agents"][agent_id] = record
             created.append(record)
@@ -4083,6 +4146,513 @@ class Resilience:
 
 
 # ======================================================================================
+# Hosts
+# --------------------------------------------------------------------------------------
+# Other machines, reached with ssh and git only: nothing new listens on any port. A host is
+# a name in the `hosts` setting; the local machine is `local`. orchestra copies itself to a
+# host once per content hash (<workdir>/bin/<hash>/orchestra.py), pushes the agent's base
+# commit into the host's copy of the repository (`git push` over ssh) and runs `host-agent
+# spawn` there, so the host's own supervisor runs the agent and it survives a dropped link.
+# Every remote command is an argv list joined with shlex.join, never text pasted into a
+# shell; payloads (the task, forwarded environment variables) travel as JSON on stdin. The
+# local supervisor follows a remote agent by polling: the host's log is appended to the
+# local log by byte offset, each chunk with a `host_offset` marker written in the same
+# write, so a dropped link or a restarted supervisor neither loses nor doubles a line, and
+# the local log stays the source of truth. The branch comes home with `git fetch`.
+# ======================================================================================
+
+HOSTS_WORKDIR = "~/.orchestra-hosts"
+HOST_SSH_TIMEOUT = 10  # seconds ssh may take to connect
+HOST_CALL_TIMEOUT = 300.0  # seconds one remote call may take (a push of a large repository)
+HOST_CONTROL_PERSIST = 120  # seconds the shared ssh connection outlives its last use
+HOST_POLL = 1.0  # seconds between polls of a remote agent
+HOST_LOG_CHUNK = 512 * 1024  # bytes of a remote log fetched per poll
+HOST_MIN_PYTHON = (3, 9)
+HOST_MIN_FREE = 1024**3  # bytes free in a host's workdir below which doctor warns
+HOST_SSH_FAILED = 255  # ssh's exit status when the connection itself failed
+# Facts a remote agent's record gives the local one (the local log gives the rest).
+HOST_RECORD_FACTS = ("commits", "files_changed", "checks", "waiting", "approval", "stop_reason")
+# A small program run with the host's Python: its version and the free space of a folder.
+HOST_PROBE = (
+    "import os, shutil, sys; os.umask(0o077); p = sys.argv[1]; os.makedirs(p, 0o700, exist_ok=True); "
+    "print(sys.version_info[0], sys.version_info[1], shutil.disk_usage(p).free)"
+)
+# Writes stdin to <folder>/orchestra.py (0600 in 0700 folders) unless it is there already.
+HOST_INSTALL = (
+    "import os, sys; os.umask(0o077); d = sys.argv[1]; f = os.path.join(d, 'orchestra.py')\n"
+    "if not os.path.exists(f):\n"
+    "    os.makedirs(d, 0o700, exist_ok=True); t = f + '.%d' % os.getpid()\n"
+    "    fd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)\n"
+    "    os.write(fd, sys.stdin.buffer.read()); os.fsync(fd); os.close(fd); os.replace(t, f)\n"
+)
+
+
+class HostError(OrchestraError):
+    """A host could not be reached or refused: status 1, the reason and what to do."""
+
+    def __init__(self, message):
+        super().__init__(message, EXIT_FAILURE)
+
+
+def host_names(config):
+    """Every host agents may run on: 'local' first, then the configured ones."""
+    return ["local", *config["hosts"]]
+
+
+def check_host_name(config, name):
+    """A host name the config knows, or a clear error naming the known ones."""
+    if name not in host_names(config):
+        raise OrchestraError(
+            f"unknown host '{name}'; known hosts: {', '.join(host_names(config))} "
+            "(add one under 'hosts' in the config)"
+        )
+    return name
+
+
+def host_limit(config, name):
+    """How many agents may run on a host at once."""
+    if name == "local":
+        return config["max_parallel"]
+    return config["hosts"][name].get("max_parallel", config["default_parallel"])
+
+
+def control_folder():
+    """Where the shared ssh connections' sockets live: short paths, readable by us alone."""
+    folder = Path(tempfile.gettempdir()) / f"orchestra-ssh-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid() or stat.S_IMODE(folder.stat().st_mode) != 0o700:
+        raise HostError(f"{folder} is not private to you; remove it and try again")
+    return folder
+
+
+def source_hash():
+    """The content hash of this very file: a host runs exactly the version that talks to it."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+class Host:
+    """One configured host: its ssh command line, its work folder and calls into its orchestra."""
+
+    def __init__(self, name, settings):
+        self.name = name
+        self.target = settings["ssh"]
+        self.options = list(settings.get("ssh_options", ()))
+        self.python = settings.get("python", "python3")
+        self.env_names = list(settings.get("env", ()))
+        workdir = settings.get("workdir", HOSTS_WORKDIR)
+        # ssh starts commands in the remote home: '~/x' is simply 'x' (quoted, '~' would not expand)
+        self.workdir = workdir[2:] or "." if workdir.startswith("~/") else workdir
+
+    @classmethod
+    def named(cls, config, name):
+        """The configured host called `name`."""
+        check_host_name(config, name)
+        return cls(name, config["hosts"][name])
+
+    def ssh_command(self):
+        """ssh with one shared (multiplexed) connection per host, then the host's own options."""
+        return [
+            "ssh",
+            "-o", "BatchMode=yes",
+            "-o", f"ConnectTimeout={HOST_SSH_TIMEOUT}",
+            "-o", "ServerAliveInterval=5",
+            "-o", "ServerAliveCountMax=3",
+            "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={control_folder()}/%C",
+            "-o", f"ControlPersist={HOST_CONTROL_PERSIST}",
+            *self.options,
+        ]  # fmt: skip
+
+    def run(self, argv, data=b"", timeout=HOST_CALL_TIMEOUT):
+        """Run argv on the host (quoted with shlex.join: never interpreted by its shell)."""
+        try:
+            return subprocess.run(
+                [*self.ssh_command(), self.target, shlex.join(argv)],
+                input=data,
+                capture_output=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise HostError(
+                f"host '{self.name}' did not answer within {timeout:.0f}s; check it with "
+                f"'orchestra doctor --host {self.name}'"
+            ) from None
+        except OSError as e:
+            raise HostError(
+                f"cannot run ssh for host '{self.name}': {e}; install openssh-client"
+            ) from None
+
+    def failure(self, done, doing):
+        """The error for a failed remote command: unreachable, or what the host said."""
+        said = (
+            one_line(done.stderr.decode("utf-8", "replace").strip()[-TAIL_CHARS:]) or "no message"
+        )
+        if done.returncode == HOST_SSH_FAILED:
+            return HostError(
+                f"host '{self.name}' is unreachable over ssh ({said}); check 'ssh {self.target}' works "
+                "without a password prompt"
+            )
+        return HostError(f"host '{self.name}' could not {doing}: {said}")
+
+    def probe(self):
+        """(Python version, free bytes in the workdir) of the host; a HostError if it cannot tell."""
+        done = self.run([self.python, "-c", HOST_PROBE, self.workdir], timeout=HOST_SSH_TIMEOUT * 3)
+        if done.returncode != 0:
+            if done.returncode == 127 or b"not found" in done.stderr:
+                raise HostError(
+                    f"host '{self.name}' has no '{self.python}'; install Python 3.9 or newer there "
+                    "(apt-get install python3) or set its 'python'"
+                )
+            raise self.failure(done, "run Python")
+        major, minor, free = (int(x) for x in done.stdout.split()[:3])
+        return (major, minor), free
+
+    def install(self):
+        """Copy this file to the host once per content hash; the folder that holds it there."""
+        folder = f"{self.workdir}/bin/{source_hash()}"
+        done = self.run([self.python, "-c", HOST_INSTALL, folder], data=Path(__file__).read_bytes())
+        if done.returncode != 0:
+            raise self.failure(done, f"store orchestra.py in {folder} (is its disk full?)")
+        return folder
+
+    def call(self, action, payload, timeout=HOST_CALL_TIMEOUT):
+        """Run `orchestra host-agent ACTION` on the host with a JSON payload on stdin; its JSON answer."""
+        folder = f"{self.workdir}/bin/{source_hash()}"
+        argv = [self.python, f"{folder}/orchestra.py", "host-agent", action]
+        done = self.run(argv, json.dumps(payload).encode(), timeout)
+        if (
+            done.returncode != 0
+            and b"orchestra.py" in done.stderr
+            and b"No such file" in done.stderr
+        ):
+            self.install()
+            done = self.run(argv, json.dumps(payload).encode(), timeout)
+        if done.returncode != 0:
+            raise self.failure(done, f"run '{action}'")
+        try:
+            return json.loads(done.stdout)
+        except ValueError:
+            raise HostError(
+                f"host '{self.name}' answered '{action}' with something not JSON"
+            ) from None
+
+    def git_env(self):
+        """The environment that makes git reach the host through the same shared connection."""
+        return {**os.environ, "GIT_SSH_COMMAND": shlex.join(self.ssh_command())}
+
+    def git_url(self, path):
+        """The git URL of a path on the host (relative paths start in the remote home)."""
+        if self.target.startswith("ssh://"):
+            return f"{self.target.rstrip('/')}/{path if path.startswith('/') else '~/' + path}"
+        return f"{self.target}:{path}"
+
+    def repo_path(self, repo):
+        """Where this repository's copy lives on the host: one per local repository."""
+        key = hashlib.sha256(str(repo).encode()).hexdigest()[:12]
+        return f"{self.workdir}/repos/{slugify(repo.name) or 'repo'}-{key}"
+
+
+def host_doctor(config, name):
+    """(name, ok, detail) for each thing a host needs, stopping at the first that blocks the rest."""
+    host = Host.named(config, name)
+    try:
+        version, free = host.probe()
+    except HostError as e:
+        return [("ssh", False, str(e))]
+    checks = [("ssh", True, f"reached {host.target}")]
+    python_ok = version >= HOST_MIN_PYTHON
+    checks.append(
+        (
+            "python",
+            python_ok,
+            f"{host.python} {version[0]}.{version[1]}"
+            + ("" if python_ok else "; orchestra needs Python 3.9 or newer there"),
+        )
+    )
+    checks.append(
+        (
+            "disk",
+            free >= HOST_MIN_FREE,
+            f"{free / 1024**3:.1f} GiB free in {host.workdir}"
+            + ("" if free >= HOST_MIN_FREE else "; free some space on the host"),
+        )
+    )
+    if not python_ok:
+        return checks
+    try:
+        host.install()
+        remote = host.call("doctor", {})
+    except HostError as e:
+        return [*checks, ("orchestra", False, str(e))]
+    return checks + [
+        (c["name"], c["ok"], c["detail"]) for c in remote["checks"] if c["name"] != "gh"
+    ]
+
+
+def hosts_overview(project):
+    """Each host's slots, running agents and (for remote hosts) whether ssh reaches it."""
+    config = project.config
+    agents = project.store.load()["agents"].values()
+    rows = []
+    for name in host_names(config):
+        running = [
+            r["id"]
+            for r in agents
+            if r["state"] in ("running", "paused", "waiting") and (r.get("host") or "local") == name
+        ]
+        row = {"name": name, "slots": host_limit(config, name), "running": running}
+        if name == "local":
+            row.update(ssh=None, reachable=True, error=None)
+        else:
+            host = Host.named(config, name)
+            try:
+                host.probe()
+                row.update(ssh=host.target, reachable=True, error=None)
+            except HostError as e:
+                row.update(ssh=host.target, reachable=False, error=str(e))
+        rows.append(row)
+    return rows
+
+
+def place_agent(config, free, pinned=None):
+    """The host for the next agent (None: no free slot). free: host -> slots free now.
+
+    A pinned agent waits for its own host. local-first fills this machine, then the hosts in
+    config order; spread takes the host with the most free slots (ties: config order, local first).
+    """
+    if pinned:
+        return pinned if free.get(pinned, 0) > 0 else None
+    open_hosts = [name for name in host_names(config) if free.get(name, 0) > 0]
+    if not open_hosts:
+        return None
+    if config["placement"] == "spread":
+        return max(open_hosts, key=lambda name: free[name])
+    return open_hosts[0]
+
+
+def host_counts(state):
+    """How many agents run (or hold a slot) on each host."""
+    counts = {}
+    for r in state["agents"].values():
+        if r["state"] in ("running", "paused") or (r["state"] == "waiting" and r.get("host")):
+            name = r.get("host") or "local"
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def forwarded_env(host, env):
+    """The variables named in the host's `env` that are set here: nothing else crosses."""
+    return {k: env[k] for k in host.env_names if k in env}
+
+
+def log_offset_of(path, host_name):
+    """How many bytes of the host's log the local log already holds (its last host_offset)."""
+    offset = 0
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        for line in f:
+            if b'"host_offset"' in line:
+                event = json_object(line)
+                if event and event.get("event") == "host_offset" and event.get("host") == host_name:
+                    offset = int(event.get("offset") or 0)
+    return offset
+
+
+def relayed_lines(chunk):
+    """A remote log's complete lines as the local log keeps them: the host's own spawn event
+    is left out (the local one is the agent's), and no remote process id is kept."""
+    kept = []
+    for line in chunk.split(b"\n"):
+        if b'"orchestra"' in line:
+            event = json_object(line)
+            if event and event.get("type") == "orchestra":
+                if event.get("event") == "spawn":
+                    continue
+                if "pid" in event or "pid_start" in event:
+                    line = json_text(
+                        {k: v for k, v in event.items() if k not in ("pid", "pid_start")}
+                    ).encode()
+        kept.append(line + b"\n")
+    return b"".join(kept)
+
+
+def append_remote_chunk(path, chunk, host_name, new_offset):
+    """Append a remote chunk and its offset marker in one write, so both land or neither does."""
+    marker = {"type": "orchestra", "event": "host_offset", "host": host_name, "offset": new_offset}
+    data = relayed_lines(chunk) + (json_text(marker) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def is_remote(record):
+    """True for an agent placed on (or pinned to) another host."""
+    return record.get("host") not in (None, "local")
+
+
+def placements(config, state, local_free):
+    """(record, host) for each queued agent that can start now, oldest first.
+
+    A pinned agent waits for its own host. An agent goes to `local` only once its worktree is
+    ready (spawn or the supervisor makes it); a host needs no local worktree.
+    """
+    counts = host_counts(state)
+    free = {"local": local_free}
+    free.update({name: host_limit(config, name) - counts.get(name, 0) for name in config["hosts"]})
+    chosen = []
+    queued = (r for r in state["agents"].values() if r["state"] == "queued")
+    for record in sorted(queued, key=spawn_order):
+        placeable = record.get("ready") or (
+            record.get("worktree_later") and not record.get("preparer")
+        )
+        host = place_agent(config, free, record.get("host")) if placeable else None
+        if host is None or (host == "local" and not record.get("ready")):
+            continue
+        free[host] -= 1
+        chosen.append((record, host))
+    return chosen
+
+
+def follow_remote_agent(agent, report, stopping):
+    """Poll a remote agent until it settles (or we stop): (its last remote record, the local log).
+
+    Facts go to report(agent_id, facts); a host out of reach is reported, never fatal.
+    """
+    agent_id = agent.record["id"]
+    log = AgentLog(agent.project.log_path(agent_id))
+    remote, unreachable = None, None
+    while not stopping.is_set():
+        try:
+            remote, more = agent.poll()
+        except HostError as e:
+            unreachable = unreachable or utc_iso()
+            report(agent_id, {"host_unreachable": {"since": unreachable, "why": str(e)}})
+            stopping.wait(HOST_POLL)
+            continue
+        if unreachable:
+            unreachable = None
+            report(agent_id, {"host_unreachable": None})
+        if log.read_new():
+            report(agent_id, without_none(log.facts))
+        if remote:
+            report(agent_id, {k: remote.get(k) for k in HOST_RECORD_FACTS})
+        if (remote is None or remote["state"] in FINISHED_STATES) and not more:
+            break
+        if not more:
+            stopping.wait(HOST_POLL)
+    log.read_to_end()
+    return remote, log
+
+
+def settle_remote(record, log, remote, problem):
+    """Write a remote agent's final record from the local log and the host's last word."""
+    record.update(pid=None, stale=False, host_unreachable=None)
+    if log is None:  # it never started there
+        record.update(state="failed", error=problem, finished_at=utc_iso())
+        note_settlement(record)
+        return
+    record.update(without_none(log.facts))
+    remote = remote or {
+        "state": "interrupted",
+        "error": f"host '{record['host']}' no longer knows this agent",
+    }
+    record.update({k: remote.get(k) for k in HOST_RECORD_FACTS if remote.get(k) is not None})
+    if record["state"] in ("running", "paused"):
+        record["state"] = remote["state"]
+    record.update(
+        exit_code=remote.get("exit_code"), finished_at=remote.get("finished_at") or utc_iso()
+    )
+    record["error"] = "; ".join(e for e in (remote.get("error"), problem) if e) or None
+    note_settlement(record)
+
+
+class RemoteAgent:
+    """One agent on a host, seen from home: launch it there, poll it, bring its branch home."""
+
+    def __init__(self, project, record):
+        self.project = project
+        self.record = record
+        self.host = Host.named(project.config, record["host"])
+        self.remote_repo = self.host.repo_path(project.repo)
+        self.offset = log_offset_of(project.log_path(record["id"]), self.host.name)
+
+    def launch(self, env):
+        """Copy orchestra, push the base commit and spawn the agent on the host (idempotent)."""
+        record = self.record
+        self.host.install()
+        self.host.call("prepare", {"repo": self.remote_repo})
+        run_git(
+            [
+                "push", "--quiet", "--force", self.host.git_url(self.remote_repo),
+                f"{record['base_commit']}:refs/orchestra/base/{record['id']}",
+            ],
+            self.project.repo,
+            env=self.host.git_env(),
+        )  # fmt: skip
+        launch = dict(record["launch"])
+        settings = {k: launch[k] for k in LAUNCH_KEYS if k in launch}
+        settings.update({k: launch[k] for k in RESILIENCE_KEYS if k in launch})
+        settings.update(
+            branch_prefix=self.project.config["branch_prefix"],
+            max_parallel=host_limit(self.project.config, self.host.name),
+            default_parallel=host_limit(self.project.config, self.host.name),
+            sandbox=self.project.config["sandbox"],
+        )
+        return self.host.call(
+            "spawn",
+            {
+                "repo": self.remote_repo,
+                "id": record["id"],
+                "task": record["task"],
+                "base": f"refs/orchestra/base/{record['id']}",
+                "config": settings,
+                "env": forwarded_env(self.host, env or {}),
+            },
+        )
+
+    def poll(self):
+        """Bring the host's new log bytes home; the remote record (None if the host lost it)."""
+        answer = self.host.call(
+            "poll", {"repo": self.remote_repo, "id": self.record["id"], "offset": self.offset,
+                     "limit": HOST_LOG_CHUNK},
+        )  # fmt: skip
+        data = base64.b64decode(answer.get("data") or "")
+        complete = data[: data.rfind(b"\n") + 1]  # whole lines only: the rest comes next time
+        if complete:
+            append_remote_chunk(
+                self.project.log_path(self.record["id"]), complete[:-1], self.host.name,
+                self.offset + len(complete),
+            )  # fmt: skip
+            self.offset += len(complete)
+        return answer.get("record"), len(data) > len(complete) or answer.get("more", False)
+
+    def fetch_home(self):
+        """Fetch the agent's branch home; the local worktree (made now if missing) follows it."""
+        record = self.record
+        temp = f"refs/orchestra/hosts/{record['id']}"
+        run_git(
+            ["fetch", "--quiet", "--no-tags", self.host.git_url(self.remote_repo),
+             f"+refs/heads/{record['branch']}:{temp}"],
+            self.project.repo,
+            env=self.host.git_env(),
+        )  # fmt: skip
+        worktree = Path(record["worktree"])
+        if worktree.exists():
+            run_git(["merge", "--ff-only", "--quiet", temp], worktree)
+        else:
+            run_git(["branch", "--force", record["branch"], temp], self.project.repo)
+            run_git(
+                ["worktree", "add", "--quiet", str(worktree), record["branch"]], self.project.repo
+            )
+        run_git(["update-ref", "-d", temp], self.project.repo)
+
+    def relay(self, argv):
+        """Run an orchestra command for this agent on the host (stop, pause, send...)."""
+        return self.host.call("cli", {"repo": self.remote_repo, "argv": argv})
+
+
+# ======================================================================================
 # Supervisor
 # --------------------------------------------------------------------------------------
 # One detached process per repository, unique by supervisor.lock: starts queued agents up
@@ -4230,6 +4800,9 @@ class Supervisor:
         for record in self.store.load()["agents"].values():
             if record["state"] not in ("running", "paused") or record["id"] in self.watchers:
                 continue
+            if is_remote(record):  # Hosts: a remote agent is followed over ssh, never by its pid
+                self.watch_remote(record)
+                continue
             if process_alive(record["pid"], record.get("pid_start")):
                 self.watch(record, None)
             else:
@@ -4252,7 +4825,12 @@ class Supervisor:
         """How many more agents may run now."""
         limit = self.project.config.parallel_limit(state.get("parallel"))
         return max(
-            0, limit - sum(r["state"] in ("running", "paused") for r in state["agents"].values())
+            0,
+            limit
+            - sum(
+                r["state"] in ("running", "paused") and not is_remote(r)
+                for r in state["agents"].values()
+            ),
         )
 
     def startable(self, state):
@@ -4262,12 +4840,18 @@ class Supervisor:
         if any(r["state"] == "waiting" for r in agents) or over_budget(state):
             return True
         ready = any(r["state"] == "queued" and r.get("ready") for r in agents)
+        if self.project.config["hosts"]:  # Hosts: a queued agent may go to a host with a free slot
+            return bool(placements(self.project.config, state, self.free_slots(state)))
         return ready and self.free_slots(state) > 0
 
     def start_queued(self, state):
         """Launch ready queued agents, oldest first, while fewer than the limit run."""
         if self.resilience.hold_starts(state):
             return  # the account is rate-limited: no new starts until it resets
+        if self.project.config["hosts"]:  # Hosts: each queued agent to a host with a free slot
+            for record, host in placements(self.project.config, state, self.free_slots(state)):
+                self.start(record) if host == "local" else self.start_remote(record, host)
+            return
         agents = state["agents"].values()
         queued = sorted(
             (r for r in agents if r["state"] == "queued" and r.get("ready")), key=spawn_order
@@ -4310,6 +4894,55 @@ class Supervisor:
         )
         self.watchers[record["id"]] = thread
         thread.start()
+
+    # --- Hosts: a remote agent is started and followed by a thread of its own -----------------
+
+    def start_remote(self, record, host):
+        """Mark an agent running on `host`; its follower thread launches it there."""
+        record.update(
+            state="running",
+            host=host,
+            worktree_later=False,
+            pid=None,
+            started_at=record.get("started_at") or utc_iso(),
+            finished_at=None,
+            error=None,
+            activity=f"starting on host {host}",
+            last_activity_at=utc_iso(),
+        )
+        self.watch_remote(record)
+
+    def watch_remote(self, record):
+        """Start the named follower thread of one remote agent."""
+        thread = threading.Thread(
+            target=self.guarded,
+            args=(self.follow_remote, record["id"], dict(record)),
+            name=f"host-{record['id']}",
+            daemon=True,
+        )
+        self.watchers[record["id"]] = thread
+        thread.start()
+
+    def follow_remote(self, agent_id, record):
+        """Launch the agent on its host if not yet done, follow it until it settles, fetch it home."""
+        agent = RemoteAgent(self.project, record)
+        if not record.get("host_launched"):
+            try:
+                agent.launch(take_agent_env(self.project, agent_id))
+            except OrchestraError as e:
+                why = f"could not start on host '{record['host']}': {e}"
+                self.finish(agent_id, lambda r: settle_remote(r, None, None, why))
+                return
+            self.queue(agent_id, {"host_launched": True})
+        remote, log = follow_remote_agent(agent, self.queue, self.stopping)
+        if self.stopping.is_set():
+            return  # the agent runs on at its host; the next supervisor follows it again
+        problem = None
+        try:
+            agent.fetch_home()
+        except OrchestraError as e:
+            problem = f"its branch could not be fetched home yet: {e}"
+        self.finish(agent_id, lambda r: settle_remote(r, log, remote, problem))
 
     def after_done(self, agent_id):
         """In the agent's watcher thread: run its due checks, then free its slot."""
@@ -4614,7 +5247,9 @@ def check_not_removed(project, names):
         )
 
 
-def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, budget=None):
+def spawn_agents(
+    project, tasks, parallel=None, name=None, base=None, env=None, budget=None, host=None
+):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
     The one way agents come to be, from the command line or the web; their records. The agents
@@ -4633,10 +5268,12 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, 
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
+    if host is not None:
+        check_host_name(project.config, host)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
     roll_back_stalled_spawns(project)
-    records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
+    records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel, host)
     mark_sandboxed(project, records, sandboxed)
     assign_batch(project, records, budget)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
@@ -9571,6 +10208,14 @@ def table_with_lines(headers, rows, lines, out, width=None):
     return "\n".join([header, *(part for pair in zip(body, lines) for part in pair)])
 
 
+def host_view(record):
+    """A record as the status table shows it: a host out of reach says so, and since when."""
+    lost = record.get("host_unreachable")
+    if not lost:
+        return record
+    return {**record, "error": None, "activity": f"host unreachable since {lost['since']}"}
+
+
 def status_rows(records, now):
     """The status table's cells for each record."""
     rows = []
@@ -9606,7 +10251,12 @@ def status_text(project, records, out):
         return 'No agents yet. Start some with: orchestra spawn "first task" "second task"'
     headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
     records = with_approvals(project, records)
-    table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
+    rows = status_rows([host_view(r) for r in records], time.time())
+    if any(is_remote(r) for r in records):  # Hosts: which machine each agent runs on
+        headers.insert(2, "HOST")
+        for row, r in zip(rows, records):
+            row.insert(2, public_record(r)["host"] or "-")
+    table = render_table(headers, rows, out, colour_column=1)
     notes = [
         f"{r['id']}: {line}"
         for r in records
@@ -9914,7 +10564,21 @@ def claude_login(env):
 
 
 def cmd_doctor(args):
-    """Check what orchestra needs on this machine: git, claude and its login, the sandbox, gh."""
+    """Check what orchestra needs on this machine (or --host NAME): git, claude and its login, the sandbox, gh."""
+    if args.host and args.host != "local":  # Hosts: ssh, Python, disk, then the same checks there
+        checks = host_doctor(open_project(args).config, args.host)
+        essential = ("ssh", "python", "disk", "orchestra", "git", "claude", "claude login")
+        if args.json:
+            print_json(
+                {
+                    "host": args.host,
+                    "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks],
+                }
+            )
+        else:
+            for name, ok, detail in checks:
+                print(f"{'ok' if ok else 'MISSING':8} {name:13} {detail}")
+        return EXIT_OK if all(ok for name, ok, _ in checks if name in essential) else EXIT_FAILURE
     checks = doctor_checks(os.environ)
     if args.json:
         print_json({"checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]})
@@ -9934,6 +10598,7 @@ def add_doctor_parser(commands):
         epilog="example: orchestra doctor",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--host", metavar="NAME", help="check a host of the config over ssh instead")
     p.set_defaults(func=cmd_doctor)
 
 
@@ -9960,6 +10625,7 @@ def cmd_spawn(args):
         name=args.name,
         base=args.base,
         budget=args.budget,
+        host=args.host,
     )
     if not args.json:
         for r in records:
@@ -10013,6 +10679,9 @@ def add_spawn_parser(commands):
         "--parallel", type=positive_int, metavar="N", help="run at most N agents at once"
     )
     p.add_argument("--model", help="the model the agents use")
+    p.add_argument(
+        "--host", metavar="NAME", help="run on this host ('local' or one of 'hosts' in the config)"
+    )
     p.add_argument(
         "--base",
         metavar="REF",
@@ -10839,6 +11508,139 @@ def add_hook_parser(commands):
 
 
 # ======================================================================================
+# Command line: hosts
+# --------------------------------------------------------------------------------------
+# `orchestra hosts` lists the machines agents run on. `host-agent ACTION` is what a host runs
+# when home calls it over ssh: a JSON payload on stdin (never text in a shell command), one
+# JSON answer on stdout. Everything it creates is 0600/0700 (umask 077).
+# ======================================================================================
+
+
+def cmd_hosts(args):
+    """List the hosts agents run on: slots, running agents and whether ssh reaches them."""
+    rows = hosts_overview(open_project(args))
+    if args.json:
+        print_json({"hosts": rows})
+        return EXIT_OK
+    table = [
+        [
+            r["name"],
+            str(r["slots"]),
+            str(len(r["running"])),
+            "yes" if r["reachable"] else "NO",
+            r["ssh"] or "-",
+            one_line(r["error"] or ""),
+        ]
+        for r in rows
+    ]
+    print(
+        render_table(["HOST", "SLOTS", "RUNNING", "REACHABLE", "SSH", "PROBLEM"], table, sys.stdout)
+    )
+    return EXIT_OK if all(r["reachable"] for r in rows) else EXIT_FAILURE
+
+
+def add_hosts_parser(commands):
+    """orchestra hosts"""
+    p = commands.add_parser(
+        "hosts",
+        help="list the hosts agents run on",
+        description=cmd_hosts.__doc__,
+        epilog="example: orchestra hosts --json",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_hosts)
+
+
+def host_project(payload):
+    """The host's copy of the repository a payload names (relative paths: the remote home)."""
+    return Project.open(Path(payload["repo"]), os.environ)
+
+
+def host_action_doctor(payload):
+    """This host's own doctor checks."""
+    return {
+        "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in doctor_checks(os.environ)]
+    }
+
+
+def host_action_prepare(payload):
+    """Make the repository copy that home pushes base commits into."""
+    repo = Path(payload["repo"])
+    repo.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (repo / ".git").exists():
+        run_git(["init", "--quiet"], repo)
+    return {"repo": str(repo.resolve())}
+
+
+def host_action_spawn(payload):
+    """Spawn one agent with the id home gave it (again: nothing new), under home's settings."""
+    repo = Path(payload["repo"])
+    if not has_commits(repo):
+        run_git(["checkout", "--quiet", "--detach", payload["base"]], repo)
+    folder = repo / ORCHESTRA_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    write_atomic(folder / "config.json", json.dumps(payload["config"], sort_keys=True))
+    project = host_project(payload)
+    known = project.store.load()["agents"].get(payload["id"])
+    if known is None:
+        env = {**os.environ, **{str(k): str(v) for k, v in payload.get("env", {}).items()}}
+        known = spawn_agents(
+            project, [payload["task"]], name=payload["id"], base=payload["base"], env=env
+        )[0]
+    return {"record": public_record(known)}
+
+
+def host_action_poll(payload):
+    """An agent's record and its log from `offset` on (at most `limit` bytes); revives the
+    host's supervisor, which settles agents a reboot killed as interrupted."""
+    project = host_project(payload)
+    state = project.store.load()
+    ensure_supervisor(project, state)
+    record = state["agents"].get(payload["id"]) or project.history().get(payload["id"])
+    data = b""
+    with contextlib.suppress(FileNotFoundError), open(project.log_path(payload["id"]), "rb") as f:
+        f.seek(int(payload["offset"]))
+        data = f.read(int(payload["limit"]) + 1)
+    more = len(data) > int(payload["limit"])
+    return {
+        "record": record and {**public_record(record), "finished_at": record.get("finished_at")},
+        "data": base64.b64encode(data[: int(payload["limit"])]).decode(),
+        "more": more,
+    }
+
+
+HOST_ACTIONS = {
+    "doctor": host_action_doctor,
+    "prepare": host_action_prepare,
+    "spawn": host_action_spawn,
+    "poll": host_action_poll,
+}
+
+
+def cmd_host_agent(args):
+    """(internal) What home runs on a host over ssh: a JSON payload in, a JSON answer out."""
+    os.umask(0o077)
+    try:
+        payload = json.loads(sys.stdin.buffer.read() or b"{}")
+    except ValueError:
+        raise OrchestraError("host-agent reads a JSON payload on stdin") from None
+    print_json(HOST_ACTIONS[args.action](payload))
+    return EXIT_OK
+
+
+def add_host_agent_parser(commands):
+    """orchestra host-agent (internal)"""
+    p = commands.add_parser(
+        "host-agent",
+        help="(internal) what a host runs when home calls it over ssh",
+        description=cmd_host_agent.__doc__,
+        epilog="example: orchestra host-agent doctor < /dev/null (home runs it over ssh)",
+    )
+    p.add_argument("action", choices=sorted(HOST_ACTIONS))
+    p.set_defaults(func=cmd_host_agent)
+
+
+# ======================================================================================
 # Command line: the parser
 # --------------------------------------------------------------------------------------
 # PARSER_BUILDERS lists one builder per command group, in the order `--help` shows them.
@@ -10864,6 +11666,8 @@ PARSER_BUILDERS = (
     add_doctor_parser,
     add_hook_parser,
     add_retry_parser,
+    add_hosts_parser,
+    add_host_agent_parser,
 )
 
 

@@ -1,0 +1,208 @@
+"""More than one machine: hosts in the config, `orchestra hosts`, `doctor --host`, and agents
+run on other hosts over real ssh (tests/ssh_hosts.py makes the hosts) with the real claude CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from ssh_hosts import IS_ROOT, SshRig
+
+import orchestra
+from conftest import CLAUDE_TOOLS, ROOT, commit_file, git, load_state, wait_for, write_config
+from scripted_api import ScriptedAPI, claude_env, requires_claude, text
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="making host accounts and sshd needs root")
+
+
+# --- the setting ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hosts, message",
+    [
+        ([], "'hosts' must be an object of hosts"),
+        ({"local": {"ssh": "x"}}, 'host name "local" is not allowed'),
+        ({"a b": {"ssh": "x"}}, 'host name "a b" is not allowed'),
+        ({"h1": {}}, "host 'h1' must be an object with at least \"ssh\""),
+        ({"h1": "me@box"}, "host 'h1' must be an object"),
+        ({"h1": {"ssh": "x", "port": 22}}, "host 'h1' has unknown key 'port'"),
+        ({"h1": {"ssh": "x", "max_parallel": "4"}}, "'max_parallel' must be an integer"),
+        ({"h1": {"ssh": "x", "max_parallel": 0}}, "'max_parallel' must be at least 1"),
+        ({"h1": {"ssh": "-oProxyCommand=evil"}}, "is not an ssh target"),
+        ({"h1": {"ssh": "x", "ssh_options": "-v"}}, "'ssh_options' must be a list of strings"),
+        ({"h1": {"ssh": "x", "env": ["OK", "NOT OK"]}}, "'env' lists \"NOT OK\""),
+        (
+            {"h1": {"ssh": "x", "workdir": "~other/x"}},
+            "'workdir' must be absolute or start with '~/'",
+        ),
+    ],
+)
+def test_a_wrong_hosts_setting_is_one_clear_line(repo, cli, hosts, message):
+    write_config(repo, hosts=hosts)
+    run = cli("status")
+    assert run.code == 2
+    assert run.err.startswith("orchestra: error: ") and message in run.err
+    assert run.err.count("\n") == 1 and "Traceback" not in run.err
+
+
+def test_placement_must_be_known_and_spawn_host_must_exist(repo, cli):
+    write_config(repo, placement="random")
+    run = cli("status")
+    assert run.code == 2 and "'placement' must be one of local-first, spread" in run.err
+    write_config(repo, hosts={"h1": {"ssh": "me@box"}})
+    run = cli("spawn", "--host", "h9", "a task")
+    assert run.code == 2
+    assert "unknown host 'h9'; known hosts: local, h1" in run.err
+
+
+def test_placement_local_first_and_spread():
+    config = {"hosts": {"a": {"ssh": "x", "max_parallel": 2}, "b": {"ssh": "y"}},
+              "default_parallel": 3, "max_parallel": 8, "placement": "local-first"}  # fmt: skip
+    place = orchestra.place_agent
+    assert place(config, {"local": 1, "a": 2, "b": 3}) == "local"
+    assert place(config, {"local": 0, "a": 2, "b": 3}) == "a"
+    assert place(config, {"local": 0, "a": 0, "b": 0}) is None
+    assert place(config, {"local": 1, "a": 2, "b": 3}, "b") == "b"
+    assert place(config, {"local": 1, "a": 2, "b": 0}, "b") is None
+    config["placement"] = "spread"
+    assert place(config, {"local": 1, "a": 2, "b": 3}) == "b"
+    assert place(config, {"local": 3, "a": 2, "b": 3}) == "local"
+
+
+# --- real hosts -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api():
+    """One scripted Messages API for every host and for this machine."""
+    with ScriptedAPI() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def rig(api, tmp_path_factory):
+    """Two ssh hosts, h1 and h2, each its own account, sshd and Claude Code config."""
+    if not IS_ROOT:
+        pytest.skip("making host accounts and sshd needs root")
+    hosts = SshRig(tmp_path_factory.mktemp("rig"), api.url, ["h1", "h2"])
+    yield hosts
+    hosts.close()
+
+
+@pytest.fixture
+def local_claude(api, tmp_path, monkeypatch):
+    """This machine's environment points the real claude CLI at the same scripted API."""
+    env = claude_env(api, config_dir=tmp_path / "claude-config")
+    for key in set(os.environ) - set(env):
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return api
+
+
+@needs_root
+def test_hosts_lists_each_host_with_slots_and_reachability(rig, repo, cli):
+    hosts = rig.hosts_setting(max_parallel=2)
+    hosts["gone"] = {"ssh": "gone", "ssh_options": ["-F", str(rig.ssh_config), "-p", "1"]}
+    write_config(repo, hosts=hosts)
+    run = cli("hosts", "--json")
+    assert run.code == 0, run
+    rows = {r["name"]: r for r in run.json()["hosts"]}
+    assert list(rows) == ["local", "h1", "h2", "gone"]
+    assert rows["h1"]["reachable"] and rows["h2"]["reachable"] and rows["h1"]["slots"] == 2
+    assert rows["local"]["slots"] == 8 and rows["h1"]["running"] == []
+    assert not rows["gone"]["reachable"]
+    run = cli("hosts")
+    assert run.code == 1
+    lines = run.out.splitlines()
+    assert lines[0].split()[:4] == ["HOST", "SLOTS", "RUNNING", "REACHABLE"]
+    assert lines[2].split()[:4] == ["h1", "2", "0", "yes"]
+    assert "gone" in lines[4] and "NO" in lines[4] and "unreachable" in lines[4]
+
+
+@needs_root
+@requires_claude
+def test_doctor_host_checks_ssh_python_git_claude_and_its_login(rig, repo, cli):
+    write_config(repo, hosts=rig.hosts_setting())
+    run = cli("doctor", "--host", "h1", "--json")
+    assert run.code == 0, run
+    checks = {c["name"]: c for c in run.json()["checks"]}
+    for name in ("ssh", "python", "disk", "git", "claude", "claude login"):
+        assert checks[name]["ok"], checks
+    assert checks["python"]["detail"].startswith("python3 3.")
+    assert "logged in (api_key" in checks["claude login"]["detail"]
+    installed = list((rig.hosts["h1"].home / ".orchestra-hosts" / "bin").glob("*/orchestra.py"))
+    assert len(installed) == 1 and oct(installed[0].stat().st_mode & 0o777) == "0o600"
+    assert installed[0].stat().st_uid == rig.hosts["h1"].entry.pw_uid
+    run = cli("doctor", "--host", "h1")
+    assert run.code == 0 and run.out.splitlines()[0].split()[:2] == ["ok", "ssh"]
+
+
+@needs_root
+def test_doctor_host_says_what_to_install(rig, repo, cli):
+    hosts = rig.hosts_setting()
+    hosts["h1"]["python"] = "python2.2"
+    write_config(repo, hosts=hosts)
+    run = cli("doctor", "--host", "h1")
+    assert run.code == 1
+    assert "has no 'python2.2'; install Python 3.9 or newer there" in run.out
+    hosts["h1"]["ssh_options"] += ["-p", "1"]
+    write_config(repo, hosts=hosts)
+    run = cli("doctor", "--host", "h1")
+    assert run.code == 1 and "MISSING  ssh" in run.out and "unreachable over ssh" in run.out
+    assert cli("doctor", "--host", "nope").err.startswith("orchestra: error: unknown host 'nope'")
+
+
+def remote_repo(rig, name, repo):
+    """The host's copy of the test repository."""
+    return rig.hosts[name].home / orchestra.Host("x", {"ssh": "x"}).repo_path(repo)
+
+
+def load_agent(repo, agent_id):
+    """An agent's record in state.json."""
+    return load_state(repo)["agents"][agent_id]
+
+
+def log_lines(repo, agent_id):
+    """The local log's lines, parsed."""
+    text = (repo / ".orchestra" / "logs" / f"{agent_id}.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@needs_root
+@requires_claude
+def test_an_agent_pinned_to_a_host_runs_there_and_its_work_comes_home(rig, repo, cli, local_claude):
+    local_claude.script("remote-hello", [commit_file("hello.txt", "from afar"), text("Done there")])
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    run = cli("spawn", "--host", "h1", "--name", "far", "remote-hello: add hello.txt")
+    assert run.code == 0, run
+    wait_for(lambda: load_agent(repo, "far")["state"] == "done", timeout=120, what="done")
+    record = cli("status", "--json").json()["agents"][0]
+    assert record["host"] == "h1" and record["result"] == "Done there", record
+    assert record["session_id"] and record["cost_usd"] is not None
+    assert git("log", "-1", "--format=%s", "orchestra/far", cwd=repo).strip() == "add hello.txt"
+    assert (repo / ".worktrees" / "task-far" / "hello.txt").read_text() == "from afar\n"
+    table = cli("status").out.splitlines()
+    assert table[0].split()[:3] == ["ID", "STATE", "HOST"] and table[1].split()[:3] == [
+        "far",
+        "done",
+        "h1",
+    ]
+    shown = cli("logs", "far").out
+    assert "Done there" in shown
+    events = log_lines(repo, "far")
+    assert [e.get("event") for e in events if e["type"] == "orchestra"].count("spawn") == 1
+    results = [e for e in events if e["type"] == "result"]
+    assert len(results) == 1  # the agent's lines are there once
+    diff = subprocess.run(
+        [sys.executable, str(ROOT / "orchestra.py"), "diff", "far", "--stat"],
+        cwd=repo, capture_output=True, text=True,
+    )  # fmt: skip
+    assert diff.returncode == 0 and "hello.txt | 1 +" in diff.stdout, diff
+    # it ran there, as the host's own user
+    there = remote_repo(rig, "h1", repo)
+    assert (there / ".worktrees" / "task-far" / "hello.txt").exists()
+    assert (there / ".worktrees" / "task-far").stat().st_uid == rig.hosts["h1"].entry.pw_uid
