@@ -10,7 +10,16 @@ import pytest
 from ssh_hosts import IS_ROOT, SshRig
 
 import orchestra
-from conftest import CLAUDE_TOOLS, ROOT, commit_file, git, load_state, wait_for, write_config
+from conftest import (
+    CLAUDE_TOOLS,
+    ROOT,
+    commit_file,
+    git,
+    load_state,
+    take_time,
+    wait_for,
+    write_config,
+)
 from scripted_api import ScriptedAPI, claude_env, requires_claude, text
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="making host accounts and sshd needs root")
@@ -206,3 +215,54 @@ def test_an_agent_pinned_to_a_host_runs_there_and_its_work_comes_home(rig, repo,
     there = remote_repo(rig, "h1", repo)
     assert (there / ".worktrees" / "task-far" / "hello.txt").exists()
     assert (there / ".worktrees" / "task-far").stat().st_uid == rig.hosts["h1"].entry.pw_uid
+
+
+def agents_by_id(cli):
+    """status --json's agents by id."""
+    return {a["id"]: a for a in cli("status", "--json").json()["agents"]}
+
+
+@needs_root
+@requires_claude
+def test_three_agents_are_placed_across_local_and_two_hosts(rig, repo, cli, local_claude):
+    for n in (1, 2, 3):
+        local_claude.script(f"place-{n}", [take_time(3), commit_file(f"f{n}.txt", f"n{n}"),
+                                           text(f"placed {n}")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5, max_parallel=1,
+                 default_parallel=1, hosts=rig.hosts_setting(max_parallel=1))  # fmt: skip
+    run = cli("spawn", "place-1 one", "place-2 two", "place-3 three")
+    assert run.code == 0, run
+
+    def all_done():
+        agents = agents_by_id(cli)
+        return all(a["state"] == "done" for a in agents.values()) and agents
+
+    agents = wait_for(all_done, timeout=180, what="three agents done")
+    assert sorted(a["host"] for a in agents.values()) == ["h1", "h2", "local"]
+    for n, agent_id in enumerate(["place-1-one", "place-2-two", "place-3-three"], 1):
+        branch = f"orchestra/{agent_id}"
+        assert git("show", f"{branch}:f{n}.txt", cwd=repo) == f"n{n}\n"
+        assert agents[agent_id]["result"] == f"placed {n}"
+    # they ran at the same time: one slot each on three machines
+    starts = sorted(orchestra.parse_iso(a["started_at"]) for a in agents.values())
+    assert starts[-1] - starts[0] < 3
+
+
+@needs_root
+@requires_claude
+def test_a_hostile_task_crosses_ssh_as_data(rig, repo, cli, local_claude, tmp_path):
+    trap = tmp_path / "pwned"
+    task = (f"hostile-one: it's \"quoted\" $(touch {trap}) `touch {trap}` ; touch {trap} & | > < \\ *"
+            f"\nline two\t'; touch {trap}; echo '\n--help")  # fmt: skip
+    local_claude.script("hostile-one", [text("nothing to do")])
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    run = cli("spawn", "--host", "h2", "--name", "hostile", task)
+    assert run.code == 0, run
+    wait_for(lambda: load_agent(repo, "hostile")["state"] == "done", timeout=120, what="done")
+    there = orchestra.Project.open(remote_repo(rig, "h2", repo), os.environ)
+    assert there.store.load()["agents"]["hostile"]["task"] == task  # arrived byte for byte
+    assert not trap.exists()
+    assert not list(rig.hosts["h2"].home.glob("pwned*"))
+    refused = cli("spawn", "--host", "h2", "a\x00b")  # refused here, as ever
+    assert refused.code == 2 and "U+0000" in refused.err
