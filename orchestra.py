@@ -4167,6 +4167,9 @@ HOST_CALL_TIMEOUT = 300.0  # seconds one remote call may take (a push of a large
 HOST_CONTROL_PERSIST = 120  # seconds the shared ssh connection outlives its last use
 HOST_POLL = 1.0  # seconds between polls of a remote agent
 HOST_LOG_CHUNK = 512 * 1024  # bytes of a remote log fetched per poll
+HOST_FETCH_PATIENCE = (
+    120.0  # seconds a settled agent's fetch home is retried while its host is away
+)
 HOST_MIN_PYTHON = (3, 9)
 HOST_MIN_FREE = 1024**3  # bytes free in a host's workdir below which doctor warns
 HOST_SSH_FAILED = 255  # ssh's exit status when the connection itself failed
@@ -4545,6 +4548,22 @@ def follow_remote_agent(agent, report, stopping):
     return remote, log
 
 
+def fetch_home_patiently(agent, stopping):
+    """Fetch a settled agent's branch home, retrying while its host is out of reach; None, or
+    why it could not be fetched (diff and collect try again)."""
+    deadline = time.monotonic() + HOST_FETCH_PATIENCE
+    while True:
+        try:
+            agent.fetch_home()
+            return None
+        except HostError as e:
+            problem = f"its branch could not be fetched home yet: {e}"
+        except OrchestraError as e:
+            return f"its branch could not be fetched home: {e}"
+        if time.monotonic() > deadline or stopping.wait(HOST_POLL):
+            return problem
+
+
 def settle_remote(record, log, remote, problem):
     """Write a remote agent's final record from the local log and the host's last word."""
     record.update(pid=None, stale=False, host_unreachable=None)
@@ -4631,12 +4650,15 @@ class RemoteAgent:
         """Fetch the agent's branch home; the local worktree (made now if missing) follows it."""
         record = self.record
         temp = f"refs/orchestra/hosts/{record['id']}"
-        run_git(
-            ["fetch", "--quiet", "--no-tags", self.host.git_url(self.remote_repo),
-             f"+refs/heads/{record['branch']}:{temp}"],
-            self.project.repo,
-            env=self.host.git_env(),
-        )  # fmt: skip
+        try:
+            run_git(
+                ["fetch", "--quiet", "--no-tags", self.host.git_url(self.remote_repo),
+                 f"+refs/heads/{record['branch']}:{temp}"],
+                self.project.repo,
+                env=self.host.git_env(),
+            )  # fmt: skip
+        except GitError as e:
+            raise HostError(f"host '{self.host.name}': {e}") from None
         worktree = Path(record["worktree"])
         if worktree.exists():
             run_git(["merge", "--ff-only", "--quiet", temp], worktree)
@@ -4937,11 +4959,7 @@ class Supervisor:
         remote, log = follow_remote_agent(agent, self.queue, self.stopping)
         if self.stopping.is_set():
             return  # the agent runs on at its host; the next supervisor follows it again
-        problem = None
-        try:
-            agent.fetch_home()
-        except OrchestraError as e:
-            problem = f"its branch could not be fetched home yet: {e}"
+        problem = fetch_home_patiently(agent, self.stopping)
         self.finish(agent_id, lambda r: settle_remote(r, log, remote, problem))
 
     def after_done(self, agent_id):

@@ -190,6 +190,15 @@ class SshRig:
             )
         )
 
+    def cut(self, name):
+        """Drop a host's link: its sshd stops and orchestra's shared connection to it ends."""
+        import orchestra
+
+        host = self.hosts[name]
+        host.stop()
+        ssh = orchestra.Host(name, host.settings(self.ssh_config)).ssh_command()
+        subprocess.run([*ssh, "-O", "exit", host.alias], capture_output=True, timeout=30)
+
     def hosts_setting(self, **extra):
         """The `hosts` setting naming every host of the rig."""
         return {name: h.settings(self.ssh_config, **extra) for name, h in self.hosts.items()}

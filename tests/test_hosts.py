@@ -3,8 +3,10 @@ run on other hosts over real ssh (tests/ssh_hosts.py makes the hosts) with the r
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from ssh_hosts import IS_ROOT, SshRig
@@ -20,7 +22,7 @@ from conftest import (
     wait_for,
     write_config,
 )
-from scripted_api import ScriptedAPI, claude_env, requires_claude, text
+from scripted_api import ScriptedAPI, bash, claude_env, requires_claude, text
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="making host accounts and sshd needs root")
 
@@ -266,3 +268,63 @@ def test_a_hostile_task_crosses_ssh_as_data(rig, repo, cli, local_claude, tmp_pa
     assert not list(rig.hosts["h2"].home.glob("pwned*"))
     refused = cli("spawn", "--host", "h2", "a\x00b")  # refused here, as ever
     assert refused.code == 2 and "U+0000" in refused.err
+
+
+def agent_lines(path):
+    """The agent's own lines of a log (orchestra's events left out), in order."""
+    lines = path.read_text().splitlines()
+    return [line for line in lines if json.loads(line).get("type") != "orchestra"]
+
+
+@needs_root
+@requires_claude
+def test_a_dropped_link_loses_and_doubles_no_line(rig, repo, cli, local_claude):
+    local_claude.script("linked-one", [bash("echo starting"), take_time(10), commit_file("l.txt", "l"),
+                                       text("finished across a dropped link")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "linked", "linked-one: go").code == 0
+    log = repo / ".orchestra" / "logs" / "linked.jsonl"
+    wait_for(lambda: "starting" in log.read_text(), timeout=60, what="the first line home")
+    rig.cut("h1")
+    try:
+        wait_for(lambda: load_agent(repo, "linked").get("host_unreachable"), timeout=30,
+                 what="unreachable")  # fmt: skip
+        row = cli("status").out.splitlines()[1]
+        assert row.split()[:3] == ["linked", "running", "h1"]
+        assert "host unreachable since 20" in row
+        assert not cli("hosts", "--json").json()["hosts"][1]["reachable"]
+        time.sleep(3)  # the agent goes on working at its host meanwhile
+    finally:
+        rig.hosts["h1"].start()
+    wait_for(lambda: load_agent(repo, "linked")["state"] == "done", timeout=120, what="done")
+    record = load_agent(repo, "linked")
+    assert record["result"] == "finished across a dropped link" and not record["host_unreachable"]
+    there = remote_repo(rig, "h1", repo) / ".orchestra" / "logs" / "linked.jsonl"
+    home = agent_lines(log)
+    assert home == agent_lines(there) and len(home) == len(set(home))
+    assert git("show", "orchestra/linked:l.txt", cwd=repo) == "l\n"
+
+
+@needs_root
+@requires_claude
+def test_a_host_whose_supervisor_and_agent_are_killed_gives_interrupted_with_work_home(
+    rig, repo, cli, local_claude
+):
+    local_claude.script("rebooted-one", [commit_file("r.txt", "saved"), bash("echo committed"),
+                                         take_time(60), text("never")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h2", "--name", "rebooted", "rebooted-one: go").code == 0
+    log = repo / ".orchestra" / "logs" / "rebooted.jsonl"
+    wait_for(lambda: "echo committed" in log.read_text(), timeout=60, what="the commit")
+    state_file = remote_repo(rig, "h2", repo) / ".orchestra" / "state.json"
+    state = json.loads(state_file.read_text())
+    os.kill(state["supervisor"]["pid"], signal.SIGKILL)  # the host "reboots"
+    os.killpg(state["agents"]["rebooted"]["pid"], signal.SIGKILL)
+    wait_for(lambda: load_agent(repo, "rebooted")["state"] == "interrupted", timeout=60,
+             what="interrupted")  # fmt: skip
+    record = load_agent(repo, "rebooted")
+    assert record["error"] is None or "fetched" not in record["error"], record
+    assert git("show", "orchestra/rebooted:r.txt", cwd=repo) == "saved\n"
+    assert (repo / ".worktrees" / "task-rebooted" / "r.txt").exists()
