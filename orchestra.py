@@ -4548,6 +4548,27 @@ def follow_remote_agent(agent, report, stopping):
     return remote, log
 
 
+def relay_to_host(project, record, action, message=None, env=None):
+    """Have a remote agent's host stop, pause, resume or message it (its supervisor acts there)."""
+    agent = RemoteAgent(project, record)
+    payload = {"repo": agent.remote_repo, "id": record["id"], "action": action, "message": message}
+    payload["env"] = forwarded_env(agent.host, os.environ if env is None else env)
+    return agent.host.call("signal", payload)["outcome"]
+
+
+def continue_on_host(record):
+    """A settled remote agent whose host now continues its session: followed again from home."""
+    record.update(
+        state="queued",
+        ready=True,
+        host_launched=True,
+        pid=None,
+        finished_at=None,
+        error=None,
+        activity=f"continuing its session on host {record['host']}",
+    )
+
+
 def fetch_home_patiently(agent, stopping):
     """Fetch a settled agent's branch home, retrying while its host is out of reach; None, or
     why it could not be fetched (diff and collect try again)."""
@@ -5313,11 +5334,36 @@ def spawn_agents(
 
 def pause_agents(project, ids):
     """Pause running agents; (id, what happened) for each."""
+    remote = [r for r in select_agents(project.records(), ids) if is_remote(r)]
+    if remote:  # Hosts: paused by their host, marked paused here
+        for record in remote:
+            if record["state"] != "running":
+                raise OrchestraError(
+                    f"{record['id']} is {record['state']}; only a running agent can be paused"
+                )
+            relay_to_host(project, record, "pause")
+        change_agents(project, [r["id"] for r in remote], lambda r: r.update(state="paused"))
+        ids = [r["id"] for r in select_agents(project.records(), ids) if not is_remote(r)]
+        if not ids:
+            return [(r["id"], f"paused on host {r['host']}") for r in remote]
     return [(agent_id, "paused") for agent_id in change_agents(project, ids, pause_agent)]
 
 
 def resume_agents(project, ids, env=None):
     """Continue paused agents or queue relaunches (with `env`, default this process's); (id, what happened)."""
+    remote = [r for r in select_agents(project.records(), ids) if is_remote(r)]
+    if remote:  # Hosts: resumed (or relaunched) by their host, followed again from here
+        for record in remote:
+            if record["state"] in ("running", "queued", "done"):
+                raise OrchestraError(
+                    f"{record['id']} is {record['state']}; only paused, stopped, failed or interrupted agents resume"
+                )
+            relay_to_host(project, record, "resume", env=env)
+        change_agents(project, [r["id"] for r in remote], resume_remote)
+        ensure_supervisor(project)
+        ids = [r["id"] for r in select_agents(project.records(), ids) if not is_remote(r)]
+        if not ids:
+            return [(r["id"], f"resumed on host {r['host']}") for r in remote]
     chosen = [r["id"] for r in select_agents(project.records(), ids)]
     save_agent_env(project, chosen, os.environ if env is None else env)
     try:
@@ -5330,10 +5376,21 @@ def resume_agents(project, ids, env=None):
     return outcomes
 
 
+def resume_remote(record):
+    """The local record of a remote agent its host resumed: running again, or continuing."""
+    if record["state"] == "paused":
+        record.update(state="running", activity="resumed")
+    else:
+        continue_on_host(record)
+
+
 def stop_agents(project, ids):
     """Stop agents and end their processes; worktrees and branches stay. (id, what happened)."""
     outcomes = []
+    remote = {r["id"]: r for r in select_agents(project.records(), ids) if is_remote(r)}
     for agent_id, (pid, start_token) in change_agents(project, ids, request_stop):
+        if agent_id in remote:  # Hosts: its host's supervisor ends it; its follower fetches it
+            relay_to_host(project, remote[agent_id], "stop")
         stop_process(pid, start_token)
         outcomes.append((agent_id, "stopped (worktree and branch kept)"))
     return outcomes
@@ -7864,6 +7921,13 @@ def send_message(project, agent_id, message, env=None):
         return record["id"], False
 
     [record] = select_agents(project.records(), [agent_id])
+    if is_remote(record):  # Hosts: its host keeps the message or continues the session there
+        relay_to_host(project, record, "send", message=message, env=env)
+        if record["state"] in ACTIVE_STATES:
+            return record["id"], True
+        change_agents(project, [record["id"]], continue_on_host)
+        ensure_supervisor(project)
+        return record["id"], False
     save_agent_env(project, [record["id"]], os.environ if env is None else env)
     try:
         sent_to = project.store.update(queue)
@@ -11627,11 +11691,25 @@ def host_action_poll(payload):
     }
 
 
+def host_action_signal(payload):
+    """Stop, pause, resume or message one agent here, as home asked."""
+    project = host_project(payload)
+    ids, env = [payload["id"]], {**os.environ, **payload.get("env", {})}
+    outcome = {
+        "stop": lambda: stop_agents(project, ids),
+        "pause": lambda: pause_agents(project, ids),
+        "resume": lambda: resume_agents(project, ids, env),
+        "send": lambda: send_message(project, payload["id"], payload["message"], env),
+    }[payload["action"]]()
+    return {"outcome": json.loads(json.dumps(outcome))}
+
+
 HOST_ACTIONS = {
     "doctor": host_action_doctor,
     "prepare": host_action_prepare,
     "spawn": host_action_spawn,
     "poll": host_action_poll,
+    "signal": host_action_signal,
 }
 
 

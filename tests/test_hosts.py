@@ -328,3 +328,34 @@ def test_a_host_whose_supervisor_and_agent_are_killed_gives_interrupted_with_wor
     assert record["error"] is None or "fetched" not in record["error"], record
     assert git("show", "orchestra/rebooted:r.txt", cwd=repo) == "saved\n"
     assert (repo / ".worktrees" / "task-rebooted" / "r.txt").exists()
+
+
+@needs_root
+@requires_claude
+def test_pause_resume_stop_and_send_reach_a_remote_agent(rig, repo, cli, local_claude):
+    local_claude.script("steered-one", [bash("echo working"), take_time(30), text("never")])
+    local_claude.script("and now this", [commit_file("more.txt", "more"), text("did more")])
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "steered", "steered-one: go").code == 0
+    log = repo / ".orchestra" / "logs" / "steered.jsonl"
+    wait_for(lambda: "echo working" in log.read_text(), timeout=60, what="working")
+    there = orchestra.Project.open(remote_repo(rig, "h1", repo), os.environ)
+
+    def remote_state():
+        return there.store.load()["agents"]["steered"]["state"]
+
+    run = cli("pause", "steered")
+    assert run.code == 0 and "paused on host h1" in run.out, run
+    assert remote_state() == "paused" and load_agent(repo, "steered")["state"] == "paused"
+    assert cli("resume", "steered").code == 0
+    assert remote_state() == "running" and load_agent(repo, "steered")["state"] == "running"
+    run = cli("stop", "steered")
+    assert run.code == 0, run
+    wait_for(lambda: remote_state() == "stopped", timeout=30, what="stopped there")
+    assert cli("stop", "steered").err.startswith("orchestra: error: steered is already stopped")
+    run = cli("send", "steered", "and now this: one more file")
+    assert run.code == 0, run
+    wait_for(lambda: load_agent(repo, "steered")["state"] == "done", timeout=120, what="done")
+    assert load_agent(repo, "steered")["result"] == "did more"
+    assert git("show", "orchestra/steered:more.txt", cwd=repo) == "more\n"
