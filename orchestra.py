@@ -4690,9 +4690,49 @@ class RemoteAgent:
             )
         run_git(["update-ref", "-d", temp], self.project.repo)
 
-    def relay(self, argv):
-        """Run an orchestra command for this agent on the host (stop, pause, send...)."""
-        return self.host.call("cli", {"repo": self.remote_repo, "argv": argv})
+    def bring_leftovers_home(self):
+        """Copy what the host's worktree holds uncommitted into the local worktree, unstaged
+        changes and untracked files alike, so cleanup at home sees (and archives) them."""
+        answer = self.host.call("leftovers", {"repo": self.remote_repo, "id": self.record["id"]})
+        if not answer.get("ref"):
+            return False
+        temp = f"refs/orchestra/hosts/{self.record['id']}-leftovers"
+        try:
+            run_git(
+                ["fetch", "--quiet", "--no-tags", self.host.git_url(self.remote_repo),
+                 f"+{answer['ref']}:{temp}"],
+                self.project.repo,
+                env=self.host.git_env(),
+            )  # fmt: skip
+        except GitError as e:
+            raise HostError(f"host '{self.host.name}': {e}") from None
+        run_git(["checkout", temp, "--", "."], self.record["worktree"])
+        run_git(["reset", "--quiet"], self.record["worktree"])
+        run_git(["update-ref", "-d", temp], self.project.repo)
+        return True
+
+
+def bring_home_for_cleanup(project, records):
+    """Fetch remote agents' branches and uncommitted work home before cleanup judges them;
+    {id: why it must stay} for those whose host cannot be reached (nothing there is judged)."""
+    problems = {}
+    for record in records:
+        if not is_remote(record) or record["state"] == "removed":
+            continue
+        agent = RemoteAgent(project, record)
+        try:
+            if record["state"] not in ACTIVE_STATES:
+                agent.fetch_home()
+                agent.bring_leftovers_home()
+        except OrchestraError as e:
+            problems[record["id"]] = f"its host could not be asked what it holds: {e}"
+    return problems
+
+
+def remove_on_host(project, record):
+    """After cleanup at home archived everything: remove the agent's worktree on its host."""
+    agent = RemoteAgent(project, record)
+    agent.host.call("cleanup", {"repo": agent.remote_repo, "id": record["id"]})
 
 
 # ======================================================================================
@@ -8188,11 +8228,17 @@ def cleanup_agents(
         records = cleanup_targets(
             project.all_records() if ids else live, ids, everything, failed_only
         )
+        away = bring_home_for_cleanup(project, records)  # Hosts: their work comes home first
         plan = plan_cleanup(project, records, force)
+        for step in (s for s in plan if s["id"] in away):
+            step.update(action="keep", reasons=[away[step["id"]]])
         if apply:
             by_id = {r["id"]: r for r in records}
             for step in (s for s in plan if s["action"] == "remove"):
                 apply_step(project, by_id[step["id"]], step)
+                if step["action"] == "remove" and is_remote(by_id[step["id"]]):
+                    with contextlib.suppress(OrchestraError):  # home holds it all already
+                        remove_on_host(project, by_id[step["id"]])
     finally:
         if apply:
             lock.release()
@@ -11704,12 +11750,47 @@ def host_action_signal(payload):
     return {"outcome": json.loads(json.dumps(outcome))}
 
 
+def host_action_leftovers(payload):
+    """Commit what an agent's worktree holds uncommitted (tracked and untracked files) to a ref
+    of its own, for home to fetch; the worktree and branch stay as they are."""
+    project = host_project(payload)
+    record = project.all_records().get(payload["id"])
+    if not record or not Path(record["worktree"]).is_dir():
+        return {"ref": None}
+    worktree = record["worktree"]
+    if not run_git(["status", "--porcelain", "--untracked-files=all"], worktree).stdout.strip():
+        return {"ref": None}
+    index = project.dir / f"leftovers-{payload['id']}.index"
+    env = {**os.environ, "GIT_INDEX_FILE": str(index)}
+    try:
+        run_git(["read-tree", "HEAD"], worktree, env=env)
+        run_git(["add", "--all", "."], worktree, env=env)
+        tree = run_git(["write-tree"], worktree, env=env).stdout.strip()
+    finally:
+        with contextlib.suppress(OSError):
+            index.unlink()
+    message = f"uncommitted work of {payload['id']} on this host"
+    commit = run_git(["commit-tree", tree, "-p", "HEAD", "-m", message], worktree).stdout.strip()
+    ref = f"refs/orchestra/leftovers/{payload['id']}"
+    run_git(["update-ref", ref, commit], project.repo)
+    return {"ref": ref}
+
+
+def host_action_cleanup(payload):
+    """Remove one agent's worktree and branch here: home has archived all it held."""
+    project = host_project(payload)
+    outcome = cleanup_agents(project, [payload["id"]], apply=True, force=True)
+    return {"outcome": outcome["plan"]}
+
+
 HOST_ACTIONS = {
     "doctor": host_action_doctor,
     "prepare": host_action_prepare,
     "spawn": host_action_spawn,
     "poll": host_action_poll,
     "signal": host_action_signal,
+    "leftovers": host_action_leftovers,
+    "cleanup": host_action_cleanup,
 }
 
 

@@ -359,3 +359,31 @@ def test_pause_resume_stop_and_send_reach_a_remote_agent(rig, repo, cli, local_c
     wait_for(lambda: load_agent(repo, "steered")["state"] == "done", timeout=120, what="done")
     assert load_agent(repo, "steered")["result"] == "did more"
     assert git("show", "orchestra/steered:more.txt", cwd=repo) == "more\n"
+
+
+@needs_root
+@requires_claude
+def test_cleanup_of_a_remote_agent_archives_at_home_before_the_host_removes_it(
+    rig, repo, cli, local_claude
+):
+    local_claude.script("tidy-one", [commit_file("kept.txt", "kept"),
+                                     bash("echo draft > unsaved.txt"), text("left a draft")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h2", "--name", "tidy", "tidy-one: go").code == 0
+    wait_for(lambda: load_agent(repo, "tidy")["state"] == "done", timeout=120, what="done")
+    there = remote_repo(rig, "h2", repo) / ".worktrees" / "task-tidy"
+    assert (there / "unsaved.txt").exists()
+    run = cli("cleanup", "tidy")
+    assert run.code == 0 and "unsaved.txt" in run.out, run  # kept: its draft is unsaved
+    assert (repo / ".worktrees" / "task-tidy" / "unsaved.txt").read_text() == "draft\n"
+    assert there.is_dir()
+    run = cli("cleanup", "--force", "tidy")
+    assert run.code == 0, run
+    archives = git("for-each-ref", "--format=%(refname)", "refs/orchestra/archive/tidy", cwd=repo)
+    worktree_ref = [r for r in archives.split() if r.endswith("-worktree")]
+    assert worktree_ref and git("show", f"{worktree_ref[0]}:unsaved.txt", cwd=repo) == "draft\n"
+    tip = [r for r in archives.split() if r[-1].isdigit() or r.endswith("Z")]
+    assert git("show", f"{tip[0]}:kept.txt", cwd=repo) == "kept\n"
+    assert not there.exists()  # removed on the host only after home archived it
+    assert cli("status", "--json", "tidy").json()["agents"][0]["state"] == "removed"
