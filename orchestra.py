@@ -4395,7 +4395,8 @@ def host_doctor(config, name):
 def hosts_overview(project):
     """Each host's slots, running agents and (for remote hosts) whether ssh reaches it."""
     config = project.config
-    agents = project.store.load()["agents"].values()
+    state = project.store.load()
+    agents = state["agents"].values()
     rows = []
     for name in host_names(config):
         running = [
@@ -4403,7 +4404,8 @@ def hosts_overview(project):
             for r in agents
             if r["state"] in ("running", "paused", "waiting") and (r.get("host") or "local") == name
         ]
-        row = {"name": name, "slots": host_limit(config, name), "running": running}
+        slots = config.parallel_limit(state.get("parallel")) if name == "local" else None
+        row = {"name": name, "slots": slots or host_limit(config, name), "running": running}
         if name == "local":
             row.update(ssh=None, reachable=True, error=None)
         else:
@@ -4616,6 +4618,7 @@ class RemoteAgent:
         self.host = Host.named(project.config, record["host"])
         self.remote_repo = self.host.repo_path(project.repo)
         self.offset = log_offset_of(project.log_path(record["id"]), self.host.name)
+        self.mirrored = {}  # request id -> the host's approval request, as mirrored at home
 
     def launch(self, env):
         """Copy orchestra, push the base commit and spawn the agent on the host (idempotent)."""
@@ -4665,7 +4668,38 @@ class RemoteAgent:
                 self.offset + len(complete),
             )  # fmt: skip
             self.offset += len(complete)
+        self.mirror_requests(answer.get("approvals") or [])
         return answer.get("record"), len(data) > len(complete) or answer.get("more", False)
+
+    def mirror_requests(self, asked):
+        """Show the host's approval requests at home (approvals, dashboard, notify_command) and
+        send home's decisions back while the agent waits. Home's supervisor stands in for the
+        host's hook: a mirrored request lives as long as this process follows the agent."""
+        box = ApprovalBox(self.project.repo)
+        for request in asked:
+            if request["id"] in self.mirrored:
+                continue
+            for folder in (box.decisions, box.answered, box.rules_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            mirror = {**request, "host": self.host.name, "pid": os.getpid(), "parent": None,
+                      "pid_start": process_start_time(os.getpid())}  # fmt: skip
+            write_atomic(box.dir / f"{request['id']}.json", json.dumps(mirror, indent=2) + "\n")
+            self.mirrored[request["id"]] = mirror
+            agent_id = self.record["id"]
+            summary = request.get("summary")
+            message = f"{agent_id} asks to run {summary} on host {self.host.name} (orchestra approve {request['id']})"
+            notify(self.project.repo, agent_id, "approval", message)
+        waiting = {r["id"] for r in asked}
+        for req_id, mirror in list(self.mirrored.items()):
+            decision = box.decision(req_id)
+            if decision and req_id in waiting:
+                self.host.call(
+                    "answer", {"repo": self.remote_repo, "request": req_id, "decision": decision}
+                )
+            elif not decision and req_id in waiting:
+                continue
+            box.close(mirror, decision or {"decision": "deny", "by": f"host {self.host.name}"})
+            del self.mirrored[req_id]
 
     def fetch_home(self):
         """Fetch the agent's branch home; the local worktree (made now if missing) follows it."""
@@ -11730,7 +11764,9 @@ def host_action_poll(payload):
         f.seek(int(payload["offset"]))
         data = f.read(int(payload["limit"]) + 1)
     more = len(data) > int(payload["limit"])
+    asked = [r for r in ApprovalBox(project.repo).pending() if r.get("agent") == payload["id"]]
     return {
+        "approvals": asked,
         "record": record and {**public_record(record), "finished_at": record.get("finished_at")},
         "data": base64.b64encode(data[: int(payload["limit"])]).decode(),
         "more": more,
@@ -11783,6 +11819,27 @@ def host_action_cleanup(payload):
     return {"outcome": outcome["plan"]}
 
 
+def host_action_answer(payload):
+    """Decide a request here as home decided it (the first decision wins, as ever)."""
+    project = host_project(payload)
+    request, where = ApprovalBox(project.repo).request(payload["request"])
+    if where != "pending":
+        return {"answered": False}
+    decision = payload["decision"]
+    try:
+        answer_request(
+            project,
+            request,
+            decision.get("decision") == "allow",
+            f"home ({decision.get('by')})",
+            message=decision.get("message"),
+            always=decision.get("always"),
+        )
+    except OrchestraError as e:
+        return {"answered": False, "why": str(e)}
+    return {"answered": True}
+
+
 HOST_ACTIONS = {
     "doctor": host_action_doctor,
     "prepare": host_action_prepare,
@@ -11791,6 +11848,7 @@ HOST_ACTIONS = {
     "signal": host_action_signal,
     "leftovers": host_action_leftovers,
     "cleanup": host_action_cleanup,
+    "answer": host_action_answer,
 }
 
 

@@ -123,7 +123,7 @@ def test_hosts_lists_each_host_with_slots_and_reachability(rig, repo, cli):
     rows = {r["name"]: r for r in run.json()["hosts"]}
     assert list(rows) == ["local", "h1", "h2", "gone"]
     assert rows["h1"]["reachable"] and rows["h2"]["reachable"] and rows["h1"]["slots"] == 2
-    assert rows["local"]["slots"] == 8 and rows["h1"]["running"] == []
+    assert rows["local"]["slots"] == 3 and rows["h1"]["running"] == []
     assert not rows["gone"]["reachable"]
     run = cli("hosts")
     assert run.code == 1
@@ -387,3 +387,31 @@ def test_cleanup_of_a_remote_agent_archives_at_home_before_the_host_removes_it(
     assert git("show", f"{tip[0]}:kept.txt", cwd=repo) == "kept\n"
     assert not there.exists()  # removed on the host only after home archived it
     assert cli("status", "--json", "tidy").json()["agents"][0]["state"] == "removed"
+
+
+@needs_root
+@requires_claude
+def test_an_approval_raised_on_a_host_is_answered_at_home(rig, repo, cli, local_claude, tmp_path):
+    notes = tmp_path / "notes.txt"
+    local_claude.script("ask-first", [bash("printf 'ok\\n' > approved.txt"), bash("git add approved.txt"),
+                                      bash("git commit -qm 'add approved.txt'"), text("approved and committed")])  # fmt: skip
+    write_config(repo, bypass_permissions=["Bash(git *)"], heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting(),
+                 notify_command=["sh", "-c", f'echo "$1" >> {notes}', "sh", "{message}"])  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "asker", "ask-first: go").code == 0
+
+    def asked():
+        return [r for r in cli("approvals", "--json").json()["approvals"] if r["agent"] == "asker"]
+
+    [request] = wait_for(asked, timeout=90, what="the host's request at home")
+    assert request["summary"] == "Bash(printf 'ok\\n' > approved.txt)" and request["host"] == "h1"
+    status = cli("status", "--json").json()["agents"][0]
+    assert status["approval"]["id"] == request["id"]
+    wait_for(
+        lambda: notes.exists() and "on host h1" in notes.read_text(), timeout=30, what="notify"
+    )
+    run = cli("approve", request["id"])
+    assert run.code == 0 and f"allowed {request['id']}" in run.out, run
+    wait_for(lambda: load_agent(repo, "asker")["state"] == "done", timeout=120, what="done")
+    assert git("show", "orchestra/asker:approved.txt", cwd=repo) == "ok\n"
+    assert asked() == []
