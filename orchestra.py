@@ -4763,6 +4763,18 @@ def bring_home_for_cleanup(project, records):
     return problems
 
 
+def fetch_remote_branches(project, records):
+    """Fetch remote agents' branches home now (diff, collect); why each that failed could not."""
+    problems = []
+    for record in records:
+        if is_remote(record) and record["state"] not in ("removed", "queued"):
+            try:
+                RemoteAgent(project, record).fetch_home()
+            except OrchestraError as e:
+                problems.append(f"{record['id']}: showing what is home; {e}")
+    return problems
+
+
 def remove_on_host(project, record):
     """After cleanup at home archived everything: remove the agent's worktree on its host."""
     agent = RemoteAgent(project, record)
@@ -5492,6 +5504,11 @@ def retry_agent(project, record, resume_session):
         raise OrchestraError(
             f"{record['id']} is {record['state']}; only failed, interrupted or stopped agents can be retried"
         )
+    if resume_session and is_remote(record):  # Hosts: its session lives on its host
+        relay_to_host(project, record, "resume")
+        change_agents(project, [record["id"]], continue_on_host)
+        ensure_supervisor(project)
+        return f"{record['id']}: queued to continue its session on host {record['host']}"
     if resume_session:
         change_agents(
             project,
@@ -11138,6 +11155,8 @@ def cmd_diff(args):
     record = select_agents(project.all_records(), [args.id])[0]
     if record["state"] == "removed":
         check_not_removed(project, [record["id"]])  # points at its archive and `orchestra restore`
+    for problem in fetch_remote_branches(project, [record]):  # Hosts: its latest commits first
+        print(f"orchestra: note: {problem}", file=sys.stderr)
     cwd, revisions = diff_source(project, record)
     status = page_git(["diff", *(["--stat"] if args.stat else []), *revisions, "--"], cwd)
     if len(revisions) == 1:
@@ -11274,6 +11293,8 @@ ARCHIVE_WORDS = {
 def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
+    for problem in fetch_remote_branches(project, select_agents(project.records(), args.ids)):
+        print(f"orchestra: note: {problem}", file=sys.stderr)  # Hosts: their branches come home
     document = collect_agents(
         project,
         args.ids,

@@ -318,6 +318,11 @@ def test_a_host_whose_supervisor_and_agent_are_killed_gives_interrupted_with_wor
     assert cli("spawn", "--host", "h2", "--name", "rebooted", "rebooted-one: go").code == 0
     log = repo / ".orchestra" / "logs" / "rebooted.jsonl"
     wait_for(lambda: "echo committed" in log.read_text(), timeout=60, what="the commit")
+    diff = subprocess.run(
+        [sys.executable, str(ROOT / "orchestra.py"), "diff", "rebooted", "--stat"],
+        cwd=repo, capture_output=True, text=True,
+    )  # fmt: skip
+    assert diff.returncode == 0 and "r.txt | 1 +" in diff.stdout, diff  # fetched while it runs
     state_file = remote_repo(rig, "h2", repo) / ".orchestra" / "state.json"
     state = json.loads(state_file.read_text())
     os.kill(state["supervisor"]["pid"], signal.SIGKILL)  # the host "reboots"
