@@ -4165,7 +4165,7 @@ HOSTS_WORKDIR = "~/.orchestra-hosts"
 HOST_SSH_TIMEOUT = 10  # seconds ssh may take to connect
 HOST_CALL_TIMEOUT = 300.0  # seconds one remote call may take (a push of a large repository)
 HOST_CONTROL_PERSIST = 120  # seconds the shared ssh connection outlives its last use
-HOST_POLL = 1.0  # seconds between polls of a remote agent
+HOST_POLL = 0.5  # seconds between polls of a remote agent
 HOST_LOG_CHUNK = 512 * 1024  # bytes of a remote log fetched per poll
 HOST_FETCH_PATIENCE = (
     120.0  # seconds a settled agent's fetch home is retried while its host is away
@@ -4188,6 +4188,11 @@ HOST_INSTALL = (
     "    fd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)\n"
     "    os.write(fd, sys.stdin.buffer.read()); os.fsync(fd); os.close(fd); os.replace(t, f)\n"
 )
+
+
+# (ssh target, options, remote repository, source hash) this process has installed and prepared
+PREPARED_HOSTS = set()
+SOURCE_HASH = []  # this file's content hash, computed once
 
 
 class HostError(OrchestraError):
@@ -4230,7 +4235,9 @@ def control_folder():
 
 def source_hash():
     """The content hash of this very file: a host runs exactly the version that talks to it."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    if not SOURCE_HASH:
+        SOURCE_HASH.append(hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16])
+    return SOURCE_HASH[0]
 
 
 class Host:
@@ -4623,8 +4630,11 @@ class RemoteAgent:
     def launch(self, env):
         """Copy orchestra, push the base commit and spawn the agent on the host (idempotent)."""
         record = self.record
-        self.host.install()
-        self.host.call("prepare", {"repo": self.remote_repo})
+        ready = (self.host.target, tuple(self.host.options), self.remote_repo, source_hash())
+        if ready not in PREPARED_HOSTS:  # once per host and repository in this process
+            self.host.install()
+            self.host.call("prepare", {"repo": self.remote_repo})
+            PREPARED_HOSTS.add(ready)
         run_git(
             [
                 "push", "--quiet", "--force", self.host.git_url(self.remote_repo),
