@@ -4193,6 +4193,10 @@ HOST_INSTALL = (
 # (ssh target, options, remote repository, source hash) this process has installed and prepared
 PREPARED_HOSTS = set()
 SOURCE_HASH = []  # this file's content hash, computed once
+HOST_DOWN = (
+    {}
+)  # host name -> (time.monotonic() until which it gets no agents, why): this process's view
+HOST_RETRY = 30.0  # seconds a host that failed to take an agent is given no new ones
 
 
 class HostError(OrchestraError):
@@ -4302,6 +4306,8 @@ class Host:
                 f"host '{self.name}' is unreachable over ssh ({said}); check 'ssh {self.target}' works "
                 "without a password prompt"
             )
+        if done.returncode == EXIT_USAGE:  # the host's orchestra refused the request itself
+            return OrchestraError(f"host '{self.name}' could not {doing}: {said}", EXIT_FAILURE)
         return HostError(f"host '{self.name}' could not {doing}: {said}")
 
     def probe(self):
@@ -4503,6 +4509,11 @@ def is_remote(record):
     return record.get("host") not in (None, "local")
 
 
+def on_host(record):
+    """True for an agent launched on another host: its host acts on it (stop, pause, send...)."""
+    return is_remote(record) and bool(record.get("host_launched"))
+
+
 def placements(config, state, local_free):
     """(record, host) for each queued agent that can start now, oldest first.
 
@@ -4512,6 +4523,9 @@ def placements(config, state, local_free):
     counts = host_counts(state)
     free = {"local": local_free}
     free.update({name: host_limit(config, name) - counts.get(name, 0) for name in config["hosts"]})
+    for name, (until, _) in list(HOST_DOWN.items()):
+        if until > time.monotonic():
+            free[name] = 0  # it failed to take an agent: none for a while (pinned ones wait)
     chosen = []
     queued = (r for r in state["agents"].values() if r["state"] == "queued")
     for record in sorted(queued, key=spawn_order):
@@ -4563,6 +4577,19 @@ def relay_to_host(project, record, action, message=None, env=None):
     payload = {"repo": agent.remote_repo, "id": record["id"], "action": action, "message": message}
     payload["env"] = forwarded_env(agent.host, os.environ if env is None else env)
     return agent.host.call("signal", payload)["outcome"]
+
+
+def requeue_from_host(record, problem):
+    """An agent its host could not take: queued again, for its pinned host or any other."""
+    ready = Path(record["worktree"]).is_dir()
+    record.update(
+        state="queued",
+        host=record.get("pinned"),
+        ready=ready,
+        worktree_later=not ready,
+        started_at=None,
+        activity=f"waiting for a host: {problem}",
+    )
 
 
 def continue_on_host(record):
@@ -4761,7 +4788,7 @@ def bring_home_for_cleanup(project, records):
     {id: why it must stay} for those whose host cannot be reached (nothing there is judged)."""
     problems = {}
     for record in records:
-        if not is_remote(record) or record["state"] == "removed":
+        if not on_host(record) or record["state"] == "removed":
             continue
         agent = RemoteAgent(project, record)
         try:
@@ -4777,7 +4804,7 @@ def fetch_remote_branches(project, records):
     """Fetch remote agents' branches home now (diff, collect); why each that failed could not."""
     problems = []
     for record in records:
-        if is_remote(record) and record["state"] not in ("removed", "queued"):
+        if on_host(record) and record["state"] not in ("removed", "queued"):
             try:
                 RemoteAgent(project, record).fetch_home()
             except OrchestraError as e:
@@ -5038,6 +5065,7 @@ class Supervisor:
 
     def start_remote(self, record, host):
         """Mark an agent running on `host`; its follower thread launches it there."""
+        record.setdefault("pinned", record.get("host"))
         record.update(
             state="running",
             host=host,
@@ -5068,6 +5096,12 @@ class Supervisor:
         if not record.get("host_launched"):
             try:
                 agent.launch(take_agent_env(self.project, agent_id))
+            except HostError as e:  # the host is away or broken: the agent waits for a host again
+                why = str(e)
+                HOST_DOWN[record["host"]] = (time.monotonic() + HOST_RETRY, why)
+                self.store.update(lambda state: requeue_from_host(state["agents"][agent_id], why))
+                self.slot_freed.set()
+                return
             except OrchestraError as e:
                 why = f"could not start on host '{record['host']}': {e}"
                 self.finish(agent_id, lambda r: settle_remote(r, None, None, why))
@@ -5430,7 +5464,7 @@ def spawn_agents(
 
 def pause_agents(project, ids):
     """Pause running agents; (id, what happened) for each."""
-    remote = [r for r in select_agents(project.records(), ids) if is_remote(r)]
+    remote = [r for r in select_agents(project.records(), ids) if on_host(r)]
     if remote:  # Hosts: paused by their host, marked paused here
         for record in remote:
             if record["state"] != "running":
@@ -5439,7 +5473,7 @@ def pause_agents(project, ids):
                 )
             relay_to_host(project, record, "pause")
         change_agents(project, [r["id"] for r in remote], lambda r: r.update(state="paused"))
-        ids = [r["id"] for r in select_agents(project.records(), ids) if not is_remote(r)]
+        ids = [r["id"] for r in select_agents(project.records(), ids) if not on_host(r)]
         if not ids:
             return [(r["id"], f"paused on host {r['host']}") for r in remote]
     return [(agent_id, "paused") for agent_id in change_agents(project, ids, pause_agent)]
@@ -5447,7 +5481,7 @@ def pause_agents(project, ids):
 
 def resume_agents(project, ids, env=None):
     """Continue paused agents or queue relaunches (with `env`, default this process's); (id, what happened)."""
-    remote = [r for r in select_agents(project.records(), ids) if is_remote(r)]
+    remote = [r for r in select_agents(project.records(), ids) if on_host(r)]
     if remote:  # Hosts: resumed (or relaunched) by their host, followed again from here
         for record in remote:
             if record["state"] in ("running", "queued", "done"):
@@ -5457,7 +5491,7 @@ def resume_agents(project, ids, env=None):
             relay_to_host(project, record, "resume", env=env)
         change_agents(project, [r["id"] for r in remote], resume_remote)
         ensure_supervisor(project)
-        ids = [r["id"] for r in select_agents(project.records(), ids) if not is_remote(r)]
+        ids = [r["id"] for r in select_agents(project.records(), ids) if not on_host(r)]
         if not ids:
             return [(r["id"], f"resumed on host {r['host']}") for r in remote]
     chosen = [r["id"] for r in select_agents(project.records(), ids)]
@@ -5483,7 +5517,7 @@ def resume_remote(record):
 def stop_agents(project, ids):
     """Stop agents and end their processes; worktrees and branches stay. (id, what happened)."""
     outcomes = []
-    remote = {r["id"]: r for r in select_agents(project.records(), ids) if is_remote(r)}
+    remote = {r["id"]: r for r in select_agents(project.records(), ids) if on_host(r)}
     for agent_id, (pid, start_token) in change_agents(project, ids, request_stop):
         if agent_id in remote:  # Hosts: its host's supervisor ends it; its follower fetches it
             relay_to_host(project, remote[agent_id], "stop")
@@ -5514,7 +5548,7 @@ def retry_agent(project, record, resume_session):
         raise OrchestraError(
             f"{record['id']} is {record['state']}; only failed, interrupted or stopped agents can be retried"
         )
-    if resume_session and is_remote(record):  # Hosts: its session lives on its host
+    if resume_session and on_host(record):  # Hosts: its session lives on its host
         relay_to_host(project, record, "resume")
         change_agents(project, [record["id"]], continue_on_host)
         ensure_supervisor(project)
@@ -8022,7 +8056,7 @@ def send_message(project, agent_id, message, env=None):
         return record["id"], False
 
     [record] = select_agents(project.records(), [agent_id])
-    if is_remote(record):  # Hosts: its host keeps the message or continues the session there
+    if on_host(record):  # Hosts: its host keeps the message or continues the session there
         relay_to_host(project, record, "send", message=message, env=env)
         if record["state"] in ACTIVE_STATES:
             return record["id"], True
@@ -8297,7 +8331,7 @@ def cleanup_agents(
             by_id = {r["id"]: r for r in records}
             for step in (s for s in plan if s["action"] == "remove"):
                 apply_step(project, by_id[step["id"]], step)
-                if step["action"] == "remove" and is_remote(by_id[step["id"]]):
+                if step["action"] == "remove" and on_host(by_id[step["id"]]):
                     with contextlib.suppress(OrchestraError):  # home holds it all already
                         remove_on_host(project, by_id[step["id"]])
     finally:

@@ -420,3 +420,26 @@ def test_an_approval_raised_on_a_host_is_answered_at_home(rig, repo, cli, local_
     wait_for(lambda: load_agent(repo, "asker")["state"] == "done", timeout=120, what="done")
     assert git("show", "orchestra/asker:approved.txt", cwd=repo) == "ok\n"
     assert asked() == []
+
+
+@needs_root
+def test_a_host_that_cannot_take_an_agent_gets_none_and_the_agent_goes_elsewhere(rig, repo, cli):
+    hosts = {"gone": {"ssh": "gone", "ssh_options": ["-F", str(rig.ssh_config), "-p", "1"]},
+             **rig.hosts_setting()}  # fmt: skip
+    write_config(repo, agent_command=["sh", "-c", "echo '{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"ok\"}'", "{task}"],
+                 heartbeat_interval=0.5, default_parallel=1, max_parallel=1, hosts=hosts)  # fmt: skip
+    assert cli("spawn", "first here", "second elsewhere", "third elsewhere").code == 0
+
+    def settled():
+        agents = agents_by_id(cli)
+        return all(a["state"] == "done" for a in agents.values()) and agents
+
+    agents = wait_for(settled, timeout=120, what="all done")
+    assert {a["host"] for a in agents.values()} <= {"local", "h1", "h2"}
+    assert "gone" not in {a["host"] for a in agents.values()}
+    pinned = cli("spawn", "--host", "gone", "pinned to a lost host")
+    assert pinned.code == 0
+    wait_for(lambda: "waiting for a host: host 'gone' is unreachable" in (
+        load_agent(repo, "pinned-lost-host").get("activity") or ""), timeout=60, what="why")  # fmt: skip
+    assert load_agent(repo, "pinned-lost-host")["state"] == "queued"
+    assert cli("stop", "pinned-lost-host").code == 0
