@@ -11337,8 +11337,14 @@ ARCHIVE_WORDS = {
 def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
-    for problem in fetch_remote_branches(project, select_agents(project.records(), args.ids)):
-        print(f"orchestra: note: {problem}", file=sys.stderr)  # Hosts: their branches come home
+    if project.config["hosts"]:  # Hosts: remote agents' latest branches come home first
+        named = [
+            r
+            for r in project.records().values()
+            if not args.ids or r["id"].startswith(tuple(args.ids))
+        ]
+        for problem in fetch_remote_branches(project, named):
+            print(f"orchestra: note: {problem}", file=sys.stderr)
     document = collect_agents(
         project,
         args.ids,
