@@ -1999,6 +1999,7 @@ class AgentLog:
         self.caught_up = True  # the last read reached the end of the file
         self.launched = False  # a launch event was seen: the agent ran at least once
         self.process = None  # (pid, start token) of the latest run, from its "started" event
+        self.host = None  # the host the agent was placed on, from its latest "placed" event
         self.settled = None  # the last "settled" event: how the latest run ended
         self.run_usage = {}  # message id -> (input, output) tokens; one response spans lines
         self.run_totals = (0, 0)  # the sum of run_usage, kept as it changes (never re-summed)
@@ -2092,6 +2093,8 @@ class AgentLog:
             self.settled = event
         elif event.get("event") == "started":
             self.process = (event.get("pid"), event.get("pid_start"))
+        elif event.get("event") == "placed":
+            self.host = event.get("host")
         fold_resilience_event(self.resilience, event)
 
     def on_system(self, event):
@@ -2364,6 +2367,7 @@ def rebuild_state(project):
         record["sandboxed"] = bool(record["launch"].get("sandboxed"))
         log = read_log(log_path)
         record.update(without_none(log.facts))
+        record["host"] = log.host
         if log.settled:
             record.update(
                 {
@@ -2372,6 +2376,8 @@ def rebuild_state(project):
                 }
             )
             record["finished_at"] = log.settled.get("time")
+        elif log.host not in (None, "local"):  # on another host: its supervisor follows it again
+            record.update(state="running", host_launched=True)
         elif log.launched and log.process and process_alive(*log.process):
             record.update(
                 state="running", pid=log.process[0], pid_start=log.process[1]
@@ -5066,6 +5072,7 @@ class Supervisor:
     def start_remote(self, record, host):
         """Mark an agent running on `host`; its follower thread launches it there."""
         record.setdefault("pinned", record.get("host"))
+        append_event(record["log"], {"event": "placed", "host": host})  # rebuilding reads it
         record.update(
             state="running",
             host=host,

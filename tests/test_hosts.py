@@ -443,3 +443,24 @@ def test_a_host_that_cannot_take_an_agent_gets_none_and_the_agent_goes_elsewhere
         load_agent(repo, "pinned-lost-host").get("activity") or ""), timeout=60, what="why")  # fmt: skip
     assert load_agent(repo, "pinned-lost-host")["state"] == "queued"
     assert cli("stop", "pinned-lost-host").code == 0
+
+
+@needs_root
+@requires_claude
+def test_state_rebuilt_from_logs_knows_remote_agents_and_follows_them_again(
+    rig, repo, cli, local_claude
+):
+    local_claude.script("rebuilt-one", [bash("echo begun"), take_time(8), text("rebuilt and done")])
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h2", "--name", "rebuilt", "rebuilt-one: go").code == 0
+    log = repo / ".orchestra" / "logs" / "rebuilt.jsonl"
+    wait_for(lambda: "echo begun" in log.read_text(), timeout=60, what="begun")
+    os.kill(load_state(repo)["supervisor"]["pid"], signal.SIGKILL)
+    (repo / ".orchestra" / "state.json").write_text("{not json")
+    record = cli("status", "--json").json()["agents"][0]  # rebuilt, and a supervisor revived
+    assert record["host"] == "h2" and record["state"] == "running", record
+    wait_for(lambda: load_agent(repo, "rebuilt")["state"] == "done", timeout=120, what="done")
+    assert load_agent(repo, "rebuilt")["result"] == "rebuilt and done"
+    there = remote_repo(rig, "h2", repo) / ".orchestra" / "logs" / "rebuilt.jsonl"
+    assert agent_lines(log) == agent_lines(there)
