@@ -4569,7 +4569,10 @@ def follow_remote_agent(agent, report, stopping):
             report(agent_id, without_none(log.facts))
         if remote:
             report(agent_id, {k: remote.get(k) for k in HOST_RECORD_FACTS})
-        if (remote is None or remote["state"] in FINISHED_STATES) and not more:
+        settled = remote is None or (
+            remote["state"] in FINISHED_STATES and not checks_running(remote)
+        )  # the host runs the agent's checks: their result comes home too
+        if settled and not more:
             break
         if not more:
             stopping.wait(HOST_POLL)

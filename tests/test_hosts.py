@@ -464,3 +464,18 @@ def test_state_rebuilt_from_logs_knows_remote_agents_and_follows_them_again(
     assert load_agent(repo, "rebuilt")["result"] == "rebuilt and done"
     there = remote_repo(rig, "h2", repo) / ".orchestra" / "logs" / "rebuilt.jsonl"
     assert agent_lines(log) == agent_lines(there)
+
+
+RESULT_LINE = '{"type":"result","subtype":"success","is_error":false,"result":"ok"}'
+
+
+@needs_root
+def test_checks_run_on_the_host_and_their_result_comes_home(rig, repo, cli):
+    agent = ["sh", "-c", f"echo made > made.txt; echo '{RESULT_LINE}'", "{task}"]
+    write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting(),
+                 checks=["sleep 3; test -f made.txt && test \"$(id -un)\" = orch-h1"])  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "checked", "make a file").code == 0
+    wait_for(lambda: load_agent(repo, "checked")["state"] == "done"
+             and (load_agent(repo, "checked").get("checks") or {}).get("status") == "passed",
+             timeout=120, what="checks passed")  # fmt: skip
+    assert "done ✓" in cli("status").out
