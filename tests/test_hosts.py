@@ -1,6 +1,7 @@
 """More than one machine: hosts in the config, `orchestra hosts`, `doctor --host`, and agents
 run on other hosts over real ssh (tests/ssh_hosts.py makes the hosts) with the real claude CLI."""
 
+import io
 import json
 import os
 import signal
@@ -479,3 +480,25 @@ def test_checks_run_on_the_host_and_their_result_comes_home(rig, repo, cli):
              and (load_agent(repo, "checked").get("checks") or {}).get("status") == "passed",
              timeout=120, what="checks passed")  # fmt: skip
     assert "done ✓" in cli("status").out
+
+
+@needs_root
+def test_the_dashboard_says_which_host_runs_an_agent(rig, repo, cli, phone):
+    from playwright.sync_api import expect
+
+    agent = ["sh", "-c", f"echo '{RESULT_LINE}'", "{task}"]
+    write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting())
+    assert cli("spawn", "--host", "h2", "--name", "afar", "far away").code == 0
+    assert cli("spawn", "--host", "local", "--name", "near", "close by").code == 0
+    wait_for(lambda: {load_agent(repo, i)["state"] for i in ("afar", "near")} == {"done"},
+             timeout=120, what="both done")  # fmt: skip
+    server = orchestra.start_web_server(
+        orchestra.Project.open(repo, os.environ), "127.0.0.1", 0, log=io.StringIO()
+    )
+    try:
+        phone.goto(server.url)
+        facts = phone.locator('.card[data-id="afar"] .facts')
+        expect(facts).to_contain_text("on h2 · orchestra/afar")
+        expect(phone.locator('.card[data-id="near"] .facts')).not_to_contain_text("on ")
+    finally:
+        server.stop()
