@@ -4186,15 +4186,24 @@ HOST_PROBE = (
     "import os, shutil, sys; os.umask(0o077); p = sys.argv[1]; os.makedirs(p, 0o700, exist_ok=True); "
     "print(sys.version_info[0], sys.version_info[1], shutil.disk_usage(p).free)"
 )
-# Writes stdin to <folder>/orchestra.py (0600 in 0700 folders) unless it is there already.
+# Writes stdin to <folder>/orchestra.py (0600 in 0700 folders) unless it is there, whole, already:
+# a file is kept only when its content hash is the folder's name (a full disk cuts writes short).
 HOST_INSTALL = (
-    "import os, sys; os.umask(0o077); d = sys.argv[1]; f = os.path.join(d, 'orchestra.py')\n"
-    "if not os.path.exists(f):\n"
-    "    os.makedirs(d, 0o700, exist_ok=True); t = f + '.%d' % os.getpid()\n"
-    "    fd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)\n"
-    "    os.write(fd, sys.stdin.buffer.read()); os.fsync(fd); os.close(fd); os.replace(t, f)\n"
+    "import hashlib, os, sys; os.umask(0o077); d, h = sys.argv[1], sys.argv[2]\n"
+    "f = os.path.join(d, 'orchestra.py')\n"
+    "def whole(p):\n"
+    "    return os.path.exists(p) and hashlib.sha256(open(p, 'rb').read()).hexdigest()[:16] == h\n"
+    "if not whole(f):\n"
+    "    data = sys.stdin.buffer.read(); os.makedirs(d, 0o700, exist_ok=True); t = f + '.%d' % os.getpid()\n"
+    "    try:\n"
+    "        with open(t, 'wb') as out:\n"
+    "            out.write(data); out.flush(); os.fsync(out.fileno())\n"
+    "        os.replace(t, f)\n"
+    "    except OSError as e:\n"
+    "        os.path.exists(t) and os.unlink(t); sys.exit('cannot write %s: %s' % (f, e.strerror))\n"
+    "    if not whole(f):\n"
+    "        sys.exit('%s arrived damaged' % f)\n"
 )
-
 
 # (ssh target, options, remote repository, source hash) this process has installed and prepared
 PREPARED_HOSTS = set()
@@ -4304,9 +4313,10 @@ class Host:
 
     def failure(self, done, doing):
         """The error for a failed remote command: unreachable, or what the host said."""
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
         said = (
-            one_line(done.stderr.decode("utf-8", "replace").strip()[-TAIL_CHARS:]) or "no message"
-        )
+            one_line(lines[-1][-TAIL_CHARS:]) if lines else "no message"
+        )  # the last line says why
         if done.returncode == HOST_SSH_FAILED:
             return HostError(
                 f"host '{self.name}' is unreachable over ssh ({said}); check 'ssh {self.target}' works "
@@ -4332,7 +4342,10 @@ class Host:
     def install(self):
         """Copy this file to the host once per content hash; the folder that holds it there."""
         folder = f"{self.workdir}/bin/{source_hash()}"
-        done = self.run([self.python, "-c", HOST_INSTALL, folder], data=Path(__file__).read_bytes())
+        done = self.run(
+            [self.python, "-c", HOST_INSTALL, folder, source_hash()],
+            data=Path(__file__).read_bytes(),
+        )
         if done.returncode != 0:
             raise self.failure(done, f"store orchestra.py in {folder} (is its disk full?)")
         return folder

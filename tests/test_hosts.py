@@ -502,3 +502,30 @@ def test_the_dashboard_says_which_host_runs_an_agent(rig, repo, cli, phone):
         expect(phone.locator('.card[data-id="near"] .facts')).not_to_contain_text("on ")
     finally:
         server.stop()
+
+
+@needs_root
+def test_a_full_disk_on_a_host_is_a_clear_error_not_a_hang(rig, repo, cli):
+    host = rig.hosts["h1"]
+    disk = host.home / "tiny-disk"
+    disk.mkdir(exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(disk)], check=True
+    )
+    try:
+        os.chown(disk, host.entry.pw_uid, host.entry.pw_gid)
+        hosts = rig.hosts_setting()
+        hosts["h1"]["workdir"] = str(disk / "work")
+        agent = ["sh", "-c", f"echo '{RESULT_LINE}'", "{task}"]
+        write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=hosts)
+        run = cli("doctor", "--host", "h1")
+        assert run.code == 1 and "free some space on the host" in run.out, run
+        run = cli("spawn", "--host", "h1", "--name", "crammed", "no room")
+        assert run.code == 0, run
+        wait_for(lambda: "No space left on device" in (load_agent(repo, "crammed").get("activity") or ""),
+                 timeout=60, what="the reason")  # fmt: skip
+        record = load_agent(repo, "crammed")
+        assert record["state"] == "queued" and "is its disk full?" in record["activity"]
+        assert cli("stop", "crammed").code == 0
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
