@@ -529,3 +529,51 @@ def test_a_full_disk_on_a_host_is_a_clear_error_not_a_hang(rig, repo, cli):
         assert cli("stop", "crammed").code == 0
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@needs_root
+@requires_claude
+def test_logs_follow_a_remote_agent_and_its_files_there_are_private(rig, repo, local_claude):
+    local_claude.script("followed-one", [bash("echo first step"), take_time(4),
+                                         text("the last word from afar")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    orchestra_py = [sys.executable, str(ROOT / "orchestra.py")]
+    spawn = [*orchestra_py, "spawn", "--host", "h1", "--name", "followed", "followed-one: go"]
+    subprocess.run(spawn, cwd=repo, check=True, capture_output=True)
+    follow = subprocess.run([*orchestra_py, "logs", "-f", "followed"], cwd=repo,
+                            capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert follow.returncode == 0, follow
+    out = follow.stdout
+    assert "echo first step" in out and "the last word from afar" in out
+    assert out.index("echo first step") < out.index("the last word from afar")
+    assert load_agent(repo, "followed")["state"] == "done"  # logs -f ended when the agent did
+    home = rig.hosts["h1"].home
+    there = remote_repo(rig, "h1", repo)
+    for folder in (home / ".orchestra-hosts", home / ".orchestra-hosts" / "repos", there,
+                   there / ".orchestra", there / ".orchestra" / "logs"):  # fmt: skip
+        assert oct(folder.stat().st_mode & 0o777) == "0o700", folder
+        assert folder.stat().st_uid == rig.hosts["h1"].entry.pw_uid
+    for path in (there / ".orchestra" / "state.json", there / ".orchestra" / "config.json",
+                 there / ".orchestra" / "logs" / "followed.jsonl"):  # fmt: skip
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+    assert "sk-ant" not in (there / ".orchestra" / "state.json").read_text()
+
+
+@needs_root
+def test_only_variables_named_in_env_reach_a_host_and_no_state_file_keeps_them(
+    rig, repo, cli, monkeypatch
+):
+    monkeypatch.setenv("ORCH_SECRET", "s3cr3t-value")
+    monkeypatch.setenv("ORCH_OTHER", "not-for-hosts")
+    script = ('echo "${ORCH_SECRET:-unset}/${ORCH_OTHER:-unset}" > env.txt && git add env.txt && '
+              f"git commit -qm env && echo '{RESULT_LINE}'")  # fmt: skip
+    write_config(repo, agent_command=["sh", "-c", script, "{task}"], heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting(env=["ORCH_SECRET"]))  # fmt: skip
+    assert cli("spawn", "--host", "h2", "--name", "envy", "show the environment").code == 0
+    wait_for(lambda: load_agent(repo, "envy")["state"] == "done", timeout=120, what="done")
+    assert git("show", "orchestra/envy:env.txt", cwd=repo) == "s3cr3t-value/unset\n"
+    there = remote_repo(rig, "h2", repo) / ".orchestra"
+    for path in there.rglob("*"):
+        if path.is_file():
+            assert b"s3cr3t-value" not in path.read_bytes(), path
