@@ -4176,6 +4176,7 @@ HOST_LOG_CHUNK = 512 * 1024  # bytes of a remote log fetched per poll
 HOST_FETCH_PATIENCE = (
     120.0  # seconds a settled agent's fetch home is retried while its host is away
 )
+HOST_PUSH_ATTEMPTS = 3
 HOST_MIN_PYTHON = (3, 9)
 HOST_MIN_FREE = 1024**3  # bytes free in a host's workdir below which doctor warns
 HOST_SSH_FAILED = 255  # ssh's exit status when the connection itself failed
@@ -4205,6 +4206,12 @@ HOST_INSTALL = (
     "        sys.exit('%s arrived damaged' % f)\n"
 )
 
+# Runs orchestra on a host as a module, so its cached bytecode is used (a script is compiled anew
+# at every run, which costs more than the call itself).
+HOST_IMPORT = (
+    "import os, sys; os.umask(0o077); sys.path.insert(0, sys.argv.pop(1)); import orchestra; "
+    "sys.exit(orchestra.main(sys.argv[1:]))"
+)
 # (ssh target, options, remote repository, source hash) this process has installed and prepared
 PREPARED_HOSTS = set()
 SOURCE_HASH = []  # this file's content hash, computed once
@@ -4353,13 +4360,9 @@ class Host:
     def call(self, action, payload, timeout=HOST_CALL_TIMEOUT):
         """Run `orchestra host-agent ACTION` on the host with a JSON payload on stdin; its JSON answer."""
         folder = f"{self.workdir}/bin/{source_hash()}"
-        argv = [self.python, f"{folder}/orchestra.py", "host-agent", action]
+        argv = [self.python, "-c", HOST_IMPORT, folder, "host-agent", action]
         done = self.run(argv, json.dumps(payload).encode(), timeout)
-        if (
-            done.returncode != 0
-            and b"orchestra.py" in done.stderr
-            and b"No such file" in done.stderr
-        ):
+        if done.returncode != 0 and b"No module named 'orchestra'" in done.stderr:
             self.install()
             done = self.run(argv, json.dumps(payload).encode(), timeout)
         if done.returncode != 0:
@@ -4684,14 +4687,10 @@ class RemoteAgent:
             self.host.install()
             self.host.call("prepare", {"repo": self.remote_repo})
             PREPARED_HOSTS.add(ready)
-        run_git(
-            [
-                "push", "--quiet", "--force", self.host.git_url(self.remote_repo),
-                f"{record['base_commit']}:refs/orchestra/base/{record['id']}",
-            ],
-            self.project.repo,
-            env=self.host.git_env(),
-        )  # fmt: skip
+        base = f"refs/orchestra/base/{record['base_commit']}"
+        if (*ready, base) not in PREPARED_HOSTS:  # each base commit goes to a host once
+            self.push_base(base)
+            PREPARED_HOSTS.add((*ready, base))
         launch = dict(record["launch"])
         settings = {k: launch[k] for k in LAUNCH_KEYS if k in launch}
         settings.update({k: launch[k] for k in RESILIENCE_KEYS if k in launch})
@@ -4707,11 +4706,28 @@ class RemoteAgent:
                 "repo": self.remote_repo,
                 "id": record["id"],
                 "task": record["task"],
-                "base": f"refs/orchestra/base/{record['id']}",
+                "base": record["base_commit"],
                 "config": settings,
                 "env": forwarded_env(self.host, env or {}),
             },
         )
+
+    def push_base(self, ref):
+        """Push the base commit into the host's repository (retried: a push can race with the
+        host's own worktree changes there)."""
+        for attempt in range(HOST_PUSH_ATTEMPTS):
+            try:
+                run_git(
+                    ["push", "--quiet", "--force", self.host.git_url(self.remote_repo),
+                     f"{self.record['base_commit']}:{ref}"],
+                    self.project.repo,
+                    env=self.host.git_env(),
+                )  # fmt: skip
+                return
+            except GitError as e:
+                if attempt + 1 == HOST_PUSH_ATTEMPTS:
+                    raise HostError(f"host '{self.host.name}': {e}") from None
+                time.sleep(HOST_POLL)
 
     def poll(self):
         """Bring the host's new log bytes home; the remote record (None if the host lost it)."""

@@ -143,6 +143,9 @@ def main():
         states = {r["state"] for r in agents.values()}
         print(f"{args.tasks} agents of {args.seconds:g} s on local + 2 hosts at parallel {args.parallel}:"
               f" placed {placed}, states {sorted(states)}")  # fmt: skip
+        for r in agents.values():
+            if r["state"] != "done":
+                print(f"  {r['id']} on {r.get('host')}: {r['state']}: {r.get('error')}")
         print(f"drain: {seconds:.1f} s, ideal {ideal:.1f} s ({agent_time:.2f} s per agent): "
               f"{seconds / ideal:.2f}x (goal <= 1.2x)")  # fmt: skip
         local_only = make_repo(root, "local-only", args.seconds, args.parallel, {})
