@@ -540,8 +540,14 @@ TYPE_NAMES = {
 # Approvals and the sandbox (see the section "Approvals and the sandbox").
 SANDBOX_MODES = ("off", "auto", "on")
 # Hosts (see the section "Hosts"): what each host's settings must hold, and how agents are placed.
-HOST_KEYS = {"ssh": "str", "ssh_options": "list", "max_parallel": "int", "workdir": "str",
-             "python": "str", "env": "list"}  # fmt: skip
+HOST_KEYS = {
+    "ssh": "str",
+    "ssh_options": "list",
+    "max_parallel": "int",
+    "workdir": "str",
+    "python": "str",
+    "env": "list",
+}
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")
 PLACEMENTS = ("local-first", "spread")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -4289,15 +4295,22 @@ class Host:
         """ssh with one shared (multiplexed) connection per host, then the host's own options."""
         return [
             "ssh",
-            "-o", "BatchMode=yes",
-            "-o", f"ConnectTimeout={HOST_SSH_TIMEOUT}",
-            "-o", "ServerAliveInterval=5",
-            "-o", "ServerAliveCountMax=3",
-            "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={control_folder()}/%C",
-            "-o", f"ControlPersist={HOST_CONTROL_PERSIST}",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={HOST_SSH_TIMEOUT}",
+            "-o",
+            "ServerAliveInterval=5",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            f"ControlPath={control_folder()}/%C",
+            "-o",
+            f"ControlPersist={HOST_CONTROL_PERSIST}",
             *self.options,
-        ]  # fmt: skip
+        ]
 
     def run(self, argv, data=b"", timeout=HOST_CALL_TIMEOUT):
         """Run argv on the host (quoted with shlex.join: never interpreted by its shell)."""
@@ -4718,11 +4731,16 @@ class RemoteAgent:
         for attempt in range(HOST_PUSH_ATTEMPTS):
             try:
                 run_git(
-                    ["push", "--quiet", "--force", self.host.git_url(self.remote_repo),
-                     f"{self.record['base_commit']}:{ref}"],
+                    [
+                        "push",
+                        "--quiet",
+                        "--force",
+                        self.host.git_url(self.remote_repo),
+                        f"{self.record['base_commit']}:{ref}",
+                    ],
                     self.project.repo,
                     env=self.host.git_env(),
-                )  # fmt: skip
+                )
                 return
             except GitError as e:
                 if attempt + 1 == HOST_PUSH_ATTEMPTS:
@@ -4732,16 +4750,23 @@ class RemoteAgent:
     def poll(self):
         """Bring the host's new log bytes home; the remote record (None if the host lost it)."""
         answer = self.host.call(
-            "poll", {"repo": self.remote_repo, "id": self.record["id"], "offset": self.offset,
-                     "limit": HOST_LOG_CHUNK},
-        )  # fmt: skip
+            "poll",
+            {
+                "repo": self.remote_repo,
+                "id": self.record["id"],
+                "offset": self.offset,
+                "limit": HOST_LOG_CHUNK,
+            },
+        )
         data = base64.b64decode(answer.get("data") or "")
         complete = data[: data.rfind(b"\n") + 1]  # whole lines only: the rest comes next time
         if complete:
             append_remote_chunk(
-                self.project.log_path(self.record["id"]), complete[:-1], self.host.name,
+                self.project.log_path(self.record["id"]),
+                complete[:-1],
+                self.host.name,
                 self.offset + len(complete),
-            )  # fmt: skip
+            )
             self.offset += len(complete)
         self.mirror_requests(answer.get("approvals") or [])
         return answer.get("record"), len(data) > len(complete) or answer.get("more", False)
@@ -4756,8 +4781,13 @@ class RemoteAgent:
                 continue
             for folder in (box.decisions, box.answered, box.rules_dir):
                 folder.mkdir(parents=True, exist_ok=True)
-            mirror = {**request, "host": self.host.name, "pid": os.getpid(), "parent": None,
-                      "pid_start": process_start_time(os.getpid())}  # fmt: skip
+            mirror = {
+                **request,
+                "host": self.host.name,
+                "pid": os.getpid(),
+                "parent": None,
+                "pid_start": process_start_time(os.getpid()),
+            }
             write_atomic(box.dir / f"{request['id']}.json", json.dumps(mirror, indent=2) + "\n")
             self.mirrored[request["id"]] = mirror
             agent_id = self.record["id"]
@@ -4782,11 +4812,16 @@ class RemoteAgent:
         temp = f"refs/orchestra/hosts/{record['id']}"
         try:
             run_git(
-                ["fetch", "--quiet", "--no-tags", self.host.git_url(self.remote_repo),
-                 f"+refs/heads/{record['branch']}:{temp}"],
+                [
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    self.host.git_url(self.remote_repo),
+                    f"+refs/heads/{record['branch']}:{temp}",
+                ],
                 self.project.repo,
                 env=self.host.git_env(),
-            )  # fmt: skip
+            )
         except GitError as e:
             raise HostError(f"host '{self.host.name}': {e}") from None
         worktree = Path(record["worktree"])
@@ -4808,11 +4843,16 @@ class RemoteAgent:
         temp = f"refs/orchestra/hosts/{self.record['id']}-leftovers"
         try:
             run_git(
-                ["fetch", "--quiet", "--no-tags", self.host.git_url(self.remote_repo),
-                 f"+{answer['ref']}:{temp}"],
+                [
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    self.host.git_url(self.remote_repo),
+                    f"+{answer['ref']}:{temp}",
+                ],
                 self.project.repo,
                 env=self.host.git_env(),
-            )  # fmt: skip
+            )
         except GitError as e:
             raise HostError(f"host '{self.host.name}': {e}") from None
         run_git(["checkout", temp, "--", "."], self.record["worktree"])
