@@ -218,8 +218,10 @@ LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory s
 # Claude Code: its program, where it keeps sessions, how to install it, how to nudge it on
 CLAUDE_EXECUTABLE = "claude"
 CLAUDE_CONFIG_ENV = "CLAUDE_CONFIG_DIR"
+CLAUDE_PINNED_VERSION = "2.1.331"  # what the tests run and the README pins
+CLAUDE_INSTALL_COMMAND = f"npm install -g @anthropic-ai/claude-code@{CLAUDE_PINNED_VERSION}"
 CLAUDE_INSTALL_HINT = (
-    "install Claude Code with 'npm install -g @anthropic-ai/claude-code', "
+    f"install Claude Code with '{CLAUDE_INSTALL_COMMAND}', "
     "or set agent_command in the config to run another agent"
 )
 RESUME_PROMPT = "Continue the task."
@@ -2885,6 +2887,11 @@ SYSTEM_PROMPT = (
     "messages before you finish; uncommitted work may be lost. Do not push."
 )
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+# The oldest Claude Code with every flag and hook orchestra uses, found by trying each release
+# against tests/scripted_api.py: 2.1.301 and older never fire the PermissionRequest hook in -p mode.
+CLAUDE_MIN_VERSION = (2, 1, 302)
+CLAUDE_VERSION_TIMEOUT = 10.0
+CLAUDE_VERSIONS_SEEN = {}  # (path, mtime) -> version: one `claude --version` per process
 
 
 def agent_argv(record, prompt=None):
@@ -2923,6 +2930,48 @@ def check_agent_command(config):
         raise OrchestraError(
             f"agent_command program '{program}' was not found on PATH; install it or fix agent_command"
         )
+    problem = claude_version_problem(config["agent_command"], os.environ)
+    if problem:
+        raise OrchestraError(problem)
+
+
+def claude_version(program, env):
+    """The (major, minor, patch) that `program --version` reports, or None when it cannot say."""
+    path = shutil.which(program, path=env.get("PATH", os.defpath))
+    try:
+        key = (path, os.stat(path).st_mtime_ns) if path else None
+    except OSError:
+        key = None
+    if key is None:
+        return None
+    if key not in CLAUDE_VERSIONS_SEEN:
+        try:
+            done = subprocess.run([path, "--version"], env=dict(env), stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, errors="replace",
+                                  timeout=CLAUDE_VERSION_TIMEOUT)  # fmt: skip
+            found = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", done.stdout)
+        except (OSError, subprocess.SubprocessError):
+            found = None
+        CLAUDE_VERSIONS_SEEN[key] = tuple(map(int, found.groups())) if found else None
+    return CLAUDE_VERSIONS_SEEN[key]
+
+
+def claude_version_problem(command, env):
+    """Why the Claude Code that agent_command runs is too old for orchestra, or None.
+
+    None too for another agent CLI, a missing program (check_agent_command says that) and a
+    version it cannot read: only a version known to be too old is refused.
+    """
+    if not is_claude_command(command):
+        return None
+    found = claude_version(command[0], env)
+    if found is None or found >= CLAUDE_MIN_VERSION:
+        return None
+    have, need = ".".join(map(str, found)), ".".join(map(str, CLAUDE_MIN_VERSION))
+    return (
+        f"Claude Code {have} is too old: orchestra needs {need} or newer (older ones never ask "
+        f"for approvals in -p mode); update it with '{CLAUDE_INSTALL_COMMAND}'"
+    )
 
 
 def launch_agent(project, record, prompt=None):
@@ -9716,6 +9765,9 @@ def port_number(text):
 def cmd_init(args):
     """Create .orchestra/ and print the effective configuration."""
     project = open_project(args)
+    problem = claude_version_problem(project.config["agent_command"], os.environ)
+    if problem:
+        raise OrchestraError(problem)
     print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
     print(config_text(project.config))
     print(
@@ -9848,7 +9900,14 @@ def doctor_checks(env):
     git_found = probe_version(["git", "--version"], env)
     checks.append(("git", bool(git_found), git_found or "not found; install git 2.25 or newer"))
     claude = probe_version([CLAUDE_EXECUTABLE, "--version"], env)
-    checks.append(("claude", bool(claude), claude or f"not found; {CLAUDE_INSTALL_HINT}"))
+    too_old = claude and claude_version_problem([CLAUDE_EXECUTABLE], env)
+    checks.append(
+        (
+            "claude",
+            bool(claude) and not too_old,
+            too_old or claude or f"not found; {CLAUDE_INSTALL_HINT}",
+        )
+    )
     if claude:
         checks.append(("claude login", *claude_login(env)))
     problem = sandbox_problem(env)
