@@ -110,6 +110,7 @@ import tempfile
 import threading
 import time
 import traceback
+import unicodedata
 import zlib
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -366,7 +367,9 @@ def slugify(text, limit=ID_CHARS, words=ID_WORDS):
     'add input validation to the signup form' -> 'add-input-validation'. Safe as a branch and a
     folder name; small words ('the', 'to', ...) are skipped unless the task has nothing else.
     """
-    found = re.findall(r"[a-z0-9]+", text.lower())
+    # Accents go (é -> e, so 'émoji tâche' -> 'emoji-tache'); letters of other scripts stay.
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    found = re.findall(r"[^\W_]+", plain.lower())
     meaningful = [w for w in found if w not in ID_SKIP_WORDS] or found
     slug = ""
     for word in meaningful[:words]:
@@ -1901,13 +1904,20 @@ def append_event(path, event):
         f.write(json_text(event) + "\n")
 
 
-def describe_tool_use(block):
-    """One line for a tool call: its name and the input that says most about it."""
+def describe_tool_use(block, cwd=None):
+    """One line for a tool call: its name and the input that says most about it.
+
+    Paths inside `cwd` (the agent's worktree) are shown relative to it: `Write: CHANGELOG.md`.
+    """
     name = block.get("name") or "tool"
     args = block.get("input") if isinstance(block.get("input"), dict) else {}
     for key in ("command", "file_path", "path", "pattern", "url", "description", "prompt"):
         if isinstance(args.get(key), str):
-            return one_line(f"{name}: {args[key]}")
+            said = args[key]
+            if cwd:
+                said = "." if said.rstrip("/") == cwd.rstrip("/") else said
+                said = said.replace(cwd.rstrip("/") + "/", "")
+            return one_line(f"{name}: {said}")
     return name
 
 
@@ -1945,6 +1955,7 @@ class AgentLog:
         self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
         self.resilience = {}  # the latest checks result and API wait (see fold_resilience_event)
         self.model = None  # of the current run, from system/init or the messages, to price tokens
+        self.cwd = None  # the agent's worktree, from system/init: activity paths are shown relative
         self.run_estimate = {}  # message id -> estimated USD of the current run, until its result
         self.estimate_total = 0.0  # the sum of run_estimate, kept as it changes (never re-summed)
         self.paid = None  # USD the results of finished runs reported
@@ -2040,6 +2051,8 @@ class AgentLog:
             self.facts["session_id"] = event["session_id"]
         if event.get("subtype") == "init" and isinstance(event.get("model"), str):
             self.model = event["model"]
+        if event.get("subtype") == "init" and isinstance(event.get("cwd"), str):
+            self.cwd = event["cwd"]
 
     def on_assistant(self, event):
         """Text or a tool call becomes the activity line; usage gives running token counts."""
@@ -2050,7 +2063,7 @@ class AgentLog:
             if block.get("type") == "text" and one_line(block.get("text", "")):
                 self.facts["activity"] = one_line(block["text"])
             elif block.get("type") == "tool_use":
-                self.facts["activity"] = describe_tool_use(block)
+                self.facts["activity"] = describe_tool_use(block, self.cwd)
         if isinstance(message.get("usage"), dict):
             key = message.get("id") or len(self.run_usage)
             self.count_usage(key, message["usage"])
@@ -2904,7 +2917,8 @@ def agent_argv(record, prompt=None):
     task = prompt or record["task"]
     if not is_claude_command(command):
         return [part.replace("{task}", task) for part in command]
-    argv = [*command, "-p", task, "--output-format", "stream-json", "--verbose"]
+    dashed = task.startswith("-")  # would be read as an option: it goes last, after "--"
+    argv = [*command, "-p", *([] if dashed else [task]), "--output-format", "stream-json", "--verbose"]
     if prompt and record.get("session_id"):
         argv += ["--resume", record["session_id"]]
     argv += ["--append-system-prompt", SYSTEM_PROMPT.format(branch=record["branch"])]
@@ -2918,7 +2932,7 @@ def agent_argv(record, prompt=None):
         argv += ["--max-budget-usd", str(config["max_budget_usd"])]
     if config["bypass_permissions"]:
         argv += ["--allowedTools", *config["bypass_permissions"]]  # variadic: keep it last
-    return argv
+    return argv + (["--", task] if dashed else [])
 
 
 def check_agent_command(config):
@@ -3319,10 +3333,6 @@ def check_task(task, noun="task"):
     """Refuse a task (or follow-up message) an agent could not be given as one argument."""
     if not task.strip():
         raise OrchestraError(f"a {noun} is empty; describe what the agent should do")
-    if task.lstrip().startswith("-"):
-        raise OrchestraError(
-            f"{noun} '{one_line(task, 40)}' starts with '-' and would be read as an option; rephrase it"
-        )
     if len(task) > MAX_TASK_LENGTH:
         raise OrchestraError(
             f"a {noun} is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
@@ -4912,6 +4922,7 @@ def worktree_row(path, branch, record, notes):
 
 LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
 LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
+LOGS_TOOL_OUTPUT_LINES = 10  # of a tool's output `logs` shows (an error's output is shown whole)
 
 
 def render_event(event):
@@ -4945,9 +4956,23 @@ def render_block(block):
     if block.get("type") == "tool_result":
         content = block.get("content")
         if isinstance(content, list):
-            content = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
-        return [f"<- {one_line(content or '(no output)')}"]
+            content = "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+        return tool_output_lines(content, bool(block.get("is_error")))
     return []
+
+
+def tool_output_lines(content, is_error):
+    """A tool's output: its first LOGS_TOOL_OUTPUT_LINES lines (an error whole), then how many more."""
+    lines = [line.rstrip() for line in strip_control(str(content or "")).strip("\n").splitlines()]
+    if not any(line.strip() for line in lines):
+        return ["<- (no output)"]
+    shown = lines if is_error else lines[:LOGS_TOOL_OUTPUT_LINES]
+    more = len(lines) - len(shown)
+    return [
+        f"<- {shown[0]}",
+        *(f"   {line}" for line in shown[1:]),
+        *([f"   … {more} more line{'s' if more != 1 else ''} (logs --raw shows all)"] if more else []),
+    ]
 
 
 def render_orchestra_event(event):
@@ -9546,16 +9571,32 @@ def config_flags(args, **extra):
         key, sep, raw = item.partition("=")
         if not sep or key not in CONFIG_TYPES:
             raise OrchestraError(
-                f"-c expects KEY=VALUE with a known key, not '{item}'; known keys: {', '.join(CONFIG_TYPES)}"
+                f"-c expects KEY=VALUE with a known key, not '{item}'; {known_keys_hint(key)}"
             )
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw  # a bare word is a string
+        value = config_value_from_text(key, raw)
         check_config_value(key, value, "-c")
         flags[key] = value
     flags.update({k: v for k, v in extra.items() if v is not None})
     return flags
+
+
+def known_keys_hint(key):
+    """'did you mean ...?' for a mistyped setting, then every known key."""
+    import difflib  # here, not at the top: only a mistyped key needs it
+
+    near = difflib.get_close_matches(key, list(CONFIG_TYPES), n=2, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+    return f"{hint}known keys: {', '.join(CONFIG_TYPES)}"
+
+
+def config_value_from_text(key, text):
+    """A value typed for `key`: JSON (numbers, lists, null), else the word itself; a single
+    string for a list setting is a list of one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text  # a bare word is a string
+    return [value] if CONFIG_TYPES.get(key) == "list" and isinstance(value, str) else value
 
 
 def open_project(args, **flags):
@@ -9572,6 +9613,7 @@ def paint(text, colour, stream):
 STATE_COLOURS = {
     "running": "blue",
     "done": "green",
+    "done ✗": "red",  # finished, but its checks failed
     "failed": "red",
     "interrupted": "red",
     "paused": "yellow",
@@ -9605,8 +9647,9 @@ def render_table(headers, rows, out, colour_column=None, width=None):
     for index, row in enumerate([headers, *rows]):
         cells = [str(c).ljust(w) for c, w in zip(row, widths)]
         if index and colour_column is not None:
-            state = row[colour_column].split()[0]
-            cells[colour_column] = paint(cells[colour_column], STATE_COLOURS.get(state), out)
+            words = row[colour_column].split()
+            colour = STATE_COLOURS.get(" ".join(words[:2]), STATE_COLOURS.get(words[0]))
+            cells[colour_column] = paint(cells[colour_column], colour, out)
         last = str(row[-1])
         if len(last) > room:
             last = last[: room - 1] + "…"
@@ -9829,24 +9872,28 @@ def config_target(args):
     return find_repo(Path.cwd()) / ORCHESTRA_DIR / "config.json"
 
 
-def parse_config_value(text):
-    """A config value from the command line: JSON (numbers, lists, null), else the word itself."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+def known_key(key):
+    """Refuse an unknown setting, with the nearest known ones."""
+    if key not in CONFIG_TYPES:
+        raise OrchestraError(f"unknown key '{key}'; {known_keys_hint(key)}")
+    return key
 
 
 def cmd_config_set(args):
     """Write one setting to the project (or --user) config file, checked as loading checks it."""
-    path = write_config_value(config_target(args), args.key, parse_config_value(args.value))
-    print(f"{args.key} = {json.dumps(parse_config_value(args.value))} in {path}")
+    value = config_value_from_text(known_key(args.key), args.value)
+    path = write_config_value(config_target(args), args.key, value)
+    print(f"{args.key} = {json.dumps(value)} in {path}")
     return EXIT_OK
 
 
 def cmd_config_unset(args):
     """Remove one setting from the project (or --user) config file."""
-    path = write_config_value(config_target(args), args.key, None, unset=True)
+    target = config_target(args)
+    if known_key(args.key) not in read_config_file(target):
+        print(f"{args.key} was not set in {target}; nothing changed")
+        return EXIT_OK
+    path = write_config_value(target, args.key, None, unset=True)
     print(f"{args.key} removed from {path}")
     return EXIT_OK
 
