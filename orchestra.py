@@ -2918,7 +2918,14 @@ def agent_argv(record, prompt=None):
     if not is_claude_command(command):
         return [part.replace("{task}", task) for part in command]
     dashed = task.startswith("-")  # would be read as an option: it goes last, after "--"
-    argv = [*command, "-p", *([] if dashed else [task]), "--output-format", "stream-json", "--verbose"]
+    argv = [
+        *command,
+        "-p",
+        *([] if dashed else [task]),
+        "--output-format",
+        "stream-json",
+        "--verbose",
+    ]
     if prompt and record.get("session_id"):
         argv += ["--resume", record["session_id"]]
     argv += ["--append-system-prompt", SYSTEM_PROMPT.format(branch=record["branch"])]
@@ -4760,10 +4767,15 @@ def resume_agent(record):
 
 
 def retry_agent(project, record, resume_session):
-    """Start a failed, interrupted or stopped agent's task again; what happened."""
-    if record["state"] not in ("failed", "interrupted", "stopped"):
+    """Start a failed, interrupted or stopped agent's task again (or a done one whose checks
+    failed, `done ✗`); what happened."""
+    checks_failed = (
+        record["state"] == "done" and (record.get("checks") or {}).get("status") == "failed"
+    )
+    if record["state"] not in ("failed", "interrupted", "stopped") and not checks_failed:
         raise OrchestraError(
-            f"{record['id']} is {record['state']}; only failed, interrupted or stopped agents can be retried"
+            f"{record['id']} is {state_label(record)}; only failed, interrupted or stopped agents "
+            "and done ones whose checks failed (done ✗) can be retried"
         )
     if resume_session:
         change_agents(
@@ -4971,7 +4983,11 @@ def tool_output_lines(content, is_error):
     return [
         f"<- {shown[0]}",
         *(f"   {line}" for line in shown[1:]),
-        *([f"   … {more} more line{'s' if more != 1 else ''} (logs --raw shows all)"] if more else []),
+        *(
+            [f"   … {more} more line{'s' if more != 1 else ''} (logs --raw shows all)"]
+            if more
+            else []
+        ),
     ]
 
 
@@ -6952,6 +6968,19 @@ def commit_leftovers(project, record):
     return True
 
 
+def refresh_change_counts(project, records):
+    """Count these agents' commits and changed files again (after collect --commit committed)."""
+    counts = {r["id"]: change_counts(r["worktree"], r["base_commit"]) for r in records}
+
+    def change(state):
+        for agent_id, (commits, files) in counts.items():
+            if agent_id in state["agents"]:
+                state["agents"][agent_id].update(commits=commits, files_changed=files)
+
+    if counts:
+        project.store.update(change)
+
+
 def check_checkout_clean(repo, doing):
     """Refuse to touch the user's checkout while it has changes or an operation in progress."""
     operation = operation_in_progress(repo)
@@ -7125,6 +7154,7 @@ def collect_agents(
     elif into:
         raise OrchestraError("--into names where --merge merges; add --merge")
     committed = [r["id"] for r in records if commit and commit_leftovers(project, r)]
+    refresh_change_counts(project, [r for r in records if r["id"] in committed])
     reports = agent_reports(project, records)
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
     if merge:
@@ -7220,6 +7250,11 @@ def collect_text(document):
         parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
     if "merged" in document:
         parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
+        unchanged = [
+            r["id"] for r in document["agents"] if not r["commits"] and not r["uncommitted"]
+        ]
+        if unchanged:
+            parts.append("No changes (nothing to merge): " + ", ".join(unchanged))
         parts += [
             f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
             for s in document.get("not_merged", [])
@@ -7379,7 +7414,11 @@ def plan_agent_cleanup(project, record, worktrees, force):
     nothing = (
         ["nothing left: its branch and worktree are gone"]
         if gone
-        else ["merged, nothing uncommitted"]
+        else (
+            ["no changes: no commits, nothing uncommitted"]
+            if tip == record.get("base_commit")
+            else ["merged, nothing uncommitted"]
+        )
     )
     return dict(step, reasons=soft or nothing, forced=bool(soft))
 
@@ -10059,6 +10098,7 @@ LOGS_FOLLOW_TAIL = 50  # lines `logs -f` shows before following, unless --tail s
 def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model, sandbox=args.sandbox)
+    uncommitted = uncommitted_note(args.base)
     records = spawn_agents(
         project,
         args.tasks,
@@ -10073,6 +10113,8 @@ def cmd_spawn(args):
             if r["error"]:
                 print(f"  {r['error']}")
         print(f"Each agent works on branch {project.branch_name('<id>')} in its worktree.")
+    if uncommitted:
+        print(uncommitted, file=sys.stderr if args.json else sys.stdout)
     if args.wait:
         return wait_for_agents(project, [r["id"] for r in records], args.json)
     if args.json:
@@ -10082,8 +10124,41 @@ def cmd_spawn(args):
     return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
 
 
+def uncommitted_note(base):
+    """One line when the checkout spawn runs in has changes its agents will not see, else None."""
+    if base is not None:
+        return None
+    done = run_git(["status", "--porcelain", "--untracked-files=normal"], Path.cwd(), check=False)
+    changed = [line for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode or not changed:
+        return None
+    return (
+        f"note: your checkout has {len(changed)} uncommitted change{'s' if len(changed) != 1 else ''}; "
+        "they are not in the agents' worktrees, which start from the last commit (commit them first "
+        "if the agents need them)"
+    )
+
+
 def wait_for_agents(project, ids, as_json):
-    """Print each agent's progress until all have finished; 1 if any failed."""
+    """Print each agent's progress until all have finished; 1 if any failed.
+
+    Ctrl-C stops the watching, never the agents: it says which keep running and how to stop them.
+    """
+    try:
+        return watch_agents(project, ids, as_json)
+    except KeyboardInterrupt:
+        live = [i for i, r in project.records().items() if i in ids and r["state"] in ACTIVE_STATES]
+        if live:
+            print(
+                f"\nstopped watching; {plural(len(live), 'agent')} keep{'s' if len(live) == 1 else ''} running "
+                f"(orchestra stop {' '.join(live)})",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED
+
+
+def watch_agents(project, ids, as_json):
+    """wait_for_agents' loop: one line per change of each agent, then the summary."""
     shown = {}
     while True:
         state = project.store.load()
@@ -10174,6 +10249,8 @@ def cmd_status(args):
             print_json(status_document(project, state, records))
             return EXIT_OK
         text = status_text(project, with_merged_flags(project, records), sys.stdout)
+        if not records and not args.all:
+            text = cleaned_up_note(project) or text
         if not args.watch:
             print(text)
             return EXIT_OK
@@ -10183,6 +10260,17 @@ def cmd_status(args):
             return EXIT_OK
         print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
         time.sleep(STATUS_WATCH_INTERVAL)
+
+
+def cleaned_up_note(project):
+    """What `status` says when every agent was cleaned up: how many, and how to see them."""
+    gone = len(project.history())
+    if not gone:
+        return None
+    return (
+        f"No live agents; {gone} cleaned up (status --all). "
+        'Start more with: orchestra spawn "first task" "second task"'
+    )
 
 
 def add_status_parser(commands):
@@ -10828,6 +10916,8 @@ def cmd_web(args):
             print(f"orchestra: warning: {missing}", file=sys.stderr)
         print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
         if args.qr:
+            if args.host in WEB_LOOPBACK_HOSTS:
+                print(f"orchestra: warning: {loopback_qr_warning(args.host)}", file=sys.stderr)
             print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
@@ -10838,6 +10928,24 @@ def cmd_web(args):
     finally:
         server.stop()
     return EXIT_OK
+
+
+def loopback_qr_warning(host):
+    """Why a phone cannot open a loopback address, and the --host that it could reach."""
+    address = network_address()
+    return (
+        f"{host} is reachable from this machine only: a phone cannot open this code; run "
+        f"'orchestra web --qr --host {address}' (on a network you trust), "
+        "or see the README for an SSH tunnel or Tailscale"
+    )
+
+
+def network_address():
+    """This machine's address on its network (the one its default route leaves from): no packet is sent."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP only picks a route
+        return probe.getsockname()[0]
+    return socket.gethostname()
 
 
 def missing_dashboard_note():
