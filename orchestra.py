@@ -1888,7 +1888,16 @@ def select_agents(records, wanted):
         if name in records:
             chosen.append(records[name])
             continue
-        matches = sorted(i for i in records if i.startswith(name))
+        # A prefix means one of the agents `status` shows; a cleaned-up one needs its whole id.
+        matches = sorted(
+            i for i, r in records.items() if i.startswith(name) and r["state"] != "removed"
+        )
+        gone = sorted(i for i in records if i.startswith(name) and i not in matches)
+        if not matches and gone:
+            raise OrchestraError(
+                f"no live agent '{name}'; cleaned up: {', '.join(gone[:MAX_LISTED_FILES])} "
+                "(name one by its whole id; 'orchestra status --all' lists them)"
+            )
         if not matches:
             raise OrchestraError(f"no agent '{name}'; 'orchestra status' lists them")
         if len(matches) > 1:
@@ -9623,7 +9632,7 @@ def known_keys_hint(key):
     """'did you mean ...?' for a mistyped setting, then every known key."""
     import difflib  # here, not at the top: only a mistyped key needs it
 
-    near = difflib.get_close_matches(key, list(CONFIG_TYPES), n=2, cutoff=0.6)
+    near = difflib.get_close_matches(key, list(CONFIG_TYPES), n=1, cutoff=0.6)
     hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
     return f"{hint}known keys: {', '.join(CONFIG_TYPES)}"
 
@@ -10341,8 +10350,11 @@ def cmd_logs(args):
     project = open_project(args)
     record = select_agents(project.all_records(), [args.id])[0]
     path, clean, render = Path(record["log"]), sys.stdout.isatty(), log_renderer(args.raw)
+    inside = f"{record['worktree']}/" if record.get("worktree") and not args.raw else None
 
     def show(lines):
+        if inside:  # paths in the agent's worktree, relative to it: "Write: CHANGELOG.md"
+            lines = [line.replace(inside, "") for line in lines]
         if lines:
             sys.stdout.write(
                 "".join(
@@ -10495,12 +10507,42 @@ def diff_source(project, record):
     raise OrchestraError(f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE)
 
 
+def archived_work(project, record):
+    """(base, the archived commit holding all its work, the archive) of a cleaned-up agent,
+    else None: its worktree snapshot when one was saved (uncommitted files too), else its tip."""
+    with contextlib.suppress(OrchestraError):
+        archive = find_archive(project.repo, record["id"])
+        if archive["id"] == record["id"] and record.get("base_commit"):
+            refs = archive["refs"]
+            work = refs.get("worktree") or refs.get("tip") or refs.get("head")
+            return (record["base_commit"], work, archive) if work else None
+    return None
+
+
+def archive_note(record, archive):
+    """Where a cleaned-up agent's work was read from, and how to bring it back."""
+    return (
+        f"({record['id']} was cleaned up: this is its archive {archive['ref']}; "
+        f"'orchestra restore {record['id']}' brings it back)"
+    )
+
+
 def cmd_diff(args):
-    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git."""
+    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git.
+
+    A cleaned-up agent's changes are read from its archive."""
     project = open_project(args)
     record = select_agents(project.all_records(), [args.id])[0]
-    if record["state"] == "removed":
+    archived = archived_work(project, record) if record["state"] == "removed" else None
+    if record["state"] == "removed" and not archived:
         check_not_removed(project, [record["id"]])  # points at its archive and `orchestra restore`
+    if archived:
+        base, work, archive = archived
+        status = page_git(
+            ["diff", *(["--stat"] if args.stat else []), base, work, "--"], project.repo
+        )
+        print(archive_note(record, archive))
+        return EXIT_OK if status == 0 else EXIT_FAILURE
     cwd, revisions = diff_source(project, record)
     status = page_git(["diff", *(["--stat"] if args.stat else []), *revisions, "--"], cwd)
     if len(revisions) == 1:
@@ -10634,9 +10676,24 @@ ARCHIVE_WORDS = {
 }
 
 
+ARCHIVE_PRUNE_DAYS = 30  # cleanup --prune-archives removes archives at least this old
+
+
 def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
+    archived = archived_reports(project, args.ids)
+    if archived and len(archived) == len(args.ids):
+        if args.commit or args.merge or args.pr or args.patch:
+            raise OrchestraError(
+                f"{', '.join(r['id'] for r in archived)} was cleaned up; bring it back with "
+                f"'orchestra restore {archived[0]['id']}' first"
+            )
+        if args.json:
+            print_json({"agents": archived, "overlaps": {}, "committed": []})
+        else:
+            print("\n\n".join(archived_report_text(r) for r in archived))
+        return EXIT_OK
     document = collect_agents(
         project,
         args.ids,
@@ -10658,6 +10715,47 @@ def cmd_collect(args):
             else "No finished agents to collect yet; see 'orchestra status'."
         )
     return EXIT_FAILURE if document.get("conflict") or document.get("pr_failed") else EXIT_OK
+
+
+def archived_reports(project, ids):
+    """collect's report of each named agent that was cleaned up, read from its archive."""
+    if not ids:
+        return []
+    keys = ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch", "checks")
+    reports = []
+    for record in select_agents(project.all_records(), ids):
+        archived = record["state"] == "removed" and archived_work(project, record)
+        if not archived:
+            continue
+        base, work, archive = archived
+        tip = archive["refs"].get("tip") or archive["refs"].get("head") or base
+        commits = commits_between(project.repo, base, tip)
+        reports.append(
+            {
+                **{key: record.get(key) for key in keys},
+                "commits": [{"hash": h, "subject": subject} for h, subject in commits],
+                "diffstat": run_git(["diff", "--stat", base, work], project.repo).stdout.rstrip(),
+                "archive": archive["ref"],
+                "restore": f"orchestra restore {record['id']}",
+            }
+        )
+    return reports
+
+
+def archived_report_text(report):
+    """One cleaned-up agent's part of the collect report."""
+    lines = [
+        f"== {report['id']}: cleaned up ({report['turns'] or 0} turns, {format_cost(report['cost_usd'])})",
+        f"Task: {report['task']}",
+    ]
+    if report["result"] or report["error"]:
+        lines.append(f"Result: {strip_control(report['result'] or report['error']).strip()}")
+    lines.append(f"Commits saved under {report['archive']}:" if report["commits"] else "no commits")
+    lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
+    if report["diffstat"]:
+        lines.append(report["diffstat"])
+    lines.append(f"Bring it back with: {report['restore']}")
+    return "\n".join(lines)
 
 
 def add_collect_parser(commands):
@@ -10702,6 +10800,12 @@ def add_collect_parser(commands):
 def cmd_cleanup(args):
     """Remove agents' worktrees and branches when nothing can be lost; say why the rest stay."""
     project = open_project(args)
+    if args.older_than is not None and not args.prune_archives:
+        raise OrchestraError(
+            "--older-than goes with --prune-archives; see 'orchestra cleanup --help'"
+        )
+    if args.prune_archives:
+        return prune_archives(project, args.older_than, args.dry_run, args.json)
     if args.list_archives:
         return print_archives(project, args.json)
     outcome = cleanup_agents(
@@ -10736,6 +10840,66 @@ def print_archives(project, as_json):
     return EXIT_OK
 
 
+def archive_age_days(archive, now):
+    """Whole days since an archive was saved (its stamp is the UTC time of the cleanup)."""
+    stamp = archive["saved"]
+    saved = parse_iso(
+        f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}Z"
+    )
+    return 0 if saved is None else max(0, int((now - saved) // 86400))
+
+
+def archives_disk_usage(repo, refs):
+    """Bytes of git objects only these refs reach (what removing them lets `git gc` free)."""
+    if not refs:
+        return 0
+    others = [f"--exclude={ARCHIVE_REFS}/*", "--all"]
+    done = run_git(
+        ["rev-list", "--objects", "--disk-usage", *refs, "--not", *others], repo, check=False
+    )
+    return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
+
+
+def format_bytes(count):
+    """1.2 MB, 340 KB, 12 B."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def prune_archives(project, days, dry_run, as_json):
+    """cleanup --prune-archives: list the archives older than `days` days, then delete their refs."""
+    days = ARCHIVE_PRUNE_DAYS if days is None else days
+    now = time.time()
+    old = [a for a in list_archives(project.repo) if archive_age_days(a, now) >= days]
+    refs = [ref for a in old for ref in a["refs"].values()]
+    size = archives_disk_usage(project.repo, refs)
+    if not dry_run and refs:
+        lines = "".join(f"delete {ref}\n" for ref in refs)
+        git_bytes(["update-ref", "--stdin"], project.repo, input=lines.encode())
+    if as_json:
+        print_json({"pruned": [] if dry_run else old, "would_prune": old if dry_run else [],
+                    "bytes": size, "older_than_days": days})  # fmt: skip
+        return EXIT_OK
+    verb = "WOULD PRUNE" if dry_run else "PRUNED"
+    for a in old:
+        print(
+            f"{verb} {a['id']}/{a['saved']} ({archive_age_days(a, now)} days old): {a['commit']} {a['subject']}"
+        )
+    if not old:
+        print(f"No archives older than {days} days.")
+    elif dry_run:
+        print(
+            f"{plural(len(old), 'archive')} older than {days} days hold {format_bytes(size)} nothing else keeps; run without --dry-run to remove them"
+        )
+    else:
+        print(
+            f"{plural(len(old), 'archive')} removed: {format_bytes(size)} that 'git gc' can now free"
+        )
+    return EXIT_OK
+
+
 def add_cleanup_parser(commands):
     """orchestra cleanup"""
     p = commands.add_parser(
@@ -10762,6 +10926,17 @@ def add_cleanup_parser(commands):
     )
     p.add_argument(
         "--list-archives", action="store_true", help="list saved work and how to restore it"
+    )
+    p.add_argument(
+        "--prune-archives",
+        action="store_true",
+        help=f"list, then remove, archives older than --older-than days ({ARCHIVE_PRUNE_DAYS}), and say how much they hold",
+    )
+    p.add_argument(
+        "--older-than",
+        type=whole_number_at_least(0),
+        metavar="DAYS",
+        help="with --prune-archives: the age in days",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_cleanup)
