@@ -5,6 +5,7 @@ import os
 import pty
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -306,3 +307,36 @@ def test_config_set_and_unset_do_what_they_look_like(repo, cli):
     unset = cli("config", "unset", "model")
     assert unset.code == 0 and unset.out.startswith("model was not set in ")
     assert cli("config", "unset", "copy_files").out.startswith("copy_files removed from ")
+
+
+# ---------------------------------------------------------------------------- contributors
+
+
+def test_contributing_drives_a_real_agent_in_three_commands(repo, tmp_path):
+    """CONTRIBUTING.md's three commands, as written, with the scripted API run without pytest."""
+    guide = (ROOT / "CONTRIBUTING.md").read_text()
+    block = re.search(r"commits a file:\n\n```sh\n(.*?)```", guide, re.S).group(1)
+    commands = block.strip().splitlines()
+    assert len(commands) == 3 and commands[0] == "python3 tests/scripted_api.py --port 8765 &"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    script = "\n".join(
+        [
+            f'python3 -S "{ROOT}/tests/scripted_api.py" --port {port} &',  # -S: no pytest to import
+            "server=$!",
+            "trap 'kill $server' EXIT",
+            f"until python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}))' 2>/dev/null; do sleep 0.1; done",
+            commands[1].replace("8765", port),
+            commands[2].replace("orchestra ", f'"{sys.executable}" "{ROOT}/orchestra.py" ', 1),
+        ]
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE"))}
+    env.update(CLAUDE_CONFIG_DIR=str(tmp_path / "claude"), HOME=str(tmp_path / "home"))
+    done = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "say-hello-bash: done - Added hello.txt" in done.stdout
+    assert (
+        git("log", "-1", "--format=%s", "orchestra/say-hello-bash", cwd=repo).strip() == "Add hello"
+    )
