@@ -5722,6 +5722,11 @@ class CountCache:
         except (TypeError, ValueError):  # not described yet, or a damaged entry
             return None
 
+    def learn(self, file, found, state, total):
+        """What describing and counting a transcript found elsewhere (read_in_parallel)."""
+        self.remember(file, found)
+        self.entries[file.path].update(state, total=total)
+
     def remember(self, file, found):
         """Keep what the head and tail of a transcript said, for the runs to come."""
         entry, unchanged = self.entry(file)
@@ -5764,6 +5769,9 @@ class CountCache:
 # ======================================================================================
 
 SESSION_CWD_PROBE_BYTES = 8 * 1024  # enough to reach the first line that names a cwd
+# A listing with at least this many transcripts to read (a first run) reads them on every core.
+SESSION_PARALLEL_MIN = 200
+SESSION_PARALLEL_CHUNK = 8  # transcripts a worker reads per task: few, so the big ones spread out
 SESSION_TABLE_GAP = "  "
 SECONDS_PER_HOUR = 3600
 # Table columns: (name, widest it gets; None: as wide as its widest cell). The title then takes
@@ -5995,6 +6003,40 @@ def describe_found(file):
     return Found(describe_session(file, window), legacy_summaries(window), untitled)
 
 
+def read_transcript(job):
+    """A worker's part of read_in_parallel: (path, (Found, count state, total) or None)."""
+    file, entry = job
+    try:
+        found = describe_found(file)
+        state, total = count_messages(file.path, file.size, entry)
+    except OSError:  # unreadable, or removed since the scan: the listing says so itself
+        return file.path, None
+    return file.path, (found, state, total)
+
+
+def read_in_parallel(files, counts):
+    """Describe and count the new or changed transcripts among `files` on every core, into
+    `counts`, when there are enough of them to pay for starting processes (a first run).
+
+    Only where processes can fork (the workers inherit the module as it is); elsewhere, and
+    when anything goes wrong, the listing simply reads them itself, one by one.
+    """
+    todo = [f for f in files if counts.about(f) is None or not counts.entry(f)[1]]
+    workers = min(os.cpu_count() or 1, len(todo) // SESSION_PARALLEL_MIN + 1)
+    if len(todo) < SESSION_PARALLEL_MIN or workers < 2:
+        return
+    import multiprocessing  # here, not at the top: only a first run over many files needs it
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return
+    by_path = {f.path: f for f in todo}
+    jobs = [(f, counts.entry(f)[0]) for f in todo]
+    with contextlib.suppress(OSError), multiprocessing.get_context("fork").Pool(workers) as pool:
+        for path, read in pool.imap_unordered(read_transcript, jobs, SESSION_PARALLEL_CHUNK):
+            if read is not None:
+                counts.learn(by_path[path], *read)
+
+
 def session_for(file, project, cache, counts):
     """The Found of a file if it belongs to the project, with its message count; else None.
 
@@ -6055,6 +6097,8 @@ def list_sessions(projects_dir, now, hours, project, limit, counts):
     """The newest sessions of the store, described and marked with their orchestra agents."""
     files, unreadable = scan_session_files(projects_dir)
     candidates = newest_first(files, None if hours is None else now - hours * SECONDS_PER_HOUR)
+    if project is None:  # each candidate is shown, up to the limit: read them all at once
+        read_in_parallel(candidates[:limit], counts)
     found, skipped, truncated = collect_sessions(candidates, project, limit, counts)
     counts.save(files)
     agents, cache, sessions = AgentIndex(), {}, []

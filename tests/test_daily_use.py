@@ -1,6 +1,7 @@
 """Daily use: every Claude Code a user may have, output you can read, commands that do what they say."""
 
 import contextlib
+import json
 import os
 import pty
 import re
@@ -339,4 +340,39 @@ def test_contributing_drives_a_real_agent_in_three_commands(repo, tmp_path):
     assert "say-hello-bash: done - Added hello.txt" in done.stdout
     assert (
         git("log", "-1", "--format=%s", "orchestra/say-hello-bash", cwd=repo).strip() == "Add hello"
+    )
+
+
+# ---------------------------------------------------------------------------- sessions, cold
+
+
+def test_a_first_sessions_run_reads_on_every_core_and_lists_the_same(cli, tmp_path, monkeypatch):
+    store = tmp_path / "claude" / "projects" / "-work-app"
+    store.mkdir(parents=True)
+    monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(tmp_path / "claude"))
+    for n in range(40):
+        session = f"00000000-0000-4000-8000-{n:012d}"
+        lines = [
+            {"type": "user", "message": {"role": "user", "content": f"task number {n}"},
+             "cwd": "/work/app", "sessionId": session, "uuid": f"u{n}", "gitBranch": "main"},
+            *({"type": "assistant", "message": {"id": f"m{n}-{k}", "role": "assistant",
+               "model": "claude-sonnet-4-5", "content": [{"type": "text", "text": f"reply {k}"}]},
+               "cwd": "/work/app", "sessionId": session, "uuid": f"a{n}-{k}"} for k in range(n % 5)),
+        ]  # fmt: skip
+        (store / f"{session}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    listings, learned = {}, []
+    learn = orchestra.CountCache.learn
+    monkeypatch.setattr(orchestra.CountCache, "learn",
+                        lambda self, file, *read: (learned.append(file.path), learn(self, file, *read)))  # fmt: skip
+    for name, least in (("one by one", 10**9), ("on every core", 4)):
+        monkeypatch.setattr(orchestra, "SESSION_PARALLEL_MIN", least)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / name))
+        run = cli("sessions", "--all", "--limit", "100", "--json")
+        assert run.code == 0, run
+        listings[name] = [{k: v for k, v in s.items() if k != "age_seconds"}
+                          for s in run.json()["sessions"]]  # fmt: skip
+    assert len(learned) == 40  # the second listing read every transcript in worker processes
+    assert listings["on every core"] == listings["one by one"]
+    assert sorted(s["messages"] for s in listings["one by one"]) == sorted(
+        1 + n % 5 for n in range(40)
     )
