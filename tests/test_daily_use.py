@@ -376,3 +376,26 @@ def test_a_first_sessions_run_reads_on_every_core_and_lists_the_same(cli, tmp_pa
     assert sorted(s["messages"] for s in listings["one by one"]) == sorted(
         1 + n % 5 for n in range(40)
     )
+
+
+def test_readme_doctor_and_ci_pin_the_same_claude_code(cli, tmp_path, monkeypatch):
+    pinned = orchestra.CLAUDE_PINNED_VERSION
+    oldest = ".".join(map(str, orchestra.CLAUDE_MIN_VERSION))
+    readme = (ROOT / "README.md").read_text()
+    installs = re.findall(r"@anthropic-ai/claude-code@([\d.]+)", readme)
+    assert installs and set(installs) == {pinned}
+    assert f"Tested with Claude Code {pinned} (pinned) and the newest," in " ".join(readme.split())
+    assert f"Claude Code {oldest} or newer" in readme
+    assert f"CLAUDE_CODE_VERSION={pinned}\n" in (ROOT / ".ci" / "run").read_text()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no claude at all: doctor says what to install
+    doctor = cli("doctor")
+    assert (
+        f"not found; install Claude Code with 'npm install -g @anthropic-ai/claude-code@{pinned}'"
+        in doctor.out
+    )
+    readme_lines = readme.splitlines()
+    first_screen = readme_lines[
+        : readme_lines.index("## Who it is for, and when to pick something else")
+    ]
+    assert len(first_screen) <= 60 and len(readme_lines) <= 300
+    assert any(line.startswith("git clone ") for line in first_screen)
