@@ -10240,7 +10240,8 @@ def add_spawn_parser(commands):
         "spawn",
         help="start agents, one worktree and branch per task",
         description=cmd_spawn.__doc__,
-        epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2',
+        epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2; '
+        'a task that starts with "-" goes after "--": orchestra spawn -- "-v flag: document it"',
     )
     p.add_argument("tasks", nargs="+", metavar="TASK", help="what one agent should do (quote it)")
     p.add_argument(
