@@ -21,6 +21,7 @@ Commands:
   orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
+  orchestra land [ID...] [--dry-run]  merge queue: land agents whose checks pass on the result
   orchestra cleanup [--dry-run]       remove worktrees and branches, archiving anything unsaved first
   orchestra restore ID                bring a cleaned-up agent back from its archive
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
@@ -63,6 +64,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Sessions: resuming              `claude --resume` in the session's own (recreated) cwd
   Collect: reports                what each finished agent did, cached by RepoFacts
   Collect: commits, merges and pull requests   bringing work home
+  Landing                         the merge queue: scratch merges, checks, compare-and-swap, fix rounds
   Cleanup and archives            remove only what is saved; archive refs; restore
   WebSocket                       RFC 6455 by hand: handshake, frames, one connection
   HTTP server: the gate           Host, Origin, token and size checks before any route
@@ -72,7 +74,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Command line: shared parts      the parser class, tables, colours, number types
   Command line: setting up        init, config, doctor
   Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff, approvals
-  Command line: results           collect, cleanup, restore
+  Command line: results           collect, land, cleanup, restore
   Command line: sessions, web and internals   sessions, web, supervise, hook
   Command line: the parser        PARSER_BUILDERS and build_parser()
   Main                            main(): an OrchestraError becomes a message and an exit status
@@ -175,6 +177,7 @@ CONFIG_DEFAULTS = {
     "api_retries": 5,
     "api_backoff": 60,
     "api_backoff_max": 3600,
+    "land_strategy": "merge",
 }
 # What each key must hold: "int", "number", "str", "str?" (string or null) or "list".
 CONFIG_TYPES = {
@@ -202,7 +205,14 @@ CONFIG_TYPES = {
     "api_retries": "int",
     "api_backoff": "number",
     "api_backoff_max": "number",
+    "land_strategy": "str",
 }
+LAND_STRATEGIES = ("merge", "rebase", "squash")  # how `land` puts an agent's work on the target
+LAND_LOCK = "land.lock"  # in .orchestra/: one land (land, the web, collect --merge) at a time
+LAND_BUSY = (
+    "another land (orchestra land, collect --merge or the dashboard) is running in this "
+    "repository; wait for it to end and run this again"
+)
 # Agent states (see DESIGN.md, "An agent") and exit statuses (0 ok, 1 failed, 2 bad input, Ctrl-C)
 ACTIVE_STATES = ("queued", "running", "paused", "waiting")
 FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
@@ -640,6 +650,10 @@ class Config:
         if values["sandbox"] not in SANDBOX_MODES:
             raise OrchestraError(
                 f"{sources['sandbox']}: 'sandbox' must be one of {', '.join(SANDBOX_MODES)}, not {json.dumps(values['sandbox'])}"
+            )
+        if values["land_strategy"] not in LAND_STRATEGIES:
+            raise OrchestraError(
+                f"{sources['land_strategy']}: 'land_strategy' must be one of {', '.join(LAND_STRATEGIES)}, not {json.dumps(values['land_strategy'])}"
             )
         for key in ("heartbeat_interval", "stale_threshold"):
             if values[key] <= 0:
@@ -1796,7 +1810,7 @@ RECORD_FIELDS = (
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
     "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
-    "checks", "waiting", "batch", "stop_reason",
+    "checks", "waiting", "batch", "stop_reason", "landed", "blocked", "after", "waits_for",
 )  # fmt: skip
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
 # first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
@@ -7056,7 +7070,13 @@ def collect_agents(
     if merge:
         chosen = records if ids else [r for r in records if r["state"] == "done"]
         chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
-        document["merged"], document["conflict"] = merge_agents(project, chosen)
+        lock = FileLock(project.dir / LAND_LOCK)  # never interleaved with a land
+        if not lock.acquire(blocking=False):
+            raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+        try:
+            document["merged"], document["conflict"] = merge_agents(project, chosen)
+        finally:
+            lock.release()
         mark_merged(project, document["merged"])
     if patch:
         document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
@@ -7217,6 +7237,378 @@ def send_message(project, agent_id, message, env=None):
         raise
     ensure_supervisor(project)
     return sent_to
+
+
+# ======================================================================================
+# Landing
+# --------------------------------------------------------------------------------------
+# The target branch only ever moves to a commit whose checks passed on exactly that commit
+# (bors' "not rocket science" rule). `land` takes finished agents in queue (spawn) order and,
+# one at a time, merges each branch onto the target's tip in a scratch worktree of its own
+# (.orchestra/land, detached; never the user's checkout), runs the agent's `checks` there, and
+# moves the target with a compare-and-swap: `git merge --ff-only` in the user's checkout when
+# it has the target checked out (git writes its files, then the ref, only if it still points
+# where it did), else `git update-ref <ref> <new> <old>`. A checkout with changes the landing
+# would overwrite keeps its files; only the ref moves, and land says so. A conflict or red
+# checks send the agent a fix round in its own session (the target commit and the conflicting
+# files, or the failing command and its output); land retries it when the round ends, and
+# after `fix_rounds` tries parks it `blocked` while the queue goes on. One land at a time:
+# land.lock is held by land and collect --merge alike (a second one refuses). Before moving
+# the ref the record notes the commit it lands (`landing.commit`), so a rerun after Ctrl-C or
+# kill -9 recognises a landing that happened and otherwise starts the item again.
+# ======================================================================================
+
+LAND_WORKTREE = "land"  # in .orchestra/: the scratch worktree where merges and their checks run
+LAND_POLL = 0.5  # seconds between looks at agents whose fix round is under way
+LAND_CONFLICT_PROMPT = (
+    "Your branch {branch} cannot land on {target}: merging it onto {target} at commit {commit} "
+    "conflicts in {files}. Bring your branch up to date with that commit (git merge {commit}), "
+    "resolve the conflicts keeping both sides' intent, make sure the checks pass, commit, and finish."
+)
+LAND_RED_PROMPT = (
+    "Your branch {branch} merged onto {target} at commit {commit} fails the checks: the command "
+    "`{command}` exited with {exit_code}. The end of its output:\n\n```\n{tail}\n```\n\n"
+    "Bring your branch up to date with that commit (git merge {commit}), make the checks pass "
+    "on the result, commit, and finish."
+)
+
+
+def landing_target(project, into):
+    """The branch land moves: --into, else base_branch, else the branch checked out in the repo."""
+    target = into or project.config["base_branch"] or current_branch(project.repo)
+    if not target:
+        raise OrchestraError(
+            "HEAD is detached; check out the branch to land on, or pass --into BRANCH"
+        )
+    if not ref_commit(project.repo, f"refs/heads/{target}"):
+        raise OrchestraError(f"--into {target}: no such branch; name an existing branch")
+    return target
+
+
+def land_candidates(project, ids, include_failing=False):
+    """(records to land in queue order, [{id, reason}] left out): the named finished agents, or
+    every done agent not landed yet whose checks passed (a blocked one only after it ran again)."""
+    state = project.store.load()["agents"]
+    if ids:
+        chosen = finished_agents(state, ids)
+        return sorted(chosen, key=spawn_order), []
+    fresh = [
+        r
+        for r in select_agents(state, [])
+        if r["state"] == "done" and not r.get("landed") and not blocked_still(r)
+    ]
+    chosen, skipped = gate_on_checks(fresh, include_failing)
+    return chosen, skipped
+
+
+def blocked_still(record):
+    """True for an agent parked blocked that has not run again since (a follow-up clears it)."""
+    blocked = record.get("blocked") or {}
+    return bool(blocked) and (record.get("finished_at") or "") <= (blocked.get("at") or "")
+
+
+def scratch_worktree(project, commit):
+    """The scratch worktree, reset to `commit` whatever an interrupted land left in it."""
+    path = project.dir / LAND_WORKTREE
+    if not (path / ".git").exists():
+        git_bytes(["worktree", "prune"], project.repo)
+        if path.exists():
+            shutil.rmtree(path)
+        git_bytes(["worktree", "add", "--quiet", "--detach", str(path), commit], project.repo)
+        return path
+    if operation_in_progress(path):
+        for what in (["merge", "--abort"], ["rebase", "--abort"]):
+            git_bytes(what, path, check=False)
+    git_bytes(["reset", "--quiet", "--hard"], path)
+    git_bytes(["clean", "-q", "-ffdx"], path)
+    git_bytes(["checkout", "--quiet", "--force", "--detach", commit], path)
+    return path
+
+
+def combine(path, strategy, record, tip, onto):
+    """Put the agent's work onto the scratch worktree's HEAD: (new commit, conflicting files or None)."""
+    message = f"Land {record['branch']}: {one_line(record['task'], 72)}"
+    if strategy == "rebase":
+        git_bytes(["checkout", "--quiet", "--force", "--detach", tip], path)
+        done = git_bytes(["rebase", "--quiet", onto], path, check=False)
+    elif strategy == "squash":
+        done = git_bytes(["merge", "--squash", "--quiet", tip], path, check=False)
+        if done.returncode == 0:
+            done = git_bytes(
+                ["commit", "--quiet", "--allow-empty", "-m", message], path, check=False
+            )
+    else:
+        done = git_bytes(
+            ["merge", "--quiet", "--no-ff", "--no-edit", "-m", message, tip], path, check=False
+        )
+    if done.returncode == 0:
+        return ref_commit(path, "HEAD"), None
+    files = git_bytes(["diff", "--name-only", "--diff-filter=U"], path).stdout.decode().split()
+    return None, files or [one_line(done.stderr.decode("utf-8", "replace") or "git refused")]
+
+
+def checks_on(path, record):
+    """Run the agent's checks on the scratch worktree: None when they pass, else the failure."""
+    timeout = resilience_setting(record, "check_timeout")
+    for command in resilience_setting(record, "checks"):
+        code, output, why = run_check(command, path, timeout, lambda: False)
+        if code != 0:
+            tail = (
+                tail_text(output, CHECK_TAIL_CHARS)
+                if why is None
+                else f"timed out after {timeout}s"
+            )
+            return {"command": command, "exit_code": code, "tail": tail}
+    return None
+
+
+def checkout_of(project, target):
+    """The worktree that has `target` checked out, or None."""
+    listing = git_bytes(["worktree", "list", "--porcelain", "-z"], project.repo).stdout.decode()
+    path = None
+    for field in listing.split("\0"):
+        if field.startswith("worktree "):
+            path = field[len("worktree ") :]
+        elif field == f"branch refs/heads/{target}":
+            return Path(path)
+    return None
+
+
+def checkout_can_follow(checkout, new):
+    """True when a fast-forward of the user's checkout to `new` can overwrite nothing of theirs:
+    nothing in progress, no hidden (assume-unchanged, skip-worktree) changes, no untracked or
+    ignored file in the way (git itself refuses only for overlapping uncommitted changes)."""
+    if operation_in_progress(checkout) or hidden_changes(checkout):
+        return False
+    return not overwritten_by_merge(checkout, new)
+
+
+def move_target(project, target, old, new):
+    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout)."""
+    checkout = checkout_of(project, target)
+    if checkout is not None and checkout_can_follow(checkout, new):
+        dirty = git_bytes(["status", "--porcelain", "--untracked-files=no"], checkout).stdout
+        done = git_bytes(["merge", "--quiet", "--ff-only", new], checkout, check=False)
+        if done.returncode == 0:
+            kept = (
+                f"your checkout {checkout} was brought up to date and its uncommitted changes kept"
+            )
+            return True, kept if dirty.strip() else None
+        if ref_commit(project.repo, f"refs/heads/{target}") != old:
+            return False, None
+    done = git_bytes(
+        ["update-ref", "-m", "orchestra land", f"refs/heads/{target}", new, old],
+        project.repo,
+        check=False,
+    )
+    if done.returncode != 0:
+        return False, None
+    if checkout is None:
+        return True, None
+    return True, (
+        f"your checkout {checkout} has changes the landing would overwrite, so only {target} moved "
+        f"(to {new[:12]}) and its files stay as they were at {old[:12]}; keep your changes and catch "
+        f"up with: git diff {old[:12]} > mine.patch && git reset --hard && git apply -3 mine.patch"
+    )
+
+
+def set_landing(project, agent_id, **facts):
+    """Write landing facts into an agent's record; the record after the change."""
+
+    def change(state):
+        record = state["agents"][agent_id]
+        record.update(facts)
+        return dict(record)
+
+    return project.store.update(change)
+
+
+def mark_landed(project, record, target, commit, note=None):
+    """Remember that the agent landed (status, --json, the dashboard), log it and tell notify_command."""
+    landed = {"into": target, "commit": commit, "at": utc_iso()}
+    set_landing(project, record["id"], landed=landed, landing=None, blocked=None, merged=True)
+    append_event(record["log"], {"event": "landed", **landed})
+    notify(
+        project.repo, record["id"], "landed", f"{record['id']} landed on {target} at {commit[:12]}"
+    )
+    return {"id": record["id"], "outcome": "landed", "commit": commit, "note": note}
+
+
+def park(project, record, reason):
+    """Park the agent `blocked` with the reason; the queue goes on without it."""
+    blocked = {"reason": reason, "at": utc_iso()}
+    set_landing(project, record["id"], blocked=blocked, landing=None)
+    append_event(record["log"], {"event": "blocked", **blocked})
+    notify(project.repo, record["id"], "blocked", f"{record['id']} is blocked: {reason}")
+    return {"id": record["id"], "outcome": "blocked", "reason": reason}
+
+
+def send_back(project, record, prompt, reason):
+    """Give the agent a fix round in its own session, or park it when its rounds are used up."""
+    agent_id, limit = record["id"], resilience_setting(record, "fix_rounds")
+
+    def change(state):
+        live = state["agents"][agent_id]
+        rounds = (live.get("landing") or {}).get("rounds", 0)
+        if rounds >= limit:
+            return None
+        try:
+            queue_session(live, prompt, f"land fix round {rounds + 1}: waiting for a free slot")
+        except OrchestraError:
+            return None
+        live["landing"] = {"status": "fixing", "rounds": rounds + 1, "reason": reason}
+        append_event(
+            live["log"], {"event": "land_fix_round", "round": rounds + 1, "reason": reason}
+        )
+        return rounds + 1
+
+    rounds = project.store.update(change)
+    if rounds is None:
+        tries = f" after {limit} fix round(s)" if limit else ""
+        return park(project, record, reason + tries)
+    ensure_supervisor(project)
+    return {"id": agent_id, "outcome": "fixing", "round": rounds, "reason": reason}
+
+
+def land_one(project, record, target, strategy, dry_run=False):
+    """Try to land one agent on the target's current tip; what happened, as a dict with `outcome`."""
+    repo, agent_id = project.repo, record["id"]
+    tip, old = branch_tip(project, record), ref_commit(repo, f"refs/heads/{target}")
+    pending = (record.get("landing") or {}).get("commit")
+    if pending and not dry_run and is_ancestor(repo, pending, old):
+        return mark_landed(project, record, target, pending)  # a landing an interruption cut short
+    if tip is None:
+        return park(project, record, f"its branch {record['branch']} is gone")
+    if is_ancestor(repo, tip, old):
+        if dry_run:
+            return {"id": agent_id, "outcome": "already landed"}
+        return mark_landed(project, record, target, old)
+    if dry_run:
+        return dry_run_one(repo, record, tip, old)
+    path = scratch_worktree(project, old)
+    new, conflicts = combine(path, strategy, record, tip, old)
+    if conflicts:
+        prompt = LAND_CONFLICT_PROMPT.format(
+            branch=record["branch"], target=target, commit=old, files=", ".join(conflicts)
+        )
+        return send_back(
+            project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}"
+        )
+    failure = checks_on(path, record)
+    if failure:
+        code = "timed out" if failure["exit_code"] is None else f"status {failure['exit_code']}"
+        prompt = LAND_RED_PROMPT.format(
+            branch=record["branch"],
+            target=target,
+            commit=old,
+            command=failure["command"],
+            exit_code=code,
+            tail=failure["tail"] or "(no output)",
+        )
+        return send_back(
+            project,
+            record,
+            prompt,
+            f"checks fail on {target} with its work: {failure['command']} ({code})",
+        )
+    with shield_interrupts():
+        set_landing(
+            project,
+            agent_id,
+            landing={**(record.get("landing") or {}), "status": "moving", "commit": new},
+        )
+        moved, note = move_target(project, target, old, new)
+        if not moved:
+            return {
+                "id": agent_id,
+                "outcome": "retry",
+            }  # the target moved meanwhile: again on its new tip
+        return mark_landed(project, record, target, new, note)
+
+
+def dry_run_one(repo, record, tip, old):
+    """What land would do with one agent, from `git merge-tree` alone (no checks run)."""
+    done = run_git(["merge-tree", "--write-tree", "--name-only", old, tip], repo, check=False)
+    if done.returncode == 1:  # 1: conflicts; the names follow the tree, up to an empty line
+        files = list(itertools.takewhile(bool, done.stdout.splitlines()[1:]))
+        return {"id": record["id"], "outcome": "would conflict", "files": files}
+    count = len(commits_between(repo, old, tip))
+    return {"id": record["id"], "outcome": "would land", "commits": count}
+
+
+def land_agents(project, ids, into=None, dry_run=False, include_failing=False, progress=None):
+    """What `land` does (the CLI's, the web's and collect --merge's): land agents one by one in
+    queue order, waiting for their fix rounds; {"into", "results", "not_landed"}."""
+    target = landing_target(project, into)
+    strategy = project.config["land_strategy"]
+    lock = FileLock(project.dir / LAND_LOCK)
+    if not lock.acquire(blocking=False):
+        raise OrchestraError(
+            "another land (orchestra land, collect --merge or the dashboard) is running in this repository; wait for it to end and run this again",
+            EXIT_FAILURE,
+        )
+    try:
+        chosen, skipped = land_candidates(project, ids, include_failing)
+        queue = [r["id"] for r in chosen]
+        results = run_queue(
+            project, queue, target, strategy, dry_run, progress or (lambda result: None)
+        )
+    finally:
+        lock.release()
+    return {
+        "into": target,
+        "strategy": strategy,
+        "dry_run": dry_run,
+        "results": results,
+        "not_landed": skipped,
+    }
+
+
+def run_queue(project, queue, target, strategy, dry_run, progress):
+    """Land the queue's agents in order; an agent in a fix round is retried once it ends."""
+    results, waiting = {}, []
+    while queue or waiting:
+        for agent_id in list(waiting):
+            record = project.store.load()["agents"][agent_id]
+            if record["state"] in ACTIVE_STATES:
+                continue
+            waiting.remove(agent_id)
+            if record["state"] != "done":
+                results[agent_id] = park(project, record, f"its fix round ended {record['state']}")
+                progress(results[agent_id])
+            else:
+                queue.insert(0, agent_id)
+        if not queue:
+            time.sleep(LAND_POLL)
+            continue
+        agent_id = queue.pop(0)
+        record = project.store.load()["agents"][agent_id]
+        result = land_one(project, record, target, strategy, dry_run)
+        if result["outcome"] == "retry":
+            queue.insert(0, agent_id)
+            continue
+        if result["outcome"] == "fixing":
+            waiting.append(agent_id)
+        results[agent_id] = result
+        progress(result)
+    return [results[i] for i in results]
+
+
+def land_line(result, target):
+    """One line about what land did (or would do) with an agent."""
+    outcome, agent_id = result["outcome"], result["id"]
+    if outcome == "landed":
+        line = f"{agent_id}: landed on {target} at {result['commit'][:12]}"
+        return line + (f"\n  {result['note']}" if result.get("note") else "")
+    if outcome == "fixing":
+        return f"{agent_id}: {result['reason']}; sent back for fix round {result['round']}"
+    if outcome == "blocked":
+        return f"{agent_id}: blocked: {result['reason']}; send it a follow-up ('orchestra send {agent_id} ...'), then land it again"
+    if outcome == "would conflict":
+        return f"{agent_id}: would conflict in {', '.join(result['files']) or 'some files'} and get a fix round"
+    if outcome == "would land":
+        return f"{agent_id}: would merge {result['commits']} commit(s), run the checks on the result and land"
+    return f"{agent_id}: {outcome}"
 
 
 # ======================================================================================
@@ -9581,8 +9973,9 @@ def status_rows(records, now):
             + (" approval" if r.get("approval") else "")
         )
         state += (" sandboxed" if r.get("sandboxed") else "") + (
-            " merged" if r.get("merged") else ""
+            " landed" if r.get("landed") else " merged" if r.get("merged") else ""
         )
+        state += " blocked" if r.get("blocked") else ""
         activity = r.get("error") or r.get("activity") or ""
         if r.get("approval"):
             activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
@@ -10427,7 +10820,7 @@ def add_approvals_parsers(commands):
 # ======================================================================================
 # Command line: results
 # --------------------------------------------------------------------------------------
-# collect, cleanup and restore: bringing work home and putting worktrees away.
+# collect, land, cleanup and restore: bringing work home and putting worktrees away.
 # ======================================================================================
 
 ARCHIVE_WORDS = {
@@ -10503,6 +10896,59 @@ def add_collect_parser(commands):
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_collect)
+
+
+def cmd_land(args):
+    """Land finished agents on the target branch one by one, in queue order: each merged onto the
+    target in a scratch worktree, its checks run on exactly that result, and the branch moved
+    only when they pass. Conflicts and red checks go back to the agent as fix rounds."""
+    project = open_project(args)
+    target = landing_target(project, args.into)
+    show = (
+        (lambda result: None)
+        if args.json
+        else (lambda result: print(land_line(result, target), flush=True))
+    )
+    document = land_agents(project, args.ids, args.into, args.dry_run, args.include_failing, show)
+    if args.json:
+        print_json(document)
+    elif not document["results"]:
+        print("Nothing to land; see 'orchestra status'.")
+    for skipped in [] if args.json else document["not_landed"]:
+        print(f"{skipped['id']}: not landed: {skipped['reason']} (name it to land it anyway)")
+    blocked = any(r["outcome"] == "blocked" for r in document["results"])
+    return EXIT_FAILURE if blocked else EXIT_OK
+
+
+def add_land_parser(commands):
+    """orchestra land"""
+    p = commands.add_parser(
+        "land",
+        help="merge queue: land agents whose checks pass on the merged result",
+        description=cmd_land.__doc__,
+        epilog="example: orchestra land --dry-run",
+    )
+    p.add_argument(
+        "ids",
+        nargs="*",
+        metavar="ID",
+        help="agents to land (default: every done one whose checks passed)",
+    )
+    p.add_argument(
+        "--into",
+        metavar="BRANCH",
+        help="the branch to land on (default: base_branch, else the checked-out one)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the order and what would happen to each agent"
+    )
+    p.add_argument(
+        "--include-failing",
+        action="store_true",
+        help="also agents whose own checks failed or did not run",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_land)
 
 
 def cmd_cleanup(args):
@@ -10854,6 +11300,7 @@ PARSER_BUILDERS = (
     add_diff_parser,
     add_worktrees_parser,
     add_collect_parser,
+    add_land_parser,
     add_send_parser,
     add_cleanup_parser,
     add_restore_parser,
