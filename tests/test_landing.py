@@ -129,3 +129,127 @@ def test_a_second_land_refuses_while_one_runs(fake_repo, cli):
     collect = cli("collect", "--merge")
     assert collect.code == 1 and "another land" in collect.err
     assert first.wait(60) == 0
+
+
+def test_kill_9_during_land_then_a_rerun_continues(fake_repo, cli):
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["sleep 2"])
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
+    before = head(fake_repo)
+    proc = subprocess.Popen([*ORCHESTRA, "land"], cwd=fake_repo, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    wait_for(lambda: head(fake_repo) != before, timeout=60, what="the first landing")
+    os.killpg(proc.pid, signal.SIGKILL)  # during the second agent's checks
+    proc.wait()
+    first = head(fake_repo)
+    assert git("status", "--porcelain", cwd=fake_repo) == ""  # checkout matches its HEAD
+    assert (fake_repo / "a.txt").exists()
+    rerun = cli("land")
+    assert rerun.code == 0, rerun
+    assert "commit-b-txt: landed on main" in rerun.out
+    assert git("rev-parse", "main~1", cwd=fake_repo).strip() == first
+    assert git("status", "--porcelain", cwd=fake_repo) == ""
+    agents = {a["id"]: a for a in cli("status", "--json").json()["agents"]}
+    assert all(a["landed"] for a in agents.values())
+
+
+CHECK = (
+    'for f in caller.txt user.txt; do [ ! -f $f ] || [ "$(cat $f)" = "$(cat api.txt)" ] || '
+    '{ echo "$f calls $(cat $f) but the api is $(cat api.txt)"; exit 1; }; done'
+)
+
+
+def green_at_every_step(repo, since):
+    """Run the check on every commit the target pointed to since `since`, each in a clean tree."""
+    commits = git("rev-list", "--first-parent", f"{since}..main", cwd=repo).split()
+    for commit in commits:
+        folder = repo.parent / f"at-{commit[:8]}"
+        git("worktree", "add", "-q", "--detach", str(folder), commit, cwd=repo)
+        done = subprocess.run(["sh", "-c", CHECK], cwd=folder, capture_output=True, text=True)
+        assert done.returncode == 0, (commit, done.stdout)
+        git("worktree", "remove", "--force", str(folder), cwd=repo)
+    return commits
+
+
+@requires_claude
+def test_real_claude_conflict_and_red_result_get_fix_rounds_and_land(claude_repo, claude_api, cli):
+    (claude_repo / "api.txt").write_text("old\n")
+    (claude_repo / "caller.txt").write_text("old\n")
+    git("add", "api.txt", "caller.txt", cwd=claude_repo)
+    git("commit", "-qm", "an api and its caller", cwd=claude_repo)
+    write_config(claude_repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5, checks=[CHECK],
+                 fix_rounds=1)  # fmt: skip
+    claude_api.script("rename-the-api", [bash("echo new > api.txt && echo new > caller.txt && echo A > notes.txt && "
+                                              "git add -A && git commit -qm 'rename the api'"), text("Renamed")])  # fmt: skip
+    claude_api.script("write-notes", [bash("echo B > notes.txt && git add notes.txt && git commit -qm notes"),
+                                      text("Wrote notes")])  # fmt: skip
+    claude_api.script("add-a-user", [bash("echo old > user.txt && git add user.txt && git commit -qm 'a user'"),
+                                     text("Added a user")])  # fmt: skip
+    claude_api.script("conflicts in notes.txt", [
+        bash("git merge -q main; printf 'A\\nB\\n' > notes.txt && git add notes.txt && git commit -qm resolve"),
+        text("Resolved")])  # fmt: skip
+    claude_api.script("user.txt calls old but the api is new", [
+        bash("git merge -q --no-edit main && cat api.txt > user.txt && git commit -qam 'follow the rename'"),
+        text("Fixed")])  # fmt: skip
+    for name, task in (
+        ("rename", "rename-the-api"),
+        ("notes", "write-notes"),
+        ("user", "add-a-user"),
+    ):
+        assert cli("spawn", "--name", name, task).code == 0
+    wait_settled(claude_repo, timeout=180)
+    agents = load_state(claude_repo)["agents"]
+    assert all(a["checks"]["status"] == "passed" for a in agents.values()), agents  # green alone
+    before = head(claude_repo)
+    run = cli("land")
+    assert run.code == 0, run
+    out = run.out
+    assert "rename: landed on main" in out
+    assert "notes: conflicts with main in notes.txt; sent back for fix round 1" in out
+    assert "user: checks fail on main with its work" in out and "sent back for fix round 1" in out
+    assert "notes: landed on main" in out and "user: landed on main" in out
+    assert (claude_repo / "notes.txt").read_text() == "A\nB\n"
+    assert (claude_repo / "user.txt").read_text() == "new\n"
+    assert git("status", "--porcelain", cwd=claude_repo) == ""
+    assert len(green_at_every_step(claude_repo, before)) == 3
+    prompts = json.dumps(claude_api.main_requests)
+    assert "cannot land on main" in prompts and "fails the checks" in prompts
+
+
+@requires_claude
+def test_real_claude_agent_that_cannot_be_fixed_is_parked_while_others_land(
+    claude_repo, claude_api, cli
+):
+    write_config(claude_repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5, fix_rounds=1)
+    claude_api.script(
+        "first-notes",
+        [bash("echo A > notes.txt && git add notes.txt && git commit -qm a"), text("A")],
+    )
+    claude_api.script(
+        "second-notes",
+        [bash("echo B > notes.txt && git add notes.txt && git commit -qm b"), text("B")],
+    )
+    claude_api.script(
+        "third-file", [bash("echo C > c.txt && git add c.txt && git commit -qm c"), text("C")]
+    )
+    claude_api.script("cannot land on main", [text("I will not change anything")])
+    for name in ("first-notes", "second-notes", "third-file"):
+        cli("spawn", "--name", name, name)
+    wait_settled(claude_repo, timeout=180)
+    run = cli("land")
+    assert run.code == 1, run
+    assert "second-notes: blocked: conflicts with main in notes.txt after 1 fix round(s)" in run.out
+    assert "third-file: landed on main" in run.out and "first-notes: landed on main" in run.out
+    status = cli("status", "--json").json()["agents"]
+    blocked = next(a for a in status if a["id"] == "second-notes")
+    assert blocked["blocked"]["reason"].startswith("conflicts with main in notes.txt")
+    assert not blocked["landed"]
+    # a follow-up that resolves it, then it lands
+    claude_api.script("please-resolve", [
+        bash("git merge -q main; printf 'A\\nB\\n' > notes.txt && git add notes.txt && git commit -qm resolve"),
+        text("Resolved")])  # fmt: skip
+    assert cli("send", "second-notes", "please-resolve").code == 0
+    wait_settled(claude_repo, timeout=120)
+    again = cli("land")
+    assert again.code == 0, again
+    assert "second-notes: landed on main" in again.out
+    assert (claude_repo / "notes.txt").read_text() == "A\nB\n"
