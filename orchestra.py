@@ -3374,8 +3374,68 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
     return project.store.update(reserve)
 
 
+def check_dependencies(known, names, deps):
+    """Each task's dependencies as agent ids, refusing unknown ids, self-dependencies and cycles
+    before anything is queued. `known`: existing agents (live and cleaned up) by id; `names`:
+    the new tasks' ids (None where unnamed); `deps`: one list of ids or prefixes per task."""
+    resolved = []
+    for name, wanted in zip(names, deps):
+        ids = []
+        for dep in wanted:
+            if dep in names and dep is not None:
+                if dep == name:
+                    raise OrchestraError(
+                        f"task '{name}' cannot wait for itself; remove it from its own 'after'"
+                    )
+                ids.append(dep)
+                continue
+            try:
+                ids.append(select_agents(known, [dep])[0]["id"])
+            except OrchestraError as e:
+                raise OrchestraError(f"--after {dep}: {e}") from None
+        resolved.append(list(dict.fromkeys(ids)))
+    graph = {name: ids for name, ids in zip(names, resolved) if name is not None}
+    for start in graph:
+        seen, path = set(), [start]
+        while path:
+            node = path.pop()
+            for dep in graph.get(node, ()):
+                if dep == start:
+                    raise OrchestraError(
+                        f"the tasks' 'after' make a cycle through '{start}'; break it"
+                    )
+                if dep not in seen:
+                    seen.add(dep)
+                    path.append(dep)
+    return resolved
+
+
+def mark_plan(project, records, deps, checks):
+    """Fix each new agent's dependencies (`after`, and `waits_for`: those not landed yet) and its
+    own checks (from a tasks file) before its spawn event is written."""
+
+    def mark(state):
+        landed = {i for i, r in {**project.history(), **state["agents"]}.items() if r.get("landed")}
+        for record, after, own_checks in zip(records, deps, checks):
+            facts = {}
+            if after:
+                waits = [i for i in after if i not in landed]
+                facts.update(after=after, waits_for=waits)
+                if waits:
+                    facts["activity"] = f"waiting for {', '.join(waits)} to land"
+            if own_checks is not None:
+                facts["launch"] = dict(record["launch"], checks=own_checks)
+            record.update(facts)
+            state["agents"][record["id"]].update(facts)
+
+    if any(deps) or any(c is not None for c in checks):
+        project.store.update(mark)
+
+
 def prepare_agents(project, records):
     """Create all worktrees concurrently, then mark each agent ready or failed."""
+    if not records:
+        return
     copies = files_to_copy(project, include_patterns(project))
     project.worktree_root.mkdir(parents=True, exist_ok=True)
     register_lock = threading.Lock()  # serialises `git worktree add` (see prepare_worktree)
@@ -4176,7 +4236,11 @@ class Supervisor:
         """True while some agent is ready to start (or waits for its worktree), running or paused."""
         return any(
             r["state"] in ("running", "paused", "waiting")
-            or (r["state"] == "queued" and (r.get("ready") or r.get("worktree_later")))
+            or (
+                r["state"] == "queued"
+                and (r.get("ready") or r.get("worktree_later"))
+                and not r.get("waits_for")  # its dependencies land first (see Landing)
+            )
             for r in state["agents"].values()
         )
 
@@ -4187,6 +4251,7 @@ class Supervisor:
             record["state"] == "queued"
             and bool(record.get("worktree_later"))
             and not record.get("preparer")
+            and not record.get("waits_for")
         )
 
     def preparing(self):
@@ -4228,6 +4293,10 @@ class Supervisor:
                 record.update(
                     worktree_later=False, activity="preparing worktree", preparer=preparer
                 )
+                if record.get("after"):  # from the target, with the work of what it waited for
+                    target = record.get("land_base") or record.get("base_branch")
+                    tip = target and ref_commit(self.project.repo, f"refs/heads/{target}")
+                    record["base_commit"] = tip or record["base_commit"]
             return [dict(r) for r in chosen]
 
         try:
@@ -4628,11 +4697,23 @@ def check_not_removed(project, names):
         )
 
 
-def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, budget=None):
+def spawn_agents(
+    project,
+    tasks,
+    parallel=None,
+    name=None,
+    base=None,
+    env=None,
+    budget=None,
+    after=None,
+    checks=None,
+):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
     The one way agents come to be, from the command line or the web; their records. The agents
-    start with `env` (default: this process's environment).
+    start with `env` (default: this process's environment). `after`: per task, the ids it waits
+    for (it starts once they landed, from the target with their work); `checks`: per task, its
+    own checks or None.
     """
     for task in tasks:
         check_task(task)
@@ -4649,15 +4730,20 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, 
     check_agent_command(project.config)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
+    known = {**project.history(), **project.records()}
+    deps = check_dependencies(known, names or [None] * len(tasks), after or [[]] * len(tasks))
     roll_back_stalled_spawns(project)
     records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
     mark_sandboxed(project, records, sandboxed)
+    mark_plan(project, records, deps, checks or [None] * len(tasks))
     assign_batch(project, records, budget)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
+    now = [r for r in records if not r.get("waits_for")][:SPAWN_PREPARED_NOW]
+    later = [r for r in records if r not in now]
     try:
-        defer_worktrees(project, records[SPAWN_PREPARED_NOW:])
-        prepare_agents(project, records[:SPAWN_PREPARED_NOW])
-        hand_over_worktrees(project, records[SPAWN_PREPARED_NOW:])
+        defer_worktrees(project, later)
+        prepare_agents(project, now)
+        hand_over_worktrees(project, later)
     except BaseException:
         with shield_interrupts():
             roll_back_spawn(project, records, "spawn was interrupted before the agent started")
@@ -7427,11 +7513,50 @@ def mark_landed(project, record, target, commit, note=None):
     """Remember that the agent landed (status, --json, the dashboard), log it and tell notify_command."""
     landed = {"into": target, "commit": commit, "at": utc_iso()}
     set_landing(project, record["id"], landed=landed, landing=None, blocked=None, merged=True)
+    release_dependents(project, record["id"], target)
     append_event(record["log"], {"event": "landed", **landed})
     notify(
         project.repo, record["id"], "landed", f"{record['id']} landed on {target} at {commit[:12]}"
     )
     return {"id": record["id"], "outcome": "landed", "commit": commit, "note": note}
+
+
+def release_dependents(project, agent_id, target):
+    """An agent landed: the agents waiting for it wait for one fewer, and start from `target`
+    once they wait for none (the supervisor makes their worktrees then)."""
+
+    def change(state):
+        freed = False
+        for record in state["agents"].values():
+            waits = record.get("waits_for") or []
+            if agent_id in waits:
+                record["waits_for"] = [i for i in waits if i != agent_id]
+                record["land_base"] = target
+                rest = record["waits_for"]
+                record["activity"] = (
+                    f"waiting for {', '.join(rest)} to land" if rest else "waiting for a worktree"
+                )
+                freed = freed or not rest
+        return freed
+
+    if project.store.update(change):
+        ensure_supervisor(project)
+
+
+def waits_line(record, agents):
+    """What a queued agent waits for, as status shows it: 'held: waits for a (blocked: ...) to land'."""
+    parts, held = [], False
+    for agent_id in record["waits_for"]:
+        dep = agents.get(agent_id) or {}
+        if dep.get("blocked"):
+            parts.append(f"{agent_id} (blocked: {dep['blocked']['reason']})")
+        elif dep.get("state") in ("failed", "stopped", "interrupted"):
+            parts.append(f"{agent_id} ({dep['state']})")
+        else:
+            parts.append(agent_id)
+            continue
+        held = True
+    return ("held: " if held else "") + f"waits for {', '.join(parts)} to land"
 
 
 def park(project, record, reason):
@@ -9965,7 +10090,7 @@ def table_with_lines(headers, rows, lines, out, width=None):
 
 def status_rows(records, now):
     """The status table's cells for each record."""
-    rows = []
+    rows, by_id = [], {r["id"]: r for r in records}
     for r in records:
         state = (
             state_label(r)
@@ -9977,6 +10102,8 @@ def status_rows(records, now):
         )
         state += " blocked" if r.get("blocked") else ""
         activity = r.get("error") or r.get("activity") or ""
+        if r.get("waits_for") and r["state"] == "queued":
+            activity = waits_line(r, by_id)
         if r.get("approval"):
             activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
         rows.append(
@@ -10346,13 +10473,26 @@ LOGS_FOLLOW_TAIL = 50  # lines `logs -f` shows before following, unless --tail s
 def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model, sandbox=args.sandbox)
+    tasks, names, after, checks = args.tasks, args.name, None, None
+    if args.file:
+        if tasks or names:
+            raise OrchestraError(
+                "--file holds the tasks and their ids; give no TASK or --name with it"
+            )
+        tasks, names, after, checks = read_task_file(args.file)
+    elif not tasks:
+        raise OrchestraError("name at least one TASK, or a tasks file with --file")
+    elif args.after:
+        after = [args.after] * len(tasks)
     records = spawn_agents(
         project,
-        args.tasks,
+        tasks,
         parallel=args.parallel,
-        name=args.name,
+        name=names,
         base=args.base,
         budget=args.budget,
+        after=after,
+        checks=checks,
     )
     if not args.json:
         for r in records:
@@ -10367,6 +10507,50 @@ def cmd_spawn(args):
     else:
         print("\nWatch them with: orchestra status --watch")
     return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
+
+
+def read_task_file(path):
+    """(tasks, ids, after, checks) from a tasks file: a JSON list (or {"tasks": [...]}) of
+    objects with "task" and optional "id", "after" (ids), "host" and "checks" (commands)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise OrchestraError(f"cannot read the tasks file {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise OrchestraError(f"{path} is not valid JSON ({e}); fix it and spawn again") from None
+    items = document.get("tasks") if isinstance(document, dict) else document
+    if not isinstance(items, list) or not items:
+        raise OrchestraError(f"{path}: expected a list of tasks, each an object with a 'task'")
+    tasks, ids, after, checks = [], [], [], []
+    for number, item in enumerate(items, 1):
+        where = f"{path}: task {number}"
+        if not isinstance(item, dict) or not isinstance(item.get("task"), str):
+            raise OrchestraError(f"{where} needs a 'task' string")
+        unknown = set(item) - {"task", "id", "after", "host", "checks"}
+        if unknown:
+            raise OrchestraError(
+                f"{where} has unknown keys {', '.join(sorted(unknown))}; use task, id, after, host, checks"
+            )
+        deps = item.get("after", [])
+        deps = [deps] if isinstance(deps, str) else deps
+        own = item.get("checks")
+        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+            raise OrchestraError(f"{where}: 'after' must be a list of task ids")
+        if own is not None and (
+            not isinstance(own, list) or not all(isinstance(c, str) for c in own)
+        ):
+            raise OrchestraError(f"{where}: 'checks' must be a list of shell commands")
+        if item.get("host") not in (None, "local"):
+            raise OrchestraError(
+                f"{where}: host {json.dumps(item['host'])} is not known here; use \"local\""
+            )
+        tasks.append(item["task"])
+        ids.append(item.get("id"))
+        after.append(deps)
+        checks.append(own)
+    if any(ids) and not all(ids):
+        raise OrchestraError(f"{path}: give every task an 'id', or none")
+    return tasks, [i for i in ids if i], after, checks
 
 
 def wait_for_agents(project, ids, as_json):
@@ -10401,7 +10585,18 @@ def add_spawn_parser(commands):
         description=cmd_spawn.__doc__,
         epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2',
     )
-    p.add_argument("tasks", nargs="+", metavar="TASK", help="what one agent should do (quote it)")
+    p.add_argument("tasks", nargs="*", metavar="TASK", help="what one agent should do (quote it)")
+    p.add_argument(
+        "--after",
+        metavar="ID",
+        action="append",
+        help="start only once agent ID has landed, from the target with its work (repeatable)",
+    )
+    p.add_argument(
+        "--file",
+        metavar="TASKS.json",
+        help="queue a plan: a JSON list of {task, id, after, host, checks}",
+    )
     p.add_argument(
         "--parallel", type=positive_int, metavar="N", help="run at most N agents at once"
     )

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import orchestra
 from conftest import (
     CLAUDE_TOOLS,
     FAKE_AGENT_COMMAND,
@@ -253,3 +254,63 @@ def test_real_claude_agent_that_cannot_be_fixed_is_parked_while_others_land(
     assert again.code == 0, again
     assert "second-notes: landed on main" in again.out
     assert (claude_repo / "notes.txt").read_text() == "A\nB\n"
+
+
+def write_tasks(repo, tasks):
+    path = repo.parent / "tasks.json"
+    path.write_text(json.dumps(tasks))
+    return path
+
+
+def test_tasks_file_errors_come_before_anything_is_queued(fake_repo, cli):
+    cycle = write_tasks(
+        fake_repo,
+        [{"id": "a", "task": "x", "after": ["b"]}, {"id": "b", "task": "y", "after": ["a"]}],
+    )
+    run = cli("spawn", "--file", cycle)
+    assert run.code == 2 and "make a cycle" in run.err
+    itself = write_tasks(fake_repo, [{"id": "a", "task": "x", "after": ["a"]}])
+    assert "task 'a' cannot wait for itself" in cli("spawn", "--file", itself).err
+    unknown = write_tasks(fake_repo, [{"id": "a", "task": "x", "after": ["zzz"]}])
+    assert cli("spawn", "--file", unknown).err == (
+        "orchestra: error: --after zzz: no agent 'zzz'; 'orchestra status' lists them\n"
+    )
+    assert "no agent 'nope'" in cli("spawn", "--after", "nope", "task").err
+    assert cli("status", "--json").json()["agents"] == []
+
+
+def test_after_waits_for_the_landing_and_starts_from_the_target(fake_repo, cli):
+    plan = write_tasks(fake_repo, [
+        {"id": "base", "task": "commit:base.txt"},
+        {"id": "next", "task": "commit:next.txt", "after": ["base"], "checks": ["test -f base.txt"]},
+    ])  # fmt: skip
+    assert cli("spawn", "--file", plan).code == 0
+    wait_for(lambda: load_state(fake_repo)["agents"]["base"]["state"] == "done", what="base done")
+    wait_for(
+        lambda: not orchestra.supervisor_alive(load_state(fake_repo)), what="an idle supervisor"
+    )
+    status = cli("status")
+    row = next(line for line in status.out.splitlines() if line.startswith("next"))
+    assert "queued" in row and "waits for base to land" in row
+    agents = cli("status", "--json").json()["agents"]
+    assert next(a for a in agents if a["id"] == "next")["waits_for"] == ["base"]
+    assert cli("land").code == 0
+    wait_for(lambda: load_state(fake_repo)["agents"]["next"]["state"] == "done", what="next done")
+    record = load_state(fake_repo)["agents"]["next"]
+    assert (fake_repo / ".worktrees" / "task-next" / "base.txt").exists()
+    assert record["checks"]["status"] == "passed"
+    assert cli("land").code == 0 and (fake_repo / "next.txt").exists()
+
+
+def test_a_blocked_dependency_holds_its_dependent(fake_repo, cli):
+    write_config(
+        fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["test ! -f a.txt || test ! -f b.txt"]
+    )
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
+    assert cli("spawn", "--name", "after-b", "--after", "commit-b-txt", "commit:c.txt").code == 0
+    assert cli("land").code == 1  # b is blocked: red together with a
+    status = cli("status").out
+    row = next(line for line in status.splitlines() if line.startswith("after-b"))
+    assert "held: waits for commit-b-txt (blocked" in row
+    assert load_state(fake_repo)["agents"]["after-b"]["state"] == "queued"
+    assert not (fake_repo / ".worktrees" / "task-after-b").exists()
