@@ -7413,7 +7413,7 @@ def scratch_worktree(project, commit):
 
 def combine(path, strategy, record, tip, onto):
     """Put the agent's work onto the scratch worktree's HEAD: (new commit, conflicting files or None)."""
-    message = f"Land {record['branch']}: {one_line(record['task'], 72)}"
+    message = f"Land {record['branch']}"  # never the task: later agents' sessions show subjects
     if strategy == "rebase":
         git_bytes(["checkout", "--quiet", "--force", "--detach", tip], path)
         done = git_bytes(["rebase", "--quiet", onto], path, check=False)

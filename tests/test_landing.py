@@ -40,8 +40,8 @@ def test_land_merges_in_queue_order_and_brings_the_clean_checkout_along(fake_rep
     assert git("status", "--porcelain", cwd=fake_repo) == ""  # index and files match HEAD
     subjects = git("log", "--format=%s", "--first-parent", f"{before}..main", cwd=fake_repo)
     assert subjects.splitlines() == [
-        "Land orchestra/commit-b-txt: commit:b.txt beta",
-        "Land orchestra/commit-txt-alpha: commit:a.txt alpha",
+        "Land orchestra/commit-b-txt",
+        "Land orchestra/commit-txt-alpha",
     ]
     agents = cli("status", "--json").json()["agents"]
     assert all(a["landed"]["into"] == "main" for a in agents)
@@ -314,3 +314,47 @@ def test_a_blocked_dependency_holds_its_dependent(fake_repo, cli):
     assert "held: waits for commit-b-txt (blocked" in row
     assert load_state(fake_repo)["agents"]["after-b"]["state"] == "queued"
     assert not (fake_repo / ".worktrees" / "task-after-b").exists()
+
+
+@requires_claude
+def test_real_claude_after_starts_once_its_dependency_landed_with_its_code(
+    claude_repo, claude_api, cli
+):
+    claude_api.script("write-the-lib", [bash("echo 'def helper(): pass' > lib.py && git add lib.py && "
+                                             "git commit -qm lib"), text("Wrote the lib")])  # fmt: skip
+    claude_api.script("use-the-lib", [bash("grep helper lib.py > uses.txt && git add uses.txt && git commit -qm use"),
+                                      text("Used it")])  # fmt: skip
+    assert cli("spawn", "--name", "lib", "write-the-lib").code == 0
+    assert cli("spawn", "--name", "user", "--after", "lib", "use-the-lib").code == 0
+    wait_for(
+        lambda: load_state(claude_repo)["agents"]["lib"]["state"] == "done", timeout=120, what="lib"
+    )
+    wait_for(
+        lambda: not orchestra.supervisor_alive(load_state(claude_repo)), what="an idle supervisor"
+    )
+    user = load_state(claude_repo)["agents"]["user"]
+    assert user["state"] == "queued" and user["waits_for"] == ["lib"]
+    assert not (claude_repo / ".worktrees" / "task-user").exists()
+    assert not any(
+        "use-the-lib" in json.dumps(b) for b in claude_api.main_requests
+    )  # never started
+    assert cli("land", "lib").code == 0
+    wait_for(
+        lambda: load_state(claude_repo)["agents"]["user"]["state"] == "done",
+        timeout=120,
+        what="user",
+    )
+    assert git("show", "orchestra/user:uses.txt", cwd=claude_repo) == "def helper(): pass\n"
+    assert cli("land").code == 0
+    assert (claude_repo / "uses.txt").exists() and (claude_repo / "lib.py").exists()
+
+
+def test_notify_command_hears_landed_and_blocked(fake_repo, cli):
+    heard = fake_repo.parent / "heard.txt"
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["test ! -f a.txt || test ! -f b.txt"],
+                 notify_command=["sh", "-c", f"echo \"$0 $1\" >> {heard}", "{agent}", "{event}"])  # fmt: skip
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
+    cli("land")
+    wait_for(lambda: heard.exists() and "blocked" in heard.read_text(), what="notifications")
+    lines = heard.read_text().splitlines()
+    assert "commit-txt-alpha landed" in lines and "commit-b-txt blocked" in lines
