@@ -7518,7 +7518,7 @@ def mark_landed(project, record, target, commit, note=None):
     notify(
         project.repo, record["id"], "landed", f"{record['id']} landed on {target} at {commit[:12]}"
     )
-    return {"id": record["id"], "outcome": "landed", "commit": commit, "note": note}
+    return {"id": record["id"], "outcome": "landed", "into": target, "commit": commit, "note": note}
 
 
 def release_dependents(project, agent_id, target):
@@ -7717,6 +7717,17 @@ def run_queue(project, queue, target, strategy, dry_run, progress):
         results[agent_id] = result
         progress(result)
     return [results[i] for i in results]
+
+
+def land_guard(record):
+    """Why landing this agent deserves a second thought (its checks failed, it has no commits),
+    or None. The dashboard asks before it lands such an agent."""
+    checks = record.get("checks") or {}
+    if checks.get("status") == "failed":
+        return f"{record['id']}'s checks {checks_line(checks)}; land it anyway?"
+    if record.get("commits") == 0:
+        return f"{record['id']} has no commits, so there is nothing to land; land it anyway?"
+    return None
 
 
 def land_line(result, target):
@@ -8695,6 +8706,7 @@ WEB_TAIL_READ_LIMIT = (
 WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
 WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
 WEB_HISTORY_PAGE, WEB_HISTORY_PAGE_MAX = 50, 500  # cleaned-up agents per GET /api/history
+WEB_LAND_WAIT = 10.0  # seconds POST .../land waits for its first outcome before answering 202
 # Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
 WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
 WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
@@ -8967,6 +8979,7 @@ ROUTES = [
         ("GET", r"/api/history", "route_history"),
         ("GET", r"/api/agents/(?P<id>[^/]+)/report", "route_report"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/merge", "route_merge"),
+        ("POST", r"/api/agents/(?P<id>[^/]+)/land", "route_land"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/pr", "route_pull_request"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/send", "route_send"),
         ("GET", r"/api/sessions/(?P<id>[^/]+)", "route_session"),
@@ -9291,6 +9304,32 @@ class WebHandler:
         if document["conflict"]:
             return 409, {"error": message, **document}
         return 200, {"message": message, **document}
+
+    def route_land(self, params, query, body):
+        """POST /api/agents/ID/land {"force"?: true}: `orchestra land ID` in a thread of its own;
+        answers with its first outcome, or 202 while the checks still run. Without force, an
+        agent whose checks failed or that has no commits is refused (409, "guard": true)."""
+        (force,) = body_fields(body, {"force": (bool, False)})
+        record = self.agent(params)
+        guard = land_guard(record)
+        if guard and not force:
+            return 409, {"error": guard, "guard": True}
+        outcomes = queue.Queue()
+
+        def run():
+            try:
+                land_agents(self.server.project, [record["id"]], progress=outcomes.put)
+            except Exception as e:  # an OrchestraError is the answer; anything else a bug
+                outcomes.put(e)
+
+        threading.Thread(target=run, name=f"land-{record['id']}", daemon=True).start()
+        try:
+            first = outcomes.get(timeout=WEB_LAND_WAIT)
+        except queue.Empty:
+            return 202, {"message": f"{record['id']}: landing; its checks run on the merged result"}
+        if isinstance(first, Exception):
+            raise first
+        return 200, {"message": land_line(first, first.get("into")), **first}
 
     def route_pull_request(self, params, query, body):
         """POST /api/agents/ID/pr: `collect ID --pr`: push and open a pull request, or say how."""
