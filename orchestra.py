@@ -3800,11 +3800,17 @@ def run_check(command, worktree, timeout, cancelled):
 
 
 def check_ended(proc):
-    """Wait up to CHECK_POLL for a check's process; True once it has ended."""
+    """Wait up to CHECK_POLL for a check's process; True once it has ended. Ctrl-C here ends
+    the check's whole process group before it propagates (`land` runs checks in the foreground)."""
     try:
         proc.wait(CHECK_POLL)
     except subprocess.TimeoutExpired:
         return False
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return True
 
 
@@ -7661,23 +7667,29 @@ def dry_run_one(repo, record, tip, old):
     return {"id": record["id"], "outcome": "would land", "commits": count}
 
 
-def land_agents(project, ids, into=None, dry_run=False, include_failing=False, progress=None):
-    """What `land` does (the CLI's, the web's and collect --merge's): land agents one by one in
-    queue order, waiting for their fix rounds; {"into", "results", "not_landed"}."""
+def land_agents(
+    project, ids, into=None, dry_run=False, include_failing=False, progress=None, wait=False
+):
+    """What `land` does (the CLI's and the web's): land agents one by one in queue order,
+    waiting for their fix rounds; with `wait`, also every agent that finishes while others are
+    still at work (dependents included), until none is. {"into", "results", "not_landed"}."""
     target = landing_target(project, into)
     strategy = project.config["land_strategy"]
     lock = FileLock(project.dir / LAND_LOCK)
     if not lock.acquire(blocking=False):
-        raise OrchestraError(
-            "another land (orchestra land, collect --merge or the dashboard) is running in this repository; wait for it to end and run this again",
-            EXIT_FAILURE,
-        )
+        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
     try:
-        chosen, skipped = land_candidates(project, ids, include_failing)
-        queue = [r["id"] for r in chosen]
-        results = run_queue(
-            project, queue, target, strategy, dry_run, progress or (lambda result: None)
-        )
+        report, results = progress or (lambda result: None), []
+        while True:
+            chosen, skipped = land_candidates(project, ids, include_failing)
+            queue = [r["id"] for r in chosen]
+            results += run_queue(project, queue, target, strategy, dry_run, report)
+            if not wait or dry_run:
+                break
+            if not chosen and not still_working(project.store.load()["agents"]):
+                break
+            if not chosen:
+                time.sleep(LAND_POLL)
     finally:
         lock.release()
     return {
@@ -7687,6 +7699,12 @@ def land_agents(project, ids, into=None, dry_run=False, include_failing=False, p
         "results": results,
         "not_landed": skipped,
     }
+
+
+def still_working(agents):
+    """True while some agent is at work or will start: not one held by a dependency that has
+    not landed (blocked, failed, or still to come: when it lands, its dependents wake)."""
+    return any(r["state"] in ACTIVE_STATES and not r.get("waits_for") for r in agents.values())
 
 
 def run_queue(project, queue, target, strategy, dry_run, progress):
@@ -10520,7 +10538,9 @@ def cmd_spawn(args):
             )
         tasks, names, after, checks = read_task_file(args.file)
     elif not tasks:
-        raise OrchestraError("name at least one TASK, or a tasks file with --file")
+        raise OrchestraError(
+            "the following arguments are required: TASK (or a tasks file with --file)"
+        )
     elif args.after:
         after = [args.after] * len(tasks)
     records = spawn_agents(
@@ -11143,7 +11163,11 @@ def cmd_land(args):
         if args.json
         else (lambda result: print(land_line(result, target), flush=True))
     )
-    document = land_agents(project, args.ids, args.into, args.dry_run, args.include_failing, show)
+    if args.wait and args.ids:
+        raise OrchestraError("--wait lands every agent as it finishes; name no ID with it")
+    document = land_agents(
+        project, args.ids, args.into, args.dry_run, args.include_failing, show, args.wait
+    )
     if args.json:
         print_json(document)
     elif not document["results"]:
@@ -11160,7 +11184,7 @@ def add_land_parser(commands):
         "land",
         help="merge queue: land agents whose checks pass on the merged result",
         description=cmd_land.__doc__,
-        epilog="example: orchestra land --dry-run",
+        epilog="example: orchestra spawn --file plan.json && orchestra land --wait",
     )
     p.add_argument(
         "ids",
@@ -11175,6 +11199,11 @@ def add_land_parser(commands):
     )
     p.add_argument(
         "--dry-run", action="store_true", help="print the order and what would happen to each agent"
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="also land agents as they finish (dependents too), until none is at work",
     )
     p.add_argument(
         "--include-failing",

@@ -358,3 +358,28 @@ def test_notify_command_hears_landed_and_blocked(fake_repo, cli):
     wait_for(lambda: heard.exists() and "blocked" in heard.read_text(), what="notifications")
     lines = heard.read_text().splitlines()
     assert "commit-txt-alpha landed" in lines and "commit-b-txt blocked" in lines
+
+
+def test_land_wait_lands_a_whole_plan_unattended(fake_repo, cli):
+    write_config(
+        fake_repo,
+        agent_command=FAKE_AGENT_COMMAND,
+        heartbeat_interval=0.5,
+        checks=["test -f README.md"],
+    )
+    plan = write_tasks(fake_repo, [
+        {"id": "one", "task": "commit:one.txt sleep:1"},
+        {"id": "two", "task": "commit:two.txt", "after": ["one"], "checks": ["test -f one.txt"]},
+        {"id": "three", "task": "commit:three.txt", "after": ["two"]},
+        {"id": "side", "task": "commit:side.txt"},
+    ])  # fmt: skip
+    assert cli("spawn", "--file", plan).code == 0
+    run = cli("land", "--wait")
+    assert run.code == 0, run
+    landed = [line.split(":")[0] for line in run.out.splitlines() if ": landed on main" in line]
+    assert sorted(landed) == ["one", "side", "three", "two"]
+    assert landed.index("one") < landed.index("two") < landed.index("three")
+    for name in ("one", "two", "three", "side"):
+        assert (fake_repo / f"{name}.txt").exists()
+    assert git("status", "--porcelain", cwd=fake_repo) == ""
+    assert cli("land", "--wait", "one").code == 2
