@@ -7660,6 +7660,11 @@ def land_one(project, record, target, strategy, dry_run=False):
 def dry_run_one(repo, record, tip, old):
     """What land would do with one agent, from `git merge-tree` alone (no checks run)."""
     done = run_git(["merge-tree", "--write-tree", "--name-only", old, tip], repo, check=False)
+    if done.returncode not in (0, 1):  # git before 2.38 has no merge-tree --write-tree
+        return {
+            "id": record["id"],
+            "outcome": "would try to land (this git cannot predict conflicts)",
+        }
     if done.returncode == 1:  # 1: conflicts; the names follow the tree, up to an empty line
         files = list(itertools.takewhile(bool, done.stdout.splitlines()[1:]))
         return {"id": record["id"], "outcome": "would conflict", "files": files}
