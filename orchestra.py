@@ -1935,6 +1935,11 @@ def fold_resilience_event(memory, event):
         memory.pop("waiting", None)
     elif what == "budget_stop":
         memory["stop_reason"] = "budget"
+    elif what == "landed":  # see Landing
+        memory["landed"] = {key: event.get(key) for key in ("into", "commit", "at")}
+        memory.pop("blocked", None)
+    elif what == "blocked":
+        memory["blocked"] = {key: event.get(key) for key in ("reason", "at")}
 
 
 class AgentLog:
@@ -2291,6 +2296,9 @@ def restore_resilience(record, log):
     record["api_attempts"] = memory.get("api_attempts", 0)
     if memory.get("stop_reason"):
         record["stop_reason"] = memory["stop_reason"]
+    record.update(landed=memory.get("landed"), blocked=memory.get("blocked"))
+    if record["landed"]:
+        record["merged"] = True
 
 
 def rebuild_state(project):
@@ -2349,7 +2357,14 @@ def rebuild_state(project):
                 "failed",
                 "worktree missing after state.json was rebuilt",
             )
+        record["after"] = spawn.get("after")
         records[record["id"]] = record
+    for record in records.values():  # an agent not started yet still waits for what has not landed
+        if record["after"] and record["state"] == "queued":
+            known = {**history, **records}
+            record["waits_for"] = [
+                i for i in record["after"] if not (known.get(i) or {}).get("landed")
+            ]
     return {"agents": records, "batches": batches}
 
 
@@ -3097,9 +3112,10 @@ def append_spawn_event(project, record):
         "seq",
     )
     batch = {"batch": record.get("batch"), "batch_budget": record.get("batch_budget")}
+    after = {"after": record["after"]} if record.get("after") else {}  # see Landing
     append_event(
         project.log_path(record["id"]),
-        {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch},
+        {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch, **after},
     )
 
 

@@ -383,3 +383,22 @@ def test_land_wait_lands_a_whole_plan_unattended(fake_repo, cli):
         assert (fake_repo / f"{name}.txt").exists()
     assert git("status", "--porcelain", cwd=fake_repo) == ""
     assert cli("land", "--wait", "one").code == 2
+
+
+def test_a_rebuilt_state_keeps_landed_blocked_and_what_waits(fake_repo, cli):
+    write_config(
+        fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["test ! -f a.txt || test ! -f b.txt"]
+    )
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
+    assert cli("spawn", "--name", "after-b", "--after", "commit-b-txt", "commit:c.txt").code == 0
+    cli("land")
+    wait_for(
+        lambda: not orchestra.supervisor_alive(load_state(fake_repo)), what="an idle supervisor"
+    )
+    (fake_repo / ".orchestra" / "state.json").write_text("{broken")
+    agents = {a["id"]: a for a in cli("status", "--json").json()["agents"]}
+    assert agents["commit-txt-alpha"]["landed"]["into"] == "main"
+    assert agents["commit-b-txt"]["blocked"]["reason"].startswith("checks fail on main")
+    assert agents["after-b"]["state"] == "queued" and agents["after-b"]["waits_for"] == [
+        "commit-b-txt"
+    ]
