@@ -7367,6 +7367,8 @@ def send_message(project, agent_id, message, env=None):
 # ======================================================================================
 
 LAND_WORKTREE = "land"  # in .orchestra/: the scratch worktree where merges and their checks run
+LAND_READY = "land.ready"  # in .orchestra/: written once the land worktree is made and set up
+LAND_SETUP_LOG = "land-setup.jsonl"  # in .orchestra/: the setup commands' output there
 LAND_POLL = 0.5  # seconds between looks at agents whose fix round is under way
 LAND_CONFLICT_PROMPT = (
     "Your branch {branch} cannot land on {target}: merging it onto {target} at commit {commit} "
@@ -7416,21 +7418,40 @@ def blocked_still(record):
 
 
 def scratch_worktree(project, commit):
-    """The scratch worktree, reset to `commit` whatever an interrupted land left in it."""
-    path = project.dir / LAND_WORKTREE
-    if not (path / ".git").exists():
+    """The scratch worktree, reset to `commit` whatever an interrupted land left in it.
+
+    Made once like an agent's (copy_files copied, `setup` run; `ready` marks it complete) and
+    reused: a reset keeps ignored files (what setup installed), and the copies are made again.
+    """
+    path, ready = project.dir / LAND_WORKTREE, project.dir / LAND_READY
+    copies = files_to_copy(project, include_patterns(project))
+    if not ready.exists():
+        git_bytes(["worktree", "remove", "--force", str(path)], project.repo, check=False)
+        shutil.rmtree(path, ignore_errors=True)
         git_bytes(["worktree", "prune"], project.repo)
-        if path.exists():
-            shutil.rmtree(path)
         git_bytes(["worktree", "add", "--quiet", "--detach", str(path), commit], project.repo)
+        copy_into(project, path, copies)
+        error = run_setup(project.config["setup"], path, project.dir / LAND_SETUP_LOG)
+        if error:
+            raise OrchestraError(f"cannot prepare the land worktree {path}: {error}", EXIT_FAILURE)
+        ready.touch()
         return path
     if operation_in_progress(path):
         for what in (["merge", "--abort"], ["rebase", "--abort"]):
             git_bytes(what, path, check=False)
     git_bytes(["reset", "--quiet", "--hard"], path)
-    git_bytes(["clean", "-q", "-ffdx"], path)
+    git_bytes(["clean", "-q", "-ffd"], path)
     git_bytes(["checkout", "--quiet", "--force", "--detach", commit], path)
+    copy_into(project, path, copies)
     return path
+
+
+def copy_into(project, path, copies):
+    """Copy the user's untracked files named by copy_files into the land worktree."""
+    for rel in copies:
+        target = path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project.repo / rel, target, follow_symlinks=False)
 
 
 def combine(path, strategy, record, tip, onto):

@@ -402,3 +402,19 @@ def test_a_rebuilt_state_keeps_landed_blocked_and_what_waits(fake_repo, cli):
     assert agents["after-b"]["state"] == "queued" and agents["after-b"]["waits_for"] == [
         "commit-b-txt"
     ]
+
+
+def test_the_land_worktree_gets_copy_files_and_setup_like_an_agents(fake_repo, cli):
+    (fake_repo / ".env").write_text("TOKEN=1\n")
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, copy_files=[".env"],
+                 setup=["mkdir -p deps && echo installed > deps/marker"],
+                 checks=["grep -q TOKEN .env", "test -f deps/marker"])  # fmt: skip
+    (fake_repo / ".gitignore").write_text("deps/\n.env\n")
+    git("add", ".gitignore", cwd=fake_repo)
+    git("commit", "-qm", "ignore", cwd=fake_repo)
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
+    run = cli("land")
+    assert run.code == 0, run
+    scratch = fake_repo / ".orchestra" / "land"
+    assert (scratch / ".env").read_text() == "TOKEN=1\n" and (scratch / "deps" / "marker").exists()
+    assert "landed on main" in run.out and run.out.count("landed on main") == 2
