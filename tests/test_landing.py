@@ -418,3 +418,25 @@ def test_the_land_worktree_gets_copy_files_and_setup_like_an_agents(fake_repo, c
     scratch = fake_repo / ".orchestra" / "land"
     assert (scratch / ".env").read_text() == "TOKEN=1\n" and (scratch / "deps" / "marker").exists()
     assert "landed on main" in run.out and run.out.count("landed on main") == 2
+
+
+def test_ctrl_c_during_the_checks_ends_them_and_a_rerun_lands(fake_repo, cli, monkeypatch):
+    pid_file = fake_repo.parent / "check.pid"
+    slow_when_landing = f'case "$PWD" in */.orchestra/land) test -f {pid_file} || {{ echo $$ > {pid_file}; sleep 30; }};; esac'
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=[slow_when_landing])
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha")
+    before = head(fake_repo)
+    proc = subprocess.Popen([*ORCHESTRA, "land"], cwd=fake_repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    wait_for(
+        lambda: pid_file.exists() and pid_file.read_text().strip(),
+        timeout=60,
+        what="the check to start",
+    )
+    check_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 130
+    wait_for(lambda: not os.path.exists(f"/proc/{check_pid}"), timeout=10, what="the check to end")
+    assert head(fake_repo) == before and git("status", "--porcelain", cwd=fake_repo) == ""
+    rerun = cli("land")  # the check passes at once now that the pid file exists
+    assert rerun.code == 0 and "commit-txt-alpha: landed on main" in rerun.out
