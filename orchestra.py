@@ -7472,7 +7472,10 @@ def combine(path, strategy, record, tip, onto):
         )
     if done.returncode == 0:
         return ref_commit(path, "HEAD"), None
-    files = git_bytes(["diff", "--name-only", "--diff-filter=U"], path).stdout.decode().split()
+    files = git_bytes(["diff", "--name-only", "--diff-filter=U", "-z"], path).stdout.decode()
+    files = [name for name in files.split("\0") if name]
+    for abort in (["merge", "--abort"], ["rebase", "--abort"]):  # leave nothing half done
+        git_bytes(abort, path, check=False)
     return None, files or [one_line(done.stderr.decode("utf-8", "replace") or "git refused")]
 
 
@@ -7649,8 +7652,9 @@ def land_one(project, record, target, strategy, dry_run=False):
         return park(project, record, f"its branch {record['branch']} is gone")
     if is_ancestor(repo, tip, old):
         if dry_run:
-            return {"id": agent_id, "outcome": "already landed"}
-        return mark_landed(project, record, target, old)
+            return {"id": agent_id, "outcome": f"nothing new: its commits are in {target} already"}
+        note = f"nothing new to land: its commits are in {target} already"
+        return mark_landed(project, record, target, old, note)
     if dry_run:
         return dry_run_one(repo, record, tip, old)
     path = scratch_worktree(project, old)

@@ -440,3 +440,16 @@ def test_ctrl_c_during_the_checks_ends_them_and_a_rerun_lands(fake_repo, cli, mo
     assert head(fake_repo) == before and git("status", "--porcelain", cwd=fake_repo) == ""
     rerun = cli("land")  # the check passes at once now that the pid file exists
     assert rerun.code == 0 and "commit-txt-alpha: landed on main" in rerun.out
+
+
+def test_a_rebase_conflict_parks_an_agent_without_a_session_and_nothing_new_is_said(fake_repo, cli):
+    spawn_and_finish(
+        cli, fake_repo, "commit:same.txt one", "commit:same.txt two", "sleep:0 nothing"
+    )
+    run = cli("-c", "land_strategy=rebase", "land")
+    assert run.code == 1, run
+    assert "commit-same-txt: landed on main" in run.out
+    assert "commit-same-txt-2: blocked: conflicts with main in same.txt;" in run.out
+    assert "sleep-0-nothing: landed on main" in run.out and "nothing new to land" in run.out
+    scratch = fake_repo / ".orchestra" / "land"
+    assert git("status", "--porcelain", cwd=scratch) == ""  # the conflicted rebase was aborted
