@@ -7425,7 +7425,7 @@ def scratch_worktree(project, commit):
     """
     path, ready = project.dir / LAND_WORKTREE, project.dir / LAND_READY
     copies = files_to_copy(project, include_patterns(project))
-    if not ready.exists():
+    if not ready.exists() or not (path / ".git").is_file():
         git_bytes(["worktree", "remove", "--force", str(path)], project.repo, check=False)
         shutil.rmtree(path, ignore_errors=True)
         git_bytes(["worktree", "prune"], project.repo)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -418,6 +419,9 @@ def test_the_land_worktree_gets_copy_files_and_setup_like_an_agents(fake_repo, c
     scratch = fake_repo / ".orchestra" / "land"
     assert (scratch / ".env").read_text() == "TOKEN=1\n" and (scratch / "deps" / "marker").exists()
     assert "landed on main" in run.out and run.out.count("landed on main") == 2
+    shutil.rmtree(scratch)  # removed by hand: made again at the next land
+    spawn_and_finish(cli, fake_repo, "commit:c.txt gamma")
+    assert cli("land").code == 0 and (scratch / "deps" / "marker").exists()
 
 
 def test_ctrl_c_during_the_checks_ends_them_and_a_rerun_lands(fake_repo, cli, monkeypatch):
