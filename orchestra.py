@@ -21,6 +21,7 @@ Commands:
   orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
+  orchestra land [ID...] [--dry-run]  merge queue: land agents whose checks pass on the result
   orchestra cleanup [--dry-run]       remove worktrees and branches, archiving anything unsaved first
   orchestra restore ID                bring a cleaned-up agent back from its archive
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
@@ -63,6 +64,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Sessions: resuming              `claude --resume` in the session's own (recreated) cwd
   Collect: reports                what each finished agent did, cached by RepoFacts
   Collect: commits, merges and pull requests   bringing work home
+  Landing                         the merge queue: scratch merges, checks, compare-and-swap, fix rounds
   Cleanup and archives            remove only what is saved; archive refs; restore
   WebSocket                       RFC 6455 by hand: handshake, frames, one connection
   HTTP server: the gate           Host, Origin, token and size checks before any route
@@ -72,7 +74,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Command line: shared parts      the parser class, tables, colours, number types
   Command line: setting up        init, config, doctor
   Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff, approvals
-  Command line: results           collect, cleanup, restore
+  Command line: results           collect, land, cleanup, restore
   Command line: sessions, web and internals   sessions, web, supervise, hook
   Command line: the parser        PARSER_BUILDERS and build_parser()
   Main                            main(): an OrchestraError becomes a message and an exit status
@@ -176,6 +178,7 @@ CONFIG_DEFAULTS = {
     "api_retries": 5,
     "api_backoff": 60,
     "api_backoff_max": 3600,
+    "land_strategy": "merge",
 }
 # What each key must hold: "int", "number", "str", "str?" (string or null) or "list".
 CONFIG_TYPES = {
@@ -203,7 +206,14 @@ CONFIG_TYPES = {
     "api_retries": "int",
     "api_backoff": "number",
     "api_backoff_max": "number",
+    "land_strategy": "str",
 }
+LAND_STRATEGIES = ("merge", "rebase", "squash")  # how `land` puts an agent's work on the target
+LAND_LOCK = "land.lock"  # in .orchestra/: one land (land, the web, collect --merge) at a time
+LAND_BUSY = (
+    "another land (orchestra land, collect --merge or the dashboard) is running in this "
+    "repository; wait for it to end and run this again"
+)
 # Agent states (see DESIGN.md, "An agent") and exit statuses (0 ok, 1 failed, 2 bad input, Ctrl-C)
 ACTIVE_STATES = ("queued", "running", "paused", "waiting")
 FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
@@ -645,6 +655,10 @@ class Config:
         if values["sandbox"] not in SANDBOX_MODES:
             raise OrchestraError(
                 f"{sources['sandbox']}: 'sandbox' must be one of {', '.join(SANDBOX_MODES)}, not {json.dumps(values['sandbox'])}"
+            )
+        if values["land_strategy"] not in LAND_STRATEGIES:
+            raise OrchestraError(
+                f"{sources['land_strategy']}: 'land_strategy' must be one of {', '.join(LAND_STRATEGIES)}, not {json.dumps(values['land_strategy'])}"
             )
         for key in ("heartbeat_interval", "stale_threshold"):
             if values[key] <= 0:
@@ -1801,7 +1815,7 @@ RECORD_FIELDS = (
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
     "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
-    "checks", "waiting", "batch", "stop_reason",
+    "checks", "waiting", "batch", "stop_reason", "landed", "blocked", "after", "waits_for",
 )  # fmt: skip
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
 # first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
@@ -1942,6 +1956,11 @@ def fold_resilience_event(memory, event):
         memory.pop("waiting", None)
     elif what == "budget_stop":
         memory["stop_reason"] = "budget"
+    elif what == "landed":  # see Landing
+        memory["landed"] = {key: event.get(key) for key in ("into", "commit", "at")}
+        memory.pop("blocked", None)
+    elif what == "blocked":
+        memory["blocked"] = {key: event.get(key) for key in ("reason", "at")}
 
 
 class AgentLog:
@@ -2301,6 +2320,9 @@ def restore_resilience(record, log):
     record["api_attempts"] = memory.get("api_attempts", 0)
     if memory.get("stop_reason"):
         record["stop_reason"] = memory["stop_reason"]
+    record.update(landed=memory.get("landed"), blocked=memory.get("blocked"))
+    if record["landed"]:
+        record["merged"] = True
 
 
 def rebuild_state(project):
@@ -2359,7 +2381,14 @@ def rebuild_state(project):
                 "failed",
                 "worktree missing after state.json was rebuilt",
             )
+        record["after"] = spawn.get("after")
         records[record["id"]] = record
+    for record in records.values():  # an agent not started yet still waits for what has not landed
+        if record["after"] and record["state"] == "queued":
+            known = {**history, **records}
+            record["waits_for"] = [
+                i for i in record["after"] if not (known.get(i) or {}).get("landed")
+            ]
     return {"agents": records, "batches": batches}
 
 
@@ -3162,9 +3191,10 @@ def append_spawn_event(project, record):
         "seq",
     )
     batch = {"batch": record.get("batch"), "batch_budget": record.get("batch_budget")}
+    after = {"after": record["after"]} if record.get("after") else {}  # see Landing
     append_event(
         project.log_path(record["id"]),
-        {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch},
+        {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch, **after},
     )
 
 
@@ -3435,8 +3465,68 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
     return project.store.update(reserve)
 
 
+def check_dependencies(known, names, deps):
+    """Each task's dependencies as agent ids, refusing unknown ids, self-dependencies and cycles
+    before anything is queued. `known`: existing agents (live and cleaned up) by id; `names`:
+    the new tasks' ids (None where unnamed); `deps`: one list of ids or prefixes per task."""
+    resolved = []
+    for name, wanted in zip(names, deps):
+        ids = []
+        for dep in wanted:
+            if dep in names and dep is not None:
+                if dep == name:
+                    raise OrchestraError(
+                        f"task '{name}' cannot wait for itself; remove it from its own 'after'"
+                    )
+                ids.append(dep)
+                continue
+            try:
+                ids.append(select_agents(known, [dep])[0]["id"])
+            except OrchestraError as e:
+                raise OrchestraError(f"--after {dep}: {e}") from None
+        resolved.append(list(dict.fromkeys(ids)))
+    graph = {name: ids for name, ids in zip(names, resolved) if name is not None}
+    for start in graph:
+        seen, path = set(), [start]
+        while path:
+            node = path.pop()
+            for dep in graph.get(node, ()):
+                if dep == start:
+                    raise OrchestraError(
+                        f"the tasks' 'after' make a cycle through '{start}'; break it"
+                    )
+                if dep not in seen:
+                    seen.add(dep)
+                    path.append(dep)
+    return resolved
+
+
+def mark_plan(project, records, deps, checks):
+    """Fix each new agent's dependencies (`after`, and `waits_for`: those not landed yet) and its
+    own checks (from a tasks file) before its spawn event is written."""
+
+    def mark(state):
+        landed = {i for i, r in {**project.history(), **state["agents"]}.items() if r.get("landed")}
+        for record, after, own_checks in zip(records, deps, checks):
+            facts = {}
+            if after:
+                waits = [i for i in after if i not in landed]
+                facts.update(after=after, waits_for=waits)
+                if waits:
+                    facts["activity"] = f"waiting for {', '.join(waits)} to land"
+            if own_checks is not None:
+                facts["launch"] = dict(record["launch"], checks=own_checks)
+            record.update(facts)
+            state["agents"][record["id"]].update(facts)
+
+    if any(deps) or any(c is not None for c in checks):
+        project.store.update(mark)
+
+
 def prepare_agents(project, records):
     """Create all worktrees concurrently, then mark each agent ready or failed."""
+    if not records:
+        return
     copies = files_to_copy(project, include_patterns(project))
     project.worktree_root.mkdir(parents=True, exist_ok=True)
     register_lock = threading.Lock()  # serialises `git worktree add` (see prepare_worktree)
@@ -3801,11 +3891,17 @@ def run_check(command, worktree, timeout, cancelled):
 
 
 def check_ended(proc):
-    """Wait up to CHECK_POLL for a check's process; True once it has ended."""
+    """Wait up to CHECK_POLL for a check's process; True once it has ended. Ctrl-C here ends
+    the check's whole process group before it propagates (`land` runs checks in the foreground)."""
     try:
         proc.wait(CHECK_POLL)
     except subprocess.TimeoutExpired:
         return False
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return True
 
 
@@ -4237,7 +4333,11 @@ class Supervisor:
         """True while some agent is ready to start (or waits for its worktree), running or paused."""
         return any(
             r["state"] in ("running", "paused", "waiting")
-            or (r["state"] == "queued" and (r.get("ready") or r.get("worktree_later")))
+            or (
+                r["state"] == "queued"
+                and (r.get("ready") or r.get("worktree_later"))
+                and not r.get("waits_for")  # its dependencies land first (see Landing)
+            )
             for r in state["agents"].values()
         )
 
@@ -4248,6 +4348,7 @@ class Supervisor:
             record["state"] == "queued"
             and bool(record.get("worktree_later"))
             and not record.get("preparer")
+            and not record.get("waits_for")
         )
 
     def preparing(self):
@@ -4289,6 +4390,10 @@ class Supervisor:
                 record.update(
                     worktree_later=False, activity="preparing worktree", preparer=preparer
                 )
+                if record.get("after"):  # from the target, with the work of what it waited for
+                    target = record.get("land_base") or record.get("base_branch")
+                    tip = target and ref_commit(self.project.repo, f"refs/heads/{target}")
+                    record["base_commit"] = tip or record["base_commit"]
             return [dict(r) for r in chosen]
 
         try:
@@ -4689,11 +4794,23 @@ def check_not_removed(project, names):
         )
 
 
-def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, budget=None):
+def spawn_agents(
+    project,
+    tasks,
+    parallel=None,
+    name=None,
+    base=None,
+    env=None,
+    budget=None,
+    after=None,
+    checks=None,
+):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
     The one way agents come to be, from the command line or the web; their records. The agents
-    start with `env` (default: this process's environment).
+    start with `env` (default: this process's environment). `after`: per task, the ids it waits
+    for (it starts once they landed, from the target with their work); `checks`: per task, its
+    own checks or None.
     """
     for task in tasks:
         check_task(task)
@@ -4710,15 +4827,20 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, 
     check_agent_command(project.config)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
+    known = {**project.history(), **project.records()}
+    deps = check_dependencies(known, names or [None] * len(tasks), after or [[]] * len(tasks))
     roll_back_stalled_spawns(project)
     records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
     mark_sandboxed(project, records, sandboxed)
+    mark_plan(project, records, deps, checks or [None] * len(tasks))
     assign_batch(project, records, budget)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
+    now = [r for r in records if not r.get("waits_for")][:SPAWN_PREPARED_NOW]
+    later = [r for r in records if r not in now]
     try:
-        defer_worktrees(project, records[SPAWN_PREPARED_NOW:])
-        prepare_agents(project, records[:SPAWN_PREPARED_NOW])
-        hand_over_worktrees(project, records[SPAWN_PREPARED_NOW:])
+        defer_worktrees(project, later)
+        prepare_agents(project, now)
+        hand_over_worktrees(project, later)
     except BaseException:
         with shield_interrupts():
             roll_back_spawn(project, records, "spawn was interrupted before the agent started")
@@ -7213,7 +7335,13 @@ def collect_agents(
     if merge:
         chosen = records if ids else [r for r in records if r["state"] == "done"]
         chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
-        document["merged"], document["conflict"] = merge_agents(project, chosen)
+        lock = FileLock(project.dir / LAND_LOCK)  # never interleaved with a land
+        if not lock.acquire(blocking=False):
+            raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+        try:
+            document["merged"], document["conflict"] = merge_agents(project, chosen)
+        finally:
+            lock.release()
         mark_merged(project, document["merged"])
     if patch:
         document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
@@ -7379,6 +7507,470 @@ def send_message(project, agent_id, message, env=None):
         raise
     ensure_supervisor(project)
     return sent_to
+
+
+# ======================================================================================
+# Landing
+# --------------------------------------------------------------------------------------
+# The target branch only ever moves to a commit whose checks passed on exactly that commit
+# (bors' "not rocket science" rule). `land` takes finished agents in queue (spawn) order and,
+# one at a time, merges each branch onto the target's tip in a scratch worktree of its own
+# (.orchestra/land, detached; never the user's checkout), runs the agent's `checks` there, and
+# moves the target with a compare-and-swap: `git merge --ff-only` in the user's checkout when
+# it has the target checked out (git writes its files, then the ref, only if it still points
+# where it did), else `git update-ref <ref> <new> <old>`. A checkout with changes the landing
+# would overwrite keeps its files; only the ref moves, and land says so. A conflict or red
+# checks send the agent a fix round in its own session (the target commit and the conflicting
+# files, or the failing command and its output); land retries it when the round ends, and
+# after `fix_rounds` tries parks it `blocked` while the queue goes on. One land at a time:
+# land.lock is held by land and collect --merge alike (a second one refuses). Before moving
+# the ref the record notes the commit it lands (`landing.commit`), so a rerun after Ctrl-C or
+# kill -9 recognises a landing that happened and otherwise starts the item again.
+# ======================================================================================
+
+LAND_WORKTREE = "land"  # in .orchestra/: the scratch worktree where merges and their checks run
+LAND_READY = "land.ready"  # in .orchestra/: written once the land worktree is made and set up
+LAND_SETUP_LOG = "land-setup.jsonl"  # in .orchestra/: the setup commands' output there
+LAND_POLL = 0.5  # seconds between looks at agents whose fix round is under way
+LAND_CONFLICT_PROMPT = (
+    "Your branch {branch} cannot land on {target}: merging it onto {target} at commit {commit} "
+    "conflicts in {files}. Bring your branch up to date with that commit (git merge {commit}), "
+    "resolve the conflicts keeping both sides' intent, make sure the checks pass, commit, and finish."
+)
+LAND_RED_PROMPT = (
+    "Your branch {branch} merged onto {target} at commit {commit} fails the checks: the command "
+    "`{command}` exited with {exit_code}. The end of its output:\n\n```\n{tail}\n```\n\n"
+    "Bring your branch up to date with that commit (git merge {commit}), make the checks pass "
+    "on the result, commit, and finish."
+)
+
+
+def landing_target(project, into):
+    """The branch land moves: --into, else base_branch, else the branch checked out in the repo."""
+    target = into or project.config["base_branch"] or current_branch(project.repo)
+    if not target:
+        raise OrchestraError(
+            "HEAD is detached; check out the branch to land on, or pass --into BRANCH"
+        )
+    if not ref_commit(project.repo, f"refs/heads/{target}"):
+        raise OrchestraError(f"--into {target}: no such branch; name an existing branch")
+    return target
+
+
+def land_candidates(project, ids, include_failing=False):
+    """(records to land in queue order, [{id, reason}] left out): the named finished agents, or
+    every done agent not landed yet whose checks passed (a blocked one only after it ran again)."""
+    state = project.store.load()["agents"]
+    if ids:
+        chosen = finished_agents(state, ids)
+        return sorted(chosen, key=spawn_order), []
+    fresh = [
+        r
+        for r in select_agents(state, [])
+        if r["state"] == "done" and not r.get("landed") and not blocked_still(r)
+    ]
+    chosen, skipped = gate_on_checks(fresh, include_failing)
+    return chosen, skipped
+
+
+def blocked_still(record):
+    """True for an agent parked blocked that has not run again since (a follow-up clears it)."""
+    blocked = record.get("blocked") or {}
+    return bool(blocked) and (record.get("finished_at") or "") <= (blocked.get("at") or "")
+
+
+def scratch_worktree(project, commit):
+    """The scratch worktree, reset to `commit` whatever an interrupted land left in it.
+
+    Made once like an agent's (copy_files copied, `setup` run; `ready` marks it complete) and
+    reused: a reset keeps ignored files (what setup installed), and the copies are made again.
+    """
+    path, ready = project.dir / LAND_WORKTREE, project.dir / LAND_READY
+    copies = files_to_copy(project, include_patterns(project))
+    if not ready.exists() or not (path / ".git").is_file():
+        git_bytes(["worktree", "remove", "--force", str(path)], project.repo, check=False)
+        shutil.rmtree(path, ignore_errors=True)
+        git_bytes(["worktree", "prune"], project.repo)
+        git_bytes(["worktree", "add", "--quiet", "--detach", str(path), commit], project.repo)
+        copy_into(project, path, copies)
+        error = run_setup(project.config["setup"], path, project.dir / LAND_SETUP_LOG)
+        if error:
+            raise OrchestraError(f"cannot prepare the land worktree {path}: {error}", EXIT_FAILURE)
+        ready.touch()
+        return path
+    if operation_in_progress(path):
+        for what in (["merge", "--abort"], ["rebase", "--abort"]):
+            git_bytes(what, path, check=False)
+    git_bytes(["reset", "--quiet", "--hard"], path)
+    git_bytes(["clean", "-q", "-ffd"], path)
+    git_bytes(["checkout", "--quiet", "--force", "--detach", commit], path)
+    copy_into(project, path, copies)
+    return path
+
+
+def copy_into(project, path, copies):
+    """Copy the user's untracked files named by copy_files into the land worktree."""
+    for rel in copies:
+        target = path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project.repo / rel, target, follow_symlinks=False)
+
+
+def combine(path, strategy, record, tip, onto):
+    """Put the agent's work onto the scratch worktree's HEAD: (new commit, conflicting files or None)."""
+    message = f"Land {record['branch']}"  # never the task: later agents' sessions show subjects
+    if strategy == "rebase":
+        git_bytes(["checkout", "--quiet", "--force", "--detach", tip], path)
+        done = git_bytes(["rebase", "--quiet", onto], path, check=False)
+    elif strategy == "squash":
+        done = git_bytes(["merge", "--squash", "--quiet", tip], path, check=False)
+        if done.returncode == 0:
+            done = git_bytes(
+                ["commit", "--quiet", "--allow-empty", "-m", message], path, check=False
+            )
+    else:
+        done = git_bytes(
+            ["merge", "--quiet", "--no-ff", "--no-edit", "-m", message, tip], path, check=False
+        )
+    if done.returncode == 0:
+        return ref_commit(path, "HEAD"), None
+    files = git_bytes(["diff", "--name-only", "--diff-filter=U", "-z"], path).stdout.decode()
+    files = [name for name in files.split("\0") if name]
+    for abort in (["merge", "--abort"], ["rebase", "--abort"]):  # leave nothing half done
+        git_bytes(abort, path, check=False)
+    return None, files or [one_line(done.stderr.decode("utf-8", "replace") or "git refused")]
+
+
+def checks_on(path, record):
+    """Run the agent's checks on the scratch worktree: None when they pass, else the failure."""
+    timeout = resilience_setting(record, "check_timeout")
+    for command in resilience_setting(record, "checks"):
+        code, output, why = run_check(command, path, timeout, lambda: False)
+        if code != 0:
+            tail = (
+                tail_text(output, CHECK_TAIL_CHARS)
+                if why is None
+                else f"timed out after {timeout}s"
+            )
+            return {"command": command, "exit_code": code, "tail": tail}
+    return None
+
+
+def checkout_of(project, target):
+    """The worktree that has `target` checked out, or None."""
+    listing = git_bytes(["worktree", "list", "--porcelain", "-z"], project.repo).stdout.decode()
+    path = None
+    for field in listing.split("\0"):
+        if field.startswith("worktree "):
+            path = field[len("worktree ") :]
+        elif field == f"branch refs/heads/{target}":
+            return Path(path)
+    return None
+
+
+def checkout_can_follow(checkout, new):
+    """True when a fast-forward of the user's checkout to `new` can overwrite nothing of theirs:
+    nothing in progress, no hidden (assume-unchanged, skip-worktree) changes, no untracked or
+    ignored file in the way (git itself refuses only for overlapping uncommitted changes)."""
+    if operation_in_progress(checkout) or hidden_changes(checkout):
+        return False
+    return not overwritten_by_merge(checkout, new)
+
+
+def move_target(project, target, old, new):
+    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout)."""
+    checkout = checkout_of(project, target)
+    if checkout is not None and checkout_can_follow(checkout, new):
+        dirty = git_bytes(["status", "--porcelain", "--untracked-files=no"], checkout).stdout
+        done = git_bytes(["merge", "--quiet", "--ff-only", new], checkout, check=False)
+        if done.returncode == 0:
+            kept = (
+                f"your checkout {checkout} was brought up to date and its uncommitted changes kept"
+            )
+            return True, kept if dirty.strip() else None
+        if ref_commit(project.repo, f"refs/heads/{target}") != old:
+            return False, None
+    done = git_bytes(
+        ["update-ref", "-m", "orchestra land", f"refs/heads/{target}", new, old],
+        project.repo,
+        check=False,
+    )
+    if done.returncode != 0:
+        return False, None
+    if checkout is None:
+        return True, None
+    return True, (
+        f"your checkout {checkout} has changes the landing would overwrite, so only {target} moved "
+        f"(to {new[:12]}) and its files stay as they were at {old[:12]}; keep your changes and catch "
+        f"up with: git diff {old[:12]} > mine.patch && git reset --hard && git apply -3 mine.patch"
+    )
+
+
+def set_landing(project, agent_id, **facts):
+    """Write landing facts into an agent's record; the record after the change."""
+
+    def change(state):
+        record = state["agents"][agent_id]
+        record.update(facts)
+        return dict(record)
+
+    return project.store.update(change)
+
+
+def mark_landed(project, record, target, commit, note=None):
+    """Remember that the agent landed (status, --json, the dashboard), log it and tell notify_command."""
+    landed = {"into": target, "commit": commit, "at": utc_iso()}
+    set_landing(project, record["id"], landed=landed, landing=None, blocked=None, merged=True)
+    release_dependents(project, record["id"], target)
+    append_event(record["log"], {"event": "landed", **landed})
+    notify(
+        project.repo, record["id"], "landed", f"{record['id']} landed on {target} at {commit[:12]}"
+    )
+    return {"id": record["id"], "outcome": "landed", "into": target, "commit": commit, "note": note}
+
+
+def release_dependents(project, agent_id, target):
+    """An agent landed: the agents waiting for it wait for one fewer, and start from `target`
+    once they wait for none (the supervisor makes their worktrees then)."""
+
+    def change(state):
+        freed = False
+        for record in state["agents"].values():
+            waits = record.get("waits_for") or []
+            if agent_id in waits:
+                record["waits_for"] = [i for i in waits if i != agent_id]
+                record["land_base"] = target
+                rest = record["waits_for"]
+                record["activity"] = (
+                    f"waiting for {', '.join(rest)} to land" if rest else "waiting for a worktree"
+                )
+                freed = freed or not rest
+        return freed
+
+    if project.store.update(change):
+        ensure_supervisor(project)
+
+
+def waits_line(record, agents):
+    """What a queued agent waits for, as status shows it: 'held: waits for a (blocked: ...) to land'."""
+    parts, held = [], False
+    for agent_id in record["waits_for"]:
+        dep = agents.get(agent_id) or {}
+        if dep.get("blocked"):
+            parts.append(f"{agent_id} (blocked: {dep['blocked']['reason']})")
+        elif dep.get("state") in ("failed", "stopped", "interrupted"):
+            parts.append(f"{agent_id} ({dep['state']})")
+        else:
+            parts.append(agent_id)
+            continue
+        held = True
+    return ("held: " if held else "") + f"waits for {', '.join(parts)} to land"
+
+
+def park(project, record, reason):
+    """Park the agent `blocked` with the reason; the queue goes on without it."""
+    blocked = {"reason": reason, "at": utc_iso()}
+    set_landing(project, record["id"], blocked=blocked, landing=None)
+    append_event(record["log"], {"event": "blocked", **blocked})
+    notify(project.repo, record["id"], "blocked", f"{record['id']} is blocked: {reason}")
+    return {"id": record["id"], "outcome": "blocked", "reason": reason}
+
+
+def send_back(project, record, prompt, reason):
+    """Give the agent a fix round in its own session, or park it when its rounds are used up."""
+    agent_id, limit = record["id"], resilience_setting(record, "fix_rounds")
+
+    def change(state):
+        live = state["agents"][agent_id]
+        rounds = (live.get("landing") or {}).get("rounds", 0)
+        if rounds >= limit:
+            return None
+        try:
+            queue_session(live, prompt, f"land fix round {rounds + 1}: waiting for a free slot")
+        except OrchestraError:
+            return None
+        live["landing"] = {"status": "fixing", "rounds": rounds + 1, "reason": reason}
+        append_event(
+            live["log"], {"event": "land_fix_round", "round": rounds + 1, "reason": reason}
+        )
+        return rounds + 1
+
+    rounds = project.store.update(change)
+    if rounds is None:
+        tries = f" after {limit} fix round(s)" if limit else ""
+        return park(project, record, reason + tries)
+    ensure_supervisor(project)
+    return {"id": agent_id, "outcome": "fixing", "round": rounds, "reason": reason}
+
+
+def land_one(project, record, target, strategy, dry_run=False):
+    """Try to land one agent on the target's current tip; what happened, as a dict with `outcome`."""
+    repo, agent_id = project.repo, record["id"]
+    tip, old = branch_tip(project, record), ref_commit(repo, f"refs/heads/{target}")
+    pending = (record.get("landing") or {}).get("commit")
+    if pending and not dry_run and is_ancestor(repo, pending, old):
+        return mark_landed(project, record, target, pending)  # a landing an interruption cut short
+    if tip is None:
+        return park(project, record, f"its branch {record['branch']} is gone")
+    if is_ancestor(repo, tip, old):
+        if dry_run:
+            return {"id": agent_id, "outcome": f"nothing new: its commits are in {target} already"}
+        note = f"nothing new to land: its commits are in {target} already"
+        return mark_landed(project, record, target, old, note)
+    if dry_run:
+        return dry_run_one(repo, record, tip, old)
+    path = scratch_worktree(project, old)
+    new, conflicts = combine(path, strategy, record, tip, old)
+    if conflicts:
+        prompt = LAND_CONFLICT_PROMPT.format(
+            branch=record["branch"], target=target, commit=old, files=", ".join(conflicts)
+        )
+        return send_back(
+            project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}"
+        )
+    failure = checks_on(path, record)
+    if failure:
+        code = "timed out" if failure["exit_code"] is None else f"status {failure['exit_code']}"
+        prompt = LAND_RED_PROMPT.format(
+            branch=record["branch"],
+            target=target,
+            commit=old,
+            command=failure["command"],
+            exit_code=code,
+            tail=failure["tail"] or "(no output)",
+        )
+        return send_back(
+            project,
+            record,
+            prompt,
+            f"checks fail on {target} with its work: {failure['command']} ({code})",
+        )
+    with shield_interrupts():
+        set_landing(
+            project,
+            agent_id,
+            landing={**(record.get("landing") or {}), "status": "moving", "commit": new},
+        )
+        moved, note = move_target(project, target, old, new)
+        if not moved:
+            return {
+                "id": agent_id,
+                "outcome": "retry",
+            }  # the target moved meanwhile: again on its new tip
+        return mark_landed(project, record, target, new, note)
+
+
+def dry_run_one(repo, record, tip, old):
+    """What land would do with one agent, from `git merge-tree` alone (no checks run)."""
+    done = run_git(["merge-tree", "--write-tree", "--name-only", old, tip], repo, check=False)
+    if done.returncode not in (0, 1):  # git before 2.38 has no merge-tree --write-tree
+        return {
+            "id": record["id"],
+            "outcome": "would try to land (this git cannot predict conflicts)",
+        }
+    if done.returncode == 1:  # 1: conflicts; the names follow the tree, up to an empty line
+        files = list(itertools.takewhile(bool, done.stdout.splitlines()[1:]))
+        return {"id": record["id"], "outcome": "would conflict", "files": files}
+    count = len(commits_between(repo, old, tip))
+    return {"id": record["id"], "outcome": "would land", "commits": count}
+
+
+def land_agents(
+    project, ids, into=None, dry_run=False, include_failing=False, progress=None, wait=False
+):
+    """What `land` does (the CLI's and the web's): land agents one by one in queue order,
+    waiting for their fix rounds; with `wait`, also every agent that finishes while others are
+    still at work (dependents included), until none is. {"into", "results", "not_landed"}."""
+    target = landing_target(project, into)
+    strategy = project.config["land_strategy"]
+    lock = FileLock(project.dir / LAND_LOCK)
+    if not lock.acquire(blocking=False):
+        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+    try:
+        report, results = progress or (lambda result: None), []
+        while True:
+            chosen, skipped = land_candidates(project, ids, include_failing)
+            queue = [r["id"] for r in chosen]
+            results += run_queue(project, queue, target, strategy, dry_run, report)
+            if not wait or dry_run:
+                break
+            if not chosen and not still_working(project.store.load()["agents"]):
+                break
+            if not chosen:
+                time.sleep(LAND_POLL)
+    finally:
+        lock.release()
+    return {
+        "into": target,
+        "strategy": strategy,
+        "dry_run": dry_run,
+        "results": results,
+        "not_landed": skipped,
+    }
+
+
+def still_working(agents):
+    """True while some agent is at work or will start: not one held by a dependency that has
+    not landed (blocked, failed, or still to come: when it lands, its dependents wake)."""
+    return any(r["state"] in ACTIVE_STATES and not r.get("waits_for") for r in agents.values())
+
+
+def run_queue(project, queue, target, strategy, dry_run, progress):
+    """Land the queue's agents in order; an agent in a fix round is retried once it ends."""
+    results, waiting = {}, []
+    while queue or waiting:
+        for agent_id in list(waiting):
+            record = project.store.load()["agents"][agent_id]
+            if record["state"] in ACTIVE_STATES:
+                continue
+            waiting.remove(agent_id)
+            if record["state"] != "done":
+                results[agent_id] = park(project, record, f"its fix round ended {record['state']}")
+                progress(results[agent_id])
+            else:
+                queue.insert(0, agent_id)
+        if not queue:
+            time.sleep(LAND_POLL)
+            continue
+        agent_id = queue.pop(0)
+        record = project.store.load()["agents"][agent_id]
+        result = land_one(project, record, target, strategy, dry_run)
+        if result["outcome"] == "retry":
+            queue.insert(0, agent_id)
+            continue
+        if result["outcome"] == "fixing":
+            waiting.append(agent_id)
+        results[agent_id] = result
+        progress(result)
+    return [results[i] for i in results]
+
+
+def land_guard(record):
+    """Why landing this agent deserves a second thought (its checks failed, it has no commits),
+    or None. The dashboard asks before it lands such an agent."""
+    checks = record.get("checks") or {}
+    if checks.get("status") == "failed":
+        return f"{record['id']}'s checks {checks_line(checks)}; land it anyway?"
+    if record.get("commits") == 0:
+        return f"{record['id']} has no commits, so there is nothing to land; land it anyway?"
+    return None
+
+
+def land_line(result, target):
+    """One line about what land did (or would do) with an agent."""
+    outcome, agent_id = result["outcome"], result["id"]
+    if outcome == "landed":
+        line = f"{agent_id}: landed on {target} at {result['commit'][:12]}"
+        return line + (f"\n  {result['note']}" if result.get("note") else "")
+    if outcome == "fixing":
+        return f"{agent_id}: {result['reason']}; sent back for fix round {result['round']}"
+    if outcome == "blocked":
+        return f"{agent_id}: blocked: {result['reason']}; send it a follow-up ('orchestra send {agent_id} ...'), then land it again"
+    if outcome == "would conflict":
+        return f"{agent_id}: would conflict in {', '.join(result['files']) or 'some files'} and get a fix round"
+    if outcome == "would land":
+        return f"{agent_id}: would merge {result['commits']} commit(s), run the checks on the result and land"
+    return f"{agent_id}: {outcome}"
 
 
 # ======================================================================================
@@ -8344,6 +8936,7 @@ WEB_TAIL_READ_LIMIT = (
 WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
 WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
 WEB_HISTORY_PAGE, WEB_HISTORY_PAGE_MAX = 50, 500  # cleaned-up agents per GET /api/history
+WEB_LAND_WAIT = 10.0  # seconds POST .../land waits for its first outcome before answering 202
 # Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
 WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
 WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
@@ -8616,6 +9209,7 @@ ROUTES = [
         ("GET", r"/api/history", "route_history"),
         ("GET", r"/api/agents/(?P<id>[^/]+)/report", "route_report"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/merge", "route_merge"),
+        ("POST", r"/api/agents/(?P<id>[^/]+)/land", "route_land"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/pr", "route_pull_request"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/send", "route_send"),
         ("GET", r"/api/sessions/(?P<id>[^/]+)", "route_session"),
@@ -8940,6 +9534,32 @@ class WebHandler:
         if document["conflict"]:
             return 409, {"error": message, **document}
         return 200, {"message": message, **document}
+
+    def route_land(self, params, query, body):
+        """POST /api/agents/ID/land {"force"?: true}: `orchestra land ID` in a thread of its own;
+        answers with its first outcome, or 202 while the checks still run. Without force, an
+        agent whose checks failed or that has no commits is refused (409, "guard": true)."""
+        (force,) = body_fields(body, {"force": (bool, False)})
+        record = self.agent(params)
+        guard = land_guard(record)
+        if guard and not force:
+            return 409, {"error": guard, "guard": True}
+        outcomes = queue.Queue()
+
+        def run():
+            try:
+                land_agents(self.server.project, [record["id"]], progress=outcomes.put)
+            except Exception as e:  # an OrchestraError is the answer; anything else a bug
+                outcomes.put(e)
+
+        threading.Thread(target=run, name=f"land-{record['id']}", daemon=True).start()
+        try:
+            first = outcomes.get(timeout=WEB_LAND_WAIT)
+        except queue.Empty:
+            return 202, {"message": f"{record['id']}: landing; its checks run on the merged result"}
+        if isinstance(first, Exception):
+            raise first
+        return 200, {"message": land_line(first, first.get("into")), **first}
 
     def route_pull_request(self, params, query, body):
         """POST /api/agents/ID/pr: `collect ID --pr`: push and open a pull request, or say how."""
@@ -9757,7 +10377,7 @@ def table_with_lines(headers, rows, lines, out, width=None):
 
 def status_rows(records, now):
     """The status table's cells for each record."""
-    rows = []
+    rows, by_id = [], {r["id"]: r for r in records}
     for r in records:
         state = (
             state_label(r)
@@ -9765,9 +10385,12 @@ def status_rows(records, now):
             + (" approval" if r.get("approval") else "")
         )
         state += (" sandboxed" if r.get("sandboxed") else "") + (
-            " merged" if r.get("merged") else ""
+            " landed" if r.get("landed") else " merged" if r.get("merged") else ""
         )
+        state += " blocked" if r.get("blocked") else ""
         activity = r.get("error") or r.get("activity") or ""
+        if r.get("waits_for") and r["state"] == "queued":
+            activity = waits_line(r, by_id)
         if r.get("approval"):
             activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
         rows.append(
@@ -10152,13 +10775,28 @@ def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model, sandbox=args.sandbox)
     uncommitted = uncommitted_note(args.base)
+    tasks, names, after, checks = args.tasks, args.name, None, None
+    if args.file:
+        if tasks or names:
+            raise OrchestraError(
+                "--file holds the tasks and their ids; give no TASK or --name with it"
+            )
+        tasks, names, after, checks = read_task_file(args.file)
+    elif not tasks:
+        raise OrchestraError(
+            "the following arguments are required: TASK (or a tasks file with --file)"
+        )
+    elif args.after:
+        after = [args.after] * len(tasks)
     records = spawn_agents(
         project,
-        args.tasks,
+        tasks,
         parallel=args.parallel,
-        name=args.name,
+        name=names,
         base=args.base,
         budget=args.budget,
+        after=after,
+        checks=checks,
     )
     if not args.json:
         for r in records:
@@ -10190,6 +10828,50 @@ def uncommitted_note(base):
         "they are not in the agents' worktrees, which start from the last commit (commit them first "
         "if the agents need them)"
     )
+
+
+def read_task_file(path):
+    """(tasks, ids, after, checks) from a tasks file: a JSON list (or {"tasks": [...]}) of
+    objects with "task" and optional "id", "after" (ids), "host" and "checks" (commands)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise OrchestraError(f"cannot read the tasks file {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise OrchestraError(f"{path} is not valid JSON ({e}); fix it and spawn again") from None
+    items = document.get("tasks") if isinstance(document, dict) else document
+    if not isinstance(items, list) or not items:
+        raise OrchestraError(f"{path}: expected a list of tasks, each an object with a 'task'")
+    tasks, ids, after, checks = [], [], [], []
+    for number, item in enumerate(items, 1):
+        where = f"{path}: task {number}"
+        if not isinstance(item, dict) or not isinstance(item.get("task"), str):
+            raise OrchestraError(f"{where} needs a 'task' string")
+        unknown = set(item) - {"task", "id", "after", "host", "checks"}
+        if unknown:
+            raise OrchestraError(
+                f"{where} has unknown keys {', '.join(sorted(unknown))}; use task, id, after, host, checks"
+            )
+        deps = item.get("after", [])
+        deps = [deps] if isinstance(deps, str) else deps
+        own = item.get("checks")
+        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+            raise OrchestraError(f"{where}: 'after' must be a list of task ids")
+        if own is not None and (
+            not isinstance(own, list) or not all(isinstance(c, str) for c in own)
+        ):
+            raise OrchestraError(f"{where}: 'checks' must be a list of shell commands")
+        if item.get("host") not in (None, "local"):
+            raise OrchestraError(
+                f"{where}: host {json.dumps(item['host'])} is not known here; use \"local\""
+            )
+        tasks.append(item["task"])
+        ids.append(item.get("id"))
+        after.append(deps)
+        checks.append(own)
+    if any(ids) and not all(ids):
+        raise OrchestraError(f"{path}: give every task an 'id', or none")
+    return tasks, [i for i in ids if i], after, checks
 
 
 def wait_for_agents(project, ids, as_json):
@@ -10243,7 +10925,18 @@ def add_spawn_parser(commands):
         epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2; '
         'a task that starts with "-" goes after "--": orchestra spawn -- "-v flag: document it"',
     )
-    p.add_argument("tasks", nargs="+", metavar="TASK", help="what one agent should do (quote it)")
+    p.add_argument("tasks", nargs="*", metavar="TASK", help="what one agent should do (quote it)")
+    p.add_argument(
+        "--after",
+        metavar="ID",
+        action="append",
+        help="start only once agent ID has landed, from the target with its work (repeatable)",
+    )
+    p.add_argument(
+        "--file",
+        metavar="TASKS.json",
+        help="queue a plan: a JSON list of {task, id, after, host, checks}",
+    )
     p.add_argument(
         "--parallel", type=positive_int, metavar="N", help="run at most N agents at once"
     )
@@ -10708,7 +11401,7 @@ def add_approvals_parsers(commands):
 # ======================================================================================
 # Command line: results
 # --------------------------------------------------------------------------------------
-# collect, cleanup and restore: bringing work home and putting worktrees away.
+# collect, land, cleanup and restore: bringing work home and putting worktrees away.
 # ======================================================================================
 
 ARCHIVE_WORDS = {
@@ -10840,6 +11533,68 @@ def add_collect_parser(commands):
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_collect)
+
+
+def cmd_land(args):
+    """Land finished agents on the target branch one by one, in queue order: each merged onto the
+    target in a scratch worktree, its checks run on exactly that result, and the branch moved
+    only when they pass. Conflicts and red checks go back to the agent as fix rounds."""
+    project = open_project(args)
+    target = landing_target(project, args.into)
+    show = (
+        (lambda result: None)
+        if args.json
+        else (lambda result: print(land_line(result, target), flush=True))
+    )
+    if args.wait and args.ids:
+        raise OrchestraError("--wait lands every agent as it finishes; name no ID with it")
+    document = land_agents(
+        project, args.ids, args.into, args.dry_run, args.include_failing, show, args.wait
+    )
+    if args.json:
+        print_json(document)
+    elif not document["results"]:
+        print("Nothing to land; see 'orchestra status'.")
+    for skipped in [] if args.json else document["not_landed"]:
+        print(f"{skipped['id']}: not landed: {skipped['reason']} (name it to land it anyway)")
+    blocked = any(r["outcome"] == "blocked" for r in document["results"])
+    return EXIT_FAILURE if blocked else EXIT_OK
+
+
+def add_land_parser(commands):
+    """orchestra land"""
+    p = commands.add_parser(
+        "land",
+        help="merge queue: land agents whose checks pass on the merged result",
+        description=cmd_land.__doc__,
+        epilog="example: orchestra spawn --file plan.json && orchestra land --wait",
+    )
+    p.add_argument(
+        "ids",
+        nargs="*",
+        metavar="ID",
+        help="agents to land (default: every done one whose checks passed)",
+    )
+    p.add_argument(
+        "--into",
+        metavar="BRANCH",
+        help="the branch to land on (default: base_branch, else the checked-out one)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the order and what would happen to each agent"
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="also land agents as they finish (dependents too), until none is at work",
+    )
+    p.add_argument(
+        "--include-failing",
+        action="store_true",
+        help="also agents whose own checks failed or did not run",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_land)
 
 
 def cmd_cleanup(args):
@@ -11288,6 +12043,7 @@ PARSER_BUILDERS = (
     add_diff_parser,
     add_worktrees_parser,
     add_collect_parser,
+    add_land_parser,
     add_send_parser,
     add_cleanup_parser,
     add_restore_parser,

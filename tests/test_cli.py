@@ -148,7 +148,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
         orchestra.main(["status"])
 
 
-COMMANDS = ["init", "config", "spawn", "status", "pause", "resume", "stop", "logs", "diff", "worktrees", "collect", "send",
+COMMANDS = ["init", "config", "spawn", "status", "pause", "resume", "stop", "logs", "diff", "worktrees", "collect", "land", "send",
             "cleanup", "restore", "sessions", "web", "supervise", "approvals", "approve", "deny", "doctor",
             "hook", "retry"]  # fmt: skip
 
