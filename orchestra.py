@@ -2477,8 +2477,13 @@ def tool_summary(tool, tool_input):
 def input_size(tool_input):
     """(lines, bytes) of a tool input's text: every string field, as the call would use it."""
     texts = [v for v in tool_input.values() if isinstance(v, str)] if tool_input else []
-    data = "\n".join(texts).encode("utf-8", "surrogatepass")
-    return (sum(t.count("\n") + 1 for t in texts), len(data))
+    data = "".join(texts).encode("utf-8", "surrogatepass")
+    return (sum(line_count(t) for t in texts), len(data))
+
+
+def line_count(text):
+    """Lines as `wc -l` counts them, plus an unfinished last line."""
+    return text.count("\n") + (1 if text and not text.endswith("\n") else 0)
 
 
 def shown_request(request):
@@ -2503,11 +2508,11 @@ def shown_request(request):
     for key in [*first, *sorted(k for k in tool_input if k not in first)]:
         value = tool_input[key]
         text = value if isinstance(value, str) else json.dumps(value)
-        body = escape_controls(text).split("\n")
-        if len(body) == 1 and len(body[0]) <= SHOWN_INLINE:
+        body = escape_controls(text[:-1] if text.endswith("\n") else text).split("\n")
+        if len(body) == 1 and len(body[0]) <= SHOWN_INLINE and not text.endswith("\n"):
             shown.append(f"  {key}: {body[0]}")
         else:
-            count = text.count("\n") + 1
+            count = line_count(text)
             shown.append(
                 f"  {key} ({count} line{'s' if count != 1 else ''}, "
                 f"{len(text.encode('utf-8', 'surrogatepass'))} bytes):"
@@ -2752,6 +2757,15 @@ class ApprovalBox:
         )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(str(self.dir / f"{request['id']}.json"))
+
+    def audit(self):
+        """Verify every rule file and every decision on a pending request; `ignored` names the forged."""
+        for path in self.rules_dir.glob("*.json"):
+            self.verified(path, "rules", path.stem)
+        for path in self.decisions.glob("*.json"):
+            if (self.dir / path.name).exists():
+                self.verified(path, "decision", path.stem)
+        return list(dict.fromkeys(self.ignored))
 
     def rules_path(self, agent_id):
         return self.rules_dir / (PROJECT_RULES if agent_id is None else f"{agent_id}.json")
@@ -5083,7 +5097,7 @@ def approvals_document(project):
     return {
         "approvals": requests,
         "project_rules": rules,
-        "ignored": list(dict.fromkeys(box.ignored)),
+        "ignored": box.audit(),
     }
 
 
