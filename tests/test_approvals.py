@@ -80,7 +80,7 @@ def test_approve_lets_the_command_run_and_commit(repo, claude_api, cli):
     assert status["approval"]["tool"] == "Bash" and status["sandboxed"] is False
     table = cli("status").out
     assert "running approval" in table
-    assert f"waiting for approval {request['id']} (2 lines, 57 bytes" in table, table
+    assert f"waiting for approval {request['id']} (2 lines, 56 bytes" in table, table
     assert "    command: printf 'ok\\n' > approved.txt" in table
     listing = cli("approvals").out
     assert request["id"] in listing and "needs-ok" in listing
@@ -158,7 +158,7 @@ def test_deny_message_reaches_the_agent_and_the_record(repo, claude_api, cli, tm
     assert (
         (agent, event) == ("no-tests", "approval")
         and "  command: pytest -q\n" in message  # the whole input, on stdin: never in argv
-        and "Bash: 2 lines, 38 bytes" in message
+        and "Bash: 2 lines, 37 bytes" in message
         and "orchestra approve" in message
     )
     assert done[:2] == ("no-tests", "done")
