@@ -250,7 +250,7 @@ def test_always_must_be_a_boolean_or_project(server, project):
 
     for bad in (1, "agent", "yes", 0.5):
         status, answer = post({"decision": "allow", "always": bad})
-        assert status == 400 and "true, false or \"project\"" in answer["error"]
+        assert status == 400 and 'true, false or "project"' in answer["error"]
     status, answer = post({"decision": "allow", "always": "project"})
     assert status == 200 and answer["rule"] == "Bash(ls -l)"
     assert answer_of(hook) == {"behavior": "allow"}
