@@ -8265,12 +8265,19 @@ WEB_HEADER_LINE = re.compile(
     rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n"
 )  # RFC 9112 5
 WEB_DIGITS = re.compile(r"[0-9]{1,15}")
+JSON_MARKS = re.compile(rb'["\[\]{}]')  # what json_depth_ok looks at
 # a subprotocol that carries the token: browsers cannot set WebSocket headers
 WS_TOKEN_PREFIX = "token."
+# GET ?nonce=HEX, no token: answers HMAC-SHA256(token, nonce), so the page can tell that this
+# server knows its token before it sends it (a server squatting the port while `web` was
+# stopped does not)
+WEB_CHALLENGE_PATH = "/api/challenge"
+WEB_NONCE = re.compile(r"[0-9a-f]{32,128}")
 
 
 def web_token(folder, rotate=False):
-    """The access token kept in web.json (mode 0600): reused, or made anew on first use or rotation."""
+    """The access token kept in web.json (mode 0600): made anew when rotating (every `web` start
+    does: a token taken while the server was down never works again), else reused."""
     path = folder / WEB_TOKEN_FILE
     if not rotate:
         try:
@@ -8322,6 +8329,8 @@ class Gate:
             raise HTTPRefusal(403, "cross-site requests are refused")
         if not path.startswith(("/api/", "/ws/")):
             return False
+        if path == WEB_CHALLENGE_PATH and method == "GET":
+            return False  # the page asks for proof before it shows its token (route_challenge)
         token = self.presented(path, headers)
         if token is None or not hmac.compare_digest(token, self.token):
             raise HTTPRefusal(
@@ -8400,14 +8409,30 @@ def check_framing(headers):
 
 
 def json_depth_ok(data, limit=WEB_MAX_JSON_DEPTH):
-    """False when JSON text opens more than `limit` arrays or objects at once (a cheap scan
-    before json.loads, whose recursion would otherwise fail deep inside)."""
-    depth = 0
-    for token in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', data):
-        mark = token.group()[:1]
-        depth += 1 if mark in (b"[", b"{") else -1 if mark in (b"]", b"}") else 0
-        if depth > limit:
-            return False
+    """False when JSON text opens more than `limit` arrays or objects at once (a scan before
+    json.loads, whose recursion would otherwise fail deep inside). Linear: each byte is looked
+    at a bounded number of times, whatever the quotes and backslashes."""
+    depth, at, end = 0, 0, len(data)
+    while at < end:
+        found = JSON_MARKS.search(data, at)
+        if not found:
+            return True
+        mark, at = found.group(), found.end()
+        if mark == b'"':  # skip the string: to the next quote not escaped by a backslash
+            while True:
+                quote = data.find(b'"', at)
+                if quote < 0:
+                    return True  # unterminated: json.loads refuses it
+                run = quote
+                while run > at and data[run - 1] == 0x5C:
+                    run -= 1
+                at = quote + 1
+                if (quote - run) % 2 == 0:
+                    break
+        else:
+            depth += 1 if mark in (b"[", b"{") else -1
+            if depth > limit:
+                return False
     return True
 
 
@@ -8729,6 +8754,7 @@ ROUTES = [
         ("GET", r"/", "route_page"),
         ("GET", r"/api/status", "route_status"),
         ("GET", r"/api/sessions", "route_sessions"),
+        ("GET", r"/api/challenge", "route_challenge"),
         ("GET", r"/api/worktrees", "route_worktrees"),
         ("POST", r"/api/spawn", "route_spawn"),
         ("POST", r"/api/cleanup", "route_cleanup"),
@@ -9083,6 +9109,14 @@ class WebHandler:
     def route_session(self, params, query, body):
         """GET /api/sessions/ID: a session's prompts and the commands that resume it."""
         return 200, session_detail(self.server.env, params["id"])
+
+    def route_challenge(self, params, query, body):
+        """GET /api/challenge?nonce=HEX (no token needed): {"proof": HMAC-SHA256(token, nonce)}."""
+        nonce = (query.get("nonce") or [""])[-1]
+        if not WEB_NONCE.fullmatch(nonce):
+            raise HTTPRefusal(400, "'nonce' must be 32 to 128 lowercase hex digits")
+        proof = hmac.new(self.server.gate.token, nonce.encode("ascii"), "sha256").hexdigest()
+        return 200, {"proof": proof}
 
     def route_approvals(self, params, query, body):
         """GET /api/approvals: the tool calls agents wait to have approved, oldest first."""
@@ -9454,7 +9488,7 @@ def start_web_server(
     `limits` tunes header_deadline, max_connections and ws_options (ping_interval,
     pong_timeout, queue_limit) for tests.
     """
-    token = web_token(project.dir, rotate=new_token)
+    token = web_token(project.dir, rotate=True)  # new_token: kept for callers; every start rotates
     server = web_class(WebServer)(
         project,
         host,
@@ -11065,6 +11099,8 @@ def cmd_web(args):
             print(f"orchestra: warning: {missing}", file=sys.stderr)
         print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
         if args.qr:
+            if warning and not tls:
+                print(f"orchestra: warning: {QR_PLAIN_HTTP_WARNING}", file=sys.stderr)
             print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
@@ -11086,6 +11122,15 @@ def missing_dashboard_note():
         f"static/dashboard.html was not found, so / only says it is missing (the API works); "
         f"copy it to {places[0]}"
     )
+
+
+QR_PLAIN_HTTP_WARNING = (
+    "this address is plain HTTP beyond this machine: the token in the QR code, and every "
+    "request after it, crosses the network in clear. Put TLS in front: --tls-cert FILE --tls-key "
+    "FILE (e.g. from mkcert), or listen on 127.0.0.1 behind an HTTPS proxy (caddy, "
+    "tailscale serve) or an ssh tunnel (ssh -L 8888:127.0.0.1:8888 HOST). The token changes on "
+    "every start."
+)
 
 
 def add_web_parser(commands):
@@ -11119,7 +11164,9 @@ def add_web_parser(commands):
         "--qr", action="store_true", help="also print the address as a QR code to scan with a phone"
     )
     p.add_argument(
-        "--new-token", action="store_true", help="make a new access token; old links stop working"
+        "--new-token",
+        action="store_true",
+        help="make a new access token (every start does now; kept for old scripts)",
     )
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")

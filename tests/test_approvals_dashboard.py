@@ -146,7 +146,7 @@ def test_phone_card_shows_a_padded_multiline_command_whole_above_the_buttons(
         approve = card.locator("button.approve").bounding_box()
         meta = card.locator(".meta").bounding_box()
         assert meta["y"] < curl["y"] < approve["y"]  # the sandbox flag, then the line, then buttons
-        assert 0 <= curl["x"] and curl["x"] + curl["width"] <= PHONE["width"]
+        assert curl["x"] >= 0 and curl["x"] + curl["width"] <= PHONE["width"]
         assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
         card.locator("button.deny").tap()
         expect(phone.locator("#approvals")).to_be_hidden(timeout=30_000)

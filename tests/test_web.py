@@ -638,6 +638,10 @@ def test_token_file_is_private_reused_and_rotated(project):
     assert len(base64.urlsafe_b64decode(token + "=")) == 32
     assert first.url.endswith(f"/#token={token}")
     assert orchestra.web_token(project.dir) == token
+    second = orchestra.start_web_server(project, "127.0.0.1", 0, log=None, revive=False)
+    second.stop()  # every start makes a new token: one taken while web was down is worthless
+    assert json.loads(path.read_text())["token"] != token
+    token = json.loads(path.read_text())["token"]
     rotated = orchestra.web_token(project.dir, rotate=True)
     assert rotated != token and json.loads(path.read_text())["token"] == rotated
     path.write_text("{broken")
