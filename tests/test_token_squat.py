@@ -11,9 +11,9 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
-import socket
 import tempfile
 import time
 from pathlib import Path
