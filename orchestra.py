@@ -1627,7 +1627,7 @@ def read_history(path):
         for line in f:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict) and isinstance(record.get("id"), str):
                 history[record["id"]] = record
@@ -1753,11 +1753,12 @@ class StateStore:
         """Read under the lock; move a corrupt file aside and rebuild it from logs and worktrees."""
         try:
             return self.read()
-        except ValueError:
+        except (ValueError, RecursionError):
+            # Rebuilt first, kept aside second: a rebuild that fails leaves state.json in place
             aside = self.path.with_name(f"state.json.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(str(self.path), str(aside))
             state = empty_state()
             state.update(self.rebuild())
+            os.link(str(self.path), str(aside))
             self.write(state_text(state))
             print(
                 f"orchestra: warning: {self.path} was unreadable; moved it to {aside.name} "
@@ -1772,7 +1773,7 @@ def load_agent_records(repo):
     folder = Path(repo) / ORCHESTRA_DIR
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         state = None
     agents = state.get("agents") if isinstance(state, dict) else None
     agents = agents if isinstance(agents, dict) else {}
@@ -2018,12 +2019,15 @@ class AgentLog:
             return
         try:
             event = json.loads(raw.decode("utf-8", "replace"))
+            if isinstance(event, dict):
+                handler = getattr(self, f"on_{event.get('type')}", None)
+                if handler:
+                    handler(event)
         except ValueError:
-            return
-        if isinstance(event, dict):
-            handler = getattr(self, f"on_{event.get('type')}", None)
-            if handler:
-                handler(event)
+            return  # not JSON: a line of plain output, or a torn end
+        except (RecursionError, TypeError, AttributeError, KeyError):
+            # one unreadable line (nested too deep, odd types) is skipped, never the watcher's end
+            self.facts["unreadable_lines"] = (self.facts.get("unreadable_lines") or 0) + 1
 
     def on_orchestra(self, event):
         """A new run starts with no result yet; a failed setup is the agent's error."""
@@ -2351,7 +2355,7 @@ def first_spawn_event(path):
         first = f.readline()
     try:
         event = json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) and event.get("event") == "spawn" else None
 
@@ -3724,6 +3728,7 @@ def roll_back_spawn(project, records, why):
                 note_settlement(saved)
 
     project.store.update(mark)
+    drop_agent_env(project, [record["id"] for record in records])  # its keys go with it
 
 
 def roll_back_stalled_spawns(project):
@@ -3807,7 +3812,7 @@ def json_object(line):
     """A log line as a dict, or None."""
     try:
         event = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) else None
 
@@ -4945,6 +4950,7 @@ def stop_agents(project, ids):
     for agent_id, (pid, start_token) in change_agents(project, ids, request_stop):
         stop_process(pid, start_token)
         outcomes.append((agent_id, "stopped (worktree and branch kept)"))
+    drop_agent_env(project, [agent_id for agent_id, _ in outcomes])  # no launch will read it
     return outcomes
 
 
@@ -5150,6 +5156,8 @@ def worktree_row(path, branch, record, notes):
 
 LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
 LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
+LOG_LINE_CAP = 1024 * 1024  # a log line longer than this is shown cut, with its size
+LOG_CUT_SHOWN = 2000  # bytes of a cut line shown
 
 
 def render_event(event):
@@ -5226,10 +5234,11 @@ def readable_lines(chunk, raw):
             continue
         try:
             event = json.loads(line)
+            lines.extend(render_event(event) if isinstance(event, dict) else [line])
         except ValueError:
             lines.append(line)
-            continue
-        lines.extend(render_event(event) if isinstance(event, dict) else [line])
+        except (RecursionError, TypeError, AttributeError, KeyError):
+            lines.append(f"[unreadable line: {len(line)} characters]")
     return lines
 
 
@@ -5240,9 +5249,18 @@ def log_renderer(raw):
     return lambda line: readable_lines(line, False)
 
 
+def cut_line(head, size):
+    """What a log view shows of a line over LOG_LINE_CAP bytes: its start, cut, and its size."""
+    text = strip_control(head[:LOG_CUT_SHOWN].decode("utf-8", "replace"))
+    return [f"{text}… [line cut: {size} bytes]"]
+
+
 def stream_log(path, offset, render, show):
-    """Show the complete lines from `offset` on, a chunk at a time; the offset after the last one."""
-    pending, size = b"", LOGS_FIRST_CHUNK
+    """Show the complete lines from `offset` on, a chunk at a time; the offset after the last one.
+
+    Linear in the bytes read: a line longer than LOG_LINE_CAP keeps only its start in memory
+    and is shown cut, with its size."""
+    head, length, size = [], 0, LOGS_FIRST_CHUNK  # the unfinished line: its start, its length
     with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
         f.seek(offset)
         while True:
@@ -5250,26 +5268,43 @@ def stream_log(path, offset, render, show):
             if not chunk:
                 break
             size = LOG_READ_CHUNK
-            *lines, last = (pending + chunk).split(b"\n")
-            pending = last
             offset += len(chunk)
-            show([shown for line in lines for shown in render(line)])
-    return offset - len(pending)
+            start, shown = 0, []
+            while True:
+                newline = chunk.find(b"\n", start)
+                if newline < 0:
+                    break
+                piece = chunk[start:newline]
+                if length + len(piece) <= LOG_LINE_CAP:
+                    shown += render(b"".join([*head, piece]))
+                else:
+                    shown += cut_line(b"".join([*head, piece[:LOG_CUT_SHOWN]]), length + len(piece))
+                head, length, start = [], 0, newline + 1
+            rest = chunk[start:]
+            if length + len(rest) <= LOG_LINE_CAP:
+                head.append(rest)  # it may yet be shown whole
+            else:  # it will be cut: keep its start only
+                head = [b"".join([*head, rest[:LOG_CUT_SHOWN]])[:LOG_CUT_SHOWN]]
+            length += len(rest)
+            show(shown)
+    return offset - length
 
 
 def tail_lines(path, count, render, limit=None):
     """(the last `count` rendered lines, offset after the last complete line, True if `limit` cut it).
 
-    Reads backwards from the end in blocks; an unfinished last line is left for later.
+    Reads backwards from the end in blocks, looking at each byte once (linear, whatever the
+    line lengths); a line over LOG_LINE_CAP bytes is read only for its start and shown cut.
+    An unfinished last line is left for later.
     """
     found, end, cut = [], None, False
     with open(path, "rb") as f:
         pos = size = f.seek(0, os.SEEK_END)
-        buffer = b""
+        line_end = None  # where the line being looked for ends (its newline)
         while len(found) < count:
             if pos == 0:
-                if end is not None and buffer:
-                    found[:0] = render(buffer)  # the file's first line
+                if end is not None:
+                    found[:0] = render_span(f, 0, line_end, render)  # the file's first line
                 break
             if limit is not None and size - pos >= limit:
                 cut = True
@@ -5277,18 +5312,26 @@ def tail_lines(path, count, render, limit=None):
             step = min(LOG_TAIL_BLOCK, pos)
             pos -= step
             f.seek(pos)
-            buffer = f.read(step) + buffer
-            head, *lines = buffer.split(b"\n")
-            if not lines:
-                continue
-            if end is None:
-                end, lines = size - len(lines[-1]), lines[:-1]
-            buffer = head
-            for line in reversed(lines):
-                found[:0] = render(line)
-                if len(found) >= count:
+            block = f.read(step)
+            at = len(block)
+            while len(found) < count:
+                newline = block.rfind(b"\n", 0, at)
+                if newline < 0:
                     break
-    return (found[-count:] if count else []), (size - len(buffer) if end is None else end), cut
+                if end is None:
+                    end = pos + newline + 1
+                else:
+                    found[:0] = render_span(f, pos + newline + 1, line_end, render)
+                line_end, at = pos + newline, newline
+    return (found[-count:] if count else []), (pos if end is None else end), cut
+
+
+def render_span(f, start, stop, render):
+    """The rendered lines of the bytes [start, stop) of a log, cut when over LOG_LINE_CAP."""
+    f.seek(start)
+    if stop - start <= LOG_LINE_CAP:
+        return render(f.read(stop - start))
+    return cut_line(f.read(min(LOG_CUT_SHOWN, stop - start)), stop - start)
 
 
 # ======================================================================================
@@ -6700,11 +6743,15 @@ def session_detail(env, wanted):
     }
 
 
-def sessions_document(env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None):
-    """What `orchestra sessions --json` prints, for the web API."""
+def sessions_document(
+    env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None, repo=None
+):
+    """What `orchestra sessions --json` prints, for the web API: the sessions of `repo` (its
+    worktrees included), or of every project when repo is None."""
     now = time.time() if now is None else now
-    listing = session_listing(env, now, hours, None, limit)
-    return listing_json(listing, claude_projects_dir(env), now, hours, None)
+    project = project_filter(str(repo)) if repo is not None else None
+    listing = session_listing(env, now, hours, project, limit)
+    return listing_json(listing, claude_projects_dir(env), now, hours, project)
 
 
 # ======================================================================================
@@ -7734,6 +7781,7 @@ def remove_agent(project, record, step):
             ]  # only if still at tip
             run_git(delete, project.repo)
         mark_removed(project, record["id"], refs)
+    drop_agent_env(project, [record["id"]])
     return refs
 
 
@@ -8998,10 +9046,13 @@ class WebHandler:
         return 200, current_status(self.server.project)[1]
 
     def route_sessions(self, params, query, body):
-        """GET /api/sessions?hours=N&limit=N: the user's recent Claude Code sessions."""
+        """GET /api/sessions?hours=N&limit=N&all=1: the user's recent Claude Code sessions in this
+        repository (all=1: in every project on the machine)."""
         hours = query_int(query, "hours", WEB_SESSION_HOURS, 1, 24 * 365)
         limit = query_int(query, "limit", WEB_SESSION_LIMIT, 1, WEB_SESSION_LIMIT_MAX)
-        return 200, sessions_document(self.server.env, hours=hours, limit=limit)
+        everything = query_int(query, "all", 0, 0, 1)
+        repo = None if everything else self.server.project.repo
+        return 200, sessions_document(self.server.env, hours=hours, limit=limit, repo=repo)
 
     def route_worktrees(self, params, query, body):
         """GET /api/worktrees: what `worktrees --json` prints."""
