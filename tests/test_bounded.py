@@ -120,7 +120,7 @@ def test_env_files_go_with_a_stopped_or_cleaned_up_agent(fake_repo, cli):
     env = fake_repo / ".orchestra" / "env"
     wait_for(lambda: load_state(fake_repo)["agents"]["sleep-30-first"]["state"] == "running",
              what="the first agent to run")  # fmt: skip
-    second = [a for a in load_state(fake_repo)["agents"] if a != "sleep-30-first"][0]
+    second = next(a for a in load_state(fake_repo)["agents"] if a != "sleep-30-first")
     assert (env / second).exists()  # queued: its environment waits for its launch
     assert cli("stop", second, "sleep-30-first").code == 0
     assert not (env / second).exists() and not list(env.glob("sleep-30*"))
