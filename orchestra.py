@@ -15,7 +15,7 @@ Commands:
   orchestra logs ID [-f] [--tail N]   an agent's activity as readable lines
   orchestra diff ID [--stat]          an agent's commits and uncommitted work against its base, paged
   orchestra approvals [--json]        tool calls agents wait to have approved
-  orchestra approve REQ [--always]    allow one (REQ or an agent id); orchestra deny REQ refuses it
+  orchestra approve REQ [--always]    allow one (REQ or an agent id), --always exactly it again; deny
   orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
   orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
   orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
@@ -30,12 +30,13 @@ Commands:
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
-readable by you alone, and deleted once read).
+readable by you alone, and deleted once read or when the agent is stopped or removed).
 
 State lives in `<repo>/.orchestra/` (readable by you alone): state.json (live agent records),
 history.jsonl (cleaned-up agents, one record a line), logs/<id>.jsonl (each agent's stream-json
 output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the dashboard's
-access token), approvals/ (requests waiting, decisions, --always rules) and the lock files. Work
+access token, new on every start), approvals/ (requests waiting, decisions, --always rules, each
+signed with approval.key) and the lock files. Work
 saved before a cleanup: refs/orchestra/archive/<id>/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
@@ -5300,11 +5301,13 @@ def tail_lines(path, count, render, limit=None):
     found, end, cut = [], None, False
     with open(path, "rb") as f:
         pos = size = f.seek(0, os.SEEK_END)
-        line_end = None  # where the line being looked for ends (its newline)
+        line_end, block = None, b""  # where the line being looked for ends (its newline)
         while len(found) < count:
             if pos == 0:
-                if end is not None:
-                    found[:0] = render_span(f, 0, line_end, render)  # the file's first line
+                if end is not None and line_end <= len(block):
+                    found[:0] = render(block[:line_end])  # the file's first line
+                elif end is not None:
+                    found[:0] = render_span(f, 0, line_end, render)
                 break
             if limit is not None and size - pos >= limit:
                 cut = True
@@ -5320,7 +5323,9 @@ def tail_lines(path, count, render, limit=None):
                     break
                 if end is None:
                     end = pos + newline + 1
-                else:
+                elif line_end - pos <= len(block):  # the whole line is in this block
+                    found[:0] = render(block[newline + 1 : line_end - pos])
+                else:  # a line across blocks: read again, its start only when it is long
                     found[:0] = render_span(f, pos + newline + 1, line_end, render)
                 line_end, at = pos + newline, newline
     return (found[-count:] if count else []), (pos if end is None else end), cut

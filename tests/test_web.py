@@ -301,12 +301,13 @@ def test_worktrees_sessions_and_cleanup_pass_through(server, cli, fake_repo, mon
     monkeypatch.setattr(
         orchestra,
         "sessions_document",
-        lambda env, hours, limit: calls.append((hours, limit)) or {"sessions": []},
+        lambda env, hours, limit, repo: calls.append((hours, limit, repo)) or {"sessions": []},
     )
     assert call(server, "GET", "/api/sessions").json() == {"sessions": []}
-    assert call(server, "GET", "/api/sessions?hours=4&limit=7").status == 200
+    assert call(server, "GET", "/api/sessions?hours=4&limit=7&all=1").status == 200
     assert call(server, "GET", "/api/sessions?limit=0").status == 400
-    assert calls == [(24, 50), (4, 7)]
+    assert call(server, "GET", "/api/sessions?all=2").status == 400
+    assert calls == [(24, 50, fake_repo), (4, 7, None)]  # this repository's, unless all=1
 
     plans = []
     monkeypatch.setattr(
