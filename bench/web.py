@@ -312,11 +312,21 @@ def first_render(base, token, cards, runs=5):
     return min(times[1:]), statistics.median(times[1:])
 
 
-FOLD = """import sys, time
+# A child that runs one action and reports its own peak RSS (VmHWM: its memory after exec only;
+# wait4's ru_maxrss would count the bench process it was forked from).
+CHILD = """import os, sys
 sys.path.insert(0, {root!r})
 import orchestra
-orchestra.read_log(sys.argv[1])
+try:
+    {action}
+finally:
+    peak = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]
+    os.write(2, ("VmHWM " + peak + "\\n").encode())
 """
+LOGS_ACTION = (
+    "sys.stdout = open(os.devnull, 'w'); orchestra.main(['logs', sys.argv[1], '--tail', '50'])"
+)
+FOLD_ACTION = "orchestra.read_log(sys.argv[1])"
 
 
 def write_logs(folder, big_mb, short_lines, huge_mb):
@@ -346,14 +356,16 @@ def write_logs(folder, big_mb, short_lines, huge_mb):
     return logs
 
 
-def child_cost(argv, cwd=None):
-    """(wall seconds, CPU seconds, peak RSS MB) of a child process run to its end."""
+def child_cost(action, arg, cwd=None):
+    """(wall seconds, CPU seconds, peak RSS MB) of a child that runs `action` to its end."""
+    argv = [sys.executable, "-c", CHILD.format(root=str(ROOT), action=action), arg]
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read().decode()
     _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, argv
-    return time.perf_counter() - started, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    assert os.waitstatus_to_exitcode(status) == 0, err
+    peak = int(err.rpartition("VmHWM ")[2].split()[0]) / 1024
+    return time.perf_counter() - started, usage.ru_utime + usage.ru_stime, peak
 
 
 def proc_cpu(pid):
@@ -397,13 +409,10 @@ def log_views(root, big_mb, short_lines, huge_mb):
         proc.send_signal(signal.SIGINT)
         proc.wait(10)
     for name in logs:
-        wall, cpu, peak = child_cost([sys.executable, str(ROOT / "orchestra.py"), "logs", name, "--tail", "50"],
-                                     cwd=repo)  # fmt: skip
+        wall, cpu, peak = child_cost(LOGS_ACTION, name, cwd=repo)
         out.append(f"orchestra logs {name} --tail 50 ({sizes[name]:.0f} MB log): {wall * 1000:.0f} ms, "
                    f"{cpu * 1000:.0f} ms CPU, peak RSS {peak:.1f} MB (goal < 1 s, < 100 MB)")  # fmt: skip
-        wall, cpu, peak = child_cost(
-            [sys.executable, "-c", FOLD.format(root=str(ROOT)), str(logs[name])]
-        )
+        wall, cpu, peak = child_cost(FOLD_ACTION, str(logs[name]))
         out.append(f"supervisor's fold of {name} (read_log, {sizes[name]:.0f} MB): {wall:.2f} s, "
                    f"{cpu:.2f} s CPU, peak RSS {peak:.1f} MB")  # fmt: skip
     return out
