@@ -2739,19 +2739,30 @@ class ApprovalBox:
         finally:
             os.unlink(tmp)
 
-    def wait(self, req_id, timeout, parent=None):
+    def wait(self, req_id, timeout, parent=None, digest=None, report=None):
         """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone.
 
-        A decision file without a valid mac is no decision: it is reported once and replaced
-        by the hook's own (a timeout) when the wait ends.
+        A decision file without a valid mac, or an "allow" taken on another input than `digest`,
+        is no decision: it is moved aside (decisions/.forged-*), `report()` is called, and the
+        wait goes on, so the user can still decide.
         """
         deadline = time.monotonic() + timeout
+        path = self.decisions / f"{req_id}.json"
         while True:
             decision = self.decision(req_id)
+            if decision and decision.get("decision") == "allow" and digest is not None:
+                if decision.get("input_sha256") != digest:
+                    self.ignored.append(str(path))
+                    decision = None
             if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
                 return decision
-            if (self.decisions / f"{req_id}.json").exists():
-                return None  # a decision file that did not verify: reported by the caller
+            if path.exists():
+                aside = self.decisions / f".forged-{req_id}-{time.time_ns()}.json"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(str(path), str(aside))
+                if report:
+                    report()
+                continue
             time.sleep(APPROVAL_POLL)
 
     def close(self, request, decision):
@@ -2963,19 +2974,13 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         "approval",
         f"{agent_id} asks to run:\n{shown}\n(orchestra approve {request['id']})",
     )
-    decision = box.wait(request["id"], timeout, parent=os.getppid())
-    if (decision or {}).get("decision") == "allow" and decision.get("input_sha256") != request[
-        "input_sha256"
-    ]:
-        box.ignored.append(str(box.decisions / f"{request['id']}.json"))
-        decision = None  # a decision taken on another input: treated as forged below
-    forged = decision is None and (box.decisions / f"{request['id']}.json").exists()
-    if forged or box.ignored:
-        report_ignored(box, log)
-    if forged:
-        decision = denied(
-            "orchestra found a decision it did not write (no valid signature); denied for safety"
-        )
+    decision = box.wait(
+        request["id"],
+        timeout,
+        parent=os.getppid(),
+        digest=request["input_sha256"],
+        report=lambda: report_ignored(box, log),
+    )
     if decision is None:
         ended = os.getppid() != request["parent"]
         late = denied(
