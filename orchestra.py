@@ -2750,10 +2750,10 @@ class ApprovalBox:
         path = self.decisions / f"{req_id}.json"
         while True:
             decision = self.decision(req_id)
-            if decision and decision.get("decision") == "allow" and digest is not None:
-                if decision.get("input_sha256") != digest:
-                    self.ignored.append(str(path))
-                    decision = None
+            allowed = decision and decision.get("decision") == "allow"
+            if allowed and digest is not None and decision.get("input_sha256") != digest:
+                self.ignored.append(str(path))
+                decision = None
             if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
                 return decision
             if path.exists():
