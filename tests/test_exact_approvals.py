@@ -54,7 +54,7 @@ def test_truncated_input_is_approved_once_never_as_a_rule(repo, claude_api, cli)
 @requires_claude
 def test_a_users_star_is_a_literal_not_a_glob(repo, claude_api, cli):
     write_config(repo, bypass_permissions=[], heartbeat_interval=0.5)
-    sneaky = "find . -name x -o -exec touch pwned {} + -o -name a.pyc -delete"
+    sneaky = "find . -name 'x' -o -exec touch pwned {} + -o -name 'a.pyc' -delete"
     claude_api.script(
         "clean-pyc", [bash("find . -name '*.pyc' -delete"), bash(sneaky), text("cleaned")]
     )
