@@ -15,7 +15,7 @@ Commands:
   orchestra logs ID [-f] [--tail N]   an agent's activity as readable lines
   orchestra diff ID [--stat]          an agent's commits and uncommitted work against its base, paged
   orchestra approvals [--json]        tool calls agents wait to have approved
-  orchestra approve REQ [--always]    allow one (REQ or an agent id), --always exactly it again; deny
+  orchestra approve REQ [--always]    allow one (REQ or an agent id); orchestra deny REQ refuses it
   orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
   orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
   orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
