@@ -2773,14 +2773,19 @@ class ApprovalBox:
         deadline = time.monotonic() + timeout
         path = self.decisions / f"{req_id}.json"
         while True:
-            decision = self.decision(req_id)
+            decision, forged = self.decision(req_id), False
+            if decision is None and path.exists():
+                decision = self.decision(req_id)  # linked in between the looks: whole by now
+                forged = decision is None
             allowed = decision and decision.get("decision") == "allow"
             if allowed and digest is not None and decision.get("input_sha256") != digest:
                 self.ignored.append(str(path))
-                decision = None
+                decision, forged = None, True
             if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
                 return decision
-            if path.exists():
+            if forged:  # unsigned, half written by another hand, or on another input
+                if str(path) not in self.ignored:
+                    self.ignored.append(str(path))
                 aside = self.decisions / f".forged-{req_id}-{time.time_ns()}.json"
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(str(path), str(aside))

@@ -203,8 +203,10 @@ def test_forged_decisions_and_rules_are_ignored_and_reported(project, cli):
     )
     listed = cli("approvals")
     assert "no valid orchestra signature" in listed.err and "target.json" in listed.err
-    wait_for(lambda: "ignored" in cli("logs", "target").out, what="the forged decision reported")
-    assert [r["id"] for r in pending(cli)] == [request["id"]]  # no decision: it still waits
+    wait_for(lambda: f"ignored {box.decisions / request['id']}.json" in cli("logs", "target").out,
+             what="the forged decision reported")  # fmt: skip
+    wait_for(lambda: [r["id"] for r in pending(cli)] == [request["id"]],
+             what="the request to wait on: a forged decision is none")  # fmt: skip
     assert cli("deny", request["id"], "--message", "not that").code == 0  # the user decides
     answer = answer_of(hook)
     assert answer == {"behavior": "deny", "message": "not that"}
