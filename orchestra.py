@@ -31,12 +31,13 @@ Commands:
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
-readable by you alone, and deleted once read).
+readable by you alone, and deleted once read or when the agent is stopped or removed).
 
 State lives in `<repo>/.orchestra/` (readable by you alone): state.json (live agent records),
 history.jsonl (cleaned-up agents, one record a line), logs/<id>.jsonl (each agent's stream-json
 output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the dashboard's
-access token), approvals/ (requests waiting, decisions, --always rules) and the lock files. Work
+access token, new on every start), approvals/ (requests waiting, decisions, --always rules, each
+signed with approval.key) and the lock files. Work
 saved before a cleanup: refs/orchestra/archive/<id>/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
@@ -588,6 +589,12 @@ def check_config_value(key, value, where):
     if not ok:
         raise OrchestraError(
             f"{where}: '{key}' must be {TYPE_NAMES[kind]}, not {json.dumps(value)}"
+        )
+    if key == "notify_command" and any("{message}" in part for part in value):
+        raise OrchestraError(
+            f"{where}: notify_command no longer takes {{message}} (every local user can read a "
+            "command line): read the message from stdin or $ORCHESTRA_MESSAGE; {agent} and "
+            "{event} still work"
         )
 
 
@@ -1640,7 +1647,7 @@ def read_history(path):
         for line in f:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict) and isinstance(record.get("id"), str):
                 history[record["id"]] = record
@@ -1766,11 +1773,12 @@ class StateStore:
         """Read under the lock; move a corrupt file aside and rebuild it from logs and worktrees."""
         try:
             return self.read()
-        except ValueError:
+        except (ValueError, RecursionError):
+            # Rebuilt first, kept aside second: a rebuild that fails leaves state.json in place
             aside = self.path.with_name(f"state.json.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(str(self.path), str(aside))
             state = empty_state()
             state.update(self.rebuild())
+            os.link(str(self.path), str(aside))
             self.write(state_text(state))
             print(
                 f"orchestra: warning: {self.path} was unreadable; moved it to {aside.name} "
@@ -1785,7 +1793,7 @@ def load_agent_records(repo):
     folder = Path(repo) / ORCHESTRA_DIR
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         state = None
     agents = state.get("agents") if isinstance(state, dict) else None
     agents = agents if isinstance(agents, dict) else {}
@@ -2053,12 +2061,15 @@ class AgentLog:
             return
         try:
             event = json.loads(raw.decode("utf-8", "replace"))
+            if isinstance(event, dict):
+                handler = getattr(self, f"on_{event.get('type')}", None)
+                if handler:
+                    handler(event)
         except ValueError:
-            return
-        if isinstance(event, dict):
-            handler = getattr(self, f"on_{event.get('type')}", None)
-            if handler:
-                handler(event)
+            return  # not JSON: a line of plain output, or a torn end
+        except (RecursionError, TypeError, AttributeError, KeyError):
+            # one unreadable line (nested too deep, odd types) is skipped, never the watcher's end
+            self.facts["unreadable_lines"] = (self.facts.get("unreadable_lines") or 0) + 1
 
     def on_orchestra(self, event):
         """A new run starts with no result yet; a failed setup is the agent's error."""
@@ -2398,7 +2409,7 @@ def first_spawn_event(path):
         first = f.readline()
     try:
         event = json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) and event.get("event") == "spawn" else None
 
@@ -2410,14 +2421,19 @@ def first_spawn_event(path):
 # never a file) whose PermissionRequest hook runs `orchestra hook permission-request`, a
 # child of the agent, so it outlives a supervisor crash. Claude Code calls it only for a
 # tool call its own rules do not allow already. The hook:
-#   1. allows at once what an --always rule allows: the agent's own (approvals/rules/) or
-#      the project's bypass_permissions as .orchestra/config.json holds it now;
+#   1. allows at once what an --always rule allows: the agent's own (approvals/rules/<id>.json),
+#      the project's (rules/@project.json), or bypass_permissions as config.json holds it now.
+#      A saved rule is the exact input the user was shown (a `*` in it is a `*`), or a Bash
+#      prefix the user asked for by name; never a glob, never more than one tool's calls;
 #   2. else writes approvals/<req>.json atomically: the request is now pending, and the
 #      CLI, the status hub and the dashboard see it;
 #   3. polls for approvals/decisions/<req>.json. A decision is a complete file linked into
 #      place (the O_EXCL rule of link(2)), so the first decider wins and a later one is told
 #      it came late; at approval_timeout the hook itself decides "deny" the same way;
 #   4. moves the request to approvals/answered/ and prints Claude Code's answer.
+# Every request, decision and rule file carries an HMAC under .orchestra/approval.key: a file
+# without a valid one is ignored and reported, and a decision is bound to the SHA-256 of the
+# input it was taken on. What a person decides on is shown whole (shown_request()).
 # When in doubt the hook denies, with a message that says why: unreadable state, an unknown
 # or ended agent, a broken request. A pending request whose hook has gone (its agent was
 # stopped) is void: never listed, never answerable.
@@ -2430,6 +2446,24 @@ APPROVAL_POLL = 0.05  # seconds between the waiting hook's looks for a decision
 APPROVAL_HOOK_MARGIN = 60  # seconds Claude Code gives the hook beyond approval_timeout
 APPROVAL_ID_BYTES = 3  # random bytes of a request id (6 hex digits), unique by O_EXCL
 APPROVAL_INPUT_LIMIT = 64 * 1024  # characters of a tool input kept in a request
+APPROVAL_KEY_FILE = (
+    "approval.key"  # in .orchestra/ (0600): the HMAC key of requests, decisions, rules
+)
+APPROVAL_KEY_BYTES = 32
+PROJECT_RULES = (
+    "@project.json"  # in approvals/rules/: --always=project rules (no agent id has an @)
+)
+RULE_IGNORED = (
+    "description",
+)  # input fields an exact rule does not compare: they change nothing run
+# Fields that change what a call means, shown before the command or content
+SHOWN_FIRST = ("dangerouslyDisableSandbox", "replace_all", "run_in_background", "file_path", "path",
+               "notebook_path", "url", "timeout")  # fmt: skip
+SHOWN_INLINE = 120  # a field value shorter than this, on one line, is shown beside its name
+# Shown as escapes: every C0/C1 control but newline, DEL, bidirectional marks, line separators
+SHOWN_ESCAPED = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff\n]"
+)
 SANDBOX_PACKAGES = {
     "bwrap": "bubblewrap",
     "socat": "socat",
@@ -2444,23 +2478,6 @@ def read_json_file(path):
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def tool_summary(tool, tool_input):
-    """'Bash(pytest -q)', 'Edit(src/app.py)': a tool call as a permission rule would name it."""
-    tool_input = tool_input if isinstance(tool_input, dict) else {}
-    for key in ("command", "file_path", "path", "url", "pattern", "prompt"):
-        if isinstance(tool_input.get(key), str):
-            return one_line(f"{tool}({tool_input[key]})")
-    return tool
-
-
-def request_rule(tool, tool_input):
-    """The rule --always adds: Bash with exactly this command, any other tool as a whole."""
-    command = tool_input.get("command") if isinstance(tool_input, dict) else None
-    if tool == "Bash" and isinstance(command, str):
-        return f"Bash({command})"
-    return tool
 
 
 SHELL_OPERATORS = re.compile(r"[;&|<>$`\n()]")  # a wildcard rule never allows a compound command
@@ -2491,25 +2508,183 @@ def rule_matches(rule, tool, tool_input):
     return fnmatchcase(subject, content)
 
 
-def denial_lines(denials, allowed=()):
-    """'2 tool calls denied: Bash(pytest -q), Write(x)' and the command that allows them next time.
+def escape_controls(text, newlines=False):
+    """Text with every control character shown as an escape (\\x1b, \\u202e); newlines stay unless asked."""
+    return SHOWN_ESCAPED.sub(
+        lambda m: (
+            m.group()
+            if m.group() == "\n" and not newlines
+            else {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(m.group())
+            or (
+                f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}"
+            )
+        ),
+        text,
+    )
 
-    `allowed` is the agent's bypass_permissions, which the suggested list keeps.
-    """
+
+def tool_summary(tool, tool_input):
+    """'Bash(pytest -q)', 'Edit(src/app.py)': a tool call on one line, every newline and control escaped."""
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    for key in ("command", "file_path", "path", "url", "pattern", "prompt"):
+        if isinstance(tool_input.get(key), str):
+            return f"{tool}({escape_controls(tool_input[key], newlines=True)})"
+    return tool
+
+
+def input_size(tool_input):
+    """(lines, bytes) of a tool input's text: every string field, as the call would use it."""
+    texts = [v for v in tool_input.values() if isinstance(v, str)] if tool_input else []
+    data = "".join(texts).encode("utf-8", "surrogatepass")
+    return (sum(line_count(t) for t in texts), len(data))
+
+
+def line_count(text):
+    """Lines as `wc -l` counts them, plus an unfinished last line."""
+    return text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+
+
+def shown_request(request):
+    """Every line a person is shown before deciding: the size, the fields that change what the
+    call means, then the whole input, control characters escaped. Never cut."""
+    tool, tool_input = request.get("tool") or "tool", request.get("input")
+    if request.get("truncated") or not isinstance(tool_input, dict):
+        size = request.get("input_bytes") or 0
+        return [
+            f"{tool}: an input of {size} bytes, too long to show whole; "
+            "it can be approved once, never as a rule",
+            *(
+                "  " + line
+                for line in escape_controls(str(request.get("input_head") or "")).split("\n")
+            ),
+        ]
+    lines, size = input_size(tool_input)
+    shown = [f"{tool}: {lines} line{'s' if lines != 1 else ''}, {size} bytes"]
+    first = [k for k in SHOWN_FIRST if k in tool_input]
+    if tool in ("Write", "Edit", "MultiEdit", "NotebookEdit") and "file_path" in tool_input:
+        first = ["file_path", *[k for k in first if k != "file_path"]]
+    for key in [*first, *sorted(k for k in tool_input if k not in first)]:
+        value = tool_input[key]
+        text = value if isinstance(value, str) else json.dumps(value)
+        body = escape_controls(text[:-1] if text.endswith("\n") else text).split("\n")
+        if len(body) == 1 and len(body[0]) <= SHOWN_INLINE and not text.endswith("\n"):
+            shown.append(f"  {key}: {body[0]}")
+        else:
+            count = line_count(text)
+            shown.append(
+                f"  {key} ({count} line{'s' if count != 1 else ''}, "
+                f"{len(text.encode('utf-8', 'surrogatepass'))} bytes):"
+            )
+            shown += [f"    {line}" for line in body]
+    return shown
+
+
+def input_digest(tool_input):
+    """SHA-256 of a tool input as JSON: what a decision is bound to."""
+    return hashlib.sha256(
+        json.dumps(tool_input, sort_keys=True).encode("utf-8", "surrogatepass")
+    ).hexdigest()
+
+
+def approval_key(repo):
+    """The HMAC key of decisions and rules (.orchestra/approval.key, 0600), made on first use."""
+    path = Path(repo) / ORCHESTRA_DIR / APPROVAL_KEY_FILE
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".key.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(APPROVAL_KEY_BYTES) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, str(path))  # the first writer's key wins
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return bytes.fromhex(path.read_text().strip())
+
+
+def approval_mac(key, kind, name, payload):
+    """HMAC-SHA256 of one approval file's content, bound to its kind and name."""
+    body = json.dumps({k: v for k, v in payload.items() if k != "mac"}, sort_keys=True)
+    message = f"orchestra-{kind}\0{name}\0{body}".encode("utf-8", "surrogatepass")
+    return hmac.new(key, message, "sha256").hexdigest()
+
+
+def exact_rule(tool, tool_input):
+    """The rule --always saves: this tool with exactly this input (its description aside)."""
+    return {"tool": tool, "input": {k: v for k, v in tool_input.items() if k not in RULE_IGNORED}}
+
+
+def prefix_rule(tool, tool_input, prefix):
+    """A rule for Bash commands that start with `prefix` (a word boundary), asked for by name."""
+    command = tool_input.get("command")
+    if tool != "Bash" or not isinstance(command, str):
+        raise OrchestraError(f"a prefix rule is for Bash commands; this call is {tool}")
+    prefix = prefix.strip()
+    if not prefix or "\n" in prefix or not (command == prefix or command.startswith(prefix + " ")):
+        raise OrchestraError(
+            f"--prefix must be the start of the command, whole words: {tool_summary(tool, tool_input)}"
+        )
+    if SHELL_OPERATORS.search(prefix):
+        raise OrchestraError("a prefix with shell operators (; & | < > $ ` ( )) cannot be a rule")
+    return {"tool": tool, "prefix": prefix}
+
+
+def rule_label(rule):
+    """A rule as a person reads it: 'Bash(pytest -q)', 'Bash(touch *) [prefix]', 'Write(a.txt) [exact input]'."""
+    if isinstance(rule, str):
+        return rule
+    if "prefix" in rule:
+        return f"Bash({escape_controls(rule['prefix'], newlines=True)} *) [prefix: no ; & | < > $ ` ( ) after it]"
+    tool_input = rule.get("input") or {}
+    if not tool_input:
+        return f"{rule['tool']} [every call, whatever its input]"
+    if rule["tool"] == "Bash" and set(tool_input) == {"command"}:
+        return tool_summary("Bash", tool_input)
+    return f"{tool_summary(rule['tool'], tool_input)} [exactly this input]"
+
+
+def whole_tool(rule):
+    """True when a rule allows every call of its tool."""
+    return "prefix" not in rule and not rule.get("input")
+
+
+def stored_rule_matches(rule, tool, tool_input):
+    """True when a rule --always saved allows this call: the exact input, or a Bash prefix."""
+    if not isinstance(rule, dict) or rule.get("tool") != tool:
+        return False
+    if "prefix" in rule:
+        command, prefix = tool_input.get("command"), rule["prefix"]
+        if not isinstance(command, str) or not isinstance(prefix, str) or not prefix:
+            return False
+        rest = command[len(prefix) :] if command.startswith(prefix) else None
+        return rest is not None and (
+            rest == "" or (rest[0] == " " and not SHELL_OPERATORS.search(rest))
+        )
+    return rule.get("input") == {k: v for k, v in tool_input.items() if k not in RULE_IGNORED}
+
+
+def denial_lines(denials, allowed=()):
+    """'2 tool calls denied: Bash(pytest -q), Write(x)'. No "allow them next time": a denial may
+    be the user's own, and a rule is only ever made from a call the user saw and allowed."""
     if not denials:
         return []
     named = [tool_summary(d.get("tool_name") or "tool", d.get("tool_input")) for d in denials]
-    new = [request_rule(d.get("tool_name") or "tool", d.get("tool_input") or {}) for d in denials]
-    rules = list(dict.fromkeys([*allowed, *new]))
     count = f"{len(denials)} tool call{'s' if len(denials) != 1 else ''} denied"
-    return [
-        f"{count}: {', '.join(named)}",
-        f"allow them next time: orchestra config set bypass_permissions {shlex.quote(json.dumps(rules))}",
-    ]
+    return [f"{count}: {', '.join(named)}"]
 
 
 class ApprovalBox:
-    """One repository's approval requests, decisions and --always rules, as files in .orchestra/approvals/."""
+    """One repository's approval requests, decisions and --always rules, as files in .orchestra/approvals/.
+
+    Each file carries an HMAC ("mac") under the key in .orchestra/approval.key; a file without a
+    valid one was not written by orchestra: it is ignored, and named in `ignored`.
+    """
 
     def __init__(self, repo):
         self.repo = Path(repo)
@@ -2517,6 +2692,32 @@ class ApprovalBox:
         self.decisions = self.dir / "decisions"
         self.answered = self.dir / "answered"
         self.rules_dir = self.dir / "rules"
+        self.ignored = []  # files read without a valid mac
+        self._key = None
+
+    @property
+    def key(self):
+        if self._key is None:
+            self._key = approval_key(self.repo)
+        return self._key
+
+    def signed(self, kind, name, payload):
+        """The payload with its mac, as JSON text."""
+        data = {**payload, "mac": approval_mac(self.key, kind, name, payload)}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def verified(self, path, kind, name):
+        """A file's payload when orchestra wrote it; None when missing, and reported when forged."""
+        data = read_json_file(path)
+        if data is None:
+            return None
+        mac = data.get("mac")
+        if isinstance(mac, str) and hmac.compare_digest(
+            mac, approval_mac(self.key, kind, name, data)
+        ):
+            return {k: v for k, v in data.items() if k != "mac"}
+        self.ignored.append(str(path))
+        return None
 
     def stamp(self):
         """Changes whenever a request appears or goes: the folder's (inode, mtime)."""
@@ -2545,16 +2746,14 @@ class ApprovalBox:
             if (self.answered / f"{req_id}.json").exists():
                 continue  # the empty reservation stays behind; readers skip it
             request = {"id": req_id, **request}
-            write_atomic(
-                self.dir / f"{req_id}.json", json.dumps(request, indent=2, sort_keys=True) + "\n"
-            )
+            write_atomic(self.dir / f"{req_id}.json", self.signed("request", req_id, request))
             return request
 
     def pending(self):
         """Requests still waiting, oldest first (void ones, whose hook has gone, left out)."""
         found = []
         for path in self.dir.glob("*.json"):
-            request = read_json_file(path)
+            request = self.verified(path, "request", path.stem)
             if (
                 request
                 and process_alive(request.get("pid"), request.get("pid_start"))
@@ -2567,15 +2766,15 @@ class ApprovalBox:
         """(request, 'pending'|'answered') for an id, or (None, None)."""
         if not re.fullmatch(r"[0-9a-f]+", req_id):
             return None, None
-        request = read_json_file(self.dir / f"{req_id}.json")
+        request = self.verified(self.dir / f"{req_id}.json", "request", req_id)
         if request:
             return request, "pending"
         request = read_json_file(self.answered / f"{req_id}.json")
         return (request, "answered") if request else (None, None)
 
     def decision(self, req_id):
-        """The decision taken on a request, or None."""
-        return read_json_file(self.decisions / f"{req_id}.json")
+        """The decision taken on a request, or None (a forged one counts as none)."""
+        return self.verified(self.decisions / f"{req_id}.json", "decision", req_id)
 
     def decide(self, req_id, decision):
         """Record the decision if it is the first; False when another came first."""
@@ -2583,7 +2782,7 @@ class ApprovalBox:
         fd, tmp = tempfile.mkstemp(dir=str(self.decisions), prefix=f".{req_id}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(decision, indent=2, sort_keys=True) + "\n")
+                f.write(self.signed("decision", req_id, decision))
                 f.flush()
                 os.fsync(f.fileno())
             os.link(tmp, str(self.decisions / f"{req_id}.json"))  # fails if it exists: first wins
@@ -2593,13 +2792,35 @@ class ApprovalBox:
         finally:
             os.unlink(tmp)
 
-    def wait(self, req_id, timeout, parent=None):
-        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone."""
+    def wait(self, req_id, timeout, parent=None, digest=None, report=None):
+        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone.
+
+        A decision file without a valid mac, or an "allow" taken on another input than `digest`,
+        is no decision: it is moved aside (decisions/.forged-*), `report()` is called, and the
+        wait goes on, so the user can still decide.
+        """
         deadline = time.monotonic() + timeout
+        path = self.decisions / f"{req_id}.json"
         while True:
-            decision = self.decision(req_id)
+            decision, forged = self.decision(req_id), False
+            if decision is None and path.exists():
+                decision = self.decision(req_id)  # linked in between the looks: whole by now
+                forged = decision is None
+            allowed = decision and decision.get("decision") == "allow"
+            if allowed and digest is not None and decision.get("input_sha256") != digest:
+                self.ignored.append(str(path))
+                decision, forged = None, True
             if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
                 return decision
+            if forged:  # unsigned, half written by another hand, or on another input
+                if str(path) not in self.ignored:
+                    self.ignored.append(str(path))
+                aside = self.decisions / f".forged-{req_id}-{time.time_ns()}.json"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(str(path), str(aside))
+                if report:
+                    report()
+                continue
             time.sleep(APPROVAL_POLL)
 
     def close(self, request, decision):
@@ -2611,35 +2832,52 @@ class ApprovalBox:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(str(self.dir / f"{request['id']}.json"))
 
+    def audit(self):
+        """Verify every rule file and every decision on a pending request; `ignored` names the forged."""
+        for path in self.rules_dir.glob("*.json"):
+            self.verified(path, "rules", path.stem)
+        for path in self.decisions.glob("*.json"):
+            if (self.dir / path.name).exists():
+                self.verified(path, "decision", path.stem)
+        return list(dict.fromkeys(self.ignored))
+
+    def rules_path(self, agent_id):
+        return self.rules_dir / (PROJECT_RULES if agent_id is None else f"{agent_id}.json")
+
     def rules(self, agent_id):
-        """The rules --always gave this agent for the rest of its run."""
-        data = read_json_file(self.rules_dir / f"{agent_id}.json") or {}
-        return [r for r in data.get("rules", []) if isinstance(r, str)]
+        """The rules --always saved: this agent's for the rest of its run, or (None) the project's."""
+        name = PROJECT_RULES if agent_id is None else agent_id
+        data = self.verified(self.rules_path(agent_id), "rules", name) or {}
+        return [r for r in data.get("rules", []) if isinstance(r, dict)]
 
     def forget_rules(self, agent_id):
         """A new run of the agent starts without the --always rules of its last run."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(str(self.rules_dir / f"{agent_id}.json"))
+            os.unlink(str(self.rules_path(agent_id)))
 
     def add_rule(self, agent_id, rule):
-        """Allow `rule` for the rest of this agent's run."""
+        """Allow `rule` for the rest of this agent's run (agent_id None: for the project's agents)."""
         self.rules_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.rules_dir / f"{agent_id}.lock"):
+        name = PROJECT_RULES if agent_id is None else agent_id
+        with FileLock(self.rules_dir / f"{name}.lock"):
             rules = self.rules(agent_id)
             if rule not in rules:
                 write_atomic(
-                    self.rules_dir / f"{agent_id}.json",
-                    json.dumps({"rules": [*rules, rule]}, indent=2) + "\n",
+                    self.rules_path(agent_id), self.signed("rules", name, {"rules": [*rules, rule]})
                 )
+        return self.rules_path(agent_id)
 
 
 def approval_flags(repo):
-    """{agent id: {id, tool, summary, since}} of the oldest request each agent waits on."""
+    """{agent id: {id, tool, summary, since, shown}} of the oldest request each agent waits on
+    (`shown`: the whole input as shown_request() shows it)."""
     flags = {}
     for request in ApprovalBox(repo).pending():
-        flags.setdefault(
-            request["agent"], {k: request.get(k) for k in ("id", "tool", "summary", "since")}
-        )
+        if request["agent"] not in flags:
+            flags[request["agent"]] = {
+                **{k: request.get(k) for k in ("id", "tool", "summary", "since")},
+                "shown": shown_request(request),
+            }
     return flags
 
 
@@ -2683,6 +2921,8 @@ def claude_settings(repo, agent_id, launch):
         "timeout": int(timeout + APPROVAL_HOOK_MARGIN),
     }
     settings = {"hooks": {"PermissionRequest": [{"matcher": "*", "hooks": [hook]}]}}
+    if launch.get("bypass_permissions"):  # an array: never split on spaces as --allowedTools is
+        settings["permissions"] = {"allow": list(launch["bypass_permissions"])}
     if launch.get("sandboxed"):
         settings["sandbox"] = {"enabled": True, "autoAllowBashIfSandboxed": True}
         if launch.get("sandbox_network"):
@@ -2754,14 +2994,10 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         return denied(f"orchestra records agent '{agent_id}' as {record.get('state')}; denied")
     box, summary = ApprovalBox(repo), tool_summary(tool, tool_input)
     log = repo / ORCHESTRA_DIR / "logs" / f"{agent_id}.jsonl"
-    rule = next(
-        (
-            r
-            for r in [*box.rules(agent_id), *project_rules(repo)]
-            if rule_matches(r, tool, tool_input)
-        ),
-        None,
-    )
+    saved = [*box.rules(agent_id), *box.rules(None)]
+    rule = next((rule_label(r) for r in saved if stored_rule_matches(r, tool, tool_input)), None)
+    rule = rule or next((r for r in project_rules(repo) if rule_matches(r, tool, tool_input)), None)
+    report_ignored(box, log)
     if rule:
         append_event(
             log,
@@ -2769,17 +3005,17 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         )
         return {"decision": "allow", "by": "rule", "rule": rule, "at": utc_iso()}
     text = json.dumps(tool_input)
+    whole = len(text) <= APPROVAL_INPUT_LIMIT
     request = box.submit(
         {
             "agent": agent_id,
             "tool": tool,
-            "summary": summary,
-            "input": (
-                tool_input
-                if len(text) <= APPROVAL_INPUT_LIMIT
-                else {"truncated": text[:APPROVAL_INPUT_LIMIT]}
-            ),
-            "suggestions": asked.get("permission_suggestions") or [],
+            "summary": summary if len(summary) <= APPROVAL_INPUT_LIMIT else tool,
+            "input": tool_input if whole else None,
+            **({} if whole else {"truncated": True, "input_head": text[:APPROVAL_INPUT_LIMIT]}),
+            "input_bytes": len(text.encode("utf-8", "surrogatepass")),
+            "input_sha256": input_digest(tool_input),
+            "suggestions": asked.get("permission_suggestions") or [] if whole else [],
             "session_id": asked.get("session_id"),
             "since": utc_iso(),
             "timeout": timeout,
@@ -2789,13 +3025,20 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         }
     )
     append_event(log, {"event": "approval_requested", "request": request["id"], "tool": summary})
+    shown = "\n".join(shown_request(request))
     notifier = notify(
         repo,
         agent_id,
         "approval",
-        f"{agent_id} asks to run {summary} (orchestra approve {request['id']})",
+        f"{agent_id} asks to run:\n{shown}\n(orchestra approve {request['id']})",
     )
-    decision = box.wait(request["id"], timeout, parent=os.getppid())
+    decision = box.wait(
+        request["id"],
+        timeout,
+        parent=os.getppid(),
+        digest=request["input_sha256"],
+        report=lambda: report_ignored(box, log),
+    )
     if decision is None:
         ended = os.getppid() != request["parent"]
         late = denied(
@@ -2804,7 +3047,7 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
             else f"no decision within approval_timeout ({timeout:g} s); denied"
         )
         late["by"] = "orchestra" if ended else "timeout"
-        decision = late if box.decide(request["id"], late) else box.decision(request["id"])
+        decision = late if box.decide(request["id"], late) else box.decision(request["id"]) or late
         if decision is late:
             append_event(
                 log, {"event": "approval", "request": request["id"], "tool": summary, **late}
@@ -2815,8 +3058,17 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
     return decision
 
 
+def report_ignored(box, log):
+    """Say in the agent's log which approval files were ignored for want of a valid signature."""
+    for path in dict.fromkeys(box.ignored):
+        append_event(log, {"event": "approval_ignored", "file": path,
+                           "reason": "no valid orchestra signature: not written by orchestra"})  # fmt: skip
+    box.ignored.clear()
+
+
 def notify(repo, agent_id, event, message):
-    """Run notify_command in the background with {agent}, {event} and {message} filled in.
+    """Run notify_command in the background with {agent} and {event} filled in; the message goes
+    on its stdin and in $ORCHESTRA_MESSAGE (never in argv, which every local user can read).
 
     A failing command is written to .orchestra/notify.log, never raised; returns its thread or None.
     """
@@ -2826,23 +3078,28 @@ def notify(repo, agent_id, event, message):
         return None
     if not command:
         return None
-    values = {"agent": agent_id, "event": event, "message": message}
-    argv = [
-        re.sub(r"\{(agent|event|message)\}", lambda m: values[m.group(1)], part) for part in command
-    ]
+    values = {"agent": agent_id, "event": event}
+    argv = [re.sub(r"\{(agent|event)\}", lambda m: values[m.group(1)], part) for part in command]
+    env = dict(
+        os.environ, ORCHESTRA_AGENT=agent_id, ORCHESTRA_EVENT=event, ORCHESTRA_MESSAGE=message
+    )
     thread = threading.Thread(
-        target=run_notify, args=(Path(repo), argv), name=f"notify-{event}", daemon=True
+        target=run_notify,
+        args=(Path(repo), argv, message, env),
+        name=f"notify-{event}",
+        daemon=True,
     )
     thread.start()
     return thread
 
 
-def run_notify(repo, argv):
-    """Run one notify command; log why it failed, if it did."""
+def run_notify(repo, argv, message="", env=None):
+    """Run one notify command, the message on its stdin; log why it failed, if it did."""
     try:
         done = subprocess.run(
             argv,
-            stdin=subprocess.DEVNULL,
+            input=message,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             timeout=NOTIFY_TIMEOUT,
@@ -2955,15 +3212,9 @@ def agent_argv(record, prompt=None):
     task = prompt or record["task"]
     if not is_claude_command(command):
         return [part.replace("{task}", task) for part in command]
-    dashed = task.startswith("-")  # would be read as an option: it goes last, after "--"
-    argv = [
-        *command,
-        "-p",
-        *([] if dashed else [task]),
-        "--output-format",
-        "stream-json",
-        "--verbose",
-    ]
+    # The task goes on stdin (agent_prompt()), where `ps` does not show it: `claude -p` reads
+    # its prompt from stdin when argv holds none (checked with 2.1.331).
+    argv = [*command, "-p", "--output-format", "stream-json", "--verbose"]
     if prompt and record.get("session_id"):
         argv += ["--resume", record["session_id"]]
     argv += ["--append-system-prompt", SYSTEM_PROMPT.format(branch=record["branch"])]
@@ -2975,9 +3226,25 @@ def agent_argv(record, prompt=None):
     argv += ["--settings", json.dumps(claude_settings(repo, record["id"], config))]
     if config.get("max_budget_usd"):
         argv += ["--max-budget-usd", str(config["max_budget_usd"])]
-    if config["bypass_permissions"]:
-        argv += ["--allowedTools", *config["bypass_permissions"]]  # variadic: keep it last
-    return argv + (["--", task] if dashed else [])
+    return argv  # bypass_permissions: claude_settings()' permissions.allow, one rule an item
+
+
+def agent_prompt(record, prompt=None):
+    """What a Claude agent reads on stdin: its task (or the follow-up); None for other CLIs."""
+    if not is_claude_command(record["launch"]["agent_command"]):
+        return None
+    return prompt or record["task"]
+
+
+def prompt_file(project, agent_id, text):
+    """A private file holding `text`, already unlinked: an agent's stdin that no one else sees."""
+    folder = project.dir / AGENT_ENV_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(folder), prefix=f".{agent_id}.", suffix=".prompt")
+    os.unlink(tmp)
+    os.write(fd, text.encode("utf-8", "surrogatepass"))
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.fdopen(fd, "rb")
 
 
 def check_agent_command(config):
@@ -3045,14 +3312,18 @@ def launch_agent(project, record, prompt=None):
         ORCHESTRA_AGENT_ID=record["id"],
         ORCHESTRA_REPO=str(project.repo),
     )
+    text = agent_prompt(record, prompt)
     with (
         open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
         open(project.stderr_path(record["id"]), "ab", opener=private_opener) as err,
+        (
+            prompt_file(project, record["id"], text) if text is not None else open(os.devnull, "rb")
+        ) as stdin,
     ):
         proc = subprocess.Popen(
             argv,
             cwd=record["worktree"],
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=out,
             stderr=err,
             env=env,
@@ -3625,6 +3896,7 @@ def roll_back_spawn(project, records, why):
                 note_settlement(saved)
 
     project.store.update(mark)
+    drop_agent_env(project, [record["id"] for record in records])  # its keys go with it
 
 
 def roll_back_stalled_spawns(project):
@@ -3708,7 +3980,7 @@ def json_object(line):
     """A log line as a dict, or None."""
     try:
         event = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) else None
 
@@ -4878,6 +5150,7 @@ def stop_agents(project, ids):
     for agent_id, (pid, start_token) in change_agents(project, ids, request_stop):
         stop_process(pid, start_token)
         outcomes.append((agent_id, "stopped (worktree and branch kept)"))
+    drop_agent_env(project, [agent_id for agent_id, _ in outcomes])  # no launch will read it
     return outcomes
 
 
@@ -4959,11 +5232,35 @@ def late_message(req_id, decision):
     return f"request {req_id} was already {verb} by {decision.get('by')} at {decision.get('at')}; your decision came late"
 
 
-def answer_request(project, request, allow, by, message=None, always=None):
+def request_rule(request, prefix=None, whole=False):
+    """The rule --always saves for a request: its exact input, or the Bash prefix asked for.
+
+    Refused on an input too long to show whole, and, unless `whole`, when it would allow every
+    call of a tool (the error says so in words, before anything is saved).
+    """
+    if request.get("truncated") or not isinstance(request.get("input"), dict):
+        raise OrchestraError(
+            f"request {request['id']}'s input is {request.get('input_bytes')} bytes, too long to show "
+            "whole: it can be approved once (without --always), never as a rule"
+        )
+    tool, tool_input = request["tool"], request["input"]
+    rule = exact_rule(tool, tool_input) if prefix is None else prefix_rule(tool, tool_input, prefix)
+    if whole_tool(rule) and not whole:
+        raise OrchestraError(
+            f"this rule would allow every {tool} call, whatever its input; "
+            "add --whole-tool to save it anyway, or approve once without --always"
+        )
+    return rule
+
+
+def answer_request(
+    project, request, allow, by, message=None, always=None, prefix=None, whole=False
+):
     """Decide one pending request (first decision wins); the decision as recorded.
 
-    always: None, "agent" (the rule holds for the rest of the agent's run) or "project"
-    (the rule is added to the project's bypass_permissions).
+    always: None, "agent" (the rule holds for the rest of the agent's run) or "project" (for
+    every agent of the project, in approvals/rules/@project.json). The rule is the exact input
+    shown unless `prefix` asks for a Bash prefix rule.
     """
     box = ApprovalBox(project.repo)
     if not process_alive(request.get("pid"), request.get("pid_start")):
@@ -4972,20 +5269,20 @@ def answer_request(project, request, allow, by, message=None, always=None):
             f"{request['agent']} has ended ({state}); its request {request['id']} is void",
             EXIT_FAILURE,
         )
-    rule = request_rule(request["tool"], request.get("input") or {}) if allow and always else None
+    rule = request_rule(request, prefix, whole) if allow and always else None
     decision = {
         "decision": "allow" if allow else "deny",
         "by": by,
         "at": utc_iso(),
         "message": message,
         "always": always if rule else None,
-        "rule": rule,
+        "rule": rule_label(rule) if rule else None,
+        "input_sha256": request.get("input_sha256"),
     }
     if rule:  # before the decision, so the agent's very next request already finds it
+        path = box.add_rule(None if always == "project" else request["agent"], rule)
         if always == "project":
-            decision["config"] = str(add_project_rule(project, rule))
-        else:
-            box.add_rule(request["agent"], rule)
+            decision["config"] = str(path)
     if not box.decide(request["id"], decision):
         raise OrchestraError(
             late_message(request["id"], box.decision(request["id"]) or {}), EXIT_FAILURE
@@ -5002,18 +5299,17 @@ def answer_request(project, request, allow, by, message=None, always=None):
     return decision
 
 
-def add_project_rule(project, rule):
-    """Add a rule to bypass_permissions in .orchestra/config.json; that file's path."""
-    path = project.dir / "config.json"
-    current = read_config_file(path).get("bypass_permissions", project.config["bypass_permissions"])
-    if rule not in current:
-        write_config_value(path, "bypass_permissions", [*current, rule])
-    return path
-
-
 def approvals_document(project):
-    """What `approvals --json` prints and GET /api/approvals answers."""
-    return {"approvals": ApprovalBox(project.repo).pending()}
+    """What `approvals --json` prints and GET /api/approvals answers: each request with the
+    lines it is shown as (`shown`), the project's saved rules, and files ignored as forged."""
+    box = ApprovalBox(project.repo)
+    requests = [{**r, "shown": shown_request(r)} for r in box.pending()]
+    rules = [rule_label(r) for r in box.rules(None)]
+    return {
+        "approvals": requests,
+        "project_rules": rules,
+        "ignored": box.audit(),
+    }
 
 
 def worktree_rows(project, records):
@@ -5065,6 +5361,8 @@ def worktree_row(path, branch, record, notes):
 
 LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
 LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
+LOG_LINE_CAP = 1024 * 1024  # a log line longer than this is shown cut, with its size
+LOG_CUT_SHOWN = 2000  # bytes of a cut line shown
 LOGS_TOOL_OUTPUT_LINES = 10  # of a tool's output `logs` shows (an error's output is shown whole)
 
 
@@ -5146,6 +5444,8 @@ def render_orchestra_event(event):
         why = f" by rule {event['rule']}" if event.get("rule") else f" by {event.get('by')}"
         note = f": {event['message']}" if event.get("message") and event.get("by") != "rule" else ""
         return [f"== {verb}{why}: {event.get('tool')}{note}"]
+    if what == "approval_ignored":
+        return [f"!! ignored {event.get('file')}: {event.get('reason')}"]
     return render_resilience_event(event)
 
 
@@ -5158,10 +5458,11 @@ def readable_lines(chunk, raw):
             continue
         try:
             event = json.loads(line)
+            lines.extend(render_event(event) if isinstance(event, dict) else [line])
         except ValueError:
             lines.append(line)
-            continue
-        lines.extend(render_event(event) if isinstance(event, dict) else [line])
+        except (RecursionError, TypeError, AttributeError, KeyError):
+            lines.append(f"[unreadable line: {len(line)} characters]")
     return lines
 
 
@@ -5172,9 +5473,18 @@ def log_renderer(raw):
     return lambda line: readable_lines(line, False)
 
 
+def cut_line(head, size):
+    """What a log view shows of a line over LOG_LINE_CAP bytes: its start, cut, and its size."""
+    text = strip_control(head[:LOG_CUT_SHOWN].decode("utf-8", "replace"))
+    return [f"{text}… [line cut: {size} bytes]"]
+
+
 def stream_log(path, offset, render, show):
-    """Show the complete lines from `offset` on, a chunk at a time; the offset after the last one."""
-    pending, size = b"", LOGS_FIRST_CHUNK
+    """Show the complete lines from `offset` on, a chunk at a time; the offset after the last one.
+
+    Linear in the bytes read: a line longer than LOG_LINE_CAP keeps only its start in memory
+    and is shown cut, with its size."""
+    head, length, size = [], 0, LOGS_FIRST_CHUNK  # the unfinished line: its start, its length
     with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
         f.seek(offset)
         while True:
@@ -5182,26 +5492,45 @@ def stream_log(path, offset, render, show):
             if not chunk:
                 break
             size = LOG_READ_CHUNK
-            *lines, last = (pending + chunk).split(b"\n")
-            pending = last
             offset += len(chunk)
-            show([shown for line in lines for shown in render(line)])
-    return offset - len(pending)
+            start, shown = 0, []
+            while True:
+                newline = chunk.find(b"\n", start)
+                if newline < 0:
+                    break
+                piece = chunk[start:newline]
+                if length + len(piece) <= LOG_LINE_CAP:
+                    shown += render(b"".join([*head, piece]))
+                else:
+                    shown += cut_line(b"".join([*head, piece[:LOG_CUT_SHOWN]]), length + len(piece))
+                head, length, start = [], 0, newline + 1
+            rest = chunk[start:]
+            if length + len(rest) <= LOG_LINE_CAP:
+                head.append(rest)  # it may yet be shown whole
+            else:  # it will be cut: keep its start only
+                head = [b"".join([*head, rest[:LOG_CUT_SHOWN]])[:LOG_CUT_SHOWN]]
+            length += len(rest)
+            show(shown)
+    return offset - length
 
 
 def tail_lines(path, count, render, limit=None):
     """(the last `count` rendered lines, offset after the last complete line, True if `limit` cut it).
 
-    Reads backwards from the end in blocks; an unfinished last line is left for later.
+    Reads backwards from the end in blocks, looking at each byte once (linear, whatever the
+    line lengths); a line over LOG_LINE_CAP bytes is read only for its start and shown cut.
+    An unfinished last line is left for later.
     """
     found, end, cut = [], None, False
     with open(path, "rb") as f:
         pos = size = f.seek(0, os.SEEK_END)
-        buffer = b""
+        line_end, block = None, b""  # where the line being looked for ends (its newline)
         while len(found) < count:
             if pos == 0:
-                if end is not None and buffer:
-                    found[:0] = render(buffer)  # the file's first line
+                if end is not None and line_end <= len(block):
+                    found[:0] = render(block[:line_end])  # the file's first line
+                elif end is not None:
+                    found[:0] = render_span(f, 0, line_end, render)
                 break
             if limit is not None and size - pos >= limit:
                 cut = True
@@ -5209,18 +5538,28 @@ def tail_lines(path, count, render, limit=None):
             step = min(LOG_TAIL_BLOCK, pos)
             pos -= step
             f.seek(pos)
-            buffer = f.read(step) + buffer
-            head, *lines = buffer.split(b"\n")
-            if not lines:
-                continue
-            if end is None:
-                end, lines = size - len(lines[-1]), lines[:-1]
-            buffer = head
-            for line in reversed(lines):
-                found[:0] = render(line)
-                if len(found) >= count:
+            block = f.read(step)
+            at = len(block)
+            while len(found) < count:
+                newline = block.rfind(b"\n", 0, at)
+                if newline < 0:
                     break
-    return (found[-count:] if count else []), (size - len(buffer) if end is None else end), cut
+                if end is None:
+                    end = pos + newline + 1
+                elif line_end - pos <= len(block):  # the whole line is in this block
+                    found[:0] = render(block[newline + 1 : line_end - pos])
+                else:  # a line across blocks: read again, its start only when it is long
+                    found[:0] = render_span(f, pos + newline + 1, line_end, render)
+                line_end, at = pos + newline, newline
+    return (found[-count:] if count else []), (pos if end is None else end), cut
+
+
+def render_span(f, start, stop, render):
+    """The rendered lines of the bytes [start, stop) of a log, cut when over LOG_LINE_CAP."""
+    f.seek(start)
+    if stop - start <= LOG_LINE_CAP:
+        return render(f.read(stop - start))
+    return cut_line(f.read(min(LOG_CUT_SHOWN, stop - start)), stop - start)
 
 
 # ======================================================================================
@@ -6676,11 +7015,15 @@ def session_detail(env, wanted):
     }
 
 
-def sessions_document(env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None):
-    """What `orchestra sessions --json` prints, for the web API."""
+def sessions_document(
+    env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None, repo=None
+):
+    """What `orchestra sessions --json` prints, for the web API: the sessions of `repo` (its
+    worktrees included), or of every project when repo is None."""
     now = time.time() if now is None else now
-    listing = session_listing(env, now, hours, None, limit)
-    return listing_json(listing, claude_projects_dir(env), now, hours, None)
+    project = project_filter(str(repo)) if repo is not None else None
+    listing = session_listing(env, now, hours, project, limit)
+    return listing_json(listing, claude_projects_dir(env), now, hours, project)
 
 
 # ======================================================================================
@@ -8203,6 +8546,7 @@ def remove_agent(project, record, step):
             ]  # only if still at tip
             run_git(delete, project.repo)
         mark_removed(project, record["id"], refs)
+    drop_agent_env(project, [record["id"]])
     return refs
 
 
@@ -8734,12 +9078,19 @@ WEB_HEADER_LINE = re.compile(
     rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n"
 )  # RFC 9112 5
 WEB_DIGITS = re.compile(r"[0-9]{1,15}")
+JSON_MARKS = re.compile(rb'["\[\]{}]')  # what json_depth_ok looks at
 # a subprotocol that carries the token: browsers cannot set WebSocket headers
 WS_TOKEN_PREFIX = "token."
+# GET ?nonce=HEX, no token: answers HMAC-SHA256(token, nonce), so the page can tell that this
+# server knows its token before it sends it (a server squatting the port while `web` was
+# stopped does not)
+WEB_CHALLENGE_PATH = "/api/challenge"
+WEB_NONCE = re.compile(r"[0-9a-f]{32,128}")
 
 
 def web_token(folder, rotate=False):
-    """The access token kept in web.json (mode 0600): reused, or made anew on first use or rotation."""
+    """The access token kept in web.json (mode 0600): made anew when rotating (every `web` start
+    does: a token taken while the server was down never works again), else reused."""
     path = folder / WEB_TOKEN_FILE
     if not rotate:
         try:
@@ -8791,6 +9142,8 @@ class Gate:
             raise HTTPRefusal(403, "cross-site requests are refused")
         if not path.startswith(("/api/", "/ws/")):
             return False
+        if path == WEB_CHALLENGE_PATH and method == "GET":
+            return False  # the page asks for proof before it shows its token (route_challenge)
         token = self.presented(path, headers)
         if token is None or not hmac.compare_digest(token, self.token):
             raise HTTPRefusal(
@@ -8869,14 +9222,30 @@ def check_framing(headers):
 
 
 def json_depth_ok(data, limit=WEB_MAX_JSON_DEPTH):
-    """False when JSON text opens more than `limit` arrays or objects at once (a cheap scan
-    before json.loads, whose recursion would otherwise fail deep inside)."""
-    depth = 0
-    for token in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', data):
-        mark = token.group()[:1]
-        depth += 1 if mark in (b"[", b"{") else -1 if mark in (b"]", b"}") else 0
-        if depth > limit:
-            return False
+    """False when JSON text opens more than `limit` arrays or objects at once (a scan before
+    json.loads, whose recursion would otherwise fail deep inside). Linear: each byte is looked
+    at a bounded number of times, whatever the quotes and backslashes."""
+    depth, at, end = 0, 0, len(data)
+    while at < end:
+        found = JSON_MARKS.search(data, at)
+        if not found:
+            return True
+        mark, at = found.group(), found.end()
+        if mark == b'"':  # skip the string: to the next quote not escaped by a backslash
+            while True:
+                quote = data.find(b'"', at)
+                if quote < 0:
+                    return True  # unterminated: json.loads refuses it
+                run = quote
+                while run > at and data[run - 1] == 0x5C:
+                    run -= 1
+                at = quote + 1
+                if (quote - run) % 2 == 0:
+                    break
+        else:
+            depth += 1 if mark in (b"[", b"{") else -1
+            if depth > limit:
+                return False
     return True
 
 
@@ -9199,6 +9568,7 @@ ROUTES = [
         ("GET", r"/", "route_page"),
         ("GET", r"/api/status", "route_status"),
         ("GET", r"/api/sessions", "route_sessions"),
+        ("GET", r"/api/challenge", "route_challenge"),
         ("GET", r"/api/worktrees", "route_worktrees"),
         ("POST", r"/api/spawn", "route_spawn"),
         ("POST", r"/api/cleanup", "route_cleanup"),
@@ -9443,10 +9813,13 @@ class WebHandler:
         return 200, current_status(self.server.project)[1]
 
     def route_sessions(self, params, query, body):
-        """GET /api/sessions?hours=N&limit=N: the user's recent Claude Code sessions."""
+        """GET /api/sessions?hours=N&limit=N&all=1: the user's recent Claude Code sessions in this
+        repository (all=1: in every project on the machine)."""
         hours = query_int(query, "hours", WEB_SESSION_HOURS, 1, 24 * 365)
         limit = query_int(query, "limit", WEB_SESSION_LIMIT, 1, WEB_SESSION_LIMIT_MAX)
-        return 200, sessions_document(self.server.env, hours=hours, limit=limit)
+        everything = query_int(query, "all", 0, 0, 1)
+        repo = None if everything else self.server.project.repo
+        return 200, sessions_document(self.server.env, hours=hours, limit=limit, repo=repo)
 
     def route_worktrees(self, params, query, body):
         """GET /api/worktrees: what `worktrees --json` prints."""
@@ -9581,20 +9954,36 @@ class WebHandler:
         """GET /api/sessions/ID: a session's prompts and the commands that resume it."""
         return 200, session_detail(self.server.env, params["id"])
 
+    def route_challenge(self, params, query, body):
+        """GET /api/challenge?nonce=HEX (no token needed): {"proof": HMAC-SHA256(token, nonce)}."""
+        nonce = (query.get("nonce") or [""])[-1]
+        if not WEB_NONCE.fullmatch(nonce):
+            raise HTTPRefusal(400, "'nonce' must be 32 to 128 lowercase hex digits")
+        proof = hmac.new(self.server.gate.token, nonce.encode("ascii"), "sha256").hexdigest()
+        return 200, {"proof": proof}
+
     def route_approvals(self, params, query, body):
         """GET /api/approvals: the tool calls agents wait to have approved, oldest first."""
         return 200, approvals_document(self.server.project)
 
     def route_decide(self, params, query, body):
-        """POST /api/approvals/REQ {"decision": "allow"|"deny", "message"?, "always"?}: the CLI's approve/deny."""
+        """POST /api/approvals/REQ {"decision": "allow"|"deny", "message"?, "always"?, "prefix"?,
+        "whole_tool"?}: the CLI's approve/deny. always is a boolean or "project"."""
         always = body.pop("always", None)
-        decision, message = body_fields(body, {"decision": (str, True), "message": (str, False)})
+        whole = body.pop("whole_tool", False)
+        decision, message, prefix = body_fields(
+            body, {"decision": (str, True), "message": (str, False), "prefix": (str, False)}
+        )
         if decision not in ("allow", "deny"):
             raise HTTPRefusal(400, '\'decision\' must be "allow" or "deny"')
-        if always not in (None, False, True, "agent", "project") or (always and decision == "deny"):
+        if not (always is None or isinstance(always, bool) or always == "project") or (
+            always and decision == "deny"
+        ):
             raise HTTPRefusal(
-                400, '\'always\' must be true, "agent" or "project", and only with "allow"'
+                400, '\'always\' must be true, false or "project", and only with "allow"'
             )
+        if not isinstance(whole, bool) or (prefix is not None and not always):
+            raise HTTPRefusal(400, "'whole_tool' must be a boolean; 'prefix' needs 'always'")
         project = self.server.project
         request, where = ApprovalBox(project.repo).request(params["request"])
         if where is None:
@@ -9605,7 +9994,14 @@ class WebHandler:
             raise OrchestraError(late_message(request["id"], request["decision"]), EXIT_FAILURE)
         always = "agent" if always is True else always or None
         answered = answer_request(
-            project, request, decision == "allow", "web", message=message, always=always
+            project,
+            request,
+            decision == "allow",
+            "web",
+            message=message,
+            always=always,
+            prefix=prefix,
+            whole=whole,
         )
         return 200, {"request": request["id"], "agent": request["agent"], **answered}
 
@@ -9936,7 +10332,7 @@ def start_web_server(
     `limits` tunes header_deadline, max_connections and ws_options (ping_interval,
     pong_timeout, queue_limit) for tests.
     """
-    token = web_token(project.dir, rotate=new_token)
+    token = web_token(project.dir, rotate=True)  # new_token: kept for callers; every start rotates
     server = web_class(WebServer)(
         project,
         host,
@@ -10392,7 +10788,9 @@ def status_rows(records, now):
         if r.get("waits_for") and r["state"] == "queued":
             activity = waits_line(r, by_id)
         if r.get("approval"):
-            activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
+            size = (r["approval"].get("shown") or [""])[0].partition(": ")[2]
+            activity = (f"waiting for approval {r['approval']['id']} ({size}, shown whole below): "
+                        f"{r['approval']['summary']}")  # fmt: skip
         rows.append(
             [
                 r["id"],
@@ -10421,6 +10819,10 @@ def status_text(project, records, out):
             r.get("permission_denials"), (r.get("launch") or {}).get("bypass_permissions", ())
         )
     ]
+    for r in records:
+        if r.get("approval"):
+            notes += [f"{r['id']} waits for approval {r['approval']['id']}:",
+                      *(f"  {line}" for line in r["approval"].get("shown") or [])]  # fmt: skip
     return "\n".join(
         [
             table,
@@ -11304,27 +11706,45 @@ def add_diff_parser(commands):
 
 
 def approvals_table(requests, now):
-    """The pending requests as a table: id, agent, waiting for, tool call."""
+    """The pending requests as a table: id, agent, waiting for, tool call (newlines escaped)."""
     rows = [
         [
             r["id"],
             r["agent"],
             format_duration(now - (parse_iso(r.get("since")) or now)),
-            strip_control(r.get("summary") or r.get("tool") or ""),
+            r.get("summary") or r.get("tool") or "",
         ]
         for r in requests
     ]
     return render_table(["REQUEST", "AGENT", "WAITING", "TOOL CALL"], rows, sys.stdout)
 
 
+def print_request(request):
+    """One request shown whole: who asks, then every line of shown_request()."""
+    print(f"request {request['id']}: {request['agent']} asks to run")
+    for line in shown_request(request):
+        print(f"  {line}")
+
+
+def warn_ignored(ignored):
+    """Name approval files that were ignored for want of a valid signature (stderr)."""
+    for path in ignored:
+        print(f"orchestra: warning: ignored {path}: no valid orchestra signature, so orchestra "
+              "did not write it (an agent or another user may have)", file=sys.stderr)  # fmt: skip
+
+
 def cmd_approvals(args):
-    """List the tool calls agents are waiting to have approved, oldest first."""
+    """List the tool calls agents are waiting to have approved, oldest first, each shown whole."""
     project = open_project(args)
     document = approvals_document(project)
+    warn_ignored(document["ignored"])
     if args.json:
         print_json(document)
     elif document["approvals"]:
         print(approvals_table(document["approvals"], time.time()))
+        for request in document["approvals"]:
+            print()
+            print_request(request)
         print(
             "\nAnswer with: orchestra approve REQUEST [--always]   or   orchestra deny REQUEST [--message TEXT]"
         )
@@ -11334,15 +11754,21 @@ def cmd_approvals(args):
 
 
 def cmd_approve(args):
-    """Allow a waiting tool call (by request id, or every request of an agent); --always keeps allowing it."""
+    """Allow a waiting tool call (by request id, or every request of an agent); --always keeps
+    allowing exactly the same call, --prefix WORDS every Bash command that starts with them."""
     project = open_project(args)
+    if (args.prefix is not None or args.whole_tool) and not args.always:
+        raise OrchestraError("--prefix and --whole-tool make a rule: use them with --always")
     for request in find_requests(project, args.target):
-        decision = answer_request(project, request, True, "cli", always=args.always)
-        print(
-            f"allowed {request['id']}: {request['agent']} runs {strip_control(request['summary'])}"
-        )
+        print_request(request)
+        decision = answer_request(
+            project, request, True, "cli", always=args.always, prefix=args.prefix,
+            whole=args.whole_tool,
+        )  # fmt: skip
+        print(f"allowed {request['id']}: {request['agent']} runs {request['summary']}")
         if decision.get("config"):
-            print(f"added {decision['rule']} to bypass_permissions in {decision['config']}")
+            print(f"every agent of this project may now run {decision['rule']} without asking "
+                  f"(rule saved in {decision['config']})")  # fmt: skip
         elif decision.get("rule"):
             print(
                 f"{request['agent']} may run {decision['rule']} without asking for the rest of its run"
@@ -11355,9 +11781,7 @@ def cmd_deny(args):
     project = open_project(args)
     for request in find_requests(project, args.target):
         answer_request(project, request, False, "cli", message=args.message)
-        print(
-            f"denied {request['id']}: {request['agent']} may not run {strip_control(request['summary'])}"
-        )
+        print(f"denied {request['id']}: {request['agent']} may not run {request['summary']}")
     return EXIT_OK
 
 
@@ -11383,8 +11807,19 @@ def add_approvals_parsers(commands):
         nargs="?",
         const="agent",
         choices=["agent", "project"],
-        help="also allow the same call from now on: for the rest of this agent's run, or "
-        "(--always=project) in the project's bypass_permissions",
+        help="also allow exactly the same call (the same input) from now on: for the rest of this "
+        "agent's run, or (--always=project) for every agent of the project",
+    )
+    p.add_argument(
+        "--prefix",
+        metavar="WORDS",
+        help="with --always: allow every Bash command that starts with these words (the start of "
+        "this command), with no shell operator after them: --prefix touch saves Bash(touch *)",
+    )
+    p.add_argument(
+        "--whole-tool",
+        action="store_true",
+        help="with --always: allow a rule that covers every call of a tool (a call without input)",
     )
     p.set_defaults(func=cmd_approve)
     p = commands.add_parser(
@@ -11893,6 +12328,8 @@ def cmd_web(args):
         if args.qr:
             if args.host in WEB_LOOPBACK_HOSTS:
                 print(f"orchestra: warning: {loopback_qr_warning(args.host)}", file=sys.stderr)
+            elif warning and not tls:
+                print(f"orchestra: warning: {QR_PLAIN_HTTP_WARNING}", file=sys.stderr)
             print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
@@ -11934,6 +12371,15 @@ def missing_dashboard_note():
     )
 
 
+QR_PLAIN_HTTP_WARNING = (
+    "this address is plain HTTP beyond this machine: the token in the QR code, and every "
+    "request after it, crosses the network in clear. Put TLS in front: --tls-cert FILE --tls-key "
+    "FILE (e.g. from mkcert), or listen on 127.0.0.1 behind an HTTPS proxy (caddy, "
+    "tailscale serve) or an ssh tunnel (ssh -L 8888:127.0.0.1:8888 HOST). The token changes on "
+    "every start."
+)
+
+
 def add_web_parser(commands):
     """orchestra web"""
     p = commands.add_parser(
@@ -11965,7 +12411,9 @@ def add_web_parser(commands):
         "--qr", action="store_true", help="also print the address as a QR code to scan with a phone"
     )
     p.add_argument(
-        "--new-token", action="store_true", help="make a new access token; old links stop working"
+        "--new-token",
+        action="store_true",
+        help="make a new access token (every start does now; kept for old scripts)",
     )
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
