@@ -22,6 +22,7 @@ Commands:
   orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
+  orchestra land [ID...] [--dry-run]  merge queue: land agents whose checks pass on the result
   orchestra cleanup [--dry-run]       remove worktrees and branches, archiving anything unsaved first
   orchestra restore ID                bring a cleaned-up agent back from its archive
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
@@ -32,12 +33,13 @@ Commands:
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
-readable by you alone, and deleted once read).
+readable by you alone, and deleted once read or when the agent is stopped or removed).
 
 State lives in `<repo>/.orchestra/` (readable by you alone): state.json (live agent records),
 history.jsonl (cleaned-up agents, one record a line), logs/<id>.jsonl (each agent's stream-json
 output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the dashboard's
-access token), approvals/ (requests waiting, decisions, --always rules) and the lock files. Work
+access token, new on every start), approvals/ (requests waiting, decisions, --always rules, each
+signed with approval.key) and the lock files. Work
 saved before a cleanup: refs/orchestra/archive/<id>/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
@@ -66,6 +68,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Sessions: resuming              `claude --resume` in the session's own (recreated) cwd
   Collect: reports                what each finished agent did, cached by RepoFacts
   Collect: commits, merges and pull requests   bringing work home
+  Landing                         the merge queue: scratch merges, checks, compare-and-swap, fix rounds
   Cleanup and archives            remove only what is saved; archive refs; restore
   WebSocket                       RFC 6455 by hand: handshake, frames, one connection
   HTTP server: the gate           Host, Origin, token and size checks before any route
@@ -75,7 +78,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Command line: shared parts      the parser class, tables, colours, number types
   Command line: setting up        init, config, doctor
   Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff, approvals
-  Command line: results           collect, cleanup, restore
+  Command line: results           collect, land, cleanup, restore
   Command line: sessions, web and internals   sessions, web, supervise, hook
   Command line: hosts             hosts, and host-agent: what a host runs for home
   Command line: the parser        PARSER_BUILDERS and build_parser()
@@ -114,6 +117,7 @@ import tempfile
 import threading
 import time
 import traceback
+import unicodedata
 import zlib
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -181,6 +185,7 @@ CONFIG_DEFAULTS = {
     "api_backoff_max": 3600,
     "hosts": {},
     "placement": "local-first",
+    "land_strategy": "merge",
 }
 # What each key must hold: "int", "number", "str", "str?" (string or null) or "list".
 CONFIG_TYPES = {
@@ -210,7 +215,14 @@ CONFIG_TYPES = {
     "api_backoff_max": "number",
     "hosts": "hosts",
     "placement": "str",
+    "land_strategy": "str",
 }
+LAND_STRATEGIES = ("merge", "rebase", "squash")  # how `land` puts an agent's work on the target
+LAND_LOCK = "land.lock"  # in .orchestra/: one land (land, the web, collect --merge) at a time
+LAND_BUSY = (
+    "another land (orchestra land, collect --merge or the dashboard) is running in this "
+    "repository; wait for it to end and run this again"
+)
 # Agent states (see DESIGN.md, "An agent") and exit statuses (0 ok, 1 failed, 2 bad input, Ctrl-C)
 ACTIVE_STATES = ("queued", "running", "paused", "waiting")
 FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
@@ -226,8 +238,10 @@ LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory s
 # Claude Code: its program, where it keeps sessions, how to install it, how to nudge it on
 CLAUDE_EXECUTABLE = "claude"
 CLAUDE_CONFIG_ENV = "CLAUDE_CONFIG_DIR"
+CLAUDE_PINNED_VERSION = "2.1.331"  # what the tests run and the README pins
+CLAUDE_INSTALL_COMMAND = f"npm install -g @anthropic-ai/claude-code@{CLAUDE_PINNED_VERSION}"
 CLAUDE_INSTALL_HINT = (
-    "install Claude Code with 'npm install -g @anthropic-ai/claude-code', "
+    f"install Claude Code with '{CLAUDE_INSTALL_COMMAND}', "
     "or set agent_command in the config to run another agent"
 )
 RESUME_PROMPT = "Continue the task."
@@ -372,7 +386,9 @@ def slugify(text, limit=ID_CHARS, words=ID_WORDS):
     'add input validation to the signup form' -> 'add-input-validation'. Safe as a branch and a
     folder name; small words ('the', 'to', ...) are skipped unless the task has nothing else.
     """
-    found = re.findall(r"[a-z0-9]+", text.lower())
+    # Accents go (é -> e, so 'émoji tâche' -> 'emoji-tache'); letters of other scripts stay.
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    found = re.findall(r"[^\W_]+", plain.lower())
     meaningful = [w for w in found if w not in ID_SKIP_WORDS] or found
     slug = ""
     for word in meaningful[:words]:
@@ -634,6 +650,12 @@ def check_config_value(key, value, where, kind=None):
         raise OrchestraError(
             f"{where}: '{key}' must be {TYPE_NAMES[kind]}, not {json.dumps(value)}"
         )
+    if key == "notify_command" and any("{message}" in part for part in value):
+        raise OrchestraError(
+            f"{where}: notify_command no longer takes {{message}} (every local user can read a "
+            "command line): read the message from stdin or $ORCHESTRA_MESSAGE; {agent} and "
+            "{event} still work"
+        )
 
 
 def read_config_file(path):
@@ -700,6 +722,10 @@ class Config:
         if values["sandbox"] not in SANDBOX_MODES:
             raise OrchestraError(
                 f"{sources['sandbox']}: 'sandbox' must be one of {', '.join(SANDBOX_MODES)}, not {json.dumps(values['sandbox'])}"
+            )
+        if values["land_strategy"] not in LAND_STRATEGIES:
+            raise OrchestraError(
+                f"{sources['land_strategy']}: 'land_strategy' must be one of {', '.join(LAND_STRATEGIES)}, not {json.dumps(values['land_strategy'])}"
             )
         for key in ("heartbeat_interval", "stale_threshold"):
             if values[key] <= 0:
@@ -1686,7 +1712,7 @@ def read_history(path):
         for line in f:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict) and isinstance(record.get("id"), str):
                 history[record["id"]] = record
@@ -1812,11 +1838,12 @@ class StateStore:
         """Read under the lock; move a corrupt file aside and rebuild it from logs and worktrees."""
         try:
             return self.read()
-        except ValueError:
+        except (ValueError, RecursionError):
+            # Rebuilt first, kept aside second: a rebuild that fails leaves state.json in place
             aside = self.path.with_name(f"state.json.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(str(self.path), str(aside))
             state = empty_state()
             state.update(self.rebuild())
+            os.link(str(self.path), str(aside))
             self.write(state_text(state))
             print(
                 f"orchestra: warning: {self.path} was unreadable; moved it to {aside.name} "
@@ -1831,7 +1858,7 @@ def load_agent_records(repo):
     folder = Path(repo) / ORCHESTRA_DIR
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         state = None
     agents = state.get("agents") if isinstance(state, dict) else None
     agents = agents if isinstance(agents, dict) else {}
@@ -1861,7 +1888,8 @@ RECORD_FIELDS = (
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
     "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
-    "checks", "waiting", "batch", "stop_reason", "host",
+    "checks", "waiting", "batch", "stop_reason", "landed", "blocked", "after", "waits_for",
+    "host",
 )  # fmt: skip
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
 # first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
@@ -1951,7 +1979,16 @@ def select_agents(records, wanted):
         if name in records:
             chosen.append(records[name])
             continue
-        matches = sorted(i for i in records if i.startswith(name))
+        # A prefix means one of the agents `status` shows; a cleaned-up one needs its whole id.
+        matches = sorted(
+            i for i, r in records.items() if i.startswith(name) and r["state"] != "removed"
+        )
+        gone = sorted(i for i in records if i.startswith(name) and i not in matches)
+        if not matches and gone:
+            raise OrchestraError(
+                f"no live agent '{name}'; cleaned up: {', '.join(gone[:MAX_LISTED_FILES])} "
+                "(name one by its whole id; 'orchestra status --all' lists them)"
+            )
         if not matches:
             raise OrchestraError(f"no agent '{name}'; 'orchestra status' lists them")
         if len(matches) > 1:
@@ -1967,13 +2004,20 @@ def append_event(path, event):
         f.write(json_text(event) + "\n")
 
 
-def describe_tool_use(block):
-    """One line for a tool call: its name and the input that says most about it."""
+def describe_tool_use(block, cwd=None):
+    """One line for a tool call: its name and the input that says most about it.
+
+    Paths inside `cwd` (the agent's worktree) are shown relative to it: `Write: CHANGELOG.md`.
+    """
     name = block.get("name") or "tool"
     args = block.get("input") if isinstance(block.get("input"), dict) else {}
     for key in ("command", "file_path", "path", "pattern", "url", "description", "prompt"):
         if isinstance(args.get(key), str):
-            return one_line(f"{name}: {args[key]}")
+            said = args[key]
+            if cwd:
+                said = "." if said.rstrip("/") == cwd.rstrip("/") else said
+                said = said.replace(cwd.rstrip("/") + "/", "")
+            return one_line(f"{name}: {said}")
     return name
 
 
@@ -1989,6 +2033,11 @@ def fold_resilience_event(memory, event):
         memory.pop("waiting", None)
     elif what == "budget_stop":
         memory["stop_reason"] = "budget"
+    elif what == "landed":  # see Landing
+        memory["landed"] = {key: event.get(key) for key in ("into", "commit", "at")}
+        memory.pop("blocked", None)
+    elif what == "blocked":
+        memory["blocked"] = {key: event.get(key) for key in ("reason", "at")}
 
 
 class AgentLog:
@@ -2012,6 +2061,7 @@ class AgentLog:
         self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
         self.resilience = {}  # the latest checks result and API wait (see fold_resilience_event)
         self.model = None  # of the current run, from system/init or the messages, to price tokens
+        self.cwd = None  # the agent's worktree, from system/init: activity paths are shown relative
         self.run_estimate = {}  # message id -> estimated USD of the current run, until its result
         self.estimate_total = 0.0  # the sum of run_estimate, kept as it changes (never re-summed)
         self.paid = None  # USD the results of finished runs reported
@@ -2081,12 +2131,15 @@ class AgentLog:
             return
         try:
             event = json.loads(raw.decode("utf-8", "replace"))
+            if isinstance(event, dict):
+                handler = getattr(self, f"on_{event.get('type')}", None)
+                if handler:
+                    handler(event)
         except ValueError:
-            return
-        if isinstance(event, dict):
-            handler = getattr(self, f"on_{event.get('type')}", None)
-            if handler:
-                handler(event)
+            return  # not JSON: a line of plain output, or a torn end
+        except (RecursionError, TypeError, AttributeError, KeyError):
+            # one unreadable line (nested too deep, odd types) is skipped, never the watcher's end
+            self.facts["unreadable_lines"] = (self.facts.get("unreadable_lines") or 0) + 1
 
     def on_orchestra(self, event):
         """A new run starts with no result yet; a failed setup is the agent's error."""
@@ -2109,6 +2162,8 @@ class AgentLog:
             self.facts["session_id"] = event["session_id"]
         if event.get("subtype") == "init" and isinstance(event.get("model"), str):
             self.model = event["model"]
+        if event.get("subtype") == "init" and isinstance(event.get("cwd"), str):
+            self.cwd = event["cwd"]
 
     def on_assistant(self, event):
         """Text or a tool call becomes the activity line; usage gives running token counts."""
@@ -2119,7 +2174,7 @@ class AgentLog:
             if block.get("type") == "text" and one_line(block.get("text", "")):
                 self.facts["activity"] = one_line(block["text"])
             elif block.get("type") == "tool_use":
-                self.facts["activity"] = describe_tool_use(block)
+                self.facts["activity"] = describe_tool_use(block, self.cwd)
         if isinstance(message.get("usage"), dict):
             key = message.get("id") or len(self.run_usage)
             self.count_usage(key, message["usage"])
@@ -2348,6 +2403,9 @@ def restore_resilience(record, log):
     record["api_attempts"] = memory.get("api_attempts", 0)
     if memory.get("stop_reason"):
         record["stop_reason"] = memory["stop_reason"]
+    record.update(landed=memory.get("landed"), blocked=memory.get("blocked"))
+    if record["landed"]:
+        record["merged"] = True
 
 
 def rebuild_state(project):
@@ -2409,7 +2467,14 @@ def rebuild_state(project):
                 "failed",
                 "worktree missing after state.json was rebuilt",
             )
+        record["after"] = spawn.get("after")
         records[record["id"]] = record
+    for record in records.values():  # an agent not started yet still waits for what has not landed
+        if record["after"] and record["state"] == "queued":
+            known = {**history, **records}
+            record["waits_for"] = [
+                i for i in record["after"] if not (known.get(i) or {}).get("landed")
+            ]
     return {"agents": records, "batches": batches}
 
 
@@ -2419,7 +2484,7 @@ def first_spawn_event(path):
         first = f.readline()
     try:
         event = json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) and event.get("event") == "spawn" else None
 
@@ -2431,14 +2496,19 @@ def first_spawn_event(path):
 # never a file) whose PermissionRequest hook runs `orchestra hook permission-request`, a
 # child of the agent, so it outlives a supervisor crash. Claude Code calls it only for a
 # tool call its own rules do not allow already. The hook:
-#   1. allows at once what an --always rule allows: the agent's own (approvals/rules/) or
-#      the project's bypass_permissions as .orchestra/config.json holds it now;
+#   1. allows at once what an --always rule allows: the agent's own (approvals/rules/<id>.json),
+#      the project's (rules/@project.json), or bypass_permissions as config.json holds it now.
+#      A saved rule is the exact input the user was shown (a `*` in it is a `*`), or a Bash
+#      prefix the user asked for by name; never a glob, never more than one tool's calls;
 #   2. else writes approvals/<req>.json atomically: the request is now pending, and the
 #      CLI, the status hub and the dashboard see it;
 #   3. polls for approvals/decisions/<req>.json. A decision is a complete file linked into
 #      place (the O_EXCL rule of link(2)), so the first decider wins and a later one is told
 #      it came late; at approval_timeout the hook itself decides "deny" the same way;
 #   4. moves the request to approvals/answered/ and prints Claude Code's answer.
+# Every request, decision and rule file carries an HMAC under .orchestra/approval.key: a file
+# without a valid one is ignored and reported, and a decision is bound to the SHA-256 of the
+# input it was taken on. What a person decides on is shown whole (shown_request()).
 # When in doubt the hook denies, with a message that says why: unreadable state, an unknown
 # or ended agent, a broken request. A pending request whose hook has gone (its agent was
 # stopped) is void: never listed, never answerable.
@@ -2451,6 +2521,24 @@ APPROVAL_POLL = 0.05  # seconds between the waiting hook's looks for a decision
 APPROVAL_HOOK_MARGIN = 60  # seconds Claude Code gives the hook beyond approval_timeout
 APPROVAL_ID_BYTES = 3  # random bytes of a request id (6 hex digits), unique by O_EXCL
 APPROVAL_INPUT_LIMIT = 64 * 1024  # characters of a tool input kept in a request
+APPROVAL_KEY_FILE = (
+    "approval.key"  # in .orchestra/ (0600): the HMAC key of requests, decisions, rules
+)
+APPROVAL_KEY_BYTES = 32
+PROJECT_RULES = (
+    "@project.json"  # in approvals/rules/: --always=project rules (no agent id has an @)
+)
+RULE_IGNORED = (
+    "description",
+)  # input fields an exact rule does not compare: they change nothing run
+# Fields that change what a call means, shown before the command or content
+SHOWN_FIRST = ("dangerouslyDisableSandbox", "replace_all", "run_in_background", "file_path", "path",
+               "notebook_path", "url", "timeout")  # fmt: skip
+SHOWN_INLINE = 120  # a field value shorter than this, on one line, is shown beside its name
+# Shown as escapes: every C0/C1 control but newline, DEL, bidirectional marks, line separators
+SHOWN_ESCAPED = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff\n]"
+)
 SANDBOX_PACKAGES = {
     "bwrap": "bubblewrap",
     "socat": "socat",
@@ -2465,23 +2553,6 @@ def read_json_file(path):
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def tool_summary(tool, tool_input):
-    """'Bash(pytest -q)', 'Edit(src/app.py)': a tool call as a permission rule would name it."""
-    tool_input = tool_input if isinstance(tool_input, dict) else {}
-    for key in ("command", "file_path", "path", "url", "pattern", "prompt"):
-        if isinstance(tool_input.get(key), str):
-            return one_line(f"{tool}({tool_input[key]})")
-    return tool
-
-
-def request_rule(tool, tool_input):
-    """The rule --always adds: Bash with exactly this command, any other tool as a whole."""
-    command = tool_input.get("command") if isinstance(tool_input, dict) else None
-    if tool == "Bash" and isinstance(command, str):
-        return f"Bash({command})"
-    return tool
 
 
 SHELL_OPERATORS = re.compile(r"[;&|<>$`\n()]")  # a wildcard rule never allows a compound command
@@ -2512,25 +2583,183 @@ def rule_matches(rule, tool, tool_input):
     return fnmatchcase(subject, content)
 
 
-def denial_lines(denials, allowed=()):
-    """'2 tool calls denied: Bash(pytest -q), Write(x)' and the command that allows them next time.
+def escape_controls(text, newlines=False):
+    """Text with every control character shown as an escape (\\x1b, \\u202e); newlines stay unless asked."""
+    return SHOWN_ESCAPED.sub(
+        lambda m: (
+            m.group()
+            if m.group() == "\n" and not newlines
+            else {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(m.group())
+            or (
+                f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}"
+            )
+        ),
+        text,
+    )
 
-    `allowed` is the agent's bypass_permissions, which the suggested list keeps.
-    """
+
+def tool_summary(tool, tool_input):
+    """'Bash(pytest -q)', 'Edit(src/app.py)': a tool call on one line, every newline and control escaped."""
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    for key in ("command", "file_path", "path", "url", "pattern", "prompt"):
+        if isinstance(tool_input.get(key), str):
+            return f"{tool}({escape_controls(tool_input[key], newlines=True)})"
+    return tool
+
+
+def input_size(tool_input):
+    """(lines, bytes) of a tool input's text: every string field, as the call would use it."""
+    texts = [v for v in tool_input.values() if isinstance(v, str)] if tool_input else []
+    data = "".join(texts).encode("utf-8", "surrogatepass")
+    return (sum(line_count(t) for t in texts), len(data))
+
+
+def line_count(text):
+    """Lines as `wc -l` counts them, plus an unfinished last line."""
+    return text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+
+
+def shown_request(request):
+    """Every line a person is shown before deciding: the size, the fields that change what the
+    call means, then the whole input, control characters escaped. Never cut."""
+    tool, tool_input = request.get("tool") or "tool", request.get("input")
+    if request.get("truncated") or not isinstance(tool_input, dict):
+        size = request.get("input_bytes") or 0
+        return [
+            f"{tool}: an input of {size} bytes, too long to show whole; "
+            "it can be approved once, never as a rule",
+            *(
+                "  " + line
+                for line in escape_controls(str(request.get("input_head") or "")).split("\n")
+            ),
+        ]
+    lines, size = input_size(tool_input)
+    shown = [f"{tool}: {lines} line{'s' if lines != 1 else ''}, {size} bytes"]
+    first = [k for k in SHOWN_FIRST if k in tool_input]
+    if tool in ("Write", "Edit", "MultiEdit", "NotebookEdit") and "file_path" in tool_input:
+        first = ["file_path", *[k for k in first if k != "file_path"]]
+    for key in [*first, *sorted(k for k in tool_input if k not in first)]:
+        value = tool_input[key]
+        text = value if isinstance(value, str) else json.dumps(value)
+        body = escape_controls(text[:-1] if text.endswith("\n") else text).split("\n")
+        if len(body) == 1 and len(body[0]) <= SHOWN_INLINE and not text.endswith("\n"):
+            shown.append(f"  {key}: {body[0]}")
+        else:
+            count = line_count(text)
+            shown.append(
+                f"  {key} ({count} line{'s' if count != 1 else ''}, "
+                f"{len(text.encode('utf-8', 'surrogatepass'))} bytes):"
+            )
+            shown += [f"    {line}" for line in body]
+    return shown
+
+
+def input_digest(tool_input):
+    """SHA-256 of a tool input as JSON: what a decision is bound to."""
+    return hashlib.sha256(
+        json.dumps(tool_input, sort_keys=True).encode("utf-8", "surrogatepass")
+    ).hexdigest()
+
+
+def approval_key(repo):
+    """The HMAC key of decisions and rules (.orchestra/approval.key, 0600), made on first use."""
+    path = Path(repo) / ORCHESTRA_DIR / APPROVAL_KEY_FILE
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".key.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(APPROVAL_KEY_BYTES) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, str(path))  # the first writer's key wins
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return bytes.fromhex(path.read_text().strip())
+
+
+def approval_mac(key, kind, name, payload):
+    """HMAC-SHA256 of one approval file's content, bound to its kind and name."""
+    body = json.dumps({k: v for k, v in payload.items() if k != "mac"}, sort_keys=True)
+    message = f"orchestra-{kind}\0{name}\0{body}".encode("utf-8", "surrogatepass")
+    return hmac.new(key, message, "sha256").hexdigest()
+
+
+def exact_rule(tool, tool_input):
+    """The rule --always saves: this tool with exactly this input (its description aside)."""
+    return {"tool": tool, "input": {k: v for k, v in tool_input.items() if k not in RULE_IGNORED}}
+
+
+def prefix_rule(tool, tool_input, prefix):
+    """A rule for Bash commands that start with `prefix` (a word boundary), asked for by name."""
+    command = tool_input.get("command")
+    if tool != "Bash" or not isinstance(command, str):
+        raise OrchestraError(f"a prefix rule is for Bash commands; this call is {tool}")
+    prefix = prefix.strip()
+    if not prefix or "\n" in prefix or not (command == prefix or command.startswith(prefix + " ")):
+        raise OrchestraError(
+            f"--prefix must be the start of the command, whole words: {tool_summary(tool, tool_input)}"
+        )
+    if SHELL_OPERATORS.search(prefix):
+        raise OrchestraError("a prefix with shell operators (; & | < > $ ` ( )) cannot be a rule")
+    return {"tool": tool, "prefix": prefix}
+
+
+def rule_label(rule):
+    """A rule as a person reads it: 'Bash(pytest -q)', 'Bash(touch *) [prefix]', 'Write(a.txt) [exact input]'."""
+    if isinstance(rule, str):
+        return rule
+    if "prefix" in rule:
+        return f"Bash({escape_controls(rule['prefix'], newlines=True)} *) [prefix: no ; & | < > $ ` ( ) after it]"
+    tool_input = rule.get("input") or {}
+    if not tool_input:
+        return f"{rule['tool']} [every call, whatever its input]"
+    if rule["tool"] == "Bash" and set(tool_input) == {"command"}:
+        return tool_summary("Bash", tool_input)
+    return f"{tool_summary(rule['tool'], tool_input)} [exactly this input]"
+
+
+def whole_tool(rule):
+    """True when a rule allows every call of its tool."""
+    return "prefix" not in rule and not rule.get("input")
+
+
+def stored_rule_matches(rule, tool, tool_input):
+    """True when a rule --always saved allows this call: the exact input, or a Bash prefix."""
+    if not isinstance(rule, dict) or rule.get("tool") != tool:
+        return False
+    if "prefix" in rule:
+        command, prefix = tool_input.get("command"), rule["prefix"]
+        if not isinstance(command, str) or not isinstance(prefix, str) or not prefix:
+            return False
+        rest = command[len(prefix) :] if command.startswith(prefix) else None
+        return rest is not None and (
+            rest == "" or (rest[0] == " " and not SHELL_OPERATORS.search(rest))
+        )
+    return rule.get("input") == {k: v for k, v in tool_input.items() if k not in RULE_IGNORED}
+
+
+def denial_lines(denials, allowed=()):
+    """'2 tool calls denied: Bash(pytest -q), Write(x)'. No "allow them next time": a denial may
+    be the user's own, and a rule is only ever made from a call the user saw and allowed."""
     if not denials:
         return []
     named = [tool_summary(d.get("tool_name") or "tool", d.get("tool_input")) for d in denials]
-    new = [request_rule(d.get("tool_name") or "tool", d.get("tool_input") or {}) for d in denials]
-    rules = list(dict.fromkeys([*allowed, *new]))
     count = f"{len(denials)} tool call{'s' if len(denials) != 1 else ''} denied"
-    return [
-        f"{count}: {', '.join(named)}",
-        f"allow them next time: orchestra config set bypass_permissions {shlex.quote(json.dumps(rules))}",
-    ]
+    return [f"{count}: {', '.join(named)}"]
 
 
 class ApprovalBox:
-    """One repository's approval requests, decisions and --always rules, as files in .orchestra/approvals/."""
+    """One repository's approval requests, decisions and --always rules, as files in .orchestra/approvals/.
+
+    Each file carries an HMAC ("mac") under the key in .orchestra/approval.key; a file without a
+    valid one was not written by orchestra: it is ignored, and named in `ignored`.
+    """
 
     def __init__(self, repo):
         self.repo = Path(repo)
@@ -2538,6 +2767,32 @@ class ApprovalBox:
         self.decisions = self.dir / "decisions"
         self.answered = self.dir / "answered"
         self.rules_dir = self.dir / "rules"
+        self.ignored = []  # files read without a valid mac
+        self._key = None
+
+    @property
+    def key(self):
+        if self._key is None:
+            self._key = approval_key(self.repo)
+        return self._key
+
+    def signed(self, kind, name, payload):
+        """The payload with its mac, as JSON text."""
+        data = {**payload, "mac": approval_mac(self.key, kind, name, payload)}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def verified(self, path, kind, name):
+        """A file's payload when orchestra wrote it; None when missing, and reported when forged."""
+        data = read_json_file(path)
+        if data is None:
+            return None
+        mac = data.get("mac")
+        if isinstance(mac, str) and hmac.compare_digest(
+            mac, approval_mac(self.key, kind, name, data)
+        ):
+            return {k: v for k, v in data.items() if k != "mac"}
+        self.ignored.append(str(path))
+        return None
 
     def stamp(self):
         """Changes whenever a request appears or goes: the folder's (inode, mtime)."""
@@ -2566,16 +2821,14 @@ class ApprovalBox:
             if (self.answered / f"{req_id}.json").exists():
                 continue  # the empty reservation stays behind; readers skip it
             request = {"id": req_id, **request}
-            write_atomic(
-                self.dir / f"{req_id}.json", json.dumps(request, indent=2, sort_keys=True) + "\n"
-            )
+            write_atomic(self.dir / f"{req_id}.json", self.signed("request", req_id, request))
             return request
 
     def pending(self):
         """Requests still waiting, oldest first (void ones, whose hook has gone, left out)."""
         found = []
         for path in self.dir.glob("*.json"):
-            request = read_json_file(path)
+            request = self.verified(path, "request", path.stem)
             if (
                 request
                 and process_alive(request.get("pid"), request.get("pid_start"))
@@ -2588,15 +2841,15 @@ class ApprovalBox:
         """(request, 'pending'|'answered') for an id, or (None, None)."""
         if not re.fullmatch(r"[0-9a-f]+", req_id):
             return None, None
-        request = read_json_file(self.dir / f"{req_id}.json")
+        request = self.verified(self.dir / f"{req_id}.json", "request", req_id)
         if request:
             return request, "pending"
         request = read_json_file(self.answered / f"{req_id}.json")
         return (request, "answered") if request else (None, None)
 
     def decision(self, req_id):
-        """The decision taken on a request, or None."""
-        return read_json_file(self.decisions / f"{req_id}.json")
+        """The decision taken on a request, or None (a forged one counts as none)."""
+        return self.verified(self.decisions / f"{req_id}.json", "decision", req_id)
 
     def decide(self, req_id, decision):
         """Record the decision if it is the first; False when another came first."""
@@ -2604,7 +2857,7 @@ class ApprovalBox:
         fd, tmp = tempfile.mkstemp(dir=str(self.decisions), prefix=f".{req_id}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(decision, indent=2, sort_keys=True) + "\n")
+                f.write(self.signed("decision", req_id, decision))
                 f.flush()
                 os.fsync(f.fileno())
             os.link(tmp, str(self.decisions / f"{req_id}.json"))  # fails if it exists: first wins
@@ -2614,13 +2867,35 @@ class ApprovalBox:
         finally:
             os.unlink(tmp)
 
-    def wait(self, req_id, timeout, parent=None):
-        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone."""
+    def wait(self, req_id, timeout, parent=None, digest=None, report=None):
+        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone.
+
+        A decision file without a valid mac, or an "allow" taken on another input than `digest`,
+        is no decision: it is moved aside (decisions/.forged-*), `report()` is called, and the
+        wait goes on, so the user can still decide.
+        """
         deadline = time.monotonic() + timeout
+        path = self.decisions / f"{req_id}.json"
         while True:
-            decision = self.decision(req_id)
+            decision, forged = self.decision(req_id), False
+            if decision is None and path.exists():
+                decision = self.decision(req_id)  # linked in between the looks: whole by now
+                forged = decision is None
+            allowed = decision and decision.get("decision") == "allow"
+            if allowed and digest is not None and decision.get("input_sha256") != digest:
+                self.ignored.append(str(path))
+                decision, forged = None, True
             if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
                 return decision
+            if forged:  # unsigned, half written by another hand, or on another input
+                if str(path) not in self.ignored:
+                    self.ignored.append(str(path))
+                aside = self.decisions / f".forged-{req_id}-{time.time_ns()}.json"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(str(path), str(aside))
+                if report:
+                    report()
+                continue
             time.sleep(APPROVAL_POLL)
 
     def close(self, request, decision):
@@ -2632,35 +2907,52 @@ class ApprovalBox:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(str(self.dir / f"{request['id']}.json"))
 
+    def audit(self):
+        """Verify every rule file and every decision on a pending request; `ignored` names the forged."""
+        for path in self.rules_dir.glob("*.json"):
+            self.verified(path, "rules", path.stem)
+        for path in self.decisions.glob("*.json"):
+            if (self.dir / path.name).exists():
+                self.verified(path, "decision", path.stem)
+        return list(dict.fromkeys(self.ignored))
+
+    def rules_path(self, agent_id):
+        return self.rules_dir / (PROJECT_RULES if agent_id is None else f"{agent_id}.json")
+
     def rules(self, agent_id):
-        """The rules --always gave this agent for the rest of its run."""
-        data = read_json_file(self.rules_dir / f"{agent_id}.json") or {}
-        return [r for r in data.get("rules", []) if isinstance(r, str)]
+        """The rules --always saved: this agent's for the rest of its run, or (None) the project's."""
+        name = PROJECT_RULES if agent_id is None else agent_id
+        data = self.verified(self.rules_path(agent_id), "rules", name) or {}
+        return [r for r in data.get("rules", []) if isinstance(r, dict)]
 
     def forget_rules(self, agent_id):
         """A new run of the agent starts without the --always rules of its last run."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(str(self.rules_dir / f"{agent_id}.json"))
+            os.unlink(str(self.rules_path(agent_id)))
 
     def add_rule(self, agent_id, rule):
-        """Allow `rule` for the rest of this agent's run."""
+        """Allow `rule` for the rest of this agent's run (agent_id None: for the project's agents)."""
         self.rules_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.rules_dir / f"{agent_id}.lock"):
+        name = PROJECT_RULES if agent_id is None else agent_id
+        with FileLock(self.rules_dir / f"{name}.lock"):
             rules = self.rules(agent_id)
             if rule not in rules:
                 write_atomic(
-                    self.rules_dir / f"{agent_id}.json",
-                    json.dumps({"rules": [*rules, rule]}, indent=2) + "\n",
+                    self.rules_path(agent_id), self.signed("rules", name, {"rules": [*rules, rule]})
                 )
+        return self.rules_path(agent_id)
 
 
 def approval_flags(repo):
-    """{agent id: {id, tool, summary, since}} of the oldest request each agent waits on."""
+    """{agent id: {id, tool, summary, since, shown}} of the oldest request each agent waits on
+    (`shown`: the whole input as shown_request() shows it)."""
     flags = {}
     for request in ApprovalBox(repo).pending():
-        flags.setdefault(
-            request["agent"], {k: request.get(k) for k in ("id", "tool", "summary", "since")}
-        )
+        if request["agent"] not in flags:
+            flags[request["agent"]] = {
+                **{k: request.get(k) for k in ("id", "tool", "summary", "since")},
+                "shown": shown_request(request),
+            }
     return flags
 
 
@@ -2704,6 +2996,8 @@ def claude_settings(repo, agent_id, launch):
         "timeout": int(timeout + APPROVAL_HOOK_MARGIN),
     }
     settings = {"hooks": {"PermissionRequest": [{"matcher": "*", "hooks": [hook]}]}}
+    if launch.get("bypass_permissions"):  # an array: never split on spaces as --allowedTools is
+        settings["permissions"] = {"allow": list(launch["bypass_permissions"])}
     if launch.get("sandboxed"):
         settings["sandbox"] = {"enabled": True, "autoAllowBashIfSandboxed": True}
         if launch.get("sandbox_network"):
@@ -2775,14 +3069,10 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         return denied(f"orchestra records agent '{agent_id}' as {record.get('state')}; denied")
     box, summary = ApprovalBox(repo), tool_summary(tool, tool_input)
     log = repo / ORCHESTRA_DIR / "logs" / f"{agent_id}.jsonl"
-    rule = next(
-        (
-            r
-            for r in [*box.rules(agent_id), *project_rules(repo)]
-            if rule_matches(r, tool, tool_input)
-        ),
-        None,
-    )
+    saved = [*box.rules(agent_id), *box.rules(None)]
+    rule = next((rule_label(r) for r in saved if stored_rule_matches(r, tool, tool_input)), None)
+    rule = rule or next((r for r in project_rules(repo) if rule_matches(r, tool, tool_input)), None)
+    report_ignored(box, log)
     if rule:
         append_event(
             log,
@@ -2790,17 +3080,17 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         )
         return {"decision": "allow", "by": "rule", "rule": rule, "at": utc_iso()}
     text = json.dumps(tool_input)
+    whole = len(text) <= APPROVAL_INPUT_LIMIT
     request = box.submit(
         {
             "agent": agent_id,
             "tool": tool,
-            "summary": summary,
-            "input": (
-                tool_input
-                if len(text) <= APPROVAL_INPUT_LIMIT
-                else {"truncated": text[:APPROVAL_INPUT_LIMIT]}
-            ),
-            "suggestions": asked.get("permission_suggestions") or [],
+            "summary": summary if len(summary) <= APPROVAL_INPUT_LIMIT else tool,
+            "input": tool_input if whole else None,
+            **({} if whole else {"truncated": True, "input_head": text[:APPROVAL_INPUT_LIMIT]}),
+            "input_bytes": len(text.encode("utf-8", "surrogatepass")),
+            "input_sha256": input_digest(tool_input),
+            "suggestions": asked.get("permission_suggestions") or [] if whole else [],
             "session_id": asked.get("session_id"),
             "since": utc_iso(),
             "timeout": timeout,
@@ -2810,13 +3100,20 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         }
     )
     append_event(log, {"event": "approval_requested", "request": request["id"], "tool": summary})
+    shown = "\n".join(shown_request(request))
     notifier = notify(
         repo,
         agent_id,
         "approval",
-        f"{agent_id} asks to run {summary} (orchestra approve {request['id']})",
+        f"{agent_id} asks to run:\n{shown}\n(orchestra approve {request['id']})",
     )
-    decision = box.wait(request["id"], timeout, parent=os.getppid())
+    decision = box.wait(
+        request["id"],
+        timeout,
+        parent=os.getppid(),
+        digest=request["input_sha256"],
+        report=lambda: report_ignored(box, log),
+    )
     if decision is None:
         ended = os.getppid() != request["parent"]
         late = denied(
@@ -2825,7 +3122,7 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
             else f"no decision within approval_timeout ({timeout:g} s); denied"
         )
         late["by"] = "orchestra" if ended else "timeout"
-        decision = late if box.decide(request["id"], late) else box.decision(request["id"])
+        decision = late if box.decide(request["id"], late) else box.decision(request["id"]) or late
         if decision is late:
             append_event(
                 log, {"event": "approval", "request": request["id"], "tool": summary, **late}
@@ -2836,8 +3133,17 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
     return decision
 
 
+def report_ignored(box, log):
+    """Say in the agent's log which approval files were ignored for want of a valid signature."""
+    for path in dict.fromkeys(box.ignored):
+        append_event(log, {"event": "approval_ignored", "file": path,
+                           "reason": "no valid orchestra signature: not written by orchestra"})  # fmt: skip
+    box.ignored.clear()
+
+
 def notify(repo, agent_id, event, message):
-    """Run notify_command in the background with {agent}, {event} and {message} filled in.
+    """Run notify_command in the background with {agent} and {event} filled in; the message goes
+    on its stdin and in $ORCHESTRA_MESSAGE (never in argv, which every local user can read).
 
     A failing command is written to .orchestra/notify.log, never raised; returns its thread or None.
     """
@@ -2847,23 +3153,28 @@ def notify(repo, agent_id, event, message):
         return None
     if not command:
         return None
-    values = {"agent": agent_id, "event": event, "message": message}
-    argv = [
-        re.sub(r"\{(agent|event|message)\}", lambda m: values[m.group(1)], part) for part in command
-    ]
+    values = {"agent": agent_id, "event": event}
+    argv = [re.sub(r"\{(agent|event)\}", lambda m: values[m.group(1)], part) for part in command]
+    env = dict(
+        os.environ, ORCHESTRA_AGENT=agent_id, ORCHESTRA_EVENT=event, ORCHESTRA_MESSAGE=message
+    )
     thread = threading.Thread(
-        target=run_notify, args=(Path(repo), argv), name=f"notify-{event}", daemon=True
+        target=run_notify,
+        args=(Path(repo), argv, message, env),
+        name=f"notify-{event}",
+        daemon=True,
     )
     thread.start()
     return thread
 
 
-def run_notify(repo, argv):
-    """Run one notify command; log why it failed, if it did."""
+def run_notify(repo, argv, message="", env=None):
+    """Run one notify command, the message on its stdin; log why it failed, if it did."""
     try:
         done = subprocess.run(
             argv,
-            stdin=subprocess.DEVNULL,
+            input=message,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             timeout=NOTIFY_TIMEOUT,
@@ -2959,6 +3270,11 @@ SYSTEM_PROMPT = (
     "messages before you finish; uncommitted work may be lost. Do not push."
 )
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+# The oldest Claude Code with every flag and hook orchestra uses, found by trying each release
+# against tests/scripted_api.py: 2.1.301 and older never fire the PermissionRequest hook in -p mode.
+CLAUDE_MIN_VERSION = (2, 1, 302)
+CLAUDE_VERSION_TIMEOUT = 10.0
+CLAUDE_VERSIONS_SEEN = {}  # (path, mtime) -> version: one `claude --version` per process
 
 
 def agent_argv(record, prompt=None):
@@ -2971,7 +3287,9 @@ def agent_argv(record, prompt=None):
     task = prompt or record["task"]
     if not is_claude_command(command):
         return [part.replace("{task}", task) for part in command]
-    argv = [*command, "-p", task, "--output-format", "stream-json", "--verbose"]
+    # The task goes on stdin (agent_prompt()), where `ps` does not show it: `claude -p` reads
+    # its prompt from stdin when argv holds none (checked with 2.1.331).
+    argv = [*command, "-p", "--output-format", "stream-json", "--verbose"]
     if prompt and record.get("session_id"):
         argv += ["--resume", record["session_id"]]
     argv += ["--append-system-prompt", SYSTEM_PROMPT.format(branch=record["branch"])]
@@ -2983,9 +3301,25 @@ def agent_argv(record, prompt=None):
     argv += ["--settings", json.dumps(claude_settings(repo, record["id"], config))]
     if config.get("max_budget_usd"):
         argv += ["--max-budget-usd", str(config["max_budget_usd"])]
-    if config["bypass_permissions"]:
-        argv += ["--allowedTools", *config["bypass_permissions"]]  # variadic: keep it last
-    return argv
+    return argv  # bypass_permissions: claude_settings()' permissions.allow, one rule an item
+
+
+def agent_prompt(record, prompt=None):
+    """What a Claude agent reads on stdin: its task (or the follow-up); None for other CLIs."""
+    if not is_claude_command(record["launch"]["agent_command"]):
+        return None
+    return prompt or record["task"]
+
+
+def prompt_file(project, agent_id, text):
+    """A private file holding `text`, already unlinked: an agent's stdin that no one else sees."""
+    folder = project.dir / AGENT_ENV_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(folder), prefix=f".{agent_id}.", suffix=".prompt")
+    os.unlink(tmp)
+    os.write(fd, text.encode("utf-8", "surrogatepass"))
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.fdopen(fd, "rb")
 
 
 def check_agent_command(config):
@@ -2997,6 +3331,48 @@ def check_agent_command(config):
         raise OrchestraError(
             f"agent_command program '{program}' was not found on PATH; install it or fix agent_command"
         )
+    problem = claude_version_problem(config["agent_command"], os.environ)
+    if problem:
+        raise OrchestraError(problem)
+
+
+def claude_version(program, env):
+    """The (major, minor, patch) that `program --version` reports, or None when it cannot say."""
+    path = shutil.which(program, path=env.get("PATH", os.defpath))
+    try:
+        key = (path, os.stat(path).st_mtime_ns) if path else None
+    except OSError:
+        key = None
+    if key is None:
+        return None
+    if key not in CLAUDE_VERSIONS_SEEN:
+        try:
+            done = subprocess.run([path, "--version"], env=dict(env), stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, errors="replace",
+                                  timeout=CLAUDE_VERSION_TIMEOUT)  # fmt: skip
+            found = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", done.stdout)
+        except (OSError, subprocess.SubprocessError):
+            found = None
+        CLAUDE_VERSIONS_SEEN[key] = tuple(map(int, found.groups())) if found else None
+    return CLAUDE_VERSIONS_SEEN[key]
+
+
+def claude_version_problem(command, env):
+    """Why the Claude Code that agent_command runs is too old for orchestra, or None.
+
+    None too for another agent CLI, a missing program (check_agent_command says that) and a
+    version it cannot read: only a version known to be too old is refused.
+    """
+    if not is_claude_command(command):
+        return None
+    found = claude_version(command[0], env)
+    if found is None or found >= CLAUDE_MIN_VERSION:
+        return None
+    have, need = ".".join(map(str, found)), ".".join(map(str, CLAUDE_MIN_VERSION))
+    return (
+        f"Claude Code {have} is too old: orchestra needs {need} or newer (older ones never ask "
+        f"for approvals in -p mode); update it with '{CLAUDE_INSTALL_COMMAND}'"
+    )
 
 
 def launch_agent(project, record, prompt=None):
@@ -3011,14 +3387,18 @@ def launch_agent(project, record, prompt=None):
         ORCHESTRA_AGENT_ID=record["id"],
         ORCHESTRA_REPO=str(project.repo),
     )
+    text = agent_prompt(record, prompt)
     with (
         open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
         open(project.stderr_path(record["id"]), "ab", opener=private_opener) as err,
+        (
+            prompt_file(project, record["id"], text) if text is not None else open(os.devnull, "rb")
+        ) as stdin,
     ):
         proc = subprocess.Popen(
             argv,
             cwd=record["worktree"],
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=out,
             stderr=err,
             env=env,
@@ -3157,9 +3537,10 @@ def append_spawn_event(project, record):
         "seq",
     )
     batch = {"batch": record.get("batch"), "batch_budget": record.get("batch_budget")}
+    after = {"after": record["after"]} if record.get("after") else {}  # see Landing
     append_event(
         project.log_path(record["id"]),
-        {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch},
+        {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch, **after},
     )
 
 
@@ -3344,10 +3725,6 @@ def check_task(task, noun="task"):
     """Refuse a task (or follow-up message) an agent could not be given as one argument."""
     if not task.strip():
         raise OrchestraError(f"a {noun} is empty; describe what the agent should do")
-    if task.lstrip().startswith("-"):
-        raise OrchestraError(
-            f"{noun} '{one_line(task, 40)}' starts with '-' and would be read as an option; rephrase it"
-        )
     if len(task) > MAX_TASK_LENGTH:
         raise OrchestraError(
             f"a {noun} is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
@@ -3435,8 +3812,68 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel, ho
     return project.store.update(reserve)
 
 
+def check_dependencies(known, names, deps):
+    """Each task's dependencies as agent ids, refusing unknown ids, self-dependencies and cycles
+    before anything is queued. `known`: existing agents (live and cleaned up) by id; `names`:
+    the new tasks' ids (None where unnamed); `deps`: one list of ids or prefixes per task."""
+    resolved = []
+    for name, wanted in zip(names, deps):
+        ids = []
+        for dep in wanted:
+            if dep in names and dep is not None:
+                if dep == name:
+                    raise OrchestraError(
+                        f"task '{name}' cannot wait for itself; remove it from its own 'after'"
+                    )
+                ids.append(dep)
+                continue
+            try:
+                ids.append(select_agents(known, [dep])[0]["id"])
+            except OrchestraError as e:
+                raise OrchestraError(f"--after {dep}: {e}") from None
+        resolved.append(list(dict.fromkeys(ids)))
+    graph = {name: ids for name, ids in zip(names, resolved) if name is not None}
+    for start in graph:
+        seen, path = set(), [start]
+        while path:
+            node = path.pop()
+            for dep in graph.get(node, ()):
+                if dep == start:
+                    raise OrchestraError(
+                        f"the tasks' 'after' make a cycle through '{start}'; break it"
+                    )
+                if dep not in seen:
+                    seen.add(dep)
+                    path.append(dep)
+    return resolved
+
+
+def mark_plan(project, records, deps, checks):
+    """Fix each new agent's dependencies (`after`, and `waits_for`: those not landed yet) and its
+    own checks (from a tasks file) before its spawn event is written."""
+
+    def mark(state):
+        landed = {i for i, r in {**project.history(), **state["agents"]}.items() if r.get("landed")}
+        for record, after, own_checks in zip(records, deps, checks):
+            facts = {}
+            if after:
+                waits = [i for i in after if i not in landed]
+                facts.update(after=after, waits_for=waits)
+                if waits:
+                    facts["activity"] = f"waiting for {', '.join(waits)} to land"
+            if own_checks is not None:
+                facts["launch"] = dict(record["launch"], checks=own_checks)
+            record.update(facts)
+            state["agents"][record["id"]].update(facts)
+
+    if any(deps) or any(c is not None for c in checks):
+        project.store.update(mark)
+
+
 def prepare_agents(project, records):
     """Create all worktrees concurrently, then mark each agent ready or failed."""
+    if not records:
+        return
     copies = files_to_copy(project, include_patterns(project))
     project.worktree_root.mkdir(parents=True, exist_ok=True)
     register_lock = threading.Lock()  # serialises `git worktree add` (see prepare_worktree)
@@ -3535,6 +3972,7 @@ def roll_back_spawn(project, records, why):
                 note_settlement(saved)
 
     project.store.update(mark)
+    drop_agent_env(project, [record["id"] for record in records])  # its keys go with it
 
 
 def roll_back_stalled_spawns(project):
@@ -3618,7 +4056,7 @@ def json_object(line):
     """A log line as a dict, or None."""
     try:
         event = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) else None
 
@@ -3801,11 +4239,17 @@ def run_check(command, worktree, timeout, cancelled):
 
 
 def check_ended(proc):
-    """Wait up to CHECK_POLL for a check's process; True once it has ended."""
+    """Wait up to CHECK_POLL for a check's process; True once it has ended. Ctrl-C here ends
+    the check's whole process group before it propagates (`land` runs checks in the foreground)."""
     try:
         proc.wait(CHECK_POLL)
     except subprocess.TimeoutExpired:
         return False
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return True
 
 
@@ -4788,7 +5232,9 @@ class RemoteAgent:
                 "parent": None,
                 "pid_start": process_start_time(os.getpid()),
             }
-            write_atomic(box.dir / f"{request['id']}.json", json.dumps(mirror, indent=2) + "\n")
+            write_atomic(
+                box.dir / f"{request['id']}.json", box.signed("request", request["id"], mirror)
+            )
             self.mirrored[request["id"]] = mirror
             agent_id = self.record["id"]
             summary = request.get("summary")
@@ -4976,7 +5422,11 @@ class Supervisor:
         """True while some agent is ready to start (or waits for its worktree), running or paused."""
         return any(
             r["state"] in ("running", "paused", "waiting")
-            or (r["state"] == "queued" and (r.get("ready") or r.get("worktree_later")))
+            or (
+                r["state"] == "queued"
+                and (r.get("ready") or r.get("worktree_later"))
+                and not r.get("waits_for")  # its dependencies land first (see Landing)
+            )
             for r in state["agents"].values()
         )
 
@@ -4987,6 +5437,7 @@ class Supervisor:
             record["state"] == "queued"
             and bool(record.get("worktree_later"))
             and not record.get("preparer")
+            and not record.get("waits_for")
         )
 
     def preparing(self):
@@ -5028,6 +5479,10 @@ class Supervisor:
                 record.update(
                     worktree_later=False, activity="preparing worktree", preparer=preparer
                 )
+                if record.get("after"):  # from the target, with the work of what it waited for
+                    target = record.get("land_base") or record.get("base_branch")
+                    tip = target and ref_commit(self.project.repo, f"refs/heads/{target}")
+                    record["base_commit"] = tip or record["base_commit"]
             return [dict(r) for r in chosen]
 
         try:
@@ -5496,12 +5951,23 @@ def check_not_removed(project, names):
 
 
 def spawn_agents(
-    project, tasks, parallel=None, name=None, base=None, env=None, budget=None, host=None
+    project,
+    tasks,
+    parallel=None,
+    name=None,
+    base=None,
+    env=None,
+    budget=None,
+    after=None,
+    checks=None,
+    host=None,
 ):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
     The one way agents come to be, from the command line or the web; their records. The agents
-    start with `env` (default: this process's environment).
+    start with `env` (default: this process's environment). `after`: per task, the ids it waits
+    for (it starts once they landed, from the target with their work); `checks`: per task, its
+    own checks or None.
     """
     for task in tasks:
         check_task(task)
@@ -5520,15 +5986,20 @@ def spawn_agents(
         check_host_name(project.config, host)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
+    known = {**project.history(), **project.records()}
+    deps = check_dependencies(known, names or [None] * len(tasks), after or [[]] * len(tasks))
     roll_back_stalled_spawns(project)
     records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel, host)
     mark_sandboxed(project, records, sandboxed)
+    mark_plan(project, records, deps, checks or [None] * len(tasks))
     assign_batch(project, records, budget)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
+    now = [r for r in records if not r.get("waits_for")][:SPAWN_PREPARED_NOW]
+    later = [r for r in records if r not in now]
     try:
-        defer_worktrees(project, records[SPAWN_PREPARED_NOW:])
-        prepare_agents(project, records[:SPAWN_PREPARED_NOW])
-        hand_over_worktrees(project, records[SPAWN_PREPARED_NOW:])
+        defer_worktrees(project, later)
+        prepare_agents(project, now)
+        hand_over_worktrees(project, later)
     except BaseException:
         with shield_interrupts():
             roll_back_spawn(project, records, "spawn was interrupted before the agent started")
@@ -5602,6 +6073,7 @@ def stop_agents(project, ids):
             relay_to_host(project, remote[agent_id], "stop")
         stop_process(pid, start_token)
         outcomes.append((agent_id, "stopped (worktree and branch kept)"))
+    drop_agent_env(project, [agent_id for agent_id, _ in outcomes])  # no launch will read it
     return outcomes
 
 
@@ -5622,10 +6094,15 @@ def resume_agent(record):
 
 
 def retry_agent(project, record, resume_session):
-    """Start a failed, interrupted or stopped agent's task again; what happened."""
-    if record["state"] not in ("failed", "interrupted", "stopped"):
+    """Start a failed, interrupted or stopped agent's task again (or a done one whose checks
+    failed, `done ✗`); what happened."""
+    checks_failed = (
+        record["state"] == "done" and (record.get("checks") or {}).get("status") == "failed"
+    )
+    if record["state"] not in ("failed", "interrupted", "stopped") and not checks_failed:
         raise OrchestraError(
-            f"{record['id']} is {record['state']}; only failed, interrupted or stopped agents can be retried"
+            f"{record['id']} is {state_label(record)}; only failed, interrupted or stopped agents "
+            "and done ones whose checks failed (done ✗) can be retried"
         )
     if resume_session and on_host(record):  # Hosts: its session lives on its host
         relay_to_host(project, record, "resume")
@@ -5683,11 +6160,35 @@ def late_message(req_id, decision):
     return f"request {req_id} was already {verb} by {decision.get('by')} at {decision.get('at')}; your decision came late"
 
 
-def answer_request(project, request, allow, by, message=None, always=None):
+def request_rule(request, prefix=None, whole=False):
+    """The rule --always saves for a request: its exact input, or the Bash prefix asked for.
+
+    Refused on an input too long to show whole, and, unless `whole`, when it would allow every
+    call of a tool (the error says so in words, before anything is saved).
+    """
+    if request.get("truncated") or not isinstance(request.get("input"), dict):
+        raise OrchestraError(
+            f"request {request['id']}'s input is {request.get('input_bytes')} bytes, too long to show "
+            "whole: it can be approved once (without --always), never as a rule"
+        )
+    tool, tool_input = request["tool"], request["input"]
+    rule = exact_rule(tool, tool_input) if prefix is None else prefix_rule(tool, tool_input, prefix)
+    if whole_tool(rule) and not whole:
+        raise OrchestraError(
+            f"this rule would allow every {tool} call, whatever its input; "
+            "add --whole-tool to save it anyway, or approve once without --always"
+        )
+    return rule
+
+
+def answer_request(
+    project, request, allow, by, message=None, always=None, prefix=None, whole=False
+):
     """Decide one pending request (first decision wins); the decision as recorded.
 
-    always: None, "agent" (the rule holds for the rest of the agent's run) or "project"
-    (the rule is added to the project's bypass_permissions).
+    always: None, "agent" (the rule holds for the rest of the agent's run) or "project" (for
+    every agent of the project, in approvals/rules/@project.json). The rule is the exact input
+    shown unless `prefix` asks for a Bash prefix rule.
     """
     box = ApprovalBox(project.repo)
     if not process_alive(request.get("pid"), request.get("pid_start")):
@@ -5696,20 +6197,20 @@ def answer_request(project, request, allow, by, message=None, always=None):
             f"{request['agent']} has ended ({state}); its request {request['id']} is void",
             EXIT_FAILURE,
         )
-    rule = request_rule(request["tool"], request.get("input") or {}) if allow and always else None
+    rule = request_rule(request, prefix, whole) if allow and always else None
     decision = {
         "decision": "allow" if allow else "deny",
         "by": by,
         "at": utc_iso(),
         "message": message,
         "always": always if rule else None,
-        "rule": rule,
+        "rule": rule_label(rule) if rule else None,
+        "input_sha256": request.get("input_sha256"),
     }
     if rule:  # before the decision, so the agent's very next request already finds it
+        path = box.add_rule(None if always == "project" else request["agent"], rule)
         if always == "project":
-            decision["config"] = str(add_project_rule(project, rule))
-        else:
-            box.add_rule(request["agent"], rule)
+            decision["config"] = str(path)
     if not box.decide(request["id"], decision):
         raise OrchestraError(
             late_message(request["id"], box.decision(request["id"]) or {}), EXIT_FAILURE
@@ -5726,18 +6227,17 @@ def answer_request(project, request, allow, by, message=None, always=None):
     return decision
 
 
-def add_project_rule(project, rule):
-    """Add a rule to bypass_permissions in .orchestra/config.json; that file's path."""
-    path = project.dir / "config.json"
-    current = read_config_file(path).get("bypass_permissions", project.config["bypass_permissions"])
-    if rule not in current:
-        write_config_value(path, "bypass_permissions", [*current, rule])
-    return path
-
-
 def approvals_document(project):
-    """What `approvals --json` prints and GET /api/approvals answers."""
-    return {"approvals": ApprovalBox(project.repo).pending()}
+    """What `approvals --json` prints and GET /api/approvals answers: each request with the
+    lines it is shown as (`shown`), the project's saved rules, and files ignored as forged."""
+    box = ApprovalBox(project.repo)
+    requests = [{**r, "shown": shown_request(r)} for r in box.pending()]
+    rules = [rule_label(r) for r in box.rules(None)]
+    return {
+        "approvals": requests,
+        "project_rules": rules,
+        "ignored": box.audit(),
+    }
 
 
 def worktree_rows(project, records):
@@ -5789,6 +6289,9 @@ def worktree_row(path, branch, record, notes):
 
 LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
 LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
+LOG_LINE_CAP = 1024 * 1024  # a log line longer than this is shown cut, with its size
+LOG_CUT_SHOWN = 2000  # bytes of a cut line shown
+LOGS_TOOL_OUTPUT_LINES = 10  # of a tool's output `logs` shows (an error's output is shown whole)
 
 
 def render_event(event):
@@ -5822,9 +6325,27 @@ def render_block(block):
     if block.get("type") == "tool_result":
         content = block.get("content")
         if isinstance(content, list):
-            content = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
-        return [f"<- {one_line(content or '(no output)')}"]
+            content = "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+        return tool_output_lines(content, bool(block.get("is_error")))
     return []
+
+
+def tool_output_lines(content, is_error):
+    """A tool's output: its first LOGS_TOOL_OUTPUT_LINES lines (an error whole), then how many more."""
+    lines = [line.rstrip() for line in strip_control(str(content or "")).strip("\n").splitlines()]
+    if not any(line.strip() for line in lines):
+        return ["<- (no output)"]
+    shown = lines if is_error else lines[:LOGS_TOOL_OUTPUT_LINES]
+    more = len(lines) - len(shown)
+    return [
+        f"<- {shown[0]}",
+        *(f"   {line}" for line in shown[1:]),
+        *(
+            [f"   … {more} more line{'s' if more != 1 else ''} (logs --raw shows all)"]
+            if more
+            else []
+        ),
+    ]
 
 
 def render_orchestra_event(event):
@@ -5851,6 +6372,8 @@ def render_orchestra_event(event):
         why = f" by rule {event['rule']}" if event.get("rule") else f" by {event.get('by')}"
         note = f": {event['message']}" if event.get("message") and event.get("by") != "rule" else ""
         return [f"== {verb}{why}: {event.get('tool')}{note}"]
+    if what == "approval_ignored":
+        return [f"!! ignored {event.get('file')}: {event.get('reason')}"]
     return render_resilience_event(event)
 
 
@@ -5863,10 +6386,11 @@ def readable_lines(chunk, raw):
             continue
         try:
             event = json.loads(line)
+            lines.extend(render_event(event) if isinstance(event, dict) else [line])
         except ValueError:
             lines.append(line)
-            continue
-        lines.extend(render_event(event) if isinstance(event, dict) else [line])
+        except (RecursionError, TypeError, AttributeError, KeyError):
+            lines.append(f"[unreadable line: {len(line)} characters]")
     return lines
 
 
@@ -5877,9 +6401,18 @@ def log_renderer(raw):
     return lambda line: readable_lines(line, False)
 
 
+def cut_line(head, size):
+    """What a log view shows of a line over LOG_LINE_CAP bytes: its start, cut, and its size."""
+    text = strip_control(head[:LOG_CUT_SHOWN].decode("utf-8", "replace"))
+    return [f"{text}… [line cut: {size} bytes]"]
+
+
 def stream_log(path, offset, render, show):
-    """Show the complete lines from `offset` on, a chunk at a time; the offset after the last one."""
-    pending, size = b"", LOGS_FIRST_CHUNK
+    """Show the complete lines from `offset` on, a chunk at a time; the offset after the last one.
+
+    Linear in the bytes read: a line longer than LOG_LINE_CAP keeps only its start in memory
+    and is shown cut, with its size."""
+    head, length, size = [], 0, LOGS_FIRST_CHUNK  # the unfinished line: its start, its length
     with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
         f.seek(offset)
         while True:
@@ -5887,26 +6420,45 @@ def stream_log(path, offset, render, show):
             if not chunk:
                 break
             size = LOG_READ_CHUNK
-            *lines, last = (pending + chunk).split(b"\n")
-            pending = last
             offset += len(chunk)
-            show([shown for line in lines for shown in render(line)])
-    return offset - len(pending)
+            start, shown = 0, []
+            while True:
+                newline = chunk.find(b"\n", start)
+                if newline < 0:
+                    break
+                piece = chunk[start:newline]
+                if length + len(piece) <= LOG_LINE_CAP:
+                    shown += render(b"".join([*head, piece]))
+                else:
+                    shown += cut_line(b"".join([*head, piece[:LOG_CUT_SHOWN]]), length + len(piece))
+                head, length, start = [], 0, newline + 1
+            rest = chunk[start:]
+            if length + len(rest) <= LOG_LINE_CAP:
+                head.append(rest)  # it may yet be shown whole
+            else:  # it will be cut: keep its start only
+                head = [b"".join([*head, rest[:LOG_CUT_SHOWN]])[:LOG_CUT_SHOWN]]
+            length += len(rest)
+            show(shown)
+    return offset - length
 
 
 def tail_lines(path, count, render, limit=None):
     """(the last `count` rendered lines, offset after the last complete line, True if `limit` cut it).
 
-    Reads backwards from the end in blocks; an unfinished last line is left for later.
+    Reads backwards from the end in blocks, looking at each byte once (linear, whatever the
+    line lengths); a line over LOG_LINE_CAP bytes is read only for its start and shown cut.
+    An unfinished last line is left for later.
     """
     found, end, cut = [], None, False
     with open(path, "rb") as f:
         pos = size = f.seek(0, os.SEEK_END)
-        buffer = b""
+        line_end, block = None, b""  # where the line being looked for ends (its newline)
         while len(found) < count:
             if pos == 0:
-                if end is not None and buffer:
-                    found[:0] = render(buffer)  # the file's first line
+                if end is not None and line_end <= len(block):
+                    found[:0] = render(block[:line_end])  # the file's first line
+                elif end is not None:
+                    found[:0] = render_span(f, 0, line_end, render)
                 break
             if limit is not None and size - pos >= limit:
                 cut = True
@@ -5914,18 +6466,28 @@ def tail_lines(path, count, render, limit=None):
             step = min(LOG_TAIL_BLOCK, pos)
             pos -= step
             f.seek(pos)
-            buffer = f.read(step) + buffer
-            head, *lines = buffer.split(b"\n")
-            if not lines:
-                continue
-            if end is None:
-                end, lines = size - len(lines[-1]), lines[:-1]
-            buffer = head
-            for line in reversed(lines):
-                found[:0] = render(line)
-                if len(found) >= count:
+            block = f.read(step)
+            at = len(block)
+            while len(found) < count:
+                newline = block.rfind(b"\n", 0, at)
+                if newline < 0:
                     break
-    return (found[-count:] if count else []), (size - len(buffer) if end is None else end), cut
+                if end is None:
+                    end = pos + newline + 1
+                elif line_end - pos <= len(block):  # the whole line is in this block
+                    found[:0] = render(block[newline + 1 : line_end - pos])
+                else:  # a line across blocks: read again, its start only when it is long
+                    found[:0] = render_span(f, pos + newline + 1, line_end, render)
+                line_end, at = pos + newline, newline
+    return (found[-count:] if count else []), (pos if end is None else end), cut
+
+
+def render_span(f, start, stop, render):
+    """The rendered lines of the bytes [start, stop) of a log, cut when over LOG_LINE_CAP."""
+    f.seek(start)
+    if stop - start <= LOG_LINE_CAP:
+        return render(f.read(stop - start))
+    return cut_line(f.read(min(LOG_CUT_SHOWN, stop - start)), stop - start)
 
 
 # ======================================================================================
@@ -6549,6 +7111,11 @@ class CountCache:
         except (TypeError, ValueError):  # not described yet, or a damaged entry
             return None
 
+    def learn(self, file, found, state, total):
+        """What describing and counting a transcript found elsewhere (read_in_parallel)."""
+        self.remember(file, found)
+        self.entries[file.path].update(state, total=total)
+
     def remember(self, file, found):
         """Keep what the head and tail of a transcript said, for the runs to come."""
         entry, unchanged = self.entry(file)
@@ -6591,6 +7158,9 @@ class CountCache:
 # ======================================================================================
 
 SESSION_CWD_PROBE_BYTES = 8 * 1024  # enough to reach the first line that names a cwd
+# A listing with at least this many transcripts to read (a first run) reads them on every core.
+SESSION_PARALLEL_MIN = 200
+SESSION_PARALLEL_CHUNK = 8  # transcripts a worker reads per task: few, so the big ones spread out
 SESSION_TABLE_GAP = "  "
 SECONDS_PER_HOUR = 3600
 # Table columns: (name, widest it gets; None: as wide as its widest cell). The title then takes
@@ -6822,6 +7392,40 @@ def describe_found(file):
     return Found(describe_session(file, window), legacy_summaries(window), untitled)
 
 
+def read_transcript(job):
+    """A worker's part of read_in_parallel: (path, (Found, count state, total) or None)."""
+    file, entry = job
+    try:
+        found = describe_found(file)
+        state, total = count_messages(file.path, file.size, entry)
+    except OSError:  # unreadable, or removed since the scan: the listing says so itself
+        return file.path, None
+    return file.path, (found, state, total)
+
+
+def read_in_parallel(files, counts):
+    """Describe and count the new or changed transcripts among `files` on every core, into
+    `counts`, when there are enough of them to pay for starting processes (a first run).
+
+    Only where processes can fork (the workers inherit the module as it is); elsewhere, and
+    when anything goes wrong, the listing simply reads them itself, one by one.
+    """
+    todo = [f for f in files if counts.about(f) is None or not counts.entry(f)[1]]
+    workers = min(os.cpu_count() or 1, len(todo) // SESSION_PARALLEL_MIN + 1)
+    if len(todo) < SESSION_PARALLEL_MIN or workers < 2:
+        return
+    import multiprocessing  # here, not at the top: only a first run over many files needs it
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return
+    by_path = {f.path: f for f in todo}
+    jobs = [(f, counts.entry(f)[0]) for f in todo]
+    with contextlib.suppress(OSError), multiprocessing.get_context("fork").Pool(workers) as pool:
+        for path, read in pool.imap_unordered(read_transcript, jobs, SESSION_PARALLEL_CHUNK):
+            if read is not None:
+                counts.learn(by_path[path], *read)
+
+
 def session_for(file, project, cache, counts):
     """The Found of a file if it belongs to the project, with its message count; else None.
 
@@ -6882,6 +7486,8 @@ def list_sessions(projects_dir, now, hours, project, limit, counts):
     """The newest sessions of the store, described and marked with their orchestra agents."""
     files, unreadable = scan_session_files(projects_dir)
     candidates = newest_first(files, None if hours is None else now - hours * SECONDS_PER_HOUR)
+    if project is None:  # each candidate is shown, up to the limit: read them all at once
+        read_in_parallel(candidates[:limit], counts)
     found, skipped, truncated = collect_sessions(candidates, project, limit, counts)
     counts.save(files)
     agents, cache, sessions = AgentIndex(), {}, []
@@ -7337,11 +7943,15 @@ def session_detail(env, wanted):
     }
 
 
-def sessions_document(env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None):
-    """What `orchestra sessions --json` prints, for the web API."""
+def sessions_document(
+    env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None, repo=None
+):
+    """What `orchestra sessions --json` prints, for the web API: the sessions of `repo` (its
+    worktrees included), or of every project when repo is None."""
     now = time.time() if now is None else now
-    listing = session_listing(env, now, hours, None, limit)
-    return listing_json(listing, claude_projects_dir(env), now, hours, None)
+    project = project_filter(str(repo)) if repo is not None else None
+    listing = session_listing(env, now, hours, project, limit)
+    return listing_json(listing, claude_projects_dir(env), now, hours, project)
 
 
 # ======================================================================================
@@ -7804,6 +8414,19 @@ def commit_leftovers(project, record):
     return True
 
 
+def refresh_change_counts(project, records):
+    """Count these agents' commits and changed files again (after collect --commit committed)."""
+    counts = {r["id"]: change_counts(r["worktree"], r["base_commit"]) for r in records}
+
+    def change(state):
+        for agent_id, (commits, files) in counts.items():
+            if agent_id in state["agents"]:
+                state["agents"][agent_id].update(commits=commits, files_changed=files)
+
+    if counts:
+        project.store.update(change)
+
+
 def check_checkout_clean(repo, doing):
     """Refuse to touch the user's checkout while it has changes or an operation in progress."""
     operation = operation_in_progress(repo)
@@ -7977,12 +8600,19 @@ def collect_agents(
     elif into:
         raise OrchestraError("--into names where --merge merges; add --merge")
     committed = [r["id"] for r in records if commit and commit_leftovers(project, r)]
+    refresh_change_counts(project, [r for r in records if r["id"] in committed])
     reports = agent_reports(project, records)
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
     if merge:
         chosen = records if ids else [r for r in records if r["state"] == "done"]
         chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
-        document["merged"], document["conflict"] = merge_agents(project, chosen)
+        lock = FileLock(project.dir / LAND_LOCK)  # never interleaved with a land
+        if not lock.acquire(blocking=False):
+            raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+        try:
+            document["merged"], document["conflict"] = merge_agents(project, chosen)
+        finally:
+            lock.release()
         mark_merged(project, document["merged"])
     if patch:
         document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
@@ -8072,6 +8702,11 @@ def collect_text(document):
         parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
     if "merged" in document:
         parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
+        unchanged = [
+            r["id"] for r in document["agents"] if not r["commits"] and not r["uncommitted"]
+        ]
+        if unchanged:
+            parts.append("No changes (nothing to merge): " + ", ".join(unchanged))
         parts += [
             f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
             for s in document.get("not_merged", [])
@@ -8150,6 +8785,470 @@ def send_message(project, agent_id, message, env=None):
         raise
     ensure_supervisor(project)
     return sent_to
+
+
+# ======================================================================================
+# Landing
+# --------------------------------------------------------------------------------------
+# The target branch only ever moves to a commit whose checks passed on exactly that commit
+# (bors' "not rocket science" rule). `land` takes finished agents in queue (spawn) order and,
+# one at a time, merges each branch onto the target's tip in a scratch worktree of its own
+# (.orchestra/land, detached; never the user's checkout), runs the agent's `checks` there, and
+# moves the target with a compare-and-swap: `git merge --ff-only` in the user's checkout when
+# it has the target checked out (git writes its files, then the ref, only if it still points
+# where it did), else `git update-ref <ref> <new> <old>`. A checkout with changes the landing
+# would overwrite keeps its files; only the ref moves, and land says so. A conflict or red
+# checks send the agent a fix round in its own session (the target commit and the conflicting
+# files, or the failing command and its output); land retries it when the round ends, and
+# after `fix_rounds` tries parks it `blocked` while the queue goes on. One land at a time:
+# land.lock is held by land and collect --merge alike (a second one refuses). Before moving
+# the ref the record notes the commit it lands (`landing.commit`), so a rerun after Ctrl-C or
+# kill -9 recognises a landing that happened and otherwise starts the item again.
+# ======================================================================================
+
+LAND_WORKTREE = "land"  # in .orchestra/: the scratch worktree where merges and their checks run
+LAND_READY = "land.ready"  # in .orchestra/: written once the land worktree is made and set up
+LAND_SETUP_LOG = "land-setup.jsonl"  # in .orchestra/: the setup commands' output there
+LAND_POLL = 0.5  # seconds between looks at agents whose fix round is under way
+LAND_CONFLICT_PROMPT = (
+    "Your branch {branch} cannot land on {target}: merging it onto {target} at commit {commit} "
+    "conflicts in {files}. Bring your branch up to date with that commit (git merge {commit}), "
+    "resolve the conflicts keeping both sides' intent, make sure the checks pass, commit, and finish."
+)
+LAND_RED_PROMPT = (
+    "Your branch {branch} merged onto {target} at commit {commit} fails the checks: the command "
+    "`{command}` exited with {exit_code}. The end of its output:\n\n```\n{tail}\n```\n\n"
+    "Bring your branch up to date with that commit (git merge {commit}), make the checks pass "
+    "on the result, commit, and finish."
+)
+
+
+def landing_target(project, into):
+    """The branch land moves: --into, else base_branch, else the branch checked out in the repo."""
+    target = into or project.config["base_branch"] or current_branch(project.repo)
+    if not target:
+        raise OrchestraError(
+            "HEAD is detached; check out the branch to land on, or pass --into BRANCH"
+        )
+    if not ref_commit(project.repo, f"refs/heads/{target}"):
+        raise OrchestraError(f"--into {target}: no such branch; name an existing branch")
+    return target
+
+
+def land_candidates(project, ids, include_failing=False):
+    """(records to land in queue order, [{id, reason}] left out): the named finished agents, or
+    every done agent not landed yet whose checks passed (a blocked one only after it ran again)."""
+    state = project.store.load()["agents"]
+    if ids:
+        chosen = finished_agents(state, ids)
+        return sorted(chosen, key=spawn_order), []
+    fresh = [
+        r
+        for r in select_agents(state, [])
+        if r["state"] == "done" and not r.get("landed") and not blocked_still(r)
+    ]
+    chosen, skipped = gate_on_checks(fresh, include_failing)
+    return chosen, skipped
+
+
+def blocked_still(record):
+    """True for an agent parked blocked that has not run again since (a follow-up clears it)."""
+    blocked = record.get("blocked") or {}
+    return bool(blocked) and (record.get("finished_at") or "") <= (blocked.get("at") or "")
+
+
+def scratch_worktree(project, commit):
+    """The scratch worktree, reset to `commit` whatever an interrupted land left in it.
+
+    Made once like an agent's (copy_files copied, `setup` run; `ready` marks it complete) and
+    reused: a reset keeps ignored files (what setup installed), and the copies are made again.
+    """
+    path, ready = project.dir / LAND_WORKTREE, project.dir / LAND_READY
+    copies = files_to_copy(project, include_patterns(project))
+    if not ready.exists() or not (path / ".git").is_file():
+        git_bytes(["worktree", "remove", "--force", str(path)], project.repo, check=False)
+        shutil.rmtree(path, ignore_errors=True)
+        git_bytes(["worktree", "prune"], project.repo)
+        git_bytes(["worktree", "add", "--quiet", "--detach", str(path), commit], project.repo)
+        copy_into(project, path, copies)
+        error = run_setup(project.config["setup"], path, project.dir / LAND_SETUP_LOG)
+        if error:
+            raise OrchestraError(f"cannot prepare the land worktree {path}: {error}", EXIT_FAILURE)
+        ready.touch()
+        return path
+    if operation_in_progress(path):
+        for what in (["merge", "--abort"], ["rebase", "--abort"]):
+            git_bytes(what, path, check=False)
+    git_bytes(["reset", "--quiet", "--hard"], path)
+    git_bytes(["clean", "-q", "-ffd"], path)
+    git_bytes(["checkout", "--quiet", "--force", "--detach", commit], path)
+    copy_into(project, path, copies)
+    return path
+
+
+def copy_into(project, path, copies):
+    """Copy the user's untracked files named by copy_files into the land worktree."""
+    for rel in copies:
+        target = path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project.repo / rel, target, follow_symlinks=False)
+
+
+def combine(path, strategy, record, tip, onto):
+    """Put the agent's work onto the scratch worktree's HEAD: (new commit, conflicting files or None)."""
+    message = f"Land {record['branch']}"  # never the task: later agents' sessions show subjects
+    if strategy == "rebase":
+        git_bytes(["checkout", "--quiet", "--force", "--detach", tip], path)
+        done = git_bytes(["rebase", "--quiet", onto], path, check=False)
+    elif strategy == "squash":
+        done = git_bytes(["merge", "--squash", "--quiet", tip], path, check=False)
+        if done.returncode == 0:
+            done = git_bytes(
+                ["commit", "--quiet", "--allow-empty", "-m", message], path, check=False
+            )
+    else:
+        done = git_bytes(
+            ["merge", "--quiet", "--no-ff", "--no-edit", "-m", message, tip], path, check=False
+        )
+    if done.returncode == 0:
+        return ref_commit(path, "HEAD"), None
+    files = git_bytes(["diff", "--name-only", "--diff-filter=U", "-z"], path).stdout.decode()
+    files = [name for name in files.split("\0") if name]
+    for abort in (["merge", "--abort"], ["rebase", "--abort"]):  # leave nothing half done
+        git_bytes(abort, path, check=False)
+    return None, files or [one_line(done.stderr.decode("utf-8", "replace") or "git refused")]
+
+
+def checks_on(path, record):
+    """Run the agent's checks on the scratch worktree: None when they pass, else the failure."""
+    timeout = resilience_setting(record, "check_timeout")
+    for command in resilience_setting(record, "checks"):
+        code, output, why = run_check(command, path, timeout, lambda: False)
+        if code != 0:
+            tail = (
+                tail_text(output, CHECK_TAIL_CHARS)
+                if why is None
+                else f"timed out after {timeout}s"
+            )
+            return {"command": command, "exit_code": code, "tail": tail}
+    return None
+
+
+def checkout_of(project, target):
+    """The worktree that has `target` checked out, or None."""
+    listing = git_bytes(["worktree", "list", "--porcelain", "-z"], project.repo).stdout.decode()
+    path = None
+    for field in listing.split("\0"):
+        if field.startswith("worktree "):
+            path = field[len("worktree ") :]
+        elif field == f"branch refs/heads/{target}":
+            return Path(path)
+    return None
+
+
+def checkout_can_follow(checkout, new):
+    """True when a fast-forward of the user's checkout to `new` can overwrite nothing of theirs:
+    nothing in progress, no hidden (assume-unchanged, skip-worktree) changes, no untracked or
+    ignored file in the way (git itself refuses only for overlapping uncommitted changes)."""
+    if operation_in_progress(checkout) or hidden_changes(checkout):
+        return False
+    return not overwritten_by_merge(checkout, new)
+
+
+def move_target(project, target, old, new):
+    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout)."""
+    checkout = checkout_of(project, target)
+    if checkout is not None and checkout_can_follow(checkout, new):
+        dirty = git_bytes(["status", "--porcelain", "--untracked-files=no"], checkout).stdout
+        done = git_bytes(["merge", "--quiet", "--ff-only", new], checkout, check=False)
+        if done.returncode == 0:
+            kept = (
+                f"your checkout {checkout} was brought up to date and its uncommitted changes kept"
+            )
+            return True, kept if dirty.strip() else None
+        if ref_commit(project.repo, f"refs/heads/{target}") != old:
+            return False, None
+    done = git_bytes(
+        ["update-ref", "-m", "orchestra land", f"refs/heads/{target}", new, old],
+        project.repo,
+        check=False,
+    )
+    if done.returncode != 0:
+        return False, None
+    if checkout is None:
+        return True, None
+    return True, (
+        f"your checkout {checkout} has changes the landing would overwrite, so only {target} moved "
+        f"(to {new[:12]}) and its files stay as they were at {old[:12]}; keep your changes and catch "
+        f"up with: git diff {old[:12]} > mine.patch && git reset --hard && git apply -3 mine.patch"
+    )
+
+
+def set_landing(project, agent_id, **facts):
+    """Write landing facts into an agent's record; the record after the change."""
+
+    def change(state):
+        record = state["agents"][agent_id]
+        record.update(facts)
+        return dict(record)
+
+    return project.store.update(change)
+
+
+def mark_landed(project, record, target, commit, note=None):
+    """Remember that the agent landed (status, --json, the dashboard), log it and tell notify_command."""
+    landed = {"into": target, "commit": commit, "at": utc_iso()}
+    set_landing(project, record["id"], landed=landed, landing=None, blocked=None, merged=True)
+    release_dependents(project, record["id"], target)
+    append_event(record["log"], {"event": "landed", **landed})
+    notify(
+        project.repo, record["id"], "landed", f"{record['id']} landed on {target} at {commit[:12]}"
+    )
+    return {"id": record["id"], "outcome": "landed", "into": target, "commit": commit, "note": note}
+
+
+def release_dependents(project, agent_id, target):
+    """An agent landed: the agents waiting for it wait for one fewer, and start from `target`
+    once they wait for none (the supervisor makes their worktrees then)."""
+
+    def change(state):
+        freed = False
+        for record in state["agents"].values():
+            waits = record.get("waits_for") or []
+            if agent_id in waits:
+                record["waits_for"] = [i for i in waits if i != agent_id]
+                record["land_base"] = target
+                rest = record["waits_for"]
+                record["activity"] = (
+                    f"waiting for {', '.join(rest)} to land" if rest else "waiting for a worktree"
+                )
+                freed = freed or not rest
+        return freed
+
+    if project.store.update(change):
+        ensure_supervisor(project)
+
+
+def waits_line(record, agents):
+    """What a queued agent waits for, as status shows it: 'held: waits for a (blocked: ...) to land'."""
+    parts, held = [], False
+    for agent_id in record["waits_for"]:
+        dep = agents.get(agent_id) or {}
+        if dep.get("blocked"):
+            parts.append(f"{agent_id} (blocked: {dep['blocked']['reason']})")
+        elif dep.get("state") in ("failed", "stopped", "interrupted"):
+            parts.append(f"{agent_id} ({dep['state']})")
+        else:
+            parts.append(agent_id)
+            continue
+        held = True
+    return ("held: " if held else "") + f"waits for {', '.join(parts)} to land"
+
+
+def park(project, record, reason):
+    """Park the agent `blocked` with the reason; the queue goes on without it."""
+    blocked = {"reason": reason, "at": utc_iso()}
+    set_landing(project, record["id"], blocked=blocked, landing=None)
+    append_event(record["log"], {"event": "blocked", **blocked})
+    notify(project.repo, record["id"], "blocked", f"{record['id']} is blocked: {reason}")
+    return {"id": record["id"], "outcome": "blocked", "reason": reason}
+
+
+def send_back(project, record, prompt, reason):
+    """Give the agent a fix round in its own session, or park it when its rounds are used up."""
+    agent_id, limit = record["id"], resilience_setting(record, "fix_rounds")
+
+    def change(state):
+        live = state["agents"][agent_id]
+        rounds = (live.get("landing") or {}).get("rounds", 0)
+        if rounds >= limit:
+            return None
+        try:
+            queue_session(live, prompt, f"land fix round {rounds + 1}: waiting for a free slot")
+        except OrchestraError:
+            return None
+        live["landing"] = {"status": "fixing", "rounds": rounds + 1, "reason": reason}
+        append_event(
+            live["log"], {"event": "land_fix_round", "round": rounds + 1, "reason": reason}
+        )
+        return rounds + 1
+
+    rounds = project.store.update(change)
+    if rounds is None:
+        tries = f" after {limit} fix round(s)" if limit else ""
+        return park(project, record, reason + tries)
+    ensure_supervisor(project)
+    return {"id": agent_id, "outcome": "fixing", "round": rounds, "reason": reason}
+
+
+def land_one(project, record, target, strategy, dry_run=False):
+    """Try to land one agent on the target's current tip; what happened, as a dict with `outcome`."""
+    repo, agent_id = project.repo, record["id"]
+    tip, old = branch_tip(project, record), ref_commit(repo, f"refs/heads/{target}")
+    pending = (record.get("landing") or {}).get("commit")
+    if pending and not dry_run and is_ancestor(repo, pending, old):
+        return mark_landed(project, record, target, pending)  # a landing an interruption cut short
+    if tip is None:
+        return park(project, record, f"its branch {record['branch']} is gone")
+    if is_ancestor(repo, tip, old):
+        if dry_run:
+            return {"id": agent_id, "outcome": f"nothing new: its commits are in {target} already"}
+        note = f"nothing new to land: its commits are in {target} already"
+        return mark_landed(project, record, target, old, note)
+    if dry_run:
+        return dry_run_one(repo, record, tip, old)
+    path = scratch_worktree(project, old)
+    new, conflicts = combine(path, strategy, record, tip, old)
+    if conflicts:
+        prompt = LAND_CONFLICT_PROMPT.format(
+            branch=record["branch"], target=target, commit=old, files=", ".join(conflicts)
+        )
+        return send_back(
+            project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}"
+        )
+    failure = checks_on(path, record)
+    if failure:
+        code = "timed out" if failure["exit_code"] is None else f"status {failure['exit_code']}"
+        prompt = LAND_RED_PROMPT.format(
+            branch=record["branch"],
+            target=target,
+            commit=old,
+            command=failure["command"],
+            exit_code=code,
+            tail=failure["tail"] or "(no output)",
+        )
+        return send_back(
+            project,
+            record,
+            prompt,
+            f"checks fail on {target} with its work: {failure['command']} ({code})",
+        )
+    with shield_interrupts():
+        set_landing(
+            project,
+            agent_id,
+            landing={**(record.get("landing") or {}), "status": "moving", "commit": new},
+        )
+        moved, note = move_target(project, target, old, new)
+        if not moved:
+            return {
+                "id": agent_id,
+                "outcome": "retry",
+            }  # the target moved meanwhile: again on its new tip
+        return mark_landed(project, record, target, new, note)
+
+
+def dry_run_one(repo, record, tip, old):
+    """What land would do with one agent, from `git merge-tree` alone (no checks run)."""
+    done = run_git(["merge-tree", "--write-tree", "--name-only", old, tip], repo, check=False)
+    if done.returncode not in (0, 1):  # git before 2.38 has no merge-tree --write-tree
+        return {
+            "id": record["id"],
+            "outcome": "would try to land (this git cannot predict conflicts)",
+        }
+    if done.returncode == 1:  # 1: conflicts; the names follow the tree, up to an empty line
+        files = list(itertools.takewhile(bool, done.stdout.splitlines()[1:]))
+        return {"id": record["id"], "outcome": "would conflict", "files": files}
+    count = len(commits_between(repo, old, tip))
+    return {"id": record["id"], "outcome": "would land", "commits": count}
+
+
+def land_agents(
+    project, ids, into=None, dry_run=False, include_failing=False, progress=None, wait=False
+):
+    """What `land` does (the CLI's and the web's): land agents one by one in queue order,
+    waiting for their fix rounds; with `wait`, also every agent that finishes while others are
+    still at work (dependents included), until none is. {"into", "results", "not_landed"}."""
+    target = landing_target(project, into)
+    strategy = project.config["land_strategy"]
+    lock = FileLock(project.dir / LAND_LOCK)
+    if not lock.acquire(blocking=False):
+        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+    try:
+        report, results = progress or (lambda result: None), []
+        while True:
+            chosen, skipped = land_candidates(project, ids, include_failing)
+            queue = [r["id"] for r in chosen]
+            results += run_queue(project, queue, target, strategy, dry_run, report)
+            if not wait or dry_run:
+                break
+            if not chosen and not still_working(project.store.load()["agents"]):
+                break
+            if not chosen:
+                time.sleep(LAND_POLL)
+    finally:
+        lock.release()
+    return {
+        "into": target,
+        "strategy": strategy,
+        "dry_run": dry_run,
+        "results": results,
+        "not_landed": skipped,
+    }
+
+
+def still_working(agents):
+    """True while some agent is at work or will start: not one held by a dependency that has
+    not landed (blocked, failed, or still to come: when it lands, its dependents wake)."""
+    return any(r["state"] in ACTIVE_STATES and not r.get("waits_for") for r in agents.values())
+
+
+def run_queue(project, queue, target, strategy, dry_run, progress):
+    """Land the queue's agents in order; an agent in a fix round is retried once it ends."""
+    results, waiting = {}, []
+    while queue or waiting:
+        for agent_id in list(waiting):
+            record = project.store.load()["agents"][agent_id]
+            if record["state"] in ACTIVE_STATES:
+                continue
+            waiting.remove(agent_id)
+            if record["state"] != "done":
+                results[agent_id] = park(project, record, f"its fix round ended {record['state']}")
+                progress(results[agent_id])
+            else:
+                queue.insert(0, agent_id)
+        if not queue:
+            time.sleep(LAND_POLL)
+            continue
+        agent_id = queue.pop(0)
+        record = project.store.load()["agents"][agent_id]
+        result = land_one(project, record, target, strategy, dry_run)
+        if result["outcome"] == "retry":
+            queue.insert(0, agent_id)
+            continue
+        if result["outcome"] == "fixing":
+            waiting.append(agent_id)
+        results[agent_id] = result
+        progress(result)
+    return [results[i] for i in results]
+
+
+def land_guard(record):
+    """Why landing this agent deserves a second thought (its checks failed, it has no commits),
+    or None. The dashboard asks before it lands such an agent."""
+    checks = record.get("checks") or {}
+    if checks.get("status") == "failed":
+        return f"{record['id']}'s checks {checks_line(checks)}; land it anyway?"
+    if record.get("commits") == 0:
+        return f"{record['id']} has no commits, so there is nothing to land; land it anyway?"
+    return None
+
+
+def land_line(result, target):
+    """One line about what land did (or would do) with an agent."""
+    outcome, agent_id = result["outcome"], result["id"]
+    if outcome == "landed":
+        line = f"{agent_id}: landed on {target} at {result['commit'][:12]}"
+        return line + (f"\n  {result['note']}" if result.get("note") else "")
+    if outcome == "fixing":
+        return f"{agent_id}: {result['reason']}; sent back for fix round {result['round']}"
+    if outcome == "blocked":
+        return f"{agent_id}: blocked: {result['reason']}; send it a follow-up ('orchestra send {agent_id} ...'), then land it again"
+    if outcome == "would conflict":
+        return f"{agent_id}: would conflict in {', '.join(result['files']) or 'some files'} and get a fix round"
+    if outcome == "would land":
+        return f"{agent_id}: would merge {result['commits']} commit(s), run the checks on the result and land"
+    return f"{agent_id}: {outcome}"
 
 
 # ======================================================================================
@@ -8238,7 +9337,11 @@ def plan_agent_cleanup(project, record, worktrees, force):
     nothing = (
         ["nothing left: its branch and worktree are gone"]
         if gone
-        else ["merged, nothing uncommitted"]
+        else (
+            ["no changes: no commits, nothing uncommitted"]
+            if tip == record.get("base_commit")
+            else ["merged, nothing uncommitted"]
+        )
     )
     return dict(step, reasons=soft or nothing, forced=bool(soft))
 
@@ -8378,6 +9481,7 @@ def remove_agent(project, record, step):
             ]  # only if still at tip
             run_git(delete, project.repo)
         mark_removed(project, record["id"], refs)
+    drop_agent_env(project, [record["id"]])
     return refs
 
 
@@ -8915,12 +10019,19 @@ WEB_HEADER_LINE = re.compile(
     rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n"
 )  # RFC 9112 5
 WEB_DIGITS = re.compile(r"[0-9]{1,15}")
+JSON_MARKS = re.compile(rb'["\[\]{}]')  # what json_depth_ok looks at
 # a subprotocol that carries the token: browsers cannot set WebSocket headers
 WS_TOKEN_PREFIX = "token."
+# GET ?nonce=HEX, no token: answers HMAC-SHA256(token, nonce), so the page can tell that this
+# server knows its token before it sends it (a server squatting the port while `web` was
+# stopped does not)
+WEB_CHALLENGE_PATH = "/api/challenge"
+WEB_NONCE = re.compile(r"[0-9a-f]{32,128}")
 
 
 def web_token(folder, rotate=False):
-    """The access token kept in web.json (mode 0600): reused, or made anew on first use or rotation."""
+    """The access token kept in web.json (mode 0600): made anew when rotating (every `web` start
+    does: a token taken while the server was down never works again), else reused."""
     path = folder / WEB_TOKEN_FILE
     if not rotate:
         try:
@@ -8972,6 +10083,8 @@ class Gate:
             raise HTTPRefusal(403, "cross-site requests are refused")
         if not path.startswith(("/api/", "/ws/")):
             return False
+        if path == WEB_CHALLENGE_PATH and method == "GET":
+            return False  # the page asks for proof before it shows its token (route_challenge)
         token = self.presented(path, headers)
         if token is None or not hmac.compare_digest(token, self.token):
             raise HTTPRefusal(
@@ -9050,14 +10163,30 @@ def check_framing(headers):
 
 
 def json_depth_ok(data, limit=WEB_MAX_JSON_DEPTH):
-    """False when JSON text opens more than `limit` arrays or objects at once (a cheap scan
-    before json.loads, whose recursion would otherwise fail deep inside)."""
-    depth = 0
-    for token in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', data):
-        mark = token.group()[:1]
-        depth += 1 if mark in (b"[", b"{") else -1 if mark in (b"]", b"}") else 0
-        if depth > limit:
-            return False
+    """False when JSON text opens more than `limit` arrays or objects at once (a scan before
+    json.loads, whose recursion would otherwise fail deep inside). Linear: each byte is looked
+    at a bounded number of times, whatever the quotes and backslashes."""
+    depth, at, end = 0, 0, len(data)
+    while at < end:
+        found = JSON_MARKS.search(data, at)
+        if not found:
+            return True
+        mark, at = found.group(), found.end()
+        if mark == b'"':  # skip the string: to the next quote not escaped by a backslash
+            while True:
+                quote = data.find(b'"', at)
+                if quote < 0:
+                    return True  # unterminated: json.loads refuses it
+                run = quote
+                while run > at and data[run - 1] == 0x5C:
+                    run -= 1
+                at = quote + 1
+                if (quote - run) % 2 == 0:
+                    break
+        else:
+            depth += 1 if mark in (b"[", b"{") else -1
+            if depth > limit:
+                return False
     return True
 
 
@@ -9117,6 +10246,7 @@ WEB_TAIL_READ_LIMIT = (
 WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
 WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
 WEB_HISTORY_PAGE, WEB_HISTORY_PAGE_MAX = 50, 500  # cleaned-up agents per GET /api/history
+WEB_LAND_WAIT = 10.0  # seconds POST .../land waits for its first outcome before answering 202
 # Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
 WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
 WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
@@ -9379,6 +10509,7 @@ ROUTES = [
         ("GET", r"/", "route_page"),
         ("GET", r"/api/status", "route_status"),
         ("GET", r"/api/sessions", "route_sessions"),
+        ("GET", r"/api/challenge", "route_challenge"),
         ("GET", r"/api/worktrees", "route_worktrees"),
         ("POST", r"/api/spawn", "route_spawn"),
         ("POST", r"/api/cleanup", "route_cleanup"),
@@ -9389,6 +10520,7 @@ ROUTES = [
         ("GET", r"/api/history", "route_history"),
         ("GET", r"/api/agents/(?P<id>[^/]+)/report", "route_report"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/merge", "route_merge"),
+        ("POST", r"/api/agents/(?P<id>[^/]+)/land", "route_land"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/pr", "route_pull_request"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/send", "route_send"),
         ("GET", r"/api/sessions/(?P<id>[^/]+)", "route_session"),
@@ -9622,10 +10754,13 @@ class WebHandler:
         return 200, current_status(self.server.project)[1]
 
     def route_sessions(self, params, query, body):
-        """GET /api/sessions?hours=N&limit=N: the user's recent Claude Code sessions."""
+        """GET /api/sessions?hours=N&limit=N&all=1: the user's recent Claude Code sessions in this
+        repository (all=1: in every project on the machine)."""
         hours = query_int(query, "hours", WEB_SESSION_HOURS, 1, 24 * 365)
         limit = query_int(query, "limit", WEB_SESSION_LIMIT, 1, WEB_SESSION_LIMIT_MAX)
-        return 200, sessions_document(self.server.env, hours=hours, limit=limit)
+        everything = query_int(query, "all", 0, 0, 1)
+        repo = None if everything else self.server.project.repo
+        return 200, sessions_document(self.server.env, hours=hours, limit=limit, repo=repo)
 
     def route_worktrees(self, params, query, body):
         """GET /api/worktrees: what `worktrees --json` prints."""
@@ -9714,6 +10849,32 @@ class WebHandler:
             return 409, {"error": message, **document}
         return 200, {"message": message, **document}
 
+    def route_land(self, params, query, body):
+        """POST /api/agents/ID/land {"force"?: true}: `orchestra land ID` in a thread of its own;
+        answers with its first outcome, or 202 while the checks still run. Without force, an
+        agent whose checks failed or that has no commits is refused (409, "guard": true)."""
+        (force,) = body_fields(body, {"force": (bool, False)})
+        record = self.agent(params)
+        guard = land_guard(record)
+        if guard and not force:
+            return 409, {"error": guard, "guard": True}
+        outcomes = queue.Queue()
+
+        def run():
+            try:
+                land_agents(self.server.project, [record["id"]], progress=outcomes.put)
+            except Exception as e:  # an OrchestraError is the answer; anything else a bug
+                outcomes.put(e)
+
+        threading.Thread(target=run, name=f"land-{record['id']}", daemon=True).start()
+        try:
+            first = outcomes.get(timeout=WEB_LAND_WAIT)
+        except queue.Empty:
+            return 202, {"message": f"{record['id']}: landing; its checks run on the merged result"}
+        if isinstance(first, Exception):
+            raise first
+        return 200, {"message": land_line(first, first.get("into")), **first}
+
     def route_pull_request(self, params, query, body):
         """POST /api/agents/ID/pr: `collect ID --pr`: push and open a pull request, or say how."""
         body_fields(body, {})
@@ -9734,20 +10895,36 @@ class WebHandler:
         """GET /api/sessions/ID: a session's prompts and the commands that resume it."""
         return 200, session_detail(self.server.env, params["id"])
 
+    def route_challenge(self, params, query, body):
+        """GET /api/challenge?nonce=HEX (no token needed): {"proof": HMAC-SHA256(token, nonce)}."""
+        nonce = (query.get("nonce") or [""])[-1]
+        if not WEB_NONCE.fullmatch(nonce):
+            raise HTTPRefusal(400, "'nonce' must be 32 to 128 lowercase hex digits")
+        proof = hmac.new(self.server.gate.token, nonce.encode("ascii"), "sha256").hexdigest()
+        return 200, {"proof": proof}
+
     def route_approvals(self, params, query, body):
         """GET /api/approvals: the tool calls agents wait to have approved, oldest first."""
         return 200, approvals_document(self.server.project)
 
     def route_decide(self, params, query, body):
-        """POST /api/approvals/REQ {"decision": "allow"|"deny", "message"?, "always"?}: the CLI's approve/deny."""
+        """POST /api/approvals/REQ {"decision": "allow"|"deny", "message"?, "always"?, "prefix"?,
+        "whole_tool"?}: the CLI's approve/deny. always is a boolean or "project"."""
         always = body.pop("always", None)
-        decision, message = body_fields(body, {"decision": (str, True), "message": (str, False)})
+        whole = body.pop("whole_tool", False)
+        decision, message, prefix = body_fields(
+            body, {"decision": (str, True), "message": (str, False), "prefix": (str, False)}
+        )
         if decision not in ("allow", "deny"):
             raise HTTPRefusal(400, '\'decision\' must be "allow" or "deny"')
-        if always not in (None, False, True, "agent", "project") or (always and decision == "deny"):
+        if not (always is None or isinstance(always, bool) or always == "project") or (
+            always and decision == "deny"
+        ):
             raise HTTPRefusal(
-                400, '\'always\' must be true, "agent" or "project", and only with "allow"'
+                400, '\'always\' must be true, false or "project", and only with "allow"'
             )
+        if not isinstance(whole, bool) or (prefix is not None and not always):
+            raise HTTPRefusal(400, "'whole_tool' must be a boolean; 'prefix' needs 'always'")
         project = self.server.project
         request, where = ApprovalBox(project.repo).request(params["request"])
         if where is None:
@@ -9758,7 +10935,14 @@ class WebHandler:
             raise OrchestraError(late_message(request["id"], request["decision"]), EXIT_FAILURE)
         always = "agent" if always is True else always or None
         answered = answer_request(
-            project, request, decision == "allow", "web", message=message, always=always
+            project,
+            request,
+            decision == "allow",
+            "web",
+            message=message,
+            always=always,
+            prefix=prefix,
+            whole=whole,
         )
         return 200, {"request": request["id"], "agent": request["agent"], **answered}
 
@@ -10089,7 +11273,7 @@ def start_web_server(
     `limits` tunes header_deadline, max_connections and ws_options (ping_interval,
     pong_timeout, queue_limit) for tests.
     """
-    token = web_token(project.dir, rotate=new_token)
+    token = web_token(project.dir, rotate=True)  # new_token: kept for callers; every start rotates
     server = web_class(WebServer)(
         project,
         host,
@@ -10436,16 +11620,32 @@ def config_flags(args, **extra):
         key, sep, raw = item.partition("=")
         if not sep or key not in CONFIG_TYPES:
             raise OrchestraError(
-                f"-c expects KEY=VALUE with a known key, not '{item}'; known keys: {', '.join(CONFIG_TYPES)}"
+                f"-c expects KEY=VALUE with a known key, not '{item}'; {known_keys_hint(key)}"
             )
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw  # a bare word is a string
+        value = config_value_from_text(key, raw)
         check_config_value(key, value, "-c")
         flags[key] = value
     flags.update({k: v for k, v in extra.items() if v is not None})
     return flags
+
+
+def known_keys_hint(key):
+    """'did you mean ...?' for a mistyped setting, then every known key."""
+    import difflib  # here, not at the top: only a mistyped key needs it
+
+    near = difflib.get_close_matches(key, list(CONFIG_TYPES), n=1, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+    return f"{hint}known keys: {', '.join(CONFIG_TYPES)}"
+
+
+def config_value_from_text(key, text):
+    """A value typed for `key`: JSON (numbers, lists, null), else the word itself; a single
+    string for a list setting is a list of one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text  # a bare word is a string
+    return [value] if CONFIG_TYPES.get(key) == "list" and isinstance(value, str) else value
 
 
 def open_project(args, **flags):
@@ -10462,6 +11662,7 @@ def paint(text, colour, stream):
 STATE_COLOURS = {
     "running": "blue",
     "done": "green",
+    "done ✗": "red",  # finished, but its checks failed
     "failed": "red",
     "interrupted": "red",
     "paused": "yellow",
@@ -10495,8 +11696,9 @@ def render_table(headers, rows, out, colour_column=None, width=None):
     for index, row in enumerate([headers, *rows]):
         cells = [str(c).ljust(w) for c, w in zip(row, widths)]
         if index and colour_column is not None:
-            state = row[colour_column].split()[0]
-            cells[colour_column] = paint(cells[colour_column], STATE_COLOURS.get(state), out)
+            words = row[colour_column].split()
+            colour = STATE_COLOURS.get(" ".join(words[:2]), STATE_COLOURS.get(words[0]))
+            cells[colour_column] = paint(cells[colour_column], colour, out)
         last = str(row[-1])
         if len(last) > room:
             last = last[: room - 1] + "…"
@@ -10520,7 +11722,7 @@ def host_view(record):
 
 def status_rows(records, now):
     """The status table's cells for each record."""
-    rows = []
+    rows, by_id = [], {r["id"]: r for r in records}
     for r in records:
         state = (
             state_label(r)
@@ -10528,11 +11730,16 @@ def status_rows(records, now):
             + (" approval" if r.get("approval") else "")
         )
         state += (" sandboxed" if r.get("sandboxed") else "") + (
-            " merged" if r.get("merged") else ""
+            " landed" if r.get("landed") else " merged" if r.get("merged") else ""
         )
+        state += " blocked" if r.get("blocked") else ""
         activity = r.get("error") or r.get("activity") or ""
+        if r.get("waits_for") and r["state"] == "queued":
+            activity = waits_line(r, by_id)
         if r.get("approval"):
-            activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
+            size = (r["approval"].get("shown") or [""])[0].partition(": ")[2]
+            activity = (f"waiting for approval {r['approval']['id']} ({size}, shown whole below): "
+                        f"{r['approval']['summary']}")  # fmt: skip
         rows.append(
             [
                 r["id"],
@@ -10566,6 +11773,10 @@ def status_text(project, records, out):
             r.get("permission_denials"), (r.get("launch") or {}).get("bypass_permissions", ())
         )
     ]
+    for r in records:
+        if r.get("approval"):
+            notes += [f"{r['id']} waits for approval {r['approval']['id']}:",
+                      *(f"  {line}" for line in r["approval"].get("shown") or [])]  # fmt: skip
     return "\n".join(
         [
             table,
@@ -10668,6 +11879,9 @@ def port_number(text):
 def cmd_init(args):
     """Create .orchestra/ and print the effective configuration."""
     project = open_project(args)
+    problem = claude_version_problem(project.config["agent_command"], os.environ)
+    if problem:
+        raise OrchestraError(problem)
     print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
     print(config_text(project.config))
     print(
@@ -10729,24 +11943,28 @@ def config_target(args):
     return find_repo(Path.cwd()) / ORCHESTRA_DIR / "config.json"
 
 
-def parse_config_value(text):
-    """A config value from the command line: JSON (numbers, lists, null), else the word itself."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+def known_key(key):
+    """Refuse an unknown setting, with the nearest known ones."""
+    if key not in CONFIG_TYPES:
+        raise OrchestraError(f"unknown key '{key}'; {known_keys_hint(key)}")
+    return key
 
 
 def cmd_config_set(args):
     """Write one setting to the project (or --user) config file, checked as loading checks it."""
-    path = write_config_value(config_target(args), args.key, parse_config_value(args.value))
-    print(f"{args.key} = {json.dumps(parse_config_value(args.value))} in {path}")
+    value = config_value_from_text(known_key(args.key), args.value)
+    path = write_config_value(config_target(args), args.key, value)
+    print(f"{args.key} = {json.dumps(value)} in {path}")
     return EXIT_OK
 
 
 def cmd_config_unset(args):
     """Remove one setting from the project (or --user) config file."""
-    path = write_config_value(config_target(args), args.key, None, unset=True)
+    target = config_target(args)
+    if known_key(args.key) not in read_config_file(target):
+        print(f"{args.key} was not set in {target}; nothing changed")
+        return EXIT_OK
+    path = write_config_value(target, args.key, None, unset=True)
     print(f"{args.key} removed from {path}")
     return EXIT_OK
 
@@ -10800,7 +12018,14 @@ def doctor_checks(env):
     git_found = probe_version(["git", "--version"], env)
     checks.append(("git", bool(git_found), git_found or "not found; install git 2.25 or newer"))
     claude = probe_version([CLAUDE_EXECUTABLE, "--version"], env)
-    checks.append(("claude", bool(claude), claude or f"not found; {CLAUDE_INSTALL_HINT}"))
+    too_old = claude and claude_version_problem([CLAUDE_EXECUTABLE], env)
+    checks.append(
+        (
+            "claude",
+            bool(claude) and not too_old,
+            too_old or claude or f"not found; {CLAUDE_INSTALL_HINT}",
+        )
+    )
     if claude:
         checks.append(("claude login", *claude_login(env)))
     problem = sandbox_problem(env)
@@ -10920,14 +12145,30 @@ LOGS_FOLLOW_TAIL = 50  # lines `logs -f` shows before following, unless --tail s
 def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model, sandbox=args.sandbox)
+    uncommitted = uncommitted_note(args.base)
+    tasks, names, after, checks = args.tasks, args.name, None, None
+    if args.file:
+        if tasks or names:
+            raise OrchestraError(
+                "--file holds the tasks and their ids; give no TASK or --name with it"
+            )
+        tasks, names, after, checks = read_task_file(args.file)
+    elif not tasks:
+        raise OrchestraError(
+            "the following arguments are required: TASK (or a tasks file with --file)"
+        )
+    elif args.after:
+        after = [args.after] * len(tasks)
     records = spawn_agents(
         project,
-        args.tasks,
+        tasks,
         parallel=args.parallel,
-        name=args.name,
+        name=names,
         base=args.base,
         budget=args.budget,
         host=args.host,
+        after=after,
+        checks=checks,
     )
     if not args.json:
         for r in records:
@@ -10935,6 +12176,8 @@ def cmd_spawn(args):
             if r["error"]:
                 print(f"  {r['error']}")
         print(f"Each agent works on branch {project.branch_name('<id>')} in its worktree.")
+    if uncommitted:
+        print(uncommitted, file=sys.stderr if args.json else sys.stdout)
     if args.wait:
         return wait_for_agents(project, [r["id"] for r in records], args.json)
     if args.json:
@@ -10944,8 +12187,85 @@ def cmd_spawn(args):
     return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
 
 
+def uncommitted_note(base):
+    """One line when the checkout spawn runs in has changes its agents will not see, else None."""
+    if base is not None:
+        return None
+    done = run_git(["status", "--porcelain", "--untracked-files=normal"], Path.cwd(), check=False)
+    changed = [line for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode or not changed:
+        return None
+    return (
+        f"note: your checkout has {len(changed)} uncommitted change{'s' if len(changed) != 1 else ''}; "
+        "they are not in the agents' worktrees, which start from the last commit (commit them first "
+        "if the agents need them)"
+    )
+
+
+def read_task_file(path):
+    """(tasks, ids, after, checks) from a tasks file: a JSON list (or {"tasks": [...]}) of
+    objects with "task" and optional "id", "after" (ids), "host" and "checks" (commands)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise OrchestraError(f"cannot read the tasks file {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise OrchestraError(f"{path} is not valid JSON ({e}); fix it and spawn again") from None
+    items = document.get("tasks") if isinstance(document, dict) else document
+    if not isinstance(items, list) or not items:
+        raise OrchestraError(f"{path}: expected a list of tasks, each an object with a 'task'")
+    tasks, ids, after, checks = [], [], [], []
+    for number, item in enumerate(items, 1):
+        where = f"{path}: task {number}"
+        if not isinstance(item, dict) or not isinstance(item.get("task"), str):
+            raise OrchestraError(f"{where} needs a 'task' string")
+        unknown = set(item) - {"task", "id", "after", "host", "checks"}
+        if unknown:
+            raise OrchestraError(
+                f"{where} has unknown keys {', '.join(sorted(unknown))}; use task, id, after, host, checks"
+            )
+        deps = item.get("after", [])
+        deps = [deps] if isinstance(deps, str) else deps
+        own = item.get("checks")
+        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+            raise OrchestraError(f"{where}: 'after' must be a list of task ids")
+        if own is not None and (
+            not isinstance(own, list) or not all(isinstance(c, str) for c in own)
+        ):
+            raise OrchestraError(f"{where}: 'checks' must be a list of shell commands")
+        if item.get("host") not in (None, "local"):
+            raise OrchestraError(
+                f"{where}: host {json.dumps(item['host'])} is not known here; use \"local\""
+            )
+        tasks.append(item["task"])
+        ids.append(item.get("id"))
+        after.append(deps)
+        checks.append(own)
+    if any(ids) and not all(ids):
+        raise OrchestraError(f"{path}: give every task an 'id', or none")
+    return tasks, [i for i in ids if i], after, checks
+
+
 def wait_for_agents(project, ids, as_json):
-    """Print each agent's progress until all have finished; 1 if any failed."""
+    """Print each agent's progress until all have finished; 1 if any failed.
+
+    Ctrl-C stops the watching, never the agents: it says which keep running and how to stop them.
+    """
+    try:
+        return watch_agents(project, ids, as_json)
+    except KeyboardInterrupt:
+        live = [i for i, r in project.records().items() if i in ids and r["state"] in ACTIVE_STATES]
+        if live:
+            print(
+                f"\nstopped watching; {plural(len(live), 'agent')} keep{'s' if len(live) == 1 else ''} running "
+                f"(orchestra stop {' '.join(live)})",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED
+
+
+def watch_agents(project, ids, as_json):
+    """wait_for_agents' loop: one line per change of each agent, then the summary."""
     shown = {}
     while True:
         state = project.store.load()
@@ -10974,9 +12294,21 @@ def add_spawn_parser(commands):
         "spawn",
         help="start agents, one worktree and branch per task",
         description=cmd_spawn.__doc__,
-        epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2',
+        epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2; '
+        'a task that starts with "-" goes after "--": orchestra spawn -- "-v flag: document it"',
     )
-    p.add_argument("tasks", nargs="+", metavar="TASK", help="what one agent should do (quote it)")
+    p.add_argument("tasks", nargs="*", metavar="TASK", help="what one agent should do (quote it)")
+    p.add_argument(
+        "--after",
+        metavar="ID",
+        action="append",
+        help="start only once agent ID has landed, from the target with its work (repeatable)",
+    )
+    p.add_argument(
+        "--file",
+        metavar="TASKS.json",
+        help="queue a plan: a JSON list of {task, id, after, host, checks}",
+    )
     p.add_argument(
         "--parallel", type=positive_int, metavar="N", help="run at most N agents at once"
     )
@@ -11039,6 +12371,8 @@ def cmd_status(args):
             print_json(status_document(project, state, records))
             return EXIT_OK
         text = status_text(project, with_merged_flags(project, records), sys.stdout)
+        if not records and not args.all:
+            text = cleaned_up_note(project) or text
         if not args.watch:
             print(text)
             return EXIT_OK
@@ -11048,6 +12382,17 @@ def cmd_status(args):
             return EXIT_OK
         print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
         time.sleep(STATUS_WATCH_INTERVAL)
+
+
+def cleaned_up_note(project):
+    """What `status` says when every agent was cleaned up: how many, and how to see them."""
+    gone = len(project.history())
+    if not gone:
+        return None
+    return (
+        f"No live agents; {gone} cleaned up (status --all). "
+        'Start more with: orchestra spawn "first task" "second task"'
+    )
 
 
 def add_status_parser(commands):
@@ -11118,8 +12463,11 @@ def cmd_logs(args):
     project = open_project(args)
     record = select_agents(project.all_records(), [args.id])[0]
     path, clean, render = Path(record["log"]), sys.stdout.isatty(), log_renderer(args.raw)
+    inside = f"{record['worktree']}/" if record.get("worktree") and not args.raw else None
 
     def show(lines):
+        if inside:  # paths in the agent's worktree, relative to it: "Write: CHANGELOG.md"
+            lines = [line.replace(inside, "") for line in lines]
         if lines:
             sys.stdout.write(
                 "".join(
@@ -11272,14 +12620,44 @@ def diff_source(project, record):
     raise OrchestraError(f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE)
 
 
+def archived_work(project, record):
+    """(base, the archived commit holding all its work, the archive) of a cleaned-up agent,
+    else None: its worktree snapshot when one was saved (uncommitted files too), else its tip."""
+    with contextlib.suppress(OrchestraError):
+        archive = find_archive(project.repo, record["id"])
+        if archive["id"] == record["id"] and record.get("base_commit"):
+            refs = archive["refs"]
+            work = refs.get("worktree") or refs.get("tip") or refs.get("head")
+            return (record["base_commit"], work, archive) if work else None
+    return None
+
+
+def archive_note(record, archive):
+    """Where a cleaned-up agent's work was read from, and how to bring it back."""
+    return (
+        f"({record['id']} was cleaned up: this is its archive {archive['ref']}; "
+        f"'orchestra restore {record['id']}' brings it back)"
+    )
+
+
 def cmd_diff(args):
-    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git."""
+    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git.
+
+    A cleaned-up agent's changes are read from its archive."""
     project = open_project(args)
     record = select_agents(project.all_records(), [args.id])[0]
-    if record["state"] == "removed":
+    archived = archived_work(project, record) if record["state"] == "removed" else None
+    if record["state"] == "removed" and not archived:
         check_not_removed(project, [record["id"]])  # points at its archive and `orchestra restore`
     for problem in fetch_remote_branches(project, [record]):  # Hosts: its latest commits first
         print(f"orchestra: note: {problem}", file=sys.stderr)
+    if archived:
+        base, work, archive = archived
+        status = page_git(
+            ["diff", *(["--stat"] if args.stat else []), base, work, "--"], project.repo
+        )
+        print(archive_note(record, archive))
+        return EXIT_OK if status == 0 else EXIT_FAILURE
     cwd, revisions = diff_source(project, record)
     status = page_git(["diff", *(["--stat"] if args.stat else []), *revisions, "--"], cwd)
     if len(revisions) == 1:
@@ -11303,27 +12681,45 @@ def add_diff_parser(commands):
 
 
 def approvals_table(requests, now):
-    """The pending requests as a table: id, agent, waiting for, tool call."""
+    """The pending requests as a table: id, agent, waiting for, tool call (newlines escaped)."""
     rows = [
         [
             r["id"],
             r["agent"],
             format_duration(now - (parse_iso(r.get("since")) or now)),
-            strip_control(r.get("summary") or r.get("tool") or ""),
+            r.get("summary") or r.get("tool") or "",
         ]
         for r in requests
     ]
     return render_table(["REQUEST", "AGENT", "WAITING", "TOOL CALL"], rows, sys.stdout)
 
 
+def print_request(request):
+    """One request shown whole: who asks, then every line of shown_request()."""
+    print(f"request {request['id']}: {request['agent']} asks to run")
+    for line in shown_request(request):
+        print(f"  {line}")
+
+
+def warn_ignored(ignored):
+    """Name approval files that were ignored for want of a valid signature (stderr)."""
+    for path in ignored:
+        print(f"orchestra: warning: ignored {path}: no valid orchestra signature, so orchestra "
+              "did not write it (an agent or another user may have)", file=sys.stderr)  # fmt: skip
+
+
 def cmd_approvals(args):
-    """List the tool calls agents are waiting to have approved, oldest first."""
+    """List the tool calls agents are waiting to have approved, oldest first, each shown whole."""
     project = open_project(args)
     document = approvals_document(project)
+    warn_ignored(document["ignored"])
     if args.json:
         print_json(document)
     elif document["approvals"]:
         print(approvals_table(document["approvals"], time.time()))
+        for request in document["approvals"]:
+            print()
+            print_request(request)
         print(
             "\nAnswer with: orchestra approve REQUEST [--always]   or   orchestra deny REQUEST [--message TEXT]"
         )
@@ -11333,15 +12729,21 @@ def cmd_approvals(args):
 
 
 def cmd_approve(args):
-    """Allow a waiting tool call (by request id, or every request of an agent); --always keeps allowing it."""
+    """Allow a waiting tool call (by request id, or every request of an agent); --always keeps
+    allowing exactly the same call, --prefix WORDS every Bash command that starts with them."""
     project = open_project(args)
+    if (args.prefix is not None or args.whole_tool) and not args.always:
+        raise OrchestraError("--prefix and --whole-tool make a rule: use them with --always")
     for request in find_requests(project, args.target):
-        decision = answer_request(project, request, True, "cli", always=args.always)
-        print(
-            f"allowed {request['id']}: {request['agent']} runs {strip_control(request['summary'])}"
-        )
+        print_request(request)
+        decision = answer_request(
+            project, request, True, "cli", always=args.always, prefix=args.prefix,
+            whole=args.whole_tool,
+        )  # fmt: skip
+        print(f"allowed {request['id']}: {request['agent']} runs {request['summary']}")
         if decision.get("config"):
-            print(f"added {decision['rule']} to bypass_permissions in {decision['config']}")
+            print(f"every agent of this project may now run {decision['rule']} without asking "
+                  f"(rule saved in {decision['config']})")  # fmt: skip
         elif decision.get("rule"):
             print(
                 f"{request['agent']} may run {decision['rule']} without asking for the rest of its run"
@@ -11354,9 +12756,7 @@ def cmd_deny(args):
     project = open_project(args)
     for request in find_requests(project, args.target):
         answer_request(project, request, False, "cli", message=args.message)
-        print(
-            f"denied {request['id']}: {request['agent']} may not run {strip_control(request['summary'])}"
-        )
+        print(f"denied {request['id']}: {request['agent']} may not run {request['summary']}")
     return EXIT_OK
 
 
@@ -11382,8 +12782,19 @@ def add_approvals_parsers(commands):
         nargs="?",
         const="agent",
         choices=["agent", "project"],
-        help="also allow the same call from now on: for the rest of this agent's run, or "
-        "(--always=project) in the project's bypass_permissions",
+        help="also allow exactly the same call (the same input) from now on: for the rest of this "
+        "agent's run, or (--always=project) for every agent of the project",
+    )
+    p.add_argument(
+        "--prefix",
+        metavar="WORDS",
+        help="with --always: allow every Bash command that starts with these words (the start of "
+        "this command), with no shell operator after them: --prefix touch saves Bash(touch *)",
+    )
+    p.add_argument(
+        "--whole-tool",
+        action="store_true",
+        help="with --always: allow a rule that covers every call of a tool (a call without input)",
     )
     p.set_defaults(func=cmd_approve)
     p = commands.add_parser(
@@ -11400,7 +12811,7 @@ def add_approvals_parsers(commands):
 # ======================================================================================
 # Command line: results
 # --------------------------------------------------------------------------------------
-# collect, cleanup and restore: bringing work home and putting worktrees away.
+# collect, land, cleanup and restore: bringing work home and putting worktrees away.
 # ======================================================================================
 
 ARCHIVE_WORDS = {
@@ -11411,6 +12822,9 @@ ARCHIVE_WORDS = {
     "index": "staged index",
     "worktree": "files",
 }
+
+
+ARCHIVE_PRUNE_DAYS = 30  # cleanup --prune-archives removes archives at least this old
 
 
 def cmd_collect(args):
@@ -11424,6 +12838,18 @@ def cmd_collect(args):
         ]
         for problem in fetch_remote_branches(project, named):
             print(f"orchestra: note: {problem}", file=sys.stderr)
+    archived = archived_reports(project, args.ids)
+    if archived and len(archived) == len(args.ids):
+        if args.commit or args.merge or args.pr or args.patch:
+            raise OrchestraError(
+                f"{', '.join(r['id'] for r in archived)} was cleaned up; bring it back with "
+                f"'orchestra restore {archived[0]['id']}' first"
+            )
+        if args.json:
+            print_json({"agents": archived, "overlaps": {}, "committed": []})
+        else:
+            print("\n\n".join(archived_report_text(r) for r in archived))
+        return EXIT_OK
     document = collect_agents(
         project,
         args.ids,
@@ -11445,6 +12871,47 @@ def cmd_collect(args):
             else "No finished agents to collect yet; see 'orchestra status'."
         )
     return EXIT_FAILURE if document.get("conflict") or document.get("pr_failed") else EXIT_OK
+
+
+def archived_reports(project, ids):
+    """collect's report of each named agent that was cleaned up, read from its archive."""
+    if not ids:
+        return []
+    keys = ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch", "checks")
+    reports = []
+    for record in select_agents(project.all_records(), ids):
+        archived = record["state"] == "removed" and archived_work(project, record)
+        if not archived:
+            continue
+        base, work, archive = archived
+        tip = archive["refs"].get("tip") or archive["refs"].get("head") or base
+        commits = commits_between(project.repo, base, tip)
+        reports.append(
+            {
+                **{key: record.get(key) for key in keys},
+                "commits": [{"hash": h, "subject": subject} for h, subject in commits],
+                "diffstat": run_git(["diff", "--stat", base, work], project.repo).stdout.rstrip(),
+                "archive": archive["ref"],
+                "restore": f"orchestra restore {record['id']}",
+            }
+        )
+    return reports
+
+
+def archived_report_text(report):
+    """One cleaned-up agent's part of the collect report."""
+    lines = [
+        f"== {report['id']}: cleaned up ({report['turns'] or 0} turns, {format_cost(report['cost_usd'])})",
+        f"Task: {report['task']}",
+    ]
+    if report["result"] or report["error"]:
+        lines.append(f"Result: {strip_control(report['result'] or report['error']).strip()}")
+    lines.append(f"Commits saved under {report['archive']}:" if report["commits"] else "no commits")
+    lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
+    if report["diffstat"]:
+        lines.append(report["diffstat"])
+    lines.append(f"Bring it back with: {report['restore']}")
+    return "\n".join(lines)
 
 
 def add_collect_parser(commands):
@@ -11486,9 +12953,77 @@ def add_collect_parser(commands):
     p.set_defaults(func=cmd_collect)
 
 
+def cmd_land(args):
+    """Land finished agents on the target branch one by one, in queue order: each merged onto the
+    target in a scratch worktree, its checks run on exactly that result, and the branch moved
+    only when they pass. Conflicts and red checks go back to the agent as fix rounds."""
+    project = open_project(args)
+    target = landing_target(project, args.into)
+    show = (
+        (lambda result: None)
+        if args.json
+        else (lambda result: print(land_line(result, target), flush=True))
+    )
+    if args.wait and args.ids:
+        raise OrchestraError("--wait lands every agent as it finishes; name no ID with it")
+    document = land_agents(
+        project, args.ids, args.into, args.dry_run, args.include_failing, show, args.wait
+    )
+    if args.json:
+        print_json(document)
+    elif not document["results"]:
+        print("Nothing to land; see 'orchestra status'.")
+    for skipped in [] if args.json else document["not_landed"]:
+        print(f"{skipped['id']}: not landed: {skipped['reason']} (name it to land it anyway)")
+    blocked = any(r["outcome"] == "blocked" for r in document["results"])
+    return EXIT_FAILURE if blocked else EXIT_OK
+
+
+def add_land_parser(commands):
+    """orchestra land"""
+    p = commands.add_parser(
+        "land",
+        help="merge queue: land agents whose checks pass on the merged result",
+        description=cmd_land.__doc__,
+        epilog="example: orchestra spawn --file plan.json && orchestra land --wait",
+    )
+    p.add_argument(
+        "ids",
+        nargs="*",
+        metavar="ID",
+        help="agents to land (default: every done one whose checks passed)",
+    )
+    p.add_argument(
+        "--into",
+        metavar="BRANCH",
+        help="the branch to land on (default: base_branch, else the checked-out one)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the order and what would happen to each agent"
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="also land agents as they finish (dependents too), until none is at work",
+    )
+    p.add_argument(
+        "--include-failing",
+        action="store_true",
+        help="also agents whose own checks failed or did not run",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_land)
+
+
 def cmd_cleanup(args):
     """Remove agents' worktrees and branches when nothing can be lost; say why the rest stay."""
     project = open_project(args)
+    if args.older_than is not None and not args.prune_archives:
+        raise OrchestraError(
+            "--older-than goes with --prune-archives; see 'orchestra cleanup --help'"
+        )
+    if args.prune_archives:
+        return prune_archives(project, args.older_than, args.dry_run, args.json)
     if args.list_archives:
         return print_archives(project, args.json)
     outcome = cleanup_agents(
@@ -11523,6 +13058,66 @@ def print_archives(project, as_json):
     return EXIT_OK
 
 
+def archive_age_days(archive, now):
+    """Whole days since an archive was saved (its stamp is the UTC time of the cleanup)."""
+    stamp = archive["saved"]
+    saved = parse_iso(
+        f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}Z"
+    )
+    return 0 if saved is None else max(0, int((now - saved) // 86400))
+
+
+def archives_disk_usage(repo, refs):
+    """Bytes of git objects only these refs reach (what removing them lets `git gc` free)."""
+    if not refs:
+        return 0
+    others = [f"--exclude={ARCHIVE_REFS}/*", "--all"]
+    done = run_git(
+        ["rev-list", "--objects", "--disk-usage", *refs, "--not", *others], repo, check=False
+    )
+    return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
+
+
+def format_bytes(count):
+    """1.2 MB, 340 KB, 12 B."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def prune_archives(project, days, dry_run, as_json):
+    """cleanup --prune-archives: list the archives older than `days` days, then delete their refs."""
+    days = ARCHIVE_PRUNE_DAYS if days is None else days
+    now = time.time()
+    old = [a for a in list_archives(project.repo) if archive_age_days(a, now) >= days]
+    refs = [ref for a in old for ref in a["refs"].values()]
+    size = archives_disk_usage(project.repo, refs)
+    if not dry_run and refs:
+        lines = "".join(f"delete {ref}\n" for ref in refs)
+        git_bytes(["update-ref", "--stdin"], project.repo, input=lines.encode())
+    if as_json:
+        print_json({"pruned": [] if dry_run else old, "would_prune": old if dry_run else [],
+                    "bytes": size, "older_than_days": days})  # fmt: skip
+        return EXIT_OK
+    verb = "WOULD PRUNE" if dry_run else "PRUNED"
+    for a in old:
+        print(
+            f"{verb} {a['id']}/{a['saved']} ({archive_age_days(a, now)} days old): {a['commit']} {a['subject']}"
+        )
+    if not old:
+        print(f"No archives older than {days} days.")
+    elif dry_run:
+        print(
+            f"{plural(len(old), 'archive')} older than {days} days hold {format_bytes(size)} nothing else keeps; run without --dry-run to remove them"
+        )
+    else:
+        print(
+            f"{plural(len(old), 'archive')} removed: {format_bytes(size)} that 'git gc' can now free"
+        )
+    return EXIT_OK
+
+
 def add_cleanup_parser(commands):
     """orchestra cleanup"""
     p = commands.add_parser(
@@ -11549,6 +13144,17 @@ def add_cleanup_parser(commands):
     )
     p.add_argument(
         "--list-archives", action="store_true", help="list saved work and how to restore it"
+    )
+    p.add_argument(
+        "--prune-archives",
+        action="store_true",
+        help=f"list, then remove, archives older than --older-than days ({ARCHIVE_PRUNE_DAYS}), and say how much they hold",
+    )
+    p.add_argument(
+        "--older-than",
+        type=whole_number_at_least(0),
+        metavar="DAYS",
+        help="with --prune-archives: the age in days",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_cleanup)
@@ -11703,6 +13309,10 @@ def cmd_web(args):
             print(f"orchestra: warning: {missing}", file=sys.stderr)
         print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
         if args.qr:
+            if args.host in WEB_LOOPBACK_HOSTS:
+                print(f"orchestra: warning: {loopback_qr_warning(args.host)}", file=sys.stderr)
+            elif warning and not tls:
+                print(f"orchestra: warning: {QR_PLAIN_HTTP_WARNING}", file=sys.stderr)
             print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
@@ -11715,6 +13325,24 @@ def cmd_web(args):
     return EXIT_OK
 
 
+def loopback_qr_warning(host):
+    """Why a phone cannot open a loopback address, and the --host that it could reach."""
+    address = network_address()
+    return (
+        f"{host} is reachable from this machine only: a phone cannot open this code; run "
+        f"'orchestra web --qr --host {address}' (on a network you trust), "
+        "or see the README for an SSH tunnel or Tailscale"
+    )
+
+
+def network_address():
+    """This machine's address on its network (the one its default route leaves from): no packet is sent."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP only picks a route
+        return probe.getsockname()[0]
+    return socket.gethostname()
+
+
 def missing_dashboard_note():
     """One line saying where to put dashboard.html when no copy is found, else None."""
     places = dashboard_candidates()
@@ -11724,6 +13352,15 @@ def missing_dashboard_note():
         f"static/dashboard.html was not found, so / only says it is missing (the API works); "
         f"copy it to {places[0]}"
     )
+
+
+QR_PLAIN_HTTP_WARNING = (
+    "this address is plain HTTP beyond this machine: the token in the QR code, and every "
+    "request after it, crosses the network in clear. Put TLS in front: --tls-cert FILE --tls-key "
+    "FILE (e.g. from mkcert), or listen on 127.0.0.1 behind an HTTPS proxy (caddy, "
+    "tailscale serve) or an ssh tunnel (ssh -L 8888:127.0.0.1:8888 HOST). The token changes on "
+    "every start."
+)
 
 
 def add_web_parser(commands):
@@ -11757,7 +13394,9 @@ def add_web_parser(commands):
         "--qr", action="store_true", help="also print the address as a QR code to scan with a phone"
     )
     p.add_argument(
-        "--new-token", action="store_true", help="make a new access token; old links stop working"
+        "--new-token",
+        action="store_true",
+        help="make a new access token (every start does now; kept for old scripts)",
     )
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
@@ -12041,6 +13680,7 @@ PARSER_BUILDERS = (
     add_diff_parser,
     add_worktrees_parser,
     add_collect_parser,
+    add_land_parser,
     add_send_parser,
     add_cleanup_parser,
     add_restore_parser,

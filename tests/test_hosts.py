@@ -403,7 +403,7 @@ def test_an_approval_raised_on_a_host_is_answered_at_home(rig, repo, cli, local_
                                       bash("git commit -qm 'add approved.txt'"), text("approved and committed")])  # fmt: skip
     write_config(repo, bypass_permissions=["Bash(git *)"], heartbeat_interval=0.5,
                  hosts=rig.hosts_setting(),
-                 notify_command=["sh", "-c", f'echo "$1" >> {notes}', "sh", "{message}"])  # fmt: skip
+                 notify_command=["sh", "-c", f'echo "$ORCHESTRA_MESSAGE" >> {notes}'])  # fmt: skip
     assert cli("spawn", "--host", "h1", "--name", "asker", "ask-first: go").code == 0
 
     def asked():

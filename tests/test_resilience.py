@@ -194,7 +194,8 @@ def test_retry_starts_a_fresh_worktree_and_keeps_the_old_one(fake_repo, cli):
     refused = cli("retry", "fine")
     assert (
         refused.code == 2
-        and "only failed, interrupted or stopped agents can be retried" in refused.err
+        and "only failed, interrupted or stopped agents and done ones whose checks failed"
+        in refused.err
     )
 
 
@@ -222,7 +223,8 @@ def test_rate_limited_twice_then_done_in_the_same_session(claude_repo, claude_ap
     launches = log_events(claude_repo, "limited", "launch")
     assert [e["resume"] for e in launches] == [False, True, True]
     session = record["session_id"]
-    assert all(session in e["argv"] and "Continue the task." in e["argv"] for e in launches[1:])
+    assert all(session in e["argv"] for e in launches[1:])  # "Continue the task." on stdin
+    assert not any("Continue the task." in e["argv"] for e in launches)
     logs = cli("logs", "limited").out
     assert "== rate_limit: waiting until" in logs and "(attempt 2)" in logs
 
