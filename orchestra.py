@@ -1225,10 +1225,11 @@ def independent_commits(repo, commits):
     return run_git(["merge-base", "--independent", *commits], repo).stdout.split()
 
 
-def walk_files(root, skip_top_git=True):
+def walk_files(root, skip_top_git=True, stats=None):
     """(relative path bytes, absolute path, kind) of every file under root, nested .git included.
 
-    kind: "file", "exec", "link", or "special" (fifo, socket, device: cannot be saved).
+    kind: "file", "exec", "link", or "special" (fifo, socket, device: cannot be saved). A `stats`
+    dict gets each file's and link's lstat by absolute path (the walk makes that call anyway).
     """
     root_b = os.fsencode(str(root))
     stack = [b""]
@@ -1246,18 +1247,23 @@ def walk_files(root, skip_top_git=True):
             rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
             if skip_top_git and not rel_dir and entry.name == b".git":
                 continue
-            yield from walk_entry(entry, rel, stack)
+            yield from walk_entry(entry, rel, stack, stats)
 
 
-def walk_entry(entry, rel, stack):
+def walk_entry(entry, rel, stack, stats=None):
     """One directory entry of walk_files: folders are queued, files yielded with their kind."""
     if entry.is_symlink():
+        if stats is not None:
+            with contextlib.suppress(OSError):
+                stats[entry.path] = entry.stat(follow_symlinks=False)
         yield rel, entry.path, "link"
     elif entry.is_dir(follow_symlinks=False):
         stack.append(rel)
     elif entry.is_file(follow_symlinks=False):
-        executable = os.stat(entry.path, follow_symlinks=False).st_mode & 0o111
-        yield rel, entry.path, "exec" if executable else "file"
+        info = entry.stat(follow_symlinks=False)
+        if stats is not None:
+            stats[entry.path] = info
+        yield rel, entry.path, "exec" if info.st_mode & 0o111 else "file"
     else:
         yield rel, entry.path, "special"
 
@@ -1323,18 +1329,20 @@ def gitfile_target(path):
     return target if target.is_dir() else None
 
 
-def worktree_files(repo, worktree, admin):
+def worktree_files(repo, worktree, admin, stats=None):
     """Every file the worktree holds, as (rel, path, kind), with nested repositories' private
-    git folders that live in the worktree's admin folder (and vanish with it) added in place."""
+    git folders that live in the worktree's admin folder (and vanish with it) added in place
+    (`stats`: see walk_files)."""
     items = []
-    for rel, path, kind in walk_files(worktree):
+    for rel, path, kind in walk_files(worktree, stats=stats):
         items.append((rel, path, kind))
         if admin and rel.endswith(b"/.git") and kind == "file":
             target = gitfile_target(path)
             if target and str(target).startswith(str(admin) + os.sep):
                 prefix = rel[: -len(b".git")] + b".git-dir"
                 items += [
-                    (prefix + b"/" + r, p, k) for r, p, k in walk_files(target, skip_top_git=False)
+                    (prefix + b"/" + r, p, k)
+                    for r, p, k in walk_files(target, skip_top_git=False, stats=stats)
                 ]
     return items
 
@@ -1359,14 +1367,15 @@ def file_changes(repo, worktree, head, setup, admin=None):
     where kind is "modified", "untracked", "nested" (inside a nested repository) or "link".
     """
     committed = tree_entries(repo, head)
-    items = worktree_files(repo, worktree, admin)
+    walked = {}
+    items = worktree_files(repo, worktree, admin, walked)
     special = [os.fsdecode(rel) for rel, _, kind in items if kind == "special"]
     unreadable = [os.fsdecode(rel) for rel, _, kind in items if kind == "unreadable"]
     items = [i for i in items if i[2] in FILE_MODES]
-    stats = file_stats(items)  # before hashing: a later write shows as a changed stat
+    stats = file_stats(items, walked)  # before hashing: a later write shows as a changed stat
     hashes = hash_blobs(repo, items, write=False)
     stored = stored_hashes(worktree, items, hashes, committed)
-    changed, present = [], set()
+    changed, present, paths = [], set(), {}
     for rel, path, kind in items:
         present.add(rel)
         mode, sha, name = FILE_MODES[kind], hashes[rel], os.fsdecode(rel)
@@ -1377,6 +1386,7 @@ def file_changes(repo, worktree, head, setup, admin=None):
         nested = b"/.git/" in b"/" + rel or b".git-dir/" in rel
         what = "nested" if nested else ("modified" if rel in committed else "untracked")
         changed.append((what, name, rel, mode, sha))
+        paths[rel] = (path, kind)
     deleted = [
         rel
         for rel, (mode, _) in committed.items()
@@ -1391,15 +1401,17 @@ def file_changes(repo, worktree, head, setup, admin=None):
         "special": special,
         "unreadable": unreadable,
         "stats": stats,
+        "paths": paths,
     }
 
 
-def file_stats(items):
-    """{rel: (mode, size, mtime, ctime, inode)} of (rel, path, kind) items: any write changes it."""
+def file_stats(items, walked):
+    """{rel: (mode, size, mtime, ctime, inode)} of (rel, path, kind) items, from the lstat the
+    walk made (`walked`, by path): any write since changes it."""
     stats = {}
     for rel, path, _ in items:
-        with contextlib.suppress(OSError):
-            info = os.lstat(path)
+        info = walked.get(path)
+        if info is not None:
             stats[rel] = (
                 info.st_mode,
                 info.st_size,
@@ -1516,10 +1528,13 @@ def snapshot_commit(repo, head, changes, message):
 
 def write_changed_blobs(repo, worktree, admin, changes):
     """Store the changed files' bytes in the object database (hashes were computed without -w)."""
-    wanted = {rel for _, _, rel, _, _ in changes["changed"]}
-    items = [
-        i for i in worktree_files(repo, worktree, admin) if i[0] in wanted and i[2] in FILE_MODES
-    ]
+    wanted, paths = {rel for _, _, rel, _, _ in changes["changed"]}, changes.get("paths")
+    items = (
+        [(rel, *paths[rel]) for rel in wanted]
+        if paths is not None
+        else [i for i in worktree_files(repo, worktree, admin) if i[0] in wanted]
+    )
+    items = [i for i in items if i[2] in FILE_MODES]
     written = hash_blobs(repo, items, write=True)
     for entry in changes["changed"]:
         if written.get(entry[2]) != entry[4]:
@@ -5046,18 +5061,18 @@ def approvals_document(project):
 
 def worktree_rows(project, records):
     """git's worktrees joined with agent records, orphans and missing folders marked."""
-    by_path = {str(Path(r["worktree"])): r for r in records.values() if r["state"] != "removed"}
-    root = str(project.worktree_root)
+    by_path = {real_path(r["worktree"]): r for r in records.values() if r["state"] != "removed"}
+    root = real_path(project.worktree_root)
     rows = []
     for wt in list_worktrees(project.repo):
-        record = by_path.pop(wt["path"], None)
-        ours = os.path.dirname(wt["path"]) == root and os.path.basename(wt["path"]).startswith(
+        record = by_path.pop(wt["real"], None)
+        ours = os.path.dirname(wt["real"]) == root and os.path.basename(wt["real"]).startswith(
             WORKTREE_PREFIX
         )
         notes = [
             n
             for n, on in (
-                ("main", wt["path"] == str(project.repo)),
+                ("main", wt["real"] == real_path(project.repo)),
                 ("orphan", ours and not record),
                 ("missing", wt["prunable"] or not os.path.isdir(wt["path"])),
                 ("locked", wt["locked"]),
@@ -5065,8 +5080,8 @@ def worktree_rows(project, records):
             if on
         ]
         rows.append(worktree_row(wt["path"], wt["branch"], record, notes))
-    for path, record in by_path.items():
-        rows.append(worktree_row(path, record["branch"], record, ["missing"]))
+    for record in by_path.values():
+        rows.append(worktree_row(record["worktree"], record["branch"], record, ["missing"]))
     return rows
 
 
@@ -7199,7 +7214,7 @@ def hidden_changes(repo):
     for entry in git_bytes(["ls-files", "-v", "-z"], repo).stdout.split(b"\0"):
         tag, _, path = entry.partition(b" ")
         if tag and (tag.islower() or tag == b"S") and (Path(repo) / os.fsdecode(path)).is_file():
-            (unhashable if b"\n" in path else marked).append(path)
+            (marked if line_safe(path) else unhashable).append(path)
     if not marked:
         return [os.fsdecode(path) for path in unhashable]
     staged = git_bytes(
@@ -7890,9 +7905,13 @@ def delete_worktree_safely(project, record, held):
         return None
     admin = worktree_admin_dir(worktree)
     aside = worktree.parent / f"{CHECKING_PREFIX}{worktree.name}.{os.getpid()}"
-    os.rename(worktree, aside)
-    items = [i for i in worktree_files(project.repo, aside, admin) if i[2] in FILE_MODES]
-    if file_stats(items) != (held["changes"] or {}).get("stats", {}):
+    try:
+        os.rename(worktree, aside)
+    except OSError as e:
+        return f"cannot move its worktree aside to delete it ({e.strerror}); nothing was removed"
+    walked = {}
+    items = [i for i in worktree_files(project.repo, aside, admin, walked) if i[2] in FILE_MODES]
+    if file_stats(items, walked) != (held["changes"] or {}).get("stats", {}):
         os.rename(aside, worktree)
         return "a file in its worktree changed while cleanup ran; run cleanup again"
     doomed = worktree.parent / f"{DELETING_PREFIX}{worktree.name}.{os.getpid()}"
