@@ -110,6 +110,7 @@ import tempfile
 import threading
 import time
 import traceback
+import unicodedata
 import zlib
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -218,8 +219,10 @@ LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory s
 # Claude Code: its program, where it keeps sessions, how to install it, how to nudge it on
 CLAUDE_EXECUTABLE = "claude"
 CLAUDE_CONFIG_ENV = "CLAUDE_CONFIG_DIR"
+CLAUDE_PINNED_VERSION = "2.1.331"  # what the tests run and the README pins
+CLAUDE_INSTALL_COMMAND = f"npm install -g @anthropic-ai/claude-code@{CLAUDE_PINNED_VERSION}"
 CLAUDE_INSTALL_HINT = (
-    "install Claude Code with 'npm install -g @anthropic-ai/claude-code', "
+    f"install Claude Code with '{CLAUDE_INSTALL_COMMAND}', "
     "or set agent_command in the config to run another agent"
 )
 RESUME_PROMPT = "Continue the task."
@@ -364,7 +367,9 @@ def slugify(text, limit=ID_CHARS, words=ID_WORDS):
     'add input validation to the signup form' -> 'add-input-validation'. Safe as a branch and a
     folder name; small words ('the', 'to', ...) are skipped unless the task has nothing else.
     """
-    found = re.findall(r"[a-z0-9]+", text.lower())
+    # Accents go (é -> e, so 'émoji tâche' -> 'emoji-tache'); letters of other scripts stay.
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    found = re.findall(r"[^\W_]+", plain.lower())
     meaningful = [w for w in found if w not in ID_SKIP_WORDS] or found
     slug = ""
     for word in meaningful[:words]:
@@ -2120,7 +2125,16 @@ def select_agents(records, wanted):
         if name in records:
             chosen.append(records[name])
             continue
-        matches = sorted(i for i in records if i.startswith(name))
+        # A prefix means one of the agents `status` shows; a cleaned-up one needs its whole id.
+        matches = sorted(
+            i for i, r in records.items() if i.startswith(name) and r["state"] != "removed"
+        )
+        gone = sorted(i for i in records if i.startswith(name) and i not in matches)
+        if not matches and gone:
+            raise OrchestraError(
+                f"no live agent '{name}'; cleaned up: {', '.join(gone[:MAX_LISTED_FILES])} "
+                "(name one by its whole id; 'orchestra status --all' lists them)"
+            )
         if not matches:
             raise OrchestraError(f"no agent '{name}'; 'orchestra status' lists them")
         if len(matches) > 1:
@@ -2136,13 +2150,20 @@ def append_event(path, event):
         f.write(json_text(event) + "\n")
 
 
-def describe_tool_use(block):
-    """One line for a tool call: its name and the input that says most about it."""
+def describe_tool_use(block, cwd=None):
+    """One line for a tool call: its name and the input that says most about it.
+
+    Paths inside `cwd` (the agent's worktree) are shown relative to it: `Write: CHANGELOG.md`.
+    """
     name = block.get("name") or "tool"
     args = block.get("input") if isinstance(block.get("input"), dict) else {}
     for key in ("command", "file_path", "path", "pattern", "url", "description", "prompt"):
         if isinstance(args.get(key), str):
-            return one_line(f"{name}: {args[key]}")
+            said = args[key]
+            if cwd:
+                said = "." if said.rstrip("/") == cwd.rstrip("/") else said
+                said = said.replace(cwd.rstrip("/") + "/", "")
+            return one_line(f"{name}: {said}")
     return name
 
 
@@ -2180,6 +2201,7 @@ class AgentLog:
         self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
         self.resilience = {}  # the latest checks result and API wait (see fold_resilience_event)
         self.model = None  # of the current run, from system/init or the messages, to price tokens
+        self.cwd = None  # the agent's worktree, from system/init: activity paths are shown relative
         self.run_estimate = {}  # message id -> estimated USD of the current run, until its result
         self.estimate_total = 0.0  # the sum of run_estimate, kept as it changes (never re-summed)
         self.paid = None  # USD the results of finished runs reported
@@ -2275,6 +2297,8 @@ class AgentLog:
             self.facts["session_id"] = event["session_id"]
         if event.get("subtype") == "init" and isinstance(event.get("model"), str):
             self.model = event["model"]
+        if event.get("subtype") == "init" and isinstance(event.get("cwd"), str):
+            self.cwd = event["cwd"]
 
     def on_assistant(self, event):
         """Text or a tool call becomes the activity line; usage gives running token counts."""
@@ -2285,7 +2309,7 @@ class AgentLog:
             if block.get("type") == "text" and one_line(block.get("text", "")):
                 self.facts["activity"] = one_line(block["text"])
             elif block.get("type") == "tool_use":
-                self.facts["activity"] = describe_tool_use(block)
+                self.facts["activity"] = describe_tool_use(block, self.cwd)
         if isinstance(message.get("usage"), dict):
             key = message.get("id") or len(self.run_usage)
             self.count_usage(key, message["usage"])
@@ -3127,6 +3151,11 @@ SYSTEM_PROMPT = (
     "messages before you finish; uncommitted work may be lost. Do not push."
 )
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+# The oldest Claude Code with every flag and hook orchestra uses, found by trying each release
+# against tests/scripted_api.py: 2.1.301 and older never fire the PermissionRequest hook in -p mode.
+CLAUDE_MIN_VERSION = (2, 1, 302)
+CLAUDE_VERSION_TIMEOUT = 10.0
+CLAUDE_VERSIONS_SEEN = {}  # (path, mtime) -> version: one `claude --version` per process
 
 
 def agent_argv(record, prompt=None):
@@ -3139,7 +3168,15 @@ def agent_argv(record, prompt=None):
     task = prompt or record["task"]
     if not is_claude_command(command):
         return [part.replace("{task}", task) for part in command]
-    argv = [*command, "-p", task, "--output-format", "stream-json", "--verbose"]
+    dashed = task.startswith("-")  # would be read as an option: it goes last, after "--"
+    argv = [
+        *command,
+        "-p",
+        *([] if dashed else [task]),
+        "--output-format",
+        "stream-json",
+        "--verbose",
+    ]
     if prompt and record.get("session_id"):
         argv += ["--resume", record["session_id"]]
     argv += ["--append-system-prompt", SYSTEM_PROMPT.format(branch=record["branch"])]
@@ -3153,7 +3190,7 @@ def agent_argv(record, prompt=None):
         argv += ["--max-budget-usd", str(config["max_budget_usd"])]
     if config["bypass_permissions"]:
         argv += ["--allowedTools", *config["bypass_permissions"]]  # variadic: keep it last
-    return argv
+    return argv + (["--", task] if dashed else [])
 
 
 def check_agent_command(config):
@@ -3165,6 +3202,48 @@ def check_agent_command(config):
         raise OrchestraError(
             f"agent_command program '{program}' was not found on PATH; install it or fix agent_command"
         )
+    problem = claude_version_problem(config["agent_command"], os.environ)
+    if problem:
+        raise OrchestraError(problem)
+
+
+def claude_version(program, env):
+    """The (major, minor, patch) that `program --version` reports, or None when it cannot say."""
+    path = shutil.which(program, path=env.get("PATH", os.defpath))
+    try:
+        key = (path, os.stat(path).st_mtime_ns) if path else None
+    except OSError:
+        key = None
+    if key is None:
+        return None
+    if key not in CLAUDE_VERSIONS_SEEN:
+        try:
+            done = subprocess.run([path, "--version"], env=dict(env), stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, errors="replace",
+                                  timeout=CLAUDE_VERSION_TIMEOUT)  # fmt: skip
+            found = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", done.stdout)
+        except (OSError, subprocess.SubprocessError):
+            found = None
+        CLAUDE_VERSIONS_SEEN[key] = tuple(map(int, found.groups())) if found else None
+    return CLAUDE_VERSIONS_SEEN[key]
+
+
+def claude_version_problem(command, env):
+    """Why the Claude Code that agent_command runs is too old for orchestra, or None.
+
+    None too for another agent CLI, a missing program (check_agent_command says that) and a
+    version it cannot read: only a version known to be too old is refused.
+    """
+    if not is_claude_command(command):
+        return None
+    found = claude_version(command[0], env)
+    if found is None or found >= CLAUDE_MIN_VERSION:
+        return None
+    have, need = ".".join(map(str, found)), ".".join(map(str, CLAUDE_MIN_VERSION))
+    return (
+        f"Claude Code {have} is too old: orchestra needs {need} or newer (older ones never ask "
+        f"for approvals in -p mode); update it with '{CLAUDE_INSTALL_COMMAND}'"
+    )
 
 
 def launch_agent(project, record, prompt=None):
@@ -3513,10 +3592,6 @@ def check_task(task, noun="task"):
     """Refuse a task (or follow-up message) an agent could not be given as one argument."""
     if not task.strip():
         raise OrchestraError(f"a {noun} is empty; describe what the agent should do")
-    if task.lstrip().startswith("-"):
-        raise OrchestraError(
-            f"{noun} '{one_line(task, 40)}' starts with '-' and would be read as an option; rephrase it"
-        )
     if len(task) > MAX_TASK_LENGTH:
         raise OrchestraError(
             f"a {noun} is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
@@ -4946,10 +5021,15 @@ def resume_agent(record):
 
 
 def retry_agent(project, record, resume_session):
-    """Start a failed, interrupted or stopped agent's task again; what happened."""
-    if record["state"] not in ("failed", "interrupted", "stopped"):
+    """Start a failed, interrupted or stopped agent's task again (or a done one whose checks
+    failed, `done ✗`); what happened."""
+    checks_failed = (
+        record["state"] == "done" and (record.get("checks") or {}).get("status") == "failed"
+    )
+    if record["state"] not in ("failed", "interrupted", "stopped") and not checks_failed:
         raise OrchestraError(
-            f"{record['id']} is {record['state']}; only failed, interrupted or stopped agents can be retried"
+            f"{record['id']} is {state_label(record)}; only failed, interrupted or stopped agents "
+            "and done ones whose checks failed (done ✗) can be retried"
         )
     if resume_session:
         change_agents(
@@ -5108,6 +5188,7 @@ def worktree_row(path, branch, record, notes):
 
 LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
 LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
+LOGS_TOOL_OUTPUT_LINES = 10  # of a tool's output `logs` shows (an error's output is shown whole)
 
 
 def render_event(event):
@@ -5141,9 +5222,27 @@ def render_block(block):
     if block.get("type") == "tool_result":
         content = block.get("content")
         if isinstance(content, list):
-            content = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
-        return [f"<- {one_line(content or '(no output)')}"]
+            content = "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+        return tool_output_lines(content, bool(block.get("is_error")))
     return []
+
+
+def tool_output_lines(content, is_error):
+    """A tool's output: its first LOGS_TOOL_OUTPUT_LINES lines (an error whole), then how many more."""
+    lines = [line.rstrip() for line in strip_control(str(content or "")).strip("\n").splitlines()]
+    if not any(line.strip() for line in lines):
+        return ["<- (no output)"]
+    shown = lines if is_error else lines[:LOGS_TOOL_OUTPUT_LINES]
+    more = len(lines) - len(shown)
+    return [
+        f"<- {shown[0]}",
+        *(f"   {line}" for line in shown[1:]),
+        *(
+            [f"   … {more} more line{'s' if more != 1 else ''} (logs --raw shows all)"]
+            if more
+            else []
+        ),
+    ]
 
 
 def render_orchestra_event(event):
@@ -5868,6 +5967,11 @@ class CountCache:
         except (TypeError, ValueError):  # not described yet, or a damaged entry
             return None
 
+    def learn(self, file, found, state, total):
+        """What describing and counting a transcript found elsewhere (read_in_parallel)."""
+        self.remember(file, found)
+        self.entries[file.path].update(state, total=total)
+
     def remember(self, file, found):
         """Keep what the head and tail of a transcript said, for the runs to come."""
         entry, unchanged = self.entry(file)
@@ -5910,6 +6014,9 @@ class CountCache:
 # ======================================================================================
 
 SESSION_CWD_PROBE_BYTES = 8 * 1024  # enough to reach the first line that names a cwd
+# A listing with at least this many transcripts to read (a first run) reads them on every core.
+SESSION_PARALLEL_MIN = 200
+SESSION_PARALLEL_CHUNK = 8  # transcripts a worker reads per task: few, so the big ones spread out
 SESSION_TABLE_GAP = "  "
 SECONDS_PER_HOUR = 3600
 # Table columns: (name, widest it gets; None: as wide as its widest cell). The title then takes
@@ -6141,6 +6248,40 @@ def describe_found(file):
     return Found(describe_session(file, window), legacy_summaries(window), untitled)
 
 
+def read_transcript(job):
+    """A worker's part of read_in_parallel: (path, (Found, count state, total) or None)."""
+    file, entry = job
+    try:
+        found = describe_found(file)
+        state, total = count_messages(file.path, file.size, entry)
+    except OSError:  # unreadable, or removed since the scan: the listing says so itself
+        return file.path, None
+    return file.path, (found, state, total)
+
+
+def read_in_parallel(files, counts):
+    """Describe and count the new or changed transcripts among `files` on every core, into
+    `counts`, when there are enough of them to pay for starting processes (a first run).
+
+    Only where processes can fork (the workers inherit the module as it is); elsewhere, and
+    when anything goes wrong, the listing simply reads them itself, one by one.
+    """
+    todo = [f for f in files if counts.about(f) is None or not counts.entry(f)[1]]
+    workers = min(os.cpu_count() or 1, len(todo) // SESSION_PARALLEL_MIN + 1)
+    if len(todo) < SESSION_PARALLEL_MIN or workers < 2:
+        return
+    import multiprocessing  # here, not at the top: only a first run over many files needs it
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return
+    by_path = {f.path: f for f in todo}
+    jobs = [(f, counts.entry(f)[0]) for f in todo]
+    with contextlib.suppress(OSError), multiprocessing.get_context("fork").Pool(workers) as pool:
+        for path, read in pool.imap_unordered(read_transcript, jobs, SESSION_PARALLEL_CHUNK):
+            if read is not None:
+                counts.learn(by_path[path], *read)
+
+
 def session_for(file, project, cache, counts):
     """The Found of a file if it belongs to the project, with its message count; else None.
 
@@ -6201,6 +6342,8 @@ def list_sessions(projects_dir, now, hours, project, limit, counts):
     """The newest sessions of the store, described and marked with their orchestra agents."""
     files, unreadable = scan_session_files(projects_dir)
     candidates = newest_first(files, None if hours is None else now - hours * SECONDS_PER_HOUR)
+    if project is None:  # each candidate is shown, up to the limit: read them all at once
+        read_in_parallel(candidates[:limit], counts)
     found, skipped, truncated = collect_sessions(candidates, project, limit, counts)
     counts.save(files)
     agents, cache, sessions = AgentIndex(), {}, []
@@ -7185,6 +7328,19 @@ def collect_problem(project, record):
     return None
 
 
+def refresh_change_counts(project, records):
+    """Count these agents' commits and changed files again (after collect --commit committed)."""
+    counts = {r["id"]: change_counts(r["worktree"], r["base_commit"]) for r in records}
+
+    def change(state):
+        for agent_id, (commits, files) in counts.items():
+            if agent_id in state["agents"]:
+                state["agents"][agent_id].update(commits=commits, files_changed=files)
+
+    if counts:
+        project.store.update(change)
+
+
 def check_checkout_clean(repo, doing):
     """Refuse to touch the user's checkout while it has changes or an operation in progress."""
     operation = operation_in_progress(repo)
@@ -7371,6 +7527,7 @@ def collect_agents(
             committed.append(record["id"])
         if isinstance(done, str):
             staged_kept[record["id"]] = done
+    refresh_change_counts(project, [r for r in records if r["id"] in committed])
     reports = agent_reports(project, records)
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
     document["errors"] = [{"id": i, "error": e} for i, e in errors.items()]
@@ -7474,6 +7631,11 @@ def collect_text(document):
     parts += [f"Error: {e['error']}" for e in document.get("errors", [])]
     if "merged" in document:
         parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
+        unchanged = [
+            r["id"] for r in document["agents"] if not r["commits"] and not r["uncommitted"]
+        ]
+        if unchanged:
+            parts.append("No changes (nothing to merge): " + ", ".join(unchanged))
         parts += [
             f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
             for s in document.get("not_merged", [])
@@ -7650,7 +7812,11 @@ def plan_agent_cleanup(project, record, worktrees, force):
     nothing = (
         ["nothing left: its branch and worktree are gone"]
         if gone
-        else ["merged, nothing uncommitted"]
+        else (
+            ["no changes: no commits, nothing uncommitted"]
+            if tip == record.get("base_commit")
+            else ["merged, nothing uncommitted"]
+        )
     )
     return dict(step, reasons=soft or nothing, forced=bool(soft))
 
@@ -7984,6 +8150,7 @@ def list_archives(repo):
         group["restore"] = f"orchestra restore {group['id']}/{group['saved']}"
         seq = re.match(r"([0-9]+)-", group["saved"])
         group["seq"] = int(seq.group(1)) if seq else 0  # archives made before sequences: 0
+        group["stamp"] = group["saved"][seq.end() :] if seq else group["saved"]
     return sorted(groups.values(), key=lambda g: (g["id"], g["seq"], g["saved"]))
 
 
@@ -9967,16 +10134,32 @@ def config_flags(args, **extra):
         key, sep, raw = item.partition("=")
         if not sep or key not in CONFIG_TYPES:
             raise OrchestraError(
-                f"-c expects KEY=VALUE with a known key, not '{item}'; known keys: {', '.join(CONFIG_TYPES)}"
+                f"-c expects KEY=VALUE with a known key, not '{item}'; {known_keys_hint(key)}"
             )
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw  # a bare word is a string
+        value = config_value_from_text(key, raw)
         check_config_value(key, value, "-c")
         flags[key] = value
     flags.update({k: v for k, v in extra.items() if v is not None})
     return flags
+
+
+def known_keys_hint(key):
+    """'did you mean ...?' for a mistyped setting, then every known key."""
+    import difflib  # here, not at the top: only a mistyped key needs it
+
+    near = difflib.get_close_matches(key, list(CONFIG_TYPES), n=1, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+    return f"{hint}known keys: {', '.join(CONFIG_TYPES)}"
+
+
+def config_value_from_text(key, text):
+    """A value typed for `key`: JSON (numbers, lists, null), else the word itself; a single
+    string for a list setting is a list of one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text  # a bare word is a string
+    return [value] if CONFIG_TYPES.get(key) == "list" and isinstance(value, str) else value
 
 
 def open_project(args, **flags):
@@ -9993,6 +10176,7 @@ def paint(text, colour, stream):
 STATE_COLOURS = {
     "running": "blue",
     "done": "green",
+    "done ✗": "red",  # finished, but its checks failed
     "failed": "red",
     "interrupted": "red",
     "paused": "yellow",
@@ -10026,8 +10210,9 @@ def render_table(headers, rows, out, colour_column=None, width=None):
     for index, row in enumerate([headers, *rows]):
         cells = [str(c).ljust(w) for c, w in zip(row, widths)]
         if index and colour_column is not None:
-            state = row[colour_column].split()[0]
-            cells[colour_column] = paint(cells[colour_column], STATE_COLOURS.get(state), out)
+            words = row[colour_column].split()
+            colour = STATE_COLOURS.get(" ".join(words[:2]), STATE_COLOURS.get(words[0]))
+            cells[colour_column] = paint(cells[colour_column], colour, out)
         last = str(row[-1])
         if len(last) > room:
             last = last[: room - 1] + "…"
@@ -10186,6 +10371,9 @@ def port_number(text):
 def cmd_init(args):
     """Create .orchestra/ and print the effective configuration."""
     project = open_project(args)
+    problem = claude_version_problem(project.config["agent_command"], os.environ)
+    if problem:
+        raise OrchestraError(problem)
     print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
     print(config_text(project.config))
     print(
@@ -10247,24 +10435,28 @@ def config_target(args):
     return find_repo(Path.cwd()) / ORCHESTRA_DIR / "config.json"
 
 
-def parse_config_value(text):
-    """A config value from the command line: JSON (numbers, lists, null), else the word itself."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+def known_key(key):
+    """Refuse an unknown setting, with the nearest known ones."""
+    if key not in CONFIG_TYPES:
+        raise OrchestraError(f"unknown key '{key}'; {known_keys_hint(key)}")
+    return key
 
 
 def cmd_config_set(args):
     """Write one setting to the project (or --user) config file, checked as loading checks it."""
-    path = write_config_value(config_target(args), args.key, parse_config_value(args.value))
-    print(f"{args.key} = {json.dumps(parse_config_value(args.value))} in {path}")
+    value = config_value_from_text(known_key(args.key), args.value)
+    path = write_config_value(config_target(args), args.key, value)
+    print(f"{args.key} = {json.dumps(value)} in {path}")
     return EXIT_OK
 
 
 def cmd_config_unset(args):
     """Remove one setting from the project (or --user) config file."""
-    path = write_config_value(config_target(args), args.key, None, unset=True)
+    target = config_target(args)
+    if known_key(args.key) not in read_config_file(target):
+        print(f"{args.key} was not set in {target}; nothing changed")
+        return EXIT_OK
+    path = write_config_value(target, args.key, None, unset=True)
     print(f"{args.key} removed from {path}")
     return EXIT_OK
 
@@ -10318,7 +10510,14 @@ def doctor_checks(env):
     git_found = probe_version(["git", "--version"], env)
     checks.append(("git", bool(git_found), git_found or "not found; install git 2.25 or newer"))
     claude = probe_version([CLAUDE_EXECUTABLE, "--version"], env)
-    checks.append(("claude", bool(claude), claude or f"not found; {CLAUDE_INSTALL_HINT}"))
+    too_old = claude and claude_version_problem([CLAUDE_EXECUTABLE], env)
+    checks.append(
+        (
+            "claude",
+            bool(claude) and not too_old,
+            too_old or claude or f"not found; {CLAUDE_INSTALL_HINT}",
+        )
+    )
     if claude:
         checks.append(("claude login", *claude_login(env)))
     problem = sandbox_problem(env)
@@ -10423,6 +10622,7 @@ LOGS_FOLLOW_TAIL = 50  # lines `logs -f` shows before following, unless --tail s
 def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model, sandbox=args.sandbox)
+    uncommitted = uncommitted_note(args.base)
     records = spawn_agents(
         project,
         args.tasks,
@@ -10437,6 +10637,8 @@ def cmd_spawn(args):
             if r["error"]:
                 print(f"  {r['error']}")
         print(f"Each agent works on branch {project.branch_name('<id>')} in its worktree.")
+    if uncommitted:
+        print(uncommitted, file=sys.stderr if args.json else sys.stdout)
     if args.wait:
         return wait_for_agents(project, [r["id"] for r in records], args.json)
     if args.json:
@@ -10446,8 +10648,41 @@ def cmd_spawn(args):
     return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
 
 
+def uncommitted_note(base):
+    """One line when the checkout spawn runs in has changes its agents will not see, else None."""
+    if base is not None:
+        return None
+    done = run_git(["status", "--porcelain", "--untracked-files=normal"], Path.cwd(), check=False)
+    changed = [line for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode or not changed:
+        return None
+    return (
+        f"note: your checkout has {len(changed)} uncommitted change{'s' if len(changed) != 1 else ''}; "
+        "they are not in the agents' worktrees, which start from the last commit (commit them first "
+        "if the agents need them)"
+    )
+
+
 def wait_for_agents(project, ids, as_json):
-    """Print each agent's progress until all have finished; 1 if any failed."""
+    """Print each agent's progress until all have finished; 1 if any failed.
+
+    Ctrl-C stops the watching, never the agents: it says which keep running and how to stop them.
+    """
+    try:
+        return watch_agents(project, ids, as_json)
+    except KeyboardInterrupt:
+        live = [i for i, r in project.records().items() if i in ids and r["state"] in ACTIVE_STATES]
+        if live:
+            print(
+                f"\nstopped watching; {plural(len(live), 'agent')} keep{'s' if len(live) == 1 else ''} running "
+                f"(orchestra stop {' '.join(live)})",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED
+
+
+def watch_agents(project, ids, as_json):
+    """wait_for_agents' loop: one line per change of each agent, then the summary."""
     shown = {}
     while True:
         state = project.store.load()
@@ -10476,7 +10711,8 @@ def add_spawn_parser(commands):
         "spawn",
         help="start agents, one worktree and branch per task",
         description=cmd_spawn.__doc__,
-        epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2',
+        epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2; '
+        'a task that starts with "-" goes after "--": orchestra spawn -- "-v flag: document it"',
     )
     p.add_argument("tasks", nargs="+", metavar="TASK", help="what one agent should do (quote it)")
     p.add_argument(
@@ -10538,6 +10774,8 @@ def cmd_status(args):
             print_json(status_document(project, state, records))
             return EXIT_OK
         text = status_text(project, with_merged_flags(project, records), sys.stdout)
+        if not records and not args.all:
+            text = cleaned_up_note(project) or text
         if not args.watch:
             print(text)
             return EXIT_OK
@@ -10547,6 +10785,17 @@ def cmd_status(args):
             return EXIT_OK
         print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
         time.sleep(STATUS_WATCH_INTERVAL)
+
+
+def cleaned_up_note(project):
+    """What `status` says when every agent was cleaned up: how many, and how to see them."""
+    gone = len(project.history())
+    if not gone:
+        return None
+    return (
+        f"No live agents; {gone} cleaned up (status --all). "
+        'Start more with: orchestra spawn "first task" "second task"'
+    )
 
 
 def add_status_parser(commands):
@@ -10617,8 +10866,11 @@ def cmd_logs(args):
     project = open_project(args)
     record = select_agents(project.all_records(), [args.id])[0]
     path, clean, render = Path(record["log"]), sys.stdout.isatty(), log_renderer(args.raw)
+    inside = f"{record['worktree']}/" if record.get("worktree") and not args.raw else None
 
     def show(lines):
+        if inside:  # paths in the agent's worktree, relative to it: "Write: CHANGELOG.md"
+            lines = [line.replace(inside, "") for line in lines]
         if lines:
             sys.stdout.write(
                 "".join(
@@ -10771,12 +11023,42 @@ def diff_source(project, record):
     raise OrchestraError(f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE)
 
 
+def archived_work(project, record):
+    """(base, the archived commit holding all its work, the archive) of a cleaned-up agent,
+    else None: its worktree snapshot when one was saved (uncommitted files too), else its tip."""
+    with contextlib.suppress(OrchestraError):
+        archive = find_archive(project.repo, record["id"])
+        if archive["id"] == record["id"] and record.get("base_commit"):
+            refs = archive["refs"]
+            work = refs.get("worktree") or refs.get("tip") or refs.get("head")
+            return (record["base_commit"], work, archive) if work else None
+    return None
+
+
+def archive_note(record, archive):
+    """Where a cleaned-up agent's work was read from, and how to bring it back."""
+    return (
+        f"({record['id']} was cleaned up: this is its archive {archive['ref']}; "
+        f"'orchestra restore {record['id']}' brings it back)"
+    )
+
+
 def cmd_diff(args):
-    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git."""
+    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git.
+
+    A cleaned-up agent's changes are read from its archive."""
     project = open_project(args)
     record = select_agents(project.all_records(), [args.id])[0]
-    if record["state"] == "removed":
+    archived = archived_work(project, record) if record["state"] == "removed" else None
+    if record["state"] == "removed" and not archived:
         check_not_removed(project, [record["id"]])  # points at its archive and `orchestra restore`
+    if archived:
+        base, work, archive = archived
+        status = page_git(
+            ["diff", *(["--stat"] if args.stat else []), base, work, "--"], project.repo
+        )
+        print(archive_note(record, archive))
+        return EXIT_OK if status == 0 else EXIT_FAILURE
     cwd, revisions = diff_source(project, record)
     status = page_git(["diff", *(["--stat"] if args.stat else []), *revisions, "--"], cwd)
     if len(revisions) == 1:
@@ -10910,9 +11192,24 @@ ARCHIVE_WORDS = {
 }
 
 
+ARCHIVE_PRUNE_DAYS = 30  # cleanup --prune-archives removes archives at least this old
+
+
 def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
+    archived = archived_reports(project, args.ids)
+    if archived and len(archived) == len(args.ids):
+        if args.commit or args.merge or args.pr or args.patch:
+            raise OrchestraError(
+                f"{', '.join(r['id'] for r in archived)} was cleaned up; bring it back with "
+                f"'orchestra restore {archived[0]['id']}' first"
+            )
+        if args.json:
+            print_json({"agents": archived, "overlaps": {}, "committed": []})
+        else:
+            print("\n\n".join(archived_report_text(r) for r in archived))
+        return EXIT_OK
     document = collect_agents(
         project,
         args.ids,
@@ -10935,6 +11232,47 @@ def cmd_collect(args):
         )
     failed = document.get("conflict") or document.get("pr_failed") or document["errors"]
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def archived_reports(project, ids):
+    """collect's report of each named agent that was cleaned up, read from its archive."""
+    if not ids:
+        return []
+    keys = ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch", "checks")
+    reports = []
+    for record in select_agents(project.all_records(), ids):
+        archived = record["state"] == "removed" and archived_work(project, record)
+        if not archived:
+            continue
+        base, work, archive = archived
+        tip = archive["refs"].get("tip") or archive["refs"].get("head") or base
+        commits = commits_between(project.repo, base, tip)
+        reports.append(
+            {
+                **{key: record.get(key) for key in keys},
+                "commits": [{"hash": h, "subject": subject} for h, subject in commits],
+                "diffstat": run_git(["diff", "--stat", base, work], project.repo).stdout.rstrip(),
+                "archive": archive["ref"],
+                "restore": f"orchestra restore {record['id']}",
+            }
+        )
+    return reports
+
+
+def archived_report_text(report):
+    """One cleaned-up agent's part of the collect report."""
+    lines = [
+        f"== {report['id']}: cleaned up ({report['turns'] or 0} turns, {format_cost(report['cost_usd'])})",
+        f"Task: {report['task']}",
+    ]
+    if report["result"] or report["error"]:
+        lines.append(f"Result: {strip_control(report['result'] or report['error']).strip()}")
+    lines.append(f"Commits saved under {report['archive']}:" if report["commits"] else "no commits")
+    lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
+    if report["diffstat"]:
+        lines.append(report["diffstat"])
+    lines.append(f"Bring it back with: {report['restore']}")
+    return "\n".join(lines)
 
 
 def add_collect_parser(commands):
@@ -10979,6 +11317,12 @@ def add_collect_parser(commands):
 def cmd_cleanup(args):
     """Remove agents' worktrees and branches when nothing can be lost; say why the rest stay."""
     project = open_project(args)
+    if args.older_than is not None and not args.prune_archives:
+        raise OrchestraError(
+            "--older-than goes with --prune-archives; see 'orchestra cleanup --help'"
+        )
+    if args.prune_archives:
+        return prune_archives(project, args.older_than, args.dry_run, args.json)
     if args.list_archives:
         return print_archives(project, args.json)
     outcome = cleanup_agents(
@@ -11013,6 +11357,66 @@ def print_archives(project, as_json):
     return EXIT_OK
 
 
+def archive_age_days(archive, now):
+    """Whole days since an archive was saved (its stamp is the UTC time of the cleanup)."""
+    stamp = archive.get("stamp") or archive["saved"]  # "saved" is <seq>-<stamp>
+    saved = parse_iso(
+        f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}Z"
+    )
+    return 0 if saved is None else max(0, int((now - saved) // 86400))
+
+
+def archives_disk_usage(repo, refs):
+    """Bytes of git objects only these refs reach (what removing them lets `git gc` free)."""
+    if not refs:
+        return 0
+    others = [f"--exclude={ARCHIVE_REFS}/*", "--all"]
+    done = run_git(
+        ["rev-list", "--objects", "--disk-usage", *refs, "--not", *others], repo, check=False
+    )
+    return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
+
+
+def format_bytes(count):
+    """1.2 MB, 340 KB, 12 B."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def prune_archives(project, days, dry_run, as_json):
+    """cleanup --prune-archives: list the archives older than `days` days, then delete their refs."""
+    days = ARCHIVE_PRUNE_DAYS if days is None else days
+    now = time.time()
+    old = [a for a in list_archives(project.repo) if archive_age_days(a, now) >= days]
+    refs = [ref for a in old for ref in a["refs"].values()]
+    size = archives_disk_usage(project.repo, refs)
+    if not dry_run and refs:
+        lines = "".join(f"delete {ref}\n" for ref in refs)
+        git_bytes(["update-ref", "--stdin"], project.repo, input=lines.encode())
+    if as_json:
+        print_json({"pruned": [] if dry_run else old, "would_prune": old if dry_run else [],
+                    "bytes": size, "older_than_days": days})  # fmt: skip
+        return EXIT_OK
+    verb = "WOULD PRUNE" if dry_run else "PRUNED"
+    for a in old:
+        print(
+            f"{verb} {a['id']}/{a['saved']} ({archive_age_days(a, now)} days old): {a['commit']} {a['subject']}"
+        )
+    if not old:
+        print(f"No archives older than {days} days.")
+    elif dry_run:
+        print(
+            f"{plural(len(old), 'archive')} older than {days} days hold {format_bytes(size)} nothing else keeps; run without --dry-run to remove them"
+        )
+    else:
+        print(
+            f"{plural(len(old), 'archive')} removed: {format_bytes(size)} that 'git gc' can now free"
+        )
+    return EXIT_OK
+
+
 def add_cleanup_parser(commands):
     """orchestra cleanup"""
     p = commands.add_parser(
@@ -11039,6 +11443,17 @@ def add_cleanup_parser(commands):
     )
     p.add_argument(
         "--list-archives", action="store_true", help="list saved work and how to restore it"
+    )
+    p.add_argument(
+        "--prune-archives",
+        action="store_true",
+        help=f"list, then remove, archives older than --older-than days ({ARCHIVE_PRUNE_DAYS}), and say how much they hold",
+    )
+    p.add_argument(
+        "--older-than",
+        type=whole_number_at_least(0),
+        metavar="DAYS",
+        help="with --prune-archives: the age in days",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_cleanup)
@@ -11193,6 +11608,8 @@ def cmd_web(args):
             print(f"orchestra: warning: {missing}", file=sys.stderr)
         print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
         if args.qr:
+            if args.host in WEB_LOOPBACK_HOSTS:
+                print(f"orchestra: warning: {loopback_qr_warning(args.host)}", file=sys.stderr)
             print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
@@ -11203,6 +11620,24 @@ def cmd_web(args):
     finally:
         server.stop()
     return EXIT_OK
+
+
+def loopback_qr_warning(host):
+    """Why a phone cannot open a loopback address, and the --host that it could reach."""
+    address = network_address()
+    return (
+        f"{host} is reachable from this machine only: a phone cannot open this code; run "
+        f"'orchestra web --qr --host {address}' (on a network you trust), "
+        "or see the README for an SSH tunnel or Tailscale"
+    )
+
+
+def network_address():
+    """This machine's address on its network (the one its default route leaves from): no packet is sent."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP only picks a route
+        return probe.getsockname()[0]
+    return socket.gethostname()
 
 
 def missing_dashboard_note():
