@@ -887,7 +887,7 @@ def list_worktrees(repo):
         elif current is None:
             continue
         elif key == "HEAD":
-            current["head"] = value
+            current["head"] = value if value.strip("0") else None  # all zeros: an unreadable HEAD
         elif key == "branch":
             current["branch"] = (
                 value[len("refs/heads/") :] if value.startswith("refs/heads/") else value
@@ -6858,6 +6858,12 @@ def unmerged_reason(project, record, tip):
     return f"{count} commit{'s' if count != 1 else ''} not merged into {target}"
 
 
+def named_error(record, error):
+    """A git failure as a message that starts with the agent's id."""
+    text = str(error)
+    return text if text.startswith(f"{record['id']}: ") else f"{record['id']}: {text}"
+
+
 def agent_report(project, record, tip=False, cache=None, held=None, facts=None):
     """What one agent produced: its result, cost, commits, diffstat and leftovers.
 
@@ -6991,14 +6997,22 @@ class ReportCache:
             write_atomic(self.path, json.dumps(self.entries, separators=(",", ":")))
 
 
-def agent_reports(project, records):
-    """Reports of many agents: a few git calls for all of them, cached parts for unchanged agents."""
+def agent_reports(project, records, errors=None):
+    """Reports of many agents: a few git calls for all of them, cached parts for unchanged agents.
+
+    An agent git cannot answer for is left out, its error in `errors` ({id: message}) when given
+    (else the GitError is raised): one broken agent never hides the others' reports."""
     cache = ReportCache(project.dir / REPORT_CACHE_FILE)
     facts = RepoFacts(project) if records else None
-    held = facts.holdings(records, cache) if records else {}
+    failed = {}
+    held = facts.holdings(records, cache, failed) if records else {}
+    if failed and errors is None:
+        raise GitError(next(iter(failed.values())))
+    (errors if errors is not None else {}).update(failed)
     reports = [
         agent_report(project, r, facts.tip(r["branch"]), cache, held=held[r["id"]], facts=facts)
         for r in records
+        if r["id"] not in failed
     ]
     cache.save(
         set(cache.entries) & {r["id"] for r in project.records().values()}
@@ -7062,9 +7076,16 @@ class RepoFacts:
             cache.put_part(record["id"], "merged", key, found)
         return found
 
-    def holdings(self, records, cache):
-        """{id: worktree_holdings(record)} of many agents, from cached parts where nothing changed."""
-        local = {r["id"]: self.local_holdings(r, cache) for r in records}
+    def holdings(self, records, cache, failed):
+        """{id: worktree_holdings(record)} of many agents, from cached parts where nothing changed;
+        an agent git cannot answer for goes into `failed` ({id: message}) instead."""
+        local = {}
+        for record in records:
+            try:
+                local[record["id"]] = self.local_holdings(record, cache)
+            except GitError as e:
+                failed[record["id"]] = named_error(record, e)
+        records = [r for r in records if r["id"] not in failed]
         wanted = {
             c for held in local.values() if held for c in [*held["commits"], held["head"]] if c
         }
@@ -7074,7 +7095,10 @@ class RepoFacts:
         for record in records:
             held = local[record["id"]]
             if held is None or set(held["commits"] + [held["head"]]) & lost:
-                found[record["id"]] = worktree_holdings(self.project, record)
+                try:
+                    found[record["id"]] = worktree_holdings(self.project, record)
+                except GitError as e:
+                    failed[record["id"]] = named_error(record, e)
                 continue
             stashes = []
             if "refs/stash" in self.refs:
@@ -7528,12 +7552,12 @@ def collect_agents(
         if isinstance(done, str):
             staged_kept[record["id"]] = done
     refresh_change_counts(project, [r for r in records if r["id"] in committed])
-    reports = agent_reports(project, records)
+    reports = agent_reports(project, records, errors)
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
     document["errors"] = [{"id": i, "error": e} for i, e in errors.items()]
     document["staged_kept"] = staged_kept
     if merge:
-        chosen = [r for r in records if r["id"] not in errors]
+        chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
         chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
         chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
         document["merged"], document["conflict"] = merge_agents(project, chosen)
@@ -7838,7 +7862,11 @@ def plan_or_keep(project, record, worktrees, force):
     try:
         return plan_agent_cleanup(project, record, worktrees, force)
     except GitError as e:
-        message = str(e) if str(e).startswith(f"{record['id']}: ") else f"git failed: {e}"
+        message = (
+            str(e)
+            if str(e).startswith(f"{record['id']}: ")
+            else f"{e}; it is kept as it is (git could not tell what it holds)"
+        )
         reason = message.removeprefix(f"{record['id']}: ")
         return {"id": record["id"], "action": "keep", "reasons": [reason], "error": True,
                 "forced": False, "stop_first": False}  # fmt: skip

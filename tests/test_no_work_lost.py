@@ -1041,7 +1041,9 @@ def archived_blob(repo, data):
     return blob_hash(data) in reachable_objects(repo)[1]
 
 
-@pytest.mark.parametrize("broken", ["git init in place of .git", ".git file gone", "another owner"])
+@pytest.mark.parametrize(
+    "broken", ["git init in place of .git", ".git file gone", "another owner", "HEAD unreadable"]
+)
 def test_1_a_git_failure_keeps_the_agent_and_the_others_go_on(case_repo, cli, broken):
     bad, good = spawn_one(cli, case_repo, "bad"), spawn_one(cli, case_repo, "good")
     sh(
@@ -1054,8 +1056,11 @@ def test_1_a_git_failure_keeps_the_agent_and_the_others_go_on(case_repo, cli, br
         sh("rm -f .git && git init -q", bad)
     elif broken == ".git file gone":  # what a delete killed half-way used to leave
         os.unlink(bad / ".git")
-    else:  # git refuses: "detected dubious ownership"
+    elif broken == "another owner":  # git refuses: "detected dubious ownership"
         os.chown(bad, 4242, 4242)
+    else:  # the worktree looks like ours, but git dies reading it
+        admin = git("rev-parse", "--absolute-git-dir", cwd=bad).strip()
+        Path(admin, "HEAD").write_text("garbage\n")
     forced = cli("cleanup", "--force")
     assert forced.code == 1, forced
     assert line_for(forced.out, "bad").startswith("KEEP bad: "), forced.out
