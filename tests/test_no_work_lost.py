@@ -563,11 +563,14 @@ def test_restore_refuses_an_unknown_id(case_repo, cli):
 def test_resume_and_send_of_a_removed_agent_point_at_restore(case_repo, cli):
     spawn_one(cli, case_repo, "case")
     assert cli("cleanup", "case").code == 0
-    for argv in (("resume", "case"), ("send", "case", "more please"), ("diff", "case")):
+    for argv in (("resume", "case"), ("send", "case", "more please")):
         run = cli(*argv)
         assert run.code == 2
         assert "was cleaned up; its work is saved under refs/orchestra/archive/case/" in run.err
         assert "'orchestra restore case'" in run.err and "fsck" not in run.err
+    diff = cli("diff", "case")  # read from its archive
+    assert diff.code == 0 and "case was cleaned up: this is its archive" in diff.out
+    assert "'orchestra restore case' brings it back" in diff.out
 
 
 def test_the_id_of_a_removed_agent_never_means_a_live_one_it_prefixes(case_repo, cli):
