@@ -796,11 +796,53 @@ def write_config_value(path, key, value, unset=False):
 # ======================================================================================
 
 
+# Variables that tell git which repository, index or object store to use instead of the one
+# `cwd` is in (what `git rev-parse --local-env-vars` prints, plus the discovery ones). An exported
+# GIT_DIR (a script, direnv) must never send orchestra's git, or an agent's, to the user's checkout.
+GIT_LOCATING_VARS = (
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_CONFIG", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT",
+    "GIT_OBJECT_DIRECTORY", "GIT_DIR", "GIT_WORK_TREE", "GIT_IMPLICIT_WORK_TREE", "GIT_GRAFT_FILE",
+    "GIT_INDEX_FILE", "GIT_NO_REPLACE_OBJECTS", "GIT_REPLACE_REF_BASE", "GIT_PREFIX",
+    "GIT_INTERNAL_SUPER_PREFIX", "GIT_SHALLOW_FILE", "GIT_COMMON_DIR", "GIT_NAMESPACE",
+    "GIT_CEILING_DIRECTORIES", "GIT_DISCOVERY_ACROSS_FILESYSTEM",
+)  # fmt: skip
+_probed_git_vars = []  # what this git says it honours, asked once per process
+
+
+def git_locating_vars():
+    """The repository-locating variables: GIT_LOCATING_VARS and whatever this git adds to them."""
+    if not _probed_git_vars:
+        try:
+            done = subprocess.run(
+                ["git", "rev-parse", "--local-env-vars"],
+                capture_output=True,
+                text=True,
+                env={k: v for k, v in os.environ.items() if k not in GIT_LOCATING_VARS},
+                cwd=os.sep,
+            )
+            names = done.stdout.split() if done.returncode == 0 else []
+        except OSError:
+            names = []
+        _probed_git_vars.append(frozenset(GIT_LOCATING_VARS) | frozenset(names))
+    return _probed_git_vars[0]
+
+
+def clean_env(env=None):
+    """`env` (default: this process's) without the variables that point git elsewhere."""
+    drop = git_locating_vars()
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in drop}
+
+
 def run_git(args, cwd, check=True, env=None):
     """Run git with `args` in `cwd` (and `env`); raise GitError with git's stderr when it fails."""
     try:
         done = subprocess.run(
-            ["git", *args], cwd=str(cwd), capture_output=True, text=True, errors="replace", env=env
+            ["git", *args],
+            cwd=str(cwd),
+            capture_output=True,
+            text=True,
+            errors="replace",
+            env=clean_env() if env is None else env,
         )
     except FileNotFoundError:
         raise missing_git_or_folder(cwd) from None
@@ -815,7 +857,7 @@ def page_git(args, cwd):
     (a pager only when stdout is a terminal: core.pager, $GIT_PAGER, $PAGER); its exit status."""
     sys.stdout.flush()
     try:
-        return subprocess.run(["git", *args], cwd=str(cwd)).returncode
+        return subprocess.run(["git", *args], cwd=str(cwd), env=clean_env()).returncode
     except FileNotFoundError:
         raise OrchestraError("git is not installed or not on PATH; install git first") from None
 
@@ -826,16 +868,16 @@ def find_repo(cwd):
     Reads .git files directly (no subprocess), falling back to git for unusual layouts.
     """
     here = Path(cwd).resolve()
-    if "GIT_DIR" not in os.environ:
-        for folder in (here, *here.parents):
-            dot_git = folder / ".git"
-            if dot_git.is_dir():
-                return folder
-            if dot_git.is_file():
-                main = main_worktree_from_gitfile(folder, dot_git)
-                if main is not None:
-                    return main
-                break
+    # GIT_DIR and its kin are ignored (see clean_env): the folder decides
+    for folder in (here, *here.parents):
+        dot_git = folder / ".git"
+        if dot_git.is_dir():
+            return folder
+        if dot_git.is_file():
+            main = main_worktree_from_gitfile(folder, dot_git)
+            if main is not None:
+                return main
+            break
     done = run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], here, check=False)
     if done.returncode != 0:
         raise OrchestraError(
@@ -903,14 +945,23 @@ def is_valid_branch_name(name):
     return run_git(["check-ref-format", "--branch", name], ".", check=False).returncode == 0
 
 
+def real_path(path):
+    """`path` with symlinks resolved, as git records worktree paths (a relative one: from `.`)."""
+    return os.path.realpath(str(path))
+
+
 def list_worktrees(repo):
-    """`git worktree list --porcelain` as a list of dicts (path, head, branch, flags)."""
+    """`git worktree list --porcelain` as a list of dicts (path, real, head, branch, flags).
+
+    `real` is the path with symlinks resolved: compare worktree paths by it, never by `path`.
+    """
     worktrees, current = [], None
     for line in run_git(["worktree", "list", "--porcelain"], repo).stdout.splitlines():
         key, _, value = line.partition(" ")
         if key == "worktree":
             current = {
                 "path": value,
+                "real": real_path(os.path.join(str(repo), value)),
                 "head": None,
                 "branch": None,
                 "bare": False,
@@ -922,7 +973,7 @@ def list_worktrees(repo):
         elif current is None:
             continue
         elif key == "HEAD":
-            current["head"] = value
+            current["head"] = value if value.strip("0") else None  # all zeros: an unreadable HEAD
         elif key == "branch":
             current["branch"] = (
                 value[len("refs/heads/") :] if value.startswith("refs/heads/") else value
@@ -1039,6 +1090,8 @@ def missing_git_or_folder(cwd):
 # SEE_ALL_GIT. worktree_holdings() is the one answer cleanup and collect trust.
 # ======================================================================================
 
+GIT_DIED = 128  # git's exit status when it dies (die()): it could not answer at all
+
 # Config overrides for every git call that judges what a worktree holds: whatever the user's
 # (or an agent's) git config says, git then hides nothing and runs nothing of the user's.
 SEE_ALL_GIT = (
@@ -1053,7 +1106,11 @@ def git_bytes(args, cwd, input=b"", env=None, check=True):
     """Run git with SEE_ALL_GIT overrides, bytes in and out; raise GitError when it fails."""
     try:
         done = subprocess.run(
-            ["git", *SEE_ALL_GIT, *args], cwd=str(cwd), input=input, capture_output=True, env=env
+            ["git", *SEE_ALL_GIT, *args],
+            cwd=str(cwd),
+            input=input,
+            capture_output=True,
+            env=clean_env() if env is None else env,
         )
     except FileNotFoundError:
         raise missing_git_or_folder(cwd) from None
@@ -1081,18 +1138,103 @@ def own_admin_dirs(repo, worktree):
     common = Path(
         run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip()
     )
-    found = []
+    found, wanted = [], real_path(worktree)
     for admin in sorted((common / "worktrees").glob("*")):
         with contextlib.suppress(OSError):
             pointer = (admin / "gitdir").read_text(encoding="utf-8", errors="replace").strip()
-            if Path(pointer).parent == Path(worktree):
+            if real_path(os.path.dirname(os.path.join(str(admin), pointer))) == wanted:
                 found.append(admin)
     return found
 
 
+def admin_worktree_path(admin):
+    """The worktree path an administrative folder (.git/worktrees/<name>) points at, or None."""
+    try:
+        pointer = (Path(admin) / "gitdir").read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return real_path(os.path.dirname(os.path.join(str(admin), pointer)))
+
+
 def rev_lines(args, cwd):
-    """Hashes printed by a git command that may fail (a missing reflog): a list, maybe empty."""
-    return git_bytes(args, cwd, check=False).stdout.decode().split()
+    """Hashes printed by a git command that may find none (a missing reflog, an unborn HEAD): a
+    list, maybe empty. git dying (exit 128: unreadable, dubious ownership) is a GitError, never [].
+    """
+    done = git_bytes(args, cwd, check=False)
+    if done.returncode >= GIT_DIED:
+        detail = one_line(done.stderr.decode("utf-8", "replace"), limit=TAIL_CHARS)
+        raise GitError(f"git {args[0]} failed: {detail or f'exit {done.returncode}'}")
+    return done.stdout.decode().split()
+
+
+def check_worktree(repo, record):
+    """Refuse, naming the agent, when git cannot read its worktree as one of this repository's
+    (dubious ownership, a `.git` deleted or replaced by `git init`): what it holds is unknown,
+    so it must be kept, never read as empty."""
+    worktree, agent = Path(record["worktree"]), record["id"]
+    admin = worktree_admin_dir(worktree)
+    with contextlib.suppress(OSError):
+        if (
+            admin is not None
+            and real_path(admin.parent) == real_path(Path(repo) / ".git" / "worktrees")
+            and admin_worktree_path(admin) == real_path(worktree)
+            and os.stat(worktree).st_uid == os.geteuid()
+        ):
+            return  # plainly ours: no need to ask git (collect asks nothing per agent)
+    done = git_bytes(
+        ["rev-parse", "--path-format=absolute", "--git-common-dir", "--show-toplevel"],
+        worktree,
+        check=False,
+    )
+    lines = done.stdout.decode("utf-8", "surrogateescape").splitlines()
+    if done.returncode != 0 or len(lines) != 2:
+        detail = one_line(done.stderr.decode("utf-8", "replace"), limit=TAIL_CHARS)
+        raise GitError(
+            f"{agent}: git cannot read its worktree {worktree} ({detail or 'no answer'}); "
+            "it is kept as it is. Fix the folder (owner, permissions), then run the command again"
+        )
+    common, top = (real_path(line) for line in lines)
+    if common != real_path(Path(repo) / ".git") or top != real_path(worktree):
+        raise GitError(
+            f"{agent}: {worktree} is no longer a git worktree of this repository (its .git was "
+            "removed or replaced); it is kept as it is. Copy out what you need, then delete it by hand"
+        )
+
+
+def moved_worktree(repo, record):
+    """Where git says the agent's worktree lives when it is not at the record's path (an agent
+    ran `git worktree move`), else None."""
+    if Path(record["worktree"]).is_dir():
+        return None
+    name = re.compile(re.escape(f"{WORKTREE_PREFIX}{record['id']}") + r"[0-9]*")
+    for admin in sorted((Path(repo) / ".git" / "worktrees").glob(f"{WORKTREE_PREFIX}*")):
+        where = admin_worktree_path(admin) if name.fullmatch(admin.name) else None
+        if where and where != real_path(record["worktree"]) and os.path.isdir(where):
+            return where
+    for listed in list_worktrees(repo):
+        if listed["branch"] == record["branch"] and os.path.isdir(listed["real"]):
+            return listed["real"]
+    return None
+
+
+def nested_worktrees(repo, worktree):
+    """Real paths of other worktrees of this repository that live inside `worktree` (Claude
+    Code's `.claude/worktrees/`): deleting the folder deletes them too."""
+    mine = real_path(worktree)
+    return [
+        w["real"]
+        for w in list_worktrees(repo)
+        if w["real"].startswith(mine + os.sep) and os.path.isdir(w["real"])
+    ]
+
+
+def nested_worktree_commits(worktrees):
+    """Every commit nested worktrees reach by name: their HEADs and HEAD reflogs."""
+    commits = []
+    for nested in worktrees:
+        commits += rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], nested)
+        commits += rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", "HEAD"], nested)
+    return list(dict.fromkeys(commits))
 
 
 def worktree_commits(repo, worktree, branch):
@@ -1150,8 +1292,10 @@ def outside_tips(repo, worktree, skip_refs):
         for sha, ref in (line.split(" ", 1) for line in out.splitlines())
         if ref not in skip_refs
     ]
+    mine = real_path(worktree)
     for other in list_worktrees(repo):
-        if other["path"] != str(worktree) and other["head"]:
+        inside = other["real"] == mine or other["real"].startswith(mine + os.sep)
+        if not inside and other["head"]:  # a worktree nested in this one goes with it
             tips.append(other["head"])
     return tips
 
@@ -1172,10 +1316,11 @@ def independent_commits(repo, commits):
     return run_git(["merge-base", "--independent", *commits], repo).stdout.split()
 
 
-def walk_files(root, skip_top_git=True):
+def walk_files(root, skip_top_git=True, stats=None):
     """(relative path bytes, absolute path, kind) of every file under root, nested .git included.
 
-    kind: "file", "exec", "link", or "special" (fifo, socket, device: cannot be saved).
+    kind: "file", "exec", "link", or "special" (fifo, socket, device: cannot be saved). A `stats`
+    dict gets each file's and link's lstat by absolute path (the walk makes that call anyway).
     """
     root_b = os.fsencode(str(root))
     stack = [b""]
@@ -1193,18 +1338,23 @@ def walk_files(root, skip_top_git=True):
             rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
             if skip_top_git and not rel_dir and entry.name == b".git":
                 continue
-            yield from walk_entry(entry, rel, stack)
+            yield from walk_entry(entry, rel, stack, stats)
 
 
-def walk_entry(entry, rel, stack):
+def walk_entry(entry, rel, stack, stats=None):
     """One directory entry of walk_files: folders are queued, files yielded with their kind."""
     if entry.is_symlink():
+        if stats is not None:
+            with contextlib.suppress(OSError):
+                stats[entry.path] = entry.stat(follow_symlinks=False)
         yield rel, entry.path, "link"
     elif entry.is_dir(follow_symlinks=False):
         stack.append(rel)
     elif entry.is_file(follow_symlinks=False):
-        executable = os.stat(entry.path, follow_symlinks=False).st_mode & 0o111
-        yield rel, entry.path, "exec" if executable else "file"
+        info = entry.stat(follow_symlinks=False)
+        if stats is not None:
+            stats[entry.path] = info
+        yield rel, entry.path, "exec" if info.st_mode & 0o111 else "file"
     else:
         yield rel, entry.path, "special"
 
@@ -1216,10 +1366,16 @@ def snapshot_path(rel):
     )
 
 
+def line_safe(path):
+    """True when `--stdin-paths` reads this path back as it is: one line per path, where git strips a
+    trailing CR and unquotes a leading double quote (NUL-separated input it does not offer)."""
+    return b"\n" not in path and b"\r" not in path and not path.startswith(b'"')
+
+
 def hash_blobs(repo, items, write):
     """{relative path: blob hash} of (rel, absolute path, kind) items; bytes as they are on disk."""
     hashes = {}
-    plain = [(rel, path) for rel, path, kind in items if kind != "link" and b"\n" not in path]
+    plain = [(rel, path) for rel, path, kind in items if kind != "link" and line_safe(path)]
     if plain:
         args = ["hash-object", "--no-filters", "--stdin-paths", *(["-w"] if write else [])]
         out = git_bytes(
@@ -1264,18 +1420,20 @@ def gitfile_target(path):
     return target if target.is_dir() else None
 
 
-def worktree_files(repo, worktree, admin):
+def worktree_files(repo, worktree, admin, stats=None):
     """Every file the worktree holds, as (rel, path, kind), with nested repositories' private
-    git folders that live in the worktree's admin folder (and vanish with it) added in place."""
+    git folders that live in the worktree's admin folder (and vanish with it) added in place
+    (`stats`: see walk_files)."""
     items = []
-    for rel, path, kind in walk_files(worktree):
+    for rel, path, kind in walk_files(worktree, stats=stats):
         items.append((rel, path, kind))
         if admin and rel.endswith(b"/.git") and kind == "file":
             target = gitfile_target(path)
             if target and str(target).startswith(str(admin) + os.sep):
                 prefix = rel[: -len(b".git")] + b".git-dir"
                 items += [
-                    (prefix + b"/" + r, p, k) for r, p, k in walk_files(target, skip_top_git=False)
+                    (prefix + b"/" + r, p, k)
+                    for r, p, k in walk_files(target, skip_top_git=False, stats=stats)
                 ]
     return items
 
@@ -1300,27 +1458,89 @@ def file_changes(repo, worktree, head, setup, admin=None):
     where kind is "modified", "untracked", "nested" (inside a nested repository) or "link".
     """
     committed = tree_entries(repo, head)
-    items = worktree_files(repo, worktree, admin)
+    walked = {}
+    items = worktree_files(repo, worktree, admin, walked)
     special = [os.fsdecode(rel) for rel, _, kind in items if kind == "special"]
     unreadable = [os.fsdecode(rel) for rel, _, kind in items if kind == "unreadable"]
     items = [i for i in items if i[2] in FILE_MODES]
+    stats = file_stats(items, walked)  # before hashing: a later write shows as a changed stat
     hashes = hash_blobs(repo, items, write=False)
-    changed, present = [], set()
+    stored = stored_hashes(worktree, items, hashes, committed)
+    changed, present, paths = [], set(), {}
     for rel, path, kind in items:
         present.add(rel)
         mode, sha, name = FILE_MODES[kind], hashes[rel], os.fsdecode(rel)
-        if committed.get(rel) == (mode, sha) or setup_blob_matches(setup.get(name), path, sha):
+        if committed.get(rel) in ((mode, sha), (mode, stored.get(rel))) or setup_blob_matches(
+            setup.get(name), path, sha
+        ):
             continue
         nested = b"/.git/" in b"/" + rel or b".git-dir/" in rel
         what = "nested" if nested else ("modified" if rel in committed else "untracked")
         changed.append((what, name, rel, mode, sha))
+        paths[rel] = (path, kind)
     deleted = [
-        os.fsdecode(rel)
+        rel
         for rel, (mode, _) in committed.items()
         if rel not in present
         and not (mode == "160000" and not any(p.startswith(rel + b"/") for p in present))
     ]
-    return {"changed": changed, "deleted": deleted, "special": special, "unreadable": unreadable}
+    outside = skip_worktree_paths(worktree) if deleted else set()
+    deleted = [os.fsdecode(rel) for rel in deleted if rel not in outside]
+    return {
+        "changed": changed,
+        "deleted": deleted,
+        "special": special,
+        "unreadable": unreadable,
+        "stats": stats,
+        "paths": paths,
+    }
+
+
+def file_stats(items, walked):
+    """{rel: (mode, size, mtime, ctime, inode)} of (rel, path, kind) items, from the lstat the
+    walk made (`walked`, by path): any write since changes it."""
+    stats = {}
+    for rel, path, _ in items:
+        info = walked.get(path)
+        if info is not None:
+            stats[rel] = (
+                info.st_mode,
+                info.st_size,
+                info.st_mtime_ns,
+                info.st_ctime_ns,
+                info.st_ino,
+            )
+    return stats
+
+
+def skip_worktree_paths(worktree):
+    """Paths (bytes) the worktree's index marks skip-worktree (sparse checkout, or by hand): their
+    absence from the disk is no deletion, git neither checks them out nor looks at them."""
+    out = git_bytes(["ls-files", "-t", "-z"], worktree).stdout
+    return {entry[2:] for entry in out.split(b"\0") if entry.startswith(b"S ")}
+
+
+def stored_hashes(worktree, items, hashes, committed):
+    """{rel: blob} of what git would store for tracked files whose raw bytes differ from the
+    committed blob (clean filters, working-tree-encoding, eol rules applied): a filtered file
+    equal to its commit is no change. Nested repositories' files are not the worktree's."""
+    root, suspects = os.fsencode(str(worktree)) + b"/", []
+    for rel, path, kind in items:
+        entry = committed.get(rel)
+        differs = kind != "link" and entry and entry[1] != hashes[rel] and path.startswith(root)
+        if differs and entry[0] == FILE_MODES[kind] and b".git/" not in b"/" + rel + b"/":
+            suspects.append(rel)
+    found, plain = {}, [rel for rel in suspects if line_safe(rel)]
+    if plain:
+        done = git_bytes(
+            ["hash-object", "--stdin-paths"], worktree, input=b"".join(r + b"\n" for r in plain)
+        )
+        found.update(zip(plain, done.stdout.decode().split()))
+    for rel in (r for r in suspects if not line_safe(r)):
+        data = Path(os.fsdecode(os.path.join(root, rel))).read_bytes()
+        args = ["hash-object", f"--path={os.fsdecode(rel)}", "--stdin"]
+        found[rel] = git_bytes(args, worktree, input=data).stdout.decode().strip()
+    return found
 
 
 def setup_fingerprints(worktree):
@@ -1377,7 +1597,7 @@ def snapshot_commit(repo, head, changes, message):
     """A commit of the worktree as it is: HEAD's tree with every changed file written over it and
     deleted ones left out; nested .git folders stored under NESTED_GIT_NAME. Parent: HEAD."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"))
+        env = dict(clean_env(), GIT_INDEX_FILE=os.path.join(tmp, "index"))
         git_bytes(["read-tree", head] if head else ["read-tree", "--empty"], repo, env=env)
         zero = "0" * len(head or "0" * 40)
         lines = [f"0 {zero}\t".encode() + os.fsencode(p) for p in changes["deleted"]]
@@ -1399,10 +1619,13 @@ def snapshot_commit(repo, head, changes, message):
 
 def write_changed_blobs(repo, worktree, admin, changes):
     """Store the changed files' bytes in the object database (hashes were computed without -w)."""
-    wanted = {rel for _, _, rel, _, _ in changes["changed"]}
-    items = [
-        i for i in worktree_files(repo, worktree, admin) if i[0] in wanted and i[2] in FILE_MODES
-    ]
+    wanted, paths = {rel for _, _, rel, _, _ in changes["changed"]}, changes.get("paths")
+    items = (
+        [(rel, *paths[rel]) for rel in wanted]
+        if paths is not None
+        else [i for i in worktree_files(repo, worktree, admin) if i[0] in wanted]
+    )
+    items = [i for i in items if i[2] in FILE_MODES]
     written = hash_blobs(repo, items, write=True)
     for entry in changes["changed"]:
         if written.get(entry[2]) != entry[4]:
@@ -1445,18 +1668,23 @@ def delete_worktree(repo, worktree):
 
 @contextlib.contextmanager
 def shield_interrupts():
-    """Hold Ctrl-C (SIGINT) back while a step runs, git children included (they inherit the
-    blocked mask), so a step happens wholly or not at all; the interrupt arrives after it."""
+    """Hold Ctrl-C (SIGINT), a closed terminal (SIGHUP), SIGTERM and SIGQUIT back while a step
+    runs, git children included (they inherit the blocked mask), so a step happens wholly or not
+    at all; the signal arrives after it. (kill -9 cannot be held: steps that delete are also
+    safe to be cut short, see delete_worktree_safely.)"""
     can = (
         hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
     )
+    held = {
+        getattr(signal, n) for n in ("SIGINT", "SIGHUP", "SIGTERM", "SIGQUIT") if hasattr(signal, n)
+    }
     if can:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
         yield
     finally:
         if can:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def operation_in_progress(repo):
@@ -1565,11 +1793,12 @@ def worktree_leftovers(record, changes):
     return sorted(entries, key=lambda e: e[1])
 
 
-def uncommitted_work(record):
+def uncommitted_work(repo, record):
     """[(XY code, path)] the agent's worktree holds beyond its HEAD commit and setup's files."""
     worktree = Path(record["worktree"])
     if not worktree.is_dir():
         return []
+    check_worktree(repo, record)
     head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
     changes = file_changes(
         worktree,
@@ -1610,7 +1839,9 @@ def worktree_holdings(project, record):
         "detached_lost": [],
         "reflog_lost": [],
     }
+    nested = []
     if worktree.is_dir():
+        check_worktree(repo, record)
         held["head"], held["head_branch"] = worktree_head(worktree)
         held["staged"] = staged_tree(worktree, held["head"])
         held["changes"] = file_changes(
@@ -1618,6 +1849,7 @@ def worktree_holdings(project, record):
         )
         held["leftovers"] = worktree_leftovers(record, held["changes"])
         commits = worktree_commits(repo, worktree, branch)
+        nested = nested_worktree_commits(nested_worktrees(repo, worktree))
     else:
         commits = rev_lines(
             ["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo
@@ -1628,6 +1860,7 @@ def worktree_holdings(project, record):
     held["detached_lost"] = commits_only_in(repo, [held["head"]], tips) if held["head"] else []
     lost = commits_only_in(repo, commits, tips)
     held["reflog_lost"] = [c for c in lost if c not in set(held["detached_lost"])]
+    held["nested_lost"] = commits_only_in(repo, nested, tips + commits)
     return held
 
 
@@ -1658,6 +1891,10 @@ def holdings_reasons(record, held):
     if held["tip"] is not None and held["reflog_lost"]:
         reasons.append(
             f"{plural(len(held['reflog_lost']), 'commit')} only in the worktree's reflog (reset or amended away)"
+        )
+    if held.get("nested_lost"):
+        reasons.append(
+            f"{plural(len(held['nested_lost']), 'commit')} only in a worktree nested inside it"
         )
     if held["stashes"]:
         reasons.append(f"{plural(len(held['stashes']), 'stash')} made in the worktree")
@@ -2411,12 +2648,13 @@ def restore_resilience(record, log):
 def rebuild_state(project):
     """Records recovered from each log's spawn event, settled from the rest of the log, and the
     batches (with their budgets) those agents were spawned in."""
-    live = {w["path"] for w in list_worktrees(project.repo)}
-    history = project.history()  # a cleaned-up agent stays history, never comes back live
+    live = {w["real"] for w in list_worktrees(project.repo) if not w["prunable"]}
+    # A cleaned-up agent stays history, unless its worktree is live again (restored): that wins.
+    history = project.history()
     records, batches = {}, {}
     for log_path in sorted(project.logs.glob("*.jsonl")):
         spawn = first_spawn_event(log_path)
-        if spawn is None or spawn["id"] in history:
+        if spawn is None or (spawn["id"] in history and real_path(spawn["worktree"]) not in live):
             continue
         record = new_record(
             project, spawn["id"], spawn["task"], spawn.get("base_branch"), spawn.get("base_commit")
@@ -2455,14 +2693,18 @@ def rebuild_state(project):
                 "budget": spawn.get("batch_budget"),
                 "created_at": spawn.get("time"),
             }
-        if record["worktree"] not in live and record["state"] == "queued" and not log.launched:
+        if (
+            real_path(record["worktree"]) not in live
+            and record["state"] == "queued"
+            and not log.launched
+        ):
             record.update(
                 ready=False,
                 worktree_later=True,
                 spawn_logged=True,
                 activity="waiting for a worktree",
             )
-        elif record["worktree"] not in live and record["state"] == "queued":
+        elif real_path(record["worktree"]) not in live and record["state"] == "queued":
             record["state"], record["error"] = (
                 "failed",
                 "worktree missing after state.json was rebuilt",
@@ -3383,7 +3625,7 @@ def launch_agent(project, record, prompt=None):
     )
     ApprovalBox(project.repo).forget_rules(record["id"])
     env = dict(
-        take_agent_env(project, record["id"]) or os.environ,
+        clean_env(take_agent_env(project, record["id"]) or os.environ),
         ORCHESTRA_AGENT_ID=record["id"],
         ORCHESTRA_REPO=str(project.repo),
     )
@@ -3554,6 +3796,7 @@ def run_setup(commands, worktree, log):
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            env=clean_env(),
             text=True,
             errors="replace",
         )
@@ -4214,6 +4457,7 @@ def run_check(command, worktree, timeout, cancelled):
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=clean_env(),
             start_new_session=True,
         )
         deadline, next_look, why = (
@@ -5864,6 +6108,7 @@ def ensure_supervisor(project, state=None):
         proc = subprocess.Popen(
             supervisor_argv(),
             cwd=str(project.repo),
+            env=clean_env(),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -6242,18 +6487,18 @@ def approvals_document(project):
 
 def worktree_rows(project, records):
     """git's worktrees joined with agent records, orphans and missing folders marked."""
-    by_path = {str(Path(r["worktree"])): r for r in records.values() if r["state"] != "removed"}
-    root = str(project.worktree_root)
+    by_path = {real_path(r["worktree"]): r for r in records.values() if r["state"] != "removed"}
+    root = real_path(project.worktree_root)
     rows = []
     for wt in list_worktrees(project.repo):
-        record = by_path.pop(wt["path"], None)
-        ours = os.path.dirname(wt["path"]) == root and os.path.basename(wt["path"]).startswith(
+        record = by_path.pop(wt["real"], None)
+        ours = os.path.dirname(wt["real"]) == root and os.path.basename(wt["real"]).startswith(
             WORKTREE_PREFIX
         )
         notes = [
             n
             for n, on in (
-                ("main", wt["path"] == str(project.repo)),
+                ("main", wt["real"] == real_path(project.repo)),
                 ("orphan", ours and not record),
                 ("missing", wt["prunable"] or not os.path.isdir(wt["path"])),
                 ("locked", wt["locked"]),
@@ -6261,8 +6506,8 @@ def worktree_rows(project, records):
             if on
         ]
         rows.append(worktree_row(wt["path"], wt["branch"], record, notes))
-    for path, record in by_path.items():
-        rows.append(worktree_row(path, record["branch"], record, ["missing"]))
+    for record in by_path.values():
+        rows.append(worktree_row(record["worktree"], record["branch"], record, ["missing"]))
     return rows
 
 
@@ -8006,6 +8251,12 @@ def unmerged_reason(project, record, tip):
     return f"{count} commit{'s' if count != 1 else ''} not merged into {target}"
 
 
+def named_error(record, error):
+    """A git failure as a message that starts with the agent's id."""
+    text = str(error)
+    return text if text.startswith(f"{record['id']}: ") else f"{record['id']}: {text}"
+
+
 def agent_report(project, record, tip=False, cache=None, held=None, facts=None):
     """What one agent produced: its result, cost, commits, diffstat and leftovers.
 
@@ -8139,14 +8390,22 @@ class ReportCache:
             write_atomic(self.path, json.dumps(self.entries, separators=(",", ":")))
 
 
-def agent_reports(project, records):
-    """Reports of many agents: a few git calls for all of them, cached parts for unchanged agents."""
+def agent_reports(project, records, errors=None):
+    """Reports of many agents: a few git calls for all of them, cached parts for unchanged agents.
+
+    An agent git cannot answer for is left out, its error in `errors` ({id: message}) when given
+    (else the GitError is raised): one broken agent never hides the others' reports."""
     cache = ReportCache(project.dir / REPORT_CACHE_FILE)
     facts = RepoFacts(project) if records else None
-    held = facts.holdings(records, cache) if records else {}
+    failed = {}
+    held = facts.holdings(records, cache, failed) if records else {}
+    if failed and errors is None:
+        raise GitError(next(iter(failed.values())))
+    (errors if errors is not None else {}).update(failed)
     reports = [
         agent_report(project, r, facts.tip(r["branch"]), cache, held=held[r["id"]], facts=facts)
         for r in records
+        if r["id"] not in failed
     ]
     cache.save(
         set(cache.entries) & {r["id"] for r in project.records().values()}
@@ -8188,7 +8447,7 @@ class RepoFacts:
         self.ref_tips = {sha for ref, sha in self.refs.items() if ref != "refs/stash"}
         self.heads = {}  # worktree path -> the HEADs git lists for it
         for listed in self.worktrees:
-            self.heads.setdefault(listed["path"], []).append(listed["head"])
+            self.heads.setdefault(listed["real"], []).append(listed["head"])
 
     def tip(self, branch):
         """The commit a branch points at, None if it does not exist."""
@@ -8210,9 +8469,16 @@ class RepoFacts:
             cache.put_part(record["id"], "merged", key, found)
         return found
 
-    def holdings(self, records, cache):
-        """{id: worktree_holdings(record)} of many agents, from cached parts where nothing changed."""
-        local = {r["id"]: self.local_holdings(r, cache) for r in records}
+    def holdings(self, records, cache, failed):
+        """{id: worktree_holdings(record)} of many agents, from cached parts where nothing changed;
+        an agent git cannot answer for goes into `failed` ({id: message}) instead."""
+        local = {}
+        for record in records:
+            try:
+                local[record["id"]] = self.local_holdings(record, cache)
+            except GitError as e:
+                failed[record["id"]] = named_error(record, e)
+        records = [r for r in records if r["id"] not in failed]
         wanted = {
             c for held in local.values() if held for c in [*held["commits"], held["head"]] if c
         }
@@ -8222,7 +8488,10 @@ class RepoFacts:
         for record in records:
             held = local[record["id"]]
             if held is None or set(held["commits"] + [held["head"]]) & lost:
-                found[record["id"]] = worktree_holdings(self.project, record)
+                try:
+                    found[record["id"]] = worktree_holdings(self.project, record)
+                except GitError as e:
+                    failed[record["id"]] = named_error(record, e)
                 continue
             stashes = []
             if "refs/stash" in self.refs:
@@ -8246,9 +8515,12 @@ class RepoFacts:
         held["leftovers"] = [tuple(item) for item in held["leftovers"]]
         # The one rev-list counts every worktree's HEAD as held; worktree_holdings does not count
         # the agent's own (even a stale one of a deleted folder), so that must be on a ref too.
-        own = self.heads.get(str(Path(record["worktree"])), [])
+        mine = real_path(record["worktree"])
+        own = self.heads.get(mine, [])
         if any(head and head not in self.ref_tips for head in [held["head"], *own]):
             return None
+        if any(w["real"].startswith(mine + os.sep) for w in self.worktrees):
+            return None  # a worktree nested in it: only worktree_holdings weighs its commits
         return held
 
     def read_local_holdings(self, record):
@@ -8382,12 +8654,13 @@ def overlapping_files(reports):
 # ======================================================================================
 
 GIT_ARGS_BATCH = 500  # paths per git command line, well under the system's argument limit
+STAGED_REFS = "refs/orchestra/staged"  # where --commit keeps a staged version it would replace
 
 
 def commit_leftovers(project, record):
     """Commit the agent's uncommitted work on its branch (not ignored, setup or nested-repository
     files); True if any. File names are passed as bytes, so names that are not UTF-8 work."""
-    leftovers = uncommitted_work(record)
+    leftovers = uncommitted_work(project.repo, record)
     nested = [path + "/" for code, path in leftovers if code == "NR"]
     work = [
         path
@@ -8397,6 +8670,8 @@ def commit_leftovers(project, record):
     if not work:
         return False
     worktree = record["worktree"]
+    check_own_branch(record)
+    kept = keep_staged_version(project, record)
     tracked = [path for code, path in leftovers if code in (" M", " D") and path in work]
     for start in range(
         0, len(tracked), GIT_ARGS_BATCH
@@ -8411,7 +8686,63 @@ def commit_leftovers(project, record):
     git_bytes(["add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul"], worktree, input=specs)
     message = f"orchestra: commit work {record['id']} left uncommitted\n\nTask: {record['task']}"
     git_bytes(["commit", "--quiet", "--no-verify", "-m", message], worktree)
-    return True
+    return kept or True
+
+
+def check_own_branch(record):
+    """Refuse to commit unless the worktree has the agent's own branch checked out: a commit on
+    another branch (the user's main) or a detached HEAD is not where collect looks for work."""
+    on_branch = worktree_head(Path(record["worktree"]))[1]
+    if on_branch != record["branch"]:
+        where = f"branch {on_branch}" if on_branch else "a detached HEAD"
+        raise GitError(
+            f"{record['id']}: its worktree has {where} checked out, not its own branch "
+            f"{record['branch']}; nothing was committed. Switch back (git -C {record['worktree']} "
+            f"switch {record['branch']}) or commit it by hand"
+        )
+
+
+def keep_staged_version(project, record):
+    """Save the index under refs/orchestra/staged/<id>/<n> when a staged file differs from the
+    file on disk (`git add` would replace the staged version); the ref, or None."""
+    worktree = record["worktree"]
+    staged = git_bytes(["diff", "--cached", "--name-only", "-z", "--no-renames"], worktree)
+    on_disk = git_bytes(["diff", "--name-only", "-z", "--no-renames"], worktree)
+    both = (set(staged.stdout.split(b"\0")) & set(on_disk.stdout.split(b"\0"))) - {b""}
+    if not both:
+        return None
+    head = worktree_head(Path(worktree))[0]
+    tree = git_bytes(["write-tree"], worktree, check=False)
+    if tree.returncode != 0:
+        raise GitError(
+            f"{record['id']}: its index has unresolved conflicts; resolve them in "
+            f"{worktree} before collect --commit"
+        )
+    message = f"orchestra: {record['id']}'s staged version before collect --commit"
+    args = ["commit-tree", tree.stdout.decode().strip(), *(["-p", head] if head else [])]
+    commit = git_bytes([*args, "-m", message], worktree).stdout.decode().strip()
+    prefix = f"{STAGED_REFS}/{record['id']}/"
+    taken = git_bytes(["for-each-ref", "--format=%(refname)", prefix], project.repo).stdout
+    ref = f"{prefix}{len(taken.splitlines()) + 1}"
+    write_refs(project.repo, {ref: commit})
+    return ref
+
+
+def collect_problem(project, record):
+    """Why collect cannot read this agent's worktree (so it leaves the agent alone), or None."""
+    if not Path(record["worktree"]).is_dir():
+        moved = moved_worktree(project.repo, record)
+        return (
+            f"{record['id']}: its worktree was moved to {moved}; move it back with "
+            f"'git worktree move {moved} {record['worktree']}'"
+            if moved
+            else None
+        )
+    try:
+        check_worktree(project.repo, record)
+    except GitError as e:
+        return str(e)
+    return None
 
 
 def refresh_change_counts(project, records):
@@ -8456,7 +8787,7 @@ def hidden_changes(repo):
     for entry in git_bytes(["ls-files", "-v", "-z"], repo).stdout.split(b"\0"):
         tag, _, path = entry.partition(b" ")
         if tag and (tag.islower() or tag == b"S") and (Path(repo) / os.fsdecode(path)).is_file():
-            (unhashable if b"\n" in path else marked).append(path)
+            (marked if line_safe(path) else unhashable).append(path)
     if not marked:
         return [os.fsdecode(path) for path in unhashable]
     staged = git_bytes(
@@ -8599,12 +8930,28 @@ def collect_agents(
         check_checkout_clean(project.repo, "merging")
     elif into:
         raise OrchestraError("--into names where --merge merges; add --merge")
-    committed = [r["id"] for r in records if commit and commit_leftovers(project, r)]
+    errors = {r["id"]: collect_problem(project, r) for r in records}
+    errors = {i: e for i, e in errors.items() if e}
+    records = [r for r in records if r["id"] not in errors]
+    committed, staged_kept = [], {}
+    for record in records if commit else []:
+        try:
+            done = commit_leftovers(project, record)
+        except GitError as e:
+            errors[record["id"]] = str(e)
+            continue
+        if done:
+            committed.append(record["id"])
+        if isinstance(done, str):
+            staged_kept[record["id"]] = done
     refresh_change_counts(project, [r for r in records if r["id"] in committed])
-    reports = agent_reports(project, records)
+    reports = agent_reports(project, records, errors)
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
+    document["errors"] = [{"id": i, "error": e} for i, e in errors.items()]
+    document["staged_kept"] = staged_kept
     if merge:
-        chosen = records if ids else [r for r in records if r["state"] == "done"]
+        chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
+        chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
         chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
         lock = FileLock(project.dir / LAND_LOCK)  # never interleaved with a land
         if not lock.acquire(blocking=False):
@@ -8700,6 +9047,11 @@ def collect_text(document):
         )
     if document["committed"]:
         parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
+    parts += [
+        f"Kept {i}'s staged version (it differed from the files on disk) as {ref}"
+        for i, ref in document.get("staged_kept", {}).items()
+    ]
+    parts += [f"Error: {e['error']}" for e in document.get("errors", [])]
     if "merged" in document:
         parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
         unchanged = [
@@ -9262,6 +9614,9 @@ def land_line(result, target):
 # ======================================================================================
 
 ARCHIVE_KINDS = ("head", "lost", "stash", "index", "worktree")  # suffixes of one archive's refs
+ARCHIVE_SEQ_DIGITS = 4  # an archive's name: <sequence>-<UTC stamp>, the sequence zero-padded
+# A worktree being deleted is renamed aside first: checked (may go back), then deleting (goes)
+CHECKING_PREFIX, DELETING_PREFIX = ".checking-", ".deleting-"
 WRITER_GRACE = 3.0  # seconds to wait for processes still using a worktree before keeping it
 CLEANUP_LOCK_TIMEOUT = 300.0  # seconds one cleanup waits for another to finish
 
@@ -9285,15 +9640,22 @@ def cleanup_targets(records, ids, everything=False, failed_only=False):
 def is_our_worktree(project, record):
     """True when the record's worktree is where orchestra makes them, named for the agent."""
     path = Path(record["worktree"])
-    return path.parent == project.worktree_root and path.name == f"{WORKTREE_PREFIX}{record['id']}"
+    return real_path(path.parent) == real_path(project.worktree_root) and path.name == (
+        f"{WORKTREE_PREFIX}{record['id']}"
+    )
 
 
 def checked_out_elsewhere(record, worktrees):
-    """Another worktree where the agent's branch is checked out, or None."""
+    """Another worktree where the agent's branch is checked out, or None (paths compared real)."""
     for wt in worktrees.values():
-        if wt["branch"] == record["branch"] and wt["path"] != str(Path(record["worktree"])):
+        if wt["branch"] == record["branch"] and wt["real"] != real_path(record["worktree"]):
             return wt["path"]
     return None
+
+
+def worktrees_by_path(repo):
+    """git's worktrees keyed by their real path (symlinks resolved, as git records them)."""
+    return {w["real"]: w for w in list_worktrees(repo)}
 
 
 def plan_agent_cleanup(project, record, worktrees, force):
@@ -9310,9 +9672,16 @@ def plan_agent_cleanup(project, record, worktrees, force):
         "stop_first": False,
     }
     path = str(Path(record["worktree"]))
-    listed = worktrees.get(path)
-    if not is_our_worktree(project, record) or path == str(project.repo):
+    listed = worktrees.get(real_path(path))
+    if not is_our_worktree(project, record) or real_path(path) == real_path(project.repo):
         return dict(step, action="keep", reasons=[f"worktree {path} is not one orchestra made"])
+    moved = moved_worktree(project.repo, record)
+    if moved:
+        return dict(
+            step,
+            action="keep",
+            reasons=[f"its worktree was moved to {moved}; git worktree move {moved} {path}"],
+        )
     if listed and listed["locked"]:
         return dict(
             step, action="keep", reasons=[f"worktree is locked (git worktree unlock {path})"]
@@ -9353,15 +9722,33 @@ def plan_cleanup(project, records, force=False):
         raise OrchestraError(
             f"{operation} is in progress in {project.repo}; finish or abort it before cleaning up"
         )
-    worktrees = {w["path"]: w for w in list_worktrees(project.repo)}
-    return [plan_agent_cleanup(project, r, worktrees, force) for r in records]
+    worktrees = worktrees_by_path(project.repo)
+    return [plan_or_keep(project, r, worktrees, force) for r in records]
+
+
+def plan_or_keep(project, record, worktrees, force):
+    """One agent's plan; when git cannot answer for it, a KEEP with the error (exit 1), so one
+    broken agent never stops the others from being cleaned up."""
+    try:
+        return plan_agent_cleanup(project, record, worktrees, force)
+    except GitError as e:
+        message = (
+            str(e)
+            if str(e).startswith(f"{record['id']}: ")
+            else f"{e}; it is kept as it is (git could not tell what it holds)"
+        )
+        reason = message.removeprefix(f"{record['id']}: ")
+        return {"id": record["id"], "action": "keep", "reasons": [reason], "error": True,
+                "forced": False, "stop_first": False}  # fmt: skip
 
 
 def archive_stamp(repo, agent_id):
-    """A UTC stamp no archive of this agent uses yet (a suffix .2, .3 within one second)."""
+    """<sequence>-<UTC stamp>: the sequence (one more than this agent's last archive) orders
+    archives whatever the clock says; the stamp is for people."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    taken = {a["saved"] for a in list_archives(repo) if a["id"] == agent_id}
-    return unique_id(stamp, taken, separator=".")
+    mine = [a for a in list_archives(repo) if a["id"] == agent_id]
+    seq = max((a["seq"] for a in mine), default=0) + 1
+    return f"{seq:0{ARCHIVE_SEQ_DIGITS}d}-{stamp}"
 
 
 def archive_holdings(project, record, held):
@@ -9372,15 +9759,18 @@ def archive_holdings(project, record, held):
     every file not provably committed or left by setup (parent: HEAD). One transaction.
     """
     repo, agent_id, head = project.repo, record["id"], held["head"]
+    if archived_already(project, record, held):
+        return list(record["archive"])
     base = f"{ARCHIVE_REFS}/{agent_id}/{archive_stamp(repo, agent_id)}"
     main, refs = held["tip"] or head, {}
     if main:
         refs[base] = main
     if head and head != main:
         refs[f"{base}-head"] = head
+    kept_by_name = held["reflog_lost"] + held["detached_lost"] + held.get("nested_lost", [])
     lost = [
         c
-        for c in independent_commits(repo, held["reflog_lost"] + held["detached_lost"])
+        for c in independent_commits(repo, kept_by_name)
         if not any(is_ancestor(repo, c, kept) for kept in refs.values())
     ]
     if lost:
@@ -9417,7 +9807,36 @@ def archive_holdings(project, record, held):
         refs[f"{base}-worktree"] = snapshot_commit(repo, head, changes, message)
     if refs:
         write_refs(repo, refs)
+        verify_archive(repo, refs, held)
     return list(refs)
+
+
+def archived_already(project, record, held):
+    """True when an interrupted cleanup archived this agent and only its branch is left (the
+    folder is gone): the archive it recorded holds that tip, so no second, emptier one is made."""
+    saved = record.get("archive") or []
+    only_tip = not Path(record["worktree"]).is_dir() and not (
+        held["stashes"] or held["reflog_lost"] or held["detached_lost"] or held["staged"]
+    )
+    return bool(saved) and only_tip and ref_commit(project.repo, saved[0]) == held["tip"]
+
+
+def verify_archive(repo, refs, held):
+    """Check that every object the new archive refs reach is in the repository; else delete
+    those refs and raise. (A `git gc --prune=now` running meanwhile drops objects written
+    moments before a ref held them.) Objects the branch and HEAD hold are not walked again."""
+    known = [c for c in (held["tip"], held["head"]) if c]
+    args = ["rev-list", "--objects", "--no-object-names", "--stdin"]
+    lines = [*refs.values(), *(f"^{c}" for c in known)]
+    done = git_bytes(args, repo, input="\n".join(lines).encode() + b"\n", check=False)
+    if done.returncode != 0:
+        git_bytes(
+            ["update-ref", "--stdin"],
+            repo,
+            input="".join(f"delete {name}\n" for name in refs).encode(),
+            check=False,
+        )
+        raise GitError("the archive could not be verified (objects missing); nothing was removed")
 
 
 def wait_for_writers(worktree, grace=WRITER_GRACE):
@@ -9467,11 +9886,16 @@ def remove_agent(project, record, step):
         return unsaveable(held)
     if not step["forced"] and (holdings_reasons(record, held) or held["tip"] != step["tip"]):
         return None
-    refs = archive_holdings(project, record, held)
+    try:
+        refs = archive_holdings(project, record, held)
+    except GitError:  # once more, objects written afresh: a gc may have raced the first
+        refs = archive_holdings(project, record, held)
     record_archive(project, record["id"], refs)
     with shield_interrupts():
-        delete_worktree(project.repo, record["worktree"])
-        worktrees = {w["path"]: w for w in list_worktrees(project.repo)}
+        changed = delete_worktree_safely(project, record, held)
+        if changed:
+            return changed
+        worktrees = worktrees_by_path(project.repo)
         if held["tip"] and not checked_out_elsewhere(record, worktrees):
             delete = [
                 "update-ref",
@@ -9502,6 +9926,7 @@ def cleanup_agents(
     try:
         if apply:
             roll_back_stalled_spawns(project)
+            finish_interrupted_deletes(project)
         live = project.records()
         records = cleanup_targets(
             project.all_records() if ids else live, ids, everything, failed_only
@@ -9535,6 +9960,49 @@ def apply_step(project, record, step):
         step.update(action="keep", reasons=[outcome])
     else:
         step["archive"] = outcome
+
+
+def delete_worktree_safely(project, record, held):
+    """Delete the agent's worktree so that no file is lost and any interruption (kill -9
+    included) leaves a state the next cleanup finishes: the folder is renamed aside to
+    `.checking-…`, every file's stat is compared with what was archived (a write since, from any
+    process, puts it back: a reason to keep), renamed to `.deleting-…`, then removed.
+    None when done, else why it was kept."""
+    worktree = Path(record["worktree"])
+    admins = own_admin_dirs(project.repo, worktree)
+    if not worktree.is_dir():
+        for admin in admins:
+            delete_tree(admin)
+        return None
+    admin = worktree_admin_dir(worktree)
+    aside = worktree.parent / f"{CHECKING_PREFIX}{worktree.name}.{os.getpid()}"
+    try:
+        os.rename(worktree, aside)
+    except OSError as e:
+        return f"cannot move its worktree aside to delete it ({e.strerror}); nothing was removed"
+    walked = {}
+    items = [i for i in worktree_files(project.repo, aside, admin, walked) if i[2] in FILE_MODES]
+    if file_stats(items, walked) != (held["changes"] or {}).get("stats", {}):
+        os.rename(aside, worktree)
+        return "a file in its worktree changed while cleanup ran; run cleanup again"
+    doomed = worktree.parent / f"{DELETING_PREFIX}{worktree.name}.{os.getpid()}"
+    os.rename(aside, doomed)
+    for admin in admins:
+        delete_tree(admin)
+    delete_tree(doomed)
+    return None
+
+
+def finish_interrupted_deletes(project):
+    """Finish what an interrupted cleanup left: `.deleting-…` folders were archived and checked,
+    so they go; `.checking-…` folders were not yet checked, so they move back into place."""
+    root = project.worktree_root
+    for doomed in sorted(root.glob(f"{DELETING_PREFIX}{WORKTREE_PREFIX}*")):
+        delete_tree(doomed)
+    for aside in sorted(root.glob(f"{CHECKING_PREFIX}{WORKTREE_PREFIX}*")):
+        home = root / aside.name[len(CHECKING_PREFIX) :].rsplit(".", 1)[0]
+        if not os.path.lexists(home):
+            os.rename(aside, home)
 
 
 def mark_removed(project, agent_id, archive):
@@ -9585,7 +10053,10 @@ def list_archives(repo):
             group.update(ref=ref, commit=commit, subject=subject)
     for group in groups.values():
         group["restore"] = f"orchestra restore {group['id']}/{group['saved']}"
-    return sorted(groups.values(), key=lambda g: (g["id"], g["saved"]))
+        seq = re.match(r"([0-9]+)-", group["saved"])
+        group["seq"] = int(seq.group(1)) if seq else 0  # archives made before sequences: 0
+        group["stamp"] = group["saved"][seq.end() :] if seq else group["saved"]
+    return sorted(groups.values(), key=lambda g: (g["id"], g["seq"], g["saved"]))
 
 
 def find_archive(repo, name):
@@ -9606,7 +10077,35 @@ def find_archive(repo, name):
     mine = [a for a in archives if a["id"] == agent_id and (not stamp or a["saved"] == stamp)]
     if not mine:
         raise OrchestraError(f"no archive {name}; 'orchestra cleanup --list-archives' lists them")
-    return mine[-1]
+    return fullest_archive(repo, agent_id, mine)
+
+
+def archive_files(repo, archive):
+    """How many files an archive's worktree (its snapshot, else its branch tip) holds."""
+    refs = archive["refs"]
+    ref = refs.get("worktree") or refs.get("tip") or refs.get("head")
+    if not ref:
+        return 0
+    out = git_bytes(["ls-tree", "-r", "-z", "--name-only", ref], repo, check=False).stdout
+    return out.count(b"\0")
+
+
+def fullest_archive(repo, agent_id, archives):
+    """The newest archive (by sequence) when it holds at least as many files as every older
+    one; otherwise a question: never an emptied archive over a full one."""
+    if len(archives) == 1:
+        return archives[0]
+    counts = [archive_files(repo, a) for a in archives]
+    if counts[-1] >= max(counts):
+        return archives[-1]
+    choices = "; ".join(
+        f"orchestra restore {a['id']}/{a['saved']} ({plural(n, 'file')})"
+        for a, n in zip(archives, counts)
+    )
+    raise OrchestraError(
+        f"{agent_id} has {len(archives)} archives and the newest holds fewer files than an older "
+        f"one; pick one: {choices}"
+    )
 
 
 def restore_agent(project, name):
@@ -12867,10 +13366,11 @@ def cmd_collect(args):
     else:
         print(
             collect_text(document)
-            if reports
+            if reports or document["errors"]
             else "No finished agents to collect yet; see 'orchestra status'."
         )
-    return EXIT_FAILURE if document.get("conflict") or document.get("pr_failed") else EXIT_OK
+    failed = document.get("conflict") or document.get("pr_failed") or document["errors"]
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def archived_reports(project, ids):
@@ -13060,7 +13560,7 @@ def print_archives(project, as_json):
 
 def archive_age_days(archive, now):
     """Whole days since an archive was saved (its stamp is the UTC time of the cleanup)."""
-    stamp = archive["saved"]
+    stamp = archive.get("stamp") or archive["saved"]  # "saved" is <seq>-<stamp>
     saved = parse_iso(
         f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}Z"
     )
