@@ -9,7 +9,8 @@ Commands:
   orchestra init                      create .orchestra/ and show the effective configuration
   orchestra config [--json]           show each setting and where its value came from
   orchestra config set KEY VALUE      write a setting (--user: your own file); config unset KEY
-  orchestra doctor                    what works here: git, claude and its login, sandbox, gh
+  orchestra doctor [--host NAME]      what works here (or on a host): git, claude, login, sandbox
+  orchestra hosts [--json]            the machines agents run on: slots, agents, reachability
   orchestra spawn TASK... [--wait]    queue agents, one worktree and branch per task
   orchestra status [ID...] [--watch]  what every agent is doing, its cost and its commits
   orchestra logs ID [-f] [--tail N]   an agent's activity as readable lines
@@ -28,6 +29,7 @@ Commands:
   orchestra web [--port N] [--qr]     the phone-friendly dashboard, JSON API and live WebSocket
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
   orchestra hook permission-request   (internal) what Claude Code runs when an agent asks
+  orchestra host-agent ACTION         (internal) what a host runs when home calls it over ssh
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
@@ -57,6 +59,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Project                         a repository under orchestra: paths, config, state store
   Spawning agents                 unique ids, reserving agents, worktrees now or later, rollback
   Results you can trust           checks, fix rounds, API waits, budgets (Resilience)
+  Hosts                           other machines over ssh: placement, transport, following
   Supervisor                      the detached process that starts, watches and adopts agents
   Operations                      spawn, pause, resume, stop, retry, approve: CLI and web alike
   Reading logs                    an agent's log as readable lines, streamed and tailed
@@ -77,6 +80,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff, approvals
   Command line: results           collect, land, cleanup, restore
   Command line: sessions, web and internals   sessions, web, supervise, hook
+  Command line: hosts             hosts, and host-agent: what a host runs for home
   Command line: the parser        PARSER_BUILDERS and build_parser()
   Main                            main(): an OrchestraError becomes a message and an exit status
 Where the open work goes: containment (the PreToolUse guard and the integrity check) as
@@ -179,6 +183,8 @@ CONFIG_DEFAULTS = {
     "api_retries": 5,
     "api_backoff": 60,
     "api_backoff_max": 3600,
+    "hosts": {},
+    "placement": "local-first",
     "land_strategy": "merge",
 }
 # What each key must hold: "int", "number", "str", "str?" (string or null) or "list".
@@ -207,6 +213,8 @@ CONFIG_TYPES = {
     "api_retries": "int",
     "api_backoff": "number",
     "api_backoff_max": "number",
+    "hosts": "hosts",
+    "placement": "str",
     "land_strategy": "str",
 }
 LAND_STRATEGIES = ("merge", "rebase", "squash")  # how `land` puts an agent's work on the target
@@ -543,9 +551,60 @@ TYPE_NAMES = {
     "str?": "a string or null",
     "number?": "a number or null",
     "list": "a list of strings",
+    "hosts": 'an object of hosts, {"NAME": {"ssh": "user@host", ...}}',
 }
 # Approvals and the sandbox (see the section "Approvals and the sandbox").
 SANDBOX_MODES = ("off", "auto", "on")
+# Hosts (see the section "Hosts"): what each host's settings must hold, and how agents are placed.
+HOST_KEYS = {
+    "ssh": "str",
+    "ssh_options": "list",
+    "max_parallel": "int",
+    "workdir": "str",
+    "python": "str",
+    "env": "list",
+}
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")
+PLACEMENTS = ("local-first", "spread")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_hosts_value(hosts, where):
+    """Each host of the `hosts` setting: a fair name, an ssh target and well-typed settings."""
+    for name, host in hosts.items():
+        if name == "local" or not HOST_NAME.fullmatch(name):
+            raise OrchestraError(
+                f"{where}: host name {json.dumps(name)} is not allowed; use letters, digits, '.', '_' and '-' "
+                "('local' is this machine)"
+            )
+        if not isinstance(host, dict) or "ssh" not in host:
+            raise OrchestraError(
+                f"{where}: host '{name}' must be an object with at least \"ssh\" (user@host, ssh://user@host:port or an ~/.ssh/config alias)"
+            )
+        for key, value in host.items():
+            if key not in HOST_KEYS:
+                raise OrchestraError(
+                    f"{where}: host '{name}' has unknown key '{key}'; known keys: {', '.join(HOST_KEYS)}"
+                )
+            check_config_value(key, value, f"{where}: host '{name}'", HOST_KEYS[key])
+        if str(host["ssh"]).startswith("-") or any(c.isspace() for c in host["ssh"]):
+            raise OrchestraError(
+                f"{where}: host '{name}': 'ssh' {json.dumps(host['ssh'])} is not an ssh target; "
+                "give user@host, ssh://user@host:port or an ~/.ssh/config alias"
+            )
+        if host.get("max_parallel", 1) < 1:
+            raise OrchestraError(f"{where}: host '{name}': 'max_parallel' must be at least 1")
+        if str(host.get("workdir", "~/")).startswith("~") and not str(
+            host.get("workdir", "~/")
+        ).startswith("~/"):
+            raise OrchestraError(
+                f"{where}: host '{name}': 'workdir' must be absolute or start with '~/'"
+            )
+        for variable in host.get("env", ()):
+            if not ENV_NAME.fullmatch(variable):
+                raise OrchestraError(
+                    f"{where}: host '{name}': 'env' lists {json.dumps(variable)}, not a variable name"
+                )
 
 
 def check_resilience_values(values, sources):
@@ -570,9 +629,9 @@ def user_config_path(env):
     return Path(base).expanduser() / "claude-orchestra" / "config.json"
 
 
-def check_config_value(key, value, where):
+def check_config_value(key, value, where, kind=None):
     """Raise a clear error when a config value has the wrong type."""
-    kind = CONFIG_TYPES[key]
+    kind = kind or CONFIG_TYPES[key]
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "number": isinstance(value, (int, float))
@@ -585,6 +644,7 @@ def check_config_value(key, value, where):
             isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ),
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "hosts": isinstance(value, dict),
     }[kind]
     if not ok:
         raise OrchestraError(
@@ -686,6 +746,11 @@ class Config:
                 f"{sources['approval_timeout']}: 'approval_timeout' must be more than 0 seconds"
             )
         check_resilience_values(values, sources)
+        check_hosts_value(values["hosts"], sources["hosts"])
+        if values["placement"] not in PLACEMENTS:
+            raise OrchestraError(
+                f"{sources['placement']}: 'placement' must be one of {', '.join(PLACEMENTS)}, not {json.dumps(values['placement'])}"
+            )
 
     def parallel_limit(self, requested=None):
         """How many agents may run at once: the request or default, capped by max_parallel."""
@@ -2061,6 +2126,7 @@ RECORD_FIELDS = (
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
     "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
     "checks", "waiting", "batch", "stop_reason", "landed", "blocked", "after", "waits_for",
+    "host",
 )  # fmt: skip
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
 # first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
@@ -2116,7 +2182,10 @@ def new_record(project, agent_id, task, base_branch, base_commit):
 
 def public_record(record):
     """A record as `status --json` shows it: the documented fields only."""
-    return {key: record.get(key) for key in RECORD_FIELDS}
+    shown = {key: record.get(key) for key in RECORD_FIELDS}
+    if shown["host"] is None and record["state"] != "queued":
+        shown["host"] = "local"  # a queued agent not pinned to a host is not placed yet
+    return shown
 
 
 def elapsed_seconds(record, now):
@@ -2222,6 +2291,7 @@ class AgentLog:
         self.caught_up = True  # the last read reached the end of the file
         self.launched = False  # a launch event was seen: the agent ran at least once
         self.process = None  # (pid, start token) of the latest run, from its "started" event
+        self.host = None  # the host the agent was placed on, from its latest "placed" event
         self.settled = None  # the last "settled" event: how the latest run ended
         self.run_usage = {}  # message id -> (input, output) tokens; one response spans lines
         self.run_totals = (0, 0)  # the sum of run_usage, kept as it changes (never re-summed)
@@ -2319,6 +2389,8 @@ class AgentLog:
             self.settled = event
         elif event.get("event") == "started":
             self.process = (event.get("pid"), event.get("pid_start"))
+        elif event.get("event") == "placed":
+            self.host = event.get("host")
         fold_resilience_event(self.resilience, event)
 
     def on_system(self, event):
@@ -2597,6 +2669,7 @@ def rebuild_state(project):
         record["sandboxed"] = bool(record["launch"].get("sandboxed"))
         log = read_log(log_path)
         record.update(without_none(log.facts))
+        record["host"] = log.host
         if log.settled:
             record.update(
                 {
@@ -2605,6 +2678,8 @@ def rebuild_state(project):
                 }
             )
             record["finished_at"] = log.settled.get("time")
+        elif log.host not in (None, "local"):  # on another host: its supervisor follows it again
+            record.update(state="running", host_launched=True)
         elif log.launched and log.process and process_alive(*log.process):
             record.update(
                 state="running", pid=log.process[0], pid_start=log.process[1]
@@ -3955,7 +4030,7 @@ def check_explicit_name(project, name, taken):
         raise OrchestraError(f"an agent named '{name}' already exists; pick another name")
 
 
-def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
+def reserve_agents(project, tasks, names, base_branch, base_commit, parallel, host=None):
     """Record new queued agents under the lock, each with a unique id; their records."""
 
     def reserve(state):
@@ -3969,6 +4044,7 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
             record["seq"] = next_seq(state)
+            record["host"] = host  # pinned by spawn --host; else the supervisor places it
             record["preparer"] = [os.getpid(), process_start_time(os.getpid())]
             state["agents"][agent_id] = record
             created.append(record)
@@ -4770,6 +4846,747 @@ class Resilience:
 
 
 # ======================================================================================
+# Hosts
+# --------------------------------------------------------------------------------------
+# Other machines, reached with ssh and git only: nothing new listens on any port. A host is
+# a name in the `hosts` setting; the local machine is `local`. orchestra copies itself to a
+# host once per content hash (<workdir>/bin/<hash>/orchestra.py), pushes the agent's base
+# commit into the host's copy of the repository (`git push` over ssh) and runs `host-agent
+# spawn` there, so the host's own supervisor runs the agent and it survives a dropped link.
+# Every remote command is an argv list joined with shlex.join, never text pasted into a
+# shell; payloads (the task, forwarded environment variables) travel as JSON on stdin. The
+# local supervisor follows a remote agent by polling: the host's log is appended to the
+# local log by byte offset, each chunk with a `host_offset` marker written in the same
+# write, so a dropped link or a restarted supervisor neither loses nor doubles a line, and
+# the local log stays the source of truth. The branch comes home with `git fetch`.
+# ======================================================================================
+
+HOSTS_WORKDIR = "~/.orchestra-hosts"
+HOST_SSH_TIMEOUT = 10  # seconds ssh may take to connect
+HOST_CALL_TIMEOUT = 300.0  # seconds one remote call may take (a push of a large repository)
+HOST_CONTROL_PERSIST = 120  # seconds the shared ssh connection outlives its last use
+HOST_POLL = 0.5  # seconds between polls of a remote agent
+HOST_LOG_CHUNK = 512 * 1024  # bytes of a remote log fetched per poll
+HOST_FETCH_PATIENCE = (
+    120.0  # seconds a settled agent's fetch home is retried while its host is away
+)
+HOST_PUSH_ATTEMPTS = 3
+HOST_MIN_PYTHON = (3, 9)
+HOST_MIN_FREE = 1024**3  # bytes free in a host's workdir below which doctor warns
+HOST_SSH_FAILED = 255  # ssh's exit status when the connection itself failed
+# Facts a remote agent's record gives the local one (the local log gives the rest).
+HOST_RECORD_FACTS = ("commits", "files_changed", "checks", "waiting", "approval", "stop_reason")
+# A small program run with the host's Python: its version and the free space of a folder.
+HOST_PROBE = (
+    "import os, shutil, sys; os.umask(0o077); p = sys.argv[1]; os.makedirs(p, 0o700, exist_ok=True); "
+    "print(sys.version_info[0], sys.version_info[1], shutil.disk_usage(p).free)"
+)
+# Writes stdin to <folder>/orchestra.py (0600 in 0700 folders) unless it is there, whole, already:
+# a file is kept only when its content hash is the folder's name (a full disk cuts writes short).
+HOST_INSTALL = (
+    "import hashlib, os, sys; os.umask(0o077); d, h = sys.argv[1], sys.argv[2]\n"
+    "f = os.path.join(d, 'orchestra.py')\n"
+    "def whole(p):\n"
+    "    return os.path.exists(p) and hashlib.sha256(open(p, 'rb').read()).hexdigest()[:16] == h\n"
+    "if not whole(f):\n"
+    "    data = sys.stdin.buffer.read(); os.makedirs(d, 0o700, exist_ok=True); t = f + '.%d' % os.getpid()\n"
+    "    try:\n"
+    "        with open(t, 'wb') as out:\n"
+    "            out.write(data); out.flush(); os.fsync(out.fileno())\n"
+    "        os.replace(t, f)\n"
+    "    except OSError as e:\n"
+    "        os.path.exists(t) and os.unlink(t); sys.exit('cannot write %s: %s' % (f, e.strerror))\n"
+    "    if not whole(f):\n"
+    "        sys.exit('%s arrived damaged' % f)\n"
+)
+
+# Runs orchestra on a host as a module, so its cached bytecode is used (a script is compiled anew
+# at every run, which costs more than the call itself).
+HOST_IMPORT = (
+    "import os, sys; os.umask(0o077); sys.path.insert(0, sys.argv.pop(1)); import orchestra; "
+    "sys.exit(orchestra.main(sys.argv[1:]))"
+)
+# (ssh target, options, remote repository, source hash) this process has installed and prepared
+PREPARED_HOSTS = set()
+SOURCE_HASH = []  # this file's content hash, computed once
+HOST_DOWN = (
+    {}
+)  # host name -> (time.monotonic() until which it gets no agents, why): this process's view
+HOST_RETRY = 30.0  # seconds a host that failed to take an agent is given no new ones
+
+
+class HostError(OrchestraError):
+    """A host could not be reached or refused: status 1, the reason and what to do."""
+
+    def __init__(self, message):
+        super().__init__(message, EXIT_FAILURE)
+
+
+def host_names(config):
+    """Every host agents may run on: 'local' first, then the configured ones."""
+    return ["local", *config["hosts"]]
+
+
+def check_host_name(config, name):
+    """A host name the config knows, or a clear error naming the known ones."""
+    if name not in host_names(config):
+        raise OrchestraError(
+            f"unknown host '{name}'; known hosts: {', '.join(host_names(config))} "
+            "(add one under 'hosts' in the config)"
+        )
+    return name
+
+
+def host_limit(config, name):
+    """How many agents may run on a host at once."""
+    if name == "local":
+        return config["max_parallel"]
+    return config["hosts"][name].get("max_parallel", config["default_parallel"])
+
+
+def control_folder():
+    """Where the shared ssh connections' sockets live: short paths, readable by us alone."""
+    folder = Path(tempfile.gettempdir()) / f"orchestra-ssh-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid() or stat.S_IMODE(folder.stat().st_mode) != 0o700:
+        raise HostError(f"{folder} is not private to you; remove it and try again")
+    return folder
+
+
+def source_hash():
+    """The content hash of this very file: a host runs exactly the version that talks to it."""
+    if not SOURCE_HASH:
+        SOURCE_HASH.append(hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16])
+    return SOURCE_HASH[0]
+
+
+class Host:
+    """One configured host: its ssh command line, its work folder and calls into its orchestra."""
+
+    def __init__(self, name, settings):
+        self.name = name
+        self.target = settings["ssh"]
+        self.options = list(settings.get("ssh_options", ()))
+        self.python = settings.get("python", "python3")
+        self.env_names = list(settings.get("env", ()))
+        workdir = settings.get("workdir", HOSTS_WORKDIR)
+        # ssh starts commands in the remote home: '~/x' is simply 'x' (quoted, '~' would not expand)
+        self.workdir = workdir[2:] or "." if workdir.startswith("~/") else workdir
+
+    @classmethod
+    def named(cls, config, name):
+        """The configured host called `name`."""
+        check_host_name(config, name)
+        return cls(name, config["hosts"][name])
+
+    def ssh_command(self):
+        """ssh with one shared (multiplexed) connection per host, then the host's own options."""
+        return [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={HOST_SSH_TIMEOUT}",
+            "-o",
+            "ServerAliveInterval=5",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            f"ControlPath={control_folder()}/%C",
+            "-o",
+            f"ControlPersist={HOST_CONTROL_PERSIST}",
+            *self.options,
+        ]
+
+    def run(self, argv, data=b"", timeout=HOST_CALL_TIMEOUT):
+        """Run argv on the host (quoted with shlex.join: never interpreted by its shell)."""
+        try:
+            return subprocess.run(
+                [*self.ssh_command(), self.target, shlex.join(argv)],
+                input=data,
+                capture_output=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise HostError(
+                f"host '{self.name}' did not answer within {timeout:.0f}s; check it with "
+                f"'orchestra doctor --host {self.name}'"
+            ) from None
+        except OSError as e:
+            raise HostError(
+                f"cannot run ssh for host '{self.name}': {e}; install openssh-client"
+            ) from None
+
+    def failure(self, done, doing):
+        """The error for a failed remote command: unreachable, or what the host said."""
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        said = (
+            one_line(lines[-1][-TAIL_CHARS:]) if lines else "no message"
+        )  # the last line says why
+        if done.returncode == HOST_SSH_FAILED:
+            return HostError(
+                f"host '{self.name}' is unreachable over ssh ({said}); check 'ssh {self.target}' works "
+                "without a password prompt"
+            )
+        if done.returncode == EXIT_USAGE:  # the host's orchestra refused the request itself
+            return OrchestraError(f"host '{self.name}' could not {doing}: {said}", EXIT_FAILURE)
+        return HostError(f"host '{self.name}' could not {doing}: {said}")
+
+    def probe(self):
+        """(Python version, free bytes in the workdir) of the host; a HostError if it cannot tell."""
+        done = self.run([self.python, "-c", HOST_PROBE, self.workdir], timeout=HOST_SSH_TIMEOUT * 3)
+        if done.returncode != 0:
+            if done.returncode == 127 or b"not found" in done.stderr:
+                raise HostError(
+                    f"host '{self.name}' has no '{self.python}'; install Python 3.9 or newer there "
+                    "(apt-get install python3) or set its 'python'"
+                )
+            raise self.failure(done, "run Python")
+        major, minor, free = (int(x) for x in done.stdout.split()[:3])
+        return (major, minor), free
+
+    def install(self):
+        """Copy this file to the host once per content hash; the folder that holds it there."""
+        folder = f"{self.workdir}/bin/{source_hash()}"
+        done = self.run(
+            [self.python, "-c", HOST_INSTALL, folder, source_hash()],
+            data=Path(__file__).read_bytes(),
+        )
+        if done.returncode != 0:
+            raise self.failure(done, f"store orchestra.py in {folder} (is its disk full?)")
+        return folder
+
+    def call(self, action, payload, timeout=HOST_CALL_TIMEOUT):
+        """Run `orchestra host-agent ACTION` on the host with a JSON payload on stdin; its JSON answer."""
+        folder = f"{self.workdir}/bin/{source_hash()}"
+        argv = [self.python, "-c", HOST_IMPORT, folder, "host-agent", action]
+        done = self.run(argv, json.dumps(payload).encode(), timeout)
+        if done.returncode != 0 and b"No module named 'orchestra'" in done.stderr:
+            self.install()
+            done = self.run(argv, json.dumps(payload).encode(), timeout)
+        if done.returncode != 0:
+            raise self.failure(done, f"run '{action}'")
+        try:
+            return json.loads(done.stdout)
+        except ValueError:
+            raise HostError(
+                f"host '{self.name}' answered '{action}' with something not JSON"
+            ) from None
+
+    def git_env(self):
+        """The environment that makes git reach the host through the same shared connection."""
+        return {**os.environ, "GIT_SSH_COMMAND": shlex.join(self.ssh_command())}
+
+    def git_url(self, path):
+        """The git URL of a path on the host (relative paths start in the remote home)."""
+        if self.target.startswith("ssh://"):
+            return f"{self.target.rstrip('/')}/{path if path.startswith('/') else '~/' + path}"
+        return f"{self.target}:{path}"
+
+    def repo_path(self, repo):
+        """Where this repository's copy lives on the host: one per local repository."""
+        key = hashlib.sha256(str(repo).encode()).hexdigest()[:12]
+        return f"{self.workdir}/repos/{slugify(repo.name) or 'repo'}-{key}"
+
+
+def host_doctor(config, name):
+    """(name, ok, detail) for each thing a host needs, stopping at the first that blocks the rest."""
+    host = Host.named(config, name)
+    try:
+        version, free = host.probe()
+    except HostError as e:
+        return [("ssh", False, str(e))]
+    checks = [("ssh", True, f"reached {host.target}")]
+    python_ok = version >= HOST_MIN_PYTHON
+    checks.append(
+        (
+            "python",
+            python_ok,
+            f"{host.python} {version[0]}.{version[1]}"
+            + ("" if python_ok else "; orchestra needs Python 3.9 or newer there"),
+        )
+    )
+    checks.append(
+        (
+            "disk",
+            free >= HOST_MIN_FREE,
+            f"{free / 1024**3:.1f} GiB free in {host.workdir}"
+            + ("" if free >= HOST_MIN_FREE else "; free some space on the host"),
+        )
+    )
+    if not python_ok:
+        return checks
+    try:
+        host.install()
+        remote = host.call("doctor", {})
+    except HostError as e:
+        return [*checks, ("orchestra", False, str(e))]
+    return checks + [
+        (c["name"], c["ok"], c["detail"]) for c in remote["checks"] if c["name"] != "gh"
+    ]
+
+
+def hosts_overview(project):
+    """Each host's slots, running agents and (for remote hosts) whether ssh reaches it."""
+    config = project.config
+    state = project.store.load()
+    agents = state["agents"].values()
+    rows = []
+    for name in host_names(config):
+        running = [
+            r["id"]
+            for r in agents
+            if r["state"] in ("running", "paused", "waiting") and (r.get("host") or "local") == name
+        ]
+        slots = config.parallel_limit(state.get("parallel")) if name == "local" else None
+        row = {"name": name, "slots": slots or host_limit(config, name), "running": running}
+        if name == "local":
+            row.update(ssh=None, reachable=True, error=None)
+        else:
+            host = Host.named(config, name)
+            try:
+                host.probe()
+                row.update(ssh=host.target, reachable=True, error=None)
+            except HostError as e:
+                row.update(ssh=host.target, reachable=False, error=str(e))
+        rows.append(row)
+    return rows
+
+
+def place_agent(config, free, pinned=None):
+    """The host for the next agent (None: no free slot). free: host -> slots free now.
+
+    A pinned agent waits for its own host. local-first fills this machine, then the hosts in
+    config order; spread takes the host with the most free slots (ties: config order, local first).
+    """
+    if pinned:
+        return pinned if free.get(pinned, 0) > 0 else None
+    open_hosts = [name for name in host_names(config) if free.get(name, 0) > 0]
+    if not open_hosts:
+        return None
+    if config["placement"] == "spread":
+        return max(open_hosts, key=lambda name: free[name])
+    return open_hosts[0]
+
+
+def host_counts(state):
+    """How many agents run (or hold a slot) on each host."""
+    counts = {}
+    for r in state["agents"].values():
+        if r["state"] in ("running", "paused") or (r["state"] == "waiting" and r.get("host")):
+            name = r.get("host") or "local"
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def forwarded_env(host, env):
+    """The variables named in the host's `env` that are set here: nothing else crosses."""
+    return {k: env[k] for k in host.env_names if k in env}
+
+
+def log_offset_of(path, host_name):
+    """How many bytes of the host's log the local log already holds (its last host_offset)."""
+    offset = 0
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        for line in f:
+            if b'"host_offset"' in line:
+                event = json_object(line)
+                if event and event.get("event") == "host_offset" and event.get("host") == host_name:
+                    offset = int(event.get("offset") or 0)
+    return offset
+
+
+def relayed_lines(chunk):
+    """A remote log's complete lines as the local log keeps them: the host's own spawn event
+    is left out (the local one is the agent's), and no remote process id is kept."""
+    kept = []
+    for line in chunk.split(b"\n"):
+        if b'"orchestra"' in line:
+            event = json_object(line)
+            if event and event.get("type") == "orchestra":
+                if event.get("event") == "spawn":
+                    continue
+                if "pid" in event or "pid_start" in event:
+                    line = json_text(
+                        {k: v for k, v in event.items() if k not in ("pid", "pid_start")}
+                    ).encode()
+        kept.append(line + b"\n")
+    return b"".join(kept)
+
+
+def append_remote_chunk(path, chunk, host_name, new_offset):
+    """Append a remote chunk and its offset marker in one write, so both land or neither does."""
+    marker = {"type": "orchestra", "event": "host_offset", "host": host_name, "offset": new_offset}
+    data = relayed_lines(chunk) + (json_text(marker) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def is_remote(record):
+    """True for an agent placed on (or pinned to) another host."""
+    return record.get("host") not in (None, "local")
+
+
+def on_host(record):
+    """True for an agent launched on another host: its host acts on it (stop, pause, send...)."""
+    return is_remote(record) and bool(record.get("host_launched"))
+
+
+def placements(config, state, local_free):
+    """(record, host) for each queued agent that can start now, oldest first.
+
+    A pinned agent waits for its own host. An agent goes to `local` only once its worktree is
+    ready (spawn or the supervisor makes it); a host needs no local worktree.
+    """
+    counts = host_counts(state)
+    free = {"local": local_free}
+    free.update({name: host_limit(config, name) - counts.get(name, 0) for name in config["hosts"]})
+    for name, (until, _) in list(HOST_DOWN.items()):
+        if until > time.monotonic():
+            free[name] = 0  # it failed to take an agent: none for a while (pinned ones wait)
+    chosen = []
+    queued = (r for r in state["agents"].values() if r["state"] == "queued")
+    for record in sorted(queued, key=spawn_order):
+        placeable = record.get("ready") or (
+            record.get("worktree_later") and not record.get("preparer")
+        )
+        host = place_agent(config, free, record.get("host")) if placeable else None
+        if host is None or (host == "local" and not record.get("ready")):
+            continue
+        free[host] -= 1
+        chosen.append((record, host))
+    return chosen
+
+
+def follow_remote_agent(agent, report, stopping):
+    """Poll a remote agent until it settles (or we stop): (its last remote record, the local log).
+
+    Facts go to report(agent_id, facts); a host out of reach is reported, never fatal.
+    """
+    agent_id = agent.record["id"]
+    log = AgentLog(agent.project.log_path(agent_id))
+    remote, unreachable = None, None
+    while not stopping.is_set():
+        try:
+            remote, more = agent.poll()
+        except HostError as e:
+            unreachable = unreachable or utc_iso()
+            report(agent_id, {"host_unreachable": {"since": unreachable, "why": str(e)}})
+            stopping.wait(HOST_POLL)
+            continue
+        if unreachable:
+            unreachable = None
+            report(agent_id, {"host_unreachable": None})
+        if log.read_new():
+            report(agent_id, without_none(log.facts))
+        if remote:
+            report(agent_id, {k: remote.get(k) for k in HOST_RECORD_FACTS})
+        settled = remote is None or (
+            remote["state"] in FINISHED_STATES and not checks_running(remote)
+        )  # the host runs the agent's checks: their result comes home too
+        if settled and not more:
+            break
+        if not more:
+            stopping.wait(HOST_POLL)
+    log.read_to_end()
+    return remote, log
+
+
+def relay_to_host(project, record, action, message=None, env=None):
+    """Have a remote agent's host stop, pause, resume or message it (its supervisor acts there)."""
+    agent = RemoteAgent(project, record)
+    payload = {"repo": agent.remote_repo, "id": record["id"], "action": action, "message": message}
+    payload["env"] = forwarded_env(agent.host, os.environ if env is None else env)
+    return agent.host.call("signal", payload)["outcome"]
+
+
+def requeue_from_host(record, problem):
+    """An agent its host could not take: queued again, for its pinned host or any other."""
+    ready = Path(record["worktree"]).is_dir()
+    record.update(
+        state="queued",
+        host=record.get("pinned"),
+        ready=ready,
+        worktree_later=not ready,
+        started_at=None,
+        activity=f"waiting for a host: {problem}",
+    )
+
+
+def continue_on_host(record):
+    """A settled remote agent whose host now continues its session: followed again from home."""
+    record.update(
+        state="queued",
+        ready=True,
+        host_launched=True,
+        pid=None,
+        finished_at=None,
+        error=None,
+        activity=f"continuing its session on host {record['host']}",
+    )
+
+
+def fetch_home_patiently(agent, stopping):
+    """Fetch a settled agent's branch home, retrying while its host is out of reach; None, or
+    why it could not be fetched (diff and collect try again)."""
+    deadline = time.monotonic() + HOST_FETCH_PATIENCE
+    while True:
+        try:
+            agent.fetch_home()
+            return None
+        except HostError as e:
+            problem = f"its branch could not be fetched home yet: {e}"
+        except OrchestraError as e:
+            return f"its branch could not be fetched home: {e}"
+        if time.monotonic() > deadline or stopping.wait(HOST_POLL):
+            return problem
+
+
+def settle_remote(record, log, remote, problem):
+    """Write a remote agent's final record from the local log and the host's last word."""
+    record.update(pid=None, stale=False, host_unreachable=None)
+    if log is None:  # it never started there
+        record.update(state="failed", error=problem, finished_at=utc_iso())
+        note_settlement(record)
+        return
+    record.update(without_none(log.facts))
+    remote = remote or {
+        "state": "interrupted",
+        "error": f"host '{record['host']}' no longer knows this agent",
+    }
+    record.update({k: remote.get(k) for k in HOST_RECORD_FACTS if remote.get(k) is not None})
+    if record["state"] in ("running", "paused"):
+        record["state"] = remote["state"]
+    record.update(
+        exit_code=remote.get("exit_code"), finished_at=remote.get("finished_at") or utc_iso()
+    )
+    record["error"] = "; ".join(e for e in (remote.get("error"), problem) if e) or None
+    note_settlement(record)
+
+
+class RemoteAgent:
+    """One agent on a host, seen from home: launch it there, poll it, bring its branch home."""
+
+    def __init__(self, project, record):
+        self.project = project
+        self.record = record
+        self.host = Host.named(project.config, record["host"])
+        self.remote_repo = self.host.repo_path(project.repo)
+        self.offset = log_offset_of(project.log_path(record["id"]), self.host.name)
+        self.mirrored = {}  # request id -> the host's approval request, as mirrored at home
+
+    def launch(self, env):
+        """Copy orchestra, push the base commit and spawn the agent on the host (idempotent)."""
+        record = self.record
+        ready = (self.host.target, tuple(self.host.options), self.remote_repo, source_hash())
+        if ready not in PREPARED_HOSTS:  # once per host and repository in this process
+            self.host.install()
+            self.host.call("prepare", {"repo": self.remote_repo})
+            PREPARED_HOSTS.add(ready)
+        base = f"refs/orchestra/base/{record['base_commit']}"
+        if (*ready, base) not in PREPARED_HOSTS:  # each base commit goes to a host once
+            self.push_base(base)
+            PREPARED_HOSTS.add((*ready, base))
+        launch = dict(record["launch"])
+        settings = {k: launch[k] for k in LAUNCH_KEYS if k in launch}
+        settings.update({k: launch[k] for k in RESILIENCE_KEYS if k in launch})
+        settings.update(
+            branch_prefix=self.project.config["branch_prefix"],
+            max_parallel=host_limit(self.project.config, self.host.name),
+            default_parallel=host_limit(self.project.config, self.host.name),
+            sandbox=self.project.config["sandbox"],
+        )
+        return self.host.call(
+            "spawn",
+            {
+                "repo": self.remote_repo,
+                "id": record["id"],
+                "task": record["task"],
+                "base": record["base_commit"],
+                "config": settings,
+                "env": forwarded_env(self.host, env or {}),
+            },
+        )
+
+    def push_base(self, ref):
+        """Push the base commit into the host's repository (retried: a push can race with the
+        host's own worktree changes there)."""
+        for attempt in range(HOST_PUSH_ATTEMPTS):
+            try:
+                run_git(
+                    [
+                        "push",
+                        "--quiet",
+                        "--force",
+                        self.host.git_url(self.remote_repo),
+                        f"{self.record['base_commit']}:{ref}",
+                    ],
+                    self.project.repo,
+                    env=self.host.git_env(),
+                )
+                return
+            except GitError as e:
+                if attempt + 1 == HOST_PUSH_ATTEMPTS:
+                    raise HostError(f"host '{self.host.name}': {e}") from None
+                time.sleep(HOST_POLL)
+
+    def poll(self):
+        """Bring the host's new log bytes home; the remote record (None if the host lost it)."""
+        answer = self.host.call(
+            "poll",
+            {
+                "repo": self.remote_repo,
+                "id": self.record["id"],
+                "offset": self.offset,
+                "limit": HOST_LOG_CHUNK,
+            },
+        )
+        data = base64.b64decode(answer.get("data") or "")
+        complete = data[: data.rfind(b"\n") + 1]  # whole lines only: the rest comes next time
+        if complete:
+            append_remote_chunk(
+                self.project.log_path(self.record["id"]),
+                complete[:-1],
+                self.host.name,
+                self.offset + len(complete),
+            )
+            self.offset += len(complete)
+        self.mirror_requests(answer.get("approvals") or [])
+        return answer.get("record"), len(data) > len(complete) or answer.get("more", False)
+
+    def mirror_requests(self, asked):
+        """Show the host's approval requests at home (approvals, dashboard, notify_command) and
+        send home's decisions back while the agent waits. Home's supervisor stands in for the
+        host's hook: a mirrored request lives as long as this process follows the agent."""
+        box = ApprovalBox(self.project.repo)
+        for request in asked:
+            if request["id"] in self.mirrored:
+                continue
+            for folder in (box.decisions, box.answered, box.rules_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            mirror = {
+                **request,
+                "host": self.host.name,
+                "pid": os.getpid(),
+                "parent": None,
+                "pid_start": process_start_time(os.getpid()),
+            }
+            write_atomic(
+                box.dir / f"{request['id']}.json", box.signed("request", request["id"], mirror)
+            )
+            self.mirrored[request["id"]] = mirror
+            agent_id = self.record["id"]
+            summary = request.get("summary")
+            message = f"{agent_id} asks to run {summary} on host {self.host.name} (orchestra approve {request['id']})"
+            notify(self.project.repo, agent_id, "approval", message)
+        waiting = {r["id"] for r in asked}
+        for req_id, mirror in list(self.mirrored.items()):
+            decision = box.decision(req_id)
+            if decision and req_id in waiting:
+                self.host.call(
+                    "answer", {"repo": self.remote_repo, "request": req_id, "decision": decision}
+                )
+            elif not decision and req_id in waiting:
+                continue
+            box.close(mirror, decision or {"decision": "deny", "by": f"host {self.host.name}"})
+            del self.mirrored[req_id]
+
+    def fetch_home(self):
+        """Fetch the agent's branch home; the local worktree (made now if missing) follows it."""
+        record = self.record
+        temp = f"refs/orchestra/hosts/{record['id']}"
+        try:
+            run_git(
+                [
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    self.host.git_url(self.remote_repo),
+                    f"+refs/heads/{record['branch']}:{temp}",
+                ],
+                self.project.repo,
+                env=self.host.git_env(),
+            )
+        except GitError as e:
+            raise HostError(f"host '{self.host.name}': {e}") from None
+        worktree = Path(record["worktree"])
+        if worktree.exists():
+            run_git(["merge", "--ff-only", "--quiet", temp], worktree)
+        else:
+            run_git(["branch", "--force", record["branch"], temp], self.project.repo)
+            run_git(
+                ["worktree", "add", "--quiet", str(worktree), record["branch"]], self.project.repo
+            )
+        run_git(["update-ref", "-d", temp], self.project.repo)
+
+    def bring_leftovers_home(self):
+        """Copy what the host's worktree holds uncommitted into the local worktree, unstaged
+        changes and untracked files alike, so cleanup at home sees (and archives) them."""
+        answer = self.host.call("leftovers", {"repo": self.remote_repo, "id": self.record["id"]})
+        if not answer.get("ref"):
+            return False
+        temp = f"refs/orchestra/hosts/{self.record['id']}-leftovers"
+        try:
+            run_git(
+                [
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    self.host.git_url(self.remote_repo),
+                    f"+{answer['ref']}:{temp}",
+                ],
+                self.project.repo,
+                env=self.host.git_env(),
+            )
+        except GitError as e:
+            raise HostError(f"host '{self.host.name}': {e}") from None
+        run_git(["checkout", temp, "--", "."], self.record["worktree"])
+        run_git(["reset", "--quiet"], self.record["worktree"])
+        run_git(["update-ref", "-d", temp], self.project.repo)
+        return True
+
+
+def bring_home_for_cleanup(project, records):
+    """Fetch remote agents' branches and uncommitted work home before cleanup judges them;
+    {id: why it must stay} for those whose host cannot be reached (nothing there is judged)."""
+    problems = {}
+    for record in records:
+        if not on_host(record) or record["state"] == "removed":
+            continue
+        agent = RemoteAgent(project, record)
+        try:
+            if record["state"] not in ACTIVE_STATES:
+                agent.fetch_home()
+                agent.bring_leftovers_home()
+        except OrchestraError as e:
+            problems[record["id"]] = f"its host could not be asked what it holds: {e}"
+    return problems
+
+
+def fetch_remote_branches(project, records):
+    """Fetch remote agents' branches home now (diff, collect); why each that failed could not."""
+    problems = []
+    for record in records:
+        if on_host(record) and record["state"] not in ("removed", "queued"):
+            try:
+                RemoteAgent(project, record).fetch_home()
+            except OrchestraError as e:
+                problems.append(f"{record['id']}: showing what is home; {e}")
+    return problems
+
+
+def remove_on_host(project, record):
+    """After cleanup at home archived everything: remove the agent's worktree on its host."""
+    agent = RemoteAgent(project, record)
+    agent.host.call("cleanup", {"repo": agent.remote_repo, "id": record["id"]})
+
+
+# ======================================================================================
 # Supervisor
 # --------------------------------------------------------------------------------------
 # One detached process per repository, unique by supervisor.lock: starts queued agents up
@@ -4926,6 +5743,9 @@ class Supervisor:
         for record in self.store.load()["agents"].values():
             if record["state"] not in ("running", "paused") or record["id"] in self.watchers:
                 continue
+            if is_remote(record):  # Hosts: a remote agent is followed over ssh, never by its pid
+                self.watch_remote(record)
+                continue
             if process_alive(record["pid"], record.get("pid_start")):
                 self.watch(record, None)
             else:
@@ -4948,7 +5768,12 @@ class Supervisor:
         """How many more agents may run now."""
         limit = self.project.config.parallel_limit(state.get("parallel"))
         return max(
-            0, limit - sum(r["state"] in ("running", "paused") for r in state["agents"].values())
+            0,
+            limit
+            - sum(
+                r["state"] in ("running", "paused") and not is_remote(r)
+                for r in state["agents"].values()
+            ),
         )
 
     def startable(self, state):
@@ -4958,12 +5783,18 @@ class Supervisor:
         if any(r["state"] == "waiting" for r in agents) or over_budget(state):
             return True
         ready = any(r["state"] == "queued" and r.get("ready") for r in agents)
+        if self.project.config["hosts"]:  # Hosts: a queued agent may go to a host with a free slot
+            return bool(placements(self.project.config, state, self.free_slots(state)))
         return ready and self.free_slots(state) > 0
 
     def start_queued(self, state):
         """Launch ready queued agents, oldest first, while fewer than the limit run."""
         if self.resilience.hold_starts(state):
             return  # the account is rate-limited: no new starts until it resets
+        if self.project.config["hosts"]:  # Hosts: each queued agent to a host with a free slot
+            for record, host in placements(self.project.config, state, self.free_slots(state)):
+                self.start(record) if host == "local" else self.start_remote(record, host)
+            return
         agents = state["agents"].values()
         queued = sorted(
             (r for r in agents if r["state"] == "queued" and r.get("ready")), key=spawn_order
@@ -5006,6 +5837,59 @@ class Supervisor:
         )
         self.watchers[record["id"]] = thread
         thread.start()
+
+    # --- Hosts: a remote agent is started and followed by a thread of its own -----------------
+
+    def start_remote(self, record, host):
+        """Mark an agent running on `host`; its follower thread launches it there."""
+        record.setdefault("pinned", record.get("host"))
+        append_event(record["log"], {"event": "placed", "host": host})  # rebuilding reads it
+        record.update(
+            state="running",
+            host=host,
+            worktree_later=False,
+            pid=None,
+            started_at=record.get("started_at") or utc_iso(),
+            finished_at=None,
+            error=None,
+            activity=f"starting on host {host}",
+            last_activity_at=utc_iso(),
+        )
+        self.watch_remote(record)
+
+    def watch_remote(self, record):
+        """Start the named follower thread of one remote agent."""
+        thread = threading.Thread(
+            target=self.guarded,
+            args=(self.follow_remote, record["id"], dict(record)),
+            name=f"host-{record['id']}",
+            daemon=True,
+        )
+        self.watchers[record["id"]] = thread
+        thread.start()
+
+    def follow_remote(self, agent_id, record):
+        """Launch the agent on its host if not yet done, follow it until it settles, fetch it home."""
+        agent = RemoteAgent(self.project, record)
+        if not record.get("host_launched"):
+            try:
+                agent.launch(take_agent_env(self.project, agent_id))
+            except HostError as e:  # the host is away or broken: the agent waits for a host again
+                why = str(e)
+                HOST_DOWN[record["host"]] = (time.monotonic() + HOST_RETRY, why)
+                self.store.update(lambda state: requeue_from_host(state["agents"][agent_id], why))
+                self.slot_freed.set()
+                return
+            except OrchestraError as e:
+                why = f"could not start on host '{record['host']}': {e}"
+                self.finish(agent_id, lambda r: settle_remote(r, None, None, why))
+                return
+            self.queue(agent_id, {"host_launched": True})
+        remote, log = follow_remote_agent(agent, self.queue, self.stopping)
+        if self.stopping.is_set():
+            return  # the agent runs on at its host; the next supervisor follows it again
+        problem = fetch_home_patiently(agent, self.stopping)
+        self.finish(agent_id, lambda r: settle_remote(r, log, remote, problem))
 
     def after_done(self, agent_id):
         """In the agent's watcher thread: run its due checks, then free its slot."""
@@ -5321,6 +6205,7 @@ def spawn_agents(
     budget=None,
     after=None,
     checks=None,
+    host=None,
 ):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
@@ -5342,12 +6227,14 @@ def spawn_agents(
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
+    if host is not None:
+        check_host_name(project.config, host)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
     known = {**project.history(), **project.records()}
     deps = check_dependencies(known, names or [None] * len(tasks), after or [[]] * len(tasks))
     roll_back_stalled_spawns(project)
-    records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
+    records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel, host)
     mark_sandboxed(project, records, sandboxed)
     mark_plan(project, records, deps, checks or [None] * len(tasks))
     assign_batch(project, records, budget)
@@ -5372,11 +6259,36 @@ def spawn_agents(
 
 def pause_agents(project, ids):
     """Pause running agents; (id, what happened) for each."""
+    remote = [r for r in select_agents(project.records(), ids) if on_host(r)]
+    if remote:  # Hosts: paused by their host, marked paused here
+        for record in remote:
+            if record["state"] != "running":
+                raise OrchestraError(
+                    f"{record['id']} is {record['state']}; only a running agent can be paused"
+                )
+            relay_to_host(project, record, "pause")
+        change_agents(project, [r["id"] for r in remote], lambda r: r.update(state="paused"))
+        ids = [r["id"] for r in select_agents(project.records(), ids) if not on_host(r)]
+        if not ids:
+            return [(r["id"], f"paused on host {r['host']}") for r in remote]
     return [(agent_id, "paused") for agent_id in change_agents(project, ids, pause_agent)]
 
 
 def resume_agents(project, ids, env=None):
     """Continue paused agents or queue relaunches (with `env`, default this process's); (id, what happened)."""
+    remote = [r for r in select_agents(project.records(), ids) if on_host(r)]
+    if remote:  # Hosts: resumed (or relaunched) by their host, followed again from here
+        for record in remote:
+            if record["state"] in ("running", "queued", "done"):
+                raise OrchestraError(
+                    f"{record['id']} is {record['state']}; only paused, stopped, failed or interrupted agents resume"
+                )
+            relay_to_host(project, record, "resume", env=env)
+        change_agents(project, [r["id"] for r in remote], resume_remote)
+        ensure_supervisor(project)
+        ids = [r["id"] for r in select_agents(project.records(), ids) if not on_host(r)]
+        if not ids:
+            return [(r["id"], f"resumed on host {r['host']}") for r in remote]
     chosen = [r["id"] for r in select_agents(project.records(), ids)]
     save_agent_env(project, chosen, os.environ if env is None else env)
     try:
@@ -5389,10 +6301,21 @@ def resume_agents(project, ids, env=None):
     return outcomes
 
 
+def resume_remote(record):
+    """The local record of a remote agent its host resumed: running again, or continuing."""
+    if record["state"] == "paused":
+        record.update(state="running", activity="resumed")
+    else:
+        continue_on_host(record)
+
+
 def stop_agents(project, ids):
     """Stop agents and end their processes; worktrees and branches stay. (id, what happened)."""
     outcomes = []
+    remote = {r["id"]: r for r in select_agents(project.records(), ids) if on_host(r)}
     for agent_id, (pid, start_token) in change_agents(project, ids, request_stop):
+        if agent_id in remote:  # Hosts: its host's supervisor ends it; its follower fetches it
+            relay_to_host(project, remote[agent_id], "stop")
         stop_process(pid, start_token)
         outcomes.append((agent_id, "stopped (worktree and branch kept)"))
     drop_agent_env(project, [agent_id for agent_id, _ in outcomes])  # no launch will read it
@@ -5426,6 +6349,11 @@ def retry_agent(project, record, resume_session):
             f"{record['id']} is {state_label(record)}; only failed, interrupted or stopped agents "
             "and done ones whose checks failed (done ✗) can be retried"
         )
+    if resume_session and on_host(record):  # Hosts: its session lives on its host
+        relay_to_host(project, record, "resume")
+        change_agents(project, [record["id"]], continue_on_host)
+        ensure_supervisor(project)
+        return f"{record['id']}: queued to continue its session on host {record['host']}"
     if resume_session:
         change_agents(
             project,
@@ -8194,6 +9122,13 @@ def send_message(project, agent_id, message, env=None):
         return record["id"], False
 
     [record] = select_agents(project.records(), [agent_id])
+    if on_host(record):  # Hosts: its host keeps the message or continues the session there
+        relay_to_host(project, record, "send", message=message, env=env)
+        if record["state"] in ACTIVE_STATES:
+            return record["id"], True
+        change_agents(project, [record["id"]], continue_on_host)
+        ensure_supervisor(project)
+        return record["id"], False
     save_agent_env(project, [record["id"]], os.environ if env is None else env)
     try:
         sent_to = project.store.update(queue)
@@ -8996,11 +9931,17 @@ def cleanup_agents(
         records = cleanup_targets(
             project.all_records() if ids else live, ids, everything, failed_only
         )
+        away = bring_home_for_cleanup(project, records)  # Hosts: their work comes home first
         plan = plan_cleanup(project, records, force)
+        for step in (s for s in plan if s["id"] in away):
+            step.update(action="keep", reasons=[away[step["id"]]])
         if apply:
             by_id = {r["id"]: r for r in records}
             for step in (s for s in plan if s["action"] == "remove"):
                 apply_step(project, by_id[step["id"]], step)
+                if step["action"] == "remove" and on_host(by_id[step["id"]]):
+                    with contextlib.suppress(OrchestraError):  # home holds it all already
+                        remove_on_host(project, by_id[step["id"]])
     finally:
         if apply:
             lock.release()
@@ -11270,6 +12211,14 @@ def table_with_lines(headers, rows, lines, out, width=None):
     return "\n".join([header, *(part for pair in zip(body, lines) for part in pair)])
 
 
+def host_view(record):
+    """A record as the status table shows it: a host out of reach says so, and since when."""
+    lost = record.get("host_unreachable")
+    if not lost:
+        return record
+    return {**record, "error": None, "activity": f"host unreachable since {lost['since']}"}
+
+
 def status_rows(records, now):
     """The status table's cells for each record."""
     rows, by_id = [], {r["id"]: r for r in records}
@@ -11310,7 +12259,12 @@ def status_text(project, records, out):
         return 'No agents yet. Start some with: orchestra spawn "first task" "second task"'
     headers = ["ID", "STATE", "ELAPSED", "COST", "COMMITS", "FILES", "ACTIVITY"]
     records = with_approvals(project, records)
-    table = render_table(headers, status_rows(records, time.time()), out, colour_column=1)
+    rows = status_rows([host_view(r) for r in records], time.time())
+    if any(is_remote(r) for r in records):  # Hosts: which machine each agent runs on
+        headers.insert(2, "HOST")
+        for row, r in zip(rows, records):
+            row.insert(2, public_record(r)["host"] or "-")
+    table = render_table(headers, rows, out, colour_column=1)
     notes = [
         f"{r['id']}: {line}"
         for r in records
@@ -11636,7 +12590,21 @@ def claude_login(env):
 
 
 def cmd_doctor(args):
-    """Check what orchestra needs on this machine: git, claude and its login, the sandbox, gh."""
+    """Check what orchestra needs on this machine (or --host NAME): git, claude and its login, the sandbox, gh."""
+    if args.host and args.host != "local":  # Hosts: ssh, Python, disk, then the same checks there
+        checks = host_doctor(open_project(args).config, args.host)
+        essential = ("ssh", "python", "disk", "orchestra", "git", "claude", "claude login")
+        if args.json:
+            print_json(
+                {
+                    "host": args.host,
+                    "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks],
+                }
+            )
+        else:
+            for name, ok, detail in checks:
+                print(f"{'ok' if ok else 'MISSING':8} {name:13} {detail}")
+        return EXIT_OK if all(ok for name, ok, _ in checks if name in essential) else EXIT_FAILURE
     checks = doctor_checks(os.environ)
     if args.json:
         print_json({"checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]})
@@ -11656,6 +12624,7 @@ def add_doctor_parser(commands):
         epilog="example: orchestra doctor",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--host", metavar="NAME", help="check a host of the config over ssh instead")
     p.set_defaults(func=cmd_doctor)
 
 
@@ -11696,6 +12665,7 @@ def cmd_spawn(args):
         name=names,
         base=args.base,
         budget=args.budget,
+        host=args.host,
         after=after,
         checks=checks,
     )
@@ -11842,6 +12812,9 @@ def add_spawn_parser(commands):
         "--parallel", type=positive_int, metavar="N", help="run at most N agents at once"
     )
     p.add_argument("--model", help="the model the agents use")
+    p.add_argument(
+        "--host", metavar="NAME", help="run on this host ('local' or one of 'hosts' in the config)"
+    )
     p.add_argument(
         "--base",
         metavar="REF",
@@ -12175,6 +13148,8 @@ def cmd_diff(args):
     archived = archived_work(project, record) if record["state"] == "removed" else None
     if record["state"] == "removed" and not archived:
         check_not_removed(project, [record["id"]])  # points at its archive and `orchestra restore`
+    for problem in fetch_remote_branches(project, [record]):  # Hosts: its latest commits first
+        print(f"orchestra: note: {problem}", file=sys.stderr)
     if archived:
         base, work, archive = archived
         status = page_git(
@@ -12354,6 +13329,14 @@ ARCHIVE_PRUNE_DAYS = 30  # cleanup --prune-archives removes archives at least th
 def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
+    if project.config["hosts"]:  # Hosts: remote agents' latest branches come home first
+        named = [
+            r
+            for r in project.records().values()
+            if not args.ids or r["id"].startswith(tuple(args.ids))
+        ]
+        for problem in fetch_remote_branches(project, named):
+            print(f"orchestra: note: {problem}", file=sys.stderr)
     archived = archived_reports(project, args.ids)
     if archived and len(archived) == len(args.ids):
         if args.commit or args.merge or args.pr or args.patch:
@@ -12976,6 +13959,212 @@ def add_hook_parser(commands):
 
 
 # ======================================================================================
+# Command line: hosts
+# --------------------------------------------------------------------------------------
+# `orchestra hosts` lists the machines agents run on. `host-agent ACTION` is what a host runs
+# when home calls it over ssh: a JSON payload on stdin (never text in a shell command), one
+# JSON answer on stdout. Everything it creates is 0600/0700 (umask 077).
+# ======================================================================================
+
+
+def cmd_hosts(args):
+    """List the hosts agents run on: slots, running agents and whether ssh reaches them."""
+    rows = hosts_overview(open_project(args))
+    if args.json:
+        print_json({"hosts": rows})
+        return EXIT_OK
+    table = [
+        [
+            r["name"],
+            str(r["slots"]),
+            str(len(r["running"])),
+            "yes" if r["reachable"] else "NO",
+            r["ssh"] or "-",
+            one_line(r["error"] or ""),
+        ]
+        for r in rows
+    ]
+    print(
+        render_table(["HOST", "SLOTS", "RUNNING", "REACHABLE", "SSH", "PROBLEM"], table, sys.stdout)
+    )
+    return EXIT_OK if all(r["reachable"] for r in rows) else EXIT_FAILURE
+
+
+def add_hosts_parser(commands):
+    """orchestra hosts"""
+    p = commands.add_parser(
+        "hosts",
+        help="list the hosts agents run on",
+        description=cmd_hosts.__doc__,
+        epilog="example: orchestra hosts --json",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_hosts)
+
+
+def host_project(payload):
+    """The host's copy of the repository a payload names (relative paths: the remote home)."""
+    return Project.open(Path(payload["repo"]), os.environ)
+
+
+def host_action_doctor(payload):
+    """This host's own doctor checks."""
+    return {
+        "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in doctor_checks(os.environ)]
+    }
+
+
+def host_action_prepare(payload):
+    """Make the repository copy that home pushes base commits into."""
+    repo = Path(payload["repo"])
+    repo.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (repo / ".git").exists():
+        run_git(["init", "--quiet"], repo)
+    return {"repo": str(repo.resolve())}
+
+
+def host_action_spawn(payload):
+    """Spawn one agent with the id home gave it (again: nothing new), under home's settings."""
+    repo = Path(payload["repo"])
+    if not has_commits(repo):
+        run_git(["checkout", "--quiet", "--detach", payload["base"]], repo)
+    folder = repo / ORCHESTRA_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    write_atomic(folder / "config.json", json.dumps(payload["config"], sort_keys=True))
+    project = host_project(payload)
+    known = project.store.load()["agents"].get(payload["id"])
+    if known is None:
+        env = {**os.environ, **{str(k): str(v) for k, v in payload.get("env", {}).items()}}
+        known = spawn_agents(
+            project, [payload["task"]], name=payload["id"], base=payload["base"], env=env
+        )[0]
+    return {"record": public_record(known)}
+
+
+def host_action_poll(payload):
+    """An agent's record and its log from `offset` on (at most `limit` bytes); revives the
+    host's supervisor, which settles agents a reboot killed as interrupted."""
+    project = host_project(payload)
+    state = project.store.load()
+    ensure_supervisor(project, state)
+    record = state["agents"].get(payload["id"]) or project.history().get(payload["id"])
+    data = b""
+    with contextlib.suppress(FileNotFoundError), open(project.log_path(payload["id"]), "rb") as f:
+        f.seek(int(payload["offset"]))
+        data = f.read(int(payload["limit"]) + 1)
+    more = len(data) > int(payload["limit"])
+    asked = [r for r in ApprovalBox(project.repo).pending() if r.get("agent") == payload["id"]]
+    return {
+        "approvals": asked,
+        "record": record and {**public_record(record), "finished_at": record.get("finished_at")},
+        "data": base64.b64encode(data[: int(payload["limit"])]).decode(),
+        "more": more,
+    }
+
+
+def host_action_signal(payload):
+    """Stop, pause, resume or message one agent here, as home asked."""
+    project = host_project(payload)
+    ids, env = [payload["id"]], {**os.environ, **payload.get("env", {})}
+    outcome = {
+        "stop": lambda: stop_agents(project, ids),
+        "pause": lambda: pause_agents(project, ids),
+        "resume": lambda: resume_agents(project, ids, env),
+        "send": lambda: send_message(project, payload["id"], payload["message"], env),
+    }[payload["action"]]()
+    return {"outcome": json.loads(json.dumps(outcome))}
+
+
+def host_action_leftovers(payload):
+    """Commit what an agent's worktree holds uncommitted (tracked and untracked files) to a ref
+    of its own, for home to fetch; the worktree and branch stay as they are."""
+    project = host_project(payload)
+    record = project.all_records().get(payload["id"])
+    if not record or not Path(record["worktree"]).is_dir():
+        return {"ref": None}
+    worktree = record["worktree"]
+    if not run_git(["status", "--porcelain", "--untracked-files=all"], worktree).stdout.strip():
+        return {"ref": None}
+    index = project.dir / f"leftovers-{payload['id']}.index"
+    env = {**os.environ, "GIT_INDEX_FILE": str(index)}
+    try:
+        run_git(["read-tree", "HEAD"], worktree, env=env)
+        run_git(["add", "--all", "."], worktree, env=env)
+        tree = run_git(["write-tree"], worktree, env=env).stdout.strip()
+    finally:
+        with contextlib.suppress(OSError):
+            index.unlink()
+    message = f"uncommitted work of {payload['id']} on this host"
+    commit = run_git(["commit-tree", tree, "-p", "HEAD", "-m", message], worktree).stdout.strip()
+    ref = f"refs/orchestra/leftovers/{payload['id']}"
+    run_git(["update-ref", ref, commit], project.repo)
+    return {"ref": ref}
+
+
+def host_action_cleanup(payload):
+    """Remove one agent's worktree and branch here: home has archived all it held."""
+    project = host_project(payload)
+    outcome = cleanup_agents(project, [payload["id"]], apply=True, force=True)
+    return {"outcome": outcome["plan"]}
+
+
+def host_action_answer(payload):
+    """Decide a request here as home decided it (the first decision wins, as ever)."""
+    project = host_project(payload)
+    request, where = ApprovalBox(project.repo).request(payload["request"])
+    if where != "pending":
+        return {"answered": False}
+    decision = payload["decision"]
+    try:
+        answer_request(
+            project,
+            request,
+            decision.get("decision") == "allow",
+            f"home ({decision.get('by')})",
+            message=decision.get("message"),
+            always=decision.get("always"),
+        )
+    except OrchestraError as e:
+        return {"answered": False, "why": str(e)}
+    return {"answered": True}
+
+
+HOST_ACTIONS = {
+    "doctor": host_action_doctor,
+    "prepare": host_action_prepare,
+    "spawn": host_action_spawn,
+    "poll": host_action_poll,
+    "signal": host_action_signal,
+    "leftovers": host_action_leftovers,
+    "cleanup": host_action_cleanup,
+    "answer": host_action_answer,
+}
+
+
+def cmd_host_agent(args):
+    """(internal) What home runs on a host over ssh: a JSON payload in, a JSON answer out."""
+    os.umask(0o077)
+    try:
+        payload = json.loads(sys.stdin.buffer.read() or b"{}")
+    except ValueError:
+        raise OrchestraError("host-agent reads a JSON payload on stdin") from None
+    print_json(HOST_ACTIONS[args.action](payload))
+    return EXIT_OK
+
+
+def add_host_agent_parser(commands):
+    """orchestra host-agent (internal)"""
+    p = commands.add_parser(
+        "host-agent",
+        help="(internal) what a host runs when home calls it over ssh",
+        description=cmd_host_agent.__doc__,
+        epilog="example: orchestra host-agent doctor < /dev/null (home runs it over ssh)",
+    )
+    p.add_argument("action", choices=sorted(HOST_ACTIONS))
+    p.set_defaults(func=cmd_host_agent)
+
+
+# ======================================================================================
 # Command line: the parser
 # --------------------------------------------------------------------------------------
 # PARSER_BUILDERS lists one builder per command group, in the order `--help` shows them.
@@ -13002,6 +14191,8 @@ PARSER_BUILDERS = (
     add_doctor_parser,
     add_hook_parser,
     add_retry_parser,
+    add_hosts_parser,
+    add_host_agent_parser,
 )
 
 

@@ -150,7 +150,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
 COMMANDS = ["init", "config", "spawn", "status", "pause", "resume", "stop", "logs", "diff", "worktrees", "collect", "land", "send",
             "cleanup", "restore", "sessions", "web", "supervise", "approvals", "approve", "deny", "doctor",
-            "hook", "retry"]  # fmt: skip
+            "hook", "retry", "hosts", "host-agent"]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -1,0 +1,579 @@
+"""More than one machine: hosts in the config, `orchestra hosts`, `doctor --host`, and agents
+run on other hosts over real ssh (tests/ssh_hosts.py makes the hosts) with the real claude CLI."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from ssh_hosts import IS_ROOT, SshRig
+
+import orchestra
+from conftest import (
+    CLAUDE_TOOLS,
+    ROOT,
+    commit_file,
+    git,
+    load_state,
+    take_time,
+    wait_for,
+    write_config,
+)
+from scripted_api import ScriptedAPI, bash, claude_env, requires_claude, text
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="making host accounts and sshd needs root")
+
+
+# --- the setting ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hosts, message",
+    [
+        ([], "'hosts' must be an object of hosts"),
+        ({"local": {"ssh": "x"}}, 'host name "local" is not allowed'),
+        ({"a b": {"ssh": "x"}}, 'host name "a b" is not allowed'),
+        ({"h1": {}}, "host 'h1' must be an object with at least \"ssh\""),
+        ({"h1": "me@box"}, "host 'h1' must be an object"),
+        ({"h1": {"ssh": "x", "port": 22}}, "host 'h1' has unknown key 'port'"),
+        ({"h1": {"ssh": "x", "max_parallel": "4"}}, "'max_parallel' must be an integer"),
+        ({"h1": {"ssh": "x", "max_parallel": 0}}, "'max_parallel' must be at least 1"),
+        ({"h1": {"ssh": "-oProxyCommand=evil"}}, "is not an ssh target"),
+        ({"h1": {"ssh": "x", "ssh_options": "-v"}}, "'ssh_options' must be a list of strings"),
+        ({"h1": {"ssh": "x", "env": ["OK", "NOT OK"]}}, "'env' lists \"NOT OK\""),
+        (
+            {"h1": {"ssh": "x", "workdir": "~other/x"}},
+            "'workdir' must be absolute or start with '~/'",
+        ),
+    ],
+)
+def test_a_wrong_hosts_setting_is_one_clear_line(repo, cli, hosts, message):
+    write_config(repo, hosts=hosts)
+    run = cli("status")
+    assert run.code == 2
+    assert run.err.startswith("orchestra: error: ") and message in run.err
+    assert run.err.count("\n") == 1 and "Traceback" not in run.err
+
+
+def test_placement_must_be_known_and_spawn_host_must_exist(repo, cli):
+    write_config(repo, placement="random")
+    run = cli("status")
+    assert run.code == 2 and "'placement' must be one of local-first, spread" in run.err
+    write_config(repo, hosts={"h1": {"ssh": "me@box"}})
+    run = cli("spawn", "--host", "h9", "a task")
+    assert run.code == 2
+    assert "unknown host 'h9'; known hosts: local, h1" in run.err
+
+
+def test_placement_local_first_and_spread():
+    config = {"hosts": {"a": {"ssh": "x", "max_parallel": 2}, "b": {"ssh": "y"}},
+              "default_parallel": 3, "max_parallel": 8, "placement": "local-first"}  # fmt: skip
+    place = orchestra.place_agent
+    assert place(config, {"local": 1, "a": 2, "b": 3}) == "local"
+    assert place(config, {"local": 0, "a": 2, "b": 3}) == "a"
+    assert place(config, {"local": 0, "a": 0, "b": 0}) is None
+    assert place(config, {"local": 1, "a": 2, "b": 3}, "b") == "b"
+    assert place(config, {"local": 1, "a": 2, "b": 0}, "b") is None
+    config["placement"] = "spread"
+    assert place(config, {"local": 1, "a": 2, "b": 3}) == "b"
+    assert place(config, {"local": 3, "a": 2, "b": 3}) == "local"
+
+
+# --- real hosts -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api():
+    """One scripted Messages API for every host and for this machine."""
+    with ScriptedAPI() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def rig(api, tmp_path_factory):
+    """Two ssh hosts, h1 and h2, each its own account, sshd and Claude Code config."""
+    if not IS_ROOT:
+        pytest.skip("making host accounts and sshd needs root")
+    hosts = SshRig(tmp_path_factory.mktemp("rig"), api.url, ["h1", "h2"])
+    yield hosts
+    hosts.close()
+
+
+@pytest.fixture
+def local_claude(api, tmp_path, monkeypatch):
+    """This machine's environment points the real claude CLI at the same scripted API."""
+    env = claude_env(api, config_dir=tmp_path / "claude-config")
+    for key in set(os.environ) - set(env):
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return api
+
+
+@needs_root
+def test_hosts_lists_each_host_with_slots_and_reachability(rig, repo, cli):
+    hosts = rig.hosts_setting(max_parallel=2)
+    hosts["gone"] = {"ssh": "gone", "ssh_options": ["-F", str(rig.ssh_config), "-p", "1"]}
+    write_config(repo, hosts=hosts)
+    run = cli("hosts", "--json")
+    assert run.code == 0, run
+    rows = {r["name"]: r for r in run.json()["hosts"]}
+    assert list(rows) == ["local", "h1", "h2", "gone"]
+    assert rows["h1"]["reachable"] and rows["h2"]["reachable"] and rows["h1"]["slots"] == 2
+    assert rows["local"]["slots"] == 3 and rows["h1"]["running"] == []
+    assert not rows["gone"]["reachable"]
+    run = cli("hosts")
+    assert run.code == 1
+    lines = run.out.splitlines()
+    assert lines[0].split()[:4] == ["HOST", "SLOTS", "RUNNING", "REACHABLE"]
+    assert lines[2].split()[:4] == ["h1", "2", "0", "yes"]
+    assert "gone" in lines[4] and "NO" in lines[4] and "unreachable" in lines[4]
+
+
+@needs_root
+@requires_claude
+def test_doctor_host_checks_ssh_python_git_claude_and_its_login(rig, repo, cli):
+    write_config(repo, hosts=rig.hosts_setting())
+    run = cli("doctor", "--host", "h1", "--json")
+    assert run.code == 0, run
+    checks = {c["name"]: c for c in run.json()["checks"]}
+    for name in ("ssh", "python", "disk", "git", "claude", "claude login"):
+        assert checks[name]["ok"], checks
+    assert checks["python"]["detail"].startswith("python3 3.")
+    assert "logged in (api_key" in checks["claude login"]["detail"]
+    installed = list((rig.hosts["h1"].home / ".orchestra-hosts" / "bin").glob("*/orchestra.py"))
+    assert len(installed) == 1 and oct(installed[0].stat().st_mode & 0o777) == "0o600"
+    assert installed[0].stat().st_uid == rig.hosts["h1"].entry.pw_uid
+    run = cli("doctor", "--host", "h1")
+    assert run.code == 0 and run.out.splitlines()[0].split()[:2] == ["ok", "ssh"]
+
+
+@needs_root
+def test_doctor_host_says_what_to_install(rig, repo, cli):
+    hosts = rig.hosts_setting()
+    hosts["h1"]["python"] = "python2.2"
+    write_config(repo, hosts=hosts)
+    run = cli("doctor", "--host", "h1")
+    assert run.code == 1
+    assert "has no 'python2.2'; install Python 3.9 or newer there" in run.out
+    hosts["h1"]["ssh_options"] += ["-p", "1"]
+    write_config(repo, hosts=hosts)
+    run = cli("doctor", "--host", "h1")
+    assert run.code == 1 and "MISSING  ssh" in run.out and "unreachable over ssh" in run.out
+    assert cli("doctor", "--host", "nope").err.startswith("orchestra: error: unknown host 'nope'")
+
+
+def remote_repo(rig, name, repo):
+    """The host's copy of the test repository."""
+    return rig.hosts[name].home / orchestra.Host("x", {"ssh": "x"}).repo_path(repo)
+
+
+def load_agent(repo, agent_id):
+    """An agent's record in state.json."""
+    return load_state(repo)["agents"][agent_id]
+
+
+def log_lines(repo, agent_id):
+    """The local log's lines, parsed."""
+    text = (repo / ".orchestra" / "logs" / f"{agent_id}.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@needs_root
+@requires_claude
+def test_an_agent_pinned_to_a_host_runs_there_and_its_work_comes_home(rig, repo, cli, local_claude):
+    local_claude.script("remote-hello", [commit_file("hello.txt", "from afar"), text("Done there")])
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    run = cli("spawn", "--host", "h1", "--name", "far", "remote-hello: add hello.txt")
+    assert run.code == 0, run
+    wait_for(lambda: load_agent(repo, "far")["state"] == "done", timeout=120, what="done")
+    record = cli("status", "--json").json()["agents"][0]
+    assert record["host"] == "h1" and record["result"] == "Done there", record
+    assert record["session_id"] and record["cost_usd"] is not None
+    assert git("log", "-1", "--format=%s", "orchestra/far", cwd=repo).strip() == "add hello.txt"
+    assert (repo / ".worktrees" / "task-far" / "hello.txt").read_text() == "from afar\n"
+    table = cli("status").out.splitlines()
+    assert table[0].split()[:3] == ["ID", "STATE", "HOST"] and table[1].split()[:3] == [
+        "far",
+        "done",
+        "h1",
+    ]
+    shown = cli("logs", "far").out
+    assert "Done there" in shown
+    events = log_lines(repo, "far")
+    assert [e.get("event") for e in events if e["type"] == "orchestra"].count("spawn") == 1
+    results = [e for e in events if e["type"] == "result"]
+    assert len(results) == 1  # the agent's lines are there once
+    diff = subprocess.run(
+        [sys.executable, str(ROOT / "orchestra.py"), "diff", "far", "--stat"],
+        cwd=repo, capture_output=True, text=True,
+    )  # fmt: skip
+    assert diff.returncode == 0 and "hello.txt | 1 +" in diff.stdout, diff
+    # it ran there, as the host's own user
+    there = remote_repo(rig, "h1", repo)
+    assert (there / ".worktrees" / "task-far" / "hello.txt").exists()
+    assert (there / ".worktrees" / "task-far").stat().st_uid == rig.hosts["h1"].entry.pw_uid
+
+
+def agents_by_id(cli):
+    """status --json's agents by id."""
+    return {a["id"]: a for a in cli("status", "--json").json()["agents"]}
+
+
+@needs_root
+@requires_claude
+def test_three_agents_are_placed_across_local_and_two_hosts(rig, repo, cli, local_claude):
+    for n in (1, 2, 3):
+        local_claude.script(f"place-{n}", [take_time(3), commit_file(f"f{n}.txt", f"n{n}"),
+                                           text(f"placed {n}")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5, max_parallel=1,
+                 default_parallel=1, hosts=rig.hosts_setting(max_parallel=1))  # fmt: skip
+    run = cli("spawn", "place-1 one", "place-2 two", "place-3 three")
+    assert run.code == 0, run
+
+    def all_done():
+        agents = agents_by_id(cli)
+        return all(a["state"] == "done" for a in agents.values()) and agents
+
+    agents = wait_for(all_done, timeout=180, what="three agents done")
+    assert sorted(a["host"] for a in agents.values()) == ["h1", "h2", "local"]
+    for n, agent_id in enumerate(["place-1-one", "place-2-two", "place-3-three"], 1):
+        branch = f"orchestra/{agent_id}"
+        assert git("show", f"{branch}:f{n}.txt", cwd=repo) == f"n{n}\n"
+        assert agents[agent_id]["result"] == f"placed {n}"
+    # they ran at the same time: one slot each on three machines
+    starts = sorted(orchestra.parse_iso(a["started_at"]) for a in agents.values())
+    assert starts[-1] - starts[0] < 3
+
+
+@needs_root
+@requires_claude
+def test_a_hostile_task_crosses_ssh_as_data(rig, repo, cli, local_claude, tmp_path):
+    trap = tmp_path / "pwned"
+    task = (f"hostile-one: it's \"quoted\" $(touch {trap}) `touch {trap}` ; touch {trap} & | > < \\ *"
+            f"\nline two\t'; touch {trap}; echo '\n--help")  # fmt: skip
+    local_claude.script("hostile-one", [text("nothing to do")])
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    run = cli("spawn", "--host", "h2", "--name", "hostile", task)
+    assert run.code == 0, run
+    wait_for(lambda: load_agent(repo, "hostile")["state"] == "done", timeout=120, what="done")
+    there = orchestra.Project.open(remote_repo(rig, "h2", repo), os.environ)
+    assert there.store.load()["agents"]["hostile"]["task"] == task  # arrived byte for byte
+    assert not trap.exists()
+    assert not list(rig.hosts["h2"].home.glob("pwned*"))
+    refused = cli("spawn", "--host", "h2", "a\x00b")  # refused here, as ever
+    assert refused.code == 2 and "U+0000" in refused.err
+
+
+def agent_lines(path):
+    """The agent's own lines of a log (orchestra's events left out), in order."""
+    lines = path.read_text().splitlines()
+    return [line for line in lines if json.loads(line).get("type") != "orchestra"]
+
+
+@needs_root
+@requires_claude
+def test_a_dropped_link_loses_and_doubles_no_line(rig, repo, cli, local_claude):
+    local_claude.script("linked-one", [bash("echo starting"), take_time(10), commit_file("l.txt", "l"),
+                                       text("finished across a dropped link")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "linked", "linked-one: go").code == 0
+    log = repo / ".orchestra" / "logs" / "linked.jsonl"
+    wait_for(lambda: "starting" in log.read_text(), timeout=60, what="the first line home")
+    rig.cut("h1")
+    try:
+        wait_for(lambda: load_agent(repo, "linked").get("host_unreachable"), timeout=30,
+                 what="unreachable")  # fmt: skip
+        row = cli("status").out.splitlines()[1]
+        assert row.split()[:3] == ["linked", "running", "h1"]
+        assert "host unreachable since 20" in row
+        assert not cli("hosts", "--json").json()["hosts"][1]["reachable"]
+        time.sleep(3)  # the agent goes on working at its host meanwhile
+    finally:
+        rig.hosts["h1"].start()
+    wait_for(lambda: load_agent(repo, "linked")["state"] == "done", timeout=120, what="done")
+    record = load_agent(repo, "linked")
+    assert record["result"] == "finished across a dropped link" and not record["host_unreachable"]
+    there = remote_repo(rig, "h1", repo) / ".orchestra" / "logs" / "linked.jsonl"
+    home = agent_lines(log)
+    assert home == agent_lines(there) and len(home) == len(set(home))
+    assert git("show", "orchestra/linked:l.txt", cwd=repo) == "l\n"
+
+
+@needs_root
+@requires_claude
+def test_a_host_whose_supervisor_and_agent_are_killed_gives_interrupted_with_work_home(
+    rig, repo, cli, local_claude
+):
+    local_claude.script("rebooted-one", [commit_file("r.txt", "saved"), bash("echo committed"),
+                                         take_time(60), text("never")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h2", "--name", "rebooted", "rebooted-one: go").code == 0
+    log = repo / ".orchestra" / "logs" / "rebooted.jsonl"
+    wait_for(lambda: "echo committed" in log.read_text(), timeout=60, what="the commit")
+    diff = subprocess.run(
+        [sys.executable, str(ROOT / "orchestra.py"), "diff", "rebooted", "--stat"],
+        cwd=repo, capture_output=True, text=True,
+    )  # fmt: skip
+    assert diff.returncode == 0 and "r.txt | 1 +" in diff.stdout, diff  # fetched while it runs
+    state_file = remote_repo(rig, "h2", repo) / ".orchestra" / "state.json"
+    state = json.loads(state_file.read_text())
+    os.kill(state["supervisor"]["pid"], signal.SIGKILL)  # the host "reboots"
+    os.killpg(state["agents"]["rebooted"]["pid"], signal.SIGKILL)
+    wait_for(lambda: load_agent(repo, "rebooted")["state"] == "interrupted", timeout=60,
+             what="interrupted")  # fmt: skip
+    record = load_agent(repo, "rebooted")
+    assert record["error"] is None or "fetched" not in record["error"], record
+    assert git("show", "orchestra/rebooted:r.txt", cwd=repo) == "saved\n"
+    assert (repo / ".worktrees" / "task-rebooted" / "r.txt").exists()
+
+
+@needs_root
+@requires_claude
+def test_pause_resume_stop_and_send_reach_a_remote_agent(rig, repo, cli, local_claude):
+    local_claude.script("steered-one", [bash("echo working"), take_time(30), text("never")])
+    local_claude.script("and now this", [commit_file("more.txt", "more"), text("did more")])
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "steered", "steered-one: go").code == 0
+    log = repo / ".orchestra" / "logs" / "steered.jsonl"
+    wait_for(lambda: "echo working" in log.read_text(), timeout=60, what="working")
+    there = orchestra.Project.open(remote_repo(rig, "h1", repo), os.environ)
+
+    def remote_state():
+        return there.store.load()["agents"]["steered"]["state"]
+
+    run = cli("pause", "steered")
+    assert run.code == 0 and "paused on host h1" in run.out, run
+    assert remote_state() == "paused" and load_agent(repo, "steered")["state"] == "paused"
+    assert cli("resume", "steered").code == 0
+    assert remote_state() == "running" and load_agent(repo, "steered")["state"] == "running"
+    run = cli("stop", "steered")
+    assert run.code == 0, run
+    wait_for(lambda: remote_state() == "stopped", timeout=30, what="stopped there")
+    assert cli("stop", "steered").err.startswith("orchestra: error: steered is already stopped")
+    run = cli("send", "steered", "and now this: one more file")
+    assert run.code == 0, run
+    wait_for(lambda: load_agent(repo, "steered")["state"] == "done", timeout=120, what="done")
+    assert load_agent(repo, "steered")["result"] == "did more"
+    assert git("show", "orchestra/steered:more.txt", cwd=repo) == "more\n"
+
+
+@needs_root
+@requires_claude
+def test_cleanup_of_a_remote_agent_archives_at_home_before_the_host_removes_it(
+    rig, repo, cli, local_claude
+):
+    local_claude.script("tidy-one", [commit_file("kept.txt", "kept"),
+                                     bash("echo draft > unsaved.txt"), text("left a draft")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h2", "--name", "tidy", "tidy-one: go").code == 0
+    wait_for(lambda: load_agent(repo, "tidy")["state"] == "done", timeout=120, what="done")
+    there = remote_repo(rig, "h2", repo) / ".worktrees" / "task-tidy"
+    assert (there / "unsaved.txt").exists()
+    run = cli("cleanup", "tidy")
+    assert run.code == 0 and "unsaved.txt" in run.out, run  # kept: its draft is unsaved
+    assert (repo / ".worktrees" / "task-tidy" / "unsaved.txt").read_text() == "draft\n"
+    assert there.is_dir()
+    run = cli("cleanup", "--force", "tidy")
+    assert run.code == 0, run
+    archives = git("for-each-ref", "--format=%(refname)", "refs/orchestra/archive/tidy", cwd=repo)
+    worktree_ref = [r for r in archives.split() if r.endswith("-worktree")]
+    assert worktree_ref and git("show", f"{worktree_ref[0]}:unsaved.txt", cwd=repo) == "draft\n"
+    tip = [r for r in archives.split() if r[-1].isdigit() or r.endswith("Z")]
+    assert git("show", f"{tip[0]}:kept.txt", cwd=repo) == "kept\n"
+    assert not there.exists()  # removed on the host only after home archived it
+    assert cli("status", "--json", "tidy").json()["agents"][0]["state"] == "removed"
+
+
+@needs_root
+@requires_claude
+def test_an_approval_raised_on_a_host_is_answered_at_home(rig, repo, cli, local_claude, tmp_path):
+    notes = tmp_path / "notes.txt"
+    local_claude.script("ask-first", [bash("printf 'ok\\n' > approved.txt"), bash("git add approved.txt"),
+                                      bash("git commit -qm 'add approved.txt'"), text("approved and committed")])  # fmt: skip
+    write_config(repo, bypass_permissions=["Bash(git *)"], heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting(),
+                 notify_command=["sh", "-c", f'echo "$ORCHESTRA_MESSAGE" >> {notes}'])  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "asker", "ask-first: go").code == 0
+
+    def asked():
+        return [r for r in cli("approvals", "--json").json()["approvals"] if r["agent"] == "asker"]
+
+    [request] = wait_for(asked, timeout=90, what="the host's request at home")
+    assert request["summary"] == "Bash(printf 'ok\\n' > approved.txt)" and request["host"] == "h1"
+    status = cli("status", "--json").json()["agents"][0]
+    assert status["approval"]["id"] == request["id"]
+    wait_for(
+        lambda: notes.exists() and "on host h1" in notes.read_text(), timeout=30, what="notify"
+    )
+    run = cli("approve", request["id"])
+    assert run.code == 0 and f"allowed {request['id']}" in run.out, run
+    wait_for(lambda: load_agent(repo, "asker")["state"] == "done", timeout=120, what="done")
+    assert git("show", "orchestra/asker:approved.txt", cwd=repo) == "ok\n"
+    assert asked() == []
+
+
+@needs_root
+def test_a_host_that_cannot_take_an_agent_gets_none_and_the_agent_goes_elsewhere(rig, repo, cli):
+    hosts = {"gone": {"ssh": "gone", "ssh_options": ["-F", str(rig.ssh_config), "-p", "1"]},
+             **rig.hosts_setting()}  # fmt: skip
+    write_config(repo, agent_command=["sh", "-c", "echo '{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"ok\"}'", "{task}"],
+                 heartbeat_interval=0.5, default_parallel=1, max_parallel=1, hosts=hosts)  # fmt: skip
+    assert cli("spawn", "first here", "second elsewhere", "third elsewhere").code == 0
+
+    def settled():
+        agents = agents_by_id(cli)
+        return all(a["state"] == "done" for a in agents.values()) and agents
+
+    agents = wait_for(settled, timeout=120, what="all done")
+    assert {a["host"] for a in agents.values()} <= {"local", "h1", "h2"}
+    assert "gone" not in {a["host"] for a in agents.values()}
+    pinned = cli("spawn", "--host", "gone", "pinned to a lost host")
+    assert pinned.code == 0
+    wait_for(lambda: "waiting for a host: host 'gone' is unreachable" in (
+        load_agent(repo, "pinned-lost-host").get("activity") or ""), timeout=60, what="why")  # fmt: skip
+    assert load_agent(repo, "pinned-lost-host")["state"] == "queued"
+    assert cli("stop", "pinned-lost-host").code == 0
+
+
+@needs_root
+@requires_claude
+def test_state_rebuilt_from_logs_knows_remote_agents_and_follows_them_again(
+    rig, repo, cli, local_claude
+):
+    local_claude.script("rebuilt-one", [bash("echo begun"), take_time(8), text("rebuilt and done")])
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h2", "--name", "rebuilt", "rebuilt-one: go").code == 0
+    log = repo / ".orchestra" / "logs" / "rebuilt.jsonl"
+    wait_for(lambda: "echo begun" in log.read_text(), timeout=60, what="begun")
+    os.kill(load_state(repo)["supervisor"]["pid"], signal.SIGKILL)
+    (repo / ".orchestra" / "state.json").write_text("{not json")
+    record = cli("status", "--json").json()["agents"][0]  # rebuilt, and a supervisor revived
+    assert record["host"] == "h2" and record["state"] == "running", record
+    wait_for(lambda: load_agent(repo, "rebuilt")["state"] == "done", timeout=120, what="done")
+    assert load_agent(repo, "rebuilt")["result"] == "rebuilt and done"
+    there = remote_repo(rig, "h2", repo) / ".orchestra" / "logs" / "rebuilt.jsonl"
+    assert agent_lines(log) == agent_lines(there)
+
+
+RESULT_LINE = '{"type":"result","subtype":"success","is_error":false,"result":"ok"}'
+
+
+@needs_root
+def test_checks_run_on_the_host_and_their_result_comes_home(rig, repo, cli):
+    agent = ["sh", "-c", f"echo made > made.txt; echo '{RESULT_LINE}'", "{task}"]
+    write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting(),
+                 checks=["sleep 3; test -f made.txt && test \"$(id -un)\" = orch-h1"])  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "checked", "make a file").code == 0
+    wait_for(lambda: load_agent(repo, "checked")["state"] == "done"
+             and (load_agent(repo, "checked").get("checks") or {}).get("status") == "passed",
+             timeout=120, what="checks passed")  # fmt: skip
+    assert "done ✓" in cli("status").out
+
+
+@needs_root
+def test_the_dashboard_says_which_host_runs_an_agent(rig, repo, cli, phone):
+    from playwright.sync_api import expect
+
+    agent = ["sh", "-c", f"echo '{RESULT_LINE}'", "{task}"]
+    write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting())
+    assert cli("spawn", "--host", "h2", "--name", "afar", "far away").code == 0
+    assert cli("spawn", "--host", "local", "--name", "near", "close by").code == 0
+    wait_for(lambda: {load_agent(repo, i)["state"] for i in ("afar", "near")} == {"done"},
+             timeout=120, what="both done")  # fmt: skip
+    server = orchestra.start_web_server(
+        orchestra.Project.open(repo, os.environ), "127.0.0.1", 0, log=io.StringIO()
+    )
+    try:
+        phone.goto(server.url)
+        facts = phone.locator('.card[data-id="afar"] .facts')
+        expect(facts).to_contain_text("on h2 · orchestra/afar")
+        expect(phone.locator('.card[data-id="near"] .facts')).not_to_contain_text("on ")
+    finally:
+        server.stop()
+
+
+@needs_root
+def test_a_full_disk_on_a_host_is_a_clear_error_not_a_hang(rig, repo, cli):
+    host = rig.hosts["h1"]
+    disk = host.home / "tiny-disk"
+    disk.mkdir(exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(disk)], check=True
+    )
+    try:
+        os.chown(disk, host.entry.pw_uid, host.entry.pw_gid)
+        hosts = rig.hosts_setting()
+        hosts["h1"]["workdir"] = str(disk / "work")
+        agent = ["sh", "-c", f"echo '{RESULT_LINE}'", "{task}"]
+        write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=hosts)
+        run = cli("doctor", "--host", "h1")
+        assert run.code == 1 and "free some space on the host" in run.out, run
+        run = cli("spawn", "--host", "h1", "--name", "crammed", "no room")
+        assert run.code == 0, run
+        wait_for(lambda: "No space left on device" in (load_agent(repo, "crammed").get("activity") or ""),
+                 timeout=60, what="the reason")  # fmt: skip
+        record = load_agent(repo, "crammed")
+        assert record["state"] == "queued" and "is its disk full?" in record["activity"]
+        assert cli("stop", "crammed").code == 0
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@needs_root
+@requires_claude
+def test_logs_follow_a_remote_agent_and_its_files_there_are_private(rig, repo, local_claude):
+    local_claude.script("followed-one", [bash("echo first step"), take_time(4),
+                                         text("the last word from afar")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    orchestra_py = [sys.executable, str(ROOT / "orchestra.py")]
+    spawn = [*orchestra_py, "spawn", "--host", "h1", "--name", "followed", "followed-one: go"]
+    subprocess.run(spawn, cwd=repo, check=True, capture_output=True)
+    follow = subprocess.run([*orchestra_py, "logs", "-f", "followed"], cwd=repo,
+                            capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert follow.returncode == 0, follow
+    out = follow.stdout
+    assert "echo first step" in out and "the last word from afar" in out
+    assert out.index("echo first step") < out.index("the last word from afar")
+    assert load_agent(repo, "followed")["state"] == "done"  # logs -f ended when the agent did
+    home = rig.hosts["h1"].home
+    there = remote_repo(rig, "h1", repo)
+    for folder in (home / ".orchestra-hosts", home / ".orchestra-hosts" / "repos", there,
+                   there / ".orchestra", there / ".orchestra" / "logs"):  # fmt: skip
+        assert oct(folder.stat().st_mode & 0o777) == "0o700", folder
+        assert folder.stat().st_uid == rig.hosts["h1"].entry.pw_uid
+    for path in (there / ".orchestra" / "state.json", there / ".orchestra" / "config.json",
+                 there / ".orchestra" / "logs" / "followed.jsonl"):  # fmt: skip
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+    assert "sk-ant" not in (there / ".orchestra" / "state.json").read_text()
+
+
+@needs_root
+def test_only_variables_named_in_env_reach_a_host_and_no_state_file_keeps_them(
+    rig, repo, cli, monkeypatch
+):
+    monkeypatch.setenv("ORCH_SECRET", "s3cr3t-value")
+    monkeypatch.setenv("ORCH_OTHER", "not-for-hosts")
+    script = ('echo "${ORCH_SECRET:-unset}/${ORCH_OTHER:-unset}" > env.txt && git add env.txt && '
+              f"git commit -qm env && echo '{RESULT_LINE}'")  # fmt: skip
+    write_config(repo, agent_command=["sh", "-c", script, "{task}"], heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting(env=["ORCH_SECRET"]))  # fmt: skip
+    assert cli("spawn", "--host", "h2", "--name", "envy", "show the environment").code == 0
+    wait_for(lambda: load_agent(repo, "envy")["state"] == "done", timeout=120, what="done")
+    assert git("show", "orchestra/envy:env.txt", cwd=repo) == "s3cr3t-value/unset\n"
+    there = remote_repo(rig, "h2", repo) / ".orchestra"
+    for path in there.rglob("*"):
+        if path.is_file():
+            assert b"s3cr3t-value" not in path.read_bytes(), path
