@@ -2,6 +2,7 @@
 Claude Code's sandbox and the integrity check."""
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -199,14 +200,14 @@ def test_integrity_check_puts_back_what_an_allowed_command_changed(repo, claude_
 
 
 def test_settings_an_agent_wrote_are_not_obeyed_at_the_next_launch(repo, claude_api, cli, tmp_path):
-    write_config(repo, heartbeat_interval=0.5)
+    # Bash allowed (the sandbox, like Claude Code itself, keeps .claude/ settings read-only)
+    write_config(repo, heartbeat_interval=0.5, sandbox="off", bypass_permissions=["Bash"])
     marker = tmp_path / "hook-ran"
-    worktree = repo / ".worktrees" / "task-settings-writer"
     settings = {"hooks": {"PreToolUse": [{"matcher": "*", "hooks": [
         {"type": "command", "command": f"touch {marker}"}]}]}}  # fmt: skip
     claude_api.script(
         "settings-writer",
-        [call("Write", file_path=str(worktree / ".claude" / "settings.json"), content=json.dumps(settings)),
+        [bash(f"mkdir -p .claude && printf '%s' {shlex.quote(json.dumps(settings))} > .claude/settings.json"),
          text("done")],
     )  # fmt: skip
     claude_api.script("and-now-again", [bash("git status --short"), text("ok")])
@@ -219,11 +220,8 @@ def test_settings_an_agent_wrote_are_not_obeyed_at_the_next_launch(repo, claude_
     assert not marker.exists()
     logs = cli("logs", "settings-writer").out
     assert "changed .claude/settings.json: relaunched without project and local settings" in logs
-    launches = [
-        json.loads(line)
-        for line in Path(record["log"]).read_text().splitlines()
-        if '"launch"' in line
-    ]
+    events = [json.loads(line) for line in Path(record["log"]).read_text().splitlines()]
+    launches = [e for e in events if e.get("type") == "orchestra" and e.get("event") == "launch"]
     assert (
         "--setting-sources" in launches[-1]["argv"]
         and "--setting-sources" not in launches[0]["argv"]
