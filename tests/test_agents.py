@@ -307,7 +307,8 @@ def test_claude_argv_carries_permissions_model_and_branch(repo):
     assert "orchestra/x" in argv[argv.index("--append-system-prompt") + 1]
     assert argv[argv.index("--model") + 1] == "opus"
     assert argv[argv.index("--permission-mode") + 1] == "acceptEdits"
-    assert argv[-4:] == ["--allowedTools", "Edit", "Write", "Bash(git *)"]
+    rules = orchestra.DEFAULT_RULES  # edits in the worktree, git on its own branch
+    assert argv[-len(rules) - 1 :] == ["--allowedTools", *rules]
     record["session_id"] = "s-1"
     resumed = orchestra.agent_argv(record, "Continue the task.")
     assert resumed[2] == "Continue the task." and resumed[resumed.index("--resume") + 1] == "s-1"

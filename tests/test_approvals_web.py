@@ -203,14 +203,13 @@ def test_claude_argv_carries_the_settings_layer(repo):
     command = hook["hooks"][0]["command"]
     assert command.startswith(sys.executable) and "hook permission-request" in command
     assert f"--repo {repo}" in command and "--agent x --timeout 90" in command
+    assert settings["sandbox"].pop("filesystem")["allowRead"] == [
+        str(repo / ".worktrees" / "task-x")
+    ]
     assert settings["sandbox"] == {"enabled": True, "autoAllowBashIfSandboxed": True,
                                    "network": {"allowedDomains": ["pypi.org"]}}  # fmt: skip
-    assert argv[-4:] == [
-        "--allowedTools",
-        "Edit",
-        "Write",
-        "Bash(git *)",
-    ]  # still last: it is variadic
+    rules = orchestra.DEFAULT_RULES
+    assert argv[-len(rules) - 1 :] == ["--allowedTools", *rules]  # still last: it is variadic
     record["launch"]["sandboxed"] = False
     assert "sandbox" not in json.loads(orchestra.agent_argv(record)[argv.index("--settings") + 1])
     assert not (repo / ".claude").exists()  # nothing written into the user's repository
