@@ -3853,18 +3853,24 @@ def guard(tool, tool_input, b, cwd=None):
 # ======================================================================================
 
 
+# The guard runs before every tool call: it skips main()'s parser of every command (see guard_entry)
+GUARD_LAUNCH = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; "
+    "sys.exit(orchestra.guard_entry(sys.argv[1:]))"
+)
+
+
 def guard_command(repo, record, timeout):
-    """The shell command of the agent's PreToolUse hook: this very orchestra, as hook_command runs it."""
+    """The shell command of the agent's PreToolUse hook: this very orchestra, launched as cheaply
+    as hook_command launches the approval hook (-I -S, cached bytecode), straight to guard_entry."""
     launch = record.get("launch") or {}
     argv = [
         sys.executable,
         "-I",
         "-S",
         "-c",
-        HOOK_LAUNCH,
+        GUARD_LAUNCH,
         str(Path(__file__).resolve().parent),
-        "hook",
-        "pre-tool-use",
         "--repo",
         str(repo),
         "--agent",
@@ -3944,6 +3950,31 @@ def user_denials(record):
     return split_denials(record)[0]
 
 
+def containment_lines(config, env):
+    """What contains an agent on this machine with this configuration, and what is missing."""
+    claude = is_claude_command(config["agent_command"])
+    problem = sandbox_problem(env) if claude else "agent_command is not Claude Code"
+    sandbox = config["sandbox"] != "off" and problem is None
+    lines = [
+        "guard: "
+        + (
+            "on: every tool call is checked before it runs (writes only in the agent's "
+            "worktree, no .orchestra/ or other worktrees, git only on its own branch)"
+            if claude
+            else "off: agent_command is not Claude Code, whose hooks orchestra uses"
+        ),
+        "sandbox: "
+        + (
+            "on: Bash writes only in the worktree and reaches only sandbox_network"
+            if sandbox
+            else f"off ({problem or 'sandbox is off'}): Bash is checked by the guard alone"
+        ),
+        "integrity check: on: refs, .git config, hooks and info are put back when an agent settles",
+        f"rules: {json.dumps(config['bypass_permissions'])} run without asking",
+    ]
+    return [f"  {line}" for line in lines]
+
+
 def guard_answer(decision, reason):
     """What the PreToolUse hook prints: Claude Code's permissionDecision with its reason."""
     return {
@@ -3962,6 +3993,16 @@ def note_containment(repo, agent_id, summary, reason):
     notifier = notify(repo, agent_id, "contained", f"{agent_id}: {reason} ({summary})")
     if notifier:
         notifier.join(NOTIFY_TIMEOUT)
+
+
+def guard_entry(argv):
+    """`orchestra hook pre-tool-use` as the hook command runs it: a parser of its own options only."""
+    parser = argparse.ArgumentParser(prog="orchestra hook pre-tool-use")
+    for option in ("--repo", "--agent", "--worktree", "--branch"):
+        parser.add_argument(option, required=True)
+    parser.add_argument("--protect", action="append", default=[])
+    parser.add_argument("--timeout", type=float, default=CONFIG_DEFAULTS["approval_timeout"])
+    return guard_hook(parser.parse_args(argv), sys.stdin, sys.stdout, os.environ)
 
 
 def guard_hook(args, stdin, stdout, env):
@@ -11211,10 +11252,11 @@ def cmd_init(args):
         f"\nSettings live in {project.dir / 'config.json'} (this project) and {user_config_path(os.environ)} (you);\n"
         "change one with: orchestra config set KEY VALUE [--user]\n"
         "Agents ask before tools outside bypass_permissions; answer with 'orchestra approvals' / 'approve' / 'deny'\n"
-        "or the dashboard. Allow tools up front: orchestra config set bypass_permissions "
-        '\'["Edit", "Write", "Bash(git *)", "Bash(pytest *)"]\'\n'
-        "or let Bash run freely inside Claude Code's sandbox: orchestra config set sandbox auto"
+        "or the dashboard. Allow a tool up front: orchestra config set bypass_permissions "
+        "'[..., \"Bash(pytest:*)\"]'\n"
+        "Containment here (docs/containment.md):"
     )
+    print("\n".join(containment_lines(project.config, os.environ)))
     return EXIT_OK
 
 
@@ -11346,6 +11388,17 @@ def doctor_checks(env):
             "sandbox",
             problem is None,
             "Claude Code's sandbox can run here" if problem is None else problem,
+        )
+    )
+    checks.append(
+        (
+            "containment",
+            problem is None,
+            (
+                "guard, sandbox and integrity check"
+                if problem is None
+                else "guard and integrity check only: without the sandbox, Bash is checked by the guard alone"
+            ),
         )
     )
     gh = probe_version(["gh", "--version"], env)

@@ -8,14 +8,17 @@ import sys
 import pytest
 
 import orchestra
-from conftest import ROOT, make_repo
+from conftest import GIT_IDENTITY, ROOT, make_repo
 
 HOSTILE = "deny"
 
 
-@pytest.fixture
-def layout(tmp_path):
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
     """A repository with two agents' worktrees, a home with secrets, and the first agent's Boundary."""
+    tmp_path = tmp_path_factory.mktemp("layout")
+    for key, value in GIT_IDENTITY.items():  # module-wide: before the per-test environment exists
+        os.environ.setdefault(key, value)
     repo = make_repo(tmp_path / "repo")
     (repo / ".orchestra").mkdir()
     (repo / ".orchestra" / "web.json").write_text("{}")
@@ -252,7 +255,7 @@ def test_a_cwd_outside_the_worktree_makes_git_refused(layout):
     assert v.decision == "deny"
 
 
-def test_hook_prints_claude_codes_answer_and_logs_the_refusal(layout, tmp_path):
+def test_hook_prints_claude_codes_answer_and_logs_the_refusal(layout):
     _b, repo, worktree, home = layout
     (repo / ".orchestra" / "logs").mkdir()
     request = {
@@ -260,8 +263,8 @@ def test_hook_prints_claude_codes_answer_and_logs_the_refusal(layout, tmp_path):
         "tool_input": {"file_path": str(repo / "x")},
         "cwd": str(worktree),
     }
-    argv = [sys.executable, "-I", "-S", "-c", orchestra.HOOK_LAUNCH, str(ROOT), "hook",
-            "pre-tool-use", "--repo", str(repo), "--agent", "mine", "--worktree", str(worktree),
+    argv = [sys.executable, "-I", "-S", "-c", orchestra.GUARD_LAUNCH, str(ROOT),
+            "--repo", str(repo), "--agent", "mine", "--worktree", str(worktree),
             "--branch", "orchestra/mine"]  # fmt: skip
     done = subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True,
                           env={**os.environ, "HOME": str(home)})  # fmt: skip
