@@ -4183,6 +4183,7 @@ def launch_agent(project, record, prompt=None):
             project.log_path(record["id"]),
             {"event": "settings_ignored", "files": changed, "message": message},
         )
+        notify(project.repo, record["id"], "settings_ignored", message)
     ApprovalBox(project.repo).forget_rules(record["id"])
     with (
         open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
@@ -10290,7 +10291,7 @@ class WebHandler:
         record = self.agent(params)
         return 200, agent_report(self.server.project, record) | {
             "checks": record.get("checks"),
-            "permission_denials": record.get("permission_denials"),
+            "permission_denials": split_denials(record)[0],
         }
 
     def route_merge(self, params, query, body):
