@@ -3291,7 +3291,7 @@ def make_boundary(repo, worktree, branch, worktrees, env, protected=()):
     if os.path.isfile(git_dir):
         git_dir = gitfile_target(Path(git_dir)) or git_dir
     secrets_ = [os.path.join(home, rel) for rel in SECRET_PATHS]
-    secrets_ += [real(os.path.join(repo, p)) for p in protected]
+    secrets_ += [real(os.path.join(repo, os.path.expanduser(p))) for p in protected]
     control = (real(user_config_path(env)), os.path.join(home, ".claude"))
     return Boundary(
         worktree=real(worktree),
@@ -11879,7 +11879,10 @@ def approvals_table(requests, now):
             r["id"],
             r["agent"],
             format_duration(now - (parse_iso(r.get("since")) or now)),
-            strip_control(r.get("summary") or r.get("tool") or ""),
+            strip_control(r.get("summary") or r.get("tool") or "")
+            + (
+                f"  (asked by containment: {strip_control(r['reason'])})" if r.get("reason") else ""
+            ),
         ]
         for r in requests
     ]

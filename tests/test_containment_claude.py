@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import git, load_state, wait_settled, write_config
+from conftest import git, load_state, wait_for, wait_settled, write_config
 from scripted_api import bash, call, requires_claude, text
 
 pytestmark = requires_claude
@@ -27,6 +27,15 @@ def tool_results(api):
                         )
                     found[block["tool_use_id"]] = (bool(block.get("is_error")), content or "")
     return found
+
+
+def wait_request(cli, agent_id, timeout=60):
+    """The first approval request of an agent, as `orchestra approvals --json` lists it."""
+
+    def found():
+        return [r for r in cli("approvals", "--json").json()["approvals"] if r["agent"] == agent_id]
+
+    return wait_for(found, timeout=timeout, what=f"{agent_id} to ask")[0]
 
 
 def hostile_steps(repo, worktree, other):
@@ -120,6 +129,46 @@ def test_defaults_contain_a_hostile_agent(repo, claude_api, cli, other_agent):
     """The defaults `init` shows (sandbox auto: on here), and every escape of the issue."""
     record = run_hostile(repo, claude_api, cli)
     assert record["sandboxed"] is True
+
+
+def test_sandboxed_bash_cannot_read_what_the_guard_cannot_see(repo, claude_api, cli, other_agent):
+    """A script the guard cannot look into reads .orchestra/ and another agent's worktree: the deny
+    rules of the settings layer reach Claude Code's sandbox, so it reads nothing."""
+    write_config(repo, heartbeat_interval=0.5)
+    (repo / ".orchestra" / "web.json").write_text('{"token": "SECRET-TOKEN"}')
+    assert cli("spawn", "other-agent-sleeps").code == 0
+    wait_settled(repo)
+    (repo / ".worktrees" / "task-other-agent-sleeps" / "notes.txt").write_text("OTHER-AGENT-NOTES")
+    worktree = repo / ".worktrees" / "task-peeking-agent"
+    peek = "cat ../../.orchestra/web.json; cat ../task-other-agent-sleeps/notes.txt; echo PEEKED"
+    claude_api.script(
+        "peeking-agent",
+        [call("Write", file_path=str(worktree / "peek.sh"), content=peek + "\n"),
+         bash("sh peek.sh"), text("done")],
+    )  # fmt: skip
+    assert cli("spawn", "peeking-agent").code == 0
+    wait_settled(repo, timeout=120)
+    record = load_state(repo)["agents"]["peeking-agent"]
+    assert record["state"] == "done" and record["sandboxed"] is True, record
+    results = " ".join(t for _, t in tool_results(claude_api).values())
+    assert "PEEKED" in results  # the script ran
+    assert "SECRET-TOKEN" not in results and "OTHER-AGENT-NOTES" not in results
+
+
+def test_a_read_of_a_protected_path_is_an_approval_request(repo, claude_api, cli):
+    write_config(repo, heartbeat_interval=0.5, protected_paths=["secrets/"])
+    (repo / "secrets").mkdir()
+    (repo / "secrets" / "key.txt").write_text("THE-KEY")
+    claude_api.script("wants-key", [bash(f"cat {repo}/secrets/key.txt"), text("done")])
+    assert cli("spawn", "wants-key").code == 0
+    request = wait_request(cli, "wants-key")
+    assert request["summary"] == f"Bash(cat {repo}/secrets/key.txt)"
+    assert "credentials" in request["reason"]
+    assert "wants-key" in cli("approvals").out
+    assert cli("deny", request["id"], "--message", "not the keys").code == 0
+    wait_settled(repo, timeout=120)
+    results = " ".join(t for _, t in tool_results(claude_api).values())
+    assert "not the keys" in results and "THE-KEY" not in results
 
 
 def test_without_the_sandbox_and_bash_allowed_outright(repo, claude_api, cli, other_agent):
