@@ -4477,7 +4477,8 @@ def group_members(pgid):
 # settles, and before `collect`, it verifies them: a moved or new ref is put back (its new
 # value kept under refs/orchestra/tampered/<id>/), a changed file restored (the changed
 # version kept in .orchestra/integrity/<id>/<time>/), and the agent is marked `tampered` with
-# what changed. Another agent's branch may move while that agent runs, and orchestra's own
+# what changed (once per run: `collect` checks only runs no supervisor settled). Another agent's
+# branch may move while that agent runs, and orchestra's own
 # merges move the target branch: those are accepted (see accept_refs). A change the user
 # made while the agent ran is treated the same way, and kept, never lost.
 # ======================================================================================
@@ -4562,15 +4563,22 @@ def moved_by_owner(ref, records, since, prefix):
     return owner.get("state") in ACTIVE_STATES or (owner.get("finished_at") or "") >= since
 
 
-def verify_integrity(project, record, records):
-    """Put back what the agent changed outside its worktree and branch; what was found, as lines."""
-    baseline = read_json_file(baseline_path(project, record["id"]))
-    if not baseline:
+def verify_integrity(project, record, records, unverified_only=False):
+    """Put back what the agent changed outside its worktree and branch; what was found, as lines.
+
+    A run is verified once, when it settles: what changes later (your own commits) is not its
+    doing. `unverified_only` (collect) checks only runs no supervisor settled.
+    """
+    path = baseline_path(project, record["id"])
+    baseline = read_json_file(path)
+    if not baseline or (unverified_only and baseline.get("verified_at")):
         return []
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     prefix = record["branch"].rsplit("/", 1)[0]
     found = restore_refs(project, record, baseline, records, stamp, prefix)
     found += restore_files(project, record, baseline, stamp)
+    baseline["verified_at"] = utc_iso()
+    write_atomic(path, json.dumps(baseline, sort_keys=True))
     return found
 
 
@@ -8527,7 +8535,7 @@ def check_before_collect(project, records):
     live = project.store.load()["agents"]
     checked = []
     for record in records:
-        found = verify_integrity(project, record, live) if record["id"] in live else []
+        found = verify_integrity(project, record, live, True) if record["id"] in live else []
         if found:
 
             def mark(state, agent_id=record["id"], found=found):
