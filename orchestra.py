@@ -2982,6 +2982,23 @@ SECRET_PATHS = (
     ".azure",
 )
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "fish")
+# Commands that name a folder without reading what is inside it
+NAMING_PROGRAMS = (
+    "cd",
+    "pushd",
+    "stat",
+    "test",
+    "[",
+    "realpath",
+    "readlink",
+    "dirname",
+    "basename",
+    "echo",
+    "printf",
+    "pwd",
+    "mkdir",
+    "git",
+)
 # Commands that only run the rest of their arguments as a command
 COMMAND_WRAPPERS = (
     "command",
@@ -3505,6 +3522,7 @@ def command_verdict(argv, redirects, b, cwd, hidden):
             verdicts.append(Verdict(ASK, f"a variable hides which path {word!r} names"))
             continue
         verdicts += [path_verdict(p, b, False, "the command reaches") for p in paths]
+        verdicts += [ancestor_verdict(program, word, p, b) for p in paths]
     if program in ("cd", "pushd") and len(argv) > 1:
         verdicts.append(cd_verdict(argv[-1], b, cwd))
     elif program in SHELLS and "-c" in argv[1:-1]:
@@ -3522,6 +3540,20 @@ def command_verdict(argv, redirects, b, cwd, hidden):
     else:
         verdicts.append(writer_verdict(program, argv, b, cwd))
     return strictest(verdicts)
+
+
+def ancestor_verdict(program, word, path, b):
+    """A folder holding .orchestra/ or the worktrees (the repository, $HOME, /) may be named, not
+    searched: `find ../..`, `grep -r x ~`, `tar c /` would read what the guard protects."""
+    if program in NAMING_PROGRAMS or within(path, b.worktree, b.casefold):
+        return ALLOWED
+    if any(within(held, path, b.casefold) for held in (b.orchestra, b.worktrees)):
+        return Verdict(
+            DENY,
+            f"{CONTAINED}: {program} {word} reaches a folder holding orchestra's files "
+            "or other agents' worktrees",
+        )
+    return ALLOWED
 
 
 def skip_wrapper(argv):
@@ -3577,6 +3609,12 @@ def writer_verdict(program, argv, b, cwd):
     if program in ("sed", "perl") and not any(w.startswith("-i") for w in argv[1:]):
         return ALLOWED
     operands = [w for w in argv[1:] if not w.startswith("-") or w.startswith(("of=",))]
+    if program == "ln":
+        sources = [w for w in operands[:-1] if w not in ("-t", "--target-directory")]
+        for word in sources:
+            for path in word_paths(word, b, cwd) or []:
+                if place_of(path, b) != "worktree":
+                    return Verdict(ASK, f"ln {word} makes a link out of the worktree")
     if program in WRITERS_LAST:
         target = next(
             (argv[i + 1] for i, w in enumerate(argv[:-1]) if w in ("-t", "--target-directory")),

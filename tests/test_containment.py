@@ -208,6 +208,9 @@ HOSTILE_GIT = [
     "rm -rf ../task-theirs",
     "mv x {repo}/",
     "sed -i s/a/b/ {repo}/README.md",
+    "find ../.. -name web.json",
+    "grep -r token {repo}",
+    "tar czf /tmp/all.tgz {repo}/..",
 ]
 
 ASKED = [
@@ -222,6 +225,7 @@ ASKED = [
     "git stash",
     "cat $SECRET_DIR/file",
     "cd - && git status",
+    "ln -s ../.. up",
 ]
 
 
