@@ -27,7 +27,7 @@ from common import IDENTITY, ROOT, git, init_repo
 import orchestra
 
 sys.path.insert(0, str(ROOT / "tests"))
-from scripted_api import ScriptedAPI, bash, call, claude_env, text
+from scripted_api import ScriptedAPI, bash, call, claude_env, slow, text
 
 
 def make_agent(root):
@@ -92,8 +92,8 @@ def baseline_python(calls):
     return seconds
 
 
-def ordinary_steps(worktree):
-    """20 tool calls of an ordinary agent, then its final answer."""
+def ordinary_steps(worktree, think):
+    """20 tool calls of an ordinary agent, then its final answer; each answer streamed over `think` s."""
     steps = []
     for n in range(4):
         path = str(worktree / f"mod{n}.py")
@@ -104,16 +104,17 @@ def ordinary_steps(worktree):
             bash(f"git add mod{n}.py"),
             bash(f"git commit -qm 'mod{n}'"),
         ]
-    return [*steps, text("done")]
+    steps = [*steps, text("done")]
+    return [slow(step, think / 5) for step in steps] if think else steps  # about 5 events a step
 
 
-def run_agent(project, record, api, env, guarded, n):
+def run_agent(project, record, api, env, guarded, n, think):
     """One run of the ordinary agent in a fresh worktree; its wall time in seconds."""
     record = dict(record, id=f"run{n}", branch=f"orchestra/run{n}")
     record["worktree"] = str(project.worktree_root / f"task-run{n}")
     git(project.repo, "worktree", "add", "-q", "-b", record["branch"], record["worktree"])
     key = f"ordinary-{n}"
-    api.script(key, ordinary_steps(Path(record["worktree"])))
+    api.script(key, ordinary_steps(Path(record["worktree"]), think))
     argv = orchestra.agent_argv(dict(record, task=key), env=env)
     if not guarded:
         index = argv.index("--settings") + 1
@@ -140,6 +141,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=200, help="hook calls timed in part 1")
     parser.add_argument("--runs", type=int, default=3, help="agent runs each way in part 2")
+    parser.add_argument(
+        "--think",
+        type=float,
+        default=0.0,
+        help="seconds the scripted model takes per answer (0: at once, the worst case)",
+    )
     args = parser.parse_args()
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     compileall.compile_file(str(ROOT / "orchestra.py"), quiet=1)  # as pip installs it
@@ -160,12 +167,12 @@ def main():
             times = {True: [], False: []}
             for n in range(args.runs * 2):
                 guarded = n % 2 == 0
-                times[guarded].append(run_agent(project, record, api, env, guarded, n))
+                times[guarded].append(run_agent(project, record, api, env, guarded, n, args.think))
         with_guard, without = statistics.median(times[True]), statistics.median(times[False])
         ratio = with_guard / without
         print(
             f"ordinary 20-call agent: {with_guard:.2f} s with the guard, {without:.2f} s without "
-            f"(x{ratio:.2f}; goal <= 1.1: {'ok' if ratio <= 1.1 else 'MISSED'}; {args.runs} runs each)"
+            f"(x{ratio:.2f}; goal <= 1.1: {'ok' if ratio <= 1.1 else 'MISSED'}; {args.runs} runs each, model answers in {args.think:g} s)"
         )
 
 
