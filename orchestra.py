@@ -23,6 +23,7 @@ Commands:
   orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
+  orchestra land [ID...] [--dry-run]  merge queue: land agents whose checks pass on the result
   orchestra cleanup [--dry-run]       remove worktrees and branches, archiving anything unsaved first
   orchestra restore ID                bring a cleaned-up agent back from its archive
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
@@ -70,6 +71,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Sessions: resuming              `claude --resume` in the session's own (recreated) cwd
   Collect: reports                what each finished agent did, cached by RepoFacts
   Collect: commits, merges and pull requests   bringing work home
+  Landing                         the merge queue: scratch merges, checks, compare-and-swap, fix rounds
   Cleanup and archives            remove only what is saved; archive refs; restore
   WebSocket                       RFC 6455 by hand: handshake, frames, one connection
   HTTP server: the gate           Host, Origin, token and size checks before any route
@@ -79,7 +81,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Command line: shared parts      the parser class, tables, colours, number types
   Command line: setting up        init, config, doctor
   Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff, approvals
-  Command line: results           collect, cleanup, restore
+  Command line: results           collect, land, cleanup, restore
   Command line: sessions, web and internals   sessions, web, supervise, hook
   Command line: the parser        PARSER_BUILDERS and build_parser()
   Main                            main(): an OrchestraError becomes a message and an exit status
@@ -115,6 +117,7 @@ import tempfile
 import threading
 import time
 import traceback
+import unicodedata
 import zlib
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -201,6 +204,7 @@ CONFIG_DEFAULTS = {
     "api_retries": 5,
     "api_backoff": 60,
     "api_backoff_max": 3600,
+    "land_strategy": "merge",
 }
 # What each key must hold: "int", "number", "str", "str?" (string or null) or "list".
 CONFIG_TYPES = {
@@ -229,7 +233,14 @@ CONFIG_TYPES = {
     "api_retries": "int",
     "api_backoff": "number",
     "api_backoff_max": "number",
+    "land_strategy": "str",
 }
+LAND_STRATEGIES = ("merge", "rebase", "squash")  # how `land` puts an agent's work on the target
+LAND_LOCK = "land.lock"  # in .orchestra/: one land (land, the web, collect --merge) at a time
+LAND_BUSY = (
+    "another land (orchestra land, collect --merge or the dashboard) is running in this "
+    "repository; wait for it to end and run this again"
+)
 # Agent states (see DESIGN.md, "An agent") and exit statuses (0 ok, 1 failed, 2 bad input, Ctrl-C)
 ACTIVE_STATES = ("queued", "running", "paused", "waiting")
 FINISHED_STATES = ("done", "failed", "stopped", "interrupted")
@@ -245,8 +256,10 @@ LOG_READ_CHUNK = 1024 * 1024  # bytes of an agent's log read at a time: memory s
 # Claude Code: its program, where it keeps sessions, how to install it, how to nudge it on
 CLAUDE_EXECUTABLE = "claude"
 CLAUDE_CONFIG_ENV = "CLAUDE_CONFIG_DIR"
+CLAUDE_PINNED_VERSION = "2.1.331"  # what the tests run and the README pins
+CLAUDE_INSTALL_COMMAND = f"npm install -g @anthropic-ai/claude-code@{CLAUDE_PINNED_VERSION}"
 CLAUDE_INSTALL_HINT = (
-    "install Claude Code with 'npm install -g @anthropic-ai/claude-code', "
+    f"install Claude Code with '{CLAUDE_INSTALL_COMMAND}', "
     "or set agent_command in the config to run another agent"
 )
 RESUME_PROMPT = "Continue the task."
@@ -391,7 +404,9 @@ def slugify(text, limit=ID_CHARS, words=ID_WORDS):
     'add input validation to the signup form' -> 'add-input-validation'. Safe as a branch and a
     folder name; small words ('the', 'to', ...) are skipped unless the task has nothing else.
     """
-    found = re.findall(r"[a-z0-9]+", text.lower())
+    # Accents go (é -> e, so 'émoji tâche' -> 'emoji-tache'); letters of other scripts stay.
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    found = re.findall(r"[^\W_]+", plain.lower())
     meaningful = [w for w in found if w not in ID_SKIP_WORDS] or found
     slug = ""
     for word in meaningful[:words]:
@@ -667,6 +682,10 @@ class Config:
         if values["sandbox"] not in SANDBOX_MODES:
             raise OrchestraError(
                 f"{sources['sandbox']}: 'sandbox' must be one of {', '.join(SANDBOX_MODES)}, not {json.dumps(values['sandbox'])}"
+            )
+        if values["land_strategy"] not in LAND_STRATEGIES:
+            raise OrchestraError(
+                f"{sources['land_strategy']}: 'land_strategy' must be one of {', '.join(LAND_STRATEGIES)}, not {json.dumps(values['land_strategy'])}"
             )
         for key in ("heartbeat_interval", "stale_threshold"):
             if values[key] <= 0:
@@ -1830,7 +1849,8 @@ RECORD_FIELDS = (
     "last_activity_at", "exit_code", "result", "error", "cost_usd", "turns",
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
     "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
-    "checks", "waiting", "batch", "stop_reason", "contained", "tampered",
+    "checks", "waiting", "batch", "stop_reason", "landed", "blocked", "after", "waits_for",
+    "contained", "tampered",
 )  # fmt: skip
 CONTAINED_KEPT = 20  # calls refused by containment a record lists (the log keeps them all)
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
@@ -1918,7 +1938,16 @@ def select_agents(records, wanted):
         if name in records:
             chosen.append(records[name])
             continue
-        matches = sorted(i for i in records if i.startswith(name))
+        # A prefix means one of the agents `status` shows; a cleaned-up one needs its whole id.
+        matches = sorted(
+            i for i, r in records.items() if i.startswith(name) and r["state"] != "removed"
+        )
+        gone = sorted(i for i in records if i.startswith(name) and i not in matches)
+        if not matches and gone:
+            raise OrchestraError(
+                f"no live agent '{name}'; cleaned up: {', '.join(gone[:MAX_LISTED_FILES])} "
+                "(name one by its whole id; 'orchestra status --all' lists them)"
+            )
         if not matches:
             raise OrchestraError(f"no agent '{name}'; 'orchestra status' lists them")
         if len(matches) > 1:
@@ -1934,13 +1963,20 @@ def append_event(path, event):
         f.write(json_text(event) + "\n")
 
 
-def describe_tool_use(block):
-    """One line for a tool call: its name and the input that says most about it."""
+def describe_tool_use(block, cwd=None):
+    """One line for a tool call: its name and the input that says most about it.
+
+    Paths inside `cwd` (the agent's worktree) are shown relative to it: `Write: CHANGELOG.md`.
+    """
     name = block.get("name") or "tool"
     args = block.get("input") if isinstance(block.get("input"), dict) else {}
     for key in ("command", "file_path", "path", "pattern", "url", "description", "prompt"):
         if isinstance(args.get(key), str):
-            return one_line(f"{name}: {args[key]}")
+            said = args[key]
+            if cwd:
+                said = "." if said.rstrip("/") == cwd.rstrip("/") else said
+                said = said.replace(cwd.rstrip("/") + "/", "")
+            return one_line(f"{name}: {said}")
     return name
 
 
@@ -1956,6 +1992,11 @@ def fold_resilience_event(memory, event):
         memory.pop("waiting", None)
     elif what == "budget_stop":
         memory["stop_reason"] = "budget"
+    elif what == "landed":  # see Landing
+        memory["landed"] = {key: event.get(key) for key in ("into", "commit", "at")}
+        memory.pop("blocked", None)
+    elif what == "blocked":
+        memory["blocked"] = {key: event.get(key) for key in ("reason", "at")}
 
 
 class AgentLog:
@@ -1978,6 +2019,7 @@ class AgentLog:
         self.past_tokens = (0, 0)  # tokens of earlier runs (resumed agents add up)
         self.resilience = {}  # the latest checks result and API wait (see fold_resilience_event)
         self.model = None  # of the current run, from system/init or the messages, to price tokens
+        self.cwd = None  # the agent's worktree, from system/init: activity paths are shown relative
         self.run_estimate = {}  # message id -> estimated USD of the current run, until its result
         self.estimate_total = 0.0  # the sum of run_estimate, kept as it changes (never re-summed)
         self.paid = None  # USD the results of finished runs reported
@@ -2083,6 +2125,8 @@ class AgentLog:
             self.facts["session_id"] = event["session_id"]
         if event.get("subtype") == "init" and isinstance(event.get("model"), str):
             self.model = event["model"]
+        if event.get("subtype") == "init" and isinstance(event.get("cwd"), str):
+            self.cwd = event["cwd"]
 
     def on_assistant(self, event):
         """Text or a tool call becomes the activity line; usage gives running token counts."""
@@ -2093,7 +2137,7 @@ class AgentLog:
             if block.get("type") == "text" and one_line(block.get("text", "")):
                 self.facts["activity"] = one_line(block["text"])
             elif block.get("type") == "tool_use":
-                self.facts["activity"] = describe_tool_use(block)
+                self.facts["activity"] = describe_tool_use(block, self.cwd)
         if isinstance(message.get("usage"), dict):
             key = message.get("id") or len(self.run_usage)
             self.count_usage(key, message["usage"])
@@ -2322,6 +2366,9 @@ def restore_resilience(record, log):
     record["api_attempts"] = memory.get("api_attempts", 0)
     if memory.get("stop_reason"):
         record["stop_reason"] = memory["stop_reason"]
+    record.update(landed=memory.get("landed"), blocked=memory.get("blocked"))
+    if record["landed"]:
+        record["merged"] = True
 
 
 def rebuild_state(project):
@@ -2380,7 +2427,14 @@ def rebuild_state(project):
                 "failed",
                 "worktree missing after state.json was rebuilt",
             )
+        record["after"] = spawn.get("after")
         records[record["id"]] = record
+    for record in records.values():  # an agent not started yet still waits for what has not landed
+        if record["after"] and record["state"] == "queued":
+            known = {**history, **records}
+            record["waits_for"] = [
+                i for i in record["after"] if not (known.get(i) or {}).get("landed")
+            ]
     return {"agents": records, "batches": batches}
 
 
@@ -4156,6 +4210,11 @@ SYSTEM_PROMPT = (
     "messages before you finish; uncommitted work may be lost. Do not push."
 )
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+# The oldest Claude Code with every flag and hook orchestra uses, found by trying each release
+# against tests/scripted_api.py: 2.1.301 and older never fire the PermissionRequest hook in -p mode.
+CLAUDE_MIN_VERSION = (2, 1, 302)
+CLAUDE_VERSION_TIMEOUT = 10.0
+CLAUDE_VERSIONS_SEEN = {}  # (path, mtime) -> version: one `claude --version` per process
 
 
 def agent_argv(record, prompt=None, env=None):
@@ -4168,7 +4227,15 @@ def agent_argv(record, prompt=None, env=None):
     task = prompt or record["task"]
     if not is_claude_command(command):
         return [part.replace("{task}", task) for part in command]
-    argv = [*command, "-p", task, "--output-format", "stream-json", "--verbose"]
+    dashed = task.startswith("-")  # would be read as an option: it goes last, after "--"
+    argv = [
+        *command,
+        "-p",
+        *([] if dashed else [task]),
+        "--output-format",
+        "stream-json",
+        "--verbose",
+    ]
     if prompt and record.get("session_id"):
         argv += ["--resume", record["session_id"]]
     argv += ["--append-system-prompt", SYSTEM_PROMPT.format(branch=record["branch"])]
@@ -4184,7 +4251,7 @@ def agent_argv(record, prompt=None, env=None):
         argv += ["--max-budget-usd", str(config["max_budget_usd"])]
     if config["bypass_permissions"]:
         argv += ["--allowedTools", *config["bypass_permissions"]]  # variadic: keep it last
-    return argv
+    return argv + (["--", task] if dashed else [])
 
 
 def check_agent_command(config):
@@ -4196,6 +4263,48 @@ def check_agent_command(config):
         raise OrchestraError(
             f"agent_command program '{program}' was not found on PATH; install it or fix agent_command"
         )
+    problem = claude_version_problem(config["agent_command"], os.environ)
+    if problem:
+        raise OrchestraError(problem)
+
+
+def claude_version(program, env):
+    """The (major, minor, patch) that `program --version` reports, or None when it cannot say."""
+    path = shutil.which(program, path=env.get("PATH", os.defpath))
+    try:
+        key = (path, os.stat(path).st_mtime_ns) if path else None
+    except OSError:
+        key = None
+    if key is None:
+        return None
+    if key not in CLAUDE_VERSIONS_SEEN:
+        try:
+            done = subprocess.run([path, "--version"], env=dict(env), stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, errors="replace",
+                                  timeout=CLAUDE_VERSION_TIMEOUT)  # fmt: skip
+            found = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", done.stdout)
+        except (OSError, subprocess.SubprocessError):
+            found = None
+        CLAUDE_VERSIONS_SEEN[key] = tuple(map(int, found.groups())) if found else None
+    return CLAUDE_VERSIONS_SEEN[key]
+
+
+def claude_version_problem(command, env):
+    """Why the Claude Code that agent_command runs is too old for orchestra, or None.
+
+    None too for another agent CLI, a missing program (check_agent_command says that) and a
+    version it cannot read: only a version known to be too old is refused.
+    """
+    if not is_claude_command(command):
+        return None
+    found = claude_version(command[0], env)
+    if found is None or found >= CLAUDE_MIN_VERSION:
+        return None
+    have, need = ".".join(map(str, found)), ".".join(map(str, CLAUDE_MIN_VERSION))
+    return (
+        f"Claude Code {have} is too old: orchestra needs {need} or newer (older ones never ask "
+        f"for approvals in -p mode); update it with '{CLAUDE_INSTALL_COMMAND}'"
+    )
 
 
 def launch_agent(project, record, prompt=None):
@@ -4419,9 +4528,10 @@ def append_spawn_event(project, record):
         "seq",
     )
     batch = {"batch": record.get("batch"), "batch_budget": record.get("batch_budget")}
+    after = {"after": record["after"]} if record.get("after") else {}  # see Landing
     append_event(
         project.log_path(record["id"]),
-        {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch},
+        {"event": "spawn", **{k: record[k] for k in spawn_facts}, **batch, **after},
     )
 
 
@@ -4781,10 +4891,6 @@ def check_task(task, noun="task"):
     """Refuse a task (or follow-up message) an agent could not be given as one argument."""
     if not task.strip():
         raise OrchestraError(f"a {noun} is empty; describe what the agent should do")
-    if task.lstrip().startswith("-"):
-        raise OrchestraError(
-            f"{noun} '{one_line(task, 40)}' starts with '-' and would be read as an option; rephrase it"
-        )
     if len(task) > MAX_TASK_LENGTH:
         raise OrchestraError(
             f"a {noun} is {len(task)} characters long, over the limit of {MAX_TASK_LENGTH}; "
@@ -4871,8 +4977,68 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel):
     return project.store.update(reserve)
 
 
+def check_dependencies(known, names, deps):
+    """Each task's dependencies as agent ids, refusing unknown ids, self-dependencies and cycles
+    before anything is queued. `known`: existing agents (live and cleaned up) by id; `names`:
+    the new tasks' ids (None where unnamed); `deps`: one list of ids or prefixes per task."""
+    resolved = []
+    for name, wanted in zip(names, deps):
+        ids = []
+        for dep in wanted:
+            if dep in names and dep is not None:
+                if dep == name:
+                    raise OrchestraError(
+                        f"task '{name}' cannot wait for itself; remove it from its own 'after'"
+                    )
+                ids.append(dep)
+                continue
+            try:
+                ids.append(select_agents(known, [dep])[0]["id"])
+            except OrchestraError as e:
+                raise OrchestraError(f"--after {dep}: {e}") from None
+        resolved.append(list(dict.fromkeys(ids)))
+    graph = {name: ids for name, ids in zip(names, resolved) if name is not None}
+    for start in graph:
+        seen, path = set(), [start]
+        while path:
+            node = path.pop()
+            for dep in graph.get(node, ()):
+                if dep == start:
+                    raise OrchestraError(
+                        f"the tasks' 'after' make a cycle through '{start}'; break it"
+                    )
+                if dep not in seen:
+                    seen.add(dep)
+                    path.append(dep)
+    return resolved
+
+
+def mark_plan(project, records, deps, checks):
+    """Fix each new agent's dependencies (`after`, and `waits_for`: those not landed yet) and its
+    own checks (from a tasks file) before its spawn event is written."""
+
+    def mark(state):
+        landed = {i for i, r in {**project.history(), **state["agents"]}.items() if r.get("landed")}
+        for record, after, own_checks in zip(records, deps, checks):
+            facts = {}
+            if after:
+                waits = [i for i in after if i not in landed]
+                facts.update(after=after, waits_for=waits)
+                if waits:
+                    facts["activity"] = f"waiting for {', '.join(waits)} to land"
+            if own_checks is not None:
+                facts["launch"] = dict(record["launch"], checks=own_checks)
+            record.update(facts)
+            state["agents"][record["id"]].update(facts)
+
+    if any(deps) or any(c is not None for c in checks):
+        project.store.update(mark)
+
+
 def prepare_agents(project, records):
     """Create all worktrees concurrently, then mark each agent ready or failed."""
+    if not records:
+        return
     copies = files_to_copy(project, include_patterns(project))
     project.worktree_root.mkdir(parents=True, exist_ok=True)
     register_lock = threading.Lock()  # serialises `git worktree add` (see prepare_worktree)
@@ -5237,11 +5403,17 @@ def run_check(command, worktree, timeout, cancelled):
 
 
 def check_ended(proc):
-    """Wait up to CHECK_POLL for a check's process; True once it has ended."""
+    """Wait up to CHECK_POLL for a check's process; True once it has ended. Ctrl-C here ends
+    the check's whole process group before it propagates (`land` runs checks in the foreground)."""
     try:
         proc.wait(CHECK_POLL)
     except subprocess.TimeoutExpired:
         return False
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return True
 
 
@@ -5673,7 +5845,11 @@ class Supervisor:
         """True while some agent is ready to start (or waits for its worktree), running or paused."""
         return any(
             r["state"] in ("running", "paused", "waiting")
-            or (r["state"] == "queued" and (r.get("ready") or r.get("worktree_later")))
+            or (
+                r["state"] == "queued"
+                and (r.get("ready") or r.get("worktree_later"))
+                and not r.get("waits_for")  # its dependencies land first (see Landing)
+            )
             for r in state["agents"].values()
         )
 
@@ -5684,6 +5860,7 @@ class Supervisor:
             record["state"] == "queued"
             and bool(record.get("worktree_later"))
             and not record.get("preparer")
+            and not record.get("waits_for")
         )
 
     def preparing(self):
@@ -5725,6 +5902,10 @@ class Supervisor:
                 record.update(
                     worktree_later=False, activity="preparing worktree", preparer=preparer
                 )
+                if record.get("after"):  # from the target, with the work of what it waited for
+                    target = record.get("land_base") or record.get("base_branch")
+                    tip = target and ref_commit(self.project.repo, f"refs/heads/{target}")
+                    record["base_commit"] = tip or record["base_commit"]
             return [dict(r) for r in chosen]
 
         try:
@@ -6144,11 +6325,23 @@ def check_not_removed(project, names):
         )
 
 
-def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, budget=None):
+def spawn_agents(
+    project,
+    tasks,
+    parallel=None,
+    name=None,
+    base=None,
+    env=None,
+    budget=None,
+    after=None,
+    checks=None,
+):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
     The one way agents come to be, from the command line or the web; their records. The agents
-    start with `env` (default: this process's environment).
+    start with `env` (default: this process's environment). `after`: per task, the ids it waits
+    for (it starts once they landed, from the target with their work); `checks`: per task, its
+    own checks or None.
     """
     for task in tasks:
         check_task(task)
@@ -6165,15 +6358,20 @@ def spawn_agents(project, tasks, parallel=None, name=None, base=None, env=None, 
     check_agent_command(project.config)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
+    known = {**project.history(), **project.records()}
+    deps = check_dependencies(known, names or [None] * len(tasks), after or [[]] * len(tasks))
     roll_back_stalled_spawns(project)
     records = reserve_agents(project, tasks, names, base_branch, base_commit, parallel)
     mark_sandboxed(project, records, sandboxed)
+    mark_plan(project, records, deps, checks or [None] * len(tasks))
     assign_batch(project, records, budget)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
+    now = [r for r in records if not r.get("waits_for")][:SPAWN_PREPARED_NOW]
+    later = [r for r in records if r not in now]
     try:
-        defer_worktrees(project, records[SPAWN_PREPARED_NOW:])
-        prepare_agents(project, records[:SPAWN_PREPARED_NOW])
-        hand_over_worktrees(project, records[SPAWN_PREPARED_NOW:])
+        defer_worktrees(project, later)
+        prepare_agents(project, now)
+        hand_over_worktrees(project, later)
     except BaseException:
         with shield_interrupts():
             roll_back_spawn(project, records, "spawn was interrupted before the agent started")
@@ -6231,10 +6429,15 @@ def resume_agent(record):
 
 
 def retry_agent(project, record, resume_session):
-    """Start a failed, interrupted or stopped agent's task again; what happened."""
-    if record["state"] not in ("failed", "interrupted", "stopped"):
+    """Start a failed, interrupted or stopped agent's task again (or a done one whose checks
+    failed, `done ✗`); what happened."""
+    checks_failed = (
+        record["state"] == "done" and (record.get("checks") or {}).get("status") == "failed"
+    )
+    if record["state"] not in ("failed", "interrupted", "stopped") and not checks_failed:
         raise OrchestraError(
-            f"{record['id']} is {record['state']}; only failed, interrupted or stopped agents can be retried"
+            f"{record['id']} is {state_label(record)}; only failed, interrupted or stopped agents "
+            "and done ones whose checks failed (done ✗) can be retried"
         )
     if resume_session:
         change_agents(
@@ -6393,6 +6596,7 @@ def worktree_row(path, branch, record, notes):
 
 LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
 LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
+LOGS_TOOL_OUTPUT_LINES = 10  # of a tool's output `logs` shows (an error's output is shown whole)
 
 
 def render_event(event):
@@ -6426,9 +6630,27 @@ def render_block(block):
     if block.get("type") == "tool_result":
         content = block.get("content")
         if isinstance(content, list):
-            content = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
-        return [f"<- {one_line(content or '(no output)')}"]
+            content = "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+        return tool_output_lines(content, bool(block.get("is_error")))
     return []
+
+
+def tool_output_lines(content, is_error):
+    """A tool's output: its first LOGS_TOOL_OUTPUT_LINES lines (an error whole), then how many more."""
+    lines = [line.rstrip() for line in strip_control(str(content or "")).strip("\n").splitlines()]
+    if not any(line.strip() for line in lines):
+        return ["<- (no output)"]
+    shown = lines if is_error else lines[:LOGS_TOOL_OUTPUT_LINES]
+    more = len(lines) - len(shown)
+    return [
+        f"<- {shown[0]}",
+        *(f"   {line}" for line in shown[1:]),
+        *(
+            [f"   … {more} more line{'s' if more != 1 else ''} (logs --raw shows all)"]
+            if more
+            else []
+        ),
+    ]
 
 
 def render_orchestra_event(event):
@@ -7157,6 +7379,11 @@ class CountCache:
         except (TypeError, ValueError):  # not described yet, or a damaged entry
             return None
 
+    def learn(self, file, found, state, total):
+        """What describing and counting a transcript found elsewhere (read_in_parallel)."""
+        self.remember(file, found)
+        self.entries[file.path].update(state, total=total)
+
     def remember(self, file, found):
         """Keep what the head and tail of a transcript said, for the runs to come."""
         entry, unchanged = self.entry(file)
@@ -7199,6 +7426,9 @@ class CountCache:
 # ======================================================================================
 
 SESSION_CWD_PROBE_BYTES = 8 * 1024  # enough to reach the first line that names a cwd
+# A listing with at least this many transcripts to read (a first run) reads them on every core.
+SESSION_PARALLEL_MIN = 200
+SESSION_PARALLEL_CHUNK = 8  # transcripts a worker reads per task: few, so the big ones spread out
 SESSION_TABLE_GAP = "  "
 SECONDS_PER_HOUR = 3600
 # Table columns: (name, widest it gets; None: as wide as its widest cell). The title then takes
@@ -7430,6 +7660,40 @@ def describe_found(file):
     return Found(describe_session(file, window), legacy_summaries(window), untitled)
 
 
+def read_transcript(job):
+    """A worker's part of read_in_parallel: (path, (Found, count state, total) or None)."""
+    file, entry = job
+    try:
+        found = describe_found(file)
+        state, total = count_messages(file.path, file.size, entry)
+    except OSError:  # unreadable, or removed since the scan: the listing says so itself
+        return file.path, None
+    return file.path, (found, state, total)
+
+
+def read_in_parallel(files, counts):
+    """Describe and count the new or changed transcripts among `files` on every core, into
+    `counts`, when there are enough of them to pay for starting processes (a first run).
+
+    Only where processes can fork (the workers inherit the module as it is); elsewhere, and
+    when anything goes wrong, the listing simply reads them itself, one by one.
+    """
+    todo = [f for f in files if counts.about(f) is None or not counts.entry(f)[1]]
+    workers = min(os.cpu_count() or 1, len(todo) // SESSION_PARALLEL_MIN + 1)
+    if len(todo) < SESSION_PARALLEL_MIN or workers < 2:
+        return
+    import multiprocessing  # here, not at the top: only a first run over many files needs it
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return
+    by_path = {f.path: f for f in todo}
+    jobs = [(f, counts.entry(f)[0]) for f in todo]
+    with contextlib.suppress(OSError), multiprocessing.get_context("fork").Pool(workers) as pool:
+        for path, read in pool.imap_unordered(read_transcript, jobs, SESSION_PARALLEL_CHUNK):
+            if read is not None:
+                counts.learn(by_path[path], *read)
+
+
 def session_for(file, project, cache, counts):
     """The Found of a file if it belongs to the project, with its message count; else None.
 
@@ -7490,6 +7754,8 @@ def list_sessions(projects_dir, now, hours, project, limit, counts):
     """The newest sessions of the store, described and marked with their orchestra agents."""
     files, unreadable = scan_session_files(projects_dir)
     candidates = newest_first(files, None if hours is None else now - hours * SECONDS_PER_HOUR)
+    if project is None:  # each candidate is shown, up to the limit: read them all at once
+        read_in_parallel(candidates[:limit], counts)
     found, skipped, truncated = collect_sessions(candidates, project, limit, counts)
     counts.save(files)
     agents, cache, sessions = AgentIndex(), {}, []
@@ -8416,6 +8682,19 @@ def commit_leftovers(project, record):
     return True
 
 
+def refresh_change_counts(project, records):
+    """Count these agents' commits and changed files again (after collect --commit committed)."""
+    counts = {r["id"]: change_counts(r["worktree"], r["base_commit"]) for r in records}
+
+    def change(state):
+        for agent_id, (commits, files) in counts.items():
+            if agent_id in state["agents"]:
+                state["agents"][agent_id].update(commits=commits, files_changed=files)
+
+    if counts:
+        project.store.update(change)
+
+
 def check_checkout_clean(repo, doing):
     """Refuse to touch the user's checkout while it has changes or an operation in progress."""
     operation = operation_in_progress(repo)
@@ -8621,6 +8900,7 @@ def collect_agents(
     records = check_before_collect(project, records)
     committed = [r["id"] for r in records if commit and commit_leftovers(project, r)]
     accept_refs(project, [f"refs/heads/{r['branch']}" for r in records if r["id"] in committed])
+    refresh_change_counts(project, [r for r in records if r["id"] in committed])
     reports = agent_reports(project, records)
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
     if merge:
@@ -8629,7 +8909,13 @@ def collect_agents(
         chosen, refused = gate_on_integrity(chosen, bool(ids) and force)
         document["not_merged"] += refused
         target = run_git(["symbolic-ref", "-q", "HEAD"], project.repo, check=False).stdout.strip()
-        document["merged"], document["conflict"] = merge_agents(project, chosen)
+        lock = FileLock(project.dir / LAND_LOCK)  # never interleaved with a land
+        if not lock.acquire(blocking=False):
+            raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+        try:
+            document["merged"], document["conflict"] = merge_agents(project, chosen)
+        finally:
+            lock.release()
         accept_refs(project, [target] if target else [])
         mark_merged(project, document["merged"])
     if patch:
@@ -8720,6 +9006,11 @@ def collect_text(document):
         parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
     if "merged" in document:
         parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
+        unchanged = [
+            r["id"] for r in document["agents"] if not r["commits"] and not r["uncommitted"]
+        ]
+        if unchanged:
+            parts.append("No changes (nothing to merge): " + ", ".join(unchanged))
         parts += [
             f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
             for s in document.get("not_merged", [])
@@ -8791,6 +9082,480 @@ def send_message(project, agent_id, message, env=None):
         raise
     ensure_supervisor(project)
     return sent_to
+
+
+# ======================================================================================
+# Landing
+# --------------------------------------------------------------------------------------
+# The target branch only ever moves to a commit whose checks passed on exactly that commit
+# (bors' "not rocket science" rule). `land` takes finished agents in queue (spawn) order and,
+# one at a time, merges each branch onto the target's tip in a scratch worktree of its own
+# (.orchestra/land, detached; never the user's checkout), runs the agent's `checks` there, and
+# moves the target with a compare-and-swap: `git merge --ff-only` in the user's checkout when
+# it has the target checked out (git writes its files, then the ref, only if it still points
+# where it did), else `git update-ref <ref> <new> <old>`. A checkout with changes the landing
+# would overwrite keeps its files; only the ref moves, and land says so. A conflict or red
+# checks send the agent a fix round in its own session (the target commit and the conflicting
+# files, or the failing command and its output); land retries it when the round ends, and
+# after `fix_rounds` tries parks it `blocked` while the queue goes on. One land at a time:
+# land.lock is held by land and collect --merge alike (a second one refuses). Before moving
+# the ref the record notes the commit it lands (`landing.commit`), so a rerun after Ctrl-C or
+# kill -9 recognises a landing that happened and otherwise starts the item again.
+# ======================================================================================
+
+LAND_WORKTREE = "land"  # in .orchestra/: the scratch worktree where merges and their checks run
+LAND_READY = "land.ready"  # in .orchestra/: written once the land worktree is made and set up
+LAND_SETUP_LOG = "land-setup.jsonl"  # in .orchestra/: the setup commands' output there
+LAND_POLL = 0.5  # seconds between looks at agents whose fix round is under way
+LAND_CONFLICT_PROMPT = (
+    "Your branch {branch} cannot land on {target}: merging it onto {target} at commit {commit} "
+    "conflicts in {files}. Bring your branch up to date with that commit (git merge {commit}), "
+    "resolve the conflicts keeping both sides' intent, make sure the checks pass, commit, and finish."
+)
+LAND_RED_PROMPT = (
+    "Your branch {branch} merged onto {target} at commit {commit} fails the checks: the command "
+    "`{command}` exited with {exit_code}. The end of its output:\n\n```\n{tail}\n```\n\n"
+    "Bring your branch up to date with that commit (git merge {commit}), make the checks pass "
+    "on the result, commit, and finish."
+)
+
+
+def landing_target(project, into):
+    """The branch land moves: --into, else base_branch, else the branch checked out in the repo."""
+    target = into or project.config["base_branch"] or current_branch(project.repo)
+    if not target:
+        raise OrchestraError(
+            "HEAD is detached; check out the branch to land on, or pass --into BRANCH"
+        )
+    if not ref_commit(project.repo, f"refs/heads/{target}"):
+        raise OrchestraError(f"--into {target}: no such branch; name an existing branch")
+    return target
+
+
+def land_candidates(project, ids, include_failing=False):
+    """(records to land in queue order, [{id, reason}] left out): the named finished agents, or
+    every done agent not landed yet whose checks passed (a blocked one only after it ran again)."""
+    state = project.store.load()["agents"]
+    if ids:
+        chosen = finished_agents(state, ids)
+        return sorted(chosen, key=spawn_order), []
+    fresh = [
+        r
+        for r in select_agents(state, [])
+        if r["state"] == "done" and not r.get("landed") and not blocked_still(r)
+    ]
+    chosen, skipped = gate_on_checks(fresh, include_failing)
+    return chosen, skipped
+
+
+def blocked_still(record):
+    """True for an agent parked blocked that has not run again since (a follow-up clears it)."""
+    blocked = record.get("blocked") or {}
+    return bool(blocked) and (record.get("finished_at") or "") <= (blocked.get("at") or "")
+
+
+def scratch_worktree(project, commit):
+    """The scratch worktree, reset to `commit` whatever an interrupted land left in it.
+
+    Made once like an agent's (copy_files copied, `setup` run; `ready` marks it complete) and
+    reused: a reset keeps ignored files (what setup installed), and the copies are made again.
+    """
+    path, ready = project.dir / LAND_WORKTREE, project.dir / LAND_READY
+    copies = files_to_copy(project, include_patterns(project))
+    if not ready.exists() or not (path / ".git").is_file():
+        git_bytes(["worktree", "remove", "--force", str(path)], project.repo, check=False)
+        shutil.rmtree(path, ignore_errors=True)
+        git_bytes(["worktree", "prune"], project.repo)
+        git_bytes(["worktree", "add", "--quiet", "--detach", str(path), commit], project.repo)
+        copy_into(project, path, copies)
+        error = run_setup(project.config["setup"], path, project.dir / LAND_SETUP_LOG)
+        if error:
+            raise OrchestraError(f"cannot prepare the land worktree {path}: {error}", EXIT_FAILURE)
+        ready.touch()
+        return path
+    if operation_in_progress(path):
+        for what in (["merge", "--abort"], ["rebase", "--abort"]):
+            git_bytes(what, path, check=False)
+    git_bytes(["reset", "--quiet", "--hard"], path)
+    git_bytes(["clean", "-q", "-ffd"], path)
+    git_bytes(["checkout", "--quiet", "--force", "--detach", commit], path)
+    copy_into(project, path, copies)
+    return path
+
+
+def copy_into(project, path, copies):
+    """Copy the user's untracked files named by copy_files into the land worktree."""
+    for rel in copies:
+        target = path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project.repo / rel, target, follow_symlinks=False)
+
+
+def combine(path, strategy, record, tip, onto):
+    """Put the agent's work onto the scratch worktree's HEAD: (new commit, conflicting files or None)."""
+    message = f"Land {record['branch']}"  # never the task: later agents' sessions show subjects
+    if strategy == "rebase":
+        git_bytes(["checkout", "--quiet", "--force", "--detach", tip], path)
+        done = git_bytes(["rebase", "--quiet", onto], path, check=False)
+    elif strategy == "squash":
+        done = git_bytes(["merge", "--squash", "--quiet", tip], path, check=False)
+        if done.returncode == 0:
+            done = git_bytes(
+                ["commit", "--quiet", "--allow-empty", "-m", message], path, check=False
+            )
+    else:
+        done = git_bytes(
+            ["merge", "--quiet", "--no-ff", "--no-edit", "-m", message, tip], path, check=False
+        )
+    if done.returncode == 0:
+        return ref_commit(path, "HEAD"), None
+    files = git_bytes(["diff", "--name-only", "--diff-filter=U", "-z"], path).stdout.decode()
+    files = [name for name in files.split("\0") if name]
+    for abort in (["merge", "--abort"], ["rebase", "--abort"]):  # leave nothing half done
+        git_bytes(abort, path, check=False)
+    return None, files or [one_line(done.stderr.decode("utf-8", "replace") or "git refused")]
+
+
+def checks_on(path, record):
+    """Run the agent's checks on the scratch worktree: None when they pass, else the failure."""
+    timeout = resilience_setting(record, "check_timeout")
+    for command in resilience_setting(record, "checks"):
+        code, output, why = run_check(command, path, timeout, lambda: False)
+        if code != 0:
+            tail = (
+                tail_text(output, CHECK_TAIL_CHARS)
+                if why is None
+                else f"timed out after {timeout}s"
+            )
+            return {"command": command, "exit_code": code, "tail": tail}
+    return None
+
+
+def checkout_of(project, target):
+    """The worktree that has `target` checked out, or None."""
+    listing = git_bytes(["worktree", "list", "--porcelain", "-z"], project.repo).stdout.decode()
+    path = None
+    for field in listing.split("\0"):
+        if field.startswith("worktree "):
+            path = field[len("worktree ") :]
+        elif field == f"branch refs/heads/{target}":
+            return Path(path)
+    return None
+
+
+def checkout_can_follow(checkout, new):
+    """True when a fast-forward of the user's checkout to `new` can overwrite nothing of theirs:
+    nothing in progress, no hidden (assume-unchanged, skip-worktree) changes, no untracked or
+    ignored file in the way (git itself refuses only for overlapping uncommitted changes)."""
+    if operation_in_progress(checkout) or hidden_changes(checkout):
+        return False
+    return not overwritten_by_merge(checkout, new)
+
+
+def move_target(project, target, old, new):
+    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout).
+
+    Running agents' integrity baselines take the new target (orchestra moved it, not they)."""
+    moved, note = swap_target(project, target, old, new)
+    if moved:
+        accept_refs(project, [f"refs/heads/{target}"])
+    return moved, note
+
+
+def swap_target(project, target, old, new):
+    """move_target's compare-and-swap itself, through the user's checkout when it can follow."""
+    checkout = checkout_of(project, target)
+    if checkout is not None and checkout_can_follow(checkout, new):
+        dirty = git_bytes(["status", "--porcelain", "--untracked-files=no"], checkout).stdout
+        done = git_bytes(["merge", "--quiet", "--ff-only", new], checkout, check=False)
+        if done.returncode == 0:
+            kept = (
+                f"your checkout {checkout} was brought up to date and its uncommitted changes kept"
+            )
+            return True, kept if dirty.strip() else None
+        if ref_commit(project.repo, f"refs/heads/{target}") != old:
+            return False, None
+    done = git_bytes(
+        ["update-ref", "-m", "orchestra land", f"refs/heads/{target}", new, old],
+        project.repo,
+        check=False,
+    )
+    if done.returncode != 0:
+        return False, None
+    if checkout is None:
+        return True, None
+    return True, (
+        f"your checkout {checkout} has changes the landing would overwrite, so only {target} moved "
+        f"(to {new[:12]}) and its files stay as they were at {old[:12]}; keep your changes and catch "
+        f"up with: git diff {old[:12]} > mine.patch && git reset --hard && git apply -3 mine.patch"
+    )
+
+
+def set_landing(project, agent_id, **facts):
+    """Write landing facts into an agent's record; the record after the change."""
+
+    def change(state):
+        record = state["agents"][agent_id]
+        record.update(facts)
+        return dict(record)
+
+    return project.store.update(change)
+
+
+def mark_landed(project, record, target, commit, note=None):
+    """Remember that the agent landed (status, --json, the dashboard), log it and tell notify_command."""
+    landed = {"into": target, "commit": commit, "at": utc_iso()}
+    set_landing(project, record["id"], landed=landed, landing=None, blocked=None, merged=True)
+    release_dependents(project, record["id"], target)
+    append_event(record["log"], {"event": "landed", **landed})
+    notify(
+        project.repo, record["id"], "landed", f"{record['id']} landed on {target} at {commit[:12]}"
+    )
+    return {"id": record["id"], "outcome": "landed", "into": target, "commit": commit, "note": note}
+
+
+def release_dependents(project, agent_id, target):
+    """An agent landed: the agents waiting for it wait for one fewer, and start from `target`
+    once they wait for none (the supervisor makes their worktrees then)."""
+
+    def change(state):
+        freed = False
+        for record in state["agents"].values():
+            waits = record.get("waits_for") or []
+            if agent_id in waits:
+                record["waits_for"] = [i for i in waits if i != agent_id]
+                record["land_base"] = target
+                rest = record["waits_for"]
+                record["activity"] = (
+                    f"waiting for {', '.join(rest)} to land" if rest else "waiting for a worktree"
+                )
+                freed = freed or not rest
+        return freed
+
+    if project.store.update(change):
+        ensure_supervisor(project)
+
+
+def waits_line(record, agents):
+    """What a queued agent waits for, as status shows it: 'held: waits for a (blocked: ...) to land'."""
+    parts, held = [], False
+    for agent_id in record["waits_for"]:
+        dep = agents.get(agent_id) or {}
+        if dep.get("blocked"):
+            parts.append(f"{agent_id} (blocked: {dep['blocked']['reason']})")
+        elif dep.get("state") in ("failed", "stopped", "interrupted"):
+            parts.append(f"{agent_id} ({dep['state']})")
+        else:
+            parts.append(agent_id)
+            continue
+        held = True
+    return ("held: " if held else "") + f"waits for {', '.join(parts)} to land"
+
+
+def park(project, record, reason):
+    """Park the agent `blocked` with the reason; the queue goes on without it."""
+    blocked = {"reason": reason, "at": utc_iso()}
+    set_landing(project, record["id"], blocked=blocked, landing=None)
+    append_event(record["log"], {"event": "blocked", **blocked})
+    notify(project.repo, record["id"], "blocked", f"{record['id']} is blocked: {reason}")
+    return {"id": record["id"], "outcome": "blocked", "reason": reason}
+
+
+def send_back(project, record, prompt, reason):
+    """Give the agent a fix round in its own session, or park it when its rounds are used up."""
+    agent_id, limit = record["id"], resilience_setting(record, "fix_rounds")
+
+    def change(state):
+        live = state["agents"][agent_id]
+        rounds = (live.get("landing") or {}).get("rounds", 0)
+        if rounds >= limit:
+            return None
+        try:
+            queue_session(live, prompt, f"land fix round {rounds + 1}: waiting for a free slot")
+        except OrchestraError:
+            return None
+        live["landing"] = {"status": "fixing", "rounds": rounds + 1, "reason": reason}
+        append_event(
+            live["log"], {"event": "land_fix_round", "round": rounds + 1, "reason": reason}
+        )
+        return rounds + 1
+
+    rounds = project.store.update(change)
+    if rounds is None:
+        tries = f" after {limit} fix round(s)" if limit else ""
+        return park(project, record, reason + tries)
+    ensure_supervisor(project)
+    return {"id": agent_id, "outcome": "fixing", "round": rounds, "reason": reason}
+
+
+def land_one(project, record, target, strategy, dry_run=False):
+    """Try to land one agent on the target's current tip; what happened, as a dict with `outcome`."""
+    repo, agent_id = project.repo, record["id"]
+    tip, old = branch_tip(project, record), ref_commit(repo, f"refs/heads/{target}")
+    pending = (record.get("landing") or {}).get("commit")
+    if pending and not dry_run and is_ancestor(repo, pending, old):
+        return mark_landed(project, record, target, pending)  # a landing an interruption cut short
+    if tip is None:
+        return park(project, record, f"its branch {record['branch']} is gone")
+    if is_ancestor(repo, tip, old):
+        if dry_run:
+            return {"id": agent_id, "outcome": f"nothing new: its commits are in {target} already"}
+        note = f"nothing new to land: its commits are in {target} already"
+        return mark_landed(project, record, target, old, note)
+    if dry_run:
+        return dry_run_one(repo, record, tip, old)
+    path = scratch_worktree(project, old)
+    new, conflicts = combine(path, strategy, record, tip, old)
+    if conflicts:
+        prompt = LAND_CONFLICT_PROMPT.format(
+            branch=record["branch"], target=target, commit=old, files=", ".join(conflicts)
+        )
+        return send_back(
+            project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}"
+        )
+    failure = checks_on(path, record)
+    if failure:
+        code = "timed out" if failure["exit_code"] is None else f"status {failure['exit_code']}"
+        prompt = LAND_RED_PROMPT.format(
+            branch=record["branch"],
+            target=target,
+            commit=old,
+            command=failure["command"],
+            exit_code=code,
+            tail=failure["tail"] or "(no output)",
+        )
+        return send_back(
+            project,
+            record,
+            prompt,
+            f"checks fail on {target} with its work: {failure['command']} ({code})",
+        )
+    with shield_interrupts():
+        set_landing(
+            project,
+            agent_id,
+            landing={**(record.get("landing") or {}), "status": "moving", "commit": new},
+        )
+        moved, note = move_target(project, target, old, new)
+        if not moved:
+            return {
+                "id": agent_id,
+                "outcome": "retry",
+            }  # the target moved meanwhile: again on its new tip
+        return mark_landed(project, record, target, new, note)
+
+
+def dry_run_one(repo, record, tip, old):
+    """What land would do with one agent, from `git merge-tree` alone (no checks run)."""
+    done = run_git(["merge-tree", "--write-tree", "--name-only", old, tip], repo, check=False)
+    if done.returncode not in (0, 1):  # git before 2.38 has no merge-tree --write-tree
+        return {
+            "id": record["id"],
+            "outcome": "would try to land (this git cannot predict conflicts)",
+        }
+    if done.returncode == 1:  # 1: conflicts; the names follow the tree, up to an empty line
+        files = list(itertools.takewhile(bool, done.stdout.splitlines()[1:]))
+        return {"id": record["id"], "outcome": "would conflict", "files": files}
+    count = len(commits_between(repo, old, tip))
+    return {"id": record["id"], "outcome": "would land", "commits": count}
+
+
+def land_agents(
+    project, ids, into=None, dry_run=False, include_failing=False, progress=None, wait=False
+):
+    """What `land` does (the CLI's and the web's): land agents one by one in queue order,
+    waiting for their fix rounds; with `wait`, also every agent that finishes while others are
+    still at work (dependents included), until none is. {"into", "results", "not_landed"}."""
+    target = landing_target(project, into)
+    strategy = project.config["land_strategy"]
+    lock = FileLock(project.dir / LAND_LOCK)
+    if not lock.acquire(blocking=False):
+        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+    try:
+        report, results = progress or (lambda result: None), []
+        while True:
+            chosen, skipped = land_candidates(project, ids, include_failing)
+            queue = [r["id"] for r in chosen]
+            results += run_queue(project, queue, target, strategy, dry_run, report)
+            if not wait or dry_run:
+                break
+            if not chosen and not still_working(project.store.load()["agents"]):
+                break
+            if not chosen:
+                time.sleep(LAND_POLL)
+    finally:
+        lock.release()
+    return {
+        "into": target,
+        "strategy": strategy,
+        "dry_run": dry_run,
+        "results": results,
+        "not_landed": skipped,
+    }
+
+
+def still_working(agents):
+    """True while some agent is at work or will start: not one held by a dependency that has
+    not landed (blocked, failed, or still to come: when it lands, its dependents wake)."""
+    return any(r["state"] in ACTIVE_STATES and not r.get("waits_for") for r in agents.values())
+
+
+def run_queue(project, queue, target, strategy, dry_run, progress):
+    """Land the queue's agents in order; an agent in a fix round is retried once it ends."""
+    results, waiting = {}, []
+    while queue or waiting:
+        for agent_id in list(waiting):
+            record = project.store.load()["agents"][agent_id]
+            if record["state"] in ACTIVE_STATES:
+                continue
+            waiting.remove(agent_id)
+            if record["state"] != "done":
+                results[agent_id] = park(project, record, f"its fix round ended {record['state']}")
+                progress(results[agent_id])
+            else:
+                queue.insert(0, agent_id)
+        if not queue:
+            time.sleep(LAND_POLL)
+            continue
+        agent_id = queue.pop(0)
+        record = project.store.load()["agents"][agent_id]
+        result = land_one(project, record, target, strategy, dry_run)
+        if result["outcome"] == "retry":
+            queue.insert(0, agent_id)
+            continue
+        if result["outcome"] == "fixing":
+            waiting.append(agent_id)
+        results[agent_id] = result
+        progress(result)
+    return [results[i] for i in results]
+
+
+def land_guard(record):
+    """Why landing this agent deserves a second thought (its checks failed, it has no commits),
+    or None. The dashboard asks before it lands such an agent."""
+    checks = record.get("checks") or {}
+    if checks.get("status") == "failed":
+        return f"{record['id']}'s checks {checks_line(checks)}; land it anyway?"
+    if record.get("commits") == 0:
+        return f"{record['id']} has no commits, so there is nothing to land; land it anyway?"
+    return None
+
+
+def land_line(result, target):
+    """One line about what land did (or would do) with an agent."""
+    outcome, agent_id = result["outcome"], result["id"]
+    if outcome == "landed":
+        line = f"{agent_id}: landed on {target} at {result['commit'][:12]}"
+        return line + (f"\n  {result['note']}" if result.get("note") else "")
+    if outcome == "fixing":
+        return f"{agent_id}: {result['reason']}; sent back for fix round {result['round']}"
+    if outcome == "blocked":
+        return f"{agent_id}: blocked: {result['reason']}; send it a follow-up ('orchestra send {agent_id} ...'), then land it again"
+    if outcome == "would conflict":
+        return f"{agent_id}: would conflict in {', '.join(result['files']) or 'some files'} and get a fix round"
+    if outcome == "would land":
+        return f"{agent_id}: would merge {result['commits']} commit(s), run the checks on the result and land"
+    return f"{agent_id}: {outcome}"
 
 
 # ======================================================================================
@@ -8879,7 +9644,11 @@ def plan_agent_cleanup(project, record, worktrees, force):
     nothing = (
         ["nothing left: its branch and worktree are gone"]
         if gone
-        else ["merged, nothing uncommitted"]
+        else (
+            ["no changes: no commits, nothing uncommitted"]
+            if tip == record.get("base_commit")
+            else ["merged, nothing uncommitted"]
+        )
     )
     return dict(step, reasons=soft or nothing, forced=bool(soft))
 
@@ -9752,6 +10521,7 @@ WEB_TAIL_READ_LIMIT = (
 WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
 WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
 WEB_HISTORY_PAGE, WEB_HISTORY_PAGE_MAX = 50, 500  # cleaned-up agents per GET /api/history
+WEB_LAND_WAIT = 10.0  # seconds POST .../land waits for its first outcome before answering 202
 # Where `pip install` puts the dashboard, under sys.prefix or the user base (pyproject's data-files).
 WEB_INSTALLED_DASHBOARD = ("share", "claude-orchestra", "static", "dashboard.html")
 WEB_INTERNAL_ERROR = "internal error; the web server's log has the details"
@@ -10024,6 +10794,7 @@ ROUTES = [
         ("GET", r"/api/history", "route_history"),
         ("GET", r"/api/agents/(?P<id>[^/]+)/report", "route_report"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/merge", "route_merge"),
+        ("POST", r"/api/agents/(?P<id>[^/]+)/land", "route_land"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/pr", "route_pull_request"),
         ("POST", r"/api/agents/(?P<id>[^/]+)/send", "route_send"),
         ("GET", r"/api/sessions/(?P<id>[^/]+)", "route_session"),
@@ -10348,6 +11119,32 @@ class WebHandler:
         if document["conflict"]:
             return 409, {"error": message, **document}
         return 200, {"message": message, **document}
+
+    def route_land(self, params, query, body):
+        """POST /api/agents/ID/land {"force"?: true}: `orchestra land ID` in a thread of its own;
+        answers with its first outcome, or 202 while the checks still run. Without force, an
+        agent whose checks failed or that has no commits is refused (409, "guard": true)."""
+        (force,) = body_fields(body, {"force": (bool, False)})
+        record = self.agent(params)
+        guard = land_guard(record)
+        if guard and not force:
+            return 409, {"error": guard, "guard": True}
+        outcomes = queue.Queue()
+
+        def run():
+            try:
+                land_agents(self.server.project, [record["id"]], progress=outcomes.put)
+            except Exception as e:  # an OrchestraError is the answer; anything else a bug
+                outcomes.put(e)
+
+        threading.Thread(target=run, name=f"land-{record['id']}", daemon=True).start()
+        try:
+            first = outcomes.get(timeout=WEB_LAND_WAIT)
+        except queue.Empty:
+            return 202, {"message": f"{record['id']}: landing; its checks run on the merged result"}
+        if isinstance(first, Exception):
+            raise first
+        return 200, {"message": land_line(first, first.get("into")), **first}
 
     def route_pull_request(self, params, query, body):
         """POST /api/agents/ID/pr: `collect ID --pr`: push and open a pull request, or say how."""
@@ -11071,16 +11868,32 @@ def config_flags(args, **extra):
         key, sep, raw = item.partition("=")
         if not sep or key not in CONFIG_TYPES:
             raise OrchestraError(
-                f"-c expects KEY=VALUE with a known key, not '{item}'; known keys: {', '.join(CONFIG_TYPES)}"
+                f"-c expects KEY=VALUE with a known key, not '{item}'; {known_keys_hint(key)}"
             )
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw  # a bare word is a string
+        value = config_value_from_text(key, raw)
         check_config_value(key, value, "-c")
         flags[key] = value
     flags.update({k: v for k, v in extra.items() if v is not None})
     return flags
+
+
+def known_keys_hint(key):
+    """'did you mean ...?' for a mistyped setting, then every known key."""
+    import difflib  # here, not at the top: only a mistyped key needs it
+
+    near = difflib.get_close_matches(key, list(CONFIG_TYPES), n=1, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+    return f"{hint}known keys: {', '.join(CONFIG_TYPES)}"
+
+
+def config_value_from_text(key, text):
+    """A value typed for `key`: JSON (numbers, lists, null), else the word itself; a single
+    string for a list setting is a list of one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text  # a bare word is a string
+    return [value] if CONFIG_TYPES.get(key) == "list" and isinstance(value, str) else value
 
 
 def open_project(args, **flags):
@@ -11097,6 +11910,7 @@ def paint(text, colour, stream):
 STATE_COLOURS = {
     "running": "blue",
     "done": "green",
+    "done ✗": "red",  # finished, but its checks failed
     "failed": "red",
     "interrupted": "red",
     "paused": "yellow",
@@ -11130,8 +11944,9 @@ def render_table(headers, rows, out, colour_column=None, width=None):
     for index, row in enumerate([headers, *rows]):
         cells = [str(c).ljust(w) for c, w in zip(row, widths)]
         if index and colour_column is not None:
-            state = row[colour_column].split()[0]
-            cells[colour_column] = paint(cells[colour_column], STATE_COLOURS.get(state), out)
+            words = row[colour_column].split()
+            colour = STATE_COLOURS.get(" ".join(words[:2]), STATE_COLOURS.get(words[0]))
+            cells[colour_column] = paint(cells[colour_column], colour, out)
         last = str(row[-1])
         if len(last) > room:
             last = last[: room - 1] + "…"
@@ -11147,7 +11962,7 @@ def table_with_lines(headers, rows, lines, out, width=None):
 
 def status_rows(records, now):
     """The status table's cells for each record."""
-    rows = []
+    rows, by_id = [], {r["id"]: r for r in records}
     for r in records:
         state = (
             state_label(r)
@@ -11155,10 +11970,13 @@ def status_rows(records, now):
             + (" approval" if r.get("approval") else "")
         )
         state += (" sandboxed" if r.get("sandboxed") else "") + (
-            " merged" if r.get("merged") else ""
+            " landed" if r.get("landed") else " merged" if r.get("merged") else ""
         )
+        state += " blocked" if r.get("blocked") else ""
         state += " TAMPERED" if r.get("tampered") else (" contained" if r.get("contained") else "")
         activity = r.get("error") or r.get("activity") or ""
+        if r.get("waits_for") and r["state"] == "queued":
+            activity = waits_line(r, by_id)
         if r.get("tampered"):
             activity = f"tampered: {r['tampered'][-1]}"
         if r.get("approval"):
@@ -11293,6 +12111,9 @@ def port_number(text):
 def cmd_init(args):
     """Create .orchestra/ and print the effective configuration."""
     project = open_project(args)
+    problem = claude_version_problem(project.config["agent_command"], os.environ)
+    if problem:
+        raise OrchestraError(problem)
     print(f"orchestra is set up in {project.dir} (worktrees go to {project.worktree_root})\n")
     print(config_text(project.config))
     print(
@@ -11355,24 +12176,28 @@ def config_target(args):
     return find_repo(Path.cwd()) / ORCHESTRA_DIR / "config.json"
 
 
-def parse_config_value(text):
-    """A config value from the command line: JSON (numbers, lists, null), else the word itself."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+def known_key(key):
+    """Refuse an unknown setting, with the nearest known ones."""
+    if key not in CONFIG_TYPES:
+        raise OrchestraError(f"unknown key '{key}'; {known_keys_hint(key)}")
+    return key
 
 
 def cmd_config_set(args):
     """Write one setting to the project (or --user) config file, checked as loading checks it."""
-    path = write_config_value(config_target(args), args.key, parse_config_value(args.value))
-    print(f"{args.key} = {json.dumps(parse_config_value(args.value))} in {path}")
+    value = config_value_from_text(known_key(args.key), args.value)
+    path = write_config_value(config_target(args), args.key, value)
+    print(f"{args.key} = {json.dumps(value)} in {path}")
     return EXIT_OK
 
 
 def cmd_config_unset(args):
     """Remove one setting from the project (or --user) config file."""
-    path = write_config_value(config_target(args), args.key, None, unset=True)
+    target = config_target(args)
+    if known_key(args.key) not in read_config_file(target):
+        print(f"{args.key} was not set in {target}; nothing changed")
+        return EXIT_OK
+    path = write_config_value(target, args.key, None, unset=True)
     print(f"{args.key} removed from {path}")
     return EXIT_OK
 
@@ -11426,7 +12251,14 @@ def doctor_checks(env):
     git_found = probe_version(["git", "--version"], env)
     checks.append(("git", bool(git_found), git_found or "not found; install git 2.25 or newer"))
     claude = probe_version([CLAUDE_EXECUTABLE, "--version"], env)
-    checks.append(("claude", bool(claude), claude or f"not found; {CLAUDE_INSTALL_HINT}"))
+    too_old = claude and claude_version_problem([CLAUDE_EXECUTABLE], env)
+    checks.append(
+        (
+            "claude",
+            bool(claude) and not too_old,
+            too_old or claude or f"not found; {CLAUDE_INSTALL_HINT}",
+        )
+    )
     if claude:
         checks.append(("claude login", *claude_login(env)))
     problem = sandbox_problem(env)
@@ -11542,13 +12374,29 @@ LOGS_FOLLOW_TAIL = 50  # lines `logs -f` shows before following, unless --tail s
 def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model, sandbox=args.sandbox)
+    uncommitted = uncommitted_note(args.base)
+    tasks, names, after, checks = args.tasks, args.name, None, None
+    if args.file:
+        if tasks or names:
+            raise OrchestraError(
+                "--file holds the tasks and their ids; give no TASK or --name with it"
+            )
+        tasks, names, after, checks = read_task_file(args.file)
+    elif not tasks:
+        raise OrchestraError(
+            "the following arguments are required: TASK (or a tasks file with --file)"
+        )
+    elif args.after:
+        after = [args.after] * len(tasks)
     records = spawn_agents(
         project,
-        args.tasks,
+        tasks,
         parallel=args.parallel,
-        name=args.name,
+        name=names,
         base=args.base,
         budget=args.budget,
+        after=after,
+        checks=checks,
     )
     if not args.json:
         for r in records:
@@ -11556,6 +12404,8 @@ def cmd_spawn(args):
             if r["error"]:
                 print(f"  {r['error']}")
         print(f"Each agent works on branch {project.branch_name('<id>')} in its worktree.")
+    if uncommitted:
+        print(uncommitted, file=sys.stderr if args.json else sys.stdout)
     if args.wait:
         return wait_for_agents(project, [r["id"] for r in records], args.json)
     if args.json:
@@ -11565,8 +12415,85 @@ def cmd_spawn(args):
     return EXIT_FAILURE if any(r["state"] == "failed" for r in records) else EXIT_OK
 
 
+def uncommitted_note(base):
+    """One line when the checkout spawn runs in has changes its agents will not see, else None."""
+    if base is not None:
+        return None
+    done = run_git(["status", "--porcelain", "--untracked-files=normal"], Path.cwd(), check=False)
+    changed = [line for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode or not changed:
+        return None
+    return (
+        f"note: your checkout has {len(changed)} uncommitted change{'s' if len(changed) != 1 else ''}; "
+        "they are not in the agents' worktrees, which start from the last commit (commit them first "
+        "if the agents need them)"
+    )
+
+
+def read_task_file(path):
+    """(tasks, ids, after, checks) from a tasks file: a JSON list (or {"tasks": [...]}) of
+    objects with "task" and optional "id", "after" (ids), "host" and "checks" (commands)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise OrchestraError(f"cannot read the tasks file {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise OrchestraError(f"{path} is not valid JSON ({e}); fix it and spawn again") from None
+    items = document.get("tasks") if isinstance(document, dict) else document
+    if not isinstance(items, list) or not items:
+        raise OrchestraError(f"{path}: expected a list of tasks, each an object with a 'task'")
+    tasks, ids, after, checks = [], [], [], []
+    for number, item in enumerate(items, 1):
+        where = f"{path}: task {number}"
+        if not isinstance(item, dict) or not isinstance(item.get("task"), str):
+            raise OrchestraError(f"{where} needs a 'task' string")
+        unknown = set(item) - {"task", "id", "after", "host", "checks"}
+        if unknown:
+            raise OrchestraError(
+                f"{where} has unknown keys {', '.join(sorted(unknown))}; use task, id, after, host, checks"
+            )
+        deps = item.get("after", [])
+        deps = [deps] if isinstance(deps, str) else deps
+        own = item.get("checks")
+        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+            raise OrchestraError(f"{where}: 'after' must be a list of task ids")
+        if own is not None and (
+            not isinstance(own, list) or not all(isinstance(c, str) for c in own)
+        ):
+            raise OrchestraError(f"{where}: 'checks' must be a list of shell commands")
+        if item.get("host") not in (None, "local"):
+            raise OrchestraError(
+                f"{where}: host {json.dumps(item['host'])} is not known here; use \"local\""
+            )
+        tasks.append(item["task"])
+        ids.append(item.get("id"))
+        after.append(deps)
+        checks.append(own)
+    if any(ids) and not all(ids):
+        raise OrchestraError(f"{path}: give every task an 'id', or none")
+    return tasks, [i for i in ids if i], after, checks
+
+
 def wait_for_agents(project, ids, as_json):
-    """Print each agent's progress until all have finished; 1 if any failed."""
+    """Print each agent's progress until all have finished; 1 if any failed.
+
+    Ctrl-C stops the watching, never the agents: it says which keep running and how to stop them.
+    """
+    try:
+        return watch_agents(project, ids, as_json)
+    except KeyboardInterrupt:
+        live = [i for i, r in project.records().items() if i in ids and r["state"] in ACTIVE_STATES]
+        if live:
+            print(
+                f"\nstopped watching; {plural(len(live), 'agent')} keep{'s' if len(live) == 1 else ''} running "
+                f"(orchestra stop {' '.join(live)})",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED
+
+
+def watch_agents(project, ids, as_json):
+    """wait_for_agents' loop: one line per change of each agent, then the summary."""
     shown = {}
     while True:
         state = project.store.load()
@@ -11595,9 +12522,21 @@ def add_spawn_parser(commands):
         "spawn",
         help="start agents, one worktree and branch per task",
         description=cmd_spawn.__doc__,
-        epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2',
+        epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2; '
+        'a task that starts with "-" goes after "--": orchestra spawn -- "-v flag: document it"',
     )
-    p.add_argument("tasks", nargs="+", metavar="TASK", help="what one agent should do (quote it)")
+    p.add_argument("tasks", nargs="*", metavar="TASK", help="what one agent should do (quote it)")
+    p.add_argument(
+        "--after",
+        metavar="ID",
+        action="append",
+        help="start only once agent ID has landed, from the target with its work (repeatable)",
+    )
+    p.add_argument(
+        "--file",
+        metavar="TASKS.json",
+        help="queue a plan: a JSON list of {task, id, after, host, checks}",
+    )
     p.add_argument(
         "--parallel", type=positive_int, metavar="N", help="run at most N agents at once"
     )
@@ -11657,6 +12596,8 @@ def cmd_status(args):
             print_json(status_document(project, state, records))
             return EXIT_OK
         text = status_text(project, with_merged_flags(project, records), sys.stdout)
+        if not records and not args.all:
+            text = cleaned_up_note(project) or text
         if not args.watch:
             print(text)
             return EXIT_OK
@@ -11666,6 +12607,17 @@ def cmd_status(args):
             return EXIT_OK
         print(f"{clear}{text}\n\n{utc_iso()}  (Ctrl-C to leave)", flush=True)
         time.sleep(STATUS_WATCH_INTERVAL)
+
+
+def cleaned_up_note(project):
+    """What `status` says when every agent was cleaned up: how many, and how to see them."""
+    gone = len(project.history())
+    if not gone:
+        return None
+    return (
+        f"No live agents; {gone} cleaned up (status --all). "
+        'Start more with: orchestra spawn "first task" "second task"'
+    )
 
 
 def add_status_parser(commands):
@@ -11736,8 +12688,11 @@ def cmd_logs(args):
     project = open_project(args)
     record = select_agents(project.all_records(), [args.id])[0]
     path, clean, render = Path(record["log"]), sys.stdout.isatty(), log_renderer(args.raw)
+    inside = f"{record['worktree']}/" if record.get("worktree") and not args.raw else None
 
     def show(lines):
+        if inside:  # paths in the agent's worktree, relative to it: "Write: CHANGELOG.md"
+            lines = [line.replace(inside, "") for line in lines]
         if lines:
             sys.stdout.write(
                 "".join(
@@ -11890,12 +12845,42 @@ def diff_source(project, record):
     raise OrchestraError(f"{record['id']} has no worktree or branch left to compare", EXIT_FAILURE)
 
 
+def archived_work(project, record):
+    """(base, the archived commit holding all its work, the archive) of a cleaned-up agent,
+    else None: its worktree snapshot when one was saved (uncommitted files too), else its tip."""
+    with contextlib.suppress(OrchestraError):
+        archive = find_archive(project.repo, record["id"])
+        if archive["id"] == record["id"] and record.get("base_commit"):
+            refs = archive["refs"]
+            work = refs.get("worktree") or refs.get("tip") or refs.get("head")
+            return (record["base_commit"], work, archive) if work else None
+    return None
+
+
+def archive_note(record, archive):
+    """Where a cleaned-up agent's work was read from, and how to bring it back."""
+    return (
+        f"({record['id']} was cleaned up: this is its archive {archive['ref']}; "
+        f"'orchestra restore {record['id']}' brings it back)"
+    )
+
+
 def cmd_diff(args):
-    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git."""
+    """Show an agent's changes against its base: its commits plus uncommitted work, paged like git.
+
+    A cleaned-up agent's changes are read from its archive."""
     project = open_project(args)
     record = select_agents(project.all_records(), [args.id])[0]
-    if record["state"] == "removed":
+    archived = archived_work(project, record) if record["state"] == "removed" else None
+    if record["state"] == "removed" and not archived:
         check_not_removed(project, [record["id"]])  # points at its archive and `orchestra restore`
+    if archived:
+        base, work, archive = archived
+        status = page_git(
+            ["diff", *(["--stat"] if args.stat else []), base, work, "--"], project.repo
+        )
+        print(archive_note(record, archive))
+        return EXIT_OK if status == 0 else EXIT_FAILURE
     cwd, revisions = diff_source(project, record)
     status = page_git(["diff", *(["--stat"] if args.stat else []), *revisions, "--"], cwd)
     if len(revisions) == 1:
@@ -12019,7 +13004,7 @@ def add_approvals_parsers(commands):
 # ======================================================================================
 # Command line: results
 # --------------------------------------------------------------------------------------
-# collect, cleanup and restore: bringing work home and putting worktrees away.
+# collect, land, cleanup and restore: bringing work home and putting worktrees away.
 # ======================================================================================
 
 ARCHIVE_WORDS = {
@@ -12032,9 +13017,24 @@ ARCHIVE_WORDS = {
 }
 
 
+ARCHIVE_PRUNE_DAYS = 30  # cleanup --prune-archives removes archives at least this old
+
+
 def cmd_collect(args):
     """Report what finished agents produced; optionally commit, merge, open PRs or write a patch."""
     project = open_project(args)
+    archived = archived_reports(project, args.ids)
+    if archived and len(archived) == len(args.ids):
+        if args.commit or args.merge or args.pr or args.patch:
+            raise OrchestraError(
+                f"{', '.join(r['id'] for r in archived)} was cleaned up; bring it back with "
+                f"'orchestra restore {archived[0]['id']}' first"
+            )
+        if args.json:
+            print_json({"agents": archived, "overlaps": {}, "committed": []})
+        else:
+            print("\n\n".join(archived_report_text(r) for r in archived))
+        return EXIT_OK
     document = collect_agents(
         project,
         args.ids,
@@ -12057,6 +13057,47 @@ def cmd_collect(args):
             else "No finished agents to collect yet; see 'orchestra status'."
         )
     return EXIT_FAILURE if document.get("conflict") or document.get("pr_failed") else EXIT_OK
+
+
+def archived_reports(project, ids):
+    """collect's report of each named agent that was cleaned up, read from its archive."""
+    if not ids:
+        return []
+    keys = ("id", "task", "state", "result", "error", "cost_usd", "turns", "branch", "checks")
+    reports = []
+    for record in select_agents(project.all_records(), ids):
+        archived = record["state"] == "removed" and archived_work(project, record)
+        if not archived:
+            continue
+        base, work, archive = archived
+        tip = archive["refs"].get("tip") or archive["refs"].get("head") or base
+        commits = commits_between(project.repo, base, tip)
+        reports.append(
+            {
+                **{key: record.get(key) for key in keys},
+                "commits": [{"hash": h, "subject": subject} for h, subject in commits],
+                "diffstat": run_git(["diff", "--stat", base, work], project.repo).stdout.rstrip(),
+                "archive": archive["ref"],
+                "restore": f"orchestra restore {record['id']}",
+            }
+        )
+    return reports
+
+
+def archived_report_text(report):
+    """One cleaned-up agent's part of the collect report."""
+    lines = [
+        f"== {report['id']}: cleaned up ({report['turns'] or 0} turns, {format_cost(report['cost_usd'])})",
+        f"Task: {report['task']}",
+    ]
+    if report["result"] or report["error"]:
+        lines.append(f"Result: {strip_control(report['result'] or report['error']).strip()}")
+    lines.append(f"Commits saved under {report['archive']}:" if report["commits"] else "no commits")
+    lines += [f"  {c['hash']} {c['subject']}" for c in report["commits"]]
+    if report["diffstat"]:
+        lines.append(report["diffstat"])
+    lines.append(f"Bring it back with: {report['restore']}")
+    return "\n".join(lines)
 
 
 def add_collect_parser(commands):
@@ -12103,9 +13144,77 @@ def add_collect_parser(commands):
     p.set_defaults(func=cmd_collect)
 
 
+def cmd_land(args):
+    """Land finished agents on the target branch one by one, in queue order: each merged onto the
+    target in a scratch worktree, its checks run on exactly that result, and the branch moved
+    only when they pass. Conflicts and red checks go back to the agent as fix rounds."""
+    project = open_project(args)
+    target = landing_target(project, args.into)
+    show = (
+        (lambda result: None)
+        if args.json
+        else (lambda result: print(land_line(result, target), flush=True))
+    )
+    if args.wait and args.ids:
+        raise OrchestraError("--wait lands every agent as it finishes; name no ID with it")
+    document = land_agents(
+        project, args.ids, args.into, args.dry_run, args.include_failing, show, args.wait
+    )
+    if args.json:
+        print_json(document)
+    elif not document["results"]:
+        print("Nothing to land; see 'orchestra status'.")
+    for skipped in [] if args.json else document["not_landed"]:
+        print(f"{skipped['id']}: not landed: {skipped['reason']} (name it to land it anyway)")
+    blocked = any(r["outcome"] == "blocked" for r in document["results"])
+    return EXIT_FAILURE if blocked else EXIT_OK
+
+
+def add_land_parser(commands):
+    """orchestra land"""
+    p = commands.add_parser(
+        "land",
+        help="merge queue: land agents whose checks pass on the merged result",
+        description=cmd_land.__doc__,
+        epilog="example: orchestra spawn --file plan.json && orchestra land --wait",
+    )
+    p.add_argument(
+        "ids",
+        nargs="*",
+        metavar="ID",
+        help="agents to land (default: every done one whose checks passed)",
+    )
+    p.add_argument(
+        "--into",
+        metavar="BRANCH",
+        help="the branch to land on (default: base_branch, else the checked-out one)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the order and what would happen to each agent"
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="also land agents as they finish (dependents too), until none is at work",
+    )
+    p.add_argument(
+        "--include-failing",
+        action="store_true",
+        help="also agents whose own checks failed or did not run",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_land)
+
+
 def cmd_cleanup(args):
     """Remove agents' worktrees and branches when nothing can be lost; say why the rest stay."""
     project = open_project(args)
+    if args.older_than is not None and not args.prune_archives:
+        raise OrchestraError(
+            "--older-than goes with --prune-archives; see 'orchestra cleanup --help'"
+        )
+    if args.prune_archives:
+        return prune_archives(project, args.older_than, args.dry_run, args.json)
     if args.list_archives:
         return print_archives(project, args.json)
     outcome = cleanup_agents(
@@ -12140,6 +13249,66 @@ def print_archives(project, as_json):
     return EXIT_OK
 
 
+def archive_age_days(archive, now):
+    """Whole days since an archive was saved (its stamp is the UTC time of the cleanup)."""
+    stamp = archive["saved"]
+    saved = parse_iso(
+        f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}Z"
+    )
+    return 0 if saved is None else max(0, int((now - saved) // 86400))
+
+
+def archives_disk_usage(repo, refs):
+    """Bytes of git objects only these refs reach (what removing them lets `git gc` free)."""
+    if not refs:
+        return 0
+    others = [f"--exclude={ARCHIVE_REFS}/*", "--all"]
+    done = run_git(
+        ["rev-list", "--objects", "--disk-usage", *refs, "--not", *others], repo, check=False
+    )
+    return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
+
+
+def format_bytes(count):
+    """1.2 MB, 340 KB, 12 B."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def prune_archives(project, days, dry_run, as_json):
+    """cleanup --prune-archives: list the archives older than `days` days, then delete their refs."""
+    days = ARCHIVE_PRUNE_DAYS if days is None else days
+    now = time.time()
+    old = [a for a in list_archives(project.repo) if archive_age_days(a, now) >= days]
+    refs = [ref for a in old for ref in a["refs"].values()]
+    size = archives_disk_usage(project.repo, refs)
+    if not dry_run and refs:
+        lines = "".join(f"delete {ref}\n" for ref in refs)
+        git_bytes(["update-ref", "--stdin"], project.repo, input=lines.encode())
+    if as_json:
+        print_json({"pruned": [] if dry_run else old, "would_prune": old if dry_run else [],
+                    "bytes": size, "older_than_days": days})  # fmt: skip
+        return EXIT_OK
+    verb = "WOULD PRUNE" if dry_run else "PRUNED"
+    for a in old:
+        print(
+            f"{verb} {a['id']}/{a['saved']} ({archive_age_days(a, now)} days old): {a['commit']} {a['subject']}"
+        )
+    if not old:
+        print(f"No archives older than {days} days.")
+    elif dry_run:
+        print(
+            f"{plural(len(old), 'archive')} older than {days} days hold {format_bytes(size)} nothing else keeps; run without --dry-run to remove them"
+        )
+    else:
+        print(
+            f"{plural(len(old), 'archive')} removed: {format_bytes(size)} that 'git gc' can now free"
+        )
+    return EXIT_OK
+
+
 def add_cleanup_parser(commands):
     """orchestra cleanup"""
     p = commands.add_parser(
@@ -12166,6 +13335,17 @@ def add_cleanup_parser(commands):
     )
     p.add_argument(
         "--list-archives", action="store_true", help="list saved work and how to restore it"
+    )
+    p.add_argument(
+        "--prune-archives",
+        action="store_true",
+        help=f"list, then remove, archives older than --older-than days ({ARCHIVE_PRUNE_DAYS}), and say how much they hold",
+    )
+    p.add_argument(
+        "--older-than",
+        type=whole_number_at_least(0),
+        metavar="DAYS",
+        help="with --prune-archives: the age in days",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_cleanup)
@@ -12320,6 +13500,8 @@ def cmd_web(args):
             print(f"orchestra: warning: {missing}", file=sys.stderr)
         print(f"orchestra: serving {project.repo}; Ctrl-C stops", file=sys.stderr, flush=True)
         if args.qr:
+            if args.host in WEB_LOOPBACK_HOSTS:
+                print(f"orchestra: warning: {loopback_qr_warning(args.host)}", file=sys.stderr)
             print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
@@ -12330,6 +13512,24 @@ def cmd_web(args):
     finally:
         server.stop()
     return EXIT_OK
+
+
+def loopback_qr_warning(host):
+    """Why a phone cannot open a loopback address, and the --host that it could reach."""
+    address = network_address()
+    return (
+        f"{host} is reachable from this machine only: a phone cannot open this code; run "
+        f"'orchestra web --qr --host {address}' (on a network you trust), "
+        "or see the README for an SSH tunnel or Tailscale"
+    )
+
+
+def network_address():
+    """This machine's address on its network (the one its default route leaves from): no packet is sent."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP only picks a route
+        return probe.getsockname()[0]
+    return socket.gethostname()
 
 
 def missing_dashboard_note():
@@ -12462,6 +13662,7 @@ PARSER_BUILDERS = (
     add_diff_parser,
     add_worktrees_parser,
     add_collect_parser,
+    add_land_parser,
     add_send_parser,
     add_cleanup_parser,
     add_restore_parser,

@@ -42,7 +42,7 @@ TOOL_RESULT_MAX = 48 * 1024  # characters in one tool result
 GOAL_MS = 150
 GOAL_GROWTH = 1.5
 GOAL_CCUSAGE_RATIO = 20
-GOAL_ALL_WARM_RATIO, GOAL_ALL_COLD_RATIO = 10, 3  # sessions --all vs ccusage: second run, first run
+GOAL_ALL_WARM_RATIO, GOAL_ALL_COLD_RATIO = 10, 4  # sessions --all vs ccusage: second run, first run
 CCUSAGE_VERSION = "18.0.11"
 WORDS = ("the", "session", "worktree", "branch", "commit", "agent", "parser", "config", "test", "fix",
          "build", "error", "retry", "cache", "file", "value", "index", "table", "route", "handler")  # fmt: skip

@@ -43,7 +43,11 @@ class Run:
         self.code, self.out, self.err = code, out, err
 
     def json(self):
-        return json.loads(self.out)
+        """stdout as JSON; a failure names what the command printed instead."""
+        try:
+            return json.loads(self.out)
+        except ValueError:
+            raise AssertionError(f"the command printed no JSON: {self!r}") from None
 
     def __repr__(self):
         return f"Run(code={self.code}, out={self.out!r}, err={self.err!r})"

@@ -18,8 +18,10 @@ harmless valid answer and never uses up a script step.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -30,16 +32,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import pytest
+try:
+    import pytest
+except ImportError:  # run on its own (`python3 tests/scripted_api.py --port N`): no pytest needed
+    pytest = None
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated
     from typing import Self
 
 CLAUDE: str | None = shutil.which("claude")
 
-requires_claude = pytest.mark.skipif(
-    CLAUDE is None,
-    reason="the real claude CLI is not installed: " "npm install -g @anthropic-ai/claude-code",
+requires_claude = (
+    pytest.mark.skipif(
+        CLAUDE is None,
+        reason="the real claude CLI is not installed: " "npm install -g @anthropic-ai/claude-code",
+    )
+    if pytest
+    else (lambda test: test)
 )
 
 DEFAULT_MODEL = "claude-sonnet-4-5-20250929"
@@ -95,6 +104,43 @@ def bash(cmd: str, description: str = "Run a scripted shell command") -> Step:
 def call(name: str, **tool_input: Any) -> Step:
     """Any tool call with exactly this input: ``call("Write", file_path=..., content=...)``."""
     return Step([{"type": "tool_use", "name": name, "input": tool_input}], "tool_use")
+
+
+DIRECTIVE = re.compile(r"\[(bash|write|text|error|slow)(?:\s+([^\]]*))?\]\s*")
+
+
+def directive_steps(said: str) -> list[Step]:
+    """The steps a task's own directives ask for (see CONTRIBUTING.md), [] when it has none.
+
+    ``[bash] CMD`` runs a command, ``[write PATH] TEXT`` writes a file with the Write tool,
+    ``[text] REPLY`` answers and ends the turn, ``[error STATUS] MESSAGE`` answers an HTTP
+    error, ``[slow SECONDS] REPLY`` answers slowly. Each runs to the next directive; a task
+    that does not end with ``[text]`` ends with "Done.".
+    """
+    found = list(DIRECTIVE.finditer(said))
+    steps = []
+    for n, match in enumerate(found):
+        end = found[n + 1].start() if n + 1 < len(found) else len(said)
+        kind, arg, body = (
+            match.group(1),
+            (match.group(2) or "").strip(),
+            said[match.end() : end].strip(),
+        )
+        if kind == "bash":
+            steps.append(bash(body))
+        elif kind == "write":
+            block = {"type": "tool_use", "name": "Write",
+                     "input": {"file_path": arg, "content": body + "\n"}}  # fmt: skip
+            steps.append(Step([block], "tool_use"))
+        elif kind == "error":
+            steps.append(error(int(arg or 500), body or "scripted failure"))
+        elif kind == "slow":
+            steps.append(slow(text(body or "Done."), float(arg or 1)))
+        else:
+            steps.append(text(body or "Done."))
+    if steps and steps[-1].status == 200 and steps[-1].stop_reason != "end_turn":
+        steps.append(text("Done."))
+    return steps
 
 
 def error(status: int, message: str = "scripted failure") -> Step:
@@ -239,13 +285,14 @@ class ScriptedAPI:
                 continue
             said = _user_texts(message)
             keys = [k for k in scripts if k in said]
-            if not keys:
+            directed = [] if keys else directive_steps(said)
+            if not keys and not directed:
                 continue
-            key = max(keys, key=len)
+            key = max(keys, key=len) if keys else said
             index = sum(
                 1 for m in messages[i + 1 :] if isinstance(m, dict) and m.get("role") == "assistant"
             )
-            steps = scripts[key]
+            steps = scripts[key] if keys else directed
             step = steps[index] if index < len(steps) else text(FINISHED)
             return key, index, self._repeat(key, index, step)
         return None, 0, text(FINISHED)
@@ -526,3 +573,34 @@ def claude_env(api: ScriptedAPI, config_dir: os.PathLike[str] | str) -> dict[str
         }
     )
     return env
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the scripted API on its own until Ctrl-C: tasks script themselves with directives."""
+    parser = argparse.ArgumentParser(
+        prog="scripted_api.py",
+        description="A scripted Anthropic Messages API on loopback that drives the real claude CLI; "
+        "a task's directives ([bash] CMD, [write PATH] TEXT, [text] REPLY, [error STATUS] MESSAGE, "
+        "[slow SECONDS] REPLY) say what the agent does. See CONTRIBUTING.md.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=8765, help="port to listen on (8765; 0: any free one)"
+    )
+    args = parser.parse_args(argv)
+    api = ScriptedAPI(args.host, args.port).start()
+    print(f"scripted API on {api.url}", flush=True)
+    print(f"point claude at it: export ANTHROPIC_BASE_URL={api.url} ANTHROPIC_API_KEY=scripted "
+          "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", flush=True)  # fmt: skip
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        api.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -416,7 +416,7 @@ def test_config_set_and_unset_check_like_loading(repo, cli, tmp_path):
     }
     bad = cli("config", "set", "sandbox", "maybe")
     assert bad.code == 2 and "'sandbox' must be one of off, auto, on" in bad.err
-    bad = cli("config", "set", "bypass_permissions", "Bash(ls)")
+    bad = cli("config", "set", "bypass_permissions", "[1]")
     assert bad.code == 2 and "'bypass_permissions' must be a list of strings" in bad.err
     bad = cli("config", "set", "no_such_key", "1")
     assert bad.code == 2 and "unknown key 'no_such_key'" in bad.err

@@ -99,7 +99,7 @@ EXPECTED = {
     "uncommitted change": ("KEEP", "uncommitted change README.md"),
     "untracked file": ("KEEP", "untracked file notes.md"),
     "ignored .env": ("KEEP", "ignored file .env"),
-    "only setup files": ("REMOVED", "merged, nothing uncommitted"),
+    "only setup files": ("REMOVED", "no changes: no commits, nothing uncommitted"),
     "locked worktree": ("KEEP", "worktree is locked (git worktree unlock "),
     "folder deleted by hand": ("REMOVED", "merged, nothing uncommitted"),
 }
@@ -231,7 +231,7 @@ def test_failed_only(fake_repo, cli):
     spawn_and_finish(cli, fake_repo, "fail broken", "fine")
     run = cli("cleanup", "--failed")
     assert run.out.startswith(
-        "REMOVED fail-broken: merged, nothing uncommitted (saved as refs/orchestra/archive/fail-broken/"
+        "REMOVED fail-broken: no changes: no commits, nothing uncommitted (saved as refs/orchestra/archive/fail-broken/"
     )
     assert run.out.count("\n") == 1
     assert agent_states(fake_repo)["fine"] == "done"

@@ -194,7 +194,8 @@ def test_retry_starts_a_fresh_worktree_and_keeps_the_old_one(fake_repo, cli):
     refused = cli("retry", "fine")
     assert (
         refused.code == 2
-        and "only failed, interrupted or stopped agents can be retried" in refused.err
+        and "only failed, interrupted or stopped agents and done ones whose checks failed"
+        in refused.err
     )
 
 

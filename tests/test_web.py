@@ -136,7 +136,6 @@ def test_spawn_with_a_model_records_it_for_the_launch(server, fake_repo):
         ({"tasks": ["x"], "parallel": True}, "'parallel' must be int"),
         ({"tasks": ["x"], "parallel": 99}, "--parallel must be between 1 and max_parallel (8)"),
         ({"tasks": ["x"], "colour": "red"}, "unknown field 'colour'"),
-        ({"tasks": ["--help"]}, "starts with '-' and would be read as an option"),
         ({"tasks": ["  "]}, "a task is empty"),
         (
             {"tasks": ["a", "b"], "name": "both"},
