@@ -4314,6 +4314,8 @@ def launch_agent(project, record, prompt=None):
         ORCHESTRA_AGENT_ID=record["id"],
         ORCHESTRA_REPO=str(project.repo),
     )
+    if record["launch"].get("sandboxed"):
+        env.update(sandbox_git_env(record, env))
     argv = agent_argv(record, prompt, env)
     changed = (
         agent_wrote_settings(record) if is_claude_command(record["launch"]["agent_command"]) else []
@@ -4353,6 +4355,52 @@ def launch_agent(project, record, prompt=None):
 
 # What Claude Code loads from its cwd at start that can run commands or change its rules
 AGENT_LOADED = (".claude", ".mcp.json")
+# What Claude Code's sandbox mounts /dev/null over in the cwd when missing: `git add -A` must skip them
+SANDBOX_PLACEHOLDERS = (
+    ".bash_profile",
+    ".bashrc",
+    ".gitconfig",
+    ".gitmodules",
+    ".idea",
+    ".mcp.json",
+    ".profile",
+    ".ripgreprc",
+    ".vscode",
+    ".zprofile",
+    ".zshrc",
+    ".claude",
+)
+SANDBOX_EXCLUDE = "orchestra-exclude"  # in the worktree's own folder under .git/worktrees/
+
+
+def sandbox_git_env(record, env):
+    """Environment for a sandboxed agent's git: an excludes file (yours, plus the sandbox's
+    placeholders, which are character devices `git add -A` refuses) given as core.excludesFile
+    through GIT_CONFIG_COUNT, so nothing in the repository's config changes."""
+    admin = worktree_admin_dir(record["worktree"])
+    if admin is None:
+        return {}
+    yours = run_git(["config", "--path", "core.excludesFile"], record["worktree"], check=False)
+    default = (
+        Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")) / ".config") / "git/ignore"
+    )
+    source = Path(yours.stdout.strip() or default).expanduser()
+    kept = source.read_text(encoding="utf-8", errors="replace") if source.is_file() else ""
+    placeholders = "\n".join(
+        f"/{name}"
+        for name in SANDBOX_PLACEHOLDERS
+        if not (Path(record["worktree"]) / name).exists()
+        or Path(record["worktree"], name).is_char_device()
+    )
+    write_atomic(
+        admin / SANDBOX_EXCLUDE, f"{kept}\n# placed by Claude Code's sandbox\n{placeholders}\n"
+    )
+    count = int(env.get("GIT_CONFIG_COUNT") or 0)
+    return {
+        "GIT_CONFIG_COUNT": str(count + 1),
+        f"GIT_CONFIG_KEY_{count}": "core.excludesFile",
+        f"GIT_CONFIG_VALUE_{count}": str(admin / SANDBOX_EXCLUDE),
+    }
 
 
 def agent_wrote_settings(record):
