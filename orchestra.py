@@ -3940,8 +3940,8 @@ def guard(tool, tool_input, b, cwd=None):
 # agent's worktree and branch in its argv, so the common case, no objection, reads no state
 # at all. A refusal is logged as an orchestra `contained` event and sent to notify_command;
 # an ASK becomes an ApprovalBox request the hook waits on, never an allow by rule. The same
-# --settings layer denies Read and Edit of orchestra's files and .git's config, hooks and
-# info, and limits the sandbox's filesystem to match.
+# --settings layer denies Read and Edit of orchestra's files, other worktrees and ~/.claude,
+# and limits the sandbox's filesystem to match.
 # ======================================================================================
 
 
@@ -3996,18 +3996,19 @@ def add_containment(settings, repo, record, env):
     ]
     folders = [b.orchestra, *siblings]  # never read, never written
     files = [real(user_config_path(env))]
-    fixed = [os.path.join(b.git_dir, name) for name in GIT_GUARDED]
+    # .git's config, hooks and info are left to the guard, Claude Code's own sandbox rules and the
+    # integrity check: a sandbox rule on them binds their lock files too, and a lock another git
+    # process drops meanwhile makes bubblewrap fail ("Can't find source path .git/config.lock").
     claude_home = os.path.join(b.home, ".claude")
     rules = [f"Read(/{p}/**)" for p in folders] + [f"Read(/{p})" for p in files]
-    rules += [f"Edit(/{p}/**)" for p in [*folders, *fixed, claude_home]]
-    rules += [f"Edit(/{p})" for p in [*files, *fixed]]
+    rules += [f"Edit(/{p}/**)" for p in [*folders, claude_home]] + [f"Edit(/{p})" for p in files]
     permissions = settings.setdefault("permissions", {})
     permissions["deny"] = [*permissions.get("deny", []), *rules]
     if "sandbox" in settings:
         settings["sandbox"]["filesystem"] = {
             "denyRead": [b.orchestra, *files, b.worktrees],
             "allowRead": [b.worktree],
-            "denyWrite": [b.orchestra, *files, *fixed, claude_home],
+            "denyWrite": [b.orchestra, *files, claude_home],
         }
     return settings
 

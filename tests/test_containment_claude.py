@@ -187,7 +187,7 @@ def test_an_ordinary_agent_notices_nothing(repo, claude_api, cli):
         [call("Write", file_path=str(worktree / "src" / "app.py"), content="print(1)\n"),
          call("Edit", file_path=str(worktree / "src" / "app.py"), old_string="1", new_string="2"),
          call("Read", file_path=str(worktree / "README.md")),
-         bash("git status --short"), bash("git add src/app.py"),
+         bash("git status --short"), bash("git add -A"),
          bash("git commit -qm 'add app'"), bash("git log --oneline -1"), text("done")],
     )  # fmt: skip
     assert cli("spawn", "ordinary-work").code == 0
