@@ -34,12 +34,13 @@ Commands:
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
-readable by you alone, and deleted once read).
+readable by you alone, and deleted once read or when the agent is stopped or removed).
 
 State lives in `<repo>/.orchestra/` (readable by you alone): state.json (live agent records),
 history.jsonl (cleaned-up agents, one record a line), logs/<id>.jsonl (each agent's stream-json
 output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the dashboard's
-access token), approvals/ (requests waiting, decisions, --always rules) and the lock files. Work
+access token, new on every start), approvals/ (requests waiting, decisions, --always rules, each
+signed with approval.key) and the lock files. Work
 saved before a cleanup: refs/orchestra/archive/<id>/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
@@ -616,6 +617,12 @@ def check_config_value(key, value, where):
         raise OrchestraError(
             f"{where}: '{key}' must be {TYPE_NAMES[kind]}, not {json.dumps(value)}"
         )
+    if key == "notify_command" and any("{message}" in part for part in value):
+        raise OrchestraError(
+            f"{where}: notify_command no longer takes {{message}} (every local user can read a "
+            "command line): read the message from stdin or $ORCHESTRA_MESSAGE; {agent} and "
+            "{event} still work"
+        )
 
 
 def read_config_file(path):
@@ -751,6 +758,43 @@ def write_config_value(path, key, value, unset=False):
 # ======================================================================================
 
 
+# Variables that tell git which repository, index or object store to use instead of the one
+# `cwd` is in (what `git rev-parse --local-env-vars` prints, plus the discovery ones). An exported
+# GIT_DIR (a script, direnv) must never send orchestra's git, or an agent's, to the user's checkout.
+GIT_LOCATING_VARS = (
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_CONFIG", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT",
+    "GIT_OBJECT_DIRECTORY", "GIT_DIR", "GIT_WORK_TREE", "GIT_IMPLICIT_WORK_TREE", "GIT_GRAFT_FILE",
+    "GIT_INDEX_FILE", "GIT_NO_REPLACE_OBJECTS", "GIT_REPLACE_REF_BASE", "GIT_PREFIX",
+    "GIT_INTERNAL_SUPER_PREFIX", "GIT_SHALLOW_FILE", "GIT_COMMON_DIR", "GIT_NAMESPACE",
+    "GIT_CEILING_DIRECTORIES", "GIT_DISCOVERY_ACROSS_FILESYSTEM",
+)  # fmt: skip
+_probed_git_vars = []  # what this git says it honours, asked once per process
+
+
+def git_locating_vars():
+    """The repository-locating variables: GIT_LOCATING_VARS and whatever this git adds to them."""
+    if not _probed_git_vars:
+        try:
+            done = subprocess.run(
+                ["git", "rev-parse", "--local-env-vars"],
+                capture_output=True,
+                text=True,
+                env={k: v for k, v in os.environ.items() if k not in GIT_LOCATING_VARS},
+                cwd=os.sep,
+            )
+            names = done.stdout.split() if done.returncode == 0 else []
+        except OSError:
+            names = []
+        _probed_git_vars.append(frozenset(GIT_LOCATING_VARS) | frozenset(names))
+    return _probed_git_vars[0]
+
+
+def clean_env(env=None):
+    """`env` (default: this process's) without the variables that point git elsewhere."""
+    drop = git_locating_vars()
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in drop}
+
+
 def run_git(args, cwd, check=True, env=None, input=None):
     """Run git with `args` in `cwd` (and `env`, `input`); raise GitError with git's stderr when it fails."""
     try:
@@ -760,7 +804,7 @@ def run_git(args, cwd, check=True, env=None, input=None):
             capture_output=True,
             text=True,
             errors="replace",
-            env=env,
+            env=clean_env() if env is None else env,
             input=input,
         )
     except FileNotFoundError:
@@ -776,7 +820,7 @@ def page_git(args, cwd):
     (a pager only when stdout is a terminal: core.pager, $GIT_PAGER, $PAGER); its exit status."""
     sys.stdout.flush()
     try:
-        return subprocess.run(["git", *args], cwd=str(cwd)).returncode
+        return subprocess.run(["git", *args], cwd=str(cwd), env=clean_env()).returncode
     except FileNotFoundError:
         raise OrchestraError("git is not installed or not on PATH; install git first") from None
 
@@ -787,16 +831,16 @@ def find_repo(cwd):
     Reads .git files directly (no subprocess), falling back to git for unusual layouts.
     """
     here = Path(cwd).resolve()
-    if "GIT_DIR" not in os.environ:
-        for folder in (here, *here.parents):
-            dot_git = folder / ".git"
-            if dot_git.is_dir():
-                return folder
-            if dot_git.is_file():
-                main = main_worktree_from_gitfile(folder, dot_git)
-                if main is not None:
-                    return main
-                break
+    # GIT_DIR and its kin are ignored (see clean_env): the folder decides
+    for folder in (here, *here.parents):
+        dot_git = folder / ".git"
+        if dot_git.is_dir():
+            return folder
+        if dot_git.is_file():
+            main = main_worktree_from_gitfile(folder, dot_git)
+            if main is not None:
+                return main
+            break
     done = run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], here, check=False)
     if done.returncode != 0:
         raise OrchestraError(
@@ -864,14 +908,23 @@ def is_valid_branch_name(name):
     return run_git(["check-ref-format", "--branch", name], ".", check=False).returncode == 0
 
 
+def real_path(path):
+    """`path` with symlinks resolved, as git records worktree paths (a relative one: from `.`)."""
+    return os.path.realpath(str(path))
+
+
 def list_worktrees(repo):
-    """`git worktree list --porcelain` as a list of dicts (path, head, branch, flags)."""
+    """`git worktree list --porcelain` as a list of dicts (path, real, head, branch, flags).
+
+    `real` is the path with symlinks resolved: compare worktree paths by it, never by `path`.
+    """
     worktrees, current = [], None
     for line in run_git(["worktree", "list", "--porcelain"], repo).stdout.splitlines():
         key, _, value = line.partition(" ")
         if key == "worktree":
             current = {
                 "path": value,
+                "real": real_path(os.path.join(str(repo), value)),
                 "head": None,
                 "branch": None,
                 "bare": False,
@@ -883,7 +936,7 @@ def list_worktrees(repo):
         elif current is None:
             continue
         elif key == "HEAD":
-            current["head"] = value
+            current["head"] = value if value.strip("0") else None  # all zeros: an unreadable HEAD
         elif key == "branch":
             current["branch"] = (
                 value[len("refs/heads/") :] if value.startswith("refs/heads/") else value
@@ -1000,6 +1053,8 @@ def missing_git_or_folder(cwd):
 # SEE_ALL_GIT. worktree_holdings() is the one answer cleanup and collect trust.
 # ======================================================================================
 
+GIT_DIED = 128  # git's exit status when it dies (die()): it could not answer at all
+
 # Config overrides for every git call that judges what a worktree holds: whatever the user's
 # (or an agent's) git config says, git then hides nothing and runs nothing of the user's.
 SEE_ALL_GIT = (
@@ -1014,7 +1069,11 @@ def git_bytes(args, cwd, input=b"", env=None, check=True):
     """Run git with SEE_ALL_GIT overrides, bytes in and out; raise GitError when it fails."""
     try:
         done = subprocess.run(
-            ["git", *SEE_ALL_GIT, *args], cwd=str(cwd), input=input, capture_output=True, env=env
+            ["git", *SEE_ALL_GIT, *args],
+            cwd=str(cwd),
+            input=input,
+            capture_output=True,
+            env=clean_env() if env is None else env,
         )
     except FileNotFoundError:
         raise missing_git_or_folder(cwd) from None
@@ -1042,18 +1101,103 @@ def own_admin_dirs(repo, worktree):
     common = Path(
         run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], repo).stdout.strip()
     )
-    found = []
+    found, wanted = [], real_path(worktree)
     for admin in sorted((common / "worktrees").glob("*")):
         with contextlib.suppress(OSError):
             pointer = (admin / "gitdir").read_text(encoding="utf-8", errors="replace").strip()
-            if Path(pointer).parent == Path(worktree):
+            if real_path(os.path.dirname(os.path.join(str(admin), pointer))) == wanted:
                 found.append(admin)
     return found
 
 
+def admin_worktree_path(admin):
+    """The worktree path an administrative folder (.git/worktrees/<name>) points at, or None."""
+    try:
+        pointer = (Path(admin) / "gitdir").read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return real_path(os.path.dirname(os.path.join(str(admin), pointer)))
+
+
 def rev_lines(args, cwd):
-    """Hashes printed by a git command that may fail (a missing reflog): a list, maybe empty."""
-    return git_bytes(args, cwd, check=False).stdout.decode().split()
+    """Hashes printed by a git command that may find none (a missing reflog, an unborn HEAD): a
+    list, maybe empty. git dying (exit 128: unreadable, dubious ownership) is a GitError, never [].
+    """
+    done = git_bytes(args, cwd, check=False)
+    if done.returncode >= GIT_DIED:
+        detail = one_line(done.stderr.decode("utf-8", "replace"), limit=TAIL_CHARS)
+        raise GitError(f"git {args[0]} failed: {detail or f'exit {done.returncode}'}")
+    return done.stdout.decode().split()
+
+
+def check_worktree(repo, record):
+    """Refuse, naming the agent, when git cannot read its worktree as one of this repository's
+    (dubious ownership, a `.git` deleted or replaced by `git init`): what it holds is unknown,
+    so it must be kept, never read as empty."""
+    worktree, agent = Path(record["worktree"]), record["id"]
+    admin = worktree_admin_dir(worktree)
+    with contextlib.suppress(OSError):
+        if (
+            admin is not None
+            and real_path(admin.parent) == real_path(Path(repo) / ".git" / "worktrees")
+            and admin_worktree_path(admin) == real_path(worktree)
+            and os.stat(worktree).st_uid == os.geteuid()
+        ):
+            return  # plainly ours: no need to ask git (collect asks nothing per agent)
+    done = git_bytes(
+        ["rev-parse", "--path-format=absolute", "--git-common-dir", "--show-toplevel"],
+        worktree,
+        check=False,
+    )
+    lines = done.stdout.decode("utf-8", "surrogateescape").splitlines()
+    if done.returncode != 0 or len(lines) != 2:
+        detail = one_line(done.stderr.decode("utf-8", "replace"), limit=TAIL_CHARS)
+        raise GitError(
+            f"{agent}: git cannot read its worktree {worktree} ({detail or 'no answer'}); "
+            "it is kept as it is. Fix the folder (owner, permissions), then run the command again"
+        )
+    common, top = (real_path(line) for line in lines)
+    if common != real_path(Path(repo) / ".git") or top != real_path(worktree):
+        raise GitError(
+            f"{agent}: {worktree} is no longer a git worktree of this repository (its .git was "
+            "removed or replaced); it is kept as it is. Copy out what you need, then delete it by hand"
+        )
+
+
+def moved_worktree(repo, record):
+    """Where git says the agent's worktree lives when it is not at the record's path (an agent
+    ran `git worktree move`), else None."""
+    if Path(record["worktree"]).is_dir():
+        return None
+    name = re.compile(re.escape(f"{WORKTREE_PREFIX}{record['id']}") + r"[0-9]*")
+    for admin in sorted((Path(repo) / ".git" / "worktrees").glob(f"{WORKTREE_PREFIX}*")):
+        where = admin_worktree_path(admin) if name.fullmatch(admin.name) else None
+        if where and where != real_path(record["worktree"]) and os.path.isdir(where):
+            return where
+    for listed in list_worktrees(repo):
+        if listed["branch"] == record["branch"] and os.path.isdir(listed["real"]):
+            return listed["real"]
+    return None
+
+
+def nested_worktrees(repo, worktree):
+    """Real paths of other worktrees of this repository that live inside `worktree` (Claude
+    Code's `.claude/worktrees/`): deleting the folder deletes them too."""
+    mine = real_path(worktree)
+    return [
+        w["real"]
+        for w in list_worktrees(repo)
+        if w["real"].startswith(mine + os.sep) and os.path.isdir(w["real"])
+    ]
+
+
+def nested_worktree_commits(worktrees):
+    """Every commit nested worktrees reach by name: their HEADs and HEAD reflogs."""
+    commits = []
+    for nested in worktrees:
+        commits += rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], nested)
+        commits += rev_lines(["rev-list", "--walk-reflogs", "--ignore-missing", "HEAD"], nested)
+    return list(dict.fromkeys(commits))
 
 
 def worktree_commits(repo, worktree, branch):
@@ -1111,8 +1255,10 @@ def outside_tips(repo, worktree, skip_refs):
         for sha, ref in (line.split(" ", 1) for line in out.splitlines())
         if ref not in skip_refs
     ]
+    mine = real_path(worktree)
     for other in list_worktrees(repo):
-        if other["path"] != str(worktree) and other["head"]:
+        inside = other["real"] == mine or other["real"].startswith(mine + os.sep)
+        if not inside and other["head"]:  # a worktree nested in this one goes with it
             tips.append(other["head"])
     return tips
 
@@ -1133,10 +1279,11 @@ def independent_commits(repo, commits):
     return run_git(["merge-base", "--independent", *commits], repo).stdout.split()
 
 
-def walk_files(root, skip_top_git=True):
+def walk_files(root, skip_top_git=True, stats=None):
     """(relative path bytes, absolute path, kind) of every file under root, nested .git included.
 
-    kind: "file", "exec", "link", or "special" (fifo, socket, device: cannot be saved).
+    kind: "file", "exec", "link", or "special" (fifo, socket, device: cannot be saved). A `stats`
+    dict gets each file's and link's lstat by absolute path (the walk makes that call anyway).
     """
     root_b = os.fsencode(str(root))
     stack = [b""]
@@ -1154,18 +1301,23 @@ def walk_files(root, skip_top_git=True):
             rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
             if skip_top_git and not rel_dir and entry.name == b".git":
                 continue
-            yield from walk_entry(entry, rel, stack)
+            yield from walk_entry(entry, rel, stack, stats)
 
 
-def walk_entry(entry, rel, stack):
+def walk_entry(entry, rel, stack, stats=None):
     """One directory entry of walk_files: folders are queued, files yielded with their kind."""
     if entry.is_symlink():
+        if stats is not None:
+            with contextlib.suppress(OSError):
+                stats[entry.path] = entry.stat(follow_symlinks=False)
         yield rel, entry.path, "link"
     elif entry.is_dir(follow_symlinks=False):
         stack.append(rel)
     elif entry.is_file(follow_symlinks=False):
-        executable = os.stat(entry.path, follow_symlinks=False).st_mode & 0o111
-        yield rel, entry.path, "exec" if executable else "file"
+        info = entry.stat(follow_symlinks=False)
+        if stats is not None:
+            stats[entry.path] = info
+        yield rel, entry.path, "exec" if info.st_mode & 0o111 else "file"
     else:
         yield rel, entry.path, "special"
 
@@ -1177,10 +1329,16 @@ def snapshot_path(rel):
     )
 
 
+def line_safe(path):
+    """True when `--stdin-paths` reads this path back as it is: one line per path, where git strips a
+    trailing CR and unquotes a leading double quote (NUL-separated input it does not offer)."""
+    return b"\n" not in path and b"\r" not in path and not path.startswith(b'"')
+
+
 def hash_blobs(repo, items, write):
     """{relative path: blob hash} of (rel, absolute path, kind) items; bytes as they are on disk."""
     hashes = {}
-    plain = [(rel, path) for rel, path, kind in items if kind != "link" and b"\n" not in path]
+    plain = [(rel, path) for rel, path, kind in items if kind != "link" and line_safe(path)]
     if plain:
         args = ["hash-object", "--no-filters", "--stdin-paths", *(["-w"] if write else [])]
         out = git_bytes(
@@ -1225,18 +1383,20 @@ def gitfile_target(path):
     return target if target.is_dir() else None
 
 
-def worktree_files(repo, worktree, admin):
+def worktree_files(repo, worktree, admin, stats=None):
     """Every file the worktree holds, as (rel, path, kind), with nested repositories' private
-    git folders that live in the worktree's admin folder (and vanish with it) added in place."""
+    git folders that live in the worktree's admin folder (and vanish with it) added in place
+    (`stats`: see walk_files)."""
     items = []
-    for rel, path, kind in walk_files(worktree):
+    for rel, path, kind in walk_files(worktree, stats=stats):
         items.append((rel, path, kind))
         if admin and rel.endswith(b"/.git") and kind == "file":
             target = gitfile_target(path)
             if target and str(target).startswith(str(admin) + os.sep):
                 prefix = rel[: -len(b".git")] + b".git-dir"
                 items += [
-                    (prefix + b"/" + r, p, k) for r, p, k in walk_files(target, skip_top_git=False)
+                    (prefix + b"/" + r, p, k)
+                    for r, p, k in walk_files(target, skip_top_git=False, stats=stats)
                 ]
     return items
 
@@ -1261,27 +1421,89 @@ def file_changes(repo, worktree, head, setup, admin=None):
     where kind is "modified", "untracked", "nested" (inside a nested repository) or "link".
     """
     committed = tree_entries(repo, head)
-    items = worktree_files(repo, worktree, admin)
+    walked = {}
+    items = worktree_files(repo, worktree, admin, walked)
     special = [os.fsdecode(rel) for rel, _, kind in items if kind == "special"]
     unreadable = [os.fsdecode(rel) for rel, _, kind in items if kind == "unreadable"]
     items = [i for i in items if i[2] in FILE_MODES]
+    stats = file_stats(items, walked)  # before hashing: a later write shows as a changed stat
     hashes = hash_blobs(repo, items, write=False)
-    changed, present = [], set()
+    stored = stored_hashes(worktree, items, hashes, committed)
+    changed, present, paths = [], set(), {}
     for rel, path, kind in items:
         present.add(rel)
         mode, sha, name = FILE_MODES[kind], hashes[rel], os.fsdecode(rel)
-        if committed.get(rel) == (mode, sha) or setup_blob_matches(setup.get(name), path, sha):
+        if committed.get(rel) in ((mode, sha), (mode, stored.get(rel))) or setup_blob_matches(
+            setup.get(name), path, sha
+        ):
             continue
         nested = b"/.git/" in b"/" + rel or b".git-dir/" in rel
         what = "nested" if nested else ("modified" if rel in committed else "untracked")
         changed.append((what, name, rel, mode, sha))
+        paths[rel] = (path, kind)
     deleted = [
-        os.fsdecode(rel)
+        rel
         for rel, (mode, _) in committed.items()
         if rel not in present
         and not (mode == "160000" and not any(p.startswith(rel + b"/") for p in present))
     ]
-    return {"changed": changed, "deleted": deleted, "special": special, "unreadable": unreadable}
+    outside = skip_worktree_paths(worktree) if deleted else set()
+    deleted = [os.fsdecode(rel) for rel in deleted if rel not in outside]
+    return {
+        "changed": changed,
+        "deleted": deleted,
+        "special": special,
+        "unreadable": unreadable,
+        "stats": stats,
+        "paths": paths,
+    }
+
+
+def file_stats(items, walked):
+    """{rel: (mode, size, mtime, ctime, inode)} of (rel, path, kind) items, from the lstat the
+    walk made (`walked`, by path): any write since changes it."""
+    stats = {}
+    for rel, path, _ in items:
+        info = walked.get(path)
+        if info is not None:
+            stats[rel] = (
+                info.st_mode,
+                info.st_size,
+                info.st_mtime_ns,
+                info.st_ctime_ns,
+                info.st_ino,
+            )
+    return stats
+
+
+def skip_worktree_paths(worktree):
+    """Paths (bytes) the worktree's index marks skip-worktree (sparse checkout, or by hand): their
+    absence from the disk is no deletion, git neither checks them out nor looks at them."""
+    out = git_bytes(["ls-files", "-t", "-z"], worktree).stdout
+    return {entry[2:] for entry in out.split(b"\0") if entry.startswith(b"S ")}
+
+
+def stored_hashes(worktree, items, hashes, committed):
+    """{rel: blob} of what git would store for tracked files whose raw bytes differ from the
+    committed blob (clean filters, working-tree-encoding, eol rules applied): a filtered file
+    equal to its commit is no change. Nested repositories' files are not the worktree's."""
+    root, suspects = os.fsencode(str(worktree)) + b"/", []
+    for rel, path, kind in items:
+        entry = committed.get(rel)
+        differs = kind != "link" and entry and entry[1] != hashes[rel] and path.startswith(root)
+        if differs and entry[0] == FILE_MODES[kind] and b".git/" not in b"/" + rel + b"/":
+            suspects.append(rel)
+    found, plain = {}, [rel for rel in suspects if line_safe(rel)]
+    if plain:
+        done = git_bytes(
+            ["hash-object", "--stdin-paths"], worktree, input=b"".join(r + b"\n" for r in plain)
+        )
+        found.update(zip(plain, done.stdout.decode().split()))
+    for rel in (r for r in suspects if not line_safe(r)):
+        data = Path(os.fsdecode(os.path.join(root, rel))).read_bytes()
+        args = ["hash-object", f"--path={os.fsdecode(rel)}", "--stdin"]
+        found[rel] = git_bytes(args, worktree, input=data).stdout.decode().strip()
+    return found
 
 
 def setup_fingerprints(worktree):
@@ -1338,7 +1560,7 @@ def snapshot_commit(repo, head, changes, message):
     """A commit of the worktree as it is: HEAD's tree with every changed file written over it and
     deleted ones left out; nested .git folders stored under NESTED_GIT_NAME. Parent: HEAD."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"))
+        env = dict(clean_env(), GIT_INDEX_FILE=os.path.join(tmp, "index"))
         git_bytes(["read-tree", head] if head else ["read-tree", "--empty"], repo, env=env)
         zero = "0" * len(head or "0" * 40)
         lines = [f"0 {zero}\t".encode() + os.fsencode(p) for p in changes["deleted"]]
@@ -1360,10 +1582,13 @@ def snapshot_commit(repo, head, changes, message):
 
 def write_changed_blobs(repo, worktree, admin, changes):
     """Store the changed files' bytes in the object database (hashes were computed without -w)."""
-    wanted = {rel for _, _, rel, _, _ in changes["changed"]}
-    items = [
-        i for i in worktree_files(repo, worktree, admin) if i[0] in wanted and i[2] in FILE_MODES
-    ]
+    wanted, paths = {rel for _, _, rel, _, _ in changes["changed"]}, changes.get("paths")
+    items = (
+        [(rel, *paths[rel]) for rel in wanted]
+        if paths is not None
+        else [i for i in worktree_files(repo, worktree, admin) if i[0] in wanted]
+    )
+    items = [i for i in items if i[2] in FILE_MODES]
     written = hash_blobs(repo, items, write=True)
     for entry in changes["changed"]:
         if written.get(entry[2]) != entry[4]:
@@ -1406,18 +1631,23 @@ def delete_worktree(repo, worktree):
 
 @contextlib.contextmanager
 def shield_interrupts():
-    """Hold Ctrl-C (SIGINT) back while a step runs, git children included (they inherit the
-    blocked mask), so a step happens wholly or not at all; the interrupt arrives after it."""
+    """Hold Ctrl-C (SIGINT), a closed terminal (SIGHUP), SIGTERM and SIGQUIT back while a step
+    runs, git children included (they inherit the blocked mask), so a step happens wholly or not
+    at all; the signal arrives after it. (kill -9 cannot be held: steps that delete are also
+    safe to be cut short, see delete_worktree_safely.)"""
     can = (
         hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
     )
+    held = {
+        getattr(signal, n) for n in ("SIGINT", "SIGHUP", "SIGTERM", "SIGQUIT") if hasattr(signal, n)
+    }
     if can:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
         yield
     finally:
         if can:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def operation_in_progress(repo):
@@ -1526,11 +1756,12 @@ def worktree_leftovers(record, changes):
     return sorted(entries, key=lambda e: e[1])
 
 
-def uncommitted_work(record):
+def uncommitted_work(repo, record):
     """[(XY code, path)] the agent's worktree holds beyond its HEAD commit and setup's files."""
     worktree = Path(record["worktree"])
     if not worktree.is_dir():
         return []
+    check_worktree(repo, record)
     head = rev_lines(["rev-parse", "--verify", "--quiet", "HEAD"], worktree)
     changes = file_changes(
         worktree,
@@ -1571,7 +1802,9 @@ def worktree_holdings(project, record):
         "detached_lost": [],
         "reflog_lost": [],
     }
+    nested = []
     if worktree.is_dir():
+        check_worktree(repo, record)
         held["head"], held["head_branch"] = worktree_head(worktree)
         held["staged"] = staged_tree(worktree, held["head"])
         held["changes"] = file_changes(
@@ -1579,6 +1812,7 @@ def worktree_holdings(project, record):
         )
         held["leftovers"] = worktree_leftovers(record, held["changes"])
         commits = worktree_commits(repo, worktree, branch)
+        nested = nested_worktree_commits(nested_worktrees(repo, worktree))
     else:
         commits = rev_lines(
             ["rev-list", "--walk-reflogs", "--ignore-missing", f"refs/heads/{branch}"], repo
@@ -1589,6 +1823,7 @@ def worktree_holdings(project, record):
     held["detached_lost"] = commits_only_in(repo, [held["head"]], tips) if held["head"] else []
     lost = commits_only_in(repo, commits, tips)
     held["reflog_lost"] = [c for c in lost if c not in set(held["detached_lost"])]
+    held["nested_lost"] = commits_only_in(repo, nested, tips + commits)
     return held
 
 
@@ -1619,6 +1854,10 @@ def holdings_reasons(record, held):
     if held["tip"] is not None and held["reflog_lost"]:
         reasons.append(
             f"{plural(len(held['reflog_lost']), 'commit')} only in the worktree's reflog (reset or amended away)"
+        )
+    if held.get("nested_lost"):
+        reasons.append(
+            f"{plural(len(held['nested_lost']), 'commit')} only in a worktree nested inside it"
         )
     if held["stashes"]:
         reasons.append(f"{plural(len(held['stashes']), 'stash')} made in the worktree")
@@ -1673,7 +1912,7 @@ def read_history(path):
         for line in f:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict) and isinstance(record.get("id"), str):
                 history[record["id"]] = record
@@ -1799,11 +2038,12 @@ class StateStore:
         """Read under the lock; move a corrupt file aside and rebuild it from logs and worktrees."""
         try:
             return self.read()
-        except ValueError:
+        except (ValueError, RecursionError):
+            # Rebuilt first, kept aside second: a rebuild that fails leaves state.json in place
             aside = self.path.with_name(f"state.json.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(str(self.path), str(aside))
             state = empty_state()
             state.update(self.rebuild())
+            os.link(str(self.path), str(aside))
             self.write(state_text(state))
             print(
                 f"orchestra: warning: {self.path} was unreadable; moved it to {aside.name} "
@@ -1818,7 +2058,7 @@ def load_agent_records(repo):
     folder = Path(repo) / ORCHESTRA_DIR
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         state = None
     agents = state.get("agents") if isinstance(state, dict) else None
     agents = agents if isinstance(agents, dict) else {}
@@ -2091,12 +2331,15 @@ class AgentLog:
             return
         try:
             event = json.loads(raw.decode("utf-8", "replace"))
+            if isinstance(event, dict):
+                handler = getattr(self, f"on_{event.get('type')}", None)
+                if handler:
+                    handler(event)
         except ValueError:
-            return
-        if isinstance(event, dict):
-            handler = getattr(self, f"on_{event.get('type')}", None)
-            if handler:
-                handler(event)
+            return  # not JSON: a line of plain output, or a torn end
+        except (RecursionError, TypeError, AttributeError, KeyError):
+            # one unreadable line (nested too deep, odd types) is skipped, never the watcher's end
+            self.facts["unreadable_lines"] = (self.facts.get("unreadable_lines") or 0) + 1
 
     def on_orchestra(self, event):
         """A new run starts with no result yet; a failed setup is the agent's error."""
@@ -2374,12 +2617,13 @@ def restore_resilience(record, log):
 def rebuild_state(project):
     """Records recovered from each log's spawn event, settled from the rest of the log, and the
     batches (with their budgets) those agents were spawned in."""
-    live = {w["path"] for w in list_worktrees(project.repo)}
-    history = project.history()  # a cleaned-up agent stays history, never comes back live
+    live = {w["real"] for w in list_worktrees(project.repo) if not w["prunable"]}
+    # A cleaned-up agent stays history, unless its worktree is live again (restored): that wins.
+    history = project.history()
     records, batches = {}, {}
     for log_path in sorted(project.logs.glob("*.jsonl")):
         spawn = first_spawn_event(log_path)
-        if spawn is None or spawn["id"] in history:
+        if spawn is None or (spawn["id"] in history and real_path(spawn["worktree"]) not in live):
             continue
         record = new_record(
             project, spawn["id"], spawn["task"], spawn.get("base_branch"), spawn.get("base_commit")
@@ -2415,14 +2659,18 @@ def rebuild_state(project):
                 "budget": spawn.get("batch_budget"),
                 "created_at": spawn.get("time"),
             }
-        if record["worktree"] not in live and record["state"] == "queued" and not log.launched:
+        if (
+            real_path(record["worktree"]) not in live
+            and record["state"] == "queued"
+            and not log.launched
+        ):
             record.update(
                 ready=False,
                 worktree_later=True,
                 spawn_logged=True,
                 activity="waiting for a worktree",
             )
-        elif record["worktree"] not in live and record["state"] == "queued":
+        elif real_path(record["worktree"]) not in live and record["state"] == "queued":
             record["state"], record["error"] = (
                 "failed",
                 "worktree missing after state.json was rebuilt",
@@ -2444,7 +2692,7 @@ def first_spawn_event(path):
         first = f.readline()
     try:
         event = json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) and event.get("event") == "spawn" else None
 
@@ -2456,14 +2704,19 @@ def first_spawn_event(path):
 # never a file) whose PermissionRequest hook runs `orchestra hook permission-request`, a
 # child of the agent, so it outlives a supervisor crash. Claude Code calls it only for a
 # tool call its own rules do not allow already. The hook:
-#   1. allows at once what an --always rule allows: the agent's own (approvals/rules/) or
-#      the project's bypass_permissions as .orchestra/config.json holds it now;
+#   1. allows at once what an --always rule allows: the agent's own (approvals/rules/<id>.json),
+#      the project's (rules/@project.json), or bypass_permissions as config.json holds it now.
+#      A saved rule is the exact input the user was shown (a `*` in it is a `*`), or a Bash
+#      prefix the user asked for by name; never a glob, never more than one tool's calls;
 #   2. else writes approvals/<req>.json atomically: the request is now pending, and the
 #      CLI, the status hub and the dashboard see it;
 #   3. polls for approvals/decisions/<req>.json. A decision is a complete file linked into
 #      place (the O_EXCL rule of link(2)), so the first decider wins and a later one is told
 #      it came late; at approval_timeout the hook itself decides "deny" the same way;
 #   4. moves the request to approvals/answered/ and prints Claude Code's answer.
+# Every request, decision and rule file carries an HMAC under .orchestra/approval.key: a file
+# without a valid one is ignored and reported, and a decision is bound to the SHA-256 of the
+# input it was taken on. What a person decides on is shown whole (shown_request()).
 # When in doubt the hook denies, with a message that says why: unreadable state, an unknown
 # or ended agent, a broken request. A pending request whose hook has gone (its agent was
 # stopped) is void: never listed, never answerable.
@@ -2476,6 +2729,24 @@ APPROVAL_POLL = 0.05  # seconds between the waiting hook's looks for a decision
 APPROVAL_HOOK_MARGIN = 60  # seconds Claude Code gives the hook beyond approval_timeout
 APPROVAL_ID_BYTES = 3  # random bytes of a request id (6 hex digits), unique by O_EXCL
 APPROVAL_INPUT_LIMIT = 64 * 1024  # characters of a tool input kept in a request
+APPROVAL_KEY_FILE = (
+    "approval.key"  # in .orchestra/ (0600): the HMAC key of requests, decisions, rules
+)
+APPROVAL_KEY_BYTES = 32
+PROJECT_RULES = (
+    "@project.json"  # in approvals/rules/: --always=project rules (no agent id has an @)
+)
+RULE_IGNORED = (
+    "description",
+)  # input fields an exact rule does not compare: they change nothing run
+# Fields that change what a call means, shown before the command or content
+SHOWN_FIRST = ("dangerouslyDisableSandbox", "replace_all", "run_in_background", "file_path", "path",
+               "notebook_path", "url", "timeout")  # fmt: skip
+SHOWN_INLINE = 120  # a field value shorter than this, on one line, is shown beside its name
+# Shown as escapes: every C0/C1 control but newline, DEL, bidirectional marks, line separators
+SHOWN_ESCAPED = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff\n]"
+)
 SANDBOX_PACKAGES = {
     "bwrap": "bubblewrap",
     "socat": "socat",
@@ -2490,23 +2761,6 @@ def read_json_file(path):
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def tool_summary(tool, tool_input):
-    """'Bash(pytest -q)', 'Edit(src/app.py)': a tool call as a permission rule would name it."""
-    tool_input = tool_input if isinstance(tool_input, dict) else {}
-    for key in ("command", "file_path", "path", "url", "pattern", "prompt"):
-        if isinstance(tool_input.get(key), str):
-            return one_line(f"{tool}({tool_input[key]})")
-    return tool
-
-
-def request_rule(tool, tool_input):
-    """The rule --always adds: Bash with exactly this command, any other tool as a whole."""
-    command = tool_input.get("command") if isinstance(tool_input, dict) else None
-    if tool == "Bash" and isinstance(command, str):
-        return f"Bash({command})"
-    return tool
 
 
 SHELL_OPERATORS = re.compile(r"[;&|<>$`\n()]")  # a wildcard rule never allows a compound command
@@ -2537,25 +2791,183 @@ def rule_matches(rule, tool, tool_input):
     return fnmatchcase(subject, content)
 
 
-def denial_lines(denials, allowed=()):
-    """'2 tool calls denied: Bash(pytest -q), Write(x)' and the command that allows them next time.
+def escape_controls(text, newlines=False):
+    """Text with every control character shown as an escape (\\x1b, \\u202e); newlines stay unless asked."""
+    return SHOWN_ESCAPED.sub(
+        lambda m: (
+            m.group()
+            if m.group() == "\n" and not newlines
+            else {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(m.group())
+            or (
+                f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}"
+            )
+        ),
+        text,
+    )
 
-    `allowed` is the agent's bypass_permissions, which the suggested list keeps.
-    """
+
+def tool_summary(tool, tool_input):
+    """'Bash(pytest -q)', 'Edit(src/app.py)': a tool call on one line, every newline and control escaped."""
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    for key in ("command", "file_path", "path", "url", "pattern", "prompt"):
+        if isinstance(tool_input.get(key), str):
+            return f"{tool}({escape_controls(tool_input[key], newlines=True)})"
+    return tool
+
+
+def input_size(tool_input):
+    """(lines, bytes) of a tool input's text: every string field, as the call would use it."""
+    texts = [v for v in tool_input.values() if isinstance(v, str)] if tool_input else []
+    data = "".join(texts).encode("utf-8", "surrogatepass")
+    return (sum(line_count(t) for t in texts), len(data))
+
+
+def line_count(text):
+    """Lines as `wc -l` counts them, plus an unfinished last line."""
+    return text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+
+
+def shown_request(request):
+    """Every line a person is shown before deciding: the size, the fields that change what the
+    call means, then the whole input, control characters escaped. Never cut."""
+    tool, tool_input = request.get("tool") or "tool", request.get("input")
+    if request.get("truncated") or not isinstance(tool_input, dict):
+        size = request.get("input_bytes") or 0
+        return [
+            f"{tool}: an input of {size} bytes, too long to show whole; "
+            "it can be approved once, never as a rule",
+            *(
+                "  " + line
+                for line in escape_controls(str(request.get("input_head") or "")).split("\n")
+            ),
+        ]
+    lines, size = input_size(tool_input)
+    shown = [f"{tool}: {lines} line{'s' if lines != 1 else ''}, {size} bytes"]
+    first = [k for k in SHOWN_FIRST if k in tool_input]
+    if tool in ("Write", "Edit", "MultiEdit", "NotebookEdit") and "file_path" in tool_input:
+        first = ["file_path", *[k for k in first if k != "file_path"]]
+    for key in [*first, *sorted(k for k in tool_input if k not in first)]:
+        value = tool_input[key]
+        text = value if isinstance(value, str) else json.dumps(value)
+        body = escape_controls(text[:-1] if text.endswith("\n") else text).split("\n")
+        if len(body) == 1 and len(body[0]) <= SHOWN_INLINE and not text.endswith("\n"):
+            shown.append(f"  {key}: {body[0]}")
+        else:
+            count = line_count(text)
+            shown.append(
+                f"  {key} ({count} line{'s' if count != 1 else ''}, "
+                f"{len(text.encode('utf-8', 'surrogatepass'))} bytes):"
+            )
+            shown += [f"    {line}" for line in body]
+    return shown
+
+
+def input_digest(tool_input):
+    """SHA-256 of a tool input as JSON: what a decision is bound to."""
+    return hashlib.sha256(
+        json.dumps(tool_input, sort_keys=True).encode("utf-8", "surrogatepass")
+    ).hexdigest()
+
+
+def approval_key(repo):
+    """The HMAC key of decisions and rules (.orchestra/approval.key, 0600), made on first use."""
+    path = Path(repo) / ORCHESTRA_DIR / APPROVAL_KEY_FILE
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".key.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(APPROVAL_KEY_BYTES) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, str(path))  # the first writer's key wins
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return bytes.fromhex(path.read_text().strip())
+
+
+def approval_mac(key, kind, name, payload):
+    """HMAC-SHA256 of one approval file's content, bound to its kind and name."""
+    body = json.dumps({k: v for k, v in payload.items() if k != "mac"}, sort_keys=True)
+    message = f"orchestra-{kind}\0{name}\0{body}".encode("utf-8", "surrogatepass")
+    return hmac.new(key, message, "sha256").hexdigest()
+
+
+def exact_rule(tool, tool_input):
+    """The rule --always saves: this tool with exactly this input (its description aside)."""
+    return {"tool": tool, "input": {k: v for k, v in tool_input.items() if k not in RULE_IGNORED}}
+
+
+def prefix_rule(tool, tool_input, prefix):
+    """A rule for Bash commands that start with `prefix` (a word boundary), asked for by name."""
+    command = tool_input.get("command")
+    if tool != "Bash" or not isinstance(command, str):
+        raise OrchestraError(f"a prefix rule is for Bash commands; this call is {tool}")
+    prefix = prefix.strip()
+    if not prefix or "\n" in prefix or not (command == prefix or command.startswith(prefix + " ")):
+        raise OrchestraError(
+            f"--prefix must be the start of the command, whole words: {tool_summary(tool, tool_input)}"
+        )
+    if SHELL_OPERATORS.search(prefix):
+        raise OrchestraError("a prefix with shell operators (; & | < > $ ` ( )) cannot be a rule")
+    return {"tool": tool, "prefix": prefix}
+
+
+def rule_label(rule):
+    """A rule as a person reads it: 'Bash(pytest -q)', 'Bash(touch *) [prefix]', 'Write(a.txt) [exact input]'."""
+    if isinstance(rule, str):
+        return rule
+    if "prefix" in rule:
+        return f"Bash({escape_controls(rule['prefix'], newlines=True)} *) [prefix: no ; & | < > $ ` ( ) after it]"
+    tool_input = rule.get("input") or {}
+    if not tool_input:
+        return f"{rule['tool']} [every call, whatever its input]"
+    if rule["tool"] == "Bash" and set(tool_input) == {"command"}:
+        return tool_summary("Bash", tool_input)
+    return f"{tool_summary(rule['tool'], tool_input)} [exactly this input]"
+
+
+def whole_tool(rule):
+    """True when a rule allows every call of its tool."""
+    return "prefix" not in rule and not rule.get("input")
+
+
+def stored_rule_matches(rule, tool, tool_input):
+    """True when a rule --always saved allows this call: the exact input, or a Bash prefix."""
+    if not isinstance(rule, dict) or rule.get("tool") != tool:
+        return False
+    if "prefix" in rule:
+        command, prefix = tool_input.get("command"), rule["prefix"]
+        if not isinstance(command, str) or not isinstance(prefix, str) or not prefix:
+            return False
+        rest = command[len(prefix) :] if command.startswith(prefix) else None
+        return rest is not None and (
+            rest == "" or (rest[0] == " " and not SHELL_OPERATORS.search(rest))
+        )
+    return rule.get("input") == {k: v for k, v in tool_input.items() if k not in RULE_IGNORED}
+
+
+def denial_lines(denials, allowed=()):
+    """'2 tool calls denied: Bash(pytest -q), Write(x)'. No "allow them next time": a denial may
+    be the user's own, and a rule is only ever made from a call the user saw and allowed."""
     if not denials:
         return []
     named = [tool_summary(d.get("tool_name") or "tool", d.get("tool_input")) for d in denials]
-    new = [request_rule(d.get("tool_name") or "tool", d.get("tool_input") or {}) for d in denials]
-    rules = list(dict.fromkeys([*allowed, *new]))
     count = f"{len(denials)} tool call{'s' if len(denials) != 1 else ''} denied"
-    return [
-        f"{count}: {', '.join(named)}",
-        f"allow them next time: orchestra config set bypass_permissions {shlex.quote(json.dumps(rules))}",
-    ]
+    return [f"{count}: {', '.join(named)}"]
 
 
 class ApprovalBox:
-    """One repository's approval requests, decisions and --always rules, as files in .orchestra/approvals/."""
+    """One repository's approval requests, decisions and --always rules, as files in .orchestra/approvals/.
+
+    Each file carries an HMAC ("mac") under the key in .orchestra/approval.key; a file without a
+    valid one was not written by orchestra: it is ignored, and named in `ignored`.
+    """
 
     def __init__(self, repo):
         self.repo = Path(repo)
@@ -2563,6 +2975,32 @@ class ApprovalBox:
         self.decisions = self.dir / "decisions"
         self.answered = self.dir / "answered"
         self.rules_dir = self.dir / "rules"
+        self.ignored = []  # files read without a valid mac
+        self._key = None
+
+    @property
+    def key(self):
+        if self._key is None:
+            self._key = approval_key(self.repo)
+        return self._key
+
+    def signed(self, kind, name, payload):
+        """The payload with its mac, as JSON text."""
+        data = {**payload, "mac": approval_mac(self.key, kind, name, payload)}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def verified(self, path, kind, name):
+        """A file's payload when orchestra wrote it; None when missing, and reported when forged."""
+        data = read_json_file(path)
+        if data is None:
+            return None
+        mac = data.get("mac")
+        if isinstance(mac, str) and hmac.compare_digest(
+            mac, approval_mac(self.key, kind, name, data)
+        ):
+            return {k: v for k, v in data.items() if k != "mac"}
+        self.ignored.append(str(path))
+        return None
 
     def stamp(self):
         """Changes whenever a request appears or goes: the folder's (inode, mtime)."""
@@ -2591,16 +3029,14 @@ class ApprovalBox:
             if (self.answered / f"{req_id}.json").exists():
                 continue  # the empty reservation stays behind; readers skip it
             request = {"id": req_id, **request}
-            write_atomic(
-                self.dir / f"{req_id}.json", json.dumps(request, indent=2, sort_keys=True) + "\n"
-            )
+            write_atomic(self.dir / f"{req_id}.json", self.signed("request", req_id, request))
             return request
 
     def pending(self):
         """Requests still waiting, oldest first (void ones, whose hook has gone, left out)."""
         found = []
         for path in self.dir.glob("*.json"):
-            request = read_json_file(path)
+            request = self.verified(path, "request", path.stem)
             if (
                 request
                 and process_alive(request.get("pid"), request.get("pid_start"))
@@ -2613,15 +3049,15 @@ class ApprovalBox:
         """(request, 'pending'|'answered') for an id, or (None, None)."""
         if not re.fullmatch(r"[0-9a-f]+", req_id):
             return None, None
-        request = read_json_file(self.dir / f"{req_id}.json")
+        request = self.verified(self.dir / f"{req_id}.json", "request", req_id)
         if request:
             return request, "pending"
         request = read_json_file(self.answered / f"{req_id}.json")
         return (request, "answered") if request else (None, None)
 
     def decision(self, req_id):
-        """The decision taken on a request, or None."""
-        return read_json_file(self.decisions / f"{req_id}.json")
+        """The decision taken on a request, or None (a forged one counts as none)."""
+        return self.verified(self.decisions / f"{req_id}.json", "decision", req_id)
 
     def decide(self, req_id, decision):
         """Record the decision if it is the first; False when another came first."""
@@ -2629,7 +3065,7 @@ class ApprovalBox:
         fd, tmp = tempfile.mkstemp(dir=str(self.decisions), prefix=f".{req_id}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(decision, indent=2, sort_keys=True) + "\n")
+                f.write(self.signed("decision", req_id, decision))
                 f.flush()
                 os.fsync(f.fileno())
             os.link(tmp, str(self.decisions / f"{req_id}.json"))  # fails if it exists: first wins
@@ -2639,13 +3075,35 @@ class ApprovalBox:
         finally:
             os.unlink(tmp)
 
-    def wait(self, req_id, timeout, parent=None):
-        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone."""
+    def wait(self, req_id, timeout, parent=None, digest=None, report=None):
+        """The decision once one is taken; None after `timeout` seconds or once `parent` (the agent) is gone.
+
+        A decision file without a valid mac, or an "allow" taken on another input than `digest`,
+        is no decision: it is moved aside (decisions/.forged-*), `report()` is called, and the
+        wait goes on, so the user can still decide.
+        """
         deadline = time.monotonic() + timeout
+        path = self.decisions / f"{req_id}.json"
         while True:
-            decision = self.decision(req_id)
+            decision, forged = self.decision(req_id), False
+            if decision is None and path.exists():
+                decision = self.decision(req_id)  # linked in between the looks: whole by now
+                forged = decision is None
+            allowed = decision and decision.get("decision") == "allow"
+            if allowed and digest is not None and decision.get("input_sha256") != digest:
+                self.ignored.append(str(path))
+                decision, forged = None, True
             if decision or time.monotonic() >= deadline or (parent and os.getppid() != parent):
                 return decision
+            if forged:  # unsigned, half written by another hand, or on another input
+                if str(path) not in self.ignored:
+                    self.ignored.append(str(path))
+                aside = self.decisions / f".forged-{req_id}-{time.time_ns()}.json"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(str(path), str(aside))
+                if report:
+                    report()
+                continue
             time.sleep(APPROVAL_POLL)
 
     def close(self, request, decision):
@@ -2657,35 +3115,52 @@ class ApprovalBox:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(str(self.dir / f"{request['id']}.json"))
 
+    def audit(self):
+        """Verify every rule file and every decision on a pending request; `ignored` names the forged."""
+        for path in self.rules_dir.glob("*.json"):
+            self.verified(path, "rules", path.stem)
+        for path in self.decisions.glob("*.json"):
+            if (self.dir / path.name).exists():
+                self.verified(path, "decision", path.stem)
+        return list(dict.fromkeys(self.ignored))
+
+    def rules_path(self, agent_id):
+        return self.rules_dir / (PROJECT_RULES if agent_id is None else f"{agent_id}.json")
+
     def rules(self, agent_id):
-        """The rules --always gave this agent for the rest of its run."""
-        data = read_json_file(self.rules_dir / f"{agent_id}.json") or {}
-        return [r for r in data.get("rules", []) if isinstance(r, str)]
+        """The rules --always saved: this agent's for the rest of its run, or (None) the project's."""
+        name = PROJECT_RULES if agent_id is None else agent_id
+        data = self.verified(self.rules_path(agent_id), "rules", name) or {}
+        return [r for r in data.get("rules", []) if isinstance(r, dict)]
 
     def forget_rules(self, agent_id):
         """A new run of the agent starts without the --always rules of its last run."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(str(self.rules_dir / f"{agent_id}.json"))
+            os.unlink(str(self.rules_path(agent_id)))
 
     def add_rule(self, agent_id, rule):
-        """Allow `rule` for the rest of this agent's run."""
+        """Allow `rule` for the rest of this agent's run (agent_id None: for the project's agents)."""
         self.rules_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.rules_dir / f"{agent_id}.lock"):
+        name = PROJECT_RULES if agent_id is None else agent_id
+        with FileLock(self.rules_dir / f"{name}.lock"):
             rules = self.rules(agent_id)
             if rule not in rules:
                 write_atomic(
-                    self.rules_dir / f"{agent_id}.json",
-                    json.dumps({"rules": [*rules, rule]}, indent=2) + "\n",
+                    self.rules_path(agent_id), self.signed("rules", name, {"rules": [*rules, rule]})
                 )
+        return self.rules_path(agent_id)
 
 
 def approval_flags(repo):
-    """{agent id: {id, tool, summary, since}} of the oldest request each agent waits on."""
+    """{agent id: {id, tool, summary, since, shown}} of the oldest request each agent waits on
+    (`shown`: the whole input as shown_request() shows it)."""
     flags = {}
     for request in ApprovalBox(repo).pending():
-        flags.setdefault(
-            request["agent"], {k: request.get(k) for k in ("id", "tool", "summary", "since")}
-        )
+        if request["agent"] not in flags:
+            flags[request["agent"]] = {
+                **{k: request.get(k) for k in ("id", "tool", "summary", "since")},
+                "shown": shown_request(request),
+            }
     return flags
 
 
@@ -2729,6 +3204,8 @@ def claude_settings(repo, agent_id, launch):
         "timeout": int(timeout + APPROVAL_HOOK_MARGIN),
     }
     settings = {"hooks": {"PermissionRequest": [{"matcher": "*", "hooks": [hook]}]}}
+    if launch.get("bypass_permissions"):  # an array: never split on spaces as --allowedTools is
+        settings["permissions"] = {"allow": list(launch["bypass_permissions"])}
     if launch.get("sandboxed"):
         settings["sandbox"] = {"enabled": True, "autoAllowBashIfSandboxed": True}
         if launch.get("sandbox_network"):
@@ -2800,14 +3277,10 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         return denied(f"orchestra records agent '{agent_id}' as {record.get('state')}; denied")
     box, summary = ApprovalBox(repo), tool_summary(tool, tool_input)
     log = repo / ORCHESTRA_DIR / "logs" / f"{agent_id}.jsonl"
-    rule = next(
-        (
-            r
-            for r in [*box.rules(agent_id), *project_rules(repo)]
-            if rule_matches(r, tool, tool_input)
-        ),
-        None,
-    )
+    saved = [*box.rules(agent_id), *box.rules(None)]
+    rule = next((rule_label(r) for r in saved if stored_rule_matches(r, tool, tool_input)), None)
+    rule = rule or next((r for r in project_rules(repo) if rule_matches(r, tool, tool_input)), None)
+    report_ignored(box, log)
     if rule:
         append_event(
             log,
@@ -2815,17 +3288,17 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         )
         return {"decision": "allow", "by": "rule", "rule": rule, "at": utc_iso()}
     text = json.dumps(tool_input)
+    whole = len(text) <= APPROVAL_INPUT_LIMIT
     request = box.submit(
         {
             "agent": agent_id,
             "tool": tool,
-            "summary": summary,
-            "input": (
-                tool_input
-                if len(text) <= APPROVAL_INPUT_LIMIT
-                else {"truncated": text[:APPROVAL_INPUT_LIMIT]}
-            ),
-            "suggestions": asked.get("permission_suggestions") or [],
+            "summary": summary if len(summary) <= APPROVAL_INPUT_LIMIT else tool,
+            "input": tool_input if whole else None,
+            **({} if whole else {"truncated": True, "input_head": text[:APPROVAL_INPUT_LIMIT]}),
+            "input_bytes": len(text.encode("utf-8", "surrogatepass")),
+            "input_sha256": input_digest(tool_input),
+            "suggestions": asked.get("permission_suggestions") or [] if whole else [],
             "session_id": asked.get("session_id"),
             "since": utc_iso(),
             "timeout": timeout,
@@ -2835,13 +3308,20 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         }
     )
     append_event(log, {"event": "approval_requested", "request": request["id"], "tool": summary})
+    shown = "\n".join(shown_request(request))
     notifier = notify(
         repo,
         agent_id,
         "approval",
-        f"{agent_id} asks to run {summary} (orchestra approve {request['id']})",
+        f"{agent_id} asks to run:\n{shown}\n(orchestra approve {request['id']})",
     )
-    decision = box.wait(request["id"], timeout, parent=os.getppid())
+    decision = box.wait(
+        request["id"],
+        timeout,
+        parent=os.getppid(),
+        digest=request["input_sha256"],
+        report=lambda: report_ignored(box, log),
+    )
     if decision is None:
         ended = os.getppid() != request["parent"]
         late = denied(
@@ -2850,7 +3330,7 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
             else f"no decision within approval_timeout ({timeout:g} s); denied"
         )
         late["by"] = "orchestra" if ended else "timeout"
-        decision = late if box.decide(request["id"], late) else box.decision(request["id"])
+        decision = late if box.decide(request["id"], late) else box.decision(request["id"]) or late
         if decision is late:
             append_event(
                 log, {"event": "approval", "request": request["id"], "tool": summary, **late}
@@ -2861,8 +3341,17 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
     return decision
 
 
+def report_ignored(box, log):
+    """Say in the agent's log which approval files were ignored for want of a valid signature."""
+    for path in dict.fromkeys(box.ignored):
+        append_event(log, {"event": "approval_ignored", "file": path,
+                           "reason": "no valid orchestra signature: not written by orchestra"})  # fmt: skip
+    box.ignored.clear()
+
+
 def notify(repo, agent_id, event, message):
-    """Run notify_command in the background with {agent}, {event} and {message} filled in.
+    """Run notify_command in the background with {agent} and {event} filled in; the message goes
+    on its stdin and in $ORCHESTRA_MESSAGE (never in argv, which every local user can read).
 
     A failing command is written to .orchestra/notify.log, never raised; returns its thread or None.
     """
@@ -2872,23 +3361,28 @@ def notify(repo, agent_id, event, message):
         return None
     if not command:
         return None
-    values = {"agent": agent_id, "event": event, "message": message}
-    argv = [
-        re.sub(r"\{(agent|event|message)\}", lambda m: values[m.group(1)], part) for part in command
-    ]
+    values = {"agent": agent_id, "event": event}
+    argv = [re.sub(r"\{(agent|event)\}", lambda m: values[m.group(1)], part) for part in command]
+    env = dict(
+        os.environ, ORCHESTRA_AGENT=agent_id, ORCHESTRA_EVENT=event, ORCHESTRA_MESSAGE=message
+    )
     thread = threading.Thread(
-        target=run_notify, args=(Path(repo), argv), name=f"notify-{event}", daemon=True
+        target=run_notify,
+        args=(Path(repo), argv, message, env),
+        name=f"notify-{event}",
+        daemon=True,
     )
     thread.start()
     return thread
 
 
-def run_notify(repo, argv):
-    """Run one notify command; log why it failed, if it did."""
+def run_notify(repo, argv, message="", env=None):
+    """Run one notify command, the message on its stdin; log why it failed, if it did."""
     try:
         done = subprocess.run(
             argv,
-            stdin=subprocess.DEVNULL,
+            input=message,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             timeout=NOTIFY_TIMEOUT,
@@ -4228,15 +4722,9 @@ def agent_argv(record, prompt=None, env=None):
     task = prompt or record["task"]
     if not is_claude_command(command):
         return [part.replace("{task}", task) for part in command]
-    dashed = task.startswith("-")  # would be read as an option: it goes last, after "--"
-    argv = [
-        *command,
-        "-p",
-        *([] if dashed else [task]),
-        "--output-format",
-        "stream-json",
-        "--verbose",
-    ]
+    # The task goes on stdin (agent_prompt()), where `ps` does not show it: `claude -p` reads
+    # its prompt from stdin when argv holds none (checked with 2.1.331).
+    argv = [*command, "-p", "--output-format", "stream-json", "--verbose"]
     if prompt and record.get("session_id"):
         argv += ["--resume", record["session_id"]]
     argv += ["--append-system-prompt", SYSTEM_PROMPT.format(branch=record["branch"])]
@@ -4250,9 +4738,25 @@ def agent_argv(record, prompt=None, env=None):
     argv += ["--settings", json.dumps(settings)]
     if config.get("max_budget_usd"):
         argv += ["--max-budget-usd", str(config["max_budget_usd"])]
-    if config["bypass_permissions"]:
-        argv += ["--allowedTools", *config["bypass_permissions"]]  # variadic: keep it last
-    return argv + (["--", task] if dashed else [])
+    return argv  # bypass_permissions: claude_settings()' permissions.allow, one rule an item
+
+
+def agent_prompt(record, prompt=None):
+    """What a Claude agent reads on stdin: its task (or the follow-up); None for other CLIs."""
+    if not is_claude_command(record["launch"]["agent_command"]):
+        return None
+    return prompt or record["task"]
+
+
+def prompt_file(project, agent_id, text):
+    """A private file holding `text`, already unlinked: an agent's stdin that no one else sees."""
+    folder = project.dir / AGENT_ENV_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(folder), prefix=f".{agent_id}.", suffix=".prompt")
+    os.unlink(tmp)
+    os.write(fd, text.encode("utf-8", "surrogatepass"))
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.fdopen(fd, "rb")
 
 
 def check_agent_command(config):
@@ -4311,7 +4815,7 @@ def claude_version_problem(command, env):
 def launch_agent(project, record, prompt=None):
     """Start the agent's process in its worktree, in its own process group, output to files."""
     env = dict(
-        take_agent_env(project, record["id"]) or os.environ,
+        clean_env(take_agent_env(project, record["id"]) or os.environ),
         ORCHESTRA_AGENT_ID=record["id"],
         ORCHESTRA_REPO=str(project.repo),
     )
@@ -4335,14 +4839,18 @@ def launch_agent(project, record, prompt=None):
         )
         notify(project.repo, record["id"], "settings_ignored", message)
     ApprovalBox(project.repo).forget_rules(record["id"])
+    text = agent_prompt(record, prompt)
     with (
         open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
         open(project.stderr_path(record["id"]), "ab", opener=private_opener) as err,
+        (
+            prompt_file(project, record["id"], text) if text is not None else open(os.devnull, "rb")
+        ) as stdin,
     ):
         proc = subprocess.Popen(
             argv,
             cwd=record["worktree"],
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=out,
             stderr=err,
             env=env,
@@ -4594,6 +5102,7 @@ def run_setup(commands, worktree, log):
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            env=clean_env(),
             text=True,
             errors="replace",
         )
@@ -5186,6 +5695,7 @@ def roll_back_spawn(project, records, why):
                 note_settlement(saved)
 
     project.store.update(mark)
+    drop_agent_env(project, [record["id"] for record in records])  # its keys go with it
 
 
 def roll_back_stalled_spawns(project):
@@ -5269,7 +5779,7 @@ def json_object(line):
     """A log line as a dict, or None."""
     try:
         event = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) else None
 
@@ -5427,6 +5937,7 @@ def run_check(command, worktree, timeout, cancelled):
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=clean_env(),
             start_new_session=True,
         )
         deadline, next_look, why = (
@@ -6288,6 +6799,7 @@ def ensure_supervisor(project, state=None):
         proc = subprocess.Popen(
             supervisor_argv(),
             cwd=str(project.repo),
+            env=clean_env(),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -6458,6 +6970,7 @@ def stop_agents(project, ids):
     for agent_id, (pid, start_token) in change_agents(project, ids, request_stop):
         stop_process(pid, start_token)
         outcomes.append((agent_id, "stopped (worktree and branch kept)"))
+    drop_agent_env(project, [agent_id for agent_id, _ in outcomes])  # no launch will read it
     return outcomes
 
 
@@ -6539,11 +7052,35 @@ def late_message(req_id, decision):
     return f"request {req_id} was already {verb} by {decision.get('by')} at {decision.get('at')}; your decision came late"
 
 
-def answer_request(project, request, allow, by, message=None, always=None):
+def request_rule(request, prefix=None, whole=False):
+    """The rule --always saves for a request: its exact input, or the Bash prefix asked for.
+
+    Refused on an input too long to show whole, and, unless `whole`, when it would allow every
+    call of a tool (the error says so in words, before anything is saved).
+    """
+    if request.get("truncated") or not isinstance(request.get("input"), dict):
+        raise OrchestraError(
+            f"request {request['id']}'s input is {request.get('input_bytes')} bytes, too long to show "
+            "whole: it can be approved once (without --always), never as a rule"
+        )
+    tool, tool_input = request["tool"], request["input"]
+    rule = exact_rule(tool, tool_input) if prefix is None else prefix_rule(tool, tool_input, prefix)
+    if whole_tool(rule) and not whole:
+        raise OrchestraError(
+            f"this rule would allow every {tool} call, whatever its input; "
+            "add --whole-tool to save it anyway, or approve once without --always"
+        )
+    return rule
+
+
+def answer_request(
+    project, request, allow, by, message=None, always=None, prefix=None, whole=False
+):
     """Decide one pending request (first decision wins); the decision as recorded.
 
-    always: None, "agent" (the rule holds for the rest of the agent's run) or "project"
-    (the rule is added to the project's bypass_permissions).
+    always: None, "agent" (the rule holds for the rest of the agent's run) or "project" (for
+    every agent of the project, in approvals/rules/@project.json). The rule is the exact input
+    shown unless `prefix` asks for a Bash prefix rule.
     """
     box = ApprovalBox(project.repo)
     if not process_alive(request.get("pid"), request.get("pid_start")):
@@ -6552,20 +7089,20 @@ def answer_request(project, request, allow, by, message=None, always=None):
             f"{request['agent']} has ended ({state}); its request {request['id']} is void",
             EXIT_FAILURE,
         )
-    rule = request_rule(request["tool"], request.get("input") or {}) if allow and always else None
+    rule = request_rule(request, prefix, whole) if allow and always else None
     decision = {
         "decision": "allow" if allow else "deny",
         "by": by,
         "at": utc_iso(),
         "message": message,
         "always": always if rule else None,
-        "rule": rule,
+        "rule": rule_label(rule) if rule else None,
+        "input_sha256": request.get("input_sha256"),
     }
     if rule:  # before the decision, so the agent's very next request already finds it
+        path = box.add_rule(None if always == "project" else request["agent"], rule)
         if always == "project":
-            decision["config"] = str(add_project_rule(project, rule))
-        else:
-            box.add_rule(request["agent"], rule)
+            decision["config"] = str(path)
     if not box.decide(request["id"], decision):
         raise OrchestraError(
             late_message(request["id"], box.decision(request["id"]) or {}), EXIT_FAILURE
@@ -6582,34 +7119,33 @@ def answer_request(project, request, allow, by, message=None, always=None):
     return decision
 
 
-def add_project_rule(project, rule):
-    """Add a rule to bypass_permissions in .orchestra/config.json; that file's path."""
-    path = project.dir / "config.json"
-    current = read_config_file(path).get("bypass_permissions", project.config["bypass_permissions"])
-    if rule not in current:
-        write_config_value(path, "bypass_permissions", [*current, rule])
-    return path
-
-
 def approvals_document(project):
-    """What `approvals --json` prints and GET /api/approvals answers."""
-    return {"approvals": ApprovalBox(project.repo).pending()}
+    """What `approvals --json` prints and GET /api/approvals answers: each request with the
+    lines it is shown as (`shown`), the project's saved rules, and files ignored as forged."""
+    box = ApprovalBox(project.repo)
+    requests = [{**r, "shown": shown_request(r)} for r in box.pending()]
+    rules = [rule_label(r) for r in box.rules(None)]
+    return {
+        "approvals": requests,
+        "project_rules": rules,
+        "ignored": box.audit(),
+    }
 
 
 def worktree_rows(project, records):
     """git's worktrees joined with agent records, orphans and missing folders marked."""
-    by_path = {str(Path(r["worktree"])): r for r in records.values() if r["state"] != "removed"}
-    root = str(project.worktree_root)
+    by_path = {real_path(r["worktree"]): r for r in records.values() if r["state"] != "removed"}
+    root = real_path(project.worktree_root)
     rows = []
     for wt in list_worktrees(project.repo):
-        record = by_path.pop(wt["path"], None)
-        ours = os.path.dirname(wt["path"]) == root and os.path.basename(wt["path"]).startswith(
+        record = by_path.pop(wt["real"], None)
+        ours = os.path.dirname(wt["real"]) == root and os.path.basename(wt["real"]).startswith(
             WORKTREE_PREFIX
         )
         notes = [
             n
             for n, on in (
-                ("main", wt["path"] == str(project.repo)),
+                ("main", wt["real"] == real_path(project.repo)),
                 ("orphan", ours and not record),
                 ("missing", wt["prunable"] or not os.path.isdir(wt["path"])),
                 ("locked", wt["locked"]),
@@ -6617,8 +7153,8 @@ def worktree_rows(project, records):
             if on
         ]
         rows.append(worktree_row(wt["path"], wt["branch"], record, notes))
-    for path, record in by_path.items():
-        rows.append(worktree_row(path, record["branch"], record, ["missing"]))
+    for record in by_path.values():
+        rows.append(worktree_row(record["worktree"], record["branch"], record, ["missing"]))
     return rows
 
 
@@ -6645,6 +7181,8 @@ def worktree_row(path, branch, record, notes):
 
 LOGS_FIRST_CHUNK = 64 * 1024  # bytes read first, so the first lines show at once on a huge log
 LOG_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
+LOG_LINE_CAP = 1024 * 1024  # a log line longer than this is shown cut, with its size
+LOG_CUT_SHOWN = 2000  # bytes of a cut line shown
 LOGS_TOOL_OUTPUT_LINES = 10  # of a tool's output `logs` shows (an error's output is shown whole)
 
 
@@ -6730,6 +7268,8 @@ def render_orchestra_event(event):
         why = f" by rule {event['rule']}" if event.get("rule") else f" by {event.get('by')}"
         note = f": {event['message']}" if event.get("message") and event.get("by") != "rule" else ""
         return [f"== {verb}{why}: {event.get('tool')}{note}"]
+    if what == "approval_ignored":
+        return [f"!! ignored {event.get('file')}: {event.get('reason')}"]
     return render_resilience_event(event)
 
 
@@ -6742,10 +7282,11 @@ def readable_lines(chunk, raw):
             continue
         try:
             event = json.loads(line)
+            lines.extend(render_event(event) if isinstance(event, dict) else [line])
         except ValueError:
             lines.append(line)
-            continue
-        lines.extend(render_event(event) if isinstance(event, dict) else [line])
+        except (RecursionError, TypeError, AttributeError, KeyError):
+            lines.append(f"[unreadable line: {len(line)} characters]")
     return lines
 
 
@@ -6756,9 +7297,18 @@ def log_renderer(raw):
     return lambda line: readable_lines(line, False)
 
 
+def cut_line(head, size):
+    """What a log view shows of a line over LOG_LINE_CAP bytes: its start, cut, and its size."""
+    text = strip_control(head[:LOG_CUT_SHOWN].decode("utf-8", "replace"))
+    return [f"{text}… [line cut: {size} bytes]"]
+
+
 def stream_log(path, offset, render, show):
-    """Show the complete lines from `offset` on, a chunk at a time; the offset after the last one."""
-    pending, size = b"", LOGS_FIRST_CHUNK
+    """Show the complete lines from `offset` on, a chunk at a time; the offset after the last one.
+
+    Linear in the bytes read: a line longer than LOG_LINE_CAP keeps only its start in memory
+    and is shown cut, with its size."""
+    head, length, size = [], 0, LOGS_FIRST_CHUNK  # the unfinished line: its start, its length
     with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
         f.seek(offset)
         while True:
@@ -6766,26 +7316,45 @@ def stream_log(path, offset, render, show):
             if not chunk:
                 break
             size = LOG_READ_CHUNK
-            *lines, last = (pending + chunk).split(b"\n")
-            pending = last
             offset += len(chunk)
-            show([shown for line in lines for shown in render(line)])
-    return offset - len(pending)
+            start, shown = 0, []
+            while True:
+                newline = chunk.find(b"\n", start)
+                if newline < 0:
+                    break
+                piece = chunk[start:newline]
+                if length + len(piece) <= LOG_LINE_CAP:
+                    shown += render(b"".join([*head, piece]))
+                else:
+                    shown += cut_line(b"".join([*head, piece[:LOG_CUT_SHOWN]]), length + len(piece))
+                head, length, start = [], 0, newline + 1
+            rest = chunk[start:]
+            if length + len(rest) <= LOG_LINE_CAP:
+                head.append(rest)  # it may yet be shown whole
+            else:  # it will be cut: keep its start only
+                head = [b"".join([*head, rest[:LOG_CUT_SHOWN]])[:LOG_CUT_SHOWN]]
+            length += len(rest)
+            show(shown)
+    return offset - length
 
 
 def tail_lines(path, count, render, limit=None):
     """(the last `count` rendered lines, offset after the last complete line, True if `limit` cut it).
 
-    Reads backwards from the end in blocks; an unfinished last line is left for later.
+    Reads backwards from the end in blocks, looking at each byte once (linear, whatever the
+    line lengths); a line over LOG_LINE_CAP bytes is read only for its start and shown cut.
+    An unfinished last line is left for later.
     """
     found, end, cut = [], None, False
     with open(path, "rb") as f:
         pos = size = f.seek(0, os.SEEK_END)
-        buffer = b""
+        line_end, block = None, b""  # where the line being looked for ends (its newline)
         while len(found) < count:
             if pos == 0:
-                if end is not None and buffer:
-                    found[:0] = render(buffer)  # the file's first line
+                if end is not None and line_end <= len(block):
+                    found[:0] = render(block[:line_end])  # the file's first line
+                elif end is not None:
+                    found[:0] = render_span(f, 0, line_end, render)
                 break
             if limit is not None and size - pos >= limit:
                 cut = True
@@ -6793,18 +7362,28 @@ def tail_lines(path, count, render, limit=None):
             step = min(LOG_TAIL_BLOCK, pos)
             pos -= step
             f.seek(pos)
-            buffer = f.read(step) + buffer
-            head, *lines = buffer.split(b"\n")
-            if not lines:
-                continue
-            if end is None:
-                end, lines = size - len(lines[-1]), lines[:-1]
-            buffer = head
-            for line in reversed(lines):
-                found[:0] = render(line)
-                if len(found) >= count:
+            block = f.read(step)
+            at = len(block)
+            while len(found) < count:
+                newline = block.rfind(b"\n", 0, at)
+                if newline < 0:
                     break
-    return (found[-count:] if count else []), (size - len(buffer) if end is None else end), cut
+                if end is None:
+                    end = pos + newline + 1
+                elif line_end - pos <= len(block):  # the whole line is in this block
+                    found[:0] = render(block[newline + 1 : line_end - pos])
+                else:  # a line across blocks: read again, its start only when it is long
+                    found[:0] = render_span(f, pos + newline + 1, line_end, render)
+                line_end, at = pos + newline, newline
+    return (found[-count:] if count else []), (pos if end is None else end), cut
+
+
+def render_span(f, start, stop, render):
+    """The rendered lines of the bytes [start, stop) of a log, cut when over LOG_LINE_CAP."""
+    f.seek(start)
+    if stop - start <= LOG_LINE_CAP:
+        return render(f.read(stop - start))
+    return cut_line(f.read(min(LOG_CUT_SHOWN, stop - start)), stop - start)
 
 
 # ======================================================================================
@@ -8260,11 +8839,15 @@ def session_detail(env, wanted):
     }
 
 
-def sessions_document(env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None):
-    """What `orchestra sessions --json` prints, for the web API."""
+def sessions_document(
+    env, hours=SESSION_DEFAULT_HOURS, limit=SESSION_DEFAULT_LIMIT, now=None, repo=None
+):
+    """What `orchestra sessions --json` prints, for the web API: the sessions of `repo` (its
+    worktrees included), or of every project when repo is None."""
     now = time.time() if now is None else now
-    listing = session_listing(env, now, hours, None, limit)
-    return listing_json(listing, claude_projects_dir(env), now, hours, None)
+    project = project_filter(str(repo)) if repo is not None else None
+    listing = session_listing(env, now, hours, project, limit)
+    return listing_json(listing, claude_projects_dir(env), now, hours, project)
 
 
 # ======================================================================================
@@ -8317,6 +8900,12 @@ def unmerged_reason(project, record, tip):
         return None
     count = int(run_git(["rev-list", "--count", f"{target}..{tip}"], repo).stdout.strip() or 0)
     return f"{count} commit{'s' if count != 1 else ''} not merged into {target}"
+
+
+def named_error(record, error):
+    """A git failure as a message that starts with the agent's id."""
+    text = str(error)
+    return text if text.startswith(f"{record['id']}: ") else f"{record['id']}: {text}"
 
 
 def agent_report(project, record, tip=False, cache=None, held=None, facts=None):
@@ -8454,14 +9043,22 @@ class ReportCache:
             write_atomic(self.path, json.dumps(self.entries, separators=(",", ":")))
 
 
-def agent_reports(project, records):
-    """Reports of many agents: a few git calls for all of them, cached parts for unchanged agents."""
+def agent_reports(project, records, errors=None):
+    """Reports of many agents: a few git calls for all of them, cached parts for unchanged agents.
+
+    An agent git cannot answer for is left out, its error in `errors` ({id: message}) when given
+    (else the GitError is raised): one broken agent never hides the others' reports."""
     cache = ReportCache(project.dir / REPORT_CACHE_FILE)
     facts = RepoFacts(project) if records else None
-    held = facts.holdings(records, cache) if records else {}
+    failed = {}
+    held = facts.holdings(records, cache, failed) if records else {}
+    if failed and errors is None:
+        raise GitError(next(iter(failed.values())))
+    (errors if errors is not None else {}).update(failed)
     reports = [
         agent_report(project, r, facts.tip(r["branch"]), cache, held=held[r["id"]], facts=facts)
         for r in records
+        if r["id"] not in failed
     ]
     cache.save(
         set(cache.entries) & {r["id"] for r in project.records().values()}
@@ -8503,7 +9100,7 @@ class RepoFacts:
         self.ref_tips = {sha for ref, sha in self.refs.items() if ref != "refs/stash"}
         self.heads = {}  # worktree path -> the HEADs git lists for it
         for listed in self.worktrees:
-            self.heads.setdefault(listed["path"], []).append(listed["head"])
+            self.heads.setdefault(listed["real"], []).append(listed["head"])
 
     def tip(self, branch):
         """The commit a branch points at, None if it does not exist."""
@@ -8525,9 +9122,16 @@ class RepoFacts:
             cache.put_part(record["id"], "merged", key, found)
         return found
 
-    def holdings(self, records, cache):
-        """{id: worktree_holdings(record)} of many agents, from cached parts where nothing changed."""
-        local = {r["id"]: self.local_holdings(r, cache) for r in records}
+    def holdings(self, records, cache, failed):
+        """{id: worktree_holdings(record)} of many agents, from cached parts where nothing changed;
+        an agent git cannot answer for goes into `failed` ({id: message}) instead."""
+        local = {}
+        for record in records:
+            try:
+                local[record["id"]] = self.local_holdings(record, cache)
+            except GitError as e:
+                failed[record["id"]] = named_error(record, e)
+        records = [r for r in records if r["id"] not in failed]
         wanted = {
             c for held in local.values() if held for c in [*held["commits"], held["head"]] if c
         }
@@ -8537,7 +9141,10 @@ class RepoFacts:
         for record in records:
             held = local[record["id"]]
             if held is None or set(held["commits"] + [held["head"]]) & lost:
-                found[record["id"]] = worktree_holdings(self.project, record)
+                try:
+                    found[record["id"]] = worktree_holdings(self.project, record)
+                except GitError as e:
+                    failed[record["id"]] = named_error(record, e)
                 continue
             stashes = []
             if "refs/stash" in self.refs:
@@ -8561,9 +9168,12 @@ class RepoFacts:
         held["leftovers"] = [tuple(item) for item in held["leftovers"]]
         # The one rev-list counts every worktree's HEAD as held; worktree_holdings does not count
         # the agent's own (even a stale one of a deleted folder), so that must be on a ref too.
-        own = self.heads.get(str(Path(record["worktree"])), [])
+        mine = real_path(record["worktree"])
+        own = self.heads.get(mine, [])
         if any(head and head not in self.ref_tips for head in [held["head"], *own]):
             return None
+        if any(w["real"].startswith(mine + os.sep) for w in self.worktrees):
+            return None  # a worktree nested in it: only worktree_holdings weighs its commits
         return held
 
     def read_local_holdings(self, record):
@@ -8699,12 +9309,13 @@ def overlapping_files(reports):
 # ======================================================================================
 
 GIT_ARGS_BATCH = 500  # paths per git command line, well under the system's argument limit
+STAGED_REFS = "refs/orchestra/staged"  # where --commit keeps a staged version it would replace
 
 
 def commit_leftovers(project, record):
     """Commit the agent's uncommitted work on its branch (not ignored, setup or nested-repository
     files); True if any. File names are passed as bytes, so names that are not UTF-8 work."""
-    leftovers = uncommitted_work(record)
+    leftovers = uncommitted_work(project.repo, record)
     nested = [path + "/" for code, path in leftovers if code == "NR"]
     work = [
         path
@@ -8714,6 +9325,8 @@ def commit_leftovers(project, record):
     if not work:
         return False
     worktree = record["worktree"]
+    check_own_branch(record)
+    kept = keep_staged_version(project, record)
     tracked = [path for code, path in leftovers if code in (" M", " D") and path in work]
     for start in range(
         0, len(tracked), GIT_ARGS_BATCH
@@ -8728,7 +9341,63 @@ def commit_leftovers(project, record):
     git_bytes(["add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul"], worktree, input=specs)
     message = f"orchestra: commit work {record['id']} left uncommitted\n\nTask: {record['task']}"
     git_bytes(["commit", "--quiet", "--no-verify", "-m", message], worktree)
-    return True
+    return kept or True
+
+
+def check_own_branch(record):
+    """Refuse to commit unless the worktree has the agent's own branch checked out: a commit on
+    another branch (the user's main) or a detached HEAD is not where collect looks for work."""
+    on_branch = worktree_head(Path(record["worktree"]))[1]
+    if on_branch != record["branch"]:
+        where = f"branch {on_branch}" if on_branch else "a detached HEAD"
+        raise GitError(
+            f"{record['id']}: its worktree has {where} checked out, not its own branch "
+            f"{record['branch']}; nothing was committed. Switch back (git -C {record['worktree']} "
+            f"switch {record['branch']}) or commit it by hand"
+        )
+
+
+def keep_staged_version(project, record):
+    """Save the index under refs/orchestra/staged/<id>/<n> when a staged file differs from the
+    file on disk (`git add` would replace the staged version); the ref, or None."""
+    worktree = record["worktree"]
+    staged = git_bytes(["diff", "--cached", "--name-only", "-z", "--no-renames"], worktree)
+    on_disk = git_bytes(["diff", "--name-only", "-z", "--no-renames"], worktree)
+    both = (set(staged.stdout.split(b"\0")) & set(on_disk.stdout.split(b"\0"))) - {b""}
+    if not both:
+        return None
+    head = worktree_head(Path(worktree))[0]
+    tree = git_bytes(["write-tree"], worktree, check=False)
+    if tree.returncode != 0:
+        raise GitError(
+            f"{record['id']}: its index has unresolved conflicts; resolve them in "
+            f"{worktree} before collect --commit"
+        )
+    message = f"orchestra: {record['id']}'s staged version before collect --commit"
+    args = ["commit-tree", tree.stdout.decode().strip(), *(["-p", head] if head else [])]
+    commit = git_bytes([*args, "-m", message], worktree).stdout.decode().strip()
+    prefix = f"{STAGED_REFS}/{record['id']}/"
+    taken = git_bytes(["for-each-ref", "--format=%(refname)", prefix], project.repo).stdout
+    ref = f"{prefix}{len(taken.splitlines()) + 1}"
+    write_refs(project.repo, {ref: commit})
+    return ref
+
+
+def collect_problem(project, record):
+    """Why collect cannot read this agent's worktree (so it leaves the agent alone), or None."""
+    if not Path(record["worktree"]).is_dir():
+        moved = moved_worktree(project.repo, record)
+        return (
+            f"{record['id']}: its worktree was moved to {moved}; move it back with "
+            f"'git worktree move {moved} {record['worktree']}'"
+            if moved
+            else None
+        )
+    try:
+        check_worktree(project.repo, record)
+    except GitError as e:
+        return str(e)
+    return None
 
 
 def refresh_change_counts(project, records):
@@ -8773,7 +9442,7 @@ def hidden_changes(repo):
     for entry in git_bytes(["ls-files", "-v", "-z"], repo).stdout.split(b"\0"):
         tag, _, path = entry.partition(b" ")
         if tag and (tag.islower() or tag == b"S") and (Path(repo) / os.fsdecode(path)).is_file():
-            (unhashable if b"\n" in path else marked).append(path)
+            (marked if line_safe(path) else unhashable).append(path)
     if not marked:
         return [os.fsdecode(path) for path in unhashable]
     staged = git_bytes(
@@ -8947,13 +9616,29 @@ def collect_agents(
     elif into:
         raise OrchestraError("--into names where --merge merges; add --merge")
     records = check_before_collect(project, records)
-    committed = [r["id"] for r in records if commit and commit_leftovers(project, r)]
+    errors = {r["id"]: collect_problem(project, r) for r in records}
+    errors = {i: e for i, e in errors.items() if e}
+    records = [r for r in records if r["id"] not in errors]
+    committed, staged_kept = [], {}
+    for record in records if commit else []:
+        try:
+            done = commit_leftovers(project, record)
+        except GitError as e:
+            errors[record["id"]] = str(e)
+            continue
+        if done:
+            committed.append(record["id"])
+        if isinstance(done, str):
+            staged_kept[record["id"]] = done
     accept_refs(project, [f"refs/heads/{r['branch']}" for r in records if r["id"] in committed])
     refresh_change_counts(project, [r for r in records if r["id"] in committed])
-    reports = agent_reports(project, records)
+    reports = agent_reports(project, records, errors)
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
+    document["errors"] = [{"id": i, "error": e} for i, e in errors.items()]
+    document["staged_kept"] = staged_kept
     if merge:
-        chosen = records if ids else [r for r in records if r["state"] == "done"]
+        chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
+        chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
         chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
         chosen, refused = gate_on_integrity(chosen, bool(ids) and force)
         document["not_merged"] += refused
@@ -9053,6 +9738,11 @@ def collect_text(document):
         )
     if document["committed"]:
         parts.append("Committed leftover work of: " + ", ".join(document["committed"]))
+    parts += [
+        f"Kept {i}'s staged version (it differed from the files on disk) as {ref}"
+        for i, ref in document.get("staged_kept", {}).items()
+    ]
+    parts += [f"Error: {e['error']}" for e in document.get("errors", [])]
     if "merged" in document:
         parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
         unchanged = [
@@ -9618,6 +10308,9 @@ def land_line(result, target):
 # ======================================================================================
 
 ARCHIVE_KINDS = ("head", "lost", "stash", "index", "worktree")  # suffixes of one archive's refs
+ARCHIVE_SEQ_DIGITS = 4  # an archive's name: <sequence>-<UTC stamp>, the sequence zero-padded
+# A worktree being deleted is renamed aside first: checked (may go back), then deleting (goes)
+CHECKING_PREFIX, DELETING_PREFIX = ".checking-", ".deleting-"
 WRITER_GRACE = 3.0  # seconds to wait for processes still using a worktree before keeping it
 CLEANUP_LOCK_TIMEOUT = 300.0  # seconds one cleanup waits for another to finish
 
@@ -9641,15 +10334,22 @@ def cleanup_targets(records, ids, everything=False, failed_only=False):
 def is_our_worktree(project, record):
     """True when the record's worktree is where orchestra makes them, named for the agent."""
     path = Path(record["worktree"])
-    return path.parent == project.worktree_root and path.name == f"{WORKTREE_PREFIX}{record['id']}"
+    return real_path(path.parent) == real_path(project.worktree_root) and path.name == (
+        f"{WORKTREE_PREFIX}{record['id']}"
+    )
 
 
 def checked_out_elsewhere(record, worktrees):
-    """Another worktree where the agent's branch is checked out, or None."""
+    """Another worktree where the agent's branch is checked out, or None (paths compared real)."""
     for wt in worktrees.values():
-        if wt["branch"] == record["branch"] and wt["path"] != str(Path(record["worktree"])):
+        if wt["branch"] == record["branch"] and wt["real"] != real_path(record["worktree"]):
             return wt["path"]
     return None
+
+
+def worktrees_by_path(repo):
+    """git's worktrees keyed by their real path (symlinks resolved, as git records them)."""
+    return {w["real"]: w for w in list_worktrees(repo)}
 
 
 def plan_agent_cleanup(project, record, worktrees, force):
@@ -9666,9 +10366,16 @@ def plan_agent_cleanup(project, record, worktrees, force):
         "stop_first": False,
     }
     path = str(Path(record["worktree"]))
-    listed = worktrees.get(path)
-    if not is_our_worktree(project, record) or path == str(project.repo):
+    listed = worktrees.get(real_path(path))
+    if not is_our_worktree(project, record) or real_path(path) == real_path(project.repo):
         return dict(step, action="keep", reasons=[f"worktree {path} is not one orchestra made"])
+    moved = moved_worktree(project.repo, record)
+    if moved:
+        return dict(
+            step,
+            action="keep",
+            reasons=[f"its worktree was moved to {moved}; git worktree move {moved} {path}"],
+        )
     if listed and listed["locked"]:
         return dict(
             step, action="keep", reasons=[f"worktree is locked (git worktree unlock {path})"]
@@ -9709,15 +10416,33 @@ def plan_cleanup(project, records, force=False):
         raise OrchestraError(
             f"{operation} is in progress in {project.repo}; finish or abort it before cleaning up"
         )
-    worktrees = {w["path"]: w for w in list_worktrees(project.repo)}
-    return [plan_agent_cleanup(project, r, worktrees, force) for r in records]
+    worktrees = worktrees_by_path(project.repo)
+    return [plan_or_keep(project, r, worktrees, force) for r in records]
+
+
+def plan_or_keep(project, record, worktrees, force):
+    """One agent's plan; when git cannot answer for it, a KEEP with the error (exit 1), so one
+    broken agent never stops the others from being cleaned up."""
+    try:
+        return plan_agent_cleanup(project, record, worktrees, force)
+    except GitError as e:
+        message = (
+            str(e)
+            if str(e).startswith(f"{record['id']}: ")
+            else f"{e}; it is kept as it is (git could not tell what it holds)"
+        )
+        reason = message.removeprefix(f"{record['id']}: ")
+        return {"id": record["id"], "action": "keep", "reasons": [reason], "error": True,
+                "forced": False, "stop_first": False}  # fmt: skip
 
 
 def archive_stamp(repo, agent_id):
-    """A UTC stamp no archive of this agent uses yet (a suffix .2, .3 within one second)."""
+    """<sequence>-<UTC stamp>: the sequence (one more than this agent's last archive) orders
+    archives whatever the clock says; the stamp is for people."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    taken = {a["saved"] for a in list_archives(repo) if a["id"] == agent_id}
-    return unique_id(stamp, taken, separator=".")
+    mine = [a for a in list_archives(repo) if a["id"] == agent_id]
+    seq = max((a["seq"] for a in mine), default=0) + 1
+    return f"{seq:0{ARCHIVE_SEQ_DIGITS}d}-{stamp}"
 
 
 def archive_holdings(project, record, held):
@@ -9728,15 +10453,18 @@ def archive_holdings(project, record, held):
     every file not provably committed or left by setup (parent: HEAD). One transaction.
     """
     repo, agent_id, head = project.repo, record["id"], held["head"]
+    if archived_already(project, record, held):
+        return list(record["archive"])
     base = f"{ARCHIVE_REFS}/{agent_id}/{archive_stamp(repo, agent_id)}"
     main, refs = held["tip"] or head, {}
     if main:
         refs[base] = main
     if head and head != main:
         refs[f"{base}-head"] = head
+    kept_by_name = held["reflog_lost"] + held["detached_lost"] + held.get("nested_lost", [])
     lost = [
         c
-        for c in independent_commits(repo, held["reflog_lost"] + held["detached_lost"])
+        for c in independent_commits(repo, kept_by_name)
         if not any(is_ancestor(repo, c, kept) for kept in refs.values())
     ]
     if lost:
@@ -9773,7 +10501,36 @@ def archive_holdings(project, record, held):
         refs[f"{base}-worktree"] = snapshot_commit(repo, head, changes, message)
     if refs:
         write_refs(repo, refs)
+        verify_archive(repo, refs, held)
     return list(refs)
+
+
+def archived_already(project, record, held):
+    """True when an interrupted cleanup archived this agent and only its branch is left (the
+    folder is gone): the archive it recorded holds that tip, so no second, emptier one is made."""
+    saved = record.get("archive") or []
+    only_tip = not Path(record["worktree"]).is_dir() and not (
+        held["stashes"] or held["reflog_lost"] or held["detached_lost"] or held["staged"]
+    )
+    return bool(saved) and only_tip and ref_commit(project.repo, saved[0]) == held["tip"]
+
+
+def verify_archive(repo, refs, held):
+    """Check that every object the new archive refs reach is in the repository; else delete
+    those refs and raise. (A `git gc --prune=now` running meanwhile drops objects written
+    moments before a ref held them.) Objects the branch and HEAD hold are not walked again."""
+    known = [c for c in (held["tip"], held["head"]) if c]
+    args = ["rev-list", "--objects", "--no-object-names", "--stdin"]
+    lines = [*refs.values(), *(f"^{c}" for c in known)]
+    done = git_bytes(args, repo, input="\n".join(lines).encode() + b"\n", check=False)
+    if done.returncode != 0:
+        git_bytes(
+            ["update-ref", "--stdin"],
+            repo,
+            input="".join(f"delete {name}\n" for name in refs).encode(),
+            check=False,
+        )
+        raise GitError("the archive could not be verified (objects missing); nothing was removed")
 
 
 def wait_for_writers(worktree, grace=WRITER_GRACE):
@@ -9823,11 +10580,16 @@ def remove_agent(project, record, step):
         return unsaveable(held)
     if not step["forced"] and (holdings_reasons(record, held) or held["tip"] != step["tip"]):
         return None
-    refs = archive_holdings(project, record, held)
+    try:
+        refs = archive_holdings(project, record, held)
+    except GitError:  # once more, objects written afresh: a gc may have raced the first
+        refs = archive_holdings(project, record, held)
     record_archive(project, record["id"], refs)
     with shield_interrupts():
-        delete_worktree(project.repo, record["worktree"])
-        worktrees = {w["path"]: w for w in list_worktrees(project.repo)}
+        changed = delete_worktree_safely(project, record, held)
+        if changed:
+            return changed
+        worktrees = worktrees_by_path(project.repo)
         if held["tip"] and not checked_out_elsewhere(record, worktrees):
             delete = [
                 "update-ref",
@@ -9837,6 +10599,7 @@ def remove_agent(project, record, step):
             ]  # only if still at tip
             run_git(delete, project.repo)
         mark_removed(project, record["id"], refs)
+    drop_agent_env(project, [record["id"]])
     return refs
 
 
@@ -9857,6 +10620,7 @@ def cleanup_agents(
     try:
         if apply:
             roll_back_stalled_spawns(project)
+            finish_interrupted_deletes(project)
         live = project.records()
         records = cleanup_targets(
             project.all_records() if ids else live, ids, everything, failed_only
@@ -9884,6 +10648,49 @@ def apply_step(project, record, step):
         step.update(action="keep", reasons=[outcome])
     else:
         step["archive"] = outcome
+
+
+def delete_worktree_safely(project, record, held):
+    """Delete the agent's worktree so that no file is lost and any interruption (kill -9
+    included) leaves a state the next cleanup finishes: the folder is renamed aside to
+    `.checking-…`, every file's stat is compared with what was archived (a write since, from any
+    process, puts it back: a reason to keep), renamed to `.deleting-…`, then removed.
+    None when done, else why it was kept."""
+    worktree = Path(record["worktree"])
+    admins = own_admin_dirs(project.repo, worktree)
+    if not worktree.is_dir():
+        for admin in admins:
+            delete_tree(admin)
+        return None
+    admin = worktree_admin_dir(worktree)
+    aside = worktree.parent / f"{CHECKING_PREFIX}{worktree.name}.{os.getpid()}"
+    try:
+        os.rename(worktree, aside)
+    except OSError as e:
+        return f"cannot move its worktree aside to delete it ({e.strerror}); nothing was removed"
+    walked = {}
+    items = [i for i in worktree_files(project.repo, aside, admin, walked) if i[2] in FILE_MODES]
+    if file_stats(items, walked) != (held["changes"] or {}).get("stats", {}):
+        os.rename(aside, worktree)
+        return "a file in its worktree changed while cleanup ran; run cleanup again"
+    doomed = worktree.parent / f"{DELETING_PREFIX}{worktree.name}.{os.getpid()}"
+    os.rename(aside, doomed)
+    for admin in admins:
+        delete_tree(admin)
+    delete_tree(doomed)
+    return None
+
+
+def finish_interrupted_deletes(project):
+    """Finish what an interrupted cleanup left: `.deleting-…` folders were archived and checked,
+    so they go; `.checking-…` folders were not yet checked, so they move back into place."""
+    root = project.worktree_root
+    for doomed in sorted(root.glob(f"{DELETING_PREFIX}{WORKTREE_PREFIX}*")):
+        delete_tree(doomed)
+    for aside in sorted(root.glob(f"{CHECKING_PREFIX}{WORKTREE_PREFIX}*")):
+        home = root / aside.name[len(CHECKING_PREFIX) :].rsplit(".", 1)[0]
+        if not os.path.lexists(home):
+            os.rename(aside, home)
 
 
 def mark_removed(project, agent_id, archive):
@@ -9934,7 +10741,10 @@ def list_archives(repo):
             group.update(ref=ref, commit=commit, subject=subject)
     for group in groups.values():
         group["restore"] = f"orchestra restore {group['id']}/{group['saved']}"
-    return sorted(groups.values(), key=lambda g: (g["id"], g["saved"]))
+        seq = re.match(r"([0-9]+)-", group["saved"])
+        group["seq"] = int(seq.group(1)) if seq else 0  # archives made before sequences: 0
+        group["stamp"] = group["saved"][seq.end() :] if seq else group["saved"]
+    return sorted(groups.values(), key=lambda g: (g["id"], g["seq"], g["saved"]))
 
 
 def find_archive(repo, name):
@@ -9955,7 +10765,35 @@ def find_archive(repo, name):
     mine = [a for a in archives if a["id"] == agent_id and (not stamp or a["saved"] == stamp)]
     if not mine:
         raise OrchestraError(f"no archive {name}; 'orchestra cleanup --list-archives' lists them")
-    return mine[-1]
+    return fullest_archive(repo, agent_id, mine)
+
+
+def archive_files(repo, archive):
+    """How many files an archive's worktree (its snapshot, else its branch tip) holds."""
+    refs = archive["refs"]
+    ref = refs.get("worktree") or refs.get("tip") or refs.get("head")
+    if not ref:
+        return 0
+    out = git_bytes(["ls-tree", "-r", "-z", "--name-only", ref], repo, check=False).stdout
+    return out.count(b"\0")
+
+
+def fullest_archive(repo, agent_id, archives):
+    """The newest archive (by sequence) when it holds at least as many files as every older
+    one; otherwise a question: never an emptied archive over a full one."""
+    if len(archives) == 1:
+        return archives[0]
+    counts = [archive_files(repo, a) for a in archives]
+    if counts[-1] >= max(counts):
+        return archives[-1]
+    choices = "; ".join(
+        f"orchestra restore {a['id']}/{a['saved']} ({plural(n, 'file')})"
+        for a, n in zip(archives, counts)
+    )
+    raise OrchestraError(
+        f"{agent_id} has {len(archives)} archives and the newest holds fewer files than an older "
+        f"one; pick one: {choices}"
+    )
 
 
 def restore_agent(project, name):
@@ -10368,12 +11206,19 @@ WEB_HEADER_LINE = re.compile(
     rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n"
 )  # RFC 9112 5
 WEB_DIGITS = re.compile(r"[0-9]{1,15}")
+JSON_MARKS = re.compile(rb'["\[\]{}]')  # what json_depth_ok looks at
 # a subprotocol that carries the token: browsers cannot set WebSocket headers
 WS_TOKEN_PREFIX = "token."
+# GET ?nonce=HEX, no token: answers HMAC-SHA256(token, nonce), so the page can tell that this
+# server knows its token before it sends it (a server squatting the port while `web` was
+# stopped does not)
+WEB_CHALLENGE_PATH = "/api/challenge"
+WEB_NONCE = re.compile(r"[0-9a-f]{32,128}")
 
 
 def web_token(folder, rotate=False):
-    """The access token kept in web.json (mode 0600): reused, or made anew on first use or rotation."""
+    """The access token kept in web.json (mode 0600): made anew when rotating (every `web` start
+    does: a token taken while the server was down never works again), else reused."""
     path = folder / WEB_TOKEN_FILE
     if not rotate:
         try:
@@ -10425,6 +11270,8 @@ class Gate:
             raise HTTPRefusal(403, "cross-site requests are refused")
         if not path.startswith(("/api/", "/ws/")):
             return False
+        if path == WEB_CHALLENGE_PATH and method == "GET":
+            return False  # the page asks for proof before it shows its token (route_challenge)
         token = self.presented(path, headers)
         if token is None or not hmac.compare_digest(token, self.token):
             raise HTTPRefusal(
@@ -10503,14 +11350,30 @@ def check_framing(headers):
 
 
 def json_depth_ok(data, limit=WEB_MAX_JSON_DEPTH):
-    """False when JSON text opens more than `limit` arrays or objects at once (a cheap scan
-    before json.loads, whose recursion would otherwise fail deep inside)."""
-    depth = 0
-    for token in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', data):
-        mark = token.group()[:1]
-        depth += 1 if mark in (b"[", b"{") else -1 if mark in (b"]", b"}") else 0
-        if depth > limit:
-            return False
+    """False when JSON text opens more than `limit` arrays or objects at once (a scan before
+    json.loads, whose recursion would otherwise fail deep inside). Linear: each byte is looked
+    at a bounded number of times, whatever the quotes and backslashes."""
+    depth, at, end = 0, 0, len(data)
+    while at < end:
+        found = JSON_MARKS.search(data, at)
+        if not found:
+            return True
+        mark, at = found.group(), found.end()
+        if mark == b'"':  # skip the string: to the next quote not escaped by a backslash
+            while True:
+                quote = data.find(b'"', at)
+                if quote < 0:
+                    return True  # unterminated: json.loads refuses it
+                run = quote
+                while run > at and data[run - 1] == 0x5C:
+                    run -= 1
+                at = quote + 1
+                if (quote - run) % 2 == 0:
+                    break
+        else:
+            depth += 1 if mark in (b"[", b"{") else -1
+            if depth > limit:
+                return False
     return True
 
 
@@ -10833,6 +11696,7 @@ ROUTES = [
         ("GET", r"/", "route_page"),
         ("GET", r"/api/status", "route_status"),
         ("GET", r"/api/sessions", "route_sessions"),
+        ("GET", r"/api/challenge", "route_challenge"),
         ("GET", r"/api/worktrees", "route_worktrees"),
         ("POST", r"/api/spawn", "route_spawn"),
         ("POST", r"/api/cleanup", "route_cleanup"),
@@ -11077,10 +11941,13 @@ class WebHandler:
         return 200, current_status(self.server.project)[1]
 
     def route_sessions(self, params, query, body):
-        """GET /api/sessions?hours=N&limit=N: the user's recent Claude Code sessions."""
+        """GET /api/sessions?hours=N&limit=N&all=1: the user's recent Claude Code sessions in this
+        repository (all=1: in every project on the machine)."""
         hours = query_int(query, "hours", WEB_SESSION_HOURS, 1, 24 * 365)
         limit = query_int(query, "limit", WEB_SESSION_LIMIT, 1, WEB_SESSION_LIMIT_MAX)
-        return 200, sessions_document(self.server.env, hours=hours, limit=limit)
+        everything = query_int(query, "all", 0, 0, 1)
+        repo = None if everything else self.server.project.repo
+        return 200, sessions_document(self.server.env, hours=hours, limit=limit, repo=repo)
 
     def route_worktrees(self, params, query, body):
         """GET /api/worktrees: what `worktrees --json` prints."""
@@ -11215,20 +12082,36 @@ class WebHandler:
         """GET /api/sessions/ID: a session's prompts and the commands that resume it."""
         return 200, session_detail(self.server.env, params["id"])
 
+    def route_challenge(self, params, query, body):
+        """GET /api/challenge?nonce=HEX (no token needed): {"proof": HMAC-SHA256(token, nonce)}."""
+        nonce = (query.get("nonce") or [""])[-1]
+        if not WEB_NONCE.fullmatch(nonce):
+            raise HTTPRefusal(400, "'nonce' must be 32 to 128 lowercase hex digits")
+        proof = hmac.new(self.server.gate.token, nonce.encode("ascii"), "sha256").hexdigest()
+        return 200, {"proof": proof}
+
     def route_approvals(self, params, query, body):
         """GET /api/approvals: the tool calls agents wait to have approved, oldest first."""
         return 200, approvals_document(self.server.project)
 
     def route_decide(self, params, query, body):
-        """POST /api/approvals/REQ {"decision": "allow"|"deny", "message"?, "always"?}: the CLI's approve/deny."""
+        """POST /api/approvals/REQ {"decision": "allow"|"deny", "message"?, "always"?, "prefix"?,
+        "whole_tool"?}: the CLI's approve/deny. always is a boolean or "project"."""
         always = body.pop("always", None)
-        decision, message = body_fields(body, {"decision": (str, True), "message": (str, False)})
+        whole = body.pop("whole_tool", False)
+        decision, message, prefix = body_fields(
+            body, {"decision": (str, True), "message": (str, False), "prefix": (str, False)}
+        )
         if decision not in ("allow", "deny"):
             raise HTTPRefusal(400, '\'decision\' must be "allow" or "deny"')
-        if always not in (None, False, True, "agent", "project") or (always and decision == "deny"):
+        if not (always is None or isinstance(always, bool) or always == "project") or (
+            always and decision == "deny"
+        ):
             raise HTTPRefusal(
-                400, '\'always\' must be true, "agent" or "project", and only with "allow"'
+                400, '\'always\' must be true, false or "project", and only with "allow"'
             )
+        if not isinstance(whole, bool) or (prefix is not None and not always):
+            raise HTTPRefusal(400, "'whole_tool' must be a boolean; 'prefix' needs 'always'")
         project = self.server.project
         request, where = ApprovalBox(project.repo).request(params["request"])
         if where is None:
@@ -11239,7 +12122,14 @@ class WebHandler:
             raise OrchestraError(late_message(request["id"], request["decision"]), EXIT_FAILURE)
         always = "agent" if always is True else always or None
         answered = answer_request(
-            project, request, decision == "allow", "web", message=message, always=always
+            project,
+            request,
+            decision == "allow",
+            "web",
+            message=message,
+            always=always,
+            prefix=prefix,
+            whole=whole,
         )
         return 200, {"request": request["id"], "agent": request["agent"], **answered}
 
@@ -11570,7 +12460,7 @@ def start_web_server(
     `limits` tunes header_deadline, max_connections and ws_options (ping_interval,
     pong_timeout, queue_limit) for tests.
     """
-    token = web_token(project.dir, rotate=new_token)
+    token = web_token(project.dir, rotate=True)  # new_token: kept for callers; every start rotates
     server = web_class(WebServer)(
         project,
         host,
@@ -12029,7 +12919,9 @@ def status_rows(records, now):
         if r.get("tampered"):
             activity = f"tampered: {r['tampered'][-1]}"
         if r.get("approval"):
-            activity = f"waiting for approval {r['approval']['id']}: {r['approval']['summary']}"
+            size = (r["approval"].get("shown") or [""])[0].partition(": ")[2]
+            activity = (f"waiting for approval {r['approval']['id']} ({size}, shown whole below): "
+                        f"{r['approval']['summary']}")  # fmt: skip
         rows.append(
             [
                 r["id"],
@@ -12058,6 +12950,10 @@ def status_text(project, records, out):
             user_denials(r), (r.get("launch") or {}).get("bypass_permissions", ())
         )
     ]
+    for r in records:
+        if r.get("approval"):
+            notes += [f"{r['id']} waits for approval {r['approval']['id']}:",
+                      *(f"  {line}" for line in r["approval"].get("shown") or [])]  # fmt: skip
     return "\n".join(
         [
             table,
@@ -12953,30 +13849,46 @@ def add_diff_parser(commands):
 
 
 def approvals_table(requests, now):
-    """The pending requests as a table: id, agent, waiting for, tool call."""
+    """The pending requests as a table: id, agent, waiting for, tool call (newlines escaped)."""
     rows = [
         [
             r["id"],
             r["agent"],
             format_duration(now - (parse_iso(r.get("since")) or now)),
-            strip_control(r.get("summary") or r.get("tool") or "")
-            + (
-                f"  (asked by containment: {strip_control(r['reason'])})" if r.get("reason") else ""
-            ),
+            (r.get("summary") or r.get("tool") or "")
+            + (f"  (asked by containment: {r['reason']})" if r.get("reason") else ""),
         ]
         for r in requests
     ]
     return render_table(["REQUEST", "AGENT", "WAITING", "TOOL CALL"], rows, sys.stdout)
 
 
+def print_request(request):
+    """One request shown whole: who asks, then every line of shown_request()."""
+    print(f"request {request['id']}: {request['agent']} asks to run")
+    for line in shown_request(request):
+        print(f"  {line}")
+
+
+def warn_ignored(ignored):
+    """Name approval files that were ignored for want of a valid signature (stderr)."""
+    for path in ignored:
+        print(f"orchestra: warning: ignored {path}: no valid orchestra signature, so orchestra "
+              "did not write it (an agent or another user may have)", file=sys.stderr)  # fmt: skip
+
+
 def cmd_approvals(args):
-    """List the tool calls agents are waiting to have approved, oldest first."""
+    """List the tool calls agents are waiting to have approved, oldest first, each shown whole."""
     project = open_project(args)
     document = approvals_document(project)
+    warn_ignored(document["ignored"])
     if args.json:
         print_json(document)
     elif document["approvals"]:
         print(approvals_table(document["approvals"], time.time()))
+        for request in document["approvals"]:
+            print()
+            print_request(request)
         print(
             "\nAnswer with: orchestra approve REQUEST [--always]   or   orchestra deny REQUEST [--message TEXT]"
         )
@@ -12986,15 +13898,21 @@ def cmd_approvals(args):
 
 
 def cmd_approve(args):
-    """Allow a waiting tool call (by request id, or every request of an agent); --always keeps allowing it."""
+    """Allow a waiting tool call (by request id, or every request of an agent); --always keeps
+    allowing exactly the same call, --prefix WORDS every Bash command that starts with them."""
     project = open_project(args)
+    if (args.prefix is not None or args.whole_tool) and not args.always:
+        raise OrchestraError("--prefix and --whole-tool make a rule: use them with --always")
     for request in find_requests(project, args.target):
-        decision = answer_request(project, request, True, "cli", always=args.always)
-        print(
-            f"allowed {request['id']}: {request['agent']} runs {strip_control(request['summary'])}"
-        )
+        print_request(request)
+        decision = answer_request(
+            project, request, True, "cli", always=args.always, prefix=args.prefix,
+            whole=args.whole_tool,
+        )  # fmt: skip
+        print(f"allowed {request['id']}: {request['agent']} runs {request['summary']}")
         if decision.get("config"):
-            print(f"added {decision['rule']} to bypass_permissions in {decision['config']}")
+            print(f"every agent of this project may now run {decision['rule']} without asking "
+                  f"(rule saved in {decision['config']})")  # fmt: skip
         elif decision.get("rule"):
             print(
                 f"{request['agent']} may run {decision['rule']} without asking for the rest of its run"
@@ -13007,9 +13925,7 @@ def cmd_deny(args):
     project = open_project(args)
     for request in find_requests(project, args.target):
         answer_request(project, request, False, "cli", message=args.message)
-        print(
-            f"denied {request['id']}: {request['agent']} may not run {strip_control(request['summary'])}"
-        )
+        print(f"denied {request['id']}: {request['agent']} may not run {request['summary']}")
     return EXIT_OK
 
 
@@ -13035,8 +13951,19 @@ def add_approvals_parsers(commands):
         nargs="?",
         const="agent",
         choices=["agent", "project"],
-        help="also allow the same call from now on: for the rest of this agent's run, or "
-        "(--always=project) in the project's bypass_permissions",
+        help="also allow exactly the same call (the same input) from now on: for the rest of this "
+        "agent's run, or (--always=project) for every agent of the project",
+    )
+    p.add_argument(
+        "--prefix",
+        metavar="WORDS",
+        help="with --always: allow every Bash command that starts with these words (the start of "
+        "this command), with no shell operator after them: --prefix touch saves Bash(touch *)",
+    )
+    p.add_argument(
+        "--whole-tool",
+        action="store_true",
+        help="with --always: allow a rule that covers every call of a tool (a call without input)",
     )
     p.set_defaults(func=cmd_approve)
     p = commands.add_parser(
@@ -13102,10 +14029,11 @@ def cmd_collect(args):
     else:
         print(
             collect_text(document)
-            if reports
+            if reports or document["errors"]
             else "No finished agents to collect yet; see 'orchestra status'."
         )
-    return EXIT_FAILURE if document.get("conflict") or document.get("pr_failed") else EXIT_OK
+    failed = document.get("conflict") or document.get("pr_failed") or document["errors"]
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def archived_reports(project, ids):
@@ -13300,7 +14228,7 @@ def print_archives(project, as_json):
 
 def archive_age_days(archive, now):
     """Whole days since an archive was saved (its stamp is the UTC time of the cleanup)."""
-    stamp = archive["saved"]
+    stamp = archive.get("stamp") or archive["saved"]  # "saved" is <seq>-<stamp>
     saved = parse_iso(
         f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}Z"
     )
@@ -13551,6 +14479,8 @@ def cmd_web(args):
         if args.qr:
             if args.host in WEB_LOOPBACK_HOSTS:
                 print(f"orchestra: warning: {loopback_qr_warning(args.host)}", file=sys.stderr)
+            elif warning and not tls:
+                print(f"orchestra: warning: {QR_PLAIN_HTTP_WARNING}", file=sys.stderr)
             print(qr_text(server.url, colour=use_colour(sys.stdout)), flush=True)
         if args.open:
             import webbrowser  # here, not at the top: only --open needs it
@@ -13592,6 +14522,15 @@ def missing_dashboard_note():
     )
 
 
+QR_PLAIN_HTTP_WARNING = (
+    "this address is plain HTTP beyond this machine: the token in the QR code, and every "
+    "request after it, crosses the network in clear. Put TLS in front: --tls-cert FILE --tls-key "
+    "FILE (e.g. from mkcert), or listen on 127.0.0.1 behind an HTTPS proxy (caddy, "
+    "tailscale serve) or an ssh tunnel (ssh -L 8888:127.0.0.1:8888 HOST). The token changes on "
+    "every start."
+)
+
+
 def add_web_parser(commands):
     """orchestra web"""
     p = commands.add_parser(
@@ -13623,7 +14562,9 @@ def add_web_parser(commands):
         "--qr", action="store_true", help="also print the address as a QR code to scan with a phone"
     )
     p.add_argument(
-        "--new-token", action="store_true", help="make a new access token; old links stop working"
+        "--new-token",
+        action="store_true",
+        help="make a new access token (every start does now; kept for old scripts)",
     )
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")

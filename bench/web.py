@@ -9,8 +9,13 @@ Chromium < 300 ms with 200 agents in history.
 
 The web server runs as its own process, as a user starts it; this process plays the supervisor,
 rewriting state.json through orchestra's state store, and all the clients. Loopback only.
+Goals (issue 19): the log view (GET /api/agents/ID/log?tail=50 and `orchestra logs ID --tail 50`)
+of a 100 MB single-line log and of a log of 10 M short lines in < 1 s and < 100 MB; also the
+supervisor's fold of the same logs (read_log: CPU and peak RSS), and the same for a 2 GB line.
 Run: python3 bench/web.py [--clients 50] [--seconds 10] [--writes 5] [--slowloris 200]
                           [--pipeliners 130] [--history 200]
+                          [--big-line-mb 100] [--short-lines 10000000] [--huge-line-mb 2048]
+                          [--logs-only]
 """
 
 import argparse
@@ -307,6 +312,112 @@ def first_render(base, token, cards, runs=5):
     return min(times[1:]), statistics.median(times[1:])
 
 
+# A child that runs one action and reports its own peak RSS (VmHWM: its memory after exec only;
+# wait4's ru_maxrss would count the bench process it was forked from).
+CHILD = """import os, sys
+sys.path.insert(0, {root!r})
+import orchestra
+try:
+    {action}
+finally:
+    peak = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]
+    os.write(2, ("VmHWM " + peak + "\\n").encode())
+"""
+LOGS_ACTION = (
+    "sys.stdout = open(os.devnull, 'w'); orchestra.main(['logs', sys.argv[1], '--tail', '50'])"
+)
+FOLD_ACTION = "orchestra.read_log(sys.argv[1])"
+
+
+def write_logs(folder, big_mb, short_lines, huge_mb):
+    """The three logs: one line of big_mb MB, short_lines short lines, one line of huge_mb MB."""
+    logs = {}
+    for name, megabytes in (("big-line", big_mb), ("huge-line", huge_mb)):
+        if not megabytes:
+            continue
+        path = logs[name] = folder / f"{name}.jsonl"
+        with open(path, "wb") as f:
+            f.write(
+                b'{"type": "orchestra", "event": "launch"}\n{"type": "assistant", "message": {"content": "'
+            )
+            block = b"x" * (1024 * 1024)
+            for _ in range(megabytes):
+                f.write(block)
+            f.write(b'"}}\n{"type": "assistant", "message": {"content": "after the long line"}}\n')
+    if short_lines:
+        path = logs["short-lines"] = folder / "short-lines.jsonl"
+        line = b'{"type": "assistant", "message": {"content": "a short line"}}\n'
+        with open(path, "wb") as f:
+            f.write(b'{"type": "orchestra", "event": "launch"}\n')
+            batch = line * 100_000
+            for _ in range(short_lines // 100_000):
+                f.write(batch)
+            f.write(line * (short_lines % 100_000))
+    return logs
+
+
+def child_cost(action, arg, cwd=None):
+    """(wall seconds, CPU seconds, peak RSS MB) of a child that runs `action` to its end."""
+    argv = [sys.executable, "-c", CHILD.format(root=str(ROOT), action=action), arg]
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, err
+    peak = int(err.rpartition("VmHWM ")[2].split()[0]) / 1024
+    return time.perf_counter() - started, usage.ru_utime + usage.ru_stime, peak
+
+
+def proc_cpu(pid):
+    """CPU seconds a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def log_views(root, big_mb, short_lines, huge_mb):
+    """Lines of figures: the log views and the supervisor's fold of each log."""
+    repo = init_repo(root / "logs-repo")
+    project = orchestra.Project.open(repo, os.environ)
+    project.dir.mkdir(exist_ok=True)
+    logs = write_logs(project.dir / "logs", big_mb, short_lines, huge_mb)
+
+    def seed(state):
+        state["supervisor"] = live_supervisor()
+        for name in logs:
+            record = dict.fromkeys(orchestra.RECORD_FIELDS)
+            record.update(id=name, task=name, state="done", log=str(logs[name]),
+                          created_at=orchestra.utc_iso())  # fmt: skip
+            state["agents"][name] = record
+
+    project.store.update(seed)
+    sizes = {name: path.stat().st_size / 1e6 for name, path in logs.items()}
+    out = []
+    proc, base, token = start_web(repo, root / "pycache-logs")
+    try:
+        host, port = base.split("//")[1].split(":")
+        for name in logs:
+            cpu, started = proc_cpu(proc.pid), time.perf_counter()
+            connection = http.client.HTTPConnection(host, int(port), timeout=600)
+            connection.request("GET", f"/api/agents/{name}/log?tail=50",
+                               headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+            answer = json.loads(connection.getresponse().read())
+            wall, cpu = time.perf_counter() - started, proc_cpu(proc.pid) - cpu
+            out.append(f"web GET /api/agents/{name}/log?tail=50 ({sizes[name]:.0f} MB log): "
+                       f"{wall * 1000:.0f} ms, {cpu * 1000:.0f} ms CPU, {len(answer['lines'])} lines, "
+                       f"web RSS peak so far {rss_mb(proc.pid)[1]:.1f} MB")  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    for name in logs:
+        wall, cpu, peak = child_cost(LOGS_ACTION, name, cwd=repo)
+        out.append(f"orchestra logs {name} --tail 50 ({sizes[name]:.0f} MB log): {wall * 1000:.0f} ms, "
+                   f"{cpu * 1000:.0f} ms CPU, peak RSS {peak:.1f} MB (goal < 1 s, < 100 MB)")  # fmt: skip
+        wall, cpu, peak = child_cost(FOLD_ACTION, str(logs[name]))
+        out.append(f"supervisor's fold of {name} (read_log, {sizes[name]:.0f} MB): {wall:.2f} s, "
+                   f"{cpu:.2f} s CPU, peak RSS {peak:.1f} MB")  # fmt: skip
+    return out
+
+
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -321,8 +432,17 @@ def main():
     parser.add_argument("--pipeliners", type=int, default=130)
     parser.add_argument("--pipeline-seconds", type=float, default=10.0)
     parser.add_argument("--history", type=int, default=200)
+    parser.add_argument("--big-line-mb", type=int, default=100)
+    parser.add_argument("--short-lines", type=int, default=10_000_000)
+    parser.add_argument("--huge-line-mb", type=int, default=0, help="e.g. 2048 for a 2 GB line")
+    parser.add_argument("--logs-only", action="store_true", help="only the log-view figures")
     args = parser.parse_args()
     use_bench_environment(NO_COLOR="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        for line in log_views(Path(tmp), args.big_line_mb, args.short_lines, args.huge_line_mb):
+            print(line, flush=True)
+    if args.logs_only:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp))
         proc, base, token = start_web(project.repo, Path(tmp) / "pycache")

@@ -303,15 +303,18 @@ def test_claude_argv_carries_permissions_model_and_branch(repo):
                                      {"model": "opus", "permission_mode": "acceptEdits"})  # fmt: skip
     record = orchestra.new_record(project, "x", "do x", "main", "abc")
     argv = orchestra.agent_argv(record)
-    assert argv[:6] == ["claude", "-p", "do x", "--output-format", "stream-json", "--verbose"]
+    assert argv[:5] == ["claude", "-p", "--output-format", "stream-json", "--verbose"]
+    assert "do x" not in argv and orchestra.agent_prompt(record) == "do x"  # on stdin: not in ps
     assert "orchestra/x" in argv[argv.index("--append-system-prompt") + 1]
     assert argv[argv.index("--model") + 1] == "opus"
     assert argv[argv.index("--permission-mode") + 1] == "acceptEdits"
-    rules = orchestra.DEFAULT_RULES  # edits in the worktree, git on its own branch
-    assert argv[-len(rules) - 1 :] == ["--allowedTools", *rules]
+    assert "--allowedTools" not in argv
+    settings = json.loads(argv[argv.index("--settings") + 1])
+    assert settings["permissions"]["allow"] == orchestra.DEFAULT_RULES  # the narrow defaults
     record["session_id"] = "s-1"
     resumed = orchestra.agent_argv(record, "Continue the task.")
-    assert resumed[2] == "Continue the task." and resumed[resumed.index("--resume") + 1] == "s-1"
+    assert orchestra.agent_prompt(record, "Continue the task.") == "Continue the task."
+    assert resumed[resumed.index("--resume") + 1] == "s-1"
 
 
 def test_other_agent_command_gets_the_task_in_place(repo):

@@ -80,12 +80,12 @@ def test_approve_lets_the_command_run_and_commit(repo, claude_api, cli):
     assert status["state"] == "running" and status["approval"]["id"] == request["id"]
     assert status["approval"]["tool"] == "Bash" and status["sandboxed"] is False
     table = cli("status").out
-    assert (
-        "running approval" in table
-        and f"waiting for approval {request['id']}: Bash(printf" in table
-    )
+    assert "running approval" in table
+    assert f"waiting for approval {request['id']} (2 lines, 56 bytes" in table, table
+    assert "    command: printf 'ok\\n' > approved.txt" in table
     listing = cli("approvals").out
     assert request["id"] in listing and "needs-ok" in listing
+    assert "command: printf 'ok\\n' > approved.txt" in listing
     assert time.monotonic() - started < 60
 
     run = cli("approve", request["id"][:4])  # a unique prefix of the request id will do
@@ -116,9 +116,9 @@ def notifier(tmp_path):
     """A notify_command that appends each call's arguments to a file, and that file."""
     script, events = tmp_path / "notify.py", tmp_path / "events.jsonl"
     script.write_text(
-        f"import json, sys\nwith open({str(events)!r}, 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        f"import json, sys\nwith open({str(events)!r}, 'a') as f:\n    f.write(json.dumps([*sys.argv[1:], sys.stdin.read()]) + '\\n')\n"
     )
-    return [sys.executable, str(script), "{agent}", "{event}", "{message}"], events
+    return [sys.executable, str(script), "{agent}", "{event}"], events
 
 
 def notified(events):
@@ -148,20 +148,18 @@ def test_deny_message_reaches_the_agent_and_the_record(repo, claude_api, cli, tm
                                              "description": "Run a scripted shell command"}}]  # fmt: skip
     out = cli("status").out
     assert "no-tests: 1 tool call denied: Bash(pytest -q)" in out
-    allow = 'orchestra config set bypass_permissions \'["Edit", "Write", "Bash(git *)", "Bash(pytest -q)"]\''
-    assert f"no-tests: allow them next time: {allow}" in out
+    assert "allow them next time" not in out  # the user denied it: no hint to allow it
     collected = cli("collect", "no-tests").out
-    assert (
-        "1 tool call denied: Bash(pytest -q)" in collected
-        and f"allow them next time: {allow}" in collected
-    )
+    assert "1 tool call denied: Bash(pytest -q)" in collected
+    assert "allow them next time" not in collected
     ended = cli("deny", "no-tests")
     assert ended.code == 1 and "has ended (done)" in ended.err
     wait_for(lambda: len(notified(events)) == 2, timeout=30, what="two notifications")
     (agent, event, message), done = notified(events)
     assert (
         (agent, event) == ("no-tests", "approval")
-        and "Bash(pytest -q)" in message
+        and "  command: pytest -q\n" in message  # the whole input, on stdin: never in argv
+        and "Bash: 2 lines, 37 bytes" in message
         and "orchestra approve" in message
     )
     assert done[:2] == ("no-tests", "done")
@@ -178,13 +176,15 @@ def test_always_answers_the_next_matching_request(repo, claude_api, cli):
     second = wait_request(cli, "twice-job")  # the third call is another command: it asks
     assert second["id"] != first["id"] and second["summary"] == "Bash(echo other > other.txt)"
     run = cli("approve", second["id"], "--always=project")
-    assert "added Bash(echo other > other.txt) to bypass_permissions" in run.out
+    assert "every agent of this project may now run Bash(echo other > other.txt)" in run.out
     wait_settled(repo)
     log = cli("logs", "twice-job").out
     assert log.count("?? waiting for approval") == 2
     assert "== allowed by rule Bash(echo same > twice.txt): Bash(echo same > twice.txt)" in log
     config = json.loads((repo / ".orchestra" / "config.json").read_text())
-    assert config["bypass_permissions"] == [*ALLOWED, "Bash(echo other > other.txt)"]
+    assert config["bypass_permissions"] == ALLOWED  # saved rules are orchestra's own, signed
+    rules = cli("approvals", "--json").json()["project_rules"]
+    assert rules == ["Bash(echo other > other.txt)"]
 
 
 def test_timeout_denies_with_a_message(repo, claude_api, cli):

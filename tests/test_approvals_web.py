@@ -133,7 +133,7 @@ def test_a_request_whose_hook_is_gone_is_void(server, project):
     request = orchestra.ApprovalBox(project.repo).pending()[0]
     hook.kill()
     hook.wait()
-    assert call(server, "GET", "/api/approvals")[1] == {"approvals": []}
+    assert call(server, "GET", "/api/approvals")[1]["approvals"] == []
     status, error = call(server, "POST", f"/api/approvals/{request['id']}", {"decision": "allow"})
     assert status == 409 and "its request" in error["error"] and "is void" in error["error"]
 
@@ -208,8 +208,9 @@ def test_claude_argv_carries_the_settings_layer(repo):
     ]
     assert settings["sandbox"] == {"enabled": True, "autoAllowBashIfSandboxed": True,
                                    "network": {"allowedDomains": ["pypi.org"]}}  # fmt: skip
-    rules = orchestra.DEFAULT_RULES
-    assert argv[-len(rules) - 1 :] == ["--allowedTools", *rules]  # still last: it is variadic
+    assert "--allowedTools" not in argv  # an argv string Claude Code splits on spaces
+    assert settings["permissions"]["allow"] == orchestra.DEFAULT_RULES  # the narrow defaults
+    assert any(".orchestra" in rule for rule in settings["permissions"]["deny"])  # containment
     record["launch"]["sandboxed"] = False
     assert "sandbox" not in json.loads(orchestra.agent_argv(record)[argv.index("--settings") + 1])
     assert not (repo / ".claude").exists()  # nothing written into the user's repository

@@ -451,7 +451,8 @@ def test_a_page_on_another_local_port_gets_nothing_usable(browser, fake_repo):
     page = context.new_page()
     page.goto(server.url)  # the user opens the dashboard: the token is stored by the page
     expect(page.locator("#connection")).to_have_attribute("data-state", "live")
-    assert page.evaluate("localStorage.getItem('orchestra-token')") == server.gate.token.decode()
+    assert page.evaluate("sessionStorage.getItem('orchestra-token')") == server.gate.token.decode()
+    assert page.evaluate("localStorage.length") == 0  # never localStorage: it outlives the server
     assert page.evaluate("document.cookie") == ""
 
     class Evil(http.server.BaseHTTPRequestHandler):

@@ -187,12 +187,16 @@ def test_tabs_notifications_reconnect_and_errors_on_a_phone(fake_repo, phone):
         phone.click("#spawn-form button[type=submit]")
         expect(phone.locator("#spawn-error")).to_contain_text("over the limit of 8000")
 
-        # The server goes away and comes back on the same port: the page reconnects by itself.
+        # The server goes away and comes back on the same port with a new token: the page
+        # finds that out by the challenge (before it sends its old token) and says what to do.
         port = server.server_address[1]
         server.stop()
         expect(phone.locator("#connection")).to_have_attribute("data-state", "offline")
         server = orchestra.start_web_server(orchestra.Project.open(fake_repo, os.environ), "127.0.0.1", port,
                                       log=io.StringIO(), revive=False)  # fmt: skip
+        expect(phone.locator("#connection")).to_have_text("token not recognised", timeout=15_000)
+        expect(phone.locator("#no-token")).to_contain_text("open the new link")
+        phone.goto(server.url)
         expect(phone.locator("#connection")).to_have_attribute("data-state", "live", timeout=15_000)
         expected = (
             "WebSocket",

@@ -316,9 +316,9 @@ def test_agents_get_the_environment_of_the_spawning_command(fake_repo, cli, monk
     cli("stop", "hold")
 
 
-CLAUDE_LIKE = (  # stands in for `claude -p TASK ...`: fails "Not logged in" without a key
+CLAUDE_LIKE = (  # stands in for `claude -p ...` (task on stdin): fails "Not logged in" without a key
     "import json, os, sys, time\n"
-    "task = sys.argv[2]\n"
+    "task = sys.stdin.read()\n"
     "print(json.dumps({'type': 'system', 'subtype': 'init', 'session_id': 'fake-session'}), flush=True)\n"
     "if task == 'hold':\n"
     "    time.sleep(30)\n"

@@ -50,13 +50,16 @@ def test_removed_agents_move_to_history(fake_repo, cli):
         ("first-gone", "removed"),
         ("second-gone", "removed"),
     ]
-    named = cli("status", "--json", "first").json()["agents"]
+    prefix = cli("status", "--json", "first")  # a prefix means live agents only
+    assert prefix.code == 2 and "cleaned up: first-gone" in prefix.err
+    named = cli("status", "--json", "first-gone").json()["agents"]
     assert [(a["id"], a["state"]) for a in named] == [("first-gone", "removed")]
     assert "first-gone" in cli("status", "--all").out and "first-gone" not in cli("status").out
     again = cli("cleanup", "first-gone")
     assert again.code == 2 and "first-gone was already removed" in again.err
-    collected = cli("collect", "second-gone")
-    assert collected.code == 2 and "second-gone is removed" in collected.err
+    collected = cli("collect", "second-gone")  # read from its archive
+    assert collected.code == 0 and "== second-gone: cleaned up" in collected.out
+    assert "orchestra restore second-gone" in collected.out
     assert "spawned on" in cli("logs", "first-gone").out
 
 

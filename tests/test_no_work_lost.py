@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import orchestra
 from conftest import (
     FAKE_AGENT_COMMAND,
     ROOT,
@@ -562,11 +563,14 @@ def test_restore_refuses_an_unknown_id(case_repo, cli):
 def test_resume_and_send_of_a_removed_agent_point_at_restore(case_repo, cli):
     spawn_one(cli, case_repo, "case")
     assert cli("cleanup", "case").code == 0
-    for argv in (("resume", "case"), ("send", "case", "more please"), ("diff", "case")):
+    for argv in (("resume", "case"), ("send", "case", "more please")):
         run = cli(*argv)
         assert run.code == 2
         assert "was cleaned up; its work is saved under refs/orchestra/archive/case/" in run.err
         assert "'orchestra restore case'" in run.err and "fsck" not in run.err
+    diff = cli("diff", "case")  # read from its archive
+    assert diff.code == 0 and "case was cleaned up: this is its archive" in diff.out
+    assert "'orchestra restore case' brings it back" in diff.out
 
 
 def test_the_id_of_a_removed_agent_never_means_a_live_one_it_prefixes(case_repo, cli):
@@ -1030,3 +1034,300 @@ def test_collect_names_what_the_branch_does_not_show(case_repo, cli):
         "HEAD is detached with 1 commit not on any branch",
         "1 stash made in the worktree",
     ]
+
+
+# --- round two: what a second tester found past the matrix (issue 20), one test per class ------
+
+
+def archived_blob(repo, data):
+    """True when a blob of exactly these bytes is reachable from a ref."""
+    return blob_hash(data) in reachable_objects(repo)[1]
+
+
+@pytest.mark.parametrize(
+    "broken", ["git init in place of .git", ".git file gone", "another owner", "HEAD unreadable"]
+)
+def test_1_a_git_failure_keeps_the_agent_and_the_others_go_on(case_repo, cli, broken):
+    bad, good = spawn_one(cli, case_repo, "bad"), spawn_one(cli, case_repo, "good")
+    sh(
+        "git checkout -q --detach && printf 'd\\n' > d.txt && git add d.txt && git commit -qm d",
+        bad,
+    )
+    detached = git("rev-parse", "HEAD", cwd=bad).strip()
+    sh("printf 'mine\\n' > notes.txt", bad)
+    if broken == "git init in place of .git":
+        sh("rm -f .git && git init -q", bad)
+    elif broken == ".git file gone":  # what a delete killed half-way used to leave
+        os.unlink(bad / ".git")
+    elif broken == "another owner":  # git refuses: "detected dubious ownership"
+        os.chown(bad, 4242, 4242)
+    else:  # the worktree looks like ours, but git dies reading it
+        admin = git("rev-parse", "--absolute-git-dir", cwd=bad).strip()
+        Path(admin, "HEAD").write_text("garbage\n")
+    forced = cli("cleanup", "--force")
+    assert forced.code == 1, forced
+    assert line_for(forced.out, "bad").startswith("KEEP bad: "), forced.out
+    assert "kept as it is" in line_for(forced.out, "bad")
+    assert line_for(forced.out, "good").startswith("REMOVED good: "), forced.out
+    assert (bad / "notes.txt").read_text() == "mine\n" and not good.exists()
+    assert git_ok("cat-file", "-t", detached, cwd=case_repo).strip() == "commit"
+    collected = cli("collect")
+    assert collected.code == 1 and "Error: bad: " in collected.out, collected
+    named = cli("cleanup", "--force", "bad")
+    assert named.code == 1 and "KEEP bad: " in named.out, named
+    assert (bad / "notes.txt").exists()
+
+
+@pytest.fixture
+def linked_worktree_dir(case_repo, tmp_path):
+    """`.worktrees` is a symlink to a folder elsewhere: git records the real paths."""
+    real = tmp_path / "real-worktrees"
+    real.mkdir()
+    (case_repo / ".worktrees").symlink_to(real)
+    return case_repo
+
+
+def test_2_paths_are_compared_with_symlinks_resolved(linked_worktree_dir, cli):
+    repo = linked_worktree_dir
+    locked = spawn_one(cli, repo, "locked")
+    done = spawn_one(cli, repo, "done")
+    sh("printf 'keep\\n' > k.txt", locked)
+    git("worktree", "lock", str(locked), cwd=repo)
+    sh("printf 'w\\n' > w.txt", done)
+    forced = cli("cleanup", "--force")
+    assert line_for(forced.out, "locked").startswith("KEEP locked: worktree is locked"), forced.out
+    assert (locked / "k.txt").exists()
+    assert line_for(forced.out, "done").startswith("REMOVED done: "), forced.out
+    assert not git("branch", "--list", "orchestra/done", cwd=repo).strip()
+    restored = cli("restore", "done")
+    assert restored.code == 0, restored
+    assert (done / "w.txt").read_text() == "w\n"
+
+
+@pytest.fixture
+def sparse_repo(case_repo):
+    """A base with two folders, so a sparse checkout can leave one out."""
+    for folder in ("keep", "other"):
+        (case_repo / folder).mkdir()
+        (case_repo / folder / "f.txt").write_text(f"{folder}\n")
+    git("add", "keep", "other", cwd=case_repo)
+    git("commit", "-qm", "two folders", cwd=case_repo)
+    return case_repo
+
+
+def test_3_collect_commit_honours_a_sparse_checkout(sparse_repo, cli):
+    wt = spawn_one(cli, sparse_repo, "sparse")
+    sh("git sparse-checkout set keep", wt)
+    assert not (wt / "other").exists()
+    report = cli("collect", "sparse")
+    assert "Uncommitted" not in report.out and "--commit" not in report.out, report.out
+    assert cli("collect", "--commit", "sparse").code == 0
+    assert git("ls-tree", "-r", "--name-only", "orchestra/sparse", cwd=sparse_repo).count("other/")
+    assert line_for(cli("cleanup", "sparse").out, "sparse").startswith("REMOVED sparse: ")
+
+
+def test_3_collect_commit_commits_only_onto_the_agents_own_branch(case_repo, cli):
+    git("checkout", "-q", "-b", "dev", cwd=case_repo)
+    wt = spawn_one(cli, case_repo, "wander")
+    main_tip = git("rev-parse", "main", cwd=case_repo)
+    sh("git checkout -q main && printf 'x\\n' > x.txt", wt)
+    run = cli("collect", "--commit", "wander")
+    assert run.code == 1, run
+    assert "wander: its worktree has branch main checked out" in run.out, run.out
+    assert git("rev-parse", "main", cwd=case_repo) == main_tip
+    assert (wt / "x.txt").exists()
+
+
+def test_3_collect_commit_keeps_a_staged_version_that_differs_from_the_disk(case_repo, cli):
+    wt = spawn_one(cli, case_repo, "staged")
+    sh("printf 'v1\\n' > s.txt && git add s.txt && printf 'v2\\n' > s.txt", wt)
+    run = cli("collect", "--commit", "staged")
+    assert run.code == 0, run
+    assert "refs/orchestra/staged/staged/1" in run.out, run.out
+    assert git("show", "refs/orchestra/staged/staged/1:s.txt", cwd=case_repo) == "v1\n"
+    assert git("show", "orchestra/staged:s.txt", cwd=case_repo) == "v2\n"
+
+
+def test_4_git_variables_in_the_environment_are_ignored(case_repo, cli, monkeypatch):
+    write_config(case_repo, agent_command=["sh", "-c", "{task}"])
+    (case_repo / "user.txt").write_text("staged by the user\n")
+    git("add", "user.txt", cwd=case_repo)
+    user_tip = git("rev-parse", "main", cwd=case_repo)
+    monkeypatch.setenv("GIT_DIR", str(case_repo / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(case_repo))
+    monkeypatch.setenv("GIT_INDEX_FILE", str(case_repo / ".git" / "index"))
+    task = "printf 'a\\n' > a.txt && git add a.txt && git commit -qm agent"
+    assert cli("spawn", "--name", "envy", task).code == 0
+    wait_settled(case_repo)
+    for name in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(name)
+    assert git("rev-parse", "main", cwd=case_repo) == user_tip
+    assert "user.txt" in git("diff", "--cached", "--name-only", cwd=case_repo)
+    assert git("log", "-1", "--format=%s", "orchestra/envy", cwd=case_repo).strip() == "agent"
+
+
+def test_5_a_write_after_the_last_look_keeps_the_worktree(case_repo, cli, monkeypatch):
+    wt = spawn_one(cli, case_repo, "late")
+    sh("printf 'early\\n' > early.txt", wt)
+    original = orchestra.record_archive
+
+    def then_an_editor_saves(*args):
+        original(*args)
+        (wt / "late.txt").write_text("saved by an editor\n")  # its cwd is elsewhere
+
+    monkeypatch.setattr(orchestra, "record_archive", then_an_editor_saves)
+    run = cli("cleanup", "--force", "late")
+    line = line_for(run.out, "late")
+    assert line.startswith("KEEP late: ") and "changed while cleanup ran" in line, run.out
+    assert (wt / "late.txt").read_text() == "saved by an editor\n"
+    monkeypatch.setattr(orchestra, "record_archive", original)
+    assert cli("cleanup", "--force", "late").code == 0
+    assert archived_blob(case_repo, b"saved by an editor\n")
+
+
+def test_5_objects_pruned_under_a_fresh_archive_are_written_again(case_repo, cli, monkeypatch):
+    wt = spawn_one(cli, case_repo, "pruned")
+    sh("printf 'precious\\n' > p.txt", wt)
+    original, sha = orchestra.write_refs, blob_hash(b"precious\n")
+    calls = []
+
+    def then_gc_prunes(repo, refs):
+        original(repo, refs)
+        calls.append(refs)
+        if len(calls) == 1:  # what `git gc --prune=now` racing the archive did
+            (case_repo / ".git" / "objects" / sha[:2] / sha[2:]).unlink()
+
+    monkeypatch.setattr(orchestra, "write_refs", then_gc_prunes)
+    assert cli("cleanup", "--force", "pruned").code == 0
+    monkeypatch.setattr(orchestra, "write_refs", original)
+    restored = cli("restore", "pruned")
+    assert restored.code == 0, restored
+    assert (wt / "p.txt").read_text() == "precious\n"
+
+
+ODD_NAMES = [b"out.txt\r", b"-n", b"--help", b"caf\xe9.txt", b"two\nlines", b'"quoted"', b"x" * 250]
+
+
+def test_6_odd_file_names_are_archived_with_their_own_bytes(case_repo, cli):
+    wt = spawn_one(cli, case_repo, "odd")
+    root = os.fsencode(str(wt))
+    (wt / "out.txt").write_text("the other file\n")
+    for i, name in enumerate(ODD_NAMES):
+        Path(os.fsdecode(os.path.join(root, name))).write_bytes(b"bytes of %d\n" % i)
+    assert cli("cleanup", "--force", "odd").code == 0
+    assert not wt.exists()
+    assert cli("restore", "odd").code == 0
+    for i, name in enumerate(ODD_NAMES):
+        assert Path(os.fsdecode(os.path.join(root, name))).read_bytes() == b"bytes of %d\n" % i
+    assert (wt / "out.txt").read_text() == "the other file\n"
+
+
+KILL_DURING_DELETE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import orchestra
+def delete_then_die(path):
+    folder = os.fsdecode(path)
+    if os.path.isfile(os.path.join(folder, "a.txt")):  # the worktree's own folder
+        os.unlink(os.path.join(folder, ".git"))  # the delete got this far
+        os.unlink(os.path.join(folder, "a.txt"))
+        os.kill(os.getpid(), signal.{signal})
+    original(path)  # a signal held back until the step is done: the delete goes on
+original, orchestra.delete_tree = orchestra.delete_tree, delete_then_die
+sys.exit(orchestra.main(["cleanup", "--force", "dying"]))
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM", "SIGHUP"])
+def test_7_a_signal_during_the_delete_then_a_rerun(case_repo, cli, signal_name):
+    wt = spawn_one(cli, case_repo, "dying")
+    sh("printf 'a\\n' > a.txt && mkdir -p deep && printf 'b\\n' > deep/b.txt", wt)
+    before = inventory(case_repo)
+    script = KILL_DURING_DELETE.format(root=str(ROOT), signal=signal_name)
+    subprocess.run([sys.executable, "-c", script], cwd=case_repo, capture_output=True, timeout=120)
+    assert_nothing_lost(case_repo, before)
+    rerun = cli("cleanup", "--force")  # SIGTERM and SIGHUP wait until the step is done
+    assert rerun.code == 0, rerun
+    assert not wt.exists() and load_state(case_repo)["agents"]["dying"]["state"] == "removed"
+    assert not [p for p in wt.parent.iterdir() if "dying" in p.name]
+    assert_nothing_lost(case_repo, before)
+    restored = cli("restore", "dying")
+    assert restored.code == 0, restored
+    assert (wt / "a.txt").read_text() == "a\n" and (wt / "deep" / "b.txt").read_text() == "b\n"
+
+
+def test_8_archives_are_ordered_by_sequence_not_by_the_clock(case_repo, cli, monkeypatch):
+    wt = spawn_one(cli, case_repo, "clock")
+    sh("printf 'first\\n' > f.txt", wt)
+    real_gmtime = time.gmtime
+    monkeypatch.setattr(orchestra.time, "gmtime", lambda *a: real_gmtime(1900000000))
+    assert cli("cleanup", "--force", "clock").code == 0
+    assert cli("restore", "clock").code == 0
+    sh("printf 'second\\n' > f.txt && printf 'more\\n' > g.txt", wt)
+    monkeypatch.setattr(orchestra.time, "gmtime", lambda *a: real_gmtime(1500000000))  # clock back
+    assert cli("cleanup", "--force", "clock").code == 0
+    monkeypatch.setattr(orchestra.time, "gmtime", real_gmtime)
+    assert cli("restore", "clock").code == 0
+    assert (wt / "f.txt").read_text() == "second\n"
+
+
+def test_8_a_restored_agent_survives_a_state_rebuild(case_repo, cli):
+    wt = spawn_one(cli, case_repo, "back")
+    sh("printf 'w\\n' > w.txt", wt)
+    assert cli("cleanup", "--force", "back").code == 0
+    assert cli("restore", "back").code == 0
+    sh("printf 'new work\\n' > new.txt", wt)
+    (case_repo / ".orchestra" / "state.json").write_text("{")
+    status = cli("status", "--json")
+    assert [a["id"] for a in status.json()["agents"]] == ["back"], status
+    diff = cli("diff", "back", "--stat")
+    assert "saved under" not in diff.out + diff.err, diff
+    cleanup = cli("cleanup", "back")
+    assert line_for(cleanup.out, "back").startswith("KEEP back: "), cleanup.out
+    assert (wt / "new.txt").exists()
+
+
+def test_9_a_worktree_the_agent_moved_is_kept(case_repo, cli, tmp_path):
+    wt = spawn_one(cli, case_repo, "mover")
+    moved = tmp_path / "moved-away"
+    sh("printf 'w\\n' > w.txt", wt)
+    git("worktree", "move", str(wt), str(moved), cwd=case_repo)
+    forced = cli("cleanup", "--force", "mover")
+    line = line_for(forced.out, "mover")
+    assert line.startswith("KEEP mover: its worktree was moved to "), forced.out
+    assert (moved / "w.txt").read_text() == "w\n"
+    assert git("rev-parse", "--verify", "orchestra/mover", cwd=case_repo)
+
+
+def test_9_commits_of_a_nested_worktree_are_archived(case_repo, cli):
+    wt = spawn_one(cli, case_repo, "nest")
+    sh("git worktree add -q --detach .claude/worktrees/inner", wt)
+    inner = wt / ".claude" / "worktrees" / "inner"
+    commit_in(inner, "inner.txt")
+    lost = git("rev-parse", "HEAD", cwd=inner).strip()
+    plain = cli("cleanup", "nest")
+    assert "1 commit only in a worktree nested inside it" in line_for(plain.out, "nest"), plain.out
+    assert cli("cleanup", "--force", "nest").code == 0
+    git("worktree", "prune", cwd=case_repo)
+    git("gc", "-q", "--prune=now", cwd=case_repo)
+    assert lost in reachable_objects(case_repo)[0]
+
+
+def test_10_filtered_files_equal_to_their_commit_are_no_change(case_repo, cli):
+    (case_repo / ".gitattributes").write_text(
+        "*.up filter=up\n*.u16 working-tree-encoding=UTF-16LE\n"
+    )
+    git("config", "filter.up.clean", "tr a-z A-Z", cwd=case_repo)
+    git("config", "filter.up.smudge", "tr A-Z a-z", cwd=case_repo)
+    (case_repo / "a.up").write_text("hello\n")
+    (case_repo / "w.u16").write_bytes("héllo\n".encode("utf-16-le"))
+    git("add", ".gitattributes", "a.up", "w.u16", cwd=case_repo)
+    git("commit", "-qm", "filtered files", cwd=case_repo)
+    wt = spawn_one(cli, case_repo, "filtered")
+    assert (wt / "a.up").read_text() == "hello\n"
+    run = cli("cleanup", "filtered")
+    assert line_for(run.out, "filtered").startswith("REMOVED filtered: "), run.out
+    other = spawn_one(cli, case_repo, "edited")
+    (other / "a.up").write_text("changed\n")
+    kept = cli("cleanup", "edited")
+    assert "uncommitted change a.up" in line_for(kept.out, "edited"), kept.out

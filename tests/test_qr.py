@@ -137,3 +137,25 @@ def test_orchestra_web_qr_prints_the_url_then_its_code(fake_repo, tmp_path):
     finally:
         web.terminate()
         web.wait(timeout=30)
+
+
+def test_qr_beyond_loopback_over_plain_http_warns_and_each_start_has_a_new_token(fake_repo):
+    env = {**os.environ, "NO_COLOR": "1"}
+    tokens = []
+    for _ in range(2):
+        web = subprocess.Popen([sys.executable, str(ROOT / "orchestra.py"), "web", "--port", "0", "--qr",
+                                "--host", "0.0.0.0"], cwd=fake_repo, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        try:
+            url = web.stdout.readline().rstrip("\n")
+            tokens.append(url.partition("#token=")[2])
+            err = ""
+            while "crosses the network in clear" not in err:
+                line = web.stderr.readline()
+                assert line, err
+                err += line
+            assert "--tls-cert" in err and "ssh -L" in err
+        finally:
+            web.terminate()
+            web.wait(timeout=30)
+    assert len(set(tokens)) == 2 and all(tokens)  # the QR code of a new start holds a new token

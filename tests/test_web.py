@@ -300,12 +300,13 @@ def test_worktrees_sessions_and_cleanup_pass_through(server, cli, fake_repo, mon
     monkeypatch.setattr(
         orchestra,
         "sessions_document",
-        lambda env, hours, limit: calls.append((hours, limit)) or {"sessions": []},
+        lambda env, hours, limit, repo: calls.append((hours, limit, repo)) or {"sessions": []},
     )
     assert call(server, "GET", "/api/sessions").json() == {"sessions": []}
-    assert call(server, "GET", "/api/sessions?hours=4&limit=7").status == 200
+    assert call(server, "GET", "/api/sessions?hours=4&limit=7&all=1").status == 200
     assert call(server, "GET", "/api/sessions?limit=0").status == 400
-    assert calls == [(24, 50), (4, 7)]
+    assert call(server, "GET", "/api/sessions?all=2").status == 400
+    assert calls == [(24, 50, fake_repo), (4, 7, None)]  # this repository's, unless all=1
 
     plans = []
     monkeypatch.setattr(
@@ -637,6 +638,10 @@ def test_token_file_is_private_reused_and_rotated(project):
     assert len(base64.urlsafe_b64decode(token + "=")) == 32
     assert first.url.endswith(f"/#token={token}")
     assert orchestra.web_token(project.dir) == token
+    second = orchestra.start_web_server(project, "127.0.0.1", 0, log=None, revive=False)
+    second.stop()  # every start makes a new token: one taken while web was down is worthless
+    assert json.loads(path.read_text())["token"] != token
+    token = json.loads(path.read_text())["token"]
     rotated = orchestra.web_token(project.dir, rotate=True)
     assert rotated != token and json.loads(path.read_text())["token"] == rotated
     path.write_text("{broken")
