@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """claude-orchestra: run several Claude Code agents in parallel, each on its own branch and worktree.
 
-Every agent works in `<repo>/.worktrees/task-<id>/` on branch `orchestra/<id>`, so agents never
-touch each other's files or your checkout. A detached supervisor starts queued agents up to the
+Every agent works in `<repo>/.worktrees/task-<id>/` on branch `orchestra/<id>`, and is contained
+there: a guard that Claude Code runs before every tool call refuses writes outside the worktree,
+reads of orchestra's files and other agents' worktrees, and git beyond the agent's own branch;
+what slips past is found and put back when the agent settles (docs/containment.md). A detached supervisor starts queued agents up to the
 parallel limit, follows their stream-json output, and keeps `.orchestra/state.json` true.
 
 Commands:
@@ -30,6 +32,7 @@ Commands:
   orchestra supervise [--foreground]  the supervisor itself (started for you by spawn)
   orchestra hook permission-request   (internal) what Claude Code runs when an agent asks
   orchestra host-agent ACTION         (internal) what a host runs when home calls it over ssh
+  orchestra hook pre-tool-use         (internal) the containment guard, before every tool call
 
 Every ID also accepts a unique prefix; every listing takes --json. Agents start with the environment
 of the command that spawned, resumed or messaged them (kept for their launch in .orchestra/env/<id>,
@@ -55,7 +58,11 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   State store                     state.json and history.jsonl: locked, atomic, versioned
   Agent records and logs          a record, its log folded into facts, rebuilding from logs
   Approvals and the sandbox       the PermissionRequest hook, --always rules, notify_command
+  Containment                     the guard: what an agent's tool calls may touch, by path
+  Containment: shell commands and git   Bash split into commands; git judged option by option
+  Containment: the hook and the settings layer   PreToolUse hook, deny rules, sandbox limits
   Launching agents                worktree, argv, --settings layer, environment, process groups
+  Integrity check                 refs, .git config, hooks and info recorded, verified, put back
   Project                         a repository under orchestra: paths, config, state store
   Spawning agents                 unique ids, reserving agents, worktrees now or later, rollback
   Results you can trust           checks, fix rounds, API waits, budgets (Resilience)
@@ -83,9 +90,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Command line: hosts             hosts, and host-agent: what a host runs for home
   Command line: the parser        PARSER_BUILDERS and build_parser()
   Main                            main(): an OrchestraError becomes a message and an exit status
-Where the open work goes: containment (the PreToolUse guard and the integrity check) as
-"Containment" after Approvals and the sandbox, and "Integrity check" after Launching agents;
-exact approvals and keyed decisions stay in Approvals, the token challenge in the gate; other
+Where the open work goes: exact approvals and keyed decisions stay in Approvals, the token challenge in the gate; other
 hosts over ssh as "Hosts" before the Supervisor, which places agents on them; the merge queue
 as "Landing" after Collect: commits, merges and pull requests; each command's parser and
 handler join a "Command line" section of their group.
@@ -158,6 +163,26 @@ __version__ = "0.1.0"
 ORCHESTRA_DIR = ".orchestra"
 WORKTREE_PREFIX = "task-"
 
+# What an agent may do without asking: edit inside its worktree, git on its own branch (the
+# containment guard refuses anything beyond, whatever a rule allows)
+DEFAULT_RULES = [
+    "Edit(./**)",
+    "Write(./**)",
+    "Bash(git status:*)",
+    "Bash(git diff:*)",
+    "Bash(git log:*)",
+    "Bash(git show:*)",
+    "Bash(git add:*)",
+    "Bash(git commit:*)",
+    "Bash(git rm:*)",
+    "Bash(git mv:*)",
+    "Bash(git restore:*)",
+    "Bash(git ls-files:*)",
+    "Bash(git rev-parse:*)",
+    "Bash(git grep:*)",
+    "Bash(git blame:*)",
+    "Bash(git branch --show-current)",
+]
 CONFIG_DEFAULTS = {
     "default_parallel": 3,
     "max_parallel": 8,
@@ -165,15 +190,16 @@ CONFIG_DEFAULTS = {
     "branch_prefix": "orchestra",
     "heartbeat_interval": 60,
     "stale_threshold": 300,
-    "bypass_permissions": ["Edit", "Write", "Bash(git *)"],
+    "bypass_permissions": DEFAULT_RULES,
     "agent_command": ["claude"],
     "permission_mode": None,
     "model": None,
     "base_branch": None,
     "copy_files": [],
     "setup": [],
-    "sandbox": "off",
+    "sandbox": "auto",
     "sandbox_network": [],
+    "protected_paths": [],
     "approval_timeout": 1800,
     "notify_command": [],
     "checks": [],
@@ -204,6 +230,7 @@ CONFIG_TYPES = {
     "setup": "list",
     "sandbox": "str",
     "sandbox_network": "list",
+    "protected_paths": "list",
     "approval_timeout": "number",
     "notify_command": "list",
     "checks": "list",
@@ -833,8 +860,8 @@ def clean_env(env=None):
     return {k: v for k, v in (os.environ if env is None else env).items() if k not in drop}
 
 
-def run_git(args, cwd, check=True, env=None):
-    """Run git with `args` in `cwd` (and `env`); raise GitError with git's stderr when it fails."""
+def run_git(args, cwd, check=True, env=None, input=None):
+    """Run git with `args` in `cwd` (and `env`, `input`); raise GitError with git's stderr when it fails."""
     try:
         done = subprocess.run(
             ["git", *args],
@@ -843,6 +870,7 @@ def run_git(args, cwd, check=True, env=None):
             text=True,
             errors="replace",
             env=clean_env() if env is None else env,
+            input=input,
         )
     except FileNotFoundError:
         raise missing_git_or_folder(cwd) from None
@@ -2118,6 +2146,7 @@ LAUNCH_KEYS = (
     "bypass_permissions",
     "sandbox_network",
     "approval_timeout",
+    "protected_paths",
 )  # fixed at spawn; "sandboxed" is added then too
 RECORD_FIELDS = (
     "id", "task", "state", "stale", "branch", "worktree", "base_branch", "base_commit",
@@ -2126,8 +2155,9 @@ RECORD_FIELDS = (
     "input_tokens", "output_tokens", "activity", "commits", "files_changed", "log",
     "cost_estimated", "pending_messages", "sandboxed", "approval", "permission_denials", "merged",
     "checks", "waiting", "batch", "stop_reason", "landed", "blocked", "after", "waits_for",
-    "host",
+    "host", "contained", "tampered",
 )  # fmt: skip
+CONTAINED_KEPT = 20  # calls refused by containment a record lists (the log keeps them all)
 # Estimated cost while an agent runs: USD per million tokens (input, output) by model name prefix,
 # first match wins; cache writes cost 1.25x input, cache reads 0.1x. The result's figure replaces it.
 MODEL_PRICES = (
@@ -2315,6 +2345,8 @@ class AgentLog:
             "output_tokens": None,
             "cost_estimated": None,
             "permission_denials": None,
+            "contained": None,
+            "tampered": None,
         }
 
     def read_new(self, budget=LOG_READ_BUDGET):
@@ -2391,6 +2423,14 @@ class AgentLog:
             self.process = (event.get("pid"), event.get("pid_start"))
         elif event.get("event") == "placed":
             self.host = event.get("host")
+        elif event.get("event") == "contained":
+            blocked = [
+                *(self.facts["contained"] or []),
+                {"tool": event.get("tool"), "message": event.get("message")},
+            ]
+            self.facts["contained"] = blocked[-CONTAINED_KEPT:]
+        elif event.get("event") == "tampered" and isinstance(event.get("found"), list):
+            self.facts["tampered"] = [*(self.facts["tampered"] or []), *event["found"]]
         fold_resilience_event(self.resilience, event)
 
     def on_system(self, event):
@@ -3495,6 +3535,1233 @@ def sandbox_for(config, env):
 
 
 # ======================================================================================
+# Containment
+# --------------------------------------------------------------------------------------
+# An agent is untrusted: it may change its own worktree and its own branch, nothing else.
+# Every Claude agent runs with a PreToolUse hook, `orchestra hook pre-tool-use`, which
+# Claude Code calls before EVERY tool call, even one an allow rule pre-approves. The hook
+# asks guard(), a pure function of the call and the agent's Boundary (its worktree and
+# branch, the repository's .git, .orchestra/, the other agents' worktrees, the user's
+# config and secrets), for a verdict:
+#   ALLOW (no objection: Claude Code's own rules and the approval hook decide as before),
+#   DENY  "blocked by containment: <what>" (the agent reads it; the log, status, collect,
+#         the dashboard and notify_command show it, apart from a user's denial), or
+#   ASK   a real approval request in the ApprovalBox, waited for; never an allow by rule.
+# Paths are judged after realpath (`..` and symlinks) and, on a case-insensitive
+# filesystem, casefolded. Bash is split with shlex into simple commands; git is judged
+# option by option (another git dir, work tree, config, alias, hook, another branch's
+# ref, the network are refused), and whatever the guard cannot read surely, it asks.
+# The same layer adds permissions.deny rules and sandbox filesystem limits, so sandboxed
+# Bash cannot read .orchestra/ or other agents' worktrees either.
+# ======================================================================================
+
+ALLOW, DENY, ASK = "allow", "deny", "ask"
+GIT_GUARDED = ("config", "hooks", "info")  # in the common .git folder: no agent writes them
+CONTAINED = "blocked by containment"
+# Tools that write the file they name, and the input key naming it
+WRITE_TOOLS = {
+    "Write": "file_path",
+    "Edit": "file_path",
+    "MultiEdit": "file_path",
+    "NotebookEdit": "notebook_path",
+}
+READ_TOOLS = ("Read", "Glob", "Grep", "LS", "NotebookRead")  # tools that only read paths
+# Tools with no path in their input (anything else is judged by its path-like inputs)
+PATHLESS_TOOLS = (
+    "Bash",
+    "BashOutput",
+    "KillShell",
+    "KillBash",
+    "TodoWrite",
+    "Task",
+    "Agent",
+    "WebFetch",
+    "WebSearch",
+    "ExitPlanMode",
+    "ToolSearch",
+    "Skill",
+    "SlashCommand",
+    "AskUserQuestion",
+    "TaskOutput",
+    "TaskStop",
+    "EnterPlanMode",
+)
+# Credential locations under $HOME whose reads become approval requests
+SECRET_PATHS = (
+    ".ssh",
+    ".aws",
+    ".config/gh",
+    ".netrc",
+    ".docker/config.json",
+    ".gnupg",
+    ".git-credentials",
+    ".config/git/credentials",
+    ".kube",
+    ".npmrc",
+    ".pypirc",
+    ".claude/.credentials.json",
+    ".config/gcloud",
+    ".azure",
+)
+SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "fish")
+# Commands that name a folder without reading what is inside it
+NAMING_PROGRAMS = (
+    "cd",
+    "pushd",
+    "stat",
+    "test",
+    "[",
+    "realpath",
+    "readlink",
+    "dirname",
+    "basename",
+    "echo",
+    "printf",
+    "pwd",
+    "mkdir",
+    "git",
+)
+# Commands that only run the rest of their arguments as a command
+COMMAND_WRAPPERS = (
+    "command",
+    "builtin",
+    "exec",
+    "nice",
+    "nohup",
+    "time",
+    "sudo",
+    "doas",
+    "env",
+    "stdbuf",
+    "timeout",
+    "ionice",
+    "chronic",
+    "unbuffer",
+)
+# Commands that write every path they are given / only their last one (the destination)
+WRITERS_ALL = (
+    "rm",
+    "rmdir",
+    "touch",
+    "mkdir",
+    "chmod",
+    "chown",
+    "chgrp",
+    "truncate",
+    "tee",
+    "shred",
+    "unlink",
+    "sed",
+    "perl",
+    "patch",
+    "dd",
+)
+WRITERS_LAST = ("cp", "mv", "ln", "install", "rsync", "scp")
+GIT_ENV = re.compile(
+    r"\bGIT_(DIR|WORK_TREE|COMMON_DIR|CONFIG\w*|EXEC_PATH|SSH\w*|ASKPASS|"
+    r"PROXY_COMMAND|NAMESPACE|OBJECT_DIRECTORY|ALTERNATE_OBJECT_DIRECTORIES|"
+    r"INDEX_FILE|EXTERNAL_DIFF|EDITOR|SEQUENCE_EDITOR|PAGER|TEMPLATE_DIR)\b"
+)
+GIT_DIR_MENTION = re.compile(r"(^|[\s/'\"=:(])\.git(/|$|[\s'\";|&)<>])")
+ORCHESTRA_MENTION = re.compile(r"\.orchestra\b|claude-orchestra", re.IGNORECASE)
+SUBSTITUTION = re.compile(r"\$\(|`|<\(|>\(")
+# git's global options: those that take a value, and those that reach another repository
+GIT_VALUE_OPTIONS = (
+    "-C",
+    "-c",
+    "--git-dir",
+    "--work-tree",
+    "--namespace",
+    "--exec-path",
+    "--config-env",
+    "--super-prefix",
+    "--list-cmds",
+    "--attr-source",
+)
+GIT_SAFE_CONFIG = re.compile(
+    r"(user\.(name|email)|color\.[\w.]+|advice\.\w+|core\.quotepath|"
+    r"i18n\.\w+|log\.date|init\.defaultbranch|commit\.gpgsign)=.*",
+    re.IGNORECASE,
+)
+# git subcommands that only read, or change only the agent's own worktree, index and branch
+GIT_OWN = frozenset(
+    [
+        "add",
+        "am",
+        "annotate",
+        "apply",
+        "bisect",
+        "blame",
+        "cat-file",
+        "check-attr",
+        "check-ignore",
+        "check-mailmap",
+        "check-ref-format",
+        "cherry",
+        "cherry-pick",
+        "clean",
+        "commit",
+        "commit-tree",
+        "count-objects",
+        "describe",
+        "diff",
+        "diff-files",
+        "diff-index",
+        "diff-tree",
+        "difftool",
+        "fsck",
+        "format-patch",
+        "grep",
+        "hash-object",
+        "help",
+        "index-pack",
+        "log",
+        "ls-files",
+        "ls-tree",
+        "merge",
+        "merge-base",
+        "merge-file",
+        "merge-tree",
+        "mergetool",
+        "mktree",
+        "mv",
+        "name-rev",
+        "pack-objects",
+        "read-tree",
+        "reset",
+        "restore",
+        "rev-list",
+        "rev-parse",
+        "revert",
+        "rm",
+        "shortlog",
+        "show",
+        "show-branch",
+        "show-ref",
+        "status",
+        "stripspace",
+        "unpack-objects",
+        "update-index",
+        "var",
+        "verify-commit",
+        "verify-pack",
+        "verify-tag",
+        "version",
+        "whatchanged",
+        "write-tree",
+        "range-diff",
+        "interpret-trailers",
+        "for-each-ref",
+        "mktag",
+        "get-tar-commit-id",
+        "column",
+        "patch-id",
+    ]
+)
+GIT_NETWORK = frozenset(
+    [
+        "push",
+        "fetch",
+        "pull",
+        "clone",
+        "ls-remote",
+        "send-email",
+        "archimport",
+        "cvsimport",
+        "cvsexportcommit",
+        "cvsserver",
+        "svn",
+        "p4",
+        "daemon",
+        "http-backend",
+        "http-fetch",
+        "http-push",
+        "upload-pack",
+        "upload-archive",
+        "receive-pack",
+        "remote-http",
+        "remote-https",
+        "remote-ext",
+        "remote-fd",
+        "request-pull",
+        "instaweb",
+        "imap-send",
+        "shell",
+    ]
+)
+GIT_FORBIDDEN = frozenset(
+    [
+        "update-ref",
+        "filter-branch",
+        "filter-repo",
+        "gc",
+        "prune",
+        "prune-packed",
+        "repack",
+        "maintenance",
+        "pack-refs",
+        "replace",
+        "fast-import",
+        "fast-export",
+        "hook",
+        "credential",
+        "credential-store",
+        "credential-cache",
+        "update-server-info",
+        "init-db",
+        "submodule",
+        "sparse-checkout",
+        "quiltimport",
+        "bundle",
+    ]
+)
+BRANCH_LIST_FLAGS = frozenset(
+    [
+        "-a",
+        "--all",
+        "-r",
+        "--remotes",
+        "-l",
+        "--list",
+        "-v",
+        "-vv",
+        "--verbose",
+        "--show-current",
+        "--no-color",
+        "--color",
+        "-q",
+        "--quiet",
+        "--ignore-case",
+        "-i",
+        "--omit-empty",
+    ]
+)
+BRANCH_VALUE_FLAGS = (
+    "--contains",
+    "--no-contains",
+    "--merged",
+    "--no-merged",
+    "--points-at",
+    "--sort",
+    "--format",
+    "--column",
+    "--abbrev",
+)
+CONFIG_READ_FLAGS = frozenset(
+    [
+        "--get",
+        "--get-all",
+        "--get-regexp",
+        "--get-urlmatch",
+        "--get-color",
+        "--get-colorbool",
+        "-l",
+        "--list",
+        "--show-origin",
+        "--show-scope",
+        "--name-only",
+        "-z",
+        "--null",
+        "--type",
+        "--bool",
+        "--int",
+        "--bool-or-int",
+        "--path",
+        "--expiry-date",
+        "--default",
+        "--includes",
+        "--no-includes",
+        "--local",
+        "--worktree",
+        "--global",
+        "--system",
+        "get",
+        "list",
+    ]
+)
+
+
+class Verdict(NamedTuple):
+    """What the guard says about one tool call: ALLOW, DENY or ASK, and why."""
+
+    decision: str
+    reason: str = ""
+
+
+ALLOWED = Verdict(ALLOW)
+
+
+class Boundary(NamedTuple):
+    """What one agent may touch: real (resolved) paths, and its branch."""
+
+    worktree: str
+    branch: str
+    repo: str  # the user's checkout (the main worktree)
+    git_dir: str  # the repository's common .git folder
+    orchestra: str  # <repo>/.orchestra
+    worktrees: str  # the folder of every agent's worktree
+    home: str
+    control: tuple  # orchestra's user config, ~/.claude: never written, never read by Bash
+    secrets: tuple  # credential locations and protected_paths: reads ask
+    casefold: bool = False  # the filesystem ignores case
+
+
+def real(path):
+    """A path with `~`, `..` and symlinks resolved (what the call would really touch)."""
+    return os.path.realpath(os.path.expanduser(str(path)))
+
+
+def case_insensitive(folder):
+    """True when the filesystem holding `folder` ignores case (macOS and Windows by default)."""
+    swapped = str(folder).swapcase()
+    if swapped == str(folder):
+        return False
+    try:
+        return os.path.samefile(str(folder), swapped)
+    except OSError:
+        return False
+
+
+def make_boundary(repo, worktree, branch, worktrees, env, protected=()):
+    """The Boundary of an agent of `repo` working in `worktree` on `branch`."""
+    repo = real(repo)
+    home = real(env.get("HOME") or os.path.expanduser("~"))
+    git_dir = os.path.join(repo, ".git")
+    if os.path.isfile(git_dir):
+        git_dir = gitfile_target(Path(git_dir)) or git_dir
+    secrets_ = [os.path.join(home, rel) for rel in SECRET_PATHS]
+    secrets_ += [real(os.path.join(repo, os.path.expanduser(p))) for p in protected]
+    control = (real(user_config_path(env)), os.path.join(home, ".claude"))
+    return Boundary(
+        worktree=real(worktree),
+        branch=branch,
+        repo=repo,
+        git_dir=real(git_dir),
+        orchestra=os.path.join(repo, ORCHESTRA_DIR),
+        worktrees=real(os.path.join(repo, worktrees)),
+        home=home,
+        control=tuple(control),
+        secrets=tuple(real(s) for s in secrets_),
+        casefold=case_insensitive(repo),
+    )
+
+
+def within(path, folder, casefold=False):
+    """True when `path` is `folder` or inside it (both already real)."""
+    if casefold:
+        path, folder = path.casefold(), folder.casefold()
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def place_of(path, b):
+    """Where a real path lies for this agent: 'worktree', 'worktree-git', 'orchestra',
+    'other-agent', 'git-dir', 'control', 'secret', 'checkout' or 'outside'."""
+    inside = lambda folder: within(path, folder, b.casefold)  # noqa: E731
+    if inside(b.orchestra):
+        return "orchestra"
+    if inside(os.path.join(b.worktree, ".git")):
+        return "worktree-git"
+    if any(inside(s) for s in b.secrets):
+        return "secret"
+    if inside(b.worktree):
+        return "worktree"
+    if inside(b.worktrees):
+        return "other-agent"
+    if inside(b.git_dir):
+        return "git-dir"
+    if any(inside(c) for c in b.control):
+        return "control"
+    if inside(b.repo):
+        return "checkout"
+    return "outside"
+
+
+PLACE_NAMES = {
+    "orchestra": "orchestra's own files (.orchestra/)",
+    "worktree-git": "the worktree's .git link",
+    "other-agent": "another agent's worktree",
+    "git-dir": "the repository's .git folder",
+    "control": "orchestra's or Claude Code's configuration",
+    "secret": "a credential location",
+    "checkout": "your checkout, outside the agent's worktree",
+    "outside": "a path outside the agent's worktree",
+}
+
+
+def path_verdict(path, b, writing, what):
+    """The verdict on touching one real path: writes only inside the worktree; reads anywhere
+    but orchestra's files, other agents' worktrees and the configuration; secrets ask."""
+    where = place_of(path, b)
+    if where == "worktree":
+        return ALLOWED
+    named = f"{what} {path} ({PLACE_NAMES[where]})"
+    if where == "secret":
+        return Verdict(ASK, f"{named} may expose credentials")
+    if where in ("orchestra", "other-agent") or (where == "control" and not writing):
+        return Verdict(DENY, f"{CONTAINED}: {named}")
+    if writing:
+        return Verdict(DENY, f"{CONTAINED}: {named}")
+    return ALLOWED
+
+
+def strictest(verdicts):
+    """DENY beats ASK beats ALLOW; the first reason of the strictest kind."""
+    verdicts = list(verdicts)
+    for kind in (DENY, ASK):
+        found = next((v for v in verdicts if v.decision == kind), None)
+        if found:
+            return found
+    return ALLOWED
+
+
+def read_tool_verdict(tool, tool_input, b, cwd):
+    """Read, Glob, Grep, LS: any path but orchestra's files and other agents' worktrees; a search
+    whose root holds those (the repository itself, $HOME, /) is refused too."""
+    verdicts = []
+    for key in ("file_path", "path", "notebook_path", "pattern"):
+        value = tool_input.get(key)
+        if not isinstance(value, str) or not value or (key == "pattern" and tool == "Grep"):
+            continue
+        if key == "pattern":
+            value = re.split(r"[*?\[{]", value, maxsplit=1)[0] or "."
+        path = real(os.path.join(cwd, value))
+        verdicts.append(path_verdict(path, b, False, f"{tool} reads"))
+        holds = [p for p in (b.orchestra, b.worktrees) if within(p, path, b.casefold)]
+        if tool in ("Glob", "Grep") and holds:
+            reason = f"{CONTAINED}: {tool} searches {path}, which holds {holds[0]}"
+            verdicts.append(Verdict(DENY, reason))
+    return strictest(verdicts)
+
+
+# ======================================================================================
+# Containment: shell commands and git
+# --------------------------------------------------------------------------------------
+# A Bash command is split with shlex into simple commands (operators and newlines apart);
+# every word that names a path is resolved from the tracked cwd and judged like a file tool's
+# path; known writers (rm, cp, tee, sed -i...) may write only inside the worktree; a variable
+# or a command substitution that hides a path or a git call makes the guard ask. git is
+# judged option by option: -C, --git-dir, --work-tree, -c (but for harmless keys), config
+# writes, aliases (an unknown subcommand asks), worktree, update-ref, branch and tag changes,
+# another branch checked out, reflog expiry, gc, and the network are refused.
+# ======================================================================================
+
+
+def shell_words(command):
+    """shlex tokens of a command line; operators (; && | > ...) and newlines are tokens of their own."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars="();<>|&\n")
+    lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t\r", True, ""
+    return list(lexer)
+
+
+def simple_commands(words):
+    """[(words, [(redirect operator, target)])] of each simple command of a token list."""
+    commands, current, redirects, pending = [], [], [], None
+    for word in words:
+        if pending:
+            redirects.append((pending, word))
+            pending = None
+        elif word and set(word) <= set("<>&") and ("<" in word or ">" in word):
+            pending = word
+        elif word and set(word) <= set("();|&\n"):
+            commands.append((current, redirects))
+            current, redirects = [], []
+        else:
+            current.append(word)
+    commands.append((current, redirects))
+    return [(c, r) for c, r in commands if c or r]
+
+
+def expand_word(word, b, cwd):
+    """A word as the path it names: ~ and $HOME expanded; None when a variable hides it."""
+    if word.startswith("~"):
+        word = b.home + word[1:] if word == "~" or word.startswith("~/") else word
+    word = re.sub(r"\$\{?HOME\}?", lambda m: b.home, word)
+    word = re.sub(r"\$\{?PWD\}?", lambda m: cwd, word)
+    return None if "$" in word else word
+
+
+def path_like(word):
+    """True for a word that may name a file: it has a slash, starts with ~ or a dot, or is a glob."""
+    return bool(word) and ("/" in word or word[0] in "~." or any(c in word for c in "*?["))
+
+
+def word_paths(word, b, cwd):
+    """The real paths a shell word can reach (a glob expanded); None when it cannot be known."""
+    if "=" in word and not path_like(word.split("=", 1)[0]):
+        word = word.split("=", 1)[1]  # --output=FILE, of=FILE
+    if not path_like(word):
+        return []
+    expanded = expand_word(word, b, cwd)
+    if expanded is None:
+        return None
+    full = os.path.join(cwd, expanded)
+    if any(c in expanded for c in "*?["):
+        import glob
+
+        matches = glob.glob(full)[:1000]
+        return [real(m) for m in matches] + [real(re.split(r"[*?\[]", full, maxsplit=1)[0] or "/")]
+    return [real(full)]
+
+
+def bash_verdict(command, b, cwd):
+    """The verdict on a Bash command line: every word that names a path, every git call."""
+    verdicts = []
+    if GIT_ENV.search(command):
+        return Verdict(DENY, f"{CONTAINED}: the command sets git's environment (GIT_DIR and kin)")
+    if ORCHESTRA_MENTION.search(command):
+        return Verdict(DENY, f"{CONTAINED}: the command names orchestra's own files")
+    if GIT_DIR_MENTION.search(command):
+        return Verdict(DENY, f"{CONTAINED}: the command reaches into a .git folder")
+    try:
+        words = shell_words(command)
+    except ValueError as e:
+        return Verdict(ASK, f"orchestra cannot parse this command ({e})")
+    hidden = bool(SUBSTITUTION.search(command))
+    if hidden and re.search(r"\bgit\b", command):
+        return Verdict(ASK, "command substitution hides part of a git command")
+    for argv, redirects in simple_commands(words):
+        verdicts.append(command_verdict(argv, redirects, b, cwd, hidden))
+        if argv and os.path.basename(argv[0]) in ("cd", "pushd") and len(argv) > 1:
+            target = expand_word(argv[-1], b, cwd)
+            if target is not None:
+                cwd = real(os.path.join(cwd, target))
+    return strictest(verdicts)
+
+
+def command_verdict(argv, redirects, b, cwd, hidden):
+    """The verdict on one simple command (its words and redirections)."""
+    verdicts = [redirect_verdict(op, target, b, cwd) for op, target in redirects]
+    while argv and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", argv[0]):
+        argv = argv[1:]  # VAR=value prefixes (GIT_* ones were refused already)
+    while argv and os.path.basename(argv[0]) in COMMAND_WRAPPERS:
+        argv = skip_wrapper(argv)
+    if not argv:
+        return strictest(verdicts)
+    program = os.path.basename(argv[0])
+    for word in argv[1:]:
+        paths = word_paths(word, b, cwd)
+        if paths is None:
+            verdicts.append(Verdict(ASK, f"a variable hides which path {word!r} names"))
+            continue
+        verdicts += [path_verdict(p, b, False, "the command reaches") for p in paths]
+        verdicts += [ancestor_verdict(program, word, p, b) for p in paths]
+    if program in ("cd", "pushd") and len(argv) > 1:
+        verdicts.append(cd_verdict(argv[-1], b, cwd))
+    elif program in SHELLS and "-c" in argv[1:-1]:
+        verdicts.append(bash_verdict(argv[argv.index("-c") + 1], b, cwd))
+    elif program in ("eval", "source", ".") and program == "eval":
+        verdicts.append(Verdict(ASK, "eval runs text orchestra cannot check"))
+    elif program == "git" or program.startswith("git-"):
+        verdicts.append(
+            Verdict(ASK, f"command substitution hides part of a git command: {' '.join(argv)}")
+            if hidden
+            else git_verdict(argv, b, cwd)
+        )
+    elif "git" in (os.path.basename(w) for w in argv[1:]):
+        verdicts.append(Verdict(ASK, f"{program} runs git with arguments orchestra cannot see"))
+    else:
+        verdicts.append(writer_verdict(program, argv, b, cwd))
+    return strictest(verdicts)
+
+
+def ancestor_verdict(program, word, path, b):
+    """A folder holding .orchestra/ or the worktrees (the repository, $HOME, /) may be named, not
+    searched: `find ../..`, `grep -r x ~`, `tar c /` would read what the guard protects."""
+    if program in NAMING_PROGRAMS or within(path, b.worktree, b.casefold):
+        return ALLOWED
+    if any(within(held, path, b.casefold) for held in (b.orchestra, b.worktrees)):
+        return Verdict(
+            DENY,
+            f"{CONTAINED}: {program} {word} reaches a folder holding orchestra's files "
+            "or other agents' worktrees",
+        )
+    return ALLOWED
+
+
+def skip_wrapper(argv):
+    """The command a wrapper (env, timeout, sudo...) runs: its options and values dropped."""
+    program, rest = os.path.basename(argv[0]), argv[1:]
+    while rest and (rest[0].startswith("-") or (program == "env" and "=" in rest[0])):
+        rest = rest[1:]
+    if program == "timeout" and rest:
+        rest = rest[1:]  # the duration
+    return rest
+
+
+def scratch(path, b):
+    """True for the temporary folder (outside the repository and $HOME), where any command may write."""
+    return (
+        place_of(path, b) == "outside"
+        and within(path, tempfile.gettempdir())
+        and not within(path, b.home)
+    )
+
+
+def redirect_verdict(op, target, b, cwd):
+    """A redirection: `> FILE` writes it, `< FILE` reads it; `2>&1` names a descriptor."""
+    if re.fullmatch(r"\d+|-", target) and "&" in op:
+        return ALLOWED
+    expanded = expand_word(target, b, cwd)
+    if expanded is None:
+        return Verdict(ASK, f"a variable hides which file {target!r} names")
+    path = real(os.path.join(cwd, expanded))
+    writing = ">" in op
+    if (writing and within(path, "/dev", b.casefold)) or path == os.devnull:
+        return ALLOWED
+    if writing and scratch(path, b):
+        return ALLOWED
+    return path_verdict(path, b, writing, "the command writes" if writing else "the command reads")
+
+
+def cd_verdict(target, b, cwd):
+    """cd only within the worktree: git and relative paths after it must mean the agent's own."""
+    expanded = expand_word(target, b, cwd)
+    if expanded is None or target == "-":
+        return Verdict(ASK, f"orchestra cannot tell where cd {target} leads")
+    path = real(os.path.join(cwd, expanded))
+    if place_of(path, b) == "worktree":
+        return ALLOWED
+    return Verdict(DENY, f"{CONTAINED}: cd {path} leaves the agent's worktree")
+
+
+def writer_verdict(program, argv, b, cwd):
+    """Commands known to write files (rm, cp, mv, tee, sed -i...) write only inside the worktree."""
+    if program not in WRITERS_ALL and program not in WRITERS_LAST:
+        return ALLOWED
+    if program in ("sed", "perl") and not any(w.startswith("-i") for w in argv[1:]):
+        return ALLOWED
+    operands = [w for w in argv[1:] if not w.startswith("-") or w.startswith(("of=",))]
+    if program == "ln":
+        sources = [w for w in operands[:-1] if w not in ("-t", "--target-directory")]
+        for word in sources:
+            for path in word_paths(word, b, cwd) or []:
+                if place_of(path, b) != "worktree":
+                    return Verdict(ASK, f"ln {word} makes a link out of the worktree")
+    if program in WRITERS_LAST:
+        target = next(
+            (argv[i + 1] for i, w in enumerate(argv[:-1]) if w in ("-t", "--target-directory")),
+            None,
+        )
+        operands = [target] if target else operands[-1:]
+    verdicts = []
+    for word in operands:
+        for path in word_paths(word if path_like(word) else "./" + word, b, cwd) or []:
+            if scratch(path, b):
+                continue
+            verdicts.append(path_verdict(path, b, True, f"{program} writes"))
+    return strictest(verdicts)
+
+
+def git_verdict(argv, b, cwd):
+    """git in the agent's worktree on its own branch; anything reaching further is refused."""
+    program = os.path.basename(argv[0])
+    if program.startswith("git-"):
+        argv = ["git", program[4:], *argv[1:]]
+    if place_of(cwd, b) != "worktree":
+        return Verdict(DENY, f"{CONTAINED}: git runs in {cwd}, outside the agent's worktree")
+    words, i = argv[1:], 0
+    while i < len(words) and words[i].startswith("-"):
+        option, _, value = words[i].partition("=")
+        if option in GIT_VALUE_OPTIONS and not value:
+            i += 1
+            value = words[i] if i < len(words) else ""
+        verdict = git_global_option(option, value, b, cwd)
+        if verdict.decision != ALLOW:
+            return verdict
+        if option == "-C":
+            cwd = real(os.path.join(cwd, value))
+        i += 1
+    if i >= len(words):
+        return ALLOWED
+    sub, args = words[i], words[i + 1 :]
+    what = f"git {sub}"
+    for arg in args:
+        option, eq, value = arg.partition("=")
+        if option in ("--output", "-o", "--output-directory") and eq:
+            verdict = path_verdict(real(os.path.join(cwd, value)), b, True, f"{what} writes")
+            if verdict.decision != ALLOW:
+                return verdict
+    if sub in GIT_NETWORK:
+        return Verdict(DENY, f"{CONTAINED}: {what} reaches the network or another repository")
+    if sub in GIT_FORBIDDEN:
+        return Verdict(
+            DENY, f"{CONTAINED}: {what} changes the repository beyond the agent's branch"
+        )
+    if sub in GIT_OWN:
+        if sub == "grep" and any(a.startswith(("-O", "--open-files-in-pager")) for a in args):
+            return Verdict(ASK, "git grep -O runs a program")
+        return ALLOWED
+    checker = GIT_CHECKERS.get(sub)
+    if checker is None:
+        return Verdict(ASK, f"{what} is not a git command orchestra knows (an alias?)")
+    return checker(args, b, cwd, what)
+
+
+def git_global_option(option, value, b, cwd):
+    """git's own options before the subcommand: only -C into the worktree and harmless -c."""
+    if option == "-C":
+        target = expand_word(value, b, cwd)
+        if target is not None and place_of(real(os.path.join(cwd, target)), b) == "worktree":
+            return ALLOWED
+        return Verdict(DENY, f"{CONTAINED}: git -C {value} reaches outside the agent's worktree")
+    if option == "-c":
+        if GIT_SAFE_CONFIG.fullmatch(value):
+            return ALLOWED
+        return Verdict(
+            DENY, f"{CONTAINED}: git -c {value} can run commands or change git's behaviour"
+        )
+    if option in GIT_VALUE_OPTIONS or option in ("--bare",):
+        return Verdict(DENY, f"{CONTAINED}: git {option} reaches another git dir or work tree")
+    return ALLOWED
+
+
+def positionals(args, value_flags=()):
+    """The arguments of a git subcommand that are not options (nor an option's value)."""
+    found, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--":
+            break
+        elif arg.startswith("-"):
+            skip = arg in value_flags
+        else:
+            found.append(arg)
+    return found
+
+
+def git_branch(args, b, cwd, what):
+    """git branch: listing only; creating, moving, deleting or retracking a branch is refused."""
+    value_flags = BRANCH_VALUE_FLAGS
+    for arg in args:
+        option = arg.split("=", 1)[0]
+        if arg.startswith("-") and option not in BRANCH_LIST_FLAGS and option not in value_flags:
+            return Verdict(DENY, f"{CONTAINED}: git branch {arg} changes a branch")
+    listing = any(a in ("-l", "--list") for a in args)
+    if positionals(args, value_flags) and not listing:
+        return Verdict(DENY, f"{CONTAINED}: git branch {' '.join(args)} creates a branch")
+    return ALLOWED
+
+
+def git_tag(args, b, cwd, what):
+    """git tag: listing only (tags are the user's refs)."""
+    listing = not positionals(args, BRANCH_VALUE_FLAGS) or any(a in ("-l", "--list") for a in args)
+    changing = (
+        "-d",
+        "--delete",
+        "-f",
+        "--force",
+        "-a",
+        "--annotate",
+        "-s",
+        "--sign",
+        "-u",
+        "-m",
+        "--message",
+        "-F",
+        "--file",
+        "-e",
+        "--edit",
+    )
+    if listing and not any(a.split("=", 1)[0] in changing for a in args):
+        return ALLOWED
+    return Verdict(DENY, f"{CONTAINED}: git tag {' '.join(args)} changes the user's tags")
+
+
+def git_config(args, b, cwd, what):
+    """git config: reading only; a write changes the repository's config for the user too."""
+    words = positionals(args, ("--type", "--default", "--file", "-f", "--blob"))
+    reads = all(a.split("=", 1)[0] in CONFIG_READ_FLAGS for a in args if a.startswith("-"))
+    if reads and (words[:1] in (["get"], ["list"]) or len(words) <= 1):
+        return ALLOWED
+    return Verdict(DENY, f"{CONTAINED}: git config {' '.join(args)} writes git's configuration")
+
+
+def git_checkout(args, b, cwd, what):
+    """git checkout: files, or the agent's own branch; never another branch or a new one."""
+    for arg in args:
+        if arg in ("-b", "-B", "--orphan", "-t", "--track") or arg.startswith(
+            ("--orphan", "--track")
+        ):
+            return Verdict(DENY, f"{CONTAINED}: git checkout {arg} makes or moves a branch")
+        if arg == "--detach":
+            return Verdict(ASK, "git checkout --detach leaves the agent's branch")
+        if arg == "--":
+            return ALLOWED
+    return branch_or_files(positionals(args, ("--conflict", "--pathspec-from-file")), b, cwd, what)
+
+
+def branch_or_files(words, b, cwd, what):
+    """A checkout's first word is the agent's own branch, or files: never another branch."""
+    own = (b.branch, f"refs/heads/{b.branch}", "HEAD")
+    if not words or words[0] in own:
+        return ALLOWED
+    if all(os.path.lexists(os.path.join(cwd, w)) or any(c in w for c in "*?[") for w in words):
+        return ALLOWED
+    return Verdict(
+        DENY,
+        f"{CONTAINED}: {what} {words[0]} leaves the agent's branch {b.branch} "
+        "(name files after --)",
+    )
+
+
+def git_switch(args, b, cwd, what):
+    """git switch: only to the agent's own branch."""
+    if any(
+        a in ("-c", "-C", "--create", "--force-create", "--orphan", "--detach", "-d") for a in args
+    ):
+        return Verdict(DENY, f"{CONTAINED}: git switch {' '.join(args)} leaves the agent's branch")
+    words = positionals(args)
+    if not words or words[0] == b.branch:
+        return ALLOWED
+    return Verdict(DENY, f"{CONTAINED}: git switch {words[0]} leaves the agent's branch {b.branch}")
+
+
+def git_rebase(args, b, cwd, what):
+    """git rebase of the agent's own branch; --exec runs commands git would hide from the guard."""
+    if any(a in ("-x", "--exec") or a.startswith("--exec=") for a in args):
+        return Verdict(ASK, "git rebase --exec runs commands")
+    words = positionals(args, ("--onto", "-s", "--strategy", "-X", "--strategy-option"))
+    if len(words) > 1 and words[1] != b.branch:
+        return Verdict(DENY, f"{CONTAINED}: git rebase {words[1]} rebases another branch")
+    return ALLOWED
+
+
+def git_subcommands_reading(allowed, ask=()):
+    """A checker that allows a subcommand's read-only forms ('list', 'show' ...) and refuses the rest."""
+
+    def check(args, b, cwd, what):
+        words = positionals(args)
+        first = words[0] if words else ""
+        reading = first in allowed or (not words and "" in allowed)
+        if reading and not any(a in ("-d", "--delete", "--expire") for a in args):
+            return ALLOWED
+        if first in ask:
+            return Verdict(ASK, f"{what} {first} changes refs the user shares with the agent")
+        return Verdict(
+            DENY,
+            f"{CONTAINED}: {what} {' '.join(args)} changes the repository beyond the agent's branch",
+        )
+
+    return check
+
+
+def git_symbolic_ref(args, b, cwd, what):
+    """git symbolic-ref NAME reads; with a target or -d it would repoint HEAD elsewhere."""
+    if len(positionals(args, ("-m",))) <= 1 and not any(a in ("-d", "--delete") for a in args):
+        return ALLOWED
+    return Verdict(DENY, f"{CONTAINED}: git symbolic-ref {' '.join(args)} repoints a ref")
+
+
+def git_init(args, b, cwd, what):
+    """git init makes a new repository: asked (it can carry its own hooks and config)."""
+    return Verdict(ASK, "git init makes a new repository")
+
+
+GIT_CHECKERS = {
+    "branch": git_branch,
+    "tag": git_tag,
+    "config": git_config,
+    "checkout": git_checkout,
+    "switch": git_switch,
+    "rebase": git_rebase,
+    "symbolic-ref": git_symbolic_ref,
+    "init": git_init,
+    "stash": git_subcommands_reading(
+        ("list", "show"),
+        ask=("", "push", "save", "pop", "apply", "drop", "clear", "create", "store", "branch"),
+    ),
+    "worktree": git_subcommands_reading(("list",)),
+    "remote": git_subcommands_reading(("", "get-url")),
+    "notes": git_subcommands_reading(("", "list", "show")),
+    "reflog": git_subcommands_reading(("", "show", "exists")),
+}
+
+
+def guard(tool, tool_input, b, cwd=None):
+    """The containment verdict on one tool call of the agent bounded by `b` (pure but for realpath)."""
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    cwd = real(cwd) if cwd else b.worktree
+    if tool == "Bash":
+        command = tool_input.get("command")
+        return bash_verdict(command, b, cwd) if isinstance(command, str) else ALLOWED
+    if tool in WRITE_TOOLS:
+        target = tool_input.get(WRITE_TOOLS[tool]) or tool_input.get("file_path")
+        if not isinstance(target, str) or not target:
+            return Verdict(ASK, f"{tool} names no file orchestra can check")
+        return path_verdict(real(os.path.join(cwd, target)), b, True, f"{tool} writes")
+    if tool in READ_TOOLS:
+        return read_tool_verdict(tool, tool_input, b, cwd)
+    if tool in PATHLESS_TOOLS:
+        return ALLOWED
+    return strictest(  # an unknown or MCP tool: any path it names is a possible write
+        path_verdict(real(os.path.join(cwd, value)), b, True, f"{tool} uses")
+        for key, value in tool_input.items()
+        if isinstance(value, str) and value and re.search(r"(path|file|dir)", key, re.IGNORECASE)
+    )
+
+
+# ======================================================================================
+# Containment: the hook and the settings layer
+# --------------------------------------------------------------------------------------
+# The PreToolUse hook is launched like the approval hook (hook_command's cheap way) with the
+# agent's worktree and branch in its argv, so the common case, no objection, reads no state
+# at all. A refusal is logged as an orchestra `contained` event and sent to notify_command;
+# an ASK becomes an ApprovalBox request the hook waits on, never an allow by rule. The same
+# --settings layer denies Read and Edit of orchestra's files, other worktrees and ~/.claude,
+# and limits the sandbox's filesystem to match.
+# ======================================================================================
+
+
+# The guard runs before every tool call: it skips main()'s parser of every command (see guard_entry)
+GUARD_LAUNCH = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; "
+    "sys.exit(orchestra.guard_entry(sys.argv[1:]))"
+)
+
+
+def guard_command(repo, record, timeout):
+    """The shell command of the agent's PreToolUse hook: this very orchestra, launched as cheaply
+    as hook_command launches the approval hook (-I -S, cached bytecode), straight to guard_entry."""
+    launch = record.get("launch") or {}
+    argv = [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        GUARD_LAUNCH,
+        str(Path(__file__).resolve().parent),
+        "--repo",
+        str(repo),
+        "--agent",
+        record["id"],
+        "--worktree",
+        str(record["worktree"]),
+        "--branch",
+        record["branch"],
+        "--timeout",
+        f"{timeout:g}",
+    ]
+    for path in launch.get("protected_paths") or ():
+        argv += ["--protect", path]
+    return " ".join(shlex.quote(part) for part in argv)
+
+
+def add_containment(settings, repo, record, env):
+    """Add the guard hook, the deny rules and the sandbox's filesystem limits to a --settings layer."""
+    launch = record.get("launch") or {}
+    timeout = launch.get("approval_timeout") or CONFIG_DEFAULTS["approval_timeout"]
+    hook = {
+        "type": "command",
+        "command": guard_command(repo, record, timeout),
+        "timeout": int(timeout + APPROVAL_HOOK_MARGIN),
+    }
+    settings.setdefault("hooks", {})["PreToolUse"] = [{"matcher": "*", "hooks": [hook]}]
+    worktree = Path(record["worktree"])
+    b = make_boundary(repo, worktree, record["branch"], worktree.parent, env)
+    siblings = [
+        str(p) for p in Path(b.worktrees).glob("*") if p.is_dir() and str(p.resolve()) != b.worktree
+    ]
+    folders = [b.orchestra, *siblings]  # never read, never written
+    files = [real(user_config_path(env))]
+    # .git's config, hooks and info are left to the guard, Claude Code's own sandbox rules and the
+    # integrity check: a sandbox rule on them binds their lock files too, and a lock another git
+    # process drops meanwhile makes bubblewrap fail ("Can't find source path .git/config.lock").
+    claude_home = os.path.join(b.home, ".claude")
+    rules = [f"Read(/{p}/**)" for p in folders] + [f"Read(/{p})" for p in files]
+    rules += [f"Edit(/{p}/**)" for p in [*folders, claude_home]] + [f"Edit(/{p})" for p in files]
+    permissions = settings.setdefault("permissions", {})
+    permissions["deny"] = [*permissions.get("deny", []), *rules]
+    if "sandbox" in settings:
+        settings["sandbox"]["filesystem"] = {
+            "denyRead": [b.orchestra, *files, b.worktrees],
+            "allowRead": [b.worktree],
+            "denyWrite": [b.orchestra, *files, claude_home],
+        }
+    return settings
+
+
+def split_denials(record):
+    """(denials a user's rule could lift, calls containment refused): Claude Code lists both as
+    permission denials; those its deny rules or the guard refused are containment's, not the user's.
+    """
+    listed = {c.get("tool") for c in record.get("contained") or []}
+    contained, users = list(record.get("contained") or []), []
+    try:
+        worktree = Path(record["worktree"])
+        repo = Path(record["log"]).parent.parent.parent
+        b = make_boundary(repo, worktree, record["branch"], worktree.parent, os.environ)
+    except (KeyError, TypeError, OSError, OrchestraError):
+        b = None
+    for denial in record.get("permission_denials") or []:
+        tool, tool_input = denial.get("tool_name") or "tool", denial.get("tool_input") or {}
+        summary = tool_summary(tool, tool_input)
+        verdict = guard(tool, tool_input, b) if b else ALLOWED
+        if summary in listed:
+            continue
+        if verdict.decision == DENY:
+            contained.append({"tool": summary, "message": verdict.reason})
+        else:
+            users.append(denial)
+    return users, contained
+
+
+def user_denials(record):
+    """The record's permission denials that a rule could lift (see split_denials)."""
+    return split_denials(record)[0]
+
+
+def containment_lines(config, env):
+    """What contains an agent on this machine with this configuration, and what is missing."""
+    claude = is_claude_command(config["agent_command"])
+    problem = sandbox_problem(env) if claude else "agent_command is not Claude Code"
+    sandbox = config["sandbox"] != "off" and problem is None
+    lines = [
+        "guard: "
+        + (
+            "on: every tool call is checked before it runs (writes only in the agent's "
+            "worktree, no .orchestra/ or other worktrees, git only on its own branch)"
+            if claude
+            else "off: agent_command is not Claude Code, whose hooks orchestra uses"
+        ),
+        "sandbox: "
+        + (
+            "on: Bash writes only in the worktree and reaches only sandbox_network"
+            if sandbox
+            else f"off ({problem or 'sandbox is off'}): Bash is checked by the guard alone"
+        ),
+        "integrity check: on: refs, .git config, hooks and info are put back when an agent settles",
+        f"rules: {json.dumps(config['bypass_permissions'])} run without asking",
+    ]
+    return [f"  {line}" for line in lines]
+
+
+def guard_answer(decision, reason):
+    """What the PreToolUse hook prints: Claude Code's permissionDecision with its reason."""
+    return {
+        "hookSpecificOutput": {
+            "hookEventName": "PreToolUse",
+            "permissionDecision": decision,
+            "permissionDecisionReason": reason,
+        }
+    }
+
+
+def note_containment(repo, agent_id, summary, reason):
+    """A refused call in the agent's log (status, logs, collect, the dashboard) and notify_command."""
+    log = Path(repo) / ORCHESTRA_DIR / "logs" / f"{agent_id}.jsonl"
+    append_event(log, {"event": "contained", "tool": summary, "message": reason, "at": utc_iso()})
+    notifier = notify(repo, agent_id, "contained", f"{agent_id}: {reason} ({summary})")
+    if notifier:
+        notifier.join(NOTIFY_TIMEOUT)
+
+
+def guard_entry(argv):
+    """`orchestra hook pre-tool-use` as the hook command runs it: a parser of its own options only."""
+    parser = argparse.ArgumentParser(prog="orchestra hook pre-tool-use")
+    for option in ("--repo", "--agent", "--worktree", "--branch"):
+        parser.add_argument(option, required=True)
+    parser.add_argument("--protect", action="append", default=[])
+    parser.add_argument("--timeout", type=float, default=CONFIG_DEFAULTS["approval_timeout"])
+    return guard_hook(parser.parse_args(argv), sys.stdin, sys.stdout, os.environ)
+
+
+def guard_hook(args, stdin, stdout, env):
+    """`orchestra hook pre-tool-use`: judge one tool call before it runs (see guard())."""
+    try:
+        asked = json.loads(stdin.read())
+        tool, tool_input = asked["tool_name"], asked.get("tool_input") or {}
+        if not isinstance(tool, str) or not isinstance(tool_input, dict):
+            raise ValueError("tool_name or tool_input has the wrong type")
+    except (ValueError, KeyError, TypeError) as e:
+        reason = f"{CONTAINED}: orchestra could not read the tool call ({e})"
+        stdout.write(json.dumps(guard_answer(DENY, reason)))
+        return EXIT_OK
+    summary = tool_summary(tool, tool_input)
+    try:
+        b = make_boundary(
+            args.repo, args.worktree, args.branch, Path(args.worktree).parent, env, args.protect
+        )
+        cwd = asked.get("cwd") if isinstance(asked.get("cwd"), str) else None
+        verdict = guard(tool, tool_input, b, cwd)
+    except Exception as e:  # a guard that fails refuses, saying why
+        verdict = Verdict(DENY, f"{CONTAINED}: orchestra's guard failed ({e!r})")
+    if verdict.decision == ALLOW:
+        return EXIT_OK  # no objection: Claude Code's rules and the approval hook decide
+    if verdict.decision == ASK:
+        decision = guard_approval(
+            Path(args.repo), args.agent, args.timeout, tool, tool_input, verdict.reason, asked
+        )
+        if decision["decision"] == "allow":
+            stdout.write(json.dumps(guard_answer(ALLOW, f"allowed by {decision.get('by')}")))
+            return EXIT_OK
+        verdict = Verdict(DENY, decision.get("message") or f"denied by {decision.get('by')}")
+    else:
+        note_containment(args.repo, args.agent, summary, verdict.reason)
+    stdout.write(json.dumps(guard_answer(DENY, verdict.reason)))
+    stdout.flush()
+    return EXIT_OK
+
+
+def guard_approval(repo, agent_id, timeout, tool, tool_input, reason, asked):
+    """An approval request for a call the guard cannot judge; the first decision, or a denial."""
+    record = load_agent_records(repo).get(agent_id)
+    if record is None or record.get("state") not in ACTIVE_STATES:
+        return denied(f"{CONTAINED}: orchestra does not know agent '{agent_id}' as active; denied")
+    box, summary = ApprovalBox(repo), tool_summary(tool, tool_input)
+    log = repo / ORCHESTRA_DIR / "logs" / f"{agent_id}.jsonl"
+    text = json.dumps(tool_input)
+    request = box.submit(
+        {
+            "agent": agent_id,
+            "tool": tool,
+            "summary": summary,
+            "reason": reason,
+            "input": (
+                tool_input
+                if len(text) <= APPROVAL_INPUT_LIMIT
+                else {"truncated": text[:APPROVAL_INPUT_LIMIT]}
+            ),
+            "suggestions": [],
+            "session_id": asked.get("session_id"),
+            "since": utc_iso(),
+            "timeout": timeout,
+            "pid": os.getpid(),
+            "pid_start": process_start_time(os.getpid()),
+            "parent": os.getppid(),
+        }
+    )
+    append_event(
+        log,
+        {
+            "event": "approval_requested",
+            "request": request["id"],
+            "tool": summary,
+            "reason": reason,
+        },
+    )
+    notifier = notify(
+        repo,
+        agent_id,
+        "approval",
+        f"{agent_id} asks to run {summary}: {reason} (orchestra approve {request['id']})",
+    )
+    decision = box.wait(request["id"], timeout, parent=os.getppid())
+    if decision is None:
+        late = denied(f"no decision within approval_timeout ({timeout:g} s); denied")
+        late["by"] = "timeout"
+        decision = late if box.decide(request["id"], late) else box.decision(request["id"])
+        if decision is late:
+            append_event(
+                log, {"event": "approval", "request": request["id"], "tool": summary, **late}
+            )
+    box.close(request, decision)
+    if notifier:
+        notifier.join(NOTIFY_TIMEOUT)
+    return decision
+
+
+# ======================================================================================
 # Launching agents
 # --------------------------------------------------------------------------------------
 # From a queued record to a running process: the worktree (made from the base commit, with
@@ -3519,7 +4786,7 @@ CLAUDE_VERSION_TIMEOUT = 10.0
 CLAUDE_VERSIONS_SEEN = {}  # (path, mtime) -> version: one `claude --version` per process
 
 
-def agent_argv(record, prompt=None):
+def agent_argv(record, prompt=None, env=None):
     """The argv that starts (or, with a prompt and a session, resumes) an agent.
 
     Uses the settings saved in the record at spawn, so flags given to spawn still apply.
@@ -3540,7 +4807,9 @@ def agent_argv(record, prompt=None):
     if config["permission_mode"]:
         argv += ["--permission-mode", config["permission_mode"]]
     repo = Path(record["log"]).parent.parent.parent  # <repo>/.orchestra/logs/<id>.jsonl
-    argv += ["--settings", json.dumps(claude_settings(repo, record["id"], config))]
+    settings = claude_settings(repo, record["id"], config)
+    settings = add_containment(settings, repo, record, os.environ if env is None else env)
+    argv += ["--settings", json.dumps(settings)]
     if config.get("max_budget_usd"):
         argv += ["--max-budget-usd", str(config["max_budget_usd"])]
     return argv  # bypass_permissions: claude_settings()' permissions.allow, one rule an item
@@ -3619,16 +4888,31 @@ def claude_version_problem(command, env):
 
 def launch_agent(project, record, prompt=None):
     """Start the agent's process in its worktree, in its own process group, output to files."""
-    argv = agent_argv(record, prompt)
-    append_event(
-        project.log_path(record["id"]), {"event": "launch", "resume": bool(prompt), "argv": argv}
-    )
-    ApprovalBox(project.repo).forget_rules(record["id"])
     env = dict(
         clean_env(take_agent_env(project, record["id"]) or os.environ),
         ORCHESTRA_AGENT_ID=record["id"],
         ORCHESTRA_REPO=str(project.repo),
     )
+    if record["launch"].get("sandboxed"):
+        env.update(sandbox_git_env(record, env))
+    argv = agent_argv(record, prompt, env)
+    changed = (
+        agent_wrote_settings(record) if is_claude_command(record["launch"]["agent_command"]) else []
+    )
+    if changed:
+        argv[1:1] = ["--setting-sources", "user", "--strict-mcp-config"]
+    append_event(
+        project.log_path(record["id"]),
+        {"event": "launch", "resume": bool(prompt), "argv": argv, "ignored_settings": changed},
+    )
+    if changed:
+        message = f"{record['id']} changed {', '.join(changed)}: relaunched without project and local settings"
+        append_event(
+            project.log_path(record["id"]),
+            {"event": "settings_ignored", "files": changed, "message": message},
+        )
+        notify(project.repo, record["id"], "settings_ignored", message)
+    ApprovalBox(project.repo).forget_rules(record["id"])
     text = agent_prompt(record, prompt)
     with (
         open(project.log_path(record["id"]), "ab", opener=private_opener) as out,
@@ -3650,6 +4934,102 @@ def launch_agent(project, record, prompt=None):
     started = {"event": "started", "pid": proc.pid, "pid_start": process_start_time(proc.pid)}
     append_event(project.log_path(record["id"]), started)
     return proc
+
+
+# What Claude Code loads from its cwd at start that can run commands or change its rules
+AGENT_LOADED = (".claude", ".mcp.json")
+# What Claude Code's sandbox mounts /dev/null over in the cwd when missing: `git add -A` must skip them
+SANDBOX_PLACEHOLDERS = (
+    ".bash_profile",
+    ".bashrc",
+    ".gitconfig",
+    ".gitmodules",
+    ".idea",
+    ".mcp.json",
+    ".profile",
+    ".ripgreprc",
+    ".vscode",
+    ".zprofile",
+    ".zshrc",
+    ".claude",
+)
+SANDBOX_EXCLUDE = "orchestra-exclude"  # in the worktree's own folder under .git/worktrees/
+
+
+def sandbox_git_env(record, env):
+    """Environment for a sandboxed agent's git: an excludes file (yours, plus the sandbox's
+    placeholders, which are character devices `git add -A` refuses) given as core.excludesFile
+    through GIT_CONFIG_COUNT, so nothing in the repository's config changes."""
+    admin = worktree_admin_dir(record["worktree"])
+    if admin is None:
+        return {}
+    yours = run_git(["config", "--path", "core.excludesFile"], record["worktree"], check=False)
+    default = (
+        Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")) / ".config") / "git/ignore"
+    )
+    source = Path(yours.stdout.strip() or default).expanduser()
+    kept = source.read_text(encoding="utf-8", errors="replace") if source.is_file() else ""
+    placeholders = "\n".join(
+        f"/{name}"
+        for name in SANDBOX_PLACEHOLDERS
+        if not (Path(record["worktree"]) / name).exists()
+        or Path(record["worktree"], name).is_char_device()
+    )
+    write_atomic(
+        admin / SANDBOX_EXCLUDE, f"{kept}\n# placed by Claude Code's sandbox\n{placeholders}\n"
+    )
+    count = int(env.get("GIT_CONFIG_COUNT") or 0)
+    return {
+        "GIT_CONFIG_COUNT": str(count + 1),
+        f"GIT_CONFIG_KEY_{count}": "core.excludesFile",
+        f"GIT_CONFIG_VALUE_{count}": str(admin / SANDBOX_EXCLUDE),
+    }
+
+
+def agent_wrote_settings(record):
+    """Files of .claude/ and .mcp.json that differ from the base commit (and from the copies
+    orchestra made at spawn): settings the agent may have written, which a relaunch must not obey.
+    """
+    worktree, base = Path(record["worktree"]), record.get("base_commit")
+    if not base or not worktree.is_dir():
+        return []
+    on_disk = []
+    for name in AGENT_LOADED:
+        top = worktree / name
+        if top.is_file() or top.is_symlink():
+            on_disk.append(name)
+        for folder, _dirs, files in os.walk(str(top)):
+            on_disk += [Path(folder, f).relative_to(worktree).as_posix() for f in files]
+    listed = run_git(
+        ["ls-tree", "-r", "-z", base, "--", *AGENT_LOADED], worktree, check=False
+    ).stdout
+    in_base = {}
+    for entry in filter(None, listed.split("\0")):
+        meta, _, path = entry.partition("\t")
+        in_base[path] = meta.split()[-1]
+    hashes = {}
+    if on_disk:
+        done = run_git(
+            ["hash-object", "--no-filters", "--stdin-paths"],
+            worktree,
+            check=False,
+            input="\n".join(on_disk) + "\n",
+        )
+        hashes = dict(zip(on_disk, done.stdout.split()))
+    repo = Path(record["log"]).parent.parent.parent
+    copied = set(record.get("copied_files") or ())
+    changed = []
+    for rel in sorted(set(hashes) | set(in_base)):
+        if hashes.get(rel) == in_base.get(rel):
+            continue
+        if (
+            rel in copied
+            and (repo / rel).is_file()
+            and (worktree / rel).read_bytes() == (repo / rel).read_bytes()
+        ):
+            continue
+        changed.append(rel)
+    return changed
 
 
 def save_agent_env(project, agent_ids, env):
@@ -3865,6 +5245,181 @@ def group_members(pgid):
             if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
                 members.append(int(name))
     return members
+
+
+# ======================================================================================
+# Integrity check
+# --------------------------------------------------------------------------------------
+# Any rule can have a hole, so what an agent must not change is also checked after the fact.
+# Before each launch orchestra records, in .orchestra/integrity/<id>.json, the refs outside
+# its own namespace (the user's branches, tags, stash, remotes, other agents' branches; the
+# agent's own branch excepted) and the repository's config, hooks/ and info/. When the agent
+# settles, and before `collect`, it verifies them: a moved or new ref is put back (its new
+# value kept under refs/orchestra/tampered/<id>/), a changed file restored (the changed
+# version kept in .orchestra/integrity/<id>/<time>/), and the agent is marked `tampered` with
+# what changed (once per run: `collect` checks only runs no supervisor settled). Another agent's
+# branch may move while that agent runs, and orchestra's own
+# merges move the target branch: those are accepted (see accept_refs). A change the user
+# made while the agent ran is treated the same way, and kept, never lost.
+# ======================================================================================
+
+INTEGRITY_DIR = "integrity"  # in .orchestra/: <id>.json baselines, <id>/<time>/ changed files
+TAMPERED_REFS = "refs/orchestra/tampered"
+
+
+def common_git_dir(repo):
+    """The repository's shared .git folder."""
+    out = run_git(["rev-parse", "--git-common-dir"], repo).stdout.strip()
+    return (Path(repo) / out).resolve()
+
+
+def current_refs(repo):
+    """{ref: object id} of every ref of the repository."""
+    out = run_git(["for-each-ref", "--format=%(refname) %(objectname)"], repo).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+def guarded_refs(refs, record):
+    """The refs an agent must not move: all but orchestra's own and the agent's branch."""
+    own = f"refs/heads/{record['branch']}"
+    return {r: sha for r, sha in refs.items() if not r.startswith("refs/orchestra/") and r != own}
+
+
+def guarded_files(git_dir):
+    """{path relative to .git: [mode, base64 content]} of config, hooks/ and info/."""
+    found = {}
+    for name in GIT_GUARDED:
+        top = git_dir / name
+        paths = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
+        for path in paths:
+            with contextlib.suppress(OSError):
+                data = path.read_bytes()
+                found[path.relative_to(git_dir).as_posix()] = [
+                    stat.S_IMODE(path.stat().st_mode),
+                    base64.b64encode(data).decode("ascii"),
+                ]
+    return found
+
+
+def baseline_path(project, agent_id):
+    """Where an agent's integrity baseline is kept."""
+    return project.dir / INTEGRITY_DIR / f"{agent_id}.json"
+
+
+def record_integrity(project, record):
+    """Record what the agent must not change, just before it is launched."""
+    folder = project.dir / INTEGRITY_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    baseline = {
+        "version": 1,
+        "at": utc_iso(),
+        "refs": guarded_refs(current_refs(project.repo), record),
+        "files": guarded_files(common_git_dir(project.repo)),
+    }
+    write_atomic(baseline_path(project, record["id"]), json.dumps(baseline, sort_keys=True))
+
+
+def accept_refs(project, refs):
+    """orchestra itself moved these refs (a merge): every baseline takes their new values."""
+    now = current_refs(project.repo)
+    for path in (project.dir / INTEGRITY_DIR).glob("*.json"):
+        baseline = read_json_file(path)
+        if not baseline:
+            continue
+        for ref in refs:
+            if ref in now:
+                baseline["refs"][ref] = now[ref]
+        write_atomic(path, json.dumps(baseline, sort_keys=True))
+
+
+def moved_by_owner(ref, records, since, prefix):
+    """True when `ref` is another agent's branch that may have moved lawfully: its agent ran since
+    `since`, or orchestra cleaned it up (no live record owns it any more)."""
+    if not ref.startswith(f"refs/heads/{prefix}/"):
+        return False
+    owner = next((r for r in records.values() if f"refs/heads/{r.get('branch')}" == ref), None)
+    if owner is None:
+        return True
+    return owner.get("state") in ACTIVE_STATES or (owner.get("finished_at") or "") >= since
+
+
+def verify_integrity(project, record, records, unverified_only=False):
+    """Put back what the agent changed outside its worktree and branch; what was found, as lines.
+
+    A run is verified once, when it settles: what changes later (your own commits) is not its
+    doing. `unverified_only` (collect) checks only runs no supervisor settled.
+    """
+    path = baseline_path(project, record["id"])
+    baseline = read_json_file(path)
+    if not baseline or (unverified_only and baseline.get("verified_at")):
+        return []
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    prefix = record["branch"].rsplit("/", 1)[0]
+    found = restore_refs(project, record, baseline, records, stamp, prefix)
+    found += restore_files(project, record, baseline, stamp)
+    baseline["verified_at"] = utc_iso()
+    write_atomic(path, json.dumps(baseline, sort_keys=True))
+    return found
+
+
+def restore_refs(project, record, baseline, records, stamp, prefix):
+    """Refs moved, made or deleted since the baseline: kept under tampered/, then put back."""
+    now = guarded_refs(current_refs(project.repo), record)
+    found, keep = [], f"{TAMPERED_REFS}/{record['id']}/{stamp}/"
+    for ref in sorted(set(now) | set(baseline["refs"])):
+        old, new = baseline["refs"].get(ref), now.get(ref)
+        if old == new or moved_by_owner(ref, records, baseline["at"], prefix):
+            continue
+        if old is None and ref.startswith(f"refs/heads/{prefix}/"):
+            continue  # a newer agent's branch
+        if new:
+            run_git(["update-ref", keep + ref[len("refs/") :], new], project.repo)
+        if old:
+            run_git(["update-ref", ref, old], project.repo)
+            found.append(f"{'moved' if new else 'deleted'} {ref} (put back to {old[:12]})")
+        else:
+            run_git(["update-ref", "-d", ref], project.repo)
+            found.append(f"created {ref} (removed; kept as {keep}{ref[len('refs/'):]})")
+    return found
+
+
+def restore_files(project, record, baseline, stamp):
+    """.git config, hooks and info files changed since the baseline: kept, then restored."""
+    git_dir = common_git_dir(project.repo)
+    now, found = guarded_files(git_dir), []
+    kept = project.dir / INTEGRITY_DIR / record["id"] / stamp
+    for rel in sorted(set(now) | set(baseline["files"])):
+        old, new = baseline["files"].get(rel), now.get(rel)
+        if old == new:
+            continue
+        target = git_dir / rel
+        if new:
+            copy = kept / rel
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(base64.b64decode(new[1]))
+        if old:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+            target.write_bytes(base64.b64decode(old[1]))
+            os.chmod(target, old[0])
+            found.append(f"{'changed' if new else 'deleted'} .git/{rel} (restored)")
+        else:
+            target.unlink()
+            found.append(f"added .git/{rel} (removed)")
+    if found:
+        found = [f"{line}; the changed version is in {kept}" for line in found]
+    return found
+
+
+def note_tampering(project, record, found):
+    """Mark the record, log the finding and tell notify_command."""
+    record["tampered"] = [*(record.get("tampered") or []), *found]
+    message = f"{record['id']} changed what it must not: {'; '.join(found)}"
+    append_event(
+        project.log_path(record["id"]), {"event": "tampered", "found": found, "message": message}
+    )
+    notify(project.repo, record["id"], "tampered", message)
 
 
 # ======================================================================================
@@ -5754,15 +7309,28 @@ class Supervisor:
     def settle_orphan(self, agent_id):
         """Settle an agent that ended unwatched: its log says done or failed, else interrupted."""
         log = read_log(self.project.log_path(agent_id))
+        found = self.check_integrity(agent_id)
 
         def settle(state):
             record = state["agents"][agent_id]
+            if found:
+                note_tampering(self.project, record, found)
             finish_record(record, log, None, "", self.counts(record))
             self.resilience.review(record)
             return dict(record)
 
         self.announce(self.store.update(settle))
         self.after_done_in_thread(agent_id)
+
+    def check_integrity(self, agent_id):
+        """What the settling agent changed outside its worktree and branch, put back (see Integrity check)."""
+        records = self.store.load()["agents"]
+        if agent_id not in records:
+            return []
+        try:
+            return verify_integrity(self.project, records[agent_id], records)
+        except (OrchestraError, OSError) as e:
+            return [f"orchestra could not check what {agent_id} changed: {e}"]
 
     def free_slots(self, state):
         """How many more agents may run now."""
@@ -5805,6 +7373,10 @@ class Supervisor:
     def start(self, record):
         """Launch one agent (a fresh task, or a resumed session) and watch it."""
         prompt = record.pop("resume_prompt", None)
+        try:
+            record_integrity(self.project, record)
+        except (OrchestraError, OSError) as e:
+            print(f"{utc_iso()} integrity baseline of {record['id']} failed: {e}", flush=True)
         try:
             proc = launch_agent(self.project, record, prompt)
         except OSError as e:
@@ -5932,9 +7504,11 @@ class Supervisor:
         exit_code = proc.returncode if proc else None
         stderr_tail = read_tail(self.project.stderr_path(agent_id))
         counts = self.counts(record)
+        found = self.check_integrity(agent_id)
         self.finish(
             agent_id,
             lambda r: (
+                found and note_tampering(self.project, r, found),
                 finish_record(r, log, exit_code, stderr_tail, counts),
                 self.resilience.review(r),
             ),
@@ -6612,6 +8186,10 @@ def render_orchestra_event(event):
         return [
             f"?? waiting for approval: {event.get('tool')} (orchestra approve {event.get('request')})"
         ]
+    if what in ("contained", "settings_ignored"):
+        return [f"!! {event.get('message')}" + (f": {event['tool']}" if event.get("tool") else "")]
+    if what == "tampered":
+        return [f"!! tampered: {line}" for line in event.get("found") or []]
     if what == "approval":
         verb = "allowed" if event.get("decision") == "allow" else "denied"
         why = f" by rule {event['rule']}" if event.get("rule") else f" by {event.get('by')}"
@@ -8294,7 +9872,9 @@ def agent_report(project, record, tip=False, cache=None, held=None, facts=None):
                 "checks",
             )
         },
-        "permission_denials": record.get("permission_denials") or [],
+        "permission_denials": split_denials(record)[0],
+        "contained": split_denials(record)[1],
+        "tampered": record.get("tampered") or [],
         "bypass_permissions": (record.get("launch") or {}).get("bypass_permissions", []),
         "duration_seconds": elapsed_seconds(record, time.time()),
         "commits": committed["commits"],
@@ -8630,6 +10210,8 @@ def report_text(report):
             "Uncommitted in its worktree: "
             + ", ".join(f"{u['status'].strip()} {u['path']}" for u in report["uncommitted"])
         )
+    lines += [f"TAMPERED: {line}" for line in report.get("tampered") or []]
+    lines += [f"{c['message']}: {c['tool']}" for c in report.get("contained") or []]
     lines += denial_lines(report.get("permission_denials"), report.get("bypass_permissions", ()))
     return "\n".join(lines)
 
@@ -8910,6 +10492,35 @@ def mark_merged(project, ids):
         project.store.update(change)
 
 
+def check_before_collect(project, records):
+    """Run the integrity check of each agent before its work is reported or merged; the records, updated."""
+    live = project.store.load()["agents"]
+    checked = []
+    for record in records:
+        found = verify_integrity(project, record, live, True) if record["id"] in live else []
+        if found:
+
+            def mark(state, agent_id=record["id"], found=found):
+                note_tampering(project, state["agents"][agent_id], found)
+                return dict(state["agents"][agent_id])
+
+            record = project.store.update(mark)
+        checked.append(record)
+    return checked
+
+
+def gate_on_integrity(records, force):
+    """(records to merge, [{id, reason}] left out): an agent that tampered is merged only when named with --force."""
+    chosen, skipped = [], []
+    for record in records:
+        if record.get("tampered") and not force:
+            reason = f"tampered ({record['tampered'][-1]}); name it with --force to merge anyway"
+            skipped.append({"id": record["id"], "reason": reason})
+        else:
+            chosen.append(record)
+    return chosen, skipped
+
+
 def collect_agents(
     project,
     ids,
@@ -8920,6 +10531,7 @@ def collect_agents(
     into=None,
     cwd=None,
     include_failing=False,
+    force=False,
 ):
     """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
     merges (done agents whose checks passed, or the named ones), writes a patch and opens pull requests.
@@ -8930,6 +10542,7 @@ def collect_agents(
         check_checkout_clean(project.repo, "merging")
     elif into:
         raise OrchestraError("--into names where --merge merges; add --merge")
+    records = check_before_collect(project, records)
     errors = {r["id"]: collect_problem(project, r) for r in records}
     errors = {i: e for i, e in errors.items() if e}
     records = [r for r in records if r["id"] not in errors]
@@ -8944,6 +10557,7 @@ def collect_agents(
             committed.append(record["id"])
         if isinstance(done, str):
             staged_kept[record["id"]] = done
+    accept_refs(project, [f"refs/heads/{r['branch']}" for r in records if r["id"] in committed])
     refresh_change_counts(project, [r for r in records if r["id"] in committed])
     reports = agent_reports(project, records, errors)
     document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
@@ -8953,6 +10567,9 @@ def collect_agents(
         chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
         chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
         chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
+        chosen, refused = gate_on_integrity(chosen, bool(ids) and force)
+        document["not_merged"] += refused
+        target = run_git(["symbolic-ref", "-q", "HEAD"], project.repo, check=False).stdout.strip()
         lock = FileLock(project.dir / LAND_LOCK)  # never interleaved with a land
         if not lock.acquire(blocking=False):
             raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
@@ -8960,6 +10577,7 @@ def collect_agents(
             document["merged"], document["conflict"] = merge_agents(project, chosen)
         finally:
             lock.release()
+        accept_refs(project, [target] if target else [])
         mark_merged(project, document["merged"])
     if patch:
         document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
@@ -9308,7 +10926,17 @@ def checkout_can_follow(checkout, new):
 
 
 def move_target(project, target, old, new):
-    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout)."""
+    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout).
+
+    Running agents' integrity baselines take the new target (orchestra moved it, not they)."""
+    moved, note = swap_target(project, target, old, new)
+    if moved:
+        accept_refs(project, [f"refs/heads/{target}"])
+    return moved, note
+
+
+def swap_target(project, target, old, new):
+    """move_target's compare-and-swap itself, through the user's checkout when it can follow."""
     checkout = checkout_of(project, target)
     if checkout is not None and checkout_can_follow(checkout, new):
         dirty = git_bytes(["status", "--porcelain", "--untracked-files=no"], checkout).stdout
@@ -11336,7 +12964,7 @@ class WebHandler:
         record = self.agent(params)
         return 200, agent_report(self.server.project, record) | {
             "checks": record.get("checks"),
-            "permission_denials": record.get("permission_denials"),
+            "permission_denials": split_denials(record)[0],
         }
 
     def route_merge(self, params, query, body):
@@ -12232,9 +13860,12 @@ def status_rows(records, now):
             " landed" if r.get("landed") else " merged" if r.get("merged") else ""
         )
         state += " blocked" if r.get("blocked") else ""
+        state += " TAMPERED" if r.get("tampered") else (" contained" if r.get("contained") else "")
         activity = r.get("error") or r.get("activity") or ""
         if r.get("waits_for") and r["state"] == "queued":
             activity = waits_line(r, by_id)
+        if r.get("tampered"):
+            activity = f"tampered: {r['tampered'][-1]}"
         if r.get("approval"):
             size = (r["approval"].get("shown") or [""])[0].partition(": ")[2]
             activity = (f"waiting for approval {r['approval']['id']} ({size}, shown whole below): "
@@ -12269,7 +13900,7 @@ def status_text(project, records, out):
         f"{r['id']}: {line}"
         for r in records
         for line in denial_lines(
-            r.get("permission_denials"), (r.get("launch") or {}).get("bypass_permissions", ())
+            user_denials(r), (r.get("launch") or {}).get("bypass_permissions", ())
         )
     ]
     for r in records:
@@ -12387,10 +14018,11 @@ def cmd_init(args):
         f"\nSettings live in {project.dir / 'config.json'} (this project) and {user_config_path(os.environ)} (you);\n"
         "change one with: orchestra config set KEY VALUE [--user]\n"
         "Agents ask before tools outside bypass_permissions; answer with 'orchestra approvals' / 'approve' / 'deny'\n"
-        "or the dashboard. Allow tools up front: orchestra config set bypass_permissions "
-        '\'["Edit", "Write", "Bash(git *)", "Bash(pytest *)"]\'\n'
-        "or let Bash run freely inside Claude Code's sandbox: orchestra config set sandbox auto"
+        "or the dashboard. Allow a tool up front: orchestra config set bypass_permissions "
+        "'[..., \"Bash(pytest:*)\"]'\n"
+        "Containment here (docs/containment.md):"
     )
+    print("\n".join(containment_lines(project.config, os.environ)))
     return EXIT_OK
 
 
@@ -12533,6 +14165,17 @@ def doctor_checks(env):
             "sandbox",
             problem is None,
             "Claude Code's sandbox can run here" if problem is None else problem,
+        )
+    )
+    checks.append(
+        (
+            "containment",
+            problem is None,
+            (
+                "guard, sandbox and integrity check"
+                if problem is None
+                else "guard and integrity check only: without the sandbox, Bash is checked by the guard alone"
+            ),
         )
     )
     gh = probe_version(["gh", "--version"], env)
@@ -13186,7 +14829,8 @@ def approvals_table(requests, now):
             r["id"],
             r["agent"],
             format_duration(now - (parse_iso(r.get("since")) or now)),
-            r.get("summary") or r.get("tool") or "",
+            (r.get("summary") or r.get("tool") or "")
+            + (f"  (asked by containment: {r['reason']})" if r.get("reason") else ""),
         ]
         for r in requests
     ]
@@ -13359,6 +15003,7 @@ def cmd_collect(args):
         into=args.into,
         cwd=Path.cwd(),
         include_failing=args.include_failing,
+        force=args.force,
     )
     reports = document["agents"]
     if args.json:
@@ -13442,6 +15087,11 @@ def add_collect_parser(commands):
         "--include-failing",
         action="store_true",
         help="with --merge: merge agents whose checks failed or did not run, too",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --merge and named agents: merge them even if they tampered (see docs/containment.md)",
     )
     p.add_argument(
         "--pr", action="store_true", help="push each branch and open a pull request with gh"
@@ -13935,7 +15585,12 @@ def add_supervise_parser(commands):
 
 
 def cmd_hook(args):
-    """Claude Code's PermissionRequest hook (internal): reads the request on stdin, answers on stdout."""
+    """Claude Code's hooks (internal): permission-request answers a request, pre-tool-use judges a
+    tool call against the agent's containment; each reads stdin and answers on stdout."""
+    if args.event == "pre-tool-use":
+        if not args.worktree or not args.branch:
+            raise OrchestraError("hook pre-tool-use needs --worktree and --branch")
+        return guard_hook(args, sys.stdin, sys.stdout, os.environ)
     return permission_hook(args.repo, args.agent, args.timeout, sys.stdin, sys.stdout)
 
 
@@ -13946,9 +15601,14 @@ def add_hook_parser(commands):
         description=cmd_hook.__doc__,
         epilog="example: orchestra hook permission-request --repo . --agent fix-tests < request.json",
     )
-    p.add_argument("event", choices=["permission-request"], help="the hook event")
+    p.add_argument("event", choices=["permission-request", "pre-tool-use"], help="the hook event")
     p.add_argument("--repo", required=True, help="the repository whose agent asks")
     p.add_argument("--agent", required=True, help="the agent's id")
+    p.add_argument("--worktree", help="pre-tool-use: the agent's worktree")
+    p.add_argument("--branch", help="pre-tool-use: the agent's branch")
+    p.add_argument(
+        "--protect", action="append", default=[], help="pre-tool-use: a protected path (repeatable)"
+    )
     p.add_argument(
         "--timeout",
         type=float,

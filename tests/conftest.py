@@ -233,7 +233,7 @@ def claude_api(tmp_path, monkeypatch):
 @pytest.fixture
 def claude_repo(repo, claude_api):
     """A repository whose agents are the real claude CLI with tools allowed."""
-    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5)
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5, sandbox="off")
     return repo
 
 

@@ -101,6 +101,11 @@ def bash(cmd: str, description: str = "Run a scripted shell command") -> Step:
     return Step([block], "tool_use")
 
 
+def call(name: str, **tool_input: Any) -> Step:
+    """Any tool call with exactly this input: ``call("Write", file_path=..., content=...)``."""
+    return Step([{"type": "tool_use", "name": name, "input": tool_input}], "tool_use")
+
+
 DIRECTIVE = re.compile(r"\[(bash|write|text|error|slow)(?:\s+([^\]]*))?\]\s*")
 
 

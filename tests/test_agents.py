@@ -310,7 +310,7 @@ def test_claude_argv_carries_permissions_model_and_branch(repo):
     assert argv[argv.index("--permission-mode") + 1] == "acceptEdits"
     assert "--allowedTools" not in argv
     settings = json.loads(argv[argv.index("--settings") + 1])
-    assert settings["permissions"]["allow"] == ["Edit", "Write", "Bash(git *)"]
+    assert settings["permissions"]["allow"] == orchestra.DEFAULT_RULES  # the narrow defaults
     record["session_id"] = "s-1"
     resumed = orchestra.agent_argv(record, "Continue the task.")
     assert orchestra.agent_prompt(record, "Continue the task.") == "Continue the task."

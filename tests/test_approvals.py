@@ -15,7 +15,7 @@ from scripted_api import bash, requires_claude, text
 
 pytestmark = requires_claude
 
-ALLOWED = ["Edit", "Write", "Bash(git *)"]  # the default rules: anything else asks
+ALLOWED = ["Edit", "Write", "Bash(git *)"]  # the rules before containment: anything else asks
 
 
 def commit_step(name):
@@ -25,6 +25,7 @@ def commit_step(name):
 
 def ask_repo(repo, **config):
     """A project whose agents run the real claude with only the default rules."""
+    config.setdefault("sandbox", "off")  # sandboxed Bash would not ask
     write_config(repo, bypass_permissions=ALLOWED, heartbeat_interval=0.5, **config)
     return repo
 

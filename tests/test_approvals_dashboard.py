@@ -42,7 +42,12 @@ def api_get(server, path):
 
 
 def test_phone_approves_and_denies_live(repo, claude_api, phone):
-    write_config(repo, bypass_permissions=["Edit", "Write", "Bash(git *)"], heartbeat_interval=0.5)
+    write_config(
+        repo,
+        bypass_permissions=["Edit", "Write", "Bash(git *)"],
+        heartbeat_interval=0.5,
+        sandbox="off",
+    )  # sandboxed Bash would not ask
     claude_api.script("phone-ok", [bash("echo from-phone > phone.txt"), bash("git add phone.txt"),
                                    bash("git commit -qm 'from the phone'"), text("phone done")])  # fmt: skip
     claude_api.script("phone-evil", [bash(HOSTILE), text("evil done")])

@@ -203,10 +203,14 @@ def test_claude_argv_carries_the_settings_layer(repo):
     command = hook["hooks"][0]["command"]
     assert command.startswith(sys.executable) and "hook permission-request" in command
     assert f"--repo {repo}" in command and "--agent x --timeout 90" in command
+    assert settings["sandbox"].pop("filesystem")["allowRead"] == [
+        str(repo / ".worktrees" / "task-x")
+    ]
     assert settings["sandbox"] == {"enabled": True, "autoAllowBashIfSandboxed": True,
                                    "network": {"allowedDomains": ["pypi.org"]}}  # fmt: skip
     assert "--allowedTools" not in argv  # an argv string Claude Code splits on spaces
-    assert settings["permissions"] == {"allow": ["Edit", "Write", "Bash(git *)"]}
+    assert settings["permissions"]["allow"] == orchestra.DEFAULT_RULES  # the narrow defaults
+    assert any(".orchestra" in rule for rule in settings["permissions"]["deny"])  # containment
     record["launch"]["sandboxed"] = False
     assert "sandbox" not in json.loads(orchestra.agent_argv(record)[argv.index("--settings") + 1])
     assert not (repo / ".claude").exists()  # nothing written into the user's repository
