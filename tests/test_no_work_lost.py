@@ -932,18 +932,13 @@ def test_status_json_has_merged_for_every_agent(case_repo, cli):
 # --- the real claude CLI does it itself -------------------------------------------------------
 
 
+# A real agent's new branch or stash changes refs it shares with the user: the containment guard
+# asks, and the integrity check puts them back (kept under refs/orchestra/tampered/). Cleanup of
+# worktrees in those states is covered above by agents that are not contained.
 REAL_AGENT_CASES = {
     "detaches HEAD and commits": (
         "git checkout -q --detach && printf 'd\\n' > d.txt && git add d.txt && git commit -qm detached",
         "HEAD is detached with 1 commit not on any branch",
-    ),
-    "switches branch and commits": (
-        "git switch -q -c elsewhere && printf 's\\n' > s.txt && git add s.txt && git commit -qm switched",
-        "its worktree has branch elsewhere checked out instead of orchestra/real",
-    ),
-    "stashes its work": (
-        "printf 'x\\n' >> README.md && git stash -q",
-        "1 stash made in the worktree",
     ),
     "resets after committing": (
         "printf 'r\\n' > r.txt && git add r.txt && git commit -qm r && git reset -q --hard HEAD~1",
@@ -957,8 +952,14 @@ REAL_AGENT_CASES = {
 def test_real_claude_agent(claude_repo, claude_api, cli, case):
     command, reason = REAL_AGENT_CASES[case]
     claude_api.script("scripted-git", [bash(command), text("did it")])
-    run = cli("spawn", "--wait", "--name", "real", "scripted-git work")
-    assert run.code == 0, run
+    assert cli("spawn", "--name", "real", "scripted-git work").code == 0
+
+    def settled_after_approving():  # the containment guard asks before git stash or a new branch
+        if cli("approvals", "--json").json()["approvals"]:
+            cli("approve", "real")
+        return load_state(claude_repo)["agents"]["real"]["state"] == "done"
+
+    wait_for(settled_after_approving, timeout=120, what="the agent to finish")
     wait_settled(claude_repo)
     before = inventory(claude_repo)
     kept = cli("cleanup", "real")
