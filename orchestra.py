@@ -1993,9 +1993,8 @@ def append_history(path, records):
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
-                lines = (
-                    "\n" + lines
-                )  # a writer died mid-line: keep its fragment on a line of its own
+                # a writer died mid-line: keep its fragment on a line of its own
+                lines = "\n" + lines
         f.write(lines.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
@@ -2169,9 +2168,8 @@ MODEL_PRICES = (
 DEFAULT_PRICE = (3.0, 15.0)  # an unknown model is priced as Sonnet
 CACHE_WRITE_FACTOR = 1.25
 CACHE_READ_FACTOR = 0.1
-LOG_READ_BUDGET = (
-    8 * 1024 * 1024
-)  # bytes folded per read_new call, so facts reach state.json during a burst
+# bytes folded per read_new call, so facts reach state.json during a burst
+LOG_READ_BUDGET = 8 * 1024 * 1024
 LOG_MAX_LINE = 16 * 1024 * 1024  # a longer line (no event orchestra needs) is skipped, not buffered
 LOG_IGNORED_PREFIXES = (b'{"type":"user"', b'{"type":"stream_event"')  # events no fact comes from
 # Checks, fix rounds, API errors and budgets (see "Results you can trust" below)
@@ -2696,60 +2694,12 @@ def rebuild_state(project):
         spawn = first_spawn_event(log_path)
         if spawn is None or (spawn["id"] in history and real_path(spawn["worktree"]) not in live):
             continue
-        record = new_record(
-            project, spawn["id"], spawn["task"], spawn.get("base_branch"), spawn.get("base_commit")
-        )
-        record.update(
-            branch=spawn["branch"],
-            worktree=spawn["worktree"],
-            created_at=spawn.get("time"),
-            ready=True,
-        )
-        record.update(launch=spawn.get("launch") or record["launch"], seq=spawn.get("seq", 0))
-        record["sandboxed"] = bool(record["launch"].get("sandboxed"))
-        log = read_log(log_path)
-        record.update(without_none(log.facts))
-        record["host"] = log.host
-        if log.settled:
-            record.update(
-                {
-                    k: log.settled.get(k)
-                    for k in ("state", "exit_code", "error", "commits", "files_changed")
-                }
-            )
-            record["finished_at"] = log.settled.get("time")
-        elif log.host not in (None, "local"):  # on another host: its supervisor follows it again
-            record.update(state="running", host_launched=True)
-        elif log.launched and log.process and process_alive(*log.process):
-            record.update(
-                state="running", pid=log.process[0], pid_start=log.process[1]
-            )  # the supervisor adopts it
-        elif log.launched:
-            record["state"], record["error"] = settled_state(log, None, "")
-        restore_resilience(record, log)
+        record = record_from_log(project, spawn, read_log(log_path), live)
         if spawn.get("batch"):
-            record["batch"] = spawn["batch"]
             batches[spawn["batch"]] = {
                 "budget": spawn.get("batch_budget"),
                 "created_at": spawn.get("time"),
             }
-        if (
-            real_path(record["worktree"]) not in live
-            and record["state"] == "queued"
-            and not log.launched
-        ):
-            record.update(
-                ready=False,
-                worktree_later=True,
-                spawn_logged=True,
-                activity="waiting for a worktree",
-            )
-        elif real_path(record["worktree"]) not in live and record["state"] == "queued":
-            record["state"], record["error"] = (
-                "failed",
-                "worktree missing after state.json was rebuilt",
-            )
-        record["after"] = spawn.get("after")
         records[record["id"]] = record
     for record in records.values():  # an agent not started yet still waits for what has not landed
         if record["after"] and record["state"] == "queued":
@@ -2758,6 +2708,51 @@ def rebuild_state(project):
                 i for i in record["after"] if not (known.get(i) or {}).get("landed")
             ]
     return {"agents": records, "batches": batches}
+
+
+def record_from_log(project, spawn, log, live):
+    """One agent's record made again from its spawn event and the facts its log holds."""
+    record = new_record(
+        project, spawn["id"], spawn["task"], spawn.get("base_branch"), spawn.get("base_commit")
+    )
+    record.update(
+        branch=spawn["branch"], worktree=spawn["worktree"], created_at=spawn.get("time"), ready=True
+    )
+    record.update(launch=spawn.get("launch") or record["launch"], seq=spawn.get("seq", 0))
+    record["sandboxed"] = bool(record["launch"].get("sandboxed"))
+    record.update(without_none(log.facts))
+    record["host"] = log.host
+    settle_rebuilt_record(record, log)
+    restore_resilience(record, log)
+    if spawn.get("batch"):
+        record["batch"] = spawn["batch"]
+    if real_path(record["worktree"]) not in live and record["state"] == "queued":
+        if not log.launched:
+            record.update(
+                ready=False,
+                worktree_later=True,
+                spawn_logged=True,
+                activity="waiting for a worktree",
+            )
+        else:
+            record["state"] = "failed"
+            record["error"] = "worktree missing after state.json was rebuilt"
+    record["after"] = spawn.get("after")
+    return record
+
+
+def settle_rebuilt_record(record, log):
+    """A rebuilt record's state: as its log settled it, running where its process lives, or ended."""
+    if log.settled:
+        keys = ("state", "exit_code", "error", "commits", "files_changed")
+        record.update({k: log.settled.get(k) for k in keys})
+        record["finished_at"] = log.settled.get("time")
+    elif log.host not in (None, "local"):  # on another host: its supervisor follows it again
+        record.update(state="running", host_launched=True)
+    elif log.launched and log.process and process_alive(*log.process):
+        record.update(state="running", pid=log.process[0], pid_start=log.process[1])  # adopted
+    elif log.launched:
+        record["state"], record["error"] = settled_state(log, None, "")
 
 
 def first_spawn_event(path):
@@ -2810,9 +2805,8 @@ APPROVAL_KEY_BYTES = 32
 PROJECT_RULES = (
     "@project.json"  # in approvals/rules/: --always=project rules (no agent id has an @)
 )
-RULE_IGNORED = (
-    "description",
-)  # input fields an exact rule does not compare: they change nothing run
+# input fields an exact rule does not compare: they change nothing run
+RULE_IGNORED = ("description",)
 # Fields that change what a call means, shown before the command or content
 SHOWN_FIRST = ("dangerouslyDisableSandbox", "replace_all", "run_in_background", "file_path", "path",
                "notebook_path", "url", "timeout")  # fmt: skip
@@ -3361,26 +3355,7 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
             {"event": "approval", "tool": summary, "decision": "allow", "by": "rule", "rule": rule},
         )
         return {"decision": "allow", "by": "rule", "rule": rule, "at": utc_iso()}
-    text = json.dumps(tool_input)
-    whole = len(text) <= APPROVAL_INPUT_LIMIT
-    request = box.submit(
-        {
-            "agent": agent_id,
-            "tool": tool,
-            "summary": summary if len(summary) <= APPROVAL_INPUT_LIMIT else tool,
-            "input": tool_input if whole else None,
-            **({} if whole else {"truncated": True, "input_head": text[:APPROVAL_INPUT_LIMIT]}),
-            "input_bytes": len(text.encode("utf-8", "surrogatepass")),
-            "input_sha256": input_digest(tool_input),
-            "suggestions": asked.get("permission_suggestions") or [] if whole else [],
-            "session_id": asked.get("session_id"),
-            "since": utc_iso(),
-            "timeout": timeout,
-            "pid": os.getpid(),
-            "pid_start": process_start_time(os.getpid()),
-            "parent": os.getppid(),
-        }
-    )
+    request = box.submit(approval_request(agent_id, timeout, tool, tool_input, summary, asked))
     append_event(log, {"event": "approval_requested", "request": request["id"], "tool": summary})
     shown = "\n".join(shown_request(request))
     notifier = notify(
@@ -3397,21 +3372,47 @@ def await_decision(repo, agent_id, timeout, tool, tool_input, asked):
         report=lambda: report_ignored(box, log),
     )
     if decision is None:
-        ended = os.getppid() != request["parent"]
-        late = denied(
-            "the agent ended while it waited for this approval"
-            if ended
-            else f"no decision within approval_timeout ({timeout:g} s); denied"
-        )
-        late["by"] = "orchestra" if ended else "timeout"
-        decision = late if box.decide(request["id"], late) else box.decision(request["id"]) or late
-        if decision is late:
-            append_event(
-                log, {"event": "approval", "request": request["id"], "tool": summary, **late}
-            )
+        decision = decide_unanswered(box, request, timeout, log, summary)
     box.close(request, decision)
     if notifier:
         notifier.join(NOTIFY_TIMEOUT)
+    return decision
+
+
+def approval_request(agent_id, timeout, tool, tool_input, summary, asked):
+    """A request as the hook files it: the whole input, or its head when it is too long to show."""
+    text = json.dumps(tool_input)
+    whole = len(text) <= APPROVAL_INPUT_LIMIT
+    return {
+        "agent": agent_id,
+        "tool": tool,
+        "summary": summary if len(summary) <= APPROVAL_INPUT_LIMIT else tool,
+        "input": tool_input if whole else None,
+        **({} if whole else {"truncated": True, "input_head": text[:APPROVAL_INPUT_LIMIT]}),
+        "input_bytes": len(text.encode("utf-8", "surrogatepass")),
+        "input_sha256": input_digest(tool_input),
+        "suggestions": asked.get("permission_suggestions") or [] if whole else [],
+        "session_id": asked.get("session_id"),
+        "since": utc_iso(),
+        "timeout": timeout,
+        "pid": os.getpid(),
+        "pid_start": process_start_time(os.getpid()),
+        "parent": os.getppid(),
+    }
+
+
+def decide_unanswered(box, request, timeout, log, summary):
+    """Deny a request nobody answered in time (or whose agent ended), unless a decision won the race."""
+    ended = os.getppid() != request["parent"]
+    late = denied(
+        "the agent ended while it waited for this approval"
+        if ended
+        else f"no decision within approval_timeout ({timeout:g} s); denied"
+    )
+    late["by"] = "orchestra" if ended else "timeout"
+    decision = late if box.decide(request["id"], late) else box.decision(request["id"]) or late
+    if decision is late:
+        append_event(log, {"event": "approval", "request": request["id"], "tool": summary, **late})
     return decision
 
 
@@ -6228,9 +6229,8 @@ class Resilience:
         self.queue = queue
         self.announce = announce
         self.stopping = stopping
-        self.due_checks = (
-            {}
-        )  # agent id -> record whose checks review() asked for; its thread pops it
+        # agent id -> record whose checks review() asked for; its thread pops it
+        self.due_checks = {}
 
     def review(self, record):
         """Right after an agent's process ends (under the state lock): wait out an API error, or check it."""
@@ -6464,9 +6464,8 @@ HOST_IMPORT = (
 # (ssh target, options, remote repository, source hash) this process has installed and prepared
 PREPARED_HOSTS = set()
 SOURCE_HASH = []  # this file's content hash, computed once
-HOST_DOWN = (
-    {}
-)  # host name -> (time.monotonic() until which it gets no agents, why): this process's view
+# host name -> (time.monotonic() until which it gets no agents, why): this process's view
+HOST_DOWN = {}
 HOST_RETRY = 30.0  # seconds a host that failed to take an agent is given no new ones
 
 
@@ -10546,17 +10545,7 @@ def collect_agents(
     errors = {r["id"]: collect_problem(project, r) for r in records}
     errors = {i: e for i, e in errors.items() if e}
     records = [r for r in records if r["id"] not in errors]
-    committed, staged_kept = [], {}
-    for record in records if commit else []:
-        try:
-            done = commit_leftovers(project, record)
-        except GitError as e:
-            errors[record["id"]] = str(e)
-            continue
-        if done:
-            committed.append(record["id"])
-        if isinstance(done, str):
-            staged_kept[record["id"]] = done
+    committed, staged_kept = commit_all_leftovers(project, records if commit else [], errors)
     accept_refs(project, [f"refs/heads/{r['branch']}" for r in records if r["id"] in committed])
     refresh_change_counts(project, [r for r in records if r["id"] in committed])
     reports = agent_reports(project, records, errors)
@@ -10566,19 +10555,7 @@ def collect_agents(
     if merge:
         chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
         chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
-        chosen, document["not_merged"] = gate_on_checks(chosen, bool(ids) or include_failing)
-        chosen, refused = gate_on_integrity(chosen, bool(ids) and force)
-        document["not_merged"] += refused
-        target = run_git(["symbolic-ref", "-q", "HEAD"], project.repo, check=False).stdout.strip()
-        lock = FileLock(project.dir / LAND_LOCK)  # never interleaved with a land
-        if not lock.acquire(blocking=False):
-            raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
-        try:
-            document["merged"], document["conflict"] = merge_agents(project, chosen)
-        finally:
-            lock.release()
-        accept_refs(project, [target] if target else [])
-        mark_merged(project, document["merged"])
+        merge_chosen(project, chosen, document, bool(ids), include_failing, force)
     if patch:
         document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
     if pr:
@@ -10588,6 +10565,42 @@ def collect_agents(
             for line in document["pull_requests"]
         )
     return document
+
+
+def commit_all_leftovers(project, records, errors):
+    """Commit each agent's leftovers on its branch: ([ids committed], {id: ref of a kept staged
+    version}); an agent git failed for goes into `errors` and the others go on."""
+    committed, staged_kept = [], {}
+    for record in records:
+        try:
+            done = commit_leftovers(project, record)
+        except GitError as e:
+            errors[record["id"]] = str(e)
+            continue
+        if done:
+            committed.append(record["id"])
+        if isinstance(done, str):
+            staged_kept[record["id"]] = done
+    return committed, staged_kept
+
+
+def merge_chosen(project, chosen, document, named, include_failing, force):
+    """collect --merge: the agents the checks and the integrity check let through, merged into the
+    checkout under the land lock (never interleaved with a land); the document says what happened.
+    """
+    chosen, document["not_merged"] = gate_on_checks(chosen, named or include_failing)
+    chosen, refused = gate_on_integrity(chosen, named and force)
+    document["not_merged"] += refused
+    target = run_git(["symbolic-ref", "-q", "HEAD"], project.repo, check=False).stdout.strip()
+    lock = FileLock(project.dir / LAND_LOCK)
+    if not lock.acquire(blocking=False):
+        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+    try:
+        document["merged"], document["conflict"] = merge_agents(project, chosen)
+    finally:
+        lock.release()
+    accept_refs(project, [target] if target else [])
+    mark_merged(project, document["merged"])
 
 
 def pull_request_body(report):
@@ -12367,9 +12380,8 @@ WEB_REVIVE_INTERVAL = 10.0  # seconds between checks that a supervisor runs whil
 WEB_LOG_TAIL_DEFAULT, WEB_LOG_TAIL_MAX = 200, 5000  # lines of GET /api/agents/ID/log
 WEB_TAIL_BLOCK = 64 * 1024  # bytes read at a time, backwards from the end of a log
 WEB_TAIL_MAX_BYTES = 4 * 1024 * 1024  # log_tail: never read more than this to find the last lines
-WEB_TAIL_READ_LIMIT = (
-    64 * 1024 * 1024
-)  # GET .../log reads at most this far back, and says so if cut
+# GET .../log reads at most this far back, and says so if cut
+WEB_TAIL_READ_LIMIT = 64 * 1024 * 1024
 WEB_MAX_DIFF = 512 * 1024  # characters of a patch returned by GET /api/agents/ID/diff
 WEB_SESSION_HOURS, WEB_SESSION_LIMIT, WEB_SESSION_LIMIT_MAX = 24, 50, 1000
 WEB_HISTORY_PAGE, WEB_HISTORY_PAGE_MAX = 50, 500  # cleaned-up agents per GET /api/history
@@ -13120,9 +13132,8 @@ WEB_HEADER_DEADLINE = 10.0  # seconds a connection has to send a whole request (
 # Seconds a request that showed the token has for its route and its whole answer. A connection
 # without the token has WEB_HEADER_DEADLINE from accept for everything, answers included.
 WEB_ANSWER_DEADLINE = 120.0
-WEB_UNTRUSTED_SEND_BUFFER = (
-    16 * 1024
-)  # bytes of SO_SNDBUF (Linux doubles it) before the token is shown
+# bytes of SO_SNDBUF (Linux doubles it) before the token is shown
+WEB_UNTRUSTED_SEND_BUFFER = 16 * 1024
 WEB_TRUSTED_SEND_BUFFER = 1024 * 1024  # after it (the kernel caps it at net.core.wmem_max)
 WEB_PAGE_CACHE = 16  # dashboard renderings kept (one per file version and Host name)
 WEB_SERVE_POLL = 0.1  # seconds between the accept loop's checks of request deadlines
@@ -13178,9 +13189,8 @@ class WebServer:
         self.ws_options = ws_options or {}
         self.connections = {}  # socket -> Link
         self.next_sweep = 0.0  # when service_actions next looks at the deadlines
-        self.pages = (
-            {}
-        )  # (file, mtime, size, Host) -> (bytes, policy); replacing a dict entry is atomic
+        # (file, mtime, size, Host) -> (bytes, policy); replacing a dict entry is atomic
+        self.pages = {}
         self.websockets = 0
         self.connections_lock = threading.Lock()  # guards connections and websockets
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -13714,8 +13724,9 @@ def qr_text(text, colour=False):
 # ======================================================================================
 # Command line: shared parts
 # --------------------------------------------------------------------------------------
-# One cmd_<name> per subcommand and one small parser builder each. Only this section
-# knows every layer; main() is the only place errors become exit statuses.
+# One cmd_<name> per subcommand and one small add_<name>_parser each, grouped by what the
+# commands are for. Only the command line sections know every layer; main() is the only
+# place errors become exit statuses.
 # ======================================================================================
 
 STATES = (
@@ -14439,6 +14450,13 @@ def add_spawn_parser(commands):
         epilog='example: orchestra spawn "add input validation" "write API docs" --parallel 2; '
         'a task that starts with "-" goes after "--": orchestra spawn -- "-v flag: document it"',
     )
+    add_spawn_task_options(p)
+    add_spawn_run_options(p)
+    p.set_defaults(func=cmd_spawn, more_tasks=True)
+
+
+def add_spawn_task_options(p):
+    """spawn's options that say what to do: the tasks, their ids and what they wait for."""
     p.add_argument("tasks", nargs="*", metavar="TASK", help="what one agent should do (quote it)")
     p.add_argument(
         "--after",
@@ -14452,13 +14470,6 @@ def add_spawn_parser(commands):
         help="queue a plan: a JSON list of {task, id, after, host, checks}",
     )
     p.add_argument(
-        "--parallel", type=positive_int, metavar="N", help="run at most N agents at once"
-    )
-    p.add_argument("--model", help="the model the agents use")
-    p.add_argument(
-        "--host", metavar="NAME", help="run on this host ('local' or one of 'hosts' in the config)"
-    )
-    p.add_argument(
         "--base",
         metavar="REF",
         help="branch, tag or commit to start from (default: the current branch)",
@@ -14468,6 +14479,17 @@ def add_spawn_parser(commands):
         metavar="ID",
         action="append",
         help="an agent's id instead of one made from its task; once per task, the Nth names the Nth task",
+    )
+
+
+def add_spawn_run_options(p):
+    """spawn's options that say how and where the agents run, and how the command waits."""
+    p.add_argument(
+        "--parallel", type=positive_int, metavar="N", help="run at most N agents at once"
+    )
+    p.add_argument("--model", help="the model the agents use")
+    p.add_argument(
+        "--host", metavar="NAME", help="run on this host ('local' or one of 'hosts' in the config)"
     )
     sandbox = p.add_mutually_exclusive_group()
     sandbox.add_argument(
@@ -14494,7 +14516,6 @@ def add_spawn_parser(commands):
         "--wait", action="store_true", help="show progress until all finish; exit 1 if any failed"
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_spawn, more_tasks=True)
 
 
 def cmd_status(args):
