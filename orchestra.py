@@ -15851,6 +15851,10 @@ def add_host_agent_parser(commands):
 # PARSER_BUILDERS lists one builder per command group, in the order `--help` shows them.
 # ======================================================================================
 
+# Commands Claude Code (hook) or home over ssh (host-agent) runs: never suggested for a typo
+INTERNAL_COMMANDS = ("hook", "host-agent")
+SUGGESTION_CUTOFF = 0.6  # difflib's similarity a mistyped command needs to be suggested
+
 PARSER_BUILDERS = (
     add_init_parser,
     add_config_parser,
@@ -15878,8 +15882,8 @@ PARSER_BUILDERS = (
 
 
 def command_names(parser):
-    """The subcommands the parser of build_parser knows."""
-    return list(parser.commands.choices)
+    """The subcommands the parser of build_parser knows, but those orchestra runs itself."""
+    return [name for name in parser.commands.choices if name not in INTERNAL_COMMANDS]
 
 
 def check_command_word(parser, argv):
@@ -15890,10 +15894,10 @@ def check_command_word(parser, argv):
             next(words, None)  # -c KEY=VALUE
         elif not word.startswith("-"):
             known = command_names(parser)
-            if word not in known:
+            if word not in known and word not in INTERNAL_COMMANDS:
                 import difflib  # here, not at the top: only a mistyped command needs it
 
-                near = difflib.get_close_matches(word, known, n=3, cutoff=0.5)
+                near = difflib.get_close_matches(word, known, n=3, cutoff=SUGGESTION_CUTOFF)
                 hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
                 raise OrchestraError(
                     f"'{word}' is not an orchestra command; {hint}see 'orchestra --help'"

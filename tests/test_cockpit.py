@@ -14,7 +14,16 @@ import pytest
 from test_dashboard import card, post, serve
 
 import orchestra
-from conftest import CHROMIUM, PHONE, add_record, commit_file, git, take_time, wait_settled
+from conftest import (
+    CHROMIUM,
+    PHONE,
+    add_record,
+    commit_file,
+    git,
+    take_time,
+    wait_for,
+    wait_settled,
+)
 from scripted_api import requires_claude, text
 
 try:
@@ -92,18 +101,21 @@ def test_attention_order_history_on_demand_and_totals_as_status(cockpit, fake_re
     assert card_ids(page) == [failed, runner_id, newer, older]
     expect(page.locator("#agents [data-group=trouble] h2")).to_have_text("Failed or stale")
 
-    status = cli("status", "--json").json()
-    counts = Counter(a["state"] for a in status["agents"])
-    shown = {
-        dd.get_attribute("id")[len("total-") :]: dd.text_content()
-        for dd in page.locator("#totals dd").all()
-    }
-    assert {k: int(v) for k, v in shown.items() if k != "cost" and v != "0"} == dict(counts)
-    total = sum(a["cost_usd"] or 0 for a in status["agents"])
-    estimated = "~" if any(a.get("cost_estimated") for a in status["agents"]) else ""
-    assert shown["cost"] == estimated + orchestra.format_cost(
-        total
-    )  # the removed agents' $3 are not counted
+    def totals_as_status():  # a running agent's estimated cost grows: compare one moment's figures
+        status = cli("status", "--json").json()
+        counts = Counter(a["state"] for a in status["agents"])
+        shown = {
+            dd.get_attribute("id")[len("total-") :]: dd.text_content()
+            for dd in page.locator("#totals dd").all()
+        }
+        total = sum(a["cost_usd"] or 0 for a in status["agents"])  # the removed agents' $3 are not
+        estimated = "~" if any(a.get("cost_estimated") for a in status["agents"]) else ""
+        agree = {k: int(v) for k, v in shown.items() if k != "cost" and v != "0"} == dict(counts)
+        return (
+            status if agree and shown["cost"] == estimated + orchestra.format_cost(total) else None
+        )
+
+    status = wait_for(totals_as_status, timeout=30, what="the page's totals to match status")
     assert orchestra.summary_line(status["agents"]) in cli("status").out
 
     page.click("#history summary")
@@ -165,7 +177,7 @@ def test_review_then_merge_and_a_refused_merge_from_the_phone(cockpit, fake_repo
     add_review_material(orchestra.Path(record["worktree"]))
     set_fields(project, agent_id, checks={"status": "passed", "command": "pytest -q", "exit_code": 0,
                                           "tail": "12 passed", "rounds": 1},
-               permission_denials=[{"tool_name": "Bash", "tool_input": {"command": "rm -rf /"}}])  # fmt: skip
+               permission_denials=[{"tool_name": "Bash", "tool_input": {"command": "make deploy"}}])  # fmt: skip
     page.goto(server.url)
     open_detail(page, agent_id)
     expect(page.locator("#detail-result")).to_have_text("all done")
@@ -174,7 +186,7 @@ def test_review_then_merge_and_a_refused_merge_from_the_phone(cockpit, fake_repo
     expect(page.locator("#detail-checks strong")).to_have_text("passed: pytest -q")
     expect(page.locator("#detail-checks")).to_contain_text("12 passed")
     expect(page.locator("#detail-denials strong")).to_have_text("Bash")
-    expect(page.locator("#detail-denials")).to_contain_text("rm -rf /")
+    expect(page.locator("#detail-denials")).to_contain_text("make deploy")
     files = page.locator("#detail-diff details.diff-file")
     expect(files).to_have_count(3)
     logo = files.filter(has_text="logo.bin")
