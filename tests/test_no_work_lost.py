@@ -901,8 +901,12 @@ def test_full_or_read_only_orchestra_dir(case_repo, cli, tiny_orchestra_dir, fau
                     f.flush()
             except OSError:
                 pass
-    else:
-        subprocess.run(["mount", "-o", "remount,ro", str(tiny_orchestra_dir)], check=True)
+    else:  # a supervisor still exiting holds supervisor.log open for writing: mount would refuse
+        wait_for(lambda: not cli("status", "--json").json()["supervisor"]["alive"], timeout=60,
+                 what="the supervisor to exit")  # fmt: skip
+        wait_for(lambda: subprocess.run(["mount", "-o", "remount,ro", str(tiny_orchestra_dir)],
+                                        capture_output=True).returncode == 0,
+                 timeout=30, interval=0.5, what="the folder to be remounted read-only")  # fmt: skip
     run = subprocess.run(
         [*ORCHESTRA, "cleanup", "--force"], cwd=case_repo, capture_output=True, text=True
     )

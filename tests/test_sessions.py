@@ -132,11 +132,18 @@ def new_id(n):
 
 
 def sessions_json(run, *args):
-    """`sessions --json ARGS` as {id: session}, and the whole document."""
+    """`sessions --json ARGS` as {id: session} without the clock's `age_seconds`, and the whole
+    document (two listings a second apart describe the same sessions)."""
     result = run("sessions", "--json", *args)
     assert result.code == 0, result
     document = result.json()
-    return {s["id"]: s for s in document["sessions"]}, document
+    return {s["id"]: without_age(s) for s in document["sessions"]}, document
+
+
+def without_age(session):
+    """A listed session without `age_seconds`, which depends on when it was listed."""
+    assert isinstance(session.get("age_seconds"), int) and session["age_seconds"] >= 0, session
+    return {k: v for k, v in session.items() if k != "age_seconds"}
 
 
 def copy_fixtures(store):
