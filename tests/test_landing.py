@@ -178,7 +178,7 @@ def test_real_claude_conflict_and_red_result_get_fix_rounds_and_land(claude_repo
     (claude_repo / "caller.txt").write_text("old\n")
     git("add", "api.txt", "caller.txt", cwd=claude_repo)
     git("commit", "-qm", "an api and its caller", cwd=claude_repo)
-    write_config(claude_repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5, checks=[CHECK],
+    write_config(claude_repo, sandbox="off", bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5, checks=[CHECK],
                  fix_rounds=1)  # fmt: skip
     claude_api.script("rename-the-api", [bash("echo new > api.txt && echo new > caller.txt && echo A > notes.txt && "
                                               "git add -A && git commit -qm 'rename the api'"), text("Renamed")])  # fmt: skip
@@ -221,7 +221,13 @@ def test_real_claude_conflict_and_red_result_get_fix_rounds_and_land(claude_repo
 def test_real_claude_agent_that_cannot_be_fixed_is_parked_while_others_land(
     claude_repo, claude_api, cli
 ):
-    write_config(claude_repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5, fix_rounds=1)
+    write_config(
+        claude_repo,
+        sandbox="off",
+        bypass_permissions=CLAUDE_TOOLS,
+        heartbeat_interval=0.5,
+        fix_rounds=1,
+    )
     claude_api.script(
         "first-notes",
         [bash("echo A > notes.txt && git add notes.txt && git commit -qm a"), text("A")],

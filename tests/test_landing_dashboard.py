@@ -89,7 +89,9 @@ def test_line_comments_reach_the_agent_as_one_follow_up(claude_repo, claude_api,
     claude_api.script("write-greeting", [bash("printf 'hello\\nworld\\n' > greet.txt && git add greet.txt && "
                                               "git commit -qm greet"), text("Wrote it")])  # fmt: skip
     claude_api.script("Review comments on your diff", [text("Will do")])
-    write_config(claude_repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5)
+    write_config(
+        claude_repo, sandbox="off", bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5
+    )
     orchestra.main(["spawn", "--name", "greeter", "write-greeting"])
     wait_settled(claude_repo, timeout=120)
     server = serve(claude_repo)
