@@ -10859,6 +10859,7 @@ def scratch_worktree(project, commit):
             raise OrchestraError(f"cannot prepare the land worktree {path}: {error}", EXIT_FAILURE)
         ready.touch()
         return path
+    remove_stale_locks(path)
     if operation_in_progress(path):
         for what in (["merge", "--abort"], ["rebase", "--abort"]):
             git_bytes(what, path, check=False)
@@ -10867,6 +10868,15 @@ def scratch_worktree(project, commit):
     git_bytes(["checkout", "--quiet", "--force", "--detach", commit], path)
     copy_into(project, path, copies)
     return path
+
+
+def remove_stale_locks(path):
+    """Remove the lock files a land killed mid-git left in the scratch worktree's own git folder
+    (index.lock, HEAD.lock): the caller holds land.lock, so no other git runs there."""
+    admin = git_bytes(["rev-parse", "--absolute-git-dir"], path).stdout.decode().strip()
+    for name in ("index.lock", "HEAD.lock"):
+        with contextlib.suppress(FileNotFoundError):
+            (Path(admin) / name).unlink()
 
 
 def copy_into(project, path, copies):

@@ -142,6 +142,8 @@ def test_kill_9_during_land_then_a_rerun_continues(fake_repo, cli):
     wait_for(lambda: head(fake_repo) != before, timeout=60, what="the first landing")
     os.killpg(proc.pid, signal.SIGKILL)  # during the second agent's checks
     proc.wait()
+    admin = fake_repo / ".git" / "worktrees" / "land"
+    (admin / "index.lock").write_text("")  # as a land killed inside `git reset` leaves it
     first = head(fake_repo)
     assert git("status", "--porcelain", cwd=fake_repo) == ""  # checkout matches its HEAD
     assert (fake_repo / "a.txt").exists()
