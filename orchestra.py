@@ -7050,24 +7050,20 @@ class RemoteAgent:
             box.close(mirror, decision or {"decision": "deny", "by": f"host {self.host.name}"})
             del self.mirrored[req_id]
 
+    def fetch(self, remote_ref, name):
+        """Fetch one ref of the host's repository into refs/orchestra/hosts/<name>; that ref."""
+        temp = f"refs/orchestra/hosts/{name}"
+        fetch = ["fetch", "--quiet", "--no-tags", self.host.git_url(self.remote_repo)]
+        try:
+            run_git([*fetch, f"+{remote_ref}:{temp}"], self.project.repo, env=self.host.git_env())
+        except GitError as e:
+            raise HostError(f"host '{self.host.name}': {e}") from None
+        return temp
+
     def fetch_home(self):
         """Fetch the agent's branch home; the local worktree (made now if missing) follows it."""
         record = self.record
-        temp = f"refs/orchestra/hosts/{record['id']}"
-        try:
-            run_git(
-                [
-                    "fetch",
-                    "--quiet",
-                    "--no-tags",
-                    self.host.git_url(self.remote_repo),
-                    f"+refs/heads/{record['branch']}:{temp}",
-                ],
-                self.project.repo,
-                env=self.host.git_env(),
-            )
-        except GitError as e:
-            raise HostError(f"host '{self.host.name}': {e}") from None
+        temp = self.fetch(f"refs/heads/{record['branch']}", record["id"])
         worktree = Path(record["worktree"])
         if worktree.exists():
             run_git(["merge", "--ff-only", "--quiet", temp], worktree)
@@ -7084,21 +7080,7 @@ class RemoteAgent:
         answer = self.host.call("leftovers", {"repo": self.remote_repo, "id": self.record["id"]})
         if not answer.get("ref"):
             return False
-        temp = f"refs/orchestra/hosts/{self.record['id']}-leftovers"
-        try:
-            run_git(
-                [
-                    "fetch",
-                    "--quiet",
-                    "--no-tags",
-                    self.host.git_url(self.remote_repo),
-                    f"+{answer['ref']}:{temp}",
-                ],
-                self.project.repo,
-                env=self.host.git_env(),
-            )
-        except GitError as e:
-            raise HostError(f"host '{self.host.name}': {e}") from None
+        temp = self.fetch(answer["ref"], f"{self.record['id']}-leftovers")
         run_git(["checkout", temp, "--", "."], self.record["worktree"])
         run_git(["reset", "--quiet"], self.record["worktree"])
         run_git(["update-ref", "-d", temp], self.project.repo)
