@@ -99,29 +99,23 @@ handler join a "Command line" section of their group.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import errno
+import io
 import itertools
 import json
 import math
 import os
-import queue
-import random
 import re
 import select
 import shlex
-import shutil
 import signal
 import site
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 import unicodedata
 import zlib
 from fnmatch import fnmatchcase
@@ -131,7 +125,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 
 class LazyModule:
-    """A module imported on first use: only `web` needs these, and every command's start-up pays for imports."""
+    """A module imported on first use: every command's start-up, and the guard hook's before each
+    tool call, pays for the imports it never needs."""
 
     def __init__(self, name):
         self.name = name
@@ -144,6 +139,9 @@ class LazyModule:
 
 hashlib, hmac, secrets = LazyModule("hashlib"), LazyModule("hmac"), LazyModule("secrets")
 socket, socketserver = LazyModule("socket"), LazyModule("socketserver")
+base64, queue, random = LazyModule("base64"), LazyModule("queue"), LazyModule("random")
+shutil, subprocess = LazyModule("shutil"), LazyModule("subprocess")
+tempfile, traceback = LazyModule("tempfile"), LazyModule("traceback")
 
 try:
     import fcntl
@@ -4505,25 +4503,58 @@ def guard(tool, tool_input, b, cwd=None):
 # ======================================================================================
 # Containment: the hook and the settings layer
 # --------------------------------------------------------------------------------------
-# The PreToolUse hook is launched like the approval hook (hook_command's cheap way) with the
-# agent's worktree and branch in its argv, so the common case, no objection, reads no state
-# at all. A refusal is logged as an orchestra `contained` event and sent to notify_command;
+# The PreToolUse hook carries the agent's worktree and branch in its argv, so the common case,
+# no objection, reads no state at all. It is a few lines of Python that ask the supervisor's
+# GuardServer (a Unix socket in .orchestra/), or else load orchestra as the approval hook does
+# and judge the call themselves: the two give the same verdict. A refusal is logged as an orchestra `contained` event and sent to notify_command;
 # an ASK becomes an ApprovalBox request the hook waits on, never an allow by rule. The same
 # --settings layer denies Read and Edit of orchestra's files, other worktrees and ~/.claude,
 # and limits the sandbox's filesystem to match.
 # ======================================================================================
 
 
-# The guard runs before every tool call: it skips main()'s parser of every command (see guard_entry)
-GUARD_LAUNCH = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; "
-    "sys.exit(orchestra.guard_entry(sys.argv[1:]))"
-)
+GUARD_SOCKET = "guard.sock"  # in .orchestra/: the supervisor's GuardServer
+GUARD_SERVER_WAIT = 10  # seconds a hook waits for the GuardServer's answer before judging itself
+GUARD_SOCKET_PATH_MAX = 104  # bytes in a Unix socket's path on Linux and macOS, with its NUL
+GUARD_BACKLOG = 64  # hooks that may wait to be accepted at once
+GUARD_ACCEPT_TICK = 1.0  # seconds between the server's looks at whether it was stopped
+GUARD_REQUEST_MAX = 64 * 1024 * 1024  # bytes of one tool call; a larger one is judged by its hook
+GUARD_CHUNK = 65536
+
+# The guard runs before every tool call. Its hook first asks the supervisor's GuardServer, which
+# has orchestra loaded already; with no server, or for a call that needs an approval, it loads
+# orchestra itself and judges the call there (guard_entry skips main()'s parser of every command).
+GUARD_LAUNCH = """\
+import json, socket, sys
+folder, server, argv, asked = sys.argv[1], sys.argv[2], sys.argv[3:], sys.stdin.read()
+answer = None
+try:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(%d)
+        s.connect(server)
+        s.sendall(json.dumps({"argv": argv, "asked": asked}).encode())
+        s.shutdown(socket.SHUT_WR)
+        answer = json.loads(b"".join(iter(lambda: s.recv(65536), b"")))
+except (OSError, ValueError):
+    pass
+if isinstance(answer, dict) and isinstance(answer.get("stdout"), str):
+    sys.stdout.write(answer["stdout"])
+    sys.exit(0)
+sys.path.insert(0, folder)
+import io, orchestra
+sys.exit(orchestra.guard_entry(argv, io.StringIO(asked)))
+""" % GUARD_SERVER_WAIT  # noqa: UP031 (its braces are Python's, not format fields)
+
+
+def guard_socket(repo):
+    """Where the supervisor's GuardServer listens: in .orchestra/, which no agent may reach."""
+    return Path(repo) / ORCHESTRA_DIR / GUARD_SOCKET
 
 
 def guard_command(repo, record, timeout):
-    """The shell command of the agent's PreToolUse hook: this very orchestra, launched as cheaply
-    as hook_command launches the approval hook (-I -S, cached bytecode), straight to guard_entry."""
+    """The shell command of the agent's PreToolUse hook: GUARD_LAUNCH, which asks the supervisor's
+    GuardServer or else this very orchestra, launched as cheaply as hook_command launches the
+    approval hook (-I -S, cached bytecode)."""
     launch = record.get("launch") or {}
     argv = [
         sys.executable,
@@ -4532,6 +4563,7 @@ def guard_command(repo, record, timeout):
         "-c",
         GUARD_LAUNCH,
         str(Path(__file__).resolve().parent),
+        str(guard_socket(repo)),
         "--repo",
         str(repo),
         "--agent",
@@ -4657,18 +4689,27 @@ def note_containment(repo, agent_id, summary, reason):
         notifier.join(NOTIFY_TIMEOUT)
 
 
-def guard_entry(argv):
-    """`orchestra hook pre-tool-use` as the hook command runs it: a parser of its own options only."""
+def guard_arguments(argv):
+    """The options of `orchestra hook pre-tool-use` as the hook command passes them."""
     parser = argparse.ArgumentParser(prog="orchestra hook pre-tool-use")
     for option in ("--repo", "--agent", "--worktree", "--branch"):
         parser.add_argument(option, required=True)
     parser.add_argument("--protect", action="append", default=[])
     parser.add_argument("--timeout", type=float, default=CONFIG_DEFAULTS["approval_timeout"])
-    return guard_hook(parser.parse_args(argv), sys.stdin, sys.stdout, os.environ)
+    return parser.parse_args(argv)
 
 
-def guard_hook(args, stdin, stdout, env):
-    """`orchestra hook pre-tool-use`: judge one tool call before it runs (see guard())."""
+def guard_entry(argv, stdin):
+    """`orchestra hook pre-tool-use` as the hook command runs it when no GuardServer answered."""
+    return guard_hook(guard_arguments(argv), stdin, sys.stdout, os.environ)
+
+
+def guard_hook(args, stdin, stdout, env, may_ask=True):
+    """`orchestra hook pre-tool-use`: judge one tool call before it runs (see guard()).
+
+    Without may_ask (in the GuardServer), a call that needs an approval is left undecided: None,
+    and the hook process asks itself, so the request names the process that waits for it.
+    """
     try:
         asked = json.loads(stdin.read())
         tool, tool_input = asked["tool_name"], asked.get("tool_input") or {}
@@ -4689,6 +4730,8 @@ def guard_hook(args, stdin, stdout, env):
         verdict = Verdict(DENY, f"{CONTAINED}: orchestra's guard failed ({e!r})")
     if verdict.decision == ALLOW:
         return EXIT_OK  # no objection: Claude Code's rules and the approval hook decide
+    if verdict.decision == ASK and not may_ask:
+        return None
     if verdict.decision == ASK:
         decision = guard_approval(
             Path(args.repo), args.agent, args.timeout, tool, tool_input, verdict.reason, asked
@@ -4760,6 +4803,104 @@ def guard_approval(repo, agent_id, timeout, tool, tool_input, reason, asked):
     if notifier:
         notifier.join(NOTIFY_TIMEOUT)
     return decision
+
+
+class GuardServer:
+    """Answers the guard hooks of this repository's agents over a Unix socket in .orchestra/, from
+    the supervisor, which has orchestra loaded: a hook then costs a bare Python start, not an
+    import of the whole module before every tool call.
+
+    It answers only this repository's calls, and only those judged without a person; for the rest
+    the hook judges itself. Anything amiss (no socket, a path too long for one, a server gone
+    mid-call) leaves the hook to judge itself too, so the server changes no verdict, only its speed.
+    """
+
+    def __init__(self, repo, env):
+        self.repo, self.env, self.path = real(repo), env, str(guard_socket(repo))
+        self.listener = None
+
+    def start(self):
+        """Listen, unless a live server answers there already or the path is too long for a socket."""
+        if len(os.fsencode(self.path)) >= GUARD_SOCKET_PATH_MAX or self.answering():
+            return self
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a server that died left it
+        listener = socket.socket(socket.AF_UNIX)
+        try:
+            listener.bind(self.path)
+            os.chmod(self.path, 0o600)
+            listener.listen(GUARD_BACKLOG)
+            listener.settimeout(GUARD_ACCEPT_TICK)  # so accept() notices stop()
+        except OSError:
+            listener.close()
+            return self
+        self.listener = listener
+        threading.Thread(target=self.accept, args=(listener,), name="guard", daemon=True).start()
+        return self
+
+    def answering(self):
+        """True when some server already answers at the socket's path."""
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(GUARD_ACCEPT_TICK)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                return False
+            return True
+
+    def stop(self):
+        """Stop listening and remove the socket; a hook then judges its calls itself."""
+        if self.listener is not None:
+            self.listener, listener = None, self.listener
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    def accept(self, listener):
+        """Answer each hook that connects, each in a thread of its own."""
+        while self.listener is listener:
+            try:
+                connection, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(connection,), daemon=True).start()
+
+    def answer(self, connection):
+        """Read one hook's request to the end, and send back its answer ({} when it must judge)."""
+        with connection:
+            connection.settimeout(GUARD_SERVER_WAIT)
+            try:
+                request = json.loads(receive_to_end(connection, GUARD_REQUEST_MAX))
+                reply = self.judge(request["argv"], request["asked"])
+            except (Exception, SystemExit):  # argparse exits: whatever fails, the hook judges
+                reply = {}
+            with contextlib.suppress(OSError):
+                connection.sendall(json.dumps(reply).encode())
+
+    def judge(self, argv, asked):
+        """{"stdout": what the hook prints} for a call of this repository's agents; else {}."""
+        args = guard_arguments(argv)
+        if real(args.repo) != self.repo:
+            return {}
+        printed = io.StringIO()
+        if guard_hook(args, io.StringIO(asked), printed, self.env, may_ask=False) is None:
+            return {}
+        return {"stdout": printed.getvalue()}
+
+
+def receive_to_end(connection, limit):
+    """The bytes a peer sends until it shuts its side; ValueError past `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = connection.recv(GUARD_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"a request of over {limit} bytes")
+        chunks.append(chunk)
 
 
 # ======================================================================================
@@ -7167,6 +7308,14 @@ class Supervisor:
         return EXIT_OK
 
     def serve(self):
+        """Answer the agents' guard hooks while scheduling (see GuardServer)."""
+        guard = GuardServer(self.project.repo, os.environ).start()
+        try:
+            self.schedule()
+        finally:
+            guard.stop()
+
+    def schedule(self):
         """Adopt, then schedule and flush until idle or asked to stop."""
         self.store.update(self.register)
         self.adopt()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -259,6 +260,18 @@ def test_a_cwd_outside_the_worktree_makes_git_refused(layout):
     assert v.decision == "deny"
 
 
+def hook_argv(folder, server, repo, worktree):
+    """The guard hook's command line as guard_command makes it, with orchestra looked for in `folder`."""
+    return [sys.executable, "-I", "-S", "-c", orchestra.GUARD_LAUNCH, str(folder), str(server),
+            "--repo", str(repo), "--agent", "mine", "--worktree", str(worktree),
+            "--branch", "orchestra/mine"]  # fmt: skip
+
+
+def run_hook(argv, tool, **tool_input):
+    request = {"tool_name": tool, "tool_input": tool_input, "cwd": tool_input.get("cwd", "")}
+    return subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True)
+
+
 def test_hook_prints_claude_codes_answer_and_logs_the_refusal(layout):
     _b, repo, worktree, home = layout
     (repo / ".orchestra" / "logs").mkdir()
@@ -267,9 +280,7 @@ def test_hook_prints_claude_codes_answer_and_logs_the_refusal(layout):
         "tool_input": {"file_path": str(repo / "x")},
         "cwd": str(worktree),
     }
-    argv = [sys.executable, "-I", "-S", "-c", orchestra.GUARD_LAUNCH, str(ROOT),
-            "--repo", str(repo), "--agent", "mine", "--worktree", str(worktree),
-            "--branch", "orchestra/mine"]  # fmt: skip
+    argv = hook_argv(ROOT, repo / ".orchestra" / "no-server.sock", repo, worktree)
     done = subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True,
                           env={**os.environ, "HOME": str(home)})  # fmt: skip
     answer = json.loads(done.stdout)["hookSpecificOutput"]
@@ -280,3 +291,43 @@ def test_hook_prints_claude_codes_answer_and_logs_the_refusal(layout):
     request["tool_input"] = {"file_path": str(worktree / "x")}
     done = subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout == ""  # no objection: Claude Code decides
+
+
+def test_the_supervisors_guard_server_answers_as_the_hook_would(layout, tmp_path):
+    """With a GuardServer listening, the hook never loads orchestra: a folder without it still
+    gets the same verdicts. A call that needs a person, or another repository's, it judges itself.
+    """
+    _b, repo, worktree, home = layout
+    (repo / ".orchestra" / "logs").mkdir(exist_ok=True)
+    server = orchestra.GuardServer(repo, {**os.environ, "HOME": str(home)}).start()
+    try:
+        no_orchestra = tmp_path / "empty"
+        argv = hook_argv(no_orchestra, orchestra.guard_socket(repo), repo, worktree)
+        refused = run_hook(argv, "Write", file_path=str(repo / "y"))
+        answer = json.loads(refused.stdout)["hookSpecificOutput"]
+        assert answer["permissionDecision"] == "deny", refused.stderr
+        assert "blocked by containment: Write writes" in answer["permissionDecisionReason"]
+        log = (repo / ".orchestra" / "logs" / "mine.jsonl").read_text()
+        assert '"tool": "Write(' in log.splitlines()[-1]
+        allowed = run_hook(argv, "Write", file_path=str(worktree / "y"))
+        assert (allowed.returncode, allowed.stdout) == (0, "")
+        asks = run_hook(argv, "Read", file_path=str(home / ".ssh" / "id_rsa"))
+        assert "No module named 'orchestra'" in asks.stderr  # the hook had to judge it itself
+        other = hook_argv(no_orchestra, orchestra.guard_socket(repo), tmp_path, worktree)
+        assert "No module named 'orchestra'" in run_hook(other, "Read", file_path="x").stderr
+        assert orchestra.GuardServer(repo, os.environ).start().listener is None  # one at a time
+    finally:
+        server.stop()
+    assert not orchestra.guard_socket(repo).exists()
+    assert run_hook(argv, "Write", file_path=str(worktree / "y")).returncode == 1  # no server
+
+
+def test_a_guard_server_takes_over_a_socket_a_dead_one_left(layout):
+    _b, repo, _worktree, _home = layout
+    with socket.socket(socket.AF_UNIX) as dead:  # a server killed with -9 leaves its file
+        dead.bind(str(orchestra.guard_socket(repo)))
+    second = orchestra.GuardServer(repo, os.environ).start()
+    try:
+        assert second.listener is not None
+    finally:
+        second.stop()
