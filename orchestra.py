@@ -4666,6 +4666,15 @@ def containment_lines(config, env):
         "integrity check: on: refs, .git config, hooks and info are put back when an agent settles",
         f"rules: {json.dumps(config['bypass_permissions'])} run without asking",
     ]
+    if (
+        claude
+        and not sandbox
+        and any(r in ("Bash", "Bash(*)") for r in config["bypass_permissions"])
+    ):
+        lines.append(
+            "missing: Bash is allowed outright with no sandbox, so a script an agent writes and "
+            "runs can reach what you can; turn the sandbox on or narrow the Bash rule"
+        )
     return [f"  {line}" for line in lines]
 
 
@@ -4918,7 +4927,9 @@ AGENT_ENV_DIR = "env"
 SYSTEM_PROMPT = (
     "You are one of several agents started by claude-orchestra. You work in your own git "
     "worktree on branch '{branch}'. Stay on this branch, and commit your work to it with clear "
-    "messages before you finish; uncommitted work may be lost. Do not push."
+    "messages before you finish; uncommitted work may be lost. Do not push. A command that "
+    "fails with a 'bwrap:' error before it runs met the sandbox starting beside another agent's: "
+    "run it again."
 )
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 # The oldest Claude Code with every flag and hook orchestra uses, found by trying each release

@@ -331,3 +331,13 @@ def test_a_guard_server_takes_over_a_socket_a_dead_one_left(layout):
         assert second.listener is not None
     finally:
         second.stop()
+
+
+def test_init_says_what_is_missing_when_bash_is_allowed_with_no_sandbox(repo, cli):
+    assert cli("config", "set", "sandbox", "off").code == 0
+    init = cli("init")
+    assert "  sandbox: off (sandbox is off): Bash is checked by the guard alone" in init.out
+    assert "missing:" not in init.out
+    assert cli("config", "set", "bypass_permissions", '["Bash", "Edit(./**)"]').code == 0
+    init = cli("init")
+    assert "  missing: Bash is allowed outright with no sandbox, so a script an agent" in init.out
