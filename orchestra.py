@@ -5412,8 +5412,9 @@ def group_members(pgid):
 # version kept in .orchestra/integrity/<id>/<time>/), and the agent is marked `tampered` with
 # what changed (once per run: `collect` checks only runs no supervisor settled). Another agent's
 # branch may move while that agent runs, and orchestra's own
-# merges move the target branch: those are accepted (see accept_refs). A change the user
-# made while the agent ran is treated the same way, and kept, never lost.
+# merges move the target branch: those are accepted (see accept_refs). So is the branch your
+# checkout has out when its HEAD log shows you moving it there (a commit or pull you made while
+# the agent ran). Any other change you made meanwhile is put back too, and kept, never lost.
 # ======================================================================================
 
 INTEGRITY_DIR = "integrity"  # in .orchestra/: <id>.json baselines, <id>/<time>/ changed files
@@ -5515,6 +5516,24 @@ def verify_integrity(project, record, records, unverified_only=False):
     return found
 
 
+def moved_in_checkout(repo, ref, new, since):
+    """True when `ref` is the branch your checkout has out and your checkout's HEAD log shows it
+    reaching `new` since `since`: a commit, merge or pull you made there while the agent ran. The
+    guard and the sandbox keep agents out of your checkout, so that is your doing, not theirs."""
+    head = run_git(["symbolic-ref", "-q", "HEAD"], repo, check=False).stdout.strip()
+    if head != ref:
+        return False
+    start = parse_iso(since) or 0
+    try:
+        log = (common_git_dir(repo) / "logs" / "HEAD").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    entries = (line.split("\t", 1)[0].split() for line in log.splitlines())
+    return any(
+        len(e) >= 4 and e[1] == new and e[-2].isdigit() and int(e[-2]) >= start for e in entries
+    )
+
+
 def restore_refs(project, record, baseline, records, stamp, prefix):
     """Refs moved, made or deleted since the baseline: kept under tampered/, then put back."""
     now = guarded_refs(current_refs(project.repo), record)
@@ -5525,10 +5544,15 @@ def restore_refs(project, record, baseline, records, stamp, prefix):
             continue
         if old is None and ref.startswith(f"refs/heads/{prefix}/"):
             continue  # a newer agent's branch
+        if new and moved_in_checkout(project.repo, ref, new, baseline["at"]):
+            continue
         if new:
             run_git(["update-ref", keep + ref[len("refs/") :], new], project.repo)
         if old:
-            run_git(["update-ref", ref, old], project.repo)
+            back = run_git(["update-ref", ref, old, new or ""], project.repo, check=False)
+            if back.returncode:  # it moved again as we looked: whoever did it, it is kept
+                found.append(f"{'moved' if new else 'deleted'} {ref} (moving still: left as is)")
+                continue
             found.append(f"{'moved' if new else 'deleted'} {ref} (put back to {old[:12]})")
         else:
             run_git(["update-ref", "-d", ref], project.repo)
