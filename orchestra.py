@@ -14157,26 +14157,22 @@ def whole_number_at_least(low):
 positive_int, non_negative_int = whole_number_at_least(1), whole_number_at_least(0)
 
 
-def budget_usd(text):
-    """argparse type: a spending limit in US dollars, above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of US dollars") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-    return value
+def number_above_zero(what):
+    """An argparse type: a finite number above 0, of `what` ("US dollars", "hours")."""
+
+    def convert(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number of {what}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+        return value
+
+    return convert
 
 
-def positive_hours(text):
-    """argparse type: a positive number of hours."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of hours") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
+budget_usd, positive_hours = number_above_zero("US dollars"), number_above_zero("hours")
 
 
 def port_number(text):
