@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""claude-orchestra: run several Claude Code agents in parallel, each on its own branch and worktree.
+"""claude-orchestra: run several Claude Code agents in parallel, each on its own branch/worktree.
 
 Every agent works in `<repo>/.worktrees/task-<id>/` on branch `orchestra/<id>`, and is contained
 there: a guard that Claude Code runs before every tool call refuses writes outside the worktree,
 reads of orchestra's files and other agents' worktrees, and git beyond the agent's own branch;
-what slips past is found and put back when the agent settles (docs/containment.md). A detached supervisor starts queued agents up to the
-parallel limit, follows their stream-json output, and keeps `.orchestra/state.json` true.
+what slips past is found and put back when the agent settles (docs/containment.md). A detached
+supervisor starts queued agents up to the parallel limit, here or on other hosts over ssh,
+follows their stream-json output, and keeps `.orchestra/state.json` true.
 
 Commands:
   orchestra init                      create .orchestra/ and show the effective configuration
@@ -16,16 +17,16 @@ Commands:
   orchestra spawn TASK... [--wait]    queue agents, one worktree and branch per task
   orchestra status [ID...] [--watch]  what every agent is doing, its cost and its commits
   orchestra logs ID [-f] [--tail N]   an agent's activity as readable lines
-  orchestra diff ID [--stat]          an agent's commits and uncommitted work against its base, paged
+  orchestra diff ID [--stat]          an agent's commits and uncommitted work against its base
   orchestra approvals [--json]        tool calls agents wait to have approved
   orchestra approve REQ [--always]    allow one (REQ or an agent id); orchestra deny REQ refuses it
   orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
-  orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
-  orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
+  orchestra send ID MESSAGE           a follow-up in the agent's own session (after its turn)
+  orchestra retry ID                  a failed or stopped agent's task again (ID-2), or its session
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
   orchestra land [ID...] [--dry-run]  merge queue: land agents whose checks pass on the result
-  orchestra cleanup [--dry-run]       remove worktrees and branches, archiving anything unsaved first
+  orchestra cleanup [--dry-run]       remove worktrees and branches, archiving unsaved work first
   orchestra restore ID                bring a cleaned-up agent back from its archive
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
   orchestra web [--port N] [--qr]     the phone-friendly dashboard, JSON API and live WebSocket
@@ -42,8 +43,9 @@ State lives in `<repo>/.orchestra/` (readable by you alone): state.json (live ag
 history.jsonl (cleaned-up agents, one record a line), logs/<id>.jsonl (each agent's stream-json
 output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the dashboard's
 access token, new on every start), approvals/ (requests waiting, decisions, --always rules, each
-signed with approval.key) and the lock files. Work
-saved before a cleanup: refs/orchestra/archive/<id>/.
+signed with approval.key), integrity/ (what each agent must not change), guard.sock (the
+supervisor answering the guard) and the lock files. Work saved before a cleanup:
+refs/orchestra/archive/<id>/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
 
@@ -75,7 +77,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Sessions: resuming              `claude --resume` in the session's own (recreated) cwd
   Collect: reports                what each finished agent did, cached by RepoFacts
   Collect: commits, merges and pull requests   bringing work home
-  Landing                         the merge queue: scratch merges, checks, compare-and-swap, fix rounds
+  Landing                         the merge queue: scratch merges, checks, compare-and-swap
   Cleanup and archives            remove only what is saved; archive refs; restore
   WebSocket                       RFC 6455 by hand: handshake, frames, one connection
   HTTP server: the gate           Host, Origin, token and size checks before any route
@@ -84,16 +86,15 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   QR code                         ISO/IEC 18004 for `web --qr`, drawn in the terminal
   Command line: shared parts      the parser class, tables, colours, number types
   Command line: setting up        init, config, doctor
-  Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff, approvals
+  Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff...
   Command line: results           collect, land, cleanup, restore
   Command line: sessions, web and internals   sessions, web, supervise, hook
   Command line: hosts             hosts, and host-agent: what a host runs for home
   Command line: the parser        PARSER_BUILDERS and build_parser()
   Main                            main(): an OrchestraError becomes a message and an exit status
-Where the open work goes: exact approvals and keyed decisions stay in Approvals, the token challenge in the gate; other
-hosts over ssh as "Hosts" before the Supervisor, which places agents on them; the merge queue
-as "Landing" after Collect: commits, merges and pull requests; each command's parser and
-handler join a "Command line" section of their group.
+New code joins the section whose story it tells. A new story gets its own banner, below every
+section it names, and a line in this map; a section that passes 900 lines is split where its
+story divides.
 """
 
 from __future__ import annotations
