@@ -4526,14 +4526,15 @@ GUARD_CHUNK = 65536
 # has orchestra loaded already; with no server, or for a call that needs an approval, it loads
 # orchestra itself and judges the call there (guard_entry skips main()'s parser of every command).
 GUARD_LAUNCH = """\
-import json, socket, sys
+import json, os, socket, sys
 folder, server, argv, asked = sys.argv[1], sys.argv[2], sys.argv[3:], sys.stdin.read()
+env = {k: os.environ[k] for k in ("HOME", "ORCHESTRA_CONFIG", "XDG_CONFIG_HOME") if k in os.environ}
 answer = None
 try:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(%d)
         s.connect(server)
-        s.sendall(json.dumps({"argv": argv, "asked": asked}).encode())
+        s.sendall(json.dumps({"argv": argv, "asked": asked, "env": env}).encode())
         s.shutdown(socket.SHUT_WR)
         answer = json.loads(b"".join(iter(lambda: s.recv(65536), b"")))
 except (OSError, ValueError):
@@ -4825,8 +4826,8 @@ class GuardServer:
     mid-call) leaves the hook to judge itself too, so the server changes no verdict, only its speed.
     """
 
-    def __init__(self, repo, env):
-        self.repo, self.env, self.path = real(repo), env, str(guard_socket(repo))
+    def __init__(self, repo):
+        self.repo, self.path = real(repo), str(guard_socket(repo))
         self.listener = None
 
     def start(self):
@@ -4883,19 +4884,22 @@ class GuardServer:
             connection.settimeout(GUARD_SERVER_WAIT)
             try:
                 request = json.loads(receive_to_end(connection, GUARD_REQUEST_MAX))
-                reply = self.judge(request["argv"], request["asked"])
+                reply = self.judge(request["argv"], request["asked"], request["env"])
             except (Exception, SystemExit):  # argparse exits: whatever fails, the hook judges
                 reply = {}
             with contextlib.suppress(OSError):
                 connection.sendall(json.dumps(reply).encode())
 
-    def judge(self, argv, asked):
-        """{"stdout": what the hook prints} for a call of this repository's agents; else {}."""
+    def judge(self, argv, asked, env):
+        """{"stdout": what the hook prints} for a call of this repository's agents; else {}.
+
+        `env` is the hook's HOME and where it finds your orchestra config: the paths it protects.
+        """
         args = guard_arguments(argv)
-        if real(args.repo) != self.repo:
+        if real(args.repo) != self.repo or not all(isinstance(v, str) for v in env.values()):
             return {}
         printed = io.StringIO()
-        if guard_hook(args, io.StringIO(asked), printed, self.env, may_ask=False) is None:
+        if guard_hook(args, io.StringIO(asked), printed, env, may_ask=False) is None:
             return {}
         return {"stdout": printed.getvalue()}
 
@@ -7345,7 +7349,7 @@ class Supervisor:
 
     def serve(self):
         """Answer the agents' guard hooks while scheduling (see GuardServer)."""
-        guard = GuardServer(self.project.repo, os.environ).start()
+        guard = GuardServer(self.project.repo).start()
         try:
             self.schedule()
         finally:

@@ -169,7 +169,7 @@ def main():
         floor = statistics.median(baseline_python(20)) * 1000
         print(f"bare python -I -S: {floor:.0f} ms")
         report_hook("judging itself (no supervisor)", time_hook(record, args.calls))
-        server = orchestra.GuardServer(project.repo, os.environ).start()
+        server = orchestra.GuardServer(project.repo).start()
         report_hook("as installed (supervisor's guard server)", time_hook(record, args.calls))
         with ScriptedAPI() as api:
             env = {**claude_env(api, config_dir=Path(tmp) / "claude-config"), **IDENTITY}

@@ -267,9 +267,12 @@ def hook_argv(folder, server, repo, worktree):
             "--branch", "orchestra/mine"]  # fmt: skip
 
 
-def run_hook(argv, tool, **tool_input):
+def run_hook(argv, tool, home=None, **tool_input):
     request = {"tool_name": tool, "tool_input": tool_input, "cwd": tool_input.get("cwd", "")}
-    return subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True)
+    mine = ("ORCHESTRA_CONFIG", "XDG_CONFIG_HOME")  # your config then follows HOME
+    env = {**{k: v for k, v in os.environ.items() if k not in mine}, "HOME": str(home)}
+    env = env if home else None
+    return subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True, env=env)
 
 
 def test_hook_prints_claude_codes_answer_and_logs_the_refusal(layout):
@@ -299,7 +302,7 @@ def test_the_supervisors_guard_server_answers_as_the_hook_would(layout, tmp_path
     """
     _b, repo, worktree, home = layout
     (repo / ".orchestra" / "logs").mkdir(exist_ok=True)
-    server = orchestra.GuardServer(repo, {**os.environ, "HOME": str(home)}).start()
+    server = orchestra.GuardServer(repo).start()
     try:
         no_orchestra = tmp_path / "empty"
         argv = hook_argv(no_orchestra, orchestra.guard_socket(repo), repo, worktree)
@@ -311,11 +314,14 @@ def test_the_supervisors_guard_server_answers_as_the_hook_would(layout, tmp_path
         assert '"tool": "Write(' in log.splitlines()[-1]
         allowed = run_hook(argv, "Write", file_path=str(worktree / "y"))
         assert (allowed.returncode, allowed.stdout) == (0, "")
-        asks = run_hook(argv, "Read", file_path=str(home / ".ssh" / "id_rsa"))
+        asks = run_hook(argv, "Read", home, file_path=str(home / ".ssh" / "id_rsa"))
         assert "No module named 'orchestra'" in asks.stderr  # the hook had to judge it itself
+        config = home / ".config" / "claude-orchestra" / "config.json"  # your config, by your HOME
+        refused = run_hook(argv, "Read", home, file_path=str(config))
+        assert '"permissionDecision": "deny"' in refused.stdout, refused.stderr
         other = hook_argv(no_orchestra, orchestra.guard_socket(repo), tmp_path, worktree)
         assert "No module named 'orchestra'" in run_hook(other, "Read", file_path="x").stderr
-        assert orchestra.GuardServer(repo, os.environ).start().listener is None  # one at a time
+        assert orchestra.GuardServer(repo).start().listener is None  # one at a time
     finally:
         server.stop()
     assert not orchestra.guard_socket(repo).exists()
@@ -326,7 +332,7 @@ def test_a_guard_server_takes_over_a_socket_a_dead_one_left(layout):
     _b, repo, _worktree, _home = layout
     with socket.socket(socket.AF_UNIX) as dead:  # a server killed with -9 leaves its file
         dead.bind(str(orchestra.guard_socket(repo)))
-    second = orchestra.GuardServer(repo, os.environ).start()
+    second = orchestra.GuardServer(repo).start()
     try:
         assert second.listener is not None
     finally:
