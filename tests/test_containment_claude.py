@@ -285,6 +285,7 @@ def test_a_commit_you_make_in_your_checkout_while_an_agent_runs_stays(repo, clau
     claude_api.script("slow-agent", [bash("sleep 4"), text("done")])
     assert cli("spawn", "slow-agent").code == 0
     wait_for(lambda: load_state(repo)["agents"]["slow-agent"]["state"] == "running", 60)
+    assert (repo / ".orchestra" / "guard.sock").is_socket()  # the supervisor answers the guard
     (repo / "notes.txt").write_text("mine\n")
     git("add", "notes.txt", cwd=repo)
     git("commit", "-qm", "my own work", cwd=repo)
