@@ -10407,72 +10407,6 @@ def overwritten_by_merge(repo, tip):
     return sorted(set(hits))
 
 
-def merge_agents(project, records):
-    """Merge agents' branches into the current branch one by one; (merged ids, stop or None).
-
-    Stops at the first conflict, or before a merge that would overwrite untracked or ignored
-    files, with the checkout as it was. Ctrl-C undoes this run's merges, leaving it as before.
-    """
-    repo = project.repo
-    check_checkout_clean(repo, "merging")
-    if current_branch(repo) is None:
-        raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
-    start, merged = ref_commit(repo, "HEAD"), []
-    try:
-        for record in sorted(records, key=spawn_order):
-            with shield_interrupts():
-                stop = merge_one(project, record)
-            if stop:
-                return merged, stop
-            if stop is False:
-                merged.append(record["id"])
-    except KeyboardInterrupt:
-        with shield_interrupts():
-            undo_merges(repo, start)
-        raise
-    return merged, None
-
-
-def merge_one(project, record):
-    """Merge one agent's branch: False when merged, None when nothing to do, else why it stopped."""
-    repo, tip = project.repo, branch_tip(project, record)
-    if tip is None or is_ancestor(repo, tip, "HEAD"):
-        return None
-    stop = {"id": record["id"], "branch": record["branch"], "files": [], "git": "", "untracked": []}
-    blocked = overwritten_by_merge(repo, tip)
-    if blocked:
-        return dict(stop, untracked=blocked)
-    message = f"Merge {record['branch']}: {one_line(record['task'], 72)}"
-    done = run_git(["merge", "--no-ff", "--no-edit", "-m", message, tip], repo, check=False)
-    if done.returncode == 0:
-        return False
-    files = run_git(["diff", "--name-only", "--diff-filter=U"], repo).stdout.split()
-    if operation_in_progress(repo):
-        run_git(["merge", "--abort"], repo)
-    return dict(stop, files=files, git=one_line(done.stderr or done.stdout, TAIL_CHARS))
-
-
-def undo_merges(repo, start):
-    """Put the user's checkout back at `start` after an interrupted collect --merge."""
-    if (
-        Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip()) / "MERGE_HEAD"
-    ).exists():
-        run_git(["merge", "--abort"], repo, check=False)
-    if start and ref_commit(repo, "HEAD") != start:
-        run_git(["reset", "--quiet", "--keep", start], repo, check=False)
-
-
-def mark_merged(project, ids):
-    """Remember that collect --merge merged these agents (status shows them as merged)."""
-
-    def change(state):
-        for agent_id in ids:
-            state["agents"][agent_id]["merged"] = True
-
-    if ids:
-        project.store.update(change)
-
-
 def check_before_collect(project, records):
     """Run the integrity check of each agent before its work is reported or merged; the records, updated."""
     live = project.store.load()["agents"]
@@ -10502,53 +10436,6 @@ def gate_on_integrity(records, force):
     return chosen, skipped
 
 
-def collect_agents(
-    project,
-    ids,
-    commit=False,
-    merge=False,
-    patch=None,
-    pr=False,
-    into=None,
-    cwd=None,
-    include_failing=False,
-    force=False,
-):
-    """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
-    merges (done agents whose checks passed, or the named ones), writes a patch and opens pull requests.
-    `cwd` is where the command runs: a merge from a linked worktree needs `into`."""
-    records = finished_agents(project.all_records() if ids else project.records(), ids)
-    if merge:
-        check_merge_target(project, cwd or project.repo, into)
-        check_checkout_clean(project.repo, "merging")
-    elif into:
-        raise OrchestraError("--into names where --merge merges; add --merge")
-    records = check_before_collect(project, records)
-    errors = {r["id"]: collect_problem(project, r) for r in records}
-    errors = {i: e for i, e in errors.items() if e}
-    records = [r for r in records if r["id"] not in errors]
-    committed, staged_kept = commit_all_leftovers(project, records if commit else [], errors)
-    accept_refs(project, [f"refs/heads/{r['branch']}" for r in records if r["id"] in committed])
-    refresh_change_counts(project, [r for r in records if r["id"] in committed])
-    reports = agent_reports(project, records, errors)
-    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
-    document["errors"] = [{"id": i, "error": e} for i, e in errors.items()]
-    document["staged_kept"] = staged_kept
-    if merge:
-        chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
-        chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
-        merge_chosen(project, chosen, document, bool(ids), include_failing, force)
-    if patch:
-        document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
-    if pr:
-        document["pull_requests"] = open_pull_requests(project, reports)
-        document["pr_failed"] = any(
-            line.startswith("cannot open") or ": gh failed:" in line
-            for line in document["pull_requests"]
-        )
-    return document
-
-
 def commit_all_leftovers(project, records, errors):
     """Commit each agent's leftovers on its branch: ([ids committed], {id: ref of a kept staged
     version}); an agent git failed for goes into `errors` and the others go on."""
@@ -10564,25 +10451,6 @@ def commit_all_leftovers(project, records, errors):
         if isinstance(done, str):
             staged_kept[record["id"]] = done
     return committed, staged_kept
-
-
-def merge_chosen(project, chosen, document, named, include_failing, force):
-    """collect --merge: the agents the checks and the integrity check let through, merged into the
-    checkout under the land lock (never interleaved with a land); the document says what happened.
-    """
-    chosen, document["not_merged"] = gate_on_checks(chosen, named or include_failing)
-    chosen, refused = gate_on_integrity(chosen, named and force)
-    document["not_merged"] += refused
-    target = run_git(["symbolic-ref", "-q", "HEAD"], project.repo, check=False).stdout.strip()
-    lock = FileLock(project.dir / LAND_LOCK)
-    if not lock.acquire(blocking=False):
-        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
-    try:
-        document["merged"], document["conflict"] = merge_agents(project, chosen)
-    finally:
-        lock.release()
-    accept_refs(project, [target] if target else [])
-    mark_merged(project, document["merged"])
 
 
 def pull_request_body(report):
@@ -10666,29 +10534,7 @@ def collect_text(document):
     ]
     parts += [f"Error: {e['error']}" for e in document.get("errors", [])]
     if "merged" in document:
-        parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
-        unchanged = [
-            r["id"] for r in document["agents"] if not r["commits"] and not r["uncommitted"]
-        ]
-        if unchanged:
-            parts.append("No changes (nothing to merge): " + ", ".join(unchanged))
-        parts += [
-            f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
-            for s in document.get("not_merged", [])
-        ]
-    if document.get("conflict", {}) and document["conflict"].get("untracked"):
-        c = document["conflict"]
-        parts.append(
-            f"Not merging {c['id']}: it would overwrite your untracked or ignored "
-            f"{', '.join(c['untracked'][:MAX_LISTED_FILES])}; move them away, then run collect --merge again"
-        )
-    elif document.get("conflict"):
-        c = document["conflict"]
-        where = ", ".join(c["files"]) or c["git"]
-        parts.append(
-            f"Merging {c['id']} conflicts in {where}; the merge was aborted and your checkout is as it was. "
-            f"Merge it by hand: git merge {c['branch']}"
-        )
+        parts += merge_text(document)
     if "patch" in document:
         parts.append(
             f"Wrote {document['patch']['commits']} commit(s) to {document['patch']['path']} (apply with git am)"
@@ -10703,6 +10549,25 @@ def collect_text(document):
             "'orchestra collect --commit' commits it on the agent's branch"
         )
     return "\n\n".join(parts)
+
+
+def merge_text(document):
+    """collect --merge's part of the report: what landed (or, with --dry-run, would), what not and why."""
+    if document.get("dry_run"):
+        lines = [r["line"] for r in document["landing"]] or ["nothing to merge"]
+        parts = ["Dry run, nothing changed:\n" + "\n".join(lines)]
+    else:
+        parts = ["Merged: " + (", ".join(document["merged"]) or "nothing new")]
+        parts += document.get("notes", [])
+    unchanged = [r["id"] for r in document["agents"] if not r["commits"] and not r["uncommitted"]]
+    if unchanged:
+        parts.append("No changes (nothing to merge): " + ", ".join(unchanged))
+    gate_hint = "name it or add --include-failing to merge it anyway"
+    parts += [
+        f"Not merged: {s['id']}: {s['reason']} ({s.get('hint') or gate_hint})"
+        for s in document.get("not_merged", [])
+    ]
+    return parts
 
 
 def sent_text(agent_id, waits):
@@ -10788,6 +10653,30 @@ LAND_RED_PROMPT = (
 )
 
 
+class LandPlan(NamedTuple):
+    """How one run of the queue goes: `land`'s defaults, or its short form `collect --merge`."""
+
+    strategy: str  # land_strategy: merge, rebase or squash
+    dry_run: bool = False
+    follow: bool = False  # collect --merge: land only what the user's checkout can follow
+    unchecked: frozenset = (
+        frozenset()
+    )  # ids landed without checks on the result (named past the gate)
+    wait_fixes: bool = True  # wait for fix rounds and retry (land); collect --merge makes one pass
+
+
+@contextlib.contextmanager
+def holding_land_lock(project):
+    """Hold land.lock for one land, web Land or collect --merge; a second one refuses at once."""
+    lock = FileLock(project.dir / LAND_LOCK)
+    if not lock.acquire(blocking=False):
+        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def landing_target(project, into):
     """The branch land moves: --into, else base_branch, else the branch checked out in the repo."""
     target = into or project.config["base_branch"] or current_branch(project.repo)
@@ -10831,9 +10720,7 @@ def scratch_worktree(project, commit):
     path, ready = project.dir / LAND_WORKTREE, project.dir / LAND_READY
     copies = files_to_copy(project, include_patterns(project))
     if not ready.exists() or not (path / ".git").is_file():
-        git_bytes(["worktree", "remove", "--force", str(path)], project.repo, check=False)
-        shutil.rmtree(path, ignore_errors=True)
-        git_bytes(["worktree", "prune"], project.repo)
+        delete_worktree(project.repo, path)  # its own entry only: never `git worktree prune`
         git_bytes(["worktree", "add", "--quiet", "--detach", str(path), commit], project.repo)
         copy_into(project, path, copies)
         error = run_setup(project.config["setup"], path, project.dir / LAND_SETUP_LOG)
@@ -10921,29 +10808,44 @@ def checkout_of(project, target):
     return None
 
 
-def checkout_can_follow(checkout, new):
-    """True when a fast-forward of the user's checkout to `new` can overwrite nothing of theirs:
-    nothing in progress, no hidden (assume-unchanged, skip-worktree) changes, no untracked or
-    ignored file in the way (git itself refuses only for overlapping uncommitted changes)."""
-    if operation_in_progress(checkout) or hidden_changes(checkout):
-        return False
-    return not overwritten_by_merge(checkout, new)
+def checkout_stop(checkout, new):
+    """Why a fast-forward of the user's checkout to `new` could overwrite something of theirs, or
+    None: an operation in progress, hidden (assume-unchanged, skip-worktree) changes, untracked
+    or ignored files in the way (git itself refuses only for overlapping uncommitted changes)."""
+    operation = operation_in_progress(checkout)
+    if operation:
+        return f"{operation} is in progress in your checkout {checkout}"
+    hidden = hidden_changes(checkout)
+    if hidden:
+        return (
+            f"your checkout {checkout} has changes git status does not show "
+            f"({', '.join(hidden[:MAX_LISTED_FILES])}: marked assume-unchanged or skip-worktree)"
+        )
+    in_the_way = overwritten_by_merge(checkout, new)
+    if in_the_way:
+        return f"it would overwrite your untracked or ignored {', '.join(in_the_way[:MAX_LISTED_FILES])}"
+    return None
 
 
-def move_target(project, target, old, new):
-    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout).
+def move_target(project, target, old, new, follow=False):
+    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout);
+    moved is None when `follow` asks for the user's checkout to come along and it cannot (the
+    note says why; nothing moved).
 
     Running agents' integrity baselines take the new target (orchestra moved it, not they)."""
-    moved, note = swap_target(project, target, old, new)
+    moved, note = swap_target(project, target, old, new, follow)
     if moved:
         accept_refs(project, [f"refs/heads/{target}"])
     return moved, note
 
 
-def swap_target(project, target, old, new):
+def swap_target(project, target, old, new, follow=False):
     """move_target's compare-and-swap itself, through the user's checkout when it can follow."""
     checkout = checkout_of(project, target)
-    if checkout is not None and checkout_can_follow(checkout, new):
+    stop = checkout_stop(checkout, new) if checkout is not None else None
+    if follow and (checkout is None or stop):
+        return None, stop or f"{target} is no longer checked out in {project.repo}"
+    if checkout is not None and not stop:
         dirty = git_bytes(["status", "--porcelain", "--untracked-files=no"], checkout).stdout
         done = git_bytes(["merge", "--quiet", "--ff-only", new], checkout, check=False)
         if done.returncode == 0:
@@ -10953,6 +10855,9 @@ def swap_target(project, target, old, new):
             return True, kept if dirty.strip() else None
         if ref_commit(project.repo, f"refs/heads/{target}") != old:
             return False, None
+        if follow:
+            said = one_line(done.stderr.decode("utf-8", "replace"), TAIL_CHARS)
+            return None, f"your checkout {checkout} changed meanwhile and cannot follow ({said})"
     done = git_bytes(
         ["update-ref", "-m", "orchestra land", f"refs/heads/{target}", new, old],
         project.repo,
@@ -11066,24 +10971,32 @@ def send_back(project, record, prompt, reason):
     return {"id": agent_id, "outcome": "fixing", "round": rounds, "reason": reason}
 
 
-def land_one(project, record, target, strategy, dry_run=False):
+def land_one(project, record, target, plan):
     """Try to land one agent on the target's current tip; what happened, as a dict with `outcome`."""
     repo, agent_id = project.repo, record["id"]
     tip, old = branch_tip(project, record), ref_commit(repo, f"refs/heads/{target}")
     pending = (record.get("landing") or {}).get("commit")
-    if pending and not dry_run and is_ancestor(repo, pending, old):
+    if pending and not plan.dry_run and is_ancestor(repo, pending, old):
         return mark_landed(project, record, target, pending)  # a landing an interruption cut short
     if tip is None:
-        return park(project, record, f"its branch {record['branch']} is gone")
+        reason = f"its branch {record['branch']} is gone"
+        return (
+            {"id": agent_id, "outcome": "would be blocked: " + reason}
+            if plan.dry_run
+            else park(project, record, reason)
+        )
     if is_ancestor(repo, tip, old):
-        if dry_run:
+        if plan.dry_run:
             return {"id": agent_id, "outcome": f"nothing new: its commits are in {target} already"}
         note = f"nothing new to land: its commits are in {target} already"
-        return mark_landed(project, record, target, old, note)
-    if dry_run:
-        return dry_run_one(repo, record, tip, old)
+        return dict(mark_landed(project, record, target, old, note), nothing_new=True)
+    stop = checkout_stop(repo, tip) if plan.follow else None
+    if stop:
+        return {"id": agent_id, "outcome": "stopped", "reason": stop}
+    if plan.dry_run:
+        return dict(dry_run_one(repo, record, tip, old), unchecked=agent_id in plan.unchecked)
     path = scratch_worktree(project, old)
-    new, conflicts = combine(path, strategy, record, tip, old)
+    new, conflicts = combine(path, plan.strategy, record, tip, old)
     if conflicts:
         prompt = LAND_CONFLICT_PROMPT.format(
             branch=record["branch"], target=target, commit=old, files=", ".join(conflicts)
@@ -11091,35 +11004,45 @@ def land_one(project, record, target, strategy, dry_run=False):
         return send_back(
             project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}"
         )
-    failure = checks_on(path, record)
+    failure = None if agent_id in plan.unchecked else checks_on(path, record)
     if failure:
-        code = "timed out" if failure["exit_code"] is None else f"status {failure['exit_code']}"
-        prompt = LAND_RED_PROMPT.format(
-            branch=record["branch"],
-            target=target,
-            commit=old,
-            command=failure["command"],
-            exit_code=code,
-            tail=failure["tail"] or "(no output)",
-        )
-        return send_back(
-            project,
-            record,
-            prompt,
-            f"checks fail on {target} with its work: {failure['command']} ({code})",
-        )
+        return send_back_red(project, record, target, old, failure)
+    return move_landed(project, record, target, (old, new), plan)
+
+
+def send_back_red(project, record, target, old, failure):
+    """Checks failed on the merged result: a fix round that says which command and how."""
+    code = "timed out" if failure["exit_code"] is None else f"status {failure['exit_code']}"
+    prompt = LAND_RED_PROMPT.format(
+        branch=record["branch"],
+        target=target,
+        commit=old,
+        command=failure["command"],
+        exit_code=code,
+        tail=failure["tail"] or "(no output)",
+    )
+    reason = f"checks fail on {target} with its work: {failure['command']} ({code})"
+    return send_back(project, record, prompt, reason)
+
+
+def move_landed(project, record, target, old_new, plan):
+    """Move the target to the landed commit (noted in the record first, for a rerun after an
+    interruption); the outcome: landed, retry (the target moved meanwhile) or stopped."""
+    (old, new), agent_id, before = old_new, record["id"], record.get("landing")
     with shield_interrupts():
         set_landing(
-            project,
-            agent_id,
-            landing={**(record.get("landing") or {}), "status": "moving", "commit": new},
+            project, agent_id, landing={**(before or {}), "status": "moving", "commit": new}
         )
-        moved, note = move_target(project, target, old, new)
+        moved, note = move_target(project, target, old, new, plan.follow)
+        if moved is None:  # collect --merge: the user's checkout cannot follow; nothing moved
+            set_landing(project, agent_id, landing=before)
+            return {"id": agent_id, "outcome": "stopped", "reason": note}
         if not moved:
-            return {
-                "id": agent_id,
-                "outcome": "retry",
-            }  # the target moved meanwhile: again on its new tip
+            set_landing(project, agent_id, landing=before)
+            return {"id": agent_id, "outcome": "retry"}  # the target moved: again on its new tip
+        if agent_id in plan.unchecked:
+            unchecked = "landed without checks on the result: you named it past the checks gate"
+            note = unchecked + (f"; {note}" if note else "")
         return mark_landed(project, record, target, new, note)
 
 
@@ -11145,27 +11068,22 @@ def land_agents(
     waiting for their fix rounds; with `wait`, also every agent that finishes while others are
     still at work (dependents included), until none is. {"into", "results", "not_landed"}."""
     target = landing_target(project, into)
-    strategy = project.config["land_strategy"]
-    lock = FileLock(project.dir / LAND_LOCK)
-    if not lock.acquire(blocking=False):
-        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
-    try:
+    plan = LandPlan(project.config["land_strategy"], dry_run)
+    with holding_land_lock(project):
         report, results = progress or (lambda result: None), []
         while True:
             chosen, skipped = land_candidates(project, ids, include_failing)
             queue = [r["id"] for r in chosen]
-            results += run_queue(project, queue, target, strategy, dry_run, report)
+            results += run_queue(project, queue, target, plan, report)
             if not wait or dry_run:
                 break
             if not chosen and not still_working(project.store.load()["agents"]):
                 break
             if not chosen:
                 time.sleep(LAND_POLL)
-    finally:
-        lock.release()
     return {
         "into": target,
-        "strategy": strategy,
+        "strategy": plan.strategy,
         "dry_run": dry_run,
         "results": results,
         "not_landed": skipped,
@@ -11178,8 +11096,9 @@ def still_working(agents):
     return any(r["state"] in ACTIVE_STATES and not r.get("waits_for") for r in agents.values())
 
 
-def run_queue(project, queue, target, strategy, dry_run, progress):
-    """Land the queue's agents in order; an agent in a fix round is retried once it ends."""
+def run_queue(project, queue, target, plan, progress):
+    """Land the queue's agents in order; an agent in a fix round is retried once it ends (when
+    the plan waits for fix rounds)."""
     results, waiting = {}, []
     while queue or waiting:
         for agent_id in list(waiting):
@@ -11197,11 +11116,11 @@ def run_queue(project, queue, target, strategy, dry_run, progress):
             continue
         agent_id = queue.pop(0)
         record = project.store.load()["agents"][agent_id]
-        result = land_one(project, record, target, strategy, dry_run)
+        result = land_one(project, record, target, plan)
         if result["outcome"] == "retry":
             queue.insert(0, agent_id)
             continue
-        if result["outcome"] == "fixing":
+        if result["outcome"] == "fixing" and plan.wait_fixes:
             waiting.append(agent_id)
         results[agent_id] = result
         progress(result)
@@ -11231,9 +11150,119 @@ def land_line(result, target):
         return f"{agent_id}: blocked: {result['reason']}; send it a follow-up ('orchestra send {agent_id} ...'), then land it again"
     if outcome == "would conflict":
         return f"{agent_id}: would conflict in {', '.join(result['files']) or 'some files'} and get a fix round"
+    if outcome == "would land" and result.get("unchecked"):
+        return f"{agent_id}: would merge {result['commits']} commit(s) and land without checks on the result (named past the checks gate)"
     if outcome == "would land":
         return f"{agent_id}: would merge {result['commits']} commit(s), run the checks on the result and land"
+    if outcome == "stopped":
+        return f"{agent_id}: not landed: {result['reason']}"
     return f"{agent_id}: {outcome}"
+
+
+def collect_agents(
+    project,
+    ids,
+    commit=False,
+    merge=False,
+    patch=None,
+    pr=False,
+    into=None,
+    cwd=None,
+    include_failing=False,
+    force=False,
+    dry_run=False,
+):
+    """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
+    merges (land's short form: done agents whose checks passed, or the named ones), writes a patch
+    and opens pull requests. `cwd` is where the command runs: a merge from a linked worktree
+    needs `into`. It lives here, below Landing, because --merge is a run of the queue."""
+    if dry_run and (not merge or commit or patch or pr):
+        raise OrchestraError(
+            "--dry-run shows what --merge would do; use it with --merge alone (no --commit, --patch or --pr)"
+        )
+    records = finished_agents(project.all_records() if ids else project.records(), ids)
+    if merge:
+        check_merge_target(project, cwd or project.repo, into)
+        check_checkout_clean(project.repo, "merging")
+    elif into:
+        raise OrchestraError("--into names where --merge merges; add --merge")
+    records = check_before_collect(project, records)
+    errors = {r["id"]: collect_problem(project, r) for r in records}
+    errors = {i: e for i, e in errors.items() if e}
+    records = [r for r in records if r["id"] not in errors]
+    committed, staged_kept = commit_all_leftovers(project, records if commit else [], errors)
+    accept_refs(project, [f"refs/heads/{r['branch']}" for r in records if r["id"] in committed])
+    refresh_change_counts(project, [r for r in records if r["id"] in committed])
+    reports = agent_reports(project, records, errors)
+    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
+    document["errors"] = [{"id": i, "error": e} for i, e in errors.items()]
+    document["staged_kept"] = staged_kept
+    if merge:
+        chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
+        chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
+        land_collected(project, chosen, document, (bool(ids), include_failing, force), dry_run)
+    if patch:
+        document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
+    if pr:
+        document["pull_requests"] = open_pull_requests(project, reports)
+        document["pr_failed"] = any(
+            line.startswith("cannot open") or ": gh failed:" in line
+            for line in document["pull_requests"]
+        )
+    return document
+
+
+def land_collected(project, chosen, document, overrides, dry_run=False):
+    """collect --merge: one pass of the queue into the branch checked out in the user's checkout,
+    for the agents the checks gate and the integrity check let through. `overrides` is (named,
+    include_failing, force): named agents and --include-failing pass the checks gate and land
+    without checks on the result (as collect --merge always merged them); a tampered agent only
+    named with --force. A branch the checkout cannot follow does not move, and an agent sent back
+    for a fix round is landed by the next `land` or collect --merge. The document says it all."""
+    named, include_failing, force = overrides
+    chosen, document["not_merged"] = gate_on_checks(chosen, named or include_failing)
+    chosen, refused = gate_on_integrity(chosen, named and force)
+    document["not_merged"] += refused
+    target = current_branch(project.repo)
+    if target is None:
+        raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
+    unchecked = frozenset(s["id"] for s in gate_on_checks(chosen, False)[1])
+    strategy = project.config["land_strategy"]
+    plan = LandPlan(strategy, dry_run, follow=True, unchecked=unchecked, wait_fixes=False)
+    with holding_land_lock(project):
+        results = run_queue(project, [r["id"] for r in chosen], target, plan, lambda result: None)
+    document.update(into=target, dry_run=dry_run)
+    document["landing"] = [dict(r, line=land_line(r, target)) for r in results]
+    landed = [r for r in results if r["outcome"] == "landed" and not r.get("nothing_new")]
+    document["merged"] = [r["id"] for r in landed]
+    document["notes"] = [f"{r['id']}: {r['note']}" for r in landed if r.get("note")]
+    held = [not_merged_entry(r, record_branch(chosen, r["id"])) for r in results]
+    document["not_merged"] += [entry for entry in held if entry]
+    document["conflict"] = next((entry for entry in held if entry), None)
+
+
+def record_branch(records, agent_id):
+    """The branch of the agent with this id among records."""
+    return next(r["branch"] for r in records if r["id"] == agent_id)
+
+
+def not_merged_entry(result, branch):
+    """collect --merge's {id, reason, hint} for an agent land did not land, or None."""
+    agent_id, outcome = result["id"], result["outcome"]
+    if outcome == "blocked":
+        hint = (
+            f"it is parked blocked: send it a follow-up ('orchestra send {agent_id} ...') and "
+            f"run collect --merge again, or merge it by hand: git merge {branch}"
+        )
+    elif outcome == "fixing":
+        hint = (
+            f"sent back for fix round {result['round']}; 'orchestra land' lands it once that ends"
+        )
+    elif outcome == "stopped":
+        hint = "nothing moved; clear that from your checkout, then run collect --merge again"
+    else:
+        return None
+    return {"id": agent_id, "reason": result["reason"], "hint": hint}
 
 
 # ======================================================================================
@@ -15017,6 +15046,7 @@ def cmd_collect(args):
         cwd=Path.cwd(),
         include_failing=args.include_failing,
         force=args.force,
+        dry_run=args.dry_run,
     )
     reports = document["agents"]
     if args.json:
@@ -15089,7 +15119,13 @@ def add_collect_parser(commands):
     p.add_argument(
         "--merge",
         action="store_true",
-        help="merge the branches into your current branch, one by one",
+        help="land them on your current branch (a short form of 'orchestra land'): each merged in "
+        "a scratch worktree, the checks run on the result, your checkout brought along",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --merge: print the order and what would happen to each agent; change nothing",
     )
     p.add_argument(
         "--into",
@@ -15099,7 +15135,8 @@ def add_collect_parser(commands):
     p.add_argument(
         "--include-failing",
         action="store_true",
-        help="with --merge: merge agents whose checks failed or did not run, too",
+        help="with --merge: merge agents whose checks failed or did not run, too (without "
+        "checks on the result, as named agents)",
     )
     p.add_argument(
         "--force",
