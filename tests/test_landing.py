@@ -432,6 +432,29 @@ def test_the_land_worktree_gets_copy_files_and_setup_like_an_agents(fake_repo, c
     assert cli("land").code == 0 and (scratch / "deps" / "marker").exists()
 
 
+def test_rebuilding_the_land_worktree_drops_only_its_own_entry(fake_repo, cli):
+    """The scratch worktree made again never prunes other worktrees: one whose folder is away
+    for a moment (an unmounted disk) keeps its entry, its index and its HEAD."""
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha")
+    assert cli("land").code == 0
+    scratch = fake_repo / ".orchestra" / "land"
+    other, away = fake_repo.parent / "other", fake_repo.parent / "other-away"
+    git("worktree", "add", "-q", "-b", "mine", str(other), cwd=fake_repo)
+    (other / "mine.txt").write_text("staged work\n")
+    git("add", "mine.txt", cwd=other)
+    other.rename(away)
+    shutil.rmtree(scratch)  # its folder gone, its entry stale: land makes it again
+    spawn_and_finish(cli, fake_repo, "commit:b.txt beta")
+    run = cli("land")
+    assert run.code == 0 and "commit-b-txt: landed on main" in run.out, run
+    away.rename(other)
+    listing = git("worktree", "list", "--porcelain", cwd=fake_repo)
+    assert f"worktree {other}\n" in listing and listing.count("/.orchestra/land\n") == 1
+    assert "prunable" not in listing
+    assert git("status", "--porcelain", cwd=other) == "A  mine.txt\n"  # its index is still there
+    assert git("branch", "--show-current", cwd=other) == "mine\n"
+
+
 def test_ctrl_c_during_the_checks_ends_them_and_a_rerun_lands(fake_repo, cli, monkeypatch):
     pid_file = fake_repo.parent / "check.pid"
     slow_when_landing = f'case "$PWD" in */.orchestra/land) test -f {pid_file} || {{ echo $$ > {pid_file}; sleep 30; }};; esac'
