@@ -10653,6 +10653,12 @@ LAND_RED_PROMPT = (
 )
 
 
+LAND_UNCHECKED_NOTE = (
+    "landed, without checks on the result: collect --merge lands a named agent (and, with "
+    "--include-failing, one whose own checks failed) as it always merged them; 'orchestra land' runs them"
+)
+
+
 class LandPlan(NamedTuple):
     """How one run of the queue goes: `land`'s defaults, or its short form `collect --merge`."""
 
@@ -11041,7 +11047,7 @@ def move_landed(project, record, target, old_new, plan):
             set_landing(project, agent_id, landing=before)
             return {"id": agent_id, "outcome": "retry"}  # the target moved: again on its new tip
         if agent_id in plan.unchecked:
-            unchecked = "landed without checks on the result: you named it past the checks gate"
+            unchecked = LAND_UNCHECKED_NOTE
             note = unchecked + (f"; {note}" if note else "")
         return mark_landed(project, record, target, new, note)
 
@@ -11151,7 +11157,7 @@ def land_line(result, target):
     if outcome == "would conflict":
         return f"{agent_id}: would conflict in {', '.join(result['files']) or 'some files'} and get a fix round"
     if outcome == "would land" and result.get("unchecked"):
-        return f"{agent_id}: would merge {result['commits']} commit(s) and land without checks on the result (named past the checks gate)"
+        return f"{agent_id}: would merge {result['commits']} commit(s) and land, {LAND_UNCHECKED_NOTE[len('landed, '):]}"
     if outcome == "would land":
         return f"{agent_id}: would merge {result['commits']} commit(s), run the checks on the result and land"
     if outcome == "stopped":
@@ -11215,9 +11221,9 @@ def collect_agents(
 def land_collected(project, chosen, document, overrides, dry_run=False):
     """collect --merge: one pass of the queue into the branch checked out in the user's checkout,
     for the agents the checks gate and the integrity check let through. `overrides` is (named,
-    include_failing, force): named agents and --include-failing pass the checks gate and land
-    without checks on the result (as collect --merge always merged them); a tampered agent only
-    named with --force. A branch the checkout cannot follow does not move, and an agent sent back
+    include_failing, force): named agents, and with --include-failing those whose own checks
+    failed, land without checks on the result (as collect --merge always merged them); a
+    tampered agent only named with --force. A branch the checkout cannot follow does not move, and an agent sent back
     for a fix round is landed by the next `land` or collect --merge. The document says it all."""
     named, include_failing, force = overrides
     chosen, document["not_merged"] = gate_on_checks(chosen, named or include_failing)
@@ -11226,7 +11232,8 @@ def land_collected(project, chosen, document, overrides, dry_run=False):
     target = current_branch(project.repo)
     if target is None:
         raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
-    unchecked = frozenset(s["id"] for s in gate_on_checks(chosen, False)[1])
+    past_gate = chosen if named else gate_on_checks(chosen, False)[1]
+    unchecked = frozenset(r["id"] for r in past_gate)
     strategy = project.config["land_strategy"]
     plan = LandPlan(strategy, dry_run, follow=True, unchecked=unchecked, wait_fixes=False)
     with holding_land_lock(project):

@@ -133,6 +133,43 @@ def test_a_second_land_refuses_while_one_runs(fake_repo, cli):
     assert first.wait(60) == 0
 
 
+def test_collect_merge_is_land_checks_run_on_the_merged_result(fake_repo, cli):
+    # each agent green alone; together b.txt's check fails: collect --merge never moves main there
+    write_config(
+        fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["test ! -f a.txt || test ! -f b.txt"]
+    )
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
+    dry = cli("collect", "--merge", "--dry-run")
+    assert dry.code == 0, dry
+    assert ("Dry run, nothing changed:\n"
+            "commit-txt-alpha: would merge 1 commit(s), run the checks on the result and land\n"
+            "commit-b-txt: would merge 1 commit(s), run the checks on the result and land") in dry.out  # fmt: skip
+    assert not (fake_repo / "a.txt").exists() and "landed" not in cli("status").out
+    run = cli("collect", "--merge")
+    assert run.code == 1
+    assert "Merged: commit-txt-alpha\n" in run.out
+    assert "Not merged: commit-b-txt: checks fail on main with its work" in run.out
+    assert (fake_repo / "a.txt").exists() and not (fake_repo / "b.txt").exists()
+    assert git("status", "--porcelain", cwd=fake_repo) == ""  # index and files match HEAD
+    assert git("log", "-1", "--format=%s", cwd=fake_repo) == "Land orchestra/commit-txt-alpha\n"
+    # named, it lands as collect --merge always merged a named agent: past the checks, and says so
+    named = cli("collect", "--merge", "commit-b-txt")
+    assert named.code == 0, named
+    assert "Merged: commit-b-txt" in named.out
+    assert "landed, without checks on the result: collect --merge lands a named agent" in named.out
+    assert (fake_repo / "b.txt").exists() and git("status", "--porcelain", cwd=fake_repo) == ""
+
+
+def test_collect_merge_dry_run_needs_merge_alone(fake_repo, cli):
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha")
+    for argv in (["--dry-run"], ["--merge", "--commit", "--dry-run"]):
+        run = cli("collect", *argv)
+        assert run.code == 2 and "--dry-run shows what --merge would do" in run.err, run
+    assert cli("collect", "--merge", "--dry-run", "--json").json()["landing"][0]["outcome"] == (
+        "would land"
+    )
+
+
 def test_kill_9_during_land_then_a_rerun_continues(fake_repo, cli):
     write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["sleep 2"])
     spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
