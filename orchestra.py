@@ -12934,8 +12934,9 @@ class WebHandler:
         return 200, {"worktrees": worktree_rows(self.server.project, self.server.project.records())}
 
     def route_spawn(self, params, query, body):
-        """POST /api/spawn {"tasks": [...], "parallel"?, "model"?, "name"?, "base"?}: the CLI's spawn."""
-        tasks, parallel, model, name, base = body_fields(
+        """POST /api/spawn {"tasks": [...], "parallel"?, "model"?, "name"?, "base"?, "after"?: [ids]}:
+        the CLI's spawn; `after` (spawn --after) holds every task until those agents landed."""
+        tasks, parallel, model, name, base, after = body_fields(
             body,
             {
                 "tasks": (list, True),
@@ -12943,12 +12944,20 @@ class WebHandler:
                 "model": (str, False),
                 "name": (str, False),
                 "base": (str, False),
+                "after": (list, False),
             },
         )
         if not tasks or len(tasks) > WEB_MAX_TASKS or not all(isinstance(t, str) for t in tasks):
             raise HTTPRefusal(400, f"'tasks' must be a list of 1 to {WEB_MAX_TASKS} strings")
+        if after is not None and not all(isinstance(i, str) and i.strip() for i in after):
+            raise HTTPRefusal(400, "'after' must be a list of agent ids")
         records = spawn_agents(
-            self.server.project_for(model), tasks, parallel=parallel, name=name, base=base
+            self.server.project_for(model),
+            tasks,
+            parallel=parallel,
+            name=name,
+            base=base,
+            after=[[i.strip() for i in after]] * len(tasks) if after else None,
         )
         return 201, {"agents": [public_record(r) for r in records]}
 
