@@ -10210,8 +10210,9 @@ def overlapping_files(reports):
 # Collect: commits, merges and pull requests
 # --------------------------------------------------------------------------------------
 # Bringing work home. --commit commits a worktree's leftovers on the agent's own branch.
-# --merge writes the user's checkout, so it refuses while anything is in progress there and
-# never overwrites untracked, ignored or hidden changes; a conflict undoes the run's merges.
+# --merge is a short form of land (collect_agents lives in Landing, below): the checks here
+# refuse a checkout with anything in progress or with hidden changes, and find the untracked or
+# ignored files a landing would overwrite.
 # --pr pushes and opens a pull request; --patch writes `git am` input; `send` queues a
 # follow-up in the agent's own session.
 # ======================================================================================
@@ -10631,7 +10632,8 @@ def send_message(project, agent_id, message, env=None):
 # checks send the agent a fix round in its own session (the target commit and the conflicting
 # files, or the failing command and its output); land retries it when the round ends, and
 # after `fix_rounds` tries parks it `blocked` while the queue goes on. One land at a time:
-# land.lock is held by land and collect --merge alike (a second one refuses). Before moving
+# land.lock is held by land and collect --merge alike (a second one refuses); collect --merge is
+# one pass of the queue that lands only where the user's checkout follows. Before moving
 # the ref the record notes the commit it lands (`landing.commit`), so a rerun after Ctrl-C or
 # kill -9 recognises a landing that happened and otherwise starts the item again.
 # ======================================================================================
