@@ -170,6 +170,42 @@ def test_collect_merge_dry_run_needs_merge_alone(fake_repo, cli):
     )
 
 
+def test_web_land_and_merge_refuse_while_a_cli_land_runs(fake_repo, cli):
+    from test_dashboard import serve
+    from test_web import call
+
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["sleep 5"])
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
+    server = serve(fake_repo, revive=False)
+    try:
+        first = subprocess.Popen([*ORCHESTRA, "land", "commit-txt-alpha"], cwd=fake_repo,
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        wait_for(lambda: (fake_repo / ".orchestra" / "land").exists(), timeout=30, what="land")
+        for action in ("land", "merge"):
+            answer = call(server, "POST", f"/api/agents/commit-b-txt/{action}", {})
+            assert answer.status == 409 and "another land" in answer.json()["error"], answer
+        assert first.wait(60) == 0
+        assert git("status", "--porcelain", cwd=fake_repo) == ""  # index and files match HEAD
+        assert not (fake_repo / "b.txt").exists()  # the refused ones changed nothing
+        answer = call(server, "POST", "/api/agents/commit-b-txt/merge", {})
+        assert answer.status == 200 and "Merged: commit-b-txt" in answer.json()["message"], answer
+        assert (fake_repo / "b.txt").exists() and git("status", "--porcelain", cwd=fake_repo) == ""
+    finally:
+        server.stop()
+
+
+def test_dry_run_never_parks_an_agent_whose_branch_is_gone(fake_repo, cli):
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha")
+    git("worktree", "remove", "--force", ".worktrees/task-commit-txt-alpha", cwd=fake_repo)
+    git("branch", "-D", "orchestra/commit-txt-alpha", cwd=fake_repo)
+    dry = cli("land", "--dry-run")
+    assert dry.out == (
+        "commit-txt-alpha: would be blocked: its branch orchestra/commit-txt-alpha is gone\n"
+    )
+    assert not load_state(fake_repo)["agents"]["commit-txt-alpha"].get("blocked")
+    assert "blocked" in cli("land").out  # the real run parks it
+
+
 def test_kill_9_during_land_then_a_rerun_continues(fake_repo, cli):
     write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["sleep 2"])
     spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
