@@ -5587,7 +5587,9 @@ def check_explicit_name(project, name, taken):
 
 
 def reserve_agents(project, tasks, names, base_branch, base_commit, parallel, host=None):
-    """Record new queued agents under the lock, each with a unique id; their records."""
+    """Record new queued agents under the lock, each with a unique id; their records. `host`:
+    one host for all, or a list with each task's (None: the supervisor places it)."""
+    hosts = host if isinstance(host, list) else [host] * len(tasks)
 
     def reserve(state):
         taken = taken_ids(project, state["agents"])
@@ -5595,12 +5597,14 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel, ho
             check_explicit_name(project, name, taken)
             taken.add(name)
         created = []
-        for task, name in itertools.zip_longest(tasks, names):
+        for task, name, pinned in itertools.zip_longest(tasks, names, hosts):
             agent_id = name or unique_id(slugify(task), taken)
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
             record["seq"] = next_seq(state)
-            record["host"] = host  # pinned by spawn --host; else the supervisor places it
+            record["host"] = (
+                pinned  # by spawn --host or a tasks file; else the supervisor places it
+            )
             record["preparer"] = [os.getpid(), process_start_time(os.getpid())]
             state["agents"][agent_id] = record
             created.append(record)
@@ -7767,7 +7771,7 @@ def spawn_agents(
     The one way agents come to be, from the command line or the web; their records. The agents
     start with `env` (default: this process's environment). `after`: per task, the ids it waits
     for (it starts once they landed, from the target with their work); `checks`: per task, its
-    own checks or None.
+    own checks or None; `host`: one for all, or each task's (None: placed by the supervisor).
     """
     for task in tasks:
         check_task(task)
@@ -7782,8 +7786,8 @@ def spawn_agents(
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
-    if host is not None:
-        check_host_name(project.config, host)
+    for name in set(host if isinstance(host, list) else [host]) - {None}:
+        check_host_name(project.config, name)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
     known = {**project.history(), **project.records()}
@@ -14338,13 +14342,14 @@ def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model, sandbox=args.sandbox)
     uncommitted = uncommitted_note(args.base)
-    tasks, names, after, checks = args.tasks, args.name, None, None
+    tasks, names, after, checks, host = args.tasks, args.name, None, None, args.host
     if args.file:
         if tasks or names:
             raise OrchestraError(
                 "--file holds the tasks and their ids; give no TASK or --name with it"
             )
-        tasks, names, after, checks = read_task_file(args.file)
+        tasks, names, after, checks, hosts = read_task_file(args.file)
+        host = [h or args.host for h in hosts]  # a task's own host, else --host
     elif not tasks:
         raise OrchestraError(
             "the following arguments are required: TASK (or a tasks file with --file)"
@@ -14358,7 +14363,7 @@ def cmd_spawn(args):
         name=names,
         base=args.base,
         budget=args.budget,
-        host=args.host,
+        host=host,
         after=after,
         checks=checks,
     )
@@ -14395,7 +14400,7 @@ def uncommitted_note(base):
 
 
 def read_task_file(path):
-    """(tasks, ids, after, checks) from a tasks file: a JSON list (or {"tasks": [...]}) of
+    """(tasks, ids, after, checks, hosts) from a tasks file: a JSON list (or {"tasks": [...]}) of
     objects with "task" and optional "id", "after" (ids), "host" and "checks" (commands)."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -14406,7 +14411,7 @@ def read_task_file(path):
     items = document.get("tasks") if isinstance(document, dict) else document
     if not isinstance(items, list) or not items:
         raise OrchestraError(f"{path}: expected a list of tasks, each an object with a 'task'")
-    tasks, ids, after, checks = [], [], [], []
+    tasks, ids, after, checks, hosts = [], [], [], [], []
     for number, item in enumerate(items, 1):
         where = f"{path}: task {number}"
         if not isinstance(item, dict) or not isinstance(item.get("task"), str):
@@ -14425,17 +14430,16 @@ def read_task_file(path):
             not isinstance(own, list) or not all(isinstance(c, str) for c in own)
         ):
             raise OrchestraError(f"{where}: 'checks' must be a list of shell commands")
-        if item.get("host") not in (None, "local"):
-            raise OrchestraError(
-                f"{where}: host {json.dumps(item['host'])} is not known here; use \"local\""
-            )
+        if item.get("host") is not None and not isinstance(item["host"], str):
+            raise OrchestraError(f"{where}: 'host' must be the name of a host ('orchestra hosts')")
         tasks.append(item["task"])
+        hosts.append(item.get("host"))
         ids.append(item.get("id"))
         after.append(deps)
         checks.append(own)
     if any(ids) and not all(ids):
         raise OrchestraError(f"{path}: give every task an 'id', or none")
-    return tasks, [i for i in ids if i], after, checks
+    return tasks, [i for i in ids if i], after, checks, hosts
 
 
 def wait_for_agents(project, ids, as_json):

@@ -481,6 +481,22 @@ def test_checks_run_on_the_host_and_their_result_comes_home(rig, repo, cli):
 
 
 @needs_root
+def test_a_tasks_file_pins_each_task_to_its_host(rig, repo, cli):
+    agent = ["sh", "-c", f"echo made > made.txt; echo '{RESULT_LINE}'", "{task}"]
+    write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting())
+    plan = repo.parent / "plan.json"
+    plan.write_text(json.dumps([{"id": "here", "task": "a", "host": "local"},
+                                {"id": "there", "task": "b", "host": "h2"}]))  # fmt: skip
+    assert cli("spawn", "--file", str(plan)).code == 0
+    wait_for(lambda: all(load_agent(repo, i)["state"] == "done" for i in ("here", "there")),
+             timeout=120, what="both done")  # fmt: skip
+    agents = agents_by_id(cli)
+    assert agents["here"]["host"] == "local" and agents["there"]["host"] == "h2"
+    assert (remote_repo(rig, "h2", repo) / ".worktrees" / "task-there" / "made.txt").exists()
+    assert not (remote_repo(rig, "h2", repo) / ".worktrees" / "task-here").exists()
+
+
+@needs_root
 def test_the_dashboard_says_which_host_runs_an_agent(rig, repo, cli, phone):
     from playwright.sync_api import expect
 

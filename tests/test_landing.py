@@ -358,7 +358,19 @@ def test_tasks_file_errors_come_before_anything_is_queued(fake_repo, cli):
         "orchestra: error: --after zzz: no agent 'zzz'; 'orchestra status' lists them\n"
     )
     assert "no agent 'nope'" in cli("spawn", "--after", "nope", "task").err
+    far = write_tasks(
+        fake_repo, [{"id": "a", "task": "x"}, {"id": "b", "task": "y", "host": "far"}]
+    )
+    assert cli("spawn", "--file", far).err == (
+        "orchestra: error: unknown host 'far'; known hosts: local (add one under 'hosts' in the "
+        "config)\n"
+    )
+    odd = write_tasks(fake_repo, [{"task": "x", "host": 7}])
+    assert "task 1: 'host' must be the name of a host" in cli("spawn", "--file", odd).err
     assert cli("status", "--json").json()["agents"] == []
+    local = write_tasks(fake_repo, [{"id": "a", "task": "sleep:0 x", "host": "local"}])
+    assert cli("spawn", "--file", local).code == 0
+    assert cli("status", "--json").json()["agents"][0]["host"] == "local"
 
 
 def test_after_waits_for_the_landing_and_starts_from_the_target(fake_repo, cli):
