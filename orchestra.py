@@ -10956,9 +10956,12 @@ def park(project, record, reason):
     return {"id": record["id"], "outcome": "blocked", "reason": reason}
 
 
-def send_back(project, record, prompt, reason):
-    """Give the agent a fix round in its own session, or park it when its rounds are used up."""
+def send_back(project, record, prompt, reason, commit):
+    """Give the agent a fix round in its own session, or park it when its rounds are used up.
+    `commit` is the target commit it is asked to merge."""
     agent_id, limit = record["id"], resilience_setting(record, "fix_rounds")
+    if on_host(record):
+        return send_back_on_host(project, record, (prompt, reason), commit, limit)
 
     def change(state):
         live = state["agents"][agent_id]
@@ -10981,6 +10984,36 @@ def send_back(project, record, prompt, reason):
         return park(project, record, reason + tries)
     ensure_supervisor(project)
     return {"id": agent_id, "outcome": "fixing", "round": rounds, "reason": reason}
+
+
+def send_back_on_host(project, record, prompt_reason, commit, limit):
+    """A fix round for an agent on another host: the target commit pushed to the host's
+    repository (so `git merge COMMIT` works there), the prompt sent through the host, which
+    continues the session, and the agent followed again from home; parked when the rounds are
+    used up or the host cannot take it."""
+    (prompt, reason), agent_id = prompt_reason, record["id"]
+    rounds = (record.get("landing") or {}).get("rounds", 0)
+    if rounds >= limit:
+        return park(project, record, reason + (f" after {limit} fix round(s)" if limit else ""))
+    try:
+        RemoteAgent(project, dict(record, base_commit=commit)).push_base(
+            f"refs/orchestra/base/{commit}"
+        )
+        relay_to_host(project, record, "send", message=prompt)
+    except OrchestraError as e:
+        return park(project, record, f"{reason}; its host could not take a fix round: {e}")
+
+    def change(state):
+        live = state["agents"][agent_id]
+        continue_on_host(live)
+        live["landing"] = {"status": "fixing", "rounds": rounds + 1, "reason": reason}
+        append_event(
+            live["log"], {"event": "land_fix_round", "round": rounds + 1, "reason": reason}
+        )
+
+    project.store.update(change)
+    ensure_supervisor(project)
+    return {"id": agent_id, "outcome": "fixing", "round": rounds + 1, "reason": reason}
 
 
 def land_one(project, record, target, plan):
@@ -11014,7 +11047,7 @@ def land_one(project, record, target, plan):
             branch=record["branch"], target=target, commit=old, files=", ".join(conflicts)
         )
         return send_back(
-            project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}"
+            project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}", old
         )
     failure = None if agent_id in plan.unchecked else checks_on(path, record)
     if failure:
@@ -11034,7 +11067,7 @@ def send_back_red(project, record, target, old, failure):
         tail=failure["tail"] or "(no output)",
     )
     reason = f"checks fail on {target} with its work: {failure['command']} ({code})"
-    return send_back(project, record, prompt, reason)
+    return send_back(project, record, prompt, reason, old)
 
 
 def move_landed(project, record, target, old_new, plan):

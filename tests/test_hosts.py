@@ -497,6 +497,32 @@ def test_a_tasks_file_pins_each_task_to_its_host(rig, repo, cli):
 
 
 @needs_root
+@requires_claude
+def test_a_remote_agent_gets_its_land_fix_round_on_its_host(rig, repo, cli, local_claude):
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5, sandbox="off",
+                 hosts=rig.hosts_setting(), fix_rounds=1)  # fmt: skip
+    local_claude.script("far-notes", [bash("echo far > notes.txt && git add notes.txt && "
+                                           "git commit -qm 'far notes'"), text("Wrote")])  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "far", "far-notes: write notes").code == 0
+    wait_for(lambda: load_agent(repo, "far")["state"] == "done", timeout=120, what="done")
+    (repo / "notes.txt").write_text("home\n")
+    git("add", "notes.txt", cwd=repo)
+    git("commit", "-qm", "home notes", cwd=repo)
+    target = git("rev-parse", "main", cwd=repo).strip()
+    local_claude.script("conflicts in notes.txt", [  # the commit exists on the host: land pushed it
+        bash(f"git merge -q {target}; printf 'home\\nfar\\n' > notes.txt && git add notes.txt && "
+             "git commit -qm resolve"), text("Resolved")])  # fmt: skip
+    run = cli("land", "far")
+    assert run.code == 0, run
+    assert "far: conflicts with main in notes.txt; sent back for fix round 1" in run.out
+    assert "far: landed on main" in run.out
+    assert (repo / "notes.txt").read_text() == "home\nfar\n"
+    assert git("status", "--porcelain", "--untracked-files=no", cwd=repo) == ""
+    there = orchestra.Project.open(remote_repo(rig, "h1", repo), os.environ)
+    assert there.store.load()["agents"]["far"]["state"] == "done"  # the round ran on its host
+
+
+@needs_root
 def test_the_dashboard_says_which_host_runs_an_agent(rig, repo, cli, phone):
     from playwright.sync_api import expect
 
