@@ -11019,10 +11019,15 @@ def send_back_on_host(project, record, prompt_reason, commit, limit):
 def land_one(project, record, target, plan):
     """Try to land one agent on the target's current tip; what happened, as a dict with `outcome`."""
     repo, agent_id = project.repo, record["id"]
-    tip, old = branch_tip(project, record), ref_commit(repo, f"refs/heads/{target}")
+    old = ref_commit(repo, f"refs/heads/{target}")
     pending = (record.get("landing") or {}).get("commit")
     if pending and not plan.dry_run and is_ancestor(repo, pending, old):
         return mark_landed(project, record, target, pending)  # a landing an interruption cut short
+    problems = fetch_remote_branches(project, [record])  # Hosts: its latest commits come home
+    if problems:
+        reason = problems[0].split("; ", 1)[-1]
+        return {"id": agent_id, "outcome": "stopped", "reason": f"{reason}; land it again later"}
+    tip = branch_tip(project, record)
     if tip is None:
         reason = f"its branch {record['branch']} is gone"
         return (
@@ -15230,7 +15235,7 @@ def cmd_land(args):
         print("Nothing to land; see 'orchestra status'.")
     for skipped in [] if args.json else document["not_landed"]:
         print(f"{skipped['id']}: not landed: {skipped['reason']} (name it to land it anyway)")
-    blocked = any(r["outcome"] == "blocked" for r in document["results"])
+    blocked = any(r["outcome"] in ("blocked", "stopped") for r in document["results"])
     return EXIT_FAILURE if blocked else EXIT_OK
 
 

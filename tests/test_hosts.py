@@ -523,6 +523,22 @@ def test_a_remote_agent_gets_its_land_fix_round_on_its_host(rig, repo, cli, loca
 
 
 @needs_root
+def test_land_fetches_a_remote_agents_latest_commits_first(rig, repo, cli):
+    agent = ["sh", "-c", "echo made > made.txt && git add made.txt && git commit -qm made; "
+             f"echo '{RESULT_LINE}'", "{task}"]  # fmt: skip
+    write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting())
+    assert cli("spawn", "--host", "h1", "--name", "late", "make a file").code == 0
+    wait_for(lambda: load_agent(repo, "late")["state"] == "done", timeout=120, what="done")
+    there = remote_repo(rig, "h1", repo) / ".worktrees" / "task-late"
+    user = rig.hosts["h1"].entry.pw_name  # a commit made there after the agent came home
+    subprocess.run(["runuser", "-u", user, "--", "sh", "-c", "echo later > later.txt && "
+                    "git add later.txt && git commit -qm later"], cwd=there, check=True)  # fmt: skip
+    run = cli("land", "late")
+    assert run.code == 0 and "late: landed on main" in run.out, run
+    assert (repo / "made.txt").exists() and (repo / "later.txt").read_text() == "later\n"
+
+
+@needs_root
 def test_the_dashboard_says_which_host_runs_an_agent(rig, repo, cli, phone):
     from playwright.sync_api import expect
 
