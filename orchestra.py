@@ -11267,10 +11267,13 @@ def land_collected(project, chosen, document, overrides, dry_run=False):
     for the agents the checks gate and the integrity check let through. `overrides` is (named,
     include_failing, force): named agents, and with --include-failing those whose own checks
     failed, land without checks on the result (as collect --merge always merged them); a
-    tampered agent only named with --force. A branch the checkout cannot follow does not move, and an agent sent back
-    for a fix round is landed by the next `land` or collect --merge. The document says it all."""
+    tampered agent only named with --force; a parked (blocked) one only named or after it ran
+    again. A branch the checkout cannot follow does not move, and an agent sent back for a fix
+    round is landed by the next `land` or collect --merge. The document says it all."""
     named, include_failing, force = overrides
+    chosen, parked = (chosen, []) if named else leave_parked(chosen)
     chosen, document["not_merged"] = gate_on_checks(chosen, named or include_failing)
+    document["not_merged"] += parked
     chosen, refused = gate_on_integrity(chosen, named and force)
     document["not_merged"] += refused
     target = current_branch(project.repo)
@@ -11290,6 +11293,21 @@ def land_collected(project, chosen, document, overrides, dry_run=False):
     held = [not_merged_entry(r, record_branch(chosen, r["id"])) for r in results]
     document["not_merged"] += [entry for entry in held if entry]
     document["conflict"] = next((entry for entry in held if entry), None)
+
+
+def leave_parked(records):
+    """(records to land, [{id, reason, hint}] left out): as land does, an agent parked blocked
+    waits until it runs again (a follow-up) or is named."""
+    parked = [r for r in records if blocked_still(r)]
+    hints = [
+        {
+            "id": r["id"],
+            "reason": f"blocked: {r['blocked']['reason']}",
+            "hint": f"send it a follow-up ('orchestra send {r['id']} ...') or name it",
+        }
+        for r in parked
+    ]
+    return [r for r in records if r not in parked], hints
 
 
 def record_branch(records, agent_id):

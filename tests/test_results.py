@@ -84,6 +84,10 @@ def test_a_merge_conflict_parks_the_agent_and_the_others_land(fake_repo, cli):
     assert (fake_repo / "same.txt").read_text() == "mine\n"
     assert git("rev-parse", "HEAD~1", cwd=fake_repo) == head  # only the first merge landed
     assert "blocked" in cli("status").out
+    again = cli("collect", "--merge")  # a parked agent waits for a follow-up, as with land
+    assert again.code == 0 and "Merged: nothing new" in again.out
+    assert ("Not merged: commit-same-txt: blocked: conflicts with main in same.txt (send it a "
+            "follow-up ('orchestra send commit-same-txt ...') or name it)") in again.out  # fmt: skip
 
 
 def test_merge_refuses_a_dirty_checkout(fake_repo, cli):
