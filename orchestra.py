@@ -5768,7 +5768,9 @@ def check_explicit_name(project, name, taken):
 
 
 def reserve_agents(project, tasks, names, base_branch, base_commit, parallel, host=None):
-    """Record new queued agents under the lock, each with a unique id; their records."""
+    """Record new queued agents under the lock, each with a unique id; their records. `host`:
+    one host for all, or a list with each task's (None: the supervisor places it)."""
+    hosts = host if isinstance(host, list) else [host] * len(tasks)
 
     def reserve(state):
         taken = taken_ids(project, state["agents"])
@@ -5776,12 +5778,14 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel, ho
             check_explicit_name(project, name, taken)
             taken.add(name)
         created = []
-        for task, name in itertools.zip_longest(tasks, names):
+        for task, name, pinned in itertools.zip_longest(tasks, names, hosts):
             agent_id = name or unique_id(slugify(task), taken)
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
             record["seq"] = next_seq(state)
-            record["host"] = host  # pinned by spawn --host; else the supervisor places it
+            record["host"] = (
+                pinned  # by spawn --host or a tasks file; else the supervisor places it
+            )
             record["preparer"] = [os.getpid(), process_start_time(os.getpid())]
             state["agents"][agent_id] = record
             created.append(record)
@@ -7956,7 +7960,7 @@ def spawn_agents(
     The one way agents come to be, from the command line or the web; their records. The agents
     start with `env` (default: this process's environment). `after`: per task, the ids it waits
     for (it starts once they landed, from the target with their work); `checks`: per task, its
-    own checks or None.
+    own checks or None; `host`: one for all, or each task's (None: placed by the supervisor).
     """
     for task in tasks:
         check_task(task)
@@ -7971,8 +7975,8 @@ def spawn_agents(
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
-    if host is not None:
-        check_host_name(project.config, host)
+    for name in set(host if isinstance(host, list) else [host]) - {None}:
+        check_host_name(project.config, name)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
     known = {**project.history(), **project.records()}
@@ -10399,8 +10403,9 @@ def overlapping_files(reports):
 # Collect: commits, merges and pull requests
 # --------------------------------------------------------------------------------------
 # Bringing work home. --commit commits a worktree's leftovers on the agent's own branch.
-# --merge writes the user's checkout, so it refuses while anything is in progress there and
-# never overwrites untracked, ignored or hidden changes; a conflict undoes the run's merges.
+# --merge is a short form of land (collect_agents lives in Landing, below): the checks here
+# refuse a checkout with anything in progress or with hidden changes, and find the untracked or
+# ignored files a landing would overwrite.
 # --pr pushes and opens a pull request; --patch writes `git am` input; `send` queues a
 # follow-up in the agent's own session.
 # ======================================================================================
@@ -10596,72 +10601,6 @@ def overwritten_by_merge(repo, tip):
     return sorted(set(hits))
 
 
-def merge_agents(project, records):
-    """Merge agents' branches into the current branch one by one; (merged ids, stop or None).
-
-    Stops at the first conflict, or before a merge that would overwrite untracked or ignored
-    files, with the checkout as it was. Ctrl-C undoes this run's merges, leaving it as before.
-    """
-    repo = project.repo
-    check_checkout_clean(repo, "merging")
-    if current_branch(repo) is None:
-        raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
-    start, merged = ref_commit(repo, "HEAD"), []
-    try:
-        for record in sorted(records, key=spawn_order):
-            with shield_interrupts():
-                stop = merge_one(project, record)
-            if stop:
-                return merged, stop
-            if stop is False:
-                merged.append(record["id"])
-    except KeyboardInterrupt:
-        with shield_interrupts():
-            undo_merges(repo, start)
-        raise
-    return merged, None
-
-
-def merge_one(project, record):
-    """Merge one agent's branch: False when merged, None when nothing to do, else why it stopped."""
-    repo, tip = project.repo, branch_tip(project, record)
-    if tip is None or is_ancestor(repo, tip, "HEAD"):
-        return None
-    stop = {"id": record["id"], "branch": record["branch"], "files": [], "git": "", "untracked": []}
-    blocked = overwritten_by_merge(repo, tip)
-    if blocked:
-        return dict(stop, untracked=blocked)
-    message = f"Merge {record['branch']}: {one_line(record['task'], 72)}"
-    done = run_git(["merge", "--no-ff", "--no-edit", "-m", message, tip], repo, check=False)
-    if done.returncode == 0:
-        return False
-    files = run_git(["diff", "--name-only", "--diff-filter=U"], repo).stdout.split()
-    if operation_in_progress(repo):
-        run_git(["merge", "--abort"], repo)
-    return dict(stop, files=files, git=one_line(done.stderr or done.stdout, TAIL_CHARS))
-
-
-def undo_merges(repo, start):
-    """Put the user's checkout back at `start` after an interrupted collect --merge."""
-    if (
-        Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip()) / "MERGE_HEAD"
-    ).exists():
-        run_git(["merge", "--abort"], repo, check=False)
-    if start and ref_commit(repo, "HEAD") != start:
-        run_git(["reset", "--quiet", "--keep", start], repo, check=False)
-
-
-def mark_merged(project, ids):
-    """Remember that collect --merge merged these agents (status shows them as merged)."""
-
-    def change(state):
-        for agent_id in ids:
-            state["agents"][agent_id]["merged"] = True
-
-    if ids:
-        project.store.update(change)
-
-
 def check_before_collect(project, records):
     """Run the integrity check of each agent before its work is reported or merged; the records, updated."""
     live = project.store.load()["agents"]
@@ -10691,53 +10630,6 @@ def gate_on_integrity(records, force):
     return chosen, skipped
 
 
-def collect_agents(
-    project,
-    ids,
-    commit=False,
-    merge=False,
-    patch=None,
-    pr=False,
-    into=None,
-    cwd=None,
-    include_failing=False,
-    force=False,
-):
-    """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
-    merges (done agents whose checks passed, or the named ones), writes a patch and opens pull requests.
-    `cwd` is where the command runs: a merge from a linked worktree needs `into`."""
-    records = finished_agents(project.all_records() if ids else project.records(), ids)
-    if merge:
-        check_merge_target(project, cwd or project.repo, into)
-        check_checkout_clean(project.repo, "merging")
-    elif into:
-        raise OrchestraError("--into names where --merge merges; add --merge")
-    records = check_before_collect(project, records)
-    errors = {r["id"]: collect_problem(project, r) for r in records}
-    errors = {i: e for i, e in errors.items() if e}
-    records = [r for r in records if r["id"] not in errors]
-    committed, staged_kept = commit_all_leftovers(project, records if commit else [], errors)
-    accept_refs(project, [f"refs/heads/{r['branch']}" for r in records if r["id"] in committed])
-    refresh_change_counts(project, [r for r in records if r["id"] in committed])
-    reports = agent_reports(project, records, errors)
-    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
-    document["errors"] = [{"id": i, "error": e} for i, e in errors.items()]
-    document["staged_kept"] = staged_kept
-    if merge:
-        chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
-        chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
-        merge_chosen(project, chosen, document, bool(ids), include_failing, force)
-    if patch:
-        document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
-    if pr:
-        document["pull_requests"] = open_pull_requests(project, reports)
-        document["pr_failed"] = any(
-            line.startswith("cannot open") or ": gh failed:" in line
-            for line in document["pull_requests"]
-        )
-    return document
-
-
 def commit_all_leftovers(project, records, errors):
     """Commit each agent's leftovers on its branch: ([ids committed], {id: ref of a kept staged
     version}); an agent git failed for goes into `errors` and the others go on."""
@@ -10753,25 +10645,6 @@ def commit_all_leftovers(project, records, errors):
         if isinstance(done, str):
             staged_kept[record["id"]] = done
     return committed, staged_kept
-
-
-def merge_chosen(project, chosen, document, named, include_failing, force):
-    """collect --merge: the agents the checks and the integrity check let through, merged into the
-    checkout under the land lock (never interleaved with a land); the document says what happened.
-    """
-    chosen, document["not_merged"] = gate_on_checks(chosen, named or include_failing)
-    chosen, refused = gate_on_integrity(chosen, named and force)
-    document["not_merged"] += refused
-    target = run_git(["symbolic-ref", "-q", "HEAD"], project.repo, check=False).stdout.strip()
-    lock = FileLock(project.dir / LAND_LOCK)
-    if not lock.acquire(blocking=False):
-        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
-    try:
-        document["merged"], document["conflict"] = merge_agents(project, chosen)
-    finally:
-        lock.release()
-    accept_refs(project, [target] if target else [])
-    mark_merged(project, document["merged"])
 
 
 def pull_request_body(report):
@@ -10855,29 +10728,7 @@ def collect_text(document):
     ]
     parts += [f"Error: {e['error']}" for e in document.get("errors", [])]
     if "merged" in document:
-        parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
-        unchanged = [
-            r["id"] for r in document["agents"] if not r["commits"] and not r["uncommitted"]
-        ]
-        if unchanged:
-            parts.append("No changes (nothing to merge): " + ", ".join(unchanged))
-        parts += [
-            f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
-            for s in document.get("not_merged", [])
-        ]
-    if document.get("conflict", {}) and document["conflict"].get("untracked"):
-        c = document["conflict"]
-        parts.append(
-            f"Not merging {c['id']}: it would overwrite your untracked or ignored "
-            f"{', '.join(c['untracked'][:MAX_LISTED_FILES])}; move them away, then run collect --merge again"
-        )
-    elif document.get("conflict"):
-        c = document["conflict"]
-        where = ", ".join(c["files"]) or c["git"]
-        parts.append(
-            f"Merging {c['id']} conflicts in {where}; the merge was aborted and your checkout is as it was. "
-            f"Merge it by hand: git merge {c['branch']}"
-        )
+        parts += merge_text(document)
     if "patch" in document:
         parts.append(
             f"Wrote {document['patch']['commits']} commit(s) to {document['patch']['path']} (apply with git am)"
@@ -10892,6 +10743,25 @@ def collect_text(document):
             "'orchestra collect --commit' commits it on the agent's branch"
         )
     return "\n\n".join(parts)
+
+
+def merge_text(document):
+    """collect --merge's part of the report: what landed (or, with --dry-run, would), what not and why."""
+    if document.get("dry_run"):
+        lines = [r["line"] for r in document["landing"]] or ["nothing to merge"]
+        parts = ["Dry run, nothing changed:\n" + "\n".join(lines)]
+    else:
+        parts = ["Merged: " + (", ".join(document["merged"]) or "nothing new")]
+        parts += document.get("notes", [])
+    unchanged = [r["id"] for r in document["agents"] if not r["commits"] and not r["uncommitted"]]
+    if unchanged:
+        parts.append("No changes (nothing to merge): " + ", ".join(unchanged))
+    gate_hint = "name it or add --include-failing to merge it anyway"
+    parts += [
+        f"Not merged: {s['id']}: {s['reason']} ({s.get('hint') or gate_hint})"
+        for s in document.get("not_merged", [])
+    ]
+    return parts
 
 
 def sent_text(agent_id, waits):
@@ -10955,7 +10825,8 @@ def send_message(project, agent_id, message, env=None):
 # checks send the agent a fix round in its own session (the target commit and the conflicting
 # files, or the failing command and its output); land retries it when the round ends, and
 # after `fix_rounds` tries parks it `blocked` while the queue goes on. One land at a time:
-# land.lock is held by land and collect --merge alike (a second one refuses). Before moving
+# land.lock is held by land and collect --merge alike (a second one refuses); collect --merge is
+# one pass of the queue that lands only where the user's checkout follows. Before moving
 # the ref the record notes the commit it lands (`landing.commit`), so a rerun after Ctrl-C or
 # kill -9 recognises a landing that happened and otherwise starts the item again.
 # ======================================================================================
@@ -10975,6 +10846,36 @@ LAND_RED_PROMPT = (
     "Bring your branch up to date with that commit (git merge {commit}), make the checks pass "
     "on the result, commit, and finish."
 )
+
+
+LAND_UNCHECKED_NOTE = (
+    "landed, without checks on the result: collect --merge lands a named agent (and, with "
+    "--include-failing, one whose own checks failed) as it always merged them; 'orchestra land' runs them"
+)
+
+
+class LandPlan(NamedTuple):
+    """How one run of the queue goes: `land`'s defaults, or its short form `collect --merge`."""
+
+    strategy: str  # land_strategy: merge, rebase or squash
+    dry_run: bool = False
+    follow: bool = False  # collect --merge: land only what the user's checkout can follow
+    unchecked: frozenset = (
+        frozenset()
+    )  # ids landed without checks on the result (named past the gate)
+    wait_fixes: bool = True  # wait for fix rounds and retry (land); collect --merge makes one pass
+
+
+@contextlib.contextmanager
+def holding_land_lock(project):
+    """Hold land.lock for one land, web Land or collect --merge; a second one refuses at once."""
+    lock = FileLock(project.dir / LAND_LOCK)
+    if not lock.acquire(blocking=False):
+        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def landing_target(project, into):
@@ -11020,9 +10921,7 @@ def scratch_worktree(project, commit):
     path, ready = project.dir / LAND_WORKTREE, project.dir / LAND_READY
     copies = files_to_copy(project, include_patterns(project))
     if not ready.exists() or not (path / ".git").is_file():
-        git_bytes(["worktree", "remove", "--force", str(path)], project.repo, check=False)
-        shutil.rmtree(path, ignore_errors=True)
-        git_bytes(["worktree", "prune"], project.repo)
+        delete_worktree(project.repo, path)  # its own entry only: never `git worktree prune`
         git_bytes(["worktree", "add", "--quiet", "--detach", str(path), commit], project.repo)
         copy_into(project, path, copies)
         error = run_setup(project.config["setup"], path, project.dir / LAND_SETUP_LOG)
@@ -11110,29 +11009,44 @@ def checkout_of(project, target):
     return None
 
 
-def checkout_can_follow(checkout, new):
-    """True when a fast-forward of the user's checkout to `new` can overwrite nothing of theirs:
-    nothing in progress, no hidden (assume-unchanged, skip-worktree) changes, no untracked or
-    ignored file in the way (git itself refuses only for overlapping uncommitted changes)."""
-    if operation_in_progress(checkout) or hidden_changes(checkout):
-        return False
-    return not overwritten_by_merge(checkout, new)
+def checkout_stop(checkout, new):
+    """Why a fast-forward of the user's checkout to `new` could overwrite something of theirs, or
+    None: an operation in progress, hidden (assume-unchanged, skip-worktree) changes, untracked
+    or ignored files in the way (git itself refuses only for overlapping uncommitted changes)."""
+    operation = operation_in_progress(checkout)
+    if operation:
+        return f"{operation} is in progress in your checkout {checkout}"
+    hidden = hidden_changes(checkout)
+    if hidden:
+        return (
+            f"your checkout {checkout} has changes git status does not show "
+            f"({', '.join(hidden[:MAX_LISTED_FILES])}: marked assume-unchanged or skip-worktree)"
+        )
+    in_the_way = overwritten_by_merge(checkout, new)
+    if in_the_way:
+        return f"it would overwrite your untracked or ignored {', '.join(in_the_way[:MAX_LISTED_FILES])}"
+    return None
 
 
-def move_target(project, target, old, new):
-    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout).
+def move_target(project, target, old, new, follow=False):
+    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout);
+    moved is None when `follow` asks for the user's checkout to come along and it cannot (the
+    note says why; nothing moved).
 
     Running agents' integrity baselines take the new target (orchestra moved it, not they)."""
-    moved, note = swap_target(project, target, old, new)
+    moved, note = swap_target(project, target, old, new, follow)
     if moved:
         accept_refs(project, [f"refs/heads/{target}"])
     return moved, note
 
 
-def swap_target(project, target, old, new):
+def swap_target(project, target, old, new, follow=False):
     """move_target's compare-and-swap itself, through the user's checkout when it can follow."""
     checkout = checkout_of(project, target)
-    if checkout is not None and checkout_can_follow(checkout, new):
+    stop = checkout_stop(checkout, new) if checkout is not None else None
+    if follow and (checkout is None or stop):
+        return None, stop or f"{target} is no longer checked out in {project.repo}"
+    if checkout is not None and not stop:
         dirty = git_bytes(["status", "--porcelain", "--untracked-files=no"], checkout).stdout
         done = git_bytes(["merge", "--quiet", "--ff-only", new], checkout, check=False)
         if done.returncode == 0:
@@ -11142,6 +11056,9 @@ def swap_target(project, target, old, new):
             return True, kept if dirty.strip() else None
         if ref_commit(project.repo, f"refs/heads/{target}") != old:
             return False, None
+        if follow:
+            said = one_line(done.stderr.decode("utf-8", "replace"), TAIL_CHARS)
+            return None, f"your checkout {checkout} changed meanwhile and cannot follow ({said})"
     done = git_bytes(
         ["update-ref", "-m", "orchestra land", f"refs/heads/{target}", new, old],
         project.repo,
@@ -11228,9 +11145,12 @@ def park(project, record, reason):
     return {"id": record["id"], "outcome": "blocked", "reason": reason}
 
 
-def send_back(project, record, prompt, reason):
-    """Give the agent a fix round in its own session, or park it when its rounds are used up."""
+def send_back(project, record, prompt, reason, commit):
+    """Give the agent a fix round in its own session, or park it when its rounds are used up.
+    `commit` is the target commit it is asked to merge."""
     agent_id, limit = record["id"], resilience_setting(record, "fix_rounds")
+    if on_host(record):
+        return send_back_on_host(project, record, (prompt, reason), commit, limit)
 
     def change(state):
         live = state["agents"][agent_id]
@@ -11255,60 +11175,113 @@ def send_back(project, record, prompt, reason):
     return {"id": agent_id, "outcome": "fixing", "round": rounds, "reason": reason}
 
 
-def land_one(project, record, target, strategy, dry_run=False):
+def send_back_on_host(project, record, prompt_reason, commit, limit):
+    """A fix round for an agent on another host: the target commit pushed to the host's
+    repository (so `git merge COMMIT` works there), the prompt sent through the host, which
+    continues the session, and the agent followed again from home; parked when the rounds are
+    used up or the host cannot take it."""
+    (prompt, reason), agent_id = prompt_reason, record["id"]
+    rounds = (record.get("landing") or {}).get("rounds", 0)
+    if rounds >= limit:
+        return park(project, record, reason + (f" after {limit} fix round(s)" if limit else ""))
+    try:
+        RemoteAgent(project, dict(record, base_commit=commit)).push_base(
+            f"refs/orchestra/base/{commit}"
+        )
+        relay_to_host(project, record, "send", message=prompt)
+    except OrchestraError as e:
+        return park(project, record, f"{reason}; its host could not take a fix round: {e}")
+
+    def change(state):
+        live = state["agents"][agent_id]
+        continue_on_host(live)
+        live["landing"] = {"status": "fixing", "rounds": rounds + 1, "reason": reason}
+        append_event(
+            live["log"], {"event": "land_fix_round", "round": rounds + 1, "reason": reason}
+        )
+
+    project.store.update(change)
+    ensure_supervisor(project)
+    return {"id": agent_id, "outcome": "fixing", "round": rounds + 1, "reason": reason}
+
+
+def land_one(project, record, target, plan):
     """Try to land one agent on the target's current tip; what happened, as a dict with `outcome`."""
     repo, agent_id = project.repo, record["id"]
-    tip, old = branch_tip(project, record), ref_commit(repo, f"refs/heads/{target}")
+    old = ref_commit(repo, f"refs/heads/{target}")
     pending = (record.get("landing") or {}).get("commit")
-    if pending and not dry_run and is_ancestor(repo, pending, old):
+    if pending and not plan.dry_run and is_ancestor(repo, pending, old):
         return mark_landed(project, record, target, pending)  # a landing an interruption cut short
+    problems = fetch_remote_branches(project, [record])  # Hosts: its latest commits come home
+    if problems:
+        reason = problems[0].split("; ", 1)[-1]
+        return {"id": agent_id, "outcome": "stopped", "reason": f"{reason}; land it again later"}
+    tip = branch_tip(project, record)
     if tip is None:
-        return park(project, record, f"its branch {record['branch']} is gone")
+        reason = f"its branch {record['branch']} is gone"
+        return (
+            {"id": agent_id, "outcome": "would be blocked: " + reason}
+            if plan.dry_run
+            else park(project, record, reason)
+        )
     if is_ancestor(repo, tip, old):
-        if dry_run:
+        if plan.dry_run:
             return {"id": agent_id, "outcome": f"nothing new: its commits are in {target} already"}
         note = f"nothing new to land: its commits are in {target} already"
-        return mark_landed(project, record, target, old, note)
-    if dry_run:
-        return dry_run_one(repo, record, tip, old)
+        return dict(mark_landed(project, record, target, old, note), nothing_new=True)
+    stop = checkout_stop(repo, tip) if plan.follow else None
+    if stop:
+        return {"id": agent_id, "outcome": "stopped", "reason": stop}
+    if plan.dry_run:
+        return dict(dry_run_one(repo, record, tip, old), unchecked=agent_id in plan.unchecked)
     path = scratch_worktree(project, old)
-    new, conflicts = combine(path, strategy, record, tip, old)
+    new, conflicts = combine(path, plan.strategy, record, tip, old)
     if conflicts:
         prompt = LAND_CONFLICT_PROMPT.format(
             branch=record["branch"], target=target, commit=old, files=", ".join(conflicts)
         )
         return send_back(
-            project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}"
+            project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}", old
         )
-    failure = checks_on(path, record)
+    failure = None if agent_id in plan.unchecked else checks_on(path, record)
     if failure:
-        code = "timed out" if failure["exit_code"] is None else f"status {failure['exit_code']}"
-        prompt = LAND_RED_PROMPT.format(
-            branch=record["branch"],
-            target=target,
-            commit=old,
-            command=failure["command"],
-            exit_code=code,
-            tail=failure["tail"] or "(no output)",
-        )
-        return send_back(
-            project,
-            record,
-            prompt,
-            f"checks fail on {target} with its work: {failure['command']} ({code})",
-        )
+        return send_back_red(project, record, target, old, failure)
+    return move_landed(project, record, target, (old, new), plan)
+
+
+def send_back_red(project, record, target, old, failure):
+    """Checks failed on the merged result: a fix round that says which command and how."""
+    code = "timed out" if failure["exit_code"] is None else f"status {failure['exit_code']}"
+    prompt = LAND_RED_PROMPT.format(
+        branch=record["branch"],
+        target=target,
+        commit=old,
+        command=failure["command"],
+        exit_code=code,
+        tail=failure["tail"] or "(no output)",
+    )
+    reason = f"checks fail on {target} with its work: {failure['command']} ({code})"
+    return send_back(project, record, prompt, reason, old)
+
+
+def move_landed(project, record, target, old_new, plan):
+    """Move the target to the landed commit (noted in the record first, for a rerun after an
+    interruption); the outcome: landed, retry (the target moved meanwhile) or stopped."""
+    (old, new), agent_id, before = old_new, record["id"], record.get("landing")
     with shield_interrupts():
         set_landing(
-            project,
-            agent_id,
-            landing={**(record.get("landing") or {}), "status": "moving", "commit": new},
+            project, agent_id, landing={**(before or {}), "status": "moving", "commit": new}
         )
-        moved, note = move_target(project, target, old, new)
+        moved, note = move_target(project, target, old, new, plan.follow)
+        if moved is None:  # collect --merge: the user's checkout cannot follow; nothing moved
+            set_landing(project, agent_id, landing=before)
+            return {"id": agent_id, "outcome": "stopped", "reason": note}
         if not moved:
-            return {
-                "id": agent_id,
-                "outcome": "retry",
-            }  # the target moved meanwhile: again on its new tip
+            set_landing(project, agent_id, landing=before)
+            return {"id": agent_id, "outcome": "retry"}  # the target moved: again on its new tip
+        if agent_id in plan.unchecked:
+            unchecked = LAND_UNCHECKED_NOTE
+            note = unchecked + (f"; {note}" if note else "")
         return mark_landed(project, record, target, new, note)
 
 
@@ -11334,27 +11307,22 @@ def land_agents(
     waiting for their fix rounds; with `wait`, also every agent that finishes while others are
     still at work (dependents included), until none is. {"into", "results", "not_landed"}."""
     target = landing_target(project, into)
-    strategy = project.config["land_strategy"]
-    lock = FileLock(project.dir / LAND_LOCK)
-    if not lock.acquire(blocking=False):
-        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
-    try:
+    plan = LandPlan(project.config["land_strategy"], dry_run)
+    with holding_land_lock(project):
         report, results = progress or (lambda result: None), []
         while True:
             chosen, skipped = land_candidates(project, ids, include_failing)
             queue = [r["id"] for r in chosen]
-            results += run_queue(project, queue, target, strategy, dry_run, report)
+            results += run_queue(project, queue, target, plan, report)
             if not wait or dry_run:
                 break
             if not chosen and not still_working(project.store.load()["agents"]):
                 break
             if not chosen:
                 time.sleep(LAND_POLL)
-    finally:
-        lock.release()
     return {
         "into": target,
-        "strategy": strategy,
+        "strategy": plan.strategy,
         "dry_run": dry_run,
         "results": results,
         "not_landed": skipped,
@@ -11367,8 +11335,9 @@ def still_working(agents):
     return any(r["state"] in ACTIVE_STATES and not r.get("waits_for") for r in agents.values())
 
 
-def run_queue(project, queue, target, strategy, dry_run, progress):
-    """Land the queue's agents in order; an agent in a fix round is retried once it ends."""
+def run_queue(project, queue, target, plan, progress):
+    """Land the queue's agents in order; an agent in a fix round is retried once it ends (when
+    the plan waits for fix rounds)."""
     results, waiting = {}, []
     while queue or waiting:
         for agent_id in list(waiting):
@@ -11386,11 +11355,11 @@ def run_queue(project, queue, target, strategy, dry_run, progress):
             continue
         agent_id = queue.pop(0)
         record = project.store.load()["agents"][agent_id]
-        result = land_one(project, record, target, strategy, dry_run)
+        result = land_one(project, record, target, plan)
         if result["outcome"] == "retry":
             queue.insert(0, agent_id)
             continue
-        if result["outcome"] == "fixing":
+        if result["outcome"] == "fixing" and plan.wait_fixes:
             waiting.append(agent_id)
         results[agent_id] = result
         progress(result)
@@ -11420,9 +11389,138 @@ def land_line(result, target):
         return f"{agent_id}: blocked: {result['reason']}; send it a follow-up ('orchestra send {agent_id} ...'), then land it again"
     if outcome == "would conflict":
         return f"{agent_id}: would conflict in {', '.join(result['files']) or 'some files'} and get a fix round"
+    if outcome == "would land" and result.get("unchecked"):
+        return f"{agent_id}: would merge {result['commits']} commit(s) and land, {LAND_UNCHECKED_NOTE[len('landed, '):]}"
     if outcome == "would land":
         return f"{agent_id}: would merge {result['commits']} commit(s), run the checks on the result and land"
+    if outcome == "stopped":
+        return f"{agent_id}: not landed: {result['reason']}"
     return f"{agent_id}: {outcome}"
+
+
+def collect_agents(
+    project,
+    ids,
+    commit=False,
+    merge=False,
+    patch=None,
+    pr=False,
+    into=None,
+    cwd=None,
+    include_failing=False,
+    force=False,
+    dry_run=False,
+):
+    """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
+    merges (land's short form: done agents whose checks passed, or the named ones), writes a patch
+    and opens pull requests. `cwd` is where the command runs: a merge from a linked worktree
+    needs `into`. It lives here, below Landing, because --merge is a run of the queue."""
+    if dry_run and (not merge or commit or patch or pr):
+        raise OrchestraError(
+            "--dry-run shows what --merge would do; use it with --merge alone (no --commit, --patch or --pr)"
+        )
+    records = finished_agents(project.all_records() if ids else project.records(), ids)
+    if merge:
+        check_merge_target(project, cwd or project.repo, into)
+        check_checkout_clean(project.repo, "merging")
+    elif into:
+        raise OrchestraError("--into names where --merge merges; add --merge")
+    records = check_before_collect(project, records)
+    errors = {r["id"]: collect_problem(project, r) for r in records}
+    errors = {i: e for i, e in errors.items() if e}
+    records = [r for r in records if r["id"] not in errors]
+    committed, staged_kept = commit_all_leftovers(project, records if commit else [], errors)
+    accept_refs(project, [f"refs/heads/{r['branch']}" for r in records if r["id"] in committed])
+    refresh_change_counts(project, [r for r in records if r["id"] in committed])
+    reports = agent_reports(project, records, errors)
+    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
+    document["errors"] = [{"id": i, "error": e} for i, e in errors.items()]
+    document["staged_kept"] = staged_kept
+    if merge:
+        chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
+        chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
+        land_collected(project, chosen, document, (bool(ids), include_failing, force), dry_run)
+    if patch:
+        document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
+    if pr:
+        document["pull_requests"] = open_pull_requests(project, reports)
+        document["pr_failed"] = any(
+            line.startswith("cannot open") or ": gh failed:" in line
+            for line in document["pull_requests"]
+        )
+    return document
+
+
+def land_collected(project, chosen, document, overrides, dry_run=False):
+    """collect --merge: one pass of the queue into the branch checked out in the user's checkout,
+    for the agents the checks gate and the integrity check let through. `overrides` is (named,
+    include_failing, force): named agents, and with --include-failing those whose own checks
+    failed, land without checks on the result (as collect --merge always merged them); a
+    tampered agent only named with --force; a parked (blocked) one only named or after it ran
+    again. A branch the checkout cannot follow does not move, and an agent sent back for a fix
+    round is landed by the next `land` or collect --merge. The document says it all."""
+    named, include_failing, force = overrides
+    chosen, parked = (chosen, []) if named else leave_parked(chosen)
+    chosen, document["not_merged"] = gate_on_checks(chosen, named or include_failing)
+    document["not_merged"] += parked
+    chosen, refused = gate_on_integrity(chosen, named and force)
+    document["not_merged"] += refused
+    target = current_branch(project.repo)
+    if target is None:
+        raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
+    past_gate = chosen if named else gate_on_checks(chosen, False)[1]
+    unchecked = frozenset(r["id"] for r in past_gate)
+    strategy = project.config["land_strategy"]
+    plan = LandPlan(strategy, dry_run, follow=True, unchecked=unchecked, wait_fixes=False)
+    with holding_land_lock(project):
+        results = run_queue(project, [r["id"] for r in chosen], target, plan, lambda result: None)
+    document.update(into=target, dry_run=dry_run)
+    document["landing"] = [dict(r, line=land_line(r, target)) for r in results]
+    landed = [r for r in results if r["outcome"] == "landed" and not r.get("nothing_new")]
+    document["merged"] = [r["id"] for r in landed]
+    document["notes"] = [f"{r['id']}: {r['note']}" for r in landed if r.get("note")]
+    held = [not_merged_entry(r, record_branch(chosen, r["id"])) for r in results]
+    document["not_merged"] += [entry for entry in held if entry]
+    document["conflict"] = next((entry for entry in held if entry), None)
+
+
+def leave_parked(records):
+    """(records to land, [{id, reason, hint}] left out): as land does, an agent parked blocked
+    waits until it runs again (a follow-up) or is named."""
+    parked = [r for r in records if blocked_still(r)]
+    hints = [
+        {
+            "id": r["id"],
+            "reason": f"blocked: {r['blocked']['reason']}",
+            "hint": f"send it a follow-up ('orchestra send {r['id']} ...') or name it",
+        }
+        for r in parked
+    ]
+    return [r for r in records if r not in parked], hints
+
+
+def record_branch(records, agent_id):
+    """The branch of the agent with this id among records."""
+    return next(r["branch"] for r in records if r["id"] == agent_id)
+
+
+def not_merged_entry(result, branch):
+    """collect --merge's {id, reason, hint} for an agent land did not land, or None."""
+    agent_id, outcome = result["id"], result["outcome"]
+    if outcome == "blocked":
+        hint = (
+            f"it is parked blocked: send it a follow-up ('orchestra send {agent_id} ...') and "
+            f"run collect --merge again, or merge it by hand: git merge {branch}"
+        )
+    elif outcome == "fixing":
+        hint = (
+            f"sent back for fix round {result['round']}; 'orchestra land' lands it once that ends"
+        )
+    elif outcome == "stopped":
+        hint = "nothing moved; clear that from your checkout, then run collect --merge again"
+    else:
+        return None
+    return {"id": agent_id, "reason": result["reason"], "hint": hint}
 
 
 # ======================================================================================
@@ -13087,8 +13185,9 @@ class WebHandler:
         return 200, {"worktrees": worktree_rows(self.server.project, self.server.project.records())}
 
     def route_spawn(self, params, query, body):
-        """POST /api/spawn {"tasks": [...], "parallel"?, "model"?, "name"?, "base"?}: the CLI's spawn."""
-        tasks, parallel, model, name, base = body_fields(
+        """POST /api/spawn {"tasks": [...], "parallel"?, "model"?, "name"?, "base"?, "after"?: [ids]}:
+        the CLI's spawn; `after` (spawn --after) holds every task until those agents landed."""
+        tasks, parallel, model, name, base, after = body_fields(
             body,
             {
                 "tasks": (list, True),
@@ -13096,12 +13195,20 @@ class WebHandler:
                 "model": (str, False),
                 "name": (str, False),
                 "base": (str, False),
+                "after": (list, False),
             },
         )
         if not tasks or len(tasks) > WEB_MAX_TASKS or not all(isinstance(t, str) for t in tasks):
             raise HTTPRefusal(400, f"'tasks' must be a list of 1 to {WEB_MAX_TASKS} strings")
+        if after is not None and not all(isinstance(i, str) and i.strip() for i in after):
+            raise HTTPRefusal(400, "'after' must be a list of agent ids")
         records = spawn_agents(
-            self.server.project_for(model), tasks, parallel=parallel, name=name, base=base
+            self.server.project_for(model),
+            tasks,
+            parallel=parallel,
+            name=name,
+            base=base,
+            after=[[i.strip() for i in after]] * len(tasks) if after else None,
         )
         return 201, {"agents": [public_record(r) for r in records]}
 
@@ -14476,13 +14583,14 @@ def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model, sandbox=args.sandbox)
     uncommitted = uncommitted_note(args.base)
-    tasks, names, after, checks = args.tasks, args.name, None, None
+    tasks, names, after, checks, host = args.tasks, args.name, None, None, args.host
     if args.file:
         if tasks or names:
             raise OrchestraError(
                 "--file holds the tasks and their ids; give no TASK or --name with it"
             )
-        tasks, names, after, checks = read_task_file(args.file)
+        tasks, names, after, checks, hosts = read_task_file(args.file)
+        host = [h or args.host for h in hosts]  # a task's own host, else --host
     elif not tasks:
         raise OrchestraError(
             "the following arguments are required: TASK (or a tasks file with --file)"
@@ -14496,7 +14604,7 @@ def cmd_spawn(args):
         name=names,
         base=args.base,
         budget=args.budget,
-        host=args.host,
+        host=host,
         after=after,
         checks=checks,
     )
@@ -14533,7 +14641,7 @@ def uncommitted_note(base):
 
 
 def read_task_file(path):
-    """(tasks, ids, after, checks) from a tasks file: a JSON list (or {"tasks": [...]}) of
+    """(tasks, ids, after, checks, hosts) from a tasks file: a JSON list (or {"tasks": [...]}) of
     objects with "task" and optional "id", "after" (ids), "host" and "checks" (commands)."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -14544,7 +14652,7 @@ def read_task_file(path):
     items = document.get("tasks") if isinstance(document, dict) else document
     if not isinstance(items, list) or not items:
         raise OrchestraError(f"{path}: expected a list of tasks, each an object with a 'task'")
-    tasks, ids, after, checks = [], [], [], []
+    tasks, ids, after, checks, hosts = [], [], [], [], []
     for number, item in enumerate(items, 1):
         where = f"{path}: task {number}"
         if not isinstance(item, dict) or not isinstance(item.get("task"), str):
@@ -14563,17 +14671,16 @@ def read_task_file(path):
             not isinstance(own, list) or not all(isinstance(c, str) for c in own)
         ):
             raise OrchestraError(f"{where}: 'checks' must be a list of shell commands")
-        if item.get("host") not in (None, "local"):
-            raise OrchestraError(
-                f"{where}: host {json.dumps(item['host'])} is not known here; use \"local\""
-            )
+        if item.get("host") is not None and not isinstance(item["host"], str):
+            raise OrchestraError(f"{where}: 'host' must be the name of a host ('orchestra hosts')")
         tasks.append(item["task"])
+        hosts.append(item.get("host"))
         ids.append(item.get("id"))
         after.append(deps)
         checks.append(own)
     if any(ids) and not all(ids):
         raise OrchestraError(f"{path}: give every task an 'id', or none")
-    return tasks, [i for i in ids if i], after, checks
+    return tasks, [i for i in ids if i], after, checks, hosts
 
 
 def wait_for_agents(project, ids, as_json):
@@ -15202,6 +15309,7 @@ def cmd_collect(args):
         cwd=Path.cwd(),
         include_failing=args.include_failing,
         force=args.force,
+        dry_run=args.dry_run,
     )
     reports = document["agents"]
     if args.json:
@@ -15274,7 +15382,13 @@ def add_collect_parser(commands):
     p.add_argument(
         "--merge",
         action="store_true",
-        help="merge the branches into your current branch, one by one",
+        help="land them on your current branch (a short form of 'orchestra land'): each merged in "
+        "a scratch worktree, the checks run on the result, your checkout brought along",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --merge: print the order and what would happen to each agent; change nothing",
     )
     p.add_argument(
         "--into",
@@ -15284,7 +15398,8 @@ def add_collect_parser(commands):
     p.add_argument(
         "--include-failing",
         action="store_true",
-        help="with --merge: merge agents whose checks failed or did not run, too",
+        help="with --merge: merge agents whose checks failed or did not run, too (without "
+        "checks on the result, as named agents)",
     )
     p.add_argument(
         "--force",
@@ -15323,7 +15438,7 @@ def cmd_land(args):
         print("Nothing to land; see 'orchestra status'.")
     for skipped in [] if args.json else document["not_landed"]:
         print(f"{skipped['id']}: not landed: {skipped['reason']} (name it to land it anyway)")
-    blocked = any(r["outcome"] == "blocked" for r in document["results"])
+    blocked = any(r["outcome"] in ("blocked", "stopped") for r in document["results"])
     return EXIT_FAILURE if blocked else EXIT_OK
 
 
