@@ -3625,6 +3625,7 @@ NAMING_PROGRAMS = (
     "pwd",
     "mkdir",
     "git",
+    "ls",  # names only; `ls -R` walks, and is judged as a search
 )
 # Commands that only run the rest of their arguments as a command
 COMMAND_WRAPPERS = (
@@ -3642,7 +3643,33 @@ COMMAND_WRAPPERS = (
     "ionice",
     "chronic",
     "unbuffer",
+    "setsid",
+    "chrt",
+    "taskset",
+    "flock",
+    "busybox",
+    "xvfb-run",
+    "su",
+    "runuser",
+    "pkexec",
+    "setpriv",
 )
+# Wrappers' options that take the next word as their value, and operands before the command
+WRAPPER_VALUE_OPTIONS = {
+    "timeout": ("-s", "--signal", "-k", "--kill-after"),
+    "env": ("-u", "--unset"),
+    "stdbuf": ("-i", "-o", "-e"),
+    "ionice": ("-c", "-n", "-p", "-P", "-u", "--class", "--classdata"),
+    "nice": ("-n", "--adjustment"),
+    "flock": ("-w", "--timeout", "-E", "--conflict-exit-code"),
+    "taskset": ("-p",),
+}
+WRAPPER_OPERANDS = {"timeout": 1, "chrt": 1, "taskset": 1, "flock": 1, "busybox": 0}
+OTHER_USER_WRAPPERS = ("sudo", "doas", "su", "runuser", "pkexec", "setpriv")
+# Programs whose words may be code: with no sandbox, a path they spell is judged
+INLINE_CODE = ("python", "python3", "node", "perl", "ruby", "php", "awk", "gawk", "mawk", "vim",
+               "vi", "nvim", "ex", "ed", "lua", "Rscript", "deno", "bun")  # fmt: skip
+GIT_IN_TEXT = re.compile(r"(^|[\s;&|(`'\"])git(\s|$)")
 # Commands that write every path they are given / only their last one (the destination)
 WRITERS_ALL = (
     "rm",
@@ -3689,14 +3716,21 @@ PURE_PROGRAMS = (
     "sleep",
 )
 # Shell words that start a command without being one; `for NAME in` is skipped in full
-SHELL_KEYWORDS = ("if", "then", "else", "elif", "do", "while", "until", "!", "{", "}", "done",
-                  "fi", "esac", "time")  # fmt: skip
+SHELL_KEYWORDS = frozenset(
+    ["if", "then", "else", "elif", "do", "while", "until", "!", "{", "}", "done", "fi", "esac"]
+)
 # Variables that change where programs look or what they run: assigning one asks
 RISKY_VARIABLES = re.compile(
     r"(HOME|XDG_\w+|PATH|CDPATH|IFS|EDITOR|VISUAL|PAGER|BASH_ENV|ENV|LD_\w+|PROMPT_COMMAND|"
-    r"SHELLOPTS|BASHOPTS|PYTHONSTARTUP|PERL5OPT|NODE_OPTIONS|GIT_\w+)"
+    r"SHELLOPTS|BASHOPTS|PYTHONSTARTUP|PERL5OPT|NODE_OPTIONS|GIT_\w+|PWD|OLDPWD|REPLY|MAPFILE|"
+    r"BASH_\w+|HIST\w+|TMPDIR)"
 )
-ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.S)
+ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\+?=(.*)", re.S)
+# Builtins that change how later words are read or what later runs (aliases, traps, shopt...)
+SHELL_STATE_BUILTINS = frozenset(
+    ["shopt", "alias", "unalias", "hash", "trap", "enable", "coproc", "function", "bind"]
+)
+FUNCTION_DEFINITION = re.compile(r"(^|[;&|\n{(]|\bfunction)\s*[A-Za-z_][\w.:-]*\s*\(\s*\)")
 GIT_ENV = re.compile(
     r"\bGIT_(DIR|WORK_TREE|COMMON_DIR|CONFIG\w*|EXEC_PATH|SSH\w*|ASKPASS|"
     r"PROXY_COMMAND|NAMESPACE|OBJECT_DIRECTORY|ALTERNATE_OBJECT_DIRECTORIES|"
@@ -3712,7 +3746,9 @@ SED_WRITES = re.compile(
 )
 HIDDEN_WORD = "$ORCHESTRA_SUBSTITUTION"  # stands for a substitution's output, unknown till run
 HEREDOC_WORD = "orchestra-here-document"  # stands for $(cat <<'EOF' ... EOF): plain text
-HEREDOC_START = re.compile(r"<<(-?)[ \t]*(?:'(\w+)'|\"(\w+)\"|\\(\w+)|(\w+))")
+GLOB_DEPTH_MAX = 3  # wildcard path components the guard expands; more asks
+GLOB_MATCHES_MAX = 1000  # matches of one glob the guard judges
+LITERAL_DOLLAR = "\ue024"  # a `$` bash takes as itself ('$', \\$): no variable, for the guard
 QUOTED_HEREDOC_TEXT = re.compile(
     r"\$\(\s*cat\s*<<-?[ \t]*(?P<q>['\"])(?P<d>\w+)(?P=q)[ \t]*\n(?:.*?\n)??[ \t]*(?P=d)[ \t]*\n\s*\)",
     re.S,
@@ -3899,9 +3935,7 @@ BRANCH_VALUE_FLAGS = (
     "--points-at",
     "--sort",
     "--format",
-    "--column",
-    "--abbrev",
-)
+)  # --column and --abbrev take a value only after "=": the next word is a new branch
 CONFIG_READ_FLAGS = frozenset(
     [
         "--get",
@@ -4128,11 +4162,17 @@ def read_shell(command):
         c = command[i]
         if quote == "'":
             quote = None if c == "'" else quote
-            out.append(c)
+            out.append(LITERAL_DOLLAR if c == "$" else c)
             i += 1
             continue
+        if c == "#" and quote is None and (not out or out[-1][-1] in " \t\n;&|()"):
+            end = command.find("\n", i)  # a comment, to the end of its line
+            i = len(command) if end < 0 else end
+            continue
         if c == "\\" and i + 1 < len(command):
-            if command[i + 1] != "\n":
+            if command[i + 1] == "$":
+                out.append(LITERAL_DOLLAR)
+            elif command[i + 1] != "\n":
                 out.append(command[i : i + 2])
             i += 2
             continue
@@ -4174,24 +4214,42 @@ def read_expansion(command, i, quote, out, subs, heredocs):
             return f"{rest.split('}', 1)[0]}}} transforms a value the guard cannot follow"
         out.append(name.group(0))
         return i + len(name.group(0))
+    if rest[0] == "$" and not re.match(r"\$[A-Za-z0-9_@*#?$!'\"-]", rest):
+        out.append(LITERAL_DOLLAR)  # `$` before nothing a name can start with is itself
+        return i + 1
     if quote is not None:
         return 0
     if rest[:2] in ("$'", '$"'):
         return "$'...' quoting hides what the words are"
-    if rest.startswith("<<") and not rest.startswith("<<<"):
-        heredoc = HEREDOC_START.match(rest)
-        if not heredoc:
-            return "a here-document the guard cannot read"
-        quoted = heredoc.group(2) or heredoc.group(3) or heredoc.group(4)
-        heredocs.append((quoted or heredoc.group(5), heredoc.group(1) == "-", bool(quoted)))
-        return i + len(heredoc.group(0))
+    if rest.startswith("<<<"):
+        out.append("<<<")
+        return i + 3
+    if rest.startswith("<<"):
+        return read_heredoc_start(rest, i, heredocs)
     at_word_start = not out or out[-1][-1] in " \t\n;&|(<>="
+    if re.match(r"[?*+@!]\(", rest):
+        return f"{rest[:2]}...) is a pattern bash may match against file names (extglob)"
     braces = BRACE_EXPANSION.match(rest) if rest[0] == "{" else None
     if braces:
         return f"brace expansion ({braces.group(0)}) makes words the guard cannot see"
     if rest[0] == "~" and at_word_start and not re.match(r"~(/|$|[\s;&|)<>:])", rest):
         return f"{rest.split()[0]} names a folder the guard cannot know"
     return 0
+
+
+def read_heredoc_start(rest, i, heredocs):
+    """`<<WORD` or `<<-WORD` at the start of `rest` (at index i): the delimiter is WORD with its
+    quotes removed, and any quote in it (E"OF", \\EOF) makes the body plain text."""
+    found = re.match(r"<<(-?)[ \t]*([^\s;&|()<>]+)", rest)
+    if not found:
+        return "a here-document the guard cannot read"
+    word = found.group(2)
+    quoted = any(c in word for c in "'\"\\")
+    delimiter = re.sub(r"[\\'\"]", "", word)
+    if "$" in delimiter or "`" in delimiter or not delimiter:
+        return f"the here-document delimiter {word} is not a plain word"
+    heredocs.append((delimiter, found.group(1) == "-", quoted))
+    return i + len(found.group(0))
 
 
 def read_substitution(command, i, out, subs):
@@ -4260,7 +4318,7 @@ def skip_heredoc_bodies(command, start, heredocs):
 def shell_words(command):
     """shlex tokens of a command line; each operator (; && | > >| ...) and newline a token of its own."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars="();<>|&\n")
-    lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t\r", True, ""
+    lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t", True, ""  # \r: a letter
     words = []
     for token in lexer:  # shlex glues neighbouring operators: `)>`, `;>`, `>|`
         glued = bool(token) and set(token) <= set("();<>|&\n")
@@ -4332,7 +4390,9 @@ def word_paths(word, b, cwd):
     if any(c in expanded for c in "*?["):
         import glob
 
-        matches = glob.glob(full)[:1000]
+        if sum(any(c in part for c in "*?[") for part in full.split(os.sep)) > GLOB_DEPTH_MAX:
+            return None  # too many folders to walk before the hook's time is up
+        matches = list(itertools.islice(glob.iglob(full), GLOB_MATCHES_MAX))
         return [real(m) for m in matches] + [real(re.split(r"[*?\[]", full, maxsplit=1)[0] or "/")]
     return [real(full)]
 
@@ -4357,14 +4417,18 @@ def bash_verdict(command, b, cwd):
     hidden = bool(reading.substitutions)
     if hidden and re.search(r"\bgit\b", text):
         return Verdict(ASK, "command substitution hides part of a git command")
+    if FUNCTION_DEFINITION.search(text):
+        return Verdict(ASK, "the command defines a shell function, which orchestra cannot follow")
     verdicts = [bash_verdict(inner, b, cwd) for inner in reading.substitutions]
+    cwds = [cwd]  # where each command may run: a cd may fail, or end with its subshell
     for argv, redirects in simple_commands(words):
-        verdicts.append(command_verdict(argv, redirects, b, cwd, hidden))
+        verdicts += [command_verdict(argv, redirects, b, here, hidden) for here in cwds]
         argv = without_keywords(argv)
-        if argv and os.path.basename(argv[0]) in ("cd", "pushd"):
-            target = expand_word(argv[1] if len(argv) > 1 else "~", b, cwd)
-            if target is not None:
-                cwd = real(os.path.join(cwd, target))
+        if argv and os.path.basename(argv[0]) in ("cd", "pushd", "popd"):
+            target = argv[1] if len(argv) > 1 else "~"
+            reached = [expand_word(target, b, here) for here in cwds]
+            cwds += [real(os.path.join(h, t)) for h, t in zip(cwds, reached) if t is not None]
+            cwds = list(dict.fromkeys(cwds))
     return strictest(verdicts)
 
 
@@ -4386,6 +4450,8 @@ def command_verdict(argv, redirects, b, cwd, hidden):
         verdicts.append(assignment_verdict(argv[0], b, cwd))
         argv = argv[1:]
     while argv and os.path.basename(argv[0]) in COMMAND_WRAPPERS:
+        if os.path.basename(argv[0]) in OTHER_USER_WRAPPERS:
+            return Verdict(ASK, f"{argv[0]} runs a command as another user")
         if os.path.basename(argv[0]) == "env":
             verdicts.append(env_verdict(argv, b, cwd))
         argv = skip_wrapper(argv)
@@ -4395,13 +4461,15 @@ def command_verdict(argv, redirects, b, cwd, hidden):
         return Verdict(ASK, f"a variable or a substitution names the command ({argv[0]})")
     program = os.path.basename(argv[0])
     verdicts.append(hidden_words_verdict(program, argv, b, cwd))
+    recursive = any(re.fullmatch(r"-[A-Za-z]*R[A-Za-z]*|--recursive", w) for w in argv[1:])
+    searcher = f"{program} -R" if program == "ls" and recursive else program  # ls names, -R walks
     for word in argv[1:]:
         paths = word_paths(word, b, cwd)
         if paths is None:
             verdicts.append(Verdict(ASK, f"a variable hides which path {word!r} names"))
             continue
         verdicts += [path_verdict(p, b, False, "the command reaches") for p in paths]
-        verdicts += [ancestor_verdict(program, word, p, b) for p in paths]
+        verdicts += [ancestor_verdict(searcher, word, p, b) for p in paths]
     verdicts.append(program_verdict(program, argv, b, cwd, hidden))
     return strictest(verdicts)
 
@@ -4410,6 +4478,14 @@ def program_verdict(program, argv, b, cwd, hidden):
     """What the program itself does with its words: cd, a shell, find, xargs, git, a writer."""
     if program in ("cd", "pushd"):
         return cd_verdict(argv[1] if len(argv) > 1 else "~", b, cwd)
+    if program == "popd":
+        return Verdict(ASK, "popd goes back to a folder orchestra did not follow")
+    if program in SHELL_STATE_BUILTINS or shell_state_change(program, argv):
+        return Verdict(ASK, f"{program} changes how the shell reads or runs later commands")
+    if program in ("source", ".") and any(expand_word(w, b, cwd) is None for w in argv[1:]):
+        return Verdict(ASK, f"{program} runs text orchestra cannot see")
+    if program in ("export", "declare", "typeset", "local", "readonly"):
+        return strictest(assignment_verdict(w, b, cwd) for w in argv[1:] if ASSIGNMENT.fullmatch(w))
     if program in SHELLS:
         return shell_verdict(argv, b, cwd)
     if program == "eval":
@@ -4426,7 +4502,58 @@ def program_verdict(program, argv, b, cwd, hidden):
         return git_verdict(argv, b, cwd)
     if "git" in (os.path.basename(w) for w in argv[1:]):
         return Verdict(ASK, f"{program} runs git with arguments orchestra cannot see")
-    return writer_verdict(program, argv, b, cwd)
+    if program not in PURE_PROGRAMS and any(GIT_IN_TEXT.search(w) for w in argv[1:]):
+        return Verdict(ASK, f"{program} is given text that runs git, which orchestra cannot check")
+    if program in ("cp", "ln", "install") and any(is_git_program(w, b, cwd) for w in argv[1:]):
+        return Verdict(ASK, f"{program} copies git itself, to run it under another name")
+    code = inline_code_verdict(program, argv, b, cwd) if program in INLINE_CODE else ALLOWED
+    return strictest([code, writer_verdict(program, argv, b, cwd)])
+
+
+def is_git_program(word, b, cwd):
+    """True when a word names the git executable (a glob like /usr/bin/gi[t] included)."""
+    git = shutil.which("git")
+    return bool(git) and real(git) in (word_paths(word, b, cwd) or [])
+
+
+def code_words(program, argv):
+    """The words of a command that are code: -c/-e/-r values, awk's program, vim's -c and +cmd."""
+    if program in ("awk", "gawk", "mawk"):
+        return [w for w in argv[1:] if not w.startswith("-")][:1]
+    if program in ("vim", "vi", "nvim", "ex", "ed"):
+        return [w[1:] for w in argv[1:] if w.startswith("+")] + option_values(argv, ("-c",))
+    options = ("-c", "-e", "-E", "-p", "-r", "--eval", "--print")
+    return option_values(argv, options)
+
+
+def inline_code_verdict(program, argv, b, cwd):
+    """Code given on the command line (python -c, node -e, awk's program, vim -c...): with no
+    sandbox, any path it spells that the guard would refuse to write makes it ask."""
+    if b.sandboxed:
+        return ALLOWED
+    verdicts = []
+    for word in code_words(program, argv):
+        for spelled in re.findall(r"(?<![\w.~-])(?:(?:~|\.\.?)?/[^\s'\"(),;]*|~|\.\.)", word):
+            for path in word_paths(spelled, b, cwd) or [None]:
+                refused = path is None or (
+                    not scratch(path, b) and path_verdict(path, b, True, "").decision != ALLOW
+                )
+                if refused:
+                    verdicts.append(Verdict(ASK, f"{program} is given code that names {spelled}"))
+    return strictest(verdicts)
+
+
+def shell_state_change(program, argv):
+    """True for a builtin that would change a variable the guard relies on ($PWD, $HOME, PATH...):
+    read, mapfile, printf -v, or declare of a function or a reference."""
+    names = [w for w in argv[1:] if not w.startswith("-")]
+    if program in ("read", "mapfile", "readarray"):
+        return any(RISKY_VARIABLES.fullmatch(n) for n in names) or not names
+    if program == "printf" and "-v" in argv:
+        return True
+    return program in ("export", "declare", "typeset", "local", "readonly") and any(
+        w.startswith("-") and set(w[1:]) & set("fn") for w in argv[1:]
+    )
 
 
 def hidden_words_verdict(program, argv, b, cwd):
@@ -4458,8 +4585,8 @@ def env_verdict(argv, b, cwd):
     assignments are judged as the shell's are."""
     verdicts = []
     for word in argv[1:]:
-        if word.startswith(("-S", "--split-string")):
-            return Verdict(ASK, "env -S runs a string orchestra cannot check")
+        if word.startswith(("-S", "--split-string", "-C", "--chdir")):
+            return Verdict(ASK, f"env {word} runs a command orchestra cannot place or see")
         if ASSIGNMENT.fullmatch(word):
             verdicts.append(assignment_verdict(word, b, cwd))
         elif not word.startswith("-"):
@@ -4470,15 +4597,20 @@ def env_verdict(argv, b, cwd):
 def shell_verdict(argv, b, cwd):
     """sh/bash: -c STRING is judged as a command line; a shell reading commands from its input
     (a pipe, a here-string) runs what the guard cannot see; a script is a program like any."""
-    words = argv[1:]
-    for i, word in enumerate(words):
-        if word.startswith("--"):
+    words, i = argv[1:], 0
+    while i < len(words):
+        word = words[i]
+        if word in ("-o", "+o", "-O", "+O", "--rcfile", "--init-file"):
+            i += 2  # an option's value, not a script
             continue
-        if word.startswith("-") and "c" in word[1:]:
+        if word.startswith("-") and not word.startswith("--") and "c" in word[1:]:
             rest = [w for w in words[i + 1 :] if not w.startswith("-")]
             return bash_verdict(rest[0], b, cwd) if rest else ALLOWED
         if not word.startswith(("-", "+")):
+            if expand_word(word, b, cwd) is None:
+                return Verdict(ASK, f"{argv[0]} runs a script orchestra cannot see ({word})")
             return ALLOWED  # a script file
+        i += 1
     return Verdict(ASK, f"{argv[0]} reads commands from its input, which orchestra cannot check")
 
 
@@ -4529,17 +4661,25 @@ def written(word, b, cwd, what):
 
 
 def option_values(argv, names):
-    """The values given to any of the options `names` (-o FILE, -oFILE, --output=FILE)."""
+    """The values given to any of the options `names` (-o FILE, -oFILE, --output=FILE, and a
+    long option shortened as git and GNU tools accept: --out FILE, --index-o=FILE)."""
     values, words = [], argv[1:]
     for i, word in enumerate(words):
+        key, eq, attached = word.partition("=")
         for name in names:
-            if word == name and i + 1 < len(words):
+            if name.startswith("--") and is_long_option(key, name):
+                values += [attached] if eq else words[i + 1 : i + 2]
+            elif word == name and i + 1 < len(words):
                 values.append(words[i + 1])
-            elif name.startswith("--") and word.startswith(name + "="):
-                values.append(word[len(name) + 1 :])
             elif not name.startswith("--") and word.startswith(name) and len(word) > len(name):
                 values.append(word[len(name) :])
     return values
+
+
+def is_long_option(word, name):
+    """True when `word` is the long option `name`, whole or shortened (--exe for --exec)."""
+    key = word.split("=", 1)[0]
+    return key.startswith("--") and len(key) > 3 and name.startswith(key)
 
 
 def ancestor_verdict(program, word, path, b):
@@ -4553,17 +4693,19 @@ def ancestor_verdict(program, word, path, b):
             f"{CONTAINED}: {program} {word} reaches a folder holding orchestra's files "
             "or other agents' worktrees",
         )
+    if any(within(secret, path, b.casefold) for secret in b.secrets):
+        return Verdict(ASK, f"{program} {word} reaches a folder holding your credentials")
     return ALLOWED
 
 
 def skip_wrapper(argv):
-    """The command a wrapper (env, timeout, sudo...) runs: its options and values dropped."""
+    """The command a wrapper (env, timeout, nice...) runs: its options, their values and its own
+    operands (timeout's duration, chrt's priority, taskset's mask) dropped."""
     program, rest = os.path.basename(argv[0]), argv[1:]
+    takes_value = WRAPPER_VALUE_OPTIONS.get(program, ())
     while rest and (rest[0].startswith("-") or (program == "env" and "=" in rest[0])):
-        rest = rest[1:]
-    if program == "timeout" and rest:
-        rest = rest[1:]  # the duration
-    return rest
+        rest = rest[2:] if rest[0] in takes_value else rest[1:]
+    return rest[WRAPPER_OPERANDS.get(program, 0) :]
 
 
 def scratch(path, b):
@@ -4579,22 +4721,24 @@ def redirect_verdict(op, target, b, cwd):
     """A redirection: `> FILE` writes it, `< FILE` reads it; `2>&1` names a descriptor."""
     if (re.fullmatch(r"\d+|-", target) and "&" in op) or op == "<<<":  # <<< gives text, no file
         return ALLOWED
-    expanded = expand_word(target, b, cwd)
-    if expanded is None:
+    paths = word_paths(target if path_like(target) else "./" + target, b, cwd)
+    if paths is None:
         return Verdict(ASK, f"a variable hides which file {target!r} names")
-    path = real(os.path.join(cwd, expanded))
-    writing = ">" in op
-    if (writing and within(path, "/dev", b.casefold)) or path == os.devnull:
-        return ALLOWED
-    if writing and scratch(path, b):
-        return ALLOWED
-    return path_verdict(path, b, writing, "the command writes" if writing else "the command reads")
+    writing, verdicts = ">" in op, []
+    for path in paths:  # bash expands a glob in a target too: `> .gi[t]`
+        if (writing and within(path, "/dev", b.casefold)) or path == os.devnull:
+            continue
+        if writing and scratch(path, b):
+            continue
+        what = "the command writes" if writing else "the command reads"
+        verdicts.append(path_verdict(path, b, writing, what))
+    return strictest(verdicts)
 
 
 def cd_verdict(target, b, cwd):
     """cd only within the worktree: git and relative paths after it must mean the agent's own."""
     expanded = expand_word(target, b, cwd)
-    if expanded is None or target == "-":
+    if expanded is None or target.startswith(("-", "+")):
         return Verdict(ASK, f"orchestra cannot tell where cd {target} leads")
     path = real(os.path.join(cwd, expanded))
     if place_of(path, b) == "worktree":
