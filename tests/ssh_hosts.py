@@ -1,7 +1,7 @@
 """A test rig of real ssh hosts on this machine: one local user, one sshd and one Claude Code
 config per host, so nothing is shared between "machines" but the loopback network.
 
-Each host is a local account `orch-<name>` (made once with `useradd -m`, left for the next run)
+Each host is a local account `orch<key>-<name>` (key: of this checkout's path) (made once with `useradd -m`, left for the next run)
 with its own HOME, work folder, git identity and `~/.claude/settings.json` pointing the real
 `claude` CLI at the tests' scripted API. Each gets its own `sshd -D` on a free loopback port with
 its own host key, public-key login only, no PAM; the test's client key sits in the account's
@@ -10,6 +10,7 @@ FILE]`), as a user's `~/.ssh/config` would. Needs root (useradd, sshd); tests sk
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import pwd
@@ -22,7 +23,10 @@ from pathlib import Path
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-USER_PREFIX = "orch-"
+# one set of accounts per checkout: runs from two checkouts at once (two engineers, two CI jobs
+# on one machine) would otherwise wipe each other's hosts mid-run
+CHECKOUT_KEY = hashlib.sha256(str(Path(__file__).resolve().parent.parent).encode()).hexdigest()[:4]
+USER_PREFIX = f"orch{CHECKOUT_KEY}-"
 
 
 def free_port():

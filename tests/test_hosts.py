@@ -471,8 +471,9 @@ RESULT_LINE = '{"type":"result","subtype":"success","is_error":false,"result":"o
 @needs_root
 def test_checks_run_on_the_host_and_their_result_comes_home(rig, repo, cli):
     agent = ["sh", "-c", f"echo made > made.txt; echo '{RESULT_LINE}'", "{task}"]
+    user = rig.hosts["h1"].user
     write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting(),
-                 checks=["sleep 3; test -f made.txt && test \"$(id -un)\" = orch-h1"])  # fmt: skip
+                 checks=[f"sleep 3; test -f made.txt && test \"$(id -un)\" = {user}"])  # fmt: skip
     assert cli("spawn", "--host", "h1", "--name", "checked", "make a file").code == 0
     wait_for(lambda: load_agent(repo, "checked")["state"] == "done"
              and (load_agent(repo, "checked").get("checks") or {}).get("status") == "passed",
@@ -575,3 +576,120 @@ def test_only_variables_named_in_env_reach_a_host_and_no_state_file_keeps_them(
     for path in there.rglob("*"):
         if path.is_file():
             assert b"s3cr3t-value" not in path.read_bytes(), path
+
+
+# --- the fleet shares one account: budgets and rate limits ------------------------------------
+
+FAKE_AGENT = """
+case "$1" in
+  *spend*) echo '{"type":"result","subtype":"success","is_error":false,"result":"spent","total_cost_usd":2.5,"num_turns":1}' ;;
+  *limited*)
+    echo "{\\"type\\":\\"rate_limit_event\\",\\"rate_limit_info\\":{\\"status\\":\\"rejected\\",\\"resetsAt\\":$(( $(date +%s) + $RESET_IN ))}}"
+    echo '{"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"API Error: 429 rate limit exceeded","num_turns":1}'
+    exit 1 ;;
+  *) echo '{"type":"assistant","message":{"content":[{"type":"text","text":"working"}]}}'
+     sleep "${WORK_FOR:-0}"
+     echo '{"type":"result","subtype":"success","is_error":false,"result":"ok","num_turns":1}' ;;
+esac
+"""
+
+
+def fake_agent(**env):
+    """The fake agent (its behaviour chosen by words in the task), with `env` set for it."""
+    assignments = " ".join(f"{k}={v}" for k, v in env.items())
+    return ["sh", "-c", f"export {assignments}; {FAKE_AGENT}" if env else FAKE_AGENT, "sh",
+            "{task}"]  # fmt: skip
+
+
+def host_state(rig, name, repo):
+    """The host's own state.json of the test repository's copy."""
+    return json.loads((remote_repo(rig, name, repo) / ".orchestra" / "state.json").read_text())
+
+
+@needs_root
+def test_a_budget_counts_what_remote_agents_cost_and_stops_them_on_their_host(rig, repo, cli):
+    write_config(repo, agent_command=fake_agent(WORK_FOR=60), heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting(max_parallel=2))  # fmt: skip
+    run = cli("spawn", "--host", "h1", "--budget", "1", "keep working", "then spend", "never runs")
+    assert run.code == 0, run
+    ids = ["keep-working", "then-spend", "never-runs"]
+
+    def stopped():
+        agents = agents_by_id(cli)
+        return all(agents[i]["state"] in orchestra.FINISHED_STATES for i in ids) and agents
+
+    agents = wait_for(stopped, timeout=90, what="the budget enforced")
+    assert agents["then-spend"]["state"] == "done" and agents["then-spend"]["cost_usd"] == 2.5
+    for agent_id in ("keep-working", "never-runs"):
+        assert agents[agent_id]["state"] == "stopped", agents[agent_id]
+        assert agents[agent_id]["stop_reason"] == "budget"
+    status = cli("status", "--json").json()
+    [batch] = status["batches"].values()
+    assert batch["spent"] == 2.5 and batch["budget"] == 1
+    # on the host too: the working agent was ended there, the last one never ran there
+    wait_for(lambda: host_state(rig, "h1", repo)["agents"]["keep-working"]["state"] == "stopped",
+             timeout=30, what="stopped on the host")  # fmt: skip
+    there = host_state(rig, "h1", repo)["agents"]
+    assert "never-runs" not in there or there["never-runs"]["state"] == "stopped"
+    assert not there.get("never-runs", {}).get("started_at")
+
+
+@needs_root
+def test_a_rate_limit_on_one_host_holds_new_starts_on_every_machine(rig, repo, cli):
+    write_config(repo, agent_command=fake_agent(RESET_IN=15), heartbeat_interval=0.5,
+                 api_retries=1, hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "limited", "limited one").code == 0
+    until = wait_for(lambda: cli("status", "--json").json()["rate_limited_until"], timeout=60,
+                     what="the fleet-wide hold")  # fmt: skip
+    reset = orchestra.parse_iso(until)
+    assert reset > time.time() + 3, until
+    record = load_agent(repo, "limited")
+    assert record["waiting"]["reason"] == "rate_limit" and "on host h1" in record["activity"]
+    assert cli("spawn", "--host", "local", "--name", "near", "held here").code == 0
+    assert cli("spawn", "--host", "h2", "--name", "far", "held afar").code == 0
+    assert "Rate-limited until" in cli("status").out
+    wait_for(lambda: host_state(rig, "h1", repo).get("hold_until") == until, timeout=30,
+             what="the hold sent to the host")  # fmt: skip
+    time.sleep(2)
+    assert {load_agent(repo, i)["state"] for i in ("near", "far")} == {"queued"}
+    wait_for(lambda: {load_agent(repo, i)["state"] for i in ("near", "far")} == {"done"},
+             timeout=90, what="both started after the reset")  # fmt: skip
+    for agent_id in ("near", "far"):
+        assert orchestra.parse_iso(load_agent(repo, agent_id)["started_at"]) >= reset - 1
+
+
+@needs_root
+def test_the_dashboard_lists_hosts_with_slots_agents_and_reachability(rig, repo, cli, phone):
+    from playwright.sync_api import expect
+
+    write_config(repo, agent_command=fake_agent(WORK_FOR=60), heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting(max_parallel=2))  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "busy", "busy one").code == 0
+    assert cli("spawn", "--host", "h2", "--name", "cut-off", "cut off one").code == 0
+    wait_for(lambda: all(load_agent(repo, i).get("host_launched") for i in ("busy", "cut-off")),
+             timeout=60, what="both launched")  # fmt: skip
+    server = orchestra.start_web_server(
+        orchestra.Project.open(repo, os.environ), "127.0.0.1", 0, log=io.StringIO()
+    )
+    try:
+        phone.goto(server.url)
+        h1 = phone.locator('#host-list [data-host="h1"]')
+        expect(h1).to_contain_text("1 of 2 slots used, 1 free")
+        expect(h1).to_contain_text("running: busy")
+        expect(h1.locator(".reach")).to_have_text("reachable")
+        expect(phone.locator('#host-list [data-host="local"]')).to_contain_text("nothing running")
+        expect(phone.locator("#hosts-summary")).to_have_text("Hosts: 2 of 7 slots used")
+        rig.cut("h2")
+        h2 = phone.locator('#host-list [data-host="h2"]')
+        expect(h2.locator(".reach")).to_contain_text("unreachable since ", timeout=60_000)
+        expect(h2).to_have_attribute("data-reachable", "no")
+        expect(phone.locator("#hosts")).to_have_attribute("open", "")  # opened: it needs a look
+        expect(phone.locator("#hosts-summary")).to_contain_text("1 unreachable")
+        box = h2.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390  # fits the phone
+        [row] = [h for h in cli("status", "--json").json()["hosts"] if h["name"] == "h2"]
+        assert not row["reachable"] and row["unreachable_since"] and row["running"] == ["cut-off"]
+    finally:
+        server.stop()
+        rig.hosts["h2"].start()
+        cli("stop", "busy", "cut-off")
