@@ -8321,7 +8321,11 @@ def retry_agent(project, record, resume_session):
         return f"{record['id']}: queued to continue its session"
     taken = taken_ids(project, project.records())
     new_id = unique_id(record["id"], taken | {record["id"]})
-    fresh = spawn_agents(project, [record["task"]], name=new_id, base=record["base_commit"])[0]
+    # Hosts: an agent pinned to a host is retried there; one placed by the supervisor is placed anew
+    pin = record["pinned"] if "pinned" in record else record.get("host")
+    fresh = spawn_agents(
+        project, [record["task"]], name=new_id, base=record["base_commit"], host=pin
+    )[0]
     return f"{record['id']}: retried as {fresh['id']} on {fresh['branch']} (the old worktree and branch are kept)"
 
 

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -171,6 +172,69 @@ class SshHost:
         return {"ssh": self.alias, "ssh_options": ["-F", str(ssh_config)], **extra}
 
 
+class StallingProxy:
+    """A TCP relay in front of a host's sshd that can stall: stop forwarding without closing
+    anything (a blocked port, a dead Wi-Fi), then resume. ssh reaches the host through it
+    with `-p PORT` after the host's own settings (the command line beats the config file)."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self.accept, name="stalling-proxy", daemon=True).start()
+
+    def accept(self):
+        """Relay each connection both ways, each direction in a thread of its own."""
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), 5)
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    def pump(self, source, sink):
+        """Copy bytes from source to sink, holding them while the proxy is stalled."""
+        try:
+            while True:
+                self.flowing.wait()
+                data = source.recv(65536)
+                if not data:
+                    break
+                self.flowing.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def stall(self):
+        """Stop forwarding; every connection stays open."""
+        self.flowing.clear()
+
+    def resume(self):
+        """Forward again."""
+        self.flowing.set()
+
+    def close(self):
+        """Stop accepting (relayed connections end with their ends)."""
+        self.closed = True
+        self.flowing.set()
+        self.listener.close()
+
+
 class SshRig:
     """Several hosts, one client key and the ssh config that names them."""
 
@@ -202,6 +266,13 @@ class SshRig:
         host.stop()
         ssh = orchestra.Host(name, host.settings(self.ssh_config)).ssh_command()
         subprocess.run([*ssh, "-O", "exit", host.alias], capture_output=True, timeout=30)
+
+    def stalling_proxy(self, name):
+        """A StallingProxy in front of a host's sshd, and the host's settings that go through it."""
+        proxy = StallingProxy(self.hosts[name].port)
+        settings = self.hosts[name].settings(self.ssh_config)
+        settings["ssh_options"] = [*settings["ssh_options"], "-p", str(proxy.port)]
+        return proxy, settings
 
     def hosts_setting(self, **extra):
         """The `hosts` setting naming every host of the rig."""

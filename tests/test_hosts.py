@@ -23,7 +23,7 @@ from conftest import (
     wait_for,
     write_config,
 )
-from scripted_api import ScriptedAPI, bash, claude_env, requires_claude, text
+from scripted_api import ScriptedAPI, bash, claude_env, error, requires_claude, text
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="making host accounts and sshd needs root")
 
@@ -693,3 +693,101 @@ def test_the_dashboard_lists_hosts_with_slots_agents_and_reachability(rig, repo,
         server.stop()
         rig.hosts["h2"].start()
         cli("stop", "busy", "cut-off")
+
+
+NUMBERED_AGENT = (
+    "import json, sys, time\n"
+    "for n in range(int(sys.argv[1])):\n"
+    "    print(json.dumps({'type': 'assistant', 'message': {'content': [{'type': 'text',"
+    " 'text': 'line %d' % n}]}}), flush=True)\n"
+    "    time.sleep(0.25)\n"
+    "print(json.dumps({'type': 'result', 'subtype': 'success', 'is_error': False,"
+    " 'result': 'all lines written', 'num_turns': 1}), flush=True)\n"
+)
+
+
+def numbered_lines(path):
+    """The numbers of the agent's 'line N' lines in a log, in order."""
+    found = []
+    for line in path.read_text().splitlines():
+        event = json.loads(line)
+        if event.get("type") == "assistant":
+            found.append(int(event["message"]["content"][0]["text"].split()[1]))
+    return found
+
+
+@needs_root
+def test_a_stalled_link_leaves_the_agent_running_and_catches_up_without_doubles(rig, repo, cli):
+    proxy, h1 = rig.stalling_proxy("h1")
+    count = 200  # 50 s of lines: it outlives the stall
+    write_config(repo, agent_command=["python3", "-c", NUMBERED_AGENT, str(count), "{task}"],
+                 heartbeat_interval=0.5, hosts={"h1": h1})  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "stalled", "number the lines").code == 0
+    log = repo / ".orchestra" / "logs" / "stalled.jsonl"
+    there = remote_repo(rig, "h1", repo) / ".orchestra" / "logs" / "stalled.jsonl"
+    try:
+        wait_for(lambda: log.exists() and len(numbered_lines(log)) >= 3, timeout=60,
+                 what="the first lines home")  # fmt: skip
+        proxy.stall()  # packets stop; no connection is closed
+        stalled_at = len(numbered_lines(there))
+        wait_for(lambda: load_agent(repo, "stalled").get("host_unreachable"), timeout=90,
+                 what="unreachable")  # fmt: skip
+        row = cli("status").out.splitlines()[1]
+        assert row.split()[:2] == ["stalled", "running"] and "host unreachable since 20" in row
+        assert len(numbered_lines(there)) > stalled_at + 10  # the agent worked on meanwhile
+        home_during = len(numbered_lines(log))
+        assert home_during < len(numbered_lines(there))
+    finally:
+        proxy.resume()
+    try:
+        wait_for(lambda: load_agent(repo, "stalled")["state"] == "done", timeout=120, what="done")
+        record = load_agent(repo, "stalled")
+        assert record["result"] == "all lines written" and not record.get("host_unreachable")
+        assert numbered_lines(log) == list(range(count))  # none lost, none doubled, in order
+        assert agent_lines(log) == agent_lines(there)
+    finally:
+        proxy.close()
+
+
+@needs_root
+def test_retry_of_an_agent_pinned_to_a_host_runs_it_there_again(rig, repo, cli, tmp_path):
+    marker = f".flaky-{tmp_path.name}"  # in the host account's home: the second run succeeds
+    script = (f'if [ -e "$HOME/{marker}" ]; then printf ok > ok.txt && git add ok.txt && '
+              f"git commit -qm ok && echo '{RESULT_LINE}'; else touch \"$HOME/{marker}\"; "
+              """echo '{"type":"result","subtype":"success","is_error":true,"result":"flaked"}'; """
+              "exit 1; fi")  # fmt: skip
+    write_config(repo, agent_command=["sh", "-c", script, "sh", "{task}"], heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h2", "--name", "flaky", "flaky once").code == 0
+    wait_for(lambda: load_agent(repo, "flaky")["state"] == "failed", timeout=60, what="failed")
+    run = cli("retry", "flaky")
+    assert run.code == 0 and "retried as flaky-2" in run.out, run
+    wait_for(lambda: load_agent(repo, "flaky-2")["state"] == "done", timeout=60, what="done")
+    again = cli("status", "--json", "flaky-2").json()["agents"][0]
+    assert again["host"] == "h2" and again["result"] == "ok"
+    assert git("show", "orchestra/flaky-2:ok.txt", cwd=repo) == "ok"
+    assert (rig.hosts["h2"].home / marker).exists()
+    assert load_agent(repo, "flaky")["state"] == "failed"  # the first one is kept as it was
+
+
+@needs_root
+@requires_claude
+def test_retry_resume_session_continues_a_remote_session_on_its_host(rig, repo, cli, local_claude):
+    local_claude.script("breaks-far", [error(400, "scripted failure")])
+    local_claude.script("Continue the task.", [commit_file("resumed.txt", "resumed"),
+                                               text("recovered on its host")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "broke", "breaks-far: go").code == 0
+    wait_for(lambda: load_agent(repo, "broke")["state"] == "failed", timeout=120, what="failed")
+    session = load_agent(repo, "broke")["session_id"]
+    assert session
+    run = cli("retry", "broke", "--resume-session")
+    assert run.code == 0 and "queued to continue its session on host h1" in run.out, run
+    wait_for(lambda: load_agent(repo, "broke")["state"] == "done", timeout=120, what="done")
+    record = load_agent(repo, "broke")
+    assert record["result"] == "recovered on its host" and record["session_id"] == session
+    assert record["host"] == "h1"
+    assert git("show", "orchestra/broke:resumed.txt", cwd=repo) == "resumed\n"
+    there = orchestra.Project.open(remote_repo(rig, "h1", repo), os.environ)
+    assert there.store.load()["agents"]["broke"]["session_id"] == session  # the same session there
