@@ -7253,7 +7253,14 @@ class HostSession:
         if line is None:
             self.close()
             return None
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except ValueError:  # a login script that prints: the session cannot be trusted
+            self.close()
+            raise HostError(
+                f"host '{self.host.name}' answered '{action}' with something not JSON; make its "
+                "shell start-up files print nothing for commands run over ssh"
+            ) from None
 
     def read_line(self, timeout):
         """The next answer line, or None at the end of the output or after `timeout` seconds."""
@@ -7273,9 +7280,16 @@ class HostSession:
         return line
 
     def end(self):
-        """End the session (the supervisor is done with the host)."""
-        with self.lock:
-            self.close()
+        """End the session (the supervisor is done with the host): at once, even while a
+        request waits for a host that stopped answering (its reader then sees the end)."""
+        if self.lock.acquire(timeout=1.0):
+            try:
+                self.close()
+            finally:
+                self.lock.release()
+        elif self.proc is not None:
+            with contextlib.suppress(OSError, AttributeError):  # it may end meanwhile
+                self.proc.kill()
 
     def close(self):
         """End the process; ended_with says how it ended (for Host.failure)."""

@@ -750,8 +750,8 @@ def test_a_stalled_link_leaves_the_agent_running_and_catches_up_without_doubles(
 
 
 @needs_root
-def test_retry_of_an_agent_pinned_to_a_host_runs_it_there_again(rig, repo, cli, tmp_path):
-    marker = f".flaky-{tmp_path.name}"  # in the host account's home: the second run succeeds
+def test_retry_of_an_agent_pinned_to_a_host_runs_it_there_again(rig, repo, cli):
+    marker = f".flaky-{time.time_ns()}"  # in the host account's home: the second run succeeds
     script = (f'if [ -e "$HOME/{marker}" ]; then printf ok > ok.txt && git add ok.txt && '
               f"git commit -qm ok && echo '{RESULT_LINE}'; else touch \"$HOME/{marker}\"; "
               """echo '{"type":"result","subtype":"success","is_error":true,"result":"flaked"}'; """
@@ -766,7 +766,7 @@ def test_retry_of_an_agent_pinned_to_a_host_runs_it_there_again(rig, repo, cli, 
     again = cli("status", "--json", "flaky-2").json()["agents"][0]
     assert again["host"] == "h2" and again["result"] == "ok"
     assert git("show", "orchestra/flaky-2:ok.txt", cwd=repo) == "ok"
-    assert (rig.hosts["h2"].home / marker).exists()
+    (rig.hosts["h2"].home / marker).unlink()  # it was there: the retry ran on h2
     assert load_agent(repo, "flaky")["state"] == "failed"  # the first one is kept as it was
 
 
@@ -791,3 +791,34 @@ def test_retry_resume_session_continues_a_remote_session_on_its_host(rig, repo, 
     assert git("show", "orchestra/broke:resumed.txt", cwd=repo) == "resumed\n"
     there = orchestra.Project.open(remote_repo(rig, "h1", repo), os.environ)
     assert there.store.load()["agents"]["broke"]["session_id"] == session  # the same session there
+
+
+def host_agent_processes(user):
+    """The `orchestra host-agent ACTION` processes a host account runs now: their actions."""
+    ps = subprocess.run(["ps", "-ww", "-u", user, "-o", "args="], capture_output=True, text=True)
+    return [line.split("host-agent", 1)[1].split()[0] for line in ps.stdout.splitlines()
+            if " host-agent " in line]  # fmt: skip
+
+
+@needs_root
+def test_home_follows_a_hosts_agents_through_one_serving_process_not_a_call_each(rig, repo, cli):
+    write_config(repo, agent_command=["python3", "-c", NUMBERED_AGENT, "40", "{task}"],
+                 heartbeat_interval=0.5, hosts=rig.hosts_setting(max_parallel=3))  # fmt: skip
+    assert cli("spawn", "--host", "h1", "one", "two", "three").code == 0
+    logs = [repo / ".orchestra" / "logs" / f"{i}.jsonl" for i in ("one", "two", "three")]
+    wait_for(lambda: all(p.exists() and len(numbered_lines(p)) >= 2 for p in logs), timeout=60,
+             what="all three followed")  # fmt: skip
+    seen = set()
+    for _ in range(20):  # two seconds of polls: eight rounds, three agents each
+        actions = host_agent_processes(rig.hosts["h1"].user)
+        assert actions.count("serve") <= 2, actions  # one for polls, one for launches
+        seen.update(actions)
+        time.sleep(0.1)
+    assert seen == {"serve"}, seen  # no `host-agent poll` per agent
+    before = [len(numbered_lines(p)) for p in logs]
+    wait_for(lambda: [len(numbered_lines(p)) for p in logs] > before, timeout=5,
+             what="lines still arriving")  # fmt: skip
+    wait_for(lambda: all(load_agent(repo, i)["state"] == "done" for i in ("one", "two", "three")),
+             timeout=60, what="all done")  # fmt: skip
+    for path in logs:
+        assert numbered_lines(path) == list(range(40))
