@@ -6705,29 +6705,20 @@ def host_doctor(config, name):
 
 
 def hosts_overview(project):
-    """Each host's slots, running agents and (for remote hosts) whether ssh reaches it."""
+    """Each host's slots, running agents and (for remote hosts) whether ssh reaches it now."""
     config = project.config
-    state = project.store.load()
-    agents = state["agents"].values()
-    rows = []
-    for name in host_names(config):
-        running = [
-            r["id"]
-            for r in agents
-            if r["state"] in ("running", "paused", "waiting") and (r.get("host") or "local") == name
-        ]
-        slots = config.parallel_limit(state.get("parallel")) if name == "local" else None
-        row = {"name": name, "slots": slots or host_limit(config, name), "running": running}
-        if name == "local":
-            row.update(ssh=None, reachable=True, error=None)
-        else:
-            host = Host.named(config, name)
-            try:
-                host.probe()
-                row.update(ssh=host.target, reachable=True, error=None)
-            except HostError as e:
-                row.update(ssh=host.target, reachable=False, error=str(e))
-        rows.append(row)
+    rows = fleet_overview(config, project.store.load())
+    for row in rows:
+        row.update(ssh=None, reachable=True, error=None)
+        if row["name"] == "local":
+            continue
+        host = Host.named(config, row["name"])
+        row["ssh"] = host.target
+        try:
+            host.probe()
+            row.update(unreachable_since=None, why=None)
+        except HostError as e:
+            row.update(reachable=False, error=str(e), why=str(e))
     return rows
 
 
