@@ -6856,7 +6856,8 @@ def placements(config, state, local_free):
 
     A pinned agent waits for its own host. An agent goes to `local` only once its worktree is
     ready (spawn or the supervisor makes it); a host needs no local worktree. Once every slot
-    is taken, hosts are given a few more to queue there (queue_ahead).
+    is taken, while more agents wait than the whole fleet has slots, hosts are given a few
+    more to queue there (queue_ahead), evenly.
     """
     counts = host_counts(state)
     free = {"local": local_free}
@@ -6878,15 +6879,25 @@ def placements(config, state, local_free):
     }
     # an agent whose batch has a budget starts only once home has checked it (not queued ahead)
     rest = [r for r in placeable if id(r) not in placed and r.get("batch") not in budgets]
-    return chosen + place_each(config, rest, ahead, {})
+    slots = (
+        local_free + counts.get("local", 0) + sum(host_limit(config, n) for n in config["hosts"])
+    )
+    if len(rest) < slots:  # the end of the queue: each waits for the first slot free anywhere
+        return chosen
+    return chosen + place_each(config, rest, ahead, {}, evenly=True)
 
 
-def place_each(config, records, free, ahead):
+def place_each(config, records, free, ahead, evenly=False):
     """(record, host) for those of the records a host with room in `free` takes (each taken
-    place is taken from `ahead` too)."""
+    place is taken from `ahead` too); evenly: the host with the most room, whatever the placement.
+    """
     chosen = []
     for record in records:
-        host = place_agent(config, free, record.get("host"))
+        roomy = [name for name in free if free[name] > 0]
+        if evenly and roomy and not record.get("host"):
+            host = max(roomy, key=lambda name: free[name])
+        else:
+            host = place_agent(config, free, record.get("host"))
         if host is None or (host == "local" and not record.get("ready")):
             continue
         free[host] -= 1
