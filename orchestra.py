@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""claude-orchestra: run several Claude Code agents in parallel, each on its own branch and worktree.
+"""claude-orchestra: run several Claude Code agents in parallel, each on its own branch/worktree.
 
 Every agent works in `<repo>/.worktrees/task-<id>/` on branch `orchestra/<id>`, and is contained
 there: a guard that Claude Code runs before every tool call refuses writes outside the worktree,
 reads of orchestra's files and other agents' worktrees, and git beyond the agent's own branch;
-what slips past is found and put back when the agent settles (docs/containment.md). A detached supervisor starts queued agents up to the
-parallel limit, follows their stream-json output, and keeps `.orchestra/state.json` true.
+what slips past is found and put back when the agent settles (docs/containment.md). A detached
+supervisor starts queued agents up to the parallel limit, here or on other hosts over ssh,
+follows their stream-json output, and keeps `.orchestra/state.json` true.
 
 Commands:
   orchestra init                      create .orchestra/ and show the effective configuration
@@ -16,16 +17,16 @@ Commands:
   orchestra spawn TASK... [--wait]    queue agents, one worktree and branch per task
   orchestra status [ID...] [--watch]  what every agent is doing, its cost and its commits
   orchestra logs ID [-f] [--tail N]   an agent's activity as readable lines
-  orchestra diff ID [--stat]          an agent's commits and uncommitted work against its base, paged
+  orchestra diff ID [--stat]          an agent's commits and uncommitted work against its base
   orchestra approvals [--json]        tool calls agents wait to have approved
   orchestra approve REQ [--always]    allow one (REQ or an agent id); orchestra deny REQ refuses it
   orchestra pause|resume|stop ID...   suspend, continue (or relaunch) and end agents
-  orchestra send ID MESSAGE           a follow-up in the agent's own session (a running one: after its turn)
-  orchestra retry ID                  run a failed or stopped agent's task again (ID-2), or its session
+  orchestra send ID MESSAGE           a follow-up in the agent's own session (after its turn)
+  orchestra retry ID                  a failed or stopped agent's task again (ID-2), or its session
   orchestra worktrees [--json]        git worktrees joined with agent records
   orchestra collect [--merge] [--pr]  report finished agents' work and bring it home
   orchestra land [ID...] [--dry-run]  merge queue: land agents whose checks pass on the result
-  orchestra cleanup [--dry-run]       remove worktrees and branches, archiving anything unsaved first
+  orchestra cleanup [--dry-run]       remove worktrees and branches, archiving unsaved work first
   orchestra restore ID                bring a cleaned-up agent back from its archive
   orchestra sessions [--hours N]      your recent Claude Code sessions; --resume ID continues one
   orchestra web [--port N] [--qr]     the phone-friendly dashboard, JSON API and live WebSocket
@@ -42,8 +43,9 @@ State lives in `<repo>/.orchestra/` (readable by you alone): state.json (live ag
 history.jsonl (cleaned-up agents, one record a line), logs/<id>.jsonl (each agent's stream-json
 output plus orchestra's own events), logs/<id>.stderr, supervisor.log, web.json (the dashboard's
 access token, new on every start), approvals/ (requests waiting, decisions, --always rules, each
-signed with approval.key) and the lock files. Work
-saved before a cleanup: refs/orchestra/archive/<id>/.
+signed with approval.key), integrity/ (what each agent must not change), guard.sock (the
+supervisor answering the guard) and the lock files. Work saved before a cleanup:
+refs/orchestra/archive/<id>/.
 Configuration: built-in defaults, then the user file (~/.config/claude-orchestra/
 config.json), then `.orchestra/config.json`, then command-line flags.
 
@@ -59,6 +61,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Agent records and logs          a record, its log folded into facts, rebuilding from logs
   Approvals and the sandbox       the PermissionRequest hook, --always rules, notify_command
   Containment                     the guard: what an agent's tool calls may touch, by path
+  Containment: reading a command line   bash's expansions, here-documents, substitutions
   Containment: shell commands and git   Bash split into commands; git judged option by option
   Containment: the hook and the settings layer   PreToolUse hook, deny rules, sandbox limits
   Launching agents                worktree, argv, --settings layer, environment, process groups
@@ -76,7 +79,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Sessions: resuming              `claude --resume` in the session's own (recreated) cwd
   Collect: reports                what each finished agent did, cached by RepoFacts
   Collect: commits, merges and pull requests   bringing work home
-  Landing                         the merge queue: scratch merges, checks, compare-and-swap, fix rounds
+  Landing                         the merge queue: scratch merges, checks, compare-and-swap
   Cleanup and archives            remove only what is saved; archive refs; restore
   WebSocket                       RFC 6455 by hand: handshake, frames, one connection
   HTTP server: the gate           Host, Origin, token and size checks before any route
@@ -85,44 +88,37 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   QR code                         ISO/IEC 18004 for `web --qr`, drawn in the terminal
   Command line: shared parts      the parser class, tables, colours, number types
   Command line: setting up        init, config, doctor
-  Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff, approvals
+  Command line: agents            spawn, status, pause/resume/stop, logs, retry, send, diff...
   Command line: results           collect, land, cleanup, restore
   Command line: sessions, web and internals   sessions, web, supervise, hook
   Command line: hosts             hosts, and host-agent: what a host runs for home
   Command line: the parser        PARSER_BUILDERS and build_parser()
   Main                            main(): an OrchestraError becomes a message and an exit status
-Where the open work goes: exact approvals and keyed decisions stay in Approvals, the token challenge in the gate; other
-hosts over ssh as "Hosts" before the Supervisor, which places agents on them; the merge queue
-as "Landing" after Collect: commits, merges and pull requests; each command's parser and
-handler join a "Command line" section of their group.
+New code joins the section whose story it tells. A new story gets its own banner, below every
+section it names, and a line in this map; a section that passes 900 lines is split where its
+story divides.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import errno
+import io
 import itertools
 import json
 import math
 import os
-import queue
-import random
 import re
 import select
 import shlex
-import shutil
 import signal
 import site
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 import unicodedata
 import zlib
 from fnmatch import fnmatchcase
@@ -132,7 +128,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 
 class LazyModule:
-    """A module imported on first use: only `web` needs these, and every command's start-up pays for imports."""
+    """A module imported on first use: every command's start-up, and the guard hook's before each
+    tool call, pays for the imports it never needs."""
 
     def __init__(self, name):
         self.name = name
@@ -145,6 +142,9 @@ class LazyModule:
 
 hashlib, hmac, secrets = LazyModule("hashlib"), LazyModule("hmac"), LazyModule("secrets")
 socket, socketserver = LazyModule("socket"), LazyModule("socketserver")
+base64, queue, random = LazyModule("base64"), LazyModule("queue"), LazyModule("random")
+shutil, subprocess = LazyModule("shutil"), LazyModule("subprocess")
+tempfile, traceback = LazyModule("tempfile"), LazyModule("traceback")
 
 try:
     import fcntl
@@ -3284,7 +3284,11 @@ def claude_settings(repo, agent_id, launch):
     if launch.get("bypass_permissions"):  # an array: never split on spaces as --allowedTools is
         settings["permissions"] = {"allow": list(launch["bypass_permissions"])}
     if launch.get("sandboxed"):
-        settings["sandbox"] = {"enabled": True, "autoAllowBashIfSandboxed": True}
+        settings["sandbox"] = {
+            "enabled": True,
+            "autoAllowBashIfSandboxed": True,
+            "allowUnsandboxedCommands": False,  # dangerouslyDisableSandbox is ignored
+        }
         if launch.get("sandbox_network"):
             settings["sandbox"]["network"] = {"allowedDomains": list(launch["sandbox_network"])}
     return settings
@@ -3665,8 +3669,43 @@ WRITERS_ALL = (
     "perl",
     "patch",
     "dd",
+    "mv",  # its sources go, and its destination is written
+    "mkfifo",
+    "mknod",
 )
-WRITERS_LAST = ("cp", "mv", "ln", "install", "rsync", "scp")
+WRITERS_LAST = ("cp", "ln", "link", "install", "rsync", "scp")
+# Options whose value is a file the command writes, per program
+WRITE_OPTIONS = {
+    "sort": ("-o", "--output"),
+    "curl": ("-o", "--output", "--output-dir"),
+    "wget": ("-O", "--output-document", "-P", "--directory-prefix", "-o", "--output-file"),
+    "unzip": ("-d",),
+    "tar": ("-C", "--directory"),
+    "git": ("--output", "--output-directory"),
+}
+# Commands whose words are only printed or compared: a variable in them hides no path
+PURE_PROGRAMS = (
+    "echo",
+    "printf",
+    "test",
+    "[",
+    "[[",
+    "true",
+    "false",
+    ":",
+    "exit",
+    "return",
+    "sleep",
+)
+# Shell words that start a command without being one; `for NAME in` is skipped in full
+SHELL_KEYWORDS = ("if", "then", "else", "elif", "do", "while", "until", "!", "{", "}", "done",
+                  "fi", "esac", "time")  # fmt: skip
+# Variables that change where programs look or what they run: assigning one asks
+RISKY_VARIABLES = re.compile(
+    r"(HOME|XDG_\w+|PATH|CDPATH|IFS|EDITOR|VISUAL|PAGER|BASH_ENV|ENV|LD_\w+|PROMPT_COMMAND|"
+    r"SHELLOPTS|BASHOPTS|PYTHONSTARTUP|PERL5OPT|NODE_OPTIONS|GIT_\w+)"
+)
+ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.S)
 GIT_ENV = re.compile(
     r"\bGIT_(DIR|WORK_TREE|COMMON_DIR|CONFIG\w*|EXEC_PATH|SSH\w*|ASKPASS|"
     r"PROXY_COMMAND|NAMESPACE|OBJECT_DIRECTORY|ALTERNATE_OBJECT_DIRECTORIES|"
@@ -3674,7 +3713,22 @@ GIT_ENV = re.compile(
 )
 GIT_DIR_MENTION = re.compile(r"(^|[\s/'\"=:(])\.git(/|$|[\s'\";|&)<>])")
 ORCHESTRA_MENTION = re.compile(r"\.orchestra\b|claude-orchestra", re.IGNORECASE)
-SUBSTITUTION = re.compile(r"\$\(|`|<\(|>\(")
+GIT_MERGE_STRATEGIES = ("ort", "recursive", "resolve", "octopus", "ours", "subtree")
+# sed commands that write or run: w FILE, W FILE, e COMMAND, and s///w
+SED_WRITES = re.compile(
+    r"(?:^|[;{}\n])\s*(?:(?:\d+|\$|/[^/]*/)(?:,(?:\d+|\$|/[^/]*/))?)?\s*[wWe](?:\s|$)"
+    r"|s(.)(?:(?!\1).)*\1(?:(?!\1).)*\1[a-zA-Z0-9]*[we]"
+)
+HIDDEN_WORD = "$ORCHESTRA_SUBSTITUTION"  # stands for a substitution's output, unknown till run
+HEREDOC_WORD = "orchestra-here-document"  # stands for $(cat <<'EOF' ... EOF): plain text
+HEREDOC_START = re.compile(r"<<(-?)[ \t]*(?:'(\w+)'|\"(\w+)\"|\\(\w+)|(\w+))")
+QUOTED_HEREDOC_TEXT = re.compile(
+    r"\$\(\s*cat\s*<<-?[ \t]*(?P<q>['\"])(?P<d>\w+)(?P=q)[ \t]*\n(?:.*?\n)??[ \t]*(?P=d)[ \t]*\n\s*\)",
+    re.S,
+)
+BRACE_EXPANSION = re.compile(r"\{[^\s{}]*(,|\.\.)[^\s{}]*\}")
+SHELL_OPERATOR_TOKENS = re.compile(r"&>>|&>|>>|>\||>&|<&|<>|<<<|&&|\|\||;;|\|&|[<>|;&()\n]")
+REDIRECTS = frozenset([">", ">>", ">|", ">&", "&>", "&>>", "<", "<>", "<&", "<<<"])
 # git's global options: those that take a value, and those that reach another repository
 GIT_VALUE_OPTIONS = (
     "-C",
@@ -3914,6 +3968,7 @@ class Boundary(NamedTuple):
     control: tuple  # orchestra's user config, ~/.claude: never written, never read by Bash
     secrets: tuple  # credential locations and protected_paths: reads ask
     casefold: bool = False  # the filesystem ignores case
+    sandboxed: bool = False  # its Bash runs in Claude Code's sandbox, a wall besides the guard
 
 
 def real(path):
@@ -3932,7 +3987,7 @@ def case_insensitive(folder):
         return False
 
 
-def make_boundary(repo, worktree, branch, worktrees, env, protected=()):
+def make_boundary(repo, worktree, branch, worktrees, env, protected=(), sandboxed=False):
     """The Boundary of an agent of `repo` working in `worktree` on `branch`."""
     repo = real(repo)
     home = real(env.get("HOME") or os.path.expanduser("~"))
@@ -3953,6 +4008,7 @@ def make_boundary(repo, worktree, branch, worktrees, env, protected=()):
         control=tuple(control),
         secrets=tuple(real(s) for s in secrets_),
         casefold=case_insensitive(repo),
+        sandboxed=sandboxed,
     )
 
 
@@ -4032,8 +4088,10 @@ def read_tool_verdict(tool, tool_input, b, cwd):
         value = tool_input.get(key)
         if not isinstance(value, str) or not value or (key == "pattern" and tool == "Grep"):
             continue
-        if key == "pattern":
-            value = re.split(r"[*?\[{]", value, maxsplit=1)[0] or "."
+        if key == "pattern":  # the folder a glob starts searching from
+            fixed = re.split(r"[*?\[{]", value, maxsplit=1)[0]
+            value = fixed if fixed == value or fixed.endswith("/") else os.path.dirname(fixed)
+            value = value or "."
         path = real(os.path.join(cwd, value))
         verdicts.append(path_verdict(path, b, False, f"{tool} reads"))
         holds = [p for p in (b.orchestra, b.worktrees) if within(p, path, b.casefold)]
@@ -4044,23 +4102,179 @@ def read_tool_verdict(tool, tool_input, b, cwd):
 
 
 # ======================================================================================
-# Containment: shell commands and git
+# Containment: reading a command line
 # --------------------------------------------------------------------------------------
-# A Bash command is split with shlex into simple commands (operators and newlines apart);
-# every word that names a path is resolved from the tracked cwd and judged like a file tool's
-# path; known writers (rm, cp, tee, sed -i...) may write only inside the worktree; a variable
-# or a command substitution that hides a path or a git call makes the guard ask. git is
-# judged option by option: -C, --git-dir, --work-tree, -c (but for harmless keys), config
-# writes, aliases (an unknown subcommand asks), worktree, update-ref, branch and tag changes,
-# another branch checked out, reflog expiry, gc, and the network are refused.
+# Bash is read as bash would read it, before anything is judged: line continuations joined,
+# here-document bodies set aside as input, each substitution's command taken out to be judged
+# on its own (its output becomes a word whose value is unknown), operators split apart. What
+# bash would expand and shlex would not ($'...', ${x/y}, {a,b}, ~user, a here-document that
+# expands) makes the command unreadable, and the guard asks.
 # ======================================================================================
 
 
+# --- substitutions and here-documents ------------------------------------------------
+
+
+class ShellText(NamedTuple):
+    """A Bash command as the guard reads it (see read_shell)."""
+
+    text: str  # continuations joined, here-document bodies dropped, substitutions replaced
+    substitutions: list  # the commands inside $(...), `...`, <(...) and >(...)
+    unreadable: str = ""  # why the guard cannot read it surely; "" when it can
+
+
+def read_shell(command):
+    """The command with what shlex cannot see made plain, or why it cannot be read surely.
+
+    A substitution becomes HIDDEN_WORD (its output is unknown) and its command is kept to be
+    judged on its own; `$(cat <<'EOF' ... EOF)`, the way Claude Code writes commit messages, is
+    plain text. Here-document bodies are input, not commands; one whose delimiter is unquoted
+    and that expands something, ${...} with an operator, $'...', brace expansion and ~+ or ~user
+    are what bash would expand and the guard would not: the command is unreadable.
+    """
+    out, subs, heredocs, quote, i = [], [], [], None, 0
+    while i < len(command):
+        c = command[i]
+        if quote == "'":
+            quote = None if c == "'" else quote
+            out.append(c)
+            i += 1
+            continue
+        if c == "\\" and i + 1 < len(command):
+            if command[i + 1] != "\n":
+                out.append(command[i : i + 2])
+            i += 2
+            continue
+        if c == "\n" and heredocs and quote is None:
+            end, why = skip_heredoc_bodies(command, i + 1, heredocs)
+            if why:
+                return ShellText("", [], why)
+            out.append("\n")
+            heredocs, i = [], end
+            continue
+        step = read_expansion(command, i, quote, out, subs, heredocs)
+        if isinstance(step, str):
+            return ShellText("", [], step)
+        if step:
+            i = step
+            continue
+        if c in "'\"" and quote is None:
+            quote = c
+        elif c == '"' and quote == '"':
+            quote = None
+        out.append(c)
+        i += 1
+    if quote:
+        return ShellText("", [], "a quote is never closed")
+    if heredocs:
+        return ShellText("", [], "a here-document is never ended")
+    return ShellText("".join(out), subs)
+
+
+def read_expansion(command, i, quote, out, subs, heredocs):
+    """At command[i]: the index after an expansion read into `out`, 0 for none, or why the
+    command cannot be read surely."""
+    rest = command[i:]
+    if rest.startswith("$(") or rest[0] == "`" or (quote is None and rest[:2] in ("<(", ">(")):
+        return read_substitution(command, i, out, subs)
+    if rest.startswith("${"):
+        name = re.match(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", rest)
+        if not name:
+            return f"{rest.split('}', 1)[0]}}} transforms a value the guard cannot follow"
+        out.append(name.group(0))
+        return i + len(name.group(0))
+    if quote is not None:
+        return 0
+    if rest[:2] in ("$'", '$"'):
+        return "$'...' quoting hides what the words are"
+    if rest.startswith("<<") and not rest.startswith("<<<"):
+        heredoc = HEREDOC_START.match(rest)
+        if not heredoc:
+            return "a here-document the guard cannot read"
+        quoted = heredoc.group(2) or heredoc.group(3) or heredoc.group(4)
+        heredocs.append((quoted or heredoc.group(5), heredoc.group(1) == "-", bool(quoted)))
+        return i + len(heredoc.group(0))
+    at_word_start = not out or out[-1][-1] in " \t\n;&|(<>="
+    braces = BRACE_EXPANSION.match(rest) if rest[0] == "{" else None
+    if braces:
+        return f"brace expansion ({braces.group(0)}) makes words the guard cannot see"
+    if rest[0] == "~" and at_word_start and not re.match(r"~(/|$|[\s;&|)<>:])", rest):
+        return f"{rest.split()[0]} names a folder the guard cannot know"
+    return 0
+
+
+def read_substitution(command, i, out, subs):
+    """A $(...), `...`, <(...) or >(...) at command[i]: its command kept in `subs`, HIDDEN_WORD
+    in `out` (plain text for a quoted here-document given to cat); the index after it."""
+    text = QUOTED_HEREDOC_TEXT.match(command, i)
+    if text:
+        out.append(HEREDOC_WORD)
+        return text.end()
+    if command[i] == "`":
+        end = command.find("`", i + 1)
+        inner = command[i + 1 : end]
+    else:
+        start = i + 2  # after $( or <( or >(
+        end = closing_parenthesis(command, start)
+        inner = command[start:end] if end is not None else ""
+    if end is None or end < 0:
+        return "a substitution is never closed"
+    subs.append(inner)
+    out.append(HIDDEN_WORD)
+    return end + 1
+
+
+def closing_parenthesis(command, start):
+    """The index of the `)` closing a `(` just before `start`, quotes respected; None if none."""
+    depth, quote, i = 1, None, start
+    while i < len(command):
+        c = command[i]
+        if quote:
+            quote = None if c == quote else quote
+        elif c == "\\":
+            i += 1
+        elif c in "'\"":
+            quote = c
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def skip_heredoc_bodies(command, start, heredocs):
+    """The index after the bodies of the here-documents opened on the line just ended; and why
+    the command is unreadable ("" if it is not): a body that expands something runs code."""
+    lines, i = command[start:].split("\n"), 0
+    position = start
+    for delimiter, strip_tabs, quoted in heredocs:
+        body = []
+        while True:
+            if i >= len(lines):
+                return position, f"the here-document {delimiter} is never ended"
+            line = lines[i]
+            position += len(line) + 1
+            i += 1
+            if (line.lstrip("\t") if strip_tabs else line) == delimiter:
+                break
+            body.append(line)
+        if not quoted and any(c in "\n".join(body) for c in "$`"):
+            return position, f"the here-document {delimiter} expands what the guard cannot see"
+    return min(position, len(command)), ""
+
+
 def shell_words(command):
-    """shlex tokens of a command line; operators (; && | > ...) and newlines are tokens of their own."""
+    """shlex tokens of a command line; each operator (; && | > >| ...) and newline a token of its own."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars="();<>|&\n")
     lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t\r", True, ""
-    return list(lexer)
+    words = []
+    for token in lexer:  # shlex glues neighbouring operators: `)>`, `;>`, `>|`
+        glued = bool(token) and set(token) <= set("();<>|&\n")
+        words += SHELL_OPERATOR_TOKENS.findall(token) if glued else [token]
+    return words
 
 
 def simple_commands(words):
@@ -4070,7 +4284,7 @@ def simple_commands(words):
         if pending:
             redirects.append((pending, word))
             pending = None
-        elif word and set(word) <= set("<>&") and ("<" in word or ">" in word):
+        elif word in REDIRECTS:
             pending = word
         elif word and set(word) <= set("();|&\n"):
             commands.append((current, redirects))
@@ -4081,12 +4295,31 @@ def simple_commands(words):
     return [(c, r) for c, r in commands if c or r]
 
 
+# ======================================================================================
+# Containment: shell commands and git
+# --------------------------------------------------------------------------------------
+# Each simple command of a command line read as above is judged word by word: a word naming
+# a path is resolved from the cwd that cd has reached and judged like a file tool's path;
+# known writers (rm, mv, cp, tee, sed -i, sort -o, curl -o...) write only in the worktree or
+# the temporary folder, and links only point into it; a shell's -c string, find -exec and
+# every substitution are commands of their own; assigning HOME, PATH, GIT_*... asks. Without
+# the sandbox a word whose value is hidden ($VAR) asks too. git is judged option by option:
+# -C, --git-dir, --work-tree, -c (but for harmless keys), config writes, aliases (an unknown
+# subcommand asks), worktree, update-ref, branch and tag changes, another branch checked out,
+# files written out of the worktree (--output, merge-file...), reflog expiry, gc and the
+# network are refused.
+# ======================================================================================
+
+
+# --- words, commands and paths -------------------------------------------------------
+
+
 def expand_word(word, b, cwd):
-    """A word as the path it names: ~ and $HOME expanded; None when a variable hides it."""
+    """A word as the path it names: ~, $HOME and $PWD expanded; None when a variable hides it."""
     if word.startswith("~"):
         word = b.home + word[1:] if word == "~" or word.startswith("~/") else word
-    word = re.sub(r"\$\{?HOME\}?", lambda m: b.home, word)
-    word = re.sub(r"\$\{?PWD\}?", lambda m: cwd, word)
+    word = re.sub(r"\$(?:HOME\b|\{HOME\})", lambda m: b.home, word)
+    word = re.sub(r"\$(?:PWD\b|\{PWD\})", lambda m: cwd, word)
     return None if "$" in word else word
 
 
@@ -4114,40 +4347,63 @@ def word_paths(word, b, cwd):
 
 
 def bash_verdict(command, b, cwd):
-    """The verdict on a Bash command line: every word that names a path, every git call."""
-    verdicts = []
-    if GIT_ENV.search(command):
+    """The verdict on a Bash command line: every word that names a path, every git call, and
+    every command a substitution runs; what the guard cannot read surely, it asks."""
+    reading = read_shell(command)
+    if reading.unreadable:
+        return Verdict(ASK, f"orchestra cannot read this command surely: {reading.unreadable}")
+    text = reading.text
+    if GIT_ENV.search(text):
         return Verdict(DENY, f"{CONTAINED}: the command sets git's environment (GIT_DIR and kin)")
-    if ORCHESTRA_MENTION.search(command):
+    if ORCHESTRA_MENTION.search(text):
         return Verdict(DENY, f"{CONTAINED}: the command names orchestra's own files")
-    if GIT_DIR_MENTION.search(command):
+    if GIT_DIR_MENTION.search(text):
         return Verdict(DENY, f"{CONTAINED}: the command reaches into a .git folder")
     try:
-        words = shell_words(command)
+        words = shell_words(text)
     except ValueError as e:
         return Verdict(ASK, f"orchestra cannot parse this command ({e})")
-    hidden = bool(SUBSTITUTION.search(command))
-    if hidden and re.search(r"\bgit\b", command):
+    hidden = bool(reading.substitutions)
+    if hidden and re.search(r"\bgit\b", text):
         return Verdict(ASK, "command substitution hides part of a git command")
+    verdicts = [bash_verdict(inner, b, cwd) for inner in reading.substitutions]
     for argv, redirects in simple_commands(words):
         verdicts.append(command_verdict(argv, redirects, b, cwd, hidden))
-        if argv and os.path.basename(argv[0]) in ("cd", "pushd") and len(argv) > 1:
-            target = expand_word(argv[-1], b, cwd)
+        argv = without_keywords(argv)
+        if argv and os.path.basename(argv[0]) in ("cd", "pushd"):
+            target = expand_word(argv[1] if len(argv) > 1 else "~", b, cwd)
             if target is not None:
                 cwd = real(os.path.join(cwd, target))
     return strictest(verdicts)
 
 
+def without_keywords(argv):
+    """A simple command without the shell keywords before it (`then`, `do`, `for NAME in`...)."""
+    while argv and argv[0] in SHELL_KEYWORDS:
+        argv = argv[1:]
+    if argv[:1] == ["for"]:
+        argv = argv[3:] if argv[2:3] == ["in"] else []
+        return ["for", *argv] if argv else []  # the loop's words are judged as any command's
+    return argv
+
+
 def command_verdict(argv, redirects, b, cwd, hidden):
     """The verdict on one simple command (its words and redirections)."""
     verdicts = [redirect_verdict(op, target, b, cwd) for op, target in redirects]
-    while argv and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", argv[0]):
-        argv = argv[1:]  # VAR=value prefixes (GIT_* ones were refused already)
+    argv = without_keywords(argv)
+    while argv and ASSIGNMENT.fullmatch(argv[0]):
+        verdicts.append(assignment_verdict(argv[0], b, cwd))
+        argv = argv[1:]
     while argv and os.path.basename(argv[0]) in COMMAND_WRAPPERS:
+        if os.path.basename(argv[0]) == "env":
+            verdicts.append(env_verdict(argv, b, cwd))
         argv = skip_wrapper(argv)
     if not argv:
         return strictest(verdicts)
+    if "$" in argv[0]:
+        return Verdict(ASK, f"a variable or a substitution names the command ({argv[0]})")
     program = os.path.basename(argv[0])
+    verdicts.append(hidden_words_verdict(program, argv, b, cwd))
     for word in argv[1:]:
         paths = word_paths(word, b, cwd)
         if paths is None:
@@ -4155,23 +4411,144 @@ def command_verdict(argv, redirects, b, cwd, hidden):
             continue
         verdicts += [path_verdict(p, b, False, "the command reaches") for p in paths]
         verdicts += [ancestor_verdict(program, word, p, b) for p in paths]
-    if program in ("cd", "pushd") and len(argv) > 1:
-        verdicts.append(cd_verdict(argv[-1], b, cwd))
-    elif program in SHELLS and "-c" in argv[1:-1]:
-        verdicts.append(bash_verdict(argv[argv.index("-c") + 1], b, cwd))
-    elif program in ("eval", "source", ".") and program == "eval":
-        verdicts.append(Verdict(ASK, "eval runs text orchestra cannot check"))
-    elif program == "git" or program.startswith("git-"):
-        verdicts.append(
-            Verdict(ASK, f"command substitution hides part of a git command: {' '.join(argv)}")
-            if hidden
-            else git_verdict(argv, b, cwd)
-        )
-    elif "git" in (os.path.basename(w) for w in argv[1:]):
-        verdicts.append(Verdict(ASK, f"{program} runs git with arguments orchestra cannot see"))
-    else:
-        verdicts.append(writer_verdict(program, argv, b, cwd))
+    verdicts.append(program_verdict(program, argv, b, cwd, hidden))
     return strictest(verdicts)
+
+
+def program_verdict(program, argv, b, cwd, hidden):
+    """What the program itself does with its words: cd, a shell, find, xargs, git, a writer."""
+    if program in ("cd", "pushd"):
+        return cd_verdict(argv[1] if len(argv) > 1 else "~", b, cwd)
+    if program in SHELLS:
+        return shell_verdict(argv, b, cwd)
+    if program == "eval":
+        return Verdict(ASK, "eval runs text orchestra cannot check")
+    if program == "find":
+        return find_verdict(argv, b, cwd)
+    if program == "xargs":
+        return xargs_verdict(argv, b, cwd)
+    if program == "git" or program.startswith("git-"):
+        if hidden:
+            return Verdict(
+                ASK, f"command substitution hides part of a git command: {' '.join(argv)}"
+            )
+        return git_verdict(argv, b, cwd)
+    if "git" in (os.path.basename(w) for w in argv[1:]):
+        return Verdict(ASK, f"{program} runs git with arguments orchestra cannot see")
+    return writer_verdict(program, argv, b, cwd)
+
+
+def hidden_words_verdict(program, argv, b, cwd):
+    """Without the sandbox the guard alone stands between a command and your files, so a word
+    whose value it cannot know ($VAR, a substitution's output) makes it ask, but for commands
+    that only print or compare their words."""
+    if b.sandboxed or program in PURE_PROGRAMS:
+        return ALLOWED
+    hidden = next((w for w in argv[1:] if expand_word(w, b, cwd) is None), None)
+    if hidden is None:
+        return ALLOWED
+    return Verdict(ASK, f"a variable hides what {hidden!r} names (no sandbox runs this command)")
+
+
+def assignment_verdict(word, b, cwd):
+    """NAME=value: its value is judged as a path; a variable that changes where programs look
+    (HOME, PATH, CDPATH, EDITOR, GIT_*...) makes the guard ask."""
+    name, value = ASSIGNMENT.fullmatch(word).groups()
+    if RISKY_VARIABLES.fullmatch(name):
+        return Verdict(ASK, f"{name}= changes where programs look or what they run")
+    paths = word_paths(value, b, cwd)
+    if paths is None:
+        return ALLOWED if b.sandboxed else Verdict(ASK, f"a variable hides what {word!r} holds")
+    return strictest(path_verdict(p, b, False, f"{name}= names") for p in paths)
+
+
+def env_verdict(argv, b, cwd):
+    """env's own words: -S splits a string into a command the guard cannot see; NAME=value
+    assignments are judged as the shell's are."""
+    verdicts = []
+    for word in argv[1:]:
+        if word.startswith(("-S", "--split-string")):
+            return Verdict(ASK, "env -S runs a string orchestra cannot check")
+        if ASSIGNMENT.fullmatch(word):
+            verdicts.append(assignment_verdict(word, b, cwd))
+        elif not word.startswith("-"):
+            break
+    return strictest(verdicts)
+
+
+def shell_verdict(argv, b, cwd):
+    """sh/bash: -c STRING is judged as a command line; a shell reading commands from its input
+    (a pipe, a here-string) runs what the guard cannot see; a script is a program like any."""
+    words = argv[1:]
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            continue
+        if word.startswith("-") and "c" in word[1:]:
+            rest = [w for w in words[i + 1 :] if not w.startswith("-")]
+            return bash_verdict(rest[0], b, cwd) if rest else ALLOWED
+        if not word.startswith(("-", "+")):
+            return ALLOWED  # a script file
+    return Verdict(ASK, f"{argv[0]} reads commands from its input, which orchestra cannot check")
+
+
+def find_verdict(argv, b, cwd):
+    """find: its roots are read; -exec/-ok run a command (judged, {} left out) on what it
+    finds, and that or -delete/-fprint may write there, so the roots are judged as writes too."""
+    roots = list(itertools.takewhile(lambda w: not w.startswith(("-", "(", "!")), argv[1:]))
+    verdicts, i, acting = [], 0, False
+    while i < len(argv):
+        word = argv[i]
+        if word in ("-exec", "-execdir", "-ok", "-okdir"):
+            sub = list(itertools.takewhile(lambda w: w not in (";", "+", "\\;"), argv[i + 1 :]))
+            verdicts.append(command_verdict([w for w in sub if w != "{}"], [], b, cwd, False))
+            acting, i = True, i + len(sub) + 1
+        elif word in ("-delete", "-fprint", "-fprint0", "-fprintf", "-fls"):
+            acting = True
+            if word != "-delete" and i + 1 < len(argv):
+                verdicts.append(written(argv[i + 1], b, cwd, f"find {word}"))
+        i += 1
+    if acting:
+        verdicts += [written(root, b, cwd, "find acts on") for root in roots or ["."]]
+    return strictest(verdicts)
+
+
+def xargs_verdict(argv, b, cwd):
+    """xargs runs a command on words the guard cannot see: a shell, git or a writer asks."""
+    rest = argv[1:]
+    while rest and rest[0].startswith("-"):
+        rest = rest[2:] if rest[0] in ("-I", "-n", "-P", "-L", "-d", "-E", "-s") else rest[1:]
+    if not rest:
+        return ALLOWED
+    program = os.path.basename(rest[0])
+    if (
+        program in SHELLS
+        or program.startswith("git")
+        or program in (*WRITERS_ALL, *WRITERS_LAST, "mv")
+    ):
+        return Verdict(ASK, f"xargs runs {program} on names orchestra cannot see")
+    return command_verdict(rest, [], b, cwd, False)
+
+
+def written(word, b, cwd, what):
+    """The verdict on a word a command writes (the temporary folder is fine)."""
+    paths = word_paths(word if path_like(word) else "./" + word, b, cwd)
+    if paths is None:
+        return Verdict(ASK, f"a variable hides which file {word!r} names")
+    return strictest(path_verdict(p, b, True, f"{what} writes") for p in paths if not scratch(p, b))
+
+
+def option_values(argv, names):
+    """The values given to any of the options `names` (-o FILE, -oFILE, --output=FILE)."""
+    values, words = [], argv[1:]
+    for i, word in enumerate(words):
+        for name in names:
+            if word == name and i + 1 < len(words):
+                values.append(words[i + 1])
+            elif name.startswith("--") and word.startswith(name + "="):
+                values.append(word[len(name) + 1 :])
+            elif not name.startswith("--") and word.startswith(name) and len(word) > len(name):
+                values.append(word[len(name) :])
+    return values
 
 
 def ancestor_verdict(program, word, path, b):
@@ -4209,7 +4586,7 @@ def scratch(path, b):
 
 def redirect_verdict(op, target, b, cwd):
     """A redirection: `> FILE` writes it, `< FILE` reads it; `2>&1` names a descriptor."""
-    if re.fullmatch(r"\d+|-", target) and "&" in op:
+    if (re.fullmatch(r"\d+|-", target) and "&" in op) or op == "<<<":  # <<< gives text, no file
         return ALLOWED
     expanded = expand_word(target, b, cwd)
     if expanded is None:
@@ -4235,31 +4612,63 @@ def cd_verdict(target, b, cwd):
 
 
 def writer_verdict(program, argv, b, cwd):
-    """Commands known to write files (rm, cp, mv, tee, sed -i...) write only inside the worktree."""
-    if program not in WRITERS_ALL and program not in WRITERS_LAST:
-        return ALLOWED
-    if program in ("sed", "perl") and not any(w.startswith("-i") for w in argv[1:]):
-        return ALLOWED
-    operands = [w for w in argv[1:] if not w.startswith("-") or w.startswith(("of=",))]
-    if program == "ln":
-        sources = [w for w in operands[:-1] if w not in ("-t", "--target-directory")]
-        for word in sources:
-            for path in word_paths(word, b, cwd) or []:
-                if place_of(path, b) != "worktree":
-                    return Verdict(ASK, f"ln {word} makes a link out of the worktree")
-    if program in WRITERS_LAST:
-        target = next(
-            (argv[i + 1] for i, w in enumerate(argv[:-1]) if w in ("-t", "--target-directory")),
-            None,
-        )
-        operands = [target] if target else operands[-1:]
-    verdicts = []
-    for word in operands:
-        for path in word_paths(word if path_like(word) else "./" + word, b, cwd) or []:
-            if scratch(path, b):
-                continue
-            verdicts.append(path_verdict(path, b, True, f"{program} writes"))
+    """Commands known to write files (rm, cp, mv, tee, sed -i, sort -o...) write only inside the
+    worktree or the temporary folder; a link may only point at what is in the worktree."""
+    verdicts = [
+        written(value, b, cwd, program)
+        for value in option_values(argv, WRITE_OPTIONS.get(program, ()))
+    ]
+    if program == "tar" and any(
+        w == "--absolute-names" or re.fullmatch(r"-[A-Za-z]*P[A-Za-z]*", w) for w in argv[1:]
+    ):
+        verdicts.append(Verdict(ASK, "tar -P writes wherever its archive's names say"))
+    if program in ("sed", "perl"):
+        return strictest([*verdicts, in_place_verdict(program, argv, b, cwd)])
+    operands = [w for w in argv[1:] if not w.startswith("-") or w.startswith("of=")]
+    if program in ("ln", "link") or (program == "cp" and cp_links(argv)):
+        verdicts += [linked_verdict(program, word, b, cwd) for word in operands[:-1]]
+    if program in WRITERS_ALL:
+        verdicts += [written(word, b, cwd, program) for word in operands]
+    elif program in WRITERS_LAST:
+        targets = option_values(argv, ("-t", "--target-directory")) or operands[-1:]
+        verdicts += [written(word, b, cwd, program) for word in targets]
     return strictest(verdicts)
+
+
+def cp_links(argv):
+    """True when cp makes links (-l, -s, --link, --symbolic-link) instead of copies."""
+    return any(
+        w in ("--link", "--symbolic-link")
+        or (re.fullmatch(r"-[A-Za-z]+", w) and set(w) & set("ls"))
+        for w in argv[1:]
+    )
+
+
+def linked_verdict(program, word, b, cwd):
+    """A link's source must lie in the worktree: a link to anything else lets the agent edit it."""
+    for path in word_paths(word if path_like(word) else "./" + word, b, cwd) or [None]:
+        if path is None or place_of(path, b) != "worktree":
+            return Verdict(ASK, f"{program} {word} makes a link to what is out of the worktree")
+    return ALLOWED
+
+
+def in_place_verdict(program, argv, b, cwd):
+    """sed/perl change files only with -i (alone or in a cluster: -Ei, -pi) or --in-place, and
+    sed writes with its w/W commands and s///w; then every file operand is a write."""
+    clusters = [w for w in argv[1:] if re.fullmatch(r"-[A-Za-z0-9.]+", w)]
+    in_place = any("i" in w.split(".", 1)[0][1:] for w in clusters) or any(
+        w.startswith("--in-place") for w in argv[1:]
+    )
+    words = [w for w in argv[1:] if not w.startswith("-")]
+    given = option_values(argv, ("-e", "--expression", "-f", "--file"))
+    scripts, files = (
+        (given, [w for w in words if w not in given]) if given else (words[:1], words[1:])
+    )
+    if program == "sed" and any(SED_WRITES.search(w) for w in scripts):
+        return Verdict(ASK, "the sed script writes files (w, W or e)")
+    if not in_place:
+        return ALLOWED
+    return strictest(written(word, b, cwd, f"{program} -i") for word in files)
 
 
 def git_verdict(argv, b, cwd):
@@ -4285,26 +4694,23 @@ def git_verdict(argv, b, cwd):
         return ALLOWED
     sub, args = words[i], words[i + 1 :]
     what = f"git {sub}"
-    for arg in args:
-        option, eq, value = arg.partition("=")
-        if option in ("--output", "-o", "--output-directory") and eq:
-            verdict = path_verdict(real(os.path.join(cwd, value)), b, True, f"{what} writes")
-            if verdict.decision != ALLOW:
-                return verdict
+    verdict = git_output_verdict(sub, args, b, cwd, what)
+    if verdict.decision != ALLOW:
+        return verdict
     if sub in GIT_NETWORK:
         return Verdict(DENY, f"{CONTAINED}: {what} reaches the network or another repository")
     if sub in GIT_FORBIDDEN:
         return Verdict(
             DENY, f"{CONTAINED}: {what} changes the repository beyond the agent's branch"
         )
+    checker = GIT_CHECKERS.get(sub)
+    if checker is not None:
+        return checker(args, b, cwd, what)
     if sub in GIT_OWN:
         if sub == "grep" and any(a.startswith(("-O", "--open-files-in-pager")) for a in args):
             return Verdict(ASK, "git grep -O runs a program")
         return ALLOWED
-    checker = GIT_CHECKERS.get(sub)
-    if checker is None:
-        return Verdict(ASK, f"{what} is not a git command orchestra knows (an alias?)")
-    return checker(args, b, cwd, what)
+    return Verdict(ASK, f"{what} is not a git command orchestra knows (an alias?)")
 
 
 def git_global_option(option, value, b, cwd):
@@ -4345,6 +4751,10 @@ def git_branch(args, b, cwd, what):
     value_flags = BRANCH_VALUE_FLAGS
     for arg in args:
         option = arg.split("=", 1)[0]
+        if re.fullmatch(r"-[a-zA-Z]{2,}", arg) and all(
+            f"-{c}" in BRANCH_LIST_FLAGS for c in arg[1:]
+        ):
+            continue  # -av: listing flags together
         if arg.startswith("-") and option not in BRANCH_LIST_FLAGS and option not in value_flags:
             return Verdict(DENY, f"{CONTAINED}: git branch {arg} changes a branch")
     listing = any(a in ("-l", "--list") for a in args)
@@ -4382,6 +4792,8 @@ def git_config(args, b, cwd, what):
     """git config: reading only; a write changes the repository's config for the user too."""
     words = positionals(args, ("--type", "--default", "--file", "-f", "--blob"))
     reads = all(a.split("=", 1)[0] in CONFIG_READ_FLAGS for a in args if a.startswith("-"))
+    if words[:1] in (["set"], ["unset"], ["edit"], ["rename-section"], ["remove-section"]):
+        reads = False  # git 2.46's subcommand forms
     if reads and (words[:1] in (["get"], ["list"]) or len(words) <= 1):
         return ALLOWED
     return Verdict(DENY, f"{CONTAINED}: git config {' '.join(args)} writes git's configuration")
@@ -4396,9 +4808,13 @@ def git_checkout(args, b, cwd, what):
             return Verdict(DENY, f"{CONTAINED}: git checkout {arg} makes or moves a branch")
         if arg == "--detach":
             return Verdict(ASK, "git checkout --detach leaves the agent's branch")
-        if arg == "--":
-            return ALLOWED
-    return branch_or_files(positionals(args, ("--conflict", "--pathspec-from-file")), b, cwd, what)
+        if arg in ("-", "--ignore-other-worktrees") or arg.startswith("@{-"):
+            return Verdict(DENY, f"{CONTAINED}: git checkout {arg} leaves the agent's branch")
+    words = positionals(args, ("--conflict", "--pathspec-from-file"))
+    files_named = "--" in args and args.index("--") < len(args) - 1
+    if files_named:  # git checkout TREE -- FILES: files from a tree, the branch stays
+        return ALLOWED
+    return branch_or_files(words, b, cwd, what)
 
 
 def branch_or_files(words, b, cwd, what):
@@ -4406,7 +4822,8 @@ def branch_or_files(words, b, cwd, what):
     own = (b.branch, f"refs/heads/{b.branch}", "HEAD")
     if not words or words[0] in own:
         return ALLOWED
-    if all(os.path.lexists(os.path.join(cwd, w)) or any(c in w for c in "*?[") for w in words):
+    files = all(os.path.lexists(os.path.join(cwd, w)) or any(c in w for c in "*?[") for w in words)
+    if files and not names_branch(b, words[0]):
         return ALLOWED
     return Verdict(
         DENY,
@@ -4421,7 +4838,7 @@ def git_switch(args, b, cwd, what):
         a in ("-c", "-C", "--create", "--force-create", "--orphan", "--detach", "-d") for a in args
     ):
         return Verdict(DENY, f"{CONTAINED}: git switch {' '.join(args)} leaves the agent's branch")
-    words = positionals(args)
+    words = [a for a in args if a == "-" or not a.startswith("-")]  # `--` hides no branch
     if not words or words[0] == b.branch:
         return ALLOWED
     return Verdict(DENY, f"{CONTAINED}: git switch {words[0]} leaves the agent's branch {b.branch}")
@@ -4429,11 +4846,13 @@ def git_switch(args, b, cwd, what):
 
 def git_rebase(args, b, cwd, what):
     """git rebase of the agent's own branch; --exec runs commands git would hide from the guard."""
-    if any(a in ("-x", "--exec") or a.startswith("--exec=") for a in args):
+    if any(a.startswith(("-x", "--exec")) for a in args):
         return Verdict(ASK, "git rebase --exec runs commands")
-    words = positionals(args, ("--onto", "-s", "--strategy", "-X", "--strategy-option"))
-    if len(words) > 1 and words[1] != b.branch:
-        return Verdict(DENY, f"{CONTAINED}: git rebase {words[1]} rebases another branch")
+    value_flags = ("--onto", "-s", "--strategy", "-X", "--strategy-option")
+    words = positionals([a for a in args if a != "--"], value_flags)
+    branch = words[:1] if "--root" in args else words[1:2]  # the branch it checks out first
+    if branch and branch[0] != b.branch:
+        return Verdict(DENY, f"{CONTAINED}: git rebase {branch[0]} rebases another branch")
     return ALLOWED
 
 
@@ -4468,6 +4887,57 @@ def git_init(args, b, cwd, what):
     return Verdict(ASK, "git init makes a new repository")
 
 
+def git_output_verdict(sub, args, b, cwd, what):
+    """--output FILE (log, show, diff...) and format-patch -o DIR write where they say."""
+    names = ("--output", "--output-directory", "-o") if sub == "format-patch" else ("--output",)
+    return strictest(written(v, b, cwd, what) for v in option_values(["git", *args], names))
+
+
+def git_file_writer(args, b, cwd, what):
+    """merge-file, interpret-trailers, read-tree --index-output, index-pack -o, pack-objects,
+    apply: the files they name may be written, so they must lie in the worktree."""
+    if "--unsafe-paths" in args:
+        return Verdict(
+            DENY, f"{CONTAINED}: {what} --unsafe-paths patches files out of the worktree"
+        )
+    if any(a.startswith("--directory") for a in args):
+        return Verdict(ASK, f"{what} --directory places the patch where orchestra cannot see")
+    values = option_values(["git", *args], ("--index-output", "-o"))
+    words = [a for a in args if not a.startswith("-") and a not in values]
+    return strictest(written(word, b, cwd, what) for word in [*values, *words])
+
+
+def git_runs_programs(options):
+    """A checker for subcommands that run a program an option names (merge -s, difftool -x)."""
+
+    def check(args, b, cwd, what):
+        named = option_values(["git", *args], options)
+        if any(name not in GIT_MERGE_STRATEGIES for name in named):
+            return Verdict(ASK, f"{what} {' '.join(args)} runs a program orchestra cannot check")
+        return ALLOWED
+
+    return check
+
+
+def git_bisect(args, b, cwd, what):
+    """git bisect in the worktree; `bisect reset BRANCH` would check out another branch."""
+    words = positionals(args)
+    if words[:1] == ["reset"] and len(words) > 1 and words[1] != b.branch:
+        return Verdict(DENY, f"{CONTAINED}: {what} reset {words[1]} leaves the agent's branch")
+    return ALLOWED
+
+
+def names_branch(b, word):
+    """True when `word` is one of the repository's branches (a loose or a packed ref)."""
+    if os.path.isfile(os.path.join(b.git_dir, "refs", "heads", word)):
+        return True
+    try:
+        with open(os.path.join(b.git_dir, "packed-refs"), encoding="utf-8") as f:
+            return f" refs/heads/{word}\n" in f.read()
+    except OSError:
+        return False
+
+
 GIT_CHECKERS = {
     "branch": git_branch,
     "tag": git_tag,
@@ -4477,6 +4947,14 @@ GIT_CHECKERS = {
     "rebase": git_rebase,
     "symbolic-ref": git_symbolic_ref,
     "init": git_init,
+    "bisect": git_bisect,
+    "merge": git_runs_programs(("-s", "--strategy")),
+    "difftool": git_runs_programs(("-x", "--extcmd", "-t", "--tool")),
+    "mergetool": git_runs_programs(("-t", "--tool")),
+    **dict.fromkeys(
+        ("merge-file", "interpret-trailers", "read-tree", "index-pack", "pack-objects", "apply"),
+        git_file_writer,
+    ),
     "stash": git_subcommands_reading(
         ("list", "show"),
         ask=("", "push", "save", "pop", "apply", "drop", "clear", "create", "store", "branch"),
@@ -4494,45 +4972,112 @@ def guard(tool, tool_input, b, cwd=None):
     cwd = real(cwd) if cwd else b.worktree
     if tool == "Bash":
         command = tool_input.get("command")
-        return bash_verdict(command, b, cwd) if isinstance(command, str) else ALLOWED
+        if not isinstance(command, str):
+            return Verdict(DENY, f"{CONTAINED}: Bash was given no command line orchestra can read")
+        if tool_input.get("dangerouslyDisableSandbox"):
+            b = b._replace(sandboxed=False)  # judged as the command would run if Claude Code let it
+        return bash_verdict(command, b, cwd)
     if tool in WRITE_TOOLS:
         target = tool_input.get(WRITE_TOOLS[tool]) or tool_input.get("file_path")
         if not isinstance(target, str) or not target:
             return Verdict(ASK, f"{tool} names no file orchestra can check")
-        return path_verdict(real(os.path.join(cwd, target)), b, True, f"{tool} writes")
+        return path_verdict(tool_path(target, b, cwd), b, True, f"{tool} writes")
     if tool in READ_TOOLS:
         return read_tool_verdict(tool, tool_input, b, cwd)
     if tool in PATHLESS_TOOLS:
         return ALLOWED
-    return strictest(  # an unknown or MCP tool: any path it names is a possible write
-        path_verdict(real(os.path.join(cwd, value)), b, True, f"{tool} uses")
-        for key, value in tool_input.items()
-        if isinstance(value, str) and value and re.search(r"(path|file|dir)", key, re.IGNORECASE)
-    )
+    return unknown_tool_verdict(tool, tool_input, b, cwd)
+
+
+def tool_path(value, b, cwd):
+    """A path a tool names, as it would be opened: relative to the cwd, ~ being your home."""
+    if value == "~" or value.startswith("~/"):
+        value = b.home + value[1:]
+    return real(os.path.join(cwd, value))
+
+
+def unknown_tool_verdict(tool, tool_input, b, cwd):
+    """An unknown or MCP tool: any path among its inputs, however deeply nested, is a possible
+    write; a command among them runs what the guard cannot see."""
+    verdicts = []
+    for key, value in input_leaves(tool_input):
+        if re.search(r"command|cmd|script|code|shell", key, re.IGNORECASE):
+            verdicts.append(Verdict(ASK, f"{tool} runs {key}, which orchestra cannot check"))
+        elif re.search(r"path|file|dir|source|destination|target", key, re.IGNORECASE) or (
+            not re.search(r"\s", value) and ("/" in value or value[:1] in "~.")
+        ):
+            verdicts.append(path_verdict(tool_path(value, b, cwd), b, True, f"{tool} uses"))
+    return strictest(verdicts)
+
+
+def input_leaves(value, key=""):
+    """(the nearest key, text) of every non-empty string in a tool's input, lists and dicts opened."""
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            yield from input_leaves(inner, str(name))
+    elif isinstance(value, list):
+        for inner in value:
+            yield from input_leaves(inner, key)
+    elif isinstance(value, str) and value:
+        yield key, value
 
 
 # ======================================================================================
 # Containment: the hook and the settings layer
 # --------------------------------------------------------------------------------------
-# The PreToolUse hook is launched like the approval hook (hook_command's cheap way) with the
-# agent's worktree and branch in its argv, so the common case, no objection, reads no state
-# at all. A refusal is logged as an orchestra `contained` event and sent to notify_command;
+# The PreToolUse hook carries the agent's worktree and branch in its argv, so the common case,
+# no objection, reads no state at all. It is a few lines of Python that ask the supervisor's
+# GuardServer (a Unix socket in .orchestra/), or else load orchestra as the approval hook does
+# and judge the call themselves: the two give the same verdict. A refusal is logged as an orchestra `contained` event and sent to notify_command;
 # an ASK becomes an ApprovalBox request the hook waits on, never an allow by rule. The same
 # --settings layer denies Read and Edit of orchestra's files, other worktrees and ~/.claude,
 # and limits the sandbox's filesystem to match.
 # ======================================================================================
 
 
-# The guard runs before every tool call: it skips main()'s parser of every command (see guard_entry)
-GUARD_LAUNCH = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; "
-    "sys.exit(orchestra.guard_entry(sys.argv[1:]))"
-)
+GUARD_SOCKET = "guard.sock"  # in .orchestra/: the supervisor's GuardServer
+GUARD_SERVER_WAIT = 10  # seconds a hook waits for the GuardServer's answer before judging itself
+GUARD_SOCKET_PATH_MAX = 104  # bytes in a Unix socket's path on Linux and macOS, with its NUL
+GUARD_BACKLOG = 64  # hooks that may wait to be accepted at once
+GUARD_ACCEPT_TICK = 1.0  # seconds between the server's looks at whether it was stopped
+GUARD_REQUEST_MAX = 64 * 1024 * 1024  # bytes of one tool call; a larger one is judged by its hook
+GUARD_CHUNK = 65536
+
+# The guard runs before every tool call. Its hook first asks the supervisor's GuardServer, which
+# has orchestra loaded already; with no server, or for a call that needs an approval, it loads
+# orchestra itself and judges the call there (guard_entry skips main()'s parser of every command).
+GUARD_LAUNCH = """\
+import json, os, socket, sys
+folder, server, argv, asked = sys.argv[1], sys.argv[2], sys.argv[3:], sys.stdin.read()
+env = {k: os.environ[k] for k in ("HOME", "ORCHESTRA_CONFIG", "XDG_CONFIG_HOME") if k in os.environ}
+answer = None
+try:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(%d)
+        s.connect(server)
+        s.sendall(json.dumps({"argv": argv, "asked": asked, "env": env}).encode())
+        s.shutdown(socket.SHUT_WR)
+        answer = json.loads(b"".join(iter(lambda: s.recv(65536), b"")))
+except (OSError, ValueError):
+    pass
+if isinstance(answer, dict) and isinstance(answer.get("stdout"), str):
+    sys.stdout.write(answer["stdout"])
+    sys.exit(0)
+sys.path.insert(0, folder)
+import io, orchestra
+sys.exit(orchestra.guard_entry(argv, io.StringIO(asked)))
+""" % GUARD_SERVER_WAIT  # noqa: UP031 (its braces are Python's, not format fields)
 
 
-def guard_command(repo, record, timeout):
-    """The shell command of the agent's PreToolUse hook: this very orchestra, launched as cheaply
-    as hook_command launches the approval hook (-I -S, cached bytecode), straight to guard_entry."""
+def guard_socket(repo):
+    """Where the supervisor's GuardServer listens: in .orchestra/, which no agent may reach."""
+    return Path(repo) / ORCHESTRA_DIR / GUARD_SOCKET
+
+
+def guard_command(repo, record, timeout, sandboxed=False):
+    """The shell command of the agent's PreToolUse hook: GUARD_LAUNCH, which asks the supervisor's
+    GuardServer or else this very orchestra, launched as cheaply as hook_command launches the
+    approval hook (-I -S, cached bytecode)."""
     launch = record.get("launch") or {}
     argv = [
         sys.executable,
@@ -4541,6 +5086,7 @@ def guard_command(repo, record, timeout):
         "-c",
         GUARD_LAUNCH,
         str(Path(__file__).resolve().parent),
+        str(guard_socket(repo)),
         "--repo",
         str(repo),
         "--agent",
@@ -4554,6 +5100,8 @@ def guard_command(repo, record, timeout):
     ]
     for path in launch.get("protected_paths") or ():
         argv += ["--protect", path]
+    if sandboxed:
+        argv.append("--sandboxed")
     return " ".join(shlex.quote(part) for part in argv)
 
 
@@ -4563,7 +5111,7 @@ def add_containment(settings, repo, record, env):
     timeout = launch.get("approval_timeout") or CONFIG_DEFAULTS["approval_timeout"]
     hook = {
         "type": "command",
-        "command": guard_command(repo, record, timeout),
+        "command": guard_command(repo, record, timeout, "sandbox" in settings),
         "timeout": int(timeout + APPROVAL_HOOK_MARGIN),
     }
     settings.setdefault("hooks", {})["PreToolUse"] = [{"matcher": "*", "hooks": [hook]}]
@@ -4574,19 +5122,21 @@ def add_containment(settings, repo, record, env):
     ]
     folders = [b.orchestra, *siblings]  # never read, never written
     files = [real(user_config_path(env))]
-    # .git's config, hooks and info are left to the guard, Claude Code's own sandbox rules and the
-    # integrity check: a sandbox rule on them binds their lock files too, and a lock another git
-    # process drops meanwhile makes bubblewrap fail ("Can't find source path .git/config.lock").
+    # .git's config is left to the guard, Claude Code's own sandbox rules and the integrity check:
+    # a sandbox rule on it binds its lock file too, and a lock another git process drops meanwhile
+    # makes bubblewrap fail ("Can't find source path .git/config.lock"). Its hooks/ and info/ are
+    # folders, bound as they are.
     claude_home = os.path.join(b.home, ".claude")
     rules = [f"Read(/{p}/**)" for p in folders] + [f"Read(/{p})" for p in files]
     rules += [f"Edit(/{p}/**)" for p in [*folders, claude_home]] + [f"Edit(/{p})" for p in files]
     permissions = settings.setdefault("permissions", {})
     permissions["deny"] = [*permissions.get("deny", []), *rules]
     if "sandbox" in settings:
+        git_folders = [os.path.join(b.git_dir, name) for name in ("hooks", "info")]
         settings["sandbox"]["filesystem"] = {
-            "denyRead": [b.orchestra, *files, b.worktrees],
+            "denyRead": [b.orchestra, *files, b.worktrees, *filter(os.path.exists, b.secrets)],
             "allowRead": [b.worktree],
-            "denyWrite": [b.orchestra, *files, claude_home],
+            "denyWrite": [b.orchestra, *files, claude_home, *filter(os.path.isdir, git_folders)],
         }
     return settings
 
@@ -4643,6 +5193,15 @@ def containment_lines(config, env):
         "integrity check: on: refs, .git config, hooks and info are put back when an agent settles",
         f"rules: {json.dumps(config['bypass_permissions'])} run without asking",
     ]
+    if (
+        claude
+        and not sandbox
+        and any(r in ("Bash", "Bash(*)") for r in config["bypass_permissions"])
+    ):
+        lines.append(
+            "missing: Bash is allowed outright with no sandbox, so a script an agent writes and "
+            "runs can reach what you can; turn the sandbox on or narrow the Bash rule"
+        )
     return [f"  {line}" for line in lines]
 
 
@@ -4666,18 +5225,28 @@ def note_containment(repo, agent_id, summary, reason):
         notifier.join(NOTIFY_TIMEOUT)
 
 
-def guard_entry(argv):
-    """`orchestra hook pre-tool-use` as the hook command runs it: a parser of its own options only."""
+def guard_arguments(argv):
+    """The options of `orchestra hook pre-tool-use` as the hook command passes them."""
     parser = argparse.ArgumentParser(prog="orchestra hook pre-tool-use")
     for option in ("--repo", "--agent", "--worktree", "--branch"):
         parser.add_argument(option, required=True)
     parser.add_argument("--protect", action="append", default=[])
     parser.add_argument("--timeout", type=float, default=CONFIG_DEFAULTS["approval_timeout"])
-    return guard_hook(parser.parse_args(argv), sys.stdin, sys.stdout, os.environ)
+    parser.add_argument("--sandboxed", action="store_true")
+    return parser.parse_args(argv)
 
 
-def guard_hook(args, stdin, stdout, env):
-    """`orchestra hook pre-tool-use`: judge one tool call before it runs (see guard())."""
+def guard_entry(argv, stdin):
+    """`orchestra hook pre-tool-use` as the hook command runs it when no GuardServer answered."""
+    return guard_hook(guard_arguments(argv), stdin, sys.stdout, os.environ)
+
+
+def guard_hook(args, stdin, stdout, env, may_ask=True):
+    """`orchestra hook pre-tool-use`: judge one tool call before it runs (see guard()).
+
+    Without may_ask (in the GuardServer), a call that needs an approval is left undecided: None,
+    and the hook process asks itself, so the request names the process that waits for it.
+    """
     try:
         asked = json.loads(stdin.read())
         tool, tool_input = asked["tool_name"], asked.get("tool_input") or {}
@@ -4689,8 +5258,9 @@ def guard_hook(args, stdin, stdout, env):
         return EXIT_OK
     summary = tool_summary(tool, tool_input)
     try:
+        worktrees = Path(args.worktree).parent
         b = make_boundary(
-            args.repo, args.worktree, args.branch, Path(args.worktree).parent, env, args.protect
+            args.repo, args.worktree, args.branch, worktrees, env, args.protect, args.sandboxed
         )
         cwd = asked.get("cwd") if isinstance(asked.get("cwd"), str) else None
         verdict = guard(tool, tool_input, b, cwd)
@@ -4698,6 +5268,8 @@ def guard_hook(args, stdin, stdout, env):
         verdict = Verdict(DENY, f"{CONTAINED}: orchestra's guard failed ({e!r})")
     if verdict.decision == ALLOW:
         return EXIT_OK  # no objection: Claude Code's rules and the approval hook decide
+    if verdict.decision == ASK and not may_ask:
+        return None
     if verdict.decision == ASK:
         decision = guard_approval(
             Path(args.repo), args.agent, args.timeout, tool, tool_input, verdict.reason, asked
@@ -4771,6 +5343,107 @@ def guard_approval(repo, agent_id, timeout, tool, tool_input, reason, asked):
     return decision
 
 
+class GuardServer:
+    """Answers the guard hooks of this repository's agents over a Unix socket in .orchestra/, from
+    the supervisor, which has orchestra loaded: a hook then costs a bare Python start, not an
+    import of the whole module before every tool call.
+
+    It answers only this repository's calls, and only those judged without a person; for the rest
+    the hook judges itself. Anything amiss (no socket, a path too long for one, a server gone
+    mid-call) leaves the hook to judge itself too, so the server changes no verdict, only its speed.
+    """
+
+    def __init__(self, repo):
+        self.repo, self.path = real(repo), str(guard_socket(repo))
+        self.listener = None
+
+    def start(self):
+        """Listen, unless a live server answers there already or the path is too long for a socket."""
+        if len(os.fsencode(self.path)) >= GUARD_SOCKET_PATH_MAX or self.answering():
+            return self
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a server that died left it
+        listener = socket.socket(socket.AF_UNIX)
+        try:
+            listener.bind(self.path)
+            os.chmod(self.path, 0o600)
+            listener.listen(GUARD_BACKLOG)
+            listener.settimeout(GUARD_ACCEPT_TICK)  # so accept() notices stop()
+        except OSError:
+            listener.close()
+            return self
+        self.listener = listener
+        threading.Thread(target=self.accept, args=(listener,), name="guard", daemon=True).start()
+        return self
+
+    def answering(self):
+        """True when some server already answers at the socket's path."""
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(GUARD_ACCEPT_TICK)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                return False
+            return True
+
+    def stop(self):
+        """Stop listening and remove the socket; a hook then judges its calls itself."""
+        if self.listener is not None:
+            self.listener, listener = None, self.listener
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    def accept(self, listener):
+        """Answer each hook that connects, each in a thread of its own."""
+        while self.listener is listener:
+            try:
+                connection, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(connection,), daemon=True).start()
+
+    def answer(self, connection):
+        """Read one hook's request to the end, and send back its answer ({} when it must judge)."""
+        with connection:
+            connection.settimeout(GUARD_SERVER_WAIT)
+            try:
+                request = json.loads(receive_to_end(connection, GUARD_REQUEST_MAX))
+                reply = self.judge(request["argv"], request["asked"], request["env"])
+            except (Exception, SystemExit):  # argparse exits: whatever fails, the hook judges
+                reply = {}
+            with contextlib.suppress(OSError):
+                connection.sendall(json.dumps(reply).encode())
+
+    def judge(self, argv, asked, env):
+        """{"stdout": what the hook prints} for a call of this repository's agents; else {}.
+
+        `env` is the hook's HOME and where it finds your orchestra config: the paths it protects.
+        """
+        args = guard_arguments(argv)
+        if real(args.repo) != self.repo or not all(isinstance(v, str) for v in env.values()):
+            return {}
+        printed = io.StringIO()
+        if guard_hook(args, io.StringIO(asked), printed, env, may_ask=False) is None:
+            return {}
+        return {"stdout": printed.getvalue()}
+
+
+def receive_to_end(connection, limit):
+    """The bytes a peer sends until it shuts its side; ValueError past `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = connection.recv(GUARD_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"a request of over {limit} bytes")
+        chunks.append(chunk)
+
+
 # ======================================================================================
 # Launching agents
 # --------------------------------------------------------------------------------------
@@ -4786,7 +5459,9 @@ AGENT_ENV_DIR = "env"
 SYSTEM_PROMPT = (
     "You are one of several agents started by claude-orchestra. You work in your own git "
     "worktree on branch '{branch}'. Stay on this branch, and commit your work to it with clear "
-    "messages before you finish; uncommitted work may be lost. Do not push."
+    "messages before you finish; uncommitted work may be lost. Do not push. A command that "
+    "fails with a 'bwrap:' error before it runs met the sandbox starting beside another agent's: "
+    "run it again."
 )
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 # The oldest Claude Code with every flag and hook orchestra uses, found by trying each release
@@ -5269,8 +5944,9 @@ def group_members(pgid):
 # version kept in .orchestra/integrity/<id>/<time>/), and the agent is marked `tampered` with
 # what changed (once per run: `collect` checks only runs no supervisor settled). Another agent's
 # branch may move while that agent runs, and orchestra's own
-# merges move the target branch: those are accepted (see accept_refs). A change the user
-# made while the agent ran is treated the same way, and kept, never lost.
+# merges move the target branch: those are accepted (see accept_refs). So is the branch your
+# checkout has out when its HEAD log shows you moving it there (a commit or pull you made while
+# the agent ran). Any other change you made meanwhile is put back too, and kept, never lost.
 # ======================================================================================
 
 INTEGRITY_DIR = "integrity"  # in .orchestra/: <id>.json baselines, <id>/<time>/ changed files
@@ -5372,6 +6048,24 @@ def verify_integrity(project, record, records, unverified_only=False):
     return found
 
 
+def moved_in_checkout(repo, ref, new, since):
+    """True when `ref` is the branch your checkout has out and your checkout's HEAD log shows it
+    reaching `new` since `since`: a commit, merge or pull you made there while the agent ran. The
+    guard and the sandbox keep agents out of your checkout, so that is your doing, not theirs."""
+    head = run_git(["symbolic-ref", "-q", "HEAD"], repo, check=False).stdout.strip()
+    if head != ref:
+        return False
+    start = parse_iso(since) or 0
+    try:
+        log = (common_git_dir(repo) / "logs" / "HEAD").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    entries = (line.split("\t", 1)[0].split() for line in log.splitlines())
+    return any(
+        len(e) >= 4 and e[1] == new and e[-2].isdigit() and int(e[-2]) >= start for e in entries
+    )
+
+
 def restore_refs(project, record, baseline, records, stamp, prefix):
     """Refs moved, made or deleted since the baseline: kept under tampered/, then put back."""
     now = guarded_refs(current_refs(project.repo), record)
@@ -5382,10 +6076,15 @@ def restore_refs(project, record, baseline, records, stamp, prefix):
             continue
         if old is None and ref.startswith(f"refs/heads/{prefix}/"):
             continue  # a newer agent's branch
+        if new and moved_in_checkout(project.repo, ref, new, baseline["at"]):
+            continue
         if new:
             run_git(["update-ref", keep + ref[len("refs/") :], new], project.repo)
         if old:
-            run_git(["update-ref", ref, old], project.repo)
+            back = run_git(["update-ref", ref, old, new or ""], project.repo, check=False)
+            if back.returncode:  # it moved again as we looked: whoever did it, it is kept
+                found.append(f"{'moved' if new else 'deleted'} {ref} (moving still: left as is)")
+                continue
             found.append(f"{'moved' if new else 'deleted'} {ref} (put back to {old[:12]})")
         else:
             run_git(["update-ref", "-d", ref], project.repo)
@@ -5596,7 +6295,9 @@ def check_explicit_name(project, name, taken):
 
 
 def reserve_agents(project, tasks, names, base_branch, base_commit, parallel, host=None):
-    """Record new queued agents under the lock, each with a unique id; their records."""
+    """Record new queued agents under the lock, each with a unique id; their records. `host`:
+    one host for all, or a list with each task's (None: the supervisor places it)."""
+    hosts = host if isinstance(host, list) else [host] * len(tasks)
 
     def reserve(state):
         taken = taken_ids(project, state["agents"])
@@ -5604,12 +6305,14 @@ def reserve_agents(project, tasks, names, base_branch, base_commit, parallel, ho
             check_explicit_name(project, name, taken)
             taken.add(name)
         created = []
-        for task, name in itertools.zip_longest(tasks, names):
+        for task, name, pinned in itertools.zip_longest(tasks, names, hosts):
             agent_id = name or unique_id(slugify(task), taken)
             taken.add(agent_id)
             record = new_record(project, agent_id, task, base_branch, base_commit)
             record["seq"] = next_seq(state)
-            record["host"] = host  # pinned by spawn --host; else the supervisor places it
+            record["host"] = (
+                pinned  # by spawn --host or a tasks file; else the supervisor places it
+            )
             record["preparer"] = [os.getpid(), process_start_time(os.getpid())]
             state["agents"][agent_id] = record
             created.append(record)
@@ -7520,6 +8223,14 @@ class Supervisor:
         return EXIT_OK
 
     def serve(self):
+        """Answer the agents' guard hooks while scheduling (see GuardServer)."""
+        guard = GuardServer(self.project.repo).start()
+        try:
+            self.schedule()
+        finally:
+            guard.stop()
+
+    def schedule(self):
         """Adopt, then schedule and flush until idle or asked to stop."""
         self.store.update(self.register)
         self.adopt()
@@ -8185,7 +8896,7 @@ def spawn_agents(
     The one way agents come to be, from the command line or the web; their records. The agents
     start with `env` (default: this process's environment). `after`: per task, the ids it waits
     for (it starts once they landed, from the target with their work); `checks`: per task, its
-    own checks or None.
+    own checks or None; `host`: one for all, or each task's (None: placed by the supervisor).
     """
     for task in tasks:
         check_task(task)
@@ -8200,8 +8911,8 @@ def spawn_agents(
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
-    if host is not None:
-        check_host_name(project.config, host)
+    for name in set(host if isinstance(host, list) else [host]) - {None}:
+        check_host_name(project.config, name)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
     base_branch, base_commit = resolve_base(project, base)
     known = {**project.history(), **project.records()}
@@ -10632,8 +11343,9 @@ def overlapping_files(reports):
 # Collect: commits, merges and pull requests
 # --------------------------------------------------------------------------------------
 # Bringing work home. --commit commits a worktree's leftovers on the agent's own branch.
-# --merge writes the user's checkout, so it refuses while anything is in progress there and
-# never overwrites untracked, ignored or hidden changes; a conflict undoes the run's merges.
+# --merge is a short form of land (collect_agents lives in Landing, below): the checks here
+# refuse a checkout with anything in progress or with hidden changes, and find the untracked or
+# ignored files a landing would overwrite.
 # --pr pushes and opens a pull request; --patch writes `git am` input; `send` queues a
 # follow-up in the agent's own session.
 # ======================================================================================
@@ -10829,72 +11541,6 @@ def overwritten_by_merge(repo, tip):
     return sorted(set(hits))
 
 
-def merge_agents(project, records):
-    """Merge agents' branches into the current branch one by one; (merged ids, stop or None).
-
-    Stops at the first conflict, or before a merge that would overwrite untracked or ignored
-    files, with the checkout as it was. Ctrl-C undoes this run's merges, leaving it as before.
-    """
-    repo = project.repo
-    check_checkout_clean(repo, "merging")
-    if current_branch(repo) is None:
-        raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
-    start, merged = ref_commit(repo, "HEAD"), []
-    try:
-        for record in sorted(records, key=spawn_order):
-            with shield_interrupts():
-                stop = merge_one(project, record)
-            if stop:
-                return merged, stop
-            if stop is False:
-                merged.append(record["id"])
-    except KeyboardInterrupt:
-        with shield_interrupts():
-            undo_merges(repo, start)
-        raise
-    return merged, None
-
-
-def merge_one(project, record):
-    """Merge one agent's branch: False when merged, None when nothing to do, else why it stopped."""
-    repo, tip = project.repo, branch_tip(project, record)
-    if tip is None or is_ancestor(repo, tip, "HEAD"):
-        return None
-    stop = {"id": record["id"], "branch": record["branch"], "files": [], "git": "", "untracked": []}
-    blocked = overwritten_by_merge(repo, tip)
-    if blocked:
-        return dict(stop, untracked=blocked)
-    message = f"Merge {record['branch']}: {one_line(record['task'], 72)}"
-    done = run_git(["merge", "--no-ff", "--no-edit", "-m", message, tip], repo, check=False)
-    if done.returncode == 0:
-        return False
-    files = run_git(["diff", "--name-only", "--diff-filter=U"], repo).stdout.split()
-    if operation_in_progress(repo):
-        run_git(["merge", "--abort"], repo)
-    return dict(stop, files=files, git=one_line(done.stderr or done.stdout, TAIL_CHARS))
-
-
-def undo_merges(repo, start):
-    """Put the user's checkout back at `start` after an interrupted collect --merge."""
-    if (
-        Path(run_git(["rev-parse", "--absolute-git-dir"], repo).stdout.strip()) / "MERGE_HEAD"
-    ).exists():
-        run_git(["merge", "--abort"], repo, check=False)
-    if start and ref_commit(repo, "HEAD") != start:
-        run_git(["reset", "--quiet", "--keep", start], repo, check=False)
-
-
-def mark_merged(project, ids):
-    """Remember that collect --merge merged these agents (status shows them as merged)."""
-
-    def change(state):
-        for agent_id in ids:
-            state["agents"][agent_id]["merged"] = True
-
-    if ids:
-        project.store.update(change)
-
-
 def check_before_collect(project, records):
     """Run the integrity check of each agent before its work is reported or merged; the records, updated."""
     live = project.store.load()["agents"]
@@ -10924,53 +11570,6 @@ def gate_on_integrity(records, force):
     return chosen, skipped
 
 
-def collect_agents(
-    project,
-    ids,
-    commit=False,
-    merge=False,
-    patch=None,
-    pr=False,
-    into=None,
-    cwd=None,
-    include_failing=False,
-    force=False,
-):
-    """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
-    merges (done agents whose checks passed, or the named ones), writes a patch and opens pull requests.
-    `cwd` is where the command runs: a merge from a linked worktree needs `into`."""
-    records = finished_agents(project.all_records() if ids else project.records(), ids)
-    if merge:
-        check_merge_target(project, cwd or project.repo, into)
-        check_checkout_clean(project.repo, "merging")
-    elif into:
-        raise OrchestraError("--into names where --merge merges; add --merge")
-    records = check_before_collect(project, records)
-    errors = {r["id"]: collect_problem(project, r) for r in records}
-    errors = {i: e for i, e in errors.items() if e}
-    records = [r for r in records if r["id"] not in errors]
-    committed, staged_kept = commit_all_leftovers(project, records if commit else [], errors)
-    accept_refs(project, [f"refs/heads/{r['branch']}" for r in records if r["id"] in committed])
-    refresh_change_counts(project, [r for r in records if r["id"] in committed])
-    reports = agent_reports(project, records, errors)
-    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
-    document["errors"] = [{"id": i, "error": e} for i, e in errors.items()]
-    document["staged_kept"] = staged_kept
-    if merge:
-        chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
-        chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
-        merge_chosen(project, chosen, document, bool(ids), include_failing, force)
-    if patch:
-        document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
-    if pr:
-        document["pull_requests"] = open_pull_requests(project, reports)
-        document["pr_failed"] = any(
-            line.startswith("cannot open") or ": gh failed:" in line
-            for line in document["pull_requests"]
-        )
-    return document
-
-
 def commit_all_leftovers(project, records, errors):
     """Commit each agent's leftovers on its branch: ([ids committed], {id: ref of a kept staged
     version}); an agent git failed for goes into `errors` and the others go on."""
@@ -10986,25 +11585,6 @@ def commit_all_leftovers(project, records, errors):
         if isinstance(done, str):
             staged_kept[record["id"]] = done
     return committed, staged_kept
-
-
-def merge_chosen(project, chosen, document, named, include_failing, force):
-    """collect --merge: the agents the checks and the integrity check let through, merged into the
-    checkout under the land lock (never interleaved with a land); the document says what happened.
-    """
-    chosen, document["not_merged"] = gate_on_checks(chosen, named or include_failing)
-    chosen, refused = gate_on_integrity(chosen, named and force)
-    document["not_merged"] += refused
-    target = run_git(["symbolic-ref", "-q", "HEAD"], project.repo, check=False).stdout.strip()
-    lock = FileLock(project.dir / LAND_LOCK)
-    if not lock.acquire(blocking=False):
-        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
-    try:
-        document["merged"], document["conflict"] = merge_agents(project, chosen)
-    finally:
-        lock.release()
-    accept_refs(project, [target] if target else [])
-    mark_merged(project, document["merged"])
 
 
 def pull_request_body(report):
@@ -11088,29 +11668,7 @@ def collect_text(document):
     ]
     parts += [f"Error: {e['error']}" for e in document.get("errors", [])]
     if "merged" in document:
-        parts.append("Merged: " + (", ".join(document["merged"]) or "nothing new"))
-        unchanged = [
-            r["id"] for r in document["agents"] if not r["commits"] and not r["uncommitted"]
-        ]
-        if unchanged:
-            parts.append("No changes (nothing to merge): " + ", ".join(unchanged))
-        parts += [
-            f"Not merged: {s['id']}: {s['reason']} (name it or add --include-failing to merge it anyway)"
-            for s in document.get("not_merged", [])
-        ]
-    if document.get("conflict", {}) and document["conflict"].get("untracked"):
-        c = document["conflict"]
-        parts.append(
-            f"Not merging {c['id']}: it would overwrite your untracked or ignored "
-            f"{', '.join(c['untracked'][:MAX_LISTED_FILES])}; move them away, then run collect --merge again"
-        )
-    elif document.get("conflict"):
-        c = document["conflict"]
-        where = ", ".join(c["files"]) or c["git"]
-        parts.append(
-            f"Merging {c['id']} conflicts in {where}; the merge was aborted and your checkout is as it was. "
-            f"Merge it by hand: git merge {c['branch']}"
-        )
+        parts += merge_text(document)
     if "patch" in document:
         parts.append(
             f"Wrote {document['patch']['commits']} commit(s) to {document['patch']['path']} (apply with git am)"
@@ -11125,6 +11683,25 @@ def collect_text(document):
             "'orchestra collect --commit' commits it on the agent's branch"
         )
     return "\n\n".join(parts)
+
+
+def merge_text(document):
+    """collect --merge's part of the report: what landed (or, with --dry-run, would), what not and why."""
+    if document.get("dry_run"):
+        lines = [r["line"] for r in document["landing"]] or ["nothing to merge"]
+        parts = ["Dry run, nothing changed:\n" + "\n".join(lines)]
+    else:
+        parts = ["Merged: " + (", ".join(document["merged"]) or "nothing new")]
+        parts += document.get("notes", [])
+    unchanged = [r["id"] for r in document["agents"] if not r["commits"] and not r["uncommitted"]]
+    if unchanged:
+        parts.append("No changes (nothing to merge): " + ", ".join(unchanged))
+    gate_hint = "name it or add --include-failing to merge it anyway"
+    parts += [
+        f"Not merged: {s['id']}: {s['reason']} ({s.get('hint') or gate_hint})"
+        for s in document.get("not_merged", [])
+    ]
+    return parts
 
 
 def sent_text(agent_id, waits):
@@ -11188,7 +11765,8 @@ def send_message(project, agent_id, message, env=None):
 # checks send the agent a fix round in its own session (the target commit and the conflicting
 # files, or the failing command and its output); land retries it when the round ends, and
 # after `fix_rounds` tries parks it `blocked` while the queue goes on. One land at a time:
-# land.lock is held by land and collect --merge alike (a second one refuses). Before moving
+# land.lock is held by land and collect --merge alike (a second one refuses); collect --merge is
+# one pass of the queue that lands only where the user's checkout follows. Before moving
 # the ref the record notes the commit it lands (`landing.commit`), so a rerun after Ctrl-C or
 # kill -9 recognises a landing that happened and otherwise starts the item again.
 # ======================================================================================
@@ -11208,6 +11786,36 @@ LAND_RED_PROMPT = (
     "Bring your branch up to date with that commit (git merge {commit}), make the checks pass "
     "on the result, commit, and finish."
 )
+
+
+LAND_UNCHECKED_NOTE = (
+    "landed, without checks on the result: collect --merge lands a named agent (and, with "
+    "--include-failing, one whose own checks failed) as it always merged them; 'orchestra land' runs them"
+)
+
+
+class LandPlan(NamedTuple):
+    """How one run of the queue goes: `land`'s defaults, or its short form `collect --merge`."""
+
+    strategy: str  # land_strategy: merge, rebase or squash
+    dry_run: bool = False
+    follow: bool = False  # collect --merge: land only what the user's checkout can follow
+    unchecked: frozenset = (
+        frozenset()
+    )  # ids landed without checks on the result (named past the gate)
+    wait_fixes: bool = True  # wait for fix rounds and retry (land); collect --merge makes one pass
+
+
+@contextlib.contextmanager
+def holding_land_lock(project):
+    """Hold land.lock for one land, web Land or collect --merge; a second one refuses at once."""
+    lock = FileLock(project.dir / LAND_LOCK)
+    if not lock.acquire(blocking=False):
+        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def landing_target(project, into):
@@ -11253,9 +11861,7 @@ def scratch_worktree(project, commit):
     path, ready = project.dir / LAND_WORKTREE, project.dir / LAND_READY
     copies = files_to_copy(project, include_patterns(project))
     if not ready.exists() or not (path / ".git").is_file():
-        git_bytes(["worktree", "remove", "--force", str(path)], project.repo, check=False)
-        shutil.rmtree(path, ignore_errors=True)
-        git_bytes(["worktree", "prune"], project.repo)
+        delete_worktree(project.repo, path)  # its own entry only: never `git worktree prune`
         git_bytes(["worktree", "add", "--quiet", "--detach", str(path), commit], project.repo)
         copy_into(project, path, copies)
         error = run_setup(project.config["setup"], path, project.dir / LAND_SETUP_LOG)
@@ -11343,29 +11949,44 @@ def checkout_of(project, target):
     return None
 
 
-def checkout_can_follow(checkout, new):
-    """True when a fast-forward of the user's checkout to `new` can overwrite nothing of theirs:
-    nothing in progress, no hidden (assume-unchanged, skip-worktree) changes, no untracked or
-    ignored file in the way (git itself refuses only for overlapping uncommitted changes)."""
-    if operation_in_progress(checkout) or hidden_changes(checkout):
-        return False
-    return not overwritten_by_merge(checkout, new)
+def checkout_stop(checkout, new):
+    """Why a fast-forward of the user's checkout to `new` could overwrite something of theirs, or
+    None: an operation in progress, hidden (assume-unchanged, skip-worktree) changes, untracked
+    or ignored files in the way (git itself refuses only for overlapping uncommitted changes)."""
+    operation = operation_in_progress(checkout)
+    if operation:
+        return f"{operation} is in progress in your checkout {checkout}"
+    hidden = hidden_changes(checkout)
+    if hidden:
+        return (
+            f"your checkout {checkout} has changes git status does not show "
+            f"({', '.join(hidden[:MAX_LISTED_FILES])}: marked assume-unchanged or skip-worktree)"
+        )
+    in_the_way = overwritten_by_merge(checkout, new)
+    if in_the_way:
+        return f"it would overwrite your untracked or ignored {', '.join(in_the_way[:MAX_LISTED_FILES])}"
+    return None
 
 
-def move_target(project, target, old, new):
-    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout).
+def move_target(project, target, old, new, follow=False):
+    """Compare-and-swap the target from `old` to `new`: (moved, note about the user's checkout);
+    moved is None when `follow` asks for the user's checkout to come along and it cannot (the
+    note says why; nothing moved).
 
     Running agents' integrity baselines take the new target (orchestra moved it, not they)."""
-    moved, note = swap_target(project, target, old, new)
+    moved, note = swap_target(project, target, old, new, follow)
     if moved:
         accept_refs(project, [f"refs/heads/{target}"])
     return moved, note
 
 
-def swap_target(project, target, old, new):
+def swap_target(project, target, old, new, follow=False):
     """move_target's compare-and-swap itself, through the user's checkout when it can follow."""
     checkout = checkout_of(project, target)
-    if checkout is not None and checkout_can_follow(checkout, new):
+    stop = checkout_stop(checkout, new) if checkout is not None else None
+    if follow and (checkout is None or stop):
+        return None, stop or f"{target} is no longer checked out in {project.repo}"
+    if checkout is not None and not stop:
         dirty = git_bytes(["status", "--porcelain", "--untracked-files=no"], checkout).stdout
         done = git_bytes(["merge", "--quiet", "--ff-only", new], checkout, check=False)
         if done.returncode == 0:
@@ -11375,6 +11996,9 @@ def swap_target(project, target, old, new):
             return True, kept if dirty.strip() else None
         if ref_commit(project.repo, f"refs/heads/{target}") != old:
             return False, None
+        if follow:
+            said = one_line(done.stderr.decode("utf-8", "replace"), TAIL_CHARS)
+            return None, f"your checkout {checkout} changed meanwhile and cannot follow ({said})"
     done = git_bytes(
         ["update-ref", "-m", "orchestra land", f"refs/heads/{target}", new, old],
         project.repo,
@@ -11461,9 +12085,12 @@ def park(project, record, reason):
     return {"id": record["id"], "outcome": "blocked", "reason": reason}
 
 
-def send_back(project, record, prompt, reason):
-    """Give the agent a fix round in its own session, or park it when its rounds are used up."""
+def send_back(project, record, prompt, reason, commit):
+    """Give the agent a fix round in its own session, or park it when its rounds are used up.
+    `commit` is the target commit it is asked to merge."""
     agent_id, limit = record["id"], resilience_setting(record, "fix_rounds")
+    if on_host(record):
+        return send_back_on_host(project, record, (prompt, reason), commit, limit)
 
     def change(state):
         live = state["agents"][agent_id]
@@ -11488,60 +12115,113 @@ def send_back(project, record, prompt, reason):
     return {"id": agent_id, "outcome": "fixing", "round": rounds, "reason": reason}
 
 
-def land_one(project, record, target, strategy, dry_run=False):
+def send_back_on_host(project, record, prompt_reason, commit, limit):
+    """A fix round for an agent on another host: the target commit pushed to the host's
+    repository (so `git merge COMMIT` works there), the prompt sent through the host, which
+    continues the session, and the agent followed again from home; parked when the rounds are
+    used up or the host cannot take it."""
+    (prompt, reason), agent_id = prompt_reason, record["id"]
+    rounds = (record.get("landing") or {}).get("rounds", 0)
+    if rounds >= limit:
+        return park(project, record, reason + (f" after {limit} fix round(s)" if limit else ""))
+    try:
+        RemoteAgent(project, dict(record, base_commit=commit)).push_base(
+            f"refs/orchestra/base/{commit}"
+        )
+        relay_to_host(project, record, "send", message=prompt)
+    except OrchestraError as e:
+        return park(project, record, f"{reason}; its host could not take a fix round: {e}")
+
+    def change(state):
+        live = state["agents"][agent_id]
+        continue_on_host(live)
+        live["landing"] = {"status": "fixing", "rounds": rounds + 1, "reason": reason}
+        append_event(
+            live["log"], {"event": "land_fix_round", "round": rounds + 1, "reason": reason}
+        )
+
+    project.store.update(change)
+    ensure_supervisor(project)
+    return {"id": agent_id, "outcome": "fixing", "round": rounds + 1, "reason": reason}
+
+
+def land_one(project, record, target, plan):
     """Try to land one agent on the target's current tip; what happened, as a dict with `outcome`."""
     repo, agent_id = project.repo, record["id"]
-    tip, old = branch_tip(project, record), ref_commit(repo, f"refs/heads/{target}")
+    old = ref_commit(repo, f"refs/heads/{target}")
     pending = (record.get("landing") or {}).get("commit")
-    if pending and not dry_run and is_ancestor(repo, pending, old):
+    if pending and not plan.dry_run and is_ancestor(repo, pending, old):
         return mark_landed(project, record, target, pending)  # a landing an interruption cut short
+    problems = fetch_remote_branches(project, [record])  # Hosts: its latest commits come home
+    if problems:
+        reason = problems[0].split("; ", 1)[-1]
+        return {"id": agent_id, "outcome": "stopped", "reason": f"{reason}; land it again later"}
+    tip = branch_tip(project, record)
     if tip is None:
-        return park(project, record, f"its branch {record['branch']} is gone")
+        reason = f"its branch {record['branch']} is gone"
+        return (
+            {"id": agent_id, "outcome": "would be blocked: " + reason}
+            if plan.dry_run
+            else park(project, record, reason)
+        )
     if is_ancestor(repo, tip, old):
-        if dry_run:
+        if plan.dry_run:
             return {"id": agent_id, "outcome": f"nothing new: its commits are in {target} already"}
         note = f"nothing new to land: its commits are in {target} already"
-        return mark_landed(project, record, target, old, note)
-    if dry_run:
-        return dry_run_one(repo, record, tip, old)
+        return dict(mark_landed(project, record, target, old, note), nothing_new=True)
+    stop = checkout_stop(repo, tip) if plan.follow else None
+    if stop:
+        return {"id": agent_id, "outcome": "stopped", "reason": stop}
+    if plan.dry_run:
+        return dict(dry_run_one(repo, record, tip, old), unchecked=agent_id in plan.unchecked)
     path = scratch_worktree(project, old)
-    new, conflicts = combine(path, strategy, record, tip, old)
+    new, conflicts = combine(path, plan.strategy, record, tip, old)
     if conflicts:
         prompt = LAND_CONFLICT_PROMPT.format(
             branch=record["branch"], target=target, commit=old, files=", ".join(conflicts)
         )
         return send_back(
-            project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}"
+            project, record, prompt, f"conflicts with {target} in {', '.join(conflicts)}", old
         )
-    failure = checks_on(path, record)
+    failure = None if agent_id in plan.unchecked else checks_on(path, record)
     if failure:
-        code = "timed out" if failure["exit_code"] is None else f"status {failure['exit_code']}"
-        prompt = LAND_RED_PROMPT.format(
-            branch=record["branch"],
-            target=target,
-            commit=old,
-            command=failure["command"],
-            exit_code=code,
-            tail=failure["tail"] or "(no output)",
-        )
-        return send_back(
-            project,
-            record,
-            prompt,
-            f"checks fail on {target} with its work: {failure['command']} ({code})",
-        )
+        return send_back_red(project, record, target, old, failure)
+    return move_landed(project, record, target, (old, new), plan)
+
+
+def send_back_red(project, record, target, old, failure):
+    """Checks failed on the merged result: a fix round that says which command and how."""
+    code = "timed out" if failure["exit_code"] is None else f"status {failure['exit_code']}"
+    prompt = LAND_RED_PROMPT.format(
+        branch=record["branch"],
+        target=target,
+        commit=old,
+        command=failure["command"],
+        exit_code=code,
+        tail=failure["tail"] or "(no output)",
+    )
+    reason = f"checks fail on {target} with its work: {failure['command']} ({code})"
+    return send_back(project, record, prompt, reason, old)
+
+
+def move_landed(project, record, target, old_new, plan):
+    """Move the target to the landed commit (noted in the record first, for a rerun after an
+    interruption); the outcome: landed, retry (the target moved meanwhile) or stopped."""
+    (old, new), agent_id, before = old_new, record["id"], record.get("landing")
     with shield_interrupts():
         set_landing(
-            project,
-            agent_id,
-            landing={**(record.get("landing") or {}), "status": "moving", "commit": new},
+            project, agent_id, landing={**(before or {}), "status": "moving", "commit": new}
         )
-        moved, note = move_target(project, target, old, new)
+        moved, note = move_target(project, target, old, new, plan.follow)
+        if moved is None:  # collect --merge: the user's checkout cannot follow; nothing moved
+            set_landing(project, agent_id, landing=before)
+            return {"id": agent_id, "outcome": "stopped", "reason": note}
         if not moved:
-            return {
-                "id": agent_id,
-                "outcome": "retry",
-            }  # the target moved meanwhile: again on its new tip
+            set_landing(project, agent_id, landing=before)
+            return {"id": agent_id, "outcome": "retry"}  # the target moved: again on its new tip
+        if agent_id in plan.unchecked:
+            unchecked = LAND_UNCHECKED_NOTE
+            note = unchecked + (f"; {note}" if note else "")
         return mark_landed(project, record, target, new, note)
 
 
@@ -11567,27 +12247,22 @@ def land_agents(
     waiting for their fix rounds; with `wait`, also every agent that finishes while others are
     still at work (dependents included), until none is. {"into", "results", "not_landed"}."""
     target = landing_target(project, into)
-    strategy = project.config["land_strategy"]
-    lock = FileLock(project.dir / LAND_LOCK)
-    if not lock.acquire(blocking=False):
-        raise OrchestraError(LAND_BUSY, EXIT_FAILURE)
-    try:
+    plan = LandPlan(project.config["land_strategy"], dry_run)
+    with holding_land_lock(project):
         report, results = progress or (lambda result: None), []
         while True:
             chosen, skipped = land_candidates(project, ids, include_failing)
             queue = [r["id"] for r in chosen]
-            results += run_queue(project, queue, target, strategy, dry_run, report)
+            results += run_queue(project, queue, target, plan, report)
             if not wait or dry_run:
                 break
             if not chosen and not still_working(project.store.load()["agents"]):
                 break
             if not chosen:
                 time.sleep(LAND_POLL)
-    finally:
-        lock.release()
     return {
         "into": target,
-        "strategy": strategy,
+        "strategy": plan.strategy,
         "dry_run": dry_run,
         "results": results,
         "not_landed": skipped,
@@ -11600,8 +12275,9 @@ def still_working(agents):
     return any(r["state"] in ACTIVE_STATES and not r.get("waits_for") for r in agents.values())
 
 
-def run_queue(project, queue, target, strategy, dry_run, progress):
-    """Land the queue's agents in order; an agent in a fix round is retried once it ends."""
+def run_queue(project, queue, target, plan, progress):
+    """Land the queue's agents in order; an agent in a fix round is retried once it ends (when
+    the plan waits for fix rounds)."""
     results, waiting = {}, []
     while queue or waiting:
         for agent_id in list(waiting):
@@ -11619,11 +12295,11 @@ def run_queue(project, queue, target, strategy, dry_run, progress):
             continue
         agent_id = queue.pop(0)
         record = project.store.load()["agents"][agent_id]
-        result = land_one(project, record, target, strategy, dry_run)
+        result = land_one(project, record, target, plan)
         if result["outcome"] == "retry":
             queue.insert(0, agent_id)
             continue
-        if result["outcome"] == "fixing":
+        if result["outcome"] == "fixing" and plan.wait_fixes:
             waiting.append(agent_id)
         results[agent_id] = result
         progress(result)
@@ -11653,9 +12329,138 @@ def land_line(result, target):
         return f"{agent_id}: blocked: {result['reason']}; send it a follow-up ('orchestra send {agent_id} ...'), then land it again"
     if outcome == "would conflict":
         return f"{agent_id}: would conflict in {', '.join(result['files']) or 'some files'} and get a fix round"
+    if outcome == "would land" and result.get("unchecked"):
+        return f"{agent_id}: would merge {result['commits']} commit(s) and land, {LAND_UNCHECKED_NOTE[len('landed, '):]}"
     if outcome == "would land":
         return f"{agent_id}: would merge {result['commits']} commit(s), run the checks on the result and land"
+    if outcome == "stopped":
+        return f"{agent_id}: not landed: {result['reason']}"
     return f"{agent_id}: {outcome}"
+
+
+def collect_agents(
+    project,
+    ids,
+    commit=False,
+    merge=False,
+    patch=None,
+    pr=False,
+    into=None,
+    cwd=None,
+    include_failing=False,
+    force=False,
+    dry_run=False,
+):
+    """What `collect` does (the CLI's and the web's): reports, and optionally commits leftovers,
+    merges (land's short form: done agents whose checks passed, or the named ones), writes a patch
+    and opens pull requests. `cwd` is where the command runs: a merge from a linked worktree
+    needs `into`. It lives here, below Landing, because --merge is a run of the queue."""
+    if dry_run and (not merge or commit or patch or pr):
+        raise OrchestraError(
+            "--dry-run shows what --merge would do; use it with --merge alone (no --commit, --patch or --pr)"
+        )
+    records = finished_agents(project.all_records() if ids else project.records(), ids)
+    if merge:
+        check_merge_target(project, cwd or project.repo, into)
+        check_checkout_clean(project.repo, "merging")
+    elif into:
+        raise OrchestraError("--into names where --merge merges; add --merge")
+    records = check_before_collect(project, records)
+    errors = {r["id"]: collect_problem(project, r) for r in records}
+    errors = {i: e for i, e in errors.items() if e}
+    records = [r for r in records if r["id"] not in errors]
+    committed, staged_kept = commit_all_leftovers(project, records if commit else [], errors)
+    accept_refs(project, [f"refs/heads/{r['branch']}" for r in records if r["id"] in committed])
+    refresh_change_counts(project, [r for r in records if r["id"] in committed])
+    reports = agent_reports(project, records, errors)
+    document = {"agents": reports, "overlaps": overlapping_files(reports), "committed": committed}
+    document["errors"] = [{"id": i, "error": e} for i, e in errors.items()]
+    document["staged_kept"] = staged_kept
+    if merge:
+        chosen = [r for r in records if r["id"] not in errors]  # reports may have added some
+        chosen = chosen if ids else [r for r in chosen if r["state"] == "done"]
+        land_collected(project, chosen, document, (bool(ids), include_failing, force), dry_run)
+    if patch:
+        document["patch"] = {"path": patch, "commits": write_patch(project, records, patch)}
+    if pr:
+        document["pull_requests"] = open_pull_requests(project, reports)
+        document["pr_failed"] = any(
+            line.startswith("cannot open") or ": gh failed:" in line
+            for line in document["pull_requests"]
+        )
+    return document
+
+
+def land_collected(project, chosen, document, overrides, dry_run=False):
+    """collect --merge: one pass of the queue into the branch checked out in the user's checkout,
+    for the agents the checks gate and the integrity check let through. `overrides` is (named,
+    include_failing, force): named agents, and with --include-failing those whose own checks
+    failed, land without checks on the result (as collect --merge always merged them); a
+    tampered agent only named with --force; a parked (blocked) one only named or after it ran
+    again. A branch the checkout cannot follow does not move, and an agent sent back for a fix
+    round is landed by the next `land` or collect --merge. The document says it all."""
+    named, include_failing, force = overrides
+    chosen, parked = (chosen, []) if named else leave_parked(chosen)
+    chosen, document["not_merged"] = gate_on_checks(chosen, named or include_failing)
+    document["not_merged"] += parked
+    chosen, refused = gate_on_integrity(chosen, named and force)
+    document["not_merged"] += refused
+    target = current_branch(project.repo)
+    if target is None:
+        raise OrchestraError("HEAD is detached; check out the branch to merge the agents into")
+    past_gate = chosen if named else gate_on_checks(chosen, False)[1]
+    unchecked = frozenset(r["id"] for r in past_gate)
+    strategy = project.config["land_strategy"]
+    plan = LandPlan(strategy, dry_run, follow=True, unchecked=unchecked, wait_fixes=False)
+    with holding_land_lock(project):
+        results = run_queue(project, [r["id"] for r in chosen], target, plan, lambda result: None)
+    document.update(into=target, dry_run=dry_run)
+    document["landing"] = [dict(r, line=land_line(r, target)) for r in results]
+    landed = [r for r in results if r["outcome"] == "landed" and not r.get("nothing_new")]
+    document["merged"] = [r["id"] for r in landed]
+    document["notes"] = [f"{r['id']}: {r['note']}" for r in landed if r.get("note")]
+    held = [not_merged_entry(r, record_branch(chosen, r["id"])) for r in results]
+    document["not_merged"] += [entry for entry in held if entry]
+    document["conflict"] = next((entry for entry in held if entry), None)
+
+
+def leave_parked(records):
+    """(records to land, [{id, reason, hint}] left out): as land does, an agent parked blocked
+    waits until it runs again (a follow-up) or is named."""
+    parked = [r for r in records if blocked_still(r)]
+    hints = [
+        {
+            "id": r["id"],
+            "reason": f"blocked: {r['blocked']['reason']}",
+            "hint": f"send it a follow-up ('orchestra send {r['id']} ...') or name it",
+        }
+        for r in parked
+    ]
+    return [r for r in records if r not in parked], hints
+
+
+def record_branch(records, agent_id):
+    """The branch of the agent with this id among records."""
+    return next(r["branch"] for r in records if r["id"] == agent_id)
+
+
+def not_merged_entry(result, branch):
+    """collect --merge's {id, reason, hint} for an agent land did not land, or None."""
+    agent_id, outcome = result["id"], result["outcome"]
+    if outcome == "blocked":
+        hint = (
+            f"it is parked blocked: send it a follow-up ('orchestra send {agent_id} ...') and "
+            f"run collect --merge again, or merge it by hand: git merge {branch}"
+        )
+    elif outcome == "fixing":
+        hint = (
+            f"sent back for fix round {result['round']}; 'orchestra land' lands it once that ends"
+        )
+    elif outcome == "stopped":
+        hint = "nothing moved; clear that from your checkout, then run collect --merge again"
+    else:
+        return None
+    return {"id": agent_id, "reason": result["reason"], "hint": hint}
 
 
 # ======================================================================================
@@ -13322,8 +14127,9 @@ class WebHandler:
         return 200, {"worktrees": worktree_rows(self.server.project, self.server.project.records())}
 
     def route_spawn(self, params, query, body):
-        """POST /api/spawn {"tasks": [...], "parallel"?, "model"?, "name"?, "base"?}: the CLI's spawn."""
-        tasks, parallel, model, name, base = body_fields(
+        """POST /api/spawn {"tasks": [...], "parallel"?, "model"?, "name"?, "base"?, "after"?: [ids]}:
+        the CLI's spawn; `after` (spawn --after) holds every task until those agents landed."""
+        tasks, parallel, model, name, base, after = body_fields(
             body,
             {
                 "tasks": (list, True),
@@ -13331,12 +14137,20 @@ class WebHandler:
                 "model": (str, False),
                 "name": (str, False),
                 "base": (str, False),
+                "after": (list, False),
             },
         )
         if not tasks or len(tasks) > WEB_MAX_TASKS or not all(isinstance(t, str) for t in tasks):
             raise HTTPRefusal(400, f"'tasks' must be a list of 1 to {WEB_MAX_TASKS} strings")
+        if after is not None and not all(isinstance(i, str) and i.strip() for i in after):
+            raise HTTPRefusal(400, "'after' must be a list of agent ids")
         records = spawn_agents(
-            self.server.project_for(model), tasks, parallel=parallel, name=name, base=base
+            self.server.project_for(model),
+            tasks,
+            parallel=parallel,
+            name=name,
+            base=base,
+            after=[[i.strip() for i in after]] * len(tasks) if after else None,
         )
         return 201, {"agents": [public_record(r) for r in records]}
 
@@ -14397,26 +15211,22 @@ def whole_number_at_least(low):
 positive_int, non_negative_int = whole_number_at_least(1), whole_number_at_least(0)
 
 
-def budget_usd(text):
-    """argparse type: a spending limit in US dollars, above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of US dollars") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-    return value
+def number_above_zero(what):
+    """An argparse type: a finite number above 0, of `what` ("US dollars", "hours")."""
+
+    def convert(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number of {what}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+        return value
+
+    return convert
 
 
-def positive_hours(text):
-    """argparse type: a positive number of hours."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of hours") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
+budget_usd, positive_hours = number_above_zero("US dollars"), number_above_zero("hours")
 
 
 def port_number(text):
@@ -14715,13 +15525,14 @@ def cmd_spawn(args):
     """Queue one agent per task, each on its own branch and worktree."""
     project = open_project(args, model=args.model, sandbox=args.sandbox)
     uncommitted = uncommitted_note(args.base)
-    tasks, names, after, checks = args.tasks, args.name, None, None
+    tasks, names, after, checks, host = args.tasks, args.name, None, None, args.host
     if args.file:
         if tasks or names:
             raise OrchestraError(
                 "--file holds the tasks and their ids; give no TASK or --name with it"
             )
-        tasks, names, after, checks = read_task_file(args.file)
+        tasks, names, after, checks, hosts = read_task_file(args.file)
+        host = [h or args.host for h in hosts]  # a task's own host, else --host
     elif not tasks:
         raise OrchestraError(
             "the following arguments are required: TASK (or a tasks file with --file)"
@@ -14735,7 +15546,7 @@ def cmd_spawn(args):
         name=names,
         base=args.base,
         budget=args.budget,
-        host=args.host,
+        host=host,
         after=after,
         checks=checks,
     )
@@ -14772,7 +15583,7 @@ def uncommitted_note(base):
 
 
 def read_task_file(path):
-    """(tasks, ids, after, checks) from a tasks file: a JSON list (or {"tasks": [...]}) of
+    """(tasks, ids, after, checks, hosts) from a tasks file: a JSON list (or {"tasks": [...]}) of
     objects with "task" and optional "id", "after" (ids), "host" and "checks" (commands)."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -14783,7 +15594,7 @@ def read_task_file(path):
     items = document.get("tasks") if isinstance(document, dict) else document
     if not isinstance(items, list) or not items:
         raise OrchestraError(f"{path}: expected a list of tasks, each an object with a 'task'")
-    tasks, ids, after, checks = [], [], [], []
+    tasks, ids, after, checks, hosts = [], [], [], [], []
     for number, item in enumerate(items, 1):
         where = f"{path}: task {number}"
         if not isinstance(item, dict) or not isinstance(item.get("task"), str):
@@ -14802,17 +15613,16 @@ def read_task_file(path):
             not isinstance(own, list) or not all(isinstance(c, str) for c in own)
         ):
             raise OrchestraError(f"{where}: 'checks' must be a list of shell commands")
-        if item.get("host") not in (None, "local"):
-            raise OrchestraError(
-                f"{where}: host {json.dumps(item['host'])} is not known here; use \"local\""
-            )
+        if item.get("host") is not None and not isinstance(item["host"], str):
+            raise OrchestraError(f"{where}: 'host' must be the name of a host ('orchestra hosts')")
         tasks.append(item["task"])
+        hosts.append(item.get("host"))
         ids.append(item.get("id"))
         after.append(deps)
         checks.append(own)
     if any(ids) and not all(ids):
         raise OrchestraError(f"{path}: give every task an 'id', or none")
-    return tasks, [i for i in ids if i], after, checks
+    return tasks, [i for i in ids if i], after, checks, hosts
 
 
 def wait_for_agents(project, ids, as_json):
@@ -15441,6 +16251,7 @@ def cmd_collect(args):
         cwd=Path.cwd(),
         include_failing=args.include_failing,
         force=args.force,
+        dry_run=args.dry_run,
     )
     reports = document["agents"]
     if args.json:
@@ -15513,7 +16324,13 @@ def add_collect_parser(commands):
     p.add_argument(
         "--merge",
         action="store_true",
-        help="merge the branches into your current branch, one by one",
+        help="land them on your current branch (a short form of 'orchestra land'): each merged in "
+        "a scratch worktree, the checks run on the result, your checkout brought along",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --merge: print the order and what would happen to each agent; change nothing",
     )
     p.add_argument(
         "--into",
@@ -15523,7 +16340,8 @@ def add_collect_parser(commands):
     p.add_argument(
         "--include-failing",
         action="store_true",
-        help="with --merge: merge agents whose checks failed or did not run, too",
+        help="with --merge: merge agents whose checks failed or did not run, too (without "
+        "checks on the result, as named agents)",
     )
     p.add_argument(
         "--force",
@@ -15562,7 +16380,7 @@ def cmd_land(args):
         print("Nothing to land; see 'orchestra status'.")
     for skipped in [] if args.json else document["not_landed"]:
         print(f"{skipped['id']}: not landed: {skipped['reason']} (name it to land it anyway)")
-    blocked = any(r["outcome"] == "blocked" for r in document["results"])
+    blocked = any(r["outcome"] in ("blocked", "stopped") for r in document["results"])
     return EXIT_FAILURE if blocked else EXIT_OK
 
 

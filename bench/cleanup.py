@@ -10,7 +10,6 @@ folder. Each run gets its own fresh repository; the figure is the median wall ti
 """
 
 import argparse
-import json
 import resource
 import statistics
 import subprocess
@@ -19,25 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ORCHESTRA, git, use_bench_environment
+from common import ORCHESTRA, repo_with_files, use_bench_environment
 
 UNTRACKED, MODIFIED = 1000, 100
 
 
 def make_repo(root, files):
     """A repository with `files` committed files and a fake agent that does nothing."""
-    repo = root / "repo"
-    for n in range(files):
-        path = repo / f"pkg{n % 50}" / f"file{n}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"file {n}\n")
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "files")
-    (repo / ".orchestra").mkdir()
     config = {"agent_command": ["sh", "-c", "{task}"], "heartbeat_interval": 60}
-    (repo / ".orchestra" / "config.json").write_text(json.dumps(config))
-    return repo
+    return repo_with_files(root, files, config)
 
 
 def run(module, repo, *args):

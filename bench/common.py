@@ -42,6 +42,24 @@ def init_repo(repo, message="init"):
     return repo
 
 
+def repo_with_files(root, files, config, path=None, text=None):
+    """`root`/repo on main with `files` small committed files (in 50 folders, or at path(n), holding
+    text(n)) and `config` as its .orchestra/config.json."""
+    import json
+
+    repo = root / "repo"
+    for n in range(files):
+        file = repo / (path(n) if path else f"pkg{n % 50}/file{n}.txt")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(text(n) if text else f"file {n}\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "files")
+    (repo / ".orchestra").mkdir()
+    (repo / ".orchestra" / "config.json").write_text(json.dumps(config))
+    return repo
+
+
 def live_supervisor():
     """A state.json supervisor entry naming this process, so nothing starts a real supervisor."""
     import orchestra

@@ -6,8 +6,10 @@ ordinary 20-tool-call agent (Write, Edit, Read, git status/add/commit...) run by
 CLI against a scripted API takes at most 1.1x its time without the guard.
 
 Part 1 times the hook alone on a mix of calls (allowed writes and git, and refusals, which also
-append to the agent's log). Part 2 runs the same scripted agent with orchestra's full settings
-layer, then with the PreToolUse hook taken out, alternating, and compares medians.
+append to the agent's log): as installed, answered by the supervisor's guard server, and judging
+each call itself, as it does when no supervisor runs. Part 2 runs the same scripted agent with
+orchestra's full settings layer, then with the PreToolUse hook taken out, alternating, and
+compares medians.
 Run: python3 bench/guard.py [--calls 200] [--runs 3]
 """
 
@@ -122,7 +124,9 @@ def run_agent(project, record, api, env, guarded, n, think):
         del settings["hooks"]["PreToolUse"]
         argv[index] = json.dumps(settings)
     started = time.perf_counter()
-    done = subprocess.run(argv, cwd=record["worktree"], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        argv, input=key, cwd=record["worktree"], env=env, capture_output=True, text=True
+    )
     elapsed = time.perf_counter() - started
     commits = git(project.repo, "rev-list", "--count", f"main..{record['branch']}").strip()
     if done.returncode or commits != "4":
@@ -135,6 +139,15 @@ def run_agent(project, record, api, env, guarded, n, think):
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def report_hook(how, seconds):
+    p50, p99 = percentile(seconds, 0.5) * 1000, percentile(seconds, 0.99) * 1000
+    verdict = "ok" if p99 < 100 else "MISSED"
+    print(
+        f"guard hook per tool call, {how}: p50 {p50:.0f} ms  p99 {p99:.0f} ms  "
+        f"max {max(seconds) * 1000:.0f} ms (goal p99 < 100 ms: {verdict}; n={len(seconds)})"
+    )
 
 
 def main():
@@ -154,13 +167,10 @@ def main():
         os.environ.update(IDENTITY, ORCHESTRA_CONFIG=str(Path(tmp) / "no-user-config.json"))
         project, record = make_agent(Path(tmp))
         floor = statistics.median(baseline_python(20)) * 1000
-        seconds = time_hook(record, args.calls)
-        p50, p99 = percentile(seconds, 0.5) * 1000, percentile(seconds, 0.99) * 1000
-        verdict = "ok" if p99 < 100 else "MISSED"
-        print(
-            f"guard hook per tool call: p50 {p50:.0f} ms  p99 {p99:.0f} ms  max {max(seconds) * 1000:.0f} ms "
-            f"(goal p99 < 100 ms: {verdict}; n={len(seconds)}; bare python -I -S: {floor:.0f} ms)"
-        )
+        print(f"bare python -I -S: {floor:.0f} ms")
+        report_hook("judging itself (no supervisor)", time_hook(record, args.calls))
+        server = orchestra.GuardServer(project.repo).start()
+        report_hook("as installed (supervisor's guard server)", time_hook(record, args.calls))
         with ScriptedAPI() as api:
             env = {**claude_env(api, config_dir=Path(tmp) / "claude-config"), **IDENTITY}
             env["ORCHESTRA_CONFIG"] = os.environ["ORCHESTRA_CONFIG"]
@@ -168,6 +178,7 @@ def main():
             for n in range(args.runs * 2):
                 guarded = n % 2 == 0
                 times[guarded].append(run_agent(project, record, api, env, guarded, n, args.think))
+        server.stop()
         with_guard, without = statistics.median(times[True]), statistics.median(times[False])
         ratio = with_guard / without
         print(

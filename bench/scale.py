@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ORCHESTRA, git, use_bench_environment
+from common import ORCHESTRA, git, repo_with_files, use_bench_environment
 
 FIGURES = ("writes", "status", "hub", "burst", "logs", "collect", "spawn", "queue")
 
@@ -72,24 +72,11 @@ out.write(json.dumps({"type": "result", "subtype": "success", "result": "ok", "t
 
 def make_repo(root, files=1, agent=None, **config):
     """A repository with `files` committed files and orchestra configured to run the bench agent."""
-    repo = root / "repo"
-    for n in range(files):
-        path = repo / f"pkg{n % 50}" / f"file{n}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"file {n}\n")
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "files")
-    (repo / ".orchestra").mkdir()
     script = root / "agent.py"
     script.write_text(AGENT)
     command = agent or [sys.executable, str(script), "{task}"]
-    (repo / ".orchestra" / "config.json").write_text(
-        json.dumps(
-            {"agent_command": command, "max_parallel": 8, "heartbeat_interval": 60, **config}
-        )
-    )
-    return repo
+    config = {"agent_command": command, "max_parallel": 8, "heartbeat_interval": 60, **config}
+    return repo_with_files(root, files, config)
 
 
 def old_record(repo, n, state="removed"):

@@ -16,26 +16,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ORCHESTRA, git, use_bench_environment
+from common import ORCHESTRA, git, repo_with_files, use_bench_environment
 
 AGENTS = 8
 
 
 def make_repo(root, files):
     """A repository with `files` small files in nested folders, committed."""
-    repo = root / "repo"
-    for n in range(files):
-        path = repo / f"pkg{n % 50}" / f"mod{n % 7}" / f"file{n}.py"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# file {n}\nVALUE = {n}\n")
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "many files")
-    (repo / ".orchestra").mkdir()
-    (repo / ".orchestra" / "config.json").write_text(
-        json.dumps({"agent_command": ["true", "{task}"], "max_parallel": 8})
+    return repo_with_files(
+        root,
+        files,
+        {"agent_command": ["true", "{task}"], "max_parallel": 8},
+        path=lambda n: f"pkg{n % 50}/mod{n % 7}/file{n}.py",
+        text=lambda n: f"# file {n}\nVALUE = {n}\n",
     )
-    return repo
 
 
 def reset(repo):

@@ -276,3 +276,22 @@ def phone(browser):
     page.on("dialog", lambda d: (page.problems.append(f"dialog: {d.message}"), d.dismiss()))
     yield page
     page.close()
+
+
+def start_permission_hook(repo, agent_id, tool_name, tool_input, timeout=30, **request):
+    """orchestra's PermissionRequest hook as Claude Code runs it, given one tool call on stdin."""
+    hook = subprocess.Popen(
+        [sys.executable, str(ROOT / "orchestra.py"), "hook", "permission-request", "--repo", str(repo),
+         "--agent", agent_id, "--timeout", str(timeout)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    hook.stdin.write(json.dumps({"tool_name": tool_name, "tool_input": tool_input, **request}))
+    hook.stdin.close()
+    return hook
+
+
+def hook_decision(hook):
+    """The decision a permission hook printed (it must exit 0)."""
+    output = hook.stdout.read()
+    assert hook.wait(timeout=30) == 0
+    return json.loads(output)["hookSpecificOutput"]["decision"]

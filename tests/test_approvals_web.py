@@ -9,7 +9,7 @@ import time
 from websockets.sync.client import connect
 
 import orchestra
-from conftest import ROOT
+from conftest import hook_decision, start_permission_hook
 
 
 def add_agent(project, agent_id):
@@ -22,26 +22,6 @@ def add_agent(project, agent_id):
         state["agents"][agent_id] = record
 
     project.store.update(change)
-
-
-def start_hook(project, agent_id, command, timeout=60):
-    """The hook process, given a Bash request on stdin as Claude Code gives it."""
-    hook = subprocess.Popen(
-        [sys.executable, str(ROOT / "orchestra.py"), "hook", "permission-request", "--repo", str(project.repo),
-         "--agent", agent_id, "--timeout", str(timeout)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    hook.stdin.write(
-        json.dumps({"tool_name": "Bash", "tool_input": {"command": command}, "session_id": "s"})
-    )
-    hook.stdin.close()
-    return hook
-
-
-def answer_of(hook):
-    output = hook.stdout.read()
-    assert hook.wait(timeout=30) == 0
-    return json.loads(output)["hookSpecificOutput"]["decision"]
 
 
 def call(server, method, path, body=None, headers=None, raw=None):
@@ -63,7 +43,9 @@ def test_request_is_pushed_listed_and_decided_over_the_web(server, project):
                  origin=f"http://{host}", proxy=None, open_timeout=5) as ws:  # fmt: skip
         snapshot = json.loads(ws.recv(timeout=5))
         assert snapshot["type"] == "snapshot" and snapshot["approvals"] == []
-        hook = start_hook(project, "webby", "pytest -q")
+        hook = start_permission_hook(
+            project.repo, "webby", "Bash", {"command": "pytest -q"}, 60, session_id="s"
+        )
         started = time.monotonic()
         while True:
             message = json.loads(ws.recv(timeout=10))
@@ -107,7 +89,7 @@ def test_request_is_pushed_listed_and_decided_over_the_web(server, project):
         status, decided = call(server, "POST", path, {"decision": "allow", "always": True})
         assert status == 200 and decided["decision"] == "allow" and decided["by"] == "web"
         assert decided["rule"] == "Bash(pytest -q)"
-        assert answer_of(hook) == {"behavior": "allow"}
+        assert hook_decision(hook) == {"behavior": "allow"}
         while True:
             message = json.loads(ws.recv(timeout=10))
             if message["type"] == "approvals":
@@ -117,15 +99,19 @@ def test_request_is_pushed_listed_and_decided_over_the_web(server, project):
     assert (
         status == 409 and "already allowed by web" in late["error"] and "came late" in late["error"]
     )
-    again = start_hook(project, "webby", "pytest -q")  # the --always rule answers it
-    assert answer_of(again) == {"behavior": "allow"}
+    again = start_permission_hook(
+        project.repo, "webby", "Bash", {"command": "pytest -q"}, 60, session_id="s"
+    )  # the --always rule answers it
+    assert hook_decision(again) == {"behavior": "allow"}
     log = project.log_path("webby").read_text()
     assert '"by": "rule"' in log and '"by": "web"' in log
 
 
 def test_a_request_whose_hook_is_gone_is_void(server, project):
     add_agent(project, "gone")
-    hook = start_hook(project, "gone", "make deploy")
+    hook = start_permission_hook(
+        project.repo, "gone", "Bash", {"command": "make deploy"}, 60, session_id="s"
+    )
     deadline = time.monotonic() + 10
     while not orchestra.ApprovalBox(project.repo).pending():
         assert time.monotonic() < deadline

@@ -218,7 +218,8 @@ def test_review_then_merge_and_a_refused_merge_from_the_phone(cockpit, fake_repo
     message = detail_action(page, "merge")
     expect(message).to_have_attribute("data-kind", "ok")
     expect(message).to_contain_text(f"Merged: {agent_id}")
-    assert f"Merge orchestra/{agent_id}" in git("log", "--oneline", "-1", cwd=fake_repo)
+    assert f"Land orchestra/{agent_id}" in git("log", "--oneline", "-1", cwd=fake_repo)
+    assert git("status", "--porcelain", "--untracked-files=no", cwd=fake_repo) == ""
     assert (fake_repo / "long.txt").exists()
 
     message = detail_action(page, "pr")
@@ -247,7 +248,7 @@ def test_a_merge_conflict_is_shown_and_the_checkout_left_as_it_was(cockpit, fake
     open_detail(page, agent_id)
     message = detail_action(page, "merge")
     expect(message).to_have_attribute("data-kind", "error")
-    expect(message).to_contain_text("conflicts in README.md; the merge was aborted")
+    expect(message).to_contain_text(f"Not merged: {agent_id}: conflicts with main in README.md")
     assert git("status", "--porcelain", cwd=fake_repo) == ""
 
 

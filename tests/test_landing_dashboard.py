@@ -126,3 +126,73 @@ def test_line_comments_reach_the_agent_as_one_follow_up(claude_repo, claude_api,
         assert git("log", "-1", "--format=%s", "orchestra/greeter", cwd=claude_repo) == "greet\n"
     finally:
         server.stop()
+
+
+def test_spawn_after_from_the_api_refuses_unknown_ids_and_cycles(fake_repo):
+    from test_web import call
+
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5)
+    orchestra.main(["spawn", "--name", "lib", "commit:lib.txt"])
+    wait_settled(fake_repo)
+    server = serve(fake_repo, revive=False)
+    try:
+        refused = {
+            "unknown": ({"tasks": ["x"], "after": ["nope"]}, "--after nope: no agent 'nope'"),
+            "self": (
+                {"tasks": ["x"], "name": "me", "after": ["me"]},
+                "task 'me' cannot wait for itself",
+            ),
+            "not ids": ({"tasks": ["x"], "after": "lib"}, "'after' must be list"),
+            "empty id": ({"tasks": ["x"], "after": [" "]}, "'after' must be a list of agent ids"),
+        }
+        for body, words in refused.values():
+            answer = call(server, "POST", "/api/spawn", body)
+            assert answer.status == 400 and words in answer.json()["error"], answer
+        assert list(load_state(fake_repo)["agents"]) == ["lib"]  # nothing was queued
+        answer = call(server, "POST", "/api/spawn", {"tasks": ["commit:use.txt"], "after": ["li"]})
+        assert answer.status == 201, answer
+        (agent,) = answer.json()["agents"]
+        assert agent["after"] == ["lib"] and agent["waits_for"] == ["lib"]
+    finally:
+        server.stop()
+
+
+def test_spawn_form_takes_after_and_shows_its_errors(fake_repo, phone):
+    write_config(fake_repo, agent_command=FAKE_AGENT_COMMAND, heartbeat_interval=0.5)
+    orchestra.main(["spawn", "--name", "lib", "commit:lib.txt"])
+    wait_settled(fake_repo)
+    server = serve(fake_repo, revive=False)
+    try:
+        phone.goto(server.url)
+        phone.click("#spawn summary")
+        phone.fill("textarea[name=tasks]", "commit:user.txt use the lib")
+        phone.fill("input[name=after]", "nope")
+        phone.click("#spawn-form button[type=submit]")
+        error = phone.locator("#spawn-error")
+        expect(error).to_have_text("--after nope: no agent 'nope'; 'orchestra status' lists them")
+        assert list(load_state(fake_repo)["agents"]) == ["lib"]
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+
+        phone.fill("input[name=after]", "lib")  # the tasks are kept after a refusal
+        phone.click("#spawn-form button[type=submit]")
+        expect(phone.locator("#spawn-status")).to_contain_text("Spawned commit-user-txt")
+        expect(error).to_be_hidden()
+        expect(card(phone, "commit-user-txt")).to_contain_text(
+            "waits for lib to land", timeout=10_000
+        )
+        record = load_state(fake_repo)["agents"]["commit-user-txt"]
+        assert record["state"] == "queued" and record["waits_for"] == ["lib"]
+
+        assert orchestra.main(["land", "lib"]) == 0  # it lands: its dependent starts from main
+        wait_for(
+            lambda: load_state(fake_repo)["agents"]["commit-user-txt"]["state"] == "done",
+            timeout=60,
+            what="the dependent to run once lib landed",
+        )
+        worktree = orchestra.Path(load_state(fake_repo)["agents"]["commit-user-txt"]["worktree"])
+        assert (worktree / "lib.txt").exists() and (worktree / "user.txt").exists()
+        assert phone.problems == [] or all(
+            "status of 400" in p for p in phone.problems
+        ), phone.problems
+    finally:
+        server.stop()

@@ -664,45 +664,50 @@ def test_merge_from_a_linked_worktree_needs_into(merge_repo, cli, monkeypatch):
     assert (merge_repo / "new.txt").exists()
 
 
-def test_merge_conflict_exits_1_and_status_shows_merged(case_repo, cli):
+def test_merge_conflict_exits_1_and_status_shows_landed_and_blocked(case_repo, cli):
     wt = spawn_one(cli, case_repo, "case")
     commit_in(wt, "README.md", "agent")
     wt2 = spawn_one(cli, case_repo, "good")
     commit_in(wt2, "good.txt")
     commit_in(case_repo, "README.md", "user")
     run = cli("collect", "--merge")
-    assert run.code == 1 and "conflicts in README.md" in run.out
+    assert run.code == 1 and "Not merged: case: conflicts with main in README.md" in run.out
+    assert "Merged: good" in run.out  # the queue goes on past a conflict
     assert not (case_repo / ".git" / "MERGE_HEAD").exists()
-    cli("collect", "--merge", "good")
+    assert cli("collect", "--merge", "good").out.count("Merged: nothing new") == 1
     doc = {a["id"]: a for a in cli("status", "--json").json()["agents"]}
     assert doc["good"]["merged"] is True and doc["case"]["merged"] is False
-    assert "done merged" in cli("status").out
+    assert doc["good"]["landed"]["into"] == "main" and doc["case"]["blocked"]["reason"]
+    assert "done landed" in cli("status").out and "blocked" in cli("status").out
 
 
-def test_ctrl_c_during_merge_leaves_the_checkout_as_before(merge_repo):
-    hook = merge_repo / ".git" / "hooks" / "prepare-commit-msg"
-    hook.write_text(f"#!/bin/sh\ntouch {merge_repo / '.git' / 'hook-ran'}\nsleep 3\n")
-    hook.chmod(0o755)
-    start = git("rev-parse", "HEAD", cwd=merge_repo)
-    proc = subprocess.Popen([*ORCHESTRA, "collect", "--merge"], cwd=merge_repo, start_new_session=True,
+def test_ctrl_c_during_merge_leaves_the_checkout_as_before(case_repo, cli):
+    # collect --merge lands: the merge and its checks happen in the scratch worktree, so Ctrl-C
+    # there leaves the user's checkout, its index and the branch exactly as they were
+    pid_file = case_repo.parent / "check.pid"
+    slow_when_landing = f'case "$PWD" in */.orchestra/land) test -f {pid_file} || {{ echo $$ > {pid_file}; sleep 30; }};; esac'
+    write_config(case_repo, agent_command=FAKE_AGENT_COMMAND, checks=[slow_when_landing])
+    wt = spawn_one(cli, case_repo, "case")
+    commit_in(wt, "new.txt", "agent")
+    start = git("rev-parse", "HEAD", cwd=case_repo)
+    proc = subprocess.Popen([*ORCHESTRA, "collect", "--merge"], cwd=case_repo, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    wait_for(
-        lambda: (merge_repo / ".git" / "hook-ran").exists(), timeout=30, what="the merge to start"
-    )
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=60,
+             what="the checks on the merged result to start")  # fmt: skip
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole foreground group
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, (out, err)
     assert b"Traceback" not in err
-    assert git("rev-parse", "HEAD", cwd=merge_repo) == start
-    assert not (merge_repo / ".git" / "MERGE_HEAD").exists()
-    assert not (merge_repo / "new.txt").exists()
-    assert git("status", "--porcelain", "--untracked-files=no", cwd=merge_repo) == ""
-    hook.unlink()
-    again = subprocess.run(
-        [*ORCHESTRA, "collect", "--merge"], cwd=merge_repo, capture_output=True, text=True
+    assert git("rev-parse", "HEAD", cwd=case_repo) == start
+    assert not (case_repo / ".git" / "MERGE_HEAD").exists()
+    assert not (case_repo / "new.txt").exists()
+    assert git("status", "--porcelain", "--untracked-files=no", cwd=case_repo) == ""
+    again = subprocess.run(  # the check passes at once now that the pid file exists
+        [*ORCHESTRA, "collect", "--merge"], cwd=case_repo, capture_output=True, text=True
     )
     assert again.returncode == 0, again
-    assert (merge_repo / "new.txt").read_text() == "agent\n"
+    assert (case_repo / "new.txt").read_text() == "agent\n"
+    assert git("status", "--porcelain", "--untracked-files=no", cwd=case_repo) == ""
 
 
 def test_pr_without_a_remote_exits_1(merge_repo, cli):

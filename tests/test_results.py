@@ -55,15 +55,16 @@ def test_merge_in_stable_order(fake_repo, cli):
     subjects = git(
         "log", "--format=%s", f"{head_before.strip()}..HEAD", "--first-parent", cwd=fake_repo
     ).splitlines()
-    assert subjects == [
-        "Merge orchestra/commit-b-txt: commit:b.txt beta",
-        "Merge orchestra/commit-txt-alpha: commit:a.txt alpha",
+    assert subjects == [  # collect --merge is a short form of land: land's subjects
+        "Land orchestra/commit-b-txt",
+        "Land orchestra/commit-txt-alpha",
     ]
+    assert git("status", "--porcelain", cwd=fake_repo) == ""  # index and files match HEAD
     assert (fake_repo / "a.txt").exists() and not (fake_repo / "c.txt").exists()
     assert "Merged: nothing new" in cli("collect", "--merge").out
 
 
-def test_merge_stops_cleanly_at_a_conflict(fake_repo, cli):
+def test_a_merge_conflict_parks_the_agent_and_the_others_land(fake_repo, cli):
     spawn_and_finish(
         cli, fake_repo, "commit:a.txt first", "commit:same.txt one", "commit:same.txt two"
     )
@@ -74,11 +75,19 @@ def test_merge_stops_cleanly_at_a_conflict(fake_repo, cli):
     run = cli("collect", "--merge")
     assert run.code == 1
     assert "Merged: commit-txt-first" in run.out
-    assert ("Merging commit-same-txt conflicts in same.txt; the merge was aborted and your checkout is as it was. "
-            "Merge it by hand: git merge orchestra/commit-same-txt") in run.out  # fmt: skip
+    assert ("Not merged: commit-same-txt: conflicts with main in same.txt (it is parked blocked: "
+            "send it a follow-up ('orchestra send commit-same-txt ...') and run collect --merge "
+            "again, or merge it by hand: git merge orchestra/commit-same-txt)") in run.out  # fmt: skip
+    assert "Not merged: commit-same-txt-2: conflicts with main in same.txt" in run.out
     assert git("status", "--porcelain", cwd=fake_repo) == ""
+    assert not (fake_repo / ".git" / "MERGE_HEAD").exists()
     assert (fake_repo / "same.txt").read_text() == "mine\n"
     assert git("rev-parse", "HEAD~1", cwd=fake_repo) == head  # only the first merge landed
+    assert "blocked" in cli("status").out
+    again = cli("collect", "--merge")  # a parked agent waits for a follow-up, as with land
+    assert again.code == 0 and "Merged: nothing new" in again.out
+    assert ("Not merged: commit-same-txt: blocked: conflicts with main in same.txt (send it a "
+            "follow-up ('orchestra send commit-same-txt ...') or name it)") in again.out  # fmt: skip
 
 
 def test_merge_refuses_a_dirty_checkout(fake_repo, cli):
