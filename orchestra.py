@@ -7943,7 +7943,7 @@ class HostSession:
             folder = f"{self.host.workdir}/bin/{source_hash()}"
             argv = [self.host.python, "-c", HOST_IMPORT, folder, "host-agent", "serve"]
             # stderr of the whole session, read when it ends (closed then, in close())
-            self.errors, self.buffer = tempfile.TemporaryFile(), bytearray()  # noqa: SIM115
+            self.errors, self.buffer = tempfile.TemporaryFile(), bytearray()
             self.proc = subprocess.Popen(
                 [*self.host.ssh_command(), self.host.target, shlex.join(argv)],
                 stdin=subprocess.PIPE,
