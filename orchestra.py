@@ -5794,6 +5794,10 @@ def files_to_copy(project, patterns):
     return [p for p in untracked_files(project.repo, skip) if matches_include(p, patterns)]
 
 
+# held by every `git worktree add` of this process (prepare_worktree; Hosts' fetch_home)
+WORKTREE_REGISTER_LOCK = threading.Lock()
+
+
 def prepare_worktree(project, record, copies, register_lock):
     """Create the agent's branch and worktree, copy files in and run setup; error or None.
 
@@ -6387,7 +6391,7 @@ def prepare_agents(project, records):
         return
     copies = files_to_copy(project, include_patterns(project))
     project.worktree_root.mkdir(parents=True, exist_ok=True)
-    register_lock = threading.Lock()  # serialises `git worktree add` (see prepare_worktree)
+    register_lock = WORKTREE_REGISTER_LOCK  # serialises `git worktree add` (see prepare_worktree)
     from concurrent.futures import (
         ThreadPoolExecutor,
     )  # here: only spawn needs it, 4 ms at every start
@@ -7835,9 +7839,11 @@ class RemoteAgent:
             run_git(["merge", "--ff-only", "--quiet", temp], worktree)
         else:
             run_git(["branch", "--force", record["branch"], temp], self.project.repo)
-            run_git(
-                ["worktree", "add", "--quiet", str(worktree), record["branch"]], self.project.repo
-            )
+            with WORKTREE_REGISTER_LOCK:  # another add could read this one's half-written files
+                run_git(
+                    ["worktree", "add", "--quiet", str(worktree), record["branch"]],
+                    self.project.repo,
+                )
         run_git(["update-ref", "-d", temp], self.project.repo)
 
     def bring_leftovers_home(self):
