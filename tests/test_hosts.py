@@ -83,6 +83,38 @@ def test_placement_local_first_and_spread():
     assert place(config, {"local": 3, "a": 2, "b": 3}) == "local"
 
 
+def queued(n, batch="b1", host=None):
+    """A queued record, ready to start, the n-th spawned."""
+    return {"id": f"a{n}", "seq": n, "state": "queued", "ready": True, "batch": batch, "host": host}
+
+
+def running_on(n, host):
+    """A record running on a host."""
+    return {"id": f"r{n}", "seq": n, "state": "running", "host": host, "host_launched": True}
+
+
+def test_hosts_get_agents_queued_ahead_only_while_the_queue_is_long_and_never_a_budgets():
+    config = {"hosts": {"a": {"ssh": "x", "max_parallel": 2}, "b": {"ssh": "y", "max_parallel": 2}},
+              "default_parallel": 1, "max_parallel": 1, "placement": "local-first"}  # fmt: skip
+    place = orchestra.placements
+
+    def hosts_of(agents, local_free=1, batches=None):
+        state = {"agents": {r["id"]: r for r in agents}, "batches": batches or {}}
+        return [host for _, host in place(config, state, local_free)]
+
+    # ten waiting, five slots: the slots fill, then each host queues one more (half of 2), evenly
+    assert hosts_of([queued(n) for n in range(10)]) == ["local", "a", "a", "b", "b", "a", "b"]
+    # every slot taken and three waiting for five slots: they wait at home for the first free one
+    busy = [running_on(n, h) for n, h in enumerate("aabb")]
+    assert hosts_of(busy + [queued(n) for n in range(10, 13)], local_free=0) == []
+    # a long queue, but its batch has a budget: home checks it before each start
+    budget = {"b1": {"budget": 5.0}}
+    assert hosts_of(busy + [queued(n) for n in range(10, 20)], 0, budget) == []
+    assert hosts_of(busy + [queued(n) for n in range(10, 20)], 0) == ["a", "b"]
+    # an agent pinned to a host queues ahead there only
+    assert hosts_of(busy + [queued(n, host="b") for n in range(10, 20)], 0) == ["b"]
+
+
 # --- real hosts -------------------------------------------------------------------------------
 
 
