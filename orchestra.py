@@ -70,6 +70,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Spawning agents                 unique ids, reserving agents, worktrees now or later, rollback
   Results you can trust           checks, fix rounds, API waits, budgets (Resilience)
   Hosts                           other machines over ssh: placement, transport, following
+  Hosts: sessions and polling     one serving process per host; one poll per host for all its agents
   Supervisor                      the detached process that starts, watches and adopts agents
   Operations                      spawn, pause, resume, stop, retry, approve: CLI and web alike
   Reading logs                    an agent's log as readable lines, streamed and tailed
@@ -2058,6 +2059,14 @@ class StateStore:
             if text != before:
                 self.write(text)
             return result
+
+    def stamp(self):
+        """What changes whenever state.json is written (it is replaced whole): inode and mtime."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns
 
     def history(self):
         """{id: record} of cleaned-up agents: history.jsonl plus any not yet moved out of state.json."""
@@ -5929,6 +5938,10 @@ def files_to_copy(project, patterns):
     return [p for p in untracked_files(project.repo, skip) if matches_include(p, patterns)]
 
 
+# held by every `git worktree add` of this process (prepare_worktree; Hosts' fetch_home)
+WORKTREE_REGISTER_LOCK = threading.Lock()
+
+
 def prepare_worktree(project, record, copies, register_lock):
     """Create the agent's branch and worktree, copy files in and run setup; error or None.
 
@@ -6522,7 +6535,7 @@ def prepare_agents(project, records):
         return
     copies = files_to_copy(project, include_patterns(project))
     project.worktree_root.mkdir(parents=True, exist_ok=True)
-    register_lock = threading.Lock()  # serialises `git worktree add` (see prepare_worktree)
+    register_lock = WORKTREE_REGISTER_LOCK  # serialises `git worktree add` (see prepare_worktree)
     from concurrent.futures import (
         ThreadPoolExecutor,
     )  # here: only spawn needs it, 4 ms at every start
@@ -6839,13 +6852,19 @@ def plan_wait(record, failure, now):
 
 
 def account_wait(state, now):
-    """The Unix time until which the account is rate- or usage-limited (no new starts), or None."""
+    """The Unix time until which the account is rate- or usage-limited (no new starts), or None.
+
+    The account is shared by every host: a wait on any of them counts (a remote agent's
+    `waiting` comes home while its record here stays active), and a host keeps the hold home
+    sends it with each poll (`hold_until`).
+    """
     untils = [
         parse_iso(r["waiting"]["until"])
         for r in state["agents"].values()
-        if r["state"] == "waiting"
+        if r["state"] in ACTIVE_STATES
         and (r.get("waiting") or {}).get("reason") in ACCOUNT_LIMIT_REASONS
     ]
+    untils.append(parse_iso(state.get("hold_until")))
     latest = max((u for u in untils if u), default=None)
     return latest if latest and latest > now else None
 
@@ -7067,15 +7086,18 @@ class Resilience:
     """The supervisor's part in checks, fix rounds, API waits and budgets.
 
     Given what it works with: the state store, the supervisor's `queue` (facts for the next
-    state write) and `announce` (notify_command), and the event that says the supervisor is
-    stopping. It owns the agents whose checks are due.
+    state write) and `announce` (notify_command), the event that says the supervisor is
+    stopping, and `stop_elsewhere(record)`, which has an agent's host end it (a budget is
+    the whole fleet's: the cost of remote agents comes home in their logs). It owns the
+    agents whose checks are due.
     """
 
-    def __init__(self, store, queue, announce, stopping):
+    def __init__(self, store, queue, announce, stopping, stop_elsewhere=None):
         self.store = store
         self.queue = queue
         self.announce = announce
         self.stopping = stopping
+        self.stop_elsewhere = stop_elsewhere
         # agent id -> record whose checks review() asked for; its thread pops it
         self.due_checks = {}
 
@@ -7233,11 +7255,13 @@ class Resilience:
                     continue
                 if (
                     record["state"] == "running"
-                    and record["pid"]
+                    and (record["pid"] or record.get("host_launched"))
                     and last_run_result(record["log"])[0]
                 ):
                     continue  # it has finished and is exiting: its watcher settles it as it ended
                 process = stop_for_budget(record, spent, budget)
+                if record.get("host_launched") and self.stop_elsewhere:  # Hosts: its host ends it
+                    self.stop_elsewhere(dict(record))
                 if process:  # ending a process may take STOP_GRACE: never under the state lock
                     threading.Thread(
                         target=stop_process,
@@ -7267,8 +7291,8 @@ HOSTS_WORKDIR = "~/.orchestra-hosts"
 HOST_SSH_TIMEOUT = 10  # seconds ssh may take to connect
 HOST_CALL_TIMEOUT = 300.0  # seconds one remote call may take (a push of a large repository)
 HOST_CONTROL_PERSIST = 120  # seconds the shared ssh connection outlives its last use
-HOST_POLL = 0.5  # seconds between polls of a remote agent
-HOST_LOG_CHUNK = 512 * 1024  # bytes of a remote log fetched per poll
+HOST_POLL = 0.5  # seconds between polls of a host (one call for all its agents)
+HOST_LOG_MIN_CHUNK = 64 * 1024  # bytes of one agent's log a poll may always fetch
 HOST_FETCH_PATIENCE = (
     120.0  # seconds a settled agent's fetch home is retried while its host is away
 )
@@ -7310,6 +7334,8 @@ HOST_IMPORT = (
 )
 # (ssh target, options, remote repository, source hash) this process has installed and prepared
 PREPARED_HOSTS = set()
+PREPARED_LOCK = threading.Lock()  # guards PREPARING
+PREPARING = {}  # the key of PREPARED_HOSTS -> the lock its one preparation holds
 SOURCE_HASH = []  # this file's content hash, computed once
 # host name -> (time.monotonic() until which it gets no agents, why): this process's view
 HOST_DOWN = {}
@@ -7530,29 +7556,58 @@ def host_doctor(config, name):
 
 
 def hosts_overview(project):
-    """Each host's slots, running agents and (for remote hosts) whether ssh reaches it."""
+    """Each host's slots, running agents and (for remote hosts) whether ssh reaches it now."""
     config = project.config
-    state = project.store.load()
-    agents = state["agents"].values()
+    rows = fleet_overview(config, project.store.load())
+    for row in rows:
+        row.update(ssh=None, reachable=True, error=None)
+        if row["name"] == "local":
+            continue
+        host = Host.named(config, row["name"])
+        row["ssh"] = host.target
+        try:
+            host.probe()
+            row.update(unreachable_since=None, why=None)
+        except HostError as e:
+            row.update(reachable=False, error=str(e), why=str(e))
+    return rows
+
+
+def fleet_overview(config, state):
+    """Each machine as the dashboard and `status --json` show it, from the state alone (no ssh):
+    slots, how many are used and free, the agents running there or queued there, and whether
+    home reaches it (what its supervisor last saw, and what its agents' followers see)."""
     rows = []
+    counts = host_counts(state)
     for name in host_names(config):
-        running = [
-            r["id"]
-            for r in agents
-            if r["state"] in ("running", "paused", "waiting") and (r.get("host") or "local") == name
+        here = [
+            r
+            for r in state["agents"].values()
+            if (r.get("host") or "local") == name
+            and r["state"] in ("running", "paused")
+            and not r.get("host_released")
         ]
         slots = config.parallel_limit(state.get("parallel")) if name == "local" else None
-        row = {"name": name, "slots": slots or host_limit(config, name), "running": running}
-        if name == "local":
-            row.update(ssh=None, reachable=True, error=None)
-        else:
-            host = Host.named(config, name)
-            try:
-                host.probe()
-                row.update(ssh=host.target, reachable=True, error=None)
-            except HostError as e:
-                row.update(ssh=host.target, reachable=False, error=str(e))
-        rows.append(row)
+        slots = slots or host_limit(config, name)
+        used = counts.get(name, 0) - sum(bool(r.get("host_queued")) for r in here)
+        lost = [r["host_unreachable"] for r in here if r.get("host_unreachable")]
+        seen = (state.get("host_reach") or {}).get(name)
+        if seen and seen.get("unreachable_since"):
+            lost.append({"since": seen["unreachable_since"], "why": seen.get("why")})
+        first = min(lost, key=lambda x: x["since"]) if lost else None
+        rows.append(
+            {
+                "name": name,
+                "slots": slots,
+                "used": used,
+                "free": max(0, slots - used),
+                "running": [r["id"] for r in here if not r.get("host_queued")],
+                "queued_there": [r["id"] for r in here if r.get("host_queued")],
+                "reachable": first is None,
+                "unreachable_since": first and first["since"],
+                "why": first and first["why"],
+            }
+        )
     return rows
 
 
@@ -7572,10 +7627,19 @@ def place_agent(config, free, pinned=None):
     return open_hosts[0]
 
 
+def queue_ahead(config, name):
+    """How many agents a host is given beyond its slots, to queue there: its own supervisor
+    starts the next the moment one ends, with no round trip home. Half its slots, at least one."""
+    return max(1, host_limit(config, name) // 2)
+
+
 def host_counts(state):
-    """How many agents run (or hold a slot) on each host."""
+    """How many agents run (or hold a slot) on each host: one whose run ended there while its
+    branch comes home holds none (see release_host_slot)."""
     counts = {}
     for r in state["agents"].values():
+        if r.get("host_released"):
+            continue
         if r["state"] in ("running", "paused") or (r["state"] == "waiting" and r.get("host")):
             name = r.get("host") or "local"
             counts[name] = counts.get(name, 0) + 1
@@ -7642,60 +7706,63 @@ def placements(config, state, local_free):
     """(record, host) for each queued agent that can start now, oldest first.
 
     A pinned agent waits for its own host. An agent goes to `local` only once its worktree is
-    ready (spawn or the supervisor makes it); a host needs no local worktree.
+    ready (spawn or the supervisor makes it); a host needs no local worktree. Once every slot
+    is taken, while more agents wait than the whole fleet has slots, hosts are given a few
+    more to queue there (queue_ahead), evenly.
     """
     counts = host_counts(state)
     free = {"local": local_free}
     free.update({name: host_limit(config, name) - counts.get(name, 0) for name in config["hosts"]})
+    ahead = {name: free[name] + queue_ahead(config, name) for name in config["hosts"]}
     for name, (until, _) in list(HOST_DOWN.items()):
         if until > time.monotonic():
-            free[name] = 0  # it failed to take an agent: none for a while (pinned ones wait)
+            free[name] = ahead[name] = 0  # it failed to take an agent: none for a while
+    queued = sorted(
+        (r for r in state["agents"].values() if r["state"] == "queued"), key=spawn_order
+    )
+    placeable = [
+        r for r in queued if r.get("ready") or (r.get("worktree_later") and not r.get("preparer"))
+    ]
+    chosen = place_each(config, placeable, free, ahead)
+    placed = {id(record) for record, _ in chosen}
+    budgets = {
+        b for b, info in (state.get("batches") or {}).items() if info.get("budget") is not None
+    }
+    # an agent whose batch has a budget starts only once home has checked it (not queued ahead)
+    rest = [r for r in placeable if id(r) not in placed and r.get("batch") not in budgets]
+    slots = (
+        local_free + counts.get("local", 0) + sum(host_limit(config, n) for n in config["hosts"])
+    )
+    if len(rest) < slots:  # the end of the queue: each waits for the first slot free anywhere
+        return chosen
+    return chosen + place_each(config, rest, ahead, {}, evenly=True)
+
+
+def place_each(config, records, free, ahead, evenly=False):
+    """(record, host) for those of the records a host with room in `free` takes (each taken
+    place is taken from `ahead` too); evenly: the host with the most room, whatever the placement.
+    """
     chosen = []
-    queued = (r for r in state["agents"].values() if r["state"] == "queued")
-    for record in sorted(queued, key=spawn_order):
-        placeable = record.get("ready") or (
-            record.get("worktree_later") and not record.get("preparer")
-        )
-        host = place_agent(config, free, record.get("host")) if placeable else None
+    for record in records:
+        roomy = [name for name in free if free[name] > 0]
+        if evenly and roomy and not record.get("host"):
+            host = max(roomy, key=lambda name: free[name])
+        else:
+            host = place_agent(config, free, record.get("host"))
         if host is None or (host == "local" and not record.get("ready")):
             continue
         free[host] -= 1
+        if host in ahead:
+            ahead[host] -= 1
         chosen.append((record, host))
     return chosen
 
 
-def follow_remote_agent(agent, report, stopping):
-    """Poll a remote agent until it settles (or we stop): (its last remote record, the local log).
-
-    Facts go to report(agent_id, facts); a host out of reach is reported, never fatal.
-    """
-    agent_id = agent.record["id"]
-    log = AgentLog(agent.project.log_path(agent_id))
-    remote, unreachable = None, None
-    while not stopping.is_set():
-        try:
-            remote, more = agent.poll()
-        except HostError as e:
-            unreachable = unreachable or utc_iso()
-            report(agent_id, {"host_unreachable": {"since": unreachable, "why": str(e)}})
-            stopping.wait(HOST_POLL)
-            continue
-        if unreachable:
-            unreachable = None
-            report(agent_id, {"host_unreachable": None})
-        if log.read_new():
-            report(agent_id, without_none(log.facts))
-        if remote:
-            report(agent_id, {k: remote.get(k) for k in HOST_RECORD_FACTS})
-        settled = remote is None or (
-            remote["state"] in FINISHED_STATES and not checks_running(remote)
-        )  # the host runs the agent's checks: their result comes home too
-        if settled and not more:
-            break
-        if not more:
-            stopping.wait(HOST_POLL)
-    log.read_to_end()
-    return remote, log
+def release_host_slot(record):
+    """A remote agent that has settled on its host frees its slot there at once, while its
+    branch is still being fetched home (settle_remote, or a new run, takes the mark away)."""
+    if record["state"] in ACTIVE_STATES:
+        record["host_released"] = True
 
 
 def relay_to_host(project, record, action, message=None, env=None):
@@ -7728,6 +7795,7 @@ def continue_on_host(record):
         pid=None,
         finished_at=None,
         error=None,
+        host_released=None,
         activity=f"continuing its session on host {record['host']}",
     )
 
@@ -7750,7 +7818,7 @@ def fetch_home_patiently(agent, stopping):
 
 def settle_remote(record, log, remote, problem):
     """Write a remote agent's final record from the local log and the host's last word."""
-    record.update(pid=None, stale=False, host_unreachable=None)
+    record.update(pid=None, stale=False, host_unreachable=None, host_released=None)
     if log is None:  # it never started there
         record.update(state="failed", error=problem, finished_at=utc_iso())
         note_settlement(record)
@@ -7773,26 +7841,30 @@ def settle_remote(record, log, remote, problem):
 class RemoteAgent:
     """One agent on a host, seen from home: launch it there, poll it, bring its branch home."""
 
-    def __init__(self, project, record):
+    def __init__(self, project, record, session=None):
         self.project = project
         self.record = record
         self.host = Host.named(project.config, record["host"])
+        self.call = (session or self.host).call  # the supervisor's HostSession, else one ssh each
         self.remote_repo = self.host.repo_path(project.repo)
         self.offset = log_offset_of(project.log_path(record["id"]), self.host.name)
+        self.limit = HOST_LOG_MIN_CHUNK  # bytes of its log the next poll may bring
         self.mirrored = {}  # request id -> the host's approval request, as mirrored at home
 
     def launch(self, env):
         """Copy orchestra, push the base commit and spawn the agent on the host (idempotent)."""
         record = self.record
         ready = (self.host.target, tuple(self.host.options), self.remote_repo, source_hash())
-        if ready not in PREPARED_HOSTS:  # once per host and repository in this process
-            self.host.install()
-            self.host.call("prepare", {"repo": self.remote_repo})
-            PREPARED_HOSTS.add(ready)
-        base = f"refs/orchestra/base/{record['base_commit']}"
-        if (*ready, base) not in PREPARED_HOSTS:  # each base commit goes to a host once
-            self.push_base(base)
-            PREPARED_HOSTS.add((*ready, base))
+        with PREPARED_LOCK:
+            preparing = PREPARING.setdefault(ready, threading.Lock())
+        with preparing:  # the agents placed at once wait for one preparation, not make four
+            if ready not in PREPARED_HOSTS:  # once per host and repository in this process
+                self.call("prepare", {"repo": self.remote_repo})  # installs orchestra if missing
+                PREPARED_HOSTS.add(ready)
+            base = f"refs/orchestra/base/{record['base_commit']}"
+            if (*ready, base) not in PREPARED_HOSTS:  # each base commit goes to a host once
+                self.push_base(base)
+                PREPARED_HOSTS.add((*ready, base))
         launch = dict(record["launch"])
         settings = {k: launch[k] for k in LAUNCH_KEYS if k in launch}
         settings.update({k: launch[k] for k in RESILIENCE_KEYS if k in launch})
@@ -7802,7 +7874,7 @@ class RemoteAgent:
             default_parallel=host_limit(self.project.config, self.host.name),
             sandbox=self.project.config["sandbox"],
         )
-        return self.host.call(
+        return self.call(
             "spawn",
             {
                 "repo": self.remote_repo,
@@ -7836,17 +7908,9 @@ class RemoteAgent:
                     raise HostError(f"host '{self.host.name}': {e}") from None
                 time.sleep(HOST_POLL)
 
-    def poll(self):
-        """Bring the host's new log bytes home; the remote record (None if the host lost it)."""
-        answer = self.host.call(
-            "poll",
-            {
-                "repo": self.remote_repo,
-                "id": self.record["id"],
-                "offset": self.offset,
-                "limit": HOST_LOG_CHUNK,
-            },
-        )
+    def take(self, answer):
+        """Append the log bytes a poll brought (whole lines only) and mirror its approval
+        requests; (the remote record or None if the host lost the agent, more to fetch)."""
         data = base64.b64decode(answer.get("data") or "")
         complete = data[: data.rfind(b"\n") + 1]  # whole lines only: the rest comes next time
         if complete:
@@ -7858,7 +7922,10 @@ class RemoteAgent:
             )
             self.offset += len(complete)
         self.mirror_requests(answer.get("approvals") or [])
-        return answer.get("record"), len(data) > len(complete) or answer.get("more", False)
+        more = bool(answer.get("more"))
+        # a line longer than a whole chunk: ask for twice as much until it fits
+        self.limit = len(data) * 2 if more and not complete else HOST_LOG_MIN_CHUNK
+        return answer.get("record"), more
 
     def mirror_requests(self, asked):
         """Show the host's approval requests at home (approvals, dashboard, notify_command) and
@@ -7916,9 +7983,11 @@ class RemoteAgent:
             run_git(["merge", "--ff-only", "--quiet", temp], worktree)
         else:
             run_git(["branch", "--force", record["branch"], temp], self.project.repo)
-            run_git(
-                ["worktree", "add", "--quiet", str(worktree), record["branch"]], self.project.repo
-            )
+            with WORKTREE_REGISTER_LOCK:  # another add could read this one's half-written files
+                run_git(
+                    ["worktree", "add", "--quiet", str(worktree), record["branch"]],
+                    self.project.repo,
+                )
         run_git(["update-ref", "-d", temp], self.project.repo)
 
     def bring_leftovers_home(self):
@@ -7970,6 +8039,289 @@ def remove_on_host(project, record):
 
 
 # ======================================================================================
+# Hosts: sessions and polling
+# --------------------------------------------------------------------------------------
+# How home keeps up with its hosts cheaply. Every ssh call starts Python on the host, so the
+# supervisor keeps one long-lived `host-agent serve` per host (HostSession) and asks it one
+# JSON line at a time. A HostPoller polls each host once per round for all the agents
+# followed there (their records, the log bytes after each one's offset, their approval
+# requests) and hands each follower its part; the follower folds it into the agent's record.
+# ======================================================================================
+
+HOST_POLL_ROUND = 0.25  # seconds between a host's polls (a line each way in its session)
+HOST_POLL_TIMEOUT = 30.0  # seconds one poll may take before the host counts as out of reach
+HOST_POLLER_IDLE = 5.0  # seconds a host's poller thread waits for a follower before it ends
+HOST_LOG_CHUNK = 512 * 1024  # bytes of remote logs fetched per poll, shared by its agents
+
+
+class HostSession:
+    """One long-lived `host-agent serve` on a host, asked one JSON line at a time.
+
+    A call over ssh starts Python and imports orchestra on the host, a tenth of a second of its
+    CPU each time; the supervisor's polls and launches share this one process per host
+    instead, so a poll costs a line each way. A failure or a silence longer than the call's
+    timeout ends the process (a dropped link, a restarted host); the next call starts another.
+    """
+
+    def __init__(self, host):
+        self.host = host
+        self.lock = threading.Lock()  # guards the process and its buffer: one request at a time
+        self.proc, self.errors, self.buffer = None, None, bytearray()
+        self.timed_out, self.ended_with = None, None  # how the last process ended
+
+    def call(self, action, payload, timeout=HOST_CALL_TIMEOUT):
+        """Run `host-agent ACTION` in the session; its JSON answer (errors as Host.call's)."""
+        if os.name == "nt":  # no select() on pipes: one ssh call each
+            return self.host.call(action, payload, timeout)
+        with self.lock:
+            answer = self.ask(action, payload, timeout)
+            if answer is None and b"No module named 'orchestra'" in self.ended_with.stderr:
+                self.host.install()
+                answer = self.ask(action, payload, timeout)
+        if answer is None:
+            raise self.host.failure(self.ended_with, f"run '{action}'")
+        if "error" in answer:  # the host's orchestra refused the request itself
+            raise OrchestraError(
+                f"host '{self.host.name}' could not run '{action}': {answer['error']}",
+                EXIT_FAILURE,
+            )
+        return answer["answer"]
+
+    def ask(self, action, payload, timeout):
+        """One request and its answer line; None when the process ended (see ended_with)."""
+        if self.proc is None:
+            folder = f"{self.host.workdir}/bin/{source_hash()}"
+            argv = [self.host.python, "-c", HOST_IMPORT, folder, "host-agent", "serve"]
+            # stderr of the whole session, read when it ends (closed then, in close())
+            self.errors, self.buffer = tempfile.TemporaryFile(), bytearray()
+            self.proc = subprocess.Popen(
+                [*self.host.ssh_command(), self.host.target, shlex.join(argv)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.errors,
+            )
+        with contextlib.suppress(OSError):  # a dead process: its answer's absence says why
+            self.proc.stdin.write(json.dumps({"action": action, "payload": payload}).encode())
+            self.proc.stdin.write(b"\n")
+            self.proc.stdin.flush()
+        line = self.read_line(timeout)
+        if line is None:
+            self.close()
+            return None
+        try:
+            return json.loads(line)
+        except ValueError:  # a login script that prints: the session cannot be trusted
+            self.close()
+            raise HostError(
+                f"host '{self.host.name}' answered '{action}' with something not JSON; make its "
+                "shell start-up files print nothing for commands run over ssh"
+            ) from None
+
+    def read_line(self, timeout):
+        """The next answer line, or None at the end of the output or after `timeout` seconds."""
+        deadline, fd = time.monotonic() + timeout, self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self.timed_out = timeout
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                self.timed_out = None
+                return None
+            self.buffer += chunk
+        end = self.buffer.index(b"\n")
+        line, self.buffer = bytes(self.buffer[:end]), self.buffer[end + 1 :]
+        return line
+
+    def end(self):
+        """End the session (the supervisor is done with the host): at once, even while a
+        request waits for a host that stopped answering (its reader then sees the end)."""
+        if self.lock.acquire(timeout=1.0):
+            try:
+                self.close()
+            finally:
+                self.lock.release()
+        elif self.proc is not None:
+            with contextlib.suppress(OSError, AttributeError):  # it may end meanwhile
+                self.proc.kill()
+
+    def close(self):
+        """End the process; ended_with says how it ended (for Host.failure)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        self.errors.seek(0)
+        stderr = self.errors.read()
+        self.errors.close()
+        code = self.proc.returncode
+        if self.timed_out:
+            code, stderr = (
+                HOST_SSH_FAILED,
+                stderr + f"\nno answer within {self.timed_out:.0f}s".encode(),
+            )
+        self.ended_with = subprocess.CompletedProcess([], code, b"", stderr)
+        self.proc = None
+
+
+def follow_remote_agent(agent, report, stopping, poll):
+    """Poll a remote agent until it settles (or we stop): (its last remote record, the local log).
+
+    poll(agent) answers from the host's next poll (see HostPoller), which sets the pace.
+    Facts go to report(agent_id, facts); a host out of reach is reported, never fatal.
+    """
+    agent_id = agent.record["id"]
+    log = AgentLog(agent.project.log_path(agent_id))
+    remote, unreachable = None, None
+    while not stopping.is_set():
+        try:
+            answer = poll(agent)
+        except HostError as e:
+            unreachable = unreachable or utc_iso()
+            report(agent_id, {"host_unreachable": {"since": unreachable, "why": str(e)}})
+            stopping.wait(HOST_POLL)
+            continue
+        if answer is None:
+            continue  # we are stopping
+        remote, more = answer
+        if unreachable:
+            unreachable = None
+            report(agent_id, {"host_unreachable": None})
+        if log.read_new():
+            report(agent_id, without_none(log.facts))
+        if remote:
+            report(agent_id, remote_facts(remote, agent.host.name))
+        settled = remote is None or (
+            remote["state"] in FINISHED_STATES and not checks_running(remote)
+        )  # the host runs the agent's checks: their result comes home too
+        if settled and not more:
+            break
+    log.read_to_end()
+    return remote, log
+
+
+def remote_facts(remote, host_name):
+    """What a host's record of an agent tells its record at home (what the host does not know,
+    such as why home stopped it, stays); one the host queued (its slots are busy, see
+    queue_ahead) says so."""
+    facts = {k: remote.get(k) for k in HOST_RECORD_FACTS if remote.get(k) is not None}
+    facts.update(waiting=remote.get("waiting"), approval=remote.get("approval"))  # None: over
+    facts["host_queued"] = remote["state"] == "queued" or None
+    if facts["host_queued"]:
+        facts["activity"] = f"queued on host {host_name} until one of its slots frees"
+    elif remote["state"] == "waiting":  # a rate limit there holds the whole fleet (account_wait)
+        facts["activity"] = f"{remote.get('activity')} on host {host_name}"
+    return facts
+
+
+class PollTicket:
+    """One follower's place in a host's next poll: its answer or its error, once the poll is done."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.answer, self.error = None, None
+
+    def settle(self, answer=None, error=None):
+        """Hand the follower its answer (or the error that stands for it)."""
+        self.answer, self.error = answer, error
+        self.done.set()
+
+
+class HostPoller:
+    """Polls one host for every agent followed there: one ssh call per round, not one per agent.
+
+    Followers call poll(agent) and wait for the next round; the thread starts rounds at most
+    every HOST_POLL_ROUND (at once while a log has more to fetch), and ends once nobody asks.
+    hold() is the fleet's rate-limit hold, sent along so the host starts nothing before it;
+    note(host name, why or None) hears whether the host answered.
+    """
+
+    def __init__(self, session, remote_repo, stopping, hold=lambda: None, note=lambda *_: None):
+        self.session, self.host, self.note = session, session.host, note
+        self.launcher = HostSession(
+            session.host
+        )  # launches never wait for a poll, nor polls for them
+        self.remote_repo, self.stopping, self.hold = remote_repo, stopping, hold
+        self.lock = threading.Lock()  # guards self.asking and self.thread
+        self.asking = {}  # agent id -> (RemoteAgent, PollTicket) waiting for the next round
+        self.thread = None
+        self.wake = threading.Event()  # set when a follower asks
+
+    def poll(self, agent):
+        """(remote record, more) for the agent from the next round; None when we stop."""
+        ticket = PollTicket()
+        with self.lock:
+            self.asking[agent.record["id"]] = (agent, ticket)
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self.run, name=f"poll-{self.host.name}", daemon=True
+                )
+                self.thread.start()
+        self.wake.set()
+        while not ticket.done.wait(HOST_POLL):
+            if self.stopping.is_set():
+                return None
+        if ticket.error:
+            raise ticket.error
+        return ticket.answer
+
+    def run(self):
+        """Rounds until the supervisor stops or no follower asked for HOST_POLLER_IDLE seconds."""
+        last, hurry = 0.0, False
+        while not self.stopping.is_set():
+            asked = self.wake.wait(HOST_POLLER_IDLE)
+            with self.lock:
+                if not asked and not self.asking:
+                    self.thread = None
+                    return
+            pause = last + HOST_POLL_ROUND - time.monotonic()
+            if pause > 0 and not hurry:
+                self.stopping.wait(pause)  # every follower of the host joins this round
+            with self.lock:
+                batch, self.asking = self.asking, {}
+                self.wake.clear()
+            last = time.monotonic()
+            hurry = bool(batch) and self.round(batch)
+
+    def round(self, batch):
+        """One ssh call for the batch's agents; each ticket settled. True if a log has more."""
+        agents = [agent for agent, _ in batch.values()]
+        share = max(HOST_LOG_MIN_CHUNK, HOST_LOG_CHUNK // len(agents))
+        payload = {"repo": self.remote_repo, "hold_until": self.hold()}
+        payload["agents"] = [
+            {"id": a.record["id"], "offset": a.offset, "limit": max(share, a.limit)} for a in agents
+        ]
+        more = False
+        try:
+            try:
+                answers = self.session.call("poll", payload, timeout=HOST_POLL_TIMEOUT)["agents"]
+            except HostError as e:
+                self.note(self.host.name, str(e))
+                raise
+            self.note(self.host.name, None)
+            for agent_id, (agent, ticket) in batch.items():
+                try:
+                    answer = agent.take(answers.get(agent_id) or {})
+                except (OrchestraError, OSError) as e:
+                    ticket.settle(error=e)
+                    continue
+                more = more or answer[1]
+                ticket.settle(answer)
+        except Exception as e:  # a follower must never wait forever: each hears the error
+            if not isinstance(e, OrchestraError):
+                traceback.print_exc()
+            for _, ticket in batch.values():
+                if not ticket.done.is_set():
+                    ticket.settle(error=e)
+        return more
+
+
+# ======================================================================================
 # Supervisor
 # --------------------------------------------------------------------------------------
 # One detached process per repository, unique by supervisor.lock: starts queued agents up
@@ -7978,6 +8330,7 @@ def remove_on_host(project, record):
 # ======================================================================================
 
 SUPERVISOR_TICK = 0.5  # seconds between the supervisor's scheduling passes and state writes
+NAP_SLICE = 0.05  # seconds between looks, while it naps, at whether state.json changed
 WATCH_POLL = 0.2  # seconds between a watcher's reads of its agent's log
 PREPARE_AT_ONCE = 2  # worktrees the supervisor makes at a time: checkouts compete for the disk
 COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit and file counts
@@ -7999,7 +8352,13 @@ class Supervisor:
         self.slot_freed = (
             threading.Event()
         )  # set when an agent ends, so the next one starts at once
-        self.resilience = Resilience(self.store, self.queue, self.announce, self.stopping)
+        self.resilience = Resilience(
+            self.store, self.queue, self.announce, self.stopping, self.stop_on_host
+        )
+        self.pollers_lock = threading.Lock()  # guards self.pollers
+        self.pollers = {}  # host name -> its HostPoller (Hosts)
+        self.reach = {}  # host name -> None (it answers) or why it does not, as last noted
+        self.hold_until = None  # the fleet's rate-limit hold, sent to every host with its polls
 
     def run(self):
         """Hold the supervisor lock and serve; re-check for work after letting go of it."""
@@ -8030,6 +8389,8 @@ class Supervisor:
         while not self.stopping.is_set():
             self.reap_watchers()
             state = self.store.load()  # read without the lock; lock and write only to start someone
+            hold = account_wait(state, time.time())
+            self.hold_until = utc_iso(math.ceil(hold)) if hold else None
             if self.startable(state):  # first: a free slot waits for nothing else
                 self.store.update(self.start_queued)
                 state = self.store.load()
@@ -8040,6 +8401,9 @@ class Supervisor:
             self.nap(SUPERVISOR_TICK)
         self.flush()
         self.store.update(lambda state: state["supervisor"].update(pid=None))
+        for poller in list(self.pollers.values()):
+            poller.session.end()
+            poller.launcher.end()
         for thread in self.notifiers:
             thread.join(NOTIFY_TIMEOUT)
 
@@ -8255,6 +8619,7 @@ class Supervisor:
         record.update(
             state="running",
             host=host,
+            host_released=None,
             worktree_later=False,
             pid=None,
             started_at=record.get("started_at") or utc_iso(),
@@ -8278,12 +8643,14 @@ class Supervisor:
 
     def follow_remote(self, agent_id, record):
         """Launch the agent on its host if not yet done, follow it until it settles, fetch it home."""
-        agent = RemoteAgent(self.project, record)
+        poller = self.poller(record["host"])
+        agent = RemoteAgent(self.project, record, poller.launcher)
         if not record.get("host_launched"):
             try:
                 agent.launch(take_agent_env(self.project, agent_id))
             except HostError as e:  # the host is away or broken: the agent waits for a host again
                 why = str(e)
+                self.note_host(record["host"], why)
                 HOST_DOWN[record["host"]] = (time.monotonic() + HOST_RETRY, why)
                 self.store.update(lambda state: requeue_from_host(state["agents"][agent_id], why))
                 self.slot_freed.set()
@@ -8293,11 +8660,63 @@ class Supervisor:
                 self.finish(agent_id, lambda r: settle_remote(r, None, None, why))
                 return
             self.queue(agent_id, {"host_launched": True})
-        remote, log = follow_remote_agent(agent, self.queue, self.stopping)
+            if self.store.load()["agents"][agent_id]["state"] == "stopped":
+                self.stop_on_host(
+                    record
+                )  # stopped (a budget, `stop`) while its launch was on the way
+        remote, log = follow_remote_agent(agent, self.queue, self.stopping, poller.poll)
         if self.stopping.is_set():
             return  # the agent runs on at its host; the next supervisor follows it again
+        self.store.update(  # its cost first: a budget is judged before the slot is given again
+            lambda state: (self.apply_pending(state), release_host_slot(state["agents"][agent_id]))
+        )
+        self.slot_freed.set()  # its host slot is free while its branch comes home
         problem = fetch_home_patiently(agent, self.stopping)
         self.finish(agent_id, lambda r: settle_remote(r, log, remote, problem))
+
+    def stop_on_host(self, record):
+        """Have a remote agent's host stop it (a budget spent), retrying while the host is away."""
+
+        def relay():
+            while not self.stopping.is_set():
+                try:
+                    return relay_to_host(self.project, record, "stop")
+                except HostError:
+                    self.stopping.wait(HOST_POLL)
+                except OrchestraError:
+                    return None  # it has ended there already
+
+        thread = threading.Thread(target=relay, name=f"host-stop-{record['id']}", daemon=True)
+        thread.start()
+
+    def poller(self, host_name):
+        """The one poller (and session) of a host in this process, made on first use."""
+        with self.pollers_lock:
+            if host_name not in self.pollers:
+                host = Host.named(self.project.config, host_name)
+                self.pollers[host_name] = HostPoller(
+                    HostSession(host),
+                    host.repo_path(self.project.repo),
+                    self.stopping,
+                    lambda: self.hold_until,
+                    self.note_host,
+                )
+            return self.pollers[host_name]
+
+    def note_host(self, name, why):
+        """Keep in the state whether a host answers (`host_reach`: since when it does not, and
+        why), written only when that changes; the dashboard and `status --json` show it."""
+        with self.pollers_lock:
+            known = self.reach.get(name, "unknown")
+            if (known is None) == (why is None) and known != "unknown":
+                return
+            self.reach[name] = why
+
+        def change(state):
+            reach = state.setdefault("host_reach", {})
+            reach[name] = why and {"unreachable_since": utc_iso(), "why": why}
+
+        self.store.update(change)
 
     def after_done(self, agent_id):
         """In the agent's watcher thread: run its due checks, then free its slot."""
@@ -8316,8 +8735,12 @@ class Supervisor:
         thread.start()
 
     def nap(self, seconds):
-        """Wait for the next scheduling pass: `seconds`, or less when an agent's end frees a slot."""
-        self.slot_freed.wait(seconds)
+        """Wait for the next scheduling pass: `seconds`, or less when an agent's end frees a slot
+        or another process changes the state (a spawn, or home giving this host an agent)."""
+        deadline, seen = time.monotonic() + seconds, self.store.stamp()
+        while not self.slot_freed.wait(max(0.0, min(NAP_SLICE, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or self.store.stamp() != seen:
+                break
         self.slot_freed.clear()
 
     def guarded(self, target, agent_id, *args):
@@ -8552,6 +8975,7 @@ def status_document(project, state, records):
             public_record(r) for r in with_merged_flags(project, with_approvals(project, records))
         ],
         **resilience_status(state),
+        **({"hosts": fleet_overview(project.config, state)} if project.config["hosts"] else {}),
     }
 
 
@@ -8774,7 +9198,11 @@ def retry_agent(project, record, resume_session):
         return f"{record['id']}: queued to continue its session"
     taken = taken_ids(project, project.records())
     new_id = unique_id(record["id"], taken | {record["id"]})
-    fresh = spawn_agents(project, [record["task"]], name=new_id, base=record["base_commit"])[0]
+    # Hosts: an agent pinned to a host is retried there; one placed by the supervisor is placed anew
+    pin = record["pinned"] if "pinned" in record else record.get("host")
+    fresh = spawn_agents(
+        project, [record["task"]], name=new_id, base=record["base_commit"], host=pin
+    )[0]
     return f"{record['id']}: retried as {fresh['id']} on {fresh['branch']} (the old worktree and branch are kept)"
 
 
@@ -13337,13 +13765,15 @@ def status_changes(old, new):
     before = {a["id"]: a for a in old["agents"]}
     changed = [a for a in new["agents"] if before.get(a["id"]) != a]
     removed = sorted(set(before) - {a["id"] for a in new["agents"]})
-    if not changed and not removed and old["supervisor"] == new["supervisor"]:
+    same_hosts = old.get("hosts") == new.get("hosts")
+    if not changed and not removed and old["supervisor"] == new["supervisor"] and same_hosts:
         return None
     return {
         "type": "update",
         "agents": changed,
         "removed": removed,
         "supervisor": new["supervisor"],
+        **({"hosts": new["hosts"]} if "hosts" in new else {}),
     }
 
 
@@ -16677,23 +17107,37 @@ def host_action_spawn(payload):
 
 
 def host_action_poll(payload):
-    """An agent's record and its log from `offset` on (at most `limit` bytes); revives the
-    host's supervisor, which settles agents a reboot killed as interrupted."""
+    """Every named agent's record and its log from its `offset` on (at most its `limit` bytes),
+    in one call; revives the host's supervisor, which settles agents a reboot killed as
+    interrupted, and keeps home's fleet-wide rate-limit hold (`hold_until`)."""
     project = host_project(payload)
     state = project.store.load()
+    if state.get("hold_until") != payload.get("hold_until"):  # home's fleet-wide hold
+        state = project.store.update(lambda s: s.update(hold_until=payload["hold_until"]) or s)
     ensure_supervisor(project, state)
-    record = state["agents"].get(payload["id"]) or project.history().get(payload["id"])
-    data = b""
-    with contextlib.suppress(FileNotFoundError), open(project.log_path(payload["id"]), "rb") as f:
-        f.seek(int(payload["offset"]))
-        data = f.read(int(payload["limit"]) + 1)
-    more = len(data) > int(payload["limit"])
-    asked = [r for r in ApprovalBox(project.repo).pending() if r.get("agent") == payload["id"]]
+    history = None
+    pending = ApprovalBox(project.repo).pending()
+    answers = {}
+    for asked in payload["agents"]:
+        record = state["agents"].get(asked["id"])
+        if record is None:
+            history = project.history() if history is None else history
+            record = history.get(asked["id"])
+        answers[asked["id"]] = host_poll_answer(project, record, asked, pending)
+    return {"agents": answers}
+
+
+def host_poll_answer(project, record, asked, pending):
+    """One agent's part of a poll answer: record, log bytes, whether more wait, requests."""
+    limit, data = int(asked["limit"]), b""
+    with contextlib.suppress(FileNotFoundError), open(project.log_path(asked["id"]), "rb") as f:
+        f.seek(int(asked["offset"]))
+        data = f.read(limit + 1)
     return {
-        "approvals": asked,
+        "approvals": [r for r in pending if r.get("agent") == asked["id"]],
         "record": record and {**public_record(record), "finished_at": record.get("finished_at")},
-        "data": base64.b64encode(data[: int(payload["limit"])]).decode(),
-        "more": more,
+        "data": base64.b64encode(data[:limit]).decode(),
+        "more": len(data) > limit,
     }
 
 
@@ -16776,9 +17220,28 @@ HOST_ACTIONS = {
 }
 
 
+def host_serve(requests, answers):
+    """`host-agent serve`: answer one {"action", "payload"} line after another (see HostSession)
+    until home closes the session; a refused request is answered {"error"}, the session lives on."""
+    for line in requests:
+        request = json.loads(line)
+        try:
+            answer = {"answer": HOST_ACTIONS[request["action"]](request["payload"])}
+        except OrchestraError as e:
+            answer = {"error": str(e)}
+        answers.write(json.dumps(answer).encode() + b"\n")
+        answers.flush()
+    return EXIT_OK
+
+
 def cmd_host_agent(args):
     """(internal) What home runs on a host over ssh: a JSON payload in, a JSON answer out."""
     os.umask(0o077)
+    if args.action == "serve":  # answers go to the real stdout; stray prints to stderr
+        answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # children's output too
+        sys.stdout = sys.stderr
+        return host_serve(sys.stdin.buffer, answers)
     try:
         payload = json.loads(sys.stdin.buffer.read() or b"{}")
     except ValueError:
@@ -16795,7 +17258,7 @@ def add_host_agent_parser(commands):
         description=cmd_host_agent.__doc__,
         epilog="example: orchestra host-agent doctor < /dev/null (home runs it over ssh)",
     )
-    p.add_argument("action", choices=sorted(HOST_ACTIONS))
+    p.add_argument("action", choices=sorted([*HOST_ACTIONS, "serve"]))
     p.set_defaults(func=cmd_host_agent)
 
 

@@ -10,6 +10,8 @@ Run (as root): python3 bench/hosts.py [--tasks 48] [--seconds 2] [--parallel 4]
 """
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -38,6 +40,9 @@ AGENT = (
     "print(json.dumps({'type': 'result', 'subtype': 'success', 'is_error': False,"
     " 'result': 'done', 'total_cost_usd': 0.0, 'num_turns': 1}), flush=True)\n"
 )
+
+
+DRAIN_PATIENCE = 150  # seconds: a queue that takes longer is stuck, not slow
 
 
 def make_repo(root, name, seconds, parallel, hosts):
@@ -89,13 +94,16 @@ def drain(repo, tasks):
     watch.start()
     os.chdir(repo)
     start = time.monotonic()
-    assert orchestra.main(["spawn", *tasks, "--json"]) == 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert orchestra.main(["spawn", *tasks, "--json"]) == 0
     project = orchestra.Project.open(repo, os.environ)
     while True:
         agents = project.store.load()["agents"]
         watch.remote_ids = {i for i, r in agents.items() if orchestra.is_remote(r)}
         if all(r["state"] in orchestra.FINISHED_STATES for r in agents.values()):
             break
+        if time.monotonic() - start > DRAIN_PATIENCE:
+            raise SystemExit(f"the queue did not drain within {DRAIN_PATIENCE} s: {agents}")
         time.sleep(0.05)
     seconds = time.monotonic() - start
     time.sleep(0.5)

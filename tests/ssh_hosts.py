@@ -1,7 +1,7 @@
 """A test rig of real ssh hosts on this machine: one local user, one sshd and one Claude Code
 config per host, so nothing is shared between "machines" but the loopback network.
 
-Each host is a local account `orch-<name>` (made once with `useradd -m`, left for the next run)
+Each host is a local account `orch<key>-<name>` (key: of this checkout's path) (made once with `useradd -m`, left for the next run)
 with its own HOME, work folder, git identity and `~/.claude/settings.json` pointing the real
 `claude` CLI at the tests' scripted API. Each gets its own `sshd -D` on a free loopback port with
 its own host key, public-key login only, no PAM; the test's client key sits in the account's
@@ -10,6 +10,7 @@ FILE]`), as a user's `~/.ssh/config` would. Needs root (useradd, sshd); tests sk
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import pwd
@@ -17,12 +18,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-USER_PREFIX = "orch-"
+# one set of accounts per checkout: runs from two checkouts at once (two engineers, two CI jobs
+# on one machine) would otherwise wipe each other's hosts mid-run
+CHECKOUT_KEY = hashlib.sha256(str(Path(__file__).resolve().parent.parent).encode()).hexdigest()[:4]
+USER_PREFIX = f"orch{CHECKOUT_KEY}-"
 
 
 def free_port():
@@ -167,6 +172,69 @@ class SshHost:
         return {"ssh": self.alias, "ssh_options": ["-F", str(ssh_config)], **extra}
 
 
+class StallingProxy:
+    """A TCP relay in front of a host's sshd that can stall: stop forwarding without closing
+    anything (a blocked port, a dead Wi-Fi), then resume. ssh reaches the host through it
+    with `-p PORT` after the host's own settings (the command line beats the config file)."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self.accept, name="stalling-proxy", daemon=True).start()
+
+    def accept(self):
+        """Relay each connection both ways, each direction in a thread of its own."""
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), 5)
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    def pump(self, source, sink):
+        """Copy bytes from source to sink, holding them while the proxy is stalled."""
+        try:
+            while True:
+                self.flowing.wait()
+                data = source.recv(65536)
+                if not data:
+                    break
+                self.flowing.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def stall(self):
+        """Stop forwarding; every connection stays open."""
+        self.flowing.clear()
+
+    def resume(self):
+        """Forward again."""
+        self.flowing.set()
+
+    def close(self):
+        """Stop accepting (relayed connections end with their ends)."""
+        self.closed = True
+        self.flowing.set()
+        self.listener.close()
+
+
 class SshRig:
     """Several hosts, one client key and the ssh config that names them."""
 
@@ -198,6 +266,13 @@ class SshRig:
         host.stop()
         ssh = orchestra.Host(name, host.settings(self.ssh_config)).ssh_command()
         subprocess.run([*ssh, "-O", "exit", host.alias], capture_output=True, timeout=30)
+
+    def stalling_proxy(self, name):
+        """A StallingProxy in front of a host's sshd, and the host's settings that go through it."""
+        proxy = StallingProxy(self.hosts[name].port)
+        settings = self.hosts[name].settings(self.ssh_config)
+        settings["ssh_options"] = [*settings["ssh_options"], "-p", str(proxy.port)]
+        return proxy, settings
 
     def hosts_setting(self, **extra):
         """The `hosts` setting naming every host of the rig."""

@@ -23,7 +23,7 @@ from conftest import (
     wait_for,
     write_config,
 )
-from scripted_api import ScriptedAPI, bash, claude_env, requires_claude, text
+from scripted_api import ScriptedAPI, bash, claude_env, error, requires_claude, text
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="making host accounts and sshd needs root")
 
@@ -81,6 +81,38 @@ def test_placement_local_first_and_spread():
     config["placement"] = "spread"
     assert place(config, {"local": 1, "a": 2, "b": 3}) == "b"
     assert place(config, {"local": 3, "a": 2, "b": 3}) == "local"
+
+
+def queued(n, batch="b1", host=None):
+    """A queued record, ready to start, the n-th spawned."""
+    return {"id": f"a{n}", "seq": n, "state": "queued", "ready": True, "batch": batch, "host": host}
+
+
+def running_on(n, host):
+    """A record running on a host."""
+    return {"id": f"r{n}", "seq": n, "state": "running", "host": host, "host_launched": True}
+
+
+def test_hosts_get_agents_queued_ahead_only_while_the_queue_is_long_and_never_a_budgets():
+    config = {"hosts": {"a": {"ssh": "x", "max_parallel": 2}, "b": {"ssh": "y", "max_parallel": 2}},
+              "default_parallel": 1, "max_parallel": 1, "placement": "local-first"}  # fmt: skip
+    place = orchestra.placements
+
+    def hosts_of(agents, local_free=1, batches=None):
+        state = {"agents": {r["id"]: r for r in agents}, "batches": batches or {}}
+        return [host for _, host in place(config, state, local_free)]
+
+    # ten waiting, five slots: the slots fill, then each host queues one more (half of 2), evenly
+    assert hosts_of([queued(n) for n in range(10)]) == ["local", "a", "a", "b", "b", "a", "b"]
+    # every slot taken and three waiting for five slots: they wait at home for the first free one
+    busy = [running_on(n, h) for n, h in enumerate("aabb")]
+    assert hosts_of(busy + [queued(n) for n in range(10, 13)], local_free=0) == []
+    # a long queue, but its batch has a budget: home checks it before each start
+    budget = {"b1": {"budget": 5.0}}
+    assert hosts_of(busy + [queued(n) for n in range(10, 20)], 0, budget) == []
+    assert hosts_of(busy + [queued(n) for n in range(10, 20)], 0) == ["a", "b"]
+    # an agent pinned to a host queues ahead there only
+    assert hosts_of(busy + [queued(n, host="b") for n in range(10, 20)], 0) == ["b"]
 
 
 # --- real hosts -------------------------------------------------------------------------------
@@ -471,8 +503,9 @@ RESULT_LINE = '{"type":"result","subtype":"success","is_error":false,"result":"o
 @needs_root
 def test_checks_run_on_the_host_and_their_result_comes_home(rig, repo, cli):
     agent = ["sh", "-c", f"echo made > made.txt; echo '{RESULT_LINE}'", "{task}"]
+    user = rig.hosts["h1"].user
     write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting(),
-                 checks=["sleep 3; test -f made.txt && test \"$(id -un)\" = orch-h1"])  # fmt: skip
+                 checks=[f"sleep 3; test -f made.txt && test \"$(id -un)\" = {user}"])  # fmt: skip
     assert cli("spawn", "--host", "h1", "--name", "checked", "make a file").code == 0
     wait_for(lambda: load_agent(repo, "checked")["state"] == "done"
              and (load_agent(repo, "checked").get("checks") or {}).get("status") == "passed",
@@ -633,3 +666,249 @@ def test_only_variables_named_in_env_reach_a_host_and_no_state_file_keeps_them(
     for path in there.rglob("*"):
         if path.is_file():
             assert b"s3cr3t-value" not in path.read_bytes(), path
+
+
+# --- the fleet shares one account: budgets and rate limits ------------------------------------
+
+FAKE_AGENT = """
+case "$1" in
+  *spend*) echo '{"type":"result","subtype":"success","is_error":false,"result":"spent","total_cost_usd":2.5,"num_turns":1}' ;;
+  *limited*)
+    echo "{\\"type\\":\\"rate_limit_event\\",\\"rate_limit_info\\":{\\"status\\":\\"rejected\\",\\"resetsAt\\":$(( $(date +%s) + $RESET_IN ))}}"
+    echo '{"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"API Error: 429 rate limit exceeded","num_turns":1}'
+    exit 1 ;;
+  *) echo '{"type":"assistant","message":{"content":[{"type":"text","text":"working"}]}}'
+     sleep "${WORK_FOR:-0}"
+     echo '{"type":"result","subtype":"success","is_error":false,"result":"ok","num_turns":1}' ;;
+esac
+"""
+
+
+def fake_agent(**env):
+    """The fake agent (its behaviour chosen by words in the task), with `env` set for it."""
+    assignments = " ".join(f"{k}={v}" for k, v in env.items())
+    return ["sh", "-c", f"export {assignments}; {FAKE_AGENT}" if env else FAKE_AGENT, "sh",
+            "{task}"]  # fmt: skip
+
+
+def host_state(rig, name, repo):
+    """The host's own state.json of the test repository's copy."""
+    return json.loads((remote_repo(rig, name, repo) / ".orchestra" / "state.json").read_text())
+
+
+@needs_root
+def test_a_budget_counts_what_remote_agents_cost_and_stops_them_on_their_host(rig, repo, cli):
+    write_config(repo, agent_command=fake_agent(WORK_FOR=60), heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting(max_parallel=2))  # fmt: skip
+    run = cli("spawn", "--host", "h1", "--budget", "1", "keep working", "then spend", "never runs")
+    assert run.code == 0, run
+    ids = ["keep-working", "then-spend", "never-runs"]
+
+    def stopped():
+        agents = agents_by_id(cli)
+        return all(agents[i]["state"] in orchestra.FINISHED_STATES for i in ids) and agents
+
+    agents = wait_for(stopped, timeout=90, what="the budget enforced")
+    assert agents["then-spend"]["state"] == "done" and agents["then-spend"]["cost_usd"] == 2.5
+    for agent_id in ("keep-working", "never-runs"):
+        assert agents[agent_id]["state"] == "stopped", agents[agent_id]
+        assert agents[agent_id]["stop_reason"] == "budget"
+    status = cli("status", "--json").json()
+    [batch] = status["batches"].values()
+    assert batch["spent"] == 2.5 and batch["budget"] == 1
+    # on the host too: the working agent was ended there, the last one never ran there
+    wait_for(lambda: host_state(rig, "h1", repo)["agents"]["keep-working"]["state"] == "stopped",
+             timeout=30, what="stopped on the host")  # fmt: skip
+    there = host_state(rig, "h1", repo)["agents"]
+    assert "never-runs" not in there or there["never-runs"]["state"] == "stopped"
+    assert not there.get("never-runs", {}).get("started_at")
+
+
+@needs_root
+def test_a_rate_limit_on_one_host_holds_new_starts_on_every_machine(rig, repo, cli):
+    write_config(repo, agent_command=fake_agent(RESET_IN=15), heartbeat_interval=0.5,
+                 api_retries=1, hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "limited", "limited one").code == 0
+    until = wait_for(lambda: cli("status", "--json").json()["rate_limited_until"], timeout=60,
+                     what="the fleet-wide hold")  # fmt: skip
+    reset = orchestra.parse_iso(until)
+    assert reset > time.time() + 3, until
+    record = load_agent(repo, "limited")
+    assert record["waiting"]["reason"] == "rate_limit" and "on host h1" in record["activity"]
+    assert cli("spawn", "--host", "local", "--name", "near", "held here").code == 0
+    assert cli("spawn", "--host", "h2", "--name", "far", "held afar").code == 0
+    assert "Rate-limited until" in cli("status").out
+    wait_for(lambda: host_state(rig, "h1", repo).get("hold_until") == until, timeout=30,
+             what="the hold sent to the host")  # fmt: skip
+    time.sleep(2)
+    assert {load_agent(repo, i)["state"] for i in ("near", "far")} == {"queued"}
+    wait_for(lambda: {load_agent(repo, i)["state"] for i in ("near", "far")} == {"done"},
+             timeout=90, what="both started after the reset")  # fmt: skip
+    for agent_id in ("near", "far"):
+        assert orchestra.parse_iso(load_agent(repo, agent_id)["started_at"]) >= reset - 1
+
+
+@needs_root
+def test_the_dashboard_lists_hosts_with_slots_agents_and_reachability(rig, repo, cli, phone):
+    from playwright.sync_api import expect
+
+    write_config(repo, agent_command=fake_agent(WORK_FOR=60), heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting(max_parallel=2))  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "busy", "busy one").code == 0
+    assert cli("spawn", "--host", "h2", "--name", "cut-off", "cut off one").code == 0
+    wait_for(lambda: all(load_agent(repo, i).get("host_launched") for i in ("busy", "cut-off")),
+             timeout=60, what="both launched")  # fmt: skip
+    server = orchestra.start_web_server(
+        orchestra.Project.open(repo, os.environ), "127.0.0.1", 0, log=io.StringIO()
+    )
+    try:
+        phone.goto(server.url)
+        h1 = phone.locator('#host-list [data-host="h1"]')
+        expect(h1).to_contain_text("1 of 2 slots used, 1 free")
+        expect(h1).to_contain_text("running: busy")
+        expect(h1.locator(".reach")).to_have_text("reachable")
+        expect(phone.locator('#host-list [data-host="local"]')).to_contain_text("nothing running")
+        expect(phone.locator("#hosts-summary")).to_have_text("Hosts: 2 of 7 slots used")
+        rig.cut("h2")
+        h2 = phone.locator('#host-list [data-host="h2"]')
+        expect(h2.locator(".reach")).to_contain_text("unreachable since ", timeout=60_000)
+        expect(h2).to_have_attribute("data-reachable", "no")
+        expect(phone.locator("#hosts")).to_have_attribute("open", "")  # opened: it needs a look
+        expect(phone.locator("#hosts-summary")).to_contain_text("1 unreachable")
+        box = h2.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390  # fits the phone
+        [row] = [h for h in cli("status", "--json").json()["hosts"] if h["name"] == "h2"]
+        assert not row["reachable"] and row["unreachable_since"] and row["running"] == ["cut-off"]
+    finally:
+        server.stop()
+        rig.hosts["h2"].start()
+        cli("stop", "busy", "cut-off")
+
+
+NUMBERED_AGENT = (
+    "import json, sys, time\n"
+    "for n in range(int(sys.argv[1])):\n"
+    "    print(json.dumps({'type': 'assistant', 'message': {'content': [{'type': 'text',"
+    " 'text': 'line %d' % n}]}}), flush=True)\n"
+    "    time.sleep(0.25)\n"
+    "print(json.dumps({'type': 'result', 'subtype': 'success', 'is_error': False,"
+    " 'result': 'all lines written', 'num_turns': 1}), flush=True)\n"
+)
+
+
+def numbered_lines(path):
+    """The numbers of the agent's 'line N' lines in a log, in order."""
+    found = []
+    for line in path.read_text().splitlines():
+        event = json.loads(line)
+        if event.get("type") == "assistant":
+            found.append(int(event["message"]["content"][0]["text"].split()[1]))
+    return found
+
+
+@needs_root
+def test_a_stalled_link_leaves_the_agent_running_and_catches_up_without_doubles(rig, repo, cli):
+    proxy, h1 = rig.stalling_proxy("h1")
+    count = 200  # 50 s of lines: it outlives the stall
+    write_config(repo, agent_command=["python3", "-c", NUMBERED_AGENT, str(count), "{task}"],
+                 heartbeat_interval=0.5, hosts={"h1": h1})  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "stalled", "number the lines").code == 0
+    log = repo / ".orchestra" / "logs" / "stalled.jsonl"
+    there = remote_repo(rig, "h1", repo) / ".orchestra" / "logs" / "stalled.jsonl"
+    try:
+        wait_for(lambda: log.exists() and len(numbered_lines(log)) >= 3, timeout=60,
+                 what="the first lines home")  # fmt: skip
+        proxy.stall()  # packets stop; no connection is closed
+        stalled_at = len(numbered_lines(there))
+        wait_for(lambda: load_agent(repo, "stalled").get("host_unreachable"), timeout=90,
+                 what="unreachable")  # fmt: skip
+        row = cli("status").out.splitlines()[1]
+        assert row.split()[:2] == ["stalled", "running"] and "host unreachable since 20" in row
+        assert len(numbered_lines(there)) > stalled_at + 10  # the agent worked on meanwhile
+        home_during = len(numbered_lines(log))
+        assert home_during < len(numbered_lines(there))
+    finally:
+        proxy.resume()
+    try:
+        wait_for(lambda: load_agent(repo, "stalled")["state"] == "done", timeout=120, what="done")
+        record = load_agent(repo, "stalled")
+        assert record["result"] == "all lines written" and not record.get("host_unreachable")
+        assert numbered_lines(log) == list(range(count))  # none lost, none doubled, in order
+        assert agent_lines(log) == agent_lines(there)
+    finally:
+        proxy.close()
+
+
+@needs_root
+def test_retry_of_an_agent_pinned_to_a_host_runs_it_there_again(rig, repo, cli):
+    marker = f".flaky-{time.time_ns()}"  # in the host account's home: the second run succeeds
+    script = (f'if [ -e "$HOME/{marker}" ]; then printf ok > ok.txt && git add ok.txt && '
+              f"git commit -qm ok && echo '{RESULT_LINE}'; else touch \"$HOME/{marker}\"; "
+              """echo '{"type":"result","subtype":"success","is_error":true,"result":"flaked"}'; """
+              "exit 1; fi")  # fmt: skip
+    write_config(repo, agent_command=["sh", "-c", script, "sh", "{task}"], heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h2", "--name", "flaky", "flaky once").code == 0
+    wait_for(lambda: load_agent(repo, "flaky")["state"] == "failed", timeout=60, what="failed")
+    run = cli("retry", "flaky")
+    assert run.code == 0 and "retried as flaky-2" in run.out, run
+    wait_for(lambda: load_agent(repo, "flaky-2")["state"] == "done", timeout=60, what="done")
+    again = cli("status", "--json", "flaky-2").json()["agents"][0]
+    assert again["host"] == "h2" and again["result"] == "ok"
+    assert git("show", "orchestra/flaky-2:ok.txt", cwd=repo) == "ok"
+    (rig.hosts["h2"].home / marker).unlink()  # it was there: the retry ran on h2
+    assert load_agent(repo, "flaky")["state"] == "failed"  # the first one is kept as it was
+
+
+@needs_root
+@requires_claude
+def test_retry_resume_session_continues_a_remote_session_on_its_host(rig, repo, cli, local_claude):
+    local_claude.script("breaks-far", [error(400, "scripted failure")])
+    local_claude.script("Continue the task.", [commit_file("resumed.txt", "resumed"),
+                                               text("recovered on its host")])  # fmt: skip
+    write_config(repo, bypass_permissions=CLAUDE_TOOLS, heartbeat_interval=0.5,
+                 hosts=rig.hosts_setting())  # fmt: skip
+    assert cli("spawn", "--host", "h1", "--name", "broke", "breaks-far: go").code == 0
+    wait_for(lambda: load_agent(repo, "broke")["state"] == "failed", timeout=120, what="failed")
+    session = load_agent(repo, "broke")["session_id"]
+    assert session
+    run = cli("retry", "broke", "--resume-session")
+    assert run.code == 0 and "queued to continue its session on host h1" in run.out, run
+    wait_for(lambda: load_agent(repo, "broke")["state"] == "done", timeout=120, what="done")
+    record = load_agent(repo, "broke")
+    assert record["result"] == "recovered on its host" and record["session_id"] == session
+    assert record["host"] == "h1"
+    assert git("show", "orchestra/broke:resumed.txt", cwd=repo) == "resumed\n"
+    there = orchestra.Project.open(remote_repo(rig, "h1", repo), os.environ)
+    assert there.store.load()["agents"]["broke"]["session_id"] == session  # the same session there
+
+
+def host_agent_processes(user):
+    """The `orchestra host-agent ACTION` processes a host account runs now: their actions."""
+    ps = subprocess.run(["ps", "-ww", "-u", user, "-o", "args="], capture_output=True, text=True)
+    return [line.split("host-agent", 1)[1].split()[0] for line in ps.stdout.splitlines()
+            if " host-agent " in line]  # fmt: skip
+
+
+@needs_root
+def test_home_follows_a_hosts_agents_through_one_serving_process_not_a_call_each(rig, repo, cli):
+    write_config(repo, agent_command=["python3", "-c", NUMBERED_AGENT, "40", "{task}"],
+                 heartbeat_interval=0.5, hosts=rig.hosts_setting(max_parallel=3))  # fmt: skip
+    assert cli("spawn", "--host", "h1", "one", "two", "three").code == 0
+    logs = [repo / ".orchestra" / "logs" / f"{i}.jsonl" for i in ("one", "two", "three")]
+    wait_for(lambda: all(p.exists() and len(numbered_lines(p)) >= 2 for p in logs), timeout=60,
+             what="all three followed")  # fmt: skip
+    seen = set()
+    for _ in range(20):  # two seconds of polls: eight rounds, three agents each
+        actions = host_agent_processes(rig.hosts["h1"].user)
+        assert actions.count("serve") <= 2, actions  # one for polls, one for launches
+        seen.update(actions)
+        time.sleep(0.1)
+    assert seen == {"serve"}, seen  # no `host-agent poll` per agent
+    before = [len(numbered_lines(p)) for p in logs]
+    wait_for(lambda: [len(numbered_lines(p)) for p in logs] > before, timeout=5,
+             what="lines still arriving")  # fmt: skip
+    wait_for(lambda: all(load_agent(repo, i)["state"] == "done" for i in ("one", "two", "three")),
+             timeout=60, what="all done")  # fmt: skip
+    for path in logs:
+        assert numbered_lines(path) == list(range(40))
