@@ -193,6 +193,7 @@ def test_claude_argv_carries_the_settings_layer(repo):
         str(repo / ".worktrees" / "task-x")
     ]
     assert settings["sandbox"] == {"enabled": True, "autoAllowBashIfSandboxed": True,
+                                   "allowUnsandboxedCommands": False,
                                    "network": {"allowedDomains": ["pypi.org"]}}  # fmt: skip
     assert "--allowedTools" not in argv  # an argv string Claude Code splits on spaces
     assert settings["permissions"]["allow"] == orchestra.DEFAULT_RULES  # the narrow defaults
