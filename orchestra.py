@@ -4132,6 +4132,9 @@ def read_tool_verdict(tool, tool_input, b, cwd):
         if tool in ("Glob", "Grep") and holds:
             reason = f"{CONTAINED}: {tool} searches {path}, which holds {holds[0]}"
             verdicts.append(Verdict(DENY, reason))
+        secrets = [p for p in b.secrets if within(p, path, b.casefold) and p != path]
+        if tool in ("Glob", "Grep") and secrets:
+            verdicts.append(Verdict(ASK, f"{tool} searches {path}, which holds {secrets[0]}"))
     return strictest(verdicts)
 
 
@@ -4477,6 +4480,8 @@ def command_verdict(argv, redirects, b, cwd, hidden):
         if paths is None:
             verdicts.append(Verdict(ASK, f"a variable hides which path {word!r} names"))
             continue
+        named_only = searcher in NAMING_PROGRAMS  # ls .. lists the agents' folders by name
+        paths = [p for p in paths if not (named_only and p == b.worktrees)]
         verdicts += [path_verdict(p, b, False, "the command reaches") for p in paths]
         verdicts += [ancestor_verdict(searcher, word, p, b) for p in paths]
     verdicts.append(program_verdict(program, argv, b, cwd, hidden))
@@ -4838,7 +4843,9 @@ def git_verdict(argv, b, cwd):
         return ALLOWED
     sub, args = words[i], words[i + 1 :]
     what = f"git {sub}"
-    verdict = git_output_verdict(sub, args, b, cwd, what)
+    verdict = strictest(
+        [git_output_verdict(sub, args, b, cwd, what), other_agents_refs(args, b, what)]
+    )
     if verdict.decision != ALLOW:
         return verdict
     if sub in GIT_NETWORK:
@@ -4851,7 +4858,9 @@ def git_verdict(argv, b, cwd):
     if checker is not None:
         return checker(args, b, cwd, what)
     if sub in GIT_OWN:
-        if sub == "grep" and any(a.startswith(("-O", "--open-files-in-pager")) for a in args):
+        if sub == "grep" and any(
+            a.startswith("-O") or is_long_option(a, "--open-files-in-pager") for a in args
+        ):
             return Verdict(ASK, "git grep -O runs a program")
         return ALLOWED
     return Verdict(ASK, f"{what} is not a git command orchestra knows (an alias?)")
@@ -4946,13 +4955,13 @@ def git_config(args, b, cwd, what):
 def git_checkout(args, b, cwd, what):
     """git checkout: files, or the agent's own branch; never another branch or a new one."""
     for arg in args:
-        if arg in ("-b", "-B", "--orphan", "-t", "--track") or arg.startswith(
-            ("--orphan", "--track")
+        if arg in ("-b", "-B", "-t") or any(
+            is_long_option(arg, o) for o in ("--orphan", "--track")
         ):
             return Verdict(DENY, f"{CONTAINED}: git checkout {arg} makes or moves a branch")
-        if arg == "--detach":
+        if is_long_option(arg, "--detach"):
             return Verdict(ASK, "git checkout --detach leaves the agent's branch")
-        if arg in ("-", "--ignore-other-worktrees") or arg.startswith("@{-"):
+        if arg == "-" or arg.startswith("@{-") or is_long_option(arg, "--ignore-other-worktrees"):
             return Verdict(DENY, f"{CONTAINED}: git checkout {arg} leaves the agent's branch")
     words = positionals(args, ("--conflict", "--pathspec-from-file"))
     files_named = "--" in args and args.index("--") < len(args) - 1
@@ -4966,6 +4975,12 @@ def branch_or_files(words, b, cwd, what):
     own = (b.branch, f"refs/heads/{b.branch}", "HEAD")
     if not words or words[0] in own:
         return ALLOWED
+    if any(c in words[0] for c in "*?["):  # bash expands it first: `mai?` may become main
+        import glob
+
+        expanded = [os.path.basename(m) for m in glob.glob(os.path.join(cwd, words[0]))]
+        if any(names_branch(b, name) and name != b.branch for name in expanded):
+            return Verdict(DENY, f"{CONTAINED}: {what} {words[0]} names another branch")
     files = all(os.path.lexists(os.path.join(cwd, w)) or any(c in w for c in "*?[") for w in words)
     if files and not names_branch(b, words[0]):
         return ALLOWED
@@ -4978,9 +4993,8 @@ def branch_or_files(words, b, cwd, what):
 
 def git_switch(args, b, cwd, what):
     """git switch: only to the agent's own branch."""
-    if any(
-        a in ("-c", "-C", "--create", "--force-create", "--orphan", "--detach", "-d") for a in args
-    ):
+    long_forms = ("--create", "--force-create", "--orphan", "--detach", "--ignore-other-worktrees")
+    if any(a in ("-c", "-C", "-d") or any(is_long_option(a, o) for o in long_forms) for a in args):
         return Verdict(DENY, f"{CONTAINED}: git switch {' '.join(args)} leaves the agent's branch")
     words = [a for a in args if a == "-" or not a.startswith("-")]  # `--` hides no branch
     if not words or words[0] == b.branch:
@@ -4990,8 +5004,10 @@ def git_switch(args, b, cwd, what):
 
 def git_rebase(args, b, cwd, what):
     """git rebase of the agent's own branch; --exec runs commands git would hide from the guard."""
-    if any(a.startswith(("-x", "--exec")) for a in args):
+    if any(a.startswith("-x") or is_long_option(a, "--exec") for a in args):
         return Verdict(ASK, "git rebase --exec runs commands")
+    if any(is_long_option(a, "--update-refs") for a in args):
+        return Verdict(DENY, f"{CONTAINED}: git rebase --update-refs moves other branches")
     value_flags = ("--onto", "-s", "--strategy", "-X", "--strategy-option")
     words = positionals([a for a in args if a != "--"], value_flags)
     branch = words[:1] if "--root" in args else words[1:2]  # the branch it checks out first
@@ -5031,6 +5047,18 @@ def git_init(args, b, cwd, what):
     return Verdict(ASK, "git init makes a new repository")
 
 
+def other_agents_refs(args, b, what):
+    """Another agent's branch named in git's arguments (orchestra/other, other:file, a..b): its
+    committed work is that agent's, as its worktree is."""
+    namespace = b.branch.rsplit("/", 1)[0] + "/"
+    for arg in args:
+        for token in re.split(r"\.\.\.?|[:=\s]", arg):
+            ref = re.sub(r"^refs/heads/|[\^~@].*$", "", token)
+            if ref.startswith(namespace) and ref != b.branch:
+                return Verdict(DENY, f"{CONTAINED}: {what} {arg} names another agent's branch")
+    return ALLOWED
+
+
 def git_output_verdict(sub, args, b, cwd, what):
     """--output FILE (log, show, diff...) and format-patch -o DIR write where they say."""
     names = ("--output", "--output-directory", "-o") if sub == "format-patch" else ("--output",)
@@ -5040,11 +5068,11 @@ def git_output_verdict(sub, args, b, cwd, what):
 def git_file_writer(args, b, cwd, what):
     """merge-file, interpret-trailers, read-tree --index-output, index-pack -o, pack-objects,
     apply: the files they name may be written, so they must lie in the worktree."""
-    if "--unsafe-paths" in args:
+    if any(is_long_option(a, "--unsafe-paths") for a in args):
         return Verdict(
             DENY, f"{CONTAINED}: {what} --unsafe-paths patches files out of the worktree"
         )
-    if any(a.startswith("--directory") for a in args):
+    if any(is_long_option(a, "--directory") for a in args):
         return Verdict(ASK, f"{what} --directory places the patch where orchestra cannot see")
     values = option_values(["git", *args], ("--index-output", "-o"))
     words = [a for a in args if not a.startswith("-") and a not in values]
@@ -5068,6 +5096,16 @@ def git_bisect(args, b, cwd, what):
     words = positionals(args)
     if words[:1] == ["reset"] and len(words) > 1 and words[1] != b.branch:
         return Verdict(DENY, f"{CONTAINED}: {what} reset {words[1]} leaves the agent's branch")
+    if words[:1] == ["run"]:
+        return command_verdict(args[args.index("run") + 1 :], [], b, cwd, False)
+    return ALLOWED
+
+
+def git_update_index(args, b, cwd, what):
+    """git update-index may mark files; --cacheinfo and --index-info craft entries (a symlink
+    out of the worktree, checked out next) that the guard would not see: they ask."""
+    if any(is_long_option(a, o) for a in args for o in ("--cacheinfo", "--index-info")):
+        return Verdict(ASK, f"{what} {' '.join(args)} writes index entries orchestra cannot check")
     return ALLOWED
 
 
@@ -5091,6 +5129,7 @@ GIT_CHECKERS = {
     "rebase": git_rebase,
     "symbolic-ref": git_symbolic_ref,
     "init": git_init,
+    "update-index": git_update_index,
     "bisect": git_bisect,
     "merge": git_runs_programs(("-s", "--strategy")),
     "difftool": git_runs_programs(("-x", "--extcmd", "-t", "--tool")),
@@ -5145,9 +5184,14 @@ def unknown_tool_verdict(tool, tool_input, b, cwd):
     write; a command among them runs what the guard cannot see."""
     verdicts = []
     for key, value in input_leaves(tool_input):
-        if re.search(r"command|cmd|script|code|shell", key, re.IGNORECASE):
+        value = re.sub(r"^file://", "", value.strip())
+        if re.search(r"command|cmd|script|code|shell|argv|program|exec", key, re.IGNORECASE) or (
+            os.path.basename(value) in (*SHELLS, "git")
+        ):
             verdicts.append(Verdict(ASK, f"{tool} runs {key}, which orchestra cannot check"))
-        elif re.search(r"path|file|dir|source|destination|target", key, re.IGNORECASE) or (
+        elif names_branch(b, value) and value != b.branch:
+            verdicts.append(Verdict(ASK, f"{tool} names the branch {value}, not the agent's own"))
+        elif re.search(r"path|file|dir|source|destination|target|uri|url", key, re.IGNORECASE) or (
             not re.search(r"\s", value) and ("/" in value or value[:1] in "~.")
         ):
             verdicts.append(path_verdict(tool_path(value, b, cwd), b, True, f"{tool} uses"))
@@ -5277,10 +5321,17 @@ def add_containment(settings, repo, record, env):
     permissions["deny"] = [*permissions.get("deny", []), *rules]
     if "sandbox" in settings:
         git_folders = [os.path.join(b.git_dir, name) for name in ("hooks", "info")]
+        link = os.path.join(b.worktree, ".git")  # where git in the worktree finds its repository
         settings["sandbox"]["filesystem"] = {
             "denyRead": [b.orchestra, *files, b.worktrees, *filter(os.path.exists, b.secrets)],
             "allowRead": [b.worktree],
-            "denyWrite": [b.orchestra, *files, claude_home, *filter(os.path.isdir, git_folders)],
+            "denyWrite": [
+                b.orchestra,
+                *files,
+                claude_home,
+                *filter(os.path.isdir, git_folders),
+                *filter(os.path.isfile, [link]),
+            ],
         }
     return settings
 
@@ -6086,13 +6137,14 @@ def group_members(pgid):
 # Any rule can have a hole, so what an agent must not change is also checked after the fact.
 # Before each launch orchestra records, in .orchestra/integrity/<id>.json, the refs outside
 # its own namespace (the user's branches, tags, stash, remotes, other agents' branches; the
-# agent's own branch excepted) and the repository's config, hooks/ and info/. When the agent
+# agent's own branch excepted), the repository's config, hooks/ and info/, and the worktree's
+# .git link (where git there finds its repository, so the config it obeys). When the agent
 # settles, and before `collect`, it verifies them: a moved or new ref is put back (its new
 # value kept under refs/orchestra/tampered/<id>/), a changed file restored (the changed
 # version kept in .orchestra/integrity/<id>/<time>/), and the agent is marked `tampered` with
-# what changed (once per run: `collect` checks only runs no supervisor settled). Another agent's
-# branch may move while that agent runs, and orchestra's own
-# merges move the target branch: those are accepted (see accept_refs). So is the branch your
+# what changed (once per run: `collect` checks only runs no supervisor settled). Another
+# agent's branch may move while that agent runs, and orchestra's own merges move the target
+# branch: those are accepted (see accept_refs). So is the branch your
 # checkout has out when its HEAD log shows you moving it there (a commit or pull you made while
 # the agent ran). Any other change you made meanwhile is put back too, and kept, never lost.
 # ======================================================================================
@@ -6135,6 +6187,35 @@ def guarded_files(git_dir):
     return found
 
 
+def worktree_link(record):
+    """The worktree's .git file (`gitdir: ...`): where git in the worktree finds its repository,
+    and so the config and hooks it obeys; None when there is none to read."""
+    try:
+        return (Path(record["worktree"]) / ".git").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def restore_link(project, record, baseline, stamp):
+    """The worktree's .git file, if the agent rewrote it (to a git dir of its own, whose config
+    would run code in orchestra's next git command there): put back, the changed one kept."""
+    old, new = baseline.get("link"), worktree_link(record)
+    if old is None or new == old:
+        return []
+    link = Path(record["worktree"]) / ".git"
+    kept = project.dir / INTEGRITY_DIR / record["id"] / stamp / "worktree-git"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    if new is not None:
+        kept.write_text(new, encoding="utf-8")
+    if link.is_dir() and not link.is_symlink():
+        link.rename(kept.with_name("worktree-git-folder"))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+    link.write_text(old, encoding="utf-8")
+    return [f"changed the worktree's .git link (put back; kept in {kept.parent})"]
+
+
 def baseline_path(project, agent_id):
     """Where an agent's integrity baseline is kept."""
     return project.dir / INTEGRITY_DIR / f"{agent_id}.json"
@@ -6149,6 +6230,7 @@ def record_integrity(project, record):
         "at": utc_iso(),
         "refs": guarded_refs(current_refs(project.repo), record),
         "files": guarded_files(common_git_dir(project.repo)),
+        "link": worktree_link(record),
     }
     write_atomic(baseline_path(project, record["id"]), json.dumps(baseline, sort_keys=True))
 
@@ -6189,7 +6271,8 @@ def verify_integrity(project, record, records, unverified_only=False):
         return []
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     prefix = record["branch"].rsplit("/", 1)[0]
-    found = restore_refs(project, record, baseline, records, stamp, prefix)
+    found = restore_link(project, record, baseline, stamp)
+    found += restore_refs(project, record, baseline, records, stamp, prefix)
     found += restore_files(project, record, baseline, stamp)
     baseline["verified_at"] = utc_iso()
     write_atomic(path, json.dumps(baseline, sort_keys=True))

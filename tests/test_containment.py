@@ -507,3 +507,124 @@ def test_other_tools_are_judged_by_every_path_and_command_they_carry(layout, too
     text = json.dumps(tool_input).replace("{repo}", str(repo)).replace("{home}", str(home))
     v = verdict(layout, tool, **json.loads(text))
     assert v.decision in ("ask", "deny"), v
+
+
+# A second hostile round, against the reader above: each class again, with or without the sandbox.
+ESCAPES_2 = [
+    # text bash runs that a reader could skip
+    "true #'\ngit branch -D main #'",
+    "true # <<EOF\ngit branch -D main\nEOF",
+    'cat <<E"OF"\nEOF\ngit branch -D main\nE',
+    'mkdir -p "x\r.."; echo pwned >> x\r../../../../README.md',
+    "shopt -s extglob\ncat ../../.orch@(e)stra/web.json",
+    # the cwd a failed cd, a subshell or popd leaves
+    "cd nope/a 2>/dev/null; git -C ../.. reset --soft HEAD~1",
+    "cd nope/a 2>/dev/null; cp pre-commit ../../.gi[t]/hooks/",
+    "(cd src/deep); echo pwned >> ../../README.md",
+    "pushd src/deep >/dev/null; popd >/dev/null; echo x >> ../../README.md",
+    "printf -v PWD '%s.%s' . /..; echo pwned >> $PWD/README.md",
+    "printf '%s' x > h.txt; read HOME < h.txt; cat ~/web.json",
+    # redirect targets are globbed, the .git link is the worktree's
+    "printf 'gitdir: evil\n' > .gi[t]",
+    # commands hiding git
+    "env --chdir=../.. git reset --soft HEAD~1",
+    "timeout -s KILL 5 sh -c 'git branch -D main'",
+    "sudo -u root sh -c 'git branch -D main'",
+    "env -u X sh -c 'git branch -D main'",
+    "stdbuf -o L sh -c 'git branch -D main'",
+    "ionice -c 3 sh -c 'git branch -D main'",
+    "bash -o errexit -c 'git branch -D main'",
+    "bash -O extglob -c 'git branch -D main'",
+    "setsid sh -c 'git branch -D main'",
+    "coproc sh -c 'git branch -D main'",
+    "watch -n1 -g 'git branch -D main'",
+    "script -qc 'git branch -D main' /dev/null",
+    "flock /tmp/l -c 'git branch -D main'",
+    "busybox sh -c 'git branch -D main'",
+    "trap 'git branch -D main' EXIT",
+    "hash -p /usr/bin/gi[t] g; g branch -D main",
+    "cp /usr/bin/gi[t] gg && ./gg branch -D main",
+    "shopt -s expand_aliases\nalias g=gi''t\ng branch -D main",
+    "python3 -c \"import os; os.system('git branch -D main')\"",
+    "awk 'BEGIN{system(\"git branch -D main\")}'",
+    "source <(echo 'git branch -D main')",
+    "f() { git branch -D main; }; f",
+    # git options spelled short, and subcommands that run or rewrite
+    "git bisect start HEAD HEAD~1 && git bisect run git branch -D main",
+    "git rebase --exe='git branch -D main' HEAD~1",
+    "git grep --open='git branch -D main;:' x",
+    "git rebase --root --update-refs --signoff",
+    "touch main && git checkout --ignore-other mai? && git commit -qam x",
+    "git branch --column evil",
+    "git branch --abbrev evil",
+    "git apply --unsafe evil.patch",
+    "git read-tree --index-o=../../README.md HEAD",
+    "git update-index --add --cacheinfo 120000,fe84005,r && git checkout -- r",
+    "git show orchestra/theirs:README.md",
+    "git restore --source=orchestra/theirs .",
+]
+
+UNSANDBOXED_ESCAPES_2 = [
+    'awk \'BEGIN{print "x" > "../../README.md"}\'',
+    "python3 -c \"open('../../README.md','w').write('x')\"",
+    "node -e \"require('fs').writeFileSync('../../README.md','x')\"",
+    "vim -c 'w! ../../README.md' -c q x",
+    "grep -r oauth_token ~/.config",
+]
+
+
+@pytest.mark.parametrize("command", ESCAPES_2 + UNSANDBOXED_ESCAPES_2)
+def test_a_second_round_of_escapes_is_not_allowed(layout, command):
+    _b, _repo, worktree, _home = layout
+    (worktree / "main").unlink(missing_ok=True)
+    v = verdict(layout, "Bash", command=command)
+    assert v.decision in ("ask", "deny"), v
+
+
+@pytest.mark.parametrize("command", ESCAPES_2)
+def test_a_second_round_of_escapes_is_not_allowed_in_the_sandbox_either(layout, command):
+    b = layout[0]._replace(sandboxed=True)
+    v = orchestra.guard("Bash", {"command": command}, b, b.worktree)
+    assert v.decision in ("ask", "deny"), v
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "awk '{print $1}' data.txt",
+        "sed -n '$p' data.txt",
+        "grep -n 'TODO$' data.txt",
+        'grep x <<< "hello"',
+        "ls .. && ls ../",
+        "git commit -qm \"$(cat <<'EOF'\nUse ${x} and `y` (see #12)\nEOF\n)\"",
+        "find . -name '*.py' -exec wc -l {} +",
+        "set -euo pipefail; python3 -m pytest -q",
+        'while read -r line; do echo "$line"; done < data.txt',
+        "git branch -vv && git log --oneline -3 --graph",
+    ],
+)
+def test_ordinary_commands_pass_without_the_sandbox_too(layout, command):
+    _b, _repo, worktree, _home = layout
+    (worktree / "data.txt").write_text("a b\n")
+    v = verdict(layout, "Bash", command=command)
+    assert v.decision == "allow", v
+
+
+@pytest.mark.parametrize(
+    "tool, tool_input",
+    [
+        ("Grep", {"pattern": "oauth", "path": "{home}/.config"}),
+        ("Grep", {"pattern": "PRIVATE", "path": "{home}"}),
+        ("mcp__x__open", {"uri": "file://{repo}/README.md"}),
+        ("mcp__x__y", {"where": "  {repo}/README.md"}),
+        ("mcp__x__run", {"argv": ["git", "branch", "-D", "main"]}),
+        ("mcp__x__spawn", {"program": "sh", "args": ["-c", "id"]}),
+        ("mcp__git__checkout", {"repo_path": "{worktree}", "branch_name": "main"}),
+    ],
+)
+def test_other_tools_second_round(layout, tool, tool_input):
+    _b, repo, worktree, home = layout
+    (home / ".config" / "gh").mkdir(parents=True, exist_ok=True)
+    text = json.dumps(tool_input).replace("{repo}", str(repo)).replace("{home}", str(home))
+    v = verdict(layout, tool, **json.loads(text.replace("{worktree}", str(worktree))))
+    assert v.decision in ("ask", "deny"), v

@@ -216,6 +216,7 @@ def test_integrity_check_puts_back_what_an_allowed_command_changed(repo, claude_
         "git update-ref refs/tags/planted HEAD\n"
         "printf '[alias]\\n\\tx = !id\\n' >> \"$(git rev-parse --git-common-dir)/config\"\n"
         "printf '#!/bin/sh\\nexit 0\\n' > \"$(git rev-parse --git-common-dir)/hooks/post-merge\"\n"
+        "printf 'gitdir: /tmp/evil-git-dir\\n' > .git\n"
     )
     claude_api.script(
         "sneaky-agent",
@@ -229,6 +230,8 @@ def test_integrity_check_puts_back_what_an_allowed_command_changed(repo, claude_
     found = " ".join(record["tampered"])
     assert "refs/heads/keep" in found and "refs/tags/planted" in found
     assert ".git/config" in found and ".git/hooks/post-merge" in found
+    assert "worktree's .git link" in found
+    assert "evil" not in (worktree / ".git").read_text()
     assert git("rev-parse", "keep", cwd=repo).strip() == main_tip
     assert "planted" not in git("tag", cwd=repo)
     assert "alias" not in (repo / ".git" / "config").read_text()
