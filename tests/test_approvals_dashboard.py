@@ -6,16 +6,11 @@ import os
 import urllib.request
 from pathlib import Path
 
-import pytest
+from playwright.sync_api import expect
 
 import orchestra
-from conftest import CHROMIUM, PHONE, git, load_state, wait_settled, write_config
+from conftest import PHONE, git, load_state, wait_settled, write_config
 from scripted_api import bash, requires_claude, text
-
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:  # pragma: no cover - CI installs it
-    sync_playwright = None
 
 HOSTILE = "echo '<img src=x onerror=alert(1)>' > evil.html"
 RECORD_NOTIFICATIONS = """
@@ -25,13 +20,7 @@ window.Notification.permission = "granted";
 window.Notification.requestPermission = async () => "granted";
 """
 
-pytestmark = [
-    requires_claude,
-    pytest.mark.skipif(
-        sync_playwright is None or not os.path.exists(CHROMIUM),
-        reason="needs Playwright for Python and Debian's chromium",
-    ),
-]
+pytestmark = requires_claude
 
 
 def api_get(server, path):

@@ -11,11 +11,11 @@ import threading
 from collections import Counter
 
 import pytest
+from playwright.sync_api import expect
 from test_dashboard import card, post, serve
 
 import orchestra
 from conftest import (
-    CHROMIUM,
     PHONE,
     add_record,
     commit_file,
@@ -25,16 +25,6 @@ from conftest import (
     wait_settled,
 )
 from scripted_api import requires_claude, text
-
-try:
-    from playwright.sync_api import expect
-except ImportError:  # pragma: no cover - CI installs it
-    expect = None
-
-pytestmark = pytest.mark.skipif(
-    expect is None or not os.path.exists(CHROMIUM),
-    reason="needs Playwright for Python and Debian's chromium",
-)
 
 
 def set_fields(project, agent_id, **facts):

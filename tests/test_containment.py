@@ -472,11 +472,22 @@ def test_with_the_sandbox_the_guard_still_refuses_what_the_sandbox_lets_through(
         "sed -i 's/old/new/g' src/a.py",
         "find . -name '*.pyc' -delete",
         "git stash list && git status --short",
+        "awk '{print $1}' data.txt",
+        "sed -n '$p' data.txt",
+        "grep -n 'TODO$' data.txt",
+        'grep x <<< "hello"',
+        "ls .. && ls ../",
+        "git commit -qm \"$(cat <<'EOF'\nUse ${x} and `y` (see #12)\nEOF\n)\"",
+        "find . -name '*.py' -exec wc -l {} +",
+        "set -euo pipefail; python3 -m pytest -q",
+        'while read -r line; do echo "$line"; done < data.txt',
+        "git branch -vv && git log --oneline -3 --graph",
     ],
 )
 def test_ordinary_commands_an_agent_writes_pass(layout, command):
+    """Judged without the sandbox, where the guard is strictest: an ordinary agent notices nothing."""
     _b, _repo, worktree, _home = layout
-    (worktree / "data.txt").write_text("b\na\n")
+    (worktree / "data.txt").write_text("b a\na b\n")
     v = verdict(layout, "Bash", command=command)
     assert v.decision == "allow", v
 
@@ -500,12 +511,20 @@ def test_a_call_that_asks_to_leave_the_sandbox_is_judged_as_if_unsandboxed(layou
         ("Glob", {"pattern": "../../.orch*/*"}),
         ("Glob", {"pattern": "../../.worktree?/**"}),
         ("Write", {"file_path": "~/.bashrc", "content": "x"}),
+        ("Grep", {"pattern": "oauth", "path": "{home}/.config"}),
+        ("Grep", {"pattern": "PRIVATE", "path": "{home}"}),
+        ("mcp__x__open", {"uri": "file://{repo}/README.md"}),
+        ("mcp__x__y", {"where": "  {repo}/README.md"}),
+        ("mcp__x__run", {"argv": ["git", "branch", "-D", "main"]}),
+        ("mcp__x__spawn", {"program": "sh", "args": ["-c", "id"]}),
+        ("mcp__git__checkout", {"repo_path": "{worktree}", "branch_name": "main"}),
     ],
 )
 def test_other_tools_are_judged_by_every_path_and_command_they_carry(layout, tool, tool_input):
-    _b, repo, _worktree, home = layout
+    _b, repo, worktree, home = layout
+    (home / ".config" / "gh").mkdir(parents=True, exist_ok=True)
     text = json.dumps(tool_input).replace("{repo}", str(repo)).replace("{home}", str(home))
-    v = verdict(layout, tool, **json.loads(text))
+    v = verdict(layout, tool, **json.loads(text.replace("{worktree}", str(worktree))))
     assert v.decision in ("ask", "deny"), v
 
 
@@ -585,46 +604,4 @@ def test_a_second_round_of_escapes_is_not_allowed(layout, command):
 def test_a_second_round_of_escapes_is_not_allowed_in_the_sandbox_either(layout, command):
     b = layout[0]._replace(sandboxed=True)
     v = orchestra.guard("Bash", {"command": command}, b, b.worktree)
-    assert v.decision in ("ask", "deny"), v
-
-
-@pytest.mark.parametrize(
-    "command",
-    [
-        "awk '{print $1}' data.txt",
-        "sed -n '$p' data.txt",
-        "grep -n 'TODO$' data.txt",
-        'grep x <<< "hello"',
-        "ls .. && ls ../",
-        "git commit -qm \"$(cat <<'EOF'\nUse ${x} and `y` (see #12)\nEOF\n)\"",
-        "find . -name '*.py' -exec wc -l {} +",
-        "set -euo pipefail; python3 -m pytest -q",
-        'while read -r line; do echo "$line"; done < data.txt',
-        "git branch -vv && git log --oneline -3 --graph",
-    ],
-)
-def test_ordinary_commands_pass_without_the_sandbox_too(layout, command):
-    _b, _repo, worktree, _home = layout
-    (worktree / "data.txt").write_text("a b\n")
-    v = verdict(layout, "Bash", command=command)
-    assert v.decision == "allow", v
-
-
-@pytest.mark.parametrize(
-    "tool, tool_input",
-    [
-        ("Grep", {"pattern": "oauth", "path": "{home}/.config"}),
-        ("Grep", {"pattern": "PRIVATE", "path": "{home}"}),
-        ("mcp__x__open", {"uri": "file://{repo}/README.md"}),
-        ("mcp__x__y", {"where": "  {repo}/README.md"}),
-        ("mcp__x__run", {"argv": ["git", "branch", "-D", "main"]}),
-        ("mcp__x__spawn", {"program": "sh", "args": ["-c", "id"]}),
-        ("mcp__git__checkout", {"repo_path": "{worktree}", "branch_name": "main"}),
-    ],
-)
-def test_other_tools_second_round(layout, tool, tool_input):
-    _b, repo, worktree, home = layout
-    (home / ".config" / "gh").mkdir(parents=True, exist_ok=True)
-    text = json.dumps(tool_input).replace("{repo}", str(repo)).replace("{home}", str(home))
-    v = verdict(layout, tool, **json.loads(text.replace("{worktree}", str(worktree))))
     assert v.decision in ("ask", "deny"), v

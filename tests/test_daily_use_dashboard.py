@@ -5,20 +5,11 @@ import json
 import os
 
 import pytest
+from playwright.sync_api import expect
 from test_cockpit import open_detail, spawn_and_settle
 from test_dashboard import card, serve
 
-from conftest import CHROMIUM, write_config
-
-try:
-    from playwright.sync_api import expect
-except ImportError:  # pragma: no cover - CI installs it
-    expect = None
-
-pytestmark = pytest.mark.skipif(
-    expect is None or not os.path.exists(CHROMIUM),
-    reason="needs Playwright for Python and Debian's chromium",
-)
+from conftest import write_config
 
 RED = "rgb(207, 34, 46)"
 

@@ -8,11 +8,10 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
+from playwright.sync_api import expect
 
 import orchestra
 from conftest import (
-    CHROMIUM,
     PHONE,
     commit_file,
     load_state,
@@ -22,20 +21,11 @@ from conftest import (
 )
 from scripted_api import requires_claude, text
 
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:  # pragma: no cover - CI installs it
-    sync_playwright = None
-
 SCREENSHOT = Path(
     "/tmp/orchestra-dashboard.png"
 )  # a stable place to look at the last run's phone view
 XSS = "<img src=x onerror=alert(1)>"
 
-pytestmark = pytest.mark.skipif(
-    sync_playwright is None or not os.path.exists(CHROMIUM),
-    reason="needs Playwright for Python (pip install playwright) and Debian's chromium (apt-get install chromium)",
-)
 
 # Records every state each card's badge shows, so a test can tell running -> done happened live.
 WATCH_STATES = """() => {

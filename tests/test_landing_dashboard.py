@@ -1,14 +1,12 @@
 """Landing from a phone: headless Chromium at 390x844 against a real server and real git."""
 
 import json
-import os
 
-import pytest
+from playwright.sync_api import expect
 from test_dashboard import card, serve
 
 import orchestra
 from conftest import (
-    CHROMIUM,
     CLAUDE_TOOLS,
     FAKE_AGENT_COMMAND,
     git,
@@ -18,16 +16,6 @@ from conftest import (
     write_config,
 )
 from scripted_api import bash, requires_claude, text
-
-try:
-    from playwright.sync_api import expect
-except ImportError:  # pragma: no cover - CI installs it
-    expect = None
-
-pytestmark = pytest.mark.skipif(
-    expect is None or not os.path.exists(CHROMIUM),
-    reason="needs Playwright for Python and Debian's chromium",
-)
 
 
 def open_detail(page, agent_id):
