@@ -3677,7 +3677,7 @@ WRAPPER_OPERANDS = {"timeout": 1, "chrt": 1, "taskset": 1, "flock": 1, "busybox"
 OTHER_USER_WRAPPERS = ("sudo", "doas", "su", "runuser", "pkexec", "setpriv")
 # Programs whose words may be code: with no sandbox, a path they spell is judged
 INLINE_CODE = ("python", "python3", "node", "perl", "ruby", "php", "awk", "gawk", "mawk", "vim",
-               "vi", "nvim", "ex", "ed", "lua", "Rscript", "deno", "bun")  # fmt: skip
+               "vi", "nvim", "ex", "ed", "lua", "Rscript", "deno", "bun", "sqlite3")  # fmt: skip
 GIT_IN_TEXT = re.compile(r"(^|[\s;&|(`'\"])git(\s|$)")
 # Commands that write every path they are given / only their last one (the destination)
 WRITERS_ALL = (
@@ -3699,8 +3699,12 @@ WRITERS_ALL = (
     "mv",  # its sources go, and its destination is written
     "mkfifo",
     "mknod",
+    "ed",
+    "ex",
+    "dos2unix",
+    "unix2dos",
 )
-WRITERS_LAST = ("cp", "ln", "link", "install", "rsync", "scp")
+WRITERS_LAST = ("cp", "ln", "link", "install", "rsync", "scp", "uniq", "xxd", "split")
 # Options whose value is a file the command writes, per program
 WRITE_OPTIONS = {
     "sort": ("-o", "--output"),
@@ -3709,6 +3713,9 @@ WRITE_OPTIONS = {
     "unzip": ("-d",),
     "tar": ("-C", "--directory"),
     "git": ("--output", "--output-directory"),
+    "openssl": ("-out",),
+    "ssh-keygen": ("-f",),
+    "csplit": ("-f", "--prefix"),
 }
 # Commands whose words are only printed or compared: a variable in them hides no path
 PURE_PROGRAMS = (
@@ -3755,6 +3762,25 @@ SED_WRITES = re.compile(
 )
 HIDDEN_WORD = "$ORCHESTRA_SUBSTITUTION"  # stands for a substitution's output, unknown till run
 HEREDOC_WORD = "orchestra-here-document"  # stands for $(cat <<'EOF' ... EOF): plain text
+# git subcommands that may put symlinks into the worktree from a tree the guard cannot see
+LINK_MAKING_GIT = frozenset(
+    [
+        "checkout",
+        "restore",
+        "reset",
+        "read-tree",
+        "merge",
+        "am",
+        "apply",
+        "stash",
+        "cherry-pick",
+        "revert",
+        "rebase",
+        "switch",
+        "checkout-index",
+        "pull",
+    ]
+)
 GLOB_DEPTH_MAX = 3  # wildcard path components the guard expands; more asks
 GLOB_MATCHES_MAX = 1000  # matches of one glob the guard judges
 LITERAL_DOLLAR = "\ue024"  # a `$` bash takes as itself ('$', \\$): no variable, for the guard
@@ -3934,6 +3960,8 @@ BRANCH_LIST_FLAGS = frozenset(
         "--ignore-case",
         "-i",
         "--omit-empty",
+        "--no-column",
+        "--column",
     ]
 )
 BRANCH_VALUE_FLAGS = (
@@ -4019,6 +4047,24 @@ def case_insensitive(folder):
         return os.path.samefile(str(folder), swapped)
     except OSError:
         return False
+
+
+def worktree_links(record):
+    """{path: text} of the files that tell git in the worktree where its repository is: the
+    worktree's .git file and, in the folder it names, commondir and gitdir. Whoever rewrites
+    them picks the config and hooks git obeys there."""
+    link = Path(record["worktree"]) / ".git"
+    try:
+        text = link.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    found = {str(link): text}
+    admin = Path(text.split("gitdir:", 1)[-1].strip())
+    admin = admin if admin.is_absolute() else link.parent / admin
+    for name in ("commondir", "gitdir"):
+        with contextlib.suppress(OSError):
+            found[str(admin / name)] = (admin / name).read_text(encoding="utf-8", errors="replace")
+    return found
 
 
 def make_boundary(repo, worktree, branch, worktrees, env, protected=(), sandboxed=False):
@@ -4339,7 +4385,8 @@ def shell_words(command):
 
 
 def simple_commands(words):
-    """[(words, [(redirect operator, target)])] of each simple command of a token list."""
+    """[(words, [(redirect operator, target)], the operator after it)] of each simple command of
+    a token list ("" after the last)."""
     commands, current, redirects, pending = [], [], [], None
     for word in words:
         if pending:
@@ -4348,12 +4395,12 @@ def simple_commands(words):
         elif word in REDIRECTS:
             pending = word
         elif word and set(word) <= set("();|&\n"):
-            commands.append((current, redirects))
+            commands.append((current, redirects, word))
             current, redirects = [], []
         else:
             current.append(word)
-    commands.append((current, redirects))
-    return [(c, r) for c, r in commands if c or r]
+    commands.append((current, redirects, ""))
+    return [(c, r, end) for c, r, end in commands if c or r]
 
 
 # ======================================================================================
@@ -4432,16 +4479,47 @@ def bash_verdict(command, b, cwd):
     if FUNCTION_DEFINITION.search(text):
         return Verdict(ASK, "the command defines a shell function, which orchestra cannot follow")
     verdicts = [bash_verdict(inner, b, cwd) for inner in reading.substitutions]
-    cwds = [cwd]  # where each command may run: a cd may fail, or end with its subshell
-    for argv, redirects in simple_commands(words):
+    cwds, before = [cwd], []  # where the next command may run; where it runs if a cd failed
+    links = None  # a command that may have made links the guard could not see
+    for argv, redirects, end in simple_commands(words):
         verdicts += [command_verdict(argv, redirects, b, here, hidden) for here in cwds]
         argv = without_keywords(argv)
+        if links and writes_files(argv, redirects):
+            verdicts.append(Verdict(ASK, f"{links} may make links that a later write follows"))
+        links = links or makes_links(argv)
         if argv and os.path.basename(argv[0]) in ("cd", "pushd", "popd"):
             target = argv[1] if len(argv) > 1 else "~"
             reached = [expand_word(target, b, here) for here in cwds]
-            cwds += [real(os.path.join(h, t)) for h, t in zip(cwds, reached) if t is not None]
-            cwds = list(dict.fromkeys(cwds))
+            before = list(dict.fromkeys(before + cwds))
+            cwds = [real(os.path.join(h, t)) for h, t in zip(cwds, reached) if t is not None]
+            cwds = cwds or before
+        if end != "&&":  # past `cd x && ...`, a failed cd, or a subshell's, leaves the old cwd
+            cwds, before = list(dict.fromkeys(cwds + before)), []
     return strictest(verdicts)
+
+
+def makes_links(argv):
+    """What in a command may make symlinks the guard cannot see before it runs (a tree or an
+    archive unpacked, a copy that keeps links); "" when nothing."""
+    if not argv:
+        return ""
+    program, words = os.path.basename(argv[0]), argv[1:]
+    git_sub = next((w for w in words if not w.startswith("-")), "")
+    if program == "git" and git_sub in LINK_MAKING_GIT:
+        return f"git {git_sub}"
+    if program in ("tar", "unzip", "bsdtar", "cpio", "7z", "ln", "link"):
+        return program
+    if program in ("cp", "rsync") and any(re.match(r"-[A-Za-z]*[aPdRrl]", w) for w in words):
+        return program
+    return ""
+
+
+def writes_files(argv, redirects):
+    """True when a command writes: a redirection into a file, or a program that writes files."""
+    if any(">" in op and not re.fullmatch(r"\d+|-", target) for op, target in redirects):
+        return True
+    program = os.path.basename(argv[0]) if argv else ""
+    return program in (*WRITERS_ALL, *WRITERS_LAST, *WRITE_OPTIONS) and program != "git"
 
 
 def without_keywords(argv):
@@ -4534,6 +4612,8 @@ def code_words(program, argv):
     """The words of a command that are code: -c/-e/-r values, awk's program, vim's -c and +cmd."""
     if program in ("awk", "gawk", "mawk"):
         return [w for w in argv[1:] if not w.startswith("-")][:1]
+    if program == "sqlite3":  # dot-commands write files: .output, .once, .save, .backup
+        return [w for w in argv[2:] if not w.startswith("-")]
     if program in ("vim", "vi", "nvim", "ex", "ed"):
         return [w[1:] for w in argv[1:] if w.startswith("+")] + option_values(argv, ("-c",))
     options = ("-c", "-e", "-E", "-p", "-r", "--eval", "--print")
@@ -4774,6 +4854,10 @@ def writer_verdict(program, argv, b, cwd):
     if program in ("sed", "perl"):
         return strictest([*verdicts, in_place_verdict(program, argv, b, cwd)])
     operands = [w for w in argv[1:] if not w.startswith("-") or w.startswith("of=")]
+    if program == "zip":  # the archive comes first
+        verdicts += [written(word, b, cwd, program) for word in operands[:1]]
+    if program in ("awk", "gawk") and "inplace" in option_values(argv, ("-i",)):
+        verdicts += [written(word, b, cwd, f"{program} -i inplace") for word in operands[2:]]
     if program in ("ln", "link") or (program == "cp" and cp_links(argv)):
         verdicts += [linked_verdict(program, word, b, cwd) for word in operands[:-1]]
     if program in WRITERS_ALL:
@@ -4899,6 +4983,18 @@ def positionals(args, value_flags=()):
     return found
 
 
+def all_operands(args, value_flags=()):
+    """A subcommand's operands on both sides of `--` (for tag and symbolic-ref, refs all)."""
+    return positionals([a for a in args if a != "--"], value_flags)
+
+
+def short_cluster(arg, letters):
+    """True for a cluster of short options holding one of `letters` (-fBmain, -qb, -Cx): git
+    reads its letters as options until one that takes a value, which is the rest."""
+    cluster = re.match(r"-([A-Za-z]+)", arg)
+    return bool(cluster) and any(c in letters for c in cluster.group(1))
+
+
 def git_branch(args, b, cwd, what):
     """git branch: listing only; creating, moving, deleting or retracking a branch is refused."""
     value_flags = BRANCH_VALUE_FLAGS
@@ -4918,25 +5014,14 @@ def git_branch(args, b, cwd, what):
 
 def git_tag(args, b, cwd, what):
     """git tag: listing only (tags are the user's refs)."""
-    listing = not positionals(args, BRANCH_VALUE_FLAGS) or any(a in ("-l", "--list") for a in args)
-    changing = (
-        "-d",
-        "--delete",
-        "-f",
-        "--force",
-        "-a",
-        "--annotate",
-        "-s",
-        "--sign",
-        "-u",
-        "-m",
-        "--message",
-        "-F",
-        "--file",
-        "-e",
-        "--edit",
+    listing = not all_operands(args, BRANCH_VALUE_FLAGS) or any(a in ("-l", "--list") for a in args)
+    long_changing = ("--delete", "--force", "--annotate", "--sign", "--message", "--file", "--edit")
+    changing = any(
+        short_cluster(a, "dfasumFe") or any(is_long_option(a, o) for o in long_changing)
+        for a in args
+        if a.startswith("-") and a not in ("-l", "--list")
     )
-    if listing and not any(a.split("=", 1)[0] in changing for a in args):
+    if listing and not changing:
         return ALLOWED
     return Verdict(DENY, f"{CONTAINED}: git tag {' '.join(args)} changes the user's tags")
 
@@ -4955,7 +5040,7 @@ def git_config(args, b, cwd, what):
 def git_checkout(args, b, cwd, what):
     """git checkout: files, or the agent's own branch; never another branch or a new one."""
     for arg in args:
-        if arg in ("-b", "-B", "-t") or any(
+        if short_cluster(arg, "bBt") or any(
             is_long_option(arg, o) for o in ("--orphan", "--track")
         ):
             return Verdict(DENY, f"{CONTAINED}: git checkout {arg} makes or moves a branch")
@@ -4994,7 +5079,7 @@ def branch_or_files(words, b, cwd, what):
 def git_switch(args, b, cwd, what):
     """git switch: only to the agent's own branch."""
     long_forms = ("--create", "--force-create", "--orphan", "--detach", "--ignore-other-worktrees")
-    if any(a in ("-c", "-C", "-d") or any(is_long_option(a, o) for o in long_forms) for a in args):
+    if any(short_cluster(a, "cCd") or any(is_long_option(a, o) for o in long_forms) for a in args):
         return Verdict(DENY, f"{CONTAINED}: git switch {' '.join(args)} leaves the agent's branch")
     words = [a for a in args if a == "-" or not a.startswith("-")]  # `--` hides no branch
     if not words or words[0] == b.branch:
@@ -5009,10 +5094,11 @@ def git_rebase(args, b, cwd, what):
     if any(is_long_option(a, "--update-refs") for a in args):
         return Verdict(DENY, f"{CONTAINED}: git rebase --update-refs moves other branches")
     value_flags = ("--onto", "-s", "--strategy", "-X", "--strategy-option")
-    words = positionals([a for a in args if a != "--"], value_flags)
-    branch = words[:1] if "--root" in args else words[1:2]  # the branch it checks out first
-    if branch and branch[0] != b.branch:
-        return Verdict(DENY, f"{CONTAINED}: git rebase {branch[0]} rebases another branch")
+    words = all_operands(args, value_flags)
+    branches = words if "--root" in args else words[1:]  # a branch it would check out first
+    other = next((w for w in branches if w != b.branch), None)  # an option's value counts too
+    if other is not None:
+        return Verdict(DENY, f"{CONTAINED}: git rebase {other} rebases another branch")
     return ALLOWED
 
 
@@ -5037,7 +5123,8 @@ def git_subcommands_reading(allowed, ask=()):
 
 def git_symbolic_ref(args, b, cwd, what):
     """git symbolic-ref NAME reads; with a target or -d it would repoint HEAD elsewhere."""
-    if len(positionals(args, ("-m",))) <= 1 and not any(a in ("-d", "--delete") for a in args):
+    deleting = any(a == "--delete" or short_cluster(a, "d") for a in args if a.startswith("-"))
+    if len(all_operands(args, ("-m",))) <= 1 and not deleting:
         return ALLOWED
     return Verdict(DENY, f"{CONTAINED}: git symbolic-ref {' '.join(args)} repoints a ref")
 
@@ -5053,7 +5140,7 @@ def other_agents_refs(args, b, what):
     namespace = b.branch.rsplit("/", 1)[0] + "/"
     for arg in args:
         for token in re.split(r"\.\.\.?|[:=\s]", arg):
-            ref = re.sub(r"^refs/heads/|[\^~@].*$", "", token)
+            ref = re.sub(r"^(refs/)?(heads/|remotes/[^/]+/)?|[\^~@].*$", "", token)
             if ref.startswith(namespace) and ref != b.branch:
                 return Verdict(DENY, f"{CONTAINED}: {what} {arg} names another agent's branch")
     return ALLOWED
@@ -5084,6 +5171,9 @@ def git_runs_programs(options):
 
     def check(args, b, cwd, what):
         named = option_values(["git", *args], options)
+        shorts = "".join(o[1] for o in options if len(o) == 2)
+        if shorts and any(short_cluster(a, shorts) and len(a) > 2 for a in args):
+            named.append("")  # -yx./x.sh: a value in a cluster
         if any(name not in GIT_MERGE_STRATEGIES for name in named):
             return Verdict(ASK, f"{what} {' '.join(args)} runs a program orchestra cannot check")
         return ALLOWED
@@ -5133,6 +5223,8 @@ GIT_CHECKERS = {
     "bisect": git_bisect,
     "merge": git_runs_programs(("-s", "--strategy")),
     "difftool": git_runs_programs(("-x", "--extcmd", "-t", "--tool")),
+    "cherry-pick": git_runs_programs(("--strategy",)),
+    "revert": git_runs_programs(("--strategy",)),
     "mergetool": git_runs_programs(("-t", "--tool")),
     **dict.fromkeys(
         ("merge-file", "interpret-trailers", "read-tree", "index-pack", "pack-objects", "apply"),
@@ -5321,7 +5413,7 @@ def add_containment(settings, repo, record, env):
     permissions["deny"] = [*permissions.get("deny", []), *rules]
     if "sandbox" in settings:
         git_folders = [os.path.join(b.git_dir, name) for name in ("hooks", "info")]
-        link = os.path.join(b.worktree, ".git")  # where git in the worktree finds its repository
+        links = list(worktree_links(record))  # where git in the worktree finds its repository
         settings["sandbox"]["filesystem"] = {
             "denyRead": [b.orchestra, *files, b.worktrees, *filter(os.path.exists, b.secrets)],
             "allowRead": [b.worktree],
@@ -5330,7 +5422,7 @@ def add_containment(settings, repo, record, env):
                 *files,
                 claude_home,
                 *filter(os.path.isdir, git_folders),
-                *filter(os.path.isfile, [link]),
+                *filter(os.path.isfile, links),
             ],
         }
     return settings
@@ -6187,33 +6279,30 @@ def guarded_files(git_dir):
     return found
 
 
-def worktree_link(record):
-    """The worktree's .git file (`gitdir: ...`): where git in the worktree finds its repository,
-    and so the config and hooks it obeys; None when there is none to read."""
-    try:
-        return (Path(record["worktree"]) / ".git").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-
-
-def restore_link(project, record, baseline, stamp):
-    """The worktree's .git file, if the agent rewrote it (to a git dir of its own, whose config
-    would run code in orchestra's next git command there): put back, the changed one kept."""
-    old, new = baseline.get("link"), worktree_link(record)
-    if old is None or new == old:
-        return []
-    link = Path(record["worktree"]) / ".git"
-    kept = project.dir / INTEGRITY_DIR / record["id"] / stamp / "worktree-git"
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    if new is not None:
-        kept.write_text(new, encoding="utf-8")
-    if link.is_dir() and not link.is_symlink():
-        link.rename(kept.with_name("worktree-git-folder"))
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-    link.write_text(old, encoding="utf-8")
-    return [f"changed the worktree's .git link (put back; kept in {kept.parent})"]
+def restore_links(project, record, baseline, stamp):
+    """The worktree's links to its repository, if the agent rewrote one (to a git dir of its
+    own, whose config would run code in the next git command there): put back, the changed one
+    kept."""
+    found, kept = [], project.dir / INTEGRITY_DIR / record["id"] / stamp / "links"
+    for path, old in (baseline.get("links") or {}).items():
+        file = Path(path)
+        try:
+            new = file.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            new = None
+        if new == old:
+            continue
+        kept.mkdir(parents=True, exist_ok=True)
+        if file.is_dir() and not file.is_symlink():
+            file.rename(kept / f"{len(found)}-{file.name}-folder")
+        elif new is not None:
+            (kept / f"{len(found)}-{file.name}").write_text(new, encoding="utf-8")
+            file.unlink()
+        file.write_text(old, encoding="utf-8")
+        found.append(
+            f"changed {path}, which tells git where the worktree's repository is (put back)"
+        )
+    return found
 
 
 def baseline_path(project, agent_id):
@@ -6230,7 +6319,7 @@ def record_integrity(project, record):
         "at": utc_iso(),
         "refs": guarded_refs(current_refs(project.repo), record),
         "files": guarded_files(common_git_dir(project.repo)),
-        "link": worktree_link(record),
+        "links": worktree_links(record),
     }
     write_atomic(baseline_path(project, record["id"]), json.dumps(baseline, sort_keys=True))
 
@@ -6271,7 +6360,7 @@ def verify_integrity(project, record, records, unverified_only=False):
         return []
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     prefix = record["branch"].rsplit("/", 1)[0]
-    found = restore_link(project, record, baseline, stamp)
+    found = restore_links(project, record, baseline, stamp)
     found += restore_refs(project, record, baseline, records, stamp, prefix)
     found += restore_files(project, record, baseline, stamp)
     baseline["verified_at"] = utc_iso()

@@ -482,6 +482,9 @@ def test_with_the_sandbox_the_guard_still_refuses_what_the_sandbox_lets_through(
         "set -euo pipefail; python3 -m pytest -q",
         'while read -r line; do echo "$line"; done < data.txt',
         "git branch -vv && git log --oneline -3 --graph",
+        "cd src && cat ../data.txt",
+        "mkdir -p build && cd build && cmake .. && make",
+        "git branch --no-column",
     ],
 )
 def test_ordinary_commands_an_agent_writes_pass(layout, command):
@@ -591,17 +594,61 @@ UNSANDBOXED_ESCAPES_2 = [
     "grep -r oauth_token ~/.config",
 ]
 
+# A third round: links git makes from a tree, option spellings, refs named another way.
+ESCAPES_3 = [
+    "git checkout 1f91626507a241c6e81eff02ff81b9ab980ef3c1 -- g && mkdir -p g/rebase-merge && "
+    "printf 'exec touch /tmp/pwned' > g/rebase-merge/git-rebase-todo",
+    "git checkout 35d0c9c6097794cda73cf4fc6326f8a2d8a93070 -- cd && echo /tmp/evil > cd",
+    "git restore --source=a31ffda38265fc7a568081ec5d969f8318f03120 r && echo pwned >> r",
+    "tar xf e.tar && echo pwned >> r",
+    "cp -a /tmp/d/. . && echo pwned >> r",
+    "git symbolic-ref -- HEAD refs/heads/main",
+    "git checkout -Bmain HEAD",
+    "git checkout -fBmain",
+    "git checkout -qbevil HEAD",
+    "git switch -Cmain",
+    "git switch -cevil",
+    "git rebase --whitespace fix orchestra/mine main",
+    "git rebase -C 1 orchestra/mine main",
+    "git rebase --empty drop orchestra/mine main",
+    "git tag -- v2 HEAD",
+    "git tag --forc -- v1 HEAD",
+    "git tag --del -- v1",
+    "git show heads/orchestra/theirs:README.md",
+    "git diff HEAD heads/orchestra/theirs",
+    "git restore --source=heads/orchestra/theirs .",
+    "git cherry-pick --strategy=evil HEAD",
+    "git difftool -yx./x.sh",
+]
 
-@pytest.mark.parametrize("command", ESCAPES_2 + UNSANDBOXED_ESCAPES_2)
-def test_a_second_round_of_escapes_is_not_allowed(layout, command):
+UNSANDBOXED_ESCAPES_3 = [
+    "printf '1c\\npwned\\n.\\nw\\nq\\n' | ed -s ../../README.md",
+    "ex -sc '%s/hi/pwned/|x' ../../README.md",
+    "uniq data.txt ../../README.md",
+    "xxd -r -p hex ../../README.md",
+    "sqlite3 :memory: '.output ../../README.md' 'select 1'",
+    "split -b1 data.txt ../../x",
+    "csplit -f ../../x data.txt 1",
+    "openssl enc -in data.txt -out ../../README.md",
+    "ssh-keygen -q -f ../../k -N ''",
+    "zip ../../x.zip data.txt",
+    "awk -i inplace '{print}' ../../README.md",
+    "dos2unix ../../README.md",
+]
+
+
+@pytest.mark.parametrize(
+    "command", ESCAPES_2 + UNSANDBOXED_ESCAPES_2 + ESCAPES_3 + UNSANDBOXED_ESCAPES_3
+)
+def test_later_rounds_of_escapes_are_not_allowed(layout, command):
     _b, _repo, worktree, _home = layout
     (worktree / "main").unlink(missing_ok=True)
     v = verdict(layout, "Bash", command=command)
     assert v.decision in ("ask", "deny"), v
 
 
-@pytest.mark.parametrize("command", ESCAPES_2)
-def test_a_second_round_of_escapes_is_not_allowed_in_the_sandbox_either(layout, command):
+@pytest.mark.parametrize("command", ESCAPES_2 + ESCAPES_3)
+def test_later_rounds_of_escapes_are_not_allowed_in_the_sandbox_either(layout, command):
     b = layout[0]._replace(sandboxed=True)
     v = orchestra.guard("Bash", {"command": command}, b, b.worktree)
     assert v.decision in ("ask", "deny"), v

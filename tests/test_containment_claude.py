@@ -230,7 +230,7 @@ def test_integrity_check_puts_back_what_an_allowed_command_changed(repo, claude_
     found = " ".join(record["tampered"])
     assert "refs/heads/keep" in found and "refs/tags/planted" in found
     assert ".git/config" in found and ".git/hooks/post-merge" in found
-    assert "worktree's .git link" in found
+    assert "tells git where the worktree's repository is" in found
     assert "evil" not in (worktree / ".git").read_text()
     assert git("rev-parse", "keep", cwd=repo).strip() == main_tip
     assert "planted" not in git("tag", cwd=repo)
