@@ -62,6 +62,7 @@ rule, and names only what sections above it define (tests/test_layout.py keeps t
   Approvals and the sandbox       the PermissionRequest hook, --always rules, notify_command
   Containment                     the guard: what an agent's tool calls may touch, by path
   Containment: reading a command line   bash's expansions, here-documents, substitutions
+  Containment: paths in a command   words as paths, known writers, links, inline code
   Containment: shell commands and git   Bash split into commands; git judged option by option
   Containment: the hook and the settings layer   PreToolUse hook, deny rules, sandbox limits
   Launching agents                worktree, argv, --settings layer, environment, process groups
@@ -3763,24 +3764,6 @@ SED_WRITES = re.compile(
 HIDDEN_WORD = "$ORCHESTRA_SUBSTITUTION"  # stands for a substitution's output, unknown till run
 HEREDOC_WORD = "orchestra-here-document"  # stands for $(cat <<'EOF' ... EOF): plain text
 # git subcommands that may put symlinks into the worktree from a tree the guard cannot see
-LINK_MAKING_GIT = frozenset(
-    [
-        "checkout",
-        "restore",
-        "reset",
-        "read-tree",
-        "merge",
-        "am",
-        "apply",
-        "stash",
-        "cherry-pick",
-        "revert",
-        "rebase",
-        "switch",
-        "checkout-index",
-        "pull",
-    ]
-)
 GLOB_DEPTH_MAX = 3  # wildcard path components the guard expands; more asks
 GLOB_MATCHES_MAX = 1000  # matches of one glob the guard judges
 LITERAL_DOLLAR = "\ue024"  # a `$` bash takes as itself ('$', \\$): no variable, for the guard
@@ -4404,22 +4387,15 @@ def simple_commands(words):
 
 
 # ======================================================================================
-# Containment: shell commands and git
+# Containment: paths in a command
 # --------------------------------------------------------------------------------------
-# Each simple command of a command line read as above is judged word by word: a word naming
-# a path is resolved from the cwd that cd has reached and judged like a file tool's path;
-# known writers (rm, mv, cp, tee, sed -i, sort -o, curl -o...) write only in the worktree or
-# the temporary folder, and links only point into it; a shell's -c string, find -exec and
-# every substitution are commands of their own; assigning HOME, PATH, GIT_*... asks. Without
-# the sandbox a word whose value is hidden ($VAR) asks too. git is judged option by option:
-# -C, --git-dir, --work-tree, -c (but for harmless keys), config writes, aliases (an unknown
-# subcommand asks), worktree, update-ref, branch and tag changes, another branch checked out,
-# files written out of the worktree (--output, merge-file...), reflog expiry, gc and the
-# network are refused.
+# Each word of a command that may name a file is expanded as bash would (~, $HOME, $PWD, a
+# glob) and judged like a file tool's path, from the cwd it runs in. Programs known to write
+# (rm, mv, cp, tee, sed -i, sort -o, zip, openssl -out...) may write only in the worktree or
+# the temporary folder; a link may only point into the worktree; a folder holding what the
+# guard protects may be named, not searched; without the sandbox, code given on the command
+# line (python -c, awk's program) may not spell a path the guard would refuse.
 # ======================================================================================
-
-
-# --- words, commands and paths -------------------------------------------------------
 
 
 def expand_word(word, b, cwd):
@@ -4456,6 +4432,219 @@ def word_paths(word, b, cwd):
     return [real(full)]
 
 
+def option_values(argv, names):
+    """The values given to any of the options `names` (-o FILE, -oFILE, --output=FILE, and a
+    long option shortened as git and GNU tools accept: --out FILE, --index-o=FILE)."""
+    values, words = [], argv[1:]
+    for i, word in enumerate(words):
+        key, eq, attached = word.partition("=")
+        for name in names:
+            if name.startswith("--") and is_long_option(key, name):
+                values += [attached] if eq else words[i + 1 : i + 2]
+            elif word == name and i + 1 < len(words):
+                values.append(words[i + 1])
+            elif not name.startswith("--") and word.startswith(name) and len(word) > len(name):
+                values.append(word[len(name) :])
+    return values
+
+
+def is_long_option(word, name):
+    """True when `word` is the long option `name`, whole or shortened (--exe for --exec)."""
+    key = word.split("=", 1)[0]
+    return key.startswith("--") and len(key) > 3 and name.startswith(key)
+
+
+def written(word, b, cwd, what):
+    """The verdict on a word a command writes (the temporary folder is fine)."""
+    paths = word_paths(word if path_like(word) else "./" + word, b, cwd)
+    if paths is None:
+        return Verdict(ASK, f"a variable hides which file {word!r} names")
+    return strictest(path_verdict(p, b, True, f"{what} writes") for p in paths if not scratch(p, b))
+
+
+def scratch(path, b):
+    """True for the temporary folder (outside the repository and $HOME), where any command may write."""
+    return (
+        place_of(path, b) == "outside"
+        and within(path, tempfile.gettempdir())
+        and not within(path, b.home)
+    )
+
+
+def ancestor_verdict(program, word, path, b):
+    """A folder holding .orchestra/ or the worktrees (the repository, $HOME, /) may be named, not
+    searched: `find ../..`, `grep -r x ~`, `tar c /` would read what the guard protects."""
+    if program in NAMING_PROGRAMS or within(path, b.worktree, b.casefold):
+        return ALLOWED
+    if any(within(held, path, b.casefold) for held in (b.orchestra, b.worktrees)):
+        return Verdict(
+            DENY,
+            f"{CONTAINED}: {program} {word} reaches a folder holding orchestra's files "
+            "or other agents' worktrees",
+        )
+    if any(within(secret, path, b.casefold) for secret in b.secrets):
+        return Verdict(ASK, f"{program} {word} reaches a folder holding your credentials")
+    return ALLOWED
+
+
+def skip_wrapper(argv):
+    """The command a wrapper (env, timeout, nice...) runs: its options, their values and its own
+    operands (timeout's duration, chrt's priority, taskset's mask) dropped."""
+    program, rest = os.path.basename(argv[0]), argv[1:]
+    takes_value = WRAPPER_VALUE_OPTIONS.get(program, ())
+    while rest and (rest[0].startswith("-") or (program == "env" and "=" in rest[0])):
+        rest = rest[2:] if rest[0] in takes_value else rest[1:]
+    return rest[WRAPPER_OPERANDS.get(program, 0) :]
+
+
+def redirect_verdict(op, target, b, cwd):
+    """A redirection: `> FILE` writes it, `< FILE` reads it; `2>&1` names a descriptor."""
+    if (re.fullmatch(r"\d+|-", target) and "&" in op) or op == "<<<":  # <<< gives text, no file
+        return ALLOWED
+    paths = word_paths(target if path_like(target) else "./" + target, b, cwd)
+    if paths is None:
+        return Verdict(ASK, f"a variable hides which file {target!r} names")
+    writing, verdicts = ">" in op, []
+    for path in paths:  # bash expands a glob in a target too: `> .gi[t]`
+        if (writing and within(path, "/dev", b.casefold)) or path == os.devnull:
+            continue
+        if writing and scratch(path, b):
+            continue
+        what = "the command writes" if writing else "the command reads"
+        verdicts.append(path_verdict(path, b, writing, what))
+    return strictest(verdicts)
+
+
+def cd_verdict(target, b, cwd):
+    """cd only within the worktree: git and relative paths after it must mean the agent's own."""
+    expanded = expand_word(target, b, cwd)
+    if expanded is None or target.startswith(("-", "+")):
+        return Verdict(ASK, f"orchestra cannot tell where cd {target} leads")
+    path = real(os.path.join(cwd, expanded))
+    if place_of(path, b) == "worktree":
+        return ALLOWED
+    return Verdict(DENY, f"{CONTAINED}: cd {path} leaves the agent's worktree")
+
+
+def writer_verdict(program, argv, b, cwd):
+    """Commands known to write files (rm, cp, mv, tee, sed -i, sort -o...) write only inside the
+    worktree or the temporary folder; a link may only point at what is in the worktree."""
+    verdicts = [
+        written(value, b, cwd, program)
+        for value in option_values(argv, WRITE_OPTIONS.get(program, ()))
+    ]
+    if program == "tar" and any(
+        w == "--absolute-names" or re.fullmatch(r"-[A-Za-z]*P[A-Za-z]*", w) for w in argv[1:]
+    ):
+        verdicts.append(Verdict(ASK, "tar -P writes wherever its archive's names say"))
+    if program in ("sed", "perl"):
+        return strictest([*verdicts, in_place_verdict(program, argv, b, cwd)])
+    operands = [w for w in argv[1:] if not w.startswith("-") or w.startswith("of=")]
+    if program == "zip":  # the archive comes first
+        verdicts += [written(word, b, cwd, program) for word in operands[:1]]
+    if program in ("awk", "gawk") and "inplace" in option_values(argv, ("-i",)):
+        verdicts += [written(word, b, cwd, f"{program} -i inplace") for word in operands[2:]]
+    if program in ("ln", "link") or (program == "cp" and cp_links(argv)):
+        verdicts += [linked_verdict(program, word, b, cwd) for word in operands[:-1]]
+    if program in WRITERS_ALL:
+        verdicts += [written(word, b, cwd, program) for word in operands]
+    elif program in WRITERS_LAST:
+        targets = option_values(argv, ("-t", "--target-directory")) or operands[-1:]
+        verdicts += [written(word, b, cwd, program) for word in targets]
+    return strictest(verdicts)
+
+
+def cp_links(argv):
+    """True when cp makes links (-l, -s, --link, --symbolic-link) instead of copies."""
+    return any(
+        w in ("--link", "--symbolic-link")
+        or (re.fullmatch(r"-[A-Za-z]+", w) and set(w) & set("ls"))
+        for w in argv[1:]
+    )
+
+
+def linked_verdict(program, word, b, cwd):
+    """A link's source must lie in the worktree: a link to anything else lets the agent edit it."""
+    for path in word_paths(word if path_like(word) else "./" + word, b, cwd) or [None]:
+        if path is None or place_of(path, b) != "worktree":
+            return Verdict(ASK, f"{program} {word} makes a link to what is out of the worktree")
+    return ALLOWED
+
+
+def in_place_verdict(program, argv, b, cwd):
+    """sed/perl change files only with -i (alone or in a cluster: -Ei, -pi) or --in-place, and
+    sed writes with its w/W commands and s///w; then every file operand is a write."""
+    clusters = [w for w in argv[1:] if re.fullmatch(r"-[A-Za-z0-9.]+", w)]
+    in_place = any("i" in w.split(".", 1)[0][1:] for w in clusters) or any(
+        w.startswith("--in-place") for w in argv[1:]
+    )
+    words = [w for w in argv[1:] if not w.startswith("-")]
+    given = option_values(argv, ("-e", "--expression", "-f", "--file"))
+    scripts, files = (
+        (given, [w for w in words if w not in given]) if given else (words[:1], words[1:])
+    )
+    if program == "sed" and any(SED_WRITES.search(w) for w in scripts):
+        return Verdict(ASK, "the sed script writes files (w, W or e)")
+    if not in_place:
+        return ALLOWED
+    return strictest(written(word, b, cwd, f"{program} -i") for word in files)
+
+
+def code_words(program, argv):
+    """The words of a command that are code: -c/-e/-r values, awk's program, vim's -c and +cmd."""
+    if program in ("awk", "gawk", "mawk"):
+        return [w for w in argv[1:] if not w.startswith("-")][:1]
+    if program == "sqlite3":  # dot-commands write files: .output, .once, .save, .backup
+        return [w for w in argv[2:] if not w.startswith("-")]
+    if program in ("vim", "vi", "nvim", "ex", "ed"):
+        return [w[1:] for w in argv[1:] if w.startswith("+")] + option_values(argv, ("-c",))
+    options = ("-c", "-e", "-E", "-p", "-r", "--eval", "--print")
+    return option_values(argv, options)
+
+
+def inline_code_verdict(program, argv, b, cwd):
+    """Code given on the command line (python -c, node -e, awk's program, vim -c...): with no
+    sandbox, any path it spells that the guard would refuse to write makes it ask."""
+    if b.sandboxed:
+        return ALLOWED
+    verdicts = []
+    for word in code_words(program, argv):
+        for spelled in re.findall(r"(?<![\w.~-])(?:(?:~|\.\.?)?/[^\s'\"(),;]*|~|\.\.)", word):
+            for path in word_paths(spelled, b, cwd) or [None]:
+                refused = path is None or (
+                    not scratch(path, b) and path_verdict(path, b, True, "").decision != ALLOW
+                )
+                if refused:
+                    verdicts.append(Verdict(ASK, f"{program} is given code that names {spelled}"))
+    return strictest(verdicts)
+
+
+def is_git_program(word, b, cwd):
+    """True when a word names the git executable (a glob like /usr/bin/gi[t] included)."""
+    git = shutil.which("git")
+    return bool(git) and real(git) in (word_paths(word, b, cwd) or [])
+
+
+# ======================================================================================
+# Containment: shell commands and git
+# --------------------------------------------------------------------------------------
+# A command line read as above is judged command by command, from every cwd a cd may have
+# left the shell in (a `cd x &&` chain trusts its cd). Each command's words are judged as
+# paths (see above); a shell's -c string, find -exec, xargs and every substitution are
+# commands of their own; builtins that change how later words are read, risky assignments
+# (HOME, PATH, GIT_*...) and, without the sandbox, a word whose value is hidden ($VAR) ask;
+# a write after a command that may unpack links the guard cannot see asks. git is judged
+# option by option, spelled as git reads it (shortened long options, clustered short ones,
+# refs after --): -C, --git-dir, --work-tree, -c but for harmless keys, config writes,
+# aliases (an unknown subcommand asks), worktree, update-ref, branch and tag changes, another
+# branch checked out or named, files written out of the worktree, reflog expiry, gc and the
+# network are refused.
+# ======================================================================================
+
+
+# --- a command line, command by command ----------------------------------------------
+
+
 def bash_verdict(command, b, cwd):
     """The verdict on a Bash command line: every word that names a path, every git call, and
     every command a substitution runs; what the guard cannot read surely, it asks."""
@@ -4486,7 +4675,7 @@ def bash_verdict(command, b, cwd):
         argv = without_keywords(argv)
         if links and writes_files(argv, redirects):
             verdicts.append(Verdict(ASK, f"{links} may make links that a later write follows"))
-        links = links or makes_links(argv)
+        links = links or makes_links(argv, b)
         if argv and os.path.basename(argv[0]) in ("cd", "pushd", "popd"):
             target = argv[1] if len(argv) > 1 else "~"
             reached = [expand_word(target, b, here) for here in cwds]
@@ -4498,15 +4687,21 @@ def bash_verdict(command, b, cwd):
     return strictest(verdicts)
 
 
-def makes_links(argv):
-    """What in a command may make symlinks the guard cannot see before it runs (a tree or an
-    archive unpacked, a copy that keeps links); "" when nothing."""
+def makes_links(argv, b):
+    """What in a command may make symlinks the guard cannot see before it runs: files taken from
+    a tree or a commit that is not a branch (which the agent could have crafted), an archive
+    unpacked, a copy that keeps links; "" when nothing."""
     if not argv:
         return ""
     program, words = os.path.basename(argv[0]), argv[1:]
-    git_sub = next((w for w in words if not w.startswith("-")), "")
-    if program == "git" and git_sub in LINK_MAKING_GIT:
-        return f"git {git_sub}"
+    if program == "git":
+        sub = next((w for w in words if not w.startswith("-")), "")
+        rest = words[words.index(sub) + 1 :] if sub else []
+        sources = option_values(["git", *rest], ("--source", "-s")) if sub == "restore" else []
+        if sub == "checkout" and "--" in rest:
+            sources = positionals(rest[: rest.index("--")])
+        crafted = [t for t in sources if t != "HEAD" and not names_branch(b, t)]
+        return f"git {sub}" if crafted or sub in ("read-tree", "checkout-index") else ""
     if program in ("tar", "unzip", "bsdtar", "cpio", "7z", "ln", "link"):
         return program
     if program in ("cp", "rsync") and any(re.match(r"-[A-Za-z]*[aPdRrl]", w) for w in words):
@@ -4600,41 +4795,6 @@ def program_verdict(program, argv, b, cwd, hidden):
         return Verdict(ASK, f"{program} copies git itself, to run it under another name")
     code = inline_code_verdict(program, argv, b, cwd) if program in INLINE_CODE else ALLOWED
     return strictest([code, writer_verdict(program, argv, b, cwd)])
-
-
-def is_git_program(word, b, cwd):
-    """True when a word names the git executable (a glob like /usr/bin/gi[t] included)."""
-    git = shutil.which("git")
-    return bool(git) and real(git) in (word_paths(word, b, cwd) or [])
-
-
-def code_words(program, argv):
-    """The words of a command that are code: -c/-e/-r values, awk's program, vim's -c and +cmd."""
-    if program in ("awk", "gawk", "mawk"):
-        return [w for w in argv[1:] if not w.startswith("-")][:1]
-    if program == "sqlite3":  # dot-commands write files: .output, .once, .save, .backup
-        return [w for w in argv[2:] if not w.startswith("-")]
-    if program in ("vim", "vi", "nvim", "ex", "ed"):
-        return [w[1:] for w in argv[1:] if w.startswith("+")] + option_values(argv, ("-c",))
-    options = ("-c", "-e", "-E", "-p", "-r", "--eval", "--print")
-    return option_values(argv, options)
-
-
-def inline_code_verdict(program, argv, b, cwd):
-    """Code given on the command line (python -c, node -e, awk's program, vim -c...): with no
-    sandbox, any path it spells that the guard would refuse to write makes it ask."""
-    if b.sandboxed:
-        return ALLOWED
-    verdicts = []
-    for word in code_words(program, argv):
-        for spelled in re.findall(r"(?<![\w.~-])(?:(?:~|\.\.?)?/[^\s'\"(),;]*|~|\.\.)", word):
-            for path in word_paths(spelled, b, cwd) or [None]:
-                refused = path is None or (
-                    not scratch(path, b) and path_verdict(path, b, True, "").decision != ALLOW
-                )
-                if refused:
-                    verdicts.append(Verdict(ASK, f"{program} is given code that names {spelled}"))
-    return strictest(verdicts)
 
 
 def shell_state_change(program, argv):
@@ -4744,164 +4904,6 @@ def xargs_verdict(argv, b, cwd):
     ):
         return Verdict(ASK, f"xargs runs {program} on names orchestra cannot see")
     return command_verdict(rest, [], b, cwd, False)
-
-
-def written(word, b, cwd, what):
-    """The verdict on a word a command writes (the temporary folder is fine)."""
-    paths = word_paths(word if path_like(word) else "./" + word, b, cwd)
-    if paths is None:
-        return Verdict(ASK, f"a variable hides which file {word!r} names")
-    return strictest(path_verdict(p, b, True, f"{what} writes") for p in paths if not scratch(p, b))
-
-
-def option_values(argv, names):
-    """The values given to any of the options `names` (-o FILE, -oFILE, --output=FILE, and a
-    long option shortened as git and GNU tools accept: --out FILE, --index-o=FILE)."""
-    values, words = [], argv[1:]
-    for i, word in enumerate(words):
-        key, eq, attached = word.partition("=")
-        for name in names:
-            if name.startswith("--") and is_long_option(key, name):
-                values += [attached] if eq else words[i + 1 : i + 2]
-            elif word == name and i + 1 < len(words):
-                values.append(words[i + 1])
-            elif not name.startswith("--") and word.startswith(name) and len(word) > len(name):
-                values.append(word[len(name) :])
-    return values
-
-
-def is_long_option(word, name):
-    """True when `word` is the long option `name`, whole or shortened (--exe for --exec)."""
-    key = word.split("=", 1)[0]
-    return key.startswith("--") and len(key) > 3 and name.startswith(key)
-
-
-def ancestor_verdict(program, word, path, b):
-    """A folder holding .orchestra/ or the worktrees (the repository, $HOME, /) may be named, not
-    searched: `find ../..`, `grep -r x ~`, `tar c /` would read what the guard protects."""
-    if program in NAMING_PROGRAMS or within(path, b.worktree, b.casefold):
-        return ALLOWED
-    if any(within(held, path, b.casefold) for held in (b.orchestra, b.worktrees)):
-        return Verdict(
-            DENY,
-            f"{CONTAINED}: {program} {word} reaches a folder holding orchestra's files "
-            "or other agents' worktrees",
-        )
-    if any(within(secret, path, b.casefold) for secret in b.secrets):
-        return Verdict(ASK, f"{program} {word} reaches a folder holding your credentials")
-    return ALLOWED
-
-
-def skip_wrapper(argv):
-    """The command a wrapper (env, timeout, nice...) runs: its options, their values and its own
-    operands (timeout's duration, chrt's priority, taskset's mask) dropped."""
-    program, rest = os.path.basename(argv[0]), argv[1:]
-    takes_value = WRAPPER_VALUE_OPTIONS.get(program, ())
-    while rest and (rest[0].startswith("-") or (program == "env" and "=" in rest[0])):
-        rest = rest[2:] if rest[0] in takes_value else rest[1:]
-    return rest[WRAPPER_OPERANDS.get(program, 0) :]
-
-
-def scratch(path, b):
-    """True for the temporary folder (outside the repository and $HOME), where any command may write."""
-    return (
-        place_of(path, b) == "outside"
-        and within(path, tempfile.gettempdir())
-        and not within(path, b.home)
-    )
-
-
-def redirect_verdict(op, target, b, cwd):
-    """A redirection: `> FILE` writes it, `< FILE` reads it; `2>&1` names a descriptor."""
-    if (re.fullmatch(r"\d+|-", target) and "&" in op) or op == "<<<":  # <<< gives text, no file
-        return ALLOWED
-    paths = word_paths(target if path_like(target) else "./" + target, b, cwd)
-    if paths is None:
-        return Verdict(ASK, f"a variable hides which file {target!r} names")
-    writing, verdicts = ">" in op, []
-    for path in paths:  # bash expands a glob in a target too: `> .gi[t]`
-        if (writing and within(path, "/dev", b.casefold)) or path == os.devnull:
-            continue
-        if writing and scratch(path, b):
-            continue
-        what = "the command writes" if writing else "the command reads"
-        verdicts.append(path_verdict(path, b, writing, what))
-    return strictest(verdicts)
-
-
-def cd_verdict(target, b, cwd):
-    """cd only within the worktree: git and relative paths after it must mean the agent's own."""
-    expanded = expand_word(target, b, cwd)
-    if expanded is None or target.startswith(("-", "+")):
-        return Verdict(ASK, f"orchestra cannot tell where cd {target} leads")
-    path = real(os.path.join(cwd, expanded))
-    if place_of(path, b) == "worktree":
-        return ALLOWED
-    return Verdict(DENY, f"{CONTAINED}: cd {path} leaves the agent's worktree")
-
-
-def writer_verdict(program, argv, b, cwd):
-    """Commands known to write files (rm, cp, mv, tee, sed -i, sort -o...) write only inside the
-    worktree or the temporary folder; a link may only point at what is in the worktree."""
-    verdicts = [
-        written(value, b, cwd, program)
-        for value in option_values(argv, WRITE_OPTIONS.get(program, ()))
-    ]
-    if program == "tar" and any(
-        w == "--absolute-names" or re.fullmatch(r"-[A-Za-z]*P[A-Za-z]*", w) for w in argv[1:]
-    ):
-        verdicts.append(Verdict(ASK, "tar -P writes wherever its archive's names say"))
-    if program in ("sed", "perl"):
-        return strictest([*verdicts, in_place_verdict(program, argv, b, cwd)])
-    operands = [w for w in argv[1:] if not w.startswith("-") or w.startswith("of=")]
-    if program == "zip":  # the archive comes first
-        verdicts += [written(word, b, cwd, program) for word in operands[:1]]
-    if program in ("awk", "gawk") and "inplace" in option_values(argv, ("-i",)):
-        verdicts += [written(word, b, cwd, f"{program} -i inplace") for word in operands[2:]]
-    if program in ("ln", "link") or (program == "cp" and cp_links(argv)):
-        verdicts += [linked_verdict(program, word, b, cwd) for word in operands[:-1]]
-    if program in WRITERS_ALL:
-        verdicts += [written(word, b, cwd, program) for word in operands]
-    elif program in WRITERS_LAST:
-        targets = option_values(argv, ("-t", "--target-directory")) or operands[-1:]
-        verdicts += [written(word, b, cwd, program) for word in targets]
-    return strictest(verdicts)
-
-
-def cp_links(argv):
-    """True when cp makes links (-l, -s, --link, --symbolic-link) instead of copies."""
-    return any(
-        w in ("--link", "--symbolic-link")
-        or (re.fullmatch(r"-[A-Za-z]+", w) and set(w) & set("ls"))
-        for w in argv[1:]
-    )
-
-
-def linked_verdict(program, word, b, cwd):
-    """A link's source must lie in the worktree: a link to anything else lets the agent edit it."""
-    for path in word_paths(word if path_like(word) else "./" + word, b, cwd) or [None]:
-        if path is None or place_of(path, b) != "worktree":
-            return Verdict(ASK, f"{program} {word} makes a link to what is out of the worktree")
-    return ALLOWED
-
-
-def in_place_verdict(program, argv, b, cwd):
-    """sed/perl change files only with -i (alone or in a cluster: -Ei, -pi) or --in-place, and
-    sed writes with its w/W commands and s///w; then every file operand is a write."""
-    clusters = [w for w in argv[1:] if re.fullmatch(r"-[A-Za-z0-9.]+", w)]
-    in_place = any("i" in w.split(".", 1)[0][1:] for w in clusters) or any(
-        w.startswith("--in-place") for w in argv[1:]
-    )
-    words = [w for w in argv[1:] if not w.startswith("-")]
-    given = option_values(argv, ("-e", "--expression", "-f", "--file"))
-    scripts, files = (
-        (given, [w for w in words if w not in given]) if given else (words[:1], words[1:])
-    )
-    if program == "sed" and any(SED_WRITES.search(w) for w in scripts):
-        return Verdict(ASK, "the sed script writes files (w, W or e)")
-    if not in_place:
-        return ALLOWED
-    return strictest(written(word, b, cwd, f"{program} -i") for word in files)
 
 
 def git_verdict(argv, b, cwd):
