@@ -146,6 +146,31 @@ ORDINARY = [
     "cp /usr/share/dict/words data/ ",
     "cd src && ls",
     "npm test",
+    "git commit -m \"$(cat <<'EOF'\nFix the parser\n\nIt's done.\n\nCo-Authored-By: Claude <noreply@anthropic.com>\nEOF\n)\"",
+    "git commit -F - <<'EOF'\nDon't crash\nEOF",
+    "cat > notes.md <<'EOF'\nit's fine; then git push origin x.\nEOF",
+    "git branch -av",
+    "for f in src/*.py; do echo $f; done",
+    "git add -A && git commit -qm 'work' && git log --oneline -1",
+    "python3 -m pytest -q tests/ 2>&1 | tail -20",
+    "ls -la && cat README.md | head -5",
+    "mkdir -p out && sort data.txt -o out/sorted.txt",
+    "sed -i 's/old/new/g' src/a.py",
+    "find . -name '*.pyc' -delete",
+    "git stash list && git status --short",
+    "awk '{print $1}' data.txt",
+    "sed -n '$p' data.txt",
+    "grep -n 'TODO$' data.txt",
+    'grep x <<< "hello"',
+    "ls .. && ls ../",
+    "git commit -qm \"$(cat <<'EOF'\nUse ${x} and `y` (see #12)\nEOF\n)\"",
+    "find . -name '*.py' -exec wc -l {} +",
+    "set -euo pipefail; python3 -m pytest -q",
+    'while read -r line; do echo "$line"; done < data.txt',
+    "git branch -vv && git log --oneline -3 --graph",
+    "cd src && cat ../data.txt",
+    "mkdir -p build && cd build && cmake .. && make",
+    "git branch --no-column",
 ]
 
 HOSTILE_GIT = [
@@ -232,8 +257,10 @@ ASKED = [
 
 @pytest.mark.parametrize("command", ORDINARY)
 def test_ordinary_commands_pass(layout, command):
+    """Judged without the sandbox, where the guard is strictest: an ordinary agent notices nothing."""
     _b, _repo, worktree, _home = layout
     (worktree / "data").mkdir(exist_ok=True)
+    (worktree / "data.txt").write_text("b a\na b\n")
     v = verdict(layout, "Bash", command=command)
     assert v.decision == "allow", v
 
@@ -362,8 +389,6 @@ ESCAPES = [
     "echo x > ${PWD/.worktrees*/.orch}estra/config.json",
     "cat ${PWD/task-mine/task-theirs}/README.md",
     "cat ${HOME%/}/.ssh/id_rsa",
-    "F=../../README.md; echo pwned | tee $F",
-    "F=~/.ssh/id_rsa; cat $F",
     # redirection operators shlex glues together
     "echo pwned >| ../../README.md",
     "(echo pwned)>../../README.md",
@@ -406,7 +431,6 @@ ESCAPES = [
     "git config edit",
     "git config set core.hooksPath /tmp/h",
     # reads through tricks
-    "cat $(echo ../../.orch)estra/web.json",
     "CDPATH=$PWD/../.. cd .orch''estra && cat web.json",
     "cd && cat .ssh/id_rsa",
     "cd && echo pwned > .pwned",
@@ -436,63 +460,12 @@ ESCAPES = [
     "cat <<EOF > notes.md\n$(git branch -D main)\nEOF",
 ]
 
-
-@pytest.mark.parametrize("command", ESCAPES)
-def test_escapes_found_by_a_hostile_tester_are_not_allowed(layout, command):
-    _b, repo, _worktree, home = layout
-    command = command.replace("{repo}", str(repo)).replace("{home}", str(home))
-    v = verdict(layout, "Bash", command=command)
-    assert v.decision in ("ask", "deny"), v
-
-
-SANDBOXED_ESCAPES = [e for e in ESCAPES if not e.startswith(("F=", "cat $(echo"))]
-
-
-@pytest.mark.parametrize("command", SANDBOXED_ESCAPES)
-def test_with_the_sandbox_the_guard_still_refuses_what_the_sandbox_lets_through(layout, command):
-    """In the sandbox, only a hidden word's value is left to the sandbox's walls (writes only in
-    the worktree, no reads of orchestra's files or your secrets): every other escape still asks."""
-    b = layout[0]._replace(sandboxed=True)
-    v = orchestra.guard("Bash", {"command": command}, b, b.worktree)
-    assert v.decision in ("ask", "deny"), v
-
-
-@pytest.mark.parametrize(
-    "command",
-    [
-        "git commit -m \"$(cat <<'EOF'\nFix the parser\n\nIt's done.\n\nCo-Authored-By: Claude <noreply@anthropic.com>\nEOF\n)\"",
-        "git commit -F - <<'EOF'\nDon't crash\nEOF",
-        "cat > notes.md <<'EOF'\nit's fine; then git push origin x.\nEOF",
-        "git branch -av",
-        "for f in src/*.py; do echo $f; done",
-        "git add -A && git commit -qm 'work' && git log --oneline -1",
-        "python3 -m pytest -q tests/ 2>&1 | tail -20",
-        "ls -la && cat README.md | head -5",
-        "mkdir -p out && sort data.txt -o out/sorted.txt",
-        "sed -i 's/old/new/g' src/a.py",
-        "find . -name '*.pyc' -delete",
-        "git stash list && git status --short",
-        "awk '{print $1}' data.txt",
-        "sed -n '$p' data.txt",
-        "grep -n 'TODO$' data.txt",
-        'grep x <<< "hello"',
-        "ls .. && ls ../",
-        "git commit -qm \"$(cat <<'EOF'\nUse ${x} and `y` (see #12)\nEOF\n)\"",
-        "find . -name '*.py' -exec wc -l {} +",
-        "set -euo pipefail; python3 -m pytest -q",
-        'while read -r line; do echo "$line"; done < data.txt',
-        "git branch -vv && git log --oneline -3 --graph",
-        "cd src && cat ../data.txt",
-        "mkdir -p build && cd build && cmake .. && make",
-        "git branch --no-column",
-    ],
-)
-def test_ordinary_commands_an_agent_writes_pass(layout, command):
-    """Judged without the sandbox, where the guard is strictest: an ordinary agent notices nothing."""
-    _b, _repo, worktree, _home = layout
-    (worktree / "data.txt").write_text("b a\na b\n")
-    v = verdict(layout, "Bash", command=command)
-    assert v.decision == "allow", v
+# Words whose value is hidden: without the sandbox the guard asks; with it, the sandbox's walls hold.
+UNSANDBOXED_ESCAPES = [
+    "F=../../README.md; echo pwned | tee $F",
+    "F=~/.ssh/id_rsa; cat $F",
+    "cat $(echo ../../.orch)estra/web.json",
+]
 
 
 def test_a_call_that_asks_to_leave_the_sandbox_is_judged_as_if_unsandboxed(layout):
@@ -637,18 +610,23 @@ UNSANDBOXED_ESCAPES_3 = [
 ]
 
 
-@pytest.mark.parametrize(
-    "command", ESCAPES_2 + UNSANDBOXED_ESCAPES_2 + ESCAPES_3 + UNSANDBOXED_ESCAPES_3
-)
-def test_later_rounds_of_escapes_are_not_allowed(layout, command):
-    _b, _repo, worktree, _home = layout
+EVERY_ESCAPE = ESCAPES + ESCAPES_2 + ESCAPES_3
+UNSANDBOXED_ONLY = UNSANDBOXED_ESCAPES + UNSANDBOXED_ESCAPES_2 + UNSANDBOXED_ESCAPES_3
+
+
+@pytest.mark.parametrize("command", EVERY_ESCAPE + UNSANDBOXED_ONLY)
+def test_escapes_hostile_testers_found_are_not_allowed(layout, command):
+    _b, repo, worktree, home = layout
     (worktree / "main").unlink(missing_ok=True)
+    command = command.replace("{repo}", str(repo)).replace("{home}", str(home))
     v = verdict(layout, "Bash", command=command)
     assert v.decision in ("ask", "deny"), v
 
 
-@pytest.mark.parametrize("command", ESCAPES_2 + ESCAPES_3)
-def test_later_rounds_of_escapes_are_not_allowed_in_the_sandbox_either(layout, command):
+@pytest.mark.parametrize("command", EVERY_ESCAPE)
+def test_with_the_sandbox_the_guard_still_refuses_what_the_sandbox_lets_through(layout, command):
+    """In the sandbox, only a hidden word's value is left to the sandbox's walls (writes only in
+    the worktree, no reads of orchestra's files or your secrets): every other escape still asks."""
     b = layout[0]._replace(sandboxed=True)
     v = orchestra.guard("Bash", {"command": command}, b, b.worktree)
     assert v.decision in ("ask", "deny"), v
