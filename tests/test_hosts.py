@@ -1,7 +1,6 @@
 """More than one machine: hosts in the config, `orchestra hosts`, `doctor --host`, and agents
 run on other hosts over real ssh (tests/ssh_hosts.py makes the hosts) with the real claude CLI."""
 
-import io
 import json
 import os
 import signal
@@ -574,6 +573,7 @@ def test_land_fetches_a_remote_agents_latest_commits_first(rig, repo, cli):
 @needs_root
 def test_the_dashboard_says_which_host_runs_an_agent(rig, repo, cli, phone):
     from playwright.sync_api import expect
+    from test_dashboard import serve
 
     agent = ["sh", "-c", f"echo '{RESULT_LINE}'", "{task}"]
     write_config(repo, agent_command=agent, heartbeat_interval=0.5, hosts=rig.hosts_setting())
@@ -581,9 +581,7 @@ def test_the_dashboard_says_which_host_runs_an_agent(rig, repo, cli, phone):
     assert cli("spawn", "--host", "local", "--name", "near", "close by").code == 0
     wait_for(lambda: {load_agent(repo, i)["state"] for i in ("afar", "near")} == {"done"},
              timeout=120, what="both done")  # fmt: skip
-    server = orchestra.start_web_server(
-        orchestra.Project.open(repo, os.environ), "127.0.0.1", 0, log=io.StringIO()
-    )
+    server = serve(repo)
     try:
         phone.goto(server.url)
         facts = phone.locator('.card[data-id="afar"] .facts')
@@ -751,6 +749,7 @@ def test_a_rate_limit_on_one_host_holds_new_starts_on_every_machine(rig, repo, c
 @needs_root
 def test_the_dashboard_lists_hosts_with_slots_agents_and_reachability(rig, repo, cli, phone):
     from playwright.sync_api import expect
+    from test_dashboard import serve
 
     write_config(repo, agent_command=fake_agent(WORK_FOR=60), heartbeat_interval=0.5,
                  hosts=rig.hosts_setting(max_parallel=2))  # fmt: skip
@@ -758,9 +757,7 @@ def test_the_dashboard_lists_hosts_with_slots_agents_and_reachability(rig, repo,
     assert cli("spawn", "--host", "h2", "--name", "cut-off", "cut off one").code == 0
     wait_for(lambda: all(load_agent(repo, i).get("host_launched") for i in ("busy", "cut-off")),
              timeout=60, what="both launched")  # fmt: skip
-    server = orchestra.start_web_server(
-        orchestra.Project.open(repo, os.environ), "127.0.0.1", 0, log=io.StringIO()
-    )
+    server = serve(repo)
     try:
         phone.goto(server.url)
         h1 = phone.locator('#host-list [data-host="h1"]')
