@@ -4669,7 +4669,7 @@ def bash_verdict(command, b, cwd):
         return Verdict(ASK, "the command defines a shell function, which orchestra cannot follow")
     verdicts = [bash_verdict(inner, b, cwd) for inner in reading.substitutions]
     cwds, before = [cwd], []  # where the next command may run; where it runs if a cd failed
-    links = None  # a command that may have made links the guard could not see
+    links = ""  # what earlier in the line may have made links the guard could not see
     for argv, redirects, end in simple_commands(words):
         verdicts += [command_verdict(argv, redirects, b, here, hidden) for here in cwds]
         argv = without_keywords(argv)
