@@ -7803,8 +7803,8 @@ def place_agent(config, free, pinned=None):
 
 def queue_ahead(config, name):
     """How many agents a host is given beyond its slots, to queue there: its own supervisor
-    starts the next the moment one ends, with no round trip home. Half its slots, at least one."""
-    return max(1, host_limit(config, name) // 2)
+    starts the next the moment one ends, with no round trip home. As many as its slots."""
+    return host_limit(config, name)
 
 
 def host_counts(state):
@@ -7881,8 +7881,8 @@ def placements(config, state, local_free):
 
     A pinned agent waits for its own host. An agent goes to `local` only once its worktree is
     ready (spawn or the supervisor makes it); a host needs no local worktree. Once every slot
-    is taken, while more agents wait than the whole fleet has slots, hosts are given a few
-    more to queue there (queue_ahead), evenly.
+    is taken, hosts are given more to queue there (queue_ahead), evenly; at the end of the
+    queue only their share of what is left (end_of_queue), the rest waits for the first slot.
     """
     counts = host_counts(state)
     free = {"local": local_free}
@@ -7904,12 +7904,22 @@ def placements(config, state, local_free):
     }
     # an agent whose batch has a budget starts only once home has checked it (not queued ahead)
     rest = [r for r in placeable if id(r) not in placed and r.get("batch") not in budgets]
-    slots = (
-        local_free + counts.get("local", 0) + sum(host_limit(config, n) for n in config["hosts"])
-    )
-    if len(rest) < slots:  # the end of the queue: each waits for the first slot free anywhere
-        return chosen
+    end_of_queue(config, counts, local_free, len(rest), ahead)
     return chosen + place_each(config, rest, ahead, {}, evenly=True)
+
+
+def end_of_queue(config, counts, local_free, waiting, ahead):
+    """When fewer agents wait than the fleet has slots, cut each host's room to queue ahead to
+    its share of what is left, in proportion to its slots: this machine keeps its share, to
+    start as its own slots free, and every machine's last agents end about together."""
+    limits = {name: host_limit(config, name) for name in config["hosts"]}
+    slots = local_free + counts.get("local", 0) + sum(limits.values())
+    queued_there = {name: max(0, counts.get(name, 0) - limits[name]) for name in limits}
+    left = waiting + sum(queued_there.values())
+    if waiting >= slots:
+        return
+    for name in limits:
+        ahead[name] = min(ahead[name], left * limits[name] // slots - queued_there[name])
 
 
 def place_each(config, records, free, ahead, evenly=False):
@@ -8025,9 +8035,8 @@ class RemoteAgent:
         self.limit = HOST_LOG_MIN_CHUNK  # bytes of its log the next poll may bring
         self.mirrored = {}  # request id -> the host's approval request, as mirrored at home
 
-    def launch(self, env):
-        """Copy orchestra, push the base commit and spawn the agent on the host (idempotent)."""
-        record = self.record
+    def prepare_host(self):
+        """Copy orchestra to the host and push the agent's base commit there, once each."""
         ready = (self.host.target, tuple(self.host.options), self.remote_repo, source_hash())
         with PREPARED_LOCK:
             preparing = PREPARING.setdefault(ready, threading.Lock())
@@ -8035,30 +8044,30 @@ class RemoteAgent:
             if ready not in PREPARED_HOSTS:  # once per host and repository in this process
                 self.call("prepare", {"repo": self.remote_repo})  # installs orchestra if missing
                 PREPARED_HOSTS.add(ready)
-            base = f"refs/orchestra/base/{record['base_commit']}"
+            base = f"refs/orchestra/base/{self.record['base_commit']}"
             if (*ready, base) not in PREPARED_HOSTS:  # each base commit goes to a host once
                 self.push_base(base)
                 PREPARED_HOSTS.add((*ready, base))
+
+    def spawn_request(self, env):
+        """What the host's `spawn` needs to start this agent under home's settings."""
+        record, config = self.record, self.project.config
         launch = dict(record["launch"])
         settings = {k: launch[k] for k in LAUNCH_KEYS if k in launch}
         settings.update({k: launch[k] for k in RESILIENCE_KEYS if k in launch})
         settings.update(
-            branch_prefix=self.project.config["branch_prefix"],
-            max_parallel=host_limit(self.project.config, self.host.name),
-            default_parallel=host_limit(self.project.config, self.host.name),
-            sandbox=self.project.config["sandbox"],
+            branch_prefix=config["branch_prefix"],
+            max_parallel=host_limit(config, self.host.name),
+            default_parallel=host_limit(config, self.host.name),
+            sandbox=config["sandbox"],
         )
-        return self.call(
-            "spawn",
-            {
-                "repo": self.remote_repo,
-                "id": record["id"],
-                "task": record["task"],
-                "base": record["base_commit"],
-                "config": settings,
-                "env": forwarded_env(self.host, env or {}),
-            },
-        )
+        return {
+            "id": record["id"],
+            "task": record["task"],
+            "base": record["base_commit"],
+            "config": settings,
+            "env": forwarded_env(self.host, env or {}),
+        }
 
     def push_base(self, ref):
         """Push the base commit into the host's repository (retried: a push can race with the
@@ -8222,7 +8231,8 @@ def remove_on_host(project, record):
 # requests) and hands each follower its part; the follower folds it into the agent's record.
 # ======================================================================================
 
-HOST_POLL_ROUND = 0.25  # seconds between a host's polls (a line each way in its session)
+HOST_POLL_ROUND = 0.1  # seconds between a host's polls while its agents write (a line each way)
+HOST_POLL_QUIET = 0.5  # ... growing to this, doubling each round, while nothing is new there
 HOST_POLL_TIMEOUT = 30.0  # seconds one poll may take before the host counts as out of reach
 HOST_POLLER_IDLE = 5.0  # seconds a host's poller thread waits for a follower before it ends
 HOST_LOG_CHUNK = 512 * 1024  # bytes of remote logs fetched per poll, shared by its agents
@@ -8343,6 +8353,61 @@ class HostSession:
         self.proc = None
 
 
+class HostLauncher:
+    """Starts agents on one host: every agent waiting to start there goes in one `spawn` call.
+
+    The agents placed in one scheduling pass ask at once. Whoever gets the call takes everyone
+    waiting with it, so the host records them and makes their worktrees in one go, in spawn
+    order, instead of one round trip and one state write each; the rest queue there.
+    """
+
+    def __init__(self, session):
+        self.session = session
+        self.lock = threading.Lock()  # guards self.waiting
+        self.calling = threading.Lock()  # one spawn call at a time
+        self.waiting = []  # (RemoteAgent, its environment, its PollTicket)
+
+    def launch(self, agent, env):
+        """Start the agent on the host (again: nothing new); its record there."""
+        ticket = PollTicket()
+        with self.lock:
+            self.waiting.append((agent, env, ticket))
+        with self.calling:
+            if not ticket.done.is_set():  # else an earlier call took this agent along
+                agent.prepare_host()  # meanwhile the agents placed with it join the batch
+                with self.lock:
+                    batch, self.waiting = self.waiting, []
+                self.spawn(sorted(batch, key=lambda item: spawn_order(item[0].record)))
+        if ticket.error:
+            raise ticket.error
+        return ticket.answer
+
+    def spawn(self, batch):
+        """One `spawn` call for the batch; each ticket settled with its agent's answer."""
+        try:
+            for agent, _, _ in batch:
+                agent.prepare_host()  # done already, unless their base commits differ
+            payload = {"repo": batch[0][0].remote_repo}
+            payload["agents"] = [agent.spawn_request(env) for agent, env, _ in batch]
+            answers = self.session.call("spawn", payload)["agents"]
+        except Exception as e:  # every agent of the batch hears it, none waits forever
+            for *_, ticket in batch:
+                ticket.settle(error=e)
+            if not isinstance(e, OrchestraError):
+                raise
+            return
+        for agent, _, ticket in batch:
+            answer = answers.get(agent.record["id"]) or {"error": "the host did not answer"}
+            if "error" in answer:
+                ticket.settle(error=OrchestraError(answer["error"], EXIT_FAILURE))
+            else:
+                ticket.settle(answer)
+
+    def end(self):
+        """End the host session the launches use."""
+        self.session.end()
+
+
 def follow_remote_agent(agent, report, stopping, poll):
     """Poll a remote agent until it settles (or we stop): (its last remote record, the local log).
 
@@ -8410,19 +8475,19 @@ class HostPoller:
     """Polls one host for every agent followed there: one ssh call per round, not one per agent.
 
     Followers call poll(agent) and wait for the next round; the thread starts rounds at most
-    every HOST_POLL_ROUND (at once while a log has more to fetch), and ends once nobody asks.
+    every HOST_POLL_ROUND while the host's agents write (at once while a log has more to fetch),
+    less often while nothing is new there (HOST_POLL_QUIET), and ends once nobody asks.
     hold() is the fleet's rate-limit hold, sent along so the host starts nothing before it;
     note(host name, why or None) hears whether the host answered.
     """
 
     def __init__(self, session, remote_repo, stopping, hold=lambda: None, note=lambda *_: None):
         self.session, self.host, self.note = session, session.host, note
-        self.launcher = HostSession(
-            session.host
-        )  # launches never wait for a poll, nor polls for them
+        self.launcher = HostLauncher(HostSession(session.host))  # launches never wait for polls
         self.remote_repo, self.stopping, self.hold = remote_repo, stopping, hold
         self.lock = threading.Lock()  # guards self.asking and self.thread
         self.asking = {}  # agent id -> (RemoteAgent, PollTicket) waiting for the next round
+        self.states = {}  # agent id -> its state on the host at the last round (news if it changes)
         self.thread = None
         self.wake = threading.Event()  # set when a follower asks
 
@@ -8446,31 +8511,33 @@ class HostPoller:
 
     def run(self):
         """Rounds until the supervisor stops or no follower asked for HOST_POLLER_IDLE seconds."""
-        last, hurry = 0.0, False
+        last, hurry, interval = 0.0, False, HOST_POLL_ROUND
         while not self.stopping.is_set():
             asked = self.wake.wait(HOST_POLLER_IDLE)
             with self.lock:
                 if not asked and not self.asking:
                     self.thread = None
                     return
-            pause = last + HOST_POLL_ROUND - time.monotonic()
+            pause = last + interval - time.monotonic()
             if pause > 0 and not hurry:
                 self.stopping.wait(pause)  # every follower of the host joins this round
             with self.lock:
                 batch, self.asking = self.asking, {}
                 self.wake.clear()
             last = time.monotonic()
-            hurry = bool(batch) and self.round(batch)
+            hurry, news = self.round(batch) if batch else (False, False)
+            interval = HOST_POLL_ROUND if news else min(HOST_POLL_QUIET, interval * 2)
 
     def round(self, batch):
-        """One ssh call for the batch's agents; each ticket settled. True if a log has more."""
+        """One ssh call for the batch's agents; each ticket settled. (a log has more, news: a
+        line, a request or a new state came)."""
         agents = [agent for agent, _ in batch.values()]
         share = max(HOST_LOG_MIN_CHUNK, HOST_LOG_CHUNK // len(agents))
         payload = {"repo": self.remote_repo, "hold_until": self.hold()}
         payload["agents"] = [
             {"id": a.record["id"], "offset": a.offset, "limit": max(share, a.limit)} for a in agents
         ]
-        more = False
+        more = news = False
         try:
             try:
                 answers = self.session.call("poll", payload, timeout=HOST_POLL_TIMEOUT)["agents"]
@@ -8479,8 +8546,13 @@ class HostPoller:
                 raise
             self.note(self.host.name, None)
             for agent_id, (agent, ticket) in batch.items():
+                asked = answers.get(agent_id) or {}
+                state = (asked.get("record") or {}).get("state")
+                news = news or bool(asked.get("data") or asked.get("approvals"))
+                news = news or self.states.get(agent_id) != state
+                self.states[agent_id] = state
                 try:
-                    answer = agent.take(answers.get(agent_id) or {})
+                    answer = agent.take(asked)
                 except (OrchestraError, OSError) as e:
                     ticket.settle(error=e)
                     continue
@@ -8492,7 +8564,7 @@ class HostPoller:
             for _, ticket in batch.values():
                 if not ticket.done.is_set():
                     ticket.settle(error=e)
-        return more
+        return more, news
 
 
 # ======================================================================================
@@ -8818,10 +8890,10 @@ class Supervisor:
     def follow_remote(self, agent_id, record):
         """Launch the agent on its host if not yet done, follow it until it settles, fetch it home."""
         poller = self.poller(record["host"])
-        agent = RemoteAgent(self.project, record, poller.launcher)
+        agent = RemoteAgent(self.project, record, poller.launcher.session)
         if not record.get("host_launched"):
             try:
-                agent.launch(take_agent_env(self.project, agent_id))
+                poller.launcher.launch(agent, take_agent_env(self.project, agent_id))
             except HostError as e:  # the host is away or broken: the agent waits for a host again
                 why = str(e)
                 self.note_host(record["host"], why)
@@ -9214,6 +9286,7 @@ def spawn_agents(
     after=None,
     checks=None,
     host=None,
+    ready_now=SPAWN_PREPARED_NOW,
 ):
     """Check the request, record the agents, make their worktrees and wake the supervisor.
 
@@ -9221,6 +9294,7 @@ def spawn_agents(
     start with `env` (default: this process's environment). `after`: per task, the ids it waits
     for (it starts once they landed, from the target with their work); `checks`: per task, its
     own checks or None; `host`: one for all, or each task's (None: placed by the supervisor).
+    `ready_now`: how many worktrees to make before returning (the supervisor makes the rest).
     """
     for task in tasks:
         check_task(task)
@@ -9247,7 +9321,7 @@ def spawn_agents(
     mark_plan(project, records, deps, checks or [None] * len(tasks))
     assign_batch(project, records, budget)
     save_agent_env(project, [r["id"] for r in records], os.environ if env is None else env)
-    now = [r for r in records if not r.get("waits_for")][:SPAWN_PREPARED_NOW]
+    now = [r for r in records if not r.get("waits_for")][:ready_now]
     later = [r for r in records if r not in now]
     try:
         defer_worktrees(project, later)
@@ -17263,21 +17337,56 @@ def host_action_prepare(payload):
 
 
 def host_action_spawn(payload):
-    """Spawn one agent with the id home gave it (again: nothing new), under home's settings."""
-    repo = Path(payload["repo"])
-    if not has_commits(repo):
-        run_git(["checkout", "--quiet", "--detach", payload["base"]], repo)
-    folder = repo / ORCHESTRA_DIR
-    folder.mkdir(mode=0o700, exist_ok=True)
-    write_atomic(folder / "config.json", json.dumps(payload["config"], sort_keys=True))
-    project = host_project(payload)
-    known = project.store.load()["agents"].get(payload["id"])
-    if known is None:
-        env = {**os.environ, **{str(k): str(v) for k, v in payload.get("env", {}).items()}}
-        known = spawn_agents(
-            project, [payload["task"]], name=payload["id"], base=payload["base"], env=env
-        )[0]
-    return {"record": public_record(known)}
+    """Spawn the agents home sent, with the ids home gave them (again: nothing new), under
+    home's settings, in order; {"agents": {id: {"record": ...} or {"error": why}}}."""
+    repo, asked = Path(payload["repo"]), payload["agents"]
+    if asked and not has_commits(repo):
+        run_git(["checkout", "--quiet", "--detach", asked[0]["base"]], repo)
+    (repo / ORCHESTRA_DIR).mkdir(mode=0o700, exist_ok=True)
+    answers = {}
+    for group in spawned_alike(asked):
+        answers.update(spawn_from_home(repo, group))
+    return {"agents": answers}
+
+
+def spawned_alike(asked):
+    """The agents home sent, in runs that share a base, settings and environment (in order)."""
+    alike = [json.dumps([a["base"], a["config"], a["env"]], sort_keys=True) for a in asked]
+    runs = itertools.groupby(zip(alike, asked), key=lambda pair: pair[0])
+    return [[a for _, a in run] for _, run in runs]
+
+
+def spawn_from_home(repo, asked):
+    """Spawn agents home sent that share a base, settings and environment; their answers."""
+    first = asked[0]
+    write_atomic(repo / ORCHESTRA_DIR / "config.json", json.dumps(first["config"], sort_keys=True))
+    project = Project.open(repo, os.environ)
+    known = project.store.load()["agents"]
+    answers = {
+        a["id"]: {"record": public_record(known[a["id"]])} for a in asked if a["id"] in known
+    }
+    new = [a for a in asked if a["id"] not in known]
+    env = {**os.environ, **{str(k): str(v) for k, v in first["env"].items()}}
+    if new and not spawn_or_say_why(project, new, env, answers) and len(new) > 1:
+        for one in new:  # one the host refuses must not keep the others from starting
+            spawn_or_say_why(project, [one], env, answers)
+    return answers
+
+
+def spawn_or_say_why(project, asked, env, answers):
+    """Spawn agents home sent, adding their answers (a lone agent's: why it cannot); True if done."""
+    tasks, ids = [a["task"] for a in asked], [a["id"] for a in asked]
+    slots = project.config["max_parallel"]  # the host's limit: those start now, all at once
+    try:
+        records = spawn_agents(
+            project, tasks, name=ids, base=asked[0]["base"], env=env, ready_now=slots
+        )
+    except OrchestraError as e:
+        if len(asked) == 1:
+            answers[asked[0]["id"]] = {"error": str(e)}
+        return False
+    answers.update({r["id"]: {"record": public_record(r)} for r in records})
+    return True
 
 
 def host_action_poll(payload):

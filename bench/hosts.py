@@ -6,6 +6,10 @@ a remote agent's line reaches the local log within 2 s (p99).
 The hosts are tests/ssh_hosts.py's: a local account and its own sshd on a loopback port each, so
 it needs root. The agent is a small Python program that prints a timestamped stream-json line
 every 0.2 s for its two seconds; a thread here tails the local logs and notes when each line lands.
+It runs with the system Python itself: a version manager's shim (pyenv's) would start a dozen
+shell processes with every agent, on the same two cores as the three machines.
+The queue drains twice, in two repositories: first on fresh hosts (orchestra is copied there and
+compiled on the way), then on hosts that have run orchestra before, their ssh connection closed.
 Run (as root): python3 bench/hosts.py [--tasks 48] [--seconds 2] [--parallel 4]
 """
 
@@ -43,13 +47,14 @@ AGENT = (
 
 
 DRAIN_PATIENCE = 150  # seconds: a queue that takes longer is stuck, not slow
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
 
 
 def make_repo(root, name, seconds, parallel, hosts):
     """A repository whose agents are the timestamping agent, with or without hosts."""
     repo = init_repo(root / name, message="start")
     (repo / ".orchestra").mkdir()
-    config = {"agent_command": ["python3", "-c", AGENT, str(seconds), "{task}"],
+    config = {"agent_command": [PYTHON, "-c", AGENT, str(seconds), "{task}"],
               "default_parallel": parallel, "max_parallel": max(8, parallel),
               "heartbeat_interval": 1.0, "hosts": hosts}  # fmt: skip
     (repo / ".orchestra" / "config.json").write_text(json.dumps(config))
@@ -66,8 +71,10 @@ class LogWatch(threading.Thread):
         self.remote_ids = set()
 
     def run(self):
-        while not self.stop.wait(0.02):
+        while not self.stop.wait(0.05):  # often enough to measure, rarely enough to cost little
             for path in self.logs.glob("*.jsonl"):
+                if path.stat().st_size == self.offsets.get(path, 0):
+                    continue
                 with open(path, "rb") as f:
                     f.seek(self.offsets.get(path, 0))
                     data = f.read()
@@ -122,6 +129,29 @@ def status_seconds(repo):
     return median_seconds(run, 5)
 
 
+def close_ssh_connections():
+    """End the shared ssh connections, as if the hosts had not been used for a while."""
+    for socket in Path(orchestra.control_folder()).glob("*"):
+        subprocess.run(["ssh", "-S", str(socket), "-O", "exit", "host"], capture_output=True)
+
+
+def drain_figures(root, name, args, hosts, agent_time, what):
+    """Drain the queue in a new repository and print how long it took; (agents, watch, repo)."""
+    repo = make_repo(root, name, args.seconds, args.parallel, hosts)
+    tasks = [f"task {n}" for n in range(args.tasks)]
+    seconds, agents, watch = drain(repo, tasks)
+    ideal = math.ceil(args.tasks / (3 * args.parallel)) * agent_time
+    placed = {}
+    for r in agents.values():
+        placed[r.get("host") or "local"] = placed.get(r.get("host") or "local", 0) + 1
+    for r in agents.values():
+        if r["state"] != "done":
+            print(f"  {r['id']} on {r.get('host')}: {r['state']}: {r.get('error')}")
+    print(f"drain, {what}: {seconds:.1f} s, ideal {ideal:.1f} s ({agent_time:.2f} s per agent): "
+          f"{seconds / ideal:.2f}x (goal <= 1.2x); placed {placed}")  # fmt: skip
+    return agents, watch, repo
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=48)
@@ -135,27 +165,15 @@ def main():
     rig = SshRig(root / "rig", "http://127.0.0.1:9", ["h1", "h2"])
     try:
         hosts = rig.hosts_setting(max_parallel=args.parallel)
-        repo = make_repo(root, "fleet", args.seconds, args.parallel, hosts)
-        one = subprocess.run(["python3", "-c", AGENT, str(args.seconds)], capture_output=True)
-        assert one.returncode == 0
+        agent = [PYTHON, "-c", AGENT, str(args.seconds)]
+        subprocess.run(agent, capture_output=True, check=True)  # warm the disk cache
         start = time.monotonic()
-        subprocess.run(["python3", "-c", AGENT, str(args.seconds)], capture_output=True, check=True)
+        subprocess.run(agent, capture_output=True, check=True)
         agent_time = time.monotonic() - start
-        tasks = [f"task {n}" for n in range(args.tasks)]
-        seconds, agents, watch = drain(repo, tasks)
-        slots = 3 * args.parallel
-        ideal = math.ceil(args.tasks / slots) * agent_time
-        placed = {}
-        for r in agents.values():
-            placed[r.get("host") or "local"] = placed.get(r.get("host") or "local", 0) + 1
-        states = {r["state"] for r in agents.values()}
-        print(f"{args.tasks} agents of {args.seconds:g} s on local + 2 hosts at parallel {args.parallel}:"
-              f" placed {placed}, states {sorted(states)}")  # fmt: skip
-        for r in agents.values():
-            if r["state"] != "done":
-                print(f"  {r['id']} on {r.get('host')}: {r['state']}: {r.get('error')}")
-        print(f"drain: {seconds:.1f} s, ideal {ideal:.1f} s ({agent_time:.2f} s per agent): "
-              f"{seconds / ideal:.2f}x (goal <= 1.2x)")  # fmt: skip
+        print(f"{args.tasks} agents of {args.seconds:g} s on local + 2 hosts at parallel {args.parallel}")
+        drain_figures(root, "first", args, hosts, agent_time, "fresh hosts")
+        close_ssh_connections()
+        agents, watch, repo = drain_figures(root, "fleet", args, hosts, agent_time, "hosts used before")
         local_only = make_repo(root, "local-only", args.seconds, args.parallel, {})
         os.chdir(local_only)
         state = orchestra.Project.open(local_only, os.environ).store

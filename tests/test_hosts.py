@@ -92,7 +92,7 @@ def running_on(n, host):
     return {"id": f"r{n}", "seq": n, "state": "running", "host": host, "host_launched": True}
 
 
-def test_hosts_get_agents_queued_ahead_only_while_the_queue_is_long_and_never_a_budgets():
+def test_hosts_queue_agents_ahead_their_share_of_the_queue_and_never_a_budgets():
     config = {"hosts": {"a": {"ssh": "x", "max_parallel": 2}, "b": {"ssh": "y", "max_parallel": 2}},
               "default_parallel": 1, "max_parallel": 1, "placement": "local-first"}  # fmt: skip
     place = orchestra.placements
@@ -101,17 +101,24 @@ def test_hosts_get_agents_queued_ahead_only_while_the_queue_is_long_and_never_a_
         state = {"agents": {r["id"]: r for r in agents}, "batches": batches or {}}
         return [host for _, host in place(config, state, local_free)]
 
-    # ten waiting, five slots: the slots fill, then each host queues one more (half of 2), evenly
-    assert hosts_of([queued(n) for n in range(10)]) == ["local", "a", "a", "b", "b", "a", "b"]
-    # every slot taken and three waiting for five slots: they wait at home for the first free one
-    busy = [running_on(n, h) for n, h in enumerate("aabb")]
-    assert hosts_of(busy + [queued(n) for n in range(10, 13)], local_free=0) == []
+    # twenty waiting, five slots: the slots fill, then each host queues as many again, evenly
+    fill = ["local", "a", "a", "b", "b"]
+    assert hosts_of([queued(n) for n in range(20)]) == fill + ["a", "b", "a", "b"]
+    # ten waiting: five fill the slots, and of the five left each host queues its share (2/5)
+    assert hosts_of([queued(n) for n in range(10)]) == fill + ["a", "b", "a", "b"]
+    # every slot taken and three waiting for five slots: a host queues its share, 3 x 2/5 = 1;
+    # the third waits at home for this machine's slot, or the first free one
+    busy = [running_on(n, h) for n, h in enumerate(["local", "a", "a", "b", "b"])]
+    assert hosts_of(busy + [queued(n) for n in range(10, 13)], local_free=0) == ["a", "b"]
+    # two more already queued on a: it has its share of what is left, b takes one
+    queued_on_a = [running_on(n, "a") for n in (5, 6)]
+    assert hosts_of(busy + queued_on_a + [queued(n) for n in range(10, 12)], 0) == ["b"]
     # a long queue, but its batch has a budget: home checks it before each start
     budget = {"b1": {"budget": 5.0}}
     assert hosts_of(busy + [queued(n) for n in range(10, 20)], 0, budget) == []
-    assert hosts_of(busy + [queued(n) for n in range(10, 20)], 0) == ["a", "b"]
+    assert hosts_of(busy + [queued(n) for n in range(10, 20)], 0) == ["a", "b", "a", "b"]
     # an agent pinned to a host queues ahead there only
-    assert hosts_of(busy + [queued(n, host="b") for n in range(10, 20)], 0) == ["b"]
+    assert hosts_of(busy + [queued(n, host="b") for n in range(10, 20)], 0) == ["b", "b"]
 
 
 # --- real hosts -------------------------------------------------------------------------------
