@@ -8042,7 +8042,8 @@ class RemoteAgent:
             preparing = PREPARING.setdefault(ready, threading.Lock())
         with preparing:  # the agents placed at once wait for one preparation, not make four
             if ready not in PREPARED_HOSTS:  # once per host and repository in this process
-                self.call("prepare", {"repo": self.remote_repo})  # installs orchestra if missing
+                settings = self.spawn_request(None)["config"]  # installs orchestra if missing:
+                self.call("prepare", {"repo": self.remote_repo, "config": settings})
                 PREPARED_HOSTS.add(ready)
             base = f"refs/orchestra/base/{self.record['base_commit']}"
             if (*ready, base) not in PREPARED_HOSTS:  # each base commit goes to a host once
@@ -8234,6 +8235,7 @@ def remove_on_host(project, record):
 HOST_POLL_ROUND = 0.1  # seconds between a host's polls while its agents write (a line each way)
 HOST_POLL_QUIET = 0.5  # ... growing to this, doubling each round, while nothing is new there
 HOST_POLL_TIMEOUT = 30.0  # seconds one poll may take before the host counts as out of reach
+HOST_SUPERVISOR_LINGER = 10.0  # seconds a host's supervisor, started early, waits for agents
 HOST_POLLER_IDLE = 5.0  # seconds a host's poller thread waits for a follower before it ends
 HOST_LOG_CHUNK = 512 * 1024  # bytes of remote logs fetched per poll, shared by its agents
 
@@ -8583,10 +8585,12 @@ COUNTS_INTERVAL = 5.0  # seconds between refreshes of a running agent's commit a
 
 
 class Supervisor:
-    """Runs and watches a repository's agents until there is nothing left to do."""
+    """Runs and watches a repository's agents until there is nothing left to do (and, started
+    with `linger`, not before that many seconds: a host's starts before its first agents come)."""
 
-    def __init__(self, project):
+    def __init__(self, project, linger=0.0):
         self.project = project
+        self.linger_until = time.monotonic() + linger
         self.store = project.store
         self.stopping = threading.Event()
         self.pending_lock = threading.Lock()  # guards self.pending
@@ -8642,7 +8646,7 @@ class Supervisor:
                 state = self.store.load()
             self.flush()
             self.prepare_ahead(state)
-            if not self.watchers and not self.has_work(state) and not self.preparing():
+            if self.idle(state):
                 break
             self.nap(SUPERVISOR_TICK)
         self.flush()
@@ -8652,6 +8656,15 @@ class Supervisor:
             poller.launcher.end()
         for thread in self.notifiers:
             thread.join(NOTIFY_TIMEOUT)
+
+    def idle(self, state):
+        """True when nothing is left to run, watch or prepare, and the linger is over."""
+        return (
+            not self.watchers
+            and not self.has_work(state)
+            and not self.preparing()
+            and time.monotonic() >= self.linger_until
+        )
 
     def register(self, state):
         """Write this process into the state as the live supervisor."""
@@ -9170,22 +9183,24 @@ def supervisor_alive(state):
     return process_alive(info.get("pid"), info.get("pid_start"))
 
 
-def supervisor_argv():
+def supervisor_argv(linger=None):
     """How to run `orchestra supervise --foreground`: this module imported (its cached bytecode
     used, as the installed command does), not run as a script that is compiled at every start."""
     here = Path(__file__).resolve()
     launch = "import sys; sys.path.insert(0, sys.argv.pop(1)); import orchestra; sys.exit(orchestra.main(sys.argv[1:]))"
-    return [sys.executable, "-c", launch, str(here.parent), "supervise", "--foreground"]
+    argv = [sys.executable, "-c", launch, str(here.parent), "supervise", "--foreground"]
+    return argv + (["--linger", f"{linger:g}"] if linger else [])
 
 
-def ensure_supervisor(project, state=None):
-    """Start a detached supervisor when there is work and none is alive; its pid or None."""
+def ensure_supervisor(project, state=None, linger=None):
+    """Start a detached supervisor when there is work (or it is to wait `linger` seconds for
+    some) and none is alive; its pid or None."""
     state = state or project.store.load()
-    if supervisor_alive(state) or not Supervisor.has_work(state):
+    if supervisor_alive(state) or not (linger or Supervisor.has_work(state)):
         return None
     with open(project.dir / "supervisor.log", "ab", opener=private_opener) as log:
         proc = subprocess.Popen(
-            supervisor_argv(),
+            supervisor_argv(linger),
             cwd=str(project.repo),
             env=clean_env(),
             stdin=subprocess.DEVNULL,
@@ -17217,7 +17232,7 @@ def cmd_supervise(args):
             else "nothing to supervise, or a supervisor is already running"
         )
         return EXIT_OK
-    supervisor = Supervisor(project)
+    supervisor = Supervisor(project, max(0.0, args.linger))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: supervisor.stopping.set())
     return supervisor.run()
@@ -17233,6 +17248,14 @@ def add_supervise_parser(commands):
     )
     p.add_argument(
         "--foreground", action="store_true", help="run in this terminal instead of the background"
+    )
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --foreground: wait this long for work before ending with none (a host's "
+        "supervisor starts before its agents arrive)",
     )
     p.set_defaults(func=cmd_supervise)
 
@@ -17328,11 +17351,17 @@ def host_action_doctor(payload):
 
 
 def host_action_prepare(payload):
-    """Make the repository copy that home pushes base commits into."""
+    """Make the repository copy that home pushes base commits into, and start its supervisor
+    under home's settings: it has started by the time the first agents arrive."""
     repo = Path(payload["repo"])
     repo.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not (repo / ".git").exists():
         run_git(["init", "--quiet"], repo)
+    (repo / ORCHESTRA_DIR).mkdir(mode=0o700, exist_ok=True)
+    write_atomic(
+        repo / ORCHESTRA_DIR / "config.json", json.dumps(payload["config"], sort_keys=True)
+    )
+    ensure_supervisor(Project.open(repo, os.environ), linger=HOST_SUPERVISOR_LINGER)
     return {"repo": str(repo.resolve())}
 
 
