@@ -2043,15 +2043,14 @@ class StateStore:
             state = self.read()
         except ValueError:
             with self.lock:
-                state = self.read_or_recover()
+                state, _ = self.read_or_recover()
         move_removed(state)  # a file from before history.jsonl: the next update moves them for good
         return state
 
     def update(self, change):
         """Apply `change(state)` under the lock and save the result if it changed; returns what it returns."""
         with self.lock:
-            state = self.read_or_recover()
-            before = state_text(state)
+            state, before = self.read_or_recover()  # the text as read: no second json.dumps
             moved = move_removed(state)
             result = change(state)
             moved += move_removed(state)
@@ -2090,10 +2089,15 @@ class StateStore:
 
     def read(self):
         """Parse state.json; ValueError when it is corrupt."""
+        return self.read_with_text()[0]
+
+    def read_with_text(self):
+        """(state, the file's text, which is state_text(state) when orchestra wrote it)."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return empty_state()
+            state = empty_state()
+            return state, state_text(state)
         state = json.loads(text)
         if not isinstance(state, dict) or not isinstance(state.get("agents"), dict):
             raise ValueError("state.json does not hold a state document")
@@ -2102,16 +2106,17 @@ class StateStore:
                 f"{self.path} has version {state.get('version')!r}, this orchestra reads "
                 f"version {STATE_VERSION}; upgrade orchestra (pip install -U claude-orchestra)"
             )
-        return state
+        return state, text
 
     def write(self, text):
         """Save the state's text atomically: the one place state.json is written."""
         write_atomic(self.path, text)
 
     def read_or_recover(self):
-        """Read under the lock; move a corrupt file aside and rebuild it from logs and worktrees."""
+        """Read under the lock, (state, its text); move a corrupt file aside and rebuild it from
+        logs and worktrees."""
         try:
-            return self.read()
+            return self.read_with_text()
         except (ValueError, RecursionError):
             # Rebuilt first, kept aside second: a rebuild that fails leaves state.json in place
             aside = self.path.with_name(f"state.json.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
@@ -2124,7 +2129,7 @@ class StateStore:
                 f"and rebuilt {len(state['agents'])} agent record(s) from logs and worktrees",
                 file=sys.stderr,
             )
-            return state
+            return state, state_text(state)
 
 
 def load_agent_records(repo):
@@ -6247,10 +6252,15 @@ INTEGRITY_DIR = "integrity"  # in .orchestra/: <id>.json baselines, <id>/<time>/
 TAMPERED_REFS = "refs/orchestra/tampered"
 
 
+GIT_COMMON_DIRS = {}  # repository path -> its shared .git folder, asked of git once
+
+
 def common_git_dir(repo):
     """The repository's shared .git folder."""
-    out = run_git(["rev-parse", "--git-common-dir"], repo).stdout.strip()
-    return (Path(repo) / out).resolve()
+    if str(repo) not in GIT_COMMON_DIRS:
+        out = run_git(["rev-parse", "--git-common-dir"], repo).stdout.strip()
+        GIT_COMMON_DIRS[str(repo)] = (Path(repo) / out).resolve()
+    return GIT_COMMON_DIRS[str(repo)]
 
 
 def current_refs(repo):
@@ -7620,6 +7630,18 @@ class Host:
                 f"cannot run ssh for host '{self.name}': {e}; install openssh-client"
             ) from None
 
+    def connect_soon(self):
+        """Open the shared ssh connection in the background (a `true` run there), so the first
+        real call finds it up; a host out of reach says so later, when it is called."""
+        with contextlib.suppress(OSError, HostError):
+            subprocess.Popen(
+                [*self.ssh_command(), self.target, "true"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
     def failure(self, done, doing):
         """The error for a failed remote command: unreachable, or what the host said."""
         lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -7690,6 +7712,14 @@ class Host:
         """Where this repository's copy lives on the host: one per local repository."""
         key = hashlib.sha256(str(repo).encode()).hexdigest()[:12]
         return f"{self.workdir}/repos/{slugify(repo.name) or 'repo'}-{key}"
+
+
+def connect_hosts_soon(config, pinned):
+    """Open the ssh connections of the hosts new agents may go to (their pinned hosts, or every
+    host for agents the supervisor places), while the supervisor starts."""
+    names = set(config["hosts"]) if None in pinned else pinned - {"local"}
+    for name in sorted(names):
+        Host.named(config, name).connect_soon()
 
 
 def host_doctor(config, name):
@@ -8148,31 +8178,31 @@ class RemoteAgent:
             box.close(mirror, decision or {"decision": "deny", "by": f"host {self.host.name}"})
             del self.mirrored[req_id]
 
-    def fetch(self, remote_ref, name):
-        """Fetch one ref of the host's repository into refs/orchestra/hosts/<name>; that ref."""
-        temp = f"refs/orchestra/hosts/{name}"
+    def fetch(self, remote_ref, local_ref):
+        """Fetch one ref of the host's repository into local_ref (moved, whatever it held)."""
         fetch = ["fetch", "--quiet", "--no-tags", self.host.git_url(self.remote_repo)]
         try:
-            run_git([*fetch, f"+{remote_ref}:{temp}"], self.project.repo, env=self.host.git_env())
+            run_git(
+                [*fetch, f"+{remote_ref}:{local_ref}"], self.project.repo, env=self.host.git_env()
+            )
         except GitError as e:
             raise HostError(f"host '{self.host.name}': {e}") from None
-        return temp
+        return local_ref
 
     def fetch_home(self):
         """Fetch the agent's branch home; the local worktree (made now if missing) follows it."""
         record = self.record
-        temp = self.fetch(f"refs/heads/{record['branch']}", record["id"])
-        worktree = Path(record["worktree"])
-        if worktree.exists():
+        branch, worktree = f"refs/heads/{record['branch']}", Path(record["worktree"])
+        if worktree.exists():  # through a ref of its own: the worktree follows, fast-forward
+            temp = self.fetch(branch, f"refs/orchestra/hosts/{record['id']}")
             run_git(["merge", "--ff-only", "--quiet", temp], worktree)
-        else:
-            run_git(["branch", "--force", record["branch"], temp], self.project.repo)
-            with WORKTREE_REGISTER_LOCK:  # another add could read this one's half-written files
-                run_git(
-                    ["worktree", "add", "--quiet", str(worktree), record["branch"]],
-                    self.project.repo,
-                )
-        run_git(["update-ref", "-d", temp], self.project.repo)
+            run_git(["update-ref", "-d", temp], self.project.repo)
+            return
+        self.fetch(branch, branch)
+        with WORKTREE_REGISTER_LOCK:  # another add could read this one's half-written files
+            run_git(
+                ["worktree", "add", "--quiet", str(worktree), record["branch"]], self.project.repo
+            )
 
     def bring_leftovers_home(self):
         """Copy what the host's worktree holds uncommitted into the local worktree, unstaged
@@ -8180,7 +8210,7 @@ class RemoteAgent:
         answer = self.host.call("leftovers", {"repo": self.remote_repo, "id": self.record["id"]})
         if not answer.get("ref"):
             return False
-        temp = self.fetch(answer["ref"], f"{self.record['id']}-leftovers")
+        temp = self.fetch(answer["ref"], f"refs/orchestra/hosts/{self.record['id']}-leftovers")
         run_git(["checkout", temp, "--", "."], self.record["worktree"])
         run_git(["reset", "--quiet"], self.record["worktree"])
         run_git(["update-ref", "-d", temp], self.project.repo)
@@ -9035,10 +9065,9 @@ class Supervisor:
 
     def tail_until_exit(self, agent_id, record, proc, log, waiter):
         """Fold the log into pending facts (and refresh counts) until the process ends or we stop."""
-        next_counts, active = (
-            0.0,
-            True,
-        )  # counts change only when the agent does something, which it logs
+        # counts change only when the agent does something, which it logs; none in its first
+        # seconds (its record holds what it started with), so a short agent is counted once, at its end
+        next_counts, active = time.monotonic() + COUNTS_INTERVAL, True
         while not self.stopping.is_set():
             exited = (
                 proc.poll() is not None
@@ -9324,9 +9353,11 @@ def spawn_agents(
             f"--parallel must be between 1 and max_parallel ({project.config['max_parallel']})"
         )
     check_agent_command(project.config)
-    for name in set(host if isinstance(host, list) else [host]) - {None}:
+    pinned = set(host if isinstance(host, list) else [host])
+    for name in pinned - {None}:
         check_host_name(project.config, name)
     sandboxed = sandbox_for(project.config, os.environ if env is None else env)
+    connect_hosts_soon(project.config, pinned)
     base_branch, base_commit = resolve_base(project, base)
     known = {**project.history(), **project.records()}
     deps = check_dependencies(known, names or [None] * len(tasks), after or [[]] * len(tasks))

@@ -8,8 +8,9 @@ it needs root. The agent is a small Python program that prints a timestamped str
 every 0.2 s for its two seconds; a thread here tails the local logs and notes when each line lands.
 It runs with the system Python itself: a version manager's shim (pyenv's) would start a dozen
 shell processes with every agent, on the same two cores as the three machines.
-The queue drains twice, in two repositories: first on fresh hosts (orchestra is copied there and
-compiled on the way), then on hosts that have run orchestra before, their ssh connection closed.
+The queue drains first on fresh hosts (orchestra is copied there and compiled on the way), then
+three times on hosts that have run orchestra before, their ssh connection closed, each time in a
+new repository; the goal is judged on the median of those three (two busy cores vary a lot).
 Run (as root): python3 bench/hosts.py [--tasks 48] [--seconds 2] [--parallel 4]
 """
 
@@ -111,7 +112,7 @@ def drain(repo, tasks):
             break
         if time.monotonic() - start > DRAIN_PATIENCE:
             raise SystemExit(f"the queue did not drain within {DRAIN_PATIENCE} s: {agents}")
-        time.sleep(0.05)
+        time.sleep(0.1)
     seconds = time.monotonic() - start
     time.sleep(0.5)
     watch.stop.set()
@@ -148,8 +149,8 @@ def drain_figures(root, name, args, hosts, agent_time, what):
         if r["state"] != "done":
             print(f"  {r['id']} on {r.get('host')}: {r['state']}: {r.get('error')}")
     print(f"drain, {what}: {seconds:.1f} s, ideal {ideal:.1f} s ({agent_time:.2f} s per agent): "
-          f"{seconds / ideal:.2f}x (goal <= 1.2x); placed {placed}")  # fmt: skip
-    return agents, watch, repo
+          f"{seconds / ideal:.2f}x; placed {placed}")  # fmt: skip
+    return seconds / ideal, agents, watch, repo
 
 
 def main():
@@ -170,10 +171,20 @@ def main():
         start = time.monotonic()
         subprocess.run(agent, capture_output=True, check=True)
         agent_time = time.monotonic() - start
-        print(f"{args.tasks} agents of {args.seconds:g} s on local + 2 hosts at parallel {args.parallel}")
+        print(
+            f"{args.tasks} agents of {args.seconds:g} s on local + 2 hosts at parallel {args.parallel}"
+        )
         drain_figures(root, "first", args, hosts, agent_time, "fresh hosts")
-        close_ssh_connections()
-        agents, watch, repo = drain_figures(root, "fleet", args, hosts, agent_time, "hosts used before")
+        ratios = []
+        for n in range(3):
+            close_ssh_connections()
+            used = drain_figures(root, f"fleet-{n}", args, hosts, agent_time, "hosts used before")
+            ratio, agents, watch, repo = used
+            ratios.append(ratio)
+        print(
+            f"drain on hosts used before: median {statistics.median(ratios):.2f}x the ideal "
+            "(goal <= 1.2x)"
+        )
         local_only = make_repo(root, "local-only", args.seconds, args.parallel, {})
         os.chdir(local_only)
         state = orchestra.Project.open(local_only, os.environ).store

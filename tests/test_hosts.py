@@ -14,6 +14,7 @@ from ssh_hosts import IS_ROOT, SshRig
 import orchestra
 from conftest import (
     CLAUDE_TOOLS,
+    FAKE_AGENT_COMMAND,
     ROOT,
     commit_file,
     git,
@@ -103,9 +104,9 @@ def test_hosts_queue_agents_ahead_their_share_of_the_queue_and_never_a_budgets()
 
     # twenty waiting, five slots: the slots fill, then each host queues as many again, evenly
     fill = ["local", "a", "a", "b", "b"]
-    assert hosts_of([queued(n) for n in range(20)]) == fill + ["a", "b", "a", "b"]
+    assert hosts_of([queued(n) for n in range(20)]) == [*fill, "a", "b", "a", "b"]
     # ten waiting: five fill the slots, and of the five left each host queues its share (2/5)
-    assert hosts_of([queued(n) for n in range(10)]) == fill + ["a", "b", "a", "b"]
+    assert hosts_of([queued(n) for n in range(10)]) == [*fill, "a", "b", "a", "b"]
     # every slot taken and three waiting for five slots: a host queues its share, 3 x 2/5 = 1;
     # the third waits at home for this machine's slot, or the first free one
     busy = [running_on(n, h) for n, h in enumerate(["local", "a", "a", "b", "b"])]
@@ -119,6 +120,49 @@ def test_hosts_queue_agents_ahead_their_share_of_the_queue_and_never_a_budgets()
     assert hosts_of(busy + [queued(n) for n in range(10, 20)], 0) == ["a", "b", "a", "b"]
     # an agent pinned to a host queues ahead there only
     assert hosts_of(busy + [queued(n, host="b") for n in range(10, 20)], 0) == ["b", "b"]
+
+
+def test_a_host_starts_every_agent_home_sent_at_once_but_one_it_refuses(fake_repo):
+    base = git("rev-parse", "HEAD", cwd=fake_repo).strip()
+    config = {"agent_command": FAKE_AGENT_COMMAND, "max_parallel": 2, "default_parallel": 2}
+
+    def sent(agent_id, task):
+        return {"id": agent_id, "task": task, "base": base, "config": config, "env": {}}
+
+    asked = [sent("one", "sleep:2 first"), sent("bad", "ring \a the bell"), sent("two", "second")]
+    answers = orchestra.host_action_spawn({"repo": str(fake_repo), "agents": asked})["agents"]
+    assert answers["one"]["record"]["task"] == "sleep:2 first"
+    assert answers["two"]["record"]["task"] == "second"
+    assert "control character" in answers["bad"]["error"]
+    # asked again (a launch whose answer was lost): nothing new, the same agents
+    again = orchestra.host_action_spawn({"repo": str(fake_repo), "agents": asked[:1]})["agents"]
+    assert again["one"]["record"]["id"] == "one"
+    assert sorted(load_state(fake_repo)["agents"]) == ["one", "two"]
+    # the two that can run at once had their worktrees made by the call itself
+    assert all(os.path.isdir(r["worktree"]) for r in load_state(fake_repo)["agents"].values())
+
+
+def test_a_supervisor_started_early_waits_for_its_first_agents(fake_repo):
+    started = time.monotonic()
+    supervisor = subprocess.Popen(
+        [sys.executable, str(ROOT / "orchestra.py"), "supervise", "--foreground", "--linger", "3"],
+        cwd=fake_repo,
+    )
+    state = fake_repo / ".orchestra" / "state.json"
+    pid = wait_for(lambda: state.exists() and load_state(fake_repo)["supervisor"].get("pid"), 10)
+    assert pid == supervisor.pid
+    orchestra.spawn_agents(orchestra.Project.open(fake_repo, os.environ), ["arrives later"])
+    wait_for(lambda: load_state(fake_repo)["agents"]["arrives-later"]["state"] == "done", 30)
+    assert supervisor.wait(30) == 0 and time.monotonic() - started >= 3
+    # with nothing to do and no linger it ends at once
+    assert (
+        subprocess.run(
+            [sys.executable, str(ROOT / "orchestra.py"), "supervise", "--foreground"],
+            cwd=fake_repo,
+            timeout=10,
+        ).returncode
+        == 0
+    )
 
 
 # --- real hosts -------------------------------------------------------------------------------
