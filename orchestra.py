@@ -7944,10 +7944,10 @@ def end_of_queue(config, counts, local_free, waiting, ahead):
     start as its own slots free, and every machine's last agents end about together."""
     limits = {name: host_limit(config, name) for name in config["hosts"]}
     slots = local_free + counts.get("local", 0) + sum(limits.values())
-    queued_there = {name: max(0, counts.get(name, 0) - limits[name]) for name in limits}
-    left = waiting + sum(queued_there.values())
     if waiting >= slots:
         return
+    queued_there = {name: max(0, counts.get(name, 0) - limits[name]) for name in limits}
+    left = waiting + sum(queued_there.values())
     for name in limits:
         ahead[name] = min(ahead[name], left * limits[name] // slots - queued_there[name])
 
@@ -8066,13 +8066,14 @@ class RemoteAgent:
         self.mirrored = {}  # request id -> the host's approval request, as mirrored at home
 
     def prepare_host(self):
-        """Copy orchestra to the host and push the agent's base commit there, once each."""
+        """Make the host ready for the agent, once each: orchestra copied there, the repository's
+        copy made and its supervisor started, and the agent's base commit pushed."""
         ready = (self.host.target, tuple(self.host.options), self.remote_repo, source_hash())
         with PREPARED_LOCK:
             preparing = PREPARING.setdefault(ready, threading.Lock())
         with preparing:  # the agents placed at once wait for one preparation, not make four
             if ready not in PREPARED_HOSTS:  # once per host and repository in this process
-                settings = self.spawn_request(None)["config"]  # installs orchestra if missing:
+                settings = self.spawn_request(None)["config"]  # the supervisor's there
                 self.call("prepare", {"repo": self.remote_repo, "config": settings})
                 PREPARED_HOSTS.add(ready)
             base = f"refs/orchestra/base/{self.record['base_commit']}"
@@ -8385,6 +8386,20 @@ class HostSession:
         self.proc = None
 
 
+class HostTicket:
+    """One agent's place in a host's next call (a poll or a launch): its answer or its error,
+    once the call is done."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.answer, self.error = None, None
+
+    def settle(self, answer=None, error=None):
+        """Hand the follower its answer (or the error that stands for it)."""
+        self.answer, self.error = answer, error
+        self.done.set()
+
+
 class HostLauncher:
     """Starts agents on one host: every agent waiting to start there goes in one `spawn` call.
 
@@ -8397,11 +8412,11 @@ class HostLauncher:
         self.session = session
         self.lock = threading.Lock()  # guards self.waiting
         self.calling = threading.Lock()  # one spawn call at a time
-        self.waiting = []  # (RemoteAgent, its environment, its PollTicket)
+        self.waiting = []  # (RemoteAgent, its environment, its HostTicket)
 
     def launch(self, agent, env):
         """Start the agent on the host (again: nothing new); its record there."""
-        ticket = PollTicket()
+        ticket = HostTicket()
         with self.lock:
             self.waiting.append((agent, env, ticket))
         with self.calling:
@@ -8490,19 +8505,6 @@ def remote_facts(remote, host_name):
     return facts
 
 
-class PollTicket:
-    """One follower's place in a host's next poll: its answer or its error, once the poll is done."""
-
-    def __init__(self):
-        self.done = threading.Event()
-        self.answer, self.error = None, None
-
-    def settle(self, answer=None, error=None):
-        """Hand the follower its answer (or the error that stands for it)."""
-        self.answer, self.error = answer, error
-        self.done.set()
-
-
 class HostPoller:
     """Polls one host for every agent followed there: one ssh call per round, not one per agent.
 
@@ -8518,14 +8520,14 @@ class HostPoller:
         self.launcher = HostLauncher(HostSession(session.host))  # launches never wait for polls
         self.remote_repo, self.stopping, self.hold = remote_repo, stopping, hold
         self.lock = threading.Lock()  # guards self.asking and self.thread
-        self.asking = {}  # agent id -> (RemoteAgent, PollTicket) waiting for the next round
+        self.asking = {}  # agent id -> (RemoteAgent, HostTicket) waiting for the next round
         self.states = {}  # agent id -> its state on the host at the last round (news if it changes)
         self.thread = None
         self.wake = threading.Event()  # set when a follower asks
 
     def poll(self, agent):
         """(remote record, more) for the agent from the next round; None when we stop."""
-        ticket = PollTicket()
+        ticket = HostTicket()
         with self.lock:
             self.asking[agent.record["id"]] = (agent, ticket)
             if self.thread is None:
