@@ -7475,7 +7475,7 @@ HOSTS_WORKDIR = "~/.orchestra-hosts"
 HOST_SSH_TIMEOUT = 10  # seconds ssh may take to connect
 HOST_CALL_TIMEOUT = 300.0  # seconds one remote call may take (a push of a large repository)
 HOST_CONTROL_PERSIST = 120  # seconds the shared ssh connection outlives its last use
-HOST_POLL = 0.5  # seconds between polls of a host (one call for all its agents)
+HOST_POLL = 0.5  # seconds between tries of a host out of reach (polls pace: HOST_POLL_ROUND)
 HOST_LOG_MIN_CHUNK = 64 * 1024  # bytes of one agent's log a poll may always fetch
 HOST_FETCH_PATIENCE = (
     120.0  # seconds a settled agent's fetch home is retried while its host is away
@@ -7906,6 +7906,41 @@ def on_host(record):
     return is_remote(record) and bool(record.get("host_launched"))
 
 
+def end_of_queue(config, counts, local_free, waiting, ahead):
+    """When fewer agents wait than the fleet has slots, cut each host's room to queue ahead to
+    its share of what is left, in proportion to its slots: this machine keeps its share, to
+    start as its own slots free, and every machine's last agents end about together."""
+    down = {name for name, (until, _) in HOST_DOWN.items() if until > time.monotonic()}
+    limits = {name: host_limit(config, name) for name in config["hosts"] if name not in down}
+    slots = local_free + counts.get("local", 0) + sum(limits.values())
+    if waiting >= slots:
+        return
+    queued_there = {name: max(0, counts.get(name, 0) - limits[name]) for name in limits}
+    left = waiting + sum(queued_there.values())
+    for name in limits:
+        ahead[name] = min(ahead[name], left * limits[name] // slots - queued_there[name])
+
+
+def place_each(config, records, free, ahead, evenly=False):
+    """(record, host) for those of the records a host with room in `free` takes (each taken
+    place is taken from `ahead` too); evenly: the host with the most room, whatever the placement.
+    """
+    chosen = []
+    for record in records:
+        roomy = [name for name in free if free[name] > 0]
+        if evenly and roomy and not record.get("host"):
+            host = max(roomy, key=lambda name: free[name])
+        else:
+            host = place_agent(config, free, record.get("host"))
+        if host is None or (host == "local" and not record.get("ready")):
+            continue
+        free[host] -= 1
+        if host in ahead:
+            ahead[host] -= 1
+        chosen.append((record, host))
+    return chosen
+
+
 def placements(config, state, local_free):
     """(record, host) for each queued agent that can start now, oldest first.
 
@@ -7936,40 +7971,6 @@ def placements(config, state, local_free):
     rest = [r for r in placeable if id(r) not in placed and r.get("batch") not in budgets]
     end_of_queue(config, counts, local_free, len(rest), ahead)
     return chosen + place_each(config, rest, ahead, {}, evenly=True)
-
-
-def end_of_queue(config, counts, local_free, waiting, ahead):
-    """When fewer agents wait than the fleet has slots, cut each host's room to queue ahead to
-    its share of what is left, in proportion to its slots: this machine keeps its share, to
-    start as its own slots free, and every machine's last agents end about together."""
-    limits = {name: host_limit(config, name) for name in config["hosts"]}
-    slots = local_free + counts.get("local", 0) + sum(limits.values())
-    if waiting >= slots:
-        return
-    queued_there = {name: max(0, counts.get(name, 0) - limits[name]) for name in limits}
-    left = waiting + sum(queued_there.values())
-    for name in limits:
-        ahead[name] = min(ahead[name], left * limits[name] // slots - queued_there[name])
-
-
-def place_each(config, records, free, ahead, evenly=False):
-    """(record, host) for those of the records a host with room in `free` takes (each taken
-    place is taken from `ahead` too); evenly: the host with the most room, whatever the placement.
-    """
-    chosen = []
-    for record in records:
-        roomy = [name for name in free if free[name] > 0]
-        if evenly and roomy and not record.get("host"):
-            host = max(roomy, key=lambda name: free[name])
-        else:
-            host = place_agent(config, free, record.get("host"))
-        if host is None or (host == "local" and not record.get("ready")):
-            continue
-        free[host] -= 1
-        if host in ahead:
-            ahead[host] -= 1
-        chosen.append((record, host))
-    return chosen
 
 
 def release_host_slot(record):
@@ -8065,22 +8066,6 @@ class RemoteAgent:
         self.limit = HOST_LOG_MIN_CHUNK  # bytes of its log the next poll may bring
         self.mirrored = {}  # request id -> the host's approval request, as mirrored at home
 
-    def prepare_host(self):
-        """Make the host ready for the agent, once each: orchestra copied there, the repository's
-        copy made and its supervisor started, and the agent's base commit pushed."""
-        ready = (self.host.target, tuple(self.host.options), self.remote_repo, source_hash())
-        with PREPARED_LOCK:
-            preparing = PREPARING.setdefault(ready, threading.Lock())
-        with preparing:  # the agents placed at once wait for one preparation, not make four
-            if ready not in PREPARED_HOSTS:  # once per host and repository in this process
-                settings = self.spawn_request(None)["config"]  # the supervisor's there
-                self.call("prepare", {"repo": self.remote_repo, "config": settings})
-                PREPARED_HOSTS.add(ready)
-            base = f"refs/orchestra/base/{self.record['base_commit']}"
-            if (*ready, base) not in PREPARED_HOSTS:  # each base commit goes to a host once
-                self.push_base(base)
-                PREPARED_HOSTS.add((*ready, base))
-
     def spawn_request(self, env):
         """What the host's `spawn` needs to start this agent under home's settings."""
         record, config = self.record, self.project.config
@@ -8100,6 +8085,22 @@ class RemoteAgent:
             "config": settings,
             "env": forwarded_env(self.host, env or {}),
         }
+
+    def prepare_host(self):
+        """Make the host ready for the agent, once each: orchestra copied there, the repository's
+        copy made and its supervisor started, and the agent's base commit pushed."""
+        ready = (self.host.target, tuple(self.host.options), self.remote_repo, source_hash())
+        with PREPARED_LOCK:
+            preparing = PREPARING.setdefault(ready, threading.Lock())
+        with preparing:  # the agents placed at once wait for one preparation, not make four
+            if ready not in PREPARED_HOSTS:  # once per host and repository in this process
+                settings = self.spawn_request(None)["config"]  # the supervisor's there
+                self.call("prepare", {"repo": self.remote_repo, "config": settings})
+                PREPARED_HOSTS.add(ready)
+            base = f"refs/orchestra/base/{self.record['base_commit']}"
+            if (*ready, base) not in PREPARED_HOSTS:  # each base commit goes to a host once
+                self.push_base(base)
+                PREPARED_HOSTS.add((*ready, base))
 
     def push_base(self, ref):
         """Push the base commit into the host's repository (retried: a push can race with the
@@ -8193,17 +8194,19 @@ class RemoteAgent:
     def fetch_home(self):
         """Fetch the agent's branch home; the local worktree (made now if missing) follows it."""
         record = self.record
-        branch, worktree = f"refs/heads/{record['branch']}", Path(record["worktree"])
-        if worktree.exists():  # through a ref of its own: the worktree follows, fast-forward
-            temp = self.fetch(branch, f"refs/orchestra/hosts/{record['id']}")
+        # through a ref of its own: what git refuses here is git's word, not the host's
+        temp = self.fetch(f"refs/heads/{record['branch']}", f"refs/orchestra/hosts/{record['id']}")
+        worktree = Path(record["worktree"])
+        if worktree.exists():
             run_git(["merge", "--ff-only", "--quiet", temp], worktree)
-            run_git(["update-ref", "-d", temp], self.project.repo)
-            return
-        self.fetch(branch, branch)
-        with WORKTREE_REGISTER_LOCK:  # another add could read this one's half-written files
-            run_git(
-                ["worktree", "add", "--quiet", str(worktree), record["branch"]], self.project.repo
-            )
+        else:
+            run_git(["branch", "--force", record["branch"], temp], self.project.repo)
+            with WORKTREE_REGISTER_LOCK:  # another add could read this one's half-written files
+                run_git(
+                    ["worktree", "add", "--quiet", str(worktree), record["branch"]],
+                    self.project.repo,
+                )
+        run_git(["update-ref", "-d", temp], self.project.repo)
 
     def bring_leftovers_home(self):
         """Copy what the host's worktree holds uncommitted into the local worktree, unstaged
@@ -8414,6 +8417,61 @@ class HostLauncher:
         self.calling = threading.Lock()  # one spawn call at a time
         self.waiting = []  # (RemoteAgent, its environment, its HostTicket)
 
+    @staticmethod
+    def prepared(item):
+        """True once the host is ready for the item's agent; else its ticket hears why."""
+        agent, _, ticket = item
+        try:
+            agent.prepare_host()
+        except OrchestraError as e:
+            ticket.settle(error=e)
+            return False
+        return True
+
+    def spawn(self, batch):
+        """One `spawn` call for the agents of the batch the host is ready for; each ticket
+        settled with its agent's answer, or with the error that stands for it."""
+        try:
+            ready = [item for item in batch if self.prepared(item)]
+            if not ready:
+                return
+            payload = {"repo": ready[0][0].remote_repo}
+            payload["agents"] = [agent.spawn_request(env) for agent, env, _ in ready]
+            answers = self.session.call("spawn", payload)["agents"]
+        except Exception as e:  # every agent of the batch hears it, none waits forever
+            for *_, ticket in batch:
+                if not ticket.done.is_set():
+                    ticket.settle(error=e)
+            if not isinstance(e, OrchestraError):
+                raise
+            return
+        for agent, _, ticket in ready:
+            answer = answers.get(agent.record["id"]) or {"error": "the host did not answer"}
+            if "error" in answer:
+                ticket.settle(error=OrchestraError(answer["error"], EXIT_FAILURE))
+            else:
+                ticket.settle(answer)
+
+    def spawn_with(self, first):
+        """Prepare the host for `first` (meanwhile the agents placed with it join), then spawn
+        everyone waiting; a host out of reach is out of reach for all of them."""
+        failure = None
+        try:
+            first.prepare_host()
+        except Exception as e:  # every agent waiting hears it: none waits forever
+            failure = e
+        with self.lock:
+            batch, self.waiting = self.waiting, []
+        if isinstance(failure, OrchestraError) and not isinstance(failure, HostError):
+            failure = None  # a refusal is `first`'s alone: spawn() asks again and tells it
+        if failure is None:
+            self.spawn(sorted(batch, key=lambda item: spawn_order(item[0].record)))
+            return
+        for *_, ticket in batch:
+            ticket.settle(error=failure)
+        if not isinstance(failure, OrchestraError):
+            raise failure
+
     def launch(self, agent, env):
         """Start the agent on the host (again: nothing new); its record there."""
         ticket = HostTicket()
@@ -8421,34 +8479,10 @@ class HostLauncher:
             self.waiting.append((agent, env, ticket))
         with self.calling:
             if not ticket.done.is_set():  # else an earlier call took this agent along
-                agent.prepare_host()  # meanwhile the agents placed with it join the batch
-                with self.lock:
-                    batch, self.waiting = self.waiting, []
-                self.spawn(sorted(batch, key=lambda item: spawn_order(item[0].record)))
+                self.spawn_with(agent)
         if ticket.error:
             raise ticket.error
         return ticket.answer
-
-    def spawn(self, batch):
-        """One `spawn` call for the batch; each ticket settled with its agent's answer."""
-        try:
-            for agent, _, _ in batch:
-                agent.prepare_host()  # done already, unless their base commits differ
-            payload = {"repo": batch[0][0].remote_repo}
-            payload["agents"] = [agent.spawn_request(env) for agent, env, _ in batch]
-            answers = self.session.call("spawn", payload)["agents"]
-        except Exception as e:  # every agent of the batch hears it, none waits forever
-            for *_, ticket in batch:
-                ticket.settle(error=e)
-            if not isinstance(e, OrchestraError):
-                raise
-            return
-        for agent, _, ticket in batch:
-            answer = answers.get(agent.record["id"]) or {"error": "the host did not answer"}
-            if "error" in answer:
-                ticket.settle(error=OrchestraError(answer["error"], EXIT_FAILURE))
-            else:
-                ticket.settle(answer)
 
     def end(self):
         """End the host session the launches use."""
@@ -8521,7 +8555,7 @@ class HostPoller:
         self.remote_repo, self.stopping, self.hold = remote_repo, stopping, hold
         self.lock = threading.Lock()  # guards self.asking and self.thread
         self.asking = {}  # agent id -> (RemoteAgent, HostTicket) waiting for the next round
-        self.states = {}  # agent id -> its state on the host at the last round (news if it changes)
+        self.seen = {}  # agent id -> its state and requests at the last round (news if they change)
         self.thread = None
         self.wake = threading.Event()  # set when a follower asks
 
@@ -8572,6 +8606,7 @@ class HostPoller:
             {"id": a.record["id"], "offset": a.offset, "limit": max(share, a.limit)} for a in agents
         ]
         more = news = False
+        self.seen = {i: self.seen[i] for i in batch if i in self.seen}  # agents still followed
         try:
             try:
                 answers = self.session.call("poll", payload, timeout=HOST_POLL_TIMEOUT)["agents"]
@@ -8581,10 +8616,12 @@ class HostPoller:
             self.note(self.host.name, None)
             for agent_id, (agent, ticket) in batch.items():
                 asked = answers.get(agent_id) or {}
-                state = (asked.get("record") or {}).get("state")
-                news = news or bool(asked.get("data") or asked.get("approvals"))
-                news = news or self.states.get(agent_id) != state
-                self.states[agent_id] = state
+                seen = (
+                    (asked.get("record") or {}).get("state"),
+                    sorted(r.get("id") or "" for r in asked.get("approvals") or []),
+                )
+                news = news or bool(asked.get("data")) or self.seen.get(agent_id) != seen
+                self.seen[agent_id] = seen
                 try:
                     answer = agent.take(asked)
                 except (OrchestraError, OSError) as e:
@@ -17398,43 +17435,6 @@ def host_action_prepare(payload):
     return {"repo": str(repo.resolve())}
 
 
-def host_action_spawn(payload):
-    """Spawn the agents home sent, with the ids home gave them (again: nothing new), under
-    home's settings, in order; {"agents": {id: {"record": ...} or {"error": why}}}."""
-    repo, asked = Path(payload["repo"]), payload["agents"]
-    if asked and not has_commits(repo):
-        run_git(["checkout", "--quiet", "--detach", asked[0]["base"]], repo)
-    (repo / ORCHESTRA_DIR).mkdir(mode=0o700, exist_ok=True)
-    answers = {}
-    for group in spawned_alike(asked):
-        answers.update(spawn_from_home(repo, group))
-    return {"agents": answers}
-
-
-def spawned_alike(asked):
-    """The agents home sent, in runs that share a base, settings and environment (in order)."""
-    alike = [json.dumps([a["base"], a["config"], a["env"]], sort_keys=True) for a in asked]
-    runs = itertools.groupby(zip(alike, asked), key=lambda pair: pair[0])
-    return [[a for _, a in run] for _, run in runs]
-
-
-def spawn_from_home(repo, asked):
-    """Spawn agents home sent that share a base, settings and environment; their answers."""
-    first = asked[0]
-    write_atomic(repo / ORCHESTRA_DIR / "config.json", json.dumps(first["config"], sort_keys=True))
-    project = Project.open(repo, os.environ)
-    known = project.store.load()["agents"]
-    answers = {
-        a["id"]: {"record": public_record(known[a["id"]])} for a in asked if a["id"] in known
-    }
-    new = [a for a in asked if a["id"] not in known]
-    env = {**os.environ, **{str(k): str(v) for k, v in first["env"].items()}}
-    if new and not spawn_or_say_why(project, new, env, answers) and len(new) > 1:
-        for one in new:  # one the host refuses must not keep the others from starting
-            spawn_or_say_why(project, [one], env, answers)
-    return answers
-
-
 def spawn_or_say_why(project, asked, env, answers):
     """Spawn agents home sent, adding their answers (a lone agent's: why it cannot); True if done."""
     tasks, ids = [a["task"] for a in asked], [a["id"] for a in asked]
@@ -17449,6 +17449,50 @@ def spawn_or_say_why(project, asked, env, answers):
         return False
     answers.update({r["id"]: {"record": public_record(r)} for r in records})
     return True
+
+
+def spawn_from_home(repo, asked):
+    """Spawn agents home sent that share a base, settings and environment; their answers."""
+    first = asked[0]
+    write_atomic(repo / ORCHESTRA_DIR / "config.json", json.dumps(first["config"], sort_keys=True))
+    project = Project.open(repo, os.environ)
+    known = project.store.load()["agents"]
+    answers = {
+        a["id"]: {"record": public_record(known[a["id"]])} for a in asked if a["id"] in known
+    }
+    new = [a for a in asked if a["id"] not in known]
+    env = {**os.environ, **{str(k): str(v) for k, v in first["env"].items()}}
+    if new and not spawn_or_say_why(project, new, env, answers) and len(new) > 1:
+        known = project.store.load()["agents"]  # recorded before it failed: its record says why
+        for one in new:  # one the host refuses must not keep the others from starting
+            if one["id"] in known:
+                answers[one["id"]] = {"record": public_record(known[one["id"]])}
+            else:
+                spawn_or_say_why(project, [one], env, answers)
+    return answers
+
+
+def spawned_alike(asked):
+    """The agents home sent, in runs that share a base, settings and environment (in order)."""
+    alike = [json.dumps([a["base"], a["config"], a["env"]], sort_keys=True) for a in asked]
+    runs = itertools.groupby(zip(alike, asked), key=lambda pair: pair[0])
+    return [[a for _, a in run] for _, run in runs]
+
+
+def host_action_spawn(payload):
+    """Spawn the agents home sent, with the ids home gave them (again: nothing new), under
+    home's settings, in order; {"agents": {id: {"record": ...} or {"error": why}}}."""
+    repo, asked = Path(payload["repo"]), payload["agents"]
+    if asked and not has_commits(repo):
+        run_git(["checkout", "--quiet", "--detach", asked[0]["base"]], repo)
+    (repo / ORCHESTRA_DIR).mkdir(mode=0o700, exist_ok=True)
+    answers = {}
+    for group in spawned_alike(asked):
+        try:
+            answers.update(spawn_from_home(repo, group))
+        except Exception as e:  # one run's trouble (a full disk) is its agents' alone
+            answers.update({a["id"]: {"error": one_line(str(e) or repr(e))} for a in group})
+    return {"agents": answers}
 
 
 def host_action_poll(payload):

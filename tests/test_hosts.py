@@ -142,6 +142,51 @@ def test_a_host_starts_every_agent_home_sent_at_once_but_one_it_refuses(fake_rep
     assert all(os.path.isdir(r["worktree"]) for r in load_state(fake_repo)["agents"].values())
 
 
+class LaunchSession:
+    """A host session that records each spawn call and starts whatever it is sent."""
+
+    def __init__(self):
+        self.spawned = []
+
+    def call(self, action, payload):
+        self.spawned.append([a["id"] for a in payload["agents"]])
+        return {"agents": {a["id"]: {"record": {"id": a["id"]}} for a in payload["agents"]}}
+
+
+class LaunchedAgent:
+    """Just what HostLauncher asks of a RemoteAgent; `trouble` is what preparing it raises."""
+
+    def __init__(self, n, trouble=None):
+        self.record, self.remote_repo, self.trouble = {"id": f"a{n}", "seq": n}, "repo", trouble
+
+    def prepare_host(self):
+        if self.trouble:
+            raise self.trouble
+
+    def spawn_request(self, env):
+        return {"id": self.record["id"]}
+
+
+def test_launches_on_a_host_out_of_reach_all_fail_and_none_is_kept_for_later():
+    session = LaunchSession()
+    launcher = orchestra.HostLauncher(session)
+    down = orchestra.HostError("host 'h1' is unreachable over ssh")
+    with pytest.raises(orchestra.HostError):
+        launcher.launch(LaunchedAgent(1, down), {})
+    assert launcher.waiting == [] and session.spawned == []
+    # the host is back: the next launch starts its agent only, nothing left from before
+    assert launcher.launch(LaunchedAgent(2), {}) == {"record": {"id": "a2"}}
+    # one agent the host refuses to prepare (its base commit) hears why; the others start
+    refused = orchestra.OrchestraError("host 'h1' could not take that base commit")
+    launcher.waiting = [(LaunchedAgent(n, refused if n == 4 else None), {}, orchestra.HostTicket())
+                        for n in (3, 4, 5)]  # fmt: skip
+    tickets = [ticket for *_, ticket in launcher.waiting]
+    assert launcher.launch(LaunchedAgent(6), {}) == {"record": {"id": "a6"}}
+    assert session.spawned == [["a2"], ["a3", "a5", "a6"]]
+    assert [t.answer for t in tickets] == [{"record": {"id": "a3"}}, None, {"record": {"id": "a5"}}]
+    assert tickets[1].error is refused
+
+
 def test_a_supervisor_started_early_waits_for_its_first_agents(fake_repo):
     started = time.monotonic()
     supervisor = subprocess.Popen(
