@@ -7533,6 +7533,10 @@ class HostError(OrchestraError):
         super().__init__(message, EXIT_FAILURE)
 
 
+class HostUnheard(HostError):
+    """A call the host may have carried out before the link failed: ask it again, there only."""
+
+
 def host_names(config):
     """Every host agents may run on: 'local' first, then the configured ones."""
     return ["local", *config["hosts"]]
@@ -8437,7 +8441,10 @@ class HostLauncher:
                 return
             payload = {"repo": ready[0][0].remote_repo}
             payload["agents"] = [agent.spawn_request(env) for agent, env, _ in ready]
-            answers = self.session.call("spawn", payload)["agents"]
+            try:
+                answers = self.session.call("spawn", payload)["agents"]
+            except HostError as e:  # the host may have started them: never start them elsewhere
+                raise HostUnheard(str(e)) from None
         except Exception as e:  # every agent of the batch hears it, none waits forever
             for *_, ticket in batch:
                 if not ticket.done.is_set():
@@ -8969,23 +8976,44 @@ class Supervisor:
         self.watchers[record["id"]] = thread
         thread.start()
 
+    def launch_remote(self, launcher, agent):
+        """Start a placed agent on its host; False when it did not start there (it waits for a
+        host again, or failed, or we stop). A launch the host may have carried out before the
+        link failed is asked again there, and only there: the host's spawn is idempotent."""
+        agent_id, host = agent.record["id"], agent.record["host"]
+        env = take_agent_env(self.project, agent_id)
+        while True:
+            try:
+                launcher.launch(agent, env)
+                return True
+            except HostUnheard as e:
+                self.note_host(host, str(e))
+                HOST_DOWN[host] = (time.monotonic() + HOST_RETRY, str(e))
+                self.queue(agent_id, {"activity": f"starting on host {host}, asked again soon"})
+                if self.stopping.wait(HOST_RETRY):
+                    return False
+            except OrchestraError as e:
+                problem = e
+                break
+        why = str(problem)
+        if isinstance(problem, HostError):  # away or broken, and it started nothing: any host
+            self.note_host(host, why)
+            HOST_DOWN[host] = (time.monotonic() + HOST_RETRY, why)
+            if env is not None:  # kept for its next launch, wherever that is
+                save_agent_env(self.project, [agent_id], env)
+            self.store.update(lambda state: requeue_from_host(state["agents"][agent_id], why))
+            self.slot_freed.set()
+            return False
+        why = f"could not start on host '{host}': {why}"
+        self.finish(agent_id, lambda r: settle_remote(r, None, None, why))
+        return False
+
     def follow_remote(self, agent_id, record):
         """Launch the agent on its host if not yet done, follow it until it settles, fetch it home."""
         poller = self.poller(record["host"])
         agent = RemoteAgent(self.project, record, poller.launcher.session)
         if not record.get("host_launched"):
-            try:
-                poller.launcher.launch(agent, take_agent_env(self.project, agent_id))
-            except HostError as e:  # the host is away or broken: the agent waits for a host again
-                why = str(e)
-                self.note_host(record["host"], why)
-                HOST_DOWN[record["host"]] = (time.monotonic() + HOST_RETRY, why)
-                self.store.update(lambda state: requeue_from_host(state["agents"][agent_id], why))
-                self.slot_freed.set()
-                return
-            except OrchestraError as e:
-                why = f"could not start on host '{record['host']}': {e}"
-                self.finish(agent_id, lambda r: settle_remote(r, None, None, why))
+            if not self.launch_remote(poller.launcher, agent):
                 return
             self.queue(agent_id, {"host_launched": True})
             if self.store.load()["agents"][agent_id]["state"] == "stopped":

@@ -186,6 +186,15 @@ def test_launches_on_a_host_out_of_reach_all_fail_and_none_is_kept_for_later():
     assert [t.answer for t in tickets] == [{"record": {"id": "a3"}}, None, {"record": {"id": "a5"}}]
     assert tickets[1].error is refused
 
+    # the link fails during the spawn call: the host may have started them, so the error says
+    # to ask it again (the supervisor does, there only), not to start them anywhere else
+    def link_drops(*_):
+        raise orchestra.HostError("host 'h1' is unreachable over ssh")
+
+    session.call = link_drops
+    with pytest.raises(orchestra.HostUnheard):
+        launcher.launch(LaunchedAgent(7), {})
+
 
 def test_a_supervisor_started_early_waits_for_its_first_agents(fake_repo):
     started = time.monotonic()
