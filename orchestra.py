@@ -8098,7 +8098,7 @@ class RemoteAgent:
             preparing = PREPARING.setdefault(ready, threading.Lock())
         with preparing:  # the agents placed at once wait for one preparation, not make four
             if ready not in PREPARED_HOSTS:  # once per host and repository in this process
-                settings = self.spawn_request(None)["config"]  # the supervisor's there
+                settings = self.spawn_request(None)["config"]  # its supervisor runs under them
                 self.call("prepare", {"repo": self.remote_repo, "config": settings})
                 PREPARED_HOSTS.add(ready)
             base = f"refs/orchestra/base/{self.record['base_commit']}"
@@ -10855,12 +10855,14 @@ def read_in_parallel(files, counts):
     """Describe and count the new or changed transcripts among `files` on every core, into
     `counts`, when there are enough of them to pay for starting processes (a first run).
 
-    Only where processes can fork (the workers inherit the module as it is); elsewhere, and
-    when anything goes wrong, the listing simply reads them itself, one by one.
+    Only where processes can fork (the workers inherit the module as it is), and only from a
+    process with no other thread (the web server has them): a lock another thread holds at the
+    fork stays held in the child for ever. Elsewhere, and when anything goes wrong, the listing
+    simply reads them itself, one by one.
     """
     todo = [f for f in files if counts.about(f) is None or not counts.entry(f)[1]]
     workers = min(os.cpu_count() or 1, len(todo) // SESSION_PARALLEL_MIN + 1)
-    if len(todo) < SESSION_PARALLEL_MIN or workers < 2:
+    if len(todo) < SESSION_PARALLEL_MIN or workers < 2 or threading.active_count() > 1:
         return
     import multiprocessing  # here, not at the top: only a first run over many files needs it
 
