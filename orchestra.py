@@ -7910,11 +7910,16 @@ def on_host(record):
     return is_remote(record) and bool(record.get("host_launched"))
 
 
+def hosts_down():
+    """The hosts that failed to take an agent a moment ago: they get none for a while."""
+    return {name for name, (until, _) in HOST_DOWN.items() if until > time.monotonic()}
+
+
 def end_of_queue(config, counts, local_free, waiting, ahead):
     """When fewer agents wait than the fleet has slots, cut each host's room to queue ahead to
     its share of what is left, in proportion to its slots: this machine keeps its share, to
     start as its own slots free, and every machine's last agents end about together."""
-    down = {name for name, (until, _) in HOST_DOWN.items() if until > time.monotonic()}
+    down = hosts_down()
     limits = {name: host_limit(config, name) for name in config["hosts"] if name not in down}
     slots = local_free + counts.get("local", 0) + sum(limits.values())
     if waiting >= slots:
@@ -7957,9 +7962,8 @@ def placements(config, state, local_free):
     free = {"local": local_free}
     free.update({name: host_limit(config, name) - counts.get(name, 0) for name in config["hosts"]})
     ahead = {name: free[name] + queue_ahead(config, name) for name in config["hosts"]}
-    for name, (until, _) in list(HOST_DOWN.items()):
-        if until > time.monotonic():
-            free[name] = ahead[name] = 0  # it failed to take an agent: none for a while
+    for name in hosts_down():
+        free[name] = ahead[name] = 0  # it failed to take an agent: none for a while
     queued = sorted(
         (r for r in state["agents"].values() if r["state"] == "queued"), key=spawn_order
     )
@@ -8432,6 +8436,16 @@ class HostLauncher:
             return False
         return True
 
+    @staticmethod
+    def fail_all(batch, error):
+        """Every ticket of the batch not settled yet hears `error`, so none waits for ever; an
+        error that is not orchestra's own (a bug) goes on up."""
+        for *_, ticket in batch:
+            if not ticket.done.is_set():
+                ticket.settle(error=error)
+        if not isinstance(error, OrchestraError):
+            raise error
+
     def spawn(self, batch):
         """One `spawn` call for the agents of the batch the host is ready for; each ticket
         settled with its agent's answer, or with the error that stands for it."""
@@ -8445,12 +8459,8 @@ class HostLauncher:
                 answers = self.session.call("spawn", payload)["agents"]
             except HostError as e:  # the host may have started them: never start them elsewhere
                 raise HostUnheard(str(e)) from None
-        except Exception as e:  # every agent of the batch hears it, none waits forever
-            for *_, ticket in batch:
-                if not ticket.done.is_set():
-                    ticket.settle(error=e)
-            if not isinstance(e, OrchestraError):
-                raise
+        except Exception as e:  # every agent of the batch hears it
+            self.fail_all(batch, e)
             return
         for agent, _, ticket in ready:
             answer = answers.get(agent.record["id"]) or {"error": "the host did not answer"}
@@ -8473,11 +8483,8 @@ class HostLauncher:
             failure = None  # a refusal is `first`'s alone: spawn() asks again and tells it
         if failure is None:
             self.spawn(sorted(batch, key=lambda item: spawn_order(item[0].record)))
-            return
-        for *_, ticket in batch:
-            ticket.settle(error=failure)
-        if not isinstance(failure, OrchestraError):
-            raise failure
+        else:
+            self.fail_all(batch, failure)
 
     def launch(self, agent, env):
         """Start the agent on the host (again: nothing new); its record there."""
@@ -8976,6 +8983,11 @@ class Supervisor:
         self.watchers[record["id"]] = thread
         thread.start()
 
+    def host_failed(self, host, why):
+        """A host could not take an agent: say why, and give it no new agents for a while."""
+        self.note_host(host, why)
+        HOST_DOWN[host] = (time.monotonic() + HOST_RETRY, why)
+
     def launch_remote(self, launcher, agent):
         """Start a placed agent on its host; False when it did not start there (it waits for a
         host again, or failed, or we stop). A launch the host may have carried out before the
@@ -8987,8 +8999,7 @@ class Supervisor:
                 launcher.launch(agent, env)
                 return True
             except HostUnheard as e:
-                self.note_host(host, str(e))
-                HOST_DOWN[host] = (time.monotonic() + HOST_RETRY, str(e))
+                self.host_failed(host, str(e))
                 self.queue(agent_id, {"activity": f"starting on host {host}, asked again soon"})
                 if self.stopping.wait(HOST_RETRY):
                     return False
@@ -8997,8 +9008,7 @@ class Supervisor:
                 break
         why = str(problem)
         if isinstance(problem, HostError):  # away or broken, and it started nothing: any host
-            self.note_host(host, why)
-            HOST_DOWN[host] = (time.monotonic() + HOST_RETRY, why)
+            self.host_failed(host, why)
             if env is not None:  # kept for its next launch, wherever that is
                 save_agent_env(self.project, [agent_id], env)
             self.store.update(lambda state: requeue_from_host(state["agents"][agent_id], why))

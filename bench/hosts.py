@@ -137,7 +137,8 @@ def close_ssh_connections():
 
 
 def drain_figures(root, name, args, hosts, agent_time, what):
-    """Drain the queue in a new repository and print how long it took; (agents, watch, repo)."""
+    """Drain the queue in a new repository and print how long it took; (its ratio to the ideal,
+    agents, watch, repo)."""
     repo = make_repo(root, name, args.seconds, args.parallel, hosts)
     tasks = [f"task {n}" for n in range(args.tasks)]
     seconds, agents, watch = drain(repo, tasks)
